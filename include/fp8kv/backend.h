@@ -1,0 +1,124 @@
+// The Backend interface: every kernel of fp8kv, with a CPU implementation (the reference,
+// kernels/cpu) and a CUDA implementation (kernels/cuda) of the same semantics.
+//
+// Pointers in the params structs point into the backend's own memory (host memory for the CPU
+// backend, device memory for the CUDA backend); use Backend::alloc / upload / download to move
+// data. Shapes are given in the comments; all arrays are dense and row-major.
+// Element types: bf16 values are uint16_t bit patterns, e4m3 values uint8_t codes (fp8.h).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "fp8kv/scheme.h"
+
+namespace fp8kv {
+
+// One layer of the token-slot KV pool.
+struct KvCacheLayer {
+  void* data = nullptr;    // [num_slots + 1, 2 * num_kv_heads, head_dim]: per slot K heads then
+                           // V heads; bf16 for KvScheme::kBf16, e4m3 otherwise. Slot num_slots
+                           // is the padding slot, never handed out.
+  int64_t num_slots = 0;   // usable slots
+  int num_kv_heads = 0;    // Hkv
+  int head_dim = 0;        // D
+  KvScheme scheme = KvScheme::kBf16;
+};
+
+// K/V scales of one layer (real = fp8 * scale). Unused for kBf16.
+struct KvLayerScales {
+  const float* k = nullptr;  // per-head: [Hkv]; per-tensor: [1]
+  const float* v = nullptr;  // per-head: [Hkv]; per-tensor: [1]
+};
+
+// Quantize-on-write: new tokens' K/V into the pool at their slots.
+struct QuantizeKvParams {
+  const uint16_t* kv = nullptr;    // [num_tokens, 2 * Hkv, D] bf16: K heads then V heads
+  const int32_t* slots = nullptr;  // [num_tokens] destination slot of each token, in [0, num_slots)
+  int64_t num_tokens = 0;
+  KvCacheLayer cache;
+  KvLayerScales scales;
+  // Optional: running abs-max of what is written, [2 * Hkv] (K heads then V heads), updated in
+  // place with max(old, |x|) in the same pass. A NaN or infinity in K/V makes the entry
+  // non-finite (the observer then refuses it).
+  float* observe_amax = nullptr;
+};
+
+// A batch of requests for attention. Request b has seq_len[b] tokens in all (cached + new);
+// its q_len[b] = cu_seqlens_q[b+1] - cu_seqlens_q[b] new tokens are the last ones, and new token
+// i sits at position seq_len[b] - q_len[b] + i (the causal rule: it sees keys at positions <= its
+// own). Slots of request b's tokens: req_to_token[req_index[b] * max_len + position].
+struct AttentionBatch {
+  int num_requests = 0;                 // B
+  const int32_t* seq_len = nullptr;     // [B]
+  const int32_t* cu_seqlens_q = nullptr;  // [B + 1], cu_seqlens_q[0] == 0
+  const int32_t* req_index = nullptr;   // [B] row of req_to_token
+  const int32_t* req_to_token = nullptr;  // [max_requests, max_len] slot indices
+  int max_len = 0;                      // row stride of req_to_token
+  // Host-side facts for launch configuration (the CUDA backend cannot read the arrays above
+  // without a copy): total new tokens, the largest q_len and the largest seq_len in the batch.
+  int64_t total_q = 0;
+  int max_q_len = 0;
+  int max_seq_len = 0;
+};
+
+// Q quantization for fp8-per-head: per (request b, KV head g) scale
+// s = amax(|q| over b's new tokens, the Hq/Hkv query heads of g, all D) / 448 (0 -> 1), or the
+// static scale of g when static_scale is given.
+struct QuantizeQParams {
+  const uint16_t* q = nullptr;      // [total_q, Hq, D] bf16
+  uint8_t* q_fp8 = nullptr;         // [total_q, Hq, D] e4m3 (out)
+  float* q_scale = nullptr;         // [B, Hkv] (out): the scale used for each (request, KV head)
+  const float* static_scale = nullptr;  // optional [Hkv]
+  const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
+  int num_requests = 0;
+  int64_t total_q = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+};
+
+// Attention over the pool (prefill: any q_len; decode: q_len == 1 for every request).
+struct AttentionParams {
+  const uint16_t* q = nullptr;       // [total_q, Hq, D] bf16 (bf16 and fp8-per-tensor)
+  const uint8_t* q_fp8 = nullptr;    // [total_q, Hq, D] e4m3 (fp8-per-head; from quantize_q)
+  const float* q_scale = nullptr;    // [B, Hkv] (fp8-per-head; from quantize_q)
+  uint16_t* o = nullptr;             // [total_q, Hq, D] bf16 (out)
+  int num_q_heads = 0;               // Hq, a multiple of cache.num_kv_heads
+  KvCacheLayer cache;
+  KvLayerScales scales;
+  AttentionBatch batch;
+  float softmax_scale = 0.0f;        // 0 means 1 / sqrt(D)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // Memory in the backend's space.
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void free(void* ptr) = 0;
+  virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void memset(void* dst, int value, size_t bytes) = 0;
+  // Waits for all queued work; errors detected on the device surface here at the latest.
+  virtual void synchronize() = 0;
+
+  // Kernels. Each validates its arguments on the host first and throws Error naming the bad
+  // argument; nothing is written when a call is refused.
+  virtual void quantize_kv(const QuantizeKvParams& p) = 0;
+  virtual void quantize_q(const QuantizeQParams& p) = 0;
+  virtual void prefill_attention(const AttentionParams& p) = 0;
+  virtual void decode_attention(const AttentionParams& p) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// Only when built with CUDA (FP8KV_HAVE_CUDA); `stream` is a cudaStream_t or null for the
+// default stream. Throws Error when no GPU is usable.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0, void* stream = nullptr);
+bool cuda_available();
+
+}  // namespace fp8kv

@@ -1,0 +1,15 @@
+// The one exception type of fp8kv. Every refusal (bad file, bad argument, bad shape) throws it
+// with a message that names what is wrong and the values involved.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace fp8kv {
+
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& what) : std::runtime_error(what) {}
+};
+
+}  // namespace fp8kv

@@ -1,0 +1,65 @@
+// The calibration observer (docs/DESIGN.md, "The workflow the user runs", step 1) and the
+// Communicator it finalizes through.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fp8kv/calib.h"
+
+namespace fp8kv {
+
+// Collective operations over tensor-parallel ranks, on host float buffers.
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  // out[r * count + i] = in_of_rank_r[i]; out has world_size() * count elements.
+  virtual void all_gather(const float* in, float* out, size_t count) = 0;
+  // buf[i] = max over ranks of buf[i], in place. NaN wins over any number.
+  virtual void all_reduce_max(float* buf, size_t count) = 0;
+};
+
+// One process, one rank.
+std::unique_ptr<Communicator> make_single_communicator();
+
+struct ObserverConfig {
+  int num_layers = 0;
+  int num_kv_heads = 0;          // KV heads of this rank
+  QuantType quant_type = QuantType::kPerHead;
+  int warmup = 0;                // forward passes each layer skips first
+  int count = 4000;              // forward passes each layer then observes
+};
+
+// Warmup / count defaults with FP8KV_CALIB_WARMUP and FP8KV_CALIB_COUNT applied (when set; a
+// value that is not a non-negative integer throws Error naming the variable and the text).
+ObserverConfig observer_config_from_env(ObserverConfig base);
+
+class Observer {
+ public:
+  explicit Observer(const ObserverConfig& config);
+
+  const ObserverConfig& config() const { return config_; }
+  // True while layer `layer`'s next pass should be observed (past warmup, before count).
+  bool wants(int layer) const;
+  // Records one forward pass of one layer. `amax` is [2 * Hkv] (K heads then V heads) abs-max
+  // of everything written in that pass; passes during warmup are counted and dropped.
+  void record(int layer, const float* amax);
+  // Every layer has its count.
+  bool done() const;
+  int passes_seen(int layer) const;
+
+  // Reduces over ranks (per-head: gathers heads into global order; per-tensor: max), checks
+  // that every value is finite (Error names the layer and the head otherwise), and returns
+  // scale = amax / 448 (0 -> 1). Every rank gets the same result.
+  CalibData finalize(Communicator& comm, const std::string& architectures) const;
+
+ private:
+  ObserverConfig config_;
+  std::vector<int> passes_;     // [num_layers] passes seen (warmup included)
+  std::vector<float> amax_;     // [num_layers, 2 * Hkv]
+};
+
+}  // namespace fp8kv

@@ -1,0 +1,27 @@
+// fp8kv: the command line. Each subcommand lives in its own file and is a thin layer over the
+// library; main only registers them and turns an fp8kv::Error into a message and exit code 1.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <exception>
+
+#include "cli/commands.h"
+#include "fp8kv/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"fp8kv: FP8 (E4M3) KV cache with calibrated scales"};
+  app.require_subcommand(1);
+  // One line per subcommand (declared in cli/commands.h).
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const fp8kv::Error& e) {
+    std::fprintf(stderr, "fp8kv: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "fp8kv: internal error: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}

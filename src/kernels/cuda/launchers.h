@@ -1,0 +1,21 @@
+// Host-side launchers of the CUDA kernels, one per kernel family, called by the CUDA backend
+// (cuda_backend.cpp) after it validated the arguments. Each enqueues work on `stream` and
+// returns without synchronizing.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "fp8kv/backend.h"
+
+namespace fp8kv::cuda {
+
+// quantize.cu
+void launch_quantize_kv(const QuantizeKvParams& p, cudaStream_t stream);
+void launch_quantize_q(const QuantizeQParams& p, cudaStream_t stream);
+// decode.cu; `workspace` holds the split-KV partial results (decode_workspace_bytes).
+size_t decode_workspace_bytes(const AttentionParams& p);
+void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStream_t stream);
+// prefill*.cu
+void launch_prefill_attention(const AttentionParams& p, cudaStream_t stream);
+
+}  // namespace fp8kv::cuda
