@@ -28,6 +28,9 @@ std::unique_ptr<Communicator> make_single_communicator();
 struct ObserverConfig {
   int num_layers = 0;
   int num_kv_heads = 0;          // KV heads of this rank
+  // KV heads of the whole model; 0 means num_kv_heads * world size. Smaller than that when
+  // ranks outnumber KV heads and heads are replicated (FORMATS.md, "Tensor parallelism").
+  int total_kv_heads = 0;
   QuantType quant_type = QuantType::kPerHead;
   int warmup = 0;                // forward passes each layer skips first
   int count = 4000;              // forward passes each layer then observes

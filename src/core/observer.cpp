@@ -1,0 +1,175 @@
+#include "fp8kv/observer.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <optional>
+#include <string>
+
+#include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+
+namespace fp8kv {
+namespace {
+
+class SingleCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int world_size() const override { return 1; }
+  void all_gather(const float* in, float* out, size_t count) override {
+    std::copy(in, in + count, out);
+  }
+  void all_reduce_max(float*, size_t) override {}
+};
+
+// Reads a non-negative integer from the environment variable `name`, if set.
+std::optional<int> env_count(const char* name) {
+  const char* text = std::getenv(name);
+  if (text == nullptr) return std::nullopt;
+  errno = 0;
+  char* end = nullptr;
+  const long value = std::strtol(text, &end, 10);
+  if (*text == '\0' || *end != '\0' || errno != 0 || value < 0 || value > 1000000000L) {
+    throw Error(std::string("environment variable ") + name + "='" + text +
+                "' is not a non-negative integer");
+  }
+  return static_cast<int>(value);
+}
+
+// max that lets NaN win, so a non-finite K/V value cannot be hidden by a later finite one.
+float nan_max(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return NAN;
+  return std::max(a, b);
+}
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_single_communicator() {
+  return std::make_unique<SingleCommunicator>();
+}
+
+ObserverConfig observer_config_from_env(ObserverConfig base) {
+  if (auto w = env_count("FP8KV_CALIB_WARMUP")) base.warmup = *w;
+  if (auto c = env_count("FP8KV_CALIB_COUNT")) base.count = *c;
+  return base;
+}
+
+Observer::Observer(const ObserverConfig& config) : config_(config) {
+  if (config.num_layers <= 0) {
+    throw Error("observer: num_layers must be > 0, got " + std::to_string(config.num_layers));
+  }
+  if (config.num_kv_heads <= 0) {
+    throw Error("observer: num_kv_heads must be > 0, got " + std::to_string(config.num_kv_heads));
+  }
+  if (config.warmup < 0 || config.count < 1) {
+    throw Error("observer: warmup must be >= 0 and count >= 1, got warmup " +
+                std::to_string(config.warmup) + ", count " + std::to_string(config.count));
+  }
+  passes_.assign(config.num_layers, 0);
+  amax_.assign(static_cast<size_t>(config.num_layers) * 2 * config.num_kv_heads, 0.0f);
+}
+
+bool Observer::wants(int layer) const {
+  const int seen = passes_.at(layer);
+  return seen >= config_.warmup && seen < config_.warmup + config_.count;
+}
+
+void Observer::record(int layer, const float* amax) {
+  if (layer < 0 || layer >= config_.num_layers) {
+    throw Error("observer: layer " + std::to_string(layer) + " out of range [0, " +
+                std::to_string(config_.num_layers) + ")");
+  }
+  if (wants(layer)) {
+    const int width = 2 * config_.num_kv_heads;
+    float* row = amax_.data() + static_cast<size_t>(layer) * width;
+    for (int i = 0; i < width; ++i) row[i] = nan_max(row[i], std::fabs(amax[i]));
+  }
+  ++passes_[layer];
+}
+
+bool Observer::done() const {
+  return std::all_of(passes_.begin(), passes_.end(),
+                     [&](int seen) { return seen >= config_.warmup + config_.count; });
+}
+
+int Observer::passes_seen(int layer) const { return passes_.at(layer); }
+
+CalibData Observer::finalize(Communicator& comm, const std::string& architectures) const {
+  const int layers = config_.num_layers;
+  const int local_heads = config_.num_kv_heads;
+  const int world = comm.world_size();
+  CalibData out;
+  out.architectures = architectures;
+  out.quant_type = config_.quant_type;
+  out.qmin = -kE4m3Max;
+  out.qmax = kE4m3Max;
+  out.num_layers = layers;
+
+  // Global abs-max table: per_head [layers, 2 * H] in global head order, per_tensor [layers, 2].
+  std::vector<float> global;
+  if (config_.quant_type == QuantType::kPerHead) {
+    // Rank r holds heads [r * h, (r + 1) * h) of the replicated head list, in which each
+    // global head appears f = h * world / H times in a row: gather every rank's table, then
+    // place its K and V heads into the global row (replicas merge by max; they saw the same).
+    const int replicated = local_heads * world;
+    const int total_heads = config_.total_kv_heads > 0 ? config_.total_kv_heads : replicated;
+    if (replicated % total_heads != 0) {
+      throw Error("observer: " + std::to_string(world) + " ranks x " +
+                  std::to_string(local_heads) + " heads do not cover " +
+                  std::to_string(total_heads) + " KV heads evenly");
+    }
+    const int f = replicated / total_heads;
+    std::vector<float> gathered(amax_.size() * world);
+    comm.all_gather(amax_.data(), gathered.data(), amax_.size());
+    global.assign(static_cast<size_t>(layers) * 2 * total_heads, 0.0f);
+    for (int r = 0; r < world; ++r) {
+      const float* rank_table = gathered.data() + r * amax_.size();
+      for (int l = 0; l < layers; ++l) {
+        const float* src = rank_table + static_cast<size_t>(l) * 2 * local_heads;
+        float* dst = global.data() + static_cast<size_t>(l) * 2 * total_heads;
+        for (int i = 0; i < local_heads; ++i) {
+          const int head = (r * local_heads + i) / f;
+          dst[head] = nan_max(dst[head], src[i]);
+          dst[total_heads + head] = nan_max(dst[total_heads + head], src[local_heads + i]);
+        }
+      }
+    }
+    out.num_head = total_heads;
+  } else {
+    // Per tensor: max over this rank's heads, then over ranks.
+    global.assign(static_cast<size_t>(layers) * 2, 0.0f);
+    for (int l = 0; l < layers; ++l) {
+      const float* row = amax_.data() + static_cast<size_t>(l) * 2 * local_heads;
+      for (int h = 0; h < local_heads; ++h) {
+        global[2 * l] = nan_max(global[2 * l], row[h]);
+        global[2 * l + 1] = nan_max(global[2 * l + 1], row[local_heads + h]);
+      }
+    }
+    comm.all_reduce_max(global.data(), global.size());
+    out.num_head = config_.total_kv_heads > 0 ? config_.total_kv_heads : local_heads * world;
+  }
+
+  const int width = static_cast<int>(global.size()) / layers;
+  for (int l = 0; l < layers; ++l) {
+    for (int c = 0; c < width; ++c) {
+      const float a = global[static_cast<size_t>(l) * width + c];
+      if (!std::isfinite(a)) {
+        const bool is_v = c >= width / 2;
+        const std::string what =
+            config_.quant_type == QuantType::kPerHead
+                ? std::string(is_v ? "V" : "K") + " head " + std::to_string(c % (width / 2))
+                : std::string(is_v ? "V" : "K") + " (per tensor)";
+        throw Error("calibration: layer " + std::to_string(l) + ", " + what +
+                    ": abs-max is not finite (" + std::to_string(a) +
+                    "); the model produced NaN or infinity in K/V");
+      }
+    }
+  }
+  out.scales.resize(global.size());
+  std::transform(global.begin(), global.end(), out.scales.begin(),
+                 [](float a) { return a > 0.0f ? a / kE4m3Max : 1.0f; });
+  return out;
+}
+
+}  // namespace fp8kv
