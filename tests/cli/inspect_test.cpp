@@ -1,0 +1,123 @@
+// fp8kv inspect, run as the built binary.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <string>
+
+namespace {
+
+const std::string kSourceDir = FP8KV_SOURCE_DIR;
+const std::string kLightLlmFile = kSourceDir + "/examples/lightllm_per_tensor_qwen2.5_32b.json";
+
+struct RunResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+RunResult run_fp8kv(const std::string& args) {
+  const std::string command = std::string("'") + FP8KV_BINARY + "' " + args + " 2>&1";
+  RunResult result;
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (pipe == nullptr) {
+    ADD_FAILURE() << "popen failed: " << command;
+    return result;
+  }
+  std::array<char, 4096> buffer;
+  size_t n;
+  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0) {
+    result.output.append(buffer.data(), n);
+  }
+  const int status = ::pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+// Every printed line fits a 100-column terminal.
+void expect_fits_100_columns(const std::string& output) {
+  size_t start = 0;
+  while (start < output.size()) {
+    size_t end = output.find('\n', start);
+    if (end == std::string::npos) end = output.size();
+    EXPECT_LE(end - start, 100u) << output.substr(start, end - start);
+    start = end + 1;
+  }
+}
+
+TEST(InspectCli, LightLlmFile) {
+  const RunResult r = run_fp8kv("inspect '" + kLightLlmFile +
+                                "' --arch Qwen2ForCausalLM --num-layers 64 --num-kv-heads 8 "
+                                "--scheme per-tensor");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "per_tensor")) << r.output;
+  EXPECT_TRUE(contains(r.output, "layers        64")) << r.output;
+  EXPECT_TRUE(contains(r.output, "Qwen2ForCausalLM")) << r.output;
+  EXPECT_TRUE(contains(r.output, "K scales      min 2.525e-02")) << r.output;
+  EXPECT_TRUE(contains(r.output, "   63  6.501e-02  7.812e-02")) << r.output;  // last row
+  EXPECT_TRUE(contains(r.output, "  ...")) << r.output;                        // elided
+  expect_fits_100_columns(r.output);
+}
+
+TEST(InspectCli, MalformedFileExitsNonZero) {
+  const RunResult r =
+      run_fp8kv("inspect '" + kSourceDir + "/tests/data/calib/bad_scales_row_length.json'");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "fp8kv: error: ")) << r.output;
+  EXPECT_TRUE(contains(r.output, "field 'scales': row 1: expected 4 values")) << r.output;
+}
+
+TEST(InspectCli, WrongKvHeads) {
+  const RunResult r = run_fp8kv("inspect '" + kLightLlmFile + "' --num-kv-heads 4");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "field 'num_head': expected 4 (the model's KV heads), found 8"))
+      << r.output;
+}
+
+TEST(InspectCli, WrongScheme) {
+  const RunResult r = run_fp8kv("inspect '" + kLightLlmFile + "' --scheme fp8-per-head");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "expected \"per_head\"")) << r.output;
+}
+
+TEST(InspectCli, RankSlice) {
+  RunResult r = run_fp8kv("inspect '" + kLightLlmFile + "' --tp 2 --rank 1");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "tensor parallel: rank 1 of 2")) << r.output;
+  EXPECT_TRUE(contains(r.output, "4 (global heads 4..7)")) << r.output;
+
+  // Per head with more ranks than heads: rank 3 of 4 holds head 1 (of 2), replicated twice.
+  r = run_fp8kv("inspect '" + kSourceDir +
+                "/tests/data/calib/ok_per_head_q.json' --tp 4 --rank 3 --scheme per-head");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "1 (global head 1), each head replicated on 2 ranks")) << r.output;
+  EXPECT_TRUE(contains(r.output, "rank 3: K scales")) << r.output;
+  EXPECT_TRUE(contains(r.output, "    1  3.800e-02")) << r.output;  // K of head 1, layer 1
+  EXPECT_TRUE(contains(r.output, "rank 3: Q scales")) << r.output;
+  expect_fits_100_columns(r.output);
+
+  // tp that does not fit the heads; --tp without --rank.
+  r = run_fp8kv("inspect '" + kLightLlmFile + "' --tp 3 --rank 0");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "tensor parallel size 3 and num_head 8")) << r.output;
+  r = run_fp8kv("inspect '" + kLightLlmFile + "' --tp 2");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  r = run_fp8kv("inspect '" + kLightLlmFile + "' --tp 2 --rank 2");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+}
+
+TEST(InspectCli, HelpAndMissingFile) {
+  RunResult r = run_fp8kv("inspect --help");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "--num-kv-heads")) << r.output;
+  EXPECT_TRUE(contains(r.output, "--scheme")) << r.output;
+  r = run_fp8kv("inspect /nonexistent/kv_cache_calib.json");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "/nonexistent/kv_cache_calib.json: cannot open")) << r.output;
+}
+
+}  // namespace
