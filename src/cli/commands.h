@@ -1,4 +1,3 @@
-// Registration of the fp8kv subcommands; each add_* adds one subcommand whose callback does
 // the work (and throws fp8kv::Error on refusal).
 #pragma once
 
@@ -9,5 +8,7 @@ class App;
 namespace fp8kv::cli {
 
 // One declaration per subcommand, e.g. void add_inspect(CLI::App& app);  // cli/inspect.cpp
+void add_inspect(CLI::App& app);  // cli/inspect.cpp
+void add_attention_demo(CLI::App& app);  // cli/attention_demo.cpp
 
 }  // namespace fp8kv::cli

@@ -12,6 +12,8 @@ int main(int argc, char** argv) {
   CLI::App app{"fp8kv: FP8 (E4M3) KV cache with calibrated scales"};
   app.require_subcommand(1);
   // One line per subcommand (declared in cli/commands.h).
+  fp8kv::cli::add_inspect(app);
+  fp8kv::cli::add_attention_demo(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,623 @@
+// The CPU backend (src/kernels/cpu/cpu_backend.cpp) against float64 references.
+//
+// Error metrics (tests/kernel_test_util.h): normalized error ||o - ref|| / ||ref|| over the
+// whole output, and the largest per-row normalized error (a row: one token and query head).
+// Two references: "exact" is float64 attention on the bf16 inputs; "emulated" is float64
+// attention on the inputs after the scheme's FP8 rounding (K/V with their scales, Q with its
+// dynamic scale for fp8-per-head), which isolates the kernel's own error from the input
+// quantization it is designed to have.
+//
+// Bounds and why (u = 2^-4, the worst relative rounding error of e4m3 with 3 mantissa bits; a
+// uniform rounding error has RMS about u / sqrt(3) = 0.036 relative; bf16 output rounding is
+// at most 2^-9 = 2.0e-3 relative per element):
+//  - bf16 vs exact, fp8-per-tensor vs emulated: the same inputs, fp32 accumulation (~1e-6) and
+//    bf16 output rounding (<= 2^-9 per element, so per row too): kBf16Bound = 4e-3 on both the
+//    normalized and the max-row error (2x margin).
+//  - fp8-per-head vs emulated: adds the rounding of P to e4m3 for the PV product. Each weight
+//    gets an unbiased relative error of RMS ~u/sqrt(3), so the output row, a weighted average of
+//    V rows, gets about that relative to its own size (see the bound in cpu_backend.cpp): at
+//    most ~0.036, measured 0.003-0.032 normalized and <= 0.04 per row; bound u = 0.0625
+//    normalized, 2u per row.
+//  - fp8 vs exact: Q (per-head), K and V are rounded. V alone gives ~u/sqrt(3) = 0.036. K and Q
+//    perturb each logit by sigma_s ~ (u/sqrt(3)) * logit_std * sqrt(2) ~ 0.1 (logit_std 2 in
+//    these tests), which moves each softmax weight by that relative amount; the output moves
+//    by ~sigma_s * ||v_j - o|| / ||o||, and ||v_j - o|| exceeds ||o|| when o averages a few
+//    rows. Measured 0.03-0.10 normalized; bound 3u = 0.19. Per row, a few short rows with
+//    several comparable keys reach 0.38; bound 8u = 0.5. (These are statistical bounds for
+//    this data, not worst cases: a worst case grows with the logits' range.)
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+#include "kernel_test_util.h"
+
+namespace fp8kv {
+namespace {
+
+constexpr double kU = 0.0625;  // 2^-4
+constexpr double kBf16Bound = 4e-3;
+
+struct Bounds {
+  double normalized;
+  double max_row;
+};
+// vs the float64 reference on the exact bf16 inputs
+Bounds exact_bound(KvScheme s) {
+  return s == KvScheme::kBf16 ? Bounds{kBf16Bound, kBf16Bound} : Bounds{3 * kU, 8 * kU};
+}
+// vs the float64 reference on the FP8-rounded inputs
+Bounds emulated_bound(KvScheme s) {
+  return s == KvScheme::kFp8PerHead ? Bounds{kU, 2 * kU} : Bounds{kBf16Bound, kBf16Bound};
+}
+
+const KvScheme kSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
+
+// Expects fn() to throw Error whose message contains `needle`.
+template <typename Fn>
+void expect_error(Fn fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "no Error; expected one containing '" << needle << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << "message '" << e.what() << "' lacks '" << needle << "'";
+  }
+}
+
+// ---- quantize_kv ---------------------------------------------------------------------------
+
+test::ProblemSpec small_spec() {
+  test::ProblemSpec spec;
+  spec.requests = {{3, 4}, {0, 5}};
+  spec.num_q_heads = 8;
+  spec.num_kv_heads = 2;
+  spec.head_dim = 64;
+  spec.data.head_range = 50.0f;
+  spec.data.outlier_channels = 3;
+  return spec;
+}
+
+TEST(CpuBackend, QuantizeKvWritesTheBytesOfQuantizeE4m3) {
+  const test::AttentionProblem p = test::make_problem(small_spec());
+  auto cpu = make_cpu_backend();
+  const int Hkv = p.num_kv_heads, D = p.head_dim;
+  const int64_t row_elems = 2 * Hkv * D;
+  for (KvScheme scheme : kSchemes) {
+    SCOPED_TRACE(scheme_name(scheme));
+    const test::KvScales scales = test::calibrate_scales(p, scheme);
+    const test::AttentionRun run = test::run_attention(*cpu, p, scheme, scales);
+    std::vector<bool> used(p.num_slots + 1, false);
+    for (int64_t t = 0; t < p.num_tokens(); ++t) {
+      const int64_t slot = p.kv_slot[t];
+      used[slot] = true;
+      for (int head = 0; head < 2 * Hkv; ++head) {
+        for (int d = 0; d < D; ++d) {
+          const int64_t src = t * row_elems + head * D + d;
+          const int64_t dst = slot * row_elems + head * D + d;
+          if (scheme == KvScheme::kBf16) {
+            uint16_t stored;
+            std::memcpy(&stored, &run.pool[dst * 2], 2);
+            ASSERT_EQ(stored, p.kv[src]) << "token " << t << " head " << head << " d " << d;
+          } else {
+            const std::vector<float>& s = head < Hkv ? scales.k : scales.v;
+            const float scale = scheme == KvScheme::kFp8PerHead ? s[head % Hkv] : s[0];
+            ASSERT_EQ(run.pool[dst], quantize_e4m3(bf16_to_float(p.kv[src]), scale))
+                << "token " << t << " head " << head << " d " << d;
+          }
+        }
+      }
+    }
+    // Spare slots and the padding slot keep their 0xff fill.
+    const int64_t slot_bytes = row_elems * kv_elem_bytes(scheme);
+    for (int64_t slot = 0; slot <= p.num_slots; ++slot) {
+      if (used[slot]) continue;
+      for (int64_t i = 0; i < slot_bytes; ++i) {
+        ASSERT_EQ(run.pool[slot * slot_bytes + i], 0xff) << "unused slot " << slot << " written";
+      }
+    }
+  }
+}
+
+// Writes `tokens` rows of K/V into a fresh pool; returns nothing, the caller inspects.
+struct KvFixture {
+  static constexpr int kHkv = 2, kD = 64, kSlots = 8;
+  std::unique_ptr<Backend> cpu = make_cpu_backend();
+  std::vector<uint8_t> pool = std::vector<uint8_t>((kSlots + 1) * 2 * kHkv * kD, 0xab);
+  std::vector<float> k_scale = {0.5f, 2.0f}, v_scale = {1.0f, 4.0f};
+  QuantizeKvParams params(const std::vector<uint16_t>& kv, const std::vector<int32_t>& slots) {
+    QuantizeKvParams p;
+    p.kv = kv.data();
+    p.slots = slots.data();
+    p.num_tokens = static_cast<int64_t>(slots.size());
+    p.cache.data = pool.data();
+    p.cache.num_slots = kSlots;
+    p.cache.num_kv_heads = kHkv;
+    p.cache.head_dim = kD;
+    p.cache.scheme = KvScheme::kFp8PerHead;
+    p.scales.k = k_scale.data();
+    p.scales.v = v_scale.data();
+    return p;
+  }
+  static std::vector<uint16_t> random_kv(int tokens, uint64_t seed) {
+    test::Rng rng(seed);
+    std::vector<uint16_t> kv(static_cast<size_t>(tokens) * 2 * kHkv * kD);
+    for (auto& x : kv) x = float_to_bf16(rng.normal() * 3.0f);
+    return kv;
+  }
+};
+
+TEST(CpuBackend, QuantizeKvRefusesOutOfRangeSlotAndWritesNothing) {
+  KvFixture f;
+  const std::vector<uint16_t> kv = KvFixture::random_kv(4, 7);
+  std::vector<float> amax(2 * KvFixture::kHkv, 0.0f);
+  const std::vector<uint8_t> before = f.pool;
+  for (int32_t bad : {KvFixture::kSlots, -1}) {
+    const std::vector<int32_t> slots = {0, 1, bad, 3};
+    QuantizeKvParams p = f.params(kv, slots);
+    p.observe_amax = amax.data();
+    expect_error([&] { f.cpu->quantize_kv(p); }, "token 2: slot " + std::to_string(bad));
+    EXPECT_EQ(f.pool, before);
+    EXPECT_EQ(amax, std::vector<float>(2 * KvFixture::kHkv, 0.0f));
+  }
+  // Non-positive scale.
+  f.k_scale[1] = 0.0f;
+  const std::vector<int32_t> slots = {0, 1, 2, 3};
+  expect_error([&] { f.cpu->quantize_kv(f.params(kv, slots)); }, "scales.k[1]");
+  EXPECT_EQ(f.pool, before);
+}
+
+TEST(CpuBackend, QuantizeKvObservesAmaxAndPropagatesNan) {
+  KvFixture f;
+  constexpr int kHeads = 2 * KvFixture::kHkv, kD = KvFixture::kD;
+  std::vector<uint16_t> kv = KvFixture::random_kv(5, 11);
+  const std::vector<int32_t> slots = {4, 0, 7, 2, 5};
+  std::vector<float> expected(kHeads, 0.0f);
+  for (size_t t = 0; t < slots.size(); ++t) {
+    for (int head = 0; head < kHeads; ++head) {
+      for (int d = 0; d < kD; ++d) {
+        const float x = bf16_to_float(kv[(t * kHeads + head) * kD + d]);
+        expected[head] = std::max(expected[head], std::fabs(x));
+      }
+    }
+  }
+  std::vector<float> amax(kHeads, 0.0f);
+  amax[3] = 1000.0f;  // running max keeps a larger old value
+  expected[3] = 1000.0f;
+  QuantizeKvParams p = f.params(kv, slots);
+  p.observe_amax = amax.data();
+  f.cpu->quantize_kv(p);
+  EXPECT_EQ(amax, expected);
+
+  // NaN in K head 1 of token 2, +inf in V head 0 of token 4 (written to V head 0 = index 2).
+  kv[(2 * kHeads + 1) * kD + 5] = 0x7fc0;  // bf16 NaN
+  kv[(4 * kHeads + 2) * kD + 9] = 0xff80;  // bf16 -inf
+  f.cpu->quantize_kv(p);
+  EXPECT_TRUE(std::isnan(amax[1]));
+  EXPECT_TRUE(std::isinf(amax[2]) && amax[2] > 0);
+  EXPECT_EQ(amax[0], expected[0]);
+  EXPECT_EQ(amax[3], expected[3]);
+  // A NaN already observed stays.
+  kv = KvFixture::random_kv(5, 12);
+  p.kv = kv.data();
+  f.cpu->quantize_kv(p);
+  EXPECT_TRUE(std::isnan(amax[1]));
+}
+
+// ---- quantize_q ----------------------------------------------------------------------------
+
+TEST(CpuBackend, QuantizeQDynamicAndStaticScales) {
+  test::ProblemSpec spec = small_spec();
+  spec.requests = {{3, 4}, {9, 1}, {0, 6}};
+  const test::AttentionProblem p = test::make_problem(spec);
+  auto cpu = make_cpu_backend();
+  const int B = p.num_requests(), Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim;
+  const int group = Hq / Hkv;
+  const std::vector<float> static_scale = {0.01f, 0.03f};
+  for (bool use_static : {false, true}) {
+    SCOPED_TRACE(use_static ? "static" : "dynamic");
+    std::vector<uint8_t> q_fp8(p.q.size());
+    std::vector<float> q_scale(static_cast<size_t>(B) * Hkv);
+    QuantizeQParams qq;
+    qq.q = p.q.data();
+    qq.q_fp8 = q_fp8.data();
+    qq.q_scale = q_scale.data();
+    qq.static_scale = use_static ? static_scale.data() : nullptr;
+    qq.cu_seqlens_q = p.cu_seqlens_q.data();
+    qq.num_requests = B;
+    qq.total_q = p.total_q();
+    qq.num_q_heads = Hq;
+    qq.num_kv_heads = Hkv;
+    qq.head_dim = D;
+    cpu->quantize_q(qq);
+    const std::vector<float> dynamic = test::dynamic_q_scales(p);
+    for (int b = 0; b < B; ++b) {
+      for (int g = 0; g < Hkv; ++g) {
+        const float expected = use_static ? static_scale[g] : dynamic[b * Hkv + g];
+        ASSERT_EQ(q_scale[b * Hkv + g], expected) << "request " << b << " group " << g;
+        for (int64_t t = p.cu_seqlens_q[b]; t < p.cu_seqlens_q[b + 1]; ++t) {
+          for (int h = g * group; h < (g + 1) * group; ++h) {
+            for (int d = 0; d < D; ++d) {
+              const int64_t e = (t * Hq + h) * D + d;
+              ASSERT_EQ(q_fp8[e], quantize_e4m3(bf16_to_float(p.q[e]), expected));
+            }
+          }
+        }
+      }
+    }
+    if (!use_static) {
+      // The dynamic scale puts each group's largest |q| exactly at 448.
+      for (int b = 0; b < B; ++b) {
+        for (int g = 0; g < Hkv; ++g) {
+          int max_code = 0;
+          for (int64_t t = p.cu_seqlens_q[b]; t < p.cu_seqlens_q[b + 1]; ++t) {
+            for (int i = 0; i < group * D; ++i) {
+              max_code = std::max(max_code, q_fp8[(t * Hq + g * group) * D + i] & 0x7f);
+            }
+          }
+          EXPECT_EQ(max_code, 0x7e) << "request " << b << " group " << g;
+        }
+      }
+    }
+  }
+}
+
+TEST(CpuBackend, QuantizeQAllZeroGroupGetsScaleOne) {
+  auto cpu = make_cpu_backend();
+  const int Hq = 2, Hkv = 1, D = 64;
+  std::vector<uint16_t> q(2 * Hq * D, 0);  // 2 tokens, one request
+  std::vector<uint8_t> q_fp8(q.size(), 0xcd);
+  std::vector<float> q_scale(1, -1.0f);
+  const std::vector<int32_t> cu = {0, 2};
+  QuantizeQParams qq;
+  qq.q = q.data();
+  qq.q_fp8 = q_fp8.data();
+  qq.q_scale = q_scale.data();
+  qq.cu_seqlens_q = cu.data();
+  qq.num_requests = 1;
+  qq.total_q = 2;
+  qq.num_q_heads = Hq;
+  qq.num_kv_heads = Hkv;
+  qq.head_dim = D;
+  cpu->quantize_q(qq);
+  EXPECT_EQ(q_scale[0], 1.0f);
+  EXPECT_EQ(q_fp8, std::vector<uint8_t>(q.size(), 0));
+}
+
+// ---- validation ----------------------------------------------------------------------------
+
+// A valid prefill call on host memory that each check below breaks in one way.
+struct AttentionFixture {
+  test::AttentionProblem p;
+  std::vector<uint8_t> pool;
+  std::vector<uint8_t> q_fp8;
+  std::vector<float> q_scale, k_scale, v_scale;
+  std::vector<uint16_t> o;
+  std::unique_ptr<Backend> cpu = make_cpu_backend();
+
+  explicit AttentionFixture(std::vector<test::RequestShape> requests) {
+    test::ProblemSpec spec = small_spec();
+    spec.requests = std::move(requests);
+    p = test::make_problem(spec);
+    pool.assign(p.pool_elements(), 0);
+    q_fp8.assign(p.q.size(), 0);
+    q_scale.assign(p.num_requests() * p.num_kv_heads, 1.0f);
+    k_scale.assign(p.num_kv_heads, 1.0f);
+    v_scale.assign(p.num_kv_heads, 1.0f);
+    o.assign(p.q.size(), 0x1234);
+  }
+  AttentionParams params() {
+    AttentionParams a;
+    a.q = p.q.data();
+    a.q_fp8 = q_fp8.data();
+    a.q_scale = q_scale.data();
+    a.o = o.data();
+    a.num_q_heads = p.num_q_heads;
+    a.cache.data = pool.data();
+    a.cache.num_slots = p.num_slots;
+    a.cache.num_kv_heads = p.num_kv_heads;
+    a.cache.head_dim = p.head_dim;
+    a.cache.scheme = KvScheme::kFp8PerHead;
+    a.scales.k = k_scale.data();
+    a.scales.v = v_scale.data();
+    a.batch = p.host_batch();
+    return a;
+  }
+  bool output_untouched() const {
+    return std::all_of(o.begin(), o.end(), [](uint16_t x) { return x == 0x1234; });
+  }
+};
+
+TEST(CpuBackend, AttentionValidationErrors) {
+  AttentionFixture f({{3, 4}, {0, 5}});
+  Backend& cpu = *f.cpu;
+  auto prefill = [&](AttentionParams a) { return [&cpu, a] { cpu.prefill_attention(a); }; };
+  AttentionParams a = f.params();
+  EXPECT_NO_THROW(cpu.prefill_attention(a));  // the baseline is valid
+  f.o.assign(f.o.size(), 0x1234);
+
+  a = f.params();
+  a.batch.num_requests = 0;
+  expect_error(prefill(a), "prefill_attention: empty batch");
+  a = f.params();
+  a.cache.head_dim = 96;
+  expect_error(prefill(a), "head_dim 96 not built: supported 64, 128, 256");
+  a = f.params();
+  a.num_q_heads = 7;
+  expect_error(prefill(a), "num_q_heads 7 is not a positive multiple of num_kv_heads 2");
+  a = f.params();
+  a.scales.v = nullptr;
+  expect_error(prefill(a), "scales.v is null");
+  a = f.params();
+  a.q_fp8 = nullptr;
+  expect_error(prefill(a), "q_fp8");
+  a = f.params();
+  a.batch.total_q += 1;
+  expect_error(prefill(a), "total_q");
+  a = f.params();
+  a.batch.max_q_len = 3;  // request 0 has 4 new tokens
+  expect_error(prefill(a), "request 0 has q_len 4 > batch.max_q_len 3");
+  a = f.params();
+  a.softmax_scale = std::numeric_limits<float>::quiet_NaN();
+  expect_error(prefill(a), "softmax_scale");
+
+  // Array contents: seq_len < q_len, a slot out of range.
+  f.p.seq_len[1] = 4;
+  expect_error(prefill(f.params()), "request 1: seq_len 4 not in [q_len 5");
+  f.p.seq_len[1] = 5;
+  f.p.req_to_token[f.p.req_index[0] * f.p.max_len + 2] = -3;
+  expect_error(prefill(f.params()), "request 0 position 2: slot -3 out of [0, num_slots");
+  EXPECT_TRUE(f.output_untouched());
+}
+
+TEST(CpuBackend, DecodeRefusesMoreThanOneNewToken) {
+  AttentionFixture f({{3, 1}, {5, 2}});
+  AttentionParams a = f.params();
+  // The host-visible facts already say so.
+  expect_error([&] { f.cpu->decode_attention(a); },
+               "decode_attention: batch.max_q_len 2, total_q 3 for 2 requests");
+  // Host facts lying (claiming one token each) is caught from cu_seqlens_q.
+  AttentionFixture g({{3, 1}, {5, 1}});
+  g.p.cu_seqlens_q = {0, 0, 2};
+  a = g.params();
+  a.batch.max_q_len = 1;
+  expect_error([&] { g.cpu->decode_attention(a); }, "request 0 has q_len 0");
+  EXPECT_TRUE(f.output_untouched());
+  EXPECT_TRUE(g.output_untouched());
+}
+
+TEST(CpuBackend, QuantizeQValidationErrors) {
+  auto cpu = make_cpu_backend();
+  std::vector<uint16_t> q(3 * 4 * 64, 0);
+  std::vector<uint8_t> q_fp8(q.size());
+  std::vector<float> q_scale(2);
+  std::vector<int32_t> cu = {0, 1, 3};
+  QuantizeQParams qq;
+  qq.q = q.data();
+  qq.q_fp8 = q_fp8.data();
+  qq.q_scale = q_scale.data();
+  qq.cu_seqlens_q = cu.data();
+  qq.num_requests = 2;
+  qq.total_q = 3;
+  qq.num_q_heads = 4;
+  qq.num_kv_heads = 1;
+  qq.head_dim = 64;
+  EXPECT_NO_THROW(cpu->quantize_q(qq));
+  QuantizeQParams bad = qq;
+  bad.num_requests = 0;
+  expect_error([&] { cpu->quantize_q(bad); }, "quantize_q: empty batch");
+  bad = qq;
+  bad.head_dim = 96;
+  expect_error([&] { cpu->quantize_q(bad); }, "head_dim 96 not built");
+  bad = qq;
+  bad.num_kv_heads = 3;
+  expect_error([&] { cpu->quantize_q(bad); }, "num_q_heads 4 is not a positive multiple");
+  cu = {0, 2, 1};
+  expect_error([&] { cpu->quantize_q(qq); }, "cu_seqlens_q decreases at request 1");
+}
+
+// ---- attention against float64 ------------------------------------------------------------
+
+struct SweepCase {
+  const char* name;
+  std::vector<test::RequestShape> requests;
+  int num_q_heads, num_kv_heads, head_dim;
+  AttentionPhase phase;
+};
+
+// Lengths 1, 7, 127, 300; GQA 1, 4, 8; D 64, 128, 256; cached prefix and fresh requests mixed,
+// one-token requests; prefill and decode.
+std::vector<SweepCase> sweep_cases() {
+  const AttentionPhase kP = AttentionPhase::kPrefill, kDec = AttentionPhase::kDecode;
+  return {
+      {"gqa1_d64_mixed", {{0, 1}, {0, 7}, {120, 7}, {0, 127}}, 4, 4, 64, kP},
+      {"gqa4_d128_long", {{173, 127}, {0, 7}, {6, 1}}, 8, 2, 128, kP},
+      {"gqa8_d256", {{290, 10}, {0, 1}, {0, 7}}, 8, 1, 256, kP},
+      {"gqa4_d64_300_fresh", {{0, 300}}, 4, 1, 64, kP},
+      {"decode_gqa4_d128", {{0, 1}, {6, 1}, {126, 1}, {299, 1}}, 8, 2, 128, kDec},
+      {"decode_gqa8_d256", {{0, 1}, {299, 1}}, 8, 1, 256, kDec},
+      {"decode_gqa1_d64", {{126, 1}, {6, 1}}, 2, 2, 64, kDec},
+  };
+}
+
+struct Measured {
+  test::ErrorStats vs_exact, vs_emulated;
+};
+
+Measured measure(const test::AttentionProblem& p, KvScheme scheme, AttentionPhase phase) {
+  auto cpu = make_cpu_backend();
+  const test::KvScales scales = test::calibrate_scales(p, scheme);
+  test::RunOptions options;
+  options.phase = phase;
+  const test::AttentionRun run = test::run_attention(*cpu, p, scheme, scales, options);
+  const auto ref = test::reference_attention(p, test::exact_inputs(p));
+  const auto emu = test::reference_attention(p, test::emulated_inputs(p, scheme, scales));
+  return {test::compare(run.o, ref, p.head_dim), test::compare(run.o, emu, p.head_dim)};
+}
+
+void expect_within(const test::ErrorStats& e, Bounds b, const char* what) {
+  EXPECT_EQ(e.nonfinite, 0) << what;
+  EXPECT_LE(e.normalized, b.normalized) << what << ": " << e.str();
+  EXPECT_LE(e.max_row, b.max_row) << what << ": " << e.str();
+}
+
+TEST(CpuBackend, AttentionMatchesFloat64Reference) {
+  for (const SweepCase& c : sweep_cases()) {
+    test::ProblemSpec spec;
+    spec.requests = c.requests;
+    spec.num_q_heads = c.num_q_heads;
+    spec.num_kv_heads = c.num_kv_heads;
+    spec.head_dim = c.head_dim;
+    spec.data.head_range = 30.0f;
+    spec.data.outlier_channels = 4;
+    spec.seed = 1000 + c.head_dim + c.num_q_heads;
+    const test::AttentionProblem p = test::make_problem(spec);
+    for (KvScheme scheme : kSchemes) {
+      const std::string trace = std::string(c.name) + " " + scheme_name(scheme);
+      SCOPED_TRACE(trace);
+      const Measured m = measure(p, scheme, c.phase);
+      expect_within(m.vs_exact, exact_bound(scheme), "vs exact");
+      expect_within(m.vs_emulated, emulated_bound(scheme), "vs emulated");
+      std::printf("  %-22s %-15s vs exact: %s | vs emulated: %s\n", c.name, scheme_name(scheme),
+                  m.vs_exact.str().c_str(), m.vs_emulated.str().c_str());
+    }
+  }
+}
+
+TEST(CpuBackend, PrefillOfOneTokenEqualsDecode) {
+  test::ProblemSpec spec;
+  spec.requests = {{0, 1}, {40, 1}, {7, 1}};
+  spec.data.outlier_channels = 2;
+  const test::AttentionProblem p = test::make_problem(spec);
+  auto cpu = make_cpu_backend();
+  for (KvScheme scheme : kSchemes) {
+    const test::KvScales scales = test::calibrate_scales(p, scheme);
+    test::RunOptions decode;
+    decode.phase = AttentionPhase::kDecode;
+    EXPECT_EQ(test::run_attention(*cpu, p, scheme, scales).o,
+              test::run_attention(*cpu, p, scheme, scales, decode).o)
+        << scheme_name(scheme);
+  }
+}
+
+TEST(CpuBackend, ExplicitSoftmaxScale) {
+  test::ProblemSpec spec;
+  spec.requests = {{20, 5}, {0, 3}};
+  spec.head_dim = 64;
+  const test::AttentionProblem p = test::make_problem(spec);
+  auto cpu = make_cpu_backend();
+  const test::KvScales none;
+  test::RunOptions options;
+  options.softmax_scale = 1.0f / 8.0f;  // == 1/sqrt(64): same as the default
+  EXPECT_EQ(test::run_attention(*cpu, p, KvScheme::kBf16, none, options).o,
+            test::run_attention(*cpu, p, KvScheme::kBf16, none).o);
+  options.softmax_scale = 0.3f;
+  const auto o = test::run_attention(*cpu, p, KvScheme::kBf16, none, options).o;
+  const auto ref = test::reference_attention(p, test::exact_inputs(p), 0.3);
+  expect_within(test::compare(o, ref, p.head_dim), exact_bound(KvScheme::kBf16), "scale 0.3");
+}
+
+TEST(CpuBackend, StaticQScalesFeedAttention) {
+  test::ProblemSpec spec;
+  spec.requests = {{30, 6}, {0, 4}};
+  spec.data.outlier_channels = 3;
+  const test::AttentionProblem p = test::make_problem(spec);
+  auto cpu = make_cpu_backend();
+  const KvScheme scheme = KvScheme::kFp8PerHead;
+  const test::KvScales scales = test::calibrate_scales(p, scheme);
+  // Static scales from "calibration": the max of the dynamic ones over requests.
+  const std::vector<float> dynamic = test::dynamic_q_scales(p);
+  std::vector<float> static_q(p.num_kv_heads, 0.0f);
+  for (int b = 0; b < p.num_requests(); ++b) {
+    for (int g = 0; g < p.num_kv_heads; ++g) {
+      static_q[g] = std::max(static_q[g], dynamic[b * p.num_kv_heads + g]);
+    }
+  }
+  test::RunOptions options;
+  options.static_q_scale = static_q;
+  const test::AttentionRun run = test::run_attention(*cpu, p, scheme, scales, options);
+  for (int b = 0; b < p.num_requests(); ++b) {
+    for (int g = 0; g < p.num_kv_heads; ++g)
+      EXPECT_EQ(run.q_scale[b * p.num_kv_heads + g], static_q[g]);
+  }
+  const auto emu = test::reference_attention(p, test::emulated_inputs(p, scheme, scales, static_q));
+  expect_within(test::compare(run.o, emu, p.head_dim), emulated_bound(scheme), "vs emulated");
+}
+
+// K/V heads whose ranges differ by 10^4 (KV head g scaled by 10^(4g/3)): one per-tensor scale,
+// set by the largest head, pushes the smallest head's values down into the e4m3 subnormals (or
+// to zero); per-head scales give every head the full e4m3 range. Measured per KV head (its
+// group of query heads), since the whole-output error is dominated by the largest heads.
+TEST(CpuBackend, PerHeadScalesBeatPerTensorWhenHeadRangesDiffer) {
+  test::ProblemSpec spec;
+  spec.requests = {{60, 20}, {0, 33}, {100, 1}};
+  spec.num_q_heads = 8;
+  spec.num_kv_heads = 4;
+  spec.head_dim = 128;
+  spec.data.head_range = 1e4f;
+  spec.data.outlier_channels = 4;
+  spec.seed = 77;
+  const test::AttentionProblem p = test::make_problem(spec);
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const auto ref = test::reference_attention(p, test::exact_inputs(p));
+  auto cpu = make_cpu_backend();
+  std::vector<test::ErrorStats> by_kv_head[2];  // [per-tensor, per-head][KV head]
+  for (KvScheme scheme : {KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
+    const test::AttentionRun run =
+        test::run_attention(*cpu, p, scheme, test::calibrate_scales(p, scheme));
+    // [total_q, Hq, D] is [total_q, Hkv, group * D]: one "head" per KV head's query group.
+    auto& errors = by_kv_head[scheme == KvScheme::kFp8PerHead];
+    errors = test::compare_by_head(run.o, ref, p.num_kv_heads, group * p.head_dim);
+    std::printf("  KV head ranges 1..1e4, %-15s normalized error per KV head:",
+                scheme_name(scheme));
+    for (const test::ErrorStats& e : errors) std::printf(" %.3f", e.normalized);
+    std::printf("\n");
+  }
+  const double small_tensor = by_kv_head[0][0].normalized, small_head = by_kv_head[1][0].normalized;
+  EXPECT_GT(small_tensor, 2.5 * small_head)
+      << "smallest KV head: per-tensor " << small_tensor << ", per-head " << small_head;
+  EXPECT_LT(test::worst_head_error(by_kv_head[1]), test::worst_head_error(by_kv_head[0]));
+  for (const test::ErrorStats& e : by_kv_head[1]) {
+    expect_within(e, exact_bound(KvScheme::kFp8PerHead), "per-head, one KV head");
+  }
+}
+
+// The table the docs quote: measured errors per scheme on one representative batch.
+TEST(CpuBackend, ErrorBoundsReport) {
+  test::ProblemSpec spec;
+  spec.requests = {{200, 56}, {0, 100}, {299, 1}, {50, 7}};
+  spec.num_q_heads = 8;
+  spec.num_kv_heads = 2;
+  spec.head_dim = 128;
+  spec.data.head_range = 30.0f;
+  spec.data.outlier_channels = 4;
+  spec.seed = 2024;
+  const test::AttentionProblem p = test::make_problem(spec);
+  std::printf(
+      "  batch: 4 requests (seq 256/100/300/57, new 56/100/1/7), Hq 8, Hkv 2, D 128,\n"
+      "         K/V head ranges 1..30, 4 outlier K channels x20-50, logit std 2\n");
+  std::printf("  %-15s %-12s %-10s %-12s %-10s %-12s %-10s\n", "scheme", "normalized", "bound",
+              "max_row", "bound", "vs_emulated", "bound");
+  for (KvScheme scheme : kSchemes) {
+    const Measured m = measure(p, scheme, AttentionPhase::kPrefill);
+    const Bounds be = exact_bound(scheme), bm = emulated_bound(scheme);
+    std::printf("  %-15s %-12.3e %-10.3e %-12.3e %-10.3e %-12.3e %-10.3e\n", scheme_name(scheme),
+                m.vs_exact.normalized, be.normalized, m.vs_exact.max_row, be.max_row,
+                m.vs_emulated.normalized, bm.normalized);
+    RecordProperty(std::string(scheme_name(scheme)) + "_normalized_error",
+                   std::to_string(m.vs_exact.normalized));
+    expect_within(m.vs_exact, be, scheme_name(scheme));
+    expect_within(m.vs_emulated, bm, scheme_name(scheme));
+  }
+}
+
+}  // namespace
+}  // namespace fp8kv
