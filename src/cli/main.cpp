@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   // One line per subcommand (declared in cli/commands.h).
   fp8kv::cli::add_inspect(app);
   fp8kv::cli::add_attention_demo(app);
+  fp8kv::cli::add_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""PyTorch peer for fp8kv's kernel benchmark: bf16 SDPA (cuDNN attention backend first) on the
+decode and prefill shapes of `fp8kv bench kernels`. The peer reads a contiguous [B, Hkv, L, D]
+cache (no slot gather), so it is the stronger side of the comparison.
+
+    python3 scripts/bench_torch.py [--json FILE] [--iters 20] [--quick]
+"""
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+            ("efficient", SDPBackend.EFFICIENT_ATTENTION)]
+
+
+def time_us(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+
+
+def sdpa(q, k, v, causal, warmup, iters):
+    """Fastest-preference order: the first backend that runs the shape wins."""
+    errors = []
+    for name, backend in BACKENDS:
+        for gqa in (True, False):
+            try:
+                kk, vv = (k, v) if gqa else (k.repeat_interleave(q.shape[1] // k.shape[1], 1),
+                                             v.repeat_interleave(q.shape[1] // v.shape[1], 1))
+                with sdpa_kernel([backend]):
+                    fn = lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=causal,
+                                                                enable_gqa=gqa)
+                    fn()
+                    torch.cuda.synchronize()
+                    return time_us(fn, warmup, iters), name + ("" if gqa else "+repeat")
+            except Exception as e:  # noqa: BLE001 - report and try the next backend
+                errors.append(f"{name}{'' if gqa else '+repeat'}: {str(e).splitlines()[0][:80]}")
+    raise RuntimeError("no SDPA backend ran: " + "; ".join(errors))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    Hq, Hkv, D = 32, 8, 128
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "decode": {}, "prefill": {}}
+    print(f"torch {torch.__version__} SDPA peer on {out['device']}")
+    print("decode  Hq=32 Hkv=8 D=128   bf16 time_us   cache_GB/s   backend")
+    shapes = [(64, 4096), (4, 32768), (256, 1024)] if not a.quick else [(16, 2048), (2, 8192)]
+    for B, L in shapes:
+        q = torch.randn(B, Hq, 1, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(B, Hkv, L, D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(B, Hkv, L, D, device=dev, dtype=torch.bfloat16)
+        try:
+            us, name = sdpa(q, k, v, False, a.warmup, a.iters)
+        except RuntimeError as e:
+            print(f"  B={B} L={L}: {e}")
+            continue
+        gbs = B * L * Hkv * 2 * D * 2 / us * 1e-3
+        print(f"  B={B:<4d} L={L:<6d}        {us:10.1f}   {gbs:10.0f}   {name}")
+        out["decode"][f"B{B}_L{L}"] = {"us": us, "gbs": gbs, "backend": name}
+        del q, k, v
+    print("prefill causal Hq=32 Hkv=8 D=128   bf16 time_us   TFLOP/s   backend")
+    B, L = 2, (8192 if not a.quick else 2048)
+    q = torch.randn(B, Hq, L, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, L, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, L, D, device=dev, dtype=torch.bfloat16)
+    try:
+        us, name = sdpa(q, k, v, True, 2, max(5, a.iters // 2))
+        tflops = 4.0 * B * Hq * L * L * D / 2 / us * 1e-6
+        print(f"  B={B} L={L:<6d}             {us:10.1f}   {tflops:7.1f}   {name}")
+        out["prefill"][f"B{B}_L{L}"] = {"us": us, "tflops": tflops, "backend": name}
+    except RuntimeError as e:
+        print(f"  prefill: {e}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+// fp8kv bench kernels: the kernel benchmark (kernels/kernel_bench.h) on the GPU; prints a table
+// of decode, prefill and quantize-on-write against ceilings measured in the same run. A build
+// without CUDA says it needs one.
+#include <CLI/CLI.hpp>
+
+#include <memory>
+
+#include "cli/commands.h"
+#include "kernels/kernel_bench.h"
+
+namespace fp8kv::cli {
+
+void add_bench(CLI::App& app) {
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks");
+  bench->require_subcommand(1);
+  auto options = std::make_shared<KernelBenchOptions>();
+  CLI::App* kernels = bench->add_subcommand(
+      "kernels", "Time decode / prefill / quantize-on-write kernels against measured ceilings (needs a CUDA build)");
+  kernels->add_option("--device", options->device, "CUDA device")->capture_default_str();
+  kernels->add_option("--iters", options->iters, "timed runs per measurement (median reported)")->capture_default_str();
+  kernels->add_option("--warmup", options->warmup, "untimed runs first")->capture_default_str();
+  kernels->add_option("--json", options->json_path, "also write every number to this JSON file");
+  kernels->add_flag("--quick", options->quick, "small shapes: a smoke test, not a measurement");
+  kernels->add_flag("!--no-prefill", options->prefill, "skip the prefill rows");
+  kernels->add_flag("!--no-gemm", options->gemm, "skip the cuBLASLt GEMM ceilings");
+  kernels->callback([options] { run_kernel_bench(*options); });
+}
+
+}  // namespace fp8kv::cli

@@ -1,0 +1,133 @@
+// Device building blocks shared by the CUDA kernels: 16-byte vector access, cp.async, FP8/bf16
+// widening in registers, warp reductions, and the float-as-bits atomic max used by the fused
+// abs-max observation. Conversions to e4m3 use cuda_fp8.h's hardware instructions, which are
+// bit-identical to fp8kv/fp8.h (saturating, NaN -> 0x7f); tests/cuda/codec_test.cu proves it.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "fp8kv/error.h"
+
+namespace fp8kv::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Host: turns a CUDA error into fp8kv::Error naming the call and the CUDA error string.
+inline void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    throw Error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(e) + ": " +
+                cudaGetErrorString(e));
+  }
+}
+#define FP8KV_CUDA_CHECK(call) ::fp8kv::cuda::check_cuda((call), #call)
+// After a launch: configuration errors surface here, asynchronous ones at the next sync.
+#define FP8KV_CUDA_CHECK_LAUNCH(name) ::fp8kv::cuda::check_cuda(cudaGetLastError(), name)
+
+// ---- memory access ------------------------------------------------------------------------
+
+// Read-only 16-byte load through the non-coherent path (data not written by this kernel).
+__device__ __forceinline__ uint4 ld_nc_v4(const void* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+// Streaming 16-byte load: evict-first, the data is used once.
+__device__ __forceinline__ uint4 ld_stream_v4(const void* p) {
+  return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+__device__ __forceinline__ void st_v4(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// cp.async of 16 bytes global -> shared, bypassing L1; `src_bytes` 0 zero-fills the destination
+// (used for tokens past the end of a range, so that masked rows hold zeros and never NaN).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---- widening to float ----------------------------------------------------------------------
+
+__device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
+  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+}
+
+// Two e4m3 codes (low byte first) -> two floats, through the hardware fp8x2 -> f16x2 convert
+// (exact: every e4m3 value is an fp16 value).
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint16_t v) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+
+// 8 bf16 (one 16-byte vector) -> 8 floats.
+__device__ __forceinline__ void widen_bf16x8(const uint4 v, float (&f)[8]) {
+  const float2 a = bf16x2_to_float2(v.x), b = bf16x2_to_float2(v.y);
+  const float2 c = bf16x2_to_float2(v.z), d = bf16x2_to_float2(v.w);
+  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y; f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+}
+
+// 8 e4m3 (one 8-byte vector) -> 8 floats.
+__device__ __forceinline__ void widen_e4m3x8(const uint2 v, float (&f)[8]) {
+  const float2 a = e4m3x2_to_float2(static_cast<uint16_t>(v.x & 0xffffu));
+  const float2 b = e4m3x2_to_float2(static_cast<uint16_t>(v.x >> 16));
+  const float2 c = e4m3x2_to_float2(static_cast<uint16_t>(v.y & 0xffffu));
+  const float2 d = e4m3x2_to_float2(static_cast<uint16_t>(v.y >> 16));
+  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y; f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+}
+
+// ---- narrowing ------------------------------------------------------------------------------
+
+// float -> e4m3, saturating, NaN -> 0x7f: the same bytes as fp8kv::float_to_e4m3.
+__device__ __forceinline__ uint8_t float_to_e4m3_hw(float x) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
+}
+// Two floats -> two e4m3 codes (x in the low byte).
+__device__ __forceinline__ uint16_t float2_to_e4m3x2_hw(float x, float y) {
+  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E4M3));
+}
+__device__ __forceinline__ uint16_t float_to_bf16_bits(float x) {
+  const __nv_bfloat16 b = __float2bfloat16_rn(x);
+  return *reinterpret_cast<const uint16_t*>(&b);
+}
+
+// ---- reductions -----------------------------------------------------------------------------
+
+template <int kWidth = 32>
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWidth / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+template <int kWidth = 32>
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWidth / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+// Max of non-negative values held as float bits (|x| bit patterns order like their floats, and
+// NaN patterns > inf > finite), so a NaN is never lost the way fmaxf would lose it.
+template <int kWidth = 32>
+__device__ __forceinline__ uint32_t warp_max_bits(uint32_t v) {
+#pragma unroll
+  for (int o = kWidth / 2; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+// |x| as orderable bits: the sign cleared; NaN stays above +inf.
+__device__ __forceinline__ uint32_t abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+// Running abs-max in memory (a non-negative float, possibly inf/NaN) raised to `bits`.
+__device__ __forceinline__ void atomic_max_abs_bits(float* addr, uint32_t bits) {
+  atomicMax(reinterpret_cast<unsigned int*>(addr), bits);
+}
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace fp8kv::cuda

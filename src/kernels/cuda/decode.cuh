@@ -1,0 +1,84 @@
+// Decode attention (one new token per request) over the token-slot pool: shared declarations of
+// decode.cu (launcher, split merge) and the kernel instantiations (decode_kernel.cuh, explicitly
+// instantiated per scheme in decode_{bf16,fp8_tensor,fp8_head}.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "fp8kv/scheme.h"
+
+namespace fp8kv::cuda {
+
+// Device arguments of the decode kernel, built by decode.cu from AttentionParams.
+struct DecodeArgs {
+  const void* q = nullptr;             // [total_q, Hq, D]: bf16, or e4m3 for fp8-per-head
+  const float* q_scale = nullptr;      // [B, Hkv] (fp8-per-head)
+  const uint8_t* cache = nullptr;      // [num_slots + 1, 2 * Hkv, D] bf16 or e4m3
+  const float* k_scale = nullptr;      // per-head [Hkv], per-tensor [1]
+  const float* v_scale = nullptr;
+  const int32_t* seq_len = nullptr;    // [B]
+  const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
+  const int32_t* req_index = nullptr;  // [B]
+  const int32_t* req_to_token = nullptr;  // [max_requests, max_len]
+  uint16_t* o = nullptr;               // [total_q, Hq, D] bf16 (num_splits == 1)
+  float* ws_o = nullptr;               // [B, Hq, num_splits, D] normalized partial outputs
+  float* ws_lse = nullptr;             // [B, Hq, num_splits] log2-sum-exp2 of each split
+  int max_len = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int group = 0;          // Hq / Hkv
+  int head_chunks = 0;    // ceil(group / heads per CTA)
+  int num_splits = 1;
+  int split_tokens = 0;
+  float sm_scale_log2 = 0.0f;  // softmax scale * log2(e): scores are kept in the log2 domain
+};
+
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = kDecodeWarps * 32;
+
+// CTAs per SM the register allocation must allow, per (scheme, query heads per CTA). Measured on
+// H100 (docs/GPU.md), decode Hq=32 Hkv=8 D=128: bf16 runs best at 4 CTAs per SM (128 registers,
+// 16 warps: 85-89% of the read bandwidth); the FP8 schemes at 3 (168 registers, no spills; 4 CTAs
+// spill ~40 bytes and run 5-10% slower). 8 heads per CTA need 255 registers (1).
+template <KvScheme kScheme, int kHeads>
+constexpr int decode_min_blocks() {
+  return kHeads > 4 ? 1 : kScheme == KvScheme::kBf16 ? 4 : 3;
+}
+// The other occupancy of the 4-head kernels, kept selectable so the benchmark shows what the
+// choice buys: set_decode_variant(1).
+template <KvScheme kScheme>
+constexpr int decode_alt_min_blocks() { return decode_min_blocks<kScheme, 4>() == 4 ? 3 : 4; }
+void set_decode_variant(int variant);  // 0: default, 1: 4-head kernels at the other occupancy
+int decode_variant();
+
+// One instantiation per (scheme, head_dim, query heads per CTA, CTAs per SM).
+template <KvScheme kScheme, int kHeadDim, int kHeads, int kMinBlocks = decode_min_blocks<kScheme, kHeads>()>
+struct DecodeKernel {
+  static int ctas_per_sm();  // occupancy, for the split heuristic
+  static void launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream);
+};
+
+#define FP8KV_DECODE_EXTERN(SCHEME)                                      \
+  extern template struct DecodeKernel<SCHEME, 64, 1>;                    \
+  extern template struct DecodeKernel<SCHEME, 64, 2>;                    \
+  extern template struct DecodeKernel<SCHEME, 64, 4>;                    \
+  extern template struct DecodeKernel<SCHEME, 64, 8>;                    \
+  extern template struct DecodeKernel<SCHEME, 128, 1>;                   \
+  extern template struct DecodeKernel<SCHEME, 128, 2>;                   \
+  extern template struct DecodeKernel<SCHEME, 128, 4>;                   \
+  extern template struct DecodeKernel<SCHEME, 128, 8>;                   \
+  extern template struct DecodeKernel<SCHEME, 256, 1>;                   \
+  extern template struct DecodeKernel<SCHEME, 256, 2>;                   \
+  extern template struct DecodeKernel<SCHEME, 256, 4>;                   \
+  extern template struct DecodeKernel<SCHEME, 256, 8>;                   \
+  extern template struct DecodeKernel<SCHEME, 64, 4, decode_alt_min_blocks<SCHEME>()>;                \
+  extern template struct DecodeKernel<SCHEME, 128, 4, decode_alt_min_blocks<SCHEME>()>;               \
+  extern template struct DecodeKernel<SCHEME, 256, 4, decode_alt_min_blocks<SCHEME>()>;
+FP8KV_DECODE_EXTERN(KvScheme::kBf16)
+FP8KV_DECODE_EXTERN(KvScheme::kFp8PerTensor)
+FP8KV_DECODE_EXTERN(KvScheme::kFp8PerHead)
+#undef FP8KV_DECODE_EXTERN
+
+}  // namespace fp8kv::cuda

@@ -1,0 +1,7 @@
+// Explicit instantiations of the decode kernel for KvScheme::kFp8PerHead (one file per scheme keeps
+// each compile small and parallel).
+#include "kernels/cuda/decode_kernel.cuh"
+
+namespace fp8kv::cuda {
+FP8KV_DECODE_INSTANTIATE(KvScheme::kFp8PerHead)
+}  // namespace fp8kv::cuda

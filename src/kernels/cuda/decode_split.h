@@ -1,0 +1,49 @@
+// Split-KV heuristic for decode attention: a pure host function (unit-tested in
+// tests/cuda/decode_test.cu, no GPU needed). Decode has one query token per request, so a CTA
+// per (request, KV head) gives B * Hkv CTAs: far too few to fill 132 SMs when the batch is small
+// and the context long. Splitting the KV length over `num_splits` CTAs fills the chip at the cost
+// of a small merge (log-sum-exp combine); the model below picks the split count that minimizes
+// (waves of CTAs) x (tokens per CTA + a fixed per-CTA overhead).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fp8kv::cuda {
+
+struct DecodeSplit {
+  int num_splits = 1;    // CTAs along the KV length per (request, KV head, head chunk)
+  int split_tokens = 0;  // tokens per split (a multiple of kSplitAlign, or max_seq_len when 1)
+};
+
+constexpr int kDecodeMaxSplits = 64;
+constexpr int kDecodeMinSplitTokens = 256;  // below this a split costs more than it saves
+constexpr int kDecodeSplitAlign = 64;       // whole tiles of every warp of a CTA
+constexpr int kDecodeCtaOverheadTokens = 128;
+
+// ctas: CTAs without splitting (B * Hkv * head chunks); resident: CTAs the GPU holds at once
+// (SMs x CTAs per SM); max_seq_len: the longest request.
+inline DecodeSplit choose_decode_split(int64_t ctas, int64_t resident, int max_seq_len) {
+  DecodeSplit best{1, std::max(max_seq_len, 1)};
+  if (ctas <= 0 || resident <= 0 || max_seq_len <= kDecodeMinSplitTokens) return best;
+  auto cost = [&](int64_t splits, int64_t tokens) {
+    const int64_t waves = (ctas * splits + resident - 1) / resident;
+    return waves * (tokens + kDecodeCtaOverheadTokens);
+  };
+  int64_t best_cost = cost(1, max_seq_len);
+  for (int s = 2; s <= kDecodeMaxSplits; ++s) {
+    int64_t tokens = (max_seq_len + s - 1) / s;
+    tokens = (tokens + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
+    if (tokens < kDecodeMinSplitTokens) break;
+    const int splits = static_cast<int>((max_seq_len + tokens - 1) / tokens);
+    const int64_t c = cost(splits, tokens);
+    // A split must win clearly (5%): the merge and the partial-result traffic are not modeled.
+    if (c * 20 < best_cost * 19) {
+      best_cost = c;
+      best = {splits, static_cast<int>(tokens)};
+    }
+  }
+  return best;
+}
+
+}  // namespace fp8kv::cuda

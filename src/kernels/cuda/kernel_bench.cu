@@ -1,0 +1,436 @@
+// The kernel benchmark (`fp8kv bench kernels`, `fp8kv_bench`): ceilings measured in the same run
+// (streaming read and device copy bandwidth, BF16/FP8 tensor-core rate through cuBLASLt), then
+// decode attention, prefill attention and quantize-on-write against them. Times are CUDA-event
+// medians after warm-up; every input is random (never zeros) and larger than L2 so each run
+// reads device memory. Launches go straight to the launchers (no validation, no host sync).
+#include <cublasLt.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/decode.cuh"
+#include "kernels/cuda/launchers.h"
+#include "kernels/kernel_bench.h"
+
+namespace fp8kv {
+namespace {
+
+using cuda::check_cuda;
+
+// ---- device helpers ---------------------------------------------------------------------
+
+__device__ __forceinline__ uint64_t mix(uint64_t x) {  // splitmix64
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+// Uniform in [-1, 1).
+__device__ __forceinline__ float rand_pm1(uint64_t seed, uint64_t i) {
+  return static_cast<float>(mix(seed * 0x100000001b3ull + i) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+__global__ void fill_bf16_kernel(uint16_t* p, size_t n, uint64_t seed, float amp) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    p[i] = cuda::float_to_bf16_bits(rand_pm1(seed, i) * amp);
+  }
+}
+__global__ void fill_e4m3_kernel(uint8_t* p, size_t n, uint64_t seed, float amp) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    p[i] = cuda::float_to_e4m3_hw(rand_pm1(seed, i) * amp);
+  }
+}
+
+// Streaming read: 4 independent 16-byte loads in flight per thread per iteration; the XOR is
+// written only when it hits an impossible value, so the loads cannot be optimized away.
+__global__ void read_bw_kernel(const uint4* __restrict__ p, size_t n, uint4* sink) {
+  uint32_t acc = 0;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  for (; i + 3 * stride < n; i += 4 * stride) {
+    const uint4 a = cuda::ld_stream_v4(p + i), b = cuda::ld_stream_v4(p + i + stride);
+    const uint4 c = cuda::ld_stream_v4(p + i + 2 * stride), d = cuda::ld_stream_v4(p + i + 3 * stride);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+  }
+  for (; i < n; i += stride) {
+    const uint4 a = cuda::ld_stream_v4(p + i);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w;
+  }
+  if (acc == 0x9e3779b9u) sink[0] = make_uint4(acc, 0, 0, 0);
+}
+
+// ---- host helpers -----------------------------------------------------------------------
+
+struct DeviceBuffer {
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit DeviceBuffer(size_t n) : bytes(n) { check_cuda(cudaMalloc(&p, n ? n : 1), "cudaMalloc (bench)"); }
+  ~DeviceBuffer() { cudaFree(p); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <typename T> T* as() const { return static_cast<T*>(p); }
+};
+
+void fill_bf16(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
+  fill_bf16_kernel<<<1024, 256, 0, s>>>(static_cast<uint16_t*>(p), n, seed, amp);
+  check_cuda(cudaGetLastError(), "fill_bf16");
+}
+void fill_e4m3(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
+  fill_e4m3_kernel<<<1024, 256, 0, s>>>(static_cast<uint8_t*>(p), n, seed, amp);
+  check_cuda(cudaGetLastError(), "fill_e4m3");
+}
+template <typename T>
+T* upload(DeviceBuffer& b, const std::vector<T>& v) {
+  check_cuda(cudaMemcpy(b.p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), "upload (bench)");
+  return b.as<T>();
+}
+
+// Median time in microseconds of `iters` runs after `warmup` runs, one event pair per run.
+double time_us(const std::function<void()>& run, int warmup, int iters, cudaStream_t s) {
+  for (int i = 0; i < warmup; ++i) run();
+  std::vector<cudaEvent_t> ev(2 * iters);
+  for (auto& e : ev) check_cuda(cudaEventCreate(&e), "cudaEventCreate");
+  for (int i = 0; i < iters; ++i) {
+    check_cuda(cudaEventRecord(ev[2 * i], s), "cudaEventRecord");
+    run();
+    check_cuda(cudaEventRecord(ev[2 * i + 1], s), "cudaEventRecord");
+  }
+  check_cuda(cudaStreamSynchronize(s), "bench synchronize");
+  std::vector<double> t(iters);
+  for (int i = 0; i < iters; ++i) {
+    float ms = 0;
+    check_cuda(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]), "cudaEventElapsedTime");
+    t[i] = ms * 1e3;
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  std::sort(t.begin(), t.end());
+  return t[iters / 2];
+}
+
+class Report {
+ public:
+  void line(const char* fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    text_ += buf;
+    text_ += '\n';
+    std::printf("%s\n", buf);
+    std::fflush(stdout);
+  }
+  // JSON: one object per measurement.
+  void record(const std::string& kind, const std::string& name, std::vector<std::pair<std::string, double>> values) {
+    std::string o = "{\"kind\":\"" + kind + "\",\"name\":\"" + name + "\"";
+    for (auto& [k, v] : values) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, ",\"%s\":%.6g", k.c_str(), std::isfinite(v) ? v : -1.0);
+      o += buf;
+    }
+    json_.push_back(o + "}");
+  }
+  const std::string& text() const { return text_; }
+  void write_json(const std::string& path, const std::string& device) const {
+    FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) throw Error("bench: cannot write " + path);
+    std::fprintf(f, "{\"device\":\"%s\",\"results\":[\n", device.c_str());
+    for (size_t i = 0; i < json_.size(); ++i) std::fprintf(f, "  %s%s\n", json_[i].c_str(), i + 1 < json_.size() ? "," : "");
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+  }
+
+ private:
+  std::string text_;
+  std::vector<std::string> json_;
+};
+
+// ---- ceilings ---------------------------------------------------------------------------
+
+double measure_read_gbs(size_t bytes, const KernelBenchOptions& o, cudaStream_t s) {
+  DeviceBuffer buf(bytes), sink(64);
+  fill_e4m3(buf.p, bytes, 7, 1.0f, s);
+  const size_t n = bytes / 16;
+  int sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "attr");
+  const double us = time_us([&] { read_bw_kernel<<<sms * 8, 256, 0, s>>>(buf.as<uint4>(), n, sink.as<uint4>()); },
+                            o.warmup, o.iters, s);
+  return bytes / us * 1e-3;
+}
+
+double measure_copy_gbs(size_t bytes, const KernelBenchOptions& o, cudaStream_t s) {
+  DeviceBuffer a(bytes), b(bytes);
+  fill_e4m3(a.p, bytes, 8, 1.0f, s);
+  const double us = time_us([&] { check_cuda(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s), "copy"); },
+                            o.warmup, o.iters, s);
+  return 2.0 * bytes / us * 1e-3;  // read + write
+}
+
+// C[m,n] = A^T B in cuBLASLt's column-major terms (TN: the layout FP8 requires), 8192^3.
+double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStream_t s) {
+  cublasLtHandle_t lt;
+  if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) throw Error("cublasLtCreate failed");
+  const size_t elems = static_cast<size_t>(n) * n;
+  const size_t in_bytes = elems * (fp8 ? 1 : 2);
+  DeviceBuffer A(in_bytes), B(in_bytes), D(elems * 2), ws(64u << 20);
+  if (fp8) {
+    fill_e4m3(A.p, elems, 11, 4.0f, s);
+    fill_e4m3(B.p, elems, 12, 4.0f, s);
+  } else {
+    fill_bf16(A.p, elems, 11, 1.0f, s);
+    fill_bf16(B.p, elems, 12, 1.0f, s);
+  }
+  const cudaDataType_t in_t = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
+  cublasLtMatmulDesc_t desc;
+  cublasLtMatrixLayout_t la, lb, lc;
+  auto ok = [](cublasStatus_t st, const char* what) {
+    if (st != CUBLAS_STATUS_SUCCESS) throw Error(std::string("cuBLASLt ") + what + " failed: " + std::to_string(st));
+  };
+  ok(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+  const cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
+  ok(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof tA), "transa");
+  ok(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof tB), "transb");
+  ok(cublasLtMatrixLayoutCreate(&la, in_t, n, n, n), "layout A");
+  ok(cublasLtMatrixLayoutCreate(&lb, in_t, n, n, n), "layout B");
+  ok(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, n, n, n), "layout C");
+  cublasLtMatmulPreference_t pref;
+  ok(cublasLtMatmulPreferenceCreate(&pref), "pref");
+  const size_t ws_bytes = ws.bytes;
+  ok(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes), "pref ws");
+  cublasLtMatmulHeuristicResult_t heur{};
+  int found = 0;
+  ok(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &heur, &found), "heuristic");
+  if (found == 0) throw Error("cuBLASLt: no algorithm");
+  const float alpha = 1.0f, beta = 0.0f;
+  const double us = time_us([&] {
+    ok(cublasLtMatmul(lt, desc, &alpha, A.p, la, B.p, lb, &beta, D.p, lc, D.p, lc, &heur.algo, ws.p, ws_bytes, s), "matmul");
+  }, o.warmup, o.iters, s);
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(la);
+  cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(lc);
+  cublasLtMatmulDescDestroy(desc);
+  cublasLtDestroy(lt);
+  return 2.0 * n * static_cast<double>(n) * n / us * 1e-6;
+}
+
+// ---- attention problems -----------------------------------------------------------------
+
+constexpr KvScheme kSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
+
+// A batch of B requests of L tokens each (all cached but the q_len newest), slots a random
+// permutation of the pool (scattered rows, as a long-running server's pool looks).
+struct BenchBatch {
+  int B, L, q_len, Hq, Hkv, D;
+  std::unique_ptr<DeviceBuffer> seq, cu, ri, rt, q, q8, qs, o, ks, vs;
+  AttentionBatch batch;
+
+  BenchBatch(int B_, int L_, int q_len_, int Hq_, int Hkv_, int D_, cudaStream_t s)
+      : B(B_), L(L_), q_len(q_len_), Hq(Hq_), Hkv(Hkv_), D(D_) {
+    std::vector<int32_t> seq_v(B, L), cu_v(B + 1), ri_v(B), rt_v(static_cast<size_t>(B) * L);
+    for (int b = 0; b <= B; ++b) cu_v[b] = b * q_len;
+    std::iota(ri_v.begin(), ri_v.end(), 0);
+    std::iota(rt_v.begin(), rt_v.end(), 0);
+    std::shuffle(rt_v.begin(), rt_v.end(), std::mt19937(1234));
+    seq = std::make_unique<DeviceBuffer>(B * 4);
+    cu = std::make_unique<DeviceBuffer>((B + 1) * 4);
+    ri = std::make_unique<DeviceBuffer>(B * 4);
+    rt = std::make_unique<DeviceBuffer>(rt_v.size() * 4);
+    const size_t q_elems = static_cast<size_t>(B) * q_len * Hq * D;
+    q = std::make_unique<DeviceBuffer>(q_elems * 2);
+    q8 = std::make_unique<DeviceBuffer>(q_elems);
+    qs = std::make_unique<DeviceBuffer>(static_cast<size_t>(B) * Hkv * 4);
+    o = std::make_unique<DeviceBuffer>(q_elems * 2);
+    ks = std::make_unique<DeviceBuffer>(Hkv * 4);
+    vs = std::make_unique<DeviceBuffer>(Hkv * 4);
+    fill_bf16(q->p, q_elems, 21, 2.0f, s);
+    fill_e4m3(q8->p, q_elems, 22, 200.0f, s);
+    upload(*qs, std::vector<float>(static_cast<size_t>(B) * Hkv, 2.0f / 448));
+    upload(*ks, std::vector<float>(Hkv, 1.0f / 448));
+    upload(*vs, std::vector<float>(Hkv, 1.0f / 448));
+    batch.num_requests = B;
+    batch.seq_len = upload(*seq, seq_v);
+    batch.cu_seqlens_q = upload(*cu, cu_v);
+    batch.req_index = upload(*ri, ri_v);
+    batch.req_to_token = upload(*rt, rt_v);
+    batch.max_len = L;
+    batch.total_q = static_cast<int64_t>(B) * q_len;
+    batch.max_q_len = q_len;
+    batch.max_seq_len = L;
+  }
+  int64_t num_slots() const { return static_cast<int64_t>(B) * L; }
+
+  AttentionParams params(KvScheme scheme, void* pool) const {
+    AttentionParams p;
+    p.q = q->as<uint16_t>();
+    if (scheme == KvScheme::kFp8PerHead) {
+      p.q = nullptr;
+      p.q_fp8 = q8->as<uint8_t>();
+      p.q_scale = qs->as<float>();
+    }
+    p.o = o->as<uint16_t>();
+    p.num_q_heads = Hq;
+    p.cache = {pool, num_slots(), Hkv, D, scheme};
+    if (is_fp8(scheme)) p.scales = {ks->as<float>(), vs->as<float>()};
+    p.batch = batch;
+    return p;
+  }
+};
+
+std::unique_ptr<DeviceBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme, cudaStream_t s) {
+  const size_t elems = static_cast<size_t>(slots + 1) * 2 * Hkv * D;
+  auto pool = std::make_unique<DeviceBuffer>(elems * kv_elem_bytes(scheme));
+  if (is_fp8(scheme)) {
+    fill_e4m3(pool->p, elems, 31, 400.0f, s);
+  } else {
+    fill_bf16(pool->p, elems, 31, 1.0f, s);
+  }
+  return pool;
+}
+
+}  // namespace
+
+std::string run_kernel_bench(const KernelBenchOptions& o) {
+  if (!cuda_available()) throw Error("bench kernels: no usable Hopper (sm_90) GPU on this machine");
+  check_cuda(cudaSetDevice(o.device), "cudaSetDevice");
+  cudaDeviceProp prop{};
+  check_cuda(cudaGetDeviceProperties(&prop, o.device), "cudaGetDeviceProperties");
+  if (prop.major != 9) throw Error(std::string("bench: ") + prop.name + " is not a Hopper GPU (sm_90a kernels)");
+  cudaStream_t s;
+  check_cuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  Report r;
+  r.line("fp8kv kernel benchmark on %s (%d SMs, %.0f GiB), median of %d runs after %d warm-up",
+         prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, o.iters, o.warmup);
+
+  // Ceilings.
+  const size_t bw_bytes = o.quick ? (512ull << 20) : (4ull << 30);
+  const double read_gbs = measure_read_gbs(bw_bytes, o, s);
+  const double copy_gbs = measure_copy_gbs(bw_bytes / 2, o, s);
+  r.record("ceiling", "read", {{"gbs", read_gbs}});
+  r.record("ceiling", "copy", {{"gbs", copy_gbs}});
+  double bf16_tflops = NAN, fp8_tflops = NAN;
+  if (o.gemm) {
+    const int n = o.quick ? 4096 : 8192;
+    bf16_tflops = measure_gemm_tflops(false, n, o, s);
+    fp8_tflops = measure_gemm_tflops(true, n, o, s);
+    r.record("ceiling", "gemm_bf16", {{"tflops", bf16_tflops}, {"n", double(n)}});
+    r.record("ceiling", "gemm_fp8", {{"tflops", fp8_tflops}, {"n", double(n)}});
+  }
+  r.line("");
+  r.line("ceilings: read %.0f GB/s | copy (read+write) %.0f GB/s | cuBLASLt GEMM %d^3: BF16 %.0f TFLOP/s, FP8 %.0f TFLOP/s",
+         read_gbs, copy_gbs, o.quick ? 4096 : 8192, bf16_tflops, fp8_tflops);
+
+  // Decode.
+  r.line("");
+  r.line("decode  Hq=32 Hkv=8 D=128      scheme (v1: alt occ.) time_us   cache_GB/s  %%read_bw  time/bf16");
+  struct Shape { int B, L; };
+  std::vector<Shape> shapes = {{64, 4096}, {4, 32768}, {256, 1024}};
+  if (o.quick) shapes = {{16, 2048}, {2, 8192}};
+  for (const Shape& sh : shapes) {
+    BenchBatch bb(sh.B, sh.L, 1, 32, 8, 128, s);
+    double bf16_us = NAN;
+    // Variant 0: the default kernels; 1: the 4-head kernels at the other occupancy (decode.cuh).
+    for (int variant : {0, 1}) {
+      cuda::set_decode_variant(variant);
+      for (KvScheme scheme : kSchemes) {
+        auto pool = make_pool(bb.num_slots(), 8, 128, scheme, s);
+        const AttentionParams p = bb.params(scheme, pool->p);
+        DeviceBuffer ws(std::max<size_t>(cuda::decode_workspace_bytes(p), 16));
+        const double us = time_us([&] { cuda::launch_decode_attention(p, ws.p, s); }, o.warmup, o.iters, s);
+        const double bytes = static_cast<double>(sh.B) * sh.L * 8 * 2 * 128 * kv_elem_bytes(scheme);
+        const double gbs = bytes / us * 1e-3;
+        if (scheme == KvScheme::kBf16) bf16_us = us;
+        const std::string label = std::string(scheme_name(scheme)) + (variant ? " v1" : "");
+        r.line("  B=%-4d L=%-6d             %-18s %8.1f   %10.0f   %6.1f%%   %8.2f", sh.B, sh.L, label.c_str(),
+               us, gbs, 100.0 * gbs / read_gbs, us / bf16_us);
+        r.record("decode", std::string("B") + std::to_string(sh.B) + "_L" + std::to_string(sh.L) + "_" +
+                 scheme_name(scheme) + (variant ? "_v1" : ""),
+                 {{"B", double(sh.B)}, {"L", double(sh.L)}, {"us", us}, {"gbs", gbs}, {"frac_read_bw", gbs / read_gbs},
+                  {"ratio_bf16", us / bf16_us}, {"variant", double(variant)}});
+      }
+    }
+    cuda::set_decode_variant(0);
+  }
+
+  // Prefill (PREFILL's kernel).
+  if (o.prefill) {
+    r.line("");
+    r.line("prefill causal Hq=32 Hkv=8 D=128  scheme          time_us   TFLOP/s  %%GEMM (bf16 GEMM for bf16/per-tensor, fp8 for per-head)");
+    const int B = 2, L = o.quick ? 2048 : 8192;
+    BenchBatch bb(B, L, L, 32, 8, 128, s);
+    for (KvScheme scheme : kSchemes) {
+      auto pool = make_pool(bb.num_slots(), 8, 128, scheme, s);
+      const AttentionParams p = bb.params(scheme, pool->p);
+      double us = NAN;
+      try {
+        us = time_us([&] { cuda::launch_prefill_attention(p, s); }, 2, std::max(5, o.iters / 2), s);
+      } catch (const Error& e) {
+        r.line("  %s: %s", scheme_name(scheme), e.what());
+        continue;
+      }
+      const double flops = 4.0 * B * 32 * static_cast<double>(L) * L * 128 / 2;
+      const double tflops = flops / us * 1e-6;
+      const double ceiling = scheme == KvScheme::kFp8PerHead ? fp8_tflops : bf16_tflops;
+      r.line("  B=%d L=%-6d                    %-15s %8.1f   %7.1f  %6.1f%%", B, L, scheme_name(scheme), us, tflops,
+             100.0 * tflops / ceiling);
+      r.record("prefill", std::string("B2_L") + std::to_string(L) + "_" + scheme_name(scheme),
+               {{"B", double(B)}, {"L", double(L)}, {"us", us}, {"tflops", tflops}, {"frac_gemm", tflops / ceiling}});
+    }
+  }
+
+  // Quantize-on-write.
+  {
+    r.line("");
+    r.line("quantize-on-write T x 8 KV heads x 128   scheme          time_us   GB/s(r+w)  %%copy_bw  observe_overhead");
+    const int T = o.quick ? 4096 : 16384, Hkv = 8, D = 128;
+    const int64_t slots = 4 * static_cast<int64_t>(T);
+    std::vector<int32_t> slot_v(slots);
+    std::iota(slot_v.begin(), slot_v.end(), 0);
+    std::shuffle(slot_v.begin(), slot_v.end(), std::mt19937(99));
+    slot_v.resize(T);
+    DeviceBuffer d_slots(T * 4), kv(static_cast<size_t>(T) * 2 * Hkv * D * 2), amax(2 * Hkv * 4);
+    DeviceBuffer ks(Hkv * 4), vs(Hkv * 4);
+    upload(d_slots, slot_v);
+    upload(ks, std::vector<float>(Hkv, 1.0f / 448));
+    upload(vs, std::vector<float>(Hkv, 1.0f / 448));
+    check_cuda(cudaMemset(amax.p, 0, amax.bytes), "memset");
+    fill_bf16(kv.p, static_cast<size_t>(T) * 2 * Hkv * D, 41, 2.0f, s);
+    for (KvScheme scheme : kSchemes) {
+      auto pool = make_pool(slots, Hkv, D, scheme, s);
+      QuantizeKvParams p;
+      p.kv = kv.as<uint16_t>();
+      p.slots = d_slots.as<int32_t>();
+      p.num_tokens = T;
+      p.cache = {pool->p, slots, Hkv, D, scheme};
+      if (is_fp8(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
+      const double us = time_us([&] { cuda::launch_quantize_kv(p, s); }, o.warmup, o.iters, s);
+      p.observe_amax = amax.as<float>();
+      const double us_obs = time_us([&] { cuda::launch_quantize_kv(p, s); }, o.warmup, o.iters, s);
+      const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
+      const double gbs = bytes / us * 1e-3;
+      r.line("  T=%-6d                               %-15s %8.1f   %9.0f   %6.1f%%   %+6.1f%%", T, scheme_name(scheme), us, gbs,
+             100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0));
+      r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
+               {{"T", double(T)}, {"us", us}, {"us_observe", us_obs}, {"gbs", gbs}, {"frac_copy_bw", gbs / copy_gbs},
+                {"observe_overhead", us_obs / us - 1.0}});
+    }
+  }
+  check_cuda(cudaStreamSynchronize(s), "bench");
+  check_cuda(cudaStreamDestroy(s), "cudaStreamDestroy");
+  if (!o.json_path.empty()) r.write_json(o.json_path, prop.name);
+  return r.text();
+}
+
+}  // namespace fp8kv

@@ -1,0 +1,10 @@
+// Explicit instances of the wgmma fp8-per-head prefill kernel, D = 128 (list: prefill_instances.cuh).
+#include "kernels/cuda/prefill_instances.cuh"
+#include "kernels/cuda/prefill_wgmma.cuh"
+
+namespace fp8kv::cuda::prefill {
+
+template void launch_prefill_wgmma<128, 128, 2, 1>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_wgmma<128, 64, 2, 1>(const AttentionParams&, cudaStream_t);
+
+}  // namespace fp8kv::cuda::prefill

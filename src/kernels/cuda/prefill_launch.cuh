@@ -1,0 +1,32 @@
+// Prefill attention, host side: the tile configurations the kernel is built in and the launcher
+// that picks one. Plain C++ (no device code), so host-only tests and benchmarks can include it.
+//
+// launchers.h's launch_prefill_attention(p, stream) uses PrefillConfig::kDefault; the others stay
+// selectable so a benchmark can show what each tile shape buys and a regression can be bisected.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "fp8kv/backend.h"
+
+namespace fp8kv::cuda {
+
+enum class PrefillConfig {
+  kDefault,   // the tuned choice per (scheme, head_dim): fp8-per-head on wgmma (kWgmma); bf16 and
+              // fp8-per-tensor kWide for D <= 128, kNarrow for D = 256
+  kWide,      // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
+  kNarrow,    // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
+              // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
+  // fp8-per-head only, on wgmma e4m3 (prefill_wgmma.cuh); kDefault for fp8-per-head is one of them.
+  kWgmma,       // 2 warpgroups (128 query rows), 128 keys per tile (64 for D = 256), 1 CTA/SM
+  kWgmmaShort,  // D = 128: 2 warpgroups, 64 keys per tile, 1 CTA/SM
+};
+
+const char* prefill_config_name(PrefillConfig config);
+
+// Enqueues the causal varlen prefill of `p` (validated by the caller) on `stream`. Throws
+// Error("Unsupported head_dim N") for head dims other than 64/128/256, and Error for a config
+// that is not built for the scheme and head_dim.
+void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cudaStream_t stream);
+
+}  // namespace fp8kv::cuda

@@ -1,0 +1,242 @@
+// Quantize-on-write of K/V into the token-slot pool, and Q quantization for fp8-per-head.
+// Both write exactly the bytes of their CPU twins: q = e4m3(x / scale) with a true division and
+// the saturating hardware convert (bit-identical to fp8kv::quantize_e4m3).
+#include <algorithm>
+#include <climits>
+
+#include "fp8kv/fp8.h"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/dispatch.h"
+#include "kernels/cuda/launchers.h"
+#include "kernels/cuda/quantize.h"
+
+namespace fp8kv::cuda {
+namespace {
+
+constexpr int kChunk = 16;  // elements per thread per step: two 16-byte bf16 loads
+constexpr int kQuantThreads = 256;
+
+struct QuantizeKvArgs {
+  const uint16_t* kv;                   // [T, 2 * Hkv, D] bf16
+  const int32_t* slots;                 // [T]
+  void* cache;                          // [num_slots + 1, 2 * Hkv, D] bf16 or e4m3
+  const float* k_scale;                 // per-head [Hkv], per-tensor [1]; unused for bf16
+  const float* v_scale;
+  float* observe_amax;                  // optional [2 * Hkv]
+  const unsigned long long* bad_token;  // optional: write nothing unless UINT64_MAX
+  int64_t num_chunks;                   // T * chunks_per_token
+  int chunks_per_token;                 // 2 * Hkv * D / kChunk
+  int num_kv_heads;
+};
+
+// One thread = 16 consecutive elements of one token row (inside one head since D % 16 == 0).
+// The D/16 threads of one (token, head) are adjacent lanes of a warp: the observation reduces
+// over them with shuffles, then one shared atomicMax per group, then one global atomicMax per
+// head and block. Loop trip counts are uniform per block so that every lane reaches the
+// shuffles.
+template <KvScheme kScheme, int kHeadDim>
+__global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const QuantizeKvArgs a) {
+  constexpr int kGroup = kHeadDim / kChunk;  // lanes per (token, head): 4, 8, 16
+  static_assert(kHeadDim % kChunk == 0 && 32 % kGroup == 0, "head_dim");
+  extern __shared__ uint32_t s_amax[];  // [2 * Hkv] when observing
+  if (a.bad_token != nullptr && *a.bad_token != ULLONG_MAX) return;
+  const int heads2 = 2 * a.num_kv_heads;
+  const bool observe = a.observe_amax != nullptr;
+  if (observe) {
+    for (int i = threadIdx.x; i < heads2; i += blockDim.x) s_amax[i] = 0;
+    __syncthreads();
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < a.num_chunks;
+       base += stride) {
+    const int64_t idx = base + threadIdx.x;
+    const bool active = idx < a.num_chunks;
+    uint32_t amax = 0;
+    int head = 0;
+    if (active) {
+      const int64_t token = idx / a.chunks_per_token;
+      const int chunk = static_cast<int>(idx - token * a.chunks_per_token);
+      head = chunk / kGroup;  // 0..2*Hkv-1: K heads then V heads
+      const int64_t slot = a.slots[token];
+      const uint16_t* src = a.kv + idx * kChunk;
+      const uint4 v0 = ld_stream_v4(src), v1 = ld_stream_v4(src + 8);
+      const int64_t dst_elem = (slot * a.chunks_per_token + chunk) * kChunk;
+      if constexpr (kScheme == KvScheme::kBf16) {
+        uint16_t* dst = static_cast<uint16_t*>(a.cache) + dst_elem;
+        st_v4(dst, v0);
+        st_v4(dst + 8, v1);
+        if (observe) {
+          const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            // bf16 pairs: |x| bits of each half, compared as floats' bit patterns.
+            amax = max(amax, max((w[i] << 16) & 0x7fff0000u, w[i] & 0x7fff0000u));
+          }
+        }
+      } else {
+        const bool is_v = head >= a.num_kv_heads;
+        const int scale_head = kScheme == KvScheme::kFp8PerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
+        const float scale = is_v ? a.v_scale[scale_head] : a.k_scale[scale_head];
+        float f[16];
+        float (&f0)[8] = *reinterpret_cast<float(*)[8]>(&f[0]);
+        float (&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
+        widen_bf16x8(v0, f0);
+        widen_bf16x8(v1, f1);
+        uint32_t packed[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          // True division, as the CPU twin (fp8kv::quantize_e4m3): same rounding, same bytes.
+          const uint16_t lo = float2_to_e4m3x2_hw(f[4 * i] / scale, f[4 * i + 1] / scale);
+          const uint16_t hi = float2_to_e4m3x2_hw(f[4 * i + 2] / scale, f[4 * i + 3] / scale);
+          packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+        }
+        uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;
+        st_v4(dst, make_uint4(packed[0], packed[1], packed[2], packed[3]));
+        if (observe) {
+#pragma unroll
+          for (int i = 0; i < 16; ++i) amax = max(amax, abs_bits(f[i]));
+        }
+      }
+    }
+    if (observe) {
+      amax = warp_max_bits<kGroup>(amax);
+      if (active && (threadIdx.x % kGroup) == 0) atomicMax(&s_amax[head], amax);
+    }
+  }
+  if (observe) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < heads2; i += blockDim.x) {
+      if (s_amax[i] != 0) atomic_max_abs_bits(a.observe_amax + i, s_amax[i]);
+    }
+  }
+}
+
+__global__ void check_slots_kernel(const int32_t* slots, int64_t num_tokens, int64_t num_slots,
+                                   unsigned long long* bad_token) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < num_tokens;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t s = slots[t];
+    if (s < 0 || s >= num_slots) atomicMin(bad_token, static_cast<unsigned long long>(t));
+  }
+}
+
+// Q for fp8-per-head: one CTA per (request b, KV head g). The group's Hq/Hkv heads of one token
+// are contiguous ([G * D] elements), so the CTA walks q_len contiguous spans: a first pass for the
+// abs-max (skipped with a static scale), a second to write e4m3(x / s).
+constexpr int kQThreads = 256;
+
+__global__ void __launch_bounds__(kQThreads) quantize_q_kernel(const QuantizeQParams p) {
+  const int b = blockIdx.x / p.num_kv_heads;
+  const int g = blockIdx.x % p.num_kv_heads;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int span = group * p.head_dim;  // elements per token, a multiple of 8
+  const int span8 = span / 8;
+  const int64_t t0 = p.cu_seqlens_q[b], t1 = p.cu_seqlens_q[b + 1];
+  const int64_t n8 = (t1 - t0) * span8;
+  auto elem_offset = [&](int64_t i8) {
+    const int64_t t = t0 + i8 / span8;
+    const int j = static_cast<int>(i8 % span8) * 8;
+    return (t * p.num_q_heads + static_cast<int64_t>(g) * group) * p.head_dim + j;
+  };
+  __shared__ float s_scale;
+  __shared__ uint32_t s_red[kQThreads / 32];
+  if (p.static_scale != nullptr) {
+    if (threadIdx.x == 0) s_scale = p.static_scale[g];
+  } else {
+    uint32_t amax = 0;
+    for (int64_t i8 = threadIdx.x; i8 < n8; i8 += blockDim.x) {
+      const uint4 v = ld_nc_v4(p.q + elem_offset(i8));
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) amax = max(amax, max((w[i] << 16) & 0x7fff0000u, w[i] & 0x7fff0000u));
+    }
+    amax = warp_max_bits(amax);
+    if (threadIdx.x % 32 == 0) s_red[threadIdx.x / 32] = amax;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t m = 0;
+      for (int w = 0; w < kQThreads / 32; ++w) m = max(m, s_red[w]);
+      const float s = __uint_as_float(m) / kE4m3Max;
+      s_scale = s == 0.0f ? 1.0f : s;
+    }
+  }
+  __syncthreads();
+  const float scale = s_scale;
+  if (threadIdx.x == 0) p.q_scale[static_cast<int64_t>(b) * p.num_kv_heads + g] = scale;
+  for (int64_t i8 = threadIdx.x; i8 < n8; i8 += blockDim.x) {
+    const int64_t off = elem_offset(i8);
+    float f[8];
+    widen_bf16x8(ld_nc_v4(p.q + off), f);
+    uint32_t packed[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint16_t lo = float2_to_e4m3x2_hw(f[4 * i] / scale, f[4 * i + 1] / scale);
+      const uint16_t hi = float2_to_e4m3x2_hw(f[4 * i + 2] / scale, f[4 * i + 3] / scale);
+      packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+    *reinterpret_cast<uint2*>(p.q_fp8 + off) = make_uint2(packed[0], packed[1]);
+  }
+}
+
+int num_sms() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    FP8KV_CUDA_CHECK(cudaGetDevice(&dev));
+    FP8KV_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    return v;
+  }();
+  return n;
+}
+
+}  // namespace
+
+void launch_check_slots(const QuantizeKvParams& p, unsigned long long* bad_token,
+                        cudaStream_t stream) {
+  FP8KV_CUDA_CHECK(cudaMemsetAsync(bad_token, 0xff, sizeof *bad_token, stream));
+  if (p.num_tokens == 0) return;
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>((p.num_tokens + threads - 1) / threads, 1024));
+  check_slots_kernel<<<blocks, threads, 0, stream>>>(p.slots, p.num_tokens, p.cache.num_slots,
+                                                       bad_token);
+  FP8KV_CUDA_CHECK_LAUNCH("check_slots_kernel");
+}
+
+void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad_token,
+                        cudaStream_t stream) {
+  if (p.num_tokens == 0) return;
+  const int D = p.cache.head_dim;
+  const int chunks_per_token = 2 * p.cache.num_kv_heads * D / kChunk;
+  QuantizeKvArgs a;
+  a.kv = p.kv;
+  a.slots = p.slots;
+  a.cache = p.cache.data;
+  a.k_scale = p.scales.k;
+  a.v_scale = p.scales.v;
+  a.observe_amax = p.observe_amax;
+  a.bad_token = bad_token;
+  a.num_chunks = p.num_tokens * chunks_per_token;
+  a.chunks_per_token = chunks_per_token;
+  a.num_kv_heads = p.cache.num_kv_heads;
+  // Enough blocks for ~8 resident per SM; each thread then loops over a few chunks.
+  const int64_t want = (a.num_chunks + kQuantThreads - 1) / kQuantThreads;
+  const int blocks = static_cast<int>(std::min<int64_t>(want, static_cast<int64_t>(num_sms()) * 8));
+  const size_t smem = p.observe_amax ? sizeof(uint32_t) * 2 * p.cache.num_kv_heads : 0;
+  FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
+    FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
+      quantize_kv_kernel<kScheme, kHeadDim><<<blocks, kQuantThreads, smem, stream>>>(a);
+    });
+  });
+  FP8KV_CUDA_CHECK_LAUNCH("quantize_kv_kernel");
+}
+
+void launch_quantize_kv(const QuantizeKvParams& p, cudaStream_t stream) {
+  launch_quantize_kv(p, nullptr, stream);
+}
+
+void launch_quantize_q(const QuantizeQParams& p, cudaStream_t stream) {
+  if (p.num_requests == 0) return;
+  quantize_q_kernel<<<p.num_requests * p.num_kv_heads, kQThreads, 0, stream>>>(p);
+  FP8KV_CUDA_CHECK_LAUNCH("quantize_q_kernel");
+}
+
+}  // namespace fp8kv::cuda

@@ -1,0 +1,24 @@
+// CPU-only builds (no nvcc): the CUDA entry points exist and say that CUDA is not built in.
+#ifndef FP8KV_HAVE_CUDA
+
+#include <memory>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/error.h"
+#include "kernels/kernel_bench.h"
+
+namespace fp8kv {
+
+std::unique_ptr<Backend> make_cuda_backend(int, void*) {
+  throw Error("the CUDA backend is not built in: rebuild with nvcc available (FP8KV_CUDA=AUTO or ON)");
+}
+
+bool cuda_available() { return false; }
+
+std::string run_kernel_bench(const KernelBenchOptions&) {
+  throw Error("fp8kv bench kernels needs a CUDA build (nvcc) and a Hopper GPU; this build has no CUDA backend");
+}
+
+}  // namespace fp8kv
+
+#endif  // FP8KV_HAVE_CUDA

@@ -1,0 +1,23 @@
+// The kernel benchmark behind `fp8kv bench kernels` and the fp8kv_bench binary
+// (kernels/cuda/kernel_bench.cu). A CPU-only build throws Error saying it needs CUDA.
+#pragma once
+
+#include <string>
+
+namespace fp8kv {
+
+struct KernelBenchOptions {
+  int device = 0;
+  int warmup = 5;             // untimed runs before each measurement
+  int iters = 20;             // timed runs; the median is reported
+  bool quick = false;         // smaller ceilings and shapes (a smoke test, not a measurement)
+  bool prefill = true;        // include the prefill rows (PREFILL's kernel)
+  bool gemm = true;           // measure the BF16/FP8 tensor-core ceilings through cuBLASLt
+  std::string json_path;      // when set, every number is written there as JSON
+};
+
+// Runs the benchmark on the device, returns the table as printed text (also written to stdout
+// as rows complete).
+std::string run_kernel_bench(const KernelBenchOptions& options);
+
+}  // namespace fp8kv

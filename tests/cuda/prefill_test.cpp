@@ -1,0 +1,401 @@
+// Prefill attention on the GPU against its CPU twin (make_cpu_backend()->prefill_attention) and
+// a float64 reference, for the three schemes, head_dim 64/128/256, GQA 1/4/8, and batches that
+// mix cached-prefix and fresh requests with an empty request among them. The GPU reads the very
+// pool bytes (and, for fp8-per-head, the very Q codes and scales) the CPU twin read, so the two
+// differ only by the kernel's arithmetic.
+//
+// Error bounds (normalized error ||a - b|| / ||b|| over the whole output; any NaN fails):
+//  - bf16, fp8-per-tensor vs the CPU twin: both accumulate in fp32 and round the output to bf16;
+//    the GPU also rounds P to bf16 for the tensor-core PV product (relative 2^-9 per weight,
+//    unbiased). Measured-style expectation ~1e-3..3e-3 (one bf16 output rounding is ~1.1e-3 RMS);
+//    bound 1e-2.
+//  - fp8-per-head vs the CPU twin: both round P to e4m3 (relative 2^-4 per weight), but the GPU
+//    rounds exp(s - running max) while the CPU rounds exp(s - row max), so their P bits differ
+//    on rows whose maximum moves between tiles: differences of order 2^-4 / sqrt(effective keys);
+//    bound 5e-2.
+//  - against float64 attention on the same (quantized) inputs, the GPU's error must stay within
+//    2x the CPU twin's own error plus 2e-3: the kernel may not be less accurate than its twin in
+//    any way beyond the documented P rounding to bf16.
+//  - long context: the fp8 error at 32k keys may not exceed 2x the error at 4k (+2e-3); a
+//    single-level fp8 accumulation (the FA3 long-context failure) grows with the key count.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+#include "kernel_test_util.h"
+#include "kernels/cuda/launchers.h"
+#include "kernels/cuda/prefill_launch.cuh"
+
+namespace fp8kv {
+namespace {
+
+using cuda::PrefillConfig;
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw Error(std::string(what) + ": " + cudaGetErrorString(e));
+}
+
+// Device memory that frees itself.
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    check(cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes), "cudaMalloc");
+  }
+  template <typename T>
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size() * sizeof(T)) {
+    check(cudaMemcpy(ptr_, host.data(), bytes_, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  template <typename T>
+  T* as() const { return static_cast<T*>(ptr_); }
+  template <typename T>
+  std::vector<T> download() const {
+    std::vector<T> host(bytes_ / sizeof(T));
+    check(cudaMemcpy(host.data(), ptr_, host.size() * sizeof(T), cudaMemcpyDeviceToHost),
+          "cudaMemcpy D2H");
+    return host;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_;
+};
+
+uint64_t fresh_seed() {
+  static std::random_device device;
+  return (static_cast<uint64_t>(device()) << 32) ^ device();
+}
+
+// e4m3 codes of Q with the per-(request, KV head) scales quantize_q used: the CPU twin's input.
+std::vector<uint8_t> quantize_q_host(const test::AttentionProblem& p, const std::vector<float>& q_scale) {
+  const int Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim, group = Hq / Hkv;
+  std::vector<uint8_t> codes(p.q.size());
+  for (int b = 0; b < p.num_requests(); ++b) {
+    for (int64_t t = p.cu_seqlens_q[b]; t < p.cu_seqlens_q[b + 1]; ++t) {
+      for (int h = 0; h < Hq; ++h) {
+        const float s = q_scale[static_cast<size_t>(b) * Hkv + h / group];
+        for (int d = 0; d < D; ++d) {
+          const size_t e = (static_cast<size_t>(t) * Hq + h) * D + d;
+          codes[e] = quantize_e4m3(bf16_to_float(p.q[e]), s);
+        }
+      }
+    }
+  }
+  return codes;
+}
+
+// Everything the GPU kernel reads, on the device.
+struct GpuInputs {
+  GpuInputs(const test::AttentionProblem& p, KvScheme scheme, const test::KvScales& scales,
+            const std::vector<uint8_t>& pool_bytes, const std::vector<float>& q_scale_host)
+      : pool(pool_bytes),
+        q(p.q),
+        q_fp8(scheme == KvScheme::kFp8PerHead ? quantize_q_host(p, q_scale_host) : std::vector<uint8_t>{0}),
+        q_scale(q_scale_host.empty() ? std::vector<float>{1.0f} : q_scale_host),
+        k_scale(scales.k.empty() ? std::vector<float>{1.0f} : scales.k),
+        v_scale(scales.v.empty() ? std::vector<float>{1.0f} : scales.v),
+        seq_len(p.seq_len),
+        cu_seqlens(p.cu_seqlens_q),
+        req_index(p.req_index),
+        req_to_token(p.req_to_token),
+        o(p.q.size() * sizeof(uint16_t)) {
+    params.q = q.as<uint16_t>();
+    if (scheme == KvScheme::kFp8PerHead) {
+      params.q = nullptr;
+      params.q_fp8 = q_fp8.as<uint8_t>();
+      params.q_scale = q_scale.as<float>();
+    }
+    params.o = o.as<uint16_t>();
+    params.num_q_heads = p.num_q_heads;
+    params.cache.data = pool.as<void>();
+    params.cache.num_slots = p.num_slots;
+    params.cache.num_kv_heads = p.num_kv_heads;
+    params.cache.head_dim = p.head_dim;
+    params.cache.scheme = scheme;
+    if (is_fp8(scheme)) {
+      params.scales.k = k_scale.as<float>();
+      params.scales.v = v_scale.as<float>();
+    }
+    params.batch = p.batch(seq_len.as<int32_t>(), cu_seqlens.as<int32_t>(), req_index.as<int32_t>(),
+                           req_to_token.as<int32_t>());
+  }
+
+  // Poisons O with NaN (0xffff), runs the kernel, returns O.
+  std::vector<uint16_t> run(PrefillConfig config) {
+    check(cudaMemset(o.as<void>(), 0xff, p_o_bytes()), "cudaMemset");
+    cuda::launch_prefill_attention(params, config, nullptr);
+    check(cudaDeviceSynchronize(), "prefill_attention");
+    return o.download<uint16_t>();
+  }
+  size_t p_o_bytes() const {
+    return static_cast<size_t>(params.batch.total_q) * params.num_q_heads * params.cache.head_dim * 2;
+  }
+
+  DeviceBuffer pool, q, q_fp8, q_scale, k_scale, v_scale, seq_len, cu_seqlens, req_index, req_to_token, o;
+  AttentionParams params;
+};
+
+struct Errors {
+  test::ErrorStats gpu_vs_cpu, gpu_vs_exact, cpu_vs_exact;
+};
+
+double twin_bound(KvScheme scheme) { return scheme == KvScheme::kFp8PerHead ? 5e-2 : 1e-2; }
+
+// Runs the problem through the CPU twin and the GPU (every config given), checks each config
+// against the bounds and returns the errors of each.
+std::vector<Errors> run_and_compare(const test::AttentionProblem& p, KvScheme scheme,
+                       std::vector<PrefillConfig> configs = {PrefillConfig::kDefault},
+                       bool with_exact = true) {
+  const test::KvScales scales = test::calibrate_scales(p, scheme);
+  auto cpu = make_cpu_backend();
+  const test::AttentionRun twin = test::run_attention(*cpu, p, scheme, scales);
+  GpuInputs gpu(p, scheme, scales, twin.pool, twin.q_scale);
+  std::vector<double> exact;
+  if (with_exact) exact = test::reference_attention(p, test::emulated_inputs(p, scheme, scales));
+
+  std::vector<Errors> all;
+  for (size_t i = 0; i < configs.size(); ++i) {
+    SCOPED_TRACE(std::string("config ") + cuda::prefill_config_name(configs[i]));
+    const std::vector<uint16_t> o = gpu.run(configs[i]);
+    Errors e;
+    e.gpu_vs_cpu = test::compare(o, test::bf16_to_double(twin.o), p.head_dim);
+    if (with_exact) {
+      e.gpu_vs_exact = test::compare(o, exact, p.head_dim);
+      e.cpu_vs_exact = test::compare(twin.o, exact, p.head_dim);
+    }
+    std::printf("  %-14s D=%-3d Hq=%-2d Hkv=%d %-18s gpu-cpu %.3e | vs f64: gpu %.3e cpu %.3e\n",
+                scheme_name(scheme), p.head_dim, p.num_q_heads, p.num_kv_heads,
+                cuda::prefill_config_name(configs[i]), e.gpu_vs_cpu.normalized,
+                e.gpu_vs_exact.normalized, e.cpu_vs_exact.normalized);
+    EXPECT_EQ(e.gpu_vs_cpu.nonfinite, 0) << "GPU output has NaN/inf (unwritten rows stay NaN)";
+    EXPECT_LE(e.gpu_vs_cpu.normalized, twin_bound(scheme)) << e.gpu_vs_cpu.str();
+    if (with_exact) {
+      EXPECT_LE(e.gpu_vs_exact.normalized, 2.0 * e.cpu_vs_exact.normalized + 2e-3)
+          << "gpu " << e.gpu_vs_exact.str() << " cpu " << e.cpu_vs_exact.str();
+    }
+    all.push_back(e);
+  }
+  return all;
+}
+
+bool have_gpu() { return cuda_available(); }
+
+// ---- mixed batches over schemes x head_dim x GQA group -------------------------------------
+
+struct MixedCase {
+  KvScheme scheme;
+  int head_dim;
+  int group;  // Hq / Hkv
+};
+
+class PrefillMixed : public ::testing::TestWithParam<MixedCase> {};
+
+TEST_P(PrefillMixed, MatchesCpuTwin) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA device";
+  const MixedCase c = GetParam();
+  test::ProblemSpec spec;
+  // q lengths 1, 7, 127, 0 (empty), 130 and 200; cached prefixes 0..300, not tile-aligned.
+  spec.requests = {{0, 1}, {50, 7}, {0, 127}, {33, 0}, {300, 130}, {0, 200}, {65, 64}};
+  spec.num_kv_heads = 2;
+  spec.num_q_heads = 2 * c.group;
+  spec.head_dim = c.head_dim;
+  spec.data.head_range = 30.0f;
+  spec.data.outlier_channels = 4;
+  spec.seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(spec.seed));
+  // Every built tile config of the case; for fp8-per-head the default is the wgmma kernel and
+  // kWide/kNarrow select the simple mma.sync kernel.
+  std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
+  if (c.scheme == KvScheme::kBf16 && c.head_dim == 128) configs.push_back(PrefillConfig::kNarrow);
+  if (c.scheme == KvScheme::kFp8PerHead) {
+    configs.push_back(c.head_dim == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide);
+    if (c.head_dim == 128) {
+      for (PrefillConfig x : {PrefillConfig::kNarrow, PrefillConfig::kWgmmaShort}) {
+        configs.push_back(x);
+      }
+    }
+  }
+  run_and_compare(test::make_problem(spec), c.scheme, configs);
+}
+
+std::vector<MixedCase> mixed_cases() {
+  std::vector<MixedCase> cases;
+  for (KvScheme s : {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
+    for (int d : {64, 128, 256}) {
+      for (int g : {1, 4, 8}) cases.push_back({s, d, g});
+    }
+  }
+  return cases;
+}
+
+std::string case_name(const ::testing::TestParamInfo<MixedCase>& info) {
+  std::string s = scheme_name(info.param.scheme);
+  std::replace(s.begin(), s.end(), '-', '_');
+  return s + "_D" + std::to_string(info.param.head_dim) + "_G" + std::to_string(info.param.group);
+}
+
+INSTANTIATE_TEST_SUITE_P(Prefill, PrefillMixed, ::testing::ValuesIn(mixed_cases()), case_name);
+
+// ---- long queries: q_len 4096+ (many q tiles, many diagonal cases) -------------------------
+
+class PrefillLong : public ::testing::TestWithParam<KvScheme> {};
+
+TEST_P(PrefillLong, LongQueries) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA device";
+  test::ProblemSpec spec;
+  spec.requests = {{0, 4160}, {1000, 2100}};
+  spec.num_q_heads = 4;
+  spec.num_kv_heads = 1;
+  spec.head_dim = 128;
+  spec.data.outlier_channels = 4;
+  spec.seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(spec.seed));
+  // The float64 reference is single-threaded; the twin comparison carries this case.
+  std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
+  if (GetParam() == KvScheme::kFp8PerHead) {
+    for (PrefillConfig x : {PrefillConfig::kWide, PrefillConfig::kWgmmaShort}) {
+      configs.push_back(x);
+    }
+  }
+  run_and_compare(test::make_problem(spec), GetParam(), configs, /*with_exact=*/false);
+}
+
+// ---- long context: 64 new tokens after 4k vs 32k cached keys -------------------------------
+
+TEST_P(PrefillLong, ErrorDoesNotGrowWithContext) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA device";
+  std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
+  if (GetParam() == KvScheme::kFp8PerHead) configs.push_back(PrefillConfig::kWide);  // mma.sync
+  std::vector<Errors> err[2];
+  const int cached[2] = {4096 - 64, 32768 - 64};
+  for (int i = 0; i < 2; ++i) {
+    test::ProblemSpec spec;
+    spec.requests = {{cached[i], 64}};
+    spec.num_q_heads = 8;
+    spec.num_kv_heads = 1;
+    spec.head_dim = 128;
+    spec.data.outlier_channels = 4;
+    // Flatter attention than the default: many keys carry weight, which is where a long
+    // low-precision accumulation would show.
+    spec.data.logit_std = 1.0f;
+    spec.seed = fresh_seed();
+    SCOPED_TRACE("seed " + std::to_string(spec.seed) + " cached " + std::to_string(cached[i]));
+    err[i] = run_and_compare(test::make_problem(spec), GetParam(), configs);
+  }
+  for (size_t c = 0; c < configs.size(); ++c) {
+    const double e4k = err[0][c].gpu_vs_exact.normalized, e32k = err[1][c].gpu_vs_exact.normalized;
+    std::printf("  %s %s: error vs float64 at 4k keys %.3e, at 32k keys %.3e\n",
+                scheme_name(GetParam()), cuda::prefill_config_name(configs[c]), e4k, e32k);
+    EXPECT_LE(e32k, 2.0 * e4k + 2e-3) << cuda::prefill_config_name(configs[c]);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong,
+                         ::testing::Values(KvScheme::kBf16, KvScheme::kFp8PerTensor,
+                                           KvScheme::kFp8PerHead),
+                         [](const ::testing::TestParamInfo<KvScheme>& info) {
+                           std::string s = scheme_name(info.param);
+                           std::replace(s.begin(), s.end(), '-', '_');
+                           return s;
+                         });
+
+// ---- refusals ------------------------------------------------------------------------------
+
+TEST(PrefillDispatch, UnsupportedHeadDimThrows) {
+  AttentionParams p;
+  p.cache.head_dim = 96;
+  p.cache.scheme = KvScheme::kBf16;
+  try {
+    cuda::launch_prefill_attention(p, nullptr);
+    FAIL() << "no exception";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("Unsupported head_dim 96"), std::string::npos) << e.what();
+  }
+}
+
+// ---- timing (prints only) ------------------------------------------------------------------
+
+// The benchmark shape: causal B=2, L=8192 fresh tokens, Hq=32, Hkv=8, D=128; flops counted as
+// 4 * B * Hq * L^2 * D / 2 (QK^T and PV, causal half).
+TEST(PrefillPerf, BenchmarkShape) {
+  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA device";
+  const int B = 2, L = 8192, Hq = 32, Hkv = 8, D = 128;
+  test::ProblemSpec spec;
+  spec.requests.assign(B, {0, L});
+  spec.num_q_heads = Hq;
+  spec.num_kv_heads = Hkv;
+  spec.head_dim = D;
+  spec.data.outlier_channels = 4;
+  spec.seed = fresh_seed();
+  const test::AttentionProblem p = test::make_problem(spec);
+  const double flops = 4.0 * B * Hq * static_cast<double>(L) * L * D / 2.0;
+
+  for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
+    const test::KvScales scales = test::calibrate_scales(p, scheme);
+    // The pool as quantize_kv writes it (host-side, same codec), padding slots NaN.
+    std::vector<uint8_t> pool(static_cast<size_t>(p.num_slots + 1) * 2 * Hkv * D * kv_elem_bytes(scheme), 0xff);
+    for (int64_t t = 0; t < p.num_tokens(); ++t) {
+      for (int head = 0; head < 2 * Hkv; ++head) {
+        const uint16_t* src = &p.kv[(t * 2 * Hkv + head) * D];
+        const int64_t dst = (static_cast<int64_t>(p.kv_slot[t]) * 2 * Hkv + head) * D;
+        if (scheme == KvScheme::kBf16) {
+          std::copy(src, src + D, reinterpret_cast<uint16_t*>(pool.data()) + dst);
+        } else {
+          const bool per_head = scheme == KvScheme::kFp8PerHead;
+          const float s = head < Hkv ? scales.k[per_head ? head : 0] : scales.v[per_head ? head - Hkv : 0];
+          for (int d = 0; d < D; ++d) pool[dst + d] = quantize_e4m3(bf16_to_float(src[d]), s);
+        }
+      }
+    }
+    const std::vector<float> q_scale =
+        scheme == KvScheme::kFp8PerHead ? test::dynamic_q_scales(p) : std::vector<float>{};
+    GpuInputs gpu(p, scheme, scales, pool, q_scale);
+    std::vector<PrefillConfig> configs = {PrefillConfig::kWide};
+    if (scheme != KvScheme::kFp8PerTensor) configs.push_back(PrefillConfig::kNarrow);
+    if (scheme == KvScheme::kFp8PerHead) {
+      for (PrefillConfig x : {PrefillConfig::kWgmma, PrefillConfig::kWgmmaShort}) {
+        configs.push_back(x);
+      }
+    }
+    for (PrefillConfig config : configs) {
+      const std::vector<uint16_t> o = gpu.run(config);
+      int64_t nonfinite = 0;
+      for (uint16_t x : o) nonfinite += !std::isfinite(bf16_to_float(x));
+      EXPECT_EQ(nonfinite, 0);
+      cudaEvent_t start, stop;
+      check(cudaEventCreate(&start), "event");
+      check(cudaEventCreate(&stop), "event");
+      std::vector<float> ms;
+      for (int rep = 0; rep < 23; ++rep) {
+        check(cudaEventRecord(start), "record");
+        cuda::launch_prefill_attention(gpu.params, config, nullptr);
+        check(cudaEventRecord(stop), "record");
+        check(cudaEventSynchronize(stop), "sync");
+        float t = 0;
+        check(cudaEventElapsedTime(&t, start, stop), "elapsed");
+        if (rep >= 3) ms.push_back(t);  // 3 warm-up runs
+      }
+      std::sort(ms.begin(), ms.end());
+      const double median = ms[ms.size() / 2];
+      std::printf("PERF prefill %-14s %-18s B=%d L=%d Hq=%d Hkv=%d D=%d: median %.3f ms (min %.3f, max %.3f) = %.1f TFLOP/s\n",
+                  scheme_name(scheme), cuda::prefill_config_name(config), B, L, Hq, Hkv, D, median,
+                  ms.front(), ms.back(), flops / (median * 1e-3) / 1e12);
+      cudaEventDestroy(start);
+      cudaEventDestroy(stop);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fp8kv
