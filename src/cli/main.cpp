@@ -14,6 +14,12 @@ int main(int argc, char** argv) {
   // One line per subcommand (declared in cli/commands.h).
   fp8kv::cli::add_inspect(app);
   fp8kv::cli::add_attention_demo(app);
+  fp8kv::cli::add_make_model(app);
+  fp8kv::cli::add_calibrate(app);
+  fp8kv::cli::add_eval(app);
+  fp8kv::cli::add_generate(app);
+  fp8kv::cli::add_demo(app);
+  fp8kv::cli::add_bench_model(app);
   fp8kv::cli::add_bench(app);
   try {
     app.parse(argc, argv);

@@ -1,0 +1,187 @@
+// The Llama-family model runner: weights, model ops, and the forward pass over the KV pool.
+//
+// One forward pass runs a batch of requests, each with some new tokens (prefill: many, decode:
+// one), through every layer:
+//   RMSNorm -> Q and KV projections (+bias) -> RoPE -> K/V into the pool (quantize-on-write,
+//   observing abs-max when calibrating) -> [fp8-per-head: quantize Q] -> attention over the pool
+//   -> O projection -> residual -> RMSNorm -> SiLU(gate) * up -> down -> residual,
+// then the final RMSNorm and the LM head on the rows whose logits are wanted.
+// Activations are fp32; Q, K and V go to the attention Backend as bf16.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/calib.h"
+#include "fp8kv/kv_pool.h"
+#include "fp8kv/model_config.h"
+#include "fp8kv/observer.h"
+#include "fp8kv/scheme.h"
+
+namespace fp8kv {
+
+// The non-attention ops of the model, on fp32 activations in the backend's memory. The CPU
+// version uses a BLAS for the GEMMs (OpenMP loops without one); a CUDA version plugs in here.
+class ModelOps {
+ public:
+  virtual ~ModelOps() = default;
+  // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n] when bias is not null): a torch Linear.
+  virtual void linear(const float* x, const float* w, const float* bias, float* y, int64_t m,
+                      int64_t n, int64_t k) = 0;
+  // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w; x, y [rows, dim], w [dim].
+  virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
+                        float eps) = 0;
+  // In-place RoPE, Hugging Face rotate_half convention: in each head, element i pairs with
+  // i + D/2 and both rotate by positions[r] * inv_freq[i]. x [rows, row_stride]; the heads
+  // rotated are x[r, h * D .. (h + 1) * D) for h < heads. inv_freq [D / 2].
+  virtual void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
+                    const int32_t* positions, const float* inv_freq) = 0;
+  // out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i]; gate_up [rows, 2 * inter],
+  // out [rows, inter].
+  virtual void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) = 0;
+  // out[t, :] = table[ids[t], :]; ids [tokens], table [vocab, dim], out [tokens, dim].
+  virtual void embedding(const int32_t* ids, const float* table, float* out, int64_t tokens,
+                         int64_t dim) = 0;
+  // out[i, :] = src[rows[i], :]; src [*, dim], rows [n], out [n, dim].
+  virtual void gather_rows(const float* src, const int32_t* rows, float* out, int64_t n,
+                           int64_t dim) = 0;
+  // y[i] += x[i], n elements.
+  virtual void add(float* y, const float* x, int64_t n) = 0;
+  virtual void to_bf16(const float* x, uint16_t* y, int64_t n) = 0;
+  virtual void from_bf16(const uint16_t* x, float* y, int64_t n) = 0;
+  // out[r] = the first index of the largest logits[r, :]; logits [rows, vocab].
+  virtual void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) = 0;
+};
+
+std::unique_ptr<ModelOps> make_cpu_model_ops();
+
+// Weights in the backend's memory, fp32. Torch Linear layout: [out_features, in_features].
+struct LayerWeights {
+  BackendBuffer attn_norm;  // [H]
+  BackendBuffer w_q;        // [Hq * D, H]
+  BackendBuffer b_q;        // [Hq * D], empty without attention_bias
+  BackendBuffer w_kv;       // [2 * Hkv * D, H]: k_proj rows, then v_proj rows, so that the
+                            // product is already the pool's per-token layout (K heads, V heads)
+  BackendBuffer b_kv;       // [2 * Hkv * D], empty without attention_bias
+  BackendBuffer w_o;        // [H, Hq * D]
+  BackendBuffer mlp_norm;   // [H]
+  BackendBuffer w_gate_up;  // [2 * I, H]: gate_proj rows, then up_proj rows
+  BackendBuffer w_down;     // [H, I]
+};
+
+class Model {
+ public:
+  // Reads DIR/config.json and the weights (bf16, f16 or f32 safetensors, sharded or not).
+  // Throws Error naming the file and tensor on a missing tensor or a wrong shape.
+  static std::unique_ptr<Model> load(const std::string& dir, Backend& backend,
+                                     bool show_progress = false);
+
+  const ModelConfig& config() const { return config_; }
+  const std::string& dir() const { return dir_; }
+  const LayerWeights& layer(int l) const { return layers_[static_cast<size_t>(l)]; }
+  const float* embed() const { return embed_.as<const float>(); }            // [V, H]
+  const float* final_norm() const { return final_norm_.as<const float>(); }  // [H]
+  const float* lm_head() const {                                             // [V, H]
+    return lm_head_.empty() ? embed() : lm_head_.as<const float>();
+  }
+  const float* inv_freq() const { return inv_freq_.as<const float>(); }  // [D / 2]
+
+ private:
+  ModelConfig config_;
+  std::string dir_;
+  std::vector<LayerWeights> layers_;
+  BackendBuffer embed_, final_norm_, lm_head_, inv_freq_;
+};
+
+// The calibration file's expectations for this model and scheme, and the scales for rank 0 of
+// tp = 1. Throws Error (from load_calib) on any mismatch.
+RankScales load_scales_for_model(const std::string& calib_path, const ModelConfig& config,
+                                 KvScheme scheme);
+CalibExpect calib_expect_for(const ModelConfig& config, KvScheme scheme);
+
+// A second KV scheme run beside the main one, on the main run's very inputs: each layer also
+// writes K/V into a pool of this scheme and runs attention over it, and the difference of its
+// attention output from the main one is accumulated (the eval's per-layer error).
+struct ShadowScheme {
+  KvScheme scheme = KvScheme::kFp8PerHead;
+  RankScales scales;
+};
+
+// Per layer: sum over all outputs of (shadow - main)^2 and of main^2.
+struct AttentionErrorStats {
+  KvScheme scheme = KvScheme::kFp8PerHead;
+  std::vector<double> diff_sq;        // [layers]
+  std::vector<double> ref_sq;         // [layers]
+  double rel_error(int layer) const;  // ||shadow - main|| / ||main||
+};
+
+struct RunnerOptions {
+  KvScheme scheme = KvScheme::kBf16;
+  // Required for the FP8 schemes (refused without): the rank's scales (load_scales_for_model).
+  std::optional<RankScales> scales;
+  // Calibration: a bf16 cache whose writes are observed. Every forward pass is one pass of
+  // each layer for the observer; layers stop observing once they have their count.
+  Observer* observer = nullptr;
+  int64_t num_slots = 8192;
+  int max_requests = 64;
+  int max_len = 4096;
+  std::vector<ShadowScheme> shadows;
+};
+
+enum class LogitRows {
+  kLast,  // the last new token of each request: [B, V]
+  kAll,   // every new token: [total_new, V]
+  kNone,  // no logits (calibration)
+};
+
+class ModelRunner {
+ public:
+  // Throws Error when an FP8 scheme comes without scales, or the scales do not fit the model.
+  ModelRunner(const Model& model, Backend& backend, ModelOps& ops, RunnerOptions options);
+  ~ModelRunner();
+
+  int add_request() { return table_.add_request(); }
+  void release(int req) { table_.release(req); }
+  int seq_len(int req) const { return table_.seq_len(req); }
+  int64_t free_slots() const { return table_.free_slots(); }
+
+  // One forward pass: tokens[b] are appended to request reqs[b]. Uses decode attention when
+  // every request has exactly one new token, prefill attention otherwise. Returns host logits
+  // ([rows, V], see LogitRows). Throws Error (changing nothing) when the slots run out.
+  std::vector<float> forward(const std::vector<int>& reqs,
+                             const std::vector<std::vector<int32_t>>& tokens, LogitRows rows);
+
+  // Greedy generation (temperature 0) or sampling: prefill all prompts in one pass, then
+  // decode `max_new` tokens per prompt in batches. Returns the new tokens of each prompt.
+  // The requests are released at the end.
+  std::vector<std::vector<int32_t>> generate(const std::vector<std::vector<int32_t>>& prompts,
+                                             int max_new, float temperature = 0.0f,
+                                             uint64_t seed = 0);
+
+  const std::vector<AttentionErrorStats>& shadow_stats() const { return shadow_stats_; }
+  const RunnerOptions& options() const { return options_; }
+
+ private:
+  struct Shadow;
+  // One layer over the scratch activations of the current pass.
+  void run_layer(int l, bool decode);
+
+  const Model& model_;
+  Backend& backend_;
+  ModelOps& ops_;
+  RunnerOptions options_;
+  RequestTable table_;
+  KvPool pool_;
+  BackendBuffer kv_scales_;  // [L, row width] (FP8 schemes)
+  BackendBuffer q_scales_;   // [L, Hkv] static Q scales (fp8-per-head with q_calibration)
+  std::vector<std::unique_ptr<Shadow>> shadows_;
+  std::vector<AttentionErrorStats> shadow_stats_;
+  struct Scratch;
+  std::unique_ptr<Scratch> s_;
+};
+
+}  // namespace fp8kv

@@ -1,0 +1,74 @@
+// The user's workflows over a model and token data (docs/DESIGN.md, "The workflow the user
+// runs"): calibrate, and evaluate bf16 against both FP8 schemes. The CLI commands are thin
+// layers over these.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/calib.h"
+#include "fp8kv/model.h"
+#include "fp8kv/token_data.h"
+
+namespace fp8kv {
+
+struct CalibrateOptions {
+  QuantType quant_type = QuantType::kPerHead;
+  // Forward passes each layer skips, then observes. Unset: warmup 0 and count = every pass the
+  // data gives; FP8KV_CALIB_WARMUP / FP8KV_CALIB_COUNT override those defaults, and values set
+  // here override the environment.
+  std::optional<int> warmup;
+  std::optional<int> count;
+  int batch_size = 4;  // sequences per forward pass (one pass = one prefill of a batch)
+  bool show_progress = false;
+};
+
+struct CalibrateResult {
+  CalibData data;
+  int warmup = 0;
+  int count = 0;
+  int passes_run = 0;  // forward passes run (the data may hold more)
+  int64_t tokens = 0;  // tokens run through the model
+};
+
+// Runs the model with a bf16 cache over `data` with an observer and finalizes it. Throws Error
+// when the data gives fewer passes than warmup + count.
+CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
+                          const TokenData& data, const CalibrateOptions& options);
+
+struct EvalOptions {
+  int batch_size = 4;
+  bool show_progress = false;
+};
+
+// One scheme's numbers against the bf16 run, over every position that has a next token.
+struct SchemeEval {
+  KvScheme scheme = KvScheme::kBf16;
+  double perplexity = 0.0;  // exp(mean NLL of the next token)
+  double kl_mean = 0.0;     // mean KL(p_bf16 || p_scheme), nats
+  double kl_max = 0.0;
+  double top1_agreement = 1.0;         // fraction of positions whose argmax equals bf16's
+  std::vector<double> attn_rel_error;  // [layers] ||o_scheme - o_bf16|| / ||o_bf16||, same inputs
+};
+
+struct EvalResult {
+  std::vector<SchemeEval> schemes;  // bf16, fp8-per-tensor, fp8-per-head
+  int64_t positions = 0;
+  int64_t tokens = 0;
+  double seconds = 0.0;
+};
+
+// bf16 vs fp8-per-tensor vs fp8-per-head on the same data. The per-layer attention error runs
+// both FP8 caches beside the bf16 run on its very inputs (ShadowScheme); the logit metrics
+// come from full runs with each cache.
+EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const TokenData& data,
+                    const RankScales& per_tensor, const RankScales& per_head,
+                    const EvalOptions& options);
+
+// The result as one table (schemes as columns, metrics and per-layer errors as rows).
+std::string format_eval_table(const EvalResult& result);
+
+}  // namespace fp8kv

@@ -1,0 +1,68 @@
+// fp8kv calibrate: run a model over token data with a bf16 cache, observe K/V abs-max, write
+// kv_cache_calib.json.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "cli/commands.h"
+#include "fp8kv/backend.h"
+#include "fp8kv/calib.h"
+#include "fp8kv/error.h"
+#include "fp8kv/model.h"
+#include "fp8kv/scheme.h"
+#include "fp8kv/token_data.h"
+#include "fp8kv/workflows.h"
+
+namespace fp8kv::cli {
+
+void add_calibrate(CLI::App& app) {
+  struct Opts {
+    std::string model, data, scheme = "per-head", out = "kv_cache_calib.json";
+    std::optional<int> warmup, count;
+    int batch = 4;
+  };
+  auto opt = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand(
+      "calibrate", "Observe K/V abs-max over token data and write kv_cache_calib.json");
+  cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
+  cmd->add_option("--data", opt->data, "Token data, JSONL with an input_ids array per line")
+      ->required();
+  cmd->add_option("--scheme", opt->scheme, "per-head or per-tensor")->capture_default_str();
+  cmd->add_option("--out", opt->out, "Calibration file to write")->capture_default_str();
+  cmd->add_option("--warmup", opt->warmup,
+                  "Forward passes each layer skips first (default 0, or FP8KV_CALIB_WARMUP)");
+  cmd->add_option("--count", opt->count,
+                  "Forward passes each layer observes (default: all the data gives, or "
+                  "FP8KV_CALIB_COUNT)");
+  cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->callback([opt]() {
+    const KvScheme scheme = parse_scheme(opt->scheme);
+    if (!is_fp8(scheme)) throw fp8kv::Error("calibrate: --scheme must be per-head or per-tensor");
+    auto backend = make_cpu_backend();
+    auto ops = make_cpu_model_ops();
+    auto model = Model::load(opt->model, *backend, true);
+    const TokenData data = load_token_data(opt->data, model->config().vocab_size);
+    CalibrateOptions co;
+    co.quant_type = scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
+    co.warmup = opt->warmup;
+    co.count = opt->count;
+    co.batch_size = opt->batch;
+    co.show_progress = true;
+    const CalibrateResult r = calibrate(*model, *backend, *ops, data, co);
+    write_calib(opt->out, r.data);
+    const auto mm = std::minmax_element(r.data.scales.begin(), r.data.scales.end());
+    std::printf("calibrated %s (%s): %d layers x %d KV heads, %s scales in [%.4g, %.4g]\n",
+                opt->model.c_str(), r.data.architectures.c_str(), r.data.num_layers,
+                r.data.num_head, quant_type_name(r.data.quant_type), *mm.first, *mm.second);
+    std::printf("observed %d forward passes per layer after %d warmup (%d run, %lld tokens)\n",
+                r.count, r.warmup, r.passes_run, static_cast<long long>(r.tokens));
+    std::printf("wrote %s\n", opt->out.c_str());
+  });
+}
+
+}  // namespace fp8kv::cli

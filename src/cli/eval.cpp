@@ -1,0 +1,76 @@
+// fp8kv eval: bf16 vs fp8-per-tensor vs fp8-per-head on the same token data, one table.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "cli/commands.h"
+#include "fp8kv/backend.h"
+#include "fp8kv/calib.h"
+#include "fp8kv/model.h"
+#include "fp8kv/token_data.h"
+#include "fp8kv/workflows.h"
+
+namespace fp8kv::cli {
+
+namespace {
+
+// The scales of `scheme`: from `file` when given, else calibrated on `data` (and said so).
+RankScales scales_or_calibrate(const Model& model, Backend& backend, ModelOps& ops,
+                               const TokenData& data, KvScheme scheme,
+                               const std::optional<std::string>& file, int batch) {
+  if (file) {
+    std::printf("%s: scales from %s\n", scheme_name(scheme), file->c_str());
+    return load_scales_for_model(*file, model.config(), scheme);
+  }
+  std::printf("%s: no calibration file given; calibrating on the evaluation data itself\n",
+              scheme_name(scheme));
+  std::fflush(stdout);
+  CalibrateOptions co;
+  co.quant_type = scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
+  co.batch_size = batch;
+  co.show_progress = true;
+  const CalibrateResult r = calibrate(model, backend, ops, data, co);
+  return slice_for_rank(r.data, 1, 0);
+}
+
+}  // namespace
+
+void add_eval(CLI::App& app) {
+  struct Opts {
+    std::string model, data;
+    std::optional<std::string> per_head, per_tensor;
+    int batch = 4;
+  };
+  auto opt = std::make_shared<Opts>();
+  CLI::App* cmd = app.add_subcommand(
+      "eval", "Compare bf16, fp8-per-tensor and fp8-per-head KV caches on token data");
+  cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
+  cmd->add_option("--data", opt->data, "Token data, JSONL with an input_ids array per line")
+      ->required();
+  cmd->add_option("--per-head-calib", opt->per_head,
+                  "Per-head calibration file (default: calibrate on --data)");
+  cmd->add_option("--per-tensor-calib", opt->per_tensor,
+                  "Per-tensor calibration file (default: calibrate on --data)");
+  cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->callback([opt]() {
+    auto backend = make_cpu_backend();
+    auto ops = make_cpu_model_ops();
+    auto model = Model::load(opt->model, *backend, true);
+    const TokenData data = load_token_data(opt->data, model->config().vocab_size);
+    const RankScales pt = scales_or_calibrate(*model, *backend, *ops, data, KvScheme::kFp8PerTensor,
+                                              opt->per_tensor, opt->batch);
+    const RankScales ph = scales_or_calibrate(*model, *backend, *ops, data, KvScheme::kFp8PerHead,
+                                              opt->per_head, opt->batch);
+    EvalOptions eo;
+    eo.batch_size = opt->batch;
+    eo.show_progress = true;
+    const EvalResult r = evaluate(*model, *backend, *ops, data, pt, ph, eo);
+    std::printf("\n%s", format_eval_table(r).c_str());
+  });
+}
+
+}  // namespace fp8kv::cli

@@ -1,0 +1,198 @@
+#include "fp8kv/kv_pool.h"
+
+#include <numeric>
+#include <string>
+#include <utility>
+
+#include "fp8kv/error.h"
+
+namespace fp8kv {
+
+// ---- BackendBuffer -------------------------------------------------------------------------
+
+BackendBuffer::BackendBuffer(Backend& backend, size_t bytes) : backend_(&backend), bytes_(bytes) {
+  ptr_ = bytes ? backend.alloc(bytes) : nullptr;
+}
+
+BackendBuffer::~BackendBuffer() { release(); }
+
+BackendBuffer::BackendBuffer(BackendBuffer&& o) noexcept
+    : backend_(o.backend_), ptr_(o.ptr_), bytes_(o.bytes_) {
+  o.ptr_ = nullptr;
+  o.bytes_ = 0;
+}
+
+BackendBuffer& BackendBuffer::operator=(BackendBuffer&& o) noexcept {
+  if (this != &o) {
+    release();
+    backend_ = o.backend_;
+    ptr_ = o.ptr_;
+    bytes_ = o.bytes_;
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+  }
+  return *this;
+}
+
+void BackendBuffer::release() {
+  if (ptr_ && backend_) backend_->free(ptr_);
+  ptr_ = nullptr;
+  bytes_ = 0;
+}
+
+void BackendBuffer::ensure(Backend& backend, size_t bytes) {
+  if (ptr_ && bytes_ >= bytes && backend_ == &backend) return;
+  release();
+  backend_ = &backend;
+  // Grow geometrically so a sequence of slightly larger batches does not reallocate each time.
+  bytes_ = std::max(bytes, bytes_ + bytes_ / 2);
+  ptr_ = bytes_ ? backend.alloc(bytes_) : nullptr;
+}
+
+void BackendBuffer::upload(const void* host, size_t bytes) {
+  if (bytes > bytes_) {
+    throw Error("BackendBuffer::upload: " + std::to_string(bytes) + " bytes into a buffer of " +
+                std::to_string(bytes_));
+  }
+  if (bytes) backend_->upload(ptr_, host, bytes);
+}
+
+void BackendBuffer::download(void* host, size_t bytes) const {
+  if (bytes > bytes_) {
+    throw Error("BackendBuffer::download: " + std::to_string(bytes) + " bytes from a buffer of " +
+                std::to_string(bytes_));
+  }
+  if (bytes) backend_->download(host, ptr_, bytes);
+}
+
+// ---- KvPool --------------------------------------------------------------------------------
+
+KvPool::KvPool(Backend& backend, int num_layers, int64_t num_slots, int num_kv_heads, int head_dim,
+               KvScheme scheme)
+    : num_slots_(num_slots), num_kv_heads_(num_kv_heads), head_dim_(head_dim), scheme_(scheme) {
+  if (num_slots <= 0)
+    throw Error("KV pool: num_slots must be positive, got " + std::to_string(num_slots));
+  const size_t bytes =
+      static_cast<size_t>(num_slots + 1) * 2 * num_kv_heads * head_dim * kv_elem_bytes(scheme);
+  for (int l = 0; l < num_layers; ++l) {
+    layers_.emplace_back(backend, bytes);
+    backend.memset(layers_.back().get(), 0, bytes);
+  }
+}
+
+KvCacheLayer KvPool::layer(int l) const {
+  KvCacheLayer c;
+  c.data = layers_.at(static_cast<size_t>(l)).get();
+  c.num_slots = num_slots_;
+  c.num_kv_heads = num_kv_heads_;
+  c.head_dim = head_dim_;
+  c.scheme = scheme_;
+  return c;
+}
+
+size_t KvPool::bytes() const {
+  size_t b = 0;
+  for (const auto& l : layers_) b += l.bytes();
+  return b;
+}
+
+// ---- RequestTable --------------------------------------------------------------------------
+
+RequestTable::RequestTable(Backend& backend, int max_requests, int max_len, int64_t num_slots)
+    : backend_(backend),
+      max_requests_(max_requests),
+      max_len_(max_len),
+      num_slots_(num_slots),
+      table_(static_cast<size_t>(max_requests) * max_len, static_cast<int32_t>(num_slots)),
+      seq_len_(static_cast<size_t>(max_requests), -1),
+      free_(static_cast<size_t>(num_slots)),
+      table_dev_(backend, static_cast<size_t>(max_requests) * max_len * sizeof(int32_t)) {
+  if (max_requests <= 0 || max_len <= 0) {
+    throw Error("request table: max_requests and max_len must be positive, got " +
+                std::to_string(max_requests) + " and " + std::to_string(max_len));
+  }
+  // Handed out from the back: slot 0 first.
+  for (int64_t i = 0; i < num_slots; ++i)
+    free_[static_cast<size_t>(i)] = static_cast<int32_t>(num_slots - 1 - i);
+  // Unused entries point at the padding slot.
+  table_dev_.upload(table_.data(), table_.size() * sizeof(int32_t));
+}
+
+void RequestTable::check_req(int req) const {
+  if (req < 0 || req >= max_requests_ || seq_len_[static_cast<size_t>(req)] < 0) {
+    throw Error("request " + std::to_string(req) + " is not an active request");
+  }
+}
+
+int RequestTable::add_request() {
+  for (int r = 0; r < max_requests_; ++r) {
+    if (seq_len_[static_cast<size_t>(r)] < 0) {
+      seq_len_[static_cast<size_t>(r)] = 0;
+      return r;
+    }
+  }
+  throw Error("request table full: all " + std::to_string(max_requests_) + " requests are in use");
+}
+
+void RequestTable::release(int req) {
+  check_req(req);
+  int32_t* row = table_.data() + static_cast<size_t>(req) * max_len_;
+  for (int i = seq_len_[static_cast<size_t>(req)] - 1; i >= 0; --i) {
+    free_.push_back(row[i]);
+    row[i] = static_cast<int32_t>(num_slots_);
+  }
+  seq_len_[static_cast<size_t>(req)] = -1;
+}
+
+int RequestTable::seq_len(int req) const {
+  check_req(req);
+  return seq_len_[static_cast<size_t>(req)];
+}
+
+std::vector<int32_t> RequestTable::extend(const std::vector<int>& reqs,
+                                          const std::vector<int>& counts) {
+  if (reqs.size() != counts.size()) throw Error("RequestTable::extend: reqs/counts size differ");
+  int64_t needed = 0;
+  for (size_t b = 0; b < reqs.size(); ++b) {
+    check_req(reqs[b]);
+    for (size_t c = 0; c < b; ++c) {
+      if (reqs[c] == reqs[b]) {
+        throw Error("request " + std::to_string(reqs[b]) + " appears twice in one batch");
+      }
+    }
+    if (counts[b] < 0) throw Error("negative token count for request " + std::to_string(reqs[b]));
+    const int len = seq_len_[static_cast<size_t>(reqs[b])];
+    if (static_cast<int64_t>(len) + counts[b] > max_len_) {
+      throw Error("request " + std::to_string(reqs[b]) + " would have " +
+                  std::to_string(len + counts[b]) + " tokens, more than max_len " +
+                  std::to_string(max_len_));
+    }
+    needed += counts[b];
+  }
+  if (needed > free_slots()) {
+    throw Error("out of KV cache slots: this batch needs " + std::to_string(needed) +
+                " new slots, " + std::to_string(free_slots()) + " of " +
+                std::to_string(num_slots_) + " are free");
+  }
+  std::vector<int32_t> slots;
+  slots.reserve(static_cast<size_t>(needed));
+  for (size_t b = 0; b < reqs.size(); ++b) {
+    const size_t r = static_cast<size_t>(reqs[b]);
+    int32_t* row = table_.data() + r * max_len_;
+    const int start = seq_len_[r];
+    for (int i = 0; i < counts[b]; ++i) {
+      const int32_t s = free_.back();
+      free_.pop_back();
+      row[start + i] = s;
+      slots.push_back(s);
+    }
+    seq_len_[r] = start + counts[b];
+    if (counts[b] > 0) {
+      backend_.upload(table_dev_.as<int32_t>() + r * max_len_ + start, row + start,
+                      static_cast<size_t>(counts[b]) * sizeof(int32_t));
+    }
+  }
+  return slots;
+}
+
+}  // namespace fp8kv

@@ -1,0 +1,252 @@
+#include "fp8kv/make_model.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+#include "fp8kv/progress.h"
+#include "fp8kv/safetensors.h"
+
+namespace fp8kv {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+uint64_t mix(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+uint64_t hash_name(const std::string& s, uint64_t seed) {
+  uint64_t h = 1469598103934665603ull ^ mix(seed);
+  for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
+  return mix(h);
+}
+
+// How one tensor is filled: uniform in [center - a, center + a] with a = std * sqrt(3).
+struct Init {
+  float center = 0.0f;
+  float std = 0.0f;
+};
+
+// Row scaling for K outliers: k_proj rows of the outlier channels.
+struct RowScale {
+  int64_t row;
+  float factor;
+};
+
+}  // namespace
+
+std::vector<std::string> model_preset_names() { return {"tiny", "qwen2-tiny", "llama-8b-4layers"}; }
+
+ModelConfig model_preset(const std::string& name) {
+  ModelConfig c;
+  if (name == "tiny") {
+    c.architecture = "LlamaForCausalLM";
+    c.hidden_size = 512;
+    c.intermediate_size = 1024;
+    c.num_layers = 4;
+    c.num_q_heads = 8;
+    c.num_kv_heads = 2;
+    c.head_dim = 64;
+    c.vocab_size = 2048;
+    c.rms_norm_eps = 1e-5f;
+    c.rope_theta = 500000.0f;
+    c.rope_scaling.type = RopeScaling::Type::kLlama3;
+    c.rope_scaling.factor = 8.0f;
+    c.rope_scaling.low_freq_factor = 1.0f;
+    c.rope_scaling.high_freq_factor = 4.0f;
+    c.rope_scaling.original_max_position_embeddings = 8192;
+    c.max_position_embeddings = 131072;
+  } else if (name == "qwen2-tiny") {
+    c.architecture = "Qwen2ForCausalLM";
+    c.hidden_size = 512;
+    c.intermediate_size = 1024;
+    c.num_layers = 2;
+    c.num_q_heads = 8;
+    c.num_kv_heads = 4;
+    c.head_dim = 64;
+    c.vocab_size = 2048;
+    c.rms_norm_eps = 1e-6f;
+    c.rope_theta = 1000000.0f;
+    c.max_position_embeddings = 32768;
+    c.tie_word_embeddings = true;
+    c.attention_bias = true;
+  } else if (name == "llama-8b-4layers") {
+    c.architecture = "LlamaForCausalLM";
+    c.hidden_size = 4096;
+    c.intermediate_size = 14336;
+    c.num_layers = 4;
+    c.num_q_heads = 32;
+    c.num_kv_heads = 8;
+    c.head_dim = 128;
+    c.vocab_size = 128256;
+    c.rms_norm_eps = 1e-5f;
+    c.rope_theta = 500000.0f;
+    c.rope_scaling.type = RopeScaling::Type::kLlama3;
+    c.rope_scaling.factor = 8.0f;
+    c.rope_scaling.low_freq_factor = 1.0f;
+    c.rope_scaling.high_freq_factor = 4.0f;
+    c.rope_scaling.original_max_position_embeddings = 8192;
+    c.max_position_embeddings = 131072;
+  } else {
+    std::string names;
+    for (const auto& n : model_preset_names()) names += (names.empty() ? "" : ", ") + n;
+    throw Error("unknown model preset '" + name + "' (presets: " + names + ")");
+  }
+  return c;
+}
+
+void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uint64_t shard_bytes,
+                bool show_progress) {
+  fs::create_directories(dir);
+  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
+  const int64_t QD = static_cast<int64_t>(c.num_q_heads) * c.head_dim;
+  const int64_t KD = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
+  const int D = c.head_dim;
+
+  std::vector<TensorSpec> specs;
+  std::vector<Init> inits;
+  std::vector<std::vector<RowScale>> row_scales;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, Init init,
+                 std::vector<RowScale> rows = {}) {
+    specs.push_back({name, DType::kBF16, std::move(shape)});
+    inits.push_back(init);
+    row_scales.push_back(std::move(rows));
+  };
+  auto fan_in = [](int64_t n) { return Init{0.0f, static_cast<float>(1.0 / std::sqrt(n))}; };
+  // Logits with a std of about 2.5 give peaked next-token distributions, as trained models do.
+  const Init head_init{0.0f, static_cast<float>(2.5 / std::sqrt(H))};
+  const Init norm_init{1.0f, 0.05f};
+
+  add("model.embed_tokens.weight", {V, H}, c.tie_word_embeddings ? head_init : Init{0.0f, 1.0f});
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    // K outliers: one KV head per layer carries a strong channel (x16), another a weaker one
+    // (x8). Both halves of a RoPE pair are scaled, since RoPE mixes them.
+    std::vector<RowScale> k_rows;
+    const int strong_head = l % c.num_kv_heads;
+    const int weak_head = (l + 1) % c.num_kv_heads;
+    const int ch = (7 * l + 3) % (D / 2);
+    for (int half : {0, D / 2}) {
+      k_rows.push_back({static_cast<int64_t>(strong_head) * D + ch + half, 16.0f});
+      if (weak_head != strong_head) {
+        k_rows.push_back({static_cast<int64_t>(weak_head) * D + (ch + 5) % (D / 2) + half, 8.0f});
+      }
+    }
+    add(p + "input_layernorm.weight", {H}, norm_init);
+    add(p + "self_attn.q_proj.weight", {QD, H}, fan_in(H));
+    add(p + "self_attn.k_proj.weight", {KD, H}, fan_in(H), k_rows);
+    add(p + "self_attn.v_proj.weight", {KD, H}, fan_in(H));
+    if (c.attention_bias) {
+      add(p + "self_attn.q_proj.bias", {QD}, Init{0.0f, 0.1f});
+      // Qwen2-style large K biases on the outlier channels.
+      std::vector<RowScale> kb = k_rows;
+      for (auto& r : kb) r.factor *= 2.0f;
+      add(p + "self_attn.k_proj.bias", {KD}, Init{0.0f, 0.1f}, kb);
+      add(p + "self_attn.v_proj.bias", {KD}, Init{0.0f, 0.1f});
+    }
+    add(p + "self_attn.o_proj.weight", {H, QD}, fan_in(QD));
+    add(p + "post_attention_layernorm.weight", {H}, norm_init);
+    add(p + "mlp.gate_proj.weight", {I, H}, fan_in(H));
+    add(p + "mlp.up_proj.weight", {I, H}, fan_in(H));
+    add(p + "mlp.down_proj.weight", {H, I}, fan_in(I));
+  }
+  add("model.norm.weight", {H}, norm_init);
+  if (!c.tie_word_embeddings) add("lm_head.weight", {V, H}, head_init);
+
+  {
+    const std::string cfg = (fs::path(dir) / "config.json").string();
+    std::ofstream out(cfg, std::ios::trunc);
+    if (!out) throw Error(cfg + ": cannot create");
+    out << model_config_to_json(c);
+    if (!out) throw Error(cfg + ": write failed");
+  }
+
+  Progress progress("writing " + dir, static_cast<int64_t>(specs.size()), show_progress);
+  size_t written = 0;
+  // Each tensor in chunks with their own random stream, so the bytes do not depend on the
+  // number of threads.
+  auto fill_tensor = [&](size_t i, uint8_t* dst, size_t bytes) {
+    constexpr int64_t kChunk = 1 << 16;
+    const int64_t n = static_cast<int64_t>(bytes / 2);
+    const int64_t cols = specs[i].shape.size() == 2 ? specs[i].shape[1] : 1;
+    const uint64_t base = hash_name(specs[i].name, seed);
+    const float a = inits[i].std * std::sqrt(3.0f);
+    const float center = inits[i].center;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+    for (int64_t ck = 0; ck < chunks; ++ck) {
+      uint64_t state = mix(base ^ mix(static_cast<uint64_t>(ck)));
+      const int64_t end = std::min(n, (ck + 1) * kChunk);
+      for (int64_t e = ck * kChunk; e < end; ++e) {
+        state = mix(state);
+        const float u = static_cast<float>(state >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+        const uint16_t b = float_to_bf16(center + a * (2.0f * u - 1.0f));
+        std::memcpy(dst + 2 * e, &b, 2);
+      }
+    }
+    for (const RowScale& rs : row_scales[i]) {
+      for (int64_t e = rs.row * cols; e < (rs.row + 1) * cols; ++e) {
+        uint16_t b;
+        std::memcpy(&b, dst + 2 * e, 2);
+        b = float_to_bf16(bf16_to_float(b) * rs.factor);
+        std::memcpy(dst + 2 * e, &b, 2);
+      }
+    }
+    progress.update(static_cast<int64_t>(++written));
+  };
+
+  // Shards of at most shard_bytes (a tensor larger than that gets a shard of its own).
+  std::vector<std::vector<size_t>> shards(1);
+  uint64_t in_shard = 0, total = 0;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    uint64_t bytes = 2;
+    for (int64_t d : specs[i].shape) bytes *= static_cast<uint64_t>(d);
+    if (!shards.back().empty() && in_shard + bytes > shard_bytes) {
+      shards.emplace_back();
+      in_shard = 0;
+    }
+    shards.back().push_back(i);
+    in_shard += bytes;
+    total += bytes;
+  }
+  // Stale weights of an earlier make-model in the same folder would confuse the loader.
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string f = e.path().filename().string();
+    if (e.path().extension() == ".safetensors" || f == "model.safetensors.index.json") {
+      fs::remove(e.path());
+    }
+  }
+  if (shards.size() == 1) {
+    write_safetensors((fs::path(dir) / "model.safetensors").string(), specs, fill_tensor);
+    return;
+  }
+  nlohmann::json index = {{"metadata", {{"total_size", total}}},
+                          {"weight_map", nlohmann::json::object()}};
+  for (size_t s = 0; s < shards.size(); ++s) {
+    char name[64];
+    std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
+    std::vector<TensorSpec> sub;
+    for (size_t i : shards[s]) {
+      sub.push_back(specs[i]);
+      index["weight_map"][specs[i].name] = name;
+    }
+    write_safetensors(
+        (fs::path(dir) / name).string(), sub,
+        [&](size_t j, uint8_t* dst, size_t bytes) { fill_tensor(shards[s][j], dst, bytes); });
+  }
+  const std::string index_path = (fs::path(dir) / "model.safetensors.index.json").string();
+  std::ofstream out(index_path, std::ios::trunc);
+  out << index.dump(2) << "\n";
+  if (!out) throw Error(index_path + ": write failed");
+}
+
+}  // namespace fp8kv

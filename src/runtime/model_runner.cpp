@@ -1,0 +1,448 @@
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+
+#include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+#include "fp8kv/model.h"
+
+namespace fp8kv {
+
+namespace {
+
+// Checks that `scales` fit `scheme` and the model; `what` names the run in messages.
+void check_scales(KvScheme scheme, const std::optional<RankScales>& scales, const ModelConfig& c,
+                  const std::string& what) {
+  if (!is_fp8(scheme)) return;
+  if (!scales) {
+    throw Error(what + ": the " + std::string(scheme_name(scheme)) +
+                " KV cache needs calibrated scales (a kv_cache_calib.json made by `fp8kv "
+                "calibrate`); refusing to run with scales of 1.0");
+  }
+  const QuantType want =
+      scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
+  if (scales->quant_type != want) {
+    throw Error(what + ": the " + std::string(scheme_name(scheme)) + " KV cache needs " +
+                quant_type_name(want) + " scales, got " + quant_type_name(scales->quant_type));
+  }
+  if (scales->num_layers != c.num_layers) {
+    throw Error(what + ": scales for " + std::to_string(scales->num_layers) +
+                " layers, the model has " + std::to_string(c.num_layers));
+  }
+  if (want == QuantType::kPerHead && scales->heads_per_rank != c.num_kv_heads) {
+    throw Error(what + ": scales for " + std::to_string(scales->heads_per_rank) +
+                " KV heads, the model has " + std::to_string(c.num_kv_heads));
+  }
+  if (scales->kv.size() != static_cast<size_t>(c.num_layers) * scales->row_width()) {
+    throw Error(what + ": scales array has " + std::to_string(scales->kv.size()) +
+                " values, expected " + std::to_string(c.num_layers * scales->row_width()));
+  }
+  if (scales->q && scales->q->size() != static_cast<size_t>(c.num_layers) * c.num_kv_heads) {
+    throw Error(what + ": static Q scales have " + std::to_string(scales->q->size()) +
+                " values, expected " + std::to_string(c.num_layers * c.num_kv_heads));
+  }
+}
+
+BackendBuffer upload_vector(Backend& backend, const std::vector<float>& v) {
+  BackendBuffer b(backend, std::max<size_t>(1, v.size()) * sizeof(float));
+  b.upload(v.data(), v.size() * sizeof(float));
+  return b;
+}
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+double AttentionErrorStats::rel_error(int layer) const {
+  const size_t l = static_cast<size_t>(layer);
+  return ref_sq[l] > 0 ? std::sqrt(diff_sq[l] / ref_sq[l]) : std::sqrt(diff_sq[l]);
+}
+
+// A shadow scheme's own pool and scales, plus its attention output.
+struct ModelRunner::Shadow {
+  KvScheme scheme;
+  KvPool pool;
+  BackendBuffer kv_scales;  // [L, row width]
+  BackendBuffer q_scales;   // [L, Hkv] or empty
+  int row_width;
+};
+
+// Activations of one forward pass, grown as needed. Shapes for T new tokens, B requests.
+struct ModelRunner::Scratch {
+  BackendBuffer ids, pos, slots;     // [T] int32
+  BackendBuffer seq_len, req_index;  // [B] int32
+  BackendBuffer cu_q;                // [B + 1] int32
+  BackendBuffer x;                   // [T, H] residual stream
+  BackendBuffer h;                   // [T, H] normed
+  BackendBuffer a;                   // [T, H] projection output
+  BackendBuffer q;                   // [T, Hq * D]
+  BackendBuffer kv;                  // [T, 2 * Hkv * D]
+  BackendBuffer q16;                 // [T, Hq * D] bf16
+  BackendBuffer kv16;                // [T, 2 * Hkv * D] bf16
+  BackendBuffer q8;                  // [T, Hq * D] e4m3
+  BackendBuffer q_scale;             // [B, Hkv]
+  BackendBuffer o16, o16_shadow;     // [T, Hq * D] bf16
+  BackendBuffer o;                   // [T, Hq * D]
+  BackendBuffer gu;                  // [T, 2 * I]
+  BackendBuffer mlp;                 // [T, I]
+  BackendBuffer amax;                // [2 * Hkv]
+  BackendBuffer rows;                // [R] int32 rows with logits
+  BackendBuffer logits;              // [R, V]
+  int64_t T = 0;
+  int B = 0;
+  AttentionBatch batch;
+  std::vector<float> host_amax;
+  std::vector<uint16_t> host_o, host_o_shadow;
+};
+
+ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, RunnerOptions options)
+    : model_(model),
+      backend_(backend),
+      ops_(ops),
+      options_(std::move(options)),
+      table_(backend, options_.max_requests, options_.max_len, options_.num_slots),
+      pool_(backend, model.config().num_layers, options_.num_slots, model.config().num_kv_heads,
+            model.config().head_dim, options_.scheme),
+      s_(std::make_unique<Scratch>()) {
+  const ModelConfig& c = model.config();
+  if (c.head_dim > 1024) {
+    throw Error("head_dim " + std::to_string(c.head_dim) + " is larger than 1024");
+  }
+  check_scales(options_.scheme, options_.scales, c, "model runner");
+  if (is_fp8(options_.scheme)) {
+    kv_scales_ = upload_vector(backend, options_.scales->kv);
+    if (options_.scheme == KvScheme::kFp8PerHead && options_.scales->q) {
+      q_scales_ = upload_vector(backend, *options_.scales->q);
+    }
+  }
+  if (options_.observer) {
+    if (options_.scheme != KvScheme::kBf16) {
+      throw Error("calibration observes a bf16 KV cache, not " +
+                  std::string(scheme_name(options_.scheme)));
+    }
+    const ObserverConfig& oc = options_.observer->config();
+    if (oc.num_layers != c.num_layers || oc.num_kv_heads != c.num_kv_heads) {
+      throw Error("observer is set up for " + std::to_string(oc.num_layers) + " layers and " +
+                  std::to_string(oc.num_kv_heads) + " KV heads, the model has " +
+                  std::to_string(c.num_layers) + " and " + std::to_string(c.num_kv_heads));
+    }
+  }
+  for (const ShadowScheme& sh : options_.shadows) {
+    check_scales(sh.scheme, sh.scales, c, std::string("shadow ") + scheme_name(sh.scheme));
+    if (!is_fp8(sh.scheme)) throw Error("a shadow scheme must be an FP8 scheme");
+    auto s = std::unique_ptr<Shadow>(new Shadow{
+        sh.scheme,
+        KvPool(backend, c.num_layers, options_.num_slots, c.num_kv_heads, c.head_dim, sh.scheme),
+        upload_vector(backend, sh.scales.kv), BackendBuffer(), sh.scales.row_width()});
+    if (sh.scheme == KvScheme::kFp8PerHead && sh.scales.q) {
+      s->q_scales = upload_vector(backend, *sh.scales.q);
+    }
+    shadows_.push_back(std::move(s));
+    AttentionErrorStats st;
+    st.scheme = sh.scheme;
+    st.diff_sq.assign(static_cast<size_t>(c.num_layers), 0.0);
+    st.ref_sq.assign(static_cast<size_t>(c.num_layers), 0.0);
+    shadow_stats_.push_back(std::move(st));
+  }
+}
+
+ModelRunner::~ModelRunner() = default;
+
+std::vector<float> ModelRunner::forward(const std::vector<int>& reqs,
+                                        const std::vector<std::vector<int32_t>>& tokens,
+                                        LogitRows rows) {
+  const ModelConfig& c = model_.config();
+  if (reqs.size() != tokens.size()) throw Error("forward: reqs and tokens differ in size");
+  const int B = static_cast<int>(reqs.size());
+  std::vector<int> q_lens(static_cast<size_t>(B));
+  std::vector<int32_t> ids;
+  for (int b = 0; b < B; ++b) {
+    q_lens[static_cast<size_t>(b)] = static_cast<int>(tokens[static_cast<size_t>(b)].size());
+    if (q_lens[static_cast<size_t>(b)] == 0) {
+      throw Error("forward: request " + std::to_string(reqs[static_cast<size_t>(b)]) +
+                  " has no new tokens");
+    }
+    for (int32_t t : tokens[static_cast<size_t>(b)]) {
+      if (t < 0 || t >= c.vocab_size) {
+        throw Error("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                    std::to_string(c.vocab_size) + ")");
+      }
+      ids.push_back(t);
+    }
+  }
+  if (B == 0) return {};
+  // All or nothing: throws before anything changes when the slots run out.
+  const std::vector<int32_t> slots = table_.extend(reqs, q_lens);
+
+  const int64_t T = static_cast<int64_t>(ids.size());
+  std::vector<int32_t> pos, seq_len, cu_q(1, 0), req_index;
+  int max_q = 0, max_seq = 0;
+  for (int b = 0; b < B; ++b) {
+    const int len = table_.seq_len(reqs[static_cast<size_t>(b)]);
+    const int ql = q_lens[static_cast<size_t>(b)];
+    for (int i = 0; i < ql; ++i) pos.push_back(len - ql + i);
+    seq_len.push_back(len);
+    cu_q.push_back(cu_q.back() + ql);
+    req_index.push_back(reqs[static_cast<size_t>(b)]);
+    max_q = std::max(max_q, ql);
+    max_seq = std::max(max_seq, len);
+  }
+  const bool decode = max_q == 1;
+
+  Scratch& s = *s_;
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  const int64_t QD = static_cast<int64_t>(c.num_q_heads) * c.head_dim;
+  const int64_t KVD = 2ll * c.num_kv_heads * c.head_dim;
+  auto f32 = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
+  auto i32 = [](int64_t n) { return static_cast<size_t>(n) * sizeof(int32_t); };
+  auto b16 = [](int64_t n) { return static_cast<size_t>(n) * sizeof(uint16_t); };
+  s.ids.ensure(backend_, i32(T));
+  s.pos.ensure(backend_, i32(T));
+  s.slots.ensure(backend_, i32(T));
+  s.seq_len.ensure(backend_, i32(B));
+  s.req_index.ensure(backend_, i32(B));
+  s.cu_q.ensure(backend_, i32(B + 1));
+  s.x.ensure(backend_, f32(T * H));
+  s.h.ensure(backend_, f32(T * H));
+  s.a.ensure(backend_, f32(T * H));
+  s.q.ensure(backend_, f32(T * QD));
+  s.kv.ensure(backend_, f32(T * KVD));
+  s.q16.ensure(backend_, b16(T * QD));
+  s.kv16.ensure(backend_, b16(T * KVD));
+  s.q8.ensure(backend_, static_cast<size_t>(T * QD));
+  s.q_scale.ensure(backend_, f32(static_cast<int64_t>(B) * c.num_kv_heads));
+  s.o16.ensure(backend_, b16(T * QD));
+  if (!shadows_.empty()) s.o16_shadow.ensure(backend_, b16(T * QD));
+  s.o.ensure(backend_, f32(T * QD));
+  s.gu.ensure(backend_, f32(T * 2 * I));
+  s.mlp.ensure(backend_, f32(T * I));
+  s.amax.ensure(backend_, f32(2 * c.num_kv_heads));
+
+  s.ids.upload(ids.data(), i32(T));
+  s.pos.upload(pos.data(), i32(T));
+  s.slots.upload(slots.data(), i32(T));
+  s.seq_len.upload(seq_len.data(), i32(B));
+  s.req_index.upload(req_index.data(), i32(B));
+  s.cu_q.upload(cu_q.data(), i32(B + 1));
+  s.T = T;
+  s.B = B;
+  s.batch = AttentionBatch{};
+  s.batch.num_requests = B;
+  s.batch.seq_len = s.seq_len.as<const int32_t>();
+  s.batch.cu_seqlens_q = s.cu_q.as<const int32_t>();
+  s.batch.req_index = s.req_index.as<const int32_t>();
+  s.batch.req_to_token = table_.device_table();
+  s.batch.max_len = table_.max_len();
+  s.batch.total_q = T;
+  s.batch.max_q_len = max_q;
+  s.batch.max_seq_len = max_seq;
+
+  ops_.embedding(s.ids.as<const int32_t>(), model_.embed(), s.x.as<float>(), T, H);
+  for (int l = 0; l < c.num_layers; ++l) run_layer(l, decode);
+
+  if (rows == LogitRows::kNone) {
+    backend_.synchronize();
+    return {};
+  }
+  std::vector<int32_t> row_idx;
+  if (rows == LogitRows::kLast) {
+    for (int b = 0; b < B; ++b) row_idx.push_back(cu_q[static_cast<size_t>(b) + 1] - 1);
+  } else {
+    row_idx.resize(static_cast<size_t>(T));
+    std::iota(row_idx.begin(), row_idx.end(), 0);
+  }
+  const int64_t R = static_cast<int64_t>(row_idx.size());
+  const int64_t V = c.vocab_size;
+  s.rows.ensure(backend_, i32(R));
+  s.rows.upload(row_idx.data(), i32(R));
+  s.logits.ensure(backend_, f32(R * V));
+  ops_.gather_rows(s.x.as<const float>(), s.rows.as<const int32_t>(), s.h.as<float>(), R, H);
+  ops_.rms_norm(s.h.as<const float>(), model_.final_norm(), s.a.as<float>(), R, static_cast<int>(H),
+                c.rms_norm_eps);
+  ops_.linear(s.a.as<const float>(), model_.lm_head(), nullptr, s.logits.as<float>(), R, V, H);
+  std::vector<float> out(static_cast<size_t>(R * V));
+  backend_.synchronize();
+  s.logits.download(out.data(), f32(R * V));
+  return out;
+}
+
+void ModelRunner::run_layer(int l, bool decode) {
+  const ModelConfig& c = model_.config();
+  const LayerWeights& w = model_.layer(l);
+  Scratch& s = *s_;
+  const int64_t T = s.T;
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  const int Hq = c.num_q_heads, Hkv = c.num_kv_heads, D = c.head_dim;
+  const int64_t QD = static_cast<int64_t>(Hq) * D;
+  const int64_t KVD = 2ll * Hkv * D;
+
+  ops_.rms_norm(s.x.as<const float>(), w.attn_norm.as<const float>(), s.h.as<float>(), T,
+                static_cast<int>(H), c.rms_norm_eps);
+  ops_.linear(s.h.as<const float>(), w.w_q.as<const float>(), w.b_q.as<const float>(),
+              s.q.as<float>(), T, QD, H);
+  ops_.linear(s.h.as<const float>(), w.w_kv.as<const float>(), w.b_kv.as<const float>(),
+              s.kv.as<float>(), T, KVD, H);
+  // RoPE on Q and on the K half of each token's KV row (V is not rotated).
+  ops_.rope(s.q.as<float>(), T, QD, Hq, D, s.pos.as<const int32_t>(), model_.inv_freq());
+  ops_.rope(s.kv.as<float>(), T, KVD, Hkv, D, s.pos.as<const int32_t>(), model_.inv_freq());
+  ops_.to_bf16(s.q.as<const float>(), s.q16.as<uint16_t>(), T * QD);
+  ops_.to_bf16(s.kv.as<const float>(), s.kv16.as<uint16_t>(), T * KVD);
+
+  // K/V into a pool of `scheme`, then attention over it into `out`.
+  auto attend = [&](KvCacheLayer cache, const BackendBuffer& kv_scales, int row_width,
+                    const BackendBuffer& q_scales, float* observe_amax, uint16_t* out) {
+    KvLayerScales sc;
+    if (is_fp8(cache.scheme)) {
+      sc.k = kv_scales.as<const float>() + static_cast<int64_t>(l) * row_width;
+      sc.v = sc.k + row_width / 2;
+    }
+    QuantizeKvParams qk;
+    qk.kv = s.kv16.as<const uint16_t>();
+    qk.slots = s.slots.as<const int32_t>();
+    qk.num_tokens = T;
+    qk.cache = cache;
+    qk.scales = sc;
+    qk.observe_amax = observe_amax;
+    backend_.quantize_kv(qk);
+
+    AttentionParams ap;
+    ap.num_q_heads = Hq;
+    ap.cache = cache;
+    ap.scales = sc;
+    ap.batch = s.batch;
+    ap.o = out;
+    if (cache.scheme == KvScheme::kFp8PerHead) {
+      QuantizeQParams qq;
+      qq.q = s.q16.as<const uint16_t>();
+      qq.q_fp8 = s.q8.as<uint8_t>();
+      qq.q_scale = s.q_scale.as<float>();
+      if (!q_scales.empty()) qq.static_scale = q_scales.as<const float>() + l * Hkv;
+      qq.cu_seqlens_q = s.cu_q.as<const int32_t>();
+      qq.num_requests = s.B;
+      qq.total_q = T;
+      qq.num_q_heads = Hq;
+      qq.num_kv_heads = Hkv;
+      qq.head_dim = D;
+      backend_.quantize_q(qq);
+      ap.q_fp8 = s.q8.as<const uint8_t>();
+      ap.q_scale = s.q_scale.as<const float>();
+    } else {
+      ap.q = s.q16.as<const uint16_t>();
+    }
+    if (decode) {
+      backend_.decode_attention(ap);
+    } else {
+      backend_.prefill_attention(ap);
+    }
+  };
+
+  // Calibration: observe this layer's writes until it has its warmup + count passes (warmup
+  // passes are recorded too; the observer drops them).
+  Observer* obs = options_.observer;
+  const bool observe = obs && obs->passes_seen(l) < obs->config().warmup + obs->config().count;
+  if (observe) backend_.memset(s.amax.get(), 0, static_cast<size_t>(2 * Hkv) * sizeof(float));
+  const int row_width = options_.scheme == KvScheme::kFp8PerHead ? 2 * Hkv : 2;
+  attend(pool_.layer(l), kv_scales_, row_width, q_scales_, observe ? s.amax.as<float>() : nullptr,
+         s.o16.as<uint16_t>());
+  if (observe) {
+    s.host_amax.resize(static_cast<size_t>(2 * Hkv));
+    backend_.synchronize();
+    s.amax.download(s.host_amax.data(), s.host_amax.size() * sizeof(float));
+    obs->record(l, s.host_amax.data());
+  }
+
+  for (size_t i = 0; i < shadows_.size(); ++i) {
+    Shadow& sh = *shadows_[i];
+    attend(sh.pool.layer(l), sh.kv_scales, sh.row_width, sh.q_scales, nullptr,
+           s.o16_shadow.as<uint16_t>());
+    backend_.synchronize();
+    const size_t n = static_cast<size_t>(T * QD);
+    s.host_o.resize(n);
+    s.host_o_shadow.resize(n);
+    s.o16.download(s.host_o.data(), n * sizeof(uint16_t));
+    s.o16_shadow.download(s.host_o_shadow.data(), n * sizeof(uint16_t));
+    double diff = 0.0, ref = 0.0;
+    for (size_t j = 0; j < n; ++j) {
+      const double r = bf16_to_float(s.host_o[j]);
+      const double d = bf16_to_float(s.host_o_shadow[j]) - r;
+      diff += d * d;
+      ref += r * r;
+    }
+    shadow_stats_[i].diff_sq[static_cast<size_t>(l)] += diff;
+    shadow_stats_[i].ref_sq[static_cast<size_t>(l)] += ref;
+  }
+
+  ops_.from_bf16(s.o16.as<const uint16_t>(), s.o.as<float>(), T * QD);
+  ops_.linear(s.o.as<const float>(), w.w_o.as<const float>(), nullptr, s.a.as<float>(), T, H, QD);
+  ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
+  ops_.rms_norm(s.x.as<const float>(), w.mlp_norm.as<const float>(), s.h.as<float>(), T,
+                static_cast<int>(H), c.rms_norm_eps);
+  ops_.linear(s.h.as<const float>(), w.w_gate_up.as<const float>(), nullptr, s.gu.as<float>(), T,
+              2 * I, H);
+  ops_.silu_mul(s.gu.as<const float>(), s.mlp.as<float>(), T, I);
+  ops_.linear(s.mlp.as<const float>(), w.w_down.as<const float>(), nullptr, s.a.as<float>(), T, H,
+              I);
+  ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
+}
+
+std::vector<std::vector<int32_t>> ModelRunner::generate(
+    const std::vector<std::vector<int32_t>>& prompts, int max_new, float temperature,
+    uint64_t seed) {
+  const int V = model_.config().vocab_size;
+  std::vector<int> reqs;
+  std::vector<std::vector<int32_t>> out(prompts.size());
+  if (prompts.empty() || max_new <= 0) return out;
+  // Release the requests however this ends.
+  struct Guard {
+    ModelRunner* r;
+    std::vector<int>* reqs;
+    ~Guard() {
+      for (int q : *reqs) r->release(q);
+    }
+  } guard{this, &reqs};
+  for (const auto& p : prompts) {
+    if (p.empty()) throw Error("generate: empty prompt");
+    reqs.push_back(add_request());
+  }
+  uint64_t rng = seed;
+  auto pick = [&](const float* logits) -> int32_t {
+    int best = 0;
+    for (int i = 1; i < V; ++i) {
+      if (logits[i] > logits[best]) best = i;
+    }
+    if (temperature <= 0.0f) return best;
+    // Sample from softmax(logits / temperature).
+    double total = 0.0;
+    std::vector<double> p(static_cast<size_t>(V));
+    for (int i = 0; i < V; ++i) {
+      p[static_cast<size_t>(i)] = std::exp((logits[i] - logits[best]) / temperature);
+      total += p[static_cast<size_t>(i)];
+    }
+    double u = static_cast<double>(splitmix64(rng) >> 11) * 0x1.0p-53 * total;
+    for (int i = 0; i < V; ++i) {
+      u -= p[static_cast<size_t>(i)];
+      if (u <= 0) return i;
+    }
+    return best;
+  };
+  std::vector<float> logits = forward(reqs, prompts, LogitRows::kLast);
+  std::vector<std::vector<int32_t>> step(prompts.size());
+  for (int step_i = 0;; ++step_i) {
+    for (size_t b = 0; b < prompts.size(); ++b) {
+      const int32_t t = pick(logits.data() + b * static_cast<size_t>(V));
+      out[b].push_back(t);
+      step[b].assign(1, t);
+    }
+    if (step_i + 1 >= max_new) break;
+    logits = forward(reqs, step, LogitRows::kLast);
+  }
+  return out;
+}
+
+}  // namespace fp8kv

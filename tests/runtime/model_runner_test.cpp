@@ -1,0 +1,379 @@
+// The model runner on the tiny random-weight model (made once for the suite).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/calib.h"
+#include "fp8kv/error.h"
+#include "fp8kv/make_model.h"
+#include "fp8kv/model.h"
+#include "fp8kv/safetensors.h"
+#include "fp8kv/workflows.h"
+#include "runtime/test_util.h"
+
+namespace fp8kv {
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+// ||a - b|| / ||b||.
+double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double d = 0, r = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    EXPECT_TRUE(std::isfinite(a[i]) && std::isfinite(b[i])) << i;
+    d += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    r += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(d / r);
+}
+
+std::vector<int32_t> tokens(int n, int seed, int vocab) {
+  std::vector<int32_t> t;
+  for (int i = 0; i < n; ++i) t.push_back(static_cast<int32_t>((seed * 7919 + i * 104729) % vocab));
+  return t;
+}
+
+class ModelRunnerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    make_model(dir_->path() + "/tiny", model_preset("tiny"));
+    make_model(dir_->path() + "/qwen2", model_preset("qwen2-tiny"));
+    backend_ = make_cpu_backend().release();
+    ops_ = make_cpu_model_ops().release();
+    tiny_ = Model::load(dir_->path() + "/tiny", *backend_).release();
+  }
+  static void TearDownTestSuite() {
+    delete tiny_;
+    delete ops_;
+    delete backend_;
+    delete dir_;
+  }
+
+  static RunnerOptions small(KvScheme scheme = KvScheme::kBf16) {
+    RunnerOptions o;
+    o.scheme = scheme;
+    o.num_slots = 256;
+    o.max_requests = 4;
+    o.max_len = 64;
+    return o;
+  }
+
+  // Calibrated scales of the tiny model on a little data.
+  static CalibData calibrated(QuantType qt) {
+    const int V = tiny_->config().vocab_size;
+    const TokenData data = {tokens(24, 1, V), tokens(17, 2, V), tokens(30, 3, V)};
+    CalibrateOptions co;
+    co.quant_type = qt;
+    co.batch_size = 2;
+    return calibrate(*tiny_, *backend_, *ops_, data, co).data;
+  }
+
+  static TempDir* dir_;
+  static Backend* backend_;
+  static ModelOps* ops_;
+  static Model* tiny_;
+};
+
+TempDir* ModelRunnerTest::dir_ = nullptr;
+Backend* ModelRunnerTest::backend_ = nullptr;
+ModelOps* ModelRunnerTest::ops_ = nullptr;
+Model* ModelRunnerTest::tiny_ = nullptr;
+
+// The same tokens through prefill (one pass, prefill attention) and token by token (decode
+// attention over the cache) give the same logits: RoPE positions, the slot table and both
+// attention paths agree.
+void expect_prefill_matches_decode(const Model& model, Backend& backend, ModelOps& ops,
+                                   RunnerOptions opts) {
+  const int V = model.config().vocab_size;
+  const std::vector<int32_t> prompt = tokens(13, 5, V);
+  ModelRunner a(model, backend, ops, opts);
+  const int ra = a.add_request();
+  const std::vector<float> all = a.forward({ra}, {prompt}, LogitRows::kAll);
+  ASSERT_EQ(all.size(), prompt.size() * V);
+
+  ModelRunner b(model, backend, ops, opts);
+  const int rb = b.add_request();
+  for (size_t t = 0; t < prompt.size(); ++t) {
+    const std::vector<float> step = b.forward({rb}, {{prompt[t]}}, LogitRows::kLast);
+    const std::vector<float> ref(all.begin() + static_cast<std::ptrdiff_t>(t * V),
+                                 all.begin() + static_cast<std::ptrdiff_t>((t + 1) * V));
+    // Only fp32 summation order (GEMM shapes) and the bf16 rounding of Q/K/V that follows
+    // from it differ.
+    EXPECT_LT(rel_diff(step, ref), 2e-3) << "position " << t;
+  }
+  EXPECT_EQ(b.seq_len(rb), static_cast<int>(prompt.size()));
+
+  // Chunked prefill: 8 tokens, then 5 over the cached prefix.
+  ModelRunner c(model, backend, ops, opts);
+  const int rc = c.add_request();
+  c.forward({rc}, {std::vector<int32_t>(prompt.begin(), prompt.begin() + 8)}, LogitRows::kNone);
+  const std::vector<float> tail =
+      c.forward({rc}, {std::vector<int32_t>(prompt.begin() + 8, prompt.end())}, LogitRows::kAll);
+  EXPECT_LT(rel_diff(tail, std::vector<float>(all.begin() + 8 * V, all.end())), 2e-3);
+}
+
+TEST_F(ModelRunnerTest, PrefillLogitsMatchStepByStepDecode) {
+  expect_prefill_matches_decode(*tiny_, *backend_, *ops_, small());
+}
+
+TEST_F(ModelRunnerTest, Qwen2BiasAndTiedEmbeddingsPrefillMatchesDecode) {
+  auto qwen = Model::load(dir_->path() + "/qwen2", *backend_);
+  EXPECT_TRUE(qwen->config().attention_bias);
+  EXPECT_TRUE(qwen->config().tie_word_embeddings);
+  expect_prefill_matches_decode(*qwen, *backend_, *ops_, small());
+}
+
+TEST_F(ModelRunnerTest, BatchOfDifferentLengthsMatchesRequestsAlone) {
+  const int V = tiny_->config().vocab_size;
+  const auto p1 = tokens(9, 1, V), p2 = tokens(3, 2, V), p3 = tokens(14, 3, V);
+  ModelRunner batch(*tiny_, *backend_, *ops_, small());
+  const std::vector<int> reqs = {batch.add_request(), batch.add_request(), batch.add_request()};
+  const std::vector<float> together = batch.forward(reqs, {p1, p2, p3}, LogitRows::kLast);
+  ASSERT_EQ(together.size(), 3u * V);
+  int i = 0;
+  for (const auto& p : {p1, p2, p3}) {
+    ModelRunner alone(*tiny_, *backend_, *ops_, small());
+    const std::vector<float> l = alone.forward({alone.add_request()}, {p}, LogitRows::kLast);
+    EXPECT_LT(
+        rel_diff(l, std::vector<float>(together.begin() + i * V, together.begin() + (i + 1) * V)),
+        2e-3)
+        << "request " << i;
+    ++i;
+  }
+  // And a batched decode step after the batched prefill.
+  const std::vector<float> step = batch.forward(reqs, {{1}, {2}, {3}}, LogitRows::kLast);
+  ASSERT_EQ(step.size(), 3u * V);
+}
+
+TEST_F(ModelRunnerTest, GenerateIsGreedyOverForward) {
+  const int V = tiny_->config().vocab_size;
+  const auto prompt = tokens(6, 4, V);
+  ModelRunner g(*tiny_, *backend_, *ops_, small());
+  const auto out = g.generate({prompt}, 5);
+  ASSERT_EQ(out.size(), 1u);
+  ASSERT_EQ(out[0].size(), 5u);
+  EXPECT_EQ(g.free_slots(), 256);  // requests released
+
+  ModelRunner f(*tiny_, *backend_, *ops_, small());
+  const int r = f.add_request();
+  std::vector<int32_t> next = prompt;
+  for (int i = 0; i < 5; ++i) {
+    const std::vector<float> l = f.forward({r}, {next}, LogitRows::kLast);
+    std::vector<int32_t> am(1);
+    ops_->argmax(l.data(), am.data(), 1, V);
+    EXPECT_EQ(am[0], out[0][static_cast<size_t>(i)]) << i;
+    next = {am[0]};
+  }
+}
+
+TEST_F(ModelRunnerTest, Fp8WithoutCalibrationRefused) {
+  for (KvScheme s : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {
+    const std::string e = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, small(s)); });
+    EXPECT_NE(e.find("refusing to run with scales of 1.0"), std::string::npos) << e;
+    EXPECT_NE(e.find(scheme_name(s)), std::string::npos) << e;
+  }
+  // Scales of the other quant type are refused too.
+  RunnerOptions o = small(KvScheme::kFp8PerHead);
+  o.scales = slice_for_rank(calibrated(QuantType::kPerTensor), 1, 0);
+  const std::string e = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
+  EXPECT_NE(e.find("per_head"), std::string::npos) << e;
+}
+
+TEST_F(ModelRunnerTest, OutOfSlotsSaysNeededAndFree) {
+  const int V = tiny_->config().vocab_size;
+  RunnerOptions o = small();
+  o.num_slots = 10;
+  ModelRunner r(*tiny_, *backend_, *ops_, o);
+  const int a = r.add_request();
+  const int b = r.add_request();
+  r.forward({a}, {tokens(4, 1, V)}, LogitRows::kNone);
+  const std::string e = error_of([&] {
+    r.forward({a, b}, {tokens(3, 2, V), tokens(5, 3, V)}, LogitRows::kNone);
+  });
+  EXPECT_NE(e.find("needs 8 new slots"), std::string::npos) << e;
+  EXPECT_NE(e.find("6 of 10 are free"), std::string::npos) << e;
+  // Nothing changed: the same requests still fit when smaller.
+  EXPECT_EQ(r.seq_len(a), 4);
+  EXPECT_EQ(r.seq_len(b), 0);
+  EXPECT_EQ(r.free_slots(), 6);
+  r.forward({a, b}, {tokens(2, 2, V), tokens(4, 3, V)}, LogitRows::kNone);
+  EXPECT_EQ(r.free_slots(), 0);
+  r.release(a);
+  EXPECT_EQ(r.free_slots(), 6);
+  EXPECT_NE(error_of([&] { r.forward({b}, {{V}}, LogitRows::kNone); }).find("vocabulary"),
+            std::string::npos);
+}
+
+TEST_F(ModelRunnerTest, CalibrateWritesAFileLoadCalibAccepts) {
+  TempDir dir;
+  for (QuantType qt : {QuantType::kPerHead, QuantType::kPerTensor}) {
+    const CalibData d = calibrated(qt);
+    const std::string path = dir.path() + "/kv_cache_calib.json";
+    write_calib(path, d);
+    const KvScheme scheme =
+        qt == QuantType::kPerHead ? KvScheme::kFp8PerHead : KvScheme::kFp8PerTensor;
+    const CalibData back = load_calib(path, calib_expect_for(tiny_->config(), scheme));
+    EXPECT_EQ(back.architectures, "LlamaForCausalLM");
+    EXPECT_EQ(back.num_layers, 4);
+    EXPECT_EQ(back.num_head, 2);
+    EXPECT_EQ(back.quant_type, qt);
+    EXPECT_EQ(back.scales, d.scales);
+    for (float s : back.scales) EXPECT_TRUE(std::isfinite(s) && s > 0 && s != 1.0f) << s;
+    if (qt == QuantType::kPerHead) {
+      // The strong K outlier channel sits in head l % 2 of layer l: its K scale is the larger.
+      for (int l = 0; l < 4; ++l) {
+        EXPECT_GT(back.k_scale(l, l % 2), back.k_scale(l, (l + 1) % 2)) << "layer " << l;
+      }
+    }
+    // The other scheme's loader refuses this file.
+    const KvScheme other =
+        qt == QuantType::kPerHead ? KvScheme::kFp8PerTensor : KvScheme::kFp8PerHead;
+    EXPECT_THROW(load_scales_for_model(path, tiny_->config(), other), Error);
+  }
+}
+
+TEST_F(ModelRunnerTest, CalibrationCountFromEnvironmentAndOptions) {
+  const int V = tiny_->config().vocab_size;
+  const TokenData data = {tokens(8, 1, V), tokens(8, 2, V), tokens(8, 3, V), tokens(8, 4, V)};
+  CalibrateOptions co;
+  co.batch_size = 1;
+  ::setenv("FP8KV_CALIB_COUNT", "2", 1);
+  ::setenv("FP8KV_CALIB_WARMUP", "1", 1);
+  CalibrateResult r = calibrate(*tiny_, *backend_, *ops_, data, co);
+  EXPECT_EQ(r.warmup, 1);
+  EXPECT_EQ(r.count, 2);
+  EXPECT_EQ(r.passes_run, 3);  // stops once every layer has its count
+  // Passes 1 and 2 only: the same scales as calibrating on sequences 1 and 2 alone.
+  ::unsetenv("FP8KV_CALIB_WARMUP");
+  ::unsetenv("FP8KV_CALIB_COUNT");
+  const CalibrateResult only = calibrate(*tiny_, *backend_, *ops_, {data[1], data[2]}, co);
+  EXPECT_EQ(only.count, 2);
+  EXPECT_EQ(r.data.scales, only.data.scales);
+  // Options override the environment; too few passes for the count are refused.
+  ::setenv("FP8KV_CALIB_COUNT", "4", 1);
+  co.count = 1;
+  EXPECT_EQ(calibrate(*tiny_, *backend_, *ops_, data, co).passes_run, 1);
+  co.count.reset();
+  ::setenv("FP8KV_CALIB_COUNT", "5", 1);
+  const std::string e = error_of([&] { calibrate(*tiny_, *backend_, *ops_, data, co); });
+  EXPECT_NE(e.find("gives 4 forward passes"), std::string::npos) << e;
+  ::setenv("FP8KV_CALIB_COUNT", "many", 1);
+  EXPECT_NE(
+      error_of([&] { calibrate(*tiny_, *backend_, *ops_, data, co); }).find("FP8KV_CALIB_COUNT"),
+      std::string::npos);
+  ::unsetenv("FP8KV_CALIB_COUNT");
+}
+
+TEST_F(ModelRunnerTest, Fp8CachesTrackBf16AndDoubledScalesChangeTheOutput) {
+  const int V = tiny_->config().vocab_size;
+  const auto prompt = tokens(20, 9, V);
+  ModelRunner ref(*tiny_, *backend_, *ops_, small());
+  const std::vector<float> bf16 = ref.forward({ref.add_request()}, {prompt}, LogitRows::kAll);
+
+  TempDir dir;
+  for (QuantType qt : {QuantType::kPerTensor, QuantType::kPerHead}) {
+    const KvScheme scheme =
+        qt == QuantType::kPerHead ? KvScheme::kFp8PerHead : KvScheme::kFp8PerTensor;
+    CalibData d = calibrated(qt);
+    write_calib(dir.path() + "/real.json", d);
+    for (float& s : d.scales) s *= 2.0f;
+    write_calib(dir.path() + "/doubled.json", d);
+
+    auto run = [&](const std::string& file) {
+      RunnerOptions o = small(scheme);
+      o.scales = load_scales_for_model(dir.path() + "/" + file, tiny_->config(), scheme);
+      ModelRunner r(*tiny_, *backend_, *ops_, o);
+      return r.forward({r.add_request()}, {prompt}, LogitRows::kAll);
+    };
+    const std::vector<float> real = run("real.json");
+    const std::vector<float> doubled = run("doubled.json");
+    // FP8 K/V (and Q for per-head) move the logits a little, not a lot.
+    const double err = rel_diff(real, bf16);
+    EXPECT_GT(err, 0.0) << scheme_name(scheme);
+    EXPECT_LT(err, 0.25) << scheme_name(scheme);
+    // Twice the scales round K/V onto a different grid: the logits change.
+    EXPECT_GT(rel_diff(doubled, real), 1e-4) << scheme_name(scheme);
+  }
+}
+
+TEST_F(ModelRunnerTest, EvalShadowsRunOnTheSameInputs) {
+  const int V = tiny_->config().vocab_size;
+  const TokenData data = {tokens(12, 1, V), tokens(7, 2, V), tokens(10, 3, V)};
+  const RankScales pt = slice_for_rank(calibrated(QuantType::kPerTensor), 1, 0);
+  const RankScales ph = slice_for_rank(calibrated(QuantType::kPerHead), 1, 0);
+  EvalOptions eo;
+  eo.batch_size = 2;
+  const EvalResult r = evaluate(*tiny_, *backend_, *ops_, data, pt, ph, eo);
+  ASSERT_EQ(r.schemes.size(), 3u);
+  EXPECT_EQ(r.positions, 11 + 6 + 9);
+  EXPECT_EQ(r.schemes[0].kl_mean, 0.0);
+  EXPECT_EQ(r.schemes[0].top1_agreement, 1.0);
+  for (int s = 1; s < 3; ++s) {
+    const SchemeEval& e = r.schemes[static_cast<size_t>(s)];
+    EXPECT_GT(e.kl_mean, 0.0);
+    EXPECT_GE(e.kl_max, e.kl_mean);
+    EXPECT_GT(e.perplexity, 1.0);
+    ASSERT_EQ(e.attn_rel_error.size(), 4u);
+    for (double x : e.attn_rel_error) {
+      // E4M3 keeps 3 mantissa bits: a few percent per element, never more than ~30%.
+      EXPECT_GT(x, 1e-3);
+      EXPECT_LT(x, 0.3);
+    }
+  }
+  const std::string table = format_eval_table(r);
+  EXPECT_NE(table.find("perplexity"), std::string::npos);
+  EXPECT_NE(table.find("attn-out rel. error, layer 3"), std::string::npos);
+}
+
+TEST_F(ModelRunnerTest, MakeModelIsDeterministicAndShardsLoadTheSame) {
+  TempDir dir;
+  ModelConfig c = model_preset("qwen2-tiny");
+  make_model(dir.path() + "/a", c, 7);
+  make_model(dir.path() + "/b", c, 7, 1 << 20);  // 1 MiB shards
+  EXPECT_TRUE(std::filesystem::exists(dir.path() + "/b/model.safetensors.index.json"));
+  WeightStore a(dir.path() + "/a"), b(dir.path() + "/b");
+  EXPECT_EQ(a.files().size(), 1u);
+  EXPECT_GT(b.files().size(), 2u);
+  for (const char* name : {"model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight",
+                           "model.layers.0.self_attn.k_proj.bias", "model.norm.weight"}) {
+    const auto shape = a.info(name).shape;
+    EXPECT_EQ(a.read_f32(name, shape), b.read_f32(name, shape)) << name;
+  }
+  EXPECT_FALSE(a.has("lm_head.weight"));  // tied
+  EXPECT_THROW(model_preset("huge"), Error);
+}
+
+TEST_F(ModelRunnerTest, MissingWeightNamesTensor) {
+  TempDir dir;
+  ModelConfig c = model_preset("tiny");
+  c.num_layers = 1;
+  make_model(dir.path(), c);
+  // Claim two layers: layer 1's weights are missing.
+  c.num_layers = 2;
+  {
+    std::ofstream out(dir.path() + "/config.json");
+    out << model_config_to_json(c);
+  }
+  const std::string e = error_of([&] { Model::load(dir.path(), *backend_); });
+  EXPECT_NE(e.find("model.layers.1.input_layernorm.weight"), std::string::npos) << e;
+}
+
+}  // namespace
+}  // namespace fp8kv
