@@ -1,7 +1,9 @@
 // Decode attention on the GPU against its CPU twin and a float64 reference, on fresh random data
 // with outliers: lengths 1, 7, 127, 4100 (no split and split-KV), GQA 1/4/8, head_dim 64/128/256,
 // the three schemes; a long case (33k keys) whose FP8 error must not grow with length; bad
-// arguments refused. The split heuristic's tests need no GPU.
+// arguments refused. Every case runs both decode kernels on the same data: the CUDA-core kernel
+// (decode_kernel.cuh) and the tensor-core kernel (decode_mma_kernel.cuh, FP8 schemes; for bf16
+// that variant runs the CUDA-core kernel again). The split heuristic's tests need no GPU.
 //
 // Criterion (STYLE.md): errors are normalized ||o - ref|| / ||ref|| against float64 attention on
 // the inputs as the scheme rounds them (emulated_inputs), so the test measures the kernel's own
@@ -11,6 +13,8 @@
 // max(1.5 * cpu_error, 4e-3) overall and 2e-2 per row. No NaN ever passes.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -18,6 +22,7 @@
 #include "fp8kv/error.h"
 #include "kernel_test_util.h"
 #include "kernels/cuda/decode_split.h"
+#include "kernels/cuda/decode_variant.h"
 
 namespace fp8kv {
 namespace {
@@ -38,23 +43,45 @@ struct DecodeErrors {
   test::ErrorStats gpu_emulated, cpu_emulated, gpu_exact, gpu_vs_cpu;
 };
 
-DecodeErrors run_case(Backend& cpu, Backend& gpu, const test::ProblemSpec& spec, KvScheme scheme,
-                      float softmax_scale = 0.0f) {
+// The decode kernels every case runs.
+struct KernelVariant {
+  int variant;
+  const char* name;
+};
+constexpr KernelVariant kVariants[] = {{cuda::kDecodeSimt, "simt"}, {cuda::kDecodeMma, "mma"}};
+
+// Selects a decode kernel for a scope; back to the default after.
+struct VariantScope {
+  explicit VariantScope(int v) { cuda::set_decode_variant(v); }
+  ~VariantScope() { cuda::set_decode_variant(cuda::kDecodeDefault); }
+};
+
+// One problem, the CPU twin once, each GPU kernel variant on the same data: errors per variant
+// (in kVariants order).
+std::vector<DecodeErrors> run_case(Backend& cpu, Backend& gpu, const test::ProblemSpec& spec,
+                                   KvScheme scheme, float softmax_scale = 0.0f) {
   const test::AttentionProblem prob = test::make_problem(spec);
   const test::KvScales scales = test::calibrate_scales(prob, scheme);
   test::RunOptions opt;
   opt.phase = AttentionPhase::kDecode;
   opt.softmax_scale = softmax_scale;
-  const test::AttentionRun g = test::run_attention(gpu, prob, scheme, scales, opt);
   const test::AttentionRun c = test::run_attention(cpu, prob, scheme, scales, opt);
   const auto ref_em = test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales), softmax_scale);
   const auto ref_ex = test::reference_attention(prob, test::exact_inputs(prob), softmax_scale);
-  DecodeErrors e;
-  e.gpu_emulated = test::compare(g.o, ref_em, prob.head_dim);
-  e.cpu_emulated = test::compare(c.o, ref_em, prob.head_dim);
-  e.gpu_exact = test::compare(g.o, ref_ex, prob.head_dim);
-  e.gpu_vs_cpu = test::compare(g.o, test::bf16_to_double(c.o), prob.head_dim);
-  return e;
+  const auto cpu_o = test::bf16_to_double(c.o);
+  const test::ErrorStats cpu_em = test::compare(c.o, ref_em, prob.head_dim);
+  std::vector<DecodeErrors> out;
+  for (const KernelVariant& v : kVariants) {
+    VariantScope scope(v.variant);
+    const test::AttentionRun g = test::run_attention(gpu, prob, scheme, scales, opt);
+    DecodeErrors e;
+    e.gpu_emulated = test::compare(g.o, ref_em, prob.head_dim);
+    e.cpu_emulated = cpu_em;
+    e.gpu_exact = test::compare(g.o, ref_ex, prob.head_dim);
+    e.gpu_vs_cpu = test::compare(g.o, cpu_o, prob.head_dim);
+    out.push_back(e);
+  }
+  return out;
 }
 
 void expect_close(const DecodeErrors& e) {
@@ -62,6 +89,13 @@ void expect_close(const DecodeErrors& e) {
   EXPECT_LE(e.gpu_emulated.normalized, std::max(1.5 * e.cpu_emulated.normalized, kOverallFloor))
       << "gpu " << e.gpu_emulated.str() << " | cpu " << e.cpu_emulated.str();
   EXPECT_LE(e.gpu_emulated.max_row, kRowBound) << e.gpu_emulated.str();
+}
+void expect_close(const std::vector<DecodeErrors>& per_variant) {
+  ASSERT_EQ(per_variant.size(), std::size(kVariants));
+  for (size_t i = 0; i < per_variant.size(); ++i) {
+    SCOPED_TRACE(std::string("kernel ") + kVariants[i].name);
+    expect_close(per_variant[i]);
+  }
 }
 
 TEST(CudaDecode, MatchesCpuTwin) {
@@ -73,7 +107,8 @@ TEST(CudaDecode, MatchesCpuTwin) {
     for (int D : {64, 128, 256}) {
       for (int group : {1, 4, 8}) {
         // max_seq_len 127: one CTA per (request, head); 4100: split over the KV length.
-        for (const std::vector<int>& lengths : {std::vector<int>{1, 7, 127}, std::vector<int>{127, 1, 4100, 7}}) {
+        for (const std::vector<int>& lengths : {std::vector<int>{1, 7, 127}, std::vector<int>{127, 1, 4100, 7},
+                                                std::vector<int>{17, 64, 65, 300}}) {
           test::ProblemSpec spec;
           spec.requests = decode_requests(lengths);
           spec.num_kv_heads = 2;
@@ -83,7 +118,7 @@ TEST(CudaDecode, MatchesCpuTwin) {
           spec.data.outlier_channels = 4;
           spec.seed = ++seed;
           SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D) + " group=" +
-                       std::to_string(group) + " max_len=" + std::to_string(lengths.back() > 127 ? 4100 : 127));
+                       std::to_string(group) + " max_len=" + std::to_string(*std::max_element(lengths.begin(), lengths.end())));
           expect_close(run_case(*cpu, *gpu, spec, scheme));
         }
       }
@@ -98,7 +133,7 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
   // Group 3 and 12 (padded / chunked query heads), a batch of 300 requests, an explicit scale.
   struct Case { int hkv, group, batch, len; float sm; };
   for (const Case& c : {Case{2, 3, 5, 900, 0.0f}, Case{1, 12, 3, 2000, 0.05f}, Case{4, 2, 300, 300, 0.0f}}) {
-    for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead}) {
+    for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
       test::ProblemSpec spec;
       spec.requests.clear();
       for (int b = 0; b < c.batch; ++b) spec.requests.push_back({(c.len * (b + 1)) / c.batch, 1});
@@ -124,7 +159,7 @@ TEST(CudaDecode, LongContextErrorDoesNotGrow) {
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
   for (KvScheme scheme : {KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
-    double err[2] = {0, 0};
+    double err[2][std::size(kVariants)] = {};
     int i = 0;
     for (int len : {1024, 33000}) {
       test::ProblemSpec spec;
@@ -135,15 +170,22 @@ TEST(CudaDecode, LongContextErrorDoesNotGrow) {
       spec.data.head_range = 10.0f;
       spec.data.outlier_channels = 4;
       spec.seed = 4242;
-      const DecodeErrors e = run_case(*cpu, *gpu, spec, scheme);
+      const std::vector<DecodeErrors> es = run_case(*cpu, *gpu, spec, scheme);
       SCOPED_TRACE(std::string(scheme_name(scheme)) + " len=" + std::to_string(len));
-      expect_close(e);
-      err[i++] = e.gpu_emulated.normalized;
-      std::printf("[ info ] %s decode len %d: gpu vs exact %s; vs emulated %s; cpu vs emulated %s\n",
-                  scheme_name(scheme), len, e.gpu_exact.str().c_str(), e.gpu_emulated.str().c_str(),
-                  e.cpu_emulated.str().c_str());
+      expect_close(es);
+      for (size_t v = 0; v < es.size(); ++v) {
+        const DecodeErrors& e = es[v];
+        err[i][v] = e.gpu_emulated.normalized;
+        std::printf("[ info ] %s decode (%s) len %d: gpu vs exact %s; vs emulated %s; cpu vs emulated %s\n",
+                    scheme_name(scheme), kVariants[v].name, len, e.gpu_exact.str().c_str(),
+                    e.gpu_emulated.str().c_str(), e.cpu_emulated.str().c_str());
+      }
+      ++i;
     }
-    EXPECT_LE(err[1], 1.5 * err[0] + 1e-4) << scheme_name(scheme) << ": kernel error grows with length";
+    for (size_t v = 0; v < std::size(kVariants); ++v) {
+      EXPECT_LE(err[1][v], 1.5 * err[0][v] + 1e-4)
+          << scheme_name(scheme) << " " << kVariants[v].name << ": kernel error grows with length";
+    }
   }
 }
 

@@ -1,4 +1,5 @@
-// Decode attention launcher: picks the instantiation (scheme, head_dim, query heads per CTA),
+// Decode attention launcher: picks the kernel (tensor-core for the FP8 schemes, CUDA-core for bf16,
+// or as set_decode_variant says) and its instantiation (scheme, head_dim, query heads per CTA),
 // the split of the KV length (decode_split.h) and runs the split merge.
 #include <cmath>
 
@@ -34,13 +35,21 @@ __global__ void decode_merge_kernel(const float* __restrict__ ws_o, const float*
   }
 }
 
-int g_variant = 0;
+int g_variant = kDecodeDefault;
 
-// The kernel of (scheme, head_dim, heads) under the selected variant.
+// Whether the tensor-core kernel (decode_mma_kernel.cuh) runs for this scheme.
+bool use_mma(KvScheme scheme) {
+  if (scheme == KvScheme::kBf16) return false;
+  return g_variant == kDecodeMma || (g_variant == kDecodeDefault && kDecodeMmaIsDefault);
+}
+
+// The CUDA-core kernel of (scheme, head_dim, heads) under the selected variant.
 template <KvScheme kScheme, int kHeadDim, int kHeads, typename F>
 auto with_kernel(F&& f) {
   if constexpr (kHeads == 4) {
-    if (g_variant == 1) return f(DecodeKernel<kScheme, kHeadDim, kHeads, decode_alt_min_blocks<kScheme>()>{});
+    if (g_variant == kDecodeSimtAltOccupancy) {
+      return f(DecodeKernel<kScheme, kHeadDim, kHeads, decode_alt_min_blocks<kScheme>()>{});
+    }
   }
   return f(DecodeKernel<kScheme, kHeadDim, kHeads>{});
 }
@@ -55,6 +64,7 @@ int sm_count() {
 int heads_per_cta(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
 
 struct DecodePlan {
+  bool mma = false;     // the tensor-core kernel
   int heads = 1;        // query heads per CTA (1, 2, 4, 8)
   int head_chunks = 1;  // CTAs per (request, KV head) along the query heads
   DecodeSplit split;
@@ -63,10 +73,14 @@ struct DecodePlan {
 DecodePlan plan_decode(const AttentionParams& p) {
   DecodePlan plan;
   const int group = p.num_q_heads / p.cache.num_kv_heads;
-  plan.heads = heads_per_cta(group);
+  plan.mma = use_mma(p.cache.scheme);
+  plan.heads = plan.mma ? DecodeMmaKernel<KvScheme::kFp8PerHead, 128>::kMaxHeads : heads_per_cta(group);
   plan.head_chunks = ceil_div(group, plan.heads);
   const int per_sm = FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     return FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
+      if constexpr (kScheme != KvScheme::kBf16) {
+        if (plan.mma) return DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm();
+      }
       return FP8KV_DISPATCH_GROUP_PAD(plan.heads, kHeads, [&] {
         return with_kernel<kScheme, kHeadDim, kHeads>([](auto k) { return decltype(k)::ctas_per_sm(); });
       });
@@ -124,6 +138,9 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   const dim3 grid(a.num_splits, p.cache.num_kv_heads * plan.head_chunks, p.batch.num_requests);
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
+      if constexpr (kScheme != KvScheme::kBf16) {
+        if (plan.mma) return DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, stream);
+      }
       FP8KV_DISPATCH_GROUP_PAD(plan.heads, kHeads, [&] {
         with_kernel<kScheme, kHeadDim, kHeads>([&](auto k) { decltype(k)::launch(a, grid, stream); });
       });

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "fp8kv/scheme.h"
+#include "kernels/cuda/decode_variant.h"
 
 namespace fp8kv::cuda {
 
@@ -50,13 +51,22 @@ constexpr int decode_min_blocks() {
 // choice buys: set_decode_variant(1).
 template <KvScheme kScheme>
 constexpr int decode_alt_min_blocks() { return decode_min_blocks<kScheme, 4>() == 4 ? 3 : 4; }
-void set_decode_variant(int variant);  // 0: default, 1: 4-head kernels at the other occupancy
-int decode_variant();
+// set_decode_variant (decode_variant.h) picks the kernel: 1 runs the 4-head kernels at the other
+// occupancy.
 
 // One instantiation per (scheme, head_dim, query heads per CTA, CTAs per SM).
 template <KvScheme kScheme, int kHeadDim, int kHeads, int kMinBlocks = decode_min_blocks<kScheme, kHeads>()>
 struct DecodeKernel {
   static int ctas_per_sm();  // occupancy, for the split heuristic
+  static void launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream);
+};
+
+// The tensor-core decode kernel of the FP8 schemes (decode_mma_kernel.cuh): up to 8 query heads of
+// one KV head per CTA, any head_dim of 64, 128, 256.
+template <KvScheme kScheme, int kHeadDim>
+struct DecodeMmaKernel {
+  static constexpr int kMaxHeads = 8;  // query heads per CTA (rows of the m16 tile in use)
+  static int ctas_per_sm();
   static void launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream);
 };
 
@@ -80,5 +90,12 @@ FP8KV_DECODE_EXTERN(KvScheme::kBf16)
 FP8KV_DECODE_EXTERN(KvScheme::kFp8PerTensor)
 FP8KV_DECODE_EXTERN(KvScheme::kFp8PerHead)
 #undef FP8KV_DECODE_EXTERN
+#define FP8KV_DECODE_MMA_EXTERN(SCHEME)            \
+  extern template struct DecodeMmaKernel<SCHEME, 64>;  \
+  extern template struct DecodeMmaKernel<SCHEME, 128>; \
+  extern template struct DecodeMmaKernel<SCHEME, 256>;
+FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8PerTensor)
+FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8PerHead)
+#undef FP8KV_DECODE_MMA_EXTERN
 
 }  // namespace fp8kv::cuda

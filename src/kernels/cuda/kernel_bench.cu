@@ -334,15 +334,17 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
 
   // Decode.
   r.line("");
-  r.line("decode  Hq=32 Hkv=8 D=128      scheme (v1: alt occ.) time_us   cache_GB/s  %%read_bw  time/bf16");
+  r.line("decode  Hq=32 Hkv=8 D=128      scheme (simt: CUDA-core kernel, v1: simt alt occ.) time_us   cache_GB/s  %%read_bw  time/bf16");
+  r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted)");
   struct Shape { int B, L; };
   std::vector<Shape> shapes = {{64, 4096}, {4, 32768}, {256, 1024}};
   if (o.quick) shapes = {{16, 2048}, {2, 8192}};
   for (const Shape& sh : shapes) {
     BenchBatch bb(sh.B, sh.L, 1, 32, 8, 128, s);
     double bf16_us = NAN;
-    // Variant 0: the default kernels; 1: the 4-head kernels at the other occupancy (decode.cuh).
-    for (int variant : {0, 1}) {
+    // The default kernels (tensor-core for FP8), the CUDA-core kernel, and its 4-head instances at
+    // the other occupancy (decode_variant.h). time/bf16 is against the default bf16 kernel.
+    for (int variant : {cuda::kDecodeDefault, cuda::kDecodeSimt, cuda::kDecodeSimtAltOccupancy}) {
       cuda::set_decode_variant(variant);
       for (KvScheme scheme : kSchemes) {
         auto pool = make_pool(bb.num_slots(), 8, 128, scheme, s);
@@ -351,17 +353,18 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         const double us = time_us([&] { cuda::launch_decode_attention(p, ws.p, s); }, o.warmup, o.iters, s);
         const double bytes = static_cast<double>(sh.B) * sh.L * 8 * 2 * 128 * kv_elem_bytes(scheme);
         const double gbs = bytes / us * 1e-3;
-        if (scheme == KvScheme::kBf16) bf16_us = us;
-        const std::string label = std::string(scheme_name(scheme)) + (variant ? " v1" : "");
+        if (scheme == KvScheme::kBf16 && variant == cuda::kDecodeDefault) bf16_us = us;
+        const char* suffix = variant == cuda::kDecodeSimt ? "simt" : variant == cuda::kDecodeSimtAltOccupancy ? "v1" : "";
+        const std::string label = std::string(scheme_name(scheme)) + (*suffix ? " " : "") + suffix;
         r.line("  B=%-4d L=%-6d             %-18s %8.1f   %10.0f   %6.1f%%   %8.2f", sh.B, sh.L, label.c_str(),
                us, gbs, 100.0 * gbs / read_gbs, us / bf16_us);
         r.record("decode", std::string("B") + std::to_string(sh.B) + "_L" + std::to_string(sh.L) + "_" +
-                 scheme_name(scheme) + (variant ? "_v1" : ""),
+                 scheme_name(scheme) + (*suffix ? "_" : "") + suffix,
                  {{"B", double(sh.B)}, {"L", double(sh.L)}, {"us", us}, {"gbs", gbs}, {"frac_read_bw", gbs / read_gbs},
                   {"ratio_bf16", us / bf16_us}, {"variant", double(variant)}});
       }
     }
-    cuda::set_decode_variant(0);
+    cuda::set_decode_variant(cuda::kDecodeDefault);
   }
 
   // Prefill (PREFILL's kernel).

@@ -1,0 +1,432 @@
+// The tensor-core decode kernel of the FP8 schemes. Included only by the instantiation files
+// decode_fp8_{tensor,head}.cu; its simple twin is the CUDA-core kernel of decode_kernel.cuh.
+//
+// Why: on CUDA cores the FP8 decode is bound by instructions (per-lane dot products, cross-lane
+// reductions per query head, e4m3 -> fp32 widening: ~75 warp instructions per token and KV head),
+// not by bytes. Here QK^T and PV run as mma.sync m16n8k16 f16 MMAs (fp32 accumulate), one MMA
+// per 16 keys and 16 dims of the head for each product: ~10 warp instructions per token and KV
+// head.
+//
+// One CTA per (split of the KV length, KV head g and up to 8 of its query heads, request b), 4
+// warps. The CTA streams tiles of 64 tokens (K rows then V rows) into shared memory with 16-byte
+// cp.async, gathered through the slot table, kStages deep (all threads copy; one __syncthreads
+// per tile). Warp w computes keys 16w..16w+15 of every tile with its own online softmax (fp32,
+// log2 domain); the 4 warps are merged in shared memory at the end, as in decode_kernel.cuh, and
+// the CTA writes bf16 (one split) or a normalized partial and its log-sum-exp (decode.cu merges).
+//
+// Layout: transposed products, so that no MMA row is padding. A GQA group has only 1..8 query
+// heads, so they are the N = 8 dimension and keys / dims the M = 16 dimension:
+//   S^T = K Q^T   (M = 16 keys, N = 8 heads, K = 16 dims per MMA)
+//   O^T += V^T P^T (M = 16 dims, N = 8 heads, K = 16 keys per MMA)
+// Query heads past the group's end are zero columns of Q^T, never written out.
+//
+// Numerics. Every e4m3 value is an fp16 value, so K and V are widened exactly by the hardware
+// e4m3x2 -> f16x2 convert while the A fragments are built (no widened copy in shared memory).
+//   fp8-per-head:   Q is e4m3 codes (quantize_q): exact in fp16 as well.
+//   fp8-per-tensor: Q is bf16; it is scaled by a power of two 2^e chosen per CTA so that
+//                   max |q| lies in [2^14, 2^15), then rounded to fp16: exact for every value
+//                   within 2^32 of the maximum (fp16 keeps 11 bits, bf16 has 8), and 2^-e goes
+//                   into the score multiplier.
+// The Q scale (fp8-per-head), the K scale, 2^-e and the softmax scale fold into one multiplier of
+// the fp32 scores; the V scale is applied once to the output. P is rounded to fp16 for the PV
+// MMA (relative error 2^-12, finer than the CPU twin's e4m3 P for fp8-per-head); the row sum l
+// is summed from the fp32 P.
+//
+// MMA fragments (PTX ISA, m16n8k16 f16), lane = 4 * r + t (r = lane / 4, t = lane % 4):
+//   A (16 x 16): a[0] = row r, k 2t..2t+1; a[1] = row r+8, same k; a[2], a[3]: k 2t+8..2t+9.
+//   B (16 x 8):  b0 = k 2t..2t+1, column r; b1 = k 2t+8..2t+9, column r.
+//   C (16 x 8):  c0, c1 = row r, columns 2t, 2t+1; c2, c3 = row r+8.
+// QK^T: a k-step is one 16-byte block of D (16 dims) in a permuted order: k slots 2t, 2t+1,
+//   2t+8, 2t+9 hold dims 4t..4t+3 of the block (a dot product does not care about the order).
+//   ldmatrix (b16 view) of 8 K rows gives lane (r, t) exactly bytes 4t..4t+3 of key row r: one
+//   32-bit word converts to a[0] (low two bytes) and a[2] (high two bytes); Q^T's B fragment is
+//   loaded from global memory once in the same order.
+// Softmax: lane (r, t) holds the scores of keys r and r+8 for heads 2t and 2t+1; a head's max
+//   is reduced over r (3 shuffles). P^T (keys x heads, fp16) becomes P^T's B fragment (keys as
+//   k, heads as n) by an in-register 8x8 transpose (movmatrix) of each half.
+// PV: V^T's A fragment needs one dim and keys 2t, 2t+1 (and +8): ldmatrix.trans on V rows gives
+//   lane (r, t) the bytes V[2t][2r], V[2t][2r+1], V[2t+1][2r], V[2t+1][2r+1] (keys 8.. from the
+//   next matrix); one byte permute pairs the keys of dim 2r (row r of the A tile) and of dim
+//   2r+1 (row r+8). Lane (r, t) ends up owning dims 2r, 2r+1 of each 16-dim block of O for
+//   heads 2t and 2t+1.
+// Shared memory rows are padded by 16 bytes so the 8 rows of each ldmatrix phase fall into 8
+// distinct bank groups.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/decode.cuh"
+
+namespace fp8kv::cuda {
+namespace decode_mma {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 8;                          // query heads per CTA: the MMA's N
+constexpr int kWarpKeys = 16;                     // keys of a tile per warp (two n8 tiles)
+constexpr int kTileTokens = kWarps * kWarpKeys;  // 64: one kDecodeSplitAlign
+static_assert(kTileTokens == 64, "splits are aligned to whole tiles (decode_split.h)");
+
+template <int D>
+struct Shape {
+  static constexpr int kBlocks = D / 16;                  // 16-byte blocks of a row = QK k-steps
+  static constexpr int kPitch = D + 16;                   // shared memory row, bytes
+  static constexpr int kStageBytes = 2 * kTileTokens * kPitch;  // K rows then V rows
+  // 4 stages (3 tiles in flight while one is computed) at 3 CTAs per SM for D = 128 (74 KB per
+  // CTA); D = 256 keeps 3 stages so that 2 CTAs fit.
+  static constexpr int kStages = D == 256 ? 3 : 4;
+  static constexpr int kMinBlocks = D == 64 ? 4 : D == 128 ? 3 : 2;
+  static constexpr int kMergeBytes = kWarps * kRows * (D + 2) * 4;
+  static constexpr int kSmemBytes =
+      kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
+  static constexpr int kCopies = kTileTokens * kBlocks / kThreads;  // per thread, of K (and V)
+  static constexpr int kRowStep = kThreads / kBlocks;               // rows between a thread's copies
+  static_assert(kThreads % kBlocks == 0 && kCopies >= 1, "tile copy shape");
+  static_assert(kBlocks % 2 == 0, "ldmatrix.x4 covers two 16-byte blocks");
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Four e4m3 codes -> two f16x2 (bytes 0, 1 -> lo; bytes 2, 3 -> hi), exactly.
+__device__ __forceinline__ void e4m3x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\n"
+      "cvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(w));
+}
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// d += a * b: m16n8k16 f16, fp32 accumulate.
+__device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// The 8x8 b16 matrix whose row lane / 4 columns 2 (lane % 4) + {0, 1} this lane holds ->
+// the same of its transpose.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+}  // namespace decode_mma
+
+template <KvScheme kScheme, int kHeadDim>
+__global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadDim>::kMinBlocks)
+    decode_mma_kernel(const DecodeArgs a) {
+  using namespace decode_mma;
+  using Sh = Shape<kHeadDim>;
+  static_assert(kScheme != KvScheme::kBf16, "the tensor-core decode kernel is for FP8 caches");
+  constexpr bool kQFp8 = kScheme == KvScheme::kFp8PerHead;
+  constexpr int kBlocks = Sh::kBlocks;
+  extern __shared__ __align__(16) uint8_t smem[];
+
+  const int split = blockIdx.x;
+  const int g = blockIdx.y / a.head_chunks;
+  const int hc = blockIdx.y % a.head_chunks;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = lane / 4, t = lane % 4;  // fragment row and column pair (lane = 4r + t)
+  const int seq_len = a.seq_len[b];
+  const int t_begin = split * a.split_tokens;
+  const int t_end = min(seq_len, t_begin + a.split_tokens);
+  const int64_t q_token = a.cu_seqlens_q[b];
+  const int head0 = g * a.group + hc * kRows;  // first query head of this CTA
+  const int num_heads = min(kRows, a.group - hc * kRows);
+
+  // Q^T -> B fragments: qa[k][0] = dims 16k+4t, +1 of head r; qa[k][1] = dims 16k+4t+2, +3.
+  // Heads past the group's end are zero and never written.
+  uint32_t qa[kBlocks][2];
+  float mult = a.sm_scale_log2;  // raw score -> log2-domain logit
+  {
+    const int64_t row = (q_token * a.num_q_heads + head0 + r) * kHeadDim + 4 * t;
+    const bool valid = r < num_heads;
+    if constexpr (kQFp8) {
+      const uint8_t* q = static_cast<const uint8_t*>(a.q) + row;
+#pragma unroll
+      for (int k = 0; k < kBlocks; ++k) {
+        const uint32_t w = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
+        decode_mma::e4m3x4_to_f16x2x2(w, qa[k][0], qa[k][1]);
+      }
+      mult *= a.q_scale[static_cast<int64_t>(b) * a.num_kv_heads + g];
+    } else {
+      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row;
+      uint2 raw[kBlocks];
+      float amax = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kBlocks; ++k) {
+        raw[k] = valid ? *reinterpret_cast<const uint2*>(q + 16 * k) : make_uint2(0u, 0u);
+        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
+        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(y.x), fabsf(y.y))));
+      }
+      amax = warp_max(amax);
+      // 2^e with max |q| * 2^e in [2^14, 2^15): fp16 holds every bf16 value of Q exactly down
+      // to 2^-32 of the maximum. Zero or non-finite Q: no scaling (NaN/inf propagate).
+      int e = 0;
+      if (amax > 0.0f && amax <= 3.0e38f) {
+        frexpf(amax, &e);  // amax in [2^(e-1), 2^e)
+        e = min(max(15 - e, -120), 120);
+      }
+      const float up = ldexpf(1.0f, e);
+      mult *= ldexpf(1.0f, -e);
+#pragma unroll
+      for (int k = 0; k < kBlocks; ++k) {
+        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
+        qa[k][0] = decode_mma::pack_f16x2(x.x * up, x.y * up);
+        qa[k][1] = decode_mma::pack_f16x2(y.x * up, y.y * up);
+      }
+    }
+  }
+  const int scale_index = kScheme == KvScheme::kFp8PerHead ? g : 0;
+  mult *= a.k_scale[scale_index];
+  const float v_scale = a.v_scale[scale_index];
+
+  // Online softmax state of query heads 2t and 2t+1 (the 8 lanes of a t hold the same m; l is
+  // per lane until the end).
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  // O^T of each 16-dim block k: o[k][0] = O[2t][16k+2r], [1] = O[2t+1][16k+2r],
+  // [2] = O[2t][16k+2r+1], [3] = O[2t+1][16k+2r+1].
+  float o[kBlocks][4];
+#pragma unroll
+  for (int k = 0; k < kBlocks; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.0f;
+
+  const int num_tiles = t_begin < t_end ? ceil_div(t_end - t_begin, kTileTokens) : 0;
+  const int32_t* slot_row = a.req_to_token + static_cast<int64_t>(a.req_index[b]) * a.max_len;
+  const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * kHeadDim;
+  const uint8_t* k_base = a.cache + static_cast<int64_t>(g) * kHeadDim;
+  const uint8_t* v_base = a.cache + static_cast<int64_t>(a.num_kv_heads + g) * kHeadDim;
+  // This thread copies 16-byte block `cp_block` of rows cp_row0 + j * kRowStep of each tile.
+  const int cp_block = threadIdx.x % kBlocks, cp_row0 = threadIdx.x / kBlocks;
+  int slots[Sh::kCopies];
+  auto load_slots = [&](int i) {
+#pragma unroll
+    for (int j = 0; j < Sh::kCopies; ++j) {
+      const int tok = t_begin + i * kTileTokens + cp_row0 + j * Sh::kRowStep;
+      slots[j] = (i < num_tiles && tok < t_end) ? slot_row[tok] : -1;
+    }
+  };
+  auto issue = [&](int i) {
+    uint8_t* ks = smem + (i % Sh::kStages) * Sh::kStageBytes;
+    uint8_t* vs = ks + kTileTokens * Sh::kPitch;
+#pragma unroll
+    for (int j = 0; j < Sh::kCopies; ++j) {
+      const int row = cp_row0 + j * Sh::kRowStep;
+      // Rows past the end are zero-filled (src size 0): their scores are masked and their V
+      // rows must be finite zeros, never stale data (0 * NaN would poison the output).
+      const int64_t off = slots[j] >= 0 ? slots[j] * slot_bytes + cp_block * 16 : 0;
+      const int bytes = slots[j] >= 0 ? 16 : 0;
+      cp_async_16(ks + row * Sh::kPitch + cp_block * 16, k_base + off, bytes);
+      cp_async_16(vs + row * Sh::kPitch + cp_block * 16, v_base + off, bytes);
+    }
+  };
+
+  // ldmatrix row addresses: matrix q = lane / 8 covers keys 16 * warp + 8 * (q & 1) + (0..7) and
+  // the 16-byte block (q >> 1) of a pair of blocks: x4 results [0], [1] are key tiles 0, 1 of the
+  // first block, [2], [3] of the second.
+  const int ld_mat = lane / 8;
+  const uint32_t ld_off = (warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8)) * Sh::kPitch +
+                          16 * (ld_mat >> 1);
+  const uint32_t smem_base = decode_mma::smem_u32(smem);
+
+  // Software pipeline: tiles i+1..i+kStages-1 are in flight while tile i is computed; the slots
+  // of the next tile to issue are read one iteration ahead.
+#pragma unroll
+  for (int i = 0; i < Sh::kStages - 1; ++i) {
+    load_slots(i);
+    if (i < num_tiles) issue(i);
+    cp_async_commit();
+  }
+  load_slots(Sh::kStages - 1);
+  for (int i = 0; i < num_tiles; ++i) {
+    cp_async_wait<Sh::kStages - 2>();
+    // Tile i's copies of every thread are visible, and every warp is done with tile i-1, whose
+    // stage the issue below refills.
+    __syncthreads();
+    const int j = i + Sh::kStages - 1;
+    if (j < num_tiles) issue(j);
+    cp_async_commit();
+    load_slots(j + 1);
+
+    const uint32_t k_addr = smem_base + (i % Sh::kStages) * Sh::kStageBytes + ld_off;
+    const uint32_t v_addr = k_addr + kTileTokens * Sh::kPitch;
+
+    // S^T = K Q^T over the warp's 16 keys (M = keys, N = query heads, K = dims), two
+    // accumulators (even and odd blocks) to halve the dependent MMA chain.
+    // st[.][0] = S[key r][head 2t], [1] = S[r][2t+1], [2] = S[r+8][2t], [3] = S[r+8][2t+1].
+    float st[2][4] = {};
+#pragma unroll
+    for (int k = 0; k < kBlocks; k += 2) {
+      uint32_t kr[4];
+      decode_mma::ldsm_x4(kr, k_addr + 16 * k);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t ka[4];
+        decode_mma::e4m3x4_to_f16x2x2(kr[2 * h], ka[0], ka[2]);      // key r
+        decode_mma::e4m3x4_to_f16x2x2(kr[2 * h + 1], ka[1], ka[3]);  // key r + 8
+        decode_mma::mma_f16(st[h], ka, qa[k + h][0], qa[k + h][1]);
+      }
+    }
+    // Scores in the log2 domain; keys past the end masked.
+    const int key0 = t_begin + i * kTileTokens + warp * kWarpKeys;
+    const bool valid_lo = key0 + r < t_end, valid_hi = key0 + r + 8 < t_end;
+    float x[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float v = (st[0][e] + st[1][e]) * mult;
+      x[e] = (e < 2 ? valid_lo : valid_hi) ? v : -INFINITY;
+    }
+    float m_new[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float mx = fmaxf(x[c], x[c + 2]);
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 16));
+      m_new[c] = fmaxf(m[c], mx);
+    }
+    // The running max rarely moves after the first tiles: rescale only when it does somewhere.
+    if (__any_sync(kFullMask, m_new[0] > m[0] || m_new[1] > m[1])) {
+      float alpha[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        alpha[c] = m_new[c] > m[c] ? exp2f(m[c] - m_new[c]) : 1.0f;  // m = -inf: alpha = 0
+        l[c] *= alpha[c];
+        m[c] = m_new[c];
+      }
+#pragma unroll
+      for (int k = 0; k < kBlocks; ++k) {
+        o[k][0] *= alpha[0];
+        o[k][1] *= alpha[1];
+        o[k][2] *= alpha[0];
+        o[k][3] *= alpha[1];
+      }
+    }
+    // All scores so far masked: P = 0 rather than exp2(-inf - -inf).
+    float p[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[e] = m[e % 2] == -INFINITY ? 0.0f : exp2f(x[e] - m[e % 2]);
+    l[0] += p[0] + p[2];
+    l[1] += p[1] + p[3];
+    // P^T (keys x heads) -> P's B fragment (keys 2t, 2t+1 and 2t+8, 2t+9 of head r): an 8x8
+    // transpose of each half in registers.
+    const uint32_t pb0 = decode_mma::movmatrix_trans(decode_mma::pack_f16x2(p[0], p[1]));
+    const uint32_t pb1 = decode_mma::movmatrix_trans(decode_mma::pack_f16x2(p[2], p[3]));
+
+    // O^T += V^T P^T (M = dims, N = heads, K = keys), one MMA per 16-byte block of V: rows r and
+    // r+8 of the A tile are dims 2r and 2r+1 of the block.
+#pragma unroll
+    for (int k = 0; k < kBlocks; k += 2) {
+      uint32_t vr[4];
+      decode_mma::ldsm_x4_trans(vr, v_addr + 16 * k);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // vr[2h] holds V[2t][2r], V[2t][2r+1], V[2t+1][2r], V[2t+1][2r+1] (keys 0..7); the byte
+        // permute pairs the keys of one dim: [V[2t][2r], V[2t+1][2r] | V[2t][2r+1], V[2t+1][2r+1]].
+        uint32_t va[4];
+        decode_mma::e4m3x4_to_f16x2x2(__byte_perm(vr[2 * h], 0u, 0x3120), va[0], va[1]);
+        decode_mma::e4m3x4_to_f16x2x2(__byte_perm(vr[2 * h + 1], 0u, 0x3120), va[2], va[3]);
+        decode_mma::mma_f16(o[k + h], va, pb0, pb1);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    l[c] += __shfl_xor_sync(kFullMask, l[c], 4);
+    l[c] += __shfl_xor_sync(kFullMask, l[c], 8);
+    l[c] += __shfl_xor_sync(kFullMask, l[c], 16);
+  }
+
+  // Merge the 4 warps in shared memory (the pipeline buffers are free after the barrier).
+  __syncthreads();
+  float* s_o = reinterpret_cast<float*>(smem);          // [warps, kRows, D]
+  float* s_m = s_o + kWarps * kRows * kHeadDim;         // [warps, kRows]
+  float* s_l = s_m + kWarps * kRows;                    // [warps, kRows]
+  float* o_even = s_o + (warp * kRows + 2 * t) * kHeadDim + 2 * r;  // head 2t
+  float* o_odd = o_even + kHeadDim;                                  // head 2t + 1
+#pragma unroll
+  for (int k = 0; k < kBlocks; ++k) {
+    *reinterpret_cast<float2*>(o_even + 16 * k) = make_float2(o[k][0], o[k][2]);
+    *reinterpret_cast<float2*>(o_odd + 16 * k) = make_float2(o[k][1], o[k][3]);
+  }
+  if (r == 0) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      s_m[warp * kRows + 2 * t + c] = m[c];
+      s_l[warp * kRows + 2 * t + c] = l[c];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_heads * kHeadDim; i += kThreads) {
+    const int h = i / kHeadDim, d = i % kHeadDim;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * kRows + h]);
+    float sum_l = 0.0f, sum_o = 0.0f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = exp2f(s_m[w * kRows + h] - mx);
+        sum_l += f * s_l[w * kRows + h];
+        sum_o += f * s_o[(w * kRows + h) * kHeadDim + d];
+      }
+    }
+    const float out = sum_l > 0.0f ? sum_o / sum_l * v_scale : 0.0f;
+    const int head = head0 + h;
+    if (a.num_splits == 1) {
+      a.o[(q_token * a.num_q_heads + head) * kHeadDim + d] = float_to_bf16_bits(out);
+    } else {
+      const int64_t row = (static_cast<int64_t>(b) * a.num_q_heads + head) * a.num_splits + split;
+      a.ws_o[row * kHeadDim + d] = out;
+      if (d == 0) a.ws_lse[row] = sum_l > 0.0f ? mx + __log2f(sum_l) : -INFINITY;
+    }
+  }
+}
+
+template <KvScheme kScheme, int kHeadDim>
+int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
+  using Sh = decode_mma::Shape<kHeadDim>;
+  static const int n = [] {
+    auto* k = decode_mma_kernel<kScheme, kHeadDim>;
+    FP8KV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Sh::kSmemBytes));
+    int v = 0;
+    FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, k, decode_mma::kThreads, Sh::kSmemBytes));
+    return v < 1 ? 1 : v;
+  }();
+  return n;
+}
+
+template <KvScheme kScheme, int kHeadDim>
+void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream) {
+  using Sh = decode_mma::Shape<kHeadDim>;
+  ctas_per_sm();  // sets the shared-memory limit once
+  decode_mma_kernel<kScheme, kHeadDim><<<grid, decode_mma::kThreads, Sh::kSmemBytes, stream>>>(a);
+  FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
+}
+
+#define FP8KV_DECODE_MMA_INSTANTIATE(SCHEME)   \
+  template struct DecodeMmaKernel<SCHEME, 64>;  \
+  template struct DecodeMmaKernel<SCHEME, 128>; \
+  template struct DecodeMmaKernel<SCHEME, 256>;
+
+}  // namespace fp8kv::cuda
