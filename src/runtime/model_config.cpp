@@ -100,12 +100,19 @@ ModelConfig parse_model_config(const std::string& text, const std::string& name)
   }
   c.rms_norm_eps = get_float(j, name, "rms_norm_eps", 1e-6f);
   c.rope_theta = get_float(j, name, "rope_theta", 10000.0f);
+  // transformers v5 writes the RoPE settings as one object, rope_parameters, holding
+  // rope_theta and the rope_scaling fields; older configs have them at the top level.
+  const bool v5_rope = j.contains("rope_parameters") && j["rope_parameters"].is_object();
+  if (v5_rope && !j.contains("rope_theta")) {
+    c.rope_theta = get_float(j["rope_parameters"], name + " rope_parameters", "rope_theta", 10000.0f);
+  }
   c.tie_word_embeddings = get_bool(j, name, "tie_word_embeddings", false);
   // Qwen2's attention always has q/k/v biases (its config has no switch for it).
   c.attention_bias = get_bool(j, name, "attention_bias", qwen2);
 
-  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-    const json& r = j["rope_scaling"];
+  const bool has_scaling = j.contains("rope_scaling") && !j["rope_scaling"].is_null();
+  if (has_scaling || v5_rope) {
+    const json& r = has_scaling ? j["rope_scaling"] : j["rope_parameters"];
     if (!r.is_object()) throw Error(name + ": field 'rope_scaling' must be an object or null");
     std::string type;
     if (r.contains("rope_type") && r["rope_type"].is_string()) {

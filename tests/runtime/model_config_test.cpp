@@ -157,3 +157,30 @@ TEST(ModelConfig, BadConfigsNameFileAndField) {
 
 }  // namespace
 }  // namespace fp8kv
+
+namespace fp8kv {
+namespace {
+
+// transformers v5 saves RoPE settings as one rope_parameters object (theta and scaling).
+TEST(ModelConfig, TransformersV5RopeParameters) {
+  const ModelConfig plain = parse_model_config(
+      llama(R"("rope_parameters": {"rope_type": "default", "rope_theta": 500000.0})"), "v5.json");
+  EXPECT_FLOAT_EQ(plain.rope_theta, 500000.0f);
+  EXPECT_EQ(plain.rope_scaling.type, RopeScaling::Type::kNone);
+  const ModelConfig l3 = parse_model_config(
+      llama(R"("rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192})"),
+      "v5.json");
+  EXPECT_FLOAT_EQ(l3.rope_theta, 500000.0f);
+  EXPECT_EQ(l3.rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_EQ(l3.rope_scaling.factor, 8.0f);
+  const std::string bad = error_of([] {
+    parse_model_config(llama(R"("rope_parameters": {"rope_type": "yarn", "factor": 4.0})"),
+                       "v5.json");
+  });
+  EXPECT_NE(bad.find("yarn"), std::string::npos) << bad;
+}
+
+}  // namespace
+}  // namespace fp8kv

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Oracle: fp8kv's bf16 model runner against Hugging Face transformers.
+
+Builds random-weight Llama (GQA, llama3 RoPE scaling, untied head) and Qwen2 (q/k/v biases,
+tied embeddings) models with transformers -- no download --, saves them as bf16 safetensors,
+and runs `fp8kv generate --kv bf16 --dump-logits` on each backend asked for. Two checks per
+model and backend:
+
+  logits  every prompt position and every decode step, against transformers in float32 on the
+          same bf16 weights (teacher-forced on our tokens). Pass: normalized error
+          ||ours - ref|| / ||ref|| <= 2 x the error of transformers' own bf16 run against the
+          same float32 reference ("within bf16 tolerance": no worse than twice what bf16
+          inference itself costs), and no non-finite value.
+  greedy  32 greedy tokens from the prompt, token for token equal to transformers' float32
+          greedy generation.
+
+Usage: scripts/oracle.py --fp8kv build/fp8kv [--devices cpu,cuda] [--out DIR]
+Prints a table last; writes oracle.json into --out; exits 1 when a check fails.
+"""
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+STEPS = 32
+PROMPT_LEN = 17
+COMMON = dict(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+              initializer_range=0.08)
+
+
+def build(kind, folder):
+    torch.manual_seed(1234 if kind == "llama" else 4321)
+    if kind == "llama":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 512}
+        cfg = LlamaConfig(**COMMON, head_dim=64, rms_norm_eps=1e-5, rope_parameters=rope,
+                          tie_word_embeddings=False, attention_bias=False)
+        model = LlamaForCausalLM(cfg)
+    else:
+        rope = {"rope_type": "default", "rope_theta": 1000000.0}
+        cfg = Qwen2Config(**COMMON, rms_norm_eps=1e-6, rope_parameters=rope,
+                          tie_word_embeddings=True)
+        model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # HF zero-initializes biases: make them matter
+                p.normal_(0.0, 0.5)
+            elif "norm" in name:  # and sets norm weights to 1
+                p.uniform_(0.5, 1.5)
+    model = model.to(torch.bfloat16).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def hf_logits(model, ids, device):
+    with torch.no_grad():
+        x = torch.tensor([ids], device=device)
+        return model(x).logits[0].float().cpu().numpy()
+
+
+def hf_greedy(model, prompt, device):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(STEPS):
+            ids.append(int(hf_logits(model, ids, device)[-1].argmax()))
+    return ids[len(prompt):]
+
+
+def run_ours(fp8kv, folder, prompt, backend, out_dir):
+    dump = os.path.join(out_dir, f"logits_{backend}.bin")
+    cmd = [fp8kv, "generate", "--model", folder, "--kv", "bf16", "--max-new", str(STEPS),
+           "--input-ids", ",".join(map(str, prompt)), "--dump-logits", dump]
+    if backend != "cpu":
+        cmd += ["--device", backend]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    tokens = [int(t) for t in res.stdout.strip().splitlines()[-1].split(",")]
+    logits = np.fromfile(dump, dtype=np.float32)
+    return tokens, logits
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fp8kv", required=True)
+    ap.add_argument("--devices", default="cpu")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, reference on {dev}")
+    rows, ok = [], True
+    for kind in ("llama", "qwen2"):
+        with tempfile.TemporaryDirectory() as folder:
+            model = build(kind, folder)
+            with open(os.path.join(folder, "config.json")) as f:
+                saved = json.load(f)
+            print(f"{kind}: config keys " + ", ".join(sorted(k for k in saved if "rope" in k)))
+            ref = copy.deepcopy(model).float().to(dev)
+            torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
+            low = model.to(dev)
+            rng = np.random.default_rng(7)
+            prompt = [int(t) for t in rng.integers(0, COMMON["vocab_size"], PROMPT_LEN)]
+            ref_tokens = hf_greedy(ref, prompt, dev)
+            for backend in args.devices.split(","):
+                row = {"model": kind, "backend": backend}
+                try:
+                    tokens, ours = run_ours(args.fp8kv, folder, prompt, backend, args.out)
+                    seq = prompt + tokens[:-1]
+                    ref_l = hf_logits(ref, seq, dev)
+                    low_l = hf_logits(low, seq, dev)
+                    ours = ours.reshape(ref_l.shape)
+                    same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b),
+                                None)
+                    row.update(
+                        rel_ours=rel(ours, ref_l), rel_hf_bf16=rel(low_l, ref_l),
+                        max_abs=float(np.abs(ours - ref_l).max()),
+                        finite=bool(np.isfinite(ours).all()),
+                        greedy_equal=tokens == ref_tokens,
+                        first_difference=same)
+                    row["logits_pass"] = row["finite"] and row["rel_ours"] <= 2 * row["rel_hf_bf16"]
+                except Exception as e:  # a failed run is a failed check, reported in the table
+                    row.update(error=str(e), logits_pass=False, greedy_equal=False)
+                ok &= row["logits_pass"] and row["greedy_equal"]
+                rows.append(row)
+    with open(os.path.join(args.out, "oracle.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\n{'model':7} {'backend':7} {'rel err ours':>12} {'rel err hf bf16':>15} "
+          f"{'max abs':>8} {'logits':>6} {'greedy ' + str(STEPS):>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:7} {r['backend']:7} ERROR {r['error']}")
+            continue
+        g = "equal" if r["greedy_equal"] else f"diff@{r['first_difference']}"
+        print(f"{r['model']:7} {r['backend']:7} {r['rel_ours']:12.3e} {r['rel_hf_bf16']:15.3e} "
+              f"{r['max_abs']:8.4f} {'PASS' if r['logits_pass'] else 'FAIL':>6} {g:>10}")
+    print("oracle: " + ("PASS" if ok else "FAIL"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
