@@ -6,7 +6,8 @@
 //   observing abs-max when calibrating) -> [fp8-per-head: quantize Q] -> attention over the pool
 //   -> O projection -> residual -> RMSNorm -> SiLU(gate) * up -> down -> residual,
 // then the final RMSNorm and the LM head on the rows whose logits are wanted.
-// Activations are fp32; Q, K and V go to the attention Backend as bf16.
+// Activations are fp32; Q, K and V go to the attention Backend as bf16. Weight matrices are
+// fp32 (the CPU) or bf16 (the GPU: cuBLAS bf16 x bf16 -> fp32 GEMMs, half the bytes to read).
 #pragma once
 
 #include <cstdint>
@@ -24,13 +25,27 @@
 
 namespace fp8kv {
 
+// Element type of the weight matrices (and the embedding table) in backend memory. Norm
+// weights, biases and inv_freq are always fp32.
+enum class WeightDtype { kF32, kBf16 };
+const char* weight_dtype_name(WeightDtype t);  // "fp32", "bf16"
+
+// A weight matrix in backend memory, [rows, cols] row-major: fp32, or bf16 bit patterns.
+struct WeightView {
+  const void* data = nullptr;
+  WeightDtype dtype = WeightDtype::kF32;
+};
+
 // The non-attention ops of the model, on fp32 activations in the backend's memory. The CPU
-// version uses a BLAS for the GEMMs (OpenMP loops without one); a CUDA version plugs in here.
+// version uses a BLAS for the GEMMs (OpenMP loops without one); the CUDA version
+// (kernels/cuda/model_ops.cu) uses cuBLAS and one small kernel per op on the backend's stream.
 class ModelOps {
  public:
   virtual ~ModelOps() = default;
-  // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n] when bias is not null): a torch Linear.
-  virtual void linear(const float* x, const float* w, const float* bias, float* y, int64_t m,
+  // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n] when bias is not null): a torch Linear. With bf16
+  // weights the CUDA version rounds x to bf16 and accumulates in fp32; the CPU version widens
+  // the weights and runs the fp32 GEMM.
+  virtual void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m,
                       int64_t n, int64_t k) = 0;
   // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w; x, y [rows, dim], w [dim].
   virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
@@ -43,8 +58,9 @@ class ModelOps {
   // out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i]; gate_up [rows, 2 * inter],
   // out [rows, inter].
   virtual void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) = 0;
-  // out[t, :] = table[ids[t], :]; ids [tokens], table [vocab, dim], out [tokens, dim].
-  virtual void embedding(const int32_t* ids, const float* table, float* out, int64_t tokens,
+  // out[t, :] = table[ids[t], :]; ids [tokens], table [vocab, dim] (fp32 or bf16),
+  // out [tokens, dim].
+  virtual void embedding(const int32_t* ids, WeightView table, float* out, int64_t tokens,
                          int64_t dim) = 0;
   // out[i, :] = src[rows[i], :]; src [*, dim], rows [n], out [n, dim].
   virtual void gather_rows(const float* src, const int32_t* rows, float* out, int64_t n,
@@ -58,9 +74,27 @@ class ModelOps {
 };
 
 std::unique_ptr<ModelOps> make_cpu_model_ops();
+// The CUDA ModelOps (only when built with CUDA; a CPU-only build throws Error). `backend` must
+// be a CUDA backend and `stream` its stream (a cudaStream_t; null: the default stream, which is
+// what make_cuda_backend's default uses): the ops queue their work behind the backend's.
+std::unique_ptr<ModelOps> make_cuda_model_ops(Backend& backend, void* stream = nullptr);
 
-// Weights in the backend's memory, fp32. Torch Linear layout: [out_features, in_features].
+// Where a model runs: "cpu" (fp32 weights) or "cuda" (GPU 0, bf16 weights). The backend is
+// declared first, so the ops go first on destruction.
+struct Device {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<ModelOps> ops;
+  WeightDtype weights = WeightDtype::kF32;
+};
+// Throws Error for an unknown name, for "cuda" in a build without CUDA, and (from
+// make_cuda_backend) when no usable GPU is present.
+Device make_device(const std::string& name);
+
+// Weights in the backend's memory. Torch Linear layout: [out_features, in_features]; the
+// matrices are `dtype` (fp32 or bf16), the norm weights and biases fp32.
 struct LayerWeights {
+  WeightDtype dtype = WeightDtype::kF32;
+  WeightView view(const BackendBuffer& b) const { return {b.get(), dtype}; }
   BackendBuffer attn_norm;  // [H]
   BackendBuffer w_q;        // [Hq * D, H]
   BackendBuffer b_q;        // [Hq * D], empty without attention_bias
@@ -75,24 +109,30 @@ struct LayerWeights {
 
 class Model {
  public:
-  // Reads DIR/config.json and the weights (bf16, f16 or f32 safetensors, sharded or not).
-  // Throws Error naming the file and tensor on a missing tensor or a wrong shape.
+  // Reads DIR/config.json and the weights (bf16, f16 or f32 safetensors, sharded or not); the
+  // weight matrices and the embedding table are kept as `weights` (fp32 for the CPU ops, bf16
+  // for the CUDA ops). Throws Error naming the file and tensor on a missing tensor or a wrong
+  // shape.
   static std::unique_ptr<Model> load(const std::string& dir, Backend& backend,
-                                     bool show_progress = false);
+                                     bool show_progress = false,
+                                     WeightDtype weights = WeightDtype::kF32);
 
   const ModelConfig& config() const { return config_; }
   const std::string& dir() const { return dir_; }
   const LayerWeights& layer(int l) const { return layers_[static_cast<size_t>(l)]; }
-  const float* embed() const { return embed_.as<const float>(); }            // [V, H]
+  WeightDtype weight_dtype() const { return weights_; }
+  WeightView embed() const { return {embed_.get(), weights_}; }              // [V, H]
   const float* final_norm() const { return final_norm_.as<const float>(); }  // [H]
-  const float* lm_head() const {                                             // [V, H]
-    return lm_head_.empty() ? embed() : lm_head_.as<const float>();
+  WeightView lm_head() const {                                               // [V, H]
+    return lm_head_.empty() ? embed() : WeightView{lm_head_.get(), weights_};
   }
+  size_t weight_bytes() const;  // everything load() allocated
   const float* inv_freq() const { return inv_freq_.as<const float>(); }  // [D / 2]
 
  private:
   ModelConfig config_;
   std::string dir_;
+  WeightDtype weights_ = WeightDtype::kF32;
   std::vector<LayerWeights> layers_;
   BackendBuffer embed_, final_norm_, lm_head_, inv_freq_;
 };
@@ -154,6 +194,21 @@ class ModelRunner {
   // ([rows, V], see LogitRows). Throws Error (changing nothing) when the slots run out.
   std::vector<float> forward(const std::vector<int>& reqs,
                              const std::vector<std::vector<int32_t>>& tokens, LogitRows rows);
+  // The same pass with LogitRows::kLast, reduced on the device to each request's greedy next
+  // token (the first index of the largest logit, as generate() picks): [B] token ids. Only B
+  // ints come back to the host, not [B, V] logits.
+  std::vector<int32_t> forward_greedy(const std::vector<int>& reqs,
+                                      const std::vector<std::vector<int32_t>>& tokens);
+
+  // Benchmarks only: appends `count` tokens to each request without running the model. Their
+  // K/V rows, the same pseudo-random bf16 values in [-2, 2) for every layer (from `seed`), go
+  // through quantize_kv into every layer of the pool (and of the shadow pools) at fresh slots,
+  // so a decode step afterwards reads a context of the full length. Seconds instead of a long
+  // prefill; the attention output is meaningless, the bytes read and the work done are real.
+  // Throws Error (changing nothing for the request at hand) when the slots run out.
+  void append_random_context(const std::vector<int>& reqs, int count, uint64_t seed = 0);
+
+  size_t kv_pool_bytes() const { return pool_.bytes(); }  // the main pool, all layers
 
   // Greedy generation (temperature 0) or sampling: prefill all prompts in one pass, then
   // decode `max_new` tokens per prompt in batches. Returns the new tokens of each prompt.
@@ -167,6 +222,9 @@ class ModelRunner {
 
  private:
   struct Shadow;
+  // The pass up to the logits: leaves [R, V] logits in the scratch and returns R.
+  int64_t run_forward(const std::vector<int>& reqs,
+                      const std::vector<std::vector<int32_t>>& tokens, LogitRows rows);
   // One layer over the scratch activations of the current pass.
   void run_layer(int l, bool decode);
 

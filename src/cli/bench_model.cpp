@@ -1,8 +1,16 @@
 // fp8kv bench-model: prefill and decode throughput of the model runner with each KV cache.
+//
+// Per KV cache: a warm-up prefill (untimed, released), the timed prefill of --prompt-len tokens
+// per request, then — with --context L — the rest of the context up to L tokens per request
+// written as pseudo-random K/V straight into the pool (ModelRunner::append_random_context: a
+// long context in seconds, not a long prefill), then --warmup untimed and --decode timed greedy
+// decode steps. Each step ends with its B next-token ids copied back to the host, which waits
+// for the step's GPU work: the times are complete steps.
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,10 +24,13 @@ namespace fp8kv::cli {
 
 void add_bench_model(CLI::App& app) {
   struct Opts {
-    std::string model;
+    std::string model, device = "cpu";
     std::vector<std::string> kv = {"bf16", "fp8-per-tensor", "fp8-per-head"};
+    std::optional<std::string> per_head, per_tensor;
     int batch = 4;
     int prompt_len = 128;
+    int context = 0;
+    int warmup = 2;
     int decode = 16;
   };
   auto opt = std::make_shared<Opts>();
@@ -31,17 +42,38 @@ void add_bench_model(CLI::App& app) {
   cmd->add_option("--batch", opt->batch, "Requests per batch")
       ->capture_default_str()
       ->check(CLI::Range(1, 1024));
-  cmd->add_option("--prompt-len", opt->prompt_len, "Prompt tokens per request")
+  cmd->add_option("--prompt-len", opt->prompt_len, "Prompt tokens per request (timed prefill)")
       ->capture_default_str()
       ->check(CLI::Range(1, 65536));
-  cmd->add_option("--decode", opt->decode, "Decode steps after the prefill")
+  cmd->add_option("--context", opt->context,
+                  "Tokens per request in the cache when decoding starts (>= --prompt-len; the "
+                  "part past the prompt is random K/V written into the pool). Default: the prompt")
+      ->check(CLI::Range(0, 1 << 20));
+  cmd->add_option("--warmup", opt->warmup, "Untimed decode steps before the timed ones")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
+  cmd->add_option("--decode", opt->decode, "Timed decode steps")
       ->capture_default_str()
       ->check(CLI::Range(1, 65536));
+  cmd->add_option("--per-head-calib", opt->per_head,
+                  "Per-head calibration file (default: calibrate on the prompts)");
+  cmd->add_option("--per-tensor-calib", opt->per_tensor,
+                  "Per-tensor calibration file (default: calibrate on the prompts)");
+  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, bf16 weights; needs a CUDA build)")
+      ->capture_default_str();
   cmd->callback([opt]() {
     using clock = std::chrono::steady_clock;
-    auto backend = make_cpu_backend();
-    auto ops = make_cpu_model_ops();
-    auto model = Model::load(opt->model, *backend, true);
+    const int context = opt->context > 0 ? opt->context : opt->prompt_len;
+    if (context < opt->prompt_len) {
+      throw fp8kv::Error("--context " + std::to_string(context) + " is shorter than --prompt-len " +
+                         std::to_string(opt->prompt_len));
+    }
+    std::vector<KvScheme> schemes;
+    for (const std::string& name : opt->kv) schemes.push_back(parse_scheme(name));
+    Device dev = make_device(opt->device);
+    Backend& backend = *dev.backend;
+    ModelOps& ops = *dev.ops;
+    auto model = Model::load(opt->model, backend, true, dev.weights);
     const ModelConfig& c = model->config();
     TokenData prompts;
     for (int b = 0; b < opt->batch; ++b) {
@@ -51,40 +83,71 @@ void add_bench_model(CLI::App& app) {
       }
       prompts.push_back(std::move(p));
     }
-    std::printf("%s: batch %d, prompt %d, decode %d (backend %s)\n", opt->model.c_str(), opt->batch,
-                opt->prompt_len, opt->decode, backend->name().c_str());
-    std::printf("%-16s %14s %14s %16s\n", "KV cache", "prefill tok/s", "decode tok/s",
-                "KV bytes/token");
-    for (const std::string& name : opt->kv) {
-      const KvScheme scheme = parse_scheme(name);
+    std::printf("%s: batch %d, prompt %d, context %d, decode %d (+%d warm-up) steps\n",
+                opt->model.c_str(), opt->batch, opt->prompt_len, context, opt->decode, opt->warmup);
+    std::printf("backend %s, %s weights (%.2f GiB)\n", backend.name().c_str(),
+                weight_dtype_name(model->weight_dtype()),
+                static_cast<double>(model->weight_bytes()) / (1ull << 30));
+    std::printf("%-16s %14s %14s %16s %13s\n", "KV cache", "prefill tok/s", "decode tok/s",
+                "KV bytes/token", "KV pool GiB");
+    std::fflush(stdout);
+    double bf16_decode = 0.0;
+    for (const KvScheme scheme : schemes) {
       RunnerOptions ro;
       ro.scheme = scheme;
       ro.max_requests = opt->batch;
-      ro.max_len = opt->prompt_len + opt->decode;
+      ro.max_len = context + opt->warmup + opt->decode;
       ro.num_slots = static_cast<int64_t>(ro.max_len) * opt->batch;
       if (is_fp8(scheme)) {
-        // Throughput does not depend on the scale values; calibrate on the prompts themselves.
-        CalibrateOptions co;
-        co.quant_type =
-            scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
-        co.batch_size = opt->batch;
-        ro.scales = slice_for_rank(calibrate(*model, *backend, *ops, prompts, co).data, 1, 0);
+        const std::optional<std::string>& file =
+            scheme == KvScheme::kFp8PerHead ? opt->per_head : opt->per_tensor;
+        if (file) {
+          ro.scales = load_scales_for_model(*file, c, scheme);
+        } else {
+          // Throughput does not depend on the scale values; calibrate on the prompts themselves.
+          CalibrateOptions co;
+          co.quant_type =
+              scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
+          co.batch_size = opt->batch;
+          ro.scales = slice_for_rank(calibrate(*model, backend, ops, prompts, co).data, 1, 0);
+        }
       }
-      ModelRunner runner(*model, *backend, *ops, std::move(ro));
+      ModelRunner runner(*model, backend, ops, std::move(ro));
       std::vector<int> reqs;
-      for (int b = 0; b < opt->batch; ++b) reqs.push_back(runner.add_request());
+      auto add_all = [&] {
+        reqs.clear();
+        for (int b = 0; b < opt->batch; ++b) reqs.push_back(runner.add_request());
+      };
+      // Warm-up prefill: scratch buffers, cuBLAS heuristics and workspaces settle here.
+      add_all();
+      runner.forward_greedy(reqs, prompts);
+      for (int r : reqs) runner.release(r);
+      add_all();
       const auto t0 = clock::now();
-      runner.forward(reqs, prompts, LogitRows::kLast);
+      std::vector<int32_t> next = runner.forward_greedy(reqs, prompts);
       const auto t1 = clock::now();
-      std::vector<std::vector<int32_t>> step(static_cast<size_t>(opt->batch),
-                                             std::vector<int32_t>{1});
-      for (int i = 0; i < opt->decode; ++i) runner.forward(reqs, step, LogitRows::kLast);
+      runner.append_random_context(reqs, context - opt->prompt_len, 1);
+      std::vector<std::vector<int32_t>> step(static_cast<size_t>(opt->batch));
+      auto decode_step = [&] {
+        for (size_t b = 0; b < step.size(); ++b) step[b].assign(1, next[b]);
+        next = runner.forward_greedy(reqs, step);
+      };
+      for (int i = 0; i < opt->warmup; ++i) decode_step();
       const auto t2 = clock::now();
+      for (int i = 0; i < opt->decode; ++i) decode_step();
+      const auto t3 = clock::now();
       const double prefill = std::chrono::duration<double>(t1 - t0).count();
-      const double decode = std::chrono::duration<double>(t2 - t1).count();
+      const double decode = std::chrono::duration<double>(t3 - t2).count();
+      const double decode_rate = opt->batch * opt->decode / decode;
+      if (scheme == KvScheme::kBf16) bf16_decode = decode_rate;
       const double bytes = 2.0 * c.num_layers * c.num_kv_heads * c.head_dim * kv_elem_bytes(scheme);
-      std::printf("%-16s %14.1f %14.1f %16.0f\n", scheme_name(scheme),
-                  opt->batch * opt->prompt_len / prefill, opt->batch * opt->decode / decode, bytes);
+      std::printf("%-16s %14.1f %14.1f %16.0f %13.2f\n", scheme_name(scheme),
+                  opt->batch * opt->prompt_len / prefill, decode_rate, bytes,
+                  static_cast<double>(runner.kv_pool_bytes()) / (1ull << 30));
+      if (scheme != KvScheme::kBf16 && bf16_decode > 0) {
+        std::printf("%-16s decode %.3f x bf16\n", "", decode_rate / bf16_decode);
+      }
+      std::fflush(stdout);
     }
   });
 }

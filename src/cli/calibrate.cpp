@@ -20,7 +20,7 @@ namespace fp8kv::cli {
 
 void add_calibrate(CLI::App& app) {
   struct Opts {
-    std::string model, data, scheme = "per-head", out = "kv_cache_calib.json";
+    std::string model, data, scheme = "per-head", out = "kv_cache_calib.json", device = "cpu";
     std::optional<int> warmup, count;
     int batch = 4;
   };
@@ -40,12 +40,15 @@ void add_calibrate(CLI::App& app) {
   cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, bf16 weights; needs a CUDA build)")
+      ->capture_default_str();
   cmd->callback([opt]() {
     const KvScheme scheme = parse_scheme(opt->scheme);
     if (!is_fp8(scheme)) throw fp8kv::Error("calibrate: --scheme must be per-head or per-tensor");
-    auto backend = make_cpu_backend();
-    auto ops = make_cpu_model_ops();
-    auto model = Model::load(opt->model, *backend, true);
+    Device dev = make_device(opt->device);
+    Backend* backend = dev.backend.get();
+    ModelOps* ops = dev.ops.get();
+    auto model = Model::load(opt->model, *backend, true, dev.weights);
     const TokenData data = load_token_data(opt->data, model->config().vocab_size);
     CalibrateOptions co;
     co.quant_type = scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;

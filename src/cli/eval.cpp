@@ -39,7 +39,7 @@ RankScales scales_or_calibrate(const Model& model, Backend& backend, ModelOps& o
 
 void add_eval(CLI::App& app) {
   struct Opts {
-    std::string model, data;
+    std::string model, data, device = "cpu";
     std::optional<std::string> per_head, per_tensor;
     int batch = 4;
   };
@@ -56,10 +56,13 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, bf16 weights; needs a CUDA build)")
+      ->capture_default_str();
   cmd->callback([opt]() {
-    auto backend = make_cpu_backend();
-    auto ops = make_cpu_model_ops();
-    auto model = Model::load(opt->model, *backend, true);
+    Device dev = make_device(opt->device);
+    Backend* backend = dev.backend.get();
+    ModelOps* ops = dev.ops.get();
+    auto model = Model::load(opt->model, *backend, true, dev.weights);
     const TokenData data = load_token_data(opt->data, model->config().vocab_size);
     const RankScales pt = scales_or_calibrate(*model, *backend, *ops, data, KvScheme::kFp8PerTensor,
                                               opt->per_tensor, opt->batch);

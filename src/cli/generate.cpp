@@ -1,5 +1,6 @@
 // fp8kv generate: greedy generation from token ids with a chosen KV cache.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -40,14 +41,48 @@ std::vector<int32_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+// Greedy generation of one prompt that also writes every row of logits it computed: the prompt
+// positions (prefill) and each decode step, as raw float32 [prompt + max_new - 1, vocab]. The
+// file is written to a temporary name and renamed, so a failed run leaves no partial file.
+std::vector<std::vector<int32_t>> generate_dumping_logits(
+    ModelRunner& runner, const std::vector<std::vector<int32_t>>& prompts, int max_new,
+    int vocab, const std::string& path) {
+  if (prompts.size() != 1) {
+    throw fp8kv::Error("--dump-logits takes exactly one --input-ids prompt, got " +
+                       std::to_string(prompts.size()));
+  }
+  auto argmax = [vocab](const float* row) {
+    return static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+  };
+  const int req = runner.add_request();
+  std::vector<float> all = runner.forward({req}, prompts, LogitRows::kAll);
+  std::vector<int32_t> generated = {argmax(all.data() + all.size() - vocab)};
+  while (static_cast<int>(generated.size()) < max_new) {
+    const std::vector<float> step = runner.forward({req}, {{generated.back()}}, LogitRows::kLast);
+    all.insert(all.end(), step.begin(), step.end());
+    generated.push_back(argmax(step.data()));
+  }
+  runner.release(req);
+  const std::string tmp = path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (f == nullptr) throw fp8kv::Error("--dump-logits: cannot write " + tmp);
+  const bool ok = std::fwrite(all.data(), sizeof(float), all.size(), f) == all.size();
+  if (std::fclose(f) != 0 || !ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw fp8kv::Error("--dump-logits: writing " + path + " failed");
+  }
+  return {generated};
+}
+
 }  // namespace
 
 void add_generate(CLI::App& app) {
   struct Opts {
-    std::string model, kv = "bf16";
+    std::string model, kv = "bf16", device = "cpu";
     std::optional<std::string> calib;
     std::vector<std::string> inputs;
     int max_new = 16;
+    std::optional<std::string> dump_logits;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "Greedy generation from token ids");
@@ -55,18 +90,21 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--kv", opt->kv, "KV cache: bf16, fp8-per-head or fp8-per-tensor")
       ->capture_default_str();
   cmd->add_option("--calib", opt->calib, "Calibration file (required for the FP8 caches)");
+  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, bf16 weights; needs a CUDA build)")
+      ->capture_default_str();
   cmd->add_option("--input-ids", opt->inputs,
                   "Prompt token ids, comma separated; repeat for a batch of prompts")
       ->required();
   cmd->add_option("--max-new", opt->max_new, "Tokens to generate per prompt")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--dump-logits", opt->dump_logits,
+                  "With one prompt: write the logits of every prompt position and of every "
+                  "decode step as raw float32 [prompt + max_new - 1, vocab] (for the oracle)");
   cmd->callback([opt]() {
     const KvScheme scheme = parse_scheme(opt->kv);
     std::vector<std::vector<int32_t>> prompts;
     for (const auto& s : opt->inputs) prompts.push_back(parse_ids(s));
-    auto backend = make_cpu_backend();
-    auto ops = make_cpu_model_ops();
     // Refuse a missing calibration file before the (possibly long) model load.
     if (is_fp8(scheme) && !opt->calib) {
       throw fp8kv::Error(std::string("--kv ") + scheme_name(scheme) +
@@ -74,7 +112,10 @@ void add_generate(CLI::App& app) {
                          "refusing to run with scales of 1.0");
     }
     if (!is_fp8(scheme) && opt->calib) throw fp8kv::Error("--calib is only for the FP8 caches");
-    auto model = Model::load(opt->model, *backend, true);
+    Device dev = make_device(opt->device);
+    Backend* backend = dev.backend.get();
+    ModelOps* ops = dev.ops.get();
+    auto model = Model::load(opt->model, *backend, true, dev.weights);
     RunnerOptions ro;
     ro.scheme = scheme;
     if (is_fp8(scheme)) ro.scales = load_scales_for_model(*opt->calib, model->config(), scheme);
@@ -85,7 +126,10 @@ void add_generate(CLI::App& app) {
     ro.num_slots = static_cast<int64_t>(ro.max_len) * ro.max_requests;
     ModelRunner runner(*model, *backend, *ops, std::move(ro));
     const auto t0 = std::chrono::steady_clock::now();
-    const auto out = runner.generate(prompts, opt->max_new);
+    const auto out = opt->dump_logits
+                         ? generate_dumping_logits(runner, prompts, opt->max_new,
+                                                   model->config().vocab_size, *opt->dump_logits)
+                         : runner.generate(prompts, opt->max_new);
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     for (const auto& seq : out) {
       std::string line;

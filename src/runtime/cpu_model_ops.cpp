@@ -1,10 +1,12 @@
 // ModelOps on the CPU: cblas_sgemm when a BLAS is linked (FP8KV_HAVE_BLAS), OpenMP loops
-// otherwise; everything else is OpenMP over rows.
+// otherwise; everything else is OpenMP over rows. bf16 weights (the GPU's choice, accepted here
+// so the CPU twin can run the same model) are widened to fp32 first.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "fp8kv/fp8.h"
 #include "fp8kv/model.h"
@@ -19,6 +21,16 @@ namespace {
 // Below this many elements a loop runs on one thread: forking and joining a team costs more
 // than the work (decode steps of small models), and much more on a busy machine.
 constexpr int64_t kParallelMin = 1 << 16;
+
+// The weight as fp32: `w` itself, or its n elements widened into `tmp`.
+const float* as_f32(WeightView w, int64_t n, std::vector<float>& tmp) {
+  if (w.dtype == WeightDtype::kF32) return static_cast<const float*>(w.data);
+  const uint16_t* b = static_cast<const uint16_t*>(w.data);
+  tmp.resize(static_cast<size_t>(n));
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) tmp[static_cast<size_t>(i)] = bf16_to_float(b[i]);
+  return tmp.data();
+}
 
 #if !defined(FP8KV_HAVE_BLAS)
 // y[m, n] = x[m, k] . w[n, k]^T: both operands run along k, so the inner loop is a contiguous
@@ -54,9 +66,11 @@ class CpuModelOps final : public ModelOps {
 #endif
   }
 
-  void linear(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n,
+  void linear(const float* x, WeightView wv, const float* bias, float* y, int64_t m, int64_t n,
               int64_t k) override {
     if (m == 0) return;
+    std::vector<float> widened;
+    const float* w = as_f32(wv, n * k, widened);
 #if defined(FP8KV_HAVE_BLAS)
     // Column blocks of y (rows of w), a multiple of 64 wide, one per thread.
     const bool parallel = m * n * k >= kParallelMin * 16;
@@ -129,9 +143,18 @@ class CpuModelOps final : public ModelOps {
     }
   }
 
-  void embedding(const int32_t* ids, const float* table, float* out, int64_t tokens,
+  void embedding(const int32_t* ids, WeightView table, float* out, int64_t tokens,
                  int64_t dim) override {
-    gather_rows(table, ids, out, tokens, dim);
+    if (table.dtype == WeightDtype::kF32) {
+      gather_rows(static_cast<const float*>(table.data), ids, out, tokens, dim);
+      return;
+    }
+    const uint16_t* t = static_cast<const uint16_t*>(table.data);
+#pragma omp parallel for schedule(static) if (tokens * dim >= kParallelMin)
+    for (int64_t i = 0; i < tokens; ++i) {
+      const uint16_t* row = t + static_cast<int64_t>(ids[i]) * dim;
+      for (int64_t j = 0; j < dim; ++j) out[i * dim + j] = bf16_to_float(row[j]);
+    }
   }
 
   void gather_rows(const float* src, const int32_t* rows, float* out, int64_t n,

@@ -1,10 +1,12 @@
-// Model weights: config.json + safetensors into fp32 backend buffers.
+// Model weights: config.json + safetensors into fp32 or bf16 backend buffers; the device
+// choice (backend + model ops + weight dtype) of the CLI.
 #include "fp8kv/model.h"
 
 #include <string>
 #include <vector>
 
 #include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
 #include "fp8kv/progress.h"
 #include "fp8kv/safetensors.h"
 
@@ -18,6 +20,20 @@ BackendBuffer upload_floats(Backend& backend, const std::vector<float>& v) {
   return b;
 }
 
+// A weight matrix as `dtype`: fp32 as is, or rounded to bf16 (exact for bf16 checkpoints).
+BackendBuffer upload_matrix(Backend& backend, const std::vector<float>& v, WeightDtype dtype) {
+  if (dtype == WeightDtype::kF32) return upload_floats(backend, v);
+  std::vector<uint16_t> h(v.size());
+  const int64_t n = static_cast<int64_t>(v.size());
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    h[static_cast<size_t>(i)] = float_to_bf16(v[static_cast<size_t>(i)]);
+  }
+  BackendBuffer b(backend, h.size() * sizeof(uint16_t));
+  b.upload(h.data(), h.size() * sizeof(uint16_t));
+  return b;
+}
+
 // Rows of `a` then rows of `b` (two [rows, cols] tensors stacked along the output dimension).
 std::vector<float> concat(std::vector<float> a, const std::vector<float>& b) {
   a.insert(a.end(), b.begin(), b.end());
@@ -26,9 +42,51 @@ std::vector<float> concat(std::vector<float> a, const std::vector<float>& b) {
 
 }  // namespace
 
-std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, bool show_progress) {
+const char* weight_dtype_name(WeightDtype t) { return t == WeightDtype::kBf16 ? "bf16" : "fp32"; }
+
+Device make_device(const std::string& name) {
+  Device d;
+  if (name == "cpu") {
+    d.backend = make_cpu_backend();
+    d.ops = make_cpu_model_ops();
+    d.weights = WeightDtype::kF32;
+    return d;
+  }
+  if (name == "cuda") {
+#if defined(FP8KV_HAVE_CUDA)
+    if (!cuda_available()) {
+      throw Error("--device cuda: no usable GPU here (fp8kv's kernels need a Hopper GPU, sm_90, "
+                  "and a CUDA driver); use --device cpu");
+    }
+    d.backend = make_cuda_backend(0, nullptr);
+    d.ops = make_cuda_model_ops(*d.backend, nullptr);
+    d.weights = WeightDtype::kBf16;
+    return d;
+#else
+    throw Error(
+        "--device cuda: this fp8kv build has no CUDA backend (it was built without nvcc); "
+        "rebuild with CUDA (FP8KV_CUDA=AUTO or ON) or use --device cpu");
+#endif
+  }
+  throw Error("--device '" + name + "': expected cpu or cuda");
+}
+
+size_t Model::weight_bytes() const {
+  size_t b = embed_.bytes() + final_norm_.bytes() + lm_head_.bytes() + inv_freq_.bytes();
+  for (const LayerWeights& w : layers_) {
+    for (const BackendBuffer* x : {&w.attn_norm, &w.w_q, &w.b_q, &w.w_kv, &w.b_kv, &w.w_o,
+                                   &w.mlp_norm, &w.w_gate_up, &w.w_down}) {
+      b += x->bytes();
+    }
+  }
+  return b;
+}
+
+std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, bool show_progress,
+                                   WeightDtype weights) {
   auto m = std::unique_ptr<Model>(new Model());
   m->dir_ = dir;
+  m->weights_ = weights;
   m->config_ = load_model_config(dir);
   const ModelConfig& c = m->config_;
   WeightStore store(dir);
@@ -37,31 +95,37 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, boo
   const int64_t KD = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
 
   Progress progress("loading " + dir, c.num_layers + 2, show_progress);
-  m->embed_ = upload_floats(backend, store.read_f32("model.embed_tokens.weight", {V, H}));
+  const WeightDtype wd = weights;
+  m->embed_ = upload_matrix(backend, store.read_f32("model.embed_tokens.weight", {V, H}), wd);
   progress.update(1);
   for (int l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     LayerWeights w;
+    w.dtype = wd;
     w.attn_norm = upload_floats(backend, store.read_f32(p + "input_layernorm.weight", {H}));
-    w.w_q = upload_floats(backend, store.read_f32(p + "self_attn.q_proj.weight", {QD, H}));
-    w.w_kv = upload_floats(backend, concat(store.read_f32(p + "self_attn.k_proj.weight", {KD, H}),
-                                           store.read_f32(p + "self_attn.v_proj.weight", {KD, H})));
+    w.w_q = upload_matrix(backend, store.read_f32(p + "self_attn.q_proj.weight", {QD, H}), wd);
+    w.w_kv = upload_matrix(backend,
+                           concat(store.read_f32(p + "self_attn.k_proj.weight", {KD, H}),
+                                  store.read_f32(p + "self_attn.v_proj.weight", {KD, H})),
+                           wd);
     if (c.attention_bias) {
       w.b_q = upload_floats(backend, store.read_f32(p + "self_attn.q_proj.bias", {QD}));
       w.b_kv = upload_floats(backend, concat(store.read_f32(p + "self_attn.k_proj.bias", {KD}),
                                              store.read_f32(p + "self_attn.v_proj.bias", {KD})));
     }
-    w.w_o = upload_floats(backend, store.read_f32(p + "self_attn.o_proj.weight", {H, QD}));
+    w.w_o = upload_matrix(backend, store.read_f32(p + "self_attn.o_proj.weight", {H, QD}), wd);
     w.mlp_norm = upload_floats(backend, store.read_f32(p + "post_attention_layernorm.weight", {H}));
-    w.w_gate_up = upload_floats(backend, concat(store.read_f32(p + "mlp.gate_proj.weight", {I, H}),
-                                                store.read_f32(p + "mlp.up_proj.weight", {I, H})));
-    w.w_down = upload_floats(backend, store.read_f32(p + "mlp.down_proj.weight", {H, I}));
+    w.w_gate_up = upload_matrix(backend,
+                                concat(store.read_f32(p + "mlp.gate_proj.weight", {I, H}),
+                                       store.read_f32(p + "mlp.up_proj.weight", {I, H})),
+                                wd);
+    w.w_down = upload_matrix(backend, store.read_f32(p + "mlp.down_proj.weight", {H, I}), wd);
     m->layers_.push_back(std::move(w));
     progress.update(l + 2);
   }
   m->final_norm_ = upload_floats(backend, store.read_f32("model.norm.weight", {H}));
   if (!c.tie_word_embeddings) {
-    m->lm_head_ = upload_floats(backend, store.read_f32("lm_head.weight", {V, H}));
+    m->lm_head_ = upload_matrix(backend, store.read_f32("lm_head.weight", {V, H}), wd);
   }
   m->inv_freq_ = upload_floats(backend, rope_inv_freq(c));
   progress.update(c.num_layers + 2);

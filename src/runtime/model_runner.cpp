@@ -94,6 +94,7 @@ struct ModelRunner::Scratch {
   BackendBuffer amax;                // [2 * Hkv]
   BackendBuffer rows;                // [R] int32 rows with logits
   BackendBuffer logits;              // [R, V]
+  BackendBuffer next;                // [R] int32 greedy tokens (forward_greedy)
   int64_t T = 0;
   int B = 0;
   AttentionBatch batch;
@@ -157,6 +158,76 @@ ModelRunner::~ModelRunner() = default;
 std::vector<float> ModelRunner::forward(const std::vector<int>& reqs,
                                         const std::vector<std::vector<int32_t>>& tokens,
                                         LogitRows rows) {
+  const int64_t R = run_forward(reqs, tokens, rows);
+  if (R == 0) {
+    backend_.synchronize();
+    return {};
+  }
+  const int64_t V = model_.config().vocab_size;
+  std::vector<float> out(static_cast<size_t>(R * V));
+  // The download waits for the queued pass (and surfaces its errors).
+  s_->logits.download(out.data(), static_cast<size_t>(R * V) * sizeof(float));
+  return out;
+}
+
+std::vector<int32_t> ModelRunner::forward_greedy(const std::vector<int>& reqs,
+                                                 const std::vector<std::vector<int32_t>>& tokens) {
+  const int64_t R = run_forward(reqs, tokens, LogitRows::kLast);
+  if (R == 0) return {};
+  Scratch& s = *s_;
+  s.next.ensure(backend_, static_cast<size_t>(R) * sizeof(int32_t));
+  ops_.argmax(s.logits.as<const float>(), s.next.as<int32_t>(), R, model_.config().vocab_size);
+  std::vector<int32_t> out(static_cast<size_t>(R));
+  s.next.download(out.data(), out.size() * sizeof(int32_t));
+  return out;
+}
+
+void ModelRunner::append_random_context(const std::vector<int>& reqs, int count, uint64_t seed) {
+  if (count < 0) throw Error("append_random_context: negative count " + std::to_string(count));
+  if (count == 0 || reqs.empty()) return;
+  const ModelConfig& c = model_.config();
+  const int64_t KVD = 2ll * c.num_kv_heads * c.head_dim;
+  // One chunk of rows, uploaded once and written again for every chunk of every request.
+  const int chunk = std::min(count, 4096);
+  std::vector<uint16_t> host(static_cast<size_t>(chunk * KVD));
+  uint64_t rng = seed ^ 0x5eedf00dull;
+  for (uint16_t& v : host) {
+    const double u = static_cast<double>(splitmix64(rng) >> 11) * 0x1.0p-53;  // [0, 1)
+    v = float_to_bf16(static_cast<float>(4.0 * u - 2.0));
+  }
+  BackendBuffer kv(backend_, host.size() * sizeof(uint16_t));
+  kv.upload(host.data(), host.size() * sizeof(uint16_t));
+  BackendBuffer slot_buf(backend_, static_cast<size_t>(chunk) * sizeof(int32_t));
+  for (int req : reqs) {
+    for (int done = 0; done < count; done += chunk) {
+      const int n = std::min(chunk, count - done);
+      const std::vector<int32_t> slots = table_.extend({req}, {n});
+      // The previous chunk's writes may still read slot_buf: the upload is queued behind them.
+      slot_buf.upload(slots.data(), slots.size() * sizeof(int32_t));
+      auto write = [&](const KvPool& pool, const BackendBuffer& kv_scales, int row_width) {
+        for (int l = 0; l < c.num_layers; ++l) {
+          QuantizeKvParams qk;
+          qk.kv = kv.as<const uint16_t>();
+          qk.slots = slot_buf.as<const int32_t>();
+          qk.num_tokens = n;
+          qk.cache = pool.layer(l);
+          if (is_fp8(pool.scheme())) {
+            qk.scales.k = kv_scales.as<const float>() + static_cast<int64_t>(l) * row_width;
+            qk.scales.v = qk.scales.k + row_width / 2;
+          }
+          backend_.quantize_kv(qk);
+        }
+      };
+      write(pool_, kv_scales_, options_.scheme == KvScheme::kFp8PerHead ? 2 * c.num_kv_heads : 2);
+      for (const auto& sh : shadows_) write(sh->pool, sh->kv_scales, sh->row_width);
+    }
+  }
+  backend_.synchronize();
+}
+
+int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
+                                 const std::vector<std::vector<int32_t>>& tokens,
+                                 LogitRows rows) {
   const ModelConfig& c = model_.config();
   if (reqs.size() != tokens.size()) throw Error("forward: reqs and tokens differ in size");
   const int B = static_cast<int>(reqs.size());
@@ -176,7 +247,7 @@ std::vector<float> ModelRunner::forward(const std::vector<int>& reqs,
       ids.push_back(t);
     }
   }
-  if (B == 0) return {};
+  if (B == 0) return 0;
   // All or nothing: throws before anything changes when the slots run out.
   const std::vector<int32_t> slots = table_.extend(reqs, q_lens);
 
@@ -246,10 +317,7 @@ std::vector<float> ModelRunner::forward(const std::vector<int>& reqs,
   ops_.embedding(s.ids.as<const int32_t>(), model_.embed(), s.x.as<float>(), T, H);
   for (int l = 0; l < c.num_layers; ++l) run_layer(l, decode);
 
-  if (rows == LogitRows::kNone) {
-    backend_.synchronize();
-    return {};
-  }
+  if (rows == LogitRows::kNone) return 0;
   std::vector<int32_t> row_idx;
   if (rows == LogitRows::kLast) {
     for (int b = 0; b < B; ++b) row_idx.push_back(cu_q[static_cast<size_t>(b) + 1] - 1);
@@ -266,10 +334,7 @@ std::vector<float> ModelRunner::forward(const std::vector<int>& reqs,
   ops_.rms_norm(s.h.as<const float>(), model_.final_norm(), s.a.as<float>(), R, static_cast<int>(H),
                 c.rms_norm_eps);
   ops_.linear(s.a.as<const float>(), model_.lm_head(), nullptr, s.logits.as<float>(), R, V, H);
-  std::vector<float> out(static_cast<size_t>(R * V));
-  backend_.synchronize();
-  s.logits.download(out.data(), f32(R * V));
-  return out;
+  return R;
 }
 
 void ModelRunner::run_layer(int l, bool decode) {
@@ -284,10 +349,10 @@ void ModelRunner::run_layer(int l, bool decode) {
 
   ops_.rms_norm(s.x.as<const float>(), w.attn_norm.as<const float>(), s.h.as<float>(), T,
                 static_cast<int>(H), c.rms_norm_eps);
-  ops_.linear(s.h.as<const float>(), w.w_q.as<const float>(), w.b_q.as<const float>(),
-              s.q.as<float>(), T, QD, H);
-  ops_.linear(s.h.as<const float>(), w.w_kv.as<const float>(), w.b_kv.as<const float>(),
-              s.kv.as<float>(), T, KVD, H);
+  ops_.linear(s.h.as<const float>(), w.view(w.w_q), w.b_q.as<const float>(), s.q.as<float>(), T,
+              QD, H);
+  ops_.linear(s.h.as<const float>(), w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(),
+              T, KVD, H);
   // RoPE on Q and on the K half of each token's KV row (V is not rotated).
   ops_.rope(s.q.as<float>(), T, QD, Hq, D, s.pos.as<const int32_t>(), model_.inv_freq());
   ops_.rope(s.kv.as<float>(), T, KVD, Hkv, D, s.pos.as<const int32_t>(), model_.inv_freq());
@@ -379,15 +444,14 @@ void ModelRunner::run_layer(int l, bool decode) {
   }
 
   ops_.from_bf16(s.o16.as<const uint16_t>(), s.o.as<float>(), T * QD);
-  ops_.linear(s.o.as<const float>(), w.w_o.as<const float>(), nullptr, s.a.as<float>(), T, H, QD);
+  ops_.linear(s.o.as<const float>(), w.view(w.w_o), nullptr, s.a.as<float>(), T, H, QD);
   ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
   ops_.rms_norm(s.x.as<const float>(), w.mlp_norm.as<const float>(), s.h.as<float>(), T,
                 static_cast<int>(H), c.rms_norm_eps);
-  ops_.linear(s.h.as<const float>(), w.w_gate_up.as<const float>(), nullptr, s.gu.as<float>(), T,
-              2 * I, H);
+  ops_.linear(s.h.as<const float>(), w.view(w.w_gate_up), nullptr, s.gu.as<float>(), T, 2 * I,
+              H);
   ops_.silu_mul(s.gu.as<const float>(), s.mlp.as<float>(), T, I);
-  ops_.linear(s.mlp.as<const float>(), w.w_down.as<const float>(), nullptr, s.a.as<float>(), T, H,
-              I);
+  ops_.linear(s.mlp.as<const float>(), w.view(w.w_down), nullptr, s.a.as<float>(), T, H, I);
   ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
 }
 
@@ -431,8 +495,21 @@ std::vector<std::vector<int32_t>> ModelRunner::generate(
     }
     return best;
   };
-  std::vector<float> logits = forward(reqs, prompts, LogitRows::kLast);
   std::vector<std::vector<int32_t>> step(prompts.size());
+  if (temperature <= 0.0f) {
+    // Greedy: the argmax on the device (the same first-largest rule as `pick`), B ids back.
+    std::vector<int32_t> next = forward_greedy(reqs, prompts);
+    for (int step_i = 0;; ++step_i) {
+      for (size_t b = 0; b < prompts.size(); ++b) {
+        out[b].push_back(next[b]);
+        step[b].assign(1, next[b]);
+      }
+      if (step_i + 1 >= max_new) break;
+      next = forward_greedy(reqs, step);
+    }
+    return out;
+  }
+  std::vector<float> logits = forward(reqs, prompts, LogitRows::kLast);
   for (int step_i = 0;; ++step_i) {
     for (size_t b = 0; b < prompts.size(); ++b) {
       const int32_t t = pick(logits.data() + b * static_cast<size_t>(V));

@@ -1,0 +1,349 @@
+// ModelOps on the GPU: the non-attention ops of the model runner on fp32 activations in device
+// memory, queued on the backend's stream. The CPU twin is runtime/cpu_model_ops.cpp (same
+// semantics; tests/cuda/model_ops_test.cpp compares the two op by op).
+//
+// linear: cuBLAS. With bf16 weights (the GPU's choice: half the bytes of a memory-bound decode
+// GEMM) x is rounded to bf16 into a scratch buffer and cublasGemmEx runs bf16 x bf16 with fp32
+// accumulation and fp32 output; with fp32 weights it is a plain fp32 GEMM (no TF32). Row-major
+// y[m, n] = x[m, k] . w[n, k]^T is the column-major y^T[n, m] = w^T . x^T, i.e. op(A) = W^T with
+// A = w as a column-major [k, n] matrix (lda = k), B = x^T as a column-major [k, m] (ldb = k).
+// The rest are one simple kernel each, grid-stride over elements or one block per row.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <climits>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+#include "fp8kv/model.h"
+#include "kernels/cuda/common.cuh"
+
+namespace fp8kv {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowThreads = 256;  // one block per row (rms_norm, argmax)
+
+// Blocks for a grid-stride loop over n elements.
+unsigned grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65536 ? (blocks < 1 ? 1 : blocks) : 65536);
+}
+
+void check_cublas(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    throw Error(std::string("cuBLAS error in ") + what + ": " + cublasGetStatusName(s) + ": " +
+                cublasGetStatusString(s));
+  }
+}
+
+// ---- kernels ----------------------------------------------------------------------------------
+
+// y[i] = bf16(x[i]), round to nearest even: fp8.h's shared conversion, so NaN payloads too are
+// the CPU twin's bytes.
+__global__ void to_bf16_kernel(const float* __restrict__ x, uint16_t* __restrict__ y, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] = fp8kv::float_to_bf16(x[i]);
+  }
+}
+
+__global__ void from_bf16_kernel(const uint16_t* __restrict__ x, float* __restrict__ y, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] = fp8kv::bf16_to_float(x[i]);
+  }
+}
+
+// y[i] += x[i].
+__global__ void add_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] += x[i];
+  }
+}
+
+// y[r, j] += bias[j]; y [m, n].
+__global__ void add_bias_kernel(float* __restrict__ y, const float* __restrict__ bias, int64_t m,
+                                int64_t n) {
+  const int64_t total = m * n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    y[i] += bias[i % n];
+  }
+}
+
+// Block-wide sum over kRowThreads threads; every thread gets the result.
+__device__ float block_sum(float v, float* smem /* [kRowThreads / 32] */) {
+  v = warp_sum(v);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  float t = lane < kRowThreads / 32 ? smem[lane] : 0.0f;
+  t = warp_sum(t);
+  __syncthreads();  // smem is reused by the caller's next reduction
+  return t;
+}
+
+// One block per row: y = x / sqrt(mean(x^2) + eps) * w. x, y [rows, dim], w [dim].
+__global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                float* __restrict__ y, int dim, float eps) {
+  __shared__ float smem[kRowThreads / 32];
+  const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
+  float* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += kRowThreads) ss += xr[i] * xr[i];
+  ss = block_sum(ss, smem);
+  // As the CPU twin: 1 / sqrt in double of the mean square (one value per row, cheap).
+  const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(ss) / dim + eps));
+  for (int i = threadIdx.x; i < dim; i += kRowThreads) yr[i] = xr[i] * inv * w[i];
+}
+
+// One thread per (row, frequency i < D/2), over every head of the row: HF rotate_half, element
+// i pairs with i + D/2. The angle and its cos/sin in double, as the CPU twin: position *
+// frequency loses digits in fp32 at long positions (16k * 1.0 rad has an ulp of 1e-3).
+__global__ void rope_kernel(float* __restrict__ x, int64_t rows, int64_t row_stride, int heads,
+                            int head_dim, const int32_t* __restrict__ positions,
+                            const float* __restrict__ inv_freq) {
+  const int half = head_dim / 2;
+  const int64_t total = rows * half;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = t / half;
+    const int i = static_cast<int>(t % half);
+    double sd, cd;
+    sincos(static_cast<double>(positions[r]) * inv_freq[i], &sd, &cd);
+    const float cs = static_cast<float>(cd), sn = static_cast<float>(sd);
+    float* row = x + r * row_stride;
+    for (int h = 0; h < heads; ++h) {
+      float* v = row + static_cast<int64_t>(h) * head_dim;
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cs - b * sn;
+      v[i + half] = b * cs + a * sn;
+    }
+  }
+}
+
+// out[r, i] = silu(gu[r, i]) * gu[r, inter + i].
+__global__ void silu_mul_kernel(const float* __restrict__ gu, float* __restrict__ out, int64_t rows,
+                                int64_t inter) {
+  const int64_t total = rows * inter;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = t / inter, i = t % inter;
+    const float g = gu[r * 2 * inter + i];
+    out[t] = g / (1.0f + expf(-g)) * gu[r * 2 * inter + inter + i];
+  }
+}
+
+// out[i, :] = src[rows[i], :]; the source rows fp32 (T = float) or bf16 (T = uint16_t).
+template <typename T>
+__global__ void gather_rows_kernel(const T* __restrict__ src, const int32_t* __restrict__ rows,
+                                   float* __restrict__ out, int64_t n, int64_t dim) {
+  const int64_t total = n * dim;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = t / dim, j = t % dim;
+    const T v = src[static_cast<int64_t>(rows[i]) * dim + j];
+    if constexpr (sizeof(T) == 2) {
+      out[t] = fp8kv::bf16_to_float(v);
+    } else {
+      out[t] = v;
+    }
+  }
+}
+
+// One block per row: the first index of the largest value, the CPU twin's rule
+// (`l[i] > l[best]` scanning from 0): NaN never wins, except that a NaN at index 0 is kept
+// (nothing compares greater than it), so that row answers 0.
+__global__ void argmax_kernel(const float* __restrict__ logits, int32_t* __restrict__ out,
+                              int64_t vocab) {
+  __shared__ float sv[kRowThreads];
+  __shared__ int64_t si[kRowThreads];
+  const float* l = logits + static_cast<int64_t>(blockIdx.x) * vocab;
+  float best = -INFINITY;
+  int64_t bi = LLONG_MAX;  // none yet
+  for (int64_t i = threadIdx.x; i < vocab; i += kRowThreads) {
+    const float v = l[i];
+    // Strictly greater, or the first -inf; NaN compares false and is skipped.
+    if (v > best || (bi == LLONG_MAX && v == best)) {
+      best = v;
+      bi = i;
+    }
+  }
+  sv[threadIdx.x] = best;
+  si[threadIdx.x] = bi;
+  __syncthreads();
+  for (int s = kRowThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float v = sv[threadIdx.x + s];
+      const int64_t i = si[threadIdx.x + s];
+      if (i != LLONG_MAX && (si[threadIdx.x] == LLONG_MAX || v > sv[threadIdx.x] ||
+                             (v == sv[threadIdx.x] && i < si[threadIdx.x]))) {
+        sv[threadIdx.x] = v;
+        si[threadIdx.x] = i;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const bool nan_first = isnan(l[0]);
+    out[blockIdx.x] = (nan_first || si[0] == LLONG_MAX) ? 0 : static_cast<int32_t>(si[0]);
+  }
+}
+
+// ---- the ops ----------------------------------------------------------------------------------
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw Error("cuda model ops: " + what);
+}
+
+class CudaModelOps final : public ModelOps {
+ public:
+  explicit CudaModelOps(cudaStream_t stream) : stream_(stream) {
+    check_cublas(cublasCreate(&handle_), "cublasCreate");
+    check_cublas(cublasSetStream(handle_, stream_), "cublasSetStream");
+    // Full fp32 for fp32 GEMMs (no TF32), so fp32 weights give fp32 results.
+    check_cublas(cublasSetMathMode(handle_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+  }
+  ~CudaModelOps() override {
+    cudaStreamSynchronize(stream_);
+    cublasDestroy(handle_);
+    cudaFree(x16_);
+  }
+
+  void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m, int64_t n,
+              int64_t k) override {
+    require(m >= 0 && n > 0 && k > 0, "linear: bad shape m " + std::to_string(m) + ", n " +
+                                          std::to_string(n) + ", k " + std::to_string(k));
+    require(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "linear: a dimension exceeds INT_MAX");
+    if (m == 0) return;
+    require(x && w.data && y, "linear: null pointer");
+    const float alpha = 1.0f, beta = 0.0f;
+    const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
+    if (w.dtype == WeightDtype::kBf16) {
+      const size_t need = static_cast<size_t>(m * k) * sizeof(uint16_t);
+      if (need > x16_bytes_) {
+        // Queued GEMMs may still read the old buffer: cudaFree waits for the device anyway, but
+        // say so.
+        FP8KV_CUDA_CHECK(cudaStreamSynchronize(stream_));
+        FP8KV_CUDA_CHECK(cudaFree(x16_));
+        x16_ = nullptr;
+        x16_bytes_ = 0;
+        FP8KV_CUDA_CHECK(cudaMalloc(&x16_, need));
+        x16_bytes_ = need;
+      }
+      to_bf16_kernel<<<grid_for(m * k), kThreads, 0, stream_>>>(x, x16_, m * k);
+      FP8KV_CUDA_CHECK_LAUNCH("to_bf16_kernel (linear)");
+      check_cublas(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w.data,
+                                CUDA_R_16BF, K, x16_, CUDA_R_16BF, K, &beta, y, CUDA_R_32F, N,
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (bf16 linear)");
+    } else {
+      check_cublas(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w.data,
+                                CUDA_R_32F, K, x, CUDA_R_32F, K, &beta, y, CUDA_R_32F, N,
+                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                   "cublasGemmEx (fp32 linear)");
+    }
+    if (bias) {
+      add_bias_kernel<<<grid_for(m * n), kThreads, 0, stream_>>>(y, bias, m, n);
+      FP8KV_CUDA_CHECK_LAUNCH("add_bias_kernel");
+    }
+  }
+
+  void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
+                float eps) override {
+    require(rows >= 0 && dim > 0, "rms_norm: bad shape");
+    require(rows <= INT_MAX, "rms_norm: more than INT_MAX rows");
+    if (rows == 0) return;
+    rms_norm_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, w, y, dim, eps);
+    FP8KV_CUDA_CHECK_LAUNCH("rms_norm_kernel");
+  }
+
+  void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
+            const int32_t* positions, const float* inv_freq) override {
+    require(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024,
+            "rope: head_dim " + std::to_string(head_dim) + " must be even and <= 1024");
+    require(static_cast<int64_t>(heads) * head_dim <= row_stride,
+            "rope: heads * head_dim exceeds the row stride");
+    if (rows == 0 || heads == 0) return;
+    rope_kernel<<<grid_for(rows * (head_dim / 2)), kThreads, 0, stream_>>>(
+        x, rows, row_stride, heads, head_dim, positions, inv_freq);
+    FP8KV_CUDA_CHECK_LAUNCH("rope_kernel");
+  }
+
+  void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override {
+    if (rows * inter == 0) return;
+    silu_mul_kernel<<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out, rows, inter);
+    FP8KV_CUDA_CHECK_LAUNCH("silu_mul_kernel");
+  }
+
+  void embedding(const int32_t* ids, WeightView table, float* out, int64_t tokens,
+                 int64_t dim) override {
+    if (tokens * dim == 0) return;
+    if (table.dtype == WeightDtype::kBf16) {
+      gather_rows_kernel<uint16_t><<<grid_for(tokens * dim), kThreads, 0, stream_>>>(
+          static_cast<const uint16_t*>(table.data), ids, out, tokens, dim);
+    } else {
+      gather_rows_kernel<float><<<grid_for(tokens * dim), kThreads, 0, stream_>>>(
+          static_cast<const float*>(table.data), ids, out, tokens, dim);
+    }
+    FP8KV_CUDA_CHECK_LAUNCH("gather_rows_kernel (embedding)");
+  }
+
+  void gather_rows(const float* src, const int32_t* rows, float* out, int64_t n,
+                   int64_t dim) override {
+    if (n * dim == 0) return;
+    gather_rows_kernel<float><<<grid_for(n * dim), kThreads, 0, stream_>>>(src, rows, out, n, dim);
+    FP8KV_CUDA_CHECK_LAUNCH("gather_rows_kernel");
+  }
+
+  void add(float* y, const float* x, int64_t n) override {
+    if (n == 0) return;
+    add_kernel<<<grid_for(n), kThreads, 0, stream_>>>(y, x, n);
+    FP8KV_CUDA_CHECK_LAUNCH("add_kernel");
+  }
+
+  void to_bf16(const float* x, uint16_t* y, int64_t n) override {
+    if (n == 0) return;
+    to_bf16_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x, y, n);
+    FP8KV_CUDA_CHECK_LAUNCH("to_bf16_kernel");
+  }
+
+  void from_bf16(const uint16_t* x, float* y, int64_t n) override {
+    if (n == 0) return;
+    from_bf16_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x, y, n);
+    FP8KV_CUDA_CHECK_LAUNCH("from_bf16_kernel");
+  }
+
+  void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) override {
+    require(vocab > 0 && rows >= 0 && rows <= INT_MAX, "argmax: bad shape");
+    if (rows == 0) return;
+    argmax_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(logits, out, vocab);
+    FP8KV_CUDA_CHECK_LAUNCH("argmax_kernel");
+  }
+
+ private:
+  cudaStream_t stream_;
+  cublasHandle_t handle_ = nullptr;
+  uint16_t* x16_ = nullptr;  // [m, k] bf16 copy of linear's x
+  size_t x16_bytes_ = 0;
+};
+
+}  // namespace
+}  // namespace cuda
+
+std::unique_ptr<ModelOps> make_cuda_model_ops(Backend& backend, void* stream) {
+  if (backend.name().rfind("cuda", 0) != 0) {
+    throw Error("make_cuda_model_ops: needs the CUDA backend, got '" + backend.name() + "'");
+  }
+  return std::make_unique<cuda::CudaModelOps>(static_cast<cudaStream_t>(stream));
+}
+
+}  // namespace fp8kv

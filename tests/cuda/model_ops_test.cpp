@@ -1,0 +1,400 @@
+// The CUDA ModelOps (kernels/cuda/model_ops.cu) against the CPU ModelOps, op by op, on random
+// data and awkward sizes (1, 7, 19, 127, 1170, ...). Exact ops (gathers, conversions, add,
+// argmax) must match bit for bit, NaN and infinities included; arithmetic ops are bounded by a
+// normalized error ||gpu - cpu|| / ||cpu|| of fp32 reordering (1e-5); the bf16 linear is
+// compared with the CPU GEMM on the same bf16-rounded x (fp32 reordering again) and with the
+// fp32 x (the bf16 rounding of x: normalized error < 4e-3). No NaN passes a comparison.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+#include "fp8kv/kv_pool.h"
+#include "fp8kv/model.h"
+
+namespace fp8kv {
+namespace {
+
+#define SKIP_WITHOUT_GPU() \
+  if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU"
+
+constexpr double kFp32Bound = 1e-5;
+
+std::vector<float> random_floats(size_t n, uint32_t seed, float lo = -2.0f, float hi = 2.0f) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = d(gen);
+  return v;
+}
+
+std::vector<uint16_t> to_bf16_host(const std::vector<float>& v) {
+  std::vector<uint16_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) b[i] = float_to_bf16(v[i]);
+  return b;
+}
+
+// ||a - ref|| / ||ref|| in double; fails the test on any non-finite value in either.
+double norm_err(const std::vector<float>& a, const std::vector<float>& ref,
+                const std::string& what) {
+  EXPECT_EQ(a.size(), ref.size()) << what;
+  double d = 0, r = 0;
+  size_t bad = 0;
+  for (size_t i = 0; i < a.size() && i < ref.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(ref[i])) {
+      if (bad++ == 0)
+        ADD_FAILURE() << what << ": non-finite at " << i << ": " << a[i] << " vs " << ref[i];
+      continue;
+    }
+    d += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
+    r += static_cast<double>(ref[i]) * ref[i];
+  }
+  return r > 0 ? std::sqrt(d / r) : std::sqrt(d);
+}
+
+// The same data in the CPU backend's and the CUDA backend's memory.
+class CudaModelOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda_available()) return;
+    cpu_ = make_cpu_backend();
+    gpu_ = make_cuda_backend(0, nullptr);
+    cpu_ops_ = make_cpu_model_ops();
+    gpu_ops_ = make_cuda_model_ops(*gpu_, nullptr);
+  }
+  void TearDown() override {
+    bufs_.clear();
+    gpu_ops_.reset();
+    cpu_ops_.reset();
+  }
+
+  struct Pair {
+    void* cpu;
+    void* gpu;
+  };
+  // A buffer of `bytes` on both backends, holding `host` (zeros when null).
+  Pair both(const void* host, size_t bytes) {
+    bufs_.emplace_back(*cpu_, bytes);
+    void* c = bufs_.back().get();
+    bufs_.emplace_back(*gpu_, bytes);
+    void* g = bufs_.back().get();
+    if (host) {
+      std::memcpy(c, host, bytes);
+      gpu_->upload(g, host, bytes);
+    } else {
+      std::memset(c, 0, bytes);
+      gpu_->memset(g, 0, bytes);
+    }
+    return {c, g};
+  }
+  template <typename T>
+  Pair both(const std::vector<T>& v) {
+    return both(v.data(), v.size() * sizeof(T));
+  }
+  template <typename T>
+  Pair zeros(size_t n) {
+    return both(nullptr, n * sizeof(T));
+  }
+  template <typename T>
+  std::vector<T> cpu_vec(const Pair& p, size_t n) {
+    const T* c = static_cast<const T*>(p.cpu);
+    return std::vector<T>(c, c + n);
+  }
+  template <typename T>
+  std::vector<T> gpu_vec(const Pair& p, size_t n) {
+    std::vector<T> v(n);
+    gpu_->download(v.data(), p.gpu, n * sizeof(T));
+    return v;
+  }
+
+  std::unique_ptr<Backend> cpu_, gpu_;
+  std::unique_ptr<ModelOps> cpu_ops_, gpu_ops_;
+  std::vector<BackendBuffer> bufs_;
+};
+
+TEST_F(CudaModelOps, LinearFp32WeightsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  for (int m : {1, 7, 19}) {
+    for (int n : {1, 127, 1170}) {
+      for (int k : {7, 64, 1000}) {
+        for (bool with_bias : {false, true}) {
+          const std::string what = "m " + std::to_string(m) + " n " + std::to_string(n) + " k " +
+                                   std::to_string(k) + (with_bias ? " +bias" : "");
+          const Pair x = both(random_floats(static_cast<size_t>(m) * k, 1 + m));
+          const Pair w = both(random_floats(static_cast<size_t>(n) * k, 2 + n));
+          const Pair b = both(random_floats(static_cast<size_t>(n), 3 + k));
+          const Pair y = zeros<float>(static_cast<size_t>(m) * n);
+          const float* bc = with_bias ? static_cast<const float*>(b.cpu) : nullptr;
+          const float* bg = with_bias ? static_cast<const float*>(b.gpu) : nullptr;
+          cpu_ops_->linear(static_cast<const float*>(x.cpu), {w.cpu, WeightDtype::kF32}, bc,
+                           static_cast<float*>(y.cpu), m, n, k);
+          gpu_ops_->linear(static_cast<const float*>(x.gpu), {w.gpu, WeightDtype::kF32}, bg,
+                           static_cast<float*>(y.gpu), m, n, k);
+          const size_t mn = static_cast<size_t>(m) * n;
+          EXPECT_LE(norm_err(gpu_vec<float>(y, mn), cpu_vec<float>(y, mn), what), kFp32Bound)
+              << what;
+          bufs_.clear();
+        }
+      }
+    }
+  }
+}
+
+// bf16 weights: the GPU rounds x to bf16. Against the CPU on the same rounded x: fp32
+// reordering only; against the CPU on fp32 x: the rounding of x (2^-9 relative at most).
+TEST_F(CudaModelOps, LinearBf16WeightsMatchCpuOnRoundedX) {
+  SKIP_WITHOUT_GPU();
+  for (int m : {1, 7, 19, 127}) {
+    for (int n : {1, 127, 1170}) {
+      for (int k : {7, 64, 4096}) {
+        const std::string what =
+            "m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k);
+        const std::vector<float> xh = random_floats(static_cast<size_t>(m) * k, 11 + m);
+        std::vector<float> xr(xh.size());
+        for (size_t i = 0; i < xh.size(); ++i) xr[i] = bf16_to_float(float_to_bf16(xh[i]));
+        const Pair x = both(xh);
+        const Pair x_rounded = both(xr);
+        const Pair w = both(to_bf16_host(random_floats(static_cast<size_t>(n) * k, 12 + n)));
+        const Pair b = both(random_floats(static_cast<size_t>(n), 13 + k));
+        const Pair y = zeros<float>(static_cast<size_t>(m) * n);
+        const Pair y_rounded = zeros<float>(static_cast<size_t>(m) * n);
+        cpu_ops_->linear(static_cast<const float*>(x.cpu), {w.cpu, WeightDtype::kBf16},
+                         static_cast<const float*>(b.cpu), static_cast<float*>(y.cpu), m, n, k);
+        cpu_ops_->linear(static_cast<const float*>(x_rounded.cpu), {w.cpu, WeightDtype::kBf16},
+                         static_cast<const float*>(b.cpu), static_cast<float*>(y_rounded.cpu), m, n,
+                         k);
+        gpu_ops_->linear(static_cast<const float*>(x.gpu), {w.gpu, WeightDtype::kBf16},
+                         static_cast<const float*>(b.gpu), static_cast<float*>(y.gpu), m, n, k);
+        const size_t mn = static_cast<size_t>(m) * n;
+        const std::vector<float> g = gpu_vec<float>(y, mn);
+        EXPECT_LE(norm_err(g, cpu_vec<float>(y_rounded, mn), what + " vs rounded x"), kFp32Bound)
+            << what;
+        EXPECT_LE(norm_err(g, cpu_vec<float>(y, mn), what + " vs fp32 x"), 4e-3) << what;
+        bufs_.clear();
+      }
+    }
+  }
+}
+
+TEST_F(CudaModelOps, RmsNormMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  for (int rows : {1, 7, 19}) {
+    for (int dim : {1, 64, 1170, 4096}) {
+      const std::string what = "rows " + std::to_string(rows) + " dim " + std::to_string(dim);
+      const size_t n = static_cast<size_t>(rows) * dim;
+      const Pair x = both(random_floats(n, 21 + dim, -8.0f, 8.0f));
+      const Pair w = both(random_floats(static_cast<size_t>(dim), 22, 0.5f, 1.5f));
+      const Pair y = zeros<float>(n);
+      cpu_ops_->rms_norm(static_cast<const float*>(x.cpu), static_cast<const float*>(w.cpu),
+                         static_cast<float*>(y.cpu), rows, dim, 1e-5f);
+      gpu_ops_->rms_norm(static_cast<const float*>(x.gpu), static_cast<const float*>(w.gpu),
+                         static_cast<float*>(y.gpu), rows, dim, 1e-5f);
+      EXPECT_LE(norm_err(gpu_vec<float>(y, n), cpu_vec<float>(y, n), what), kFp32Bound) << what;
+      bufs_.clear();
+    }
+  }
+}
+
+// RoPE on the K half of KV rows (row stride 2 * heads * D): the V half must stay untouched.
+TEST_F(CudaModelOps, RopeMatchesCpuAndLeavesTheRestAlone) {
+  SKIP_WITHOUT_GPU();
+  for (int head_dim : {64, 128}) {
+    for (int heads : {1, 8}) {
+      for (int rows : {1, 19, 127}) {
+        const std::string what = "D " + std::to_string(head_dim) + " heads " +
+                                 std::to_string(heads) + " rows " + std::to_string(rows);
+        const int64_t stride = 2ll * heads * head_dim;
+        const size_t n = static_cast<size_t>(rows * stride);
+        const std::vector<float> xh = random_floats(n, 31 + rows);
+        std::vector<int32_t> pos(static_cast<size_t>(rows));
+        std::mt19937 gen(32);
+        for (auto& p : pos) p = static_cast<int32_t>(gen() % 40000);
+        pos[0] = 0;
+        std::vector<float> inv_freq(static_cast<size_t>(head_dim / 2));
+        for (int i = 0; i < head_dim / 2; ++i) {
+          inv_freq[static_cast<size_t>(i)] =
+              static_cast<float>(std::pow(500000.0, -2.0 * i / head_dim));
+        }
+        const Pair x = both(xh);
+        const Pair p = both(pos);
+        const Pair f = both(inv_freq);
+        cpu_ops_->rope(static_cast<float*>(x.cpu), rows, stride, heads, head_dim,
+                       static_cast<const int32_t*>(p.cpu), static_cast<const float*>(f.cpu));
+        gpu_ops_->rope(static_cast<float*>(x.gpu), rows, stride, heads, head_dim,
+                       static_cast<const int32_t*>(p.gpu), static_cast<const float*>(f.gpu));
+        const std::vector<float> g = gpu_vec<float>(x, n), c = cpu_vec<float>(x, n);
+        EXPECT_LE(norm_err(g, c, what), kFp32Bound) << what;
+        int64_t touched = 0;
+        for (int r = 0; r < rows; ++r) {
+          for (int64_t j = static_cast<int64_t>(heads) * head_dim; j < stride; ++j) {
+            const size_t i = static_cast<size_t>(r * stride + j);
+            touched += g[i] != xh[i];
+          }
+        }
+        EXPECT_EQ(touched, 0) << what << ": elements past the rotated heads changed";
+        bufs_.clear();
+      }
+    }
+  }
+}
+
+TEST_F(CudaModelOps, SiluMulMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  for (int rows : {1, 7, 19}) {
+    for (int inter : {1, 127, 1170}) {
+      const std::string what = "rows " + std::to_string(rows) + " inter " + std::to_string(inter);
+      const size_t n = static_cast<size_t>(rows) * inter;
+      const Pair gu = both(random_floats(2 * n, 41 + inter, -12.0f, 12.0f));
+      const Pair out = zeros<float>(n);
+      cpu_ops_->silu_mul(static_cast<const float*>(gu.cpu), static_cast<float*>(out.cpu), rows,
+                         inter);
+      gpu_ops_->silu_mul(static_cast<const float*>(gu.gpu), static_cast<float*>(out.gpu), rows,
+                         inter);
+      EXPECT_LE(norm_err(gpu_vec<float>(out, n), cpu_vec<float>(out, n), what), kFp32Bound) << what;
+      bufs_.clear();
+    }
+  }
+}
+
+// Gathers copy: bit-identical, for fp32 and bf16 tables, repeated and out-of-order ids.
+TEST_F(CudaModelOps, EmbeddingAndGatherRowsAreExact) {
+  SKIP_WITHOUT_GPU();
+  const int vocab = 1170;
+  for (int dim : {1, 7, 512}) {
+    for (int tokens : {1, 19, 127}) {
+      const std::string what = "dim " + std::to_string(dim) + " tokens " + std::to_string(tokens);
+      std::vector<int32_t> ids(static_cast<size_t>(tokens));
+      std::mt19937 gen(51);
+      for (auto& i : ids) i = static_cast<int32_t>(gen() % vocab);
+      ids[0] = vocab - 1;
+      const std::vector<float> table = random_floats(static_cast<size_t>(vocab) * dim, 52);
+      const Pair id = both(ids);
+      const Pair t32 = both(table);
+      const Pair t16 = both(to_bf16_host(table));
+      const size_t n = static_cast<size_t>(tokens) * dim;
+      const Pair o32 = zeros<float>(n), o16 = zeros<float>(n), og = zeros<float>(n);
+      cpu_ops_->embedding(static_cast<const int32_t*>(id.cpu), {t32.cpu, WeightDtype::kF32},
+                          static_cast<float*>(o32.cpu), tokens, dim);
+      gpu_ops_->embedding(static_cast<const int32_t*>(id.gpu), {t32.gpu, WeightDtype::kF32},
+                          static_cast<float*>(o32.gpu), tokens, dim);
+      cpu_ops_->embedding(static_cast<const int32_t*>(id.cpu), {t16.cpu, WeightDtype::kBf16},
+                          static_cast<float*>(o16.cpu), tokens, dim);
+      gpu_ops_->embedding(static_cast<const int32_t*>(id.gpu), {t16.gpu, WeightDtype::kBf16},
+                          static_cast<float*>(o16.gpu), tokens, dim);
+      cpu_ops_->gather_rows(static_cast<const float*>(t32.cpu), static_cast<const int32_t*>(id.cpu),
+                            static_cast<float*>(og.cpu), tokens, dim);
+      gpu_ops_->gather_rows(static_cast<const float*>(t32.gpu), static_cast<const int32_t*>(id.gpu),
+                            static_cast<float*>(og.gpu), tokens, dim);
+      EXPECT_EQ(gpu_vec<float>(o32, n), cpu_vec<float>(o32, n)) << what << " (fp32 table)";
+      EXPECT_EQ(gpu_vec<float>(o16, n), cpu_vec<float>(o16, n)) << what << " (bf16 table)";
+      EXPECT_EQ(gpu_vec<float>(og, n), cpu_vec<float>(og, n)) << what << " (gather_rows)";
+      bufs_.clear();
+    }
+  }
+}
+
+// Conversions over every bf16 pattern and a sweep of float patterns (NaN, inf, ties, the
+// largest finite values rounding to inf): the same bits. add: bit-identical.
+TEST_F(CudaModelOps, ConversionsAndAddAreBitExact) {
+  SKIP_WITHOUT_GPU();
+  std::vector<uint16_t> all16(65536);
+  for (size_t i = 0; i < all16.size(); ++i) all16[i] = static_cast<uint16_t>(i);
+  std::vector<uint32_t> bits;
+  for (uint64_t u = 0; u < (1ull << 32); u += 65521) bits.push_back(static_cast<uint32_t>(u));
+  for (uint32_t b : {0x7f800000u, 0xff800000u, 0x7fc00000u, 0x7f800001u, 0xffffffffu, 0x7f7fffffu,
+                     0x7f7f8000u, 0x3f808000u, 0x3f818000u, 0x00000001u}) {
+    bits.push_back(b);
+  }
+  std::vector<float> fl(bits.size());
+  std::memcpy(fl.data(), bits.data(), bits.size() * sizeof(float));
+
+  const Pair a = both(all16);
+  const Pair af = zeros<float>(all16.size());
+  cpu_ops_->from_bf16(static_cast<const uint16_t*>(a.cpu), static_cast<float*>(af.cpu),
+                      static_cast<int64_t>(all16.size()));
+  gpu_ops_->from_bf16(static_cast<const uint16_t*>(a.gpu), static_cast<float*>(af.gpu),
+                      static_cast<int64_t>(all16.size()));
+  const std::vector<float> fg = gpu_vec<float>(af, all16.size()),
+                           fc = cpu_vec<float>(af, all16.size());
+  EXPECT_EQ(std::memcmp(fg.data(), fc.data(), fg.size() * sizeof(float)), 0) << "from_bf16";
+
+  const Pair f = both(fl);
+  const Pair h = zeros<uint16_t>(fl.size());
+  cpu_ops_->to_bf16(static_cast<const float*>(f.cpu), static_cast<uint16_t*>(h.cpu),
+                    static_cast<int64_t>(fl.size()));
+  gpu_ops_->to_bf16(static_cast<const float*>(f.gpu), static_cast<uint16_t*>(h.gpu),
+                    static_cast<int64_t>(fl.size()));
+  const std::vector<uint16_t> hg = gpu_vec<uint16_t>(h, fl.size()),
+                              hc = cpu_vec<uint16_t>(h, fl.size());
+  size_t mismatches = 0;
+  for (size_t i = 0; i < hg.size(); ++i) {
+    if (hg[i] != hc[i] && mismatches++ < 5) {
+      ADD_FAILURE() << "to_bf16 of bits 0x" << std::hex << bits[i] << ": gpu 0x" << hg[i]
+                    << ", cpu 0x" << hc[i];
+    }
+  }
+  EXPECT_EQ(mismatches, 0u);
+
+  for (int n : {1, 7, 39275}) {
+    const Pair y = both(random_floats(static_cast<size_t>(n), 61));
+    const Pair x = both(random_floats(static_cast<size_t>(n), 62));
+    cpu_ops_->add(static_cast<float*>(y.cpu), static_cast<const float*>(x.cpu), n);
+    gpu_ops_->add(static_cast<float*>(y.gpu), static_cast<const float*>(x.gpu), n);
+    EXPECT_EQ(gpu_vec<float>(y, static_cast<size_t>(n)), cpu_vec<float>(y, static_cast<size_t>(n)))
+        << "add n " << n;
+  }
+}
+
+// The first index of the largest value, as the CPU scans: ties, -inf rows, NaN at 0 (kept), NaN
+// elsewhere (skipped), the maximum in the last element, a Llama-3-sized vocabulary.
+TEST_F(CudaModelOps, ArgmaxMatchesCpuIncludingTiesAndNaN) {
+  SKIP_WITHOUT_GPU();
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int vocab : {1, 7, 2048, 128256}) {
+    const int rows = 8;
+    std::vector<float> l = random_floats(static_cast<size_t>(rows) * vocab, 71 + vocab);
+    auto row = [&](int r) { return l.data() + static_cast<size_t>(r) * vocab; };
+    // Row 1: a tie of the maximum at two places; row 2: all -inf; row 3: NaN first;
+    // row 4: NaN in the middle and +inf later; row 5: max in the last element; row 6: all NaN.
+    row(1)[vocab / 3] = 5.0f;
+    row(1)[vocab - 1] = 5.0f;
+    for (int i = 0; i < vocab; ++i) row(2)[i] = -inf;
+    row(3)[0] = nan;
+    row(4)[vocab / 2] = nan;
+    row(4)[vocab - 1] = inf;
+    row(5)[vocab - 1] = 3.0f;
+    for (int i = 0; i < vocab; ++i) row(6)[i] = nan;
+    const Pair lp = both(l);
+    const Pair out = zeros<int32_t>(static_cast<size_t>(rows));
+    cpu_ops_->argmax(static_cast<const float*>(lp.cpu), static_cast<int32_t*>(out.cpu), rows,
+                     vocab);
+    gpu_ops_->argmax(static_cast<const float*>(lp.gpu), static_cast<int32_t*>(out.gpu), rows,
+                     vocab);
+    EXPECT_EQ(gpu_vec<int32_t>(out, rows), cpu_vec<int32_t>(out, rows)) << "vocab " << vocab;
+    bufs_.clear();
+  }
+}
+
+TEST_F(CudaModelOps, RefusesBadShapesAndOtherBackends) {
+  SKIP_WITHOUT_GPU();
+  EXPECT_THROW(make_cuda_model_ops(*cpu_, nullptr), Error);
+  const Pair x = zeros<float>(64);
+  EXPECT_THROW(gpu_ops_->rope(static_cast<float*>(x.gpu), 1, 64, 1, 63, nullptr, nullptr), Error);
+  EXPECT_THROW(gpu_ops_->rope(static_cast<float*>(x.gpu), 1, 64, 2, 64, nullptr, nullptr), Error);
+  EXPECT_THROW(gpu_ops_->linear(static_cast<const float*>(x.gpu), {x.gpu, WeightDtype::kF32},
+                                nullptr, static_cast<float*>(x.gpu), 1, 0, 8),
+               Error);
+}
+
+}  // namespace
+}  // namespace fp8kv

@@ -1,0 +1,357 @@
+// The model runner on the CUDA backend (cuBLAS bf16 weights, CUDA model ops) against the CPU
+// runner on the tiny random-weight model, for the three KV caches: prefill logits, then 20
+// teacher-forced decode steps (both runners get the same tokens, so their inputs never diverge)
+// and greedy generation.
+//
+// Two CPU references (STYLE.md: compare with a reference in the same precision):
+//   - "emulated": the CPU ops with x rounded to bf16 before every GEMM, as the GPU does. The
+//     GPU differs from it by fp32 summation order (cuBLAS vs BLAS) and by the attention kernels
+//     (for fp8-per-head the CPU twin rounds P to e4m3, the GPU decode keeps P in fp32), plus the
+//     bf16 roundings of Q/K/V/O that such differences flip. The CPU runner's own prefill vs
+//     decode differ by up to 2e-3 for the same reasons (tests/runtime/model_runner_test.cpp).
+//     Bound: normalized logit error 1e-2 (bf16 cache), 3e-2 (FP8 caches).
+//   - "fp32": the plain CPU runner (fp32 activations into the GEMMs; the weights are the same
+//     values, the checkpoint being bf16). Bound: 3e-2 (bf16 cache), 5e-2 (FP8 caches).
+// Greedy tokens: the GPU's argmax must equal the emulated CPU's at every step unless the two
+// tokens' CPU logits are within twice the largest logit difference of that row (a near tie);
+// generate() (argmax on the device) must then reproduce the CPU's tokens exactly when no near
+// tie occurred. The FP8 scales come from a CPU calibration.
+//
+// The tests without "Gpu" in their name run on the CPU backend: forward_greedy and
+// append_random_context, the pieces the benchmark uses.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/calib.h"
+#include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+#include "fp8kv/make_model.h"
+#include "fp8kv/model.h"
+#include "fp8kv/workflows.h"
+#include "runtime/test_util.h"
+
+namespace fp8kv {
+namespace {
+
+#define SKIP_WITHOUT_GPU() \
+  if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU"
+
+std::vector<int32_t> tokens(int n, int seed, int vocab) {
+  std::vector<int32_t> t;
+  for (int i = 0; i < n; ++i) t.push_back(static_cast<int32_t>((seed * 7919 + i * 104729) % vocab));
+  return t;
+}
+
+// ||a - ref|| / ||ref||; any non-finite value fails.
+double norm_err(const std::vector<float>& a, const std::vector<float>& ref) {
+  EXPECT_EQ(a.size(), ref.size());
+  double d = 0, r = 0;
+  for (size_t i = 0; i < a.size() && i < ref.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(ref[i])) {
+      ADD_FAILURE() << "non-finite logit at " << i << ": " << a[i] << " vs " << ref[i];
+      return INFINITY;
+    }
+    d += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
+    r += static_cast<double>(ref[i]) * ref[i];
+  }
+  return std::sqrt(d / r);
+}
+
+int32_t argmax(const float* row, int vocab) {
+  return static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+}
+
+// The CPU ops with x rounded to bf16 before each GEMM: the GPU's arithmetic, on the CPU.
+class Bf16ActivationCpuOps final : public ModelOps {
+ public:
+  Bf16ActivationCpuOps() : cpu_(make_cpu_model_ops()) {}
+  void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m, int64_t n,
+              int64_t k) override {
+    xr_.resize(static_cast<size_t>(m * k));
+    for (size_t i = 0; i < xr_.size(); ++i) xr_[i] = bf16_to_float(float_to_bf16(x[i]));
+    cpu_->linear(xr_.data(), w, bias, y, m, n, k);
+  }
+  void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
+                float eps) override {
+    cpu_->rms_norm(x, w, y, rows, dim, eps);
+  }
+  void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
+            const int32_t* positions, const float* inv_freq) override {
+    cpu_->rope(x, rows, row_stride, heads, head_dim, positions, inv_freq);
+  }
+  void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override {
+    cpu_->silu_mul(gate_up, out, rows, inter);
+  }
+  void embedding(const int32_t* ids, WeightView table, float* out, int64_t tokens,
+                 int64_t dim) override {
+    cpu_->embedding(ids, table, out, tokens, dim);
+  }
+  void gather_rows(const float* src, const int32_t* rows, float* out, int64_t n,
+                   int64_t dim) override {
+    cpu_->gather_rows(src, rows, out, n, dim);
+  }
+  void add(float* y, const float* x, int64_t n) override { cpu_->add(y, x, n); }
+  void to_bf16(const float* x, uint16_t* y, int64_t n) override { cpu_->to_bf16(x, y, n); }
+  void from_bf16(const uint16_t* x, float* y, int64_t n) override { cpu_->from_bf16(x, y, n); }
+  void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) override {
+    cpu_->argmax(logits, out, rows, vocab);
+  }
+
+ private:
+  std::unique_ptr<ModelOps> cpu_;
+  std::vector<float> xr_;
+};
+
+class ModelRunnerGpu : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    make_model(dir_->path() + "/tiny", model_preset("tiny"));
+    make_model(dir_->path() + "/qwen2", model_preset("qwen2-tiny"));
+    cpu_ = make_cpu_backend().release();
+    cpu_ops_ = make_cpu_model_ops().release();
+    emu_ops_ = new Bf16ActivationCpuOps();
+    tiny_cpu_ = Model::load(dir_->path() + "/tiny", *cpu_).release();
+  }
+  static void TearDownTestSuite() {
+    delete tiny_cpu_;
+    delete emu_ops_;
+    delete cpu_ops_;
+    delete cpu_;
+    delete dir_;
+  }
+
+  static CalibData calibrated(QuantType qt) {
+    const int V = tiny_cpu_->config().vocab_size;
+    const TokenData data = {tokens(24, 1, V), tokens(17, 2, V), tokens(30, 3, V), tokens(9, 4, V)};
+    CalibrateOptions co;
+    co.quant_type = qt;
+    co.batch_size = 2;
+    return calibrate(*tiny_cpu_, *cpu_, *cpu_ops_, data, co).data;
+  }
+
+  static TempDir* dir_;
+  static Backend* cpu_;
+  static ModelOps* cpu_ops_;
+  static ModelOps* emu_ops_;
+  static Model* tiny_cpu_;
+};
+
+TempDir* ModelRunnerGpu::dir_ = nullptr;
+Backend* ModelRunnerGpu::cpu_ = nullptr;
+ModelOps* ModelRunnerGpu::cpu_ops_ = nullptr;
+ModelOps* ModelRunnerGpu::emu_ops_ = nullptr;
+Model* ModelRunnerGpu::tiny_cpu_ = nullptr;
+
+struct Bounds {
+  double vs_emulated;
+  double vs_fp32;
+};
+
+// Prefill of three prompts of different lengths, then 20 teacher-forced decode steps, on the
+// GPU, the emulated CPU and the fp32 CPU; then greedy generate() on the GPU and emulated CPU.
+void compare_gpu_with_cpu(const std::string& model_dir, Backend& cpu, ModelOps& emu_ops,
+                          ModelOps& cpu_ops, KvScheme scheme, const CalibData* calib,
+                          Bounds bounds) {
+  auto gpu = make_cuda_backend(0, nullptr);
+  auto gpu_ops = make_cuda_model_ops(*gpu, nullptr);
+  auto m_gpu = Model::load(model_dir, *gpu, false, WeightDtype::kBf16);
+  auto m_cpu = Model::load(model_dir, cpu, false, WeightDtype::kF32);
+  const int V = m_cpu->config().vocab_size;
+  auto opts = [&] {
+    RunnerOptions o;
+    o.scheme = scheme;
+    o.num_slots = 1024;
+    o.max_requests = 4;
+    o.max_len = 128;
+    if (calib) o.scales = slice_for_rank(*calib, 1, 0);
+    return o;
+  };
+  ModelRunner g(*m_gpu, *gpu, *gpu_ops, opts());
+  ModelRunner e(*m_cpu, cpu, emu_ops, opts());
+  ModelRunner f(*m_cpu, cpu, cpu_ops, opts());
+  const std::vector<std::vector<int32_t>> prompts = {tokens(5, 11, V), tokens(17, 12, V),
+                                                     tokens(33, 13, V)};
+  std::vector<int> rg, re, rf;
+  for (size_t b = 0; b < prompts.size(); ++b) {
+    rg.push_back(g.add_request());
+    re.push_back(e.add_request());
+    rf.push_back(f.add_request());
+  }
+  const std::string name = std::string(scheme_name(scheme)) + " cache, " + model_dir;
+  double worst_e = 0, worst_f = 0;
+  int near_ties = 0;
+  auto compare = [&](const std::vector<float>& lg, const std::vector<float>& le,
+                     const std::vector<float>& lf, const std::string& where) {
+    const double ee = norm_err(lg, le), ef = norm_err(lg, lf);
+    worst_e = std::max(worst_e, ee);
+    worst_f = std::max(worst_f, ef);
+    EXPECT_LE(ee, bounds.vs_emulated) << name << ", " << where << ": GPU vs emulated CPU";
+    EXPECT_LE(ef, bounds.vs_fp32) << name << ", " << where << ": GPU vs fp32 CPU";
+  };
+  const std::vector<float> prefill_e = e.forward(re, prompts, LogitRows::kAll);
+  compare(g.forward(rg, prompts, LogitRows::kAll), prefill_e,
+          f.forward(rf, prompts, LogitRows::kAll), "prefill (every prompt position)");
+
+  // Teacher forcing with the emulated CPU's greedy tokens.
+  std::vector<std::vector<int32_t>> step(prompts.size());
+  size_t row = 0;
+  for (size_t b = 0; b < prompts.size(); ++b) {
+    row += prompts[b].size();
+    step[b] = {argmax(prefill_e.data() + (row - 1) * V, V)};
+  }
+  for (int s = 0; s < 20; ++s) {
+    const std::vector<float> lg = g.forward(rg, step, LogitRows::kLast);
+    const std::vector<float> le = e.forward(re, step, LogitRows::kLast);
+    const std::vector<float> lf = f.forward(rf, step, LogitRows::kLast);
+    compare(lg, le, lf, "decode step " + std::to_string(s));
+    for (size_t b = 0; b < prompts.size(); ++b) {
+      const float* rowg = lg.data() + b * V;
+      const float* rowe = le.data() + b * V;
+      const int32_t tg = argmax(rowg, V), te = argmax(rowe, V);
+      if (tg != te) {
+        float max_diff = 0;
+        for (int i = 0; i < V; ++i) max_diff = std::max(max_diff, std::fabs(rowg[i] - rowe[i]));
+        const float gap = rowe[te] - rowe[tg];
+        EXPECT_LE(gap, 2 * max_diff)
+            << name << ", decode step " << s << ", request " << b << ": GPU picks " << tg
+            << ", CPU " << te << " and the CPU gap " << gap << " is no near tie";
+        ++near_ties;
+      }
+      step[b] = {te};
+    }
+  }
+  std::printf(
+      "[ info ] %s: worst normalized logit error vs emulated CPU %.2e (bound %.0e), vs "
+      "fp32 CPU %.2e (bound %.0e), %d near-tie argmax flips\n",
+      name.c_str(), worst_e, bounds.vs_emulated, worst_f, bounds.vs_fp32, near_ties);
+
+  for (size_t b = 0; b < prompts.size(); ++b) {
+    g.release(rg[b]);
+    e.release(re[b]);
+  }
+  const auto gen_g = g.generate(prompts, 16);
+  const auto gen_e = e.generate(prompts, 16);
+  if (near_ties == 0) {
+    EXPECT_EQ(gen_g, gen_e) << name << ": greedy generate() differs from the emulated CPU";
+  } else {
+    std::printf("[ info ] %s: near ties seen; generate() token equality not required\n",
+                name.c_str());
+  }
+}
+
+TEST_F(ModelRunnerGpu, GpuBf16CacheMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  compare_gpu_with_cpu(dir_->path() + "/tiny", *cpu_, *emu_ops_, *cpu_ops_, KvScheme::kBf16,
+                       nullptr, {1e-2, 3e-2});
+}
+
+TEST_F(ModelRunnerGpu, GpuFp8PerHeadCacheMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const CalibData calib = calibrated(QuantType::kPerHead);
+  compare_gpu_with_cpu(dir_->path() + "/tiny", *cpu_, *emu_ops_, *cpu_ops_, KvScheme::kFp8PerHead,
+                       &calib, {3e-2, 5e-2});
+}
+
+TEST_F(ModelRunnerGpu, GpuFp8PerTensorCacheMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const CalibData calib = calibrated(QuantType::kPerTensor);
+  compare_gpu_with_cpu(dir_->path() + "/tiny", *cpu_, *emu_ops_, *cpu_ops_, KvScheme::kFp8PerTensor,
+                       &calib, {3e-2, 5e-2});
+}
+
+// Qwen2: attention biases (the bias kernel) and tied embeddings (the bf16 LM head is the
+// embedding table).
+TEST_F(ModelRunnerGpu, GpuQwen2BiasAndTiedEmbeddingsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  compare_gpu_with_cpu(dir_->path() + "/qwen2", *cpu_, *emu_ops_, *cpu_ops_, KvScheme::kBf16,
+                       nullptr, {1e-2, 3e-2});
+}
+
+// forward_greedy is forward(kLast) + the host argmax, on any backend.
+void expect_greedy_matches_logits(const Model& model, Backend& backend, ModelOps& ops) {
+  const int V = model.config().vocab_size;
+  RunnerOptions o;
+  o.num_slots = 256;
+  o.max_requests = 2;
+  o.max_len = 64;
+  ModelRunner a(model, backend, ops, o);
+  ModelRunner b(model, backend, ops, o);
+  const std::vector<std::vector<int32_t>> prompts = {tokens(7, 21, V), tokens(3, 22, V)};
+  const std::vector<int> ra = {a.add_request(), a.add_request()};
+  const std::vector<int> rb = {b.add_request(), b.add_request()};
+  std::vector<std::vector<int32_t>> in = prompts;
+  for (int s = 0; s < 4; ++s) {
+    const std::vector<float> logits = a.forward(ra, in, LogitRows::kLast);
+    const std::vector<int32_t> greedy = b.forward_greedy(rb, in);
+    ASSERT_EQ(greedy.size(), in.size());
+    for (size_t r = 0; r < in.size(); ++r) {
+      EXPECT_EQ(greedy[r], argmax(logits.data() + r * V, V)) << "step " << s << " request " << r;
+      in[r] = {greedy[r]};
+    }
+  }
+}
+
+TEST_F(ModelRunnerGpu, ForwardGreedyMatchesHostArgmax) {
+  expect_greedy_matches_logits(*tiny_cpu_, *cpu_, *cpu_ops_);
+}
+
+TEST_F(ModelRunnerGpu, GpuForwardGreedyMatchesHostArgmax) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_cuda_backend(0, nullptr);
+  auto gpu_ops = make_cuda_model_ops(*gpu, nullptr);
+  auto m = Model::load(dir_->path() + "/tiny", *gpu, false, WeightDtype::kBf16);
+  expect_greedy_matches_logits(*m, *gpu, *gpu_ops);
+}
+
+// append_random_context grows each request by `count` tokens (its slots taken from the pool)
+// and a decode step after it runs over the full length, for every scheme.
+void expect_random_context_works(const Model& model, Backend& backend, ModelOps& ops,
+                                 KvScheme scheme, const CalibData* calib) {
+  const int V = model.config().vocab_size;
+  RunnerOptions o;
+  o.scheme = scheme;
+  o.num_slots = 3 * 300;
+  o.max_requests = 3;
+  o.max_len = 300;
+  if (calib) o.scales = slice_for_rank(*calib, 1, 0);
+  ModelRunner r(model, backend, ops, o);
+  const std::vector<int> reqs = {r.add_request(), r.add_request(), r.add_request()};
+  r.forward_greedy(reqs, {tokens(4, 1, V), tokens(9, 2, V), tokens(1, 3, V)});
+  r.append_random_context(reqs, 250, 7);
+  EXPECT_EQ(r.seq_len(reqs[0]), 254);
+  EXPECT_EQ(r.seq_len(reqs[1]), 259);
+  EXPECT_EQ(r.seq_len(reqs[2]), 251);
+  EXPECT_EQ(r.free_slots(), 900 - 254 - 259 - 251);
+  const std::vector<float> logits = r.forward(reqs, {{1}, {2}, {3}}, LogitRows::kLast);
+  ASSERT_EQ(logits.size(), 3u * V);
+  for (float x : logits) ASSERT_TRUE(std::isfinite(x)) << scheme_name(scheme);
+  // More than max_len is refused.
+  EXPECT_THROW(r.append_random_context(reqs, 100, 7), Error);
+}
+
+TEST_F(ModelRunnerGpu, AppendRandomContextExtendsEveryRequest) {
+  expect_random_context_works(*tiny_cpu_, *cpu_, *cpu_ops_, KvScheme::kBf16, nullptr);
+  const CalibData ph = calibrated(QuantType::kPerHead);
+  expect_random_context_works(*tiny_cpu_, *cpu_, *cpu_ops_, KvScheme::kFp8PerHead, &ph);
+}
+
+TEST_F(ModelRunnerGpu, GpuAppendRandomContextExtendsEveryRequest) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_cuda_backend(0, nullptr);
+  auto gpu_ops = make_cuda_model_ops(*gpu, nullptr);
+  auto m = Model::load(dir_->path() + "/tiny", *gpu, false, WeightDtype::kBf16);
+  expect_random_context_works(*m, *gpu, *gpu_ops, KvScheme::kBf16, nullptr);
+  const CalibData pt = calibrated(QuantType::kPerTensor);
+  expect_random_context_works(*m, *gpu, *gpu_ops, KvScheme::kFp8PerTensor, &pt);
+}
+
+}  // namespace
+}  // namespace fp8kv
