@@ -11,8 +11,12 @@ model and backend:
           ||ours - ref|| / ||ref|| <= 2 x the error of transformers' own bf16 run against the
           same float32 reference ("within bf16 tolerance": no worse than twice what bf16
           inference itself costs), and no non-finite value.
-  greedy  32 greedy tokens from the prompt, token for token equal to transformers' float32
-          greedy generation.
+  greedy  32 greedy tokens from each of 3 prompts, token for token equal to transformers'
+          float32 greedy generation. Where they part, the step is reported with the reference's
+          gap between its token and ours; a gap below the largest logit error of transformers'
+          own bf16 run in that row is a near tie that bf16 inference cannot resolve either
+          (counted as such, and shown), anything else fails.
+  top-1   teacher-forced: at every position, our argmax equals the reference's (reported).
 
 Usage: scripts/oracle.py --fp8kv build/fp8kv [--devices cpu,cuda] [--out DIR]
 Prints a table last; writes oracle.json into --out; exits 1 when a check fails.
@@ -114,40 +118,56 @@ def main():
             torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
             low = model.to(dev)
             rng = np.random.default_rng(7)
-            prompt = [int(t) for t in rng.integers(0, COMMON["vocab_size"], PROMPT_LEN)]
-            ref_tokens = hf_greedy(ref, prompt, dev)
+            prompts = [[int(t) for t in rng.integers(0, COMMON["vocab_size"], PROMPT_LEN + 4 * i)]
+                       for i in range(3)]
+            ref_tokens = [hf_greedy(ref, p, dev) for p in prompts]
             for backend in args.devices.split(","):
-                row = {"model": kind, "backend": backend}
+                row = {"model": kind, "backend": backend, "rel_ours": 0.0, "rel_hf_bf16": 0.0,
+                       "max_abs": 0.0, "finite": True, "greedy": [], "top1": [0, 0]}
                 try:
-                    tokens, ours = run_ours(args.fp8kv, folder, prompt, backend, args.out)
-                    seq = prompt + tokens[:-1]
-                    ref_l = hf_logits(ref, seq, dev)
-                    low_l = hf_logits(low, seq, dev)
-                    ours = ours.reshape(ref_l.shape)
-                    same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b),
-                                None)
-                    row.update(
-                        rel_ours=rel(ours, ref_l), rel_hf_bf16=rel(low_l, ref_l),
-                        max_abs=float(np.abs(ours - ref_l).max()),
-                        finite=bool(np.isfinite(ours).all()),
-                        greedy_equal=tokens == ref_tokens,
-                        first_difference=same)
+                    for prompt, want in zip(prompts, ref_tokens):
+                        tokens, ours = run_ours(args.fp8kv, folder, prompt, backend, args.out)
+                        seq = prompt + tokens[:-1]
+                        ref_l = hf_logits(ref, seq, dev)
+                        low_l = hf_logits(low, seq, dev)
+                        ours = ours.reshape(ref_l.shape)
+                        row["rel_ours"] = max(row["rel_ours"], rel(ours, ref_l))
+                        row["rel_hf_bf16"] = max(row["rel_hf_bf16"], rel(low_l, ref_l))
+                        row["max_abs"] = max(row["max_abs"], float(np.abs(ours - ref_l).max()))
+                        row["finite"] &= bool(np.isfinite(ours).all())
+                        row["top1"][0] += int((ours.argmax(1) == ref_l.argmax(1)).sum())
+                        row["top1"][1] += ours.shape[0]
+                        step = next((i for i, (a, b) in enumerate(zip(tokens, want)) if a != b),
+                                    None)
+                        if step is None:
+                            row["greedy"].append({"equal": True})
+                            continue
+                        pos = len(prompt) - 1 + step
+                        gap = float(ref_l[pos, want[step]] - ref_l[pos, tokens[step]])
+                        bf16_err = float(np.abs(low_l[pos] - ref_l[pos]).max())
+                        row["greedy"].append({"equal": False, "step": step, "gap": gap,
+                                              "bf16_row_err": bf16_err,
+                                              "near_tie": gap <= bf16_err})
                     row["logits_pass"] = row["finite"] and row["rel_ours"] <= 2 * row["rel_hf_bf16"]
+                    row["greedy_pass"] = all(g["equal"] or g["near_tie"] for g in row["greedy"])
                 except Exception as e:  # a failed run is a failed check, reported in the table
-                    row.update(error=str(e), logits_pass=False, greedy_equal=False)
-                ok &= row["logits_pass"] and row["greedy_equal"]
+                    row.update(error=str(e), logits_pass=False, greedy_pass=False)
+                ok &= row["logits_pass"] and row["greedy_pass"]
                 rows.append(row)
     with open(os.path.join(args.out, "oracle.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print(f"\n{'model':7} {'backend':7} {'rel err ours':>12} {'rel err hf bf16':>15} "
-          f"{'max abs':>8} {'logits':>6} {'greedy ' + str(STEPS):>10}")
+          f"{'max abs':>8} {'logits':>6} {'top-1':>9}  greedy {STEPS} steps, 3 prompts")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:7} {r['backend']:7} ERROR {r['error']}")
             continue
-        g = "equal" if r["greedy_equal"] else f"diff@{r['first_difference']}"
+        g = " ".join("equal" if x["equal"] else
+                     f"parts@{x['step']} ({'near tie' if x['near_tie'] else 'FAIL'}: ref gap "
+                     f"{x['gap']:.3f}, bf16 row err {x['bf16_row_err']:.3f})" for x in r["greedy"])
+        t1 = f"{r['top1'][0]}/{r['top1'][1]}"
         print(f"{r['model']:7} {r['backend']:7} {r['rel_ours']:12.3e} {r['rel_hf_bf16']:15.3e} "
-              f"{r['max_abs']:8.4f} {'PASS' if r['logits_pass'] else 'FAIL':>6} {g:>10}")
+              f"{r['max_abs']:8.4f} {'PASS' if r['logits_pass'] else 'FAIL':>6} {t1:>9}  {g}")
     print("oracle: " + ("PASS" if ok else "FAIL"))
     return 0 if ok else 1
 

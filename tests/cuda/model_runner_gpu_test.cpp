@@ -177,6 +177,20 @@ void compare_gpu_with_cpu(const std::string& model_dir, Backend& cpu, ModelOps& 
   ModelRunner g(*m_gpu, *gpu, *gpu_ops, opts());
   ModelRunner e(*m_cpu, cpu, emu_ops, opts());
   ModelRunner f(*m_cpu, cpu, cpu_ops, opts());
+  // FP8 caches: K/V codes flip wherever the GPU's bf16-rounded GEMM inputs move a value across
+  // an e4m3 rounding boundary (a step of up to 2^-3 relative), and those flips pass through
+  // sharp attention, so a GPU FP8 run and a CPU FP8 run do not agree to bf16 precision (seen on
+  // the H100: 3-6% normalized logit difference). What must hold instead, as in FA3's tests, is
+  // that the GPU's FP8 run is as close to the exact run (bf16 cache, fp32 CPU: runner t) as the
+  // CPU's own FP8 run is: err_gpu <= kFp8Factor * err_cpu + vs_emulated, vs_emulated being the
+  // bf16-level difference of the GPU model path.
+  constexpr double kFp8Factor = 1.25;
+  const bool fp8 = is_fp8(scheme);
+  RunnerOptions exact_opts = opts();
+  exact_opts.scheme = KvScheme::kBf16;
+  exact_opts.scales.reset();
+  ModelRunner t(*m_cpu, cpu, cpu_ops, exact_opts);
+  std::vector<int> rt;
   const std::vector<std::vector<int32_t>> prompts = {tokens(5, 11, V), tokens(17, 12, V),
                                                      tokens(33, 13, V)};
   std::vector<int> rg, re, rf;
@@ -184,21 +198,33 @@ void compare_gpu_with_cpu(const std::string& model_dir, Backend& cpu, ModelOps& 
     rg.push_back(g.add_request());
     re.push_back(e.add_request());
     rf.push_back(f.add_request());
+    rt.push_back(t.add_request());
   }
   const std::string name = std::string(scheme_name(scheme)) + " cache, " + model_dir;
-  double worst_e = 0, worst_f = 0;
+  double worst_e = 0, worst_f = 0, worst_gpu_exact = 0, worst_cpu_exact = 0;
   int near_ties = 0;
   auto compare = [&](const std::vector<float>& lg, const std::vector<float>& le,
-                     const std::vector<float>& lf, const std::string& where) {
+                     const std::vector<float>& lf, const std::vector<float>& lt,
+                     const std::string& where) {
     const double ee = norm_err(lg, le), ef = norm_err(lg, lf);
     worst_e = std::max(worst_e, ee);
     worst_f = std::max(worst_f, ef);
-    EXPECT_LE(ee, bounds.vs_emulated) << name << ", " << where << ": GPU vs emulated CPU";
-    EXPECT_LE(ef, bounds.vs_fp32) << name << ", " << where << ": GPU vs fp32 CPU";
+    if (!fp8) {
+      EXPECT_LE(ee, bounds.vs_emulated) << name << ", " << where << ": GPU vs emulated CPU";
+      EXPECT_LE(ef, bounds.vs_fp32) << name << ", " << where << ": GPU vs fp32 CPU";
+      return;
+    }
+    const double eg = norm_err(lg, lt), ec = norm_err(le, lt);
+    worst_gpu_exact = std::max(worst_gpu_exact, eg);
+    worst_cpu_exact = std::max(worst_cpu_exact, ec);
+    EXPECT_LE(eg, kFp8Factor * ec + bounds.vs_emulated)
+        << name << ", " << where << ": GPU FP8 error vs the exact run " << eg
+        << " against the CPU FP8 run's " << ec;
   };
   const std::vector<float> prefill_e = e.forward(re, prompts, LogitRows::kAll);
   compare(g.forward(rg, prompts, LogitRows::kAll), prefill_e,
-          f.forward(rf, prompts, LogitRows::kAll), "prefill (every prompt position)");
+          f.forward(rf, prompts, LogitRows::kAll), t.forward(rt, prompts, LogitRows::kAll),
+          "prefill (every prompt position)");
 
   // Teacher forcing with the emulated CPU's greedy tokens.
   std::vector<std::vector<int32_t>> step(prompts.size());
@@ -211,12 +237,13 @@ void compare_gpu_with_cpu(const std::string& model_dir, Backend& cpu, ModelOps& 
     const std::vector<float> lg = g.forward(rg, step, LogitRows::kLast);
     const std::vector<float> le = e.forward(re, step, LogitRows::kLast);
     const std::vector<float> lf = f.forward(rf, step, LogitRows::kLast);
-    compare(lg, le, lf, "decode step " + std::to_string(s));
+    const std::vector<float> lt = t.forward(rt, step, LogitRows::kLast);
+    compare(lg, le, lf, lt, "decode step " + std::to_string(s));
     for (size_t b = 0; b < prompts.size(); ++b) {
       const float* rowg = lg.data() + b * V;
       const float* rowe = le.data() + b * V;
       const int32_t tg = argmax(rowg, V), te = argmax(rowe, V);
-      if (tg != te) {
+      if (tg != te && !fp8) {
         float max_diff = 0;
         for (int i = 0; i < V; ++i) max_diff = std::max(max_diff, std::fabs(rowg[i] - rowe[i]));
         const float gap = rowe[te] - rowe[tg];
@@ -232,6 +259,10 @@ void compare_gpu_with_cpu(const std::string& model_dir, Backend& cpu, ModelOps& 
       "[ info ] %s: worst normalized logit error vs emulated CPU %.2e (bound %.0e), vs "
       "fp32 CPU %.2e (bound %.0e), %d near-tie argmax flips\n",
       name.c_str(), worst_e, bounds.vs_emulated, worst_f, bounds.vs_fp32, near_ties);
+  if (fp8) {
+    std::printf("[ info ] %s: worst error vs the exact run: GPU %.2e, CPU %.2e\n", name.c_str(),
+                worst_gpu_exact, worst_cpu_exact);
+  }
 
   for (size_t b = 0; b < prompts.size(); ++b) {
     g.release(rg[b]);
@@ -239,7 +270,9 @@ void compare_gpu_with_cpu(const std::string& model_dir, Backend& cpu, ModelOps& 
   }
   const auto gen_g = g.generate(prompts, 16);
   const auto gen_e = e.generate(prompts, 16);
-  if (near_ties == 0) {
+  if (fp8) {
+    // FP8 code flips (above) may move greedy tokens; the logit criterion above is the check.
+  } else if (near_ties == 0) {
     EXPECT_EQ(gen_g, gen_e) << name << ": greedy generate() differs from the emulated CPU";
   } else {
     std::printf("[ info ] %s: near ties seen; generate() token equality not required\n",
@@ -257,14 +290,14 @@ TEST_F(ModelRunnerGpu, GpuFp8PerHeadCacheMatchesCpu) {
   SKIP_WITHOUT_GPU();
   const CalibData calib = calibrated(QuantType::kPerHead);
   compare_gpu_with_cpu(dir_->path() + "/tiny", *cpu_, *emu_ops_, *cpu_ops_, KvScheme::kFp8PerHead,
-                       &calib, {3e-2, 5e-2});
+                       &calib, {1e-2, 3e-2});
 }
 
 TEST_F(ModelRunnerGpu, GpuFp8PerTensorCacheMatchesCpu) {
   SKIP_WITHOUT_GPU();
   const CalibData calib = calibrated(QuantType::kPerTensor);
   compare_gpu_with_cpu(dir_->path() + "/tiny", *cpu_, *emu_ops_, *cpu_ops_, KvScheme::kFp8PerTensor,
-                       &calib, {3e-2, 5e-2});
+                       &calib, {1e-2, 3e-2});
 }
 
 // Qwen2: attention biases (the bias kernel) and tied embeddings (the bf16 LM head is the
