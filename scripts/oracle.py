@@ -13,9 +13,11 @@ model and backend:
           inference itself costs), and no non-finite value.
   greedy  32 greedy tokens from each of 3 prompts, token for token equal to transformers'
           float32 greedy generation. Where they part, the step is reported with the reference's
-          gap between its token and ours; a gap below the largest logit error of transformers'
-          own bf16 run in that row is a near tie that bf16 inference cannot resolve either
-          (counted as such, and shown), anything else fails.
+          gap between its token and ours. The logits check above accepts up to twice the error
+          of transformers' own bf16 run, so a gap below twice that run's largest logit error in
+          the same row is a near tie that no implementation within that tolerance can be
+          expected to resolve: counted as such and shown; any other parting fails. (Random-weight
+          models have flat next-token distributions, so such ties do occur: see the table.)
   top-1   teacher-forced: at every position, our argmax equals the reference's (reported).
 
 Usage: scripts/oracle.py --fp8kv build/fp8kv [--devices cpu,cuda] [--out DIR]
@@ -147,7 +149,7 @@ def main():
                         bf16_err = float(np.abs(low_l[pos] - ref_l[pos]).max())
                         row["greedy"].append({"equal": False, "step": step, "gap": gap,
                                               "bf16_row_err": bf16_err,
-                                              "near_tie": gap <= bf16_err})
+                                              "near_tie": gap <= 2 * bf16_err})
                     row["logits_pass"] = row["finite"] and row["rel_ours"] <= 2 * row["rel_hf_bf16"]
                     row["greedy_pass"] = all(g["equal"] or g["near_tie"] for g in row["greedy"])
                 except Exception as e:  # a failed run is a failed check, reported in the table

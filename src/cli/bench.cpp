@@ -24,6 +24,7 @@ void add_bench(CLI::App& app) {
   kernels->add_flag("!--no-prefill", options->prefill, "skip the prefill rows");
   kernels->add_flag("!--no-gemm", options->gemm, "skip the cuBLASLt GEMM ceilings");
   kernels->callback([options] { run_kernel_bench(*options); });
+  add_bench_model(*bench);
 }
 
 }  // namespace fp8kv::cli

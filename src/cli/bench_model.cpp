@@ -1,4 +1,4 @@
-// fp8kv bench-model: prefill and decode throughput of the model runner with each KV cache.
+// fp8kv bench model: prefill and decode throughput of the model runner with each KV cache.
 //
 // Per KV cache: a warm-up prefill (untimed, released), the timed prefill of --prompt-len tokens
 // per request, then — with --context L — the rest of the context up to L tokens per request
@@ -35,7 +35,7 @@ void add_bench_model(CLI::App& app) {
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
-      "bench-model", "Prefill and decode throughput of the model runner with each KV cache");
+      "model", "Prefill and decode throughput of the model runner with each KV cache");
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
   cmd->add_option("--kv", opt->kv, "KV caches to run (bf16, fp8-per-tensor, fp8-per-head)")
       ->capture_default_str();

@@ -16,7 +16,7 @@ void add_calibrate(CLI::App& app);  // cli/calibrate.cpp
 void add_eval(CLI::App& app);  // cli/eval.cpp
 void add_generate(CLI::App& app);  // cli/generate.cpp
 void add_demo(CLI::App& app);  // cli/demo.cpp
-void add_bench_model(CLI::App& app);  // cli/bench_model.cpp
+void add_bench_model(CLI::App& bench);  // cli/bench_model.cpp: `bench model`, under `bench`
 void add_bench(CLI::App& app);  // cli/bench.cpp
 
 }  // namespace fp8kv::cli

@@ -19,7 +19,6 @@ int main(int argc, char** argv) {
   fp8kv::cli::add_eval(app);
   fp8kv::cli::add_generate(app);
   fp8kv::cli::add_demo(app);
-  fp8kv::cli::add_bench_model(app);
   fp8kv::cli::add_bench(app);
   try {
     app.parse(argc, argv);

@@ -86,7 +86,7 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
   EXPECT_TRUE(contains(r.output, "top-1 agreement")) << r.output;
   EXPECT_TRUE(contains(r.output, "attn-out rel. error, layer 3")) << r.output;
 
-  r = run("bench-model --model " + model + " --batch 2 --prompt-len 8 --decode 2");
+  r = run("bench model --model " + model + " --batch 2 --prompt-len 8 --decode 2");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "prefill tok/s")) << r.output;
   EXPECT_TRUE(contains(r.output, "fp8-per-head")) << r.output;
