@@ -450,25 +450,26 @@ const char* quant_type_name(QuantType t) {
   return "unknown";
 }
 
-float CalibData::k_scale(int layer, int head) const {
-  if (layer < 0 || layer >= num_layers ||
-      (quant_type == QuantType::kPerHead && (head < 0 || head >= num_head))) {
-    throw Error(fmt::format("k_scale: (layer {}, head {}) outside [{}, {}]", layer, head,
-                            num_layers, num_head));
+namespace {
+
+// Row `layer`, column of K (is_v false) or V for `head`: per_head [K heads, V heads], per_tensor
+// [k, v] (head ignored).
+float scale_at(const CalibData& d, int layer, int head, bool is_v) {
+  const bool per_head = d.quant_type == QuantType::kPerHead;
+  if (layer < 0 || layer >= d.num_layers || (per_head && (head < 0 || head >= d.num_head))) {
+    throw Error(fmt::format("{}_scale: (layer {}, head {}) outside [{}, {}]", is_v ? "v" : "k",
+                            layer, head, d.num_layers, d.num_head));
   }
-  const size_t row = static_cast<size_t>(layer) * row_width();
-  return scales[row + (quant_type == QuantType::kPerHead ? head : 0)];
+  const size_t row = static_cast<size_t>(layer) * d.row_width();
+  const int column = per_head ? (is_v ? d.num_head : 0) + head : (is_v ? 1 : 0);
+  return d.scales[row + column];
 }
 
-float CalibData::v_scale(int layer, int head) const {
-  if (layer < 0 || layer >= num_layers ||
-      (quant_type == QuantType::kPerHead && (head < 0 || head >= num_head))) {
-    throw Error(fmt::format("v_scale: (layer {}, head {}) outside [{}, {}]", layer, head,
-                            num_layers, num_head));
-  }
-  const size_t row = static_cast<size_t>(layer) * row_width();
-  return scales[row + (quant_type == QuantType::kPerHead ? num_head + head : 1)];
-}
+}  // namespace
+
+float CalibData::k_scale(int layer, int head) const { return scale_at(*this, layer, head, false); }
+
+float CalibData::v_scale(int layer, int head) const { return scale_at(*this, layer, head, true); }
 
 CalibData parse_calib(const std::string& text, const std::string& name, const CalibExpect& expect) {
   const json root = parse_json(text, name);
