@@ -46,26 +46,39 @@ struct RowScale {
 
 std::vector<std::string> model_preset_names() { return {"tiny", "qwen2-tiny", "llama-8b-4layers"}; }
 
-ModelConfig model_preset(const std::string& name) {
+namespace {
+
+// Llama 3.1's RMSNorm eps and RoPE (theta 500000, llama3 scaling from 8192 positions); the shapes
+// are the caller's.
+ModelConfig llama3_shaped(int hidden, int intermediate, int layers, int q_heads, int kv_heads,
+                          int head_dim, int vocab) {
   ModelConfig c;
-  if (name == "tiny") {
-    c.architecture = "LlamaForCausalLM";
-    c.hidden_size = 512;
-    c.intermediate_size = 1024;
-    c.num_layers = 4;
-    c.num_q_heads = 8;
-    c.num_kv_heads = 2;
-    c.head_dim = 64;
-    c.vocab_size = 2048;
-    c.rms_norm_eps = 1e-5f;
-    c.rope_theta = 500000.0f;
-    c.rope_scaling.type = RopeScaling::Type::kLlama3;
-    c.rope_scaling.factor = 8.0f;
-    c.rope_scaling.low_freq_factor = 1.0f;
-    c.rope_scaling.high_freq_factor = 4.0f;
-    c.rope_scaling.original_max_position_embeddings = 8192;
-    c.max_position_embeddings = 131072;
-  } else if (name == "qwen2-tiny") {
+  c.architecture = "LlamaForCausalLM";
+  c.hidden_size = hidden;
+  c.intermediate_size = intermediate;
+  c.num_layers = layers;
+  c.num_q_heads = q_heads;
+  c.num_kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.vocab_size = vocab;
+  c.rms_norm_eps = 1e-5f;
+  c.rope_theta = 500000.0f;
+  c.rope_scaling.type = RopeScaling::Type::kLlama3;
+  c.rope_scaling.factor = 8.0f;
+  c.rope_scaling.low_freq_factor = 1.0f;
+  c.rope_scaling.high_freq_factor = 4.0f;
+  c.rope_scaling.original_max_position_embeddings = 8192;
+  c.max_position_embeddings = 131072;
+  return c;
+}
+
+}  // namespace
+
+ModelConfig model_preset(const std::string& name) {
+  if (name == "tiny") return llama3_shaped(512, 1024, 4, 8, 2, 64, 2048);
+  if (name == "llama-8b-4layers") return llama3_shaped(4096, 14336, 4, 32, 8, 128, 128256);
+  if (name == "qwen2-tiny") {
+    ModelConfig c;
     c.architecture = "Qwen2ForCausalLM";
     c.hidden_size = 512;
     c.intermediate_size = 1024;
@@ -79,29 +92,11 @@ ModelConfig model_preset(const std::string& name) {
     c.max_position_embeddings = 32768;
     c.tie_word_embeddings = true;
     c.attention_bias = true;
-  } else if (name == "llama-8b-4layers") {
-    c.architecture = "LlamaForCausalLM";
-    c.hidden_size = 4096;
-    c.intermediate_size = 14336;
-    c.num_layers = 4;
-    c.num_q_heads = 32;
-    c.num_kv_heads = 8;
-    c.head_dim = 128;
-    c.vocab_size = 128256;
-    c.rms_norm_eps = 1e-5f;
-    c.rope_theta = 500000.0f;
-    c.rope_scaling.type = RopeScaling::Type::kLlama3;
-    c.rope_scaling.factor = 8.0f;
-    c.rope_scaling.low_freq_factor = 1.0f;
-    c.rope_scaling.high_freq_factor = 4.0f;
-    c.rope_scaling.original_max_position_embeddings = 8192;
-    c.max_position_embeddings = 131072;
-  } else {
-    std::string names;
-    for (const auto& n : model_preset_names()) names += (names.empty() ? "" : ", ") + n;
-    throw Error("unknown model preset '" + name + "' (presets: " + names + ")");
+    return c;
   }
-  return c;
+  std::string names;
+  for (const auto& n : model_preset_names()) names += (names.empty() ? "" : ", ") + n;
+  throw Error("unknown model preset '" + name + "' (presets: " + names + ")");
 }
 
 void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uint64_t shard_bytes,
