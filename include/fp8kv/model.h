@@ -5,7 +5,9 @@
 //   RMSNorm -> Q and KV projections (+bias) -> RoPE -> K/V into the pool (quantize-on-write,
 //   observing abs-max when calibrating) -> [fp8-per-head: quantize Q] -> attention over the pool
 //   -> O projection -> residual -> RMSNorm -> SiLU(gate) * up -> down -> residual,
-// then the final RMSNorm and the LM head on the rows whose logits are wanted.
+// then the final RMSNorm and the LM head on the rows whose logits are wanted. Under tensor
+// parallelism (TpShard) each rank runs its heads and intermediate rows, and the partial sums of
+// the O and down projections are all-reduced before each residual add.
 // Activations are fp32; Q, K and V go to the attention Backend as bf16. Weight matrices are
 // fp32 (the CPU) or bf16 (the GPU: cuBLAS bf16 x bf16 -> fp32 GEMMs, half the bytes to read).
 #pragma once
@@ -90,8 +92,29 @@ struct Device {
 // make_cuda_backend) when no usable GPU is present.
 Device make_device(const std::string& name);
 
+// One rank's part of the model under Megatron-style tensor parallelism (FORMATS.md, "Tensor
+// parallelism"): rank r of tp holds Q heads [q_head_begin, + q_heads), the rank's KV heads (the
+// KV heads of those Q heads: kv_heads = h = max(1, Hkv / tp), replicated when tp > Hkv), the
+// matching rows of q/k/v_proj and columns of o_proj, and intermediate rows [inter_begin,
+// + inter) of gate/up_proj and columns of down_proj. Embedding, norms and LM head are whole on
+// every rank; o_proj and down_proj give partial sums that the ranks all-reduce.
+struct TpShard {
+  int tp = 1;
+  int rank = 0;
+  int q_heads = 0;        // Hq / tp
+  int q_head_begin = 0;   // rank * Hq / tp
+  int kv_heads = 0;       // h = max(1, Hkv / tp)
+  int kv_head_begin = 0;  // rank * h / f, f = tp * h / Hkv (the replication factor)
+  int inter = 0;          // I / tp
+  int inter_begin = 0;    // rank * I / tp
+};
+// Throws Error unless tp divides Hq and I, tp divides Hkv or Hkv divides tp, and
+// 0 <= rank < tp.
+TpShard make_tp_shard(const ModelConfig& config, int tp, int rank);
+
 // Weights in the backend's memory. Torch Linear layout: [out_features, in_features]; the
-// matrices are `dtype` (fp32 or bf16), the norm weights and biases fp32.
+// matrices are `dtype` (fp32 or bf16), the norm weights and biases fp32. Shapes are the rank's
+// (TpShard): Hq = q_heads, Hkv = kv_heads, I = inter; tp = 1 gives the whole model.
 struct LayerWeights {
   WeightDtype dtype = WeightDtype::kF32;
   WeightView view(const BackendBuffer& b) const { return {b.get(), dtype}; }
@@ -101,10 +124,10 @@ struct LayerWeights {
   BackendBuffer w_kv;       // [2 * Hkv * D, H]: k_proj rows, then v_proj rows, so that the
                             // product is already the pool's per-token layout (K heads, V heads)
   BackendBuffer b_kv;       // [2 * Hkv * D], empty without attention_bias
-  BackendBuffer w_o;        // [H, Hq * D]
+  BackendBuffer w_o;        // [H, Hq * D]: the rank's columns of o_proj
   BackendBuffer mlp_norm;   // [H]
   BackendBuffer w_gate_up;  // [2 * I, H]: gate_proj rows, then up_proj rows
-  BackendBuffer w_down;     // [H, I]
+  BackendBuffer w_down;     // [H, I]: the rank's columns of down_proj
 };
 
 class Model {
@@ -112,12 +135,15 @@ class Model {
   // Reads DIR/config.json and the weights (bf16, f16 or f32 safetensors, sharded or not); the
   // weight matrices and the embedding table are kept as `weights` (fp32 for the CPU ops, bf16
   // for the CUDA ops). Throws Error naming the file and tensor on a missing tensor or a wrong
-  // shape.
+  // shape. With tp > 1 only rank `rank`'s shard is kept (the whole tensors are read, then
+  // sliced); make_tp_shard's refusals apply.
   static std::unique_ptr<Model> load(const std::string& dir, Backend& backend,
                                      bool show_progress = false,
-                                     WeightDtype weights = WeightDtype::kF32);
+                                     WeightDtype weights = WeightDtype::kF32, int tp = 1,
+                                     int rank = 0);
 
-  const ModelConfig& config() const { return config_; }
+  const ModelConfig& config() const { return config_; }  // the whole model's
+  const TpShard& shard() const { return shard_; }
   const std::string& dir() const { return dir_; }
   const LayerWeights& layer(int l) const { return layers_[static_cast<size_t>(l)]; }
   WeightDtype weight_dtype() const { return weights_; }
@@ -131,16 +157,17 @@ class Model {
 
  private:
   ModelConfig config_;
+  TpShard shard_;
   std::string dir_;
   WeightDtype weights_ = WeightDtype::kF32;
   std::vector<LayerWeights> layers_;
   BackendBuffer embed_, final_norm_, lm_head_, inv_freq_;
 };
 
-// The calibration file's expectations for this model and scheme, and the scales for rank 0 of
-// tp = 1. Throws Error (from load_calib) on any mismatch.
+// The calibration file's expectations for this model and scheme, and the scales for `shard`'s
+// rank (slice_for_rank). Throws Error (from load_calib) on any mismatch.
 RankScales load_scales_for_model(const std::string& calib_path, const ModelConfig& config,
-                                 KvScheme scheme);
+                                 KvScheme scheme, const TpShard& shard = {});
 CalibExpect calib_expect_for(const ModelConfig& config, KvScheme scheme);
 
 // A second KV scheme run beside the main one, on the main run's very inputs: each layer also
@@ -170,6 +197,9 @@ struct RunnerOptions {
   int max_requests = 64;
   int max_len = 4096;
   std::vector<ShadowScheme> shadows;
+  // Tensor parallelism: the group of the model's shard (world size = shard().tp, rank =
+  // shard().rank); required when tp > 1, null otherwise. Every rank runs the same calls.
+  Communicator* comm = nullptr;
 };
 
 enum class LogitRows {
@@ -227,6 +257,8 @@ class ModelRunner {
                       const std::vector<std::vector<int32_t>>& tokens, LogitRows rows);
   // One layer over the scratch activations of the current pass.
   void run_layer(int l, bool decode);
+  // buf[0, n) = sum over tensor-parallel ranks, in place (nothing when tp = 1).
+  void all_reduce_sum(BackendBuffer& buf, int64_t n);
 
   const Model& model_;
   Backend& backend_;

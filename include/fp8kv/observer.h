@@ -20,6 +20,9 @@ class Communicator {
   virtual void all_gather(const float* in, float* out, size_t count) = 0;
   // buf[i] = max over ranks of buf[i], in place. NaN wins over any number.
   virtual void all_reduce_max(float* buf, size_t count) = 0;
+  // buf[i] = sum over ranks of buf[i], in place. Every rank gets the same bits (the
+  // tensor-parallel model relies on it: its replicated residual stream must not drift apart).
+  virtual void all_reduce_sum(float* buf, size_t count) = 0;
 };
 
 // One process, one rank.

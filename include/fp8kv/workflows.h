@@ -24,6 +24,9 @@ struct CalibrateOptions {
   std::optional<int> count;
   int batch_size = 4;  // sequences per forward pass (one pass = one prefill of a batch)
   bool show_progress = false;
+  // Tensor parallelism: the model's shard group (RunnerOptions::comm). Each rank observes its
+  // own KV heads; the result, gathered into global head order, is the same on every rank.
+  Communicator* comm = nullptr;
 };
 
 struct CalibrateResult {
@@ -34,7 +37,8 @@ struct CalibrateResult {
   int64_t tokens = 0;  // tokens run through the model
 };
 
-// Runs the model with a bf16 cache over `data` with an observer and finalizes it. Throws Error
+// Runs the model with a bf16 cache over `data` with an observer and finalizes it (over
+// options.comm with tp > 1: every rank runs this call). Throws Error
 // when the data gives fewer passes than warmup + count.
 CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
                           const TokenData& data, const CalibrateOptions& options);
@@ -42,6 +46,7 @@ CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
 struct EvalOptions {
   int batch_size = 4;
   bool show_progress = false;
+  Communicator* comm = nullptr;  // tensor parallelism (RunnerOptions::comm)
 };
 
 // One scheme's numbers against the bf16 run, over every position that has a next token.
@@ -63,7 +68,8 @@ struct EvalResult {
 
 // bf16 vs fp8-per-tensor vs fp8-per-head on the same data. The per-layer attention error runs
 // both FP8 caches beside the bf16 run on its very inputs (ShadowScheme); the logit metrics
-// come from full runs with each cache.
+// come from full runs with each cache. With tp > 1 every rank runs this call (scales: the
+// rank's slice) and gets the same result; the attention errors are summed over ranks' heads.
 EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const TokenData& data,
                     const RankScales& per_tensor, const RankScales& per_head,
                     const EvalOptions& options);

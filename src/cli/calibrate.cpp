@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "cli/parallel.h"
 #include "fp8kv/backend.h"
 #include "fp8kv/calib.h"
 #include "fp8kv/error.h"
@@ -23,6 +24,7 @@ void add_calibrate(CLI::App& app) {
     std::string model, data, scheme = "per-head", out = "kv_cache_calib.json", device = "cpu";
     std::optional<int> warmup, count;
     int batch = 4;
+    int tp = 1;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
@@ -42,29 +44,37 @@ void add_calibrate(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, bf16 weights; needs a CUDA build)")
       ->capture_default_str();
+  add_tp_option(cmd, opt->tp);
   cmd->callback([opt]() {
     const KvScheme scheme = parse_scheme(opt->scheme);
     if (!is_fp8(scheme)) throw fp8kv::Error("calibrate: --scheme must be per-head or per-tensor");
-    Device dev = make_device(opt->device);
-    Backend* backend = dev.backend.get();
-    ModelOps* ops = dev.ops.get();
-    auto model = Model::load(opt->model, *backend, true, dev.weights);
-    const TokenData data = load_token_data(opt->data, model->config().vocab_size);
-    CalibrateOptions co;
-    co.quant_type = scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
-    co.warmup = opt->warmup;
-    co.count = opt->count;
-    co.batch_size = opt->batch;
-    co.show_progress = true;
-    const CalibrateResult r = calibrate(*model, *backend, *ops, data, co);
-    write_calib(opt->out, r.data);
-    const auto mm = std::minmax_element(r.data.scales.begin(), r.data.scales.end());
-    std::printf("calibrated %s (%s): %d layers x %d KV heads, %s scales in [%.4g, %.4g]\n",
-                opt->model.c_str(), r.data.architectures.c_str(), r.data.num_layers,
-                r.data.num_head, quant_type_name(r.data.quant_type), *mm.first, *mm.second);
-    std::printf("observed %d forward passes per layer after %d warmup (%d run, %lld tokens)\n",
-                r.count, r.warmup, r.passes_run, static_cast<long long>(r.tokens));
-    std::printf("wrote %s\n", opt->out.c_str());
+    run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
+      const bool rank0 = comm.rank() == 0;
+      Device dev = make_device(opt->device);
+      Backend* backend = dev.backend.get();
+      ModelOps* ops = dev.ops.get();
+      auto model = Model::load(opt->model, *backend, rank0, dev.weights, opt->tp, comm.rank());
+      const TokenData data = load_token_data(opt->data, model->config().vocab_size);
+      CalibrateOptions co;
+      co.quant_type =
+          scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
+      co.warmup = opt->warmup;
+      co.count = opt->count;
+      co.batch_size = opt->batch;
+      co.show_progress = rank0;
+      co.comm = &comm;
+      const CalibrateResult r = calibrate(*model, *backend, *ops, data, co);
+      if (!rank0) return;
+      write_calib(opt->out, r.data);
+      const auto mm = std::minmax_element(r.data.scales.begin(), r.data.scales.end());
+      std::printf("calibrated %s (%s): %d layers x %d KV heads, %s scales in [%.4g, %.4g]\n",
+                  opt->model.c_str(), r.data.architectures.c_str(), r.data.num_layers,
+                  r.data.num_head, quant_type_name(r.data.quant_type), *mm.first, *mm.second);
+      std::printf("observed %d forward passes per layer after %d warmup (%d run, %lld tokens)\n",
+                  r.count, r.warmup, r.passes_run, static_cast<long long>(r.tokens));
+      if (opt->tp > 1) std::printf("tensor parallel: %d ranks\n", opt->tp);
+      std::printf("wrote %s\n", opt->out.c_str());
+    });
   });
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cli/commands.h"
+#include "cli/parallel.h"
 #include "fp8kv/backend.h"
 #include "fp8kv/calib.h"
 #include "fp8kv/model.h"
@@ -16,23 +17,29 @@ namespace fp8kv::cli {
 
 namespace {
 
-// The scales of `scheme`: from `file` when given, else calibrated on `data` (and said so).
+// The scales of `scheme` for the model's rank: from `file` when given, else calibrated on
+// `data` (and said so, by rank 0).
 RankScales scales_or_calibrate(const Model& model, Backend& backend, ModelOps& ops,
                                const TokenData& data, KvScheme scheme,
-                               const std::optional<std::string>& file, int batch) {
+                               const std::optional<std::string>& file, int batch,
+                               Communicator& comm) {
+  const bool rank0 = comm.rank() == 0;
   if (file) {
-    std::printf("%s: scales from %s\n", scheme_name(scheme), file->c_str());
-    return load_scales_for_model(*file, model.config(), scheme);
+    if (rank0) std::printf("%s: scales from %s\n", scheme_name(scheme), file->c_str());
+    return load_scales_for_model(*file, model.config(), scheme, model.shard());
   }
-  std::printf("%s: no calibration file given; calibrating on the evaluation data itself\n",
-              scheme_name(scheme));
-  std::fflush(stdout);
+  if (rank0) {
+    std::printf("%s: no calibration file given; calibrating on the evaluation data itself\n",
+                scheme_name(scheme));
+    std::fflush(stdout);
+  }
   CalibrateOptions co;
   co.quant_type = scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
   co.batch_size = batch;
-  co.show_progress = true;
+  co.show_progress = rank0;
+  co.comm = &comm;
   const CalibrateResult r = calibrate(model, backend, ops, data, co);
-  return slice_for_rank(r.data, 1, 0);
+  return slice_for_rank(r.data, model.shard().tp, model.shard().rank);
 }
 
 }  // namespace
@@ -42,6 +49,7 @@ void add_eval(CLI::App& app) {
     std::string model, data, device = "cpu";
     std::optional<std::string> per_head, per_tensor;
     int batch = 4;
+    int tp = 1;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
@@ -58,21 +66,28 @@ void add_eval(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, bf16 weights; needs a CUDA build)")
       ->capture_default_str();
+  add_tp_option(cmd, opt->tp);
   cmd->callback([opt]() {
-    Device dev = make_device(opt->device);
-    Backend* backend = dev.backend.get();
-    ModelOps* ops = dev.ops.get();
-    auto model = Model::load(opt->model, *backend, true, dev.weights);
-    const TokenData data = load_token_data(opt->data, model->config().vocab_size);
-    const RankScales pt = scales_or_calibrate(*model, *backend, *ops, data, KvScheme::kFp8PerTensor,
-                                              opt->per_tensor, opt->batch);
-    const RankScales ph = scales_or_calibrate(*model, *backend, *ops, data, KvScheme::kFp8PerHead,
-                                              opt->per_head, opt->batch);
-    EvalOptions eo;
-    eo.batch_size = opt->batch;
-    eo.show_progress = true;
-    const EvalResult r = evaluate(*model, *backend, *ops, data, pt, ph, eo);
-    std::printf("\n%s", format_eval_table(r).c_str());
+    run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
+      const bool rank0 = comm.rank() == 0;
+      Device dev = make_device(opt->device);
+      Backend* backend = dev.backend.get();
+      ModelOps* ops = dev.ops.get();
+      auto model = Model::load(opt->model, *backend, rank0, dev.weights, opt->tp, comm.rank());
+      const TokenData data = load_token_data(opt->data, model->config().vocab_size);
+      const RankScales pt = scales_or_calibrate(*model, *backend, *ops, data,
+                                                KvScheme::kFp8PerTensor, opt->per_tensor,
+                                                opt->batch, comm);
+      const RankScales ph = scales_or_calibrate(*model, *backend, *ops, data,
+                                                KvScheme::kFp8PerHead, opt->per_head, opt->batch,
+                                                comm);
+      EvalOptions eo;
+      eo.batch_size = opt->batch;
+      eo.show_progress = rank0;
+      eo.comm = &comm;
+      const EvalResult r = evaluate(*model, *backend, *ops, data, pt, ph, eo);
+      if (rank0) std::printf("\n%s", format_eval_table(r).c_str());
+    });
   });
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/parallel.h"
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
 #include "fp8kv/model.h"
@@ -46,7 +47,7 @@ std::vector<int32_t> parse_ids(const std::string& text) {
 // file is written to a temporary name and renamed, so a failed run leaves no partial file.
 std::vector<std::vector<int32_t>> generate_dumping_logits(
     ModelRunner& runner, const std::vector<std::vector<int32_t>>& prompts, int max_new,
-    int vocab, const std::string& path) {
+    int vocab, const std::string& path, bool write_file) {
   if (prompts.size() != 1) {
     throw fp8kv::Error("--dump-logits takes exactly one --input-ids prompt, got " +
                        std::to_string(prompts.size()));
@@ -63,6 +64,7 @@ std::vector<std::vector<int32_t>> generate_dumping_logits(
     generated.push_back(argmax(step.data()));
   }
   runner.release(req);
+  if (!write_file) return {generated};  // another tensor-parallel rank writes it
   const std::string tmp = path + ".tmp";
   std::FILE* f = std::fopen(tmp.c_str(), "wb");
   if (f == nullptr) throw fp8kv::Error("--dump-logits: cannot write " + tmp);
@@ -83,6 +85,7 @@ void add_generate(CLI::App& app) {
     std::vector<std::string> inputs;
     int max_new = 16;
     std::optional<std::string> dump_logits;
+    int tp = 1;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "Greedy generation from token ids");
@@ -101,6 +104,7 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--dump-logits", opt->dump_logits,
                   "With one prompt: write the logits of every prompt position and of every "
                   "decode step as raw float32 [prompt + max_new - 1, vocab] (for the oracle)");
+  add_tp_option(cmd, opt->tp);
   cmd->callback([opt]() {
     const KvScheme scheme = parse_scheme(opt->kv);
     std::vector<std::vector<int32_t>> prompts;
@@ -112,32 +116,42 @@ void add_generate(CLI::App& app) {
                          "refusing to run with scales of 1.0");
     }
     if (!is_fp8(scheme) && opt->calib) throw fp8kv::Error("--calib is only for the FP8 caches");
-    Device dev = make_device(opt->device);
-    Backend* backend = dev.backend.get();
-    ModelOps* ops = dev.ops.get();
-    auto model = Model::load(opt->model, *backend, true, dev.weights);
-    RunnerOptions ro;
-    ro.scheme = scheme;
-    if (is_fp8(scheme)) ro.scales = load_scales_for_model(*opt->calib, model->config(), scheme);
-    int longest = 0;
-    for (const auto& p : prompts) longest = std::max(longest, static_cast<int>(p.size()));
-    ro.max_len = longest + opt->max_new;
-    ro.max_requests = static_cast<int>(prompts.size());
-    ro.num_slots = static_cast<int64_t>(ro.max_len) * ro.max_requests;
-    ModelRunner runner(*model, *backend, *ops, std::move(ro));
-    const auto t0 = std::chrono::steady_clock::now();
-    const auto out = opt->dump_logits
-                         ? generate_dumping_logits(runner, prompts, opt->max_new,
-                                                   model->config().vocab_size, *opt->dump_logits)
-                         : runner.generate(prompts, opt->max_new);
-    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    for (const auto& seq : out) {
-      std::string line;
-      for (size_t i = 0; i < seq.size(); ++i) line += (i ? "," : "") + std::to_string(seq[i]);
-      std::printf("%s\n", line.c_str());
-    }
-    std::fprintf(stderr, "generated %zu x %d tokens with a %s cache in %.2f s\n", out.size(),
-                 opt->max_new, scheme_name(scheme), sec);
+    run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
+      const bool rank0 = comm.rank() == 0;
+      Device dev = make_device(opt->device);
+      Backend* backend = dev.backend.get();
+      ModelOps* ops = dev.ops.get();
+      auto model = Model::load(opt->model, *backend, rank0, dev.weights, opt->tp, comm.rank());
+      RunnerOptions ro;
+      ro.scheme = scheme;
+      if (is_fp8(scheme)) {
+        ro.scales = load_scales_for_model(*opt->calib, model->config(), scheme, model->shard());
+      }
+      int longest = 0;
+      for (const auto& p : prompts) longest = std::max(longest, static_cast<int>(p.size()));
+      ro.max_len = longest + opt->max_new;
+      ro.max_requests = static_cast<int>(prompts.size());
+      ro.num_slots = static_cast<int64_t>(ro.max_len) * ro.max_requests;
+      ro.comm = &comm;
+      ModelRunner runner(*model, *backend, *ops, std::move(ro));
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto out =
+          opt->dump_logits
+              ? generate_dumping_logits(runner, prompts, opt->max_new, model->config().vocab_size,
+                                        *opt->dump_logits, rank0)
+              : runner.generate(prompts, opt->max_new);
+      const double sec =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (!rank0) return;
+      for (const auto& seq : out) {
+        std::string line;
+        for (size_t i = 0; i < seq.size(); ++i) line += (i ? "," : "") + std::to_string(seq[i]);
+        std::printf("%s\n", line.c_str());
+      }
+      const std::string tp_note = opt->tp > 1 ? " (tp " + std::to_string(opt->tp) + ")" : "";
+      std::fprintf(stderr, "generated %zu x %d tokens with a %s cache in %.2f s%s\n", out.size(),
+                   opt->max_new, scheme_name(scheme), sec, tp_note.c_str());
+    });
   });
 }
 

@@ -21,6 +21,7 @@ class SingleCommunicator final : public Communicator {
     std::copy(in, in + count, out);
   }
   void all_reduce_max(float*, size_t) override {}
+  void all_reduce_sum(float*, size_t) override {}
 };
 
 // Reads a non-negative integer from the environment variable `name`, if set.

@@ -21,7 +21,8 @@ CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
 
   ObserverConfig base;
   base.num_layers = c.num_layers;
-  base.num_kv_heads = c.num_kv_heads;
+  base.num_kv_heads = model.shard().kv_heads;  // this rank's
+  base.total_kv_heads = c.num_kv_heads;
   base.quant_type = options.quant_type;
   base.warmup = 0;
   base.count = passes_available;
@@ -57,6 +58,7 @@ CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
   ro.num_slots = max_batch_tokens;
   ro.max_requests = batch;
   ro.max_len = max_len;
+  ro.comm = options.comm;
   ModelRunner runner(model, backend, ops, std::move(ro));
 
   CalibrateResult result;
@@ -79,8 +81,8 @@ CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
     progress.update(result.passes_run, result.tokens);
   }
   progress.finish();
-  auto comm = make_single_communicator();
-  result.data = observer.finalize(*comm, c.architecture);
+  auto single = make_single_communicator();
+  result.data = observer.finalize(options.comm ? *options.comm : *single, c.architecture);
   return result;
 }
 

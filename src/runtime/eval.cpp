@@ -28,6 +28,24 @@ int64_t argmax_of(const std::vector<double>& v) {
   return std::max_element(v.begin(), v.end()) - v.begin();
 }
 
+// Each rank's attention error covers its own heads: sum the squares over ranks (as float, the
+// Communicator's type: ample for an error metric).
+AttentionErrorStats summed_over_ranks(AttentionErrorStats st, Communicator* comm) {
+  if (comm == nullptr || comm->world_size() == 1) return st;
+  const size_t L = st.diff_sq.size();
+  std::vector<float> both(2 * L);  // [diff_sq of every layer, ref_sq of every layer]
+  for (size_t l = 0; l < L; ++l) {
+    both[l] = static_cast<float>(st.diff_sq[l]);
+    both[L + l] = static_cast<float>(st.ref_sq[l]);
+  }
+  comm->all_reduce_sum(both.data(), both.size());
+  for (size_t l = 0; l < L; ++l) {
+    st.diff_sq[l] = both[l];
+    st.ref_sq[l] = both[L + l];
+  }
+  return st;
+}
+
 struct Accum {
   double nll = 0.0, kl = 0.0, kl_max = 0.0;
   int64_t agree = 0;
@@ -60,6 +78,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     ro.num_slots = max_batch_tokens;
     ro.max_requests = options.batch_size;
     ro.max_len = max_len;
+    ro.comm = options.comm;
     if (scheme == KvScheme::kFp8PerTensor) ro.scales = per_tensor;
     if (scheme == KvScheme::kFp8PerHead) ro.scales = per_head;
     return ro;
@@ -136,7 +155,8 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     e.top1_agreement = static_cast<double>(acc[s].agree) / n;
     e.attn_rel_error.assign(static_cast<size_t>(c.num_layers), 0.0);
     if (s > 0) {
-      const AttentionErrorStats& st = ref.shadow_stats()[static_cast<size_t>(s - 1)];
+      const AttentionErrorStats st =
+          summed_over_ranks(ref.shadow_stats()[static_cast<size_t>(s - 1)], options.comm);
       for (int l = 0; l < c.num_layers; ++l)
         e.attn_rel_error[static_cast<size_t>(l)] = st.rel_error(l);
     }

@@ -2,6 +2,7 @@
 // choice (backend + model ops + weight dtype) of the CLI.
 #include "fp8kv/model.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -40,7 +41,53 @@ std::vector<float> concat(std::vector<float> a, const std::vector<float>& b) {
   return a;
 }
 
+// Rows [begin, begin + count) of a [*, cols] row-major matrix (or vector, cols = 1).
+std::vector<float> slice_rows(const std::vector<float>& v, int64_t cols, int64_t begin,
+                              int64_t count) {
+  return std::vector<float>(v.begin() + begin * cols, v.begin() + (begin + count) * cols);
+}
+
+// Columns [begin, begin + count) of a [rows, cols] row-major matrix: [rows, count].
+std::vector<float> slice_cols(const std::vector<float>& v, int64_t rows, int64_t cols,
+                              int64_t begin, int64_t count) {
+  std::vector<float> out(static_cast<size_t>(rows * count));
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(v.begin() + r * cols + begin, v.begin() + r * cols + begin + count,
+              out.begin() + r * count);
+  }
+  return out;
+}
+
 }  // namespace
+
+TpShard make_tp_shard(const ModelConfig& c, int tp, int rank) {
+  const std::string what = "tensor parallelism --tp " + std::to_string(tp) + ": ";
+  if (tp < 1 || rank < 0 || rank >= tp) {
+    throw Error(what + "rank " + std::to_string(rank) + " is not in [0, tp)");
+  }
+  if (c.num_q_heads % tp != 0) {
+    throw Error(what + "tp must divide the " + std::to_string(c.num_q_heads) +
+                " attention (Q) heads");
+  }
+  if (c.num_kv_heads % tp != 0 && tp % c.num_kv_heads != 0) {
+    throw Error(what + "tp must divide the " + std::to_string(c.num_kv_heads) +
+                " KV heads, or be a multiple of them");
+  }
+  if (c.intermediate_size % tp != 0) {
+    throw Error(what + "tp must divide intermediate_size " + std::to_string(c.intermediate_size));
+  }
+  TpShard s;
+  s.tp = tp;
+  s.rank = rank;
+  s.q_heads = c.num_q_heads / tp;
+  s.q_head_begin = rank * s.q_heads;
+  s.kv_heads = std::max(1, c.num_kv_heads / tp);
+  const int f = tp * s.kv_heads / c.num_kv_heads;  // ranks sharing each KV head
+  s.kv_head_begin = rank * s.kv_heads / f;
+  s.inter = c.intermediate_size / tp;
+  s.inter_begin = rank * s.inter;
+  return s;
+}
 
 const char* weight_dtype_name(WeightDtype t) { return t == WeightDtype::kBf16 ? "bf16" : "fp32"; }
 
@@ -83,16 +130,32 @@ size_t Model::weight_bytes() const {
 }
 
 std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, bool show_progress,
-                                   WeightDtype weights) {
+                                   WeightDtype weights, int tp, int rank) {
   auto m = std::unique_ptr<Model>(new Model());
   m->dir_ = dir;
   m->weights_ = weights;
   m->config_ = load_model_config(dir);
   const ModelConfig& c = m->config_;
+  m->shard_ = make_tp_shard(c, tp, rank);
+  const TpShard& sh = m->shard_;
   WeightStore store(dir);
-  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
-  const int64_t QD = static_cast<int64_t>(c.num_q_heads) * c.head_dim;
-  const int64_t KD = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size, D = c.head_dim;
+  const int64_t QD = static_cast<int64_t>(c.num_q_heads) * D;
+  const int64_t KD = static_cast<int64_t>(c.num_kv_heads) * D;
+  // The rank's slices (the whole tensors when tp = 1): rows of q/k/v_proj and gate/up_proj
+  // (outputs), columns of o_proj and down_proj (inputs).
+  const int64_t q0 = sh.q_head_begin * D, q_len = sh.q_heads * D;
+  const int64_t k0 = sh.kv_head_begin * D, k_len = sh.kv_heads * D;
+  const int64_t i0 = sh.inter_begin, i_len = sh.inter;
+  auto read_rows = [&](const std::string& name, std::vector<int64_t> shape, int64_t begin,
+                       int64_t count) {
+    const int64_t cols = shape.size() > 1 ? shape[1] : 1;
+    return slice_rows(store.read_f32(name, shape), cols, begin, count);
+  };
+  auto read_cols = [&](const std::string& name, int64_t r, int64_t cl, int64_t begin,
+                       int64_t count) {
+    return slice_cols(store.read_f32(name, {r, cl}), r, cl, begin, count);
+  };
 
   Progress progress("loading " + dir, c.num_layers + 2, show_progress);
   const WeightDtype wd = weights;
@@ -103,23 +166,25 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, boo
     LayerWeights w;
     w.dtype = wd;
     w.attn_norm = upload_floats(backend, store.read_f32(p + "input_layernorm.weight", {H}));
-    w.w_q = upload_matrix(backend, store.read_f32(p + "self_attn.q_proj.weight", {QD, H}), wd);
+    w.w_q =
+        upload_matrix(backend, read_rows(p + "self_attn.q_proj.weight", {QD, H}, q0, q_len), wd);
     w.w_kv = upload_matrix(backend,
-                           concat(store.read_f32(p + "self_attn.k_proj.weight", {KD, H}),
-                                  store.read_f32(p + "self_attn.v_proj.weight", {KD, H})),
+                           concat(read_rows(p + "self_attn.k_proj.weight", {KD, H}, k0, k_len),
+                                  read_rows(p + "self_attn.v_proj.weight", {KD, H}, k0, k_len)),
                            wd);
     if (c.attention_bias) {
-      w.b_q = upload_floats(backend, store.read_f32(p + "self_attn.q_proj.bias", {QD}));
-      w.b_kv = upload_floats(backend, concat(store.read_f32(p + "self_attn.k_proj.bias", {KD}),
-                                             store.read_f32(p + "self_attn.v_proj.bias", {KD})));
+      w.b_q = upload_floats(backend, read_rows(p + "self_attn.q_proj.bias", {QD}, q0, q_len));
+      w.b_kv =
+          upload_floats(backend, concat(read_rows(p + "self_attn.k_proj.bias", {KD}, k0, k_len),
+                                        read_rows(p + "self_attn.v_proj.bias", {KD}, k0, k_len)));
     }
-    w.w_o = upload_matrix(backend, store.read_f32(p + "self_attn.o_proj.weight", {H, QD}), wd);
+    w.w_o = upload_matrix(backend, read_cols(p + "self_attn.o_proj.weight", H, QD, q0, q_len), wd);
     w.mlp_norm = upload_floats(backend, store.read_f32(p + "post_attention_layernorm.weight", {H}));
     w.w_gate_up = upload_matrix(backend,
-                                concat(store.read_f32(p + "mlp.gate_proj.weight", {I, H}),
-                                       store.read_f32(p + "mlp.up_proj.weight", {I, H})),
+                                concat(read_rows(p + "mlp.gate_proj.weight", {I, H}, i0, i_len),
+                                       read_rows(p + "mlp.up_proj.weight", {I, H}, i0, i_len)),
                                 wd);
-    w.w_down = upload_matrix(backend, store.read_f32(p + "mlp.down_proj.weight", {H, I}), wd);
+    w.w_down = upload_matrix(backend, read_cols(p + "mlp.down_proj.weight", H, I, i0, i_len), wd);
     m->layers_.push_back(std::move(w));
     progress.update(l + 2);
   }
@@ -143,11 +208,12 @@ CalibExpect calib_expect_for(const ModelConfig& config, KvScheme scheme) {
 }
 
 RankScales load_scales_for_model(const std::string& calib_path, const ModelConfig& config,
-                                 KvScheme scheme) {
+                                 KvScheme scheme, const TpShard& shard) {
   if (!is_fp8(scheme)) {
     throw Error(std::string("the ") + scheme_name(scheme) + " KV cache takes no calibration file");
   }
-  return slice_for_rank(load_calib(calib_path, calib_expect_for(config, scheme)), 1, 0);
+  return slice_for_rank(load_calib(calib_path, calib_expect_for(config, scheme)), shard.tp,
+                        shard.rank);
 }
 
 }  // namespace fp8kv

@@ -11,9 +11,10 @@ namespace fp8kv {
 
 namespace {
 
-// Checks that `scales` fit `scheme` and the model; `what` names the run in messages.
+// Checks that `scales` fit `scheme` and the model's shard (`kv_heads` KV heads on this rank);
+// `what` names the run in messages.
 void check_scales(KvScheme scheme, const std::optional<RankScales>& scales, const ModelConfig& c,
-                  const std::string& what) {
+                  int kv_heads, const std::string& what) {
   if (!is_fp8(scheme)) return;
   if (!scales) {
     throw Error(what + ": the " + std::string(scheme_name(scheme)) +
@@ -30,17 +31,17 @@ void check_scales(KvScheme scheme, const std::optional<RankScales>& scales, cons
     throw Error(what + ": scales for " + std::to_string(scales->num_layers) +
                 " layers, the model has " + std::to_string(c.num_layers));
   }
-  if (want == QuantType::kPerHead && scales->heads_per_rank != c.num_kv_heads) {
+  if (want == QuantType::kPerHead && scales->heads_per_rank != kv_heads) {
     throw Error(what + ": scales for " + std::to_string(scales->heads_per_rank) +
-                " KV heads, the model has " + std::to_string(c.num_kv_heads));
+                " KV heads, the model (this rank) has " + std::to_string(kv_heads));
   }
   if (scales->kv.size() != static_cast<size_t>(c.num_layers) * scales->row_width()) {
     throw Error(what + ": scales array has " + std::to_string(scales->kv.size()) +
                 " values, expected " + std::to_string(c.num_layers * scales->row_width()));
   }
-  if (scales->q && scales->q->size() != static_cast<size_t>(c.num_layers) * c.num_kv_heads) {
+  if (scales->q && scales->q->size() != static_cast<size_t>(c.num_layers) * kv_heads) {
     throw Error(what + ": static Q scales have " + std::to_string(scales->q->size()) +
-                " values, expected " + std::to_string(c.num_layers * c.num_kv_heads));
+                " values, expected " + std::to_string(c.num_layers * kv_heads));
   }
 }
 
@@ -73,7 +74,8 @@ struct ModelRunner::Shadow {
   int row_width;
 };
 
-// Activations of one forward pass, grown as needed. Shapes for T new tokens, B requests.
+// Activations of one forward pass, grown as needed. Shapes for T new tokens, B requests; Hq,
+// Hkv and I are the rank's (TpShard), H is whole.
 struct ModelRunner::Scratch {
   BackendBuffer ids, pos, slots;     // [T] int32
   BackendBuffer seq_len, req_index;  // [B] int32
@@ -100,6 +102,7 @@ struct ModelRunner::Scratch {
   AttentionBatch batch;
   std::vector<float> host_amax;
   std::vector<uint16_t> host_o, host_o_shadow;
+  std::vector<float> host_reduce;    // [T, H] staging of the tensor-parallel all-reduce
 };
 
 ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, RunnerOptions options)
@@ -108,14 +111,20 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
       ops_(ops),
       options_(std::move(options)),
       table_(backend, options_.max_requests, options_.max_len, options_.num_slots),
-      pool_(backend, model.config().num_layers, options_.num_slots, model.config().num_kv_heads,
+      pool_(backend, model.config().num_layers, options_.num_slots, model.shard().kv_heads,
             model.config().head_dim, options_.scheme),
       s_(std::make_unique<Scratch>()) {
   const ModelConfig& c = model.config();
   if (c.head_dim > 1024) {
     throw Error("head_dim " + std::to_string(c.head_dim) + " is larger than 1024");
   }
-  check_scales(options_.scheme, options_.scales, c, "model runner");
+  const TpShard& shard = model.shard();
+  if (shard.tp > 1 && (options_.comm == nullptr || options_.comm->world_size() != shard.tp ||
+                       options_.comm->rank() != shard.rank)) {
+    throw Error("model runner: the model is rank " + std::to_string(shard.rank) + " of tp " +
+                std::to_string(shard.tp) + "; it needs a communicator of that rank and size");
+  }
+  check_scales(options_.scheme, options_.scales, c, shard.kv_heads, "model runner");
   if (is_fp8(options_.scheme)) {
     kv_scales_ = upload_vector(backend, options_.scales->kv);
     if (options_.scheme == KvScheme::kFp8PerHead && options_.scales->q) {
@@ -128,18 +137,19 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
                   std::string(scheme_name(options_.scheme)));
     }
     const ObserverConfig& oc = options_.observer->config();
-    if (oc.num_layers != c.num_layers || oc.num_kv_heads != c.num_kv_heads) {
+    if (oc.num_layers != c.num_layers || oc.num_kv_heads != shard.kv_heads) {
       throw Error("observer is set up for " + std::to_string(oc.num_layers) + " layers and " +
-                  std::to_string(oc.num_kv_heads) + " KV heads, the model has " +
-                  std::to_string(c.num_layers) + " and " + std::to_string(c.num_kv_heads));
+                  std::to_string(oc.num_kv_heads) + " KV heads, the model (this rank) has " +
+                  std::to_string(c.num_layers) + " and " + std::to_string(shard.kv_heads));
     }
   }
   for (const ShadowScheme& sh : options_.shadows) {
-    check_scales(sh.scheme, sh.scales, c, std::string("shadow ") + scheme_name(sh.scheme));
+    check_scales(sh.scheme, sh.scales, c, shard.kv_heads,
+                 std::string("shadow ") + scheme_name(sh.scheme));
     if (!is_fp8(sh.scheme)) throw Error("a shadow scheme must be an FP8 scheme");
     auto s = std::unique_ptr<Shadow>(new Shadow{
         sh.scheme,
-        KvPool(backend, c.num_layers, options_.num_slots, c.num_kv_heads, c.head_dim, sh.scheme),
+        KvPool(backend, c.num_layers, options_.num_slots, shard.kv_heads, c.head_dim, sh.scheme),
         upload_vector(backend, sh.scales.kv), BackendBuffer(), sh.scales.row_width()});
     if (sh.scheme == KvScheme::kFp8PerHead && sh.scales.q) {
       s->q_scales = upload_vector(backend, *sh.scales.q);
@@ -186,7 +196,8 @@ void ModelRunner::append_random_context(const std::vector<int>& reqs, int count,
   if (count < 0) throw Error("append_random_context: negative count " + std::to_string(count));
   if (count == 0 || reqs.empty()) return;
   const ModelConfig& c = model_.config();
-  const int64_t KVD = 2ll * c.num_kv_heads * c.head_dim;
+  const int Hkv = model_.shard().kv_heads;
+  const int64_t KVD = 2ll * Hkv * c.head_dim;
   // One chunk of rows, uploaded once and written again for every chunk of every request.
   const int chunk = std::min(count, 4096);
   std::vector<uint16_t> host(static_cast<size_t>(chunk * KVD));
@@ -218,7 +229,7 @@ void ModelRunner::append_random_context(const std::vector<int>& reqs, int count,
           backend_.quantize_kv(qk);
         }
       };
-      write(pool_, kv_scales_, options_.scheme == KvScheme::kFp8PerHead ? 2 * c.num_kv_heads : 2);
+      write(pool_, kv_scales_, options_.scheme == KvScheme::kFp8PerHead ? 2 * Hkv : 2);
       for (const auto& sh : shadows_) write(sh->pool, sh->kv_scales, sh->row_width);
     }
   }
@@ -267,9 +278,11 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   const bool decode = max_q == 1;
 
   Scratch& s = *s_;
-  const int64_t H = c.hidden_size, I = c.intermediate_size;
-  const int64_t QD = static_cast<int64_t>(c.num_q_heads) * c.head_dim;
-  const int64_t KVD = 2ll * c.num_kv_heads * c.head_dim;
+  // The rank's sizes (TpShard); the whole model's when tp = 1.
+  const TpShard& shard = model_.shard();
+  const int64_t H = c.hidden_size, I = shard.inter;
+  const int64_t QD = static_cast<int64_t>(shard.q_heads) * c.head_dim;
+  const int64_t KVD = 2ll * shard.kv_heads * c.head_dim;
   auto f32 = [](int64_t n) { return static_cast<size_t>(n) * sizeof(float); };
   auto i32 = [](int64_t n) { return static_cast<size_t>(n) * sizeof(int32_t); };
   auto b16 = [](int64_t n) { return static_cast<size_t>(n) * sizeof(uint16_t); };
@@ -287,13 +300,13 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   s.q16.ensure(backend_, b16(T * QD));
   s.kv16.ensure(backend_, b16(T * KVD));
   s.q8.ensure(backend_, static_cast<size_t>(T * QD));
-  s.q_scale.ensure(backend_, f32(static_cast<int64_t>(B) * c.num_kv_heads));
+  s.q_scale.ensure(backend_, f32(static_cast<int64_t>(B) * shard.kv_heads));
   s.o16.ensure(backend_, b16(T * QD));
   if (!shadows_.empty()) s.o16_shadow.ensure(backend_, b16(T * QD));
   s.o.ensure(backend_, f32(T * QD));
   s.gu.ensure(backend_, f32(T * 2 * I));
   s.mlp.ensure(backend_, f32(T * I));
-  s.amax.ensure(backend_, f32(2 * c.num_kv_heads));
+  s.amax.ensure(backend_, f32(2 * shard.kv_heads));
 
   s.ids.upload(ids.data(), i32(T));
   s.pos.upload(pos.data(), i32(T));
@@ -342,8 +355,10 @@ void ModelRunner::run_layer(int l, bool decode) {
   const LayerWeights& w = model_.layer(l);
   Scratch& s = *s_;
   const int64_t T = s.T;
-  const int64_t H = c.hidden_size, I = c.intermediate_size;
-  const int Hq = c.num_q_heads, Hkv = c.num_kv_heads, D = c.head_dim;
+  // The rank's heads and intermediate rows (TpShard); the whole model's when tp = 1.
+  const TpShard& shard = model_.shard();
+  const int64_t H = c.hidden_size, I = shard.inter;
+  const int Hq = shard.q_heads, Hkv = shard.kv_heads, D = c.head_dim;
   const int64_t QD = static_cast<int64_t>(Hq) * D;
   const int64_t KVD = 2ll * Hkv * D;
 
@@ -383,6 +398,10 @@ void ModelRunner::run_layer(int l, bool decode) {
     ap.batch = s.batch;
     ap.o = out;
     if (cache.scheme == KvScheme::kFp8PerHead) {
+      // The dynamic Q scale of (request, KV head) is the abs-max over this rank's Q heads of
+      // that KV head: with tp <= Hkv that is the whole GQA group (as at tp = 1); with tp > Hkv
+      // (replicated KV heads) only the rank's part of it, so Q quantizes differently than at
+      // tp = 1 (finer, not worse). Static Q scales (q_calibration) are the same on every rank.
       QuantizeQParams qq;
       qq.q = s.q16.as<const uint16_t>();
       qq.q_fp8 = s.q8.as<uint8_t>();
@@ -444,15 +463,31 @@ void ModelRunner::run_layer(int l, bool decode) {
   }
 
   ops_.from_bf16(s.o16.as<const uint16_t>(), s.o.as<float>(), T * QD);
+  // o_proj over the rank's heads: a partial sum of the output, summed over ranks (o_proj has
+  // no bias, so nothing is added twice), then the residual once.
   ops_.linear(s.o.as<const float>(), w.view(w.w_o), nullptr, s.a.as<float>(), T, H, QD);
+  all_reduce_sum(s.a, T * H);
   ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
   ops_.rms_norm(s.x.as<const float>(), w.mlp_norm.as<const float>(), s.h.as<float>(), T,
                 static_cast<int>(H), c.rms_norm_eps);
   ops_.linear(s.h.as<const float>(), w.view(w.w_gate_up), nullptr, s.gu.as<float>(), T, 2 * I,
               H);
   ops_.silu_mul(s.gu.as<const float>(), s.mlp.as<float>(), T, I);
+  // down_proj over the rank's intermediate rows: partial sums again (no bias).
   ops_.linear(s.mlp.as<const float>(), w.view(w.w_down), nullptr, s.a.as<float>(), T, H, I);
+  all_reduce_sum(s.a, T * H);
   ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
+}
+
+void ModelRunner::all_reduce_sum(BackendBuffer& buf, int64_t n) {
+  if (model_.shard().tp == 1) return;
+  // Through the host: the Communicator works on host buffers (NCCL stages them on its own
+  // device buffer). A copy of [T, H] floats per reduction, cheap next to the GEMMs on the CPU.
+  // TODO(issue 5): a device-pointer all-reduce on the backend's stream for the CUDA path.
+  s_->host_reduce.resize(static_cast<size_t>(n));
+  buf.download(s_->host_reduce.data(), s_->host_reduce.size() * sizeof(float));
+  options_.comm->all_reduce_sum(s_->host_reduce.data(), s_->host_reduce.size());
+  buf.upload(s_->host_reduce.data(), s_->host_reduce.size() * sizeof(float));
 }
 
 std::vector<std::vector<int32_t>> ModelRunner::generate(

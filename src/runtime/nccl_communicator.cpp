@@ -121,6 +121,18 @@ class NcclCommunicator final : public Communicator {
     }
   }
 
+  // ncclSum: NCCL's ring and tree algorithms hand every rank the same reduced bits.
+  void all_reduce_sum(float* buf, size_t count) override {
+    float* dev = reserve(count);
+    check_cuda(cudaMemcpyAsync(dev, buf, count * sizeof(float), cudaMemcpyHostToDevice, stream_),
+               "upload");
+    check_nccl(ncclAllReduce(dev, dev, count, ncclFloat32, ncclSum, comm_, stream_),
+               "ncclAllReduce");
+    check_cuda(cudaMemcpyAsync(buf, dev, count * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+               "download");
+    check_cuda(cudaStreamSynchronize(stream_), "synchronize");
+  }
+
  private:
   float* reserve(size_t floats) {
     if (floats > capacity_) {

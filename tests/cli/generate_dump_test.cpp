@@ -10,20 +10,17 @@
 #include <string>
 #include <vector>
 
+#include "cli/run_fp8kv.h"
 #include "runtime/test_util.h"
 
 namespace fp8kv {
 namespace {
 
+// fp8kv ARGS with stdout appended to *out (stderr dropped); returns the exit code.
 int run(const std::string& args, std::string* out) {
-  const std::string command = std::string("'") + FP8KV_BINARY + "' " + args + " 2>/dev/null";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (pipe == nullptr) return -1;
-  char buffer[4096];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) out->append(buffer, n);
-  const int status = ::pclose(pipe);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  const testing::RunResult r = testing::run_fp8kv(args, /*with_stderr=*/false);
+  *out += r.output;
+  return r.exit_code;
 }
 
 // Rows: every prompt position, then every decode step; each chosen token is its row's argmax.

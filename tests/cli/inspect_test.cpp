@@ -1,42 +1,18 @@
 // fp8kv inspect, run as the built binary.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <string>
+
+#include "cli/run_fp8kv.h"
 
 namespace {
 
 const std::string kSourceDir = FP8KV_SOURCE_DIR;
 const std::string kLightLlmFile = kSourceDir + "/examples/lightllm_per_tensor_qwen2.5_32b.json";
 
-struct RunResult {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
-
-RunResult run_fp8kv(const std::string& args) {
-  const std::string command = std::string("'") + FP8KV_BINARY + "' " + args + " 2>&1";
-  RunResult result;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (pipe == nullptr) {
-    ADD_FAILURE() << "popen failed: " << command;
-    return result;
-  }
-  std::array<char, 4096> buffer;
-  size_t n;
-  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0) {
-    result.output.append(buffer.data(), n);
-  }
-  const int status = ::pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using fp8kv::testing::contains;
+using fp8kv::testing::RunResult;
+using fp8kv::testing::run_fp8kv;
 
 // Every printed line fits a 100-column terminal.
 void expect_fits_100_columns(const std::string& output) {

@@ -3,42 +3,23 @@
 #include <sys/wait.h>
 
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 
+#include "fp8kv/calib.h"
+#include "cli/run_fp8kv.h"
 #include "runtime/test_util.h"
 
 namespace fp8kv {
 namespace {
 
-struct RunResult {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
-
-RunResult run(const std::string& args) {
-  const std::string command = std::string("'") + FP8KV_BINARY + "' " + args + " 2>&1";
-  RunResult result;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (pipe == nullptr) {
-    ADD_FAILURE() << "popen failed: " << command;
-    return result;
-  }
-  std::array<char, 4096> buffer;
-  size_t n;
-  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0) {
-    result.output.append(buffer.data(), n);
-  }
-  const int status = ::pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
+using testing::contains;
+using testing::RunResult;
+RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
 
 TEST(ModelCli, MakeCalibrateGenerateEval) {
   TempDir dir;
@@ -101,6 +82,75 @@ TEST(ModelCli, DemoEndToEndSmall) {
   }
   EXPECT_TRUE(std::filesystem::exists(dir.path() + "/kv_cache_calib_per_head.json"));
   EXPECT_TRUE(std::filesystem::exists(dir.path() + "/eval.jsonl"));
+}
+
+// The lines of `output` that are comma-separated token ids (generate's stdout), in order:
+// progress and timing lines differ from run to run.
+std::string token_lines(const std::string& output) {
+  std::string out, line;
+  std::istringstream in(output);
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.find_first_not_of("0123456789,") == std::string::npos) {
+      out += line + "\n";
+    }
+  }
+  return out;
+}
+
+// --tp 2 on the CPU (ranks as threads): the calibration file and the generated tokens of tp 1.
+// Layer 0's scales must be bit-identical; later layers see hidden states summed in another
+// order (o_proj / down_proj partial sums), so they are allowed one bf16 ulp (relative 2^-7) --
+// on this data they come out identical too (see tests/runtime/tensor_parallel_test.cpp).
+TEST(ModelCli, TensorParallelCpuMatchesTp1) {
+  TempDir dir;
+  const std::string model = dir.path() + "/tiny";
+  RunResult r = run("make-model " + model + " --preset tiny");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string data = dir.path() + "/data.jsonl";
+  {
+    std::ofstream out(data);
+    out << "{\"input_ids\": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}\n"
+        << "{\"input_ids\": [100, 200, 300, 400, 500, 600]}\n"
+        << "{\"input_ids\": [2047, 0, 17, 33, 99, 1024, 5, 6, 7]}\n";
+  }
+  for (const char* scheme : {"per-head", "per-tensor"}) {
+    const std::string one = dir.path() + "/tp1.json", two = dir.path() + "/tp2.json";
+    r = run("calibrate --model " + model + " --data " + data + " --scheme " + scheme +
+            " --batch 2 --out " + one);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    r = run("calibrate --model " + model + " --data " + data + " --scheme " + scheme +
+            " --batch 2 --tp 2 --device cpu --out " + two);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_TRUE(contains(r.output, "tensor parallel: 2 ranks")) << r.output;
+    const CalibData a = load_calib(one), b = load_calib(two);
+    ASSERT_EQ(a.scales.size(), b.scales.size());
+    const int width = a.row_width();
+    for (size_t i = 0; i < a.scales.size(); ++i) {
+      if (static_cast<int>(i) < width) {
+        EXPECT_EQ(a.scales[i], b.scales[i]) << scheme << " layer 0, column " << i;
+      } else {
+        EXPECT_LE(std::fabs(a.scales[i] - b.scales[i]), a.scales[i] / 128) << scheme << " " << i;
+      }
+    }
+  }
+  const std::string calib = dir.path() + "/tp1.json";  // per-tensor, from the last round
+  for (const std::string kv : {"bf16", "fp8-per-tensor"}) {
+    const std::string args = "generate --model " + model + " --kv " + kv +
+                             (kv == "bf16" ? "" : " --calib " + calib) +
+                             " --input-ids 1,2,3,4 --input-ids 9,8 --max-new 6";
+    const RunResult one = run(args);
+    const RunResult two = run(args + " --tp 2");
+    ASSERT_EQ(one.exit_code, 0) << one.output;
+    ASSERT_EQ(two.exit_code, 0) << two.output;
+    EXPECT_FALSE(token_lines(one.output).empty()) << one.output;
+    EXPECT_EQ(token_lines(one.output), token_lines(two.output)) << kv;
+  }
+  r = run("generate --model " + model + " --input-ids 1,2 --tp 3");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "tp must divide the 8 attention (Q) heads")) << r.output;
+  r = run("generate --model " + model + " --input-ids 1,2 --tp 2 --device cuda");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "not yet")) << r.output;
 }
 
 TEST(ModelCli, Refusals) {

@@ -1,7 +1,7 @@
 // The NCCL Communicator across real processes and GPUs: the test starts one child process per
-// GPU (itself, filtered to the child body) and checks gather order, NaN-propagating max, and an
-// observer finalize that must equal the one-process result value for value. Skipped with fewer
-// than two GPUs or without NCCL.
+// GPU (itself, filtered to the child body) and checks gather order, NaN-propagating max, sum,
+// and an observer finalize that must equal the one-process result value for value. Skipped with
+// fewer than two GPUs or without NCCL.
 #include <gtest/gtest.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -52,6 +52,11 @@ TEST(NcclChild, Body) {
   comm->all_reduce_max(m.data(), 2);
   EXPECT_EQ(m[0], world - 1);
   EXPECT_TRUE(std::isnan(m[1]));
+  // Sums of small integers are exact in any order; every rank gets the total.
+  std::vector<float> sum = {static_cast<float>(rank + 1), 0.5f};
+  comm->all_reduce_sum(sum.data(), 2);
+  EXPECT_EQ(sum[0], world * (world + 1) / 2);
+  EXPECT_EQ(sum[1], 0.5f * world);
 
   for (QuantType type : {QuantType::kPerHead, QuantType::kPerTensor}) {
     ObserverConfig c;
