@@ -9,20 +9,12 @@
 #include <string>
 
 #include "fp8kv/error.h"
+#include "runtime/test_util.h"
 
 namespace fp8kv {
 namespace {
 
 const std::string kData = std::string(FP8KV_SOURCE_DIR) + "/tests/data/model/";
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 ModelConfig config_from_file(const std::string& path) {
   std::ifstream in(path);

@@ -27,15 +27,6 @@ void write_raw(const std::string& path, const std::string& header, size_t data_b
   out << std::string(data_bytes, '\0');
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 TEST(Safetensors, RoundTripAllDtypes) {
   TempDir dir;
   const std::string path = dir.path() + "/t.safetensors";

@@ -24,15 +24,6 @@
 namespace fp8kv {
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 std::vector<int32_t> tokens(int n, int seed, int vocab) {
   std::vector<int32_t> t;
   for (int i = 0; i < n; ++i) t.push_back(static_cast<int32_t>((seed * 7919 + i * 104729) % vocab));

@@ -5,9 +5,22 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string>
 
+#include "fp8kv/error.h"
+
 namespace fp8kv {
+
+// The message of the fp8kv::Error that f throws, or "(no error)".
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
 
 // A fresh folder under the temp dir, removed with everything in it on destruction.
 class TempDir {

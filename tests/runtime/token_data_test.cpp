@@ -11,15 +11,6 @@
 namespace fp8kv {
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 TEST(TokenData, ParsesAndSkipsBlankLines) {
   const TokenData d = parse_token_data(
       "{\"input_ids\": [1, 2, 3]}\n\n   \n{\"input_ids\": [0], \"text\": \"x\"}\r\n", "d.jsonl",
