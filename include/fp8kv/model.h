@@ -81,7 +81,8 @@ std::unique_ptr<ModelOps> make_cpu_model_ops();
 // what make_cuda_backend's default uses): the ops queue their work behind the backend's.
 std::unique_ptr<ModelOps> make_cuda_model_ops(Backend& backend, void* stream = nullptr);
 
-// Where a model runs: "cpu" (fp32 weights) or "cuda" (GPU 0, bf16 weights). The backend is
+// Where a model runs: "cpu" (fp32 weights) or "cuda" (the current CUDA device, GPU 0 unless
+// cudaSetDevice chose another; bf16 weights). The backend is
 // declared first, so the ops go first on destruction.
 struct Device {
   std::unique_ptr<Backend> backend;

@@ -42,7 +42,7 @@ void add_calibrate(CLI::App& app) {
   cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, bf16 weights; needs a CUDA build)")
+  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA build)")
       ->capture_default_str();
   add_tp_option(cmd, opt->tp);
   cmd->callback([opt]() {

@@ -93,7 +93,7 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--kv", opt->kv, "KV cache: bf16, fp8-per-head or fp8-per-tensor")
       ->capture_default_str();
   cmd->add_option("--calib", opt->calib, "Calibration file (required for the FP8 caches)");
-  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, bf16 weights; needs a CUDA build)")
+  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA build)")
       ->capture_default_str();
   cmd->add_option("--input-ids", opt->inputs,
                   "Prompt token ids, comma separated; repeat for a batch of prompts")

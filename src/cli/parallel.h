@@ -13,14 +13,18 @@ class App;
 
 namespace fp8kv::cli {
 
-// Adds `--tp N` (tensor-parallel ranks, default 1) to `cmd`.
+// Adds `--tp N` (tensor-parallel ranks, default 1) to `cmd`, and the hidden `--tp-rank R
+// --tp-rendezvous FILE` that the parent of `--tp N --device cuda` gives each rank process.
 void add_tp_option(CLI::App* cmd, int& tp);
 
 // Runs body(comm) for every rank of `tp`: tp = 1 in this thread (a single-rank communicator);
 // with --device cpu, tp ranks as threads of this process (the in-process communicator). With
-// --device cuda and tp > 1: refused for now (one process per GPU over NCCL is not wired into
-// the CLI yet). The body makes its own Device and loads its shard (Model::load(..., tp, rank));
-// rank 0 prints and writes.
+// --device cuda and tp > 1, one process per GPU over NCCL: this process (the parent) checks that
+// there are tp GPUs, starts tp copies of itself (same command line plus --tp-rank R
+// --tp-rendezvous FILE; ranks > 0 write to a log file, so rank 0 alone prints), waits for them
+// and throws Error naming the first rank that failed (stopping the others). A rank process
+// joins the NCCL group on GPU R and runs body once. The body makes its own Device (on the
+// current GPU) and loads its shard (Model::load(..., tp, rank)); rank 0 prints and writes.
 void run_tensor_parallel(int tp, const std::string& device,
                          const std::function<void(Communicator&)>& body);
 

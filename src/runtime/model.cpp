@@ -11,6 +11,10 @@
 #include "fp8kv/progress.h"
 #include "fp8kv/safetensors.h"
 
+#if defined(FP8KV_HAVE_CUDA)
+#include <cuda_runtime.h>
+#endif
+
 namespace fp8kv {
 
 namespace {
@@ -105,7 +109,14 @@ Device make_device(const std::string& name) {
       throw Error("--device cuda: no usable GPU here (fp8kv's kernels need a Hopper GPU, sm_90, "
                   "and a CUDA driver); use --device cpu");
     }
-    d.backend = make_cuda_backend(0, nullptr);
+    // The calling thread's current GPU (0 unless someone chose another): a --tp rank process
+    // selects GPU `rank` (make_nccl_communicator) before it makes its Device.
+    int current = 0;
+    if (cudaGetDevice(&current) != cudaSuccess) {
+      cudaGetLastError();
+      current = 0;
+    }
+    d.backend = make_cuda_backend(current, nullptr);
     d.ops = make_cuda_model_ops(*d.backend, nullptr);
     d.weights = WeightDtype::kBf16;
     return d;

@@ -149,8 +149,15 @@ TEST(ModelCli, TensorParallelCpuMatchesTp1) {
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_TRUE(contains(r.output, "tp must divide the 8 attention (Q) heads")) << r.output;
   r = run("generate --model " + model + " --input-ids 1,2 --tp 2 --device cuda");
-  EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_TRUE(contains(r.output, "not yet")) << r.output;
+  // One process per GPU over NCCL (tests/cuda/tp_cli_test.cpp runs it on 2 GPUs): refused here
+  // by a CPU-only build, or for lack of GPUs (or of NCCL) in a CUDA build on this machine.
+  // (On a machine with 2 GPUs it runs and exits 0: nothing to check here then.)
+  if (r.exit_code != 0) {
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_TRUE(contains(r.output, "no CUDA backend") || contains(r.output, "needs 2 GPUs") ||
+                contains(r.output, "without NCCL"))
+        << r.output;
+  }
 }
 
 TEST(ModelCli, Refusals) {

@@ -1,0 +1,130 @@
+// `--tp 2 --device cuda` through the CLI: one process per GPU over NCCL (src/cli/parallel.cpp).
+// The calibration file must be the --tp 1 --device cuda file value for value (layer 0 exact,
+// later layers within one bf16 ulp: the o_proj / down_proj partial sums are added in another
+// order, the same reasoning as tests/runtime/tensor_parallel_test.cpp), and greedy generation
+// with an FP8 cache must give the tp 1 tokens. Skipped with fewer than 2 GPUs or without NCCL.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "cli/run_fp8kv.h"
+#include "fp8kv/calib.h"
+#include "fp8kv/backend.h"
+#include "runtime/test_util.h"
+
+#if defined(FP8KV_HAVE_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+namespace fp8kv {
+namespace {
+
+using testing::contains;
+using testing::RunResult;
+RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
+
+// Relative distance in units of 2^-7 (one bf16 ulp is at most 1 in this unit).
+double bf16_ulps(float a, float b) {
+  const double m = std::max(std::fabs(a), std::fabs(b));
+  return m == 0 ? 0 : std::fabs(static_cast<double>(a) - b) / m * 128.0;
+}
+
+// generate's token lines (comma-separated ids), in order.
+std::string token_lines(const std::string& output) {
+  std::string out, line;
+  std::istringstream in(output);
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.find_first_not_of("0123456789,") == std::string::npos) {
+      out += line + "\n";
+    }
+  }
+  return out;
+}
+
+int gpus_usable() {
+#if defined(FP8KV_HAVE_CUDA)
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return cuda_available() ? n : 0;
+#else
+  return 0;
+#endif
+}
+
+TEST(TensorParallelCli, CudaTp2MatchesTp1) {
+#if !defined(FP8KV_HAVE_NCCL)
+  GTEST_SKIP() << "built without NCCL";
+#endif
+  const int gpus = gpus_usable();
+  if (gpus < 2) GTEST_SKIP() << "needs 2 GPUs, found " << gpus;
+
+  TempDir dir;
+  const std::string model = dir.path() + "/tiny";
+  RunResult r = run("make-model " + model + " --preset tiny");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string data = dir.path() + "/data.jsonl";
+  {
+    std::ofstream out(data);
+    out << "{\"input_ids\": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}\n"
+        << "{\"input_ids\": [100, 200, 300, 400, 500, 600]}\n"
+        << "{\"input_ids\": [2047, 0, 17, 33, 99, 1024, 5, 6, 7]}\n";
+  }
+  const std::string per_head = dir.path() + "/tp1-per-head.json";
+  for (const std::string scheme : {"per-head", "per-tensor"}) {
+    const std::string one = dir.path() + "/tp1-" + scheme + ".json";
+    const std::string two = dir.path() + "/tp2-" + scheme + ".json";
+    const std::string base = "calibrate --model " + model + " --data " + data + " --scheme " +
+                             scheme + " --batch 2 --device cuda --out ";
+    r = run(base + one);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    r = run(base + two + " --tp 2");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_TRUE(contains(r.output, "tensor parallel: 2 ranks")) << r.output;
+    const CalibData a = load_calib(one), b = load_calib(two);
+    ASSERT_EQ(a.num_layers, b.num_layers);
+    ASSERT_EQ(a.scales.size(), b.scales.size());
+    const int width = a.row_width();
+    for (int l = 0; l < a.num_layers; ++l) {
+      int differ = 0;
+      double worst = 0;
+      for (int i = 0; i < width; ++i) {
+        const float x = a.scales[static_cast<size_t>(l * width + i)];
+        const float y = b.scales[static_cast<size_t>(l * width + i)];
+        if (l == 0) {
+          EXPECT_EQ(x, y) << scheme << " layer 0, column " << i;
+        }
+        differ += x != y;
+        worst = std::max(worst, bf16_ulps(x, y));
+      }
+      std::printf("%s layer %d: %d of %d scales differ from tp 1, worst %.3g bf16 ulp\n",
+                  scheme.c_str(), l, differ, width, worst);
+      EXPECT_LE(worst, 1.0) << scheme << " layer " << l;
+    }
+  }
+
+  const std::string args = "generate --model " + model + " --device cuda --kv fp8-per-head " +
+                           "--calib " + per_head +
+                           " --input-ids 1,2,3,4 --input-ids 9,8 --max-new 6";
+  const RunResult one = run(args);
+  const RunResult two = run(args + " --tp 2");
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  ASSERT_EQ(two.exit_code, 0) << two.output;
+  EXPECT_FALSE(token_lines(one.output).empty()) << one.output;
+  EXPECT_EQ(token_lines(one.output), token_lines(two.output));
+
+  // More ranks than GPUs: a clear refusal from the parent, before any child starts.
+  r = run(args + " --tp " + std::to_string(gpus + 1));
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "GPUs, found " + std::to_string(gpus))) << r.output;
+}
+
+}  // namespace
+}  // namespace fp8kv
