@@ -18,6 +18,7 @@ namespace fp8kv {
 namespace {
 
 using testing::contains;
+using testing::token_lines;
 using testing::RunResult;
 RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
 
@@ -84,19 +85,6 @@ TEST(ModelCli, DemoEndToEndSmall) {
   EXPECT_TRUE(std::filesystem::exists(dir.path() + "/eval.jsonl"));
 }
 
-// The lines of `output` that are comma-separated token ids (generate's stdout), in order:
-// progress and timing lines differ from run to run.
-std::string token_lines(const std::string& output) {
-  std::string out, line;
-  std::istringstream in(output);
-  while (std::getline(in, line)) {
-    if (!line.empty() && line.find_first_not_of("0123456789,") == std::string::npos) {
-      out += line + "\n";
-    }
-  }
-  return out;
-}
-
 // --tp 2 on the CPU (ranks as threads): the calibration file and the generated tokens of tp 1.
 // Layer 0's scales must be bit-identical; later layers see hidden states summed in another
 // order (o_proj / down_proj partial sums), so they are allowed one bf16 ulp (relative 2^-7) --
@@ -107,12 +95,7 @@ TEST(ModelCli, TensorParallelCpuMatchesTp1) {
   RunResult r = run("make-model " + model + " --preset tiny");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::string data = dir.path() + "/data.jsonl";
-  {
-    std::ofstream out(data);
-    out << "{\"input_ids\": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}\n"
-        << "{\"input_ids\": [100, 200, 300, 400, 500, 600]}\n"
-        << "{\"input_ids\": [2047, 0, 17, 33, 99, 1024, 5, 6, 7]}\n";
-  }
+  testing::write_tiny_token_data(data);
   for (const char* scheme : {"per-head", "per-tensor"}) {
     const std::string one = dir.path() + "/tp1.json", two = dir.path() + "/tp2.json";
     r = run("calibrate --model " + model + " --data " + data + " --scheme " + scheme +

@@ -6,6 +6,8 @@
 
 #include <array>
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 namespace fp8kv::testing {
@@ -38,6 +40,28 @@ inline RunResult run_fp8kv(const std::string& args, bool with_stderr = true) {
 
 inline bool contains(const std::string& text, const std::string& part) {
   return text.find(part) != std::string::npos;
+}
+
+// The lines of `output` that are comma-separated token ids (generate's stdout), in order:
+// progress and timing lines differ from run to run.
+inline std::string token_lines(const std::string& output) {
+  std::string out, line;
+  std::istringstream in(output);
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.find_first_not_of("0123456789,") == std::string::npos) {
+      out += line + "\n";
+    }
+  }
+  return out;
+}
+
+// Three sequences of token ids for the tiny preset (vocabulary 2048), as a JSONL file: the data
+// the tensor-parallel CLI tests calibrate on.
+inline void write_tiny_token_data(const std::string& path) {
+  std::ofstream out(path);
+  out << "{\"input_ids\": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}\n"
+      << "{\"input_ids\": [100, 200, 300, 400, 500, 600]}\n"
+      << "{\"input_ids\": [2047, 0, 17, 33, 99, 1024, 5, 6, 7]}\n";
 }
 
 }  // namespace fp8kv::testing

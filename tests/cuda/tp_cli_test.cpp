@@ -25,6 +25,7 @@ namespace fp8kv {
 namespace {
 
 using testing::contains;
+using testing::token_lines;
 using testing::RunResult;
 RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
 
@@ -32,18 +33,6 @@ RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
 double bf16_ulps(float a, float b) {
   const double m = std::max(std::fabs(a), std::fabs(b));
   return m == 0 ? 0 : std::fabs(static_cast<double>(a) - b) / m * 128.0;
-}
-
-// generate's token lines (comma-separated ids), in order.
-std::string token_lines(const std::string& output) {
-  std::string out, line;
-  std::istringstream in(output);
-  while (std::getline(in, line)) {
-    if (!line.empty() && line.find_first_not_of("0123456789,") == std::string::npos) {
-      out += line + "\n";
-    }
-  }
-  return out;
 }
 
 int gpus_usable() {
@@ -71,12 +60,7 @@ TEST(TensorParallelCli, CudaTp2MatchesTp1) {
   RunResult r = run("make-model " + model + " --preset tiny");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const std::string data = dir.path() + "/data.jsonl";
-  {
-    std::ofstream out(data);
-    out << "{\"input_ids\": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}\n"
-        << "{\"input_ids\": [100, 200, 300, 400, 500, 600]}\n"
-        << "{\"input_ids\": [2047, 0, 17, 33, 99, 1024, 5, 6, 7]}\n";
-  }
+  testing::write_tiny_token_data(data);
   const std::string per_head = dir.path() + "/tp1-per-head.json";
   for (const std::string scheme : {"per-head", "per-tensor"}) {
     const std::string one = dir.path() + "/tp1-" + scheme + ".json";
