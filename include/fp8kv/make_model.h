@@ -11,6 +11,7 @@
 namespace fp8kv {
 
 // "tiny" (Llama, llama3 RoPE scaling, hidden 512, 4 layers, 8 Q / 2 KV heads of 64, vocab 2048),
+// "tiny-mqa" (the same with a single KV head, so that any tp > 1 replicates it),
 // "qwen2-tiny" (Qwen2: q/k/v biases, tied embeddings, 2 layers, 8 Q / 4 KV heads of 64),
 // "llama-8b-4layers" (Llama 3.1 8B shapes, 4 layers: about 7.7 GB as fp32 in memory).
 std::vector<std::string> model_preset_names();

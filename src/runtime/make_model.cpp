@@ -44,7 +44,7 @@ struct RowScale {
 
 }  // namespace
 
-std::vector<std::string> model_preset_names() { return {"tiny", "qwen2-tiny", "llama-8b-4layers"}; }
+std::vector<std::string> model_preset_names() { return {"tiny", "tiny-mqa", "qwen2-tiny", "llama-8b-4layers"}; }
 
 namespace {
 
@@ -76,6 +76,7 @@ ModelConfig llama3_shaped(int hidden, int intermediate, int layers, int q_heads,
 
 ModelConfig model_preset(const std::string& name) {
   if (name == "tiny") return llama3_shaped(512, 1024, 4, 8, 2, 64, 2048);
+  if (name == "tiny-mqa") return llama3_shaped(512, 1024, 4, 8, 1, 64, 2048);
   if (name == "llama-8b-4layers") return llama3_shaped(4096, 14336, 4, 32, 8, 128, 128256);
   if (name == "qwen2-tiny") {
     ModelConfig c;
