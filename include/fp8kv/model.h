@@ -49,6 +49,15 @@ class ModelOps {
   // the weights and runs the fp32 GEMM.
   virtual void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m,
                       int64_t n, int64_t k) = 0;
+  // linear with one fixed summation order, so that an output element has the same bits
+  // whatever m, n, the device's launch and the rest of the GEMM: k is cut into `chunks` equal
+  // runs (chunks a power of two dividing k), each run summed in fp32 from its first element to
+  // its last (x rounded to bf16 first when w is bf16, as linear does, so every product is
+  // exact), the run sums added as a balanced binary tree (left half + right half), then the
+  // bias. Tensor-parallel calibration uses it so that tp = N reproduces tp = 1 bit for bit: a
+  // rank's row-parallel shard is a subtree of the tp = 1 tree (ModelRunner, exact_tp).
+  virtual void linear_ordered(const float* x, WeightView w, const float* bias, float* y,
+                              int64_t m, int64_t n, int64_t k, int chunks) = 0;
   // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w; x, y [rows, dim], w [dim].
   virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
                         float eps) = 0;
@@ -201,7 +210,16 @@ struct RunnerOptions {
   // Tensor parallelism: the group of the model's shard (world size = shard().tp, rank =
   // shard().rank); required when tp > 1, null otherwise. Every rank runs the same calls.
   Communicator* comm = nullptr;
+  // Every linear through ModelOps::linear_ordered and the all-reduces as a rank-order tree, so
+  // that the hidden states at tp = 2, 4, 8 equal tp = 1's bit for bit (the row-parallel runs
+  // are model-wide: see exact_tp_chunks). Slower GEMMs; calibration turns it on.
+  bool exact_tp = false;
 };
+
+// The number of k runs of the whole model's row-parallel linears under exact_tp: the largest
+// power of two up to 8 that divides both the Q heads and the intermediate size. A rank of tp
+// (tp dividing it) sums chunks / tp of them; any other tp falls back to one run per rank.
+int exact_tp_chunks(const ModelConfig& config);
 
 enum class LogitRows {
   kLast,  // the last new token of each request: [B, V]

@@ -27,6 +27,10 @@ struct CalibrateOptions {
   // Tensor parallelism: the model's shard group (RunnerOptions::comm). Each rank observes its
   // own KV heads; the result, gathered into global head order, is the same on every rank.
   Communicator* comm = nullptr;
+  // RunnerOptions::exact_tp: the file at tp = 2, 4, 8 equals the tp = 1 file value for value.
+  // false: the fast GEMMs (cuBLAS), whose summation order depends on the shard's shape, so
+  // scales after layer 0 may differ from tp = 1's in their last bits.
+  bool exact_tp = true;
 };
 
 struct CalibrateResult {

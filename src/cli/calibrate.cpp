@@ -25,6 +25,7 @@ void add_calibrate(CLI::App& app) {
     std::optional<int> warmup, count;
     int batch = 4;
     int tp = 1;
+    bool fast_gemm = false;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
@@ -45,6 +46,10 @@ void add_calibrate(CLI::App& app) {
   cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA build)")
       ->capture_default_str();
   add_tp_option(cmd, opt->tp);
+  cmd->add_flag("--fast-gemm", opt->fast_gemm,
+                "Use the fast GEMMs (cuBLAS on the GPU) instead of the fixed-order ones; with "
+                "them a --tp N file can differ from the --tp 1 file in the last bits after "
+                "layer 0");
   cmd->callback([opt]() {
     const KvScheme scheme = parse_scheme(opt->scheme);
     if (!is_fp8(scheme)) throw fp8kv::Error("calibrate: --scheme must be per-head or per-tensor");
@@ -63,6 +68,7 @@ void add_calibrate(CLI::App& app) {
       co.batch_size = opt->batch;
       co.show_progress = rank0;
       co.comm = &comm;
+      co.exact_tp = !opt->fast_gemm;
       const CalibrateResult r = calibrate(*model, *backend, *ops, data, co);
       if (!rank0) return;
       write_calib(opt->out, r.data);

@@ -59,6 +59,7 @@ CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
   ro.max_requests = batch;
   ro.max_len = max_len;
   ro.comm = options.comm;
+  ro.exact_tp = options.exact_tp;
   ModelRunner runner(model, backend, ops, std::move(ro));
 
   CalibrateResult result;

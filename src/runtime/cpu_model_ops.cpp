@@ -10,6 +10,7 @@
 
 #include "fp8kv/fp8.h"
 #include "fp8kv/model.h"
+#include "kernels/ordered_linear.h"
 
 #if defined(FP8KV_HAVE_BLAS)
 #include <cblas.h>
@@ -93,6 +94,57 @@ class CpuModelOps final : public ModelOps {
 #pragma omp parallel for schedule(static) if (m * n >= kParallelMin)
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t j = 0; j < n; ++j) y[i * n + j] += bias[j];
+      }
+    }
+  }
+
+  // The twin of the CUDA kernel, operation for operation: with bf16 weights every product of
+  // two bf16 values is exact in fp32, so a multiply and an add here round as the GPU's fused
+  // multiply-add does, and the two give the same bits.
+  void linear_ordered(const float* x, WeightView wv, const float* bias, float* y, int64_t m,
+                      int64_t n, int64_t k, int chunks) override {
+    check_ordered_shape(m, n, k, chunks);
+    if (m == 0) return;
+    std::vector<float> widened, rounded;
+    const float* w = as_f32(wv, n * k, widened);
+    const float* xs = x;
+    if (wv.dtype == WeightDtype::kBf16) {
+      rounded.resize(static_cast<size_t>(m * k));
+      for (int64_t i = 0; i < m * k; ++i) rounded[i] = bf16_to_float(float_to_bf16(x[i]));
+      xs = rounded.data();
+    }
+    const int64_t run = k / chunks;
+    int top = 0;
+    while ((1 << top) < chunks) ++top;
+    // Eight output columns at a time: eight independent running sums, each still in its own
+    // fixed order (one dependent chain alone would wait on every add's latency).
+    constexpr int64_t kCols = 8;
+    const int64_t col_blocks = (n + kCols - 1) / kCols;
+#pragma omp parallel for collapse(2) schedule(static) if (m * n * k >= kParallelMin * 16)
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t jb = 0; jb < col_blocks; ++jb) {
+        const float* xi = xs + i * k;
+        const int64_t j0 = jb * kCols, cols = std::min(kCols, n - j0);
+        float stack[kMaxOrderedLevels + 1][kCols];
+        for (int c = 0; c < chunks; ++c) {
+          float acc[kCols] = {};
+          for (int64_t t = c * run; t < (c + 1) * run; ++t) {
+            for (int64_t jj = 0; jj < cols; ++jj) {
+              const float p = xi[t] * w[(j0 + jj) * k + t];  // kept apart: no fma contraction
+              acc[jj] = acc[jj] + p;
+            }
+          }
+          // Binary-counter tree: run c closes one subtree per trailing one bit of c.
+          int level = 0;
+          for (; (c >> level) & 1; ++level) {
+            for (int64_t jj = 0; jj < cols; ++jj) acc[jj] = stack[level][jj] + acc[jj];
+          }
+          for (int64_t jj = 0; jj < cols; ++jj) stack[level][jj] = acc[jj];
+        }
+        for (int64_t jj = 0; jj < cols; ++jj) {
+          const float v = stack[top][jj];
+          y[i * n + j0 + jj] = bias ? v + bias[j0 + jj] : v;
+        }
       }
     }
   }

@@ -1,15 +1,26 @@
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <string>
 
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 #include "fp8kv/model.h"
+#include "kernels/ordered_linear.h"
 
 namespace fp8kv {
 
 namespace {
+
+// The largest power of two up to cap that divides k.
+int ordered_chunks(int64_t k, int cap) {
+  int c = 1;
+  while (c * 2 <= cap && k % (c * 2) == 0) c *= 2;
+  return c;
+}
+
+
 
 // Checks that `scales` fit `scheme` and the model's shard (`kv_heads` KV heads on this rank);
 // `what` names the run in messages.
@@ -60,6 +71,11 @@ uint64_t splitmix64(uint64_t& state) {
 
 }  // namespace
 
+int exact_tp_chunks(const ModelConfig& c) {
+  return ordered_chunks(std::gcd<int64_t, int64_t>(c.num_q_heads, c.intermediate_size),
+                        kMaxOrderedChunks);
+}
+
 double AttentionErrorStats::rel_error(int layer) const {
   const size_t l = static_cast<size_t>(layer);
   return ref_sq[l] > 0 ? std::sqrt(diff_sq[l] / ref_sq[l]) : std::sqrt(diff_sq[l]);
@@ -103,6 +119,7 @@ struct ModelRunner::Scratch {
   std::vector<float> host_amax;
   std::vector<uint16_t> host_o, host_o_shadow;
   std::vector<float> host_reduce;    // [T, H] staging of the tensor-parallel all-reduce
+  std::vector<float> host_gather;    // [tp, T, H] (exact_tp)
 };
 
 ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, RunnerOptions options)
@@ -362,12 +379,28 @@ void ModelRunner::run_layer(int l, bool decode) {
   const int64_t QD = static_cast<int64_t>(Hq) * D;
   const int64_t KVD = 2ll * Hkv * D;
 
+  // exact_tp: every linear in one fixed order. The column-parallel ones (k = hidden, whole on
+  // every rank) in a fixed number of runs; the row-parallel ones (o_proj, down_proj) in this
+  // rank's share of the model's runs, so that the all-reduce's rank-order tree completes the
+  // tp = 1 tree.
+  const int col_chunks = ordered_chunks(H, kMaxOrderedChunks);
+  const int model_chunks = exact_tp_chunks(c);
+  const int row_chunks = model_chunks % shard.tp == 0 ? model_chunks / shard.tp : 1;
+  auto linear = [&](const float* x, WeightView wv, const float* bias, float* y, int64_t n,
+                    int64_t k, int chunks) {
+    if (options_.exact_tp) {
+      ops_.linear_ordered(x, wv, bias, y, T, n, k, chunks);
+    } else {
+      ops_.linear(x, wv, bias, y, T, n, k);
+    }
+  };
+
   ops_.rms_norm(s.x.as<const float>(), w.attn_norm.as<const float>(), s.h.as<float>(), T,
                 static_cast<int>(H), c.rms_norm_eps);
-  ops_.linear(s.h.as<const float>(), w.view(w.w_q), w.b_q.as<const float>(), s.q.as<float>(), T,
-              QD, H);
-  ops_.linear(s.h.as<const float>(), w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(),
-              T, KVD, H);
+  linear(s.h.as<const float>(), w.view(w.w_q), w.b_q.as<const float>(), s.q.as<float>(), QD, H,
+         col_chunks);
+  linear(s.h.as<const float>(), w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(), KVD,
+         H, col_chunks);
   // RoPE on Q and on the K half of each token's KV row (V is not rotated).
   ops_.rope(s.q.as<float>(), T, QD, Hq, D, s.pos.as<const int32_t>(), model_.inv_freq());
   ops_.rope(s.kv.as<float>(), T, KVD, Hkv, D, s.pos.as<const int32_t>(), model_.inv_freq());
@@ -465,16 +498,16 @@ void ModelRunner::run_layer(int l, bool decode) {
   ops_.from_bf16(s.o16.as<const uint16_t>(), s.o.as<float>(), T * QD);
   // o_proj over the rank's heads: a partial sum of the output, summed over ranks (o_proj has
   // no bias, so nothing is added twice), then the residual once.
-  ops_.linear(s.o.as<const float>(), w.view(w.w_o), nullptr, s.a.as<float>(), T, H, QD);
+  linear(s.o.as<const float>(), w.view(w.w_o), nullptr, s.a.as<float>(), H, QD, row_chunks);
   all_reduce_sum(s.a, T * H);
   ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
   ops_.rms_norm(s.x.as<const float>(), w.mlp_norm.as<const float>(), s.h.as<float>(), T,
                 static_cast<int>(H), c.rms_norm_eps);
-  ops_.linear(s.h.as<const float>(), w.view(w.w_gate_up), nullptr, s.gu.as<float>(), T, 2 * I,
-              H);
+  linear(s.h.as<const float>(), w.view(w.w_gate_up), nullptr, s.gu.as<float>(), 2 * I, H,
+         col_chunks);
   ops_.silu_mul(s.gu.as<const float>(), s.mlp.as<float>(), T, I);
   // down_proj over the rank's intermediate rows: partial sums again (no bias).
-  ops_.linear(s.mlp.as<const float>(), w.view(w.w_down), nullptr, s.a.as<float>(), T, H, I);
+  linear(s.mlp.as<const float>(), w.view(w.w_down), nullptr, s.a.as<float>(), H, I, row_chunks);
   all_reduce_sum(s.a, T * H);
   ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
 }
@@ -486,7 +519,22 @@ void ModelRunner::all_reduce_sum(BackendBuffer& buf, int64_t n) {
   // TODO(issue 5): a device-pointer all-reduce on the backend's stream for the CUDA path.
   s_->host_reduce.resize(static_cast<size_t>(n));
   buf.download(s_->host_reduce.data(), s_->host_reduce.size() * sizeof(float));
-  options_.comm->all_reduce_sum(s_->host_reduce.data(), s_->host_reduce.size());
+  if (options_.exact_tp) {
+    // Rank-order tree (left half + right half), the top of the tp = 1 run tree: gathered, so
+    // that the order is ours and not the collective's.
+    const int tp = model_.shard().tp;
+    s_->host_gather.resize(static_cast<size_t>(n) * tp);
+    options_.comm->all_gather(s_->host_reduce.data(), s_->host_gather.data(),
+                              s_->host_reduce.size());
+    const std::function<float(int, int, size_t)> tree = [&](int lo, int hi, size_t i) -> float {
+      if (hi - lo == 1) return s_->host_gather[static_cast<size_t>(lo) * n + i];
+      const int mid = lo + (hi - lo) / 2;
+      return tree(lo, mid, i) + tree(mid, hi, i);
+    };
+    for (size_t i = 0; i < s_->host_reduce.size(); ++i) s_->host_reduce[i] = tree(0, tp, i);
+  } else {
+    options_.comm->all_reduce_sum(s_->host_reduce.data(), s_->host_reduce.size());
+  }
   buf.upload(s_->host_reduce.data(), s_->host_reduce.size() * sizeof(float));
 }
 

@@ -6,6 +6,7 @@
 // fp32 x (the bf16 rounding of x: normalized error < 4e-3). No NaN passes a comparison.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -198,6 +199,58 @@ TEST_F(CudaModelOps, LinearBf16WeightsMatchCpuOnRoundedX) {
             << what;
         EXPECT_LE(norm_err(g, cpu_vec<float>(y, mn), what + " vs fp32 x"), 4e-3) << what;
         bufs_.clear();
+      }
+    }
+  }
+}
+
+// linear_ordered: with bf16 weights every product is exact, so the GPU's fmaf and the twin's
+// multiply-then-add round alike: the same bits, for odd m, n and run lengths (runs not a
+// multiple of the kernel's 16-wide k step), outliers (x1000) and empty batches. With fp32
+// weights the products round (the fma does not), so there only fp32 reordering is bounded.
+TEST_F(CudaModelOps, LinearOrderedMatchesCpuBitForBit) {
+  SKIP_WITHOUT_GPU();
+  for (int m : {0, 1, 67, 130}) {
+    for (int n : {1, 65, 300}) {
+      for (int run : {13, 16, 40}) {
+        for (int chunks : {1, 2, 8}) {
+          const int k = run * chunks;
+          const std::string what = "m " + std::to_string(m) + " n " + std::to_string(n) +
+                                   " run " + std::to_string(run) + " chunks " +
+                                   std::to_string(chunks);
+          std::vector<float> xh = random_floats(static_cast<size_t>(m) * k, 31 + m + run);
+          for (size_t i = 5; i < xh.size(); i += 97) xh[i] *= 1000.0f;
+          const std::vector<float> wf = random_floats(static_cast<size_t>(n) * k, 32 + n);
+          const Pair x = both(xh.empty() ? std::vector<float>(1) : xh);
+          const Pair w16 = both(to_bf16_host(wf));
+          const Pair w32 = both(wf);
+          const Pair b = both(random_floats(static_cast<size_t>(n), 33 + k));
+          const size_t mn = std::max<size_t>(1, static_cast<size_t>(m) * n);
+          const Pair y16 = zeros<float>(mn), y32 = zeros<float>(mn);
+          for (bool bf16 : {true, false}) {
+            const Pair& w = bf16 ? w16 : w32;
+            const Pair& y = bf16 ? y16 : y32;
+            const WeightDtype dt = bf16 ? WeightDtype::kBf16 : WeightDtype::kF32;
+            cpu_ops_->linear_ordered(static_cast<const float*>(x.cpu), {w.cpu, dt},
+                                     static_cast<const float*>(b.cpu), static_cast<float*>(y.cpu),
+                                     m, n, k, chunks);
+            gpu_ops_->linear_ordered(static_cast<const float*>(x.gpu), {w.gpu, dt},
+                                     static_cast<const float*>(b.gpu), static_cast<float*>(y.gpu),
+                                     m, n, k, chunks);
+          }
+          const std::vector<float> g = gpu_vec<float>(y16, mn), c = cpu_vec<float>(y16, mn);
+          size_t differ = 0;
+          for (size_t i = 0; i < static_cast<size_t>(m) * n; ++i) {
+            differ += std::memcmp(&g[i], &c[i], sizeof(float)) != 0;
+          }
+          EXPECT_EQ(differ, 0u) << what << " (bf16 weights)";
+          if (m > 0) {
+            EXPECT_LE(norm_err(gpu_vec<float>(y32, mn), cpu_vec<float>(y32, mn), what),
+                      kFp32Bound * 10)
+                << what << " (fp32 weights; 1000x outliers make the terms cancel)";
+          }
+          bufs_.clear();
+        }
       }
     }
   }

@@ -78,6 +78,10 @@ class Bf16ActivationCpuOps final : public ModelOps {
     for (size_t i = 0; i < xr_.size(); ++i) xr_[i] = bf16_to_float(float_to_bf16(x[i]));
     cpu_->linear(xr_.data(), w, bias, y, m, n, k);
   }
+  void linear_ordered(const float* x, WeightView w, const float* bias, float* y, int64_t m,
+                      int64_t n, int64_t k, int chunks) override {
+    cpu_->linear_ordered(x, w, bias, y, m, n, k, chunks);  // rounds x itself for bf16 weights
+  }
   void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
                 float eps) override {
     cpu_->rms_norm(x, w, y, rows, dim, eps);

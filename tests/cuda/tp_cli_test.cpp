@@ -1,7 +1,7 @@
 // `--tp 2 --device cuda` through the CLI: one process per GPU over NCCL (src/cli/parallel.cpp).
-// The calibration file must be the --tp 1 --device cuda file value for value (layer 0 exact,
-// later layers within one bf16 ulp: the o_proj / down_proj partial sums are added in another
-// order, the same reasoning as tests/runtime/tensor_parallel_test.cpp), and greedy generation
+// The calibration file must be the --tp 1 --device cuda file value for value in every layer
+// (calibrate runs exact_tp: fixed-order GEMMs whose rank shards are subtrees of the tp 1 sum,
+// see tests/runtime/tensor_parallel_test.cpp), and greedy generation
 // with an FP8 cache must give the tp 1 tokens. Skipped with fewer than 2 GPUs or without NCCL.
 #include <gtest/gtest.h>
 
@@ -28,12 +28,6 @@ using testing::contains;
 using testing::token_lines;
 using testing::RunResult;
 RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
-
-// Relative distance in units of 2^-7 (one bf16 ulp is at most 1 in this unit).
-double bf16_ulps(float a, float b) {
-  const double m = std::max(std::fabs(a), std::fabs(b));
-  return m == 0 ? 0 : std::fabs(static_cast<double>(a) - b) / m * 128.0;
-}
 
 int gpus_usable() {
 #if defined(FP8KV_HAVE_CUDA)
@@ -78,19 +72,13 @@ TEST(TensorParallelCli, CudaTp2MatchesTp1) {
     const int width = a.row_width();
     for (int l = 0; l < a.num_layers; ++l) {
       int differ = 0;
-      double worst = 0;
       for (int i = 0; i < width; ++i) {
-        const float x = a.scales[static_cast<size_t>(l * width + i)];
-        const float y = b.scales[static_cast<size_t>(l * width + i)];
-        if (l == 0) {
-          EXPECT_EQ(x, y) << scheme << " layer 0, column " << i;
-        }
-        differ += x != y;
-        worst = std::max(worst, bf16_ulps(x, y));
+        const size_t at = static_cast<size_t>(l * width + i);
+        EXPECT_EQ(a.scales[at], b.scales[at]) << scheme << " layer " << l << " column " << i;
+        differ += a.scales[at] != b.scales[at];
       }
-      std::printf("%s layer %d: %d of %d scales differ from tp 1, worst %.3g bf16 ulp\n",
-                  scheme.c_str(), l, differ, width, worst);
-      EXPECT_LE(worst, 1.0) << scheme << " layer " << l;
+      std::printf("%s layer %d: %d of %d scales differ from tp 1\n", scheme.c_str(), l, differ,
+                  width);
     }
   }
 

@@ -22,6 +22,7 @@
 #include "fp8kv/fp8.h"
 #include "fp8kv/model.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/ordered_linear.h"
 
 namespace fp8kv {
 namespace cuda {
@@ -58,6 +59,102 @@ __global__ void from_bf16_kernel(const uint16_t* __restrict__ x, float* __restri
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     y[i] = fp8kv::bf16_to_float(x[i]);
+  }
+}
+
+// linear_ordered (model.h): a 64 x 64 tile of y per block, 4 x 4 outputs per thread (rows
+// ty + 16 i, columns tx + 16 j), k through shared memory 16 at a time. Each output sums its run
+// from first to last element with fmaf (products of bf16 values are exact, so this rounds as
+// the CPU twin's multiply-then-add) and closes one tree level per trailing one bit of the run's
+// index; the partial sums of open levels stay in registers. No element is padded into a sum.
+constexpr int kOrdTile = 64, kOrdK = 16, kOrdThreads = 256;
+
+__device__ __forceinline__ float ordered_weight(float w) { return w; }
+__device__ __forceinline__ float ordered_weight(uint16_t w) { return fp8kv::bf16_to_float(w); }
+
+template <typename W>
+__global__ void __launch_bounds__(kOrdThreads)
+    linear_ordered_kernel(const float* __restrict__ x, const W* __restrict__ w,
+                          const float* __restrict__ bias, float* __restrict__ y, int m, int n,
+                          int k, int run, int chunks, int top) {
+  constexpr bool kRoundX = sizeof(W) == 2;  // bf16 weights: x rounded to bf16, as in linear
+  __shared__ float xs[kOrdK][kOrdTile + 1];
+  __shared__ float ws[kOrdK][kOrdTile + 1];
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int row0 = blockIdx.y * kOrdTile, col0 = blockIdx.x * kOrdTile;
+  float stack[kMaxOrderedLevels + 1][4][4];
+  for (int c = 0; c < chunks; ++c) {
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    }
+    const int end = (c + 1) * run;
+    for (int k0 = c * run; k0 < end; k0 += kOrdK) {
+      const int kn = min(kOrdK, end - k0);
+      for (int e = threadIdx.x; e < kOrdTile * kOrdK; e += kOrdThreads) {
+        const int r = e / kOrdK, kk = e % kOrdK;
+        float xv = 0.0f, wv = 0.0f;
+        if (kk < kn) {
+          if (row0 + r < m) {
+            xv = x[static_cast<int64_t>(row0 + r) * k + k0 + kk];
+            if (kRoundX) xv = fp8kv::bf16_to_float(fp8kv::float_to_bf16(xv));
+          }
+          if (col0 + r < n) wv = ordered_weight(w[static_cast<int64_t>(col0 + r) * k + k0 + kk]);
+        }
+        xs[kk][r] = xv;
+        ws[kk][r] = wv;
+      }
+      __syncthreads();
+      for (int kk = 0; kk < kn; ++kk) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          a[i] = xs[kk][ty + 16 * i];
+          b[i] = ws[kk][tx + 16 * i];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int level = 0; level <= kMaxOrderedLevels; ++level) {
+      if (level < kMaxOrderedLevels && ((c >> level) & 1)) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = stack[level][i][j] + acc[i][j];
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) stack[level][i][j] = acc[i][j];
+        }
+        break;
+      }
+    }
+  }
+#pragma unroll
+  for (int level = 0; level <= kMaxOrderedLevels; ++level) {
+    if (level != top) continue;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = row0 + ty + 16 * i;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int col = col0 + tx + 16 * j;
+        if (r < m && col < n) {
+          const float v = stack[level][i][j];
+          y[static_cast<int64_t>(r) * n + col] = bias ? v + bias[col] : v;
+        }
+      }
+    }
   }
 }
 
@@ -255,6 +352,28 @@ class CudaModelOps final : public ModelOps {
       add_bias_kernel<<<grid_for(m * n), kThreads, 0, stream_>>>(y, bias, m, n);
       FP8KV_CUDA_CHECK_LAUNCH("add_bias_kernel");
     }
+  }
+
+  void linear_ordered(const float* x, WeightView w, const float* bias, float* y, int64_t m,
+                      int64_t n, int64_t k, int chunks) override {
+    check_ordered_shape(m, n, k, chunks);
+    if (m == 0) return;
+    require(x && w.data && y, "linear_ordered: null pointer");
+    int top = 0;
+    while ((1 << top) < chunks) ++top;
+    const dim3 grid(static_cast<unsigned>((n + kOrdTile - 1) / kOrdTile),
+                    static_cast<unsigned>((m + kOrdTile - 1) / kOrdTile));
+    require(grid.y <= 65535, "linear_ordered: m " + std::to_string(m) + " exceeds 65535 tiles");
+    const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
+    const int run = K / chunks;
+    if (w.dtype == WeightDtype::kBf16) {
+      linear_ordered_kernel<uint16_t><<<grid, kOrdThreads, 0, stream_>>>(
+          x, static_cast<const uint16_t*>(w.data), bias, y, M, N, K, run, chunks, top);
+    } else {
+      linear_ordered_kernel<float><<<grid, kOrdThreads, 0, stream_>>>(
+          x, static_cast<const float*>(w.data), bias, y, M, N, K, run, chunks, top);
+    }
+    FP8KV_CUDA_CHECK_LAUNCH("linear_ordered_kernel");
   }
 
   void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
