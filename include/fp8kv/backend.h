@@ -91,6 +91,10 @@ struct AttentionParams {
   KvLayerScales scales;
   AttentionBatch batch;
   float softmax_scale = 0.0f;        // 0 means 1 / sqrt(D)
+  // The KV heads decode plans its split of the KV length for (0: cache.num_kv_heads). A
+  // tensor-parallel rank under exact_tp passes the whole model's, so that every request is split
+  // as at tp = 1 and the attention output has tp = 1's bits.
+  int split_kv_heads = 0;
 };
 
 class Backend {

@@ -210,9 +210,11 @@ struct RunnerOptions {
   // Tensor parallelism: the group of the model's shard (world size = shard().tp, rank =
   // shard().rank); required when tp > 1, null otherwise. Every rank runs the same calls.
   Communicator* comm = nullptr;
-  // Every linear through ModelOps::linear_ordered and the all-reduces as a rank-order tree, so
-  // that the hidden states at tp = 2, 4, 8 equal tp = 1's bit for bit (the row-parallel runs
-  // are model-wide: see exact_tp_chunks). Slower GEMMs; calibration turns it on.
+  // Every linear through ModelOps::linear_ordered, the all-reduces as a rank-order tree and
+  // decode's KV split planned for the whole model's KV heads (AttentionParams::split_kv_heads),
+  // so that the hidden states at tp = 2, 4, 8 equal tp = 1's bit for bit (the row-parallel runs
+  // are model-wide: see exact_tp_chunks). Slower GEMMs; calibration turns it on, generate
+  // --exact-tp too. (Not with fp8-per-head and more ranks than KV heads: see quantize_q there.)
   bool exact_tp = false;
 };
 

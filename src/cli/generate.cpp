@@ -86,6 +86,7 @@ void add_generate(CLI::App& app) {
     int max_new = 16;
     std::optional<std::string> dump_logits;
     int tp = 1;
+    bool exact_tp = false;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "Greedy generation from token ids");
@@ -105,6 +106,9 @@ void add_generate(CLI::App& app) {
                   "With one prompt: write the logits of every prompt position and of every "
                   "decode step as raw float32 [prompt + max_new - 1, vocab] (for the oracle)");
   add_tp_option(cmd, opt->tp);
+  cmd->add_flag("--exact-tp", opt->exact_tp,
+                "Fixed-order GEMMs and tp-independent attention splits (slower): the logits at "
+                "any --tp are the --tp 1 --exact-tp logits bit for bit");
   cmd->callback([opt]() {
     const KvScheme scheme = parse_scheme(opt->kv);
     std::vector<std::vector<int32_t>> prompts;
@@ -133,6 +137,7 @@ void add_generate(CLI::App& app) {
       ro.max_requests = static_cast<int>(prompts.size());
       ro.num_slots = static_cast<int64_t>(ro.max_len) * ro.max_requests;
       ro.comm = &comm;
+      ro.exact_tp = opt->exact_tp;
       ModelRunner runner(*model, *backend, *ops, std::move(ro));
       const auto t0 = std::chrono::steady_clock::now();
       const auto out =

@@ -430,6 +430,7 @@ void ModelRunner::run_layer(int l, bool decode) {
     ap.scales = sc;
     ap.batch = s.batch;
     ap.o = out;
+    if (options_.exact_tp) ap.split_kv_heads = c.num_kv_heads;
     if (cache.scheme == KvScheme::kFp8PerHead) {
       // The dynamic Q scale of (request, KV head) is the abs-max over this rank's Q heads of
       // that KV head: with tp <= Hkv that is the whole GQA group (as at tp = 1); with tp > Hkv

@@ -87,7 +87,8 @@ DecodePlan plan_decode(const AttentionParams& p) {
     });
   });
   static const int sms = sm_count();
-  const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) * p.cache.num_kv_heads * plan.head_chunks;
+  const int planned_heads = p.split_kv_heads > 0 ? p.split_kv_heads : p.cache.num_kv_heads;
+  const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) * planned_heads * plan.head_chunks;
   plan.split = choose_decode_split(ctas, static_cast<int64_t>(sms) * per_sm, p.batch.max_seq_len);
   return plan;
 }
