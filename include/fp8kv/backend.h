@@ -110,6 +110,10 @@ class Backend {
   virtual void memset(void* dst, int value, size_t bytes) = 0;
   // Waits for all queued work; errors detected on the device surface here at the latest.
   virtual void synchronize() = 0;
+  // Whether the memory above is CUDA device memory, and the cudaStream_t the work is queued on
+  // (null: the default stream). A collective on the backend's buffers queues there.
+  virtual bool cuda_memory() const { return false; }
+  virtual void* cuda_stream() const { return nullptr; }
 
   // Kernels. Each validates its arguments on the host first and throws Error naming the bad
   // argument; nothing is written when a call is refused.

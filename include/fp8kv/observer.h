@@ -23,6 +23,12 @@ class Communicator {
   // buf[i] = sum over ranks of buf[i], in place. Every rank gets the same bits (the
   // tensor-parallel model relies on it: its replicated residual stream must not drift apart).
   virtual void all_reduce_sum(float* buf, size_t count) = 0;
+  // all_reduce_sum on a buffer in this rank's CUDA device memory, queued on `stream` (a
+  // cudaStream_t; null: the default stream), with no host copy. Returns false, doing nothing,
+  // where the communicator has no device path (the caller stages through the host then).
+  virtual bool all_reduce_sum_cuda(float* /*buf*/, size_t /*count*/, void* /*stream*/) {
+    return false;
+  }
 };
 
 // One process, one rank.

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/parallel.h"
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
 #include "fp8kv/model.h"
@@ -32,6 +33,7 @@ void add_bench_model(CLI::App& app) {
     int context = 0;
     int warmup = 2;
     int decode = 16;
+    int tp = 1;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
@@ -59,8 +61,10 @@ void add_bench_model(CLI::App& app) {
                   "Per-head calibration file (default: calibrate on the prompts)");
   cmd->add_option("--per-tensor-calib", opt->per_tensor,
                   "Per-tensor calibration file (default: calibrate on the prompts)");
-  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, bf16 weights; needs a CUDA build)")
+  cmd->add_option("--device", opt->device,
+                  "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA build)")
       ->capture_default_str();
+  add_tp_option(cmd, opt->tp);
   cmd->callback([opt]() {
     using clock = std::chrono::steady_clock;
     const int context = opt->context > 0 ? opt->context : opt->prompt_len;
@@ -70,85 +74,98 @@ void add_bench_model(CLI::App& app) {
     }
     std::vector<KvScheme> schemes;
     for (const std::string& name : opt->kv) schemes.push_back(parse_scheme(name));
-    Device dev = make_device(opt->device);
-    Backend& backend = *dev.backend;
-    ModelOps& ops = *dev.ops;
-    auto model = Model::load(opt->model, backend, true, dev.weights);
-    const ModelConfig& c = model->config();
-    TokenData prompts;
-    for (int b = 0; b < opt->batch; ++b) {
-      std::vector<int32_t> p;
-      for (int i = 0; i < opt->prompt_len; ++i) {
-        p.push_back(static_cast<int32_t>((1000003ll * b + 7919ll * i + 17) % c.vocab_size));
-      }
-      prompts.push_back(std::move(p));
-    }
-    std::printf("%s: batch %d, prompt %d, context %d, decode %d (+%d warm-up) steps\n",
-                opt->model.c_str(), opt->batch, opt->prompt_len, context, opt->decode, opt->warmup);
-    std::printf("backend %s, %s weights (%.2f GiB)\n", backend.name().c_str(),
-                weight_dtype_name(model->weight_dtype()),
-                static_cast<double>(model->weight_bytes()) / (1ull << 30));
-    std::printf("%-16s %14s %14s %16s %13s\n", "KV cache", "prefill tok/s", "decode tok/s",
-                "KV bytes/token", "KV pool GiB");
-    std::fflush(stdout);
-    double bf16_decode = 0.0;
-    for (const KvScheme scheme : schemes) {
-      RunnerOptions ro;
-      ro.scheme = scheme;
-      ro.max_requests = opt->batch;
-      ro.max_len = context + opt->warmup + opt->decode;
-      ro.num_slots = static_cast<int64_t>(ro.max_len) * opt->batch;
-      if (is_fp8(scheme)) {
-        const std::optional<std::string>& file =
-            scheme == KvScheme::kFp8PerHead ? opt->per_head : opt->per_tensor;
-        if (file) {
-          ro.scales = load_scales_for_model(*file, c, scheme);
-        } else {
-          // Throughput does not depend on the scale values; calibrate on the prompts themselves.
-          CalibrateOptions co;
-          co.quant_type =
-              scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
-          co.batch_size = opt->batch;
-          ro.scales = slice_for_rank(calibrate(*model, backend, ops, prompts, co).data, 1, 0);
+    run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
+      const bool rank0 = comm.rank() == 0;
+      // Rank 0 prints; every rank runs the same calls (the all-reduces keep them in step).
+      auto say = [rank0](const char* fmt, auto... args) {
+        if (rank0) std::printf(fmt, args...);
+      };
+      Device dev = make_device(opt->device);
+      Backend& backend = *dev.backend;
+      ModelOps& ops = *dev.ops;
+      auto model = Model::load(opt->model, backend, rank0, dev.weights, opt->tp, comm.rank());
+      const ModelConfig& c = model->config();
+      TokenData prompts;
+      for (int b = 0; b < opt->batch; ++b) {
+        std::vector<int32_t> p;
+        for (int i = 0; i < opt->prompt_len; ++i) {
+          p.push_back(static_cast<int32_t>((1000003ll * b + 7919ll * i + 17) % c.vocab_size));
         }
+        prompts.push_back(std::move(p));
       }
-      ModelRunner runner(*model, backend, ops, std::move(ro));
-      std::vector<int> reqs;
-      auto add_all = [&] {
-        reqs.clear();
-        for (int b = 0; b < opt->batch; ++b) reqs.push_back(runner.add_request());
-      };
-      // Warm-up prefill: scratch buffers, cuBLAS heuristics and workspaces settle here.
-      add_all();
-      runner.forward_greedy(reqs, prompts);
-      for (int r : reqs) runner.release(r);
-      add_all();
-      const auto t0 = clock::now();
-      std::vector<int32_t> next = runner.forward_greedy(reqs, prompts);
-      const auto t1 = clock::now();
-      runner.append_random_context(reqs, context - opt->prompt_len, 1);
-      std::vector<std::vector<int32_t>> step(static_cast<size_t>(opt->batch));
-      auto decode_step = [&] {
-        for (size_t b = 0; b < step.size(); ++b) step[b].assign(1, next[b]);
-        next = runner.forward_greedy(reqs, step);
-      };
-      for (int i = 0; i < opt->warmup; ++i) decode_step();
-      const auto t2 = clock::now();
-      for (int i = 0; i < opt->decode; ++i) decode_step();
-      const auto t3 = clock::now();
-      const double prefill = std::chrono::duration<double>(t1 - t0).count();
-      const double decode = std::chrono::duration<double>(t3 - t2).count();
-      const double decode_rate = opt->batch * opt->decode / decode;
-      if (scheme == KvScheme::kBf16) bf16_decode = decode_rate;
-      const double bytes = 2.0 * c.num_layers * c.num_kv_heads * c.head_dim * kv_elem_bytes(scheme);
-      std::printf("%-16s %14.1f %14.1f %16.0f %13.2f\n", scheme_name(scheme),
-                  opt->batch * opt->prompt_len / prefill, decode_rate, bytes,
-                  static_cast<double>(runner.kv_pool_bytes()) / (1ull << 30));
-      if (scheme != KvScheme::kBf16 && bf16_decode > 0) {
-        std::printf("%-16s decode %.3f x bf16\n", "", decode_rate / bf16_decode);
-      }
+      say("%s: batch %d, prompt %d, context %d, decode %d (+%d warm-up) steps\n",
+          opt->model.c_str(), opt->batch, opt->prompt_len, context, opt->decode, opt->warmup);
+      say("backend %s, %s weights (%.2f GiB%s)\n", backend.name().c_str(),
+          weight_dtype_name(model->weight_dtype()),
+          static_cast<double>(model->weight_bytes()) / (1ull << 30),
+          opt->tp > 1 ? (" per rank, tp " + std::to_string(opt->tp)).c_str() : "");
+      say("%-16s %14s %14s %16s %13s\n", "KV cache", "prefill tok/s", "decode tok/s",
+          "KV bytes/token", opt->tp > 1 ? "pool GiB/rank" : "KV pool GiB");
       std::fflush(stdout);
-    }
+      double bf16_decode = 0.0;
+      for (const KvScheme scheme : schemes) {
+        RunnerOptions ro;
+        ro.scheme = scheme;
+        ro.max_requests = opt->batch;
+        ro.max_len = context + opt->warmup + opt->decode;
+        ro.num_slots = static_cast<int64_t>(ro.max_len) * opt->batch;
+        if (is_fp8(scheme)) {
+          const std::optional<std::string>& file =
+              scheme == KvScheme::kFp8PerHead ? opt->per_head : opt->per_tensor;
+          if (file) {
+            ro.scales = load_scales_for_model(*file, c, scheme, model->shard());
+          } else {
+            // Throughput does not depend on the scale values; calibrate on the prompts themselves.
+            CalibrateOptions co;
+            co.quant_type =
+                scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
+            co.batch_size = opt->batch;
+            co.comm = &comm;
+            co.exact_tp = false;  // the values do not matter here
+            ro.scales = slice_for_rank(calibrate(*model, backend, ops, prompts, co).data, opt->tp,
+                                       comm.rank());
+          }
+        }
+        ro.comm = &comm;
+        ModelRunner runner(*model, backend, ops, std::move(ro));
+        std::vector<int> reqs;
+        auto add_all = [&] {
+          reqs.clear();
+          for (int b = 0; b < opt->batch; ++b) reqs.push_back(runner.add_request());
+        };
+        // Warm-up prefill: scratch buffers, cuBLAS heuristics and workspaces settle here.
+        add_all();
+        runner.forward_greedy(reqs, prompts);
+        for (int r : reqs) runner.release(r);
+        add_all();
+        const auto t0 = clock::now();
+        std::vector<int32_t> next = runner.forward_greedy(reqs, prompts);
+        const auto t1 = clock::now();
+        runner.append_random_context(reqs, context - opt->prompt_len, 1);
+        std::vector<std::vector<int32_t>> step(static_cast<size_t>(opt->batch));
+        auto decode_step = [&] {
+          for (size_t b = 0; b < step.size(); ++b) step[b].assign(1, next[b]);
+          next = runner.forward_greedy(reqs, step);
+        };
+        for (int i = 0; i < opt->warmup; ++i) decode_step();
+        const auto t2 = clock::now();
+        for (int i = 0; i < opt->decode; ++i) decode_step();
+        const auto t3 = clock::now();
+        const double prefill = std::chrono::duration<double>(t1 - t0).count();
+        const double decode = std::chrono::duration<double>(t3 - t2).count();
+        const double decode_rate = opt->batch * opt->decode / decode;
+        if (scheme == KvScheme::kBf16) bf16_decode = decode_rate;
+        const double bytes =
+            2.0 * c.num_layers * c.num_kv_heads * c.head_dim * kv_elem_bytes(scheme);
+        say("%-16s %14.1f %14.1f %16.0f %13.2f\n", scheme_name(scheme),
+            opt->batch * opt->prompt_len / prefill, decode_rate, bytes,
+            static_cast<double>(runner.kv_pool_bytes()) / (1ull << 30));
+        if (scheme != KvScheme::kBf16 && bf16_decode > 0) {
+          say("%-16s decode %.3f x bf16\n", "", decode_rate / bf16_decode);
+        }
+        std::fflush(stdout);
+      }
+    });
   });
 }
 

@@ -44,7 +44,9 @@ struct RowScale {
 
 }  // namespace
 
-std::vector<std::string> model_preset_names() { return {"tiny", "tiny-mqa", "qwen2-tiny", "llama-8b-4layers"}; }
+std::vector<std::string> model_preset_names() {
+  return {"tiny", "tiny-mqa", "qwen2-tiny", "llama-8b-4layers"};
+}
 
 namespace {
 

@@ -515,9 +515,14 @@ void ModelRunner::run_layer(int l, bool decode) {
 
 void ModelRunner::all_reduce_sum(BackendBuffer& buf, int64_t n) {
   if (model_.shard().tp == 1) return;
-  // Through the host: the Communicator works on host buffers (NCCL stages them on its own
-  // device buffer). A copy of [T, H] floats per reduction, cheap next to the GEMMs on the CPU.
-  // TODO(issue 5): a device-pointer all-reduce on the backend's stream for the CUDA path.
+  // The fast path: NCCL on the device buffer, queued behind the GEMM on the backend's stream.
+  if (!options_.exact_tp && backend_.cuda_memory() &&
+      options_.comm->all_reduce_sum_cuda(buf.as<float>(), static_cast<size_t>(n),
+                                         backend_.cuda_stream())) {
+    return;
+  }
+  // Through the host: threads on the CPU (a copy of [T, H] floats, cheap next to the GEMMs),
+  // and exact_tp's gather + rank-order tree.
   s_->host_reduce.resize(static_cast<size_t>(n));
   buf.download(s_->host_reduce.data(), s_->host_reduce.size() * sizeof(float));
   if (options_.exact_tp) {

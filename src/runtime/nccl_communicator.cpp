@@ -133,6 +133,14 @@ class NcclCommunicator final : public Communicator {
     check_cuda(cudaStreamSynchronize(stream_), "synchronize");
   }
 
+  // In place on the caller's device buffer and stream: no staging, no synchronization.
+  bool all_reduce_sum_cuda(float* buf, size_t count, void* stream) override {
+    check_nccl(ncclAllReduce(buf, buf, count, ncclFloat32, ncclSum, comm_,
+                             static_cast<cudaStream_t>(stream)),
+               "ncclAllReduce (device buffer)");
+    return true;
+  }
+
  private:
   float* reserve(size_t floats) {
     if (floats > capacity_) {

@@ -18,6 +18,7 @@ namespace fp8kv {
 namespace {
 
 using testing::contains;
+using testing::read_file;
 using testing::token_lines;
 using testing::RunResult;
 RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
@@ -85,10 +86,9 @@ TEST(ModelCli, DemoEndToEndSmall) {
   EXPECT_TRUE(std::filesystem::exists(dir.path() + "/eval.jsonl"));
 }
 
-// --tp 2 on the CPU (ranks as threads): the calibration file and the generated tokens of tp 1.
-// Layer 0's scales must be bit-identical; later layers see hidden states summed in another
-// order (o_proj / down_proj partial sums), so they are allowed one bf16 ulp (relative 2^-7) --
-// on this data they come out identical too (see tests/runtime/tensor_parallel_test.cpp).
+// --tp 2 on the CPU (ranks as threads): the calibration file of tp 1 value for value (calibrate
+// runs fixed-order GEMMs: tests/runtime/tensor_parallel_test.cpp), the generated tokens of tp 1,
+// and with --exact-tp the logits of tp 1 byte for byte.
 TEST(ModelCli, TensorParallelCpuMatchesTp1) {
   TempDir dir;
   const std::string model = dir.path() + "/tiny";
@@ -109,13 +109,17 @@ TEST(ModelCli, TensorParallelCpuMatchesTp1) {
     ASSERT_EQ(a.scales.size(), b.scales.size());
     const int width = a.row_width();
     for (size_t i = 0; i < a.scales.size(); ++i) {
-      if (static_cast<int>(i) < width) {
-        EXPECT_EQ(a.scales[i], b.scales[i]) << scheme << " layer 0, column " << i;
-      } else {
-        EXPECT_LE(std::fabs(a.scales[i] - b.scales[i]), a.scales[i] / 128) << scheme << " " << i;
-      }
+      EXPECT_EQ(a.scales[i], b.scales[i]) << scheme << " layer " << i / width << ", column "
+                                          << i % width;
     }
   }
+  const std::string dump = " --model " + model + " --input-ids 7,1,2,3,9 --max-new 5 --exact-tp";
+  ASSERT_EQ(run("generate --dump-logits " + dir.path() + "/one.bin" + dump).exit_code, 0);
+  ASSERT_EQ(run("generate --dump-logits " + dir.path() + "/two.bin" + dump + " --tp 2").exit_code,
+            0);
+  EXPECT_TRUE(read_file(dir.path() + "/one.bin") == read_file(dir.path() + "/two.bin"))
+      << "--exact-tp logits at tp 2 differ from tp 1";
+  EXPECT_EQ(read_file(dir.path() + "/one.bin").size(), static_cast<size_t>(5 + 5 - 1) * 2048 * 4);
   const std::string calib = dir.path() + "/tp1.json";  // per-tensor, from the last round
   for (const std::string kv : {"bf16", "fp8-per-tensor"}) {
     const std::string args = "generate --model " + model + " --kv " + kv +

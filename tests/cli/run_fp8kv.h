@@ -64,4 +64,12 @@ inline void write_tiny_token_data(const std::string& path) {
       << "{\"input_ids\": [2047, 0, 17, 33, 99, 1024, 5, 6, 7]}\n";
 }
 
+// A whole file as bytes ("" when it cannot be read).
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream all;
+  all << in.rdbuf();
+  return all.str();
+}
+
 }  // namespace fp8kv::testing

@@ -57,6 +57,19 @@ TEST(NcclChild, Body) {
   comm->all_reduce_sum(sum.data(), 2);
   EXPECT_EQ(sum[0], world * (world + 1) / 2);
   EXPECT_EQ(sum[1], 0.5f * world);
+#if defined(FP8KV_HAVE_CUDA)
+  // The same on a device buffer, on the default stream (the model runner's fast path).
+  float* dev = nullptr;
+  ASSERT_EQ(cudaMalloc(&dev, 2 * sizeof(float)), cudaSuccess);
+  const std::vector<float> mine2 = {static_cast<float>(rank + 1), 0.25f};
+  ASSERT_EQ(cudaMemcpy(dev, mine2.data(), 2 * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_TRUE(comm->all_reduce_sum_cuda(dev, 2, nullptr));
+  std::vector<float> back(2);
+  ASSERT_EQ(cudaMemcpy(back.data(), dev, 2 * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(back[0], world * (world + 1) / 2);
+  EXPECT_EQ(back[1], 0.25f * world);
+  cudaFree(dev);
+#endif
 
   for (QuantType type : {QuantType::kPerHead, QuantType::kPerTensor}) {
     ObserverConfig c;

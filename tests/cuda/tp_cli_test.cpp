@@ -9,7 +9,6 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
-#include <iterator>
 #include <sstream>
 #include <string>
 
@@ -105,10 +104,8 @@ TEST(TensorParallelCli, CudaTp2MatchesTp1) {
     ASSERT_EQ(run("generate --dump-logits " + dir.path() + "/one.bin" + dump).exit_code, 0);
     ASSERT_EQ(run("generate --dump-logits " + dir.path() + "/two.bin" + dump + " --tp 2").exit_code,
               0);
-    std::ifstream fa(dir.path() + "/one.bin", std::ios::binary),
-        fb(dir.path() + "/two.bin", std::ios::binary);
-    const std::string la((std::istreambuf_iterator<char>(fa)), std::istreambuf_iterator<char>());
-    const std::string lb((std::istreambuf_iterator<char>(fb)), std::istreambuf_iterator<char>());
+    const std::string la = testing::read_file(dir.path() + "/one.bin");
+    const std::string lb = testing::read_file(dir.path() + "/two.bin");
     EXPECT_EQ(la.size(), static_cast<size_t>(5 + 6 - 1) * 2048 * sizeof(float)) << kv;
     EXPECT_TRUE(la == lb) << kv << ": --exact-tp logits at tp 2 differ from tp 1";
     const RunResult fast_one = run(args), fast_two = run(args + " --tp 2");

@@ -48,7 +48,8 @@ struct Weights {
   std::vector<float> f32;
   std::vector<uint16_t> b16;
   WeightView view(bool bf16) const {
-    return bf16 ? WeightView{b16.data(), WeightDtype::kBf16} : WeightView{f32.data(), WeightDtype::kF32};
+    return bf16 ? WeightView{b16.data(), WeightDtype::kBf16}
+                : WeightView{f32.data(), WeightDtype::kF32};
   }
 };
 
@@ -136,8 +137,8 @@ TEST(OrderedLinear, SameBitsForAnySubsetOfRowsAndColumns) {
     ops->linear_ordered(x.data(), w.view(bf16), bias.data(), whole.data(), m, n, k, 4);
     const int64_t r0 = 3, rows = 2, c0 = 35, cols = 35;  // a block of the output
     const std::vector<float> xs(x.begin() + r0 * k, x.begin() + (r0 + rows) * k);
-    const Weights ws{std::vector<float>(w.f32.begin() + c0 * k, w.f32.begin() + (c0 + cols) * k),
-                     std::vector<uint16_t>(w.b16.begin() + c0 * k, w.b16.begin() + (c0 + cols) * k)};
+    const Weights ws{columns(w.f32, 1, n * k, c0 * k, cols * k),
+                     columns(w.b16, 1, n * k, c0 * k, cols * k)};  // rows c0 .. c0 + cols
     std::vector<float> y(rows * cols);
     ops->linear_ordered(xs.data(), ws.view(bf16), bias.data() + c0, y.data(), rows, cols, k, 4);
     for (int64_t i = 0; i < rows; ++i) {
@@ -161,7 +162,8 @@ TEST(OrderedLinear, RefusesChunksItCannotOrder) {
           << e.what();
     }
   }
-  EXPECT_THROW(ops->linear_ordered(x.data(), wv, nullptr, y.data(), 2, 3, 20, 8), Error);  // 8 ∤ 20
+  // 8 runs do not divide k = 20.
+  EXPECT_THROW(ops->linear_ordered(x.data(), wv, nullptr, y.data(), 2, 3, 20, 8), Error);
   EXPECT_THROW(ops->linear_ordered(x.data(), wv, nullptr, y.data(), 2, 0, 24, 1), Error);
   ops->linear_ordered(x.data(), wv, nullptr, y.data(), 0, 3, 24, 2);  // no rows: nothing to do
 }

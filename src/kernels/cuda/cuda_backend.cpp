@@ -69,6 +69,8 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return name_; }
+  bool cuda_memory() const override { return true; }
+  void* cuda_stream() const override { return stream_; }
 
   void* alloc(size_t bytes) override {
     select();

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "fp8kv/backend.h"
+#include "fp8kv/model.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 #include "kernels/cuda/common.cuh"
@@ -428,6 +429,35 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
                {{"T", double(T)}, {"us", us}, {"us_observe", us_obs}, {"gbs", gbs}, {"frac_copy_bw", gbs / copy_gbs},
                 {"observe_overhead", us_obs / us - 1.0}});
+    }
+  }
+  // The model's linear on bf16 weights, x fp32 [m, k] -> y fp32 [m, n]: cuBLAS (ModelOps::linear)
+  // and the fixed-order kernel (linear_ordered, 8 runs) that exact tensor parallelism uses.
+  {
+    r.line("");
+    r.line("model linear, bf16 weights     m x n x k            cuBLAS TFLOP/s  fixed-order TFLOP/s  fixed/cuBLAS  %%bf16_gemm");
+    auto backend = make_cuda_backend(o.device, s);
+    auto ops = make_cuda_model_ops(*backend, s);
+    struct Gemm { int m, n, k; };
+    const std::vector<Gemm> gemms = o.quick ? std::vector<Gemm>{{256, 4096, 4096}}
+                                            : std::vector<Gemm>{{1024, 4096, 4096}, {1024, 4096, 14336}, {32, 4096, 14336}};
+    for (const Gemm& g : gemms) {
+      DeviceBuffer x(static_cast<size_t>(g.m) * g.k * 4), w(static_cast<size_t>(g.n) * g.k * 2),
+          y(static_cast<size_t>(g.m) * g.n * 4), x16(static_cast<size_t>(g.m) * g.k * 2);
+      fill_bf16(x16.p, static_cast<size_t>(g.m) * g.k, 51, 1.0f, s);
+      ops->from_bf16(x16.as<uint16_t>(), x.as<float>(), static_cast<int64_t>(g.m) * g.k);
+      fill_bf16(w.p, static_cast<size_t>(g.n) * g.k, 52, 0.02f, s);
+      const WeightView wv{w.p, WeightDtype::kBf16};
+      const double flop = 2.0 * g.m * g.n * g.k;
+      const double us_fast = time_us([&] { ops->linear(x.as<float>(), wv, nullptr, y.as<float>(), g.m, g.n, g.k); },
+                                     o.warmup, o.iters, s);
+      const double us_ord = time_us([&] { ops->linear_ordered(x.as<float>(), wv, nullptr, y.as<float>(), g.m, g.n, g.k, 8); },
+                                    std::min(o.warmup, 2), std::max(3, o.iters / 4), s);
+      const double tf_fast = flop / us_fast * 1e-6, tf_ord = flop / us_ord * 1e-6;
+      r.line("  %-28s %5d x %5d x %5d   %12.1f   %18.1f   %10.3f   %8.1f%%", "", g.m, g.n, g.k, tf_fast, tf_ord,
+             tf_ord / tf_fast, 100.0 * tf_ord / bf16_tflops);
+      r.record("linear", "m" + std::to_string(g.m) + "_n" + std::to_string(g.n) + "_k" + std::to_string(g.k),
+               {{"cublas_tflops", tf_fast}, {"ordered_tflops", tf_ord}, {"ordered_over_cublas", tf_ord / tf_fast}});
     }
   }
   check_cuda(cudaStreamSynchronize(s), "bench");
