@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <random>
@@ -249,6 +250,115 @@ TEST_F(CudaModelOps, LinearOrderedMatchesCpuBitForBit) {
                       kFp32Bound * 10)
                 << what << " (fp32 weights; 1000x outliers make the terms cancel)";
           }
+          bufs_.clear();
+        }
+      }
+    }
+  }
+}
+
+// Runs that are a multiple of 32 on bf16 weights take the tensor-core kernel: each run adds in
+// MMA steps of 16 products, which the tensor core sums in its own way, so against the CPU twin
+// only the rounding bound of the order holds (per element, (run + levels + 2) u sum|x w|, doubled:
+// both sides may sit at opposite ends of it). What tensor parallelism needs holds bit for bit:
+// tp shards of k, each a tree over its runs, plus a rank-order tree give the whole's bits, and a
+// block of rows and columns computed alone gives the same bits as inside the whole.
+TEST_F(CudaModelOps, LinearOrderedTensorCoreShardsAndBlocksKeepTheirBits) {
+  SKIP_WITHOUT_GPU();
+  const double u = std::ldexp(1.0, -24);
+  for (int m : {0, 1, 67, 300}) {
+    for (int n : {1, 65, 300}) {
+      for (int run : {32, 96}) {
+        for (int chunks : {1, 2, 8}) {
+          const int k = run * chunks;
+          const std::string what = "m " + std::to_string(m) + " n " + std::to_string(n) +
+                                   " run " + std::to_string(run) + " chunks " +
+                                   std::to_string(chunks);
+          std::vector<float> xh = random_floats(static_cast<size_t>(m) * k, 41 + m + run);
+          for (size_t i = 5; i < xh.size(); i += 97) xh[i] *= 1000.0f;
+          const std::vector<uint16_t> wh =
+              to_bf16_host(random_floats(static_cast<size_t>(n) * k, 42 + n));
+          const std::vector<float> bh = random_floats(static_cast<size_t>(n), 43 + k);
+          const size_t mn = std::max<size_t>(1, static_cast<size_t>(m) * n);
+          const Pair x = both(xh.empty() ? std::vector<float>(1) : xh), w = both(wh),
+                     b = both(bh), y = zeros<float>(mn);
+          cpu_ops_->linear_ordered(static_cast<const float*>(x.cpu), {w.cpu, WeightDtype::kBf16},
+                                   static_cast<const float*>(b.cpu), static_cast<float*>(y.cpu),
+                                   m, n, k, chunks);
+          gpu_ops_->linear_ordered(static_cast<const float*>(x.gpu), {w.gpu, WeightDtype::kBf16},
+                                   static_cast<const float*>(b.gpu), static_cast<float*>(y.gpu),
+                                   m, n, k, chunks);
+          const std::vector<float> g = gpu_vec<float>(y, mn), c = cpu_vec<float>(y, mn);
+          int levels = 0;
+          while ((1 << levels) < chunks) ++levels;
+          int worse = 0;
+          for (int i = 0; i < m; ++i) {
+            for (int j = 0; j < n; ++j) {
+              double mag = std::fabs(bh[j]);
+              for (int t = 0; t < k; ++t) {
+                mag += std::fabs(bf16_to_float(float_to_bf16(xh[i * k + t])) *
+                                 static_cast<double>(bf16_to_float(wh[j * k + t])));
+              }
+              const double d = std::fabs(static_cast<double>(g[i * n + j]) - c[i * n + j]);
+              worse += !(d <= 2.0 * (run + levels + 2) * u * mag);
+            }
+          }
+          EXPECT_EQ(worse, 0) << what << ": elements outside the rounding bound of the order";
+          if (m == 0) {
+            bufs_.clear();
+            continue;
+          }
+          // tp shards of k (rank r: columns [r k / tp, (r + 1) k / tp), chunks / tp runs).
+          for (int tp = 2; tp <= chunks; tp *= 2) {
+            const int kl = k / tp;
+            std::vector<std::vector<float>> part(tp);
+            for (int r = 0; r < tp; ++r) {
+              std::vector<float> xr(static_cast<size_t>(m) * kl);
+              std::vector<uint16_t> wr(static_cast<size_t>(n) * kl);
+              for (int i = 0; i < m; ++i) {
+                for (int t = 0; t < kl; ++t) xr[i * kl + t] = xh[i * k + r * kl + t];
+              }
+              for (int j = 0; j < n; ++j) {
+                for (int t = 0; t < kl; ++t) wr[j * kl + t] = wh[j * k + r * kl + t];
+              }
+              const Pair xp = both(xr), wp = both(wr), yp = zeros<float>(mn);
+              gpu_ops_->linear_ordered(static_cast<const float*>(xp.gpu),
+                                       {wp.gpu, WeightDtype::kBf16}, nullptr,
+                                       static_cast<float*>(yp.gpu), m, n, kl, chunks / tp);
+              part[r] = gpu_vec<float>(yp, mn);
+            }
+            std::function<float(int, int, size_t)> tree = [&](int lo, int hi, size_t i) {
+              if (hi - lo == 1) return part[lo][i];
+              const int mid = lo + (hi - lo) / 2;
+              return tree(lo, mid, i) + tree(mid, hi, i);
+            };
+            int differ = 0;
+            for (int i = 0; i < m; ++i) {
+              for (int j = 0; j < n; ++j) {
+                const size_t at = static_cast<size_t>(i) * n + j;
+                differ += tree(0, tp, at) + bh[j] != g[at];
+              }
+            }
+            EXPECT_EQ(differ, 0) << what << " tp " << tp << ": shard trees differ from the whole";
+          }
+          // The last 3 rows and 7 columns alone.
+          const int r0 = std::max(0, m - 3), c0 = std::max(0, n - 7), rows = m - r0, cols = n - c0;
+          const Pair xs =
+              both(std::vector<float>(xh.begin() + static_cast<size_t>(r0) * k, xh.end()));
+          const Pair ws =
+              both(std::vector<uint16_t>(wh.begin() + static_cast<size_t>(c0) * k, wh.end()));
+          const Pair ys = zeros<float>(static_cast<size_t>(rows) * cols);
+          gpu_ops_->linear_ordered(static_cast<const float*>(xs.gpu), {ws.gpu, WeightDtype::kBf16},
+                                   static_cast<const float*>(b.gpu) + c0,
+                                   static_cast<float*>(ys.gpu), rows, cols, k, chunks);
+          const std::vector<float> block = gpu_vec<float>(ys, static_cast<size_t>(rows) * cols);
+          int moved = 0;
+          for (int i = 0; i < rows; ++i) {
+            for (int j = 0; j < cols; ++j) {
+              moved += block[i * cols + j] != g[static_cast<size_t>(r0 + i) * n + c0 + j];
+            }
+          }
+          EXPECT_EQ(moved, 0) << what << ": a block computed alone changed bits";
           bufs_.clear();
         }
       }

@@ -158,6 +158,133 @@ __global__ void __launch_bounds__(kOrdThreads)
   }
 }
 
+// linear_ordered on tensor cores (bf16 weights, runs a multiple of kTcK): x already rounded to
+// bf16 (x16), a 128 x 64 tile of y per block, 8 warps of 32 x 32 (2 x 4 m16n8k16 MMAs), k through
+// a 3-stage cp.async pipeline 32 at a time. Each output accumulates its run in MMA steps of 16
+// products, steps first to last, from zero; the tensor core adds a step's products in its own
+// fixed way, so an element's bits depend only on its row of x, its row of w and the run
+// boundaries -- not on its position, the grid, or the rest of the call -- and the runs then add
+// as the tree of linear_ordered_kernel (partials of open levels in registers).
+constexpr int kTcM = 128, kTcN = 64, kTcK = 32, kTcPitch = kTcK + 8, kTcStages = 3;
+
+__global__ void __launch_bounds__(kOrdThreads)
+    linear_ordered_tc_kernel(const uint16_t* __restrict__ x16, const uint16_t* __restrict__ w,
+                             const float* __restrict__ bias, float* __restrict__ y, int m, int n,
+                             int k, int run, int chunks) {
+  // Rows padded to 80 bytes: the 8 row addresses of an ldmatrix fall in distinct banks.
+  __shared__ alignas(16) uint16_t xs[kTcStages][kTcM][kTcPitch];
+  __shared__ alignas(16) uint16_t ws[kTcStages][kTcN][kTcPitch];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // the warp's 32 x 32 within the tile
+  const int row0 = blockIdx.y * kTcM, col0 = blockIdx.x * kTcN;
+  const int steps = k / kTcK, steps_per_run = run / kTcK;
+
+  auto load = [&](int stage, int step) {
+    const int kb = step * kTcK;
+    for (int e = threadIdx.x; e < (kTcM + kTcN) * (kTcK / 8); e += kOrdThreads) {
+      const int r = e / (kTcK / 8), c = (e % (kTcK / 8)) * 8;
+      if (r < kTcM) {
+        const int g = row0 + r;  // rows past m are zero-filled (and never stored)
+        cp_async_16(&xs[stage][r][c], x16 + static_cast<int64_t>(g < m ? g : 0) * k + kb + c,
+                    g < m ? 16 : 0);
+      } else {
+        const int g = col0 + r - kTcM;
+        cp_async_16(&ws[stage][r - kTcM][c], w + static_cast<int64_t>(g < n ? g : 0) * k + kb + c,
+                    g < n ? 16 : 0);
+      }
+    }
+  };
+
+  float acc[2][4][4];
+  float stack[kMaxOrderedLevels][2][4][4];
+  auto zero = [&] {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+  };
+  zero();
+#pragma unroll
+  for (int s = 0; s < kTcStages - 1; ++s) {
+    if (s < steps) load(s, s);
+    cp_async_commit();
+  }
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<kTcStages - 2>();
+    __syncthreads();  // stage step % kTcStages has landed; the stage loaded next is free
+    const int ahead = step + kTcStages - 1;
+    if (ahead < steps) load(ahead % kTcStages, ahead);
+    cp_async_commit();
+    const int st = step % kTcStages;
+#pragma unroll
+    for (int kk = 0; kk < kTcK; kk += 16) {
+      uint32_t a[2][4], b[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        ldmatrix_x4(a[i], smem_addr(&xs[st][wm + i * 16 + (lane & 15)][kk + (lane >> 4) * 8]));
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        ldmatrix_x4(b[j], smem_addr(&ws[st][wn + j * 16 + (lane & 7) + ((lane >> 4) << 3)]
+                                           [kk + ((lane >> 3) & 1) * 8]));
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          mma_bf16(acc[i][j], a[i], b[j / 2][(j % 2) * 2], b[j / 2][(j % 2) * 2 + 1]);
+        }
+      }
+    }
+    if ((step + 1) % steps_per_run != 0) continue;
+    // Run c ends: close one tree level per trailing one bit of c; the last run keeps the total.
+    const int c = step / steps_per_run;
+    bool stored = false;
+#pragma unroll
+    for (int level = 0; level < kMaxOrderedLevels; ++level) {
+      if (stored) break;
+      if (((c >> level) & 1) == 0) {
+        if (c != chunks - 1) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) stack[level][i][j][e] = acc[i][j][e];
+          zero();
+        }
+        stored = true;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = stack[level][i][j][e] + acc[i][j][e];
+      }
+    }
+    // Not stored after every level: c = 2^kMaxOrderedLevels - 1, the last run; acc is the total.
+  }
+  cp_async_wait<0>();
+  // acc holds the total: rows lane / 4 (+ 8), columns 2 (lane % 4) (+ 1) of each m16n8 tile.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = row0 + wm + i * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+        const int col = col0 + wn + j * 8 + 2 * (lane % 4) + (e & 1);
+        if (r < m && col < n) {
+          y[static_cast<int64_t>(r) * n + col] = bias ? acc[i][j][e] + bias[col] : acc[i][j][e];
+        }
+      }
+    }
+  }
+}
+
 // y[i] += x[i].
 __global__ void add_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -325,19 +452,7 @@ class CudaModelOps final : public ModelOps {
     const float alpha = 1.0f, beta = 0.0f;
     const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
     if (w.dtype == WeightDtype::kBf16) {
-      const size_t need = static_cast<size_t>(m * k) * sizeof(uint16_t);
-      if (need > x16_bytes_) {
-        // Queued GEMMs may still read the old buffer: cudaFree waits for the device anyway, but
-        // say so.
-        FP8KV_CUDA_CHECK(cudaStreamSynchronize(stream_));
-        FP8KV_CUDA_CHECK(cudaFree(x16_));
-        x16_ = nullptr;
-        x16_bytes_ = 0;
-        FP8KV_CUDA_CHECK(cudaMalloc(&x16_, need));
-        x16_bytes_ = need;
-      }
-      to_bf16_kernel<<<grid_for(m * k), kThreads, 0, stream_>>>(x, x16_, m * k);
-      FP8KV_CUDA_CHECK_LAUNCH("to_bf16_kernel (linear)");
+      round_x_to_bf16(x, m * k);
       check_cublas(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w.data,
                                 CUDA_R_16BF, K, x16_, CUDA_R_16BF, K, &beta, y, CUDA_R_32F, N,
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
@@ -366,7 +481,14 @@ class CudaModelOps final : public ModelOps {
     require(grid.y <= 65535, "linear_ordered: m " + std::to_string(m) + " exceeds 65535 tiles");
     const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
     const int run = K / chunks;
-    if (w.dtype == WeightDtype::kBf16) {
+    if (w.dtype == WeightDtype::kBf16 && run % kTcK == 0) {
+      round_x_to_bf16(x, m * k);
+      const dim3 tc_grid(static_cast<unsigned>((n + kTcN - 1) / kTcN),
+                         static_cast<unsigned>((m + kTcM - 1) / kTcM));
+      linear_ordered_tc_kernel<<<tc_grid, kOrdThreads, 0, stream_>>>(
+          x16_, static_cast<const uint16_t*>(w.data), bias, y, M, N, K, run, chunks);
+      FP8KV_CUDA_CHECK_LAUNCH("linear_ordered_tc_kernel");
+    } else if (w.dtype == WeightDtype::kBf16) {
       linear_ordered_kernel<uint16_t><<<grid, kOrdThreads, 0, stream_>>>(
           x, static_cast<const uint16_t*>(w.data), bias, y, M, N, K, run, chunks, top);
     } else {
@@ -449,6 +571,23 @@ class CudaModelOps final : public ModelOps {
   }
 
  private:
+  // x16_ = bf16(x), n elements, queued on the stream (grown as needed).
+  void round_x_to_bf16(const float* x, int64_t n) {
+    const size_t need = static_cast<size_t>(n) * sizeof(uint16_t);
+    if (need > x16_bytes_) {
+      // Queued GEMMs may still read the old buffer: cudaFree waits for the device anyway, but
+      // say so.
+      FP8KV_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      FP8KV_CUDA_CHECK(cudaFree(x16_));
+      x16_ = nullptr;
+      x16_bytes_ = 0;
+      FP8KV_CUDA_CHECK(cudaMalloc(&x16_, need));
+      x16_bytes_ = need;
+    }
+    to_bf16_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x, x16_, n);
+    FP8KV_CUDA_CHECK_LAUNCH("to_bf16_kernel (linear)");
+  }
+
   cudaStream_t stream_;
   cublasHandle_t handle_ = nullptr;
   uint16_t* x16_ = nullptr;  // [m, k] bf16 copy of linear's x
