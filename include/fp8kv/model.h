@@ -54,7 +54,11 @@ class ModelOps {
   // runs (chunks a power of two dividing k), each run summed in fp32 from its first element to
   // its last (x rounded to bf16 first when w is bf16, as linear does, so every product is
   // exact), the run sums added as a balanced binary tree (left half + right half), then the
-  // bias. Tensor-parallel calibration uses it so that tp = N reproduces tp = 1 bit for bit: a
+  // bias. On the GPU, runs that are a multiple of 32 on bf16 weights go through tensor cores:
+  // the run adds in MMA steps of 16 products, steps in order, each step summed the tensor
+  // core's way -- still the same bits for the same data anywhere, but not the CPU's bits (the
+  // CPU twin agrees to the rounding bound then; other shapes agree bit for bit).
+  // Tensor-parallel calibration uses it so that tp = N reproduces tp = 1 bit for bit: a
   // rank's row-parallel shard is a subtree of the tp = 1 tree (ModelRunner, exact_tp).
   virtual void linear_ordered(const float* x, WeightView w, const float* bias, float* y,
                               int64_t m, int64_t n, int64_t k, int chunks) = 0;

@@ -205,10 +205,11 @@ TEST_F(CudaModelOps, LinearBf16WeightsMatchCpuOnRoundedX) {
   }
 }
 
-// linear_ordered: with bf16 weights every product is exact, so the GPU's fmaf and the twin's
-// multiply-then-add round alike: the same bits, for odd m, n and run lengths (runs not a
-// multiple of the kernel's 16-wide k step), outliers (x1000) and empty batches. With fp32
-// weights the products round (the fma does not), so there only fp32 reordering is bounded.
+// linear_ordered on the CUDA-core kernel (runs that are not a multiple of 32, or fp32 weights):
+// with bf16 weights every product is exact, so the GPU's fmaf and the twin's multiply-then-add
+// round alike: the same bits, for odd m, n and run lengths, outliers (x1000) and empty batches.
+// With fp32 weights the products round (the fma does not), so there only fp32 reordering is
+// bounded.
 TEST_F(CudaModelOps, LinearOrderedMatchesCpuBitForBit) {
   SKIP_WITHOUT_GPU();
   for (int m : {0, 1, 67, 130}) {
