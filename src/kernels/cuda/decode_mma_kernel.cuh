@@ -86,19 +86,7 @@ struct Shape {
   static_assert(kBlocks % 2 == 0, "ldmatrix.x4 covers two 16-byte blocks");
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
+// smem_addr, ldmatrix_x4(_trans): common.cuh.
 
 // Four e4m3 codes -> two f16x2 (bytes 0, 1 -> lo; bytes 2, 3 -> hi), exactly.
 __device__ __forceinline__ void e4m3x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
@@ -245,7 +233,7 @@ __global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadD
   const int ld_mat = lane / 8;
   const uint32_t ld_off = (warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8)) * Sh::kPitch +
                           16 * (ld_mat >> 1);
-  const uint32_t smem_base = decode_mma::smem_u32(smem);
+  const uint32_t smem_base = smem_addr(smem);
 
   // Software pipeline: tiles i+1..i+kStages-1 are in flight while tile i is computed; the slots
   // of the next tile to issue are read one iteration ahead.
@@ -276,7 +264,7 @@ __global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadD
 #pragma unroll
     for (int k = 0; k < kBlocks; k += 2) {
       uint32_t kr[4];
-      decode_mma::ldsm_x4(kr, k_addr + 16 * k);
+      ldmatrix_x4(kr, k_addr + 16 * k);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint32_t ka[4];
@@ -336,7 +324,7 @@ __global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadD
 #pragma unroll
     for (int k = 0; k < kBlocks; k += 2) {
       uint32_t vr[4];
-      decode_mma::ldsm_x4_trans(vr, v_addr + 16 * k);
+      ldmatrix_x4_trans(vr, v_addr + 16 * k);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         // vr[2h] holds V[2t][2r], V[2t][2r+1], V[2t+1][2r], V[2t+1][2r+1] (keys 0..7); the byte
