@@ -1,6 +1,5 @@
 #include <algorithm>
 #include <cmath>
-#include <functional>
 #include <numeric>
 #include <string>
 
@@ -20,7 +19,13 @@ int ordered_chunks(int64_t k, int cap) {
   return c;
 }
 
-
+// Element i of the sum over ranks [lo, hi) of parts (rank r's values at r * stride) as a
+// balanced binary tree, left half + right half: the top of the tp = 1 run tree (exact_tp).
+float rank_tree(const float* parts, size_t stride, int lo, int hi, size_t i) {
+  if (hi - lo == 1) return parts[static_cast<size_t>(lo) * stride + i];
+  const int mid = lo + (hi - lo) / 2;
+  return rank_tree(parts, stride, lo, mid, i) + rank_tree(parts, stride, mid, hi, i);
+}
 
 // Checks that `scales` fit `scheme` and the model's shard (`kv_heads` KV heads on this rank);
 // `what` names the run in messages.
@@ -532,12 +537,9 @@ void ModelRunner::all_reduce_sum(BackendBuffer& buf, int64_t n) {
     s_->host_gather.resize(static_cast<size_t>(n) * tp);
     options_.comm->all_gather(s_->host_reduce.data(), s_->host_gather.data(),
                               s_->host_reduce.size());
-    const std::function<float(int, int, size_t)> tree = [&](int lo, int hi, size_t i) -> float {
-      if (hi - lo == 1) return s_->host_gather[static_cast<size_t>(lo) * n + i];
-      const int mid = lo + (hi - lo) / 2;
-      return tree(lo, mid, i) + tree(mid, hi, i);
-    };
-    for (size_t i = 0; i < s_->host_reduce.size(); ++i) s_->host_reduce[i] = tree(0, tp, i);
+    for (size_t i = 0; i < s_->host_reduce.size(); ++i) {
+      s_->host_reduce[i] = rank_tree(s_->host_gather.data(), s_->host_reduce.size(), 0, tp, i);
+    }
   } else {
     options_.comm->all_reduce_sum(s_->host_reduce.data(), s_->host_reduce.size());
   }
