@@ -61,10 +61,7 @@ void add_bench_model(CLI::App& app) {
                   "Per-head calibration file (default: calibrate on the prompts)");
   cmd->add_option("--per-tensor-calib", opt->per_tensor,
                   "Per-tensor calibration file (default: calibrate on the prompts)");
-  cmd->add_option("--device", opt->device,
-                  "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA build)")
-      ->capture_default_str();
-  add_tp_option(cmd, opt->tp);
+  add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
     using clock = std::chrono::steady_clock;
     const int context = opt->context > 0 ? opt->context : opt->prompt_len;

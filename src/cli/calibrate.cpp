@@ -43,9 +43,7 @@ void add_calibrate(CLI::App& app) {
   cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA build)")
-      ->capture_default_str();
-  add_tp_option(cmd, opt->tp);
+  add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->add_flag("--fast-gemm", opt->fast_gemm,
                 "Use the fast GEMMs (cuBLAS on the GPU) instead of the fixed-order ones; with "
                 "them a --tp N file can differ from the --tp 1 file in the last bits after "

@@ -64,9 +64,7 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA build)")
-      ->capture_default_str();
-  add_tp_option(cmd, opt->tp);
+  add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
       const bool rank0 = comm.rank() == 0;

@@ -94,8 +94,6 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--kv", opt->kv, "KV cache: bf16, fp8-per-head or fp8-per-tensor")
       ->capture_default_str();
   cmd->add_option("--calib", opt->calib, "Calibration file (required for the FP8 caches)");
-  cmd->add_option("--device", opt->device, "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA build)")
-      ->capture_default_str();
   cmd->add_option("--input-ids", opt->inputs,
                   "Prompt token ids, comma separated; repeat for a batch of prompts")
       ->required();
@@ -105,7 +103,7 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--dump-logits", opt->dump_logits,
                   "With one prompt: write the logits of every prompt position and of every "
                   "decode step as raw float32 [prompt + max_new - 1, vocab] (for the oracle)");
-  add_tp_option(cmd, opt->tp);
+  add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->add_flag("--exact-tp", opt->exact_tp,
                 "Fixed-order GEMMs and tp-independent attention splits (slower): the logits at "
                 "any --tp are the --tp 1 --exact-tp logits bit for bit");

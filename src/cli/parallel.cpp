@@ -206,7 +206,11 @@ void spawn_rank_processes(int tp) {
 
 }  // namespace
 
-void add_tp_option(CLI::App* cmd, int& tp) {
+void add_device_and_tp_options(CLI::App* cmd, std::string& device, int& tp) {
+  cmd->add_option("--device", device,
+                  "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA "
+                  "build)")
+      ->capture_default_str();
   cmd->add_option("--tp", tp,
                   "Tensor-parallel ranks (Megatron-style head / intermediate split); with "
                   "--device cpu they run as threads of this process, with --device cuda as one "

@@ -13,9 +13,10 @@ class App;
 
 namespace fp8kv::cli {
 
-// Adds `--tp N` (tensor-parallel ranks, default 1) to `cmd`, and the hidden `--tp-rank R
-// --tp-rendezvous FILE` that the parent of `--tp N --device cuda` gives each rank process.
-void add_tp_option(CLI::App* cmd, int& tp);
+// Adds `--device cpu|cuda` and `--tp N` (tensor-parallel ranks, default 1) to `cmd`, and the
+// hidden `--tp-rank R --tp-rendezvous FILE` that the parent of `--tp N --device cuda` gives each
+// rank process.
+void add_device_and_tp_options(CLI::App* cmd, std::string& device, int& tp);
 
 // Runs body(comm) for every rank of `tp`: tp = 1 in this thread (a single-rank communicator);
 // with --device cpu, tp ranks as threads of this process (the in-process communicator). With
