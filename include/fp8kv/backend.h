@@ -12,6 +12,7 @@
 #include <memory>
 #include <string>
 
+#include "fp8kv/export.h"
 #include "fp8kv/scheme.h"
 
 namespace fp8kv {
@@ -97,7 +98,7 @@ struct AttentionParams {
   int split_kv_heads = 0;
 };
 
-class Backend {
+class FP8KV_API Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
@@ -123,10 +124,10 @@ class Backend {
   virtual void decode_attention(const AttentionParams& p) = 0;
 };
 
-std::unique_ptr<Backend> make_cpu_backend();
+FP8KV_API std::unique_ptr<Backend> make_cpu_backend();
 // Only when built with CUDA (FP8KV_HAVE_CUDA); `stream` is a cudaStream_t or null for the
 // default stream. Throws Error when no GPU is usable.
-std::unique_ptr<Backend> make_cuda_backend(int device = 0, void* stream = nullptr);
-bool cuda_available();
+FP8KV_API std::unique_ptr<Backend> make_cuda_backend(int device = 0, void* stream = nullptr);
+FP8KV_API bool cuda_available();
 
 }  // namespace fp8kv

@@ -5,12 +5,13 @@
 #include <string>
 #include <vector>
 
+#include "fp8kv/export.h"
 #include "fp8kv/scheme.h"
 
 namespace fp8kv {
 
 enum class QuantType { kPerHead, kPerTensor };
-const char* quant_type_name(QuantType t);  // "per_head" / "per_tensor"
+FP8KV_API const char* quant_type_name(QuantType t);  // "per_head" / "per_tensor"
 
 // Static Q scales (q_calibration), for the per-head scheme.
 struct QScales {
@@ -20,7 +21,7 @@ struct QScales {
 
 // The content of kv_cache_calib.json: scales for every layer and every KV head of the whole
 // model (all tensor-parallel ranks).
-struct CalibData {
+struct FP8KV_API CalibData {
   std::string version = "1.0";
   std::string architectures;    // config.json architectures[0]
   QuantType quant_type = QuantType::kPerHead;
@@ -50,14 +51,14 @@ struct CalibExpect {
 
 // Reads and validates a calibration file. Throws Error naming the file, the field and both
 // values (expected and found) on any violation of FORMATS.md's loading rules.
-CalibData load_calib(const std::string& path, const CalibExpect& expect = {});
+FP8KV_API CalibData load_calib(const std::string& path, const CalibExpect& expect = {});
 // Same, from text already in memory; `name` stands for the file in messages.
-CalibData parse_calib(const std::string& text, const std::string& name,
-                      const CalibExpect& expect = {});
+FP8KV_API CalibData parse_calib(const std::string& text, const std::string& name,
+                                const CalibExpect& expect = {});
 // Writes atomically (temp file in the same folder + rename): an interrupted write leaves any
 // old file intact. Values are printed so that they round-trip float32 exactly.
-void write_calib(const std::string& path, const CalibData& data);
-std::string calib_to_json(const CalibData& data);
+FP8KV_API void write_calib(const std::string& path, const CalibData& data);
+FP8KV_API std::string calib_to_json(const CalibData& data);
 
 // The scales one tensor-parallel rank uses for its KV heads (FORMATS.md, "Tensor parallelism").
 struct RankScales {
@@ -74,6 +75,6 @@ struct RankScales {
 };
 
 // Slices the scales for rank `rank` of `tp`; throws Error when tp and H are incompatible.
-RankScales slice_for_rank(const CalibData& data, int tp, int rank);
+FP8KV_API RankScales slice_for_rank(const CalibData& data, int tp, int rank);
 
 }  // namespace fp8kv

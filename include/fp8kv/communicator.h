@@ -9,12 +9,13 @@
 #include <mutex>
 #include <vector>
 
+#include "fp8kv/export.h"
 #include "fp8kv/observer.h"
 
 namespace fp8kv {
 
 // The shared state of one group of thread ranks: a reusable barrier and one slot per rank.
-class ThreadedGroup {
+class FP8KV_API ThreadedGroup {
  public:
   explicit ThreadedGroup(int world);
 
@@ -40,6 +41,6 @@ class ThreadedGroup {
 };
 
 // run_ranks(world, fn): ThreadedGroup(world).run(fn).
-void run_ranks(int world, const std::function<void(Communicator&)>& body);
+FP8KV_API void run_ranks(int world, const std::function<void(Communicator&)>& body);
 
 }  // namespace fp8kv

@@ -5,9 +5,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "fp8kv/export.h"
+
 namespace fp8kv {
 
-class Error : public std::runtime_error {
+class FP8KV_API Error : public std::runtime_error {
  public:
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };

@@ -7,12 +7,13 @@
 #include <vector>
 
 #include "fp8kv/backend.h"
+#include "fp8kv/export.h"
 #include "fp8kv/scheme.h"
 
 namespace fp8kv {
 
 // An allocation in a backend's memory, freed on destruction. Move-only.
-class BackendBuffer {
+class FP8KV_API BackendBuffer {
  public:
   BackendBuffer() = default;
   BackendBuffer(Backend& backend, size_t bytes);
@@ -44,7 +45,7 @@ class BackendBuffer {
 
 // The KV pool: per layer [num_slots + 1, 2 * Hkv, D] (bf16 or e4m3), slot num_slots being the
 // padding slot. Zero-filled at creation.
-class KvPool {
+class FP8KV_API KvPool {
  public:
   KvPool(Backend& backend, int num_layers, int64_t num_slots, int num_kv_heads, int head_dim,
          KvScheme scheme);
@@ -65,7 +66,7 @@ class KvPool {
 // Requests and their slots: req_to_token[max_requests, max_len] (int32 slot indices, in the
 // backend's memory; host mirror here) plus a free list of slots. A request is a row; its
 // tokens' slots are row entries 0..seq_len-1.
-class RequestTable {
+class FP8KV_API RequestTable {
  public:
   RequestTable(Backend& backend, int max_requests, int max_len, int64_t num_slots);
 

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "fp8kv/export.h"
 #include "fp8kv/model_config.h"
 
 namespace fp8kv {
@@ -14,14 +15,14 @@ namespace fp8kv {
 // "tiny-mqa" (the same with a single KV head, so that any tp > 1 replicates it),
 // "qwen2-tiny" (Qwen2: q/k/v biases, tied embeddings, 2 layers, 8 Q / 4 KV heads of 64),
 // "llama-8b-4layers" (Llama 3.1 8B shapes, 4 layers: about 7.7 GB as fp32 in memory).
-std::vector<std::string> model_preset_names();
-ModelConfig model_preset(const std::string& name);  // throws Error listing the presets
+FP8KV_API std::vector<std::string> model_preset_names();
+FP8KV_API ModelConfig model_preset(const std::string& name);  // throws Error listing the presets
 
 // Writes DIR/config.json and bf16 safetensors weights (sharded with an index above
 // `shard_bytes`). Weights are uniform with std 1/sqrt(fan_in) (norms near 1), the same for the
 // same config and seed on any machine and thread count. As in real models a few K channels
 // carry outliers: in every layer some k_proj rows are scaled by 8-16x.
-void make_model(const std::string& dir, const ModelConfig& config, uint64_t seed = 0,
-                uint64_t shard_bytes = 2ull << 30, bool show_progress = false);
+FP8KV_API void make_model(const std::string& dir, const ModelConfig& config, uint64_t seed = 0,
+                          uint64_t shard_bytes = 2ull << 30, bool show_progress = false);
 
 }  // namespace fp8kv

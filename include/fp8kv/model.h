@@ -20,6 +20,7 @@
 
 #include "fp8kv/backend.h"
 #include "fp8kv/calib.h"
+#include "fp8kv/export.h"
 #include "fp8kv/kv_pool.h"
 #include "fp8kv/model_config.h"
 #include "fp8kv/observer.h"
@@ -30,7 +31,7 @@ namespace fp8kv {
 // Element type of the weight matrices (and the embedding table) in backend memory. Norm
 // weights, biases and inv_freq are always fp32.
 enum class WeightDtype { kF32, kBf16 };
-const char* weight_dtype_name(WeightDtype t);  // "fp32", "bf16"
+FP8KV_API const char* weight_dtype_name(WeightDtype t);  // "fp32", "bf16"
 
 // A weight matrix in backend memory, [rows, cols] row-major: fp32, or bf16 bit patterns.
 struct WeightView {
@@ -41,7 +42,7 @@ struct WeightView {
 // The non-attention ops of the model, on fp32 activations in the backend's memory. The CPU
 // version uses a BLAS for the GEMMs (OpenMP loops without one); the CUDA version
 // (kernels/cuda/model_ops.cu) uses cuBLAS and one small kernel per op on the backend's stream.
-class ModelOps {
+class FP8KV_API ModelOps {
  public:
   virtual ~ModelOps() = default;
   // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n] when bias is not null): a torch Linear. With bf16
@@ -88,11 +89,11 @@ class ModelOps {
   virtual void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) = 0;
 };
 
-std::unique_ptr<ModelOps> make_cpu_model_ops();
+FP8KV_API std::unique_ptr<ModelOps> make_cpu_model_ops();
 // The CUDA ModelOps (only when built with CUDA; a CPU-only build throws Error). `backend` must
 // be a CUDA backend and `stream` its stream (a cudaStream_t; null: the default stream, which is
 // what make_cuda_backend's default uses): the ops queue their work behind the backend's.
-std::unique_ptr<ModelOps> make_cuda_model_ops(Backend& backend, void* stream = nullptr);
+FP8KV_API std::unique_ptr<ModelOps> make_cuda_model_ops(Backend& backend, void* stream = nullptr);
 
 // Where a model runs: "cpu" (fp32 weights) or "cuda" (the current CUDA device, GPU 0 unless
 // cudaSetDevice chose another; bf16 weights). The backend is
@@ -104,7 +105,7 @@ struct Device {
 };
 // Throws Error for an unknown name, for "cuda" in a build without CUDA, and (from
 // make_cuda_backend) when no usable GPU is present.
-Device make_device(const std::string& name);
+FP8KV_API Device make_device(const std::string& name);
 
 // One rank's part of the model under Megatron-style tensor parallelism (FORMATS.md, "Tensor
 // parallelism"): rank r of tp holds Q heads [q_head_begin, + q_heads), the rank's KV heads (the
@@ -124,7 +125,7 @@ struct TpShard {
 };
 // Throws Error unless tp divides Hq and I, tp divides Hkv or Hkv divides tp, and
 // 0 <= rank < tp.
-TpShard make_tp_shard(const ModelConfig& config, int tp, int rank);
+FP8KV_API TpShard make_tp_shard(const ModelConfig& config, int tp, int rank);
 
 // Weights in the backend's memory. Torch Linear layout: [out_features, in_features]; the
 // matrices are `dtype` (fp32 or bf16), the norm weights and biases fp32. Shapes are the rank's
@@ -144,7 +145,7 @@ struct LayerWeights {
   BackendBuffer w_down;     // [H, I]: the rank's columns of down_proj
 };
 
-class Model {
+class FP8KV_API Model {
  public:
   // Reads DIR/config.json and the weights (bf16, f16 or f32 safetensors, sharded or not); the
   // weight matrices and the embedding table are kept as `weights` (fp32 for the CPU ops, bf16
@@ -180,9 +181,9 @@ class Model {
 
 // The calibration file's expectations for this model and scheme, and the scales for `shard`'s
 // rank (slice_for_rank). Throws Error (from load_calib) on any mismatch.
-RankScales load_scales_for_model(const std::string& calib_path, const ModelConfig& config,
-                                 KvScheme scheme, const TpShard& shard = {});
-CalibExpect calib_expect_for(const ModelConfig& config, KvScheme scheme);
+FP8KV_API RankScales load_scales_for_model(const std::string& calib_path, const ModelConfig& config,
+                                           KvScheme scheme, const TpShard& shard = {});
+FP8KV_API CalibExpect calib_expect_for(const ModelConfig& config, KvScheme scheme);
 
 // A second KV scheme run beside the main one, on the main run's very inputs: each layer also
 // writes K/V into a pool of this scheme and runs attention over it, and the difference of its
@@ -193,7 +194,7 @@ struct ShadowScheme {
 };
 
 // Per layer: sum over all outputs of (shadow - main)^2 and of main^2.
-struct AttentionErrorStats {
+struct FP8KV_API AttentionErrorStats {
   KvScheme scheme = KvScheme::kFp8PerHead;
   std::vector<double> diff_sq;        // [layers]
   std::vector<double> ref_sq;         // [layers]
@@ -225,7 +226,7 @@ struct RunnerOptions {
 // The number of k runs of the whole model's row-parallel linears under exact_tp: the largest
 // power of two up to 8 that divides both the Q heads and the intermediate size. A rank of tp
 // (tp dividing it) sums chunks / tp of them; any other tp falls back to one run per rank.
-int exact_tp_chunks(const ModelConfig& config);
+FP8KV_API int exact_tp_chunks(const ModelConfig& config);
 
 enum class LogitRows {
   kLast,  // the last new token of each request: [B, V]
@@ -233,7 +234,7 @@ enum class LogitRows {
   kNone,  // no logits (calibration)
 };
 
-class ModelRunner {
+class FP8KV_API ModelRunner {
  public:
   // Throws Error when an FP8 scheme comes without scales, or the scales do not fit the model.
   ModelRunner(const Model& model, Backend& backend, ModelOps& ops, RunnerOptions options);

@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include "fp8kv/export.h"
+
 namespace fp8kv {
 
 // rope_scaling: none, or Llama 3.1's "llama3" frequency-dependent scaling.
@@ -36,13 +38,13 @@ struct ModelConfig {
 // Parses config.json text; `name` stands for the file in messages. Throws Error naming the file
 // and the field on a missing or mistyped field, an unsupported architecture or rope scaling, or
 // inconsistent sizes (heads not dividing, head_dim missing and H not divisible by Hq).
-ModelConfig parse_model_config(const std::string& text, const std::string& name);
+FP8KV_API ModelConfig parse_model_config(const std::string& text, const std::string& name);
 // Reads DIR/config.json.
-ModelConfig load_model_config(const std::string& model_dir);
+FP8KV_API ModelConfig load_model_config(const std::string& model_dir);
 // config.json text for `c` (what make-model writes).
-std::string model_config_to_json(const ModelConfig& c);
+FP8KV_API std::string model_config_to_json(const ModelConfig& c);
 
 // RoPE inverse frequencies, [D / 2]: theta^(-2i/D), with llama3 scaling applied when set.
-std::vector<float> rope_inv_freq(const ModelConfig& c);
+FP8KV_API std::vector<float> rope_inv_freq(const ModelConfig& c);
 
 }  // namespace fp8kv

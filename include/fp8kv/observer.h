@@ -7,11 +7,12 @@
 #include <vector>
 
 #include "fp8kv/calib.h"
+#include "fp8kv/export.h"
 
 namespace fp8kv {
 
 // Collective operations over tensor-parallel ranks, on host float buffers.
-class Communicator {
+class FP8KV_API Communicator {
  public:
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
@@ -32,7 +33,7 @@ class Communicator {
 };
 
 // One process, one rank.
-std::unique_ptr<Communicator> make_single_communicator();
+FP8KV_API std::unique_ptr<Communicator> make_single_communicator();
 
 struct ObserverConfig {
   int num_layers = 0;
@@ -47,9 +48,9 @@ struct ObserverConfig {
 
 // Warmup / count defaults with FP8KV_CALIB_WARMUP and FP8KV_CALIB_COUNT applied (when set; a
 // value that is not a non-negative integer throws Error naming the variable and the text).
-ObserverConfig observer_config_from_env(ObserverConfig base);
+FP8KV_API ObserverConfig observer_config_from_env(ObserverConfig base);
 
-class Observer {
+class FP8KV_API Observer {
  public:
   explicit Observer(const ObserverConfig& config);
 

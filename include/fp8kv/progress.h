@@ -6,9 +6,11 @@
 #include <cstdint>
 #include <string>
 
+#include "fp8kv/export.h"
+
 namespace fp8kv {
 
-class Progress {
+class FP8KV_API Progress {
  public:
   // `total` units of work (sequences, tensors, ...), `enabled` false prints nothing.
   Progress(std::string label, int64_t total, bool enabled = true);

@@ -14,13 +14,15 @@
 #include <string>
 #include <vector>
 
+#include "fp8kv/export.h"
+
 namespace fp8kv {
 
 enum class DType { kBF16, kF16, kF32 };
-const char* dtype_name(DType t);  // "BF16", "F16", "F32" (the safetensors spelling)
-int dtype_bytes(DType t);
+FP8KV_API const char* dtype_name(DType t);  // "BF16", "F16", "F32" (the safetensors spelling)
+FP8KV_API int dtype_bytes(DType t);
 
-struct TensorInfo {
+struct FP8KV_API TensorInfo {
   std::string name;
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;
@@ -29,11 +31,11 @@ struct TensorInfo {
   int64_t numel() const;
 };
 
-std::string shape_to_string(const std::vector<int64_t>& shape);  // "[4096, 1024]"
+FP8KV_API std::string shape_to_string(const std::vector<int64_t>& shape);  // "[4096, 1024]"
 
 // One .safetensors file, memory-mapped read-only. Throws Error naming the file (and the tensor)
 // on a short file, a bad header, an unknown dtype or offsets outside the file.
-class SafetensorsFile {
+class FP8KV_API SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::string& path);
   ~SafetensorsFile();
@@ -61,7 +63,7 @@ class SafetensorsFile {
 
 // The weights of a model folder: model.safetensors, or the shards listed in
 // model.safetensors.index.json ("weight_map": {tensor: file}), or else every *.safetensors file.
-class WeightStore {
+class FP8KV_API WeightStore {
  public:
   explicit WeightStore(const std::string& dir);
   bool has(const std::string& name) const;
@@ -89,11 +91,11 @@ struct TensorSpec {
   std::vector<int64_t> shape;
 };
 using TensorFill = std::function<void(size_t index, uint8_t* dst, size_t bytes)>;
-void write_safetensors(const std::string& path, const std::vector<TensorSpec>& tensors,
-                       const TensorFill& fill);
+FP8KV_API void write_safetensors(const std::string& path, const std::vector<TensorSpec>& tensors,
+                                 const TensorFill& fill);
 
 // IEEE half <-> float (round to nearest even), for F16 tensors.
-float f16_to_float(uint16_t h);
-uint16_t float_to_f16(float x);
+FP8KV_API float f16_to_float(uint16_t h);
+FP8KV_API uint16_t float_to_f16(float x);
 
 }  // namespace fp8kv

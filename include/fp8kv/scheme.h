@@ -3,6 +3,8 @@
 
 #include <string>
 
+#include "fp8kv/export.h"
+
 namespace fp8kv {
 
 enum class KvScheme {
@@ -12,10 +14,10 @@ enum class KvScheme {
 };
 
 // "bf16", "fp8-per-tensor", "fp8-per-head".
-const char* scheme_name(KvScheme s);
+FP8KV_API const char* scheme_name(KvScheme s);
 // Accepts the names above (and "per-head"/"per-tensor" for the FP8 schemes); throws Error
 // naming the text otherwise.
-KvScheme parse_scheme(const std::string& text);
+FP8KV_API KvScheme parse_scheme(const std::string& text);
 
 inline bool is_fp8(KvScheme s) { return s != KvScheme::kBf16; }
 // Bytes of one cache element: 2 for bf16, 1 for e4m3.

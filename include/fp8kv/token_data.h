@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "fp8kv/export.h"
+
 namespace fp8kv {
 
 // Sequences of token ids, [num_sequences][len].
@@ -13,11 +15,12 @@ using TokenData = std::vector<std::vector<int32_t>>;
 // Parses JSONL text; `name` stands for the file in messages. Blank lines are skipped; a line that
 // is not a JSON object with a non-empty "input_ids" array of integers in [0, vocab_size) throws
 // Error naming the file and the line number (1-based). vocab_size <= 0 skips the upper bound.
-TokenData parse_token_data(const std::string& text, const std::string& name, int vocab_size);
-TokenData load_token_data(const std::string& path, int vocab_size);
+FP8KV_API TokenData parse_token_data(const std::string& text, const std::string& name,
+                                     int vocab_size);
+FP8KV_API TokenData load_token_data(const std::string& path, int vocab_size);
 // Writes one {"input_ids": [...]} line per sequence.
-void write_token_data(const std::string& path, const TokenData& data);
+FP8KV_API void write_token_data(const std::string& path, const TokenData& data);
 // Total tokens.
-int64_t count_tokens(const TokenData& data);
+FP8KV_API int64_t count_tokens(const TokenData& data);
 
 }  // namespace fp8kv

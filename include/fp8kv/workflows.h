@@ -10,6 +10,7 @@
 
 #include "fp8kv/backend.h"
 #include "fp8kv/calib.h"
+#include "fp8kv/export.h"
 #include "fp8kv/model.h"
 #include "fp8kv/token_data.h"
 
@@ -44,8 +45,8 @@ struct CalibrateResult {
 // Runs the model with a bf16 cache over `data` with an observer and finalizes it (over
 // options.comm with tp > 1: every rank runs this call). Throws Error
 // when the data gives fewer passes than warmup + count.
-CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
-                          const TokenData& data, const CalibrateOptions& options);
+FP8KV_API CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
+                                    const TokenData& data, const CalibrateOptions& options);
 
 struct EvalOptions {
   int batch_size = 4;
@@ -74,11 +75,11 @@ struct EvalResult {
 // both FP8 caches beside the bf16 run on its very inputs (ShadowScheme); the logit metrics
 // come from full runs with each cache. With tp > 1 every rank runs this call (scales: the
 // rank's slice) and gets the same result; the attention errors are summed over ranks' heads.
-EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const TokenData& data,
-                    const RankScales& per_tensor, const RankScales& per_head,
-                    const EvalOptions& options);
+FP8KV_API EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops,
+                              const TokenData& data, const RankScales& per_tensor,
+                              const RankScales& per_head, const EvalOptions& options);
 
 // The result as one table (schemes as columns, metrics and per-layer errors as rows).
-std::string format_eval_table(const EvalResult& result);
+FP8KV_API std::string format_eval_table(const EvalResult& result);
 
 }  // namespace fp8kv
