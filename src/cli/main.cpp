@@ -4,13 +4,16 @@
 
 #include <cstdio>
 #include <exception>
+#include <string>
 
 #include "cli/commands.h"
 #include "fp8kv/error.h"
+#include "fp8kv/version.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"fp8kv: FP8 (E4M3) KV cache with calibrated scales"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("fp8kv ") + fp8kv::version());
   // One line per subcommand (declared in cli/commands.h).
   fp8kv::cli::add_inspect(app);
   fp8kv::cli::add_attention_demo(app);
@@ -20,6 +23,10 @@ int main(int argc, char** argv) {
   fp8kv::cli::add_generate(app);
   fp8kv::cli::add_demo(app);
   fp8kv::cli::add_bench(app);
+  if (argc == 1) {  // no command: the list of commands, not an error
+    std::fputs(app.help().c_str(), stdout);
+    return 0;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
