@@ -12,6 +12,15 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
+# Every namespace-scope function declaration and class in the public headers carries FP8KV_API
+# (inline functions, templates and the FP8KV_HD codecs need none): an unmarked one would be
+# missing from the shared library.
+unmarked=$(grep -nE '^(class [A-Za-z_]+[^;]*$|[A-Za-z_][^(]*\()' "$src"/include/fp8kv/*.h |
+           grep -vE ':(class FP8KV_API|FP8KV_API|FP8KV_HD|inline|template|constexpr|using|namespace|enum|typedef)' ||
+           true)
+[ -z "$unmarked" ] || fail "public declarations without FP8KV_API (fp8kv/export.h):
+$unmarked"
+
 cmake --install "$build" --prefix "$tmp/prefix" >/dev/null
 version=$(sed -n 's/^project(fp8kv VERSION \([0-9.]*\).*/\1/p' "$src/CMakeLists.txt")
 [ -n "$version" ] || fail "no project(fp8kv VERSION ...) in CMakeLists.txt"
