@@ -6,6 +6,7 @@
 # the installed command and library report the project version, and that an fp8kv::Error thrown
 # in the shared library is caught by the example.
 #   consumer_test.sh BUILD_DIR SOURCE_DIR CXX_COMPILER [EXTRA_CXX_FLAGS]
+# (grep reads here-strings, not pipes: under pipefail, grep -q closing a pipe early fails it.)
 set -euo pipefail
 build=$1 src=$2 cxx=$3 flags=${4:-}
 tmp=$(mktemp -d)
@@ -38,10 +39,11 @@ soname=$(objdump -p "$tmp/prefix/lib/libfp8kv.so" | awk '/SONAME/ {print $2}')
 # validation helpers, anything in an anonymous or cpu/cuda namespace) must stay hidden, and so
 # must the statically linked CUDA runtime and the header-only json library.
 exported=$(nm -D --defined-only -C "$tmp/prefix/lib/libfp8kv.so" | awk '{$1=""; $2=""; print}')
-echo "$exported" | grep -q 'fp8kv::load_calib(' || fail "fp8kv::load_calib not exported"
-echo "$exported" | grep -q 'fp8kv::version()' || fail "fp8kv::version not exported"
-echo "$exported" | grep -q 'typeinfo for fp8kv::Error' || fail "fp8kv::Error's typeinfo not exported"
-if leaked=$(echo "$exported" | grep -E 'CpuBackend|validate_|anonymous namespace|nlohmann|cuda[A-Z]|fp8kv::(cpu|cuda|cli|detail)::'); then
+grep -q 'fp8kv::load_calib(' <<<"$exported" || fail "fp8kv::load_calib not exported"
+grep -q 'fp8kv::version()' <<<"$exported" || fail "fp8kv::version not exported"
+grep -q 'typeinfo for fp8kv::Error' <<<"$exported" || fail "fp8kv::Error's typeinfo not exported"
+internal='CpuBackend|validate_|anonymous namespace|nlohmann|cuda[A-Z]|fp8kv::(cpu|cuda|cli|detail)::'
+if leaked=$(grep -E "$internal" <<<"$exported"); then
   fail "internal symbols exported:
 $leaked"
 fi
@@ -51,7 +53,8 @@ cmake -S "$src/examples/cpp" -B "$tmp/example" -G Ninja -DCMAKE_BUILD_TYPE=Relea
       -DCMAKE_EXE_LINKER_FLAGS="$flags" -DCMAKE_PREFIX_PATH="$tmp/prefix" >/dev/null
 cmake --build "$tmp/example" >/dev/null
 # The shared build must load the installed library, not one from the build tree.
-ldd "$tmp/example/fp8kv_example_shared" | grep -q "$tmp/prefix/lib/libfp8kv.so" ||
+libs=$(ldd "$tmp/example/fp8kv_example_shared")
+grep -q "$tmp/prefix/lib/libfp8kv.so" <<<"$libs" ||
   fail "fp8kv_example_shared does not load the installed libfp8kv.so"
 
 for exe in fp8kv_example fp8kv_example_shared; do
@@ -59,14 +62,14 @@ for exe in fp8kv_example fp8kv_example_shared; do
                "$src/tests/data/calib/ok_per_head.json"; do
     out=$("$tmp/example/$exe" "$calib") || fail "$exe $calib: $out"
     echo "$out"
-    echo "$out" | grep -q "^fp8kv $version (headers $version)$" || fail "$exe: version line"
-    echo "$out" | grep -qE 'fp8-per-(tensor|head) decode, 3 requests, 59 tokens' ||
+    grep -q "^fp8kv $version (headers $version)$" <<<"$out" || fail "$exe: version line"
+    grep -qE 'fp8-per-(tensor|head) decode, 3 requests, 59 tokens' <<<"$out" ||
       fail "$exe: no decode line"
   done
   # A malformed file: the library's Error reaches the example's catch, exit status 1.
   status=0
   err=$("$tmp/example/$exe" "$src/tests/data/calib/bad_qmax.json" 2>&1) || status=$?
-  [ "$status" = 1 ] && echo "$err" | grep -q '^fp8kv: error: .*qmax' ||
+  [ "$status" = 1 ] && grep -q '^fp8kv: error: .*qmax' <<<"$err" ||
     fail "$exe on bad_qmax.json: status $status, '$err'"
 done
 echo "install.consumer_example: OK"
