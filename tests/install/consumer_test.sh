@@ -16,9 +16,9 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 # Every namespace-scope function declaration and class in the public headers carries FP8KV_API
 # (inline functions, templates and the FP8KV_HD codecs need none): an unmarked one would be
 # missing from the shared library.
+marked='class FP8KV_API|FP8KV_API|FP8KV_HD|inline|template|constexpr|using|namespace|enum|typedef'
 unmarked=$(grep -nE '^(class [A-Za-z_]+[^;]*$|[A-Za-z_][^(]*\()' "$src"/include/fp8kv/*.h |
-           grep -vE ':(class FP8KV_API|FP8KV_API|FP8KV_HD|inline|template|constexpr|using|namespace|enum|typedef)' ||
-           true)
+           grep -vE ":($marked)" || true)
 [ -z "$unmarked" ] || fail "public declarations without FP8KV_API (fp8kv/export.h):
 $unmarked"
 
@@ -42,7 +42,8 @@ exported=$(nm -D --defined-only -C "$tmp/prefix/lib/libfp8kv.so" | awk '{$1=""; 
 grep -q 'fp8kv::load_calib(' <<<"$exported" || fail "fp8kv::load_calib not exported"
 grep -q 'fp8kv::version()' <<<"$exported" || fail "fp8kv::version not exported"
 grep -q 'typeinfo for fp8kv::Error' <<<"$exported" || fail "fp8kv::Error's typeinfo not exported"
-internal='CpuBackend|validate_|anonymous namespace|nlohmann|cuda[A-Z]|fp8kv::(cpu|cuda|cli|detail)::'
+internal='CpuBackend|validate_|anonymous namespace|nlohmann|cuda[A-Z]'
+internal+='|fp8kv::(cpu|cuda|cli|detail)::'
 if leaked=$(grep -E "$internal" <<<"$exported"); then
   fail "internal symbols exported:
 $leaked"
