@@ -38,8 +38,7 @@ __global__ void decode_merge_kernel(const float* __restrict__ ws_o, const float*
 int g_variant = kDecodeDefault;
 
 // Whether the tensor-core kernel (decode_mma_kernel.cuh) runs for this scheme.
-bool use_mma(KvScheme scheme) {
-  if (scheme == KvScheme::kBf16) return false;
+bool use_mma(KvScheme) {
   return g_variant == kDecodeMma || (g_variant == kDecodeDefault && kDecodeMmaIsDefault);
 }
 
@@ -78,9 +77,7 @@ DecodePlan plan_decode(const AttentionParams& p) {
   plan.head_chunks = ceil_div(group, plan.heads);
   const int per_sm = FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     return FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
-      if constexpr (kScheme != KvScheme::kBf16) {
-        if (plan.mma) return DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm();
-      }
+      if (plan.mma) return DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm();
       return FP8KV_DISPATCH_GROUP_PAD(plan.heads, kHeads, [&] {
         return with_kernel<kScheme, kHeadDim, kHeads>([](auto k) { return decltype(k)::ctas_per_sm(); });
       });
@@ -88,7 +85,9 @@ DecodePlan plan_decode(const AttentionParams& p) {
   });
   static const int sms = sm_count();
   const int planned_heads = p.split_kv_heads > 0 ? p.split_kv_heads : p.cache.num_kv_heads;
-  const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) * planned_heads * plan.head_chunks;
+  const int kv_per_cta = plan.mma ? decode_mma_kv_heads(p.cache.scheme, p.cache.head_dim) : 1;
+  const int64_t ctas =
+      static_cast<int64_t>(p.batch.num_requests) * ceil_div(planned_heads, kv_per_cta) * plan.head_chunks;
   plan.split = choose_decode_split(ctas, static_cast<int64_t>(sms) * per_sm, p.batch.max_seq_len);
   return plan;
 }
@@ -136,12 +135,12 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
     a.ws_o = static_cast<float*>(workspace);
     a.ws_lse = a.ws_o + rows * D;
   }
-  const dim3 grid(a.num_splits, p.cache.num_kv_heads * plan.head_chunks, p.batch.num_requests);
+  const int kv_per_cta = plan.mma ? decode_mma_kv_heads(p.cache.scheme, D) : 1;
+  const dim3 grid(a.num_splits, ceil_div(p.cache.num_kv_heads, kv_per_cta) * plan.head_chunks,
+                  p.batch.num_requests);
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
-      if constexpr (kScheme != KvScheme::kBf16) {
-        if (plan.mma) return DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, stream);
-      }
+      if (plan.mma) return DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, stream);
       FP8KV_DISPATCH_GROUP_PAD(plan.heads, kHeads, [&] {
         with_kernel<kScheme, kHeadDim, kHeads>([&](auto k) { decltype(k)::launch(a, grid, stream); });
       });

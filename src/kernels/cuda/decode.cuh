@@ -61,6 +61,15 @@ struct DecodeKernel {
   static void launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream);
 };
 
+// Adjacent KV heads one CTA of the tensor-core decode kernel takes, so that each bulk copy of a
+// token's K (or V) row moves about 256 bytes: the copy engine's rate is per copy, and rows of
+// one head (128 bytes for e4m3 at head_dim 128) are too small to reach the read bandwidth.
+constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
+  const int row_bytes = scheme == KvScheme::kBf16 ? 2 * head_dim : head_dim;
+  const int k = 256 / row_bytes;
+  return k < 1 ? 1 : k > 4 ? 4 : k;
+}
+
 // The tensor-core decode kernel of the FP8 schemes (decode_mma_kernel.cuh): up to 8 query heads of
 // one KV head per CTA, any head_dim of 64, 128, 256.
 template <KvScheme kScheme, int kHeadDim>
@@ -94,6 +103,7 @@ FP8KV_DECODE_EXTERN(KvScheme::kFp8PerHead)
   extern template struct DecodeMmaKernel<SCHEME, 64>;  \
   extern template struct DecodeMmaKernel<SCHEME, 128>; \
   extern template struct DecodeMmaKernel<SCHEME, 256>;
+FP8KV_DECODE_MMA_EXTERN(KvScheme::kBf16)
 FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8PerTensor)
 FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8PerHead)
 #undef FP8KV_DECODE_MMA_EXTERN

@@ -244,7 +244,8 @@ struct BenchBatch {
     for (int b = 0; b <= B; ++b) cu_v[b] = b * q_len;
     std::iota(ri_v.begin(), ri_v.end(), 0);
     std::iota(rt_v.begin(), rt_v.end(), 0);
-    std::shuffle(rt_v.begin(), rt_v.end(), std::mt19937(1234));
+    const char* layout = std::getenv("FP8KV_BENCH_SLOTS");
+    if (!(layout && std::string(layout) == "contiguous")) std::shuffle(rt_v.begin(), rt_v.end(), std::mt19937(1234));
     seq = std::make_unique<DeviceBuffer>(B * 4);
     cu = std::make_unique<DeviceBuffer>((B + 1) * 4);
     ri = std::make_unique<DeviceBuffer>(B * 4);
