@@ -4,7 +4,7 @@
 #include <memory>
 #include <string>
 
-#include "fp8kv/observer.h"
+#include "fp8kv/communicator.h"
 
 namespace fp8kv {
 

@@ -1,5 +1,5 @@
-// The calibration observer (docs/DESIGN.md, "The workflow the user runs", step 1) and the
-// Communicator it finalizes through.
+// The calibration observer (docs/DESIGN.md, "The workflow the user runs", step 1); it finalizes
+// through a Communicator (fp8kv/communicator.h).
 #pragma once
 
 #include <memory>
@@ -7,32 +7,9 @@
 #include <vector>
 
 #include "fp8kv/calib.h"
+#include "fp8kv/communicator.h"
 
 namespace fp8kv {
-
-// Collective operations over tensor-parallel ranks, on host float buffers.
-class Communicator {
- public:
-  virtual ~Communicator() = default;
-  virtual int rank() const = 0;
-  virtual int world_size() const = 0;
-  // out[r * count + i] = in_of_rank_r[i]; out has world_size() * count elements.
-  virtual void all_gather(const float* in, float* out, size_t count) = 0;
-  // buf[i] = max over ranks of buf[i], in place. NaN wins over any number.
-  virtual void all_reduce_max(float* buf, size_t count) = 0;
-  // buf[i] = sum over ranks of buf[i], in place. Every rank gets the same bits (the
-  // tensor-parallel model relies on it: its replicated residual stream must not drift apart).
-  virtual void all_reduce_sum(float* buf, size_t count) = 0;
-  // all_reduce_sum on a buffer in this rank's CUDA device memory, queued on `stream` (a
-  // cudaStream_t; null: the default stream), with no host copy. Returns false, doing nothing,
-  // where the communicator has no device path (the caller stages through the host then).
-  virtual bool all_reduce_sum_cuda(float* /*buf*/, size_t /*count*/, void* /*stream*/) {
-    return false;
-  }
-};
-
-// One process, one rank.
-std::unique_ptr<Communicator> make_single_communicator();
 
 struct ObserverConfig {
   int num_layers = 0;

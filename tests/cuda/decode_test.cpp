@@ -3,7 +3,8 @@
 // the three schemes; a long case (33k keys) whose FP8 error must not grow with length; bad
 // arguments refused. Every case runs both decode kernels on the same data: the CUDA-core kernel
 // (decode_kernel.cuh) and the tensor-core kernel (decode_mma_kernel.cuh, FP8 schemes; for bf16
-// that variant runs the CUDA-core kernel again). The split heuristic's tests need no GPU.
+// that variant runs the CUDA-core kernel again). The split heuristic's tests are in
+// tests/kernels/decode_split_test.cpp.
 //
 // Criterion (STYLE.md): errors are normalized ||o - ref|| / ||ref|| against float64 attention on
 // the inputs as the scheme rounds them (emulated_inputs), so the test measures the kernel's own
@@ -21,14 +22,11 @@
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
 #include "kernel_test_util.h"
-#include "kernels/cuda/decode_split.h"
 #include "kernels/cuda/decode_variant.h"
+#include "gpu_skip.h"
 
 namespace fp8kv {
 namespace {
-
-#define SKIP_WITHOUT_GPU() \
-  if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU"
 
 constexpr double kOverallFloor = 4e-3;
 constexpr double kRowBound = 2e-2;
@@ -195,10 +193,10 @@ TEST(CudaDecode, RefusesBadArguments) {
   test::ProblemSpec spec;
   spec.requests = decode_requests({5, 9});
   const test::AttentionProblem prob = test::make_problem(spec);
-  test::BackendBuffer pool(*gpu, prob.pool_elements() * 2), q(*gpu, prob.q);
+  BackendBuffer pool(*gpu, prob.pool_elements() * 2), q(*gpu, prob.q);
   const std::vector<uint16_t> poison(prob.q.size(), 0x7fc1);
-  test::BackendBuffer o(*gpu, poison);
-  test::BackendBuffer seq(*gpu, prob.seq_len), cu(*gpu, prob.cu_seqlens_q), ri(*gpu, prob.req_index),
+  BackendBuffer o(*gpu, poison);
+  BackendBuffer seq(*gpu, prob.seq_len), cu(*gpu, prob.cu_seqlens_q), ri(*gpu, prob.req_index),
       rt(*gpu, prob.req_to_token);
   AttentionParams p;
   p.q = q.as<uint16_t>();
@@ -232,43 +230,6 @@ TEST(CudaDecode, RefusesBadArguments) {
     EXPECT_THROW(gpu->decode_attention(bad), Error);
   }
   for (uint16_t x : o.download<uint16_t>()) ASSERT_EQ(x, 0x7fc1);  // nothing written
-}
-
-// ---- split heuristic (host only) ------------------------------------------------------------
-
-TEST(DecodeSplit, ShortContextsAreNotSplit) {
-  const auto s = cuda::choose_decode_split(8, 396, 200);
-  EXPECT_EQ(s.num_splits, 1);
-  EXPECT_EQ(s.split_tokens, 200);
-}
-
-TEST(DecodeSplit, SmallBatchLongContextFillsTheChip) {
-  // B=4, Hkv=8: 32 CTAs on 132 SMs x 3: split until the chip is full.
-  const auto s = cuda::choose_decode_split(32, 396, 32768);
-  EXPECT_GE(s.num_splits * 32, 200);
-  EXPECT_LE(s.num_splits * 32, 396 * 2);
-  EXPECT_GE(static_cast<int64_t>(s.num_splits) * s.split_tokens, 32768);
-  EXPECT_EQ(s.split_tokens % cuda::kDecodeSplitAlign, 0);
-  EXPECT_LT(static_cast<int64_t>(s.num_splits - 1) * s.split_tokens, 32768);  // no empty split
-}
-
-TEST(DecodeSplit, LargeBatchIsNotSplit) {
-  EXPECT_EQ(cuda::choose_decode_split(2048, 396, 1024).num_splits, 1);
-}
-
-TEST(DecodeSplit, BoundsHold) {
-  for (int64_t ctas : {1, 3, 17, 64, 132, 500, 5000}) {
-    for (int len : {1, 255, 256, 257, 1000, 4096, 100000, 1 << 20}) {
-      const auto s = cuda::choose_decode_split(ctas, 264, len);
-      ASSERT_GE(s.num_splits, 1);
-      ASSERT_LE(s.num_splits, cuda::kDecodeMaxSplits);
-      ASSERT_GE(static_cast<int64_t>(s.num_splits) * s.split_tokens, len);
-      if (s.num_splits > 1) {
-        ASSERT_GE(s.split_tokens, cuda::kDecodeMinSplitTokens);
-        ASSERT_LT(static_cast<int64_t>(s.num_splits - 1) * s.split_tokens, len);
-      }
-    }
-  }
 }
 
 }  // namespace

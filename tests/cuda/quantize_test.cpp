@@ -13,12 +13,10 @@
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 #include "kernel_test_util.h"
+#include "gpu_skip.h"
 
 namespace fp8kv {
 namespace {
-
-#define SKIP_WITHOUT_GPU() \
-  if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU"
 
 uint32_t bits_of(float x) { return detail::float_bits(x); }
 

@@ -13,22 +13,12 @@
 #include <string>
 
 #include "fp8kv/error.h"
+#include "kernels/cuda/check.h"
 
 namespace fp8kv::cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// Host: turns a CUDA error into fp8kv::Error naming the call and the CUDA error string.
-inline void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    throw Error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(e) + ": " +
-                cudaGetErrorString(e));
-  }
-}
-#define FP8KV_CUDA_CHECK(call) ::fp8kv::cuda::check_cuda((call), #call)
-// After a launch: configuration errors surface here, asynchronous ones at the next sync.
-#define FP8KV_CUDA_CHECK_LAUNCH(name) ::fp8kv::cuda::check_cuda(cudaGetLastError(), name)
 
 // ---- memory access ------------------------------------------------------------------------
 

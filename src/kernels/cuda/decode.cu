@@ -5,7 +5,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
-#include "kernels/cuda/decode_split.h"
+#include "kernels/decode_split.h"
 #include "kernels/cuda/dispatch.h"
 #include "kernels/cuda/launchers.h"
 
