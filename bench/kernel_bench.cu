@@ -233,13 +233,13 @@ struct BenchBatch {
   std::unique_ptr<BackendBuffer> seq, cu, ri, rt, q, q8, qs, o, ks, vs;
   AttentionBatch batch;
 
-  BenchBatch(int B_, int L_, int q_len_, int Hq_, int Hkv_, int D_, cudaStream_t s)
+  BenchBatch(int B_, int L_, int q_len_, int Hq_, int Hkv_, int D_, cudaStream_t s, bool scattered = true)
       : B(B_), L(L_), q_len(q_len_), Hq(Hq_), Hkv(Hkv_), D(D_) {
     std::vector<int32_t> seq_v(B, L), cu_v(B + 1), ri_v(B), rt_v(static_cast<size_t>(B) * L);
     for (int b = 0; b <= B; ++b) cu_v[b] = b * q_len;
     std::iota(ri_v.begin(), ri_v.end(), 0);
     std::iota(rt_v.begin(), rt_v.end(), 0);
-    std::shuffle(rt_v.begin(), rt_v.end(), std::mt19937(1234));
+    if (scattered) std::shuffle(rt_v.begin(), rt_v.end(), std::mt19937(1234));
     seq = std::make_unique<BackendBuffer>(device(), B * 4);
     cu = std::make_unique<BackendBuffer>(device(), (B + 1) * 4);
     ri = std::make_unique<BackendBuffer>(device(), B * 4);
@@ -330,39 +330,47 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   r.line("ceilings: read %.0f GB/s | copy (read+write) %.0f GB/s | cuBLASLt GEMM %d^3: BF16 %.0f TFLOP/s, FP8 %.0f TFLOP/s",
          read_gbs, copy_gbs, o.quick ? 4096 : 8192, bf16_tflops, fp8_tflops);
 
-  // Decode.
+  // Decode: the one kernel per scheme. Rows: the three reference shapes (Hq 32, Hkv 8, D 128),
+  // head_dim 64 and 256, GQA 7, one long request (split-KV), a large batch of short requests,
+  // each with every request's slots contiguous (a request's tokens were written in order); and
+  // the first shape again with the slot table a random permutation of the pool (a fragmented
+  // serving pool: every token row a separate gather).
   r.line("");
-  r.line("decode  Hq=32 Hkv=8 D=128      scheme (simt: CUDA-core kernel, v1: simt alt occ.) time_us   cache_GB/s  %%read_bw  time/bf16");
+  r.line("decode  shape                              scheme            time_us   cache_GB/s  %%read_bw  time/bf16");
   r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted)");
-  struct Shape { int B, L; };
-  std::vector<Shape> shapes = {{64, 4096}, {4, 32768}, {256, 1024}};
-  if (o.quick) shapes = {{16, 2048}, {2, 8192}};
-  for (const Shape& sh : shapes) {
-    BenchBatch bb(sh.B, sh.L, 1, 32, 8, 128, s);
+  struct Case { int B, L, Hq, Hkv, D; bool scattered; };
+  std::vector<Case> cases = {{64, 4096, 32, 8, 128, false},  {4, 32768, 32, 8, 128, false},
+                             {256, 1024, 32, 8, 128, false}, {64, 4096, 32, 8, 64, false},
+                             {64, 4096, 32, 8, 256, false},  {64, 4096, 28, 4, 128, false},
+                             {1, 131072, 32, 8, 128, false}, {512, 512, 32, 8, 128, false},
+                             {64, 4096, 32, 8, 128, true}};
+  if (o.quick) cases = {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
+  for (const Case& c : cases) {
+    BenchBatch bb(c.B, c.L, 1, c.Hq, c.Hkv, c.D, s, c.scattered);
+    // Record names: B64_L4096 for the reference shapes, suffixes for the others.
+    std::string name = "B" + std::to_string(c.B) + "_L" + std::to_string(c.L);
+    if (c.D != 128) name += "_D" + std::to_string(c.D);
+    if (c.Hq != 32 || c.Hkv != 8) name += "_Hq" + std::to_string(c.Hq) + "_Hkv" + std::to_string(c.Hkv);
+    if (c.scattered) name += "_scattered";
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d%s", c.B, c.L, c.Hq, c.Hkv, c.D,
+                  c.scattered ? " scattered" : "");
     double bf16_us = NAN;
-    // The default kernels (tensor-core for FP8), the CUDA-core kernel, and its 4-head instances at
-    // the other occupancy (decode_variant.h). time/bf16 is against the default bf16 kernel.
-    for (int variant : {cuda::kDecodeDefault, cuda::kDecodeSimt, cuda::kDecodeSimtAltOccupancy}) {
-      cuda::set_decode_variant(variant);
-      for (KvScheme scheme : kSchemes) {
-        auto pool = make_pool(bb.num_slots(), 8, 128, scheme, s);
-        const AttentionParams p = bb.params(scheme, pool->get());
-        BackendBuffer ws(device(), std::max<size_t>(cuda::decode_workspace_bytes(p), 16));
-        const double us = time_us([&] { cuda::launch_decode_attention(p, ws.get(), s); }, o.warmup, o.iters, s);
-        const double bytes = static_cast<double>(sh.B) * sh.L * 8 * 2 * 128 * kv_elem_bytes(scheme);
-        const double gbs = bytes / us * 1e-3;
-        if (scheme == KvScheme::kBf16 && variant == cuda::kDecodeDefault) bf16_us = us;
-        const char* suffix = variant == cuda::kDecodeSimt ? "simt" : variant == cuda::kDecodeSimtAltOccupancy ? "v1" : "";
-        const std::string label = std::string(scheme_name(scheme)) + (*suffix ? " " : "") + suffix;
-        r.line("  B=%-4d L=%-6d             %-18s %8.1f   %10.0f   %6.1f%%   %8.2f", sh.B, sh.L, label.c_str(),
-               us, gbs, 100.0 * gbs / read_gbs, us / bf16_us);
-        r.record("decode", std::string("B") + std::to_string(sh.B) + "_L" + std::to_string(sh.L) + "_" +
-                 scheme_name(scheme) + (*suffix ? "_" : "") + suffix,
-                 {{"B", double(sh.B)}, {"L", double(sh.L)}, {"us", us}, {"gbs", gbs}, {"frac_read_bw", gbs / read_gbs},
-                  {"ratio_bf16", us / bf16_us}, {"variant", double(variant)}});
-      }
+    for (KvScheme scheme : kSchemes) {
+      auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
+      const AttentionParams p = bb.params(scheme, pool->get());
+      BackendBuffer ws(device(), std::max<size_t>(cuda::decode_workspace_bytes(p), 16));
+      const double us = time_us([&] { cuda::launch_decode_attention(p, ws.get(), s); }, o.warmup, o.iters, s);
+      const double bytes = static_cast<double>(c.B) * c.L * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
+      const double gbs = bytes / us * 1e-3;
+      if (scheme == KvScheme::kBf16) bf16_us = us;
+      r.line("  %-40s %-16s %8.1f   %10.0f   %6.1f%%   %8.2f", shape, scheme_name(scheme), us, gbs,
+             100.0 * gbs / read_gbs, us / bf16_us);
+      r.record("decode", name + "_" + scheme_name(scheme),
+               {{"B", double(c.B)}, {"L", double(c.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
+                {"D", double(c.D)}, {"scattered", c.scattered ? 1.0 : 0.0}, {"us", us}, {"gbs", gbs},
+                {"frac_read_bw", gbs / read_gbs}, {"ratio_bf16", us / bf16_us}});
     }
-    cuda::set_decode_variant(cuda::kDecodeDefault);
   }
 
   // Prefill (PREFILL's kernel).

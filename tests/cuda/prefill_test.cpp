@@ -348,16 +348,16 @@ TEST(PrefillPerf, BenchmarkShape) {
       for (uint16_t x : o) nonfinite += !std::isfinite(bf16_to_float(x));
       EXPECT_EQ(nonfinite, 0);
       cudaEvent_t start, stop;
-      check(cudaEventCreate(&start), "event");
-      check(cudaEventCreate(&stop), "event");
+      check_cuda(cudaEventCreate(&start), "event");
+      check_cuda(cudaEventCreate(&stop), "event");
       std::vector<float> ms;
       for (int rep = 0; rep < 23; ++rep) {
-        check(cudaEventRecord(start), "record");
+        check_cuda(cudaEventRecord(start), "record");
         cuda::launch_prefill_attention(gpu.params, config, nullptr);
-        check(cudaEventRecord(stop), "record");
-        check(cudaEventSynchronize(stop), "sync");
+        check_cuda(cudaEventRecord(stop), "record");
+        check_cuda(cudaEventSynchronize(stop), "sync");
         float t = 0;
-        check(cudaEventElapsedTime(&t, start, stop), "elapsed");
+        check_cuda(cudaEventElapsedTime(&t, start, stop), "elapsed");
         if (rep >= 3) ms.push_back(t);  // 3 warm-up runs
       }
       std::sort(ms.begin(), ms.end());

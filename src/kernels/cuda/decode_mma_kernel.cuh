@@ -1,18 +1,23 @@
-// The tensor-core decode kernel of the FP8 schemes. Included only by the instantiation files
-// decode_fp8_{tensor,head}.cu; its simple twin is the CUDA-core kernel of decode_kernel.cuh.
+// The decode kernel, every scheme (bf16, fp8-per-tensor, fp8-per-head). Included only by the
+// instantiation files decode_{bf16,fp8_tensor,fp8_head}.cu; its oracle is the CPU twin.
 //
-// Why: on CUDA cores the FP8 decode is bound by instructions (per-lane dot products, cross-lane
-// reductions per query head, e4m3 -> fp32 widening: ~75 warp instructions per token and KV head),
-// not by bytes. Here QK^T and PV run as mma.sync m16n8k16 f16 MMAs (fp32 accumulate), one MMA
-// per 16 keys and 16 dims of the head for each product: ~10 warp instructions per token and KV
-// head.
+// Why tensor cores: on CUDA cores decode is bound by instructions (per-lane dot products,
+// cross-lane reductions per query head, widening), not by bytes. Here QK^T and PV run as mma.sync
+// m16n8k16 MMAs (fp32 accumulate), one MMA per 16 keys and 16 dims of the head for each product.
 //
-// One CTA per (split of the KV length, KV head g and up to 8 of its query heads, request b), 4
-// warps. The CTA streams tiles of 64 tokens (K rows then V rows) into shared memory with 16-byte
-// cp.async, gathered through the slot table, kStages deep (all threads copy; one __syncthreads
-// per tile). Warp w computes keys 16w..16w+15 of every tile with its own online softmax (fp32,
-// log2 domain); the 4 warps are merged in shared memory at the end, as in decode_kernel.cuh, and
-// the CTA writes bf16 (one split) or a normalized partial and its log-sum-exp (decode.cu merges).
+// Why bulk copies: at Hopper's bandwidth a CTA needs far more bytes in flight than 16-byte
+// cp.async per thread sustains (profiled: DRAM at 72% with the SMs mostly idle). Each K or V row
+// of a tile is one cp.async.bulk (the copy engine) completing on the stage's mbarrier; the copy
+// engine's cost is per copy, so an FP8 CTA takes two adjacent KV heads (decode_mma_kv_heads): one
+// copy moves both heads' 128-byte rows.
+//
+// One CTA per (split of the KV length, kKv adjacent KV heads and up to 8 query heads of each,
+// request b), 4 warps per KV head. The CTA streams tiles of 64 tokens (K rows then V rows, kKv
+// heads wide) into shared memory, gathered through the slot table, kStages deep (128 threads
+// issue one copy each; one __syncthreads per tile frees the stage for refilling). Warp w of a
+// KV head computes keys 16w..16w+15 of every tile with its own online softmax (fp32, log2
+// domain); the 4 warps are merged in shared memory at the end and the CTA writes bf16 (one
+// split) or a normalized partial and its log-sum-exp (decode.cu merges).
 //
 // Layout: transposed products, so that no MMA row is padding. A GQA group has only 1..8 query
 // heads, so they are the N = 8 dimension and keys / dims the M = 16 dimension:
@@ -20,8 +25,10 @@
 //   O^T += V^T P^T (M = 16 dims, N = 8 heads, K = 16 keys per MMA)
 // Query heads past the group's end are zero columns of Q^T, never written out.
 //
-// Numerics. Every e4m3 value is an fp16 value, so K and V are widened exactly by the hardware
-// e4m3x2 -> f16x2 convert while the A fragments are built (no widened copy in shared memory).
+// Numerics. bf16 cache: bf16 MMAs straight from shared memory (ldmatrix, ldmatrix.trans for V),
+// Q as given, P rounded to bf16 for the PV product. FP8 caches: every e4m3 value is an fp16
+// value, so K and V are widened exactly by the hardware e4m3x2 -> f16x2 convert while the A
+// fragments are built (no widened copy in shared memory).
 //   fp8-per-head:   Q is e4m3 codes (quantize_q): exact in fp16 as well.
 //   fp8-per-tensor: Q is bf16; it is scaled by a power of two 2^e chosen per CTA so that
 //                   max |q| lies in [2^14, 2^15), then rounded to fp16: exact for every value
@@ -32,10 +39,11 @@
 // MMA (relative error 2^-12, finer than the CPU twin's e4m3 P for fp8-per-head); the row sum l
 // is summed from the fp32 P.
 //
-// MMA fragments (PTX ISA, m16n8k16 f16), lane = 4 * r + t (r = lane / 4, t = lane % 4):
+// MMA fragments (PTX ISA, m16n8k16), lane = 4 * r + t (r = lane / 4, t = lane % 4):
 //   A (16 x 16): a[0] = row r, k 2t..2t+1; a[1] = row r+8, same k; a[2], a[3]: k 2t+8..2t+9.
 //   B (16 x 8):  b0 = k 2t..2t+1, column r; b1 = k 2t+8..2t+9, column r.
 //   C (16 x 8):  c0, c1 = row r, columns 2t, 2t+1; c2, c3 = row r+8.
+// The FP8 layout (bf16 uses the plain fragments, see the loops):
 // QK^T: a k-step is one 16-byte block of D (16 dims) in a permuted order: k slots 2t, 2t+1,
 //   2t+8, 2t+9 hold dims 4t..4t+3 of the block (a dot product does not care about the order).
 //   ldmatrix (b16 view) of 8 K rows gives lane (r, t) exactly bytes 4t..4t+3 of key row r: one
