@@ -22,13 +22,13 @@ struct QScales {
 // "LightLLM's per-rank layout"): num_head was copies x the model's KV heads, each head's scale
 // written once per rank that held it, and the loader merged the copies (max).
 struct RankLayoutOrigin {
-  int copies = 1;                 // k: ranks per KV head (the file's num_head / the model's)
-  int file_num_head = 0;          // num_head as written, k * H
+  int copies = 1;         // k: ranks per KV head (the file's num_head / the model's)
+  int file_num_head = 0;  // num_head as written, k * H
   // The largest |a - b| between two copies of one scale, and where (per_head only; 0 when
   // every copy is identical). At most one float32 rounding step: the loader refuses more.
   float max_disagreement = 0.0f;
-  int worst_layer = -1;           // -1: no disagreement
-  int worst_column = -1;          // column of the merged row [K heads, V heads]
+  int worst_layer = -1;   // -1: no disagreement
+  int worst_column = -1;  // column of the merged row [K heads, V heads]
 };
 
 // The content of kv_cache_calib.json: scales for every layer and every KV head of the whole

@@ -91,10 +91,10 @@ void add_calibrate(CLI::App& app) {
       std::printf("calibrated %s (%s): %d layers x %d KV heads, %s scales in [%.4g, %.4g]\n",
                   opt->model.c_str(), r.data.architectures.c_str(), r.data.num_layers,
                   r.data.num_head, quant_type_name(r.data.quant_type), *mm.first, *mm.second);
-      std::printf("observed %d forward passes per layer after %d warmup (%d run, %d of them "
-                  "decode steps; %lld tokens)\n",
-                  r.count, r.warmup, r.passes_run, r.decode_passes,
-                  static_cast<long long>(r.tokens));
+      std::printf(
+          "observed %d forward passes per layer after %d warmup (%d run, %d of them "
+          "decode steps; %lld tokens)\n",
+          r.count, r.warmup, r.passes_run, r.decode_passes, static_cast<long long>(r.tokens));
       std::printf("warmup from %s; count from %s\n", r.warmup_source.c_str(),
                   r.count_source.c_str());
       if (opt->tp > 1) std::printf("tensor parallel: %d ranks\n", opt->tp);

@@ -50,13 +50,14 @@ void run_convert(const ConvertOptions& opt) {
     result = merged;
   } else if (opt.to == "lightllm-rank-layout") {
     if (!opt.tp) {
-      throw Error("convert --to lightllm-rank-layout: --tp N is required (the ranks the file "
-                  "is for)");
+      throw Error(
+          "convert --to lightllm-rank-layout: --tp N is required (the ranks the file "
+          "is for)");
     }
     result = to_rank_layout(merged, *opt.tp);
   } else {
-    throw Error(fmt::format("convert: --to: expected lightllm or lightllm-rank-layout, found {}",
-                            opt.to));
+    throw Error(
+        fmt::format("convert: --to: expected lightllm or lightllm-rank-layout, found {}", opt.to));
   }
   write_calib(opt.out, result);
 
@@ -64,9 +65,10 @@ void run_convert(const ConvertOptions& opt) {
              quant_type_name(merged.quant_type),
              merged.rank_layout ? merged.rank_layout->file_num_head : H);
   if (merged.rank_layout) {
-    fmt::print(" (LightLLM's per-rank layout: {} KV heads, each written by {} ranks; largest "
-               "disagreement between copies {})",
-               H, merged.rank_layout->copies, merged.rank_layout->max_disagreement);
+    fmt::print(
+        " (LightLLM's per-rank layout: {} KV heads, each written by {} ranks; largest "
+        "disagreement between copies {})",
+        H, merged.rank_layout->copies, merged.rank_layout->max_disagreement);
   }
   fmt::print("\n");
   if (opt.to == "lightllm") {

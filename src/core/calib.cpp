@@ -724,8 +724,8 @@ CalibData to_rank_layout(const CalibData& merged, int tp) {
     const float* src = merged.scales.data() + static_cast<size_t>(l) * 2 * H;  // [2 * H]
     float* dst = out.scales.data() + static_cast<size_t>(l) * width;           // [2 * h * tp]
     for (int j = 0; j < out.num_head; ++j) {
-      dst[j] = src[j / f];                          // K
-      dst[out.num_head + j] = src[H + j / f];       // V
+      dst[j] = src[j / f];                     // K
+      dst[out.num_head + j] = src[H + j / f];  // V
     }
   }
   return out;
@@ -773,8 +773,8 @@ CalibData merge_rank_layout(const CalibData& data, int num_kv_heads, const std::
               "LightLLM's per-rank layout of {} KV heads over {} ranks) differ by more than a "
               "float32 rounding step: {} (column {}) vs {} (column {}); a per-rank file must "
               "repeat each head's scale once per rank in rank order",
-              name, l, is_v ? "V" : "K", head, k, first, first + k - 1, H, data.num_head, lo,
-              lo_at, hi, hi_at));
+              name, l, is_v ? "V" : "K", head, k, first, first + k - 1, H, data.num_head, lo, lo_at,
+              hi, hi_at));
         }
         dst[c] = hi;
         if (hi - lo > origin.max_disagreement) {

@@ -84,17 +84,15 @@ std::optional<CalibEnvSetting> setting_from_env(const char* ours,
 }  // namespace
 
 std::optional<CalibEnvSetting> calib_warmup_from_env() {
-  return setting_from_env("FP8KV_CALIB_WARMUP",
-                          {"KV_QUANT_CALIBRATION_WARMUP_COUNT",
-                           "LIGHTLLM_KV_QUANT_CALIBRATION_WARMUP_COUNT",
-                           "LIGHTLLM_KV_QUANT_CALIBRARTION_WARMUP_COUNT"});
+  return setting_from_env("FP8KV_CALIB_WARMUP", {"KV_QUANT_CALIBRATION_WARMUP_COUNT",
+                                                 "LIGHTLLM_KV_QUANT_CALIBRATION_WARMUP_COUNT",
+                                                 "LIGHTLLM_KV_QUANT_CALIBRARTION_WARMUP_COUNT"});
 }
 
 std::optional<CalibEnvSetting> calib_count_from_env() {
-  return setting_from_env("FP8KV_CALIB_COUNT",
-                          {"KV_QUANT_CALIBRATION_INFERENCE_COUNT",
-                           "LIGHTLLM_KV_QUANT_CALIBRATION_INFERENCE_COUNT",
-                           "LIGHTLLM_KV_QUANT_CALIBRARTION_INFERENCE_COUNT"});
+  return setting_from_env("FP8KV_CALIB_COUNT", {"KV_QUANT_CALIBRATION_INFERENCE_COUNT",
+                                                "LIGHTLLM_KV_QUANT_CALIBRATION_INFERENCE_COUNT",
+                                                "LIGHTLLM_KV_QUANT_CALIBRARTION_INFERENCE_COUNT"});
 }
 
 ObserverConfig observer_config_from_env(ObserverConfig base) {

@@ -11,9 +11,9 @@
 namespace fp8kv {
 namespace {
 
-const char* const kWarmupNames[] = {
-    "FP8KV_CALIB_WARMUP", "KV_QUANT_CALIBRATION_WARMUP_COUNT",
-    "LIGHTLLM_KV_QUANT_CALIBRATION_WARMUP_COUNT", "LIGHTLLM_KV_QUANT_CALIBRARTION_WARMUP_COUNT"};
+const char* const kWarmupNames[] = {"FP8KV_CALIB_WARMUP", "KV_QUANT_CALIBRATION_WARMUP_COUNT",
+                                    "LIGHTLLM_KV_QUANT_CALIBRATION_WARMUP_COUNT",
+                                    "LIGHTLLM_KV_QUANT_CALIBRARTION_WARMUP_COUNT"};
 const char* const kCountNames[] = {"FP8KV_CALIB_COUNT", "KV_QUANT_CALIBRATION_INFERENCE_COUNT",
                                    "LIGHTLLM_KV_QUANT_CALIBRATION_INFERENCE_COUNT",
                                    "LIGHTLLM_KV_QUANT_CALIBRARTION_INFERENCE_COUNT"};
@@ -84,8 +84,7 @@ TEST_F(CalibEnvTest, LightLlmNamesMustAgree) {
   } catch (const Error& e) {
     const std::string msg = e.what();
     EXPECT_NE(msg.find("KV_QUANT_CALIBRATION_WARMUP_COUNT=2"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("LIGHTLLM_KV_QUANT_CALIBRARTION_WARMUP_COUNT=5"), std::string::npos)
-        << msg;
+    EXPECT_NE(msg.find("LIGHTLLM_KV_QUANT_CALIBRARTION_WARMUP_COUNT=5"), std::string::npos) << msg;
     EXPECT_NE(msg.find("FP8KV_CALIB_WARMUP"), std::string::npos) << msg;
   }
 }

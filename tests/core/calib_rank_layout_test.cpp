@@ -176,8 +176,9 @@ TEST(CalibRankLayout, BothLayoutsLoadToTheSameRankScales) {
       expect_same_slices(raw, a, tp, "raw, heads " + std::to_string(heads));
     }
   }
-  EXPECT_NE(error_of([] { to_rank_layout(per_head(1, 2), 3); })
-                .find("tensor parallel size 3 and num_head 2"),
+  EXPECT_NE(error_of([] {
+              to_rank_layout(per_head(1, 2), 3);
+            }).find("tensor parallel size 3 and num_head 2"),
             std::string::npos);
 }
 
