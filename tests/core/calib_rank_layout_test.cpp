@@ -164,7 +164,9 @@ TEST(CalibRankLayout, BothLayoutsLoadToTheSameRankScales) {
     for (int tp : {1, 2, 4, 8}) {
       const CalibData rank_file = to_rank_layout(merged, tp);
       EXPECT_EQ(rank_file.num_head, std::max(heads, tp)) << "heads " << heads << " tp " << tp;
-      if (tp <= heads) EXPECT_EQ(rank_file.scales, merged.scales);
+      if (tp <= heads) {
+        EXPECT_EQ(rank_file.scales, merged.scales);
+      }
       const CalibData a = parse_calib(calib_to_json(merged), "merged.json", kv_heads(heads));
       const CalibData b = parse_calib(calib_to_json(rank_file), "rank.json", kv_heads(heads));
       EXPECT_EQ(b.num_head, heads);
