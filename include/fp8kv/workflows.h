@@ -18,8 +18,8 @@ namespace fp8kv {
 struct CalibrateOptions {
   QuantType quant_type = QuantType::kPerHead;
   // Forward passes each layer skips, then observes. Unset: warmup 0 and count = every pass the
-  // data gives; FP8KV_CALIB_WARMUP / FP8KV_CALIB_COUNT (or LightLLM's names for them:
-  // calib_warmup_from_env) override those defaults, and values set here override the
+  // data gives after the warmup; FP8KV_CALIB_WARMUP / FP8KV_CALIB_COUNT (or LightLLM's names for
+  // them: calib_warmup_from_env) override those defaults, and values set here override the
   // environment.
   std::optional<int> warmup;
   std::optional<int> count;

@@ -40,9 +40,10 @@ void add_calibrate(CLI::App& app) {
   cmd->add_option("--warmup", opt->warmup,
                   "Forward passes each layer skips first (default 0, or FP8KV_CALIB_WARMUP, or "
                   "LightLLM's KV_QUANT_CALIBRATION_WARMUP_COUNT)");
-  cmd->add_option("--count", opt->count,
-                  "Forward passes each layer observes (default: all the data gives, or "
-                  "FP8KV_CALIB_COUNT, or LightLLM's KV_QUANT_CALIBRATION_INFERENCE_COUNT)");
+  cmd->add_option(
+      "--count", opt->count,
+      "Forward passes each layer observes (default: all the data gives after the warmup, or "
+      "FP8KV_CALIB_COUNT, or LightLLM's KV_QUANT_CALIBRATION_INFERENCE_COUNT)");
   cmd->add_option("--batch", opt->batch, "Sequences per prefill pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

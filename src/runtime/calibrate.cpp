@@ -30,10 +30,8 @@ CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
   oc.total_kv_heads = c.num_kv_heads;
   oc.quant_type = options.quant_type;
   oc.warmup = 0;
-  oc.count = passes_available;
   CalibrateResult result;
   result.warmup_source = "default";
-  result.count_source = "default: every pass the data gives";
   // Which variable gave a setting, for the report: LightLLM's names say so, and a LightLLM
   // variable that lost to ours is named too.
   auto describe = [](const CalibEnvSetting& e) {
@@ -46,13 +44,16 @@ CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
     oc.warmup = w->value;
     result.warmup_source = describe(*w);
   }
-  if (const auto n = calib_count_from_env()) {
-    oc.count = n->value;
-    result.count_source = describe(*n);
-  }
   if (options.warmup) {
     oc.warmup = *options.warmup;
     result.warmup_source = "--warmup";
+  }
+  // Unset, the count is every pass the data gives after the warmup.
+  oc.count = passes_available - oc.warmup;
+  result.count_source = "default: every pass the data gives after the warmup";
+  if (const auto n = calib_count_from_env()) {
+    oc.count = n->value;
+    result.count_source = describe(*n);
   }
   if (options.count) {
     oc.count = *options.count;

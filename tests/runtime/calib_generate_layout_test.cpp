@@ -211,6 +211,16 @@ TEST_F(CalibGenerateLayoutTest, LightLlmEnvironmentNames) {
   EXPECT_EQ(r.passes_run, 2);
   EXPECT_EQ(r.count_source, "LIGHTLLM_KV_QUANT_CALIBRARTION_INFERENCE_COUNT=1 (LightLLM's name)");
   EXPECT_EQ(r.warmup_source, "KV_QUANT_CALIBRATION_WARMUP_COUNT=1 (LightLLM's name)");
+
+  // A warmup with no count: the count is what the data gives after it (2 batches x 3 passes).
+  ::setenv("LIGHTLLM_KV_QUANT_CALIBRATION_WARMUP_COUNT", "2", 1);
+  const CalibrateResult rest =
+      calibrate(*tiny_, *backend_, *ops_, data(), options(QuantType::kPerTensor, 2));
+  ::unsetenv("LIGHTLLM_KV_QUANT_CALIBRATION_WARMUP_COUNT");
+  EXPECT_EQ(rest.warmup, 2);
+  EXPECT_EQ(rest.count, 4);
+  EXPECT_EQ(rest.passes_run, 6);
+  EXPECT_EQ(rest.count_source, "default: every pass the data gives after the warmup");
 }
 
 }  // namespace
