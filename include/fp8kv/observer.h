@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,8 +23,23 @@ struct ObserverConfig {
   int count = 4000;              // forward passes each layer then observes
 };
 
-// Warmup / count defaults with FP8KV_CALIB_WARMUP and FP8KV_CALIB_COUNT applied (when set; a
-// value that is not a non-negative integer throws Error naming the variable and the text).
+// A warmup or count taken from the environment, and which variable gave it.
+struct CalibEnvSetting {
+  int value = 0;
+  std::string variable;  // the variable used, e.g. "FP8KV_CALIB_COUNT"
+  // "NAME=text" of LightLLM variables that were set too but lost to ours (empty: none).
+  std::string ignored;
+};
+
+// The warmup / count from the environment: FP8KV_CALIB_WARMUP / FP8KV_CALIB_COUNT, else
+// LightLLM's names for them, newest first: KV_QUANT_CALIBRATION_{WARMUP,INFERENCE}_COUNT,
+// LIGHTLLM_KV_QUANT_CALIBRATION_..., LIGHTLLM_KV_QUANT_CALIBRARTION_... (misspelled as LightLLM
+// spells it). Ours win when both are set; two LightLLM names set to different values throw
+// Error naming both, as does a value that is not a non-negative integer.
+std::optional<CalibEnvSetting> calib_warmup_from_env();
+std::optional<CalibEnvSetting> calib_count_from_env();
+
+// Warmup / count defaults with calib_warmup_from_env / calib_count_from_env applied.
 ObserverConfig observer_config_from_env(ObserverConfig base);
 
 class Observer {

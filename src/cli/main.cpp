@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   // One line per subcommand (declared in cli/commands.h).
   fp8kv::cli::add_inspect(app);
+  fp8kv::cli::add_convert(app);
   fp8kv::cli::add_attention_demo(app);
   fp8kv::cli::add_make_model(app);
   fp8kv::cli::add_calibrate(app);
