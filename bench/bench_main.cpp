@@ -6,7 +6,7 @@
 #include <string>
 
 #include "fp8kv/error.h"
-#include "kernels/kernel_bench.h"
+#include "bench/kernel_bench.h"
 
 int main(int argc, char** argv) {
   fp8kv::KernelBenchOptions o;

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "fp8kv/backend.h"
+#include "fp8kv/buffer.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 #include "fp8kv/scheme.h"
@@ -471,38 +472,6 @@ inline double worst_head_error(const std::vector<ErrorStats>& by_head) {
 }
 
 // ---- running a problem through a Backend ---------------------------------------------------
-
-// Backend memory that frees itself.
-class BackendBuffer {
- public:
-  BackendBuffer(Backend& backend, size_t bytes)
-      : backend_(&backend), ptr_(backend.alloc(bytes)), bytes_(bytes) {}
-  template <typename T>
-  BackendBuffer(Backend& backend, const std::vector<T>& host)
-      : BackendBuffer(backend, host.size() * sizeof(T)) {
-    backend.upload(ptr_, host.data(), bytes_);
-  }
-  BackendBuffer(const BackendBuffer&) = delete;
-  BackendBuffer& operator=(const BackendBuffer&) = delete;
-  ~BackendBuffer() { backend_->free(ptr_); }
-
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-  template <typename T>
-  std::vector<T> download() const {
-    std::vector<T> host(bytes_ / sizeof(T));
-    backend_->download(host.data(), ptr_, host.size() * sizeof(T));
-    backend_->synchronize();
-    return host;
-  }
-
- private:
-  Backend* backend_;
-  void* ptr_;
-  size_t bytes_;
-};
 
 struct RunOptions {
   AttentionPhase phase = AttentionPhase::kPrefill;

@@ -2,7 +2,7 @@
 // old names forward to it.
 #pragma once
 
-#include "fp8kv/communicator.h"
+#include "fp8kv/threaded_communicator.h"
 
 namespace fp8kv::testing {
 using ::fp8kv::ThreadedGroup;

@@ -19,6 +19,19 @@ struct QScales {
   std::vector<float> scales;    // [num_layers, num_head]
 };
 
+// Where a loaded file came from when it was in LightLLM's per-rank layout (FORMATS.md,
+// "LightLLM's per-rank layout"): num_head was copies x the model's KV heads, each head's scale
+// written once per rank that held it, and the loader merged the copies (max).
+struct RankLayoutOrigin {
+  int copies = 1;         // k: ranks per KV head (the file's num_head / the model's)
+  int file_num_head = 0;  // num_head as written, k * H
+  // The largest |a - b| between two copies of one scale, and where (per_head only; 0 when
+  // every copy is identical). At most one float32 rounding step: the loader refuses more.
+  float max_disagreement = 0.0f;
+  int worst_layer = -1;   // -1: no disagreement
+  int worst_column = -1;  // column of the merged row [K heads, V heads]
+};
+
 // The content of kv_cache_calib.json: scales for every layer and every KV head of the whole
 // model (all tensor-parallel ranks).
 struct FP8KV_API CalibData {
@@ -35,6 +48,8 @@ struct FP8KV_API CalibData {
   // per_tensor -> [k, v]. [num_layers, 2 * num_head] or [num_layers, 2].
   std::vector<float> scales;
   std::optional<QScales> q_scales;
+  // Set by the loader when it merged LightLLM's per-rank layout; never written to a file.
+  std::optional<RankLayoutOrigin> rank_layout;
 
   int row_width() const { return quant_type == QuantType::kPerHead ? 2 * num_head : 2; }
   float k_scale(int layer, int head) const;  // head ignored for per_tensor
@@ -45,7 +60,10 @@ struct FP8KV_API CalibData {
 struct CalibExpect {
   std::optional<std::string> architectures;
   std::optional<int> num_layers;      // the model's layers (num_target_layers when a draft is in)
-  std::optional<int> num_kv_heads;    // over all ranks
+  // The model's KV heads over all ranks. The file's num_head must equal it, or be k times it
+  // with each head repeated k times in LightLLM's rank order (merged on load, CalibData::
+  // rank_layout says so); anything else is refused.
+  std::optional<int> num_kv_heads;
   std::optional<QuantType> quant_type;
 };
 
@@ -76,5 +94,31 @@ struct RankScales {
 
 // Slices the scales for rank `rank` of `tp`; throws Error when tp and H are incompatible.
 FP8KV_API RankScales slice_for_rank(const CalibData& data, int tp, int rank);
+
+// ---- LightLLM's per-rank layout (FORMATS.md) ------------------------------------------------
+// LightLLM all-gathers each rank's KV-head scales in rank order: with tp ranks of h = max(1,
+// H / tp) heads each, its file has num_head = h * tp, and when tp > H every head appears
+// f = tp / H times in a row (tp 8 over 2 heads: K row [h0 h0 h0 h0 h1 h1 h1 h1], then V).
+// For tp <= H the two layouts are the same file.
+
+// The merged file (num_head = H, as calibrate writes by default) in LightLLM's per-rank layout
+// for `tp` ranks: each head's scales repeated f times; per_tensor rows unchanged, num_head
+// h * tp; q_calibration unchanged (it has its own num_head). Throws Error when tp and H do not
+// divide one another.
+FP8KV_API CalibData to_rank_layout(const CalibData& merged, int tp);
+
+// The reverse: `data` with num_head = k * num_kv_heads (k >= 1) back to num_head =
+// num_kv_heads, each group of k copies merged by max. Throws Error naming `name`, the layer,
+// the head and the values when two copies differ by more than one float32 rounding step (a
+// file whose columns are not each head repeated k times in rank order), or when num_head is
+// not a multiple of num_kv_heads. Sets rank_layout when k > 1.
+FP8KV_API CalibData merge_rank_layout(const CalibData& data, int num_kv_heads,
+                                      const std::string& name);
+
+// The largest k > 1 such that every run of k adjacent columns of the K half and of the V half
+// holds copies of one value (within a float32 rounding step), in every layer; 1 when there is
+// none. A hint for a file read without the model's KV heads: it may be LightLLM's per-rank
+// layout of num_head / k heads (or a model whose heads happen to agree).
+FP8KV_API int apparent_rank_copies(const CalibData& data);
 
 }  // namespace fp8kv

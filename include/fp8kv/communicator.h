@@ -1,46 +1,37 @@
-// In-process Communicator: N ranks as N threads of one process, sharing memory. The CLI runs
-// `--tp N --device cpu` on it, and the tests run tensor-parallel code on it without GPUs or NCCL.
-// (The NCCL Communicator, one process per GPU, is in fp8kv/nccl.h.)
+// The Communicator interface: collectives over tensor-parallel ranks. Implementations: one
+// process alone (make_single_communicator), ranks as threads (fp8kv/threaded_communicator.h),
+// one process per GPU over NCCL (fp8kv/nccl.h).
 #pragma once
 
-#include <condition_variable>
-#include <functional>
+#include <cstddef>
 #include <memory>
-#include <mutex>
-#include <vector>
 
 #include "fp8kv/export.h"
-#include "fp8kv/observer.h"
 
 namespace fp8kv {
 
-// The shared state of one group of thread ranks: a reusable barrier and one slot per rank.
-class FP8KV_API ThreadedGroup {
+// Collective operations over tensor-parallel ranks, on host float buffers.
+class FP8KV_API Communicator {
  public:
-  explicit ThreadedGroup(int world);
-
-  int world_size() const { return world_; }
-  // Runs body(comm) on `world` threads, one per rank, and joins them. When a rank throws, the
-  // group is aborted (ranks waiting in a collective throw too, instead of hanging) and the
-  // first rank's exception is rethrown here after every thread has ended.
-  void run(const std::function<void(Communicator&)>& body);
-
- private:
-  friend class ThreadedCommunicator;
-  // Blocks until all ranks arrived; throws Error when the group was aborted.
-  void barrier();
-  void abort();
-
-  int world_;
-  std::vector<std::vector<float>> slots_;  // [world] each rank's contribution
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int arrived_ = 0;
-  int generation_ = 0;
-  bool aborted_ = false;
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  // out[r * count + i] = in_of_rank_r[i]; out has world_size() * count elements.
+  virtual void all_gather(const float* in, float* out, size_t count) = 0;
+  // buf[i] = max over ranks of buf[i], in place. NaN wins over any number.
+  virtual void all_reduce_max(float* buf, size_t count) = 0;
+  // buf[i] = sum over ranks of buf[i], in place. Every rank gets the same bits (the
+  // tensor-parallel model relies on it: its replicated residual stream must not drift apart).
+  virtual void all_reduce_sum(float* buf, size_t count) = 0;
+  // all_reduce_sum on a buffer in this rank's CUDA device memory, queued on `stream` (a
+  // cudaStream_t; null: the default stream), with no host copy. Returns false, doing nothing,
+  // where the communicator has no device path (the caller stages through the host then).
+  virtual bool all_reduce_sum_cuda(float* /*buf*/, size_t /*count*/, void* /*stream*/) {
+    return false;
+  }
 };
 
-// run_ranks(world, fn): ThreadedGroup(world).run(fn).
-FP8KV_API void run_ranks(int world, const std::function<void(Communicator&)>& body);
+// One process, one rank.
+FP8KV_API std::unique_ptr<Communicator> make_single_communicator();
 
 }  // namespace fp8kv

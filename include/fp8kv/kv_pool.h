@@ -1,4 +1,4 @@
-// Memory of the runtime: backend buffers, the token-slot KV pool and the request table
+// Memory of the runtime: the token-slot KV pool and the request table
 // (docs/DESIGN.md, "Data layout").
 #pragma once
 
@@ -7,41 +7,11 @@
 #include <vector>
 
 #include "fp8kv/backend.h"
+#include "fp8kv/buffer.h"
 #include "fp8kv/export.h"
 #include "fp8kv/scheme.h"
 
 namespace fp8kv {
-
-// An allocation in a backend's memory, freed on destruction. Move-only.
-class FP8KV_API BackendBuffer {
- public:
-  BackendBuffer() = default;
-  BackendBuffer(Backend& backend, size_t bytes);
-  ~BackendBuffer();
-  BackendBuffer(BackendBuffer&& o) noexcept;
-  BackendBuffer& operator=(BackendBuffer&& o) noexcept;
-  BackendBuffer(const BackendBuffer&) = delete;
-  BackendBuffer& operator=(const BackendBuffer&) = delete;
-
-  // Grows to at least `bytes` (contents are not kept).
-  void ensure(Backend& backend, size_t bytes);
-  void upload(const void* host, size_t bytes);
-  void download(void* host, size_t bytes) const;
-
-  void* get() const { return ptr_; }
-  template <class T>
-  T* as() const {
-    return static_cast<T*>(ptr_);
-  }
-  size_t bytes() const { return bytes_; }
-  bool empty() const { return ptr_ == nullptr; }
-
- private:
-  void release();
-  Backend* backend_ = nullptr;
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
 
 // The KV pool: per layer [num_slots + 1, 2 * Hkv, D] (bf16 or e4m3), slot num_slots being the
 // padding slot. Zero-filled at creation.

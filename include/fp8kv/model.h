@@ -23,77 +23,13 @@
 #include "fp8kv/export.h"
 #include "fp8kv/kv_pool.h"
 #include "fp8kv/model_config.h"
+#include "fp8kv/model_ops.h"
 #include "fp8kv/observer.h"
 #include "fp8kv/scheme.h"
 
 namespace fp8kv {
 
-// Element type of the weight matrices (and the embedding table) in backend memory. Norm
-// weights, biases and inv_freq are always fp32.
-enum class WeightDtype { kF32, kBf16 };
 FP8KV_API const char* weight_dtype_name(WeightDtype t);  // "fp32", "bf16"
-
-// A weight matrix in backend memory, [rows, cols] row-major: fp32, or bf16 bit patterns.
-struct WeightView {
-  const void* data = nullptr;
-  WeightDtype dtype = WeightDtype::kF32;
-};
-
-// The non-attention ops of the model, on fp32 activations in the backend's memory. The CPU
-// version uses a BLAS for the GEMMs (OpenMP loops without one); the CUDA version
-// (kernels/cuda/model_ops.cu) uses cuBLAS and one small kernel per op on the backend's stream.
-class FP8KV_API ModelOps {
- public:
-  virtual ~ModelOps() = default;
-  // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n] when bias is not null): a torch Linear. With bf16
-  // weights the CUDA version rounds x to bf16 and accumulates in fp32; the CPU version widens
-  // the weights and runs the fp32 GEMM.
-  virtual void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m,
-                      int64_t n, int64_t k) = 0;
-  // linear with one fixed summation order, so that an output element has the same bits
-  // whatever m, n, the device's launch and the rest of the GEMM: k is cut into `chunks` equal
-  // runs (chunks a power of two dividing k), each run summed in fp32 from its first element to
-  // its last (x rounded to bf16 first when w is bf16, as linear does, so every product is
-  // exact), the run sums added as a balanced binary tree (left half + right half), then the
-  // bias. On the GPU, runs that are a multiple of 32 on bf16 weights go through tensor cores:
-  // the run adds in MMA steps of 16 products, steps in order, each step summed the tensor
-  // core's way -- still the same bits for the same data anywhere, but not the CPU's bits (the
-  // CPU twin agrees to the rounding bound then; other shapes agree bit for bit).
-  // Tensor-parallel calibration uses it so that tp = N reproduces tp = 1 bit for bit: a
-  // rank's row-parallel shard is a subtree of the tp = 1 tree (ModelRunner, exact_tp).
-  virtual void linear_ordered(const float* x, WeightView w, const float* bias, float* y,
-                              int64_t m, int64_t n, int64_t k, int chunks) = 0;
-  // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w; x, y [rows, dim], w [dim].
-  virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
-                        float eps) = 0;
-  // In-place RoPE, Hugging Face rotate_half convention: in each head, element i pairs with
-  // i + D/2 and both rotate by positions[r] * inv_freq[i]. x [rows, row_stride]; the heads
-  // rotated are x[r, h * D .. (h + 1) * D) for h < heads. inv_freq [D / 2].
-  virtual void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
-                    const int32_t* positions, const float* inv_freq) = 0;
-  // out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i]; gate_up [rows, 2 * inter],
-  // out [rows, inter].
-  virtual void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) = 0;
-  // out[t, :] = table[ids[t], :]; ids [tokens], table [vocab, dim] (fp32 or bf16),
-  // out [tokens, dim].
-  virtual void embedding(const int32_t* ids, WeightView table, float* out, int64_t tokens,
-                         int64_t dim) = 0;
-  // out[i, :] = src[rows[i], :]; src [*, dim], rows [n], out [n, dim].
-  virtual void gather_rows(const float* src, const int32_t* rows, float* out, int64_t n,
-                           int64_t dim) = 0;
-  // y[i] += x[i], n elements.
-  virtual void add(float* y, const float* x, int64_t n) = 0;
-  virtual void to_bf16(const float* x, uint16_t* y, int64_t n) = 0;
-  virtual void from_bf16(const uint16_t* x, float* y, int64_t n) = 0;
-  // out[r] = the first index of the largest logits[r, :]; logits [rows, vocab].
-  virtual void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) = 0;
-};
-
-FP8KV_API std::unique_ptr<ModelOps> make_cpu_model_ops();
-// The CUDA ModelOps (only when built with CUDA; a CPU-only build throws Error). `backend` must
-// be a CUDA backend and `stream` its stream (a cudaStream_t; null: the default stream, which is
-// what make_cuda_backend's default uses): the ops queue their work behind the backend's.
-FP8KV_API std::unique_ptr<ModelOps> make_cuda_model_ops(Backend& backend, void* stream = nullptr);
 
 // Where a model runs: "cpu" (fp32 weights) or "cuda" (the current CUDA device, GPU 0 unless
 // cudaSetDevice chose another; bf16 weights). The backend is
@@ -199,6 +135,8 @@ struct FP8KV_API AttentionErrorStats {
   std::vector<double> diff_sq;        // [layers]
   std::vector<double> ref_sq;         // [layers]
   double rel_error(int layer) const;  // ||shadow - main|| / ||main||
+  // Accounts one pass of layer `layer`: n bf16 attention outputs of the main and the shadow run.
+  void add(int layer, const uint16_t* main, const uint16_t* shadow, size_t n);
 };
 
 struct RunnerOptions {
@@ -281,8 +219,19 @@ class FP8KV_API ModelRunner {
   // The pass up to the logits: leaves [R, V] logits in the scratch and returns R.
   int64_t run_forward(const std::vector<int>& reqs,
                       const std::vector<std::vector<int32_t>>& tokens, LogitRows rows);
-  // One layer over the scratch activations of the current pass.
+  // One layer over the scratch activations of the current pass: the forward pass, calling the
+  // hooks below around its attention.
   void run_layer(int l, bool decode);
+  // Layer l's K/V (scratch kv16) into `cache` (quantize-on-write, abs-max into observe_amax when
+  // not null), then attention over it into `out` [T, Hq * D] bf16.
+  void attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales,
+              int row_width, const BackendBuffer& q_scales, float* observe_amax, uint16_t* out);
+  // Calibration hooks: where layer l's abs-max goes this pass (null: not observed), and handing
+  // it to the observer after the attention.
+  float* begin_observation(int l);
+  void end_observation(int l, const float* amax);
+  // Eval hook: every shadow scheme's attention on layer l's inputs, its error accounted.
+  void run_shadows(int l, bool decode);
   // buf[0, n) = sum over tensor-parallel ranks, in place (nothing when tp = 1).
   void all_reduce_sum(BackendBuffer& buf, int64_t n);
 

@@ -4,8 +4,8 @@
 #include <memory>
 #include <string>
 
+#include "fp8kv/communicator.h"
 #include "fp8kv/export.h"
-#include "fp8kv/observer.h"
 
 namespace fp8kv {
 

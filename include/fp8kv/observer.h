@@ -1,39 +1,17 @@
-// The calibration observer (docs/DESIGN.md, "The workflow the user runs", step 1) and the
-// Communicator it finalizes through.
+// The calibration observer (docs/DESIGN.md, "The workflow the user runs", step 1); it finalizes
+// through a Communicator (fp8kv/communicator.h).
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "fp8kv/calib.h"
+#include "fp8kv/communicator.h"
 #include "fp8kv/export.h"
 
 namespace fp8kv {
-
-// Collective operations over tensor-parallel ranks, on host float buffers.
-class FP8KV_API Communicator {
- public:
-  virtual ~Communicator() = default;
-  virtual int rank() const = 0;
-  virtual int world_size() const = 0;
-  // out[r * count + i] = in_of_rank_r[i]; out has world_size() * count elements.
-  virtual void all_gather(const float* in, float* out, size_t count) = 0;
-  // buf[i] = max over ranks of buf[i], in place. NaN wins over any number.
-  virtual void all_reduce_max(float* buf, size_t count) = 0;
-  // buf[i] = sum over ranks of buf[i], in place. Every rank gets the same bits (the
-  // tensor-parallel model relies on it: its replicated residual stream must not drift apart).
-  virtual void all_reduce_sum(float* buf, size_t count) = 0;
-  // all_reduce_sum on a buffer in this rank's CUDA device memory, queued on `stream` (a
-  // cudaStream_t; null: the default stream), with no host copy. Returns false, doing nothing,
-  // where the communicator has no device path (the caller stages through the host then).
-  virtual bool all_reduce_sum_cuda(float* /*buf*/, size_t /*count*/, void* /*stream*/) {
-    return false;
-  }
-};
-
-// One process, one rank.
-FP8KV_API std::unique_ptr<Communicator> make_single_communicator();
 
 struct ObserverConfig {
   int num_layers = 0;
@@ -46,8 +24,23 @@ struct ObserverConfig {
   int count = 4000;              // forward passes each layer then observes
 };
 
-// Warmup / count defaults with FP8KV_CALIB_WARMUP and FP8KV_CALIB_COUNT applied (when set; a
-// value that is not a non-negative integer throws Error naming the variable and the text).
+// A warmup or count taken from the environment, and which variable gave it.
+struct CalibEnvSetting {
+  int value = 0;
+  std::string variable;  // the variable used, e.g. "FP8KV_CALIB_COUNT"
+  // "NAME=text" of LightLLM variables that were set too but lost to ours (empty: none).
+  std::string ignored;
+};
+
+// The warmup / count from the environment: FP8KV_CALIB_WARMUP / FP8KV_CALIB_COUNT, else
+// LightLLM's names for them, newest first: KV_QUANT_CALIBRATION_{WARMUP,INFERENCE}_COUNT,
+// LIGHTLLM_KV_QUANT_CALIBRATION_..., LIGHTLLM_KV_QUANT_CALIBRARTION_... (misspelled as LightLLM
+// spells it). Ours win when both are set; two LightLLM names set to different values throw
+// Error naming both, as does a value that is not a non-negative integer.
+FP8KV_API std::optional<CalibEnvSetting> calib_warmup_from_env();
+FP8KV_API std::optional<CalibEnvSetting> calib_count_from_env();
+
+// Warmup / count defaults with calib_warmup_from_env / calib_count_from_env applied.
 FP8KV_API ObserverConfig observer_config_from_env(ObserverConfig base);
 
 class FP8KV_API Observer {

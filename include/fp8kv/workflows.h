@@ -19,11 +19,16 @@ namespace fp8kv {
 struct CalibrateOptions {
   QuantType quant_type = QuantType::kPerHead;
   // Forward passes each layer skips, then observes. Unset: warmup 0 and count = every pass the
-  // data gives; FP8KV_CALIB_WARMUP / FP8KV_CALIB_COUNT override those defaults, and values set
-  // here override the environment.
+  // data gives after the warmup; FP8KV_CALIB_WARMUP / FP8KV_CALIB_COUNT (or LightLLM's names for
+  // them: calib_warmup_from_env) override those defaults, and values set here override the
+  // environment.
   std::optional<int> warmup;
   std::optional<int> count;
-  int batch_size = 4;  // sequences per forward pass (one pass = one prefill of a batch)
+  int batch_size = 4;  // sequences per prefill pass
+  // Greedy decode steps after each prefill batch, each one more forward pass whose K/V writes
+  // are observed (as LightLLM's live calibration sees decode): a batch gives 1 + generate
+  // passes, and warmup / count count them all.
+  int generate = 0;
   bool show_progress = false;
   // Tensor parallelism: the model's shard group (RunnerOptions::comm). Each rank observes its
   // own KV heads; the result, gathered into global head order, is the same on every rank.
@@ -38,8 +43,13 @@ struct CalibrateResult {
   CalibData data;
   int warmup = 0;
   int count = 0;
-  int passes_run = 0;  // forward passes run (the data may hold more)
-  int64_t tokens = 0;  // tokens run through the model
+  // Where warmup and count came from: "--warmup", "FP8KV_CALIB_WARMUP=3",
+  // "KV_QUANT_CALIBRATION_WARMUP_COUNT=3 (LightLLM's name)", "default", ...
+  std::string warmup_source;
+  std::string count_source;
+  int passes_run = 0;     // forward passes run, prefill and decode (the data may hold more)
+  int decode_passes = 0;  // of which decode steps (CalibrateOptions::generate)
+  int64_t tokens = 0;     // tokens run through the model, prompts and generated ones
 };
 
 // Runs the model with a bf16 cache over `data` with an observer and finalizes it (over

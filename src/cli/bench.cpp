@@ -1,4 +1,4 @@
-// fp8kv bench kernels: the kernel benchmark (kernels/kernel_bench.h) on the GPU; prints a table
+// fp8kv bench kernels: the kernel benchmark (bench/kernel_bench.h) on the GPU; prints a table
 // of decode, prefill and quantize-on-write against ceilings measured in the same run. A build
 // without CUDA says it needs one.
 #include <CLI/CLI.hpp>
@@ -6,7 +6,7 @@
 #include <memory>
 
 #include "cli/commands.h"
-#include "kernels/kernel_bench.h"
+#include "bench/kernel_bench.h"
 
 namespace fp8kv::cli {
 

@@ -25,7 +25,9 @@ void add_calibrate(CLI::App& app) {
     std::optional<int> warmup, count;
     int batch = 4;
     int tp = 1;
+    int generate = 0;
     bool fast_gemm = false;
+    bool rank_layout = false;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
@@ -36,13 +38,24 @@ void add_calibrate(CLI::App& app) {
   cmd->add_option("--scheme", opt->scheme, "per-head or per-tensor")->capture_default_str();
   cmd->add_option("--out", opt->out, "Calibration file to write")->capture_default_str();
   cmd->add_option("--warmup", opt->warmup,
-                  "Forward passes each layer skips first (default 0, or FP8KV_CALIB_WARMUP)");
-  cmd->add_option("--count", opt->count,
-                  "Forward passes each layer observes (default: all the data gives, or "
-                  "FP8KV_CALIB_COUNT)");
-  cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
+                  "Forward passes each layer skips first (default 0, or FP8KV_CALIB_WARMUP, or "
+                  "LightLLM's KV_QUANT_CALIBRATION_WARMUP_COUNT)");
+  cmd->add_option(
+      "--count", opt->count,
+      "Forward passes each layer observes (default: all the data gives after the warmup, or "
+      "FP8KV_CALIB_COUNT, or LightLLM's KV_QUANT_CALIBRATION_INFERENCE_COUNT)");
+  cmd->add_option("--batch", opt->batch, "Sequences per prefill pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--generate", opt->generate,
+                  "Greedy decode steps after each prefill batch, their K/V writes observed too "
+                  "(each step is one pass for --warmup / --count)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--lightllm-rank-layout", opt->rank_layout,
+                "Write LightLLM's per-rank layout (num_head = KV heads per rank x --tp, each "
+                "head once per rank that holds it) instead of one column per KV head; the "
+                "same file when --tp <= KV heads");
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->add_flag("--fast-gemm", opt->fast_gemm,
                 "Use the fast GEMMs (cuBLAS on the GPU) instead of the fixed-order ones; with "
@@ -67,16 +80,33 @@ void add_calibrate(CLI::App& app) {
       co.show_progress = rank0;
       co.comm = &comm;
       co.exact_tp = !opt->fast_gemm;
+      co.generate = opt->generate;
       const CalibrateResult r = calibrate(*model, *backend, *ops, data, co);
       if (!rank0) return;
-      write_calib(opt->out, r.data);
+      // The rank layout repeats the merged scales: copies of a head are equal by construction
+      // (the observer merged the ranks' replicas by max), so both files load to the same
+      // per-rank scales.
+      const CalibData file = opt->rank_layout ? to_rank_layout(r.data, opt->tp) : r.data;
+      write_calib(opt->out, file);
       const auto mm = std::minmax_element(r.data.scales.begin(), r.data.scales.end());
       std::printf("calibrated %s (%s): %d layers x %d KV heads, %s scales in [%.4g, %.4g]\n",
                   opt->model.c_str(), r.data.architectures.c_str(), r.data.num_layers,
                   r.data.num_head, quant_type_name(r.data.quant_type), *mm.first, *mm.second);
-      std::printf("observed %d forward passes per layer after %d warmup (%d run, %lld tokens)\n",
-                  r.count, r.warmup, r.passes_run, static_cast<long long>(r.tokens));
+      std::printf(
+          "observed %d forward passes per layer after %d warmup (%d run, %d of them "
+          "decode steps; %lld tokens)\n",
+          r.count, r.warmup, r.passes_run, r.decode_passes, static_cast<long long>(r.tokens));
+      std::printf("warmup from %s; count from %s\n", r.warmup_source.c_str(),
+                  r.count_source.c_str());
       if (opt->tp > 1) std::printf("tensor parallel: %d ranks\n", opt->tp);
+      if (opt->rank_layout) {
+        const int copies = file.num_head / r.data.num_head;
+        const std::string what =
+            copies > 1 ? ", each KV head written by " + std::to_string(copies) + " ranks"
+                       : " (the same as the merged layout: no head is replicated)";
+        std::printf("layout: LightLLM's per-rank layout for %d ranks: num_head %d%s\n", opt->tp,
+                    file.num_head, what.c_str());
+      }
       std::printf("wrote %s\n", opt->out.c_str());
     });
   });

@@ -9,7 +9,9 @@ class App;
 namespace fp8kv::cli {
 
 // One declaration per subcommand, e.g. void add_inspect(CLI::App& app);  // cli/inspect.cpp
+void add_convert(CLI::App& app);  // cli/convert.cpp
 void add_inspect(CLI::App& app);  // cli/inspect.cpp
+void add_convert(CLI::App& app);  // cli/convert.cpp
 void add_attention_demo(CLI::App& app);  // cli/attention_demo.cpp
 void add_make_model(CLI::App& app);  // cli/make_model.cpp
 void add_calibrate(CLI::App& app);  // cli/calibrate.cpp

@@ -178,6 +178,33 @@ void run_inspect(const InspectOptions& opt) {
     fmt::print("{:<14}{}\n", "layers", d.num_layers);
   }
   fmt::print("{:<14}{} (over all tensor-parallel ranks)\n", "KV heads", d.num_head);
+  if (d.rank_layout) {
+    const RankLayoutOrigin& o = *d.rank_layout;
+    fmt::print(
+        "{:<14}LightLLM's per-rank layout, written by {} ranks per head: num_head {} = {} x {}\n",
+        "layout", o.copies, o.file_num_head, d.num_head, o.copies);
+    fmt::print("{:<14}(the copies of each head merged by max)\n", "");
+    if (d.quant_type == QuantType::kPerTensor) {
+      fmt::print("{:<14}none to compare (per_tensor: one [k, v] per layer)\n", "copies");
+    } else if (o.worst_layer < 0) {
+      fmt::print("{:<14}largest disagreement 0 (every copy identical)\n", "copies");
+    } else {
+      fmt::print("{:<14}largest disagreement {} (layer {}, {}: one float32 step)\n", "copies",
+                 sci(o.max_disagreement), o.worst_layer,
+                 o.worst_column < d.num_head
+                     ? fmt::format("K head {}", o.worst_column)
+                     : fmt::format("V head {}", o.worst_column - d.num_head));
+    }
+  } else if (!opt.num_kv_heads) {
+    const int k = apparent_rank_copies(d);
+    if (k > 1) {
+      fmt::print(
+          "{:<14}columns come in runs of {} equal scales: LightLLM's per-rank layout of {} KV\n",
+          "layout?", k, d.num_head / k);
+      fmt::print("{:<14}heads written by {} ranks per head? (--num-kv-heads {} merges it)\n", "", k,
+                 d.num_head / k);
+    }
+  }
   fmt::print("{:<14}[{}, {}]\n", "scales_shape", d.num_layers, d.row_width());
   if (d.q_scales) {
     fmt::print("{:<14}num_head {}, scales_shape [{}, {}]\n", "q_calibration", d.q_scales->num_head,

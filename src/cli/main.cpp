@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("fp8kv ") + fp8kv::version());
   // One line per subcommand (declared in cli/commands.h).
   fp8kv::cli::add_inspect(app);
+  fp8kv::cli::add_convert(app);
   fp8kv::cli::add_attention_demo(app);
   fp8kv::cli::add_make_model(app);
   fp8kv::cli::add_calibrate(app);

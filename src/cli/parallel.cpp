@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "fp8kv/communicator.h"
+#include "fp8kv/threaded_communicator.h"
 #include "fp8kv/error.h"
 #include "fp8kv/nccl.h"
 

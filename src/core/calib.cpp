@@ -75,6 +75,9 @@ std::string float_text(float x) {
   return s;
 }
 
+// True when a and b are equal or adjacent float32 values: one rounding step apart at most.
+bool within_rounding_step(float a, float b) { return a == b || std::nextafter(a, b) == b; }
+
 // ---- hostile-input pre-scan ------------------------------------------------------------------
 
 // Refuses what nlohmann would either take long over or report unclearly: nesting deeper than
@@ -349,9 +352,13 @@ void check_header(const CalibData& d, const std::string& name, const CalibExpect
                             d.num_target_layers ? "num_target_layers" : "num_layers",
                             *expect.num_layers, model_layers));
   }
-  if (expect.num_kv_heads && d.num_head != *expect.num_kv_heads) {
-    throw Error(fmt::format("{}: field 'num_head': expected {} (the model's KV heads), found {}",
-                            name, *expect.num_kv_heads, d.num_head));
+  // num_head = k x the model's KV heads is LightLLM's per-rank layout (merged after the scales
+  // are read); any other value is another model's file.
+  if (expect.num_kv_heads && d.num_head % *expect.num_kv_heads != 0) {
+    throw Error(fmt::format(
+        "{}: field 'num_head': expected {} (the model's KV heads) or a multiple of it (LightLLM's "
+        "per-rank layout), found {}",
+        name, *expect.num_kv_heads, d.num_head));
   }
 }
 
@@ -533,6 +540,9 @@ CalibData parse_calib(const std::string& text, const std::string& name, const Ca
   }
 
   check_values(d, name);
+  if (expect.num_kv_heads && d.num_head != *expect.num_kv_heads) {
+    return merge_rank_layout(d, *expect.num_kv_heads, name);
+  }
   return d;
 }
 
@@ -682,6 +692,120 @@ RankScales slice_for_rank(const CalibData& data, int tp, int rank) {
     out.q = std::move(qs);
   }
   return out;
+}
+
+// ---- LightLLM's per-rank layout --------------------------------------------------------------
+
+CalibData to_rank_layout(const CalibData& merged, int tp) {
+  if (tp < 1) throw Error(fmt::format("tensor parallel size: expected >= 1, found {}", tp));
+  const int H = merged.num_head;
+  if (H < 1) throw Error(fmt::format("num_head: expected >= 1, found {}", H));
+  if (H % tp != 0 && tp % H != 0) {
+    throw Error(fmt::format(
+        "tensor parallel size {} and num_head {} (KV heads): expected one to divide the other", tp,
+        H));
+  }
+  if (merged.scales.size() != static_cast<size_t>(merged.num_layers) * merged.row_width()) {
+    throw Error(fmt::format("scales: expected {} values ([{}, {}]), found {}",
+                            static_cast<size_t>(merged.num_layers) * merged.row_width(),
+                            merged.num_layers, merged.row_width(), merged.scales.size()));
+  }
+  const int h = std::max(1, H / tp);  // KV heads per rank
+  const int f = tp * h / H;           // copies of each head (> 1 only when tp > H)
+  CalibData out = merged;
+  out.rank_layout.reset();
+  out.num_head = h * tp;
+  if (merged.quant_type == QuantType::kPerTensor || f == 1) return out;
+  // Rank r writes its heads r*h.. in order; with f > 1 (h = 1) rank r holds head r / f, so
+  // column j of each half is head j / f.
+  const int width = 2 * out.num_head;
+  out.scales.assign(static_cast<size_t>(merged.num_layers) * width, 0.0f);
+  for (int l = 0; l < merged.num_layers; ++l) {
+    const float* src = merged.scales.data() + static_cast<size_t>(l) * 2 * H;  // [2 * H]
+    float* dst = out.scales.data() + static_cast<size_t>(l) * width;           // [2 * h * tp]
+    for (int j = 0; j < out.num_head; ++j) {
+      dst[j] = src[j / f];                     // K
+      dst[out.num_head + j] = src[H + j / f];  // V
+    }
+  }
+  return out;
+}
+
+CalibData merge_rank_layout(const CalibData& data, int num_kv_heads, const std::string& name) {
+  const int H = num_kv_heads;
+  if (H < 1 || data.num_head < H || data.num_head % H != 0) {
+    throw Error(fmt::format(
+        "{}: field 'num_head': expected {} (the model's KV heads) or a multiple of it (LightLLM's "
+        "per-rank layout), found {}",
+        name, H, data.num_head));
+  }
+  const int k = data.num_head / H;
+  if (data.scales.size() != static_cast<size_t>(data.num_layers) * data.row_width()) {
+    throw Error(fmt::format("{}: field 'scales': expected {} values ([{}, {}]), found {}", name,
+                            static_cast<size_t>(data.num_layers) * data.row_width(),
+                            data.num_layers, data.row_width(), data.scales.size()));
+  }
+  if (k == 1) return data;
+  CalibData out = data;
+  out.num_head = H;
+  RankLayoutOrigin origin;
+  origin.copies = k;
+  origin.file_num_head = data.num_head;
+  if (data.quant_type == QuantType::kPerHead) {
+    const int in_width = 2 * data.num_head;
+    out.scales.assign(static_cast<size_t>(data.num_layers) * 2 * H, 0.0f);
+    for (int l = 0; l < data.num_layers; ++l) {
+      const float* src = data.scales.data() + static_cast<size_t>(l) * in_width;  // [2 * k * H]
+      float* dst = out.scales.data() + static_cast<size_t>(l) * 2 * H;            // [2 * H]
+      for (int c = 0; c < 2 * H; ++c) {  // c: merged column, K heads then V heads
+        const bool is_v = c >= H;
+        const int head = c % H;
+        const int first = (is_v ? data.num_head : 0) + head * k;  // its k copies in the file
+        float lo = src[first], hi = src[first];
+        int lo_at = first, hi_at = first;
+        for (int i = first + 1; i < first + k; ++i) {
+          if (src[i] < lo) lo = src[i], lo_at = i;
+          if (src[i] > hi) hi = src[i], hi_at = i;
+        }
+        if (!within_rounding_step(lo, hi)) {
+          throw Error(fmt::format(
+              "{}: field 'scales': layer {}, {} scale of head {}: its {} copies (columns {}..{}, "
+              "LightLLM's per-rank layout of {} KV heads over {} ranks) differ by more than a "
+              "float32 rounding step: {} (column {}) vs {} (column {}); a per-rank file must "
+              "repeat each head's scale once per rank in rank order",
+              name, l, is_v ? "V" : "K", head, k, first, first + k - 1, H, data.num_head, lo, lo_at,
+              hi, hi_at));
+        }
+        dst[c] = hi;
+        if (hi - lo > origin.max_disagreement) {
+          origin.max_disagreement = hi - lo;
+          origin.worst_layer = l;
+          origin.worst_column = c;
+        }
+      }
+    }
+  }
+  out.rank_layout = origin;
+  return out;
+}
+
+int apparent_rank_copies(const CalibData& data) {
+  if (data.quant_type != QuantType::kPerHead) return 1;
+  const int n = data.num_head;
+  if (data.scales.size() != static_cast<size_t>(data.num_layers) * 2 * n) return 1;
+  for (int k = n; k > 1; --k) {
+    if (n % k != 0) continue;
+    bool runs = true;
+    for (int l = 0; l < data.num_layers && runs; ++l) {
+      const float* row = data.scales.data() + static_cast<size_t>(l) * 2 * n;
+      for (int c = 0; c < 2 * n && runs; ++c) {
+        const int first = c - c % k;  // first column of c's run (runs never straddle K and V)
+        runs = within_rounding_step(row[first], row[c]);
+      }
+    }
+    if (runs) return k;
+  }
+  return 1;
 }
 
 }  // namespace fp8kv

@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -50,9 +51,53 @@ std::unique_ptr<Communicator> make_single_communicator() {
   return std::make_unique<SingleCommunicator>();
 }
 
+namespace {
+
+// `ours`, else the first of LightLLM's `theirs` that is set (those set must agree).
+std::optional<CalibEnvSetting> setting_from_env(const char* ours,
+                                                std::initializer_list<const char*> theirs) {
+  if (const std::optional<int> v = env_count(ours)) {
+    CalibEnvSetting out{*v, ours, ""};
+    for (const char* name : theirs) {
+      if (const char* text = std::getenv(name)) {
+        out.ignored += (out.ignored.empty() ? "" : ", ") + std::string(name) + "=" + text;
+      }
+    }
+    return out;
+  }
+  std::optional<CalibEnvSetting> lightllm;
+  for (const char* name : theirs) {
+    const std::optional<int> v = env_count(name);
+    if (!v) continue;
+    if (!lightllm) {
+      lightllm = CalibEnvSetting{*v, name, ""};
+    } else if (lightllm->value != *v) {
+      throw Error("environment variables " + lightllm->variable + "=" +
+                  std::to_string(lightllm->value) + " and " + name + "=" + std::to_string(*v) +
+                  " (LightLLM's names for one setting) disagree; unset one, or set " + ours +
+                  ", which wins over both");
+    }
+  }
+  return lightllm;
+}
+
+}  // namespace
+
+std::optional<CalibEnvSetting> calib_warmup_from_env() {
+  return setting_from_env("FP8KV_CALIB_WARMUP", {"KV_QUANT_CALIBRATION_WARMUP_COUNT",
+                                                 "LIGHTLLM_KV_QUANT_CALIBRATION_WARMUP_COUNT",
+                                                 "LIGHTLLM_KV_QUANT_CALIBRARTION_WARMUP_COUNT"});
+}
+
+std::optional<CalibEnvSetting> calib_count_from_env() {
+  return setting_from_env("FP8KV_CALIB_COUNT", {"KV_QUANT_CALIBRATION_INFERENCE_COUNT",
+                                                "LIGHTLLM_KV_QUANT_CALIBRATION_INFERENCE_COUNT",
+                                                "LIGHTLLM_KV_QUANT_CALIBRARTION_INFERENCE_COUNT"});
+}
+
 ObserverConfig observer_config_from_env(ObserverConfig base) {
-  if (auto w = env_count("FP8KV_CALIB_WARMUP")) base.warmup = *w;
-  if (auto c = env_count("FP8KV_CALIB_COUNT")) base.count = *c;
+  if (auto w = calib_warmup_from_env()) base.warmup = w->value;
+  if (auto c = calib_count_from_env()) base.count = c->value;
   return base;
 }
 

@@ -5,8 +5,7 @@
 
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
-#include "fp8kv/model.h"
-#include "kernels/kernel_bench.h"
+#include "fp8kv/model_ops.h"
 
 namespace fp8kv {
 
@@ -19,10 +18,6 @@ bool cuda_available() { return false; }
 std::unique_ptr<ModelOps> make_cuda_model_ops(Backend&, void*) {
   throw Error(
       "the CUDA model ops are not built in: rebuild with nvcc available (FP8KV_CUDA=AUTO or ON)");
-}
-
-std::string run_kernel_bench(const KernelBenchOptions&) {
-  throw Error("fp8kv bench kernels needs a CUDA build (nvcc) and a Hopper GPU; this build has no CUDA backend");
 }
 
 }  // namespace fp8kv

@@ -6,10 +6,31 @@
 #include <string>
 
 #include "fp8kv/error.h"
+#include "fp8kv/fp8.h"
+#include "fp8kv/model.h"
 #include "fp8kv/progress.h"
 #include "fp8kv/workflows.h"
 
 namespace fp8kv {
+
+// ---- the shadow schemes' accounting (ModelRunner::run_shadows calls add) ----------------
+
+double AttentionErrorStats::rel_error(int layer) const {
+  const size_t l = static_cast<size_t>(layer);
+  return ref_sq[l] > 0 ? std::sqrt(diff_sq[l] / ref_sq[l]) : std::sqrt(diff_sq[l]);
+}
+
+void AttentionErrorStats::add(int layer, const uint16_t* main, const uint16_t* shadow, size_t n) {
+  double diff = 0.0, ref = 0.0;
+  for (size_t j = 0; j < n; ++j) {
+    const double r = bf16_to_float(main[j]);
+    const double d = bf16_to_float(shadow[j]) - r;
+    diff += d * d;
+    ref += r * r;
+  }
+  diff_sq[static_cast<size_t>(layer)] += diff;
+  ref_sq[static_cast<size_t>(layer)] += ref;
+}
 
 namespace {
 

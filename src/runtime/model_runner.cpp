@@ -81,11 +81,6 @@ int exact_tp_chunks(const ModelConfig& c) {
                         kMaxOrderedChunks);
 }
 
-double AttentionErrorStats::rel_error(int layer) const {
-  const size_t l = static_cast<size_t>(layer);
-  return ref_sq[l] > 0 ? std::sqrt(diff_sq[l] / ref_sq[l]) : std::sqrt(diff_sq[l]);
-}
-
 // A shadow scheme's own pool and scales, plus its attention output.
 struct ModelRunner::Shadow {
   KvScheme scheme;
@@ -412,94 +407,13 @@ void ModelRunner::run_layer(int l, bool decode) {
   ops_.to_bf16(s.q.as<const float>(), s.q16.as<uint16_t>(), T * QD);
   ops_.to_bf16(s.kv.as<const float>(), s.kv16.as<uint16_t>(), T * KVD);
 
-  // K/V into a pool of `scheme`, then attention over it into `out`.
-  auto attend = [&](KvCacheLayer cache, const BackendBuffer& kv_scales, int row_width,
-                    const BackendBuffer& q_scales, float* observe_amax, uint16_t* out) {
-    KvLayerScales sc;
-    if (is_fp8(cache.scheme)) {
-      sc.k = kv_scales.as<const float>() + static_cast<int64_t>(l) * row_width;
-      sc.v = sc.k + row_width / 2;
-    }
-    QuantizeKvParams qk;
-    qk.kv = s.kv16.as<const uint16_t>();
-    qk.slots = s.slots.as<const int32_t>();
-    qk.num_tokens = T;
-    qk.cache = cache;
-    qk.scales = sc;
-    qk.observe_amax = observe_amax;
-    backend_.quantize_kv(qk);
-
-    AttentionParams ap;
-    ap.num_q_heads = Hq;
-    ap.cache = cache;
-    ap.scales = sc;
-    ap.batch = s.batch;
-    ap.o = out;
-    if (options_.exact_tp) ap.split_kv_heads = c.num_kv_heads;
-    if (cache.scheme == KvScheme::kFp8PerHead) {
-      // The dynamic Q scale of (request, KV head) is the abs-max over this rank's Q heads of
-      // that KV head: with tp <= Hkv that is the whole GQA group (as at tp = 1); with tp > Hkv
-      // (replicated KV heads) only the rank's part of it, so Q quantizes differently than at
-      // tp = 1 (finer, not worse). Static Q scales (q_calibration) are the same on every rank.
-      QuantizeQParams qq;
-      qq.q = s.q16.as<const uint16_t>();
-      qq.q_fp8 = s.q8.as<uint8_t>();
-      qq.q_scale = s.q_scale.as<float>();
-      if (!q_scales.empty()) qq.static_scale = q_scales.as<const float>() + l * Hkv;
-      qq.cu_seqlens_q = s.cu_q.as<const int32_t>();
-      qq.num_requests = s.B;
-      qq.total_q = T;
-      qq.num_q_heads = Hq;
-      qq.num_kv_heads = Hkv;
-      qq.head_dim = D;
-      backend_.quantize_q(qq);
-      ap.q_fp8 = s.q8.as<const uint8_t>();
-      ap.q_scale = s.q_scale.as<const float>();
-    } else {
-      ap.q = s.q16.as<const uint16_t>();
-    }
-    if (decode) {
-      backend_.decode_attention(ap);
-    } else {
-      backend_.prefill_attention(ap);
-    }
-  };
-
-  // Calibration: observe this layer's writes until it has its warmup + count passes (warmup
-  // passes are recorded too; the observer drops them).
-  Observer* obs = options_.observer;
-  const bool observe = obs && obs->passes_seen(l) < obs->config().warmup + obs->config().count;
-  if (observe) backend_.memset(s.amax.get(), 0, static_cast<size_t>(2 * Hkv) * sizeof(float));
+  // Attention into the main pool, with the hooks: calibration observes the K/V written, eval
+  // runs its shadow schemes on the same inputs and accounts their error.
   const int row_width = options_.scheme == KvScheme::kFp8PerHead ? 2 * Hkv : 2;
-  attend(pool_.layer(l), kv_scales_, row_width, q_scales_, observe ? s.amax.as<float>() : nullptr,
-         s.o16.as<uint16_t>());
-  if (observe) {
-    s.host_amax.resize(static_cast<size_t>(2 * Hkv));
-    backend_.synchronize();
-    s.amax.download(s.host_amax.data(), s.host_amax.size() * sizeof(float));
-    obs->record(l, s.host_amax.data());
-  }
-
-  for (size_t i = 0; i < shadows_.size(); ++i) {
-    Shadow& sh = *shadows_[i];
-    attend(sh.pool.layer(l), sh.kv_scales, sh.row_width, sh.q_scales, nullptr,
-           s.o16_shadow.as<uint16_t>());
-    backend_.synchronize();
-    const size_t n = static_cast<size_t>(T * QD);
-    s.host_o.resize(n);
-    s.host_o_shadow.resize(n);
-    s.o16.download(s.host_o.data(), n * sizeof(uint16_t));
-    s.o16_shadow.download(s.host_o_shadow.data(), n * sizeof(uint16_t));
-    double diff = 0.0, ref = 0.0;
-    for (size_t j = 0; j < n; ++j) {
-      const double r = bf16_to_float(s.host_o[j]);
-      const double d = bf16_to_float(s.host_o_shadow[j]) - r;
-      diff += d * d;
-      ref += r * r;
-    }
-    shadow_stats_[i].diff_sq[static_cast<size_t>(l)] += diff;
-    shadow_stats_[i].ref_sq[static_cast<size_t>(l)] += ref;
-  }
+  float* amax = begin_observation(l);
+  attend(l, decode, pool_.layer(l), kv_scales_, row_width, q_scales_, amax, s.o16.as<uint16_t>());
+  end_observation(l, amax);
+  run_shadows(l, decode);
 
   ops_.from_bf16(s.o16.as<const uint16_t>(), s.o.as<float>(), T * QD);
   // o_proj over the rank's heads: a partial sum of the output, summed over ranks (o_proj has
@@ -516,6 +430,99 @@ void ModelRunner::run_layer(int l, bool decode) {
   linear(s.mlp.as<const float>(), w.view(w.w_down), nullptr, s.a.as<float>(), H, I, row_chunks);
   all_reduce_sum(s.a, T * H);
   ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
+}
+
+void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales,
+                         int row_width, const BackendBuffer& q_scales, float* observe_amax,
+                         uint16_t* out) {
+  const ModelConfig& c = model_.config();
+  Scratch& s = *s_;
+  const int64_t T = s.T;
+  const int Hq = model_.shard().q_heads, Hkv = model_.shard().kv_heads, D = c.head_dim;
+  KvLayerScales sc;
+  if (is_fp8(cache.scheme)) {
+    sc.k = kv_scales.as<const float>() + static_cast<int64_t>(l) * row_width;
+    sc.v = sc.k + row_width / 2;
+  }
+  QuantizeKvParams qk;
+  qk.kv = s.kv16.as<const uint16_t>();
+  qk.slots = s.slots.as<const int32_t>();
+  qk.num_tokens = T;
+  qk.cache = cache;
+  qk.scales = sc;
+  qk.observe_amax = observe_amax;
+  backend_.quantize_kv(qk);
+
+  AttentionParams ap;
+  ap.num_q_heads = Hq;
+  ap.cache = cache;
+  ap.scales = sc;
+  ap.batch = s.batch;
+  ap.o = out;
+  if (options_.exact_tp) ap.split_kv_heads = c.num_kv_heads;
+  if (cache.scheme == KvScheme::kFp8PerHead) {
+    // The dynamic Q scale of (request, KV head) is the abs-max over this rank's Q heads of
+    // that KV head: with tp <= Hkv that is the whole GQA group (as at tp = 1); with tp > Hkv
+    // (replicated KV heads) only the rank's part of it, so Q quantizes differently than at
+    // tp = 1 (finer, not worse). Static Q scales (q_calibration) are the same on every rank.
+    QuantizeQParams qq;
+    qq.q = s.q16.as<const uint16_t>();
+    qq.q_fp8 = s.q8.as<uint8_t>();
+    qq.q_scale = s.q_scale.as<float>();
+    if (!q_scales.empty()) qq.static_scale = q_scales.as<const float>() + l * Hkv;
+    qq.cu_seqlens_q = s.cu_q.as<const int32_t>();
+    qq.num_requests = s.B;
+    qq.total_q = T;
+    qq.num_q_heads = Hq;
+    qq.num_kv_heads = Hkv;
+    qq.head_dim = D;
+    backend_.quantize_q(qq);
+    ap.q_fp8 = s.q8.as<const uint8_t>();
+    ap.q_scale = s.q_scale.as<const float>();
+  } else {
+    ap.q = s.q16.as<const uint16_t>();
+  }
+  if (decode) {
+    backend_.decode_attention(ap);
+  } else {
+    backend_.prefill_attention(ap);
+  }
+}
+
+float* ModelRunner::begin_observation(int l) {
+  // Calibration: observe this layer's writes until it has its warmup + count passes (warmup
+  // passes are recorded too; the observer drops them).
+  Observer* obs = options_.observer;
+  if (!obs || obs->passes_seen(l) >= obs->config().warmup + obs->config().count) return nullptr;
+  const int Hkv = model_.shard().kv_heads;
+  backend_.memset(s_->amax.get(), 0, static_cast<size_t>(2 * Hkv) * sizeof(float));
+  return s_->amax.as<float>();
+}
+
+void ModelRunner::end_observation(int l, const float* amax) {
+  if (amax == nullptr) return;
+  Scratch& s = *s_;
+  s.host_amax.resize(static_cast<size_t>(2 * model_.shard().kv_heads));
+  backend_.synchronize();
+  s.amax.download(s.host_amax.data(), s.host_amax.size() * sizeof(float));
+  options_.observer->record(l, s.host_amax.data());
+}
+
+void ModelRunner::run_shadows(int l, bool decode) {
+  Scratch& s = *s_;
+  const int64_t QD = static_cast<int64_t>(model_.shard().q_heads) * model_.config().head_dim;
+  for (size_t i = 0; i < shadows_.size(); ++i) {
+    Shadow& sh = *shadows_[i];
+    attend(l, decode, sh.pool.layer(l), sh.kv_scales, sh.row_width, sh.q_scales, nullptr,
+           s.o16_shadow.as<uint16_t>());
+    backend_.synchronize();
+    const size_t n = static_cast<size_t>(s.T * QD);
+    s.host_o.resize(n);
+    s.host_o_shadow.resize(n);
+    s.o16.download(s.host_o.data(), n * sizeof(uint16_t));
+    s.o16_shadow.download(s.host_o_shadow.data(), n * sizeof(uint16_t));
+    shadow_stats_[i].add(l, s.host_o.data(), s.host_o_shadow.data(), n);
+  }
 }
 
 void ModelRunner::all_reduce_sum(BackendBuffer& buf, int64_t n) {

@@ -16,6 +16,8 @@
 #if defined(FP8KV_HAVE_NCCL)
 #include <cuda_runtime.h>
 #include <nccl.h>
+
+#include "kernels/cuda/check.h"
 #endif
 
 namespace fp8kv {
@@ -30,11 +32,7 @@ void set_nccl_safety_env() {
 #if defined(FP8KV_HAVE_NCCL)
 namespace {
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw Error(std::string("nccl communicator: ") + what + ": " + cudaGetErrorString(err));
-  }
-}
+using cuda::check_cuda;
 
 void check_nccl(ncclResult_t res, const char* what) {
   if (res != ncclSuccess) {
@@ -80,10 +78,10 @@ class NcclCommunicator final : public Communicator {
                   std::to_string(world) + ")");
     }
     set_nccl_safety_env();
-    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    check_cuda(cudaSetDevice(device), "nccl communicator: cudaSetDevice");
     const ncclUniqueId id = rendezvous_id(rank, rendezvous, timeout_s);
     check_nccl(ncclCommInitRank(&comm_, world, id, rank), "ncclCommInitRank");
-    check_cuda(cudaStreamCreate(&stream_), "cudaStreamCreate");
+    check_cuda(cudaStreamCreate(&stream_), "nccl communicator: cudaStreamCreate");
   }
   ~NcclCommunicator() override {
     if (buffer_) cudaFree(buffer_);
@@ -97,13 +95,11 @@ class NcclCommunicator final : public Communicator {
   void all_gather(const float* in, float* out, size_t count) override {
     float* dev = reserve(count * (world_ + 1));
     float* dev_in = dev + count * world_;
-    check_cuda(cudaMemcpyAsync(dev_in, in, count * sizeof(float), cudaMemcpyHostToDevice, stream_),
-               "upload");
+    check_cuda(cudaMemcpyAsync(dev_in, in, count * sizeof(float), cudaMemcpyHostToDevice, stream_), "nccl communicator: upload");
     check_nccl(ncclAllGather(dev_in, dev, count, ncclFloat32, comm_, stream_), "ncclAllGather");
     check_cuda(cudaMemcpyAsync(out, dev, count * world_ * sizeof(float), cudaMemcpyDeviceToHost,
-                               stream_),
-               "download");
-    check_cuda(cudaStreamSynchronize(stream_), "synchronize");
+                               stream_), "nccl communicator: download");
+    check_cuda(cudaStreamSynchronize(stream_), "nccl communicator: synchronize");
   }
 
   // Through all_gather rather than ncclMax, so that NaN wins over any number on every rank
@@ -124,13 +120,11 @@ class NcclCommunicator final : public Communicator {
   // ncclSum: NCCL's ring and tree algorithms hand every rank the same reduced bits.
   void all_reduce_sum(float* buf, size_t count) override {
     float* dev = reserve(count);
-    check_cuda(cudaMemcpyAsync(dev, buf, count * sizeof(float), cudaMemcpyHostToDevice, stream_),
-               "upload");
+    check_cuda(cudaMemcpyAsync(dev, buf, count * sizeof(float), cudaMemcpyHostToDevice, stream_), "nccl communicator: upload");
     check_nccl(ncclAllReduce(dev, dev, count, ncclFloat32, ncclSum, comm_, stream_),
                "ncclAllReduce");
-    check_cuda(cudaMemcpyAsync(buf, dev, count * sizeof(float), cudaMemcpyDeviceToHost, stream_),
-               "download");
-    check_cuda(cudaStreamSynchronize(stream_), "synchronize");
+    check_cuda(cudaMemcpyAsync(buf, dev, count * sizeof(float), cudaMemcpyDeviceToHost, stream_), "nccl communicator: download");
+    check_cuda(cudaStreamSynchronize(stream_), "nccl communicator: synchronize");
   }
 
   // In place on the caller's device buffer and stream: no staging, no synchronization.
@@ -146,7 +140,7 @@ class NcclCommunicator final : public Communicator {
     if (floats > capacity_) {
       if (buffer_) cudaFree(buffer_);
       buffer_ = nullptr;
-      check_cuda(cudaMalloc(&buffer_, floats * sizeof(float)), "cudaMalloc");
+      check_cuda(cudaMalloc(&buffer_, floats * sizeof(float)), "nccl communicator: cudaMalloc");
       capacity_ = floats;
     }
     return buffer_;

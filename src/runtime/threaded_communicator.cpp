@@ -5,7 +5,7 @@
 #include <string>
 #include <thread>
 
-#include "fp8kv/communicator.h"
+#include "fp8kv/threaded_communicator.h"
 #include "fp8kv/error.h"
 
 namespace fp8kv {

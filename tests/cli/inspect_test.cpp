@@ -48,9 +48,12 @@ TEST(InspectCli, MalformedFileExitsNonZero) {
 }
 
 TEST(InspectCli, WrongKvHeads) {
-  const RunResult r = run_fp8kv("inspect '" + kLightLlmFile + "' --num-kv-heads 4");
+  // 8 is not a multiple of 3 (a multiple would be LightLLM's per-rank layout).
+  const RunResult r = run_fp8kv("inspect '" + kLightLlmFile + "' --num-kv-heads 3");
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_TRUE(contains(r.output, "field 'num_head': expected 4 (the model's KV heads), found 8"))
+  EXPECT_TRUE(contains(r.output,
+                       "field 'num_head': expected 3 (the model's KV heads) or a multiple of it "
+                       "(LightLLM's per-rank layout), found 8"))
       << r.output;
 }
 

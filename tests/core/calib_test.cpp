@@ -487,8 +487,8 @@ TEST(Calib, ExpectationMismatches) {
        "found \"LlamaForCausalLM\""},
       {"layers", layers, "field 'num_layers': expected 32 (the model's layers), found 2"},
       {"heads", heads,
-       "ok_per_head.json: field 'num_head': expected 8 (the model's KV heads), "
-       "found 2"},
+       "ok_per_head.json: field 'num_head': expected 8 (the model's KV heads) or a multiple "
+       "of it (LightLLM's per-rank layout), found 2"},
       {"scheme", scheme,
        "field 'quant_type': expected \"per_tensor\" (the scheme fp8-per-tensor), found "
        "\"per_head\""},

@@ -20,14 +20,12 @@
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
-#include "fp8kv/kv_pool.h"
+#include "fp8kv/buffer.h"
 #include "fp8kv/model.h"
+#include "gpu_skip.h"
 
 namespace fp8kv {
 namespace {
-
-#define SKIP_WITHOUT_GPU() \
-  if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU"
 
 constexpr double kFp32Bound = 1e-5;
 

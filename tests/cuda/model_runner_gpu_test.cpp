@@ -36,12 +36,10 @@
 #include "fp8kv/model.h"
 #include "fp8kv/workflows.h"
 #include "runtime/test_util.h"
+#include "gpu_skip.h"
 
 namespace fp8kv {
 namespace {
-
-#define SKIP_WITHOUT_GPU() \
-  if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU"
 
 std::vector<int32_t> tokens(int n, int seed, int vocab) {
   std::vector<int32_t> t;

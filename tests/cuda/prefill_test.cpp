@@ -24,53 +24,27 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "fp8kv/backend.h"
+#include "fp8kv/buffer.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 #include "kernel_test_util.h"
+#include "kernels/cuda/check.h"
 #include "kernels/cuda/launchers.h"
 #include "kernels/cuda/prefill_launch.cuh"
+#include "gpu_skip.h"
 
 namespace fp8kv {
 namespace {
 
 using cuda::PrefillConfig;
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
-// Device memory that frees itself.
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    check(cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes), "cudaMalloc");
-  }
-  template <typename T>
-  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size() * sizeof(T)) {
-    check(cudaMemcpy(ptr_, host.data(), bytes_, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  template <typename T>
-  T* as() const { return static_cast<T*>(ptr_); }
-  template <typename T>
-  std::vector<T> download() const {
-    std::vector<T> host(bytes_ / sizeof(T));
-    check(cudaMemcpy(host.data(), ptr_, host.size() * sizeof(T), cudaMemcpyDeviceToHost),
-          "cudaMemcpy D2H");
-    return host;
-  }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_;
-};
+using cuda::check_cuda;
 
 uint64_t fresh_seed() {
   static std::random_device device;
@@ -99,17 +73,18 @@ std::vector<uint8_t> quantize_q_host(const test::AttentionProblem& p, const std:
 struct GpuInputs {
   GpuInputs(const test::AttentionProblem& p, KvScheme scheme, const test::KvScales& scales,
             const std::vector<uint8_t>& pool_bytes, const std::vector<float>& q_scale_host)
-      : pool(pool_bytes),
-        q(p.q),
-        q_fp8(scheme == KvScheme::kFp8PerHead ? quantize_q_host(p, q_scale_host) : std::vector<uint8_t>{0}),
-        q_scale(q_scale_host.empty() ? std::vector<float>{1.0f} : q_scale_host),
-        k_scale(scales.k.empty() ? std::vector<float>{1.0f} : scales.k),
-        v_scale(scales.v.empty() ? std::vector<float>{1.0f} : scales.v),
-        seq_len(p.seq_len),
-        cu_seqlens(p.cu_seqlens_q),
-        req_index(p.req_index),
-        req_to_token(p.req_to_token),
-        o(p.q.size() * sizeof(uint16_t)) {
+      : dev(make_cuda_backend()),
+        pool(*dev, pool_bytes),
+        q(*dev, p.q),
+        q_fp8(*dev, scheme == KvScheme::kFp8PerHead ? quantize_q_host(p, q_scale_host) : std::vector<uint8_t>{0}),
+        q_scale(*dev, q_scale_host.empty() ? std::vector<float>{1.0f} : q_scale_host),
+        k_scale(*dev, scales.k.empty() ? std::vector<float>{1.0f} : scales.k),
+        v_scale(*dev, scales.v.empty() ? std::vector<float>{1.0f} : scales.v),
+        seq_len(*dev, p.seq_len),
+        cu_seqlens(*dev, p.cu_seqlens_q),
+        req_index(*dev, p.req_index),
+        req_to_token(*dev, p.req_to_token),
+        o(*dev, p.q.size() * sizeof(uint16_t)) {
     params.q = q.as<uint16_t>();
     if (scheme == KvScheme::kFp8PerHead) {
       params.q = nullptr;
@@ -133,16 +108,17 @@ struct GpuInputs {
 
   // Poisons O with NaN (0xffff), runs the kernel, returns O.
   std::vector<uint16_t> run(PrefillConfig config) {
-    check(cudaMemset(o.as<void>(), 0xff, p_o_bytes()), "cudaMemset");
+    check_cuda(cudaMemset(o.as<void>(), 0xff, p_o_bytes()), "cudaMemset");
     cuda::launch_prefill_attention(params, config, nullptr);
-    check(cudaDeviceSynchronize(), "prefill_attention");
+    check_cuda(cudaDeviceSynchronize(), "prefill_attention");
     return o.download<uint16_t>();
   }
   size_t p_o_bytes() const {
     return static_cast<size_t>(params.batch.total_q) * params.num_q_heads * params.cache.head_dim * 2;
   }
 
-  DeviceBuffer pool, q, q_fp8, q_scale, k_scale, v_scale, seq_len, cu_seqlens, req_index, req_to_token, o;
+  std::unique_ptr<Backend> dev;  // the default stream, where the launches below go
+  BackendBuffer pool, q, q_fp8, q_scale, k_scale, v_scale, seq_len, cu_seqlens, req_index, req_to_token, o;
   AttentionParams params;
 };
 
@@ -189,8 +165,6 @@ std::vector<Errors> run_and_compare(const test::AttentionProblem& p, KvScheme sc
   return all;
 }
 
-bool have_gpu() { return cuda_available(); }
-
 // ---- mixed batches over schemes x head_dim x GQA group -------------------------------------
 
 struct MixedCase {
@@ -202,7 +176,7 @@ struct MixedCase {
 class PrefillMixed : public ::testing::TestWithParam<MixedCase> {};
 
 TEST_P(PrefillMixed, MatchesCpuTwin) {
-  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA device";
+  SKIP_WITHOUT_GPU();
   const MixedCase c = GetParam();
   test::ProblemSpec spec;
   // q lengths 1, 7, 127, 0 (empty), 130 and 200; cached prefixes 0..300, not tile-aligned.
@@ -252,7 +226,7 @@ INSTANTIATE_TEST_SUITE_P(Prefill, PrefillMixed, ::testing::ValuesIn(mixed_cases(
 class PrefillLong : public ::testing::TestWithParam<KvScheme> {};
 
 TEST_P(PrefillLong, LongQueries) {
-  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA device";
+  SKIP_WITHOUT_GPU();
   test::ProblemSpec spec;
   spec.requests = {{0, 4160}, {1000, 2100}};
   spec.num_q_heads = 4;
@@ -274,7 +248,7 @@ TEST_P(PrefillLong, LongQueries) {
 // ---- long context: 64 new tokens after 4k vs 32k cached keys -------------------------------
 
 TEST_P(PrefillLong, ErrorDoesNotGrowWithContext) {
-  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA device";
+  SKIP_WITHOUT_GPU();
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   if (GetParam() == KvScheme::kFp8PerHead) configs.push_back(PrefillConfig::kWide);  // mma.sync
   std::vector<Errors> err[2];
@@ -329,7 +303,7 @@ TEST(PrefillDispatch, UnsupportedHeadDimThrows) {
 // The benchmark shape: causal B=2, L=8192 fresh tokens, Hq=32, Hkv=8, D=128; flops counted as
 // 4 * B * Hq * L^2 * D / 2 (QK^T and PV, causal half).
 TEST(PrefillPerf, BenchmarkShape) {
-  if (!have_gpu()) GTEST_SKIP() << "no usable CUDA device";
+  SKIP_WITHOUT_GPU();
   const int B = 2, L = 8192, Hq = 32, Hkv = 8, D = 128;
   test::ProblemSpec spec;
   spec.requests.assign(B, {0, L});
@@ -374,16 +348,16 @@ TEST(PrefillPerf, BenchmarkShape) {
       for (uint16_t x : o) nonfinite += !std::isfinite(bf16_to_float(x));
       EXPECT_EQ(nonfinite, 0);
       cudaEvent_t start, stop;
-      check(cudaEventCreate(&start), "event");
-      check(cudaEventCreate(&stop), "event");
+      check_cuda(cudaEventCreate(&start), "event");
+      check_cuda(cudaEventCreate(&stop), "event");
       std::vector<float> ms;
       for (int rep = 0; rep < 23; ++rep) {
-        check(cudaEventRecord(start), "record");
+        check_cuda(cudaEventRecord(start), "record");
         cuda::launch_prefill_attention(gpu.params, config, nullptr);
-        check(cudaEventRecord(stop), "record");
-        check(cudaEventSynchronize(stop), "sync");
+        check_cuda(cudaEventRecord(stop), "record");
+        check_cuda(cudaEventSynchronize(stop), "sync");
         float t = 0;
-        check(cudaEventElapsedTime(&t, start, stop), "elapsed");
+        check_cuda(cudaEventElapsedTime(&t, start, stop), "elapsed");
         if (rep >= 3) ms.push_back(t);  // 3 warm-up runs
       }
       std::sort(ms.begin(), ms.end());

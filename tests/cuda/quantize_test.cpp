@@ -13,12 +13,10 @@
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 #include "kernel_test_util.h"
+#include "gpu_skip.h"
 
 namespace fp8kv {
 namespace {
-
-#define SKIP_WITHOUT_GPU() \
-  if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU"
 
 uint32_t bits_of(float x) { return detail::float_bits(x); }
 
@@ -39,12 +37,12 @@ KvResult run_quantize_kv(Backend& be, const KvCase& c, const std::vector<uint16_
                          const std::vector<int32_t>& slots, int64_t num_slots,
                          const test::KvScales& scales, const std::vector<float>& amax0) {
   const size_t pool_bytes = static_cast<size_t>(num_slots + 1) * 2 * c.num_kv_heads * c.head_dim * kv_elem_bytes(c.scheme);
-  test::BackendBuffer pool(be, pool_bytes);
+  BackendBuffer pool(be, pool_bytes);
   be.memset(pool.as<void>(), 0xff, pool_bytes);
-  test::BackendBuffer d_kv(be, kv), d_slots(be, slots), amax(be, amax0);
+  BackendBuffer d_kv(be, kv), d_slots(be, slots), amax(be, amax0);
   const std::vector<float> ks = scales.k.empty() ? std::vector<float>{1.0f} : scales.k;
   const std::vector<float> vs = scales.v.empty() ? std::vector<float>{1.0f} : scales.v;
-  test::BackendBuffer d_k(be, ks), d_v(be, vs);
+  BackendBuffer d_k(be, ks), d_v(be, vs);
   QuantizeKvParams p;
   p.kv = d_kv.as<uint16_t>();
   p.slots = d_slots.as<int32_t>();
@@ -153,10 +151,10 @@ TEST(CudaQuantizeKv, OutOfRangeSlotWritesNothing) {
   std::vector<int32_t> slots = prob.kv_slot;
   slots[3] = -7;
   const size_t pool_bytes = static_cast<size_t>(prob.num_slots + 1) * 2 * 2 * 128;
-  test::BackendBuffer pool(*gpu, pool_bytes);
+  BackendBuffer pool(*gpu, pool_bytes);
   gpu->memset(pool.as<void>(), 0xab, pool_bytes);
-  test::BackendBuffer d_kv(*gpu, prob.kv), d_slots(*gpu, slots), k(*gpu, scales.k), v(*gpu, scales.v);
-  test::BackendBuffer amax(*gpu, std::vector<float>(4, 0.25f));
+  BackendBuffer d_kv(*gpu, prob.kv), d_slots(*gpu, slots), k(*gpu, scales.k), v(*gpu, scales.v);
+  BackendBuffer amax(*gpu, std::vector<float>(4, 0.25f));
   QuantizeKvParams p;
   p.kv = d_kv.as<uint16_t>();
   p.slots = d_slots.as<int32_t>();
@@ -172,7 +170,7 @@ TEST(CudaQuantizeKv, OutOfRangeSlotWritesNothing) {
 TEST(CudaQuantizeKv, RefusesBadArguments) {
   SKIP_WITHOUT_GPU();
   auto gpu = make_cuda_backend();
-  test::BackendBuffer pool(*gpu, 1 << 16), kv(*gpu, 1 << 16), slots(*gpu, 1024);
+  BackendBuffer pool(*gpu, 1 << 16), kv(*gpu, 1 << 16), slots(*gpu, 1024);
   QuantizeKvParams p;
   p.kv = kv.as<uint16_t>();
   p.slots = slots.as<int32_t>();
@@ -190,11 +188,11 @@ struct QResult {
 };
 
 QResult run_quantize_q(Backend& be, const test::AttentionProblem& prob, const std::vector<float>* static_scale) {
-  test::BackendBuffer q(be, prob.q), cu(be, prob.cu_seqlens_q);
-  test::BackendBuffer q8(be, prob.q.size()), qs(be, prob.num_requests() * prob.num_kv_heads * sizeof(float));
+  BackendBuffer q(be, prob.q), cu(be, prob.cu_seqlens_q);
+  BackendBuffer q8(be, prob.q.size()), qs(be, prob.num_requests() * prob.num_kv_heads * sizeof(float));
   be.memset(q8.as<void>(), 0xee, prob.q.size());
-  std::unique_ptr<test::BackendBuffer> st;
-  if (static_scale) st = std::make_unique<test::BackendBuffer>(be, *static_scale);
+  std::unique_ptr<BackendBuffer> st;
+  if (static_scale) st = std::make_unique<BackendBuffer>(be, *static_scale);
   QuantizeQParams p;
   p.q = q.as<uint16_t>();
   p.q_fp8 = q8.as<uint8_t>();

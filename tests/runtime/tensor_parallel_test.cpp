@@ -14,7 +14,7 @@
 
 #include "fp8kv/backend.h"
 #include "fp8kv/calib.h"
-#include "fp8kv/communicator.h"
+#include "fp8kv/threaded_communicator.h"
 #include "fp8kv/error.h"
 #include "fp8kv/make_model.h"
 #include "fp8kv/model.h"
@@ -332,6 +332,17 @@ TEST_F(TensorParallelTest, Fp8GenerationMatchesTp1) {
     EXPECT_EQ(got[0], want) << scheme_name(scheme);
     EXPECT_EQ(got[1], want) << scheme_name(scheme);
   }
+}
+
+TEST(TensorParallel, ExactTpChunksDivideHeadsAndIntermediate) {
+  ModelConfig c;
+  c.num_q_heads = 32;
+  c.intermediate_size = 14336;  // Llama 3 8B: 2^11 * 7
+  EXPECT_EQ(exact_tp_chunks(c), 8);
+  c.num_q_heads = 12;
+  EXPECT_EQ(exact_tp_chunks(c), 4);
+  c.intermediate_size = 4866;  // 2 * 3 * 811
+  EXPECT_EQ(exact_tp_chunks(c), 2);
 }
 
 }  // namespace

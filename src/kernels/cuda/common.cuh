@@ -13,22 +13,12 @@
 #include <string>
 
 #include "fp8kv/error.h"
+#include "kernels/cuda/check.h"
 
 namespace fp8kv::cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// Host: turns a CUDA error into fp8kv::Error naming the call and the CUDA error string.
-inline void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    throw Error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(e) + ": " +
-                cudaGetErrorString(e));
-  }
-}
-#define FP8KV_CUDA_CHECK(call) ::fp8kv::cuda::check_cuda((call), #call)
-// After a launch: configuration errors surface here, asynchronous ones at the next sync.
-#define FP8KV_CUDA_CHECK_LAUNCH(name) ::fp8kv::cuda::check_cuda(cudaGetLastError(), name)
 
 // ---- memory access ------------------------------------------------------------------------
 
@@ -53,6 +43,38 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---- bulk async copies (Hopper's copy engine) -----------------------------------------------
+// A bulk copy moves `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to
+// shared memory without tying up the issuing thread's load slots, and reports completion as
+// transaction bytes on an mbarrier. The kernel waits for a phase of the barrier, which completes
+// once every expected arrival has happened and every expected byte has landed.
+
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals));
+}
+// Makes initialized barriers visible to the copy engine (the async proxy).
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One arrival that also announces `bytes` more to come from bulk copies (0 allowed).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Blocks until the phase of the given parity has completed.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(bar), "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
 }
 
 // ---- widening to float ----------------------------------------------------------------------

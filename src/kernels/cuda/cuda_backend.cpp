@@ -17,6 +17,7 @@
 
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
+#include "kernels/cuda/check.h"
 #include "kernels/cuda/launchers.h"
 #include "kernels/cuda/quantize.h"
 #include "kernels/validate.h"
@@ -24,18 +25,13 @@
 namespace fp8kv {
 namespace {
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    throw Error(std::string("cuda backend: ") + what + ": " + cudaGetErrorName(e) + ": " +
-                cudaGetErrorString(e));
-  }
-}
+using cuda::check_cuda;
 
 template <typename T>
 std::vector<T> to_host(const T* device, size_t n, cudaStream_t stream) {
   std::vector<T> host(n);
-  if (n) check(cudaMemcpyAsync(host.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost, stream), "copy to host");
-  check(cudaStreamSynchronize(stream), "synchronize");
+  if (n) check_cuda(cudaMemcpyAsync(host.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost, stream), "cuda backend: copy to host");
+  check_cuda(cudaStreamSynchronize(stream), "cuda backend: synchronize");
   return host;
 }
 
@@ -43,21 +39,21 @@ class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, cudaStream_t stream) : device_(device), stream_(stream) {
     int count = 0;
-    check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+    check_cuda(cudaGetDeviceCount(&count), "cuda backend: cudaGetDeviceCount");
     if (device < 0 || device >= count) {
       throw Error("cuda backend: device " + std::to_string(device) + " not in [0, " +
                   std::to_string(count) + ")");
     }
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    check_cuda(cudaSetDevice(device_), "cuda backend: cudaSetDevice");
     cudaDeviceProp prop{};
-    check(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
+    check_cuda(cudaGetDeviceProperties(&prop, device_), "cuda backend: cudaGetDeviceProperties");
     if (prop.major != 9) {
       throw Error("cuda backend: device " + std::to_string(device) + " (" + prop.name +
                   ") has compute capability " + std::to_string(prop.major) + "." +
                   std::to_string(prop.minor) + "; fp8kv's kernels are built for sm_90a (Hopper)");
     }
     name_ = std::string("cuda:") + std::to_string(device) + " (" + prop.name + ")";
-    check(cudaMalloc(&bad_token_, sizeof *bad_token_), "cudaMalloc");
+    check_cuda(cudaMalloc(&bad_token_, sizeof *bad_token_), "cuda backend: cudaMalloc");
     const char* env = std::getenv("FP8KV_CUDA_CHECK_BATCH");
     check_batch_ = env != nullptr && std::string(env) == "1";
   }
@@ -83,25 +79,25 @@ class CudaBackend final : public Backend {
   }
   void free(void* ptr) override {
     select();
-    check(cudaFree(ptr), "cudaFree");
+    check_cuda(cudaFree(ptr), "cuda backend: cudaFree");
   }
   void upload(void* dst, const void* host_src, size_t bytes) override {
     select();
     // From pageable memory the call returns once the source is staged: the caller may reuse it.
-    if (bytes) check(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_), "upload");
+    if (bytes) check_cuda(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_), "cuda backend: upload");
   }
   void download(void* host_dst, const void* src, size_t bytes) override {
     select();
-    if (bytes) check(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "download");
-    check(cudaStreamSynchronize(stream_), "download (synchronize)");
+    if (bytes) check_cuda(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "cuda backend: download");
+    check_cuda(cudaStreamSynchronize(stream_), "cuda backend: download (synchronize)");
   }
   void memset(void* dst, int value, size_t bytes) override {
     select();
-    if (bytes) check(cudaMemsetAsync(dst, value, bytes, stream_), "memset");
+    if (bytes) check_cuda(cudaMemsetAsync(dst, value, bytes, stream_), "cuda backend: memset");
   }
   void synchronize() override {
     select();
-    check(cudaStreamSynchronize(stream_), "synchronize");
+    check_cuda(cudaStreamSynchronize(stream_), "cuda backend: synchronize");
   }
 
   void quantize_kv(const QuantizeKvParams& p) override {
@@ -111,11 +107,11 @@ class CudaBackend final : public Backend {
     cuda::launch_check_slots(p, bad_token_, stream_);
     cuda::launch_quantize_kv(p, bad_token_, stream_);
     unsigned long long bad = 0;
-    check(cudaMemcpyAsync(&bad, bad_token_, sizeof bad, cudaMemcpyDeviceToHost, stream_), "quantize_kv slot check");
-    check(cudaStreamSynchronize(stream_), "quantize_kv (synchronize)");
+    check_cuda(cudaMemcpyAsync(&bad, bad_token_, sizeof bad, cudaMemcpyDeviceToHost, stream_), "cuda backend: quantize_kv slot check");
+    check_cuda(cudaStreamSynchronize(stream_), "cuda backend: quantize_kv (synchronize)");
     if (bad != ULLONG_MAX) {
       int32_t slot = 0;
-      check(cudaMemcpy(&slot, p.slots + bad, sizeof slot, cudaMemcpyDeviceToHost), "quantize_kv slot read");
+      check_cuda(cudaMemcpy(&slot, p.slots + bad, sizeof slot, cudaMemcpyDeviceToHost), "cuda backend: quantize_kv slot read");
       throw Error("quantize_kv: token " + std::to_string(bad) + ": slot " + std::to_string(slot) +
                   " out of [0, num_slots " + std::to_string(p.cache.num_slots) + ") (nothing written)");
     }
@@ -145,18 +141,18 @@ class CudaBackend final : public Backend {
     const size_t need = cuda::decode_workspace_bytes(p);
     if (need > workspace_bytes_) {
       // The previous workspace may still be read by queued work: free it after that work.
-      check(cudaStreamSynchronize(stream_), "decode workspace");
-      check(cudaFree(workspace_), "cudaFree");
+      check_cuda(cudaStreamSynchronize(stream_), "cuda backend: decode workspace");
+      check_cuda(cudaFree(workspace_), "cuda backend: cudaFree");
       workspace_ = nullptr;
       workspace_bytes_ = 0;
-      check(cudaMalloc(&workspace_, need), "cudaMalloc (decode workspace)");
+      check_cuda(cudaMalloc(&workspace_, need), "cuda backend: cudaMalloc (decode workspace)");
       workspace_bytes_ = need;
     }
     cuda::launch_decode_attention(p, workspace_, stream_);
   }
 
  private:
-  void select() { check(cudaSetDevice(device_), "cudaSetDevice"); }
+  void select() { check_cuda(cudaSetDevice(device_), "cuda backend: cudaSetDevice"); }
 
   void check_batch_on_host(const AttentionParams& p, AttentionPhase phase) {
     const AttentionBatch& b = p.batch;

@@ -1,11 +1,10 @@
-// Decode attention launcher: picks the kernel (tensor-core for the FP8 schemes, CUDA-core for bf16,
-// or as set_decode_variant says) and its instantiation (scheme, head_dim, query heads per CTA),
-// the split of the KV length (decode_split.h) and runs the split merge.
+// Decode attention launcher: picks the kernel's instantiation (scheme, head_dim), the split of the
+// KV length (decode_split.h) and runs the split merge.
 #include <cmath>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
-#include "kernels/cuda/decode_split.h"
+#include "kernels/decode_split.h"
 #include "kernels/cuda/dispatch.h"
 #include "kernels/cuda/launchers.h"
 
@@ -35,25 +34,6 @@ __global__ void decode_merge_kernel(const float* __restrict__ ws_o, const float*
   }
 }
 
-int g_variant = kDecodeDefault;
-
-// Whether the tensor-core kernel (decode_mma_kernel.cuh) runs for this scheme.
-bool use_mma(KvScheme scheme) {
-  if (scheme == KvScheme::kBf16) return false;
-  return g_variant == kDecodeMma || (g_variant == kDecodeDefault && kDecodeMmaIsDefault);
-}
-
-// The CUDA-core kernel of (scheme, head_dim, heads) under the selected variant.
-template <KvScheme kScheme, int kHeadDim, int kHeads, typename F>
-auto with_kernel(F&& f) {
-  if constexpr (kHeads == 4) {
-    if (g_variant == kDecodeSimtAltOccupancy) {
-      return f(DecodeKernel<kScheme, kHeadDim, kHeads, decode_alt_min_blocks<kScheme>()>{});
-    }
-  }
-  return f(DecodeKernel<kScheme, kHeadDim, kHeads>{});
-}
-
 int sm_count() {
   int dev = 0, v = 0;
   FP8KV_CUDA_CHECK(cudaGetDevice(&dev));
@@ -61,42 +41,32 @@ int sm_count() {
   return v;
 }
 
-int heads_per_cta(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
-
 struct DecodePlan {
-  bool mma = false;     // the tensor-core kernel
-  int heads = 1;        // query heads per CTA (1, 2, 4, 8)
-  int head_chunks = 1;  // CTAs per (request, KV head) along the query heads
+  int kv_per_cta = 1;   // adjacent KV heads per CTA (decode_mma_kv_heads)
+  int head_chunks = 1;  // CTAs per KV head along the query heads (8 per CTA)
   DecodeSplit split;
 };
 
 DecodePlan plan_decode(const AttentionParams& p) {
   DecodePlan plan;
   const int group = p.num_q_heads / p.cache.num_kv_heads;
-  plan.mma = use_mma(p.cache.scheme);
-  plan.heads = plan.mma ? DecodeMmaKernel<KvScheme::kFp8PerHead, 128>::kMaxHeads : heads_per_cta(group);
-  plan.head_chunks = ceil_div(group, plan.heads);
+  plan.kv_per_cta = decode_mma_kv_heads(p.cache.scheme, p.cache.head_dim);
+  plan.head_chunks = ceil_div(group, DecodeMmaKernel<KvScheme::kBf16, 128>::kMaxHeads);
   const int per_sm = FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
-    return FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
-      if constexpr (kScheme != KvScheme::kBf16) {
-        if (plan.mma) return DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm();
-      }
-      return FP8KV_DISPATCH_GROUP_PAD(plan.heads, kHeads, [&] {
-        return with_kernel<kScheme, kHeadDim, kHeads>([](auto k) { return decltype(k)::ctas_per_sm(); });
-      });
-    });
+    return FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim,
+                                   [&] { return DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm(); });
   });
   static const int sms = sm_count();
+  // Exact tensor parallelism plans for the whole model's KV heads, so the split (and with it the
+  // rounding) does not depend on the rank's share.
   const int planned_heads = p.split_kv_heads > 0 ? p.split_kv_heads : p.cache.num_kv_heads;
-  const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) * planned_heads * plan.head_chunks;
+  const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) *
+                       ceil_div(planned_heads, plan.kv_per_cta) * plan.head_chunks;
   plan.split = choose_decode_split(ctas, static_cast<int64_t>(sms) * per_sm, p.batch.max_seq_len);
   return plan;
 }
 
 }  // namespace
-
-void set_decode_variant(int variant) { g_variant = variant; }
-int decode_variant() { return g_variant; }
 
 size_t decode_workspace_bytes(const AttentionParams& p) {
   const DecodePlan plan = plan_decode(p);
@@ -136,16 +106,10 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
     a.ws_o = static_cast<float*>(workspace);
     a.ws_lse = a.ws_o + rows * D;
   }
-  const dim3 grid(a.num_splits, p.cache.num_kv_heads * plan.head_chunks, p.batch.num_requests);
+  const dim3 grid(a.num_splits, ceil_div(p.cache.num_kv_heads, plan.kv_per_cta) * plan.head_chunks,
+                  p.batch.num_requests);
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
-    FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
-      if constexpr (kScheme != KvScheme::kBf16) {
-        if (plan.mma) return DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, stream);
-      }
-      FP8KV_DISPATCH_GROUP_PAD(plan.heads, kHeads, [&] {
-        with_kernel<kScheme, kHeadDim, kHeads>([&](auto k) { decltype(k)::launch(a, grid, stream); });
-      });
-    });
+    FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] { DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, stream); });
   });
   if (a.num_splits > 1) {
     decode_merge_kernel<<<p.batch.num_requests * p.num_q_heads, D, 0, stream>>>(

@@ -1,5 +1,5 @@
 // Decode attention (one new token per request) over the token-slot pool: shared declarations of
-// decode.cu (launcher, split merge) and the kernel instantiations (decode_kernel.cuh, explicitly
+// decode.cu (launcher, split merge) and the kernel instantiations (decode_mma_kernel.cuh, explicitly
 // instantiated per scheme in decode_{bf16,fp8_tensor,fp8_head}.cu).
 #pragma once
 
@@ -8,7 +8,6 @@
 #include <cstdint>
 
 #include "fp8kv/scheme.h"
-#include "kernels/cuda/decode_variant.h"
 
 namespace fp8kv::cuda {
 
@@ -36,33 +35,17 @@ struct DecodeArgs {
   float sm_scale_log2 = 0.0f;  // softmax scale * log2(e): scores are kept in the log2 domain
 };
 
-constexpr int kDecodeWarps = 4;
-constexpr int kDecodeThreads = kDecodeWarps * 32;
-
-// CTAs per SM the register allocation must allow, per (scheme, query heads per CTA). Measured on
-// H100 (docs/GPU.md), decode Hq=32 Hkv=8 D=128: bf16 runs best at 4 CTAs per SM (128 registers,
-// 16 warps: 85-89% of the read bandwidth); the FP8 schemes at 3 (168 registers, no spills; 4 CTAs
-// spill ~40 bytes and run 5-10% slower). 8 heads per CTA need 255 registers (1).
-template <KvScheme kScheme, int kHeads>
-constexpr int decode_min_blocks() {
-  return kHeads > 4 ? 1 : kScheme == KvScheme::kBf16 ? 4 : 3;
+// Adjacent KV heads one CTA of the tensor-core decode kernel takes, so that each bulk copy of a
+// token's K (or V) row moves about 256 bytes: the copy engine's rate is per copy, and rows of
+// one head (128 bytes for e4m3 at head_dim 128) are too small to reach the read bandwidth.
+constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
+  const int row_bytes = scheme == KvScheme::kBf16 ? 2 * head_dim : head_dim;
+  const int k = 256 / row_bytes;
+  return k < 1 ? 1 : k > 4 ? 4 : k;
 }
-// The other occupancy of the 4-head kernels, kept selectable so the benchmark shows what the
-// choice buys: set_decode_variant(1).
-template <KvScheme kScheme>
-constexpr int decode_alt_min_blocks() { return decode_min_blocks<kScheme, 4>() == 4 ? 3 : 4; }
-// set_decode_variant (decode_variant.h) picks the kernel: 1 runs the 4-head kernels at the other
-// occupancy.
 
-// One instantiation per (scheme, head_dim, query heads per CTA, CTAs per SM).
-template <KvScheme kScheme, int kHeadDim, int kHeads, int kMinBlocks = decode_min_blocks<kScheme, kHeads>()>
-struct DecodeKernel {
-  static int ctas_per_sm();  // occupancy, for the split heuristic
-  static void launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream);
-};
-
-// The tensor-core decode kernel of the FP8 schemes (decode_mma_kernel.cuh): up to 8 query heads of
-// one KV head per CTA, any head_dim of 64, 128, 256.
+// The decode kernel (decode_mma_kernel.cuh, tensor cores), every scheme: up to 8 query heads of
+// each of decode_mma_kv_heads() KV heads per CTA, any head_dim of 64, 128, 256.
 template <KvScheme kScheme, int kHeadDim>
 struct DecodeMmaKernel {
   static constexpr int kMaxHeads = 8;  // query heads per CTA (rows of the m16 tile in use)
@@ -70,30 +53,11 @@ struct DecodeMmaKernel {
   static void launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream);
 };
 
-#define FP8KV_DECODE_EXTERN(SCHEME)                                      \
-  extern template struct DecodeKernel<SCHEME, 64, 1>;                    \
-  extern template struct DecodeKernel<SCHEME, 64, 2>;                    \
-  extern template struct DecodeKernel<SCHEME, 64, 4>;                    \
-  extern template struct DecodeKernel<SCHEME, 64, 8>;                    \
-  extern template struct DecodeKernel<SCHEME, 128, 1>;                   \
-  extern template struct DecodeKernel<SCHEME, 128, 2>;                   \
-  extern template struct DecodeKernel<SCHEME, 128, 4>;                   \
-  extern template struct DecodeKernel<SCHEME, 128, 8>;                   \
-  extern template struct DecodeKernel<SCHEME, 256, 1>;                   \
-  extern template struct DecodeKernel<SCHEME, 256, 2>;                   \
-  extern template struct DecodeKernel<SCHEME, 256, 4>;                   \
-  extern template struct DecodeKernel<SCHEME, 256, 8>;                   \
-  extern template struct DecodeKernel<SCHEME, 64, 4, decode_alt_min_blocks<SCHEME>()>;                \
-  extern template struct DecodeKernel<SCHEME, 128, 4, decode_alt_min_blocks<SCHEME>()>;               \
-  extern template struct DecodeKernel<SCHEME, 256, 4, decode_alt_min_blocks<SCHEME>()>;
-FP8KV_DECODE_EXTERN(KvScheme::kBf16)
-FP8KV_DECODE_EXTERN(KvScheme::kFp8PerTensor)
-FP8KV_DECODE_EXTERN(KvScheme::kFp8PerHead)
-#undef FP8KV_DECODE_EXTERN
 #define FP8KV_DECODE_MMA_EXTERN(SCHEME)            \
   extern template struct DecodeMmaKernel<SCHEME, 64>;  \
   extern template struct DecodeMmaKernel<SCHEME, 128>; \
   extern template struct DecodeMmaKernel<SCHEME, 256>;
+FP8KV_DECODE_MMA_EXTERN(KvScheme::kBf16)
 FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8PerTensor)
 FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8PerHead)
 #undef FP8KV_DECODE_MMA_EXTERN

@@ -1,18 +1,23 @@
-// The tensor-core decode kernel of the FP8 schemes. Included only by the instantiation files
-// decode_fp8_{tensor,head}.cu; its simple twin is the CUDA-core kernel of decode_kernel.cuh.
+// The decode kernel, every scheme (bf16, fp8-per-tensor, fp8-per-head). Included only by the
+// instantiation files decode_{bf16,fp8_tensor,fp8_head}.cu; its oracle is the CPU twin.
 //
-// Why: on CUDA cores the FP8 decode is bound by instructions (per-lane dot products, cross-lane
-// reductions per query head, e4m3 -> fp32 widening: ~75 warp instructions per token and KV head),
-// not by bytes. Here QK^T and PV run as mma.sync m16n8k16 f16 MMAs (fp32 accumulate), one MMA
-// per 16 keys and 16 dims of the head for each product: ~10 warp instructions per token and KV
-// head.
+// Why tensor cores: on CUDA cores decode is bound by instructions (per-lane dot products,
+// cross-lane reductions per query head, widening), not by bytes. Here QK^T and PV run as mma.sync
+// m16n8k16 MMAs (fp32 accumulate), one MMA per 16 keys and 16 dims of the head for each product.
 //
-// One CTA per (split of the KV length, KV head g and up to 8 of its query heads, request b), 4
-// warps. The CTA streams tiles of 64 tokens (K rows then V rows) into shared memory with 16-byte
-// cp.async, gathered through the slot table, kStages deep (all threads copy; one __syncthreads
-// per tile). Warp w computes keys 16w..16w+15 of every tile with its own online softmax (fp32,
-// log2 domain); the 4 warps are merged in shared memory at the end, as in decode_kernel.cuh, and
-// the CTA writes bf16 (one split) or a normalized partial and its log-sum-exp (decode.cu merges).
+// Why bulk copies: at Hopper's bandwidth a CTA needs far more bytes in flight than 16-byte
+// cp.async per thread sustains (profiled: DRAM at 72% with the SMs mostly idle). Each K or V row
+// of a tile is one cp.async.bulk (the copy engine) completing on the stage's mbarrier; the copy
+// engine's cost is per copy, so an FP8 CTA takes two adjacent KV heads (decode_mma_kv_heads): one
+// copy moves both heads' 128-byte rows.
+//
+// One CTA per (split of the KV length, kKv adjacent KV heads and up to 8 query heads of each,
+// request b), 4 warps per KV head. The CTA streams tiles of 64 tokens (K rows then V rows, kKv
+// heads wide) into shared memory, gathered through the slot table, kStages deep (128 threads
+// issue one copy each; one __syncthreads per tile frees the stage for refilling). Warp w of a
+// KV head computes keys 16w..16w+15 of every tile with its own online softmax (fp32, log2
+// domain); the 4 warps are merged in shared memory at the end and the CTA writes bf16 (one
+// split) or a normalized partial and its log-sum-exp (decode.cu merges).
 //
 // Layout: transposed products, so that no MMA row is padding. A GQA group has only 1..8 query
 // heads, so they are the N = 8 dimension and keys / dims the M = 16 dimension:
@@ -20,8 +25,10 @@
 //   O^T += V^T P^T (M = 16 dims, N = 8 heads, K = 16 keys per MMA)
 // Query heads past the group's end are zero columns of Q^T, never written out.
 //
-// Numerics. Every e4m3 value is an fp16 value, so K and V are widened exactly by the hardware
-// e4m3x2 -> f16x2 convert while the A fragments are built (no widened copy in shared memory).
+// Numerics. bf16 cache: bf16 MMAs straight from shared memory (ldmatrix, ldmatrix.trans for V),
+// Q as given, P rounded to bf16 for the PV product. FP8 caches: every e4m3 value is an fp16
+// value, so K and V are widened exactly by the hardware e4m3x2 -> f16x2 convert while the A
+// fragments are built (no widened copy in shared memory).
 //   fp8-per-head:   Q is e4m3 codes (quantize_q): exact in fp16 as well.
 //   fp8-per-tensor: Q is bf16; it is scaled by a power of two 2^e chosen per CTA so that
 //                   max |q| lies in [2^14, 2^15), then rounded to fp16: exact for every value
@@ -32,10 +39,11 @@
 // MMA (relative error 2^-12, finer than the CPU twin's e4m3 P for fp8-per-head); the row sum l
 // is summed from the fp32 P.
 //
-// MMA fragments (PTX ISA, m16n8k16 f16), lane = 4 * r + t (r = lane / 4, t = lane % 4):
+// MMA fragments (PTX ISA, m16n8k16), lane = 4 * r + t (r = lane / 4, t = lane % 4):
 //   A (16 x 16): a[0] = row r, k 2t..2t+1; a[1] = row r+8, same k; a[2], a[3]: k 2t+8..2t+9.
 //   B (16 x 8):  b0 = k 2t..2t+1, column r; b1 = k 2t+8..2t+9, column r.
 //   C (16 x 8):  c0, c1 = row r, columns 2t, 2t+1; c2, c3 = row r+8.
+// The FP8 layout (bf16 uses the plain fragments, see the loops):
 // QK^T: a k-step is one 16-byte block of D (16 dims) in a permuted order: k slots 2t, 2t+1,
 //   2t+8, 2t+9 hold dims 4t..4t+3 of the block (a dot product does not care about the order).
 //   ldmatrix (b16 view) of 8 K rows gives lane (r, t) exactly bytes 4t..4t+3 of key row r: one
@@ -61,32 +69,34 @@
 namespace fp8kv::cuda {
 namespace decode_mma {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
+constexpr int kWarps = 4;                          // warps per KV head of a CTA
+constexpr int kIssuers = kWarps * 32;              // threads that issue the tile copies
 constexpr int kRows = 8;                          // query heads per CTA: the MMA's N
 constexpr int kWarpKeys = 16;                     // keys of a tile per warp (two n8 tiles)
 constexpr int kTileTokens = kWarps * kWarpKeys;  // 64: one kDecodeSplitAlign
 static_assert(kTileTokens == 64, "splits are aligned to whole tiles (decode_split.h)");
+static_assert(2 * kTileTokens == kIssuers, "one thread issues the copy of one K or V row");
 
-template <int D>
+template <KvScheme kScheme, int D>
 struct Shape {
-  static constexpr int kBlocks = D / 16;                  // 16-byte blocks of a row = QK k-steps
-  static constexpr int kPitch = D + 16;                   // shared memory row, bytes
+  static constexpr bool kBf16 = kScheme == KvScheme::kBf16;
+  static constexpr int kRowBytes = kBf16 ? 2 * D : D;     // one K or V row of a KV head
+  static constexpr int kKv = decode_mma_kv_heads(kScheme, D);  // adjacent KV heads per CTA
+  static constexpr int kThreads = kKv * kWarps * 32;      // 4 warps per KV head
+  static constexpr int kCopyBytes = kKv * kRowBytes;      // one bulk copy: a row of kKv heads
+  static constexpr int kSteps = D / 16;                   // 16-dim steps: QK k-steps, PV m-tiles
+  static constexpr int kPitch = kCopyBytes + 16;          // shared memory row, bytes
   static constexpr int kStageBytes = 2 * kTileTokens * kPitch;  // K rows then V rows
-  // 4 stages (3 tiles in flight while one is computed) at 3 CTAs per SM for D = 128 (74 KB per
-  // CTA); D = 256 keeps 3 stages so that 2 CTAs fit.
-  static constexpr int kStages = D == 256 ? 3 : 4;
-  static constexpr int kMinBlocks = D == 64 ? 4 : D == 128 ? 3 : 2;
-  static constexpr int kMergeBytes = kWarps * kRows * (D + 2) * 4;
-  static constexpr int kSmemBytes =
+  // kStages - 1 tiles in flight while one is computed; CTAs per SM as shared memory allows
+    // (copies of 128 / 256 / 512 bytes: 3 / 2 / 1).
+  static constexpr int kStages = kCopyBytes <= 128 ? 4 : 3;
+  static constexpr int kMinBlocks = kCopyBytes <= 128 ? 3 : kCopyBytes <= 256 ? 2 : 1;
+  static constexpr int kMergeBytes = kKv * kWarps * kRows * (D + 2) * 4;
+  static constexpr int kDataBytes =
       kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
-  static constexpr int kCopies = kTileTokens * kBlocks / kThreads;  // per thread, of K (and V)
-  static constexpr int kRowStep = kThreads / kBlocks;               // rows between a thread's copies
-  static_assert(kThreads % kBlocks == 0 && kCopies >= 1, "tile copy shape");
-  static_assert(kBlocks % 2 == 0, "ldmatrix.x4 covers two 16-byte blocks");
+  static constexpr int kSmemBytes = kDataBytes + kStages * 8;  // + one mbarrier per stage
+  static_assert(kRowBytes % 16 == 0 && kSteps % 2 == 0, "tile shape");
 };
-
-// smem_addr, ldmatrix_x4(_trans): common.cuh.
 
 // Four e4m3 codes -> two f16x2 (bytes 0, 1 -> lo; bytes 2, 3 -> hi), exactly.
 __device__ __forceinline__ void e4m3x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
@@ -97,6 +107,10 @@ __device__ __forceinline__ void e4m3x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint
 }
 __device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
@@ -119,49 +133,63 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
 }  // namespace decode_mma
 
 template <KvScheme kScheme, int kHeadDim>
-__global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadDim>::kMinBlocks)
+__global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads,
+                                  decode_mma::Shape<kScheme, kHeadDim>::kMinBlocks)
     decode_mma_kernel(const DecodeArgs a) {
   using namespace decode_mma;
-  using Sh = Shape<kHeadDim>;
-  static_assert(kScheme != KvScheme::kBf16, "the tensor-core decode kernel is for FP8 caches");
+  using Sh = Shape<kScheme, kHeadDim>;
+  constexpr bool kBf16 = Sh::kBf16;
   constexpr bool kQFp8 = kScheme == KvScheme::kFp8PerHead;
-  constexpr int kBlocks = Sh::kBlocks;
+  constexpr int kSteps = Sh::kSteps;
   extern __shared__ __align__(16) uint8_t smem[];
 
   const int split = blockIdx.x;
-  const int g = blockIdx.y / a.head_chunks;
+  const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;  // first KV head of the CTA
   const int hc = blockIdx.y % a.head_chunks;
   const int b = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Warps 4s..4s+3 compute KV head g = g0 + s (a CTA past the last head computes nothing).
+  const int sub = threadIdx.x / kIssuers, warp = threadIdx.x / 32 % kWarps, lane = threadIdx.x % 32;
+  const int kv_here = min(Sh::kKv, a.num_kv_heads - g0);
+  const int g = min(g0 + sub, a.num_kv_heads - 1);
   const int r = lane / 4, t = lane % 4;  // fragment row and column pair (lane = 4r + t)
   const int seq_len = a.seq_len[b];
   const int t_begin = split * a.split_tokens;
   const int t_end = min(seq_len, t_begin + a.split_tokens);
   const int64_t q_token = a.cu_seqlens_q[b];
   const int head0 = g * a.group + hc * kRows;  // first query head of this CTA
-  const int num_heads = min(kRows, a.group - hc * kRows);
+  const int num_heads = sub < kv_here ? min(kRows, a.group - hc * kRows) : 0;
 
-  // Q^T -> B fragments: qa[k][0] = dims 16k+4t, +1 of head r; qa[k][1] = dims 16k+4t+2, +3.
+  // Q^T -> B fragments of the QK k-steps (query head r of the CTA as column r). FP8 caches:
+  // step k is the 16-byte block k of the K row in the permuted dim order described above, so
+  // qa[k][0] = dims 16k+4t, +1 and qa[k][1] = dims 16k+4t+2, +3, in fp16. bf16 cache: the plain
+  // m16n8k16 order, qa[k][0] = dims 16k+2t, +1 and qa[k][1] = dims 16k+2t+8, +9, in bf16.
   // Heads past the group's end are zero and never written.
-  uint32_t qa[kBlocks][2];
+  uint32_t qa[kSteps][2];
   float mult = a.sm_scale_log2;  // raw score -> log2-domain logit
   {
-    const int64_t row = (q_token * a.num_q_heads + head0 + r) * kHeadDim + 4 * t;
+    const int64_t row = (q_token * a.num_q_heads + head0 + r) * kHeadDim;
     const bool valid = r < num_heads;
-    if constexpr (kQFp8) {
-      const uint8_t* q = static_cast<const uint8_t*>(a.q) + row;
+    if constexpr (kBf16) {
+      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 2 * t;
 #pragma unroll
-      for (int k = 0; k < kBlocks; ++k) {
+      for (int k = 0; k < kSteps; ++k) {
+        qa[k][0] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
+        qa[k][1] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k + 8) : 0u;
+      }
+    } else if constexpr (kQFp8) {
+      const uint8_t* q = static_cast<const uint8_t*>(a.q) + row + 4 * t;
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
         const uint32_t w = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
         decode_mma::e4m3x4_to_f16x2x2(w, qa[k][0], qa[k][1]);
       }
       mult *= a.q_scale[static_cast<int64_t>(b) * a.num_kv_heads + g];
     } else {
-      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row;
-      uint2 raw[kBlocks];
+      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 4 * t;
+      uint2 raw[kSteps];
       float amax = 0.0f;
 #pragma unroll
-      for (int k = 0; k < kBlocks; ++k) {
+      for (int k = 0; k < kSteps; ++k) {
         raw[k] = valid ? *reinterpret_cast<const uint2*>(q + 16 * k) : make_uint2(0u, 0u);
         const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
         amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(y.x), fabsf(y.y))));
@@ -177,100 +205,118 @@ __global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadD
       const float up = ldexpf(1.0f, e);
       mult *= ldexpf(1.0f, -e);
 #pragma unroll
-      for (int k = 0; k < kBlocks; ++k) {
+      for (int k = 0; k < kSteps; ++k) {
         const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
         qa[k][0] = decode_mma::pack_f16x2(x.x * up, x.y * up);
         qa[k][1] = decode_mma::pack_f16x2(y.x * up, y.y * up);
       }
     }
   }
-  const int scale_index = kScheme == KvScheme::kFp8PerHead ? g : 0;
-  mult *= a.k_scale[scale_index];
-  const float v_scale = a.v_scale[scale_index];
+  float v_scale = 1.0f;
+  if constexpr (!kBf16) {
+    const int scale_index = kScheme == KvScheme::kFp8PerHead ? g : 0;
+    mult *= a.k_scale[scale_index];
+    v_scale = a.v_scale[scale_index];
+  }
 
   // Online softmax state of query heads 2t and 2t+1 (the 8 lanes of a t hold the same m; l is
   // per lane until the end).
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  // O^T of each 16-dim block k: o[k][0] = O[2t][16k+2r], [1] = O[2t+1][16k+2r],
-  // [2] = O[2t][16k+2r+1], [3] = O[2t+1][16k+2r+1].
-  float o[kBlocks][4];
+  // O^T of each 16-dim step k: o[k][0], o[k][2] = head 2t at dims lo(k), hi(k); o[k][1], o[k][3]
+  // = head 2t+1 at the same dims. FP8 caches: lo = 16k+2r, hi = lo+1 (the byte permute below);
+  // bf16: lo = 16k+r, hi = lo+8 (the plain C fragment).
+  float o[kSteps][4];
 #pragma unroll
-  for (int k = 0; k < kBlocks; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.0f;
+  for (int k = 0; k < kSteps; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.0f;
 
   const int num_tiles = t_begin < t_end ? ceil_div(t_end - t_begin, kTileTokens) : 0;
   const int32_t* slot_row = a.req_to_token + static_cast<int64_t>(a.req_index[b]) * a.max_len;
-  const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * kHeadDim;
-  const uint8_t* k_base = a.cache + static_cast<int64_t>(g) * kHeadDim;
-  const uint8_t* v_base = a.cache + static_cast<int64_t>(a.num_kv_heads + g) * kHeadDim;
-  // This thread copies 16-byte block `cp_block` of rows cp_row0 + j * kRowStep of each tile.
-  const int cp_block = threadIdx.x % kBlocks, cp_row0 = threadIdx.x / kBlocks;
-  int slots[Sh::kCopies];
-  auto load_slots = [&](int i) {
-#pragma unroll
-    for (int j = 0; j < Sh::kCopies; ++j) {
-      const int tok = t_begin + i * kTileTokens + cp_row0 + j * Sh::kRowStep;
-      slots[j] = (i < num_tiles && tok < t_end) ? slot_row[tok] : -1;
-    }
+  const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
+  // Thread tid < 128 copies row tid % 64 of the tile, of K for tid < 64 and of V otherwise, as
+  // one bulk copy of the CTA's kv_here adjacent heads (the copy engine, not the thread's load
+  // slots: more bytes in flight per SM; several heads per copy: fewer, larger copies).
+  const bool issuer = threadIdx.x < kIssuers;
+  const int cp_row = threadIdx.x % kTileTokens, cp_v = threadIdx.x / kTileTokens;
+  const uint32_t cp_bytes = kv_here * Sh::kRowBytes;
+  const uint8_t* cp_base =
+      a.cache + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes;
+  const uint32_t smem_base = smem_addr(smem);
+  const uint32_t bar_base = smem_base + Sh::kDataBytes;  // kStages mbarriers
+  if (threadIdx.x < Sh::kStages) mbarrier_init(bar_base + 8 * threadIdx.x, kIssuers);
+  fence_barrier_init();
+  __syncthreads();
+  int slot = -1;  // slot of this thread's row in the next tile to issue (-1: past the end)
+  auto load_slot = [&](int i) {
+    const int tok = t_begin + i * kTileTokens + cp_row;
+    slot = (i < num_tiles && tok < t_end) ? slot_row[tok] : -1;
   };
   auto issue = [&](int i) {
-    uint8_t* ks = smem + (i % Sh::kStages) * Sh::kStageBytes;
-    uint8_t* vs = ks + kTileTokens * Sh::kPitch;
+    if (!issuer) return;
+    const int stage = i % Sh::kStages;
+    const uint32_t dst = smem_base + stage * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kPitch;
+    const uint32_t bar = bar_base + 8 * stage;
+    if (slot >= 0) {
+      mbarrier_arrive_expect_tx(bar, cp_bytes);
+      bulk_copy_g2s(dst, cp_base + slot * slot_bytes, cp_bytes, bar);
+    } else {
+      // Rows past the end are zero: their scores are masked and their V rows must be finite
+      // zeros, never stale data (0 * NaN would poison the output).
+      uint8_t* p = smem + (dst - smem_base);
 #pragma unroll
-    for (int j = 0; j < Sh::kCopies; ++j) {
-      const int row = cp_row0 + j * Sh::kRowStep;
-      // Rows past the end are zero-filled (src size 0): their scores are masked and their V
-      // rows must be finite zeros, never stale data (0 * NaN would poison the output).
-      const int64_t off = slots[j] >= 0 ? slots[j] * slot_bytes + cp_block * 16 : 0;
-      const int bytes = slots[j] >= 0 ? 16 : 0;
-      cp_async_16(ks + row * Sh::kPitch + cp_block * 16, k_base + off, bytes);
-      cp_async_16(vs + row * Sh::kPitch + cp_block * 16, v_base + off, bytes);
+      for (int c = 0; c < Sh::kCopyBytes / 16; ++c) st_v4(p + 16 * c, make_uint4(0u, 0u, 0u, 0u));
+      mbarrier_arrive_expect_tx(bar, 0);
     }
   };
 
   // ldmatrix row addresses: matrix q = lane / 8 covers keys 16 * warp + 8 * (q & 1) + (0..7) and
-  // the 16-byte block (q >> 1) of a pair of blocks: x4 results [0], [1] are key tiles 0, 1 of the
-  // first block, [2], [3] of the second.
+  // bytes 16 * (q >> 1) .. +15 of a 32-byte column of the rows. FP8: x4 results [0], [1] are key
+  // tiles 0, 1 of one 16-byte block, [2], [3] of the next. bf16: [0..3] are the A fragment of a
+  // 16-dim k-step (keys r, r+8 x dims 2t.., 2t+8..).
   const int ld_mat = lane / 8;
   const uint32_t ld_off = (warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8)) * Sh::kPitch +
-                          16 * (ld_mat >> 1);
-  const uint32_t smem_base = smem_addr(smem);
+                          16 * (ld_mat >> 1) + sub * Sh::kRowBytes;
 
   // Software pipeline: tiles i+1..i+kStages-1 are in flight while tile i is computed; the slots
   // of the next tile to issue are read one iteration ahead.
 #pragma unroll
   for (int i = 0; i < Sh::kStages - 1; ++i) {
-    load_slots(i);
+    load_slot(i);
     if (i < num_tiles) issue(i);
-    cp_async_commit();
   }
-  load_slots(Sh::kStages - 1);
+  load_slot(Sh::kStages - 1);
   for (int i = 0; i < num_tiles; ++i) {
-    cp_async_wait<Sh::kStages - 2>();
-    // Tile i's copies of every thread are visible, and every warp is done with tile i-1, whose
-    // stage the issue below refills.
+    mbarrier_wait(bar_base + 8 * (i % Sh::kStages), (i / Sh::kStages) & 1);
+    // Every warp is done with tile i-1, whose stage the issue below refills.
     __syncthreads();
     const int j = i + Sh::kStages - 1;
     if (j < num_tiles) issue(j);
-    cp_async_commit();
-    load_slots(j + 1);
+    load_slot(j + 1);
 
     const uint32_t k_addr = smem_base + (i % Sh::kStages) * Sh::kStageBytes + ld_off;
     const uint32_t v_addr = k_addr + kTileTokens * Sh::kPitch;
 
     // S^T = K Q^T over the warp's 16 keys (M = keys, N = query heads, K = dims), two
-    // accumulators (even and odd blocks) to halve the dependent MMA chain.
+    // accumulators (even and odd steps) to halve the dependent MMA chain.
     // st[.][0] = S[key r][head 2t], [1] = S[r][2t+1], [2] = S[r+8][2t], [3] = S[r+8][2t+1].
     float st[2][4] = {};
 #pragma unroll
-    for (int k = 0; k < kBlocks; k += 2) {
-      uint32_t kr[4];
-      ldmatrix_x4(kr, k_addr + 16 * k);
+    for (int k = 0; k < kSteps; k += 2) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        uint32_t ka[4];
-        decode_mma::e4m3x4_to_f16x2x2(kr[2 * h], ka[0], ka[2]);      // key r
-        decode_mma::e4m3x4_to_f16x2x2(kr[2 * h + 1], ka[1], ka[3]);  // key r + 8
-        decode_mma::mma_f16(st[h], ka, qa[k + h][0], qa[k + h][1]);
+        uint32_t kr[4];
+        if constexpr (kBf16) {
+          ldmatrix_x4(kr, k_addr + 32 * (k + h));
+          mma_bf16(st[h], kr, qa[k + h][0], qa[k + h][1]);
+        } else if (h == 0) {
+          ldmatrix_x4(kr, k_addr + 16 * k);
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            uint32_t ka[4];
+            decode_mma::e4m3x4_to_f16x2x2(kr[2 * hh], ka[0], ka[2]);      // key r
+            decode_mma::e4m3x4_to_f16x2x2(kr[2 * hh + 1], ka[1], ka[3]);  // key r + 8
+            decode_mma::mma_f16(st[hh], ka, qa[k + hh][0], qa[k + hh][1]);
+          }
+        }
       }
     }
     // Scores in the log2 domain; keys past the end masked.
@@ -301,7 +347,7 @@ __global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadD
         m[c] = m_new[c];
       }
 #pragma unroll
-      for (int k = 0; k < kBlocks; ++k) {
+      for (int k = 0; k < kSteps; ++k) {
         o[k][0] *= alpha[0];
         o[k][1] *= alpha[1];
         o[k][2] *= alpha[0];
@@ -315,28 +361,45 @@ __global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadD
     l[0] += p[0] + p[2];
     l[1] += p[1] + p[3];
     // P^T (keys x heads) -> P's B fragment (keys 2t, 2t+1 and 2t+8, 2t+9 of head r): an 8x8
-    // transpose of each half in registers.
-    const uint32_t pb0 = decode_mma::movmatrix_trans(decode_mma::pack_f16x2(p[0], p[1]));
-    const uint32_t pb1 = decode_mma::movmatrix_trans(decode_mma::pack_f16x2(p[2], p[3]));
+    // transpose of each half in registers. fp16 for the FP8 caches (e4m3 V is exact in fp16),
+    // bf16 for the bf16 cache (the MMA's two operands share a type).
+    uint32_t pb0, pb1;
+    if constexpr (kBf16) {
+      pb0 = decode_mma::movmatrix_trans(decode_mma::pack_bf16x2(p[0], p[1]));
+      pb1 = decode_mma::movmatrix_trans(decode_mma::pack_bf16x2(p[2], p[3]));
+    } else {
+      pb0 = decode_mma::movmatrix_trans(decode_mma::pack_f16x2(p[0], p[1]));
+      pb1 = decode_mma::movmatrix_trans(decode_mma::pack_f16x2(p[2], p[3]));
+    }
 
-    // O^T += V^T P^T (M = dims, N = heads, K = keys), one MMA per 16-byte block of V: rows r and
-    // r+8 of the A tile are dims 2r and 2r+1 of the block.
+    // O^T += V^T P^T (M = dims, N = heads, K = keys).
 #pragma unroll
-    for (int k = 0; k < kBlocks; k += 2) {
-      uint32_t vr[4];
-      ldmatrix_x4_trans(vr, v_addr + 16 * k);
+    for (int k = 0; k < kSteps; k += 2) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        // vr[2h] holds V[2t][2r], V[2t][2r+1], V[2t+1][2r], V[2t+1][2r+1] (keys 0..7); the byte
-        // permute pairs the keys of one dim: [V[2t][2r], V[2t+1][2r] | V[2t][2r+1], V[2t+1][2r+1]].
-        uint32_t va[4];
-        decode_mma::e4m3x4_to_f16x2x2(__byte_perm(vr[2 * h], 0u, 0x3120), va[0], va[1]);
-        decode_mma::e4m3x4_to_f16x2x2(__byte_perm(vr[2 * h + 1], 0u, 0x3120), va[2], va[3]);
-        decode_mma::mma_f16(o[k + h], va, pb0, pb1);
+        uint32_t vr[4];
+        if constexpr (kBf16) {
+          // ldmatrix.trans of 8x8 blocks (keys x dims) gives dim r, keys 2t, 2t+1: [0] keys 0..7
+          // dims 0..7, [1] keys 8..15 dims 0..7, [2] keys 0..7 dims 8..15, [3] keys 8..15 dims 8..15.
+          ldmatrix_x4_trans(vr, v_addr + 32 * (k + h));
+          const uint32_t va[4] = {vr[0], vr[2], vr[1], vr[3]};
+          mma_bf16(o[k + h], va, pb0, pb1);
+        } else if (h == 0) {
+          // One 16-byte block of V per MMA: rows r and r+8 of the A tile are dims 2r and 2r+1.
+          ldmatrix_x4_trans(vr, v_addr + 16 * k);
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            // vr[2hh] holds V[2t][2r], V[2t][2r+1], V[2t+1][2r], V[2t+1][2r+1] (keys 0..7); the
+            // byte permute pairs the keys of one dim: [V[2t][2r], V[2t+1][2r] | V[2t][2r+1], ...].
+            uint32_t va[4];
+            decode_mma::e4m3x4_to_f16x2x2(__byte_perm(vr[2 * hh], 0u, 0x3120), va[0], va[1]);
+            decode_mma::e4m3x4_to_f16x2x2(__byte_perm(vr[2 * hh + 1], 0u, 0x3120), va[2], va[3]);
+            decode_mma::mma_f16(o[k + hh], va, pb0, pb1);
+          }
+        }
       }
     }
   }
-  cp_async_wait<0>();
 
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
@@ -345,17 +408,21 @@ __global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadD
     l[c] += __shfl_xor_sync(kFullMask, l[c], 16);
   }
 
-  // Merge the 4 warps in shared memory (the pipeline buffers are free after the barrier).
+  // Merge the 4 warps in shared memory (the pipeline buffers are free after the barrier: every
+  // issued copy was waited for).
   __syncthreads();
-  float* s_o = reinterpret_cast<float*>(smem);          // [warps, kRows, D]
+  float* s_o = reinterpret_cast<float*>(smem + sub * (Sh::kMergeBytes / Sh::kKv));  // [warps, kRows, D]
   float* s_m = s_o + kWarps * kRows * kHeadDim;         // [warps, kRows]
   float* s_l = s_m + kWarps * kRows;                    // [warps, kRows]
-  float* o_even = s_o + (warp * kRows + 2 * t) * kHeadDim + 2 * r;  // head 2t
-  float* o_odd = o_even + kHeadDim;                                  // head 2t + 1
+  float* o_even = s_o + (warp * kRows + 2 * t) * kHeadDim;  // head 2t
+  float* o_odd = o_even + kHeadDim;                         // head 2t + 1
+  const int d_lo = kBf16 ? r : 2 * r, d_hi = kBf16 ? r + 8 : 2 * r + 1;
 #pragma unroll
-  for (int k = 0; k < kBlocks; ++k) {
-    *reinterpret_cast<float2*>(o_even + 16 * k) = make_float2(o[k][0], o[k][2]);
-    *reinterpret_cast<float2*>(o_odd + 16 * k) = make_float2(o[k][1], o[k][3]);
+  for (int k = 0; k < kSteps; ++k) {
+    o_even[16 * k + d_lo] = o[k][0];
+    o_odd[16 * k + d_lo] = o[k][1];
+    o_even[16 * k + d_hi] = o[k][2];
+    o_odd[16 * k + d_hi] = o[k][3];
   }
   if (r == 0) {
 #pragma unroll
@@ -365,7 +432,7 @@ __global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadD
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < num_heads * kHeadDim; i += kThreads) {
+  for (int i = threadIdx.x % kIssuers; i < num_heads * kHeadDim; i += kIssuers) {
     const int h = i / kHeadDim, d = i % kHeadDim;
     float mx = -INFINITY;
 #pragma unroll
@@ -393,12 +460,12 @@ __global__ void __launch_bounds__(decode_mma::kThreads, decode_mma::Shape<kHeadD
 
 template <KvScheme kScheme, int kHeadDim>
 int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
-  using Sh = decode_mma::Shape<kHeadDim>;
+  using Sh = decode_mma::Shape<kScheme, kHeadDim>;
   static const int n = [] {
     auto* k = decode_mma_kernel<kScheme, kHeadDim>;
     FP8KV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Sh::kSmemBytes));
     int v = 0;
-    FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, k, decode_mma::kThreads, Sh::kSmemBytes));
+    FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, k, Sh::kThreads, Sh::kSmemBytes));
     return v < 1 ? 1 : v;
   }();
   return n;
@@ -406,9 +473,9 @@ int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
 
 template <KvScheme kScheme, int kHeadDim>
 void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream) {
-  using Sh = decode_mma::Shape<kHeadDim>;
+  using Sh = decode_mma::Shape<kScheme, kHeadDim>;
   ctas_per_sm();  // sets the shared-memory limit once
-  decode_mma_kernel<kScheme, kHeadDim><<<grid, decode_mma::kThreads, Sh::kSmemBytes, stream>>>(a);
+  decode_mma_kernel<kScheme, kHeadDim><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(a);
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
 }
 

@@ -1,7 +1,7 @@
 // Split-KV heuristic for decode attention: a pure host function (unit-tested in
-// tests/cuda/decode_test.cu, no GPU needed). Decode has one query token per request, so a CTA
-// per (request, KV head) gives B * Hkv CTAs: far too few to fill 132 SMs when the batch is small
-// and the context long. Splitting the KV length over `num_splits` CTAs fills the chip at the cost
+// tests/kernels/decode_split_test.cpp, no GPU or nvcc needed). Decode has one query token per
+// request, so a CTA per (request, KV head) gives B * Hkv CTAs: far too few to fill 132 SMs when
+// the batch is small and the context long. Splitting the KV length over `num_splits` CTAs fills the chip at the cost
 // of a small merge (log-sum-exp combine); the model below picks the split count that minimizes
 // (waves of CTAs) x (tokens per CTA + a fixed per-CTA overhead).
 #pragma once

@@ -1,5 +1,6 @@
 // The kernel benchmark behind `fp8kv bench kernels` and the fp8kv_bench binary
-// (kernels/cuda/kernel_bench.cu). A CPU-only build throws Error saying it needs CUDA.
+// (bench/kernel_bench.cu; the fp8kv_kernel_bench library, not libfp8kv). A CPU-only build
+// throws Error saying it needs CUDA (bench/kernel_bench_stub.cpp).
 #pragma once
 
 #include <string>

@@ -1,4 +1,4 @@
-// The kernel benchmark (`fp8kv bench kernels`, `fp8kv_bench`): ceilings measured in the same run
+// The kernel benchmark (`fp8kv bench kernels`, `fp8kv_bench`; not part of libfp8kv): ceilings measured in the same run
 // (streaming read and device copy bandwidth, BF16/FP8 tensor-core rate through cuBLASLt), then
 // decode attention, prefill attention and quantize-on-write against them. Times are CUDA-event
 // medians after warm-up; every input is random (never zeros) and larger than L2 so each run
@@ -17,13 +17,14 @@
 #include <vector>
 
 #include "fp8kv/backend.h"
-#include "fp8kv/model.h"
+#include "fp8kv/buffer.h"
+#include "fp8kv/model_ops.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
 #include "kernels/cuda/launchers.h"
-#include "kernels/kernel_bench.h"
+#include "bench/kernel_bench.h"
 
 namespace fp8kv {
 namespace {
@@ -74,15 +75,9 @@ __global__ void read_bw_kernel(const uint4* __restrict__ p, size_t n, uint4* sin
 
 // ---- host helpers -----------------------------------------------------------------------
 
-struct DeviceBuffer {
-  void* p = nullptr;
-  size_t bytes = 0;
-  explicit DeviceBuffer(size_t n) : bytes(n) { check_cuda(cudaMalloc(&p, n ? n : 1), "cudaMalloc (bench)"); }
-  ~DeviceBuffer() { cudaFree(p); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  template <typename T> T* as() const { return static_cast<T*>(p); }
-};
+// The benchmark's device memory: BackendBuffers of the CUDA backend run_kernel_bench makes.
+Backend* g_device = nullptr;
+Backend& device() { return *g_device; }
 
 void fill_bf16(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
   fill_bf16_kernel<<<1024, 256, 0, s>>>(static_cast<uint16_t*>(p), n, seed, amp);
@@ -93,8 +88,8 @@ void fill_e4m3(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
   check_cuda(cudaGetLastError(), "fill_e4m3");
 }
 template <typename T>
-T* upload(DeviceBuffer& b, const std::vector<T>& v) {
-  check_cuda(cudaMemcpy(b.p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), "upload (bench)");
+T* upload(BackendBuffer& b, const std::vector<T>& v) {
+  check_cuda(cudaMemcpy(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), "upload (bench)");
   return b.as<T>();
 }
 
@@ -161,8 +156,8 @@ class Report {
 // ---- ceilings ---------------------------------------------------------------------------
 
 double measure_read_gbs(size_t bytes, const KernelBenchOptions& o, cudaStream_t s) {
-  DeviceBuffer buf(bytes), sink(64);
-  fill_e4m3(buf.p, bytes, 7, 1.0f, s);
+  BackendBuffer buf(device(), bytes), sink(device(), 64);
+  fill_e4m3(buf.get(), bytes, 7, 1.0f, s);
   const size_t n = bytes / 16;
   int sms = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "attr");
@@ -172,9 +167,9 @@ double measure_read_gbs(size_t bytes, const KernelBenchOptions& o, cudaStream_t 
 }
 
 double measure_copy_gbs(size_t bytes, const KernelBenchOptions& o, cudaStream_t s) {
-  DeviceBuffer a(bytes), b(bytes);
-  fill_e4m3(a.p, bytes, 8, 1.0f, s);
-  const double us = time_us([&] { check_cuda(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, s), "copy"); },
+  BackendBuffer a(device(), bytes), b(device(), bytes);
+  fill_e4m3(a.get(), bytes, 8, 1.0f, s);
+  const double us = time_us([&] { check_cuda(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, s), "copy"); },
                             o.warmup, o.iters, s);
   return 2.0 * bytes / us * 1e-3;  // read + write
 }
@@ -185,13 +180,13 @@ double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStr
   if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) throw Error("cublasLtCreate failed");
   const size_t elems = static_cast<size_t>(n) * n;
   const size_t in_bytes = elems * (fp8 ? 1 : 2);
-  DeviceBuffer A(in_bytes), B(in_bytes), D(elems * 2), ws(64u << 20);
+  BackendBuffer A(device(), in_bytes), B(device(), in_bytes), D(device(), elems * 2), ws(device(), 64u << 20);
   if (fp8) {
-    fill_e4m3(A.p, elems, 11, 4.0f, s);
-    fill_e4m3(B.p, elems, 12, 4.0f, s);
+    fill_e4m3(A.get(), elems, 11, 4.0f, s);
+    fill_e4m3(B.get(), elems, 12, 4.0f, s);
   } else {
-    fill_bf16(A.p, elems, 11, 1.0f, s);
-    fill_bf16(B.p, elems, 12, 1.0f, s);
+    fill_bf16(A.get(), elems, 11, 1.0f, s);
+    fill_bf16(B.get(), elems, 12, 1.0f, s);
   }
   const cudaDataType_t in_t = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
   cublasLtMatmulDesc_t desc;
@@ -208,7 +203,7 @@ double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStr
   ok(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, n, n, n), "layout C");
   cublasLtMatmulPreference_t pref;
   ok(cublasLtMatmulPreferenceCreate(&pref), "pref");
-  const size_t ws_bytes = ws.bytes;
+  const size_t ws_bytes = ws.bytes();
   ok(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes), "pref ws");
   cublasLtMatmulHeuristicResult_t heur{};
   int found = 0;
@@ -216,7 +211,7 @@ double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStr
   if (found == 0) throw Error("cuBLASLt: no algorithm");
   const float alpha = 1.0f, beta = 0.0f;
   const double us = time_us([&] {
-    ok(cublasLtMatmul(lt, desc, &alpha, A.p, la, B.p, lb, &beta, D.p, lc, D.p, lc, &heur.algo, ws.p, ws_bytes, s), "matmul");
+    ok(cublasLtMatmul(lt, desc, &alpha, A.get(), la, B.get(), lb, &beta, D.get(), lc, D.get(), lc, &heur.algo, ws.get(), ws_bytes, s), "matmul");
   }, o.warmup, o.iters, s);
   cublasLtMatmulPreferenceDestroy(pref);
   cublasLtMatrixLayoutDestroy(la);
@@ -235,29 +230,29 @@ constexpr KvScheme kSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvSch
 // permutation of the pool (scattered rows, as a long-running server's pool looks).
 struct BenchBatch {
   int B, L, q_len, Hq, Hkv, D;
-  std::unique_ptr<DeviceBuffer> seq, cu, ri, rt, q, q8, qs, o, ks, vs;
+  std::unique_ptr<BackendBuffer> seq, cu, ri, rt, q, q8, qs, o, ks, vs;
   AttentionBatch batch;
 
-  BenchBatch(int B_, int L_, int q_len_, int Hq_, int Hkv_, int D_, cudaStream_t s)
+  BenchBatch(int B_, int L_, int q_len_, int Hq_, int Hkv_, int D_, cudaStream_t s, bool scattered = true)
       : B(B_), L(L_), q_len(q_len_), Hq(Hq_), Hkv(Hkv_), D(D_) {
     std::vector<int32_t> seq_v(B, L), cu_v(B + 1), ri_v(B), rt_v(static_cast<size_t>(B) * L);
     for (int b = 0; b <= B; ++b) cu_v[b] = b * q_len;
     std::iota(ri_v.begin(), ri_v.end(), 0);
     std::iota(rt_v.begin(), rt_v.end(), 0);
-    std::shuffle(rt_v.begin(), rt_v.end(), std::mt19937(1234));
-    seq = std::make_unique<DeviceBuffer>(B * 4);
-    cu = std::make_unique<DeviceBuffer>((B + 1) * 4);
-    ri = std::make_unique<DeviceBuffer>(B * 4);
-    rt = std::make_unique<DeviceBuffer>(rt_v.size() * 4);
+    if (scattered) std::shuffle(rt_v.begin(), rt_v.end(), std::mt19937(1234));
+    seq = std::make_unique<BackendBuffer>(device(), B * 4);
+    cu = std::make_unique<BackendBuffer>(device(), (B + 1) * 4);
+    ri = std::make_unique<BackendBuffer>(device(), B * 4);
+    rt = std::make_unique<BackendBuffer>(device(), rt_v.size() * 4);
     const size_t q_elems = static_cast<size_t>(B) * q_len * Hq * D;
-    q = std::make_unique<DeviceBuffer>(q_elems * 2);
-    q8 = std::make_unique<DeviceBuffer>(q_elems);
-    qs = std::make_unique<DeviceBuffer>(static_cast<size_t>(B) * Hkv * 4);
-    o = std::make_unique<DeviceBuffer>(q_elems * 2);
-    ks = std::make_unique<DeviceBuffer>(Hkv * 4);
-    vs = std::make_unique<DeviceBuffer>(Hkv * 4);
-    fill_bf16(q->p, q_elems, 21, 2.0f, s);
-    fill_e4m3(q8->p, q_elems, 22, 200.0f, s);
+    q = std::make_unique<BackendBuffer>(device(), q_elems * 2);
+    q8 = std::make_unique<BackendBuffer>(device(), q_elems);
+    qs = std::make_unique<BackendBuffer>(device(), static_cast<size_t>(B) * Hkv * 4);
+    o = std::make_unique<BackendBuffer>(device(), q_elems * 2);
+    ks = std::make_unique<BackendBuffer>(device(), Hkv * 4);
+    vs = std::make_unique<BackendBuffer>(device(), Hkv * 4);
+    fill_bf16(q->get(), q_elems, 21, 2.0f, s);
+    fill_e4m3(q8->get(), q_elems, 22, 200.0f, s);
     upload(*qs, std::vector<float>(static_cast<size_t>(B) * Hkv, 2.0f / 448));
     upload(*ks, std::vector<float>(Hkv, 1.0f / 448));
     upload(*vs, std::vector<float>(Hkv, 1.0f / 448));
@@ -290,13 +285,13 @@ struct BenchBatch {
   }
 };
 
-std::unique_ptr<DeviceBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme, cudaStream_t s) {
+std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme, cudaStream_t s) {
   const size_t elems = static_cast<size_t>(slots + 1) * 2 * Hkv * D;
-  auto pool = std::make_unique<DeviceBuffer>(elems * kv_elem_bytes(scheme));
+  auto pool = std::make_unique<BackendBuffer>(device(), elems * kv_elem_bytes(scheme));
   if (is_fp8(scheme)) {
-    fill_e4m3(pool->p, elems, 31, 400.0f, s);
+    fill_e4m3(pool->get(), elems, 31, 400.0f, s);
   } else {
-    fill_bf16(pool->p, elems, 31, 1.0f, s);
+    fill_bf16(pool->get(), elems, 31, 1.0f, s);
   }
   return pool;
 }
@@ -311,6 +306,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   if (prop.major != 9) throw Error(std::string("bench: ") + prop.name + " is not a Hopper GPU (sm_90a kernels)");
   cudaStream_t s;
   check_cuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+  auto backend = make_cuda_backend(o.device, s);
+  g_device = backend.get();
   Report r;
   r.line("fp8kv kernel benchmark on %s (%d SMs, %.0f GiB), median of %d runs after %d warm-up",
          prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, o.iters, o.warmup);
@@ -333,39 +330,47 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   r.line("ceilings: read %.0f GB/s | copy (read+write) %.0f GB/s | cuBLASLt GEMM %d^3: BF16 %.0f TFLOP/s, FP8 %.0f TFLOP/s",
          read_gbs, copy_gbs, o.quick ? 4096 : 8192, bf16_tflops, fp8_tflops);
 
-  // Decode.
+  // Decode: the one kernel per scheme. Rows: the three reference shapes (Hq 32, Hkv 8, D 128),
+  // head_dim 64 and 256, GQA 7, one long request (split-KV), a large batch of short requests,
+  // each with every request's slots contiguous (a request's tokens were written in order); and
+  // the first shape again with the slot table a random permutation of the pool (a fragmented
+  // serving pool: every token row a separate gather).
   r.line("");
-  r.line("decode  Hq=32 Hkv=8 D=128      scheme (simt: CUDA-core kernel, v1: simt alt occ.) time_us   cache_GB/s  %%read_bw  time/bf16");
+  r.line("decode  shape                              scheme            time_us   cache_GB/s  %%read_bw  time/bf16");
   r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted)");
-  struct Shape { int B, L; };
-  std::vector<Shape> shapes = {{64, 4096}, {4, 32768}, {256, 1024}};
-  if (o.quick) shapes = {{16, 2048}, {2, 8192}};
-  for (const Shape& sh : shapes) {
-    BenchBatch bb(sh.B, sh.L, 1, 32, 8, 128, s);
+  struct Case { int B, L, Hq, Hkv, D; bool scattered; };
+  std::vector<Case> cases = {{64, 4096, 32, 8, 128, false},  {4, 32768, 32, 8, 128, false},
+                             {256, 1024, 32, 8, 128, false}, {64, 4096, 32, 8, 64, false},
+                             {64, 4096, 32, 8, 256, false},  {64, 4096, 28, 4, 128, false},
+                             {1, 131072, 32, 8, 128, false}, {512, 512, 32, 8, 128, false},
+                             {64, 4096, 32, 8, 128, true}};
+  if (o.quick) cases = {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
+  for (const Case& c : cases) {
+    BenchBatch bb(c.B, c.L, 1, c.Hq, c.Hkv, c.D, s, c.scattered);
+    // Record names: B64_L4096 for the reference shapes, suffixes for the others.
+    std::string name = "B" + std::to_string(c.B) + "_L" + std::to_string(c.L);
+    if (c.D != 128) name += "_D" + std::to_string(c.D);
+    if (c.Hq != 32 || c.Hkv != 8) name += "_Hq" + std::to_string(c.Hq) + "_Hkv" + std::to_string(c.Hkv);
+    if (c.scattered) name += "_scattered";
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d%s", c.B, c.L, c.Hq, c.Hkv, c.D,
+                  c.scattered ? " scattered" : "");
     double bf16_us = NAN;
-    // The default kernels (tensor-core for FP8), the CUDA-core kernel, and its 4-head instances at
-    // the other occupancy (decode_variant.h). time/bf16 is against the default bf16 kernel.
-    for (int variant : {cuda::kDecodeDefault, cuda::kDecodeSimt, cuda::kDecodeSimtAltOccupancy}) {
-      cuda::set_decode_variant(variant);
-      for (KvScheme scheme : kSchemes) {
-        auto pool = make_pool(bb.num_slots(), 8, 128, scheme, s);
-        const AttentionParams p = bb.params(scheme, pool->p);
-        DeviceBuffer ws(std::max<size_t>(cuda::decode_workspace_bytes(p), 16));
-        const double us = time_us([&] { cuda::launch_decode_attention(p, ws.p, s); }, o.warmup, o.iters, s);
-        const double bytes = static_cast<double>(sh.B) * sh.L * 8 * 2 * 128 * kv_elem_bytes(scheme);
-        const double gbs = bytes / us * 1e-3;
-        if (scheme == KvScheme::kBf16 && variant == cuda::kDecodeDefault) bf16_us = us;
-        const char* suffix = variant == cuda::kDecodeSimt ? "simt" : variant == cuda::kDecodeSimtAltOccupancy ? "v1" : "";
-        const std::string label = std::string(scheme_name(scheme)) + (*suffix ? " " : "") + suffix;
-        r.line("  B=%-4d L=%-6d             %-18s %8.1f   %10.0f   %6.1f%%   %8.2f", sh.B, sh.L, label.c_str(),
-               us, gbs, 100.0 * gbs / read_gbs, us / bf16_us);
-        r.record("decode", std::string("B") + std::to_string(sh.B) + "_L" + std::to_string(sh.L) + "_" +
-                 scheme_name(scheme) + (*suffix ? "_" : "") + suffix,
-                 {{"B", double(sh.B)}, {"L", double(sh.L)}, {"us", us}, {"gbs", gbs}, {"frac_read_bw", gbs / read_gbs},
-                  {"ratio_bf16", us / bf16_us}, {"variant", double(variant)}});
-      }
+    for (KvScheme scheme : kSchemes) {
+      auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
+      const AttentionParams p = bb.params(scheme, pool->get());
+      BackendBuffer ws(device(), std::max<size_t>(cuda::decode_workspace_bytes(p), 16));
+      const double us = time_us([&] { cuda::launch_decode_attention(p, ws.get(), s); }, o.warmup, o.iters, s);
+      const double bytes = static_cast<double>(c.B) * c.L * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
+      const double gbs = bytes / us * 1e-3;
+      if (scheme == KvScheme::kBf16) bf16_us = us;
+      r.line("  %-40s %-16s %8.1f   %10.0f   %6.1f%%   %8.2f", shape, scheme_name(scheme), us, gbs,
+             100.0 * gbs / read_gbs, us / bf16_us);
+      r.record("decode", name + "_" + scheme_name(scheme),
+               {{"B", double(c.B)}, {"L", double(c.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
+                {"D", double(c.D)}, {"scattered", c.scattered ? 1.0 : 0.0}, {"us", us}, {"gbs", gbs},
+                {"frac_read_bw", gbs / read_gbs}, {"ratio_bf16", us / bf16_us}});
     }
-    cuda::set_decode_variant(cuda::kDecodeDefault);
   }
 
   // Prefill (PREFILL's kernel).
@@ -376,7 +381,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     BenchBatch bb(B, L, L, 32, 8, 128, s);
     for (KvScheme scheme : kSchemes) {
       auto pool = make_pool(bb.num_slots(), 8, 128, scheme, s);
-      const AttentionParams p = bb.params(scheme, pool->p);
+      const AttentionParams p = bb.params(scheme, pool->get());
       double us = NAN;
       try {
         us = time_us([&] { cuda::launch_prefill_attention(p, s); }, 2, std::max(5, o.iters / 2), s);
@@ -404,20 +409,20 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     std::iota(slot_v.begin(), slot_v.end(), 0);
     std::shuffle(slot_v.begin(), slot_v.end(), std::mt19937(99));
     slot_v.resize(T);
-    DeviceBuffer d_slots(T * 4), kv(static_cast<size_t>(T) * 2 * Hkv * D * 2), amax(2 * Hkv * 4);
-    DeviceBuffer ks(Hkv * 4), vs(Hkv * 4);
+    BackendBuffer d_slots(device(), T * 4), kv(device(), static_cast<size_t>(T) * 2 * Hkv * D * 2), amax(device(), 2 * Hkv * 4);
+    BackendBuffer ks(device(), Hkv * 4), vs(device(), Hkv * 4);
     upload(d_slots, slot_v);
     upload(ks, std::vector<float>(Hkv, 1.0f / 448));
     upload(vs, std::vector<float>(Hkv, 1.0f / 448));
-    check_cuda(cudaMemset(amax.p, 0, amax.bytes), "memset");
-    fill_bf16(kv.p, static_cast<size_t>(T) * 2 * Hkv * D, 41, 2.0f, s);
+    check_cuda(cudaMemset(amax.get(), 0, amax.bytes()), "memset");
+    fill_bf16(kv.get(), static_cast<size_t>(T) * 2 * Hkv * D, 41, 2.0f, s);
     for (KvScheme scheme : kSchemes) {
       auto pool = make_pool(slots, Hkv, D, scheme, s);
       QuantizeKvParams p;
       p.kv = kv.as<uint16_t>();
       p.slots = d_slots.as<int32_t>();
       p.num_tokens = T;
-      p.cache = {pool->p, slots, Hkv, D, scheme};
+      p.cache = {pool->get(), slots, Hkv, D, scheme};
       if (is_fp8(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
       const double us = time_us([&] { cuda::launch_quantize_kv(p, s); }, o.warmup, o.iters, s);
       p.observe_amax = amax.as<float>();
@@ -436,18 +441,17 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   {
     r.line("");
     r.line("model linear, bf16 weights     m x n x k            cuBLAS TFLOP/s  fixed-order TFLOP/s  fixed/cuBLAS  %%bf16_gemm");
-    auto backend = make_cuda_backend(o.device, s);
     auto ops = make_cuda_model_ops(*backend, s);
     struct Gemm { int m, n, k; };
     const std::vector<Gemm> gemms = o.quick ? std::vector<Gemm>{{256, 4096, 4096}}
                                             : std::vector<Gemm>{{1024, 4096, 4096}, {1024, 4096, 14336}, {32, 4096, 14336}};
     for (const Gemm& g : gemms) {
-      DeviceBuffer x(static_cast<size_t>(g.m) * g.k * 4), w(static_cast<size_t>(g.n) * g.k * 2),
-          y(static_cast<size_t>(g.m) * g.n * 4), x16(static_cast<size_t>(g.m) * g.k * 2);
-      fill_bf16(x16.p, static_cast<size_t>(g.m) * g.k, 51, 1.0f, s);
+      BackendBuffer x(device(), static_cast<size_t>(g.m) * g.k * 4), w(device(), static_cast<size_t>(g.n) * g.k * 2),
+          y(device(), static_cast<size_t>(g.m) * g.n * 4), x16(device(), static_cast<size_t>(g.m) * g.k * 2);
+      fill_bf16(x16.get(), static_cast<size_t>(g.m) * g.k, 51, 1.0f, s);
       ops->from_bf16(x16.as<uint16_t>(), x.as<float>(), static_cast<int64_t>(g.m) * g.k);
-      fill_bf16(w.p, static_cast<size_t>(g.n) * g.k, 52, 0.02f, s);
-      const WeightView wv{w.p, WeightDtype::kBf16};
+      fill_bf16(w.get(), static_cast<size_t>(g.n) * g.k, 52, 0.02f, s);
+      const WeightView wv{w.get(), WeightDtype::kBf16};
       const double flop = 2.0 * g.m * g.n * g.k;
       const double us_fast = time_us([&] { ops->linear(x.as<float>(), wv, nullptr, y.as<float>(), g.m, g.n, g.k); },
                                      o.warmup, o.iters, s);
@@ -461,6 +465,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     }
   }
   check_cuda(cudaStreamSynchronize(s), "bench");
+  g_device = nullptr;
+  backend.reset();  // before its stream goes
   check_cuda(cudaStreamDestroy(s), "cudaStreamDestroy");
   if (!o.json_path.empty()) r.write_json(o.json_path, prop.name);
   return r.text();

@@ -14,7 +14,7 @@
 
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
-#include "fp8kv/model.h"
+#include "fp8kv/model_ops.h"
 
 namespace fp8kv {
 namespace {
@@ -166,17 +166,6 @@ TEST(OrderedLinear, RefusesChunksItCannotOrder) {
   EXPECT_THROW(ops->linear_ordered(x.data(), wv, nullptr, y.data(), 2, 3, 20, 8), Error);
   EXPECT_THROW(ops->linear_ordered(x.data(), wv, nullptr, y.data(), 2, 0, 24, 1), Error);
   ops->linear_ordered(x.data(), wv, nullptr, y.data(), 0, 3, 24, 2);  // no rows: nothing to do
-}
-
-TEST(OrderedLinear, ExactTpChunksDivideHeadsAndIntermediate) {
-  ModelConfig c;
-  c.num_q_heads = 32;
-  c.intermediate_size = 14336;  // Llama 3 8B: 2^11 * 7
-  EXPECT_EQ(exact_tp_chunks(c), 8);
-  c.num_q_heads = 12;
-  EXPECT_EQ(exact_tp_chunks(c), 4);
-  c.intermediate_size = 4866;  // 2 * 3 * 811
-  EXPECT_EQ(exact_tp_chunks(c), 2);
 }
 
 }  // namespace

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "fp8kv/fp8.h"
-#include "fp8kv/model.h"
+#include "fp8kv/model_ops.h"
 #include "kernels/ordered_linear.h"
 
 #if defined(FP8KV_HAVE_BLAS)

@@ -1,0 +1,11 @@
+// CPU-only builds (no nvcc): `fp8kv bench kernels` says that it needs CUDA.
+#include "bench/kernel_bench.h"
+#include "fp8kv/error.h"
+
+namespace fp8kv {
+
+std::string run_kernel_bench(const KernelBenchOptions&) {
+  throw Error("fp8kv bench kernels needs a CUDA build (nvcc) and a Hopper GPU; this build has no CUDA backend");
+}
+
+}  // namespace fp8kv

@@ -1,0 +1,24 @@
+// The one CUDA error check (host code: the kernels, the CUDA backend, the NCCL communicator, the
+// benchmark and the GPU tests all use it).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "fp8kv/error.h"
+
+namespace fp8kv::cuda {
+
+// Turns a CUDA error into fp8kv::Error naming the call and the CUDA error string.
+inline void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    throw Error(std::string("CUDA error in ") + what + ": " + cudaGetErrorName(e) + ": " +
+                cudaGetErrorString(e));
+  }
+}
+#define FP8KV_CUDA_CHECK(call) ::fp8kv::cuda::check_cuda((call), #call)
+// After a launch: configuration errors surface here, asynchronous ones at the next sync.
+#define FP8KV_CUDA_CHECK_LAUNCH(name) ::fp8kv::cuda::check_cuda(cudaGetLastError(), name)
+
+}  // namespace fp8kv::cuda

@@ -1,0 +1,47 @@
+// The split-KV heuristic of decode attention (kernels/decode_split.h): host code, no GPU needed.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+
+#include "kernels/decode_split.h"
+
+namespace fp8kv {
+namespace {
+
+TEST(DecodeSplit, ShortContextsAreNotSplit) {
+  const auto s = cuda::choose_decode_split(8, 396, 200);
+  EXPECT_EQ(s.num_splits, 1);
+  EXPECT_EQ(s.split_tokens, 200);
+}
+
+TEST(DecodeSplit, SmallBatchLongContextFillsTheChip) {
+  // B=4, Hkv=8: 32 CTAs on 132 SMs x 3: split until the chip is full.
+  const auto s = cuda::choose_decode_split(32, 396, 32768);
+  EXPECT_GE(s.num_splits * 32, 200);
+  EXPECT_LE(s.num_splits * 32, 396 * 2);
+  EXPECT_GE(static_cast<int64_t>(s.num_splits) * s.split_tokens, 32768);
+  EXPECT_EQ(s.split_tokens % cuda::kDecodeSplitAlign, 0);
+  EXPECT_LT(static_cast<int64_t>(s.num_splits - 1) * s.split_tokens, 32768);  // no empty split
+}
+
+TEST(DecodeSplit, LargeBatchIsNotSplit) {
+  EXPECT_EQ(cuda::choose_decode_split(2048, 396, 1024).num_splits, 1);
+}
+
+TEST(DecodeSplit, BoundsHold) {
+  for (int64_t ctas : {1, 3, 17, 64, 132, 500, 5000}) {
+    for (int len : {1, 255, 256, 257, 1000, 4096, 100000, 1 << 20}) {
+      const auto s = cuda::choose_decode_split(ctas, 264, len);
+      ASSERT_GE(s.num_splits, 1);
+      ASSERT_LE(s.num_splits, cuda::kDecodeMaxSplits);
+      ASSERT_GE(static_cast<int64_t>(s.num_splits) * s.split_tokens, len);
+      if (s.num_splits > 1) {
+        ASSERT_GE(s.split_tokens, cuda::kDecodeMinSplitTokens);
+        ASSERT_LT(static_cast<int64_t>(s.num_splits - 1) * s.split_tokens, len);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fp8kv
