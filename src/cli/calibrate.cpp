@@ -26,7 +26,7 @@ void add_calibrate(CLI::App& app) {
     int batch = 4;
     int tp = 1;
     int generate = 0;
-    bool fast_gemm = false;
+    bool exact_tp = false;
     bool rank_layout = false;
   };
   auto opt = std::make_shared<Opts>();
@@ -57,10 +57,10 @@ void add_calibrate(CLI::App& app) {
                 "head once per rank that holds it) instead of one column per KV head; the "
                 "same file when --tp <= KV heads");
   add_device_and_tp_options(cmd, opt->device, opt->tp);
-  cmd->add_flag("--fast-gemm", opt->fast_gemm,
-                "Use the fast GEMMs (cuBLAS on the GPU) instead of the fixed-order ones; with "
-                "them a --tp N file can differ from the --tp 1 file in the last bits after "
-                "layer 0");
+  cmd->add_flag("--exact-tp", opt->exact_tp,
+                "Sum every GEMM in one fixed order (slower), so that a --tp N file equals the "
+                "--tp 1 --exact-tp file value for value; without it the fast GEMMs (cuBLAS on "
+                "the GPU) can change the last bits of scales after layer 0 with --tp");
   cmd->callback([opt]() {
     const KvScheme scheme = parse_scheme(opt->scheme);
     if (!is_fp8(scheme)) throw fp8kv::Error("calibrate: --scheme must be per-head or per-tensor");
@@ -79,7 +79,7 @@ void add_calibrate(CLI::App& app) {
       co.batch_size = opt->batch;
       co.show_progress = rank0;
       co.comm = &comm;
-      co.exact_tp = !opt->fast_gemm;
+      co.exact_tp = opt->exact_tp;
       co.generate = opt->generate;
       const CalibrateResult r = calibrate(*model, *backend, *ops, data, co);
       if (!rank0) return;

@@ -99,10 +99,10 @@ TEST(ModelCli, TensorParallelCpuMatchesTp1) {
   for (const char* scheme : {"per-head", "per-tensor"}) {
     const std::string one = dir.path() + "/tp1.json", two = dir.path() + "/tp2.json";
     r = run("calibrate --model " + model + " --data " + data + " --scheme " + scheme +
-            " --batch 2 --out " + one);
+            " --batch 2 --exact-tp --out " + one);
     ASSERT_EQ(r.exit_code, 0) << r.output;
     r = run("calibrate --model " + model + " --data " + data + " --scheme " + scheme +
-            " --batch 2 --tp 2 --device cpu --out " + two);
+            " --batch 2 --exact-tp --tp 2 --device cpu --out " + two);
     ASSERT_EQ(r.exit_code, 0) << r.output;
     EXPECT_TRUE(contains(r.output, "tensor parallel: 2 ranks")) << r.output;
     const CalibData a = load_calib(one), b = load_calib(two);

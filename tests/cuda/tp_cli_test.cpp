@@ -60,7 +60,7 @@ TEST(TensorParallelCli, CudaTp2MatchesTp1) {
     const std::string one = dir.path() + "/tp1-" + scheme + ".json";
     const std::string two = dir.path() + "/tp2-" + scheme + ".json";
     const std::string base = "calibrate --model " + model + " --data " + data + " --scheme " +
-                             scheme + " --batch 2 --device cuda --out ";
+                             scheme + " --batch 2 --device cuda --exact-tp --out ";
     r = run(base + one);
     ASSERT_EQ(r.exit_code, 0) << r.output;
     r = run(base + two + " --tp 2");

@@ -78,6 +78,7 @@ class TensorParallelTest : public ::testing::Test {
     co.quant_type = qt;
     co.batch_size = 2;
     co.comm = comm;
+    co.exact_tp = true;  // the tests below compare tp N with tp 1 value for value
     return co;
   }
 
