@@ -1,4 +1,5 @@
-// Token-id data (docs/FORMATS.md, "Token data"): JSONL, one {"input_ids": [...]} per line.
+// Token-id data (docs/FORMATS.md, "Token data"): JSONL, one {"input_ids": [...]} per line; or
+// text (plain, or JSONL with a "text" string per line) cut into sequences by a tokenizer.
 #pragma once
 
 #include <cstdint>
@@ -6,6 +7,8 @@
 #include <vector>
 
 namespace fp8kv {
+
+class Tokenizer;
 
 // Sequences of token ids, [num_sequences][len].
 using TokenData = std::vector<std::vector<int32_t>>;
@@ -17,6 +20,16 @@ TokenData parse_token_data(const std::string& text, const std::string& name, int
 TokenData load_token_data(const std::string& path, int vocab_size);
 // Writes one {"input_ids": [...]} line per sequence.
 void write_token_data(const std::string& path, const TokenData& data);
+// Text data: `path` is JSONL with a "text" string per line when it ends in ".jsonl", plain text
+// otherwise. Each document (the whole plain file, or each line's text) is encoded with `tok`;
+// the ids are concatenated in order and cut into sequences of `seq_len` tokens, the rest (if it
+// has at least 2 tokens) as a last, shorter sequence. Throws Error naming the file (and line)
+// for a missing/bad "text", no tokens, or an id >= vocab_size (a tokenizer that does not fit
+// the model; vocab_size <= 0 skips the check).
+TokenData load_text_data(const std::string& path, const Tokenizer& tok, int seq_len,
+                         int vocab_size);
+// `ids` cut into sequences of seq_len, the rest (>= 2 tokens) last.
+TokenData chunk_ids(const std::vector<int32_t>& ids, int seq_len);
 // Total tokens.
 int64_t count_tokens(const TokenData& data);
 

@@ -20,6 +20,11 @@ int main(int argc, char** argv) {
   fp8kv::cli::add_generate(app);
   fp8kv::cli::add_demo(app);
   fp8kv::cli::add_bench(app);
+  fp8kv::cli::add_tokenize(app);
+  if (argc == 1) {  // no arguments: list the commands
+    std::printf("%s", app.help().c_str());
+    return 0;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
