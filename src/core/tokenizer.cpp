@@ -90,23 +90,75 @@ struct PreStep {
   bool add_prefix_space = false;  // kByteLevel
 };
 
-Regex compile_regex(const std::string& pattern, bool literal, const std::string& where) {
+// `tokenizers` runs its regexes in Oniguruma, whose \s is Unicode's White_Space. PCRE2's \s under
+// UCP is Perl's space, the same set plus U+180E (MONGOLIAN VOWEL SEPARATOR, White_Space until
+// Unicode 6.3). So U+180E is taken out of every \s (and put into every \S): \s -> (?:(?!X)\s),
+// \S -> (?:X|\S), a class with \s -> (?:(?!X)[...]), a negated one -> (?:X|[^...]), X = U+180E.
+std::string oniguruma_whitespace(const std::string& pattern) {
+  static const std::string kX = "\\x{180E}";
+  std::string out;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    const char c = pattern[i];
+    if (c == '\\' && i + 1 < pattern.size()) {
+      const char e = pattern[++i];
+      if (e == 's') {
+        out += "(?:(?!" + kX + ")\\s)";
+      } else if (e == 'S') {
+        out += "(?:" + kX + "|\\S)";
+      } else {
+        out += c;
+        out += e;
+      }
+      continue;
+    }
+    if (c != '[') {
+      out += c;
+      continue;
+    }
+    // A character class: up to the first unescaped ']' that is not its first member.
+    size_t j = i + 1;
+    const bool negated = j < pattern.size() && pattern[j] == '^';
+    if (negated) ++j;
+    if (j < pattern.size() && pattern[j] == ']') ++j;
+    bool has_s = false;
+    while (j < pattern.size() && pattern[j] != ']') {
+      if (pattern[j] == '\\' && j + 1 < pattern.size()) {
+        has_s = has_s || pattern[j + 1] == 's';
+        ++j;
+      }
+      ++j;
+    }
+    const std::string cls = pattern.substr(i, j + 1 - i);
+    if (!has_s) {
+      out += cls;
+    } else if (negated) {
+      out += "(?:" + kX + "|" + cls + ")";
+    } else {
+      out += "(?:(?!" + kX + ")" + cls + ")";
+    }
+    i = j;
+  }
+  return out;
+}
+
+Regex compile_regex(const std::string& given, bool literal, const std::string& where) {
 #if defined(FP8KV_HAVE_PCRE2)
   int err = 0;
   PCRE2_SIZE offset = 0;
   const uint32_t options = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
+  const std::string pattern = literal ? given : oniguruma_whitespace(given);
   pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
                                    options, &err, &offset, nullptr);
   if (code == nullptr) {
     PCRE2_UCHAR message[256];
     pcre2_get_error_message(err, message, sizeof message);
-    throw Error(where + ": regex " + json(pattern).dump() + " does not compile at offset " +
+    throw Error(where + ": regex " + json(given).dump() + " does not compile at offset " +
                 std::to_string(offset) + ": " + reinterpret_cast<const char*>(message));
   }
   pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // best effort: pcre2_match interprets otherwise
   return Regex(code, Pcre2CodeDeleter());
 #else
-  (void)pattern;
+  (void)given;
   (void)literal;
   throw Error(where + ": this fp8kv was built without PCRE2 (Debian libpcre2-dev), which the " +
               "tokenizer's regexes need; install it (scripts/setup) and rebuild");

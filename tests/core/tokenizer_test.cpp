@@ -117,6 +117,24 @@ TEST(Tokenizer, MergesByRankAndIgnoreMerges) {
   EXPECT_EQ(tok.encode("a   b"), (Ids{97, 264, 32, 98}));
 }
 
+TEST(Tokenizer, WhitespaceIsUnicodeWhiteSpaceAsInOniguruma) {
+  // U+180E (MONGOLIAN VOWEL SEPARATOR) is in PCRE2's \s but not in Unicode's White_Space, which
+  // Oniguruma's (so `tokenizers`') \s is. "a", U+180E, U+180E, "b" splits as "a" | U+180E U+180E
+  // (" ?[^\s\p{L}\p{N}]+") | "b"; with PCRE2's \s it would be "a" | U+180E (\s+(?!\S)) | U+180E "b".
+  // The vocabulary entry below makes the two-separator piece one token.
+  const std::string mvs = "\xE1\xA0\x8E";
+  json j = fixture_json();
+  j["model"]["vocab"]["\xC3\xA1\xC5\x82\xC4\xB0\xC3\xA1\xC5\x82\xC4\xB0"] = 289;  // E1 A0 8E x2
+  for (auto& a : j["added_tokens"]) a["id"] = a["id"].get<int>() + 1;
+  const Tokenizer tok = from(j);
+  EXPECT_EQ(tok.encode("a" + mvs + mvs + "b"), (Ids{97, 289, 98}));
+  // "x", two spaces, U+180E: the second space goes with U+180E (" ?[^\s\p{L}\p{N}]+"), the first
+  // stays alone; were U+180E \s, "  " + U+180E would be one whitespace piece (and "  " merge).
+  EXPECT_EQ(tok.encode("x  " + mvs), (Ids{120, 32, 32, 225, 160, 142}));
+  // Other whitespace is unchanged: NEL and NBSP are \s in both.
+  EXPECT_EQ(tok.encode("a\xC2\x85\xC2\x85" "b"), (Ids{97, 194, 133, 194, 133, 98}));
+}
+
 TEST(Tokenizer, ReadsBothMergeFormats) {
   json j = fixture_json();
   for (auto& m : j["model"]["merges"]) m = m[0].get<std::string>() + " " + m[1].get<std::string>();
