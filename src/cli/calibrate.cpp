@@ -50,7 +50,7 @@ void add_calibrate(CLI::App& app) {
                 "them a --tp N file can differ from the --tp 1 file in the last bits after "
                 "layer 0");
   cmd->callback([opt]() {
-    check_data_choice(opt->data, opt->text);
+    check_data_choice(opt->data, opt->text, opt->model);
     const KvScheme scheme = parse_scheme(opt->scheme);
     if (!is_fp8(scheme)) throw fp8kv::Error("calibrate: --scheme must be per-head or per-tensor");
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {

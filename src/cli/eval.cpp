@@ -67,7 +67,7 @@ void add_eval(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
-    check_data_choice(opt->data, opt->text);
+    check_data_choice(opt->data, opt->text, opt->model);
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
       const bool rank0 = comm.rank() == 0;
       Device dev = make_device(opt->device);

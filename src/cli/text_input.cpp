@@ -25,9 +25,12 @@ void add_data_options(CLI::App* cmd, std::string& data, TextInput& text) {
       ->check(CLI::Range(2, 1 << 20));
 }
 
-Tokenizer load_tokenizer(const std::optional<std::string>& given, const std::string& model_dir,
-                         const std::string& why) {
-  if (given) return Tokenizer::load(*given);
+namespace {
+
+// --tokenizer FILE, else MODEL/tokenizer.json; Error when neither is given or there.
+std::string tokenizer_path(const std::optional<std::string>& given, const std::string& model_dir,
+                           const std::string& why) {
+  if (given) return *given;
   const std::string own = model_dir + (model_dir.empty() || model_dir.back() == '/' ? "" : "/") +
                           "tokenizer.json";
   struct stat st{};
@@ -35,20 +38,29 @@ Tokenizer load_tokenizer(const std::optional<std::string>& given, const std::str
     throw Error(why + " needs a tokenizer: " + own +
                 " does not exist; pass --tokenizer FILE (a Hugging Face tokenizer.json)");
   }
-  return Tokenizer::load(own);
+  return own;
 }
 
-void check_data_choice(const std::string& data, const TextInput& text) {
+}  // namespace
+
+Tokenizer load_tokenizer(const std::optional<std::string>& given, const std::string& model_dir,
+                         const std::string& why) {
+  return Tokenizer::load(tokenizer_path(given, model_dir, why));
+}
+
+void check_data_choice(const std::string& data, const TextInput& text,
+                       const std::string& model_dir) {
   if (data.empty() == !text.text) {
     throw Error(data.empty() ? "give --data FILE (token ids) or --text FILE (text)"
                              : "--data and --text: give one of them, not both");
   }
   if (text.tokenizer && !text.text) throw Error("--tokenizer is for --text");
+  if (text.text) tokenizer_path(text.tokenizer, model_dir, "--text");
 }
 
 TokenData load_data(const std::string& data, const TextInput& text, const std::string& model_dir,
                     int vocab_size, bool verbose) {
-  check_data_choice(data, text);
+  check_data_choice(data, text, model_dir);
   if (!text.text) return load_token_data(data, vocab_size);
   const Tokenizer tok = load_tokenizer(text.tokenizer, model_dir, "--text");
   TokenData d = load_text_data(*text.text, tok, text.seq_len, vocab_size);

@@ -31,8 +31,10 @@ void add_tokenizer_option(CLI::App* cmd, std::optional<std::string>& tokenizer);
 Tokenizer load_tokenizer(const std::optional<std::string>& given, const std::string& model_dir,
                          const std::string& why);
 
-// Throws Error unless exactly one of --data and --text is given (before a long model load).
-void check_data_choice(const std::string& data, const TextInput& text);
+// Throws Error unless exactly one of --data and --text is given, or when --text has no tokenizer
+// to find (called before the long model load).
+void check_data_choice(const std::string& data, const TextInput& text,
+                       const std::string& model_dir);
 // The token data of --data, or of --text cut into --seq-len sequences (said on stdout when
 // `verbose`).
 TokenData load_data(const std::string& data, const TextInput& text, const std::string& model_dir,
