@@ -1,8 +1,8 @@
 #include "cli/text_input.h"
 
-#include <CLI/CLI.hpp>
 #include <sys/stat.h>
 
+#include <CLI/CLI.hpp>
 #include <cstdio>
 
 #include "fp8kv/error.h"
@@ -31,9 +31,9 @@ namespace {
 std::string tokenizer_path(const std::optional<std::string>& given, const std::string& model_dir,
                            const std::string& why) {
   if (given) return *given;
-  const std::string own = model_dir + (model_dir.empty() || model_dir.back() == '/' ? "" : "/") +
-                          "tokenizer.json";
-  struct stat st{};
+  const std::string own =
+      model_dir + (model_dir.empty() || model_dir.back() == '/' ? "" : "/") + "tokenizer.json";
+  struct stat st {};
   if (::stat(own.c_str(), &st) != 0) {
     throw Error(why + " needs a tokenizer: " + own +
                 " does not exist; pass --tokenizer FILE (a Hugging Face tokenizer.json)");

@@ -58,8 +58,9 @@ void add_tokenize(CLI::App& app) {
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
-      "tokenize", "Print the token ids of a file's text (one line, comma separated); --decode: "
-                  "the way back");
+      "tokenize",
+      "Print the token ids of a file's text (one line, comma separated); --decode: "
+      "the way back");
   cmd->add_option("--tokenizer", opt->tokenizer,
                   "A Hugging Face tokenizer.json (byte-level BPE), or a model folder holding one")
       ->required();

@@ -4,6 +4,8 @@
 // UCP, so \p{L}, \p{N} and \s are the Unicode classes the Oniguruma regexes of `tokenizers` use.
 #include "fp8kv/tokenizer.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <array>
 #include <cstdlib>
@@ -11,7 +13,6 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <sstream>
-#include <sys/stat.h>
 #include <unordered_map>
 
 #include "fp8kv/error.h"
@@ -220,7 +221,7 @@ bool flag(const json& o, const char* key) {
 // o["type"] when it is a string; "" otherwise.
 std::string type_of(const json& o) {
   return o.is_object() && o.contains("type") && o["type"].is_string() ? o["type"].get<std::string>()
-                                                                       : std::string();
+                                                                      : std::string();
 }
 
 std::string describe(const json& j) {
@@ -286,7 +287,7 @@ struct Tokenizer::Impl {
   int32_t unk_id = -1;
   std::vector<AddedToken> added;
   std::array<std::vector<size_t>, 256> added_by_first_byte;  // indices into `added`
-  std::vector<std::string> id_to_token;                    // [vocab_size]; "" for no token
+  std::vector<std::string> id_to_token;                      // [vocab_size]; "" for no token
   std::array<std::string, 256> byte_map;
   std::unordered_map<std::string, uint8_t> unicode_to_byte;
 
@@ -386,7 +387,7 @@ Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::load(const std::string& path) {
   std::string file = path;
-  struct stat st{};
+  struct stat st {};
   if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
     file = path + (path.empty() || path.back() != '/' ? "/" : "") + "tokenizer.json";
   }
@@ -546,7 +547,8 @@ Tokenizer Tokenizer::parse(const std::string& json_text, const std::string& name
 #if defined(FP8KV_HAVE_UNISTRING)
       impl->nfc = true;
 #else
-      throw Error(name + ": " + where + " NFC: this fp8kv was built without libunistring "
+      throw Error(name + ": " + where +
+                  " NFC: this fp8kv was built without libunistring "
                   "(Debian libunistring-dev); install it (scripts/setup) and rebuild");
 #endif
     } else {
@@ -558,9 +560,8 @@ Tokenizer Tokenizer::parse(const std::string& json_text, const std::string& name
     const json& n = j["normalizer"];
     if (!n.is_object()) throw Error(name + ": \"normalizer\" is not an object");
     if (type_of(n) == "Sequence") {
-      const json list = n.contains("normalizers") && n["normalizers"].is_array()
-                            ? n["normalizers"]
-                            : json::array();
+      const json list = n.contains("normalizers") && n["normalizers"].is_array() ? n["normalizers"]
+                                                                                 : json::array();
       for (size_t i = 0; i < list.size(); ++i) {
         normalizer_step(list[i], "normalizer.normalizers[" + std::to_string(i) + "]");
       }
@@ -571,7 +572,8 @@ Tokenizer Tokenizer::parse(const std::string& json_text, const std::string& name
 
   // ---- pre-tokenizer: Split (Isolated) steps, then ByteLevel
   if (!j.contains("pre_tokenizer") || j["pre_tokenizer"].is_null()) {
-    throw Error(name + ": no \"pre_tokenizer\": a byte-level BPE tokenizer needs a ByteLevel "
+    throw Error(name +
+                ": no \"pre_tokenizer\": a byte-level BPE tokenizer needs a ByteLevel "
                 "pre-tokenizer");
   }
   auto add_step = [&](const json& p, const std::string& where) {
@@ -589,8 +591,9 @@ Tokenizer Tokenizer::parse(const std::string& json_text, const std::string& name
         throw Error(name + ": " + where + ".pattern = " + describe(pat) +
                     ": expected {\"Regex\": ...} or {\"String\": ...}");
       }
-      const std::string behavior =
-          p.contains("behavior") && p["behavior"].is_string() ? p["behavior"].get<std::string>() : "";
+      const std::string behavior = p.contains("behavior") && p["behavior"].is_string()
+                                       ? p["behavior"].get<std::string>()
+                                       : "";
       if (behavior != "Isolated") {
         throw Error(name + ": " + where + ": Split behavior " + json(behavior).dump() +
                     " is not supported (fp8kv reads \"Isolated\")");
@@ -599,8 +602,8 @@ Tokenizer Tokenizer::parse(const std::string& json_text, const std::string& name
         throw Error(name + ": " + where + ": Split invert = true is not supported");
       }
       step.kind = PreStep::Kind::kSplit;
-      step.regex = compile_regex(pat[is_regex ? "Regex" : "String"].get<std::string>(),
-                                 !is_regex, name + ": " + where);
+      step.regex = compile_regex(pat[is_regex ? "Regex" : "String"].get<std::string>(), !is_regex,
+                                 name + ": " + where);
     } else if (t == "ByteLevel") {
       step.kind = PreStep::Kind::kByteLevel;
       step.add_prefix_space = flag(p, "add_prefix_space");
@@ -629,7 +632,8 @@ Tokenizer Tokenizer::parse(const std::string& json_text, const std::string& name
       std::find_if(impl->steps.begin(), impl->steps.end(),
                    [](const PreStep& s) { return s.kind == PreStep::Kind::kByteLevel; });
   if (byte_level == impl->steps.end() || byte_level + 1 != impl->steps.end()) {
-    throw Error(name + ": the pre-tokenizer must end with one ByteLevel step (and have no "
+    throw Error(name +
+                ": the pre-tokenizer must end with one ByteLevel step (and have no "
                 "other): this is not a byte-level BPE tokenizer");
   }
 

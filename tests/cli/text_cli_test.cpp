@@ -4,9 +4,8 @@
 
 #include <filesystem>
 #include <fstream>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "cli/run_fp8kv.h"
 #include "runtime/test_util.h"
@@ -124,7 +123,8 @@ TEST(TextCli, DeviceAutoSaysWhatItPicked) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   r = run("generate --model " + model + " --input-ids 1,2 --max-new 1 --device auto");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_TRUE(contains(r.output, "device: cpu (auto: ") || contains(r.output, "device: cuda (auto: "))
+  EXPECT_TRUE(contains(r.output, "device: cpu (auto: ") ||
+              contains(r.output, "device: cuda (auto: "))
       << r.output;
   r = run("generate --model " + model + " --input-ids 1,2 --device tpu");
   EXPECT_EQ(r.exit_code, 1) << r.output;

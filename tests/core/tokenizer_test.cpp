@@ -60,7 +60,8 @@ std::string text_of(const json& t) {
     if (c < 0x80) {
       bytes += static_cast<char>(c);
     } else {  // U+0080..U+00FF as two bytes C2/C3 xx
-      bytes += static_cast<char>(((c & 0x03) << 6) | (static_cast<unsigned char>(utf8[++i]) & 0x3F));
+      bytes +=
+          static_cast<char>(((c & 0x03) << 6) | (static_cast<unsigned char>(utf8[++i]) & 0x3F));
     }
   }
   return bytes;
@@ -120,8 +121,8 @@ TEST(Tokenizer, MergesByRankAndIgnoreMerges) {
 TEST(Tokenizer, WhitespaceIsUnicodeWhiteSpaceAsInOniguruma) {
   // U+180E (MONGOLIAN VOWEL SEPARATOR) is in PCRE2's \s but not in Unicode's White_Space, which
   // Oniguruma's (so `tokenizers`') \s is. "a", U+180E, U+180E, "b" splits as "a" | U+180E U+180E
-  // (" ?[^\s\p{L}\p{N}]+") | "b"; with PCRE2's \s it would be "a" | U+180E (\s+(?!\S)) | U+180E "b".
-  // The vocabulary entry below makes the two-separator piece one token.
+  // (" ?[^\s\p{L}\p{N}]+") | "b"; with PCRE2's \s it would be "a" | U+180E (\s+(?!\S)) | U+180E
+  // "b". The vocabulary entry below makes the two-separator piece one token.
   const std::string mvs = "\xE1\xA0\x8E";
   json j = fixture_json();
   j["model"]["vocab"]["\xC3\xA1\xC5\x82\xC4\xB0\xC3\xA1\xC5\x82\xC4\xB0"] = 289;  // E1 A0 8E x2
@@ -132,14 +133,17 @@ TEST(Tokenizer, WhitespaceIsUnicodeWhiteSpaceAsInOniguruma) {
   // stays alone; were U+180E \s, "  " + U+180E would be one whitespace piece (and "  " merge).
   EXPECT_EQ(tok.encode("x  " + mvs), (Ids{120, 32, 32, 225, 160, 142}));
   // Other whitespace is unchanged: NEL and NBSP are \s in both.
-  EXPECT_EQ(tok.encode("a\xC2\x85\xC2\x85" "b"), (Ids{97, 194, 133, 194, 133, 98}));
+  EXPECT_EQ(tok.encode("a\xC2\x85\xC2\x85"
+                       "b"),
+            (Ids{97, 194, 133, 194, 133, 98}));
 }
 
 TEST(Tokenizer, ReadsBothMergeFormats) {
   json j = fixture_json();
   for (auto& m : j["model"]["merges"]) m = m[0].get<std::string>() + " " + m[1].get<std::string>();
   const Tokenizer strings = from(j), pairs = Tokenizer::load(kFixture);
-  for (const std::string text : {"the cat in the hat", "def f(x):\n    return 123\n", "你好🙂"}) {
+  for (const std::string text :
+       {"the cat in the hat", "def f(x):\n    return 123\n", "你好🙂"}) {
     EXPECT_EQ(strings.encode(text), pairs.encode(text)) << text;
   }
 }
@@ -281,15 +285,18 @@ TEST(Tokenizer, RefusesBadFiles) {
 TEST(Tokenizer, SanitizeUtf8ReplacesMaximalSubparts) {
   const std::string R = kReplacement;
   EXPECT_EQ(sanitize_utf8("plain ascii"), "plain ascii");
-  EXPECT_EQ(sanitize_utf8("\xC3\xA9\xE4\xBD\xA0\xF0\x9F\x99\x82"), "\xC3\xA9\xE4\xBD\xA0\xF0\x9F\x99\x82");
-  EXPECT_EQ(sanitize_utf8("a\xFF" "b"), "a" + R + "b");
-  EXPECT_EQ(sanitize_utf8("\xE4\xBDx"), R + "x");            // truncated 3-byte: one U+FFFD
-  EXPECT_EQ(sanitize_utf8("\xF0\x9F\x99"), R);               // truncated at the end
-  EXPECT_EQ(sanitize_utf8("\xED\xA0\x80"), R + R + R);       // a surrogate: each byte
-  EXPECT_EQ(sanitize_utf8("\xC0\xAF"), R + R);               // overlong
-  EXPECT_EQ(sanitize_utf8("\xE0\x80\x80"), R + R + R);       // overlong 3-byte
+  EXPECT_EQ(sanitize_utf8("\xC3\xA9\xE4\xBD\xA0\xF0\x9F\x99\x82"),
+            "\xC3\xA9\xE4\xBD\xA0\xF0\x9F\x99\x82");
+  EXPECT_EQ(sanitize_utf8("a\xFF"
+                          "b"),
+            "a" + R + "b");
+  EXPECT_EQ(sanitize_utf8("\xE4\xBDx"), R + "x");               // truncated 3-byte: one U+FFFD
+  EXPECT_EQ(sanitize_utf8("\xF0\x9F\x99"), R);                  // truncated at the end
+  EXPECT_EQ(sanitize_utf8("\xED\xA0\x80"), R + R + R);          // a surrogate: each byte
+  EXPECT_EQ(sanitize_utf8("\xC0\xAF"), R + R);                  // overlong
+  EXPECT_EQ(sanitize_utf8("\xE0\x80\x80"), R + R + R);          // overlong 3-byte
   EXPECT_EQ(sanitize_utf8("\xF4\x90\x80\x80"), R + R + R + R);  // above U+10FFFF
-  EXPECT_EQ(sanitize_utf8("\x80\xBF"), R + R);               // lone continuation bytes
+  EXPECT_EQ(sanitize_utf8("\x80\xBF"), R + R);                  // lone continuation bytes
   EXPECT_EQ(sanitize_utf8(std::string("a\0b", 3)), std::string("a\0b", 3));
 }
 
