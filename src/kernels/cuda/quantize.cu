@@ -81,12 +81,10 @@ __device__ __forceinline__ uint32_t quantize_chunk(const QuantizeKvArgs& a, int6
   return amax;
 }
 
-// One thread = one chunk per step, kUnroll steps' loads issued before any is used (more bytes in
-// flight per thread: the kernel streams, it has no reuse). The D/16 threads of one (token,
-// head) are adjacent lanes of a warp: the observation reduces over them with shuffles, then one
-// shared atomicMax per group, then one global atomicMax per head and block. Loop trip counts are
-// uniform per block so that every lane reaches the shuffles.
-constexpr int kUnroll = 2;
+// One thread = one chunk per step. The D/16 threads of one (token, head) are adjacent lanes of a
+// warp: the observation reduces over them with shuffles, then one shared atomicMax per group,
+// then one global atomicMax per head and block. Loop trip counts are uniform per block so that
+// every lane reaches the shuffles.
 template <KvScheme kScheme, int kHeadDim>
 __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const QuantizeKvArgs a) {
   constexpr int kGroup = kHeadDim / kChunk;  // lanes per (token, head): 4, 8, 16
@@ -111,30 +109,19 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < a.num_chunks;
-       base += kUnroll * stride) {
-    uint4 v[kUnroll][2] = {};
-    int64_t slot[kUnroll] = {};
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t idx = base + u * stride + threadIdx.x;
-      if (idx < a.num_chunks) {
-        const uint16_t* src = a.kv + idx * kChunk;
-        v[u][0] = ld_stream_v4(src);
-        v[u][1] = ld_stream_v4(src + 8);
-        slot[u] = a.slots[idx / a.chunks_per_token];
-      }
+       base += stride) {
+    const int64_t idx = base + threadIdx.x;
+    const bool active = idx < a.num_chunks;
+    uint32_t amax = 0;
+    if (active) {
+      const uint16_t* src = a.kv + idx * kChunk;
+      const int64_t slot = a.slots[idx / a.chunks_per_token];
+      amax = quantize_chunk<kScheme, kHeadDim>(a, idx, slot, ld_stream_v4(src), ld_stream_v4(src + 8), observe);
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t idx = base + u * stride + threadIdx.x;
-      const bool active = idx < a.num_chunks;
-      uint32_t amax = 0;
-      if (active) amax = quantize_chunk<kScheme, kHeadDim>(a, idx, slot[u], v[u][0], v[u][1], observe);
-      if (observe && base + u * stride < a.num_chunks) {  // uniform over the block
-        amax = warp_max_bits<kGroup>(amax);
-        const int head = static_cast<int>(idx % a.chunks_per_token) / kGroup;
-        if (active && (threadIdx.x % kGroup) == 0) atomicMax(&s_amax[head], amax);
-      }
+    if (observe) {
+      amax = warp_max_bits<kGroup>(amax);
+      const int head = static_cast<int>(idx % a.chunks_per_token) / kGroup;
+      if (active && (threadIdx.x % kGroup) == 0) atomicMax(&s_amax[head], amax);
     }
   }
   if (observe) {
