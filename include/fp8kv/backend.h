@@ -11,6 +11,9 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
+
+#include "fp8kv/dtype.h"
 
 #include "fp8kv/export.h"
 #include "fp8kv/scheme.h"
@@ -98,6 +101,25 @@ struct AttentionParams {
   int split_kv_heads = 0;
 };
 
+// A tensor, or a slice of one, copied from host memory (a file mapping, say) into backend memory
+// and converted on the way: rows [row_begin, + rows) and columns [col_begin, + cols) of the
+// row-major host tensor src [src_rows, src_cols] of src_dtype land densely at dst as
+// [rows, cols] of dst_dtype. Conversions: the same dtype copies the bytes; F16 -> BF16 rounds to
+// nearest even (f16_to_bf16 in fp8.h; the CUDA backend converts on the GPU); anything -> F32 is
+// exact; F32 -> BF16 rounds to nearest even. dst_dtype F16 is refused.
+struct HostUpload {
+  void* dst = nullptr;        // backend memory, [rows, cols] of dst_dtype
+  DType dst_dtype = DType::kF32;
+  const void* src = nullptr;  // host memory, [src_rows, src_cols] of src_dtype
+  DType src_dtype = DType::kF32;
+  int64_t src_rows = 0;
+  int64_t src_cols = 0;
+  int64_t row_begin = 0;
+  int64_t rows = 0;
+  int64_t col_begin = 0;
+  int64_t cols = 0;
+};
+
 class FP8KV_API Backend {
  public:
   virtual ~Backend() = default;
@@ -109,6 +131,11 @@ class FP8KV_API Backend {
   virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void memset(void* dst, int value, size_t bytes) = 0;
+  // Every upload, several at once (worker threads; on the GPU pinned staging buffers and copies
+  // overlapped with the packing of the next chunk); returns when all bytes are in place, so the
+  // sources may go. Host memory used: the staging buffers only. Throws Error (validate.h) naming
+  // the upload and the bad field before anything is copied.
+  virtual void upload_tensors(const std::vector<HostUpload>& uploads) = 0;
   // Waits for all queued work; errors detected on the device surface here at the latest.
   virtual void synchronize() = 0;
   // Whether the memory above is CUDA device memory, and the cudaStream_t the work is queued on

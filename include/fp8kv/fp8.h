@@ -130,6 +130,40 @@ FP8KV_HD float bf16_to_float(uint16_t b) {
   return detail::bits_float(static_cast<uint32_t>(b) << 16);
 }
 
+// IEEE half bits -> float32 (exact).
+FP8KV_HD float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0x1f) return detail::bits_float(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {  // subnormal: man * 2^-24
+    const float mag = static_cast<float>(man) * 5.9604644775390625e-08f;
+    return sign ? -mag : mag;
+  }
+  return detail::bits_float(sign | ((exp - 15u + 127u) << 23) | (man << 13));
+}
+
+// float32 -> IEEE half bits, round to nearest even; beyond 65504 -> infinity; NaN stays NaN.
+FP8KV_HD uint16_t float_to_f16(float x) {
+  const uint32_t u = detail::float_bits(x);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
+  const int exp = static_cast<int>(a >> 23) - 127;
+  if (exp < -25) return sign;
+  const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
+  const int extra = exp < -14 ? (-14 - exp) : 0;
+  const uint32_t r = detail::shift_rne(mant, 13 + extra);
+  const uint32_t code = extra ? r : ((static_cast<uint32_t>(exp + 15) << 10) + r - (1u << 10));
+  return static_cast<uint16_t>(sign | code);
+}
+
+// IEEE half bits -> bf16 bits: exact through float32, then round to nearest even (bf16 keeps 7
+// of half's 10 mantissa bits; every half value, subnormals included, is in bf16's range). The
+// GPU weight loader converts fp16 checkpoints with this very function (kernels/cuda/convert.cu).
+FP8KV_HD uint16_t f16_to_bf16(uint16_t h) { return float_to_bf16(f16_to_float(h)); }
+
 // Quantize one value for an FP8 cache: q = e4m3(clamp(x / scale, -448, 448)), the clamp being
 // the saturation of the encoder. A true division (not a multiply by 1/scale) so that every
 // backend rounds the same way and writes the same bytes.

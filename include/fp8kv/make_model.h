@@ -14,15 +14,19 @@ namespace fp8kv {
 // "tiny" (Llama, llama3 RoPE scaling, hidden 512, 4 layers, 8 Q / 2 KV heads of 64, vocab 2048),
 // "tiny-mqa" (the same with a single KV head, so that any tp > 1 replicates it),
 // "qwen2-tiny" (Qwen2: q/k/v biases, tied embeddings, 2 layers, 8 Q / 4 KV heads of 64),
-// "llama-8b-4layers" (Llama 3.1 8B shapes, 4 layers: about 7.7 GB as fp32 in memory).
+// "llama-8b-4layers" (Llama 3.1 8B shapes, 4 layers: about 7.7 GB as fp32 in memory),
+// "llama-3-8b" (the whole Llama 3.1 8B: 32 layers, hidden 4096, 32 Q / 8 KV heads of 128,
+// intermediate 14336, vocab 128256, RoPE theta 500000, untied LM head: 16 GB of bf16),
+// "qwen2.5-7b" (the whole Qwen2.5 7B: 28 layers, hidden 3584, 28 Q / 4 KV heads of 128,
+// intermediate 18944, vocab 152064, q/k/v biases, untied LM head: 15 GB of bf16).
 FP8KV_API std::vector<std::string> model_preset_names();
 FP8KV_API ModelConfig model_preset(const std::string& name);  // throws Error listing the presets
 
 // Writes DIR/config.json and bf16 safetensors weights (sharded with an index above
-// `shard_bytes`). Weights are uniform with std 1/sqrt(fan_in) (norms near 1), the same for the
+// `shard_bytes`, like real checkpoints), all shards at once by worker threads. Weights are uniform with std 1/sqrt(fan_in) (norms near 1), the same for the
 // same config and seed on any machine and thread count. As in real models a few K channels
 // carry outliers: in every layer some k_proj rows are scaled by 8-16x.
 FP8KV_API void make_model(const std::string& dir, const ModelConfig& config, uint64_t seed = 0,
-                          uint64_t shard_bytes = 2ull << 30, bool show_progress = false);
+                          uint64_t shard_bytes = 5000ull << 20, bool show_progress = false);
 
 }  // namespace fp8kv

@@ -86,8 +86,11 @@ class FP8KV_API Model {
   // Reads DIR/config.json and the weights (bf16, f16 or f32 safetensors, sharded or not); the
   // weight matrices and the embedding table are kept as `weights` (fp32 for the CPU ops, bf16
   // for the CUDA ops). Throws Error naming the file and tensor on a missing tensor or a wrong
-  // shape. With tp > 1 only rank `rank`'s shard is kept (the whole tensors are read, then
-  // sliced); make_tp_shard's refusals apply.
+  // shape (before anything is copied). With tp > 1 only rank `rank`'s shard is read: the slices
+  // are taken while copying (make_tp_shard's refusals apply). The tensors go from the file
+  // mappings to the backend in one Backend::upload_tensors (no fp32 round trip for bf16 and
+  // f16 on the GPU). With show_progress, prints "loaded DIR in X s (Y GB/s)" to stderr (Y: the
+  // checkpoint bytes read) and, once, how many checkpoint tensors the model does not use.
   static std::unique_ptr<Model> load(const std::string& dir, Backend& backend,
                                      bool show_progress = false,
                                      WeightDtype weights = WeightDtype::kF32, int tp = 1,

@@ -14,13 +14,12 @@
 #include <string>
 #include <vector>
 
+#include "fp8kv/dtype.h"
 #include "fp8kv/export.h"
+#include "fp8kv/fp8.h"
 
 namespace fp8kv {
 
-enum class DType { kBF16, kF16, kF32 };
-FP8KV_API const char* dtype_name(DType t);  // "BF16", "F16", "F32" (the safetensors spelling)
-FP8KV_API int dtype_bytes(DType t);
 
 struct FP8KV_API TensorInfo {
   std::string name;
@@ -63,10 +62,22 @@ class FP8KV_API SafetensorsFile {
 
 // The weights of a model folder: model.safetensors, or the shards listed in
 // model.safetensors.index.json ("weight_map": {tensor: file}), or else every *.safetensors file.
+// Refused (Error naming the file and the tensor): an index listing a tensor twice, a shard the
+// index names that does not exist, a tensor the index places in a shard that lacks it, and
+// without an index a tensor in two files. Tensors a shard holds that the index does not place
+// there are not part of the model (unlisted()).
 class FP8KV_API WeightStore {
  public:
   explicit WeightStore(const std::string& dir);
   bool has(const std::string& name) const;
+  std::vector<std::string> names() const;  // every tensor of the model, sorted
+  // The tensor's bytes in its file's mapping (valid while the store lives), and its file name.
+  const uint8_t* raw(const std::string& name) const;
+  const std::string& file_name_of(const std::string& name) const;
+  struct Unlisted {
+    std::string tensor, file;
+  };
+  const std::vector<Unlisted>& unlisted() const { return unlisted_; }
   // Throws Error naming the tensor and where it was looked for when missing; the file and the
   // tensor when the shape is not `expected_shape`.
   std::vector<float> read_f32(const std::string& name,
@@ -80,6 +91,7 @@ class FP8KV_API WeightStore {
   std::vector<std::string> file_names_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, size_t> where_;  // tensor -> index into files_
+  std::vector<Unlisted> unlisted_;
 };
 
 // Writing. Tensors are written in the given order; fill(i, dst, bytes) produces tensor i's
@@ -94,8 +106,18 @@ using TensorFill = std::function<void(size_t index, uint8_t* dst, size_t bytes)>
 FP8KV_API void write_safetensors(const std::string& path, const std::vector<TensorSpec>& tensors,
                                  const TensorFill& fill);
 
-// IEEE half <-> float (round to nearest even), for F16 tensors.
-FP8KV_API float f16_to_float(uint16_t h);
-FP8KV_API uint16_t float_to_f16(float x);
+// Several files at once, in parallel: each tensor is cut into pieces of at most piece_bytes,
+// and `threads` workers each fill a piece -- fill(file, tensor, offset, dst, bytes) produces
+// bytes [offset, offset + bytes) of that tensor's data -- and write it at its place (pwrite).
+// Host memory: one piece per worker. Every file appears atomically (temp file + rename) once all
+// are written; on an error none does.
+struct SafetensorsFileSpec {
+  std::string path;
+  std::vector<TensorSpec> tensors;
+};
+using TensorRangeFill = std::function<void(size_t file, size_t tensor, uint64_t offset,
+                                           uint8_t* dst, size_t bytes)>;
+FP8KV_API void write_safetensors_files(const std::vector<SafetensorsFileSpec>& files,
+                                       const TensorRangeFill& fill, uint64_t piece_bytes, int threads);
 
 }  // namespace fp8kv

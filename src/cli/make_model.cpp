@@ -15,7 +15,7 @@ void add_make_model(CLI::App& app) {
     std::string dir;
     std::string preset = "tiny";
     uint64_t seed = 0;
-    uint64_t shard_mb = 2048;
+    uint64_t shard_mb = 5000;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(

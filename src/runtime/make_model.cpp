@@ -4,6 +4,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "fp8kv/error.h"
@@ -45,7 +47,7 @@ struct RowScale {
 }  // namespace
 
 std::vector<std::string> model_preset_names() {
-  return {"tiny", "tiny-mqa", "qwen2-tiny", "llama-8b-4layers"};
+  return {"tiny", "tiny-mqa", "qwen2-tiny", "llama-8b-4layers", "llama-3-8b", "qwen2.5-7b"};
 }
 
 namespace {
@@ -80,6 +82,24 @@ ModelConfig model_preset(const std::string& name) {
   if (name == "tiny") return llama3_shaped(512, 1024, 4, 8, 2, 64, 2048);
   if (name == "tiny-mqa") return llama3_shaped(512, 1024, 4, 8, 1, 64, 2048);
   if (name == "llama-8b-4layers") return llama3_shaped(4096, 14336, 4, 32, 8, 128, 128256);
+  if (name == "llama-3-8b") return llama3_shaped(4096, 14336, 32, 32, 8, 128, 128256);
+  if (name == "qwen2.5-7b") {
+    ModelConfig c;
+    c.architecture = "Qwen2ForCausalLM";
+    c.hidden_size = 3584;
+    c.intermediate_size = 18944;
+    c.num_layers = 28;
+    c.num_q_heads = 28;
+    c.num_kv_heads = 4;
+    c.head_dim = 128;
+    c.vocab_size = 152064;
+    c.rms_norm_eps = 1e-6f;
+    c.rope_theta = 1000000.0f;
+    c.max_position_embeddings = 32768;
+    c.tie_word_embeddings = false;
+    c.attention_bias = true;
+    return c;
+  }
   if (name == "qwen2-tiny") {
     ModelConfig c;
     c.architecture = "Qwen2ForCausalLM";
@@ -168,38 +188,37 @@ void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uin
     if (!out) throw Error(cfg + ": write failed");
   }
 
-  Progress progress("writing " + dir, static_cast<int64_t>(specs.size()), show_progress);
-  size_t written = 0;
-  // Each tensor in chunks with their own random stream, so the bytes do not depend on the
-  // number of threads.
-  auto fill_tensor = [&](size_t i, uint8_t* dst, size_t bytes) {
-    constexpr int64_t kChunk = 1 << 16;
-    const int64_t n = static_cast<int64_t>(bytes / 2);
+  // Each tensor in chunks of kChunk elements with their own random stream, so that the bytes
+  // depend neither on the number of threads nor on how the writer cuts the tensor into pieces
+  // (pieces are whole chunks: kPieceBytes is a multiple of 2 * kChunk).
+  constexpr int64_t kChunk = 1 << 16;
+  constexpr uint64_t kPieceBytes = 64ull << 20;
+  static_assert(kPieceBytes % (2 * kChunk) == 0, "pieces are whole random chunks");
+  auto fill_range = [&](size_t i, uint64_t offset, uint8_t* dst, size_t bytes) {
+    const int64_t e0 = static_cast<int64_t>(offset / 2);
+    const int64_t e1 = e0 + static_cast<int64_t>(bytes / 2);
     const int64_t cols = specs[i].shape.size() == 2 ? specs[i].shape[1] : 1;
     const uint64_t base = hash_name(specs[i].name, seed);
     const float a = inits[i].std * std::sqrt(3.0f);
     const float center = inits[i].center;
-    const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
-    for (int64_t ck = 0; ck < chunks; ++ck) {
+    for (int64_t ck = e0 / kChunk; ck * kChunk < e1; ++ck) {
       uint64_t state = mix(base ^ mix(static_cast<uint64_t>(ck)));
-      const int64_t end = std::min(n, (ck + 1) * kChunk);
+      const int64_t end = std::min(e1, (ck + 1) * kChunk);
       for (int64_t e = ck * kChunk; e < end; ++e) {
         state = mix(state);
         const float u = static_cast<float>(state >> 40) * (1.0f / 16777216.0f);  // [0, 1)
         const uint16_t b = float_to_bf16(center + a * (2.0f * u - 1.0f));
-        std::memcpy(dst + 2 * e, &b, 2);
+        std::memcpy(dst + 2 * (e - e0), &b, 2);
       }
     }
     for (const RowScale& rs : row_scales[i]) {
-      for (int64_t e = rs.row * cols; e < (rs.row + 1) * cols; ++e) {
+      for (int64_t e = std::max(e0, rs.row * cols); e < std::min(e1, (rs.row + 1) * cols); ++e) {
         uint16_t b;
-        std::memcpy(&b, dst + 2 * e, 2);
+        std::memcpy(&b, dst + 2 * (e - e0), 2);
         b = float_to_bf16(bf16_to_float(b) * rs.factor);
-        std::memcpy(dst + 2 * e, &b, 2);
+        std::memcpy(dst + 2 * (e - e0), &b, 2);
       }
     }
-    progress.update(static_cast<int64_t>(++written));
   };
 
   // Shards of at most shard_bytes (a tensor larger than that gets a shard of its own).
@@ -223,28 +242,48 @@ void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uin
       fs::remove(e.path());
     }
   }
-  if (shards.size() == 1) {
-    write_safetensors((fs::path(dir) / "model.safetensors").string(), specs, fill_tensor);
-    return;
-  }
   nlohmann::json index = {{"metadata", {{"total_size", total}}},
                           {"weight_map", nlohmann::json::object()}};
+  std::vector<SafetensorsFileSpec> files;
   for (size_t s = 0; s < shards.size(); ++s) {
     char name[64];
     std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
-    std::vector<TensorSpec> sub;
+    const std::string file = shards.size() == 1 ? "model.safetensors" : name;
+    SafetensorsFileSpec spec{(fs::path(dir) / file).string(), {}};
     for (size_t i : shards[s]) {
-      sub.push_back(specs[i]);
-      index["weight_map"][specs[i].name] = name;
+      spec.tensors.push_back(specs[i]);
+      index["weight_map"][specs[i].name] = file;
     }
-    write_safetensors(
-        (fs::path(dir) / name).string(), sub,
-        [&](size_t j, uint8_t* dst, size_t bytes) { fill_tensor(shards[s][j], dst, bytes); });
+    files.push_back(std::move(spec));
   }
-  const std::string index_path = (fs::path(dir) / "model.safetensors.index.json").string();
-  std::ofstream out(index_path, std::ios::trunc);
-  out << index.dump(2) << "\n";
-  if (!out) throw Error(index_path + ": write failed");
+  // Progress in pieces written, from whichever worker finishes one.
+  int64_t pieces = 0;
+  for (const TensorSpec& t : specs) {
+    pieces += static_cast<int64_t>((2 * TensorInfo{t.name, t.dtype, t.shape}.numel() +
+                                    kPieceBytes - 1) / kPieceBytes);
+  }
+  Progress progress("writing " + dir, pieces, show_progress);
+  std::mutex progress_mu;
+  int64_t written = 0;
+  const unsigned hw = std::thread::hardware_concurrency();
+  write_safetensors_files(
+      files,
+      [&](size_t f, size_t t, uint64_t offset, uint8_t* dst, size_t bytes) {
+        fill_range(shards[f][t], offset, dst, bytes);
+        std::lock_guard<std::mutex> lock(progress_mu);
+        progress.update(++written);
+      },
+      kPieceBytes, static_cast<int>(std::max(1u, std::min(hw, 32u))));
+  if (shards.size() > 1) {
+    const std::string index_path = (fs::path(dir) / "model.safetensors.index.json").string();
+    const std::string tmp = index_path + ".tmp";
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << index.dump(2) << "\n";
+      if (!out) throw Error(tmp + ": write failed");
+    }
+    fs::rename(tmp, index_path);
+  }
 }
 
 }  // namespace fp8kv

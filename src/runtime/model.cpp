@@ -3,12 +3,14 @@
 #include "fp8kv/model.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
-#include "fp8kv/progress.h"
 #include "fp8kv/safetensors.h"
 
 #if defined(FP8KV_HAVE_CUDA)
@@ -19,48 +21,78 @@ namespace fp8kv {
 
 namespace {
 
-BackendBuffer upload_floats(Backend& backend, const std::vector<float>& v) {
-  BackendBuffer b(backend, v.size() * sizeof(float));
-  b.upload(v.data(), v.size() * sizeof(float));
-  return b;
-}
+// The weights of one load: backend buffers allocated at once, their contents described as
+// HostUploads from the file mappings, and all of them copied by one Backend::upload_tensors.
+class LoadPlan {
+ public:
+  explicit LoadPlan(Backend& backend, const WeightStore& store) : backend_(backend), store_(store) {}
 
-// A weight matrix as `dtype`: fp32 as is, or rounded to bf16 (exact for bf16 checkpoints).
-BackendBuffer upload_matrix(Backend& backend, const std::vector<float>& v, WeightDtype dtype) {
-  if (dtype == WeightDtype::kF32) return upload_floats(backend, v);
-  std::vector<uint16_t> h(v.size());
-  const int64_t n = static_cast<int64_t>(v.size());
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    h[static_cast<size_t>(i)] = float_to_bf16(v[static_cast<size_t>(i)]);
+  // One part of a buffer: rows [row_begin, + rows) and columns [col_begin, + cols) of the
+  // tensor `name`, which must have shape `shape` ([n] is one column).
+  struct Part {
+    std::string name;
+    std::vector<int64_t> shape;
+    int64_t row_begin = 0, rows = -1;  // rows -1: all
+    int64_t col_begin = 0, cols = -1;  // cols -1: all
+  };
+
+  // A buffer of `dtype` holding the parts stacked along rows (all parts have the same cols).
+  BackendBuffer buffer(DType dtype, std::vector<Part> parts) {
+    int64_t total_rows = 0, cols = -1;
+    for (Part& p : parts) {
+      const TensorInfo& t = store_.info(p.name);
+      if (t.shape != p.shape) {
+        throw Error(store_.file_name_of(p.name) + ": tensor '" + p.name + "' has shape " +
+                    shape_to_string(t.shape) + ", expected " + shape_to_string(p.shape));
+      }
+      const int64_t src_cols = p.shape.size() > 1 ? p.shape[1] : 1;
+      if (p.rows < 0) p.rows = p.shape[0];
+      if (p.cols < 0) p.cols = src_cols;
+      cols = p.cols;
+      total_rows += p.rows;
+    }
+    BackendBuffer buf(backend_, static_cast<size_t>(total_rows * cols) * dtype_bytes(dtype));
+    int64_t row = 0;
+    for (const Part& p : parts) {
+      HostUpload u;
+      u.dst = static_cast<uint8_t*>(buf.get()) + static_cast<size_t>(row * cols) * dtype_bytes(dtype);
+      u.dst_dtype = dtype;
+      u.src = store_.raw(p.name);
+      u.src_dtype = store_.info(p.name).dtype;
+      u.src_rows = p.shape[0];
+      u.src_cols = p.shape.size() > 1 ? p.shape[1] : 1;
+      u.row_begin = p.row_begin;
+      u.rows = p.rows;
+      u.col_begin = p.col_begin;
+      u.cols = p.cols;
+      bytes_read_ += static_cast<uint64_t>(u.rows * u.cols) * dtype_bytes(u.src_dtype);
+      uploads_.push_back(u);
+      used_.insert(p.name);
+      row += p.rows;
+    }
+    return buf;
   }
-  BackendBuffer b(backend, h.size() * sizeof(uint16_t));
-  b.upload(h.data(), h.size() * sizeof(uint16_t));
-  return b;
-}
 
-// Rows of `a` then rows of `b` (two [rows, cols] tensors stacked along the output dimension).
-std::vector<float> concat(std::vector<float> a, const std::vector<float>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
-// Rows [begin, begin + count) of a [*, cols] row-major matrix (or vector, cols = 1).
-std::vector<float> slice_rows(const std::vector<float>& v, int64_t cols, int64_t begin,
-                              int64_t count) {
-  return std::vector<float>(v.begin() + begin * cols, v.begin() + (begin + count) * cols);
-}
-
-// Columns [begin, begin + count) of a [rows, cols] row-major matrix: [rows, count].
-std::vector<float> slice_cols(const std::vector<float>& v, int64_t rows, int64_t cols,
-                              int64_t begin, int64_t count) {
-  std::vector<float> out(static_cast<size_t>(rows * count));
-  for (int64_t r = 0; r < rows; ++r) {
-    std::copy(v.begin() + r * cols + begin, v.begin() + r * cols + begin + count,
-              out.begin() + r * count);
+  void run() { backend_.upload_tensors(uploads_); }
+  uint64_t bytes_read() const { return bytes_read_; }
+  // Tensors of the checkpoint the model does not use.
+  std::vector<std::string> unused() const {
+    std::vector<std::string> out;
+    for (const std::string& n : store_.names()) {
+      if (!used_.count(n)) out.push_back(n);
+    }
+    return out;
   }
-  return out;
-}
+
+ private:
+  Backend& backend_;
+  const WeightStore& store_;
+  std::vector<HostUpload> uploads_;
+  std::set<std::string> used_;
+  uint64_t bytes_read_ = 0;
+};
+
+DType dtype_of(WeightDtype w) { return w == WeightDtype::kBf16 ? DType::kBF16 : DType::kF32; }
 
 }  // namespace
 
@@ -142,6 +174,8 @@ size_t Model::weight_bytes() const {
 
 std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, bool show_progress,
                                    WeightDtype weights, int tp, int rank) {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
   auto m = std::unique_ptr<Model>(new Model());
   m->dir_ = dir;
   m->weights_ = weights;
@@ -158,53 +192,61 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, boo
   const int64_t q0 = sh.q_head_begin * D, q_len = sh.q_heads * D;
   const int64_t k0 = sh.kv_head_begin * D, k_len = sh.kv_heads * D;
   const int64_t i0 = sh.inter_begin, i_len = sh.inter;
-  auto read_rows = [&](const std::string& name, std::vector<int64_t> shape, int64_t begin,
-                       int64_t count) {
-    const int64_t cols = shape.size() > 1 ? shape[1] : 1;
-    return slice_rows(store.read_f32(name, shape), cols, begin, count);
-  };
-  auto read_cols = [&](const std::string& name, int64_t r, int64_t cl, int64_t begin,
-                       int64_t count) {
-    return slice_cols(store.read_f32(name, {r, cl}), r, cl, begin, count);
+  using Part = LoadPlan::Part;
+  auto rows = [](const std::string& name, std::vector<int64_t> shape, int64_t begin,
+                 int64_t count) { return Part{name, std::move(shape), begin, count, 0, -1}; };
+  auto cols = [](const std::string& name, std::vector<int64_t> shape, int64_t begin,
+                 int64_t count) { return Part{name, std::move(shape), 0, -1, begin, count}; };
+  auto whole = [](const std::string& name, std::vector<int64_t> shape) {
+    return Part{name, std::move(shape)};
   };
 
-  Progress progress("loading " + dir, c.num_layers + 2, show_progress);
-  const WeightDtype wd = weights;
-  m->embed_ = upload_matrix(backend, store.read_f32("model.embed_tokens.weight", {V, H}), wd);
-  progress.update(1);
+  LoadPlan plan(backend, store);
+  const DType wd = dtype_of(weights);
+  const DType f32 = DType::kF32;
+  m->embed_ = plan.buffer(wd, {whole("model.embed_tokens.weight", {V, H})});
   for (int l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     LayerWeights w;
-    w.dtype = wd;
-    w.attn_norm = upload_floats(backend, store.read_f32(p + "input_layernorm.weight", {H}));
-    w.w_q =
-        upload_matrix(backend, read_rows(p + "self_attn.q_proj.weight", {QD, H}, q0, q_len), wd);
-    w.w_kv = upload_matrix(backend,
-                           concat(read_rows(p + "self_attn.k_proj.weight", {KD, H}, k0, k_len),
-                                  read_rows(p + "self_attn.v_proj.weight", {KD, H}, k0, k_len)),
-                           wd);
+    w.dtype = weights;
+    w.attn_norm = plan.buffer(f32, {whole(p + "input_layernorm.weight", {H})});
+    w.w_q = plan.buffer(wd, {rows(p + "self_attn.q_proj.weight", {QD, H}, q0, q_len)});
+    w.w_kv = plan.buffer(wd, {rows(p + "self_attn.k_proj.weight", {KD, H}, k0, k_len),
+                              rows(p + "self_attn.v_proj.weight", {KD, H}, k0, k_len)});
     if (c.attention_bias) {
-      w.b_q = upload_floats(backend, read_rows(p + "self_attn.q_proj.bias", {QD}, q0, q_len));
-      w.b_kv =
-          upload_floats(backend, concat(read_rows(p + "self_attn.k_proj.bias", {KD}, k0, k_len),
-                                        read_rows(p + "self_attn.v_proj.bias", {KD}, k0, k_len)));
+      w.b_q = plan.buffer(f32, {rows(p + "self_attn.q_proj.bias", {QD}, q0, q_len)});
+      w.b_kv = plan.buffer(f32, {rows(p + "self_attn.k_proj.bias", {KD}, k0, k_len),
+                                 rows(p + "self_attn.v_proj.bias", {KD}, k0, k_len)});
     }
-    w.w_o = upload_matrix(backend, read_cols(p + "self_attn.o_proj.weight", H, QD, q0, q_len), wd);
-    w.mlp_norm = upload_floats(backend, store.read_f32(p + "post_attention_layernorm.weight", {H}));
-    w.w_gate_up = upload_matrix(backend,
-                                concat(read_rows(p + "mlp.gate_proj.weight", {I, H}, i0, i_len),
-                                       read_rows(p + "mlp.up_proj.weight", {I, H}, i0, i_len)),
-                                wd);
-    w.w_down = upload_matrix(backend, read_cols(p + "mlp.down_proj.weight", H, I, i0, i_len), wd);
+    w.w_o = plan.buffer(wd, {cols(p + "self_attn.o_proj.weight", {H, QD}, q0, q_len)});
+    w.mlp_norm = plan.buffer(f32, {whole(p + "post_attention_layernorm.weight", {H})});
+    w.w_gate_up = plan.buffer(wd, {rows(p + "mlp.gate_proj.weight", {I, H}, i0, i_len),
+                                   rows(p + "mlp.up_proj.weight", {I, H}, i0, i_len)});
+    w.w_down = plan.buffer(wd, {cols(p + "mlp.down_proj.weight", {H, I}, i0, i_len)});
     m->layers_.push_back(std::move(w));
-    progress.update(l + 2);
   }
-  m->final_norm_ = upload_floats(backend, store.read_f32("model.norm.weight", {H}));
-  if (!c.tie_word_embeddings) {
-    m->lm_head_ = upload_matrix(backend, store.read_f32("lm_head.weight", {V, H}), wd);
+  m->final_norm_ = plan.buffer(f32, {whole("model.norm.weight", {H})});
+  if (!c.tie_word_embeddings) m->lm_head_ = plan.buffer(wd, {whole("lm_head.weight", {V, H})});
+  const std::vector<float> inv_freq = rope_inv_freq(c);
+  m->inv_freq_ = BackendBuffer(backend, inv_freq);
+  plan.run();
+  backend.synchronize();
+  const double seconds = std::chrono::duration<double>(clock::now() - start).count();
+  if (show_progress) {
+    // Said once: real checkpoints carry tensors the model does not use (rotary caches, a shard's
+    // extras); they are skipped.
+    const std::vector<std::string> unused = plan.unused();
+    size_t skipped = unused.size() + store.unlisted().size();
+    if (skipped) {
+      const std::string first = unused.empty()
+                                    ? store.unlisted()[0].tensor + "' in " + store.unlisted()[0].file
+                                    : unused[0] + "' in " + store.file_name_of(unused[0]);
+      std::fprintf(stderr, "%s: ignoring %zu tensor%s the model does not use (first: '%s)\n",
+                   dir.c_str(), skipped, skipped == 1 ? "" : "s", first.c_str());
+    }
+    std::fprintf(stderr, "loaded %s in %.2f s (%.2f GB/s)\n", dir.c_str(), seconds,
+                 static_cast<double>(plan.bytes_read()) / 1e9 / std::max(seconds, 1e-9));
   }
-  m->inv_freq_ = upload_floats(backend, rope_inv_freq(c));
-  progress.update(c.num_layers + 2);
   return m;
 }
 

@@ -6,17 +6,20 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
+#include "kernels/host_upload.h"
 
 namespace fp8kv {
 
@@ -37,20 +40,6 @@ DType parse_dtype(const std::string& s, const std::string& file, const std::stri
 
 }  // namespace
 
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::kBF16:
-      return "BF16";
-    case DType::kF16:
-      return "F16";
-    case DType::kF32:
-      return "F32";
-  }
-  return "?";
-}
-
-int dtype_bytes(DType t) { return t == DType::kF32 ? 4 : 2; }
-
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
@@ -61,33 +50,6 @@ std::string shape_to_string(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
-}
-
-float f16_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t man = h & 0x3ffu;
-  if (exp == 0x1f) return detail::bits_float(sign | 0x7f800000u | (man << 13));
-  if (exp == 0) {  // subnormal: man * 2^-24
-    const float mag = static_cast<float>(man) * 5.9604644775390625e-08f;
-    return sign ? -mag : mag;
-  }
-  return detail::bits_float(sign | ((exp - 15u + 127u) << 23) | (man << 13));
-}
-
-uint16_t float_to_f16(float x) {
-  const uint32_t u = detail::float_bits(x);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
-  const int exp = static_cast<int>(a >> 23) - 127;
-  if (exp < -25) return sign;
-  const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
-  const int extra = exp < -14 ? (-14 - exp) : 0;
-  const uint32_t r = detail::shift_rne(mant, 13 + extra);
-  const uint32_t code = extra ? r : ((static_cast<uint32_t>(exp + 15) << 10) + r - (1u << 10));
-  return static_cast<uint16_t>(sign | code);
 }
 
 // ---- reader --------------------------------------------------------------------------------
@@ -246,10 +208,28 @@ WeightStore::WeightStore(const std::string& dir) : dir_(dir) {
   if (fs::exists(index)) {
     std::ifstream in(index);
     json j;
+    // A key twice in "weight_map" would otherwise keep the last silently: note it while parsing.
+    std::string top_key, duplicate;
+    std::set<std::string> seen;
+    const json::parser_callback_t watch = [&](int depth, json::parse_event_t event,
+                                              json& parsed) {
+      if (event == json::parse_event_t::key && parsed.is_string()) {
+        if (depth == 1) top_key = parsed.get<std::string>();
+        if (depth == 2 && top_key == "weight_map" &&
+            !seen.insert(parsed.get<std::string>()).second && duplicate.empty()) {
+          duplicate = parsed.get<std::string>();
+        }
+      }
+      return true;
+    };
     try {
-      j = json::parse(in);
+      j = json::parse(in, watch);
     } catch (const json::exception& e) {
       throw Error(index.string() + ": not valid JSON: " + e.what());
+    }
+    if (!duplicate.empty()) {
+      throw Error(index.string() + ": weight_map lists tensor '" + duplicate +
+                  "' twice (which shard holds it?)");
     }
     if (!j.contains("weight_map") || !j["weight_map"].is_object()) {
       throw Error(index.string() + ": missing object field 'weight_map'");
@@ -291,12 +271,39 @@ WeightStore::WeightStore(const std::string& dir) : dir_(dir) {
       }
       where_[kv.first] = i;
     }
+    // Tensors a shard holds beyond what the index places there: not part of the model.
+    for (size_t i = 0; i < files_.size(); ++i) {
+      for (const std::string& n : files_[i]->names()) {
+        auto it = where_.find(n);
+        if (it == where_.end() || it->second != i) unlisted_.push_back({n, file_names_[i]});
+      }
+    }
   } else {
     for (size_t i = 0; i < files_.size(); ++i) {
-      for (const std::string& n : files_[i]->names()) where_[n] = i;
+      for (const std::string& n : files_[i]->names()) {
+        auto [it, fresh] = where_.emplace(n, i);
+        if (!fresh) {
+          throw Error(dir + ": tensor '" + n + "' is in both " + file_names_[it->second] +
+                      " and " + file_names_[i] + " (and no model.safetensors.index.json says "
+                      "which to use)");
+        }
+      }
     }
   }
 }
+
+std::vector<std::string> WeightStore::names() const {
+  std::vector<std::string> out;
+  for (const auto& kv : where_) out.push_back(kv.first);
+  return out;
+}
+
+const std::string& WeightStore::file_name_of(const std::string& name) const {
+  file_of(name);  // throws naming the tensor when it is missing
+  return file_names_[where_.at(name)];
+}
+
+const uint8_t* WeightStore::raw(const std::string& name) const { return file_of(name).raw(name); }
 
 bool WeightStore::has(const std::string& name) const { return where_.count(name) != 0; }
 
@@ -321,11 +328,13 @@ std::vector<float> WeightStore::read_f32(const std::string& name,
 
 // ---- writer --------------------------------------------------------------------------------
 
-void write_safetensors(const std::string& path, const std::vector<TensorSpec>& tensors,
-                       const TensorFill& fill) {
+namespace {
+
+// The header text of a file holding `tensors` in order, padded so that the data section starts
+// 8-byte aligned (as the reference writer does); sizes[i]: tensor i's bytes.
+std::string header_text(const std::vector<TensorSpec>& tensors, std::vector<uint64_t>& sizes) {
   json header = json::object();
   uint64_t offset = 0;
-  std::vector<uint64_t> sizes;
   for (const TensorSpec& t : tensors) {
     uint64_t n = 1;
     for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
@@ -338,31 +347,110 @@ void write_safetensors(const std::string& path, const std::vector<TensorSpec>& t
   }
   header["__metadata__"] = {{"format", "pt"}};
   std::string text = header.dump();
-  // Pad with spaces so the data section starts 8-byte aligned (as the reference writer does).
   while ((8 + text.size()) % 8 != 0) text.push_back(' ');
+  return text;
+}
 
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(tmp + ": cannot create");
-    uint8_t len[8];
-    uint64_t n = text.size();
-    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(n >> (8 * i));
-    out.write(reinterpret_cast<const char*>(len), 8);
-    out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    std::vector<uint8_t> buf;
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      buf.assign(sizes[i], 0);
-      fill(i, buf.data(), buf.size());
-      out.write(reinterpret_cast<const char*>(buf.data()),
-                static_cast<std::streamsize>(buf.size()));
-    }
-    out.flush();
-    if (!out) throw Error(tmp + ": write failed (disk full?)");
+void pwrite_all(int fd, const uint8_t* p, size_t bytes, uint64_t offset, const std::string& path) {
+  while (bytes) {
+    const ssize_t n = ::pwrite(fd, p, bytes, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) throw Error(path + ": write failed: " + std::strerror(errno) + " (disk full?)");
+    p += n;
+    bytes -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
   }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw Error(path + ": cannot rename " + tmp + " into place: " + ec.message());
+}
+
+}  // namespace
+
+void write_safetensors_files(const std::vector<SafetensorsFileSpec>& files,
+                             const TensorRangeFill& fill, uint64_t piece_bytes, int threads) {
+  struct Open {
+    std::string tmp;
+    int fd = -1;
+    std::vector<uint64_t> offsets;  // of each tensor, from the start of the file
+  };
+  std::vector<Open> open(files.size());
+  // Pieces: (file, tensor, offset in the tensor, bytes), each filled and written by one worker.
+  struct Piece {
+    size_t file, tensor;
+    uint64_t offset, bytes;
+  };
+  std::vector<Piece> pieces;
+  uint64_t largest = 0;
+  auto cleanup = [&] {
+    for (Open& o : open) {
+      if (o.fd >= 0) ::close(o.fd);
+      o.fd = -1;
+      if (!o.tmp.empty()) ::unlink(o.tmp.c_str());
+    }
+  };
+  try {
+    for (size_t f = 0; f < files.size(); ++f) {
+      std::vector<uint64_t> sizes;
+      const std::string text = header_text(files[f].tensors, sizes);
+      Open& o = open[f];
+      o.tmp = files[f].path + ".tmp";
+      o.fd = ::open(o.tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (o.fd < 0) throw Error(o.tmp + ": cannot create: " + std::strerror(errno));
+      uint8_t len[8];
+      for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(text.size() >> (8 * i));
+      pwrite_all(o.fd, len, 8, 0, o.tmp);
+      pwrite_all(o.fd, reinterpret_cast<const uint8_t*>(text.data()), text.size(), 8, o.tmp);
+      uint64_t at = 8 + text.size();
+      for (size_t t = 0; t < sizes.size(); ++t) {
+        o.offsets.push_back(at);
+        for (uint64_t off = 0; off < sizes[t]; off += piece_bytes) {
+          const uint64_t bytes = std::min(piece_bytes, sizes[t] - off);
+          pieces.push_back({f, t, off, bytes});
+          largest = std::max(largest, bytes);
+        }
+        at += sizes[t];
+      }
+      if (::ftruncate(o.fd, static_cast<off_t>(at)) != 0) {
+        throw Error(o.tmp + ": cannot size to " + std::to_string(at) + " bytes: " +
+                    std::strerror(errno));
+      }
+    }
+    std::atomic<size_t> next{0};
+    run_workers(std::max(1, threads), [&](int) {
+      std::vector<uint8_t> buf;
+      for (size_t i = next++; i < pieces.size(); i = next++) {
+        const Piece& p = pieces[i];
+        buf.assign(p.bytes, 0);
+        fill(p.file, p.tensor, p.offset, buf.data(), p.bytes);
+        pwrite_all(open[p.file].fd, buf.data(), p.bytes, open[p.file].offsets[p.tensor] + p.offset,
+                   open[p.file].tmp);
+      }
+    });
+    for (size_t f = 0; f < files.size(); ++f) {
+      Open& o = open[f];
+      const int rc = ::close(o.fd);
+      o.fd = -1;
+      if (rc != 0) throw Error(o.tmp + ": write failed: " + std::strerror(errno));
+    }
+    for (size_t f = 0; f < files.size(); ++f) {
+      std::error_code ec;
+      fs::rename(open[f].tmp, files[f].path, ec);
+      if (ec) {
+        throw Error(files[f].path + ": cannot rename " + open[f].tmp + " into place: " +
+                    ec.message());
+      }
+      open[f].tmp.clear();
+    }
+  } catch (...) {
+    cleanup();
+    throw;
+  }
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorSpec>& tensors,
+                       const TensorFill& fill) {
+  write_safetensors_files(
+      {{path, tensors}},
+      [&](size_t, size_t tensor, uint64_t, uint8_t* dst, size_t bytes) { fill(tensor, dst, bytes); },
+      std::numeric_limits<uint64_t>::max(), 1);
 }
 
 }  // namespace fp8kv

@@ -23,6 +23,7 @@
 // tests/kernels/cpu_backend_test.cpp, CpuBackend.ErrorBoundsReport).
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -34,6 +35,7 @@
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
+#include "kernels/host_upload.h"
 #include "kernels/validate.h"
 
 namespace fp8kv {
@@ -96,6 +98,9 @@ float dot(const float* a, const float* b, int n) {
   return sum;
 }
 
+constexpr size_t kUploadChunkBytes = 8u << 20;
+constexpr int kMaxUploadThreads = 16;
+
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
@@ -117,6 +122,20 @@ class CpuBackend final : public Backend {
     if (bytes) std::memset(dst, value, bytes);
   }
   void synchronize() override {}
+  void upload_tensors(const std::vector<HostUpload>& uploads) override {
+    validate_uploads(uploads);
+    // Chunks of a few MiB, taken in turn by the workers: the page faults of the file mappings
+    // and the conversions spread over all threads.
+    const std::vector<UploadChunk> chunks = plan_upload_chunks(uploads, kUploadChunkBytes);
+    std::atomic<size_t> next{0};
+    run_workers(upload_threads(kMaxUploadThreads), [&](int) {
+      for (size_t i = next++; i < chunks.size(); i = next++) {
+        const UploadChunk& c = chunks[i];
+        const HostUpload& u = uploads[c.upload];
+        pack_rows(u, c.row0, c.row1, static_cast<uint8_t*>(u.dst) + c.dst_offset, u.dst_dtype);
+      }
+    });
+  }
 
   void quantize_kv(const QuantizeKvParams& p) override;
   void quantize_q(const QuantizeQParams& p) override;

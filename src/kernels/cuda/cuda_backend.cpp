@@ -18,6 +18,7 @@
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
 #include "kernels/cuda/check.h"
+#include "kernels/cuda/convert.h"
 #include "kernels/cuda/launchers.h"
 #include "kernels/cuda/quantize.h"
 #include "kernels/validate.h"
@@ -103,6 +104,13 @@ class CudaBackend final : public Backend {
     select();
     check_cuda(cudaStreamSynchronize(stream_), "cuda backend: synchronize");
     throw_slot_error();
+  }
+  void upload_tensors(const std::vector<HostUpload>& uploads) override {
+    select();
+    // The copies run on the uploader's own streams: work queued here before must not see them
+    // half done (nor they it).
+    check_cuda(cudaStreamSynchronize(stream_), "cuda backend: upload_tensors (synchronize)");
+    cuda::upload_tensors(device_, uploads);
   }
 
   void quantize_kv(const QuantizeKvParams& p) override {
