@@ -95,7 +95,7 @@ struct PreStep {
 // UCP is Perl's space, the same set plus U+180E (MONGOLIAN VOWEL SEPARATOR, White_Space until
 // Unicode 6.3). So U+180E is taken out of every \s (and put into every \S): \s -> (?:(?!X)\s),
 // \S -> (?:X|\S), a class with \s -> (?:(?!X)[...]), a negated one -> (?:X|[^...]), X = U+180E.
-std::string oniguruma_whitespace(const std::string& pattern) {
+[[maybe_unused]] std::string oniguruma_whitespace(const std::string& pattern) {
   static const std::string kX = "\\x{180E}";
   std::string out;
   for (size_t i = 0; i < pattern.size(); ++i) {

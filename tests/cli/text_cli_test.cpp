@@ -25,7 +25,7 @@ const std::string kFixture =
 // The fixture tokenizer with tokens "<t289>".."<t2047>" added to its vocabulary, so that every
 // id of the tiny preset's vocabulary (2048) decodes. They never come out of encoding: the split
 // regex cuts "<t289>" into "<t", "289", ">".
-void write_tokenizer_for_tiny(const std::string& path) {
+[[maybe_unused]] void write_tokenizer_for_tiny(const std::string& path) {
   std::ifstream in(kFixture);
   nlohmann::json j = nlohmann::json::parse(in);
   for (int id = 289; id < 2048; ++id) j["model"]["vocab"]["<t" + std::to_string(id) + ">"] = id;

@@ -27,9 +27,9 @@ std::string read(const std::string& path) {
   return ss.str();
 }
 
-json fixture_json() { return json::parse(read(kFixture)); }
+[[maybe_unused]] json fixture_json() { return json::parse(read(kFixture)); }
 
-Tokenizer from(const json& j) { return Tokenizer::parse(j.dump(), "test.json"); }
+[[maybe_unused]] Tokenizer from(const json& j) { return Tokenizer::parse(j.dump(), "test.json"); }
 
 // The message of the Error that parsing `text` throws ("" when it does not throw).
 std::string refusal(const std::string& text) {
@@ -41,7 +41,7 @@ std::string refusal(const std::string& text) {
   return "";
 }
 
-std::string refusal_of_file(const std::string& path) {
+[[maybe_unused]] std::string refusal_of_file(const std::string& path) {
   try {
     Tokenizer::load(path);
   } catch (const Error& e) {
@@ -51,7 +51,7 @@ std::string refusal_of_file(const std::string& path) {
 }
 
 // texts.jsonl gives invalid UTF-8 as "bytes": a string of code points < 256, one per byte.
-std::string text_of(const json& t) {
+[[maybe_unused]] std::string text_of(const json& t) {
   if (t.contains("text")) return t["text"].get<std::string>();
   std::string bytes;
   const std::string utf8 = t["bytes"].get<std::string>();
