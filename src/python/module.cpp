@@ -507,6 +507,7 @@ class PyCommunicator final : public Communicator {
 PYBIND11_MODULE(_fp8kv, m) {
   using namespace fp8kv;
   using namespace fp8kv::python;
+  using fp8kv::python::DType;  // not fp8kv::DType (safetensors element types)
   m.doc() = "fp8kv kernels, observer, calibration file and codecs over DLPack (see fp8kv).";
   m.attr("__version__") = FP8KV_VERSION_STRING;
   py::register_exception_translator([](std::exception_ptr e) {
