@@ -117,7 +117,10 @@ class FP8KV_API Backend {
   virtual void* cuda_stream() const { return nullptr; }
 
   // Kernels. Each validates its arguments on the host first and throws Error naming the bad
-  // argument; nothing is written when a call is refused.
+  // argument; nothing is written when a call is refused. quantize_kv's slots live in device
+  // memory on the CUDA backend: an out-of-range slot is found there, nothing is written, and
+  // the Error is thrown by the next synchronize() or download() rather than by the call itself
+  // (no host synchronization per call); the CPU backend throws at once.
   virtual void quantize_kv(const QuantizeKvParams& p) = 0;
   virtual void quantize_q(const QuantizeQParams& p) = 0;
   virtual void prefill_attention(const AttentionParams& p) = 0;

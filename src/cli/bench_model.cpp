@@ -25,7 +25,7 @@ namespace fp8kv::cli {
 
 void add_bench_model(CLI::App& app) {
   struct Opts {
-    std::string model, device = "cpu";
+    std::string model, device = "auto";
     std::vector<std::string> kv = {"bf16", "fp8-per-tensor", "fp8-per-head"};
     std::optional<std::string> per_head, per_tensor;
     int batch = 4;

@@ -9,6 +9,7 @@
 
 #include "cli/commands.h"
 #include "cli/parallel.h"
+#include "cli/text_input.h"
 #include "fp8kv/backend.h"
 #include "fp8kv/calib.h"
 #include "fp8kv/error.h"
@@ -21,20 +22,20 @@ namespace fp8kv::cli {
 
 void add_calibrate(CLI::App& app) {
   struct Opts {
-    std::string model, data, scheme = "per-head", out = "kv_cache_calib.json", device = "cpu";
+    std::string model, data, scheme = "per-head", out = "kv_cache_calib.json", device = "auto";
     std::optional<int> warmup, count;
     int batch = 4;
     int tp = 1;
     int generate = 0;
     bool exact_tp = false;
     bool rank_layout = false;
+    TextInput text;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
       "calibrate", "Observe K/V abs-max over token data and write kv_cache_calib.json");
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
-  cmd->add_option("--data", opt->data, "Token data, JSONL with an input_ids array per line")
-      ->required();
+  add_data_options(cmd, opt->data, opt->text);
   cmd->add_option("--scheme", opt->scheme, "per-head or per-tensor")->capture_default_str();
   cmd->add_option("--out", opt->out, "Calibration file to write")->capture_default_str();
   cmd->add_option("--warmup", opt->warmup,
@@ -62,6 +63,7 @@ void add_calibrate(CLI::App& app) {
                 "--tp 1 --exact-tp file value for value; without it the fast GEMMs (cuBLAS on "
                 "the GPU) can change the last bits of scales after layer 0 with --tp");
   cmd->callback([opt]() {
+    check_data_choice(opt->data, opt->text, opt->model);
     const KvScheme scheme = parse_scheme(opt->scheme);
     if (!is_fp8(scheme)) throw fp8kv::Error("calibrate: --scheme must be per-head or per-tensor");
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
@@ -70,7 +72,8 @@ void add_calibrate(CLI::App& app) {
       Backend* backend = dev.backend.get();
       ModelOps* ops = dev.ops.get();
       auto model = Model::load(opt->model, *backend, rank0, dev.weights, opt->tp, comm.rank());
-      const TokenData data = load_token_data(opt->data, model->config().vocab_size);
+      const TokenData data =
+          load_data(opt->data, opt->text, opt->model, model->config().vocab_size, rank0);
       CalibrateOptions co;
       co.quant_type =
           scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;

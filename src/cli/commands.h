@@ -20,5 +20,6 @@ void add_generate(CLI::App& app);  // cli/generate.cpp
 void add_demo(CLI::App& app);  // cli/demo.cpp
 void add_bench_model(CLI::App& bench);  // cli/bench_model.cpp: `bench model`, under `bench`
 void add_bench(CLI::App& app);  // cli/bench.cpp
+void add_tokenize(CLI::App& app);  // cli/tokenize.cpp
 
 }  // namespace fp8kv::cli

@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "cli/parallel.h"
+#include "cli/text_input.h"
 #include "fp8kv/backend.h"
 #include "fp8kv/calib.h"
 #include "fp8kv/model.h"
@@ -46,17 +47,17 @@ RankScales scales_or_calibrate(const Model& model, Backend& backend, ModelOps& o
 
 void add_eval(CLI::App& app) {
   struct Opts {
-    std::string model, data, device = "cpu";
+    std::string model, data, device = "auto";
     std::optional<std::string> per_head, per_tensor;
     int batch = 4;
     int tp = 1;
+    TextInput text;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
       "eval", "Compare bf16, fp8-per-tensor and fp8-per-head KV caches on token data");
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
-  cmd->add_option("--data", opt->data, "Token data, JSONL with an input_ids array per line")
-      ->required();
+  add_data_options(cmd, opt->data, opt->text);
   cmd->add_option("--per-head-calib", opt->per_head,
                   "Per-head calibration file (default: calibrate on --data)");
   cmd->add_option("--per-tensor-calib", opt->per_tensor,
@@ -66,13 +67,15 @@ void add_eval(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
+    check_data_choice(opt->data, opt->text, opt->model);
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
       const bool rank0 = comm.rank() == 0;
       Device dev = make_device(opt->device);
       Backend* backend = dev.backend.get();
       ModelOps* ops = dev.ops.get();
       auto model = Model::load(opt->model, *backend, rank0, dev.weights, opt->tp, comm.rank());
-      const TokenData data = load_token_data(opt->data, model->config().vocab_size);
+      const TokenData data =
+          load_data(opt->data, opt->text, opt->model, model->config().vocab_size, rank0);
       const RankScales pt = scales_or_calibrate(*model, *backend, *ops, data,
                                                 KvScheme::kFp8PerTensor, opt->per_tensor,
                                                 opt->batch, comm);

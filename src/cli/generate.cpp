@@ -1,4 +1,4 @@
-// fp8kv generate: greedy generation from token ids with a chosen KV cache.
+// fp8kv generate: greedy generation from a text prompt (or token ids) with a chosen KV cache.
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
@@ -10,6 +10,7 @@
 
 #include "cli/commands.h"
 #include "cli/parallel.h"
+#include "cli/text_input.h"
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
 #include "fp8kv/model.h"
@@ -80,23 +81,26 @@ std::vector<std::vector<int32_t>> generate_dumping_logits(
 
 void add_generate(CLI::App& app) {
   struct Opts {
-    std::string model, kv = "bf16", device = "cpu";
+    std::string model, kv = "bf16", device = "auto";
     std::optional<std::string> calib;
-    std::vector<std::string> inputs;
+    std::vector<std::string> inputs, prompts;
+    std::optional<std::string> tokenizer;
     int max_new = 16;
     std::optional<std::string> dump_logits;
     int tp = 1;
     bool exact_tp = false;
   };
   auto opt = std::make_shared<Opts>();
-  CLI::App* cmd = app.add_subcommand("generate", "Greedy generation from token ids");
+  CLI::App* cmd = app.add_subcommand("generate", "Greedy generation from a prompt or token ids");
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
   cmd->add_option("--kv", opt->kv, "KV cache: bf16, fp8-per-head or fp8-per-tensor")
       ->capture_default_str();
   cmd->add_option("--calib", opt->calib, "Calibration file (required for the FP8 caches)");
   cmd->add_option("--input-ids", opt->inputs,
-                  "Prompt token ids, comma separated; repeat for a batch of prompts")
-      ->required();
+                  "Prompt token ids, comma separated; repeat for a batch of prompts (prints ids)");
+  cmd->add_option("--prompt", opt->prompts,
+                  "Prompt text; repeat for a batch of prompts (prints the generated text)");
+  add_tokenizer_option(cmd, opt->tokenizer);
   cmd->add_option("--max-new", opt->max_new, "Tokens to generate per prompt")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
@@ -109,8 +113,23 @@ void add_generate(CLI::App& app) {
                 "any --tp are the --tp 1 --exact-tp logits bit for bit");
   cmd->callback([opt]() {
     const KvScheme scheme = parse_scheme(opt->kv);
+    if (opt->inputs.empty() == opt->prompts.empty()) {
+      throw fp8kv::Error(opt->inputs.empty() ? "give --prompt TEXT or --input-ids IDS"
+                                             : "--prompt and --input-ids: give one kind");
+    }
     std::vector<std::vector<int32_t>> prompts;
     for (const auto& s : opt->inputs) prompts.push_back(parse_ids(s));
+    // Text prompts: tokenized before the model load, so that a missing tokenizer fails fast.
+    std::optional<Tokenizer> tok;
+    if (!opt->prompts.empty()) {
+      tok.emplace(load_tokenizer(opt->tokenizer, opt->model, "--prompt"));
+      for (const auto& p : opt->prompts) {
+        prompts.push_back(tok->encode(p));
+        if (prompts.back().empty()) throw fp8kv::Error("--prompt \"\": an empty prompt");
+      }
+    } else if (opt->tokenizer) {
+      throw fp8kv::Error("--tokenizer is for --prompt");
+    }
     // Refuse a missing calibration file before the (possibly long) model load.
     if (is_fp8(scheme) && !opt->calib) {
       throw fp8kv::Error(std::string("--kv ") + scheme_name(scheme) +
@@ -146,9 +165,16 @@ void add_generate(CLI::App& app) {
       const double sec =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (!rank0) return;
-      for (const auto& seq : out) {
+      for (size_t p = 0; p < out.size(); ++p) {
+        if (tok) {  // the prompt and its continuation
+          if (out.size() > 1) std::printf("=== prompt %zu\n", p + 1);
+          std::printf("%s%s\n", opt->prompts[p].c_str(), tok->decode(out[p]).c_str());
+          continue;
+        }
         std::string line;
-        for (size_t i = 0; i < seq.size(); ++i) line += (i ? "," : "") + std::to_string(seq[i]);
+        for (size_t i = 0; i < out[p].size(); ++i) {
+          line += (i ? "," : "") + std::to_string(out[p][i]);
+        }
         std::printf("%s\n", line.c_str());
       }
       const std::string tp_note = opt->tp > 1 ? " (tp " + std::to_string(opt->tp) + ")" : "";

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   fp8kv::cli::add_generate(app);
   fp8kv::cli::add_demo(app);
   fp8kv::cli::add_bench(app);
+  fp8kv::cli::add_tokenize(app);
   if (argc == 1) {  // no command: the list of commands, not an error
     std::fputs(app.help().c_str(), stdout);
     return 0;

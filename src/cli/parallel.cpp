@@ -206,10 +206,45 @@ void spawn_rank_processes(int tp) {
 
 }  // namespace
 
+std::string resolve_device(const std::string& device, int tp, std::string* why) {
+  if (device != "auto") return device;
+#if !defined(FP8KV_HAVE_CUDA)
+  (void)tp;
+  *why = "this fp8kv was built without CUDA";
+  return "cpu";
+#else
+  const int found = gpu_count();
+  if (found < tp) {
+    *why = found == 0 ? "no GPU found"
+                      : std::to_string(found) + " GPU(s) found, --tp " + std::to_string(tp) +
+                            " needs " + std::to_string(tp);
+    return "cpu";
+  }
+  for (int d = 0; d < tp; ++d) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, d) != cudaSuccess) {
+      cudaGetLastError();
+      *why = "cannot query GPU " + std::to_string(d);
+      return "cpu";
+    }
+    if (prop.major != 9) {  // the kernels are compiled for sm_90a only
+      *why = "GPU " + std::to_string(d) + " (" + prop.name + ", sm_" +
+             std::to_string(prop.major) + std::to_string(prop.minor) +
+             ") is not a Hopper GPU, which this build's kernels need";
+      return "cpu";
+    }
+    if (d == 0) *why = std::string(prop.name);
+  }
+  return "cuda";
+#endif
+}
+
 void add_device_and_tp_options(CLI::App* cmd, std::string& device, int& tp) {
+  const char* env = std::getenv("FP8KV_DEVICE");
+  device = (env != nullptr && *env != '\0') ? env : "auto";
   cmd->add_option("--device", device,
-                  "cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights; needs a CUDA "
-                  "build)")
+                  "auto (cuda when this build has CUDA and a usable GPU, else cpu; default, or "
+                  "$FP8KV_DEVICE), cpu, or cuda (GPU 0, with --tp N GPUs 0..N-1; bf16 weights)")
       ->capture_default_str();
   cmd->add_option("--tp", tp,
                   "Tensor-parallel ranks (Megatron-style head / intermediate split); with "
@@ -226,8 +261,16 @@ void add_device_and_tp_options(CLI::App* cmd, std::string& device, int& tp) {
       ->group("");
 }
 
-void run_tensor_parallel(int tp, const std::string& device,
+void run_tensor_parallel(int tp, std::string& device,
                          const std::function<void(Communicator&)>& body) {
+  if (device == "auto") {
+    std::string why;
+    device = resolve_device(device, tp, &why);
+    if (g_tp_rank < 0) std::fprintf(stderr, "device: %s (auto: %s)\n", device.c_str(), why.c_str());
+  }
+  if (device != "cpu" && device != "cuda") {
+    throw Error("--device '" + device + "': expected auto, cpu or cuda");
+  }
   if (g_tp_rank >= 0) {
     if (device != "cuda" || g_tp_rendezvous.empty()) {
       throw Error("--tp-rank is internal: it needs --device cuda and --tp-rendezvous");
@@ -244,7 +287,6 @@ void run_tensor_parallel(int tp, const std::string& device,
     run_ranks(tp, body);
     return;
   }
-  if (device != "cuda") throw Error("--device '" + device + "': expected cpu or cuda");
   spawn_rank_processes(tp);
 }
 

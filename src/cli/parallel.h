@@ -13,10 +13,14 @@ class App;
 
 namespace fp8kv::cli {
 
-// Adds `--device cpu|cuda` and `--tp N` (tensor-parallel ranks, default 1) to `cmd`, and the
-// hidden `--tp-rank R --tp-rendezvous FILE` that the parent of `--tp N --device cuda` gives each
-// rank process.
+// Adds `--device auto|cpu|cuda` (default auto, or $FP8KV_DEVICE) and `--tp N` (tensor-parallel
+// ranks, default 1) to `cmd`, and the hidden `--tp-rank R --tp-rendezvous FILE` that the parent
+// of `--tp N --device cuda` gives each rank process.
 void add_device_and_tp_options(CLI::App* cmd, std::string& device, int& tp);
+
+// "auto" -> "cuda" when this build has the CUDA backend and `tp` GPUs of the architecture it was
+// compiled for (Hopper) are there, else "cpu"; `why` gets the reason. Other names unchanged.
+std::string resolve_device(const std::string& device, int tp, std::string* why);
 
 // Runs body(comm) for every rank of `tp`: tp = 1 in this thread (a single-rank communicator);
 // with --device cpu, tp ranks as threads of this process (the in-process communicator). With
@@ -26,7 +30,9 @@ void add_device_and_tp_options(CLI::App* cmd, std::string& device, int& tp);
 // and throws Error naming the first rank that failed (stopping the others). A rank process
 // joins the NCCL group on GPU R and runs body once. The body makes its own Device (on the
 // current GPU) and loads its shard (Model::load(..., tp, rank)); rank 0 prints and writes.
-void run_tensor_parallel(int tp, const std::string& device,
+// `device` "auto" is resolved first (resolve_device; the choice is said on stderr) and written
+// back, so that the body's make_device(device) sees "cpu" or "cuda".
+void run_tensor_parallel(int tp, std::string& device,
                          const std::function<void(Communicator&)>& body);
 
 }  // namespace fp8kv::cli

@@ -18,9 +18,14 @@ struct RunResult {
 };
 
 // `fp8kv ARGS`; stderr is merged into the output, or dropped when `with_stderr` is false (for
-// tests that parse what the command prints on stdout).
+// tests that parse what the command prints on stdout). The model commands run on the CPU
+// (FP8KV_DEVICE=cpu, unless ARGS say --device or FP8KV_DEVICE): the tests' expectations were
+// made there, and their default, --device auto, would pick a GPU where there is one.
 inline RunResult run_fp8kv(const std::string& args, bool with_stderr = true) {
-  const std::string command = std::string("'") + FP8KV_BINARY + "' " + args +
+  const bool device_given = args.find("--device") != std::string::npos ||
+                            args.find("FP8KV_DEVICE") != std::string::npos;
+  const std::string command = std::string(device_given ? "" : "FP8KV_DEVICE=cpu ") + "'" +
+                              FP8KV_BINARY + "' " + args +
                               (with_stderr ? " 2>&1" : " 2>/dev/null");
   RunResult result;
   FILE* pipe = ::popen(command.c_str(), "r");

@@ -14,6 +14,7 @@
 #include "fp8kv/make_model.h"
 #include "fp8kv/model.h"
 #include "fp8kv/observer.h"
+#include "fp8kv/threaded_communicator.h"
 #include "fp8kv/workflows.h"
 #include "runtime/test_util.h"
 

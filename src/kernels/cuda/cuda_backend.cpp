@@ -54,6 +54,8 @@ class CudaBackend final : public Backend {
     }
     name_ = std::string("cuda:") + std::to_string(device) + " (" + prop.name + ")";
     check_cuda(cudaMalloc(&bad_token_, sizeof *bad_token_), "cuda backend: cudaMalloc");
+    check_cuda(cudaMalloc(&slot_error_, sizeof *slot_error_), "cuda backend: cudaMalloc");
+    check_cuda(cudaMemset(slot_error_, 0xff, sizeof *slot_error_), "cuda backend: cudaMemset");
     const char* env = std::getenv("FP8KV_CUDA_CHECK_BATCH");
     check_batch_ = env != nullptr && std::string(env) == "1";
   }
@@ -61,6 +63,7 @@ class CudaBackend final : public Backend {
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
     cudaFree(bad_token_);
+    cudaFree(slot_error_);
     cudaFree(workspace_);
   }
 
@@ -90,6 +93,7 @@ class CudaBackend final : public Backend {
     select();
     if (bytes) check_cuda(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "cuda backend: download");
     check_cuda(cudaStreamSynchronize(stream_), "cuda backend: download (synchronize)");
+    throw_slot_error();
   }
   void memset(void* dst, int value, size_t bytes) override {
     select();
@@ -98,6 +102,7 @@ class CudaBackend final : public Backend {
   void synchronize() override {
     select();
     check_cuda(cudaStreamSynchronize(stream_), "cuda backend: synchronize");
+    throw_slot_error();
   }
 
   void quantize_kv(const QuantizeKvParams& p) override {
@@ -105,16 +110,11 @@ class CudaBackend final : public Backend {
     if (p.num_tokens == 0) return;
     select();
     cuda::launch_check_slots(p, bad_token_, stream_);
-    cuda::launch_quantize_kv(p, bad_token_, stream_);
-    unsigned long long bad = 0;
-    check_cuda(cudaMemcpyAsync(&bad, bad_token_, sizeof bad, cudaMemcpyDeviceToHost, stream_), "cuda backend: quantize_kv slot check");
-    check_cuda(cudaStreamSynchronize(stream_), "cuda backend: quantize_kv (synchronize)");
-    if (bad != ULLONG_MAX) {
-      int32_t slot = 0;
-      check_cuda(cudaMemcpy(&slot, p.slots + bad, sizeof slot, cudaMemcpyDeviceToHost), "cuda backend: quantize_kv slot read");
-      throw Error("quantize_kv: token " + std::to_string(bad) + ": slot " + std::to_string(slot) +
-                  " out of [0, num_slots " + std::to_string(p.cache.num_slots) + ") (nothing written)");
-    }
+    // No host synchronization here (a decode step stays sync-free): a refused write is recorded
+    // on the device and thrown by the next synchronize() or download(); at once in the debug
+    // mode FP8KV_CUDA_CHECK_BATCH=1.
+    cuda::launch_quantize_kv(p, bad_token_, slot_error_, stream_);
+    if (check_batch_) synchronize();
   }
 
   void quantize_q(const QuantizeQParams& p) override {
@@ -175,6 +175,18 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_;
   std::string name_;
   unsigned long long* bad_token_ = nullptr;  // [1] first token with a bad slot (quantize_kv)
+  cuda::SlotError* slot_error_ = nullptr;    // the first refused quantize_kv not yet reported
+
+  // After a stream synchronization: throws (once) the refusal a quantize_kv recorded.
+  void throw_slot_error() {
+    cuda::SlotError e{};
+    check_cuda(cudaMemcpy(&e, slot_error_, sizeof e, cudaMemcpyDeviceToHost), "cuda backend: slot check");
+    if (e.token == ULLONG_MAX) return;
+    check_cuda(cudaMemset(slot_error_, 0xff, sizeof e), "cuda backend: slot check reset");
+    throw Error("quantize_kv: token " + std::to_string(e.token) + ": slot " +
+                std::to_string(static_cast<long long>(e.slot)) + " out of [0, num_slots " +
+                std::to_string(e.num_slots) + ") (nothing written)");
+  }
   void* workspace_ = nullptr;                // split-KV partials of decode
   size_t workspace_bytes_ = 0;
   bool check_batch_ = false;

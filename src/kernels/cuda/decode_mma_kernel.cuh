@@ -159,66 +159,6 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   const int head0 = g * a.group + hc * kRows;  // first query head of this CTA
   const int num_heads = sub < kv_here ? min(kRows, a.group - hc * kRows) : 0;
 
-  // Q^T -> B fragments of the QK k-steps (query head r of the CTA as column r). FP8 caches:
-  // step k is the 16-byte block k of the K row in the permuted dim order described above, so
-  // qa[k][0] = dims 16k+4t, +1 and qa[k][1] = dims 16k+4t+2, +3, in fp16. bf16 cache: the plain
-  // m16n8k16 order, qa[k][0] = dims 16k+2t, +1 and qa[k][1] = dims 16k+2t+8, +9, in bf16.
-  // Heads past the group's end are zero and never written.
-  uint32_t qa[kSteps][2];
-  float mult = a.sm_scale_log2;  // raw score -> log2-domain logit
-  {
-    const int64_t row = (q_token * a.num_q_heads + head0 + r) * kHeadDim;
-    const bool valid = r < num_heads;
-    if constexpr (kBf16) {
-      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 2 * t;
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        qa[k][0] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
-        qa[k][1] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k + 8) : 0u;
-      }
-    } else if constexpr (kQFp8) {
-      const uint8_t* q = static_cast<const uint8_t*>(a.q) + row + 4 * t;
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        const uint32_t w = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
-        decode_mma::e4m3x4_to_f16x2x2(w, qa[k][0], qa[k][1]);
-      }
-      mult *= a.q_scale[static_cast<int64_t>(b) * a.num_kv_heads + g];
-    } else {
-      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 4 * t;
-      uint2 raw[kSteps];
-      float amax = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        raw[k] = valid ? *reinterpret_cast<const uint2*>(q + 16 * k) : make_uint2(0u, 0u);
-        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
-        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(y.x), fabsf(y.y))));
-      }
-      amax = warp_max(amax);
-      // 2^e with max |q| * 2^e in [2^14, 2^15): fp16 holds every bf16 value of Q exactly down
-      // to 2^-32 of the maximum. Zero or non-finite Q: no scaling (NaN/inf propagate).
-      int e = 0;
-      if (amax > 0.0f && amax <= 3.0e38f) {
-        frexpf(amax, &e);  // amax in [2^(e-1), 2^e)
-        e = min(max(15 - e, -120), 120);
-      }
-      const float up = ldexpf(1.0f, e);
-      mult *= ldexpf(1.0f, -e);
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
-        qa[k][0] = decode_mma::pack_f16x2(x.x * up, x.y * up);
-        qa[k][1] = decode_mma::pack_f16x2(y.x * up, y.y * up);
-      }
-    }
-  }
-  float v_scale = 1.0f;
-  if constexpr (!kBf16) {
-    const int scale_index = kScheme == KvScheme::kFp8PerHead ? g : 0;
-    mult *= a.k_scale[scale_index];
-    v_scale = a.v_scale[scale_index];
-  }
-
   // Online softmax state of query heads 2t and 2t+1 (the 8 lanes of a t hold the same m; l is
   // per lane until the end).
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -284,6 +224,68 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     if (i < num_tiles) issue(i);
   }
   load_slot(Sh::kStages - 1);
+  // Q and the scales after the first copies are issued: their loads' latency overlaps the
+  // copies' instead of delaying them (the prologue is paid once per CTA).
+  // Q^T -> B fragments of the QK k-steps (query head r of the CTA as column r). FP8 caches:
+  // step k is the 16-byte block k of the K row in the permuted dim order described above, so
+  // qa[k][0] = dims 16k+4t, +1 and qa[k][1] = dims 16k+4t+2, +3, in fp16. bf16 cache: the plain
+  // m16n8k16 order, qa[k][0] = dims 16k+2t, +1 and qa[k][1] = dims 16k+2t+8, +9, in bf16.
+  // Heads past the group's end are zero and never written.
+  uint32_t qa[kSteps][2];
+  float mult = a.sm_scale_log2;  // raw score -> log2-domain logit
+  {
+    const int64_t row = (q_token * a.num_q_heads + head0 + r) * kHeadDim;
+    const bool valid = r < num_heads;
+    if constexpr (kBf16) {
+      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 2 * t;
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        qa[k][0] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
+        qa[k][1] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k + 8) : 0u;
+      }
+    } else if constexpr (kQFp8) {
+      const uint8_t* q = static_cast<const uint8_t*>(a.q) + row + 4 * t;
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        const uint32_t w = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
+        decode_mma::e4m3x4_to_f16x2x2(w, qa[k][0], qa[k][1]);
+      }
+      mult *= a.q_scale[static_cast<int64_t>(b) * a.num_kv_heads + g];
+    } else {
+      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 4 * t;
+      uint2 raw[kSteps];
+      float amax = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        raw[k] = valid ? *reinterpret_cast<const uint2*>(q + 16 * k) : make_uint2(0u, 0u);
+        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
+        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(y.x), fabsf(y.y))));
+      }
+      amax = warp_max(amax);
+      // 2^e with max |q| * 2^e in [2^14, 2^15): fp16 holds every bf16 value of Q exactly down
+      // to 2^-32 of the maximum. Zero or non-finite Q: no scaling (NaN/inf propagate).
+      int e = 0;
+      if (amax > 0.0f && amax <= 3.0e38f) {
+        frexpf(amax, &e);  // amax in [2^(e-1), 2^e)
+        e = min(max(15 - e, -120), 120);
+      }
+      const float up = ldexpf(1.0f, e);
+      mult *= ldexpf(1.0f, -e);
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
+        qa[k][0] = decode_mma::pack_f16x2(x.x * up, x.y * up);
+        qa[k][1] = decode_mma::pack_f16x2(y.x * up, y.y * up);
+      }
+    }
+  }
+  float v_scale = 1.0f;
+  if constexpr (!kBf16) {
+    const int scale_index = kScheme == KvScheme::kFp8PerHead ? g : 0;
+    mult *= a.k_scale[scale_index];
+    v_scale = a.v_scale[scale_index];
+  }
+
   for (int i = 0; i < num_tiles; ++i) {
     mbarrier_wait(bar_base + 8 * (i % Sh::kStages), (i / Sh::kStages) & 1);
     // Every warp is done with tile i-1, whose stage the issue below refills.

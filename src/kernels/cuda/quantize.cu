@@ -24,22 +24,85 @@ struct QuantizeKvArgs {
   const float* v_scale;
   float* observe_amax;                  // optional [2 * Hkv]
   const unsigned long long* bad_token;  // optional: write nothing unless UINT64_MAX
+  SlotError* error;                     // with bad_token: where a refused write is recorded
   int64_t num_chunks;                   // T * chunks_per_token
+  int64_t num_slots;
   int chunks_per_token;                 // 2 * Hkv * D / kChunk
   int num_kv_heads;
 };
 
-// One thread = 16 consecutive elements of one token row (inside one head since D % 16 == 0).
-// The D/16 threads of one (token, head) are adjacent lanes of a warp: the observation reduces
-// over them with shuffles, then one shared atomicMax per group, then one global atomicMax per
-// head and block. Loop trip counts are uniform per block so that every lane reaches the
-// shuffles.
+// One chunk: 16 consecutive elements of one token row (inside one head since D % 16 == 0),
+// already loaded as v0, v1. Writes the cache and returns the chunk's |x| max bits (observe).
+template <KvScheme kScheme, int kHeadDim>
+__device__ __forceinline__ uint32_t quantize_chunk(const QuantizeKvArgs& a, int64_t idx, int64_t slot,
+                                                   uint4 v0, uint4 v1, bool observe) {
+  constexpr int kGroup = kHeadDim / kChunk;
+  const int64_t token = idx / a.chunks_per_token;
+  const int chunk = static_cast<int>(idx - token * a.chunks_per_token);
+  const int head = chunk / kGroup;  // 0..2*Hkv-1: K heads then V heads
+  const int64_t dst_elem = (slot * a.chunks_per_token + chunk) * kChunk;
+  uint32_t amax = 0;
+  if constexpr (kScheme == KvScheme::kBf16) {
+    uint16_t* dst = static_cast<uint16_t*>(a.cache) + dst_elem;
+    st_v4(dst, v0);
+    st_v4(dst + 8, v1);
+    if (observe) {
+      const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        // bf16 pairs: |x| bits of each half, compared as floats' bit patterns.
+        amax = max(amax, max((w[i] << 16) & 0x7fff0000u, w[i] & 0x7fff0000u));
+      }
+    }
+  } else {
+    const bool is_v = head >= a.num_kv_heads;
+    const int scale_head = kScheme == KvScheme::kFp8PerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
+    const float scale = is_v ? a.v_scale[scale_head] : a.k_scale[scale_head];
+    float f[16];
+    float (&f0)[8] = *reinterpret_cast<float(*)[8]>(&f[0]);
+    float (&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
+    widen_bf16x8(v0, f0);
+    widen_bf16x8(v1, f1);
+    uint32_t packed[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      // True division, as the CPU twin (fp8kv::quantize_e4m3): same rounding, same bytes.
+      const uint16_t lo = float2_to_e4m3x2_hw(f[4 * i] / scale, f[4 * i + 1] / scale);
+      const uint16_t hi = float2_to_e4m3x2_hw(f[4 * i + 2] / scale, f[4 * i + 3] / scale);
+      packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+    uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;
+    st_v4(dst, make_uint4(packed[0], packed[1], packed[2], packed[3]));
+    if (observe) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) amax = max(amax, abs_bits(f[i]));
+    }
+  }
+  return amax;
+}
+
+// One thread = one chunk per step, kUnroll steps' loads issued before any is used (more bytes in
+// flight per thread: the kernel streams, it has no reuse). The D/16 threads of one (token,
+// head) are adjacent lanes of a warp: the observation reduces over them with shuffles, then one
+// shared atomicMax per group, then one global atomicMax per head and block. Loop trip counts are
+// uniform per block so that every lane reaches the shuffles.
+constexpr int kUnroll = 2;
 template <KvScheme kScheme, int kHeadDim>
 __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const QuantizeKvArgs a) {
   constexpr int kGroup = kHeadDim / kChunk;  // lanes per (token, head): 4, 8, 16
   static_assert(kHeadDim % kChunk == 0 && 32 % kGroup == 0, "head_dim");
   extern __shared__ uint32_t s_amax[];  // [2 * Hkv] when observing
-  if (a.bad_token != nullptr && *a.bad_token != ULLONG_MAX) return;
+  if (a.bad_token != nullptr) {
+    const unsigned long long bad = *a.bad_token;
+    if (bad != ULLONG_MAX) {
+      // Refused: nothing written. The first refusal not yet read by the host is recorded.
+      if (blockIdx.x == 0 && threadIdx.x == 0 && atomicCAS(&a.error->token, ULLONG_MAX, bad) == ULLONG_MAX) {
+        a.error->slot = static_cast<unsigned long long>(static_cast<long long>(a.slots[bad]));
+        a.error->num_slots = static_cast<unsigned long long>(a.num_slots);
+      }
+      return;
+    }
+  }
   const int heads2 = 2 * a.num_kv_heads;
   const bool observe = a.observe_amax != nullptr;
   if (observe) {
@@ -48,59 +111,30 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < a.num_chunks;
-       base += stride) {
-    const int64_t idx = base + threadIdx.x;
-    const bool active = idx < a.num_chunks;
-    uint32_t amax = 0;
-    int head = 0;
-    if (active) {
-      const int64_t token = idx / a.chunks_per_token;
-      const int chunk = static_cast<int>(idx - token * a.chunks_per_token);
-      head = chunk / kGroup;  // 0..2*Hkv-1: K heads then V heads
-      const int64_t slot = a.slots[token];
-      const uint16_t* src = a.kv + idx * kChunk;
-      const uint4 v0 = ld_stream_v4(src), v1 = ld_stream_v4(src + 8);
-      const int64_t dst_elem = (slot * a.chunks_per_token + chunk) * kChunk;
-      if constexpr (kScheme == KvScheme::kBf16) {
-        uint16_t* dst = static_cast<uint16_t*>(a.cache) + dst_elem;
-        st_v4(dst, v0);
-        st_v4(dst + 8, v1);
-        if (observe) {
-          const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+       base += kUnroll * stride) {
+    uint4 v[kUnroll][2] = {};
+    int64_t slot[kUnroll] = {};
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            // bf16 pairs: |x| bits of each half, compared as floats' bit patterns.
-            amax = max(amax, max((w[i] << 16) & 0x7fff0000u, w[i] & 0x7fff0000u));
-          }
-        }
-      } else {
-        const bool is_v = head >= a.num_kv_heads;
-        const int scale_head = kScheme == KvScheme::kFp8PerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
-        const float scale = is_v ? a.v_scale[scale_head] : a.k_scale[scale_head];
-        float f[16];
-        float (&f0)[8] = *reinterpret_cast<float(*)[8]>(&f[0]);
-        float (&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
-        widen_bf16x8(v0, f0);
-        widen_bf16x8(v1, f1);
-        uint32_t packed[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          // True division, as the CPU twin (fp8kv::quantize_e4m3): same rounding, same bytes.
-          const uint16_t lo = float2_to_e4m3x2_hw(f[4 * i] / scale, f[4 * i + 1] / scale);
-          const uint16_t hi = float2_to_e4m3x2_hw(f[4 * i + 2] / scale, f[4 * i + 3] / scale);
-          packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-        }
-        uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;
-        st_v4(dst, make_uint4(packed[0], packed[1], packed[2], packed[3]));
-        if (observe) {
-#pragma unroll
-          for (int i = 0; i < 16; ++i) amax = max(amax, abs_bits(f[i]));
-        }
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = base + u * stride + threadIdx.x;
+      if (idx < a.num_chunks) {
+        const uint16_t* src = a.kv + idx * kChunk;
+        v[u][0] = ld_stream_v4(src);
+        v[u][1] = ld_stream_v4(src + 8);
+        slot[u] = a.slots[idx / a.chunks_per_token];
       }
     }
-    if (observe) {
-      amax = warp_max_bits<kGroup>(amax);
-      if (active && (threadIdx.x % kGroup) == 0) atomicMax(&s_amax[head], amax);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = base + u * stride + threadIdx.x;
+      const bool active = idx < a.num_chunks;
+      uint32_t amax = 0;
+      if (active) amax = quantize_chunk<kScheme, kHeadDim>(a, idx, slot[u], v[u][0], v[u][1], observe);
+      if (observe && base + u * stride < a.num_chunks) {  // uniform over the block
+        amax = warp_max_bits<kGroup>(amax);
+        const int head = static_cast<int>(idx % a.chunks_per_token) / kGroup;
+        if (active && (threadIdx.x % kGroup) == 0) atomicMax(&s_amax[head], amax);
+      }
     }
   }
   if (observe) {
@@ -201,7 +235,7 @@ void launch_check_slots(const QuantizeKvParams& p, unsigned long long* bad_token
   FP8KV_CUDA_CHECK_LAUNCH("check_slots_kernel");
 }
 
-void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad_token,
+void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad_token, SlotError* error,
                         cudaStream_t stream) {
   if (p.num_tokens == 0) return;
   const int D = p.cache.head_dim;
@@ -214,6 +248,8 @@ void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad
   a.v_scale = p.scales.v;
   a.observe_amax = p.observe_amax;
   a.bad_token = bad_token;
+  a.error = error;
+  a.num_slots = p.cache.num_slots;
   a.num_chunks = p.num_tokens * chunks_per_token;
   a.chunks_per_token = chunks_per_token;
   a.num_kv_heads = p.cache.num_kv_heads;
@@ -230,7 +266,7 @@ void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad
 }
 
 void launch_quantize_kv(const QuantizeKvParams& p, cudaStream_t stream) {
-  launch_quantize_kv(p, nullptr, stream);
+  launch_quantize_kv(p, nullptr, nullptr, stream);
 }
 
 void launch_quantize_q(const QuantizeQParams& p, cudaStream_t stream) {
