@@ -22,11 +22,21 @@ namespace fp8kv {
 FP8KV_API std::vector<std::string> model_preset_names();
 FP8KV_API ModelConfig model_preset(const std::string& name);  // throws Error listing the presets
 
+// How make_model writes the shards: `threads` workers (0: the hardware's threads, at most 32),
+// each filling and writing a piece of at most piece_bytes (a positive even number: whole bf16
+// elements) of a tensor at a time. The bytes written depend on neither.
+struct ModelWriter {
+  int threads = 0;
+  uint64_t piece_bytes = 64ull << 20;
+};
+
 // Writes DIR/config.json and bf16 safetensors weights (sharded with an index above
-// `shard_bytes`, like real checkpoints), all shards at once by worker threads. Weights are uniform with std 1/sqrt(fan_in) (norms near 1), the same for the
-// same config and seed on any machine and thread count. As in real models a few K channels
-// carry outliers: in every layer some k_proj rows are scaled by 8-16x.
+// `shard_bytes`, like real checkpoints), all shards at once by worker threads. Weights are
+// uniform with std 1/sqrt(fan_in) (norms near 1), the same for the same config and seed on any
+// machine, thread count and piece size. As in real models a few K channels carry outliers: in
+// every layer some k_proj rows are scaled by 8-16x. Throws Error for a bad `writer`.
 FP8KV_API void make_model(const std::string& dir, const ModelConfig& config, uint64_t seed = 0,
-                          uint64_t shard_bytes = 5000ull << 20, bool show_progress = false);
+                          uint64_t shard_bytes = 5000ull << 20, bool show_progress = false,
+                          const ModelWriter& writer = {});
 
 }  // namespace fp8kv

@@ -123,7 +123,14 @@ ModelConfig model_preset(const std::string& name) {
 }
 
 void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uint64_t shard_bytes,
-                bool show_progress) {
+                bool show_progress, const ModelWriter& writer) {
+  if (writer.piece_bytes == 0 || writer.piece_bytes % 2 != 0) {
+    throw Error("make_model: piece_bytes " + std::to_string(writer.piece_bytes) +
+                " is not a positive even number (whole bf16 elements)");
+  }
+  if (writer.threads < 0) {
+    throw Error("make_model: threads " + std::to_string(writer.threads) + " is negative");
+  }
   fs::create_directories(dir);
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
   const int64_t QD = static_cast<int64_t>(c.num_q_heads) * c.head_dim;
@@ -190,10 +197,8 @@ void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uin
 
   // Each tensor in chunks of kChunk elements with their own random stream, so that the bytes
   // depend neither on the number of threads nor on how the writer cuts the tensor into pieces
-  // (pieces are whole chunks: kPieceBytes is a multiple of 2 * kChunk).
+  // (a piece starting inside a chunk steps the chunk's stream up to its first element).
   constexpr int64_t kChunk = 1 << 16;
-  constexpr uint64_t kPieceBytes = 64ull << 20;
-  static_assert(kPieceBytes % (2 * kChunk) == 0, "pieces are whole random chunks");
   auto fill_range = [&](size_t i, uint64_t offset, uint8_t* dst, size_t bytes) {
     const int64_t e0 = static_cast<int64_t>(offset / 2);
     const int64_t e1 = e0 + static_cast<int64_t>(bytes / 2);
@@ -206,6 +211,7 @@ void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uin
       const int64_t end = std::min(e1, (ck + 1) * kChunk);
       for (int64_t e = ck * kChunk; e < end; ++e) {
         state = mix(state);
+        if (e < e0) continue;
         const float u = static_cast<float>(state >> 40) * (1.0f / 16777216.0f);  // [0, 1)
         const uint16_t b = float_to_bf16(center + a * (2.0f * u - 1.0f));
         std::memcpy(dst + 2 * (e - e0), &b, 2);
@@ -260,7 +266,7 @@ void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uin
   int64_t pieces = 0;
   for (const TensorSpec& t : specs) {
     pieces += static_cast<int64_t>((2 * TensorInfo{t.name, t.dtype, t.shape}.numel() +
-                                    kPieceBytes - 1) / kPieceBytes);
+                                    writer.piece_bytes - 1) / writer.piece_bytes);
   }
   Progress progress("writing " + dir, pieces, show_progress);
   std::mutex progress_mu;
@@ -273,7 +279,8 @@ void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uin
         std::lock_guard<std::mutex> lock(progress_mu);
         progress.update(++written);
       },
-      kPieceBytes, static_cast<int>(std::max(1u, std::min(hw, 32u))));
+      writer.piece_bytes,
+      writer.threads > 0 ? writer.threads : static_cast<int>(std::max(1u, std::min(hw, 32u))));
   if (shards.size() > 1) {
     const std::string index_path = (fs::path(dir) / "model.safetensors.index.json").string();
     const std::string tmp = index_path + ".tmp";

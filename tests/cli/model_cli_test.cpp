@@ -73,6 +73,24 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "prefill tok/s")) << r.output;
   EXPECT_TRUE(contains(r.output, "fp8-per-head")) << r.output;
+  // No calibration files: each fp8 cache is calibrated on the 2 x 8 prompt tokens, timed on a
+  // line of its own whose first word is not a cache name (scripts/gpu-model-check's awk).
+  int calib_lines = 0;
+  std::istringstream lines(r.output);
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream words(line);
+    std::string first;
+    words >> first;
+    if (first != "calibration") continue;
+    ++calib_lines;
+    double rate = 0;
+    std::string unit, tokens;
+    words >> rate >> unit >> tokens;
+    EXPECT_GT(rate, 0.0) << line;
+    EXPECT_EQ(unit, "tok/s") << line;
+    EXPECT_EQ(tokens, "(16") << line;
+  }
+  EXPECT_EQ(calib_lines, 2) << r.output;
 }
 
 TEST(ModelCli, DemoEndToEndSmall) {
