@@ -76,6 +76,26 @@ ModelConfig llama3_shaped(int hidden, int intermediate, int layers, int q_heads,
   return c;
 }
 
+// Qwen2's shape: q/k/v biases, RoPE theta 1e6, no RoPE scaling.
+ModelConfig qwen2_shaped(int hidden, int intermediate, int layers, int q_heads, int kv_heads,
+                         int head_dim, int vocab, bool tied_embeddings) {
+  ModelConfig c;
+  c.architecture = "Qwen2ForCausalLM";
+  c.hidden_size = hidden;
+  c.intermediate_size = intermediate;
+  c.num_layers = layers;
+  c.num_q_heads = q_heads;
+  c.num_kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.vocab_size = vocab;
+  c.rms_norm_eps = 1e-6f;
+  c.rope_theta = 1000000.0f;
+  c.max_position_embeddings = 32768;
+  c.tie_word_embeddings = tied_embeddings;
+  c.attention_bias = true;
+  return c;
+}
+
 }  // namespace
 
 ModelConfig model_preset(const std::string& name) {
@@ -83,40 +103,8 @@ ModelConfig model_preset(const std::string& name) {
   if (name == "tiny-mqa") return llama3_shaped(512, 1024, 4, 8, 1, 64, 2048);
   if (name == "llama-8b-4layers") return llama3_shaped(4096, 14336, 4, 32, 8, 128, 128256);
   if (name == "llama-3-8b") return llama3_shaped(4096, 14336, 32, 32, 8, 128, 128256);
-  if (name == "qwen2.5-7b") {
-    ModelConfig c;
-    c.architecture = "Qwen2ForCausalLM";
-    c.hidden_size = 3584;
-    c.intermediate_size = 18944;
-    c.num_layers = 28;
-    c.num_q_heads = 28;
-    c.num_kv_heads = 4;
-    c.head_dim = 128;
-    c.vocab_size = 152064;
-    c.rms_norm_eps = 1e-6f;
-    c.rope_theta = 1000000.0f;
-    c.max_position_embeddings = 32768;
-    c.tie_word_embeddings = false;
-    c.attention_bias = true;
-    return c;
-  }
-  if (name == "qwen2-tiny") {
-    ModelConfig c;
-    c.architecture = "Qwen2ForCausalLM";
-    c.hidden_size = 512;
-    c.intermediate_size = 1024;
-    c.num_layers = 2;
-    c.num_q_heads = 8;
-    c.num_kv_heads = 4;
-    c.head_dim = 64;
-    c.vocab_size = 2048;
-    c.rms_norm_eps = 1e-6f;
-    c.rope_theta = 1000000.0f;
-    c.max_position_embeddings = 32768;
-    c.tie_word_embeddings = true;
-    c.attention_bias = true;
-    return c;
-  }
+  if (name == "qwen2.5-7b") return qwen2_shaped(3584, 18944, 28, 28, 4, 128, 152064, false);
+  if (name == "qwen2-tiny") return qwen2_shaped(512, 1024, 2, 8, 4, 64, 2048, true);
   std::string names;
   for (const auto& n : model_preset_names()) names += (names.empty() ? "" : ", ") + n;
   throw Error("unknown model preset '" + name + "' (presets: " + names + ")");
