@@ -1,6 +1,8 @@
-// fp8kv demo: the whole workflow on a tiny random-weight model, on the CPU, in a few minutes:
-// make the model, sample token data from it, calibrate both FP8 schemes, evaluate, generate.
+// fp8kv demo: a small trained model end to end on the CPU, in a minute or two: calibrate both
+// FP8 schemes on one part of its text, evaluate on held-out text, and generate a continuation
+// of a prompt with each KV cache.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -10,71 +12,90 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/text_input.h"
 #include "fp8kv/backend.h"
 #include "fp8kv/calib.h"
 #include "fp8kv/error.h"
-#include "fp8kv/make_model.h"
 #include "fp8kv/model.h"
 #include "fp8kv/token_data.h"
+#include "fp8kv/tokenizer.h"
 #include "fp8kv/workflows.h"
 
 namespace fp8kv::cli {
 
 namespace {
 
-// `count` sequences of `len` tokens sampled from the model at temperature 1, each from a
-// random first token: text the model finds plausible, so perplexities mean something.
-TokenData sample_data(const Model& model, Backend& backend, ModelOps& ops, int count, int len,
-                      uint64_t seed) {
-  RunnerOptions ro;
-  ro.max_requests = count;
-  ro.max_len = len;
-  ro.num_slots = static_cast<int64_t>(count) * len;
-  ModelRunner runner(model, backend, ops, std::move(ro));
-  TokenData prompts;
-  uint64_t s = seed * 0x9e3779b97f4a7c15ull + 12345;
-  for (int i = 0; i < count; ++i) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    prompts.push_back({static_cast<int32_t>((s >> 33) % model.config().vocab_size)});
-  }
-  const auto out = runner.generate(prompts, len - 1, 1.0f, seed);
-  for (int i = 0; i < count; ++i) {
-    prompts[static_cast<size_t>(i)].insert(prompts[static_cast<size_t>(i)].end(),
-                                           out[static_cast<size_t>(i)].begin(),
-                                           out[static_cast<size_t>(i)].end());
-  }
-  return prompts;
+// The first `max_sequences` sequences of `path`'s text cut into `seq_len` tokens.
+TokenData text_slice(const std::string& path, const Tokenizer& tok, int seq_len, int max_sequences,
+                     int vocab_size) {
+  TokenData d = load_text_data(path, tok, seq_len, vocab_size);
+  if (static_cast<int>(d.size()) > max_sequences) d.resize(static_cast<size_t>(max_sequences));
+  return d;
 }
 
-std::string join(const std::vector<int32_t>& v) {
-  std::string s;
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
-  return s;
+// `text` with each line after the first indented by `indent`, for the side-by-side blocks.
+std::string indented(const std::string& text, const std::string& indent) {
+  std::string out;
+  for (char ch : text) {
+    out += ch;
+    if (ch == '\n') out += indent;
+  }
+  return out;
 }
 
 }  // namespace
 
 void add_demo(CLI::App& app) {
   struct Opts {
-    std::string out;
-    int sequences = 16;
-    int len = 192;
+    std::string model, out, calib_text, eval_text;
+    std::string prompt = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n";
+    int seq_len = 256;
+    int calib_sequences = 64;
+    int eval_sequences = 16;
+    int max_new = 48;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
-      "demo", "Tiny model end to end on the CPU: make, calibrate both FP8 schemes, evaluate");
-  cmd->add_option("--out", opt->out,
-                  "Folder for the model, data and calibration files "
-                  "(default: a new folder under the temp dir)");
-  cmd->add_option("--sequences", opt->sequences, "Sequences of calibration and of eval data")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 4096));
-  cmd->add_option("--len", opt->len, "Tokens per sequence")
+      "demo",
+      "A trained model end to end on the CPU: calibrate both FP8 schemes on text, evaluate on "
+      "held-out text, generate with each KV cache");
+  cmd->add_option("--model", opt->model,
+                  "Model folder with tokenizer.json, calib.txt and heldout.txt (the repo's "
+                  "models/tiny-stdlib-llama)")
+      ->required();
+  cmd->add_option("--calib-text", opt->calib_text, "Calibration text (default: MODEL/calib.txt)");
+  cmd->add_option("--eval-text", opt->eval_text,
+                  "Held-out evaluation text (default: MODEL/heldout.txt)");
+  cmd->add_option("--seq-len", opt->seq_len, "Tokens per sequence cut from the texts")
       ->capture_default_str()
       ->check(CLI::Range(2, 8192));
+  cmd->add_option("--calib-sequences", opt->calib_sequences,
+                  "Calibrate on at most this many sequences of the calibration text")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--eval-sequences", opt->eval_sequences,
+                  "Evaluate on at most this many sequences of the held-out text")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--prompt", opt->prompt, "Prompt to continue with each KV cache")
+      ->capture_default_str();
+  cmd->add_option("--max-new", opt->max_new, "Tokens to generate")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--out", opt->out,
+                  "Folder for the calibration files (default: a new folder under the temp dir)");
   cmd->callback([opt]() {
     namespace fs = std::filesystem;
     const auto t0 = std::chrono::steady_clock::now();
+    const std::string m = opt->model;
+    const std::string calib_text = opt->calib_text.empty() ? m + "/calib.txt" : opt->calib_text;
+    const std::string eval_text = opt->eval_text.empty() ? m + "/heldout.txt" : opt->eval_text;
+    for (const std::string& f : {calib_text, eval_text}) {
+      if (!fs::is_regular_file(f)) throw fp8kv::Error("demo: text file " + f + " does not exist");
+    }
+    const Tokenizer tok = load_tokenizer(std::nullopt, m, "demo");
+    const std::vector<int32_t> prompt = tok.encode(opt->prompt);
+    if (prompt.empty()) throw fp8kv::Error("demo: --prompt \"\": an empty prompt");
     std::string dir = opt->out;
     if (dir.empty()) {
       std::string tmpl = (fs::temp_directory_path() / "fp8kv-demo-XXXXXX").string();
@@ -82,34 +103,28 @@ void add_demo(CLI::App& app) {
       dir = tmpl;
     }
     fs::create_directories(dir);
-    const std::string model_dir = dir + "/model";
-    const std::string calib_data = dir + "/calib.jsonl", eval_data = dir + "/eval.jsonl";
     const std::string per_head = dir + "/kv_cache_calib_per_head.json";
     const std::string per_tensor = dir + "/kv_cache_calib_per_tensor.json";
 
-    std::printf("[1/5] make-model --preset tiny -> %s\n", model_dir.c_str());
+    std::printf("[1/4] load %s\n", m.c_str());
     std::fflush(stdout);
-    make_model(model_dir, model_preset("tiny"));
     auto backend = make_cpu_backend();
     auto ops = make_cpu_model_ops();
-    auto model = Model::load(model_dir, *backend);
+    auto model = Model::load(m, *backend);
     const ModelConfig& c = model->config();
+    std::printf("      %s: %d layers, hidden %d, %d Q / %d KV heads of %d, vocab %d\n",
+                c.architecture.c_str(), c.num_layers, c.hidden_size, c.num_q_heads, c.num_kv_heads,
+                c.head_dim, c.vocab_size);
+    const TokenData calib_tokens =
+        text_slice(calib_text, tok, opt->seq_len, opt->calib_sequences, c.vocab_size);
+    const TokenData eval_tokens =
+        text_slice(eval_text, tok, opt->seq_len, opt->eval_sequences, c.vocab_size);
+
     std::printf(
-        "      %s: %d layers, hidden %d, %d Q / %d KV heads of %d, vocab %d; K has "
-        "outlier channels\n",
-        c.architecture.c_str(), c.num_layers, c.hidden_size, c.num_q_heads, c.num_kv_heads,
-        c.head_dim, c.vocab_size);
-
-    std::printf("[2/5] sampling token data from the model: %d + %d sequences of %d tokens\n",
-                opt->sequences, opt->sequences, opt->len);
-    std::fflush(stdout);
-    write_token_data(calib_data, sample_data(*model, *backend, *ops, opt->sequences, opt->len, 1));
-    write_token_data(eval_data, sample_data(*model, *backend, *ops, opt->sequences, opt->len, 2));
-    std::printf("      wrote %s and %s\n", calib_data.c_str(), eval_data.c_str());
-    const TokenData calib_tokens = load_token_data(calib_data, c.vocab_size);
-    const TokenData eval_tokens = load_token_data(eval_data, c.vocab_size);
-
-    std::printf("[3/5] calibrate --scheme per-head and per-tensor on %s\n", calib_data.c_str());
+        "[2/4] calibrate --scheme per-head and per-tensor on %s: %lld tokens in %zu "
+        "sequences\n",
+        calib_text.c_str(), static_cast<long long>(count_tokens(calib_tokens)),
+        calib_tokens.size());
     std::fflush(stdout);
     for (QuantType qt : {QuantType::kPerHead, QuantType::kPerTensor}) {
       CalibrateOptions co;
@@ -122,7 +137,8 @@ void add_demo(CLI::App& app) {
                   path.c_str());
     }
 
-    std::printf("[4/5] eval on %s (held out from calibration)\n", eval_data.c_str());
+    std::printf("[3/4] eval on held-out %s: %lld tokens in %zu sequences\n", eval_text.c_str(),
+                static_cast<long long>(count_tokens(eval_tokens)), eval_tokens.size());
     std::fflush(stdout);
     EvalOptions eo;
     eo.show_progress = true;
@@ -131,26 +147,39 @@ void add_demo(CLI::App& app) {
                                   load_scales_for_model(per_head, c, KvScheme::kFp8PerHead), eo);
     std::printf("\n%s\n", format_eval_table(r).c_str());
 
-    std::printf("[5/5] generate: greedy, 24 new tokens after the first 8 of an eval sequence\n");
-    const std::vector<int32_t> prompt(
-        eval_tokens[0].begin(),
-        eval_tokens[0].begin() + std::min<size_t>(8, eval_tokens[0].size()));
+    std::printf("[4/4] generate: greedy, %d new tokens with each KV cache\n", opt->max_new);
+    std::string shown = opt->prompt;
+    if (!shown.empty() && shown.back() == '\n') shown.pop_back();  // the block's own line end
+    std::printf("      prompt:\n      | %s\n", indented(shown, "      | ").c_str());
+    std::vector<int32_t> bf16_out;
     for (KvScheme s : {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
       RunnerOptions ro;
       ro.scheme = s;
       if (s == KvScheme::kFp8PerTensor) ro.scales = load_scales_for_model(per_tensor, c, s);
       if (s == KvScheme::kFp8PerHead) ro.scales = load_scales_for_model(per_head, c, s);
       ro.max_requests = 1;
-      ro.max_len = 64;
-      ro.num_slots = 64;
+      ro.max_len = static_cast<int>(prompt.size()) + opt->max_new;
+      ro.num_slots = ro.max_len;
       ModelRunner runner(*model, *backend, *ops, std::move(ro));
-      std::printf("      %-15s %s\n", scheme_name(s),
-                  join(runner.generate({prompt}, 24)[0]).c_str());
+      const std::vector<int32_t> out = runner.generate({prompt}, opt->max_new)[0];
+      std::string same;
+      if (s == KvScheme::kBf16) {
+        bf16_out = out;
+      } else {
+        const size_t n = static_cast<size_t>(
+            std::mismatch(out.begin(), out.end(), bf16_out.begin(), bf16_out.end()).first -
+            out.begin());
+        same = n == out.size() ? " (the same tokens as bf16)"
+                               : " (the same as bf16 for " + std::to_string(n) + " of " +
+                                     std::to_string(out.size()) + " tokens)";
+      }
+      std::printf("\n      -- %s cache%s:\n      | %s\n", scheme_name(s), same.c_str(),
+                  indented(tok.decode(out), "      | ").c_str());
     }
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    std::printf("\ndemo done in %.1f s; files in %s\n", sec, dir.c_str());
-    std::printf("next: fp8kv generate --model %s --kv fp8-per-head --calib %s --input-ids %s\n",
-                model_dir.c_str(), per_head.c_str(), join(prompt).c_str());
+    std::printf("\ndemo done in %.1f s; calibration files in %s\n", sec, dir.c_str());
+    std::printf("next: fp8kv generate --model %s --kv fp8-per-head --calib %s --prompt \"...\"\n",
+                m.c_str(), per_head.c_str());
   });
 }
 
