@@ -59,9 +59,9 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
   add_data_options(cmd, opt->data, opt->text);
   cmd->add_option("--per-head-calib", opt->per_head,
-                  "Per-head calibration file (default: calibrate on --data)");
+                  "Per-head scales, any format convert reads (default: calibrate on --data)");
   cmd->add_option("--per-tensor-calib", opt->per_tensor,
-                  "Per-tensor calibration file (default: calibrate on --data)");
+                  "Per-tensor scales, any format convert reads (default: calibrate on --data)");
   cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

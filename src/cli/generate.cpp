@@ -95,7 +95,9 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
   cmd->add_option("--kv", opt->kv, "KV cache: bf16, fp8-per-head or fp8-per-tensor")
       ->capture_default_str();
-  cmd->add_option("--calib", opt->calib, "Calibration file (required for the FP8 caches)");
+  cmd->add_option("--calib", opt->calib,
+                  "KV scales, required for the FP8 caches: kv_cache_calib.json, a quant-param "
+                  "JSON, scale tensors (.safetensors) or a model folder carrying them");
   cmd->add_option("--input-ids", opt->inputs,
                   "Prompt token ids, comma separated; repeat for a batch of prompts (prints ids)");
   cmd->add_option("--prompt", opt->prompts,
