@@ -58,9 +58,9 @@ void add_bench_model(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(1, 65536));
   cmd->add_option("--per-head-calib", opt->per_head,
-                  "Per-head scales, any format convert reads (default: calibrate on the prompts)");
+                  "Per-head scales, any format convert reads (default: calibrate on prompts)");
   cmd->add_option("--per-tensor-calib", opt->per_tensor,
-                  "Per-tensor scales, any format convert reads (default: calibrate on the prompts)");
+                  "Per-tensor scales, any format convert reads (default: calibrate on prompts)");
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
     using clock = std::chrono::steady_clock;

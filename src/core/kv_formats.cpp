@@ -195,7 +195,8 @@ std::string quant_param_json_text(const CalibData& d, const std::string& model_t
     layers += fmt::format("{}\"{}\": {}", l ? ", " : "", l, float_text(s));
   }
   std::string out = "{\n";
-  out += fmt::format("  \"model_type\": {},\n", model_type.empty() ? "null" : json_quoted(model_type));
+  const std::string type_text = model_type.empty() ? "null" : json_quoted(model_type);
+  out += fmt::format("  \"model_type\": {},\n", type_text);
   out += "  \"kv_cache\": {\n";
   out += fmt::format("    \"dtype\": \"{}\",\n", kE4m3DtypeName);
   out += "    \"scaling_factor\": {\n";

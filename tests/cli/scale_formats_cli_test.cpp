@@ -104,6 +104,16 @@ TEST_F(ScaleFormatsCli, ModelOptTensorsServeTheSameScales) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "no >= 1.0 clamp")) << r.output;
   EXPECT_EQ(tokens("fp8-per-tensor", m), tokens("fp8-per-tensor", path("per-tensor.json")));
+  // eval takes the tensors too (and a vLLM folder for per-head).
+  r = run("convert " + path("per-head.json") + " " + path("vllm.safetensors") +
+          " --to vllm-checkpoint");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  testing::write_tiny_token_data(path("eval.jsonl"));
+  r = run("eval --model " + *model_ + " --data " + path("eval.jsonl") + " --batch 2 " +
+          "--per-tensor-calib " + m + " --per-head-calib " + path("vllm.safetensors"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "fp8-per-tensor: scales from " + m)) << r.output;
+  EXPECT_TRUE(contains(r.output, "perplexity")) << r.output;
   r = run("convert " + m + " " + path("pt-back.json") + " --to lightllm --model " + *model_);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(read_file(path("pt-back.json")), read_file(path("per-tensor.json")));
