@@ -110,10 +110,14 @@ TEST_F(ScaleFormatsCli, ModelOptTensorsServeTheSameScales) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   testing::write_tiny_token_data(path("eval.jsonl"));
   r = run("eval --model " + *model_ + " --data " + path("eval.jsonl") + " --batch 2 " +
-          "--per-tensor-calib " + m + " --per-head-calib " + path("vllm.safetensors"));
+          "--per-tensor-calib " + m + " --per-head-calib " + path("vllm.safetensors") +
+          " --kv-bf16-layers 2");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "fp8-per-tensor: scales from " + m)) << r.output;
   EXPECT_TRUE(contains(r.output, "perplexity")) << r.output;
+  EXPECT_TRUE(contains(r.output, "(--kv-bf16-layers 2: kept in bf16 in both FP8 caches"))
+      << r.output;
+  EXPECT_TRUE(contains(r.output, "fp8-per-head: layers losing most ")) << r.output;
   r = run("convert " + m + " " + path("pt-back.json") + " --to lightllm --model " + *model_);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(read_file(path("pt-back.json")), read_file(path("per-tensor.json")));
@@ -150,6 +154,28 @@ TEST_F(ScaleFormatsCli, QuantParamJsonListsEveryRank) {
   EXPECT_TRUE(contains(r.output, "give --model DIR or --num-kv-heads N")) << r.output;
   r = run("convert " + qp + " " + path("qp-back.json") + " --to lightllm --model " + *model_);
   EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
+// --kv-bf16-layers on generate: every layer in bf16 generates what the bf16 cache does; a
+// layer the model lacks, a bad list and a bf16 cache are refused before anything runs.
+TEST_F(ScaleFormatsCli, Bf16LayersOnGenerate) {
+  const std::string bf16 = token_lines(
+      run("generate --model " + *model_ + " --input-ids 3,1,4,1,5 --input-ids 9,2,6 --max-new 6")
+          .output);
+  ASSERT_FALSE(bf16.empty());
+  EXPECT_EQ(tokens("fp8-per-head --kv-bf16-layers 0,1,2,3", path("per-head.json")), bf16);
+  const std::string gen = "generate --model " + *model_ + " --input-ids 1,2 --max-new 1 ";
+  RunResult r =
+      run(gen + "--kv fp8-per-head --calib " + path("per-head.json") + " --kv-bf16-layers 0,4");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "--kv-bf16-layers: layer 4, but the model has 4 layers (0..3)"))
+      << r.output;
+  r = run(gen + "--kv fp8-per-head --calib " + path("per-head.json") + " --kv-bf16-layers 0,x");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "found 'x' in '0,x'")) << r.output;
+  r = run(gen + "--kv bf16 --kv-bf16-layers 0");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "--kv-bf16-layers is only for the FP8 caches")) << r.output;
 }
 
 // A checkpoint with a V scale and no K scale is refused, naming the missing tensor: never
