@@ -14,12 +14,15 @@
 namespace fp8kv {
 
 // The KV pool: per layer [num_slots + 1, 2 * Hkv, D] (bf16 or e4m3), slot num_slots being the
-// padding slot. Zero-filled at creation.
+// padding slot. Zero-filled at creation. `bf16_layers` (--kv-bf16-layers) keeps those layers in
+// bf16 in an FP8 pool: their KvCacheLayer says kBf16, and the attention of that layer runs the
+// bf16 path; the scales of every layer stay where they are. Throws Error naming a layer that
+// the model does not have.
 class FP8KV_API KvPool {
  public:
   KvPool(Backend& backend, int num_layers, int64_t num_slots, int num_kv_heads, int head_dim,
-         KvScheme scheme);
-  KvCacheLayer layer(int l) const;
+         KvScheme scheme, const std::vector<int>& bf16_layers = {});
+  KvCacheLayer layer(int l) const;  // its scheme: kBf16 for a bf16 layer, else the pool's
   int num_layers() const { return static_cast<int>(layers_.size()); }
   int64_t num_slots() const { return num_slots_; }
   KvScheme scheme() const { return scheme_; }
@@ -31,6 +34,7 @@ class FP8KV_API KvPool {
   int num_kv_heads_;
   int head_dim_;
   KvScheme scheme_;
+  std::vector<KvScheme> layer_schemes_;  // [num_layers]
 };
 
 // Requests and their slots: req_to_token[max_requests, max_len] (int32 slot indices, in the

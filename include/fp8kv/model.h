@@ -153,6 +153,9 @@ struct RunnerOptions {
   int max_requests = 64;
   int max_len = 4096;
   std::vector<ShadowScheme> shadows;
+  // FP8 schemes (main pool and every shadow): these layers keep their K/V in bf16
+  // (--kv-bf16-layers; KvPool). Their scales are still required and simply unused.
+  std::vector<int> bf16_layers;
   // Tensor parallelism: the group of the model's shard (world size = shard().tp, rank =
   // shard().rank); required when tp > 1, null otherwise. Every rank runs the same calls.
   Communicator* comm = nullptr;

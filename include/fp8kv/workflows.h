@@ -63,6 +63,7 @@ struct EvalOptions {
   int batch_size = 4;
   bool show_progress = false;
   Communicator* comm = nullptr;  // tensor parallelism (RunnerOptions::comm)
+  std::vector<int> bf16_layers;  // kept in bf16 in both FP8 caches (RunnerOptions::bf16_layers)
 };
 
 // One scheme's numbers against the bf16 run, over every position that has a next token.
@@ -80,7 +81,15 @@ struct EvalResult {
   int64_t positions = 0;
   int64_t tokens = 0;
   double seconds = 0.0;
+  std::vector<int> bf16_layers;  // as given in EvalOptions
 };
+
+// The layers worth keeping in bf16 for one FP8 scheme, from its per-layer attention error
+// (SchemeEval::attn_rel_error): those whose error exceeds `factor` x the median over the layers
+// that are in FP8 (error > 0; a bf16 layer has none), largest first, at most max(1, layers / 8)
+// of them. Empty when no layer stands out.
+FP8KV_API std::vector<int> suggest_bf16_layers(const std::vector<double>& attn_rel_error,
+                                               double factor = 2.0);
 
 // bf16 vs fp8-per-tensor vs fp8-per-head on the same data. The per-layer attention error runs
 // both FP8 caches beside the bf16 run on its very inputs (ShadowScheme); the logit metrics

@@ -30,6 +30,7 @@ void add_bench_model(CLI::App& app) {
     std::string model, device = "auto";
     std::vector<std::string> kv = {"bf16", "fp8-per-tensor", "fp8-per-head"};
     std::optional<std::string> per_head, per_tensor;
+    std::optional<std::string> bf16_layers;
     int batch = 4;
     int prompt_len = 128;
     int context = 0;
@@ -60,9 +61,11 @@ void add_bench_model(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(1, 65536));
   cmd->add_option("--per-head-calib", opt->per_head,
-                  "Per-head calibration file (default: calibrate on the prompts)");
+                  "Per-head scales, any format convert reads (default: calibrate on prompts)");
   cmd->add_option("--per-tensor-calib", opt->per_tensor,
-                  "Per-tensor calibration file (default: calibrate on the prompts)");
+                  "Per-tensor scales, any format convert reads (default: calibrate on prompts)");
+  cmd->add_option("--kv-bf16-layers", opt->bf16_layers,
+                  "Keep these layers' K/V in bf16 in the FP8 caches, e.g. 0,31");
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
     using clock = std::chrono::steady_clock;
@@ -73,6 +76,8 @@ void add_bench_model(CLI::App& app) {
     }
     std::vector<KvScheme> schemes;
     for (const std::string& name : opt->kv) schemes.push_back(parse_scheme(name));
+    std::vector<int> bf16_layers;
+    if (opt->bf16_layers) bf16_layers = parse_layer_list(*opt->bf16_layers, "--kv-bf16-layers");
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
       const bool rank0 = comm.rank() == 0;
       // Rank 0 prints; every rank runs the same calls (the all-reduces keep them in step).
@@ -132,6 +137,8 @@ void add_bench_model(CLI::App& app) {
           }
         }
         ro.comm = &comm;
+        if (is_fp8(scheme)) ro.bf16_layers = bf16_layers;
+        const int bf16_count = static_cast<int>(ro.bf16_layers.size());
         ModelRunner runner(*model, backend, ops, std::move(ro));
         std::vector<int> reqs;
         auto add_all = [&] {
@@ -160,8 +167,9 @@ void add_bench_model(CLI::App& app) {
         const double decode = std::chrono::duration<double>(t3 - t2).count();
         const double decode_rate = opt->batch * opt->decode / decode;
         if (scheme == KvScheme::kBf16) bf16_decode = decode_rate;
-        const double bytes =
-            2.0 * c.num_layers * c.num_kv_heads * c.head_dim * kv_elem_bytes(scheme);
+        const double bytes = 2.0 * c.num_kv_heads * c.head_dim *
+                             ((c.num_layers - bf16_count) * kv_elem_bytes(scheme) +
+                              bf16_count * kv_elem_bytes(KvScheme::kBf16));
         say("%-16s %14.1f %14.1f %16.0f %13.2f\n", scheme_name(scheme),
             opt->batch * opt->prompt_len / prefill, decode_rate, bytes,
             static_cast<double>(runner.kv_pool_bytes()) / (1ull << 30));

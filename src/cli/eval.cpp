@@ -4,6 +4,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/parallel.h"
@@ -49,6 +50,7 @@ void add_eval(CLI::App& app) {
   struct Opts {
     std::string model, data, device = "auto";
     std::optional<std::string> per_head, per_tensor;
+    std::optional<std::string> bf16_layers;
     int batch = 4;
     int tp = 1;
     TextInput text;
@@ -59,15 +61,20 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
   add_data_options(cmd, opt->data, opt->text);
   cmd->add_option("--per-head-calib", opt->per_head,
-                  "Per-head calibration file (default: calibrate on --data)");
+                  "Per-head scales, any format convert reads (default: calibrate on --data)");
   cmd->add_option("--per-tensor-calib", opt->per_tensor,
-                  "Per-tensor calibration file (default: calibrate on --data)");
+                  "Per-tensor scales, any format convert reads (default: calibrate on --data)");
+  cmd->add_option("--kv-bf16-layers", opt->bf16_layers,
+                  "Keep these layers' K/V in bf16 in both FP8 caches, e.g. 0,31");
   cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
     check_data_choice(opt->data, opt->text, opt->model);
+    // Checked before the (possibly long) model load; the layers' range by the pool.
+    std::vector<int> bf16_layers;
+    if (opt->bf16_layers) bf16_layers = parse_layer_list(*opt->bf16_layers, "--kv-bf16-layers");
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
       const bool rank0 = comm.rank() == 0;
       Device dev = make_device(opt->device);
@@ -86,6 +93,7 @@ void add_eval(CLI::App& app) {
       eo.batch_size = opt->batch;
       eo.show_progress = rank0;
       eo.comm = &comm;
+      eo.bf16_layers = bf16_layers;
       const EvalResult r = evaluate(*model, *backend, *ops, data, pt, ph, eo);
       if (rank0) std::printf("\n%s", format_eval_table(r).c_str());
     });

@@ -89,13 +89,18 @@ void add_generate(CLI::App& app) {
     std::optional<std::string> dump_logits;
     int tp = 1;
     bool exact_tp = false;
+    std::optional<std::string> bf16_layers;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "Greedy generation from a prompt or token ids");
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
   cmd->add_option("--kv", opt->kv, "KV cache: bf16, fp8-per-head or fp8-per-tensor")
       ->capture_default_str();
-  cmd->add_option("--calib", opt->calib, "Calibration file (required for the FP8 caches)");
+  cmd->add_option("--calib", opt->calib,
+                  "KV scales, required for the FP8 caches: kv_cache_calib.json, a quant-param "
+                  "JSON, scale tensors (.safetensors) or a model folder carrying them");
+  cmd->add_option("--kv-bf16-layers", opt->bf16_layers,
+                  "FP8 caches: keep these layers' K/V in bf16, e.g. 0,31 (eval suggests a set)");
   cmd->add_option("--input-ids", opt->inputs,
                   "Prompt token ids, comma separated; repeat for a batch of prompts (prints ids)");
   cmd->add_option("--prompt", opt->prompts,
@@ -137,6 +142,11 @@ void add_generate(CLI::App& app) {
                          "refusing to run with scales of 1.0");
     }
     if (!is_fp8(scheme) && opt->calib) throw fp8kv::Error("--calib is only for the FP8 caches");
+    std::vector<int> bf16_layers;
+    if (opt->bf16_layers) {
+      if (!is_fp8(scheme)) throw fp8kv::Error("--kv-bf16-layers is only for the FP8 caches");
+      bf16_layers = parse_layer_list(*opt->bf16_layers, "--kv-bf16-layers");
+    }
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
       const bool rank0 = comm.rank() == 0;
       Device dev = make_device(opt->device);
@@ -155,6 +165,7 @@ void add_generate(CLI::App& app) {
       ro.num_slots = static_cast<int64_t>(ro.max_len) * ro.max_requests;
       ro.comm = &comm;
       ro.exact_tp = opt->exact_tp;
+      ro.bf16_layers = bf16_layers;
       ModelRunner runner(*model, *backend, *ops, std::move(ro));
       const auto t0 = std::chrono::steady_clock::now();
       const auto out =

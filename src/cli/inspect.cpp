@@ -1,5 +1,5 @@
-// fp8kv inspect: load a kv_cache_calib.json, validate it against what the user says about the
-// model, and print a summary that fits a 100-column terminal.
+// fp8kv inspect: load KV scales in any format load_kv_scales reads, validate them against what
+// the user says about the model, and print a summary that fits a 100-column terminal.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -14,6 +14,7 @@
 #include "cli/commands.h"
 #include "fp8kv/calib.h"
 #include "fp8kv/error.h"
+#include "fp8kv/scale_tensors.h"
 #include "fp8kv/scheme.h"
 
 namespace fp8kv::cli {
@@ -36,7 +37,8 @@ struct InspectOptions {
   std::optional<int> tp;
   std::optional<int> rank;
   std::optional<std::string> scheme;
-  bool all = false;  // print every row and column
+  bool all = false;                   // print every row and column
+  std::optional<std::string> reduce;  // "max": quant-param JSON ranks that disagree, merged
 };
 
 std::string sci(float x) { return fmt::format("{:.3e}", x); }
@@ -156,28 +158,37 @@ void run_inspect(const InspectOptions& opt) {
     expect.quant_type =
         scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
   }
-  const CalibData d = load_calib(opt.file, expect);
+  const LoadedScales loaded = load_kv_scales(opt.file, expect, opt.reduce.has_value());
+  const CalibData& d = loaded.data;
   // Slice before printing anything, so a bad --tp/--rank refuses without a half-printed summary.
   std::optional<RankScales> slice;
   if (opt.tp) slice = slice_for_rank(d, *opt.tp, *opt.rank);
 
   const bool per_head = d.quant_type == QuantType::kPerHead;
   const KvScheme scheme = per_head ? KvScheme::kFp8PerHead : KvScheme::kFp8PerTensor;
+  const bool lightllm = loaded.format == "lightllm";
+  const std::string absent = "(not in this format)";
   fmt::print("{:<14}{}\n", "file", opt.file);
-  fmt::print("{:<14}{}\n", "version", d.version);
-  fmt::print("{:<14}{}\n", "model", d.architectures);
+  fmt::print("{:<14}{}{}\n", "format", loaded.format,
+             loaded.detail.empty() ? "" : " (" + loaded.detail + ")");
+  if (lightllm) fmt::print("{:<14}{}\n", "version", d.version);
+  fmt::print("{:<14}{}\n", "model", d.architectures.empty() ? absent : d.architectures);
   fmt::print(
       "{:<14}{} (scheme {}): {}\n", "quant_type", quant_type_name(d.quant_type),
       scheme_name(scheme),
       per_head ? "one K and one V scale per layer and KV head" : "one K and one V scale per layer");
-  fmt::print("{:<14}qmin {:.1f}, qmax {:.1f} (E4M3)\n", "range", d.qmin, d.qmax);
+  if (lightllm) fmt::print("{:<14}qmin {:.1f}, qmax {:.1f} (E4M3)\n", "range", d.qmin, d.qmax);
   if (d.num_target_layers) {
     fmt::print("{:<14}{} ({} target + {} draft; draft rows are {}..{})\n", "layers", d.num_layers,
                *d.num_target_layers, *d.num_draft_layers, *d.num_target_layers, d.num_layers - 1);
   } else {
     fmt::print("{:<14}{}\n", "layers", d.num_layers);
   }
-  fmt::print("{:<14}{} (over all tensor-parallel ranks)\n", "KV heads", d.num_head);
+  if (d.num_head > 0) {
+    fmt::print("{:<14}{} (over all tensor-parallel ranks)\n", "KV heads", d.num_head);
+  } else {
+    fmt::print("{:<14}{} (--num-kv-heads says)\n", "KV heads", absent);
+  }
   if (d.rank_layout) {
     const RankLayoutOrigin& o = *d.rank_layout;
     fmt::print(
@@ -195,7 +206,7 @@ void run_inspect(const InspectOptions& opt) {
                      ? fmt::format("K head {}", o.worst_column)
                      : fmt::format("V head {}", o.worst_column - d.num_head));
     }
-  } else if (!opt.num_kv_heads) {
+  } else if (!opt.num_kv_heads && lightllm) {
     const int k = apparent_rank_copies(d);
     if (k > 1) {
       fmt::print(
@@ -205,7 +216,7 @@ void run_inspect(const InspectOptions& opt) {
                  d.num_head / k);
     }
   }
-  fmt::print("{:<14}[{}, {}]\n", "scales_shape", d.num_layers, d.row_width());
+  if (lightllm) fmt::print("{:<14}[{}, {}]\n", "scales_shape", d.num_layers, d.row_width());
   if (d.q_scales) {
     fmt::print("{:<14}num_head {}, scales_shape [{}, {}]\n", "q_calibration", d.q_scales->num_head,
                d.num_layers, d.q_scales->num_head);
@@ -269,8 +280,13 @@ void run_inspect(const InspectOptions& opt) {
 void add_inspect(CLI::App& app) {
   auto opt = std::make_shared<InspectOptions>();
   CLI::App* cmd = app.add_subcommand(
-      "inspect", "Validate a kv_cache_calib.json and print its scales (optionally one rank's)");
-  cmd->add_option("file", opt->file, "Calibration file (kv_cache_calib.json)")->required();
+      "inspect",
+      "Validate KV scales in any format convert reads and print them (optionally one "
+      "rank's)");
+  cmd->add_option("file", opt->file,
+                  "kv_cache_calib.json, quant-param JSON, .safetensors of scale tensors, or a "
+                  "model folder carrying them")
+      ->required();
   cmd->add_option("--arch", opt->arch, "Expected architectures, e.g. Qwen2ForCausalLM");
   cmd->add_option("--num-layers", opt->num_layers, "Expected layers of the model")
       ->check(CLI::PositiveNumber);
@@ -284,6 +300,9 @@ void add_inspect(CLI::App& app) {
                           ->check(CLI::NonNegativeNumber);
   tp->needs(rank);
   rank->needs(tp);
+  cmd->add_option("--reduce", opt->reduce,
+                  "max: a quant-param JSON whose ranks disagree shows each layer's max over them")
+      ->check(CLI::IsMember({"max"}));
   cmd->add_flag("--all", opt->all, "Print every layer and head instead of eliding the middle");
   cmd->callback([opt]() { run_inspect(*opt); });
 }

@@ -19,252 +19,25 @@
 #include <string>
 #include <vector>
 
+#include "core/json_input.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 
 namespace fp8kv {
 
+using detail::describe;
+using detail::FieldReader;
+using detail::float_text;
+using detail::kMaxCalibFileBytes;
+using detail::parse_json;
+using detail::json_quoted;
+using detail::read_file_bounded;
+using detail::within_rounding_step;
 using nlohmann::json;
 
 namespace {
 
-// Hostile-input bounds, checked before any text reaches the JSON parser. A real file is a few
-// KB (64 layers x 64 heads of scales is ~100 KB), so these leave room for any model.
-constexpr int64_t kMaxCalibFileBytes = int64_t{64} << 20;  // 64 MiB
-constexpr int kMaxJsonDepth = 64;                          // nesting of [ and {
-constexpr size_t kMaxShownValueChars = 48;                 // how much of a bad value to quote
 constexpr const char* kVersion = "1.0";
-
-// ---- messages --------------------------------------------------------------------------------
-
-// 1-based line and column of byte `offset` in `text`.
-std::string position_of(const std::string& text, size_t offset) {
-  size_t line = 1, column = 1;
-  for (size_t i = 0; i < offset && i < text.size(); ++i) {
-    if (text[i] == '\n') {
-      ++line;
-      column = 1;
-    } else {
-      ++column;
-    }
-  }
-  return fmt::format("line {}, column {}", line, column);
-}
-
-// A JSON value as it appears in a message: its kind and (a prefix of) its text.
-std::string describe(const json& value) {
-  std::string text = value.dump(-1, ' ', false, json::error_handler_t::replace);
-  if (text.size() > kMaxShownValueChars) text = text.substr(0, kMaxShownValueChars) + "...";
-  if (value.is_string()) return "a string " + text;
-  if (value.is_array()) return "an array " + text;
-  if (value.is_object()) return "an object " + text;
-  if (value.is_boolean()) return "a boolean " + text;
-  if (value.is_null()) return "null";
-  return text;  // numbers speak for themselves
-}
-
-std::string quoted(const std::string& s) {
-  return json(s).dump(-1, ' ', false, json::error_handler_t::replace);
-}
-
-// Shortest text that reads back as exactly `x` when parsed as a double and rounded to float;
-// always with a '.' or an exponent so that it reads as a JSON float ("448.0", not "448").
-std::string float_text(float x) {
-  std::string s = fmt::format("{}", x);
-  if (s.find_first_of(".eE") == std::string::npos) s += ".0";
-  return s;
-}
-
-// True when a and b are equal or adjacent float32 values: one rounding step apart at most.
-bool within_rounding_step(float a, float b) { return a == b || std::nextafter(a, b) == b; }
-
-// ---- hostile-input pre-scan ------------------------------------------------------------------
-
-// Refuses what nlohmann would either take long over or report unclearly: nesting deeper than
-// kMaxJsonDepth (checked here so the parser never sees 100000 '['), and the NaN / Infinity
-// literals that Python's json module writes for non-finite floats.
-void prescan_json(const std::string& text, const std::string& name) {
-  int depth = 0;
-  bool in_string = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\') {
-        ++i;  // skip the escaped character (an escaped quote does not end the string)
-      } else if (c == '"') {
-        in_string = false;
-      }
-      continue;
-    }
-    switch (c) {
-      case '"':
-        in_string = true;
-        break;
-      case '[':
-      case '{':
-        if (++depth > kMaxJsonDepth) {
-          throw Error(fmt::format("{}: JSON nested deeper than {} levels at {}", name,
-                                  kMaxJsonDepth, position_of(text, i)));
-        }
-        break;
-      case ']':
-      case '}':
-        --depth;
-        break;
-      case 'N':
-      case 'I': {
-        for (const char* literal : {"NaN", "Infinity"}) {
-          if (text.compare(i, std::strlen(literal), literal) == 0) {
-            throw Error(fmt::format(
-                "{}: non-finite number '{}' at {} (JSON has no NaN or Infinity; every scale "
-                "must be finite and > 0)",
-                name, literal, position_of(text, i)));
-          }
-        }
-        break;
-      }
-      default:
-        break;
-    }
-  }
-}
-
-// nlohmann's message without its "[json.exception.parse_error.101] parse error at line 3,
-// column 1: " prefix (we give the position ourselves).
-std::string json_reason(const json::exception& e) {
-  std::string reason = e.what();
-  const size_t bracket = reason.find("] ");
-  if (bracket != std::string::npos) reason = reason.substr(bracket + 2);
-  if (reason.rfind("parse error", 0) == 0) {
-    const size_t colon = reason.find(": ");
-    if (colon != std::string::npos) reason = reason.substr(colon + 2);
-  }
-  return reason;
-}
-
-json parse_json(const std::string& text, const std::string& name) {
-  if (static_cast<int64_t>(text.size()) > kMaxCalibFileBytes) {
-    throw Error(fmt::format("{}: {} bytes, larger than the {}-byte limit for a calibration file",
-                            name, text.size(), kMaxCalibFileBytes));
-  }
-  if (text.find_first_not_of(" \t\r\n") == std::string::npos) {
-    throw Error(name + ": invalid JSON: the file is empty");
-  }
-  prescan_json(text, name);
-  try {
-    return json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw Error(fmt::format("{}: invalid JSON at {} (byte {}): {}", name,
-                            position_of(text, e.byte == 0 ? 0 : e.byte - 1), e.byte,
-                            json_reason(e)));
-  } catch (const json::out_of_range& e) {
-    // nlohmann refuses a number literal that overflows a double (1e999) with error 406.
-    throw Error(fmt::format("{}: invalid JSON: a number is not finite: {}", name, json_reason(e)));
-  } catch (const json::exception& e) {
-    throw Error(fmt::format("{}: invalid JSON: {}", name, json_reason(e)));
-  }
-}
-
-// ---- field access with messages that name the file and the field --------------------------
-
-class FieldReader {
- public:
-  FieldReader(const std::string& name, const json& object, std::string prefix = "")
-      : name_(name), object_(object), prefix_(std::move(prefix)) {}
-
-  [[noreturn]] void fail(const std::string& field, const std::string& detail) const {
-    throw Error(fmt::format("{}: field '{}{}': {}", name_, prefix_, field, detail));
-  }
-
-  bool has(const char* field) const { return object_.contains(field); }
-
-  const json& get(const char* field) const {
-    auto it = object_.find(field);
-    if (it == object_.end()) {
-      throw Error(fmt::format("{}: missing field '{}{}'", name_, prefix_, field));
-    }
-    return *it;
-  }
-
-  std::string string(const char* field) const {
-    const json& v = get(field);
-    if (!v.is_string()) fail(field, "expected a string, found " + describe(v));
-    return v.get<std::string>();
-  }
-
-  int integer(const char* field) const { return to_int(get(field), field); }
-
-  // A JSON number (integer or float) as a double.
-  double number(const char* field) const {
-    const json& v = get(field);
-    if (!v.is_number()) fail(field, "expected a number, found " + describe(v));
-    return v.get<double>();
-  }
-
-  // [rows, columns]: a JSON array of two integers.
-  std::pair<int, int> shape(const char* field) const {
-    const json& v = get(field);
-    if (!v.is_array() || v.size() != 2) {
-      fail(field, "expected [int, int], found " + describe(v));
-    }
-    return {to_int(v[0], field), to_int(v[1], field)};
-  }
-
-  // A JSON integer that fits an int; floats (2.0, 2.5) and strings are refused.
-  int to_int(const json& v, const char* field) const {
-    if (!v.is_number_integer()) fail(field, "expected an integer, found " + describe(v));
-    const bool fits = v.is_number_unsigned()
-                          ? v.get<uint64_t>() <= uint64_t{std::numeric_limits<int>::max()}
-                          : v.get<int64_t>() >= std::numeric_limits<int>::min() &&
-                                v.get<int64_t>() <= std::numeric_limits<int>::max();
-    if (!fits) fail(field, "expected an integer in int range, found " + describe(v));
-    return static_cast<int>(v.get<int64_t>());
-  }
-
-  // Reads a [rows, columns] matrix of numbers into `out` (row-major, float32), checking the
-  // actual shape against the declared one. Values are range-checked later, as floats.
-  void matrix(const char* field, int rows, int columns, std::vector<float>* out) const {
-    const json& v = get(field);
-    if (!v.is_array()) fail(field, "expected an array of rows, found " + describe(v));
-    if (v.size() != static_cast<size_t>(rows)) {
-      fail(field, fmt::format("expected {} rows (scales_shape[0]), found {}", rows, v.size()));
-    }
-    out->clear();
-    out->reserve(static_cast<size_t>(rows) * columns);
-    for (int r = 0; r < rows; ++r) {
-      const json& row = v[r];
-      if (!row.is_array()) {
-        fail(field, fmt::format("row {}: expected an array, found {}", r, describe(row)));
-      }
-      if (row.size() != static_cast<size_t>(columns)) {
-        fail(field, fmt::format("row {}: expected {} values (scales_shape[1]), found {}", r,
-                                columns, row.size()));
-      }
-      for (int c = 0; c < columns; ++c) {
-        const json& x = row[c];
-        if (!x.is_number()) {
-          fail(field,
-               fmt::format("row {}, column {}: expected a number, found {}", r, c, describe(x)));
-        }
-        // Parsed as double, then rounded once to float: LightLLM writes doubles such as
-        // 0.0571986623108387, and our own shortest-float text reads back bit-exact.
-        const double value = x.get<double>();
-        const float rounded = static_cast<float>(value);
-        if (std::isinf(rounded)) {
-          fail(field, fmt::format("layer {}, column {}: expected a finite value > 0, found {} "
-                                  "(not finite as float32)",
-                                  r, c, value));
-        }
-        out->push_back(rounded);
-      }
-    }
-  }
-
- private:
-  const std::string& name_;
-  const json& object_;
-  std::string prefix_;
-};
 
 // ---- value checks shared by the loader and the writer ----------------------------------------
 
@@ -303,12 +76,12 @@ void check_scales(const std::string& name, const char* field, const std::vector<
 // scheme, the E4M3 range, the draft split. `name` is the file.
 void check_header(const CalibData& d, const std::string& name, const CalibExpect& expect) {
   if (d.version != kVersion) {
-    throw Error(fmt::format("{}: field 'version': expected {}, found {}", name, quoted(kVersion),
-                            quoted(d.version)));
+    throw Error(fmt::format("{}: field 'version': expected {}, found {}", name, json_quoted(kVersion),
+                            json_quoted(d.version)));
   }
   if (expect.architectures && d.architectures != *expect.architectures) {
     throw Error(fmt::format("{}: field 'architectures': expected {} (the model's), found {}", name,
-                            quoted(*expect.architectures), quoted(d.architectures)));
+                            json_quoted(*expect.architectures), json_quoted(d.architectures)));
   }
   if (expect.quant_type && d.quant_type != *expect.quant_type) {
     const KvScheme asked =
@@ -389,58 +162,7 @@ QuantType parse_quant_type(const FieldReader& reader) {
   const std::string text = reader.string("quant_type");
   if (text == quant_type_name(QuantType::kPerHead)) return QuantType::kPerHead;
   if (text == quant_type_name(QuantType::kPerTensor)) return QuantType::kPerTensor;
-  reader.fail("quant_type", "expected \"per_head\" or \"per_tensor\", found " + quoted(text));
-}
-
-// Reads the whole file; refuses files over the size limit without reading them.
-std::string read_file_bounded(const std::string& path) {
-  struct stat info;
-  if (::stat(path.c_str(), &info) != 0) {
-    throw Error(fmt::format("{}: cannot open calibration file: {}", path, std::strerror(errno)));
-  }
-  if (S_ISDIR(info.st_mode)) {
-    throw Error(path + ": cannot open calibration file: it is a directory");
-  }
-  if (static_cast<int64_t>(info.st_size) > kMaxCalibFileBytes) {
-    throw Error(fmt::format("{}: {} bytes, larger than the {}-byte limit for a calibration file",
-                            path, static_cast<int64_t>(info.st_size), kMaxCalibFileBytes));
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    throw Error(fmt::format("{}: cannot open calibration file: {}", path, std::strerror(errno)));
-  }
-  // Stop reading once past the limit, in case the file grew (or is not a regular file).
-  constexpr size_t kReadChunkBytes = size_t{1} << 16;
-  std::string text;
-  std::vector<char> buffer(kReadChunkBytes);
-  while (in && static_cast<int64_t>(text.size()) <= kMaxCalibFileBytes) {
-    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    text.append(buffer.data(), static_cast<size_t>(in.gcount()));
-  }
-  if (in.bad()) throw Error(path + ": error while reading the calibration file");
-  return text;  // parse_json refuses it if it grew past the limit
-}
-
-// ---- atomic write ----------------------------------------------------------------------------
-
-// Writes all of `bytes` to `fd`; false on error (errno set).
-bool write_all(int fd, const std::string& bytes) {
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    done += static_cast<size_t>(n);
-  }
-  return true;
-}
-
-std::string parent_dir(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  return slash == 0 ? "/" : path.substr(0, slash);
+  reader.fail("quant_type", "expected \"per_head\" or \"per_tensor\", found " + json_quoted(text));
 }
 
 }  // namespace
@@ -566,8 +288,8 @@ std::string calib_to_json(const CalibData& d) {
   };
 
   std::string out = "{\n";
-  out += fmt::format("  \"version\": {},\n", quoted(d.version));
-  out += fmt::format("  \"architectures\": {},\n", quoted(d.architectures));
+  out += fmt::format("  \"version\": {},\n", json_quoted(d.version));
+  out += fmt::format("  \"architectures\": {},\n", json_quoted(d.architectures));
   out += fmt::format("  \"quant_type\": \"{}\",\n", quant_type_name(d.quant_type));
   out += fmt::format("  \"qmin\": {},\n", float_text(d.qmin));
   out += fmt::format("  \"qmax\": {},\n", float_text(d.qmax));
@@ -596,33 +318,7 @@ void write_calib(const std::string& path, const CalibData& data) {
   check_values(data, path);
   const std::string text = calib_to_json(data);
 
-  const std::string tmp = fmt::format("{}.tmp.{}", path, static_cast<long>(::getpid()));
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    throw Error(
-        fmt::format("{}: cannot create temporary file {}: {}", path, tmp, std::strerror(errno)));
-  }
-  // fsync before rename: otherwise a crash can leave the new name pointing at empty data.
-  const bool written = write_all(fd, text) && ::fsync(fd) == 0;
-  const int write_errno = errno;
-  const bool closed = ::close(fd) == 0;
-  if (!written || !closed) {
-    ::unlink(tmp.c_str());
-    throw Error(fmt::format("{}: cannot write temporary file {}: {}", path, tmp,
-                            std::strerror(written ? errno : write_errno)));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int rename_errno = errno;
-    ::unlink(tmp.c_str());
-    throw Error(
-        fmt::format("{}: cannot rename {} into place: {}", path, tmp, std::strerror(rename_errno)));
-  }
-  // Make the rename itself durable; a failure here does not undo a complete write.
-  const int dir_fd = ::open(parent_dir(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd >= 0) {
-    ::fsync(dir_fd);
-    ::close(dir_fd);
-  }
+  detail::write_text_atomic(path, text);
 }
 
 RankScales slice_for_rank(const CalibData& data, int tp, int rank) {

@@ -34,6 +34,13 @@ void AttentionErrorStats::add(int layer, const uint16_t* main, const uint16_t* s
 
 namespace {
 
+// {0, 31} -> "0,31" (what --kv-bf16-layers takes).
+std::string layer_list_text(const std::vector<int>& layers) {
+  std::string out;
+  for (size_t i = 0; i < layers.size(); ++i) out += (i ? "," : "") + std::to_string(layers[i]);
+  return out;
+}
+
 // log_softmax of one row of logits, in double.
 void log_softmax(const float* logits, int64_t n, std::vector<double>& out) {
   out.resize(static_cast<size_t>(n));
@@ -100,6 +107,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     ro.max_requests = options.batch_size;
     ro.max_len = max_len;
     ro.comm = options.comm;
+    ro.bf16_layers = options.bf16_layers;
     if (scheme == KvScheme::kFp8PerTensor) ro.scales = per_tensor;
     if (scheme == KvScheme::kFp8PerHead) ro.scales = per_head;
     return ro;
@@ -114,6 +122,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
   const KvScheme schemes[3] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
 
   EvalResult result;
+  result.bf16_layers = options.bf16_layers;
   Accum acc[3];
   const int64_t V = c.vocab_size;
   const auto start = std::chrono::steady_clock::now();
@@ -237,6 +246,59 @@ std::string format_eval_table(const EvalResult& r) {
                 "run beside bf16 on the same layer inputs)\n",
                 static_cast<long long>(r.positions), static_cast<long long>(r.tokens));
   out += buf;
+  if (!r.bf16_layers.empty()) {
+    out += "(--kv-bf16-layers " + layer_list_text(r.bf16_layers) +
+           ": kept in bf16 in both FP8 caches, attention error 0 there)\n";
+  }
+  // Which layers lose most, and the set --kv-bf16-layers could keep in bf16.
+  for (const SchemeEval& s : r.schemes) {
+    if (!is_fp8(s.scheme)) continue;
+    std::vector<int> order;
+    for (size_t l = 0; l < s.attn_rel_error.size(); ++l) {
+      if (s.attn_rel_error[l] > 0.0) order.push_back(static_cast<int>(l));
+    }
+    if (order.empty()) continue;
+    std::sort(order.begin(), order.end(),
+              [&](int a, int b) { return s.attn_rel_error[a] > s.attn_rel_error[b]; });
+    std::string worst;
+    for (size_t i = 0; i < std::min<size_t>(3, order.size()); ++i) {
+      std::snprintf(buf, sizeof buf, "%s%d (%.2e)", i ? ", " : "", order[i],
+                    s.attn_rel_error[static_cast<size_t>(order[i])]);
+      worst += buf;
+    }
+    const std::vector<int> suggested = suggest_bf16_layers(s.attn_rel_error);
+    out += std::string(scheme_name(s.scheme)) + ": layers losing most " + worst + "; " +
+           (suggested.empty() ? std::string("none above 2x the median: no --kv-bf16-layers "
+                                            "suggested")
+                              : "suggested --kv-bf16-layers " + layer_list_text(suggested) +
+                                    " (above 2x the median layer's error)") +
+           "\n";
+  }
+  return out;
+}
+
+std::vector<int> suggest_bf16_layers(const std::vector<double>& attn_rel_error, double factor) {
+  std::vector<int> fp8_layers;
+  std::vector<double> errors;
+  for (size_t l = 0; l < attn_rel_error.size(); ++l) {
+    if (attn_rel_error[l] > 0.0) {
+      fp8_layers.push_back(static_cast<int>(l));
+      errors.push_back(attn_rel_error[l]);
+    }
+  }
+  if (errors.empty()) return {};
+  std::sort(errors.begin(), errors.end());
+  const size_t n = errors.size();
+  const double median = n % 2 ? errors[n / 2] : 0.5 * (errors[n / 2 - 1] + errors[n / 2]);
+  std::vector<int> out;
+  for (int l : fp8_layers) {
+    if (attn_rel_error[static_cast<size_t>(l)] > factor * median) out.push_back(l);
+  }
+  std::sort(out.begin(), out.end(), [&](int a, int b) {
+    return attn_rel_error[static_cast<size_t>(a)] > attn_rel_error[static_cast<size_t>(b)];
+  });
+  const size_t cap = std::max<size_t>(1, attn_rel_error.size() / 8);
+  if (out.size() > cap) out.resize(cap);
   return out;
 }
 

@@ -1,5 +1,6 @@
 #include "fp8kv/kv_pool.h"
 
+#include <algorithm>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -11,13 +12,25 @@ namespace fp8kv {
 // ---- KvPool --------------------------------------------------------------------------------
 
 KvPool::KvPool(Backend& backend, int num_layers, int64_t num_slots, int num_kv_heads, int head_dim,
-               KvScheme scheme)
-    : num_slots_(num_slots), num_kv_heads_(num_kv_heads), head_dim_(head_dim), scheme_(scheme) {
+               KvScheme scheme, const std::vector<int>& bf16_layers)
+    : num_slots_(num_slots),
+      num_kv_heads_(num_kv_heads),
+      head_dim_(head_dim),
+      scheme_(scheme),
+      layer_schemes_(static_cast<size_t>(std::max(num_layers, 0)), scheme) {
   if (num_slots <= 0)
     throw Error("KV pool: num_slots must be positive, got " + std::to_string(num_slots));
-  const size_t bytes =
-      static_cast<size_t>(num_slots + 1) * 2 * num_kv_heads * head_dim * kv_elem_bytes(scheme);
+  for (int l : bf16_layers) {
+    if (l < 0 || l >= num_layers) {
+      throw Error("--kv-bf16-layers: layer " + std::to_string(l) + ", but the model has " +
+                  std::to_string(num_layers) + " layers (0.." + std::to_string(num_layers - 1) +
+                  ")");
+    }
+    layer_schemes_[static_cast<size_t>(l)] = KvScheme::kBf16;
+  }
   for (int l = 0; l < num_layers; ++l) {
+    const size_t bytes = static_cast<size_t>(num_slots + 1) * 2 * num_kv_heads * head_dim *
+                         kv_elem_bytes(layer_schemes_[static_cast<size_t>(l)]);
     layers_.emplace_back(backend, bytes);
     backend.memset(layers_.back().get(), 0, bytes);
   }
@@ -29,7 +42,7 @@ KvCacheLayer KvPool::layer(int l) const {
   c.num_slots = num_slots_;
   c.num_kv_heads = num_kv_heads_;
   c.head_dim = head_dim_;
-  c.scheme = scheme_;
+  c.scheme = layer_schemes_.at(static_cast<size_t>(l));
   return c;
 }
 

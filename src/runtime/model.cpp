@@ -12,6 +12,7 @@
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 #include "fp8kv/safetensors.h"
+#include "fp8kv/scale_tensors.h"
 
 #if defined(FP8KV_HAVE_CUDA)
 #include <cuda_runtime.h>
@@ -265,8 +266,9 @@ RankScales load_scales_for_model(const std::string& calib_path, const ModelConfi
   if (!is_fp8(scheme)) {
     throw Error(std::string("the ") + scheme_name(scheme) + " KV cache takes no calibration file");
   }
-  return slice_for_rank(load_calib(calib_path, calib_expect_for(config, scheme)), shard.tp,
-                        shard.rank);
+  // Any format load_kv_scales reads: kv_cache_calib.json, a quant-param JSON, scale tensors.
+  return slice_for_rank(load_kv_scales(calib_path, calib_expect_for(config, scheme)).data,
+                        shard.tp, shard.rank);
 }
 
 }  // namespace fp8kv

@@ -129,7 +129,7 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
       options_(std::move(options)),
       table_(backend, options_.max_requests, options_.max_len, options_.num_slots),
       pool_(backend, model.config().num_layers, options_.num_slots, model.shard().kv_heads,
-            model.config().head_dim, options_.scheme),
+            model.config().head_dim, options_.scheme, options_.bf16_layers),
       s_(std::make_unique<Scratch>()) {
   const ModelConfig& c = model.config();
   if (c.head_dim > 1024) {
@@ -166,7 +166,8 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
     if (!is_fp8(sh.scheme)) throw Error("a shadow scheme must be an FP8 scheme");
     auto s = std::unique_ptr<Shadow>(new Shadow{
         sh.scheme,
-        KvPool(backend, c.num_layers, options_.num_slots, shard.kv_heads, c.head_dim, sh.scheme),
+        KvPool(backend, c.num_layers, options_.num_slots, shard.kv_heads, c.head_dim, sh.scheme,
+               options_.bf16_layers),
         upload_vector(backend, sh.scales.kv), BackendBuffer(), sh.scales.row_width()});
     if (sh.scheme == KvScheme::kFp8PerHead && sh.scales.q) {
       s->q_scales = upload_vector(backend, *sh.scales.q);
@@ -239,7 +240,7 @@ void ModelRunner::append_random_context(const std::vector<int>& reqs, int count,
           qk.slots = slot_buf.as<const int32_t>();
           qk.num_tokens = n;
           qk.cache = pool.layer(l);
-          if (is_fp8(pool.scheme())) {
+          if (is_fp8(qk.cache.scheme)) {  // a --kv-bf16-layers layer takes no scales
             qk.scales.k = kv_scales.as<const float>() + static_cast<int64_t>(l) * row_width;
             qk.scales.v = qk.scales.k + row_width / 2;
           }

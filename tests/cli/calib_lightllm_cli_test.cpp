@@ -93,7 +93,7 @@ TEST_F(CalibLightLlmCli, RankLayoutAndConvert) {
   EXPECT_TRUE(contains(r.output, "--tp N is required")) << r.output;
   r = run("convert " + merged + " " + forth + " --to vllm");
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_TRUE(contains(r.output, "expected lightllm or lightllm-rank-layout, found vllm"))
+  EXPECT_TRUE(contains(r.output, "expected lightllm, lightllm-rank-layout, vllm-checkpoint, quant-param-json or modelopt, found vllm"))
       << r.output;
   r = run("convert " + merged + " " + merged + " --to lightllm");
   EXPECT_EQ(r.exit_code, 1) << r.output;
