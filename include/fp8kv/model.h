@@ -137,16 +137,16 @@ struct ShadowScheme {
 // group), so the per-head sums of a layer add up to the layer's.
 struct FP8KV_API AttentionErrorStats {
   KvScheme scheme = KvScheme::kFp8PerHead;
-  int num_kv_heads = 0;             // the whole model's KV heads (the per-head rows' width)
-  std::vector<double> diff_sq;      // [layers]
-  std::vector<double> ref_sq;       // [layers]
+  int num_kv_heads = 0;              // the whole model's KV heads (the per-head rows' width)
+  std::vector<double> diff_sq;       // [layers]
+  std::vector<double> ref_sq;        // [layers]
   std::vector<double> head_diff_sq;  // [layers, num_kv_heads]
   std::vector<double> head_ref_sq;   // [layers, num_kv_heads]
 
   AttentionErrorStats() = default;
   // All sums zero. Throws Error unless num_layers >= 1 and num_kv_heads >= 1.
   AttentionErrorStats(KvScheme scheme, int num_layers, int num_kv_heads);
-  double rel_error(int layer) const;                   // ||shadow - main|| / ||main||
+  double rel_error(int layer) const;                    // ||shadow - main|| / ||main||
   double head_rel_error(int layer, int kv_head) const;  // the same over one KV head's group
   // Accounts one pass of layer `layer`: main and shadow are [rows, q_heads * head_dim] bf16
   // attention outputs of one rank; its query heads [j * g, (j + 1) * g), g = q_heads /

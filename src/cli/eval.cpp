@@ -67,7 +67,7 @@ void add_eval(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--per-head", opt->per_head_table,
-               "Also print the attention error of every (layer, KV head)");
+                "Also print the attention error of every (layer, KV head)");
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
     check_data_choice(opt->data, opt->text, opt->model);

@@ -43,14 +43,13 @@ double AttentionErrorStats::rel_error(int layer) const {
 }
 
 double AttentionErrorStats::head_rel_error(int layer, int kv_head) const {
-  const size_t i = static_cast<size_t>(layer) * static_cast<size_t>(num_kv_heads) +
-                   static_cast<size_t>(kv_head);
+  const size_t i =
+      static_cast<size_t>(layer) * static_cast<size_t>(num_kv_heads) + static_cast<size_t>(kv_head);
   return normalized(head_diff_sq[i], head_ref_sq[i]);
 }
 
-void AttentionErrorStats::add(int layer, const uint16_t* main, const uint16_t* shadow,
-                              int64_t rows, int q_heads, int kv_heads, int kv_head_begin,
-                              int head_dim) {
+void AttentionErrorStats::add(int layer, const uint16_t* main, const uint16_t* shadow, int64_t rows,
+                              int q_heads, int kv_heads, int kv_head_begin, int head_dim) {
   if (layer < 0 || static_cast<size_t>(layer) >= diff_sq.size()) {
     throw Error("attention error stats: layer " + std::to_string(layer) + " out of range [0, " +
                 std::to_string(diff_sq.size()) + ")");
