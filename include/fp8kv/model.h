@@ -132,14 +132,28 @@ struct ShadowScheme {
   RankScales scales;
 };
 
-// Per layer: sum over all outputs of (shadow - main)^2 and of main^2.
+// Per layer and per (layer, KV head): sums over the attention outputs of (shadow - main)^2
+// and of main^2. A KV head's sums cover the outputs of the query heads that read it (its GQA
+// group), so the per-head sums of a layer add up to the layer's.
 struct FP8KV_API AttentionErrorStats {
   KvScheme scheme = KvScheme::kFp8PerHead;
-  std::vector<double> diff_sq;        // [layers]
-  std::vector<double> ref_sq;         // [layers]
-  double rel_error(int layer) const;  // ||shadow - main|| / ||main||
-  // Accounts one pass of layer `layer`: n bf16 attention outputs of the main and the shadow run.
-  void add(int layer, const uint16_t* main, const uint16_t* shadow, size_t n);
+  int num_kv_heads = 0;              // the whole model's KV heads (the per-head rows' width)
+  std::vector<double> diff_sq;       // [layers]
+  std::vector<double> ref_sq;        // [layers]
+  std::vector<double> head_diff_sq;  // [layers, num_kv_heads]
+  std::vector<double> head_ref_sq;   // [layers, num_kv_heads]
+
+  AttentionErrorStats() = default;
+  // All sums zero. Throws Error unless num_layers >= 1 and num_kv_heads >= 1.
+  AttentionErrorStats(KvScheme scheme, int num_layers, int num_kv_heads);
+  double rel_error(int layer) const;                    // ||shadow - main|| / ||main||
+  double head_rel_error(int layer, int kv_head) const;  // the same over one KV head's group
+  // Accounts one pass of layer `layer`: main and shadow are [rows, q_heads * head_dim] bf16
+  // attention outputs of one rank; its query heads [j * g, (j + 1) * g), g = q_heads /
+  // kv_heads, read its KV head j, which is the model's KV head kv_head_begin + j (TpShard).
+  // Throws Error when the heads do not fit (kv_heads not dividing q_heads, past num_kv_heads).
+  void add(int layer, const uint16_t* main, const uint16_t* shadow, int64_t rows, int q_heads,
+           int kv_heads, int kv_head_begin, int head_dim);
 };
 
 struct RunnerOptions {

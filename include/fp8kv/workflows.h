@@ -74,6 +74,9 @@ struct SchemeEval {
   double kl_max = 0.0;
   double top1_agreement = 1.0;         // fraction of positions whose argmax equals bf16's
   std::vector<double> attn_rel_error;  // [layers] ||o_scheme - o_bf16|| / ||o_bf16||, same inputs
+  // [layers, num_kv_heads] the same over the query heads of each KV head's group
+  std::vector<double> head_attn_rel_error;
+  int num_kv_heads = 0;
 };
 
 struct EvalResult {
@@ -99,7 +102,10 @@ FP8KV_API EvalResult evaluate(const Model& model, Backend& backend, ModelOps& op
                               const TokenData& data, const RankScales& per_tensor,
                               const RankScales& per_head, const EvalOptions& options);
 
-// The result as one table (schemes as columns, metrics and per-layer errors as rows).
+// The result as one table (schemes as columns, metrics and per-layer errors as rows; under
+// each layer its worst KV head and that head's error).
 FP8KV_API std::string format_eval_table(const EvalResult& result);
+// The per-head attention error of every FP8 scheme: one [layers x KV heads] grid each.
+FP8KV_API std::string format_eval_heads(const EvalResult& result);
 
 }  // namespace fp8kv

@@ -53,6 +53,7 @@ void add_eval(CLI::App& app) {
     std::optional<std::string> bf16_layers;
     int batch = 4;
     int tp = 1;
+    bool per_head_table = false;
     TextInput text;
   };
   auto opt = std::make_shared<Opts>();
@@ -69,6 +70,8 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--batch", opt->batch, "Sequences per forward pass")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_flag("--per-head", opt->per_head_table,
+                "Also print the attention error of every (layer, KV head)");
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
     check_data_choice(opt->data, opt->text, opt->model);
@@ -95,7 +98,10 @@ void add_eval(CLI::App& app) {
       eo.comm = &comm;
       eo.bf16_layers = bf16_layers;
       const EvalResult r = evaluate(*model, *backend, *ops, data, pt, ph, eo);
-      if (rank0) std::printf("\n%s", format_eval_table(r).c_str());
+      if (rank0) {
+        std::printf("\n%s", format_eval_table(r).c_str());
+        if (opt->per_head_table) std::printf("\n%s", format_eval_heads(r).c_str());
+      }
     });
   });
 }

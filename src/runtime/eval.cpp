@@ -15,21 +15,72 @@ namespace fp8kv {
 
 // ---- the shadow schemes' accounting (ModelRunner::run_shadows calls add) ----------------
 
-double AttentionErrorStats::rel_error(int layer) const {
-  const size_t l = static_cast<size_t>(layer);
-  return ref_sq[l] > 0 ? std::sqrt(diff_sq[l] / ref_sq[l]) : std::sqrt(diff_sq[l]);
+AttentionErrorStats::AttentionErrorStats(KvScheme scheme_, int num_layers, int num_kv_heads_)
+    : scheme(scheme_), num_kv_heads(num_kv_heads_) {
+  if (num_layers < 1 || num_kv_heads_ < 1) {
+    throw Error("attention error stats: need >= 1 layer and KV head, got " +
+                std::to_string(num_layers) + " layers, " + std::to_string(num_kv_heads_) +
+                " KV heads");
+  }
+  const size_t L = static_cast<size_t>(num_layers);
+  diff_sq.assign(L, 0.0);
+  ref_sq.assign(L, 0.0);
+  head_diff_sq.assign(L * static_cast<size_t>(num_kv_heads_), 0.0);
+  head_ref_sq.assign(L * static_cast<size_t>(num_kv_heads_), 0.0);
 }
 
-void AttentionErrorStats::add(int layer, const uint16_t* main, const uint16_t* shadow, size_t n) {
-  double diff = 0.0, ref = 0.0;
-  for (size_t j = 0; j < n; ++j) {
-    const double r = bf16_to_float(main[j]);
-    const double d = bf16_to_float(shadow[j]) - r;
-    diff += d * d;
-    ref += r * r;
+namespace {
+
+double normalized(double diff, double ref) {
+  return ref > 0 ? std::sqrt(diff / ref) : std::sqrt(diff);
+}
+
+}  // namespace
+
+double AttentionErrorStats::rel_error(int layer) const {
+  const size_t l = static_cast<size_t>(layer);
+  return normalized(diff_sq[l], ref_sq[l]);
+}
+
+double AttentionErrorStats::head_rel_error(int layer, int kv_head) const {
+  const size_t i =
+      static_cast<size_t>(layer) * static_cast<size_t>(num_kv_heads) + static_cast<size_t>(kv_head);
+  return normalized(head_diff_sq[i], head_ref_sq[i]);
+}
+
+void AttentionErrorStats::add(int layer, const uint16_t* main, const uint16_t* shadow, int64_t rows,
+                              int q_heads, int kv_heads, int kv_head_begin, int head_dim) {
+  if (layer < 0 || static_cast<size_t>(layer) >= diff_sq.size()) {
+    throw Error("attention error stats: layer " + std::to_string(layer) + " out of range [0, " +
+                std::to_string(diff_sq.size()) + ")");
   }
-  diff_sq[static_cast<size_t>(layer)] += diff;
-  ref_sq[static_cast<size_t>(layer)] += ref;
+  if (kv_heads < 1 || q_heads % kv_heads != 0 || kv_head_begin < 0 ||
+      kv_head_begin + kv_heads > num_kv_heads || head_dim < 1 || rows < 0) {
+    throw Error("attention error stats: " + std::to_string(q_heads) + " Q heads over KV heads [" +
+                std::to_string(kv_head_begin) + ", " + std::to_string(kv_head_begin + kv_heads) +
+                ") do not fit " + std::to_string(num_kv_heads) + " KV heads (head_dim " +
+                std::to_string(head_dim) + ", rows " + std::to_string(rows) + ")");
+  }
+  const int64_t group_width = static_cast<int64_t>(q_heads / kv_heads) * head_dim;
+  const int64_t row_width = static_cast<int64_t>(q_heads) * head_dim;
+  double* hd = head_diff_sq.data() + static_cast<size_t>(layer) * num_kv_heads + kv_head_begin;
+  double* hr = head_ref_sq.data() + static_cast<size_t>(layer) * num_kv_heads + kv_head_begin;
+  for (int j = 0; j < kv_heads; ++j) {
+    double diff = 0.0, ref = 0.0;
+    for (int64_t t = 0; t < rows; ++t) {
+      const size_t off = static_cast<size_t>(t * row_width + j * group_width);
+      for (int64_t e = 0; e < group_width; ++e) {
+        const double r = bf16_to_float(main[off + static_cast<size_t>(e)]);
+        const double d = bf16_to_float(shadow[off + static_cast<size_t>(e)]) - r;
+        diff += d * d;
+        ref += r * r;
+      }
+    }
+    hd[j] += diff;
+    hr[j] += ref;
+    diff_sq[static_cast<size_t>(layer)] += diff;
+    ref_sq[static_cast<size_t>(layer)] += ref;
+  }
 }
 
 namespace {
@@ -57,19 +108,18 @@ int64_t argmax_of(const std::vector<double>& v) {
 }
 
 // Each rank's attention error covers its own heads: sum the squares over ranks (as float, the
-// Communicator's type: ample for an error metric).
+// Communicator's type: ample for an error metric). A KV head held by several ranks (tp > Hkv)
+// gets each one's share of its query heads.
 AttentionErrorStats summed_over_ranks(AttentionErrorStats st, Communicator* comm) {
   if (comm == nullptr || comm->world_size() == 1) return st;
-  const size_t L = st.diff_sq.size();
-  std::vector<float> both(2 * L);  // [diff_sq of every layer, ref_sq of every layer]
-  for (size_t l = 0; l < L; ++l) {
-    both[l] = static_cast<float>(st.diff_sq[l]);
-    both[L + l] = static_cast<float>(st.ref_sq[l]);
-  }
-  comm->all_reduce_sum(both.data(), both.size());
-  for (size_t l = 0; l < L; ++l) {
-    st.diff_sq[l] = both[l];
-    st.ref_sq[l] = both[L + l];
+  std::vector<std::vector<double>*> parts = {&st.diff_sq, &st.ref_sq, &st.head_diff_sq,
+                                             &st.head_ref_sq};
+  std::vector<float> all;  // every part, one after another
+  for (const auto* p : parts) all.insert(all.end(), p->begin(), p->end());
+  comm->all_reduce_sum(all.data(), all.size());
+  size_t i = 0;
+  for (auto* p : parts) {
+    for (double& x : *p) x = all[i++];
   }
   return st;
 }
@@ -183,12 +233,19 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     e.kl_mean = acc[s].kl / n;
     e.kl_max = acc[s].kl_max;
     e.top1_agreement = static_cast<double>(acc[s].agree) / n;
+    e.num_kv_heads = c.num_kv_heads;
     e.attn_rel_error.assign(static_cast<size_t>(c.num_layers), 0.0);
+    e.head_attn_rel_error.assign(static_cast<size_t>(c.num_layers * c.num_kv_heads), 0.0);
     if (s > 0) {
       const AttentionErrorStats st =
           summed_over_ranks(ref.shadow_stats()[static_cast<size_t>(s - 1)], options.comm);
-      for (int l = 0; l < c.num_layers; ++l)
+      for (int l = 0; l < c.num_layers; ++l) {
         e.attn_rel_error[static_cast<size_t>(l)] = st.rel_error(l);
+        for (int h = 0; h < c.num_kv_heads; ++h) {
+          e.head_attn_rel_error[static_cast<size_t>(l * c.num_kv_heads + h)] =
+              st.head_rel_error(l, h);
+        }
+      }
     }
     result.schemes.push_back(std::move(e));
   }
@@ -240,6 +297,20 @@ std::string format_eval_table(const EvalResult& r) {
     std::snprintf(label, sizeof label, "attn-out rel. error, layer %zu", l);
     row(
         label, [l](const SchemeEval& s) { return s.attn_rel_error[l]; }, "%.3e", true);
+    // The layer's worst KV head: "h<index> <its error>".
+    std::snprintf(buf, sizeof buf, kRow, "  worst KV head");
+    out += buf;
+    for (const SchemeEval& s : r.schemes) {
+      char c[64] = "-";
+      if (s.scheme != KvScheme::kBf16 && s.num_kv_heads > 0) {
+        const double* h = s.head_attn_rel_error.data() + l * static_cast<size_t>(s.num_kv_heads);
+        const int worst = static_cast<int>(std::max_element(h, h + s.num_kv_heads) - h);
+        std::snprintf(c, sizeof c, "h%d %.3e", worst, h[worst]);
+      }
+      std::snprintf(buf, sizeof buf, "%16s", c);
+      out += buf;
+    }
+    out += "\n";
   }
   std::snprintf(buf, sizeof buf,
                 "(%lld positions scored, %lld tokens per scheme; attention error: each FP8 cache "
@@ -299,6 +370,32 @@ std::vector<int> suggest_bf16_layers(const std::vector<double>& attn_rel_error, 
   });
   const size_t cap = std::max<size_t>(1, attn_rel_error.size() / 8);
   if (out.size() > cap) out.resize(cap);
+  return out;
+}
+
+std::string format_eval_heads(const EvalResult& r) {
+  std::string out;
+  char buf[64];
+  for (const SchemeEval& s : r.schemes) {
+    if (s.scheme == KvScheme::kBf16 || s.num_kv_heads < 1) continue;
+    const size_t H = static_cast<size_t>(s.num_kv_heads);
+    out += std::string("attn-out rel. error per KV head, ") + scheme_name(s.scheme) + "\n";
+    out += "layer";
+    for (size_t h = 0; h < H; ++h) {
+      std::snprintf(buf, sizeof buf, "%11s%zu", "h", h);
+      out += buf;
+    }
+    out += "\n";
+    for (size_t l = 0; l < s.attn_rel_error.size(); ++l) {
+      std::snprintf(buf, sizeof buf, "%5zu", l);
+      out += buf;
+      for (size_t h = 0; h < H; ++h) {
+        std::snprintf(buf, sizeof buf, "%12.3e", s.head_attn_rel_error[l * H + h]);
+        out += buf;
+      }
+      out += "\n";
+    }
+  }
   return out;
 }
 

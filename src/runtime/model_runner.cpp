@@ -173,11 +173,7 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
       s->q_scales = upload_vector(backend, *sh.scales.q);
     }
     shadows_.push_back(std::move(s));
-    AttentionErrorStats st;
-    st.scheme = sh.scheme;
-    st.diff_sq.assign(static_cast<size_t>(c.num_layers), 0.0);
-    st.ref_sq.assign(static_cast<size_t>(c.num_layers), 0.0);
-    shadow_stats_.push_back(std::move(st));
+    shadow_stats_.emplace_back(sh.scheme, c.num_layers, c.num_kv_heads);
   }
 }
 
@@ -522,7 +518,9 @@ void ModelRunner::run_shadows(int l, bool decode) {
     s.host_o_shadow.resize(n);
     s.o16.download(s.host_o.data(), n * sizeof(uint16_t));
     s.o16_shadow.download(s.host_o_shadow.data(), n * sizeof(uint16_t));
-    shadow_stats_[i].add(l, s.host_o.data(), s.host_o_shadow.data(), n);
+    const TpShard& shard = model_.shard();
+    shadow_stats_[i].add(l, s.host_o.data(), s.host_o_shadow.data(), s.T, shard.q_heads,
+                         shard.kv_heads, shard.kv_head_begin, model_.config().head_dim);
   }
 }
 

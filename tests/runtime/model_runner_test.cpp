@@ -1,6 +1,7 @@
 // The model runner on the tiny random-weight model (made once for the suite).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -327,10 +328,23 @@ TEST_F(ModelRunnerTest, EvalShadowsRunOnTheSameInputs) {
       EXPECT_GT(x, 1e-3);
       EXPECT_LT(x, 0.3);
     }
+    // Per (layer, KV head): a layer's error is a ||ref||^2-weighted mean of its heads' squared
+    // errors, so it lies between its best and its worst head (1e-12: rounding only).
+    const int Hkv = tiny_->config().num_kv_heads;
+    ASSERT_EQ(e.num_kv_heads, Hkv);
+    ASSERT_EQ(e.head_attn_rel_error.size(), static_cast<size_t>(4 * Hkv));
+    for (size_t l = 0; l < 4; ++l) {
+      const auto h = e.head_attn_rel_error.begin() + static_cast<std::ptrdiff_t>(l * Hkv);
+      const double lo = *std::min_element(h, h + Hkv), hi = *std::max_element(h, h + Hkv);
+      EXPECT_GT(lo, 0.0);
+      EXPECT_GE(e.attn_rel_error[l], lo * (1 - 1e-12)) << "layer " << l;
+      EXPECT_LE(e.attn_rel_error[l], hi * (1 + 1e-12)) << "layer " << l;
+    }
   }
   const std::string table = format_eval_table(r);
   EXPECT_NE(table.find("perplexity"), std::string::npos);
   EXPECT_NE(table.find("attn-out rel. error, layer 3"), std::string::npos);
+  EXPECT_NE(table.find("worst KV head"), std::string::npos);
 }
 
 TEST_F(ModelRunnerTest, MakeModelIsDeterministicAndShardsLoadTheSame) {
