@@ -201,7 +201,8 @@ TEST(UploadTensors, SlicesAndConversionsMatchReference) {
       const int db = dtype_bytes(u.dst_dtype);
       std::vector<uint8_t> part(static_cast<size_t>((u.rows - 2) * u.cols) * db);
       pack_rows(u, 1, u.rows - 1, part.data(), u.dst_dtype);
-      EXPECT_TRUE(part.empty() || std::memcmp(part.data(), want.data() + u.cols * db, part.size()) == 0)
+      EXPECT_TRUE(part.empty() ||
+                  std::memcmp(part.data(), want.data() + u.cols * db, part.size()) == 0)
           << what[i] << " (pack_rows of rows 1 .. rows - 1)";
     }
   }
