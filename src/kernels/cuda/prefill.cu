@@ -17,6 +17,7 @@ const char* prefill_config_name(PrefillConfig config) {
     case PrefillConfig::kNarrow: return "narrow";
     case PrefillConfig::kWgmma: return "wgmma";
     case PrefillConfig::kWgmmaShort: return "wgmma-short";
+    case PrefillConfig::kWarpSpecialized: return "ws";
   }
   return "unknown";
 }
@@ -44,11 +45,21 @@ bool try_launch_wgmma(const AttentionParams& p, cudaStream_t stream) {
   }
 }
 
+template <KvScheme S, int D, int kBlockN, int kStages>
+bool try_launch_ws(const AttentionParams& p, cudaStream_t stream) {
+  if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kBlockN, kStages>) {
+    prefill::launch_prefill_ws<D, kBlockN, kStages>(p, stream);
+    return true;
+  } else {
+    return false;
+  }
+}
+
 template <KvScheme S, int D>
 void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStream_t stream) {
   if (config == PrefillConfig::kDefault) {
     if (S == KvScheme::kFp8PerHead) {
-      config = PrefillConfig::kWgmma;
+      config = PrefillConfig::kWarpSpecialized;
     } else {
       config = D == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide;
     }
@@ -62,6 +73,7 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       break;
     case PrefillConfig::kWgmma: launched = try_launch_wgmma<S, D, kLongN, 2, 1>(p, stream); break;
     case PrefillConfig::kWgmmaShort: launched = try_launch_wgmma<S, D, 64, 2, 1>(p, stream); break;
+    case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D, kLongN, 3>(p, stream); break;
     default: break;
   }
   if (!launched) {

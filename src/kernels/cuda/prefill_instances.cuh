@@ -34,4 +34,11 @@ template <int D, int kBlockN, int kWarpgroups, int kMinBlocks>
 constexpr bool kWgmmaBuilt = kWarpgroups == 2 && kMinBlocks == 1 &&
                              (kBlockN == (D == 256 ? 64 : 128) || (D == 128 && kBlockN == 64));
 
+// fp8-per-head, warp-specialized (prefill_ws.cuh, instantiated in prefill_fp8_head_ws.cu):
+// (D, kBlockN, kStages) in (64, 128, 3), (128, 128, 3), (256, 64, 3).
+template <int D, int kBlockN, int kStages>
+void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream);
+template <int D, int kBlockN, int kStages>
+constexpr bool kWsBuilt = kStages == 3 && kBlockN == (D == 256 ? 64 : 128);
+
 }  // namespace fp8kv::cuda::prefill

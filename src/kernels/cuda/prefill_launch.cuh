@@ -20,6 +20,9 @@ enum class PrefillConfig {
   // fp8-per-head only, on wgmma e4m3 (prefill_wgmma.cuh); kDefault for fp8-per-head is one of them.
   kWgmma,       // 2 warpgroups (128 query rows), 128 keys per tile (64 for D = 256), 1 CTA/SM
   kWgmmaShort,  // D = 128: 2 warpgroups, 64 keys per tile, 1 CTA/SM
+  // fp8-per-head only, warp-specialized wgmma (prefill_ws.cuh): a producer warpgroup and two
+  // consumer warpgroups, 128 keys per tile (64 for D = 256).
+  kWarpSpecialized,
 };
 
 const char* prefill_config_name(PrefillConfig config);

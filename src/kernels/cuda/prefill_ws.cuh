@@ -1,0 +1,419 @@
+// fp8-per-head prefill attention, warp-specialized (FA3's recipe on sm_90a): the fast path.
+// Same semantics as prefill_wgmma.cuh and prefill_kernel.cuh (varlen, causal with a cached
+// prefix, GQA, K/V gathered through the slot table; P rounded to e4m3 as it is, the row sum from
+// the unrounded P); what differs is who does what, and when:
+//
+//  - A CTA is three warpgroups for 128 query rows of one query head. Warpgroup 0 is the
+//    producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
+//    transposes V into V^T (wgmma reads 8-bit operands only K-major) and publishes each stage on
+//    its `full` mbarrier. It gives most of its registers away (setmaxnreg) to the two consumer
+//    warpgroups, which own 64 query rows each and only compute.
+//  - The K/V tiles go round a ring of kStages stages: a consumer warpgroup arrives on the
+//    stage's `empty` mbarrier once its wgmmas have read it, and the producer refills it after
+//    both have. The consumers never wait for each other, so one's softmax runs under the other's
+//    wgmmas.
+//  - Inside a consumer warpgroup, the QK^T of tile j and the PV of tile j-1 are issued together;
+//    the softmax of tile j runs while the PV is still in the tensor pipe (FA3's intra-warpgroup
+//    overlap), then O is rescaled once the PV has landed.
+//
+// Operand layouts (no swizzle, as prefill_wgmma.cuh): Q and K canonical K-major [rows][D],
+// V^T canonical [D][keys] with the keys of each 32-key chunk in S's accumulator order.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "fp8kv/backend.h"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/prefill_wgmma.cuh"
+
+namespace fp8kv::cuda::prefill {
+
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// bar.sync on a named barrier (0 is __syncthreads's): `threads` of the CTA, whole warps.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void regs_increase() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void regs_decrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// S = Q K^T's k-steps: the first overwrites the accumulators (scale-d 0), so they need no zeroing.
+template <int N>
+__device__ __forceinline__ void wgmma_ss_first(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                               int accumulate) {
+  if constexpr (N == 64) wgmma_ss_m64n64k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
+  else wgmma_ss_m64n128k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
+}
+
+template <int D, int kBlockN, int kStages>
+struct WsShape {
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kThreads = 3 * 128;
+  static constexpr int kBlockM = 128;                         // 2 consumer warpgroups x 64 rows
+  static constexpr int kKBlockStride = D / 16 * kCoreBytes;   // 8 rows of a [rows][D] tile: SBO
+  static constexpr int kQBytes = kBlockM * D;                 // canonical [kBlockM][D]
+  static constexpr int kKBytes = kBlockN * D;                 // canonical [kBlockN][D]
+  static constexpr int kVtBytes = D * kBlockN;                // canonical [D][kBlockN]
+  static constexpr int kVtBlockStride = kBlockN / 16 * kCoreBytes;  // 8 d rows of V^T: SBO
+  static constexpr int kVPitch = D + 16;                      // V rows as loaded, padded
+  static constexpr int kVRowsBytes = kBlockN * kVPitch;
+  static constexpr int kStageBytes = kKBytes + kVtBytes + kVRowsBytes;
+  static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
+  static constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8;  // full[], empty[] mbarriers
+  static constexpr int kChunks = D / 16;                      // 16-byte chunks per row
+  static constexpr int kRowStep = kProducerThreads / kChunks;  // rows between a thread's chunks
+  static constexpr int kKvRowsPerThread = kBlockN / kRowStep;
+  static constexpr int kQRowsPerThread = kBlockM / kRowStep;
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K registers
+  static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
+  // A consumer releases tile j-1 only after tile j is full (it issues PV(j-1) with QK(j)), and the
+  // producer publishes tile j-1 after issuing the loads of tile j: with two stages the load of
+  // tile j would wait for the release of tile j-2, which waits for tile j-1 to be published.
+  static_assert(kStages >= 3, "the ring needs a stage of slack (see above)");
+  static_assert(kBlockN == 64 || kBlockN == 128, "QK^T wgmma N");
+  static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
+  static_assert(kBlockN % kRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds Hopper's limit");
+};
+
+template <int D, int kBlockN, int kStages>
+__global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
+  using Sh = WsShape<D, kBlockN, kStages>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t base = smem_addr(smem);
+
+  const int head = blockIdx.x;
+  const int b = blockIdx.y;
+  const int q_tile = gridDim.z - 1 - blockIdx.z;  // the longest causal rows first
+  const int q_begin = p.cu_seqlens_q[b];
+  const int q_len = p.cu_seqlens_q[b + 1] - q_begin;
+  const int q0 = q_tile * Sh::kBlockM;
+  if (q0 >= q_len) return;  // the whole CTA, before any barrier
+  const int seq_len = p.seq_len[b];
+  const int prefix = seq_len - q_len;
+  const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
+  const int rows_here = min(Sh::kBlockM, q_len - q0);
+  const int last_pos = prefix + q0 + rows_here - 1;
+  const int num_kv_tiles = last_pos / kBlockN + 1;
+
+  const uint32_t full_bar = base + Sh::kBarOffset;  // full[s]: the stage's K and V^T landed
+  const uint32_t empty_bar = full_bar + 8 * kStages;  // empty[s]: both consumers are done with it
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full_bar + 8 * s, Sh::kProducerThreads);
+      mbarrier_init(empty_bar + 8 * s, 8);  // lane 0 of each consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  auto stage_addr = [&](int j) { return base + Sh::kQBytes + (j % kStages) * Sh::kStageBytes; };
+
+  if (threadIdx.x < Sh::kProducerThreads) {
+    // ================================ producer ================================
+    regs_decrease<Sh::kProducerRegs>();
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    // 8 consecutive threads take rows r..r+7 of one 16-byte column chunk: each 8-thread phase
+    // writes one whole core matrix (128 contiguous bytes).
+    const int ld_chunk = (tid / 8) % Sh::kChunks;
+    const int ld_row = (tid / (8 * Sh::kChunks)) * 8 + tid % 8;
+    auto canonical = [&](int row) {
+      return (row / 8) * Sh::kKBlockStride + ld_chunk * kCoreBytes + (row % 8) * 16;
+    };
+    {
+      const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * D;
+      const uint8_t* q_base = static_cast<const uint8_t*>(p.q) +
+                              (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head) * D;
+#pragma unroll
+      for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
+        const int r = ld_row + i * Sh::kRowStep;
+        const bool valid = r < rows_here;
+        cp_async_16(smem + canonical(r), valid ? q_base + r * token_bytes + ld_chunk * 16 : p.q,
+                    valid ? 16 : 0);
+      }
+    }
+    const int32_t* const slots = p.req_to_token + static_cast<int64_t>(p.req_index[b]) * p.max_len;
+    const int64_t slot_bytes = 2 * static_cast<int64_t>(p.num_kv_heads) * D;
+    const uint8_t* const k_base = p.kv + kv_head * D + ld_chunk * 16;
+    const uint8_t* const v_base = k_base + p.num_kv_heads * D;
+    int tile_slots[Sh::kKvRowsPerThread];
+    auto fetch_slots = [&](int tile) {
+#pragma unroll
+      for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
+        const int pos = tile * kBlockN + ld_row + i * Sh::kRowStep;
+        tile_slots[i] = pos < seq_len ? slots[pos] : -1;
+      }
+    };
+    // V^T writes: lane (g, t) gets, from the 4 matrices of keys c*32 + {0-7, 8-15, 16-23, 24-31}
+    // at d block dp*16, the words of d = dp*16 + 2g (even) and + 1 (odd) for key slots c*32 + 4t
+    // (keys 2t, 2t+1, 2t+8, 2t+9) and c*32 + 16 + 4t.
+    const int g = lane / 4;
+    const int t = lane % 4;
+    const int mat = lane / 8;
+    const int mat_row = lane % 8;
+    auto finish = [&](int j) {  // this thread's copies of tile j have landed
+      named_barrier_sync(1, Sh::kProducerThreads);  // ... and everyone's
+      const uint32_t st = stage_addr(j);
+      const uint32_t v_rows = st + Sh::kKBytes + Sh::kVtBytes;
+      uint8_t* const vt = smem + (st - base) + Sh::kKBytes;
+      constexpr int kBlocks = (kBlockN / 32) * (D / 16);
+#pragma unroll 2
+      for (int blk = warp; blk < kBlocks; blk += 4) {
+        const int c = blk / (D / 16);
+        const int dp = blk % (D / 16);
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, v_rows + (c * 32 + mat * 8 + mat_row) * Sh::kVPitch + dp * 16);
+        const int d_even = dp * 16 + 2 * g;
+        const int e_off = (d_even / 8) * Sh::kVtBlockStride + (d_even % 8) * 16;
+        const int o_off = e_off + 16;  // d_odd = d_even + 1: the next row of the core matrix
+        const uint32_t col0 = (2 * c) * kCoreBytes + 4 * t;
+        const uint32_t col1 = col0 + kCoreBytes;
+        *reinterpret_cast<uint32_t*>(vt + e_off + col0) = __byte_perm(r[0], r[1], 0x6420);
+        *reinterpret_cast<uint32_t*>(vt + o_off + col0) = __byte_perm(r[0], r[1], 0x7531);
+        *reinterpret_cast<uint32_t*>(vt + e_off + col1) = __byte_perm(r[2], r[3], 0x6420);
+        *reinterpret_cast<uint32_t*>(vt + o_off + col1) = __byte_perm(r[2], r[3], 0x7531);
+      }
+      fence_proxy_async();  // cp.async'd Q/K and st.shared V^T -> the async proxy (wgmma)
+      mbarrier_arrive(full_bar + 8 * (j % kStages));
+    };
+
+    fetch_slots(0);
+    for (int j = 0; j < num_kv_tiles; ++j) {
+      if (j >= kStages) mbarrier_wait(empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
+      const uint32_t st = stage_addr(j);
+      uint8_t* const k_stage = smem + (st - base);
+      uint8_t* const v_stage = k_stage + Sh::kKBytes + Sh::kVtBytes;
+#pragma unroll
+      for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
+        const int row = ld_row + i * Sh::kRowStep;
+        const bool valid = tile_slots[i] >= 0;
+        const int64_t offset = valid ? tile_slots[i] * slot_bytes : 0;
+        cp_async_16(k_stage + canonical(row), k_base + offset, valid ? 16 : 0);
+        cp_async_16(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset, valid ? 16 : 0);
+      }
+      cp_async_commit();
+      if (j + 1 < num_kv_tiles) fetch_slots(j + 1);
+      if (j >= 1) {
+        cp_async_wait<1>();
+        finish(j - 1);
+      }
+    }
+    cp_async_wait<0>();
+    finish(num_kv_tiles - 1);
+    return;
+  }
+
+  // ================================ consumers ================================
+  regs_increase<Sh::kConsumerRegs>();
+  const int tid = threadIdx.x - Sh::kProducerThreads;
+  const int cw = tid / 128;  // consumer warpgroup: rows cw*64 .. cw*64+63
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int wg_row0 = cw * 64;
+  const bool wg_active = wg_row0 < rows_here;
+  const int wg_first_pos = prefix + q0 + wg_row0;
+  const int wg_last_pos = prefix + q0 + min(wg_row0 + 64, rows_here) - 1;
+  const int wg_tiles = wg_active ? wg_last_pos / kBlockN + 1 : 0;
+  const int row_g = wg_row0 + ((tid / 32) % 4) * 16 + g;  // this thread's rows: row_g, row_g + 8
+  const int pos_g = prefix + q0 + row_g;
+  const float qk_scale =
+      p.softmax_scale * kLog2e * p.k_scale[kv_head] * p.q_scale[b * p.num_kv_heads + kv_head];
+  const float v_scale = p.v_scale[kv_head];
+  const uint32_t q_desc_base = base + wg_row0 * D;
+
+  auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
+  auto release = [&](int j) {
+    if (lane == 0) mbarrier_arrive(empty_bar + 8 * (j % kStages));
+  };
+  auto issue_qk = [&](float(&s)[kBlockN / 2], int j) {
+    const uint32_t k_addr = stage_addr(j);
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk) {
+      const uint64_t da = wgmma_desc(q_desc_base + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
+      const uint64_t db = wgmma_desc(k_addr + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
+      wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
+    }
+    wgmma_commit();
+  };
+  auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[kBlockN / 32][4], int j) {
+    const uint32_t vt_addr = stage_addr(j) + Sh::kKBytes;
+#pragma unroll
+    for (int c = 0; c < kBlockN / 32; ++c) {
+      const uint64_t db = wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
+      wgmma_rs<D>(o, pa[c], db);
+    }
+    wgmma_commit();
+  };
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};
+  // Masks tile j, folds it into the running max, turns S into unnormalized probabilities (in
+  // place) and returns alpha (the rescale of what came before) and the tile's row sums.
+  auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2], float(&tile_sum)[2]) {
+    const int k0 = j * kBlockN;
+    if (k0 + kBlockN - 1 > wg_first_pos) {
+#pragma unroll
+      for (int i = 0; i < kBlockN / 8; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = k0 + i * 8 + 2 * t + (e & 1);
+          if (key > pos_g + (e >> 1) * 8) s[4 * i + e] = -INFINITY;
+        }
+      }
+    }
+    float new_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int i = 0; i < kBlockN / 8; ++i) {
+      new_max[0] = fmaxf(new_max[0], fmaxf(s[4 * i], s[4 * i + 1]));
+      new_max[1] = fmaxf(new_max[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+    float neg_max[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(kFullMask, new_max[r], 1));
+      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(kFullMask, new_max[r], 2));
+      alpha[r] = fast_exp2((row_max[r] - new_max[r]) * qk_scale);
+      row_max[r] = new_max[r];
+      neg_max[r] = -new_max[r] * qk_scale;
+      tile_sum[r] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kBlockN / 2; ++i) {
+      const int r = (i >> 1) & 1;
+      s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_max[r]));
+      tile_sum[r] += s[i];
+    }
+  };
+  // P (e4m3) for the PV wgmma, in the V^T key order. Only after the previous PV has landed: an rs
+  // wgmma reads its A registers while it runs, and ptxas serializes the wgmmas when P's registers
+  // are written inside that window.
+  auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[kBlockN / 32][4]) {
+#pragma unroll
+    for (int c = 0; c < kBlockN / 32; ++c) {
+      const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
+      pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
+      pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
+      pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
+      pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
+    }
+  };
+
+  float o[D / 2];  // wgmma m64nD accumulators: n8 tile i in o[4i .. 4i+3]
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  if (wg_tiles > 0) {
+    uint32_t pa[kBlockN / 32][4];
+    float s[kBlockN / 2];
+    {
+      wait_full(0);
+      wgmma_fence();
+      issue_qk(s, 0);
+      wgmma_wait<0>();
+      fence_operands(s);
+      float alpha[2], tile_sum[2];
+      softmax(s, 0, alpha, tile_sum);
+      pack_p(s, pa);
+      row_sum[0] = tile_sum[0];
+      row_sum[1] = tile_sum[1];
+    }
+    for (int j = 1; j < wg_tiles; ++j) {
+      wait_full(j);
+      fence_operands(o);
+      wgmma_fence();
+      issue_qk(s, j);
+      issue_pv(o, pa, j - 1);
+      wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
+      fence_operands(s);
+      float alpha[2], tile_sum[2];
+      softmax(s, j, alpha, tile_sum);
+      wgmma_wait<0>();
+      fence_operands(o);
+      release(j - 1);
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+      pack_p(s, pa);
+    }
+    fence_operands(o);
+    wgmma_fence();
+    issue_pv(o, pa, wg_tiles - 1);
+    wgmma_wait<0>();
+    fence_operands(o);
+    release(wg_tiles - 1);
+  }
+  // Tiles past this warpgroup's last row (the other one's diagonal): keep the ring turning.
+  for (int j = wg_tiles; j < num_kv_tiles; ++j) {
+    wait_full(j);
+    release(j);
+  }
+  if (!wg_active) return;
+
+  // ---- epilogue ----
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(kFullMask, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(kFullMask, row_sum[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_g + 8 * r;
+    if (row >= rows_here) continue;
+    const float out_scale = row_sum[r] > 0.0f ? v_scale / row_sum[r] : 0.0f;
+    uint16_t* const out = p.o + (static_cast<int64_t>(q_begin + q0 + row) * p.num_q_heads + head) * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) =
+          pack_bf16x2(o[4 * i + 2 * r] * out_scale, o[4 * i + 2 * r + 1] * out_scale);
+    }
+  }
+}
+
+template <int D, int kBlockN, int kStages>
+void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream) {
+  using Sh = WsShape<D, kBlockN, kStages>;
+  PrefillParams p;
+  p.q = a.q_fp8;
+  p.q_scale = a.q_scale;
+  p.o = a.o;
+  p.kv = static_cast<const uint8_t*>(a.cache.data);
+  p.k_scale = a.scales.k;
+  p.v_scale = a.scales.v;
+  p.seq_len = a.batch.seq_len;
+  p.cu_seqlens_q = a.batch.cu_seqlens_q;
+  p.req_index = a.batch.req_index;
+  p.req_to_token = a.batch.req_to_token;
+  p.max_len = a.batch.max_len;
+  p.num_q_heads = a.num_q_heads;
+  p.num_kv_heads = a.cache.num_kv_heads;
+  p.softmax_scale = a.softmax_scale > 0.0f ? a.softmax_scale : 1.0f / std::sqrt(static_cast<float>(D));
+  const int q_tiles = ceil_div(a.batch.max_q_len, Sh::kBlockM);
+  if (q_tiles > 65535 || a.batch.num_requests > 65535) {
+    throw Error("prefill_attention: grid too large (max_q_len " + std::to_string(a.batch.max_q_len) +
+                ", num_requests " + std::to_string(a.batch.num_requests) + ")");
+  }
+  auto kernel = prefill_ws_kernel<D, kBlockN, kStages>;
+  FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Sh::kSmemBytes));
+  const dim3 grid(a.num_q_heads, a.batch.num_requests, q_tiles);
+  kernel<<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(p);
+  FP8KV_CUDA_CHECK_LAUNCH("prefill_attention");
+}
+
+}  // namespace fp8kv::cuda::prefill
