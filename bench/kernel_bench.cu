@@ -432,9 +432,16 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
         const AttentionParams p = bb.params(scheme, pool->get());
         std::vector<cuda::PrefillConfig> configs = {cuda::PrefillConfig::kDefault};
+        if (scheme == KvScheme::kFp8PerHead) {  // the warp-specialized kernel's options
+          configs.push_back(cuda::PrefillConfig::kWarpSpecialized);
+          configs.push_back(cuda::PrefillConfig::kWsPackGqa);
+          configs.push_back(cuda::PrefillConfig::kWsPackGqaPingPong);
+        }
         if (scheme == KvScheme::kFp8PerHead && c.name == cases[0].name) {
           configs.push_back(cuda::PrefillConfig::kWgmma);  // the kernels the default replaced
           configs.push_back(cuda::PrefillConfig::kWide);
+          configs.push_back(cuda::PrefillConfig::kWsDiagConsumers);  // one side of the pipeline alone
+          configs.push_back(cuda::PrefillConfig::kWsDiagProducer);
         }
         for (cuda::PrefillConfig config : configs) {
           double us = NAN;

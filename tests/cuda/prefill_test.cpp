@@ -43,6 +43,9 @@ namespace fp8kv {
 namespace {
 
 using cuda::PrefillConfig;
+// The warp-specialized fp8-per-head kernel with each of its built options.
+constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsPackGqa,
+                                        PrefillConfig::kWsPackGqaPingPong};
 
 using cuda::check_cuda;
 
@@ -188,11 +191,14 @@ TEST_P(PrefillMixed, MatchesCpuTwin) {
   spec.data.outlier_channels = 4;
   spec.seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(spec.seed));
-  // Every built tile config of the case; for fp8-per-head the default is the wgmma kernel and
-  // kWide/kNarrow select the simple mma.sync kernel.
+  // Every built tile config of the case; for fp8-per-head the default is the warp-specialized
+  // kernel (with each of its options), kWgmma the lockstep wgmma kernel, and kWide/kNarrow
+  // select the simple mma.sync kernel.
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   if (c.scheme == KvScheme::kBf16 && c.head_dim == 128) configs.push_back(PrefillConfig::kNarrow);
   if (c.scheme == KvScheme::kFp8PerHead) {
+    for (PrefillConfig x : kWsConfigs) configs.push_back(x);
+    configs.push_back(PrefillConfig::kWgmma);
     configs.push_back(c.head_dim == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide);
     if (c.head_dim == 128) {
       for (PrefillConfig x : {PrefillConfig::kNarrow, PrefillConfig::kWgmmaShort}) {
@@ -210,6 +216,7 @@ std::vector<MixedCase> mixed_cases() {
       for (int g : {1, 4, 8}) cases.push_back({s, d, g});
     }
   }
+  cases.push_back({KvScheme::kFp8PerHead, 128, 7});  // a group that does not divide a packed tile
   return cases;
 }
 
@@ -238,6 +245,7 @@ TEST_P(PrefillLong, LongQueries) {
   // The float64 reference is single-threaded; the twin comparison carries this case.
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   if (GetParam() == KvScheme::kFp8PerHead) {
+    for (PrefillConfig x : kWsConfigs) configs.push_back(x);
     for (PrefillConfig x : {PrefillConfig::kWide, PrefillConfig::kWgmmaShort}) {
       configs.push_back(x);
     }
@@ -250,7 +258,10 @@ TEST_P(PrefillLong, LongQueries) {
 TEST_P(PrefillLong, ErrorDoesNotGrowWithContext) {
   SKIP_WITHOUT_GPU();
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-  if (GetParam() == KvScheme::kFp8PerHead) configs.push_back(PrefillConfig::kWide);  // mma.sync
+  if (GetParam() == KvScheme::kFp8PerHead) {
+    for (PrefillConfig x : kWsConfigs) configs.push_back(x);
+    configs.push_back(PrefillConfig::kWide);  // mma.sync
+  }
   std::vector<Errors> err[2];
   const int cached[2] = {4096 - 64, 32768 - 64};
   for (int i = 0; i < 2; ++i) {
@@ -341,6 +352,7 @@ TEST(PrefillPerf, BenchmarkShape) {
       for (PrefillConfig x : {PrefillConfig::kWgmma, PrefillConfig::kWgmmaShort}) {
         configs.push_back(x);
       }
+      for (PrefillConfig x : kWsConfigs) configs.push_back(x);
     }
     for (PrefillConfig config : configs) {
       const std::vector<uint16_t> o = gpu.run(config);

@@ -18,6 +18,10 @@ const char* prefill_config_name(PrefillConfig config) {
     case PrefillConfig::kWgmma: return "wgmma";
     case PrefillConfig::kWgmmaShort: return "wgmma-short";
     case PrefillConfig::kWarpSpecialized: return "ws";
+    case PrefillConfig::kWsPackGqa: return "ws-gqa";
+    case PrefillConfig::kWsPackGqaPingPong: return "ws-gqa-pp";
+    case PrefillConfig::kWsDiagConsumers: return "ws-diag-consumers";
+    case PrefillConfig::kWsDiagProducer: return "ws-diag-producer";
   }
   return "unknown";
 }
@@ -45,10 +49,12 @@ bool try_launch_wgmma(const AttentionParams& p, cudaStream_t stream) {
   }
 }
 
-template <KvScheme S, int D, int kBlockN, int kStages>
+// fp8-per-head on the warp-specialized kernel (prefill_ws.cuh); kDiag: benchmark diagnostics.
+template <KvScheme S, int D, bool kPackGqa, bool kPingPong, int kDiag = 0>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream) {
-  if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kBlockN, kStages>) {
-    prefill::launch_prefill_ws<D, kBlockN, kStages>(p, stream);
+  if constexpr (S == KvScheme::kFp8PerHead && (kDiag == 0 || (D == 128 && !kPackGqa && !kPingPong))) {
+    prefill::launch_prefill_ws<D, prefill::kWsBlockN<D>, prefill::kWsStages<D>, kPackGqa, kPingPong, kDiag>(
+        p, stream);
     return true;
   } else {
     return false;
@@ -73,7 +79,11 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       break;
     case PrefillConfig::kWgmma: launched = try_launch_wgmma<S, D, kLongN, 2, 1>(p, stream); break;
     case PrefillConfig::kWgmmaShort: launched = try_launch_wgmma<S, D, 64, 2, 1>(p, stream); break;
-    case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D, kLongN, 3>(p, stream); break;
+    case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D, false, false>(p, stream); break;
+    case PrefillConfig::kWsPackGqa: launched = try_launch_ws<S, D, true, false>(p, stream); break;
+    case PrefillConfig::kWsPackGqaPingPong: launched = try_launch_ws<S, D, true, true>(p, stream); break;
+    case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, false, 1>(p, stream); break;
+    case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, false, 2>(p, stream); break;
     default: break;
   }
   if (!launched) {

@@ -34,11 +34,15 @@ template <int D, int kBlockN, int kWarpgroups, int kMinBlocks>
 constexpr bool kWgmmaBuilt = kWarpgroups == 2 && kMinBlocks == 1 &&
                              (kBlockN == (D == 256 ? 64 : 128) || (D == 128 && kBlockN == 64));
 
-// fp8-per-head, warp-specialized (prefill_ws.cuh, instantiated in prefill_fp8_head_ws.cu):
-// (D, kBlockN, kStages) in (64, 128, 3), (128, 128, 3), (256, 64, 3).
-template <int D, int kBlockN, int kStages>
+// fp8-per-head, warp-specialized (prefill_ws.cuh, instantiated in prefill_fp8_head_ws*.cu):
+// kBlockN 128 (64 for D = 256), kStages 4 (3 for D = 256: 4 do not fit), each head dim with the
+// options (kPackGqa, kPingPong) in (false, false), (true, false), (true, true); kDiag 1 and 2
+// (benchmark diagnostics) for D = 128 without options.
+template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream);
-template <int D, int kBlockN, int kStages>
-constexpr bool kWsBuilt = kStages == 3 && kBlockN == (D == 256 ? 64 : 128);
+template <int D>
+constexpr int kWsBlockN = D == 256 ? 64 : 128;
+template <int D>
+constexpr int kWsStages = D == 256 ? 3 : 4;
 
 }  // namespace fp8kv::cuda::prefill

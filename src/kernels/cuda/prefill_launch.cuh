@@ -23,6 +23,11 @@ enum class PrefillConfig {
   // fp8-per-head only, warp-specialized wgmma (prefill_ws.cuh): a producer warpgroup and two
   // consumer warpgroups, 128 keys per tile (64 for D = 256).
   kWarpSpecialized,
+  kWsPackGqa,          // + the G query heads of a KV head in one CTA (K/V loaded once for G)
+  kWsPackGqaPingPong,  // + the consumer warpgroups take turns on the tensor cores
+  // Benchmark diagnostics of kWarpSpecialized, D = 128 (wrong results by design, never tested):
+  kWsDiagConsumers,  // the producer loads only the first tiles: the consumers' bound
+  kWsDiagProducer,   // the consumers skip their math: the producer's bound
 };
 
 const char* prefill_config_name(PrefillConfig config);

@@ -38,6 +38,9 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
@@ -82,8 +85,9 @@ struct WsShape {
   static constexpr int kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K registers
   static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
   // A consumer releases tile j-1 only after tile j is full (it issues PV(j-1) with QK(j)), and the
-  // producer publishes tile j-1 after issuing the loads of tile j: with two stages the load of
-  // tile j would wait for the release of tile j-2, which waits for tile j-1 to be published.
+  // producer publishes tile j - (kStages - 2) after issuing the loads of tile j: so two stages
+  // are held by the consumers and kStages - 2 are in flight; with two stages the load of tile j
+  // would wait for the release of tile j-2, which waits for tile j-1 to be published.
   static_assert(kStages >= 3, "the ring needs a stage of slack (see above)");
   static_assert(kBlockN == 64 || kBlockN == 128, "QK^T wgmma N");
   static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
@@ -91,24 +95,36 @@ struct WsShape {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds Hopper's limit");
 };
 
-template <int D, int kBlockN, int kStages>
+// Options (template flags, each a built instance: prefill_instances.cuh):
+//  - kPackGqa: a CTA takes all G = Hq / Hkv query heads of one KV head; its 128 rows are
+//    floor(128 / G) tokens x G heads (row r: token r / G, head r % G of the group), so each K/V
+//    tile is loaded once for G heads instead of once per head (FA3's PackGQA).
+//  - kPingPong: the two consumer warpgroups take turns issuing their wgmmas (two named barriers),
+//    so that one's softmax runs while the other's GEMMs hold the tensor cores (FA3's ping-pong).
+//  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
+//    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
+//    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
+template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, int kDiag>
 __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
   using Sh = WsShape<D, kBlockN, kStages>;
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t base = smem_addr(smem);
 
-  const int head = blockIdx.x;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int pack = kPackGqa ? group : 1;          // query heads per row block of a token
+  const int tile_tokens = Sh::kBlockM / pack;     // tokens per CTA
+  const int kv_head = kPackGqa ? blockIdx.x : blockIdx.x / group;
+  const int head0 = kPackGqa ? kv_head * group : blockIdx.x;  // the query head of row 0
   const int b = blockIdx.y;
   const int q_tile = gridDim.z - 1 - blockIdx.z;  // the longest causal rows first
   const int q_begin = p.cu_seqlens_q[b];
   const int q_len = p.cu_seqlens_q[b + 1] - q_begin;
-  const int q0 = q_tile * Sh::kBlockM;
+  const int q0 = q_tile * tile_tokens;            // first token of this CTA
   if (q0 >= q_len) return;  // the whole CTA, before any barrier
   const int seq_len = p.seq_len[b];
   const int prefix = seq_len - q_len;
-  const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  const int rows_here = min(Sh::kBlockM, q_len - q0);
-  const int last_pos = prefix + q0 + rows_here - 1;
+  const int rows_here = min(tile_tokens, q_len - q0) * pack;  // valid rows
+  const int last_pos = prefix + q0 + (rows_here - 1) / pack;
   const int num_kv_tiles = last_pos / kBlockN + 1;
 
   const uint32_t full_bar = base + Sh::kBarOffset;  // full[s]: the stage's K and V^T landed
@@ -139,13 +155,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     {
       const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * D;
       const uint8_t* q_base = static_cast<const uint8_t*>(p.q) +
-                              (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head) * D;
+                              (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head0) * D;
 #pragma unroll
       for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
         const int r = ld_row + i * Sh::kRowStep;
         const bool valid = r < rows_here;
-        cp_async_16(smem + canonical(r), valid ? q_base + r * token_bytes + ld_chunk * 16 : p.q,
-                    valid ? 16 : 0);
+        const int64_t offset = (r / pack) * token_bytes + (r % pack) * D + ld_chunk * 16;
+        cp_async_16(smem + canonical(r), valid ? q_base + offset : p.q, valid ? 16 : 0);
       }
     }
     const int32_t* const slots = p.req_to_token + static_cast<int64_t>(p.req_index[b]) * p.max_len;
@@ -193,6 +209,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       mbarrier_arrive(full_bar + 8 * (j % kStages));
     };
 
+    // Tiles kAhead + 1 deep in flight: tile j's loads are issued before tile j - kAhead is
+    // finished (waited for, transposed, published).
+    constexpr int kAhead = kStages - 2;
     fetch_slots(0);
     for (int j = 0; j < num_kv_tiles; ++j) {
       if (j >= kStages) mbarrier_wait(empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
@@ -201,6 +220,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       uint8_t* const v_stage = k_stage + Sh::kKBytes + Sh::kVtBytes;
 #pragma unroll
       for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
+        if (kDiag == 1 && j >= kStages) break;
         const int row = ld_row + i * Sh::kRowStep;
         const bool valid = tile_slots[i] >= 0;
         const int64_t offset = valid ? tile_slots[i] * slot_bytes : 0;
@@ -208,14 +228,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         cp_async_16(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset, valid ? 16 : 0);
       }
       cp_async_commit();
-      if (j + 1 < num_kv_tiles) fetch_slots(j + 1);
-      if (j >= 1) {
-        cp_async_wait<1>();
-        finish(j - 1);
+      if (j + 1 < num_kv_tiles && !(kDiag == 1 && j + 1 >= kStages)) fetch_slots(j + 1);
+      if (j >= kAhead) {
+        cp_async_wait<kAhead>();
+        finish(j - kAhead);
       }
     }
     cp_async_wait<0>();
-    finish(num_kv_tiles - 1);
+    for (int j = max(0, num_kv_tiles - kAhead); j < num_kv_tiles; ++j) finish(j);
     return;
   }
 
@@ -228,17 +248,26 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int t = lane % 4;
   const int wg_row0 = cw * 64;
   const bool wg_active = wg_row0 < rows_here;
-  const int wg_first_pos = prefix + q0 + wg_row0;
-  const int wg_last_pos = prefix + q0 + min(wg_row0 + 64, rows_here) - 1;
+  const int wg_first_pos = prefix + q0 + wg_row0 / pack;
+  const int wg_last_pos = prefix + q0 + (min(wg_row0 + 64, rows_here) - 1) / pack;
   const int wg_tiles = wg_active ? wg_last_pos / kBlockN + 1 : 0;
   const int row_g = wg_row0 + ((tid / 32) % 4) * 16 + g;  // this thread's rows: row_g, row_g + 8
-  const int pos_g = prefix + q0 + row_g;
+  const int row_pos[2] = {prefix + q0 + row_g / pack, prefix + q0 + (row_g + 8) / pack};
   const float qk_scale =
       p.softmax_scale * kLog2e * p.k_scale[kv_head] * p.q_scale[b * p.num_kv_heads + kv_head];
   const float v_scale = p.v_scale[kv_head];
   const uint32_t q_desc_base = base + wg_row0 * D;
 
   auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
+  // Ping-pong: named barrier 2 + w is warpgroup w's turn to issue wgmmas. Each warpgroup takes
+  // exactly num_kv_tiles + 1 turns (its GEMM issues, padded with empty turns), warpgroup 0 first.
+  auto my_turn = [&] {
+    if (kPingPong) named_barrier_sync(2 + cw, 256);
+  };
+  auto your_turn = [&] {
+    if (kPingPong) named_barrier_arrive(2 + (1 - cw), 256);
+  };
+  if (kPingPong && cw == 1) named_barrier_arrive(2, 256);  // warpgroup 0 goes first
   auto release = [&](int j) {
     if (lane == 0) mbarrier_arrive(empty_bar + 8 * (j % kStages));
   };
@@ -273,7 +302,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = k0 + i * 8 + 2 * t + (e & 1);
-          if (key > pos_g + (e >> 1) * 8) s[4 * i + e] = -INFINITY;
+          if (key > row_pos[e >> 1]) s[4 * i + e] = -INFINITY;
         }
       }
     }
@@ -317,13 +346,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   float o[D / 2];  // wgmma m64nD accumulators: n8 tile i in o[4i .. 4i+3]
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  if (wg_tiles > 0) {
+  if (wg_tiles > 0 && kDiag != 2) {
     uint32_t pa[kBlockN / 32][4];
     float s[kBlockN / 2];
     {
       wait_full(0);
+      my_turn();
       wgmma_fence();
       issue_qk(s, 0);
+      your_turn();
       wgmma_wait<0>();
       fence_operands(s);
       float alpha[2], tile_sum[2];
@@ -334,10 +365,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     }
     for (int j = 1; j < wg_tiles; ++j) {
       wait_full(j);
+      my_turn();
       fence_operands(o);
       wgmma_fence();
       issue_qk(s, j);
       issue_pv(o, pa, j - 1);
+      your_turn();
       wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
       fence_operands(s);
       float alpha[2], tile_sum[2];
@@ -351,17 +384,29 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
       pack_p(s, pa);
     }
+    my_turn();
     fence_operands(o);
     wgmma_fence();
     issue_pv(o, pa, wg_tiles - 1);
+    your_turn();
     wgmma_wait<0>();
     fence_operands(o);
     release(wg_tiles - 1);
   }
   // Tiles past this warpgroup's last row (the other one's diagonal): keep the ring turning.
-  for (int j = wg_tiles; j < num_kv_tiles; ++j) {
+  const int first_idle = (wg_tiles == 0 || kDiag == 2) ? 0 : wg_tiles;
+  for (int j = first_idle; j < num_kv_tiles; ++j) {
     wait_full(j);
+    my_turn();
+    your_turn();
     release(j);
+  }
+  if (kPingPong) {
+    if (first_idle == 0) {  // no GEMM turns were taken: the one more a working warpgroup takes
+      my_turn();
+      your_turn();
+    }
+    if (cw == 0) my_turn();  // warpgroup 1's last hand-over
   }
   if (!wg_active) return;
 
@@ -376,7 +421,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     const int row = row_g + 8 * r;
     if (row >= rows_here) continue;
     const float out_scale = row_sum[r] > 0.0f ? v_scale / row_sum[r] : 0.0f;
-    uint16_t* const out = p.o + (static_cast<int64_t>(q_begin + q0 + row) * p.num_q_heads + head) * D;
+    uint16_t* const out =
+        p.o + (static_cast<int64_t>(q_begin + q0 + row / pack) * p.num_q_heads + head0 + row % pack) * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) =
@@ -385,7 +431,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   }
 }
 
-template <int D, int kBlockN, int kStages>
+template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream) {
   using Sh = WsShape<D, kBlockN, kStages>;
   PrefillParams p;
@@ -403,15 +449,21 @@ void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream) {
   p.num_q_heads = a.num_q_heads;
   p.num_kv_heads = a.cache.num_kv_heads;
   p.softmax_scale = a.softmax_scale > 0.0f ? a.softmax_scale : 1.0f / std::sqrt(static_cast<float>(D));
-  const int q_tiles = ceil_div(a.batch.max_q_len, Sh::kBlockM);
+  const int group = a.num_q_heads / a.cache.num_kv_heads;
+  if (kPackGqa && group > Sh::kBlockM) {
+    throw Error("prefill_attention: " + std::to_string(group) + " query heads per KV head exceed the " +
+                std::to_string(Sh::kBlockM) + " rows of a packed-GQA tile");
+  }
+  const int tile_tokens = kPackGqa ? Sh::kBlockM / group : Sh::kBlockM;
+  const int q_tiles = ceil_div(a.batch.max_q_len, tile_tokens);
   if (q_tiles > 65535 || a.batch.num_requests > 65535) {
     throw Error("prefill_attention: grid too large (max_q_len " + std::to_string(a.batch.max_q_len) +
                 ", num_requests " + std::to_string(a.batch.num_requests) + ")");
   }
-  auto kernel = prefill_ws_kernel<D, kBlockN, kStages>;
+  auto kernel = prefill_ws_kernel<D, kBlockN, kStages, kPackGqa, kPingPong, kDiag>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sh::kSmemBytes));
-  const dim3 grid(a.num_q_heads, a.batch.num_requests, q_tiles);
+  const dim3 grid(kPackGqa ? a.cache.num_kv_heads : a.num_q_heads, a.batch.num_requests, q_tiles);
   kernel<<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(p);
   FP8KV_CUDA_CHECK_LAUNCH("prefill_attention");
 }
