@@ -436,6 +436,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           configs.push_back(cuda::PrefillConfig::kWarpSpecialized);
           configs.push_back(cuda::PrefillConfig::kWsPackGqa);
           configs.push_back(cuda::PrefillConfig::kWsPackGqaPingPong);
+          if (c.D == 128) configs.push_back(cuda::PrefillConfig::kWsSwizzle);
         }
         if (scheme == KvScheme::kFp8PerHead && c.name == cases[0].name) {
           configs.push_back(cuda::PrefillConfig::kWgmma);  // the kernels the default replaced

@@ -20,6 +20,7 @@ const char* prefill_config_name(PrefillConfig config) {
     case PrefillConfig::kWarpSpecialized: return "ws";
     case PrefillConfig::kWsPackGqa: return "ws-gqa";
     case PrefillConfig::kWsPackGqaPingPong: return "ws-gqa-pp";
+    case PrefillConfig::kWsSwizzle: return "ws-sw128";
     case PrefillConfig::kWsDiagConsumers: return "ws-diag-consumers";
     case PrefillConfig::kWsDiagProducer: return "ws-diag-producer";
   }
@@ -50,11 +51,13 @@ bool try_launch_wgmma(const AttentionParams& p, cudaStream_t stream) {
 }
 
 // fp8-per-head on the warp-specialized kernel (prefill_ws.cuh); kDiag: benchmark diagnostics.
-template <KvScheme S, int D, bool kPackGqa, bool kPingPong, int kDiag = 0>
+template <KvScheme S, int D, bool kPackGqa, bool kPingPong, bool kSwizzle = false, int kDiag = 0>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream) {
-  if constexpr (S == KvScheme::kFp8PerHead && (kDiag == 0 || (D == 128 && !kPackGqa && !kPingPong))) {
-    prefill::launch_prefill_ws<D, prefill::kWsBlockN<D>, prefill::kWsStages<D>, kPackGqa, kPingPong, kDiag>(
-        p, stream);
+  constexpr bool kPlain = !kPackGqa && !kPingPong;
+  if constexpr (S == KvScheme::kFp8PerHead && (!kSwizzle || (D == 128 && kPlain)) &&
+                (kDiag == 0 || (D == 128 && kPlain && !kSwizzle))) {
+    prefill::launch_prefill_ws<D, prefill::kWsBlockN<D>, prefill::kWsStages<D>, kPackGqa, kPingPong,
+                               kSwizzle, kDiag>(p, stream);
     return true;
   } else {
     return false;
@@ -82,8 +85,9 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
     case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D, false, false>(p, stream); break;
     case PrefillConfig::kWsPackGqa: launched = try_launch_ws<S, D, true, false>(p, stream); break;
     case PrefillConfig::kWsPackGqaPingPong: launched = try_launch_ws<S, D, true, true>(p, stream); break;
-    case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, false, 1>(p, stream); break;
-    case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, false, 2>(p, stream); break;
+    case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, false, false, true>(p, stream); break;
+    case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, false, false, 1>(p, stream); break;
+    case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, false, false, 2>(p, stream); break;
     default: break;
   }
   if (!launched) {

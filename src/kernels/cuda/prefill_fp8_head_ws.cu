@@ -5,10 +5,11 @@
 
 namespace fp8kv::cuda::prefill {
 
-template void launch_prefill_ws<128, 128, 4, false, false, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<128, 128, 4, true, false, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<128, 128, 4, true, true, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<128, 128, 4, false, false, 1>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<128, 128, 4, false, false, 2>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<128, 128, 4, false, false, false, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<128, 128, 4, true, false, false, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<128, 128, 4, true, true, false, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<128, 128, 4, false, false, true, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<128, 128, 4, false, false, false, 1>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<128, 128, 4, false, false, false, 2>(const AttentionParams&, cudaStream_t);
 
 }  // namespace fp8kv::cuda::prefill

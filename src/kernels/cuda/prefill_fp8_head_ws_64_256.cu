@@ -5,11 +5,11 @@
 
 namespace fp8kv::cuda::prefill {
 
-template void launch_prefill_ws<64, 128, 4, false, false, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<64, 128, 4, true, false, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<64, 128, 4, true, true, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<256, 64, 3, false, false, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<256, 64, 3, true, false, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<256, 64, 3, true, true, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<64, 128, 4, false, false, false, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<64, 128, 4, true, false, false, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<64, 128, 4, true, true, false, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<256, 64, 3, false, false, false, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<256, 64, 3, true, false, false, 0>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_ws<256, 64, 3, true, true, false, 0>(const AttentionParams&, cudaStream_t);
 
 }  // namespace fp8kv::cuda::prefill

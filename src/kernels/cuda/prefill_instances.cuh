@@ -36,9 +36,9 @@ constexpr bool kWgmmaBuilt = kWarpgroups == 2 && kMinBlocks == 1 &&
 
 // fp8-per-head, warp-specialized (prefill_ws.cuh, instantiated in prefill_fp8_head_ws*.cu):
 // kBlockN 128 (64 for D = 256), kStages 4 (3 for D = 256: 4 do not fit), each head dim with the
-// options (kPackGqa, kPingPong) in (false, false), (true, false), (true, true); kDiag 1 and 2
-// (benchmark diagnostics) for D = 128 without options.
-template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, int kDiag>
+// options (kPackGqa, kPingPong) in (false, false), (true, false), (true, true); D = 128 also with
+// kSwizzle alone; kDiag 1 and 2 (benchmark diagnostics) for D = 128 without options.
+template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream);
 template <int D>
 constexpr int kWsBlockN = D == 256 ? 64 : 128;

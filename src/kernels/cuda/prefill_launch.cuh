@@ -25,6 +25,7 @@ enum class PrefillConfig {
   kWarpSpecialized,
   kWsPackGqa,          // + the G query heads of a KV head in one CTA (K/V loaded once for G)
   kWsPackGqaPingPong,  // + the consumer warpgroups take turns on the tensor cores
+  kWsSwizzle,          // D = 128: operands in the 128-byte swizzle layout, whole-row copies
   // Benchmark diagnostics of kWarpSpecialized, D = 128 (wrong results by design, never tested):
   kWsDiagConsumers,  // the producer loads only the first tiles: the consumers' bound
   kWsDiagProducer,   // the consumers skip their math: the producer's bound

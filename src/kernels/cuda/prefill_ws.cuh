@@ -41,6 +41,14 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// Descriptor of a K-major operand in the 128-byte swizzle layout (PTX "Matrix Descriptor
+// Format": swizzle mode 1 in bits 62-63): rows of 128 bytes, 8-row atoms 1024 bytes apart (the
+// stride byte offset), the leading byte offset unused; a k step inside the row advances the start
+// address (the hardware applies the swizzle to the address bits, atoms 1024-byte aligned).
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_address) {
+  return static_cast<uint64_t>((smem_address & 0x3ffff) >> 4) | (1ull << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
@@ -101,13 +109,19 @@ struct WsShape {
 //    tile is loaded once for G heads instead of once per head (FA3's PackGQA).
 //  - kPingPong: the two consumer warpgroups take turns issuing their wgmmas (two named barriers),
 //    so that one's softmax runs while the other's GEMMs hold the tensor cores (FA3's ping-pong).
+//  - kSwizzle (D = 128, 128 keys per tile: every operand row is 128 bytes): Q, K and V^T in
+//    the 128-byte-swizzled K-major layout instead of the canonical no-swizzle one; a row is then
+//    128 contiguous bytes (16-byte chunk c of row r stored at chunk c ^ (r % 8)), so 8
+//    consecutive producer threads copy one whole 128-byte row of the cache (one line) into one
+//    whole shared-memory row, conflict-free.
 //  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
 //    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
 //    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
-template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, int kDiag>
+template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
 __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
   using Sh = WsShape<D, kBlockN, kStages>;
-  extern __shared__ __align__(128) uint8_t smem[];
+  static_assert(!kSwizzle || (D == 128 && kBlockN == 128), "swizzled rows are exactly 128 bytes");
+  extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
   const uint32_t base = smem_addr(smem);
 
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -147,9 +161,11 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     const int lane = tid % 32;
     // 8 consecutive threads take rows r..r+7 of one 16-byte column chunk: each 8-thread phase
     // writes one whole core matrix (128 contiguous bytes).
-    const int ld_chunk = (tid / 8) % Sh::kChunks;
-    const int ld_row = (tid / (8 * Sh::kChunks)) * 8 + tid % 8;
+    // Swizzled: 8 consecutive threads take the 8 chunks of one row instead.
+    const int ld_chunk = kSwizzle ? tid % 8 : (tid / 8) % Sh::kChunks;
+    const int ld_row = kSwizzle ? tid / 8 : (tid / (8 * Sh::kChunks)) * 8 + tid % 8;
     auto canonical = [&](int row) {
+      if constexpr (kSwizzle) return row * 128 + ((ld_chunk ^ (row % 8)) << 4);
       return (row / 8) * Sh::kKBlockStride + ld_chunk * kCoreBytes + (row % 8) * 16;
     };
     {
@@ -196,6 +212,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         uint32_t r[4];
         ldmatrix_x4_trans(r, v_rows + (c * 32 + mat * 8 + mat_row) * Sh::kVPitch + dp * 16);
         const int d_even = dp * 16 + 2 * g;
+        if constexpr (kSwizzle) {  // V^T row d: 128 key bytes, key chunk k at k ^ (d % 8)
+          auto at = [&](int d, int chunk) { return d * 128 + ((chunk ^ (d & 7)) << 4) + 4 * t; };
+          *reinterpret_cast<uint32_t*>(vt + at(d_even, 2 * c)) = __byte_perm(r[0], r[1], 0x6420);
+          *reinterpret_cast<uint32_t*>(vt + at(d_even + 1, 2 * c)) = __byte_perm(r[0], r[1], 0x7531);
+          *reinterpret_cast<uint32_t*>(vt + at(d_even, 2 * c + 1)) = __byte_perm(r[2], r[3], 0x6420);
+          *reinterpret_cast<uint32_t*>(vt + at(d_even + 1, 2 * c + 1)) = __byte_perm(r[2], r[3], 0x7531);
+          continue;
+        }
         const int e_off = (d_even / 8) * Sh::kVtBlockStride + (d_even % 8) * 16;
         const int o_off = e_off + 16;  // d_odd = d_even + 1: the next row of the core matrix
         const uint32_t col0 = (2 * c) * kCoreBytes + 4 * t;
@@ -275,8 +299,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     const uint32_t k_addr = stage_addr(j);
 #pragma unroll
     for (int kk = 0; kk < D / 32; ++kk) {
-      const uint64_t da = wgmma_desc(q_desc_base + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
-      const uint64_t db = wgmma_desc(k_addr + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
+      const uint64_t da = kSwizzle ? wgmma_desc_sw128(q_desc_base + kk * 32)
+                                   : wgmma_desc(q_desc_base + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
+      const uint64_t db = kSwizzle ? wgmma_desc_sw128(k_addr + kk * 32)
+                                   : wgmma_desc(k_addr + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
       wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
     }
     wgmma_commit();
@@ -285,7 +311,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     const uint32_t vt_addr = stage_addr(j) + Sh::kKBytes;
 #pragma unroll
     for (int c = 0; c < kBlockN / 32; ++c) {
-      const uint64_t db = wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
+      const uint64_t db = kSwizzle ? wgmma_desc_sw128(vt_addr + c * 32)
+                                   : wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
       wgmma_rs<D>(o, pa[c], db);
     }
     wgmma_commit();
@@ -431,7 +458,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   }
 }
 
-template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, int kDiag>
+template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream) {
   using Sh = WsShape<D, kBlockN, kStages>;
   PrefillParams p;
@@ -460,7 +487,7 @@ void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream) {
     throw Error("prefill_attention: grid too large (max_q_len " + std::to_string(a.batch.max_q_len) +
                 ", num_requests " + std::to_string(a.batch.num_requests) + ")");
   }
-  auto kernel = prefill_ws_kernel<D, kBlockN, kStages, kPackGqa, kPingPong, kDiag>;
+  auto kernel = prefill_ws_kernel<D, kBlockN, kStages, kPackGqa, kPingPong, kSwizzle, kDiag>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sh::kSmemBytes));
   const dim3 grid(kPackGqa ? a.cache.num_kv_heads : a.num_q_heads, a.batch.num_requests, q_tiles);
