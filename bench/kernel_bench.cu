@@ -439,8 +439,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           if (c.D == 128) configs.push_back(cuda::PrefillConfig::kWsSwizzle);
         }
         if (scheme == KvScheme::kFp8PerHead && c.name == cases[0].name) {
-          configs.push_back(cuda::PrefillConfig::kWgmma);  // the kernels the default replaced
-          configs.push_back(cuda::PrefillConfig::kWide);
+          configs.push_back(cuda::PrefillConfig::kWide);  // the simple mma.sync kernel
           configs.push_back(cuda::PrefillConfig::kWsDiagConsumers);  // one side of the pipeline alone
           configs.push_back(cuda::PrefillConfig::kWsDiagProducer);
         }

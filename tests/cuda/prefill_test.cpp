@@ -192,7 +192,7 @@ TEST_P(PrefillMixed, MatchesCpuTwin) {
   spec.seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(spec.seed));
   // Every built tile config of the case; for fp8-per-head the default is the warp-specialized
-  // kernel (with each of its options), kWgmma the lockstep wgmma kernel, and kWide/kNarrow
+  // kernel (with each of its options), and kWide/kNarrow
   // select the simple mma.sync kernel.
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   if (c.scheme == KvScheme::kBf16 && c.head_dim == 128) configs.push_back(PrefillConfig::kNarrow);
@@ -200,12 +200,9 @@ TEST_P(PrefillMixed, MatchesCpuTwin) {
     for (PrefillConfig x : kWsConfigs) {
       if (x != PrefillConfig::kWsSwizzle || c.head_dim == 128) configs.push_back(x);  // D 128 only
     }
-    configs.push_back(PrefillConfig::kWgmma);
     configs.push_back(c.head_dim == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide);
     if (c.head_dim == 128) {
-      for (PrefillConfig x : {PrefillConfig::kNarrow, PrefillConfig::kWgmmaShort}) {
-        configs.push_back(x);
-      }
+      configs.push_back(PrefillConfig::kNarrow);
     }
   }
   run_and_compare(test::make_problem(spec), c.scheme, configs);
@@ -248,9 +245,7 @@ TEST_P(PrefillLong, LongQueries) {
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   if (GetParam() == KvScheme::kFp8PerHead) {
     for (PrefillConfig x : kWsConfigs) configs.push_back(x);
-    for (PrefillConfig x : {PrefillConfig::kWide, PrefillConfig::kWgmmaShort}) {
-      configs.push_back(x);
-    }
+    configs.push_back(PrefillConfig::kWide);
   }
   run_and_compare(test::make_problem(spec), GetParam(), configs, /*with_exact=*/false);
 }
@@ -351,9 +346,6 @@ TEST(PrefillPerf, BenchmarkShape) {
     std::vector<PrefillConfig> configs = {PrefillConfig::kWide};
     if (scheme != KvScheme::kFp8PerTensor) configs.push_back(PrefillConfig::kNarrow);
     if (scheme == KvScheme::kFp8PerHead) {
-      for (PrefillConfig x : {PrefillConfig::kWgmma, PrefillConfig::kWgmmaShort}) {
-        configs.push_back(x);
-      }
       for (PrefillConfig x : kWsConfigs) configs.push_back(x);
     }
     for (PrefillConfig config : configs) {

@@ -15,8 +15,6 @@ const char* prefill_config_name(PrefillConfig config) {
     case PrefillConfig::kDefault: return "default";
     case PrefillConfig::kWide: return "wide";
     case PrefillConfig::kNarrow: return "narrow";
-    case PrefillConfig::kWgmma: return "wgmma";
-    case PrefillConfig::kWgmmaShort: return "wgmma-short";
     case PrefillConfig::kWarpSpecialized: return "ws";
     case PrefillConfig::kWsPackGqa: return "ws-gqa";
     case PrefillConfig::kWsPackGqaPingPong: return "ws-gqa-pp";
@@ -33,17 +31,6 @@ template <KvScheme S, int D, int kWarps, int kBlockN>
 bool try_launch(const AttentionParams& p, cudaStream_t stream) {
   if constexpr (prefill::kPrefillBuilt<S, D, kWarps, kBlockN>) {
     prefill::launch_prefill<S, D, kWarps, kBlockN>(p, stream);
-    return true;
-  } else {
-    return false;
-  }
-}
-
-template <KvScheme S, int D, int kBlockN, int kWarpgroups, int kMinBlocks>
-bool try_launch_wgmma(const AttentionParams& p, cudaStream_t stream) {
-  if constexpr (S == KvScheme::kFp8PerHead &&
-                prefill::kWgmmaBuilt<D, kBlockN, kWarpgroups, kMinBlocks>) {
-    prefill::launch_prefill_wgmma<D, kBlockN, kWarpgroups, kMinBlocks>(p, stream);
     return true;
   } else {
     return false;
@@ -73,15 +60,12 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       config = D == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide;
     }
   }
-  constexpr int kLongN = D == 256 ? 64 : 128;
   bool launched = false;
   switch (config) {
     case PrefillConfig::kWide: launched = try_launch<S, D, 8, 64>(p, stream); break;
     case PrefillConfig::kNarrow:
       launched = D == 256 ? try_launch<S, D, 4, 32>(p, stream) : try_launch<S, D, 4, 64>(p, stream);
       break;
-    case PrefillConfig::kWgmma: launched = try_launch_wgmma<S, D, kLongN, 2, 1>(p, stream); break;
-    case PrefillConfig::kWgmmaShort: launched = try_launch_wgmma<S, D, 64, 2, 1>(p, stream); break;
     case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D, false, false>(p, stream); break;
     case PrefillConfig::kWsPackGqa: launched = try_launch_ws<S, D, true, false>(p, stream); break;
     case PrefillConfig::kWsPackGqaPingPong: launched = try_launch_ws<S, D, true, true>(p, stream); break;

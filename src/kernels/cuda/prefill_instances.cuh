@@ -23,17 +23,6 @@ constexpr bool kPrefillBuilt =
     (D <= 128 && kWarps == 8 && kBlockN == 64) || (D == 256 && kWarps == 4 && kBlockN == 32) ||
     (S != KvScheme::kFp8PerTensor && D == 128 && kWarps == 4 && kBlockN == 64);
 
-// fp8-per-head on wgmma (prefill_wgmma.cuh, instantiated in prefill_fp8_head_wgmma*.cu):
-// (D, kBlockN, kWarpgroups, kMinBlocks) in (64, 128, 2, 1), (128, 128, 2, 1), (128, 64, 2, 1),
-// (256, 64, 2, 1). One warpgroup per CTA with 2-3 CTAs per SM, (128, 128, 1, 2) and
-// (128, 64, 1, 3), was measured slower on H100 (319 and 340 vs 379 TFLOP/s on the benchmark
-// shape: each CTA loads and transposes the whole K/V tile for half the rows) and is not built.
-template <int D, int kBlockN, int kWarpgroups, int kMinBlocks>
-void launch_prefill_wgmma(const AttentionParams& a, cudaStream_t stream);
-template <int D, int kBlockN, int kWarpgroups, int kMinBlocks>
-constexpr bool kWgmmaBuilt = kWarpgroups == 2 && kMinBlocks == 1 &&
-                             (kBlockN == (D == 256 ? 64 : 128) || (D == 128 && kBlockN == 64));
-
 // fp8-per-head, warp-specialized (prefill_ws.cuh, instantiated in prefill_fp8_head_ws*.cu):
 // kBlockN 128 (64 for D = 256), kStages 4 (3 for D = 256: 4 do not fit), each head dim with the
 // options (kPackGqa, kPingPong) in (false, false), (true, false), (true, true); D = 128 also with

@@ -1,6 +1,8 @@
-// wgmma wrappers for e4m3 x e4m3 -> f32, m64nNk32 (generated: one asm per N; the accumulator
-// operand list is spelled out because inline asm takes no arrays). K-major A and B, no transpose
-// (8-bit types support only K-major). scale-d = 1: d += a * b.
+// Hopper building blocks of the wgmma prefill kernel (prefill_ws.cuh): the matrix descriptors,
+// the wgmma fences and waits, named barriers and register reallocation, and the wgmma wrappers
+// for e4m3 x e4m3 -> f32, m64nNk32 (generated: one asm per N; the accumulator operand list is
+// spelled out because inline asm takes no arrays). K-major A and B, no transpose (8-bit types
+// support only K-major). scale-d = 1: d += a * b, except the *_scaled forms.
 #pragma once
 
 #include <cstdint>
@@ -167,6 +169,86 @@ __device__ __forceinline__ void wgmma_ss_m64n256k32_e4m3_scaled(float (&d)[128],
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// ---- descriptors, fences, barriers ----
+
+constexpr int kCoreBytes = 128;  // one 8 x 16-byte core matrix
+
+// Shared-memory matrix descriptor, no swizzle (PTX ISA "Matrix Descriptor Format").
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_address, uint32_t leading_bytes,
+                                               uint32_t stride_bytes) {
+  return static_cast<uint64_t>((smem_address & 0x3ffff) >> 4) |
+         (static_cast<uint64_t>((leading_bytes & 0x3ffff) >> 4) << 16) |
+         (static_cast<uint64_t>((stride_bytes & 0x3ffff) >> 4) << 32);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Pins accumulator registers at this point of the program: the compiler does not know that
+// wgmma writes them asynchronously.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b) {
+  if constexpr (N == 64) wgmma_ss_m64n64k32_e4m3(d, desc_a, desc_b);
+  else wgmma_ss_m64n128k32_e4m3(d, desc_a, desc_b);
+}
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (N == 64) wgmma_rs_m64n64k32_e4m3(d, a, desc_b);
+  else if constexpr (N == 128) wgmma_rs_m64n128k32_e4m3(d, a, desc_b);
+  else wgmma_rs_m64n256k32_e4m3(d, a, desc_b);
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// bar.sync on a named barrier (0 is __syncthreads's): `threads` of the CTA, whole warps.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Descriptor of a K-major operand in the 128-byte swizzle layout (PTX "Matrix Descriptor
+// Format": swizzle mode 1 in bits 62-63): rows of 128 bytes, 8-row atoms 1024 bytes apart (the
+// stride byte offset), the leading byte offset unused; a k step inside the row advances the start
+// address (the hardware applies the swizzle to the address bits, atoms 1024-byte aligned).
+__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_address) {
+  return static_cast<uint64_t>((smem_address & 0x3ffff) >> 4) | (1ull << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void regs_increase() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void regs_decrease() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// S = Q K^T's k-steps: the first overwrites the accumulators (scale-d 0), so they need no zeroing.
+template <int N>
+__device__ __forceinline__ void wgmma_ss_first(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                               int accumulate) {
+  if constexpr (N == 64) wgmma_ss_m64n64k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
+  else wgmma_ss_m64n128k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
 }
 
 }  // namespace fp8kv::cuda::prefill

@@ -1,5 +1,5 @@
 // fp8-per-head prefill attention, warp-specialized (FA3's recipe on sm_90a): the fast path.
-// Same semantics as prefill_wgmma.cuh and prefill_kernel.cuh (varlen, causal with a cached
+// Same semantics as the simple mma.sync kernel, prefill_kernel.cuh (varlen, causal with a cached
 // prefix, GQA, K/V gathered through the slot table; P rounded to e4m3 as it is, the row sum from
 // the unrounded P); what differs is who does what, and when:
 //
@@ -16,8 +16,16 @@
 //    the softmax of tile j runs while the PV is still in the tensor pipe (FA3's intra-warpgroup
 //    overlap), then O is rescaled once the PV has landed.
 //
-// Operand layouts (no swizzle, as prefill_wgmma.cuh): Q and K canonical K-major [rows][D],
-// V^T canonical [D][keys] with the keys of each 32-key chunk in S's accumulator order.
+// Operand layouts: wgmma reads 8-bit operands only K-major. Without kSwizzle, the canonical
+// no-swizzle layout: 8 x 16-byte core matrices stored as 128 contiguous bytes; core matrices
+// adjacent in K are kCoreBytes apart (the descriptor's leading byte offset), those adjacent in
+// M/N (K bytes / 16) * 128 apart (its stride byte offset). Q and K are [rows][D] that way; V
+// arrives as plain rows [keys][D] and the producer transposes each tile into V^T [D][keys]
+// (ldmatrix.trans plus byte permutes), the keys of each 32-key chunk stored in the order
+// {2t, 2t+1, 2t+8, 2t+9} (t = 0..3), then 16 + those: the order in which the S accumulators hold
+// them, so P's A fragment is a plain repacking of S. Shared memory written by the generic proxy
+// (cp.async, st.shared) is read by wgmma through the async proxy: the producer fences
+// (fence.proxy.async) before publishing a stage.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,48 +35,10 @@
 
 #include "fp8kv/backend.h"
 #include "kernels/cuda/common.cuh"
-#include "kernels/cuda/prefill_wgmma.cuh"
+#include "kernels/cuda/prefill_kernel.cuh"
+#include "kernels/cuda/prefill_wgmma_ops.cuh"
 
 namespace fp8kv::cuda::prefill {
-
-__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// bar.sync on a named barrier (0 is __syncthreads's): `threads` of the CTA, whole warps.
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-// Descriptor of a K-major operand in the 128-byte swizzle layout (PTX "Matrix Descriptor
-// Format": swizzle mode 1 in bits 62-63): rows of 128 bytes, 8-row atoms 1024 bytes apart (the
-// stride byte offset), the leading byte offset unused; a k step inside the row advances the start
-// address (the hardware applies the swizzle to the address bits, atoms 1024-byte aligned).
-__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_address) {
-  return static_cast<uint64_t>((smem_address & 0x3ffff) >> 4) | (1ull << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
-}
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-template <int N>
-__device__ __forceinline__ void regs_increase() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-template <int N>
-__device__ __forceinline__ void regs_decrease() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
-}
-
-// S = Q K^T's k-steps: the first overwrites the accumulators (scale-d 0), so they need no zeroing.
-template <int N>
-__device__ __forceinline__ void wgmma_ss_first(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
-                                               int accumulate) {
-  if constexpr (N == 64) wgmma_ss_m64n64k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
-  else wgmma_ss_m64n128k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
-}
 
 template <int D, int kBlockN, int kStages>
 struct WsShape {
