@@ -54,6 +54,11 @@ __global__ void fill_e4m3_kernel(uint8_t* p, size_t n, uint64_t seed, float amp)
     p[i] = cuda::float_to_e4m3_hw(rand_pm1(seed, i) * amp);
   }
 }
+__global__ void fill_e5m2_kernel(uint8_t* p, size_t n, uint64_t seed, float amp) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    p[i] = static_cast<uint8_t>(cuda::float2_to_e5m2x2_hw(rand_pm1(seed, i) * amp, 0.0f));
+  }
+}
 
 // Streaming read: 4 independent 16-byte loads in flight per thread per iteration; the XOR is
 // written only when it hits an impossible value, so the loads cannot be optimized away.
@@ -86,6 +91,10 @@ void fill_bf16(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
 void fill_e4m3(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
   fill_e4m3_kernel<<<1024, 256, 0, s>>>(static_cast<uint8_t*>(p), n, seed, amp);
   check_cuda(cudaGetLastError(), "fill_e4m3");
+}
+void fill_e5m2(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
+  fill_e5m2_kernel<<<1024, 256, 0, s>>>(static_cast<uint8_t*>(p), n, seed, amp);
+  check_cuda(cudaGetLastError(), "fill_e5m2");
 }
 template <typename T>
 T* upload(BackendBuffer& b, const std::vector<T>& v) {
@@ -224,7 +233,8 @@ double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStr
 
 // ---- attention problems -----------------------------------------------------------------
 
-constexpr KvScheme kSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
+// Every scheme: bf16, fp8-per-tensor, fp8-per-head, fp8-e5m2, fp8-per-head-bf16q.
+const auto& kSchemes = kAllSchemes;
 
 // A batch of B requests of L tokens each (all cached but the q_len newest), slots a random
 // permutation of the pool (scattered rows, as a long-running server's pool looks).
@@ -271,7 +281,7 @@ struct BenchBatch {
   AttentionParams params(KvScheme scheme, void* pool) const {
     AttentionParams p;
     p.q = q->as<uint16_t>();
-    if (scheme == KvScheme::kFp8PerHead) {
+    if (fp8_q(scheme)) {
       p.q = nullptr;
       p.q_fp8 = q8->as<uint8_t>();
       p.q_scale = qs->as<float>();
@@ -279,7 +289,7 @@ struct BenchBatch {
     p.o = o->as<uint16_t>();
     p.num_q_heads = Hq;
     p.cache = {pool, num_slots(), Hkv, D, scheme};
-    if (is_fp8(scheme)) p.scales = {ks->as<float>(), vs->as<float>()};
+    if (has_kv_scales(scheme)) p.scales = {ks->as<float>(), vs->as<float>()};
     p.batch = batch;
     return p;
   }
@@ -288,7 +298,9 @@ struct BenchBatch {
 std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme, cudaStream_t s) {
   const size_t elems = static_cast<size_t>(slots + 1) * 2 * Hkv * D;
   auto pool = std::make_unique<BackendBuffer>(device(), elems * kv_elem_bytes(scheme));
-  if (is_fp8(scheme)) {
+  if (kv_codec(scheme) == KvCodec::kE5m2) {
+    fill_e5m2(pool->get(), elems, 31, 2.0f, s);  // unscaled values, as fp8-e5m2 stores them
+  } else if (is_fp8(scheme)) {
     fill_e4m3(pool->get(), elems, 31, 400.0f, s);
   } else {
     fill_bf16(pool->get(), elems, 31, 1.0f, s);
@@ -336,7 +348,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // the first shape again with the slot table a random permutation of the pool (a fragmented
   // serving pool: every token row a separate gather).
   r.line("");
-  r.line("decode  shape                              scheme            time_us   cache_GB/s  %%read_bw  time/bf16");
+  r.line("decode  shape                              scheme              time_us   cache_GB/s  %%read_bw  time/bf16");
   r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted)");
   struct Case { int B, L, Hq, Hkv, D; bool scattered; };
   std::vector<Case> cases = {{64, 4096, 32, 8, 128, false},  {4, 32768, 32, 8, 128, false},
@@ -364,7 +376,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       const double bytes = static_cast<double>(c.B) * c.L * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
       const double gbs = bytes / us * 1e-3;
       if (scheme == KvScheme::kBf16) bf16_us = us;
-      r.line("  %-40s %-16s %8.1f   %10.0f   %6.1f%%   %8.2f", shape, scheme_name(scheme), us, gbs,
+      r.line("  %-40s %-18s %8.1f   %10.0f   %6.1f%%   %8.2f", shape, scheme_name(scheme), us, gbs,
              100.0 * gbs / read_gbs, us / bf16_us);
       r.record("decode", name + "_" + scheme_name(scheme),
                {{"B", double(c.B)}, {"L", double(c.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
@@ -376,7 +388,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // Prefill (PREFILL's kernel).
   if (o.prefill) {
     r.line("");
-    r.line("prefill causal Hq=32 Hkv=8 D=128  scheme          time_us   TFLOP/s  %%GEMM (bf16 GEMM for bf16/per-tensor, fp8 for per-head)");
+    r.line("prefill causal Hq=32 Hkv=8 D=128  scheme             time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
     const int B = 2, L = o.quick ? 2048 : 8192;
     BenchBatch bb(B, L, L, 32, 8, 128, s);
     for (KvScheme scheme : kSchemes) {
@@ -391,8 +403,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       }
       const double flops = 4.0 * B * 32 * static_cast<double>(L) * L * 128 / 2;
       const double tflops = flops / us * 1e-6;
-      const double ceiling = scheme == KvScheme::kFp8PerHead ? fp8_tflops : bf16_tflops;
-      r.line("  B=%d L=%-6d                    %-15s %8.1f   %7.1f  %6.1f%%", B, L, scheme_name(scheme), us, tflops,
+      const double ceiling = fp8_q(scheme) ? fp8_tflops : bf16_tflops;
+      r.line("  B=%d L=%-6d                    %-18s %8.1f   %7.1f  %6.1f%%", B, L, scheme_name(scheme), us, tflops,
              100.0 * tflops / ceiling);
       r.record("prefill", std::string("B2_L") + std::to_string(L) + "_" + scheme_name(scheme),
                {{"B", double(B)}, {"L", double(L)}, {"us", us}, {"tflops", tflops}, {"frac_gemm", tflops / ceiling}});
@@ -402,7 +414,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // Quantize-on-write.
   {
     r.line("");
-    r.line("quantize-on-write T x 8 KV heads x 128   scheme          time_us   GB/s(r+w)  %%copy_bw  observe_overhead");
+    r.line("quantize-on-write T x 8 KV heads x 128   scheme             time_us   GB/s(r+w)  %%copy_bw  observe_overhead");
     const int T = o.quick ? 4096 : 16384, Hkv = 8, D = 128;
     const int64_t slots = 4 * static_cast<int64_t>(T);
     std::vector<int32_t> slot_v(slots);
@@ -423,13 +435,13 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       p.slots = d_slots.as<int32_t>();
       p.num_tokens = T;
       p.cache = {pool->get(), slots, Hkv, D, scheme};
-      if (is_fp8(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
+      if (has_kv_scales(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
       const double us = time_us([&] { cuda::launch_quantize_kv(p, s); }, o.warmup, o.iters, s);
       p.observe_amax = amax.as<float>();
       const double us_obs = time_us([&] { cuda::launch_quantize_kv(p, s); }, o.warmup, o.iters, s);
       const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
       const double gbs = bytes / us * 1e-3;
-      r.line("  T=%-6d                               %-15s %8.1f   %9.0f   %6.1f%%   %+6.1f%%", T, scheme_name(scheme), us, gbs,
+      r.line("  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%", T, scheme_name(scheme), us, gbs,
              100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0));
       r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
                {{"T", double(T)}, {"us", us}, {"us_observe", us_obs}, {"gbs", gbs}, {"frac_copy_bw", gbs / copy_gbs},
