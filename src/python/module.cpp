@@ -457,7 +457,8 @@ py::object codec(const char* name, const py::handle& in, DType in_type, const py
 // ---- calibration -------------------------------------------------------------------------------
 
 QuantType parse_quant_type(const std::string& text) {
-  if (text == "per_head" || text == "per-head" || text == "fp8-per-head") {
+  if (text == "per_head" || text == "per-head" || text == "fp8-per-head" ||
+      text == "fp8-per-head-bf16q") {
     return QuantType::kPerHead;
   }
   if (text == "per_tensor" || text == "per-tensor" || text == "fp8-per-tensor") {
@@ -465,7 +466,8 @@ QuantType parse_quant_type(const std::string& text) {
   }
   throw py::value_error("scheme '" + text +
                         "' has no calibration: expected per-head or per-tensor (also per_head, "
-                        "fp8-per-head, per_tensor, fp8-per-tensor)");
+                        "fp8-per-head, fp8-per-head-bf16q, per_tensor, fp8-per-tensor; bf16 and "
+                        "fp8-e5m2 take no scales)");
 }
 
 py::array_t<float> table(const std::vector<float>& v, int rows, int cols) {
