@@ -55,6 +55,11 @@ __global__ void fill_e4m3_kernel(uint8_t* p, size_t n, uint64_t seed, float amp)
     p[i] = cuda::float_to_e4m3_hw(rand_pm1(seed, i) * amp);
   }
 }
+__global__ void fill_e5m2_kernel(uint8_t* p, size_t n, uint64_t seed, float amp) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    p[i] = static_cast<uint8_t>(cuda::float2_to_e5m2x2_hw(rand_pm1(seed, i) * amp, 0.0f));
+  }
+}
 
 // Streaming read: 4 independent 16-byte loads in flight per thread per iteration; the XOR is
 // written only when it hits an impossible value, so the loads cannot be optimized away.
@@ -87,6 +92,10 @@ void fill_bf16(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
 void fill_e4m3(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
   fill_e4m3_kernel<<<1024, 256, 0, s>>>(static_cast<uint8_t*>(p), n, seed, amp);
   check_cuda(cudaGetLastError(), "fill_e4m3");
+}
+void fill_e5m2(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
+  fill_e5m2_kernel<<<1024, 256, 0, s>>>(static_cast<uint8_t*>(p), n, seed, amp);
+  check_cuda(cudaGetLastError(), "fill_e5m2");
 }
 template <typename T>
 T* upload(BackendBuffer& b, const std::vector<T>& v) {
@@ -225,7 +234,8 @@ double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStr
 
 // ---- attention problems -----------------------------------------------------------------
 
-constexpr KvScheme kSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
+// Every scheme: bf16, fp8-per-tensor, fp8-per-head, fp8-e5m2, fp8-per-head-bf16q.
+const auto& kSchemes = kAllSchemes;
 
 // A batch of B requests of L tokens each (all cached but the q_len newest), slots a random
 // permutation of the pool (scattered rows, as a long-running server's pool looks).
@@ -285,7 +295,7 @@ struct BenchBatch {
   AttentionParams params(KvScheme scheme, void* pool) const {
     AttentionParams p;
     p.q = q->as<uint16_t>();
-    if (scheme == KvScheme::kFp8PerHead) {
+    if (fp8_q(scheme)) {
       p.q = nullptr;
       p.q_fp8 = q8->as<uint8_t>();
       p.q_scale = qs->as<float>();
@@ -293,7 +303,7 @@ struct BenchBatch {
     p.o = o->as<uint16_t>();
     p.num_q_heads = Hq;
     p.cache = {pool, num_slots(), Hkv, D, scheme};
-    if (is_fp8(scheme)) p.scales = {ks->as<float>(), vs->as<float>()};
+    if (has_kv_scales(scheme)) p.scales = {ks->as<float>(), vs->as<float>()};
     p.batch = batch;
     return p;
   }
@@ -302,7 +312,9 @@ struct BenchBatch {
 std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme, cudaStream_t s) {
   const size_t elems = static_cast<size_t>(slots + 1) * 2 * Hkv * D;
   auto pool = std::make_unique<BackendBuffer>(device(), elems * kv_elem_bytes(scheme));
-  if (is_fp8(scheme)) {
+  if (kv_codec(scheme) == KvCodec::kE5m2) {
+    fill_e5m2(pool->get(), elems, 31, 2.0f, s);  // unscaled values, as fp8-e5m2 stores them
+  } else if (is_fp8(scheme)) {
     fill_e4m3(pool->get(), elems, 31, 400.0f, s);
   } else {
     fill_bf16(pool->get(), elems, 31, 1.0f, s);
@@ -354,7 +366,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // the first shape again with the slot table a random permutation of the pool (a fragmented
   // serving pool: every token row a separate gather).
   r.line("");
-  r.line("decode  shape                              scheme            time_us   cache_GB/s  %%read_bw  time/bf16");
+  r.line("decode  shape                              scheme              time_us   cache_GB/s  %%read_bw  time/bf16");
   r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted)");
   struct Case { int B, L, Hq, Hkv, D; bool scattered; };
   std::vector<Case> cases = {{64, 4096, 32, 8, 128, false},  {4, 32768, 32, 8, 128, false},
@@ -383,7 +395,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       const double bytes = static_cast<double>(c.B) * c.L * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
       const double gbs = bytes / us * 1e-3;
       if (scheme == KvScheme::kBf16) bf16_us = us;
-      r.line("  %-40s %-16s %8.1f   %10.0f   %6.1f%%   %8.2f", shape, scheme_name(scheme), us, gbs,
+      r.line("  %-40s %-18s %8.1f   %10.0f   %6.1f%%   %8.2f", shape, scheme_name(scheme), us, gbs,
              100.0 * gbs / read_gbs, us / bf16_us);
       r.record("decode", name + "_" + scheme_name(scheme),
                {{"B", double(c.B)}, {"L", double(c.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
@@ -400,7 +412,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // FLOPs: 4 * D * Hq * (query, key) pairs, the causal pairs counted exactly.
   if (o.prefill && want("prefill")) {
     r.line("");
-    r.line("prefill causal                             scheme          kernel       time_us   TFLOP/s  %%GEMM (bf16 GEMM for bf16/per-tensor, fp8 for per-head)");
+    r.line("prefill causal                             scheme             kernel       time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
     struct PCase { std::string name; std::vector<int> seq, q; int Hq, Hkv, D; };
     auto uniform = [](int B, int L) { return std::vector<int>(B, L); };
     std::vector<PCase> cases;
@@ -429,6 +441,10 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       }
       const double flops = 4.0 * c.D * c.Hq * bb.causal_pairs;
       for (KvScheme scheme : kSchemes) {
+        // The sweep: the three main schemes; the reference shape: every scheme.
+        if (c.name != cases[0].name && (scheme == KvScheme::kFp8E5m2 || scheme == KvScheme::kFp8PerHeadBf16Q)) {
+          continue;
+        }
         auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
         const AttentionParams p = bb.params(scheme, pool->get());
         std::vector<cuda::PrefillConfig> configs = {cuda::PrefillConfig::kDefault};
@@ -452,8 +468,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
             continue;
           }
           const double tflops = flops / us * 1e-6;
-          const double ceiling = scheme == KvScheme::kFp8PerHead ? fp8_tflops : bf16_tflops;
-          r.line("  %-40s %-15s %-10s %8.1f   %7.1f  %6.1f%%", shape, scheme_name(scheme),
+          const double ceiling = fp8_q(scheme) ? fp8_tflops : bf16_tflops;
+          r.line("  %-40s %-18s %-10s %8.1f   %7.1f  %6.1f%%", shape, scheme_name(scheme),
                  cuda::prefill_config_name(config), us, tflops, 100.0 * tflops / ceiling);
           std::string key = c.name + "_" + scheme_name(scheme);
           if (config != cuda::PrefillConfig::kDefault) key += std::string("_") + cuda::prefill_config_name(config);
@@ -468,7 +484,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // Quantize-on-write.
   if (want("quantize")) {
     r.line("");
-    r.line("quantize-on-write T x 8 KV heads x 128   scheme          time_us   GB/s(r+w)  %%copy_bw  observe_overhead");
+    r.line("quantize-on-write T x 8 KV heads x 128   scheme             time_us   GB/s(r+w)  %%copy_bw  observe_overhead");
     const int T = o.quick ? 4096 : 16384, Hkv = 8, D = 128;
     const int64_t slots = 4 * static_cast<int64_t>(T);
     std::vector<int32_t> slot_v(slots);
@@ -489,13 +505,13 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       p.slots = d_slots.as<int32_t>();
       p.num_tokens = T;
       p.cache = {pool->get(), slots, Hkv, D, scheme};
-      if (is_fp8(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
+      if (has_kv_scales(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
       const double us = time_us([&] { cuda::launch_quantize_kv(p, s); }, o.warmup, o.iters, s);
       p.observe_amax = amax.as<float>();
       const double us_obs = time_us([&] { cuda::launch_quantize_kv(p, s); }, o.warmup, o.iters, s);
       const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
       const double gbs = bytes / us * 1e-3;
-      r.line("  T=%-6d                               %-15s %8.1f   %9.0f   %6.1f%%   %+6.1f%%", T, scheme_name(scheme), us, gbs,
+      r.line("  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%", T, scheme_name(scheme), us, gbs,
              100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0));
       r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
                {{"T", double(T)}, {"us", us}, {"us_observe", us_obs}, {"gbs", gbs}, {"frac_copy_bw", gbs / copy_gbs},

@@ -63,7 +63,11 @@ struct EvalOptions {
   int batch_size = 4;
   bool show_progress = false;
   Communicator* comm = nullptr;  // tensor parallelism (RunnerOptions::comm)
-  std::vector<int> bf16_layers;  // kept in bf16 in both FP8 caches (RunnerOptions::bf16_layers)
+  std::vector<int> bf16_layers;  // kept in bf16 in every FP8 cache (RunnerOptions::bf16_layers)
+  // The FP8 caches compared with bf16, in this order (each costs one more full run and one more
+  // shadow pool): fp8-per-tensor takes the per-tensor scales, fp8-per-head and
+  // fp8-per-head-bf16q the per-head ones, fp8-e5m2 none. `fp8kv eval --kv-schemes`.
+  std::vector<KvScheme> schemes = {KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
 };
 
 // One scheme's numbers against the bf16 run, over every position that has a next token.
@@ -80,7 +84,7 @@ struct SchemeEval {
 };
 
 struct EvalResult {
-  std::vector<SchemeEval> schemes;  // bf16, fp8-per-tensor, fp8-per-head
+  std::vector<SchemeEval> schemes;  // bf16, then EvalOptions::schemes in order
   int64_t positions = 0;
   int64_t tokens = 0;
   double seconds = 0.0;
@@ -94,9 +98,10 @@ struct EvalResult {
 FP8KV_API std::vector<int> suggest_bf16_layers(const std::vector<double>& attn_rel_error,
                                                double factor = 2.0);
 
-// bf16 vs fp8-per-tensor vs fp8-per-head on the same data. The per-layer attention error runs
-// both FP8 caches beside the bf16 run on its very inputs (ShadowScheme); the logit metrics
-// come from full runs with each cache. With tp > 1 every rank runs this call (scales: the
+// bf16 vs the FP8 caches of options.schemes (default fp8-per-tensor and fp8-per-head) on the same
+// data. The per-layer attention error runs every FP8 cache beside the bf16 run on its very inputs
+// (ShadowScheme); the logit metrics come from full runs with each cache. `per_tensor` and
+// `per_head` are read only by the schemes that take them (an unused one may be empty). With tp > 1 every rank runs this call (scales: the
 // rank's slice) and gets the same result; the attention errors are summed over ranks' heads.
 FP8KV_API EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops,
                               const TokenData& data, const RankScales& per_tensor,

@@ -1,9 +1,13 @@
-// evaluate(): bf16 vs fp8-per-tensor vs fp8-per-head on the same token data.
+// evaluate(): bf16 vs the FP8 caches (fp8-per-tensor, fp8-per-head, ...) on the same token data.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <memory>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
@@ -150,6 +154,24 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     }
     max_batch_tokens = std::max(max_batch_tokens, t);
   }
+  // bf16 first (the reference), then the FP8 caches asked for.
+  std::vector<KvScheme> schemes = {KvScheme::kBf16};
+  for (KvScheme s : options.schemes) {
+    if (!is_fp8(s)) {
+      throw Error(std::string("eval: scheme ") + scheme_name(s) +
+                  " is not an FP8 cache (bf16 is always the reference)");
+    }
+    if (std::find(schemes.begin(), schemes.end(), s) != schemes.end()) {
+      throw Error(std::string("eval: scheme ") + scheme_name(s) + " is given twice");
+    }
+    schemes.push_back(s);
+  }
+  // The scales of a scheme: the per-tensor or per-head ones, none for fp8-e5m2.
+  auto scales_of = [&](KvScheme scheme) -> std::optional<RankScales> {
+    const std::optional<QuantType> q = calib_quant_type(scheme);
+    if (!q) return std::nullopt;
+    return *q == QuantType::kPerHead ? per_head : per_tensor;
+  };
   auto options_for = [&](KvScheme scheme) {
     RunnerOptions ro;
     ro.scheme = scheme;
@@ -158,33 +180,37 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     ro.max_len = max_len;
     ro.comm = options.comm;
     ro.bf16_layers = options.bf16_layers;
-    if (scheme == KvScheme::kFp8PerTensor) ro.scales = per_tensor;
-    if (scheme == KvScheme::kFp8PerHead) ro.scales = per_head;
+    ro.scales = scales_of(scheme);
     return ro;
   };
   RunnerOptions ref_opts = options_for(KvScheme::kBf16);
-  ref_opts.shadows.push_back({KvScheme::kFp8PerTensor, per_tensor});
-  ref_opts.shadows.push_back({KvScheme::kFp8PerHead, per_head});
-  ModelRunner ref(model, backend, ops, std::move(ref_opts));
-  ModelRunner pt(model, backend, ops, options_for(KvScheme::kFp8PerTensor));
-  ModelRunner ph(model, backend, ops, options_for(KvScheme::kFp8PerHead));
-  ModelRunner* runners[3] = {&ref, &pt, &ph};
-  const KvScheme schemes[3] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
+  for (size_t s = 1; s < schemes.size(); ++s) {
+    ref_opts.shadows.push_back({schemes[s], scales_of(schemes[s]).value_or(RankScales{})});
+  }
+  std::vector<std::unique_ptr<ModelRunner>> runners;
+  runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, std::move(ref_opts)));
+  for (size_t s = 1; s < schemes.size(); ++s) {
+    runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, options_for(schemes[s])));
+  }
+  const ModelRunner& ref = *runners[0];
+  const size_t N = schemes.size();
 
   EvalResult result;
   result.bf16_layers = options.bf16_layers;
-  Accum acc[3];
+  std::vector<Accum> acc(N);
   const int64_t V = c.vocab_size;
   const auto start = std::chrono::steady_clock::now();
-  Progress progress("evaluating bf16 / fp8-per-tensor / fp8-per-head",
-                    static_cast<int64_t>(data.size()), options.show_progress);
+  std::string names;
+  for (KvScheme s : schemes) names += std::string(names.empty() ? "" : " / ") + scheme_name(s);
+  Progress progress("evaluating " + names, static_cast<int64_t>(data.size()),
+                    options.show_progress);
   std::vector<double> ref_lp, lp;
   for (size_t i = 0; i < data.size(); i += batch) {
     std::vector<std::vector<int32_t>> tokens(
         data.begin() + static_cast<std::ptrdiff_t>(i),
         data.begin() + static_cast<std::ptrdiff_t>(std::min(data.size(), i + batch)));
-    std::vector<float> logits[3];
-    for (int s = 0; s < 3; ++s) {
+    std::vector<std::vector<float>> logits(N);
+    for (size_t s = 0; s < N; ++s) {
       std::vector<int> reqs;
       for (size_t b = 0; b < tokens.size(); ++b) reqs.push_back(runners[s]->add_request());
       logits[s] = runners[s]->forward(reqs, tokens, LogitRows::kAll);
@@ -198,7 +224,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
         const int32_t next = seq[t + 1];
         log_softmax(logits[0].data() + row * V, V, ref_lp);
         const int64_t ref_top = argmax_of(ref_lp);
-        for (int s = 0; s < 3; ++s) {
+        for (size_t s = 0; s < N; ++s) {
           const std::vector<double>* cur = &ref_lp;
           if (s > 0) {
             log_softmax(logits[s].data() + row * V, V, lp);
@@ -218,7 +244,8 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
         result.positions += 1;
       }
     }
-    progress.update(static_cast<int64_t>(std::min(data.size(), i + batch)), result.tokens * 3);
+    progress.update(static_cast<int64_t>(std::min(data.size(), i + batch)),
+                    result.tokens * static_cast<int64_t>(N));
   }
   progress.finish();
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -226,7 +253,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     throw Error("eval: no position has a next token (every sequence has one token)");
   }
   const double n = static_cast<double>(result.positions);
-  for (int s = 0; s < 3; ++s) {
+  for (size_t s = 0; s < N; ++s) {
     SchemeEval e;
     e.scheme = schemes[s];
     e.perplexity = std::exp(acc[s].nll / n);
@@ -238,7 +265,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     e.head_attn_rel_error.assign(static_cast<size_t>(c.num_layers * c.num_kv_heads), 0.0);
     if (s > 0) {
       const AttentionErrorStats st =
-          summed_over_ranks(ref.shadow_stats()[static_cast<size_t>(s - 1)], options.comm);
+          summed_over_ranks(ref.shadow_stats()[s - 1], options.comm);
       for (int l = 0; l < c.num_layers; ++l) {
         e.attn_rel_error[static_cast<size_t>(l)] = st.rel_error(l);
         for (int h = 0; h < c.num_kv_heads; ++h) {
@@ -256,16 +283,21 @@ std::string format_eval_table(const EvalResult& r) {
   std::string out;
   char buf[256];
   const char* kRow = "%-30s";
+  // Columns 16 wide, wider when a scheme's name needs it (fp8-per-head-bf16q).
+  int w = 16;
+  for (const auto& s : r.schemes) {
+    w = std::max(w, static_cast<int>(std::strlen(scheme_name(s.scheme))) + 2);
+  }
   auto cell = [&](const char* fmt, double v) {
     char c[64];
     std::snprintf(c, sizeof c, fmt, v);
-    std::snprintf(buf, sizeof buf, "%16s", c);
+    std::snprintf(buf, sizeof buf, "%*s", w, c);
     out += buf;
   };
   std::snprintf(buf, sizeof buf, kRow, "");
   out += buf;
   for (const auto& s : r.schemes) {
-    std::snprintf(buf, sizeof buf, "%16s", scheme_name(s.scheme));
+    std::snprintf(buf, sizeof buf, "%*s", w, scheme_name(s.scheme));
     out += buf;
   }
   out += "\n";
@@ -274,7 +306,7 @@ std::string format_eval_table(const EvalResult& r) {
     out += buf;
     for (size_t i = 0; i < r.schemes.size(); ++i) {
       if (ref_dash && r.schemes[i].scheme == KvScheme::kBf16) {
-        std::snprintf(buf, sizeof buf, "%16s", "-");
+        std::snprintf(buf, sizeof buf, "%*s", w, "-");
         out += buf;
       } else {
         cell(fmt, value(r.schemes[i]));
@@ -307,7 +339,7 @@ std::string format_eval_table(const EvalResult& r) {
         const int worst = static_cast<int>(std::max_element(h, h + s.num_kv_heads) - h);
         std::snprintf(c, sizeof c, "h%d %.3e", worst, h[worst]);
       }
-      std::snprintf(buf, sizeof buf, "%16s", c);
+      std::snprintf(buf, sizeof buf, "%*s", w, c);
       out += buf;
     }
     out += "\n";
@@ -319,7 +351,7 @@ std::string format_eval_table(const EvalResult& r) {
   out += buf;
   if (!r.bf16_layers.empty()) {
     out += "(--kv-bf16-layers " + layer_list_text(r.bf16_layers) +
-           ": kept in bf16 in both FP8 caches, attention error 0 there)\n";
+           ": kept in bf16 in every FP8 cache, attention error 0 there)\n";
   }
   // Which layers lose most, and the set --kv-bf16-layers could keep in bf16.
   for (const SchemeEval& s : r.schemes) {

@@ -176,7 +176,7 @@ TEST_F(ModelRunnerTest, GenerateIsGreedyOverForward) {
 }
 
 TEST_F(ModelRunnerTest, Fp8WithoutCalibrationRefused) {
-  for (KvScheme s : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {
+  for (KvScheme s : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHeadBf16Q}) {
     const std::string e = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, small(s)); });
     EXPECT_NE(e.find("refusing to run with scales of 1.0"), std::string::npos) << e;
     EXPECT_NE(e.find(scheme_name(s)), std::string::npos) << e;
@@ -186,6 +186,47 @@ TEST_F(ModelRunnerTest, Fp8WithoutCalibrationRefused) {
   o.scales = slice_for_rank(calibrated(QuantType::kPerTensor), 1, 0);
   const std::string e = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
   EXPECT_NE(e.find("per_head"), std::string::npos) << e;
+  o.scheme = KvScheme::kFp8PerHeadBf16Q;
+  const std::string e2 = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
+  EXPECT_NE(e2.find("fp8-per-head-bf16q KV cache needs per_head scales, got per_tensor"),
+            std::string::npos)
+      << e2;
+  // fp8-e5m2 has no scales: given some, it refuses them (they were meant for another cache).
+  o.scheme = KvScheme::kFp8E5m2;
+  const std::string e3 = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
+  EXPECT_NE(e3.find("fp8-e5m2 KV cache takes no calibration file"), std::string::npos) << e3;
+  const std::string e4 = error_of([&] {
+    load_scales_for_model("unused.json", tiny_->config(), KvScheme::kFp8E5m2);
+  });
+  EXPECT_NE(e4.find("fp8-e5m2 KV cache takes no calibration file"), std::string::npos) << e4;
+}
+
+// fp8-e5m2 runs with no scales at all; fp8-per-head-bf16q on fp8-per-head's scales. Both track
+// the bf16 cache; bf16q differs from fp8-per-head only by keeping Q and P out of e4m3.
+TEST_F(ModelRunnerTest, E5m2AndPerHeadBf16QCachesTrackBf16) {
+  const int V = tiny_->config().vocab_size;
+  const auto prompt = tokens(20, 9, V);
+  auto logits = [&](RunnerOptions o) {
+    ModelRunner r(*tiny_, *backend_, *ops_, std::move(o));
+    const int req = r.add_request();
+    std::vector<float> out = r.forward({req}, {prompt}, LogitRows::kAll);
+    const std::vector<float> step = r.forward({req}, {{prompt[3]}}, LogitRows::kLast);  // decode
+    out.insert(out.end(), step.begin(), step.end());
+    return out;
+  };
+  const std::vector<float> bf16 = logits(small());
+  const std::vector<float> e5m2 = logits(small(KvScheme::kFp8E5m2));
+  const RankScales ph = slice_for_rank(calibrated(QuantType::kPerHead), 1, 0);
+  RunnerOptions o = small(KvScheme::kFp8PerHeadBf16Q);
+  o.scales = ph;
+  const std::vector<float> bf16q = logits(o);
+  o.scheme = KvScheme::kFp8PerHead;
+  const std::vector<float> head = logits(o);
+  for (const auto* x : {&e5m2, &bf16q, &head}) {
+    EXPECT_GT(rel_diff(*x, bf16), 0.0);
+    EXPECT_LT(rel_diff(*x, bf16), 0.25);
+  }
+  EXPECT_GT(rel_diff(bf16q, head), 0.0);
 }
 
 TEST_F(ModelRunnerTest, OutOfSlotsSaysNeededAndFree) {

@@ -1,6 +1,7 @@
 // The prefill kernel instances that are built: one list shared by the dispatcher (prefill.cu) and
-// the explicit instantiations (prefill_bf16.cu, prefill_fp8_tensor.cu, prefill_fp8_head.cu), so
-// that each instance compiles once, in its own small translation unit.
+// the explicit instantiations (prefill_bf16.cu, prefill_fp8_tensor.cu, prefill_fp8_head.cu,
+// prefill_fp8_e5m2.cu, prefill_fp8_head_bf16q.cu), so that each instance compiles once, in its own
+// small translation unit.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,12 +17,14 @@ void launch_prefill(const AttentionParams& a, cudaStream_t stream);
 
 // Built (kWarps, kBlockN) per scheme and head_dim:
 //   every scheme:        D 64 and 128 with (8, 64); D 256 with (4, 32)
-//   bf16, fp8-per-head:  D 128 with (4, 64)
+//   bf16, fp8-per-head:  D 128 with (4, 64) (not the widening schemes: fp8-per-tensor,
+//                        fp8-e5m2, fp8-per-head-bf16q)
 // (fp8-per-head with (8, 128) spilled 212 bytes and ran at 212 TFLOP/s: not built.)
 template <KvScheme S, int D, int kWarps, int kBlockN>
 constexpr bool kPrefillBuilt =
     (D <= 128 && kWarps == 8 && kBlockN == 64) || (D == 256 && kWarps == 4 && kBlockN == 32) ||
-    (S != KvScheme::kFp8PerTensor && D == 128 && kWarps == 4 && kBlockN == 64);
+    ((S == KvScheme::kBf16 || S == KvScheme::kFp8PerHead) && D == 128 && kWarps == 4 &&
+     kBlockN == 64);
 
 // fp8-per-head, warp-specialized (prefill_ws.cuh, instantiated in prefill_fp8_head_ws*.cu):
 // kBlockN 128 (64 for D = 256), kStages 4 (3 for D = 256: 4 do not fit), each head dim with the

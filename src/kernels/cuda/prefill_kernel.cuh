@@ -1,10 +1,13 @@
 // Prefill attention on Hopper with mma.sync tensor cores: varlen batches, causal with a cached
-// prefix, GQA, K/V gathered from the token-slot pool. One kernel template for the three schemes:
+// prefix, GQA, K/V gathered from the token-slot pool. One kernel template for every scheme:
 //
 //   kBf16          bf16 Q, K, V; QK^T and PV as m16n8k16 bf16 MMAs, fp32 accumulate.
 //   kFp8PerTensor  bf16 Q; e4m3 K/V are widened to bf16 in shared memory (exact: e4m3 is a subset
 //                  of bf16) and run the bf16 MMAs; k_scale folds into the softmax scale, v_scale
 //                  into the final normalization, so only a cast is needed per element.
+//   kFp8E5m2, kFp8PerHeadBf16Q  the same path with another KV codec or scale source
+//                  (SchemeTraits): e5m2 K/V (also a subset of bf16) with scale 1, or e4m3 K/V
+//                  with the KV head's K and V scales.
 //   kFp8PerHead    e4m3 Q (quantize_q) and K/V; QK^T and PV as m16n8k32 e4m3 MMAs (on sm_90 ptxas
 //                  runs these as fp16 HMMAs after unpacking: correct, no FP8 rate; the fast
 //                  fp8-per-head path is prefill_wgmma.cuh, this one stays as its simple twin). The scales
@@ -40,11 +43,11 @@ namespace fp8kv::cuda::prefill {
 
 // Device-side arguments, built on the host from AttentionParams (launch_prefill).
 struct PrefillParams {
-  const void* q = nullptr;              // [total_q, Hq, D] bf16 (bf16, fp8-per-tensor) or e4m3
+  const void* q = nullptr;              // [total_q, Hq, D] e4m3 (fp8-per-head) or bf16 (others)
   const float* q_scale = nullptr;       // [B, Hkv] fp8-per-head, else unused
   uint16_t* o = nullptr;                // [total_q, Hq, D] bf16
-  const uint8_t* kv = nullptr;          // [num_slots + 1, 2 * Hkv, D] bf16 or e4m3, as bytes
-  const float* k_scale = nullptr;       // per-head [Hkv], per-tensor [1]; unused for bf16
+  const uint8_t* kv = nullptr;          // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2, as bytes
+  const float* k_scale = nullptr;       // per-head [Hkv], per-tensor [1]; unused without scales
   const float* v_scale = nullptr;       // likewise
   const int32_t* seq_len = nullptr;     // [B]
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
@@ -56,34 +59,18 @@ struct PrefillParams {
   float softmax_scale = 0.0f;           // resolved: 1/sqrt(D) when the caller gave 0
 };
 
+// What a scheme means for this kernel, from its three choices (fp8kv/scheme.h).
 template <KvScheme S>
-struct SchemeTraits;
-template <>
-struct SchemeTraits<KvScheme::kBf16> {
-  static constexpr int kQBytes = 2;        // bytes of one stored Q element
-  static constexpr int kKvBytes = 2;       // bytes of one stored K/V element
-  static constexpr bool kFp8Mma = false;   // e4m3 tensor cores for QK^T and PV
-  static constexpr bool kWidenKv = false;  // e4m3 K/V widened to bf16 in shared memory
-  static constexpr bool kScaled = false;   // K/V scales apply
-  static constexpr bool kPerHeadScales = false;
-};
-template <>
-struct SchemeTraits<KvScheme::kFp8PerTensor> {
-  static constexpr int kQBytes = 2;
-  static constexpr int kKvBytes = 1;
-  static constexpr bool kFp8Mma = false;
-  static constexpr bool kWidenKv = true;
-  static constexpr bool kScaled = true;
-  static constexpr bool kPerHeadScales = false;
-};
-template <>
-struct SchemeTraits<KvScheme::kFp8PerHead> {
-  static constexpr int kQBytes = 1;
-  static constexpr int kKvBytes = 1;
-  static constexpr bool kFp8Mma = true;
-  static constexpr bool kWidenKv = false;
-  static constexpr bool kScaled = true;
-  static constexpr bool kPerHeadScales = true;
+struct SchemeTraits {
+  static constexpr KvCodec kCodec = kv_codec(S);      // how K/V are stored
+  static constexpr int kQBytes = fp8_q(S) ? 1 : 2;    // bytes of one stored Q element
+  static constexpr int kKvBytes = kv_elem_bytes(S);   // bytes of one stored K/V element
+  static constexpr bool kFp8Mma = fp8_q(S);           // e4m3 tensor cores for QK^T and PV
+  // FP8 K/V widened to bf16 in shared memory for the bf16 MMAs (bf16 Q)
+  static constexpr bool kWidenKv = !fp8_q(S) && kCodec != KvCodec::kBf16;
+  static constexpr bool kScaled = kv_scale_source(S) != KvScaleSource::kNone;  // K/V scales apply
+  static constexpr bool kPerHeadScales = kv_scale_source(S) == KvScaleSource::kPerHead;
+  static_assert(!kFp8Mma || kCodec == KvCodec::kE4m3, "the fp8 MMAs read e4m3 K/V");
 };
 
 // Sizes of one kernel instance. Shared memory rows are padded by one 16-byte chunk: the 8 rows
@@ -139,9 +126,11 @@ __device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, fl
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
-// Two e4m3 codes -> bf16x2, exactly.
-__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t two_codes) {
-  const float2 f = e4m3x2_to_float2(static_cast<uint16_t>(two_codes));
+// Two e4m3 (e5m2) codes -> bf16x2, exactly: both formats are subsets of bf16.
+template <KvCodec kCodec>
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_codes) {
+  const float2 f = kCodec == KvCodec::kE5m2 ? e5m2x2_to_float2(static_cast<uint16_t>(two_codes))
+                                            : e4m3x2_to_float2(static_cast<uint16_t>(two_codes));
   return pack_bf16x2(f.x, f.y);
 }
 
@@ -208,7 +197,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
     qk_scale *= p.k_scale[si];
     v_scale = p.v_scale[si];
   }
-  if constexpr (S == KvScheme::kFp8PerHead) {
+  if constexpr (fp8_q(S)) {
     qk_scale *= p.q_scale[b * p.num_kv_heads + kv_head];
   }
 
@@ -306,7 +295,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
 
     const uint8_t* k_tile = kv_smem + (j & 1) * Shape::kStageBytes;
     if constexpr (Traits::kWidenKv) {
-      // e4m3 -> bf16 for the whole tile, once per CTA (not once per warp).
+      // e4m3 / e5m2 -> bf16 for the whole tile, once per CTA (not once per warp).
+      constexpr KvCodec kCodec = Traits::kCodec;
       constexpr int kChunks = D / 16;  // 16 codes per chunk
 #pragma unroll 4
       for (int idx = tid; idx < 2 * kBlockN * kChunks; idx += kThreads) {
@@ -314,14 +304,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
         const int col = idx % kChunks;
         const uint4 codes = *reinterpret_cast<const uint4*>(k_tile + row * kKvPitch + col * 16);
         uint4 w0, w1;
-        w0.x = e4m3x2_to_bf16x2(codes.x);
-        w0.y = e4m3x2_to_bf16x2(codes.x >> 16);
-        w0.z = e4m3x2_to_bf16x2(codes.y);
-        w0.w = e4m3x2_to_bf16x2(codes.y >> 16);
-        w1.x = e4m3x2_to_bf16x2(codes.z);
-        w1.y = e4m3x2_to_bf16x2(codes.z >> 16);
-        w1.z = e4m3x2_to_bf16x2(codes.w);
-        w1.w = e4m3x2_to_bf16x2(codes.w >> 16);
+        w0.x = fp8x2_to_bf16x2<kCodec>(codes.x);
+        w0.y = fp8x2_to_bf16x2<kCodec>(codes.x >> 16);
+        w0.z = fp8x2_to_bf16x2<kCodec>(codes.y);
+        w0.w = fp8x2_to_bf16x2<kCodec>(codes.y >> 16);
+        w1.x = fp8x2_to_bf16x2<kCodec>(codes.z);
+        w1.y = fp8x2_to_bf16x2<kCodec>(codes.z >> 16);
+        w1.z = fp8x2_to_bf16x2<kCodec>(codes.w);
+        w1.w = fp8x2_to_bf16x2<kCodec>(codes.w >> 16);
         uint8_t* dst = wide_smem + row * kMmaPitch + col * 32;
         *reinterpret_cast<uint4*>(dst) = w0;
         *reinterpret_cast<uint4*>(dst + 16) = w1;
@@ -500,7 +490,7 @@ template <KvScheme S, int D, int kWarps, int kBlockN>
 void launch_prefill(const AttentionParams& a, cudaStream_t stream) {
   using Shape = TileShape<S, D, kWarps, kBlockN>;
   PrefillParams p;
-  p.q = S == KvScheme::kFp8PerHead ? static_cast<const void*>(a.q_fp8) : static_cast<const void*>(a.q);
+  p.q = fp8_q(S) ? static_cast<const void*>(a.q_fp8) : static_cast<const void*>(a.q);
   p.q_scale = a.q_scale;
   p.o = a.o;
   p.kv = static_cast<const uint8_t*>(a.cache.data);

@@ -13,7 +13,7 @@ namespace fp8kv::cuda {
 
 enum class PrefillConfig {
   kDefault,   // the tuned choice per (scheme, head_dim): fp8-per-head kWarpSpecialized; bf16 and
-              // fp8-per-tensor kWide for D <= 128, kNarrow for D = 256
+              // the bf16-Q FP8 schemes kWide for D <= 128, kNarrow for D = 256
   kWide,      // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
   kNarrow,    // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
               // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
