@@ -1,5 +1,6 @@
 // Prefill attention dispatch: runtime scheme, head_dim and tile configuration -> a built kernel
-// instance (prefill_instances.cuh). The kernel itself: prefill_kernel.cuh.
+// instance (the table: prefill_instances.cuh). The kernels: prefill_kernel.cuh (mma.sync) and
+// prefill_ws.cuh (warp-specialized wgmma, fp8-per-head); their shared parts: prefill_common.cuh.
 #include <string>
 
 #include "fp8kv/error.h"
@@ -40,9 +41,7 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream) {
 // fp8-per-head on the warp-specialized kernel (prefill_ws.cuh); kDiag: benchmark diagnostics.
 template <KvScheme S, int D, bool kPackGqa, bool kPingPong, bool kSwizzle = false, int kDiag = 0>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream) {
-  constexpr bool kPlain = !kPackGqa && !kPingPong;
-  if constexpr (S == KvScheme::kFp8PerHead && (!kSwizzle || (D == 128 && kPlain)) &&
-                (kDiag == 0 || (D == 128 && kPlain && !kSwizzle))) {
+  if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kPackGqa, kPingPong, kSwizzle, kDiag>) {
     prefill::launch_prefill_ws<D, prefill::kWsBlockN<D>, prefill::kWsStages<D>, kPackGqa, kPingPong,
                                kSwizzle, kDiag>(p, stream);
     return true;

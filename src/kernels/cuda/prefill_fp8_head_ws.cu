@@ -1,15 +1,10 @@
-// Explicit instances of the warp-specialized fp8-per-head prefill kernel, D = 128 (list:
-// prefill_instances.cuh); D = 64 and 256 in prefill_fp8_head_ws_64_256.cu.
+// The warp-specialized fp8-per-head prefill kernel's instances, D = 128: the list FP8KV_PREFILL_WS_D128 of
+// prefill_instances.cuh.
 #include "kernels/cuda/prefill_instances.cuh"
 #include "kernels/cuda/prefill_ws.cuh"
 
 namespace fp8kv::cuda::prefill {
 
-template void launch_prefill_ws<128, 128, 4, false, false, false, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<128, 128, 4, true, false, false, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<128, 128, 4, true, true, false, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<128, 128, 4, false, false, true, 0>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<128, 128, 4, false, false, false, 1>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_ws<128, 128, 4, false, false, false, 2>(const AttentionParams&, cudaStream_t);
+FP8KV_PREFILL_WS_D128(FP8KV_PREFILL_WS_INSTANTIATE)
 
 }  // namespace fp8kv::cuda::prefill

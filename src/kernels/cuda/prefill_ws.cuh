@@ -35,7 +35,7 @@
 
 #include "fp8kv/backend.h"
 #include "kernels/cuda/common.cuh"
-#include "kernels/cuda/prefill_kernel.cuh"
+#include "kernels/cuda/prefill_common.cuh"
 #include "kernels/cuda/prefill_wgmma_ops.cuh"
 
 namespace fp8kv::cuda::prefill {
@@ -99,17 +99,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int tile_tokens = Sh::kBlockM / pack;     // tokens per CTA
   const int kv_head = kPackGqa ? blockIdx.x : blockIdx.x / group;
   const int head0 = kPackGqa ? kv_head * group : blockIdx.x;  // the query head of row 0
-  const int b = blockIdx.y;
-  const int q_tile = gridDim.z - 1 - blockIdx.z;  // the longest causal rows first
-  const int q_begin = p.cu_seqlens_q[b];
-  const int q_len = p.cu_seqlens_q[b + 1] - q_begin;
-  const int q0 = q_tile * tile_tokens;            // first token of this CTA
-  if (q0 >= q_len) return;  // the whole CTA, before any barrier
-  const int seq_len = p.seq_len[b];
-  const int prefix = seq_len - q_len;
-  const int rows_here = min(tile_tokens, q_len - q0) * pack;  // valid rows
-  const int last_pos = prefix + q0 + (rows_here - 1) / pack;
-  const int num_kv_tiles = last_pos / kBlockN + 1;
+  PrefillSeq seq;
+  if (!prefill_seq(p, tile_tokens, pack, seq)) return;  // the whole CTA, before any barrier
+  const int b = seq.b;
+  const int q_begin = seq.q_begin;
+  const int q0 = seq.q0;  // first token of this CTA
+  const int seq_len = seq.seq_len;
+  const int prefix = seq.prefix;
+  const int rows_here = seq.rows;  // valid rows
+  const int num_kv_tiles = seq.last_pos / kBlockN + 1;
 
   const uint32_t full_bar = base + Sh::kBarOffset;  // full[s]: the stage's K and V^T landed
   const uint32_t empty_bar = full_bar + 8 * kStages;  // empty[s]: both consumers are done with it
@@ -287,44 +285,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     }
     wgmma_commit();
   };
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.0f, 0.0f};
-  // Masks tile j, folds it into the running max, turns S into unnormalized probabilities (in
-  // place) and returns alpha (the rescale of what came before) and the tile's row sums.
-  auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2], float(&tile_sum)[2]) {
+  RowSoftmax<kBlockN / 8> rows;
+  // Masks tile j (where it crosses this warpgroup's diagonal), then the online softmax step.
+  auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
     const int k0 = j * kBlockN;
-    if (k0 + kBlockN - 1 > wg_first_pos) {
-#pragma unroll
-      for (int i = 0; i < kBlockN / 8; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = k0 + i * 8 + 2 * t + (e & 1);
-          if (key > row_pos[e >> 1]) s[4 * i + e] = -INFINITY;
-        }
-      }
-    }
-    float new_max[2] = {row_max[0], row_max[1]};
-#pragma unroll
-    for (int i = 0; i < kBlockN / 8; ++i) {
-      new_max[0] = fmaxf(new_max[0], fmaxf(s[4 * i], s[4 * i + 1]));
-      new_max[1] = fmaxf(new_max[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
-    }
-    float neg_max[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(kFullMask, new_max[r], 1));
-      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(kFullMask, new_max[r], 2));
-      alpha[r] = fast_exp2((row_max[r] - new_max[r]) * qk_scale);
-      row_max[r] = new_max[r];
-      neg_max[r] = -new_max[r] * qk_scale;
-      tile_sum[r] = 0.0f;
-    }
-#pragma unroll
-    for (int i = 0; i < kBlockN / 2; ++i) {
-      const int r = (i >> 1) & 1;
-      s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_max[r]));
-      tile_sum[r] += s[i];
-    }
+    if (k0 + kBlockN - 1 > wg_first_pos) rows.mask(s, k0, t, row_pos);
+    rows.step(s, qk_scale, alpha);
   };
   // P (e4m3) for the PV wgmma, in the V^T key order. Only after the previous PV has landed: an rs
   // wgmma reads its A registers while it runs, and ptxas serializes the wgmmas when P's registers
@@ -354,11 +320,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       your_turn();
       wgmma_wait<0>();
       fence_operands(s);
-      float alpha[2], tile_sum[2];
-      softmax(s, 0, alpha, tile_sum);
+      float alpha[2];
+      softmax(s, 0, alpha);
       pack_p(s, pa);
-      row_sum[0] = tile_sum[0];
-      row_sum[1] = tile_sum[1];
     }
     for (int j = 1; j < wg_tiles; ++j) {
       wait_full(j);
@@ -370,15 +334,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       your_turn();
       wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
       fence_operands(s);
-      float alpha[2], tile_sum[2];
-      softmax(s, j, alpha, tile_sum);
+      float alpha[2];
+      softmax(s, j, alpha);
       wgmma_wait<0>();
       fence_operands(o);
       release(j - 1);
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
       pack_p(s, pa);
     }
     my_turn();
@@ -408,16 +370,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   if (!wg_active) return;
 
   // ---- epilogue ----
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(kFullMask, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(kFullMask, row_sum[r], 2);
-  }
+  float out_scales[2];
+  rows.finish(v_scale, out_scales);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_g + 8 * r;
     if (row >= rows_here) continue;
-    const float out_scale = row_sum[r] > 0.0f ? v_scale / row_sum[r] : 0.0f;
+    const float out_scale = out_scales[r];
     uint16_t* const out =
         p.o + (static_cast<int64_t>(q_begin + q0 + row / pack) * p.num_q_heads + head0 + row % pack) * D;
 #pragma unroll
@@ -431,36 +390,17 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream) {
   using Sh = WsShape<D, kBlockN, kStages>;
-  PrefillParams p;
-  p.q = a.q_fp8;
-  p.q_scale = a.q_scale;
-  p.o = a.o;
-  p.kv = static_cast<const uint8_t*>(a.cache.data);
-  p.k_scale = a.scales.k;
-  p.v_scale = a.scales.v;
-  p.seq_len = a.batch.seq_len;
-  p.cu_seqlens_q = a.batch.cu_seqlens_q;
-  p.req_index = a.batch.req_index;
-  p.req_to_token = a.batch.req_to_token;
-  p.max_len = a.batch.max_len;
-  p.num_q_heads = a.num_q_heads;
-  p.num_kv_heads = a.cache.num_kv_heads;
-  p.softmax_scale = a.softmax_scale > 0.0f ? a.softmax_scale : 1.0f / std::sqrt(static_cast<float>(D));
+  const PrefillParams p = make_prefill_params(a, D, /*fp8_q=*/true);
   const int group = a.num_q_heads / a.cache.num_kv_heads;
   if (kPackGqa && group > Sh::kBlockM) {
     throw Error("prefill_attention: " + std::to_string(group) + " query heads per KV head exceed the " +
                 std::to_string(Sh::kBlockM) + " rows of a packed-GQA tile");
   }
-  const int tile_tokens = kPackGqa ? Sh::kBlockM / group : Sh::kBlockM;
-  const int q_tiles = ceil_div(a.batch.max_q_len, tile_tokens);
-  if (q_tiles > 65535 || a.batch.num_requests > 65535) {
-    throw Error("prefill_attention: grid too large (max_q_len " + std::to_string(a.batch.max_q_len) +
-                ", num_requests " + std::to_string(a.batch.num_requests) + ")");
-  }
+  const dim3 grid = kPackGqa ? prefill_grid(a, a.cache.num_kv_heads, Sh::kBlockM / group)
+                             : prefill_grid(a, a.num_q_heads, Sh::kBlockM);
   auto kernel = prefill_ws_kernel<D, kBlockN, kStages, kPackGqa, kPingPong, kSwizzle, kDiag>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sh::kSmemBytes));
-  const dim3 grid(kPackGqa ? a.cache.num_kv_heads : a.num_q_heads, a.batch.num_requests, q_tiles);
   kernel<<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(p);
   FP8KV_CUDA_CHECK_LAUNCH("prefill_attention");
 }
