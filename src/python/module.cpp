@@ -70,8 +70,13 @@ BackendSlot& cpu_slot() {
 }
 
 // One CUDA backend per (GPU, stream): a backend queues all its work on one stream.
-BackendSlot& cuda_slot(int device, intptr_t stream) {
+std::map<std::pair<int, intptr_t>, BackendSlot>& cuda_slots() {
   static auto* slots = new std::map<std::pair<int, intptr_t>, BackendSlot>();
+  return *slots;
+}
+
+BackendSlot& cuda_slot(int device, intptr_t stream) {
+  auto* slots = &cuda_slots();
   auto it = slots->find({device, stream});
   if (it == slots->end()) {
     BackendSlot slot;
@@ -430,6 +435,7 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
   b.seq_len = seq.as<int32_t>();
   b.req_index = req.as<int32_t>();
   b.req_to_token = table.as<int32_t>();
+  b.max_requests = static_cast<int>(table.size(0));
   b.max_len = static_cast<int>(table.size(1));
   b.total_q = x.size(0);
   // Host-side facts: given, or read from host tensors; reading device tensors would synchronize.
@@ -485,6 +491,24 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
       slot.backend->prefill_attention(p);
     }
   }
+}
+
+// Waits for the CUDA work fp8kv queued (every stream, or those of `device` / `stream`) and throws
+// the first refusal a kernel recorded on the device since the last check (backend synchronize()).
+void synchronize(std::optional<int> device, const py::object& stream) {
+#ifdef FP8KV_HAVE_CUDA
+  std::optional<intptr_t> only;
+  if (!stream.is_none()) only = stream_handle(stream);
+  for (auto& [key, slot] : cuda_slots()) {
+    if ((device && key.first != *device) || (only && key.second != *only)) continue;
+    DeviceGuard guard(true);
+    py::gil_scoped_release nogil;
+    slot.backend->synchronize();
+  }
+#else
+  (void)device;
+  (void)stream;
+#endif
 }
 
 // ---- codecs ------------------------------------------------------------------------------------
@@ -595,6 +619,8 @@ PYBIND11_MODULE(_fp8kv, m) {
     }
   });
   m.def("cuda_available", &cuda_available, "Whether the CUDA backend is built in and a GPU usable.");
+  m.def("synchronize", &synchronize, py::arg("device") = py::none(),
+        py::arg("stream") = py::none());
 
   m.def("quantize_kv", &quantize_kv, py::arg("kv"), py::arg("slots"), py::arg("kv_buffer"),
         py::arg("scheme"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),

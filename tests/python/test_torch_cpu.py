@@ -103,3 +103,31 @@ def test_mixed_numpy_and_torch_cpu_arguments():
     expected = fp8kv.decode_attention(**args)
     mixed = dict(args, req_to_token=args["req_to_token"].numpy())
     assert torch.equal(fp8kv.decode_attention(**mixed), expected)
+
+
+def test_hf_cast_keeps_rope_inv_freq_float32():
+    import fp8kv.hf
+
+    class Rotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            inv = 1.0 / (500000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+            self.register_buffer("inv_freq", inv, persistent=False)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.rotary_emb = Rotary()
+
+    model = Model()
+    exact = model.rotary_emb.inv_freq.clone()
+    assert not torch.equal(exact.to(torch.bfloat16).float(), exact)  # a plain cast rounds it
+    out = fp8kv.hf.cast(model, torch.bfloat16)
+    assert out is model and model.proj.weight.dtype == torch.bfloat16
+    assert model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.rotary_emb.inv_freq, exact)
+    assert "inv_freq" in dict(model.rotary_emb.named_buffers())  # still a buffer
+    assert "inv_freq" not in model.rotary_emb.state_dict()  # still not persistent
+    with pytest.warns(UserWarning, match="inv_freq is not float32"):
+        fp8kv.hf._warn_rounded_rope(Model().to(torch.bfloat16))

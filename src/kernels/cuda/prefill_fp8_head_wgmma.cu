@@ -4,7 +4,9 @@
 
 namespace fp8kv::cuda::prefill {
 
-template void launch_prefill_wgmma<128, 128, 2, 1>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_wgmma<128, 64, 2, 1>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_wgmma<128, 128, 2, 1>(const AttentionParams&, cudaStream_t,
+                                                   DeviceError*);
+template void launch_prefill_wgmma<128, 64, 2, 1>(const AttentionParams&, cudaStream_t,
+                                                  DeviceError*);
 
 }  // namespace fp8kv::cuda::prefill

@@ -5,7 +5,9 @@
 
 namespace fp8kv::cuda::prefill {
 
-template void launch_prefill_wgmma<64, 128, 2, 1>(const AttentionParams&, cudaStream_t);
-template void launch_prefill_wgmma<256, 64, 2, 1>(const AttentionParams&, cudaStream_t);
+template void launch_prefill_wgmma<64, 128, 2, 1>(const AttentionParams&, cudaStream_t,
+                                                  DeviceError*);
+template void launch_prefill_wgmma<256, 64, 2, 1>(const AttentionParams&, cudaStream_t,
+                                                  DeviceError*);
 
 }  // namespace fp8kv::cuda::prefill

@@ -4,8 +4,11 @@
 
 namespace fp8kv::cuda::prefill {
 
-template void launch_prefill<KvScheme::kFp8PerTensor, 64, 8, 64>(const AttentionParams&, cudaStream_t);
-template void launch_prefill<KvScheme::kFp8PerTensor, 128, 8, 64>(const AttentionParams&, cudaStream_t);
-template void launch_prefill<KvScheme::kFp8PerTensor, 256, 4, 32>(const AttentionParams&, cudaStream_t);
+template void launch_prefill<KvScheme::kFp8PerTensor, 64, 8, 64>(const AttentionParams&,
+                                                                 cudaStream_t, DeviceError*);
+template void launch_prefill<KvScheme::kFp8PerTensor, 128, 8, 64>(const AttentionParams&,
+                                                                  cudaStream_t, DeviceError*);
+template void launch_prefill<KvScheme::kFp8PerTensor, 256, 4, 32>(const AttentionParams&,
+                                                                  cudaStream_t, DeviceError*);
 
 }  // namespace fp8kv::cuda::prefill

@@ -7,12 +7,13 @@
 
 #include "fp8kv/backend.h"
 #include "fp8kv/scheme.h"
+#include "kernels/cuda/device_error.h"
 
 namespace fp8kv::cuda::prefill {
 
 // Defined in prefill_kernel.cuh; instantiated only for the shapes below.
 template <KvScheme S, int D, int kWarps, int kBlockN>
-void launch_prefill(const AttentionParams& a, cudaStream_t stream);
+void launch_prefill(const AttentionParams& a, cudaStream_t stream, DeviceError* error);
 
 // Built (kWarps, kBlockN) per scheme and head_dim:
 //   every scheme:        D 64 and 128 with (8, 64); D 256 with (4, 32)
@@ -29,7 +30,7 @@ constexpr bool kPrefillBuilt =
 // (128, 64, 1, 3), was measured slower on H100 (319 and 340 vs 379 TFLOP/s on the benchmark
 // shape: each CTA loads and transposes the whole K/V tile for half the rows) and is not built.
 template <int D, int kBlockN, int kWarpgroups, int kMinBlocks>
-void launch_prefill_wgmma(const AttentionParams& a, cudaStream_t stream);
+void launch_prefill_wgmma(const AttentionParams& a, cudaStream_t stream, DeviceError* error);
 template <int D, int kBlockN, int kWarpgroups, int kMinBlocks>
 constexpr bool kWgmmaBuilt = kWarpgroups == 2 && kMinBlocks == 1 &&
                              (kBlockN == (D == 256 ? 64 : 128) || (D == 128 && kBlockN == 64));

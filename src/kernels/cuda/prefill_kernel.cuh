@@ -35,6 +35,7 @@
 #include "fp8kv/backend.h"
 #include "fp8kv/scheme.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/device_error.h"
 
 namespace fp8kv::cuda::prefill {
 
@@ -50,6 +51,8 @@ struct PrefillParams {
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
   const int32_t* req_index = nullptr;   // [B]
   const int32_t* req_to_token = nullptr;  // [max_requests, max_len]
+  DeviceError* error = nullptr;         // where a request out of range is recorded (may be null)
+  int max_requests = 0;                 // rows of req_to_token
   int max_len = 0;
   int num_q_heads = 0;                  // Hq
   int num_kv_heads = 0;                 // Hkv
@@ -187,7 +190,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
   const int seq_len = p.seq_len[b];
   const int prefix = seq_len - q_len;  // cached tokens: new token i sits at prefix + i
   const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  const int32_t* const slots = p.req_to_token + static_cast<int64_t>(p.req_index[b]) * p.max_len;
+  const int32_t* const slots = request_row<DeviceErrorKind::kPrefillRequest>(p, b);
+  if (slots == nullptr) return;  // the same for every thread of the CTA: before any barrier
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -497,7 +501,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
 
 // Builds the device params and launches one instance on `stream`.
 template <KvScheme S, int D, int kWarps, int kBlockN>
-void launch_prefill(const AttentionParams& a, cudaStream_t stream) {
+void launch_prefill(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
   using Shape = TileShape<S, D, kWarps, kBlockN>;
   PrefillParams p;
   p.q = S == KvScheme::kFp8PerHead ? static_cast<const void*>(a.q_fp8) : static_cast<const void*>(a.q);
@@ -510,6 +514,8 @@ void launch_prefill(const AttentionParams& a, cudaStream_t stream) {
   p.cu_seqlens_q = a.batch.cu_seqlens_q;
   p.req_index = a.batch.req_index;
   p.req_to_token = a.batch.req_to_token;
+  p.error = error;
+  p.max_requests = a.batch.max_requests;
   p.max_len = a.batch.max_len;
   p.num_q_heads = a.num_q_heads;
   p.num_kv_heads = a.cache.num_kv_heads;

@@ -130,7 +130,8 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kMinBlocks)
   const int seq_len = p.seq_len[b];
   const int prefix = seq_len - q_len;
   const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  const int32_t* const slots = p.req_to_token + static_cast<int64_t>(p.req_index[b]) * p.max_len;
+  const int32_t* const slots = request_row<DeviceErrorKind::kPrefillRequest>(p, b);
+  if (slots == nullptr) return;  // the same for every thread of the CTA: before any barrier
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -357,7 +358,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128, kMinBlocks)
 }
 
 template <int D, int kBlockN, int kWarpgroups, int kMinBlocks>
-void launch_prefill_wgmma(const AttentionParams& a, cudaStream_t stream) {
+void launch_prefill_wgmma(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
   using Shape = WgmmaShape<D, kBlockN, kWarpgroups>;
   PrefillParams p;
   p.q = a.q_fp8;
@@ -370,6 +371,8 @@ void launch_prefill_wgmma(const AttentionParams& a, cudaStream_t stream) {
   p.cu_seqlens_q = a.batch.cu_seqlens_q;
   p.req_index = a.batch.req_index;
   p.req_to_token = a.batch.req_to_token;
+  p.error = error;
+  p.max_requests = a.batch.max_requests;
   p.max_len = a.batch.max_len;
   p.num_q_heads = a.num_q_heads;
   p.num_kv_heads = a.cache.num_kv_heads;
