@@ -280,6 +280,7 @@ struct BenchBatch {
     batch.cu_seqlens_q = upload(*cu, cu_v);
     batch.req_index = upload(*ri, ri_v);
     batch.req_to_token = upload(*rt, rt_v);
+    batch.max_requests = B;
     batch.max_len = L;
     batch.total_q = cu_v[B];
     batch.max_q_len = q_len;

@@ -24,7 +24,8 @@ def build(kind):
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
     cfg = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
     model = (LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM)(cfg)
-    return model.to(device="cuda", dtype=torch.bfloat16).eval()
+    # Not model.to(...): that would round RoPE's inv_freq to bf16 as well.
+    return fp8kv.hf.cast(model, device="cuda", dtype=torch.bfloat16).eval()
 
 
 def main():

@@ -4,7 +4,8 @@
   cuda  torch CUDA tensors against torch SDPA over the dequantized cache (float32), prefill and
         decode, all schemes, GQA 1/4/7/8, head_dim 64/128/256, lengths 1..33k; the GPU result
         against the CPU backend on the same tensors; zero-copy; work on a non-default stream and
-        with an explicit stream= ordered correctly; refusals (mixed devices, missing host facts).
+        with an explicit stream= ordered correctly; refusals (mixed devices, missing host facts);
+        b_req_idx / slots out of range skipped on the device and raised by fp8kv.synchronize().
   hf    fp8kv.hf on random Llama and Qwen2 models: calibration scales = abs-max/448 of the K/V
         transformers computes; BF16 logits through fp8kv vs transformers' SDPA; FP8 logits vs an
         emulation rounding K/V to e4m3 with the same scales.
@@ -153,6 +154,49 @@ def stage_cuda():
                            t["ks"], t["vs"], out=out3, max_seq_len=1000, stream=s2)
     s2.synchronize()
     check(torch.equal(out3, expected), "explicit stream=: the producer's work is ordered before it")
+    # Index arrays on the GPU are checked by the kernels, not the host (that would synchronize
+    # every call): a b_req_idx outside req_to_token's rows is skipped (nothing of it read) and
+    # raised by fp8kv.synchronize(), once; the other requests are computed as without it.
+    fp8kv.synchronize()
+    check_cases = [("fp8-per-tensor", "decode", [300, 1000], [1, 1]),
+                   ("fp8-per-head", "decode", [40, 300], [1, 1]),
+                   ("bf16", "prefill", [40, 300], [19, 300]),
+                   ("fp8-per-head", "prefill", [40, 300], [19, 300])]  # mma and wgmma prefill
+    for scheme, phase, seq_len, q_len in check_cases:
+        tb = batch(scheme, 2, 4, 128, seq_len, q_len, dev)
+        good, _, _ = run(tb, scheme, phase, seq_len, q_len, dev)
+        rows = tb["table"].shape[0]
+        for bad_row in [rows, -1]:
+            bad = tb["req"].clone()
+            bad[1] = bad_row
+            got, _, _ = run(dict(tb, req=bad), scheme, phase, seq_len, q_len, dev)
+            want = f"{phase}_attention: b_req_idx[1] = {bad_row} out of [0, max_requests {rows})"
+            try:
+                fp8kv.synchronize()
+                check(False, f"{phase} {scheme}: b_req_idx {bad_row} out of range not reported")
+            except ValueError as e:
+                same = torch.equal(got[:q_len[0]], good[:q_len[0]])
+                check(want in str(e) and same,
+                      f"{phase} {scheme}: b_req_idx {bad_row} raised at synchronize ({e}); "
+                      f"request 0 unchanged: {same}")
+        try:
+            fp8kv.synchronize()
+            check(True, f"{phase} {scheme}: the refusal is raised once")
+        except ValueError as e:
+            check(False, f"{phase} {scheme}: raised twice: {e}")
+    # quantize_kv: a slot out of range writes nothing, raised the same way.
+    tq = batch("fp8-per-tensor", 2, 4, 128, [5], [1], dev)
+    before = tq["pool"].clone()
+    num_slots = tq["pool"].shape[0] - 1
+    kv_new = torch.randn(2, 4, 128, device=dev).to(torch.bfloat16)
+    fp8kv.quantize_kv(kv_new, torch.tensor([0, num_slots], dtype=torch.int32, device=dev),
+                      tq["pool"], "fp8-per-tensor", tq["ks"], tq["vs"])
+    try:
+        fp8kv.synchronize()
+        check(False, "quantize_kv: slot out of range not reported")
+    except ValueError as e:
+        check(f"quantize_kv: token 1: slot {num_slots} out of [0, num_slots {num_slots})" in str(e)
+              and torch.equal(tq["pool"], before), f"quantize_kv slot out of range: {e}")
     # float8 dtype accepted as the pool, where torch exports it over DLPack.
     try:
         out8 = fp8kv.decode_attention(t["q"], t["pool"].view(torch.float8_e4m3fn), t["table"],
@@ -196,7 +240,12 @@ def stage_hf():
         torch.manual_seed(SEED)
         cfg = LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
         model = (LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM)(cfg)
-        model = model.to("cuda", torch.bfloat16).eval()
+        # fp8kv.hf.cast: as model.to(...), with RoPE's inv_freq kept float32 (a plain cast rounds
+        # it to bf16 and both sides of every comparison would drift with position).
+        model = fp8kv.hf.cast(model, "cuda", torch.bfloat16).eval()
+        rope = {n: b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")}
+        check(rope and all(d == torch.float32 for d in rope.values()),
+              f"{kind}: RoPE inv_freq float32 after the cast to bf16: {rope}")
         batches = [torch.randint(0, 1024, (2, 128), device="cuda") for _ in range(4)]
         # Independent abs-max: a plain wrapper of transformers' SDPA.
         amax = {}
@@ -221,8 +270,8 @@ def stage_hf():
                   f"{kind}: calibration scales = abs-max / 448 (max diff {(got - expected.cpu()).abs().max():.2e})")
             prompt = torch.randint(0, 1024, (1, 200), device="cuda")
             with torch.no_grad():
-                ref32 = model.float()(prompt).logits
-                model.to(torch.bfloat16)
+                ref32 = fp8kv.hf.cast(model, torch.float32)(prompt).logits
+                fp8kv.hf.cast(model, torch.bfloat16)
                 ref = model(prompt).logits.float()
                 bf16_err = rel(ref, ref32)
                 cache = fp8kv.hf.Fp8kvCache(model, None, "bf16", max_len=256)

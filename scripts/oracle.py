@@ -19,6 +19,15 @@ model and backend:
           expected to resolve: counted as such and shown; any other parting fails. (Random-weight
           models have flat next-token distributions, so such ties do occur: see the table.)
   top-1   teacher-forced: at every position, our argmax equals the reference's (reported).
+  long    one more prompt of LONG_PROMPT (1100) tokens, logits at every position: the same
+          bound on its positions >= 1000 alone (rel err long), so that an error growing with
+          position cannot hide in the average.
+
+RoPE: both transformers runs keep every `inv_freq` buffer in float32, as from_pretrained leaves
+it (it is computed at init, not loaded). Casting a whole module with .to(torch.bfloat16) would
+round it too, and a reference built that way drifts from the truth in proportion to position
+(0.4% of each frequency: visible past a few hundred tokens). cast() restores the float32 values
+after every cast, and assert_rope_float32() checks it before any comparison.
 
 Usage: scripts/oracle.py --fp8kv build/fp8kv [--devices cpu,cuda] [--out DIR]
 Prints a table last; writes oracle.json into --out; exits 1 when a check fails.
@@ -38,9 +47,31 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 STEPS = 32
 PROMPT_LEN = 17
+LONG_PROMPT = 1100  # past llama3's original_max_position_embeddings (512) and 1000
+LONG_FROM = 1000    # positions of the long prompt checked on their own
 COMMON = dict(vocab_size=2048, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
               initializer_range=0.08)
+
+
+def cast(model, *args, **kwargs):
+    """model.to(*args, **kwargs) with every RoPE inv_freq buffer (and original_inv_freq) kept in
+    float32 at its pre-cast values."""
+    saved = {name: buf.detach().float().clone() for name, buf in model.named_buffers()
+             if name.rsplit(".", 1)[-1] in ("inv_freq", "original_inv_freq")}
+    model = model.to(*args, **kwargs)
+    for name, value in saved.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        setattr(module, attr, value.to(getattr(module, attr).device))
+    return model
+
+
+def assert_rope_float32(model, what):
+    bufs = {name: buf for name, buf in model.named_buffers() if name.endswith("inv_freq")}
+    assert bufs, f"{what}: no RoPE inv_freq buffer found"
+    for name, buf in bufs.items():
+        assert buf.dtype == torch.float32, f"{what}: {name} is {buf.dtype}, not float32"
 
 
 def build(kind, folder):
@@ -63,7 +94,12 @@ def build(kind, folder):
                 p.normal_(0.0, 0.5)
             elif "norm" in name:  # and sets norm weights to 1
                 p.uniform_(0.5, 1.5)
-    model = model.to(torch.bfloat16).eval()
+    inv_freq = {n: b.clone() for n, b in model.named_buffers() if n.endswith("inv_freq")}
+    model = cast(model, torch.bfloat16).eval()
+    assert_rope_float32(model, f"{kind} bf16")
+    for name, buf in model.named_buffers():  # the very values computed at init, float32
+        if name in inv_freq:
+            assert torch.equal(buf, inv_freq[name]), f"{kind}: {name} changed by the cast"
     model.save_pretrained(folder, safe_serialization=True)
     return model
 
@@ -116,17 +152,32 @@ def main():
             with open(os.path.join(folder, "config.json")) as f:
                 saved = json.load(f)
             print(f"{kind}: config keys " + ", ".join(sorted(k for k in saved if "rope" in k)))
-            ref = copy.deepcopy(model).float().to(dev)
+            ref = cast(copy.deepcopy(model), dev, torch.float32)
             torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
-            low = model.to(dev)
+            low = cast(model, dev)
+            assert_rope_float32(ref, f"{kind} float32 reference")
+            assert_rope_float32(low, f"{kind} bf16 reference")
             rng = np.random.default_rng(7)
             prompts = [[int(t) for t in rng.integers(0, COMMON["vocab_size"], PROMPT_LEN + 4 * i)]
                        for i in range(3)]
+            long_prompt = [int(t) for t in rng.integers(0, COMMON["vocab_size"], LONG_PROMPT)]
             ref_tokens = [hf_greedy(ref, p, dev) for p in prompts]
             for backend in args.devices.split(","):
                 row = {"model": kind, "backend": backend, "rel_ours": 0.0, "rel_hf_bf16": 0.0,
                        "max_abs": 0.0, "finite": True, "greedy": [], "top1": [0, 0]}
                 try:
+                    # The long prompt: teacher-forced logits only (greedy steps past it would cost
+                    # a 1100-token reference forward each).
+                    tokens, ours = run_ours(args.fp8kv, folder, long_prompt, backend, args.out)
+                    seq = long_prompt + tokens[:-1]
+                    ref_l = hf_logits(ref, seq, dev)
+                    low_l = hf_logits(low, seq, dev)
+                    ours = ours.reshape(ref_l.shape)
+                    tail = slice(LONG_FROM, None)
+                    row["rel_ours_long"] = rel(ours[tail], ref_l[tail])
+                    row["rel_hf_bf16_long"] = rel(low_l[tail], ref_l[tail])
+                    row["finite"] &= bool(np.isfinite(ours).all())
+                    row["top1_long"] = [int((ours.argmax(1) == ref_l.argmax(1)).sum()), ours.shape[0]]
                     for prompt, want in zip(prompts, ref_tokens):
                         tokens, ours = run_ours(args.fp8kv, folder, prompt, backend, args.out)
                         seq = prompt + tokens[:-1]
@@ -150,7 +201,8 @@ def main():
                         row["greedy"].append({"equal": False, "step": step, "gap": gap,
                                               "bf16_row_err": bf16_err,
                                               "near_tie": gap <= 2 * bf16_err})
-                    row["logits_pass"] = row["finite"] and row["rel_ours"] <= 2 * row["rel_hf_bf16"]
+                    row["logits_pass"] = (row["finite"] and row["rel_ours"] <= 2 * row["rel_hf_bf16"]
+                                          and row["rel_ours_long"] <= 2 * row["rel_hf_bf16_long"])
                     row["greedy_pass"] = all(g["equal"] or g["near_tie"] for g in row["greedy"])
                 except Exception as e:  # a failed run is a failed check, reported in the table
                     row.update(error=str(e), logits_pass=False, greedy_pass=False)
@@ -159,7 +211,8 @@ def main():
     with open(os.path.join(args.out, "oracle.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print(f"\n{'model':7} {'backend':7} {'rel err ours':>12} {'rel err hf bf16':>15} "
-          f"{'max abs':>8} {'logits':>6} {'top-1':>9}  greedy {STEPS} steps, 3 prompts")
+          f"{'long ours':>10} {'long hf bf16':>12} {'max abs':>8} {'logits':>6} {'top-1':>9} "
+          f"{'top-1 long':>11}  greedy {STEPS} steps, 3 prompts")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:7} {r['backend']:7} ERROR {r['error']}")
@@ -168,8 +221,11 @@ def main():
                      f"parts@{x['step']} ({'near tie' if x['near_tie'] else 'FAIL'}: ref gap "
                      f"{x['gap']:.3f}, bf16 row err {x['bf16_row_err']:.3f})" for x in r["greedy"])
         t1 = f"{r['top1'][0]}/{r['top1'][1]}"
+        t1_long = f"{r['top1_long'][0]}/{r['top1_long'][1]}"
         print(f"{r['model']:7} {r['backend']:7} {r['rel_ours']:12.3e} {r['rel_hf_bf16']:15.3e} "
-              f"{r['max_abs']:8.4f} {'PASS' if r['logits_pass'] else 'FAIL':>6} {t1:>9}  {g}")
+              f"{r['rel_ours_long']:10.3e} {r['rel_hf_bf16_long']:12.3e} "
+              f"{r['max_abs']:8.4f} {'PASS' if r['logits_pass'] else 'FAIL':>6} {t1:>9} "
+              f"{t1_long:>11}  {g}")
     print("oracle: " + ("PASS" if ok else "FAIL"))
     return 0 if ok else 1
 

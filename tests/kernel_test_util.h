@@ -127,6 +127,7 @@ struct AttentionProblem {
     b.cu_seqlens_q = cu_seqlens_ptr;
     b.req_index = req_index_ptr;
     b.req_to_token = req_to_token_ptr;
+    b.max_requests = static_cast<int>(req_to_token.size() / max_len);
     b.max_len = max_len;
     b.total_q = total_q();
     b.max_q_len = max_q_len();

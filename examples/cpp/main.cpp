@@ -117,6 +117,7 @@ int run(const char* calib_path) {
   attn.batch.cu_seqlens_q = cu_seqlens_q.data();
   attn.batch.req_index = req_index.data();
   attn.batch.req_to_token = table.device_table();
+  attn.batch.max_requests = table.max_requests();
   attn.batch.max_len = table.max_len();
   attn.batch.total_q = num_requests;
   attn.batch.max_q_len = 1;

@@ -58,8 +58,9 @@ struct AttentionBatch {
   int num_requests = 0;                 // B
   const int32_t* seq_len = nullptr;     // [B]
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1], cu_seqlens_q[0] == 0
-  const int32_t* req_index = nullptr;   // [B] row of req_to_token
+  const int32_t* req_index = nullptr;   // [B] row of req_to_token, in [0, max_requests)
   const int32_t* req_to_token = nullptr;  // [max_requests, max_len] slot indices
+  int max_requests = 0;                 // rows of req_to_token
   int max_len = 0;                      // row stride of req_to_token
   // Host-side facts for launch configuration (the CUDA backend cannot read the arrays above
   // without a copy): total new tokens, the largest q_len and the largest seq_len in the batch.

@@ -5,8 +5,14 @@ Tensors cross without copies: the kernels read and write the caller's own memory
 and torch CPU tensors run on the CPU backend (the reference implementation); torch CUDA tensors
 on the CUDA backend (Hopper, sm_90a), queued on the caller's stream -- ``stream=`` (a
 ``cudaStream_t`` as int, or a ``torch.cuda.Stream``), else torch's current stream of the
-tensors' GPU -- with no device synchronization in the binding. (The CUDA ``quantize_kv`` reads
-back one word to refuse out-of-range slots; see the README.)
+tensors' GPU -- with no device synchronization in the binding.
+
+Index arrays on the GPU cannot be read on the host without a synchronization per call, so the
+CUDA kernels check them on the device: a ``quantize_kv`` slot out of range writes nothing, a
+``b_req_idx`` out of ``req_to_token``'s rows is skipped (that request's rows of ``out`` are
+undefined); the first such refusal is raised as ``ValueError`` by the next
+``fp8kv.synchronize()`` (call it where you would synchronize anyway: once per step, before
+reading results). On the CPU backend they are refused at once, before anything is written.
 
 The tensors mirror LightLLM's (shapes in the docstrings):
   * one layer's KV buffer ``kv_buffer [num_slots + 1, 2 * Hkv, D]`` -- K heads then V heads per
@@ -46,6 +52,7 @@ from ._fp8kv import (  # noqa: F401  (re-exported)
     quantize_kv,
     quantize_q,
     slice_for_rank,
+    synchronize,
     write_calib,
 )
 
@@ -55,7 +62,7 @@ __all__ = [
     "CalibData", "Observer", "RankScales", "TorchDistributedCommunicator", "cuda_available",
     "decode_attention", "decode_bf16", "decode_e4m3", "decode_e5m2", "encode_bf16",
     "encode_e4m3", "encode_e5m2", "load_calib", "parse_calib", "prefill_attention",
-    "quantize_kv", "quantize_q", "slice_for_rank", "write_calib", "__version__",
+    "quantize_kv", "quantize_q", "slice_for_rank", "synchronize", "write_calib", "__version__",
 ]
 
 

@@ -11,6 +11,11 @@ Stream = Any  # int (a cudaStream_t) or an object with .cuda_stream (torch.cuda.
 __version__: str
 
 def cuda_available() -> bool: ...
+def synchronize(device: Optional[int] = None, stream: Optional[Stream] = None) -> None:
+    """Waits for the CUDA work fp8kv queued (every stream it used, or those of `device` /
+    `stream`) and raises ValueError for the first refusal a kernel recorded on the device since
+    the last check: a quantize_kv slot out of range (nothing written), a b_req_idx out of
+    req_to_token's rows (that request skipped, its rows of out undefined). No-op without CUDA."""
 def quantize_kv(kv: Array, slots: Array, kv_buffer: Array, scheme: str,
                 k_scale: Optional[Array] = None, v_scale: Optional[Array] = None,
                 amax: Optional[Array] = None, stream: Optional[Stream] = None) -> None: ...

@@ -16,6 +16,9 @@ the registered function with its post-RoPE query, key and value ([B, H, S, D]) a
                                    prefill_attention / decode_attention (CUDA tensors). Refused
                                    without a calibration file for the FP8 schemes, as in the CLI.
 
+  cast(model, ...)                 model.to(...) that keeps RoPE's inv_freq in float32 (a plain
+                                   .to(torch.bfloat16) rounds it, and positions then drift).
+
 Importing this module needs neither torch nor transformers; calling it does.
 Limits (refused with a ValueError): sliding-window and soft-capped attention layers, and padded
 batches in generate (every request of a batch has the same length).
@@ -23,11 +26,40 @@ batches in generate (every request of a batch has the same length).
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 from . import (Observer, decode_attention, load_calib, prefill_attention, quantize_kv,
-               quantize_q, slice_for_rank, write_calib)
+               quantize_q, slice_for_rank, synchronize, write_calib)
 
-__all__ = ["calibrate", "Fp8kvCache", "generate", "serving"]
+__all__ = ["calibrate", "cast", "Fp8kvCache", "generate", "serving"]
+
+_ROPE_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
+def cast(model, *args, **kwargs):
+    """``model.to(*args, **kwargs)`` with every RoPE ``inv_freq`` buffer kept in float32 at its
+    values before the cast, as ``from_pretrained(dtype=torch.bfloat16)`` leaves it (computed at
+    init, never loaded). A plain ``.to(torch.bfloat16)`` rounds the frequencies (0.4%), and
+    attention then drifts from the model's in proportion to position. Returns the model."""
+    saved = {name: buf.detach().float().clone() for name, buf in model.named_buffers()
+             if name.rsplit(".", 1)[-1] in _ROPE_BUFFERS}
+    model = model.to(*args, **kwargs)
+    for name, value in saved.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        setattr(module, attr, value.to(getattr(module, attr).device))
+    return model
+
+
+def _warn_rounded_rope(model):
+    import torch
+
+    rounded = [name for name, buf in model.named_buffers()
+               if name.rsplit(".", 1)[-1] in _ROPE_BUFFERS and buf.dtype != torch.float32]
+    if rounded:
+        warnings.warn(f"fp8kv.hf: RoPE buffer {rounded[0]} is not float32 (the model was cast "
+                      "with .to(dtype)?): positions drift with it; use fp8kv.hf.cast(model, "
+                      "dtype) instead", stacklevel=3)
 
 
 def _dims(model):
@@ -87,6 +119,7 @@ def calibrate(model, batches, scheme="per-head", warmup=0, count=4000,
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     arch, num_layers, _, num_kv_heads, _ = _dims(model)
+    _warn_rounded_rope(model)
     observer = Observer(num_layers, num_kv_heads, scheme=scheme, warmup=warmup, count=count)
     dropped = torch.zeros(2 * num_kv_heads, dtype=torch.float32)
     seen = set()
@@ -136,6 +169,7 @@ class Fp8kvCache:
         import torch
 
         arch, layers, hq, hkv, head_dim = _dims(model)
+        _warn_rounded_rope(model)
         if scheme not in ("bf16", "fp8-per-tensor", "fp8-per-head", "fp8-per-head-bf16q",
                           "fp8-e5m2"):
             raise ValueError(f"fp8kv.hf: scheme '{scheme}': expected bf16, fp8-per-tensor, "
@@ -244,5 +278,7 @@ def generate(model, input_ids, calib=None, scheme="fp8-per-head", max_new_tokens
     cache = Fp8kvCache(model, calib, scheme, batch_size=input_ids.shape[0],
                        max_len=input_ids.shape[1] + max_new_tokens, device=input_ids.device)
     with serving(model, cache):
-        return model.generate(input_ids, max_new_tokens=max_new_tokens,
-                              attention_mask=attention_mask, **kwargs)
+        out = model.generate(input_ids, max_new_tokens=max_new_tokens,
+                             attention_mask=attention_mask, **kwargs)
+    synchronize(device=cache.device.index)  # raises a refusal the kernels recorded on the device
+    return out

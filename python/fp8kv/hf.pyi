@@ -3,6 +3,9 @@ from typing import Any, ContextManager, Iterable, Optional
 
 from . import CalibData, Communicator
 
+def cast(model: Any, *args: Any, **kwargs: Any) -> Any:
+    """model.to(...) keeping every RoPE inv_freq buffer float32."""
+
 def calibrate(model: Any, batches: Iterable[Any], scheme: str = "per-head", warmup: int = 0,
               count: int = 4000, out: Optional[str] = "kv_cache_calib.json",
               communicator: Optional[Communicator] = None) -> CalibData: ...

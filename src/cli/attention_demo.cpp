@@ -254,6 +254,7 @@ SchemeRun run_scheme(Backend& cpu, const DemoBatch& batch, KvScheme scheme,
     a.batch.cu_seqlens_q = step.cu_seqlens_q.data();
     a.batch.req_index = step.req_index.data();
     a.batch.req_to_token = batch.req_to_token.data();
+    a.batch.max_requests = B;
     a.batch.max_len = batch.max_len;
     a.batch.total_q = total_q;
     for (int b = 0; b < B; ++b) {

@@ -109,6 +109,7 @@ void validate_attention(const AttentionParams& p, AttentionPhase phase) {
   require_pointer(k, b.cu_seqlens_q, "batch.cu_seqlens_q");
   require_pointer(k, b.req_index, "batch.req_index");
   require_pointer(k, b.req_to_token, "batch.req_to_token");
+  if (b.max_requests <= 0) fail(k, "batch.max_requests ", b.max_requests, " must be positive");
   if (b.max_len <= 0) fail(k, "batch.max_len ", b.max_len, " must be positive");
   if (b.total_q < 0) fail(k, "batch.total_q ", b.total_q, " is negative");
   if (b.max_q_len < 0 || b.max_q_len > b.total_q) {
@@ -167,8 +168,9 @@ void check_batch(const AttentionBatch& batch, int64_t num_slots, AttentionPhase 
       fail(k, "request ", b, ": seq_len ", seq_len, " not in [q_len ", q_len,
            ", batch.max_seq_len ", batch.max_seq_len, "]");
     }
-    if (batch.req_index[b] < 0) {
-      fail(k, "request ", b, ": req_index ", batch.req_index[b], " is negative");
+    if (batch.req_index[b] < 0 || batch.req_index[b] >= batch.max_requests) {
+      fail(k, "request ", b, ": req_index ", batch.req_index[b], " out of [0, max_requests ",
+           batch.max_requests, ")");
     }
     const int32_t* row =
         batch.req_to_token + static_cast<int64_t>(batch.req_index[b]) * batch.max_len;

@@ -18,6 +18,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -54,16 +55,28 @@ struct BackendSlot {
   std::unique_ptr<Backend> backend;
   BackendBuffer arange;  // [arange_n + 1] int32
   int arange_n = -1;
+#ifdef FP8KV_HAVE_CUDA
+  cudaEvent_t order_event = nullptr;  // orders torch's current stream before this one
+#endif
 };
 
 BackendSlot& cpu_slot() {
-  static BackendSlot* slot = new BackendSlot{make_cpu_backend(), {}, -1};  // never freed: the
-  return *slot;  // interpreter may tear modules down in any order at exit
+  static BackendSlot* slot = [] {  // never freed: the interpreter may tear modules down in
+    auto* s = new BackendSlot;     // any order at exit
+    s->backend = make_cpu_backend();
+    return s;
+  }();
+  return *slot;
 }
 
 // One CUDA backend per (GPU, stream): a backend queues all its work on one stream.
-BackendSlot& cuda_slot(int device, intptr_t stream) {
+std::map<std::pair<int, intptr_t>, BackendSlot>& cuda_slots() {
   static auto* slots = new std::map<std::pair<int, intptr_t>, BackendSlot>();
+  return *slots;
+}
+
+BackendSlot& cuda_slot(int device, intptr_t stream) {
+  auto* slots = &cuda_slots();
   auto it = slots->find({device, stream});
   if (it == slots->end()) {
     BackendSlot slot;
@@ -99,15 +112,44 @@ struct Arg {
   py::handle obj;  // None: an absent optional argument
 };
 
+#ifdef FP8KV_HAVE_CUDA
+// The stream of a `stream=` argument: an int (a cudaStream_t) or an object with .cuda_stream
+// (torch.cuda.Stream).
+intptr_t stream_handle(const py::object& stream) {
+  if (PyLong_Check(stream.ptr())) return stream.cast<intptr_t>();
+  return stream.attr("cuda_stream").cast<intptr_t>();
+}
+
+// torch's current stream on `device`, through torch's C function (torch.cuda.current_stream()
+// builds a Stream object in Python: more than a kernel launch costs).
+intptr_t torch_current_stream(const TorchHooks& torch, int device) {
+  if (torch.current_raw_stream != nullptr) {
+    const py::object dev = py::int_(device);
+    PyObject* r = PyObject_CallOneArg(torch.current_raw_stream, dev.ptr());
+    if (r == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(r).cast<intptr_t>();
+  }
+  const py::object torch_mod = py::module_::import("torch");
+  return torch_mod.attr("cuda").attr("current_stream")(device).attr("cuda_stream").cast<intptr_t>();
+}
+#endif
+
 class Call {
  public:
-  // Checks that every present argument is on one device and resolves the stream.
+  // Inspects every present argument (its device; torch tensors' capsules are taken here), checks
+  // that they are on one device and resolves the stream.
   Call(const char* kernel, std::initializer_list<Arg> args, const py::object& stream)
       : kernel_(kernel) {
     const char* first = nullptr;
+    bool any_torch = false;
     for (const Arg& a : args) {
       if (a.obj.is_none()) continue;
-      const Device d = device_of(a.obj, a.name);
+      Entry& e = entries_[n_++];
+      e.name = a.name;
+      e.obj = a.obj.ptr();
+      e.arg = Borrowed::inspect(a.obj, a.name);
+      any_torch |= e.arg.torch();
+      const Device& d = e.arg.device();
       if (first == nullptr) {
         device_ = d;
         first = a.name;
@@ -119,49 +161,89 @@ class Call {
     }
     if (!device_.cuda) return;
 #ifndef FP8KV_HAVE_CUDA
+    (void)stream;
     throw py::value_error(std::string(kernel) + ": the tensors are on " + device_.str() +
                           " but this fp8kv was built without the CUDA backend");
-#endif
+#else
+    const TorchHooks* torch = torch_hooks();
     if (!stream.is_none()) {
-      // An int (a cudaStream_t) or a stream object with .cuda_stream (torch.cuda.Stream).
-      py::object s = py::hasattr(stream, "cuda_stream") ? stream.attr("cuda_stream") : stream;
-      stream_ = s.cast<intptr_t>();
-      // The producer orders its pending work before our stream; DLPack calls the legacy default
-      // stream 1 (0 is ambiguous there).
+      stream_ = stream_handle(stream);
+      // Other producers order their pending work before our stream themselves (DLPack calls
+      // the legacy default stream 1: 0 is ambiguous there).
       dlpack_stream_ = stream_ == 0 ? 1 : static_cast<int64_t>(stream_);
-    } else if (PyObject* torch = PyDict_GetItemString(PyImport_GetModuleDict(), "torch")) {
+      // torch tensors came through torch._C._to_dlpack, which orders nothing: their pending work
+      // is on torch's current stream, which the call's stream then waits for (once per call;
+      // what Tensor.__dlpack__(stream=) does per tensor).
+      if (any_torch) {
+        const intptr_t current = torch_current_stream(*torch, device_.id);
+        if (current != stream_) wait_for_ = current;
+      }
+    } else if (torch != nullptr) {
       // torch's current stream on the tensors' GPU: the work queues behind the caller's, in
       // order, so the producer needs no synchronization (-1).
-      py::object current = py::reinterpret_borrow<py::object>(torch).attr("cuda").attr(
-          "current_stream")(device_.id);
-      stream_ = current.attr("cuda_stream").cast<intptr_t>();
+      stream_ = torch_current_stream(*torch, device_.id);
       dlpack_stream_ = -1;
     } else {
       stream_ = 0;
       dlpack_stream_ = 1;
     }
+#endif
   }
 
   const Device& device() const { return device_; }
-  Tensor borrow(const py::handle& obj, const char* name) const {
-    return python::borrow(obj, name, device_, dlpack_stream_);
+  // The tensor of argument `name` (step 2 of dlpack_tensor.h).
+  Tensor borrow(const char* name) const {
+    for (int i = 0; i < n_; ++i) {
+      if (std::strcmp(entries_[i].name, name) == 0) {
+        return entries_[i].arg.borrow(device_, dlpack_stream_);
+      }
+    }
+    throw std::logic_error(std::string(kernel_) + ": argument " + name + " was not inspected");
   }
-  BackendSlot& slot() const {
-    return device_.cuda ? cuda_slot(device_.id, stream_) : cpu_slot();
-  }
+  // The backend for the call's device and stream; for CUDA tensors from torch on an explicit
+  // stream, that stream is made to wait for torch's current one first.
+  BackendSlot& slot() const;
   // Host-readable contents (CPU tensors only).
   bool host() const { return !device_.cuda; }
-  std::string kernel() const { return kernel_; }
+  const char* kernel() const { return kernel_; }
 
  private:
+  struct Entry {
+    const char* name = "";
+    PyObject* obj = nullptr;
+    Borrowed arg;
+  };
+  static constexpr int kMaxArgs = 10;
   const char* kernel_;
+  Entry entries_[kMaxArgs];
+  int n_ = 0;
   Device device_;
   intptr_t stream_ = 0;
   std::optional<int64_t> dlpack_stream_;
+  std::optional<intptr_t> wait_for_;  // a stream the call's stream must wait for
 };
 
-[[noreturn]] void refuse(const std::string& kernel, const std::string& what) {
-  throw py::value_error(kernel + ": " + what);
+BackendSlot& Call::slot() const {
+  if (!device_.cuda) return cpu_slot();
+  BackendSlot& slot = cuda_slot(device_.id, stream_);
+#ifdef FP8KV_HAVE_CUDA
+  if (wait_for_) {
+    auto check = [](cudaError_t e, const char* what) {
+      if (e != cudaSuccess) throw Error(std::string("stream ordering: ") + what + ": " + cudaGetErrorString(e));
+    };
+    check(cudaSetDevice(device_.id), "cudaSetDevice");
+    if (slot.order_event == nullptr) {
+      check(cudaEventCreateWithFlags(&slot.order_event, cudaEventDisableTiming), "cudaEventCreate");
+    }
+    check(cudaEventRecord(slot.order_event, reinterpret_cast<cudaStream_t>(*wait_for_)), "cudaEventRecord");
+    check(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream_), slot.order_event, 0), "cudaStreamWaitEvent");
+  }
+#endif
+  return slot;
+}
+
+[[noreturn]] void refuse(const char* kernel, const std::string& what) {
+  throw py::value_error(std::string(kernel) + ": " + what);
 }
 
 // ---- the kernels -------------------------------------------------------------------------------
@@ -208,9 +290,9 @@ KvLayerScales layer_scales(const Call& c, const KvCacheLayer& layer, const py::h
                            " needs k_scale and v_scale (float32 tensors)");
   }
   const int64_t n = kv_scales_per_layer(layer.scheme, layer.num_kv_heads);
-  k_t = c.borrow(k, "k_scale");
+  k_t = c.borrow("k_scale");
   k_t.expect(DType::kF32, {n});
-  v_t = c.borrow(v, "v_scale");
+  v_t = c.borrow("v_scale");
   v_t.expect(DType::kF32, {n});
   s.k = k_t.as<float>();
   s.v = v_t.as<float>();
@@ -225,18 +307,18 @@ void quantize_kv(const py::handle& kv, const py::handle& slots, const py::handle
          {{"kv", kv}, {"slots", slots}, {"kv_buffer", kv_buffer}, {"k_scale", k_scale},
           {"v_scale", v_scale}, {"amax", amax}},
          stream);
-  const Tensor buf = c.borrow(kv_buffer, "kv_buffer");
+  const Tensor buf = c.borrow("kv_buffer");
   QuantizeKvParams p;
   p.cache = pool_layer(c, buf, scheme);
   const int64_t two_h = 2 * p.cache.num_kv_heads;
-  const Tensor x = c.borrow(kv, "kv");
+  const Tensor x = c.borrow("kv");
   x.expect(DType::kBf16, {-1, two_h, p.cache.head_dim});
-  const Tensor s = c.borrow(slots, "slots");
+  const Tensor s = c.borrow("slots");
   s.expect(DType::kI32, {x.size(0)});
   Tensor k_t, v_t, a_t;
   p.scales = layer_scales(c, p.cache, k_scale, v_scale, k_t, v_t);
   if (!amax.is_none()) {
-    a_t = c.borrow(amax, "amax");
+    a_t = c.borrow("amax");
     a_t.expect(DType::kF32, {two_h});
     p.observe_amax = a_t.as<float>();
   }
@@ -256,18 +338,18 @@ void quantize_q(const py::handle& q, const py::handle& cu_seqlens_q, const py::h
          {{"q", q}, {"cu_seqlens_q", cu_seqlens_q}, {"q_fp8", q_fp8}, {"q_scale", q_scale},
           {"static_scale", static_scale}},
          stream);
-  const Tensor qs = c.borrow(q_scale, "q_scale");
+  const Tensor qs = c.borrow("q_scale");
   qs.expect(DType::kF32, {-1, -1});
-  const Tensor x = c.borrow(q, "q");
+  const Tensor x = c.borrow("q");
   x.expect(DType::kBf16, {-1, -1, -1});
-  const Tensor out = c.borrow(q_fp8, "q_fp8");
-  out.expect(DType::kE4m3, x.shape());
-  const Tensor cu = c.borrow(cu_seqlens_q, "cu_seqlens_q");
+  const Tensor out = c.borrow("q_fp8");
+  out.expect_like(DType::kE4m3, x);
+  const Tensor cu = c.borrow("cu_seqlens_q");
   cu.expect(DType::kI32, {qs.size(0) + 1});
   Tensor st;
   QuantizeQParams p;
   if (!static_scale.is_none()) {
-    st = c.borrow(static_scale, "static_scale");
+    st = c.borrow("static_scale");
     st.expect(DType::kF32, {qs.size(1)});
     p.static_scale = st.as<float>();
   }
@@ -316,25 +398,25 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
           {"b_req_idx", b_req_idx}, {"b_seq_len", b_seq_len}, {"cu_seqlens_q", cu_seqlens_q},
           {"out", out}, {"k_scale", k_scale}, {"v_scale", v_scale}, {"q_scale", q_scale}},
          stream);
-  const Tensor buf = c.borrow(kv_buffer, "kv_buffer");
+  const Tensor buf = c.borrow("kv_buffer");
   AttentionParams p;
   p.cache = pool_layer(c, buf, scheme);
   const bool q_fp8 = fp8_q(scheme);
-  const Tensor x = c.borrow(q, "q");
+  const Tensor x = c.borrow("q");
   x.expect(q_fp8 ? DType::kE4m3 : DType::kBf16, {-1, -1, p.cache.head_dim});
-  const Tensor o = c.borrow(out, "out");
-  o.expect(DType::kBf16, x.shape());
-  const Tensor seq = c.borrow(b_seq_len, "b_seq_len");
+  const Tensor o = c.borrow("out");
+  o.expect_like(DType::kBf16, x);
+  const Tensor seq = c.borrow("b_seq_len");
   seq.expect(DType::kI32, {-1});
   const int64_t B = seq.size(0);
-  const Tensor req = c.borrow(b_req_idx, "b_req_idx");
+  const Tensor req = c.borrow("b_req_idx");
   req.expect(DType::kI32, {B});
-  const Tensor table = c.borrow(req_to_token, "req_to_token");
+  const Tensor table = c.borrow("req_to_token");
   table.expect(DType::kI32, {-1, -1});
   Tensor cu, qs, k_t, v_t;
   const int32_t* cu_ptr = nullptr;
   if (!cu_seqlens_q.is_none()) {
-    cu = c.borrow(cu_seqlens_q, "cu_seqlens_q");
+    cu = c.borrow("cu_seqlens_q");
     cu.expect(DType::kI32, {B + 1});
     cu_ptr = cu.as<int32_t>();
   } else if (phase != AttentionPhase::kDecode) {
@@ -347,7 +429,7 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
     if (q_scale.is_none()) {
       refuse(kernel, "scheme fp8-per-head needs q_scale [B, Hkv] (from quantize_q)");
     }
-    qs = c.borrow(q_scale, "q_scale");
+    qs = c.borrow("q_scale");
     qs.expect(DType::kF32, {B, p.cache.num_kv_heads});
     p.q_fp8 = x.as<uint8_t>();
     p.q_scale = qs.as<float>();
@@ -365,6 +447,7 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
   b.seq_len = seq.as<int32_t>();
   b.req_index = req.as<int32_t>();
   b.req_to_token = table.as<int32_t>();
+  b.max_requests = static_cast<int>(table.size(0));
   b.max_len = static_cast<int>(table.size(1));
   b.total_q = x.size(0);
   // Host-side facts: given, or read from host tensors; reading device tensors would synchronize.
@@ -422,6 +505,24 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
   }
 }
 
+// Waits for the CUDA work fp8kv queued (every stream, or those of `device` / `stream`) and throws
+// the first refusal a kernel recorded on the device since the last check (backend synchronize()).
+void synchronize(std::optional<int> device, const py::object& stream) {
+#ifdef FP8KV_HAVE_CUDA
+  std::optional<intptr_t> only;
+  if (!stream.is_none()) only = stream_handle(stream);
+  for (auto& [key, slot] : cuda_slots()) {
+    if ((device && key.first != *device) || (only && key.second != *only)) continue;
+    DeviceGuard guard(true);
+    py::gil_scoped_release nogil;
+    slot.backend->synchronize();
+  }
+#else
+  (void)device;
+  (void)stream;
+#endif
+}
+
 // ---- codecs ------------------------------------------------------------------------------------
 
 // out[i] = f(in[i]) over host arrays; `out` allocated as a NumPy array when not given.
@@ -430,8 +531,8 @@ py::object codec(const char* name, const py::handle& in, DType in_type, const py
                  DType out_type, F f) {
   Call c(name, {{"x", in}, {"out", out}}, py::none());
   if (c.device().cuda) refuse(name, "the codecs take host arrays (NumPy, torch CPU tensors)");
-  const Tensor x = c.borrow(in, "x");
-  x.expect(in_type, std::vector<int64_t>(x.ndim(), -1));
+  const Tensor x = c.borrow("x");
+  x.expect_any_shape(in_type);
   py::object result;
   Out* dst = nullptr;
   Tensor o;
@@ -440,8 +541,8 @@ py::object codec(const char* name, const py::handle& in, DType in_type, const py
     dst = a.mutable_data();
     result = std::move(a);
   } else {
-    o = c.borrow(out, "out");
-    o.expect(out_type, x.shape());
+    o = c.borrow("out");
+    o.expect_like(out_type, x);
     dst = o.as<Out>();
     result = py::reinterpret_borrow<py::object>(out);
   }
@@ -532,6 +633,8 @@ PYBIND11_MODULE(_fp8kv, m) {
     }
   });
   m.def("cuda_available", &cuda_available, "Whether the CUDA backend is built in and a GPU usable.");
+  m.def("synchronize", &synchronize, py::arg("device") = py::none(),
+        py::arg("stream") = py::none());
 
   m.def("quantize_kv", &quantize_kv, py::arg("kv"), py::arg("slots"), py::arg("kv_buffer"),
         py::arg("scheme"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
@@ -647,7 +750,7 @@ PYBIND11_MODULE(_fp8kv, m) {
                refuse("observe", "amax is on " + c.device().str() +
                                      ": the observer takes host arrays (pass amax.cpu())");
              }
-             const Tensor a = c.borrow(amax, "amax");
+             const Tensor a = c.borrow("amax");
              a.expect(DType::kF32, {2 * static_cast<int64_t>(o.config().num_kv_heads)});
              o.record(layer, a.as<float>());
            },

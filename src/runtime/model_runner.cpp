@@ -345,6 +345,7 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   s.batch.cu_seqlens_q = s.cu_q.as<const int32_t>();
   s.batch.req_index = s.req_index.as<const int32_t>();
   s.batch.req_to_token = table_.device_table();
+  s.batch.max_requests = table_.max_requests();
   s.batch.max_len = table_.max_len();
   s.batch.total_q = T;
   s.batch.max_q_len = max_q;

@@ -1,8 +1,10 @@
 // Decode attention on the GPU against its CPU twin and a float64 reference, on fresh random data
 // with outliers: lengths 1, 7, 127, 4100 (no split and split-KV), GQA 1/4/8, head_dim 64/128/256,
 // every scheme (fp8-e5m2 and fp8-per-head-bf16q too); a long case (33k keys) whose FP8 error
-// must not grow with length; bad arguments refused. One decode kernel per scheme (decode_mma_kernel.cuh, tensor cores); the
-// CPU twin is its oracle. The split heuristic's tests are in tests/kernels/decode_split_test.cpp.
+// must not grow with length; bad arguments refused; a request index out of range skipped on the
+// device and reported at sync. One decode kernel per scheme (decode_mma_kernel.cuh, tensor
+// cores); the CPU twin is its oracle. The split heuristic's tests are in
+// tests/kernels/decode_split_test.cpp.
 //
 // Criterion (STYLE.md): errors are normalized ||o - ref|| / ||ref|| against float64 attention on
 // the inputs as the scheme rounds them (emulated_inputs), so the test measures the kernel's own
@@ -223,6 +225,64 @@ TEST(CudaDecode, RefusesBadArguments) {
     EXPECT_THROW(gpu->decode_attention(bad), Error);
   }
   for (uint16_t x : o.download<uint16_t>()) ASSERT_EQ(x, 0x7fc1);  // nothing written
+}
+
+// b_req_idx lives in device memory: the kernels skip a request outside req_to_token's rows (reading
+// nothing of it) and record it; the backend's next synchronize() throws, once; then work goes on.
+TEST(CudaDecode, RequestOutOfRangeIsSkippedAndReportedAtSynchronize) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_cuda_backend();
+  test::ProblemSpec spec;
+  spec.requests = decode_requests({5, 9});
+  const test::AttentionProblem prob = test::make_problem(spec);
+  const int rows = static_cast<int>(prob.req_to_token.size() / prob.max_len);
+  std::vector<uint16_t> pool_bits(prob.pool_elements(), 0x3f80);  // bf16 1.0
+  BackendBuffer pool(*gpu, pool_bits), q(*gpu, prob.q), o(*gpu, prob.q.size() * 2);
+  BackendBuffer seq(*gpu, prob.seq_len), cu(*gpu, prob.cu_seqlens_q), ri(*gpu, prob.req_index),
+      rt(*gpu, prob.req_to_token);
+  for (const int32_t bad_row : {rows, -1, 1 << 30}) {
+    std::vector<int32_t> bad_index = prob.req_index;
+    bad_index[1] = bad_row;
+    BackendBuffer bad_ri(*gpu, bad_index);
+    AttentionParams p;
+    p.q = q.as<uint16_t>();
+    p.o = o.as<uint16_t>();
+    p.num_q_heads = prob.num_q_heads;
+    p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
+    p.batch =
+        prob.batch(seq.as<int32_t>(), cu.as<int32_t>(), bad_ri.as<int32_t>(), rt.as<int32_t>());
+    ASSERT_EQ(p.batch.max_requests, rows);
+    for (const bool decode : {true, false}) {
+      if (decode) {
+        gpu->decode_attention(p);  // queued: no host sync, no throw here
+      } else {
+        gpu->prefill_attention(p);
+      }
+      const std::string want = std::string(decode ? "decode_attention" : "prefill_attention") +
+                               ": b_req_idx[1] = " + std::to_string(bad_row) +
+                               " out of [0, max_requests " + std::to_string(rows) + ")";
+      try {
+        gpu->synchronize();
+        ADD_FAILURE() << "no error for b_req_idx " << bad_row;
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+      }
+      gpu->synchronize();  // reported once
+      // Request 0 was computed: a pool of ones gives V = 1 everywhere, so every output is 1.
+      const std::vector<uint16_t> out = o.download<uint16_t>();
+      const size_t row = static_cast<size_t>(prob.num_q_heads) * prob.head_dim;
+      for (size_t i = 0; i < row; ++i) ASSERT_EQ(out[i], 0x3f80) << "request 0, element " << i;
+    }
+  }
+  // A good batch afterwards runs and synchronizes cleanly.
+  AttentionParams p;
+  p.q = q.as<uint16_t>();
+  p.o = o.as<uint16_t>();
+  p.num_q_heads = prob.num_q_heads;
+  p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
+  p.batch = prob.batch(seq.as<int32_t>(), cu.as<int32_t>(), ri.as<int32_t>(), rt.as<int32_t>());
+  gpu->decode_attention(p);
+  EXPECT_NO_THROW(gpu->synchronize());
 }
 
 }  // namespace

@@ -422,13 +422,28 @@ TEST(CpuBackend, AttentionValidationErrors) {
   a = f.params();
   a.softmax_scale = std::numeric_limits<float>::quiet_NaN();
   expect_error(prefill(a), "softmax_scale");
+  a = f.params();
+  a.batch.max_requests = 0;
+  expect_error(prefill(a), "batch.max_requests 0 must be positive");
 
   // Array contents: seq_len < q_len, a slot out of range.
   f.p.seq_len[1] = 4;
   expect_error(prefill(f.params()), "request 1: seq_len 4 not in [q_len 5");
   f.p.seq_len[1] = 5;
-  f.p.req_to_token[f.p.req_index[0] * f.p.max_len + 2] = -3;
+  int32_t& slot = f.p.req_to_token[f.p.req_index[0] * f.p.max_len + 2];
+  const int32_t good_slot = slot;
+  slot = -3;
   expect_error(prefill(f.params()), "request 0 position 2: slot -3 out of [0, num_slots");
+  slot = good_slot;
+  // b_req_idx outside req_to_token's rows (its row would be read past the table's end).
+  const int rows = static_cast<int>(f.p.req_to_token.size() / f.p.max_len);
+  const int32_t saved = f.p.req_index[1];
+  f.p.req_index[1] = rows;
+  expect_error(prefill(f.params()), "request 1: req_index " + std::to_string(rows) +
+                                        " out of [0, max_requests " + std::to_string(rows) + ")");
+  f.p.req_index[1] = -1;
+  expect_error(prefill(f.params()), "request 1: req_index -1 out of [0, max_requests");
+  f.p.req_index[1] = saved;
   EXPECT_TRUE(f.output_untouched());
 }
 

@@ -1,11 +1,14 @@
 // The CUDA backend: device memory on one GPU, work queued on one stream, every kernel validated
 // on the host (kernels/validate.h) before anything is launched.
 //
-// Quantize-on-write cannot see the slots (device memory) on the host. It runs a check kernel that
-// records the first token whose slot is out of range in a device word; the write kernel reads
-// that word and writes nothing when it is set; the backend reads it back (one stream sync) and
-// throws Error naming the token and its slot. Attention batches are checked on the host only when
-// FP8KV_CUDA_CHECK_BATCH=1 (a debug mode: it copies the batch arrays back).
+// The index arrays live in device memory, which the host cannot read without a sync per call.
+// Quantize-on-write runs a check kernel that records the first token whose slot is out of range
+// in a device word; the write kernel reads that word and writes nothing when it is set. Attention
+// kernels skip a request whose b_req_idx is outside req_to_token's rows. Both record the refusal
+// in one device error block (device_error.h), which synchronize() and download() read after
+// their stream sync and throw as Error naming the kernel, the index and the value. The rest of an
+// attention batch (seq_len against max_len, the slots in req_to_token) is checked on the host only
+// when FP8KV_CUDA_CHECK_BATCH=1 (a debug mode: it copies the batch arrays back).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -55,8 +58,8 @@ class CudaBackend final : public Backend {
     }
     name_ = std::string("cuda:") + std::to_string(device) + " (" + prop.name + ")";
     check_cuda(cudaMalloc(&bad_token_, sizeof *bad_token_), "cuda backend: cudaMalloc");
-    check_cuda(cudaMalloc(&slot_error_, sizeof *slot_error_), "cuda backend: cudaMalloc");
-    check_cuda(cudaMemset(slot_error_, 0xff, sizeof *slot_error_), "cuda backend: cudaMemset");
+    check_cuda(cudaMalloc(&device_error_, sizeof *device_error_), "cuda backend: cudaMalloc");
+    check_cuda(cudaMemset(device_error_, 0xff, sizeof *device_error_), "cuda backend: cudaMemset");
     const char* env = std::getenv("FP8KV_CUDA_CHECK_BATCH");
     check_batch_ = env != nullptr && std::string(env) == "1";
   }
@@ -64,7 +67,7 @@ class CudaBackend final : public Backend {
     cudaSetDevice(device_);
     cudaStreamSynchronize(stream_);
     cudaFree(bad_token_);
-    cudaFree(slot_error_);
+    cudaFree(device_error_);
     cudaFree(workspace_);
   }
 
@@ -94,7 +97,7 @@ class CudaBackend final : public Backend {
     select();
     if (bytes) check_cuda(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "cuda backend: download");
     check_cuda(cudaStreamSynchronize(stream_), "cuda backend: download (synchronize)");
-    throw_slot_error();
+    throw_device_error();
   }
   void memset(void* dst, int value, size_t bytes) override {
     select();
@@ -103,7 +106,7 @@ class CudaBackend final : public Backend {
   void synchronize() override {
     select();
     check_cuda(cudaStreamSynchronize(stream_), "cuda backend: synchronize");
-    throw_slot_error();
+    throw_device_error();
   }
   void upload_tensors(const std::vector<HostUpload>& uploads) override {
     select();
@@ -121,7 +124,7 @@ class CudaBackend final : public Backend {
     // No host synchronization here (a decode step stays sync-free): a refused write is recorded
     // on the device and thrown by the next synchronize() or download(); at once in the debug
     // mode FP8KV_CUDA_CHECK_BATCH=1.
-    cuda::launch_quantize_kv(p, bad_token_, slot_error_, stream_);
+    cuda::launch_quantize_kv(p, bad_token_, device_error_, stream_);
     if (check_batch_) synchronize();
   }
 
@@ -139,7 +142,7 @@ class CudaBackend final : public Backend {
     validate_attention(p, AttentionPhase::kPrefill);
     select();
     if (check_batch_) check_batch_on_host(p, AttentionPhase::kPrefill);
-    cuda::launch_prefill_attention(p, stream_);
+    cuda::launch_prefill_attention(p, stream_, device_error_);
   }
 
   void decode_attention(const AttentionParams& p) override {
@@ -156,7 +159,7 @@ class CudaBackend final : public Backend {
       check_cuda(cudaMalloc(&workspace_, need), "cuda backend: cudaMalloc (decode workspace)");
       workspace_bytes_ = need;
     }
-    cuda::launch_decode_attention(p, workspace_, stream_);
+    cuda::launch_decode_attention(p, workspace_, stream_, device_error_);
   }
 
  private:
@@ -168,9 +171,8 @@ class CudaBackend final : public Backend {
     const auto seq_len = to_host(b.seq_len, B, stream_);
     const auto cu = to_host(b.cu_seqlens_q, B + 1, stream_);
     const auto req_index = to_host(b.req_index, B, stream_);
-    int max_row = 0;
-    for (int32_t r : req_index) max_row = std::max(max_row, r);
-    const auto table = to_host(b.req_to_token, static_cast<size_t>(max_row + 1) * b.max_len, stream_);
+    const auto table =
+        to_host(b.req_to_token, static_cast<size_t>(b.max_requests) * b.max_len, stream_);
     AttentionBatch host = b;
     host.seq_len = seq_len.data();
     host.cu_seqlens_q = cu.data();
@@ -183,17 +185,32 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_;
   std::string name_;
   unsigned long long* bad_token_ = nullptr;  // [1] first token with a bad slot (quantize_kv)
-  cuda::SlotError* slot_error_ = nullptr;    // the first refused quantize_kv not yet reported
+  cuda::DeviceError* device_error_ = nullptr;  // the first refusal of a kernel not yet reported
 
-  // After a stream synchronization: throws (once) the refusal a quantize_kv recorded.
-  void throw_slot_error() {
-    cuda::SlotError e{};
-    check_cuda(cudaMemcpy(&e, slot_error_, sizeof e, cudaMemcpyDeviceToHost), "cuda backend: slot check");
-    if (e.token == ULLONG_MAX) return;
-    check_cuda(cudaMemset(slot_error_, 0xff, sizeof e), "cuda backend: slot check reset");
-    throw Error("quantize_kv: token " + std::to_string(e.token) + ": slot " +
-                std::to_string(static_cast<long long>(e.slot)) + " out of [0, num_slots " +
-                std::to_string(e.num_slots) + ") (nothing written)");
+  // After a stream synchronization: throws (once) the refusal a kernel recorded.
+  void throw_device_error() {
+    cuda::DeviceError e{};
+    check_cuda(cudaMemcpy(&e, device_error_, sizeof e, cudaMemcpyDeviceToHost),
+               "cuda backend: error check");
+    if (e.index == ULLONG_MAX) return;
+    check_cuda(cudaMemset(device_error_, 0xff, sizeof e), "cuda backend: error check reset");
+    const std::string value = std::to_string(static_cast<long long>(e.value));
+    const std::string bound = std::to_string(static_cast<long long>(e.bound));
+    switch (static_cast<cuda::DeviceErrorKind>(e.kind)) {
+      case cuda::DeviceErrorKind::kQuantizeSlot:
+        throw Error("quantize_kv: token " + std::to_string(e.index) + ": slot " + value +
+                    " out of [0, num_slots " + bound + ") (nothing written)");
+      case cuda::DeviceErrorKind::kPrefillRequest:
+      case cuda::DeviceErrorKind::kDecodeRequest: {
+        const bool decode =
+            static_cast<cuda::DeviceErrorKind>(e.kind) == cuda::DeviceErrorKind::kDecodeRequest;
+        throw Error(std::string(decode ? "decode_attention" : "prefill_attention") +
+                    ": b_req_idx[" + std::to_string(e.index) + "] = " + value +
+                    " out of [0, max_requests " + bound +
+                    ") (that request was skipped: its rows of the output are undefined)");
+      }
+    }
+    throw Error("cuda backend: unknown device error kind " + std::to_string(e.kind));
   }
   void* workspace_ = nullptr;                // split-KV partials of decode
   size_t workspace_bytes_ = 0;

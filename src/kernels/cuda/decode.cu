@@ -75,7 +75,8 @@ size_t decode_workspace_bytes(const AttentionParams& p) {
   return rows * (static_cast<size_t>(p.cache.head_dim) + 1) * sizeof(float);
 }
 
-void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStream_t stream) {
+void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStream_t stream,
+                             DeviceError* error) {
   if (p.batch.num_requests == 0) return;
   const DecodePlan plan = plan_decode(p);
   const int D = p.cache.head_dim;
@@ -91,6 +92,8 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   a.req_index = p.batch.req_index;
   a.req_to_token = p.batch.req_to_token;
   a.o = p.o;
+  a.error = error;
+  a.max_requests = p.batch.max_requests;
   a.max_len = p.batch.max_len;
   a.num_q_heads = p.num_q_heads;
   a.num_kv_heads = p.cache.num_kv_heads;

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "fp8kv/scheme.h"
+#include "kernels/cuda/device_error.h"
 
 namespace fp8kv::cuda {
 
@@ -25,6 +26,8 @@ struct DecodeArgs {
   uint16_t* o = nullptr;               // [total_q, Hq, D] bf16 (num_splits == 1)
   float* ws_o = nullptr;               // [B, Hq, num_splits, D] normalized partial outputs
   float* ws_lse = nullptr;             // [B, Hq, num_splits] log2-sum-exp2 of each split
+  DeviceError* error = nullptr;        // where a request out of range is recorded (may be null)
+  int max_requests = 0;                // rows of req_to_token
   int max_len = 0;
   int num_q_heads = 0;
   int num_kv_heads = 0;

@@ -191,7 +191,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   for (int k = 0; k < kSteps; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.0f;
 
   const int num_tiles = t_begin < t_end ? ceil_div(t_end - t_begin, kTileTokens) : 0;
-  const int32_t* slot_row = a.req_to_token + static_cast<int64_t>(a.req_index[b]) * a.max_len;
+  const int32_t* slot_row = request_row<DeviceErrorKind::kDecodeRequest>(a, b);
+  if (slot_row == nullptr) return;  // the same for every thread of the CTA: before any barrier
   const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
   // Thread tid < 128 copies row tid % 64 of the tile, of K for tid < 64 and of V otherwise, as
   // one bulk copy of the CTA's kv_here adjacent heads (the copy engine, not the thread's load

@@ -6,16 +6,22 @@
 #include <cuda_runtime.h>
 
 #include "fp8kv/backend.h"
+#include "kernels/cuda/device_error.h"
 
 namespace fp8kv::cuda {
 
 // quantize.cu
 void launch_quantize_kv(const QuantizeKvParams& p, cudaStream_t stream);
 void launch_quantize_q(const QuantizeQParams& p, cudaStream_t stream);
+// Attention reads req_to_token's row b_req_idx[b] of each request b only when it lies in
+// [0, batch.max_requests): a request out of range is skipped (its rows of o are left undefined) and
+// recorded in `error` (device memory, device_error.h) when given.
 // decode.cu; `workspace` holds the split-KV partial results (decode_workspace_bytes).
 size_t decode_workspace_bytes(const AttentionParams& p);
-void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStream_t stream);
+void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStream_t stream,
+                             DeviceError* error = nullptr);
 // prefill*.cu
-void launch_prefill_attention(const AttentionParams& p, cudaStream_t stream);
+void launch_prefill_attention(const AttentionParams& p, cudaStream_t stream,
+                              DeviceError* error = nullptr);
 
 }  // namespace fp8kv::cuda

@@ -29,9 +29,9 @@ const char* prefill_config_name(PrefillConfig config) {
 namespace {
 
 template <KvScheme S, int D, int kWarps, int kBlockN>
-bool try_launch(const AttentionParams& p, cudaStream_t stream) {
+bool try_launch(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
   if constexpr (prefill::kPrefillBuilt<S, D, kWarps, kBlockN>) {
-    prefill::launch_prefill<S, D, kWarps, kBlockN>(p, stream);
+    prefill::launch_prefill<S, D, kWarps, kBlockN>(p, stream, error);
     return true;
   } else {
     return false;
@@ -40,10 +40,10 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream) {
 
 // fp8-per-head on the warp-specialized kernel (prefill_ws.cuh); kDiag: benchmark diagnostics.
 template <KvScheme S, int D, bool kPackGqa, bool kPingPong, bool kSwizzle = false, int kDiag = 0>
-bool try_launch_ws(const AttentionParams& p, cudaStream_t stream) {
+bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
   if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kPackGqa, kPingPong, kSwizzle, kDiag>) {
     prefill::launch_prefill_ws<D, prefill::kWsBlockN<D>, prefill::kWsStages<D>, kPackGqa, kPingPong,
-                               kSwizzle, kDiag>(p, stream);
+                               kSwizzle, kDiag>(p, stream, error);
     return true;
   } else {
     return false;
@@ -51,7 +51,8 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream) {
 }
 
 template <KvScheme S, int D>
-void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStream_t stream) {
+void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStream_t stream,
+                        DeviceError* error) {
   if (config == PrefillConfig::kDefault) {
     if (S == KvScheme::kFp8PerHead) {
       config = PrefillConfig::kWarpSpecialized;
@@ -61,16 +62,16 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
   }
   bool launched = false;
   switch (config) {
-    case PrefillConfig::kWide: launched = try_launch<S, D, 8, 64>(p, stream); break;
+    case PrefillConfig::kWide: launched = try_launch<S, D, 8, 64>(p, stream, error); break;
     case PrefillConfig::kNarrow:
-      launched = D == 256 ? try_launch<S, D, 4, 32>(p, stream) : try_launch<S, D, 4, 64>(p, stream);
+      launched = D == 256 ? try_launch<S, D, 4, 32>(p, stream, error) : try_launch<S, D, 4, 64>(p, stream, error);
       break;
-    case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D, false, false>(p, stream); break;
-    case PrefillConfig::kWsPackGqa: launched = try_launch_ws<S, D, true, false>(p, stream); break;
-    case PrefillConfig::kWsPackGqaPingPong: launched = try_launch_ws<S, D, true, true>(p, stream); break;
-    case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, false, false, true>(p, stream); break;
-    case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, false, false, 1>(p, stream); break;
-    case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, false, false, 2>(p, stream); break;
+    case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D, false, false>(p, stream, error); break;
+    case PrefillConfig::kWsPackGqa: launched = try_launch_ws<S, D, true, false>(p, stream, error); break;
+    case PrefillConfig::kWsPackGqaPingPong: launched = try_launch_ws<S, D, true, true>(p, stream, error); break;
+    case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, false, false, true>(p, stream, error); break;
+    case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, false, false, 1>(p, stream, error); break;
+    case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, false, false, 2>(p, stream, error); break;
     default: break;
   }
   if (!launched) {
@@ -81,17 +82,18 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
 
 }  // namespace
 
-void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cudaStream_t stream) {
+void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cudaStream_t stream,
+                              DeviceError* error) {
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
       if (p.batch.num_requests == 0 || p.batch.total_q == 0 || p.batch.max_q_len == 0) return;
-      launch_with_config<kScheme, kHeadDim>(p, config, stream);
+      launch_with_config<kScheme, kHeadDim>(p, config, stream, error);
     });
   });
 }
 
-void launch_prefill_attention(const AttentionParams& p, cudaStream_t stream) {
-  launch_prefill_attention(p, PrefillConfig::kDefault, stream);
+void launch_prefill_attention(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
+  launch_prefill_attention(p, PrefillConfig::kDefault, stream, error);
 }
 
 }  // namespace fp8kv::cuda

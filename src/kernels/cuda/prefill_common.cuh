@@ -21,6 +21,7 @@
 #include "fp8kv/error.h"
 #include "fp8kv/scheme.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/device_error.h"
 
 namespace fp8kv::cuda::prefill {
 
@@ -38,13 +39,16 @@ struct PrefillParams {
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
   const int32_t* req_index = nullptr;   // [B]
   const int32_t* req_to_token = nullptr;  // [max_requests, max_len]
+  DeviceError* error = nullptr;         // where a request out of range is recorded (may be null)
+  int max_requests = 0;                 // rows of req_to_token
   int max_len = 0;
   int num_q_heads = 0;                  // Hq
   int num_kv_heads = 0;                 // Hkv
   float softmax_scale = 0.0f;           // resolved: 1/sqrt(D) when the caller gave 0
 };
 
-inline PrefillParams make_prefill_params(const AttentionParams& a, int head_dim, bool fp8_q) {
+inline PrefillParams make_prefill_params(const AttentionParams& a, int head_dim, bool fp8_q,
+                                         DeviceError* error) {
   PrefillParams p;
   p.q = fp8_q ? static_cast<const void*>(a.q_fp8) : static_cast<const void*>(a.q);
   p.q_scale = a.q_scale;
@@ -56,6 +60,8 @@ inline PrefillParams make_prefill_params(const AttentionParams& a, int head_dim,
   p.cu_seqlens_q = a.batch.cu_seqlens_q;
   p.req_index = a.batch.req_index;
   p.req_to_token = a.batch.req_to_token;
+  p.error = error;
+  p.max_requests = a.batch.max_requests;
   p.max_len = a.batch.max_len;
   p.num_q_heads = a.num_q_heads;
   p.num_kv_heads = a.cache.num_kv_heads;

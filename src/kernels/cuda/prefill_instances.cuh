@@ -8,6 +8,7 @@
 
 #include "fp8kv/backend.h"
 #include "fp8kv/scheme.h"
+#include "kernels/cuda/device_error.h"
 
 // ---- the mma.sync kernel (prefill_kernel.cuh): X(SCHEME, D, WARPS, BLOCK_N) ----
 // Every scheme: D 64 and 128 with (8 warps, 64 keys); D 256 with (4, 32). bf16 and fp8-per-head
@@ -40,7 +41,7 @@ namespace fp8kv::cuda::prefill {
 
 // Defined in prefill_kernel.cuh; instantiated for the entries of FP8KV_PREFILL_MMA_INSTANCES.
 template <KvScheme S, int D, int kWarps, int kBlockN>
-void launch_prefill(const AttentionParams& a, cudaStream_t stream);
+void launch_prefill(const AttentionParams& a, cudaStream_t stream, DeviceError* error);
 
 #define FP8KV_PREFILL_MMA_MATCH(s, d, w, n) \
   || (S == KvScheme::s && D == (d) && kWarps == (w) && kBlockN == (n))
@@ -50,7 +51,7 @@ constexpr bool kPrefillBuilt = false FP8KV_PREFILL_MMA_INSTANCES(FP8KV_PREFILL_M
 
 // Defined in prefill_ws.cuh; instantiated for the entries of FP8KV_PREFILL_WS_INSTANCES.
 template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
-void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream);
+void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error);
 template <int D>
 constexpr int kWsBlockN = D == 256 ? 64 : 128;  // keys per tile
 template <int D>
@@ -66,7 +67,7 @@ constexpr bool kWsBuilt = false FP8KV_PREFILL_WS_INSTANCES(FP8KV_PREFILL_WS_MATC
 
 // Explicit instantiations, for the instance files.
 #define FP8KV_PREFILL_MMA_INSTANTIATE(s, d, w, n) \
-  template void launch_prefill<KvScheme::s, d, w, n>(const AttentionParams&, cudaStream_t);
+  template void launch_prefill<KvScheme::s, d, w, n>(const AttentionParams&, cudaStream_t, DeviceError*);
 #define FP8KV_PREFILL_WS_INSTANTIATE(d, pk, pp, sw, dg)                                     \
-  template void launch_prefill_ws<d, kWsBlockN<d>, kWsStages<d>, pk, pp, sw, dg>(const AttentionParams&, \
-                                                                                cudaStream_t);
+  template void launch_prefill_ws<d, kWsBlockN<d>, kWsStages<d>, pk, pp, sw, dg>(           \
+      const AttentionParams&, cudaStream_t, DeviceError*);

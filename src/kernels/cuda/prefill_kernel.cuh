@@ -139,7 +139,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
   const int seq_len = seq.seq_len;
   const int prefix = seq.prefix;
   const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  const int32_t* const slots = p.req_to_token + static_cast<int64_t>(p.req_index[b]) * p.max_len;
+  const int32_t* const slots = request_row<DeviceErrorKind::kPrefillRequest>(p, b);
+  if (slots == nullptr) return;  // the same for every thread of the CTA: before any barrier
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -408,9 +409,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
 
 // Builds the device params and launches one instance on `stream`.
 template <KvScheme S, int D, int kWarps, int kBlockN>
-void launch_prefill(const AttentionParams& a, cudaStream_t stream) {
+void launch_prefill(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
   using Shape = TileShape<S, D, kWarps, kBlockN>;
-  const PrefillParams p = make_prefill_params(a, D, fp8_q(S));
+  const PrefillParams p = make_prefill_params(a, D, fp8_q(S), error);
   const dim3 grid = prefill_grid(a, a.num_q_heads, Shape::kBlockM);
   auto kernel = prefill_kernel<S, D, kWarps, kBlockN>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

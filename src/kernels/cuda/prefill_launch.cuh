@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "fp8kv/backend.h"
+#include "kernels/cuda/device_error.h"
 
 namespace fp8kv::cuda {
 
@@ -33,6 +34,7 @@ const char* prefill_config_name(PrefillConfig config);
 // Enqueues the causal varlen prefill of `p` (validated by the caller) on `stream`. Throws
 // Error("Unsupported head_dim N") for head dims other than 64/128/256, and Error for a config
 // that is not built for the scheme and head_dim.
-void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cudaStream_t stream);
+void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cudaStream_t stream,
+                              DeviceError* error = nullptr);
 
 }  // namespace fp8kv::cuda

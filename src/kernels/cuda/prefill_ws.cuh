@@ -108,6 +108,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int prefix = seq.prefix;
   const int rows_here = seq.rows;  // valid rows
   const int num_kv_tiles = seq.last_pos / kBlockN + 1;
+  const int32_t* const slots = request_row<DeviceErrorKind::kPrefillRequest>(p, b);
+  if (slots == nullptr) return;  // the same for every thread of the CTA: before any barrier
 
   const uint32_t full_bar = base + Sh::kBarOffset;  // full[s]: the stage's K and V^T landed
   const uint32_t empty_bar = full_bar + 8 * kStages;  // empty[s]: both consumers are done with it
@@ -148,7 +150,6 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         cp_async_16(smem + canonical(r), valid ? q_base + offset : p.q, valid ? 16 : 0);
       }
     }
-    const int32_t* const slots = p.req_to_token + static_cast<int64_t>(p.req_index[b]) * p.max_len;
     const int64_t slot_bytes = 2 * static_cast<int64_t>(p.num_kv_heads) * D;
     const uint8_t* const k_base = p.kv + kv_head * D + ld_chunk * 16;
     const uint8_t* const v_base = k_base + p.num_kv_heads * D;
@@ -388,9 +389,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 }
 
 template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
-void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream) {
+void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
   using Sh = WsShape<D, kBlockN, kStages>;
-  const PrefillParams p = make_prefill_params(a, D, /*fp8_q=*/true);
+  const PrefillParams p = make_prefill_params(a, D, /*fp8_q=*/true, error);
   const int group = a.num_q_heads / a.cache.num_kv_heads;
   if (kPackGqa && group > Sh::kBlockM) {
     throw Error("prefill_attention: " + std::to_string(group) + " query heads per KV head exceed the " +

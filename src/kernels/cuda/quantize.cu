@@ -25,7 +25,7 @@ struct QuantizeKvArgs {
   const float* v_scale;
   float* observe_amax;                  // optional [2 * Hkv]
   const unsigned long long* bad_token;  // optional: write nothing unless UINT64_MAX
-  SlotError* error;                     // with bad_token: where a refused write is recorded
+  DeviceError* error;                   // with bad_token: where a refused write is recorded
   int64_t num_chunks;                   // T * chunks_per_token
   int64_t num_slots;
   int chunks_per_token;                 // 2 * Hkv * D / kChunk
@@ -100,9 +100,9 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
     const unsigned long long bad = *a.bad_token;
     if (bad != ULLONG_MAX) {
       // Refused: nothing written. The first refusal not yet read by the host is recorded.
-      if (blockIdx.x == 0 && threadIdx.x == 0 && atomicCAS(&a.error->token, ULLONG_MAX, bad) == ULLONG_MAX) {
-        a.error->slot = static_cast<unsigned long long>(static_cast<long long>(a.slots[bad]));
-        a.error->num_slots = static_cast<unsigned long long>(a.num_slots);
+      if (blockIdx.x == 0 && threadIdx.x == 0) {
+        record_device_error(a.error, DeviceErrorKind::kQuantizeSlot, bad, a.slots[bad],
+                            a.num_slots);
       }
       return;
     }
@@ -228,8 +228,8 @@ void launch_check_slots(const QuantizeKvParams& p, unsigned long long* bad_token
   FP8KV_CUDA_CHECK_LAUNCH("check_slots_kernel");
 }
 
-void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad_token, SlotError* error,
-                        cudaStream_t stream) {
+void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad_token,
+                        DeviceError* error, cudaStream_t stream) {
   if (p.num_tokens == 0) return;
   const int D = p.cache.head_dim;
   const int chunks_per_token = 2 * p.cache.num_kv_heads * D / kChunk;

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "fp8kv/backend.h"
+#include "kernels/cuda/device_error.h"
 
 namespace fp8kv::cuda {
 
@@ -13,15 +14,11 @@ namespace fp8kv::cuda {
 // [0, num_slots). `bad_token`: one device word.
 void launch_check_slots(const QuantizeKvParams& p, unsigned long long* bad_token,
                         cudaStream_t stream);
-// The first refused write since the error was last read: [0] token (UINT64_MAX: none), [1] its
-// slot (as int64 bits), [2] num_slots of that call. Device memory, read on synchronize.
-struct SlotError {
-  unsigned long long token, slot, num_slots;
-};
 // Writes nothing (and observes nothing) when *bad_token != UINT64_MAX, and then records the
-// token, its slot and the pool size in *error unless an earlier error is still unread (so the
-// host learns of it at its next synchronization, without a sync per call); null skips the check.
-void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad_token, SlotError* error,
-                        cudaStream_t stream);
+// token, its slot and the pool size in *error (DeviceErrorKind::kQuantizeSlot) unless an earlier
+// error is still unread (so the host learns of it at its next synchronization, without a sync per
+// call); null skips the check.
+void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad_token,
+                        DeviceError* error, cudaStream_t stream);
 
 }  // namespace fp8kv::cuda
