@@ -3,7 +3,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
@@ -124,6 +126,11 @@ AttentionErrorStats summed_over_ranks(AttentionErrorStats st, Communicator* comm
   return st;
 }
 
+// A column's name: its label, or the scheme's name for a result made without one.
+std::string column_label(const SchemeEval& s) {
+  return s.label.empty() ? std::string(scheme_name(s.scheme)) : s.label;
+}
+
 struct Accum {
   double nll = 0.0, kl = 0.0, kl_max = 0.0;
   int64_t agree = 0;
@@ -150,6 +157,24 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     }
     max_batch_tokens = std::max(max_batch_tokens, t);
   }
+  // The columns after bf16: each a full run with its cache (logit metrics) and a shadow of the
+  // bf16 run (attention error on the same inputs).
+  struct Column {
+    std::string label;
+    KvScheme scheme;
+    RankScales scales;
+    bool per_token_q = false;
+  };
+  RankScales per_head_dynamic = per_head;
+  per_head_dynamic.q.reset();
+  std::vector<Column> columns = {
+      {scheme_name(KvScheme::kFp8PerTensor), KvScheme::kFp8PerTensor, per_tensor},
+      {scheme_name(KvScheme::kFp8PerHead), KvScheme::kFp8PerHead, per_head_dynamic}};
+  const bool static_q = per_head.q.has_value();
+  if (static_q) columns.push_back({"per-head static-Q", KvScheme::kFp8PerHead, per_head});
+  if (options.per_token_q_column) {
+    columns.push_back({"per-head token-Q", KvScheme::kFp8PerHead, per_head_dynamic, true});
+  }
   auto options_for = [&](KvScheme scheme) {
     RunnerOptions ro;
     ro.scheme = scheme;
@@ -158,33 +183,39 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     ro.max_len = max_len;
     ro.comm = options.comm;
     ro.bf16_layers = options.bf16_layers;
-    if (scheme == KvScheme::kFp8PerTensor) ro.scales = per_tensor;
-    if (scheme == KvScheme::kFp8PerHead) ro.scales = per_head;
     return ro;
   };
   RunnerOptions ref_opts = options_for(KvScheme::kBf16);
-  ref_opts.shadows.push_back({KvScheme::kFp8PerTensor, per_tensor});
-  ref_opts.shadows.push_back({KvScheme::kFp8PerHead, per_head});
-  ModelRunner ref(model, backend, ops, std::move(ref_opts));
-  ModelRunner pt(model, backend, ops, options_for(KvScheme::kFp8PerTensor));
-  ModelRunner ph(model, backend, ops, options_for(KvScheme::kFp8PerHead));
-  ModelRunner* runners[3] = {&ref, &pt, &ph};
-  const KvScheme schemes[3] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
+  for (const Column& col : columns) {
+    ref_opts.shadows.push_back({col.scheme, col.scales, col.per_token_q});
+  }
+  std::vector<std::unique_ptr<ModelRunner>> runners;
+  runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, std::move(ref_opts)));
+  for (const Column& col : columns) {
+    RunnerOptions ro = options_for(col.scheme);
+    ro.scales = col.scales;
+    ro.q_scale_per_token = col.per_token_q;
+    ro.record_q_amax = col.scales.q.has_value();
+    runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, std::move(ro)));
+  }
+  ModelRunner& ref = *runners[0];
+  const size_t num_runs = runners.size();
 
   EvalResult result;
   result.bf16_layers = options.bf16_layers;
-  Accum acc[3];
+  std::vector<Accum> acc(num_runs);
   const int64_t V = c.vocab_size;
   const auto start = std::chrono::steady_clock::now();
-  Progress progress("evaluating bf16 / fp8-per-tensor / fp8-per-head",
-                    static_cast<int64_t>(data.size()), options.show_progress);
+  std::string what = "evaluating bf16";
+  for (const Column& col : columns) what += " / " + col.label;
+  Progress progress(what, static_cast<int64_t>(data.size()), options.show_progress);
   std::vector<double> ref_lp, lp;
   for (size_t i = 0; i < data.size(); i += batch) {
     std::vector<std::vector<int32_t>> tokens(
         data.begin() + static_cast<std::ptrdiff_t>(i),
         data.begin() + static_cast<std::ptrdiff_t>(std::min(data.size(), i + batch)));
-    std::vector<float> logits[3];
-    for (int s = 0; s < 3; ++s) {
+    std::vector<std::vector<float>> logits(num_runs);
+    for (size_t s = 0; s < num_runs; ++s) {
       std::vector<int> reqs;
       for (size_t b = 0; b < tokens.size(); ++b) reqs.push_back(runners[s]->add_request());
       logits[s] = runners[s]->forward(reqs, tokens, LogitRows::kAll);
@@ -198,7 +229,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
         const int32_t next = seq[t + 1];
         log_softmax(logits[0].data() + row * V, V, ref_lp);
         const int64_t ref_top = argmax_of(ref_lp);
-        for (int s = 0; s < 3; ++s) {
+        for (size_t s = 0; s < num_runs; ++s) {
           const std::vector<double>* cur = &ref_lp;
           if (s > 0) {
             log_softmax(logits[s].data() + row * V, V, lp);
@@ -218,7 +249,8 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
         result.positions += 1;
       }
     }
-    progress.update(static_cast<int64_t>(std::min(data.size(), i + batch)), result.tokens * 3);
+    progress.update(static_cast<int64_t>(std::min(data.size(), i + batch)),
+                    result.tokens * static_cast<int64_t>(num_runs));
   }
   progress.finish();
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -226,9 +258,11 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     throw Error("eval: no position has a next token (every sequence has one token)");
   }
   const double n = static_cast<double>(result.positions);
-  for (int s = 0; s < 3; ++s) {
+  const TpShard& shard = model.shard();
+  for (size_t s = 0; s < num_runs; ++s) {
     SchemeEval e;
-    e.scheme = schemes[s];
+    e.scheme = s == 0 ? KvScheme::kBf16 : columns[s - 1].scheme;
+    e.label = s == 0 ? scheme_name(KvScheme::kBf16) : columns[s - 1].label;
     e.perplexity = std::exp(acc[s].nll / n);
     e.kl_mean = acc[s].kl / n;
     e.kl_max = acc[s].kl_max;
@@ -237,14 +271,32 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     e.attn_rel_error.assign(static_cast<size_t>(c.num_layers), 0.0);
     e.head_attn_rel_error.assign(static_cast<size_t>(c.num_layers * c.num_kv_heads), 0.0);
     if (s > 0) {
-      const AttentionErrorStats st =
-          summed_over_ranks(ref.shadow_stats()[static_cast<size_t>(s - 1)], options.comm);
+      const AttentionErrorStats st = summed_over_ranks(ref.shadow_stats()[s - 1], options.comm);
       for (int l = 0; l < c.num_layers; ++l) {
         e.attn_rel_error[static_cast<size_t>(l)] = st.rel_error(l);
         for (int h = 0; h < c.num_kv_heads; ++h) {
           e.head_attn_rel_error[static_cast<size_t>(l * c.num_kv_heads + h)] =
               st.head_rel_error(l, h);
         }
+      }
+      const RankScales& sc = columns[s - 1].scales;
+      const std::vector<float>& q_amax = runners[s]->q_amax();
+      if (sc.q && !q_amax.empty()) {
+        // This rank's KV heads into the model's [layers, Hkv] table, max over ranks (a head
+        // held by several ranks: each saw its part of the group).
+        std::vector<float> use(static_cast<size_t>(c.num_layers * c.num_kv_heads), 0.0f);
+        const int h = shard.kv_heads;
+        for (int l = 0; l < c.num_layers; ++l) {
+          for (int j = 0; j < h; ++j) {
+            const size_t i = static_cast<size_t>(l) * h + static_cast<size_t>(j);
+            use[static_cast<size_t>(l * c.num_kv_heads + shard.kv_head_begin + j)] =
+                q_amax[i] / (kE4m3Max * (*sc.q)[i]);
+          }
+        }
+        if (options.comm != nullptr && options.comm->world_size() > 1) {
+          options.comm->all_reduce_max(use.data(), use.size());
+        }
+        e.q_range_use.assign(use.begin(), use.end());
       }
     }
     result.schemes.push_back(std::move(e));
@@ -254,18 +306,18 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
 
 std::string format_eval_table(const EvalResult& r) {
   std::string out;
-  char buf[256];
+  char buf[512];
   const char* kRow = "%-30s";
   auto cell = [&](const char* fmt, double v) {
     char c[64];
     std::snprintf(c, sizeof c, fmt, v);
-    std::snprintf(buf, sizeof buf, "%16s", c);
+    std::snprintf(buf, sizeof buf, "%18s", c);
     out += buf;
   };
   std::snprintf(buf, sizeof buf, kRow, "");
   out += buf;
   for (const auto& s : r.schemes) {
-    std::snprintf(buf, sizeof buf, "%16s", scheme_name(s.scheme));
+    std::snprintf(buf, sizeof buf, "%18s", column_label(s).c_str());
     out += buf;
   }
   out += "\n";
@@ -274,7 +326,7 @@ std::string format_eval_table(const EvalResult& r) {
     out += buf;
     for (size_t i = 0; i < r.schemes.size(); ++i) {
       if (ref_dash && r.schemes[i].scheme == KvScheme::kBf16) {
-        std::snprintf(buf, sizeof buf, "%16s", "-");
+        std::snprintf(buf, sizeof buf, "%18s", "-");
         out += buf;
       } else {
         cell(fmt, value(r.schemes[i]));
@@ -307,7 +359,7 @@ std::string format_eval_table(const EvalResult& r) {
         const int worst = static_cast<int>(std::max_element(h, h + s.num_kv_heads) - h);
         std::snprintf(c, sizeof c, "h%d %.3e", worst, h[worst]);
       }
-      std::snprintf(buf, sizeof buf, "%16s", c);
+      std::snprintf(buf, sizeof buf, "%18s", c);
       out += buf;
     }
     out += "\n";
@@ -319,7 +371,22 @@ std::string format_eval_table(const EvalResult& r) {
   out += buf;
   if (!r.bf16_layers.empty()) {
     out += "(--kv-bf16-layers " + layer_list_text(r.bf16_layers) +
-           ": kept in bf16 in both FP8 caches, attention error 0 there)\n";
+           ": kept in bf16 in every FP8 cache, attention error 0 there)\n";
+  }
+  // Static Q scales: how much of their range the evaluated Q used, and where it saturated.
+  for (const SchemeEval& s : r.schemes) {
+    if (s.q_range_use.empty() || s.num_kv_heads < 1) continue;
+    const auto worst = std::max_element(s.q_range_use.begin(), s.q_range_use.end());
+    const size_t at = static_cast<size_t>(worst - s.q_range_use.begin());
+    const long long over = std::count_if(s.q_range_use.begin(), s.q_range_use.end(),
+                                         [](double u) { return u > 1.0; });
+    std::snprintf(buf, sizeof buf,
+                  "%s: Q's abs-max over its static range 448 * s: at most %.3f (layer %zu, KV "
+                  "head %zu); %lld of %zu (layer, KV head) pairs above 1, their larger Q values "
+                  "saturated to +-448\n",
+                  column_label(s).c_str(), *worst, at / static_cast<size_t>(s.num_kv_heads),
+                  at % static_cast<size_t>(s.num_kv_heads), over, s.q_range_use.size());
+    out += buf;
   }
   // Which layers lose most, and the set --kv-bf16-layers could keep in bf16.
   for (const SchemeEval& s : r.schemes) {
@@ -338,7 +405,7 @@ std::string format_eval_table(const EvalResult& r) {
       worst += buf;
     }
     const std::vector<int> suggested = suggest_bf16_layers(s.attn_rel_error);
-    out += std::string(scheme_name(s.scheme)) + ": layers losing most " + worst + "; " +
+    out += column_label(s) + ": layers losing most " + worst + "; " +
            (suggested.empty() ? std::string("none above 2x the median: no --kv-bf16-layers "
                                             "suggested")
                               : "suggested --kv-bf16-layers " + layer_list_text(suggested) +
@@ -379,7 +446,7 @@ std::string format_eval_heads(const EvalResult& r) {
   for (const SchemeEval& s : r.schemes) {
     if (s.scheme == KvScheme::kBf16 || s.num_kv_heads < 1) continue;
     const size_t H = static_cast<size_t>(s.num_kv_heads);
-    out += std::string("attn-out rel. error per KV head, ") + scheme_name(s.scheme) + "\n";
+    out += "attn-out rel. error per KV head, " + column_label(s) + "\n";
     out += "layer";
     for (size_t h = 0; h < H; ++h) {
       std::snprintf(buf, sizeof buf, "%11s%zu", "h", h);
