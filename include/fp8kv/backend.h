@@ -81,9 +81,6 @@ struct QuantizeQParams {
   // heads and all D), updated in place with max(old, |x|) in the same pass, static scale or not;
   // a NaN or infinity in Q makes the entry non-finite. calibrate --q-scales reads it.
   float* observe_amax = nullptr;
-  // Dynamic scales per (token t, KV head g) instead of per (request, KV head): the amax runs over
-  // t's group heads and D only, and q_scale is [total_q, Hkv] (static scales fill it too).
-  bool per_token = false;
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
   int num_requests = 0;
   int64_t total_q = 0;
@@ -96,9 +93,7 @@ struct QuantizeQParams {
 struct AttentionParams {
   const uint16_t* q = nullptr;       // [total_q, Hq, D] bf16 (bf16 and fp8-per-tensor)
   const uint8_t* q_fp8 = nullptr;    // [total_q, Hq, D] e4m3 (fp8-per-head; from quantize_q)
-  const float* q_scale = nullptr;    // [B, Hkv] (fp8-per-head; from quantize_q), or
-                                     // [total_q, Hkv] with q_scale_per_token
-  bool q_scale_per_token = false;    // quantize_q's per_token: row t of S takes token t's scale
+  const float* q_scale = nullptr;    // [B, Hkv] (fp8-per-head; from quantize_q)
   uint16_t* o = nullptr;             // [total_q, Hq, D] bf16 (out)
   int num_q_heads = 0;               // Hq, a multiple of cache.num_kv_heads
   KvCacheLayer cache;

@@ -130,7 +130,6 @@ FP8KV_API CalibExpect calib_expect_for(const ModelConfig& config, KvScheme schem
 struct ShadowScheme {
   KvScheme scheme = KvScheme::kFp8PerHead;
   RankScales scales;  // fp8-per-head: static Q scales when scales.q is set, dynamic otherwise
-  bool q_scale_per_token = false;  // RunnerOptions::q_scale_per_token, for this shadow
 };
 
 // Per layer and per (layer, KV head): sums over the attention outputs of (shadow - main)^2
@@ -163,9 +162,6 @@ struct RunnerOptions {
   // fp8-per-head quantizes Q with the static scales of scales->q (q_calibration) when the file
   // has them, with dynamic per-(request, KV head) scales otherwise.
   std::optional<RankScales> scales;
-  // fp8-per-head with dynamic Q scales: one per (token, KV head) instead of per (request, KV
-  // head) (QuantizeQParams::per_token). CPU backend only for now.
-  bool q_scale_per_token = false;
   // fp8-per-head with static Q scales: keep the running abs-max of Q per (layer, KV head) that
   // quantize_q saw (q_amax()), to tell how much of the static range Q used (eval). One
   // synchronization per layer.
@@ -256,11 +252,11 @@ class FP8KV_API ModelRunner {
   void run_layer(int l, bool decode);
   // Layer l's K/V (scratch kv16) into `cache` (quantize-on-write, abs-max into observe_amax
   // [2 * Hkv] when not null), then attention over it into `out` [T, Hq * D] bf16. q_scales:
-  // static Q scales [L, Hkv] or empty (dynamic; per token with q_per_token). observe_q_amax:
-  // [Hkv] running abs-max of Q, when not null (quantize_q runs for it with a bf16 cache too).
+  // static Q scales [L, Hkv] or empty (dynamic). observe_q_amax: [Hkv] running abs-max of Q,
+  // when not null (quantize_q runs for it with a bf16 cache too).
   void attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales,
-              int row_width, const BackendBuffer& q_scales, bool q_per_token,
-              float* observe_amax, float* observe_q_amax, uint16_t* out);
+              int row_width, const BackendBuffer& q_scales, float* observe_amax,
+              float* observe_q_amax, uint16_t* out);
   // Calibration hooks: where layer l's abs-max goes this pass (null: not observed), and handing
   // it to the observer after the attention.
   float* begin_observation(int l);

@@ -67,16 +67,13 @@ struct EvalOptions {
   bool show_progress = false;
   Communicator* comm = nullptr;  // tensor parallelism (RunnerOptions::comm)
   std::vector<int> bf16_layers;  // kept in bf16 in both FP8 caches (RunnerOptions::bf16_layers)
-  // One more fp8-per-head column with dynamic Q scales per (token, KV head) instead of per
-  // (request, KV head) (RunnerOptions::q_scale_per_token; CPU backend only): a measurement.
-  bool per_token_q_column = false;
 };
 
 // One scheme's numbers against the bf16 run, over every position that has a next token.
 struct SchemeEval {
   KvScheme scheme = KvScheme::kBf16;
-  // The column's name: scheme_name(scheme), or for fp8-per-head's variants "per-head static-Q"
-  // (q_calibration's static Q scales) and "per-head token-Q" (EvalOptions::per_token_q_column).
+  // The column's name: scheme_name(scheme), or "per-head static-Q" for fp8-per-head with
+  // q_calibration's static Q scales.
   std::string label;
   double perplexity = 0.0;  // exp(mean NLL of the next token)
   double kl_mean = 0.0;     // mean KL(p_bf16 || p_scheme), nats
@@ -94,7 +91,7 @@ struct SchemeEval {
 
 struct EvalResult {
   // bf16, fp8-per-tensor, fp8-per-head (dynamic Q scales), then "per-head static-Q" when the
-  // per-head scales have static Q scales, then "per-head token-Q" when asked for.
+  // per-head scales have static Q scales.
   std::vector<SchemeEval> schemes;
   int64_t positions = 0;
   int64_t tokens = 0;

@@ -54,7 +54,6 @@ void add_eval(CLI::App& app) {
     int batch = 4;
     int tp = 1;
     bool per_head_table = false;
-    bool per_token_q = false;
     TextInput text;
   };
   auto opt = std::make_shared<Opts>();
@@ -73,9 +72,6 @@ void add_eval(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--per-head", opt->per_head_table,
                 "Also print the attention error of every (layer, KV head)");
-  cmd->add_flag("--per-token-q", opt->per_token_q,
-                "Also run fp8-per-head with dynamic Q scales per (token, KV head) instead of per "
-                "(request, KV head) (the \"per-head token-Q\" column; CPU only)");
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->callback([opt]() {
     check_data_choice(opt->data, opt->text, opt->model);
@@ -101,7 +97,6 @@ void add_eval(CLI::App& app) {
       eo.show_progress = rank0;
       eo.comm = &comm;
       eo.bf16_layers = bf16_layers;
-      eo.per_token_q_column = opt->per_token_q;
       const EvalResult r = evaluate(*model, *backend, *ops, data, pt, ph, eo);
       if (rank0) {
         std::printf("\n%s", format_eval_table(r).c_str());

@@ -163,7 +163,6 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     std::string label;
     KvScheme scheme;
     RankScales scales;
-    bool per_token_q = false;
   };
   RankScales per_head_dynamic = per_head;
   per_head_dynamic.q.reset();
@@ -172,9 +171,6 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
       {scheme_name(KvScheme::kFp8PerHead), KvScheme::kFp8PerHead, per_head_dynamic}};
   const bool static_q = per_head.q.has_value();
   if (static_q) columns.push_back({"per-head static-Q", KvScheme::kFp8PerHead, per_head});
-  if (options.per_token_q_column) {
-    columns.push_back({"per-head token-Q", KvScheme::kFp8PerHead, per_head_dynamic, true});
-  }
   auto options_for = [&](KvScheme scheme) {
     RunnerOptions ro;
     ro.scheme = scheme;
@@ -187,14 +183,13 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
   };
   RunnerOptions ref_opts = options_for(KvScheme::kBf16);
   for (const Column& col : columns) {
-    ref_opts.shadows.push_back({col.scheme, col.scales, col.per_token_q});
+    ref_opts.shadows.push_back({col.scheme, col.scales});
   }
   std::vector<std::unique_ptr<ModelRunner>> runners;
   runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, std::move(ref_opts)));
   for (const Column& col : columns) {
     RunnerOptions ro = options_for(col.scheme);
     ro.scales = col.scales;
-    ro.q_scale_per_token = col.per_token_q;
     ro.record_q_amax = col.scales.q.has_value();
     runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, std::move(ro)));
   }

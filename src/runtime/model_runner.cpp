@@ -89,7 +89,6 @@ struct ModelRunner::Shadow {
   BackendBuffer kv_scales;  // [L, row width]
   BackendBuffer q_scales;   // [L, Hkv] or empty
   int row_width;
-  bool q_per_token;
 };
 
 // Activations of one forward pass, grown as needed. Shapes for T new tokens, B requests; Hq,
@@ -106,7 +105,7 @@ struct ModelRunner::Scratch {
   BackendBuffer q16;                 // [T, Hq * D] bf16
   BackendBuffer kv16;                // [T, 2 * Hkv * D] bf16
   BackendBuffer q8;                  // [T, Hq * D] e4m3
-  BackendBuffer q_scale;             // [T, Hkv]: [B, Hkv], or per token
+  BackendBuffer q_scale;             // [B, Hkv]
   BackendBuffer o16, o16_shadow;     // [T, Hq * D] bf16
   BackendBuffer o;                   // [T, Hq * D]
   BackendBuffer gu;                  // [T, 2 * I]
@@ -170,8 +169,7 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
         sh.scheme,
         KvPool(backend, c.num_layers, options_.num_slots, shard.kv_heads, c.head_dim, sh.scheme,
                options_.bf16_layers),
-        upload_vector(backend, sh.scales.kv), BackendBuffer(), sh.scales.row_width(),
-        sh.q_scale_per_token});
+        upload_vector(backend, sh.scales.kv), BackendBuffer(), sh.scales.row_width()});
     if (sh.scheme == KvScheme::kFp8PerHead && sh.scales.q) {
       s->q_scales = upload_vector(backend, *sh.scales.q);
     }
@@ -317,7 +315,7 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   s.q16.ensure(backend_, b16(T * QD));
   s.kv16.ensure(backend_, b16(T * KVD));
   s.q8.ensure(backend_, static_cast<size_t>(T * QD));
-  s.q_scale.ensure(backend_, f32(T * shard.kv_heads));  // T >= B
+  s.q_scale.ensure(backend_, f32(static_cast<int64_t>(B) * shard.kv_heads));
   s.o16.ensure(backend_, b16(T * QD));
   if (!shadows_.empty()) s.o16_shadow.ensure(backend_, b16(T * QD));
   s.o.ensure(backend_, f32(T * QD));
@@ -418,8 +416,8 @@ void ModelRunner::run_layer(int l, bool decode) {
     backend_.memset(s.amax.get(), 0, static_cast<size_t>(Hkv) * sizeof(float));
     q_amax = s.amax.as<float>();
   }
-  attend(l, decode, pool_.layer(l), kv_scales_, row_width, q_scales_, options_.q_scale_per_token,
-         amax, q_amax, s.o16.as<uint16_t>());
+  attend(l, decode, pool_.layer(l), kv_scales_, row_width, q_scales_, amax, q_amax,
+         s.o16.as<uint16_t>());
   end_observation(l, amax);
   if (q_amax != nullptr && amax == nullptr) {
     std::vector<float> host(static_cast<size_t>(Hkv));
@@ -452,8 +450,8 @@ void ModelRunner::run_layer(int l, bool decode) {
 }
 
 void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales,
-                         int row_width, const BackendBuffer& q_scales, bool q_per_token,
-                         float* observe_amax, float* observe_q_amax, uint16_t* out) {
+                         int row_width, const BackendBuffer& q_scales, float* observe_amax,
+                         float* observe_q_amax, uint16_t* out) {
   const ModelConfig& c = model_.config();
   Scratch& s = *s_;
   const int64_t T = s.T;
@@ -489,7 +487,6 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
     qq.q_fp8 = s.q8.as<uint8_t>();
     qq.q_scale = s.q_scale.as<float>();
     if (!q_scales.empty()) qq.static_scale = q_scales.as<const float>() + l * Hkv;
-    qq.per_token = q_per_token;
     // Calibration with Q scales runs this with a bf16 cache only to observe Q's abs-max (its
     // FP8 output goes unused).
     qq.observe_amax = observe_q_amax;
@@ -504,7 +501,6 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
   if (cache.scheme == KvScheme::kFp8PerHead) {
     ap.q_fp8 = s.q8.as<const uint8_t>();
     ap.q_scale = s.q_scale.as<const float>();
-    ap.q_scale_per_token = q_per_token;
   } else {
     ap.q = s.q16.as<const uint16_t>();
   }
@@ -541,8 +537,8 @@ void ModelRunner::run_shadows(int l, bool decode) {
   const int64_t QD = static_cast<int64_t>(model_.shard().q_heads) * model_.config().head_dim;
   for (size_t i = 0; i < shadows_.size(); ++i) {
     Shadow& sh = *shadows_[i];
-    attend(l, decode, sh.pool.layer(l), sh.kv_scales, sh.row_width, sh.q_scales, sh.q_per_token,
-           nullptr, nullptr, s.o16_shadow.as<uint16_t>());
+    attend(l, decode, sh.pool.layer(l), sh.kv_scales, sh.row_width, sh.q_scales, nullptr, nullptr,
+           s.o16_shadow.as<uint16_t>());
     backend_.synchronize();
     const size_t n = static_cast<size_t>(s.T * QD);
     s.host_o.resize(n);

@@ -218,40 +218,33 @@ void CpuBackend::quantize_q(const QuantizeQParams& p) {
 #pragma omp for collapse(2) schedule(dynamic)
     for (int b = 0; b < p.num_requests; ++b) {
       for (int g = 0; g < Hkv; ++g) {
-        // Elements of (request b, KV head g): tokens [cu[b], cu[b+1]), heads [g*group,
-        // (g+1)*group), all D; each head's D values are contiguous in q [total_q, Hq, D]. A
-        // span of tokens shares one scale: the request's, or (per_token) each token its own.
+        const int64_t t_begin = p.cu_seqlens_q[b];
+        const int64_t t_end = p.cu_seqlens_q[b + 1];
+        // Elements of (request b, KV head g): tokens [t_begin, t_end), heads [g*group,
+        // (g+1)*group), all D; each head's D values are contiguous in q [total_q, Hq, D].
         auto element = [&](int64_t t, int i) { return (t * Hq + g * group) * D + i; };
-        auto quantize_span = [&](int64_t t_begin, int64_t t_end, int64_t scale_index) {
-          uint32_t amax = 0;
-          if (need_amax) {
-            for (int64_t t = t_begin; t < t_end; ++t) {
-              for (int i = 0; i < group * D; ++i) {
-                amax = std::max(amax, abs_bits(bf16_to_float(p.q[element(t, i)])));
-              }
-            }
-            local_amax[g] = std::max(local_amax[g], amax);
-          }
-          float scale;
-          if (p.static_scale != nullptr) {
-            scale = p.static_scale[g];
-          } else {
-            const float amax_f = detail::bits_float(amax);
-            scale = amax_f == 0.0f ? 1.0f : amax_f / kE4m3Max;
-          }
-          p.q_scale[scale_index * Hkv + g] = scale;
+        uint32_t amax = 0;
+        if (need_amax) {
           for (int64_t t = t_begin; t < t_end; ++t) {
             for (int i = 0; i < group * D; ++i) {
-              const int64_t e = element(t, i);
-              p.q_fp8[e] = quantize_e4m3(bf16_to_float(p.q[e]), scale);
+              amax = std::max(amax, abs_bits(bf16_to_float(p.q[element(t, i)])));
             }
           }
-        };
-        const int64_t t_begin = p.cu_seqlens_q[b], t_end = p.cu_seqlens_q[b + 1];
-        if (p.per_token) {
-          for (int64_t t = t_begin; t < t_end; ++t) quantize_span(t, t + 1, t);
+          local_amax[g] = std::max(local_amax[g], amax);
+        }
+        float scale;
+        if (p.static_scale != nullptr) {
+          scale = p.static_scale[g];
         } else {
-          quantize_span(t_begin, t_end, b);
+          const float amax_f = detail::bits_float(amax);
+          scale = amax_f == 0.0f ? 1.0f : amax_f / kE4m3Max;
+        }
+        p.q_scale[b * Hkv + g] = scale;
+        for (int64_t t = t_begin; t < t_end; ++t) {
+          for (int i = 0; i < group * D; ++i) {
+            const int64_t e = element(t, i);
+            p.q_fp8[e] = quantize_e4m3(bf16_to_float(p.q[e]), scale);
+          }
         }
       }
     }
@@ -313,7 +306,7 @@ void CpuBackend::attention(const AttentionParams& p, AttentionPhase phase) {
       float q_scale = 1.0f;
       if (fp8_q_and_p) {
         for (int d = 0; d < D; ++d) q[d] = e4m3[p.q_fp8[q_offset + d]];
-        q_scale = p.q_scale[(p.q_scale_per_token ? t : b) * Hkv + g];
+        q_scale = p.q_scale[b * Hkv + g];
       } else {
         for (int d = 0; d < D; ++d) q[d] = bf16_to_float(p.q[q_offset + d]);
       }

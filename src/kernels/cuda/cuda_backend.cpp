@@ -127,10 +127,6 @@ class CudaBackend final : public Backend {
 
   void quantize_q(const QuantizeQParams& p) override {
     validate_quantize_q(p);
-    if (p.per_token) {
-      throw Error("quantize_q: per_token (one Q scale per token and KV head) is not implemented "
-                  "on the CUDA backend");
-    }
     select();
     if (check_batch_) {
       const auto cu = to_host(p.cu_seqlens_q, static_cast<size_t>(p.num_requests) + 1, stream_);
@@ -141,9 +137,6 @@ class CudaBackend final : public Backend {
 
   void prefill_attention(const AttentionParams& p) override {
     validate_attention(p, AttentionPhase::kPrefill);
-    if (p.q_scale_per_token) {
-      throw Error("prefill_attention: q_scale_per_token is not implemented on the CUDA backend");
-    }
     select();
     if (check_batch_) check_batch_on_host(p, AttentionPhase::kPrefill);
     cuda::launch_prefill_attention(p, stream_);
