@@ -254,9 +254,9 @@ class FP8KV_API ModelRunner {
   // [2 * Hkv] when not null), then attention over it into `out` [T, Hq * D] bf16. q_scales:
   // static Q scales [L, Hkv] or empty (dynamic). observe_q_amax: [Hkv] running abs-max of Q,
   // when not null (quantize_q runs for it with a bf16 cache too).
-  void attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales,
-              int row_width, const BackendBuffer& q_scales, float* observe_amax,
-              float* observe_q_amax, uint16_t* out);
+  void attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales, int row_width,
+              const BackendBuffer& q_scales, float* observe_amax, float* observe_q_amax,
+              uint16_t* out);
   // Calibration hooks: where layer l's abs-max goes this pass (null: not observed), and handing
   // it to the observer after the attention.
   float* begin_observation(int l);

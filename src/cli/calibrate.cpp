@@ -102,8 +102,8 @@ void add_calibrate(CLI::App& app) {
                   opt->model.c_str(), r.data.architectures.c_str(), r.data.num_layers,
                   r.data.num_head, quant_type_name(r.data.quant_type), *mm.first, *mm.second);
       if (r.data.q_scales) {
-        const auto qm = std::minmax_element(r.data.q_scales->scales.begin(),
-                                            r.data.q_scales->scales.end());
+        const auto qm =
+            std::minmax_element(r.data.q_scales->scales.begin(), r.data.q_scales->scales.end());
         std::printf("static Q scales (q_calibration): %d layers x %d KV heads in [%.4g, %.4g]\n",
                     r.data.num_layers, r.data.q_scales->num_head, *qm.first, *qm.second);
       }

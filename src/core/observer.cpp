@@ -207,8 +207,8 @@ CalibData Observer::finalize(Communicator& comm, const std::string& architecture
       std::vector<float> q_global(static_cast<size_t>(layers) * total_heads, 0.0f);
       for (int r = 0; r < world; ++r) {
         for (int l = 0; l < layers; ++l) {
-          const float* src = q_gathered.data() + r * q_amax_.size() +
-                             static_cast<size_t>(l) * local_heads;
+          const float* src =
+              q_gathered.data() + r * q_amax_.size() + static_cast<size_t>(l) * local_heads;
           float* dst = q_global.data() + static_cast<size_t>(l) * total_heads;
           for (int i = 0; i < local_heads; ++i) {
             const int head = (r * local_heads + i) / f;

@@ -373,8 +373,8 @@ std::string format_eval_table(const EvalResult& r) {
     if (s.q_range_use.empty() || s.num_kv_heads < 1) continue;
     const auto worst = std::max_element(s.q_range_use.begin(), s.q_range_use.end());
     const size_t at = static_cast<size_t>(worst - s.q_range_use.begin());
-    const long long over = std::count_if(s.q_range_use.begin(), s.q_range_use.end(),
-                                         [](double u) { return u > 1.0; });
+    const long long over =
+        std::count_if(s.q_range_use.begin(), s.q_range_use.end(), [](double u) { return u > 1.0; });
     std::snprintf(buf, sizeof buf,
                   "%s: Q's abs-max over its static range 448 * s: at most %.3f (layer %zu, KV "
                   "head %zu); %lld of %zu (layer, KV head) pairs above 1, their larger Q values "

@@ -107,8 +107,8 @@ TEST(ModelCli, StaticQScales) {
         << "{\"input_ids\": [2047, 0, 17, 33, 99, 1024, 5, 6, 7]}\n";
   }
   const std::string ph = dir.path() + "/ph_q.json";
-  r = run("calibrate --model " + model + " --data " + data + " --scheme per-head --q-scales --out " +
-          ph + " --batch 1");
+  r = run("calibrate --model " + model + " --data " + data +
+          " --scheme per-head --q-scales --out " + ph + " --batch 1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "static Q scales (q_calibration): 4 layers x 2 KV heads"))
       << r.output;
@@ -130,8 +130,7 @@ TEST(ModelCli, StaticQScales) {
   EXPECT_TRUE(contains(r.output, "fp8-per-head cache, static Q scales (q_calibration)"))
       << r.output;
 
-  r = run("eval --model " + model + " --data " + data + " --per-head-calib " + ph +
-          " --batch 2");
+  r = run("eval --model " + model + " --data " + data + " --per-head-calib " + ph + " --batch 2");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "per-head static-Q")) << r.output;
   EXPECT_TRUE(contains(r.output, "Q's abs-max over its static range")) << r.output;

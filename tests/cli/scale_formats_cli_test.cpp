@@ -115,7 +115,7 @@ TEST_F(ScaleFormatsCli, ModelOptTensorsServeTheSameScales) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "fp8-per-tensor: scales from " + m)) << r.output;
   EXPECT_TRUE(contains(r.output, "perplexity")) << r.output;
-  EXPECT_TRUE(contains(r.output, "(--kv-bf16-layers 2: kept in bf16 in both FP8 caches"))
+  EXPECT_TRUE(contains(r.output, "(--kv-bf16-layers 2: kept in bf16 in every FP8 cache"))
       << r.output;
   EXPECT_TRUE(contains(r.output, "fp8-per-head: layers losing most ")) << r.output;
   r = run("convert " + m + " " + path("pt-back.json") + " --to lightllm --model " + *model_);

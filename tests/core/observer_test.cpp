@@ -215,7 +215,6 @@ TEST(Observer, ReplicatedHeadsGatherBackToGlobalHeads) {
   }
 }
 
-
 // Q scales: the same warmup / count as K/V, one abs-max per (layer, KV head), scale amax / 448
 // (0 -> 1) into q_calibration; refused for per_tensor and without a Q abs-max.
 TEST(Observer, QScalesFollowTheKvPasses) {
@@ -226,7 +225,7 @@ TEST(Observer, QScalesFollowTheKvPasses) {
   const float warm_q[2] = {1000.0f, 1000.0f};  // warmup: dropped
   const float q1[2] = {3.0f, -7.5f};
   const float q2[2] = {-5.0f, 2.0f};
-  const float late_q[2] = {900.0f, 900.0f};    // after count: dropped
+  const float late_q[2] = {900.0f, 900.0f};  // after count: dropped
   for (int l = 0; l < 2; ++l) obs.record(l, kv, warm_q);
   obs.record(0, kv, q1);
   obs.record(0, kv, q2);
@@ -240,8 +239,7 @@ TEST(Observer, QScalesFollowTheKvPasses) {
   const CalibData d = obs.finalize(*comm, "X");
   ASSERT_TRUE(d.q_scales.has_value());
   EXPECT_EQ(d.q_scales->num_head, 2);
-  EXPECT_EQ(d.q_scales->scales,
-            (std::vector<float>{5.0f / kE4m3Max, 7.5f / kE4m3Max, 1.0f, 1.0f}));
+  EXPECT_EQ(d.q_scales->scales, (std::vector<float>{5.0f / kE4m3Max, 7.5f / kE4m3Max, 1.0f, 1.0f}));
 
   // Without q_scales, no q_calibration; per_tensor refuses Q scales.
   Observer kv_only(config(1, 2, QuantType::kPerHead, 0, 1));
@@ -266,8 +264,7 @@ TEST(Observer, NonFiniteQIsRefusedNamingLayerAndHead) {
     obs.finalize(*comm, "X");
     FAIL() << "expected an Error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("layer 1, Q of KV head 1"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("layer 1, Q of KV head 1"), std::string::npos) << e.what();
   }
 }
 

@@ -192,7 +192,8 @@ struct QResult {
 };
 
 // `observe`: the running abs-max [Hkv] to start from (calibrate --q-scales), or null.
-QResult run_quantize_q(Backend& be, const test::AttentionProblem& prob, const std::vector<float>* static_scale,
+QResult run_quantize_q(Backend& be, const test::AttentionProblem& prob,
+                       const std::vector<float>* static_scale,
                        const std::vector<float>* observe = nullptr) {
   BackendBuffer q(be, prob.q), cu(be, prob.cu_seqlens_q);
   BackendBuffer q8(be, prob.q.size()), qs(be, prob.num_requests() * prob.num_kv_heads * sizeof(float));
@@ -214,7 +215,8 @@ QResult run_quantize_q(Backend& be, const test::AttentionProblem& prob, const st
   p.head_dim = prob.head_dim;
   be.quantize_q(p);
   be.synchronize();
-  return {q8.download<uint8_t>(), qs.download<float>(), am ? am->download<float>() : std::vector<float>{}};
+  return {q8.download<uint8_t>(), qs.download<float>(),
+          am ? am->download<float>() : std::vector<float>{}};
 }
 
 TEST(CudaQuantizeQ, ByteIdenticalToCpu) {
@@ -257,7 +259,8 @@ TEST(CudaQuantizeQ, ObservedAmaxMatchesCpu) {
   for (int D : {64, 128, 256}) {
     for (int group : {1, 4, 8}) {
       for (bool use_static : {false, true}) {
-        SCOPED_TRACE("D=" + std::to_string(D) + " group=" + std::to_string(group) + (use_static ? " static" : " dynamic"));
+        SCOPED_TRACE("D=" + std::to_string(D) + " group=" + std::to_string(group) +
+                     (use_static ? " static" : " dynamic"));
         test::ProblemSpec spec;
         spec.requests = {{0, 1}, {5, 7}, {0, 127}, {3, 1170}};
         spec.num_kv_heads = 3;
@@ -274,10 +277,13 @@ TEST(CudaQuantizeQ, ObservedAmaxMatchesCpu) {
         ASSERT_EQ(got.q_fp8, plain.q_fp8);
         ASSERT_EQ(got.q_fp8, want.q_fp8);
         ASSERT_EQ(want.amax.size(), got.amax.size());
-        for (size_t g = 0; g < want.amax.size(); ++g) EXPECT_EQ(bits_of(want.amax[g]), bits_of(got.amax[g])) << "head " << g;
+        for (size_t g = 0; g < want.amax.size(); ++g)
+          EXPECT_EQ(bits_of(want.amax[g]), bits_of(got.amax[g])) << "head " << g;
         EXPECT_EQ(got.amax[1], 1e6f);
-        for (size_t i = 0; i < want.q_scale.size(); ++i) EXPECT_EQ(bits_of(plain.q_scale[i]), bits_of(got.q_scale[i])) << i;
-        prob.q[(static_cast<size_t>(prob.cu_seqlens_q[2]) * prob.num_q_heads + 2 * group) * D + 3] = float_to_bf16(NAN);
+        for (size_t i = 0; i < want.q_scale.size(); ++i)
+          EXPECT_EQ(bits_of(plain.q_scale[i]), bits_of(got.q_scale[i])) << i;
+        prob.q[(static_cast<size_t>(prob.cu_seqlens_q[2]) * prob.num_q_heads + 2 * group) * D + 3] =
+            float_to_bf16(NAN);
         const QResult nan = run_quantize_q(*gpu, prob, &st, &start);
         EXPECT_TRUE(std::isnan(nan.amax[2]));
         EXPECT_EQ(bits_of(nan.amax[0]), bits_of(want.amax[0]));

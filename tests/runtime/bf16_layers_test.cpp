@@ -164,7 +164,7 @@ TEST_F(Bf16LayersRunner, EvalShowsZeroErrorThereAndSuggests) {
     EXPECT_GT(e[3], 0.0);
   }
   const std::string table = format_eval_table(r);
-  EXPECT_TRUE(has(table, "(--kv-bf16-layers 1: kept in bf16 in both FP8 caches")) << table;
+  EXPECT_TRUE(has(table, "(--kv-bf16-layers 1: kept in bf16 in every FP8 cache")) << table;
   EXPECT_TRUE(has(table, "fp8-per-head: layers losing most ")) << table;
   EXPECT_TRUE(has(table, "fp8-per-tensor: layers losing most ")) << table;
 }

@@ -317,8 +317,8 @@ TEST_F(TensorParallelTest, StaticQScalesGiveTp1BitsAtEveryTp) {
     const int r = runner.add_request();
     std::vector<float> logits = runner.forward({r}, {probe}, LogitRows::kAll);
     for (int step = 0; step < 2; ++step) {  // decode steps
-      const std::vector<float> d = runner.forward({r}, {{static_cast<int32_t>(step * 31 + 7)}},
-                                                  LogitRows::kLast);
+      const std::vector<float> d =
+          runner.forward({r}, {{static_cast<int32_t>(step * 31 + 7)}}, LogitRows::kLast);
       logits.insert(logits.end(), d.begin(), d.end());
     }
     return logits;
