@@ -24,6 +24,7 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
 #include "kernels/cuda/launchers.h"
+#include "kernels/cuda/prefill_launch.cuh"
 #include "bench/kernel_bench.h"
 
 namespace fp8kv {
@@ -52,6 +53,11 @@ __global__ void fill_bf16_kernel(uint16_t* p, size_t n, uint64_t seed, float amp
 __global__ void fill_e4m3_kernel(uint8_t* p, size_t n, uint64_t seed, float amp) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     p[i] = cuda::float_to_e4m3_hw(rand_pm1(seed, i) * amp);
+  }
+}
+__global__ void fill_e5m2_kernel(uint8_t* p, size_t n, uint64_t seed, float amp) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    p[i] = static_cast<uint8_t>(cuda::float2_to_e5m2x2_hw(rand_pm1(seed, i) * amp, 0.0f));
   }
 }
 
@@ -86,6 +92,10 @@ void fill_bf16(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
 void fill_e4m3(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
   fill_e4m3_kernel<<<1024, 256, 0, s>>>(static_cast<uint8_t*>(p), n, seed, amp);
   check_cuda(cudaGetLastError(), "fill_e4m3");
+}
+void fill_e5m2(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
+  fill_e5m2_kernel<<<1024, 256, 0, s>>>(static_cast<uint8_t*>(p), n, seed, amp);
+  check_cuda(cudaGetLastError(), "fill_e5m2");
 }
 template <typename T>
 T* upload(BackendBuffer& b, const std::vector<T>& v) {
@@ -224,7 +234,8 @@ double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStr
 
 // ---- attention problems -----------------------------------------------------------------
 
-constexpr KvScheme kSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
+// Every scheme: bf16, fp8-per-tensor, fp8-per-head, fp8-e5m2, fp8-per-head-bf16q.
+const auto& kSchemes = kAllSchemes;
 
 // A batch of B requests of L tokens each (all cached but the q_len newest), slots a random
 // permutation of the pool (scattered rows, as a long-running server's pool looks).
@@ -234,9 +245,17 @@ struct BenchBatch {
   AttentionBatch batch;
 
   BenchBatch(int B_, int L_, int q_len_, int Hq_, int Hkv_, int D_, cudaStream_t s, bool scattered = true)
-      : B(B_), L(L_), q_len(q_len_), Hq(Hq_), Hkv(Hkv_), D(D_) {
-    std::vector<int32_t> seq_v(B, L), cu_v(B + 1), ri_v(B), rt_v(static_cast<size_t>(B) * L);
-    for (int b = 0; b <= B; ++b) cu_v[b] = b * q_len;
+      : BenchBatch(std::vector<int>(B_, L_), std::vector<int>(B_, q_len_), Hq_, Hkv_, D_, s, scattered) {}
+  // Requests of their own lengths: request b holds seq_lens[b] tokens, the last q_lens[b] of them
+  // new (a cached prefix before them).
+  BenchBatch(const std::vector<int>& seq_lens, const std::vector<int>& q_lens, int Hq_, int Hkv_, int D_,
+             cudaStream_t s, bool scattered = true)
+      : B(static_cast<int>(seq_lens.size())),
+        L(*std::max_element(seq_lens.begin(), seq_lens.end())),
+        q_len(*std::max_element(q_lens.begin(), q_lens.end())), Hq(Hq_), Hkv(Hkv_), D(D_) {
+    std::vector<int32_t> seq_v(seq_lens.begin(), seq_lens.end()), cu_v(B + 1), ri_v(B),
+        rt_v(static_cast<size_t>(B) * L);
+    for (int b = 0; b < B; ++b) cu_v[b + 1] = cu_v[b] + q_lens[b];
     std::iota(ri_v.begin(), ri_v.end(), 0);
     std::iota(rt_v.begin(), rt_v.end(), 0);
     if (scattered) std::shuffle(rt_v.begin(), rt_v.end(), std::mt19937(1234));
@@ -244,7 +263,7 @@ struct BenchBatch {
     cu = std::make_unique<BackendBuffer>(device(), (B + 1) * 4);
     ri = std::make_unique<BackendBuffer>(device(), B * 4);
     rt = std::make_unique<BackendBuffer>(device(), rt_v.size() * 4);
-    const size_t q_elems = static_cast<size_t>(B) * q_len * Hq * D;
+    const size_t q_elems = static_cast<size_t>(cu_v[B]) * Hq * D;
     q = std::make_unique<BackendBuffer>(device(), q_elems * 2);
     q8 = std::make_unique<BackendBuffer>(device(), q_elems);
     qs = std::make_unique<BackendBuffer>(device(), static_cast<size_t>(B) * Hkv * 4);
@@ -262,16 +281,21 @@ struct BenchBatch {
     batch.req_index = upload(*ri, ri_v);
     batch.req_to_token = upload(*rt, rt_v);
     batch.max_len = L;
-    batch.total_q = static_cast<int64_t>(B) * q_len;
+    batch.total_q = cu_v[B];
     batch.max_q_len = q_len;
     batch.max_seq_len = L;
+    for (int b = 0; b < B; ++b) {  // causal: new token i of request b sees prefix + i + 1 keys
+      const double prefix = seq_lens[b] - q_lens[b], n = q_lens[b];
+      causal_pairs += n * prefix + n * (n + 1) / 2;
+    }
   }
+  double causal_pairs = 0;  // (query, key) pairs one query head computes over the batch
   int64_t num_slots() const { return static_cast<int64_t>(B) * L; }
 
   AttentionParams params(KvScheme scheme, void* pool) const {
     AttentionParams p;
     p.q = q->as<uint16_t>();
-    if (scheme == KvScheme::kFp8PerHead) {
+    if (fp8_q(scheme)) {
       p.q = nullptr;
       p.q_fp8 = q8->as<uint8_t>();
       p.q_scale = qs->as<float>();
@@ -279,7 +303,7 @@ struct BenchBatch {
     p.o = o->as<uint16_t>();
     p.num_q_heads = Hq;
     p.cache = {pool, num_slots(), Hkv, D, scheme};
-    if (is_fp8(scheme)) p.scales = {ks->as<float>(), vs->as<float>()};
+    if (has_kv_scales(scheme)) p.scales = {ks->as<float>(), vs->as<float>()};
     p.batch = batch;
     return p;
   }
@@ -288,7 +312,9 @@ struct BenchBatch {
 std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme, cudaStream_t s) {
   const size_t elems = static_cast<size_t>(slots + 1) * 2 * Hkv * D;
   auto pool = std::make_unique<BackendBuffer>(device(), elems * kv_elem_bytes(scheme));
-  if (is_fp8(scheme)) {
+  if (kv_codec(scheme) == KvCodec::kE5m2) {
+    fill_e5m2(pool->get(), elems, 31, 2.0f, s);  // unscaled values, as fp8-e5m2 stores them
+  } else if (is_fp8(scheme)) {
     fill_e4m3(pool->get(), elems, 31, 400.0f, s);
   } else {
     fill_bf16(pool->get(), elems, 31, 1.0f, s);
@@ -308,6 +334,10 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   check_cuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
   auto backend = make_cuda_backend(o.device, s);
   g_device = backend.get();
+  // --only: the sections to run (all when empty).
+  auto want = [&](const char* section) {
+    return o.only.empty() || ("," + o.only + ",").find(std::string(",") + section + ",") != std::string::npos;
+  };
   Report r;
   r.line("fp8kv kernel benchmark on %s (%d SMs, %.0f GiB), median of %d runs after %d warm-up",
          prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, o.iters, o.warmup);
@@ -336,7 +366,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // the first shape again with the slot table a random permutation of the pool (a fragmented
   // serving pool: every token row a separate gather).
   r.line("");
-  r.line("decode  shape                              scheme            time_us   cache_GB/s  %%read_bw  time/bf16");
+  r.line("decode  shape                              scheme              time_us   cache_GB/s  %%read_bw  time/bf16");
   r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted)");
   struct Case { int B, L, Hq, Hkv, D; bool scattered; };
   std::vector<Case> cases = {{64, 4096, 32, 8, 128, false},  {4, 32768, 32, 8, 128, false},
@@ -345,6 +375,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
                              {1, 131072, 32, 8, 128, false}, {512, 512, 32, 8, 128, false},
                              {64, 4096, 32, 8, 128, true}};
   if (o.quick) cases = {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
+  if (!want("decode")) cases.clear();
   for (const Case& c : cases) {
     BenchBatch bb(c.B, c.L, 1, c.Hq, c.Hkv, c.D, s, c.scattered);
     // Record names: B64_L4096 for the reference shapes, suffixes for the others.
@@ -364,7 +395,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       const double bytes = static_cast<double>(c.B) * c.L * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
       const double gbs = bytes / us * 1e-3;
       if (scheme == KvScheme::kBf16) bf16_us = us;
-      r.line("  %-40s %-16s %8.1f   %10.0f   %6.1f%%   %8.2f", shape, scheme_name(scheme), us, gbs,
+      r.line("  %-40s %-18s %8.1f   %10.0f   %6.1f%%   %8.2f", shape, scheme_name(scheme), us, gbs,
              100.0 * gbs / read_gbs, us / bf16_us);
       r.record("decode", name + "_" + scheme_name(scheme),
                {{"B", double(c.B)}, {"L", double(c.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
@@ -373,36 +404,87 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     }
   }
 
-  // Prefill (PREFILL's kernel).
-  if (o.prefill) {
+  // Prefill: the reference shape (causal B=2 L=8192 Hq32/Hkv8 D128) with every scheme and, for
+  // fp8-per-head, every built kernel (the default and the ones it replaced); then a sweep at
+  // 16k tokens per batch (L = 1k..32k), head_dim 64 and 256, GQA 7, and a serving engine's
+  // cached-prefix batch (8 requests of 1000 cached + 100..2048 new tokens). Slots are scattered
+  // (a shuffled slot table): each K/V row is a separate gather, as in a fragmented pool.
+  // FLOPs: 4 * D * Hq * (query, key) pairs, the causal pairs counted exactly.
+  if (o.prefill && want("prefill")) {
     r.line("");
-    r.line("prefill causal Hq=32 Hkv=8 D=128  scheme          time_us   TFLOP/s  %%GEMM (bf16 GEMM for bf16/per-tensor, fp8 for per-head)");
-    const int B = 2, L = o.quick ? 2048 : 8192;
-    BenchBatch bb(B, L, L, 32, 8, 128, s);
-    for (KvScheme scheme : kSchemes) {
-      auto pool = make_pool(bb.num_slots(), 8, 128, scheme, s);
-      const AttentionParams p = bb.params(scheme, pool->get());
-      double us = NAN;
-      try {
-        us = time_us([&] { cuda::launch_prefill_attention(p, s); }, 2, std::max(5, o.iters / 2), s);
-      } catch (const Error& e) {
-        r.line("  %s: %s", scheme_name(scheme), e.what());
-        continue;
+    r.line("prefill causal                             scheme             kernel       time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
+    struct PCase { std::string name; std::vector<int> seq, q; int Hq, Hkv, D; };
+    auto uniform = [](int B, int L) { return std::vector<int>(B, L); };
+    std::vector<PCase> cases;
+    const int L0 = o.quick ? 2048 : 8192;
+    cases.push_back({"B2_L" + std::to_string(L0), uniform(2, L0), uniform(2, L0), 32, 8, 128});
+    if (!o.quick) {
+      for (int L : {1024, 4096, 16384, 32768}) {
+        const int B = std::max(1, 16384 / L);
+        cases.push_back({"B" + std::to_string(B) + "_L" + std::to_string(L), uniform(B, L), uniform(B, L), 32, 8, 128});
       }
-      const double flops = 4.0 * B * 32 * static_cast<double>(L) * L * 128 / 2;
-      const double tflops = flops / us * 1e-6;
-      const double ceiling = scheme == KvScheme::kFp8PerHead ? fp8_tflops : bf16_tflops;
-      r.line("  B=%d L=%-6d                    %-15s %8.1f   %7.1f  %6.1f%%", B, L, scheme_name(scheme), us, tflops,
-             100.0 * tflops / ceiling);
-      r.record("prefill", std::string("B2_L") + std::to_string(L) + "_" + scheme_name(scheme),
-               {{"B", double(B)}, {"L", double(L)}, {"us", us}, {"tflops", tflops}, {"frac_gemm", tflops / ceiling}});
+      cases.push_back({"B2_L8192_D64", uniform(2, 8192), uniform(2, 8192), 32, 8, 64});
+      cases.push_back({"B2_L8192_D256", uniform(2, 8192), uniform(2, 8192), 32, 8, 256});
+      cases.push_back({"B2_L8192_Hq28_Hkv4", uniform(2, 8192), uniform(2, 8192), 28, 4, 128});
+      const std::vector<int> q = {2048, 100, 1500, 713, 1999, 333, 1024, 1801};  // new tokens
+      std::vector<int> seq;
+      for (int n : q) seq.push_back(1000 + n);
+      cases.push_back({"prefix8_1000", seq, q, 32, 8, 128});
+    }
+    for (const PCase& c : cases) {
+      BenchBatch bb(c.seq, c.q, c.Hq, c.Hkv, c.D, s);
+      char shape[64];
+      if (c.name.rfind("prefix", 0) == 0) {
+        std::snprintf(shape, sizeof shape, "8 x (1000 cached + 100..2048 new) D%d", c.D);
+      } else {
+        std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d", bb.B, bb.L, c.Hq, c.Hkv, c.D);
+      }
+      const double flops = 4.0 * c.D * c.Hq * bb.causal_pairs;
+      for (KvScheme scheme : kSchemes) {
+        // The sweep: the three main schemes; the reference shape: every scheme.
+        if (c.name != cases[0].name && (scheme == KvScheme::kFp8E5m2 || scheme == KvScheme::kFp8PerHeadBf16Q)) {
+          continue;
+        }
+        auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
+        const AttentionParams p = bb.params(scheme, pool->get());
+        std::vector<cuda::PrefillConfig> configs = {cuda::PrefillConfig::kDefault};
+        if (scheme == KvScheme::kFp8PerHead) {  // the warp-specialized kernel's options
+          configs.push_back(cuda::PrefillConfig::kWarpSpecialized);
+          configs.push_back(cuda::PrefillConfig::kWsPackGqa);
+          configs.push_back(cuda::PrefillConfig::kWsPackGqaPingPong);
+          if (c.D == 128) configs.push_back(cuda::PrefillConfig::kWsSwizzle);
+        }
+        if (scheme == KvScheme::kFp8PerHead && c.name == cases[0].name) {
+          configs.push_back(cuda::PrefillConfig::kWide);  // the simple mma.sync kernel
+          configs.push_back(cuda::PrefillConfig::kWsDiagConsumers);  // one side of the pipeline alone
+          configs.push_back(cuda::PrefillConfig::kWsDiagProducer);
+        }
+        for (cuda::PrefillConfig config : configs) {
+          double us = NAN;
+          try {
+            us = time_us([&] { cuda::launch_prefill_attention(p, config, s); }, 2, std::max(5, o.iters / 2), s);
+          } catch (const Error& e) {
+            r.line("  %s %s: %s", scheme_name(scheme), cuda::prefill_config_name(config), e.what());
+            continue;
+          }
+          const double tflops = flops / us * 1e-6;
+          const double ceiling = fp8_q(scheme) ? fp8_tflops : bf16_tflops;
+          r.line("  %-40s %-18s %-10s %8.1f   %7.1f  %6.1f%%", shape, scheme_name(scheme),
+                 cuda::prefill_config_name(config), us, tflops, 100.0 * tflops / ceiling);
+          std::string key = c.name + "_" + scheme_name(scheme);
+          if (config != cuda::PrefillConfig::kDefault) key += std::string("_") + cuda::prefill_config_name(config);
+          r.record("prefill", key,
+                   {{"B", double(bb.B)}, {"L", double(bb.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
+                    {"D", double(c.D)}, {"us", us}, {"tflops", tflops}, {"frac_gemm", tflops / ceiling}});
+        }
+      }
     }
   }
 
   // Quantize-on-write.
-  {
+  if (want("quantize")) {
     r.line("");
-    r.line("quantize-on-write T x 8 KV heads x 128   scheme          time_us   GB/s(r+w)  %%copy_bw  observe_overhead");
+    r.line("quantize-on-write T x 8 KV heads x 128   scheme             time_us   GB/s(r+w)  %%copy_bw  observe_overhead");
     const int T = o.quick ? 4096 : 16384, Hkv = 8, D = 128;
     const int64_t slots = 4 * static_cast<int64_t>(T);
     std::vector<int32_t> slot_v(slots);
@@ -423,13 +505,13 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       p.slots = d_slots.as<int32_t>();
       p.num_tokens = T;
       p.cache = {pool->get(), slots, Hkv, D, scheme};
-      if (is_fp8(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
+      if (has_kv_scales(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
       const double us = time_us([&] { cuda::launch_quantize_kv(p, s); }, o.warmup, o.iters, s);
       p.observe_amax = amax.as<float>();
       const double us_obs = time_us([&] { cuda::launch_quantize_kv(p, s); }, o.warmup, o.iters, s);
       const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
       const double gbs = bytes / us * 1e-3;
-      r.line("  T=%-6d                               %-15s %8.1f   %9.0f   %6.1f%%   %+6.1f%%", T, scheme_name(scheme), us, gbs,
+      r.line("  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%", T, scheme_name(scheme), us, gbs,
              100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0));
       r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
                {{"T", double(T)}, {"us", us}, {"us_observe", us_obs}, {"gbs", gbs}, {"frac_copy_bw", gbs / copy_gbs},
@@ -438,7 +520,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   }
   // The model's linear on bf16 weights, x fp32 [m, k] -> y fp32 [m, n]: cuBLAS (ModelOps::linear)
   // and the fixed-order kernel (linear_ordered, 8 runs) that exact tensor parallelism uses.
-  {
+  if (want("linear")) {
     r.line("");
     r.line("model linear, bf16 weights     m x n x k            cuBLAS TFLOP/s  fixed-order TFLOP/s  fixed/cuBLAS  %%bf16_gemm");
     auto ops = make_cuda_model_ops(*backend, s);

@@ -14,6 +14,7 @@ struct KernelBenchOptions {
   bool quick = false;         // smaller ceilings and shapes (a smoke test, not a measurement)
   bool prefill = true;        // include the prefill rows (PREFILL's kernel)
   bool gemm = true;           // measure the BF16/FP8 tensor-core ceilings through cuBLASLt
+  std::string only;           // comma list of sections to run (decode, prefill, quantize, linear); empty: all
   std::string json_path;      // when set, every number is written there as JSON
 };
 

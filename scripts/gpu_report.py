@@ -44,15 +44,33 @@ def main():
         print(f"{key:<34}{b16['us']:>8.1f}{pt['us']:>8.1f}{ph['us']:>8.1f}{t:>8.1f}"
               f"{100 * b16['frac_read_bw']:>5.0f}%{100 * pt['frac_read_bw']:>6.0f}%{100 * ph['frac_read_bw']:>6.0f}%"
               f"{ph['us'] / t:>6.2f}{pt['us'] / t:>6.2f}  {mark(ok)}")
-    pre = [r for r in res if r["kind"] == "prefill"]
-    if pre:
-        tp = next(iter(torch["prefill"].values()), {})
-        print(f"prefill causal B2 L{int(pre[0]['L'])}: " + ", ".join(
-            f"{r['name'].split('_')[-1]} {r['tflops']:.0f} TFLOP/s ({100 * r['frac_gemm']:.0f}% GEMM)" for r in pre)
-            + f", torch bf16 {tp.get('tflops', float('nan')):.0f} TFLOP/s ({tp.get('backend', 'n/a')})")
-        ph = next((r for r in pre if r["name"].endswith("fp8-per-head")), None)
-        if ph:
-            print(f"  target fp8-per-head >= 800 TFLOP/s: {mark(ph['tflops'] >= 800)}")
+    # Prefill records: "<case>_<scheme>" (the default kernel) or "<case>_<scheme>_<config>".
+    rows = {}
+    for r in res:
+        if r["kind"] != "prefill":
+            continue
+        parts = r["name"].split("_")
+        at = next((i for i, x in enumerate(parts) if x == "bf16" or x.startswith("fp8-")), None)
+        if at is None:
+            continue
+        case, scheme, config = "_".join(parts[:at]), parts[at], "_".join(parts[at + 1:]) or "default"
+        rows.setdefault(case, {})[(scheme, config)] = r
+    if rows:
+        print(f"{'prefill (TFLOP/s)':<34}{'bf16':>8}{'ptens':>8}{'phead':>8}{'torch':>8}"
+              f"{'ph/t':>6}{'b/t':>6}{'pt/t':>6}  targets(main: phead >=800, bf16 and ptens >= torch)")
+        main_case = next(iter(rows))
+        for case, by in rows.items():
+            tf = lambda scheme: by.get((scheme, "default"), {}).get("tflops", float("nan"))
+            t = torch["prefill"].get(case, {}).get("tflops", float("nan"))
+            b16, pt, ph = tf("bf16"), tf("fp8-per-tensor"), tf("fp8-per-head")
+            verdict = ""
+            if case == main_case:
+                verdict = mark(ph >= 800 and (t != t or (b16 >= t and pt >= t)))
+            print(f"{case:<34}{b16:>8.0f}{pt:>8.0f}{ph:>8.0f}{t:>8.0f}"
+                  f"{ph / t:>6.2f}{b16 / t:>6.2f}{pt / t:>6.2f}  {verdict}")
+            others = [f"{cfg} {r['tflops']:.0f}" for (sch, cfg), r in by.items() if cfg != "default"]
+            if others:
+                print(f"{'':<34}fp8-per-head kernels: " + ", ".join(others))
     for r in (r for r in res if r["kind"] == "quantize"):
         print(f"quantize {r['name']:<24} {r['gbs']:6.0f} GB/s {100 * r['frac_copy_bw']:5.1f}% copy  "
               f"observe {100 * r['observe_overhead']:+5.1f}%  targets(>=85%, <=5%): "

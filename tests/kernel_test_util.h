@@ -222,7 +222,8 @@ inline AttentionProblem make_problem(const ProblemSpec& spec) {
 
 // ---- scales --------------------------------------------------------------------------------
 
-// K/V scales of one layer as the kernels take them: per-head [Hkv], per-tensor [1], bf16 empty.
+// K/V scales of one layer as the kernels take them: per-head [Hkv], per-tensor [1], empty for the
+// schemes without scales (bf16, fp8-e5m2).
 struct KvScales {
   std::vector<float> k, v;
 };
@@ -230,7 +231,7 @@ struct KvScales {
 // Offline calibration on the problem's own K/V: scale = amax / 448, 0 -> 1.
 inline KvScales calibrate_scales(const AttentionProblem& p, KvScheme scheme) {
   KvScales s;
-  if (!is_fp8(scheme)) return s;
+  if (!has_kv_scales(scheme)) return s;
   const int Hkv = p.num_kv_heads, D = p.head_dim;
   std::vector<float> amax(2 * Hkv, 0.0f);  // K heads then V heads
   for (int64_t t = 0; t < p.num_tokens(); ++t) {
@@ -242,7 +243,7 @@ inline KvScales calibrate_scales(const AttentionProblem& p, KvScheme scheme) {
     }
   }
   auto to_scale = [](float a) { return a == 0.0f ? 1.0f : a / kE4m3Max; };
-  if (scheme == KvScheme::kFp8PerHead) {
+  if (kv_scale_source(scheme) == KvScaleSource::kPerHead) {
     for (int g = 0; g < Hkv; ++g) {
       s.k.push_back(to_scale(amax[g]));
       s.v.push_back(to_scale(amax[Hkv + g]));
@@ -294,9 +295,10 @@ inline ReferenceInputs exact_inputs(const AttentionProblem& p) {
 }
 
 // The inputs after the scheme's FP8 rounding, as the kernels see them: K/V through
-// quantize_e4m3 with the scales, Q (fp8-per-head) with the dynamic per-(request, KV head)
-// scale, or static_q_scale [Hkv] when given. P is not rounded here. Attention on these in
-// float64 separates the error of the input quantization from the kernel's own.
+// quantize_e4m3 with the scales (quantize_e5m2 with scale 1 for fp8-e5m2), Q (fp8-per-head only)
+// with the dynamic per-(request, KV head) scale, or static_q_scale [Hkv] when given. P is not
+// rounded here. Attention on these in float64 separates the error of the input quantization
+// from the kernel's own.
 inline ReferenceInputs emulated_inputs(const AttentionProblem& p, KvScheme scheme,
                                        const KvScales& scales,
                                        const std::vector<float>& static_q_scale = {}) {
@@ -306,19 +308,24 @@ inline ReferenceInputs emulated_inputs(const AttentionProblem& p, KvScheme schem
   auto round_trip = [](float x, float scale) {
     return static_cast<double>(e4m3_to_float(quantize_e4m3(x, scale))) * scale;
   };
-  const bool per_head = scheme == KvScheme::kFp8PerHead;
+  const KvScaleSource source = kv_scale_source(scheme);
+  const bool e5m2 = kv_codec(scheme) == KvCodec::kE5m2;
   for (int64_t t = 0; t < p.num_tokens(); ++t) {
     for (int head = 0; head < 2 * Hkv; ++head) {
       const int g = head % Hkv;
       const std::vector<float>& s = head < Hkv ? scales.k : scales.v;
-      const float scale = per_head ? s[g] : s[0];
+      const float scale = source == KvScaleSource::kPerHead     ? s[g]
+                          : source == KvScaleSource::kPerTensor ? s[0]
+                                                                : 1.0f;
       for (int d = 0; d < D; ++d) {
         const int64_t e = (t * 2 * Hkv + head) * D + d;
-        in.kv[e] = round_trip(bf16_to_float(p.kv[e]), scale);
+        const float x = bf16_to_float(p.kv[e]);
+        in.kv[e] = e5m2 ? static_cast<double>(e5m2_to_float(quantize_e5m2(x, scale))) * scale
+                        : round_trip(x, scale);
       }
     }
   }
-  if (per_head) {
+  if (fp8_q(scheme)) {
     const std::vector<float> dynamic = dynamic_q_scales(p);
     const int group = Hq / Hkv;
     for (int b = 0; b < p.num_requests(); ++b) {
@@ -485,15 +492,15 @@ struct AttentionRun {
   std::vector<uint8_t> pool;   // the pool after quantize_kv, raw bytes
 };
 
-// quantize_kv of every token into a pool pre-filled with NaN (0xff bytes: NaN in bf16 and in
-// e4m3), quantize_q for fp8-per-head, then prefill or decode attention.
+// quantize_kv of every token into a pool pre-filled with NaN (0xff bytes: NaN in bf16, e4m3 and
+// e5m2), quantize_q for fp8-per-head, then prefill or decode attention.
 inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, KvScheme scheme,
                                   const KvScales& scales, const RunOptions& options = {}) {
   const size_t pool_bytes = static_cast<size_t>(p.pool_elements()) * kv_elem_bytes(scheme);
   BackendBuffer pool(backend, pool_bytes);
   backend.memset(pool.as<void>(), 0xff, pool_bytes);
   BackendBuffer kv(backend, p.kv), kv_slot(backend, p.kv_slot);
-  // Empty scale vectors (bf16) still get a buffer; the kernels do not read them.
+  // Empty scale vectors (bf16, fp8-e5m2) still get a buffer; the kernels do not read them.
   const std::vector<float> k_scales = scales.k.empty() ? std::vector<float>{1.0f} : scales.k;
   const std::vector<float> v_scales = scales.v.empty() ? std::vector<float>{1.0f} : scales.v;
   BackendBuffer k_scale(backend, k_scales), v_scale(backend, v_scales);
@@ -505,7 +512,7 @@ inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, K
   cache.head_dim = p.head_dim;
   cache.scheme = scheme;
   KvLayerScales layer_scales;
-  if (is_fp8(scheme)) {
+  if (has_kv_scales(scheme)) {
     layer_scales.k = k_scale.as<float>();
     layer_scales.v = v_scale.as<float>();
   }
@@ -537,7 +544,7 @@ inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, K
   ap.batch = p.batch(seq_len.as<int32_t>(), cu_seqlens.as<int32_t>(), req_index.as<int32_t>(),
                      req_to_token.as<int32_t>());
   ap.softmax_scale = options.softmax_scale;
-  if (scheme == KvScheme::kFp8PerHead) {
+  if (fp8_q(scheme)) {
     QuantizeQParams qq;
     qq.q = q.as<uint16_t>();
     qq.q_fp8 = q_fp8.as<uint8_t>();
@@ -563,7 +570,7 @@ inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, K
 
   AttentionRun run;
   run.o = o.download<uint16_t>();
-  if (scheme == KvScheme::kFp8PerHead) run.q_scale = q_scale.download<float>();
+  if (fp8_q(scheme)) run.q_scale = q_scale.download<float>();
   run.pool = pool.download<uint8_t>();
   return run;
 }

@@ -12,6 +12,16 @@ namespace fp8kv {
 
 enum class QuantType { kPerHead, kPerTensor };
 FP8KV_API const char* quant_type_name(QuantType t);  // "per_head" / "per_tensor"
+// The calibration file a scheme takes: per_head for fp8-per-head and fp8-per-head-bf16q,
+// per_tensor for fp8-per-tensor; none (nullopt) for bf16 and fp8-e5m2, which take no scales.
+inline std::optional<QuantType> calib_quant_type(KvScheme s) {
+  switch (kv_scale_source(s)) {
+    case KvScaleSource::kPerHead: return QuantType::kPerHead;
+    case KvScaleSource::kPerTensor: return QuantType::kPerTensor;
+    case KvScaleSource::kNone: break;
+  }
+  return std::nullopt;
+}
 
 // Static Q scales (q_calibration), for the per-head scheme.
 struct QScales {

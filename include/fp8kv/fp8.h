@@ -169,4 +169,9 @@ FP8KV_HD uint16_t f16_to_bf16(uint16_t h) { return float_to_bf16(f16_to_float(h)
 // backend rounds the same way and writes the same bytes.
 FP8KV_HD uint8_t quantize_e4m3(float x, float scale) { return float_to_e4m3(x / scale); }
 
+// The same for an E5M2 cache: q = e5m2(clamp(x / scale, -57344, 57344)). The fp8-e5m2 scheme has
+// no scales (scale 1: x / 1 is x, the division changes nothing), so K/V are rounded straight to
+// e5m2, saturating: |x| beyond 57344 (and infinities) becomes +-57344, NaN stays NaN.
+FP8KV_HD uint8_t quantize_e5m2(float x, float scale) { return float_to_e5m2(x / scale); }
+
 }  // namespace fp8kv

@@ -66,7 +66,11 @@ struct EvalOptions {
   int batch_size = 4;
   bool show_progress = false;
   Communicator* comm = nullptr;  // tensor parallelism (RunnerOptions::comm)
-  std::vector<int> bf16_layers;  // kept in bf16 in both FP8 caches (RunnerOptions::bf16_layers)
+  std::vector<int> bf16_layers;  // kept in bf16 in every FP8 cache (RunnerOptions::bf16_layers)
+  // The FP8 caches compared with bf16, in this order (each costs one more full run and one more
+  // shadow pool): fp8-per-tensor takes the per-tensor scales, fp8-per-head and
+  // fp8-per-head-bf16q the per-head ones, fp8-e5m2 none. `fp8kv eval --kv-schemes`.
+  std::vector<KvScheme> schemes = {KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
 };
 
 // One scheme's numbers against the bf16 run, over every position that has a next token.
@@ -90,8 +94,9 @@ struct SchemeEval {
 };
 
 struct EvalResult {
-  // bf16, fp8-per-tensor, fp8-per-head (dynamic Q scales), then "per-head static-Q" when the
-  // per-head scales have static Q scales.
+  // bf16, then one column per EvalOptions::schemes in order (fp8-per-head with dynamic Q
+  // scales), with "per-head static-Q" right after fp8-per-head when the per-head scales have
+  // static Q scales.
   std::vector<SchemeEval> schemes;
   int64_t positions = 0;
   int64_t tokens = 0;
@@ -106,12 +111,14 @@ struct EvalResult {
 FP8KV_API std::vector<int> suggest_bf16_layers(const std::vector<double>& attn_rel_error,
                                                double factor = 2.0);
 
-// bf16 vs fp8-per-tensor vs fp8-per-head on the same data. The per-layer attention error runs
-// every FP8 cache beside the bf16 run on its very inputs (ShadowScheme); the logit metrics
-// come from full runs with each cache. When per_head has static Q scales (RankScales::q), the
-// fp8-per-head column runs with dynamic Q scales and a "per-head static-Q" column with the
-// static ones. With tp > 1 every rank runs this call (scales: the
-// rank's slice) and gets the same result; the attention errors are summed over ranks' heads.
+// bf16 vs the FP8 caches of options.schemes (default fp8-per-tensor and fp8-per-head) on the same
+// data. The per-layer attention error runs every FP8 cache beside the bf16 run on its very inputs
+// (ShadowScheme); the logit metrics come from full runs with each cache. `per_tensor` and
+// `per_head` are read only by the schemes that take them (an unused one may be empty). When
+// fp8-per-head is chosen and per_head has static Q scales (RankScales::q), its column runs with
+// dynamic Q scales and a "per-head static-Q" column with the static ones. With tp > 1 every rank
+// runs this call (scales: the rank's slice) and gets the same result; the attention errors are
+// summed over ranks' heads.
 FP8KV_API EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops,
                               const TokenData& data, const RankScales& per_tensor,
                               const RankScales& per_head, const EvalOptions& options);

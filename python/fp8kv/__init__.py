@@ -19,7 +19,8 @@ bf16: NumPy has no bfloat16; a uint16 array holding bf16 bit patterns is taken a
 everywhere (``encode_bf16`` / ``decode_bf16`` convert float32 arrays). Torch's bfloat16 is
 taken as is.
 
-Schemes: ``"bf16"``, ``"fp8-per-tensor"`` (k/v scale ``[1]``), ``"fp8-per-head"`` (k/v scale
+Schemes: ``"bf16"``, ``"fp8-e5m2"`` (e5m2 codes, no scales), ``"fp8-per-head-bf16q"`` (k/v scale
+``[Hkv]``, bf16 q), ``"fp8-per-tensor"`` (k/v scale ``[1]``), ``"fp8-per-head"`` (k/v scale
 ``[Hkv]``, Q quantized per (request, KV head) by ``quantize_q``). A scale means
 ``real = fp8 * scale``.
 

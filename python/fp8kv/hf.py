@@ -136,16 +136,21 @@ class Fp8kvCache:
         import torch
 
         arch, layers, hq, hkv, head_dim = _dims(model)
-        if scheme not in ("bf16", "fp8-per-tensor", "fp8-per-head"):
-            raise ValueError(f"fp8kv.hf: scheme '{scheme}': expected bf16, fp8-per-tensor or "
-                             "fp8-per-head")
+        if scheme not in ("bf16", "fp8-per-tensor", "fp8-per-head", "fp8-per-head-bf16q",
+                          "fp8-e5m2"):
+            raise ValueError(f"fp8kv.hf: scheme '{scheme}': expected bf16, fp8-per-tensor, "
+                             "fp8-per-head, fp8-per-head-bf16q or fp8-e5m2")
         device = torch.device(device) if device is not None else next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"fp8kv.hf: serving needs the model on a CUDA GPU, it is on {device}")
         self.scheme, self.batch_size, self.max_len = scheme, batch_size, max_len
         self.num_layers, self.num_kv_heads, self.head_dim = layers, hkv, head_dim
         self.k_scale = self.v_scale = [None] * layers
-        if scheme != "bf16":
+        if scheme in ("bf16", "fp8-e5m2"):
+            if calib is not None:
+                raise ValueError(f"fp8kv.hf: scheme {scheme} takes no calibration file "
+                                 "(it has no scales)")
+        else:
             if calib is None:
                 raise ValueError(f"fp8kv.hf: scheme {scheme} needs a calibration file "
                                  "(kv_cache_calib.json; fp8kv.hf.calibrate writes one)")

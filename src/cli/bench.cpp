@@ -23,6 +23,17 @@ void add_bench(CLI::App& app) {
   kernels->add_flag("--quick", options->quick, "small shapes: a smoke test, not a measurement");
   kernels->add_flag("!--no-prefill", options->prefill, "skip the prefill rows");
   kernels->add_flag("!--no-gemm", options->gemm, "skip the cuBLASLt GEMM ceilings");
+  kernels->add_option("--only", options->only, "run only these sections: a comma list of decode, prefill, quantize, linear")
+      ->check([](const std::string& v) {
+        std::string rest = v + ",";
+        for (size_t at = 0, next; (next = rest.find(',', at)) != std::string::npos; at = next + 1) {
+          const std::string part = rest.substr(at, next - at);
+          if (part != "decode" && part != "prefill" && part != "quantize" && part != "linear") {
+            return "--only: unknown section '" + part + "' (decode, prefill, quantize, linear)";
+          }
+        }
+        return std::string();
+      });
   kernels->callback([options] { run_kernel_bench(*options); });
   add_bench_model(*bench);
 }

@@ -42,7 +42,9 @@ void add_bench_model(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "model", "Prefill and decode throughput of the model runner with each KV cache");
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
-  cmd->add_option("--kv", opt->kv, "KV caches to run (bf16, fp8-per-tensor, fp8-per-head)")
+  cmd->add_option("--kv", opt->kv,
+                  "KV caches to run (bf16, fp8-per-tensor, fp8-per-head, fp8-e5m2, "
+                  "fp8-per-head-bf16q)")
       ->capture_default_str();
   cmd->add_option("--batch", opt->batch, "Requests per batch")
       ->capture_default_str()
@@ -115,16 +117,15 @@ void add_bench_model(CLI::App& app) {
         ro.max_requests = opt->batch;
         ro.max_len = context + opt->warmup + opt->decode;
         ro.num_slots = static_cast<int64_t>(ro.max_len) * opt->batch;
-        if (is_fp8(scheme)) {
+        if (has_kv_scales(scheme)) {
           const std::optional<std::string>& file =
-              scheme == KvScheme::kFp8PerHead ? opt->per_head : opt->per_tensor;
+              calib_quant_type(scheme) == QuantType::kPerHead ? opt->per_head : opt->per_tensor;
           if (file) {
             ro.scales = load_scales_for_model(*file, c, scheme, model->shard());
           } else {
             // Throughput does not depend on the scale values; calibrate on the prompts themselves.
             CalibrateOptions co;
-            co.quant_type =
-                scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
+            co.quant_type = *calib_quant_type(scheme);
             co.batch_size = opt->batch;
             co.comm = &comm;
             co.exact_tp = false;  // the values do not matter here

@@ -70,7 +70,10 @@ void add_calibrate(CLI::App& app) {
   cmd->callback([opt]() {
     check_data_choice(opt->data, opt->text, opt->model);
     const KvScheme scheme = parse_scheme(opt->scheme);
-    if (!is_fp8(scheme)) throw fp8kv::Error("calibrate: --scheme must be per-head or per-tensor");
+    if (!has_kv_scales(scheme)) {
+      throw fp8kv::Error(std::string("calibrate: --scheme must be per-head or per-tensor (") +
+                         scheme_name(scheme) + " has no scales to calibrate)");
+    }
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
       const bool rank0 = comm.rank() == 0;
       Device dev = make_device(opt->device);
@@ -80,8 +83,7 @@ void add_calibrate(CLI::App& app) {
       const TokenData data =
           load_data(opt->data, opt->text, opt->model, model->config().vocab_size, rank0);
       CalibrateOptions co;
-      co.quant_type =
-          scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
+      co.quant_type = *calib_quant_type(scheme);
       co.warmup = opt->warmup;
       co.count = opt->count;
       co.batch_size = opt->batch;

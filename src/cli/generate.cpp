@@ -94,7 +94,9 @@ void add_generate(CLI::App& app) {
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand("generate", "Greedy generation from a prompt or token ids");
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
-  cmd->add_option("--kv", opt->kv, "KV cache: bf16, fp8-per-head or fp8-per-tensor")
+  cmd->add_option("--kv", opt->kv,
+                  "KV cache: bf16, fp8-per-head, fp8-per-tensor, fp8-e5m2 (no scales) or "
+                  "fp8-per-head-bf16q (per-head scales, bf16 Q)")
       ->capture_default_str();
   cmd->add_option("--calib", opt->calib,
                   "KV scales, required for the FP8 caches: kv_cache_calib.json, a quant-param "
@@ -136,12 +138,18 @@ void add_generate(CLI::App& app) {
       throw fp8kv::Error("--tokenizer is for --prompt");
     }
     // Refuse a missing calibration file before the (possibly long) model load.
-    if (is_fp8(scheme) && !opt->calib) {
+    if (has_kv_scales(scheme) && !opt->calib) {
       throw fp8kv::Error(std::string("--kv ") + scheme_name(scheme) +
                          " needs --calib FILE (a kv_cache_calib.json made by `fp8kv calibrate`); "
                          "refusing to run with scales of 1.0");
     }
-    if (!is_fp8(scheme) && opt->calib) throw fp8kv::Error("--calib is only for the FP8 caches");
+    if (!has_kv_scales(scheme) && opt->calib) {
+      throw fp8kv::Error(is_fp8(scheme)
+                             ? std::string("--calib: the --kv ") + scheme_name(scheme) +
+                                   " cache takes no calibration file (no scales: K/V are rounded "
+                                   "to e5m2 as they are)"
+                             : std::string("--calib is only for the FP8 caches with scales"));
+    }
     std::vector<int> bf16_layers;
     if (opt->bf16_layers) {
       if (!is_fp8(scheme)) throw fp8kv::Error("--kv-bf16-layers is only for the FP8 caches");
@@ -155,7 +163,7 @@ void add_generate(CLI::App& app) {
       auto model = Model::load(opt->model, *backend, rank0, dev.weights, opt->tp, comm.rank());
       RunnerOptions ro;
       ro.scheme = scheme;
-      if (is_fp8(scheme)) {
+      if (has_kv_scales(scheme)) {
         ro.scales = load_scales_for_model(*opt->calib, model->config(), scheme, model->shard());
       }
       int longest = 0;
@@ -168,7 +176,7 @@ void add_generate(CLI::App& app) {
       ro.bf16_layers = bf16_layers;
       // fp8-per-head quantizes Q with the file's static scales when it has them.
       const std::string q_note =
-          scheme == KvScheme::kFp8PerHead
+          fp8_q(scheme)
               ? (ro.scales->q ? ", static Q scales (q_calibration)" : ", dynamic Q scales")
               : "";
       ModelRunner runner(*model, *backend, *ops, std::move(ro));

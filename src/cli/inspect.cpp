@@ -149,14 +149,13 @@ void run_inspect(const InspectOptions& opt) {
   expect.num_kv_heads = opt.num_kv_heads;
   if (opt.scheme) {
     const KvScheme scheme = parse_scheme(*opt.scheme);
-    if (!is_fp8(scheme)) {
+    expect.quant_type = calib_quant_type(scheme);
+    if (!expect.quant_type) {
       throw Error(
-          fmt::format("--scheme: expected fp8-per-head or fp8-per-tensor (a bf16 cache "
-                      "has no calibration file), found {}",
-                      *opt.scheme));
+          fmt::format("--scheme: expected fp8-per-head, fp8-per-tensor or fp8-per-head-bf16q "
+                      "(a {} cache has no calibration file), found {}",
+                      scheme_name(scheme), *opt.scheme));
     }
-    expect.quant_type =
-        scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
   }
   const LoadedScales loaded = load_kv_scales(opt.file, expect, opt.reduce.has_value());
   const CalibData& d = loaded.data;

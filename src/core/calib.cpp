@@ -84,10 +84,11 @@ void check_header(const CalibData& d, const std::string& name, const CalibExpect
                             json_quoted(*expect.architectures), json_quoted(d.architectures)));
   }
   if (expect.quant_type && d.quant_type != *expect.quant_type) {
-    const KvScheme asked =
-        *expect.quant_type == QuantType::kPerHead ? KvScheme::kFp8PerHead : KvScheme::kFp8PerTensor;
-    throw Error(fmt::format("{}: field 'quant_type': expected \"{}\" (the scheme {}), found \"{}\"",
-                            name, quant_type_name(*expect.quant_type), scheme_name(asked),
+    const char* asked = *expect.quant_type == QuantType::kPerHead
+                            ? "the scheme fp8-per-head or fp8-per-head-bf16q"
+                            : "the scheme fp8-per-tensor";
+    throw Error(fmt::format("{}: field 'quant_type': expected \"{}\" ({}), found \"{}\"", name,
+                            quant_type_name(*expect.quant_type), asked,
                             quant_type_name(d.quant_type)));
   }
   // The E4M3 range: exact comparisons, the file must say 448.0 / -448.0.

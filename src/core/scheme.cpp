@@ -11,6 +11,8 @@ const char* scheme_name(KvScheme s) {
     case KvScheme::kBf16: return "bf16";
     case KvScheme::kFp8PerTensor: return "fp8-per-tensor";
     case KvScheme::kFp8PerHead: return "fp8-per-head";
+    case KvScheme::kFp8E5m2: return "fp8-e5m2";
+    case KvScheme::kFp8PerHeadBf16Q: return "fp8-per-head-bf16q";
   }
   return "unknown";
 }
@@ -19,8 +21,10 @@ KvScheme parse_scheme(const std::string& text) {
   if (text == "bf16") return KvScheme::kBf16;
   if (text == "fp8-per-tensor" || text == "per-tensor") return KvScheme::kFp8PerTensor;
   if (text == "fp8-per-head" || text == "per-head") return KvScheme::kFp8PerHead;
+  if (text == "fp8-e5m2" || text == "e5m2") return KvScheme::kFp8E5m2;
+  if (text == "fp8-per-head-bf16q" || text == "per-head-bf16q") return KvScheme::kFp8PerHeadBf16Q;
   throw Error("unknown KV scheme '" + text +
-              "' (expected bf16, fp8-per-tensor or fp8-per-head)");
+              "' (expected bf16, fp8-per-tensor, fp8-per-head, fp8-e5m2 or fp8-per-head-bf16q)");
 }
 
 std::vector<int> parse_layer_list(const std::string& text, const std::string& option) {

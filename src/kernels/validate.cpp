@@ -39,7 +39,7 @@ void validate_cache(const char* kernel, const KvCacheLayer& cache) {
 
 void validate_scale_pointers(const char* kernel, const KvCacheLayer& cache,
                              const KvLayerScales& scales) {
-  if (!is_fp8(cache.scheme)) return;
+  if (!has_kv_scales(cache.scheme)) return;  // bf16, fp8-e5m2: scale 1, pointers unused
   if (scales.k == nullptr) {
     fail(kernel, "scales.k is null: scheme ", scheme_name(cache.scheme), " needs K scales");
   }
@@ -98,7 +98,7 @@ void validate_attention(const AttentionParams& p, AttentionPhase phase) {
   validate_cache(k, p.cache);
   validate_heads(k, p.num_q_heads, p.cache.num_kv_heads);
   validate_scale_pointers(k, p.cache, p.scales);
-  if (p.cache.scheme == KvScheme::kFp8PerHead) {
+  if (fp8_q(p.cache.scheme)) {
     require_pointer(k, p.q_fp8, "q_fp8 (scheme fp8-per-head)");
     require_pointer(k, p.q_scale, "q_scale (scheme fp8-per-head)");
   } else {

@@ -8,6 +8,7 @@ namespace {
 
 // DLPack >= 1.0 codes (dlpack.h 0.6 from Debian predates them).
 constexpr uint8_t kDLFloat8E4m3fn = 10;
+constexpr uint8_t kDLFloat8E5m2 = 12;
 constexpr int kDLDeviceCpu = 1;
 constexpr int kDLDeviceCuda = 2;
 
@@ -19,6 +20,7 @@ std::string describe_dtype(const DLDataType& t) {
     case kDLFloat: os << "float" << int(t.bits); break;
     case kDLBfloat: os << "bfloat" << int(t.bits); break;
     case kDLFloat8E4m3fn: os << "float8_e4m3fn"; break;
+    case kDLFloat8E5m2: os << "float8_e5m2"; break;
     default: os << "dtype(code " << int(t.code) << ", " << int(t.bits) << " bits)"; break;
   }
   if (t.lanes != 1) os << "x" << t.lanes;
@@ -32,6 +34,8 @@ bool dtype_matches(const DLDataType& t, DType d) {
       return t.bits == 16 && (t.code == kDLBfloat || t.code == kDLUInt);
     case DType::kE4m3:
       return t.bits == 8 && (t.code == kDLUInt || t.code == kDLFloat8E4m3fn);
+    case DType::kE5m2:
+      return t.bits == 8 && (t.code == kDLUInt || t.code == kDLFloat8E5m2);
     case DType::kU8:
       return t.bits == 8 && t.code == kDLUInt;
     case DType::kU16:
@@ -50,6 +54,7 @@ const char* dtype_name(DType d) {
   switch (d) {
     case DType::kBf16: return "bfloat16 (or uint16 holding bf16 bits)";
     case DType::kE4m3: return "uint8 (e4m3 codes) or float8_e4m3fn";
+    case DType::kE5m2: return "uint8 (e5m2 codes) or float8_e5m2";
     case DType::kU8: return "uint8";
     case DType::kU16: return "uint16";
     case DType::kF32: return "float32";

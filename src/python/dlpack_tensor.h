@@ -23,8 +23,8 @@ namespace py = pybind11;
 
 // Element types the kernels take. kBf16 accepts DLPack bfloat16 and uint16 (NumPy has no bf16:
 // a uint16 array holds bf16 bit patterns); kE4m3 accepts uint8 (e4m3 codes) and DLPack's
-// float8_e4m3fn.
-enum class DType { kBf16, kE4m3, kU8, kU16, kF32, kI32 };
+// float8_e4m3fn; kE5m2 uint8 (e5m2 codes) and DLPack's float8_e5m2.
+enum class DType { kBf16, kE4m3, kE5m2, kU8, kU16, kF32, kI32 };
 const char* dtype_name(DType d);
 
 // Where a tensor lives: the CPU (host memory) or CUDA device `id`.

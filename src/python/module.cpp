@@ -166,9 +166,14 @@ class Call {
 
 // ---- the kernels -------------------------------------------------------------------------------
 
-// The KV pool of one layer: [num_slots + 1, 2 * Hkv, D], e4m3 for the FP8 schemes, bf16 else.
+// The KV pool of one layer: [num_slots + 1, 2 * Hkv, D], e5m2 for fp8-e5m2, e4m3 for the other
+// FP8 schemes, bf16 else.
 KvCacheLayer pool_layer(const Call& c, const Tensor& buf, KvScheme scheme) {
-  buf.expect(is_fp8(scheme) ? DType::kE4m3 : DType::kBf16, {-1, -1, -1});
+  const KvCodec codec = kv_codec(scheme);
+  buf.expect(codec == KvCodec::kBf16   ? DType::kBf16
+             : codec == KvCodec::kE5m2 ? DType::kE5m2
+                                       : DType::kE4m3,
+             {-1, -1, -1});
   if (buf.size(0) < 1) {
     refuse(c.kernel(), "kv_buffer: shape " + buf.shape_str() +
                            " has no padding slot: expected [num_slots + 1, 2 * Hkv, D]");
@@ -186,16 +191,23 @@ KvCacheLayer pool_layer(const Call& c, const Tensor& buf, KvScheme scheme) {
   return layer;
 }
 
-// K/V scales: per-head [Hkv], per-tensor [1], float32; unused (null) for bf16.
+// K/V scales: per-head [Hkv], per-tensor [1], float32; unused (null) for bf16 and fp8-e5m2,
+// which refuses them (its scale is 1).
 KvLayerScales layer_scales(const Call& c, const KvCacheLayer& layer, const py::handle& k,
                            const py::handle& v, Tensor& k_t, Tensor& v_t) {
   KvLayerScales s;
-  if (!is_fp8(layer.scheme)) return s;
+  if (!has_kv_scales(layer.scheme)) {
+    if (is_fp8(layer.scheme) && (!k.is_none() || !v.is_none())) {
+      refuse(c.kernel(), std::string("scheme ") + scheme_name(layer.scheme) +
+                             " takes no k_scale / v_scale (its scale is 1)");
+    }
+    return s;
+  }
   if (k.is_none() || v.is_none()) {
     refuse(c.kernel(), std::string("scheme ") + scheme_name(layer.scheme) +
                            " needs k_scale and v_scale (float32 tensors)");
   }
-  const int64_t n = layer.scheme == KvScheme::kFp8PerHead ? layer.num_kv_heads : 1;
+  const int64_t n = kv_scales_per_layer(layer.scheme, layer.num_kv_heads);
   k_t = c.borrow(k, "k_scale");
   k_t.expect(DType::kF32, {n});
   v_t = c.borrow(v, "v_scale");
@@ -307,9 +319,9 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
   const Tensor buf = c.borrow(kv_buffer, "kv_buffer");
   AttentionParams p;
   p.cache = pool_layer(c, buf, scheme);
-  const bool fp8_q = scheme == KvScheme::kFp8PerHead;
+  const bool q_fp8 = fp8_q(scheme);
   const Tensor x = c.borrow(q, "q");
-  x.expect(fp8_q ? DType::kE4m3 : DType::kBf16, {-1, -1, p.cache.head_dim});
+  x.expect(q_fp8 ? DType::kE4m3 : DType::kBf16, {-1, -1, p.cache.head_dim});
   const Tensor o = c.borrow(out, "out");
   o.expect(DType::kBf16, x.shape());
   const Tensor seq = c.borrow(b_seq_len, "b_seq_len");
@@ -331,7 +343,7 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
     refuse(kernel, "q: " + std::to_string(x.size(0)) + " rows for " + std::to_string(B) +
                        " requests: decode takes exactly one new token per request");
   }
-  if (fp8_q) {
+  if (q_fp8) {
     if (q_scale.is_none()) {
       refuse(kernel, "scheme fp8-per-head needs q_scale [B, Hkv] (from quantize_q)");
     }
@@ -445,7 +457,8 @@ py::object codec(const char* name, const py::handle& in, DType in_type, const py
 // ---- calibration -------------------------------------------------------------------------------
 
 QuantType parse_quant_type(const std::string& text) {
-  if (text == "per_head" || text == "per-head" || text == "fp8-per-head") {
+  if (text == "per_head" || text == "per-head" || text == "fp8-per-head" ||
+      text == "fp8-per-head-bf16q") {
     return QuantType::kPerHead;
   }
   if (text == "per_tensor" || text == "per-tensor" || text == "fp8-per-tensor") {
@@ -453,7 +466,8 @@ QuantType parse_quant_type(const std::string& text) {
   }
   throw py::value_error("scheme '" + text +
                         "' has no calibration: expected per-head or per-tensor (also per_head, "
-                        "fp8-per-head, per_tensor, fp8-per-tensor)");
+                        "fp8-per-head, fp8-per-head-bf16q, per_tensor, fp8-per-tensor; bf16 and "
+                        "fp8-e5m2 take no scales)");
 }
 
 py::array_t<float> table(const std::vector<float>& v, int rows, int cols) {
@@ -584,7 +598,7 @@ PYBIND11_MODULE(_fp8kv, m) {
   m.def(
       "decode_e5m2",
       [](py::handle x, py::handle out) {
-        return codec<uint8_t, float>("decode_e5m2", x, DType::kU8, out, DType::kF32,
+        return codec<uint8_t, float>("decode_e5m2", x, DType::kE5m2, out, DType::kF32,
                                      [](uint8_t v) { return e5m2_to_float(v); });
       },
       py::arg("codes"), py::arg("out") = py::none());

@@ -1,9 +1,10 @@
-// evaluate(): bf16 vs fp8-per-tensor vs fp8-per-head on the same token data.
+// evaluate(): bf16 vs the FP8 caches (fp8-per-tensor, fp8-per-head, ...) on the same token data.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -157,20 +158,42 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     }
     max_batch_tokens = std::max(max_batch_tokens, t);
   }
+  // The FP8 caches asked for (bf16 is the reference, always run).
+  std::vector<KvScheme> schemes;
+  for (KvScheme s : options.schemes) {
+    if (!is_fp8(s)) {
+      throw Error(std::string("eval: scheme ") + scheme_name(s) +
+                  " is not an FP8 cache (bf16 is always the reference)");
+    }
+    if (std::find(schemes.begin(), schemes.end(), s) != schemes.end()) {
+      throw Error(std::string("eval: scheme ") + scheme_name(s) + " is given twice");
+    }
+    schemes.push_back(s);
+  }
   // The columns after bf16: each a full run with its cache (logit metrics) and a shadow of the
-  // bf16 run (attention error on the same inputs).
+  // bf16 run (attention error on the same inputs). A scheme's scales: the per-tensor or per-head
+  // ones, none for fp8-e5m2; static Q scales only where asked for (the "per-head static-Q"
+  // column right after fp8-per-head, when per_head has them): fp8-per-head runs dynamic Q and
+  // fp8-per-head-bf16q has no FP8 Q.
   struct Column {
     std::string label;
     KvScheme scheme;
-    RankScales scales;
+    std::optional<RankScales> scales;
   };
-  RankScales per_head_dynamic = per_head;
-  per_head_dynamic.q.reset();
-  std::vector<Column> columns = {
-      {scheme_name(KvScheme::kFp8PerTensor), KvScheme::kFp8PerTensor, per_tensor},
-      {scheme_name(KvScheme::kFp8PerHead), KvScheme::kFp8PerHead, per_head_dynamic}};
-  const bool static_q = per_head.q.has_value();
-  if (static_q) columns.push_back({"per-head static-Q", KvScheme::kFp8PerHead, per_head});
+  auto scales_of = [&](KvScheme scheme) -> std::optional<RankScales> {
+    const std::optional<QuantType> q = calib_quant_type(scheme);
+    if (!q) return std::nullopt;
+    RankScales sc = *q == QuantType::kPerHead ? per_head : per_tensor;
+    sc.q.reset();
+    return sc;
+  };
+  std::vector<Column> columns;
+  for (KvScheme s : schemes) {
+    columns.push_back({scheme_name(s), s, scales_of(s)});
+    if (s == KvScheme::kFp8PerHead && per_head.q) {
+      columns.push_back({"per-head static-Q", s, per_head});
+    }
+  }
   auto options_for = [&](KvScheme scheme) {
     RunnerOptions ro;
     ro.scheme = scheme;
@@ -183,14 +206,14 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
   };
   RunnerOptions ref_opts = options_for(KvScheme::kBf16);
   for (const Column& col : columns) {
-    ref_opts.shadows.push_back({col.scheme, col.scales});
+    ref_opts.shadows.push_back({col.scheme, col.scales.value_or(RankScales{})});
   }
   std::vector<std::unique_ptr<ModelRunner>> runners;
   runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, std::move(ref_opts)));
   for (const Column& col : columns) {
     RunnerOptions ro = options_for(col.scheme);
     ro.scales = col.scales;
-    ro.record_q_amax = col.scales.q.has_value();
+    ro.record_q_amax = col.scales && col.scales->q.has_value();
     runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, std::move(ro)));
   }
   ModelRunner& ref = *runners[0];
@@ -274,9 +297,9 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
               st.head_rel_error(l, h);
         }
       }
-      const RankScales& sc = columns[s - 1].scales;
+      const std::optional<RankScales>& sc = columns[s - 1].scales;
       const std::vector<float>& q_amax = runners[s]->q_amax();
-      if (sc.q && !q_amax.empty()) {
+      if (sc && sc->q && !q_amax.empty()) {
         // This rank's KV heads into the model's [layers, Hkv] table, max over ranks (a head
         // held by several ranks: each saw its part of the group).
         std::vector<float> use(static_cast<size_t>(c.num_layers * c.num_kv_heads), 0.0f);
@@ -285,7 +308,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
           for (int j = 0; j < h; ++j) {
             const size_t i = static_cast<size_t>(l) * h + static_cast<size_t>(j);
             use[static_cast<size_t>(l * c.num_kv_heads + shard.kv_head_begin + j)] =
-                q_amax[i] / (kE4m3Max * (*sc.q)[i]);
+                q_amax[i] / (kE4m3Max * (*sc->q)[i]);
           }
         }
         if (options.comm != nullptr && options.comm->world_size() > 1) {
@@ -303,16 +326,21 @@ std::string format_eval_table(const EvalResult& r) {
   std::string out;
   char buf[512];
   const char* kRow = "%-30s";
+  // Columns 16 wide, wider when a label needs it (fp8-per-head-bf16q, per-head static-Q).
+  int w = 16;
+  for (const auto& s : r.schemes) {
+    w = std::max(w, static_cast<int>(column_label(s).size()) + 2);
+  }
   auto cell = [&](const char* fmt, double v) {
     char c[64];
     std::snprintf(c, sizeof c, fmt, v);
-    std::snprintf(buf, sizeof buf, "%18s", c);
+    std::snprintf(buf, sizeof buf, "%*s", w, c);
     out += buf;
   };
   std::snprintf(buf, sizeof buf, kRow, "");
   out += buf;
   for (const auto& s : r.schemes) {
-    std::snprintf(buf, sizeof buf, "%18s", column_label(s).c_str());
+    std::snprintf(buf, sizeof buf, "%*s", w, column_label(s).c_str());
     out += buf;
   }
   out += "\n";
@@ -321,7 +349,7 @@ std::string format_eval_table(const EvalResult& r) {
     out += buf;
     for (size_t i = 0; i < r.schemes.size(); ++i) {
       if (ref_dash && r.schemes[i].scheme == KvScheme::kBf16) {
-        std::snprintf(buf, sizeof buf, "%18s", "-");
+        std::snprintf(buf, sizeof buf, "%*s", w, "-");
         out += buf;
       } else {
         cell(fmt, value(r.schemes[i]));
@@ -354,7 +382,7 @@ std::string format_eval_table(const EvalResult& r) {
         const int worst = static_cast<int>(std::max_element(h, h + s.num_kv_heads) - h);
         std::snprintf(c, sizeof c, "h%d %.3e", worst, h[worst]);
       }
-      std::snprintf(buf, sizeof buf, "%18s", c);
+      std::snprintf(buf, sizeof buf, "%*s", w, c);
       out += buf;
     }
     out += "\n";

@@ -256,15 +256,15 @@ CalibExpect calib_expect_for(const ModelConfig& config, KvScheme scheme) {
   e.architectures = config.architecture;
   e.num_layers = config.num_layers;
   e.num_kv_heads = config.num_kv_heads;
-  if (scheme == KvScheme::kFp8PerHead) e.quant_type = QuantType::kPerHead;
-  if (scheme == KvScheme::kFp8PerTensor) e.quant_type = QuantType::kPerTensor;
+  e.quant_type = calib_quant_type(scheme);
   return e;
 }
 
 RankScales load_scales_for_model(const std::string& calib_path, const ModelConfig& config,
                                  KvScheme scheme, const TpShard& shard) {
-  if (!is_fp8(scheme)) {
-    throw Error(std::string("the ") + scheme_name(scheme) + " KV cache takes no calibration file");
+  if (!has_kv_scales(scheme)) {
+    throw Error(std::string("the ") + scheme_name(scheme) + " KV cache takes no calibration file" +
+                (is_fp8(scheme) ? " (it has no scales: K/V are rounded to e5m2 as they are)" : ""));
   }
   // Any format load_kv_scales reads: kv_cache_calib.json, a quant-param JSON, scale tensors.
   return slice_for_rank(load_kv_scales(calib_path, calib_expect_for(config, scheme)).data,

@@ -32,23 +32,31 @@ float rank_tree(const float* parts, size_t stride, int lo, int hi, size_t i) {
 // `what` names the run in messages.
 void check_scales(KvScheme scheme, const std::optional<RankScales>& scales, const ModelConfig& c,
                   int kv_heads, const std::string& what) {
-  if (!is_fp8(scheme)) return;
+  const std::optional<QuantType> want = calib_quant_type(scheme);
+  if (!want) {
+    // bf16 ignores scales; fp8-e5m2 refuses them: its scale is 1 by definition, and a file given
+    // for it was meant for another scheme.
+    if (is_fp8(scheme) && scales && !scales->kv.empty()) {
+      throw Error(what + ": the " + std::string(scheme_name(scheme)) +
+                  " KV cache takes no calibration file (no scales: K/V are rounded to e5m2 as they "
+                  "are); drop --calib, or pick fp8-per-head / fp8-per-tensor for these scales");
+    }
+    return;
+  }
   if (!scales) {
     throw Error(what + ": the " + std::string(scheme_name(scheme)) +
                 " KV cache needs calibrated scales (a kv_cache_calib.json made by `fp8kv "
                 "calibrate`); refusing to run with scales of 1.0");
   }
-  const QuantType want =
-      scheme == KvScheme::kFp8PerHead ? QuantType::kPerHead : QuantType::kPerTensor;
-  if (scales->quant_type != want) {
+  if (scales->quant_type != *want) {
     throw Error(what + ": the " + std::string(scheme_name(scheme)) + " KV cache needs " +
-                quant_type_name(want) + " scales, got " + quant_type_name(scales->quant_type));
+                quant_type_name(*want) + " scales, got " + quant_type_name(scales->quant_type));
   }
   if (scales->num_layers != c.num_layers) {
     throw Error(what + ": scales for " + std::to_string(scales->num_layers) +
                 " layers, the model has " + std::to_string(c.num_layers));
   }
-  if (want == QuantType::kPerHead && scales->heads_per_rank != kv_heads) {
+  if (*want == QuantType::kPerHead && scales->heads_per_rank != kv_heads) {
     throw Error(what + ": scales for " + std::to_string(scales->heads_per_rank) +
                 " KV heads, the model (this rank) has " + std::to_string(kv_heads));
   }
@@ -143,9 +151,9 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
                 std::to_string(shard.tp) + "; it needs a communicator of that rank and size");
   }
   check_scales(options_.scheme, options_.scales, c, shard.kv_heads, "model runner");
-  if (is_fp8(options_.scheme)) {
+  if (has_kv_scales(options_.scheme)) {
     kv_scales_ = upload_vector(backend, options_.scales->kv);
-    if (options_.scheme == KvScheme::kFp8PerHead && options_.scales->q) {
+    if (fp8_q(options_.scheme) && options_.scales->q) {
       q_scales_ = upload_vector(backend, *options_.scales->q);
     }
   }
@@ -169,8 +177,9 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
         sh.scheme,
         KvPool(backend, c.num_layers, options_.num_slots, shard.kv_heads, c.head_dim, sh.scheme,
                options_.bf16_layers),
-        upload_vector(backend, sh.scales.kv), BackendBuffer(), sh.scales.row_width()});
-    if (sh.scheme == KvScheme::kFp8PerHead && sh.scales.q) {
+        upload_vector(backend, sh.scales.kv), BackendBuffer(),
+        2 * kv_scales_per_layer(sh.scheme, shard.kv_heads)});
+    if (fp8_q(sh.scheme) && sh.scales.q) {
       s->q_scales = upload_vector(backend, *sh.scales.q);
     }
     shadows_.push_back(std::move(s));
@@ -237,14 +246,14 @@ void ModelRunner::append_random_context(const std::vector<int>& reqs, int count,
           qk.slots = slot_buf.as<const int32_t>();
           qk.num_tokens = n;
           qk.cache = pool.layer(l);
-          if (is_fp8(qk.cache.scheme)) {  // a --kv-bf16-layers layer takes no scales
+          if (has_kv_scales(qk.cache.scheme)) {  // a --kv-bf16-layers layer takes no scales
             qk.scales.k = kv_scales.as<const float>() + static_cast<int64_t>(l) * row_width;
             qk.scales.v = qk.scales.k + row_width / 2;
           }
           backend_.quantize_kv(qk);
         }
       };
-      write(pool_, kv_scales_, options_.scheme == KvScheme::kFp8PerHead ? 2 * Hkv : 2);
+      write(pool_, kv_scales_, 2 * kv_scales_per_layer(options_.scheme, Hkv));
       for (const auto& sh : shadows_) write(sh->pool, sh->kv_scales, sh->row_width);
     }
   }
@@ -407,12 +416,12 @@ void ModelRunner::run_layer(int l, bool decode) {
 
   // Attention into the main pool, with the hooks: calibration observes the K/V written, eval
   // runs its shadow schemes on the same inputs and accounts their error.
-  const int row_width = options_.scheme == KvScheme::kFp8PerHead ? 2 * Hkv : 2;
+  const int row_width = 2 * kv_scales_per_layer(options_.scheme, Hkv);
   float* amax = begin_observation(l);
   float* q_amax = nullptr;
   if (amax != nullptr && options_.observer->config().q_scales) {
     q_amax = amax + 2 * Hkv;
-  } else if (options_.record_q_amax && pool_.layer(l).scheme == KvScheme::kFp8PerHead) {
+  } else if (options_.record_q_amax && fp8_q(pool_.layer(l).scheme)) {
     backend_.memset(s.amax.get(), 0, static_cast<size_t>(Hkv) * sizeof(float));
     q_amax = s.amax.as<float>();
   }
@@ -457,7 +466,7 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
   const int64_t T = s.T;
   const int Hq = model_.shard().q_heads, Hkv = model_.shard().kv_heads, D = c.head_dim;
   KvLayerScales sc;
-  if (is_fp8(cache.scheme)) {
+  if (has_kv_scales(cache.scheme)) {
     sc.k = kv_scales.as<const float>() + static_cast<int64_t>(l) * row_width;
     sc.v = sc.k + row_width / 2;
   }
@@ -477,7 +486,7 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
   ap.batch = s.batch;
   ap.o = out;
   if (options_.exact_tp) ap.split_kv_heads = c.num_kv_heads;
-  if (cache.scheme == KvScheme::kFp8PerHead || observe_q_amax != nullptr) {
+  if (fp8_q(cache.scheme) || observe_q_amax != nullptr) {
     // The dynamic Q scale of (request, KV head) is the abs-max over this rank's Q heads of
     // that KV head: with tp <= Hkv that is the whole GQA group (as at tp = 1); with tp > Hkv
     // (replicated KV heads) only the rank's part of it, so Q quantizes differently than at
@@ -498,7 +507,7 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
     qq.head_dim = D;
     backend_.quantize_q(qq);
   }
-  if (cache.scheme == KvScheme::kFp8PerHead) {
+  if (fp8_q(cache.scheme)) {
     ap.q_fp8 = s.q8.as<const uint8_t>();
     ap.q_scale = s.q_scale.as<const float>();
   } else {

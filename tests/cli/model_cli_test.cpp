@@ -58,6 +58,35 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
           " --input-ids 1,2,3");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_TRUE(contains(r.output, "per_tensor")) << r.output;
+  // fp8-e5m2 takes no calibration file (and refuses one); fp8-per-head-bf16q a per-head one.
+  r = run("generate --model " + model + " --kv fp8-e5m2 --input-ids 1,2,3 --max-new 3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "generated 1 x 3 tokens with a fp8-e5m2 cache")) << r.output;
+  r = run("generate --model " + model + " --kv fp8-e5m2 --calib " + per_head +
+          " --input-ids 1,2,3");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "cache takes no calibration file")) << r.output;
+  r = run("generate --model " + model + " --kv fp8-per-head-bf16q --calib " + per_head +
+          " --input-ids 1,2,3 --max-new 3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = run("generate --model " + model + " --kv fp8-per-head-bf16q --calib " + per_tensor +
+          " --input-ids 1,2,3");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "expected \"per_head\"")) << r.output;
+  // eval with the two extra caches only: no per-tensor scales needed, none calibrated.
+  r = run("eval --model " + model + " --data " + data + " --per-head-calib " + per_head +
+          " --kv-schemes fp8-e5m2,fp8-per-head-bf16q --batch 2");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "fp8-per-head-bf16q")) << r.output;
+  EXPECT_TRUE(contains(r.output, "fp8-e5m2: layers losing most")) << r.output;
+  EXPECT_FALSE(contains(r.output, "fp8-per-tensor")) << r.output;
+  r = run("eval --model " + model + " --data " + data + " --kv-schemes fp8-e5m2,bf16");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "'bf16' is not an FP8 cache")) << r.output;
+  r = run("eval --model " + model + " --data " + data + " --per-tensor-calib " + per_tensor +
+          " --kv-schemes fp8-e5m2");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "takes per-tensor scales")) << r.output;
 
   r = run("eval --model " + model + " --data " + data + " --per-head-calib " + per_head +
           " --batch 2");

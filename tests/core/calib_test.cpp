@@ -214,8 +214,8 @@ TEST_F(CalibFileTest, LightLlmFileLoadsAndRewritesTheSame) {
   // Asked for the other scheme, the file is refused.
   expect.quant_type = QuantType::kPerHead;
   const std::string msg = error_of([&] { load_calib(kLightLlmFile, expect); });
-  EXPECT_NE(msg.find("field 'quant_type': expected \"per_head\" (the scheme fp8-per-head), "
-                     "found \"per_tensor\""),
+  EXPECT_NE(msg.find("field 'quant_type': expected \"per_head\" (the scheme fp8-per-head or "
+                     "fp8-per-head-bf16q), found \"per_tensor\""),
             std::string::npos)
       << msg;
 }

@@ -2,7 +2,8 @@
 // against fp8kv/fp8.h: every one of the 2^32 float32 bit patterns through the device encoder
 // equals float_to_e4m3 (the same function the host runs, compiled for the device; a strided
 // sample of 2^24 patterns is also checked against the host itself), and every e4m3 code decodes
-// to e4m3_to_float. Skips without a Hopper GPU.
+// to e4m3_to_float; the same for the e5m2 pair converter and decoder (the fp8-e5m2 cache)
+// against float_to_e5m2 / e5m2_to_float. Skips without a Hopper GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -25,8 +26,12 @@ __global__ void encode_all_kernel(unsigned long long* mismatches, unsigned int* 
     const float y = __uint_as_float(static_cast<uint32_t>(u + 1));
     const uint8_t want_x = float_to_e4m3(x), want_y = float_to_e4m3(y);
     const uint16_t pair = cuda::float2_to_e4m3x2_hw(x, y);
-    const bool bad_x = cuda::float_to_e4m3_hw(x) != want_x || (pair & 0xff) != want_x;
-    const bool bad_y = cuda::float_to_e4m3_hw(y) != want_y || (pair >> 8) != want_y;
+    const uint8_t want5_x = float_to_e5m2(x), want5_y = float_to_e5m2(y);
+    const uint16_t pair5 = cuda::float2_to_e5m2x2_hw(x, y);
+    const bool bad_x = cuda::float_to_e4m3_hw(x) != want_x || (pair & 0xff) != want_x ||
+                       (pair5 & 0xff) != want5_x;
+    const bool bad_y = cuda::float_to_e4m3_hw(y) != want_y || (pair >> 8) != want_y ||
+                       (pair5 >> 8) != want5_y;
     if (bad_x || bad_y) {
       atomicAdd(mismatches, static_cast<unsigned long long>(bad_x) + bad_y);
       atomicMin(first_bad, static_cast<unsigned int>(bad_x ? u : u + 1));
@@ -39,12 +44,17 @@ __global__ void encode_sample_kernel(const uint32_t* in, uint8_t* out, int n) {
   if (i < n) out[i] = cuda::float_to_e4m3_hw(__uint_as_float(in[i]));
 }
 
+// out[0, 256): e4m3 codes; out[256, 512): e5m2 codes.
 __global__ void decode_all_kernel(float* out) {
   const int c = threadIdx.x;  // 256 codes, in pairs
   if (c < 128) {
-    const float2 f = cuda::e4m3x2_to_float2(static_cast<uint16_t>((2 * c) | ((2 * c + 1) << 8)));
+    const uint16_t two = static_cast<uint16_t>((2 * c) | ((2 * c + 1) << 8));
+    const float2 f = cuda::e4m3x2_to_float2(two);
     out[2 * c] = f.x;
     out[2 * c + 1] = f.y;
+    const float2 g = cuda::e5m2x2_to_float2(two);
+    out[256 + 2 * c] = g.x;
+    out[256 + 2 * c + 1] = g.y;
   }
 }
 
@@ -108,18 +118,21 @@ TEST(CudaCodec, EncoderMatchesHostOnStridedSample) {
 TEST(CudaCodec, DecoderMatchesEveryCode) {
   if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU";
   float* d_out = nullptr;
-  CUDA_OK(cudaMalloc(&d_out, 256 * sizeof(float)));
+  CUDA_OK(cudaMalloc(&d_out, 512 * sizeof(float)));
   decode_all_kernel<<<1, 128>>>(d_out);
   CUDA_OK(cudaGetLastError());
-  std::vector<float> out(256);
-  CUDA_OK(cudaMemcpy(out.data(), d_out, 256 * sizeof(float), cudaMemcpyDeviceToHost));
+  std::vector<float> out(512);
+  CUDA_OK(cudaMemcpy(out.data(), d_out, 512 * sizeof(float), cudaMemcpyDeviceToHost));
   cudaFree(d_out);
-  for (int c = 0; c < 256; ++c) {
-    const float want = e4m3_to_float(static_cast<uint8_t>(c));
+  for (int i = 0; i < 512; ++i) {
+    const int c = i % 256;
+    const float want = i < 256 ? e4m3_to_float(static_cast<uint8_t>(c))
+                               : e5m2_to_float(static_cast<uint8_t>(c));
+    const char* codec = i < 256 ? "e4m3" : "e5m2";
     if (std::isnan(want)) {
-      EXPECT_TRUE(std::isnan(out[c])) << c;
+      EXPECT_TRUE(std::isnan(out[i])) << codec << " code " << c;
     } else {
-      EXPECT_EQ(detail::float_bits(out[c]), detail::float_bits(want)) << "code " << c;
+      EXPECT_EQ(detail::float_bits(out[i]), detail::float_bits(want)) << codec << " code " << c;
     }
   }
 }

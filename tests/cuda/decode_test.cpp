@@ -1,7 +1,7 @@
 // Decode attention on the GPU against its CPU twin and a float64 reference, on fresh random data
 // with outliers: lengths 1, 7, 127, 4100 (no split and split-KV), GQA 1/4/8, head_dim 64/128/256,
-// the three schemes; a long case (33k keys) whose FP8 error must not grow with length; bad
-// arguments refused. One decode kernel per scheme (decode_mma_kernel.cuh, tensor cores); the
+// every scheme (fp8-e5m2 and fp8-per-head-bf16q too); a long case (33k keys) whose FP8 error
+// must not grow with length; bad arguments refused. One decode kernel per scheme (decode_mma_kernel.cuh, tensor cores); the
 // CPU twin is its oracle. The split heuristic's tests are in tests/kernels/decode_split_test.cpp.
 //
 // Criterion (STYLE.md): errors are normalized ||o - ref|| / ||ref|| against float64 attention on
@@ -92,7 +92,7 @@ TEST(CudaDecode, MatchesCpuTwin) {
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
   uint64_t seed = 1000;
-  for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
+  for (KvScheme scheme : kAllSchemes) {
     for (int D : {64, 128, 256}) {
       for (int group : {1, 4, 8}) {
         // max_seq_len 127: one CTA per (request, head); 4100: split over the KV length.
@@ -123,7 +123,7 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
   struct Case { int hkv, group, batch, len; float sm; };
   for (const Case& c : {Case{2, 3, 5, 900, 0.0f}, Case{1, 12, 3, 2000, 0.05f}, Case{4, 2, 300, 300, 0.0f},
                       Case{3, 7, 4, 700, 0.0f}}) {
-    for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
+    for (KvScheme scheme : kAllSchemes) {
       test::ProblemSpec spec;
       spec.requests.clear();
       for (int b = 0; b < c.batch; ++b) spec.requests.push_back({(c.len * (b + 1)) / c.batch, 1});
@@ -148,7 +148,8 @@ TEST(CudaDecode, LongContextErrorDoesNotGrow) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
-  for (KvScheme scheme : {KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
+  for (KvScheme scheme : {KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead, KvScheme::kFp8E5m2,
+                          KvScheme::kFp8PerHeadBf16Q}) {
     double err[2][std::size(kVariants)] = {};
     int i = 0;
     for (int len : {1024, 33000}) {

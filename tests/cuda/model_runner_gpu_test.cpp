@@ -341,6 +341,19 @@ TEST_F(ModelRunnerGpu, GpuFp8PerTensorCacheMatchesCpu) {
                        &calib, {1e-2, 3e-2});
 }
 
+TEST_F(ModelRunnerGpu, GpuFp8E5m2CacheMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  compare_gpu_with_cpu(dir_->path() + "/tiny", *cpu_, *emu_ops_, *cpu_ops_, KvScheme::kFp8E5m2,
+                       nullptr, {1e-2, 3e-2});
+}
+
+TEST_F(ModelRunnerGpu, GpuFp8PerHeadBf16QCacheMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const CalibData calib = calibrated(QuantType::kPerHead);
+  compare_gpu_with_cpu(dir_->path() + "/tiny", *cpu_, *emu_ops_, *cpu_ops_,
+                       KvScheme::kFp8PerHeadBf16Q, &calib, {1e-2, 3e-2});
+}
+
 // Qwen2: attention biases (the bias kernel) and tied embeddings (the bf16 LM head is the
 // embedding table).
 TEST_F(ModelRunnerGpu, GpuQwen2BiasAndTiedEmbeddingsMatchCpu) {

@@ -1,11 +1,12 @@
 // Prefill attention on the GPU against its CPU twin (make_cpu_backend()->prefill_attention) and
-// a float64 reference, for the three schemes, head_dim 64/128/256, GQA 1/4/8, and batches that
+// a float64 reference, for every scheme, head_dim 64/128/256, GQA 1/4/8, and batches that
 // mix cached-prefix and fresh requests with an empty request among them. The GPU reads the very
 // pool bytes (and, for fp8-per-head, the very Q codes and scales) the CPU twin read, so the two
 // differ only by the kernel's arithmetic.
 //
 // Error bounds (normalized error ||a - b|| / ||b|| over the whole output; any NaN fails):
-//  - bf16, fp8-per-tensor vs the CPU twin: both accumulate in fp32 and round the output to bf16;
+//  - bf16 and the bf16-Q FP8 schemes (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: K/V widened
+//    exactly to bf16) vs the CPU twin: both accumulate in fp32 and round the output to bf16;
 //    the GPU also rounds P to bf16 for the tensor-core PV product (relative 2^-9 per weight,
 //    unbiased). Measured-style expectation ~1e-3..3e-3 (one bf16 output rounding is ~1.1e-3 RMS);
 //    bound 1e-2.
@@ -43,6 +44,9 @@ namespace fp8kv {
 namespace {
 
 using cuda::PrefillConfig;
+// The warp-specialized fp8-per-head kernel with each of its built options.
+constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsPackGqa,
+                                        PrefillConfig::kWsPackGqaPingPong, PrefillConfig::kWsSwizzle};
 
 using cuda::check_cuda;
 
@@ -76,7 +80,7 @@ struct GpuInputs {
       : dev(make_cuda_backend()),
         pool(*dev, pool_bytes),
         q(*dev, p.q),
-        q_fp8(*dev, scheme == KvScheme::kFp8PerHead ? quantize_q_host(p, q_scale_host) : std::vector<uint8_t>{0}),
+        q_fp8(*dev, fp8_q(scheme) ? quantize_q_host(p, q_scale_host) : std::vector<uint8_t>{0}),
         q_scale(*dev, q_scale_host.empty() ? std::vector<float>{1.0f} : q_scale_host),
         k_scale(*dev, scales.k.empty() ? std::vector<float>{1.0f} : scales.k),
         v_scale(*dev, scales.v.empty() ? std::vector<float>{1.0f} : scales.v),
@@ -86,7 +90,7 @@ struct GpuInputs {
         req_to_token(*dev, p.req_to_token),
         o(*dev, p.q.size() * sizeof(uint16_t)) {
     params.q = q.as<uint16_t>();
-    if (scheme == KvScheme::kFp8PerHead) {
+    if (fp8_q(scheme)) {
       params.q = nullptr;
       params.q_fp8 = q_fp8.as<uint8_t>();
       params.q_scale = q_scale.as<float>();
@@ -98,7 +102,7 @@ struct GpuInputs {
     params.cache.num_kv_heads = p.num_kv_heads;
     params.cache.head_dim = p.head_dim;
     params.cache.scheme = scheme;
-    if (is_fp8(scheme)) {
+    if (has_kv_scales(scheme)) {
       params.scales.k = k_scale.as<float>();
       params.scales.v = v_scale.as<float>();
     }
@@ -126,7 +130,7 @@ struct Errors {
   test::ErrorStats gpu_vs_cpu, gpu_vs_exact, cpu_vs_exact;
 };
 
-double twin_bound(KvScheme scheme) { return scheme == KvScheme::kFp8PerHead ? 5e-2 : 1e-2; }
+double twin_bound(KvScheme scheme) { return fp8_q(scheme) ? 5e-2 : 1e-2; }
 
 // Runs the problem through the CPU twin and the GPU (every config given), checks each config
 // against the bounds and returns the errors of each.
@@ -150,7 +154,7 @@ std::vector<Errors> run_and_compare(const test::AttentionProblem& p, KvScheme sc
       e.gpu_vs_exact = test::compare(o, exact, p.head_dim);
       e.cpu_vs_exact = test::compare(twin.o, exact, p.head_dim);
     }
-    std::printf("  %-14s D=%-3d Hq=%-2d Hkv=%d %-18s gpu-cpu %.3e | vs f64: gpu %.3e cpu %.3e\n",
+    std::printf("  %-18s D=%-3d Hq=%-2d Hkv=%d %-18s gpu-cpu %.3e | vs f64: gpu %.3e cpu %.3e\n",
                 scheme_name(scheme), p.head_dim, p.num_q_heads, p.num_kv_heads,
                 cuda::prefill_config_name(configs[i]), e.gpu_vs_cpu.normalized,
                 e.gpu_vs_exact.normalized, e.cpu_vs_exact.normalized);
@@ -188,16 +192,18 @@ TEST_P(PrefillMixed, MatchesCpuTwin) {
   spec.data.outlier_channels = 4;
   spec.seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(spec.seed));
-  // Every built tile config of the case; for fp8-per-head the default is the wgmma kernel and
-  // kWide/kNarrow select the simple mma.sync kernel.
+  // Every built tile config of the case; for fp8-per-head the default is the warp-specialized
+  // kernel (with each of its options), and kWide/kNarrow
+  // select the simple mma.sync kernel.
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   if (c.scheme == KvScheme::kBf16 && c.head_dim == 128) configs.push_back(PrefillConfig::kNarrow);
   if (c.scheme == KvScheme::kFp8PerHead) {
+    for (PrefillConfig x : kWsConfigs) {
+      if (x != PrefillConfig::kWsSwizzle || c.head_dim == 128) configs.push_back(x);  // D 128 only
+    }
     configs.push_back(c.head_dim == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide);
     if (c.head_dim == 128) {
-      for (PrefillConfig x : {PrefillConfig::kNarrow, PrefillConfig::kWgmmaShort}) {
-        configs.push_back(x);
-      }
+      configs.push_back(PrefillConfig::kNarrow);
     }
   }
   run_and_compare(test::make_problem(spec), c.scheme, configs);
@@ -205,11 +211,12 @@ TEST_P(PrefillMixed, MatchesCpuTwin) {
 
 std::vector<MixedCase> mixed_cases() {
   std::vector<MixedCase> cases;
-  for (KvScheme s : {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
+  for (KvScheme s : kAllSchemes) {
     for (int d : {64, 128, 256}) {
       for (int g : {1, 4, 8}) cases.push_back({s, d, g});
     }
   }
+  cases.push_back({KvScheme::kFp8PerHead, 128, 7});  // a group that does not divide a packed tile
   return cases;
 }
 
@@ -238,9 +245,8 @@ TEST_P(PrefillLong, LongQueries) {
   // The float64 reference is single-threaded; the twin comparison carries this case.
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   if (GetParam() == KvScheme::kFp8PerHead) {
-    for (PrefillConfig x : {PrefillConfig::kWide, PrefillConfig::kWgmmaShort}) {
-      configs.push_back(x);
-    }
+    for (PrefillConfig x : kWsConfigs) configs.push_back(x);
+    configs.push_back(PrefillConfig::kWide);
   }
   run_and_compare(test::make_problem(spec), GetParam(), configs, /*with_exact=*/false);
 }
@@ -250,7 +256,10 @@ TEST_P(PrefillLong, LongQueries) {
 TEST_P(PrefillLong, ErrorDoesNotGrowWithContext) {
   SKIP_WITHOUT_GPU();
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-  if (GetParam() == KvScheme::kFp8PerHead) configs.push_back(PrefillConfig::kWide);  // mma.sync
+  if (GetParam() == KvScheme::kFp8PerHead) {
+    for (PrefillConfig x : kWsConfigs) configs.push_back(x);
+    configs.push_back(PrefillConfig::kWide);  // mma.sync
+  }
   std::vector<Errors> err[2];
   const int cached[2] = {4096 - 64, 32768 - 64};
   for (int i = 0; i < 2; ++i) {
@@ -276,8 +285,7 @@ TEST_P(PrefillLong, ErrorDoesNotGrowWithContext) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong,
-                         ::testing::Values(KvScheme::kBf16, KvScheme::kFp8PerTensor,
-                                           KvScheme::kFp8PerHead),
+                         ::testing::ValuesIn(kAllSchemes),
                          [](const ::testing::TestParamInfo<KvScheme>& info) {
                            std::string s = scheme_name(info.param);
                            std::replace(s.begin(), s.end(), '-', '_');
@@ -315,7 +323,7 @@ TEST(PrefillPerf, BenchmarkShape) {
   const test::AttentionProblem p = test::make_problem(spec);
   const double flops = 4.0 * B * Hq * static_cast<double>(L) * L * D / 2.0;
 
-  for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead}) {
+  for (KvScheme scheme : kAllSchemes) {
     const test::KvScales scales = test::calibrate_scales(p, scheme);
     // The pool as quantize_kv writes it (host-side, same codec), padding slots NaN.
     std::vector<uint8_t> pool(static_cast<size_t>(p.num_slots + 1) * 2 * Hkv * D * kv_elem_bytes(scheme), 0xff);
@@ -325,22 +333,24 @@ TEST(PrefillPerf, BenchmarkShape) {
         const int64_t dst = (static_cast<int64_t>(p.kv_slot[t]) * 2 * Hkv + head) * D;
         if (scheme == KvScheme::kBf16) {
           std::copy(src, src + D, reinterpret_cast<uint16_t*>(pool.data()) + dst);
+        } else if (kv_codec(scheme) == KvCodec::kE5m2) {
+          for (int d = 0; d < D; ++d) pool[dst + d] = float_to_e5m2(bf16_to_float(src[d]));
         } else {
-          const bool per_head = scheme == KvScheme::kFp8PerHead;
+          const bool per_head = kv_scale_source(scheme) == KvScaleSource::kPerHead;
           const float s = head < Hkv ? scales.k[per_head ? head : 0] : scales.v[per_head ? head - Hkv : 0];
           for (int d = 0; d < D; ++d) pool[dst + d] = quantize_e4m3(bf16_to_float(src[d]), s);
         }
       }
     }
     const std::vector<float> q_scale =
-        scheme == KvScheme::kFp8PerHead ? test::dynamic_q_scales(p) : std::vector<float>{};
+        fp8_q(scheme) ? test::dynamic_q_scales(p) : std::vector<float>{};
     GpuInputs gpu(p, scheme, scales, pool, q_scale);
     std::vector<PrefillConfig> configs = {PrefillConfig::kWide};
-    if (scheme != KvScheme::kFp8PerTensor) configs.push_back(PrefillConfig::kNarrow);
+    if (scheme == KvScheme::kBf16 || scheme == KvScheme::kFp8PerHead) {
+      configs.push_back(PrefillConfig::kNarrow);
+    }
     if (scheme == KvScheme::kFp8PerHead) {
-      for (PrefillConfig x : {PrefillConfig::kWgmma, PrefillConfig::kWgmmaShort}) {
-        configs.push_back(x);
-      }
+      for (PrefillConfig x : kWsConfigs) configs.push_back(x);
     }
     for (PrefillConfig config : configs) {
       const std::vector<uint16_t> o = gpu.run(config);
@@ -362,7 +372,7 @@ TEST(PrefillPerf, BenchmarkShape) {
       }
       std::sort(ms.begin(), ms.end());
       const double median = ms[ms.size() / 2];
-      std::printf("PERF prefill %-14s %-18s B=%d L=%d Hq=%d Hkv=%d D=%d: median %.3f ms (min %.3f, max %.3f) = %.1f TFLOP/s\n",
+      std::printf("PERF prefill %-18s %-18s B=%d L=%d Hq=%d Hkv=%d D=%d: median %.3f ms (min %.3f, max %.3f) = %.1f TFLOP/s\n",
                   scheme_name(scheme), cuda::prefill_config_name(config), B, L, Hq, Hkv, D, median,
                   ms.front(), ms.back(), flops / (median * 1e-3) / 1e12);
       cudaEventDestroy(start);

@@ -25,12 +25,20 @@
 //    rows. Measured 0.03-0.10 normalized; bound 3u = 0.19. Per row, a few short rows with
 //    several comparable keys reach 0.38; bound 8u = 0.5. (These are statistical bounds for
 //    this data, not worst cases: a worst case grows with the logits' range.)
+//  - fp8-per-head-bf16q: fp8-per-head's K/V bytes, bf16 Q and fp32 P: vs emulated it is exact
+//    up to fp32 accumulation and the bf16 output, like fp8-per-tensor (kBf16Bound); vs exact it
+//    keeps fp8-per-tensor's bounds (K and V rounded, Q not).
+//  - fp8-e5m2 (u5 = 2^-3, two mantissa bits, no scale): vs emulated kBf16Bound (K/V decode
+//    exactly); vs exact, V gives ~u5/sqrt(3) = 0.072 and K moves each logit by ~(u5/sqrt(3)) *
+//    logit_std ~ 0.14: twice fp8-per-tensor's figures, so twice its bounds (6u = 0.375
+//    normalized, 16u = 1.0 per row: a short row averaging few keys can move by its own size).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -52,14 +60,19 @@ struct Bounds {
 };
 // vs the float64 reference on the exact bf16 inputs
 Bounds exact_bound(KvScheme s) {
-  return s == KvScheme::kBf16 ? Bounds{kBf16Bound, kBf16Bound} : Bounds{3 * kU, 8 * kU};
+  switch (kv_codec(s)) {
+    case KvCodec::kBf16: return {kBf16Bound, kBf16Bound};
+    case KvCodec::kE5m2: return {6 * kU, 16 * kU};
+    case KvCodec::kE4m3: break;
+  }
+  return {3 * kU, 8 * kU};
 }
 // vs the float64 reference on the FP8-rounded inputs
 Bounds emulated_bound(KvScheme s) {
-  return s == KvScheme::kFp8PerHead ? Bounds{kU, 2 * kU} : Bounds{kBf16Bound, kBf16Bound};
+  return fp8_q(s) ? Bounds{kU, 2 * kU} : Bounds{kBf16Bound, kBf16Bound};
 }
 
-const KvScheme kSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead};
+const auto& kSchemes = kAllSchemes;
 
 // Expects fn() to throw Error whose message contains `needle`.
 template <typename Fn>
@@ -107,9 +120,14 @@ TEST(CpuBackend, QuantizeKvWritesTheBytesOfQuantizeE4m3) {
             uint16_t stored;
             std::memcpy(&stored, &run.pool[dst * 2], 2);
             ASSERT_EQ(stored, p.kv[src]) << "token " << t << " head " << head << " d " << d;
+          } else if (kv_codec(scheme) == KvCodec::kE5m2) {
+            ASSERT_TRUE(scales.k.empty() && scales.v.empty());  // no scales: scale 1
+            ASSERT_EQ(run.pool[dst], float_to_e5m2(bf16_to_float(p.kv[src])))
+                << "token " << t << " head " << head << " d " << d;
           } else {
             const std::vector<float>& s = head < Hkv ? scales.k : scales.v;
-            const float scale = scheme == KvScheme::kFp8PerHead ? s[head % Hkv] : s[0];
+            const float scale =
+                kv_scale_source(scheme) == KvScaleSource::kPerHead ? s[head % Hkv] : s[0];
             ASSERT_EQ(run.pool[dst], quantize_e4m3(bf16_to_float(p.kv[src]), scale))
                 << "token " << t << " head " << head << " d " << d;
           }
@@ -125,6 +143,42 @@ TEST(CpuBackend, QuantizeKvWritesTheBytesOfQuantizeE4m3) {
       }
     }
   }
+}
+
+// fp8-e5m2 takes no scales (null pointers are fine) and rounds K/V as they are, saturating at
+// +-57344: beyond it (and infinities) the largest finite code, NaN the NaN code 0x7f.
+TEST(CpuBackend, QuantizeKvE5m2NeedsNoScalesAndSaturates) {
+  constexpr int kHkv = 1, kD = 64;
+  const float inf = std::numeric_limits<float>::infinity();
+  const float specials[] = {1.0f, -3.0f, 57344.0f, 60000.0f, -1e30f, inf, -inf, 1e-6f, 0.0f};
+  std::vector<uint16_t> kv(2 * kHkv * kD, float_to_bf16(0.5f));
+  for (size_t i = 0; i < std::size(specials); ++i) kv[i] = float_to_bf16(specials[i]);
+  kv[kD + 1] = 0x7fc0;  // a NaN in V
+  std::vector<uint8_t> pool(2 * 2 * kHkv * kD, 0xab);
+  const std::vector<int32_t> slots = {0};
+  QuantizeKvParams p;
+  p.kv = kv.data();
+  p.slots = slots.data();
+  p.num_tokens = 1;
+  p.cache = KvCacheLayer{pool.data(), 1, kHkv, kD, KvScheme::kFp8E5m2};
+  auto cpu = make_cpu_backend();
+  cpu->quantize_kv(p);  // scales.k / scales.v are null
+  EXPECT_EQ(pool[0], 0x3c);  // 1.0
+  EXPECT_EQ(pool[2], 0x7b);  // 57344, the largest finite
+  EXPECT_EQ(pool[3], 0x7b);  // 60000 saturates
+  EXPECT_EQ(pool[4], 0xfb);  // -1e30 saturates
+  EXPECT_EQ(pool[5], 0x7b);  // +inf saturates
+  EXPECT_EQ(pool[6], 0xfb);  // -inf saturates
+  EXPECT_EQ(pool[8], 0x00);
+  EXPECT_EQ(pool[kD + 1], 0x7f);  // NaN
+  for (int i = 0; i < 2 * kD; ++i) {
+    EXPECT_EQ(pool[i], float_to_e5m2(bf16_to_float(kv[i]))) << i;
+  }
+  for (size_t i = 2 * kD; i < pool.size(); ++i) ASSERT_EQ(pool[i], 0xab) << "padding slot written";
+  // The per-head scheme with bf16 Q does need its scales.
+  p.cache.scheme = KvScheme::kFp8PerHeadBf16Q;
+  expect_error([&] { cpu->quantize_kv(p); },
+               "scales.k is null: scheme fp8-per-head-bf16q needs K scales");
 }
 
 // Writes `tokens` rows of K/V into a fresh pool; returns nothing, the caller inspects.
@@ -560,7 +614,7 @@ TEST(CpuBackend, AttentionMatchesFloat64Reference) {
       const Measured m = measure(p, scheme, c.phase);
       expect_within(m.vs_exact, exact_bound(scheme), "vs exact");
       expect_within(m.vs_emulated, emulated_bound(scheme), "vs emulated");
-      std::printf("  %-22s %-15s vs exact: %s | vs emulated: %s\n", c.name, scheme_name(scheme),
+      std::printf("  %-22s %-18s vs exact: %s | vs emulated: %s\n", c.name, scheme_name(scheme),
                   m.vs_exact.str().c_str(), m.vs_emulated.str().c_str());
     }
   }
@@ -664,6 +718,37 @@ TEST(CpuBackend, PerHeadScalesBeatPerTensorWhenHeadRangesDiffer) {
   }
 }
 
+// fp8-per-head-bf16q stores fp8-per-head's very bytes; keeping Q and P out of e4m3 only removes
+// rounding, so on the same data its error against the exact reference is below fp8-per-head's
+// (and not above fp8-per-tensor's when K/V heads share one range, where the two store the same
+// grid up to the scale).
+TEST(CpuBackend, PerHeadBf16QStoresPerHeadBytesAndRoundsLess) {
+  test::ProblemSpec spec;
+  spec.requests = {{90, 30}, {0, 41}, {200, 1}};
+  spec.num_q_heads = 8;
+  spec.num_kv_heads = 2;
+  spec.head_dim = 128;
+  spec.data.head_range = 30.0f;
+  spec.data.outlier_channels = 4;
+  spec.seed = 4242;
+  const test::AttentionProblem p = test::make_problem(spec);
+  auto cpu = make_cpu_backend();
+  const test::KvScales scales = test::calibrate_scales(p, KvScheme::kFp8PerHead);
+  EXPECT_EQ(scales.k, test::calibrate_scales(p, KvScheme::kFp8PerHeadBf16Q).k);
+  const test::AttentionRun head = test::run_attention(*cpu, p, KvScheme::kFp8PerHead, scales);
+  const test::AttentionRun bf16q =
+      test::run_attention(*cpu, p, KvScheme::kFp8PerHeadBf16Q, scales);
+  EXPECT_EQ(head.pool, bf16q.pool);
+  EXPECT_TRUE(bf16q.q_scale.empty());  // Q stays bf16: no quantize_q
+  const auto ref = test::reference_attention(p, test::exact_inputs(p));
+  const test::ErrorStats e_head = test::compare(head.o, ref, p.head_dim);
+  const test::ErrorStats e_bf16q = test::compare(bf16q.o, ref, p.head_dim);
+  std::printf("  vs exact: fp8-per-head %s\n            fp8-per-head-bf16q %s\n",
+              e_head.str().c_str(), e_bf16q.str().c_str());
+  EXPECT_LT(e_bf16q.normalized, e_head.normalized);
+  expect_within(e_bf16q, exact_bound(KvScheme::kFp8PerHeadBf16Q), "bf16q vs exact");
+}
+
 // The table the docs quote: measured errors per scheme on one representative batch.
 TEST(CpuBackend, ErrorBoundsReport) {
   test::ProblemSpec spec;
@@ -678,12 +763,12 @@ TEST(CpuBackend, ErrorBoundsReport) {
   std::printf(
       "  batch: 4 requests (seq 256/100/300/57, new 56/100/1/7), Hq 8, Hkv 2, D 128,\n"
       "         K/V head ranges 1..30, 4 outlier K channels x20-50, logit std 2\n");
-  std::printf("  %-15s %-12s %-10s %-12s %-10s %-12s %-10s\n", "scheme", "normalized", "bound",
+  std::printf("  %-18s %-12s %-10s %-12s %-10s %-12s %-10s\n", "scheme", "normalized", "bound",
               "max_row", "bound", "vs_emulated", "bound");
   for (KvScheme scheme : kSchemes) {
     const Measured m = measure(p, scheme, AttentionPhase::kPrefill);
     const Bounds be = exact_bound(scheme), bm = emulated_bound(scheme);
-    std::printf("  %-15s %-12.3e %-10.3e %-12.3e %-10.3e %-12.3e %-10.3e\n", scheme_name(scheme),
+    std::printf("  %-18s %-12.3e %-10.3e %-12.3e %-10.3e %-12.3e %-10.3e\n", scheme_name(scheme),
                 m.vs_exact.normalized, be.normalized, m.vs_exact.max_row, be.max_row,
                 m.vs_emulated.normalized, bm.normalized);
     RecordProperty(std::string(scheme_name(scheme)) + "_normalized_error",

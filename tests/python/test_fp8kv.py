@@ -93,7 +93,7 @@ HKV, HQ, D = 2, 8, 64
 def make_pool(rng, scheme, num_slots=40):
     dtype = np.uint16 if scheme == "bf16" else np.uint8
     pool = np.zeros((num_slots + 1, 2 * HKV, D), dtype=dtype)
-    if scheme == "fp8-per-head":
+    if scheme in ("fp8-per-head", "fp8-per-head-bf16q"):
         k_scale = rng.uniform(0.005, 0.02, HKV).astype(np.float32)
         v_scale = rng.uniform(0.005, 0.02, HKV).astype(np.float32)
     elif scheme == "fp8-per-tensor":
@@ -108,6 +108,8 @@ def dequant_pool(pool, scheme, k_scale, v_scale):
     """[slots + 1, 2 * Hkv, D] float64 real values."""
     if scheme == "bf16":
         return f32(pool)
+    if scheme == "fp8-e5m2":  # no scales
+        return fp8kv.decode_e5m2(pool).astype(np.float64)
     vals = fp8kv.decode_e4m3(pool).astype(np.float64)
     k = np.broadcast_to(k_scale, (HKV,)).astype(np.float64)
     v = np.broadcast_to(v_scale, (HKV,)).astype(np.float64)
@@ -145,7 +147,8 @@ def rel_err(a, ref):
 
 # ---- quantize-on-write ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scheme", ["fp8-per-head", "fp8-per-tensor", "bf16"])
+@pytest.mark.parametrize("scheme", ["fp8-per-head", "fp8-per-tensor", "bf16", "fp8-e5m2",
+                                    "fp8-per-head-bf16q"])
 def test_quantize_kv_writes_the_slots_given_in_place(rng, scheme):
     pool, ks, vs = make_pool(rng, scheme)
     before = ptr(pool)
@@ -157,6 +160,9 @@ def test_quantize_kv_writes_the_slots_given_in_place(rng, scheme):
     x = fp8kv.decode_bf16(kv)  # float32, exactly the bf16 values
     if scheme == "bf16":
         assert np.array_equal(pool[slots], kv)
+    elif scheme == "fp8-e5m2":  # no scales: x rounded to e5m2 as it is
+        assert np.array_equal(pool[slots], fp8kv.encode_e5m2(x))
+        assert np.array_equal(amax, np.abs(x).max(axis=(0, 2)))
     else:
         scales = np.concatenate([np.broadcast_to(ks, (HKV,)), np.broadcast_to(vs, (HKV,))])
         expected = fp8kv.encode_e4m3(x / scales[None, :, None].astype(np.float32))
@@ -224,10 +230,12 @@ def make_batch(rng, pool, scheme, ks, vs, seq_len, q_len):
 # dequantized cache; fp8-per-head also quantizes Q to e4m3 (taken into the reference through its
 # decoded codes) and rounds P to e4m3 (relative error up to 2^-4 per probability, unbiased:
 # CpuBackend.ErrorBoundsReport measures a few 1e-3), so it gets a looser bound.
-TOLERANCE = {"bf16": 4e-3, "fp8-per-tensor": 4e-3, "fp8-per-head": 3e-2}
+TOLERANCE = {"bf16": 4e-3, "fp8-per-tensor": 4e-3, "fp8-per-head": 3e-2, "fp8-e5m2": 4e-3,
+             "fp8-per-head-bf16q": 4e-3}
+SCHEMES = ["bf16", "fp8-per-tensor", "fp8-per-head", "fp8-e5m2", "fp8-per-head-bf16q"]
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "fp8-per-tensor", "fp8-per-head"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_prefill_matches_float64_reference(rng, scheme):
     pool, ks, vs = make_pool(rng, scheme, num_slots=80)
     seq_len, q_len = [9, 17, 1], [4, 17, 1]  # cached prefixes, a whole prompt, a single token
@@ -249,7 +257,7 @@ def test_prefill_matches_float64_reference(rng, scheme):
     assert np.isfinite(f32(out)).all() and err < TOLERANCE[scheme], err
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "fp8-per-tensor", "fp8-per-head"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_decode_matches_float64_reference_and_allocates_out(rng, scheme):
     pool, ks, vs = make_pool(rng, scheme, num_slots=80)
     seq_len = [1, 33, 12, 20]
@@ -493,3 +501,15 @@ def test_observer_finalize_through_a_python_communicator():
 
 def test_version_is_a_string():
     assert isinstance(fp8kv.__version__, str) and fp8kv.__version__
+
+
+def test_e5m2_refuses_scales_and_bf16q_needs_them(rng):
+    pool, _, _ = make_pool(rng, "fp8-e5m2")
+    kv = bf16(rng.standard_normal((1, 2 * HKV, D)))
+    one = np.ones(1, np.float32)
+    with pytest.raises(ValueError, match="fp8-e5m2 takes no k_scale / v_scale"):
+        fp8kv.quantize_kv(kv, np.array([0], np.int32), pool, "fp8-e5m2", one, one)
+    assert not pool.any()
+    with pytest.raises(ValueError, match="needs k_scale and v_scale"):
+        fp8kv.quantize_kv(kv, np.array([0], np.int32), pool, "fp8-per-head-bf16q")
+    assert not pool.any()

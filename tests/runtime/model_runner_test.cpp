@@ -177,7 +177,7 @@ TEST_F(ModelRunnerTest, GenerateIsGreedyOverForward) {
 }
 
 TEST_F(ModelRunnerTest, Fp8WithoutCalibrationRefused) {
-  for (KvScheme s : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {
+  for (KvScheme s : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHeadBf16Q}) {
     const std::string e = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, small(s)); });
     EXPECT_NE(e.find("refusing to run with scales of 1.0"), std::string::npos) << e;
     EXPECT_NE(e.find(scheme_name(s)), std::string::npos) << e;
@@ -187,6 +187,47 @@ TEST_F(ModelRunnerTest, Fp8WithoutCalibrationRefused) {
   o.scales = slice_for_rank(calibrated(QuantType::kPerTensor), 1, 0);
   const std::string e = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
   EXPECT_NE(e.find("per_head"), std::string::npos) << e;
+  o.scheme = KvScheme::kFp8PerHeadBf16Q;
+  const std::string e2 = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
+  EXPECT_NE(e2.find("fp8-per-head-bf16q KV cache needs per_head scales, got per_tensor"),
+            std::string::npos)
+      << e2;
+  // fp8-e5m2 has no scales: given some, it refuses them (they were meant for another cache).
+  o.scheme = KvScheme::kFp8E5m2;
+  const std::string e3 = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
+  EXPECT_NE(e3.find("fp8-e5m2 KV cache takes no calibration file"), std::string::npos) << e3;
+  const std::string e4 = error_of([&] {
+    load_scales_for_model("unused.json", tiny_->config(), KvScheme::kFp8E5m2);
+  });
+  EXPECT_NE(e4.find("fp8-e5m2 KV cache takes no calibration file"), std::string::npos) << e4;
+}
+
+// fp8-e5m2 runs with no scales at all; fp8-per-head-bf16q on fp8-per-head's scales. Both track
+// the bf16 cache; bf16q differs from fp8-per-head only by keeping Q and P out of e4m3.
+TEST_F(ModelRunnerTest, E5m2AndPerHeadBf16QCachesTrackBf16) {
+  const int V = tiny_->config().vocab_size;
+  const auto prompt = tokens(20, 9, V);
+  auto logits = [&](RunnerOptions o) {
+    ModelRunner r(*tiny_, *backend_, *ops_, std::move(o));
+    const int req = r.add_request();
+    std::vector<float> out = r.forward({req}, {prompt}, LogitRows::kAll);
+    const std::vector<float> step = r.forward({req}, {{prompt[3]}}, LogitRows::kLast);  // decode
+    out.insert(out.end(), step.begin(), step.end());
+    return out;
+  };
+  const std::vector<float> bf16 = logits(small());
+  const std::vector<float> e5m2 = logits(small(KvScheme::kFp8E5m2));
+  const RankScales ph = slice_for_rank(calibrated(QuantType::kPerHead), 1, 0);
+  RunnerOptions o = small(KvScheme::kFp8PerHeadBf16Q);
+  o.scales = ph;
+  const std::vector<float> bf16q = logits(o);
+  o.scheme = KvScheme::kFp8PerHead;
+  const std::vector<float> head = logits(o);
+  for (const auto* x : {&e5m2, &bf16q, &head}) {
+    EXPECT_GT(rel_diff(*x, bf16), 0.0);
+    EXPECT_LT(rel_diff(*x, bf16), 0.25);
+  }
+  EXPECT_GT(rel_diff(bf16q, head), 0.0);
 }
 
 TEST_F(ModelRunnerTest, OutOfSlotsSaysNeededAndFree) {
@@ -359,8 +400,8 @@ TEST_F(ModelRunnerTest, StaticQScalesAreUsedWhenTheFileHasThem) {
   }
   const int V = tiny_->config().vocab_size;
   const std::vector<int32_t> prompt = tokens(19, 9, V);
-  auto logits = [&](const CalibData& calib) {
-    RunnerOptions o = small(KvScheme::kFp8PerHead);
+  auto logits = [&](const CalibData& calib, KvScheme scheme = KvScheme::kFp8PerHead) {
+    RunnerOptions o = small(scheme);
     o.scales = slice_for_rank(calib, 1, 0);
     ModelRunner runner(*tiny_, *backend_, *ops_, o);
     const int r = runner.add_request();
@@ -377,6 +418,10 @@ TEST_F(ModelRunnerTest, StaticQScalesAreUsedWhenTheFileHasThem) {
   EXPECT_GT(rel_diff(st, dy), 0.0);
   EXPECT_LT(rel_diff(st, dy), 0.25);  // both are FP8 caches of one model
   EXPECT_GT(rel_diff(sat, st), 2 * rel_diff(st, dy));
+  // fp8-per-head-bf16q keeps Q in bf16: the file's Q scales change nothing, even tiny ones.
+  const std::vector<float> bf16q = logits(dynamic, KvScheme::kFp8PerHeadBf16Q);
+  EXPECT_EQ(logits(with_q, KvScheme::kFp8PerHeadBf16Q), bf16q);
+  EXPECT_EQ(logits(small_q, KvScheme::kFp8PerHeadBf16Q), bf16q);
 
   EXPECT_THROW(calibrated(QuantType::kPerTensor, true), Error);
 }
@@ -414,6 +459,45 @@ TEST_F(ModelRunnerTest, EvalComparesDynamicAndStaticQ) {
   const std::string table = format_eval_table(r);
   EXPECT_NE(table.find("per-head static-Q"), std::string::npos) << table;
   EXPECT_NE(table.find("static range 448 * s"), std::string::npos) << table;
+}
+
+// --kv-schemes and static Q together: the static-Q column comes right after fp8-per-head, only
+// when fp8-per-head is chosen; fp8-per-head-bf16q (bf16 Q) never reads the Q scales.
+TEST_F(ModelRunnerTest, EvalStaticQColumnFollowsTheChosenSchemes) {
+  const int V = tiny_->config().vocab_size;
+  const TokenData data = {tokens(9, 3, V), tokens(6, 4, V)};
+  const RankScales ph = slice_for_rank(calibrated(QuantType::kPerHead, true), 1, 0);
+  ASSERT_TRUE(ph.q.has_value());
+  RankScales ph_dynamic = ph;
+  ph_dynamic.q.reset();
+  EvalOptions eo;
+  eo.batch_size = 2;
+  eo.schemes = {KvScheme::kFp8PerHeadBf16Q, KvScheme::kFp8PerHead, KvScheme::kFp8E5m2};
+  const EvalResult r = evaluate(*tiny_, *backend_, *ops_, data, RankScales{}, ph, eo);
+  std::vector<std::string> labels;
+  for (const SchemeEval& e : r.schemes) labels.push_back(e.label);
+  EXPECT_EQ(labels, (std::vector<std::string>{"bf16", "fp8-per-head-bf16q", "fp8-per-head",
+                                              "per-head static-Q", "fp8-e5m2"}));
+  ASSERT_EQ(r.schemes.size(), 5u);
+  EXPECT_EQ(r.schemes[3].scheme, KvScheme::kFp8PerHead);
+  for (size_t i : {1u, 2u, 4u}) EXPECT_TRUE(r.schemes[i].q_range_use.empty()) << labels[i];
+  EXPECT_FALSE(r.schemes[3].q_range_use.empty());
+  const std::string table = format_eval_table(r);
+  EXPECT_NE(table.find("fp8-per-head-bf16q"), std::string::npos) << table;
+  EXPECT_NE(table.find("per-head static-Q:"), std::string::npos) << table;
+
+  // Without fp8-per-head there is no static-Q column, and fp8-per-head-bf16q gives the same
+  // numbers whether the file has Q scales or not.
+  eo.schemes = {KvScheme::kFp8PerHeadBf16Q};
+  const EvalResult b = evaluate(*tiny_, *backend_, *ops_, data, RankScales{}, ph, eo);
+  const EvalResult bd = evaluate(*tiny_, *backend_, *ops_, data, RankScales{}, ph_dynamic, eo);
+  ASSERT_EQ(b.schemes.size(), 2u);
+  ASSERT_EQ(bd.schemes.size(), 2u);
+  EXPECT_EQ(b.schemes[1].label, "fp8-per-head-bf16q");
+  EXPECT_EQ(b.schemes[1].kl_mean, bd.schemes[1].kl_mean);
+  EXPECT_EQ(b.schemes[1].attn_rel_error, bd.schemes[1].attn_rel_error);
+  EXPECT_EQ(b.schemes[1].kl_mean, r.schemes[1].kl_mean);
+  EXPECT_EQ(format_eval_table(b).find("static"), std::string::npos);
 }
 
 TEST_F(ModelRunnerTest, MakeModelIsDeterministicAndShardsLoadTheSame) {

@@ -1,10 +1,10 @@
 // The CPU backend: the reference twin of every CUDA kernel (docs/DESIGN.md, "Numerics").
 // Plain host memory, OpenMP over independent output rows, clear before clever.
 //
-// Attention semantics, shared by the three schemes (one code path; scales are a pointer for
-// per-head and entry 0 broadcast for per-tensor, 1 for bf16):
+// Attention semantics, shared by every scheme (one code path; scales are a pointer for
+// per-head, entry 0 broadcast for per-tensor, 1 for bf16 and fp8-e5m2):
 //   q      = Q row as stored: bf16 values, or decoded e4m3 codes (fp8-per-head)
-//   k, v   = pool rows as stored: bf16 values, or decoded e4m3 codes (no scale applied)
+//   k, v   = pool rows as stored: bf16 values, or decoded e4m3 / e5m2 codes (no scale applied)
 //   s_j    = (q . k_j) * (q_scale * k_scale * sm_scale)     fp32 dot, scales folded (as FA3)
 //   p_j    = exp(s_j - max_j s_j)                            in (0, 1], fp32
 //   l      = sum_j p_j                                       fp32, from the unrounded p_j
@@ -41,11 +41,20 @@
 namespace fp8kv {
 namespace {
 
-// Every e4m3 code decoded once (the same values as e4m3_to_float, read through a table).
+// Every e4m3 (e5m2) code decoded once (the same values as e4m3_to_float / e5m2_to_float, read
+// through a table).
 const std::array<float, 256>& e4m3_values() {
   static const std::array<float, 256> table = [] {
     std::array<float, 256> t{};
     for (int c = 0; c < 256; ++c) t[c] = e4m3_to_float(static_cast<uint8_t>(c));
+    return t;
+  }();
+  return table;
+}
+const std::array<float, 256>& e5m2_values() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) t[c] = e5m2_to_float(static_cast<uint8_t>(c));
     return t;
   }();
   return table;
@@ -61,34 +70,37 @@ float merge_amax(float old, float new_amax) {
   return std::max(old, new_amax);
 }
 
-// Scale of KV head `head` in [0, Hkv): per-head reads the array, per-tensor broadcasts entry 0.
+// Scale of KV head `head` in [0, Hkv): per-head reads the array, per-tensor broadcasts entry 0,
+// a scheme without scales (bf16, fp8-e5m2) has scale 1.
 float head_scale(const float* scales, KvScheme scheme, int head) {
-  switch (scheme) {
-    case KvScheme::kBf16:
+  switch (kv_scale_source(scheme)) {
+    case KvScaleSource::kNone:
       return 1.0f;
-    case KvScheme::kFp8PerTensor:
+    case KvScaleSource::kPerTensor:
       return scales[0];
-    case KvScheme::kFp8PerHead:
+    case KvScaleSource::kPerHead:
       return scales[head];
   }
   return 1.0f;
 }
 
 int num_scales(const KvCacheLayer& cache) {
-  return cache.scheme == KvScheme::kFp8PerHead ? cache.num_kv_heads : 1;
+  return kv_scales_per_layer(cache.scheme, cache.num_kv_heads);
 }
 
 // One row of D elements of the pool, [slot, head] with head in [0, 2 * Hkv), as stored values
-// (bf16 values, or decoded e4m3 codes without their scale).
+// (bf16 values, or decoded e4m3 / e5m2 codes without their scale).
 void load_pool_row(const KvCacheLayer& cache, int64_t slot, int head, float* out) {
   const int64_t offset = (slot * 2 * cache.num_kv_heads + head) * cache.head_dim;
-  if (cache.scheme == KvScheme::kBf16) {
+  const KvCodec codec = kv_codec(cache.scheme);
+  if (codec == KvCodec::kBf16) {
     const uint16_t* src = static_cast<const uint16_t*>(cache.data) + offset;
     for (int d = 0; d < cache.head_dim; ++d) out[d] = bf16_to_float(src[d]);
   } else {
     const uint8_t* src = static_cast<const uint8_t*>(cache.data) + offset;
-    const std::array<float, 256>& e4m3 = e4m3_values();
-    for (int d = 0; d < cache.head_dim; ++d) out[d] = e4m3[src[d]];
+    const std::array<float, 256>& values =
+        codec == KvCodec::kE5m2 ? e5m2_values() : e4m3_values();
+    for (int d = 0; d < cache.head_dim; ++d) out[d] = values[src[d]];
   }
 }
 
@@ -153,7 +165,7 @@ class CpuBackend final : public Backend {
 void CpuBackend::quantize_kv(const QuantizeKvParams& p) {
   validate_quantize_kv(p);
   check_slots("quantize_kv", p.slots, p.num_tokens, p.cache.num_slots);
-  if (is_fp8(p.cache.scheme)) {
+  if (has_kv_scales(p.cache.scheme)) {
     check_scales("quantize_kv", "scales.k", p.scales.k, num_scales(p.cache));
     check_scales("quantize_kv", "scales.v", p.scales.v, num_scales(p.cache));
   }
@@ -161,6 +173,7 @@ void CpuBackend::quantize_kv(const QuantizeKvParams& p) {
   const int hkv = p.cache.num_kv_heads;
   const int D = p.cache.head_dim;
   const KvScheme scheme = p.cache.scheme;
+  const KvCodec codec = kv_codec(scheme);
   std::vector<uint32_t> amax_bits(num_heads, 0);  // |x| bits, merged over threads
 
 #pragma omp parallel
@@ -172,13 +185,17 @@ void CpuBackend::quantize_kv(const QuantizeKvParams& p) {
       for (int head = 0; head < num_heads; ++head) {
         const uint16_t* src = p.kv + (t * num_heads + head) * D;   // [D] bf16
         const int64_t dst_offset = (slot * num_heads + head) * D;  // [D] in the pool
-        if (scheme == KvScheme::kBf16) {
+        if (codec == KvCodec::kBf16) {
           std::memcpy(static_cast<uint16_t*>(p.cache.data) + dst_offset, src, D * sizeof(uint16_t));
         } else {
           const float scale = head < hkv ? head_scale(p.scales.k, scheme, head)
                                          : head_scale(p.scales.v, scheme, head - hkv);
           uint8_t* dst = static_cast<uint8_t*>(p.cache.data) + dst_offset;
-          for (int d = 0; d < D; ++d) dst[d] = quantize_e4m3(bf16_to_float(src[d]), scale);
+          if (codec == KvCodec::kE5m2) {
+            for (int d = 0; d < D; ++d) dst[d] = quantize_e5m2(bf16_to_float(src[d]), scale);
+          } else {
+            for (int d = 0; d < D; ++d) dst[d] = quantize_e4m3(bf16_to_float(src[d]), scale);
+          }
         }
         if (p.observe_amax != nullptr) {
           uint32_t& m = local_amax[head];
@@ -264,7 +281,7 @@ void CpuBackend::attention(const AttentionParams& p, AttentionPhase phase) {
   const AttentionBatch& batch = p.batch;
   check_batch(batch, p.cache.num_slots, phase);
   const KvScheme scheme = p.cache.scheme;
-  if (is_fp8(scheme)) {
+  if (has_kv_scales(scheme)) {
     const char* kernel = attention_phase_name(phase);
     check_scales(kernel, "scales.k", p.scales.k, num_scales(p.cache));
     check_scales(kernel, "scales.v", p.scales.v, num_scales(p.cache));
@@ -276,7 +293,7 @@ void CpuBackend::attention(const AttentionParams& p, AttentionPhase phase) {
   const int D = p.cache.head_dim;
   const float sm_scale =
       p.softmax_scale > 0.0f ? p.softmax_scale : 1.0f / std::sqrt(static_cast<float>(D));
-  const bool fp8_q_and_p = scheme == KvScheme::kFp8PerHead;
+  const bool fp8_q_and_p = fp8_q(scheme);
   const std::array<float, 256>& e4m3 = e4m3_values();
 
   // New token t -> its request.

@@ -1,6 +1,6 @@
 // Device building blocks shared by the CUDA kernels: 16-byte vector access, cp.async, FP8/bf16
 // widening in registers, warp reductions, and the float-as-bits atomic max used by the fused
-// abs-max observation. Conversions to e4m3 use cuda_fp8.h's hardware instructions, which are
+// abs-max observation. Conversions to e4m3/e5m2 use cuda_fp8.h's hardware instructions, which are
 // bit-identical to fp8kv/fp8.h (saturating, NaN -> 0x7f); tests/cuda/codec_test.cu proves it.
 #pragma once
 
@@ -13,6 +13,7 @@
 #include <string>
 
 #include "fp8kv/error.h"
+#include "fp8kv/scheme.h"
 #include "kernels/cuda/check.h"
 
 namespace fp8kv::cuda {
@@ -90,6 +91,12 @@ __device__ __forceinline__ float2 e4m3x2_to_float2(uint16_t v) {
   return __half22float2(*reinterpret_cast<const __half2*>(&h));
 }
 
+// Two e5m2 codes (low byte first) -> two floats (exact: an e5m2 code is the high byte of an fp16).
+__device__ __forceinline__ float2 e5m2x2_to_float2(uint16_t v) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E5M2);
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+
 // 8 bf16 (one 16-byte vector) -> 8 floats.
 __device__ __forceinline__ void widen_bf16x8(const uint4 v, float (&f)[8]) {
   const float2 a = bf16x2_to_float2(v.x), b = bf16x2_to_float2(v.y);
@@ -115,6 +122,20 @@ __device__ __forceinline__ uint8_t float_to_e4m3_hw(float x) {
 // Two floats -> two e4m3 codes (x in the low byte).
 __device__ __forceinline__ uint16_t float2_to_e4m3x2_hw(float x, float y) {
   return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E4M3));
+}
+// Two floats -> two e5m2 codes (x in the low byte), saturating: fp8kv::float_to_e5m2's bytes.
+__device__ __forceinline__ uint16_t float2_to_e5m2x2_hw(float x, float y) {
+  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E5M2));
+}
+// Two floats -> two codes of the cache's FP8 codec (kE4m3 or kE5m2).
+template <KvCodec kCodec>
+__device__ __forceinline__ uint16_t float2_to_fp8x2_hw(float x, float y) {
+  static_assert(kCodec != KvCodec::kBf16, "an FP8 codec");
+  if constexpr (kCodec == KvCodec::kE5m2) {
+    return float2_to_e5m2x2_hw(x, y);
+  } else {
+    return float2_to_e4m3x2_hw(x, y);
+  }
 }
 __device__ __forceinline__ uint16_t float_to_bf16_bits(float x) {
   const __nv_bfloat16 b = __float2bfloat16_rn(x);

@@ -80,7 +80,7 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   const DecodePlan plan = plan_decode(p);
   const int D = p.cache.head_dim;
   DecodeArgs a;
-  const bool q_fp8 = p.cache.scheme == KvScheme::kFp8PerHead;
+  const bool q_fp8 = fp8_q(p.cache.scheme);
   a.q = q_fp8 ? static_cast<const void*>(p.q_fp8) : static_cast<const void*>(p.q);
   a.q_scale = p.q_scale;
   a.cache = static_cast<const uint8_t*>(p.cache.data);

@@ -1,6 +1,6 @@
 // Decode attention (one new token per request) over the token-slot pool: shared declarations of
 // decode.cu (launcher, split merge) and the kernel instantiations (decode_mma_kernel.cuh, explicitly
-// instantiated per scheme in decode_{bf16,fp8_tensor,fp8_head}.cu).
+// instantiated per scheme in decode_{bf16,fp8_tensor,fp8_head,fp8_e5m2,fp8_head_bf16q}.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,8 +15,8 @@ namespace fp8kv::cuda {
 struct DecodeArgs {
   const void* q = nullptr;             // [total_q, Hq, D]: bf16, or e4m3 for fp8-per-head
   const float* q_scale = nullptr;      // [B, Hkv] (fp8-per-head)
-  const uint8_t* cache = nullptr;      // [num_slots + 1, 2 * Hkv, D] bf16 or e4m3
-  const float* k_scale = nullptr;      // per-head [Hkv], per-tensor [1]
+  const uint8_t* cache = nullptr;      // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2
+  const float* k_scale = nullptr;      // per-head [Hkv], per-tensor [1]; none for fp8-e5m2
   const float* v_scale = nullptr;
   const int32_t* seq_len = nullptr;    // [B]
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
@@ -39,7 +39,7 @@ struct DecodeArgs {
 // token's K (or V) row moves about 256 bytes: the copy engine's rate is per copy, and rows of
 // one head (128 bytes for e4m3 at head_dim 128) are too small to reach the read bandwidth.
 constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
-  const int row_bytes = scheme == KvScheme::kBf16 ? 2 * head_dim : head_dim;
+  const int row_bytes = kv_elem_bytes(scheme) * head_dim;
   const int k = 256 / row_bytes;
   return k < 1 ? 1 : k > 4 ? 4 : k;
 }
@@ -60,6 +60,8 @@ struct DecodeMmaKernel {
 FP8KV_DECODE_MMA_EXTERN(KvScheme::kBf16)
 FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8PerTensor)
 FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8PerHead)
+FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8E5m2)
+FP8KV_DECODE_MMA_EXTERN(KvScheme::kFp8PerHeadBf16Q)
 #undef FP8KV_DECODE_MMA_EXTERN
 
 }  // namespace fp8kv::cuda

@@ -1,5 +1,6 @@
-// The decode kernel, every scheme (bf16, fp8-per-tensor, fp8-per-head). Included only by the
-// instantiation files decode_{bf16,fp8_tensor,fp8_head}.cu; its oracle is the CPU twin.
+// The decode kernel, every scheme (bf16, fp8-per-tensor, fp8-per-head, fp8-e5m2,
+// fp8-per-head-bf16q). Included only by the instantiation files decode_<scheme>.cu; its oracle is
+// the CPU twin.
 //
 // Why tensor cores: on CUDA cores decode is bound by instructions (per-lane dot products,
 // cross-lane reductions per query head, widening), not by bytes. Here QK^T and PV run as mma.sync
@@ -26,16 +27,19 @@
 // Query heads past the group's end are zero columns of Q^T, never written out.
 //
 // Numerics. bf16 cache: bf16 MMAs straight from shared memory (ldmatrix, ldmatrix.trans for V),
-// Q as given, P rounded to bf16 for the PV product. FP8 caches: every e4m3 value is an fp16
-// value, so K and V are widened exactly by the hardware e4m3x2 -> f16x2 convert while the A
-// fragments are built (no widened copy in shared memory).
+// Q as given, P rounded to bf16 for the PV product. FP8 caches: every e4m3 and every e5m2 value
+// is an fp16 value (an e5m2 code is the high byte of an fp16), so K and V are widened exactly
+// while the A fragments are built (no widened copy in shared memory): the hardware e4m3x2 ->
+// f16x2 convert, or one byte permute for e5m2 (the scheme's KvCodec).
 //   fp8-per-head:   Q is e4m3 codes (quantize_q): exact in fp16 as well.
-//   fp8-per-tensor: Q is bf16; it is scaled by a power of two 2^e chosen per CTA so that
-//                   max |q| lies in [2^14, 2^15), then rounded to fp16: exact for every value
-//                   within 2^32 of the maximum (fp16 keeps 11 bits, bf16 has 8), and 2^-e goes
-//                   into the score multiplier.
-// The Q scale (fp8-per-head), the K scale, 2^-e and the softmax scale fold into one multiplier of
-// the fp32 scores; the V scale is applied once to the output. P is rounded to fp16 for the PV
+//   the bf16-Q FP8 schemes (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q): Q is bf16; it is
+//                   scaled by a power of two 2^e chosen per CTA so that max |q| lies in
+//                   [2^14, 2^15), then rounded to fp16: exact for every value within 2^32 of the
+//                   maximum (fp16 keeps 11 bits, bf16 has 8), and 2^-e goes into the score
+//                   multiplier. (e5m2 K up to 57344 times Q below 2^15 stays far inside fp32.)
+// The Q scale (fp8-per-head), the K scale (KvScaleSource: one per layer, one per KV head, or 1
+// for fp8-e5m2), 2^-e and the softmax scale fold into one multiplier of the fp32 scores; the V
+// scale is applied once to the output. P is rounded to fp16 for the PV
 // MMA (relative error 2^-12, finer than the CPU twin's e4m3 P for fp8-per-head); the row sum l
 // is summed from the fp32 P.
 //
@@ -79,7 +83,7 @@ static_assert(2 * kTileTokens == kIssuers, "one thread issues the copy of one K 
 
 template <KvScheme kScheme, int D>
 struct Shape {
-  static constexpr bool kBf16 = kScheme == KvScheme::kBf16;
+  static constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
   static constexpr int kRowBytes = kBf16 ? 2 * D : D;     // one K or V row of a KV head
   static constexpr int kKv = decode_mma_kv_heads(kScheme, D);  // adjacent KV heads per CTA
   static constexpr int kThreads = kKv * kWarps * 32;      // 4 warps per KV head
@@ -104,6 +108,21 @@ __device__ __forceinline__ void e4m3x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint
       "cvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
       : "=r"(lo), "=r"(hi)
       : "r"(w));
+}
+// Four e5m2 codes -> two f16x2, exactly: each code becomes the high byte of its fp16 (byte
+// permutes instead of converts).
+__device__ __forceinline__ void e5m2x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  lo = __byte_perm(w, 0u, 0x1404);  // bytes, low first: 0, b0, 0, b1
+  hi = __byte_perm(w, 0u, 0x3424);  // 0, b2, 0, b3
+}
+// The cache's K/V codec: four codes -> two f16x2.
+template <KvCodec kCodec>
+__device__ __forceinline__ void fp8x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  if constexpr (kCodec == KvCodec::kE5m2) {
+    e5m2x4_to_f16x2x2(w, lo, hi);
+  } else {
+    e4m3x4_to_f16x2x2(w, lo, hi);
+  }
 }
 __device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
@@ -139,7 +158,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   using namespace decode_mma;
   using Sh = Shape<kScheme, kHeadDim>;
   constexpr bool kBf16 = Sh::kBf16;
-  constexpr bool kQFp8 = kScheme == KvScheme::kFp8PerHead;
+  constexpr KvCodec kCodec = kv_codec(kScheme);
+  constexpr KvScaleSource kScales = kv_scale_source(kScheme);
+  constexpr bool kQFp8 = fp8_q(kScheme);
   constexpr int kSteps = Sh::kSteps;
   extern __shared__ __align__(16) uint8_t smem[];
 
@@ -280,8 +301,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     }
   }
   float v_scale = 1.0f;
-  if constexpr (!kBf16) {
-    const int scale_index = kScheme == KvScheme::kFp8PerHead ? g : 0;
+  if constexpr (kScales != KvScaleSource::kNone) {
+    const int scale_index = kScales == KvScaleSource::kPerHead ? g : 0;
     mult *= a.k_scale[scale_index];
     v_scale = a.v_scale[scale_index];
   }
@@ -314,8 +335,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             uint32_t ka[4];
-            decode_mma::e4m3x4_to_f16x2x2(kr[2 * hh], ka[0], ka[2]);      // key r
-            decode_mma::e4m3x4_to_f16x2x2(kr[2 * hh + 1], ka[1], ka[3]);  // key r + 8
+            decode_mma::fp8x4_to_f16x2x2<kCodec>(kr[2 * hh], ka[0], ka[2]);      // key r
+            decode_mma::fp8x4_to_f16x2x2<kCodec>(kr[2 * hh + 1], ka[1], ka[3]);  // key r + 8
             decode_mma::mma_f16(st[hh], ka, qa[k + hh][0], qa[k + hh][1]);
           }
         }
@@ -394,8 +415,10 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
             // vr[2hh] holds V[2t][2r], V[2t][2r+1], V[2t+1][2r], V[2t+1][2r+1] (keys 0..7); the
             // byte permute pairs the keys of one dim: [V[2t][2r], V[2t+1][2r] | V[2t][2r+1], ...].
             uint32_t va[4];
-            decode_mma::e4m3x4_to_f16x2x2(__byte_perm(vr[2 * hh], 0u, 0x3120), va[0], va[1]);
-            decode_mma::e4m3x4_to_f16x2x2(__byte_perm(vr[2 * hh + 1], 0u, 0x3120), va[2], va[3]);
+            const uint32_t v0 = __byte_perm(vr[2 * hh], 0u, 0x3120);
+            const uint32_t v1 = __byte_perm(vr[2 * hh + 1], 0u, 0x3120);
+            decode_mma::fp8x4_to_f16x2x2<kCodec>(v0, va[0], va[1]);
+            decode_mma::fp8x4_to_f16x2x2<kCodec>(v1, va[2], va[3]);
             decode_mma::mma_f16(o[k + hh], va, pb0, pb1);
           }
         }

@@ -34,6 +34,14 @@
         constexpr ::fp8kv::KvScheme NAME = ::fp8kv::KvScheme::kFp8PerHead;                   \
         return __VA_ARGS__();                                                                \
       }                                                                                      \
+      case ::fp8kv::KvScheme::kFp8E5m2: {                                                    \
+        constexpr ::fp8kv::KvScheme NAME = ::fp8kv::KvScheme::kFp8E5m2;                      \
+        return __VA_ARGS__();                                                                \
+      }                                                                                      \
+      case ::fp8kv::KvScheme::kFp8PerHeadBf16Q: {                                            \
+        constexpr ::fp8kv::KvScheme NAME = ::fp8kv::KvScheme::kFp8PerHeadBf16Q;              \
+        return __VA_ARGS__();                                                                \
+      }                                                                                      \
       default:                                                                               \
         throw ::fp8kv::Error("Unsupported KV scheme " +                                      \
                              std::to_string(static_cast<int>(scheme)));                      \

@@ -1,5 +1,6 @@
 // Prefill attention dispatch: runtime scheme, head_dim and tile configuration -> a built kernel
-// instance (prefill_instances.cuh). The kernel itself: prefill_kernel.cuh.
+// instance (the table: prefill_instances.cuh). The kernels: prefill_kernel.cuh (mma.sync) and
+// prefill_ws.cuh (warp-specialized wgmma, fp8-per-head); their shared parts: prefill_common.cuh.
 #include <string>
 
 #include "fp8kv/error.h"
@@ -15,8 +16,12 @@ const char* prefill_config_name(PrefillConfig config) {
     case PrefillConfig::kDefault: return "default";
     case PrefillConfig::kWide: return "wide";
     case PrefillConfig::kNarrow: return "narrow";
-    case PrefillConfig::kWgmma: return "wgmma";
-    case PrefillConfig::kWgmmaShort: return "wgmma-short";
+    case PrefillConfig::kWarpSpecialized: return "ws";
+    case PrefillConfig::kWsPackGqa: return "ws-gqa";
+    case PrefillConfig::kWsPackGqaPingPong: return "ws-gqa-pp";
+    case PrefillConfig::kWsSwizzle: return "ws-sw128";
+    case PrefillConfig::kWsDiagConsumers: return "ws-diag-consumers";
+    case PrefillConfig::kWsDiagProducer: return "ws-diag-producer";
   }
   return "unknown";
 }
@@ -33,11 +38,12 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream) {
   }
 }
 
-template <KvScheme S, int D, int kBlockN, int kWarpgroups, int kMinBlocks>
-bool try_launch_wgmma(const AttentionParams& p, cudaStream_t stream) {
-  if constexpr (S == KvScheme::kFp8PerHead &&
-                prefill::kWgmmaBuilt<D, kBlockN, kWarpgroups, kMinBlocks>) {
-    prefill::launch_prefill_wgmma<D, kBlockN, kWarpgroups, kMinBlocks>(p, stream);
+// fp8-per-head on the warp-specialized kernel (prefill_ws.cuh); kDiag: benchmark diagnostics.
+template <KvScheme S, int D, bool kPackGqa, bool kPingPong, bool kSwizzle = false, int kDiag = 0>
+bool try_launch_ws(const AttentionParams& p, cudaStream_t stream) {
+  if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kPackGqa, kPingPong, kSwizzle, kDiag>) {
+    prefill::launch_prefill_ws<D, prefill::kWsBlockN<D>, prefill::kWsStages<D>, kPackGqa, kPingPong,
+                               kSwizzle, kDiag>(p, stream);
     return true;
   } else {
     return false;
@@ -48,20 +54,23 @@ template <KvScheme S, int D>
 void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStream_t stream) {
   if (config == PrefillConfig::kDefault) {
     if (S == KvScheme::kFp8PerHead) {
-      config = PrefillConfig::kWgmma;
+      config = PrefillConfig::kWarpSpecialized;
     } else {
       config = D == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide;
     }
   }
-  constexpr int kLongN = D == 256 ? 64 : 128;
   bool launched = false;
   switch (config) {
     case PrefillConfig::kWide: launched = try_launch<S, D, 8, 64>(p, stream); break;
     case PrefillConfig::kNarrow:
       launched = D == 256 ? try_launch<S, D, 4, 32>(p, stream) : try_launch<S, D, 4, 64>(p, stream);
       break;
-    case PrefillConfig::kWgmma: launched = try_launch_wgmma<S, D, kLongN, 2, 1>(p, stream); break;
-    case PrefillConfig::kWgmmaShort: launched = try_launch_wgmma<S, D, 64, 2, 1>(p, stream); break;
+    case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D, false, false>(p, stream); break;
+    case PrefillConfig::kWsPackGqa: launched = try_launch_ws<S, D, true, false>(p, stream); break;
+    case PrefillConfig::kWsPackGqaPingPong: launched = try_launch_ws<S, D, true, true>(p, stream); break;
+    case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, false, false, true>(p, stream); break;
+    case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, false, false, 1>(p, stream); break;
+    case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, false, false, 2>(p, stream); break;
     default: break;
   }
   if (!launched) {

@@ -1,12 +1,10 @@
-// Explicit instances of the prefill kernel for KvScheme::kBf16 (list: prefill_instances.cuh).
+// The mma.sync prefill kernel's instances for KvScheme::kBf16: the list FP8KV_PREFILL_MMA_BF16 of
+// prefill_instances.cuh.
 #include "kernels/cuda/prefill_instances.cuh"
 #include "kernels/cuda/prefill_kernel.cuh"
 
 namespace fp8kv::cuda::prefill {
 
-template void launch_prefill<KvScheme::kBf16, 64, 8, 64>(const AttentionParams&, cudaStream_t);
-template void launch_prefill<KvScheme::kBf16, 128, 8, 64>(const AttentionParams&, cudaStream_t);
-template void launch_prefill<KvScheme::kBf16, 256, 4, 32>(const AttentionParams&, cudaStream_t);
-template void launch_prefill<KvScheme::kBf16, 128, 4, 64>(const AttentionParams&, cudaStream_t);
+FP8KV_PREFILL_MMA_BF16(FP8KV_PREFILL_MMA_INSTANTIATE)
 
 }  // namespace fp8kv::cuda::prefill

@@ -1,12 +1,10 @@
-// Explicit instances of the prefill kernel for KvScheme::kFp8PerHead (list: prefill_instances.cuh).
+// The mma.sync prefill kernel's instances for KvScheme::kFp8PerHead: the list FP8KV_PREFILL_MMA_FP8_PER_HEAD of
+// prefill_instances.cuh.
 #include "kernels/cuda/prefill_instances.cuh"
 #include "kernels/cuda/prefill_kernel.cuh"
 
 namespace fp8kv::cuda::prefill {
 
-template void launch_prefill<KvScheme::kFp8PerHead, 64, 8, 64>(const AttentionParams&, cudaStream_t);
-template void launch_prefill<KvScheme::kFp8PerHead, 128, 8, 64>(const AttentionParams&, cudaStream_t);
-template void launch_prefill<KvScheme::kFp8PerHead, 256, 4, 32>(const AttentionParams&, cudaStream_t);
-template void launch_prefill<KvScheme::kFp8PerHead, 128, 4, 64>(const AttentionParams&, cudaStream_t);
+FP8KV_PREFILL_MMA_FP8_PER_HEAD(FP8KV_PREFILL_MMA_INSTANTIATE)
 
 }  // namespace fp8kv::cuda::prefill

@@ -1,13 +1,16 @@
 // Prefill attention on Hopper with mma.sync tensor cores: varlen batches, causal with a cached
-// prefix, GQA, K/V gathered from the token-slot pool. One kernel template for the three schemes:
+// prefix, GQA, K/V gathered from the token-slot pool. One kernel template for every scheme:
 //
 //   kBf16          bf16 Q, K, V; QK^T and PV as m16n8k16 bf16 MMAs, fp32 accumulate.
 //   kFp8PerTensor  bf16 Q; e4m3 K/V are widened to bf16 in shared memory (exact: e4m3 is a subset
 //                  of bf16) and run the bf16 MMAs; k_scale folds into the softmax scale, v_scale
 //                  into the final normalization, so only a cast is needed per element.
+//   kFp8E5m2, kFp8PerHeadBf16Q  the same path with another KV codec or scale source
+//                  (SchemeTraits): e5m2 K/V (also a subset of bf16) with scale 1, or e4m3 K/V
+//                  with the KV head's K and V scales.
 //   kFp8PerHead    e4m3 Q (quantize_q) and K/V; QK^T and PV as m16n8k32 e4m3 MMAs (on sm_90 ptxas
 //                  runs these as fp16 HMMAs after unpacking: correct, no FP8 rate; the fast
-//                  fp8-per-head path is prefill_wgmma.cuh, this one stays as its simple twin). The scales
+//                  fp8-per-head path is prefill_ws.cuh, this one stays as its simple twin). The scales
 //                  fold the same way: S = acc * q_scale * k_scale * sm_scale, O = acc * v_scale / l.
 //                  P is rounded to e4m3 as it is (no P scale) for the PV product and the row sum
 //                  l is kept in fp32 from the unrounded P: the CPU twin's semantics
@@ -35,55 +38,22 @@
 #include "fp8kv/backend.h"
 #include "fp8kv/scheme.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/prefill_common.cuh"
 
 namespace fp8kv::cuda::prefill {
 
-// Device-side arguments, built on the host from AttentionParams (launch_prefill).
-struct PrefillParams {
-  const void* q = nullptr;              // [total_q, Hq, D] bf16 (bf16, fp8-per-tensor) or e4m3
-  const float* q_scale = nullptr;       // [B, Hkv] fp8-per-head, else unused
-  uint16_t* o = nullptr;                // [total_q, Hq, D] bf16
-  const uint8_t* kv = nullptr;          // [num_slots + 1, 2 * Hkv, D] bf16 or e4m3, as bytes
-  const float* k_scale = nullptr;       // per-head [Hkv], per-tensor [1]; unused for bf16
-  const float* v_scale = nullptr;       // likewise
-  const int32_t* seq_len = nullptr;     // [B]
-  const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
-  const int32_t* req_index = nullptr;   // [B]
-  const int32_t* req_to_token = nullptr;  // [max_requests, max_len]
-  int max_len = 0;
-  int num_q_heads = 0;                  // Hq
-  int num_kv_heads = 0;                 // Hkv
-  float softmax_scale = 0.0f;           // resolved: 1/sqrt(D) when the caller gave 0
-};
-
+// What a scheme means for this kernel, from its three choices (fp8kv/scheme.h).
 template <KvScheme S>
-struct SchemeTraits;
-template <>
-struct SchemeTraits<KvScheme::kBf16> {
-  static constexpr int kQBytes = 2;        // bytes of one stored Q element
-  static constexpr int kKvBytes = 2;       // bytes of one stored K/V element
-  static constexpr bool kFp8Mma = false;   // e4m3 tensor cores for QK^T and PV
-  static constexpr bool kWidenKv = false;  // e4m3 K/V widened to bf16 in shared memory
-  static constexpr bool kScaled = false;   // K/V scales apply
-  static constexpr bool kPerHeadScales = false;
-};
-template <>
-struct SchemeTraits<KvScheme::kFp8PerTensor> {
-  static constexpr int kQBytes = 2;
-  static constexpr int kKvBytes = 1;
-  static constexpr bool kFp8Mma = false;
-  static constexpr bool kWidenKv = true;
-  static constexpr bool kScaled = true;
-  static constexpr bool kPerHeadScales = false;
-};
-template <>
-struct SchemeTraits<KvScheme::kFp8PerHead> {
-  static constexpr int kQBytes = 1;
-  static constexpr int kKvBytes = 1;
-  static constexpr bool kFp8Mma = true;
-  static constexpr bool kWidenKv = false;
-  static constexpr bool kScaled = true;
-  static constexpr bool kPerHeadScales = true;
+struct SchemeTraits {
+  static constexpr KvCodec kCodec = kv_codec(S);      // how K/V are stored
+  static constexpr int kQBytes = fp8_q(S) ? 1 : 2;    // bytes of one stored Q element
+  static constexpr int kKvBytes = kv_elem_bytes(S);   // bytes of one stored K/V element
+  static constexpr bool kFp8Mma = fp8_q(S);           // e4m3 tensor cores for QK^T and PV
+  // FP8 K/V widened to bf16 in shared memory for the bf16 MMAs (bf16 Q)
+  static constexpr bool kWidenKv = !fp8_q(S) && kCodec != KvCodec::kBf16;
+  static constexpr bool kScaled = kv_scale_source(S) != KvScaleSource::kNone;  // K/V scales apply
+  static constexpr bool kPerHeadScales = kv_scale_source(S) == KvScaleSource::kPerHead;
+  static_assert(!kFp8Mma || kCodec == KvCodec::kE4m3, "the fp8 MMAs read e4m3 K/V");
 };
 
 // Sizes of one kernel instance. Shared memory rows are padded by one 16-byte chunk: the 8 rows
@@ -118,30 +88,13 @@ struct TileShape {
 
 // Tensor-core building blocks (smem_addr, ldmatrix_x4, mma_bf16, mma_e4m3): common.cuh.
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
+// fast_exp2, pack_bf16x2, pack_e4m3x4, RowSoftmax: prefill_common.cuh.
 
-// Two floats -> bf16x2 (lo in the low half), round to nearest even.
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// Four floats -> four e4m3 codes, x0 in the low byte; round to nearest even, saturating: the
-// same bytes as fp8kv::float_to_e4m3.
-__device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {
-  uint16_t lo, hi;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(x1), "f"(x0));
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(x3), "f"(x2));
-  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-}
-
-// Two e4m3 codes -> bf16x2, exactly.
-__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t two_codes) {
-  const float2 f = e4m3x2_to_float2(static_cast<uint16_t>(two_codes));
+// Two e4m3 (e5m2) codes -> bf16x2, exactly: both formats are subsets of bf16.
+template <KvCodec kCodec>
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_codes) {
+  const float2 f = kCodec == KvCodec::kE5m2 ? e5m2x2_to_float2(static_cast<uint16_t>(two_codes))
+                                            : e4m3x2_to_float2(static_cast<uint16_t>(two_codes));
   return pack_bf16x2(f.x, f.y);
 }
 
@@ -177,24 +130,22 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
   uint8_t* const kv_smem = smem + Shape::kQTileBytes;       // [2 stages][K, V][kBlockN][kKvPitch]
   uint8_t* const wide_smem = kv_smem + 2 * Shape::kStageBytes;  // [K, V][kBlockN][kMmaPitch]
 
+  PrefillSeq seq;
+  if (!prefill_seq(p, kBlockM, 1, seq)) return;  // past this request's new tokens
   const int head = blockIdx.x;
-  const int b = blockIdx.y;
-  const int q_tile = gridDim.z - 1 - blockIdx.z;
-  const int q_begin = p.cu_seqlens_q[b];
-  const int q_len = p.cu_seqlens_q[b + 1] - q_begin;
-  const int q0 = q_tile * kBlockM;
-  if (q0 >= q_len) return;  // tiles past this request's new tokens (or an empty request)
-  const int seq_len = p.seq_len[b];
-  const int prefix = seq_len - q_len;  // cached tokens: new token i sits at prefix + i
+  const int b = seq.b;
+  const int q_begin = seq.q_begin;
+  const int q0 = seq.q0;
+  const int seq_len = seq.seq_len;
+  const int prefix = seq.prefix;
   const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
   const int32_t* const slots = p.req_to_token + static_cast<int64_t>(p.req_index[b]) * p.max_len;
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
-  const int rows_here = min(kBlockM, q_len - q0);
-  const int last_pos = prefix + q0 + rows_here - 1;
-  const int num_kv_tiles = last_pos / kBlockN + 1;
+  const int rows_here = seq.rows;
+  const int num_kv_tiles = seq.last_pos / kBlockN + 1;
   const int warp_row0 = warp * 16;
   const bool warp_active = warp_row0 < rows_here;
   const int warp_first_pos = prefix + q0 + warp_row0;
@@ -208,7 +159,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
     qk_scale *= p.k_scale[si];
     v_scale = p.v_scale[si];
   }
-  if constexpr (S == KvScheme::kFp8PerHead) {
+  if constexpr (fp8_q(S)) {
     qk_scale *= p.q_scale[b * p.num_kv_heads + kv_head];
   }
 
@@ -279,8 +230,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
 #pragma unroll
     for (int e = 0; e < 4; ++e) o_acc[i][e] = 0.0f;
   }
-  float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g+8, raw score units
-  float row_sum[2] = {0.0f, 0.0f};            // this lane's share of l (reduced at the end)
+  RowSoftmax<Shape::kSTiles> softmax;  // rows g and g + 8 of this warp
+  const int row_pos[2] = {warp_first_pos + g, warp_first_pos + g + 8};
 
   // Shared-memory addresses as 32-bit offsets: constant offsets then fold into the ldmatrix
   // immediates instead of occupying registers.
@@ -306,7 +257,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
 
     const uint8_t* k_tile = kv_smem + (j & 1) * Shape::kStageBytes;
     if constexpr (Traits::kWidenKv) {
-      // e4m3 -> bf16 for the whole tile, once per CTA (not once per warp).
+      // e4m3 / e5m2 -> bf16 for the whole tile, once per CTA (not once per warp).
+      constexpr KvCodec kCodec = Traits::kCodec;
       constexpr int kChunks = D / 16;  // 16 codes per chunk
 #pragma unroll 4
       for (int idx = tid; idx < 2 * kBlockN * kChunks; idx += kThreads) {
@@ -314,14 +266,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
         const int col = idx % kChunks;
         const uint4 codes = *reinterpret_cast<const uint4*>(k_tile + row * kKvPitch + col * 16);
         uint4 w0, w1;
-        w0.x = e4m3x2_to_bf16x2(codes.x);
-        w0.y = e4m3x2_to_bf16x2(codes.x >> 16);
-        w0.z = e4m3x2_to_bf16x2(codes.y);
-        w0.w = e4m3x2_to_bf16x2(codes.y >> 16);
-        w1.x = e4m3x2_to_bf16x2(codes.z);
-        w1.y = e4m3x2_to_bf16x2(codes.z >> 16);
-        w1.z = e4m3x2_to_bf16x2(codes.w);
-        w1.w = e4m3x2_to_bf16x2(codes.w >> 16);
+        w0.x = fp8x2_to_bf16x2<kCodec>(codes.x);
+        w0.y = fp8x2_to_bf16x2<kCodec>(codes.x >> 16);
+        w0.z = fp8x2_to_bf16x2<kCodec>(codes.y);
+        w0.w = fp8x2_to_bf16x2<kCodec>(codes.y >> 16);
+        w1.x = fp8x2_to_bf16x2<kCodec>(codes.z);
+        w1.y = fp8x2_to_bf16x2<kCodec>(codes.z >> 16);
+        w1.z = fp8x2_to_bf16x2<kCodec>(codes.w);
+        w1.w = fp8x2_to_bf16x2<kCodec>(codes.w >> 16);
         uint8_t* dst = wide_smem + row * kMmaPitch + col * 32;
         *reinterpret_cast<uint4*>(dst) = w0;
         *reinterpret_cast<uint4*>(dst + 16) = w1;
@@ -367,49 +319,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
       }
     }
 
-    // ---- causal mask, only where the tile crosses this warp's diagonal ----
-    if (k0 + kBlockN - 1 > warp_first_pos) {
-      const int pos_g = warp_first_pos + g;  // row g; row g+8 is 8 further
-#pragma unroll
-      for (int i = 0; i < Shape::kSTiles; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = k0 + i * 8 + 2 * t + (e & 1);
-          if (key > pos_g + (e >> 1) * 8) s[i][e] = -INFINITY;
-        }
-      }
-    }
-
-    // ---- online softmax ----
-    float new_max[2] = {row_max[0], row_max[1]};
-#pragma unroll
-    for (int i = 0; i < Shape::kSTiles; ++i) {
-      new_max[0] = fmaxf(new_max[0], fmaxf(s[i][0], s[i][1]));
-      new_max[1] = fmaxf(new_max[1], fmaxf(s[i][2], s[i][3]));
-    }
-    float alpha[2], neg_max[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      // The 4 lanes of a group hold the same rows.
-      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(kFullMask, new_max[r], 1));
-      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(kFullMask, new_max[r], 2));
-      // Key 0 is visible to every row and tile 0 is never skipped, so new_max is finite here;
-      // on the first tile row_max is -inf and alpha is exp2(-inf) = 0.
-      alpha[r] = fast_exp2((row_max[r] - new_max[r]) * qk_scale);
-      row_max[r] = new_max[r];
-      neg_max[r] = -new_max[r] * qk_scale;
-    }
-    float tile_sum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int i = 0; i < Shape::kSTiles; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[i][e] = fast_exp2(fmaf(s[i][e], qk_scale, neg_max[e >> 1]));
-        tile_sum[e >> 1] += s[i][e];
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+    // ---- causal mask, only where the tile crosses this warp's diagonal; online softmax ----
+    auto& s_flat = reinterpret_cast<float(&)[4 * Shape::kSTiles]>(s);
+    if (k0 + kBlockN - 1 > warp_first_pos) softmax.mask(s_flat, k0, t, row_pos);
+    float alpha[2];
+    softmax.step(s_flat, qk_scale, alpha);
 #pragma unroll
     for (int i = 0; i < Shape::kOTiles; ++i) {
       o_acc[i][0] *= alpha[0];
@@ -463,16 +377,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
 
   // ---- epilogue: O = acc * v_scale / l, valid rows only ----
   if (!warp_active) return;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(kFullMask, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(kFullMask, row_sum[r], 2);
-  }
+  float out_scales[2];
+  softmax.finish(v_scale, out_scales);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = warp_row0 + g + 8 * r;
     if (row >= rows_here) continue;
-    const float out_scale = row_sum[r] > 0.0f ? v_scale / row_sum[r] : 0.0f;
+    const float out_scale = out_scales[r];
     uint16_t* const out =
         p.o + (static_cast<int64_t>(q_begin + q0 + row) * p.num_q_heads + head) * D;
     if constexpr (Traits::kFp8Mma) {
@@ -499,31 +410,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
 template <KvScheme S, int D, int kWarps, int kBlockN>
 void launch_prefill(const AttentionParams& a, cudaStream_t stream) {
   using Shape = TileShape<S, D, kWarps, kBlockN>;
-  PrefillParams p;
-  p.q = S == KvScheme::kFp8PerHead ? static_cast<const void*>(a.q_fp8) : static_cast<const void*>(a.q);
-  p.q_scale = a.q_scale;
-  p.o = a.o;
-  p.kv = static_cast<const uint8_t*>(a.cache.data);
-  p.k_scale = a.scales.k;
-  p.v_scale = a.scales.v;
-  p.seq_len = a.batch.seq_len;
-  p.cu_seqlens_q = a.batch.cu_seqlens_q;
-  p.req_index = a.batch.req_index;
-  p.req_to_token = a.batch.req_to_token;
-  p.max_len = a.batch.max_len;
-  p.num_q_heads = a.num_q_heads;
-  p.num_kv_heads = a.cache.num_kv_heads;
-  p.softmax_scale = a.softmax_scale > 0.0f ? a.softmax_scale : 1.0f / std::sqrt(static_cast<float>(D));
-
-  const int q_tiles = ceil_div(a.batch.max_q_len, Shape::kBlockM);
-  if (q_tiles > 65535 || a.batch.num_requests > 65535) {
-    throw Error("prefill_attention: grid too large (max_q_len " + std::to_string(a.batch.max_q_len) +
-                ", num_requests " + std::to_string(a.batch.num_requests) + ")");
-  }
+  const PrefillParams p = make_prefill_params(a, D, fp8_q(S));
+  const dim3 grid = prefill_grid(a, a.num_q_heads, Shape::kBlockM);
   auto kernel = prefill_kernel<S, D, kWarps, kBlockN>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Shape::kSmemBytes));
-  const dim3 grid(a.num_q_heads, a.batch.num_requests, q_tiles);
   kernel<<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
   FP8KV_CUDA_CHECK_LAUNCH("prefill_attention");
 }

@@ -12,14 +12,20 @@
 namespace fp8kv::cuda {
 
 enum class PrefillConfig {
-  kDefault,   // the tuned choice per (scheme, head_dim): fp8-per-head on wgmma (kWgmma); bf16 and
-              // fp8-per-tensor kWide for D <= 128, kNarrow for D = 256
+  kDefault,   // the tuned choice per (scheme, head_dim): fp8-per-head kWarpSpecialized; bf16 and
+              // the bf16-Q FP8 schemes kWide for D <= 128, kNarrow for D = 256
   kWide,      // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
   kNarrow,    // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
               // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
-  // fp8-per-head only, on wgmma e4m3 (prefill_wgmma.cuh); kDefault for fp8-per-head is one of them.
-  kWgmma,       // 2 warpgroups (128 query rows), 128 keys per tile (64 for D = 256), 1 CTA/SM
-  kWgmmaShort,  // D = 128: 2 warpgroups, 64 keys per tile, 1 CTA/SM
+  // fp8-per-head only, warp-specialized wgmma (prefill_ws.cuh): a producer warpgroup and two
+  // consumer warpgroups, 128 keys per tile (64 for D = 256).
+  kWarpSpecialized,
+  kWsPackGqa,          // + the G query heads of a KV head in one CTA (K/V loaded once for G)
+  kWsPackGqaPingPong,  // + the consumer warpgroups take turns on the tensor cores
+  kWsSwizzle,          // D = 128: operands in the 128-byte swizzle layout, whole-row copies
+  // Benchmark diagnostics of kWarpSpecialized, D = 128 (wrong results by design, never tested):
+  kWsDiagConsumers,  // the producer loads only the first tiles: the consumers' bound
+  kWsDiagProducer,   // the consumers skip their math: the producer's bound
 };
 
 const char* prefill_config_name(PrefillConfig config);

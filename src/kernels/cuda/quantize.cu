@@ -1,6 +1,7 @@
 // Quantize-on-write of K/V into the token-slot pool, and Q quantization for fp8-per-head.
 // Both write exactly the bytes of their CPU twins: q = e4m3(x / scale) with a true division and
-// the saturating hardware convert (bit-identical to fp8kv::quantize_e4m3).
+// the saturating hardware convert (bit-identical to fp8kv::quantize_e4m3); for fp8-e5m2 (no
+// scales) q = e5m2(x), fp8kv::quantize_e5m2 with scale 1.
 #include <algorithm>
 #include <climits>
 
@@ -19,8 +20,8 @@ constexpr int kQuantThreads = 256;
 struct QuantizeKvArgs {
   const uint16_t* kv;                   // [T, 2 * Hkv, D] bf16
   const int32_t* slots;                 // [T]
-  void* cache;                          // [num_slots + 1, 2 * Hkv, D] bf16 or e4m3
-  const float* k_scale;                 // per-head [Hkv], per-tensor [1]; unused for bf16
+  void* cache;                          // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2
+  const float* k_scale;                 // per-head [Hkv], per-tensor [1]; unused without scales
   const float* v_scale;
   float* observe_amax;                  // optional [2 * Hkv]
   const unsigned long long* bad_token;  // optional: write nothing unless UINT64_MAX
@@ -42,7 +43,9 @@ __device__ __forceinline__ uint32_t quantize_chunk(const QuantizeKvArgs& a, int6
   const int head = chunk / kGroup;  // 0..2*Hkv-1: K heads then V heads
   const int64_t dst_elem = (slot * a.chunks_per_token + chunk) * kChunk;
   uint32_t amax = 0;
-  if constexpr (kScheme == KvScheme::kBf16) {
+  constexpr KvCodec kCodec = kv_codec(kScheme);
+  constexpr KvScaleSource kScales = kv_scale_source(kScheme);
+  if constexpr (kCodec == KvCodec::kBf16) {
     uint16_t* dst = static_cast<uint16_t*>(a.cache) + dst_elem;
     st_v4(dst, v0);
     st_v4(dst + 8, v1);
@@ -56,8 +59,11 @@ __device__ __forceinline__ uint32_t quantize_chunk(const QuantizeKvArgs& a, int6
     }
   } else {
     const bool is_v = head >= a.num_kv_heads;
-    const int scale_head = kScheme == KvScheme::kFp8PerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
-    const float scale = is_v ? a.v_scale[scale_head] : a.k_scale[scale_head];
+    const int scale_head = kScales == KvScaleSource::kPerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
+    // No scales (fp8-e5m2): scale 1, and x / 1 is x: the division is kept for one code path.
+    const float scale = kScales == KvScaleSource::kNone ? 1.0f
+                        : is_v                          ? a.v_scale[scale_head]
+                                                        : a.k_scale[scale_head];
     float f[16];
     float (&f0)[8] = *reinterpret_cast<float(*)[8]>(&f[0]);
     float (&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
@@ -66,9 +72,9 @@ __device__ __forceinline__ uint32_t quantize_chunk(const QuantizeKvArgs& a, int6
     uint32_t packed[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      // True division, as the CPU twin (fp8kv::quantize_e4m3): same rounding, same bytes.
-      const uint16_t lo = float2_to_e4m3x2_hw(f[4 * i] / scale, f[4 * i + 1] / scale);
-      const uint16_t hi = float2_to_e4m3x2_hw(f[4 * i + 2] / scale, f[4 * i + 3] / scale);
+      // True division, as the CPU twin (fp8kv::quantize_e4m3/e5m2): same rounding, same bytes.
+      const uint16_t lo = float2_to_fp8x2_hw<kCodec>(f[4 * i] / scale, f[4 * i + 1] / scale);
+      const uint16_t hi = float2_to_fp8x2_hw<kCodec>(f[4 * i + 2] / scale, f[4 * i + 3] / scale);
       packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
     }
     uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;

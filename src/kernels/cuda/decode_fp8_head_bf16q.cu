@@ -1,0 +1,7 @@
+// Explicit instantiations of the decode kernel (decode_mma_kernel.cuh) for KvScheme::kFp8PerHeadBf16Q: one file
+// per scheme keeps each compile small and parallel.
+#include "kernels/cuda/decode_mma_kernel.cuh"
+
+namespace fp8kv::cuda {
+FP8KV_DECODE_MMA_INSTANTIATE(KvScheme::kFp8PerHeadBf16Q)
+}  // namespace fp8kv::cuda

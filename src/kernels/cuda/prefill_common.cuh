@@ -1,0 +1,199 @@
+// The parts every prefill kernel is built from (FA3 splits them the same way):
+//   params      PrefillParams and its construction from AttentionParams;
+//   scheduler   the grid (x: query head, or KV head for packed GQA; y: request; z: q tile,
+//               reversed so that the CTAs with the longest causal rows start first);
+//   seqlen      PrefillSeq: where a CTA's rows sit in its request (varlen, cached prefix);
+//   softmax     RowSoftmax: the online softmax in base 2 over MMA accumulator fragments;
+//   conversions fast_exp2 and the bf16 / e4m3 packs of P and O.
+// The kernels themselves (the mainloops, each with its own loader and epilogue stores):
+// prefill_kernel.cuh (mma.sync, every scheme) and prefill_ws.cuh (warp-specialized wgmma,
+// fp8-per-head). Neither includes the other.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "fp8kv/backend.h"
+#include "fp8kv/error.h"
+#include "fp8kv/scheme.h"
+#include "kernels/cuda/common.cuh"
+
+namespace fp8kv::cuda::prefill {
+
+// ---- params ----------------------------------------------------------------------------------
+
+// Device-side arguments, built on the host from AttentionParams (make_prefill_params).
+struct PrefillParams {
+  const void* q = nullptr;              // [total_q, Hq, D] e4m3 (fp8-per-head) or bf16 (others)
+  const float* q_scale = nullptr;       // [B, Hkv] fp8-per-head, else unused
+  uint16_t* o = nullptr;                // [total_q, Hq, D] bf16
+  const uint8_t* kv = nullptr;          // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2, as bytes
+  const float* k_scale = nullptr;       // per-head [Hkv], per-tensor [1]; unused without scales
+  const float* v_scale = nullptr;       // likewise
+  const int32_t* seq_len = nullptr;     // [B]
+  const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
+  const int32_t* req_index = nullptr;   // [B]
+  const int32_t* req_to_token = nullptr;  // [max_requests, max_len]
+  int max_len = 0;
+  int num_q_heads = 0;                  // Hq
+  int num_kv_heads = 0;                 // Hkv
+  float softmax_scale = 0.0f;           // resolved: 1/sqrt(D) when the caller gave 0
+};
+
+inline PrefillParams make_prefill_params(const AttentionParams& a, int head_dim, bool fp8_q) {
+  PrefillParams p;
+  p.q = fp8_q ? static_cast<const void*>(a.q_fp8) : static_cast<const void*>(a.q);
+  p.q_scale = a.q_scale;
+  p.o = a.o;
+  p.kv = static_cast<const uint8_t*>(a.cache.data);
+  p.k_scale = a.scales.k;
+  p.v_scale = a.scales.v;
+  p.seq_len = a.batch.seq_len;
+  p.cu_seqlens_q = a.batch.cu_seqlens_q;
+  p.req_index = a.batch.req_index;
+  p.req_to_token = a.batch.req_to_token;
+  p.max_len = a.batch.max_len;
+  p.num_q_heads = a.num_q_heads;
+  p.num_kv_heads = a.cache.num_kv_heads;
+  p.softmax_scale =
+      a.softmax_scale > 0.0f ? a.softmax_scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+  return p;
+}
+
+// ---- scheduler -------------------------------------------------------------------------------
+
+// The grid of a prefill launch: `heads` CTAs across, one row of them per request, one layer per
+// `tile_tokens` new tokens of the longest request. Throws when it exceeds CUDA's grid limits.
+inline dim3 prefill_grid(const AttentionParams& a, int heads, int tile_tokens) {
+  const int q_tiles = ceil_div(a.batch.max_q_len, tile_tokens);
+  if (q_tiles > 65535 || a.batch.num_requests > 65535) {
+    throw Error("prefill_attention: grid too large (max_q_len " + std::to_string(a.batch.max_q_len) +
+                ", num_requests " + std::to_string(a.batch.num_requests) + ")");
+  }
+  return dim3(heads, a.batch.num_requests, q_tiles);
+}
+
+// ---- seqlen ----------------------------------------------------------------------------------
+
+// A CTA's place in its request: `pack` rows per token (the query heads of a packed GQA group, 1
+// otherwise), `tile_tokens` tokens per CTA.
+struct PrefillSeq {
+  int b = 0;         // request
+  int q_begin = 0;   // first row of the request in Q / O
+  int q_len = 0;     // new tokens of the request
+  int seq_len = 0;   // keys of the request (cached + new)
+  int prefix = 0;    // cached tokens: new token i sits at position prefix + i
+  int q0 = 0;        // first new token of this CTA
+  int rows = 0;      // valid rows of this CTA
+  int last_pos = 0;  // position of its last token
+};
+
+// Fills `s` for this CTA (blockIdx.y, blockIdx.z reversed); false when the CTA has no rows (past
+// its request's new tokens, or an empty request): the whole CTA returns, before any barrier.
+__device__ __forceinline__ bool prefill_seq(const PrefillParams& p, int tile_tokens, int pack,
+                                            PrefillSeq& s) {
+  s.b = blockIdx.y;
+  s.q_begin = p.cu_seqlens_q[s.b];
+  s.q_len = p.cu_seqlens_q[s.b + 1] - s.q_begin;
+  s.q0 = (gridDim.z - 1 - blockIdx.z) * tile_tokens;
+  if (s.q0 >= s.q_len) return false;
+  s.seq_len = p.seq_len[s.b];
+  s.prefix = s.seq_len - s.q_len;
+  s.rows = min(tile_tokens, s.q_len - s.q0) * pack;
+  s.last_pos = s.prefix + s.q0 + (s.rows - 1) / pack;
+  return true;
+}
+
+// ---- conversions -----------------------------------------------------------------------------
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats -> bf16x2 (lo in the low half), round to nearest even.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Four floats -> four e4m3 codes, x0 in the low byte; round to nearest even, saturating: the
+// same bytes as fp8kv::float_to_e4m3.
+__device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {
+  uint16_t lo, hi;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(x1), "f"(x0));
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(x3), "f"(x2));
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// ---- softmax ---------------------------------------------------------------------------------
+
+// Online softmax in base 2 over kTiles n8 tiles of MMA accumulators (the m16n8 C layout, which
+// is also each warp's share of a wgmma m64 accumulator), lane = 4g + t: element 4i + e of the
+// flat array is, for e = 0, 1, row g at column 8i + 2t + e, and for e = 2, 3 row g + 8. Scores
+// stay raw; the scale, with log2(e) folded in, is applied inside one fma per element:
+// p = exp2(s * scale - max * scale). The row sums are this lane's share until finish().
+template <int kTiles>
+struct RowSoftmax {
+  float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8, raw score units
+  float row_sum[2] = {0.0f, 0.0f};
+
+  // -inf on the keys past each row's position (row_pos: rows g and g + 8) in the tile at key k0.
+  __device__ __forceinline__ static void mask(float (&s)[4 * kTiles], int k0, int t,
+                                              const int (&row_pos)[2]) {
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (k0 + i * 8 + 2 * t + (e & 1) > row_pos[e >> 1]) s[4 * i + e] = -INFINITY;
+      }
+    }
+  }
+
+  // Folds the tile into the running max and sum and turns it into probabilities (in place);
+  // alpha: the factor for what was accumulated before (0 on the first tile).
+  __device__ __forceinline__ void step(float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2]) {
+    float new_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+      new_max[0] = fmaxf(new_max[0], fmaxf(s[4 * i], s[4 * i + 1]));
+      new_max[1] = fmaxf(new_max[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+    float neg_max[2], tile_sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      // The 4 lanes of a group hold the same rows. Key 0 is visible to every row and tile 0 is
+      // never skipped, so new_max is finite here; on the first tile row_max is -inf, alpha 0.
+      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(kFullMask, new_max[r], 1));
+      new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(kFullMask, new_max[r], 2));
+      alpha[r] = fast_exp2((row_max[r] - new_max[r]) * qk_scale);
+      row_max[r] = new_max[r];
+      neg_max[r] = -new_max[r] * qk_scale;
+    }
+#pragma unroll
+    for (int i = 0; i < 4 * kTiles; ++i) {
+      s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_max[(i >> 1) & 1]));
+      tile_sum[(i >> 1) & 1] += s[i];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+  }
+
+  // The whole rows' sums (a quad reduction); out_scale: v_scale / l per row, 0 for a row that
+  // saw no key.
+  __device__ __forceinline__ void finish(float v_scale, float (&out_scale)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] += __shfl_xor_sync(kFullMask, row_sum[r], 1);
+      row_sum[r] += __shfl_xor_sync(kFullMask, row_sum[r], 2);
+      out_scale[r] = row_sum[r] > 0.0f ? v_scale / row_sum[r] : 0.0f;
+    }
+  }
+};
+
+}  // namespace fp8kv::cuda::prefill

@@ -1,0 +1,408 @@
+// fp8-per-head prefill attention, warp-specialized (FA3's recipe on sm_90a): the fast path.
+// Same semantics as the simple mma.sync kernel, prefill_kernel.cuh (varlen, causal with a cached
+// prefix, GQA, K/V gathered through the slot table; P rounded to e4m3 as it is, the row sum from
+// the unrounded P); what differs is who does what, and when:
+//
+//  - A CTA is three warpgroups for 128 query rows of one query head. Warpgroup 0 is the
+//    producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
+//    transposes V into V^T (wgmma reads 8-bit operands only K-major) and publishes each stage on
+//    its `full` mbarrier. It gives most of its registers away (setmaxnreg) to the two consumer
+//    warpgroups, which own 64 query rows each and only compute.
+//  - The K/V tiles go round a ring of kStages stages: a consumer warpgroup arrives on the
+//    stage's `empty` mbarrier once its wgmmas have read it, and the producer refills it after
+//    both have. The consumers never wait for each other, so one's softmax runs under the other's
+//    wgmmas.
+//  - Inside a consumer warpgroup, the QK^T of tile j and the PV of tile j-1 are issued together;
+//    the softmax of tile j runs while the PV is still in the tensor pipe (FA3's intra-warpgroup
+//    overlap), then O is rescaled once the PV has landed.
+//
+// Operand layouts: wgmma reads 8-bit operands only K-major. Without kSwizzle, the canonical
+// no-swizzle layout: 8 x 16-byte core matrices stored as 128 contiguous bytes; core matrices
+// adjacent in K are kCoreBytes apart (the descriptor's leading byte offset), those adjacent in
+// M/N (K bytes / 16) * 128 apart (its stride byte offset). Q and K are [rows][D] that way; V
+// arrives as plain rows [keys][D] and the producer transposes each tile into V^T [D][keys]
+// (ldmatrix.trans plus byte permutes), the keys of each 32-key chunk stored in the order
+// {2t, 2t+1, 2t+8, 2t+9} (t = 0..3), then 16 + those: the order in which the S accumulators hold
+// them, so P's A fragment is a plain repacking of S. Shared memory written by the generic proxy
+// (cp.async, st.shared) is read by wgmma through the async proxy: the producer fences
+// (fence.proxy.async) before publishing a stage.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "fp8kv/backend.h"
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/prefill_common.cuh"
+#include "kernels/cuda/prefill_wgmma_ops.cuh"
+
+namespace fp8kv::cuda::prefill {
+
+template <int D, int kBlockN, int kStages>
+struct WsShape {
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kThreads = 3 * 128;
+  static constexpr int kBlockM = 128;                         // 2 consumer warpgroups x 64 rows
+  static constexpr int kKBlockStride = D / 16 * kCoreBytes;   // 8 rows of a [rows][D] tile: SBO
+  static constexpr int kQBytes = kBlockM * D;                 // canonical [kBlockM][D]
+  static constexpr int kKBytes = kBlockN * D;                 // canonical [kBlockN][D]
+  static constexpr int kVtBytes = D * kBlockN;                // canonical [D][kBlockN]
+  static constexpr int kVtBlockStride = kBlockN / 16 * kCoreBytes;  // 8 d rows of V^T: SBO
+  static constexpr int kVPitch = D + 16;                      // V rows as loaded, padded
+  static constexpr int kVRowsBytes = kBlockN * kVPitch;
+  static constexpr int kStageBytes = kKBytes + kVtBytes + kVRowsBytes;
+  static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
+  static constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8;  // full[], empty[] mbarriers
+  static constexpr int kChunks = D / 16;                      // 16-byte chunks per row
+  static constexpr int kRowStep = kProducerThreads / kChunks;  // rows between a thread's chunks
+  static constexpr int kKvRowsPerThread = kBlockN / kRowStep;
+  static constexpr int kQRowsPerThread = kBlockM / kRowStep;
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K registers
+  static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
+  // A consumer releases tile j-1 only after tile j is full (it issues PV(j-1) with QK(j)), and the
+  // producer publishes tile j - (kStages - 2) after issuing the loads of tile j: so two stages
+  // are held by the consumers and kStages - 2 are in flight; with two stages the load of tile j
+  // would wait for the release of tile j-2, which waits for tile j-1 to be published.
+  static_assert(kStages >= 3, "the ring needs a stage of slack (see above)");
+  static_assert(kBlockN == 64 || kBlockN == 128, "QK^T wgmma N");
+  static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
+  static_assert(kBlockN % kRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds Hopper's limit");
+};
+
+// Options (template flags, each a built instance: prefill_instances.cuh):
+//  - kPackGqa: a CTA takes all G = Hq / Hkv query heads of one KV head; its 128 rows are
+//    floor(128 / G) tokens x G heads (row r: token r / G, head r % G of the group), so each K/V
+//    tile is loaded once for G heads instead of once per head (FA3's PackGQA).
+//  - kPingPong: the two consumer warpgroups take turns issuing their wgmmas (two named barriers),
+//    so that one's softmax runs while the other's GEMMs hold the tensor cores (FA3's ping-pong).
+//  - kSwizzle (D = 128, 128 keys per tile: every operand row is 128 bytes): Q, K and V^T in
+//    the 128-byte-swizzled K-major layout instead of the canonical no-swizzle one; a row is then
+//    128 contiguous bytes (16-byte chunk c of row r stored at chunk c ^ (r % 8)), so 8
+//    consecutive producer threads copy one whole 128-byte row of the cache (one line) into one
+//    whole shared-memory row, conflict-free.
+//  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
+//    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
+//    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
+template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
+__global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
+  using Sh = WsShape<D, kBlockN, kStages>;
+  static_assert(!kSwizzle || (D == 128 && kBlockN == 128), "swizzled rows are exactly 128 bytes");
+  extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
+  const uint32_t base = smem_addr(smem);
+
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int pack = kPackGqa ? group : 1;          // query heads per row block of a token
+  const int tile_tokens = Sh::kBlockM / pack;     // tokens per CTA
+  const int kv_head = kPackGqa ? blockIdx.x : blockIdx.x / group;
+  const int head0 = kPackGqa ? kv_head * group : blockIdx.x;  // the query head of row 0
+  PrefillSeq seq;
+  if (!prefill_seq(p, tile_tokens, pack, seq)) return;  // the whole CTA, before any barrier
+  const int b = seq.b;
+  const int q_begin = seq.q_begin;
+  const int q0 = seq.q0;  // first token of this CTA
+  const int seq_len = seq.seq_len;
+  const int prefix = seq.prefix;
+  const int rows_here = seq.rows;  // valid rows
+  const int num_kv_tiles = seq.last_pos / kBlockN + 1;
+
+  const uint32_t full_bar = base + Sh::kBarOffset;  // full[s]: the stage's K and V^T landed
+  const uint32_t empty_bar = full_bar + 8 * kStages;  // empty[s]: both consumers are done with it
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full_bar + 8 * s, Sh::kProducerThreads);
+      mbarrier_init(empty_bar + 8 * s, 8);  // lane 0 of each consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+  auto stage_addr = [&](int j) { return base + Sh::kQBytes + (j % kStages) * Sh::kStageBytes; };
+
+  if (threadIdx.x < Sh::kProducerThreads) {
+    // ================================ producer ================================
+    regs_decrease<Sh::kProducerRegs>();
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    // 8 consecutive threads take rows r..r+7 of one 16-byte column chunk: each 8-thread phase
+    // writes one whole core matrix (128 contiguous bytes).
+    // Swizzled: 8 consecutive threads take the 8 chunks of one row instead.
+    const int ld_chunk = kSwizzle ? tid % 8 : (tid / 8) % Sh::kChunks;
+    const int ld_row = kSwizzle ? tid / 8 : (tid / (8 * Sh::kChunks)) * 8 + tid % 8;
+    auto canonical = [&](int row) {
+      if constexpr (kSwizzle) return row * 128 + ((ld_chunk ^ (row % 8)) << 4);
+      return (row / 8) * Sh::kKBlockStride + ld_chunk * kCoreBytes + (row % 8) * 16;
+    };
+    {
+      const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * D;
+      const uint8_t* q_base = static_cast<const uint8_t*>(p.q) +
+                              (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head0) * D;
+#pragma unroll
+      for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
+        const int r = ld_row + i * Sh::kRowStep;
+        const bool valid = r < rows_here;
+        const int64_t offset = (r / pack) * token_bytes + (r % pack) * D + ld_chunk * 16;
+        cp_async_16(smem + canonical(r), valid ? q_base + offset : p.q, valid ? 16 : 0);
+      }
+    }
+    const int32_t* const slots = p.req_to_token + static_cast<int64_t>(p.req_index[b]) * p.max_len;
+    const int64_t slot_bytes = 2 * static_cast<int64_t>(p.num_kv_heads) * D;
+    const uint8_t* const k_base = p.kv + kv_head * D + ld_chunk * 16;
+    const uint8_t* const v_base = k_base + p.num_kv_heads * D;
+    int tile_slots[Sh::kKvRowsPerThread];
+    auto fetch_slots = [&](int tile) {
+#pragma unroll
+      for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
+        const int pos = tile * kBlockN + ld_row + i * Sh::kRowStep;
+        tile_slots[i] = pos < seq_len ? slots[pos] : -1;
+      }
+    };
+    // V^T writes: lane (g, t) gets, from the 4 matrices of keys c*32 + {0-7, 8-15, 16-23, 24-31}
+    // at d block dp*16, the words of d = dp*16 + 2g (even) and + 1 (odd) for key slots c*32 + 4t
+    // (keys 2t, 2t+1, 2t+8, 2t+9) and c*32 + 16 + 4t.
+    const int g = lane / 4;
+    const int t = lane % 4;
+    const int mat = lane / 8;
+    const int mat_row = lane % 8;
+    auto finish = [&](int j) {  // this thread's copies of tile j have landed
+      named_barrier_sync(1, Sh::kProducerThreads);  // ... and everyone's
+      const uint32_t st = stage_addr(j);
+      const uint32_t v_rows = st + Sh::kKBytes + Sh::kVtBytes;
+      uint8_t* const vt = smem + (st - base) + Sh::kKBytes;
+      constexpr int kBlocks = (kBlockN / 32) * (D / 16);
+#pragma unroll 2
+      for (int blk = warp; blk < kBlocks; blk += 4) {
+        const int c = blk / (D / 16);
+        const int dp = blk % (D / 16);
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, v_rows + (c * 32 + mat * 8 + mat_row) * Sh::kVPitch + dp * 16);
+        const int d_even = dp * 16 + 2 * g;
+        if constexpr (kSwizzle) {  // V^T row d: 128 key bytes, key chunk k at k ^ (d % 8)
+          auto at = [&](int d, int chunk) { return d * 128 + ((chunk ^ (d & 7)) << 4) + 4 * t; };
+          *reinterpret_cast<uint32_t*>(vt + at(d_even, 2 * c)) = __byte_perm(r[0], r[1], 0x6420);
+          *reinterpret_cast<uint32_t*>(vt + at(d_even + 1, 2 * c)) = __byte_perm(r[0], r[1], 0x7531);
+          *reinterpret_cast<uint32_t*>(vt + at(d_even, 2 * c + 1)) = __byte_perm(r[2], r[3], 0x6420);
+          *reinterpret_cast<uint32_t*>(vt + at(d_even + 1, 2 * c + 1)) = __byte_perm(r[2], r[3], 0x7531);
+          continue;
+        }
+        const int e_off = (d_even / 8) * Sh::kVtBlockStride + (d_even % 8) * 16;
+        const int o_off = e_off + 16;  // d_odd = d_even + 1: the next row of the core matrix
+        const uint32_t col0 = (2 * c) * kCoreBytes + 4 * t;
+        const uint32_t col1 = col0 + kCoreBytes;
+        *reinterpret_cast<uint32_t*>(vt + e_off + col0) = __byte_perm(r[0], r[1], 0x6420);
+        *reinterpret_cast<uint32_t*>(vt + o_off + col0) = __byte_perm(r[0], r[1], 0x7531);
+        *reinterpret_cast<uint32_t*>(vt + e_off + col1) = __byte_perm(r[2], r[3], 0x6420);
+        *reinterpret_cast<uint32_t*>(vt + o_off + col1) = __byte_perm(r[2], r[3], 0x7531);
+      }
+      fence_proxy_async();  // cp.async'd Q/K and st.shared V^T -> the async proxy (wgmma)
+      mbarrier_arrive(full_bar + 8 * (j % kStages));
+    };
+
+    // Tiles kAhead + 1 deep in flight: tile j's loads are issued before tile j - kAhead is
+    // finished (waited for, transposed, published).
+    constexpr int kAhead = kStages - 2;
+    fetch_slots(0);
+    for (int j = 0; j < num_kv_tiles; ++j) {
+      if (j >= kStages) mbarrier_wait(empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
+      const uint32_t st = stage_addr(j);
+      uint8_t* const k_stage = smem + (st - base);
+      uint8_t* const v_stage = k_stage + Sh::kKBytes + Sh::kVtBytes;
+#pragma unroll
+      for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
+        if (kDiag == 1 && j >= kStages) break;
+        const int row = ld_row + i * Sh::kRowStep;
+        const bool valid = tile_slots[i] >= 0;
+        const int64_t offset = valid ? tile_slots[i] * slot_bytes : 0;
+        cp_async_16(k_stage + canonical(row), k_base + offset, valid ? 16 : 0);
+        cp_async_16(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset, valid ? 16 : 0);
+      }
+      cp_async_commit();
+      if (j + 1 < num_kv_tiles && !(kDiag == 1 && j + 1 >= kStages)) fetch_slots(j + 1);
+      if (j >= kAhead) {
+        cp_async_wait<kAhead>();
+        finish(j - kAhead);
+      }
+    }
+    cp_async_wait<0>();
+    for (int j = max(0, num_kv_tiles - kAhead); j < num_kv_tiles; ++j) finish(j);
+    return;
+  }
+
+  // ================================ consumers ================================
+  regs_increase<Sh::kConsumerRegs>();
+  const int tid = threadIdx.x - Sh::kProducerThreads;
+  const int cw = tid / 128;  // consumer warpgroup: rows cw*64 .. cw*64+63
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int wg_row0 = cw * 64;
+  const bool wg_active = wg_row0 < rows_here;
+  const int wg_first_pos = prefix + q0 + wg_row0 / pack;
+  const int wg_last_pos = prefix + q0 + (min(wg_row0 + 64, rows_here) - 1) / pack;
+  const int wg_tiles = wg_active ? wg_last_pos / kBlockN + 1 : 0;
+  const int row_g = wg_row0 + ((tid / 32) % 4) * 16 + g;  // this thread's rows: row_g, row_g + 8
+  const int row_pos[2] = {prefix + q0 + row_g / pack, prefix + q0 + (row_g + 8) / pack};
+  const float qk_scale =
+      p.softmax_scale * kLog2e * p.k_scale[kv_head] * p.q_scale[b * p.num_kv_heads + kv_head];
+  const float v_scale = p.v_scale[kv_head];
+  const uint32_t q_desc_base = base + wg_row0 * D;
+
+  auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
+  // Ping-pong: named barrier 2 + w is warpgroup w's turn to issue wgmmas. Each warpgroup takes
+  // exactly num_kv_tiles + 1 turns (its GEMM issues, padded with empty turns), warpgroup 0 first.
+  auto my_turn = [&] {
+    if (kPingPong) named_barrier_sync(2 + cw, 256);
+  };
+  auto your_turn = [&] {
+    if (kPingPong) named_barrier_arrive(2 + (1 - cw), 256);
+  };
+  if (kPingPong && cw == 1) named_barrier_arrive(2, 256);  // warpgroup 0 goes first
+  auto release = [&](int j) {
+    if (lane == 0) mbarrier_arrive(empty_bar + 8 * (j % kStages));
+  };
+  auto issue_qk = [&](float(&s)[kBlockN / 2], int j) {
+    const uint32_t k_addr = stage_addr(j);
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk) {
+      const uint64_t da = kSwizzle ? wgmma_desc_sw128(q_desc_base + kk * 32)
+                                   : wgmma_desc(q_desc_base + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
+      const uint64_t db = kSwizzle ? wgmma_desc_sw128(k_addr + kk * 32)
+                                   : wgmma_desc(k_addr + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
+      wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
+    }
+    wgmma_commit();
+  };
+  auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[kBlockN / 32][4], int j) {
+    const uint32_t vt_addr = stage_addr(j) + Sh::kKBytes;
+#pragma unroll
+    for (int c = 0; c < kBlockN / 32; ++c) {
+      const uint64_t db = kSwizzle ? wgmma_desc_sw128(vt_addr + c * 32)
+                                   : wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
+      wgmma_rs<D>(o, pa[c], db);
+    }
+    wgmma_commit();
+  };
+  RowSoftmax<kBlockN / 8> rows;
+  // Masks tile j (where it crosses this warpgroup's diagonal), then the online softmax step.
+  auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
+    const int k0 = j * kBlockN;
+    if (k0 + kBlockN - 1 > wg_first_pos) rows.mask(s, k0, t, row_pos);
+    rows.step(s, qk_scale, alpha);
+  };
+  // P (e4m3) for the PV wgmma, in the V^T key order. Only after the previous PV has landed: an rs
+  // wgmma reads its A registers while it runs, and ptxas serializes the wgmmas when P's registers
+  // are written inside that window.
+  auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[kBlockN / 32][4]) {
+#pragma unroll
+    for (int c = 0; c < kBlockN / 32; ++c) {
+      const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
+      pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
+      pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
+      pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
+      pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
+    }
+  };
+
+  float o[D / 2];  // wgmma m64nD accumulators: n8 tile i in o[4i .. 4i+3]
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  if (wg_tiles > 0 && kDiag != 2) {
+    uint32_t pa[kBlockN / 32][4];
+    float s[kBlockN / 2];
+    {
+      wait_full(0);
+      my_turn();
+      wgmma_fence();
+      issue_qk(s, 0);
+      your_turn();
+      wgmma_wait<0>();
+      fence_operands(s);
+      float alpha[2];
+      softmax(s, 0, alpha);
+      pack_p(s, pa);
+    }
+    for (int j = 1; j < wg_tiles; ++j) {
+      wait_full(j);
+      my_turn();
+      fence_operands(o);
+      wgmma_fence();
+      issue_qk(s, j);
+      issue_pv(o, pa, j - 1);
+      your_turn();
+      wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
+      fence_operands(s);
+      float alpha[2];
+      softmax(s, j, alpha);
+      wgmma_wait<0>();
+      fence_operands(o);
+      release(j - 1);
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+      pack_p(s, pa);
+    }
+    my_turn();
+    fence_operands(o);
+    wgmma_fence();
+    issue_pv(o, pa, wg_tiles - 1);
+    your_turn();
+    wgmma_wait<0>();
+    fence_operands(o);
+    release(wg_tiles - 1);
+  }
+  // Tiles past this warpgroup's last row (the other one's diagonal): keep the ring turning.
+  const int first_idle = (wg_tiles == 0 || kDiag == 2) ? 0 : wg_tiles;
+  for (int j = first_idle; j < num_kv_tiles; ++j) {
+    wait_full(j);
+    my_turn();
+    your_turn();
+    release(j);
+  }
+  if (kPingPong) {
+    if (first_idle == 0) {  // no GEMM turns were taken: the one more a working warpgroup takes
+      my_turn();
+      your_turn();
+    }
+    if (cw == 0) my_turn();  // warpgroup 1's last hand-over
+  }
+  if (!wg_active) return;
+
+  // ---- epilogue ----
+  float out_scales[2];
+  rows.finish(v_scale, out_scales);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_g + 8 * r;
+    if (row >= rows_here) continue;
+    const float out_scale = out_scales[r];
+    uint16_t* const out =
+        p.o + (static_cast<int64_t>(q_begin + q0 + row / pack) * p.num_q_heads + head0 + row % pack) * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) =
+          pack_bf16x2(o[4 * i + 2 * r] * out_scale, o[4 * i + 2 * r + 1] * out_scale);
+    }
+  }
+}
+
+template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
+void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream) {
+  using Sh = WsShape<D, kBlockN, kStages>;
+  const PrefillParams p = make_prefill_params(a, D, /*fp8_q=*/true);
+  const int group = a.num_q_heads / a.cache.num_kv_heads;
+  if (kPackGqa && group > Sh::kBlockM) {
+    throw Error("prefill_attention: " + std::to_string(group) + " query heads per KV head exceed the " +
+                std::to_string(Sh::kBlockM) + " rows of a packed-GQA tile");
+  }
+  const dim3 grid = kPackGqa ? prefill_grid(a, a.cache.num_kv_heads, Sh::kBlockM / group)
+                             : prefill_grid(a, a.num_q_heads, Sh::kBlockM);
+  auto kernel = prefill_ws_kernel<D, kBlockN, kStages, kPackGqa, kPingPong, kSwizzle, kDiag>;
+  FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        Sh::kSmemBytes));
+  kernel<<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(p);
+  FP8KV_CUDA_CHECK_LAUNCH("prefill_attention");
+}
+
+}  // namespace fp8kv::cuda::prefill
