@@ -71,12 +71,17 @@ struct AttentionBatch {
 
 // Q quantization for fp8-per-head: per (request b, KV head g) scale
 // s = amax(|q| over b's new tokens, the Hq/Hkv query heads of g, all D) / 448 (0 -> 1), or the
-// static scale of g when static_scale is given.
+// static scale of g when static_scale is given (q_calibration: a |q| above 448 * s saturates to
+// +-448, as every value does in e4m3(clamp(x / s))).
 struct QuantizeQParams {
   const uint16_t* q = nullptr;      // [total_q, Hq, D] bf16
   uint8_t* q_fp8 = nullptr;         // [total_q, Hq, D] e4m3 (out)
   float* q_scale = nullptr;         // [B, Hkv] (out): the scale used for each (request, KV head)
   const float* static_scale = nullptr;  // optional [Hkv]
+  // Optional [Hkv]: the running abs-max of Q per KV head (over every request, the group's query
+  // heads and all D), updated in place with max(old, |x|) in the same pass, static scale or not;
+  // a NaN or infinity in Q makes the entry non-finite. calibrate --q-scales reads it.
+  float* observe_amax = nullptr;
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
   int num_requests = 0;
   int64_t total_q = 0;

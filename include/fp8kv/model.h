@@ -129,7 +129,7 @@ FP8KV_API CalibExpect calib_expect_for(const ModelConfig& config, KvScheme schem
 // attention output from the main one is accumulated (the eval's per-layer error).
 struct ShadowScheme {
   KvScheme scheme = KvScheme::kFp8PerHead;
-  RankScales scales;
+  RankScales scales;  // fp8-per-head: static Q scales when scales.q is set, dynamic otherwise
 };
 
 // Per layer and per (layer, KV head): sums over the attention outputs of (shadow - main)^2
@@ -159,7 +159,13 @@ struct FP8KV_API AttentionErrorStats {
 struct RunnerOptions {
   KvScheme scheme = KvScheme::kBf16;
   // Required for the FP8 schemes (refused without): the rank's scales (load_scales_for_model).
+  // fp8-per-head quantizes Q with the static scales of scales->q (q_calibration) when the file
+  // has them, with dynamic per-(request, KV head) scales otherwise.
   std::optional<RankScales> scales;
+  // fp8-per-head with static Q scales: keep the running abs-max of Q per (layer, KV head) that
+  // quantize_q saw (q_amax()), to tell how much of the static range Q used (eval). One
+  // synchronization per layer.
+  bool record_q_amax = false;
   // Calibration: a bf16 cache whose writes are observed. Every forward pass is one pass of
   // each layer for the observer; layers stop observing once they have their count.
   Observer* observer = nullptr;
@@ -232,6 +238,8 @@ class FP8KV_API ModelRunner {
                                              uint64_t seed = 0);
 
   const std::vector<AttentionErrorStats>& shadow_stats() const { return shadow_stats_; }
+  // RunnerOptions::record_q_amax: [layers, this rank's KV heads], over every pass so far.
+  const std::vector<float>& q_amax() const { return q_amax_; }
   const RunnerOptions& options() const { return options_; }
 
  private:
@@ -242,10 +250,13 @@ class FP8KV_API ModelRunner {
   // One layer over the scratch activations of the current pass: the forward pass, calling the
   // hooks below around its attention.
   void run_layer(int l, bool decode);
-  // Layer l's K/V (scratch kv16) into `cache` (quantize-on-write, abs-max into observe_amax when
-  // not null), then attention over it into `out` [T, Hq * D] bf16.
-  void attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales,
-              int row_width, const BackendBuffer& q_scales, float* observe_amax, uint16_t* out);
+  // Layer l's K/V (scratch kv16) into `cache` (quantize-on-write, abs-max into observe_amax
+  // [2 * Hkv] when not null), then attention over it into `out` [T, Hq * D] bf16. q_scales:
+  // static Q scales [L, Hkv] or empty (dynamic). observe_q_amax: [Hkv] running abs-max of Q,
+  // when not null (quantize_q runs for it with a bf16 cache too).
+  void attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales, int row_width,
+              const BackendBuffer& q_scales, float* observe_amax, float* observe_q_amax,
+              uint16_t* out);
   // Calibration hooks: where layer l's abs-max goes this pass (null: not observed), and handing
   // it to the observer after the attention.
   float* begin_observation(int l);
@@ -265,6 +276,7 @@ class FP8KV_API ModelRunner {
   BackendBuffer q_scales_;   // [L, Hkv] static Q scales (fp8-per-head with q_calibration)
   std::vector<std::unique_ptr<Shadow>> shadows_;
   std::vector<AttentionErrorStats> shadow_stats_;
+  std::vector<float> q_amax_;  // record_q_amax: [L, Hkv]
   struct Scratch;
   std::unique_ptr<Scratch> s_;
 };

@@ -22,6 +22,10 @@ struct ObserverConfig {
   QuantType quant_type = QuantType::kPerHead;
   int warmup = 0;                // forward passes each layer skips first
   int count = 4000;              // forward passes each layer then observes
+  // Also observe Q (post-RoPE, as attention reads it) per (layer, KV head): the abs-max over the
+  // query heads of the head's GQA group, same passes as K/V; finalize writes q_calibration
+  // (static Q scales of fp8-per-head). Per head only.
+  bool q_scales = false;
 };
 
 // A warmup or count taken from the environment, and which variable gave it.
@@ -51,21 +55,25 @@ class FP8KV_API Observer {
   // True while layer `layer`'s next pass should be observed (past warmup, before count).
   bool wants(int layer) const;
   // Records one forward pass of one layer. `amax` is [2 * Hkv] (K heads then V heads) abs-max
-  // of everything written in that pass; passes during warmup are counted and dropped.
-  void record(int layer, const float* amax);
+  // of everything written in that pass; with ObserverConfig::q_scales, `q_amax` is [Hkv], the
+  // abs-max of that pass's Q per KV head's group (required then, ignored otherwise). Passes
+  // during warmup are counted and dropped.
+  void record(int layer, const float* amax, const float* q_amax = nullptr);
   // Every layer has its count.
   bool done() const;
   int passes_seen(int layer) const;
 
   // Reduces over ranks (per-head: gathers heads into global order; per-tensor: max), checks
   // that every value is finite (Error names the layer and the head otherwise), and returns
-  // scale = amax / 448 (0 -> 1). Every rank gets the same result.
+  // scale = amax / 448 (0 -> 1), and the Q scales the same way (q_scales; a KV head held by
+  // several ranks takes the max of their parts of its group). Every rank gets the same result.
   CalibData finalize(Communicator& comm, const std::string& architectures) const;
 
  private:
   ObserverConfig config_;
   std::vector<int> passes_;     // [num_layers] passes seen (warmup included)
   std::vector<float> amax_;     // [num_layers, 2 * Hkv]
+  std::vector<float> q_amax_;   // [num_layers, Hkv] (q_scales), else empty
 };
 
 }  // namespace fp8kv

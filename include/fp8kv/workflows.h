@@ -38,6 +38,9 @@ struct CalibrateOptions {
   // whose summation order depends on the shard's shape, so scales after layer 0 may differ from
   // tp = 1's in their last bits (measured: 1 of 64, by about one bf16 rounding step).
   bool exact_tp = false;
+  // Also record Q's abs-max per (layer, KV head) over the same passes and write static Q scales
+  // (q_calibration) for fp8-per-head. per_head only (Error otherwise).
+  bool q_scales = false;
 };
 
 struct CalibrateResult {
@@ -73,6 +76,9 @@ struct EvalOptions {
 // One scheme's numbers against the bf16 run, over every position that has a next token.
 struct SchemeEval {
   KvScheme scheme = KvScheme::kBf16;
+  // The column's name: scheme_name(scheme), or "per-head static-Q" for fp8-per-head with
+  // q_calibration's static Q scales.
+  std::string label;
   double perplexity = 0.0;  // exp(mean NLL of the next token)
   double kl_mean = 0.0;     // mean KL(p_bf16 || p_scheme), nats
   double kl_max = 0.0;
@@ -81,10 +87,17 @@ struct SchemeEval {
   // [layers, num_kv_heads] the same over the query heads of each KV head's group
   std::vector<double> head_attn_rel_error;
   int num_kv_heads = 0;
+  // Static Q scales only: [layers, num_kv_heads] the abs-max of the Q this run saw over the
+  // range of its static scale, amax / (448 * s). Above 1, Q values of that (layer, KV head)
+  // saturated to +-448. Empty for the other columns.
+  std::vector<double> q_range_use;
 };
 
 struct EvalResult {
-  std::vector<SchemeEval> schemes;  // bf16, then EvalOptions::schemes in order
+  // bf16, then one column per EvalOptions::schemes in order (fp8-per-head with dynamic Q
+  // scales), with "per-head static-Q" right after fp8-per-head when the per-head scales have
+  // static Q scales.
+  std::vector<SchemeEval> schemes;
   int64_t positions = 0;
   int64_t tokens = 0;
   double seconds = 0.0;
@@ -101,8 +114,11 @@ FP8KV_API std::vector<int> suggest_bf16_layers(const std::vector<double>& attn_r
 // bf16 vs the FP8 caches of options.schemes (default fp8-per-tensor and fp8-per-head) on the same
 // data. The per-layer attention error runs every FP8 cache beside the bf16 run on its very inputs
 // (ShadowScheme); the logit metrics come from full runs with each cache. `per_tensor` and
-// `per_head` are read only by the schemes that take them (an unused one may be empty). With tp > 1 every rank runs this call (scales: the
-// rank's slice) and gets the same result; the attention errors are summed over ranks' heads.
+// `per_head` are read only by the schemes that take them (an unused one may be empty). When
+// fp8-per-head is chosen and per_head has static Q scales (RankScales::q), its column runs with
+// dynamic Q scales and a "per-head static-Q" column with the static ones. With tp > 1 every rank
+// runs this call (scales: the rank's slice) and gets the same result; the attention errors are
+// summed over ranks' heads.
 FP8KV_API EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops,
                               const TokenData& data, const RankScales& per_tensor,
                               const RankScales& per_head, const EvalOptions& options);

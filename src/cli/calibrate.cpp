@@ -29,6 +29,7 @@ void add_calibrate(CLI::App& app) {
     int generate = 0;
     bool exact_tp = false;
     bool rank_layout = false;
+    bool q_scales = false;
     TextInput text;
   };
   auto opt = std::make_shared<Opts>();
@@ -57,6 +58,10 @@ void add_calibrate(CLI::App& app) {
                 "Write LightLLM's per-rank layout (num_head = KV heads per rank x --tp, each "
                 "head once per rank that holds it) instead of one column per KV head; the "
                 "same file when --tp <= KV heads");
+  cmd->add_flag("--q-scales", opt->q_scales,
+                "Per head only: also record Q's abs-max (after RoPE) per layer and KV head over "
+                "the same passes and write static Q scales (LightLLM's q_calibration), which "
+                "fp8-per-head then uses instead of dynamic ones");
   add_device_and_tp_options(cmd, opt->device, opt->tp);
   cmd->add_flag("--exact-tp", opt->exact_tp,
                 "Sum every GEMM in one fixed order (slower), so that a --tp N file equals the "
@@ -86,6 +91,7 @@ void add_calibrate(CLI::App& app) {
       co.comm = &comm;
       co.exact_tp = opt->exact_tp;
       co.generate = opt->generate;
+      co.q_scales = opt->q_scales;
       const CalibrateResult r = calibrate(*model, *backend, *ops, data, co);
       if (!rank0) return;
       // The rank layout repeats the merged scales: copies of a head are equal by construction
@@ -97,6 +103,12 @@ void add_calibrate(CLI::App& app) {
       std::printf("calibrated %s (%s): %d layers x %d KV heads, %s scales in [%.4g, %.4g]\n",
                   opt->model.c_str(), r.data.architectures.c_str(), r.data.num_layers,
                   r.data.num_head, quant_type_name(r.data.quant_type), *mm.first, *mm.second);
+      if (r.data.q_scales) {
+        const auto qm =
+            std::minmax_element(r.data.q_scales->scales.begin(), r.data.q_scales->scales.end());
+        std::printf("static Q scales (q_calibration): %d layers x %d KV heads in [%.4g, %.4g]\n",
+                    r.data.num_layers, r.data.q_scales->num_head, *qm.first, *qm.second);
+      }
       std::printf(
           "observed %d forward passes per layer after %d warmup (%d run, %d of them "
           "decode steps; %lld tokens)\n",

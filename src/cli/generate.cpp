@@ -174,6 +174,11 @@ void add_generate(CLI::App& app) {
       ro.comm = &comm;
       ro.exact_tp = opt->exact_tp;
       ro.bf16_layers = bf16_layers;
+      // fp8-per-head quantizes Q with the file's static scales when it has them.
+      const std::string q_note =
+          fp8_q(scheme)
+              ? (ro.scales->q ? ", static Q scales (q_calibration)" : ", dynamic Q scales")
+              : "";
       ModelRunner runner(*model, *backend, *ops, std::move(ro));
       const auto t0 = std::chrono::steady_clock::now();
       const auto out =
@@ -197,8 +202,8 @@ void add_generate(CLI::App& app) {
         std::printf("%s\n", line.c_str());
       }
       const std::string tp_note = opt->tp > 1 ? " (tp " + std::to_string(opt->tp) + ")" : "";
-      std::fprintf(stderr, "generated %zu x %d tokens with a %s cache in %.2f s%s\n", out.size(),
-                   opt->max_new, scheme_name(scheme), sec, tp_note.c_str());
+      std::fprintf(stderr, "generated %zu x %d tokens with a %s cache%s in %.2f s%s\n", out.size(),
+                   opt->max_new, scheme_name(scheme), q_note.c_str(), sec, tp_note.c_str());
     });
   });
 }

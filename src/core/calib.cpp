@@ -148,6 +148,12 @@ void check_values(const CalibData& d, const std::string& name) {
 
   if (d.q_scales) {
     const QScales& q = *d.q_scales;
+    if (d.quant_type != QuantType::kPerHead) {
+      throw Error(fmt::format(
+          "{}: field 'q_calibration': static Q scales belong to a per_head file (fp8-per-head "
+          "quantizes Q; fp8-per-tensor keeps it in bf16), found one with quant_type \"{}\"",
+          name, quant_type_name(d.quant_type)));
+    }
     check_positive(name, "q_calibration.num_head", q.num_head, 1);
     const size_t q_count = static_cast<size_t>(d.num_layers) * q.num_head;
     if (q.scales.size() != q_count) {
@@ -157,6 +163,34 @@ void check_values(const CalibData& d, const std::string& name) {
     }
     check_scales(name, "q_calibration.scales", q.scales, q.num_head, d, /*kv=*/false);
   }
+}
+
+// q_calibration against the model's H KV heads (FORMATS.md, "q_calibration"): num_head H, or a
+// divisor of H (each Q scale covers H / num_head consecutive KV heads; slice_for_rank repeats
+// them), or k x H in LightLLM's per-rank layout, whose k copies of a head are merged here by
+// max: each rank observed its own query heads of the group, so the copies may differ and the
+// group's scale is their max. Anything else is refused, naming the field and both values.
+void merge_q_copies(CalibData& d, int num_kv_heads, const std::string& name) {
+  QScales& q = *d.q_scales;
+  const int H = num_kv_heads;
+  if (q.num_head == H || (q.num_head < H && H % q.num_head == 0)) return;
+  if (q.num_head % H != 0) {
+    throw Error(fmt::format(
+        "{}: field 'q_calibration.num_head': expected {} (the model's KV heads), a divisor of it "
+        "or a multiple of it (LightLLM's per-rank layout), found {}",
+        name, H, q.num_head));
+  }
+  const int k = q.num_head / H;
+  std::vector<float> merged(static_cast<size_t>(d.num_layers) * H);  // [num_layers, H]
+  for (int l = 0; l < d.num_layers; ++l) {
+    const float* src = q.scales.data() + static_cast<size_t>(l) * q.num_head;
+    for (int head = 0; head < H; ++head) {
+      merged[static_cast<size_t>(l) * H + head] =
+          *std::max_element(src + head * k, src + (head + 1) * k);
+    }
+  }
+  q.num_head = H;
+  q.scales = std::move(merged);
 }
 
 QuantType parse_quant_type(const FieldReader& reader) {
@@ -263,6 +297,7 @@ CalibData parse_calib(const std::string& text, const std::string& name, const Ca
   }
 
   check_values(d, name);
+  if (expect.num_kv_heads && d.q_scales) merge_q_copies(d, *expect.num_kv_heads, name);
   if (expect.num_kv_heads && d.num_head != *expect.num_kv_heads) {
     return merge_rank_layout(d, *expect.num_kv_heads, name);
   }

@@ -112,8 +112,16 @@ Observer::Observer(const ObserverConfig& config) : config_(config) {
     throw Error("observer: warmup must be >= 0 and count >= 1, got warmup " +
                 std::to_string(config.warmup) + ", count " + std::to_string(config.count));
   }
+  if (config.q_scales && config.quant_type != QuantType::kPerHead) {
+    throw Error(
+        "observer: Q scales (q_calibration) are for per_head calibration (fp8-per-head quantizes "
+        "Q), not per_tensor");
+  }
   passes_.assign(config.num_layers, 0);
   amax_.assign(static_cast<size_t>(config.num_layers) * 2 * config.num_kv_heads, 0.0f);
+  if (config.q_scales) {
+    q_amax_.assign(static_cast<size_t>(config.num_layers) * config.num_kv_heads, 0.0f);
+  }
 }
 
 bool Observer::wants(int layer) const {
@@ -121,15 +129,25 @@ bool Observer::wants(int layer) const {
   return seen >= config_.warmup && seen < config_.warmup + config_.count;
 }
 
-void Observer::record(int layer, const float* amax) {
+void Observer::record(int layer, const float* amax, const float* q_amax) {
   if (layer < 0 || layer >= config_.num_layers) {
     throw Error("observer: layer " + std::to_string(layer) + " out of range [0, " +
                 std::to_string(config_.num_layers) + ")");
+  }
+  if (config_.q_scales && q_amax == nullptr) {
+    throw Error("observer: layer " + std::to_string(layer) +
+                ": the observer records Q scales and was given no Q abs-max");
   }
   if (wants(layer)) {
     const int width = 2 * config_.num_kv_heads;
     float* row = amax_.data() + static_cast<size_t>(layer) * width;
     for (int i = 0; i < width; ++i) row[i] = nan_max(row[i], std::fabs(amax[i]));
+    if (config_.q_scales) {
+      float* q_row = q_amax_.data() + static_cast<size_t>(layer) * config_.num_kv_heads;
+      for (int i = 0; i < config_.num_kv_heads; ++i) {
+        q_row[i] = nan_max(q_row[i], std::fabs(q_amax[i]));
+      }
+    }
   }
   ++passes_[layer];
 }
@@ -182,6 +200,36 @@ CalibData Observer::finalize(Communicator& comm, const std::string& architecture
       }
     }
     out.num_head = total_heads;
+    if (config_.q_scales) {
+      // The same placement for Q: a KV head held by f ranks has each rank's part of its group.
+      std::vector<float> q_gathered(q_amax_.size() * world);
+      comm.all_gather(q_amax_.data(), q_gathered.data(), q_amax_.size());
+      std::vector<float> q_global(static_cast<size_t>(layers) * total_heads, 0.0f);
+      for (int r = 0; r < world; ++r) {
+        for (int l = 0; l < layers; ++l) {
+          const float* src =
+              q_gathered.data() + r * q_amax_.size() + static_cast<size_t>(l) * local_heads;
+          float* dst = q_global.data() + static_cast<size_t>(l) * total_heads;
+          for (int i = 0; i < local_heads; ++i) {
+            const int head = (r * local_heads + i) / f;
+            dst[head] = nan_max(dst[head], src[i]);
+          }
+        }
+      }
+      for (size_t i = 0; i < q_global.size(); ++i) {
+        if (!std::isfinite(q_global[i])) {
+          throw Error("calibration: layer " + std::to_string(i / total_heads) + ", Q of KV head " +
+                      std::to_string(i % total_heads) + ": abs-max is not finite (" +
+                      std::to_string(q_global[i]) + "); the model produced NaN or infinity in Q");
+        }
+      }
+      QScales q;
+      q.num_head = total_heads;
+      q.scales.resize(q_global.size());
+      std::transform(q_global.begin(), q_global.end(), q.scales.begin(),
+                     [](float a) { return a > 0.0f ? a / kE4m3Max : 1.0f; });
+      out.q_scales = std::move(q);
+    }
   } else {
     // Per tensor: max over this rank's heads, then over ranks.
     global.assign(static_cast<size_t>(layers) * 2, 0.0f);

@@ -29,6 +29,11 @@ CalibrateResult calibrate(const Model& model, Backend& backend, ModelOps& ops,
   oc.num_kv_heads = model.shard().kv_heads;  // this rank's
   oc.total_kv_heads = c.num_kv_heads;
   oc.quant_type = options.quant_type;
+  if (options.q_scales && options.quant_type != QuantType::kPerHead) {
+    throw Error("calibrate: --q-scales records static Q scales for fp8-per-head; the scheme is " +
+                std::string(quant_type_name(options.quant_type)) + " (use --scheme per-head)");
+  }
+  oc.q_scales = options.q_scales;
   oc.warmup = 0;
   CalibrateResult result;
   result.warmup_source = "default";

@@ -3,7 +3,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -128,6 +127,11 @@ AttentionErrorStats summed_over_ranks(AttentionErrorStats st, Communicator* comm
   return st;
 }
 
+// A column's name: its label, or the scheme's name for a result made without one.
+std::string column_label(const SchemeEval& s) {
+  return s.label.empty() ? std::string(scheme_name(s.scheme)) : s.label;
+}
+
 struct Accum {
   double nll = 0.0, kl = 0.0, kl_max = 0.0;
   int64_t agree = 0;
@@ -154,8 +158,8 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     }
     max_batch_tokens = std::max(max_batch_tokens, t);
   }
-  // bf16 first (the reference), then the FP8 caches asked for.
-  std::vector<KvScheme> schemes = {KvScheme::kBf16};
+  // The FP8 caches asked for (bf16 is the reference, always run).
+  std::vector<KvScheme> schemes;
   for (KvScheme s : options.schemes) {
     if (!is_fp8(s)) {
       throw Error(std::string("eval: scheme ") + scheme_name(s) +
@@ -166,12 +170,30 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     }
     schemes.push_back(s);
   }
-  // The scales of a scheme: the per-tensor or per-head ones, none for fp8-e5m2.
+  // The columns after bf16: each a full run with its cache (logit metrics) and a shadow of the
+  // bf16 run (attention error on the same inputs). A scheme's scales: the per-tensor or per-head
+  // ones, none for fp8-e5m2; static Q scales only where asked for (the "per-head static-Q"
+  // column right after fp8-per-head, when per_head has them): fp8-per-head runs dynamic Q and
+  // fp8-per-head-bf16q has no FP8 Q.
+  struct Column {
+    std::string label;
+    KvScheme scheme;
+    std::optional<RankScales> scales;
+  };
   auto scales_of = [&](KvScheme scheme) -> std::optional<RankScales> {
     const std::optional<QuantType> q = calib_quant_type(scheme);
     if (!q) return std::nullopt;
-    return *q == QuantType::kPerHead ? per_head : per_tensor;
+    RankScales sc = *q == QuantType::kPerHead ? per_head : per_tensor;
+    sc.q.reset();
+    return sc;
   };
+  std::vector<Column> columns;
+  for (KvScheme s : schemes) {
+    columns.push_back({scheme_name(s), s, scales_of(s)});
+    if (s == KvScheme::kFp8PerHead && per_head.q) {
+      columns.push_back({"per-head static-Q", s, per_head});
+    }
+  }
   auto options_for = [&](KvScheme scheme) {
     RunnerOptions ro;
     ro.scheme = scheme;
@@ -180,37 +202,38 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     ro.max_len = max_len;
     ro.comm = options.comm;
     ro.bf16_layers = options.bf16_layers;
-    ro.scales = scales_of(scheme);
     return ro;
   };
   RunnerOptions ref_opts = options_for(KvScheme::kBf16);
-  for (size_t s = 1; s < schemes.size(); ++s) {
-    ref_opts.shadows.push_back({schemes[s], scales_of(schemes[s]).value_or(RankScales{})});
+  for (const Column& col : columns) {
+    ref_opts.shadows.push_back({col.scheme, col.scales.value_or(RankScales{})});
   }
   std::vector<std::unique_ptr<ModelRunner>> runners;
   runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, std::move(ref_opts)));
-  for (size_t s = 1; s < schemes.size(); ++s) {
-    runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, options_for(schemes[s])));
+  for (const Column& col : columns) {
+    RunnerOptions ro = options_for(col.scheme);
+    ro.scales = col.scales;
+    ro.record_q_amax = col.scales && col.scales->q.has_value();
+    runners.push_back(std::make_unique<ModelRunner>(model, backend, ops, std::move(ro)));
   }
-  const ModelRunner& ref = *runners[0];
-  const size_t N = schemes.size();
+  ModelRunner& ref = *runners[0];
+  const size_t num_runs = runners.size();
 
   EvalResult result;
   result.bf16_layers = options.bf16_layers;
-  std::vector<Accum> acc(N);
+  std::vector<Accum> acc(num_runs);
   const int64_t V = c.vocab_size;
   const auto start = std::chrono::steady_clock::now();
-  std::string names;
-  for (KvScheme s : schemes) names += std::string(names.empty() ? "" : " / ") + scheme_name(s);
-  Progress progress("evaluating " + names, static_cast<int64_t>(data.size()),
-                    options.show_progress);
+  std::string what = "evaluating bf16";
+  for (const Column& col : columns) what += " / " + col.label;
+  Progress progress(what, static_cast<int64_t>(data.size()), options.show_progress);
   std::vector<double> ref_lp, lp;
   for (size_t i = 0; i < data.size(); i += batch) {
     std::vector<std::vector<int32_t>> tokens(
         data.begin() + static_cast<std::ptrdiff_t>(i),
         data.begin() + static_cast<std::ptrdiff_t>(std::min(data.size(), i + batch)));
-    std::vector<std::vector<float>> logits(N);
-    for (size_t s = 0; s < N; ++s) {
+    std::vector<std::vector<float>> logits(num_runs);
+    for (size_t s = 0; s < num_runs; ++s) {
       std::vector<int> reqs;
       for (size_t b = 0; b < tokens.size(); ++b) reqs.push_back(runners[s]->add_request());
       logits[s] = runners[s]->forward(reqs, tokens, LogitRows::kAll);
@@ -224,7 +247,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
         const int32_t next = seq[t + 1];
         log_softmax(logits[0].data() + row * V, V, ref_lp);
         const int64_t ref_top = argmax_of(ref_lp);
-        for (size_t s = 0; s < N; ++s) {
+        for (size_t s = 0; s < num_runs; ++s) {
           const std::vector<double>* cur = &ref_lp;
           if (s > 0) {
             log_softmax(logits[s].data() + row * V, V, lp);
@@ -245,7 +268,7 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
       }
     }
     progress.update(static_cast<int64_t>(std::min(data.size(), i + batch)),
-                    result.tokens * static_cast<int64_t>(N));
+                    result.tokens * static_cast<int64_t>(num_runs));
   }
   progress.finish();
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -253,9 +276,11 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     throw Error("eval: no position has a next token (every sequence has one token)");
   }
   const double n = static_cast<double>(result.positions);
-  for (size_t s = 0; s < N; ++s) {
+  const TpShard& shard = model.shard();
+  for (size_t s = 0; s < num_runs; ++s) {
     SchemeEval e;
-    e.scheme = schemes[s];
+    e.scheme = s == 0 ? KvScheme::kBf16 : columns[s - 1].scheme;
+    e.label = s == 0 ? scheme_name(KvScheme::kBf16) : columns[s - 1].label;
     e.perplexity = std::exp(acc[s].nll / n);
     e.kl_mean = acc[s].kl / n;
     e.kl_max = acc[s].kl_max;
@@ -264,14 +289,32 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
     e.attn_rel_error.assign(static_cast<size_t>(c.num_layers), 0.0);
     e.head_attn_rel_error.assign(static_cast<size_t>(c.num_layers * c.num_kv_heads), 0.0);
     if (s > 0) {
-      const AttentionErrorStats st =
-          summed_over_ranks(ref.shadow_stats()[s - 1], options.comm);
+      const AttentionErrorStats st = summed_over_ranks(ref.shadow_stats()[s - 1], options.comm);
       for (int l = 0; l < c.num_layers; ++l) {
         e.attn_rel_error[static_cast<size_t>(l)] = st.rel_error(l);
         for (int h = 0; h < c.num_kv_heads; ++h) {
           e.head_attn_rel_error[static_cast<size_t>(l * c.num_kv_heads + h)] =
               st.head_rel_error(l, h);
         }
+      }
+      const std::optional<RankScales>& sc = columns[s - 1].scales;
+      const std::vector<float>& q_amax = runners[s]->q_amax();
+      if (sc && sc->q && !q_amax.empty()) {
+        // This rank's KV heads into the model's [layers, Hkv] table, max over ranks (a head
+        // held by several ranks: each saw its part of the group).
+        std::vector<float> use(static_cast<size_t>(c.num_layers * c.num_kv_heads), 0.0f);
+        const int h = shard.kv_heads;
+        for (int l = 0; l < c.num_layers; ++l) {
+          for (int j = 0; j < h; ++j) {
+            const size_t i = static_cast<size_t>(l) * h + static_cast<size_t>(j);
+            use[static_cast<size_t>(l * c.num_kv_heads + shard.kv_head_begin + j)] =
+                q_amax[i] / (kE4m3Max * (*sc->q)[i]);
+          }
+        }
+        if (options.comm != nullptr && options.comm->world_size() > 1) {
+          options.comm->all_reduce_max(use.data(), use.size());
+        }
+        e.q_range_use.assign(use.begin(), use.end());
       }
     }
     result.schemes.push_back(std::move(e));
@@ -281,12 +324,12 @@ EvalResult evaluate(const Model& model, Backend& backend, ModelOps& ops, const T
 
 std::string format_eval_table(const EvalResult& r) {
   std::string out;
-  char buf[256];
+  char buf[512];
   const char* kRow = "%-30s";
-  // Columns 16 wide, wider when a scheme's name needs it (fp8-per-head-bf16q).
+  // Columns 16 wide, wider when a label needs it (fp8-per-head-bf16q, per-head static-Q).
   int w = 16;
   for (const auto& s : r.schemes) {
-    w = std::max(w, static_cast<int>(std::strlen(scheme_name(s.scheme))) + 2);
+    w = std::max(w, static_cast<int>(column_label(s).size()) + 2);
   }
   auto cell = [&](const char* fmt, double v) {
     char c[64];
@@ -297,7 +340,7 @@ std::string format_eval_table(const EvalResult& r) {
   std::snprintf(buf, sizeof buf, kRow, "");
   out += buf;
   for (const auto& s : r.schemes) {
-    std::snprintf(buf, sizeof buf, "%*s", w, scheme_name(s.scheme));
+    std::snprintf(buf, sizeof buf, "%*s", w, column_label(s).c_str());
     out += buf;
   }
   out += "\n";
@@ -353,6 +396,21 @@ std::string format_eval_table(const EvalResult& r) {
     out += "(--kv-bf16-layers " + layer_list_text(r.bf16_layers) +
            ": kept in bf16 in every FP8 cache, attention error 0 there)\n";
   }
+  // Static Q scales: how much of their range the evaluated Q used, and where it saturated.
+  for (const SchemeEval& s : r.schemes) {
+    if (s.q_range_use.empty() || s.num_kv_heads < 1) continue;
+    const auto worst = std::max_element(s.q_range_use.begin(), s.q_range_use.end());
+    const size_t at = static_cast<size_t>(worst - s.q_range_use.begin());
+    const long long over =
+        std::count_if(s.q_range_use.begin(), s.q_range_use.end(), [](double u) { return u > 1.0; });
+    std::snprintf(buf, sizeof buf,
+                  "%s: Q's abs-max over its static range 448 * s: at most %.3f (layer %zu, KV "
+                  "head %zu); %lld of %zu (layer, KV head) pairs above 1, their larger Q values "
+                  "saturated to +-448\n",
+                  column_label(s).c_str(), *worst, at / static_cast<size_t>(s.num_kv_heads),
+                  at % static_cast<size_t>(s.num_kv_heads), over, s.q_range_use.size());
+    out += buf;
+  }
   // Which layers lose most, and the set --kv-bf16-layers could keep in bf16.
   for (const SchemeEval& s : r.schemes) {
     if (!is_fp8(s.scheme)) continue;
@@ -370,7 +428,7 @@ std::string format_eval_table(const EvalResult& r) {
       worst += buf;
     }
     const std::vector<int> suggested = suggest_bf16_layers(s.attn_rel_error);
-    out += std::string(scheme_name(s.scheme)) + ": layers losing most " + worst + "; " +
+    out += column_label(s) + ": layers losing most " + worst + "; " +
            (suggested.empty() ? std::string("none above 2x the median: no --kv-bf16-layers "
                                             "suggested")
                               : "suggested --kv-bf16-layers " + layer_list_text(suggested) +
@@ -411,7 +469,7 @@ std::string format_eval_heads(const EvalResult& r) {
   for (const SchemeEval& s : r.schemes) {
     if (s.scheme == KvScheme::kBf16 || s.num_kv_heads < 1) continue;
     const size_t H = static_cast<size_t>(s.num_kv_heads);
-    out += std::string("attn-out rel. error per KV head, ") + scheme_name(s.scheme) + "\n";
+    out += "attn-out rel. error per KV head, " + column_label(s) + "\n";
     out += "layer";
     for (size_t h = 0; h < H; ++h) {
       std::snprintf(buf, sizeof buf, "%11s%zu", "h", h);

@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <string>
 
@@ -117,7 +118,7 @@ struct ModelRunner::Scratch {
   BackendBuffer o;                   // [T, Hq * D]
   BackendBuffer gu;                  // [T, 2 * I]
   BackendBuffer mlp;                 // [T, I]
-  BackendBuffer amax;                // [2 * Hkv]
+  BackendBuffer amax;                // [3 * Hkv]: K, V, then Q (observer with Q scales)
   BackendBuffer rows;                // [R] int32 rows with logits
   BackendBuffer logits;              // [R, V]
   BackendBuffer next;                // [R] int32 greedy tokens (forward_greedy)
@@ -329,7 +330,7 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   s.o.ensure(backend_, f32(T * QD));
   s.gu.ensure(backend_, f32(T * 2 * I));
   s.mlp.ensure(backend_, f32(T * I));
-  s.amax.ensure(backend_, f32(2 * shard.kv_heads));
+  s.amax.ensure(backend_, f32(3 * shard.kv_heads));
 
   s.ids.upload(ids.data(), i32(T));
   s.pos.upload(pos.data(), i32(T));
@@ -418,8 +419,27 @@ void ModelRunner::run_layer(int l, bool decode) {
   // runs its shadow schemes on the same inputs and accounts their error.
   const int row_width = 2 * kv_scales_per_layer(options_.scheme, Hkv);
   float* amax = begin_observation(l);
-  attend(l, decode, pool_.layer(l), kv_scales_, row_width, q_scales_, amax, s.o16.as<uint16_t>());
+  float* q_amax = nullptr;
+  if (amax != nullptr && options_.observer->config().q_scales) {
+    q_amax = amax + 2 * Hkv;
+  } else if (options_.record_q_amax && fp8_q(pool_.layer(l).scheme)) {
+    backend_.memset(s.amax.get(), 0, static_cast<size_t>(Hkv) * sizeof(float));
+    q_amax = s.amax.as<float>();
+  }
+  attend(l, decode, pool_.layer(l), kv_scales_, row_width, q_scales_, amax, q_amax,
+         s.o16.as<uint16_t>());
   end_observation(l, amax);
+  if (q_amax != nullptr && amax == nullptr) {
+    std::vector<float> host(static_cast<size_t>(Hkv));
+    backend_.synchronize();
+    s.amax.download(host.data(), host.size() * sizeof(float));
+    q_amax_.resize(static_cast<size_t>(c.num_layers) * Hkv, 0.0f);
+    float* row = q_amax_.data() + static_cast<size_t>(l) * Hkv;
+    for (int g = 0; g < Hkv; ++g) {
+      row[g] = std::isnan(row[g]) || std::isnan(host[g]) ? std::numeric_limits<float>::quiet_NaN()
+                                                         : std::max(row[g], host[g]);
+    }
+  }
   run_shadows(l, decode);
 
   ops_.from_bf16(s.o16.as<const uint16_t>(), s.o.as<float>(), T * QD);
@@ -441,7 +461,7 @@ void ModelRunner::run_layer(int l, bool decode) {
 
 void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales,
                          int row_width, const BackendBuffer& q_scales, float* observe_amax,
-                         uint16_t* out) {
+                         float* observe_q_amax, uint16_t* out) {
   const ModelConfig& c = model_.config();
   Scratch& s = *s_;
   const int64_t T = s.T;
@@ -467,7 +487,7 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
   ap.batch = s.batch;
   ap.o = out;
   if (options_.exact_tp) ap.split_kv_heads = c.num_kv_heads;
-  if (fp8_q(cache.scheme)) {
+  if (fp8_q(cache.scheme) || observe_q_amax != nullptr) {
     // The dynamic Q scale of (request, KV head) is the abs-max over this rank's Q heads of
     // that KV head: with tp <= Hkv that is the whole GQA group (as at tp = 1); with tp > Hkv
     // (replicated KV heads) only the rank's part of it, so Q quantizes differently than at
@@ -477,6 +497,9 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
     qq.q_fp8 = s.q8.as<uint8_t>();
     qq.q_scale = s.q_scale.as<float>();
     if (!q_scales.empty()) qq.static_scale = q_scales.as<const float>() + l * Hkv;
+    // Calibration with Q scales runs this with a bf16 cache only to observe Q's abs-max (its
+    // FP8 output goes unused).
+    qq.observe_amax = observe_q_amax;
     qq.cu_seqlens_q = s.cu_q.as<const int32_t>();
     qq.num_requests = s.B;
     qq.total_q = T;
@@ -484,6 +507,8 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
     qq.num_kv_heads = Hkv;
     qq.head_dim = D;
     backend_.quantize_q(qq);
+  }
+  if (fp8_q(cache.scheme)) {
     ap.q_fp8 = s.q8.as<const uint8_t>();
     ap.q_scale = s.q_scale.as<const float>();
   } else {
@@ -502,17 +527,19 @@ float* ModelRunner::begin_observation(int l) {
   Observer* obs = options_.observer;
   if (!obs || obs->passes_seen(l) >= obs->config().warmup + obs->config().count) return nullptr;
   const int Hkv = model_.shard().kv_heads;
-  backend_.memset(s_->amax.get(), 0, static_cast<size_t>(2 * Hkv) * sizeof(float));
+  backend_.memset(s_->amax.get(), 0, static_cast<size_t>(3 * Hkv) * sizeof(float));
   return s_->amax.as<float>();
 }
 
 void ModelRunner::end_observation(int l, const float* amax) {
   if (amax == nullptr) return;
   Scratch& s = *s_;
-  s.host_amax.resize(static_cast<size_t>(2 * model_.shard().kv_heads));
+  const int Hkv = model_.shard().kv_heads;
+  const bool q = options_.observer->config().q_scales;
+  s.host_amax.resize(static_cast<size_t>((q ? 3 : 2) * Hkv));
   backend_.synchronize();
   s.amax.download(s.host_amax.data(), s.host_amax.size() * sizeof(float));
-  options_.observer->record(l, s.host_amax.data());
+  options_.observer->record(l, s.host_amax.data(), q ? s.host_amax.data() + 2 * Hkv : nullptr);
 }
 
 void ModelRunner::run_shadows(int l, bool decode) {
@@ -520,7 +547,7 @@ void ModelRunner::run_shadows(int l, bool decode) {
   const int64_t QD = static_cast<int64_t>(model_.shard().q_heads) * model_.config().head_dim;
   for (size_t i = 0; i < shadows_.size(); ++i) {
     Shadow& sh = *shadows_[i];
-    attend(l, decode, sh.pool.layer(l), sh.kv_scales, sh.row_width, sh.q_scales, nullptr,
+    attend(l, decode, sh.pool.layer(l), sh.kv_scales, sh.row_width, sh.q_scales, nullptr, nullptr,
            s.o16_shadow.as<uint16_t>());
     backend_.synchronize();
     const size_t n = static_cast<size_t>(s.T * QD);

@@ -122,6 +122,59 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
   EXPECT_EQ(calib_lines, 2) << r.output;
 }
 
+// calibrate --q-scales writes q_calibration; generate and eval use it; inspect shows it;
+// convert keeps it for LightLLM and refuses to lose it elsewhere unless --drop-q-scales.
+TEST(ModelCli, StaticQScales) {
+  TempDir dir;
+  const std::string model = dir.path() + "/tiny";
+  RunResult r = run("make-model " + model + " --preset tiny");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string data = dir.path() + "/data.jsonl";
+  {
+    std::ofstream out(data);
+    out << "{\"input_ids\": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}\n"
+        << "{\"input_ids\": [2047, 0, 17, 33, 99, 1024, 5, 6, 7]}\n";
+  }
+  const std::string ph = dir.path() + "/ph_q.json";
+  r = run("calibrate --model " + model + " --data " + data +
+          " --scheme per-head --q-scales --out " + ph + " --batch 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "static Q scales (q_calibration): 4 layers x 2 KV heads"))
+      << r.output;
+  EXPECT_TRUE(contains(read_file(ph), "\"q_calibration\"")) << read_file(ph);
+  r = run("calibrate --model " + model + " --data " + data +
+          " --scheme per-tensor --q-scales --out " + dir.path() + "/no.json");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "--q-scales records static Q scales for fp8-per-head"))
+      << r.output;
+  EXPECT_FALSE(std::filesystem::exists(dir.path() + "/no.json"));
+
+  r = run("inspect " + ph);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "num_head 2, scales_shape [4, 2]")) << r.output;
+
+  r = run("generate --model " + model + " --kv fp8-per-head --calib " + ph +
+          " --input-ids 1,2,3 --max-new 2");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "fp8-per-head cache, static Q scales (q_calibration)"))
+      << r.output;
+
+  r = run("eval --model " + model + " --data " + data + " --per-head-calib " + ph + " --batch 2");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "per-head static-Q")) << r.output;
+  EXPECT_TRUE(contains(r.output, "Q's abs-max over its static range")) << r.output;
+
+  const std::string out = dir.path() + "/out";
+  r = run("convert " + ph + " " + out + ".safetensors --to vllm-checkpoint");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "--drop-q-scales")) << r.output;
+  r = run("convert " + ph + " " + out + ".safetensors --to vllm-checkpoint --drop-q-scales");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = run("convert " + ph + " " + out + ".json --to lightllm");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_file(out + ".json"), read_file(ph));
+}
+
 #if defined(FP8KV_HAVE_PCRE2)
 // The demo on the repo's trained model, with small slices of its texts.
 TEST(ModelCli, DemoEndToEndSmall) {

@@ -460,7 +460,16 @@ INSTANTIATE_TEST_SUITE_P(
                     {"field 'q_calibration.scales_shape': expected [2, 2]", "found [2, 3]"}},
         BadFileCase{"bad_q_calibration_scale.json",
                     {"field 'q_calibration.scales': layer 1, column 0 (Q scale of head 0)",
-                     "found -0.125"}}),
+                     "found -0.125"}},
+        BadFileCase{"bad_q_calibration_not_object.json",
+                    {"field 'q_calibration': expected an object, found"}},
+        BadFileCase{"bad_q_calibration_num_head_zero.json",
+                    {"field 'q_calibration.num_head': expected an integer >= 1, found 0"}},
+        BadFileCase{"bad_q_calibration_missing_scales.json",
+                    {"missing field 'q_calibration.scales'"}},
+        BadFileCase{"bad_q_calibration_per_tensor.json",
+                    {"field 'q_calibration': static Q scales belong to a per_head file",
+                     "quant_type \"per_tensor\""}}),
     [](const ::testing::TestParamInfo<BadFileCase>& info) {
       std::string name = info.param.file;
       name = name.substr(0, name.find('.'));
@@ -529,6 +538,39 @@ TEST(Calib, QCalibrationLoads) {
   EXPECT_EQ(d.q_scales->num_head, 2);
   EXPECT_EQ(d.q_scales->scales, (std::vector<float>{0.5f, 0.25f, 0.125f, 0.75f}));
   expect_same(d, parse_calib(calib_to_json(d), "again.json"));
+}
+
+// q_calibration against the model's KV heads: H, a divisor of H, or LightLLM's per-rank k x H
+// (copies merged by max: each rank saw its own part of the group); anything else refused.
+TEST(Calib, QCalibrationNumHeadAgainstTheModel) {
+  CalibExpect two;
+  two.num_kv_heads = 2;
+  // LightLLM's per-rank layout (tp 4 over 2 KV heads) with the extra fields its newer
+  // q_calibration carries (tensor, scale_layout, calibration_stage, header copies): ignored.
+  const CalibData lightllm = load_calib(kDataDir + "ok_lightllm_q_rank_layout.json", two);
+  EXPECT_EQ(lightllm.num_head, 2);
+  ASSERT_TRUE(lightllm.q_scales.has_value());
+  EXPECT_EQ(lightllm.q_scales->num_head, 2);
+  EXPECT_EQ(lightllm.q_scales->scales, (std::vector<float>{0.5f, 0.25f, 0.125f, 0.75f}));
+  // Without the model's heads it stays as written.
+  const CalibData as_written = load_calib(kDataDir + "ok_lightllm_q_rank_layout.json");
+  EXPECT_EQ(as_written.q_scales->num_head, 4);
+
+  CalibData d = load_calib(kDataDir + "ok_per_head_q.json");
+  // One Q scale per layer for both KV heads (a divisor of H): kept, and repeated by the slice.
+  d.q_scales = QScales{1, {0.5f, 0.25f}};
+  const CalibData one = parse_calib(calib_to_json(d), "one.json", two);
+  EXPECT_EQ(one.q_scales->num_head, 1);
+  const RankScales r = slice_for_rank(one, 2, 1);
+  EXPECT_EQ(*r.q, (std::vector<float>{0.5f, 0.25f}));
+  // 3 columns for 2 KV heads: neither.
+  d.q_scales = QScales{3, {0.5f, 0.25f, 0.125f, 0.5f, 0.25f, 0.125f}};
+  const std::string msg = error_of([&] { parse_calib(calib_to_json(d), "three.json", two); });
+  EXPECT_NE(msg.find("three.json: field 'q_calibration.num_head': expected 2 (the model's KV "
+                     "heads), a divisor of it or a multiple of it (LightLLM's per-rank layout), "
+                     "found 3"),
+            std::string::npos)
+      << msg;
 }
 
 TEST(Calib, HostileTextInMemory) {

@@ -4,9 +4,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <random>
+#include <string>
+#include <vector>
 
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
@@ -209,6 +212,93 @@ TEST(Observer, ReplicatedHeadsGatherBackToGlobalHeads) {
   for (const CalibData& d : results) {
     EXPECT_EQ(d.num_head, kHeads);
     EXPECT_EQ(d.scales, (std::vector<float>{1 / 448.0f, 2 / 448.0f, 3 / 448.0f, 4 / 448.0f}));
+  }
+}
+
+// Q scales: the same warmup / count as K/V, one abs-max per (layer, KV head), scale amax / 448
+// (0 -> 1) into q_calibration; refused for per_tensor and without a Q abs-max.
+TEST(Observer, QScalesFollowTheKvPasses) {
+  ObserverConfig c = config(2, 2, QuantType::kPerHead, /*warmup=*/1, /*count=*/2);
+  c.q_scales = true;
+  Observer obs(c);
+  const float kv[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+  const float warm_q[2] = {1000.0f, 1000.0f};  // warmup: dropped
+  const float q1[2] = {3.0f, -7.5f};
+  const float q2[2] = {-5.0f, 2.0f};
+  const float late_q[2] = {900.0f, 900.0f};  // after count: dropped
+  for (int l = 0; l < 2; ++l) obs.record(l, kv, warm_q);
+  obs.record(0, kv, q1);
+  obs.record(0, kv, q2);
+  obs.record(0, kv, late_q);
+  const float zero[2] = {0.0f, 0.0f};
+  obs.record(1, kv, zero);
+  obs.record(1, kv, zero);
+  EXPECT_TRUE(obs.done());
+  EXPECT_THROW(obs.record(1, kv), Error);  // no Q abs-max for an observer of Q scales
+  auto comm = make_single_communicator();
+  const CalibData d = obs.finalize(*comm, "X");
+  ASSERT_TRUE(d.q_scales.has_value());
+  EXPECT_EQ(d.q_scales->num_head, 2);
+  EXPECT_EQ(d.q_scales->scales, (std::vector<float>{5.0f / kE4m3Max, 7.5f / kE4m3Max, 1.0f, 1.0f}));
+
+  // Without q_scales, no q_calibration; per_tensor refuses Q scales.
+  Observer kv_only(config(1, 2, QuantType::kPerHead, 0, 1));
+  kv_only.record(0, kv);
+  EXPECT_FALSE(kv_only.finalize(*comm, "X").q_scales.has_value());
+  ObserverConfig pt = config(1, 2, QuantType::kPerTensor, 0, 1);
+  pt.q_scales = true;
+  EXPECT_THROW({ Observer bad(pt); }, Error);
+}
+
+TEST(Observer, NonFiniteQIsRefusedNamingLayerAndHead) {
+  ObserverConfig c = config(2, 2, QuantType::kPerHead, 0, 1);
+  c.q_scales = true;
+  Observer obs(c);
+  const float kv[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+  const float q_ok[2] = {1.0f, 1.0f};
+  const float q_nan[2] = {1.0f, NAN};
+  obs.record(0, kv, q_ok);
+  obs.record(1, kv, q_nan);
+  auto comm = make_single_communicator();
+  try {
+    obs.finalize(*comm, "X");
+    FAIL() << "expected an Error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("layer 1, Q of KV head 1"), std::string::npos) << e.what();
+  }
+}
+
+// Q scales over ranks: tp <= heads gathers heads; tp > heads (a KV head's query heads split
+// over ranks) takes the max of the ranks' parts of the group, which is the whole group's.
+TEST(Observer, QScalesOverRanksEqualOneRank) {
+  constexpr int kHeads = 2;
+  const float q_whole[kHeads] = {6.0f, 9.0f};
+  for (int tp : {2, 4}) {
+    std::vector<CalibData> results(tp);
+    testing::ThreadedGroup group(tp);
+    group.run([&](Communicator& comm) {
+      const int h = std::max(1, kHeads / tp), f = tp * h / kHeads;
+      ObserverConfig c = config(1, h, QuantType::kPerHead, 0, 1);
+      c.total_kv_heads = kHeads;
+      c.q_scales = true;
+      Observer part(c);
+      std::vector<float> local_kv(2 * h, 1.0f), local_q(h);
+      for (int i = 0; i < h; ++i) {
+        const int head = (comm.rank() * h + i) / f;
+        // Rank k of a head's f ranks sees a part of its group whose max is the group's only on
+        // the last of them.
+        const int copy = comm.rank() % f;
+        local_q[i] = copy == f - 1 ? q_whole[head] : q_whole[head] / (2 + copy);
+      }
+      part.record(0, local_kv.data(), local_q.data());
+      results[comm.rank()] = part.finalize(comm, "X");
+    });
+    for (const CalibData& d : results) {
+      ASSERT_TRUE(d.q_scales.has_value()) << "tp " << tp;
+      EXPECT_EQ(d.q_scales->num_head, kHeads);
+      EXPECT_EQ(d.q_scales->scales, (std::vector<float>{6.0f / kE4m3Max, 9.0f / kE4m3Max}))
+          << "tp " << tp;
+    }
   }
 }
 

@@ -130,13 +130,16 @@ class ModelRunnerGpu : public ::testing::Test {
     delete dir_;
   }
 
-  static CalibData calibrated(QuantType qt) {
+  static TokenData calib_data() {
     const int V = tiny_cpu_->config().vocab_size;
-    const TokenData data = {tokens(24, 1, V), tokens(17, 2, V), tokens(30, 3, V), tokens(9, 4, V)};
+    return {tokens(24, 1, V), tokens(17, 2, V), tokens(30, 3, V), tokens(9, 4, V)};
+  }
+  static CalibData calibrated(QuantType qt, bool q_scales = false) {
     CalibrateOptions co;
     co.quant_type = qt;
     co.batch_size = 2;
-    return calibrate(*tiny_cpu_, *cpu_, *cpu_ops_, data, co).data;
+    co.q_scales = q_scales;
+    return calibrate(*tiny_cpu_, *cpu_, *cpu_ops_, calib_data(), co).data;
   }
 
   static TempDir* dir_;
@@ -293,6 +296,42 @@ TEST_F(ModelRunnerGpu, GpuFp8PerHeadCacheMatchesCpu) {
   const CalibData calib = calibrated(QuantType::kPerHead);
   compare_gpu_with_cpu(dir_->path() + "/tiny", *cpu_, *emu_ops_, *cpu_ops_, KvScheme::kFp8PerHead,
                        &calib, {1e-2, 3e-2});
+}
+
+// Static Q scales (q_calibration): quantize_q with the file's scale on the GPU, the same bound.
+TEST_F(ModelRunnerGpu, GpuFp8PerHeadStaticQMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const CalibData calib = calibrated(QuantType::kPerHead, /*q_scales=*/true);
+  ASSERT_TRUE(calib.q_scales.has_value());
+  compare_gpu_with_cpu(dir_->path() + "/tiny", *cpu_, *emu_ops_, *cpu_ops_, KvScheme::kFp8PerHead,
+                       &calib, {1e-2, 3e-2});
+}
+
+// calibrate --q-scales on the GPU: Q's abs-max observed by the CUDA quantize_q in the bf16-cache
+// pass. The GPU runs bf16 weights, the CPU fp32, so Q differs by about a bf16 rounding of the
+// GEMM inputs (2^-8 relative) and its abs-max likewise; 2e-2 leaves room for a few such steps
+// through the layers, and K/V get the same bound.
+TEST_F(ModelRunnerGpu, GpuCalibrationQScalesMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const CalibData want = calibrated(QuantType::kPerHead, /*q_scales=*/true);
+  auto gpu = make_cuda_backend(0, nullptr);
+  auto gpu_ops = make_cuda_model_ops(*gpu, nullptr);
+  auto m_gpu = Model::load(dir_->path() + "/tiny", *gpu, false, WeightDtype::kBf16);
+  CalibrateOptions co;
+  co.quant_type = QuantType::kPerHead;
+  co.batch_size = 2;
+  co.q_scales = true;
+  const CalibData got = calibrate(*m_gpu, *gpu, *gpu_ops, calib_data(), co).data;
+  ASSERT_TRUE(got.q_scales.has_value());
+  ASSERT_EQ(got.q_scales->scales.size(), want.q_scales->scales.size());
+  for (size_t i = 0; i < want.q_scales->scales.size(); ++i) {
+    const double a = got.q_scales->scales[i], b = want.q_scales->scales[i];
+    EXPECT_LE(std::fabs(a - b), 2e-2 * b) << "Q scale " << i << ": GPU " << a << ", CPU " << b;
+  }
+  ASSERT_EQ(got.scales.size(), want.scales.size());
+  for (size_t i = 0; i < want.scales.size(); ++i) {
+    EXPECT_LE(std::fabs(got.scales[i] - want.scales[i]), 2e-2 * want.scales[i]) << "K/V scale " << i;
+  }
 }
 
 TEST_F(ModelRunnerGpu, GpuFp8PerTensorCacheMatchesCpu) {

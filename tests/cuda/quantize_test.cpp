@@ -188,19 +188,25 @@ TEST(CudaQuantizeKv, RefusesBadArguments) {
 struct QResult {
   std::vector<uint8_t> q_fp8;
   std::vector<float> q_scale;
+  std::vector<float> amax;  // observe_amax after the call, when `observe` was given
 };
 
-QResult run_quantize_q(Backend& be, const test::AttentionProblem& prob, const std::vector<float>* static_scale) {
+// `observe`: the running abs-max [Hkv] to start from (calibrate --q-scales), or null.
+QResult run_quantize_q(Backend& be, const test::AttentionProblem& prob,
+                       const std::vector<float>* static_scale,
+                       const std::vector<float>* observe = nullptr) {
   BackendBuffer q(be, prob.q), cu(be, prob.cu_seqlens_q);
   BackendBuffer q8(be, prob.q.size()), qs(be, prob.num_requests() * prob.num_kv_heads * sizeof(float));
   be.memset(q8.as<void>(), 0xee, prob.q.size());
-  std::unique_ptr<BackendBuffer> st;
+  std::unique_ptr<BackendBuffer> st, am;
   if (static_scale) st = std::make_unique<BackendBuffer>(be, *static_scale);
+  if (observe) am = std::make_unique<BackendBuffer>(be, *observe);
   QuantizeQParams p;
   p.q = q.as<uint16_t>();
   p.q_fp8 = q8.as<uint8_t>();
   p.q_scale = qs.as<float>();
   p.static_scale = st ? st->as<float>() : nullptr;
+  p.observe_amax = am ? am->as<float>() : nullptr;
   p.cu_seqlens_q = cu.as<int32_t>();
   p.num_requests = prob.num_requests();
   p.total_q = prob.total_q();
@@ -209,7 +215,8 @@ QResult run_quantize_q(Backend& be, const test::AttentionProblem& prob, const st
   p.head_dim = prob.head_dim;
   be.quantize_q(p);
   be.synchronize();
-  return {q8.download<uint8_t>(), qs.download<float>()};
+  return {q8.download<uint8_t>(), qs.download<float>(),
+          am ? am->download<float>() : std::vector<float>{}};
 }
 
 TEST(CudaQuantizeQ, ByteIdenticalToCpu) {
@@ -236,6 +243,50 @@ TEST(CudaQuantizeQ, ByteIdenticalToCpu) {
         ASSERT_EQ(want.q_fp8, got.q_fp8);
         ASSERT_EQ(want.q_scale.size(), got.q_scale.size());
         for (size_t i = 0; i < want.q_scale.size(); ++i) EXPECT_EQ(bits_of(want.q_scale[i]), bits_of(got.q_scale[i])) << i;
+      }
+    }
+  }
+}
+
+// observe_amax (calibrate --q-scales): the same running abs-max per KV head as the CPU twin, bit
+// for bit, in the pass that quantizes, static scale or dynamic; the bytes and scales unchanged;
+// NaN wins. Awkward sizes: 1, 7, 127 and 1170 tokens per request, GQA 1/4/8.
+TEST(CudaQuantizeQ, ObservedAmaxMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  uint64_t seed = 900;
+  for (int D : {64, 128, 256}) {
+    for (int group : {1, 4, 8}) {
+      for (bool use_static : {false, true}) {
+        SCOPED_TRACE("D=" + std::to_string(D) + " group=" + std::to_string(group) +
+                     (use_static ? " static" : " dynamic"));
+        test::ProblemSpec spec;
+        spec.requests = {{0, 1}, {5, 7}, {0, 127}, {3, 1170}};
+        spec.num_kv_heads = 3;
+        spec.num_q_heads = 3 * group;
+        spec.head_dim = D;
+        spec.data.head_range = 50.0f;
+        spec.seed = ++seed;
+        test::AttentionProblem prob = test::make_problem(spec);
+        const std::vector<float> st = {0.01f, 0.02f, 0.5f};
+        const std::vector<float> start = {0.0f, 1e6f, 3.0f};  // head 1 keeps its larger old max
+        const QResult plain = run_quantize_q(*gpu, prob, use_static ? &st : nullptr);
+        const QResult want = run_quantize_q(*cpu, prob, use_static ? &st : nullptr, &start);
+        const QResult got = run_quantize_q(*gpu, prob, use_static ? &st : nullptr, &start);
+        ASSERT_EQ(got.q_fp8, plain.q_fp8);
+        ASSERT_EQ(got.q_fp8, want.q_fp8);
+        ASSERT_EQ(want.amax.size(), got.amax.size());
+        for (size_t g = 0; g < want.amax.size(); ++g)
+          EXPECT_EQ(bits_of(want.amax[g]), bits_of(got.amax[g])) << "head " << g;
+        EXPECT_EQ(got.amax[1], 1e6f);
+        for (size_t i = 0; i < want.q_scale.size(); ++i)
+          EXPECT_EQ(bits_of(plain.q_scale[i]), bits_of(got.q_scale[i])) << i;
+        prob.q[(static_cast<size_t>(prob.cu_seqlens_q[2]) * prob.num_q_heads + 2 * group) * D + 3] =
+            float_to_bf16(NAN);
+        const QResult nan = run_quantize_q(*gpu, prob, &st, &start);
+        EXPECT_TRUE(std::isnan(nan.amax[2]));
+        EXPECT_EQ(bits_of(nan.amax[0]), bits_of(want.amax[0]));
       }
     }
   }

@@ -324,6 +324,80 @@ TEST(CpuBackend, QuantizeQDynamicAndStaticScales) {
   }
 }
 
+// observe_amax: the running abs-max of Q per KV head over every request (calibrate --q-scales),
+// in the same pass, with a static scale or a dynamic one, the quantized bytes unchanged; the
+// dynamic scales are exactly the per-request maxima / 448, so the observed max / 448 is their
+// max. A NaN in Q stays in the observed entry.
+TEST(CpuBackend, QuantizeQObservesAbsMaxPerKvHead) {
+  test::ProblemSpec spec = small_spec();
+  spec.requests = {{3, 4}, {9, 1}, {0, 6}};
+  test::AttentionProblem p = test::make_problem(spec);
+  auto cpu = make_cpu_backend();
+  const int B = p.num_requests(), Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim;
+  const int group = Hq / Hkv;
+  const std::vector<float> static_scale = {0.01f, 0.03f};
+  for (bool use_static : {false, true}) {
+    SCOPED_TRACE(use_static ? "static" : "dynamic");
+    std::vector<uint8_t> q_fp8(p.q.size()), q_fp8_plain(p.q.size());
+    std::vector<float> q_scale(static_cast<size_t>(B) * Hkv), q_scale_plain(q_scale.size());
+    // Running maxima to merge into: KV head 0's is below its Q (replaced), head 1's above (kept).
+    std::vector<float> amax = {1e-6f, 1e3f};
+    QuantizeQParams qq;
+    qq.q = p.q.data();
+    qq.q_fp8 = q_fp8_plain.data();
+    qq.q_scale = q_scale_plain.data();
+    qq.static_scale = use_static ? static_scale.data() : nullptr;
+    qq.cu_seqlens_q = p.cu_seqlens_q.data();
+    qq.num_requests = B;
+    qq.total_q = p.total_q();
+    qq.num_q_heads = Hq;
+    qq.num_kv_heads = Hkv;
+    qq.head_dim = D;
+    cpu->quantize_q(qq);
+    qq.q_fp8 = q_fp8.data();
+    qq.q_scale = q_scale.data();
+    qq.observe_amax = amax.data();
+    cpu->quantize_q(qq);
+    EXPECT_EQ(q_fp8, q_fp8_plain);
+    EXPECT_EQ(q_scale, q_scale_plain);
+    for (int g = 0; g < Hkv; ++g) {
+      float q_max = 0.0f;
+      for (int64_t t = 0; t < p.total_q(); ++t) {
+        for (int i = 0; i < group * D; ++i) {
+          q_max = std::max(q_max, std::fabs(bf16_to_float(p.q[(t * Hq + g * group) * D + i])));
+        }
+      }
+      ASSERT_GT(q_max, 1e-6f);
+      ASSERT_LT(q_max, 1e3f);
+      EXPECT_EQ(amax[g], g == 0 ? q_max : 1e3f) << "group " << g;
+      if (!use_static) {
+        float scale_max = 0.0f;
+        for (int b = 0; b < B; ++b) scale_max = std::max(scale_max, q_scale[b * Hkv + g]);
+        EXPECT_EQ(scale_max, q_max / kE4m3Max) << "group " << g;
+      }
+    }
+  }
+  std::vector<float> amax(static_cast<size_t>(Hkv), 0.0f);
+  std::vector<uint8_t> q_fp8(p.q.size());
+  std::vector<float> q_scale(static_cast<size_t>(B) * Hkv);
+  p.q[(2 * Hq + group) * D + 5] = float_to_bf16(NAN);  // token 2, KV head 1's group
+  QuantizeQParams qq;
+  qq.q = p.q.data();
+  qq.q_fp8 = q_fp8.data();
+  qq.q_scale = q_scale.data();
+  qq.static_scale = static_scale.data();
+  qq.observe_amax = amax.data();
+  qq.cu_seqlens_q = p.cu_seqlens_q.data();
+  qq.num_requests = B;
+  qq.total_q = p.total_q();
+  qq.num_q_heads = Hq;
+  qq.num_kv_heads = Hkv;
+  qq.head_dim = D;
+  cpu->quantize_q(qq);
+  EXPECT_TRUE(std::isfinite(amax[0]));
+  EXPECT_TRUE(std::isnan(amax[1]));
+}
+
 TEST(CpuBackend, QuantizeQAllZeroGroupGetsScaleOne) {
   auto cpu = make_cpu_backend();
   const int Hq = 2, Hkv = 1, D = 64;

@@ -68,12 +68,13 @@ class ModelRunnerTest : public ::testing::Test {
   }
 
   // Calibrated scales of the tiny model on a little data.
-  static CalibData calibrated(QuantType qt) {
+  static CalibData calibrated(QuantType qt, bool q_scales = false) {
     const int V = tiny_->config().vocab_size;
     const TokenData data = {tokens(24, 1, V), tokens(17, 2, V), tokens(30, 3, V)};
     CalibrateOptions co;
     co.quant_type = qt;
     co.batch_size = 2;
+    co.q_scales = q_scales;
     return calibrate(*tiny_, *backend_, *ops_, data, co).data;
   }
 
@@ -386,6 +387,117 @@ TEST_F(ModelRunnerTest, EvalShadowsRunOnTheSameInputs) {
   EXPECT_NE(table.find("perplexity"), std::string::npos);
   EXPECT_NE(table.find("attn-out rel. error, layer 3"), std::string::npos);
   EXPECT_NE(table.find("worst KV head"), std::string::npos);
+}
+
+// fp8-per-head serves with the file's static Q scales when it has them: the logits differ from
+// the dynamic ones, and static scales far too small (most of Q saturates at +-448 * s) change
+// them by more. calibrate --q-scales refuses per_tensor.
+TEST_F(ModelRunnerTest, StaticQScalesAreUsedWhenTheFileHasThem) {
+  const CalibData with_q = calibrated(QuantType::kPerHead, true);
+  ASSERT_TRUE(with_q.q_scales.has_value());
+  for (float s : with_q.q_scales->scales) {
+    EXPECT_TRUE(std::isfinite(s) && s > 0.0f) << s;
+  }
+  const int V = tiny_->config().vocab_size;
+  const std::vector<int32_t> prompt = tokens(19, 9, V);
+  auto logits = [&](const CalibData& calib, KvScheme scheme = KvScheme::kFp8PerHead) {
+    RunnerOptions o = small(scheme);
+    o.scales = slice_for_rank(calib, 1, 0);
+    ModelRunner runner(*tiny_, *backend_, *ops_, o);
+    const int r = runner.add_request();
+    std::vector<float> out = runner.forward({r}, {prompt}, LogitRows::kAll);
+    const std::vector<float> d = runner.forward({r}, {{7}}, LogitRows::kLast);  // decode
+    out.insert(out.end(), d.begin(), d.end());
+    return out;
+  };
+  CalibData dynamic = with_q;
+  dynamic.q_scales.reset();
+  CalibData small_q = with_q;
+  for (float& s : small_q.q_scales->scales) s /= 64.0f;
+  const std::vector<float> st = logits(with_q), dy = logits(dynamic), sat = logits(small_q);
+  EXPECT_GT(rel_diff(st, dy), 0.0);
+  EXPECT_LT(rel_diff(st, dy), 0.25);  // both are FP8 caches of one model
+  EXPECT_GT(rel_diff(sat, st), 2 * rel_diff(st, dy));
+  // fp8-per-head-bf16q keeps Q in bf16: the file's Q scales change nothing, even tiny ones.
+  const std::vector<float> bf16q = logits(dynamic, KvScheme::kFp8PerHeadBf16Q);
+  EXPECT_EQ(logits(with_q, KvScheme::kFp8PerHeadBf16Q), bf16q);
+  EXPECT_EQ(logits(small_q, KvScheme::kFp8PerHeadBf16Q), bf16q);
+
+  EXPECT_THROW(calibrated(QuantType::kPerTensor, true), Error);
+}
+
+// eval with static Q scales: the fp8-per-head column runs dynamic Q, a "per-head static-Q"
+// column the file's, with how much of the static range Q used.
+TEST_F(ModelRunnerTest, EvalComparesDynamicAndStaticQ) {
+  const int V = tiny_->config().vocab_size;
+  const TokenData data = {tokens(12, 1, V), tokens(7, 2, V)};
+  const RankScales pt = slice_for_rank(calibrated(QuantType::kPerTensor), 1, 0);
+  const RankScales ph = slice_for_rank(calibrated(QuantType::kPerHead, true), 1, 0);
+  ASSERT_TRUE(ph.q.has_value());
+  RankScales ph_dynamic = ph;
+  ph_dynamic.q.reset();
+  EvalOptions eo;
+  eo.batch_size = 2;
+  const EvalResult r = evaluate(*tiny_, *backend_, *ops_, data, pt, ph, eo);
+  ASSERT_EQ(r.schemes.size(), 4u);
+  EXPECT_EQ(r.schemes[2].label, "fp8-per-head");
+  EXPECT_EQ(r.schemes[3].label, "per-head static-Q");
+  EXPECT_EQ(r.schemes[3].scheme, KvScheme::kFp8PerHead);
+  EXPECT_TRUE(r.schemes[2].q_range_use.empty());
+  const int L = tiny_->config().num_layers, H = tiny_->config().num_kv_heads;
+  ASSERT_EQ(r.schemes[3].q_range_use.size(), static_cast<size_t>(L * H));
+  for (double u : r.schemes[3].q_range_use) {
+    // Q on other data than the calibration's: near its range, rarely far above or below.
+    EXPECT_GT(u, 0.2);
+    EXPECT_LT(u, 5.0);
+  }
+  EXPECT_NE(r.schemes[2].kl_mean, r.schemes[3].kl_mean);
+  // The dynamic column is the run without q_calibration.
+  const EvalResult d = evaluate(*tiny_, *backend_, *ops_, data, pt, ph_dynamic, eo);
+  ASSERT_EQ(d.schemes.size(), 3u);
+  EXPECT_EQ(d.schemes[2].kl_mean, r.schemes[2].kl_mean);
+  const std::string table = format_eval_table(r);
+  EXPECT_NE(table.find("per-head static-Q"), std::string::npos) << table;
+  EXPECT_NE(table.find("static range 448 * s"), std::string::npos) << table;
+}
+
+// --kv-schemes and static Q together: the static-Q column comes right after fp8-per-head, only
+// when fp8-per-head is chosen; fp8-per-head-bf16q (bf16 Q) never reads the Q scales.
+TEST_F(ModelRunnerTest, EvalStaticQColumnFollowsTheChosenSchemes) {
+  const int V = tiny_->config().vocab_size;
+  const TokenData data = {tokens(9, 3, V), tokens(6, 4, V)};
+  const RankScales ph = slice_for_rank(calibrated(QuantType::kPerHead, true), 1, 0);
+  ASSERT_TRUE(ph.q.has_value());
+  RankScales ph_dynamic = ph;
+  ph_dynamic.q.reset();
+  EvalOptions eo;
+  eo.batch_size = 2;
+  eo.schemes = {KvScheme::kFp8PerHeadBf16Q, KvScheme::kFp8PerHead, KvScheme::kFp8E5m2};
+  const EvalResult r = evaluate(*tiny_, *backend_, *ops_, data, RankScales{}, ph, eo);
+  std::vector<std::string> labels;
+  for (const SchemeEval& e : r.schemes) labels.push_back(e.label);
+  EXPECT_EQ(labels, (std::vector<std::string>{"bf16", "fp8-per-head-bf16q", "fp8-per-head",
+                                              "per-head static-Q", "fp8-e5m2"}));
+  ASSERT_EQ(r.schemes.size(), 5u);
+  EXPECT_EQ(r.schemes[3].scheme, KvScheme::kFp8PerHead);
+  for (size_t i : {1u, 2u, 4u}) EXPECT_TRUE(r.schemes[i].q_range_use.empty()) << labels[i];
+  EXPECT_FALSE(r.schemes[3].q_range_use.empty());
+  const std::string table = format_eval_table(r);
+  EXPECT_NE(table.find("fp8-per-head-bf16q"), std::string::npos) << table;
+  EXPECT_NE(table.find("per-head static-Q:"), std::string::npos) << table;
+
+  // Without fp8-per-head there is no static-Q column, and fp8-per-head-bf16q gives the same
+  // numbers whether the file has Q scales or not.
+  eo.schemes = {KvScheme::kFp8PerHeadBf16Q};
+  const EvalResult b = evaluate(*tiny_, *backend_, *ops_, data, RankScales{}, ph, eo);
+  const EvalResult bd = evaluate(*tiny_, *backend_, *ops_, data, RankScales{}, ph_dynamic, eo);
+  ASSERT_EQ(b.schemes.size(), 2u);
+  ASSERT_EQ(bd.schemes.size(), 2u);
+  EXPECT_EQ(b.schemes[1].label, "fp8-per-head-bf16q");
+  EXPECT_EQ(b.schemes[1].kl_mean, bd.schemes[1].kl_mean);
+  EXPECT_EQ(b.schemes[1].attn_rel_error, bd.schemes[1].attn_rel_error);
+  EXPECT_EQ(b.schemes[1].kl_mean, r.schemes[1].kl_mean);
+  EXPECT_EQ(format_eval_table(b).find("static"), std::string::npos);
 }
 
 TEST_F(ModelRunnerTest, MakeModelIsDeterministicAndShardsLoadTheSame) {

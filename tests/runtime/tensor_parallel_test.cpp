@@ -269,6 +269,75 @@ TEST_F(TensorParallelTest, CalibrationMatchesTp1) {
   }
 }
 
+// calibrate --q-scales over ranks: with tp > Hkv (tp 4 over 2 KV heads) each rank sees half of
+// a KV head's query heads, and the head's Q scale is the max of the two halves: tp 1's value.
+TEST_F(TensorParallelTest, QScalesMatchTp1) {
+  CalibrateOptions co = calib_options(QuantType::kPerHead, nullptr);
+  co.q_scales = true;
+  const CalibData want = calibrate(*tiny_, *backend_, *ops_, calib_data(), co).data;
+  ASSERT_TRUE(want.q_scales.has_value());
+  ASSERT_EQ(want.q_scales->num_head, tiny_->config().num_kv_heads);
+  // Observing Q changes nothing about K/V.
+  const CalibData kv_only =
+      calibrate(*tiny_, *backend_, *ops_, calib_data(), calib_options(QuantType::kPerHead, nullptr))
+          .data;
+  EXPECT_EQ(want.scales, kv_only.scales);
+  for (int tp : {2, 4}) {
+    std::vector<CalibData> got(tp);
+    on_ranks(tp, [&](const Model& m, Backend& b, ModelOps& ops, Communicator& comm) {
+      CalibrateOptions c = calib_options(QuantType::kPerHead, &comm);
+      c.q_scales = true;
+      got[comm.rank()] = calibrate(m, b, ops, calib_data(), c).data;
+    });
+    for (int r = 0; r < tp; ++r) {
+      ASSERT_TRUE(got[r].q_scales.has_value()) << "tp " << tp << " rank " << r;
+      EXPECT_EQ(got[r].q_scales->num_head, want.q_scales->num_head);
+      EXPECT_EQ(got[r].q_scales->scales, want.q_scales->scales) << "tp " << tp << " rank " << r;
+      EXPECT_EQ(got[r].scales, want.scales) << "tp " << tp << " rank " << r;
+    }
+  }
+}
+
+// Static Q scales are the same on every rank (sliced like K's), so fp8-per-head under exact_tp
+// gives tp 1's logits bit for bit at tp 2 and at tp 4 (replicated KV heads), where dynamic Q
+// scales cannot (Fp8GenerationMatchesTp1's comment).
+TEST_F(TensorParallelTest, StaticQScalesGiveTp1BitsAtEveryTp) {
+  CalibrateOptions co = calib_options(QuantType::kPerHead, nullptr);
+  co.q_scales = true;
+  const CalibData calib = calibrate(*tiny_, *backend_, *ops_, calib_data(), co).data;
+  const int V = tiny_->config().vocab_size;
+  const std::vector<int32_t> probe = tokens(13, 5, V);
+  auto run = [&](const Model& m, Backend& b, ModelOps& ops, Communicator* comm, int tp, int rank) {
+    RunnerOptions o = small(KvScheme::kFp8PerHead);
+    o.scales = slice_for_rank(calib, tp, rank);
+    EXPECT_TRUE(o.scales->q.has_value());
+    o.comm = comm;
+    o.exact_tp = true;
+    ModelRunner runner(m, b, ops, o);
+    const int r = runner.add_request();
+    std::vector<float> logits = runner.forward({r}, {probe}, LogitRows::kAll);
+    for (int step = 0; step < 2; ++step) {  // decode steps
+      const std::vector<float> d =
+          runner.forward({r}, {{static_cast<int32_t>(step * 31 + 7)}}, LogitRows::kLast);
+      logits.insert(logits.end(), d.begin(), d.end());
+    }
+    return logits;
+  };
+  const std::vector<float> want = run(*tiny_, *backend_, *ops_, nullptr, 1, 0);
+  for (int tp : {2, 4}) {
+    std::vector<std::vector<float>> got(tp);
+    on_ranks(tp, [&](const Model& m, Backend& b, ModelOps& ops, Communicator& comm) {
+      got[comm.rank()] = run(m, b, ops, &comm, tp, comm.rank());
+    });
+    for (int r = 0; r < tp; ++r) {
+      ASSERT_EQ(got[r].size(), want.size());
+      size_t differ = 0;
+      for (size_t i = 0; i < want.size(); ++i) differ += got[r][i] != want[i];
+      EXPECT_EQ(differ, 0u) << "tp " << tp << " rank " << r << ": logits differing from tp 1";
+    }
+  }
+}
+
 // exact_tp itself: the logits of a prefill and of decode steps at tp 2 and 4 are tp 1's bits.
 TEST_F(TensorParallelTest, ExactTpLogitsAreTp1Bits) {
   const int V = tiny_->config().vocab_size;

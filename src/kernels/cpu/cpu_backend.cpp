@@ -226,35 +226,52 @@ void CpuBackend::quantize_q(const QuantizeQParams& p) {
   const int Hkv = p.num_kv_heads;
   const int group = Hq / Hkv;  // query heads per KV head
   const int D = p.head_dim;
+  const bool need_amax = p.static_scale == nullptr || p.observe_amax != nullptr;
+  std::vector<uint32_t> amax_bits(static_cast<size_t>(Hkv), 0);  // observe_amax, as abs_bits
 
-#pragma omp parallel for collapse(2) schedule(dynamic)
-  for (int b = 0; b < p.num_requests; ++b) {
-    for (int g = 0; g < Hkv; ++g) {
-      const int64_t t_begin = p.cu_seqlens_q[b];
-      const int64_t t_end = p.cu_seqlens_q[b + 1];
-      // Elements of (request b, KV head g): tokens [t_begin, t_end), heads [g*group, (g+1)*group),
-      // all D; each head's D values are contiguous in q [total_q, Hq, D].
-      auto element = [&](int64_t t, int i) { return (t * Hq + g * group) * D + i; };
-      float scale;
-      if (p.static_scale != nullptr) {
-        scale = p.static_scale[g];
-      } else {
+#pragma omp parallel
+  {
+    std::vector<uint32_t> local_amax(static_cast<size_t>(Hkv), 0);
+#pragma omp for collapse(2) schedule(dynamic)
+    for (int b = 0; b < p.num_requests; ++b) {
+      for (int g = 0; g < Hkv; ++g) {
+        const int64_t t_begin = p.cu_seqlens_q[b];
+        const int64_t t_end = p.cu_seqlens_q[b + 1];
+        // Elements of (request b, KV head g): tokens [t_begin, t_end), heads [g*group,
+        // (g+1)*group), all D; each head's D values are contiguous in q [total_q, Hq, D].
+        auto element = [&](int64_t t, int i) { return (t * Hq + g * group) * D + i; };
         uint32_t amax = 0;
+        if (need_amax) {
+          for (int64_t t = t_begin; t < t_end; ++t) {
+            for (int i = 0; i < group * D; ++i) {
+              amax = std::max(amax, abs_bits(bf16_to_float(p.q[element(t, i)])));
+            }
+          }
+          local_amax[g] = std::max(local_amax[g], amax);
+        }
+        float scale;
+        if (p.static_scale != nullptr) {
+          scale = p.static_scale[g];
+        } else {
+          const float amax_f = detail::bits_float(amax);
+          scale = amax_f == 0.0f ? 1.0f : amax_f / kE4m3Max;
+        }
+        p.q_scale[b * Hkv + g] = scale;
         for (int64_t t = t_begin; t < t_end; ++t) {
           for (int i = 0; i < group * D; ++i) {
-            amax = std::max(amax, abs_bits(bf16_to_float(p.q[element(t, i)])));
+            const int64_t e = element(t, i);
+            p.q_fp8[e] = quantize_e4m3(bf16_to_float(p.q[e]), scale);
           }
         }
-        const float amax_f = detail::bits_float(amax);
-        scale = amax_f == 0.0f ? 1.0f : amax_f / kE4m3Max;
       }
-      p.q_scale[b * Hkv + g] = scale;
-      for (int64_t t = t_begin; t < t_end; ++t) {
-        for (int i = 0; i < group * D; ++i) {
-          const int64_t e = element(t, i);
-          p.q_fp8[e] = quantize_e4m3(bf16_to_float(p.q[e]), scale);
-        }
-      }
+    }
+#pragma omp critical(fp8kv_quantize_q_amax)
+    for (int g = 0; g < Hkv; ++g) amax_bits[g] = std::max(amax_bits[g], local_amax[g]);
+  }
+
+  if (p.observe_amax != nullptr) {
+    for (int g = 0; g < Hkv; ++g) {
+      p.observe_amax[g] = merge_amax(p.observe_amax[g], detail::bits_float(amax_bits[g]));
     }
   }
 }

@@ -149,7 +149,8 @@ __global__ void check_slots_kernel(const int32_t* slots, int64_t num_tokens, int
 
 // Q for fp8-per-head: one CTA per (request b, KV head g). The group's Hq/Hkv heads of one token
 // are contiguous ([G * D] elements), so the CTA walks q_len contiguous spans: a first pass for the
-// abs-max (skipped with a static scale), a second to write e4m3(x / s).
+// abs-max (skipped with a static scale unless observe_amax asks for it), a second to write
+// e4m3(x / s).
 constexpr int kQThreads = 256;
 
 __global__ void __launch_bounds__(kQThreads) quantize_q_kernel(const QuantizeQParams p) {
@@ -167,9 +168,8 @@ __global__ void __launch_bounds__(kQThreads) quantize_q_kernel(const QuantizeQPa
   };
   __shared__ float s_scale;
   __shared__ uint32_t s_red[kQThreads / 32];
-  if (p.static_scale != nullptr) {
-    if (threadIdx.x == 0) s_scale = p.static_scale[g];
-  } else {
+  if (p.static_scale != nullptr && threadIdx.x == 0) s_scale = p.static_scale[g];
+  if (p.static_scale == nullptr || p.observe_amax != nullptr) {
     uint32_t amax = 0;
     for (int64_t i8 = threadIdx.x; i8 < n8; i8 += blockDim.x) {
       const uint4 v = ld_nc_v4(p.q + elem_offset(i8));
@@ -183,8 +183,11 @@ __global__ void __launch_bounds__(kQThreads) quantize_q_kernel(const QuantizeQPa
     if (threadIdx.x == 0) {
       uint32_t m = 0;
       for (int w = 0; w < kQThreads / 32; ++w) m = max(m, s_red[w]);
-      const float s = __uint_as_float(m) / kE4m3Max;
-      s_scale = s == 0.0f ? 1.0f : s;
+      if (p.static_scale == nullptr) {
+        const float s = __uint_as_float(m) / kE4m3Max;
+        s_scale = s == 0.0f ? 1.0f : s;
+      }
+      if (p.observe_amax != nullptr && m != 0) atomic_max_abs_bits(p.observe_amax + g, m);
     }
   }
   __syncthreads();
