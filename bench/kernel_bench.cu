@@ -451,9 +451,11 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         std::vector<cuda::PrefillConfig> configs = {cuda::PrefillConfig::kDefault};
         if (scheme == KvScheme::kFp8PerHead) {  // the warp-specialized kernel's options
           configs.push_back(cuda::PrefillConfig::kWarpSpecialized);
-          configs.push_back(cuda::PrefillConfig::kWsPackGqa);
-          configs.push_back(cuda::PrefillConfig::kWsPackGqaPingPong);
-          if (c.D == 128) configs.push_back(cuda::PrefillConfig::kWsSwizzle);
+          if (c.D == 128) {  // the options, built for D = 128
+            configs.push_back(cuda::PrefillConfig::kWsSwizzle);
+            configs.push_back(cuda::PrefillConfig::kWsPackGqa);
+            configs.push_back(cuda::PrefillConfig::kWsPackGqaPingPong);
+          }
         }
         if (scheme == KvScheme::kFp8PerHead && c.name == cases[0].name) {
           configs.push_back(cuda::PrefillConfig::kWide);  // the simple mma.sync kernel

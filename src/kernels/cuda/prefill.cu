@@ -55,7 +55,8 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
                         DeviceError* error) {
   if (config == PrefillConfig::kDefault) {
     if (S == KvScheme::kFp8PerHead) {
-      config = PrefillConfig::kWarpSpecialized;
+      // Measured on the H200: the swizzled layout 539 vs 483 TFLOP/s (causal B2 L8192 D128).
+      config = D == 128 ? PrefillConfig::kWsSwizzle : PrefillConfig::kWarpSpecialized;
     } else {
       config = D == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide;
     }
