@@ -3,6 +3,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <utility>
 
 namespace fp8kv::python {
 namespace {
@@ -215,12 +216,15 @@ Borrowed Borrowed::inspect(const py::handle& obj, const char* name) {
     // Exactly a torch tensor (subclasses may override __dlpack__: they take the generic path).
     PyObject* capsule = PyObject_CallOneArg(torch->to_dlpack, obj.ptr());
     if (capsule == nullptr) throw py::error_already_set();  // e.g. a dtype DLPack lacks
-    b.capsule_ = py::reinterpret_steal<py::object>(capsule);
-    auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
-    if (managed == nullptr) throw py::error_already_set();
-    const DLDevice& d = managed->dl_tensor.device;
-    b.device_ = device_of_type(static_cast<int>(d.device_type), d.device_id, name);
-    return b;
+    py::object owned = py::reinterpret_steal<py::object>(capsule);
+    // A torch whose C export changed its capsule (a versioned one): the generic path below.
+    if (PyCapsule_IsValid(capsule, "dltensor")) {
+      auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+      const DLDevice& d = managed->dl_tensor.device;
+      b.device_ = device_of_type(static_cast<int>(d.device_type), d.device_id, name);
+      b.capsule_ = std::move(owned);
+      return b;
+    }
   }
   static PyObject* const dlpack_device = intern("__dlpack_device__");
   PyObject* fn = PyObject_GetAttr(obj.ptr(), dlpack_device);

@@ -140,6 +140,7 @@ class Call {
   // that they are on one device and resolves the stream.
   Call(const char* kernel, std::initializer_list<Arg> args, const py::object& stream)
       : kernel_(kernel) {
+    if (args.size() > kMaxArgs) throw std::logic_error(std::string(kernel) + ": too many arrays");
     const char* first = nullptr;
     bool any_torch = false;
     for (const Arg& a : args) {
