@@ -72,7 +72,9 @@ def main():
             if others:
                 print(f"{'':<34}fp8-per-head kernels: " + ", ".join(others))
     for r in (r for r in res if r["kind"] == "quantize"):
-        print(f"quantize {r['name']:<24} {r['gbs']:6.0f} GB/s {100 * r['frac_copy_bw']:5.1f}% copy  "
+        same = r.get("frac_copy_same_size")
+        same = f" ({100 * same:5.1f}% of a same-size copy)" if same is not None else ""
+        print(f"quantize {r['name']:<24} {r['gbs']:6.0f} GB/s {100 * r['frac_copy_bw']:5.1f}% copy{same}  "
               f"observe {100 * r['observe_overhead']:+5.1f}%  targets(>=85%, <=5%): "
               f"{mark(r['frac_copy_bw'] >= 0.85 and r['observe_overhead'] <= 0.05)}")
     return 0

@@ -58,6 +58,25 @@ __global__ void decode_all_kernel(float* out) {
   }
 }
 
+// Counts the floats x (all 2^32 patterns) where ScaleDivider(s)(x) -- quantize-on-write's x / s --
+// gives another e4m3 or e5m2 code than the IEEE division, or other bits where |x| >= 2^-100 (NaN:
+// any NaN). Below that the correction's remainder may underflow and the last bits differ, but the
+// quotient is then below 2^-40 and every FP8 code rounds it to a zero of x's sign.
+__global__ void divide_all_kernel(float s, unsigned long long* mismatches, unsigned int* first_bad) {
+  const cuda::ScaleDivider div(s);
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  for (uint64_t u = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < (1ull << 32); u += stride) {
+    const float x = __uint_as_float(static_cast<uint32_t>(u));
+    const float want = __fdiv_rn(x, s), got = div(x);
+    const bool same_bits = __float_as_uint(want) == __float_as_uint(got) || (isnan(want) && isnan(got));
+    const bool same_codes = float_to_e4m3(want) == float_to_e4m3(got) && float_to_e5m2(want) == float_to_e5m2(got);
+    if (!same_codes || (!same_bits && fabsf(x) >= 0x1p-100f)) {
+      atomicAdd(mismatches, 1ull);
+      atomicMin(first_bad, static_cast<unsigned int>(u));
+    }
+  }
+}
+
 #define CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call
 
 TEST(CudaCodec, EncoderMatchesOnEveryFloat) {
@@ -135,6 +154,43 @@ TEST(CudaCodec, DecoderMatchesEveryCode) {
       EXPECT_EQ(detail::float_bits(out[i]), detail::float_bits(want)) << codec << " code " << c;
     }
   }
+}
+
+// The quantizer divides by a scale through a reciprocal and one FMA correction (common.cuh's
+// ScaleDivider); for every float x its FP8 codes must be the division's -- which the CPU twin
+// does -- and its bits too for every |x| >= 2^-100.
+// Scales: the edges of the fast path and beyond it, mantissas of all ones, the usual amax / 448,
+// and random ones over 2^-40..2^30.
+TEST(CudaCodec, ScaleDividerEqualsDivisionOnEveryFloat) {
+  if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU";
+  std::vector<float> scales = {1.0f,        1.0f / 448,  0.7f / 448,   3.0f,         0x1.fffffep0f,
+                               0x1p-60f,    0x1p60f,     0x1.fffffep-61f, 0x1.000002p60f, 1e-40f,
+                               3.4e38f,     0x1.fffffep-1f, 12345.678f};
+  uint64_t lcg = 0x9e3779b97f4a7c15ull;
+  for (int i = 0; i < 12; ++i) {
+    lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;
+    const float mant = 1.0f + static_cast<float>((lcg >> 40) & 0xffffff) / 16777216.0f;
+    scales.push_back(std::ldexp(mant, static_cast<int>((lcg >> 20) % 71) - 40));
+  }
+  unsigned long long* d_count = nullptr;
+  unsigned int* d_first = nullptr;
+  CUDA_OK(cudaMalloc(&d_count, sizeof *d_count));
+  CUDA_OK(cudaMalloc(&d_first, sizeof *d_first));
+  for (float s : scales) {
+    CUDA_OK(cudaMemset(d_count, 0, sizeof *d_count));
+    CUDA_OK(cudaMemset(d_first, 0xff, sizeof *d_first));
+    divide_all_kernel<<<132 * 16, 256>>>(s, d_count, d_first);
+    CUDA_OK(cudaGetLastError());
+    CUDA_OK(cudaDeviceSynchronize());
+    unsigned long long count = 0;
+    unsigned int first = 0;
+    CUDA_OK(cudaMemcpy(&count, d_count, sizeof count, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(&first, d_first, sizeof first, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(count, 0ull) << "scale " << std::hexfloat << s << ": first mismatching x bits 0x"
+                           << std::hex << first;
+  }
+  cudaFree(d_count);
+  cudaFree(d_first);
 }
 
 }  // namespace

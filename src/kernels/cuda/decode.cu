@@ -12,26 +12,46 @@ namespace fp8kv::cuda {
 namespace {
 
 // Combines the splits of one (request, query head): o = sum_s w_s o_s / sum_s w_s with
-// w_s = 2^(lse_s - max lse). One CTA per (request, query head), one thread per element of D.
-__global__ void decode_merge_kernel(const float* __restrict__ ws_o, const float* __restrict__ ws_lse,
-                                    const int32_t* __restrict__ cu_seqlens_q, uint16_t* __restrict__ o,
-                                    int num_q_heads, int num_splits, int head_dim) {
-  const int b = blockIdx.x / num_q_heads, h = blockIdx.x % num_q_heads;
+// w_s = 2^(lse_s - max lse). One warp per (request, query head): lane l takes dims
+// kPer * l .. + kPer - 1 (kPer = D / 32) as vector loads, the split loop unrolled so that several
+// splits' loads are in flight at once (the partials sit in L2: latency, not bandwidth, is the cost).
+// Launched as a programmatic dependent of the decode kernel: it starts while the decode kernel
+// runs and waits for its results at griddepcontrol.wait.
+template <int kHeadDim>
+__global__ void __launch_bounds__(32) decode_merge_kernel(const float* __restrict__ ws_o,
+                                                          const float* __restrict__ ws_lse,
+                                                          const int32_t* __restrict__ cu_seqlens_q,
+                                                          uint16_t* __restrict__ o, int num_q_heads,
+                                                          int num_splits) {
+  constexpr int kPer = kHeadDim / 32;  // 2, 4, 8
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  const int b = blockIdx.x / num_q_heads, h = blockIdx.x % num_q_heads, lane = threadIdx.x;
   const int64_t row0 = (static_cast<int64_t>(b) * num_q_heads + h) * num_splits;
   float mx = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, ws_lse[row0 + s]);
-  const int64_t q_token = cu_seqlens_q[b];
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float sum_w = 0.0f, sum_o = 0.0f;
-    if (mx != -INFINITY) {
-      for (int s = 0; s < num_splits; ++s) {
-        const float w = exp2f(ws_lse[row0 + s] - mx);
-        sum_w += w;
-        sum_o += w * ws_o[(row0 + s) * head_dim + d];
+  for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, ws_lse[row0 + s]);
+  mx = warp_max(mx);
+  float acc[kPer] = {};
+  float sum_w = 0.0f;
+  if (mx != -INFINITY) {
+#pragma unroll 4
+    for (int s = 0; s < num_splits; ++s) {
+      const float w = exp2f(ws_lse[row0 + s] - mx);
+      const float* src = ws_o + (row0 + s) * kHeadDim + kPer * lane;
+      float x[kPer];
+#pragma unroll
+      for (int i = 0; i < kPer; i += 2) {
+        const float2 v = *reinterpret_cast<const float2*>(src + i);
+        x[i] = v.x;
+        x[i + 1] = v.y;
       }
+      sum_w += w;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) acc[i] += w * x[i];
     }
-    o[(q_token * num_q_heads + h) * head_dim + d] = float_to_bf16_bits(sum_w > 0.0f ? sum_o / sum_w : 0.0f);
   }
+  uint16_t* dst = o + (static_cast<int64_t>(cu_seqlens_q[b]) * num_q_heads + h) * kHeadDim + kPer * lane;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) dst[i] = float_to_bf16_bits(sum_w > 0.0f ? acc[i] / sum_w : 0.0f);
 }
 
 int sm_count() {
@@ -115,8 +135,20 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
     FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] { DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, stream); });
   });
   if (a.num_splits > 1) {
-    decode_merge_kernel<<<p.batch.num_requests * p.num_q_heads, D, 0, stream>>>(
-        a.ws_o, a.ws_lse, p.batch.cu_seqlens_q, p.o, p.num_q_heads, a.num_splits, D);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(p.batch.num_requests * p.num_q_heads);
+    cfg.blockDim = dim3(32);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
+      FP8KV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim>, static_cast<const float*>(a.ws_o),
+                                          static_cast<const float*>(a.ws_lse), p.batch.cu_seqlens_q, p.o,
+                                          p.num_q_heads, a.num_splits));
+    });
     FP8KV_CUDA_CHECK_LAUNCH("decode_merge_kernel");
   }
 }

@@ -164,6 +164,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   constexpr int kSteps = Sh::kSteps;
   extern __shared__ __align__(16) uint8_t smem[];
 
+  // Split-KV: the merge kernel is a programmatic dependent launch (decode.cu); let it be scheduled
+  // now, so that its launch overlaps this kernel (it waits for this grid's results itself).
+  if (a.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   const int split = blockIdx.x;
   const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;  // first KV head of the CTA
   const int hc = blockIdx.y % a.head_chunks;

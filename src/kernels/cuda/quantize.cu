@@ -26,75 +26,29 @@ struct QuantizeKvArgs {
   float* observe_amax;                  // optional [2 * Hkv]
   const unsigned long long* bad_token;  // optional: write nothing unless UINT64_MAX
   DeviceError* error;                   // with bad_token: where a refused write is recorded
-  int64_t num_chunks;                   // T * chunks_per_token
+  int64_t num_tokens;
   int64_t num_slots;
   int chunks_per_token;                 // 2 * Hkv * D / kChunk
   int num_kv_heads;
+  int lanes;                            // threads in use: a multiple of chunks_per_token
 };
 
-// One chunk: 16 consecutive elements of one token row (inside one head since D % 16 == 0),
-// already loaded as v0, v1. Writes the cache and returns the chunk's |x| max bits (observe).
-template <KvScheme kScheme, int kHeadDim>
-__device__ __forceinline__ uint32_t quantize_chunk(const QuantizeKvArgs& a, int64_t idx, int64_t slot,
-                                                   uint4 v0, uint4 v1, bool observe) {
-  constexpr int kGroup = kHeadDim / kChunk;
-  const int64_t token = idx / a.chunks_per_token;
-  const int chunk = static_cast<int>(idx - token * a.chunks_per_token);
-  const int head = chunk / kGroup;  // 0..2*Hkv-1: K heads then V heads
-  const int64_t dst_elem = (slot * a.chunks_per_token + chunk) * kChunk;
-  uint32_t amax = 0;
-  constexpr KvCodec kCodec = kv_codec(kScheme);
-  constexpr KvScaleSource kScales = kv_scale_source(kScheme);
-  if constexpr (kCodec == KvCodec::kBf16) {
-    uint16_t* dst = static_cast<uint16_t*>(a.cache) + dst_elem;
-    st_v4(dst, v0);
-    st_v4(dst + 8, v1);
-    if (observe) {
-      const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        // bf16 pairs: |x| bits of each half, compared as floats' bit patterns.
-        amax = max(amax, max((w[i] << 16) & 0x7fff0000u, w[i] & 0x7fff0000u));
-      }
-    }
-  } else {
-    const bool is_v = head >= a.num_kv_heads;
-    const int scale_head = kScales == KvScaleSource::kPerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
-    // No scales (fp8-e5m2): scale 1, and x / 1 is x: the division is kept for one code path.
-    const float scale = kScales == KvScaleSource::kNone ? 1.0f
-                        : is_v                          ? a.v_scale[scale_head]
-                                                        : a.k_scale[scale_head];
-    float f[16];
-    float (&f0)[8] = *reinterpret_cast<float(*)[8]>(&f[0]);
-    float (&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
-    widen_bf16x8(v0, f0);
-    widen_bf16x8(v1, f1);
-    uint32_t packed[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      // True division, as the CPU twin (fp8kv::quantize_e4m3/e5m2): same rounding, same bytes.
-      const uint16_t lo = float2_to_fp8x2_hw<kCodec>(f[4 * i] / scale, f[4 * i + 1] / scale);
-      const uint16_t hi = float2_to_fp8x2_hw<kCodec>(f[4 * i + 2] / scale, f[4 * i + 3] / scale);
-      packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-    }
-    uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;
-    st_v4(dst, make_uint4(packed[0], packed[1], packed[2], packed[3]));
-    if (observe) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) amax = max(amax, abs_bits(f[i]));
-    }
-  }
-  return amax;
-}
-
-// One thread = one chunk per step. The D/16 threads of one (token, head) are adjacent lanes of a
-// warp: the observation reduces over them with shuffles, then one shared atomicMax per group,
-// then one global atomicMax per head and block. Loop trip counts are uniform per block so that
-// every lane reaches the shuffles.
+// Thread layout. The first `lanes` threads of the grid (a multiple of chunks_per_token) each own
+// one chunk c = thread % chunks_per_token of every token t = thread / chunks_per_token + k * rows
+// (rows = lanes / chunks_per_token): 16 elements of one head, as two 8-element vectors half a head
+// apart (u = c % kGroup: elements 8u..8u+7 and D/2 + 8u..+7 of head c / kGroup), so that each
+// load and store instruction of a warp covers whole 32-byte sectors (the kGroup lanes of a head
+// read its first half, then its second). A thread's head, scale and share of the observation are
+// thus fixed: the divider is set up once, the abs-max stays in a register and is reduced once at
+// the end, and the only per-token index arithmetic is an add. Two tokens per step: four 16-byte
+// loads in flight per thread.
 template <KvScheme kScheme, int kHeadDim>
 __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const QuantizeKvArgs a) {
   constexpr int kGroup = kHeadDim / kChunk;  // lanes per (token, head): 4, 8, 16
   static_assert(kHeadDim % kChunk == 0 && 32 % kGroup == 0, "head_dim");
+  constexpr KvCodec kCodec = kv_codec(kScheme);
+  constexpr KvScaleSource kScales = kv_scale_source(kScheme);
+  constexpr int kHalf = kHeadDim / 2;  // elements between a thread's two vectors
   extern __shared__ uint32_t s_amax[];  // [2 * Hkv] when observing
   if (a.bad_token != nullptr) {
     const unsigned long long bad = *a.bad_token;
@@ -113,24 +67,82 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
     for (int i = threadIdx.x; i < heads2; i += blockDim.x) s_amax[i] = 0;
     __syncthreads();
   }
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x; base < a.num_chunks;
-       base += stride) {
-    const int64_t idx = base + threadIdx.x;
-    const bool active = idx < a.num_chunks;
-    uint32_t amax = 0;
-    if (active) {
-      const uint16_t* src = a.kv + idx * kChunk;
-      const int64_t slot = a.slots[idx / a.chunks_per_token];
-      amax = quantize_chunk<kScheme, kHeadDim>(a, idx, slot, ld_stream_v4(src), ld_stream_v4(src + 8), observe);
+  const int thread = blockIdx.x * blockDim.x + threadIdx.x;
+  const int cpt = a.chunks_per_token;
+  const int chunk = thread % cpt;
+  const int head = chunk / kGroup;  // 0..2*Hkv-1: K heads then V heads
+  const int64_t rows = a.lanes / cpt;
+  const bool is_v = head >= a.num_kv_heads;
+  float scale = 1.0f;  // fp8-e5m2 (no scales): x / 1 is x
+  if constexpr (kScales != KvScaleSource::kNone) {
+    const int scale_head = kScales == KvScaleSource::kPerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
+    scale = is_v ? a.v_scale[scale_head] : a.k_scale[scale_head];
+  }
+  const ScaleDivider div(scale);
+  uint32_t amax = 0;
+  const int64_t row_elems = static_cast<int64_t>(cpt) * kChunk;  // 2 * Hkv * D
+  const int elem0 = head * kHeadDim + (chunk % kGroup) * 8;  // the first vector in a token row
+  // One token's chunk, loaded as v0 (elements elem0..+7) and v1 (elem0 + D/2..+7): written at
+  // its slot.
+  auto store = [&](int64_t slot, uint4 v0, uint4 v1) {
+    const int64_t dst_elem = slot * row_elems + elem0;
+    if constexpr (kCodec == KvCodec::kBf16) {
+      uint16_t* dst = static_cast<uint16_t*>(a.cache) + dst_elem;
+      st_v4(dst, v0);
+      st_v4(dst + kHalf, v1);
+      if (observe) {
+        const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          // bf16 pairs: |x| bits of each half, compared as floats' bit patterns.
+          amax = max(amax, max((w[i] << 16) & 0x7fff0000u, w[i] & 0x7fff0000u));
+        }
+      }
+    } else {
+      float f[16];
+      float (&f0)[8] = *reinterpret_cast<float(*)[8]>(&f[0]);
+      float (&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
+      widen_bf16x8(v0, f0);
+      widen_bf16x8(v1, f1);
+      uint32_t packed[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint16_t lo = float2_to_fp8x2_hw<kCodec>(div(f[4 * i]), div(f[4 * i + 1]));
+        const uint16_t hi = float2_to_fp8x2_hw<kCodec>(div(f[4 * i + 2]), div(f[4 * i + 3]));
+        packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+      }
+      uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;
+      *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+      *reinterpret_cast<uint2*>(dst + kHalf) = make_uint2(packed[2], packed[3]);
+      if (observe) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) amax = max(amax, abs_bits(f[i]));
+      }
     }
-    if (observe) {
-      amax = warp_max_bits<kGroup>(amax);
-      const int head = static_cast<int>(idx % a.chunks_per_token) / kGroup;
-      if (active && (threadIdx.x % kGroup) == 0) atomicMax(&s_amax[head], amax);
+  };
+  if (thread < a.lanes) {
+    const uint16_t* src = a.kv + elem0;
+    int64_t t = thread / cpt;
+    for (; t + rows < a.num_tokens; t += 2 * rows) {
+      const int64_t slot0 = a.slots[t], slot1 = a.slots[t + rows];
+      const uint16_t* p0 = src + t * row_elems;
+      const uint16_t* p1 = src + (t + rows) * row_elems;
+      const uint4 a0 = ld_stream_v4(p0), a1 = ld_stream_v4(p0 + kHalf);
+      const uint4 b0 = ld_stream_v4(p1), b1 = ld_stream_v4(p1 + kHalf);
+      store(slot0, a0, a1);
+      store(slot1, b0, b1);
+    }
+    if (t < a.num_tokens) {
+      const uint16_t* p0 = src + t * row_elems;
+      store(a.slots[t], ld_stream_v4(p0), ld_stream_v4(p0 + kHalf));
     }
   }
   if (observe) {
+    // The kGroup lanes of a (token, head) are aligned lanes of one warp (cpt is a multiple of
+    // kGroup and kGroup divides 32), so they share `head`: reduce them, then one shared atomic per
+    // group and one global atomic per head and block.
+    amax = warp_max_bits<kGroup>(amax);
+    if (amax != 0 && threadIdx.x % kGroup == 0) atomicMax(&s_amax[head], amax);
     __syncthreads();
     for (int i = threadIdx.x; i < heads2; i += blockDim.x) {
       if (s_amax[i] != 0) atomic_max_abs_bits(a.observe_amax + i, s_amax[i]);
@@ -246,16 +258,26 @@ void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad
   a.bad_token = bad_token;
   a.error = error;
   a.num_slots = p.cache.num_slots;
-  a.num_chunks = p.num_tokens * chunks_per_token;
+  a.num_tokens = p.num_tokens;
   a.chunks_per_token = chunks_per_token;
   a.num_kv_heads = p.cache.num_kv_heads;
-  // Enough blocks for ~8 resident per SM; each thread then loops over a few chunks.
-  const int64_t want = (a.num_chunks + kQuantThreads - 1) / kQuantThreads;
-  const int blocks = static_cast<int>(std::min<int64_t>(want, static_cast<int64_t>(num_sms()) * 8));
   const size_t smem = p.observe_amax ? sizeof(uint32_t) * 2 * p.cache.num_kv_heads : 0;
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
-      quantize_kv_kernel<kScheme, kHeadDim><<<blocks, kQuantThreads, smem, stream>>>(a);
+      auto* kernel = quantize_kv_kernel<kScheme, kHeadDim>;
+      static const int per_sm = [&] {
+        int v = 0;
+        FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, kQuantThreads, 0));
+        return v < 1 ? 1 : v;
+      }();
+      // One wave of resident blocks (each thread then takes several tokens), fewer for a small
+      // write, at least one token's chunks; the threads in use are a whole number of tokens.
+      const int64_t want = (p.num_tokens * chunks_per_token + kQuantThreads - 1) / kQuantThreads;
+      const int blocks = static_cast<int>(std::max<int64_t>(
+          std::min<int64_t>(want, static_cast<int64_t>(num_sms()) * per_sm),
+          ceil_div(chunks_per_token, kQuantThreads)));
+      a.lanes = blocks * kQuantThreads / chunks_per_token * chunks_per_token;
+      kernel<<<blocks, kQuantThreads, smem, stream>>>(a);
     });
   });
   FP8KV_CUDA_CHECK_LAUNCH("quantize_kv_kernel");
