@@ -243,7 +243,7 @@ std::vector<MixedCase> mixed_cases() {
     }
   }
   // A group that does not divide a packed tile (fp8-per-head's packed-GQA configs), and GQA 7
-  // (Hq 28 / Hkv 4 in the model sweep) for every scheme.
+  // (the bench sweep's Hq 28 / Hkv 4 ratio) for every scheme.
   for (KvScheme s : kAllSchemes) cases.push_back({s, 128, 7});
   return cases;
 }
