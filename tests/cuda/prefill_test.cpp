@@ -1,9 +1,9 @@
 // Prefill attention on the GPU against its CPU twin (make_cpu_backend()->prefill_attention) and
 // a float64 reference, for every scheme, head_dim 64/128/256, GQA 1/4/8 (and 7), and batches that
 // mix cached-prefix and fresh requests with an empty request among them; causal and non-causal
-// (AttentionParams::causal false: every new token sees all keys of its request). The GPU reads the very
-// pool bytes (and, for fp8-per-head, the very Q codes and scales) the CPU twin read, so the two
-// differ only by the kernel's arithmetic.
+// (AttentionParams::causal false: every new token sees all keys of its request). The GPU reads the
+// very pool bytes (and, for fp8-per-head, the very Q codes and scales) the CPU twin read, so the
+// two differ only by the kernel's arithmetic.
 //
 // Error bounds (normalized error ||a - b|| / ||b|| over the whole output; any NaN fails):
 //  - bf16 and the bf16-Q FP8 schemes (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: K/V widened
@@ -136,8 +136,8 @@ double twin_bound(KvScheme scheme) { return fp8_q(scheme) ? 5e-2 : 1e-2; }
 // Runs the problem through the CPU twin and the GPU (every config given), checks each config
 // against the bounds and returns the errors of each. causal: AttentionParams::causal, for both.
 std::vector<Errors> run_and_compare(const test::AttentionProblem& p, KvScheme scheme,
-                       std::vector<PrefillConfig> configs = {PrefillConfig::kDefault},
-                       bool with_exact = true, bool causal = true) {
+                                    std::vector<PrefillConfig> configs = {PrefillConfig::kDefault},
+                                    bool with_exact = true, bool causal = true) {
   const test::KvScales scales = test::calibrate_scales(p, scheme);
   auto cpu = make_cpu_backend();
   test::RunOptions options;
@@ -160,11 +160,11 @@ std::vector<Errors> run_and_compare(const test::AttentionProblem& p, KvScheme sc
       e.gpu_vs_exact = test::compare(o, exact, p.head_dim);
       e.cpu_vs_exact = test::compare(twin.o, exact, p.head_dim);
     }
-    std::printf("  %-18s D=%-3d Hq=%-2d Hkv=%d %-18s %-10s gpu-cpu %.3e | vs f64: gpu %.3e cpu %.3e\n",
-                scheme_name(scheme), p.head_dim, p.num_q_heads, p.num_kv_heads,
-                cuda::prefill_config_name(configs[i]), causal ? "causal" : "non-causal",
-                e.gpu_vs_cpu.normalized,
-                e.gpu_vs_exact.normalized, e.cpu_vs_exact.normalized);
+    std::printf(
+        "  %-18s D=%-3d Hq=%-2d Hkv=%d %-18s %-10s gpu-cpu %.3e | vs f64: gpu %.3e cpu %.3e\n",
+        scheme_name(scheme), p.head_dim, p.num_q_heads, p.num_kv_heads,
+        cuda::prefill_config_name(configs[i]), causal ? "causal" : "non-causal",
+        e.gpu_vs_cpu.normalized, e.gpu_vs_exact.normalized, e.cpu_vs_exact.normalized);
     EXPECT_EQ(e.gpu_vs_cpu.nonfinite, 0) << "GPU output has NaN/inf (unwritten rows stay NaN)";
     EXPECT_LE(e.gpu_vs_cpu.normalized, twin_bound(scheme)) << e.gpu_vs_cpu.str();
     if (with_exact) {

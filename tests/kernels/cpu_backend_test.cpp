@@ -701,7 +701,8 @@ std::vector<double> dense_attention(const test::AttentionProblem& p,
         double* o = &out[((p.cu_seqlens_q[b] + m) * Hq + h) * D];
         for (int n = 0; n < N; ++n) {
           const double w = std::exp(S[m * N + n] - mx) / sum;
-          for (int d = 0; d < D; ++d) o[d] += w * in.kv[((p.kv_begin[b] + n) * 2 * Hkv + Hkv + g) * D + d];
+          for (int d = 0; d < D; ++d)
+            o[d] += w * in.kv[((p.kv_begin[b] + n) * 2 * Hkv + Hkv + g) * D + d];
         }
       }
     }
@@ -728,9 +729,9 @@ TEST(CpuBackend, NonCausalPrefillMatchesDenseSoftmax) {
   // The reference the GPU tests use agrees with the dense definition (float64 both: only the
   // summation order differs).
   const std::vector<double> dense_exact = dense_attention(p, test::exact_inputs(p));
-  const test::ErrorStats ref_vs_dense = test::compare(
-      test::reference_attention(p, test::exact_inputs(p), 0.0, /*causal=*/false), dense_exact,
-      p.head_dim);
+  const test::ErrorStats ref_vs_dense =
+      test::compare(test::reference_attention(p, test::exact_inputs(p), 0.0, /*causal=*/false),
+                    dense_exact, p.head_dim);
   EXPECT_LE(ref_vs_dense.normalized, 1e-12) << ref_vs_dense.str();
   for (KvScheme scheme : kSchemes) {
     SCOPED_TRACE(scheme_name(scheme));

@@ -179,8 +179,7 @@ struct RowSoftmax {
   // key k0. The mma.sync kernel calls it instead of the row_pos form with {last_key, last_key}:
   // its causal row_pos then stays `first + g` and `+ 8` (its kernels sit at the register cap).
   // The warp-specialized kernel's consumers have room, and pass key_bound()s as row_pos.
-  __device__ __forceinline__ static void mask(float (&s)[4 * kTiles], int k0, int t,
-                                              int last_key) {
+  __device__ __forceinline__ static void mask(float (&s)[4 * kTiles], int k0, int t, int last_key) {
 #pragma unroll
     for (int i = 0; i < kTiles; ++i) {
 #pragma unroll
