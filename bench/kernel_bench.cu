@@ -288,9 +288,11 @@ struct BenchBatch {
     for (int b = 0; b < B; ++b) {  // causal: new token i of request b sees prefix + i + 1 keys
       const double prefix = seq_lens[b] - q_lens[b], n = q_lens[b];
       causal_pairs += n * prefix + n * (n + 1) / 2;
+      all_pairs += n * seq_lens[b];  // non-causal: every new token sees all seq_len keys
     }
   }
-  double causal_pairs = 0;  // (query, key) pairs one query head computes over the batch
+  // (query, key) pairs one query head computes over the batch, causal and non-causal
+  double causal_pairs = 0, all_pairs = 0;
   int64_t num_slots() const { return static_cast<int64_t>(B) * L; }
 
   AttentionParams params(KvScheme scheme, void* pool) const {
@@ -410,17 +412,21 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // Prefill: the reference shape (causal B=2 L=8192 Hq32/Hkv8 D128) with every scheme and, for
   // fp8-per-head, every built kernel (the default and the ones it replaced); then a sweep at
   // 16k tokens per batch (L = 1k..32k), head_dim 64 and 256, GQA 7, and a serving engine's
-  // cached-prefix batch (8 requests of 1000 cached + 100..2048 new tokens). Slots are scattered
-  // (a shuffled slot table): each K/V row is a separate gather, as in a fragmented pool.
-  // FLOPs: 4 * D * Hq * (query, key) pairs, the causal pairs counted exactly.
+  // cached-prefix batch (8 requests of 1000 cached + 100..2048 new tokens), and the reference
+  // shape non-causal (record suffix _noncausal; every scheme). Slots are scattered (a shuffled
+  // slot table): each K/V row is a separate gather, as in a fragmented pool.
+  // FLOPs: 4 * D * Hq * (query, key) pairs, the causal pairs counted exactly; non-causal
+  // 4 * D * Hq * q_len * seq_len per request.
   if (o.prefill && want("prefill")) {
     r.line("");
-    r.line("prefill causal                             scheme             kernel       time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
-    struct PCase { std::string name; std::vector<int> seq, q; int Hq, Hkv, D; };
+    r.line("prefill (causal unless said)               scheme             kernel       time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
+    struct PCase { std::string name; std::vector<int> seq, q; int Hq, Hkv, D; bool causal = true; };
     auto uniform = [](int B, int L) { return std::vector<int>(B, L); };
     std::vector<PCase> cases;
     const int L0 = o.quick ? 2048 : 8192;
     cases.push_back({"B2_L" + std::to_string(L0), uniform(2, L0), uniform(2, L0), 32, 8, 128});
+    cases.push_back({"B2_L" + std::to_string(L0) + "_noncausal", uniform(2, L0), uniform(2, L0), 32, 8,
+                     128, /*causal=*/false});
     if (!o.quick) {
       for (int L : {1024, 4096, 16384, 32768}) {
         const int B = std::max(1, 16384 / L);
@@ -440,16 +446,19 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       if (c.name.rfind("prefix", 0) == 0) {
         std::snprintf(shape, sizeof shape, "8 x (1000 cached + 100..2048 new) D%d", c.D);
       } else {
-        std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d", bb.B, bb.L, c.Hq, c.Hkv, c.D);
+        std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d%s", bb.B, bb.L, c.Hq, c.Hkv, c.D,
+                      c.causal ? "" : " non-causal");
       }
-      const double flops = 4.0 * c.D * c.Hq * bb.causal_pairs;
+      const double flops = 4.0 * c.D * c.Hq * (c.causal ? bb.causal_pairs : bb.all_pairs);
+      // The reference shape, causal and not: every scheme; the sweep: the three main schemes.
+      const bool reference = c.name == cases[0].name || !c.causal;
       for (KvScheme scheme : kSchemes) {
-        // The sweep: the three main schemes; the reference shape: every scheme.
-        if (c.name != cases[0].name && (scheme == KvScheme::kFp8E5m2 || scheme == KvScheme::kFp8PerHeadBf16Q)) {
+        if (!reference && (scheme == KvScheme::kFp8E5m2 || scheme == KvScheme::kFp8PerHeadBf16Q)) {
           continue;
         }
         auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
-        const AttentionParams p = bb.params(scheme, pool->get());
+        AttentionParams p = bb.params(scheme, pool->get());
+        p.causal = c.causal;
         std::vector<cuda::PrefillConfig> configs = {cuda::PrefillConfig::kDefault};
         if (scheme == KvScheme::kFp8PerHead) {  // the warp-specialized kernel's options
           configs.push_back(cuda::PrefillConfig::kWarpSpecialized);
@@ -459,8 +468,10 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
             configs.push_back(cuda::PrefillConfig::kWsPackGqaPingPong);
           }
         }
-        if (scheme == KvScheme::kFp8PerHead && c.name == cases[0].name) {
+        if (scheme == KvScheme::kFp8PerHead && reference) {
           configs.push_back(cuda::PrefillConfig::kWide);  // the simple mma.sync kernel
+        }
+        if (scheme == KvScheme::kFp8PerHead && c.name == cases[0].name) {
           configs.push_back(cuda::PrefillConfig::kWsDiagConsumers);  // one side of the pipeline alone
           configs.push_back(cuda::PrefillConfig::kWsDiagProducer);
         }
@@ -480,7 +491,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           if (config != cuda::PrefillConfig::kDefault) key += std::string("_") + cuda::prefill_config_name(config);
           r.record("prefill", key,
                    {{"B", double(bb.B)}, {"L", double(bb.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
-                    {"D", double(c.D)}, {"us", us}, {"tflops", tflops}, {"frac_gemm", tflops / ceiling}});
+                    {"D", double(c.D)}, {"causal", c.causal ? 1.0 : 0.0}, {"us", us}, {"tflops", tflops},
+                    {"frac_gemm", tflops / ceiling}});
         }
       }
     }

@@ -77,23 +77,26 @@ def main():
         print(f"  B={B:<4d} L={L:<6d}        {us:10.1f}   {gbs:10.0f}   {name}")
         out["decode"][f"B{B}_L{L}"] = {"us": us, "gbs": gbs, "backend": name}
         del q, k, v
-    # Prefill: the shapes of `fp8kv bench kernels` (same record names): causal, one length per
-    # batch (the cached-prefix batch has no SDPA equivalent: not measured here).
-    print("prefill causal                    bf16 time_us   TFLOP/s   backend")
+    # Prefill: the shapes of `fp8kv bench kernels` (same record names): one length per batch,
+    # causal, and the reference shape non-causal (suffix _noncausal); the cached-prefix batch has
+    # no SDPA equivalent: not measured here.
+    print("prefill (causal unless said)      bf16 time_us   TFLOP/s   backend")
     L0 = 8192 if not a.quick else 2048
-    cases = [(f"B2_L{L0}", 2, L0, 32, 8, 128)]
+    cases = [(f"B2_L{L0}", 2, L0, 32, 8, 128, True), (f"B2_L{L0}_noncausal", 2, L0, 32, 8, 128, False)]
     if not a.quick:
-        cases += [(f"B{max(1, 16384 // L)}_L{L}", max(1, 16384 // L), L, 32, 8, 128)
+        cases += [(f"B{max(1, 16384 // L)}_L{L}", max(1, 16384 // L), L, 32, 8, 128, True)
                   for L in (1024, 4096, 16384, 32768)]
-        cases += [("B2_L8192_D64", 2, 8192, 32, 8, 64), ("B2_L8192_D256", 2, 8192, 32, 8, 256),
-                  ("B2_L8192_Hq28_Hkv4", 2, 8192, 28, 4, 128)]
-    for name, B, L, hq, hkv, d in cases:
+        cases += [("B2_L8192_D64", 2, 8192, 32, 8, 64, True), ("B2_L8192_D256", 2, 8192, 32, 8, 256, True),
+                  ("B2_L8192_Hq28_Hkv4", 2, 8192, 28, 4, 128, True)]
+    for name, B, L, hq, hkv, d, causal in cases:
         q = torch.randn(B, hq, L, d, device=dev, dtype=torch.bfloat16)
         k = torch.randn(B, hkv, L, d, device=dev, dtype=torch.bfloat16)
         v = torch.randn(B, hkv, L, d, device=dev, dtype=torch.bfloat16)
         try:
-            us, backend = sdpa(q, k, v, True, 2, max(5, a.iters // 2))
-            tflops = 4.0 * B * hq * d * (L * (L + 1) / 2) / us * 1e-6  # causal pairs, exactly
+            us, backend = sdpa(q, k, v, causal, 2, max(5, a.iters // 2))
+            # (query, key) pairs per head, exactly: L (L + 1) / 2 causal, L^2 non-causal
+            pairs = L * (L + 1) / 2 if causal else L * L
+            tflops = 4.0 * B * hq * d * pairs / us * 1e-6
             print(f"  {name:<30} {us:10.1f}   {tflops:7.1f}   {backend}")
             out["prefill"][name] = {"us": us, "tflops": tflops, "backend": backend}
         except RuntimeError as e:

@@ -62,8 +62,8 @@ def batch(scheme, hkv, group, d, seq_len, q_len, dev):
                 seq=torch.tensor(seq_len, dtype=torch.int32, device=dev), hkv=hkv, hq=hq)
 
 
-def reference(t, scheme, q_real, seq_len, q_len):
-    """SDPA in float32 over the dequantized pool."""
+def reference(t, scheme, q_real, seq_len, q_len, causal=True):
+    """SDPA in float32 over the dequantized pool (causal: keys up to each token's position)."""
     pool, hkv, hq = t["pool"], t["hkv"], t["hq"]
     real = pool.float() if scheme == "bf16" else pool.view(torch.float8_e4m3fn).float()
     if scheme != "bf16":
@@ -77,12 +77,15 @@ def reference(t, scheme, q_real, seq_len, q_len):
         v = rows[:, hkv:].transpose(0, 1).repeat_interleave(hq // hkv, 0)
         q = q_real[row:row + ql].transpose(0, 1)
         mask = torch.arange(s, device=q.device)[None, :] <= (s - ql + torch.arange(ql, device=q.device))[:, None]
+        if not causal:
+            mask = torch.ones_like(mask)
         outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1))
         row += ql
     return torch.cat(outs)
 
 
 def run(t, scheme, phase, seq_len, q_len, dev):
+    """phase: decode, prefill (causal) or prefill-noncausal."""
     q, q_scale, q_real = t["q"], None, t["q"].float()
     if scheme == "fp8-per-head":
         q8 = torch.empty(q.shape, dtype=torch.uint8, device=dev)
@@ -100,7 +103,8 @@ def run(t, scheme, phase, seq_len, q_len, dev):
                                    max_seq_len=max(seq_len))
     else:
         r = fp8kv.prefill_attention(*args, t["cu"], scheme, t["ks"], t["vs"], q_scale=q_scale,
-                                    out=out, max_q_len=max(q_len), max_seq_len=max(seq_len))
+                                    out=out, max_q_len=max(q_len), max_seq_len=max(seq_len),
+                                    causal=phase != "prefill-noncausal")
     assert r is out and out.data_ptr() == ptr
     return out, q_real, (q, q_scale)
 
@@ -113,10 +117,12 @@ def stage_cuda():
                 hkv = 2
                 long = 33000 if (d == 128 and group == 4) else 1500
                 for phase, seq_len, q_len in [("decode", [1, 33, long], [1, 1, 1]),
-                                              ("prefill", [40, 300, 1], [19, 300, 1])]:
+                                              ("prefill", [40, 300, 1], [19, 300, 1]),
+                                              ("prefill-noncausal", [40, 300, 1], [19, 300, 1])]:
                     t = batch(scheme, hkv, group, d, seq_len, q_len, dev)
                     out, q_real, _ = run(t, scheme, phase, seq_len, q_len, dev)
-                    ref = reference(t, scheme, q_real, seq_len, q_len)
+                    ref = reference(t, scheme, q_real, seq_len, q_len,
+                                    causal=phase != "prefill-noncausal")
                     err = rel(out.float(), ref)
                     check(torch.isfinite(out.float()).all().item() and err < TOL[scheme],
                           f"{phase} {scheme} D={d} GQA={group} seq={seq_len}: rel err {err:.2e}")

@@ -44,7 +44,9 @@ def main():
         print(f"{key:<34}{b16['us']:>8.1f}{pt['us']:>8.1f}{ph['us']:>8.1f}{t:>8.1f}"
               f"{100 * b16['frac_read_bw']:>5.0f}%{100 * pt['frac_read_bw']:>6.0f}%{100 * ph['frac_read_bw']:>6.0f}%"
               f"{ph['us'] / t:>6.2f}{pt['us'] / t:>6.2f}  {mark(ok)}")
-    # Prefill records: "<case>_<scheme>" (the default kernel) or "<case>_<scheme>_<config>".
+    # Prefill records: "<case>_<scheme>" (the default kernel) or "<case>_<scheme>_<config>"; a
+    # non-causal case is named "<shape>_noncausal" in both JSONs, so it gets its own row, joined
+    # with the peer's is_causal=False figure.
     rows = {}
     for r in res:
         if r["kind"] != "prefill":

@@ -346,10 +346,11 @@ inline ReferenceInputs emulated_inputs(const AttentionProblem& p, KvScheme schem
   return in;
 }
 
-// Causal attention with cached prefix, GQA, in float64: [total_q, Hq, D]. Reads K/V by
-// position (not through the slots). softmax_scale 0 means 1/sqrt(D).
+// Attention with cached prefix, GQA, in float64: [total_q, Hq, D]. Reads K/V by position (not
+// through the slots). softmax_scale 0 means 1/sqrt(D). causal: a new token sees the keys at
+// positions <= its own; otherwise all seq_len[b] keys of its request.
 inline std::vector<double> reference_attention(const AttentionProblem& p, const ReferenceInputs& in,
-                                               double softmax_scale = 0.0) {
+                                               double softmax_scale = 0.0, bool causal = true) {
   const int Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim;
   const int group = Hq / Hkv;
   const double sm = softmax_scale > 0.0 ? softmax_scale : 1.0 / std::sqrt(static_cast<double>(D));
@@ -359,12 +360,13 @@ inline std::vector<double> reference_attention(const AttentionProblem& p, const 
     for (int i = 0; i < p.q_len(b); ++i) {
       const int64_t t = p.cu_seqlens_q[b] + i;
       const int position = p.seq_len[b] - p.q_len(b) + i;
+      const int last_key = causal ? position : p.seq_len[b] - 1;
       for (int h = 0; h < Hq; ++h) {
         const int g = h / group;
         const double* q = &in.q[(t * Hq + h) * D];
-        scores.assign(position + 1, 0.0);
+        scores.assign(last_key + 1, 0.0);
         double max_score = -std::numeric_limits<double>::infinity();
-        for (int j = 0; j <= position; ++j) {
+        for (int j = 0; j <= last_key; ++j) {
           const double* k = &in.kv[((p.kv_begin[b] + j) * 2 * Hkv + g) * D];
           double s = 0.0;
           for (int d = 0; d < D; ++d) s += q[d] * k[d];
@@ -373,7 +375,7 @@ inline std::vector<double> reference_attention(const AttentionProblem& p, const 
         }
         double sum = 0.0;
         double* o = &out[(t * Hq + h) * D];
-        for (int j = 0; j <= position; ++j) {
+        for (int j = 0; j <= last_key; ++j) {
           const double w = std::exp(scores[j] - max_score);
           sum += w;
           const double* v = &in.kv[((p.kv_begin[b] + j) * 2 * Hkv + Hkv + g) * D];
@@ -484,6 +486,7 @@ inline double worst_head_error(const std::vector<ErrorStats>& by_head) {
 struct RunOptions {
   AttentionPhase phase = AttentionPhase::kPrefill;
   float softmax_scale = 0.0f;         // 0: 1/sqrt(D)
+  bool causal = true;                 // AttentionParams::causal
   std::vector<float> static_q_scale;  // [Hkv] for fp8-per-head; empty: dynamic Q scales
 };
 
@@ -545,6 +548,7 @@ inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, K
   ap.batch = p.batch(seq_len.as<int32_t>(), cu_seqlens.as<int32_t>(), req_index.as<int32_t>(),
                      req_to_token.as<int32_t>());
   ap.softmax_scale = options.softmax_scale;
+  ap.causal = options.causal;
   if (fp8_q(scheme)) {
     QuantizeQParams qq;
     qq.q = q.as<uint16_t>();

@@ -53,7 +53,8 @@ struct QuantizeKvParams {
 // A batch of requests for attention. Request b has seq_len[b] tokens in all (cached + new);
 // its q_len[b] = cu_seqlens_q[b+1] - cu_seqlens_q[b] new tokens are the last ones, and new token
 // i sits at position seq_len[b] - q_len[b] + i (the causal rule: it sees keys at positions <= its
-// own). Slots of request b's tokens: req_to_token[req_index[b] * max_len + position].
+// own; AttentionParams::causal = false lifts it). Slots of request b's tokens:
+// req_to_token[req_index[b] * max_len + position].
 struct AttentionBatch {
   int num_requests = 0;                 // B
   const int32_t* seq_len = nullptr;     // [B]
@@ -101,6 +102,13 @@ struct AttentionParams {
   KvLayerScales scales;
   AttentionBatch batch;
   float softmax_scale = 0.0f;        // 0 means 1 / sqrt(D)
+  // Prefill's mask. true: new token i of request b sees the keys at positions <= its own
+  // (seq_len[b] - q_len[b] + i). false (non-causal): every new token of request b sees all
+  // seq_len[b] keys of its request, those after its own position included (an encoder,
+  // bidirectional attention, a chunk attending to a whole cached block). Requests never see each
+  // other's keys either way. Decode ignores it: its one new token is the last position, so it
+  // sees every key under both rules.
+  bool causal = true;
   // The KV heads decode plans its split of the KV length for (0: cache.num_kv_heads). A
   // tensor-parallel rank under exact_tp passes the whole model's, so that every request is split
   // as at tp = 1 and the attention output has tp = 1's bits.

@@ -81,8 +81,9 @@ def _empty_like_out(q):
 
 def prefill_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, cu_seqlens_q, scheme,
                       k_scale=None, v_scale=None, *, q_scale=None, out=None, max_q_len=None,
-                      max_seq_len=None, softmax_scale=0.0, split_kv_heads=0, stream=None):
-    """Causal attention of each request's new tokens over the pool; returns ``out``.
+                      max_seq_len=None, softmax_scale=0.0, split_kv_heads=0, stream=None,
+                      causal=True):
+    """Attention of each request's new tokens over the pool; returns ``out``.
 
     q            [total_q, Hq, D] bf16 (fp8-per-head: e4m3 codes from ``quantize_q``)
     kv_buffer    [num_slots + 1, 2 * Hkv, D] the layer's pool (e4m3 codes, or bf16)
@@ -95,12 +96,15 @@ def prefill_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, cu_seqle
     max_q_len, max_seq_len  host-side maxima; required for CUDA tensors (reading them from the
                  device would synchronize), computed from host tensors otherwise
     softmax_scale  0 means 1/sqrt(D)
+    causal       True: new token i of request b sees the keys at positions <= its own
+                 (b_seq_len[b] - q_len + i); False: every new token sees all b_seq_len[b] keys
+                 of its request (encoder / bidirectional attention)
     """
     if out is None:
         out = _empty_like_out(q)
     _fp8kv.prefill_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, cu_seqlens_q,
                              out, scheme, k_scale, v_scale, q_scale, max_q_len, max_seq_len,
-                             softmax_scale, split_kv_heads, stream)
+                             softmax_scale, split_kv_heads, stream, causal)
     return out
 
 

@@ -33,9 +33,10 @@ def prefill_attention(q: Array, kv_buffer: Array, req_to_token: Array, b_req_idx
                       q_scale: Optional[Array] = None, out: Optional[Array] = None,
                       max_q_len: Optional[int] = None, max_seq_len: Optional[int] = None,
                       softmax_scale: float = 0.0, split_kv_heads: int = 0,
-                      stream: Optional[Stream] = None) -> Array:
-    """Causal attention of each request's new tokens over the pool; fills and returns out
-    [total_q, Hq, D] bf16 (allocated like q when None)."""
+                      stream: Optional[Stream] = None, causal: bool = True) -> Array:
+    """Attention of each request's new tokens over the pool (causal, or with causal=False over
+    all of the request's keys); fills and returns out [total_q, Hq, D] bf16 (allocated like q
+    when None)."""
 
 def decode_attention(q: Array, kv_buffer: Array, req_to_token: Array, b_req_idx: Array,
                      b_seq_len: Array, scheme: str, k_scale: Optional[Array] = None,

@@ -26,7 +26,8 @@ def prefill_attention(q: Array, kv_buffer: Array, req_to_token: Array, b_req_idx
                       k_scale: Optional[Array] = None, v_scale: Optional[Array] = None,
                       q_scale: Optional[Array] = None, max_q_len: Optional[int] = None,
                       max_seq_len: Optional[int] = None, softmax_scale: float = 0.0,
-                      split_kv_heads: int = 0, stream: Optional[Stream] = None) -> None: ...
+                      split_kv_heads: int = 0, stream: Optional[Stream] = None,
+                      causal: bool = True) -> None: ...
 def decode_attention(q: Array, kv_buffer: Array, req_to_token: Array, b_req_idx: Array,
                      b_seq_len: Array, out: Array, scheme: str, k_scale: Optional[Array] = None,
                      v_scale: Optional[Array] = None, q_scale: Optional[Array] = None,

@@ -391,7 +391,7 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
                const py::handle& v_scale, const py::handle& q_scale,
                std::optional<int> max_q_len, std::optional<int> max_seq_len,
                float softmax_scale, int split_kv_heads, const py::object& stream,
-               int repeat = 1) {
+               int repeat = 1, bool causal = true) {
   const char* kernel = attention_phase_name(phase);
   const KvScheme scheme = parse_scheme(scheme_text);
   Call c(kernel,
@@ -442,6 +442,7 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
   p.num_q_heads = static_cast<int>(x.size(1));
   p.softmax_scale = softmax_scale;
   p.split_kv_heads = split_kv_heads;
+  p.causal = causal;  // prefill's mask; decode ignores it
 
   AttentionBatch& b = p.batch;
   b.num_requests = static_cast<int>(B);
@@ -648,17 +649,17 @@ PYBIND11_MODULE(_fp8kv, m) {
          py::handle b_seq_len, py::handle cu_seqlens_q, py::handle out, const std::string& scheme,
          py::handle k_scale, py::handle v_scale, py::handle q_scale, std::optional<int> max_q_len,
          std::optional<int> max_seq_len, float softmax_scale, int split_kv_heads,
-         py::object stream) {
+         py::object stream, bool causal) {
         attention(AttentionPhase::kPrefill, q, kv_buffer, req_to_token, b_req_idx, b_seq_len,
                   cu_seqlens_q, out, scheme, k_scale, v_scale, q_scale, max_q_len, max_seq_len,
-                  softmax_scale, split_kv_heads, stream);
+                  softmax_scale, split_kv_heads, stream, /*repeat=*/1, causal);
       },
       py::arg("q"), py::arg("kv_buffer"), py::arg("req_to_token"), py::arg("b_req_idx"),
       py::arg("b_seq_len"), py::arg("cu_seqlens_q"), py::arg("out"), py::arg("scheme"),
       py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
       py::arg("q_scale") = py::none(), py::arg("max_q_len") = py::none(),
       py::arg("max_seq_len") = py::none(), py::arg("softmax_scale") = 0.0f,
-      py::arg("split_kv_heads") = 0, py::arg("stream") = py::none());
+      py::arg("split_kv_heads") = 0, py::arg("stream") = py::none(), py::arg("causal") = true);
   m.def(
       "decode_attention",
       [](py::handle q, py::handle kv_buffer, py::handle req_to_token, py::handle b_req_idx,

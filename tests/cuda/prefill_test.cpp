@@ -1,8 +1,9 @@
 // Prefill attention on the GPU against its CPU twin (make_cpu_backend()->prefill_attention) and
-// a float64 reference, for every scheme, head_dim 64/128/256, GQA 1/4/8, and batches that
-// mix cached-prefix and fresh requests with an empty request among them. The GPU reads the very
-// pool bytes (and, for fp8-per-head, the very Q codes and scales) the CPU twin read, so the two
-// differ only by the kernel's arithmetic.
+// a float64 reference, for every scheme, head_dim 64/128/256, GQA 1/4/8 (and 7), and batches that
+// mix cached-prefix and fresh requests with an empty request among them; causal and non-causal
+// (AttentionParams::causal false: every new token sees all keys of its request). The GPU reads the
+// very pool bytes (and, for fp8-per-head, the very Q codes and scales) the CPU twin read, so the
+// two differ only by the kernel's arithmetic.
 //
 // Error bounds (normalized error ||a - b|| / ||b|| over the whole output; any NaN fails):
 //  - bf16 and the bf16-Q FP8 schemes (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: K/V widened
@@ -133,16 +134,21 @@ struct Errors {
 double twin_bound(KvScheme scheme) { return fp8_q(scheme) ? 5e-2 : 1e-2; }
 
 // Runs the problem through the CPU twin and the GPU (every config given), checks each config
-// against the bounds and returns the errors of each.
+// against the bounds and returns the errors of each. causal: AttentionParams::causal, for both.
 std::vector<Errors> run_and_compare(const test::AttentionProblem& p, KvScheme scheme,
-                       std::vector<PrefillConfig> configs = {PrefillConfig::kDefault},
-                       bool with_exact = true) {
+                                    std::vector<PrefillConfig> configs = {PrefillConfig::kDefault},
+                                    bool with_exact = true, bool causal = true) {
   const test::KvScales scales = test::calibrate_scales(p, scheme);
   auto cpu = make_cpu_backend();
-  const test::AttentionRun twin = test::run_attention(*cpu, p, scheme, scales);
+  test::RunOptions options;
+  options.causal = causal;
+  const test::AttentionRun twin = test::run_attention(*cpu, p, scheme, scales, options);
   GpuInputs gpu(p, scheme, scales, twin.pool, twin.q_scale);
+  gpu.params.causal = causal;
   std::vector<double> exact;
-  if (with_exact) exact = test::reference_attention(p, test::emulated_inputs(p, scheme, scales));
+  if (with_exact) {
+    exact = test::reference_attention(p, test::emulated_inputs(p, scheme, scales), 0.0, causal);
+  }
 
   std::vector<Errors> all;
   for (size_t i = 0; i < configs.size(); ++i) {
@@ -154,10 +160,11 @@ std::vector<Errors> run_and_compare(const test::AttentionProblem& p, KvScheme sc
       e.gpu_vs_exact = test::compare(o, exact, p.head_dim);
       e.cpu_vs_exact = test::compare(twin.o, exact, p.head_dim);
     }
-    std::printf("  %-18s D=%-3d Hq=%-2d Hkv=%d %-18s gpu-cpu %.3e | vs f64: gpu %.3e cpu %.3e\n",
-                scheme_name(scheme), p.head_dim, p.num_q_heads, p.num_kv_heads,
-                cuda::prefill_config_name(configs[i]), e.gpu_vs_cpu.normalized,
-                e.gpu_vs_exact.normalized, e.cpu_vs_exact.normalized);
+    std::printf(
+        "  %-18s D=%-3d Hq=%-2d Hkv=%d %-18s %-10s gpu-cpu %.3e | vs f64: gpu %.3e cpu %.3e\n",
+        scheme_name(scheme), p.head_dim, p.num_q_heads, p.num_kv_heads,
+        cuda::prefill_config_name(configs[i]), causal ? "causal" : "non-causal",
+        e.gpu_vs_cpu.normalized, e.gpu_vs_exact.normalized, e.cpu_vs_exact.normalized);
     EXPECT_EQ(e.gpu_vs_cpu.nonfinite, 0) << "GPU output has NaN/inf (unwritten rows stay NaN)";
     EXPECT_LE(e.gpu_vs_cpu.normalized, twin_bound(scheme)) << e.gpu_vs_cpu.str();
     if (with_exact) {
@@ -177,24 +184,23 @@ struct MixedCase {
   int group;  // Hq / Hkv
 };
 
-class PrefillMixed : public ::testing::TestWithParam<MixedCase> {};
-
-TEST_P(PrefillMixed, MatchesCpuTwin) {
-  SKIP_WITHOUT_GPU();
-  const MixedCase c = GetParam();
+// The batch of a case: q lengths 1, 7, 127, 0 (empty), 130, 200 and 64; cached prefixes 0..300,
+// not tile-aligned; one-token requests with and without a cached prefix.
+test::ProblemSpec mixed_spec(const MixedCase& c) {
   test::ProblemSpec spec;
-  // q lengths 1, 7, 127, 0 (empty), 130 and 200; cached prefixes 0..300, not tile-aligned.
-  spec.requests = {{0, 1}, {50, 7}, {0, 127}, {33, 0}, {300, 130}, {0, 200}, {65, 64}};
+  spec.requests = {{0, 1}, {50, 7}, {0, 127}, {33, 0}, {300, 130}, {0, 200}, {65, 64}, {17, 1}};
   spec.num_kv_heads = 2;
   spec.num_q_heads = 2 * c.group;
   spec.head_dim = c.head_dim;
   spec.data.head_range = 30.0f;
   spec.data.outlier_channels = 4;
   spec.seed = fresh_seed();
-  SCOPED_TRACE("seed " + std::to_string(spec.seed));
-  // Every built tile config of the case; for fp8-per-head the default is the warp-specialized
-  // kernel (with each of its options), and kWide/kNarrow
-  // select the simple mma.sync kernel.
+  return spec;
+}
+
+// Every built tile config of the case; for fp8-per-head the default is the warp-specialized
+// kernel (with each of its options), and kWide/kNarrow select the simple mma.sync kernel.
+std::vector<PrefillConfig> mixed_configs(const MixedCase& c) {
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   if (c.scheme == KvScheme::kBf16 && c.head_dim == 128) configs.push_back(PrefillConfig::kNarrow);
   if (c.scheme == KvScheme::kFp8PerHead) {
@@ -207,7 +213,26 @@ TEST_P(PrefillMixed, MatchesCpuTwin) {
       configs.push_back(PrefillConfig::kNarrow);
     }
   }
-  run_and_compare(test::make_problem(spec), c.scheme, configs);
+  return configs;
+}
+
+class PrefillMixed : public ::testing::TestWithParam<MixedCase> {};
+
+TEST_P(PrefillMixed, MatchesCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  const test::ProblemSpec spec = mixed_spec(GetParam());
+  SCOPED_TRACE("seed " + std::to_string(spec.seed));
+  run_and_compare(test::make_problem(spec), GetParam().scheme, mixed_configs(GetParam()));
+}
+
+// Non-causal: the same batches, every q tile reads all key tiles of its request; only the last
+// tile's keys past seq_len are masked (the empty request and one-token requests included).
+TEST_P(PrefillMixed, NonCausalMatchesCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  const test::ProblemSpec spec = mixed_spec(GetParam());
+  SCOPED_TRACE("seed " + std::to_string(spec.seed));
+  run_and_compare(test::make_problem(spec), GetParam().scheme, mixed_configs(GetParam()),
+                  /*with_exact=*/true, /*causal=*/false);
 }
 
 std::vector<MixedCase> mixed_cases() {
@@ -217,7 +242,9 @@ std::vector<MixedCase> mixed_cases() {
       for (int g : {1, 4, 8}) cases.push_back({s, d, g});
     }
   }
-  cases.push_back({KvScheme::kFp8PerHead, 128, 7});  // a group that does not divide a packed tile
+  // A group that does not divide a packed tile (fp8-per-head's packed-GQA configs), and GQA 7
+  // (the bench sweep's Hq 28 / Hkv 4 ratio) for every scheme.
+  for (KvScheme s : kAllSchemes) cases.push_back({s, 128, 7});
   return cases;
 }
 
@@ -250,6 +277,26 @@ TEST_P(PrefillLong, LongQueries) {
     configs.push_back(PrefillConfig::kWide);
   }
   run_and_compare(test::make_problem(spec), GetParam(), configs, /*with_exact=*/false);
+}
+
+// The same long queries non-causal: a first q tile reads all 4160 keys, the same as the last.
+TEST_P(PrefillLong, LongQueriesNonCausal) {
+  SKIP_WITHOUT_GPU();
+  test::ProblemSpec spec;
+  spec.requests = {{0, 4160}, {1000, 2100}};
+  spec.num_q_heads = 4;
+  spec.num_kv_heads = 1;
+  spec.head_dim = 128;
+  spec.data.outlier_channels = 4;
+  spec.seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(spec.seed));
+  std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
+  if (GetParam() == KvScheme::kFp8PerHead) {
+    for (PrefillConfig x : kWsConfigs) configs.push_back(x);
+    configs.push_back(PrefillConfig::kWide);
+  }
+  run_and_compare(test::make_problem(spec), GetParam(), configs, /*with_exact=*/false,
+                  /*causal=*/false);
 }
 
 // ---- long context: 64 new tokens after 4k vs 32k cached keys -------------------------------

@@ -668,6 +668,169 @@ TEST(CpuBackend, ExplicitSoftmaxScale) {
   expect_within(test::compare(o, ref, p.head_dim), exact_bound(KvScheme::kBf16), "scale 0.3");
 }
 
+// ---- non-causal prefill (AttentionParams::causal = false) ----------------------------------
+
+// softmax(Q_b K_b^T * scale) V_b per request b and query head, every key of the request, in
+// float64 and written as the matrices (no positions, no mask): the definition of non-causal
+// attention, independent of reference_attention's loops. [total_q, Hq, D].
+std::vector<double> dense_attention(const test::AttentionProblem& p,
+                                    const test::ReferenceInputs& in) {
+  const int Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim, group = Hq / Hkv;
+  const double sm = 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<double> out(static_cast<size_t>(p.total_q()) * Hq * D, 0.0);
+  for (int b = 0; b < p.num_requests(); ++b) {
+    const int M = p.q_len(b), N = p.seq_len[b];
+    for (int h = 0; h < Hq; ++h) {
+      const int g = h / group;
+      // S [M, N] = Q_b [M, D] x K_b^T [D, N] * sm
+      std::vector<double> S(static_cast<size_t>(M) * N, 0.0);
+      for (int m = 0; m < M; ++m) {
+        for (int n = 0; n < N; ++n) {
+          for (int d = 0; d < D; ++d) {
+            S[m * N + n] += in.q[((p.cu_seqlens_q[b] + m) * Hq + h) * D + d] *
+                            in.kv[((p.kv_begin[b] + n) * 2 * Hkv + g) * D + d];
+          }
+          S[m * N + n] *= sm;
+        }
+      }
+      // P = row softmax of S; O_b [M, D] = P [M, N] x V_b [N, D]
+      for (int m = 0; m < M; ++m) {
+        const double mx = *std::max_element(S.begin() + m * N, S.begin() + (m + 1) * N);
+        double sum = 0.0;
+        for (int n = 0; n < N; ++n) sum += std::exp(S[m * N + n] - mx);
+        double* o = &out[((p.cu_seqlens_q[b] + m) * Hq + h) * D];
+        for (int n = 0; n < N; ++n) {
+          const double w = std::exp(S[m * N + n] - mx) / sum;
+          for (int d = 0; d < D; ++d)
+            o[d] += w * in.kv[((p.kv_begin[b] + n) * 2 * Hkv + Hkv + g) * D + d];
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// Cached prefixes (q_len < seq_len), a fresh request, a one-token and an empty request, GQA 4.
+test::ProblemSpec noncausal_spec() {
+  test::ProblemSpec spec;
+  spec.requests = {{6, 5}, {0, 7}, {9, 1}, {4, 0}, {0, 3}};
+  spec.num_q_heads = 8;
+  spec.num_kv_heads = 2;
+  spec.head_dim = 64;
+  spec.data.head_range = 30.0f;
+  spec.data.outlier_channels = 3;
+  spec.seed = 1717;
+  return spec;
+}
+
+TEST(CpuBackend, NonCausalPrefillMatchesDenseSoftmax) {
+  const test::AttentionProblem p = test::make_problem(noncausal_spec());
+  auto cpu = make_cpu_backend();
+  // The reference the GPU tests use agrees with the dense definition (float64 both: only the
+  // summation order differs).
+  const std::vector<double> dense_exact = dense_attention(p, test::exact_inputs(p));
+  const test::ErrorStats ref_vs_dense =
+      test::compare(test::reference_attention(p, test::exact_inputs(p), 0.0, /*causal=*/false),
+                    dense_exact, p.head_dim);
+  EXPECT_LE(ref_vs_dense.normalized, 1e-12) << ref_vs_dense.str();
+  for (KvScheme scheme : kSchemes) {
+    SCOPED_TRACE(scheme_name(scheme));
+    const test::KvScales scales = test::calibrate_scales(p, scheme);
+    test::RunOptions options;
+    options.causal = false;
+    const test::AttentionRun run = test::run_attention(*cpu, p, scheme, scales, options);
+    const auto emu = dense_attention(p, test::emulated_inputs(p, scheme, scales));
+    const test::ErrorStats vs_exact = test::compare(run.o, dense_exact, p.head_dim);
+    const test::ErrorStats vs_emulated = test::compare(run.o, emu, p.head_dim);
+    expect_within(vs_exact, exact_bound(scheme), "non-causal vs dense exact");
+    expect_within(vs_emulated, emulated_bound(scheme), "non-causal vs dense emulated");
+    std::printf("  non-causal %-18s vs dense exact: %s | vs dense emulated: %s\n",
+                scheme_name(scheme), vs_exact.str().c_str(), vs_emulated.str().c_str());
+    // And the causal output is another one (its first new tokens miss keys): far further from
+    // the dense result than the non-causal run's own rounding error.
+    const test::ErrorStats causal_vs_dense =
+        test::compare(test::run_attention(*cpu, p, scheme, scales).o, dense_exact, p.head_dim);
+    EXPECT_GT(causal_vs_dense.normalized, 5 * vs_exact.normalized) << causal_vs_dense.str();
+  }
+}
+
+// causal = true is the default and the causal output stays what it was; decode ignores the flag.
+TEST(CpuBackend, CausalIsTheDefaultAndDecodeIgnoresTheFlag) {
+  const test::AttentionProblem p = test::make_problem(noncausal_spec());
+  test::ProblemSpec one = noncausal_spec();
+  one.requests = {{6, 1}, {0, 1}, {30, 1}};
+  const test::AttentionProblem d = test::make_problem(one);
+  auto cpu = make_cpu_backend();
+  for (KvScheme scheme : kSchemes) {
+    SCOPED_TRACE(scheme_name(scheme));
+    const test::KvScales scales = test::calibrate_scales(p, scheme);
+    test::RunOptions causal;
+    causal.causal = true;
+    const auto o_default = test::run_attention(*cpu, p, scheme, scales).o;
+    EXPECT_EQ(test::run_attention(*cpu, p, scheme, scales, causal).o, o_default);
+    const auto ref = test::reference_attention(p, test::emulated_inputs(p, scheme, scales));
+    expect_within(test::compare(o_default, ref, p.head_dim), emulated_bound(scheme), "causal");
+
+    const test::KvScales d_scales = test::calibrate_scales(d, scheme);
+    test::RunOptions decode;
+    decode.phase = AttentionPhase::kDecode;
+    const auto o_decode = test::run_attention(*cpu, d, scheme, d_scales, decode).o;
+    decode.causal = false;
+    EXPECT_EQ(test::run_attention(*cpu, d, scheme, d_scales, decode).o, o_decode);
+  }
+}
+
+// A request with a cached prefix: non-causal, every new token sees the keys after its own
+// position. Flipping the sign of the last key's V row moves every new token's output
+// non-causally; causally only the last token's (the only one at that position). The last token
+// sees every key under both rules: its output has the same bits either way.
+TEST(CpuBackend, NonCausalSeesKeysAfterItsOwnPosition) {
+  test::ProblemSpec spec;
+  spec.requests = {{5, 4}, {0, 3}};
+  spec.num_q_heads = 4;
+  spec.num_kv_heads = 1;
+  spec.head_dim = 64;
+  spec.data.logit_std = 0.5f;  // flat attention: every key carries a weight well above e4m3's
+                               // smallest P (2^-9), so the flipped row shows in every output
+  spec.seed = 99;
+  const test::AttentionProblem p = test::make_problem(spec);
+  test::AttentionProblem flipped = p;
+  const int Hkv = p.num_kv_heads, D = p.head_dim;
+  for (int b = 0; b < p.num_requests(); ++b) {
+    const int64_t last = p.kv_begin[b] + p.seq_len[b] - 1;  // the request's last token
+    for (int d = 0; d < D; ++d) flipped.kv[(last * 2 * Hkv + Hkv) * D + d] ^= 0x8000;  // V sign
+  }
+  const int64_t row = static_cast<int64_t>(p.num_q_heads) * D;  // one token's output
+  auto token = [&](const std::vector<uint16_t>& o, int64_t t) {
+    return std::vector<uint16_t>(o.begin() + t * row, o.begin() + (t + 1) * row);
+  };
+  auto cpu = make_cpu_backend();
+  for (KvScheme scheme : kSchemes) {
+    SCOPED_TRACE(scheme_name(scheme));
+    const test::KvScales scales = test::calibrate_scales(p, scheme);  // the same for both runs
+    test::RunOptions non_causal;
+    non_causal.causal = false;
+    const auto c0 = test::run_attention(*cpu, p, scheme, scales).o;
+    const auto c1 = test::run_attention(*cpu, flipped, scheme, scales).o;
+    const auto n0 = test::run_attention(*cpu, p, scheme, scales, non_causal).o;
+    const auto n1 = test::run_attention(*cpu, flipped, scheme, scales, non_causal).o;
+    for (int b = 0; b < p.num_requests(); ++b) {
+      for (int64_t t = p.cu_seqlens_q[b]; t < p.cu_seqlens_q[b + 1]; ++t) {
+        const bool last = t == p.cu_seqlens_q[b + 1] - 1;
+        SCOPED_TRACE("request " + std::to_string(b) + " token " + std::to_string(t));
+        EXPECT_NE(token(n0, t), token(n1, t)) << "non-causal misses the request's last key";
+        if (last) {
+          EXPECT_NE(token(c0, t), token(c1, t));
+          EXPECT_EQ(token(n0, t), token(c0, t)) << "the last token sees every key either way";
+        } else {
+          EXPECT_EQ(token(c0, t), token(c1, t)) << "causal sees a key past its position";
+          EXPECT_NE(token(n0, t), token(c0, t));
+        }
+      }
+    }
+  }
+}
+
 TEST(CpuBackend, StaticQScalesFeedAttention) {
   test::ProblemSpec spec;
   spec.requests = {{30, 6}, {0, 4}};

@@ -141,6 +141,23 @@ def reference_attention(q, pool_real, table, req_idx, seq_len, cu, softmax_scale
     return out
 
 
+def dense_attention(q, pool_real, table, req_idx, seq_len, cu):
+    """float64 non-causal attention, as matrices: per request b, softmax(Q_b K_b^T / sqrt(D)) V_b
+    over all seq_len[b] keys, no mask. q [total_q, Hq, D] real values -> [total_q, Hq, D]."""
+    out = np.zeros(q.shape)
+    group = HQ // HKV
+    for b in range(len(seq_len)):
+        slots = table[req_idx[b], : seq_len[b]]
+        k = np.repeat(pool_real[slots, :HKV], group, axis=1)  # [S, Hq, D]
+        v = np.repeat(pool_real[slots, HKV:], group, axis=1)
+        qb = q[cu[b]:cu[b + 1]]  # [M, Hq, D]
+        s = np.einsum("mhd,nhd->hmn", qb, k) / np.sqrt(D)  # [Hq, M, S]
+        p = np.exp(s - s.max(axis=2, keepdims=True))
+        p /= p.sum(axis=2, keepdims=True)
+        out[cu[b]:cu[b + 1]] = np.einsum("hmn,nhd->mhd", p, v)
+    return out
+
+
 def rel_err(a, ref):
     return np.linalg.norm(a - ref) / np.linalg.norm(ref)
 
@@ -255,6 +272,36 @@ def test_prefill_matches_float64_reference(rng, scheme):
     ref = reference_attention(q_real, dequant_pool(pool, scheme, ks, vs), table, req_idx, sl, cu)
     err = rel_err(f32(out), ref)
     assert np.isfinite(f32(out)).all() and err < TOLERANCE[scheme], err
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_prefill_non_causal_matches_dense_reference(rng, scheme):
+    pool, ks, vs = make_pool(rng, scheme, num_slots=80)
+    seq_len, q_len = [9, 17, 1, 6], [4, 17, 1, 0]  # cached prefixes, a prompt, one token, empty
+    table, req_idx, sl, cu = make_batch(rng, pool, scheme, ks, vs, seq_len, q_len)
+    q = bf16(rng.standard_normal((cu[-1], HQ, D)))
+    q_arg, q_scale, q_real = q, None, f32(q)
+    if scheme == "fp8-per-head":
+        q_arg = np.empty(q.shape, np.uint8)
+        q_scale = np.empty((4, HKV), np.float32)
+        fp8kv.quantize_q(q, cu, q_arg, q_scale)
+        per_row = np.repeat(q_scale, np.diff(cu), axis=0)  # [total_q, Hkv]
+        q_real = fp8kv.decode_e4m3(q_arg) * np.repeat(per_row, HQ // HKV, axis=1)[:, :, None]
+    non_causal = fp8kv.prefill_attention(q_arg, pool, table, req_idx, sl, cu, scheme, ks, vs,
+                                         q_scale=q_scale, causal=False)
+    causal = fp8kv.prefill_attention(q_arg, pool, table, req_idx, sl, cu, scheme, ks, vs,
+                                     q_scale=q_scale)
+    pool_real = dequant_pool(pool, scheme, ks, vs)
+    ref = dense_attention(q_real, pool_real, table, req_idx, sl, cu)
+    err = rel_err(f32(non_causal), ref)
+    assert np.isfinite(f32(non_causal)).all() and err < TOLERANCE[scheme], err
+    # The causal call is another attention: far from the dense result, close to its own reference.
+    assert rel_err(f32(causal), ref) > 10 * TOLERANCE[scheme]
+    assert rel_err(f32(causal), reference_attention(q_real, pool_real, table, req_idx, sl, cu)) \
+        < TOLERANCE[scheme]
+    # The last new token of each request sees every key under both rules: the same bits.
+    last = cu[1:][np.diff(cu) > 0] - 1
+    assert np.array_equal(non_causal[last], causal[last])
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

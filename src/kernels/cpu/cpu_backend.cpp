@@ -315,7 +315,9 @@ void CpuBackend::attention(const AttentionParams& p, AttentionPhase phase) {
       const int b = token_request[t];
       const int q_len = batch.cu_seqlens_q[b + 1] - batch.cu_seqlens_q[b];
       const int position = batch.seq_len[b] - q_len + static_cast<int>(t - batch.cu_seqlens_q[b]);
-      const int num_keys = position + 1;  // causal: keys at positions <= its own
+      // causal: keys at positions <= its own; non-causal: every key of the request (the same
+      // for decode, whose one token is the last position).
+      const int num_keys = p.causal ? position + 1 : batch.seq_len[b];
       const int32_t* slots =
           batch.req_to_token + static_cast<int64_t>(batch.req_index[b]) * batch.max_len;
 

@@ -1,8 +1,10 @@
 // The parts every prefill kernel is built from (FA3 splits them the same way):
 //   params      PrefillParams and its construction from AttentionParams;
 //   scheduler   the grid (x: query head, or KV head for packed GQA; y: request; z: q tile,
-//               reversed so that the CTAs with the longest causal rows start first);
-//   seqlen      PrefillSeq: where a CTA's rows sit in its request (varlen, cached prefix);
+//               reversed so that the CTAs with the longest causal rows start first; non-causal,
+//               every q tile of a request reads all its keys, and the order does not matter);
+//   seqlen      PrefillSeq: where a CTA's rows sit in its request (varlen, cached prefix) and
+//               which keys they see (causal or not);
 //   softmax     RowSoftmax: the online softmax in base 2 over MMA accumulator fragments;
 //   conversions fast_exp2 and the bf16 / e4m3 packs of P and O.
 // The kernels themselves (the mainloops, each with its own loader and epilogue stores):
@@ -45,6 +47,7 @@ struct PrefillParams {
   int num_q_heads = 0;                  // Hq
   int num_kv_heads = 0;                 // Hkv
   float softmax_scale = 0.0f;           // resolved: 1/sqrt(D) when the caller gave 0
+  bool causal = true;                   // AttentionParams::causal
 };
 
 inline PrefillParams make_prefill_params(const AttentionParams& a, int head_dim, bool fp8_q,
@@ -67,6 +70,7 @@ inline PrefillParams make_prefill_params(const AttentionParams& a, int head_dim,
   p.num_kv_heads = a.cache.num_kv_heads;
   p.softmax_scale =
       a.softmax_scale > 0.0f ? a.softmax_scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+  p.causal = a.causal;
   return p;
 }
 
@@ -96,6 +100,14 @@ struct PrefillSeq {
   int q0 = 0;        // first new token of this CTA
   int rows = 0;      // valid rows of this CTA
   int last_pos = 0;  // position of its last token
+  int last_key = 0;  // the last key any row of this CTA sees: key_bound(last_pos)
+  bool causal = true;
+
+  // The last key a token at position `pos` sees: pos itself (causal), or the request's last key
+  // (non-causal). The kernels load no key tile past the CTA's last_key and mask the keys past
+  // a row's bound; non-causal that leaves only the seq_len bound, on the request's last key tile
+  // alone (RowSoftmax::mask's non-causal overload), and every q tile costs the same.
+  __device__ __forceinline__ int key_bound(int pos) const { return causal ? pos : seq_len - 1; }
 };
 
 // Fills `s` for this CTA (blockIdx.y, blockIdx.z reversed); false when the CTA has no rows (past
@@ -111,6 +123,8 @@ __device__ __forceinline__ bool prefill_seq(const PrefillParams& p, int tile_tok
   s.prefix = s.seq_len - s.q_len;
   s.rows = min(tile_tokens, s.q_len - s.q0) * pack;
   s.last_pos = s.prefix + s.q0 + (s.rows - 1) / pack;
+  s.causal = p.causal;
+  s.last_key = s.key_bound(s.last_pos);
   return true;
 }
 
@@ -149,7 +163,8 @@ struct RowSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8, raw score units
   float row_sum[2] = {0.0f, 0.0f};
 
-  // -inf on the keys past each row's position (row_pos: rows g and g + 8) in the tile at key k0.
+  // Causal: -inf on the keys past each row's position (row_pos: rows g and g + 8) in the tile at
+  // key k0.
   __device__ __forceinline__ static void mask(float (&s)[4 * kTiles], int k0, int t,
                                               const int (&row_pos)[2]) {
 #pragma unroll
@@ -157,6 +172,19 @@ struct RowSoftmax {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         if (k0 + i * 8 + 2 * t + (e & 1) > row_pos[e >> 1]) s[4 * i + e] = -INFINITY;
+      }
+    }
+  }
+  // Non-causal: -inf on the keys past the request's last key (every row's bound) in the tile at
+  // key k0. The mma.sync kernel calls it instead of the row_pos form with {last_key, last_key}:
+  // its causal row_pos then stays `first + g` and `+ 8` (its kernels sit at the register cap).
+  // The warp-specialized kernel's consumers have room, and pass key_bound()s as row_pos.
+  __device__ __forceinline__ static void mask(float (&s)[4 * kTiles], int k0, int t, int last_key) {
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (k0 + i * 8 + 2 * t + (e & 1) > last_key) s[4 * i + e] = -INFINITY;
       }
     }
   }

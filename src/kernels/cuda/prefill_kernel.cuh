@@ -1,5 +1,6 @@
 // Prefill attention on Hopper with mma.sync tensor cores: varlen batches, causal with a cached
-// prefix, GQA, K/V gathered from the token-slot pool. One kernel template for every scheme:
+// prefix or non-causal, GQA, K/V gathered from the token-slot pool. One kernel template for every
+// scheme:
 //
 //   kBf16          bf16 Q, K, V; QK^T and PV as m16n8k16 bf16 MMAs, fp32 accumulate.
 //   kFp8PerTensor  bf16 Q; e4m3 K/V are widened to bf16 in shared memory (exact: e4m3 is a subset
@@ -23,6 +24,9 @@
 // computed, tile j+1 is in flight and the slot indices of tile j+2 are being read. Tiles past the
 // CTA's last query position are never loaded; the causal mask is applied only on tiles that cross
 // the diagonal of a warp's rows, and a warp skips the MMAs of tiles wholly above its diagonal.
+// Non-causal (p.causal false), every row's "diagonal" is the request's last key (PrefillSeq::
+// key_bound): all key tiles are loaded and computed, and only the last one, where it runs past
+// seq_len, is masked.
 //
 // Online softmax in base 2: scores are kept raw (the mma accumulator) and the scale, with kLog2e
 // folded in, is applied inside one fma per element: p = exp2(acc * scale - max * scale).
@@ -146,11 +150,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int rows_here = seq.rows;
-  const int num_kv_tiles = seq.last_pos / kBlockN + 1;
+  const int num_kv_tiles = seq.last_key / kBlockN + 1;
   const int warp_row0 = warp * 16;
   const bool warp_active = warp_row0 < rows_here;
   const int warp_first_pos = prefix + q0 + warp_row0;
-  const int warp_last_pos = prefix + q0 + min(warp_row0 + 16, rows_here) - 1;
+  // The last key the warp's first / last row sees: tiles past warp_last_key are skipped, those
+  // reaching past warp_first_key are masked.
+  const int warp_first_key = seq.key_bound(warp_first_pos);
+  const int warp_last_key = seq.key_bound(prefix + q0 + min(warp_row0 + 16, rows_here) - 1);
 
   // Scores are raw accumulators; qk_scale turns them into log2 units.
   float qk_scale = p.softmax_scale * kLog2e;
@@ -232,7 +239,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
     for (int e = 0; e < 4; ++e) o_acc[i][e] = 0.0f;
   }
   RowSoftmax<Shape::kSTiles> softmax;  // rows g and g + 8 of this warp
-  const int row_pos[2] = {warp_first_pos + g, warp_first_pos + g + 8};
+  const int row_pos[2] = {warp_first_pos + g, warp_first_pos + g + 8};  // causal mask bounds
 
   // Shared-memory addresses as 32-bit offsets: constant offsets then fold into the ldmatrix
   // immediates instead of occupying registers.
@@ -286,7 +293,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
     const uint32_t v_tile_addr = k_tile_addr + kBlockN * kMmaPitch;
 
     const int k0 = j * kBlockN;
-    if (!warp_active || k0 > warp_last_pos) continue;  // nothing of this tile is visible
+    if (!warp_active || k0 > warp_last_key) continue;  // nothing of this tile is visible
 
     // ---- S = Q K^T ----
     float s[Shape::kSTiles][4];
@@ -320,9 +327,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
       }
     }
 
-    // ---- causal mask, only where the tile crosses this warp's diagonal; online softmax ----
+    // ---- mask, only where the tile crosses this warp's diagonal (non-causal: seq_len);
+    // online softmax ----
     auto& s_flat = reinterpret_cast<float(&)[4 * Shape::kSTiles]>(s);
-    if (k0 + kBlockN - 1 > warp_first_pos) softmax.mask(s_flat, k0, t, row_pos);
+    if (k0 + kBlockN - 1 > warp_first_key) {
+      if (seq.causal) {
+        softmax.mask(s_flat, k0, t, row_pos);
+      } else {
+        softmax.mask(s_flat, k0, t, seq_len - 1);
+      }
+    }
     float alpha[2];
     softmax.step(s_flat, qk_scale, alpha);
 #pragma unroll

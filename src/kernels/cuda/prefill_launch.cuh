@@ -32,9 +32,9 @@ enum class PrefillConfig {
 
 const char* prefill_config_name(PrefillConfig config);
 
-// Enqueues the causal varlen prefill of `p` (validated by the caller) on `stream`. Throws
-// Error("Unsupported head_dim N") for head dims other than 64/128/256, and Error for a config
-// that is not built for the scheme and head_dim.
+// Enqueues the varlen prefill of `p` (validated by the caller; causal or not: p.causal) on
+// `stream`. Throws Error("Unsupported head_dim N") for head dims other than 64/128/256, and Error
+// for a config that is not built for the scheme and head_dim.
 void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cudaStream_t stream,
                               DeviceError* error = nullptr);
 

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int seq_len = seq.seq_len;
   const int prefix = seq.prefix;
   const int rows_here = seq.rows;  // valid rows
-  const int num_kv_tiles = seq.last_pos / kBlockN + 1;
+  const int num_kv_tiles = seq.last_key / kBlockN + 1;
   const int32_t* const slots = request_row<DeviceErrorKind::kPrefillRequest>(p, b);
   if (slots == nullptr) return;  // the same for every thread of the CTA: before any barrier
 
@@ -241,11 +241,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int t = lane % 4;
   const int wg_row0 = cw * 64;
   const bool wg_active = wg_row0 < rows_here;
-  const int wg_first_pos = prefix + q0 + wg_row0 / pack;
-  const int wg_last_pos = prefix + q0 + (min(wg_row0 + 64, rows_here) - 1) / pack;
+  // The last key each row sees (PrefillSeq::key_bound: its position, or non-causal the request's
+  // last key): tiles past wg_last_pos are skipped, those reaching past wg_first_pos masked.
+  const int wg_first_pos = seq.key_bound(prefix + q0 + wg_row0 / pack);
+  const int wg_last_pos = seq.key_bound(prefix + q0 + (min(wg_row0 + 64, rows_here) - 1) / pack);
   const int wg_tiles = wg_active ? wg_last_pos / kBlockN + 1 : 0;
   const int row_g = wg_row0 + ((tid / 32) % 4) * 16 + g;  // this thread's rows: row_g, row_g + 8
-  const int row_pos[2] = {prefix + q0 + row_g / pack, prefix + q0 + (row_g + 8) / pack};
+  const int row_pos[2] = {seq.key_bound(prefix + q0 + row_g / pack),
+                          seq.key_bound(prefix + q0 + (row_g + 8) / pack)};
   const float qk_scale =
       p.softmax_scale * kLog2e * p.k_scale[kv_head] * p.q_scale[b * p.num_kv_heads + kv_head];
   const float v_scale = p.v_scale[kv_head];
