@@ -69,20 +69,21 @@ constexpr bool kPrefillBuilt = false FP8KV_PREFILL_MMA_INSTANCES(FP8KV_PREFILL_M
 template <KvScheme S, int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle,
           int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error);
-// Keys per tile and ring stages. A CTA holds Q (128 rows) and kStages x (K + V operand tiles +
-// the raw fp8 rows the producer transposes or widens) within 227 KB; the ring needs >= 3 stages.
+// Keys per tile and ring stages. A CTA (one per SM) holds Q (128 rows) and kStages x (K + V
+// operand tiles + the raw fp8 rows the producer transposes or widens) within 227 KB; the ring
+// needs >= 3 stages. The bf16-operand choices take as many stages as fit (not yet measured):
 //   e4m3 (fp8-per-head)   D 64, 128: 128 keys x 4 stages; D 256: 64 x 3 (4 do not fit)
-//   bf16 K/V (bf16)       D 64: 128 x 4; D 128: 128 x 3 (224 KB); D 256: 32 x 4 (Q alone is 64 KB)
+//   bf16 K/V (bf16)       D 64: 128 x 6; D 128: 128 x 3 (224 KB); D 256: 32 x 5 (Q alone is 64 KB)
 //   widened e4m3 / e5m2   D 64: 128 x 4; D 128: 64 x 4 (128 x 3 does not fit with the staging);
 //                         D 256: 32 x 3
 template <KvScheme S, int D>
-constexpr int kWsBlockN = fp8_q(S)                                           ? (D == 256 ? 64 : 128)
-                          : D == 256                                         ? 32
+constexpr int kWsBlockN = fp8_q(S)                                      ? (D == 256 ? 64 : 128)
+                          : D == 256                                    ? 32
                           : (D == 128 && kv_codec(S) != KvCodec::kBf16) ? 64
-                                                                             : 128;
+                                                                        : 128;
 template <KvScheme S, int D>
-constexpr int kWsStages = fp8_q(S) ? (D == 256 ? 3 : 4)
-                          : kv_codec(S) == KvCodec::kBf16 ? (D == 128 ? 3 : 4)
+constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
+                          : kv_codec(S) == KvCodec::kBf16 ? (D == 64 ? 6 : D == 128 ? 3 : 5)
                                                           : (D == 256 ? 3 : 4);
 
 #define FP8KV_PREFILL_WS_MATCH(d, pk, pp, sw, dg) \

@@ -429,19 +429,19 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[Sh::kPvSteps][4]) {
 #pragma unroll
     for (int c = 0; c < Sh::kPvSteps; ++c) {
-      if constexpr (!Sh::kFp8Mma) {
+      if constexpr (Sh::kFp8Mma) {
+        const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
+        pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
+        pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
+        pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
+        pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
+      } else {
         const float* s0 = &s[8 * c];  // n8 tiles 2c, 2c+1
         pa[c][0] = pack_bf16x2(s0[0], s0[1]);
         pa[c][1] = pack_bf16x2(s0[2], s0[3]);
         pa[c][2] = pack_bf16x2(s0[4], s0[5]);
         pa[c][3] = pack_bf16x2(s0[6], s0[7]);
-        continue;
       }
-      const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
-      pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
-      pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
-      pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
-      pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
     }
   };
 
