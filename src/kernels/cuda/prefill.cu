@@ -50,8 +50,8 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* e
     return true;
   } else if constexpr (!fp8_q(S) && !kPackGqa && !kPingPong && kDiag == 0 &&
                        prefill::kWsBf16QBuilt<S, D, kSwizzle>) {
-    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, false, false,
-                               kSwizzle, 0>(p, stream, error);
+    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, false,
+                               false, kSwizzle, 0>(p, stream, error);
     return true;
   } else {
     return false;

@@ -105,6 +105,7 @@ constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREF
   template void launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d>, \
                                   kWsStages<KvScheme::kFp8PerHead, d>, pk, pp, sw, dg>(         \
       const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                                              \
-  template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d>, kWsStages<KvScheme::s, d>, \
-                                  false, false, sw, 0>(const AttentionParams&, cudaStream_t, DeviceError*);
+#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                                     \
+  template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d>,             \
+                                  kWsStages<KvScheme::s, d>, false, false, sw, 0>(       \
+      const AttentionParams&, cudaStream_t, DeviceError*);

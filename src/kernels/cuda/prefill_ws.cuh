@@ -72,14 +72,15 @@ struct WsShape {
   static constexpr int kKBlockStride = kRowBytes / 16 * kCoreBytes;  // 8 rows of a [rows][D] tile
   static constexpr int kQBytes = kBlockM * kRowBytes;         // canonical [kBlockM][D]
   static constexpr int kKBytes = kBlockN * kRowBytes;         // canonical [kBlockN][D]
-  static constexpr int kVtBytes = D * kBlockN * kOpBytes;     // V^T [D][kBlockN] (e4m3), V [kBlockN][D] (bf16)
+  static constexpr int kVtBytes = D * kBlockN * kOpBytes;     // V^T [D][kBlockN] or (bf16) V [kBlockN][D]
   static constexpr int kVtBlockStride = kBlockN / 16 * kCoreBytes;  // 8 d rows of V^T: SBO
   static constexpr int kVPitch = D + 16;                      // V rows as loaded, padded
   // Raw fp8 rows as loaded, for the producer to transpose (e4m3 V) or widen (K then V): padded
   // rows for the transposition and for D = 64, else D-byte rows with chunk c of row r stored at
   // c ^ (r % 8) (the widening reads 8 rows of one column: conflict-free either way).
   static constexpr int kRawPitch = kFp8Mma || D == 64 ? kVPitch : D;
-  static constexpr int kVRowsBytes = kFp8Mma ? kBlockN * kVPitch : kWiden ? 2 * kBlockN * kRawPitch : 0;
+  static constexpr int kVRowsBytes =
+      kFp8Mma ? kBlockN * kVPitch : kWiden ? 2 * kBlockN * kRawPitch : 0;
   static constexpr int kStageBytes = kKBytes + kVtBytes + kVRowsBytes;
   static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
   static constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8;  // full[], empty[] mbarriers
@@ -104,7 +105,7 @@ struct WsShape {
   static_assert(kBlockN == 64 || kBlockN == 128 || (!kFp8Mma && kBlockN == 32), "QK^T wgmma N");
   static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
   static_assert(kBlockN % kKvRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
-  static_assert(kKvRowBytes == kRowBytes || kWiden, "K/V are copied as they are stored, or widened");
+  static_assert(kKvRowBytes == kRowBytes || kWiden, "K/V copied as they are stored, or widened");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds Hopper's limit");
 };
 
@@ -114,7 +115,9 @@ struct WsShape {
 // layout (column blocks of [rows][128 bytes], chunk c of a row stored at c ^ (row % 8)).
 template <int kRowBytes, bool kSwizzle>
 __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
-  if constexpr (kSwizzle) return (chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
+  if constexpr (kSwizzle) {
+    return (chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
+  }
   return (row / 8) * (kRowBytes / 16 * kCoreBytes) + chunk * kCoreBytes + (row % 8) * 16;
 }
 
@@ -193,14 +196,17 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     };
     {
       const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * Sh::kRowBytes;
-      const uint8_t* q_base = static_cast<const uint8_t*>(p.q) +
-                              (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head0) * Sh::kRowBytes;
+      const uint8_t* q_base =
+          static_cast<const uint8_t*>(p.q) +
+          (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head0) * Sh::kRowBytes;
 #pragma unroll
       for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
         const int r = ld_row + i * Sh::kRowStep;
         const bool valid = r < rows_here;
-        const int64_t offset = (r / pack) * token_bytes + (r % pack) * Sh::kRowBytes + ld_chunk * 16;
-        cp_async_16(smem + canonical(r, Sh::kBlockM), valid ? q_base + offset : p.q, valid ? 16 : 0);
+        const int64_t offset =
+            (r / pack) * token_bytes + (r % pack) * Sh::kRowBytes + ld_chunk * 16;
+        cp_async_16(smem + canonical(r, Sh::kBlockM), valid ? q_base + offset : p.q,
+                    valid ? 16 : 0);
       }
     }
     // K/V rows: as Q's, or (widened) raw rows, consecutive threads on consecutive chunks of a row.
@@ -262,7 +268,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       const uint8_t* const raw = k_op + Sh::kKBytes + Sh::kVtBytes;  // K then V raw rows
       constexpr int kC = Sh::kKvChunks;
       constexpr int kItems = 2 * kBlockN * kC;
-      static_assert(!Sh::kWiden || (kItems % Sh::kProducerThreads == 0 && Sh::kProducerThreads % (8 * kC) == 0),
+      static_assert(!Sh::kWiden || (kItems % Sh::kProducerThreads == 0 &&
+                                    Sh::kProducerThreads % (8 * kC) == 0),
                     "whole 8-row column groups per pass");
 #pragma unroll 4
       for (int w = tid; w < kItems; w += Sh::kProducerThreads) {
@@ -281,8 +288,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         w1.w = fp8x2_to_bf16x2<kCodec>(codes.w >> 16);
         uint8_t* const op = k_op + (r2 >= kBlockN ? Sh::kKBytes : 0);
         const int row = r2 % kBlockN;
-        *reinterpret_cast<uint4*>(op + operand_offset<Sh::kRowBytes, kSwizzle>(row, 2 * c, kBlockN)) = w0;
-        *reinterpret_cast<uint4*>(op + operand_offset<Sh::kRowBytes, kSwizzle>(row, 2 * c + 1, kBlockN)) = w1;
+        auto at = [&](int chunk) { return operand_offset<Sh::kRowBytes, kSwizzle>(row, chunk, kBlockN); };
+        *reinterpret_cast<uint4*>(op + at(2 * c)) = w0;
+        *reinterpret_cast<uint4*>(op + at(2 * c + 1)) = w1;
       }
     };
     auto finish = [&](int j) {  // this thread's copies of tile j have landed
@@ -318,10 +326,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
           cp_async_16(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset, valid ? 16 : 0);
         } else if constexpr (Sh::kWiden) {
           cp_async_16(v_stage + raw_offset(row, kv_chunk), k_base + offset, valid ? 16 : 0);
-          cp_async_16(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset, valid ? 16 : 0);
+          cp_async_16(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset,
+                      valid ? 16 : 0);
         } else {  // bf16: V [keys][D] is the MN-major B of P V, laid out as K is
           cp_async_16(k_stage + canonical(row, kBlockN), k_base + offset, valid ? 16 : 0);
-          cp_async_16(k_stage + Sh::kKBytes + canonical(row, kBlockN), v_base + offset, valid ? 16 : 0);
+          cp_async_16(k_stage + Sh::kKBytes + canonical(row, kBlockN), v_base + offset,
+                      valid ? 16 : 0);
         }
       }
       cp_async_commit();
