@@ -409,14 +409,15 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     }
   }
 
-  // Prefill: the reference shape (causal B=2 L=8192 Hq32/Hkv8 D128) with every scheme and, for
-  // fp8-per-head, every built kernel (the default and the ones it replaced); then a sweep at
-  // 16k tokens per batch (L = 1k..32k), head_dim 64 and 256, GQA 7, and a serving engine's
-  // cached-prefix batch (8 requests of 1000 cached + 100..2048 new tokens), and the reference
-  // shape non-causal (record suffix _noncausal; every scheme). Slots are scattered (a shuffled
-  // slot table): each K/V row is a separate gather, as in a fragmented pool.
-  // FLOPs: 4 * D * Hq * (query, key) pairs, the causal pairs counted exactly; non-causal
-  // 4 * D * Hq * q_len * seq_len per request.
+  // Prefill: the reference shape (causal B=2 L=8192 Hq32/Hkv8 D128) with every scheme and every
+  // built kernel of each (the default, the warp-specialized kernel's layouts and options, the
+  // mma.sync kernel; rows "<case>_<scheme>" for the default, else "<case>_<scheme>_<config>");
+  // then a sweep at 16k tokens per batch (L = 1k..32k), head_dim 64 and 256, GQA 7, and a serving
+  // engine's cached-prefix batch (8 requests of 1000 cached + 100..2048 new tokens), the same
+  // kernels for the three main schemes, and the reference shape non-causal (record suffix
+  // _noncausal; every scheme). Slots are scattered (a shuffled slot table): each K/V row is a
+  // separate gather, as in a fragmented pool. FLOPs: 4 * D * Hq * (query, key) pairs, the causal
+  // pairs counted exactly; non-causal 4 * D * Hq * q_len * seq_len per request.
   if (o.prefill && want("prefill")) {
     r.line("");
     r.line("prefill (causal unless said)               scheme             kernel       time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
@@ -467,6 +468,11 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
             configs.push_back(cuda::PrefillConfig::kWsPackGqa);
             configs.push_back(cuda::PrefillConfig::kWsPackGqaPingPong);
           }
+        } else {  // the bf16-Q schemes: the ws kernel with bf16 operands, both layouts
+          if (c.D != 256) configs.push_back(cuda::PrefillConfig::kWarpSpecialized);  // (not built)
+          configs.push_back(cuda::PrefillConfig::kWsSwizzle);
+          // and the mma.sync kernel, so that both show whichever is the default
+          configs.push_back(c.D == 256 ? cuda::PrefillConfig::kNarrow : cuda::PrefillConfig::kWide);
         }
         if (scheme == KvScheme::kFp8PerHead && reference) {
           configs.push_back(cuda::PrefillConfig::kWide);  // the simple mma.sync kernel

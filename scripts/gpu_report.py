@@ -70,9 +70,11 @@ def main():
                 verdict = mark(ph >= 800 and (t != t or (b16 >= t and pt >= t)))
             print(f"{case:<34}{b16:>8.0f}{pt:>8.0f}{ph:>8.0f}{t:>8.0f}"
                   f"{ph / t:>6.2f}{b16 / t:>6.2f}{pt / t:>6.2f}  {verdict}")
-            others = [f"{cfg} {r['tflops']:.0f}" for (sch, cfg), r in by.items() if cfg != "default"]
-            if others:
-                print(f"{'':<34}fp8-per-head kernels: " + ", ".join(others))
+            for scheme in dict.fromkeys(sch for sch, _ in by):  # every built kernel, per scheme
+                others = [f"{cfg} {r['tflops']:.0f}" for (sch, cfg), r in by.items()
+                          if sch == scheme and cfg != "default"]
+                if others:
+                    print(f"{'':<34}{scheme} kernels: " + ", ".join(others))
     for r in (r for r in res if r["kind"] == "quantize"):
         same = r.get("frac_copy_same_size")
         same = f" ({100 * same:5.1f}% of a same-size copy)" if same is not None else ""

@@ -1,15 +1,17 @@
 // Prefill attention on the GPU against its CPU twin (make_cpu_backend()->prefill_attention) and
-// a float64 reference, for every scheme, head_dim 64/128/256, GQA 1/4/8 (and 7), and batches that
+// a float64 reference, for every scheme, head_dim 64/128/256, GQA 1/4/7/8, and batches that
 // mix cached-prefix and fresh requests with an empty request among them; causal and non-causal
-// (AttentionParams::causal false: every new token sees all keys of its request). The GPU reads the
-// very pool bytes (and, for fp8-per-head, the very Q codes and scales) the CPU twin read, so the
-// two differ only by the kernel's arithmetic.
+// (AttentionParams::causal false: every new token sees all keys of its request); each case runs
+// every built kernel of its scheme (built_configs: the warp-specialized one with e4m3 or bf16
+// operands, and the mma.sync one), whichever is the default. The GPU reads the very pool bytes
+// (and, for fp8-per-head, the very Q codes and scales) the CPU twin read, so the two differ only
+// by the kernel's arithmetic.
 //
 // Error bounds (normalized error ||a - b|| / ||b|| over the whole output; any NaN fails):
 //  - bf16 and the bf16-Q FP8 schemes (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: K/V widened
 //    exactly to bf16) vs the CPU twin: both accumulate in fp32 and round the output to bf16;
 //    the GPU also rounds P to bf16 for the tensor-core PV product (relative 2^-9 per weight,
-//    unbiased). Measured-style expectation ~1e-3..3e-3 (one bf16 output rounding is ~1.1e-3 RMS);
+//    unbiased), in both kernels (mma.sync and the warp-specialized bf16 wgmmas alike). Measured-style expectation ~1e-3..3e-3 (one bf16 output rounding is ~1.1e-3 RMS);
 //    bound 1e-2.
 //  - fp8-per-head vs the CPU twin: both round P to e4m3 (relative 2^-4 per weight), but the GPU
 //    rounds exp(s - running max) while the CPU rounds exp(s - row max), so their P bits differ
@@ -48,6 +50,27 @@ using cuda::PrefillConfig;
 // The warp-specialized fp8-per-head kernel with each of its built options.
 constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsPackGqa,
                                         PrefillConfig::kWsPackGqaPingPong, PrefillConfig::kWsSwizzle};
+// The warp-specialized kernel with bf16 operands (the bf16-Q schemes): both layouts.
+constexpr PrefillConfig kWsBf16QConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle};
+
+// Every built config of the warp-specialized kernel for (scheme, head_dim), and then the mma.sync
+// kernel's (kWide, or kNarrow for D 256), so that each runs whichever one is the default.
+std::vector<PrefillConfig> built_configs(KvScheme scheme, int head_dim) {
+  std::vector<PrefillConfig> configs;
+  if (fp8_q(scheme)) {
+    for (PrefillConfig x : kWsConfigs) {
+      // D 64 and 256: the plain kernel only (the options are built for D 128).
+      if (x == PrefillConfig::kWarpSpecialized || head_dim == 128) configs.push_back(x);
+    }
+  } else {
+    for (PrefillConfig x : kWsBf16QConfigs) {
+      // D 256: the swizzled layout only (prefill_instances.cuh).
+      if (x == PrefillConfig::kWsSwizzle || head_dim != 256) configs.push_back(x);
+    }
+  }
+  configs.push_back(head_dim == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide);
+  return configs;
+}
 
 using cuda::check_cuda;
 
@@ -198,20 +221,14 @@ test::ProblemSpec mixed_spec(const MixedCase& c) {
   return spec;
 }
 
-// Every built tile config of the case; for fp8-per-head the default is the warp-specialized
-// kernel (with each of its options), and kWide/kNarrow select the simple mma.sync kernel.
+// Every built tile config of the case: the default, the warp-specialized kernel (e4m3 operands
+// with each of its options for fp8-per-head, bf16 operands in both layouts for the others) and
+// the simple mma.sync kernel (kWide/kNarrow).
 std::vector<PrefillConfig> mixed_configs(const MixedCase& c) {
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-  if (c.scheme == KvScheme::kBf16 && c.head_dim == 128) configs.push_back(PrefillConfig::kNarrow);
-  if (c.scheme == KvScheme::kFp8PerHead) {
-    for (PrefillConfig x : kWsConfigs) {
-      // D 64 and 256: the plain kernel only (the options are built for D 128).
-      if (x == PrefillConfig::kWarpSpecialized || c.head_dim == 128) configs.push_back(x);
-    }
-    configs.push_back(c.head_dim == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide);
-    if (c.head_dim == 128) {
-      configs.push_back(PrefillConfig::kNarrow);
-    }
+  for (PrefillConfig x : built_configs(c.scheme, c.head_dim)) configs.push_back(x);
+  if ((c.scheme == KvScheme::kBf16 || c.scheme == KvScheme::kFp8PerHead) && c.head_dim == 128) {
+    configs.push_back(PrefillConfig::kNarrow);
   }
   return configs;
 }
@@ -242,8 +259,8 @@ std::vector<MixedCase> mixed_cases() {
       for (int g : {1, 4, 8}) cases.push_back({s, d, g});
     }
   }
-  // A group that does not divide a packed tile (fp8-per-head's packed-GQA configs), and GQA 7
-  // (the bench sweep's Hq 28 / Hkv 4 ratio) for every scheme.
+  // A group that does not divide a packed tile (fp8-per-head's packed-GQA configs) nor the 128
+  // rows of a CTA, and GQA 7 (the bench sweep's Hq 28 / Hkv 4 ratio) for every scheme.
   for (KvScheme s : kAllSchemes) cases.push_back({s, 128, 7});
   return cases;
 }
@@ -272,10 +289,7 @@ TEST_P(PrefillLong, LongQueries) {
   SCOPED_TRACE("seed " + std::to_string(spec.seed));
   // The float64 reference is single-threaded; the twin comparison carries this case.
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-  if (GetParam() == KvScheme::kFp8PerHead) {
-    for (PrefillConfig x : kWsConfigs) configs.push_back(x);
-    configs.push_back(PrefillConfig::kWide);
-  }
+  for (PrefillConfig x : built_configs(GetParam(), 128)) configs.push_back(x);
   run_and_compare(test::make_problem(spec), GetParam(), configs, /*with_exact=*/false);
 }
 
@@ -304,10 +318,7 @@ TEST_P(PrefillLong, LongQueriesNonCausal) {
 TEST_P(PrefillLong, ErrorDoesNotGrowWithContext) {
   SKIP_WITHOUT_GPU();
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-  if (GetParam() == KvScheme::kFp8PerHead) {
-    for (PrefillConfig x : kWsConfigs) configs.push_back(x);
-    configs.push_back(PrefillConfig::kWide);  // mma.sync
-  }
+  for (PrefillConfig x : built_configs(GetParam(), 128)) configs.push_back(x);
   std::vector<Errors> err[2];
   const int cached[2] = {4096 - 64, 32768 - 64};
   for (int i = 0; i < 2; ++i) {
@@ -393,12 +404,9 @@ TEST(PrefillPerf, BenchmarkShape) {
     const std::vector<float> q_scale =
         fp8_q(scheme) ? test::dynamic_q_scales(p) : std::vector<float>{};
     GpuInputs gpu(p, scheme, scales, pool, q_scale);
-    std::vector<PrefillConfig> configs = {PrefillConfig::kWide};
+    std::vector<PrefillConfig> configs = built_configs(scheme, D);  // ends with kWide
     if (scheme == KvScheme::kBf16 || scheme == KvScheme::kFp8PerHead) {
       configs.push_back(PrefillConfig::kNarrow);
-    }
-    if (scheme == KvScheme::kFp8PerHead) {
-      for (PrefillConfig x : kWsConfigs) configs.push_back(x);
     }
     for (PrefillConfig config : configs) {
       const std::vector<uint16_t> o = gpu.run(config);

@@ -1,6 +1,7 @@
 // Prefill attention dispatch: runtime scheme, head_dim and tile configuration -> a built kernel
 // instance (the table: prefill_instances.cuh). The kernels: prefill_kernel.cuh (mma.sync) and
-// prefill_ws.cuh (warp-specialized wgmma, fp8-per-head); their shared parts: prefill_common.cuh.
+// prefill_ws.cuh (warp-specialized wgmma: e4m3 operands for fp8-per-head, bf16 ones for the
+// others); their shared parts: prefill_common.cuh.
 #include <string>
 
 #include "fp8kv/error.h"
@@ -38,17 +39,29 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream, DeviceError* erro
   }
 }
 
-// fp8-per-head on the warp-specialized kernel (prefill_ws.cuh); kDiag: benchmark diagnostics.
+// The warp-specialized kernel (prefill_ws.cuh): fp8-per-head with e4m3 operands, the bf16-Q
+// schemes with bf16 ones (no packed GQA, ping-pong or diagnostics built for those); kDiag:
+// benchmark diagnostics.
 template <KvScheme S, int D, bool kPackGqa, bool kPingPong, bool kSwizzle = false, int kDiag = 0>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
   if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kPackGqa, kPingPong, kSwizzle, kDiag>) {
-    prefill::launch_prefill_ws<D, prefill::kWsBlockN<D>, prefill::kWsStages<D>, kPackGqa, kPingPong,
-                               kSwizzle, kDiag>(p, stream, error);
+    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kPackGqa,
+                               kPingPong, kSwizzle, kDiag>(p, stream, error);
+    return true;
+  } else if constexpr (!fp8_q(S) && !kPackGqa && !kPingPong && kDiag == 0 &&
+                       prefill::kWsBf16QBuilt<S, D, kSwizzle>) {
+    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, false,
+                               false, kSwizzle, 0>(p, stream, error);
     return true;
   } else {
     return false;
   }
 }
+
+// The switch for the bf16-Q schemes' default kernel: false keeps the mma.sync kernel (kWide,
+// kNarrow) until a GPU run has verified and measured the warp-specialized bf16 one; true makes
+// that one (kWsSwizzle, built for D 64, 128 and 256) their default.
+constexpr bool kBf16QWsDefault = false;
 
 template <KvScheme S, int D>
 void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStream_t stream,
@@ -57,6 +70,8 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
     if (S == KvScheme::kFp8PerHead) {
       // Measured on the H200: the swizzled layout 539 vs 483 TFLOP/s (causal B2 L8192 D128).
       config = D == 128 ? PrefillConfig::kWsSwizzle : PrefillConfig::kWarpSpecialized;
+    } else if (kBf16QWsDefault) {
+      config = PrefillConfig::kWsSwizzle;
     } else {
       config = D == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide;
     }

@@ -6,10 +6,11 @@
 //   seqlen      PrefillSeq: where a CTA's rows sit in its request (varlen, cached prefix) and
 //               which keys they see (causal or not);
 //   softmax     RowSoftmax: the online softmax in base 2 over MMA accumulator fragments;
-//   conversions fast_exp2 and the bf16 / e4m3 packs of P and O.
+//   conversions fast_exp2, the bf16 / e4m3 packs of P and O, fp8 K/V codes widened to bf16.
 // The kernels themselves (the mainloops, each with its own loader and epilogue stores):
 // prefill_kernel.cuh (mma.sync, every scheme) and prefill_ws.cuh (warp-specialized wgmma,
-// fp8-per-head). Neither includes the other.
+// every scheme: 8-bit operands for fp8-per-head, bf16 operands for the others). Neither includes
+// the other.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -149,6 +150,14 @@ __device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, fl
   asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(lo) : "f"(x1), "f"(x0));
   asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(hi) : "f"(x3), "f"(x2));
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// Two e4m3 (e5m2) codes -> bf16x2, exactly: both formats are subsets of bf16.
+template <KvCodec kCodec>
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_codes) {
+  const float2 f = kCodec == KvCodec::kE5m2 ? e5m2x2_to_float2(static_cast<uint16_t>(two_codes))
+                                            : e4m3x2_to_float2(static_cast<uint16_t>(two_codes));
+  return pack_bf16x2(f.x, f.y);
 }
 
 // ---- softmax ---------------------------------------------------------------------------------

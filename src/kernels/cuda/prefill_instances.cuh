@@ -1,7 +1,8 @@
 // The one table of prefill kernel instances. Every built instance is one entry below; the
 // dispatcher's "is it built" predicates (prefill.cu) and the explicit instantiations (one small
 // translation unit per list: prefill_<scheme>.cu, prefill_fp8_head_ws*.cu) are generated from
-// these lists, so that a new instance is one line here.
+// these lists, so that a new instance is one line here (prefill_<scheme>_ws.cu: the bf16-Q
+// schemes on the warp-specialized kernel).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -36,6 +37,21 @@
 #define FP8KV_PREFILL_WS_D64_D256(W) W(64, false, false, false, 0) W(256, false, false, false, 0)
 #define FP8KV_PREFILL_WS_INSTANCES(W) FP8KV_PREFILL_WS_D128(W) FP8KV_PREFILL_WS_D64_D256(W)
 
+// ---- the same kernel with bf16 operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
+// PrefillConfig::kWarpSpecialized (no swizzle) for D 64 and 128, kWsSwizzle for D 64, 128 and 256
+// (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). Not the
+// default of these schemes until a GPU run has verified and measured them: kBf16QWsDefault
+// (prefill.cu).
+#define FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) \
+  B(S, 64, false) B(S, 64, true) B(S, 128, false) B(S, 128, true) B(S, 256, true)
+#define FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kBf16)
+#define FP8KV_PREFILL_WS_FP8_PER_TENSOR(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kFp8PerTensor)
+#define FP8KV_PREFILL_WS_FP8_E5M2(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kFp8E5m2)
+#define FP8KV_PREFILL_WS_FP8_PER_HEAD_BF16Q(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kFp8PerHeadBf16Q)
+#define FP8KV_PREFILL_WS_BF16Q_INSTANCES(B)                                                     \
+  FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_FP8_PER_TENSOR(B) FP8KV_PREFILL_WS_FP8_E5M2(B) \
+  FP8KV_PREFILL_WS_FP8_PER_HEAD_BF16Q(B)
+
 namespace fp8kv::cuda::prefill {
 
 // Defined in prefill_kernel.cuh; instantiated for the entries of FP8KV_PREFILL_MMA_INSTANCES.
@@ -48,25 +64,48 @@ template <KvScheme S, int D, int kWarps, int kBlockN>
 constexpr bool kPrefillBuilt = false FP8KV_PREFILL_MMA_INSTANCES(FP8KV_PREFILL_MMA_MATCH);
 #undef FP8KV_PREFILL_MMA_MATCH
 
-// Defined in prefill_ws.cuh; instantiated for the entries of FP8KV_PREFILL_WS_INSTANCES.
-template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
+// Defined in prefill_ws.cuh; instantiated for the entries of FP8KV_PREFILL_WS_INSTANCES
+// (fp8-per-head) and FP8KV_PREFILL_WS_BF16Q_INSTANCES.
+template <KvScheme S, int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle,
+          int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error);
-template <int D>
-constexpr int kWsBlockN = D == 256 ? 64 : 128;  // keys per tile
-template <int D>
-constexpr int kWsStages = D == 256 ? 3 : 4;     // 4 stages of D = 256 do not fit
+// Keys per tile and ring stages. A CTA (one per SM) holds Q (128 rows) and kStages x (K + V
+// operand tiles + the raw fp8 rows the producer transposes or widens) within 227 KB; the ring
+// needs >= 3 stages. The bf16-operand choices take as many stages as fit (not yet measured):
+//   e4m3 (fp8-per-head)   D 64, 128: 128 keys x 4 stages; D 256: 64 x 3 (4 do not fit)
+//   bf16 K/V (bf16)       D 64: 128 x 6; D 128: 128 x 3 (224 KB); D 256: 32 x 5 (Q alone is 64 KB)
+//   widened e4m3 / e5m2   D 64: 128 x 4; D 128: 64 x 4 (128 x 3 does not fit with the staging);
+//                         D 256: 32 x 3
+template <KvScheme S, int D>
+constexpr int kWsBlockN = fp8_q(S)                                      ? (D == 256 ? 64 : 128)
+                          : D == 256                                    ? 32
+                          : (D == 128 && kv_codec(S) != KvCodec::kBf16) ? 64
+                                                                        : 128;
+template <KvScheme S, int D>
+constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
+                          : kv_codec(S) == KvCodec::kBf16 ? (D == 64 ? 6 : D == 128 ? 3 : 5)
+                                                          : (D == 256 ? 3 : 4);
 
 #define FP8KV_PREFILL_WS_MATCH(d, pk, pp, sw, dg) \
   || (D == (d) && kPackGqa == (pk) && kPingPong == (pp) && kSwizzle == (sw) && kDiag == (dg))
 template <int D, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
 constexpr bool kWsBuilt = false FP8KV_PREFILL_WS_INSTANCES(FP8KV_PREFILL_WS_MATCH);
 #undef FP8KV_PREFILL_WS_MATCH
+#define FP8KV_PREFILL_WS_BF16Q_MATCH(s, d, sw) || (S == KvScheme::s && D == (d) && kSwizzle == (sw))
+template <KvScheme S, int D, bool kSwizzle>
+constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREFILL_WS_BF16Q_MATCH);
+#undef FP8KV_PREFILL_WS_BF16Q_MATCH
 
 }  // namespace fp8kv::cuda::prefill
 
 // Explicit instantiations, for the instance files.
 #define FP8KV_PREFILL_MMA_INSTANTIATE(s, d, w, n) \
   template void launch_prefill<KvScheme::s, d, w, n>(const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_INSTANTIATE(d, pk, pp, sw, dg)                                     \
-  template void launch_prefill_ws<d, kWsBlockN<d>, kWsStages<d>, pk, pp, sw, dg>(           \
+#define FP8KV_PREFILL_WS_INSTANTIATE(d, pk, pp, sw, dg)                                       \
+  template void launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d>, \
+                                  kWsStages<KvScheme::kFp8PerHead, d>, pk, pp, sw, dg>(         \
+      const AttentionParams&, cudaStream_t, DeviceError*);
+#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                                     \
+  template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d>,             \
+                                  kWsStages<KvScheme::s, d>, false, false, sw, 0>(       \
       const AttentionParams&, cudaStream_t, DeviceError*);

@@ -92,15 +92,7 @@ struct TileShape {
 
 // Tensor-core building blocks (smem_addr, ldmatrix_x4, mma_bf16, mma_e4m3): common.cuh.
 
-// fast_exp2, pack_bf16x2, pack_e4m3x4, RowSoftmax: prefill_common.cuh.
-
-// Two e4m3 (e5m2) codes -> bf16x2, exactly: both formats are subsets of bf16.
-template <KvCodec kCodec>
-__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_codes) {
-  const float2 f = kCodec == KvCodec::kE5m2 ? e5m2x2_to_float2(static_cast<uint16_t>(two_codes))
-                                            : e4m3x2_to_float2(static_cast<uint16_t>(two_codes));
-  return pack_bf16x2(f.x, f.y);
-}
+// fast_exp2, pack_bf16x2, pack_e4m3x4, fp8x2_to_bf16x2, RowSoftmax: prefill_common.cuh.
 
 // ---- the kernel ----------------------------------------------------------------------------
 //

@@ -15,16 +15,19 @@ namespace fp8kv::cuda {
 enum class PrefillConfig {
   kDefault,   // the tuned choice per (scheme, head_dim): fp8-per-head kWsSwizzle for D = 128,
               // kWarpSpecialized for D = 64 and 256; bf16 and
-              // the bf16-Q FP8 schemes kWide for D <= 128, kNarrow for D = 256
+              // the bf16-Q FP8 schemes kWide for D <= 128, kNarrow for D = 256 (kWsSwizzle once
+              // prefill.cu's kBf16QWsDefault is flipped)
   kWide,      // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
   kNarrow,    // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
               // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
-  // fp8-per-head only, warp-specialized wgmma (prefill_ws.cuh): a producer warpgroup and two
-  // consumer warpgroups, 128 keys per tile (64 for D = 256).
+  // Warp-specialized wgmma (prefill_ws.cuh): a producer warpgroup and two consumer warpgroups;
+  // fp8-per-head with e4m3 operands, 128 keys per tile (64 for D = 256); the bf16-Q schemes with
+  // bf16 operands (keys per tile: prefill_instances.cuh), D = 64 and 128.
   kWarpSpecialized,
-  kWsPackGqa,          // D = 128, + the G query heads of a KV head in one CTA (K/V loaded once)
-  kWsPackGqaPingPong,  // D = 128, + the consumer warpgroups take turns on the tensor cores
-  kWsSwizzle,          // D = 128: operands in the 128-byte swizzle layout, whole-row copies
+  kWsPackGqa,          // fp8-per-head, D = 128, + the G query heads of a KV head in one CTA
+  kWsPackGqaPingPong,  // fp8-per-head, D = 128, + the consumer warpgroups take turns
+  kWsSwizzle,          // operands in the 128-byte swizzle layout, whole-row copies: fp8-per-head
+                       // D = 128, the bf16-Q schemes D = 64, 128 and 256
   // Benchmark diagnostics of kWarpSpecialized, D = 128 (wrong results by design, never tested):
   kWsDiagConsumers,  // the producer loads only the first tiles: the consumers' bound
   kWsDiagProducer,   // the consumers skip their math: the producer's bound

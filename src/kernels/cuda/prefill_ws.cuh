@@ -1,7 +1,15 @@
-// fp8-per-head prefill attention, warp-specialized (FA3's recipe on sm_90a): the fast path.
+// Prefill attention, warp-specialized (FA3's recipe on sm_90a): the fast path. One kernel for
+// every scheme, in two operand types (WsShape::kFp8Mma):
+//  - e4m3 (fp8-per-head): e4m3 Q (quantize_q), K, V; m64nNk32 e4m3 wgmmas; P rounded to e4m3.
+//  - bf16 (bf16, fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: the schemes whose Q is bf16):
+//    m64nNk16 bf16 wgmmas, P rounded to bf16. bf16 K/V are copied as they are; e4m3 / e5m2 K/V
+//    are copied raw into a staging area of the stage and widened to bf16 by the producer
+//    (exactly: both are subsets of bf16), where the fp8 path transposes V. The K scale (per
+//    tensor or per KV head) folds into the score multiplier and the V scale into the output,
+//    as in the mma.sync kernel.
 // Same semantics as the simple mma.sync kernel, prefill_kernel.cuh (varlen, causal with a cached
-// prefix, GQA, K/V gathered through the slot table; P rounded to e4m3 as it is, the row sum from
-// the unrounded P); what differs is who does what, and when:
+// prefix, GQA, K/V gathered through the slot table; P rounded to the operand type as it is, the
+// row sum from the unrounded P); what differs is who does what, and when:
 //
 //  - A CTA is three warpgroups for 128 query rows of one query head. Warpgroup 0 is the
 //    producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
@@ -26,6 +34,17 @@
 // them, so P's A fragment is a plain repacking of S. Shared memory written by the generic proxy
 // (cp.async, st.shared) is read by wgmma through the async proxy: the producer fences
 // (fence.proxy.async) before publishing a stage.
+//
+// bf16 operands: Q and K as above, with rows of 2D bytes (a k16 step is 32 bytes of a row, as an
+// e4m3 k32 step is). 16-bit wgmmas read B MN-major too (imm-trans-b), so V stays [keys][D] in
+// the layout K has: the PV product's B is K = keys by N = D with D contiguous, its core matrices
+// 8 keys x 8 d (16 bytes per key), those adjacent in keys kKBlockStride apart (the leading byte
+// offset, for MN-major), those adjacent in d 128 bytes apart (the stride byte offset); swizzled,
+// atoms of 8 keys x 64 d (1024 bytes, the stride byte offset) and 64-d column blocks
+// [kBlockN][128 bytes] apart (the leading byte offset). The 16-bit A fragment of a wgmma is the
+// accumulator layout's pairs, so P is S repacked in the natural key order. bf16 tiles are twice
+// the bytes: keys per tile and stages per scheme and D (kWsBlockN, kWsStages in
+// prefill_instances.cuh) keep a CTA within 227 KB, the raw staging counted.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,38 +59,67 @@
 
 namespace fp8kv::cuda::prefill {
 
-template <int D, int kBlockN, int kStages>
+template <KvScheme S, int D, int kBlockN, int kStages>
 struct WsShape {
+  static constexpr bool kFp8Mma = fp8_q(S);  // e4m3 operands and wgmmas; else bf16 ones
+  static constexpr bool kWiden = !kFp8Mma && kv_codec(S) != KvCodec::kBf16;  // fp8 K/V -> bf16
+  static constexpr int kOpBytes = kFp8Mma ? 1 : 2;            // bytes of an operand element
+  static constexpr int kKvRowBytes = D * kv_elem_bytes(S);    // a K or V row of the cache
+  static constexpr int kRowBytes = D * kOpBytes;              // a Q, K or V operand row
   static constexpr int kProducerThreads = 128;
   static constexpr int kThreads = 3 * 128;
   static constexpr int kBlockM = 128;                         // 2 consumer warpgroups x 64 rows
-  static constexpr int kKBlockStride = D / 16 * kCoreBytes;   // 8 rows of a [rows][D] tile: SBO
-  static constexpr int kQBytes = kBlockM * D;                 // canonical [kBlockM][D]
-  static constexpr int kKBytes = kBlockN * D;                 // canonical [kBlockN][D]
-  static constexpr int kVtBytes = D * kBlockN;                // canonical [D][kBlockN]
+  static constexpr int kKBlockStride = kRowBytes / 16 * kCoreBytes;  // 8 rows of a [rows][D] tile
+  static constexpr int kQBytes = kBlockM * kRowBytes;         // canonical [kBlockM][D]
+  static constexpr int kKBytes = kBlockN * kRowBytes;         // canonical [kBlockN][D]
+  static constexpr int kVtBytes = D * kBlockN * kOpBytes;     // V^T [D][kBlockN] or (bf16) V [kBlockN][D]
   static constexpr int kVtBlockStride = kBlockN / 16 * kCoreBytes;  // 8 d rows of V^T: SBO
   static constexpr int kVPitch = D + 16;                      // V rows as loaded, padded
-  static constexpr int kVRowsBytes = kBlockN * kVPitch;
+  // Raw fp8 rows as loaded, for the producer to transpose (e4m3 V) or widen (K then V): padded
+  // rows for the transposition and for D = 64, else D-byte rows with chunk c of row r stored at
+  // c ^ (r % 8) (the widening reads 8 rows of one column: conflict-free either way).
+  static constexpr int kRawPitch = kFp8Mma || D == 64 ? kVPitch : D;
+  static constexpr int kVRowsBytes =
+      kFp8Mma ? kBlockN * kVPitch : kWiden ? 2 * kBlockN * kRawPitch : 0;
   static constexpr int kStageBytes = kKBytes + kVtBytes + kVRowsBytes;
   static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
   static constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8;  // full[], empty[] mbarriers
-  static constexpr int kChunks = D / 16;                      // 16-byte chunks per row
+  static constexpr int kChunks = kRowBytes / 16;              // 16-byte chunks per operand row
   static constexpr int kRowStep = kProducerThreads / kChunks;  // rows between a thread's chunks
-  static constexpr int kKvRowsPerThread = kBlockN / kRowStep;
+  static constexpr int kKvChunks = kKvRowBytes / 16;           // ... per cache row
+  static constexpr int kKvRowStep = kProducerThreads / kKvChunks;
+  static constexpr int kKvRowsPerThread = kBlockN / kKvRowStep;
   static constexpr int kQRowsPerThread = kBlockM / kRowStep;
-  static constexpr int kProducerRegs = 56;
-  static constexpr int kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K registers
+  static constexpr int kQkSteps = kRowBytes / 32;  // k-steps of Q K^T: 32 bytes of D each
+  static constexpr int kPvSteps = kBlockN * kOpBytes / 32;  // k-steps of P V: 32 bytes of keys
+  // 128 * producer + 256 * consumer registers <= the 384 * 168 the launch bounds allot. bf16: the
+  // producer copies twice the rows per thread (72: no spills), the consumers need less than 216.
+  static constexpr int kProducerRegs = kFp8Mma ? 56 : 72;
+  static constexpr int kConsumerRegs = kFp8Mma ? 224 : 216;
   static_assert(kStageBytes % 128 == 0, "stages stay 128-byte aligned");
   // A consumer releases tile j-1 only after tile j is full (it issues PV(j-1) with QK(j)), and the
   // producer publishes tile j - (kStages - 2) after issuing the loads of tile j: so two stages
   // are held by the consumers and kStages - 2 are in flight; with two stages the load of tile j
   // would wait for the release of tile j-2, which waits for tile j-1 to be published.
   static_assert(kStages >= 3, "the ring needs a stage of slack (see above)");
-  static_assert(kBlockN == 64 || kBlockN == 128, "QK^T wgmma N");
+  static_assert(kBlockN == 64 || kBlockN == 128 || (!kFp8Mma && kBlockN == 32), "QK^T wgmma N");
   static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
-  static_assert(kBlockN % kRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
+  static_assert(kBlockN % kKvRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
+  static_assert(kKvRowBytes == kRowBytes || kWiden, "K/V copied as they are stored, or widened");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds Hopper's limit");
 };
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][kRowBytes] operand tile: the
+// canonical no-swizzle layout (core matrices of 8 rows x 16 bytes; adjacent in the row 128
+// bytes apart, adjacent 8-row groups kRowBytes / 16 * 128 apart), or the 128-byte swizzle
+// layout (column blocks of [rows][128 bytes], chunk c of a row stored at c ^ (row % 8)).
+template <int kRowBytes, bool kSwizzle>
+__device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
+  if constexpr (kSwizzle) {
+    return (chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) << 4);
+  }
+  return (row / 8) * (kRowBytes / 16 * kCoreBytes) + chunk * kCoreBytes + (row % 8) * 16;
+}
 
 // Options (template flags, each a built instance: prefill_instances.cuh):
 //  - kPackGqa: a CTA takes all G = Hq / Hkv query heads of one KV head; its 128 rows are
@@ -79,18 +127,23 @@ struct WsShape {
 //    tile is loaded once for G heads instead of once per head (FA3's PackGQA).
 //  - kPingPong: the two consumer warpgroups take turns issuing their wgmmas (two named barriers),
 //    so that one's softmax runs while the other's GEMMs hold the tensor cores (FA3's ping-pong).
-//  - kSwizzle (D = 128, 128 keys per tile: every operand row is 128 bytes): Q, K and V^T in
-//    the 128-byte-swizzled K-major layout instead of the canonical no-swizzle one; a row is then
-//    128 contiguous bytes (16-byte chunk c of row r stored at chunk c ^ (r % 8)), so 8
-//    consecutive producer threads copy one whole 128-byte row of the cache (one line) into one
-//    whole shared-memory row, conflict-free.
+//  - kSwizzle (e4m3: D = 128, 128 keys per tile: every operand row is 128 bytes; bf16: every
+//    D): Q, K and V^T (V) in the 128-byte-swizzled layout instead of the canonical no-swizzle
+//    one; a tile is then column blocks of [rows][128 bytes], a row's 128 bytes contiguous (16-byte
+//    chunk c of row r stored at chunk c ^ (r % 8)), so 8 consecutive producer threads copy 128
+//    contiguous bytes of the cache (one line) into one whole shared-memory row, conflict-free.
 //  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
 //    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
 //    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
-template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
+template <KvScheme S, int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle,
+          int kDiag>
 __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
-  using Sh = WsShape<D, kBlockN, kStages>;
-  static_assert(!kSwizzle || (D == 128 && kBlockN == 128), "swizzled rows are exactly 128 bytes");
+  using Sh = WsShape<S, D, kBlockN, kStages>;
+  static_assert(!kSwizzle || !Sh::kFp8Mma || (D == 128 && kBlockN == 128),
+                "swizzled e4m3 rows (Q, K and V^T) are exactly 128 bytes");
+  static_assert(!kSwizzle || (Sh::kQBytes % 1024 == 0 && Sh::kStageBytes % 1024 == 0),
+                "swizzle atoms (8 rows x 128 bytes) stay 1024-byte aligned");
+  static_assert(kSwizzle || Sh::kChunks <= 16, "no-swizzle copies: 8 threads per column chunk");
   extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
   const uint32_t base = smem_addr(smem);
 
@@ -131,33 +184,42 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     const int lane = tid % 32;
     // 8 consecutive threads take rows r..r+7 of one 16-byte column chunk: each 8-thread phase
     // writes one whole core matrix (128 contiguous bytes).
-    // Swizzled: 8 consecutive threads take the 8 chunks of one row instead.
-    const int ld_chunk = kSwizzle ? tid % 8 : (tid / 8) % Sh::kChunks;
-    const int ld_row = kSwizzle ? tid / 8 : (tid / (8 * Sh::kChunks)) * 8 + tid % 8;
-    auto canonical = [&](int row) {
-      if constexpr (kSwizzle) return row * 128 + ((ld_chunk ^ (row % 8)) << 4);
-      return (row / 8) * Sh::kKBlockStride + ld_chunk * kCoreBytes + (row % 8) * 16;
+    // Swizzled: consecutive threads take consecutive chunks of one row instead.
+    const int ld_chunk = kSwizzle ? tid % Sh::kChunks : (tid / 8) % Sh::kChunks;
+    const int ld_row = kSwizzle ? tid / Sh::kChunks : (tid / (8 * Sh::kChunks)) * 8 + tid % 8;
+    auto canonical = [&](int row, int rows) {  // ld_chunk of `row` of a [rows][D] operand tile
+      return operand_offset<Sh::kRowBytes, kSwizzle>(row, ld_chunk, rows);
+    };
+    auto raw_offset = [](int row, int chunk) {  // widened K/V: chunk of a raw row (kRawPitch)
+      if constexpr (D == 64) return row * Sh::kRawPitch + chunk * 16;
+      return row * Sh::kRawPitch + ((chunk ^ (row % 8)) << 4);
     };
     {
-      const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * D;
-      const uint8_t* q_base = static_cast<const uint8_t*>(p.q) +
-                              (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head0) * D;
+      const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * Sh::kRowBytes;
+      const uint8_t* q_base =
+          static_cast<const uint8_t*>(p.q) +
+          (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head0) * Sh::kRowBytes;
 #pragma unroll
       for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
         const int r = ld_row + i * Sh::kRowStep;
         const bool valid = r < rows_here;
-        const int64_t offset = (r / pack) * token_bytes + (r % pack) * D + ld_chunk * 16;
-        cp_async_16(smem + canonical(r), valid ? q_base + offset : p.q, valid ? 16 : 0);
+        const int64_t offset =
+            (r / pack) * token_bytes + (r % pack) * Sh::kRowBytes + ld_chunk * 16;
+        cp_async_16(smem + canonical(r, Sh::kBlockM), valid ? q_base + offset : p.q,
+                    valid ? 16 : 0);
       }
     }
-    const int64_t slot_bytes = 2 * static_cast<int64_t>(p.num_kv_heads) * D;
-    const uint8_t* const k_base = p.kv + kv_head * D + ld_chunk * 16;
-    const uint8_t* const v_base = k_base + p.num_kv_heads * D;
+    // K/V rows: as Q's, or (widened) raw rows, consecutive threads on consecutive chunks of a row.
+    const int kv_chunk = Sh::kWiden ? tid % Sh::kKvChunks : ld_chunk;
+    const int kv_row = Sh::kWiden ? tid / Sh::kKvChunks : ld_row;
+    const int64_t slot_bytes = 2 * static_cast<int64_t>(p.num_kv_heads) * Sh::kKvRowBytes;
+    const uint8_t* const k_base = p.kv + kv_head * Sh::kKvRowBytes + kv_chunk * 16;
+    const uint8_t* const v_base = k_base + p.num_kv_heads * Sh::kKvRowBytes;
     int tile_slots[Sh::kKvRowsPerThread];
     auto fetch_slots = [&](int tile) {
 #pragma unroll
       for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
-        const int pos = tile * kBlockN + ld_row + i * Sh::kRowStep;
+        const int pos = tile * kBlockN + kv_row + i * Sh::kKvRowStep;
         tile_slots[i] = pos < seq_len ? slots[pos] : -1;
       }
     };
@@ -168,9 +230,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     const int t = lane % 4;
     const int mat = lane / 8;
     const int mat_row = lane % 8;
-    auto finish = [&](int j) {  // this thread's copies of tile j have landed
-      named_barrier_sync(1, Sh::kProducerThreads);  // ... and everyone's
-      const uint32_t st = stage_addr(j);
+    auto transpose_v = [&](uint32_t st) {  // e4m3: V rows -> V^T
       const uint32_t v_rows = st + Sh::kKBytes + Sh::kVtBytes;
       uint8_t* const vt = smem + (st - base) + Sh::kKBytes;
       constexpr int kBlocks = (kBlockN / 32) * (D / 16);
@@ -198,7 +258,51 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         *reinterpret_cast<uint32_t*>(vt + e_off + col1) = __byte_perm(r[2], r[3], 0x6420);
         *reinterpret_cast<uint32_t*>(vt + o_off + col1) = __byte_perm(r[2], r[3], 0x7531);
       }
-      fence_proxy_async();  // cp.async'd Q/K and st.shared V^T -> the async proxy (wgmma)
+    };
+    // Widening (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q): 16 raw codes of a K or V row become
+    // two 16-byte bf16 chunks of the operand tile, exactly. 8 consecutive threads take 8
+    // consecutive rows of one raw column: conflict-free reads (padded or XOR-placed raw rows)
+    // and writes (8 rows of one core matrix, or 8 distinct swizzled chunks).
+    auto widen_kv = [&](uint32_t st) {
+      uint8_t* const k_op = smem + (st - base);  // K then V operand tiles
+      const uint8_t* const raw = k_op + Sh::kKBytes + Sh::kVtBytes;  // K then V raw rows
+      constexpr int kC = Sh::kKvChunks;
+      constexpr int kItems = 2 * kBlockN * kC;
+      static_assert(!Sh::kWiden || (kItems % Sh::kProducerThreads == 0 &&
+                                    Sh::kProducerThreads % (8 * kC) == 0),
+                    "whole 8-row column groups per pass");
+#pragma unroll 4
+      for (int w = tid; w < kItems; w += Sh::kProducerThreads) {
+        const int c = (w / 8) % kC;
+        const int r2 = (w / (8 * kC)) * 8 + w % 8;  // of the 2 * kBlockN raw rows: K, then V
+        const uint4 codes = *reinterpret_cast<const uint4*>(raw + raw_offset(r2, c));
+        constexpr KvCodec kCodec = kv_codec(S);
+        uint4 w0, w1;
+        w0.x = fp8x2_to_bf16x2<kCodec>(codes.x);
+        w0.y = fp8x2_to_bf16x2<kCodec>(codes.x >> 16);
+        w0.z = fp8x2_to_bf16x2<kCodec>(codes.y);
+        w0.w = fp8x2_to_bf16x2<kCodec>(codes.y >> 16);
+        w1.x = fp8x2_to_bf16x2<kCodec>(codes.z);
+        w1.y = fp8x2_to_bf16x2<kCodec>(codes.z >> 16);
+        w1.z = fp8x2_to_bf16x2<kCodec>(codes.w);
+        w1.w = fp8x2_to_bf16x2<kCodec>(codes.w >> 16);
+        uint8_t* const op = k_op + (r2 >= kBlockN ? Sh::kKBytes : 0);
+        const int row = r2 % kBlockN;
+        auto at = [&](int chunk) { return operand_offset<Sh::kRowBytes, kSwizzle>(row, chunk, kBlockN); };
+        *reinterpret_cast<uint4*>(op + at(2 * c)) = w0;
+        *reinterpret_cast<uint4*>(op + at(2 * c + 1)) = w1;
+      }
+    };
+    auto finish = [&](int j) {  // this thread's copies of tile j have landed
+      // ... and everyone's, where this thread reads rows that others copied
+      if constexpr (Sh::kVRowsBytes > 0) named_barrier_sync(1, Sh::kProducerThreads);
+      const uint32_t st = stage_addr(j);
+      if constexpr (Sh::kFp8Mma) {
+        transpose_v(st);
+      } else if constexpr (Sh::kWiden) {
+        widen_kv(st);
+      }
+      fence_proxy_async();  // cp.async'd Q/K/V and st.shared V^T or K/V -> the async proxy (wgmma)
       mbarrier_arrive(full_bar + 8 * (j % kStages));
     };
 
@@ -210,15 +314,25 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       if (j >= kStages) mbarrier_wait(empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
       const uint32_t st = stage_addr(j);
       uint8_t* const k_stage = smem + (st - base);
-      uint8_t* const v_stage = k_stage + Sh::kKBytes + Sh::kVtBytes;
+      uint8_t* const v_stage = k_stage + Sh::kKBytes + Sh::kVtBytes;  // raw rows
 #pragma unroll
       for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
         if (kDiag == 1 && j >= kStages) break;
-        const int row = ld_row + i * Sh::kRowStep;
+        const int row = kv_row + i * Sh::kKvRowStep;
         const bool valid = tile_slots[i] >= 0;
         const int64_t offset = valid ? tile_slots[i] * slot_bytes : 0;
-        cp_async_16(k_stage + canonical(row), k_base + offset, valid ? 16 : 0);
-        cp_async_16(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset, valid ? 16 : 0);
+        if constexpr (Sh::kFp8Mma) {
+          cp_async_16(k_stage + canonical(row, kBlockN), k_base + offset, valid ? 16 : 0);
+          cp_async_16(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset, valid ? 16 : 0);
+        } else if constexpr (Sh::kWiden) {
+          cp_async_16(v_stage + raw_offset(row, kv_chunk), k_base + offset, valid ? 16 : 0);
+          cp_async_16(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset,
+                      valid ? 16 : 0);
+        } else {  // bf16: V [keys][D] is the MN-major B of P V, laid out as K is
+          cp_async_16(k_stage + canonical(row, kBlockN), k_base + offset, valid ? 16 : 0);
+          cp_async_16(k_stage + Sh::kKBytes + canonical(row, kBlockN), v_base + offset,
+                      valid ? 16 : 0);
+        }
       }
       cp_async_commit();
       if (j + 1 < num_kv_tiles && !(kDiag == 1 && j + 1 >= kStages)) fetch_slots(j + 1);
@@ -249,10 +363,17 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int row_g = wg_row0 + ((tid / 32) % 4) * 16 + g;  // this thread's rows: row_g, row_g + 8
   const int row_pos[2] = {seq.key_bound(prefix + q0 + row_g / pack),
                           seq.key_bound(prefix + q0 + (row_g + 8) / pack)};
-  const float qk_scale =
-      p.softmax_scale * kLog2e * p.k_scale[kv_head] * p.q_scale[b * p.num_kv_heads + kv_head];
-  const float v_scale = p.v_scale[kv_head];
-  const uint32_t q_desc_base = base + wg_row0 * D;
+  // Scores are raw accumulators; qk_scale turns them into log2 units (the K scale, and Q's for
+  // fp8-per-head, folded in); v_scale applies once to the output.
+  float qk_scale = p.softmax_scale * kLog2e;
+  float v_scale = 1.0f;
+  if constexpr (kv_scale_source(S) != KvScaleSource::kNone) {
+    const int si = kv_scale_source(S) == KvScaleSource::kPerHead ? kv_head : 0;
+    qk_scale *= p.k_scale[si];
+    v_scale = p.v_scale[si];
+  }
+  if constexpr (fp8_q(S)) qk_scale *= p.q_scale[b * p.num_kv_heads + kv_head];
+  const uint32_t q_desc_base = base + wg_row0 * (kSwizzle ? 128 : Sh::kRowBytes);
 
   auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
   // Ping-pong: named barrier 2 + w is warpgroup w's turn to issue wgmmas. Each warpgroup takes
@@ -267,25 +388,42 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   auto release = [&](int j) {
     if (lane == 0) mbarrier_arrive(empty_bar + 8 * (j % kStages));
   };
+  // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
+  // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
   auto issue_qk = [&](float(&s)[kBlockN / 2], int j) {
     const uint32_t k_addr = stage_addr(j);
 #pragma unroll
-    for (int kk = 0; kk < D / 32; ++kk) {
-      const uint64_t da = kSwizzle ? wgmma_desc_sw128(q_desc_base + kk * 32)
+    for (int kk = 0; kk < Sh::kQkSteps; ++kk) {
+      const uint32_t q_sw = q_desc_base + (kk / 4) * Sh::kBlockM * 128 + (kk % 4) * 32;
+      const uint32_t k_sw = k_addr + (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
+      const uint64_t da = kSwizzle ? wgmma_desc_sw128(q_sw)
                                    : wgmma_desc(q_desc_base + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
-      const uint64_t db = kSwizzle ? wgmma_desc_sw128(k_addr + kk * 32)
+      const uint64_t db = kSwizzle ? wgmma_desc_sw128(k_sw)
                                    : wgmma_desc(k_addr + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
-      wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
+      if constexpr (Sh::kFp8Mma) {
+        wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
+      } else {
+        wgmma_ss_first_bf16<kBlockN>(s, da, db, kk > 0);
+      }
     }
     wgmma_commit();
   };
-  auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[kBlockN / 32][4], int j) {
+  // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
+  // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
+  // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
+  auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int j) {
     const uint32_t vt_addr = stage_addr(j) + Sh::kKBytes;
 #pragma unroll
-    for (int c = 0; c < kBlockN / 32; ++c) {
-      const uint64_t db = kSwizzle ? wgmma_desc_sw128(vt_addr + c * 32)
-                                   : wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
-      wgmma_rs<D>(o, pa[c], db);
+    for (int c = 0; c < Sh::kPvSteps; ++c) {
+      if constexpr (Sh::kFp8Mma) {
+        const uint64_t db = kSwizzle ? wgmma_desc_sw128(vt_addr + c * 32)
+                                     : wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
+        wgmma_rs<D>(o, pa[c], db);
+      } else {
+        const uint64_t db = kSwizzle ? wgmma_desc_sw128_mn(vt_addr + c * 2048, kBlockN * 128)
+                                     : wgmma_desc(vt_addr + c * 2 * Sh::kKBlockStride, Sh::kKBlockStride, kCoreBytes);
+        wgmma_rs_bf16<D>(o, pa[c], db);
+      }
     }
     wgmma_commit();
   };
@@ -299,14 +437,24 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // P (e4m3) for the PV wgmma, in the V^T key order. Only after the previous PV has landed: an rs
   // wgmma reads its A registers while it runs, and ptxas serializes the wgmmas when P's registers
   // are written inside that window.
-  auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[kBlockN / 32][4]) {
+  // bf16: the 16-bit A fragment of k-step c is the accumulator pairs of n8 tiles 2c and 2c+1
+  // (rows g, g+8; keys 2t, 2t+1 and + 8), so P keeps the natural key order.
+  auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[Sh::kPvSteps][4]) {
 #pragma unroll
-    for (int c = 0; c < kBlockN / 32; ++c) {
-      const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
-      pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
-      pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
-      pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
-      pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
+    for (int c = 0; c < Sh::kPvSteps; ++c) {
+      if constexpr (Sh::kFp8Mma) {
+        const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
+        pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
+        pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
+        pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
+        pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
+      } else {
+        const float* s0 = &s[8 * c];  // n8 tiles 2c, 2c+1
+        pa[c][0] = pack_bf16x2(s0[0], s0[1]);
+        pa[c][1] = pack_bf16x2(s0[2], s0[3]);
+        pa[c][2] = pack_bf16x2(s0[4], s0[5]);
+        pa[c][3] = pack_bf16x2(s0[6], s0[7]);
+      }
     }
   };
 
@@ -314,7 +462,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   if (wg_tiles > 0 && kDiag != 2) {
-    uint32_t pa[kBlockN / 32][4];
+    uint32_t pa[Sh::kPvSteps][4];
     float s[kBlockN / 2];
     {
       wait_full(0);
@@ -391,10 +539,11 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   }
 }
 
-template <int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
+template <KvScheme S, int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle,
+          int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
-  using Sh = WsShape<D, kBlockN, kStages>;
-  const PrefillParams p = make_prefill_params(a, D, /*fp8_q=*/true, error);
+  using Sh = WsShape<S, D, kBlockN, kStages>;
+  const PrefillParams p = make_prefill_params(a, D, fp8_q(S), error);
   const int group = a.num_q_heads / a.cache.num_kv_heads;
   if (kPackGqa && group > Sh::kBlockM) {
     throw Error("prefill_attention: " + std::to_string(group) + " query heads per KV head exceed the " +
@@ -402,7 +551,7 @@ void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceErro
   }
   const dim3 grid = kPackGqa ? prefill_grid(a, a.cache.num_kv_heads, Sh::kBlockM / group)
                              : prefill_grid(a, a.num_q_heads, Sh::kBlockM);
-  auto kernel = prefill_ws_kernel<D, kBlockN, kStages, kPackGqa, kPingPong, kSwizzle, kDiag>;
+  auto kernel = prefill_ws_kernel<S, D, kBlockN, kStages, kPackGqa, kPingPong, kSwizzle, kDiag>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sh::kSmemBytes));
   kernel<<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(p);
