@@ -58,11 +58,6 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* e
   }
 }
 
-// The switch for the bf16-Q schemes' default kernel: false keeps the mma.sync kernel (kWide,
-// kNarrow) until a GPU run has verified and measured the warp-specialized bf16 one; true makes
-// that one (kWsSwizzle, built for D 64, 128 and 256) their default.
-constexpr bool kBf16QWsDefault = false;
-
 template <KvScheme S, int D>
 void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStream_t stream,
                         DeviceError* error) {
@@ -70,10 +65,14 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
     if (S == KvScheme::kFp8PerHead) {
       // Measured on the H200: the swizzled layout 539 vs 483 TFLOP/s (causal B2 L8192 D128).
       config = D == 128 ? PrefillConfig::kWsSwizzle : PrefillConfig::kWarpSpecialized;
-    } else if (kBf16QWsDefault) {
+    } else if (S == KvScheme::kBf16 || D == 256) {
+      // bf16 operands, swizzled (H200, causal B2 L8192): bf16 500 vs 268 TFLOP/s for the mma.sync
+      // kernel at D 128, 357 vs 220 at D 64, 406 vs 248 at D 256; FP8 K/V at D 256 267 vs 199.
       config = PrefillConfig::kWsSwizzle;
     } else {
-      config = D == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide;
+      // FP8 K/V widened to bf16 by the producer: the unswizzled layout (D 128: 315 vs 284
+      // swizzled and 236 mma.sync; D 64: 281 vs 280 and 191).
+      config = PrefillConfig::kWarpSpecialized;
     }
   }
   bool launched = false;

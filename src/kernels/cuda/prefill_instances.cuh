@@ -39,9 +39,8 @@
 
 // ---- the same kernel with bf16 operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
 // PrefillConfig::kWarpSpecialized (no swizzle) for D 64 and 128, kWsSwizzle for D 64, 128 and 256
-// (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). Not the
-// default of these schemes until a GPU run has verified and measured them: kBf16QWsDefault
-// (prefill.cu).
+// (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). The default
+// of these schemes (prefill.cu: kWsSwizzle for bf16 and for D 256, kWarpSpecialized otherwise).
 #define FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) \
   B(S, 64, false) B(S, 64, true) B(S, 128, false) B(S, 128, true) B(S, 256, true)
 #define FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kBf16)

@@ -14,9 +14,9 @@ namespace fp8kv::cuda {
 
 enum class PrefillConfig {
   kDefault,   // the tuned choice per (scheme, head_dim): fp8-per-head kWsSwizzle for D = 128,
-              // kWarpSpecialized for D = 64 and 256; bf16 and
-              // the bf16-Q FP8 schemes kWide for D <= 128, kNarrow for D = 256 (kWsSwizzle once
-              // prefill.cu's kBf16QWsDefault is flipped)
+              // kWarpSpecialized for D = 64 and 256; bf16 kWsSwizzle (bf16 operands); the bf16-Q
+              // FP8 schemes kWarpSpecialized for D <= 128 and kWsSwizzle for D = 256 (K/V
+              // widened to bf16 by the producer)
   kWide,      // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
   kNarrow,    // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
               // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
