@@ -140,7 +140,7 @@ CalibData parse_quant_param_json(const std::string& text, const std::string& nam
   if (expect.quant_type && *expect.quant_type == QuantType::kPerHead) {
     throw Error(fmt::format(
         "{}: the quant-param JSON holds one scale per layer (per_tensor), not the per_head "
-        "scales fp8-per-head needs; use --kv fp8-per-tensor with it",
+        "scales fp8-per-head and fp8-per-head-bf16q need; use --kv fp8-per-tensor with it",
         name));
   }
 
