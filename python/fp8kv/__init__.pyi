@@ -5,7 +5,8 @@
 # slots [T] int32; q [total_q, Hq, D] bf16 (fp8-per-head attention: uint8 e4m3 from quantize_q);
 # req_to_token [max_requests, max_len] int32; b_req_idx, b_seq_len [B] int32;
 # cu_seqlens_q [B + 1] int32; k_scale, v_scale float32 [Hkv] (per-head) or [1] (per-tensor);
-# q_scale float32 [B, Hkv]; amax float32 [2 * Hkv]. bf16 = torch.bfloat16, or uint16 bit
+# q_scale float32 [B, Hkv]; amax float32 [2 * Hkv] (quantize_kv: K heads then V heads) or [Hkv]
+# (quantize_q: Q's running abs-max per KV head, for static Q scales). bf16 = torch.bfloat16, or uint16 bit
 # patterns (NumPy). Every array must be dense row-major; all arrays of a call on one device.
 from typing import Any, Optional
 

@@ -20,7 +20,8 @@ def quantize_kv(kv: Array, slots: Array, kv_buffer: Array, scheme: str,
                 k_scale: Optional[Array] = None, v_scale: Optional[Array] = None,
                 amax: Optional[Array] = None, stream: Optional[Stream] = None) -> None: ...
 def quantize_q(q: Array, cu_seqlens_q: Array, q_fp8: Array, q_scale: Array,
-               static_scale: Optional[Array] = None, stream: Optional[Stream] = None) -> None: ...
+               static_scale: Optional[Array] = None, amax: Optional[Array] = None,
+               stream: Optional[Stream] = None) -> None: ...
 def prefill_attention(q: Array, kv_buffer: Array, req_to_token: Array, b_req_idx: Array,
                       b_seq_len: Array, cu_seqlens_q: Array, out: Array, scheme: str,
                       k_scale: Optional[Array] = None, v_scale: Optional[Array] = None,

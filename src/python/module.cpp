@@ -334,10 +334,10 @@ void quantize_kv(const py::handle& kv, const py::handle& slots, const py::handle
 
 void quantize_q(const py::handle& q, const py::handle& cu_seqlens_q, const py::handle& q_fp8,
                 const py::handle& q_scale, const py::handle& static_scale,
-                const py::object& stream) {
+                const py::handle& amax, const py::object& stream) {
   Call c("quantize_q",
          {{"q", q}, {"cu_seqlens_q", cu_seqlens_q}, {"q_fp8", q_fp8}, {"q_scale", q_scale},
-          {"static_scale", static_scale}},
+          {"static_scale", static_scale}, {"amax", amax}},
          stream);
   const Tensor qs = c.borrow("q_scale");
   qs.expect(DType::kF32, {-1, -1});
@@ -353,6 +353,12 @@ void quantize_q(const py::handle& q, const py::handle& cu_seqlens_q, const py::h
     st = c.borrow("static_scale");
     st.expect(DType::kF32, {qs.size(1)});
     p.static_scale = st.as<float>();
+  }
+  Tensor a_t;
+  if (!amax.is_none()) {
+    a_t = c.borrow("amax");
+    a_t.expect(DType::kF32, {qs.size(1)});
+    p.observe_amax = a_t.as<float>();
   }
   p.q = x.as<uint16_t>();
   p.q_fp8 = out.as<uint8_t>();
@@ -642,7 +648,8 @@ PYBIND11_MODULE(_fp8kv, m) {
         py::arg("scheme"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
         py::arg("amax") = py::none(), py::arg("stream") = py::none());
   m.def("quantize_q", &quantize_q, py::arg("q"), py::arg("cu_seqlens_q"), py::arg("q_fp8"),
-        py::arg("q_scale"), py::arg("static_scale") = py::none(), py::arg("stream") = py::none());
+        py::arg("q_scale"), py::arg("static_scale") = py::none(), py::arg("amax") = py::none(),
+        py::arg("stream") = py::none());
   m.def(
       "prefill_attention",
       [](py::handle q, py::handle kv_buffer, py::handle req_to_token, py::handle b_req_idx,

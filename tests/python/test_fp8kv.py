@@ -224,6 +224,32 @@ def test_quantize_q_dynamic_and_static(rng):
     assert np.array_equal(q_scale, np.tile(static, (3, 1)))
 
 
+def test_quantize_q_observes_amax_in_place(rng):
+    """amax= [Hkv] is raised to Q's abs-max per KV head (every request, the group's heads, all
+    D), with a static scale as well; the array given is the one updated; a wrong shape is refused
+    before anything is written."""
+    cu = np.array([0, 3, 4, 9], np.int32)
+    q = bf16(rng.standard_normal((9, HQ, D)))
+    q_fp8 = np.zeros((9, HQ, D), np.uint8)
+    q_scale = np.zeros((3, HKV), np.float32)
+    x = fp8kv.decode_bf16(q)
+    group = HQ // HKV
+    want = np.array([np.abs(x[:, g * group:(g + 1) * group]).max() for g in range(HKV)], np.float32)
+    amax = np.array([0.0, 100.0], np.float32)
+    fp8kv.quantize_q(q, cu, q_fp8, q_scale, amax=amax)
+    assert np.array_equal(amax, np.maximum([0.0, 100.0], want).astype(np.float32))
+    amax2 = np.zeros(HKV, np.float32)
+    fp8kv.quantize_q(q, cu, q_fp8, q_scale, static_scale=np.array([0.5, 0.25], np.float32), amax=amax2)
+    assert np.array_equal(amax2, want)
+    bad = np.zeros(HKV + 1, np.float32)
+    before = q_fp8.copy()
+    q_fp8[:] = 0
+    with pytest.raises(ValueError, match="amax"):
+        fp8kv.quantize_q(q, cu, q_fp8, q_scale, amax=bad)
+    assert not bad.any() and not q_fp8.any()
+    assert before.any()
+
+
 # ---- attention ------------------------------------------------------------------------------------
 
 def make_batch(rng, pool, scheme, ks, vs, seq_len, q_len):
