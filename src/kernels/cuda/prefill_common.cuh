@@ -159,6 +159,18 @@ __device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_codes) {
                                             : e4m3x2_to_float2(static_cast<uint16_t>(two_codes));
   return pack_bf16x2(f.x, f.y);
 }
+// 16 codes (one 16-byte chunk of a K/V row) -> 16 bf16 in two 16-byte vectors, in order.
+template <KvCodec kCodec>
+__device__ __forceinline__ void fp8x16_to_bf16x16(uint4 codes, uint4& lo, uint4& hi) {
+  lo.x = fp8x2_to_bf16x2<kCodec>(codes.x);
+  lo.y = fp8x2_to_bf16x2<kCodec>(codes.x >> 16);
+  lo.z = fp8x2_to_bf16x2<kCodec>(codes.y);
+  lo.w = fp8x2_to_bf16x2<kCodec>(codes.y >> 16);
+  hi.x = fp8x2_to_bf16x2<kCodec>(codes.z);
+  hi.y = fp8x2_to_bf16x2<kCodec>(codes.z >> 16);
+  hi.z = fp8x2_to_bf16x2<kCodec>(codes.w);
+  hi.w = fp8x2_to_bf16x2<kCodec>(codes.w >> 16);
+}
 
 // ---- softmax ---------------------------------------------------------------------------------
 

@@ -266,14 +266,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
         const int col = idx % kChunks;
         const uint4 codes = *reinterpret_cast<const uint4*>(k_tile + row * kKvPitch + col * 16);
         uint4 w0, w1;
-        w0.x = fp8x2_to_bf16x2<kCodec>(codes.x);
-        w0.y = fp8x2_to_bf16x2<kCodec>(codes.x >> 16);
-        w0.z = fp8x2_to_bf16x2<kCodec>(codes.y);
-        w0.w = fp8x2_to_bf16x2<kCodec>(codes.y >> 16);
-        w1.x = fp8x2_to_bf16x2<kCodec>(codes.z);
-        w1.y = fp8x2_to_bf16x2<kCodec>(codes.z >> 16);
-        w1.z = fp8x2_to_bf16x2<kCodec>(codes.w);
-        w1.w = fp8x2_to_bf16x2<kCodec>(codes.w >> 16);
+        fp8x16_to_bf16x16<kCodec>(codes, w0, w1);
         uint8_t* dst = wide_smem + row * kMmaPitch + col * 32;
         *reinterpret_cast<uint4*>(dst) = w0;
         *reinterpret_cast<uint4*>(dst + 16) = w1;

@@ -278,14 +278,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         const uint4 codes = *reinterpret_cast<const uint4*>(raw + raw_offset(r2, c));
         constexpr KvCodec kCodec = kv_codec(S);
         uint4 w0, w1;
-        w0.x = fp8x2_to_bf16x2<kCodec>(codes.x);
-        w0.y = fp8x2_to_bf16x2<kCodec>(codes.x >> 16);
-        w0.z = fp8x2_to_bf16x2<kCodec>(codes.y);
-        w0.w = fp8x2_to_bf16x2<kCodec>(codes.y >> 16);
-        w1.x = fp8x2_to_bf16x2<kCodec>(codes.z);
-        w1.y = fp8x2_to_bf16x2<kCodec>(codes.z >> 16);
-        w1.z = fp8x2_to_bf16x2<kCodec>(codes.w);
-        w1.w = fp8x2_to_bf16x2<kCodec>(codes.w >> 16);
+        fp8x16_to_bf16x16<kCodec>(codes, w0, w1);
         uint8_t* const op = k_op + (r2 >= kBlockN ? Sh::kKBytes : 0);
         const int row = r2 % kBlockN;
         auto at = [&](int chunk) { return operand_offset<Sh::kRowBytes, kSwizzle>(row, chunk, kBlockN); };
