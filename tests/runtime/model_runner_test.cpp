@@ -176,6 +176,32 @@ TEST_F(ModelRunnerTest, GenerateIsGreedyOverForward) {
   }
 }
 
+// RunnerOptions::cuda_graph (--cuda-graph) needs the CUDA backend: the CPU backend refuses it
+// at construction and in set_cuda_graph, naming the option; turning it off is always fine and
+// leaves the runner working.
+TEST_F(ModelRunnerTest, CudaGraphRefusedOnTheCpuBackend) {
+  RunnerOptions o = small();
+  o.cuda_graph = true;
+  const std::string e = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
+  EXPECT_NE(e.find("cuda_graph (--cuda-graph)"), std::string::npos) << e;
+  EXPECT_NE(e.find("needs the CUDA backend"), std::string::npos) << e;
+  EXPECT_NE(e.find("cpu"), std::string::npos) << e;
+  ModelRunner r(*tiny_, *backend_, *ops_, small());
+  const std::string e2 = error_of([&] { r.set_cuda_graph(true); });
+  EXPECT_NE(e2.find("cuda_graph (--cuda-graph)"), std::string::npos) << e2;
+  EXPECT_FALSE(r.options().cuda_graph);
+  r.set_cuda_graph(false);
+  const int V = tiny_->config().vocab_size;
+  EXPECT_EQ(r.generate({tokens(5, 1, V)}, 3).at(0).size(), 3u);
+  EXPECT_EQ(r.graph_stats().replays, 0);
+  // The CPU backend records nothing: begin_capture refuses, end_capture says why.
+  EXPECT_FALSE(backend_->capture_unsupported().empty());
+  EXPECT_THROW(backend_->begin_capture(), Error);
+  std::string why;
+  EXPECT_EQ(backend_->end_capture(&why), nullptr);
+  EXPECT_EQ(why, backend_->capture_unsupported());
+}
+
 TEST_F(ModelRunnerTest, Fp8WithoutCalibrationRefused) {
   for (KvScheme s : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHeadBf16Q}) {
     const std::string e = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, small(s)); });
