@@ -200,10 +200,10 @@ struct RunnerOptions {
 
 // What RunnerOptions::cuda_graph did so far.
 struct GraphStats {
-  int64_t captures = 0;       // decode steps recorded (each one then replayed at once)
-  int64_t replays = 0;        // decode steps run as a graph (the recorded ones included)
-  int64_t eager_decode = 0;   // decode steps run eagerly (warm-ups, refusals)
-  int64_t failed = 0;         // recordings that failed (those steps ran eagerly)
+  int64_t captures = 0;      // decode steps recorded (each one then replayed at once)
+  int64_t replays = 0;       // decode steps run as a graph (the recorded ones included)
+  int64_t eager_decode = 0;  // decode steps run eagerly (warm-ups, refusals)
+  int64_t failed = 0;        // recordings that failed (those steps ran eagerly)
 };
 
 // The number of k runs of the whole model's row-parallel linears under exact_tp: the largest
@@ -270,9 +270,8 @@ class FP8KV_API ModelRunner {
   struct StepGraphs;
   // The pass up to the logits: leaves [R, V] logits in the scratch and returns R; with greedy,
   // also each row's argmax in the scratch's `next`.
-  int64_t run_forward(const std::vector<int>& reqs,
-                      const std::vector<std::vector<int32_t>>& tokens, LogitRows rows,
-                      bool greedy = false);
+  int64_t run_forward(const std::vector<int>& reqs, const std::vector<std::vector<int32_t>>& tokens,
+                      LogitRows rows, bool greedy = false);
   // The device work of one pass over the scratch inputs (uploaded before): embedding, the
   // layers, then with R > 0 the logits of the R rows in s.rows, and with greedy their argmax.
   void queue_step(bool decode, int64_t R, bool greedy);

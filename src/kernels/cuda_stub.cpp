@@ -14,7 +14,8 @@ std::unique_ptr<Backend> make_cuda_backend(int, void*) {
 }
 
 std::unique_ptr<Backend> make_cuda_backend_own_stream(int) {
-  throw Error("the CUDA backend is not built in: rebuild with nvcc available (FP8KV_CUDA=AUTO or ON)");
+  throw Error(
+      "the CUDA backend is not built in: rebuild with nvcc available (FP8KV_CUDA=AUTO or ON)");
 }
 
 bool cuda_available() { return false; }

@@ -150,8 +150,8 @@ Device make_device(const std::string& name, bool own_stream) {
       cudaGetLastError();
       current = 0;
     }
-    d.backend = own_stream ? make_cuda_backend_own_stream(current)
-                           : make_cuda_backend(current, nullptr);
+    d.backend =
+        own_stream ? make_cuda_backend_own_stream(current) : make_cuda_backend(current, nullptr);
     d.ops = make_cuda_model_ops(*d.backend, d.backend->cuda_stream());
     d.weights = WeightDtype::kBf16;
     return d;

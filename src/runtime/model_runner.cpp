@@ -181,10 +181,10 @@ struct ModelRunner::StepGraphs {
   struct Entry {
     Key key;
     std::unique_ptr<StepGraph> graph;  // null until recorded
-    Epoch epoch;                        // of the graph
-    bool warm = false;                  // an eager step of this key ran ...
-    Epoch warm_epoch;                   // ... and left the epochs at this
-    bool failed = false;                // recording failed: always eager
+    Epoch epoch;                       // of the graph
+    bool warm = false;                 // an eager step of this key ran ...
+    Epoch warm_epoch;                  // ... and left the epochs at this
+    bool failed = false;               // recording failed: always eager
     uint64_t last_use = 0;
   };
   std::vector<Entry> entries;
@@ -255,9 +255,11 @@ ModelRunner::~ModelRunner() = default;
 
 void ModelRunner::set_cuda_graph(bool on) {
   if (on && !backend_.cuda_memory()) {
-    throw Error("model runner: cuda_graph (--cuda-graph) records decode steps as CUDA graphs and "
-                "needs the CUDA backend; the " + backend_.name() +
-                " backend runs every call at once (drop --cuda-graph or use --device cuda)");
+    throw Error(
+        "model runner: cuda_graph (--cuda-graph) records decode steps as CUDA graphs and "
+        "needs the CUDA backend; the " +
+        backend_.name() +
+        " backend runs every call at once (drop --cuda-graph or use --device cuda)");
   }
   options_.cuda_graph = on;
   if (on && !graphs_) {
@@ -508,11 +510,10 @@ bool ModelRunner::graph_step(int64_t R, bool greedy) {
                          [&](const StepGraphs::Entry& e) { return e.key == key; });
   if (it == g.entries.end()) {
     if (g.entries.size() >= kMaxStepGraphs) {
-      g.entries.erase(std::min_element(
-          g.entries.begin(), g.entries.end(),
-          [](const StepGraphs::Entry& a, const StepGraphs::Entry& b) {
-            return a.last_use < b.last_use;
-          }));
+      g.entries.erase(std::min_element(g.entries.begin(), g.entries.end(),
+                                       [](const StepGraphs::Entry& a, const StepGraphs::Entry& b) {
+                                         return a.last_use < b.last_use;
+                                       }));
     }
     g.entries.push_back(StepGraphs::Entry{});
     it = g.entries.end() - 1;

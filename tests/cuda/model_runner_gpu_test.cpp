@@ -36,8 +36,8 @@
 #include "fp8kv/make_model.h"
 #include "fp8kv/model.h"
 #include "fp8kv/workflows.h"
-#include "runtime/test_util.h"
 #include "gpu_skip.h"
+#include "runtime/test_util.h"
 
 namespace fp8kv {
 namespace {
@@ -450,13 +450,13 @@ TEST_F(ModelRunnerGpu, GpuAppendRandomContextExtendsEveryRequest) {
 // the GPU's SM count: the batch is far too small to fill it), so the graph run must record
 // again; logits and tokens must be identical (memcmp, not a tolerance).
 struct GraphRun {
-  std::vector<float> logits;                // prefill rows, then every decode step's
+  std::vector<float> logits;                 // prefill rows, then every decode step's
   std::vector<std::vector<int32_t>> tokens;  // generate()
-  GraphStats forward_stats, stats;          // after the teacher-forced steps, at the end
+  GraphStats forward_stats, stats;           // after the teacher-forced steps, at the end
 };
 
-GraphRun run_for_graph_test(const std::string& model_dir, KvScheme scheme,
-                            const CalibData* calib, bool graph, bool own_stream) {
+GraphRun run_for_graph_test(const std::string& model_dir, KvScheme scheme, const CalibData* calib,
+                            bool graph, bool own_stream) {
   auto backend = own_stream ? make_cuda_backend_own_stream(0) : make_cuda_backend(0, nullptr);
   auto ops = make_cuda_model_ops(*backend, backend->cuda_stream());
   auto model = Model::load(model_dir, *backend, false, WeightDtype::kBf16);
@@ -537,17 +537,17 @@ TEST_F(ModelRunnerGpu, GpuCudaGraphOnTheDefaultStreamRunsEagerly) {
   EXPECT_NE(backend->capture_unsupported().find("legacy default stream"), std::string::npos)
       << backend->capture_unsupported();
   EXPECT_TRUE(make_cuda_backend_own_stream(0)->capture_unsupported().empty());
-  const GraphRun eager = run_for_graph_test(dir_->path() + "/tiny", KvScheme::kBf16, nullptr,
-                                            false, false);
-  const GraphRun fallback = run_for_graph_test(dir_->path() + "/tiny", KvScheme::kBf16, nullptr,
-                                               true, false);
+  const GraphRun eager =
+      run_for_graph_test(dir_->path() + "/tiny", KvScheme::kBf16, nullptr, false, false);
+  const GraphRun fallback =
+      run_for_graph_test(dir_->path() + "/tiny", KvScheme::kBf16, nullptr, true, false);
   EXPECT_EQ(fallback.stats.captures, 0);
   EXPECT_EQ(fallback.stats.replays, 0);
   EXPECT_EQ(eager.tokens, fallback.tokens);
   ASSERT_EQ(eager.logits.size(), fallback.logits.size());
-  EXPECT_EQ(std::memcmp(eager.logits.data(), fallback.logits.data(),
-                        eager.logits.size() * sizeof(float)),
-            0);
+  EXPECT_EQ(
+      std::memcmp(eager.logits.data(), fallback.logits.data(), eager.logits.size() * sizeof(float)),
+      0);
 }
 
 }  // namespace
