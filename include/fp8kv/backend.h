@@ -176,6 +176,9 @@ class FP8KV_API Backend {
   // synchronize or allocate fails then (throws), and end_capture() returns null with *why
   // saying so. Nothing recorded has run either way. begin_capture throws Error when
   // capture_unsupported() is not empty.
+  // records_graphs(): whether the backend records at all (the CUDA backend; the CPU backend
+  // never does, and the runner refuses RunnerOptions::cuda_graph on it).
+  virtual bool records_graphs() const { return false; }
   virtual std::string capture_unsupported() const {
     return "the " + name() + " backend does not record work into graphs";
   }

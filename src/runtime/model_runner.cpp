@@ -254,7 +254,7 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
 ModelRunner::~ModelRunner() = default;
 
 void ModelRunner::set_cuda_graph(bool on) {
-  if (on && !backend_.cuda_memory()) {
+  if (on && !backend_.records_graphs()) {
     throw Error(
         "model runner: cuda_graph (--cuda-graph) records decode steps as CUDA graphs and "
         "needs the CUDA backend; the " +

@@ -153,6 +153,7 @@ class CudaBackend final : public Backend {
     cuda::upload_tensors(device_, uploads);
   }
 
+  bool records_graphs() const override { return true; }
   std::string capture_unsupported() const override {
     if (check_batch_) {
       return "FP8KV_CUDA_CHECK_BATCH=1 copies the batch arrays back in every call";
