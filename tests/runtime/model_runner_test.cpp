@@ -397,7 +397,7 @@ TEST_F(ModelRunnerTest, RecordedDecodeStepsGiveTheEagerResults) {
   EXPECT_EQ(gf.failed, 0);
   EXPECT_EQ(gf.captures, 5);
   EXPECT_EQ(gf.eager_decode, 5);
-  EXPECT_EQ(gf.replays, 16 - 5);  // the recorded steps included
+  EXPECT_EQ(gf.replays, 16 - 5);       // the recorded steps included
   EXPECT_GT(g.captures, gf.captures);  // generate's greedy steps are keys of their own
   EXPECT_GT(g.replays, gf.replays);
 }
