@@ -134,6 +134,18 @@ struct HostUpload {
   int64_t cols = 0;
 };
 
+// Recorded device work (a CUDA graph): the kernels, copies and memsets one sequence of Backend
+// and ModelOps calls queued, replayed by launch() on the backend's stream with the very same
+// launch configurations and arguments. It reads whatever the recorded pointers hold when it
+// runs: the caller writes a step's inputs into the same buffers before each launch, and must
+// not launch it once memory it recorded was freed (Backend::memory_epoch). Destroying it waits
+// for its launches to finish.
+class FP8KV_API StepGraph {
+ public:
+  virtual ~StepGraph() = default;
+  virtual void launch() = 0;
+};
+
 class FP8KV_API Backend {
  public:
   virtual ~Backend() = default;
@@ -157,6 +169,33 @@ class FP8KV_API Backend {
   virtual bool cuda_memory() const { return false; }
   virtual void* cuda_stream() const { return nullptr; }
 
+  // Recording work into a StepGraph (the CUDA backend; the CPU backend runs everything at once
+  // and records nothing). capture_unsupported(): why this backend cannot record now (empty:
+  // it can). Between begin_capture() and end_capture() the work queued on the backend's stream
+  // (its kernels and the ModelOps on the same stream) is recorded, not run; a call that must
+  // synchronize or allocate fails then (throws), and end_capture() returns null with *why
+  // saying so. Nothing recorded has run either way. begin_capture throws Error when
+  // capture_unsupported() is not empty.
+  // records_graphs(): whether the backend records at all (the CUDA backend; the CPU backend
+  // never does, and the runner refuses RunnerOptions::cuda_graph on it).
+  virtual bool records_graphs() const { return false; }
+  virtual std::string capture_unsupported() const {
+    return "the " + name() + " backend does not record work into graphs";
+  }
+  virtual void begin_capture();
+  virtual std::unique_ptr<StepGraph> end_capture(std::string* why);
+  // Counts the frees of memory that recorded work may point into (free(), a kernel workspace
+  // regrown): a StepGraph recorded under another count may read freed memory.
+  virtual uint64_t memory_epoch() const { return 0; }
+  // An opaque value naming decode_attention's launch configuration for p (on the CUDA backend:
+  // the split of the KV length, which follows batch.max_seq_len in steps): two calls with equal
+  // keys, shapes and pointers launch the same kernels with the same arguments, so a recorded
+  // decode replays correctly for a p of the same key. 0 on backends that record nothing.
+  virtual uint64_t decode_launch_key(const AttentionParams& p) const {
+    (void)p;
+    return 0;
+  }
+
   // Kernels. Each validates its arguments on the host first and throws Error naming the bad
   // argument; nothing is written when a call is refused. quantize_kv's slots live in device
   // memory on the CUDA backend: an out-of-range slot is found there, nothing is written, and
@@ -172,6 +211,10 @@ FP8KV_API std::unique_ptr<Backend> make_cpu_backend();
 // Only when built with CUDA (FP8KV_HAVE_CUDA); `stream` is a cudaStream_t or null for the
 // default stream. Throws Error when no GPU is usable.
 FP8KV_API std::unique_ptr<Backend> make_cuda_backend(int device = 0, void* stream = nullptr);
+// The same on a stream of the backend's own (cudaStreamCreate: it still synchronizes with the
+// legacy default stream), created and destroyed with the backend; cuda_stream() returns it.
+// Recording a StepGraph needs it: the legacy default stream cannot be captured.
+FP8KV_API std::unique_ptr<Backend> make_cuda_backend_own_stream(int device = 0);
 FP8KV_API bool cuda_available();
 
 }  // namespace fp8kv

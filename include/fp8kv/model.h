@@ -40,8 +40,10 @@ struct Device {
   WeightDtype weights = WeightDtype::kF32;
 };
 // Throws Error for an unknown name, for "cuda" in a build without CUDA, and (from
-// make_cuda_backend) when no usable GPU is present.
-FP8KV_API Device make_device(const std::string& name);
+// make_cuda_backend) when no usable GPU is present. own_stream: the CUDA backend and ops run on
+// a stream of the backend's own rather than the legacy default stream (make_cuda_backend_own_
+// stream), which RunnerOptions::cuda_graph needs; the CPU ignores it.
+FP8KV_API Device make_device(const std::string& name, bool own_stream = false);
 
 // One rank's part of the model under Megatron-style tensor parallelism (FORMATS.md, "Tensor
 // parallelism"): rank r of tp holds Q heads [q_head_begin, + q_heads), the rank's KV heads (the
@@ -185,6 +187,23 @@ struct RunnerOptions {
   // are model-wide: see exact_tp_chunks). Slower GEMMs; calibration turns it on, generate
   // --exact-tp too. (Not with fp8-per-head and more ranks than KV heads: see quantize_q there.)
   bool exact_tp = false;
+  // Decode steps as CUDA graphs (--cuda-graph): a decode step's device work (embedding, every
+  // layer, the logits and the device argmax) is recorded once per launch configuration (batch
+  // size, logit rows, each layer's decode split of the KV length) and replayed, its inputs
+  // written into the same buffers before each replay; same kernels, same arguments, so the same
+  // bits as the eager step. Prefill passes stay eager. Needs the CUDA backend (the CPU backend
+  // refuses it); runs eagerly, saying why once on stderr, when the run cannot be recorded (a
+  // backend on the legacy default stream: make_device(..., own_stream = true); calibration,
+  // record_q_amax, shadow schemes, tensor parallelism).
+  bool cuda_graph = false;
+};
+
+// What RunnerOptions::cuda_graph did so far.
+struct GraphStats {
+  int64_t captures = 0;      // decode steps recorded (each one then replayed at once)
+  int64_t replays = 0;       // decode steps run as a graph (the recorded ones included)
+  int64_t eager_decode = 0;  // decode steps run eagerly (warm-ups, refusals)
+  int64_t failed = 0;        // recordings that failed (those steps ran eagerly)
 };
 
 // The number of k runs of the whole model's row-parallel linears under exact_tp: the largest
@@ -241,12 +260,24 @@ class FP8KV_API ModelRunner {
   // RunnerOptions::record_q_amax: [layers, this rank's KV heads], over every pass so far.
   const std::vector<float>& q_amax() const { return q_amax_; }
   const RunnerOptions& options() const { return options_; }
+  const GraphStats& graph_stats() const { return graph_stats_; }
+  // Turns RunnerOptions::cuda_graph on or off for the next passes (the benchmark times both
+  // ways on one runner). Throws Error, as the constructor does, when the backend is not CUDA.
+  void set_cuda_graph(bool on);
 
  private:
   struct Shadow;
-  // The pass up to the logits: leaves [R, V] logits in the scratch and returns R.
-  int64_t run_forward(const std::vector<int>& reqs,
-                      const std::vector<std::vector<int32_t>>& tokens, LogitRows rows);
+  struct StepGraphs;
+  // The pass up to the logits: leaves [R, V] logits in the scratch and returns R; with greedy,
+  // also each row's argmax in the scratch's `next`.
+  int64_t run_forward(const std::vector<int>& reqs, const std::vector<std::vector<int32_t>>& tokens,
+                      LogitRows rows, bool greedy = false);
+  // The device work of one pass over the scratch inputs (uploaded before): embedding, the
+  // layers, then with R > 0 the logits of the R rows in s.rows, and with greedy their argmax.
+  void queue_step(bool decode, int64_t R, bool greedy);
+  // A decode step through a recorded graph (RunnerOptions::cuda_graph): replays, records or
+  // runs it eagerly (see model_runner.cpp); false when graphs are off for this run.
+  bool graph_step(int64_t R, bool greedy);
   // One layer over the scratch activations of the current pass: the forward pass, calling the
   // hooks below around its attention.
   void run_layer(int l, bool decode);
@@ -279,6 +310,8 @@ class FP8KV_API ModelRunner {
   std::vector<float> q_amax_;  // record_q_amax: [L, Hkv]
   struct Scratch;
   std::unique_ptr<Scratch> s_;
+  std::unique_ptr<StepGraphs> graphs_;  // RunnerOptions::cuda_graph
+  GraphStats graph_stats_;
 };
 
 }  // namespace fp8kv

@@ -68,6 +68,14 @@ class FP8KV_API ModelOps {
   virtual void from_bf16(const uint16_t* x, float* y, int64_t n) = 0;
   // out[r] = the first index of the largest logits[r, :]; logits [rows, vocab].
   virtual void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) = 0;
+
+  // Recording into a StepGraph (Backend::begin_capture). prepare_capture(): called once before
+  // the first recording, so that the ops' calls can be recorded: the CUDA ops give cuBLAS a
+  // workspace of their own (cuBLAS allocates none inside a capture), used by every later call,
+  // recorded or not. memory_epoch(): counts the frees of memory the ops' recorded work may
+  // point into (their bf16 copy of x regrown), as Backend::memory_epoch.
+  virtual void prepare_capture() {}
+  virtual uint64_t memory_epoch() const { return 0; }
 };
 
 FP8KV_API std::unique_ptr<ModelOps> make_cpu_model_ops();

@@ -13,6 +13,11 @@ std::unique_ptr<Backend> make_cuda_backend(int, void*) {
   throw Error("the CUDA backend is not built in: rebuild with nvcc available (FP8KV_CUDA=AUTO or ON)");
 }
 
+std::unique_ptr<Backend> make_cuda_backend_own_stream(int) {
+  throw Error(
+      "the CUDA backend is not built in: rebuild with nvcc available (FP8KV_CUDA=AUTO or ON)");
+}
+
 bool cuda_available() { return false; }
 
 std::unique_ptr<ModelOps> make_cuda_model_ops(Backend&, void*) {

@@ -128,8 +128,9 @@ TpShard make_tp_shard(const ModelConfig& c, int tp, int rank) {
 
 const char* weight_dtype_name(WeightDtype t) { return t == WeightDtype::kBf16 ? "bf16" : "fp32"; }
 
-Device make_device(const std::string& name) {
+Device make_device(const std::string& name, bool own_stream) {
   Device d;
+  (void)own_stream;  // the CPU backend has no streams
   if (name == "cpu") {
     d.backend = make_cpu_backend();
     d.ops = make_cpu_model_ops();
@@ -149,8 +150,9 @@ Device make_device(const std::string& name) {
       cudaGetLastError();
       current = 0;
     }
-    d.backend = make_cuda_backend(current, nullptr);
-    d.ops = make_cuda_model_ops(*d.backend, nullptr);
+    d.backend =
+        own_stream ? make_cuda_backend_own_stream(current) : make_cuda_backend(current, nullptr);
+    d.ops = make_cuda_model_ops(*d.backend, d.backend->cuda_stream());
     d.weights = WeightDtype::kBf16;
     return d;
 #else

@@ -1,8 +1,41 @@
+// The model runner (model.h): one forward pass = host bookkeeping (slots, positions), the
+// step's small index arrays uploaded into scratch buffers, then the device work queued on the
+// backend's stream (embedding, the layers, the logits rows).
+//
+// Decode steps as CUDA graphs (RunnerOptions::cuda_graph). A decode step's device work is a
+// fixed sequence of launches whose configuration depends only on
+//   - the batch size B (= the new tokens T; the GEMMs' m, every grid),
+//   - the logit rows R and whether the device argmax runs (forward vs forward_greedy),
+//   - each layer's decode launch (Backend::decode_launch_key: the split of the KV length, which
+//     changes in steps as max_seq_len grows, e.g. every 64 * num_splits tokens),
+// and on pointers that stay put: the scratch buffers, the pool, the weights, the request table
+// and the backends' workspaces. Everything else that changes per step (token ids, positions,
+// slots, seq_len, req_index, cu_seqlens_q, the logit row indices, the request table's new
+// entries) is data in those buffers, uploaded before the step as in the eager path. So a step is
+// recorded once per key (B, R, greedy, the layers' decode keys) and replayed with
+// StepGraph::launch; the replay runs the recorded kernels with the recorded arguments, which
+// gives the eager step's bits. A recording is valid while no memory it points into was freed:
+// the backend's and the ops' memory_epoch() are part of the check (a grown scratch buffer, a
+// grown decode workspace or GEMM input copy bump them), and a stale graph is recorded again.
+//
+// Recording needs a step whose every allocation is already done (a capture cannot allocate or
+// synchronize), so a key is first run eagerly once (the warm-up: workspaces grow there), and the
+// next step of that key, the epochs unchanged, is recorded and replayed. A recording that fails
+// (a call synchronized, an argument was refused) runs that step eagerly; the key is not tried
+// again. Graphs are off for a run that reads results back on the host inside the step
+// (calibration, record_q_amax, shadow schemes), for tensor parallelism (its all-reduces go
+// through the communicator) and for backends that cannot record (Backend::capture_unsupported:
+// the CPU backend is refused at construction, a CUDA backend on the legacy default stream runs
+// eagerly); the reason is printed once. Prefill passes always run eagerly. The device error
+// record works as before: a replayed kernel's refusal is thrown by the next synchronize().
+// At most kMaxStepGraphs graphs are kept (least recently used goes first).
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <numeric>
 #include <string>
+#include <tuple>
 
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
@@ -131,6 +164,36 @@ struct ModelRunner::Scratch {
   std::vector<float> host_gather;    // [tp, T, H] (exact_tp)
 };
 
+constexpr size_t kMaxStepGraphs = 8;
+
+// The recorded decode steps of RunnerOptions::cuda_graph and what is known about each key.
+struct ModelRunner::StepGraphs {
+  struct Key {
+    int B = 0;
+    int64_t R = 0;
+    bool greedy = false;
+    std::vector<uint64_t> decode;  // [L] Backend::decode_launch_key of each layer
+    bool operator==(const Key& o) const {
+      return std::tie(B, R, greedy, decode) == std::tie(o.B, o.R, o.greedy, o.decode);
+    }
+  };
+  using Epoch = std::pair<uint64_t, uint64_t>;  // backend's, ops' memory_epoch()
+  struct Entry {
+    Key key;
+    std::unique_ptr<StepGraph> graph;  // null until recorded
+    Epoch epoch;                       // of the graph
+    bool warm = false;                 // an eager step of this key ran ...
+    Epoch warm_epoch;                  // ... and left the epochs at this
+    bool failed = false;               // recording failed: always eager
+    uint64_t last_use = 0;
+  };
+  std::vector<Entry> entries;
+  uint64_t clock = 0;
+  bool checked = false;  // blocker below decided
+  std::string blocker;   // why graphs are off for this run (empty: on)
+  bool said = false;     // a reason was printed
+};
+
 ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, RunnerOptions options)
     : model_(model),
       backend_(backend),
@@ -185,9 +248,25 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
     shadows_.push_back(std::move(s));
     shadow_stats_.emplace_back(sh.scheme, c.num_layers, c.num_kv_heads);
   }
+  if (options_.cuda_graph) set_cuda_graph(true);
 }
 
 ModelRunner::~ModelRunner() = default;
+
+void ModelRunner::set_cuda_graph(bool on) {
+  if (on && !backend_.records_graphs()) {
+    throw Error(
+        "model runner: cuda_graph (--cuda-graph) records decode steps as CUDA graphs and "
+        "needs the CUDA backend; the " +
+        backend_.name() +
+        " backend runs every call at once (drop --cuda-graph or use --device cuda)");
+  }
+  options_.cuda_graph = on;
+  if (on && !graphs_) {
+    graphs_ = std::make_unique<StepGraphs>();
+    ops_.prepare_capture();
+  }
+}
 
 std::vector<float> ModelRunner::forward(const std::vector<int>& reqs,
                                         const std::vector<std::vector<int32_t>>& tokens,
@@ -206,11 +285,9 @@ std::vector<float> ModelRunner::forward(const std::vector<int>& reqs,
 
 std::vector<int32_t> ModelRunner::forward_greedy(const std::vector<int>& reqs,
                                                  const std::vector<std::vector<int32_t>>& tokens) {
-  const int64_t R = run_forward(reqs, tokens, LogitRows::kLast);
+  const int64_t R = run_forward(reqs, tokens, LogitRows::kLast, /*greedy=*/true);
   if (R == 0) return {};
   Scratch& s = *s_;
-  s.next.ensure(backend_, static_cast<size_t>(R) * sizeof(int32_t));
-  ops_.argmax(s.logits.as<const float>(), s.next.as<int32_t>(), R, model_.config().vocab_size);
   std::vector<int32_t> out(static_cast<size_t>(R));
   s.next.download(out.data(), out.size() * sizeof(int32_t));
   return out;
@@ -261,8 +338,8 @@ void ModelRunner::append_random_context(const std::vector<int>& reqs, int count,
 }
 
 int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
-                                 const std::vector<std::vector<int32_t>>& tokens,
-                                 LogitRows rows) {
+                                 const std::vector<std::vector<int32_t>>& tokens, LogitRows rows,
+                                 bool greedy) {
   const ModelConfig& c = model_.config();
   if (reqs.size() != tokens.size()) throw Error("forward: reqs and tokens differ in size");
   const int B = static_cast<int>(reqs.size());
@@ -352,27 +429,151 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   s.batch.max_q_len = max_q;
   s.batch.max_seq_len = max_seq;
 
-  ops_.embedding(s.ids.as<const int32_t>(), model_.embed(), s.x.as<float>(), T, H);
-  for (int l = 0; l < c.num_layers; ++l) run_layer(l, decode);
-
-  if (rows == LogitRows::kNone) return 0;
+  // The logit rows' indices and the outputs, uploaded and allocated before the device work
+  // (a recorded step reads them from the same buffers).
   std::vector<int32_t> row_idx;
   if (rows == LogitRows::kLast) {
     for (int b = 0; b < B; ++b) row_idx.push_back(cu_q[static_cast<size_t>(b) + 1] - 1);
-  } else {
+  } else if (rows == LogitRows::kAll) {
     row_idx.resize(static_cast<size_t>(T));
     std::iota(row_idx.begin(), row_idx.end(), 0);
   }
   const int64_t R = static_cast<int64_t>(row_idx.size());
-  const int64_t V = c.vocab_size;
-  s.rows.ensure(backend_, i32(R));
-  s.rows.upload(row_idx.data(), i32(R));
-  s.logits.ensure(backend_, f32(R * V));
+  if (R > 0) {
+    s.rows.ensure(backend_, i32(R));
+    s.rows.upload(row_idx.data(), i32(R));
+    s.logits.ensure(backend_, f32(R * c.vocab_size));
+    if (greedy) s.next.ensure(backend_, i32(R));
+  }
+  if (decode && options_.cuda_graph && graph_step(R, greedy)) return R;
+  queue_step(decode, R, greedy);
+  return R;
+}
+
+void ModelRunner::queue_step(bool decode, int64_t R, bool greedy) {
+  const ModelConfig& c = model_.config();
+  Scratch& s = *s_;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  ops_.embedding(s.ids.as<const int32_t>(), model_.embed(), s.x.as<float>(), s.T, H);
+  for (int l = 0; l < c.num_layers; ++l) run_layer(l, decode);
+  if (R == 0) return;
   ops_.gather_rows(s.x.as<const float>(), s.rows.as<const int32_t>(), s.h.as<float>(), R, H);
   ops_.rms_norm(s.h.as<const float>(), model_.final_norm(), s.a.as<float>(), R, static_cast<int>(H),
                 c.rms_norm_eps);
   ops_.linear(s.a.as<const float>(), model_.lm_head(), nullptr, s.logits.as<float>(), R, V, H);
-  return R;
+  if (greedy) ops_.argmax(s.logits.as<const float>(), s.next.as<int32_t>(), R, V);
+}
+
+bool ModelRunner::graph_step(int64_t R, bool greedy) {
+  StepGraphs& g = *graphs_;
+  Scratch& s = *s_;
+  auto say_once = [&g](const std::string& what) {
+    if (g.said) return;
+    g.said = true;
+    std::fprintf(stderr, "fp8kv: --cuda-graph: %s\n", what.c_str());
+  };
+  if (!g.checked) {
+    g.checked = true;
+    if (options_.observer) {
+      g.blocker = "calibration reads each layer's K/V abs-max back on the host";
+    } else if (options_.record_q_amax) {
+      g.blocker = "record_q_amax reads each layer's Q abs-max back on the host";
+    } else if (!shadows_.empty()) {
+      g.blocker = "the shadow schemes compare each layer's output on the host";
+    } else if (model_.shard().tp > 1) {
+      g.blocker = "tensor parallelism (the all-reduces go through the communicator)";
+    } else {
+      g.blocker = backend_.capture_unsupported();
+    }
+  }
+  if (!g.blocker.empty()) {
+    say_once("decode steps run eagerly: " + g.blocker);
+    return false;
+  }
+
+  // The key: what the step's launches depend on besides the (fixed) buffers.
+  StepGraphs::Key key;
+  key.B = s.B;
+  key.R = R;
+  key.greedy = greedy;
+  const ModelConfig& c = model_.config();
+  key.decode.reserve(static_cast<size_t>(c.num_layers));
+  for (int l = 0; l < c.num_layers; ++l) {
+    AttentionParams ap;  // the shapes attend() gives decode_attention
+    ap.num_q_heads = model_.shard().q_heads;
+    ap.cache = pool_.layer(l);
+    ap.batch = s.batch;
+    if (options_.exact_tp) ap.split_kv_heads = c.num_kv_heads;
+    key.decode.push_back(backend_.decode_launch_key(ap));
+  }
+  auto it = std::find_if(g.entries.begin(), g.entries.end(),
+                         [&](const StepGraphs::Entry& e) { return e.key == key; });
+  if (it == g.entries.end()) {
+    if (g.entries.size() >= kMaxStepGraphs) {
+      g.entries.erase(std::min_element(g.entries.begin(), g.entries.end(),
+                                       [](const StepGraphs::Entry& a, const StepGraphs::Entry& b) {
+                                         return a.last_use < b.last_use;
+                                       }));
+    }
+    g.entries.push_back(StepGraphs::Entry{});
+    it = g.entries.end() - 1;
+    it->key = std::move(key);
+  }
+  StepGraphs::Entry& e = *it;
+  e.last_use = ++g.clock;
+  const StepGraphs::Epoch epoch{backend_.memory_epoch(), ops_.memory_epoch()};
+  auto eager = [&] {
+    queue_step(true, R, greedy);
+    ++graph_stats_.eager_decode;
+  };
+  if (e.failed) {
+    eager();
+    return true;
+  }
+  if (e.graph && e.epoch == epoch) {
+    e.graph->launch();
+    ++graph_stats_.replays;
+    return true;
+  }
+  e.graph.reset();
+  if (!e.warm || e.warm_epoch != epoch) {
+    // The warm-up: every allocation of this key happens here, eagerly.
+    eager();
+    e.warm = true;
+    e.warm_epoch = {backend_.memory_epoch(), ops_.memory_epoch()};
+    return true;
+  }
+  std::string why;
+  std::unique_ptr<StepGraph> graph;
+  try {
+    backend_.begin_capture();
+    try {
+      queue_step(true, R, greedy);
+    } catch (const std::exception& ex) {
+      why = ex.what();
+    }
+    std::string end_why;
+    graph = backend_.end_capture(&end_why);
+    if (why.empty() && !graph) why = end_why;
+    if (!why.empty()) graph.reset();
+  } catch (const std::exception& ex) {  // begin_capture refused
+    why = ex.what();
+  }
+  if (!graph) {
+    // Nothing recorded ran: the step runs eagerly (an argument error is thrown again there).
+    e.failed = true;
+    ++graph_stats_.failed;
+    say_once("recording a decode step (batch " + std::to_string(s.B) +
+             ") failed; steps of its launch configuration run eagerly: " + why);
+    eager();
+    return true;
+  }
+  e.graph = std::move(graph);
+  e.epoch = epoch;
+  ++graph_stats_.captures;
+  e.graph->launch();
+  ++graph_stats_.replays;
+  return true;
 }
 
 void ModelRunner::run_layer(int l, bool decode) {

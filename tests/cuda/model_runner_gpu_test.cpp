@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,8 +36,8 @@
 #include "fp8kv/make_model.h"
 #include "fp8kv/model.h"
 #include "fp8kv/workflows.h"
-#include "runtime/test_util.h"
 #include "gpu_skip.h"
+#include "runtime/test_util.h"
 
 namespace fp8kv {
 namespace {
@@ -438,6 +439,115 @@ TEST_F(ModelRunnerGpu, GpuAppendRandomContextExtendsEveryRequest) {
   expect_random_context_works(*m, *gpu, *gpu_ops, KvScheme::kBf16, nullptr);
   const CalibData pt = calibrated(QuantType::kPerTensor);
   expect_random_context_works(*m, *gpu, *gpu_ops, KvScheme::kFp8PerTensor, &pt);
+}
+
+// RunnerOptions::cuda_graph must not change a bit. The same passes run on the default
+// configuration (legacy default stream, eager) and with graphs (the backend on its own stream,
+// decode steps recorded and replayed): a prefill of three prompts (490, 200 and 7 tokens),
+// 30 teacher-forced decode steps with LogitRows::kLast, then greedy generate() (the device
+// argmax inside the graph). The longest request goes from 490 to 520 tokens, across 512 where
+// the decode split of the KV length changes (2 splits of 256 tokens, then of 320, whatever
+// the GPU's SM count: the batch is far too small to fill it), so the graph run must record
+// again; logits and tokens must be identical (memcmp, not a tolerance).
+struct GraphRun {
+  std::vector<float> logits;                 // prefill rows, then every decode step's
+  std::vector<std::vector<int32_t>> tokens;  // generate()
+  GraphStats forward_stats, stats;           // after the teacher-forced steps, at the end
+};
+
+GraphRun run_for_graph_test(const std::string& model_dir, KvScheme scheme, const CalibData* calib,
+                            bool graph, bool own_stream) {
+  auto backend = own_stream ? make_cuda_backend_own_stream(0) : make_cuda_backend(0, nullptr);
+  auto ops = make_cuda_model_ops(*backend, backend->cuda_stream());
+  auto model = Model::load(model_dir, *backend, false, WeightDtype::kBf16);
+  const int V = model->config().vocab_size;
+  RunnerOptions o;
+  o.scheme = scheme;
+  o.num_slots = 4096;
+  o.max_requests = 4;
+  o.max_len = 1024;
+  o.cuda_graph = graph;
+  if (calib) o.scales = slice_for_rank(*calib, 1, 0);
+  ModelRunner r(*model, *backend, *ops, o);
+  const std::vector<std::vector<int32_t>> prompts = {tokens(490, 21, V), tokens(200, 22, V),
+                                                     tokens(7, 23, V)};
+  std::vector<int> reqs;
+  for (size_t b = 0; b < prompts.size(); ++b) reqs.push_back(r.add_request());
+  GraphRun out;
+  out.logits = r.forward(reqs, prompts, LogitRows::kLast);
+  for (int s = 0; s < 30; ++s) {
+    std::vector<std::vector<int32_t>> step;
+    for (size_t b = 0; b < prompts.size(); ++b) {
+      step.push_back({static_cast<int32_t>((s * 131 + static_cast<int>(b) * 17) % V)});
+    }
+    const std::vector<float> l = r.forward(reqs, step, LogitRows::kLast);
+    out.logits.insert(out.logits.end(), l.begin(), l.end());
+  }
+  EXPECT_EQ(r.seq_len(reqs[0]), 520);
+  out.forward_stats = r.graph_stats();
+  for (int q : reqs) r.release(q);
+  out.tokens = r.generate(prompts, 30);
+  out.stats = r.graph_stats();
+  return out;
+}
+
+void expect_graph_matches_eager(const std::string& model_dir, KvScheme scheme,
+                                const CalibData* calib) {
+  const std::string name = std::string(scheme_name(scheme)) + " cache";
+  const GraphRun eager = run_for_graph_test(model_dir, scheme, calib, false, false);
+  const GraphRun graph = run_for_graph_test(model_dir, scheme, calib, true, true);
+  ASSERT_EQ(eager.logits.size(), graph.logits.size()) << name;
+  size_t differ = 0, first = eager.logits.size();
+  for (size_t i = 0; i < eager.logits.size(); ++i) {
+    if (std::memcmp(&eager.logits[i], &graph.logits[i], sizeof(float)) != 0) {
+      if (differ++ == 0) first = i;
+    }
+  }
+  EXPECT_EQ(differ, 0u) << name << ": " << differ << " logits differ, the first at " << first;
+  EXPECT_EQ(eager.tokens, graph.tokens) << name << ": generate() differs with graphs";
+  EXPECT_EQ(eager.stats.replays, 0) << name;
+  // Teacher forcing: the first decode step of each split warms up eagerly, the next records;
+  // the split changes once on the way, so two recordings; every other step replays.
+  EXPECT_EQ(graph.forward_stats.failed, 0) << name;
+  EXPECT_GE(graph.forward_stats.captures, 2) << name << ": no re-recording at the split change";
+  EXPECT_GE(graph.forward_stats.replays, 30 - 2 * graph.forward_stats.captures) << name;
+  // generate(): the greedy steps are keys of their own, recorded as well.
+  EXPECT_GT(graph.stats.captures, graph.forward_stats.captures) << name;
+  EXPECT_GT(graph.stats.replays, graph.forward_stats.replays) << name;
+  std::printf("[ info ] %s: graphs: %lld recorded, %lld replayed, %lld eager decode steps\n",
+              name.c_str(), static_cast<long long>(graph.stats.captures),
+              static_cast<long long>(graph.stats.replays),
+              static_cast<long long>(graph.stats.eager_decode));
+}
+
+TEST_F(ModelRunnerGpu, GpuCudaGraphDecodeMatchesEagerBitForBit) {
+  SKIP_WITHOUT_GPU();
+  expect_graph_matches_eager(dir_->path() + "/tiny", KvScheme::kBf16, nullptr);
+  const CalibData ph = calibrated(QuantType::kPerHead);
+  expect_graph_matches_eager(dir_->path() + "/tiny", KvScheme::kFp8PerHead, &ph);
+  const CalibData pt = calibrated(QuantType::kPerTensor);
+  expect_graph_matches_eager(dir_->path() + "/tiny", KvScheme::kFp8PerTensor, &pt);
+}
+
+// A CUDA backend on the legacy default stream cannot be recorded: with cuda_graph the runner
+// runs every decode step eagerly (saying why once on stderr) and gives the eager results.
+TEST_F(ModelRunnerGpu, GpuCudaGraphOnTheDefaultStreamRunsEagerly) {
+  SKIP_WITHOUT_GPU();
+  auto backend = make_cuda_backend(0, nullptr);
+  EXPECT_NE(backend->capture_unsupported().find("legacy default stream"), std::string::npos)
+      << backend->capture_unsupported();
+  EXPECT_TRUE(make_cuda_backend_own_stream(0)->capture_unsupported().empty());
+  const GraphRun eager =
+      run_for_graph_test(dir_->path() + "/tiny", KvScheme::kBf16, nullptr, false, false);
+  const GraphRun fallback =
+      run_for_graph_test(dir_->path() + "/tiny", KvScheme::kBf16, nullptr, true, false);
+  EXPECT_EQ(fallback.stats.captures, 0);
+  EXPECT_EQ(fallback.stats.replays, 0);
+  EXPECT_EQ(eager.tokens, fallback.tokens);
+  ASSERT_EQ(eager.logits.size(), fallback.logits.size());
+  EXPECT_EQ(
+      std::memcmp(eager.logits.data(), fallback.logits.data(), eager.logits.size() * sizeof(float)),
+      0);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -174,6 +175,231 @@ TEST_F(ModelRunnerTest, GenerateIsGreedyOverForward) {
     EXPECT_EQ(am[0], out[0][static_cast<size_t>(i)]) << i;
     next = {am[0]};
   }
+}
+
+// RunnerOptions::cuda_graph (--cuda-graph) needs the CUDA backend: the CPU backend refuses it
+// at construction and in set_cuda_graph, naming the option; turning it off is always fine and
+// leaves the runner working.
+TEST_F(ModelRunnerTest, CudaGraphRefusedOnTheCpuBackend) {
+  RunnerOptions o = small();
+  o.cuda_graph = true;
+  const std::string e = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
+  EXPECT_NE(e.find("cuda_graph (--cuda-graph)"), std::string::npos) << e;
+  EXPECT_NE(e.find("needs the CUDA backend"), std::string::npos) << e;
+  EXPECT_NE(e.find("cpu"), std::string::npos) << e;
+  ModelRunner r(*tiny_, *backend_, *ops_, small());
+  const std::string e2 = error_of([&] { r.set_cuda_graph(true); });
+  EXPECT_NE(e2.find("cuda_graph (--cuda-graph)"), std::string::npos) << e2;
+  EXPECT_FALSE(r.options().cuda_graph);
+  r.set_cuda_graph(false);
+  const int V = tiny_->config().vocab_size;
+  EXPECT_EQ(r.generate({tokens(5, 1, V)}, 3).at(0).size(), 3u);
+  EXPECT_EQ(r.graph_stats().replays, 0);
+  // The CPU backend records nothing: begin_capture refuses, end_capture says why.
+  EXPECT_FALSE(backend_->capture_unsupported().empty());
+  EXPECT_THROW(backend_->begin_capture(), Error);
+  std::string why;
+  EXPECT_EQ(backend_->end_capture(&why), nullptr);
+  EXPECT_EQ(why, backend_->capture_unsupported());
+}
+
+// The runner's graph logic (RunnerOptions::cuda_graph) on the CPU: a backend and ops that
+// "record" like a CUDA stream capture, wrapping the CPU ones. While recording, every kernel,
+// op and memset is stored as a call with its arguments (pointers included) instead of run, and
+// anything a capture forbids (upload, download, synchronize, alloc, free) throws; launch()
+// replays the stored calls. That is the contract the CUDA graph gives, so a runner that let a
+// step's input travel outside the scratch buffers, or replayed a stale recording, gives other
+// logits here. decode_launch_key changes every 4 tokens of max_seq_len (the CUDA key changes
+// in steps too). The CPU twin sizes a scratch array by batch.max_seq_len, which the CUDA
+// kernels only use for their split (part of the key), so the replay passes max_len there.
+class RecordingBackend final : public Backend {
+ public:
+  class Graph final : public StepGraph {
+   public:
+    explicit Graph(std::vector<std::function<void()>> calls) : calls_(std::move(calls)) {}
+    void launch() override {
+      for (auto& c : calls_) c();
+    }
+
+   private:
+    std::vector<std::function<void()>> calls_;
+  };
+
+  RecordingBackend() : cpu_(make_cpu_backend()) {}
+  bool recording() const { return recording_; }
+  // Runs `f` now, or stores it while recording.
+  void run(std::function<void()> f) {
+    if (recording_) {
+      calls_.push_back(std::move(f));
+    } else {
+      f();
+    }
+  }
+  void forbid(const char* what) const {
+    if (recording_) throw Error(std::string("recording: ") + what + " is not allowed");
+  }
+
+  std::string name() const override { return "recording-cpu"; }
+  void* alloc(size_t bytes) override {
+    forbid("alloc");
+    return cpu_->alloc(bytes);
+  }
+  void free(void* ptr) override {
+    forbid("free");
+    ++epoch_;
+    cpu_->free(ptr);
+  }
+  void upload(void* dst, const void* src, size_t bytes) override {
+    forbid("upload");
+    cpu_->upload(dst, src, bytes);
+  }
+  void download(void* dst, const void* src, size_t bytes) override {
+    forbid("download");
+    cpu_->download(dst, src, bytes);
+  }
+  void memset(void* dst, int value, size_t bytes) override {
+    run([=] { cpu_->memset(dst, value, bytes); });
+  }
+  void upload_tensors(const std::vector<HostUpload>& u) override {
+    forbid("upload_tensors");
+    cpu_->upload_tensors(u);
+  }
+  void synchronize() override { forbid("synchronize"); }
+  bool records_graphs() const override { return true; }
+  std::string capture_unsupported() const override { return ""; }
+  void begin_capture() override {
+    recording_ = true;
+    calls_.clear();
+  }
+  std::unique_ptr<StepGraph> end_capture(std::string* why) override {
+    recording_ = false;
+    (void)why;
+    return std::make_unique<Graph>(std::move(calls_));
+  }
+  uint64_t memory_epoch() const override { return epoch_; }
+  uint64_t decode_launch_key(const AttentionParams& p) const override {
+    return static_cast<uint64_t>(p.batch.max_seq_len / 4);
+  }
+  void quantize_kv(const QuantizeKvParams& p) override {
+    run([this, p] { cpu_->quantize_kv(p); });
+  }
+  void quantize_q(const QuantizeQParams& p) override {
+    run([this, p] { cpu_->quantize_q(p); });
+  }
+  void prefill_attention(const AttentionParams& p) override {
+    run([this, p] { cpu_->prefill_attention(p); });
+  }
+  void decode_attention(const AttentionParams& p) override {
+    AttentionParams q = p;
+    if (recording_) q.batch.max_seq_len = q.batch.max_len;  // the CPU twin's scratch size
+    run([this, q] { cpu_->decode_attention(q); });
+  }
+
+ private:
+  std::unique_ptr<Backend> cpu_;
+  bool recording_ = false;
+  std::vector<std::function<void()>> calls_;
+  uint64_t epoch_ = 0;
+};
+
+// The CPU ops, stored instead of run while the backend records.
+class RecordingOps final : public ModelOps {
+ public:
+  explicit RecordingOps(RecordingBackend& b) : b_(b), cpu_(make_cpu_model_ops()) {}
+  void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m, int64_t n,
+              int64_t k) override {
+    b_.run([=] { cpu_->linear(x, w, bias, y, m, n, k); });
+  }
+  void linear_ordered(const float* x, WeightView w, const float* bias, float* y, int64_t m,
+                      int64_t n, int64_t k, int chunks) override {
+    b_.run([=] { cpu_->linear_ordered(x, w, bias, y, m, n, k, chunks); });
+  }
+  void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
+                float eps) override {
+    b_.run([=] { cpu_->rms_norm(x, w, y, rows, dim, eps); });
+  }
+  void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
+            const int32_t* positions, const float* inv_freq) override {
+    b_.run([=] { cpu_->rope(x, rows, row_stride, heads, head_dim, positions, inv_freq); });
+  }
+  void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override {
+    b_.run([=] { cpu_->silu_mul(gate_up, out, rows, inter); });
+  }
+  void embedding(const int32_t* ids, WeightView table, float* out, int64_t tokens,
+                 int64_t dim) override {
+    b_.run([=] { cpu_->embedding(ids, table, out, tokens, dim); });
+  }
+  void gather_rows(const float* src, const int32_t* rows, float* out, int64_t n,
+                   int64_t dim) override {
+    b_.run([=] { cpu_->gather_rows(src, rows, out, n, dim); });
+  }
+  void add(float* y, const float* x, int64_t n) override {
+    b_.run([=] { cpu_->add(y, x, n); });
+  }
+  void to_bf16(const float* x, uint16_t* y, int64_t n) override {
+    b_.run([=] { cpu_->to_bf16(x, y, n); });
+  }
+  void from_bf16(const uint16_t* x, float* y, int64_t n) override {
+    b_.run([=] { cpu_->from_bf16(x, y, n); });
+  }
+  void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) override {
+    b_.run([=] { cpu_->argmax(logits, out, rows, vocab); });
+  }
+  void prepare_capture() override { ++prepared; }
+  int prepared = 0;
+
+ private:
+  RecordingBackend& b_;
+  std::unique_ptr<ModelOps> cpu_;
+};
+
+// Teacher-forced decode steps (kLast), then generate() (device argmax), with and without
+// graphs: the same logits and tokens bit for bit; every 4 tokens the decode key changes, so the
+// graph run warms up (eager), records, replays, and records again.
+TEST_F(ModelRunnerTest, RecordedDecodeStepsGiveTheEagerResults) {
+  const int V = tiny_->config().vocab_size;
+  auto run = [&](bool graph, GraphStats* forward_stats, GraphStats* stats,
+                 std::vector<std::vector<int32_t>>* gen, int* prepared) {
+    RecordingBackend backend;
+    RecordingOps ops(backend);
+    auto model = Model::load(dir_->path() + "/tiny", backend);
+    RunnerOptions o = small();
+    o.cuda_graph = graph;
+    ModelRunner r(*model, backend, ops, o);
+    const std::vector<std::vector<int32_t>> prompts = {tokens(9, 1, V), tokens(3, 2, V)};
+    const std::vector<int> reqs = {r.add_request(), r.add_request()};
+    std::vector<float> all = r.forward(reqs, prompts, LogitRows::kLast);
+    for (int s = 0; s < 16; ++s) {
+      const std::vector<float> l =
+          r.forward(reqs, {{(s * 37) % V}, {(s * 53 + 1) % V}}, LogitRows::kLast);
+      all.insert(all.end(), l.begin(), l.end());
+    }
+    *forward_stats = r.graph_stats();
+    for (int q : reqs) r.release(q);
+    *gen = r.generate(prompts, 12);
+    *stats = r.graph_stats();
+    *prepared = ops.prepared;
+    return all;
+  };
+  GraphStats ef, e, gf, g;
+  std::vector<std::vector<int32_t>> gen_e, gen_g;
+  int prep_e = 0, prep_g = 0;
+  const std::vector<float> eager = run(false, &ef, &e, &gen_e, &prep_e);
+  const std::vector<float> graph = run(true, &gf, &g, &gen_g, &prep_g);
+  ASSERT_EQ(eager.size(), graph.size());
+  EXPECT_EQ(std::memcmp(eager.data(), graph.data(), eager.size() * sizeof(float)), 0);
+  EXPECT_EQ(gen_e, gen_g);
+  EXPECT_EQ(e.replays + e.captures + e.eager_decode, 0);
+  EXPECT_EQ(prep_e, 0);
+  EXPECT_EQ(prep_g, 1);
+  // 16 steps, the longest request at 10..25 tokens: keys 2 (10, 11), 3 (12..15), 4, 5, 6
+  // (24, 25). Per key: one eager warm-up, one recording (replayed at once), replays after.
+  EXPECT_EQ(gf.failed, 0);
+  EXPECT_EQ(gf.captures, 5);
+  EXPECT_EQ(gf.eager_decode, 5);
+  EXPECT_EQ(gf.replays, 16 - 5);       // the recorded steps included
+  EXPECT_GT(g.captures, gf.captures);  // generate's greedy steps are keys of their own
+  EXPECT_GT(g.replays, gf.replays);
 }
 
 TEST_F(ModelRunnerTest, Fp8WithoutCalibrationRefused) {

@@ -9,6 +9,13 @@
 // their stream sync and throw as Error naming the kernel, the index and the value. The rest of an
 // attention batch (seq_len against max_len, the slots in req_to_token) is checked on the host only
 // when FP8KV_CUDA_CHECK_BATCH=1 (a debug mode: it copies the batch arrays back).
+//
+// Recording (begin_capture / end_capture): stream capture of the backend's stream in the
+// thread-local mode, so that a call that would synchronize or allocate during it (the decode
+// workspace grown, the debug mode's copies back) fails instead of being recorded; the caller
+// then runs the work eagerly. The graph replays the same launches, the device error block and
+// the slot check word included: a refusal made by a replayed kernel surfaces at the next
+// synchronize() as it does eagerly.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -31,6 +38,27 @@ namespace {
 
 using cuda::check_cuda;
 
+// An instantiated CUDA graph of the backend's stream.
+class CudaStepGraph final : public StepGraph {
+ public:
+  CudaStepGraph(int device, cudaStream_t stream, cudaGraphExec_t exec)
+      : device_(device), stream_(stream), exec_(exec) {}
+  ~CudaStepGraph() override {
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream_);  // no launch of it may be left in flight
+    cudaGraphExecDestroy(exec_);
+  }
+  void launch() override {
+    check_cuda(cudaSetDevice(device_), "cuda backend: cudaSetDevice");
+    check_cuda(cudaGraphLaunch(exec_, stream_), "cuda backend: cudaGraphLaunch");
+  }
+
+ private:
+  int device_;
+  cudaStream_t stream_;
+  cudaGraphExec_t exec_;
+};
+
 template <typename T>
 std::vector<T> to_host(const T* device, size_t n, cudaStream_t stream) {
   std::vector<T> host(n);
@@ -41,7 +69,10 @@ std::vector<T> to_host(const T* device, size_t n, cudaStream_t stream) {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, cudaStream_t stream) : device_(device), stream_(stream) {
+  // own_stream: a stream of the backend's own instead of `stream` (created here, destroyed
+  // with the backend).
+  CudaBackend(int device, cudaStream_t stream, bool own_stream = false)
+      : device_(device), stream_(stream) {
     int count = 0;
     check_cuda(cudaGetDeviceCount(&count), "cuda backend: cudaGetDeviceCount");
     if (device < 0 || device >= count) {
@@ -62,6 +93,10 @@ class CudaBackend final : public Backend {
     check_cuda(cudaMemset(device_error_, 0xff, sizeof *device_error_), "cuda backend: cudaMemset");
     const char* env = std::getenv("FP8KV_CUDA_CHECK_BATCH");
     check_batch_ = env != nullptr && std::string(env) == "1";
+    if (own_stream) {
+      check_cuda(cudaStreamCreate(&stream_), "cuda backend: cudaStreamCreate");
+      own_stream_ = true;
+    }
   }
   ~CudaBackend() override {
     cudaSetDevice(device_);
@@ -69,6 +104,7 @@ class CudaBackend final : public Backend {
     cudaFree(bad_token_);
     cudaFree(device_error_);
     cudaFree(workspace_);
+    if (own_stream_) cudaStreamDestroy(stream_);
   }
 
   std::string name() const override { return name_; }
@@ -87,6 +123,7 @@ class CudaBackend final : public Backend {
   void free(void* ptr) override {
     select();
     check_cuda(cudaFree(ptr), "cuda backend: cudaFree");
+    ++epoch_;
   }
   void upload(void* dst, const void* host_src, size_t bytes) override {
     select();
@@ -114,6 +151,59 @@ class CudaBackend final : public Backend {
     // half done (nor they it).
     check_cuda(cudaStreamSynchronize(stream_), "cuda backend: upload_tensors (synchronize)");
     cuda::upload_tensors(device_, uploads);
+  }
+
+  bool records_graphs() const override { return true; }
+  std::string capture_unsupported() const override {
+    if (check_batch_) {
+      return "FP8KV_CUDA_CHECK_BATCH=1 copies the batch arrays back in every call";
+    }
+    if (stream_ == nullptr) {
+      return "the backend runs on the legacy default stream, which cannot be captured (make "
+             "the backend with a stream of its own)";
+    }
+    return "";
+  }
+
+  void begin_capture() override {
+    const std::string why = capture_unsupported();
+    if (!why.empty()) throw Error("cuda backend: cannot record a graph: " + why);
+    select();
+    check_cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
+               "cuda backend: cudaStreamBeginCapture");
+  }
+
+  std::unique_ptr<StepGraph> end_capture(std::string* why) override {
+    select();
+    cudaGraph_t graph = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(stream_, &graph);
+    if (e != cudaSuccess || graph == nullptr) {
+      cudaGetLastError();  // an invalidated capture leaves its error behind; it is not sticky
+      if (why) {
+        *why = std::string("stream capture failed: ") + cudaGetErrorName(e) + ": " +
+               cudaGetErrorString(e);
+      }
+      if (graph) cudaGraphDestroy(graph);
+      return nullptr;
+    }
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t ei = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (ei != cudaSuccess) {
+      cudaGetLastError();
+      if (why) {
+        *why = std::string("cudaGraphInstantiate: ") + cudaGetErrorName(ei) + ": " +
+               cudaGetErrorString(ei);
+      }
+      return nullptr;
+    }
+    return std::make_unique<CudaStepGraph>(device_, stream_, exec);
+  }
+
+  uint64_t memory_epoch() const override { return epoch_; }
+
+  uint64_t decode_launch_key(const AttentionParams& p) const override {
+    return cuda::decode_launch_key(p);
   }
 
   void quantize_kv(const QuantizeKvParams& p) override {
@@ -154,6 +244,7 @@ class CudaBackend final : public Backend {
       // The previous workspace may still be read by queued work: free it after that work.
       check_cuda(cudaStreamSynchronize(stream_), "cuda backend: decode workspace");
       check_cuda(cudaFree(workspace_), "cuda backend: cudaFree");
+      ++epoch_;  // a recorded decode may point at the old workspace
       workspace_ = nullptr;
       workspace_bytes_ = 0;
       check_cuda(cudaMalloc(&workspace_, need), "cuda backend: cudaMalloc (decode workspace)");
@@ -215,12 +306,18 @@ class CudaBackend final : public Backend {
   void* workspace_ = nullptr;                // split-KV partials of decode
   size_t workspace_bytes_ = 0;
   bool check_batch_ = false;
+  uint64_t epoch_ = 0;  // memory_epoch()
+  bool own_stream_ = false;
 };
 
 }  // namespace
 
 std::unique_ptr<Backend> make_cuda_backend(int device, void* stream) {
   return std::make_unique<CudaBackend>(device, static_cast<cudaStream_t>(stream));
+}
+
+std::unique_ptr<Backend> make_cuda_backend_own_stream(int device) {
+  return std::make_unique<CudaBackend>(device, nullptr, true);
 }
 
 bool cuda_available() {

@@ -95,6 +95,16 @@ size_t decode_workspace_bytes(const AttentionParams& p) {
   return rows * (static_cast<size_t>(p.cache.head_dim) + 1) * sizeof(float);
 }
 
+uint64_t decode_launch_key(const AttentionParams& p) {
+  // Everything else the launch reads from p is a shape or a pointer (fixed for a recorded
+  // step); the split is what follows max_seq_len. kv_per_cta and head_chunks are functions of
+  // the scheme and the shape, kept for a key that stands alone.
+  const DecodePlan plan = plan_decode(p);
+  return (static_cast<uint64_t>(plan.split.split_tokens) << 32) |
+         (static_cast<uint64_t>(plan.split.num_splits) << 16) |
+         (static_cast<uint64_t>(plan.kv_per_cta) << 8) | static_cast<uint64_t>(plan.head_chunks);
+}
+
 void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStream_t stream,
                              DeviceError* error) {
   if (p.batch.num_requests == 0) return;

@@ -18,6 +18,8 @@ void launch_quantize_q(const QuantizeQParams& p, cudaStream_t stream);
 // recorded in `error` (device memory, device_error.h) when given.
 // decode.cu; `workspace` holds the split-KV partial results (decode_workspace_bytes).
 size_t decode_workspace_bytes(const AttentionParams& p);
+// The launch configuration decode_attention picks for p's shapes (Backend::decode_launch_key).
+uint64_t decode_launch_key(const AttentionParams& p);
 void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStream_t stream,
                              DeviceError* error = nullptr);
 // prefill*.cu

@@ -218,7 +218,16 @@ class CudaModelOps final : public ModelOps {
     cudaStreamSynchronize(stream_);
     cublasDestroy(handle_);
     cudaFree(x16_);
+    cudaFree(cublas_workspace_);
   }
+
+  void prepare_capture() override {
+    if (cublas_workspace_ != nullptr) return;
+    FP8KV_CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
+    check_cublas(cublasSetWorkspace(handle_, cublas_workspace_, kCublasWorkspaceBytes),
+                 "cublasSetWorkspace");
+  }
+  uint64_t memory_epoch() const override { return epoch_; }
 
   void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m, int64_t n,
               int64_t k) override {
@@ -341,6 +350,7 @@ class CudaModelOps final : public ModelOps {
       // say so.
       FP8KV_CUDA_CHECK(cudaStreamSynchronize(stream_));
       FP8KV_CUDA_CHECK(cudaFree(x16_));
+      ++epoch_;  // a recorded GEMM may point at the old buffer
       x16_ = nullptr;
       x16_bytes_ = 0;
       FP8KV_CUDA_CHECK(cudaMalloc(&x16_, need));
@@ -354,6 +364,11 @@ class CudaModelOps final : public ModelOps {
   cublasHandle_t handle_ = nullptr;
   uint16_t* x16_ = nullptr;  // [m, k] bf16 copy of linear's x
   size_t x16_bytes_ = 0;
+  // prepare_capture's workspace: the size of cuBLAS's own default pool on Hopper, so that its
+  // heuristics have the room they have without it.
+  static constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+  void* cublas_workspace_ = nullptr;
+  uint64_t epoch_ = 0;
 };
 
 }  // namespace
