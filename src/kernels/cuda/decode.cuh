@@ -8,32 +8,18 @@
 #include <cstdint>
 
 #include "fp8kv/scheme.h"
+#include "kernels/cuda/attention_args.h"
 #include "kernels/cuda/device_error.h"
 
 namespace fp8kv::cuda {
 
 // Device arguments of the decode kernel, built by decode.cu from AttentionParams.
-struct DecodeArgs {
-  const void* q = nullptr;             // [total_q, Hq, D]: bf16, or e4m3 for fp8-per-head
-  const float* q_scale = nullptr;      // [B, Hkv] (fp8-per-head)
-  const uint8_t* cache = nullptr;      // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2
-  const float* k_scale = nullptr;      // per-head [Hkv], per-tensor [1]; none for fp8-e5m2
-  const float* v_scale = nullptr;
-  const int32_t* seq_len = nullptr;    // [B]
-  const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
-  const int32_t* req_index = nullptr;  // [B]
-  const int32_t* req_to_token = nullptr;  // [max_requests, max_len]
-  uint16_t* o = nullptr;               // [total_q, Hq, D] bf16 (num_splits == 1)
-  float* ws_o = nullptr;               // [B, Hq, num_splits, D] normalized partial outputs
-  float* ws_lse = nullptr;             // [B, Hq, num_splits] log2-sum-exp2 of each split
-  DeviceError* error = nullptr;        // where a request out of range is recorded (may be null)
-  int max_requests = 0;                // rows of req_to_token
-  int max_len = 0;
-  int num_q_heads = 0;
-  int num_kv_heads = 0;
-  int group = 0;          // Hq / Hkv
-  int head_chunks = 0;    // ceil(group / heads per CTA)
-  int num_splits = 1;
+struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then decode's own
+  float* ws_o = nullptr;    // [B, Hq, num_splits, D] normalized partial outputs
+  float* ws_lse = nullptr;  // [B, Hq, num_splits] log2-sum-exp2 of each split
+  int group = 0;            // Hq / Hkv
+  int head_chunks = 0;      // ceil(group / heads per CTA)
+  int num_splits = 1;       // o is written directly when 1, else ws_o / ws_lse and the merge
   int split_tokens = 0;
   float sm_scale_log2 = 0.0f;  // softmax scale * log2(e): scores are kept in the log2 domain
 };

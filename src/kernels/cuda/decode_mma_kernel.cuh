@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   const int cp_row = threadIdx.x % kTileTokens, cp_v = threadIdx.x / kTileTokens;
   const uint32_t cp_bytes = kv_here * Sh::kRowBytes;
   const uint8_t* cp_base =
-      a.cache + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes;
+      a.kv + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes;
   const uint32_t smem_base = smem_addr(smem);
   const uint32_t bar_base = smem_base + Sh::kDataBytes;  // kStages mbarriers
   if (threadIdx.x < Sh::kStages) mbarrier_init(bar_base + 8 * threadIdx.x, kIssuers);

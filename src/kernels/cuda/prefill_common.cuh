@@ -1,5 +1,5 @@
 // The parts every prefill kernel is built from (FA3 splits them the same way):
-//   params      PrefillParams and its construction from AttentionParams;
+//   params      PrefillParams: the shared AttentionArgs (attention_args.h) and the causal flag;
 //   scheduler   the grid (x: query head, or KV head for packed GQA; y: request; z: q tile,
 //               reversed so that the CTAs with the longest causal rows start first; non-causal,
 //               every q tile of a request reads all its keys, and the order does not matter);
@@ -23,6 +23,7 @@
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
 #include "fp8kv/scheme.h"
+#include "kernels/cuda/attention_args.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/device_error.h"
 
@@ -30,47 +31,14 @@ namespace fp8kv::cuda::prefill {
 
 // ---- params ----------------------------------------------------------------------------------
 
-// Device-side arguments, built on the host from AttentionParams (make_prefill_params).
-struct PrefillParams {
-  const void* q = nullptr;              // [total_q, Hq, D] e4m3 (fp8-per-head) or bf16 (others)
-  const float* q_scale = nullptr;       // [B, Hkv] fp8-per-head, else unused
-  uint16_t* o = nullptr;                // [total_q, Hq, D] bf16
-  const uint8_t* kv = nullptr;          // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2, as bytes
-  const float* k_scale = nullptr;       // per-head [Hkv], per-tensor [1]; unused without scales
-  const float* v_scale = nullptr;       // likewise
-  const int32_t* seq_len = nullptr;     // [B]
-  const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
-  const int32_t* req_index = nullptr;   // [B]
-  const int32_t* req_to_token = nullptr;  // [max_requests, max_len]
-  DeviceError* error = nullptr;         // where a request out of range is recorded (may be null)
-  int max_requests = 0;                 // rows of req_to_token
-  int max_len = 0;
-  int num_q_heads = 0;                  // Hq
-  int num_kv_heads = 0;                 // Hkv
-  float softmax_scale = 0.0f;           // resolved: 1/sqrt(D) when the caller gave 0
-  bool causal = true;                   // AttentionParams::causal
+// Device-side arguments: the shared AttentionArgs (attention_args.h) and what only prefill reads.
+struct PrefillParams : AttentionArgs {
+  bool causal = true;  // AttentionParams::causal
 };
 
-inline PrefillParams make_prefill_params(const AttentionParams& a, int head_dim, bool fp8_q,
-                                         DeviceError* error) {
+inline PrefillParams make_prefill_params(const AttentionParams& a, DeviceError* error) {
   PrefillParams p;
-  p.q = fp8_q ? static_cast<const void*>(a.q_fp8) : static_cast<const void*>(a.q);
-  p.q_scale = a.q_scale;
-  p.o = a.o;
-  p.kv = static_cast<const uint8_t*>(a.cache.data);
-  p.k_scale = a.scales.k;
-  p.v_scale = a.scales.v;
-  p.seq_len = a.batch.seq_len;
-  p.cu_seqlens_q = a.batch.cu_seqlens_q;
-  p.req_index = a.batch.req_index;
-  p.req_to_token = a.batch.req_to_token;
-  p.error = error;
-  p.max_requests = a.batch.max_requests;
-  p.max_len = a.batch.max_len;
-  p.num_q_heads = a.num_q_heads;
-  p.num_kv_heads = a.cache.num_kv_heads;
-  p.softmax_scale =
-      a.softmax_scale > 0.0f ? a.softmax_scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+  static_cast<AttentionArgs&>(p) = attention_args(a, error);
   p.causal = a.causal;
   return p;
 }

@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
 template <KvScheme S, int D, int kWarps, int kBlockN>
 void launch_prefill(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
   using Shape = TileShape<S, D, kWarps, kBlockN>;
-  const PrefillParams p = make_prefill_params(a, D, fp8_q(S), error);
+  const PrefillParams p = make_prefill_params(a, error);
   const dim3 grid = prefill_grid(a, a.num_q_heads, Shape::kBlockM);
   auto kernel = prefill_kernel<S, D, kWarps, kBlockN>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

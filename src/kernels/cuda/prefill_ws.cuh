@@ -536,7 +536,7 @@ template <KvScheme S, int D, int kBlockN, int kStages, bool kPackGqa, bool kPing
           int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
   using Sh = WsShape<S, D, kBlockN, kStages>;
-  const PrefillParams p = make_prefill_params(a, D, fp8_q(S), error);
+  const PrefillParams p = make_prefill_params(a, error);
   const int group = a.num_q_heads / a.cache.num_kv_heads;
   if (kPackGqa && group > Sh::kBlockM) {
     throw Error("prefill_attention: " + std::to_string(group) + " query heads per KV head exceed the " +
