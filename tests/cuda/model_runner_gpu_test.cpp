@@ -550,5 +550,49 @@ TEST_F(ModelRunnerGpu, GpuCudaGraphOnTheDefaultStreamRunsEagerly) {
       0);
 }
 
+// A step whose decode does not split the KV length (every request shorter than a split's
+// minimum) must keep its launch key while the context grows: one recording, then every step
+// replays it (before, the unsplit launch carried max_seq_len as its split length, so each step
+// was a new key and nothing was ever replayed: bench model's bf16 cache ran all eager).
+TEST_F(ModelRunnerGpu, GpuCudaGraphUnsplitStepsReplayOneRecording) {
+  SKIP_WITHOUT_GPU();
+  auto run = [&](bool graph, GraphStats* stats) {
+    auto backend = make_cuda_backend_own_stream(0);
+    auto ops = make_cuda_model_ops(*backend, backend->cuda_stream());
+    auto model = Model::load(dir_->path() + "/tiny", *backend, false, WeightDtype::kBf16);
+    const int V = model->config().vocab_size;
+    RunnerOptions o;
+    o.scheme = KvScheme::kBf16;
+    o.num_slots = 1024;
+    o.max_requests = 4;
+    o.max_len = 512;
+    o.cuda_graph = graph;
+    ModelRunner r(*model, *backend, *ops, o);
+    const std::vector<std::vector<int32_t>> prompts = {tokens(100, 31, V), tokens(40, 32, V),
+                                                       tokens(7, 33, V)};
+    std::vector<int> reqs;
+    for (size_t b = 0; b < prompts.size(); ++b) reqs.push_back(r.add_request());
+    std::vector<float> logits = r.forward(reqs, prompts, LogitRows::kLast);
+    for (int s = 0; s < 30; ++s) {  // the longest request: 101 .. 130 keys, below a split's 256
+      std::vector<std::vector<int32_t>> step;
+      for (size_t b = 0; b < prompts.size(); ++b) {
+        step.push_back({static_cast<int32_t>((s * 97 + static_cast<int>(b) * 13) % V)});
+      }
+      const std::vector<float> l = r.forward(reqs, step, LogitRows::kLast);
+      logits.insert(logits.end(), l.begin(), l.end());
+    }
+    *stats = r.graph_stats();
+    return logits;
+  };
+  GraphStats eager_stats, graph_stats;
+  const std::vector<float> eager = run(false, &eager_stats);
+  const std::vector<float> graph = run(true, &graph_stats);
+  ASSERT_EQ(eager.size(), graph.size());
+  EXPECT_EQ(std::memcmp(eager.data(), graph.data(), eager.size() * sizeof(float)), 0);
+  EXPECT_EQ(graph_stats.captures, 1);  // one key for all 30 steps
+  EXPECT_EQ(graph_stats.eager_decode + graph_stats.replays, 30);
+  EXPECT_GE(graph_stats.replays, 28);  // all but the warm-up (and a re-warm-up if a buffer grew)
+}
+
 }  // namespace
 }  // namespace fp8kv

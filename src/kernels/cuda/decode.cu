@@ -1,5 +1,6 @@
 // Decode attention launcher: picks the kernel's instantiation (scheme, head_dim), the split of the
 // KV length (decode_split.h) and runs the split merge.
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/cuda/common.cuh"
@@ -83,6 +84,12 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) *
                        ceil_div(planned_heads, plan.kv_per_cta) * plan.head_chunks;
   plan.split = choose_decode_split(ctas, static_cast<int64_t>(sms) * per_sm, p.batch.max_seq_len);
+  // One split reads a request's keys [0, seq_len): any split_tokens >= every seq_len does. The
+  // request table's width is one that stays put while max_seq_len grows, so the launch (and a
+  // recorded CUDA graph's key, decode_launch_key) does not change with every decode step.
+  if (plan.split.num_splits == 1) {
+    plan.split.split_tokens = std::max({p.batch.max_len, p.batch.max_seq_len, 1});
+  }
   return plan;
 }
 
