@@ -7,7 +7,8 @@
 // decode steps. Each step ends with its B next-token ids copied back to the host, which waits
 // for the step's GPU work: the times are complete steps. An FP8 cache without a calibration file
 // is calibrated on the prompts first; that pass is timed too (calibration tok/s, its own line).
-// With --cuda-graph the same runner then runs --warmup and --decode more steps with its decode
+// With CUDA graphs (the default with --device cuda at --tp 1; --no-cuda-graph: eager only) the
+// same runner then runs --warmup and --decode more steps with its decode
 // steps recorded and replayed as CUDA graphs (RunnerOptions::cuda_graph; the first warm-up
 // step of a launch configuration runs eagerly, the next one records) and prints their tok/s
 // on a line of its own beside the eager figure of the table; both runs use the backend on its
@@ -43,7 +44,7 @@ void add_bench_model(CLI::App& app) {
     int warmup = 2;
     int decode = 16;
     int tp = 1;
-    bool cuda_graph = false;
+    CudaGraphChoice cuda_graph;
   };
   auto opt = std::make_shared<Opts>();
   CLI::App* cmd = app.add_subcommand(
@@ -76,10 +77,10 @@ void add_bench_model(CLI::App& app) {
   cmd->add_option("--kv-bf16-layers", opt->bf16_layers,
                   "Keep these layers' K/V in bf16 in the FP8 caches, e.g. 0,31");
   add_device_and_tp_options(cmd, opt->device, opt->tp);
-  cmd->add_flag("--cuda-graph", opt->cuda_graph,
-                "GPU: after the eager decode steps, time as many again replayed as CUDA graphs "
-                "(each decode step recorded once per launch configuration); prints a 'graph' "
-                "line with its tok/s beside the eager figure. --device cpu refuses it");
+  add_cuda_graph_options(cmd, opt->cuda_graph,
+                         "GPU: after the eager decode steps, time as many again replayed as CUDA "
+                         "graphs (each decode step recorded once per launch configuration); "
+                         "prints a 'graph' line with its tok/s beside the eager figure");
   cmd->callback([opt]() {
     using clock = std::chrono::steady_clock;
     const int context = opt->context > 0 ? opt->context : opt->prompt_len;
@@ -97,7 +98,8 @@ void add_bench_model(CLI::App& app) {
       auto say = [rank0](const char* fmt, auto... args) {
         if (rank0) std::printf(fmt, args...);
       };
-      Device dev = make_device(opt->device, /*own_stream=*/opt->cuda_graph);
+      const bool graph = use_cuda_graph(opt->cuda_graph, opt->device, opt->tp);
+      Device dev = make_device(opt->device, /*own_stream=*/graph);
       Backend& backend = *dev.backend;
       ModelOps& ops = *dev.ops;
       auto model = Model::load(opt->model, backend, rank0, dev.weights, opt->tp, comm.rank());
@@ -126,7 +128,7 @@ void add_bench_model(CLI::App& app) {
         double calib_seconds = 0.0;  // the calibrate pass on the prompts, when no file is given
         int64_t calib_tokens = 0;
         ro.max_requests = opt->batch;
-        ro.max_len = context + (opt->cuda_graph ? 2 : 1) * (opt->warmup + opt->decode);
+        ro.max_len = context + (graph ? 2 : 1) * (opt->warmup + opt->decode);
         ro.num_slots = static_cast<int64_t>(ro.max_len) * opt->batch;
         if (has_kv_scales(scheme)) {
           const std::optional<std::string>& file =
@@ -151,9 +153,9 @@ void add_bench_model(CLI::App& app) {
         ro.comm = &comm;
         if (is_fp8(scheme)) ro.bf16_layers = bf16_layers;
         const int bf16_count = static_cast<int>(ro.bf16_layers.size());
-        // With --cuda-graph the runner is made with graphs on (cuBLAS gets its workspace for
+        // With graphs the runner is made with graphs on (cuBLAS gets its workspace for
         // both runs) and they are turned off until the graph run.
-        ro.cuda_graph = opt->cuda_graph;
+        ro.cuda_graph = graph;
         ModelRunner runner(*model, backend, ops, std::move(ro));
         runner.set_cuda_graph(false);
         std::vector<int> reqs;
@@ -192,7 +194,7 @@ void add_bench_model(CLI::App& app) {
         if (scheme != KvScheme::kBf16 && bf16_decode > 0) {
           say("%-16s decode %.3f x bf16\n", "", decode_rate / bf16_decode);
         }
-        if (opt->cuda_graph) {
+        if (graph) {
           runner.set_cuda_graph(true);
           for (int i = 0; i < opt->warmup; ++i) decode_step();
           const auto g0 = clock::now();

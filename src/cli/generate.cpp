@@ -89,7 +89,7 @@ void add_generate(CLI::App& app) {
     std::optional<std::string> dump_logits;
     int tp = 1;
     bool exact_tp = false;
-    bool cuda_graph = false;
+    CudaGraphChoice cuda_graph;
     std::optional<std::string> bf16_layers;
   };
   auto opt = std::make_shared<Opts>();
@@ -119,10 +119,10 @@ void add_generate(CLI::App& app) {
   cmd->add_flag("--exact-tp", opt->exact_tp,
                 "Fixed-order GEMMs and tp-independent attention splits (slower): the logits at "
                 "any --tp are the --tp 1 --exact-tp logits bit for bit");
-  cmd->add_flag("--cuda-graph", opt->cuda_graph,
-                "GPU: record each decode step's launches once as a CUDA graph and replay it "
-                "(fewer launch gaps; the same tokens and logits as without). Prefill stays "
-                "eager; --device cpu refuses it");
+  add_cuda_graph_options(cmd, opt->cuda_graph,
+                         "GPU: record each decode step's launches once as a CUDA graph and replay "
+                         "it (fewer launch gaps; the same tokens and logits as without). Prefill "
+                         "stays eager");
   cmd->callback([opt]() {
     const KvScheme scheme = parse_scheme(opt->kv);
     if (opt->inputs.empty() == opt->prompts.empty()) {
@@ -162,7 +162,8 @@ void add_generate(CLI::App& app) {
     }
     run_tensor_parallel(opt->tp, opt->device, [&](Communicator& comm) {
       const bool rank0 = comm.rank() == 0;
-      Device dev = make_device(opt->device, /*own_stream=*/opt->cuda_graph);
+      const bool graph = use_cuda_graph(opt->cuda_graph, opt->device, opt->tp);
+      Device dev = make_device(opt->device, /*own_stream=*/graph);
       Backend* backend = dev.backend.get();
       ModelOps* ops = dev.ops.get();
       auto model = Model::load(opt->model, *backend, rank0, dev.weights, opt->tp, comm.rank());
@@ -178,7 +179,7 @@ void add_generate(CLI::App& app) {
       ro.num_slots = static_cast<int64_t>(ro.max_len) * ro.max_requests;
       ro.comm = &comm;
       ro.exact_tp = opt->exact_tp;
-      ro.cuda_graph = opt->cuda_graph;
+      ro.cuda_graph = graph;
       ro.bf16_layers = bf16_layers;
       // fp8-per-head quantizes Q with the file's static scales when it has them.
       const std::string q_note =

@@ -239,6 +239,18 @@ std::string resolve_device(const std::string& device, int tp, std::string* why) 
 #endif
 }
 
+void add_cuda_graph_options(CLI::App* cmd, CudaGraphChoice& choice, const std::string& help) {
+  cmd->add_flag("--cuda-graph", choice.on, help + " (default: on with --device cuda at --tp 1)");
+  cmd->add_flag("--no-cuda-graph", choice.off, "Run every decode step eagerly (no CUDA graphs)");
+}
+
+bool use_cuda_graph(const CudaGraphChoice& choice, const std::string& device, int tp) {
+  if (choice.on && choice.off) throw Error("--cuda-graph and --no-cuda-graph contradict each other");
+  if (choice.on) return true;
+  if (choice.off) return false;
+  return device == "cuda" && tp == 1;
+}
+
 void add_device_and_tp_options(CLI::App* cmd, std::string& device, int& tp) {
   const char* env = std::getenv("FP8KV_DEVICE");
   device = (env != nullptr && *env != '\0') ? env : "auto";

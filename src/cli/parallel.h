@@ -18,6 +18,19 @@ namespace fp8kv::cli {
 // of `--tp N --device cuda` gives each rank process.
 void add_device_and_tp_options(CLI::App* cmd, std::string& device, int& tp);
 
+// `--cuda-graph` / `--no-cuda-graph` (generate, bench model): decode steps recorded once per
+// launch configuration and replayed as CUDA graphs (RunnerOptions::cuda_graph). Neither given:
+// on for --device cuda at --tp 1 (the same bits as eager, fewer launch gaps), off elsewhere
+// (the CPU backend cannot record; tensor-parallel ranks run eagerly). --cuda-graph asks for it
+// anywhere (the runner refuses it on the CPU backend).
+struct CudaGraphChoice {
+  bool on = false;   // --cuda-graph
+  bool off = false;  // --no-cuda-graph
+};
+void add_cuda_graph_options(CLI::App* cmd, CudaGraphChoice& choice, const std::string& help);
+// `device`: the resolved one ("cpu" or "cuda"). Throws Error when both flags are given.
+bool use_cuda_graph(const CudaGraphChoice& choice, const std::string& device, int tp);
+
 // "auto" -> "cuda" when this build has the CUDA backend and `tp` GPUs of the architecture it was
 // compiled for (Hopper) are there, else "cpu"; `why` gets the reason. Other names unchanged.
 std::string resolve_device(const std::string& device, int tp, std::string* why);

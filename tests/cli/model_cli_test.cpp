@@ -263,6 +263,17 @@ TEST(ModelCli, Refusals) {
   r = run("generate --model " + model + " --input-ids 1,x");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_TRUE(contains(r.output, "'x' is not a token id")) << r.output;
+  // CUDA graphs: on by default only with --device cuda at --tp 1; asked for on the CPU, refused
+  // with the reason; both flags at once, refused.
+  r = run("generate --device cpu --model " + model + " --input-ids 1,2 --max-new 2 --cuda-graph");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(contains(r.output, "needs the CUDA backend")) << r.output;
+  r = run("generate --device cpu --model " + model +
+          " --input-ids 1,2 --max-new 2 --cuda-graph --no-cuda-graph");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(contains(r.output, "--cuda-graph and --no-cuda-graph contradict")) << r.output;
+  r = run("generate --device cpu --model " + model + " --input-ids 1,2 --max-new 2 --no-cuda-graph");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
   r = run("make-model " + model + " --preset huge");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_TRUE(contains(r.output, "presets: tiny")) << r.output;
