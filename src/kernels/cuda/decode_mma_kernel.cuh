@@ -14,9 +14,8 @@
 //
 // One CTA per (split of the KV length, kKv adjacent KV heads and up to 8 query heads of each,
 // request b), 4 warps per KV head. The CTA streams tiles of 64 tokens (K rows then V rows, kKv
-// heads wide) into shared memory, gathered through the slot table, kStages deep (128 threads,
-// 32 / kKv lanes of every warp, issue one copy each; one __syncthreads per tile frees the stage
-// for refilling). Warp w of a
+// heads wide) into shared memory, gathered through the slot table, kStages deep (128 threads
+// issue one copy each; one __syncthreads per tile frees the stage for refilling). Warp w of a
 // KV head computes keys 16w..16w+15 of every tile with its own online softmax (fp32, log2
 // domain); the 4 warps are merged in shared memory at the end and the CTA writes bf16 (one
 // split) or a normalized partial and its log-sum-exp (decode.cu merges).
@@ -75,7 +74,7 @@ namespace fp8kv::cuda {
 namespace decode_mma {
 
 constexpr int kWarps = 4;                          // warps per KV head of a CTA
-constexpr int kIssuers = kWarps * 32;              // threads that issue the tile copies (128)
+constexpr int kIssuers = kWarps * 32;              // threads that issue the tile copies
 constexpr int kRows = 8;                          // query heads per CTA: the MMA's N
 constexpr int kWarpKeys = 16;                     // keys of a tile per warp (two n8 tiles)
 constexpr int kTileTokens = kWarps * kWarpKeys;  // 64: one kDecodeSplitAlign
@@ -198,18 +197,11 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   const int32_t* slot_row = request_row<DeviceErrorKind::kDecodeRequest>(a, b);
   if (slot_row == nullptr) return;  // the same for every thread of the CTA: before any barrier
   const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
-  // Copy c (0..127) of a tile is row c % 64, of K for c < 64 and of V otherwise, as one bulk copy
-  // of the CTA's kv_here adjacent heads (the copy engine, not the thread's load slots: more bytes
-  // in flight per SM; several heads per copy: fewer, larger copies). A bulk copy's operands are
-  // warp-uniform, so a warp issues its lanes' copies one after another: the 128 copies are
-  // spread over every warp of the CTA, 32 / kKv lanes each (profiled with all of them on the
-  // first 4 warps, FP8 D 128: those issued 32 copies per tile in series while the other warps
-  // waited at the tile barrier, 30% of the stall samples).
-  constexpr int kCopiesPerWarp = kIssuers / (Sh::kThreads / 32);
-  static_assert(kCopiesPerWarp * (Sh::kThreads / 32) == kIssuers, "copies spread evenly");
-  const int cp_index = threadIdx.x / 32 * kCopiesPerWarp + lane;
-  const bool issuer = lane < kCopiesPerWarp;
-  const int cp_row = cp_index % kTileTokens, cp_v = cp_index / kTileTokens;
+  // Thread tid < 128 copies row tid % 64 of the tile, of K for tid < 64 and of V otherwise, as
+  // one bulk copy of the CTA's kv_here adjacent heads (the copy engine, not the thread's load
+  // slots: more bytes in flight per SM; several heads per copy: fewer, larger copies).
+  const bool issuer = threadIdx.x < kIssuers;
+  const int cp_row = threadIdx.x % kTileTokens, cp_v = threadIdx.x / kTileTokens;
   const uint32_t cp_bytes = kv_here * Sh::kRowBytes;
   const uint8_t* cp_base =
       a.kv + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes;
