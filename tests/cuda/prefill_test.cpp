@@ -49,8 +49,7 @@ namespace {
 using cuda::PrefillConfig;
 // The warp-specialized fp8-per-head kernel with each of its built options.
 constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsPackGqa,
-                                        PrefillConfig::kWsPackGqaPingPong, PrefillConfig::kWsSwizzle,
-                                        PrefillConfig::kWsSwizzlePingPong};
+                                        PrefillConfig::kWsPackGqaPingPong, PrefillConfig::kWsSwizzle};
 // The warp-specialized kernel with bf16 operands (the bf16-Q schemes): both layouts.
 constexpr PrefillConfig kWsBf16QConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle};
 
@@ -68,8 +67,6 @@ std::vector<PrefillConfig> built_configs(KvScheme scheme, int head_dim) {
       // D 256: the swizzled layout only (prefill_instances.cuh).
       if (x == PrefillConfig::kWsSwizzle || head_dim != 256) configs.push_back(x);
     }
-    // bf16 D 128: also swizzled with ping-pong.
-    if (scheme == KvScheme::kBf16 && head_dim == 128) configs.push_back(PrefillConfig::kWsSwizzlePingPong);
   }
   configs.push_back(head_dim == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide);
   return configs;

@@ -21,7 +21,6 @@ const char* prefill_config_name(PrefillConfig config) {
     case PrefillConfig::kWsPackGqa: return "ws-gqa";
     case PrefillConfig::kWsPackGqaPingPong: return "ws-gqa-pp";
     case PrefillConfig::kWsSwizzle: return "ws-sw128";
-    case PrefillConfig::kWsSwizzlePingPong: return "ws-sw128-pp";
     case PrefillConfig::kWsDiagConsumers: return "ws-diag-consumers";
     case PrefillConfig::kWsDiagProducer: return "ws-diag-producer";
   }
@@ -41,7 +40,7 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream, DeviceError* erro
 }
 
 // The warp-specialized kernel (prefill_ws.cuh): fp8-per-head with e4m3 operands, the bf16-Q
-// schemes with bf16 ones (no packed GQA or diagnostics built for those); kDiag:
+// schemes with bf16 ones (no packed GQA, ping-pong or diagnostics built for those); kDiag:
 // benchmark diagnostics.
 template <KvScheme S, int D, bool kPackGqa, bool kPingPong, bool kSwizzle = false, int kDiag = 0>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
@@ -49,10 +48,10 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* e
     prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kPackGqa,
                                kPingPong, kSwizzle, kDiag>(p, stream, error);
     return true;
-  } else if constexpr (!fp8_q(S) && !kPackGqa && kDiag == 0 &&
-                       prefill::kWsBf16QBuilt<S, D, kSwizzle, kPingPong>) {
+  } else if constexpr (!fp8_q(S) && !kPackGqa && !kPingPong && kDiag == 0 &&
+                       prefill::kWsBf16QBuilt<S, D, kSwizzle>) {
     prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, false,
-                               kPingPong, kSwizzle, 0>(p, stream, error);
+                               false, kSwizzle, 0>(p, stream, error);
     return true;
   } else {
     return false;
@@ -86,9 +85,6 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
     case PrefillConfig::kWsPackGqa: launched = try_launch_ws<S, D, true, false>(p, stream, error); break;
     case PrefillConfig::kWsPackGqaPingPong: launched = try_launch_ws<S, D, true, true>(p, stream, error); break;
     case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, false, false, true>(p, stream, error); break;
-    case PrefillConfig::kWsSwizzlePingPong:
-      launched = try_launch_ws<S, D, false, true, true>(p, stream, error);
-      break;
     case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, false, false, 1>(p, stream, error); break;
     case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, false, false, 2>(p, stream, error); break;
     default: break;

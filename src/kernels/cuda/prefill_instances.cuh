@@ -30,24 +30,20 @@
 // W(D, PACK_GQA, PING_PONG, SWIZZLE, DIAG); keys per tile and stages follow from D (kWsBlockN,
 // kWsStages). Each head dim plain; D 128 also with the 128-byte swizzle (its default: 539 vs 483
 // TFLOP/s on the H200), with packed GQA, with packed GQA + ping-pong (both measured no faster:
-// kept as benchmark options), swizzled with ping-pong (a benchmark option), and the two
-// benchmark diagnostics (DIAG 1, 2).
+// kept as benchmark options), and the two benchmark diagnostics (DIAG 1, 2).
 #define FP8KV_PREFILL_WS_D128(W)                                                                   \
   W(128, false, false, false, 0) W(128, true, false, false, 0) W(128, true, true, false, 0)       \
-  W(128, false, false, true, 0) W(128, false, true, true, 0) W(128, false, false, false, 1)        \
-  W(128, false, false, false, 2)
+  W(128, false, false, true, 0) W(128, false, false, false, 1) W(128, false, false, false, 2)
 #define FP8KV_PREFILL_WS_D64_D256(W) W(64, false, false, false, 0) W(256, false, false, false, 0)
 #define FP8KV_PREFILL_WS_INSTANCES(W) FP8KV_PREFILL_WS_D128(W) FP8KV_PREFILL_WS_D64_D256(W)
 
-// ---- the same kernel with bf16 operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE, PP) ----
+// ---- the same kernel with bf16 operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
 // PrefillConfig::kWarpSpecialized (no swizzle) for D 64 and 128, kWsSwizzle for D 64, 128 and 256
 // (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). The default
 // of these schemes (prefill.cu: kWsSwizzle for bf16 and for D 256, kWarpSpecialized otherwise).
-// bf16 also D 128 swizzled with ping-pong (PrefillConfig::kWsSwizzlePingPong, a benchmark option).
-#define FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S)                                                  \
-  B(S, 64, false, false) B(S, 64, true, false) B(S, 128, false, false) B(S, 128, true, false) \
-  B(S, 256, true, false)
-#define FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kBf16) B(kBf16, 128, true, true)
+#define FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) \
+  B(S, 64, false) B(S, 64, true) B(S, 128, false) B(S, 128, true) B(S, 256, true)
+#define FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kBf16)
 #define FP8KV_PREFILL_WS_FP8_PER_TENSOR(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kFp8PerTensor)
 #define FP8KV_PREFILL_WS_FP8_E5M2(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kFp8E5m2)
 #define FP8KV_PREFILL_WS_FP8_PER_HEAD_BF16Q(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kFp8PerHeadBf16Q)
@@ -94,9 +90,8 @@ constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
 template <int D, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
 constexpr bool kWsBuilt = false FP8KV_PREFILL_WS_INSTANCES(FP8KV_PREFILL_WS_MATCH);
 #undef FP8KV_PREFILL_WS_MATCH
-#define FP8KV_PREFILL_WS_BF16Q_MATCH(s, d, sw, pp) \
-  || (S == KvScheme::s && D == (d) && kSwizzle == (sw) && kPingPong == (pp))
-template <KvScheme S, int D, bool kSwizzle, bool kPingPong>
+#define FP8KV_PREFILL_WS_BF16Q_MATCH(s, d, sw) || (S == KvScheme::s && D == (d) && kSwizzle == (sw))
+template <KvScheme S, int D, bool kSwizzle>
 constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREFILL_WS_BF16Q_MATCH);
 #undef FP8KV_PREFILL_WS_BF16Q_MATCH
 
@@ -109,7 +104,7 @@ constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREF
   template void launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d>, \
                                   kWsStages<KvScheme::kFp8PerHead, d>, pk, pp, sw, dg>(         \
       const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw, pp)                                 \
+#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                                     \
   template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d>,             \
-                                  kWsStages<KvScheme::s, d>, false, pp, sw, 0>(          \
+                                  kWsStages<KvScheme::s, d>, false, false, sw, 0>(       \
       const AttentionParams&, cudaStream_t, DeviceError*);

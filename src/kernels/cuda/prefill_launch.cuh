@@ -28,8 +28,6 @@ enum class PrefillConfig {
   kWsPackGqaPingPong,  // fp8-per-head, D = 128, + the consumer warpgroups take turns
   kWsSwizzle,          // operands in the 128-byte swizzle layout, whole-row copies: fp8-per-head
                        // D = 128, the bf16-Q schemes D = 64, 128 and 256
-  kWsSwizzlePingPong,  // kWsSwizzle + the consumer warpgroups take turns: fp8-per-head and bf16,
-                       // D = 128
   // Benchmark diagnostics of kWarpSpecialized, D = 128 (wrong results by design, never tested):
   kWsDiagConsumers,  // the producer loads only the first tiles: the consumers' bound
   kWsDiagProducer,   // the consumers skip their math: the producer's bound
