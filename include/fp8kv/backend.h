@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "fp8kv/dtype.h"
+#include "fp8kv/error.h"
 
 #include "fp8kv/export.h"
 #include "fp8kv/scheme.h"
@@ -182,8 +183,11 @@ class FP8KV_API Backend {
   virtual std::string capture_unsupported() const {
     return "the " + name() + " backend does not record work into graphs";
   }
-  virtual void begin_capture();
-  virtual std::unique_ptr<StepGraph> end_capture(std::string* why);
+  virtual void begin_capture() { throw Error(capture_unsupported()); }
+  virtual std::unique_ptr<StepGraph> end_capture(std::string* why) {
+    if (why) *why = capture_unsupported();
+    return nullptr;
+  }
   // Counts the frees of memory that recorded work may point into (free(), a kernel workspace
   // regrown): a StepGraph recorded under another count may read freed memory.
   virtual uint64_t memory_epoch() const { return 0; }

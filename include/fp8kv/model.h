@@ -288,6 +288,9 @@ class FP8KV_API ModelRunner {
   void attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales, int row_width,
               const BackendBuffer& q_scales, float* observe_amax, float* observe_q_amax,
               uint16_t* out);
+  // The attention's shapes over `cache` for the current pass (heads, cache, batch, the exact-tp
+  // split): what attend() gives the backend and what graph_step() keys a recording on.
+  AttentionParams attention_shape(KvCacheLayer cache) const;
   // Calibration hooks: where layer l's abs-max goes this pass (null: not observed), and handing
   // it to the observer after the attention.
   float* begin_observation(int l);

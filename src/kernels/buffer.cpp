@@ -63,15 +63,3 @@ void BackendBuffer::download(void* host, size_t bytes) const {
 }
 
 }  // namespace fp8kv
-
-namespace fp8kv {
-
-// Backends that record nothing (the CPU backend): begin_capture refuses with the reason.
-void Backend::begin_capture() { throw Error(capture_unsupported()); }
-
-std::unique_ptr<StepGraph> Backend::end_capture(std::string* why) {
-  if (why) *why = capture_unsupported();
-  return nullptr;
-}
-
-}  // namespace fp8kv

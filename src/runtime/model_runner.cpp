@@ -499,12 +499,7 @@ bool ModelRunner::graph_step(int64_t R, bool greedy) {
   const ModelConfig& c = model_.config();
   key.decode.reserve(static_cast<size_t>(c.num_layers));
   for (int l = 0; l < c.num_layers; ++l) {
-    AttentionParams ap;  // the shapes attend() gives decode_attention
-    ap.num_q_heads = model_.shard().q_heads;
-    ap.cache = pool_.layer(l);
-    ap.batch = s.batch;
-    if (options_.exact_tp) ap.split_kv_heads = c.num_kv_heads;
-    key.decode.push_back(backend_.decode_launch_key(ap));
+    key.decode.push_back(backend_.decode_launch_key(attention_shape(pool_.layer(l))));
   }
   auto it = std::find_if(g.entries.begin(), g.entries.end(),
                          [&](const StepGraphs::Entry& e) { return e.key == key; });
@@ -681,13 +676,9 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
   qk.observe_amax = observe_amax;
   backend_.quantize_kv(qk);
 
-  AttentionParams ap;
-  ap.num_q_heads = Hq;
-  ap.cache = cache;
+  AttentionParams ap = attention_shape(cache);
   ap.scales = sc;
-  ap.batch = s.batch;
   ap.o = out;
-  if (options_.exact_tp) ap.split_kv_heads = c.num_kv_heads;
   if (fp8_q(cache.scheme) || observe_q_amax != nullptr) {
     // The dynamic Q scale of (request, KV head) is the abs-max over this rank's Q heads of
     // that KV head: with tp <= Hkv that is the whole GQA group (as at tp = 1); with tp > Hkv
@@ -720,6 +711,15 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
   } else {
     backend_.prefill_attention(ap);
   }
+}
+
+AttentionParams ModelRunner::attention_shape(KvCacheLayer cache) const {
+  AttentionParams ap;
+  ap.num_q_heads = model_.shard().q_heads;
+  ap.cache = cache;
+  ap.batch = s_->batch;
+  if (options_.exact_tp) ap.split_kv_heads = model_.config().num_kv_heads;
+  return ap;
 }
 
 float* ModelRunner::begin_observation(int l) {

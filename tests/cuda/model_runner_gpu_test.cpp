@@ -455,8 +455,11 @@ struct GraphRun {
   GraphStats forward_stats, stats;           // after the teacher-forced steps, at the end
 };
 
+// prompt_lens: the three prompts; then_generate: also the greedy generate() afterwards.
 GraphRun run_for_graph_test(const std::string& model_dir, KvScheme scheme, const CalibData* calib,
-                            bool graph, bool own_stream) {
+                            bool graph, bool own_stream,
+                            const std::vector<int>& prompt_lens = {490, 200, 7},
+                            bool then_generate = true) {
   auto backend = own_stream ? make_cuda_backend_own_stream(0) : make_cuda_backend(0, nullptr);
   auto ops = make_cuda_model_ops(*backend, backend->cuda_stream());
   auto model = Model::load(model_dir, *backend, false, WeightDtype::kBf16);
@@ -469,8 +472,10 @@ GraphRun run_for_graph_test(const std::string& model_dir, KvScheme scheme, const
   o.cuda_graph = graph;
   if (calib) o.scales = slice_for_rank(*calib, 1, 0);
   ModelRunner r(*model, *backend, *ops, o);
-  const std::vector<std::vector<int32_t>> prompts = {tokens(490, 21, V), tokens(200, 22, V),
-                                                     tokens(7, 23, V)};
+  std::vector<std::vector<int32_t>> prompts;
+  for (size_t b = 0; b < prompt_lens.size(); ++b) {
+    prompts.push_back(tokens(prompt_lens[b], 21 + static_cast<int>(b), V));
+  }
   std::vector<int> reqs;
   for (size_t b = 0; b < prompts.size(); ++b) reqs.push_back(r.add_request());
   GraphRun out;
@@ -483,8 +488,10 @@ GraphRun run_for_graph_test(const std::string& model_dir, KvScheme scheme, const
     const std::vector<float> l = r.forward(reqs, step, LogitRows::kLast);
     out.logits.insert(out.logits.end(), l.begin(), l.end());
   }
-  EXPECT_EQ(r.seq_len(reqs[0]), 520);
+  EXPECT_EQ(r.seq_len(reqs[0]), prompt_lens[0] + 30);
   out.forward_stats = r.graph_stats();
+  out.stats = out.forward_stats;
+  if (!then_generate) return out;
   for (int q : reqs) r.release(q);
   out.tokens = r.generate(prompts, 30);
   out.stats = r.graph_stats();
@@ -556,42 +563,17 @@ TEST_F(ModelRunnerGpu, GpuCudaGraphOnTheDefaultStreamRunsEagerly) {
 // was a new key and nothing was ever replayed: bench model's bf16 cache ran all eager).
 TEST_F(ModelRunnerGpu, GpuCudaGraphUnsplitStepsReplayOneRecording) {
   SKIP_WITHOUT_GPU();
-  auto run = [&](bool graph, GraphStats* stats) {
-    auto backend = make_cuda_backend_own_stream(0);
-    auto ops = make_cuda_model_ops(*backend, backend->cuda_stream());
-    auto model = Model::load(dir_->path() + "/tiny", *backend, false, WeightDtype::kBf16);
-    const int V = model->config().vocab_size;
-    RunnerOptions o;
-    o.scheme = KvScheme::kBf16;
-    o.num_slots = 1024;
-    o.max_requests = 4;
-    o.max_len = 512;
-    o.cuda_graph = graph;
-    ModelRunner r(*model, *backend, *ops, o);
-    const std::vector<std::vector<int32_t>> prompts = {tokens(100, 31, V), tokens(40, 32, V),
-                                                       tokens(7, 33, V)};
-    std::vector<int> reqs;
-    for (size_t b = 0; b < prompts.size(); ++b) reqs.push_back(r.add_request());
-    std::vector<float> logits = r.forward(reqs, prompts, LogitRows::kLast);
-    for (int s = 0; s < 30; ++s) {  // the longest request: 101 .. 130 keys, below a split's 256
-      std::vector<std::vector<int32_t>> step;
-      for (size_t b = 0; b < prompts.size(); ++b) {
-        step.push_back({static_cast<int32_t>((s * 97 + static_cast<int>(b) * 13) % V)});
-      }
-      const std::vector<float> l = r.forward(reqs, step, LogitRows::kLast);
-      logits.insert(logits.end(), l.begin(), l.end());
-    }
-    *stats = r.graph_stats();
-    return logits;
-  };
-  GraphStats eager_stats, graph_stats;
-  const std::vector<float> eager = run(false, &eager_stats);
-  const std::vector<float> graph = run(true, &graph_stats);
-  ASSERT_EQ(eager.size(), graph.size());
-  EXPECT_EQ(std::memcmp(eager.data(), graph.data(), eager.size() * sizeof(float)), 0);
-  EXPECT_EQ(graph_stats.captures, 1);  // one key for all 30 steps
-  EXPECT_EQ(graph_stats.eager_decode + graph_stats.replays, 30);
-  EXPECT_GE(graph_stats.replays, 28);  // all but the warm-up (and a re-warm-up if a buffer grew)
+  // The longest request: 101 .. 130 keys, below a split's 256.
+  const std::vector<int> lens = {100, 40, 7};
+  const std::string tiny = dir_->path() + "/tiny";
+  const GraphRun eager = run_for_graph_test(tiny, KvScheme::kBf16, nullptr, false, true, lens, false);
+  const GraphRun graph = run_for_graph_test(tiny, KvScheme::kBf16, nullptr, true, true, lens, false);
+  ASSERT_EQ(eager.logits.size(), graph.logits.size());
+  EXPECT_EQ(std::memcmp(eager.logits.data(), graph.logits.data(), eager.logits.size() * sizeof(float)), 0);
+  const GraphStats& g = graph.forward_stats;
+  EXPECT_EQ(g.captures, 1);  // one key for all 30 steps
+  EXPECT_EQ(g.eager_decode + g.replays, 30);
+  EXPECT_GE(g.replays, 28);  // all but the warm-up (and a re-warm-up if a buffer grew)
 }
 
 }  // namespace
