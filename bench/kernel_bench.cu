@@ -125,6 +125,58 @@ double time_us(const std::function<void()>& run, int warmup, int iters, cudaStre
   return t[iters / 2];
 }
 
+#ifdef FP8KV_DECODE_TIMELINE
+// Diagnostic build: one more launch of a decode row with per-CTA timestamps, summarized as
+// quantiles (µs): when CTAs start (from the first), their ramp (start -> first tile landed), their
+// stream (first tile -> last tile computed), their epilogue, and when they end. The span is the
+// first start to the last end; the event time and the ideal (cache bytes / read ceiling) beside it.
+void print_decode_timeline(const std::function<void()>& run, const std::string& what, double event_us,
+                           double ideal_us) {
+  constexpr size_t kMaxCtas = size_t{1} << 16;
+  constexpr int kF = cuda::kDecodeTimelineFields;
+  uint64_t* d = nullptr;
+  check_cuda(cudaMalloc(&d, kF * kMaxCtas * sizeof(uint64_t)), "timeline buffer");
+  check_cuda(cudaMemset(d, 0, kF * kMaxCtas * sizeof(uint64_t)), "timeline memset");
+  cuda::set_decode_timeline(d);
+  run();
+  cuda::set_decode_timeline(nullptr);
+  std::vector<uint64_t> h(kF * kMaxCtas);
+  check_cuda(cudaMemcpy(h.data(), d, h.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost), "timeline copy");
+  check_cuda(cudaFree(d), "timeline free");
+  uint64_t t0 = ~uint64_t{0}, t1 = 0;
+  for (size_t i = 0; i < kMaxCtas; ++i) {
+    if (h[kF * i] == 0) continue;  // no such CTA
+    t0 = std::min(t0, h[kF * i]);
+    t1 = std::max(t1, h[kF * i + 3]);
+  }
+  std::vector<double> start, ramp, stream, epilogue, end;
+  for (size_t i = 0; i < kMaxCtas; ++i) {
+    const uint64_t* e = &h[kF * i];
+    if (e[0] == 0) continue;
+    start.push_back((e[0] - t0) * 1e-3);
+    if (e[1] != 0) {  // a CTA with tiles
+      ramp.push_back((e[1] - e[0]) * 1e-3);
+      stream.push_back((e[2] - e[1]) * 1e-3);
+    }
+    epilogue.push_back((e[3] - e[2]) * 1e-3);
+    end.push_back((e[3] - t0) * 1e-3);
+  }
+  if (start.empty()) return;
+  auto q = [](std::vector<double>& v, double f) {
+    if (v.empty()) return 0.0;
+    std::sort(v.begin(), v.end());
+    return v[std::min(v.size() - 1, static_cast<size_t>(f * v.size()))];
+  };
+  std::printf("  timeline %s: %zu CTAs, event %.1f us, ideal %.1f, span %.1f | start p50 %.1f p90 %.1f max %.1f"
+              " | ramp p10 %.2f p50 %.2f p90 %.2f | stream p10 %.1f p50 %.1f max %.1f | epilogue p50 %.2f"
+              " max %.2f | end p10 %.1f p50 %.1f p90 %.1f max %.1f\n",
+              what.c_str(), start.size(), event_us, ideal_us, (t1 - t0) * 1e-3, q(start, 0.5), q(start, 0.9),
+              q(start, 1.0), q(ramp, 0.1), q(ramp, 0.5), q(ramp, 0.9), q(stream, 0.1), q(stream, 0.5),
+              q(stream, 1.0), q(epilogue, 0.5), q(epilogue, 1.0), q(end, 0.1), q(end, 0.5), q(end, 0.9),
+              q(end, 1.0));
+}
+#endif
+
 class Report {
  public:
   void line(const char* fmt, ...) {
@@ -400,6 +452,11 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       const double bytes = static_cast<double>(c.B) * c.L * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
       const double gbs = bytes / us * 1e-3;
       if (scheme == KvScheme::kBf16) bf16_us = us;
+#ifdef FP8KV_DECODE_TIMELINE
+      if (scheme == KvScheme::kBf16 || scheme == KvScheme::kFp8PerHead)
+        print_decode_timeline([&] { cuda::launch_decode_attention(p, ws.get(), s); },
+                              std::string(shape) + " " + scheme_name(scheme), us, bytes / read_gbs * 1e-3);
+#endif
       r.line("  %-40s %-18s %8.1f   %10.0f   %6.1f%%   %8.2f", shape, scheme_name(scheme), us, gbs,
              100.0 * gbs / read_gbs, us / bf16_us);
       r.record("decode", name + "_" + scheme_name(scheme),

@@ -93,7 +93,13 @@ DecodePlan plan_decode(const AttentionParams& p) {
   return plan;
 }
 
+#ifdef FP8KV_DECODE_TIMELINE
+uint64_t* g_timeline = nullptr;
+#endif
 }  // namespace
+#ifdef FP8KV_DECODE_TIMELINE
+void set_decode_timeline(uint64_t* buffer) { g_timeline = buffer; }
+#endif
 
 size_t decode_workspace_bytes(const AttentionParams& p) {
   const DecodePlan plan = plan_decode(p);
@@ -124,6 +130,9 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   a.num_splits = plan.split.num_splits;
   a.split_tokens = plan.split.split_tokens;
   a.sm_scale_log2 = a.softmax_scale * kLog2e;
+#ifdef FP8KV_DECODE_TIMELINE
+  a.timeline = g_timeline;
+#endif
   if (a.num_splits > 1) {
     if (workspace == nullptr) throw Error("decode attention: split-KV needs a workspace (decode_workspace_bytes)");
     const size_t rows = static_cast<size_t>(p.batch.num_requests) * p.num_q_heads * a.num_splits;

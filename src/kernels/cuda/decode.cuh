@@ -22,7 +22,17 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
   int num_splits = 1;       // o is written directly when 1, else ws_o / ws_lse and the merge
   int split_tokens = 0;
   float sm_scale_log2 = 0.0f;  // softmax scale * log2(e): scores are kept in the log2 domain
+#ifdef FP8KV_DECODE_TIMELINE
+  uint64_t* timeline = nullptr;  // [CTAs][kDecodeTimelineFields] nanoseconds, or null
+#endif
 };
+#ifdef FP8KV_DECODE_TIMELINE
+// Diagnostic build only: per-CTA timestamps of the next decode launches (start, first tile
+// landed, last tile computed, end; %globaltimer ns) into `buffer`, indexed by the linear CTA id
+// (blockIdx.x fastest); null stops. bench kernels summarizes them per decode row.
+constexpr int kDecodeTimelineFields = 4;
+void set_decode_timeline(uint64_t* buffer);
+#endif
 
 // Adjacent KV heads one CTA of the tensor-core decode kernel takes, so that each bulk copy of a
 // token's K (or V) row moves about 256 bytes: the copy engine's rate is per copy, and rows of

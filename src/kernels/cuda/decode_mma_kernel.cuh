@@ -164,6 +164,12 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   constexpr int kSteps = Sh::kSteps;
   extern __shared__ __align__(16) uint8_t smem[];
 
+#ifdef FP8KV_DECODE_TIMELINE
+  // Diagnostic build (CMake FP8KV_DECODE_TIMELINE): the CTA's start, first tile, end of the
+  // stream and end, written at the end when a.timeline is set (bench kernels prints them).
+  const uint64_t tl_start = global_timer_ns();
+  uint64_t tl_first = 0, tl_streamed = 0;
+#endif
   // Split-KV: the merge kernel is a programmatic dependent launch (decode.cu); let it be scheduled
   // now, so that its launch overlaps this kernel (it waits for this grid's results itself).
   if (a.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -313,6 +319,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 
   for (int i = 0; i < num_tiles; ++i) {
     mbarrier_wait(bar_base + 8 * (i % Sh::kStages), (i / Sh::kStages) & 1);
+#ifdef FP8KV_DECODE_TIMELINE
+    if (i == 0) tl_first = global_timer_ns();
+#endif
     // Every warp is done with tile i-1, whose stage the issue below refills.
     __syncthreads();
     const int j = i + Sh::kStages - 1;
@@ -430,6 +439,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     }
   }
 
+#ifdef FP8KV_DECODE_TIMELINE
+  tl_streamed = global_timer_ns();
+#endif
 #pragma unroll
   for (int c = 0; c < 2; ++c) {
     l[c] += __shfl_xor_sync(kFullMask, l[c], 4);
@@ -485,6 +497,17 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
       if (d == 0) a.ws_lse[row] = sum_l > 0.0f ? mx + __log2f(sum_l) : -INFINITY;
     }
   }
+#ifdef FP8KV_DECODE_TIMELINE
+  __syncthreads();
+  if (threadIdx.x == 0 && a.timeline != nullptr) {
+    const int64_t cta = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
+    uint64_t* e = a.timeline + kDecodeTimelineFields * cta;
+    e[0] = tl_start;
+    e[1] = tl_first;
+    e[2] = tl_streamed;
+    e[3] = global_timer_ns();
+  }
+#endif
 }
 
 template <KvScheme kScheme, int kHeadDim>
