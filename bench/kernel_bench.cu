@@ -167,6 +167,20 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     std::sort(v.begin(), v.end());
     return v[std::min(v.size() - 1, static_cast<size_t>(f * v.size()))];
   };
+  // Per SM: the mean stream time of its CTAs, to tell slow SMs (a placement effect) from slow CTAs.
+  std::vector<double> sm_sum(1024, 0.0);
+  std::vector<int> sm_n(1024, 0);
+  for (size_t i = 0; i < kMaxCtas; ++i) {
+    const uint64_t* e = &h[kF * i];
+    if (e[0] == 0 || e[1] == 0 || e[4] >= sm_sum.size()) continue;
+    sm_sum[e[4]] += (e[2] - e[1]) * 1e-3;
+    ++sm_n[e[4]];
+  }
+  std::vector<std::pair<double, int>> sm_mean;
+  for (size_t i = 0; i < sm_sum.size(); ++i) {
+    if (sm_n[i] > 0) sm_mean.emplace_back(sm_sum[i] / sm_n[i], static_cast<int>(i));
+  }
+  std::sort(sm_mean.begin(), sm_mean.end());
   std::printf("  timeline %s: %zu CTAs, event %.1f us, ideal %.1f, span %.1f | start p50 %.1f p90 %.1f max %.1f"
               " | ramp p10 %.2f p50 %.2f p90 %.2f | stream p10 %.1f p50 %.1f max %.1f | epilogue p50 %.2f"
               " max %.2f | end p10 %.1f p50 %.1f p90 %.1f max %.1f\n",
@@ -174,6 +188,16 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
               q(start, 1.0), q(ramp, 0.1), q(ramp, 0.5), q(ramp, 0.9), q(stream, 0.1), q(stream, 0.5),
               q(stream, 1.0), q(epilogue, 0.5), q(epilogue, 1.0), q(end, 0.1), q(end, 0.5), q(end, 0.9),
               q(end, 1.0));
+  if (!sm_mean.empty()) {
+    std::printf("    per SM (mean stream of its CTAs): %zu SMs, fastest %.1f, median %.1f, slowest %.1f; slowest 12:",
+                sm_mean.size(), sm_mean.front().first, sm_mean[sm_mean.size() / 2].first, sm_mean.back().first);
+    for (size_t i = sm_mean.size() > 12 ? sm_mean.size() - 12 : 0; i < sm_mean.size(); ++i)
+      std::printf(" %d(%.1f)", sm_mean[i].second, sm_mean[i].first);
+    std::printf("; fastest 12:");
+    for (size_t i = 0; i < std::min<size_t>(12, sm_mean.size()); ++i)
+      std::printf(" %d(%.1f)", sm_mean[i].second, sm_mean[i].first);
+    std::printf("\n");
+  }
 }
 #endif
 

@@ -28,9 +28,10 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
 };
 #ifdef FP8KV_DECODE_TIMELINE
 // Diagnostic build only: per-CTA timestamps of the next decode launches (start, first tile
-// landed, last tile computed, end; %globaltimer ns) into `buffer`, indexed by the linear CTA id
-// (blockIdx.x fastest); null stops. bench kernels summarizes them per decode row.
-constexpr int kDecodeTimelineFields = 4;
+// landed, last tile computed, end; %globaltimer ns) and the SM it ran on into `buffer`, indexed
+// by the linear CTA id (blockIdx.x fastest); null stops. bench kernels summarizes them per
+// decode row.
+constexpr int kDecodeTimelineFields = 5;
 void set_decode_timeline(uint64_t* buffer);
 #endif
 

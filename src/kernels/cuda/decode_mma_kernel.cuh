@@ -506,6 +506,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     e[1] = tl_first;
     e[2] = tl_streamed;
     e[3] = global_timer_ns();
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    e[4] = sm;
   }
 #endif
 }
