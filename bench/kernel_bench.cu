@@ -140,6 +140,7 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
   cuda::set_decode_timeline(d);
   run();
   cuda::set_decode_timeline(nullptr);
+  check_cuda(cudaDeviceSynchronize(), "timeline launch");  // the launch ran on the bench's stream
   std::vector<uint64_t> h(kF * kMaxCtas);
   check_cuda(cudaMemcpy(h.data(), d, h.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost), "timeline copy");
   check_cuda(cudaFree(d), "timeline free");
