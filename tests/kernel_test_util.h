@@ -497,7 +497,8 @@ struct AttentionRun {
 };
 
 // quantize_kv of every token into a pool pre-filled with NaN (0xff bytes: NaN in bf16, e4m3 and
-// e5m2), quantize_q for fp8-per-head, then prefill or decode attention.
+// e5m2), quantize_q for fp8-per-head, then prefill or decode attention into an O pre-filled with
+// NaN.
 inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, KvScheme scheme,
                                   const KvScales& scales, const RunOptions& options = {}) {
   const size_t pool_bytes = static_cast<size_t>(p.pool_elements()) * kv_elem_bytes(scheme);
@@ -531,6 +532,9 @@ inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, K
 
   const int64_t q_elements = p.total_q() * p.num_q_heads * p.head_dim;
   BackendBuffer q(backend, p.q), o(backend, q_elements * sizeof(uint16_t));
+  // O starts as NaN (0xffff in bf16): a row the kernel leaves unwritten fails the comparisons,
+  // whatever an earlier run left in the allocation.
+  backend.memset(o.as<void>(), 0xff, q_elements * sizeof(uint16_t));
   BackendBuffer q_fp8(backend, q_elements),
       q_scale(backend, p.num_requests() * p.num_kv_heads * sizeof(float));
   BackendBuffer seq_len(backend, p.seq_len), cu_seqlens(backend, p.cu_seqlens_q);

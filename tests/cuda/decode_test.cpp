@@ -1,8 +1,8 @@
 // Decode attention on the GPU against its CPU twin and a float64 reference, on fresh random data
 // with outliers: lengths 1, 7, 127, 4100 (no split and split-KV), GQA 1/4/8, head_dim 64/128/256,
 // every scheme (fp8-e5m2 and fp8-per-head-bf16q too); a long case (33k keys) whose FP8 error
-// must not grow with length; bad arguments refused; a request index out of range skipped on the
-// device and reported at sync. One decode kernel per scheme (decode_mma_kernel.cuh, tensor
+// must not grow with length; split merges repeated across shapes on one workspace; bad arguments
+// refused; a request index out of range skipped on the device and reported at sync. One decode kernel per scheme (decode_mma_kernel.cuh, tensor
 // cores); the CPU twin is its oracle. The split heuristic's tests are in
 // tests/kernels/decode_split_test.cpp.
 //
@@ -178,6 +178,55 @@ TEST(CudaDecode, LongContextErrorDoesNotGrow) {
     for (size_t v = 0; v < std::size(kVariants); ++v) {
       EXPECT_LE(err[1][v], 1.5 * err[0][v] + 1e-4)
           << scheme_name(scheme) << " " << kVariants[v].name << ": kernel error grows with length";
+    }
+  }
+}
+
+// Split-KV merges on one backend (one workspace) across shapes and repeats: a few splits (merged
+// by each group's last CTA, whose counters must be back at zero for the next launch), more than
+// kDecodeFusedMergeMaxSplits (16; the merge kernel), none, and a larger batch of splits whose
+// counters lie past the first case's. Each run matches the CPU twin, and the second round is bit
+// for bit the first (which CTA merges does not change the numbers). O starts as NaN every run.
+TEST(CudaDecode, SplitMergesRepeatAcrossShapes) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  struct Case { const char* what; std::vector<int> lengths; int hkv; };
+  const Case cases[] = {{"few splits", {2000, 1500, 900}, 2},
+                        {"many splits (merge kernel)", {8000}, 2},
+                        {"no split", {300, 7, 1}, 2},
+                        {"few splits, more groups", {1200, 1100, 1000, 999, 1300, 700, 1}, 4}};
+  for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {
+    std::vector<std::vector<uint16_t>> first;
+    for (int round = 0; round < 2; ++round) {
+      int i = 0;
+      for (const Case& c : cases) {
+        test::ProblemSpec spec;
+        spec.requests = decode_requests(c.lengths);
+        spec.num_kv_heads = c.hkv;
+        spec.num_q_heads = 4 * c.hkv;
+        spec.head_dim = 128;
+        spec.data.outlier_channels = 2;
+        spec.seed = 9000 + i;
+        SCOPED_TRACE(std::string(scheme_name(scheme)) + " " + c.what + " round " + std::to_string(round));
+        const test::AttentionProblem prob = test::make_problem(spec);
+        const test::KvScales scales = test::calibrate_scales(prob, scheme);
+        test::RunOptions opt;
+        opt.phase = AttentionPhase::kDecode;
+        const test::AttentionRun g = test::run_attention(*gpu, prob, scheme, scales, opt);
+        if (round == 0) {
+          const test::AttentionRun c_run = test::run_attention(*cpu, prob, scheme, scales, opt);
+          DecodeErrors e;
+          const auto ref_em = test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales), 0.0f);
+          e.gpu_emulated = test::compare(g.o, ref_em, prob.head_dim);
+          e.cpu_emulated = test::compare(c_run.o, ref_em, prob.head_dim);
+          expect_close(e);
+          first.push_back(g.o);
+        } else {
+          EXPECT_TRUE(g.o == first[i]) << "a repeated launch gave different bits";
+        }
+        ++i;
+      }
     }
   }
 }
