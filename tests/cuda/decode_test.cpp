@@ -182,18 +182,17 @@ TEST(CudaDecode, LongContextErrorDoesNotGrow) {
   }
 }
 
-// Split-KV merges on one backend (one workspace) across shapes and repeats: a few splits (merged
-// by each group's last CTA, whose counters must be back at zero for the next launch), more than
-// kDecodeFusedMergeMaxSplits (16; the merge kernel), none, and a larger batch of splits whose
-// counters lie past the first case's. Each run matches the CPU twin, and the second round is bit
-// for bit the first (which CTA merges does not change the numbers). O starts as NaN every run.
+// Split-KV on one backend (one workspace, reused and grown) across shapes and repeats: a few
+// splits, many (one request over the whole GPU), none, and a larger batch of splits. Each run
+// matches the CPU twin, and the second round is bit for bit the first (the split merge is
+// deterministic). O starts as NaN every run, so nothing passes on an earlier run's output.
 TEST(CudaDecode, SplitMergesRepeatAcrossShapes) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
   struct Case { const char* what; std::vector<int> lengths; int hkv; };
   const Case cases[] = {{"few splits", {2000, 1500, 900}, 2},
-                        {"many splits (merge kernel)", {8000}, 2},
+                        {"many splits", {8000}, 2},
                         {"no split", {300, 7, 1}, 2},
                         {"few splits, more groups", {1200, 1100, 1000, 999, 1300, 700, 1}, 4}};
   for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {

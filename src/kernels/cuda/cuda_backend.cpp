@@ -249,8 +249,6 @@ class CudaBackend final : public Backend {
       workspace_bytes_ = 0;
       check_cuda(cudaMalloc(&workspace_, need), "cuda backend: cudaMalloc (decode workspace)");
       workspace_bytes_ = need;
-      // Zero once: its split counters must be zero before a launch, and each launch leaves them so.
-      check_cuda(cudaMemsetAsync(workspace_, 0, need, stream_), "cuda backend: decode workspace memset");
     }
     cuda::launch_decode_attention(p, workspace_, stream_, device_error_);
   }

@@ -5,7 +5,6 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
-#include "kernels/cuda/decode_merge.cuh"
 #include "kernels/decode_split.h"
 #include "kernels/cuda/dispatch.h"
 #include "kernels/cuda/launchers.h"
@@ -13,21 +12,47 @@
 namespace fp8kv::cuda {
 namespace {
 
-// The split merge for launches of more than kDecodeFusedMergeMaxSplits splits: one warp per
-// (request, query head) (merge_split_row). Launched as a programmatic dependent of the decode
-// kernel: it starts while the decode kernel runs and waits for its results at griddepcontrol.wait.
+// Combines the splits of one (request, query head): o = sum_s w_s o_s / sum_s w_s with
+// w_s = 2^(lse_s - max lse). One warp per (request, query head): lane l takes dims
+// kPer * l .. + kPer - 1 (kPer = D / 32) as vector loads, the split loop unrolled so that several
+// splits' loads are in flight at once (the partials sit in L2: latency, not bandwidth, is the cost).
+// Launched as a programmatic dependent of the decode kernel: it starts while the decode kernel
+// runs and waits for its results at griddepcontrol.wait.
 template <int kHeadDim>
 __global__ void __launch_bounds__(32) decode_merge_kernel(const float* __restrict__ ws_o,
                                                           const float* __restrict__ ws_lse,
                                                           const int32_t* __restrict__ cu_seqlens_q,
                                                           uint16_t* __restrict__ o, int num_q_heads,
                                                           int num_splits) {
+  constexpr int kPer = kHeadDim / 32;  // 2, 4, 8
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  const int b = blockIdx.x / num_q_heads, h = blockIdx.x % num_q_heads;
+  const int b = blockIdx.x / num_q_heads, h = blockIdx.x % num_q_heads, lane = threadIdx.x;
   const int64_t row0 = (static_cast<int64_t>(b) * num_q_heads + h) * num_splits;
-  merge_split_row<kHeadDim>(ws_o, ws_lse, row0, num_splits,
-                            o + (static_cast<int64_t>(cu_seqlens_q[b]) * num_q_heads + h) * kHeadDim,
-                            threadIdx.x);
+  float mx = -INFINITY;
+  for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, ws_lse[row0 + s]);
+  mx = warp_max(mx);
+  float acc[kPer] = {};
+  float sum_w = 0.0f;
+  if (mx != -INFINITY) {
+#pragma unroll 4
+    for (int s = 0; s < num_splits; ++s) {
+      const float w = exp2f(ws_lse[row0 + s] - mx);
+      const float* src = ws_o + (row0 + s) * kHeadDim + kPer * lane;
+      float x[kPer];
+#pragma unroll
+      for (int i = 0; i < kPer; i += 2) {
+        const float2 v = *reinterpret_cast<const float2*>(src + i);
+        x[i] = v.x;
+        x[i + 1] = v.y;
+      }
+      sum_w += w;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) acc[i] += w * x[i];
+    }
+  }
+  uint16_t* dst = o + (static_cast<int64_t>(cu_seqlens_q[b]) * num_q_heads + h) * kHeadDim + kPer * lane;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) dst[i] = float_to_bf16_bits(sum_w > 0.0f ? acc[i] / sum_w : 0.0f);
 }
 
 int sm_count() {
@@ -59,9 +84,6 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) *
                        ceil_div(planned_heads, plan.kv_per_cta) * plan.head_chunks;
   plan.split = choose_decode_split(ctas, static_cast<int64_t>(sms) * per_sm, p.batch.max_seq_len);
-  const int64_t groups = static_cast<int64_t>(p.batch.num_requests) *
-                         ceil_div(p.cache.num_kv_heads, plan.kv_per_cta) * plan.head_chunks;
-  if (groups > kDecodeMaxSplitGroups) plan.split = DecodeSplit{1, 0};
   // One split reads a request's keys [0, seq_len): any split_tokens >= every seq_len does. The
   // request table's width is one that stays put while max_seq_len grows, so the launch (and a
   // recorded CUDA graph's key, decode_launch_key) does not change with every decode step.
@@ -79,15 +101,11 @@ uint64_t* g_timeline = nullptr;
 void set_decode_timeline(uint64_t* buffer) { g_timeline = buffer; }
 #endif
 
-// The workspace of a split launch: the group counters first (a fixed place: they must stay zero
-// between launches whatever the shapes), then the partial outputs and their log-sum-exps.
-constexpr size_t kCounterBytes = kDecodeMaxSplitGroups * sizeof(uint32_t);
-
 size_t decode_workspace_bytes(const AttentionParams& p) {
   const DecodePlan plan = plan_decode(p);
   if (plan.split.num_splits == 1) return 0;
   const size_t rows = static_cast<size_t>(p.batch.num_requests) * p.num_q_heads * plan.split.num_splits;
-  return kCounterBytes + rows * (static_cast<size_t>(p.cache.head_dim) + 1) * sizeof(float);
+  return rows * (static_cast<size_t>(p.cache.head_dim) + 1) * sizeof(float);
 }
 
 uint64_t decode_launch_key(const AttentionParams& p) {
@@ -118,8 +136,7 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   if (a.num_splits > 1) {
     if (workspace == nullptr) throw Error("decode attention: split-KV needs a workspace (decode_workspace_bytes)");
     const size_t rows = static_cast<size_t>(p.batch.num_requests) * p.num_q_heads * a.num_splits;
-    a.split_counters = static_cast<uint32_t*>(workspace);
-    a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + kCounterBytes);
+    a.ws_o = static_cast<float*>(workspace);
     a.ws_lse = a.ws_o + rows * D;
   }
   const dim3 grid(a.num_splits, ceil_div(p.cache.num_kv_heads, plan.kv_per_cta) * plan.head_chunks,
@@ -127,7 +144,7 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] { DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, stream); });
   });
-  if (a.num_splits > kDecodeFusedMergeMaxSplits) {
+  if (a.num_splits > 1) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(p.batch.num_requests * p.num_q_heads);
     cfg.blockDim = dim3(32);

@@ -17,9 +17,6 @@ namespace fp8kv::cuda {
 struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then decode's own
   float* ws_o = nullptr;    // [B, Hq, num_splits, D] normalized partial outputs
   float* ws_lse = nullptr;  // [B, Hq, num_splits] log2-sum-exp2 of each split
-  // [kDecodeMaxSplitGroups] splits arrived per (request, head group) = (b, blockIdx.y), zero
-  // between launches: the last CTA of a group merges it and puts its counter back to zero.
-  uint32_t* split_counters = nullptr;
   int group = 0;            // Hq / Hkv
   int head_chunks = 0;      // ceil(group / heads per CTA)
   int num_splits = 1;       // o is written directly when 1, else ws_o / ws_lse and the merge
@@ -37,15 +34,6 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
 constexpr int kDecodeTimelineFields = 5;
 void set_decode_timeline(uint64_t* buffer);
 #endif
-
-// Split-KV: the decode kernel's last CTA of a (request, head group) merges the group's partials
-// (decode_merge.cuh) when there are at most kDecodeFusedMergeMaxSplits of them: one L2 pass at the
-// end of that CTA instead of a second kernel after the grid. More splits (one long request over
-// the whole GPU) go to the merge kernel, whose many warps read them faster than one CTA. A launch
-// splits only when its groups fit the workspace's counters (kDecodeMaxSplitGroups; a split pays
-// off only for fewer CTAs than the GPU holds, far below it).
-constexpr int kDecodeFusedMergeMaxSplits = 16;
-constexpr int kDecodeMaxSplitGroups = 4096;
 
 // Adjacent KV heads one CTA of the tensor-core decode kernel takes, so that each bulk copy of a
 // token's K (or V) row moves about 256 bytes: the copy engine's rate is per copy, and rows of

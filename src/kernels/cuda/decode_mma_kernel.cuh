@@ -18,8 +18,7 @@
 // issue one copy each; one __syncthreads per tile frees the stage for refilling). Warp w of a
 // KV head computes keys 16w..16w+15 of every tile with its own online softmax (fp32, log2
 // domain); the 4 warps are merged in shared memory at the end and the CTA writes bf16 (one
-// split) or a normalized partial and its log-sum-exp, merged by the group's last CTA
-// (decode_merge.cuh; many splits: decode.cu's merge kernel).
+// split) or a normalized partial and its log-sum-exp (decode.cu merges).
 //
 // Layout: transposed products, so that no MMA row is padding. A GQA group has only 1..8 query
 // heads, so they are the N = 8 dimension and keys / dims the M = 16 dimension:
@@ -70,7 +69,6 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
-#include "kernels/cuda/decode_merge.cuh"
 
 namespace fp8kv::cuda {
 namespace decode_mma {
@@ -172,9 +170,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   const uint64_t tl_start = global_timer_ns();
   uint64_t tl_first = 0, tl_streamed = 0;
 #endif
-  // Many splits: the merge kernel is a programmatic dependent launch (decode.cu); let it be
-  // scheduled now, so that its launch overlaps this kernel (it waits for this grid's results).
-  if (a.num_splits > kDecodeFusedMergeMaxSplits) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  // Split-KV: the merge kernel is a programmatic dependent launch (decode.cu); let it be scheduled
+  // now, so that its launch overlaps this kernel (it waits for this grid's results itself).
+  if (a.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   const int split = blockIdx.x;
   const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;  // first KV head of the CTA
   const int hc = blockIdx.y % a.head_chunks;
@@ -497,30 +495,6 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
       const int64_t row = (static_cast<int64_t>(b) * a.num_q_heads + head) * a.num_splits + split;
       a.ws_o[row * kHeadDim + d] = out;
       if (d == 0) a.ws_lse[row] = sum_l > 0.0f ? mx + __log2f(sum_l) : -INFINITY;
-    }
-  }
-  if (a.num_splits > 1 && a.num_splits <= kDecodeFusedMergeMaxSplits) {
-    // The group's last CTA to finish merges every split (in split order: the same numbers
-    // whichever CTA it is). Each thread's partials are made visible before the CTA arrives.
-    __shared__ bool s_last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      uint32_t* counter = a.split_counters + (static_cast<int64_t>(b) * gridDim.y + blockIdx.y);
-      s_last = atomicAdd(counter, 1u) + 1 == static_cast<uint32_t>(a.num_splits);
-      if (s_last) *counter = 0;  // every split has arrived: zero again for the next launch
-    }
-    __syncthreads();
-    if (s_last) {
-      __threadfence();
-      // One warp per (KV head of the CTA, query head of its chunk).
-      const int heads = min(kRows, a.group - hc * kRows);
-      for (int r = threadIdx.x / 32; r < kv_here * heads; r += Sh::kThreads / 32) {
-        const int head = (g0 + r / heads) * a.group + hc * kRows + r % heads;
-        const int64_t row0 = (static_cast<int64_t>(b) * a.num_q_heads + head) * a.num_splits;
-        merge_split_row<kHeadDim>(a.ws_o, a.ws_lse, row0, a.num_splits,
-                                  a.o + (q_token * a.num_q_heads + head) * kHeadDim, lane);
-      }
     }
   }
 #ifdef FP8KV_DECODE_TIMELINE

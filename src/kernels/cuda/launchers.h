@@ -16,8 +16,7 @@ void launch_quantize_q(const QuantizeQParams& p, cudaStream_t stream);
 // Attention reads req_to_token's row b_req_idx[b] of each request b only when it lies in
 // [0, batch.max_requests): a request out of range is skipped (its rows of o are left undefined) and
 // recorded in `error` (device memory, device_error.h) when given.
-// decode.cu; `workspace` (decode_workspace_bytes) holds the split-KV partial results and the
-// counters of their merge: zero it once when allocated; every launch leaves the counters zero.
+// decode.cu; `workspace` holds the split-KV partial results (decode_workspace_bytes).
 size_t decode_workspace_bytes(const AttentionParams& p);
 // The launch configuration decode_attention picks for p's shapes (Backend::decode_launch_key).
 uint64_t decode_launch_key(const AttentionParams& p);
