@@ -213,6 +213,10 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
       a.kv + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes;
   const uint32_t smem_base = smem_addr(smem);
   const uint32_t bar_base = smem_base + Sh::kDataBytes;  // kStages mbarriers
+  // K/V rows are read once: evict them from L2 first, so that the slot table, Q and the other
+  // small inputs stay there (measured: 1-2% faster FP8 decode, most at B=512 L=512, GQA 7 and
+  // scattered slots).
+  const uint64_t l2_policy = l2_evict_first_policy();
   if (threadIdx.x < Sh::kStages) mbarrier_init(bar_base + 8 * threadIdx.x, kIssuers);
   fence_barrier_init();
   __syncthreads();
@@ -228,7 +232,7 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     const uint32_t bar = bar_base + 8 * stage;
     if (slot >= 0) {
       mbarrier_arrive_expect_tx(bar, cp_bytes);
-      bulk_copy_g2s(dst, cp_base + slot * slot_bytes, cp_bytes, bar);
+      bulk_copy_g2s(dst, cp_base + slot * slot_bytes, cp_bytes, bar, l2_policy);
     } else {
       // Rows past the end are zero: their scores are masked and their V rows must be finite
       // zeros, never stale data (0 * NaN would poison the output).
