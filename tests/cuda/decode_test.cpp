@@ -2,9 +2,9 @@
 // with outliers: lengths 1, 7, 127, 4100 (no split and split-KV), GQA 1/4/8, head_dim 64/128/256,
 // every scheme (fp8-e5m2 and fp8-per-head-bf16q too); a long case (33k keys) whose FP8 error
 // must not grow with length; split merges repeated across shapes on one workspace; bad arguments
-// refused; a request index out of range skipped on the device and reported at sync. One decode kernel per scheme (decode_mma_kernel.cuh, tensor
-// cores); the CPU twin is its oracle. The split heuristic's tests are in
-// tests/kernels/decode_split_test.cpp.
+// refused; a request index out of range skipped on the device and reported at sync. One decode
+// kernel per scheme (decode_mma_kernel.cuh, tensor cores); the CPU twin is its oracle. The split
+// heuristic's tests are in tests/kernels/decode_split_test.cpp.
 //
 // Criterion (STYLE.md): errors are normalized ||o - ref|| / ||ref|| against float64 attention on
 // the inputs as the scheme rounds them (emulated_inputs), so the test measures the kernel's own

@@ -165,8 +165,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   extern __shared__ __align__(16) uint8_t smem[];
 
 #ifdef FP8KV_DECODE_TIMELINE
-  // Diagnostic build (CMake FP8KV_DECODE_TIMELINE): the CTA's start, first tile, end of the
-  // stream and end, written at the end when a.timeline is set (bench kernels prints them).
+  // Diagnostic build (CMake FP8KV_DECODE_TIMELINE): the CTA's start, first tile landed, last
+  // tile computed, end and SM, written at the end when a.timeline is set (bench kernels prints
+  // them).
   const uint64_t tl_start = global_timer_ns();
   uint64_t tl_first = 0, tl_streamed = 0;
 #endif
