@@ -226,13 +226,23 @@ class Report {
     json_.push_back(o + "}");
   }
   const std::string& text() const { return text_; }
-  void write_json(const std::string& path, const std::string& device) const {
-    FILE* f = std::fopen(path.c_str(), "w");
-    if (!f) throw Error("bench: cannot write " + path);
-    std::fprintf(f, "{\"device\":\"%s\",\"results\":[\n", device.c_str());
+  // The records so far; `complete` false until the last section is done. Written after every
+  // section (to a temporary, then renamed), so that a run that dies in a later section (a sticky
+  // CUDA error ends the process) still leaves the finished sections for the report.
+  void write_json(const std::string& path, const std::string& device, bool complete) const {
+    const std::string tmp = path + ".tmp";
+    FILE* f = std::fopen(tmp.c_str(), "w");
+    if (!f) throw Error("bench: cannot write " + tmp);
+    std::fprintf(f, "{\"device\":\"%s\",\"complete\":%s,\"results\":[\n", device.c_str(),
+                 complete ? "true" : "false");
     for (size_t i = 0; i < json_.size(); ++i) std::fprintf(f, "  %s%s\n", json_[i].c_str(), i + 1 < json_.size() ? "," : "");
     std::fprintf(f, "]}\n");
+    const bool ok = std::fflush(f) == 0 && !std::ferror(f);
     std::fclose(f);
+    if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+      std::remove(tmp.c_str());
+      throw Error("bench: cannot write " + path);
+    }
   }
 
  private:
@@ -439,6 +449,12 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   r.line("");
   r.line("ceilings: read %.0f GB/s | copy (read+write) %.0f GB/s | cuBLASLt GEMM %d^3: BF16 %.0f TFLOP/s, FP8 %.0f TFLOP/s",
          read_gbs, copy_gbs, o.quick ? 4096 : 8192, bf16_tflops, fp8_tflops);
+  // The JSON so far, after the ceilings and after each section (Report::write_json).
+  auto checkpoint = [&] {
+    check_cuda(cudaStreamSynchronize(s), "bench section");
+    if (!o.json_path.empty()) r.write_json(o.json_path, prop.name, /*complete=*/false);
+  };
+  checkpoint();
 
   // Decode: the one kernel per scheme. Rows: the three reference shapes (Hq 32, Hkv 8, D 128),
   // head_dim 64 and 256, GQA 7, one long request (split-KV), a large batch of short requests,
@@ -500,6 +516,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // _noncausal; every scheme). Slots are scattered (a shuffled slot table): each K/V row is a
   // separate gather, as in a fragmented pool. FLOPs: 4 * D * Hq * (query, key) pairs, the causal
   // pairs counted exactly; non-causal 4 * D * Hq * q_len * seq_len per request.
+  checkpoint();
   if (o.prefill && want("prefill")) {
     r.line("");
     r.line("prefill (causal unless said)               scheme             kernel       time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
@@ -587,6 +604,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   }
 
   // Quantize-on-write.
+  checkpoint();
   if (want("quantize")) {
     r.line("");
     const int T = o.quick ? 4096 : 16384, Hkv = 8, D = 128;
@@ -630,6 +648,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   }
   // The model's linear on bf16 weights, x fp32 [m, k] -> y fp32 [m, n]: cuBLAS (ModelOps::linear)
   // and the fixed-order kernel (linear_ordered, 8 runs) that exact tensor parallelism uses.
+  checkpoint();
   if (want("linear")) {
     r.line("");
     r.line("model linear, bf16 weights     m x n x k            cuBLAS TFLOP/s  fixed-order TFLOP/s  fixed/cuBLAS  %%bf16_gemm");
@@ -660,7 +679,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   g_device = nullptr;
   backend.reset();  // before its stream goes
   check_cuda(cudaStreamDestroy(s), "cudaStreamDestroy");
-  if (!o.json_path.empty()) r.write_json(o.json_path, prop.name);
+  if (!o.json_path.empty()) r.write_json(o.json_path, prop.name, /*complete=*/true);
   return r.text();
 }
 

@@ -20,6 +20,8 @@ def main():
         print("gpu_report: no benchmark JSON")
         return 1
     res = bench["results"]
+    if not bench.get("complete", True):
+        print("gpu_report: the benchmark stopped early (see bench.log): the sections below are those it finished")
     get = lambda kind, name: next((r for r in res if r["kind"] == kind and r["name"] == name), None)
     ceil = {r["name"]: r for r in res if r["kind"] == "ceiling"}
     mark = lambda ok: "PASS" if ok else "MISS"

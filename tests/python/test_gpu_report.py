@@ -1,0 +1,49 @@
+"""scripts/gpu_report.py, the last table of scripts/gpu-check: a benchmark JSON that the bench
+wrote after each section (complete false: it died in a later one) still gives the finished
+sections, under a note that says so; a complete one has no note; no JSON is an error."""
+import json
+import os
+import subprocess
+import sys
+
+REPORT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "gpu_report.py")
+
+
+def bench_json(complete):
+    res = [{"kind": "ceiling", "name": "read", "gbs": 4500.0},
+           {"kind": "ceiling", "name": "copy", "gbs": 4200.0}]
+    for scheme, us in (("bf16", 260.0), ("fp8-per-tensor", 133.0), ("fp8-per-head", 132.0)):
+        res.append({"kind": "decode", "name": "B64_L4096_" + scheme, "us": us,
+                    "frac_read_bw": 0.9 * 132.0 / us})
+    doc = {"device": "Test GPU", "results": res}
+    if complete is not None:
+        doc["complete"] = complete
+    return doc
+
+
+def run(tmp_path, doc):
+    path = tmp_path / "bench.json"
+    if doc is not None:
+        path.write_text(json.dumps(doc))
+    return subprocess.run([sys.executable, REPORT, str(path)], capture_output=True, text=True)
+
+
+def test_incomplete_bench_reports_its_finished_sections_under_a_note(tmp_path):
+    out = run(tmp_path, bench_json(False))
+    assert out.returncode == 0, out.stderr
+    assert "stopped early" in out.stdout
+    assert "B64_L4096" in out.stdout and "132.0" in out.stdout
+
+
+def test_complete_bench_has_no_note(tmp_path):
+    for complete in (True, None):  # None: a JSON from before the flag
+        out = run(tmp_path, bench_json(complete))
+        assert out.returncode == 0, out.stderr
+        assert "stopped early" not in out.stdout
+        assert "B64_L4096" in out.stdout
+
+
+def test_missing_json_is_an_error(tmp_path):
+    out = run(tmp_path, None)
+    assert out.returncode == 1
+    assert "no benchmark JSON" in out.stdout
