@@ -636,33 +636,17 @@ TEST(CpuBackend, AttentionMatchesFloat64Reference) {
 }
 
 // fp8-per-head rounds P to e4m3 as 2^8 p (kPScale, scheme.h). A long row with an attention sink
-// and a diffuse tail is where that matters: one key 8 nats above 8191 others gives those
-// p ~ e^-8 ~ 3.4e-4, below 2^-10, which e4m3 would round to 0 unscaled: the tail (2.8 times the
-// sink's mass, with V offset by +1) would vanish from P V while the row sum still counts it.
-// Scaled, they keep their 3 mantissa bits: the twin stays within its usual bound of float64
-// attention on its own (FP8-rounded) inputs, in decode and in prefill.
+// and a diffuse tail is where that matters (test::make_sink_problem): one key 8 nats above 8191
+// others gives those p ~ e^-8 ~ 3.4e-4, below 2^-10, which e4m3 would round to 0 unscaled: the
+// tail (2.8 times the sink's mass, with V offset by +1) would vanish from P V while the row sum
+// still counts it (measured: error 2.59). Scaled, they keep their 3 mantissa bits: the twin stays
+// within its usual bound of float64 attention on its own (FP8-rounded) inputs (6.2e-3), in decode
+// and in prefill.
 TEST(CpuBackend, Fp8PerHeadKeepsTheDiffuseTailOfALongRow) {
-  constexpr int L = 8192, D = 64;
+  constexpr int L = 8192;
   for (AttentionPhase phase : {AttentionPhase::kDecode, AttentionPhase::kPrefill}) {
-    test::ProblemSpec spec;
-    spec.requests = {{L - 4, 4}};
-    if (phase == AttentionPhase::kDecode) spec.requests = {{L - 1, 1}};
-    spec.num_q_heads = 1;
-    spec.num_kv_heads = 1;
-    spec.head_dim = D;
-    spec.seed = 77;
-    test::AttentionProblem p = test::make_problem(spec);
-    // Q along channel 0 (logit = 8 q.k / sqrt(D) = k[0]); the sink is token 0.
-    test::Rng rng(5);
-    for (size_t i = 0; i < p.q.size(); ++i) p.q[i] = float_to_bf16(i % D == 0 ? 8.0f : 0.0f);
-    for (int64_t t = 0; t < p.num_tokens(); ++t) {
-      uint16_t* k = &p.kv[static_cast<size_t>(t) * 2 * D];
-      uint16_t* v = k + D;
-      for (int d = 0; d < D; ++d) {
-        k[d] = float_to_bf16(d == 0 ? (t == 0 ? 8.0f : 0.3f * rng.normal()) : rng.normal());
-        v[d] = float_to_bf16(t == 0 ? -4.0f : 1.0f + 0.1f * rng.normal());
-      }
-    }
+    const int q_len = phase == AttentionPhase::kDecode ? 1 : 4;
+    const test::AttentionProblem p = test::make_sink_problem(L, q_len, 64, 77);
     SCOPED_TRACE(phase == AttentionPhase::kDecode ? "decode" : "prefill");
     const Measured m = measure(p, KvScheme::kFp8PerHead, phase);
     expect_within(m.vs_emulated, emulated_bound(KvScheme::kFp8PerHead), "vs emulated");
