@@ -221,6 +221,32 @@ inline AttentionProblem make_problem(const ProblemSpec& spec) {
   return p;
 }
 
+// One request of seq_len keys (the last q_len of them new), one KV head and one query head, with
+// an attention sink: key 0's logit is 8 nats above the others' (N(0, 0.3): q along channel 0,
+// logit = k[0]), V -4 on the sink and 1 + N(0, 0.1) elsewhere. The tail's p ~ e^-8 each (below
+// 2^-10) carry most of the row's mass: the pattern where rounding P to e4m3 must keep small values.
+inline AttentionProblem make_sink_problem(int seq_len, int q_len, int head_dim, uint64_t seed) {
+  ProblemSpec spec;
+  spec.requests = {{seq_len - q_len, q_len}};
+  spec.num_q_heads = 1;
+  spec.num_kv_heads = 1;
+  spec.head_dim = head_dim;
+  spec.seed = seed;
+  AttentionProblem p = make_problem(spec);
+  Rng rng(seed + 1);
+  const float q0 = std::sqrt(static_cast<float>(head_dim));  // logit = q . k / sqrt(D) = k[0]
+  for (size_t i = 0; i < p.q.size(); ++i) p.q[i] = float_to_bf16(i % head_dim == 0 ? q0 : 0.0f);
+  for (int64_t t = 0; t < p.num_tokens(); ++t) {
+    uint16_t* k = &p.kv[static_cast<size_t>(t) * 2 * head_dim];
+    uint16_t* v = k + head_dim;
+    for (int d = 0; d < head_dim; ++d) {
+      k[d] = float_to_bf16(d == 0 ? (t == 0 ? 8.0f : 0.3f * rng.normal()) : rng.normal());
+      v[d] = float_to_bf16(t == 0 ? -4.0f : 1.0f + 0.1f * rng.normal());
+    }
+  }
+  return p;
+}
+
 // ---- scales --------------------------------------------------------------------------------
 
 // K/V scales of one layer as the kernels take them: per-head [Hkv], per-tensor [1], empty for the

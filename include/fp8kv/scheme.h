@@ -37,6 +37,12 @@ constexpr KvScaleSource kv_scale_source(KvScheme s) {
 }
 // Q quantized to e4m3 per (request, KV head) and P rounded to e4m3: fp8-per-head only.
 constexpr bool fp8_q(KvScheme s) { return s == KvScheme::kFp8PerHead; }
+// The scale of P where it is rounded to e4m3: 2^8 p, in (0, 256] (below e4m3's 448). e4m3 is
+// normal from 2^-6 on, so p keeps its 3 mantissa bits down to 2^-14 (unscaled, every p below
+// 2^-10 would round to 0: the diffuse tail of a long row lost while the row sum counts it). The
+// row sum is taken over the same scaled p, so the scale cancels in o (FlashAttention-3 does this).
+constexpr int kPScaleLog2 = 8;
+constexpr float kPScale = 256.0f;
 
 // Every scheme, in the order of the enum (for tests and tables).
 constexpr KvScheme kAllSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor,

@@ -353,6 +353,20 @@ INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong,
 
 // ---- refusals ------------------------------------------------------------------------------
 
+// A long row with an attention sink (test::make_sink_problem: the tail's p below 2^-10): every
+// fp8-per-head kernel keeps the tail that P's e4m3 rounding would drop unscaled, i.e. stays within
+// run_and_compare's bounds of its twin and of float64; bf16 beside it as a control.
+TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
+  SKIP_WITHOUT_GPU();
+  const test::AttentionProblem p = test::make_sink_problem(8192, 256, 128, 91);
+  for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kBf16}) {
+    SCOPED_TRACE(scheme_name(scheme));
+    std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
+    for (PrefillConfig x : built_configs(scheme, 128)) configs.push_back(x);
+    run_and_compare(p, scheme, configs);
+  }
+}
+
 TEST(PrefillDispatch, UnsupportedHeadDimThrows) {
   AttentionParams p;
   p.cache.head_dim = 96;

@@ -635,6 +635,25 @@ TEST(CpuBackend, AttentionMatchesFloat64Reference) {
   }
 }
 
+// fp8-per-head rounds P to e4m3 as 2^8 p (kPScale, scheme.h). A long row with an attention sink
+// and a diffuse tail is where that matters (test::make_sink_problem): one key 8 nats above 8191
+// others gives those p ~ e^-8 ~ 3.4e-4, below 2^-10, which e4m3 would round to 0 unscaled: the
+// tail (2.8 times the sink's mass, with V offset by +1) would vanish from P V while the row sum
+// still counts it (measured: error 2.59). Scaled, they keep their 3 mantissa bits: the twin stays
+// within its usual bound of float64 attention on its own (FP8-rounded) inputs (6.2e-3), in decode
+// and in prefill.
+TEST(CpuBackend, Fp8PerHeadKeepsTheDiffuseTailOfALongRow) {
+  constexpr int L = 8192;
+  for (AttentionPhase phase : {AttentionPhase::kDecode, AttentionPhase::kPrefill}) {
+    const int q_len = phase == AttentionPhase::kDecode ? 1 : 4;
+    const test::AttentionProblem p = test::make_sink_problem(L, q_len, 64, 77);
+    SCOPED_TRACE(phase == AttentionPhase::kDecode ? "decode" : "prefill");
+    const Measured m = measure(p, KvScheme::kFp8PerHead, phase);
+    expect_within(m.vs_emulated, emulated_bound(KvScheme::kFp8PerHead), "vs emulated");
+    std::printf("  sink + diffuse tail, %d keys: vs emulated %s\n", L, m.vs_emulated.str().c_str());
+  }
+}
+
 TEST(CpuBackend, PrefillOfOneTokenEqualsDecode) {
   test::ProblemSpec spec;
   spec.requests = {{0, 1}, {40, 1}, {7, 1}};

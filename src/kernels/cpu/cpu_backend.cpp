@@ -10,15 +10,15 @@
 //   l      = sum_j p_j                                       fp32, from the unrounded p_j
 //   o      = bf16( (sum_j round_p(p_j) * v_j) * (v_scale / l) )
 // round_p is the identity except for fp8-per-head, where it is e4m3 round-to-nearest-even of
-// p_j itself (no P scale), then decoded: the GPU casts the unnormalized P tile straight to e4m3
-// for the FP8 tensor-core PV product and keeps the row sum in fp32 from the unrounded values,
-// as FlashAttention-3 does. The GPU's online softmax subtracts a running max instead of the
+// 2^8 p_j (kPScale, scheme.h), decoded and unscaled (exactly): the GPU casts the unnormalized P
+// tile, scaled by 2^8, to e4m3 for the FP8 tensor-core PV product and keeps the row sum in fp32
+// from the unrounded (scaled) values, as FlashAttention-3 does; the scale cancels in o. The GPU's online softmax subtracts a running max instead of the
 // full-row max, so its P bits can differ; its tests compare with a tolerance.
 //
-// Error this P rounding adds (fp8-per-head only): for p >= 2^-6 (normal e4m3) the rounding is
-// relative, |dp| <= 2^-4 p; below, absolute, |dp| <= 2^-10 (half the subnormal step 2^-9), and
-// p < 2^-10 rounds to 0. With n visible keys,
-//   |o_rounded - o| <= max_j |v_j * v_scale| * (2^-4 + n * 2^-10 / l),   l >= 1,
+// Error this P rounding adds (fp8-per-head only): for p >= 2^-14 (2^8 p normal in e4m3) the
+// rounding is relative, |dp| <= 2^-4 p; below, absolute, |dp| <= 2^-18 (half the subnormal
+// step 2^-9, unscaled), and p < 2^-18 rounds to 0. With n visible keys,
+//   |o_rounded - o| <= max_j |v_j * v_scale| * (2^-4 + n * 2^-18 / l),   l >= 1,
 // a worst case; the errors are unbiased, so the measured error is far smaller (see
 // tests/kernels/cpu_backend_test.cpp, CpuBackend.ErrorBoundsReport).
 #include <algorithm>
@@ -344,7 +344,8 @@ void CpuBackend::attention(const AttentionParams& p, AttentionPhase phase) {
       for (int j = 0; j < num_keys; ++j) {
         const float p_j = std::exp(scores[j] - row_max);
         row_sum += p_j;
-        const float p_used = fp8_q_and_p ? e4m3[float_to_e4m3(p_j)] : p_j;
+        // e4m3 of 2^8 p_j (the kernels' P in (0, 256]: kPScale), unscaled again (exactly).
+        const float p_used = fp8_q_and_p ? e4m3[float_to_e4m3(p_j * kPScale)] * (1.0f / kPScale) : p_j;
         load_pool_row(p.cache, slots[j], Hkv + g, kv_row.data());
         for (int d = 0; d < D; ++d) acc[d] += p_used * kv_row[d];
       }
