@@ -12,8 +12,9 @@
 // round_p is the identity except for fp8-per-head, where it is e4m3 round-to-nearest-even of
 // 2^8 p_j (kPScale, scheme.h), decoded and unscaled (exactly): the GPU casts the unnormalized P
 // tile, scaled by 2^8, to e4m3 for the FP8 tensor-core PV product and keeps the row sum in fp32
-// from the unrounded (scaled) values, as FlashAttention-3 does; the scale cancels in o. The GPU's online softmax subtracts a running max instead of the
-// full-row max, so its P bits can differ; its tests compare with a tolerance.
+// from the unrounded (scaled) values, as FlashAttention-3 does; the scale cancels in o. The
+// GPU's online softmax subtracts a running max instead of the full-row max, so its P bits can
+// differ; its tests compare with a tolerance.
 //
 // Error this P rounding adds (fp8-per-head only): for p >= 2^-14 (2^8 p normal in e4m3) the
 // rounding is relative, |dp| <= 2^-4 p; below, absolute, |dp| <= 2^-18 (half the subnormal
