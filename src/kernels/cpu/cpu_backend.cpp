@@ -346,7 +346,8 @@ void CpuBackend::attention(const AttentionParams& p, AttentionPhase phase) {
         const float p_j = std::exp(scores[j] - row_max);
         row_sum += p_j;
         // e4m3 of 2^8 p_j (the kernels' P in (0, 256]: kPScale), unscaled again (exactly).
-        const float p_used = fp8_q_and_p ? e4m3[float_to_e4m3(p_j * kPScale)] * (1.0f / kPScale) : p_j;
+        const float p_used =
+            fp8_q_and_p ? e4m3[float_to_e4m3(p_j * kPScale)] * (1.0f / kPScale) : p_j;
         load_pool_row(p.cache, slots[j], Hkv + g, kv_row.data());
         for (int d = 0; d < D; ++d) acc[d] += p_used * kv_row[d];
       }
