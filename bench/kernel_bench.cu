@@ -150,7 +150,11 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     t0 = std::min(t0, h[kF * i]);
     t1 = std::max(t1, h[kF * i + 3]);
   }
+  // The quantiles below, and per SM the mean stream time of its CTAs (slow SMs, a placement
+  // effect, vs slow CTAs).
   std::vector<double> start, ramp, stream, epilogue, end;
+  std::vector<double> sm_sum(1024, 0.0);
+  std::vector<int> sm_n(1024, 0);
   for (size_t i = 0; i < kMaxCtas; ++i) {
     const uint64_t* e = &h[kF * i];
     if (e[0] == 0) continue;
@@ -158,25 +162,19 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     if (e[1] != 0) {  // a CTA with tiles
       ramp.push_back((e[1] - e[0]) * 1e-3);
       stream.push_back((e[2] - e[1]) * 1e-3);
+      if (e[4] < sm_sum.size()) {
+        sm_sum[e[4]] += stream.back();
+        ++sm_n[e[4]];
+      }
     }
     epilogue.push_back((e[3] - e[2]) * 1e-3);
     end.push_back((e[3] - t0) * 1e-3);
   }
   if (start.empty()) return;
-  auto q = [](std::vector<double>& v, double f) {
-    if (v.empty()) return 0.0;
-    std::sort(v.begin(), v.end());
-    return v[std::min(v.size() - 1, static_cast<size_t>(f * v.size()))];
+  for (auto* v : {&start, &ramp, &stream, &epilogue, &end}) std::sort(v->begin(), v->end());
+  auto q = [](const std::vector<double>& v, double f) {
+    return v.empty() ? 0.0 : v[std::min(v.size() - 1, static_cast<size_t>(f * v.size()))];
   };
-  // Per SM: the mean stream time of its CTAs, to tell slow SMs (a placement effect) from slow CTAs.
-  std::vector<double> sm_sum(1024, 0.0);
-  std::vector<int> sm_n(1024, 0);
-  for (size_t i = 0; i < kMaxCtas; ++i) {
-    const uint64_t* e = &h[kF * i];
-    if (e[0] == 0 || e[1] == 0 || e[4] >= sm_sum.size()) continue;
-    sm_sum[e[4]] += (e[2] - e[1]) * 1e-3;
-    ++sm_n[e[4]];
-  }
   std::vector<std::pair<double, int>> sm_mean;
   for (size_t i = 0; i < sm_sum.size(); ++i) {
     if (sm_n[i] > 0) sm_mean.emplace_back(sm_sum[i] / sm_n[i], static_cast<int>(i));

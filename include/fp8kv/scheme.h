@@ -42,7 +42,9 @@ constexpr bool fp8_q(KvScheme s) { return s == KvScheme::kFp8PerHead; }
 // 2^-10 would round to 0: the diffuse tail of a long row lost while the row sum counts it). The
 // row sum is taken over the same scaled p, so the scale cancels in o (FlashAttention-3 does this).
 constexpr int kPScaleLog2 = 8;
-constexpr float kPScale = 256.0f;
+constexpr float kPScale = static_cast<float>(1 << kPScaleLog2);
+// log2 of the scale a scheme's P is rounded at: kPScaleLog2 where P goes to e4m3 (fp8_q), else 0.
+constexpr int p_scale_log2(KvScheme s) { return fp8_q(s) ? kPScaleLog2 : 0; }
 
 // Every scheme, in the order of the enum (for tests and tables).
 constexpr KvScheme kAllSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor,

@@ -179,11 +179,11 @@ struct RowSoftmax {
   }
 
   // Folds the tile into the running max and sum and turns it into probabilities (in place),
-  // scaled by 2^p_scale_log2 (kPScaleLog2 where P is rounded to e4m3, scheme.h; the row sum is of
-  // the same scaled values, so the scale cancels in finish); alpha: the factor for what was
-  // accumulated before (0 on the first tile).
+  // scaled by 2^log2_p_scale (the scheme's p_scale_log2, scheme.h; the row sum is of the same
+  // scaled values, so the scale cancels in finish); alpha: the factor for what was accumulated
+  // before (0 on the first tile).
   __device__ __forceinline__ void step(float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2],
-                                       float p_scale_log2 = 0.0f) {
+                                       float log2_p_scale = 0.0f) {
     float new_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
     for (int i = 0; i < kTiles; ++i) {
@@ -199,7 +199,7 @@ struct RowSoftmax {
       new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(kFullMask, new_max[r], 2));
       alpha[r] = fast_exp2((row_max[r] - new_max[r]) * qk_scale);
       row_max[r] = new_max[r];
-      neg_max[r] = fmaf(-new_max[r], qk_scale, p_scale_log2);
+      neg_max[r] = fmaf(-new_max[r], qk_scale, log2_p_scale);
     }
 #pragma unroll
     for (int i = 0; i < 4 * kTiles; ++i) {

@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
       }
     }
     float alpha[2];
-    softmax.step(s_flat, qk_scale, alpha, fp8_q(S) ? kPScaleLog2 : 0);
+    softmax.step(s_flat, qk_scale, alpha, p_scale_log2(S));
 #pragma unroll
     for (int i = 0; i < Shape::kOTiles; ++i) {
       o_acc[i][0] *= alpha[0];

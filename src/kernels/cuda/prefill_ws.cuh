@@ -437,7 +437,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
     const int k0 = j * kBlockN;
     if (k0 + kBlockN - 1 > wg_first_pos) rows.mask(s, k0, t, row_pos);
-    rows.step(s, qk_scale, alpha, Sh::kFp8Mma ? kPScaleLog2 : 0);
+    rows.step(s, qk_scale, alpha, p_scale_log2(S));
   };
   // P (e4m3) for the PV wgmma, in the V^T key order. Only after the previous PV has landed: an rs
   // wgmma reads its A registers while it runs, and ptxas serializes the wgmmas when P's registers
