@@ -50,9 +50,8 @@ constexpr KernelVariant kVariants[] = {{0, "mma"}};
 
 // One problem, the CPU twin once, each GPU kernel variant on the same data: errors per variant
 // (in kVariants order).
-std::vector<DecodeErrors> run_case(Backend& cpu, Backend& gpu, const test::ProblemSpec& spec,
+std::vector<DecodeErrors> run_case(Backend& cpu, Backend& gpu, const test::AttentionProblem& prob,
                                    KvScheme scheme, float softmax_scale = 0.0f) {
-  const test::AttentionProblem prob = test::make_problem(spec);
   const test::KvScales scales = test::calibrate_scales(prob, scheme);
   test::RunOptions opt;
   opt.phase = AttentionPhase::kDecode;
@@ -73,6 +72,11 @@ std::vector<DecodeErrors> run_case(Backend& cpu, Backend& gpu, const test::Probl
     out.push_back(e);
   }
   return out;
+}
+
+std::vector<DecodeErrors> run_case(Backend& cpu, Backend& gpu, const test::ProblemSpec& spec,
+                                   KvScheme scheme, float softmax_scale = 0.0f) {
+  return run_case(cpu, gpu, test::make_problem(spec), scheme, softmax_scale);
 }
 
 void expect_close(const DecodeErrors& e) {
@@ -114,6 +118,20 @@ TEST(CudaDecode, MatchesCpuTwin) {
         }
       }
     }
+  }
+}
+
+// A long row with an attention sink (test::make_sink_problem: one key with p ~ 1, 8191 with p
+// ~ 3e-4 and values of the other sign): the decode kernels keep the diffuse tail (the FP8 schemes
+// within the twin's bounds, i.e. P's and the accumulation's rounding do not drop it).
+TEST(CudaDecode, KeepsTheDiffuseTailOfALongRow) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  const test::AttentionProblem p = test::make_sink_problem(8192, 1, 128, 92);
+  for (KvScheme scheme : kAllSchemes) {
+    SCOPED_TRACE(scheme_name(scheme));
+    expect_close(run_case(*cpu, *gpu, p, scheme));
   }
 }
 

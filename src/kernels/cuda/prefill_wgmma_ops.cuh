@@ -3,8 +3,8 @@
 // for e4m3 x e4m3 -> f32, m64nNk32, and bf16 x bf16 -> f32, m64nNk16 (one asm per N; the
 // accumulator operand lists come from the FP8KV_WGMMA_Dn macros). e4m3: K-major
 // A and B, no transpose (8-bit types support only K-major). bf16: the ss forms K-major, the rs
-// forms with an MN-major B (imm-trans-b 1). The rs forms accumulate (d += a * b); the ss forms
-// take scale-d as a predicate (d = a * b on the first k step).
+// forms with an MN-major B (imm-trans-b 1). The bf16 rs forms accumulate (d += a * b); the ss
+// forms and the e4m3 rs forms take scale-d as a predicate (d = a * b on the first k step).
 #pragma once
 
 #include <cstdint>
@@ -22,31 +22,40 @@
 
 namespace fp8kv::cuda::prefill {
 
-// d[32] += A (registers, the m16n8k32 A fragment per warp) * B (shared, desc_b), m64n64k32.
-__device__ __forceinline__ void wgmma_rs_m64n64k32_e4m3(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+// d[32] = A (registers, the m16n8k32 A fragment per warp) * B (shared, desc_b) (+ d when
+// `accumulate`), m64n64k32.
+__device__ __forceinline__ void wgmma_rs_m64n64k32_e4m3(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
+                                                         int accumulate) {
   asm volatile(
+      "{\n.reg .pred acc;\nsetp.ne.b32 acc, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1;\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, acc, 1, 1;\n}\n"
       : FP8KV_WGMMA_D32
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
-// d[64] += A (registers, the m16n8k32 A fragment per warp) * B (shared, desc_b), m64n128k32.
-__device__ __forceinline__ void wgmma_rs_m64n128k32_e4m3(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+// d[64] = A (registers, the m16n8k32 A fragment per warp) * B (shared, desc_b) (+ d when
+// `accumulate`), m64n128k32.
+__device__ __forceinline__ void wgmma_rs_m64n128k32_e4m3(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                                         int accumulate) {
   asm volatile(
+      "{\n.reg .pred acc;\nsetp.ne.b32 acc, %69, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1;\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, acc, 1, 1;\n}\n"
       : FP8KV_WGMMA_D64
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
-// d[128] += A (registers, the m16n8k32 A fragment per warp) * B (shared, desc_b), m64n256k32.
-__device__ __forceinline__ void wgmma_rs_m64n256k32_e4m3(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
+// d[128] = A (registers, the m16n8k32 A fragment per warp) * B (shared, desc_b) (+ d when
+// `accumulate`), m64n256k32.
+__device__ __forceinline__ void wgmma_rs_m64n256k32_e4m3(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,
+                                                         int accumulate) {
   asm volatile(
+      "{\n.reg .pred acc;\nsetp.ne.b32 acc, %133, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, 1, 1, 1;\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, acc, 1, 1;\n}\n"
       : FP8KV_WGMMA_D128
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
 // d[32] = A * B (+ d when `accumulate`), m64n64k32: scale-d as a predicate, so the first
@@ -159,12 +168,19 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// `a` when kFirst, else `b` (a compile-time choice between two register arrays, no pointer).
+template <bool kFirst, class A, class B>
+__device__ __forceinline__ constexpr auto& pick(A& a, B& b) {
+  if constexpr (kFirst) return a;
+  else return b;
+}
 
 template <int N>
-__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (N == 64) wgmma_rs_m64n64k32_e4m3(d, a, desc_b);
-  else if constexpr (N == 128) wgmma_rs_m64n128k32_e4m3(d, a, desc_b);
-  else wgmma_rs_m64n256k32_e4m3(d, a, desc_b);
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
+                                         int accumulate) {
+  if constexpr (N == 64) wgmma_rs_m64n64k32_e4m3(d, a, desc_b, accumulate);
+  else if constexpr (N == 128) wgmma_rs_m64n128k32_e4m3(d, a, desc_b, accumulate);
+  else wgmma_rs_m64n256k32_e4m3(d, a, desc_b, accumulate);
 }
 
 // bar.sync on a named barrier (0 is __syncthreads's): `threads` of the CTA, whole warps.

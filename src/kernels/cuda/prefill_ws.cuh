@@ -416,14 +416,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
   // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
   // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
-  auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int j) {
+  // fp8: `fresh` starts the sum at this tile (kPromote), otherwise it adds to o.
+  auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int j, bool fresh) {
     const uint32_t vt_addr = stage_addr(j) + Sh::kKBytes;
 #pragma unroll
     for (int c = 0; c < Sh::kPvSteps; ++c) {
       if constexpr (Sh::kFp8Mma) {
         const uint64_t db = kSwizzle ? wgmma_desc_sw128(vt_addr + c * 32)
                                      : wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
-        wgmma_rs<D>(o, pa[c], db);
+        wgmma_rs<D>(o, pa[c], db, !(fresh && c == 0));
       } else {
         const uint64_t db = kSwizzle ? wgmma_desc_sw128_mn(vt_addr + c * 2048, kBlockN * 128)
                                      : wgmma_desc(vt_addr + c * 2 * Sh::kKBlockStride, Sh::kKBlockStride, kCoreBytes);
@@ -466,6 +467,22 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   float o[D / 2];  // wgmma m64nD accumulators: n8 tile i in o[4i .. 4i+3]
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  // The e4m3 wgmma adds its products into the accumulator at well below fp32 precision: summed
+  // into O over a long row, the small p of a diffuse tail vanish beside a large accumulated value
+  // (an attention sink; PrefillSink.KernelsKeepTheDiffuseTailOfALongRow measured 93% error).
+  // kPromote: each tile's P V starts from zero in pv and is added to O in fp32 (one FADD per
+  // accumulator per tile), so the rounding is relative to one tile's sum. D = 256 has no room
+  // for a second accumulator set (o alone is 128 registers) and keeps the direct sum.
+  constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
+  float pv[kPromote ? D / 2 : 1];
+  float(&pv_acc)[D / 2] = pick<kPromote>(pv, o);  // where P V lands
+  // After the P V of a tile has landed in pv_acc: O += it.
+  auto promote = [&] {
+    if constexpr (kPromote) {
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] += pv[i];
+    }
+  };
   if (wg_tiles > 0 && kDiag != 2) {
     uint32_t pa[Sh::kPvSteps][4];
     float s[kBlockN / 2];
@@ -484,18 +501,19 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     for (int j = 1; j < wg_tiles; ++j) {
       wait_full(j);
       my_turn();
-      fence_operands(o);
+      fence_operands(pv_acc);
       wgmma_fence();
       issue_qk(s, j);
-      issue_pv(o, pa, j - 1);
+      issue_pv(pv_acc, pa, j - 1, kPromote);
       your_turn();
       wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
       fence_operands(s);
       float alpha[2];
       softmax(s, j, alpha);
       wgmma_wait<0>();
-      fence_operands(o);
+      fence_operands(pv_acc);
       release(j - 1);
+      promote();
       // Where no row of the warp raised its max (alpha 1: common once the rows have seen their
       // largest scores) the rescale is the identity: skipped, bit for bit the same O.
       if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
@@ -505,13 +523,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       pack_p(s, pa);
     }
     my_turn();
-    fence_operands(o);
+    fence_operands(pv_acc);
     wgmma_fence();
-    issue_pv(o, pa, wg_tiles - 1);
+    issue_pv(pv_acc, pa, wg_tiles - 1, kPromote);
     your_turn();
     wgmma_wait<0>();
-    fence_operands(o);
+    fence_operands(pv_acc);
     release(wg_tiles - 1);
+    promote();
   }
   // Tiles past this warpgroup's last row (the other one's diagonal): keep the ring turning.
   const int first_idle = (wg_tiles == 0 || kDiag == 2) ? 0 : wg_tiles;
