@@ -538,7 +538,23 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       for (int n : q) seq.push_back(1000 + n);
       cases.push_back({"prefix8_1000", seq, q, 32, 8, 128});
     }
+    // --prefill-case: only the named cases; a name that is no case is refused before any runs.
+    auto wanted = [&](const std::string& name) {
+      return o.prefill_cases.empty() ||
+             ("," + o.prefill_cases + ",").find("," + name + ",") != std::string::npos;
+    };
+    if (!o.prefill_cases.empty()) {
+      std::string known, rest = o.prefill_cases + ",";
+      for (const PCase& c : cases) known += (known.empty() ? "" : ", ") + c.name;
+      for (size_t at = 0, next; (next = rest.find(',', at)) != std::string::npos; at = next + 1) {
+        const std::string part = rest.substr(at, next - at);
+        if (std::none_of(cases.begin(), cases.end(), [&](const PCase& c) { return c.name == part; })) {
+          throw Error("bench kernels --prefill-case: no case '" + part + "' (" + known + ")");
+        }
+      }
+    }
     for (const PCase& c : cases) {
+      if (!wanted(c.name)) continue;
       BenchBatch bb(c.seq, c.q, c.Hq, c.Hkv, c.D, s);
       char shape[64];
       if (c.name.rfind("prefix", 0) == 0) {

@@ -16,6 +16,7 @@ struct KernelBenchOptions {
   bool gemm = true;           // measure the BF16/FP8 tensor-core ceilings through cuBLASLt
   std::string only;           // comma list of sections to run (decode, prefill, quantize, linear); empty: all
   std::string json_path;      // when set, every number is written there as JSON
+  std::string prefill_cases;  // comma list of prefill case names (e.g. prefix8_1000); empty: all
 };
 
 // Runs the benchmark on the device, returns the table as printed text (also written to stdout

@@ -34,6 +34,8 @@ void add_bench(CLI::App& app) {
         }
         return std::string();
       });
+  kernels->add_option("--prefill-case", options->prefill_cases,
+                      "run only these prefill cases: a comma list of their names (e.g. B2_L8192,prefix8_1000)");
   kernels->callback([options] { run_kernel_bench(*options); });
   add_bench_model(*bench);
 }
