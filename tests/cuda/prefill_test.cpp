@@ -361,17 +361,26 @@ INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong,
 // inside the sink's own 128-key tile the wgmma still sums at reduced precision, which costs that
 // tile's other 127 keys' share of the tail (127/8191 of it, amplified by the cancellation; measured
 // 1.6e-2 against the twin); the generic 2x-the-twin-vs-float64 check does not apply here.
+// D 64 as well (its tiles are promoted too). fp8-per-head D 256 keeps the one-level sum
+// (prefill_ws.cuh, a known limit): its error is printed, not held to the bound.
 TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
   SKIP_WITHOUT_GPU();
-  const test::AttentionProblem p = test::make_sink_problem(8192, 256, 128, 91);
-  for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kBf16}) {
-    SCOPED_TRACE(scheme_name(scheme));
-    std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-    for (PrefillConfig x : built_configs(scheme, 128)) configs.push_back(x);
-    const double bound = scheme == KvScheme::kFp8PerHead ? 2e-2 : twin_bound(scheme);
-    const std::vector<Errors> errors = run_and_compare(p, scheme, configs, /*with_exact=*/false);
-    for (size_t c = 0; c < configs.size(); ++c) {
-      EXPECT_LE(errors[c].gpu_vs_cpu.normalized, bound) << cuda::prefill_config_name(configs[c]);
+  for (int D : {128, 64, 256}) {
+    const test::AttentionProblem p = test::make_sink_problem(8192, 256, D, 91);
+    for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kBf16}) {
+      SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D));
+      std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
+      for (PrefillConfig x : built_configs(scheme, D)) configs.push_back(x);
+      const double bound = scheme == KvScheme::kFp8PerHead ? 2e-2 : twin_bound(scheme);
+      const std::vector<Errors> errors = run_and_compare(p, scheme, configs, /*with_exact=*/false);
+      for (size_t c = 0; c < configs.size(); ++c) {
+        if (scheme == KvScheme::kFp8PerHead && D == 256 && configs[c] != PrefillConfig::kNarrow) {
+          std::printf("[ info ] fp8-per-head D=256 %s (one-level P V sum): %.3e against the twin\n",
+                      cuda::prefill_config_name(configs[c]), errors[c].gpu_vs_cpu.normalized);
+          continue;
+        }
+        EXPECT_LE(errors[c].gpu_vs_cpu.normalized, bound) << cuda::prefill_config_name(configs[c]);
+      }
     }
   }
 }
