@@ -361,8 +361,9 @@ INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong,
 // inside the sink's own 128-key tile the wgmma still sums at reduced precision, which costs that
 // tile's other 127 keys' share of the tail (127/8191 of it, amplified by the cancellation; measured
 // 1.6e-2 against the twin); the generic 2x-the-twin-vs-float64 check does not apply here.
-// D 64 as well (its tiles are promoted too). fp8-per-head D 256 keeps the one-level sum
-// (prefill_ws.cuh, a known limit): its error is printed, not held to the bound.
+// D 64 as well (its tiles are promoted too). fp8-per-head D 256 on the warp-specialized kernel
+// keeps the one-level sum (prefill_ws.cuh, a known limit: 0.91 against the twin here, measured on
+// an H200), so at D 256 only its mma.sync kernel (fp32 accumulation) is held to the bound.
 TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
   SKIP_WITHOUT_GPU();
   for (int D : {128, 64, 256}) {
@@ -371,14 +372,10 @@ TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
       SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D));
       std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
       for (PrefillConfig x : built_configs(scheme, D)) configs.push_back(x);
+      if (scheme == KvScheme::kFp8PerHead && D == 256) configs = {PrefillConfig::kNarrow};
       const double bound = scheme == KvScheme::kFp8PerHead ? 2e-2 : twin_bound(scheme);
       const std::vector<Errors> errors = run_and_compare(p, scheme, configs, /*with_exact=*/false);
       for (size_t c = 0; c < configs.size(); ++c) {
-        if (scheme == KvScheme::kFp8PerHead && D == 256 && configs[c] != PrefillConfig::kNarrow) {
-          std::printf("[ info ] fp8-per-head D=256 %s (one-level P V sum): %.3e against the twin\n",
-                      cuda::prefill_config_name(configs[c]), errors[c].gpu_vs_cpu.normalized);
-          continue;
-        }
         EXPECT_LE(errors[c].gpu_vs_cpu.normalized, bound) << cuda::prefill_config_name(configs[c]);
       }
     }
