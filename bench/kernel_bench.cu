@@ -578,8 +578,6 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           configs.push_back(cuda::PrefillConfig::kWarpSpecialized);
           if (c.D == 128) {  // the options, built for D = 128
             configs.push_back(cuda::PrefillConfig::kWsSwizzle);
-            configs.push_back(cuda::PrefillConfig::kWsPackGqa);
-            configs.push_back(cuda::PrefillConfig::kWsPackGqaPingPong);
           }
         } else {  // the bf16-Q schemes: the ws kernel with bf16 operands, both layouts
           if (c.D != 256) configs.push_back(cuda::PrefillConfig::kWarpSpecialized);  // (not built)

@@ -48,8 +48,7 @@ namespace {
 
 using cuda::PrefillConfig;
 // The warp-specialized fp8-per-head kernel with each of its built options.
-constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsPackGqa,
-                                        PrefillConfig::kWsPackGqaPingPong, PrefillConfig::kWsSwizzle};
+constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle};
 // The warp-specialized kernel with bf16 operands (the bf16-Q schemes): both layouts.
 constexpr PrefillConfig kWsBf16QConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle};
 

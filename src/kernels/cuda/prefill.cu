@@ -18,8 +18,6 @@ const char* prefill_config_name(PrefillConfig config) {
     case PrefillConfig::kWide: return "wide";
     case PrefillConfig::kNarrow: return "narrow";
     case PrefillConfig::kWarpSpecialized: return "ws";
-    case PrefillConfig::kWsPackGqa: return "ws-gqa";
-    case PrefillConfig::kWsPackGqaPingPong: return "ws-gqa-pp";
     case PrefillConfig::kWsSwizzle: return "ws-sw128";
     case PrefillConfig::kWsDiagConsumers: return "ws-diag-consumers";
     case PrefillConfig::kWsDiagProducer: return "ws-diag-producer";
@@ -40,18 +38,16 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream, DeviceError* erro
 }
 
 // The warp-specialized kernel (prefill_ws.cuh): fp8-per-head with e4m3 operands, the bf16-Q
-// schemes with bf16 ones (no packed GQA, ping-pong or diagnostics built for those); kDiag:
-// benchmark diagnostics.
-template <KvScheme S, int D, bool kPackGqa, bool kPingPong, bool kSwizzle = false, int kDiag = 0>
+// schemes with bf16 ones (no diagnostics built for those); kDiag: benchmark diagnostics.
+template <KvScheme S, int D, bool kSwizzle = false, int kDiag = 0>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
-  if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kPackGqa, kPingPong, kSwizzle, kDiag>) {
-    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kPackGqa,
-                               kPingPong, kSwizzle, kDiag>(p, stream, error);
+  if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kSwizzle, kDiag>) {
+    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kSwizzle,
+                               kDiag>(p, stream, error);
     return true;
-  } else if constexpr (!fp8_q(S) && !kPackGqa && !kPingPong && kDiag == 0 &&
-                       prefill::kWsBf16QBuilt<S, D, kSwizzle>) {
-    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, false,
-                               false, kSwizzle, 0>(p, stream, error);
+  } else if constexpr (!fp8_q(S) && kDiag == 0 && prefill::kWsBf16QBuilt<S, D, kSwizzle>) {
+    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kSwizzle,
+                               0>(p, stream, error);
     return true;
   } else {
     return false;
@@ -81,12 +77,10 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
     case PrefillConfig::kNarrow:
       launched = D == 256 ? try_launch<S, D, 4, 32>(p, stream, error) : try_launch<S, D, 4, 64>(p, stream, error);
       break;
-    case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D, false, false>(p, stream, error); break;
-    case PrefillConfig::kWsPackGqa: launched = try_launch_ws<S, D, true, false>(p, stream, error); break;
-    case PrefillConfig::kWsPackGqaPingPong: launched = try_launch_ws<S, D, true, true>(p, stream, error); break;
-    case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, false, false, true>(p, stream, error); break;
-    case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, false, false, 1>(p, stream, error); break;
-    case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, false, false, 2>(p, stream, error); break;
+    case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D>(p, stream, error); break;
+    case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, true>(p, stream, error); break;
+    case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, 1>(p, stream, error); break;
+    case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, 2>(p, stream, error); break;
     default: break;
   }
   if (!launched) {

@@ -27,14 +27,12 @@
   FP8KV_PREFILL_MMA_FP8_E5M2(X) FP8KV_PREFILL_MMA_FP8_PER_HEAD_BF16Q(X)
 
 // ---- the warp-specialized wgmma kernel (prefill_ws.cuh), fp8-per-head ----
-// W(D, PACK_GQA, PING_PONG, SWIZZLE, DIAG); keys per tile and stages follow from D (kWsBlockN,
-// kWsStages). Each head dim plain; D 128 also with the 128-byte swizzle (its default: 539 vs 483
-// TFLOP/s on the H200), with packed GQA, with packed GQA + ping-pong (both measured no faster:
-// kept as benchmark options), and the two benchmark diagnostics (DIAG 1, 2).
-#define FP8KV_PREFILL_WS_D128(W)                                                                   \
-  W(128, false, false, false, 0) W(128, true, false, false, 0) W(128, true, true, false, 0)       \
-  W(128, false, false, true, 0) W(128, false, false, false, 1) W(128, false, false, false, 2)
-#define FP8KV_PREFILL_WS_D64_D256(W) W(64, false, false, false, 0) W(256, false, false, false, 0)
+// W(D, SWIZZLE, DIAG); keys per tile and stages follow from D (kWsBlockN, kWsStages). Each head
+// dim plain; D 128 also with the 128-byte swizzle (its default: 539 vs 483 TFLOP/s on the H200)
+// and the two benchmark diagnostics (DIAG 1, 2). (Packed GQA and ping-pong, never faster, are
+// retired: tag tried/prefill-packgqa-pingpong.)
+#define FP8KV_PREFILL_WS_D128(W) W(128, false, 0) W(128, true, 0) W(128, false, 1) W(128, false, 2)
+#define FP8KV_PREFILL_WS_D64_D256(W) W(64, false, 0) W(256, false, 0)
 #define FP8KV_PREFILL_WS_INSTANCES(W) FP8KV_PREFILL_WS_D128(W) FP8KV_PREFILL_WS_D64_D256(W)
 
 // ---- the same kernel with bf16 operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
@@ -65,8 +63,7 @@ constexpr bool kPrefillBuilt = false FP8KV_PREFILL_MMA_INSTANCES(FP8KV_PREFILL_M
 
 // Defined in prefill_ws.cuh; instantiated for the entries of FP8KV_PREFILL_WS_INSTANCES
 // (fp8-per-head) and FP8KV_PREFILL_WS_BF16Q_INSTANCES.
-template <KvScheme S, int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle,
-          int kDiag>
+template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error);
 // Keys per tile and ring stages. A CTA (one per SM) holds Q (128 rows) and kStages x (K + V
 // operand tiles + the raw fp8 rows the producer transposes or widens) within 227 KB; the ring
@@ -85,9 +82,8 @@ constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
                           : kv_codec(S) == KvCodec::kBf16 ? (D == 64 ? 6 : D == 128 ? 3 : 5)
                                                           : (D == 256 ? 3 : 4);
 
-#define FP8KV_PREFILL_WS_MATCH(d, pk, pp, sw, dg) \
-  || (D == (d) && kPackGqa == (pk) && kPingPong == (pp) && kSwizzle == (sw) && kDiag == (dg))
-template <int D, bool kPackGqa, bool kPingPong, bool kSwizzle, int kDiag>
+#define FP8KV_PREFILL_WS_MATCH(d, sw, dg) || (D == (d) && kSwizzle == (sw) && kDiag == (dg))
+template <int D, bool kSwizzle, int kDiag>
 constexpr bool kWsBuilt = false FP8KV_PREFILL_WS_INSTANCES(FP8KV_PREFILL_WS_MATCH);
 #undef FP8KV_PREFILL_WS_MATCH
 #define FP8KV_PREFILL_WS_BF16Q_MATCH(s, d, sw) || (S == KvScheme::s && D == (d) && kSwizzle == (sw))
@@ -100,11 +96,11 @@ constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREF
 // Explicit instantiations, for the instance files.
 #define FP8KV_PREFILL_MMA_INSTANTIATE(s, d, w, n) \
   template void launch_prefill<KvScheme::s, d, w, n>(const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_INSTANTIATE(d, pk, pp, sw, dg)                                       \
+#define FP8KV_PREFILL_WS_INSTANTIATE(d, sw, dg)                                               \
   template void launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d>, \
-                                  kWsStages<KvScheme::kFp8PerHead, d>, pk, pp, sw, dg>(         \
+                                  kWsStages<KvScheme::kFp8PerHead, d>, sw, dg>(                 \
       const AttentionParams&, cudaStream_t, DeviceError*);
 #define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                                     \
   template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d>,             \
-                                  kWsStages<KvScheme::s, d>, false, false, sw, 0>(       \
+                                  kWsStages<KvScheme::s, d>, sw, 0>(                     \
       const AttentionParams&, cudaStream_t, DeviceError*);

@@ -24,8 +24,6 @@ enum class PrefillConfig {
   // fp8-per-head with e4m3 operands, 128 keys per tile (64 for D = 256); the bf16-Q schemes with
   // bf16 operands (keys per tile: prefill_instances.cuh), D = 64 and 128.
   kWarpSpecialized,
-  kWsPackGqa,          // fp8-per-head, D = 128, + the G query heads of a KV head in one CTA
-  kWsPackGqaPingPong,  // fp8-per-head, D = 128, + the consumer warpgroups take turns
   kWsSwizzle,          // operands in the 128-byte swizzle layout, whole-row copies: fp8-per-head
                        // D = 128, the bf16-Q schemes D = 64, 128 and 256
   // Benchmark diagnostics of kWarpSpecialized, D = 128 (wrong results by design, never tested):

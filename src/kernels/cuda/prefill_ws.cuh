@@ -121,12 +121,10 @@ __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
   return (row / 8) * (kRowBytes / 16 * kCoreBytes) + chunk * kCoreBytes + (row % 8) * 16;
 }
 
-// Options (template flags, each a built instance: prefill_instances.cuh):
-//  - kPackGqa: a CTA takes all G = Hq / Hkv query heads of one KV head; its 128 rows are
-//    floor(128 / G) tokens x G heads (row r: token r / G, head r % G of the group), so each K/V
-//    tile is loaded once for G heads instead of once per head (FA3's PackGQA).
-//  - kPingPong: the two consumer warpgroups take turns issuing their wgmmas (two named barriers),
-//    so that one's softmax runs while the other's GEMMs hold the tensor cores (FA3's ping-pong).
+// Options (template flags, each a built instance: prefill_instances.cuh). Packed GQA (a CTA
+// taking the G query heads of one KV head) and ping-pong turns of the two consumer warpgroups
+// (FA3's PackGQA and ping-pong) were built and measured here, never faster on the H200, and are
+// retired (tag tried/prefill-packgqa-pingpong).
 //  - kSwizzle (e4m3: D = 128, 128 keys per tile: every operand row is 128 bytes; bf16: every
 //    D): Q, K and V^T (V) in the 128-byte-swizzled layout instead of the canonical no-swizzle
 //    one; a tile is then column blocks of [rows][128 bytes], a row's 128 bytes contiguous (16-byte
@@ -135,8 +133,7 @@ __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
 //  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
 //    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
 //    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
-template <KvScheme S, int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle,
-          int kDiag>
+template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag>
 __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
   using Sh = WsShape<S, D, kBlockN, kStages>;
   static_assert(!kSwizzle || !Sh::kFp8Mma || (D == 128 && kBlockN == 128),
@@ -147,13 +144,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
   const uint32_t base = smem_addr(smem);
 
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int pack = kPackGqa ? group : 1;          // query heads per row block of a token
-  const int tile_tokens = Sh::kBlockM / pack;     // tokens per CTA
-  const int kv_head = kPackGqa ? blockIdx.x : blockIdx.x / group;
-  const int head0 = kPackGqa ? kv_head * group : blockIdx.x;  // the query head of row 0
+  const int head = blockIdx.x;  // the query head
+  const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
   PrefillSeq seq;
-  if (!prefill_seq(p, tile_tokens, pack, seq)) return;  // the whole CTA, before any barrier
+  if (!prefill_seq(p, Sh::kBlockM, 1, seq)) return;  // the whole CTA, before any barrier
   const int b = seq.b;
   const int q_begin = seq.q_begin;
   const int q0 = seq.q0;  // first token of this CTA
@@ -198,13 +192,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * Sh::kRowBytes;
       const uint8_t* q_base =
           static_cast<const uint8_t*>(p.q) +
-          (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head0) * Sh::kRowBytes;
+          (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head) * Sh::kRowBytes;
 #pragma unroll
       for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
         const int r = ld_row + i * Sh::kRowStep;
         const bool valid = r < rows_here;
-        const int64_t offset =
-            (r / pack) * token_bytes + (r % pack) * Sh::kRowBytes + ld_chunk * 16;
+        const int64_t offset = r * token_bytes + ld_chunk * 16;
         cp_async_16(smem + canonical(r, Sh::kBlockM), valid ? q_base + offset : p.q,
                     valid ? 16 : 0);
       }
@@ -362,12 +355,11 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const bool wg_active = wg_row0 < rows_here;
   // The last key each row sees (PrefillSeq::key_bound: its position, or non-causal the request's
   // last key): tiles past wg_last_pos are skipped, those reaching past wg_first_pos masked.
-  const int wg_first_pos = seq.key_bound(prefix + q0 + wg_row0 / pack);
-  const int wg_last_pos = seq.key_bound(prefix + q0 + (min(wg_row0 + 64, rows_here) - 1) / pack);
+  const int wg_first_pos = seq.key_bound(prefix + q0 + wg_row0);
+  const int wg_last_pos = seq.key_bound(prefix + q0 + min(wg_row0 + 64, rows_here) - 1);
   const int wg_tiles = wg_active ? wg_last_pos / kBlockN + 1 : 0;
   const int row_g = wg_row0 + ((tid / 32) % 4) * 16 + g;  // this thread's rows: row_g, row_g + 8
-  const int row_pos[2] = {seq.key_bound(prefix + q0 + row_g / pack),
-                          seq.key_bound(prefix + q0 + (row_g + 8) / pack)};
+  const int row_pos[2] = {seq.key_bound(prefix + q0 + row_g), seq.key_bound(prefix + q0 + row_g + 8)};
   // Scores are raw accumulators; qk_scale turns them into log2 units (the K scale, and Q's for
   // fp8-per-head, folded in); v_scale applies once to the output.
   float qk_scale = p.softmax_scale * kLog2e;
@@ -381,15 +373,6 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const uint32_t q_desc_base = base + wg_row0 * (kSwizzle ? 128 : Sh::kRowBytes);
 
   auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
-  // Ping-pong: named barrier 2 + w is warpgroup w's turn to issue wgmmas. Each warpgroup takes
-  // exactly num_kv_tiles + 1 turns (its GEMM issues, padded with empty turns), warpgroup 0 first.
-  auto my_turn = [&] {
-    if (kPingPong) named_barrier_sync(2 + cw, 256);
-  };
-  auto your_turn = [&] {
-    if (kPingPong) named_barrier_arrive(2 + (1 - cw), 256);
-  };
-  if (kPingPong && cw == 1) named_barrier_arrive(2, 256);  // warpgroup 0 goes first
   auto release = [&](int j) {
     if (lane == 0) mbarrier_arrive(empty_bar + 8 * (j % kStages));
   };
@@ -488,10 +471,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     float s[kBlockN / 2];
     {
       wait_full(0);
-      my_turn();
       wgmma_fence();
       issue_qk(s, 0);
-      your_turn();
       wgmma_wait<0>();
       fence_operands(s);
       float alpha[2];
@@ -500,12 +481,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     }
     for (int j = 1; j < wg_tiles; ++j) {
       wait_full(j);
-      my_turn();
       fence_operands(pv_acc);
       wgmma_fence();
       issue_qk(s, j);
       issue_pv(pv_acc, pa, j - 1, kPromote);
-      your_turn();
       wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
       fence_operands(s);
       float alpha[2];
@@ -522,11 +501,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       }
       pack_p(s, pa);
     }
-    my_turn();
     fence_operands(pv_acc);
     wgmma_fence();
     issue_pv(pv_acc, pa, wg_tiles - 1, kPromote);
-    your_turn();
     wgmma_wait<0>();
     fence_operands(pv_acc);
     release(wg_tiles - 1);
@@ -536,16 +513,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int first_idle = (wg_tiles == 0 || kDiag == 2) ? 0 : wg_tiles;
   for (int j = first_idle; j < num_kv_tiles; ++j) {
     wait_full(j);
-    my_turn();
-    your_turn();
     release(j);
-  }
-  if (kPingPong) {
-    if (first_idle == 0) {  // no GEMM turns were taken: the one more a working warpgroup takes
-      my_turn();
-      your_turn();
-    }
-    if (cw == 0) my_turn();  // warpgroup 1's last hand-over
   }
   if (!wg_active) return;
 
@@ -558,7 +526,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     if (row >= rows_here) continue;
     const float out_scale = out_scales[r];
     uint16_t* const out =
-        p.o + (static_cast<int64_t>(q_begin + q0 + row / pack) * p.num_q_heads + head0 + row % pack) * D;
+        p.o + (static_cast<int64_t>(q_begin + q0 + row) * p.num_q_heads + head) * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) =
@@ -567,19 +535,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   }
 }
 
-template <KvScheme S, int D, int kBlockN, int kStages, bool kPackGqa, bool kPingPong, bool kSwizzle,
-          int kDiag>
+template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
   using Sh = WsShape<S, D, kBlockN, kStages>;
   const PrefillParams p = make_prefill_params(a, error);
-  const int group = a.num_q_heads / a.cache.num_kv_heads;
-  if (kPackGqa && group > Sh::kBlockM) {
-    throw Error("prefill_attention: " + std::to_string(group) + " query heads per KV head exceed the " +
-                std::to_string(Sh::kBlockM) + " rows of a packed-GQA tile");
-  }
-  const dim3 grid = kPackGqa ? prefill_grid(a, a.cache.num_kv_heads, Sh::kBlockM / group)
-                             : prefill_grid(a, a.num_q_heads, Sh::kBlockM);
-  auto kernel = prefill_ws_kernel<S, D, kBlockN, kStages, kPackGqa, kPingPong, kSwizzle, kDiag>;
+  const dim3 grid = prefill_grid(a, a.num_q_heads, Sh::kBlockM);
+  auto kernel = prefill_ws_kernel<S, D, kBlockN, kStages, kSwizzle, kDiag>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sh::kSmemBytes));
   kernel<<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(p);
