@@ -97,9 +97,14 @@ void fill_e5m2(void* p, size_t n, uint64_t seed, float amp, cudaStream_t s) {
   fill_e5m2_kernel<<<1024, 256, 0, s>>>(static_cast<uint8_t*>(p), n, seed, amp);
   check_cuda(cudaGetLastError(), "fill_e5m2");
 }
+// On the benchmark's stream, through the backend (cudaMemcpyAsync), so that the kernels queued
+// after it read the data. (A plain cudaMemcpy goes to the legacy default stream, which does not
+// order with the non-blocking bench stream, and from pageable memory it returns once the data is
+// staged, before it lands: a kernel could then read a fresh allocation's stale contents — the
+// likely cause of the intermittent illegal address at prefix8_1000's first launch.)
 template <typename T>
 T* upload(BackendBuffer& b, const std::vector<T>& v) {
-  check_cuda(cudaMemcpy(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice), "upload (bench)");
+  device().upload(b.get(), v.data(), v.size() * sizeof(T));
   return b.as<T>();
 }
 
@@ -137,6 +142,7 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
   uint64_t* d = nullptr;
   check_cuda(cudaMalloc(&d, kF * kMaxCtas * sizeof(uint64_t)), "timeline buffer");
   check_cuda(cudaMemset(d, 0, kF * kMaxCtas * sizeof(uint64_t)), "timeline memset");
+  check_cuda(cudaDeviceSynchronize(), "timeline memset");  // the legacy stream: done before run()
   cuda::set_decode_timeline(d);
   run();
   cuda::set_decode_timeline(nullptr);
@@ -636,7 +642,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     upload(d_slots, slot_v);
     upload(ks, std::vector<float>(Hkv, 1.0f / 448));
     upload(vs, std::vector<float>(Hkv, 1.0f / 448));
-    check_cuda(cudaMemset(amax.get(), 0, amax.bytes()), "memset");
+    device().memset(amax.get(), 0, amax.bytes());  // on the bench stream, before the kernels
     fill_bf16(kv.get(), static_cast<size_t>(T) * 2 * Hkv * D, 41, 2.0f, s);
     for (KvScheme scheme : kSchemes) {
       auto pool = make_pool(slots, Hkv, D, scheme, s);

@@ -90,13 +90,16 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + std::to_string(device) + " (" + prop.name + ")";
     check_cuda(cudaMalloc(&bad_token_, sizeof *bad_token_), "cuda backend: cudaMalloc");
     check_cuda(cudaMalloc(&device_error_, sizeof *device_error_), "cuda backend: cudaMalloc");
-    check_cuda(cudaMemset(device_error_, 0xff, sizeof *device_error_), "cuda backend: cudaMemset");
     const char* env = std::getenv("FP8KV_CUDA_CHECK_BATCH");
     check_batch_ = env != nullptr && std::string(env) == "1";
     if (own_stream) {
       check_cuda(cudaStreamCreate(&stream_), "cuda backend: cudaStreamCreate");
       own_stream_ = true;
     }
+    // On the backend's stream (a caller's may be non-blocking: the legacy default stream, where a
+    // plain cudaMemset goes, does not order with it), done before the first kernel can record.
+    check_cuda(cudaMemsetAsync(device_error_, 0xff, sizeof *device_error_, stream_), "cuda backend: memset");
+    check_cuda(cudaStreamSynchronize(stream_), "cuda backend: synchronize");
   }
   ~CudaBackend() override {
     cudaSetDevice(device_);
@@ -280,11 +283,13 @@ class CudaBackend final : public Backend {
 
   // After a stream synchronization: throws (once) the refusal a kernel recorded.
   void throw_device_error() {
+    // Read and reset on the backend's stream, ordered with its kernels (see the constructor).
     cuda::DeviceError e{};
-    check_cuda(cudaMemcpy(&e, device_error_, sizeof e, cudaMemcpyDeviceToHost),
+    check_cuda(cudaMemcpyAsync(&e, device_error_, sizeof e, cudaMemcpyDeviceToHost, stream_),
                "cuda backend: error check");
+    check_cuda(cudaStreamSynchronize(stream_), "cuda backend: error check");
     if (e.index == ULLONG_MAX) return;
-    check_cuda(cudaMemset(device_error_, 0xff, sizeof e), "cuda backend: error check reset");
+    check_cuda(cudaMemsetAsync(device_error_, 0xff, sizeof e, stream_), "cuda backend: error check reset");
     const std::string value = std::to_string(static_cast<long long>(e.value));
     const std::string bound = std::to_string(static_cast<long long>(e.bound));
     switch (static_cast<cuda::DeviceErrorKind>(e.kind)) {
