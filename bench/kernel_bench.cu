@@ -585,6 +585,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           if (c.D == 128) {  // the options, built for D = 128
             configs.push_back(cuda::PrefillConfig::kWsSwizzle);
           }
+          // D 256: the mma.sync kernel beside it (fp32 P V accumulation, where the ws kernel sums
+          // in one level: what a sink-heavy D 256 model would pay for it)
+          if (c.D == 256) configs.push_back(cuda::PrefillConfig::kNarrow);
         } else {  // the bf16-Q schemes: the ws kernel with bf16 operands, both layouts
           if (c.D != 256) configs.push_back(cuda::PrefillConfig::kWarpSpecialized);  // (not built)
           configs.push_back(cuda::PrefillConfig::kWsSwizzle);
