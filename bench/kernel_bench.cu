@@ -130,6 +130,43 @@ double time_us(const std::function<void()>& run, int warmup, int iters, cudaStre
   return t[iters / 2];
 }
 
+// Median time in µs of each of `runs`, timed in turns (each run once, then each again, `iters`
+// times) after `warmup` runs of each, so that every one sees the same mix of clocks. Timed one
+// after the other, the first ran on a rested card: the same non-causal prefill kernel read 640
+// TFLOP/s as the first config of a row and 611 two long configs later (H200).
+std::vector<double> time_us_in_turns(const std::vector<std::function<void()>>& runs, int warmup, int iters,
+                                     cudaStream_t s) {
+  for (const auto& run : runs) {
+    for (int i = 0; i < warmup; ++i) run();
+  }
+  const size_t n = runs.size();
+  std::vector<cudaEvent_t> ev(2 * n * static_cast<size_t>(iters));
+  for (auto& e : ev) check_cuda(cudaEventCreate(&e), "cudaEventCreate");
+  for (int i = 0; i < iters; ++i) {
+    for (size_t k = 0; k < n; ++k) {
+      const size_t at = 2 * (static_cast<size_t>(i) * n + k);
+      check_cuda(cudaEventRecord(ev[at], s), "cudaEventRecord");
+      runs[k]();
+      check_cuda(cudaEventRecord(ev[at + 1], s), "cudaEventRecord");
+    }
+  }
+  check_cuda(cudaStreamSynchronize(s), "bench synchronize");
+  std::vector<double> median(n);
+  for (size_t k = 0; k < n; ++k) {
+    std::vector<double> t(iters);
+    for (int i = 0; i < iters; ++i) {
+      const size_t at = 2 * (static_cast<size_t>(i) * n + k);
+      float ms = 0;
+      check_cuda(cudaEventElapsedTime(&ms, ev[at], ev[at + 1]), "cudaEventElapsedTime");
+      t[i] = ms * 1e3;
+    }
+    std::sort(t.begin(), t.end());
+    median[k] = t[iters / 2];
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  return median;
+}
+
 #ifdef FP8KV_DECODE_TIMELINE
 // Diagnostic build: one more launch of a decode row with per-CTA timestamps, summarized as
 // quantiles (µs): when CTAs start (from the first), their ramp (start -> first tile landed), their
@@ -601,14 +638,31 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           configs.push_back(cuda::PrefillConfig::kWsDiagConsumers);  // one side of the pipeline alone
           configs.push_back(cuda::PrefillConfig::kWsDiagProducer);
         }
+        // The configs that launch (a config not built for the shape throws here, named), then
+        // all of them timed in turns (time_us_in_turns: the same clocks for each).
+        std::vector<cuda::PrefillConfig> timed;
+        std::vector<std::function<void()>> runs;
         for (cuda::PrefillConfig config : configs) {
-          double us = NAN;
+          auto run = [&p, config, s] { cuda::launch_prefill_attention(p, config, s); };
           try {
-            us = time_us([&] { cuda::launch_prefill_attention(p, config, s); }, 2, std::max(5, o.iters / 2), s);
+            run();
           } catch (const Error& e) {
             r.line("  %s %s: %s", scheme_name(scheme), cuda::prefill_config_name(config), e.what());
             continue;
           }
+          timed.push_back(config);
+          runs.push_back(run);
+        }
+        std::vector<double> times;
+        try {
+          times = time_us_in_turns(runs, 1, std::max(5, o.iters / 2), s);
+        } catch (const Error& e) {
+          r.line("  %s: %s", scheme_name(scheme), e.what());
+          continue;
+        }
+        for (size_t k = 0; k < timed.size(); ++k) {
+          const cuda::PrefillConfig config = timed[k];
+          const double us = times[k];
           const double tflops = flops / us * 1e-6;
           const double ceiling = fp8_q(scheme) ? fp8_tflops : bf16_tflops;
           r.line("  %-40s %-18s %-10s %8.1f   %7.1f  %6.1f%%", shape, scheme_name(scheme),
