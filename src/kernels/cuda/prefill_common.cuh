@@ -183,7 +183,7 @@ struct RowSoftmax {
   // scaled values, so the scale cancels in finish); alpha: the factor for what was accumulated
   // before (0 on the first tile).
   __device__ __forceinline__ void step(float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2],
-                                       float log2_p_scale = 0.0f) {
+                                       float log2_p_scale) {
     float new_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
     for (int i = 0; i < kTiles; ++i) {

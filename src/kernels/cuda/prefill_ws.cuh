@@ -397,18 +397,26 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     }
     wgmma_commit();
   };
+  // The e4m3 wgmma adds its products into the accumulator at well below fp32 precision: summed
+  // into O over a long row, the small p of a diffuse tail vanish beside a large accumulated value
+  // (an attention sink: PrefillSink.KernelsKeepTheDiffuseTailOfALongRow measured 0.92 of the
+  // output against the twin on an H200, 1.6e-2 promoted).
+  // kPromote: each tile's P V starts from zero in pv and is added to O in fp32 (one FADD per
+  // accumulator per tile), so the rounding is relative to one tile's sum. D = 256 has no room
+  // for a second accumulator set (o alone is 128 registers) and keeps the direct sum.
+  constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
   // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
   // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
   // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
-  // fp8: `fresh` starts the sum at this tile (kPromote), otherwise it adds to o.
-  auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int j, bool fresh) {
+  // fp8 with kPromote: the sum starts at this tile (the first k-step overwrites o).
+  auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int j) {
     const uint32_t vt_addr = stage_addr(j) + Sh::kKBytes;
 #pragma unroll
     for (int c = 0; c < Sh::kPvSteps; ++c) {
       if constexpr (Sh::kFp8Mma) {
         const uint64_t db = kSwizzle ? wgmma_desc_sw128(vt_addr + c * 32)
                                      : wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
-        wgmma_rs<D>(o, pa[c], db, !(fresh && c == 0));
+        wgmma_rs<D>(o, pa[c], db, !(kPromote && c == 0));
       } else {
         const uint64_t db = kSwizzle ? wgmma_desc_sw128_mn(vt_addr + c * 2048, kBlockN * 128)
                                      : wgmma_desc(vt_addr + c * 2 * Sh::kKBlockStride, Sh::kKBlockStride, kCoreBytes);
@@ -451,14 +459,6 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   float o[D / 2];  // wgmma m64nD accumulators: n8 tile i in o[4i .. 4i+3]
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  // The e4m3 wgmma adds its products into the accumulator at well below fp32 precision: summed
-  // into O over a long row, the small p of a diffuse tail vanish beside a large accumulated value
-  // (an attention sink: PrefillSink.KernelsKeepTheDiffuseTailOfALongRow measured 0.92 of the
-  // output against the twin on an H200, 1.6e-2 promoted).
-  // kPromote: each tile's P V starts from zero in pv and is added to O in fp32 (one FADD per
-  // accumulator per tile), so the rounding is relative to one tile's sum. D = 256 has no room
-  // for a second accumulator set (o alone is 128 registers) and keeps the direct sum.
-  constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
   float pv[kPromote ? D / 2 : 1];
   float(&pv_acc)[D / 2] = pick<kPromote>(pv, o);  // where P V lands
   // After the P V of a tile has landed in pv_acc: O += it.
@@ -486,7 +486,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       fence_operands(pv_acc);
       wgmma_fence();
       issue_qk(s, j);
-      issue_pv(pv_acc, pa, j - 1, kPromote);
+      issue_pv(pv_acc, pa, j - 1);
       wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
       fence_operands(s);
       float alpha[2];
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     }
     fence_operands(pv_acc);
     wgmma_fence();
-    issue_pv(pv_acc, pa, wg_tiles - 1, kPromote);
+    issue_pv(pv_acc, pa, wg_tiles - 1);
     wgmma_wait<0>();
     fence_operands(pv_acc);
     release(wg_tiles - 1);
