@@ -108,26 +108,11 @@ T* upload(BackendBuffer& b, const std::vector<T>& v) {
   return b.as<T>();
 }
 
-// Median time in microseconds of `iters` runs after `warmup` runs, one event pair per run.
-double time_us(const std::function<void()>& run, int warmup, int iters, cudaStream_t s) {
-  for (int i = 0; i < warmup; ++i) run();
-  std::vector<cudaEvent_t> ev(2 * iters);
-  for (auto& e : ev) check_cuda(cudaEventCreate(&e), "cudaEventCreate");
-  for (int i = 0; i < iters; ++i) {
-    check_cuda(cudaEventRecord(ev[2 * i], s), "cudaEventRecord");
-    run();
-    check_cuda(cudaEventRecord(ev[2 * i + 1], s), "cudaEventRecord");
-  }
-  check_cuda(cudaStreamSynchronize(s), "bench synchronize");
-  std::vector<double> t(iters);
-  for (int i = 0; i < iters; ++i) {
-    float ms = 0;
-    check_cuda(cudaEventElapsedTime(&ms, ev[2 * i], ev[2 * i + 1]), "cudaEventElapsedTime");
-    t[i] = ms * 1e3;
-  }
-  for (auto& e : ev) cudaEventDestroy(e);
-  std::sort(t.begin(), t.end());
-  return t[iters / 2];
+// Whether an option's comma list selects `name`: an empty list selects everything.
+bool selects(const std::string& list, const std::string& name) {
+  if (list.empty()) return true;
+  const std::vector<std::string> names = comma_list(list);
+  return std::find(names.begin(), names.end(), name) != names.end();
 }
 
 // Median time in µs of each of `runs`, timed in turns (each run once, then each again, `iters`
@@ -165,6 +150,11 @@ std::vector<double> time_us_in_turns(const std::vector<std::function<void()>>& r
   }
   for (auto& e : ev) cudaEventDestroy(e);
   return median;
+}
+
+// Median time in microseconds of `iters` runs after `warmup` runs, one event pair per run.
+double time_us(const std::function<void()>& run, int warmup, int iters, cudaStream_t s) {
+  return time_us_in_turns({run}, warmup, iters, s)[0];
 }
 
 #ifdef FP8KV_DECODE_TIMELINE
@@ -466,9 +456,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   auto backend = make_cuda_backend(o.device, s);
   g_device = backend.get();
   // --only: the sections to run (all when empty).
-  auto want = [&](const char* section) {
-    return o.only.empty() || ("," + o.only + ",").find(std::string(",") + section + ",") != std::string::npos;
-  };
+  auto want = [&](const char* section) { return selects(o.only, section); };
   Report r;
   r.line("fp8kv kernel benchmark on %s (%d SMs, %.0f GiB), median of %d runs after %d warm-up",
          prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, o.iters, o.warmup);
@@ -582,22 +570,17 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       cases.push_back({"prefix8_1000", seq, q, 32, 8, 128});
     }
     // --prefill-case: only the named cases; a name that is no case is refused before any runs.
-    auto wanted = [&](const std::string& name) {
-      return o.prefill_cases.empty() ||
-             ("," + o.prefill_cases + ",").find("," + name + ",") != std::string::npos;
-    };
     if (!o.prefill_cases.empty()) {
-      std::string known, rest = o.prefill_cases + ",";
+      std::string known;
       for (const PCase& c : cases) known += (known.empty() ? "" : ", ") + c.name;
-      for (size_t at = 0, next; (next = rest.find(',', at)) != std::string::npos; at = next + 1) {
-        const std::string part = rest.substr(at, next - at);
+      for (const std::string& part : comma_list(o.prefill_cases)) {
         if (std::none_of(cases.begin(), cases.end(), [&](const PCase& c) { return c.name == part; })) {
           throw Error("bench kernels --prefill-case: no case '" + part + "' (" + known + ")");
         }
       }
     }
     for (const PCase& c : cases) {
-      if (!wanted(c.name)) continue;
+      if (!selects(o.prefill_cases, c.name)) continue;
       BenchBatch bb(c.seq, c.q, c.Hq, c.Hkv, c.D, s);
       char shape[64];
       if (c.name.rfind("prefix", 0) == 0) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 namespace fp8kv {
 
@@ -22,5 +23,15 @@ struct KernelBenchOptions {
 // Runs the benchmark on the device, returns the table as printed text (also written to stdout
 // as rows complete).
 std::string run_kernel_bench(const KernelBenchOptions& options);
+
+// The names of a comma list, as --only and --prefill-case take them ("a,b" -> {"a", "b"}).
+inline std::vector<std::string> comma_list(const std::string& list) {
+  std::vector<std::string> names;
+  std::string rest = list + ",";
+  for (size_t at = 0, next; (next = rest.find(',', at)) != std::string::npos; at = next + 1) {
+    names.push_back(rest.substr(at, next - at));
+  }
+  return names;
+}
 
 }  // namespace fp8kv

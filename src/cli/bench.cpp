@@ -25,9 +25,7 @@ void add_bench(CLI::App& app) {
   kernels->add_flag("!--no-gemm", options->gemm, "skip the cuBLASLt GEMM ceilings");
   kernels->add_option("--only", options->only, "run only these sections: a comma list of decode, prefill, quantize, linear")
       ->check([](const std::string& v) {
-        std::string rest = v + ",";
-        for (size_t at = 0, next; (next = rest.find(',', at)) != std::string::npos; at = next + 1) {
-          const std::string part = rest.substr(at, next - at);
+        for (const std::string& part : comma_list(v)) {
           if (part != "decode" && part != "prefill" && part != "quantize" && part != "linear") {
             return "--only: unknown section '" + part + "' (decode, prefill, quantize, linear)";
           }
