@@ -348,7 +348,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // ================================ consumers ================================
   regs_increase<Sh::kConsumerRegs>();
   const int tid = threadIdx.x - Sh::kProducerThreads;
-  const int cw = tid / 128;  // consumer warpgroup: rows cw*64 .. cw*64+63
+  // The consumer warpgroup (rows cw*64 .. cw*64+63), broadcast from lane 0 so that ptxas sees it
+  // warp-uniform: the tile loop and the wgmma descriptors then live in uniform registers.
+  const int cw = __shfl_sync(kFullMask, tid / 128, 0);
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
@@ -402,9 +404,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // (an attention sink: PrefillSink.KernelsKeepTheDiffuseTailOfALongRow measured 0.92 of the
   // output against the twin on an H200, 1.6e-2 promoted).
   // kPromote: each tile's P V starts from zero in pv and is added to O in fp32 (one FADD per
-  // accumulator per tile), so the rounding is relative to one tile's sum. D = 256 has no room
-  // for a second accumulator set (o alone is 128 registers) and keeps the direct sum.
+  // accumulator per tile, at D 128 an FFMA that also rescales O: kFoldRescale), so the rounding is
+  // relative to one tile's sum. D = 256 has no room for a second accumulator set (o alone is 128
+  // registers) and keeps the direct sum.
   constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
+  // D 128: the promotion and the rescale in one FFMA, O a tile behind (promote, below): 634 -> 649
+  // TFLOP/s on the H200 (causal B=2 L=8192). D 64 adds and rescales apart: fused it measured 405
+  // against 445 TFLOP/s there (not explained: no spills either way).
+  constexpr bool kFoldRescale = kPromote && D == 128;
   // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
   // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
   // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
@@ -461,11 +468,19 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   float pv[kPromote ? D / 2 : 1];
   float(&pv_acc)[D / 2] = pick<kPromote>(pv, o);  // where P V lands
-  // After the P V of a tile has landed in pv_acc: O += it.
+  // Once the P V of tile j-1 has landed in pv: O += pv (kPromote), then O *= alpha(j) (below).
+  // kFoldRescale: O is one tile behind the softmax, O = O * alpha(j-1) + pv, one FFMA per
+  // accumulator: O held tiles .. j-2 at tile j-2's row max, alpha(j-1) takes it to tile j-1's
+  // max, at which P(j-1) was taken (alpha(0) = 0: O starts at 0).
+  float alpha_prev[2] = {0.0f, 0.0f};
   auto promote = [&] {
-    if constexpr (kPromote) {
 #pragma unroll
-      for (int i = 0; i < D / 2; ++i) o[i] += pv[i];
+    for (int i = 0; i < D / 2; ++i) {
+      if constexpr (kFoldRescale) {
+        o[i] = fmaf(o[i], alpha_prev[(i >> 1) & 1], pv[i]);
+      } else if constexpr (kPromote) {
+        o[i] += pv[i];
+      }
     }
   };
   if (wg_tiles > 0 && kDiag != 2) {
@@ -477,8 +492,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       issue_qk(s, 0);
       wgmma_wait<0>();
       fence_operands(s);
-      float alpha[2];
-      softmax(s, 0, alpha);
+      softmax(s, 0, alpha_prev);
       pack_p(s, pa);
     }
     for (int j = 1; j < wg_tiles; ++j) {
@@ -495,9 +509,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       fence_operands(pv_acc);
       release(j - 1);
       promote();
-      // Where no row of the warp raised its max (alpha 1: common once the rows have seen their
-      // largest scores) the rescale is the identity: skipped, bit for bit the same O.
-      if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+      if constexpr (kFoldRescale) {
+        alpha_prev[0] = alpha[0];
+        alpha_prev[1] = alpha[1];
+      } else if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+        // Where no row of the warp raised its max (alpha 1: common once the rows have seen their
+        // largest scores) the rescale is the identity: skipped, bit for bit the same O.
 #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
       }
