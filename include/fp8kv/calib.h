@@ -12,8 +12,9 @@ namespace fp8kv {
 
 enum class QuantType { kPerHead, kPerTensor };
 FP8KV_API const char* quant_type_name(QuantType t);  // "per_head" / "per_tensor"
-// The calibration file a scheme takes: per_head for fp8-per-head and fp8-per-head-bf16q,
+// The scales a scheme's kernels read: per_head for fp8-per-head and fp8-per-head-bf16q,
 // per_tensor for fp8-per-tensor; none (nullopt) for bf16 and fp8-e5m2, which take no scales.
+// The per-head schemes also take a per_tensor file (quant_type_serves, scales_for_scheme).
 inline std::optional<QuantType> calib_quant_type(KvScheme s) {
   switch (kv_scale_source(s)) {
     case KvScaleSource::kPerHead: return QuantType::kPerHead;
@@ -21,6 +22,15 @@ inline std::optional<QuantType> calib_quant_type(KvScheme s) {
     case KvScaleSource::kNone: break;
   }
   return std::nullopt;
+}
+
+// Whether scales of quant_type `file` serve a scheme that reads `wanted` scales: the same type,
+// or per_tensor for a per-head scheme (each layer's K and V scale broadcast to every KV head:
+// exact, and no value saturates, since a layer's scale is >= each head's amax / 448). Per_head
+// scales for fp8-per-tensor would need a reduction, which is the user's choice (convert
+// --reduce max), so they do not serve.
+constexpr bool quant_type_serves(QuantType file, QuantType wanted) {
+  return file == wanted || (file == QuantType::kPerTensor && wanted == QuantType::kPerHead);
 }
 
 // Static Q scales (q_calibration), for the per-head scheme.
@@ -74,6 +84,8 @@ struct CalibExpect {
   // with each head repeated k times in LightLLM's rank order (merged on load, CalibData::
   // rank_layout says so); anything else is refused.
   std::optional<int> num_kv_heads;
+  // The scales the scheme reads (calib_quant_type): the file's quant_type must serve it
+  // (quant_type_serves); a per_tensor file for a per-head scheme loads as it is, per_tensor.
   std::optional<QuantType> quant_type;
 };
 
@@ -97,6 +109,9 @@ struct RankScales {
   std::vector<float> kv;
   // Static Q scales for this rank, [num_layers, h], when the file has q_calibration.
   std::optional<std::vector<float>> q;
+  // per_head scales made by scales_for_scheme from a per_tensor file: every head of a layer
+  // has the layer's scale. For messages ("broadcast from a per-tensor file").
+  bool broadcast_from_per_tensor = false;
   const float* k_row(int layer) const { return kv.data() + layer * row_width(); }
   const float* v_row(int layer) const { return k_row(layer) + row_width() / 2; }
   int row_width() const { return quant_type == QuantType::kPerHead ? 2 * heads_per_rank : 2; }
@@ -104,6 +119,18 @@ struct RankScales {
 
 // Slices the scales for rank `rank` of `tp`; throws Error when tp and H are incompatible.
 FP8KV_API RankScales slice_for_rank(const CalibData& data, int tp, int rank);
+
+// A per_tensor CalibData as per_head: each layer's K scale becomes the K scale of every one of
+// its num_head KV heads, V likewise (exact; the reverse of kv_formats.h's reduce_to_per_tensor
+// where the heads agree). Per_head data is returned as it is. Throws Error when num_head < 1 (a
+// format without KV heads read without the model's).
+FP8KV_API CalibData broadcast_to_per_head(const CalibData& data);
+
+// The scales rank `rank` of `tp` uses for `scheme`: slice_for_rank of `data` in the granularity
+// the scheme reads, a per_tensor `data` broadcast first for fp8-per-head and fp8-per-head-bf16q
+// (broadcast_from_per_tensor set). Throws Error for a scheme without scales and for per_head
+// data for fp8-per-tensor (naming `convert --reduce max`, which makes per-tensor scales of it).
+FP8KV_API RankScales scales_for_scheme(const CalibData& data, KvScheme scheme, int tp, int rank);
 
 // ---- LightLLM's per-rank layout (FORMATS.md) ------------------------------------------------
 // LightLLM all-gathers each rank's KV-head scales in rank order: with tp ranks of h = max(1,

@@ -18,11 +18,12 @@ namespace fp8kv {
 //
 // Reads it into a per_tensor CalibData with k = v = s. The format has no architectures and no
 // KV heads: they are taken from `expect` (empty / 0 when not given); expect.num_layers, when
-// set, must match every rank's layer count, and expect.quant_type per_head is refused. Ranks
-// whose scales differ are refused (naming the rank, the layer and both values) unless
-// `reduce_max`, which takes each layer's max over the ranks. `model_type`, when not null, gets
-// the file's model_type ("" when absent or null). Throws Error naming `name`, the field and
-// the value on every violation (same size and depth caps as load_calib).
+// set, must match every rank's layer count (expect.quant_type is served either way: a per-head
+// scheme takes the scales broadcast, scales_for_scheme). Ranks whose scales differ are refused
+// (naming the rank, the layer and both values) unless `reduce_max`, which takes each layer's
+// max over the ranks. `model_type`, when not null, gets the file's model_type ("" when absent
+// or null). Throws Error naming `name`, the field and the value on every violation (same size
+// and depth caps as load_calib).
 FP8KV_API CalibData parse_quant_param_json(const std::string& text, const std::string& name,
                                            const CalibExpect& expect, bool reduce_max,
                                            std::string* model_type = nullptr);

@@ -121,7 +121,8 @@ class FP8KV_API Model {
 };
 
 // The calibration file's expectations for this model and scheme, and the scales for `shard`'s
-// rank (slice_for_rank). Throws Error (from load_calib) on any mismatch.
+// rank (scales_for_scheme: a per_tensor file serves the per-head schemes, broadcast to every KV
+// head). Throws Error (from the loader) on any mismatch.
 FP8KV_API RankScales load_scales_for_model(const std::string& calib_path, const ModelConfig& config,
                                            KvScheme scheme, const TpShard& shard = {});
 FP8KV_API CalibExpect calib_expect_for(const ModelConfig& config, KvScheme scheme);

@@ -28,7 +28,8 @@ taken as is.
 Schemes: ``"bf16"``, ``"fp8-e5m2"`` (e5m2 codes, no scales), ``"fp8-per-head-bf16q"`` (k/v scale
 ``[Hkv]``, bf16 q), ``"fp8-per-tensor"`` (k/v scale ``[1]``), ``"fp8-per-head"`` (k/v scale
 ``[Hkv]``, Q quantized per (request, KV head) by ``quantize_q``). A scale means
-``real = fp8 * scale``.
+``real = fp8 * scale``. ``scales_for_scheme(calib, scheme, tp, rank)`` gives a rank's scales in
+the form a scheme reads (a per_tensor file broadcast to every KV head for the per-head schemes).
 
 Every refusal is an exception raised before any kernel runs and before anything is written:
 ``TypeError`` for a dtype, ``ValueError`` for a shape, stride, device or value, with the C++
@@ -51,6 +52,7 @@ from ._fp8kv import (  # noqa: F401  (re-exported)
     parse_calib,
     quantize_kv,
     quantize_q,
+    scales_for_scheme,
     slice_for_rank,
     synchronize,
     write_calib,
@@ -62,7 +64,8 @@ __all__ = [
     "CalibData", "Observer", "RankScales", "TorchDistributedCommunicator", "cuda_available",
     "decode_attention", "decode_bf16", "decode_e4m3", "decode_e5m2", "encode_bf16",
     "encode_e4m3", "encode_e5m2", "load_calib", "parse_calib", "prefill_attention",
-    "quantize_kv", "quantize_q", "slice_for_rank", "synchronize", "write_calib", "__version__",
+    "quantize_kv", "quantize_q", "scales_for_scheme", "slice_for_rank", "synchronize",
+    "write_calib", "__version__",
 ]
 
 

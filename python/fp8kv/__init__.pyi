@@ -19,6 +19,7 @@ from ._fp8kv import (CalibData as CalibData, Communicator as Communicator,
                      encode_e4m3 as encode_e4m3, encode_e5m2 as encode_e5m2,
                      load_calib as load_calib, parse_calib as parse_calib,
                      quantize_kv as quantize_kv, quantize_q as quantize_q,
+                     scales_for_scheme as scales_for_scheme,
                      slice_for_rank as slice_for_rank, synchronize as synchronize,
                      write_calib as write_calib)
 from . import _fp8kv

@@ -29,7 +29,7 @@ import contextlib
 import warnings
 
 from . import (Observer, decode_attention, load_calib, prefill_attention, quantize_kv,
-               quantize_q, slice_for_rank, synchronize, write_calib)
+               quantize_q, scales_for_scheme, synchronize, write_calib)
 
 __all__ = ["calibrate", "cast", "Fp8kvCache", "generate", "serving"]
 
@@ -190,7 +190,7 @@ class Fp8kvCache:
                                  "(kv_cache_calib.json; fp8kv.hf.calibrate writes one)")
             data = load_calib(str(calib), arch=arch, num_layers=layers, num_kv_heads=hkv,
                               scheme=scheme)
-            rank = slice_for_rank(data, 1, 0)
+            rank = scales_for_scheme(data, scheme)  # a per_tensor file broadcast for per-head
             self.k_scale = [torch.from_numpy(rank.k(l)).to(device) for l in range(layers)]
             self.v_scale = [torch.from_numpy(rank.v(l)).to(device) for l in range(layers)]
         dtype = torch.bfloat16 if scheme == "bf16" else torch.uint8

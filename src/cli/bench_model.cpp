@@ -71,7 +71,8 @@ void add_bench_model(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(1, 65536));
   cmd->add_option("--per-head-calib", opt->per_head,
-                  "Per-head scales, any format convert reads (default: calibrate on prompts)");
+                  "Per-head scales, any format convert reads; a per-tensor file is broadcast to "
+                  "every KV head (default: calibrate on prompts)");
   cmd->add_option("--per-tensor-calib", opt->per_tensor,
                   "Per-tensor scales, any format convert reads (default: calibrate on prompts)");
   cmd->add_option("--kv-bf16-layers", opt->bf16_layers,

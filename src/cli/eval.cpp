@@ -22,16 +22,22 @@ namespace fp8kv::cli {
 
 namespace {
 
-// The scales of `scheme` for the model's rank: from `file` when given, else calibrated on
-// `data` (and said so, by rank 0).
+// The scales of `scheme` for the model's rank: from `file` when given (a per_tensor file for
+// fp8-per-head broadcast to every KV head), else calibrated on `data` (and said so, by rank 0).
 RankScales scales_or_calibrate(const Model& model, Backend& backend, ModelOps& ops,
                                const TokenData& data, KvScheme scheme,
                                const std::optional<std::string>& file, int batch,
                                Communicator& comm) {
   const bool rank0 = comm.rank() == 0;
   if (file) {
-    if (rank0) std::printf("%s: scales from %s\n", scheme_name(scheme), file->c_str());
-    return load_scales_for_model(*file, model.config(), scheme, model.shard());
+    RankScales s = load_scales_for_model(*file, model.config(), scheme, model.shard());
+    if (rank0) {
+      std::printf("%s: scales from %s%s\n", scheme_name(scheme), file->c_str(),
+                  s.broadcast_from_per_tensor
+                      ? " (per_tensor: each layer's K and V scale broadcast to every KV head)"
+                      : "");
+    }
+    return s;
   }
   if (rank0) {
     std::printf("%s: no calibration file given; calibrating on the evaluation data itself\n",
@@ -105,7 +111,8 @@ void add_eval(CLI::App& app) {
   cmd->add_option("--model", opt->model, "Model folder (config.json + *.safetensors)")->required();
   add_data_options(cmd, opt->data, opt->text);
   cmd->add_option("--per-head-calib", opt->per_head,
-                  "Per-head scales, any format convert reads (default: calibrate on --data)");
+                  "Per-head scales, any format convert reads; a per-tensor file is broadcast to "
+                  "every KV head (default: calibrate on --data)");
   cmd->add_option("--per-tensor-calib", opt->per_tensor,
                   "Per-tensor scales, any format convert reads (default: calibrate on --data)");
   cmd->add_option("--kv-bf16-layers", opt->bf16_layers,

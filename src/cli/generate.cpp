@@ -181,11 +181,15 @@ void add_generate(CLI::App& app) {
       ro.exact_tp = opt->exact_tp;
       ro.cuda_graph = graph;
       ro.bf16_layers = bf16_layers;
-      // fp8-per-head quantizes Q with the file's static scales when it has them.
-      const std::string q_note =
+      // Where the scales came from: fp8-per-head quantizes Q with the file's static scales when
+      // it has them; a per_tensor file serves the per-head schemes broadcast.
+      std::string scales_note =
           fp8_q(scheme)
               ? (ro.scales->q ? ", static Q scales (q_calibration)" : ", dynamic Q scales")
               : "";
+      if (ro.scales && ro.scales->broadcast_from_per_tensor) {
+        scales_note += ", K/V scales broadcast from a per_tensor file";
+      }
       ModelRunner runner(*model, *backend, *ops, std::move(ro));
       const auto t0 = std::chrono::steady_clock::now();
       const auto out =
@@ -210,7 +214,7 @@ void add_generate(CLI::App& app) {
       }
       const std::string tp_note = opt->tp > 1 ? " (tp " + std::to_string(opt->tp) + ")" : "";
       std::fprintf(stderr, "generated %zu x %d tokens with a %s cache%s in %.2f s%s\n", out.size(),
-                   opt->max_new, scheme_name(scheme), q_note.c_str(), sec, tp_note.c_str());
+                   opt->max_new, scheme_name(scheme), scales_note.c_str(), sec, tp_note.c_str());
     });
   });
 }

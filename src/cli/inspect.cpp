@@ -230,6 +230,10 @@ void run_inspect(const InspectOptions& opt) {
   fmt::print("{:<14}{}\n", "checked",
              checked.empty() ? std::string("file rules only (no model given)")
                              : fmt::format("file rules and {}: OK", fmt::join(checked, ", ")));
+  if (expect.quant_type && *expect.quant_type != d.quant_type) {
+    fmt::print("{:<14}{} reads it broadcast: each layer's K and V scale for every KV head\n", "",
+               scheme_name(parse_scheme(*opt.scheme)));
+  }
 
   const int half_width = per_head ? d.num_head : 1;
   print_stats("K scales", half_of(d.scales, d.num_layers, half_width, 0));

@@ -83,13 +83,13 @@ void check_header(const CalibData& d, const std::string& name, const CalibExpect
     throw Error(fmt::format("{}: field 'architectures': expected {} (the model's), found {}", name,
                             json_quoted(*expect.architectures), json_quoted(d.architectures)));
   }
-  if (expect.quant_type && d.quant_type != *expect.quant_type) {
-    const char* asked = *expect.quant_type == QuantType::kPerHead
-                            ? "the scheme fp8-per-head or fp8-per-head-bf16q"
-                            : "the scheme fp8-per-tensor";
-    throw Error(fmt::format("{}: field 'quant_type': expected \"{}\" ({}), found \"{}\"", name,
-                            quant_type_name(*expect.quant_type), asked,
-                            quant_type_name(d.quant_type)));
+  // A per_tensor file serves a per-head scheme too (broadcast by scales_for_scheme); only per_head
+  // for fp8-per-tensor is left to refuse.
+  if (expect.quant_type && !quant_type_serves(d.quant_type, *expect.quant_type)) {
+    throw Error(fmt::format(
+        "{}: field 'quant_type': expected \"{}\" (the scheme fp8-per-tensor), found \"{}\"; {}",
+        name, quant_type_name(*expect.quant_type), quant_type_name(d.quant_type),
+        detail::per_head_for_per_tensor_hint(name)));
   }
   // The E4M3 range: exact comparisons, the file must say 448.0 / -448.0.
   if (d.qmax != kE4m3Max) {
@@ -423,6 +423,50 @@ RankScales slice_for_rank(const CalibData& data, int tp, int rank) {
     }
     out.q = std::move(qs);
   }
+  return out;
+}
+
+CalibData broadcast_to_per_head(const CalibData& data) {
+  if (data.quant_type == QuantType::kPerHead) return data;
+  const int H = data.num_head;
+  if (H < 1) {
+    throw Error(fmt::format(
+        "per_tensor scales broadcast to every KV head: num_head: expected >= 1 (the model's KV "
+        "heads), found {}",
+        H));
+  }
+  if (data.scales.size() != static_cast<size_t>(data.num_layers) * 2) {
+    throw Error(fmt::format("scales: expected {} values ([{}, 2]), found {}",
+                            static_cast<size_t>(data.num_layers) * 2, data.num_layers,
+                            data.scales.size()));
+  }
+  CalibData out = data;
+  out.quant_type = QuantType::kPerHead;
+  out.scales.resize(static_cast<size_t>(data.num_layers) * 2 * H);  // [num_layers, 2 * H]
+  for (int l = 0; l < data.num_layers; ++l) {
+    const float k = data.scales[2 * static_cast<size_t>(l)];
+    const float v = data.scales[2 * static_cast<size_t>(l) + 1];
+    float* row = out.scales.data() + static_cast<size_t>(l) * 2 * H;
+    std::fill(row, row + H, k);
+    std::fill(row + H, row + 2 * H, v);
+  }
+  return out;
+}
+
+RankScales scales_for_scheme(const CalibData& data, KvScheme scheme, int tp, int rank) {
+  const std::optional<QuantType> want = calib_quant_type(scheme);
+  if (!want) {
+    throw Error(fmt::format("the {} KV cache takes no calibration file (it has no scales)",
+                            scheme_name(scheme)));
+  }
+  if (!quant_type_serves(data.quant_type, *want)) {
+    throw Error(fmt::format("the {} KV cache needs {} scales, got {}; {}", scheme_name(scheme),
+                            quant_type_name(*want), quant_type_name(data.quant_type),
+                            detail::per_head_for_per_tensor_hint("FILE")));
+  }
+  if (data.quant_type == *want) return slice_for_rank(data, tp, rank);
+  RankScales out = slice_for_rank(broadcast_to_per_head(data), tp, rank);
+  out.broadcast_from_per_tensor = true;
   return out;
 }
 

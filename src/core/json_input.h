@@ -37,6 +37,17 @@ constexpr size_t kMaxShownValueChars = 48;                 // how much of a bad 
 
 // ---- messages --------------------------------------------------------------------------------
 
+// Said by every reader that refuses per_head scales for fp8-per-tensor: the reduction they need
+// is lossy for the heads with smaller scales, so it is the user's explicit step.
+// `file` is the scales' path ("FILE" where the caller has none).
+inline std::string per_head_for_per_tensor_hint(const std::string& file) {
+  return fmt::format(
+      "fp8-per-tensor reads one K and one V scale per layer: `fp8kv convert {} OUT --to modelopt "
+      "--reduce max` writes each layer's max over its KV heads (or calibrate with --scheme "
+      "per-tensor)",
+      file);
+}
+
 // 1-based line and column of byte `offset` in `text`.
 inline std::string position_of(const std::string& text, size_t offset) {
   size_t line = 1, column = 1;

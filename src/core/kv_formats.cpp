@@ -137,12 +137,8 @@ CalibData parse_quant_param_json(const std::string& text, const std::string& nam
         "{}: field 'kv_cache.scaling_factor.0': expected {} layers (the model's), found {}", name,
         *expect.num_layers, num_layers));
   }
-  if (expect.quant_type && *expect.quant_type == QuantType::kPerHead) {
-    throw Error(fmt::format(
-        "{}: the quant-param JSON holds one scale per layer (per_tensor), not the per_head "
-        "scales fp8-per-head and fp8-per-head-bf16q need; use --kv fp8-per-tensor with it",
-        name));
-  }
+  // One scale per layer serves every scheme with scales: the per-head ones take it broadcast
+  // (quant_type_serves), so expect.quant_type has nothing to refuse here.
 
   CalibData d;
   d.architectures = expect.architectures.value_or("");

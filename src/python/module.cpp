@@ -871,6 +871,7 @@ PYBIND11_MODULE(_fp8kv, m) {
                              [](const RankScales& r) { return std::string(quant_type_name(r.quant_type)); })
       .def_readonly("num_layers", &RankScales::num_layers)
       .def_readonly("heads_per_rank", &RankScales::heads_per_rank)
+      .def_readonly("broadcast_from_per_tensor", &RankScales::broadcast_from_per_tensor)
       .def_property_readonly("kv",
                              [](const RankScales& r) { return table(r.kv, r.num_layers, r.row_width()); })
       .def_property_readonly("q",
@@ -931,4 +932,10 @@ PYBIND11_MODULE(_fp8kv, m) {
       py::arg("scheme") = py::none());
   m.def("write_calib", &write_calib, py::arg("path"), py::arg("calib"));
   m.def("slice_for_rank", &slice_for_rank, py::arg("calib"), py::arg("tp"), py::arg("rank"));
+  m.def(
+      "scales_for_scheme",
+      [](const CalibData& calib, const std::string& scheme, int tp, int rank) {
+        return scales_for_scheme(calib, parse_scheme(scheme), tp, rank);
+      },
+      py::arg("calib"), py::arg("scheme"), py::arg("tp") = 1, py::arg("rank") = 0);
 }

@@ -268,9 +268,10 @@ RankScales load_scales_for_model(const std::string& calib_path, const ModelConfi
     throw Error(std::string("the ") + scheme_name(scheme) + " KV cache takes no calibration file" +
                 (is_fp8(scheme) ? " (it has no scales: K/V are rounded to e5m2 as they are)" : ""));
   }
-  // Any format load_kv_scales reads: kv_cache_calib.json, a quant-param JSON, scale tensors.
-  return slice_for_rank(load_kv_scales(calib_path, calib_expect_for(config, scheme)).data,
-                        shard.tp, shard.rank);
+  // Any format load_kv_scales reads: kv_cache_calib.json, a quant-param JSON, scale tensors; a
+  // per_tensor one broadcast to every KV head for the per-head schemes.
+  return scales_for_scheme(load_kv_scales(calib_path, calib_expect_for(config, scheme)).data,
+                           scheme, shard.tp, shard.rank);
 }
 
 }  // namespace fp8kv

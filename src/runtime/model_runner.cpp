@@ -83,7 +83,11 @@ void check_scales(KvScheme scheme, const std::optional<RankScales>& scales, cons
   }
   if (scales->quant_type != *want) {
     throw Error(what + ": the " + std::string(scheme_name(scheme)) + " KV cache needs " +
-                quant_type_name(*want) + " scales, got " + quant_type_name(scales->quant_type));
+                quant_type_name(*want) + " scales, got " + quant_type_name(scales->quant_type) +
+                (quant_type_serves(scales->quant_type, *want)
+                     ? " (scales_for_scheme, not slice_for_rank, broadcasts per_tensor scales to "
+                       "every KV head)"
+                     : ""));
   }
   if (scales->num_layers != c.num_layers) {
     throw Error(what + ": scales for " + std::to_string(scales->num_layers) +

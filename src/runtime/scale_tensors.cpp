@@ -303,15 +303,16 @@ LoadedScales read_scales(const TensorSet& set, const std::string& where, const F
           per_head ? "per head" : "per tensor", want));
     }
   }
-  if (expect.quant_type) {
-    const bool want_head = *expect.quant_type == QuantType::kPerHead;
-    if (want_head != per_head && !(want_head && model_heads && *model_heads == 1)) {
-      throw Error(fmt::format(
-          "{}: tensor '{}' has shape {}: {} scales, but the scheme {} needs {} scales", where,
-          heads_from, shape_to_string(set.info(heads_from).shape),
-          per_head ? "per-head" : "per-tensor", want_head ? "fp8-per-head" : "fp8-per-tensor",
-          want_head ? "per-head ([num_kv_heads])" : "per-tensor ([1])"));
-    }
+  // Per-tensor tensors serve a per-head scheme (broadcast, scales_for_scheme); per-head ones
+  // for fp8-per-tensor are refused.
+  const bool want_head = expect.quant_type == QuantType::kPerHead;
+  if (expect.quant_type && per_head &&
+      !quant_type_serves(QuantType::kPerHead, *expect.quant_type)) {
+    throw Error(fmt::format(
+        "{}: tensor '{}' has shape {}: per-head scales, but the scheme fp8-per-tensor needs "
+        "per-tensor ([1]) scales; {}",
+        where, heads_from, shape_to_string(set.info(heads_from).shape),
+        detail::per_head_for_per_tensor_hint(where)));
   }
   if (expect.architectures && cfg.architectures && *cfg.architectures != *expect.architectures) {
     throw Error(fmt::format("{}: field 'architectures': expected {} (the model's), found {}",
@@ -324,7 +325,7 @@ LoadedScales read_scales(const TensorSet& set, const std::string& where, const F
   d.architectures = expect.architectures.value_or(cfg.architectures.value_or(""));
   d.num_layers = num_layers;
   // A model with one KV head stores per-head scales as [1]: read them as per head when asked.
-  const bool as_head = per_head || (expect.quant_type == QuantType::kPerHead);
+  const bool as_head = per_head || (want_head && model_heads && *model_heads == 1);
   d.quant_type = as_head ? QuantType::kPerHead : QuantType::kPerTensor;
   d.num_head = per_head ? heads : model_heads.value_or(as_head ? 1 : 0);
   const int width = as_head ? 2 * heads : 2;

@@ -57,10 +57,21 @@ TEST(InspectCli, WrongKvHeads) {
       << r.output;
 }
 
+// A per_head file for fp8-per-tensor is refused (it would need a reduction); a per_tensor file
+// serves a per-head scheme, broadcast, and inspect says so.
 TEST(InspectCli, WrongScheme) {
-  const RunResult r = run_fp8kv("inspect '" + kLightLlmFile + "' --scheme fp8-per-head");
+  RunResult r = run_fp8kv("inspect '" + kSourceDir +
+                          "/tests/data/calib/ok_per_head.json' --scheme fp8-per-tensor");
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_TRUE(contains(r.output, "expected \"per_head\"")) << r.output;
+  EXPECT_TRUE(contains(r.output, "field 'quant_type': expected \"per_tensor\"")) << r.output;
+  EXPECT_TRUE(contains(r.output, "--to modelopt --reduce max")) << r.output;
+  r = run_fp8kv("inspect '" + kLightLlmFile + "' --scheme fp8-per-head");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "file rules and quant_type: OK")) << r.output;
+  EXPECT_TRUE(contains(r.output,
+                       "fp8-per-head reads it broadcast: each layer's K and V scale for "
+                       "every KV head"))
+      << r.output;
 }
 
 TEST(InspectCli, RankSlice) {

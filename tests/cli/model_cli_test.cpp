@@ -7,8 +7,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "fp8kv/calib.h"
 #include "cli/run_fp8kv.h"
@@ -54,10 +56,20 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
   r = run("generate --model " + model + " --kv fp8-per-head --calib " + per_head +
           " --input-ids 1,2,3 --max-new 3");
   ASSERT_EQ(r.exit_code, 0) << r.output;
+  // A per-tensor file serves fp8-per-head, broadcast to every KV head, and says so; a per-head
+  // file for fp8-per-tensor is refused, naming quant_type and the reduction that would serve it.
   r = run("generate --model " + model + " --kv fp8-per-head --calib " + per_tensor +
+          " --input-ids 1,2,3 --max-new 3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output,
+                       "fp8-per-head cache, dynamic Q scales, K/V scales broadcast from "
+                       "a per_tensor file"))
+      << r.output;
+  r = run("generate --model " + model + " --kv fp8-per-tensor --calib " + per_head +
           " --input-ids 1,2,3");
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_TRUE(contains(r.output, "per_tensor")) << r.output;
+  EXPECT_TRUE(contains(r.output, "field 'quant_type': expected \"per_tensor\"")) << r.output;
+  EXPECT_TRUE(contains(r.output, "--reduce max")) << r.output;
   // fp8-e5m2 takes no calibration file (and refuses one); fp8-per-head-bf16q a per-head one.
   r = run("generate --model " + model + " --kv fp8-e5m2 --input-ids 1,2,3 --max-new 3");
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -69,10 +81,15 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
   r = run("generate --model " + model + " --kv fp8-per-head-bf16q --calib " + per_head +
           " --input-ids 1,2,3 --max-new 3");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  r = run("generate --model " + model + " --kv fp8-per-head-bf16q --calib " + per_tensor +
-          " --input-ids 1,2,3");
-  EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_TRUE(contains(r.output, "expected \"per_head\"")) << r.output;
+  // fp8-per-head-bf16q on a per-tensor file is fp8-per-tensor: the same tokens.
+  const std::string ids = " --input-ids 1,2,3 --input-ids 700,5 --max-new 6";
+  r = run("generate --model " + model + " --kv fp8-per-head-bf16q --calib " + per_tensor + ids);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const RunResult pt =
+      run("generate --model " + model + " --kv fp8-per-tensor --calib " + per_tensor + ids);
+  ASSERT_EQ(pt.exit_code, 0) << pt.output;
+  EXPECT_FALSE(token_lines(pt.output).empty()) << pt.output;
+  EXPECT_EQ(token_lines(r.output), token_lines(pt.output));
   // eval with the two extra caches only: no per-tensor scales needed, none calibrated.
   r = run("eval --model " + model + " --data " + data + " --per-head-calib " + per_head +
           " --kv-schemes fp8-e5m2,fp8-per-head-bf16q --batch 2");
@@ -97,6 +114,30 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
   EXPECT_TRUE(contains(r.output, "perplexity")) << r.output;
   EXPECT_TRUE(contains(r.output, "top-1 agreement")) << r.output;
   EXPECT_TRUE(contains(r.output, "attn-out rel. error, layer 3")) << r.output;
+
+  // --per-head-calib takes a per-tensor file (broadcast): fp8-per-head-bf16q's column is then
+  // fp8-per-tensor's, value for value.
+  r = run("eval --model " + model + " --data " + data + " --per-tensor-calib " + per_tensor +
+          " --per-head-calib " + per_tensor +
+          " --kv-schemes fp8-per-tensor,fp8-per-head-bf16q --batch 2");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "fp8-per-head: scales from " + per_tensor +
+                                     " (per_tensor: each layer's K and V scale broadcast to "
+                                     "every KV head)"))
+      << r.output;
+  int rows = 0;
+  std::istringstream table(r.output);
+  for (std::string line; std::getline(table, line);) {
+    for (const char* row : {"perplexity ", "KL vs bf16, mean", "top-1 agreement"}) {
+      if (line.rfind(row, 0) != 0) continue;
+      std::istringstream words(line);
+      std::vector<std::string> w{std::istream_iterator<std::string>(words), {}};
+      ASSERT_GE(w.size(), 2u) << line;
+      EXPECT_EQ(w[w.size() - 2], w.back()) << line;  // fp8-per-tensor, fp8-per-head-bf16q
+      ++rows;
+    }
+  }
+  EXPECT_EQ(rows, 3) << r.output;
 
   r = run("bench model --model " + model + " --batch 2 --prompt-len 8 --decode 2");
   ASSERT_EQ(r.exit_code, 0) << r.output;

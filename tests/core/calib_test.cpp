@@ -211,13 +211,10 @@ TEST_F(CalibFileTest, LightLlmFileLoadsAndRewritesTheSame) {
   const std::string path = (dir_ / "rewritten.json").string();
   write_calib(path, d);
   expect_same(d, load_calib(path, expect));
-  // Asked for the other scheme, the file is refused.
+  // Asked for by a per-head scheme, the per_tensor file loads as it is (scales_for_scheme
+  // broadcasts it; CalibBroadcast below).
   expect.quant_type = QuantType::kPerHead;
-  const std::string msg = error_of([&] { load_calib(kLightLlmFile, expect); });
-  EXPECT_NE(msg.find("field 'quant_type': expected \"per_head\" (the scheme fp8-per-head or "
-                     "fp8-per-head-bf16q), found \"per_tensor\""),
-            std::string::npos)
-      << msg;
+  expect_same(d, load_calib(kLightLlmFile, expect));
 }
 
 // ---- tensor parallelism ---------------------------------------------------------------------
@@ -286,6 +283,80 @@ TEST(CalibSlice, PerTensorIsTheSameForEveryRank) {
     }
   }
   EXPECT_THROW(slice_for_rank(d, 3, 0), Error);  // 3 and 8: neither divides the other
+}
+
+// ---- a per_tensor file for the per-head schemes ---------------------------------------------
+
+// Every KV head of a layer gets the layer's K scale, V likewise, bit for bit; at every tp the
+// rank's heads are those of the broadcast file, and its per_head file slices the same way.
+TEST(CalibBroadcast, PerTensorFileServesThePerHeadSchemes) {
+  CalibExpect expect;
+  expect.num_kv_heads = 8;
+  expect.quant_type = calib_quant_type(KvScheme::kFp8PerHead);
+  const CalibData pt = load_calib(kLightLlmFile, expect);  // 64 layers, 8 KV heads
+  ASSERT_EQ(pt.quant_type, QuantType::kPerTensor);
+  const CalibData ph = broadcast_to_per_head(pt);
+  EXPECT_EQ(ph.quant_type, QuantType::kPerHead);
+  EXPECT_EQ(ph.num_head, 8);
+  ASSERT_EQ(ph.scales.size(), static_cast<size_t>(64 * 2 * 8));
+  for (int l = 0; l < 64; ++l) {
+    for (int h = 0; h < 8; ++h) {
+      EXPECT_EQ(bits_of(ph.k_scale(l, h)), bits_of(pt.k_scale(l, 0))) << l << " " << h;
+      EXPECT_EQ(bits_of(ph.v_scale(l, h)), bits_of(pt.v_scale(l, 0))) << l << " " << h;
+    }
+  }
+  EXPECT_EQ(broadcast_to_per_head(ph).scales, ph.scales);  // per_head stays as it is
+  for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kFp8PerHeadBf16Q}) {
+    for (int tp : {1, 2, 16}) {  // 16: each head replicated on two ranks
+      for (int rank = 0; rank < tp; ++rank) {
+        const RankScales s = scales_for_scheme(pt, scheme, tp, rank);
+        EXPECT_EQ(s.quant_type, QuantType::kPerHead);
+        EXPECT_TRUE(s.broadcast_from_per_tensor);
+        EXPECT_EQ(s.heads_per_rank, std::max(1, 8 / tp));
+        EXPECT_EQ(s.kv, slice_for_rank(ph, tp, rank).kv) << scheme_name(scheme) << " tp " << tp;
+        for (int j = 0; j < s.heads_per_rank; ++j) {
+          EXPECT_EQ(s.k_row(63)[j], pt.k_scale(63, 0));
+          EXPECT_EQ(s.v_row(63)[j], pt.v_scale(63, 0));
+        }
+      }
+    }
+  }
+  // fp8-per-tensor takes the file as it is.
+  const RankScales same = scales_for_scheme(pt, KvScheme::kFp8PerTensor, 2, 1);
+  EXPECT_EQ(same.quant_type, QuantType::kPerTensor);
+  EXPECT_FALSE(same.broadcast_from_per_tensor);
+  EXPECT_EQ(same.kv, pt.scales);
+  // A per_head file for fp8-per-head is not marked.
+  EXPECT_FALSE(scales_for_scheme(ph, KvScheme::kFp8PerHead, 1, 0).broadcast_from_per_tensor);
+}
+
+// The reverse needs a reduction (lossy for the smaller heads): refused, naming quant_type and the
+// command that makes it; a scheme without scales refuses any; no heads to broadcast to, refused.
+TEST(CalibBroadcast, PerHeadFileForFp8PerTensorStaysRefused) {
+  const std::string ok = kDataDir + "ok_per_head.json";
+  CalibExpect expect;
+  expect.quant_type = calib_quant_type(KvScheme::kFp8PerTensor);
+  std::string msg = error_of([&] { load_calib(ok, expect); });
+  EXPECT_NE(msg.find("ok_per_head.json: field 'quant_type': expected \"per_tensor\" (the scheme "
+                     "fp8-per-tensor), found \"per_head\""),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("`fp8kv convert " + ok + " OUT --to modelopt --reduce max`"),
+            std::string::npos)
+      << msg;
+  const CalibData ph = load_calib(ok);
+  msg = error_of([&] { scales_for_scheme(ph, KvScheme::kFp8PerTensor, 1, 0); });
+  EXPECT_NE(msg.find("fp8-per-tensor KV cache needs per_tensor scales, got per_head"),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("--reduce max"), std::string::npos) << msg;
+  msg = error_of([&] { scales_for_scheme(ph, KvScheme::kFp8E5m2, 1, 0); });
+  EXPECT_NE(msg.find("fp8-e5m2 KV cache takes no calibration file"), std::string::npos) << msg;
+  CalibData no_heads = load_calib(kLightLlmFile);
+  no_heads.num_head = 0;  // as a quant-param JSON read without the model
+  msg = error_of([&] { scales_for_scheme(no_heads, KvScheme::kFp8PerHead, 1, 0); });
+  EXPECT_NE(msg.find("num_head: expected >= 1 (the model's KV heads), found 0"), std::string::npos)
+      << msg;
 }
 
 TEST(CalibSlice, QCalibrationFollowsTheKvHeads) {

@@ -124,10 +124,17 @@ TEST(QuantParamJson, ChecksTheModel) {
   EXPECT_NE(error_of_parse("ok_quant_param_tp2.json", layers)
                 .find("expected 3 layers (the model's), found 2"),
             std::string::npos);
+  // A per-head scheme takes the one scale per layer broadcast to the model's KV heads.
   CalibExpect head;
   head.quant_type = QuantType::kPerHead;
-  EXPECT_NE(error_of_parse("ok_quant_param_tp2.json", head).find("use --kv fp8-per-tensor"),
-            std::string::npos);
+  head.num_kv_heads = 3;
+  const CalibData d =
+      parse_quant_param_json(slurp(kDir + "ok_quant_param_tp2.json"), "qp", head, false);
+  EXPECT_EQ(d.quant_type, QuantType::kPerTensor);
+  EXPECT_EQ(d.num_head, 3);
+  const RankScales r = scales_for_scheme(d, KvScheme::kFp8PerHead, 1, 0);
+  EXPECT_EQ(r.kv, (std::vector<float>{0.0125f, 0.0125f, 0.0125f, 0.0125f, 0.0125f, 0.0125f, 0.5f,
+                                      0.5f, 0.5f, 0.5f, 0.5f, 0.5f}));  // [2 layers, K 3 | V 3]
 }
 
 // Each fixture and a part of the message it must produce (field and value named).

@@ -946,6 +946,38 @@ TEST(CpuBackend, PerHeadBf16QStoresPerHeadBytesAndRoundsLess) {
   expect_within(e_bf16q, exact_bound(KvScheme::kFp8PerHeadBf16Q), "bf16q vs exact");
 }
 
+// A per_tensor calibration file serves fp8-per-head-bf16q broadcast (every KV head gets the
+// layer's scale, calib.h's scales_for_scheme): then it writes fp8-per-tensor's bytes and computes
+// fp8-per-tensor's attention, bit for bit, in prefill and in decode.
+TEST(CpuBackend, PerHeadBf16QOnBroadcastScalesIsFp8PerTensor) {
+  auto cpu = make_cpu_backend();
+  for (AttentionPhase phase : {AttentionPhase::kPrefill, AttentionPhase::kDecode}) {
+    const bool prefill = phase == AttentionPhase::kPrefill;
+    test::ProblemSpec spec;
+    spec.requests = prefill ? std::vector<test::RequestShape>{{90, 30}, {0, 41}, {200, 1}}
+                            : std::vector<test::RequestShape>{{90, 1}, {0, 1}, {200, 1}};
+    spec.num_q_heads = 8;
+    spec.num_kv_heads = 2;
+    spec.head_dim = 128;
+    spec.data.head_range = 30.0f;  // heads of different ranges: one scale fits none of them well
+    spec.data.outlier_channels = 4;
+    spec.seed = 4343;
+    const test::AttentionProblem p = test::make_problem(spec);
+    const test::KvScales tensor = test::calibrate_scales(p, KvScheme::kFp8PerTensor);
+    test::KvScales broadcast;
+    broadcast.k.assign(p.num_kv_heads, tensor.k[0]);
+    broadcast.v.assign(p.num_kv_heads, tensor.v[0]);
+    test::RunOptions o;
+    o.phase = phase;
+    const test::AttentionRun a = test::run_attention(*cpu, p, KvScheme::kFp8PerTensor, tensor, o);
+    const test::AttentionRun b =
+        test::run_attention(*cpu, p, KvScheme::kFp8PerHeadBf16Q, broadcast, o);
+    EXPECT_EQ(a.pool, b.pool);
+    EXPECT_EQ(a.o, b.o) << (prefill ? "prefill" : "decode");
+    for (uint16_t x : a.o) ASSERT_TRUE(std::isfinite(bf16_to_float(x)));
+  }
+}
+
 // The table the docs quote: measured errors per scheme on one representative batch.
 TEST(CpuBackend, ErrorBoundsReport) {
   test::ProblemSpec spec;

@@ -497,6 +497,27 @@ def test_slice_for_rank_per_head_and_per_tensor():
     assert rt.k(1).tolist() == [np.float32(0.3)] and rt.v(0).tolist() == [np.float32(0.2)]
 
 
+def test_scales_for_scheme_broadcasts_a_per_tensor_file(tmp_path):
+    t = fp8kv.CalibData(architectures="X", quant_type="per_tensor", num_layers=2, num_head=4,
+                        scales=np.array([[0.1, 0.2], [0.3, 0.4]], np.float32))
+    path = str(tmp_path / "pt.json")
+    fp8kv.write_calib(path, t)
+    loaded = fp8kv.load_calib(path, num_kv_heads=4, scheme="fp8-per-head")  # accepted as is
+    assert loaded.quant_type == "per_tensor"
+    for scheme in ("fp8-per-head", "fp8-per-head-bf16q"):
+        r = fp8kv.scales_for_scheme(loaded, scheme, tp=2, rank=1)
+        assert r.quant_type == "per_head" and r.broadcast_from_per_tensor
+        assert r.heads_per_rank == 2
+        assert np.array_equal(r.k(1), np.full(2, 0.3, np.float32))
+        assert np.array_equal(r.v(0), np.full(2, 0.2, np.float32))
+    same = fp8kv.scales_for_scheme(loaded, "fp8-per-tensor")
+    assert same.quant_type == "per_tensor" and not same.broadcast_from_per_tensor
+    h = fp8kv.CalibData(architectures="X", quant_type="per_head", num_layers=1, num_head=2,
+                        scales=np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
+    with pytest.raises(ValueError, match=r"needs per_tensor scales, got per_head.*--reduce max"):
+        fp8kv.scales_for_scheme(h, "fp8-per-tensor")
+
+
 def test_every_bad_calibration_file_is_refused_with_its_name():
     files = sorted(glob.glob(os.path.join(SOURCE, "tests", "data", "calib", "bad_*.json")))
     assert len(files) >= 20

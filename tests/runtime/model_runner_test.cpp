@@ -502,11 +502,56 @@ TEST_F(ModelRunnerTest, CalibrateWritesAFileLoadCalibAccepts) {
         EXPECT_GT(back.k_scale(l, l % 2), back.k_scale(l, (l + 1) % 2)) << "layer " << l;
       }
     }
-    // The other scheme's loader refuses this file.
-    const KvScheme other =
-        qt == QuantType::kPerHead ? KvScheme::kFp8PerTensor : KvScheme::kFp8PerHead;
-    EXPECT_THROW(load_scales_for_model(path, tiny_->config(), other), Error);
+    if (qt == QuantType::kPerHead) {
+      // fp8-per-tensor refuses a per_head file, naming the field.
+      const std::string e =
+          error_of([&] { load_scales_for_model(path, tiny_->config(), KvScheme::kFp8PerTensor); });
+      EXPECT_NE(e.find("field 'quant_type': expected \"per_tensor\""), std::string::npos) << e;
+      continue;
+    }
+    // The per-head schemes take a per_tensor file, each layer's scale on every KV head.
+    for (KvScheme s : {KvScheme::kFp8PerHead, KvScheme::kFp8PerHeadBf16Q}) {
+      const RankScales r = load_scales_for_model(path, tiny_->config(), s);
+      EXPECT_EQ(r.quant_type, QuantType::kPerHead);
+      EXPECT_TRUE(r.broadcast_from_per_tensor);
+      ASSERT_EQ(r.heads_per_rank, 2);
+      for (int l = 0; l < 4; ++l) {
+        for (int h = 0; h < 2; ++h) {
+          EXPECT_EQ(r.k_row(l)[h], d.k_scale(l, 0)) << scheme_name(s) << " layer " << l;
+          EXPECT_EQ(r.v_row(l)[h], d.v_scale(l, 0)) << scheme_name(s) << " layer " << l;
+        }
+      }
+    }
   }
+}
+
+// fp8-per-head-bf16q on a per_tensor file is fp8-per-tensor: the same bytes in the cache (each
+// head's scale is the layer's) and the same bf16-Q attention, so the same logits bit for bit,
+// prefill and decode.
+TEST_F(ModelRunnerTest, PerHeadBf16QOnAPerTensorFileIsFp8PerTensor) {
+  TempDir dir;
+  const std::string path = dir.path() + "/pt.json";
+  write_calib(path, calibrated(QuantType::kPerTensor));
+  const int V = tiny_->config().vocab_size;
+  const auto prompt = tokens(20, 9, V);
+  auto logits = [&](KvScheme scheme) {
+    RunnerOptions o = small(scheme);
+    o.scales = load_scales_for_model(path, tiny_->config(), scheme);
+    ModelRunner r(*tiny_, *backend_, *ops_, std::move(o));
+    const int req = r.add_request();
+    std::vector<float> out = r.forward({req}, {prompt}, LogitRows::kAll);
+    for (int step = 0; step < 3; ++step) {  // decode
+      const std::vector<float> next = r.forward({req}, {{prompt[step]}}, LogitRows::kLast);
+      out.insert(out.end(), next.begin(), next.end());
+    }
+    return out;
+  };
+  const std::vector<float> tensor = logits(KvScheme::kFp8PerTensor);
+  const std::vector<float> bf16q = logits(KvScheme::kFp8PerHeadBf16Q);
+  ASSERT_EQ(tensor.size(), bf16q.size());
+  EXPECT_EQ(std::memcmp(tensor.data(), bf16q.data(), tensor.size() * sizeof(float)), 0);
+  // fp8-per-head on the same file rounds Q and P to e4m3 as well: other logits.
+  EXPECT_GT(rel_diff(logits(KvScheme::kFp8PerHead), tensor), 0.0);
 }
 
 TEST_F(ModelRunnerTest, CalibrationCountFromEnvironmentAndOptions) {

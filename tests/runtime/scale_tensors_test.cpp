@@ -147,7 +147,25 @@ TEST(ScaleTensors, ChecksTheModelAndTheScheme) {
   CalibExpect t;
   t.quant_type = QuantType::kPerTensor;
   EXPECT_TRUE(has(error_of([&] { load_kv_scales(kDir + "ok_vllm_per_head.safetensors", t); }),
-                  "per-head scales, but the scheme fp8-per-tensor needs per-tensor ([1]) scales"));
+                  "per-head scales, but the scheme fp8-per-tensor needs per-tensor ([1]) scales; "
+                  "fp8-per-tensor reads one K and one V scale per layer: `fp8kv convert "));
+  // Per-tensor tensors serve a per-head scheme: loaded per_tensor with the model's KV heads,
+  // broadcast by scales_for_scheme; a model of one KV head reads them as per head directly.
+  CalibExpect h;
+  h.quant_type = QuantType::kPerHead;
+  h.num_kv_heads = 4;
+  LoadedScales pt = load_kv_scales(kDir + "ok_modelopt_per_tensor.safetensors", h);
+  EXPECT_EQ(pt.data.quant_type, QuantType::kPerTensor);
+  EXPECT_EQ(pt.data.num_head, 4);
+  const RankScales r = scales_for_scheme(pt.data, KvScheme::kFp8PerHeadBf16Q, 2, 1);
+  EXPECT_TRUE(r.broadcast_from_per_tensor);
+  EXPECT_EQ(r.kv, (std::vector<float>{0.001f, 0.001f, 0.0015f, 0.0015f,  // [2 layers, K 2 | V 2]
+                                      0.002f, 0.002f, 0.0025f, 0.0025f}));
+  h.num_kv_heads = 1;
+  pt = load_kv_scales(kDir + "ok_modelopt_per_tensor.safetensors", h);
+  EXPECT_EQ(pt.data.quant_type, QuantType::kPerHead);
+  EXPECT_EQ(pt.data.num_head, 1);
+  EXPECT_EQ(pt.data.scales, (std::vector<float>{0.001f, 0.0015f, 0.002f, 0.0025f}));
   CalibExpect a;
   a.architectures = "Qwen2ForCausalLM";
   EXPECT_TRUE(has(error_of([&] { load_kv_scales(kDir + "ok_index_folder", a); }),
