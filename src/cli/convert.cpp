@@ -101,10 +101,11 @@ void run_convert(const ConvertOptions& opt) {
   }
   fmt::print("\n");
 
-  // The one lossy step, only when asked for and only where the target needs it.
+  // The one lossy step, only when asked for: where the target holds only per-layer scales, or
+  // for any target with --reduce max (a per_tensor kv_cache_calib.json for fp8-per-tensor).
   CalibData d = in;
   const bool per_tensor_only = opt.to == "quant-param-json" || opt.to == "modelopt";
-  if (d.quant_type == QuantType::kPerHead && per_tensor_only) {
+  if (d.quant_type == QuantType::kPerHead && (per_tensor_only || opt.reduce)) {
     if (!opt.reduce) {
       throw Error(fmt::format(
           "convert --to {}: the format holds one K and one V scale per layer, but {} is "
@@ -114,12 +115,16 @@ void run_convert(const ConvertOptions& opt) {
     d = reduce_to_per_tensor(d);
     fmt::print("reduced per_head to per_tensor: each layer's max over its {} KV heads\n", H);
   }
-  if (d.q_scales && opt.to != "lightllm" && opt.to != "lightllm-rank-layout") {
+  // LightLLM's file holds static Q scales beside per_head K/V scales only (FORMATS.md).
+  const bool holds_q = (opt.to == "lightllm" || opt.to == "lightllm-rank-layout") &&
+                       d.quant_type == QuantType::kPerHead;
+  if (d.q_scales && !holds_q) {
     if (!opt.drop_q_scales) {
       throw Error(fmt::format(
-          "convert --to {}: {} has q_calibration (static Q scales), which the format cannot "
-          "hold; --drop-q-scales writes the K/V scales without them",
-          opt.to, opt.in));
+          "convert --to {}: {} has q_calibration (static Q scales), which {} cannot hold; "
+          "--drop-q-scales writes the K/V scales without them",
+          opt.to, opt.in,
+          d.quant_type == QuantType::kPerTensor ? "a per_tensor file" : "the format"));
     }
     d.q_scales.reset();
     fmt::print("dropped q_calibration (static Q scales) as asked\n");
@@ -218,8 +223,10 @@ void add_convert(CLI::App& app) {
                   "Model folder: its config.json gives KV heads, layers, architectures and "
                   "model_type; with --to vllm-checkpoint, the folder whose config OUT copies");
   cmd->add_option("--reduce", opt->reduce,
-                  "max: allow per_head -> per-layer formats (each layer's max over its heads) "
-                  "and quant-param ranks that disagree");
+                  "max: per_head scales become per_tensor, each layer's max over its KV heads "
+                  "(the per-layer formats need it; with lightllm or vllm-checkpoint it writes a "
+                  "per_tensor file, for fp8-per-tensor), and quant-param ranks that disagree "
+                  "are merged by their max");
   cmd->add_flag("--drop-q-scales", opt->drop_q_scales,
                 "Write to a format without static Q scales even when the input has them");
   cmd->callback([opt]() { run_convert(*opt); });

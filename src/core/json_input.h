@@ -42,9 +42,9 @@ constexpr size_t kMaxShownValueChars = 48;                 // how much of a bad 
 // `file` is the scales' path ("FILE" where the caller has none).
 inline std::string per_head_for_per_tensor_hint(const std::string& file) {
   return fmt::format(
-      "fp8-per-tensor reads one K and one V scale per layer: `fp8kv convert {} OUT --to modelopt "
-      "--reduce max` writes each layer's max over its KV heads (or calibrate with --scheme "
-      "per-tensor)",
+      "fp8-per-tensor reads one K and one V scale per layer: `fp8kv convert {} OUT --to lightllm "
+      "--reduce max` writes a per_tensor file of each layer's max over its KV heads (or calibrate "
+      "with --scheme per-tensor)",
       file);
 }
 

@@ -64,7 +64,7 @@ TEST(InspectCli, WrongScheme) {
                           "/tests/data/calib/ok_per_head.json' --scheme fp8-per-tensor");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_TRUE(contains(r.output, "field 'quant_type': expected \"per_tensor\"")) << r.output;
-  EXPECT_TRUE(contains(r.output, "--to modelopt --reduce max")) << r.output;
+  EXPECT_TRUE(contains(r.output, "--to lightllm --reduce max")) << r.output;
   r = run_fp8kv("inspect '" + kLightLlmFile + "' --scheme fp8-per-head");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "file rules and quant_type: OK")) << r.output;

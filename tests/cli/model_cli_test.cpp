@@ -214,6 +214,18 @@ TEST(ModelCli, StaticQScales) {
   r = run("convert " + ph + " " + out + ".json --to lightllm");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(read_file(out + ".json"), read_file(ph));
+  // Reduced to per_tensor, LightLLM's file cannot keep the Q scales either (q_calibration belongs
+  // to a per_head file): refused, nothing written, unless dropped.
+  r = run("convert " + ph + " " + out + "-pt.json --to lightllm --reduce max");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "which a per_tensor file cannot hold; --drop-q-scales"))
+      << r.output;
+  EXPECT_FALSE(std::filesystem::exists(out + "-pt.json"));
+  r = run("convert " + ph + " " + out + "-pt.json --to lightllm --reduce max --drop-q-scales");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = run("generate --model " + model + " --kv fp8-per-tensor --calib " + out +
+          "-pt.json --input-ids 1,2,3 --max-new 2");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
 }
 
 #if defined(FP8KV_HAVE_PCRE2)

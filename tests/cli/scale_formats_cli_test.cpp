@@ -127,6 +127,23 @@ TEST_F(ScaleFormatsCli, ModelOptTensorsServeTheSameScales) {
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_TRUE(contains(r.output, "--reduce max takes each layer's max over its heads")) << r.output;
   EXPECT_FALSE(fs::exists(path("x.safetensors")));
+  // --reduce max into LightLLM's own file writes per_tensor scales, each layer's max over its
+  // heads: byte for byte the file a per-tensor calibration on the same data writes, which
+  // fp8-per-tensor takes (the per_head file it refuses, naming this command).
+  r = run("generate --model " + *model_ + " --kv fp8-per-tensor --calib " + path("per-head.json") +
+          " --input-ids 1,2");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(contains(r.output, "--to lightllm --reduce max")) << r.output;
+  r = run("convert " + path("per-head.json") + " " + path("ph-reduced.json") +
+          " --to lightllm --reduce max --model " + *model_);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "reduced per_head to per_tensor")) << r.output;
+  EXPECT_EQ(read_file(path("ph-reduced.json")), read_file(path("per-tensor.json")));
+  // Without --reduce the heads are kept: the per_head file as it was.
+  r = run("convert " + path("per-head.json") + " " + path("ph-kept.json") + " --to lightllm --model " +
+          *model_);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_file(path("ph-kept.json")), read_file(path("per-head.json")));
 }
 
 TEST_F(ScaleFormatsCli, QuantParamJsonListsEveryRank) {

@@ -341,7 +341,7 @@ TEST(CalibBroadcast, PerHeadFileForFp8PerTensorStaysRefused) {
                      "fp8-per-tensor), found \"per_head\""),
             std::string::npos)
       << msg;
-  EXPECT_NE(msg.find("`fp8kv convert " + ok + " OUT --to modelopt --reduce max`"),
+  EXPECT_NE(msg.find("`fp8kv convert " + ok + " OUT --to lightllm --reduce max`"),
             std::string::npos)
       << msg;
   const CalibData ph = load_calib(ok);
