@@ -306,8 +306,7 @@ LoadedScales read_scales(const TensorSet& set, const std::string& where, const F
   // Per-tensor tensors serve a per-head scheme (broadcast, scales_for_scheme); per-head ones
   // for fp8-per-tensor are refused.
   const bool want_head = expect.quant_type == QuantType::kPerHead;
-  if (expect.quant_type && per_head &&
-      !quant_type_serves(QuantType::kPerHead, *expect.quant_type)) {
+  if (expect.quant_type && per_head && !want_head) {
     throw Error(fmt::format(
         "{}: tensor '{}' has shape {}: per-head scales, but the scheme fp8-per-tensor needs "
         "per-tensor ([1]) scales; {}",
