@@ -18,8 +18,9 @@
 //    warpgroups, which own 64 query rows each and only compute.
 //  - The K/V tiles go round a ring of kStages stages: a consumer warpgroup arrives on the
 //    stage's `empty` mbarrier once its wgmmas have read it, and the producer refills it after
-//    both have. The consumers never wait for each other, so one's softmax runs under the other's
-//    wgmmas.
+//    both have. Their softmaxes run under each other's wgmmas; with bf16 operands at D 128 they
+//    also take turns issuing those (ping-pong, kPingPong below), the others never wait for each
+//    other.
 //  - Inside a consumer warpgroup, the QK^T of tile j and the PV of tile j-1 are issued together;
 //    the softmax of tile j runs while the PV is still in the tensor pipe (FA3's intra-warpgroup
 //    overlap), then, once the PV has landed, it is added to O (e4m3: each tile's PV summed from
@@ -123,9 +124,10 @@ __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
 }
 
 // Options (template flags, each a built instance: prefill_instances.cuh). Packed GQA (a CTA
-// taking the G query heads of one KV head) and ping-pong turns of the two consumer warpgroups
-// (FA3's PackGQA and ping-pong) were built and measured here, never faster on the H200, and are
-// retired (tag tried/prefill-packgqa-pingpong).
+// taking the G query heads of one KV head) was built and measured here, never faster on the
+// H200, and is retired (tag tried/prefill-packgqa-pingpong); ping-pong turns, retired with it
+// then, measured faster for bf16 operands at D 128 once the consumer loop got shorter and are
+// back for that case alone (kPingPong, a property of the instance, not a flag).
 //  - kSwizzle (e4m3: D = 128, 128 keys per tile: every operand row is 128 bytes; bf16: every
 //    D): Q, K and V^T (V) in the 128-byte-swizzled layout instead of the canonical no-swizzle
 //    one; a tile is then column blocks of [rows][128 bytes], a row's 128 bytes contiguous (16-byte
@@ -379,6 +381,21 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const uint32_t q_desc_base = base + wg_row0 * (kSwizzle ? 128 : Sh::kRowBytes);
 
   auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
+  // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
+  // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
+  // the tensor pipe. bf16 D 128 (swizzled, the default): 496 -> 515 TFLOP/s causal, 509 -> 523
+  // non-causal on the H200 (B=2 L=8192, eighth session); e4m3 operands and the widening schemes
+  // measured the same with and without it (668 / 667, 389 / 385), so they go without. Each
+  // warpgroup takes num_kv_tiles + 1 turns (the idle loop's included), and warpgroup 0 one more
+  // that takes warpgroup 1's last hand-over: the barriers' arrivals balance.
+  constexpr bool kPingPong = !Sh::kFp8Mma && !Sh::kWiden && kSwizzle && D == 128;
+  auto my_turn = [&] {
+    if (kPingPong) named_barrier_sync(2 + cw, 256);
+  };
+  auto your_turn = [&] {
+    if (kPingPong) named_barrier_arrive(2 + (1 - cw), 256);
+  };
+  if (kPingPong && cw == 1) named_barrier_arrive(2, 256);  // warpgroup 0 goes first
   auto release = [&](int j) {
     if (lane == 0) mbarrier_arrive(empty_bar + 8 * (j % kStages));
   };
@@ -491,8 +508,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     float s[kBlockN / 2];
     {
       wait_full(0);
+      my_turn();
       wgmma_fence();
       issue_qk(s, 0);
+      your_turn();
       wgmma_wait<0>();
       fence_operands(s);
       softmax(s, 0, alpha_prev);
@@ -500,10 +519,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     }
     for (int j = 1; j < wg_tiles; ++j) {
       wait_full(j);
+      my_turn();
       fence_operands(pv_acc);
       wgmma_fence();
       issue_qk(s, j);
       issue_pv(pv_acc, pa, j - 1);
+      your_turn();
       wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
       fence_operands(s);
       float alpha[2];
@@ -523,9 +544,11 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       }
       pack_p(s, pa);
     }
+    my_turn();
     fence_operands(pv_acc);
     wgmma_fence();
     issue_pv(pv_acc, pa, wg_tiles - 1);
+    your_turn();
     wgmma_wait<0>();
     fence_operands(pv_acc);
     release(wg_tiles - 1);
@@ -535,7 +558,16 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int first_idle = (wg_tiles == 0 || kDiag == 2) ? 0 : wg_tiles;
   for (int j = first_idle; j < num_kv_tiles; ++j) {
     wait_full(j);
+    my_turn();
+    your_turn();
     release(j);
+  }
+  if (kPingPong) {
+    if (first_idle == 0) {  // no GEMM turns were taken: the one more a working warpgroup takes
+      my_turn();
+      your_turn();
+    }
+    if (cw == 0) my_turn();  // warpgroup 1's last hand-over
   }
   if (!wg_active) return;
 
