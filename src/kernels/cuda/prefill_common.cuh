@@ -189,7 +189,7 @@ struct RowSoftmax {
     // kTiles + 1): the max is on the critical path between the S wgmma and the exponentials
     // (a consumer's softmax measured ~1260 cycles of a ~3000-cycle tile on the H200). The same
     // for the row sum below. fp8-per-head causal B=2 L=8192 654 -> 663 TFLOP/s, non-causal
-    // 684 -> 701 (one device call, eighth session). Only 4 chains: the consumers sit at their
+    // 684 -> 701 (two A/B device calls, eighth session). Only 4 chains: the consumers sit at their
     // register cap, and a full tree (32 partial maxima live beside S) spilled 140 bytes.
     constexpr int kAcc = kTiles < 4 ? kTiles : 4;
     float mx[2][kAcc];
