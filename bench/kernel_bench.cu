@@ -157,6 +157,73 @@ double time_us(const std::function<void()>& run, int warmup, int iters, cudaStre
   return time_us_in_turns({run}, warmup, iters, s)[0];
 }
 
+#ifdef FP8KV_PREFILL_TIMELINE
+// Diagnostic build: one more launch of a prefill row with the warp-specialized kernel's
+// per-tile stamps of CTA (0, 0, 0) (prefill_launch.cuh), summarized as medians over its middle
+// tiles (the first and last two left out), in SM cycles: per consumer warpgroup the wait for the
+// tile, the issue of QK(j) with PV(j-1) (with the ping-pong turn), until S(j) landed, the softmax,
+// until PV(j-1) landed, the promotion and P's packing, and the period; for the producer the wait
+// for a free stage, the load latency (issued -> landed), its named barrier, the transform (V^T or
+// widening), and the period; then how far warpgroup 1 runs behind warpgroup 0 and how long after
+// its publication each warpgroup takes a tile (small: it waited for the producer). The stamps
+// cost the kernel registers (a few spills): compare phases, not this launch's speed.
+void print_prefill_timeline(const std::function<void()>& run, const std::string& what) {
+  constexpr int kT = cuda::kPrefillTimelineTiles, kE = cuda::kPrefillTimelineEvents;
+  const size_t n = static_cast<size_t>(cuda::kPrefillTimelineRoles) * kT * kE;
+  uint32_t* d = nullptr;
+  check_cuda(cudaMalloc(&d, n * sizeof(uint32_t)), "timeline buffer");
+  check_cuda(cudaMemset(d, 0, n * sizeof(uint32_t)), "timeline memset");
+  check_cuda(cudaDeviceSynchronize(), "timeline memset");  // the legacy stream: done before run()
+  cuda::set_prefill_timeline(d);
+  run();
+  cuda::set_prefill_timeline(nullptr);
+  check_cuda(cudaDeviceSynchronize(), "timeline launch");  // the launch ran on the bench's stream
+  std::vector<uint32_t> h(n);
+  check_cuda(cudaMemcpy(h.data(), d, n * sizeof(uint32_t), cudaMemcpyDeviceToHost), "timeline copy");
+  check_cuda(cudaFree(d), "timeline free");
+  auto at = [&](int role, int tile, int event) { return h[(static_cast<size_t>(role) * kT + tile) * kE + event]; };
+  int tiles = 0;  // the consumers stamp kTlTop in every tile they compute
+  while (tiles < kT && (at(1, tiles, cuda::kTlTop) != 0 || at(2, tiles, cuda::kTlTop) != 0)) ++tiles;
+  if (tiles < 6) {
+    std::printf("  timeline %s: %d tiles stamped, too few to summarize\n", what.c_str(), tiles);
+    return;
+  }
+  // Differences of 32-bit cycle counts (wrapping), medians over tiles 2 .. tiles - 3.
+  auto median = [&](const std::function<uint32_t(int)>& f) {
+    std::vector<uint32_t> v;
+    for (int j = 2; j < tiles - 2; ++j) v.push_back(f(j));
+    std::sort(v.begin(), v.end());
+    return static_cast<int64_t>(v[v.size() / 2]) - (v[v.size() / 2] > 0x80000000u ? (int64_t{1} << 32) : 0);
+  };
+  auto span = [&](int role, int e0, int e1) {
+    return median([&, role, e0, e1](int j) { return at(role, j, e1) - at(role, j, e0); });
+  };
+  std::printf("  timeline %s: CTA (0, 0, 0), %d key tiles, SM cycles (median over tiles 2..%d)\n", what.c_str(),
+              tiles, tiles - 3);
+  for (int role = 1; role <= 2; ++role) {
+    std::printf("    consumer %d: period %lld | wait full %lld, issue %lld, until S %lld, softmax %lld, until PV %lld,"
+                " promote+pack %lld\n",
+                role - 1, static_cast<long long>(median([&, role](int j) { return at(role, j + 1, cuda::kTlTop) - at(role, j, cuda::kTlTop); })),
+                static_cast<long long>(span(role, cuda::kTlTop, cuda::kTlFull)),
+                static_cast<long long>(span(role, cuda::kTlFull, cuda::kTlIssued)),
+                static_cast<long long>(span(role, cuda::kTlIssued, cuda::kTlScores)),
+                static_cast<long long>(span(role, cuda::kTlScores, cuda::kTlSoftmax)),
+                static_cast<long long>(span(role, cuda::kTlSoftmax, cuda::kTlPv)),
+                static_cast<long long>(span(role, cuda::kTlPv, cuda::kTlPacked)));
+  }
+  std::printf("    producer: period %lld | wait for a stage %lld, loads issued -> landed %lld, barrier %lld, transform %lld\n",
+              static_cast<long long>(median([&](int j) { return at(0, j + 1, cuda::kTlTop) - at(0, j, cuda::kTlTop); })),
+              static_cast<long long>(span(0, cuda::kTlEmptyWait, cuda::kTlEmptyDone)),
+              static_cast<long long>(span(0, cuda::kTlIssued, cuda::kTlLanded)),
+              static_cast<long long>(span(0, cuda::kTlLanded, cuda::kTlBarrier)),
+              static_cast<long long>(span(0, cuda::kTlBarrier, cuda::kTlTransformed)));
+  std::printf("    consumer 1 behind consumer 0 %lld | tile taken after its publication: consumer 0 %lld, consumer 1 %lld\n",
+              static_cast<long long>(median([&](int j) { return at(2, j, cuda::kTlTop) - at(1, j, cuda::kTlTop); })),
+              static_cast<long long>(median([&](int j) { return at(1, j, cuda::kTlFull) - at(0, j, cuda::kTlPublished); })),
+              static_cast<long long>(median([&](int j) { return at(2, j, cuda::kTlFull) - at(0, j, cuda::kTlPublished); })));
+}
+#endif
+
 #ifdef FP8KV_DECODE_TIMELINE
 // Diagnostic build: one more launch of a decode row with per-CTA timestamps, summarized as
 // quantiles (µs): when CTAs start (from the first), their ramp (start -> first tile landed), their
@@ -643,6 +710,12 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           r.line("  %s: %s", scheme_name(scheme), e.what());
           continue;
         }
+#ifdef FP8KV_PREFILL_TIMELINE
+        if (c.name == cases[0].name && (scheme == KvScheme::kFp8PerHead || scheme == KvScheme::kBf16)) {
+          print_prefill_timeline([&p, s] { cuda::launch_prefill_attention(p, cuda::PrefillConfig::kDefault, s); },
+                                 std::string(shape) + " " + scheme_name(scheme) + " default");
+        }
+#endif
         for (size_t k = 0; k < timed.size(); ++k) {
           const cuda::PrefillConfig config = timed[k];
           const double us = times[k];

@@ -91,6 +91,16 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
 
 }  // namespace
 
+#ifdef FP8KV_PREFILL_TIMELINE
+namespace {
+uint32_t* g_prefill_timeline = nullptr;
+}  // namespace
+void set_prefill_timeline(uint32_t* buffer) { g_prefill_timeline = buffer; }
+namespace prefill {
+uint32_t* prefill_timeline() { return g_prefill_timeline; }
+}  // namespace prefill
+#endif
+
 void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cudaStream_t stream,
                               DeviceError* error) {
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {

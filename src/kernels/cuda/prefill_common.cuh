@@ -34,12 +34,22 @@ namespace fp8kv::cuda::prefill {
 // Device-side arguments: the shared AttentionArgs (attention_args.h) and what only prefill reads.
 struct PrefillParams : AttentionArgs {
   bool causal = true;  // AttentionParams::causal
+#ifdef FP8KV_PREFILL_TIMELINE
+  uint32_t* timeline = nullptr;  // set_prefill_timeline's buffer (prefill_launch.cuh), or null
+#endif
 };
+
+#ifdef FP8KV_PREFILL_TIMELINE
+uint32_t* prefill_timeline();  // prefill.cu: the buffer set_prefill_timeline set
+#endif
 
 inline PrefillParams make_prefill_params(const AttentionParams& a, DeviceError* error) {
   PrefillParams p;
   static_cast<AttentionArgs&>(p) = attention_args(a, error);
   p.causal = a.causal;
+#ifdef FP8KV_PREFILL_TIMELINE
+  p.timeline = prefill_timeline();
+#endif
   return p;
 }
 

@@ -57,6 +57,7 @@
 #include "fp8kv/backend.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/prefill_common.cuh"
+#include "kernels/cuda/prefill_launch.cuh"  // the timeline's events
 #include "kernels/cuda/prefill_wgmma_ops.cuh"
 
 namespace fp8kv::cuda::prefill {
@@ -146,6 +147,23 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   static_assert(kSwizzle || Sh::kChunks <= 16, "no-swizzle copies: 8 threads per column chunk");
   extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
   const uint32_t base = smem_addr(smem);
+#ifdef FP8KV_PREFILL_TIMELINE
+  // Diagnostic build: lane 0 of each warpgroup's first warp in CTA (0, 0, 0) stamps its phases
+  // (prefill_launch.cuh, set_prefill_timeline); everyone else stamps nothing. Only a predicate
+  // stays live (the address is recomputed from the parameter at each stamp): the consumers sit at
+  // their register cap, and a live pointer made them spill.
+  const bool tl_on = p.timeline != nullptr && blockIdx.x == 0 && blockIdx.y == 0 &&
+                     blockIdx.z == 0 && threadIdx.x % 128 == 0;
+  auto stamp = [&](int tile, int event) {
+    if (tl_on && tile >= 0 && tile < kPrefillTimelineTiles) {
+      const size_t role = threadIdx.x / 128;
+      p.timeline[(role * kPrefillTimelineTiles + tile) * kPrefillTimelineEvents + event] =
+          static_cast<uint32_t>(clock());
+    }
+  };
+#else
+  auto stamp = [](int, int) {};  // the default build: nothing
+#endif
 
   const int head = blockIdx.x;  // the query head
   const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
@@ -288,14 +306,17 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     auto finish = [&](int j) {  // this thread's copies of tile j have landed
       // ... and everyone's, where this thread reads rows that others copied
       if constexpr (Sh::kVRowsBytes > 0) named_barrier_sync(1, Sh::kProducerThreads);
+      stamp(j, kTlBarrier);
       const uint32_t st = stage_addr(j);
       if constexpr (Sh::kFp8Mma) {
         transpose_v(st);
       } else if constexpr (Sh::kWiden) {
         widen_kv(st);
       }
+      stamp(j, kTlTransformed);
       fence_proxy_async();  // cp.async'd Q/K/V and st.shared V^T or K/V -> the async proxy (wgmma)
       mbarrier_arrive(full_bar + 8 * (j % kStages));
+      stamp(j, kTlPublished);
     };
 
     // Tiles kAhead + 1 deep in flight: tile j's loads are issued before tile j - kAhead is
@@ -311,11 +332,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     constexpr bool kFinishFirst = (Sh::kFp8Mma || Sh::kWiden) && kStages >= 4;
     fetch_slots(0);
     for (int j = 0; j < num_kv_tiles; ++j) {
+      stamp(j, kTlTop);
       if (kFinishFirst && j >= kAhead) {
         cp_async_wait<kAhead - 1>();  // tiles up to j - kAhead have landed
+        stamp(j - kAhead, kTlLanded);
         finish(j - kAhead);
       }
+      stamp(j, kTlEmptyWait);
       if (j >= kStages) mbarrier_wait(empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
+      stamp(j, kTlEmptyDone);
       const uint32_t st = stage_addr(j);
       uint8_t* const k_stage = smem + (st - base);
       uint8_t* const v_stage = k_stage + Sh::kKBytes + Sh::kVtBytes;  // raw rows
@@ -339,14 +364,19 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         }
       }
       cp_async_commit();
+      stamp(j, kTlIssued);
       if (j + 1 < num_kv_tiles && !(kDiag == 1 && j + 1 >= kStages)) fetch_slots(j + 1);
       if (!kFinishFirst && j >= kAhead) {
         cp_async_wait<kAhead>();
+        stamp(j - kAhead, kTlLanded);
         finish(j - kAhead);
       }
     }
     cp_async_wait<0>();
-    for (int j = max(0, num_kv_tiles - kAhead); j < num_kv_tiles; ++j) finish(j);
+    for (int j = max(0, num_kv_tiles - kAhead); j < num_kv_tiles; ++j) {
+      stamp(j, kTlLanded);
+      finish(j);
+    }
     return;
   }
 
@@ -507,30 +537,42 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     uint32_t pa[Sh::kPvSteps][4];
     float s[kBlockN / 2];
     {
+      stamp(0, kTlTop);
       wait_full(0);
+      stamp(0, kTlFull);
       my_turn();
       wgmma_fence();
       issue_qk(s, 0);
       your_turn();
+      stamp(0, kTlIssued);
       wgmma_wait<0>();
       fence_operands(s);
+      stamp(0, kTlScores);
       softmax(s, 0, alpha_prev);
+      stamp(0, kTlSoftmax);
       pack_p(s, pa);
+      stamp(0, kTlPacked);
     }
     for (int j = 1; j < wg_tiles; ++j) {
+      stamp(j, kTlTop);
       wait_full(j);
+      stamp(j, kTlFull);
       my_turn();
       fence_operands(pv_acc);
       wgmma_fence();
       issue_qk(s, j);
       issue_pv(pv_acc, pa, j - 1);
       your_turn();
+      stamp(j, kTlIssued);
       wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
       fence_operands(s);
+      stamp(j, kTlScores);
       float alpha[2];
       softmax(s, j, alpha);
+      stamp(j, kTlSoftmax);
       wgmma_wait<0>();
       fence_operands(pv_acc);
+      stamp(j, kTlPv);
       release(j - 1);
       promote();
       if constexpr (kFoldRescale) {
@@ -543,6 +585,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
       }
       pack_p(s, pa);
+      stamp(j, kTlPacked);
     }
     my_turn();
     fence_operands(pv_acc);
