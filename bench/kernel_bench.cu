@@ -181,46 +181,45 @@ void print_prefill_timeline(const std::function<void()>& run, const std::string&
   std::vector<uint32_t> h(n);
   check_cuda(cudaMemcpy(h.data(), d, n * sizeof(uint32_t), cudaMemcpyDeviceToHost), "timeline copy");
   check_cuda(cudaFree(d), "timeline free");
-  auto at = [&](int role, int tile, int event) { return h[(static_cast<size_t>(role) * kT + tile) * kE + event]; };
+  auto at = [&](int role, int tile, int event) {
+    return h[(static_cast<size_t>(role) * kT + tile) * kE + event];
+  };
   int tiles = 0;  // the consumers stamp kTlTop in every tile they compute
   while (tiles < kT && (at(1, tiles, cuda::kTlTop) != 0 || at(2, tiles, cuda::kTlTop) != 0)) ++tiles;
   if (tiles < 6) {
     std::printf("  timeline %s: %d tiles stamped, too few to summarize\n", what.c_str(), tiles);
     return;
   }
-  // Differences of 32-bit cycle counts (wrapping), medians over tiles 2 .. tiles - 3.
-  auto median = [&](const std::function<uint32_t(int)>& f) {
-    std::vector<uint32_t> v;
-    for (int j = 2; j < tiles - 2; ++j) v.push_back(f(j));
+  // Median over tiles 2 .. tiles - 3 of a difference of two 32-bit cycle counts (wrapping; a
+  // negative difference comes back negative).
+  auto median = [&](int role0, int event0, int role1, int event1, int tile_step) {
+    std::vector<int64_t> v;
+    for (int j = 2; j < tiles - 2; ++j) {
+      v.push_back(static_cast<int32_t>(at(role1, j + tile_step, event1) - at(role0, j, event0)));
+    }
     std::sort(v.begin(), v.end());
-    return static_cast<int64_t>(v[v.size() / 2]) - (v[v.size() / 2] > 0x80000000u ? (int64_t{1} << 32) : 0);
+    return static_cast<long long>(v[v.size() / 2]);
   };
-  auto span = [&](int role, int e0, int e1) {
-    return median([&, role, e0, e1](int j) { return at(role, j, e1) - at(role, j, e0); });
-  };
-  std::printf("  timeline %s: CTA (0, 0, 0), %d key tiles, SM cycles (median over tiles 2..%d)\n", what.c_str(),
-              tiles, tiles - 3);
+  auto phase = [&](int role, int event0, int event1) { return median(role, event0, role, event1, 0); };
+  auto period = [&](int role) { return median(role, cuda::kTlTop, role, cuda::kTlTop, 1); };
+  std::printf("  timeline %s: CTA (0, 0, 0), %d key tiles, SM cycles, median over tiles 2..%d\n",
+              what.c_str(), tiles, tiles - 3);
   for (int role = 1; role <= 2; ++role) {
-    std::printf("    consumer %d: period %lld | wait full %lld, issue %lld, until S %lld, softmax %lld, until PV %lld,"
-                " promote+pack %lld\n",
-                role - 1, static_cast<long long>(median([&, role](int j) { return at(role, j + 1, cuda::kTlTop) - at(role, j, cuda::kTlTop); })),
-                static_cast<long long>(span(role, cuda::kTlTop, cuda::kTlFull)),
-                static_cast<long long>(span(role, cuda::kTlFull, cuda::kTlIssued)),
-                static_cast<long long>(span(role, cuda::kTlIssued, cuda::kTlScores)),
-                static_cast<long long>(span(role, cuda::kTlScores, cuda::kTlSoftmax)),
-                static_cast<long long>(span(role, cuda::kTlSoftmax, cuda::kTlPv)),
-                static_cast<long long>(span(role, cuda::kTlPv, cuda::kTlPacked)));
+    std::printf("    consumer %d: period %lld | wait full %lld, issue %lld, until S %lld, softmax %lld,"
+                " until PV %lld, promote+pack %lld\n",
+                role - 1, period(role), phase(role, cuda::kTlTop, cuda::kTlFull),
+                phase(role, cuda::kTlFull, cuda::kTlIssued), phase(role, cuda::kTlIssued, cuda::kTlScores),
+                phase(role, cuda::kTlScores, cuda::kTlSoftmax), phase(role, cuda::kTlSoftmax, cuda::kTlPv),
+                phase(role, cuda::kTlPv, cuda::kTlPacked));
   }
-  std::printf("    producer: period %lld | wait for a stage %lld, loads issued -> landed %lld, barrier %lld, transform %lld\n",
-              static_cast<long long>(median([&](int j) { return at(0, j + 1, cuda::kTlTop) - at(0, j, cuda::kTlTop); })),
-              static_cast<long long>(span(0, cuda::kTlEmptyWait, cuda::kTlEmptyDone)),
-              static_cast<long long>(span(0, cuda::kTlIssued, cuda::kTlLanded)),
-              static_cast<long long>(span(0, cuda::kTlLanded, cuda::kTlBarrier)),
-              static_cast<long long>(span(0, cuda::kTlBarrier, cuda::kTlTransformed)));
-  std::printf("    consumer 1 behind consumer 0 %lld | tile taken after its publication: consumer 0 %lld, consumer 1 %lld\n",
-              static_cast<long long>(median([&](int j) { return at(2, j, cuda::kTlTop) - at(1, j, cuda::kTlTop); })),
-              static_cast<long long>(median([&](int j) { return at(1, j, cuda::kTlFull) - at(0, j, cuda::kTlPublished); })),
-              static_cast<long long>(median([&](int j) { return at(2, j, cuda::kTlFull) - at(0, j, cuda::kTlPublished); })));
+  std::printf("    producer: period %lld | wait for a stage %lld, loads issued -> landed %lld, barrier %lld,"
+              " transform %lld\n",
+              period(0), phase(0, cuda::kTlEmptyWait, cuda::kTlEmptyDone), phase(0, cuda::kTlIssued, cuda::kTlLanded),
+              phase(0, cuda::kTlLanded, cuda::kTlBarrier), phase(0, cuda::kTlBarrier, cuda::kTlTransformed));
+  std::printf("    consumer 1 behind consumer 0 by %lld | a tile taken after its publication: consumer 0 %lld,"
+              " consumer 1 %lld\n",
+              median(1, cuda::kTlTop, 2, cuda::kTlTop, 0), median(0, cuda::kTlPublished, 1, cuda::kTlFull, 0),
+              median(0, cuda::kTlPublished, 2, cuda::kTlFull, 0));
 }
 #endif
 
