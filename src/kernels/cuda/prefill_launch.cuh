@@ -43,17 +43,18 @@ void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cu
 
 // The prefill timeline (a diagnostic build only, CMake FP8KV_PREFILL_TIMELINE): the
 // warp-specialized kernel's CTA (0, 0, 0) (query head 0 of request 0, its last query tile: the
-// most key tiles) writes %clock stamps (32-bit SM cycles) into set_prefill_timeline's buffer during the next
-// launches, [role][tile][event], role 0 = the producer, 1 and 2 = the consumer warpgroups (lane 0
-// of each warpgroup's first warp); entries it does not reach keep their values; null stops.
-// Events, producer: kTlTop (iteration j begins), kTlEmptyWait (before the wait for tile j's
-// stage), kTlEmptyDone, kTlIssued (tile j's loads issued), and for the tile it finishes kTlLanded
-// (its loads complete), kTlBarrier (the producer's named barrier passed), kTlTransformed (V
-// transposed or K/V widened), kTlPublished (its `full` barrier arrived on). Consumers, tile j:
-// kTlTop (before the wait for `full`), kTlFull, kTlIssued (QK(j) and PV(j-1) issued), kTlScores
-// (S(j) landed), kTlSoftmax (softmax done), kTlPv (PV(j-1) landed), kTlPacked (O promoted, P
-// packed: the iteration's end). bench kernels summarizes them. The events are declared in every
-// build (the kernel names them; its stamps compile to nothing without the option).
+// most key tiles) writes %clock stamps (32-bit SM cycles) into set_prefill_timeline's buffer
+// during the next launches, [role][tile][event], role 0 = the producer, 1 and 2 = the consumer
+// warpgroups (lane 0 of each warpgroup's first warp); entries it does not reach keep their
+// values; null stops. Events, producer: kTlTop (iteration j begins), kTlEmptyWait (before the
+// wait for tile j's stage), kTlEmptyDone, kTlIssued (tile j's loads issued), and for the tile it
+// finishes kTlLanded (the stamping thread's loads of it complete), kTlBarrier (the producer's
+// named barrier passed), kTlTransformed (V transposed or K/V widened), kTlPublished (its `full`
+// barrier arrived on). Consumers, tile j: kTlTop (before the wait for `full`), kTlFull,
+// kTlIssued (QK(j) and PV(j-1) issued), kTlScores (S(j) landed), kTlSoftmax (softmax done), kTlPv
+// (PV(j-1) landed), kTlPacked (O promoted, P packed: the iteration's end). bench kernels
+// summarizes them. The events are declared in every build (the kernel names them; its stamps
+// compile to nothing without the option).
 enum PrefillTimelineEvent {
   kTlTop, kTlEmptyWait, kTlEmptyDone, kTlIssued, kTlLanded, kTlBarrier, kTlTransformed, kTlPublished,
   kTlFull = kTlEmptyWait, kTlScores = kTlLanded, kTlSoftmax = kTlBarrier, kTlPv = kTlTransformed,
