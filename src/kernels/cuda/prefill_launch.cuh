@@ -56,7 +56,8 @@ void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cu
 // summarizes them. The events are declared in every build (the kernel names them; its stamps
 // compile to nothing without the option).
 enum PrefillTimelineEvent {
-  kTlTop, kTlEmptyWait, kTlEmptyDone, kTlIssued, kTlLanded, kTlBarrier, kTlTransformed, kTlPublished,
+  kTlTop, kTlEmptyWait, kTlEmptyDone, kTlIssued, kTlLanded, kTlBarrier, kTlTransformed,
+  kTlPublished,
   kTlFull = kTlEmptyWait, kTlScores = kTlLanded, kTlSoftmax = kTlBarrier, kTlPv = kTlTransformed,
   kTlPacked = kTlPublished,
 };
