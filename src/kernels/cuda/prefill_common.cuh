@@ -189,36 +189,46 @@ struct RowSoftmax {
     }
   }
 
+  // Each row's reduction of the tile by `op` (row g: elements 4i and 4i + 1, row g + 8: 4i + 2 and
+  // 4i + 3, of every n8 tile i): kAcc independent chains, then a tree over them (depth
+  // kTiles / kAcc + 2, not kTiles + 1). The row max is on the critical path between the S wgmma
+  // and the exponentials (a consumer's softmax measured ~1260 cycles of a ~3000-cycle tile on the
+  // H200); chains for it and the row sum: fp8-per-head causal B=2 L=8192 654 -> 663 TFLOP/s,
+  // non-causal 684 -> 701 (two A/B device calls, eighth session). Only 4 chains: the consumers
+  // sit at their register cap, and a full tree (32 partial maxima live beside S) spilled 140 bytes.
+  template <typename Op>
+  __device__ __forceinline__ static void reduce_rows(const float (&s)[4 * kTiles], float init, Op op,
+                                                     float (&out)[2]) {
+    constexpr int kAcc = kTiles < 4 ? kTiles : 4;
+    float acc[2][kAcc];
+#pragma unroll
+    for (int k = 0; k < kAcc; ++k) acc[0][k] = acc[1][k] = init;
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+      acc[0][i % kAcc] = op(acc[0][i % kAcc], op(s[4 * i], s[4 * i + 1]));
+      acc[1][i % kAcc] = op(acc[1][i % kAcc], op(s[4 * i + 2], s[4 * i + 3]));
+    }
+#pragma unroll
+    for (int w = kAcc / 2; w >= 1; w /= 2) {
+#pragma unroll
+      for (int k = 0; k < w; ++k) {
+        acc[0][k] = op(acc[0][k], acc[0][k + w]);
+        acc[1][k] = op(acc[1][k], acc[1][k + w]);
+      }
+    }
+    out[0] = acc[0][0];
+    out[1] = acc[1][0];
+  }
+
   // Folds the tile into the running max and sum and turns it into probabilities (in place),
   // scaled by 2^log2_p_scale (the scheme's p_scale_log2, scheme.h; the row sum is of the same
   // scaled values, so the scale cancels in finish); alpha: the factor for what was accumulated
   // before (0 on the first tile).
   __device__ __forceinline__ void step(float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2],
                                        float log2_p_scale) {
-    // kAcc independent chains per row, then a tree over them (depth kTiles / kAcc + 2, not
-    // kTiles + 1): the max is on the critical path between the S wgmma and the exponentials
-    // (a consumer's softmax measured ~1260 cycles of a ~3000-cycle tile on the H200). The same
-    // for the row sum below. fp8-per-head causal B=2 L=8192 654 -> 663 TFLOP/s, non-causal
-    // 684 -> 701 (two A/B device calls, eighth session). Only 4 chains: the consumers sit at their
-    // register cap, and a full tree (32 partial maxima live beside S) spilled 140 bytes.
-    constexpr int kAcc = kTiles < 4 ? kTiles : 4;
-    float mx[2][kAcc];
-#pragma unroll
-    for (int k = 0; k < kAcc; ++k) mx[0][k] = mx[1][k] = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
-      mx[0][i % kAcc] = fmaxf(mx[0][i % kAcc], fmaxf(s[4 * i], s[4 * i + 1]));
-      mx[1][i % kAcc] = fmaxf(mx[1][i % kAcc], fmaxf(s[4 * i + 2], s[4 * i + 3]));
-    }
-#pragma unroll
-    for (int w = kAcc / 2; w >= 1; w /= 2) {
-#pragma unroll
-      for (int k = 0; k < w; ++k) {
-        mx[0][k] = fmaxf(mx[0][k], mx[0][k + w]);
-        mx[1][k] = fmaxf(mx[1][k], mx[1][k + w]);
-      }
-    }
-    float new_max[2] = {fmaxf(row_max[0], mx[0][0]), fmaxf(row_max[1], mx[1][0])};
+    float tile_max[2];
+    reduce_rows(s, -INFINITY, [](float a, float b) { return fmaxf(a, b); }, tile_max);
+    float new_max[2] = {fmaxf(row_max[0], tile_max[0]), fmaxf(row_max[1], tile_max[1])};
     float neg_max[2], tile_sum[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -232,24 +242,7 @@ struct RowSoftmax {
     }
 #pragma unroll
     for (int i = 0; i < 4 * kTiles; ++i) s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_max[(i >> 1) & 1]));
-    float sum[2][kAcc];
-#pragma unroll
-    for (int k = 0; k < kAcc; ++k) sum[0][k] = sum[1][k] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
-      sum[0][i % kAcc] += s[4 * i] + s[4 * i + 1];
-      sum[1][i % kAcc] += s[4 * i + 2] + s[4 * i + 3];
-    }
-#pragma unroll
-    for (int w = kAcc / 2; w >= 1; w /= 2) {
-#pragma unroll
-      for (int k = 0; k < w; ++k) {
-        sum[0][k] += sum[0][k + w];
-        sum[1][k] += sum[1][k + w];
-      }
-    }
-    tile_sum[0] = sum[0][0];
-    tile_sum[1] = sum[1][0];
+    reduce_rows(s, 0.0f, [](float a, float b) { return a + b; }, tile_sum);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
   }
