@@ -157,6 +157,26 @@ double time_us(const std::function<void()>& run, int warmup, int iters, cudaStre
   return time_us_in_turns({run}, warmup, iters, s)[0];
 }
 
+#if defined(FP8KV_DECODE_TIMELINE) || defined(FP8KV_PREFILL_TIMELINE)
+// One more launch (`run`) with a zeroed device buffer of n stamps handed to the kernels by
+// `set` (set_decode_timeline, set_prefill_timeline) and taken back after; the stamps, on the host.
+template <typename T>
+std::vector<T> capture_timeline(size_t n, void (*set)(T*), const std::function<void()>& run) {
+  T* d = nullptr;
+  check_cuda(cudaMalloc(&d, n * sizeof(T)), "timeline buffer");
+  check_cuda(cudaMemset(d, 0, n * sizeof(T)), "timeline memset");
+  check_cuda(cudaDeviceSynchronize(), "timeline memset");  // the legacy stream: done before run()
+  set(d);
+  run();
+  set(nullptr);
+  check_cuda(cudaDeviceSynchronize(), "timeline launch");  // the launch ran on the bench's stream
+  std::vector<T> h(n);
+  check_cuda(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), "timeline copy");
+  check_cuda(cudaFree(d), "timeline free");
+  return h;
+}
+#endif
+
 #ifdef FP8KV_PREFILL_TIMELINE
 // Diagnostic build: one more launch of a prefill row with the warp-specialized kernel's
 // per-tile stamps of CTA (0, 0, 0) (prefill_launch.cuh), summarized as medians over its middle
@@ -169,18 +189,8 @@ double time_us(const std::function<void()>& run, int warmup, int iters, cudaStre
 // cost the kernel registers (a few spills): compare phases, not this launch's speed.
 void print_prefill_timeline(const std::function<void()>& run, const std::string& what) {
   constexpr int kT = cuda::kPrefillTimelineTiles, kE = cuda::kPrefillTimelineEvents;
-  const size_t n = static_cast<size_t>(cuda::kPrefillTimelineRoles) * kT * kE;
-  uint32_t* d = nullptr;
-  check_cuda(cudaMalloc(&d, n * sizeof(uint32_t)), "timeline buffer");
-  check_cuda(cudaMemset(d, 0, n * sizeof(uint32_t)), "timeline memset");
-  check_cuda(cudaDeviceSynchronize(), "timeline memset");  // the legacy stream: done before run()
-  cuda::set_prefill_timeline(d);
-  run();
-  cuda::set_prefill_timeline(nullptr);
-  check_cuda(cudaDeviceSynchronize(), "timeline launch");  // the launch ran on the bench's stream
-  std::vector<uint32_t> h(n);
-  check_cuda(cudaMemcpy(h.data(), d, n * sizeof(uint32_t), cudaMemcpyDeviceToHost), "timeline copy");
-  check_cuda(cudaFree(d), "timeline free");
+  const std::vector<uint32_t> h = capture_timeline<uint32_t>(
+      static_cast<size_t>(cuda::kPrefillTimelineRoles) * kT * kE, cuda::set_prefill_timeline, run);
   auto at = [&](int role, int tile, int event) {
     return h[(static_cast<size_t>(role) * kT + tile) * kE + event];
   };
@@ -232,17 +242,7 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
                            double ideal_us) {
   constexpr size_t kMaxCtas = size_t{1} << 16;
   constexpr int kF = cuda::kDecodeTimelineFields;
-  uint64_t* d = nullptr;
-  check_cuda(cudaMalloc(&d, kF * kMaxCtas * sizeof(uint64_t)), "timeline buffer");
-  check_cuda(cudaMemset(d, 0, kF * kMaxCtas * sizeof(uint64_t)), "timeline memset");
-  check_cuda(cudaDeviceSynchronize(), "timeline memset");  // the legacy stream: done before run()
-  cuda::set_decode_timeline(d);
-  run();
-  cuda::set_decode_timeline(nullptr);
-  check_cuda(cudaDeviceSynchronize(), "timeline launch");  // the launch ran on the bench's stream
-  std::vector<uint64_t> h(kF * kMaxCtas);
-  check_cuda(cudaMemcpy(h.data(), d, h.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost), "timeline copy");
-  check_cuda(cudaFree(d), "timeline free");
+  const std::vector<uint64_t> h = capture_timeline<uint64_t>(kF * kMaxCtas, cuda::set_decode_timeline, run);
   uint64_t t0 = ~uint64_t{0}, t1 = 0;
   for (size_t i = 0; i < kMaxCtas; ++i) {
     if (h[kF * i] == 0) continue;  // no such CTA
