@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -130,6 +131,15 @@ __device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, fl
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
+// Two fp16 pairs -> four e4m3 codes (lo's low half in the low byte, hi's high half in the high
+// byte); round to nearest even, saturating.
+__device__ __forceinline__ uint32_t pack_e4m3x4_f16(uint32_t lo, uint32_t hi) {
+  uint16_t a, b;
+  asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;\n" : "=h"(a) : "r"(lo));
+  asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;\n" : "=h"(b) : "r"(hi));
+  return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+}
+
 // Two e4m3 (e5m2) codes -> bf16x2, exactly: both formats are subsets of bf16.
 template <KvCodec kCodec>
 __device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_codes) {
@@ -220,16 +230,14 @@ struct RowSoftmax {
     out[1] = acc[1][0];
   }
 
-  // Folds the tile into the running max and sum and turns it into probabilities (in place),
-  // scaled by 2^log2_p_scale (the scheme's p_scale_log2, scheme.h; the row sum is of the same
-  // scaled values, so the scale cancels in finish); alpha: the factor for what was accumulated
-  // before (0 on the first tile).
-  __device__ __forceinline__ void step(float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2],
-                                       float log2_p_scale) {
+  // The tile's row maxima folded into the running ones: alpha (the factor for what was
+  // accumulated before, 0 on the first tile) and each row's exponent offset, -max * qk_scale +
+  // log2_p_scale.
+  __device__ __forceinline__ void fold_max(const float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2],
+                                           float log2_p_scale, float (&neg_max)[2]) {
     float tile_max[2];
     reduce_rows(s, -INFINITY, [](float a, float b) { return fmaxf(a, b); }, tile_max);
     float new_max[2] = {fmaxf(row_max[0], tile_max[0]), fmaxf(row_max[1], tile_max[1])};
-    float neg_max[2], tile_sum[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       // The 4 lanes of a group hold the same rows. Key 0 is visible to every row and tile 0 is
@@ -240,6 +248,63 @@ struct RowSoftmax {
       row_max[r] = new_max[r];
       neg_max[r] = fmaf(-new_max[r], qk_scale, log2_p_scale);
     }
+  }
+
+  // step for a P that is rounded to e4m3 next: the probabilities as fp16 pairs, p[q] = elements
+  // 2q (low half) and 2q + 1 of the flat array (one row's columns 2t, 2t+1 of an n8 tile; row g
+  // for even q, g + 8 for odd), two exponentials per ex2.approx.f16x2: half the MUFU issues of
+  // step, whose fp32 exponentials share each sub-partition's MUFU with the other warpgroup's
+  // softmax. The exponent is formed in fp32 and rounded to fp16 (at most 2^-9 absolute below
+  // 2^3, the scaled P's largest exponent), the exponential is good to ~2^-10 relative: both far
+  // below e4m3's 2^-4 step, where P is rounded next. The tile's row sums are added in fp16 pairs
+  // (4 chains of at most 4 pairs, then a tree: < 2^12 per half at 2^-11 relative steps) and
+  // folded into the fp32 running sums.
+  __device__ __forceinline__ void step_f16(const float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2],
+                                           float log2_p_scale, uint32_t (&p)[2 * kTiles]) {
+    float neg_max[2];
+    fold_max(s, qk_scale, alpha, log2_p_scale, neg_max);
+#pragma unroll
+    for (int q = 0; q < 2 * kTiles; ++q) {
+      const __half2 x = __floats2half2_rn(fmaf(s[2 * q], qk_scale, neg_max[q & 1]),
+                                          fmaf(s[2 * q + 1], qk_scale, neg_max[q & 1]));
+      uint32_t e;
+      asm("ex2.approx.f16x2 %0, %1;\n" : "=r"(e) : "r"(*reinterpret_cast<const uint32_t*>(&x)));
+      p[q] = e;
+    }
+    constexpr int kAcc = kTiles < 4 ? kTiles : 4;
+    __half2 acc[2][kAcc];
+#pragma unroll
+    for (int k = 0; k < kAcc; ++k) acc[0][k] = acc[1][k] = __float2half2_rn(0.0f);
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        acc[r][i % kAcc] = __hadd2(acc[r][i % kAcc], *reinterpret_cast<const __half2*>(&p[2 * i + r]));
+      }
+    }
+#pragma unroll
+    for (int w = kAcc / 2; w >= 1; w /= 2) {
+#pragma unroll
+      for (int k = 0; k < w; ++k) {
+        acc[0][k] = __hadd2(acc[0][k], acc[0][k + w]);
+        acc[1][k] = __hadd2(acc[1][k], acc[1][k + w]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float2 f = __half22float2(acc[r][0]);
+      row_sum[r] = row_sum[r] * alpha[r] + (f.x + f.y);
+    }
+  }
+
+  // Folds the tile into the running max and sum and turns it into probabilities (in place),
+  // scaled by 2^log2_p_scale (the scheme's p_scale_log2, scheme.h; the row sum is of the same
+  // scaled values, so the scale cancels in finish); alpha: the factor for what was accumulated
+  // before (0 on the first tile).
+  __device__ __forceinline__ void step(float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2],
+                                       float log2_p_scale) {
+    float neg_max[2], tile_sum[2];
+    fold_max(s, qk_scale, alpha, log2_p_scale, neg_max);
 #pragma unroll
     for (int i = 0; i < 4 * kTiles; ++i) s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_max[(i >> 1) & 1]));
     reduce_rows(s, 0.0f, [](float a, float b) { return a + b; }, tile_sum);

@@ -414,11 +414,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
   // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
   // the tensor pipe. bf16 D 128 (swizzled, the default): 496 -> 515 TFLOP/s causal, 509 -> 523
-  // non-causal on the H200 (B=2 L=8192, eighth session); e4m3 operands and the widening schemes
+  // non-causal on the H200 (B=2 L=8192, eighth session), D 64 344 -> 371 (ninth session; D 256
+  // fell 416 -> 405 with it: off there); e4m3 operands and the widening schemes
   // measured the same with and without it (668 / 667, 389 / 385), so they go without. Each
   // warpgroup takes num_kv_tiles + 1 turns (the idle loop's included), and warpgroup 0 one more
   // that takes warpgroup 1's last hand-over: the barriers' arrivals balance.
-  constexpr bool kPingPong = !Sh::kFp8Mma && !Sh::kWiden && kSwizzle && D == 128;
+  constexpr bool kPingPong = !Sh::kFp8Mma && !Sh::kWiden && kSwizzle && D <= 128;
   auto my_turn = [&] {
     if (kPingPong) named_barrier_sync(2 + cw, 256);
   };
@@ -484,10 +485,20 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   };
   RowSoftmax<kBlockN / 8> rows;
   // Masks tile j (where it crosses this warpgroup's diagonal), then the online softmax step.
+  // e4m3 P at D 128 and 256: the probabilities as fp16 pairs in ph (RowSoftmax::step_f16, half
+  // the MUFU issues): fp8-per-head causal B=2 L=8192 664 -> 679 TFLOP/s, non-causal 699 -> 725,
+  // D 256 489 -> 493 on the H200 (one A/B call, ninth session); D 64 fell 442 -> 359 with it
+  // (not explained; its kernel keeps step and P in s).
+  constexpr bool kF16Softmax = Sh::kFp8Mma && D >= 128;
+  uint32_t ph[kF16Softmax ? kBlockN / 4 : 1];
   auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
     const int k0 = j * kBlockN;
     if (k0 + kBlockN - 1 > wg_first_pos) rows.mask(s, k0, t, row_pos);
-    rows.step(s, qk_scale, alpha, p_scale_log2(S));
+    if constexpr (kF16Softmax) {
+      rows.step_f16(s, qk_scale, alpha, p_scale_log2(S), ph);
+    } else {
+      rows.step(s, qk_scale, alpha, p_scale_log2(S));
+    }
   };
   // P (e4m3) for the PV wgmma, in the V^T key order. Only after the previous PV has landed: an rs
   // wgmma reads its A registers while it runs, and ptxas serializes the wgmmas when P's registers
@@ -497,7 +508,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[Sh::kPvSteps][4]) {
 #pragma unroll
     for (int c = 0; c < Sh::kPvSteps; ++c) {
-      if constexpr (Sh::kFp8Mma) {
+      if constexpr (kF16Softmax) {
+        const uint32_t* h = &ph[8 * c];  // n8 tiles 4c .. 4c+3 as fp16 pairs
+        pa[c][0] = pack_e4m3x4_f16(h[0], h[2]);
+        pa[c][1] = pack_e4m3x4_f16(h[1], h[3]);
+        pa[c][2] = pack_e4m3x4_f16(h[4], h[6]);
+        pa[c][3] = pack_e4m3x4_f16(h[5], h[7]);
+      } else if constexpr (Sh::kFp8Mma) {
         const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
         pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
         pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
