@@ -58,21 +58,29 @@ __global__ void decode_all_kernel(float* out) {
   }
 }
 
-// Counts the floats x (all 2^32 patterns) where ScaleDivider(s)(x) -- quantize-on-write's x / s --
-// gives another e4m3 or e5m2 code than the IEEE division, or other bits where |x| >= 2^-100 (NaN:
-// any NaN). Below that the correction's remainder may underflow and the last bits differ, but the
-// quotient is then below 2^-40 and every FP8 code rounds it to a zero of x's sign.
+// Counts the floats x (all 2^32 patterns) where ScaleDivider(s).divide -- quantize-on-write's
+// x / s -- gives another e4m3 or e5m2 code than the IEEE division, or other bits where |x| >=
+// 2^-100 (NaN: any NaN). Below that the correction's remainder may underflow and the last bits
+// differ, but the quotient is then below 2^-40 and every FP8 code rounds it to a zero of x's sign.
+// The floats go in batches of 4 adjacent patterns, so that an element which needs the division
+// (x infinite, x r overflowing) sends finite neighbours down that path as well.
 __global__ void divide_all_kernel(float s, unsigned long long* mismatches, unsigned int* first_bad) {
   const cuda::ScaleDivider div(s);
-  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
-  for (uint64_t u = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < (1ull << 32); u += stride) {
-    const float x = __uint_as_float(static_cast<uint32_t>(u));
-    const float want = __fdiv_rn(x, s), got = div(x);
-    const bool same_bits = __float_as_uint(want) == __float_as_uint(got) || (isnan(want) && isnan(got));
-    const bool same_codes = float_to_e4m3(want) == float_to_e4m3(got) && float_to_e5m2(want) == float_to_e5m2(got);
-    if (!same_codes || (!same_bits && fabsf(x) >= 0x1p-100f)) {
-      atomicAdd(mismatches, 1ull);
-      atomicMin(first_bad, static_cast<unsigned int>(u));
+  const uint64_t stride = 4ull * gridDim.x * blockDim.x;
+  for (uint64_t u = 4ull * (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x); u < (1ull << 32);
+       u += stride) {
+    float x[4], got[4];
+    for (int i = 0; i < 4; ++i) x[i] = __uint_as_float(static_cast<uint32_t>(u + i));
+    div.divide(x, got);
+    for (int i = 0; i < 4; ++i) {
+      const float want = __fdiv_rn(x[i], s);
+      const bool same_bits = __float_as_uint(want) == __float_as_uint(got[i]) || (isnan(want) && isnan(got[i]));
+      const bool same_codes =
+          float_to_e4m3(want) == float_to_e4m3(got[i]) && float_to_e5m2(want) == float_to_e5m2(got[i]);
+      if (!same_codes || (!same_bits && fabsf(x[i]) >= 0x1p-100f)) {
+        atomicAdd(mismatches, 1ull);
+        atomicMin(first_bad, static_cast<unsigned int>(u + i));
+      }
     }
   }
 }

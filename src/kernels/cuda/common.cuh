@@ -178,12 +178,25 @@ struct ScaleDivider {
   __device__ explicit ScaleDivider(float scale) : s(scale), r(1.0f), fast(scale >= 0x1p-60f && scale <= 0x1p60f) {
     r = __frcp_rn(scale);
   }
-  __device__ __forceinline__ float operator()(float x) const {
-    if (!fast) return __fdiv_rn(x, s);
-    const float q = __fmul_rn(x, r);
-    const float rem = __fmaf_rn(-q, s, x);
-    if (fabsf(q) == INFINITY) return __fdiv_rn(x, s);  // x infinite, or x r past FLT_MAX
-    return copysignf(__fmaf_rn(rem, r, q), x);
+  // q[i] = x[i] / s for a batch, as straight-line code: the fast path for every element, then the
+  // division for the whole batch where any element needs it (s outside the range, or an x r that
+  // overflowed: rare). A test and branch per element cut the batch's independent chains into a
+  // basic block each, one element's latency after another's: quantize-on-write T=16384 measured
+  // 67-70% of the copy ceiling that way and 75-82% batched (H200, ninth session).
+  template <int N>
+  __device__ __forceinline__ void divide(const float (&x)[N], float (&q)[N]) const {
+    bool slow = !fast;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float a = __fmul_rn(x[i], r);
+      const float rem = __fmaf_rn(-a, s, x[i]);
+      slow |= fabsf(a) == INFINITY;  // x infinite, or x r past FLT_MAX
+      q[i] = copysignf(__fmaf_rn(rem, r, a), x[i]);
+    }
+    if (slow) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) q[i] = __fdiv_rn(x[i], s);
+    }
   }
 };
 

@@ -104,11 +104,13 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
       float (&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
       widen_bf16x8(v0, f0);
       widen_bf16x8(v1, f1);
+      float q[16];
+      div.divide(f, q);
       uint32_t packed[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const uint16_t lo = float2_to_fp8x2_hw<kCodec>(div(f[4 * i]), div(f[4 * i + 1]));
-        const uint16_t hi = float2_to_fp8x2_hw<kCodec>(div(f[4 * i + 2]), div(f[4 * i + 3]));
+        const uint16_t lo = float2_to_fp8x2_hw<kCodec>(q[4 * i], q[4 * i + 1]);
+        const uint16_t hi = float2_to_fp8x2_hw<kCodec>(q[4 * i + 2], q[4 * i + 3]);
         packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
       }
       uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;
@@ -205,15 +207,17 @@ __global__ void __launch_bounds__(kQThreads) quantize_q_kernel(const QuantizeQPa
   __syncthreads();
   const float scale = s_scale;
   if (threadIdx.x == 0) p.q_scale[static_cast<int64_t>(b) * p.num_kv_heads + g] = scale;
+  const ScaleDivider div(scale);
   for (int64_t i8 = threadIdx.x; i8 < n8; i8 += blockDim.x) {
     const int64_t off = elem_offset(i8);
-    float f[8];
+    float f[8], q[8];
     widen_bf16x8(ld_nc_v4(p.q + off), f);
+    div.divide(f, q);
     uint32_t packed[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const uint16_t lo = float2_to_e4m3x2_hw(f[4 * i] / scale, f[4 * i + 1] / scale);
-      const uint16_t hi = float2_to_e4m3x2_hw(f[4 * i + 2] / scale, f[4 * i + 3] / scale);
+      const uint16_t lo = float2_to_e4m3x2_hw(q[4 * i], q[4 * i + 1]);
+      const uint16_t hi = float2_to_e4m3x2_hw(q[4 * i + 2], q[4 * i + 3]);
       packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
     }
     *reinterpret_cast<uint2*>(p.q_fp8 + off) = make_uint2(packed[0], packed[1]);
