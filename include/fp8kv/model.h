@@ -282,6 +282,9 @@ class FP8KV_API ModelRunner {
   // One layer over the scratch activations of the current pass: the forward pass, calling the
   // hooks below around its attention.
   void run_layer(int l, bool decode);
+  // Whether run_layer hands the GEMMs bf16 inputs (ModelOps::bf16_gemm_inputs): ops that ask
+  // for it, bf16 weights, and no exact_tp (linear_ordered takes fp32 activations).
+  bool bf16_gemm_inputs() const;
   // Layer l's K/V (scratch kv16) into `cache` (quantize-on-write, abs-max into observe_amax
   // [2 * Hkv] when not null), then attention over it into `out` [T, Hq * D] bf16. q_scales:
   // static Q scales [L, Hkv] or empty (dynamic). observe_q_amax: [Hkv] running abs-max of Q,

@@ -47,6 +47,22 @@ class FP8KV_API ModelOps {
   // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w; x, y [rows, dim], w [dim].
   virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
                         float eps) = 0;
+
+  // The bf16 GEMM inputs. Ops whose linear rounds x to bf16 (the CUDA ops: one more kernel per
+  // GEMM) say so here, and the model runner then keeps the GEMMs' inputs in bf16 itself: the
+  // op that makes an input writes it rounded (rms_norm_bf16, silu_mul_bf16, the attention's
+  // bf16 output) and linear_bf16 takes it as it is. The same bits as linear on the fp32 values
+  // (the rounding moved, not changed); two to four kernels fewer per layer.
+  virtual bool bf16_gemm_inputs() const { return false; }
+  // linear on x16 [m, k] (bf16 bit patterns), bf16 weights only: y = x16 . w^T (+ bias), fp32
+  // accumulate. The CPU version widens x16 and runs linear.
+  virtual void linear_bf16(const uint16_t* x16, WeightView w, const float* bias, float* y,
+                           int64_t m, int64_t n, int64_t k) = 0;
+  // rms_norm with y rounded to bf16 (round to nearest even): y16 [rows, dim].
+  virtual void rms_norm_bf16(const float* x, const float* w, uint16_t* y16, int64_t rows, int dim,
+                             float eps) = 0;
+  // silu_mul with out rounded to bf16: out16 [rows, inter].
+  virtual void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) = 0;
   // In-place RoPE, Hugging Face rotate_half convention: in each head, element i pairs with
   // i + D/2 and both rotate by positions[r] * inv_freq[i]. x [rows, row_stride]; the heads
   // rotated are x[r, h * D .. (h + 1) * D) for h < heads. inv_freq [D / 2].

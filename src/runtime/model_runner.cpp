@@ -155,6 +155,7 @@ struct ModelRunner::Scratch {
   BackendBuffer o;                   // [T, Hq * D]
   BackendBuffer gu;                  // [T, 2 * I]
   BackendBuffer mlp;                 // [T, I]
+  BackendBuffer x16;                 // [T, max(H, I)] bf16: a GEMM's input (ModelOps::bf16_gemm_inputs)
   BackendBuffer amax;                // [3 * Hkv]: K, V, then Q (observer with Q scales)
   BackendBuffer rows;                // [R] int32 rows with logits
   BackendBuffer logits;              // [R, V]
@@ -411,6 +412,7 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   s.o.ensure(backend_, f32(T * QD));
   s.gu.ensure(backend_, f32(T * 2 * I));
   s.mlp.ensure(backend_, f32(T * I));
+  if (bf16_gemm_inputs()) s.x16.ensure(backend_, b16(T * std::max(H, I)));
   s.amax.ensure(backend_, f32(3 * shard.kv_heads));
 
   s.ids.upload(ids.data(), i32(T));
@@ -575,6 +577,10 @@ bool ModelRunner::graph_step(int64_t R, bool greedy) {
   return true;
 }
 
+bool ModelRunner::bf16_gemm_inputs() const {
+  return ops_.bf16_gemm_inputs() && model_.weight_dtype() == WeightDtype::kBf16 && !options_.exact_tp;
+}
+
 void ModelRunner::run_layer(int l, bool decode) {
   const ModelConfig& c = model_.config();
   const LayerWeights& w = model_.layer(l);
@@ -603,12 +609,24 @@ void ModelRunner::run_layer(int l, bool decode) {
     }
   };
 
-  ops_.rms_norm(s.x.as<const float>(), w.attn_norm.as<const float>(), s.h.as<float>(), T,
-                static_cast<int>(H), c.rms_norm_eps);
-  linear(s.h.as<const float>(), w.view(w.w_q), w.b_q.as<const float>(), s.q.as<float>(), QD, H,
-         col_chunks);
-  linear(s.h.as<const float>(), w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(), KVD,
-         H, col_chunks);
+  // bf16_gemm_inputs(): the GEMMs' inputs are made in bf16 by the ops that produce them (the
+  // norms, silu_mul, the attention's own bf16 output) and go to linear_bf16: the bits of linear's
+  // rounding, without its rounding kernel and o's widening (6 kernels fewer per layer).
+  const bool x16 = bf16_gemm_inputs();
+  uint16_t* const h16 = s.x16.as<uint16_t>();
+  if (x16) {
+    ops_.rms_norm_bf16(s.x.as<const float>(), w.attn_norm.as<const float>(), h16, T,
+                       static_cast<int>(H), c.rms_norm_eps);
+    ops_.linear_bf16(h16, w.view(w.w_q), w.b_q.as<const float>(), s.q.as<float>(), T, QD, H);
+    ops_.linear_bf16(h16, w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(), T, KVD, H);
+  } else {
+    ops_.rms_norm(s.x.as<const float>(), w.attn_norm.as<const float>(), s.h.as<float>(), T,
+                  static_cast<int>(H), c.rms_norm_eps);
+    linear(s.h.as<const float>(), w.view(w.w_q), w.b_q.as<const float>(), s.q.as<float>(), QD, H,
+           col_chunks);
+    linear(s.h.as<const float>(), w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(), KVD,
+           H, col_chunks);
+  }
   // RoPE on Q and on the K half of each token's KV row (V is not rotated).
   ops_.rope(s.q.as<float>(), T, QD, Hq, D, s.pos.as<const int32_t>(), model_.inv_freq());
   ops_.rope(s.kv.as<float>(), T, KVD, Hkv, D, s.pos.as<const int32_t>(), model_.inv_freq());
@@ -642,19 +660,31 @@ void ModelRunner::run_layer(int l, bool decode) {
   }
   run_shadows(l, decode);
 
-  ops_.from_bf16(s.o16.as<const uint16_t>(), s.o.as<float>(), T * QD);
   // o_proj over the rank's heads: a partial sum of the output, summed over ranks (o_proj has
   // no bias, so nothing is added twice), then the residual once.
-  linear(s.o.as<const float>(), w.view(w.w_o), nullptr, s.a.as<float>(), H, QD, row_chunks);
+  if (x16) {
+    ops_.linear_bf16(s.o16.as<const uint16_t>(), w.view(w.w_o), nullptr, s.a.as<float>(), T, H, QD);
+  } else {
+    ops_.from_bf16(s.o16.as<const uint16_t>(), s.o.as<float>(), T * QD);
+    linear(s.o.as<const float>(), w.view(w.w_o), nullptr, s.a.as<float>(), H, QD, row_chunks);
+  }
   all_reduce_sum(s.a, T * H);
   ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
-  ops_.rms_norm(s.x.as<const float>(), w.mlp_norm.as<const float>(), s.h.as<float>(), T,
-                static_cast<int>(H), c.rms_norm_eps);
-  linear(s.h.as<const float>(), w.view(w.w_gate_up), nullptr, s.gu.as<float>(), 2 * I, H,
-         col_chunks);
-  ops_.silu_mul(s.gu.as<const float>(), s.mlp.as<float>(), T, I);
   // down_proj over the rank's intermediate rows: partial sums again (no bias).
-  linear(s.mlp.as<const float>(), w.view(w.w_down), nullptr, s.a.as<float>(), H, I, row_chunks);
+  if (x16) {
+    ops_.rms_norm_bf16(s.x.as<const float>(), w.mlp_norm.as<const float>(), h16, T,
+                       static_cast<int>(H), c.rms_norm_eps);
+    ops_.linear_bf16(h16, w.view(w.w_gate_up), nullptr, s.gu.as<float>(), T, 2 * I, H);
+    ops_.silu_mul_bf16(s.gu.as<const float>(), h16, T, I);  // gate_up has read h16: reused
+    ops_.linear_bf16(h16, w.view(w.w_down), nullptr, s.a.as<float>(), T, H, I);
+  } else {
+    ops_.rms_norm(s.x.as<const float>(), w.mlp_norm.as<const float>(), s.h.as<float>(), T,
+                  static_cast<int>(H), c.rms_norm_eps);
+    linear(s.h.as<const float>(), w.view(w.w_gate_up), nullptr, s.gu.as<float>(), 2 * I, H,
+           col_chunks);
+    ops_.silu_mul(s.gu.as<const float>(), s.mlp.as<float>(), T, I);
+    linear(s.mlp.as<const float>(), w.view(w.w_down), nullptr, s.a.as<float>(), H, I, row_chunks);
+  }
   all_reduce_sum(s.a, T * H);
   ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
 }

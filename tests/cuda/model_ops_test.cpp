@@ -445,6 +445,107 @@ TEST_F(CudaModelOps, SiluMulMatchesCpu) {
   }
 }
 
+// The bf16-input forms (ModelOps::bf16_gemm_inputs) move linear's rounding into the op that
+// makes the input, so the model runner's GPU results keep their bits: on the GPU, rms_norm_bf16
+// and silu_mul_bf16 are to_bf16 of rms_norm and silu_mul bit for bit, and linear_bf16 on the
+// rounded x is linear on x bit for bit (odd shapes, outliers, a bias, an empty batch); the CPU
+// forms are the twins within the fp32 ops' bounds.
+TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
+  SKIP_WITHOUT_GPU();
+  auto bits_differ = [](const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+    int64_t d = 0;
+    for (size_t i = 0; i < a.size(); ++i) d += a[i] != b[i];
+    return d;
+  };
+  for (int rows : {0, 1, 7, 19}) {
+    for (int dim : {1, 64, 1170, 4096}) {
+      const std::string what = "rows " + std::to_string(rows) + " dim " + std::to_string(dim);
+      const size_t n = static_cast<size_t>(rows) * dim;
+      std::vector<float> xh = random_floats(n, 51 + dim, -8.0f, 8.0f);
+      if (n > 3) xh[n / 3] = 3000.0f;  // an outlier row
+      const Pair x = both(xh);
+      const Pair w = both(random_floats(static_cast<size_t>(dim), 52, 0.5f, 1.5f));
+      const Pair y = zeros<float>(n);
+      const Pair y16 = zeros<uint16_t>(n), y16_ref = zeros<uint16_t>(n);
+      gpu_ops_->rms_norm(static_cast<const float*>(x.gpu), static_cast<const float*>(w.gpu),
+                         static_cast<float*>(y.gpu), rows, dim, 1e-5f);
+      gpu_ops_->to_bf16(static_cast<const float*>(y.gpu), static_cast<uint16_t*>(y16_ref.gpu), n);
+      gpu_ops_->rms_norm_bf16(static_cast<const float*>(x.gpu), static_cast<const float*>(w.gpu),
+                              static_cast<uint16_t*>(y16.gpu), rows, dim, 1e-5f);
+      cpu_ops_->rms_norm_bf16(static_cast<const float*>(x.cpu), static_cast<const float*>(w.cpu),
+                              static_cast<uint16_t*>(y16.cpu), rows, dim, 1e-5f);
+      const std::vector<uint16_t> g = gpu_vec<uint16_t>(y16, n);
+      EXPECT_EQ(bits_differ(g, gpu_vec<uint16_t>(y16_ref, n)), 0) << what;
+      const std::vector<uint16_t> c = cpu_vec<uint16_t>(y16, n);
+      std::vector<float> gf(n), cf(n);
+      for (size_t i = 0; i < n; ++i) gf[i] = bf16_to_float(g[i]), cf[i] = bf16_to_float(c[i]);
+      // Both round fp32 values that agree to kFp32Bound; a value at a rounding tie may go
+      // either way: one bf16 step (2^-8 relative) at most there.
+      EXPECT_LE(norm_err(gf, cf, what), 4e-3) << what;
+      bufs_.clear();
+    }
+  }
+  for (int rows : {0, 1, 7, 19}) {
+    for (int inter : {1, 127, 1170}) {
+      const std::string what = "rows " + std::to_string(rows) + " inter " + std::to_string(inter);
+      const size_t n = static_cast<size_t>(rows) * inter;
+      const Pair gu = both(random_floats(2 * n, 53 + inter, -12.0f, 12.0f));
+      const Pair out = zeros<float>(n);
+      const Pair out16 = zeros<uint16_t>(n), out16_ref = zeros<uint16_t>(n);
+      gpu_ops_->silu_mul(static_cast<const float*>(gu.gpu), static_cast<float*>(out.gpu), rows, inter);
+      gpu_ops_->to_bf16(static_cast<const float*>(out.gpu), static_cast<uint16_t*>(out16_ref.gpu), n);
+      gpu_ops_->silu_mul_bf16(static_cast<const float*>(gu.gpu), static_cast<uint16_t*>(out16.gpu), rows,
+                              inter);
+      cpu_ops_->silu_mul_bf16(static_cast<const float*>(gu.cpu), static_cast<uint16_t*>(out16.cpu), rows,
+                              inter);
+      const std::vector<uint16_t> g = gpu_vec<uint16_t>(out16, n);
+      EXPECT_EQ(bits_differ(g, gpu_vec<uint16_t>(out16_ref, n)), 0) << what;
+      const std::vector<uint16_t> c = cpu_vec<uint16_t>(out16, n);
+      std::vector<float> gf(n), cf(n);
+      for (size_t i = 0; i < n; ++i) gf[i] = bf16_to_float(g[i]), cf[i] = bf16_to_float(c[i]);
+      EXPECT_LE(norm_err(gf, cf, what), 4e-3) << what;  // as above: a tie may round either way
+      bufs_.clear();
+    }
+  }
+  for (int m : {0, 1, 7, 33}) {
+    for (int n : {1, 127, 1170}) {
+      for (int k : {7, 64, 4096}) {
+        const std::string what =
+            "m " + std::to_string(m) + " n " + std::to_string(n) + " k " + std::to_string(k);
+        std::vector<float> xh = random_floats(static_cast<size_t>(m) * k, 61 + m);
+        if (!xh.empty()) xh[xh.size() / 2] = -5000.0f;
+        std::vector<uint16_t> x16h(xh.size());
+        for (size_t i = 0; i < xh.size(); ++i) x16h[i] = float_to_bf16(xh[i]);
+        const Pair x = both(xh);
+        const Pair x16 = both(x16h);
+        const Pair w = both(to_bf16_host(random_floats(static_cast<size_t>(n) * k, 62 + n)));
+        const Pair b = both(random_floats(static_cast<size_t>(n), 63 + k));
+        const size_t mn = static_cast<size_t>(m) * n;
+        const Pair y = zeros<float>(mn), y16in = zeros<float>(mn);
+        gpu_ops_->linear(static_cast<const float*>(x.gpu), {w.gpu, WeightDtype::kBf16},
+                         static_cast<const float*>(b.gpu), static_cast<float*>(y.gpu), m, n, k);
+        gpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.gpu), {w.gpu, WeightDtype::kBf16},
+                              static_cast<const float*>(b.gpu), static_cast<float*>(y16in.gpu), m, n, k);
+        cpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.cpu), {w.cpu, WeightDtype::kBf16},
+                              static_cast<const float*>(b.cpu), static_cast<float*>(y16in.cpu), m, n, k);
+        const std::vector<float> g = gpu_vec<float>(y16in, mn), ref = gpu_vec<float>(y, mn);
+        int64_t differ = 0;
+        for (size_t i = 0; i < mn; ++i) differ += std::memcmp(&g[i], &ref[i], sizeof(float)) != 0;
+        EXPECT_EQ(differ, 0) << what << ": linear_bf16(bf16(x)) is not linear(x)";
+        EXPECT_LE(norm_err(g, cpu_vec<float>(y16in, mn), what), kFp32Bound) << what;
+        bufs_.clear();
+      }
+    }
+  }
+  const Pair x16 = zeros<uint16_t>(16), y = zeros<float>(16), w32 = zeros<float>(16);
+  EXPECT_THROW(gpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.gpu), {w32.gpu, WeightDtype::kF32},
+                                     nullptr, static_cast<float*>(y.gpu), 4, 4, 4),
+               Error);
+  EXPECT_THROW(cpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.cpu), {w32.cpu, WeightDtype::kF32},
+                                     nullptr, static_cast<float*>(y.cpu), 4, 4, 4),
+               Error);
+}
+
 // Gathers copy: bit-identical, for fp32 and bf16 tables, repeated and out-of-order ids.
 TEST_F(CudaModelOps, EmbeddingAndGatherRowsAreExact) {
   SKIP_WITHOUT_GPU();

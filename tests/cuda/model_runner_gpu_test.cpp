@@ -37,6 +37,7 @@
 #include "fp8kv/model.h"
 #include "fp8kv/workflows.h"
 #include "gpu_skip.h"
+#include "runtime/bf16_activation_ops.h"
 #include "runtime/test_util.h"
 
 namespace fp8kv {
@@ -66,51 +67,6 @@ double norm_err(const std::vector<float>& a, const std::vector<float>& ref) {
 int32_t argmax(const float* row, int vocab) {
   return static_cast<int32_t>(std::max_element(row, row + vocab) - row);
 }
-
-// The CPU ops with x rounded to bf16 before each GEMM: the GPU's arithmetic, on the CPU.
-class Bf16ActivationCpuOps final : public ModelOps {
- public:
-  Bf16ActivationCpuOps() : cpu_(make_cpu_model_ops()) {}
-  void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m, int64_t n,
-              int64_t k) override {
-    xr_.resize(static_cast<size_t>(m * k));
-    for (size_t i = 0; i < xr_.size(); ++i) xr_[i] = bf16_to_float(float_to_bf16(x[i]));
-    cpu_->linear(xr_.data(), w, bias, y, m, n, k);
-  }
-  void linear_ordered(const float* x, WeightView w, const float* bias, float* y, int64_t m,
-                      int64_t n, int64_t k, int chunks) override {
-    cpu_->linear_ordered(x, w, bias, y, m, n, k, chunks);  // rounds x itself for bf16 weights
-  }
-  void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
-                float eps) override {
-    cpu_->rms_norm(x, w, y, rows, dim, eps);
-  }
-  void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
-            const int32_t* positions, const float* inv_freq) override {
-    cpu_->rope(x, rows, row_stride, heads, head_dim, positions, inv_freq);
-  }
-  void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override {
-    cpu_->silu_mul(gate_up, out, rows, inter);
-  }
-  void embedding(const int32_t* ids, WeightView table, float* out, int64_t tokens,
-                 int64_t dim) override {
-    cpu_->embedding(ids, table, out, tokens, dim);
-  }
-  void gather_rows(const float* src, const int32_t* rows, float* out, int64_t n,
-                   int64_t dim) override {
-    cpu_->gather_rows(src, rows, out, n, dim);
-  }
-  void add(float* y, const float* x, int64_t n) override { cpu_->add(y, x, n); }
-  void to_bf16(const float* x, uint16_t* y, int64_t n) override { cpu_->to_bf16(x, y, n); }
-  void from_bf16(const uint16_t* x, float* y, int64_t n) override { cpu_->from_bf16(x, y, n); }
-  void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) override {
-    cpu_->argmax(logits, out, rows, vocab);
-  }
-
- private:
-  std::unique_ptr<ModelOps> cpu_;
-  std::vector<float> xr_;
-};
 
 class ModelRunnerGpu : public ::testing::Test {
  protected:

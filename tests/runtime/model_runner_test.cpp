@@ -19,6 +19,7 @@
 #include "fp8kv/model.h"
 #include "fp8kv/safetensors.h"
 #include "fp8kv/workflows.h"
+#include "runtime/bf16_activation_ops.h"
 #include "runtime/test_util.h"
 
 namespace fp8kv {
@@ -121,6 +122,39 @@ void expect_prefill_matches_decode(const Model& model, Backend& backend, ModelOp
   const std::vector<float> tail =
       c.forward({rc}, {std::vector<int32_t>(prompt.begin() + 8, prompt.end())}, LogitRows::kAll);
   EXPECT_LT(rel_diff(tail, std::vector<float>(all.begin() + 8 * V, all.end())), 2e-3);
+}
+
+// bf16 GEMM inputs made by the runner's ops (ModelOps::bf16_gemm_inputs: rms_norm_bf16,
+// silu_mul_bf16, o_proj on the attention's bf16 output, linear_bf16) against linear rounding
+// its fp32 x itself: the rounding moves, the arithmetic does not, so prefill and decode logits
+// keep their bits (bf16 weights; the Qwen2 preset adds the q/kv biases; a bf16 and an FP8 cache).
+TEST_F(ModelRunnerTest, Bf16GemmInputsKeepTheLogitsBits) {
+  for (const char* preset : {"tiny", "qwen2"}) {
+    auto model = Model::load(dir_->path() + "/" + preset, *backend_, false, WeightDtype::kBf16);
+    const int V = model->config().vocab_size;
+    for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8E5m2}) {
+      auto logits = [&](bool bf16_inputs) {
+        Bf16ActivationCpuOps ops(bf16_inputs);
+        ModelRunner r(*model, *backend_, ops, small(scheme));
+        const std::vector<int> reqs = {r.add_request(), r.add_request()};
+        std::vector<float> all = r.forward(reqs, {tokens(11, 1, V), tokens(4, 2, V)}, LogitRows::kAll);
+        for (int s = 0; s < 3; ++s) {
+          const std::vector<float> l = r.forward(reqs, {{(s * 37) % V}, {(s * 53 + 1) % V}}, LogitRows::kLast);
+          all.insert(all.end(), l.begin(), l.end());
+        }
+        // Four passes, five GEMMs per layer (q, kv, o, gate_up, down) on bf16 inputs, or none.
+        EXPECT_EQ(ops.bf16_linears, bf16_inputs ? 4 * 5 * model->config().num_layers : 0);
+        return all;
+      };
+      const std::vector<float> moved = logits(true), in_linear = logits(false);
+      ASSERT_EQ(moved.size(), in_linear.size());
+      int64_t differ = 0;
+      for (size_t i = 0; i < moved.size(); ++i) {
+        differ += std::memcmp(&moved[i], &in_linear[i], sizeof(float)) != 0;
+      }
+      EXPECT_EQ(differ, 0) << preset << " " << scheme_name(scheme);
+    }
+  }
 }
 
 TEST_F(ModelRunnerTest, PrefillLogitsMatchStepByStepDecode) {
@@ -317,6 +351,17 @@ class RecordingOps final : public ModelOps {
   void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
                 float eps) override {
     b_.run([=] { cpu_->rms_norm(x, w, y, rows, dim, eps); });
+  }
+  void linear_bf16(const uint16_t* x16, WeightView w, const float* bias, float* y, int64_t m,
+                   int64_t n, int64_t k) override {
+    b_.run([=] { cpu_->linear_bf16(x16, w, bias, y, m, n, k); });
+  }
+  void rms_norm_bf16(const float* x, const float* w, uint16_t* y16, int64_t rows, int dim,
+                     float eps) override {
+    b_.run([=] { cpu_->rms_norm_bf16(x, w, y16, rows, dim, eps); });
+  }
+  void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) override {
+    b_.run([=] { cpu_->silu_mul_bf16(gate_up, out16, rows, inter); });
   }
   void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
             const int32_t* positions, const float* inv_freq) override {

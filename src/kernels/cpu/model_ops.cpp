@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
 #include "fp8kv/model_ops.h"
 #include "kernels/ordered_linear.h"
@@ -160,6 +161,26 @@ class CpuModelOps final : public ModelOps {
       const float inv = static_cast<float>(1.0 / std::sqrt(ss / dim + eps));
       for (int i = 0; i < dim; ++i) yr[i] = xr[i] * inv * w[i];
     }
+  }
+
+  // The bf16-input forms: the fp32 op, then the rounding (or the widening) on the host.
+  void linear_bf16(const uint16_t* x16, WeightView wv, const float* bias, float* y, int64_t m,
+                   int64_t n, int64_t k) override {
+    if (wv.dtype != WeightDtype::kBf16) throw Error("linear_bf16: needs bf16 weights");
+    std::vector<float> x(static_cast<size_t>(m * k));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = bf16_to_float(x16[i]);
+    linear(x.data(), wv, bias, y, m, n, k);
+  }
+  void rms_norm_bf16(const float* x, const float* w, uint16_t* y16, int64_t rows, int dim,
+                     float eps) override {
+    std::vector<float> y(static_cast<size_t>(rows) * dim);
+    rms_norm(x, w, y.data(), rows, dim, eps);
+    for (size_t i = 0; i < y.size(); ++i) y16[i] = float_to_bf16(y[i]);
+  }
+  void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) override {
+    std::vector<float> out(static_cast<size_t>(rows * inter));
+    silu_mul(gate_up, out.data(), rows, inter);
+    for (size_t i = 0; i < out.size(); ++i) out16[i] = float_to_bf16(out[i]);
   }
 
   void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,

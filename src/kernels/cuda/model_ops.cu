@@ -93,18 +93,30 @@ __device__ float block_sum(float v, float* smem /* [kRowThreads / 32] */) {
   return t;
 }
 
-// One block per row: y = x / sqrt(mean(x^2) + eps) * w. x, y [rows, dim], w [dim].
+// y = v (float) or bf16(v) (uint16_t: round to nearest even, as to_bf16_kernel).
+template <typename T>
+__device__ __forceinline__ void store_as(T* y, float v) {
+  if constexpr (sizeof(T) == 2) {
+    *y = fp8kv::float_to_bf16(v);
+  } else {
+    *y = v;
+  }
+}
+
+// One block per row: y = x / sqrt(mean(x^2) + eps) * w. x, y [rows, dim], w [dim]; y fp32 or
+// bf16 (T).
+template <typename T>
 __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
-                                float* __restrict__ y, int dim, float eps) {
+                                T* __restrict__ y, int dim, float eps) {
   __shared__ float smem[kRowThreads / 32];
   const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
-  float* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
+  T* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
   float ss = 0.0f;
   for (int i = threadIdx.x; i < dim; i += kRowThreads) ss += xr[i] * xr[i];
   ss = block_sum(ss, smem);
   // As the CPU twin: 1 / sqrt in double of the mean square (one value per row, cheap).
   const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(ss) / dim + eps));
-  for (int i = threadIdx.x; i < dim; i += kRowThreads) yr[i] = xr[i] * inv * w[i];
+  for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
 }
 
 // One thread per (row, frequency i < D/2), over every head of the row: HF rotate_half, element
@@ -132,15 +144,16 @@ __global__ void rope_kernel(float* __restrict__ x, int64_t rows, int64_t row_str
   }
 }
 
-// out[r, i] = silu(gu[r, i]) * gu[r, inter + i].
-__global__ void silu_mul_kernel(const float* __restrict__ gu, float* __restrict__ out, int64_t rows,
+// out[r, i] = silu(gu[r, i]) * gu[r, inter + i]; out fp32 or bf16 (T).
+template <typename T>
+__global__ void silu_mul_kernel(const float* __restrict__ gu, T* __restrict__ out, int64_t rows,
                                 int64_t inter) {
   const int64_t total = rows * inter;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = t / inter, i = t % inter;
     const float g = gu[r * 2 * inter + i];
-    out[t] = g / (1.0f + expf(-g)) * gu[r * 2 * inter + inter + i];
+    store_as(out + t, g / (1.0f + expf(-g)) * gu[r * 2 * inter + inter + i]);
   }
 }
 
@@ -240,10 +253,7 @@ class CudaModelOps final : public ModelOps {
     const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
     if (w.dtype == WeightDtype::kBf16) {
       round_x_to_bf16(x, m * k);
-      check_cublas(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w.data,
-                                CUDA_R_16BF, K, x16_, CUDA_R_16BF, K, &beta, y, CUDA_R_32F, N,
-                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                   "cublasGemmEx (bf16 linear)");
+      gemm_bf16(x16_, w, y, M, N, K);
     } else {
       check_cublas(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w.data,
                                 CUDA_R_32F, K, x, CUDA_R_32F, K, &beta, y, CUDA_R_32F, N,
@@ -254,6 +264,38 @@ class CudaModelOps final : public ModelOps {
       add_bias_kernel<<<grid_for(m * n), kThreads, 0, stream_>>>(y, bias, m, n);
       FP8KV_CUDA_CHECK_LAUNCH("add_bias_kernel");
     }
+  }
+
+  bool bf16_gemm_inputs() const override { return true; }
+
+  void linear_bf16(const uint16_t* x16, WeightView w, const float* bias, float* y, int64_t m,
+                   int64_t n, int64_t k) override {
+    require(m >= 0 && n > 0 && k > 0, "linear_bf16: bad shape m " + std::to_string(m) + ", n " +
+                                          std::to_string(n) + ", k " + std::to_string(k));
+    require(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "linear_bf16: a dimension exceeds INT_MAX");
+    require(w.dtype == WeightDtype::kBf16, "linear_bf16: needs bf16 weights");
+    if (m == 0) return;
+    require(x16 && w.data && y, "linear_bf16: null pointer");
+    gemm_bf16(x16, w, y, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k));
+    if (bias) {
+      add_bias_kernel<<<grid_for(m * n), kThreads, 0, stream_>>>(y, bias, m, n);
+      FP8KV_CUDA_CHECK_LAUNCH("add_bias_kernel");
+    }
+  }
+
+  void rms_norm_bf16(const float* x, const float* w, uint16_t* y16, int64_t rows, int dim,
+                     float eps) override {
+    require(rows >= 0 && dim > 0, "rms_norm_bf16: bad shape");
+    require(rows <= INT_MAX, "rms_norm_bf16: more than INT_MAX rows");
+    if (rows == 0) return;
+    rms_norm_kernel<uint16_t><<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, w, y16, dim, eps);
+    FP8KV_CUDA_CHECK_LAUNCH("rms_norm_kernel (bf16)");
+  }
+
+  void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) override {
+    if (rows * inter == 0) return;
+    silu_mul_kernel<uint16_t><<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out16, rows, inter);
+    FP8KV_CUDA_CHECK_LAUNCH("silu_mul_kernel (bf16)");
   }
 
   void linear_ordered(const float* x, WeightView w, const float* bias, float* y, int64_t m,
@@ -274,7 +316,7 @@ class CudaModelOps final : public ModelOps {
     require(rows >= 0 && dim > 0, "rms_norm: bad shape");
     require(rows <= INT_MAX, "rms_norm: more than INT_MAX rows");
     if (rows == 0) return;
-    rms_norm_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, w, y, dim, eps);
+    rms_norm_kernel<float><<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, w, y, dim, eps);
     FP8KV_CUDA_CHECK_LAUNCH("rms_norm_kernel");
   }
 
@@ -292,7 +334,7 @@ class CudaModelOps final : public ModelOps {
 
   void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override {
     if (rows * inter == 0) return;
-    silu_mul_kernel<<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out, rows, inter);
+    silu_mul_kernel<float><<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out, rows, inter);
     FP8KV_CUDA_CHECK_LAUNCH("silu_mul_kernel");
   }
 
@@ -342,6 +384,15 @@ class CudaModelOps final : public ModelOps {
   }
 
  private:
+  // y[M, N] = x16[M, K] . w[N, K]^T, bf16 operands, fp32 accumulate and output.
+  void gemm_bf16(const uint16_t* x16, WeightView w, float* y, int M, int N, int K) {
+    const float alpha = 1.0f, beta = 0.0f;
+    check_cublas(cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, w.data,
+                              CUDA_R_16BF, K, x16, CUDA_R_16BF, K, &beta, y, CUDA_R_32F, N,
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "cublasGemmEx (bf16 linear)");
+  }
+
   // x16_ = bf16(x), n elements, queued on the stream (grown as needed).
   void round_x_to_bf16(const float* x, int64_t n) {
     const size_t need = static_cast<size_t>(n) * sizeof(uint16_t);
