@@ -52,7 +52,7 @@ class FP8KV_API ModelOps {
   // GEMM) say so here, and the model runner then keeps the GEMMs' inputs in bf16 itself: the
   // op that makes an input writes it rounded (rms_norm_bf16, silu_mul_bf16, the attention's
   // bf16 output) and linear_bf16 takes it as it is. The same bits as linear on the fp32 values
-  // (the rounding moved, not changed); two to four kernels fewer per layer.
+  // (the rounding moved, not changed): six kernels fewer per layer.
   virtual bool bf16_gemm_inputs() const { return false; }
   // linear on x16 [m, k] (bf16 bit patterns), bf16 weights only: y = x16 . w^T (+ bias), fp32
   // accumulate. The CPU version widens x16 and runs linear.
