@@ -285,11 +285,7 @@ class CudaModelOps final : public ModelOps {
 
   void rms_norm_bf16(const float* x, const float* w, uint16_t* y16, int64_t rows, int dim,
                      float eps) override {
-    require(rows >= 0 && dim > 0, "rms_norm_bf16: bad shape");
-    require(rows <= INT_MAX, "rms_norm_bf16: more than INT_MAX rows");
-    if (rows == 0) return;
-    rms_norm_kernel<uint16_t><<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, w, y16, dim, eps);
-    FP8KV_CUDA_CHECK_LAUNCH("rms_norm_kernel (bf16)");
+    launch_rms_norm(x, w, y16, rows, dim, eps, "rms_norm_bf16");
   }
 
   void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) override {
@@ -313,11 +309,7 @@ class CudaModelOps final : public ModelOps {
 
   void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
                 float eps) override {
-    require(rows >= 0 && dim > 0, "rms_norm: bad shape");
-    require(rows <= INT_MAX, "rms_norm: more than INT_MAX rows");
-    if (rows == 0) return;
-    rms_norm_kernel<float><<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, w, y, dim, eps);
-    FP8KV_CUDA_CHECK_LAUNCH("rms_norm_kernel");
+    launch_rms_norm(x, w, y, rows, dim, eps, "rms_norm");
   }
 
   void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
@@ -384,6 +376,17 @@ class CudaModelOps final : public ModelOps {
   }
 
  private:
+  // rms_norm_kernel into fp32 or bf16 (T) rows; `op` names the op in errors.
+  template <typename T>
+  void launch_rms_norm(const float* x, const float* w, T* y, int64_t rows, int dim, float eps,
+                       const std::string& op) {
+    require(rows >= 0 && dim > 0, op + ": bad shape");
+    require(rows <= INT_MAX, op + ": more than INT_MAX rows");
+    if (rows == 0) return;
+    rms_norm_kernel<T><<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, w, y, dim, eps);
+    FP8KV_CUDA_CHECK_LAUNCH("rms_norm_kernel");
+  }
+
   // y[M, N] = x16[M, K] . w[N, K]^T, bf16 operands, fp32 accumulate and output.
   void gemm_bf16(const uint16_t* x16, WeightView w, float* y, int M, int N, int K) {
     const float alpha = 1.0f, beta = 0.0f;

@@ -199,24 +199,23 @@ struct RowSoftmax {
     }
   }
 
-  // Each row's reduction of the tile by `op` (row g: elements 4i and 4i + 1, row g + 8: 4i + 2 and
-  // 4i + 3, of every n8 tile i): kAcc independent chains, then a tree over them (depth
-  // kTiles / kAcc + 2, not kTiles + 1). The row max is on the critical path between the S wgmma
-  // and the exponentials (a consumer's softmax measured ~1260 cycles of a ~3000-cycle tile on the
-  // H200); chains for it and the row sum: fp8-per-head causal B=2 L=8192 654 -> 663 TFLOP/s,
-  // non-causal 684 -> 701 (two A/B device calls, eighth session). Only 4 chains: the consumers
-  // sit at their register cap, and a full tree (32 partial maxima live beside S) spilled 140 bytes.
-  template <typename Op>
-  __device__ __forceinline__ static void reduce_rows(const float (&s)[4 * kTiles], float init, Op op,
-                                                     float (&out)[2]) {
+  // Each row's reduction by `op` of kTiles items (item(i, r): tile i's share of row r): kAcc
+  // independent chains, then a tree over them (depth kTiles / kAcc + 2, not kTiles + 1). The row
+  // max is on the critical path between the S wgmma and the exponentials (a consumer's softmax
+  // measured ~1260 cycles of a ~3000-cycle tile on the H200); chains for it and the row sum:
+  // fp8-per-head causal B=2 L=8192 654 -> 663 TFLOP/s, non-causal 684 -> 701 (two A/B device
+  // calls, eighth session). Only 4 chains: the consumers sit at their register cap, and a full
+  // tree (32 partial maxima live beside S) spilled 140 bytes.
+  template <typename T, typename Item, typename Op>
+  __device__ __forceinline__ static void chain_tree(Item item, T init, Op op, T (&out)[2]) {
     constexpr int kAcc = kTiles < 4 ? kTiles : 4;
-    float acc[2][kAcc];
+    T acc[2][kAcc];
 #pragma unroll
     for (int k = 0; k < kAcc; ++k) acc[0][k] = acc[1][k] = init;
 #pragma unroll
     for (int i = 0; i < kTiles; ++i) {
-      acc[0][i % kAcc] = op(acc[0][i % kAcc], op(s[4 * i], s[4 * i + 1]));
-      acc[1][i % kAcc] = op(acc[1][i % kAcc], op(s[4 * i + 2], s[4 * i + 3]));
+      acc[0][i % kAcc] = op(acc[0][i % kAcc], item(i, 0));
+      acc[1][i % kAcc] = op(acc[1][i % kAcc], item(i, 1));
     }
 #pragma unroll
     for (int w = kAcc / 2; w >= 1; w /= 2) {
@@ -228,6 +227,13 @@ struct RowSoftmax {
     }
     out[0] = acc[0][0];
     out[1] = acc[1][0];
+  }
+  // The rows' reduction of the scores by `op` (row g: elements 4i and 4i + 1, row g + 8: 4i + 2
+  // and 4i + 3, of every n8 tile i).
+  template <typename Op>
+  __device__ __forceinline__ static void reduce_rows(const float (&s)[4 * kTiles], float init, Op op,
+                                                     float (&out)[2]) {
+    chain_tree([&](int i, int r) { return op(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]); }, init, op, out);
   }
 
   // The tile's row maxima folded into the running ones: alpha (the factor for what was
@@ -271,28 +277,12 @@ struct RowSoftmax {
       asm("ex2.approx.f16x2 %0, %1;\n" : "=r"(e) : "r"(*reinterpret_cast<const uint32_t*>(&x)));
       p[q] = e;
     }
-    constexpr int kAcc = kTiles < 4 ? kTiles : 4;
-    __half2 acc[2][kAcc];
-#pragma unroll
-    for (int k = 0; k < kAcc; ++k) acc[0][k] = acc[1][k] = __float2half2_rn(0.0f);
-#pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        acc[r][i % kAcc] = __hadd2(acc[r][i % kAcc], *reinterpret_cast<const __half2*>(&p[2 * i + r]));
-      }
-    }
-#pragma unroll
-    for (int w = kAcc / 2; w >= 1; w /= 2) {
-#pragma unroll
-      for (int k = 0; k < w; ++k) {
-        acc[0][k] = __hadd2(acc[0][k], acc[0][k + w]);
-        acc[1][k] = __hadd2(acc[1][k], acc[1][k + w]);
-      }
-    }
+    __half2 tile_sum[2];
+    chain_tree([&](int i, int r) { return *reinterpret_cast<const __half2*>(&p[2 * i + r]); },
+               __float2half2_rn(0.0f), [](__half2 a, __half2 b) { return __hadd2(a, b); }, tile_sum);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float2 f = __half22float2(acc[r][0]);
+      const float2 f = __half22float2(tile_sum[r]);
       row_sum[r] = row_sum[r] * alpha[r] + (f.x + f.y);
     }
   }
