@@ -62,7 +62,8 @@ class FP8KV_API ModelOps {
   virtual void rms_norm_bf16(const float* x, const float* w, uint16_t* y16, int64_t rows, int dim,
                              float eps) = 0;
   // silu_mul with out rounded to bf16: out16 [rows, inter].
-  virtual void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) = 0;
+  virtual void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows,
+                             int64_t inter) = 0;
   // In-place RoPE, Hugging Face rotate_half convention: in each head, element i pairs with
   // i + D/2 and both rotate by positions[r] * inv_freq[i]. x [rows, row_stride]; the heads
   // rotated are x[r, h * D .. (h + 1) * D) for h < heads. inv_freq [D / 2].

@@ -155,7 +155,7 @@ struct ModelRunner::Scratch {
   BackendBuffer o;                   // [T, Hq * D]
   BackendBuffer gu;                  // [T, 2 * I]
   BackendBuffer mlp;                 // [T, I]
-  BackendBuffer x16;                 // [T, max(H, I)] bf16: a GEMM's input (ModelOps::bf16_gemm_inputs)
+  BackendBuffer x16;                 // [T, max(H, I)] bf16 GEMM input (bf16_gemm_inputs)
   BackendBuffer amax;                // [3 * Hkv]: K, V, then Q (observer with Q scales)
   BackendBuffer rows;                // [R] int32 rows with logits
   BackendBuffer logits;              // [R, V]
@@ -578,7 +578,8 @@ bool ModelRunner::graph_step(int64_t R, bool greedy) {
 }
 
 bool ModelRunner::bf16_gemm_inputs() const {
-  return ops_.bf16_gemm_inputs() && model_.weight_dtype() == WeightDtype::kBf16 && !options_.exact_tp;
+  return ops_.bf16_gemm_inputs() && model_.weight_dtype() == WeightDtype::kBf16 &&
+         !options_.exact_tp;
 }
 
 void ModelRunner::run_layer(int l, bool decode) {

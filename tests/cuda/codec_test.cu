@@ -67,16 +67,17 @@ __global__ void decode_all_kernel(float* out) {
 __global__ void divide_all_kernel(float s, unsigned long long* mismatches, unsigned int* first_bad) {
   const cuda::ScaleDivider div(s);
   const uint64_t stride = 4ull * gridDim.x * blockDim.x;
-  for (uint64_t u = 4ull * (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x); u < (1ull << 32);
-       u += stride) {
+  for (uint64_t u = 4ull * (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+       u < (1ull << 32); u += stride) {
     float x[4], got[4];
     for (int i = 0; i < 4; ++i) x[i] = __uint_as_float(static_cast<uint32_t>(u + i));
     div.divide(x, got);
     for (int i = 0; i < 4; ++i) {
       const float want = __fdiv_rn(x[i], s);
-      const bool same_bits = __float_as_uint(want) == __float_as_uint(got[i]) || (isnan(want) && isnan(got[i]));
-      const bool same_codes =
-          float_to_e4m3(want) == float_to_e4m3(got[i]) && float_to_e5m2(want) == float_to_e5m2(got[i]);
+      const bool same_bits =
+          __float_as_uint(want) == __float_as_uint(got[i]) || (isnan(want) && isnan(got[i]));
+      const bool same_codes = float_to_e4m3(want) == float_to_e4m3(got[i]) &&
+                              float_to_e5m2(want) == float_to_e5m2(got[i]);
       if (!same_codes || (!same_bits && fabsf(x[i]) >= 0x1p-100f)) {
         atomicAdd(mismatches, 1ull);
         atomicMin(first_bad, static_cast<unsigned int>(u + i));

@@ -492,12 +492,14 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
       const Pair gu = both(random_floats(2 * n, 53 + inter, -12.0f, 12.0f));
       const Pair out = zeros<float>(n);
       const Pair out16 = zeros<uint16_t>(n), out16_ref = zeros<uint16_t>(n);
-      gpu_ops_->silu_mul(static_cast<const float*>(gu.gpu), static_cast<float*>(out.gpu), rows, inter);
-      gpu_ops_->to_bf16(static_cast<const float*>(out.gpu), static_cast<uint16_t*>(out16_ref.gpu), n);
-      gpu_ops_->silu_mul_bf16(static_cast<const float*>(gu.gpu), static_cast<uint16_t*>(out16.gpu), rows,
-                              inter);
-      cpu_ops_->silu_mul_bf16(static_cast<const float*>(gu.cpu), static_cast<uint16_t*>(out16.cpu), rows,
-                              inter);
+      gpu_ops_->silu_mul(static_cast<const float*>(gu.gpu), static_cast<float*>(out.gpu), rows,
+                         inter);
+      gpu_ops_->to_bf16(static_cast<const float*>(out.gpu), static_cast<uint16_t*>(out16_ref.gpu),
+                        n);
+      gpu_ops_->silu_mul_bf16(static_cast<const float*>(gu.gpu), static_cast<uint16_t*>(out16.gpu),
+                              rows, inter);
+      cpu_ops_->silu_mul_bf16(static_cast<const float*>(gu.cpu), static_cast<uint16_t*>(out16.cpu),
+                              rows, inter);
       const std::vector<uint16_t> g = gpu_vec<uint16_t>(out16, n);
       EXPECT_EQ(bits_differ(g, gpu_vec<uint16_t>(out16_ref, n)), 0) << what;
       const std::vector<uint16_t> c = cpu_vec<uint16_t>(out16, n);
@@ -525,9 +527,11 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
         gpu_ops_->linear(static_cast<const float*>(x.gpu), {w.gpu, WeightDtype::kBf16},
                          static_cast<const float*>(b.gpu), static_cast<float*>(y.gpu), m, n, k);
         gpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.gpu), {w.gpu, WeightDtype::kBf16},
-                              static_cast<const float*>(b.gpu), static_cast<float*>(y16in.gpu), m, n, k);
+                              static_cast<const float*>(b.gpu), static_cast<float*>(y16in.gpu), m,
+                              n, k);
         cpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.cpu), {w.cpu, WeightDtype::kBf16},
-                              static_cast<const float*>(b.cpu), static_cast<float*>(y16in.cpu), m, n, k);
+                              static_cast<const float*>(b.cpu), static_cast<float*>(y16in.cpu), m,
+                              n, k);
         const std::vector<float> g = gpu_vec<float>(y16in, mn), ref = gpu_vec<float>(y, mn);
         int64_t differ = 0;
         for (size_t i = 0; i < mn; ++i) differ += std::memcmp(&g[i], &ref[i], sizeof(float)) != 0;
@@ -538,12 +542,14 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
     }
   }
   const Pair x16 = zeros<uint16_t>(16), y = zeros<float>(16), w32 = zeros<float>(16);
-  EXPECT_THROW(gpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.gpu), {w32.gpu, WeightDtype::kF32},
-                                     nullptr, static_cast<float*>(y.gpu), 4, 4, 4),
-               Error);
-  EXPECT_THROW(cpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.cpu), {w32.cpu, WeightDtype::kF32},
-                                     nullptr, static_cast<float*>(y.cpu), 4, 4, 4),
-               Error);
+  EXPECT_THROW(
+      gpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.gpu), {w32.gpu, WeightDtype::kF32},
+                            nullptr, static_cast<float*>(y.gpu), 4, 4, 4),
+      Error);
+  EXPECT_THROW(
+      cpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.cpu), {w32.cpu, WeightDtype::kF32},
+                            nullptr, static_cast<float*>(y.cpu), 4, 4, 4),
+      Error);
 }
 
 // Gathers copy: bit-identical, for fp32 and bf16 tables, repeated and out-of-order ids.

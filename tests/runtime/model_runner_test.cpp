@@ -137,9 +137,11 @@ TEST_F(ModelRunnerTest, Bf16GemmInputsKeepTheLogitsBits) {
         Bf16ActivationCpuOps ops(bf16_inputs);
         ModelRunner r(*model, *backend_, ops, small(scheme));
         const std::vector<int> reqs = {r.add_request(), r.add_request()};
-        std::vector<float> all = r.forward(reqs, {tokens(11, 1, V), tokens(4, 2, V)}, LogitRows::kAll);
+        std::vector<float> all =
+            r.forward(reqs, {tokens(11, 1, V), tokens(4, 2, V)}, LogitRows::kAll);
         for (int s = 0; s < 3; ++s) {
-          const std::vector<float> l = r.forward(reqs, {{(s * 37) % V}, {(s * 53 + 1) % V}}, LogitRows::kLast);
+          const std::vector<float> l =
+              r.forward(reqs, {{(s * 37) % V}, {(s * 53 + 1) % V}}, LogitRows::kLast);
           all.insert(all.end(), l.begin(), l.end());
         }
         // Four passes, five GEMMs per layer (q, kv, o, gate_up, down) on bf16 inputs, or none.

@@ -1,6 +1,8 @@
 // ModelOps on the CPU: cblas_sgemm when a BLAS is linked (FP8KV_HAVE_BLAS), OpenMP loops
 // otherwise; everything else is OpenMP over rows. bf16 weights (the GPU's choice, accepted here
 // so the CPU twin can run the same model) are widened to fp32 first.
+#include "fp8kv/model_ops.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -10,7 +12,6 @@
 
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
-#include "fp8kv/model_ops.h"
 #include "kernels/ordered_linear.h"
 
 #if defined(FP8KV_HAVE_BLAS)

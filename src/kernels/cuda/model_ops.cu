@@ -272,7 +272,8 @@ class CudaModelOps final : public ModelOps {
                    int64_t n, int64_t k) override {
     require(m >= 0 && n > 0 && k > 0, "linear_bf16: bad shape m " + std::to_string(m) + ", n " +
                                           std::to_string(n) + ", k " + std::to_string(k));
-    require(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "linear_bf16: a dimension exceeds INT_MAX");
+    require(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX,
+            "linear_bf16: a dimension exceeds INT_MAX");
     require(w.dtype == WeightDtype::kBf16, "linear_bf16: needs bf16 weights");
     if (m == 0) return;
     require(x16 && w.data && y, "linear_bf16: null pointer");
@@ -290,7 +291,8 @@ class CudaModelOps final : public ModelOps {
 
   void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) override {
     if (rows * inter == 0) return;
-    silu_mul_kernel<uint16_t><<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out16, rows, inter);
+    silu_mul_kernel<uint16_t>
+        <<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out16, rows, inter);
     FP8KV_CUDA_CHECK_LAUNCH("silu_mul_kernel (bf16)");
   }
 
@@ -326,7 +328,8 @@ class CudaModelOps final : public ModelOps {
 
   void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override {
     if (rows * inter == 0) return;
-    silu_mul_kernel<float><<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out, rows, inter);
+    silu_mul_kernel<float>
+        <<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out, rows, inter);
     FP8KV_CUDA_CHECK_LAUNCH("silu_mul_kernel");
   }
 

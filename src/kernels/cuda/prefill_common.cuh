@@ -231,16 +231,18 @@ struct RowSoftmax {
   // The rows' reduction of the scores by `op` (row g: elements 4i and 4i + 1, row g + 8: 4i + 2
   // and 4i + 3, of every n8 tile i).
   template <typename Op>
-  __device__ __forceinline__ static void reduce_rows(const float (&s)[4 * kTiles], float init, Op op,
-                                                     float (&out)[2]) {
-    chain_tree([&](int i, int r) { return op(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]); }, init, op, out);
+  __device__ __forceinline__ static void reduce_rows(const float (&s)[4 * kTiles], float init,
+                                                     Op op, float (&out)[2]) {
+    chain_tree([&](int i, int r) { return op(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]); }, init, op,
+               out);
   }
 
   // The tile's row maxima folded into the running ones: alpha (the factor for what was
   // accumulated before, 0 on the first tile) and each row's exponent offset, -max * qk_scale +
   // log2_p_scale.
-  __device__ __forceinline__ void fold_max(const float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2],
-                                           float log2_p_scale, float (&neg_max)[2]) {
+  __device__ __forceinline__ void fold_max(const float (&s)[4 * kTiles], float qk_scale,
+                                           float (&alpha)[2], float log2_p_scale,
+                                           float (&neg_max)[2]) {
     float tile_max[2];
     reduce_rows(s, -INFINITY, [](float a, float b) { return fmaxf(a, b); }, tile_max);
     float new_max[2] = {fmaxf(row_max[0], tile_max[0]), fmaxf(row_max[1], tile_max[1])};
@@ -265,8 +267,9 @@ struct RowSoftmax {
   // below e4m3's 2^-4 step, where P is rounded next. The tile's row sums are added in fp16 pairs
   // (4 chains of at most 4 pairs, then a tree: < 2^12 per half at 2^-11 relative steps) and
   // folded into the fp32 running sums.
-  __device__ __forceinline__ void step_f16(const float (&s)[4 * kTiles], float qk_scale, float (&alpha)[2],
-                                           float log2_p_scale, uint32_t (&p)[2 * kTiles]) {
+  __device__ __forceinline__ void step_f16(const float (&s)[4 * kTiles], float qk_scale,
+                                           float (&alpha)[2], float log2_p_scale,
+                                           uint32_t (&p)[2 * kTiles]) {
     float neg_max[2];
     fold_max(s, qk_scale, alpha, log2_p_scale, neg_max);
 #pragma unroll
@@ -279,7 +282,8 @@ struct RowSoftmax {
     }
     __half2 tile_sum[2];
     chain_tree([&](int i, int r) { return *reinterpret_cast<const __half2*>(&p[2 * i + r]); },
-               __float2half2_rn(0.0f), [](__half2 a, __half2 b) { return __hadd2(a, b); }, tile_sum);
+               __float2half2_rn(0.0f), [](__half2 a, __half2 b) { return __hadd2(a, b); },
+               tile_sum);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float2 f = __half22float2(tile_sum[r]);
