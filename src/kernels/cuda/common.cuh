@@ -181,8 +181,8 @@ struct ScaleDivider {
   // q[i] = x[i] / s for a batch, as straight-line code: the fast path for every element, then the
   // division for the whole batch where any element needs it (s outside the range, or an x r that
   // overflowed: rare). A test and branch per element cut the batch's independent chains into a
-  // basic block each, one element's latency after another's: quantize-on-write T=16384 measured
-  // 67-70% of the copy ceiling that way and 75-82% batched (H200, ninth session).
+  // basic block each, one element's latency after another's (quantize-on-write measured that,
+  // docs/GPU.md ninth session).
   template <int N>
   __device__ __forceinline__ void divide(const float (&x)[N], float (&q)[N]) const {
     bool slow = !fast;

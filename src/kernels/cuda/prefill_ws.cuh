@@ -413,10 +413,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
   // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
   // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
-  // the tensor pipe. bf16 D 128 (swizzled, the default): 496 -> 515 TFLOP/s causal, 509 -> 523
-  // non-causal on the H200 (B=2 L=8192, eighth session), D 64 344 -> 371 (ninth session; D 256
-  // fell 416 -> 405 with it: off there); e4m3 operands and the widening schemes
-  // measured the same with and without it (668 / 667, 389 / 385), so they go without. Each
+  // the tensor pipe. On for bf16 operands at D 64 and 128 (swizzled, the default), where it
+  // measured faster; bf16 D 256, e4m3 operands and the widening schemes measured the same or
+  // slower with it and go without (docs/GPU.md, eighth and ninth sessions). Each
   // warpgroup takes num_kv_tiles + 1 turns (the idle loop's included), and warpgroup 0 one more
   // that takes warpgroup 1's last hand-over: the barriers' arrivals balance.
   constexpr bool kPingPong = !Sh::kFp8Mma && !Sh::kWiden && kSwizzle && D <= 128;
@@ -486,9 +485,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   RowSoftmax<kBlockN / 8> rows;
   // Masks tile j (where it crosses this warpgroup's diagonal), then the online softmax step.
   // e4m3 P at D 128 and 256: the probabilities as fp16 pairs in ph (RowSoftmax::step_f16, half
-  // the MUFU issues): fp8-per-head causal B=2 L=8192 664 -> 679 TFLOP/s, non-causal 699 -> 725,
-  // D 256 489 -> 493 on the H200 (one A/B call, ninth session); D 64 fell 442 -> 359 with it
-  // (not explained; its kernel keeps step and P in s).
+  // the MUFU issues; faster there, docs/GPU.md ninth session). D 64 measured slower with it (not
+  // explained), so its kernel keeps step and P in s.
   constexpr bool kF16Softmax = Sh::kFp8Mma && D >= 128;
   uint32_t ph[kF16Softmax ? kBlockN / 4 : 1];
   auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
