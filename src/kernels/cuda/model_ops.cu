@@ -244,11 +244,7 @@ class CudaModelOps final : public ModelOps {
 
   void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m, int64_t n,
               int64_t k) override {
-    require(m >= 0 && n > 0 && k > 0, "linear: bad shape m " + std::to_string(m) + ", n " +
-                                          std::to_string(n) + ", k " + std::to_string(k));
-    require(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, "linear: a dimension exceeds INT_MAX");
-    if (m == 0) return;
-    require(x && w.data && y, "linear: null pointer");
+    if (!check_linear("linear", x, w, y, m, n, k)) return;
     const float alpha = 1.0f, beta = 0.0f;
     const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
     if (w.dtype == WeightDtype::kBf16) {
@@ -260,28 +256,17 @@ class CudaModelOps final : public ModelOps {
                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                    "cublasGemmEx (fp32 linear)");
     }
-    if (bias) {
-      add_bias_kernel<<<grid_for(m * n), kThreads, 0, stream_>>>(y, bias, m, n);
-      FP8KV_CUDA_CHECK_LAUNCH("add_bias_kernel");
-    }
+    add_bias(y, bias, m, n);
   }
 
   bool bf16_gemm_inputs() const override { return true; }
 
   void linear_bf16(const uint16_t* x16, WeightView w, const float* bias, float* y, int64_t m,
                    int64_t n, int64_t k) override {
-    require(m >= 0 && n > 0 && k > 0, "linear_bf16: bad shape m " + std::to_string(m) + ", n " +
-                                          std::to_string(n) + ", k " + std::to_string(k));
-    require(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX,
-            "linear_bf16: a dimension exceeds INT_MAX");
     require(w.dtype == WeightDtype::kBf16, "linear_bf16: needs bf16 weights");
-    if (m == 0) return;
-    require(x16 && w.data && y, "linear_bf16: null pointer");
+    if (!check_linear("linear_bf16", x16, w, y, m, n, k)) return;
     gemm_bf16(x16, w, y, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k));
-    if (bias) {
-      add_bias_kernel<<<grid_for(m * n), kThreads, 0, stream_>>>(y, bias, m, n);
-      FP8KV_CUDA_CHECK_LAUNCH("add_bias_kernel");
-    }
+    add_bias(y, bias, m, n);
   }
 
   void rms_norm_bf16(const float* x, const float* w, uint16_t* y16, int64_t rows, int dim,
@@ -379,6 +364,23 @@ class CudaModelOps final : public ModelOps {
   }
 
  private:
+  // linear's and linear_bf16's shape and pointer checks; false when there is nothing to do (m 0).
+  bool check_linear(const std::string& op, const void* x, WeightView w, const float* y, int64_t m,
+                    int64_t n, int64_t k) {
+    require(m >= 0 && n > 0 && k > 0, op + ": bad shape m " + std::to_string(m) + ", n " +
+                                          std::to_string(n) + ", k " + std::to_string(k));
+    require(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX, op + ": a dimension exceeds INT_MAX");
+    if (m == 0) return false;
+    require(x && w.data && y, op + ": null pointer");
+    return true;
+  }
+  // y[r, j] += bias[j] when there is a bias.
+  void add_bias(float* y, const float* bias, int64_t m, int64_t n) {
+    if (!bias) return;
+    add_bias_kernel<<<grid_for(m * n), kThreads, 0, stream_>>>(y, bias, m, n);
+    FP8KV_CUDA_CHECK_LAUNCH("add_bias_kernel");
+  }
+
   // rms_norm_kernel into fp32 or bf16 (T) rows; `op` names the op in errors.
   template <typename T>
   void launch_rms_norm(const float* x, const float* w, T* y, int64_t rows, int dim, float eps,
