@@ -52,7 +52,8 @@ class FP8KV_API ModelOps {
   // GEMM) say so here, and the model runner then keeps the GEMMs' inputs in bf16 itself: the
   // op that makes an input writes it rounded (rms_norm_bf16, silu_mul_bf16, the attention's
   // bf16 output) and linear_bf16 takes it as it is. The same bits as linear on the fp32 values
-  // (the rounding moved, not changed): six kernels fewer per layer.
+  // (the rounding moved, not changed): six kernels fewer per layer, ten with the fused forms
+  // below (add_rms_norm_bf16, rope_bf16).
   virtual bool bf16_gemm_inputs() const { return false; }
   // linear on x16 [m, k] (bf16 bit patterns), bf16 weights only: y = x16 . w^T (+ bias), fp32
   // accumulate. The CPU version widens x16 and runs linear.
@@ -64,6 +65,14 @@ class FP8KV_API ModelOps {
   // silu_mul with out rounded to bf16: out16 [rows, inter].
   virtual void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows,
                              int64_t inter) = 0;
+  // The residual add and the next norm in one: x += a, then rms_norm_bf16 of the sum. x, a
+  // [rows, dim].
+  virtual void add_rms_norm_bf16(float* x, const float* a, const float* w, uint16_t* y16,
+                                 int64_t rows, int dim, float eps) = 0;
+  // y16 = bf16 of x with rope applied (x itself unchanged), whole rows: the heads rope rotates,
+  // then the rest of each row_stride as it is (the V half of a KV row). x, y16 [rows, row_stride].
+  virtual void rope_bf16(const float* x, uint16_t* y16, int64_t rows, int64_t row_stride, int heads,
+                         int head_dim, const int32_t* positions, const float* inv_freq) = 0;
   // In-place RoPE, Hugging Face rotate_half convention: in each head, element i pairs with
   // i + D/2 and both rotate by positions[r] * inv_freq[i]. x [rows, row_stride]; the heads
   // rotated are x[r, h * D .. (h + 1) * D) for h < heads. inv_freq [D / 2].

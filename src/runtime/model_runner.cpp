@@ -462,6 +462,9 @@ void ModelRunner::queue_step(bool decode, int64_t R, bool greedy) {
   const int64_t H = c.hidden_size, V = c.vocab_size;
   ops_.embedding(s.ids.as<const int32_t>(), model_.embed(), s.x.as<float>(), s.T, H);
   for (int l = 0; l < c.num_layers; ++l) run_layer(l, decode);
+  // The last layer's residual (bf16_gemm_inputs: each layer leaves its down_proj output to the
+  // next one's norm).
+  if (bf16_gemm_inputs()) ops_.add(s.x.as<float>(), s.a.as<const float>(), s.T * H);
   if (R == 0) return;
   ops_.gather_rows(s.x.as<const float>(), s.rows.as<const int32_t>(), s.h.as<float>(), R, H);
   ops_.rms_norm(s.h.as<const float>(), model_.final_norm(), s.a.as<float>(), R, static_cast<int>(H),
@@ -612,14 +615,28 @@ void ModelRunner::run_layer(int l, bool decode) {
 
   // bf16_gemm_inputs(): the GEMMs' inputs are made in bf16 by the ops that produce them (the
   // norms, silu_mul, the attention's own bf16 output) and go to linear_bf16: the bits of linear's
-  // rounding, without its rounding kernel and o's widening (6 kernels fewer per layer).
+  // rounding, without its rounding kernels and o's widening; the residual adds go into the next
+  // norm and RoPE writes the bf16 copies (10 kernels fewer per layer).
   const bool x16 = bf16_gemm_inputs();
   uint16_t* const h16 = s.x16.as<uint16_t>();
   if (x16) {
-    ops_.rms_norm_bf16(s.x.as<const float>(), w.attn_norm.as<const float>(), h16, T,
-                       static_cast<int>(H), c.rms_norm_eps);
+    // The previous layer's down_proj output is added to the residual here, with this layer's
+    // norm (after the last layer by queue_step).
+    if (l == 0) {
+      ops_.rms_norm_bf16(s.x.as<const float>(), w.attn_norm.as<const float>(), h16, T,
+                         static_cast<int>(H), c.rms_norm_eps);
+    } else {
+      ops_.add_rms_norm_bf16(s.x.as<float>(), s.a.as<const float>(), w.attn_norm.as<const float>(),
+                             h16, T, static_cast<int>(H), c.rms_norm_eps);
+    }
     ops_.linear_bf16(h16, w.view(w.w_q), w.b_q.as<const float>(), s.q.as<float>(), T, QD, H);
     ops_.linear_bf16(h16, w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(), T, KVD, H);
+    // RoPE on Q and on the K half of each token's KV row (V is not rotated), written as the
+    // bf16 copies attention reads.
+    ops_.rope_bf16(s.q.as<const float>(), s.q16.as<uint16_t>(), T, QD, Hq, D,
+                   s.pos.as<const int32_t>(), model_.inv_freq());
+    ops_.rope_bf16(s.kv.as<const float>(), s.kv16.as<uint16_t>(), T, KVD, Hkv, D,
+                   s.pos.as<const int32_t>(), model_.inv_freq());
   } else {
     ops_.rms_norm(s.x.as<const float>(), w.attn_norm.as<const float>(), s.h.as<float>(), T,
                   static_cast<int>(H), c.rms_norm_eps);
@@ -627,12 +644,12 @@ void ModelRunner::run_layer(int l, bool decode) {
            col_chunks);
     linear(s.h.as<const float>(), w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(), KVD,
            H, col_chunks);
+    // RoPE on Q and on the K half of each token's KV row (V is not rotated).
+    ops_.rope(s.q.as<float>(), T, QD, Hq, D, s.pos.as<const int32_t>(), model_.inv_freq());
+    ops_.rope(s.kv.as<float>(), T, KVD, Hkv, D, s.pos.as<const int32_t>(), model_.inv_freq());
+    ops_.to_bf16(s.q.as<const float>(), s.q16.as<uint16_t>(), T * QD);
+    ops_.to_bf16(s.kv.as<const float>(), s.kv16.as<uint16_t>(), T * KVD);
   }
-  // RoPE on Q and on the K half of each token's KV row (V is not rotated).
-  ops_.rope(s.q.as<float>(), T, QD, Hq, D, s.pos.as<const int32_t>(), model_.inv_freq());
-  ops_.rope(s.kv.as<float>(), T, KVD, Hkv, D, s.pos.as<const int32_t>(), model_.inv_freq());
-  ops_.to_bf16(s.q.as<const float>(), s.q16.as<uint16_t>(), T * QD);
-  ops_.to_bf16(s.kv.as<const float>(), s.kv16.as<uint16_t>(), T * KVD);
 
   // Attention into the main pool, with the hooks: calibration observes the K/V written, eval
   // runs its shadow schemes on the same inputs and accounts their error.
@@ -670,15 +687,15 @@ void ModelRunner::run_layer(int l, bool decode) {
     linear(s.o.as<const float>(), w.view(w.w_o), nullptr, s.a.as<float>(), H, QD, row_chunks);
   }
   all_reduce_sum(s.a, T * H);
-  ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
   // down_proj over the rank's intermediate rows: partial sums again (no bias).
   if (x16) {
-    ops_.rms_norm_bf16(s.x.as<const float>(), w.mlp_norm.as<const float>(), h16, T,
-                       static_cast<int>(H), c.rms_norm_eps);
+    ops_.add_rms_norm_bf16(s.x.as<float>(), s.a.as<const float>(), w.mlp_norm.as<const float>(),
+                           h16, T, static_cast<int>(H), c.rms_norm_eps);
     ops_.linear_bf16(h16, w.view(w.w_gate_up), nullptr, s.gu.as<float>(), T, 2 * I, H);
     ops_.silu_mul_bf16(s.gu.as<const float>(), h16, T, I);  // gate_up has read h16: reused
     ops_.linear_bf16(h16, w.view(w.w_down), nullptr, s.a.as<float>(), T, H, I);
   } else {
+    ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
     ops_.rms_norm(s.x.as<const float>(), w.mlp_norm.as<const float>(), s.h.as<float>(), T,
                   static_cast<int>(H), c.rms_norm_eps);
     linear(s.h.as<const float>(), w.view(w.w_gate_up), nullptr, s.gu.as<float>(), 2 * I, H,
@@ -687,7 +704,7 @@ void ModelRunner::run_layer(int l, bool decode) {
     linear(s.mlp.as<const float>(), w.view(w.w_down), nullptr, s.a.as<float>(), H, I, row_chunks);
   }
   all_reduce_sum(s.a, T * H);
-  ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);
+  if (!x16) ops_.add(s.x.as<float>(), s.a.as<const float>(), T * H);  // x16: in the next norm
 }
 
 void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBuffer& kv_scales,

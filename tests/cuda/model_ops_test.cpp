@@ -447,9 +447,10 @@ TEST_F(CudaModelOps, SiluMulMatchesCpu) {
 
 // The bf16-input forms (ModelOps::bf16_gemm_inputs) move linear's rounding into the op that
 // makes the input, so the model runner's GPU results keep their bits: on the GPU, rms_norm_bf16
-// and silu_mul_bf16 are to_bf16 of rms_norm and silu_mul bit for bit, and linear_bf16 on the
-// rounded x is linear on x bit for bit (odd shapes, outliers, a bias, an empty batch); the CPU
-// forms are the twins within the fp32 ops' bounds.
+// and silu_mul_bf16 are to_bf16 of rms_norm and silu_mul bit for bit, linear_bf16 on the
+// rounded x is linear on x bit for bit (odd shapes, outliers, a bias, an empty batch), and the
+// fused add_rms_norm_bf16 and rope_bf16 are their parts in a row; the CPU forms are the twins
+// within the fp32 ops' bounds.
 TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
   SKIP_WITHOUT_GPU();
   auto bits_differ = [](const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
@@ -537,6 +538,73 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
         for (size_t i = 0; i < mn; ++i) differ += std::memcmp(&g[i], &ref[i], sizeof(float)) != 0;
         EXPECT_EQ(differ, 0) << what << ": linear_bf16(bf16(x)) is not linear(x)";
         EXPECT_LE(norm_err(g, cpu_vec<float>(y16in, mn), what), kFp32Bound) << what;
+        bufs_.clear();
+      }
+    }
+  }
+  // add_rms_norm_bf16 = add, then rms_norm_bf16 (x holds the sum after both); rope_bf16 =
+  // to_bf16 of rope on a copy, whole rows (the V half of a KV row copied), x unchanged.
+  for (int rows : {0, 1, 7, 19}) {
+    for (int dim : {64, 1170, 4096}) {
+      const std::string what = "rows " + std::to_string(rows) + " dim " + std::to_string(dim);
+      const size_t n = static_cast<size_t>(rows) * dim;
+      const std::vector<float> xh = random_floats(n, 71 + dim, -8.0f, 8.0f);
+      const Pair x = both(xh), x_ref = both(xh);
+      const Pair a = both(random_floats(n, 72 + rows, -4.0f, 4.0f));
+      const Pair w = both(random_floats(static_cast<size_t>(dim), 73, 0.5f, 1.5f));
+      const Pair y16 = zeros<uint16_t>(n), y16_ref = zeros<uint16_t>(n);
+      gpu_ops_->add(static_cast<float*>(x_ref.gpu), static_cast<const float*>(a.gpu), n);
+      gpu_ops_->rms_norm_bf16(static_cast<const float*>(x_ref.gpu),
+                              static_cast<const float*>(w.gpu), static_cast<uint16_t*>(y16_ref.gpu),
+                              rows, dim, 1e-5f);
+      gpu_ops_->add_rms_norm_bf16(static_cast<float*>(x.gpu), static_cast<const float*>(a.gpu),
+                                  static_cast<const float*>(w.gpu), static_cast<uint16_t*>(y16.gpu),
+                                  rows, dim, 1e-5f);
+      cpu_ops_->add_rms_norm_bf16(static_cast<float*>(x.cpu), static_cast<const float*>(a.cpu),
+                                  static_cast<const float*>(w.cpu), static_cast<uint16_t*>(y16.cpu),
+                                  rows, dim, 1e-5f);
+      EXPECT_EQ(bits_differ(gpu_vec<uint16_t>(y16, n), gpu_vec<uint16_t>(y16_ref, n)), 0) << what;
+      const std::vector<float> gx = gpu_vec<float>(x, n), rx = gpu_vec<float>(x_ref, n);
+      EXPECT_EQ(std::memcmp(gx.data(), rx.data(), n * sizeof(float)), 0) << what << ": the sum";
+      EXPECT_EQ(std::memcmp(gx.data(), cpu_vec<float>(x, n).data(), n * sizeof(float)), 0) << what;
+      bufs_.clear();
+    }
+  }
+  for (int head_dim : {64, 128}) {
+    for (int rows : {0, 1, 19, 127}) {
+      for (bool kv_row : {false, true}) {
+        const int heads = 8;
+        const int64_t stride = (kv_row ? 2ll : 1ll) * heads * head_dim;
+        const std::string what = "D " + std::to_string(head_dim) + " rows " + std::to_string(rows) +
+                                 (kv_row ? " KV rows" : " Q rows");
+        const size_t n = static_cast<size_t>(rows * stride);
+        const std::vector<float> xh = random_floats(n, 81 + rows);
+        std::vector<int32_t> pos(static_cast<size_t>(rows));
+        for (int r = 0; r < rows; ++r) pos[static_cast<size_t>(r)] = (r * 7919) % 131072;
+        std::vector<float> inv_freq(static_cast<size_t>(head_dim / 2));
+        for (int i = 0; i < head_dim / 2; ++i) {
+          inv_freq[static_cast<size_t>(i)] =
+              static_cast<float>(std::pow(500000.0, -2.0 * i / head_dim));
+        }
+        const Pair x = both(xh), x_ref = both(xh), p = both(pos), f = both(inv_freq);
+        const Pair y16 = zeros<uint16_t>(n), y16_ref = zeros<uint16_t>(n);
+        gpu_ops_->rope(static_cast<float*>(x_ref.gpu), rows, stride, heads, head_dim,
+                       static_cast<const int32_t*>(p.gpu), static_cast<const float*>(f.gpu));
+        gpu_ops_->to_bf16(static_cast<const float*>(x_ref.gpu), static_cast<uint16_t*>(y16_ref.gpu),
+                          n);
+        gpu_ops_->rope_bf16(static_cast<const float*>(x.gpu), static_cast<uint16_t*>(y16.gpu), rows,
+                            stride, heads, head_dim, static_cast<const int32_t*>(p.gpu),
+                            static_cast<const float*>(f.gpu));
+        cpu_ops_->rope_bf16(static_cast<const float*>(x.cpu), static_cast<uint16_t*>(y16.cpu), rows,
+                            stride, heads, head_dim, static_cast<const int32_t*>(p.cpu),
+                            static_cast<const float*>(f.cpu));
+        const std::vector<uint16_t> g = gpu_vec<uint16_t>(y16, n);
+        EXPECT_EQ(bits_differ(g, gpu_vec<uint16_t>(y16_ref, n)), 0) << what;
+        EXPECT_EQ(gpu_vec<float>(x, n), xh) << what << ": x changed";
+        const std::vector<uint16_t> c = cpu_vec<uint16_t>(y16, n);
+        std::vector<float> gf(n), cf(n);
+        for (size_t i = 0; i < n; ++i) gf[i] = bf16_to_float(g[i]), cf[i] = bf16_to_float(c[i]);
+        EXPECT_LE(norm_err(gf, cf, what), 4e-3) << what;  // a tie may round either way
         bufs_.clear();
       }
     }

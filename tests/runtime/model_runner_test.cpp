@@ -365,6 +365,15 @@ class RecordingOps final : public ModelOps {
   void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) override {
     b_.run([=] { cpu_->silu_mul_bf16(gate_up, out16, rows, inter); });
   }
+  void add_rms_norm_bf16(float* x, const float* a, const float* w, uint16_t* y16, int64_t rows,
+                         int dim, float eps) override {
+    b_.run([=] { cpu_->add_rms_norm_bf16(x, a, w, y16, rows, dim, eps); });
+  }
+  void rope_bf16(const float* x, uint16_t* y16, int64_t rows, int64_t row_stride, int heads,
+                 int head_dim, const int32_t* positions, const float* inv_freq) override {
+    b_.run(
+        [=] { cpu_->rope_bf16(x, y16, rows, row_stride, heads, head_dim, positions, inv_freq); });
+  }
   void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
             const int32_t* positions, const float* inv_freq) override {
     b_.run([=] { cpu_->rope(x, rows, row_stride, heads, head_dim, positions, inv_freq); });

@@ -184,6 +184,18 @@ class CpuModelOps final : public ModelOps {
     for (size_t i = 0; i < out.size(); ++i) out16[i] = float_to_bf16(out[i]);
   }
 
+  void add_rms_norm_bf16(float* x, const float* a, const float* w, uint16_t* y16, int64_t rows,
+                         int dim, float eps) override {
+    add(x, a, rows * dim);
+    rms_norm_bf16(x, w, y16, rows, dim, eps);
+  }
+  void rope_bf16(const float* x, uint16_t* y16, int64_t rows, int64_t row_stride, int heads,
+                 int head_dim, const int32_t* positions, const float* inv_freq) override {
+    std::vector<float> r(x, x + rows * row_stride);
+    rope(r.data(), rows, row_stride, heads, head_dim, positions, inv_freq);
+    for (size_t i = 0; i < r.size(); ++i) y16[i] = float_to_bf16(r[i]);
+  }
+
   void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
             const int32_t* positions, const float* inv_freq) override {
     const int half = head_dim / 2;

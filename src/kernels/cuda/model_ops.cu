@@ -119,6 +119,27 @@ __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __rest
   for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
 }
 
+// rms_norm_kernel after the residual add: x += a (written back), then y = norm(x) * w, with
+// rms_norm_kernel's arithmetic on the sums (the same bits as add_kernel, then rms_norm_kernel).
+template <typename T>
+__global__ void add_rms_norm_kernel(float* __restrict__ x, const float* __restrict__ a,
+                                    const float* __restrict__ w, T* __restrict__ y, int dim,
+                                    float eps) {
+  __shared__ float smem[kRowThreads / 32];
+  float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
+  const float* ar = a + static_cast<int64_t>(blockIdx.x) * dim;
+  T* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += kRowThreads) {
+    const float v = xr[i] + ar[i];
+    xr[i] = v;  // read back below by this thread only
+    ss += v * v;
+  }
+  ss = block_sum(ss, smem);
+  const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(ss) / dim + eps));
+  for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
+}
+
 // One thread per (row, frequency i < D/2), over every head of the row: HF rotate_half, element
 // i pairs with i + D/2. The angle and its cos/sin in double, as the CPU twin: position *
 // frequency loses digits in fp32 at long positions (16k * 1.0 rad has an ulp of 1e-3).
@@ -140,6 +161,39 @@ __global__ void rope_kernel(float* __restrict__ x, int64_t rows, int64_t row_str
       const float a = v[i], b = v[i + half];
       v[i] = a * cs - b * sn;
       v[i + half] = b * cs + a * sn;
+    }
+  }
+}
+
+// rope_kernel into a bf16 copy: y = bf16(rope(x)), x unchanged, whole rows (the columns past the
+// rotated heads copied); rope_kernel's arithmetic, so the bits of rope_kernel, then to_bf16. One
+// thread per pair of a row (row_stride / 2 of them): the rotated pair (i, i + D/2) of head h, or
+// two adjacent columns past the heads; a decode step's few rows still fill the GPU.
+__global__ void rope_bf16_kernel(const float* __restrict__ x, uint16_t* __restrict__ y,
+                                 int64_t rows, int64_t row_stride, int heads, int head_dim,
+                                 const int32_t* __restrict__ positions,
+                                 const float* __restrict__ inv_freq) {
+  const int half = head_dim / 2;
+  const int64_t pairs = row_stride / 2, rotated = static_cast<int64_t>(heads) * half;
+  const int64_t total = rows * pairs;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = t / pairs, j = t % pairs;
+    const float* row = x + r * row_stride;
+    uint16_t* out = y + r * row_stride;
+    if (j < rotated) {
+      const int h = static_cast<int>(j / half), i = static_cast<int>(j % half);
+      double sd, cd;
+      sincos(static_cast<double>(positions[r]) * inv_freq[i], &sd, &cd);
+      const float cs = static_cast<float>(cd), sn = static_cast<float>(sd);
+      const int64_t c = static_cast<int64_t>(h) * head_dim + i;
+      const float a = row[c], b = row[c + half];
+      out[c] = fp8kv::float_to_bf16(a * cs - b * sn);
+      out[c + half] = fp8kv::float_to_bf16(b * cs + a * sn);
+    } else {
+      const int64_t c = 2 * rotated + 2 * (j - rotated);
+      out[c] = fp8kv::float_to_bf16(row[c]);
+      out[c + 1] = fp8kv::float_to_bf16(row[c + 1]);
     }
   }
 }
@@ -279,6 +333,29 @@ class CudaModelOps final : public ModelOps {
     silu_mul_kernel<uint16_t>
         <<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out16, rows, inter);
     FP8KV_CUDA_CHECK_LAUNCH("silu_mul_kernel (bf16)");
+  }
+
+  void add_rms_norm_bf16(float* x, const float* a, const float* w, uint16_t* y16, int64_t rows,
+                         int dim, float eps) override {
+    require(rows >= 0 && dim > 0, "add_rms_norm_bf16: bad shape");
+    require(rows <= INT_MAX, "add_rms_norm_bf16: more than INT_MAX rows");
+    if (rows == 0) return;
+    add_rms_norm_kernel<uint16_t>
+        <<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, a, w, y16, dim, eps);
+    FP8KV_CUDA_CHECK_LAUNCH("add_rms_norm_kernel");
+  }
+
+  void rope_bf16(const float* x, uint16_t* y16, int64_t rows, int64_t row_stride, int heads,
+                 int head_dim, const int32_t* positions, const float* inv_freq) override {
+    require(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024,
+            "rope_bf16: head_dim " + std::to_string(head_dim) + " must be even and <= 1024");
+    require(static_cast<int64_t>(heads) * head_dim <= row_stride,
+            "rope_bf16: heads * head_dim exceeds the row stride");
+    if (rows == 0) return;
+    require(row_stride % 2 == 0, "rope_bf16: the row stride must be even");
+    rope_bf16_kernel<<<grid_for(rows * (row_stride / 2)), kThreads, 0, stream_>>>(
+        x, y16, rows, row_stride, heads, head_dim, positions, inv_freq);
+    FP8KV_CUDA_CHECK_LAUNCH("rope_bf16_kernel");
   }
 
   void linear_ordered(const float* x, WeightView w, const float* bias, float* y, int64_t m,
