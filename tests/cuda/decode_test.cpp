@@ -1,6 +1,7 @@
 // Decode attention on the GPU against its CPU twin and a float64 reference, on fresh random data
 // with outliers: lengths 1, 7, 127, 4100 (no split and split-KV), GQA 1/4/8, head_dim 64/128/256,
-// every scheme (fp8-e5m2 and fp8-per-head-bf16q too); a long case (33k keys) whose FP8 error
+// every scheme (fp8-e5m2 and fp8-per-head-bf16q too); grids of many waves (the shallow ring); a
+// long case (33k keys) whose FP8 error
 // must not grow with length; split merges repeated across shapes on one workspace; bad arguments
 // refused; a request index out of range skipped on the device and reported at sync. One decode
 // kernel per scheme (decode_mma_kernel.cuh, tensor cores); the CPU twin is its oracle. The split
@@ -154,6 +155,29 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
       spec.seed = 77 + c.group;
       SCOPED_TRACE(std::string(scheme_name(scheme)) + " group=" + std::to_string(c.group) + " B=" + std::to_string(c.batch));
       expect_close(run_case(*cpu, *gpu, spec, scheme, c.sm));
+    }
+  }
+}
+
+// Grids of three waves or more of short requests take the shallow ring (decode_shallow_ring: one
+// stage fewer, a third CTA per SM at 256-byte copies): 400 short requests over 8 KV heads give 800-3200 CTAs,
+// every head_dim and scheme; lengths 1..97 with single-key requests among them.
+TEST(CudaDecode, ManyWavesTakeTheShallowRing) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  for (KvScheme scheme : kAllSchemes) {
+    for (int D : {64, 128, 256}) {
+      test::ProblemSpec spec;
+      spec.requests.clear();
+      for (int b = 0; b < 400; ++b) spec.requests.push_back({(b * 37) % 97, 1});
+      spec.num_kv_heads = 8;
+      spec.num_q_heads = 8 * (D == 128 ? 4 : 1);
+      spec.head_dim = D;
+      spec.data.outlier_channels = 2;
+      spec.seed = 900 + D;
+      SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D));
+      expect_close(run_case(*cpu, *gpu, spec, scheme));
     }
   }
 }

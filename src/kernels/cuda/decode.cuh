@@ -46,11 +46,17 @@ constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
 
 // The decode kernel (decode_mma_kernel.cuh, tensor cores), every scheme: up to 8 query heads of
 // each of decode_mma_kv_heads() KV heads per CTA, any head_dim of 64, 128, 256.
+// shallow: the ring one stage shallower where that makes room for a third CTA per SM
+// (decode_shallow_ring, decode_split.h, decides per launch).
 template <KvScheme kScheme, int kHeadDim>
 struct DecodeMmaKernel {
   static constexpr int kMaxHeads = 8;  // query heads per CTA (rows of the m16 tile in use)
-  static int ctas_per_sm();
-  static void launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream);
+  static int ctas_per_sm(bool shallow);
+  static void launch(const DecodeArgs& a, dim3 grid, bool shallow, cudaStream_t stream);
+
+ private:
+  template <bool kShallow>
+  static int ctas_per_sm_of();
 };
 
 #define FP8KV_DECODE_MMA_EXTERN(SCHEME)            \

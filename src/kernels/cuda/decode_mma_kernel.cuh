@@ -67,6 +67,8 @@
 
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
 
@@ -81,7 +83,7 @@ constexpr int kTileTokens = kWarps * kWarpKeys;  // 64: one kDecodeSplitAlign
 static_assert(kTileTokens == 64, "splits are aligned to whole tiles (decode_split.h)");
 static_assert(2 * kTileTokens == kIssuers, "one thread issues the copy of one K or V row");
 
-template <KvScheme kScheme, int D>
+template <KvScheme kScheme, int D, bool kShallow>
 struct Shape {
   static constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
   static constexpr int kRowBytes = kBf16 ? 2 * D : D;     // one K or V row of a KV head
@@ -92,9 +94,14 @@ struct Shape {
   static constexpr int kPitch = kCopyBytes + 16;          // shared memory row, bytes
   static constexpr int kStageBytes = 2 * kTileTokens * kPitch;  // K rows then V rows
   // kStages - 1 tiles in flight while one is computed; CTAs per SM as shared memory allows
-    // (copies of 128 / 256 / 512 bytes: 3 / 2 / 1).
-  static constexpr int kStages = kCopyBytes <= 128 ? 4 : 3;
-  static constexpr int kMinBlocks = kCopyBytes <= 128 ? 3 : kCopyBytes <= 256 ? 2 : 1;
+  // (copies of 128 / 256 / 512 bytes: 3 / 2 / 1). kShallow (DecodeShape::kShallowRing): grids of
+  // several waves trade a stage for a third CTA per SM at 256-byte copies, so that a CTA's ramp
+  // and epilogue leave two others streaming on its SM instead of one.
+  // (Where 3 CTAs of more than 256 threads would cap the registers below the kernel's need, as at
+  // fp8 D 64 with 4 heads per CTA, there is no shallow ring: launch() runs the deep one.)
+  static constexpr bool kThird = kShallow && kCopyBytes == 256 && kThreads <= 256;
+  static constexpr int kStages = kCopyBytes <= 128 ? 4 : kThird ? 2 : 3;
+  static constexpr int kMinBlocks = kCopyBytes <= 128 || kThird ? 3 : kCopyBytes <= 256 ? 2 : 1;
   static constexpr int kMergeBytes = kKv * kWarps * kRows * (D + 2) * 4;
   static constexpr int kDataBytes =
       kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
@@ -151,12 +158,12 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
 
 }  // namespace decode_mma
 
-template <KvScheme kScheme, int kHeadDim>
-__global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads,
-                                  decode_mma::Shape<kScheme, kHeadDim>::kMinBlocks)
+template <KvScheme kScheme, int kHeadDim, bool kShallow>
+__global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>::kThreads,
+                                  decode_mma::Shape<kScheme, kHeadDim, kShallow>::kMinBlocks)
     decode_mma_kernel(const DecodeArgs a) {
   using namespace decode_mma;
-  using Sh = Shape<kScheme, kHeadDim>;
+  using Sh = Shape<kScheme, kHeadDim, kShallow>;
   constexpr bool kBf16 = Sh::kBf16;
   constexpr KvCodec kCodec = kv_codec(kScheme);
   constexpr KvScaleSource kScales = kv_scale_source(kScheme);
@@ -519,10 +526,11 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 }
 
 template <KvScheme kScheme, int kHeadDim>
-int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
-  using Sh = decode_mma::Shape<kScheme, kHeadDim>;
+template <bool kShallow>
+int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm_of() {
+  using Sh = decode_mma::Shape<kScheme, kHeadDim, kShallow>;
   static const int n = [] {
-    auto* k = decode_mma_kernel<kScheme, kHeadDim>;
+    auto* k = decode_mma_kernel<kScheme, kHeadDim, kShallow>;
     FP8KV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Sh::kSmemBytes));
     int v = 0;
     FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, k, Sh::kThreads, Sh::kSmemBytes));
@@ -531,11 +539,35 @@ int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
   return n;
 }
 
+// Whether the shallow ring exists for this instantiation (Shape::kThird).
 template <KvScheme kScheme, int kHeadDim>
-void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream) {
-  using Sh = decode_mma::Shape<kScheme, kHeadDim>;
-  ctas_per_sm();  // sets the shared-memory limit once
-  decode_mma_kernel<kScheme, kHeadDim><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(a);
+constexpr bool kHasShallowRing = decode_mma::Shape<kScheme, kHeadDim, true>::kThird;
+
+template <KvScheme kScheme, int kHeadDim>
+int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm(bool shallow) {
+  if constexpr (kHasShallowRing<kScheme, kHeadDim>) {
+    if (shallow) return ctas_per_sm_of<true>();
+  }
+  return ctas_per_sm_of<false>();
+}
+
+template <KvScheme kScheme, int kHeadDim>
+void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, bool shallow,
+                                                cudaStream_t stream) {
+  auto go = [&](auto shallow_tag) {
+    constexpr bool kShallow = decltype(shallow_tag)::value;
+    using Sh = decode_mma::Shape<kScheme, kHeadDim, kShallow>;
+    ctas_per_sm_of<kShallow>();  // sets the shared-memory limit once
+    decode_mma_kernel<kScheme, kHeadDim, kShallow><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(a);
+  };
+  if constexpr (kHasShallowRing<kScheme, kHeadDim>) {
+    if (shallow) {
+      go(std::true_type{});
+      FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
+      return;
+    }
+  }
+  go(std::false_type{});
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
 }
 
