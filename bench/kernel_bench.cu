@@ -756,21 +756,31 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     upload(vs, std::vector<float>(Hkv, 1.0f / 448));
     device().memset(amax.get(), 0, amax.bytes());  // on the bench stream, before the kernels
     fill_bf16(kv.get(), static_cast<size_t>(T) * 2 * Hkv * D, 41, 2.0f, s);
+    // Every scheme, with and without the observation, timed in turns (time_us_in_turns), each
+    // with its own pool: timed one after the other, fp8-per-tensor (the first scheme after bf16)
+    // measured 6-7 points of the copy ceiling below fp8-per-head, whose kernel differs from it
+    // only in the scale's address, and faster with the observation (timed second) than without.
+    std::vector<std::unique_ptr<BackendBuffer>> pools;
+    std::vector<QuantizeKvParams> params;  // [scheme][observe]
     for (KvScheme scheme : kSchemes) {
-      auto pool = make_pool(slots, Hkv, D, scheme, s);
+      pools.push_back(make_pool(slots, Hkv, D, scheme, s));
       QuantizeKvParams p;
       p.kv = kv.as<uint16_t>();
       p.slots = d_slots.as<int32_t>();
       p.num_tokens = T;
-      p.cache = {pool->get(), slots, Hkv, D, scheme};
+      p.cache = {pools.back()->get(), slots, Hkv, D, scheme};
       if (has_kv_scales(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
-      // At least 20 warm-up runs, as decode: fp8-per-tensor, the first scheme after bf16, measured
-      // 7 points of the copy ceiling below fp8-per-head on the same code path, and faster with
-      // the observation (timed second) than without.
-      const int warmup = std::max(o.warmup, 20);
-      const double us = time_us([&] { cuda::launch_quantize_kv(p, s); }, warmup, o.iters, s);
+      params.push_back(p);
       p.observe_amax = amax.as<float>();
-      const double us_obs = time_us([&] { cuda::launch_quantize_kv(p, s); }, warmup, o.iters, s);
+      params.push_back(p);
+    }
+    std::vector<std::function<void()>> runs;
+    for (const QuantizeKvParams& p : params) runs.push_back([&p, s] { cuda::launch_quantize_kv(p, s); });
+    // At least 20 warm-up runs of each, as decode.
+    const std::vector<double> times = time_us_in_turns(runs, std::max(o.warmup, 20), o.iters, s);
+    for (size_t i = 0; i < std::size(kSchemes); ++i) {
+      const KvScheme scheme = kSchemes[i];
+      const double us = times[2 * i], us_obs = times[2 * i + 1];
       const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
       const double gbs = bytes / us * 1e-3;
       r.line("  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%            %6.1f%%", T,
@@ -807,6 +817,43 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
              tf_ord / tf_fast, 100.0 * tf_ord / bf16_tflops);
       r.record("linear", "m" + std::to_string(g.m) + "_n" + std::to_string(g.n) + "_k" + std::to_string(g.k),
                {{"cublas_tflops", tf_fast}, {"ordered_tflops", tf_ord}, {"ordered_over_cublas", tf_ord / tf_fast}});
+    }
+  }
+  // The decode step's GEMMs (a batch of tokens, bf16 weights that count by their bytes) as the
+  // model runs them (ModelOps::linear_bf16: cuBLAS), against the read ceiling: what the model's
+  // GEMMs leave of the bandwidth. The weights rotate through copies of at least 256 MB in all, so
+  // that each run reads them from memory, not from L2, as a model step does.
+  checkpoint();
+  if (want("linear")) {
+    r.line("");
+    r.line("decode linear, bf16 weights    m x n x k            time_us  weights_GB/s  %%read_bw");
+    auto ops = make_cuda_model_ops(*backend, s);
+    struct Gemm { const char* what; int m, n, k; };
+    const std::vector<Gemm> gemms =
+        o.quick ? std::vector<Gemm>{{"8B q/o", 32, 4096, 4096}}
+                : std::vector<Gemm>{{"8B q/o", 32, 4096, 4096},      {"8B k/v", 32, 2048, 4096},
+                                    {"8B gate_up", 32, 28672, 4096}, {"8B down", 32, 4096, 14336},
+                                    {"8B lm_head", 32, 128256, 4096}, {"8B q/o", 1, 4096, 4096},
+                                    {"8B q/o", 64, 4096, 4096},      {"8B down", 64, 4096, 14336}};
+    for (const Gemm& g : gemms) {
+      const size_t wbytes = static_cast<size_t>(g.n) * g.k * 2;
+      const int copies = static_cast<int>(std::max<size_t>(1, ((size_t{256} << 20) + wbytes - 1) / wbytes));
+      BackendBuffer w(device(), wbytes * copies), x16(device(), static_cast<size_t>(g.m) * g.k * 2),
+          y(device(), static_cast<size_t>(g.m) * g.n * 4);
+      fill_bf16(x16.get(), static_cast<size_t>(g.m) * g.k, 53, 1.0f, s);
+      fill_bf16(w.get(), static_cast<size_t>(g.n) * g.k * copies, 54, 0.02f, s);
+      int turn = 0;
+      const double us = time_us(
+          [&] {
+            const void* wt = static_cast<const char*>(w.get()) + wbytes * static_cast<size_t>(turn++ % copies);
+            ops->linear_bf16(x16.as<uint16_t>(), {wt, WeightDtype::kBf16}, nullptr, y.as<float>(), g.m, g.n, g.k);
+          },
+          o.warmup, o.iters, s);
+      const double gbs = wbytes / us * 1e-3;
+      r.line("  %-28s %5d x %6d x %5d   %8.1f   %11.0f   %7.1f%%", g.what, g.m, g.n, g.k, us, gbs,
+             100.0 * gbs / read_gbs);
+      r.record("decode_linear", "m" + std::to_string(g.m) + "_n" + std::to_string(g.n) + "_k" + std::to_string(g.k),
+               {{"us", us}, {"gbs", gbs}, {"frac_read_bw", gbs / read_gbs}});
     }
   }
   check_cuda(cudaStreamSynchronize(s), "bench");
