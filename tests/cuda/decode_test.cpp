@@ -160,8 +160,8 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
 }
 
 // Grids of three waves or more of short requests take the shallow ring (decode_shallow_ring: one
-// stage fewer, a third CTA per SM at 256-byte copies): 400 short requests over 8 KV heads give 800-3200 CTAs,
-// every head_dim and scheme; lengths 1..97 with single-key requests among them.
+// stage fewer, a third CTA per SM at 256-byte copies): 400 short requests over 8 KV heads give
+// 800-3200 CTAs, every head_dim and scheme; lengths 1..97 with single-key requests among them.
 TEST(CudaDecode, ManyWavesTakeTheShallowRing) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();

@@ -30,7 +30,7 @@ TEST(DecodeSplit, ShallowRingForManyWavesOfShortCtasOnly) {
   EXPECT_FALSE(cuda::decode_shallow_ring(256, 264, 4096));  // B=64 L=4096: one wave
   EXPECT_FALSE(cuda::decode_shallow_ring(3 * 264 - 1, 264, 512));
   EXPECT_TRUE(cuda::decode_shallow_ring(3 * 264, 264, 512));
-  EXPECT_TRUE(cuda::decode_shallow_ring(2048, 264, 512));    // B=512 L=512: ~7.8 waves
+  EXPECT_TRUE(cuda::decode_shallow_ring(2048, 264, 512));  // B=512 L=512: ~7.8 waves
   EXPECT_TRUE(cuda::decode_shallow_ring(2048, 264, 1));
   EXPECT_FALSE(cuda::decode_shallow_ring(2048, 264, 513));
   EXPECT_FALSE(cuda::decode_shallow_ring(1024, 264, 1024));  // B=256 L=1024: ~3.9 waves

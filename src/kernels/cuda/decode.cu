@@ -75,8 +75,9 @@ DecodePlan plan_decode(const AttentionParams& p) {
   plan.kv_per_cta = decode_mma_kv_heads(p.cache.scheme, p.cache.head_dim);
   plan.head_chunks = ceil_div(group, DecodeMmaKernel<KvScheme::kBf16, 128>::kMaxHeads);
   const int per_sm = FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
-    return FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim,
-                                   [&] { return DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm(false); });
+    return FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
+      return DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm(false);
+    });
   });
   static const int sms = sm_count();
   // Exact tensor parallelism plans for the whole model's KV heads, so the split (and with it the
@@ -85,8 +86,8 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) *
                        ceil_div(planned_heads, plan.kv_per_cta) * plan.head_chunks;
   plan.split = choose_decode_split(ctas, static_cast<int64_t>(sms) * per_sm, p.batch.max_seq_len);
-  plan.shallow = decode_shallow_ring(ctas * plan.split.num_splits, static_cast<int64_t>(sms) * per_sm,
-                                     plan.split.split_tokens);
+  plan.shallow = decode_shallow_ring(ctas * plan.split.num_splits,
+                                     static_cast<int64_t>(sms) * per_sm, plan.split.split_tokens);
   // One split reads a request's keys [0, seq_len): any split_tokens >= every seq_len does. The
   // request table's width is one that stays put while max_seq_len grows, so the launch (and a
   // recorded CUDA graph's key, decode_launch_key) does not change with every decode step.
@@ -118,8 +119,8 @@ uint64_t decode_launch_key(const AttentionParams& p) {
   const DecodePlan plan = plan_decode(p);
   return (static_cast<uint64_t>(plan.split.split_tokens) << 32) |
          (static_cast<uint64_t>(plan.split.num_splits) << 16) |
-         (static_cast<uint64_t>(plan.shallow) << 15) | (static_cast<uint64_t>(plan.kv_per_cta) << 8) |
-         static_cast<uint64_t>(plan.head_chunks);
+         (static_cast<uint64_t>(plan.shallow) << 15) |
+         (static_cast<uint64_t>(plan.kv_per_cta) << 8) | static_cast<uint64_t>(plan.head_chunks);
 }
 
 void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStream_t stream,
@@ -146,7 +147,9 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   const dim3 grid(a.num_splits, ceil_div(p.cache.num_kv_heads, plan.kv_per_cta) * plan.head_chunks,
                   p.batch.num_requests);
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
-    FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] { DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, plan.shallow, stream); });
+    FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
+      DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, plan.shallow, stream);
+    });
   });
   if (a.num_splits > 1) {
     cudaLaunchConfig_t cfg = {};

@@ -558,7 +558,8 @@ void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, 
     constexpr bool kShallow = decltype(shallow_tag)::value;
     using Sh = decode_mma::Shape<kScheme, kHeadDim, kShallow>;
     ctas_per_sm_of<kShallow>();  // sets the shared-memory limit once
-    decode_mma_kernel<kScheme, kHeadDim, kShallow><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(a);
+    decode_mma_kernel<kScheme, kHeadDim, kShallow>
+        <<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(a);
   };
   if constexpr (kHasShallowRing<kScheme, kHeadDim>) {
     if (shallow) {
