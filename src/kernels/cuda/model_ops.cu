@@ -351,8 +351,8 @@ class CudaModelOps final : public ModelOps {
             "rope_bf16: head_dim " + std::to_string(head_dim) + " must be even and <= 1024");
     require(static_cast<int64_t>(heads) * head_dim <= row_stride,
             "rope_bf16: heads * head_dim exceeds the row stride");
+    require(row_stride % 2 == 0, "rope_bf16: the row stride must be even (one thread per pair)");
     if (rows == 0) return;
-    require(row_stride % 2 == 0, "rope_bf16: the row stride must be even");
     rope_bf16_kernel<<<grid_for(rows * (row_stride / 2)), kThreads, 0, stream_>>>(
         x, y16, rows, row_stride, heads, head_dim, positions, inv_freq);
     FP8KV_CUDA_CHECK_LAUNCH("rope_bf16_kernel");
