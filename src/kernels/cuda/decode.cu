@@ -74,9 +74,12 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int group = p.num_q_heads / p.cache.num_kv_heads;
   plan.kv_per_cta = decode_mma_kv_heads(p.cache.scheme, p.cache.head_dim);
   plan.head_chunks = ceil_div(group, DecodeMmaKernel<KvScheme::kBf16, 128>::kMaxHeads);
-  const int per_sm = FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
-    return FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
-      return DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm(false);
+  int per_sm = 0;
+  bool has_shallow = false;
+  FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
+    FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
+      per_sm = DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm();
+      has_shallow = DecodeMmaKernel<kScheme, kHeadDim>::has_shallow_ring();
     });
   });
   static const int sms = sm_count();
@@ -86,8 +89,9 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) *
                        ceil_div(planned_heads, plan.kv_per_cta) * plan.head_chunks;
   plan.split = choose_decode_split(ctas, static_cast<int64_t>(sms) * per_sm, p.batch.max_seq_len);
-  plan.shallow = decode_shallow_ring(ctas * plan.split.num_splits,
-                                     static_cast<int64_t>(sms) * per_sm, plan.split.split_tokens);
+  plan.shallow = has_shallow && decode_shallow_ring(ctas * plan.split.num_splits,
+                                                    static_cast<int64_t>(sms) * per_sm,
+                                                    plan.split.split_tokens);
   // One split reads a request's keys [0, seq_len): any split_tokens >= every seq_len does. The
   // request table's width is one that stays put while max_seq_len grows, so the launch (and a
   // recorded CUDA graph's key, decode_launch_key) does not change with every decode step.

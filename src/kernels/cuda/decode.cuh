@@ -46,12 +46,13 @@ constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
 
 // The decode kernel (decode_mma_kernel.cuh, tensor cores), every scheme: up to 8 query heads of
 // each of decode_mma_kv_heads() KV heads per CTA, any head_dim of 64, 128, 256.
-// shallow: the ring one stage shallower where that makes room for a third CTA per SM
-// (decode_shallow_ring, decode_split.h, decides per launch).
+// shallow: the ring one stage shallower, which makes room for a third CTA per SM
+// (decode_shallow_ring, decode_split.h, decides per launch) in the instances that have it.
 template <KvScheme kScheme, int kHeadDim>
 struct DecodeMmaKernel {
   static constexpr int kMaxHeads = 8;  // query heads per CTA (rows of the m16 tile in use)
-  static int ctas_per_sm(bool shallow);
+  static int ctas_per_sm();            // of the deep ring, which the split plans with
+  static bool has_shallow_ring();
   static void launch(const DecodeArgs& a, dim3 grid, bool shallow, cudaStream_t stream);
 
  private:

@@ -544,11 +544,13 @@ template <KvScheme kScheme, int kHeadDim>
 constexpr bool kHasShallowRing = decode_mma::Shape<kScheme, kHeadDim, true>::kThird;
 
 template <KvScheme kScheme, int kHeadDim>
-int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm(bool shallow) {
-  if constexpr (kHasShallowRing<kScheme, kHeadDim>) {
-    if (shallow) return ctas_per_sm_of<true>();
-  }
+int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
   return ctas_per_sm_of<false>();
+}
+
+template <KvScheme kScheme, int kHeadDim>
+bool DecodeMmaKernel<kScheme, kHeadDim>::has_shallow_ring() {
+  return kHasShallowRing<kScheme, kHeadDim>;
 }
 
 template <KvScheme kScheme, int kHeadDim>
@@ -561,14 +563,16 @@ void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, 
     decode_mma_kernel<kScheme, kHeadDim, kShallow>
         <<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(a);
   };
+  // The plan asks for the shallow ring only where it exists (has_shallow_ring).
   if constexpr (kHasShallowRing<kScheme, kHeadDim>) {
     if (shallow) {
       go(std::true_type{});
-      FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
-      return;
+    } else {
+      go(std::false_type{});
     }
+  } else {
+    go(std::false_type{});
   }
-  go(std::false_type{});
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
 }
 
