@@ -89,9 +89,9 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) *
                        ceil_div(planned_heads, plan.kv_per_cta) * plan.head_chunks;
   plan.split = choose_decode_split(ctas, static_cast<int64_t>(sms) * per_sm, p.batch.max_seq_len);
-  plan.shallow = has_shallow && decode_shallow_ring(ctas * plan.split.num_splits,
-                                                    static_cast<int64_t>(sms) * per_sm,
-                                                    plan.split.split_tokens);
+  plan.shallow = has_shallow &&
+                 decode_shallow_ring(ctas * plan.split.num_splits,
+                                     static_cast<int64_t>(sms) * per_sm, plan.split.split_tokens);
   // One split reads a request's keys [0, seq_len): any split_tokens >= every seq_len does. The
   // request table's width is one that stays put while max_seq_len grows, so the launch (and a
   // recorded CUDA graph's key, decode_launch_key) does not change with every decode step.
