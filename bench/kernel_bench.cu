@@ -842,10 +842,13 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     struct Gemm { const char* what; int m, n, k; };
     const std::vector<Gemm> gemms =
         o.quick ? std::vector<Gemm>{{"8B q/o", 32, 4096, 4096}}
-                : std::vector<Gemm>{{"8B q/o", 32, 4096, 4096},      {"8B k/v", 32, 2048, 4096},
+                : std::vector<Gemm>{{"8B qkv (merged)", 32, 6144, 4096},
+                                    {"8B q/o", 32, 4096, 4096},
+                                    {"8B k/v (before the merge)", 32, 2048, 4096},
                                     {"8B gate_up", 32, 28672, 4096}, {"8B down", 32, 4096, 14336},
                                     {"8B lm_head", 32, 128256, 4096}, {"8B q/o", 1, 4096, 4096},
-                                    {"8B q/o", 64, 4096, 4096},      {"8B down", 64, 4096, 14336}};
+                                    {"8B q/o", 64, 4096, 4096},      {"8B qkv (merged)", 64, 6144, 4096},
+                                    {"8B down", 64, 4096, 14336}};
     for (const Gemm& g : gemms) {
       const size_t wbytes = static_cast<size_t>(g.n) * g.k * 2;
       const int copies = static_cast<int>(std::max<size_t>(1, ((size_t{256} << 20) + wbytes - 1) / wbytes));

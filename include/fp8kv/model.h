@@ -2,7 +2,7 @@
 //
 // One forward pass runs a batch of requests, each with some new tokens (prefill: many, decode:
 // one), through every layer:
-//   RMSNorm -> Q and KV projections (+bias) -> RoPE -> K/V into the pool (quantize-on-write,
+//   RMSNorm -> the QKV projection (+bias) -> RoPE -> K/V into the pool (quantize-on-write,
 //   observing abs-max when calibrating) -> [fp8-per-head: quantize Q] -> attention over the pool
 //   -> O projection -> residual -> RMSNorm -> SiLU(gate) * up -> down -> residual,
 // then the final RMSNorm and the LM head on the rows whose logits are wanted. Under tensor
@@ -72,11 +72,10 @@ struct LayerWeights {
   WeightDtype dtype = WeightDtype::kF32;
   WeightView view(const BackendBuffer& b) const { return {b.get(), dtype}; }
   BackendBuffer attn_norm;  // [H]
-  BackendBuffer w_q;        // [Hq * D, H]
-  BackendBuffer b_q;        // [Hq * D], empty without attention_bias
-  BackendBuffer w_kv;       // [2 * Hkv * D, H]: k_proj rows, then v_proj rows, so that the
-                            // product is already the pool's per-token layout (K heads, V heads)
-  BackendBuffer b_kv;       // [2 * Hkv * D], empty without attention_bias
+  BackendBuffer w_qkv;      // [(Hq + 2 * Hkv) * D, H]: the rank's q_proj rows, then its k_proj
+                            // rows, then its v_proj rows: one GEMM for Q, K and V, whose K/V
+                            // columns are already the pool's per-token layout (K heads, V heads)
+  BackendBuffer b_qkv;      // [(Hq + 2 * Hkv) * D], the same rows; empty without attention_bias
   BackendBuffer w_o;        // [H, Hq * D]: the rank's columns of o_proj
   BackendBuffer mlp_norm;   // [H]
   BackendBuffer w_gate_up;  // [2 * I, H]: gate_proj rows, then up_proj rows

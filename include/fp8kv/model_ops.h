@@ -52,8 +52,8 @@ class FP8KV_API ModelOps {
   // GEMM) say so here, and the model runner then keeps the GEMMs' inputs in bf16 itself: the
   // op that makes an input writes it rounded (rms_norm_bf16, silu_mul_bf16, the attention's
   // bf16 output) and linear_bf16 takes it as it is. The same bits as linear on the fp32 values
-  // (the rounding moved, not changed): six kernels fewer per layer, ten with the fused forms
-  // below (add_rms_norm_bf16, rope_bf16).
+  // (the rounding moved, not changed): no rounding kernel per GEMM, no widening of the attention
+  // output, and the residual adds inside the next norm (add_rms_norm_bf16 below).
   virtual bool bf16_gemm_inputs() const { return false; }
   // linear on x16 [m, k] (bf16 bit patterns), bf16 weights only: y = x16 . w^T (+ bias), fp32
   // accumulate. The CPU version widens x16 and runs linear.
@@ -69,10 +69,13 @@ class FP8KV_API ModelOps {
   // [rows, dim].
   virtual void add_rms_norm_bf16(float* x, const float* a, const float* w, uint16_t* y16,
                                  int64_t rows, int dim, float eps) = 0;
-  // y16 = bf16 of x with rope applied (x itself unchanged), whole rows: the heads rope rotates,
-  // then the rest of each row_stride as it is (the V half of a KV row). x, y16 [rows, row_stride].
-  virtual void rope_bf16(const float* x, uint16_t* y16, int64_t rows, int64_t row_stride, int heads,
-                         int head_dim, const int32_t* positions, const float* inv_freq) = 0;
+  // y16 = bf16 of x with rope applied (x itself unchanged), `width` columns of each row: the
+  // heads rope rotates, then the rest of the width as it is (the V half of a KV row). x [rows,
+  // x_stride] with x_stride >= width: the Q or the KV columns of the QKV projection's rows are
+  // read in place; y16 [rows, width], dense. width even.
+  virtual void rope_bf16(const float* x, int64_t x_stride, uint16_t* y16, int64_t rows,
+                         int64_t width, int heads, int head_dim, const int32_t* positions,
+                         const float* inv_freq) = 0;
   // In-place RoPE, Hugging Face rotate_half convention: in each head, element i pairs with
   // i + D/2 and both rotate by positions[r] * inv_freq[i]. x [rows, row_stride]; the heads
   // rotated are x[r, h * D .. (h + 1) * D) for h < heads. inv_freq [D / 2].

@@ -145,8 +145,7 @@ struct ModelRunner::Scratch {
   BackendBuffer x;                   // [T, H] residual stream
   BackendBuffer h;                   // [T, H] normed
   BackendBuffer a;                   // [T, H] projection output
-  BackendBuffer q;                   // [T, Hq * D]
-  BackendBuffer kv;                  // [T, 2 * Hkv * D]
+  BackendBuffer qkv;                 // [T, Hq * D + 2 * Hkv * D]: Q, then K and V (w_qkv)
   BackendBuffer q16;                 // [T, Hq * D] bf16
   BackendBuffer kv16;                // [T, 2 * Hkv * D] bf16
   BackendBuffer q8;                  // [T, Hq * D] e4m3
@@ -401,8 +400,7 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   s.x.ensure(backend_, f32(T * H));
   s.h.ensure(backend_, f32(T * H));
   s.a.ensure(backend_, f32(T * H));
-  s.q.ensure(backend_, f32(T * QD));
-  s.kv.ensure(backend_, f32(T * KVD));
+  s.qkv.ensure(backend_, f32(T * (QD + KVD)));
   s.q16.ensure(backend_, b16(T * QD));
   s.kv16.ensure(backend_, b16(T * KVD));
   s.q8.ensure(backend_, static_cast<size_t>(T * QD));
@@ -596,6 +594,7 @@ void ModelRunner::run_layer(int l, bool decode) {
   const int Hq = shard.q_heads, Hkv = shard.kv_heads, D = c.head_dim;
   const int64_t QD = static_cast<int64_t>(Hq) * D;
   const int64_t KVD = 2ll * Hkv * D;
+  const int64_t QKVD = QD + KVD;
 
   // exact_tp: every linear in one fixed order. The column-parallel ones (k = hidden, whole on
   // every rank) in a fixed number of runs; the row-parallel ones (o_proj, down_proj) in this
@@ -616,7 +615,7 @@ void ModelRunner::run_layer(int l, bool decode) {
   // bf16_gemm_inputs(): the GEMMs' inputs are made in bf16 by the ops that produce them (the
   // norms, silu_mul, the attention's own bf16 output) and go to linear_bf16: the bits of linear's
   // rounding, without its rounding kernels and o's widening; the residual adds go into the next
-  // norm and RoPE writes the bf16 copies (10 kernels fewer per layer).
+  // norm (seven kernels fewer per layer).
   const bool x16 = bf16_gemm_inputs();
   uint16_t* const h16 = s.x16.as<uint16_t>();
   if (x16) {
@@ -629,27 +628,24 @@ void ModelRunner::run_layer(int l, bool decode) {
       ops_.add_rms_norm_bf16(s.x.as<float>(), s.a.as<const float>(), w.attn_norm.as<const float>(),
                              h16, T, static_cast<int>(H), c.rms_norm_eps);
     }
-    ops_.linear_bf16(h16, w.view(w.w_q), w.b_q.as<const float>(), s.q.as<float>(), T, QD, H);
-    ops_.linear_bf16(h16, w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(), T, KVD, H);
-    // RoPE on Q and on the K half of each token's KV row (V is not rotated), written as the
-    // bf16 copies attention reads.
-    ops_.rope_bf16(s.q.as<const float>(), s.q16.as<uint16_t>(), T, QD, Hq, D,
-                   s.pos.as<const int32_t>(), model_.inv_freq());
-    ops_.rope_bf16(s.kv.as<const float>(), s.kv16.as<uint16_t>(), T, KVD, Hkv, D,
-                   s.pos.as<const int32_t>(), model_.inv_freq());
+    ops_.linear_bf16(h16, w.view(w.w_qkv), w.b_qkv.as<const float>(), s.qkv.as<float>(), T, QKVD,
+                     H);
   } else {
     ops_.rms_norm(s.x.as<const float>(), w.attn_norm.as<const float>(), s.h.as<float>(), T,
                   static_cast<int>(H), c.rms_norm_eps);
-    linear(s.h.as<const float>(), w.view(w.w_q), w.b_q.as<const float>(), s.q.as<float>(), QD, H,
-           col_chunks);
-    linear(s.h.as<const float>(), w.view(w.w_kv), w.b_kv.as<const float>(), s.kv.as<float>(), KVD,
-           H, col_chunks);
-    // RoPE on Q and on the K half of each token's KV row (V is not rotated).
-    ops_.rope(s.q.as<float>(), T, QD, Hq, D, s.pos.as<const int32_t>(), model_.inv_freq());
-    ops_.rope(s.kv.as<float>(), T, KVD, Hkv, D, s.pos.as<const int32_t>(), model_.inv_freq());
-    ops_.to_bf16(s.q.as<const float>(), s.q16.as<uint16_t>(), T * QD);
-    ops_.to_bf16(s.kv.as<const float>(), s.kv16.as<uint16_t>(), T * KVD);
+    // One QKV GEMM under exact_tp too: linear_ordered sums each output element in one order
+    // whatever n, so its Q and KV columns have the bits of two GEMMs; and under tensor
+    // parallelism w_qkv holds this rank's Q, K and V rows only (Model::load).
+    linear(s.h.as<const float>(), w.view(w.w_qkv), w.b_qkv.as<const float>(), s.qkv.as<float>(),
+           QKVD, H, col_chunks);
   }
+  // RoPE on Q and on the K half of each token's KV columns (V is not rotated), read in place
+  // from the QKV rows and written as the dense bf16 Q and KV rows that the KV write, quantize_q
+  // and the attention read (none of them takes a row stride).
+  ops_.rope_bf16(s.qkv.as<const float>(), QKVD, s.q16.as<uint16_t>(), T, QD, Hq, D,
+                 s.pos.as<const int32_t>(), model_.inv_freq());
+  ops_.rope_bf16(s.qkv.as<const float>() + QD, QKVD, s.kv16.as<uint16_t>(), T, KVD, Hkv, D,
+                 s.pos.as<const int32_t>(), model_.inv_freq());
 
   // Attention into the main pool, with the hooks: calibration observes the K/V written, eval
   // runs its shadow schemes on the same inputs and accounts their error.

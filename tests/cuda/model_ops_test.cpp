@@ -570,15 +570,31 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
       bufs_.clear();
     }
   }
+  // rope_bf16 reads its columns in place from wider rows: the Q part and the KV part (V copied)
+  // of the QKV projection's rows [rows, (Hq + 2 Hkv) D] as the runner calls it, and a dense Q row.
   for (int head_dim : {64, 128}) {
     for (int rows : {0, 1, 19, 127}) {
-      for (bool kv_row : {false, true}) {
-        const int heads = 8;
-        const int64_t stride = (kv_row ? 2ll : 1ll) * heads * head_dim;
-        const std::string what = "D " + std::to_string(head_dim) + " rows " + std::to_string(rows) +
-                                 (kv_row ? " KV rows" : " Q rows");
-        const size_t n = static_cast<size_t>(rows * stride);
-        const std::vector<float> xh = random_floats(n, 81 + rows);
+      const int q_heads = 8, kv_heads = 2;
+      const int64_t qd = static_cast<int64_t>(q_heads) * head_dim, kvd = 2ll * kv_heads * head_dim;
+      struct Part {
+        const char* name;
+        int64_t x_stride, offset, width;
+        int heads;
+      };
+      for (const Part& part : {Part{"dense Q rows", qd, 0, qd, q_heads},
+                               Part{"Q of QKV rows", qd + kvd, 0, qd, q_heads},
+                               Part{"KV of QKV rows", qd + kvd, qd, kvd, kv_heads}}) {
+        const std::string what =
+            "D " + std::to_string(head_dim) + " rows " + std::to_string(rows) + " " + part.name;
+        const size_t nx = static_cast<size_t>(rows * part.x_stride);
+        const size_t n = static_cast<size_t>(rows * part.width);
+        const std::vector<float> xh = random_floats(nx, 81 + rows);
+        // The reference: the part's columns gathered dense, rope in place, then to_bf16.
+        std::vector<float> dense(n);
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy_n(xh.begin() + r * part.x_stride + part.offset, part.width,
+                      dense.begin() + r * part.width);
+        }
         std::vector<int32_t> pos(static_cast<size_t>(rows));
         for (int r = 0; r < rows; ++r) pos[static_cast<size_t>(r)] = (r * 7919) % 131072;
         std::vector<float> inv_freq(static_cast<size_t>(head_dim / 2));
@@ -586,21 +602,21 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
           inv_freq[static_cast<size_t>(i)] =
               static_cast<float>(std::pow(500000.0, -2.0 * i / head_dim));
         }
-        const Pair x = both(xh), x_ref = both(xh), p = both(pos), f = both(inv_freq);
+        const Pair x = both(xh), x_ref = both(dense), p = both(pos), f = both(inv_freq);
         const Pair y16 = zeros<uint16_t>(n), y16_ref = zeros<uint16_t>(n);
-        gpu_ops_->rope(static_cast<float*>(x_ref.gpu), rows, stride, heads, head_dim,
+        gpu_ops_->rope(static_cast<float*>(x_ref.gpu), rows, part.width, part.heads, head_dim,
                        static_cast<const int32_t*>(p.gpu), static_cast<const float*>(f.gpu));
         gpu_ops_->to_bf16(static_cast<const float*>(x_ref.gpu), static_cast<uint16_t*>(y16_ref.gpu),
                           n);
-        gpu_ops_->rope_bf16(static_cast<const float*>(x.gpu), static_cast<uint16_t*>(y16.gpu), rows,
-                            stride, heads, head_dim, static_cast<const int32_t*>(p.gpu),
-                            static_cast<const float*>(f.gpu));
-        cpu_ops_->rope_bf16(static_cast<const float*>(x.cpu), static_cast<uint16_t*>(y16.cpu), rows,
-                            stride, heads, head_dim, static_cast<const int32_t*>(p.cpu),
-                            static_cast<const float*>(f.cpu));
+        gpu_ops_->rope_bf16(static_cast<const float*>(x.gpu) + part.offset, part.x_stride,
+                            static_cast<uint16_t*>(y16.gpu), rows, part.width, part.heads, head_dim,
+                            static_cast<const int32_t*>(p.gpu), static_cast<const float*>(f.gpu));
+        cpu_ops_->rope_bf16(static_cast<const float*>(x.cpu) + part.offset, part.x_stride,
+                            static_cast<uint16_t*>(y16.cpu), rows, part.width, part.heads, head_dim,
+                            static_cast<const int32_t*>(p.cpu), static_cast<const float*>(f.cpu));
         const std::vector<uint16_t> g = gpu_vec<uint16_t>(y16, n);
         EXPECT_EQ(bits_differ(g, gpu_vec<uint16_t>(y16_ref, n)), 0) << what;
-        EXPECT_EQ(gpu_vec<float>(x, n), xh) << what << ": x changed";
+        EXPECT_EQ(gpu_vec<float>(x, nx), xh) << what << ": x changed";
         const std::vector<uint16_t> c = cpu_vec<uint16_t>(y16, n);
         std::vector<float> gf(n), cf(n);
         for (size_t i = 0; i < n; ++i) gf[i] = bf16_to_float(g[i]), cf[i] = bf16_to_float(c[i]);
@@ -746,6 +762,13 @@ TEST_F(CudaModelOps, RefusesBadShapesAndOtherBackends) {
   const Pair x = zeros<float>(64);
   EXPECT_THROW(gpu_ops_->rope(static_cast<float*>(x.gpu), 1, 64, 1, 63, nullptr, nullptr), Error);
   EXPECT_THROW(gpu_ops_->rope(static_cast<float*>(x.gpu), 1, 64, 2, 64, nullptr, nullptr), Error);
+  // rope_bf16: a width past the row stride, an odd width, more heads than the width holds.
+  const Pair y16 = zeros<uint16_t>(64);
+  const float* xg = static_cast<const float*>(x.gpu);
+  uint16_t* yg = static_cast<uint16_t*>(y16.gpu);
+  EXPECT_THROW(gpu_ops_->rope_bf16(xg, 32, yg, 1, 64, 1, 32, nullptr, nullptr), Error);
+  EXPECT_THROW(gpu_ops_->rope_bf16(xg, 64, yg, 1, 33, 1, 32, nullptr, nullptr), Error);
+  EXPECT_THROW(gpu_ops_->rope_bf16(xg, 64, yg, 1, 32, 2, 32, nullptr, nullptr), Error);
   EXPECT_THROW(gpu_ops_->linear(static_cast<const float*>(x.gpu), {x.gpu, WeightDtype::kF32},
                                 nullptr, static_cast<float*>(x.gpu), 1, 0, 8),
                Error);

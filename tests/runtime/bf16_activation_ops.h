@@ -47,9 +47,10 @@ class Bf16ActivationCpuOps final : public ModelOps {
                          int dim, float eps) override {
     cpu_->add_rms_norm_bf16(x, a, w, y16, rows, dim, eps);
   }
-  void rope_bf16(const float* x, uint16_t* y16, int64_t rows, int64_t row_stride, int heads,
-                 int head_dim, const int32_t* positions, const float* inv_freq) override {
-    cpu_->rope_bf16(x, y16, rows, row_stride, heads, head_dim, positions, inv_freq);
+  void rope_bf16(const float* x, int64_t x_stride, uint16_t* y16, int64_t rows, int64_t width,
+                 int heads, int head_dim, const int32_t* positions,
+                 const float* inv_freq) override {
+    cpu_->rope_bf16(x, x_stride, y16, rows, width, heads, head_dim, positions, inv_freq);
   }
   void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
             const int32_t* positions, const float* inv_freq) override {

@@ -118,8 +118,8 @@ void expect_same_weights(const Model& a, const Model& b) {
   for (int l = 0; l < a.config().num_layers; ++l) {
     const LayerWeights &x = a.layer(l), &y = b.layer(l);
     same(x.attn_norm, y.attn_norm, "attn_norm");
-    same(x.w_q, y.w_q, "w_q");
-    same(x.w_kv, y.w_kv, "w_kv");
+    same(x.w_qkv, y.w_qkv, "w_qkv");
+    same(x.b_qkv, y.b_qkv, "b_qkv");
     same(x.w_o, y.w_o, "w_o");
     same(x.mlp_norm, y.mlp_norm, "mlp_norm");
     same(x.w_gate_up, y.w_gate_up, "w_gate_up");

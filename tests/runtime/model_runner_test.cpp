@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "fp8kv/backend.h"
@@ -144,8 +145,8 @@ TEST_F(ModelRunnerTest, Bf16GemmInputsKeepTheLogitsBits) {
               r.forward(reqs, {{(s * 37) % V}, {(s * 53 + 1) % V}}, LogitRows::kLast);
           all.insert(all.end(), l.begin(), l.end());
         }
-        // Four passes, five GEMMs per layer (q, kv, o, gate_up, down) on bf16 inputs, or none.
-        EXPECT_EQ(ops.bf16_linears, bf16_inputs ? 4 * 5 * model->config().num_layers : 0);
+        // Four passes, four GEMMs per layer (qkv, o, gate_up, down) on bf16 inputs, or none.
+        EXPECT_EQ(ops.bf16_linears, bf16_inputs ? 4 * 4 * model->config().num_layers : 0);
         return all;
       };
       const std::vector<float> moved = logits(true), in_linear = logits(false);
@@ -157,6 +158,223 @@ TEST_F(ModelRunnerTest, Bf16GemmInputsKeepTheLogitsBits) {
       EXPECT_EQ(differ, 0) << preset << " " << scheme_name(scheme);
     }
   }
+}
+
+// The ops of `inner`, counting the QKV projections (a linear of any form on a layer's w_qkv) and
+// the other linears. With `split`, a QKV projection runs as the runner ran it before the merge:
+// one GEMM on the q_proj rows into [m, QD], one on the k_proj and v_proj rows into [m, KVD], the
+// two stitched into y [m, QD + KVD].
+class SplitQkvOps final : public ModelOps {
+ public:
+  SplitQkvOps(ModelOps& inner, const Model& model, bool split)
+      : in_(inner), model_(model), split_(split) {
+    const ModelConfig& c = model.config();
+    qd_ = static_cast<int64_t>(model.shard().q_heads) * c.head_dim;
+    kvd_ = 2ll * model.shard().kv_heads * c.head_dim;
+  }
+  int64_t merged_calls = 0;  // QKV projections seen
+  int64_t other_calls = 0;   // other linears
+
+  bool bf16_gemm_inputs() const override { return in_.bf16_gemm_inputs(); }
+  void linear(const float* x, WeightView w, const float* bias, float* y, int64_t m, int64_t n,
+              int64_t k) override {
+    split(w, bias, y, m, n, k, [&](WeightView ws, const float* bs, float* ys, int64_t ns) {
+      in_.linear(x, ws, bs, ys, m, ns, k);
+    });
+  }
+  void linear_ordered(const float* x, WeightView w, const float* bias, float* y, int64_t m,
+                      int64_t n, int64_t k, int chunks) override {
+    split(w, bias, y, m, n, k, [&](WeightView ws, const float* bs, float* ys, int64_t ns) {
+      in_.linear_ordered(x, ws, bs, ys, m, ns, k, chunks);
+    });
+  }
+  void linear_bf16(const uint16_t* x16, WeightView w, const float* bias, float* y, int64_t m,
+                   int64_t n, int64_t k) override {
+    split(w, bias, y, m, n, k, [&](WeightView ws, const float* bs, float* ys, int64_t ns) {
+      in_.linear_bf16(x16, ws, bs, ys, m, ns, k);
+    });
+  }
+  void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
+                float eps) override {
+    in_.rms_norm(x, w, y, rows, dim, eps);
+  }
+  void rms_norm_bf16(const float* x, const float* w, uint16_t* y16, int64_t rows, int dim,
+                     float eps) override {
+    in_.rms_norm_bf16(x, w, y16, rows, dim, eps);
+  }
+  void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) override {
+    in_.silu_mul_bf16(gate_up, out16, rows, inter);
+  }
+  void add_rms_norm_bf16(float* x, const float* a, const float* w, uint16_t* y16, int64_t rows,
+                         int dim, float eps) override {
+    in_.add_rms_norm_bf16(x, a, w, y16, rows, dim, eps);
+  }
+  void rope_bf16(const float* x, int64_t x_stride, uint16_t* y16, int64_t rows, int64_t width,
+                 int heads, int head_dim, const int32_t* positions,
+                 const float* inv_freq) override {
+    in_.rope_bf16(x, x_stride, y16, rows, width, heads, head_dim, positions, inv_freq);
+  }
+  void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
+            const int32_t* positions, const float* inv_freq) override {
+    in_.rope(x, rows, row_stride, heads, head_dim, positions, inv_freq);
+  }
+  void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override {
+    in_.silu_mul(gate_up, out, rows, inter);
+  }
+  void embedding(const int32_t* ids, WeightView table, float* out, int64_t tokens,
+                 int64_t dim) override {
+    in_.embedding(ids, table, out, tokens, dim);
+  }
+  void gather_rows(const float* src, const int32_t* rows, float* out, int64_t n,
+                   int64_t dim) override {
+    in_.gather_rows(src, rows, out, n, dim);
+  }
+  void add(float* y, const float* x, int64_t n) override { in_.add(y, x, n); }
+  void to_bf16(const float* x, uint16_t* y, int64_t n) override { in_.to_bf16(x, y, n); }
+  void from_bf16(const uint16_t* x, float* y, int64_t n) override { in_.from_bf16(x, y, n); }
+  void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) override {
+    in_.argmax(logits, out, rows, vocab);
+  }
+
+ private:
+  using Gemm = std::function<void(WeightView, const float*, float*, int64_t)>;
+  void split(WeightView w, const float* bias, float* y, int64_t m, int64_t n, int64_t k,
+             const Gemm& gemm) {
+    bool qkv = false;
+    for (int l = 0; l < model_.config().num_layers; ++l) {
+      qkv |= w.data == model_.layer(l).w_qkv.get();
+    }
+    other_calls += !qkv;
+    merged_calls += qkv;
+    if (qkv) EXPECT_EQ(n, qd_ + kvd_);
+    if (!qkv || !split_) {
+      gemm(w, bias, y, n);
+      return;
+    }
+    const size_t elem = w.dtype == WeightDtype::kBf16 ? sizeof(uint16_t) : sizeof(float);
+    const WeightView wq = w, wkv{static_cast<const uint8_t*>(w.data) + qd_ * k * elem, w.dtype};
+    std::vector<float> yq(static_cast<size_t>(m * qd_)), ykv(static_cast<size_t>(m * kvd_));
+    gemm(wq, bias, yq.data(), qd_);
+    gemm(wkv, bias ? bias + qd_ : nullptr, ykv.data(), kvd_);
+    for (int64_t r = 0; r < m; ++r) {
+      std::copy_n(yq.begin() + r * qd_, qd_, y + r * n);
+      std::copy_n(ykv.begin() + r * kvd_, kvd_, y + r * n + qd_);
+    }
+  }
+
+  ModelOps& in_;
+  const Model& model_;
+  const bool split_;
+  int64_t qd_ = 0, kvd_ = 0;
+};
+
+// The merged QKV projection (w_qkv, one GEMM per layer) against the separate Q and KV GEMMs
+// the runner ran before (SplitQkvOps): each output column is the same dot product over the same
+// k. Where the products are exact in fp32 (bf16 weights times bf16 inputs: the CUDA ops'
+// arithmetic, Bf16ActivationCpuOps on the bf16-input path, linear_bf16) and under exact_tp
+// (linear_ordered: one order per element whatever n), the logits of prefill and decode keep
+// their bits, with and without the Qwen2 q/k/v biases, with a bf16 and an FP8 cache. The plain
+// CPU ops on fp32 weights and activations are held to a bound instead: OpenBLAS picks its
+// kernels and blocking by the GEMM's shape, and at another n some outputs of a prefill-sized
+// GEMM round differently (an ulp of an inexact fp32 sum); the bf16 rounding of Q/K/V that follows
+// turns some of those into a bf16 ulp, as the different shapes of prefill and decode do
+// (PrefillLogitsMatchStepByStepDecode, the same bound).
+TEST_F(ModelRunnerTest, MergedQkvProjectionKeepsTheLogitsBits) {
+  struct Case {
+    const char* preset;
+    WeightDtype weights;
+    bool cpu_ops;      // the plain CPU ops (fp32 x into the GEMMs), else Bf16ActivationCpuOps
+    bool bf16_inputs;  // Bf16ActivationCpuOps asks for bf16 GEMM inputs
+    bool exact_tp;
+  };
+  for (const Case& cs : {Case{"tiny", WeightDtype::kF32, true, false, false},
+                         Case{"qwen2", WeightDtype::kF32, true, false, true},
+                         Case{"tiny", WeightDtype::kBf16, false, true, false},
+                         Case{"qwen2", WeightDtype::kBf16, false, true, false},
+                         Case{"qwen2", WeightDtype::kBf16, false, false, true}}) {
+    auto model = Model::load(dir_->path() + "/" + cs.preset, *backend_, false, cs.weights);
+    const ModelConfig& c = model->config();
+    const int V = c.vocab_size;
+    // An FP8 cache once (what it adds is the KV write's rounding of the K/V columns).
+    const std::vector<KvScheme> schemes =
+        cs.bf16_inputs && cs.preset == std::string("tiny")
+            ? std::vector<KvScheme>{KvScheme::kBf16, KvScheme::kFp8E5m2}
+            : std::vector<KvScheme>{KvScheme::kBf16};
+    for (KvScheme scheme : schemes) {
+      const std::string what = std::string(cs.preset) + " " + weight_dtype_name(cs.weights) +
+                               (cs.cpu_ops ? " cpu ops" : " bf16 activations") +
+                               (cs.bf16_inputs ? " bf16 inputs" : "") +
+                               (cs.exact_tp ? " exact_tp" : "") + " " + scheme_name(scheme);
+      auto logits = [&](bool split) {
+        Bf16ActivationCpuOps bf16_ops(cs.bf16_inputs);
+        SplitQkvOps ops(cs.cpu_ops ? *ops_ : static_cast<ModelOps&>(bf16_ops), *model, split);
+        RunnerOptions o = small(scheme);
+        o.exact_tp = cs.exact_tp;
+        ModelRunner r(*model, *backend_, ops, o);
+        const std::vector<int> reqs = {r.add_request(), r.add_request()};
+        // A prompt whose fp32 GEMMs do round differently at the merged n (see above).
+        std::vector<int32_t> prompt;
+        for (int t = 0; t < 20; ++t) prompt.push_back((t * 7919) % V);
+        std::vector<float> all = r.forward(reqs, {prompt, tokens(4, 2, V)}, LogitRows::kAll);
+        for (int s = 0; s < 3; ++s) {
+          const std::vector<float> l =
+              r.forward(reqs, {{(s * 37) % V}, {(s * 53 + 1) % V}}, LogitRows::kLast);
+          all.insert(all.end(), l.begin(), l.end());
+        }
+        // Four passes: one QKV projection per layer, then o, gate_up and down, and the LM head.
+        EXPECT_EQ(ops.merged_calls, 4 * c.num_layers) << what;
+        EXPECT_EQ(ops.other_calls, 4 * (3 * c.num_layers + 1)) << what;
+        if (!split) {
+          EXPECT_EQ(bf16_ops.bf16_linears, cs.bf16_inputs ? 4 * 4 * c.num_layers : 0) << what;
+        }
+        return all;
+      };
+      const std::vector<float> merged = logits(false), split = logits(true);
+      ASSERT_EQ(merged.size(), split.size()) << what;
+      int64_t differ = 0;
+      for (size_t i = 0; i < merged.size(); ++i) {
+        EXPECT_TRUE(std::isfinite(merged[i])) << what << " " << i;
+        differ += std::memcmp(&merged[i], &split[i], sizeof(float)) != 0;
+      }
+      if (cs.cpu_ops && !cs.exact_tp) {
+        EXPECT_LT(rel_diff(merged, split), 2e-3) << what;  // see above
+      } else {
+        EXPECT_EQ(differ, 0) << what;
+      }
+    }
+  }
+}
+
+// rope_bf16 on a column range of wider rows (the Q and the KV part of the QKV projection's rows,
+// as the runner reads them) gives the bits of rope on the part copied out dense, then to_bf16;
+// the input is left alone; a width that does not fit, an odd width, or too many heads are refused.
+TEST_F(ModelRunnerTest, RopeBf16ReadsColumnsOfWiderRows) {
+  const int D = 64, q_heads = 8, kv_heads = 2, rows = 5;
+  const int64_t qd = q_heads * D, kvd = 2 * kv_heads * D, stride = qd + kvd;
+  std::vector<float> x(static_cast<size_t>(rows * stride));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 7919) % 1000) / 250.0f - 2;
+  const std::vector<float> x0 = x;
+  std::vector<int32_t> pos = {0, 1, 17, 4095, 131071};
+  std::vector<float> inv_freq(D / 2);
+  for (int i = 0; i < D / 2; ++i) inv_freq[static_cast<size_t>(i)] = std::pow(1e4f, -2.0f * i / D);
+  for (auto [offset, width, heads] : {std::tuple<int64_t, int64_t, int>{0, qd, q_heads},
+                                      std::tuple<int64_t, int64_t, int>{qd, kvd, kv_heads}}) {
+    std::vector<float> dense(static_cast<size_t>(rows * width));
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(x.begin() + r * stride + offset, width, dense.begin() + r * width);
+    }
+    ops_->rope(dense.data(), rows, width, heads, D, pos.data(), inv_freq.data());
+    std::vector<uint16_t> want(dense.size()), got(dense.size());
+    ops_->to_bf16(dense.data(), want.data(), static_cast<int64_t>(dense.size()));
+    ops_->rope_bf16(x.data() + offset, stride, got.data(), rows, width, heads, D, pos.data(),
+                    inv_freq.data());
+    EXPECT_EQ(got, want) << "offset " << offset;
+    EXPECT_EQ(x, x0) << "offset " << offset << ": x changed";
+  }
+  std::vector<uint16_t> y(static_cast<size_t>(rows * stride));
+  EXPECT_THROW(ops_->rope_bf16(x.data(), 32, y.data(), 1, 64, 1, 32, nullptr, nullptr), Error);
+  EXPECT_THROW(ops_->rope_bf16(x.data(), 64, y.data(), 1, 33, 1, 32, nullptr, nullptr), Error);
+  EXPECT_THROW(ops_->rope_bf16(x.data(), 64, y.data(), 1, 32, 2, 32, nullptr, nullptr), Error);
 }
 
 TEST_F(ModelRunnerTest, PrefillLogitsMatchStepByStepDecode) {
@@ -369,10 +587,12 @@ class RecordingOps final : public ModelOps {
                          int dim, float eps) override {
     b_.run([=] { cpu_->add_rms_norm_bf16(x, a, w, y16, rows, dim, eps); });
   }
-  void rope_bf16(const float* x, uint16_t* y16, int64_t rows, int64_t row_stride, int heads,
-                 int head_dim, const int32_t* positions, const float* inv_freq) override {
-    b_.run(
-        [=] { cpu_->rope_bf16(x, y16, rows, row_stride, heads, head_dim, positions, inv_freq); });
+  void rope_bf16(const float* x, int64_t x_stride, uint16_t* y16, int64_t rows, int64_t width,
+                 int heads, int head_dim, const int32_t* positions,
+                 const float* inv_freq) override {
+    b_.run([=] {
+      cpu_->rope_bf16(x, x_stride, y16, rows, width, heads, head_dim, positions, inv_freq);
+    });
   }
   void rope(float* x, int64_t rows, int64_t row_stride, int heads, int head_dim,
             const int32_t* positions, const float* inv_freq) override {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "fp8kv/error.h"
@@ -189,10 +190,24 @@ class CpuModelOps final : public ModelOps {
     add(x, a, rows * dim);
     rms_norm_bf16(x, w, y16, rows, dim, eps);
   }
-  void rope_bf16(const float* x, uint16_t* y16, int64_t rows, int64_t row_stride, int heads,
-                 int head_dim, const int32_t* positions, const float* inv_freq) override {
-    std::vector<float> r(x, x + rows * row_stride);
-    rope(r.data(), rows, row_stride, heads, head_dim, positions, inv_freq);
+  void rope_bf16(const float* x, int64_t x_stride, uint16_t* y16, int64_t rows, int64_t width,
+                 int heads, int head_dim, const int32_t* positions,
+                 const float* inv_freq) override {
+    if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > 1024) {
+      throw Error("rope_bf16: head_dim " + std::to_string(head_dim) +
+                  " must be even and <= 1024");
+    }
+    if (width % 2 != 0 || static_cast<int64_t>(heads) * head_dim > width || width > x_stride) {
+      throw Error("rope_bf16: width " + std::to_string(width) + " must be even, hold the " +
+                  std::to_string(heads) + " heads of " + std::to_string(head_dim) +
+                  " and fit the row stride " + std::to_string(x_stride));
+    }
+    // The rows gathered dense, then rope and the rounding: rope's arithmetic, element for element.
+    std::vector<float> r(static_cast<size_t>(rows * width));
+    for (int64_t i = 0; i < rows; ++i) {
+      std::copy(x + i * x_stride, x + i * x_stride + width, r.begin() + i * width);
+    }
+    rope(r.data(), rows, width, heads, head_dim, positions, inv_freq);
     for (size_t i = 0; i < r.size(); ++i) y16[i] = float_to_bf16(r[i]);
   }
 

@@ -165,22 +165,24 @@ __global__ void rope_kernel(float* __restrict__ x, int64_t rows, int64_t row_str
   }
 }
 
-// rope_kernel into a bf16 copy: y = bf16(rope(x)), x unchanged, whole rows (the columns past the
-// rotated heads copied); rope_kernel's arithmetic, so the bits of rope_kernel, then to_bf16. One
-// thread per pair of a row (row_stride / 2 of them): the rotated pair (i, i + D/2) of head h, or
-// two adjacent columns past the heads; a decode step's few rows still fill the GPU.
-__global__ void rope_bf16_kernel(const float* __restrict__ x, uint16_t* __restrict__ y,
-                                 int64_t rows, int64_t row_stride, int heads, int head_dim,
-                                 const int32_t* __restrict__ positions,
+// rope_kernel into a bf16 copy: y = bf16(rope(x)), x unchanged, `width` columns of each row
+// (the columns past the rotated heads copied); rope_kernel's arithmetic, so the bits of
+// rope_kernel, then to_bf16. x [rows, x_stride] (a column range of the QKV projection's rows),
+// y [rows, width]. One thread per pair of a row (width / 2 of them): the rotated pair
+// (i, i + D/2) of head h, or two adjacent columns past the heads; a decode step's few rows still
+// fill the GPU.
+__global__ void rope_bf16_kernel(const float* __restrict__ x, int64_t x_stride,
+                                 uint16_t* __restrict__ y, int64_t rows, int64_t width, int heads,
+                                 int head_dim, const int32_t* __restrict__ positions,
                                  const float* __restrict__ inv_freq) {
   const int half = head_dim / 2;
-  const int64_t pairs = row_stride / 2, rotated = static_cast<int64_t>(heads) * half;
+  const int64_t pairs = width / 2, rotated = static_cast<int64_t>(heads) * half;
   const int64_t total = rows * pairs;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = t / pairs, j = t % pairs;
-    const float* row = x + r * row_stride;
-    uint16_t* out = y + r * row_stride;
+    const float* row = x + r * x_stride;
+    uint16_t* out = y + r * width;
     if (j < rotated) {
       const int h = static_cast<int>(j / half), i = static_cast<int>(j % half);
       double sd, cd;
@@ -345,16 +347,18 @@ class CudaModelOps final : public ModelOps {
     FP8KV_CUDA_CHECK_LAUNCH("add_rms_norm_kernel");
   }
 
-  void rope_bf16(const float* x, uint16_t* y16, int64_t rows, int64_t row_stride, int heads,
-                 int head_dim, const int32_t* positions, const float* inv_freq) override {
+  void rope_bf16(const float* x, int64_t x_stride, uint16_t* y16, int64_t rows, int64_t width,
+                 int heads, int head_dim, const int32_t* positions,
+                 const float* inv_freq) override {
     require(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024,
             "rope_bf16: head_dim " + std::to_string(head_dim) + " must be even and <= 1024");
-    require(static_cast<int64_t>(heads) * head_dim <= row_stride,
-            "rope_bf16: heads * head_dim exceeds the row stride");
-    require(row_stride % 2 == 0, "rope_bf16: the row stride must be even (one thread per pair)");
-    if (rows == 0) return;
-    rope_bf16_kernel<<<grid_for(rows * (row_stride / 2)), kThreads, 0, stream_>>>(
-        x, y16, rows, row_stride, heads, head_dim, positions, inv_freq);
+    require(width % 2 == 0 && static_cast<int64_t>(heads) * head_dim <= width && width <= x_stride,
+            "rope_bf16: width " + std::to_string(width) + " must be even, hold the " +
+                std::to_string(heads) + " heads of " + std::to_string(head_dim) +
+                " and fit the row stride " + std::to_string(x_stride));
+    if (rows == 0 || width == 0) return;
+    rope_bf16_kernel<<<grid_for(rows * (width / 2)), kThreads, 0, stream_>>>(
+        x, x_stride, y16, rows, width, heads, head_dim, positions, inv_freq);
     FP8KV_CUDA_CHECK_LAUNCH("rope_bf16_kernel");
   }
 
