@@ -259,11 +259,16 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         ldmatrix_x4_trans(r, v_rows + (c * 32 + mat * 8 + mat_row) * Sh::kVPitch + dp * 16);
         const int d_even = dp * 16 + 2 * g;
         if constexpr (kSwizzle) {  // V^T row d: 128 key bytes, key chunk k at k ^ (d % 8)
-          auto at = [&](int d, int chunk) { return d * 128 + ((chunk ^ (d & 7)) << 4) + 4 * t; };
-          *reinterpret_cast<uint32_t*>(vt + at(d_even, 2 * c)) = __byte_perm(r[0], r[1], 0x6420);
-          *reinterpret_cast<uint32_t*>(vt + at(d_even + 1, 2 * c)) = __byte_perm(r[0], r[1], 0x7531);
-          *reinterpret_cast<uint32_t*>(vt + at(d_even, 2 * c + 1)) = __byte_perm(r[2], r[3], 0x6420);
-          *reinterpret_cast<uint32_t*>(vt + at(d_even + 1, 2 * c + 1)) = __byte_perm(r[2], r[3], 0x7531);
+          // The four words above are, across the warp, four 8 x 16-byte matrices (rows d_even
+          // and d_even + 1 of key chunks 2c and 2c + 1; lane (g, t) holds bytes 4t.. of row g):
+          // one stmatrix stores them (as FA3 stores its transposed V), where four 32-bit stores
+          // and their addresses were; lane 8m + r names row r of matrix m. The same bank
+          // conflicts (rows g and g + 4 share a 16-byte slot) and bytes.
+          const uint32_t w[4] = {__byte_perm(r[0], r[1], 0x6420), __byte_perm(r[0], r[1], 0x7531),
+                                 __byte_perm(r[2], r[3], 0x6420), __byte_perm(r[2], r[3], 0x7531)};
+          const int d = dp * 16 + 2 * mat_row + (mat & 1);
+          const int chunk = 2 * c + (mat >> 1);
+          stmatrix_x4(st + Sh::kKBytes + d * 128 + ((chunk ^ (d & 7)) << 4), w);
           continue;
         }
         const int e_off = (d_even / 8) * Sh::kVtBlockStride + (d_even % 8) * 16;
