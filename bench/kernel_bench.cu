@@ -533,17 +533,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   const double copy_gbs = measure_copy_gbs(bw_bytes / 2, o, s);
   r.record("ceiling", "read", {{"gbs", read_gbs}});
   r.record("ceiling", "copy", {{"gbs", copy_gbs}});
-  double bf16_tflops = NAN, fp8_tflops = NAN;
-  if (o.gemm) {
-    const int n = o.quick ? 4096 : 8192;
-    bf16_tflops = measure_gemm_tflops(false, n, o, s);
-    fp8_tflops = measure_gemm_tflops(true, n, o, s);
-    r.record("ceiling", "gemm_bf16", {{"tflops", bf16_tflops}, {"n", double(n)}});
-    r.record("ceiling", "gemm_fp8", {{"tflops", fp8_tflops}, {"n", double(n)}});
-  }
   r.line("");
-  r.line("ceilings: read %.0f GB/s | copy (read+write) %.0f GB/s | cuBLASLt GEMM %d^3: BF16 %.0f TFLOP/s, FP8 %.0f TFLOP/s",
-         read_gbs, copy_gbs, o.quick ? 4096 : 8192, bf16_tflops, fp8_tflops);
+  r.line("ceilings: read %.0f GB/s | copy (read+write) %.0f GB/s", read_gbs, copy_gbs);
   // The JSON so far, after the ceilings and after each section (Report::write_json).
   auto checkpoint = [&] {
     check_cuda(cudaStreamSynchronize(s), "bench section");
@@ -600,6 +591,98 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
                 {"D", double(c.D)}, {"scattered", c.scattered ? 1.0 : 0.0}, {"us", us}, {"gbs", gbs},
                 {"frac_read_bw", gbs / read_gbs}, {"ratio_bf16", us / bf16_us}});
     }
+  }
+
+  // Quantize-on-write.
+  checkpoint();
+  if (want("quantize")) {
+    r.line("");
+    // T=16384 is the issue's row (a 67 MB input: a copy that short pays ramp-up and tail);
+    // T=65536 shows the same kernels on a 4x longer write.
+    const std::vector<int> sizes = o.quick ? std::vector<int>{4096} : std::vector<int>{16384, 65536};
+    for (const int T : sizes) {
+      const int Hkv = 8, D = 128;
+      // A peer of the same size: cudaMemcpy of the bf16 input (a ~30-50 us copy pays the ramp-up
+      // and tail that the 2 GiB ceiling copy does not).
+      const size_t in_bytes = static_cast<size_t>(T) * 2 * Hkv * D * 2;
+      const double copy_same_gbs = measure_copy_gbs(in_bytes, o, s);
+      r.line("quantize-on-write T x 8 KV heads x 128   scheme             time_us   GB/s(r+w)  %%copy_bw  observe_overhead  "
+             "%%copy_same_size (a %.0f MB cudaMemcpy: %.0f GB/s)", in_bytes / 1e6, copy_same_gbs);
+      const int64_t slots = 4 * static_cast<int64_t>(T);
+      std::vector<int32_t> slot_v(slots);
+      std::iota(slot_v.begin(), slot_v.end(), 0);
+      std::shuffle(slot_v.begin(), slot_v.end(), std::mt19937(99));
+      slot_v.resize(T);
+      // The input rotates through kInputs copies (>= 190 MB at T=16384), so that every timed run reads
+      // it from memory: with one input, a run timed right after another found part of it in L2
+      // (the observed rows, timed second in each turn, measured up to 6% faster than the plain ones).
+      constexpr int kInputs = 3;
+      BackendBuffer d_slots(device(), T * 4), kv(device(), in_bytes * kInputs), amax(device(), 2 * Hkv * 4);
+      BackendBuffer ks(device(), Hkv * 4), vs(device(), Hkv * 4);
+      upload(d_slots, slot_v);
+      upload(ks, std::vector<float>(Hkv, 1.0f / 448));
+      upload(vs, std::vector<float>(Hkv, 1.0f / 448));
+      device().memset(amax.get(), 0, amax.bytes());  // on the bench stream, before the kernels
+      fill_bf16(kv.get(), static_cast<size_t>(T) * 2 * Hkv * D * kInputs, 41, 2.0f, s);
+      // Every scheme, with and without the observation, timed in turns (time_us_in_turns), each
+      // with its own pool: timed one after the other, fp8-per-tensor (the first scheme after bf16)
+      // measured 6-7 points of the copy ceiling below fp8-per-head, whose kernel differs from it
+      // only in the scale's address, and faster with the observation (timed second) than without.
+      std::vector<std::unique_ptr<BackendBuffer>> pools;
+      std::vector<QuantizeKvParams> params;  // [scheme][observe]
+      // The observed run has a pool of its own: writing the plain run's slots again right after
+      // it found them in L2 (a 33 MB fp8 write fits in the H200's 50 MB), and the observed rows
+      // measured 3-6% faster than the plain ones.
+      for (KvScheme scheme : kSchemes) {
+        for (const bool observe : {false, true}) {
+          pools.push_back(make_pool(slots, Hkv, D, scheme, s));
+          QuantizeKvParams p;
+          p.kv = kv.as<uint16_t>();
+          p.slots = d_slots.as<int32_t>();
+          p.num_tokens = T;
+          p.cache = {pools.back()->get(), slots, Hkv, D, scheme};
+          if (has_kv_scales(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
+          if (observe) p.observe_amax = amax.as<float>();
+          params.push_back(p);
+        }
+      }
+      std::vector<std::function<void()>> runs;
+      int turn = 0;  // the next input copy, over every run
+      for (const QuantizeKvParams& p : params) {
+        runs.push_back([&p, &turn, &kv, in_bytes, s] {
+          QuantizeKvParams q = p;
+          q.kv = reinterpret_cast<const uint16_t*>(kv.as<uint8_t>() + in_bytes * (turn++ % kInputs));
+          cuda::launch_quantize_kv(q, s);
+        });
+      }
+      // At least 20 warm-up runs of each, as decode.
+      const std::vector<double> times = time_us_in_turns(runs, std::max(o.warmup, 20), o.iters, s);
+      for (size_t i = 0; i < std::size(kSchemes); ++i) {
+        const KvScheme scheme = kSchemes[i];
+        const double us = times[2 * i], us_obs = times[2 * i + 1];
+        const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
+        const double gbs = bytes / us * 1e-3;
+        r.line("  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%            %6.1f%%", T,
+               scheme_name(scheme), us, gbs, 100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0), 100.0 * gbs / copy_same_gbs);
+        r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
+                 {{"T", double(T)}, {"us", us}, {"us_observe", us_obs}, {"gbs", gbs}, {"frac_copy_bw", gbs / copy_gbs},
+                  {"observe_overhead", us_obs / us - 1.0}, {"frac_copy_same_size", gbs / copy_same_gbs}});
+      }
+    }
+  }
+  // The GEMM ceilings, for the prefill and linear rows: measured after the decode and quantize
+  // rows, so that the memory-bound rows do not run right after seconds of full-power GEMMs
+  // (scripts/gpu-check samples the SM clock over the whole run: clocks.csv).
+  checkpoint();
+  double bf16_tflops = NAN, fp8_tflops = NAN;
+  if (o.gemm) {
+    const int n = o.quick ? 4096 : 8192;
+    bf16_tflops = measure_gemm_tflops(false, n, o, s);
+    fp8_tflops = measure_gemm_tflops(true, n, o, s);
+    r.record("ceiling", "gemm_bf16", {{"tflops", bf16_tflops}, {"n", double(n)}});
+    r.record("ceiling", "gemm_fp8", {{"tflops", fp8_tflops}, {"n", double(n)}});
+    r.line("");
+    r.line("ceilings: cuBLASLt GEMM %d^3: BF16 %.0f TFLOP/s, FP8 %.0f TFLOP/s", n, bf16_tflops, fp8_tflops);
   }
 
   // Prefill: the reference shape (causal B=2 L=8192 Hq32/Hkv8 D128) with every scheme and every
@@ -733,74 +816,6 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     }
   }
 
-  // Quantize-on-write.
-  checkpoint();
-  if (want("quantize")) {
-    r.line("");
-    const int T = o.quick ? 4096 : 16384, Hkv = 8, D = 128;
-    // A peer of the same size: cudaMemcpy of the bf16 input (a ~30-50 us copy pays the ramp-up
-    // and tail that the 2 GiB ceiling copy does not).
-    const size_t in_bytes = static_cast<size_t>(T) * 2 * Hkv * D * 2;
-    const double copy_same_gbs = measure_copy_gbs(in_bytes, o, s);
-    r.line("quantize-on-write T x 8 KV heads x 128   scheme             time_us   GB/s(r+w)  %%copy_bw  observe_overhead  "
-           "%%copy_same_size (a %.0f MB cudaMemcpy: %.0f GB/s)", in_bytes / 1e6, copy_same_gbs);
-    const int64_t slots = 4 * static_cast<int64_t>(T);
-    std::vector<int32_t> slot_v(slots);
-    std::iota(slot_v.begin(), slot_v.end(), 0);
-    std::shuffle(slot_v.begin(), slot_v.end(), std::mt19937(99));
-    slot_v.resize(T);
-    // The input rotates through kInputs copies (>= 190 MB at T=16384), so that every timed run reads
-    // it from memory: with one input, a run timed right after another found part of it in L2
-    // (the observed rows, timed second in each turn, measured up to 6% faster than the plain ones).
-    constexpr int kInputs = 3;
-    BackendBuffer d_slots(device(), T * 4), kv(device(), in_bytes * kInputs), amax(device(), 2 * Hkv * 4);
-    BackendBuffer ks(device(), Hkv * 4), vs(device(), Hkv * 4);
-    upload(d_slots, slot_v);
-    upload(ks, std::vector<float>(Hkv, 1.0f / 448));
-    upload(vs, std::vector<float>(Hkv, 1.0f / 448));
-    device().memset(amax.get(), 0, amax.bytes());  // on the bench stream, before the kernels
-    fill_bf16(kv.get(), static_cast<size_t>(T) * 2 * Hkv * D * kInputs, 41, 2.0f, s);
-    // Every scheme, with and without the observation, timed in turns (time_us_in_turns), each
-    // with its own pool: timed one after the other, fp8-per-tensor (the first scheme after bf16)
-    // measured 6-7 points of the copy ceiling below fp8-per-head, whose kernel differs from it
-    // only in the scale's address, and faster with the observation (timed second) than without.
-    std::vector<std::unique_ptr<BackendBuffer>> pools;
-    std::vector<QuantizeKvParams> params;  // [scheme][observe]
-    for (KvScheme scheme : kSchemes) {
-      pools.push_back(make_pool(slots, Hkv, D, scheme, s));
-      QuantizeKvParams p;
-      p.kv = kv.as<uint16_t>();
-      p.slots = d_slots.as<int32_t>();
-      p.num_tokens = T;
-      p.cache = {pools.back()->get(), slots, Hkv, D, scheme};
-      if (has_kv_scales(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
-      params.push_back(p);
-      p.observe_amax = amax.as<float>();
-      params.push_back(p);
-    }
-    std::vector<std::function<void()>> runs;
-    int turn = 0;  // the next input copy, over every run
-    for (const QuantizeKvParams& p : params) {
-      runs.push_back([&p, &turn, &kv, in_bytes, s] {
-        QuantizeKvParams q = p;
-        q.kv = reinterpret_cast<const uint16_t*>(kv.as<uint8_t>() + in_bytes * (turn++ % kInputs));
-        cuda::launch_quantize_kv(q, s);
-      });
-    }
-    // At least 20 warm-up runs of each, as decode.
-    const std::vector<double> times = time_us_in_turns(runs, std::max(o.warmup, 20), o.iters, s);
-    for (size_t i = 0; i < std::size(kSchemes); ++i) {
-      const KvScheme scheme = kSchemes[i];
-      const double us = times[2 * i], us_obs = times[2 * i + 1];
-      const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
-      const double gbs = bytes / us * 1e-3;
-      r.line("  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%            %6.1f%%", T,
-             scheme_name(scheme), us, gbs, 100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0), 100.0 * gbs / copy_same_gbs);
-      r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
-               {{"T", double(T)}, {"us", us}, {"us_observe", us_obs}, {"gbs", gbs}, {"frac_copy_bw", gbs / copy_gbs},
-                {"observe_overhead", us_obs / us - 1.0}, {"frac_copy_same_size", gbs / copy_same_gbs}});
-    }
-  }
   // The model's linear on bf16 weights, x fp32 [m, k] -> y fp32 [m, n]: cuBLAS (ModelOps::linear)
   // and the fixed-order kernel (linear_ordered, 8 runs) that exact tensor parallelism uses.
   checkpoint();
