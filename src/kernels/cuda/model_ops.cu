@@ -14,6 +14,7 @@
 #include <cfloat>
 #include <climits>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <string>
 
@@ -103,25 +104,67 @@ __device__ __forceinline__ void store_as(T* y, float v) {
   }
 }
 
+// Four fp32 values of a row -> y (fp32, or bf16 rounded as to_bf16_kernel), one store.
+template <typename T>
+__device__ __forceinline__ void store4_as(T* y, float4 v) {
+  if constexpr (sizeof(T) == 2) {
+    uint2 u;
+    u.x = fp8kv::float_to_bf16(v.x) | static_cast<uint32_t>(fp8kv::float_to_bf16(v.y)) << 16;
+    u.y = fp8kv::float_to_bf16(v.z) | static_cast<uint32_t>(fp8kv::float_to_bf16(v.w)) << 16;
+    *reinterpret_cast<uint2*>(y) = u;
+  } else {
+    *reinterpret_cast<float4*>(y) = v;
+  }
+}
+
+// The row kernels below read and write 4 values per access where the host found every row
+// 16-byte aligned (kVec: dim % 4 == 0 and aligned pointers; rows_aligned()); a thread's sum of
+// squares then runs over its float4s in order, the same order in rms_norm_kernel and
+// add_rms_norm_kernel, so the fused kernel keeps the bits of add + rms_norm either way. The
+// scalar form stays for other dims.
+
 // One block per row: y = x / sqrt(mean(x^2) + eps) * w. x, y [rows, dim], w [dim]; y fp32 or
 // bf16 (T).
-template <typename T>
+template <typename T, bool kVec>
 __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                 T* __restrict__ y, int dim, float eps) {
   __shared__ float smem[kRowThreads / 32];
   const float* xr = x + static_cast<int64_t>(blockIdx.x) * dim;
   T* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += kRowThreads) ss += xr[i] * xr[i];
+  if constexpr (kVec) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < dim / 4; i += kRowThreads) {
+      const float4 v = x4[i];
+      ss += v.x * v.x;
+      ss += v.y * v.y;
+      ss += v.z * v.z;
+      ss += v.w * v.w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += kRowThreads) ss += xr[i] * xr[i];
+  }
   ss = block_sum(ss, smem);
   // As the CPU twin: 1 / sqrt in double of the mean square (one value per row, cheap).
   const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(ss) / dim + eps));
-  for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
+  if constexpr (kVec) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < dim / 4; i += kRowThreads) {
+      const float4 v = x4[i], g = w4[i];
+      store4_as(yr + 4 * i,
+                make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w));
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
+  }
 }
 
 // rms_norm_kernel after the residual add: x += a (written back), then y = norm(x) * w, with
 // rms_norm_kernel's arithmetic on the sums (the same bits as add_kernel, then rms_norm_kernel).
-template <typename T>
+template <typename T, bool kVec>
 __global__ void add_rms_norm_kernel(float* __restrict__ x, const float* __restrict__ a,
                                     const float* __restrict__ w, T* __restrict__ y, int dim,
                                     float eps) {
@@ -130,14 +173,40 @@ __global__ void add_rms_norm_kernel(float* __restrict__ x, const float* __restri
   const float* ar = a + static_cast<int64_t>(blockIdx.x) * dim;
   T* yr = y + static_cast<int64_t>(blockIdx.x) * dim;
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += kRowThreads) {
-    const float v = xr[i] + ar[i];
-    xr[i] = v;  // read back below by this thread only
-    ss += v * v;
+  if constexpr (kVec) {
+    float4* x4 = reinterpret_cast<float4*>(xr);
+    const float4* a4 = reinterpret_cast<const float4*>(ar);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < dim / 4; i += kRowThreads) {
+      const float4 u = x4[i], b = a4[i];
+      const float4 v = make_float4(u.x + b.x, u.y + b.y, u.z + b.z, u.w + b.w);
+      x4[i] = v;  // read back below by this thread only
+      ss += v.x * v.x;
+      ss += v.y * v.y;
+      ss += v.z * v.z;
+      ss += v.w * v.w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += kRowThreads) {
+      const float v = xr[i] + ar[i];
+      xr[i] = v;  // read back below by this thread only
+      ss += v * v;
+    }
   }
   ss = block_sum(ss, smem);
   const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(ss) / dim + eps));
-  for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
+  if constexpr (kVec) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < dim / 4; i += kRowThreads) {
+      const float4 v = x4[i], g = w4[i];
+      store4_as(yr + 4 * i,
+                make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w));
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
+  }
 }
 
 // One thread per (row, frequency i < D/2), over every head of the row: HF rotate_half, element
@@ -342,8 +411,12 @@ class CudaModelOps final : public ModelOps {
     require(rows >= 0 && dim > 0, "add_rms_norm_bf16: bad shape");
     require(rows <= INT_MAX, "add_rms_norm_bf16: more than INT_MAX rows");
     if (rows == 0) return;
-    add_rms_norm_kernel<uint16_t>
-        <<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, a, w, y16, dim, eps);
+    const unsigned grid = static_cast<unsigned>(rows);
+    if (rows_aligned(dim, {x, a, w, y16})) {
+      add_rms_norm_kernel<uint16_t, true><<<grid, kRowThreads, 0, stream_>>>(x, a, w, y16, dim, eps);
+    } else {
+      add_rms_norm_kernel<uint16_t, false><<<grid, kRowThreads, 0, stream_>>>(x, a, w, y16, dim, eps);
+    }
     FP8KV_CUDA_CHECK_LAUNCH("add_rms_norm_kernel");
   }
 
@@ -469,8 +542,24 @@ class CudaModelOps final : public ModelOps {
     require(rows >= 0 && dim > 0, op + ": bad shape");
     require(rows <= INT_MAX, op + ": more than INT_MAX rows");
     if (rows == 0) return;
-    rms_norm_kernel<T><<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(x, w, y, dim, eps);
+    const unsigned grid = static_cast<unsigned>(rows);
+    if (rows_aligned(dim, {x, w, y})) {
+      rms_norm_kernel<T, true><<<grid, kRowThreads, 0, stream_>>>(x, w, y, dim, eps);
+    } else {
+      rms_norm_kernel<T, false><<<grid, kRowThreads, 0, stream_>>>(x, w, y, dim, eps);
+    }
     FP8KV_CUDA_CHECK_LAUNCH("rms_norm_kernel");
+  }
+
+  // Whether rows of `dim` values at these pointers take the row kernels' 4-wide accesses: dim a
+  // multiple of 4 and every pointer 16-byte aligned (so each row is: fp32 rows of 16 bytes a
+  // 4-group; bf16 outputs need 8, implied).
+  static bool rows_aligned(int dim, std::initializer_list<const void*> ptrs) {
+    if (dim % 4 != 0) return false;
+    for (const void* p : ptrs) {
+      if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+    }
+    return true;
   }
 
   // y[M, N] = x16[M, K] . w[N, K]^T, bf16 operands, fp32 accumulate and output.
