@@ -194,8 +194,7 @@ class CpuModelOps final : public ModelOps {
                  int heads, int head_dim, const int32_t* positions,
                  const float* inv_freq) override {
     if (head_dim <= 0 || head_dim % 2 != 0 || head_dim > 1024) {
-      throw Error("rope_bf16: head_dim " + std::to_string(head_dim) +
-                  " must be even and <= 1024");
+      throw Error("rope_bf16: head_dim " + std::to_string(head_dim) + " must be even and <= 1024");
     }
     if (width % 2 != 0 || static_cast<int64_t>(heads) * head_dim > width || width > x_stride) {
       throw Error("rope_bf16: width " + std::to_string(width) + " must be even, hold the " +

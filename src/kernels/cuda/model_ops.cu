@@ -413,9 +413,11 @@ class CudaModelOps final : public ModelOps {
     if (rows == 0) return;
     const unsigned grid = static_cast<unsigned>(rows);
     if (rows_aligned(dim, {x, a, w, y16})) {
-      add_rms_norm_kernel<uint16_t, true><<<grid, kRowThreads, 0, stream_>>>(x, a, w, y16, dim, eps);
+      add_rms_norm_kernel<uint16_t, true>
+          <<<grid, kRowThreads, 0, stream_>>>(x, a, w, y16, dim, eps);
     } else {
-      add_rms_norm_kernel<uint16_t, false><<<grid, kRowThreads, 0, stream_>>>(x, a, w, y16, dim, eps);
+      add_rms_norm_kernel<uint16_t, false>
+          <<<grid, kRowThreads, 0, stream_>>>(x, a, w, y16, dim, eps);
     }
     FP8KV_CUDA_CHECK_LAUNCH("add_rms_norm_kernel");
   }
