@@ -123,6 +123,26 @@ __device__ __forceinline__ void store4_as(T* y, float4 v) {
 // add_rms_norm_kernel, so the fused kernel keeps the bits of add + rms_norm either way. The
 // scalar form stays for other dims.
 
+// The second pass of both norm kernels: y = x * inv * w over the block's row, inv from the
+// row's sum of squares ss as the CPU twin computes it (1 / sqrt in double of the mean square).
+template <typename T, bool kVec>
+__device__ __forceinline__ void store_normed_row(const float* xr, const float* __restrict__ w,
+                                                 T* __restrict__ yr, int dim, float ss, float eps) {
+  const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(ss) / dim + eps));
+  if constexpr (kVec) {
+    const float4* x4 = reinterpret_cast<const float4*>(xr);
+    const float4* w4 = reinterpret_cast<const float4*>(w);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < dim / 4; i += kRowThreads) {
+      const float4 v = x4[i], g = w4[i];
+      store4_as(yr + 4 * i,
+                make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w));
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
+  }
+}
+
 // One block per row: y = x / sqrt(mean(x^2) + eps) * w. x, y [rows, dim], w [dim]; y fp32 or
 // bf16 (T).
 template <typename T, bool kVec>
@@ -146,20 +166,7 @@ __global__ void rms_norm_kernel(const float* __restrict__ x, const float* __rest
     for (int i = threadIdx.x; i < dim; i += kRowThreads) ss += xr[i] * xr[i];
   }
   ss = block_sum(ss, smem);
-  // As the CPU twin: 1 / sqrt in double of the mean square (one value per row, cheap).
-  const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(ss) / dim + eps));
-  if constexpr (kVec) {
-    const float4* x4 = reinterpret_cast<const float4*>(xr);
-    const float4* w4 = reinterpret_cast<const float4*>(w);
-#pragma unroll 4
-    for (int i = threadIdx.x; i < dim / 4; i += kRowThreads) {
-      const float4 v = x4[i], g = w4[i];
-      store4_as(yr + 4 * i,
-                make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w));
-    }
-  } else {
-    for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
-  }
+  store_normed_row<T, kVec>(xr, w, yr, dim, ss, eps);
 }
 
 // rms_norm_kernel after the residual add: x += a (written back), then y = norm(x) * w, with
@@ -194,19 +201,7 @@ __global__ void add_rms_norm_kernel(float* __restrict__ x, const float* __restri
     }
   }
   ss = block_sum(ss, smem);
-  const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(ss) / dim + eps));
-  if constexpr (kVec) {
-    const float4* x4 = reinterpret_cast<const float4*>(xr);
-    const float4* w4 = reinterpret_cast<const float4*>(w);
-#pragma unroll 4
-    for (int i = threadIdx.x; i < dim / 4; i += kRowThreads) {
-      const float4 v = x4[i], g = w4[i];
-      store4_as(yr + 4 * i,
-                make_float4(v.x * inv * g.x, v.y * inv * g.y, v.z * inv * g.z, v.w * inv * g.w));
-    }
-  } else {
-    for (int i = threadIdx.x; i < dim; i += kRowThreads) store_as(yr + i, xr[i] * inv * w[i]);
-  }
+  store_normed_row<T, kVec>(xr, w, yr, dim, ss, eps);
 }
 
 // One thread per (row, frequency i < D/2), over every head of the row: HF rotate_half, element
