@@ -246,7 +246,9 @@ class SplitQkvOps final : public ModelOps {
     }
     other_calls += !qkv;
     merged_calls += qkv;
-    if (qkv) EXPECT_EQ(n, qd_ + kvd_);
+    if (qkv) {
+      EXPECT_EQ(n, qd_ + kvd_);
+    }
     if (!qkv || !split_) {
       gemm(w, bias, y, n);
       return;
