@@ -49,6 +49,12 @@ struct QuantizeKvParams {
   // place with max(old, |x|) in the same pass. A NaN or infinity in K/V makes the entry
   // non-finite (the observer then refuses it).
   float* observe_amax = nullptr;
+  // Optional, a promise: slots, num_tokens and cache.num_slots are those of an earlier
+  // quantize_kv on this backend, and the device memory under slots has not changed since (a
+  // step writes every layer at the same slots). The CUDA backend then keeps its last slot check
+  // when that check was of these same three (one check kernel and one memset fewer per layer),
+  // and checks as usual otherwise; the CPU backend always checks.
+  bool slots_unchanged = false;
 };
 
 // A batch of requests for attention. Request b has seq_len[b] tokens in all (cached + new);

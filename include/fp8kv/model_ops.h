@@ -76,6 +76,18 @@ class FP8KV_API ModelOps {
   virtual void rope_bf16(const float* x, int64_t x_stride, uint16_t* y16, int64_t rows,
                          int64_t width, int heads, int head_dim, const int32_t* positions,
                          const float* inv_freq) = 0;
+  // The QKV projection's rows qkv [rows, (q_heads + 2 kv_heads) * head_dim] (Q, then K, then V)
+  // into the dense bf16 Q rows q16 [rows, q_heads * head_dim] and KV rows kv16 [rows, 2 kv_heads *
+  // head_dim]: rope_bf16 of the Q columns and of the KV columns (K rotated, V copied), the same
+  // bits. The CUDA ops do both in one kernel; this default makes the two calls.
+  virtual void rope_qkv_bf16(const float* qkv, int64_t rows, int q_heads, int kv_heads,
+                             int head_dim, uint16_t* q16, uint16_t* kv16, const int32_t* positions,
+                             const float* inv_freq) {
+    const int64_t qd = static_cast<int64_t>(q_heads) * head_dim;
+    const int64_t kvd = 2 * static_cast<int64_t>(kv_heads) * head_dim;
+    rope_bf16(qkv, qd + kvd, q16, rows, qd, q_heads, head_dim, positions, inv_freq);
+    rope_bf16(qkv + qd, qd + kvd, kv16, rows, kvd, kv_heads, head_dim, positions, inv_freq);
+  }
   // In-place RoPE, Hugging Face rotate_half convention: in each head, element i pairs with
   // i + D/2 and both rotate by positions[r] * inv_freq[i]. x [rows, row_stride]; the heads
   // rotated are x[r, h * D .. (h + 1) * D) for h < heads. inv_freq [D / 2].

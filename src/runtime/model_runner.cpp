@@ -326,6 +326,7 @@ void ModelRunner::append_random_context(const std::vector<int>& reqs, int count,
           qk.kv = kv.as<const uint16_t>();
           qk.slots = slot_buf.as<const int32_t>();
           qk.num_tokens = n;
+          qk.slots_unchanged = l > 0;  // checked at layer 0 of this chunk
           qk.cache = pool.layer(l);
           if (has_kv_scales(qk.cache.scheme)) {  // a --kv-bf16-layers layer takes no scales
             qk.scales.k = kv_scales.as<const float>() + static_cast<int64_t>(l) * row_width;
@@ -642,10 +643,8 @@ void ModelRunner::run_layer(int l, bool decode) {
   // RoPE on Q and on the K half of each token's KV columns (V is not rotated), read in place
   // from the QKV rows and written as the dense bf16 Q and KV rows that the KV write, quantize_q
   // and the attention read (none of them takes a row stride).
-  ops_.rope_bf16(s.qkv.as<const float>(), QKVD, s.q16.as<uint16_t>(), T, QD, Hq, D,
-                 s.pos.as<const int32_t>(), model_.inv_freq());
-  ops_.rope_bf16(s.qkv.as<const float>() + QD, QKVD, s.kv16.as<uint16_t>(), T, KVD, Hkv, D,
-                 s.pos.as<const int32_t>(), model_.inv_freq());
+  ops_.rope_qkv_bf16(s.qkv.as<const float>(), T, Hq, Hkv, D, s.q16.as<uint16_t>(),
+                     s.kv16.as<uint16_t>(), s.pos.as<const int32_t>(), model_.inv_freq());
 
   // Attention into the main pool, with the hooks: calibration observes the K/V written, eval
   // runs its shadow schemes on the same inputs and accounts their error.
@@ -719,6 +718,7 @@ void ModelRunner::attend(int l, bool decode, KvCacheLayer cache, const BackendBu
   qk.kv = s.kv16.as<const uint16_t>();
   qk.slots = s.slots.as<const int32_t>();
   qk.num_tokens = T;
+  qk.slots_unchanged = l > 0;  // a step's layers write at the same slots: checked at layer 0
   qk.cache = cache;
   qk.scales = sc;
   qk.observe_amax = observe_amax;

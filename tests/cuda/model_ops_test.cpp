@@ -15,12 +15,13 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fp8kv/backend.h"
+#include "fp8kv/buffer.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
-#include "fp8kv/buffer.h"
 #include "fp8kv/model.h"
 #include "gpu_skip.h"
 
@@ -430,7 +431,7 @@ TEST_F(CudaModelOps, RopeMatchesCpuAndLeavesTheRestAlone) {
 TEST_F(CudaModelOps, SiluMulMatchesCpu) {
   SKIP_WITHOUT_GPU();
   for (int rows : {1, 7, 19}) {
-    for (int inter : {1, 127, 1170}) {
+    for (int inter : {1, 127, 1024, 1170}) {  // 1024: the 4-wide kernel
       const std::string what = "rows " + std::to_string(rows) + " inter " + std::to_string(inter);
       const size_t n = static_cast<size_t>(rows) * inter;
       const Pair gu = both(random_floats(2 * n, 41 + inter, -12.0f, 12.0f));
@@ -487,7 +488,7 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
     }
   }
   for (int rows : {0, 1, 7, 19}) {
-    for (int inter : {1, 127, 1170}) {
+    for (int inter : {1, 127, 1024, 1170}) {  // 1024: the 4-wide kernel
       const std::string what = "rows " + std::to_string(rows) + " inter " + std::to_string(inter);
       const size_t n = static_cast<size_t>(rows) * inter;
       const Pair gu = both(random_floats(2 * n, 53 + inter, -12.0f, 12.0f));
@@ -625,6 +626,52 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
       }
     }
   }
+  // rope_qkv_bf16 (one kernel for the Q and the KV columns) = the two rope_bf16 calls, bit for
+  // bit; GQA ratios 4 and 7, one KV head, a decode step's rows and odd prefill counts.
+  for (int head_dim : {64, 128, 256}) {
+    for (int rows : {0, 1, 19, 127}) {
+      for (const auto& [q_heads, kv_heads] : {std::pair{8, 2}, std::pair{28, 4}, std::pair{3, 1}}) {
+        const std::string what = "D " + std::to_string(head_dim) + " rows " + std::to_string(rows) +
+                                 " Hq " + std::to_string(q_heads) + " Hkv " +
+                                 std::to_string(kv_heads);
+        const int64_t qd = static_cast<int64_t>(q_heads) * head_dim;
+        const int64_t kvd = 2ll * kv_heads * head_dim;
+        const size_t nq = static_cast<size_t>(rows * qd), nkv = static_cast<size_t>(rows * kvd);
+        const std::vector<float> xh =
+            random_floats(static_cast<size_t>(rows * (qd + kvd)), 83 + rows + q_heads);
+        std::vector<int32_t> pos(static_cast<size_t>(rows));
+        for (int r = 0; r < rows; ++r) pos[static_cast<size_t>(r)] = (r * 104729) % 131072;
+        std::vector<float> inv_freq(static_cast<size_t>(head_dim / 2));
+        for (int i = 0; i < head_dim / 2; ++i) {
+          inv_freq[static_cast<size_t>(i)] =
+              static_cast<float>(std::pow(500000.0, -2.0 * i / head_dim));
+        }
+        const Pair x = both(xh), p = both(pos), f = both(inv_freq);
+        const Pair q16 = zeros<uint16_t>(nq), kv16 = zeros<uint16_t>(nkv);
+        const Pair q16_ref = zeros<uint16_t>(nq), kv16_ref = zeros<uint16_t>(nkv);
+        const float* xg = static_cast<const float*>(x.gpu);
+        const int32_t* pg = static_cast<const int32_t*>(p.gpu);
+        const float* fg = static_cast<const float*>(f.gpu);
+        gpu_ops_->rope_qkv_bf16(xg, rows, q_heads, kv_heads, head_dim,
+                                static_cast<uint16_t*>(q16.gpu), static_cast<uint16_t*>(kv16.gpu),
+                                pg, fg);
+        gpu_ops_->rope_bf16(xg, qd + kvd, static_cast<uint16_t*>(q16_ref.gpu), rows, qd, q_heads,
+                            head_dim, pg, fg);
+        gpu_ops_->rope_bf16(xg + qd, qd + kvd, static_cast<uint16_t*>(kv16_ref.gpu), rows, kvd,
+                            kv_heads, head_dim, pg, fg);
+        EXPECT_EQ(bits_differ(gpu_vec<uint16_t>(q16, nq), gpu_vec<uint16_t>(q16_ref, nq)), 0)
+            << what << ": Q";
+        EXPECT_EQ(bits_differ(gpu_vec<uint16_t>(kv16, nkv), gpu_vec<uint16_t>(kv16_ref, nkv)), 0)
+            << what << ": KV";
+        EXPECT_EQ(gpu_vec<float>(x, xh.size()), xh) << what << ": qkv changed";
+        bufs_.clear();
+      }
+    }
+  }
+  EXPECT_THROW(gpu_ops_->rope_qkv_bf16(nullptr, 1, 8, 2, 63, nullptr, nullptr, nullptr, nullptr),
+               Error);
+  EXPECT_THROW(gpu_ops_->rope_qkv_bf16(nullptr, 1, 8, 0, 64, nullptr, nullptr, nullptr, nullptr),
+               Error);
   const Pair x16 = zeros<uint16_t>(16), y = zeros<float>(16), w32 = zeros<float>(16);
   EXPECT_THROW(
       gpu_ops_->linear_bf16(static_cast<const uint16_t*>(x16.gpu), {w32.gpu, WeightDtype::kF32},
@@ -731,7 +778,9 @@ TEST_F(CudaModelOps, ArgmaxMatchesCpuIncludingTiesAndNaN) {
   SKIP_WITHOUT_GPU();
   const float inf = std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  for (int vocab : {1, 7, 2048, 128256}) {
+  // 1 and 7 and 128257: the scalar kernel; the others 4-wide (4100: a quad tail past the
+  // four-in-flight loop).
+  for (int vocab : {1, 7, 2048, 4100, 128256, 128257}) {
     const int rows = 8;
     std::vector<float> l = random_floats(static_cast<size_t>(rows) * vocab, 71 + vocab);
     auto row = [&](int r) { return l.data() + static_cast<size_t>(r) * vocab; };

@@ -3,6 +3,7 @@
 // or past e5m2's 57344, subnormals), every scheme. Skips without a Hopper GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -12,8 +13,8 @@
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
-#include "kernel_test_util.h"
 #include "gpu_skip.h"
+#include "kernel_test_util.h"
 
 namespace fp8kv {
 namespace {
@@ -168,6 +169,68 @@ TEST(CudaQuantizeKv, OutOfRangeSlotWritesNothing) {
   EXPECT_NO_THROW(gpu->synchronize());
   for (uint8_t b : pool.download<uint8_t>()) ASSERT_EQ(b, 0xab);
   for (float a : amax.download<float>()) ASSERT_EQ(a, 0.25f);
+}
+
+// slots_unchanged (a step's later layers): the first layer's check stands for the same slots
+// (a bad slot refuses every layer's write), and a promise about other slots, another count or
+// another pool size is not taken: those are checked again.
+TEST(CudaQuantizeKv, SlotsUnchangedKeepsTheCheckOfTheSameSlotsOnly) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_cuda_backend();
+  const KvCase c{KvScheme::kFp8PerHead, 128, 2, 50};
+  test::ProblemSpec spec;
+  spec.requests = {{49, 1}};
+  spec.num_q_heads = 2;
+  spec.num_kv_heads = 2;
+  test::AttentionProblem prob = test::make_problem(spec);
+  const test::KvScales scales = test::calibrate_scales(prob, c.scheme);
+  std::vector<int32_t> bad_slots = prob.kv_slot;
+  bad_slots[17] = static_cast<int32_t>(prob.num_slots);
+  const size_t pool_bytes = static_cast<size_t>(prob.num_slots + 1) * 2 * 2 * 128;
+  BackendBuffer layer0(*gpu, pool_bytes), layer1(*gpu, pool_bytes);
+  BackendBuffer d_kv(*gpu, prob.kv), good(*gpu, prob.kv_slot), bad(*gpu, bad_slots);
+  BackendBuffer k(*gpu, scales.k), v(*gpu, scales.v);
+  auto write = [&](BackendBuffer& pool, const BackendBuffer& slots, bool unchanged,
+                   int64_t num_slots) {
+    gpu->memset(pool.as<void>(), 0xab, pool_bytes);
+    QuantizeKvParams p;
+    p.kv = d_kv.as<uint16_t>();
+    p.slots = slots.as<int32_t>();
+    p.num_tokens = c.num_tokens;
+    p.cache = {pool.as<void>(), num_slots, 2, 128, c.scheme};
+    p.scales = {k.as<float>(), v.as<float>()};
+    p.slots_unchanged = unchanged;
+    gpu->quantize_kv(p);
+  };
+  auto untouched = [&](BackendBuffer& pool) {
+    for (uint8_t b : pool.download<uint8_t>()) {
+      if (b != 0xab) return false;
+    }
+    return true;
+  };
+  // A bad slot at layer 0: layer 1 under the promise is refused too.
+  write(layer0, bad, false, prob.num_slots);
+  write(layer1, bad, true, prob.num_slots);
+  EXPECT_THROW(gpu->synchronize(), Error);
+  EXPECT_TRUE(untouched(layer0));
+  EXPECT_TRUE(untouched(layer1));
+  // Good slots checked at layer 0, then a promise about other (bad) slots: checked, refused.
+  write(layer0, good, false, prob.num_slots);
+  write(layer1, bad, true, prob.num_slots);
+  EXPECT_THROW(gpu->synchronize(), Error);
+  EXPECT_FALSE(untouched(layer0));
+  EXPECT_TRUE(untouched(layer1));
+  // The same slots against a smaller pool (their largest slot out of range there): checked
+  // again, refused.
+  write(layer0, good, false, prob.num_slots);
+  write(layer1, good, true, *std::max_element(prob.kv_slot.begin(), prob.kv_slot.end()));
+  EXPECT_THROW(gpu->synchronize(), Error);
+  EXPECT_TRUE(untouched(layer1));
+  // Good slots under the promise: written, as the plain write does.
+  write(layer0, good, false, prob.num_slots);
+  write(layer1, good, true, prob.num_slots);
+  EXPECT_NO_THROW(gpu->synchronize());
+  EXPECT_EQ(layer0.download<uint8_t>(), layer1.download<uint8_t>());
 }
 
 TEST(CudaQuantizeKv, RefusesBadArguments) {

@@ -213,7 +213,11 @@ class CudaBackend final : public Backend {
     validate_quantize_kv(p);
     if (p.num_tokens == 0) return;
     select();
-    cuda::launch_check_slots(p, bad_token_, stream_);
+    const SlotCheck check{p.slots, p.num_tokens, p.cache.num_slots};
+    if (!p.slots_unchanged || !(check == last_slot_check_)) {
+      cuda::launch_check_slots(p, bad_token_, stream_);
+      last_slot_check_ = check;
+    }
     // No host synchronization here (a decode step stays sync-free): a refused write is recorded
     // on the device and thrown by the next synchronize() or download(); at once in the debug
     // mode FP8KV_CUDA_CHECK_BATCH=1.
@@ -279,6 +283,16 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_;
   std::string name_;
   unsigned long long* bad_token_ = nullptr;  // [1] first token with a bad slot (quantize_kv)
+  // What bad_token_ holds the check of (QuantizeKvParams::slots_unchanged).
+  struct SlotCheck {
+    const int32_t* slots = nullptr;
+    int64_t num_tokens = -1;
+    int64_t num_slots = -1;
+    bool operator==(const SlotCheck& o) const {
+      return slots == o.slots && num_tokens == o.num_tokens && num_slots == o.num_slots;
+    }
+  };
+  SlotCheck last_slot_check_;
   cuda::DeviceError* device_error_ = nullptr;  // the first refusal of a kernel not yet reported
 
   // After a stream synchronization: throws (once) the refusal a kernel recorded.

@@ -31,7 +31,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRowThreads = 256;  // one block per row (rms_norm, argmax)
+constexpr int kRowThreads = 256;  // one block per row (rms_norm)
 
 // Blocks for a grid-stride loop over n elements.
 unsigned grid_for(int64_t n) {
@@ -232,21 +232,33 @@ __global__ void rope_kernel(float* __restrict__ x, int64_t rows, int64_t row_str
 // rope_kernel into a bf16 copy: y = bf16(rope(x)), x unchanged, `width` columns of each row
 // (the columns past the rotated heads copied); rope_kernel's arithmetic, so the bits of
 // rope_kernel, then to_bf16. x [rows, x_stride] (a column range of the QKV projection's rows),
-// y [rows, width]. One thread per pair of a row (width / 2 of them): the rotated pair
-// (i, i + D/2) of head h, or two adjacent columns past the heads; a decode step's few rows still
-// fill the GPU.
-__global__ void rope_bf16_kernel(const float* __restrict__ x, int64_t x_stride,
-                                 uint16_t* __restrict__ y, int64_t rows, int64_t width, int heads,
+// y [rows, width]. A launch covers one or two such column ranges of the same rows (rope_bf16: one;
+// rope_qkv_bf16: the Q and the KV columns, one launch where there were two). One thread per pair
+// of a row: the rotated pair (i, i + D/2) of head h, or two adjacent columns past the heads; a
+// decode step's few rows still fill the GPU.
+struct RopePart {
+  const float* x = nullptr;  // the range's first column of row 0
+  uint16_t* y = nullptr;     // [rows, width]
+  int64_t width = 0;         // 0: no second range
+  int heads = 0;             // rotated heads at the front of the range
+};
+
+__global__ void rope_bf16_kernel(RopePart p0, RopePart p1, int64_t x_stride, int64_t rows,
                                  int head_dim, const int32_t* __restrict__ positions,
                                  const float* __restrict__ inv_freq) {
   const int half = head_dim / 2;
-  const int64_t pairs = width / 2, rotated = static_cast<int64_t>(heads) * half;
+  const int64_t pairs0 = p0.width / 2, pairs = pairs0 + p1.width / 2;
   const int64_t total = rows * pairs;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = t / pairs, j = t % pairs;
-    const float* row = x + r * x_stride;
-    uint16_t* out = y + r * width;
+    const int64_t r = t / pairs;
+    int64_t j = t % pairs;
+    const bool second = j >= pairs0;
+    if (second) j -= pairs0;  // fields picked one by one: no local copy of a parameter
+    const int64_t width = second ? p1.width : p0.width;
+    const int64_t rotated = static_cast<int64_t>(second ? p1.heads : p0.heads) * half;
+    const float* __restrict__ row = (second ? p1.x : p0.x) + r * x_stride;
+    uint16_t* __restrict__ out = (second ? p1.y : p0.y) + r * width;
     if (j < rotated) {
       const int h = static_cast<int>(j / half), i = static_cast<int>(j % half);
       double sd, cd;
@@ -277,6 +289,24 @@ __global__ void silu_mul_kernel(const float* __restrict__ gu, T* __restrict__ ou
   }
 }
 
+// silu_mul_kernel 4 columns per thread where the rows are 16-byte aligned (inter % 4 == 0, the
+// pointers aligned: rows_aligned): block x covers kThreads column quads of every row it strides
+// over (rows from blockIdx.y by gridDim.y), so no thread divides its index; each value is
+// silu_mul_kernel's expression, so the same bits.
+template <typename T>
+__global__ void silu_mul_vec_kernel(const float* __restrict__ gu, T* __restrict__ out, int64_t rows,
+                                    int quads) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= quads) return;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const float4* row = reinterpret_cast<const float4*>(gu + r * 8 * quads);
+    const float4 g = row[c], u = row[quads + c];
+    store4_as(out + r * 4 * quads + 4 * c,
+              make_float4(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y,
+                          g.z / (1.0f + expf(-g.z)) * u.z, g.w / (1.0f + expf(-g.w)) * u.w));
+  }
+}
+
 // out[i, :] = src[rows[i], :]; the source rows fp32 (T = float) or bf16 (T = uint16_t).
 template <typename T>
 __global__ void gather_rows_kernel(const T* __restrict__ src, const int32_t* __restrict__ rows,
@@ -294,42 +324,72 @@ __global__ void gather_rows_kernel(const T* __restrict__ src, const int32_t* __r
   }
 }
 
-// One block per row: the first index of the largest value, the CPU twin's rule
-// (`l[i] > l[best]` scanning from 0): NaN never wins, except that a NaN at index 0 is kept
-// (nothing compares greater than it), so that row answers 0.
-__global__ void argmax_kernel(const float* __restrict__ logits, int32_t* __restrict__ out,
-                              int64_t vocab) {
-  __shared__ float sv[kRowThreads];
-  __shared__ int64_t si[kRowThreads];
+// argmax: one block of kArgmaxThreads per row; each thread scans its share of the row in
+// increasing index order (4-wide loads, four in flight, where the rows are 16-byte aligned), then
+// the block reduces the (value, index) pairs. The first index of the largest value, the CPU
+// twin's rule (`l[i] > l[best]` scanning from 0): NaN never wins, except that a NaN at index 0 is
+// kept (nothing compares greater than it), so that row answers 0.
+constexpr int kArgmaxThreads = 1024;
+
+struct ArgBest {
+  float v = -INFINITY;
+  int64_t i = LLONG_MAX;  // none yet
+  // One more element in this thread's increasing order: strictly greater, or the first -inf;
+  // NaN compares false and is skipped.
+  __device__ void take(float x, int64_t j) {
+    if (x > v || (i == LLONG_MAX && x == v)) v = x, i = j;
+  }
+  // Another thread's pick: the larger value, on a tie the smaller index.
+  __device__ void merge(float ov, int64_t oi) {
+    if (oi != LLONG_MAX && (i == LLONG_MAX || ov > v || (ov == v && oi < i))) v = ov, i = oi;
+  }
+};
+
+template <bool kVec>
+__global__ void __launch_bounds__(kArgmaxThreads)
+    argmax_kernel(const float* __restrict__ logits, int32_t* __restrict__ out, int64_t vocab) {
   const float* l = logits + static_cast<int64_t>(blockIdx.x) * vocab;
-  float best = -INFINITY;
-  int64_t bi = LLONG_MAX;  // none yet
-  for (int64_t i = threadIdx.x; i < vocab; i += kRowThreads) {
-    const float v = l[i];
-    // Strictly greater, or the first -inf; NaN compares false and is skipped.
-    if (v > best || (bi == LLONG_MAX && v == best)) {
-      best = v;
-      bi = i;
+  ArgBest best;
+  if constexpr (kVec) {
+    const float4* l4 = reinterpret_cast<const float4*>(l);
+    const int64_t quads = vocab / 4;
+    auto take4 = [&](float4 q, int64_t c) {
+      best.take(q.x, 4 * c);
+      best.take(q.y, 4 * c + 1);
+      best.take(q.z, 4 * c + 2);
+      best.take(q.w, 4 * c + 3);
+    };
+    int64_t c = threadIdx.x;
+    for (; c + 3 * kArgmaxThreads < quads; c += 4 * kArgmaxThreads) {
+      float4 q[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) q[k] = __ldg(l4 + c + k * kArgmaxThreads);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) take4(q[k], c + k * kArgmaxThreads);
     }
+    for (; c < quads; c += kArgmaxThreads) take4(__ldg(l4 + c), c);
+  } else {
+    for (int64_t i = threadIdx.x; i < vocab; i += kArgmaxThreads) best.take(l[i], i);
   }
-  sv[threadIdx.x] = best;
-  si[threadIdx.x] = bi;
+  for (int off = 16; off > 0; off >>= 1) {
+    best.merge(__shfl_down_sync(0xffffffffu, best.v, off),
+               __shfl_down_sync(0xffffffffu, best.i, off));
+  }
+  __shared__ float sv[kArgmaxThreads / 32];
+  __shared__ int64_t si[kArgmaxThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sv[warp] = best.v, si[warp] = best.i;
   __syncthreads();
-  for (int s = kRowThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      const float v = sv[threadIdx.x + s];
-      const int64_t i = si[threadIdx.x + s];
-      if (i != LLONG_MAX && (si[threadIdx.x] == LLONG_MAX || v > sv[threadIdx.x] ||
-                             (v == sv[threadIdx.x] && i < si[threadIdx.x]))) {
-        sv[threadIdx.x] = v;
-        si[threadIdx.x] = i;
-      }
+  if (warp == 0) {
+    best = ArgBest();
+    if (lane < kArgmaxThreads / 32) best.merge(sv[lane], si[lane]);
+    for (int off = 16; off > 0; off >>= 1) {
+      best.merge(__shfl_down_sync(0xffffffffu, best.v, off),
+                 __shfl_down_sync(0xffffffffu, best.i, off));
     }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    const bool nan_first = isnan(l[0]);
-    out[blockIdx.x] = (nan_first || si[0] == LLONG_MAX) ? 0 : static_cast<int32_t>(si[0]);
+    if (lane == 0) {
+      out[blockIdx.x] = (isnan(l[0]) || best.i == LLONG_MAX) ? 0 : static_cast<int32_t>(best.i);
+    }
   }
 }
 
@@ -395,9 +455,7 @@ class CudaModelOps final : public ModelOps {
   }
 
   void silu_mul_bf16(const float* gate_up, uint16_t* out16, int64_t rows, int64_t inter) override {
-    if (rows * inter == 0) return;
-    silu_mul_kernel<uint16_t>
-        <<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out16, rows, inter);
+    launch_silu_mul(gate_up, out16, rows, inter);
     FP8KV_CUDA_CHECK_LAUNCH("silu_mul_kernel (bf16)");
   }
 
@@ -427,9 +485,21 @@ class CudaModelOps final : public ModelOps {
                 std::to_string(heads) + " heads of " + std::to_string(head_dim) +
                 " and fit the row stride " + std::to_string(x_stride));
     if (rows == 0 || width == 0) return;
-    rope_bf16_kernel<<<grid_for(rows * (width / 2)), kThreads, 0, stream_>>>(
-        x, x_stride, y16, rows, width, heads, head_dim, positions, inv_freq);
-    FP8KV_CUDA_CHECK_LAUNCH("rope_bf16_kernel");
+    launch_rope_bf16({x, y16, width, heads}, {}, x_stride, rows, head_dim, positions, inv_freq);
+  }
+
+  void rope_qkv_bf16(const float* qkv, int64_t rows, int q_heads, int kv_heads, int head_dim,
+                     uint16_t* q16, uint16_t* kv16, const int32_t* positions,
+                     const float* inv_freq) override {
+    require(head_dim > 0 && head_dim % 2 == 0 && head_dim <= 1024 && q_heads > 0 && kv_heads > 0,
+            "rope_qkv_bf16: head_dim " + std::to_string(head_dim) + " (even, <= 1024), " +
+                std::to_string(q_heads) + " Q heads and " + std::to_string(kv_heads) +
+                " KV heads (both > 0)");
+    if (rows == 0) return;
+    const int64_t qd = static_cast<int64_t>(q_heads) * head_dim;
+    const int64_t kvd = 2 * static_cast<int64_t>(kv_heads) * head_dim;
+    launch_rope_bf16({qkv, q16, qd, q_heads}, {qkv + qd, kv16, kvd, kv_heads}, qd + kvd, rows,
+                     head_dim, positions, inv_freq);
   }
 
   void linear_ordered(const float* x, WeightView w, const float* bias, float* y, int64_t m,
@@ -463,9 +533,7 @@ class CudaModelOps final : public ModelOps {
   }
 
   void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override {
-    if (rows * inter == 0) return;
-    silu_mul_kernel<float>
-        <<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out, rows, inter);
+    launch_silu_mul(gate_up, out, rows, inter);
     FP8KV_CUDA_CHECK_LAUNCH("silu_mul_kernel");
   }
 
@@ -510,11 +578,20 @@ class CudaModelOps final : public ModelOps {
   void argmax(const float* logits, int32_t* out, int64_t rows, int64_t vocab) override {
     require(vocab > 0 && rows >= 0 && rows <= INT_MAX, "argmax: bad shape");
     if (rows == 0) return;
-    argmax_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream_>>>(logits, out, vocab);
+    const bool vec = vocab % 4 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+    auto* kernel = vec ? argmax_kernel<true> : argmax_kernel<false>;
+    kernel<<<static_cast<unsigned>(rows), kArgmaxThreads, 0, stream_>>>(logits, out, vocab);
     FP8KV_CUDA_CHECK_LAUNCH("argmax_kernel");
   }
 
  private:
+  void launch_rope_bf16(RopePart p0, RopePart p1, int64_t x_stride, int64_t rows, int head_dim,
+                        const int32_t* positions, const float* inv_freq) {
+    rope_bf16_kernel<<<grid_for(rows * ((p0.width + p1.width) / 2)), kThreads, 0, stream_>>>(
+        p0, p1, x_stride, rows, head_dim, positions, inv_freq);
+    FP8KV_CUDA_CHECK_LAUNCH("rope_bf16_kernel");
+  }
+
   // linear's and linear_bf16's shape and pointer checks; false when there is nothing to do (m 0).
   bool check_linear(const std::string& op, const void* x, WeightView w, const float* y, int64_t m,
                     int64_t n, int64_t k) {
@@ -546,6 +623,21 @@ class CudaModelOps final : public ModelOps {
       rms_norm_kernel<T, false><<<grid, kRowThreads, 0, stream_>>>(x, w, y, dim, eps);
     }
     FP8KV_CUDA_CHECK_LAUNCH("rms_norm_kernel");
+  }
+
+  // silu_mul_kernel into fp32 or bf16 (T): 4 columns per thread where rows_aligned allows.
+  template <typename T>
+  void launch_silu_mul(const float* gate_up, T* out, int64_t rows, int64_t inter) {
+    if (rows * inter == 0) return;
+    if (inter % 4 == 0 && inter / 4 <= INT_MAX && rows_aligned(4, {gate_up, out})) {
+      const int quads = static_cast<int>(inter / 4);
+      const dim3 grid(static_cast<unsigned>((quads + kThreads - 1) / kThreads),
+                      static_cast<unsigned>(rows < 65535 ? rows : 65535));
+      silu_mul_vec_kernel<T><<<grid, kThreads, 0, stream_>>>(gate_up, out, rows, quads);
+    } else {
+      silu_mul_kernel<T>
+          <<<grid_for(rows * inter), kThreads, 0, stream_>>>(gate_up, out, rows, inter);
+    }
   }
 
   // Whether rows of `dim` values at these pointers take the row kernels' 4-wide accesses: dim a
