@@ -573,6 +573,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
       const AttentionParams p = bb.params(scheme, pool->get());
       BackendBuffer ws(device(), std::max<size_t>(cuda::decode_workspace_bytes(p), 16));
+      cuda::clear_decode_workspace(ws.get(), ws.bytes(), s);  // the split counters (launchers.h)
       // At least 20 warm-up runs: the first FP8 scheme after a bf16 row measured up to 13% slower
       // with 5 (D 256, scattered) and at its peers' speed when moved later in the order.
       const double us = time_us([&] { cuda::launch_decode_attention(p, ws.get(), s); }, std::max(o.warmup, 20), o.iters, s);

@@ -1,9 +1,10 @@
 // Split-KV heuristic for decode attention: a pure host function (unit-tested in
 // tests/kernels/decode_split_test.cpp, no GPU or nvcc needed). Decode has one query token per
 // request, so a CTA per (request, KV head) gives B * Hkv CTAs: far too few to fill 132 SMs when
-// the batch is small and the context long. Splitting the KV length over `num_splits` CTAs fills the chip at the cost
-// of a small merge (log-sum-exp combine); the model below picks the split count that minimizes
-// (waves of CTAs) x (tokens per CTA + a fixed per-CTA overhead).
+// the batch is small and the context long. Splitting the KV length over `num_splits` CTAs fills the
+// chip at the cost of a small merge (log-sum-exp combine, by the last CTA of each group to finish);
+// the model below picks the split count that minimizes (waves of CTAs) x (tokens per CTA + a fixed
+// per-CTA overhead).
 #pragma once
 
 #include <algorithm>
@@ -20,12 +21,19 @@ constexpr int kDecodeMaxSplits = 64;
 constexpr int kDecodeMinSplitTokens = 256;  // below this a split costs more than it saves
 constexpr int kDecodeSplitAlign = 64;       // whole tiles of every warp of a CTA
 constexpr int kDecodeCtaOverheadTokens = 128;
+// Split launches count the arrivals of each group's splits (one counter per unsplit CTA) in a
+// fixed region of the decode workspace that must stay zero between launches whatever the shapes;
+// a grid of more unsplit CTAs than that is not split (it fills the GPU many times over anyway).
+constexpr int64_t kDecodeMaxSplitGroups = 4096;
 
 // ctas: CTAs without splitting (B * Hkv * head chunks); resident: CTAs the GPU holds at once
 // (SMs x CTAs per SM); max_seq_len: the longest request.
 inline DecodeSplit choose_decode_split(int64_t ctas, int64_t resident, int max_seq_len) {
   DecodeSplit best{1, std::max(max_seq_len, 1)};
-  if (ctas <= 0 || resident <= 0 || max_seq_len <= kDecodeMinSplitTokens) return best;
+  if (ctas <= 0 || ctas > kDecodeMaxSplitGroups || resident <= 0 ||
+      max_seq_len <= kDecodeMinSplitTokens) {
+    return best;
+  }
   auto cost = [&](int64_t splits, int64_t tokens) {
     const int64_t waves = (ctas * splits + resident - 1) / resident;
     return waves * (tokens + kDecodeCtaOverheadTokens);

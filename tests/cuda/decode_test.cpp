@@ -2,10 +2,12 @@
 // with outliers: lengths 1, 7, 127, 4100 (no split and split-KV), GQA 1/4/8, head_dim 64/128/256,
 // every scheme (fp8-e5m2 and fp8-per-head-bf16q too); grids of many waves (the shallow ring); a
 // long case (33k keys) whose FP8 error
-// must not grow with length; split merges repeated across shapes on one workspace; bad arguments
-// refused; a request index out of range skipped on the device and reported at sync. One decode
-// kernel per scheme (decode_mma_kernel.cuh, tensor cores); the CPU twin is its oracle. The split
-// heuristic's tests are in tests/kernels/decode_split_test.cpp.
+// must not grow with length; split merges repeated across shapes on one workspace, and many
+// splits of several requests launched twice on a workspace of the test's own (the merge's counters
+// back at zero after every launch); bad arguments refused; a request index out of range skipped on
+// the device and reported at sync. One decode kernel per scheme (decode_mma_kernel.cuh, tensor
+// cores); the CPU twin is its oracle. The split heuristic's tests are in
+// tests/kernels/decode_split_test.cpp.
 //
 // Criterion (STYLE.md): errors are normalized ||o - ref|| / ||ref|| against float64 attention on
 // the inputs as the scheme rounds them (emulated_inputs), so the test measures the kernel's own
@@ -23,8 +25,11 @@
 
 #include "fp8kv/backend.h"
 #include "fp8kv/error.h"
-#include "kernel_test_util.h"
 #include "gpu_skip.h"
+#include "kernel_test_util.h"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/launchers.h"
+#include "kernels/decode_split.h"
 
 namespace fp8kv {
 namespace {
@@ -236,7 +241,8 @@ TEST(CudaDecode, SplitMergesRepeatAcrossShapes) {
   const Case cases[] = {{"few splits", {2000, 1500, 900}, 2},
                         {"many splits", {8000}, 2},
                         {"no split", {300, 7, 1}, 2},
-                        {"few splits, more groups", {1200, 1100, 1000, 999, 1300, 700, 1}, 4}};
+                        {"few splits, more groups", {1200, 1100, 1000, 999, 1300, 700, 1}, 4},
+                        {"many splits, several requests", {16384, 9000, 2500, 300, 1}, 2}};
   for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {
     std::vector<std::vector<uint16_t>> first;
     for (int round = 0; round < 2; ++round) {
@@ -267,6 +273,96 @@ TEST(CudaDecode, SplitMergesRepeatAcrossShapes) {
           EXPECT_TRUE(g.o == first[i]) << "a repeated launch gave different bits";
         }
         ++i;
+      }
+    }
+  }
+}
+
+// The split merge in the decode kernel counts each group's arrivals in the workspace and leaves the
+// counters at zero. Here one launch of many splits over several requests (the shorter ones leave
+// whole splits empty), on a workspace of the test's own, runs twice: after each launch every
+// counter reads zero; between the two the partials' region is filled with NaN, and the second
+// launch gives the first's bits (the merge reads only what this launch wrote, in a fixed order);
+// both match the CPU twin. bf16 at head_dim 64 (two KV heads per CTA; Hkv 3 leaves the last CTA
+// one), 128 and 256, GQA 12 (two head chunks, the second half full).
+TEST(CudaDecode, FusedSplitMergeLeavesItsCountersZero) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  const size_t counter_bytes = cuda::kDecodeMaxSplitGroups * sizeof(uint32_t);
+  for (int D : {64, 128, 256}) {
+    SCOPED_TRACE("D=" + std::to_string(D));
+    test::ProblemSpec spec;
+    spec.requests = decode_requests({16384, 9000, 2500, 300, 1});
+    spec.num_kv_heads = 3;
+    spec.num_q_heads = 36;
+    spec.head_dim = D;
+    spec.data.outlier_channels = 2;
+    spec.seed = 9100 + D;
+    const test::AttentionProblem prob = test::make_problem(spec);
+    const KvScheme scheme = KvScheme::kBf16;
+    const test::KvScales scales = test::calibrate_scales(prob, scheme);
+
+    BackendBuffer pool(*gpu, prob.pool_elements() * sizeof(uint16_t)), kv(*gpu, prob.kv),
+        kv_slot(*gpu, prob.kv_slot);
+    const KvCacheLayer cache{pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim,
+                             scheme};
+    QuantizeKvParams qkv;
+    qkv.kv = kv.as<uint16_t>();
+    qkv.slots = kv_slot.as<int32_t>();
+    qkv.num_tokens = prob.num_tokens();
+    qkv.cache = cache;
+    gpu->quantize_kv(qkv);
+    BackendBuffer q(*gpu, prob.q), o(*gpu, prob.q.size() * sizeof(uint16_t));
+    BackendBuffer seq(*gpu, prob.seq_len), cu(*gpu, prob.cu_seqlens_q), ri(*gpu, prob.req_index),
+        rt(*gpu, prob.req_to_token);
+    AttentionParams p;
+    p.q = q.as<uint16_t>();
+    p.o = o.as<uint16_t>();
+    p.num_q_heads = prob.num_q_heads;
+    p.cache = cache;
+    p.batch = prob.batch(seq.as<int32_t>(), cu.as<int32_t>(), ri.as<int32_t>(), rt.as<int32_t>());
+    gpu->synchronize();
+
+    const int splits = static_cast<int>((cuda::decode_launch_key(p) >> 16) & 0xffff);
+    ASSERT_GE(splits, 4) << "the case must split the KV length several times";
+    const size_t ws_bytes = cuda::decode_workspace_bytes(p);
+    ASSERT_GT(ws_bytes, counter_bytes);
+    BackendBuffer ws(*gpu, ws_bytes);
+    cuda::clear_decode_workspace(ws.get(), ws_bytes, nullptr);
+
+    test::RunOptions opt;
+    opt.phase = AttentionPhase::kDecode;
+    const test::AttentionRun c = test::run_attention(*cpu, prob, scheme, scales, opt);
+    const auto ref_em =
+        test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales), 0.0f);
+    std::vector<uint16_t> first;
+    for (int run = 0; run < 2; ++run) {
+      SCOPED_TRACE("run " + std::to_string(run));
+      cuda::check_cuda(cudaMemset(o.get(), 0xff, o.bytes()), "O = NaN");
+      if (run == 1) {
+        cuda::check_cuda(cudaMemset(static_cast<uint8_t*>(ws.get()) + counter_bytes, 0xff,
+                                    ws_bytes - counter_bytes),
+                         "partials = NaN");
+      }
+      cuda::launch_decode_attention(p, ws.get(), nullptr);
+      cuda::check_cuda(cudaDeviceSynchronize(), "decode_attention");
+      std::vector<uint32_t> counters(counter_bytes / sizeof(uint32_t));
+      cuda::check_cuda(cudaMemcpy(counters.data(), ws.get(), counter_bytes, cudaMemcpyDeviceToHost),
+                       "counters");
+      const auto nonzero =
+          std::find_if(counters.begin(), counters.end(), [](uint32_t x) { return x != 0; });
+      EXPECT_EQ(nonzero, counters.end())
+          << "counter " << (nonzero - counters.begin()) << " = " << *nonzero;
+      const std::vector<uint16_t> out = o.download<uint16_t>();
+      if (run == 0) {
+        DecodeErrors e;
+        e.gpu_emulated = test::compare(out, ref_em, prob.head_dim);
+        e.cpu_emulated = test::compare(c.o, ref_em, prob.head_dim);
+        expect_close(e);
+        first = out;
+      } else {
+        EXPECT_TRUE(out == first) << "the second launch gave different bits";
       }
     }
   }

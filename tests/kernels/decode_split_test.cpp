@@ -43,6 +43,15 @@ TEST(DecodeSplit, LargeBatchIsNotSplit) {
   EXPECT_EQ(cuda::choose_decode_split(2048, 396, 1024).num_splits, 1);
 }
 
+// The split merge counts arrivals in kDecodeMaxSplitGroups counters: a grid of more unsplit CTAs
+// is never split, even where the GPU (here a huge one) would hold its splits.
+TEST(DecodeSplit, GroupsBeyondTheCountersAreNotSplit) {
+  constexpr int64_t kHuge = int64_t{1} << 30;
+  EXPECT_GT(cuda::choose_decode_split(cuda::kDecodeMaxSplitGroups, kHuge, 1 << 20).num_splits, 1);
+  EXPECT_EQ(cuda::choose_decode_split(cuda::kDecodeMaxSplitGroups + 1, kHuge, 1 << 20).num_splits,
+            1);
+}
+
 TEST(DecodeSplit, BoundsHold) {
   for (int64_t ctas : {1, 3, 17, 64, 132, 500, 5000}) {
     for (int len : {1, 255, 256, 257, 1000, 4096, 100000, 1 << 20}) {

@@ -256,6 +256,9 @@ class CudaBackend final : public Backend {
       workspace_bytes_ = 0;
       check_cuda(cudaMalloc(&workspace_, need), "cuda backend: cudaMalloc (decode workspace)");
       workspace_bytes_ = need;
+      // Once per allocation: the split merge's counters start at zero and every launch leaves
+      // them so (a per-launch clear would cost a node per graph and an operation per step).
+      cuda::clear_decode_workspace(workspace_, need, stream_);
     }
     cuda::launch_decode_attention(p, workspace_, stream_, device_error_);
   }
@@ -322,7 +325,7 @@ class CudaBackend final : public Backend {
     }
     throw Error("cuda backend: unknown device error kind " + std::to_string(e.kind));
   }
-  void* workspace_ = nullptr;                // split-KV partials of decode
+  void* workspace_ = nullptr;  // split-KV partials of decode and their merge's counters
   size_t workspace_bytes_ = 0;
   bool check_batch_ = false;
   uint64_t epoch_ = 0;  // memory_epoch()

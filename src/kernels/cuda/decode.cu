@@ -1,59 +1,18 @@
-// Decode attention launcher: picks the kernel's instantiation (scheme, head_dim), the split of the
-// KV length (decode_split.h) and runs the split merge.
+// Decode attention launcher: picks the kernel's instantiation (scheme, head_dim) and the split of
+// the KV length (decode_split.h), and lays out the split workspace (partials and the counters of
+// the merge, which the kernel's last CTA of each group runs: decode_mma_kernel.cuh).
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
-#include "kernels/decode_split.h"
 #include "kernels/cuda/dispatch.h"
 #include "kernels/cuda/launchers.h"
+#include "kernels/decode_split.h"
 
 namespace fp8kv::cuda {
 namespace {
-
-// Combines the splits of one (request, query head): o = sum_s w_s o_s / sum_s w_s with
-// w_s = 2^(lse_s - max lse). One warp per (request, query head): lane l takes dims
-// kPer * l .. + kPer - 1 (kPer = D / 32) as vector loads, the split loop unrolled so that several
-// splits' loads are in flight at once (the partials sit in L2: latency, not bandwidth, is the cost).
-// Launched as a programmatic dependent of the decode kernel: it starts while the decode kernel
-// runs and waits for its results at griddepcontrol.wait.
-template <int kHeadDim>
-__global__ void __launch_bounds__(32) decode_merge_kernel(const float* __restrict__ ws_o,
-                                                          const float* __restrict__ ws_lse,
-                                                          const int32_t* __restrict__ cu_seqlens_q,
-                                                          uint16_t* __restrict__ o, int num_q_heads,
-                                                          int num_splits) {
-  constexpr int kPer = kHeadDim / 32;  // 2, 4, 8
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-  const int b = blockIdx.x / num_q_heads, h = blockIdx.x % num_q_heads, lane = threadIdx.x;
-  const int64_t row0 = (static_cast<int64_t>(b) * num_q_heads + h) * num_splits;
-  float mx = -INFINITY;
-  for (int s = lane; s < num_splits; s += 32) mx = fmaxf(mx, ws_lse[row0 + s]);
-  mx = warp_max(mx);
-  float acc[kPer] = {};
-  float sum_w = 0.0f;
-  if (mx != -INFINITY) {
-#pragma unroll 4
-    for (int s = 0; s < num_splits; ++s) {
-      const float w = exp2f(ws_lse[row0 + s] - mx);
-      const float* src = ws_o + (row0 + s) * kHeadDim + kPer * lane;
-      float x[kPer];
-#pragma unroll
-      for (int i = 0; i < kPer; i += 2) {
-        const float2 v = *reinterpret_cast<const float2*>(src + i);
-        x[i] = v.x;
-        x[i + 1] = v.y;
-      }
-      sum_w += w;
-#pragma unroll
-      for (int i = 0; i < kPer; ++i) acc[i] += w * x[i];
-    }
-  }
-  uint16_t* dst = o + (static_cast<int64_t>(cu_seqlens_q[b]) * num_q_heads + h) * kHeadDim + kPer * lane;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i) dst[i] = float_to_bf16_bits(sum_w > 0.0f ? acc[i] / sum_w : 0.0f);
-}
 
 int sm_count() {
   int dev = 0, v = 0;
@@ -109,11 +68,22 @@ uint64_t* g_timeline = nullptr;
 void set_decode_timeline(uint64_t* buffer) { g_timeline = buffer; }
 #endif
 
+// The workspace of a split launch: the group counters first, in a region of fixed size and place
+// (they must be zero at every launch whatever shapes the workspace served before, and the
+// partials of another shape would overwrite a region that moved), then the partial outputs and
+// their log-sum-exps.
+constexpr size_t kCounterBytes = kDecodeMaxSplitGroups * sizeof(uint32_t);
+
 size_t decode_workspace_bytes(const AttentionParams& p) {
   const DecodePlan plan = plan_decode(p);
   if (plan.split.num_splits == 1) return 0;
   const size_t rows = static_cast<size_t>(p.batch.num_requests) * p.num_q_heads * plan.split.num_splits;
-  return rows * (static_cast<size_t>(p.cache.head_dim) + 1) * sizeof(float);
+  return kCounterBytes + rows * (static_cast<size_t>(p.cache.head_dim) + 1) * sizeof(float);
+}
+
+void clear_decode_workspace(void* workspace, size_t bytes, cudaStream_t stream) {
+  if (workspace == nullptr || bytes == 0) return;
+  FP8KV_CUDA_CHECK(cudaMemsetAsync(workspace, 0, bytes, stream));
 }
 
 uint64_t decode_launch_key(const AttentionParams& p) {
@@ -142,36 +112,27 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
 #ifdef FP8KV_DECODE_TIMELINE
   a.timeline = g_timeline;
 #endif
-  if (a.num_splits > 1) {
-    if (workspace == nullptr) throw Error("decode attention: split-KV needs a workspace (decode_workspace_bytes)");
-    const size_t rows = static_cast<size_t>(p.batch.num_requests) * p.num_q_heads * a.num_splits;
-    a.ws_o = static_cast<float*>(workspace);
-    a.ws_lse = a.ws_o + rows * D;
-  }
   const dim3 grid(a.num_splits, ceil_div(p.cache.num_kv_heads, plan.kv_per_cta) * plan.head_chunks,
                   p.batch.num_requests);
+  if (a.num_splits > 1) {
+    if (workspace == nullptr) throw Error("decode attention: split-KV needs a workspace (decode_workspace_bytes)");
+    // choose_decode_split plans with at least this many groups (tp plans with the whole model's
+    // KV heads), so they fit the counters.
+    if (static_cast<int64_t>(grid.y) * grid.z > kDecodeMaxSplitGroups) {
+      throw Error("decode attention: a split launch of " +
+                  std::to_string(int64_t{grid.y} * grid.z) + " groups exceeds the workspace's " +
+                  std::to_string(kDecodeMaxSplitGroups) + " counters");
+    }
+    const size_t rows = static_cast<size_t>(p.batch.num_requests) * p.num_q_heads * a.num_splits;
+    a.split_counters = static_cast<uint32_t*>(workspace);
+    a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + kCounterBytes);
+    a.ws_lse = a.ws_o + rows * D;
+  }
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
       DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, plan.shallow, stream);
     });
   });
-  if (a.num_splits > 1) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(p.batch.num_requests * p.num_q_heads);
-    cfg.blockDim = dim3(32);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
-      FP8KV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_merge_kernel<kHeadDim>, static_cast<const float*>(a.ws_o),
-                                          static_cast<const float*>(a.ws_lse), p.batch.cu_seqlens_q, p.o,
-                                          p.num_q_heads, a.num_splits));
-    });
-    FP8KV_CUDA_CHECK_LAUNCH("decode_merge_kernel");
-  }
 }
 
 }  // namespace fp8kv::cuda

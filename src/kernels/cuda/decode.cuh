@@ -1,6 +1,7 @@
 // Decode attention (one new token per request) over the token-slot pool: shared declarations of
-// decode.cu (launcher, split merge) and the kernel instantiations (decode_mma_kernel.cuh, explicitly
-// instantiated per scheme in decode_{bf16,fp8_tensor,fp8_head,fp8_e5m2,fp8_head_bf16q}.cu).
+// decode.cu (launcher, split plan, workspace) and the kernel instantiations (decode_mma_kernel.cuh,
+// explicitly instantiated per scheme in
+// decode_{bf16,fp8_tensor,fp8_head,fp8_e5m2,fp8_head_bf16q}.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,6 +18,9 @@ namespace fp8kv::cuda {
 struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then decode's own
   float* ws_o = nullptr;    // [B, Hq, num_splits, D] normalized partial outputs
   float* ws_lse = nullptr;  // [B, Hq, num_splits] log2-sum-exp2 of each split
+  // [B, gridDim.y] splits of each group (request b, CTA head group blockIdx.y) that have written
+  // their partials; zero between launches: the group's last CTA merges and puts it back to zero.
+  uint32_t* split_counters = nullptr;
   int group = 0;            // Hq / Hkv
   int head_chunks = 0;      // ceil(group / heads per CTA)
   int num_splits = 1;       // o is written directly when 1, else ws_o / ws_lse and the merge

@@ -18,7 +18,10 @@
 // issue one copy each; one __syncthreads per tile frees the stage for refilling). Warp w of a
 // KV head computes keys 16w..16w+15 of every tile with its own online softmax (fp32, log2
 // domain); the 4 warps are merged in shared memory at the end and the CTA writes bf16 (one
-// split) or a normalized partial and its log-sum-exp (decode.cu merges).
+// split) or a normalized partial and its log-sum-exp. Split-KV: the CTAs of a group (request b,
+// blockIdx.y: the same KV and query heads, every split of the KV length) count their arrivals in
+// the workspace, and the last one to arrive merges the group's splits (merge_group_splits): no
+// second kernel.
 //
 // Layout: transposed products, so that no MMA row is padding. A GQA group has only 1..8 query
 // heads, so they are the N = 8 dimension and keys / dims the M = 16 dimension:
@@ -71,6 +74,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
+#include "kernels/decode_split.h"
 
 namespace fp8kv::cuda {
 namespace decode_mma {
@@ -156,6 +160,127 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
   return y;
 }
 
+// The query heads of a split-KV group (request b; kv_here KV heads from g0, query heads hc * 8 ..
+// of each: `heads` of them) as rows i = 0 .. kv_here * heads - 1.
+struct GroupRows {
+  int b, g0, hc, heads, splits;
+  __device__ int head(int i, const DecodeArgs& a) const {
+    return (g0 + i / heads) * a.group + hc * kRows + i % heads;
+  }
+  // Row i's first split in ws_o / ws_lse ([B, Hq, splits]).
+  __device__ int64_t split_row0(int i, const DecodeArgs& a) const {
+    return (static_cast<int64_t>(b) * a.num_q_heads + head(i, a)) * splits;
+  }
+};
+
+// Merges float4 columns item = threadIdx.x + j * threads (j < kN) of the group's rows x D / 4
+// (items past `total` are not this thread's): sum_s w_s o_s / sum_s w_s in split order, to bf16.
+// The split loop is unrolled to keep 8 float4 loads of each thread in flight (the partials sit in
+// L2: latency, not bandwidth, is the cost); 4 at three CTAs per SM, whose 80 registers per thread
+// do not hold 8 without spilling.
+template <class Sh, int D, int kN>
+__device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRows& g,
+                                              const float* s_w, const float* s_mx, int total) {
+  constexpr int kVecs = D / 4;  // float4 columns of a row
+  constexpr int kInFlight = Sh::kMinBlocks >= 3 ? 4 : 8;
+  constexpr int kUnroll = kN >= kInFlight / 2 ? 2 : kInFlight / kN;
+  if (static_cast<int>(threadIdx.x) >= total) return;  // no column here (item 0 is the first)
+  const float* src[kN];
+  const float* w_row[kN];
+  bool valid[kN];
+  float acc[kN][4], sum_w[kN];
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    const int item = threadIdx.x + j * Sh::kThreads;
+    valid[j] = item < total;
+    const int i = valid[j] ? item / kVecs : 0;
+    src[j] = a.ws_o + g.split_row0(i, a) * D + 4 * (item % kVecs);
+    w_row[j] = s_w + i * g.splits;
+    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = sum_w[j] = 0.0f;
+  }
+#pragma unroll kUnroll
+  for (int s = 0; s < g.splits; ++s) {
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      if (!valid[j]) continue;
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(src[j] + s * D));
+      const float w = w_row[j][s];
+      sum_w[j] += w;
+      acc[j][0] += w * x.x;
+      acc[j][1] += w * x.y;
+      acc[j][2] += w * x.z;
+      acc[j][3] += w * x.w;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kN; ++j) {
+    if (!valid[j]) continue;
+    const int item = threadIdx.x + j * Sh::kThreads;
+    const int i = item / kVecs;
+    // Every split empty (max lse = -inf): 0, as the weights were never computed.
+    const bool any = s_mx[i] != -INFINITY && sum_w[j] > 0.0f;
+    uint16_t* dst = a.o +
+                    (static_cast<int64_t>(a.cu_seqlens_q[g.b]) * a.num_q_heads + g.head(i, a)) * D +
+                    4 * (item % kVecs);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dst[e] = float_to_bf16_bits(any ? acc[j][e] / sum_w[j] : 0.0f);
+  }
+}
+
+// Split-KV merge of one group (request blockIdx.z; the CTA's KV heads x the query heads of its
+// head chunk, blockIdx.y), run by the group's last CTA once every split's partial is in ws_o /
+// ws_lse: o = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse), accumulated in split order,
+// so the bits do not depend on which CTA arrives last (the math and order of the former merge
+// kernel, one warp per row). The weights go to shared memory (the ring's, free by now: the caller
+// passed a barrier after the CTA's own merge); then the threads take the group's rows x float4
+// columns (merge_columns) and stream the splits' partials from L2 (ld.global.cg: other CTAs wrote
+// them). The group's coordinates are derived again from the CTA's indices rather than kept live
+// through the main loop (register pressure: 80 per thread at three CTAs per SM).
+template <class Sh, int D>
+__device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t* smem) {
+  constexpr int kMaxRows = Sh::kKv * kRows;                  // rows (query heads) of a group
+  constexpr int kItems = kMaxRows * (D / 4) / Sh::kThreads;  // float4 columns per thread: D / 64
+  static_assert(kMaxRows * (D / 4) % Sh::kThreads == 0,
+                "the group's rows split evenly over threads");
+  static_assert(kMaxRows * (kDecodeMaxSplits + 1) * 4 <= Sh::kDataBytes,
+                "the weights fit the ring");
+  GroupRows g;
+  g.g0 = blockIdx.y / a.head_chunks * Sh::kKv;
+  g.hc = blockIdx.y % a.head_chunks;
+  g.b = blockIdx.z;
+  g.heads = min(kRows, a.group - g.hc * kRows);
+  g.splits = a.num_splits;
+  const int rows = min(Sh::kKv, a.num_kv_heads - g.g0) * g.heads;
+  float* s_w = reinterpret_cast<float*>(smem);      // [rows, splits] lse, then the weights
+  float* s_mx = s_w + kMaxRows * kDecodeMaxSplits;  // [rows] max lse
+  for (int i = threadIdx.x; i < rows * g.splits; i += Sh::kThreads) {
+    s_w[i] = __ldcg(a.ws_lse + g.split_row0(i / g.splits, a) + i % g.splits);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = warp; i < rows; i += Sh::kThreads / 32) {
+    float* w = s_w + i * g.splits;
+    float mx = -INFINITY;
+    for (int s = lane; s < g.splits; s += 32) mx = fmaxf(mx, w[s]);
+    mx = warp_max(mx);
+    if (mx != -INFINITY) {
+      for (int s = lane; s < g.splits; s += 32) w[s] = exp2f(w[s] - mx);
+    }
+    if (lane == 0) s_mx[i] = mx;
+  }
+  __syncthreads();
+  // A group of at most half the rows (GQA 4 fills half of a CTA's 8 query-head columns) on half
+  // the columns per thread, each with twice the splits' loads in flight.
+  const int total = rows * (D / 4);
+  if constexpr (kItems >= 2) {
+    if (total <= Sh::kThreads * (kItems / 2)) {
+      merge_columns<Sh, D, kItems / 2>(a, g, s_w, s_mx, total);
+      return;
+    }
+  }
+  merge_columns<Sh, D, kItems>(a, g, s_w, s_mx, total);
+}
+
 }  // namespace decode_mma
 
 template <KvScheme kScheme, int kHeadDim, bool kShallow>
@@ -178,9 +303,6 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
   const uint64_t tl_start = global_timer_ns();
   uint64_t tl_first = 0, tl_streamed = 0;
 #endif
-  // Split-KV: the merge kernel is a programmatic dependent launch (decode.cu); let it be scheduled
-  // now, so that its launch overlaps this kernel (it waits for this grid's results itself).
-  if (a.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   const int split = blockIdx.x;
   const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;  // first KV head of the CTA
   const int hc = blockIdx.y % a.head_chunks;
@@ -209,7 +331,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
 
   const int num_tiles = t_begin < t_end ? ceil_div(t_end - t_begin, kTileTokens) : 0;
   const int32_t* slot_row = request_row<DeviceErrorKind::kDecodeRequest>(a, b);
-  if (slot_row == nullptr) return;  // the same for every thread of the CTA: before any barrier
+  // The same for every thread of the CTA: before any barrier. And the same for every split of
+  // the request: no CTA of its groups arrives at the split counters, which stay zero.
+  if (slot_row == nullptr) return;
   const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
   // Thread tid < 128 copies row tid % 64 of the tile, of K for tid < 64 and of V otherwise, as
   // one bulk copy of the CTA's kv_here adjacent heads (the copy engine, not the thread's load
@@ -507,6 +631,26 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
       const int64_t row = (static_cast<int64_t>(b) * a.num_q_heads + head) * a.num_splits + split;
       a.ws_o[row * kHeadDim + d] = out;
       if (d == 0) a.ws_lse[row] = sum_l > 0.0f ? mx + __log2f(sum_l) : -INFINITY;
+    }
+  }
+  if (a.num_splits > 1) {
+    // Arrive at the group's counter once every thread's partials are visible device-wide (fence,
+    // barrier, one atomic: the programming guide's last-block pattern); the CTA that completes the
+    // count merges. The barrier also ends every thread's reads of the in-CTA merge's shared memory,
+    // which the split merge reuses.
+    __threadfence();
+    __syncthreads();
+    bool last = false;
+    if (threadIdx.x == 0) {
+      uint32_t* counter = a.split_counters + static_cast<int64_t>(b) * gridDim.y + blockIdx.y;
+      last = atomicAdd(counter, 1u) == static_cast<uint32_t>(a.num_splits - 1);
+      // Every split has arrived, and none comes again in this launch: zero for the next one (a
+      // later launch, or a CUDA graph's replay, on the same workspace).
+      if (last) *counter = 0u;
+    }
+    if (__syncthreads_or(last)) {
+      __threadfence();  // the other CTAs' partials are read after their arrivals were seen
+      decode_mma::merge_group_splits<Sh, kHeadDim>(a, smem);
     }
   }
 #ifdef FP8KV_DECODE_TIMELINE
