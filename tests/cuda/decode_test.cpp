@@ -43,6 +43,19 @@ std::vector<test::RequestShape> decode_requests(const std::vector<int>& lengths)
   return r;
 }
 
+// A problem's batch arrays in device memory, and the AttentionBatch over them.
+struct DeviceBatch {
+  BackendBuffer seq, cu, ri, rt;
+  DeviceBatch(Backend& be, const test::AttentionProblem& prob)
+      : seq(be, prob.seq_len),
+        cu(be, prob.cu_seqlens_q),
+        ri(be, prob.req_index),
+        rt(be, prob.req_to_token) {}
+  AttentionBatch batch(const test::AttentionProblem& prob) const {
+    return prob.batch(seq.as<int32_t>(), cu.as<int32_t>(), ri.as<int32_t>(), rt.as<int32_t>());
+  }
+};
+
 struct DecodeErrors {
   test::ErrorStats gpu_emulated, cpu_emulated, gpu_exact, gpu_vs_cpu;
 };
@@ -314,14 +327,13 @@ TEST(CudaDecode, FusedSplitMergeLeavesItsCountersZero) {
     qkv.cache = cache;
     gpu->quantize_kv(qkv);
     BackendBuffer q(*gpu, prob.q), o(*gpu, prob.q.size() * sizeof(uint16_t));
-    BackendBuffer seq(*gpu, prob.seq_len), cu(*gpu, prob.cu_seqlens_q), ri(*gpu, prob.req_index),
-        rt(*gpu, prob.req_to_token);
+    const DeviceBatch db(*gpu, prob);
     AttentionParams p;
     p.q = q.as<uint16_t>();
     p.o = o.as<uint16_t>();
     p.num_q_heads = prob.num_q_heads;
     p.cache = cache;
-    p.batch = prob.batch(seq.as<int32_t>(), cu.as<int32_t>(), ri.as<int32_t>(), rt.as<int32_t>());
+    p.batch = db.batch(prob);
     gpu->synchronize();
 
     const int splits = static_cast<int>((cuda::decode_launch_key(p) >> 16) & 0xffff);
@@ -377,14 +389,13 @@ TEST(CudaDecode, RefusesBadArguments) {
   BackendBuffer pool(*gpu, prob.pool_elements() * 2), q(*gpu, prob.q);
   const std::vector<uint16_t> poison(prob.q.size(), 0x7fc1);
   BackendBuffer o(*gpu, poison);
-  BackendBuffer seq(*gpu, prob.seq_len), cu(*gpu, prob.cu_seqlens_q), ri(*gpu, prob.req_index),
-      rt(*gpu, prob.req_to_token);
+  const DeviceBatch db(*gpu, prob);
   AttentionParams p;
   p.q = q.as<uint16_t>();
   p.o = o.as<uint16_t>();
   p.num_q_heads = prob.num_q_heads;
   p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
-  p.batch = prob.batch(seq.as<int32_t>(), cu.as<int32_t>(), ri.as<int32_t>(), rt.as<int32_t>());
+  p.batch = db.batch(prob);
   {
     AttentionParams bad = p;
     bad.batch.num_requests = 0;
@@ -424,8 +435,7 @@ TEST(CudaDecode, RequestOutOfRangeIsSkippedAndReportedAtSynchronize) {
   const int rows = static_cast<int>(prob.req_to_token.size() / prob.max_len);
   std::vector<uint16_t> pool_bits(prob.pool_elements(), 0x3f80);  // bf16 1.0
   BackendBuffer pool(*gpu, pool_bits), q(*gpu, prob.q), o(*gpu, prob.q.size() * 2);
-  BackendBuffer seq(*gpu, prob.seq_len), cu(*gpu, prob.cu_seqlens_q), ri(*gpu, prob.req_index),
-      rt(*gpu, prob.req_to_token);
+  const DeviceBatch db(*gpu, prob);
   for (const int32_t bad_row : {rows, -1, 1 << 30}) {
     std::vector<int32_t> bad_index = prob.req_index;
     bad_index[1] = bad_row;
@@ -435,8 +445,8 @@ TEST(CudaDecode, RequestOutOfRangeIsSkippedAndReportedAtSynchronize) {
     p.o = o.as<uint16_t>();
     p.num_q_heads = prob.num_q_heads;
     p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
-    p.batch =
-        prob.batch(seq.as<int32_t>(), cu.as<int32_t>(), bad_ri.as<int32_t>(), rt.as<int32_t>());
+    p.batch = prob.batch(db.seq.as<int32_t>(), db.cu.as<int32_t>(), bad_ri.as<int32_t>(),
+                         db.rt.as<int32_t>());
     ASSERT_EQ(p.batch.max_requests, rows);
     for (const bool decode : {true, false}) {
       if (decode) {
@@ -466,7 +476,7 @@ TEST(CudaDecode, RequestOutOfRangeIsSkippedAndReportedAtSynchronize) {
   p.o = o.as<uint16_t>();
   p.num_q_heads = prob.num_q_heads;
   p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
-  p.batch = prob.batch(seq.as<int32_t>(), cu.as<int32_t>(), ri.as<int32_t>(), rt.as<int32_t>());
+  p.batch = db.batch(prob);
   gpu->decode_attention(p);
   EXPECT_NO_THROW(gpu->synchronize());
 }

@@ -124,16 +124,27 @@ TEST(CudaQuantizeKv, ByteIdenticalToCpu) {
   }
 }
 
-TEST(CudaQuantizeKv, OutOfRangeSlotWritesNothing) {
-  SKIP_WITHOUT_GPU();
-  auto gpu = make_cuda_backend();
-  const KvCase c{KvScheme::kFp8PerHead, 128, 2, 50};
+// The slot-check tests' write: 50 tokens of 2 KV heads at D 128, fp8-per-head.
+struct SlotCase {
+  KvCase c;
+  test::AttentionProblem prob;
+  test::KvScales scales;
+};
+SlotCase slot_case() {
+  SlotCase sc{{KvScheme::kFp8PerHead, 128, 2, 50}, {}, {}};
   test::ProblemSpec spec;
   spec.requests = {{49, 1}};
   spec.num_q_heads = 2;
   spec.num_kv_heads = 2;
-  test::AttentionProblem prob = test::make_problem(spec);
-  const test::KvScales scales = test::calibrate_scales(prob, c.scheme);
+  sc.prob = test::make_problem(spec);
+  sc.scales = test::calibrate_scales(sc.prob, sc.c.scheme);
+  return sc;
+}
+
+TEST(CudaQuantizeKv, OutOfRangeSlotWritesNothing) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_cuda_backend();
+  const auto [c, prob, scales] = slot_case();
   for (int32_t bad : {-1, static_cast<int32_t>(prob.num_slots), static_cast<int32_t>(prob.num_slots) + 1000}) {
     std::vector<int32_t> slots = prob.kv_slot;
     slots[31] = bad;
@@ -177,27 +188,22 @@ TEST(CudaQuantizeKv, OutOfRangeSlotWritesNothing) {
 TEST(CudaQuantizeKv, SlotsUnchangedKeepsTheCheckOfTheSameSlotsOnly) {
   SKIP_WITHOUT_GPU();
   auto gpu = make_cuda_backend();
-  const KvCase c{KvScheme::kFp8PerHead, 128, 2, 50};
-  test::ProblemSpec spec;
-  spec.requests = {{49, 1}};
-  spec.num_q_heads = 2;
-  spec.num_kv_heads = 2;
-  test::AttentionProblem prob = test::make_problem(spec);
-  const test::KvScales scales = test::calibrate_scales(prob, c.scheme);
+  const SlotCase sc = slot_case();
+  const test::AttentionProblem& prob = sc.prob;
   std::vector<int32_t> bad_slots = prob.kv_slot;
   bad_slots[17] = static_cast<int32_t>(prob.num_slots);
   const size_t pool_bytes = static_cast<size_t>(prob.num_slots + 1) * 2 * 2 * 128;
   BackendBuffer layer0(*gpu, pool_bytes), layer1(*gpu, pool_bytes);
   BackendBuffer d_kv(*gpu, prob.kv), good(*gpu, prob.kv_slot), bad(*gpu, bad_slots);
-  BackendBuffer k(*gpu, scales.k), v(*gpu, scales.v);
+  BackendBuffer k(*gpu, sc.scales.k), v(*gpu, sc.scales.v);
   auto write = [&](BackendBuffer& pool, const BackendBuffer& slots, bool unchanged,
                    int64_t num_slots) {
     gpu->memset(pool.as<void>(), 0xab, pool_bytes);
     QuantizeKvParams p;
     p.kv = d_kv.as<uint16_t>();
     p.slots = slots.as<int32_t>();
-    p.num_tokens = c.num_tokens;
-    p.cache = {pool.as<void>(), num_slots, 2, 128, c.scheme};
+    p.num_tokens = sc.c.num_tokens;
+    p.cache = {pool.as<void>(), num_slots, 2, 128, sc.c.scheme};
     p.scales = {k.as<float>(), v.as<float>()};
     p.slots_unchanged = unchanged;
     gpu->quantize_kv(p);
