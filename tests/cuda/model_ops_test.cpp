@@ -30,6 +30,15 @@ namespace {
 
 constexpr double kFp32Bound = 1e-5;
 
+// RoPE frequencies of Llama 3 (theta 500000): inv_freq[i] = theta^(-2i / head_dim).
+std::vector<float> llama3_inv_freq(int head_dim) {
+  std::vector<float> f(static_cast<size_t>(head_dim / 2));
+  for (int i = 0; i < head_dim / 2; ++i) {
+    f[static_cast<size_t>(i)] = static_cast<float>(std::pow(500000.0, -2.0 * i / head_dim));
+  }
+  return f;
+}
+
 std::vector<float> random_floats(size_t n, uint32_t seed, float lo = -2.0f, float hi = 2.0f) {
   std::mt19937 gen(seed);
   std::uniform_real_distribution<float> d(lo, hi);
@@ -400,11 +409,7 @@ TEST_F(CudaModelOps, RopeMatchesCpuAndLeavesTheRestAlone) {
         std::mt19937 gen(32);
         for (auto& p : pos) p = static_cast<int32_t>(gen() % 40000);
         pos[0] = 0;
-        std::vector<float> inv_freq(static_cast<size_t>(head_dim / 2));
-        for (int i = 0; i < head_dim / 2; ++i) {
-          inv_freq[static_cast<size_t>(i)] =
-              static_cast<float>(std::pow(500000.0, -2.0 * i / head_dim));
-        }
+        const std::vector<float> inv_freq = llama3_inv_freq(head_dim);
         const Pair x = both(xh);
         const Pair p = both(pos);
         const Pair f = both(inv_freq);
@@ -598,11 +603,7 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
         }
         std::vector<int32_t> pos(static_cast<size_t>(rows));
         for (int r = 0; r < rows; ++r) pos[static_cast<size_t>(r)] = (r * 7919) % 131072;
-        std::vector<float> inv_freq(static_cast<size_t>(head_dim / 2));
-        for (int i = 0; i < head_dim / 2; ++i) {
-          inv_freq[static_cast<size_t>(i)] =
-              static_cast<float>(std::pow(500000.0, -2.0 * i / head_dim));
-        }
+        const std::vector<float> inv_freq = llama3_inv_freq(head_dim);
         const Pair x = both(xh), x_ref = both(dense), p = both(pos), f = both(inv_freq);
         const Pair y16 = zeros<uint16_t>(n), y16_ref = zeros<uint16_t>(n);
         gpu_ops_->rope(static_cast<float*>(x_ref.gpu), rows, part.width, part.heads, head_dim,
@@ -641,11 +642,7 @@ TEST_F(CudaModelOps, Bf16InputFormsKeepTheBitsOfTheFp32Ops) {
             random_floats(static_cast<size_t>(rows * (qd + kvd)), 83 + rows + q_heads);
         std::vector<int32_t> pos(static_cast<size_t>(rows));
         for (int r = 0; r < rows; ++r) pos[static_cast<size_t>(r)] = (r * 104729) % 131072;
-        std::vector<float> inv_freq(static_cast<size_t>(head_dim / 2));
-        for (int i = 0; i < head_dim / 2; ++i) {
-          inv_freq[static_cast<size_t>(i)] =
-              static_cast<float>(std::pow(500000.0, -2.0 * i / head_dim));
-        }
+        const std::vector<float> inv_freq = llama3_inv_freq(head_dim);
         const Pair x = both(xh), p = both(pos), f = both(inv_freq);
         const Pair q16 = zeros<uint16_t>(nq), kv16 = zeros<uint16_t>(nkv);
         const Pair q16_ref = zeros<uint16_t>(nq), kv16_ref = zeros<uint16_t>(nkv);
