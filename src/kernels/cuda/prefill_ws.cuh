@@ -14,8 +14,9 @@
 //  - A CTA is three warpgroups for 128 query rows of one query head. Warpgroup 0 is the
 //    producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
 //    transposes V into V^T (wgmma reads 8-bit operands only K-major) and publishes each stage on
-//    its `full` mbarrier. It gives most of its registers away (setmaxnreg) to the two consumer
-//    warpgroups, which own 64 query rows each and only compute.
+//    its `full` mbarrier (bf16 K/V, swizzled: K and V of a stage apart, by the hardware as their
+//    copies land, and released apart: kSplitKv). It gives most of its registers away
+//    (setmaxnreg) to the two consumer warpgroups, which own 64 query rows each and only compute.
 //  - The K/V tiles go round a ring of kStages stages: a consumer warpgroup arrives on the
 //    stage's `empty` mbarrier once its wgmmas have read it, and the producer refills it after
 //    both have. Their softmaxes run under each other's wgmmas; with bf16 operands at D 128 they
@@ -86,7 +87,14 @@ struct WsShape {
       kFp8Mma ? kBlockN * kVPitch : kWiden ? 2 * kBlockN * kRawPitch : 0;
   static constexpr int kStageBytes = kKBytes + kVtBytes + kVRowsBytes;
   static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
-  static constexpr int kSmemBytes = kBarOffset + 2 * kStages * 8;  // full[], empty[] mbarriers
+  // K and V published and released apart (kSplitKv, the swizzled bf16 instances): bf16 K/V,
+  // copied as they are stored, land straight in their operand tiles, so the hardware publishes
+  // them (cp.async's mbarrier arrival) and the consumers release K(j) once S(j) has landed, V(j)
+  // once P V(j) has. With 3 stages of 128 keys (bf16 D 128) a stage was refilled only after the
+  // later warpgroup's P V of it, half a tile before the earlier one needed the next: apart, K and
+  // V each have about two consumer tiles of lead. H200, causal B=2 L=8192: 507 -> 572 TFLOP/s.
+  static constexpr bool kSplitKvOperands = !kFp8Mma && !kWiden;    // and swizzled: kSplitKv
+  static constexpr int kSmemBytes = kBarOffset + 4 * kStages * 8;  // full[], empty[] (K, V)
   static constexpr int kChunks = kRowBytes / 16;              // 16-byte chunks per operand row
   static constexpr int kRowStep = kProducerThreads / kChunks;  // rows between a thread's chunks
   static constexpr int kKvChunks = kKvRowBytes / 16;           // ... per cache row
@@ -145,6 +153,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   static_assert(!kSwizzle || (Sh::kQBytes % 1024 == 0 && Sh::kStageBytes % 1024 == 0),
                 "swizzle atoms (8 rows x 128 bytes) stay 1024-byte aligned");
   static_assert(kSwizzle || Sh::kChunks <= 16, "no-swizzle copies: 8 threads per column chunk");
+  constexpr bool kSplitKv = Sh::kSplitKvOperands && kSwizzle;
   extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
   const uint32_t base = smem_addr(smem);
 #ifdef FP8KV_PREFILL_TIMELINE
@@ -181,10 +190,17 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 
   const uint32_t full_bar = base + Sh::kBarOffset;  // full[s]: the stage's K and V^T landed
   const uint32_t empty_bar = full_bar + 8 * kStages;  // empty[s]: both consumers are done with it
+  // kSplitKv: full[] and empty[] are K's; V has its own pair.
+  const uint32_t v_full_bar = empty_bar + 8 * kStages;
+  const uint32_t v_empty_bar = v_full_bar + 8 * kStages;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full_bar + 8 * s, Sh::kProducerThreads);
       mbarrier_init(empty_bar + 8 * s, 8);  // lane 0 of each consumer warp
+      if constexpr (kSplitKv) {
+        mbarrier_init(v_full_bar + 8 * s, Sh::kProducerThreads);
+        mbarrier_init(v_empty_bar + 8 * s, 8);
+      }
     }
     fence_barrier_init();
   }
@@ -324,6 +340,58 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(j, kTlPublished);
     };
 
+    if constexpr (kSplitKv) {
+      // bf16 K/V, swizzled: no producer work between a copy and its use. Each thread's K rows of
+      // tile j are published by the hardware once they (and, for tile 0, Q) have landed, then its
+      // V rows; a stage's K and V are refilled as soon as the consumers release each. Thread
+      // (r0, c) copies 16-byte chunk c of each 128-byte column block of rows r0, r0 + 16, ...:
+      // one source address per row (kept low: two tiles' addresses live spilled at 72 registers).
+      constexpr int kBlocks = Sh::kRowBytes / 128;
+      constexpr int kRowsPass = Sh::kProducerThreads / 8;
+      constexpr int kRows = kBlockN / kRowsPass;
+      static_assert(kBlockN % kRowsPass == 0, "whole passes of 16 rows");
+      const int c = tid % 8;
+      const int r0 = tid / 8;
+      const uint8_t* const kb = p.kv + kv_head * Sh::kKvRowBytes + c * 16;
+      const uint8_t* const vb = kb + p.num_kv_heads * Sh::kKvRowBytes;
+      const uint32_t dst0 = r0 * 128 + ((c ^ (r0 % 8)) << 4);
+      int sl[kRows];
+      auto fetch = [&](int tile) {
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          const int pos = tile * kBlockN + r0 + i * kRowsPass;
+          sl[i] = pos < seq_len ? slots[pos] : -1;
+        }
+      };
+      auto issue = [&](uint32_t dst, const uint8_t* src_base) {
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) {
+          const bool valid = sl[i] >= 0;
+          const uint8_t* const src = src_base + (valid ? sl[i] * slot_bytes : 0);
+#pragma unroll
+          for (int b = 0; b < kBlocks; ++b) {
+            cp_async_16(dst + b * kBlockN * 128 + i * kRowsPass * 128 + dst0, src + b * 128,
+                        valid ? 16 : 0);
+          }
+        }
+      };
+      fetch(0);
+      for (int j = 0; j < num_kv_tiles; ++j) {
+        const uint32_t st = stage_addr(j);
+        const int s = j % kStages;
+        const uint32_t parity = ((j / kStages) - 1) & 1;
+        if (j >= kStages) mbarrier_wait(empty_bar + 8 * s, parity);
+        issue(st, kb);
+        cp_async_mbarrier_arrive(full_bar + 8 * s);
+        if (j >= kStages) mbarrier_wait(v_empty_bar + 8 * s, parity);
+        issue(st + Sh::kKBytes, vb);
+        cp_async_mbarrier_arrive(v_full_bar + 8 * s);
+        if (j + 1 < num_kv_tiles) fetch(j + 1);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      return;
+    }
     // Tiles kAhead + 1 deep in flight: tile j's loads are issued before tile j - kAhead is
     // finished (waited for, transposed or widened, published). Where finishing costs work (the
     // V transposition, the widening) and the ring has 4 stages or more, tile j - kAhead is
@@ -416,6 +484,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const uint32_t q_desc_base = base + wg_row0 * (kSwizzle ? 128 : Sh::kRowBytes);
 
   auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
+  // kSplitKv: full[] is K's alone; V(j) is waited for apart. The copies were published by the
+  // hardware, not by a producer thread that fenced: the proxy fence is the consumer's, after
+  // the wait and before its wgmmas read them.
+  auto wait_v = [&](int j) {
+    if constexpr (kSplitKv) mbarrier_wait(v_full_bar + 8 * (j % kStages), (j / kStages) & 1);
+  };
+  auto fence_split = [&] {
+    if constexpr (kSplitKv) fence_proxy_async();
+  };
   // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
   // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
   // the tensor pipe. On for bf16 operands at D 64 and 128 (swizzled, the default), where it
@@ -431,8 +508,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     if (kPingPong) named_barrier_arrive(2 + (1 - cw), 256);
   };
   if (kPingPong && cw == 1) named_barrier_arrive(2, 256);  // warpgroup 0 goes first
+  // The stage (kSplitKv: its K).
   auto release = [&](int j) {
     if (lane == 0) mbarrier_arrive(empty_bar + 8 * (j % kStages));
+  };
+  auto release_v = [&](int j) {  // kSplitKv: V of the stage
+    if (kSplitKv && lane == 0) mbarrier_arrive(v_empty_bar + 8 * (j % kStages));
   };
   // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
   // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
@@ -559,6 +640,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     {
       stamp(0, kTlTop);
       wait_full(0);
+      fence_split();
       stamp(0, kTlFull);
       my_turn();
       wgmma_fence();
@@ -567,6 +649,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(0, kTlIssued);
       wgmma_wait<0>();
       fence_operands(s);
+      if constexpr (kSplitKv) release(0);
       stamp(0, kTlScores);
       softmax(s, 0, alpha_prev);
       stamp(0, kTlSoftmax);
@@ -576,6 +659,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     for (int j = 1; j < wg_tiles; ++j) {
       stamp(j, kTlTop);
       wait_full(j);
+      wait_v(j - 1);
+      fence_split();
       stamp(j, kTlFull);
       my_turn();
       fence_operands(pv_acc);
@@ -586,6 +671,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(j, kTlIssued);
       wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
       fence_operands(s);
+      if constexpr (kSplitKv) release(j);
       stamp(j, kTlScores);
       float alpha[2];
       softmax(s, j, alpha);
@@ -593,7 +679,11 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       wgmma_wait<0>();
       fence_operands(pv_acc);
       stamp(j, kTlPv);
-      release(j - 1);
+      if constexpr (kSplitKv) {
+        release_v(j - 1);
+      } else {
+        release(j - 1);
+      }
       promote();
       if constexpr (kFoldRescale) {
         alpha_prev[0] = alpha[0];
@@ -607,6 +697,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       pack_p(s, pa);
       stamp(j, kTlPacked);
     }
+    wait_v(wg_tiles - 1);
+    fence_split();
     my_turn();
     fence_operands(pv_acc);
     wgmma_fence();
@@ -614,16 +706,22 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     your_turn();
     wgmma_wait<0>();
     fence_operands(pv_acc);
-    release(wg_tiles - 1);
+    if constexpr (kSplitKv) {
+      release_v(wg_tiles - 1);
+    } else {
+      release(wg_tiles - 1);
+    }
     promote();
   }
   // Tiles past this warpgroup's last row (the other one's diagonal): keep the ring turning.
   const int first_idle = (wg_tiles == 0 || kDiag == 2) ? 0 : wg_tiles;
   for (int j = first_idle; j < num_kv_tiles; ++j) {
     wait_full(j);
+    wait_v(j);
     my_turn();
     your_turn();
     release(j);
+    release_v(j);
   }
   if (kPingPong) {
     if (first_idle == 0) {  // no GEMM turns were taken: the one more a working warpgroup takes
