@@ -15,8 +15,9 @@
 //    producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
 //    transposes V into V^T (wgmma reads 8-bit operands only K-major) and publishes each stage on
 //    its `full` mbarrier (bf16 K/V, swizzled: K and V of a stage apart, by the hardware as their
-//    copies land, and released apart: kSplitKv). It gives most of its registers away
-//    (setmaxnreg) to the two consumer warpgroups, which own 64 query rows each and only compute.
+//    copies land, and released apart: kSplitKv; e4m3 at D 256: K so, V^T by the producer, kApart).
+//    It gives most of its registers away (setmaxnreg) to the two consumer warpgroups, which own
+//    64 query rows each and only compute.
 //  - The K/V tiles go round a ring of kStages stages: a consumer warpgroup arrives on the
 //    stage's `empty` mbarrier once its wgmmas have read it, and the producer refills it after
 //    both have. Their softmaxes run under each other's wgmmas; with bf16 operands at D 128 they
@@ -154,6 +155,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
                 "swizzle atoms (8 rows x 128 bytes) stay 1024-byte aligned");
   static_assert(kSwizzle || Sh::kChunks <= 16, "no-swizzle copies: 8 threads per column chunk");
   constexpr bool kSplitKv = Sh::kSplitKvOperands && kSwizzle;
+  // K and V^T apart for e4m3 operands with a 3-stage ring (D 256): K, copied as it is stored,
+  // published by the hardware as it lands and released once S has; V^T published by the producer
+  // after its transposition and released once P V has (the raw V rows are the producer's own
+  // until then). H200, causal B=2 L=8192: D 256 490 -> 624 TFLOP/s; with 4 stages (D 64, 128),
+  // where the producer finishes a tile ahead (kFinishFirst), it measured slower (438 -> 381,
+  // 692 -> 663) and they keep one barrier pair per stage.
+  constexpr bool kApart = kSplitKv || (Sh::kFp8Mma && kStages < 4);
   extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
   const uint32_t base = smem_addr(smem);
 #ifdef FP8KV_PREFILL_TIMELINE
@@ -190,14 +198,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 
   const uint32_t full_bar = base + Sh::kBarOffset;  // full[s]: the stage's K and V^T landed
   const uint32_t empty_bar = full_bar + 8 * kStages;  // empty[s]: both consumers are done with it
-  // kSplitKv: full[] and empty[] are K's; V has its own pair.
+  // kApart: full[] and empty[] are K's; V (V^T) has its own pair.
   const uint32_t v_full_bar = empty_bar + 8 * kStages;
   const uint32_t v_empty_bar = v_full_bar + 8 * kStages;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full_bar + 8 * s, Sh::kProducerThreads);
       mbarrier_init(empty_bar + 8 * s, 8);  // lane 0 of each consumer warp
-      if constexpr (kSplitKv) {
+      if constexpr (kApart) {
         mbarrier_init(v_full_bar + 8 * s, Sh::kProducerThreads);
         mbarrier_init(v_empty_bar + 8 * s, 8);
       }
@@ -330,13 +338,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(j, kTlBarrier);
       const uint32_t st = stage_addr(j);
       if constexpr (Sh::kFp8Mma) {
+        // kApart: V^T of the stage is free once the consumers' P V of tile j - kStages has landed.
+        if (j >= kStages) mbarrier_wait(v_empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
         transpose_v(st);
       } else if constexpr (Sh::kWiden) {
         widen_kv(st);
       }
       stamp(j, kTlTransformed);
       fence_proxy_async();  // cp.async'd Q/K/V and st.shared V^T or K/V -> the async proxy (wgmma)
-      mbarrier_arrive(full_bar + 8 * (j % kStages));
+      mbarrier_arrive((kApart ? v_full_bar : full_bar) + 8 * (j % kStages));
       stamp(j, kTlPublished);
     };
 
@@ -436,6 +446,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
                       valid ? 16 : 0);
         }
       }
+      if constexpr (kApart) cp_async_mbarrier_arrive(full_bar + 8 * (j % kStages));  // K landed
       cp_async_commit();
       stamp(j, kTlIssued);
       if (j + 1 < num_kv_tiles && !(kDiag == 1 && j + 1 >= kStages)) fetch_slots(j + 1);
@@ -484,14 +495,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const uint32_t q_desc_base = base + wg_row0 * (kSwizzle ? 128 : Sh::kRowBytes);
 
   auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
-  // kSplitKv: full[] is K's alone; V(j) is waited for apart. The copies were published by the
-  // hardware, not by a producer thread that fenced: the proxy fence is the consumer's, after
-  // the wait and before its wgmmas read them.
+  // kApart: full[] is K's alone; V(j) (V^T) is waited for apart. K was published by the
+  // hardware, not by a producer thread that fenced: the proxy fence is the consumer's, after the
+  // waits and before its wgmmas read it.
   auto wait_v = [&](int j) {
-    if constexpr (kSplitKv) mbarrier_wait(v_full_bar + 8 * (j % kStages), (j / kStages) & 1);
+    if constexpr (kApart) mbarrier_wait(v_full_bar + 8 * (j % kStages), (j / kStages) & 1);
   };
   auto fence_split = [&] {
-    if constexpr (kSplitKv) fence_proxy_async();
+    if constexpr (kApart) fence_proxy_async();
   };
   // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
   // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
@@ -508,12 +519,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     if (kPingPong) named_barrier_arrive(2 + (1 - cw), 256);
   };
   if (kPingPong && cw == 1) named_barrier_arrive(2, 256);  // warpgroup 0 goes first
-  // The stage (kSplitKv: its K).
+  // The stage (kApart: its K).
   auto release = [&](int j) {
     if (lane == 0) mbarrier_arrive(empty_bar + 8 * (j % kStages));
   };
-  auto release_v = [&](int j) {  // kSplitKv: V of the stage
-    if (kSplitKv && lane == 0) mbarrier_arrive(v_empty_bar + 8 * (j % kStages));
+  auto release_v = [&](int j) {  // kApart: V of the stage
+    if (kApart && lane == 0) mbarrier_arrive(v_empty_bar + 8 * (j % kStages));
   };
   // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
   // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
@@ -649,7 +660,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(0, kTlIssued);
       wgmma_wait<0>();
       fence_operands(s);
-      if constexpr (kSplitKv) release(0);
+      if constexpr (kApart) release(0);
       stamp(0, kTlScores);
       softmax(s, 0, alpha_prev);
       stamp(0, kTlSoftmax);
@@ -671,7 +682,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(j, kTlIssued);
       wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
       fence_operands(s);
-      if constexpr (kSplitKv) release(j);
+      if constexpr (kApart) release(j);
       stamp(j, kTlScores);
       float alpha[2];
       softmax(s, j, alpha);
@@ -679,7 +690,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       wgmma_wait<0>();
       fence_operands(pv_acc);
       stamp(j, kTlPv);
-      if constexpr (kSplitKv) {
+      if constexpr (kApart) {
         release_v(j - 1);
       } else {
         release(j - 1);
@@ -706,7 +717,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     your_turn();
     wgmma_wait<0>();
     fence_operands(pv_acc);
-    if constexpr (kSplitKv) {
+    if constexpr (kApart) {
       release_v(wg_tiles - 1);
     } else {
       release(wg_tiles - 1);
