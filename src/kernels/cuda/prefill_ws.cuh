@@ -339,7 +339,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       const uint32_t st = stage_addr(j);
       if constexpr (Sh::kFp8Mma) {
         // kApart: V^T of the stage is free once the consumers' P V of tile j - kStages has landed.
-        if (j >= kStages) mbarrier_wait(v_empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
+        if (kApart && j >= kStages) {
+          mbarrier_wait(v_empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
+        }
         transpose_v(st);
       } else if constexpr (Sh::kWiden) {
         widen_kv(st);
