@@ -357,7 +357,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       // tile j are published by the hardware once they (and, for tile 0, Q) have landed, then its
       // V rows; a stage's K and V are refilled as soon as the consumers release each. Thread
       // (r0, c) copies 16-byte chunk c of each 128-byte column block of rows r0, r0 + 16, ...:
-      // one source address per row (kept low: two tiles' addresses live spilled at 72 registers).
+      // one source address per row (the other paths' mapping, 16 rows a thread at D 128, spilled
+      // here at the producer's 72 registers).
       constexpr int kBlocks = Sh::kRowBytes / 128;
       constexpr int kRowsPass = Sh::kProducerThreads / 8;
       constexpr int kRows = kBlockN / kRowsPass;
@@ -503,7 +504,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   auto wait_v = [&](int j) {
     if constexpr (kApart) mbarrier_wait(v_full_bar + 8 * (j % kStages), (j / kStages) & 1);
   };
-  auto fence_split = [&] {
+  auto fence_apart = [&] {
     if constexpr (kApart) fence_proxy_async();
   };
   // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
@@ -653,7 +654,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     {
       stamp(0, kTlTop);
       wait_full(0);
-      fence_split();
+      fence_apart();
       stamp(0, kTlFull);
       my_turn();
       wgmma_fence();
@@ -673,7 +674,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(j, kTlTop);
       wait_full(j);
       wait_v(j - 1);
-      fence_split();
+      fence_apart();
       stamp(j, kTlFull);
       my_turn();
       fence_operands(pv_acc);
@@ -711,7 +712,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(j, kTlPacked);
     }
     wait_v(wg_tiles - 1);
-    fence_split();
+    fence_apart();
     my_turn();
     fence_operands(pv_acc);
     wgmma_fence();
