@@ -35,15 +35,13 @@ __device__ __forceinline__ void st_v4(void* p, uint4 v) { *reinterpret_cast<uint
 
 // cp.async of 16 bytes global -> shared, bypassing L1; `src_bytes` 0 zero-fills the destination
 // (used for tokens past the end of a range, so that masked rows hold zeros and never NaN).
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-               "r"(src_bytes));
-}
-// The same, to a shared-memory address (a 32-bit `smem_addr`).
+// `smem`: a shared-memory address (a 32-bit `smem_addr`), or a generic pointer into shared memory.
 __device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
                "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
+  cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), gmem, src_bytes);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

@@ -529,6 +529,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   auto release_v = [&](int j) {  // kApart: V of the stage
     if (kApart && lane == 0) mbarrier_arrive(v_empty_bar + 8 * (j % kStages));
   };
+  auto release_after_pv = [&](int j) {  // once P V(j) has landed: V (kApart) or the whole stage
+    if constexpr (kApart) {
+      release_v(j);
+    } else {
+      release(j);
+    }
+  };
   // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
   // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
   auto issue_qk = [&](float(&s)[kBlockN / 2], int j) {
@@ -693,11 +700,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       wgmma_wait<0>();
       fence_operands(pv_acc);
       stamp(j, kTlPv);
-      if constexpr (kApart) {
-        release_v(j - 1);
-      } else {
-        release(j - 1);
-      }
+      release_after_pv(j - 1);
       promote();
       if constexpr (kFoldRescale) {
         alpha_prev[0] = alpha[0];
@@ -720,11 +723,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     your_turn();
     wgmma_wait<0>();
     fence_operands(pv_acc);
-    if constexpr (kApart) {
-      release_v(wg_tiles - 1);
-    } else {
-      release(wg_tiles - 1);
-    }
+    release_after_pv(wg_tiles - 1);
     promote();
   }
   // Tiles past this warpgroup's last row (the other one's diagonal): keep the ring turning.
