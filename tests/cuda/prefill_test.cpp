@@ -9,17 +9,18 @@
 //
 // Error bounds (normalized error ||a - b|| / ||b|| over the whole output; any NaN fails):
 //  - bf16 and the bf16-Q FP8 schemes (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: K/V widened
-//    exactly to bf16) vs the CPU twin: both accumulate in fp32 and round the output to bf16;
-//    the GPU also rounds P to bf16 for the tensor-core PV product (relative 2^-9 per weight,
-//    unbiased), in both kernels (mma.sync and the warp-specialized bf16 wgmmas alike). Measured-style expectation ~1e-3..3e-3 (one bf16 output rounding is ~1.1e-3 RMS);
-//    bound 1e-2.
+//    exactly) vs the CPU twin: both accumulate in fp32 and round the output to bf16; the GPU
+//    also rounds P for the tensor-core PV product: to bf16 (relative 2^-9 per weight, unbiased)
+//    in the mma.sync kernel and the bf16 wgmmas, to f16 (2^-12) in the warp-specialized kernel
+//    of the widened schemes, whose f16 Q is the bf16 Q times a power of two (exact; see
+//    PrefillQRange). Expected ~1e-3..3e-3 (one bf16 output rounding is ~1.1e-3 RMS); bound 1e-2.
 //  - fp8-per-head vs the CPU twin: both round P to e4m3 (relative 2^-4 per weight), but the GPU
 //    rounds exp(s - running max) while the CPU rounds exp(s - row max), so their P bits differ
 //    on rows whose maximum moves between tiles: differences of order 2^-4 / sqrt(effective keys);
 //    bound 5e-2.
 //  - against float64 attention on the same (quantized) inputs, the GPU's error must stay within
 //    2x the CPU twin's own error plus 2e-3: the kernel may not be less accurate than its twin in
-//    any way beyond the documented P rounding to bf16.
+//    any way beyond the documented P rounding (to bf16, or f16).
 //  - long context: the fp8 error at 32k keys may not exceed 2x the error at 4k (+2e-3); a
 //    single-level fp8 accumulation (the FA3 long-context failure) grows with the key count.
 #include <cuda_runtime.h>
@@ -157,19 +158,24 @@ double twin_bound(KvScheme scheme) { return fp8_q(scheme) ? 5e-2 : 1e-2; }
 
 // Runs the problem through the CPU twin and the GPU (every config given), checks each config
 // against the bounds and returns the errors of each. causal: AttentionParams::causal, for both.
+// softmax_scale: AttentionParams::softmax_scale (0: 1/sqrt(D)), for both.
 std::vector<Errors> run_and_compare(const test::AttentionProblem& p, KvScheme scheme,
                                     std::vector<PrefillConfig> configs = {PrefillConfig::kDefault},
-                                    bool with_exact = true, bool causal = true) {
+                                    bool with_exact = true, bool causal = true,
+                                    float softmax_scale = 0.0f) {
   const test::KvScales scales = test::calibrate_scales(p, scheme);
   auto cpu = make_cpu_backend();
   test::RunOptions options;
   options.causal = causal;
+  options.softmax_scale = softmax_scale;
   const test::AttentionRun twin = test::run_attention(*cpu, p, scheme, scales, options);
   GpuInputs gpu(p, scheme, scales, twin.pool, twin.q_scale);
   gpu.params.causal = causal;
+  gpu.params.softmax_scale = softmax_scale;
   std::vector<double> exact;
   if (with_exact) {
-    exact = test::reference_attention(p, test::emulated_inputs(p, scheme, scales), 0.0, causal);
+    exact = test::reference_attention(p, test::emulated_inputs(p, scheme, scales), softmax_scale,
+                                      causal);
   }
 
   std::vector<Errors> all;
@@ -271,6 +277,43 @@ std::string case_name(const ::testing::TestParamInfo<MixedCase>& info) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Prefill, PrefillMixed, ::testing::ValuesIn(mixed_cases()), case_name);
+
+// ---- Q outside f16's range ------------------------------------------------------------------
+
+// The widened schemes' warp-specialized kernel multiplies in f16 (prefill_ws.cuh, kF16): it
+// stores each CTA's Q tile times a power of two that brings its largest |q| to [2^15, 2^16).
+// Q scaled by 2^20 (|q| past f16's 65504: unscaled, inf) and by 2^-40 (below f16's smallest
+// subnormal: unscaled, zeros), with the softmax scale divided by the same factor so that the
+// scores are the mixed batch's: every config within the twin bound, no NaN, at D 64, 128, 256.
+TEST(PrefillQRange, WidenedSchemesTakeQOutsideF16Range) {
+  SKIP_WITHOUT_GPU();
+  for (KvScheme scheme :
+       {KvScheme::kFp8PerTensor, KvScheme::kFp8E5m2, KvScheme::kFp8PerHeadBf16Q}) {
+    for (int d : {64, 128, 256}) {
+      for (int log2_factor : {20, -40}) {
+        const float factor = std::ldexp(1.0f, log2_factor);
+        const MixedCase c{scheme, d, 4};
+        const test::ProblemSpec spec = mixed_spec(c);
+        SCOPED_TRACE(std::string(scheme_name(scheme)) + " D " + std::to_string(d) + " factor 2^" +
+                     std::to_string(log2_factor) + " seed " + std::to_string(spec.seed));
+        test::AttentionProblem p = test::make_problem(spec);
+        float largest = 0.0f;
+        for (uint16_t& q : p.q) {
+          const float x = bf16_to_float(q) * factor;  // a power of two: exact in bf16
+          q = float_to_bf16(x);
+          largest = std::max(largest, std::fabs(x));
+        }
+        if (factor > 1.0f) {
+          ASSERT_GT(largest, 65504.0f) << "the case must reach past f16's range";
+        } else {
+          ASSERT_LT(largest, 0x1p-24f) << "the case must lie below f16's smallest subnormal";
+        }
+        run_and_compare(p, scheme, mixed_configs(c), /*with_exact=*/true, /*causal=*/true,
+                        static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)) / factor));
+      }
+    }
+  }
+}
 
 // ---- long queries: q_len 4096+ (many q tiles, many diagonal cases) -------------------------
 

@@ -6,7 +6,8 @@
 //   seqlen      PrefillSeq: where a CTA's rows sit in its request (varlen, cached prefix) and
 //               which keys they see (causal or not);
 //   softmax     RowSoftmax: the online softmax in base 2 over MMA accumulator fragments;
-//   conversions fast_exp2, the bf16 / e4m3 packs of P and O, fp8 K/V codes widened to bf16.
+//   conversions fast_exp2, the bf16 / f16 / e4m3 packs of P and O, fp8 K/V codes widened to
+//               bf16 or f16.
 // The kernels themselves (the mainloops, each with its own loader and epilogue stores):
 // prefill_kernel.cuh (mma.sync, every scheme) and prefill_ws.cuh (warp-specialized wgmma,
 // every scheme: 8-bit operands for fp8-per-head, bf16 operands for the others). Neither includes
@@ -140,6 +141,12 @@ __device__ __forceinline__ uint32_t pack_e4m3x4_f16(uint32_t lo, uint32_t hi) {
   return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
 }
 
+// Two floats -> f16x2 (lo in the low half), round to nearest even.
+__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
 // Two e4m3 (e5m2) codes -> bf16x2, exactly: both formats are subsets of bf16.
 template <KvCodec kCodec>
 __device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_codes) {
@@ -147,17 +154,30 @@ __device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_codes) {
                                             : e4m3x2_to_float2(static_cast<uint16_t>(two_codes));
   return pack_bf16x2(f.x, f.y);
 }
-// 16 codes (one 16-byte chunk of a K/V row) -> 16 bf16 in two 16-byte vectors, in order.
+// Two e4m3 (e5m2) codes -> f16x2, exactly (both are subsets of f16): one hardware convert, where
+// bf16 takes four (to f16, to two floats, to bf16).
 template <KvCodec kCodec>
-__device__ __forceinline__ void fp8x16_to_bf16x16(uint4 codes, uint4& lo, uint4& hi) {
-  lo.x = fp8x2_to_bf16x2<kCodec>(codes.x);
-  lo.y = fp8x2_to_bf16x2<kCodec>(codes.x >> 16);
-  lo.z = fp8x2_to_bf16x2<kCodec>(codes.y);
-  lo.w = fp8x2_to_bf16x2<kCodec>(codes.y >> 16);
-  hi.x = fp8x2_to_bf16x2<kCodec>(codes.z);
-  hi.y = fp8x2_to_bf16x2<kCodec>(codes.z >> 16);
-  hi.z = fp8x2_to_bf16x2<kCodec>(codes.w);
-  hi.w = fp8x2_to_bf16x2<kCodec>(codes.w >> 16);
+__device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two_codes) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_codes),
+                                 kCodec == KvCodec::kE5m2 ? __NV_E5M2 : __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+// 16 codes (one 16-byte chunk of a K/V row) -> 16 bf16 (kF16: f16) in two 16-byte vectors, in
+// order.
+template <KvCodec kCodec, bool kF16 = false>
+__device__ __forceinline__ void fp8x16_to_16bit(uint4 codes, uint4& lo, uint4& hi) {
+  auto cvt = [](uint32_t two_codes) {
+    return kF16 ? fp8x2_to_f16x2<kCodec>(two_codes) : fp8x2_to_bf16x2<kCodec>(two_codes);
+  };
+  lo.x = cvt(codes.x);
+  lo.y = cvt(codes.x >> 16);
+  lo.z = cvt(codes.y);
+  lo.w = cvt(codes.y >> 16);
+  hi.x = cvt(codes.z);
+  hi.y = cvt(codes.z >> 16);
+  hi.z = cvt(codes.w);
+  hi.w = cvt(codes.w >> 16);
 }
 
 // ---- softmax ---------------------------------------------------------------------------------

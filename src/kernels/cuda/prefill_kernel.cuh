@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
         const int col = idx % kChunks;
         const uint4 codes = *reinterpret_cast<const uint4*>(k_tile + row * kKvPitch + col * 16);
         uint4 w0, w1;
-        fp8x16_to_bf16x16<kCodec>(codes, w0, w1);
+        fp8x16_to_16bit<kCodec>(codes, w0, w1);
         uint8_t* dst = wide_smem + row * kMmaPitch + col * 32;
         *reinterpret_cast<uint4*>(dst) = w0;
         *reinterpret_cast<uint4*>(dst + 16) = w1;

@@ -1,10 +1,11 @@
 // Hopper building blocks of the wgmma prefill kernel (prefill_ws.cuh): the matrix descriptors,
 // the wgmma fences and waits, named barriers and register reallocation, and the wgmma wrappers
 // for e4m3 x e4m3 -> f32, m64nNk32, and bf16 x bf16 -> f32, m64nNk16 (one asm per N; the
-// accumulator operand lists come from the FP8KV_WGMMA_Dn macros). e4m3: K-major
-// A and B, no transpose (8-bit types support only K-major). bf16: the ss forms K-major, the rs
-// forms with an MN-major B (imm-trans-b 1). The bf16 rs forms accumulate (d += a * b); the ss
-// forms and the e4m3 rs forms take scale-d as a predicate (d = a * b on the first k step).
+// accumulator operand lists come from the FP8KV_WGMMA_Dn macros), and the same for f16. e4m3:
+// K-major A and B, no transpose (8-bit types support only K-major). bf16 / f16: the ss forms
+// K-major, the rs forms with an MN-major B (imm-trans-b 1). The 16-bit rs forms accumulate
+// (d += a * b); the ss forms and the e4m3 rs forms take scale-d as a predicate (d = a * b on the
+// first k step).
 #pragma once
 
 #include <cstdint>
@@ -80,68 +81,95 @@ __device__ __forceinline__ void wgmma_ss_m64n128k32_e4m3_scaled(float (&d)[64], 
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// ---- bf16 x bf16 -> f32, m64nNk16 (the bf16-Q schemes: prefill_ws.cuh with 16-bit operands) ----
-
-// d[16] = A * B (+ d when `accumulate`), m64n32k16 bf16, both K-major (imm-trans 0, 0).
-__device__ __forceinline__ void wgmma_ss_m64n32k16_bf16_scaled(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred acc;\nsetp.ne.b32 acc, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, acc, 1, 1, 0, 0;\n}\n"
-      : FP8KV_WGMMA_D16
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-// d[32] = A * B (+ d when `accumulate`), m64n64k16 bf16, both K-major (imm-trans 0, 0).
-__device__ __forceinline__ void wgmma_ss_m64n64k16_bf16_scaled(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred acc;\nsetp.ne.b32 acc, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, acc, 1, 1, 0, 0;\n}\n"
-      : FP8KV_WGMMA_D32
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-// d[64] = A * B (+ d when `accumulate`), m64n128k16 bf16, both K-major (imm-trans 0, 0).
-__device__ __forceinline__ void wgmma_ss_m64n128k16_bf16_scaled(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred acc;\nsetp.ne.b32 acc, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, acc, 1, 1, 0, 0;\n}\n"
-      : FP8KV_WGMMA_D64
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-// d[32] += A (registers, bf16: the m16n8k16 A fragment per warp) * B (shared, desc_b, MN-major:
-// imm-trans-b 1), m64n64k16.
-__device__ __forceinline__ void wgmma_rs_m64n64k16_bf16_tnsp_b(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-      : FP8KV_WGMMA_D32
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-}
-
-// d[64] += A (registers, bf16: the m16n8k16 A fragment per warp) * B (shared, desc_b, MN-major:
-// imm-trans-b 1), m64n128k16.
-__device__ __forceinline__ void wgmma_rs_m64n128k16_bf16_tnsp_b(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-      : FP8KV_WGMMA_D64
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-}
-
-// d[128] += A (registers, bf16: the m16n8k16 A fragment per warp) * B (shared, desc_b, MN-major:
-// imm-trans-b 1), m64n256k16.
-__device__ __forceinline__ void wgmma_rs_m64n256k16_bf16_tnsp_b(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, 1, 1, 1, 1;\n"
-      : FP8KV_WGMMA_D128
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
-}
-
+// ---- 16-bit x 16-bit -> f32, m64nNk16 (the bf16-Q schemes, prefill_ws.cuh) ----
+// Each wrapper in two operand types, T = bf16 (the bf16 cache) or f16 (the widened fp8 caches):
+// FP8KV_WGMMA_16BIT(T) defines the set with T in the names and the instruction.
+#define FP8KV_WGMMA_16BIT(T)                                                                      \
+  /* d[16] = A * B (+ d when `accumulate`), m64n32k16, both K-major (imm-trans 0, 0). */          \
+  __device__ __forceinline__ void wgmma_ss_m64n32k16_##T##_scaled(                                \
+      float(&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {                          \
+    asm volatile(                                                                                 \
+        "{\n.reg .pred acc;\nsetp.ne.b32 acc, %18, 0;\n"                                          \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." #T "." #T                                   \
+        " "                                                                                       \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, acc, " \
+        "1, 1, 0, 0;\n}\n"                                                                        \
+        : FP8KV_WGMMA_D16                                                                         \
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                             \
+  }                                                                                               \
+  /* d[32] = A * B (+ d when `accumulate`), m64n64k16, both K-major. */                           \
+  __device__ __forceinline__ void wgmma_ss_m64n64k16_##T##_scaled(                                \
+      float(&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {                          \
+    asm volatile(                                                                                 \
+        "{\n.reg .pred acc;\nsetp.ne.b32 acc, %34, 0;\n"                                          \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." #T "." #T                                   \
+        " "                                                                                       \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, acc, 1, 1, " \
+        "0, 0;\n}\n"                                                                              \
+        : FP8KV_WGMMA_D32                                                                         \
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                             \
+  }                                                                                               \
+  /* d[64] = A * B (+ d when `accumulate`), m64n128k16, both K-major. */                          \
+  __device__ __forceinline__ void wgmma_ss_m64n128k16_##T##_scaled(                               \
+      float(&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {                          \
+    asm volatile(                                                                                 \
+        "{\n.reg .pred acc;\nsetp.ne.b32 acc, %66, 0;\n"                                          \
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32." #T "." #T                                  \
+        " "                                                                                       \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "   \
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "   \
+        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, acc, 1, 1, 0, 0;\n}\n" \
+        : FP8KV_WGMMA_D64                                                                         \
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                             \
+  }                                                                                               \
+  /* d[32] += A (registers: the m16n8k16 A fragment per warp) * B (shared, desc_b, MN-major:      \
+     imm-trans-b 1), m64n64k16. */                                                                \
+  __device__ __forceinline__ void wgmma_rs_m64n64k16_##T##_tnsp_b(                                \
+      float(&d)[32], const uint32_t(&a)[4], uint64_t desc_b) {                                    \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." #T "." #T                          \
+                 " "                                                                              \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, "   \
+                 "%17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "   \
+                 "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"                                       \
+                 : FP8KV_WGMMA_D32                                                                \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));                      \
+  }                                                                                               \
+  /* d[64] += A (registers) * B (shared, MN-major), m64n128k16. */                                \
+  __device__ __forceinline__ void wgmma_rs_m64n128k16_##T##_tnsp_b(                               \
+      float(&d)[64], const uint32_t(&a)[4], uint64_t desc_b) {                                    \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32." #T "." #T                         \
+                 " "                                                                              \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, "   \
+                 "%17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "    \
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, "    \
+                 "%47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "    \
+                 "%62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"                            \
+                 : FP8KV_WGMMA_D64                                                                \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));                      \
+  }                                                                                               \
+  /* d[128] += A (registers) * B (shared, MN-major), m64n256k16. */                               \
+  __device__ __forceinline__ void wgmma_rs_m64n256k16_##T##_tnsp_b(                               \
+      float(&d)[128], const uint32_t(&a)[4], uint64_t desc_b) {                                   \
+    asm volatile(                                                                                 \
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32." #T "." #T                                  \
+        " "                                                                                       \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "  \
+        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "   \
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "   \
+        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, "   \
+        "%70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, "   \
+        "%87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, "     \
+        "%103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, "    \
+        "%117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, "  \
+        "%131}, %132, 1, 1, 1, 1;\n"                                                              \
+        : FP8KV_WGMMA_D128                                                                        \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));                               \
+  }
+FP8KV_WGMMA_16BIT(bf16)
+FP8KV_WGMMA_16BIT(f16)
+#undef FP8KV_WGMMA_16BIT
 
 // ---- descriptors, fences, barriers ----
 
@@ -228,20 +256,46 @@ __device__ __forceinline__ void wgmma_ss_first(float (&d)[N / 2], uint64_t desc_
   else wgmma_ss_m64n128k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
 }
 
-// The bf16 forms of the two above: S = Q K^T's k-steps (K-major A and B), and O += P V with P in
-// registers and V MN-major ([keys][D], D contiguous: imm-trans-b 1, no transposition in memory).
-template <int N>
-__device__ __forceinline__ void wgmma_ss_first_bf16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
-                                                    int accumulate) {
-  if constexpr (N == 32) wgmma_ss_m64n32k16_bf16_scaled(d, desc_a, desc_b, accumulate);
-  else if constexpr (N == 64) wgmma_ss_m64n64k16_bf16_scaled(d, desc_a, desc_b, accumulate);
-  else wgmma_ss_m64n128k16_bf16_scaled(d, desc_a, desc_b, accumulate);
+// The 16-bit forms of the two above (kF16: f16 operands, else bf16): S = Q K^T's k-steps
+// (K-major A and B), and O += P V with P in registers and V MN-major ([keys][D], D contiguous:
+// imm-trans-b 1, no transposition in memory).
+template <bool kF16, int N>
+__device__ __forceinline__ void wgmma_ss_first_16bit(float (&d)[N / 2], uint64_t desc_a,
+                                                     uint64_t desc_b, int accumulate) {
+  if constexpr (kF16) {
+    if constexpr (N == 32)
+      wgmma_ss_m64n32k16_f16_scaled(d, desc_a, desc_b, accumulate);
+    else if constexpr (N == 64)
+      wgmma_ss_m64n64k16_f16_scaled(d, desc_a, desc_b, accumulate);
+    else
+      wgmma_ss_m64n128k16_f16_scaled(d, desc_a, desc_b, accumulate);
+  } else {
+    if constexpr (N == 32)
+      wgmma_ss_m64n32k16_bf16_scaled(d, desc_a, desc_b, accumulate);
+    else if constexpr (N == 64)
+      wgmma_ss_m64n64k16_bf16_scaled(d, desc_a, desc_b, accumulate);
+    else
+      wgmma_ss_m64n128k16_bf16_scaled(d, desc_a, desc_b, accumulate);
+  }
 }
-template <int N>
-__device__ __forceinline__ void wgmma_rs_bf16(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (N == 64) wgmma_rs_m64n64k16_bf16_tnsp_b(d, a, desc_b);
-  else if constexpr (N == 128) wgmma_rs_m64n128k16_bf16_tnsp_b(d, a, desc_b);
-  else wgmma_rs_m64n256k16_bf16_tnsp_b(d, a, desc_b);
+template <bool kF16, int N>
+__device__ __forceinline__ void wgmma_rs_16bit(float (&d)[N / 2], const uint32_t (&a)[4],
+                                               uint64_t desc_b) {
+  if constexpr (kF16) {
+    if constexpr (N == 64)
+      wgmma_rs_m64n64k16_f16_tnsp_b(d, a, desc_b);
+    else if constexpr (N == 128)
+      wgmma_rs_m64n128k16_f16_tnsp_b(d, a, desc_b);
+    else
+      wgmma_rs_m64n256k16_f16_tnsp_b(d, a, desc_b);
+  } else {
+    if constexpr (N == 64)
+      wgmma_rs_m64n64k16_bf16_tnsp_b(d, a, desc_b);
+    else if constexpr (N == 128)
+      wgmma_rs_m64n128k16_bf16_tnsp_b(d, a, desc_b);
+    else
+      wgmma_rs_m64n256k16_bf16_tnsp_b(d, a, desc_b);
+  }
 }
 
 }  // namespace fp8kv::cuda::prefill

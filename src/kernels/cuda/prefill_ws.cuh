@@ -1,12 +1,13 @@
 // Prefill attention, warp-specialized (FA3's recipe on sm_90a): the fast path. One kernel for
 // every scheme, in two operand types (WsShape::kFp8Mma):
 //  - e4m3 (fp8-per-head): e4m3 Q (quantize_q), K, V; m64nNk32 e4m3 wgmmas; P rounded to e4m3.
-//  - bf16 (bf16, fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: the schemes whose Q is bf16):
-//    m64nNk16 bf16 wgmmas, P rounded to bf16. bf16 K/V are copied as they are; e4m3 / e5m2 K/V
-//    are copied raw into a staging area of the stage and widened to bf16 by the producer
-//    (exactly: both are subsets of bf16), where the fp8 path transposes V. The K scale (per
-//    tensor or per KV head) folds into the score multiplier and the V scale into the output,
-//    as in the mma.sync kernel.
+//  - 16-bit (bf16, fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: the schemes whose Q is bf16):
+//    m64nNk16 wgmmas. bf16: K/V copied as they are, P rounded to bf16. The others: f16 operands
+//    (WsShape::kF16); e4m3 / e5m2 K/V are copied raw into a staging area of the stage and widened
+//    to f16 by the producer (exactly: both are subsets of f16), where the fp8 path transposes V;
+//    the producer also scales Q by a power of two into f16's range (exactly, q_to_f16), and P is
+//    rounded to f16. The K scale (per tensor or per KV head) folds into the score multiplier and
+//    the V scale into the output, as in the mma.sync kernel.
 // Same semantics as the simple mma.sync kernel, prefill_kernel.cuh (varlen, causal with a cached
 // prefix, GQA, K/V gathered through the slot table; P rounded to the operand type as it is, the
 // row sum from the unrounded P); what differs is who does what, and when:
@@ -67,7 +68,11 @@ namespace fp8kv::cuda::prefill {
 template <KvScheme S, int D, int kBlockN, int kStages>
 struct WsShape {
   static constexpr bool kFp8Mma = fp8_q(S);  // e4m3 operands and wgmmas; else bf16 ones
-  static constexpr bool kWiden = !kFp8Mma && kv_codec(S) != KvCodec::kBf16;  // fp8 K/V -> bf16
+  static constexpr bool kWiden = !kFp8Mma && kv_codec(S) != KvCodec::kBf16;  // fp8 K/V -> 16-bit
+  // The widened schemes' 16-bit operands are f16: e4m3 / e5m2 widen to f16 in one convert (to
+  // bf16, four), exactly; Q is scaled by a power of two into f16's range (q_to_f16); P is rounded
+  // to f16 (2^-11 relative, where bf16 rounds to 2^-8).
+  static constexpr bool kF16 = kWiden;
   static constexpr int kOpBytes = kFp8Mma ? 1 : 2;            // bytes of an operand element
   static constexpr int kKvRowBytes = D * kv_elem_bytes(S);    // a K or V row of the cache
   static constexpr int kRowBytes = D * kOpBytes;              // a Q, K or V operand row
@@ -95,7 +100,9 @@ struct WsShape {
   // later warpgroup's P V of it, half a tile before the earlier one needed the next: apart, K and
   // V each have about two consumer tiles of lead. H200, causal B=2 L=8192: 507 -> 572 TFLOP/s.
   static constexpr bool kSplitKvOperands = !kFp8Mma && !kWiden;    // and swizzled: kSplitKv
-  static constexpr int kSmemBytes = kBarOffset + 4 * kStages * 8;  // full[], empty[] (K, V)
+  // full[], empty[] (K, V), then (kF16) the word where the producer reduces Q's largest |bf16|.
+  static constexpr int kQMaxOffset = kBarOffset + 4 * kStages * 8;
+  static constexpr int kSmemBytes = kQMaxOffset + (kF16 ? 16 : 0);
   static constexpr int kChunks = kRowBytes / 16;              // 16-byte chunks per operand row
   static constexpr int kRowStep = kProducerThreads / kChunks;  // rows between a thread's chunks
   static constexpr int kKvChunks = kKvRowBytes / 16;           // ... per cache row
@@ -120,6 +127,19 @@ struct WsShape {
   static_assert(kKvRowBytes == kRowBytes || kWiden, "K/V copied as they are stored, or widened");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory of one CTA exceeds Hopper's limit");
 };
+
+// f16 operands (WsShape::kF16): the CTA's Q tile is stored as q * 2^shift, from the largest |q|
+// of the tile (`max_bits`: its bf16 bits without the sign), so that the largest lands in
+// [2^15, 2^16): bf16 -> f16 is then exact for every element within 2^-32 of the largest (f16
+// has 3 more mantissa bits; 1.9921875 * 2^15 = 65280 < 65504), smaller ones round to f16's
+// subnormal step. Clamped to +-100 (2^shift a normal float): a tile below 2^-85 stays exact, one
+// above 2^116 (scores past fp32 anyway) would overflow. An all-zero tile: 0.
+__device__ __forceinline__ int q_f16_shift(uint32_t max_bits) {
+  if (max_bits == 0) return 0;
+  const int exponent = static_cast<int>(max_bits >> 7) - 127;
+  return min(100, max(-100, 15 - exponent));
+}
+__device__ __forceinline__ float exp2_int(int e) { return __int_as_float((127 + e) << 23); }
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][kRowBytes] operand tile: the
 // canonical no-swizzle layout (core matrices of 8 rows x 16 bytes; adjacent in the row 128
@@ -210,6 +230,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         mbarrier_init(v_empty_bar + 8 * s, 8);
       }
     }
+    if constexpr (Sh::kF16) *reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset) = 0;
     fence_barrier_init();
   }
   __syncthreads();
@@ -324,12 +345,41 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         const uint4 codes = *reinterpret_cast<const uint4*>(raw + raw_offset(r2, c));
         constexpr KvCodec kCodec = kv_codec(S);
         uint4 w0, w1;
-        fp8x16_to_bf16x16<kCodec>(codes, w0, w1);
+        fp8x16_to_16bit<kCodec, Sh::kF16>(codes, w0, w1);
         uint8_t* const op = k_op + (r2 >= kBlockN ? Sh::kKBytes : 0);
         const int row = r2 % kBlockN;
         auto at = [&](int chunk) { return operand_offset<Sh::kRowBytes, kSwizzle>(row, chunk, kBlockN); };
         *reinterpret_cast<uint4*>(op + at(2 * c)) = w0;
         *reinterpret_cast<uint4*>(op + at(2 * c + 1)) = w1;
+      }
+    };
+    // kF16, with tile 0 (Q's copies landed, this thread's chunks): Q's largest |bf16| reduced over
+    // the producer (in the word at kQMaxOffset, which the consumers read once tile 0 is
+    // published), then this thread's chunks rewritten in place as f16, times 2^q_f16_shift.
+    auto q_to_f16 = [&] {
+      uint32_t* const q_max = reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset);
+      uint32_t m = 0;
+#pragma unroll 4
+      for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
+        const uint4 v = *reinterpret_cast<const uint4*>(
+            smem + canonical(ld_row + i * Sh::kRowStep, Sh::kBlockM));
+        m = __vmaxu2(m, __vmaxu2(__vmaxu2(v.x & 0x7fff7fffu, v.y & 0x7fff7fffu),
+                                 __vmaxu2(v.z & 0x7fff7fffu, v.w & 0x7fff7fffu)));
+      }
+      m = __reduce_max_sync(kFullMask, max(m & 0xffffu, m >> 16));
+      if (lane == 0) atomicMax(q_max, m);
+      named_barrier_sync(1, Sh::kProducerThreads);
+      const float scale = exp2_int(q_f16_shift(*reinterpret_cast<volatile uint32_t*>(q_max)));
+      auto cvt = [&](uint32_t two) {
+        const float2 f = bf16x2_to_float2(two);
+        return pack_f16x2(f.x * scale, f.y * scale);
+      };
+#pragma unroll 4
+      for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
+        uint4* const q =
+            reinterpret_cast<uint4*>(smem + canonical(ld_row + i * Sh::kRowStep, Sh::kBlockM));
+        const uint4 v = *q;
+        *q = make_uint4(cvt(v.x), cvt(v.y), cvt(v.z), cvt(v.w));
       }
     };
     auto finish = [&](int j) {  // this thread's copies of tile j have landed
@@ -344,6 +394,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         }
         transpose_v(st);
       } else if constexpr (Sh::kWiden) {
+        if (Sh::kF16 && j == 0) q_to_f16();
         widen_kv(st);
       }
       stamp(j, kTlTransformed);
@@ -510,11 +561,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
   // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
   // the tensor pipe. On for bf16 operands at D 64 and 128 (swizzled, the default), where it
-  // measured faster; bf16 D 256, e4m3 operands and the widening schemes measured the same or
-  // slower with it and go without (docs/GPU.md, eighth and ninth sessions). Each
+  // measured faster; bf16 D 256 and e4m3 operands measured the same or slower with it and go
+  // without (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
+  // D 64 (fp8-per-tensor, causal B=2 L=8192: 304 -> 343 TFLOP/s on the H200), off at D 128 (400
+  // -> 405 causal but 363 -> 353 at B=4 L=4096). Each
   // warpgroup takes num_kv_tiles + 1 turns (the idle loop's included), and warpgroup 0 one more
   // that takes warpgroup 1's last hand-over: the barriers' arrivals balance.
-  constexpr bool kPingPong = !Sh::kFp8Mma && !Sh::kWiden && kSwizzle && D <= 128;
+  constexpr bool kPingPong = !Sh::kFp8Mma && (Sh::kWiden ? D == 64 : kSwizzle && D <= 128);
   auto my_turn = [&] {
     if (kPingPong) named_barrier_sync(2 + cw, 256);
   };
@@ -551,7 +604,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       if constexpr (Sh::kFp8Mma) {
         wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
       } else {
-        wgmma_ss_first_bf16<kBlockN>(s, da, db, kk > 0);
+        wgmma_ss_first_16bit<Sh::kF16, kBlockN>(s, da, db, kk > 0);
       }
     }
     wgmma_commit();
@@ -584,7 +637,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       } else {
         const uint64_t db = kSwizzle ? wgmma_desc_sw128_mn(vt_addr + c * 2048, kBlockN * 128)
                                      : wgmma_desc(vt_addr + c * 2 * Sh::kKBlockStride, Sh::kKBlockStride, kCoreBytes);
-        wgmma_rs_bf16<D>(o, pa[c], db);
+        wgmma_rs_16bit<Sh::kF16, D>(o, pa[c], db);
       }
     }
     wgmma_commit();
@@ -627,10 +680,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
       } else {
         const float* s0 = &s[8 * c];  // n8 tiles 2c, 2c+1
-        pa[c][0] = pack_bf16x2(s0[0], s0[1]);
-        pa[c][1] = pack_bf16x2(s0[2], s0[3]);
-        pa[c][2] = pack_bf16x2(s0[4], s0[5]);
-        pa[c][3] = pack_bf16x2(s0[6], s0[7]);
+        auto pack = [](float lo, float hi) {
+          return Sh::kF16 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
+        };
+        pa[c][0] = pack(s0[0], s0[1]);
+        pa[c][1] = pack(s0[2], s0[3]);
+        pa[c][2] = pack(s0[4], s0[5]);
+        pa[c][3] = pack(s0[6], s0[7]);
       }
     }
   };
@@ -662,6 +718,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(0, kTlTop);
       wait_full(0);
       fence_apart();
+      if constexpr (Sh::kF16) {  // Q was stored times 2^shift (q_to_f16), published with tile 0
+        qk_scale *=
+            exp2_int(-q_f16_shift(*reinterpret_cast<volatile uint32_t*>(smem + Sh::kQMaxOffset)));
+      }
       stamp(0, kTlFull);
       my_turn();
       wgmma_fence();
