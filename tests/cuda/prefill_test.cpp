@@ -50,7 +50,7 @@ namespace {
 using cuda::PrefillConfig;
 // The warp-specialized fp8-per-head kernel with each of its built options.
 constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle};
-// The warp-specialized kernel with bf16 operands (the bf16-Q schemes): both layouts.
+// The warp-specialized kernel with 16-bit operands (the bf16-Q schemes): both layouts.
 constexpr PrefillConfig kWsBf16QConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle};
 
 // Every built config of the warp-specialized kernel for (scheme, head_dim), and then the mma.sync
@@ -227,7 +227,7 @@ test::ProblemSpec mixed_spec(const MixedCase& c) {
 }
 
 // Every built tile config of the case: the default, the warp-specialized kernel (e4m3 operands
-// with each of its options for fp8-per-head, bf16 operands in both layouts for the others) and
+// with each of its options for fp8-per-head, 16-bit operands in both layouts for the others) and
 // the simple mma.sync kernel (kWide/kNarrow).
 std::vector<PrefillConfig> mixed_configs(const MixedCase& c) {
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};

@@ -66,8 +66,9 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       // kernel at D 128, 357 vs 220 at D 64, 406 vs 248 at D 256; FP8 K/V at D 256 267 vs 199.
       config = PrefillConfig::kWsSwizzle;
     } else {
-      // FP8 K/V widened to bf16 by the producer: the unswizzled layout (D 128: 315 vs 284
-      // swizzled and 236 mma.sync; D 64: 281 vs 280 and 191).
+      // FP8 K/V widened by the producer: the unswizzled layout (measured with bf16 operands, D 128:
+      // 315 vs 284 swizzled and 236 mma.sync; D 64: 281 vs 280 and 191; with f16 operands, the
+      // fourteenth session's final run: D 128 401 vs 396, D 64 342 vs 336).
       config = PrefillConfig::kWarpSpecialized;
     }
   }

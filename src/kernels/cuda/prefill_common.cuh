@@ -10,7 +10,7 @@
 //               bf16 or f16.
 // The kernels themselves (the mainloops, each with its own loader and epilogue stores):
 // prefill_kernel.cuh (mma.sync, every scheme) and prefill_ws.cuh (warp-specialized wgmma,
-// every scheme: 8-bit operands for fp8-per-head, bf16 operands for the others). Neither includes
+// every scheme: 8-bit operands for fp8-per-head, 16-bit operands for the others). Neither includes
 // the other.
 #pragma once
 

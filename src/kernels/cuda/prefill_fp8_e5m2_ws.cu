@@ -1,4 +1,4 @@
-// The warp-specialized prefill kernel's instances for KvScheme::kFp8E5m2 (bf16 operands):
+// The warp-specialized prefill kernel's instances for KvScheme::kFp8E5m2 (f16 operands):
 // the list FP8KV_PREFILL_WS_FP8_E5M2 of prefill_instances.cuh.
 #include "kernels/cuda/prefill_instances.cuh"
 #include "kernels/cuda/prefill_ws.cuh"

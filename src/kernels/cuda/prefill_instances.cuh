@@ -35,7 +35,7 @@
 #define FP8KV_PREFILL_WS_D64_D256(W) W(64, false, 0) W(256, false, 0)
 #define FP8KV_PREFILL_WS_INSTANCES(W) FP8KV_PREFILL_WS_D128(W) FP8KV_PREFILL_WS_D64_D256(W)
 
-// ---- the same kernel with bf16 operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
+// ---- the same kernel with 16-bit operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
 // PrefillConfig::kWarpSpecialized (no swizzle) for D 64 and 128, kWsSwizzle for D 64, 128 and 256
 // (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). The default
 // of these schemes (prefill.cu: kWsSwizzle for bf16 and for D 256, kWarpSpecialized otherwise).

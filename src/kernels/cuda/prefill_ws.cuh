@@ -40,7 +40,7 @@
 // (cp.async, st.shared) is read by wgmma through the async proxy: the producer fences
 // (fence.proxy.async) before publishing a stage.
 //
-// bf16 operands: Q and K as above, with rows of 2D bytes (a k16 step is 32 bytes of a row, as an
+// 16-bit operands (bf16, f16): Q and K as above, with rows of 2D bytes (a k16 step is 32 bytes of a row, as an
 // e4m3 k32 step is). 16-bit wgmmas read B MN-major too (imm-trans-b), so V stays [keys][D] in
 // the layout K has: the PV product's B is K = keys by N = D with D contiguous, its core matrices
 // 8 keys x 8 d (16 bytes per key), those adjacent in keys kKBlockStride apart (the leading byte
