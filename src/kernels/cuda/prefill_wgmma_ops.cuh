@@ -166,6 +166,29 @@ __device__ __forceinline__ void wgmma_ss_m64n128k32_e4m3_scaled(float (&d)[64], 
         "%131}, %132, 1, 1, 1, 1;\n"                                                              \
         : FP8KV_WGMMA_D128                                                                        \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));                               \
+  }                                                                                               \
+  /* The forms above by N: S = Q K^T's k-steps, and O += P V. */                                  \
+  template <int N>                                                                                \
+  __device__ __forceinline__ void wgmma_ss_first_##T(float(&d)[N / 2], uint64_t desc_a,           \
+                                                     uint64_t desc_b, int accumulate) {           \
+    if constexpr (N == 32) {                                                                      \
+      wgmma_ss_m64n32k16_##T##_scaled(d, desc_a, desc_b, accumulate);                             \
+    } else if constexpr (N == 64) {                                                               \
+      wgmma_ss_m64n64k16_##T##_scaled(d, desc_a, desc_b, accumulate);                             \
+    } else {                                                                                      \
+      wgmma_ss_m64n128k16_##T##_scaled(d, desc_a, desc_b, accumulate);                            \
+    }                                                                                             \
+  }                                                                                               \
+  template <int N>                                                                                \
+  __device__ __forceinline__ void wgmma_rs_##T(float(&d)[N / 2], const uint32_t(&a)[4],           \
+                                               uint64_t desc_b) {                                 \
+    if constexpr (N == 64) {                                                                      \
+      wgmma_rs_m64n64k16_##T##_tnsp_b(d, a, desc_b);                                              \
+    } else if constexpr (N == 128) {                                                              \
+      wgmma_rs_m64n128k16_##T##_tnsp_b(d, a, desc_b);                                             \
+    } else {                                                                                      \
+      wgmma_rs_m64n256k16_##T##_tnsp_b(d, a, desc_b);                                             \
+    }                                                                                             \
   }
 FP8KV_WGMMA_16BIT(bf16)
 FP8KV_WGMMA_16BIT(f16)
@@ -263,38 +286,18 @@ template <bool kF16, int N>
 __device__ __forceinline__ void wgmma_ss_first_16bit(float (&d)[N / 2], uint64_t desc_a,
                                                      uint64_t desc_b, int accumulate) {
   if constexpr (kF16) {
-    if constexpr (N == 32)
-      wgmma_ss_m64n32k16_f16_scaled(d, desc_a, desc_b, accumulate);
-    else if constexpr (N == 64)
-      wgmma_ss_m64n64k16_f16_scaled(d, desc_a, desc_b, accumulate);
-    else
-      wgmma_ss_m64n128k16_f16_scaled(d, desc_a, desc_b, accumulate);
+    wgmma_ss_first_f16<N>(d, desc_a, desc_b, accumulate);
   } else {
-    if constexpr (N == 32)
-      wgmma_ss_m64n32k16_bf16_scaled(d, desc_a, desc_b, accumulate);
-    else if constexpr (N == 64)
-      wgmma_ss_m64n64k16_bf16_scaled(d, desc_a, desc_b, accumulate);
-    else
-      wgmma_ss_m64n128k16_bf16_scaled(d, desc_a, desc_b, accumulate);
+    wgmma_ss_first_bf16<N>(d, desc_a, desc_b, accumulate);
   }
 }
 template <bool kF16, int N>
 __device__ __forceinline__ void wgmma_rs_16bit(float (&d)[N / 2], const uint32_t (&a)[4],
                                                uint64_t desc_b) {
   if constexpr (kF16) {
-    if constexpr (N == 64)
-      wgmma_rs_m64n64k16_f16_tnsp_b(d, a, desc_b);
-    else if constexpr (N == 128)
-      wgmma_rs_m64n128k16_f16_tnsp_b(d, a, desc_b);
-    else
-      wgmma_rs_m64n256k16_f16_tnsp_b(d, a, desc_b);
+    wgmma_rs_f16<N>(d, a, desc_b);
   } else {
-    if constexpr (N == 64)
-      wgmma_rs_m64n64k16_bf16_tnsp_b(d, a, desc_b);
-    else if constexpr (N == 128)
-      wgmma_rs_m64n128k16_bf16_tnsp_b(d, a, desc_b);
-    else
-      wgmma_rs_m64n256k16_bf16_tnsp_b(d, a, desc_b);
+    wgmma_rs_bf16<N>(d, a, desc_b);
   }
 }
 
