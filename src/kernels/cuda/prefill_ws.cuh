@@ -40,8 +40,8 @@
 // (cp.async, st.shared) is read by wgmma through the async proxy: the producer fences
 // (fence.proxy.async) before publishing a stage.
 //
-// 16-bit operands (bf16, f16): Q and K as above, with rows of 2D bytes (a k16 step is 32 bytes of a row, as an
-// e4m3 k32 step is). 16-bit wgmmas read B MN-major too (imm-trans-b), so V stays [keys][D] in
+// 16-bit operands (bf16, f16): Q and K as above, with rows of 2D bytes (a k16 step is 32 bytes
+// of a row, as an e4m3 k32 step is). 16-bit wgmmas read B MN-major too (imm-trans-b), so V stays [keys][D] in
 // the layout K has: the PV product's B is K = keys by N = D with D contiguous, its core matrices
 // 8 keys x 8 d (16 bytes per key), those adjacent in keys kKBlockStride apart (the leading byte
 // offset, for MN-major), those adjacent in d 128 bytes apart (the stride byte offset); swizzled,
@@ -130,8 +130,8 @@ struct WsShape {
 
 // f16 operands (WsShape::kF16): the CTA's Q tile is stored as q * 2^shift, from the largest |q|
 // of the tile (`max_bits`: its bf16 bits without the sign), so that the largest lands in
-// [2^15, 2^16): bf16 -> f16 is then exact for every element within 2^-32 of the largest (f16
-// has 3 more mantissa bits; 1.9921875 * 2^15 = 65280 < 65504), smaller ones round to f16's
+// [2^15, 2^16): bf16 -> f16 is then exact for every element of at least 2^-32 times the largest
+// (f16 has 3 more mantissa bits; 1.9921875 * 2^15 = 65280 < 65504), smaller ones round to f16's
 // subnormal step. Clamped to +-100 (2^shift a normal float): a tile below 2^-85 stays exact, one
 // above 2^116 (scores past fp32 anyway) would overflow. An all-zero tile: 0.
 __device__ __forceinline__ int q_f16_shift(uint32_t max_bits) {
