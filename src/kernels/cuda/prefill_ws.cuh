@@ -613,15 +613,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // into O over a long row, the small p of a diffuse tail vanish beside a large accumulated value
   // (an attention sink: PrefillSink.KernelsKeepTheDiffuseTailOfALongRow measured 0.92 of the
   // output against the twin on an H200, 1.6e-2 promoted).
-  // kPromote: each tile's P V starts from zero in pv and is added to O in fp32 (one FADD per
-  // accumulator per tile, at D 128 an FFMA that also rescales O: kFoldRescale), so the rounding is
-  // relative to one tile's sum. D = 256 has no room for a second accumulator set (o alone is 128
-  // registers) and keeps the direct sum.
+  // kPromote: each tile's P V starts from zero in pv and is added to O in fp32, so the rounding is
+  // relative to one tile's sum; the add and O's rescale are one FFMA, O a tile behind (promote,
+  // below). H200, causal B=2 L=8192, the FFMA against an add and a rescale apart: D 128 634 ->
+  // 649 TFLOP/s (seventh session), D 64 441.9 -> 464.0 (fourteenth; the seventh had measured
+  // it slower there, 445 -> 405, with the kernel of then). D = 256 has no room for a second
+  // accumulator set (o alone is 128 registers) and keeps the direct sum.
   constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
-  // D 128: the promotion and the rescale in one FFMA, O a tile behind (promote, below): 634 -> 649
-  // TFLOP/s on the H200 (causal B=2 L=8192). D 64 adds and rescales apart: fused it measured 405
-  // against 445 TFLOP/s there (not explained: no spills either way).
-  constexpr bool kFoldRescale = kPromote && D == 128;
   // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
   // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
   // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
@@ -696,19 +694,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   float pv[kPromote ? D / 2 : 1];
   float(&pv_acc)[D / 2] = pick<kPromote>(pv, o);  // where P V lands
-  // Once the P V of tile j-1 has landed in pv: O += pv (kPromote), then O *= alpha(j) (below).
-  // kFoldRescale: O is one tile behind the softmax, O = O * alpha(j-1) + pv, one FFMA per
-  // accumulator: O held tiles .. j-2 at tile j-2's row max, alpha(j-1) takes it to tile j-1's
-  // max, at which P(j-1) was taken (alpha(0) = 0: O starts at 0).
+  // kPromote, once the P V of tile j-1 has landed in pv: O is one tile behind the softmax,
+  // O = O * alpha(j-1) + pv, one FFMA per accumulator: O held tiles .. j-2 at tile j-2's row max,
+  // alpha(j-1) takes it to tile j-1's max, at which P(j-1) was taken (alpha(0) = 0: O starts at
+  // 0). Otherwise P V lands in O itself, and O *= alpha(j) (below).
   float alpha_prev[2] = {0.0f, 0.0f};
   auto promote = [&] {
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) {
-      if constexpr (kFoldRescale) {
-        o[i] = fmaf(o[i], alpha_prev[(i >> 1) & 1], pv[i]);
-      } else if constexpr (kPromote) {
-        o[i] += pv[i];
-      }
+      if constexpr (kPromote) o[i] = fmaf(o[i], alpha_prev[(i >> 1) & 1], pv[i]);
     }
   };
   if (wg_tiles > 0 && kDiag != 2) {
@@ -762,7 +756,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       stamp(j, kTlPv);
       release_after_pv(j - 1);
       promote();
-      if constexpr (kFoldRescale) {
+      if constexpr (kPromote) {
         alpha_prev[0] = alpha[0];
         alpha_prev[1] = alpha[1];
       } else if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
