@@ -135,14 +135,6 @@ __device__ __forceinline__ void fp8x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint3
     e4m3x4_to_f16x2x2(w, lo, hi);
   }
 }
-__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
 
 // d += a * b: m16n8k16 f16, fp32 accumulate.
 __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -441,8 +433,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
 #pragma unroll
       for (int k = 0; k < kSteps; ++k) {
         const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
-        qa[k][0] = decode_mma::pack_f16x2(x.x * up, x.y * up);
-        qa[k][1] = decode_mma::pack_f16x2(y.x * up, y.y * up);
+        qa[k][0] = pack_f16x2(x.x * up, x.y * up);
+        qa[k][1] = pack_f16x2(y.x * up, y.y * up);
       }
     }
   }
@@ -537,11 +529,11 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
     // bf16 for the bf16 cache (the MMA's two operands share a type).
     uint32_t pb0, pb1;
     if constexpr (kBf16) {
-      pb0 = decode_mma::movmatrix_trans(decode_mma::pack_bf16x2(p[0], p[1]));
-      pb1 = decode_mma::movmatrix_trans(decode_mma::pack_bf16x2(p[2], p[3]));
+      pb0 = decode_mma::movmatrix_trans(pack_bf16x2(p[0], p[1]));
+      pb1 = decode_mma::movmatrix_trans(pack_bf16x2(p[2], p[3]));
     } else {
-      pb0 = decode_mma::movmatrix_trans(decode_mma::pack_f16x2(p[0], p[1]));
-      pb1 = decode_mma::movmatrix_trans(decode_mma::pack_f16x2(p[2], p[3]));
+      pb0 = decode_mma::movmatrix_trans(pack_f16x2(p[0], p[1]));
+      pb1 = decode_mma::movmatrix_trans(pack_f16x2(p[2], p[3]));
     }
 
     // O^T += V^T P^T (M = dims, N = heads, K = keys).

@@ -117,11 +117,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Two floats -> bf16x2 (lo in the low half), round to nearest even.
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
+// (pack_bf16x2, pack_f16x2: common.cuh.)
 
 // Four floats -> four e4m3 codes, x0 in the low byte; round to nearest even, saturating: the
 // same bytes as fp8kv::float_to_e4m3.
@@ -139,12 +135,6 @@ __device__ __forceinline__ uint32_t pack_e4m3x4_f16(uint32_t lo, uint32_t hi) {
   asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;\n" : "=h"(a) : "r"(lo));
   asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;\n" : "=h"(b) : "r"(hi));
   return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
-}
-
-// Two floats -> f16x2 (lo in the low half), round to nearest even.
-__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // Two e4m3 (e5m2) codes -> bf16x2, exactly: both formats are subsets of bf16.
