@@ -1,5 +1,5 @@
 // The one CUDA error check (host code: the kernels, the CUDA backend, the NCCL communicator, the
-// benchmark and the GPU tests all use it).
+// benchmark and the GPU tests all use it), and the one SM count of the launchers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,5 +20,13 @@ inline void check_cuda(cudaError_t e, const char* what) {
 #define FP8KV_CUDA_CHECK(call) ::fp8kv::cuda::check_cuda((call), #call)
 // After a launch: configuration errors surface here, asynchronous ones at the next sync.
 #define FP8KV_CUDA_CHECK_LAUNCH(name) ::fp8kv::cuda::check_cuda(cudaGetLastError(), name)
+
+// The current device's SM count (grids sized to one wave, persistent grids).
+inline int device_sm_count() {
+  int dev = 0, v = 0;
+  FP8KV_CUDA_CHECK(cudaGetDevice(&dev));
+  FP8KV_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+  return v;
+}
 
 }  // namespace fp8kv::cuda

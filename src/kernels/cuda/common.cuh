@@ -21,6 +21,11 @@ namespace fp8kv::cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// x as lane 0 of the warp holds it: the same value, but one that ptxas knows to be the same
+// across the warp, so that what derives from it (loop bounds, shared-memory descriptors) can
+// live in uniform registers.
+__device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(kFullMask, x, 0); }
+
 // ---- memory access ------------------------------------------------------------------------
 
 // Read-only 16-byte load through the non-coherent path (data not written by this kernel).

@@ -14,13 +14,6 @@
 namespace fp8kv::cuda {
 namespace {
 
-int sm_count() {
-  int dev = 0, v = 0;
-  FP8KV_CUDA_CHECK(cudaGetDevice(&dev));
-  FP8KV_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-  return v;
-}
-
 struct DecodePlan {
   int kv_per_cta = 1;   // adjacent KV heads per CTA (decode_mma_kv_heads)
   int head_chunks = 1;  // CTAs per KV head along the query heads (8 per CTA)
@@ -41,7 +34,7 @@ DecodePlan plan_decode(const AttentionParams& p) {
       has_shallow = DecodeMmaKernel<kScheme, kHeadDim>::has_shallow_ring();
     });
   });
-  static const int sms = sm_count();
+  static const int sms = device_sm_count();
   // Exact tensor parallelism plans for the whole model's KV heads, so the split (and with it the
   // rounding) does not depend on the rank's share.
   const int planned_heads = p.split_kv_heads > 0 ? p.split_kv_heads : p.cache.num_kv_heads;

@@ -1,8 +1,9 @@
 // The parts every prefill kernel is built from (FA3 splits them the same way):
 //   params      PrefillParams: the shared AttentionArgs (attention_args.h) and the causal flag;
-//   scheduler   the grid (x: query head, or KV head for packed GQA; y: request; z: q tile,
-//               reversed so that the CTAs with the longest causal rows start first; non-causal,
-//               every q tile of a request reads all its keys, and the order does not matter);
+//   scheduler   the grid (x: query head; y: request; z: q tile, reversed so that the CTAs with
+//               the longest causal rows start first; non-causal, every q tile of a request reads
+//               all its keys, and the order does not matter), or the persistent kernel's work
+//               items, numbered in that order and dealt out to one CTA per SM;
 //   seqlen      PrefillSeq: where a CTA's rows sit in its request (varlen, cached prefix) and
 //               which keys they see (causal or not);
 //   softmax     RowSoftmax: the online softmax in base 2 over MMA accumulator fragments;
@@ -18,6 +19,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -36,6 +38,10 @@ namespace fp8kv::cuda::prefill {
 // Device-side arguments: the shared AttentionArgs (attention_args.h) and what only prefill reads.
 struct PrefillParams : AttentionArgs {
   bool causal = true;  // AttentionParams::causal
+  // The persistent scheduler's items (prefill_persistent_grid): num_q_heads x num_requests x
+  // q_tiles.
+  int num_requests = 0;
+  int q_tiles = 0;  // tiles of new tokens of the longest request
 #ifdef FP8KV_PREFILL_TIMELINE
   uint32_t* timeline = nullptr;  // set_prefill_timeline's buffer (prefill_launch.cuh), or null
 #endif
@@ -91,14 +97,14 @@ struct PrefillSeq {
   __device__ __forceinline__ int key_bound(int pos) const { return causal ? pos : seq_len - 1; }
 };
 
-// Fills `s` for this CTA (blockIdx.y, blockIdx.z reversed); false when the CTA has no rows (past
-// its request's new tokens, or an empty request): the whole CTA returns, before any barrier.
-__device__ __forceinline__ bool prefill_seq(const PrefillParams& p, int tile_tokens, int pack,
-                                            PrefillSeq& s) {
-  s.b = blockIdx.y;
+// Fills `s` for q tile `q_tile` (0: the first tokens) of request b; false when the tile has no
+// rows (past its request's new tokens, or an empty request).
+__device__ __forceinline__ bool prefill_seq_at(const PrefillParams& p, int b, int q_tile,
+                                               int tile_tokens, int pack, PrefillSeq& s) {
+  s.b = b;
   s.q_begin = p.cu_seqlens_q[s.b];
   s.q_len = p.cu_seqlens_q[s.b + 1] - s.q_begin;
-  s.q0 = (gridDim.z - 1 - blockIdx.z) * tile_tokens;
+  s.q0 = q_tile * tile_tokens;
   if (s.q0 >= s.q_len) return false;
   s.seq_len = p.seq_len[s.b];
   s.prefix = s.seq_len - s.q_len;
@@ -107,6 +113,56 @@ __device__ __forceinline__ bool prefill_seq(const PrefillParams& p, int tile_tok
   s.causal = p.causal;
   s.last_key = s.key_bound(s.last_pos);
   return true;
+}
+
+// Fills `s` for this CTA (blockIdx.y, blockIdx.z reversed); false when the CTA has no rows (past
+// its request's new tokens, or an empty request): the whole CTA returns, before any barrier.
+__device__ __forceinline__ bool prefill_seq(const PrefillParams& p, int tile_tokens, int pack,
+                                            PrefillSeq& s) {
+  return prefill_seq_at(p, blockIdx.y, gridDim.z - 1 - blockIdx.z, tile_tokens, pack, s);
+}
+
+// The persistent scheduler. Item i of a launch is query head i % Hq of request (i / Hq) % B, q
+// tile (i / Hq / B) counted from the last: the order in which the hardware hands out the blocks
+// of prefill_grid, the longest causal rows first. False for an item without rows.
+__device__ __forceinline__ bool prefill_item(const PrefillParams& p, int item, int tile_tokens,
+                                             int& head, PrefillSeq& s) {
+  head = item % p.num_q_heads;
+  const int rest = item / p.num_q_heads;
+  return prefill_seq_at(p, rest % p.num_requests, p.q_tiles - 1 - rest / p.num_requests,
+                        tile_tokens, 1, s);
+}
+__device__ __forceinline__ int prefill_items(const PrefillParams& p) {
+  return p.num_q_heads * p.num_requests * p.q_tiles;
+}
+// The CTA's item of round k: rounds of gridDim.x items, dealt out forwards in even rounds and
+// backwards in odd ones (a snake), so that the CTA that got a round's longest item gets the next
+// round's shortest and, with the items longest first, the CTAs' sums come out even. Every role of
+// a CTA walks the same sequence and skips the same empty items.
+__device__ __forceinline__ int prefill_round_item(int k) {
+  const int c = (k & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  return k * gridDim.x + c;
+}
+
+// The grid of a kernel that walks items of `tile_tokens` new tokens per query head and request
+// (in p). Persistent, where every request has the same number of new tokens: one CTA per SM (at
+// most one per item), the items dealt out in rounds. Otherwise one CTA per item, as prefill_grid
+// but flat, and the hardware hands them to the SMs as they free up: with requests of mixed
+// lengths (a cached-prefix batch) a fixed deal (items c, c + 132, ... without the snake) left
+// some CTAs rounds of long items and others rounds of empty ones (H200: 8 requests of 100..2048
+// new tokens, 1000 cached: 1.2-1.3x the time). Throws when the item count exceeds an int.
+inline dim3 prefill_item_grid(const AttentionParams& a, int tile_tokens, bool persistent,
+                              PrefillParams& p) {
+  p.num_requests = a.batch.num_requests;
+  p.q_tiles = ceil_div(a.batch.max_q_len, tile_tokens);
+  const int64_t items = static_cast<int64_t>(a.num_q_heads) * p.num_requests * p.q_tiles;
+  if (items > INT32_MAX) {
+    throw Error("prefill_attention: too many tiles (" + std::to_string(items) + ")");
+  }
+  const bool even =
+      a.batch.total_q == static_cast<int64_t>(a.batch.num_requests) * a.batch.max_q_len;
+  const int64_t ctas = persistent && even ? std::min<int64_t>(items, device_sm_count()) : items;
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, ctas)));
 }
 
 // ---- conversions -----------------------------------------------------------------------------

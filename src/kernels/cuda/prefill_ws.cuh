@@ -12,7 +12,8 @@
 // prefix, GQA, K/V gathered through the slot table; P rounded to the operand type as it is, the
 // row sum from the unrounded P); what differs is who does what, and when:
 //
-//  - A CTA is three warpgroups for 128 query rows of one query head. Warpgroup 0 is the
+//  - A CTA is three warpgroups for 128 query rows of one query head (bf16, swizzled: a persistent
+//    CTA per SM that walks such items in turn, kPersistent). Warpgroup 0 is the
 //    producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
 //    transposes V into V^T (wgmma reads 8-bit operands only K-major) and publishes each stage on
 //    its `full` mbarrier (bf16 K/V, swizzled: K and V of a stage apart, by the hardware as their
@@ -100,9 +101,12 @@ struct WsShape {
   // later warpgroup's P V of it, half a tile before the earlier one needed the next: apart, K and
   // V each have about two consumer tiles of lead. H200, causal B=2 L=8192: 507 -> 572 TFLOP/s.
   static constexpr bool kSplitKvOperands = !kFp8Mma && !kWiden;    // and swizzled: kSplitKv
-  // full[], empty[] (K, V), then (kF16) the word where the producer reduces Q's largest |bf16|.
-  static constexpr int kQMaxOffset = kBarOffset + 4 * kStages * 8;
-  static constexpr int kSmemBytes = kQMaxOffset + (kF16 ? 16 : 0);
+  // full[], empty[] (K, V), q_empty (both consumer warpgroups' last S of an item has landed: Q
+  // may be refilled), then (kF16) the two words where the producer reduces Q's largest |bf16|
+  // (item n uses word n % 2: the other is reset meanwhile).
+  static constexpr int kQEmptyOffset = kBarOffset + 4 * kStages * 8;
+  static constexpr int kQMaxOffset = kQEmptyOffset + 8;
+  static constexpr int kSmemBytes = kQMaxOffset + (kF16 ? 8 : 0);
   static constexpr int kChunks = kRowBytes / 16;              // 16-byte chunks per operand row
   static constexpr int kRowStep = kProducerThreads / kChunks;  // rows between a thread's chunks
   static constexpr int kKvChunks = kKvRowBytes / 16;           // ... per cache row
@@ -182,15 +186,22 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // where the producer finishes a tile ahead (kFinishFirst), it measured slower (438 -> 381,
   // 692 -> 663) and they keep one barrier pair per stage.
   constexpr bool kApart = kSplitKv || (Sh::kFp8Mma && kStages < 4);
+  // Persistent CTAs (below) for the kSplitKv instances, the default of bf16 at every head dim.
+  // H200, A/B in one call (items dealt out in snake rounds, causal B=2 L=8192 unless said):
+  // bf16 572 -> 600 TFLOP/s, non-causal 579 -> 611, B=16 L=1024 341 -> 369, B=4 L=4096 518 ->
+  // 546, D 64 385 -> 392, D 256 481 -> 491. The e4m3 and widened instances measured slower with
+  // the item loop compiled in, even where it ran one item per CTA (fp8-per-head 700 -> 686,
+  // cached prefix 553 -> 519; fp8-per-tensor 405 -> 322): for them the loop runs once, one CTA
+  // per item as before.
+  constexpr bool kPersistent = kSplitKv;
   extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
   const uint32_t base = smem_addr(smem);
 #ifdef FP8KV_PREFILL_TIMELINE
-  // Diagnostic build: lane 0 of each warpgroup's first warp in CTA (0, 0, 0) stamps its phases
-  // (prefill_launch.cuh, set_prefill_timeline); everyone else stamps nothing. Only a predicate
-  // stays live (the address is recomputed from the parameter at each stamp): the consumers sit at
-  // their register cap, and a live pointer made them spill.
-  const bool tl_on = p.timeline != nullptr && blockIdx.x == 0 && blockIdx.y == 0 &&
-                     blockIdx.z == 0 && threadIdx.x % 128 == 0;
+  // Diagnostic build: lane 0 of each warpgroup's first warp in CTA 0 stamps its phases during
+  // its first item (prefill_launch.cuh, set_prefill_timeline); everyone else stamps nothing. Only
+  // a predicate stays live (the address is recomputed from the parameter at each stamp): the
+  // consumers sit at their register cap, and a live pointer made them spill.
+  bool tl_on = p.timeline != nullptr && blockIdx.x == 0 && threadIdx.x % 128 == 0;
   auto stamp = [&](int tile, int event) {
     if (tl_on && tile >= 0 && tile < kPrefillTimelineTiles) {
       const size_t role = threadIdx.x / 128;
@@ -198,29 +209,25 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
           static_cast<uint32_t>(clock());
     }
   };
+  auto item_done = [&] { tl_on = false; };
 #else
   auto stamp = [](int, int) {};  // the default build: nothing
+  auto item_done = [] {};
 #endif
 
-  const int head = blockIdx.x;  // the query head
-  const int kv_head = head / (p.num_q_heads / p.num_kv_heads);
-  PrefillSeq seq;
-  if (!prefill_seq(p, Sh::kBlockM, 1, seq)) return;  // the whole CTA, before any barrier
-  const int b = seq.b;
-  const int q_begin = seq.q_begin;
-  const int q0 = seq.q0;  // first token of this CTA
-  const int seq_len = seq.seq_len;
-  const int prefix = seq.prefix;
-  const int rows_here = seq.rows;  // valid rows
-  const int num_kv_tiles = seq.last_key / kBlockN + 1;
-  const int32_t* const slots = request_row<DeviceErrorKind::kPrefillRequest>(p, b);
-  if (slots == nullptr) return;  // the same for every thread of the CTA: before any barrier
-
+  // Persistent (kPersistent): the CTA runs the items of its rounds (prefill_round_item,
+  // prefill_item), the ring turning on across them (`ring`: the ring index of the item's first
+  // key tile; stage and phase follow from the ring index). So the producer loads the next item's
+  // Q, once both consumer warpgroups have their last S of this one (q_empty), and its first
+  // tiles while they finish this item's tiles and write its output: no CTA start, barrier setup
+  // or empty ring per tile of 128 rows. Otherwise the loop below runs once (the CTA's item
+  // blockIdx.x, ring and n 0: what the compiler sees), one CTA per item.
   const uint32_t full_bar = base + Sh::kBarOffset;  // full[s]: the stage's K and V^T landed
   const uint32_t empty_bar = full_bar + 8 * kStages;  // empty[s]: both consumers are done with it
   // kApart: full[] and empty[] are K's; V (V^T) has its own pair.
   const uint32_t v_full_bar = empty_bar + 8 * kStages;
   const uint32_t v_empty_bar = v_full_bar + 8 * kStages;
+  const uint32_t q_empty_bar = base + Sh::kQEmptyOffset;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(full_bar + 8 * s, Sh::kProducerThreads);
@@ -230,11 +237,18 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         mbarrier_init(v_empty_bar + 8 * s, 8);
       }
     }
-    if constexpr (Sh::kF16) *reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset) = 0;
+    mbarrier_init(q_empty_bar, 8);  // lane 0 of each consumer warp
+    if constexpr (Sh::kF16) {
+      reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset)[0] = 0;
+      reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset)[1] = 0;
+    }
     fence_barrier_init();
   }
   __syncthreads();
-  auto stage_addr = [&](int j) { return base + Sh::kQBytes + (j % kStages) * Sh::kStageBytes; };
+  // The stage of ring index J (the item's ring + its tile j).
+  auto stage_addr = [&](int J) { return base + Sh::kQBytes + (J % kStages) * Sh::kStageBytes; };
+  const int num_items = prefill_items(p);
+  const int kv_group = p.num_q_heads / p.num_kv_heads;
 
   if (threadIdx.x < Sh::kProducerThreads) {
     // ================================ producer ================================
@@ -243,7 +257,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // D 128: the warp index broadcast from lane 0, as the consumers' (warp-uniform for ptxas):
     // fp8-per-head 647 -> 660 TFLOP/s, bf16 496 -> 502 on the H200 (causal B=2 L=8192); at D 64
     // it measured 448 -> 435 for fp8-per-head, so there it stays the plain quotient.
-    const int warp = D == 128 ? __shfl_sync(kFullMask, tid / 32, 0) : tid / 32;
+    const int warp = D == 128 ? warp_uniform(tid / 32) : tid / 32;
     const int lane = tid % 32;
     // 8 consecutive threads take rows r..r+7 of one 16-byte column chunk: each 8-thread phase
     // writes one whole core matrix (128 contiguous bytes).
@@ -257,34 +271,29 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       if constexpr (D == 64) return row * Sh::kRawPitch + chunk * 16;
       return row * Sh::kRawPitch + ((chunk ^ (row % 8)) << 4);
     };
-    {
+    // Item n's Q tile (`rows` rows from q_base, the item's first token of its query head), once
+    // the consumers are done with item n - 1's: published with the item's first tile (in the
+    // cp.async group of a tile that has landed when the first is published).
+    auto q_source = [&](int head, const PrefillSeq& seq) {
+      return static_cast<const uint8_t*>(p.q) +
+             (static_cast<int64_t>(seq.q_begin + seq.q0) * p.num_q_heads + head) * Sh::kRowBytes;
+    };
+    auto issue_q = [&](int n, const uint8_t* q_base, int rows) {
+      if (kPersistent && n > 0) mbarrier_wait(q_empty_bar, (n - 1) & 1);
       const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * Sh::kRowBytes;
-      const uint8_t* q_base =
-          static_cast<const uint8_t*>(p.q) +
-          (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head) * Sh::kRowBytes;
 #pragma unroll
       for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
         const int r = ld_row + i * Sh::kRowStep;
-        const bool valid = r < rows_here;
+        const bool valid = r < rows;
         const int64_t offset = r * token_bytes + ld_chunk * 16;
         cp_async_16(smem + canonical(r, Sh::kBlockM), valid ? q_base + offset : p.q,
                     valid ? 16 : 0);
       }
-    }
+    };
     // K/V rows: as Q's, or (widened) raw rows, consecutive threads on consecutive chunks of a row.
     const int kv_chunk = Sh::kWiden ? tid % Sh::kKvChunks : ld_chunk;
     const int kv_row = Sh::kWiden ? tid / Sh::kKvChunks : ld_row;
     const int64_t slot_bytes = 2 * static_cast<int64_t>(p.num_kv_heads) * Sh::kKvRowBytes;
-    const uint8_t* const k_base = p.kv + kv_head * Sh::kKvRowBytes + kv_chunk * 16;
-    const uint8_t* const v_base = k_base + p.num_kv_heads * Sh::kKvRowBytes;
-    int tile_slots[Sh::kKvRowsPerThread];
-    auto fetch_slots = [&](int tile) {
-#pragma unroll
-      for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
-        const int pos = tile * kBlockN + kv_row + i * Sh::kKvRowStep;
-        tile_slots[i] = pos < seq_len ? slots[pos] : -1;
-      }
-    };
     // V^T writes: lane (g, t) gets, from the 4 matrices of keys c*32 + {0-7, 8-15, 16-23, 24-31}
     // at d block dp*16, the words of d = dp*16 + 2g (even) and + 1 (odd) for key slots c*32 + 4t
     // (keys 2t, 2t+1, 2t+8, 2t+9) and c*32 + 16 + 4t.
@@ -353,11 +362,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         *reinterpret_cast<uint4*>(op + at(2 * c + 1)) = w1;
       }
     };
-    // kF16, with tile 0 (Q's copies landed, this thread's chunks): Q's largest |bf16| reduced over
-    // the producer (in the word at kQMaxOffset, which the consumers read once tile 0 is
-    // published), then this thread's chunks rewritten in place as f16, times 2^q_f16_shift.
-    auto q_to_f16 = [&] {
-      uint32_t* const q_max = reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset);
+    // kF16, with an item's first tile (Q's copies landed, this thread's chunks): Q's largest |bf16|
+    // reduced over the producer (item n: in word n % 2 at kQMaxOffset, which the consumers read
+    // once the tile is published; the other word, last read by the consumers of item n - 1
+    // before they released their Q, is reset for item n + 1), then this thread's chunks rewritten
+    // in place as f16, times 2^q_f16_shift.
+    auto q_to_f16 = [&](int n) {
+      uint32_t* const q_max = reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset) + (n & 1);
       uint32_t m = 0;
 #pragma unroll 4
       for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
@@ -370,6 +381,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       if (lane == 0) atomicMax(q_max, m);
       named_barrier_sync(1, Sh::kProducerThreads);
       const float scale = exp2_int(q_f16_shift(*reinterpret_cast<volatile uint32_t*>(q_max)));
+      if (tid == 0) reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset)[(n + 1) & 1] = 0;
       auto cvt = [&](uint32_t two) {
         const float2 f = bf16x2_to_float2(two);
         return pack_f16x2(f.x * scale, f.y * scale);
@@ -382,75 +394,94 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         *q = make_uint4(cvt(v.x), cvt(v.y), cvt(v.z), cvt(v.w));
       }
     };
-    auto finish = [&](int j) {  // this thread's copies of tile j have landed
+    // This thread's copies of tile j of item n (ring index J) have landed.
+    auto finish = [&](int J, int j, int n) {
       // ... and everyone's, where this thread reads rows that others copied
       if constexpr (Sh::kVRowsBytes > 0) named_barrier_sync(1, Sh::kProducerThreads);
       stamp(j, kTlBarrier);
-      const uint32_t st = stage_addr(j);
+      const uint32_t st = stage_addr(J);
       if constexpr (Sh::kFp8Mma) {
-        // kApart: V^T of the stage is free once the consumers' P V of tile j - kStages has landed.
-        if (kApart && j >= kStages) {
-          mbarrier_wait(v_empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
+        // kApart: V^T of the stage is free once the consumers' P V of ring index J - kStages has
+        // landed.
+        if (kApart && J >= kStages) {
+          mbarrier_wait(v_empty_bar + 8 * (J % kStages), ((J / kStages) - 1) & 1);
         }
         transpose_v(st);
       } else if constexpr (Sh::kWiden) {
-        if (Sh::kF16 && j == 0) q_to_f16();
+        if (Sh::kF16 && j == 0) q_to_f16(n);
         widen_kv(st);
       }
       stamp(j, kTlTransformed);
       fence_proxy_async();  // cp.async'd Q/K/V and st.shared V^T or K/V -> the async proxy (wgmma)
-      mbarrier_arrive((kApart ? v_full_bar : full_bar) + 8 * (j % kStages));
+      mbarrier_arrive((kApart ? v_full_bar : full_bar) + 8 * (J % kStages));
       stamp(j, kTlPublished);
     };
 
     if constexpr (kSplitKv) {
       // bf16 K/V, swizzled: no producer work between a copy and its use. Each thread's K rows of
-      // tile j are published by the hardware once they (and, for tile 0, Q) have landed, then its
-      // V rows; a stage's K and V are refilled as soon as the consumers release each. Thread
-      // (r0, c) copies 16-byte chunk c of each 128-byte column block of rows r0, r0 + 16, ...:
-      // one source address per row (the other paths' mapping, 16 rows a thread at D 128, spilled
-      // here at the producer's 72 registers).
+      // tile j are published by the hardware once they (and, for an item's first tile, Q) have
+      // landed, then its V rows; a stage's K and V are refilled as soon as the consumers release
+      // each. Thread (r0, c) copies 16-byte chunk c of each 128-byte column block of rows r0,
+      // r0 + 16, ...: one source address per row (the other paths' mapping, 16 rows a thread at
+      // D 128, spilled here at the producer's 72 registers).
       constexpr int kBlocks = Sh::kRowBytes / 128;
       constexpr int kRowsPass = Sh::kProducerThreads / 8;
       constexpr int kRows = kBlockN / kRowsPass;
       static_assert(kBlockN % kRowsPass == 0, "whole passes of 16 rows");
       const int c = tid % 8;
       const int r0 = tid / 8;
-      const uint8_t* const kb = p.kv + kv_head * Sh::kKvRowBytes + c * 16;
-      const uint8_t* const vb = kb + p.num_kv_heads * Sh::kKvRowBytes;
       const uint32_t dst0 = r0 * 128 + ((c ^ (r0 % 8)) << 4);
-      int sl[kRows];
-      auto fetch = [&](int tile) {
+      int ring = 0, n = 0;
+      for (int k = 0; kPersistent || k == 0; ++k) {
+        const int item = prefill_round_item(k);
+        if (item >= num_items) break;
+        int head;
+        PrefillSeq seq;
+        if (!prefill_item(p, item, Sh::kBlockM, head, seq)) continue;
+        const int32_t* const slots = request_row<DeviceErrorKind::kPrefillRequest>(p, seq.b);
+        if (slots == nullptr) continue;  // every role of the CTA skips it
+        const int num_kv_tiles = warp_uniform(seq.last_key / kBlockN + 1);
+        const int kv_head = head / kv_group;
+        const uint8_t* const kb = p.kv + kv_head * Sh::kKvRowBytes + c * 16;
+        const uint8_t* const vb = kb + p.num_kv_heads * Sh::kKvRowBytes;
+        int sl[kRows];
+        auto fetch = [&](int tile) {
 #pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const int pos = tile * kBlockN + r0 + i * kRowsPass;
-          sl[i] = pos < seq_len ? slots[pos] : -1;
-        }
-      };
-      auto issue = [&](uint32_t dst, const uint8_t* src_base) {
-#pragma unroll
-        for (int i = 0; i < kRows; ++i) {
-          const bool valid = sl[i] >= 0;
-          const uint8_t* const src = src_base + (valid ? sl[i] * slot_bytes : 0);
-#pragma unroll
-          for (int b = 0; b < kBlocks; ++b) {
-            cp_async_16(dst + b * kBlockN * 128 + i * kRowsPass * 128 + dst0, src + b * 128,
-                        valid ? 16 : 0);
+          for (int i = 0; i < kRows; ++i) {
+            const int pos = tile * kBlockN + r0 + i * kRowsPass;
+            sl[i] = pos < seq.seq_len ? slots[pos] : -1;
           }
+        };
+        auto issue = [&](uint32_t dst, const uint8_t* src_base) {
+#pragma unroll
+          for (int i = 0; i < kRows; ++i) {
+            const bool valid = sl[i] >= 0;
+            const uint8_t* const src = src_base + (valid ? sl[i] * slot_bytes : 0);
+#pragma unroll
+            for (int b = 0; b < kBlocks; ++b) {
+              cp_async_16(dst + b * kBlockN * 128 + i * kRowsPass * 128 + dst0, src + b * 128,
+                          valid ? 16 : 0);
+            }
+          }
+        };
+        issue_q(n, q_source(head, seq), seq.rows);
+        fetch(0);
+        for (int j = 0; j < num_kv_tiles; ++j) {
+          const int J = ring + j;
+          const uint32_t st = stage_addr(J);
+          const int s = J % kStages;
+          const uint32_t parity = ((J / kStages) - 1) & 1;
+          if (J >= kStages) mbarrier_wait(empty_bar + 8 * s, parity);
+          issue(st, kb);
+          cp_async_mbarrier_arrive(full_bar + 8 * s);
+          if (J >= kStages) mbarrier_wait(v_empty_bar + 8 * s, parity);
+          issue(st + Sh::kKBytes, vb);
+          cp_async_mbarrier_arrive(v_full_bar + 8 * s);
+          if (j + 1 < num_kv_tiles) fetch(j + 1);
         }
-      };
-      fetch(0);
-      for (int j = 0; j < num_kv_tiles; ++j) {
-        const uint32_t st = stage_addr(j);
-        const int s = j % kStages;
-        const uint32_t parity = ((j / kStages) - 1) & 1;
-        if (j >= kStages) mbarrier_wait(empty_bar + 8 * s, parity);
-        issue(st, kb);
-        cp_async_mbarrier_arrive(full_bar + 8 * s);
-        if (j >= kStages) mbarrier_wait(v_empty_bar + 8 * s, parity);
-        issue(st + Sh::kKBytes, vb);
-        cp_async_mbarrier_arrive(v_full_bar + 8 * s);
-        if (j + 1 < num_kv_tiles) fetch(j + 1);
+        ring += num_kv_tiles;
+        ++n;
+        item_done();
       }
       cp_async_commit();
       cp_async_wait<0>();
@@ -464,56 +495,89 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // transposition at every tile (profiled, fp8-per-head D 128: the consumers' wait on `full`
     // 17% of their stall samples, the producer's wait on `empty` a third of its). Finished
     // first, a tile is published a whole consumer iteration before it is needed, with one tile
-    // fewer in flight during the wait for its data.
+    // fewer in flight during the wait for its data. An item's last tiles are finished before the
+    // next item's loads (its cp.async groups drained).
     constexpr int kAhead = kStages - 2;
     constexpr bool kFinishFirst = (Sh::kFp8Mma || Sh::kWiden) && kStages >= 4;
-    fetch_slots(0);
-    for (int j = 0; j < num_kv_tiles; ++j) {
-      stamp(j, kTlTop);
-      if (kFinishFirst && j >= kAhead) {
-        cp_async_wait<kAhead - 1>();  // tiles up to j - kAhead have landed
-        stamp(j - kAhead, kTlLanded);
-        finish(j - kAhead);
-      }
-      stamp(j, kTlEmptyWait);
-      if (j >= kStages) mbarrier_wait(empty_bar + 8 * (j % kStages), ((j / kStages) - 1) & 1);
-      stamp(j, kTlEmptyDone);
-      const uint32_t st = stage_addr(j);
-      uint8_t* const k_stage = smem + (st - base);
-      uint8_t* const v_stage = k_stage + Sh::kKBytes + Sh::kVtBytes;  // raw rows
+    // The item's Q goes with its tile kQTile (or its last): the latest whose cp.async group has
+    // landed when the first tile is finished, so that the item's first loads are not held
+    // behind the wait for the consumers' last S of the item before.
+    constexpr int kQTile = kFinishFirst ? kAhead - 1 : 0;
+    int ring = 0, n = 0;
+    for (int k = 0; kPersistent || k == 0; ++k) {
+      const int item = prefill_round_item(k);
+      if (item >= num_items) break;
+      int head;
+      PrefillSeq seq;
+      if (!prefill_item(p, item, Sh::kBlockM, head, seq)) continue;
+      const int32_t* const slots = request_row<DeviceErrorKind::kPrefillRequest>(p, seq.b);
+      if (slots == nullptr) continue;  // every role of the CTA skips it
+      const int num_kv_tiles = warp_uniform(seq.last_key / kBlockN + 1);
+      const int kv_head = head / kv_group;
+      const uint8_t* const k_base = p.kv + kv_head * Sh::kKvRowBytes + kv_chunk * 16;
+      const uint8_t* const v_base = k_base + p.num_kv_heads * Sh::kKvRowBytes;
+      int tile_slots[Sh::kKvRowsPerThread];
+      auto fetch_slots = [&](int tile) {
 #pragma unroll
-      for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
-        if (kDiag == 1 && j >= kStages) break;
-        const int row = kv_row + i * Sh::kKvRowStep;
-        const bool valid = tile_slots[i] >= 0;
-        const int64_t offset = valid ? tile_slots[i] * slot_bytes : 0;
-        if constexpr (Sh::kFp8Mma) {
-          cp_async_16(k_stage + canonical(row, kBlockN), k_base + offset, valid ? 16 : 0);
-          cp_async_16(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset, valid ? 16 : 0);
-        } else if constexpr (Sh::kWiden) {
-          cp_async_16(v_stage + raw_offset(row, kv_chunk), k_base + offset, valid ? 16 : 0);
-          cp_async_16(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset,
-                      valid ? 16 : 0);
-        } else {  // bf16: V [keys][D] is the MN-major B of P V, laid out as K is
-          cp_async_16(k_stage + canonical(row, kBlockN), k_base + offset, valid ? 16 : 0);
-          cp_async_16(k_stage + Sh::kKBytes + canonical(row, kBlockN), v_base + offset,
-                      valid ? 16 : 0);
+        for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
+          const int pos = tile * kBlockN + kv_row + i * Sh::kKvRowStep;
+          tile_slots[i] = pos < seq.seq_len ? slots[pos] : -1;
+        }
+      };
+      issue_q(n, q_source(head, seq), seq.rows);
+      fetch_slots(0);
+      for (int j = 0; j < num_kv_tiles; ++j) {
+        const int J = ring + j;
+        stamp(j, kTlTop);
+        if (kFinishFirst && j >= kAhead) {
+          cp_async_wait<kAhead - 1>();  // tiles up to j - kAhead have landed
+          stamp(j - kAhead, kTlLanded);
+          finish(J - kAhead, j - kAhead, n);
+        }
+        stamp(j, kTlEmptyWait);
+        if (J >= kStages) mbarrier_wait(empty_bar + 8 * (J % kStages), ((J / kStages) - 1) & 1);
+        stamp(j, kTlEmptyDone);
+        const uint32_t st = stage_addr(J);
+        uint8_t* const k_stage = smem + (st - base);
+        uint8_t* const v_stage = k_stage + Sh::kKBytes + Sh::kVtBytes;  // raw rows
+#pragma unroll
+        for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
+          if (kDiag == 1 && j >= kStages) break;
+          const int row = kv_row + i * Sh::kKvRowStep;
+          const bool valid = tile_slots[i] >= 0;
+          const int64_t offset = valid ? tile_slots[i] * slot_bytes : 0;
+          if constexpr (Sh::kFp8Mma) {
+            cp_async_16(k_stage + canonical(row, kBlockN), k_base + offset, valid ? 16 : 0);
+            cp_async_16(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset,
+                        valid ? 16 : 0);
+          } else if constexpr (Sh::kWiden) {
+            cp_async_16(v_stage + raw_offset(row, kv_chunk), k_base + offset, valid ? 16 : 0);
+            cp_async_16(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset,
+                        valid ? 16 : 0);
+          } else {  // bf16: V [keys][D] is the MN-major B of P V, laid out as K is
+            cp_async_16(k_stage + canonical(row, kBlockN), k_base + offset, valid ? 16 : 0);
+            cp_async_16(k_stage + Sh::kKBytes + canonical(row, kBlockN), v_base + offset,
+                        valid ? 16 : 0);
+          }
+        }
+        if constexpr (kApart) cp_async_mbarrier_arrive(full_bar + 8 * (J % kStages));  // K landed
+        cp_async_commit();
+        stamp(j, kTlIssued);
+        if (j + 1 < num_kv_tiles && !(kDiag == 1 && j + 1 >= kStages)) fetch_slots(j + 1);
+        if (!kFinishFirst && j >= kAhead) {
+          cp_async_wait<kAhead>();
+          stamp(j - kAhead, kTlLanded);
+          finish(J - kAhead, j - kAhead, n);
         }
       }
-      if constexpr (kApart) cp_async_mbarrier_arrive(full_bar + 8 * (j % kStages));  // K landed
-      cp_async_commit();
-      stamp(j, kTlIssued);
-      if (j + 1 < num_kv_tiles && !(kDiag == 1 && j + 1 >= kStages)) fetch_slots(j + 1);
-      if (!kFinishFirst && j >= kAhead) {
-        cp_async_wait<kAhead>();
-        stamp(j - kAhead, kTlLanded);
-        finish(j - kAhead);
+      cp_async_wait<0>();
+      for (int j = max(0, num_kv_tiles - kAhead); j < num_kv_tiles; ++j) {
+        stamp(j, kTlLanded);
+        finish(ring + j, j, n);
       }
-    }
-    cp_async_wait<0>();
-    for (int j = max(0, num_kv_tiles - kAhead); j < num_kv_tiles; ++j) {
-      stamp(j, kTlLanded);
-      finish(j);
+      ring += num_kv_tiles;
+      ++n;
+      item_done();
     }
     return;
   }
@@ -523,296 +587,337 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int tid = threadIdx.x - Sh::kProducerThreads;
   // The consumer warpgroup (rows cw*64 .. cw*64+63), broadcast from lane 0 so that ptxas sees it
   // warp-uniform: the tile loop and the wgmma descriptors then live in uniform registers.
-  const int cw = __shfl_sync(kFullMask, tid / 128, 0);
+  const int cw = warp_uniform(tid / 128);
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
   const int wg_row0 = cw * 64;
-  const bool wg_active = wg_row0 < rows_here;
-  // The last key each row sees (PrefillSeq::key_bound: its position, or non-causal the request's
-  // last key): tiles past wg_last_pos are skipped, those reaching past wg_first_pos masked.
-  const int wg_first_pos = seq.key_bound(prefix + q0 + wg_row0);
-  const int wg_last_pos = seq.key_bound(prefix + q0 + min(wg_row0 + 64, rows_here) - 1);
-  const int wg_tiles = wg_active ? wg_last_pos / kBlockN + 1 : 0;
-  const int row_g = wg_row0 + ((tid / 32) % 4) * 16 + g;  // this thread's rows: row_g, row_g + 8
-  const int row_pos[2] = {seq.key_bound(prefix + q0 + row_g), seq.key_bound(prefix + q0 + row_g + 8)};
-  // Scores are raw accumulators; qk_scale turns them into log2 units (the K scale, and Q's for
-  // fp8-per-head, folded in); v_scale applies once to the output.
-  float qk_scale = p.softmax_scale * kLog2e;
-  float v_scale = 1.0f;
-  if constexpr (kv_scale_source(S) != KvScaleSource::kNone) {
-    const int si = kv_scale_source(S) == KvScaleSource::kPerHead ? kv_head : 0;
-    qk_scale *= p.k_scale[si];
-    v_scale = p.v_scale[si];
-  }
-  if constexpr (fp8_q(S)) qk_scale *= p.q_scale[b * p.num_kv_heads + kv_head];
-  const uint32_t q_desc_base = base + wg_row0 * (kSwizzle ? 128 : Sh::kRowBytes);
+  int ring = 0, n = 0;  // as the producer's
+  for (int k = 0; kPersistent || k == 0; ++k) {
+    const int item = prefill_round_item(k);
+    if (item >= num_items) break;
+    int head;
+    PrefillSeq seq;
+    if (!prefill_item(p, item, Sh::kBlockM, head, seq)) continue;
+    // (The producer's check, whose thread 0 records a bad request: every role skips the item.)
+    if (request_row<DeviceErrorKind::kPrefillRequest>(p, seq.b) == nullptr) continue;
+    const int b = seq.b;
+    const int q_begin = seq.q_begin;
+    const int q0 = seq.q0;  // first token of this item
+    const int prefix = seq.prefix;
+    const int rows_here = seq.rows;  // valid rows
+    const int num_kv_tiles = warp_uniform(seq.last_key / kBlockN + 1);
+    const int kv_head = head / kv_group;
+    const bool wg_active = wg_row0 < rows_here;
+    // The last key each row sees (PrefillSeq::key_bound: its position, or non-causal the request's
+    // last key): tiles past wg_last_pos are skipped, those reaching past wg_first_pos masked.
+    const int wg_first_pos = seq.key_bound(prefix + q0 + wg_row0);
+    const int wg_last_pos = seq.key_bound(prefix + q0 + min(wg_row0 + 64, rows_here) - 1);
+    const int wg_tiles = warp_uniform(wg_active ? wg_last_pos / kBlockN + 1 : 0);
+    const int row_g = wg_row0 + ((tid / 32) % 4) * 16 + g;  // this thread's rows: row_g, row_g + 8
+    const int row_pos[2] = {seq.key_bound(prefix + q0 + row_g),
+                            seq.key_bound(prefix + q0 + row_g + 8)};
+    // Scores are raw accumulators; qk_scale turns them into log2 units (the K scale, and Q's for
+    // fp8-per-head, folded in); v_scale applies once to the output.
+    float qk_scale = p.softmax_scale * kLog2e;
+    float v_scale = 1.0f;
+    if constexpr (kv_scale_source(S) != KvScaleSource::kNone) {
+      const int si = kv_scale_source(S) == KvScaleSource::kPerHead ? kv_head : 0;
+      qk_scale *= p.k_scale[si];
+      v_scale = p.v_scale[si];
+    }
+    if constexpr (fp8_q(S)) qk_scale *= p.q_scale[b * p.num_kv_heads + kv_head];
+    const uint32_t q_desc_base = base + wg_row0 * (kSwizzle ? 128 : Sh::kRowBytes);
 
-  auto wait_full = [&](int j) { mbarrier_wait(full_bar + 8 * (j % kStages), (j / kStages) & 1); };
-  // kApart: full[] is K's alone; V(j) (V^T) is waited for apart. K was published by the
-  // hardware, not by a producer thread that fenced: the proxy fence is the consumer's, after the
-  // waits and before its wgmmas read it.
-  auto wait_v = [&](int j) {
-    if constexpr (kApart) mbarrier_wait(v_full_bar + 8 * (j % kStages), (j / kStages) & 1);
-  };
-  auto fence_apart = [&] {
-    if constexpr (kApart) fence_proxy_async();
-  };
-  // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
-  // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
-  // the tensor pipe. On for bf16 operands at D 64 and 128 (swizzled, the default), where it
-  // measured faster; bf16 D 256 and e4m3 operands measured the same or slower with it and go
-  // without (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
-  // D 64 (fp8-per-tensor, causal B=2 L=8192: 304 -> 343 TFLOP/s on the H200), off at D 128 (400
-  // -> 405 causal but 363 -> 353 at B=4 L=4096). Each
-  // warpgroup takes num_kv_tiles + 1 turns (the idle loop's included), and warpgroup 0 one more
-  // that takes warpgroup 1's last hand-over: the barriers' arrivals balance.
-  constexpr bool kPingPong = !Sh::kFp8Mma && (Sh::kWiden ? D == 64 : kSwizzle && D <= 128);
-  auto my_turn = [&] {
-    if (kPingPong) named_barrier_sync(2 + cw, 256);
-  };
-  auto your_turn = [&] {
-    if (kPingPong) named_barrier_arrive(2 + (1 - cw), 256);
-  };
-  if (kPingPong && cw == 1) named_barrier_arrive(2, 256);  // warpgroup 0 goes first
-  // The stage (kApart: its K).
-  auto release = [&](int j) {
-    if (lane == 0) mbarrier_arrive(empty_bar + 8 * (j % kStages));
-  };
-  auto release_v = [&](int j) {  // kApart: V of the stage
-    if (kApart && lane == 0) mbarrier_arrive(v_empty_bar + 8 * (j % kStages));
-  };
-  auto release_after_pv = [&](int j) {  // once P V(j) has landed: V (kApart) or the whole stage
-    if constexpr (kApart) {
-      release_v(j);
-    } else {
-      release(j);
-    }
-  };
-  // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
-  // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
-  auto issue_qk = [&](float(&s)[kBlockN / 2], int j) {
-    const uint32_t k_addr = stage_addr(j);
-#pragma unroll
-    for (int kk = 0; kk < Sh::kQkSteps; ++kk) {
-      const uint32_t q_sw = q_desc_base + (kk / 4) * Sh::kBlockM * 128 + (kk % 4) * 32;
-      const uint32_t k_sw = k_addr + (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
-      const uint64_t da = kSwizzle ? wgmma_desc_sw128(q_sw)
-                                   : wgmma_desc(q_desc_base + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
-      const uint64_t db = kSwizzle ? wgmma_desc_sw128(k_sw)
-                                   : wgmma_desc(k_addr + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
-      if constexpr (Sh::kFp8Mma) {
-        wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
+    // The ring's barriers take ring indices J (ring + the item's tile j).
+    auto wait_full = [&](int J) { mbarrier_wait(full_bar + 8 * (J % kStages), (J / kStages) & 1); };
+    // kApart: full[] is K's alone; V(j) (V^T) is waited for apart. K was published by the
+    // hardware, not by a producer thread that fenced: the proxy fence is the consumer's, after the
+    // waits and before its wgmmas read it.
+    auto wait_v = [&](int J) {
+      if constexpr (kApart) mbarrier_wait(v_full_bar + 8 * (J % kStages), (J / kStages) & 1);
+    };
+    auto fence_apart = [&] {
+      if constexpr (kApart) fence_proxy_async();
+    };
+    // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
+    // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
+    // the tensor pipe. On for bf16 operands at D 64 and 128 (swizzled, the default), where it
+    // measured faster; bf16 D 256 and e4m3 operands measured the same or slower with it and go
+    // without (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
+    // D 64 (fp8-per-tensor, causal B=2 L=8192: 304 -> 343 TFLOP/s on the H200), off at D 128 (400
+    // -> 405 causal but 363 -> 353 at B=4 L=4096). Each
+    // warpgroup takes num_kv_tiles + 1 turns (the idle loop's included), and warpgroup 0 one more
+    // that takes warpgroup 1's last hand-over: the barriers' arrivals balance.
+    constexpr bool kPingPong = !Sh::kFp8Mma && (Sh::kWiden ? D == 64 : kSwizzle && D <= 128);
+    auto my_turn = [&] {
+      if (kPingPong) named_barrier_sync(2 + cw, 256);
+    };
+    auto your_turn = [&] {
+      if (kPingPong) named_barrier_arrive(2 + (1 - cw), 256);
+    };
+    if (kPingPong && cw == 1) named_barrier_arrive(2, 256);  // warpgroup 0 goes first, each item
+    // The stage (kApart: its K).
+    auto release = [&](int J) {
+      if (lane == 0) mbarrier_arrive(empty_bar + 8 * (J % kStages));
+    };
+    auto release_v = [&](int J) {  // kApart: V of the stage
+      if (kApart && lane == 0) mbarrier_arrive(v_empty_bar + 8 * (J % kStages));
+    };
+    auto release_after_pv = [&](int J) {  // once P V(J) has landed: V (kApart) or the whole stage
+      if constexpr (kApart) {
+        release_v(J);
       } else {
-        wgmma_ss_first_16bit<Sh::kF16, kBlockN>(s, da, db, kk > 0);
+        release(J);
       }
-    }
-    wgmma_commit();
-  };
-  // The e4m3 wgmma adds its products into the accumulator at well below fp32 precision: summed
-  // into O over a long row, the small p of a diffuse tail vanish beside a large accumulated value
-  // (an attention sink: PrefillSink.KernelsKeepTheDiffuseTailOfALongRow measured 0.92 of the
-  // output against the twin on an H200, 1.6e-2 promoted).
-  // kPromote: each tile's P V starts from zero in pv and is added to O in fp32, so the rounding is
-  // relative to one tile's sum; the add and O's rescale are one FFMA, O a tile behind (promote,
-  // below). H200, causal B=2 L=8192, the FFMA against an add and a rescale apart: D 128 634 ->
-  // 649 TFLOP/s (seventh session), D 64 441.9 -> 464.0 (fourteenth; the seventh had measured
-  // it slower there, 445 -> 405, with the kernel of then). D = 256 has no room for a second
-  // accumulator set (o alone is 128 registers) and keeps the direct sum.
-  constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
-  // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
-  // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
-  // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
-  // fp8 with kPromote: the sum starts at this tile (the first k-step overwrites o).
-  auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int j) {
-    const uint32_t vt_addr = stage_addr(j) + Sh::kKBytes;
+    };
+    // Q, once this warpgroup's last S of the item has landed (or at once, without work): the
+    // producer refills it for the next item after both warpgroups' warps have arrived.
+    auto release_q = [&] {
+      if (kPersistent && lane == 0) mbarrier_arrive(q_empty_bar);
+    };
+    // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
+    // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
+    auto issue_qk = [&](float(&s)[kBlockN / 2], int J) {
+      const uint32_t k_addr = stage_addr(J);
 #pragma unroll
-    for (int c = 0; c < Sh::kPvSteps; ++c) {
-      if constexpr (Sh::kFp8Mma) {
-        const uint64_t db = kSwizzle ? wgmma_desc_sw128(vt_addr + c * 32)
-                                     : wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
-        wgmma_rs<D>(o, pa[c], db, !(kPromote && c == 0));
-      } else {
-        const uint64_t db = kSwizzle ? wgmma_desc_sw128_mn(vt_addr + c * 2048, kBlockN * 128)
-                                     : wgmma_desc(vt_addr + c * 2 * Sh::kKBlockStride, Sh::kKBlockStride, kCoreBytes);
-        wgmma_rs_16bit<Sh::kF16, D>(o, pa[c], db);
+      for (int kk = 0; kk < Sh::kQkSteps; ++kk) {
+        const uint32_t q_sw = q_desc_base + (kk / 4) * Sh::kBlockM * 128 + (kk % 4) * 32;
+        const uint32_t k_sw = k_addr + (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
+        const uint64_t da =
+            kSwizzle ? wgmma_desc_sw128(q_sw)
+                     : wgmma_desc(q_desc_base + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
+        const uint64_t db =
+            kSwizzle ? wgmma_desc_sw128(k_sw)
+                     : wgmma_desc(k_addr + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
+        if constexpr (Sh::kFp8Mma) {
+          wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
+        } else {
+          wgmma_ss_first_16bit<Sh::kF16, kBlockN>(s, da, db, kk > 0);
+        }
       }
-    }
-    wgmma_commit();
-  };
-  RowSoftmax<kBlockN / 8> rows;
-  // Masks tile j (where it crosses this warpgroup's diagonal), then the online softmax step.
-  // e4m3 P at D 128 and 256: the probabilities as fp16 pairs in ph (RowSoftmax::step_f16, half
-  // the MUFU issues; faster there, docs/GPU.md ninth session). D 64 measured slower with it (not
-  // explained), so its kernel keeps step and P in s.
-  constexpr bool kF16Softmax = Sh::kFp8Mma && D >= 128;
-  uint32_t ph[kF16Softmax ? kBlockN / 4 : 1];
-  auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
-    const int k0 = j * kBlockN;
-    if (k0 + kBlockN - 1 > wg_first_pos) rows.mask(s, k0, t, row_pos);
-    if constexpr (kF16Softmax) {
-      rows.step_f16(s, qk_scale, alpha, p_scale_log2(S), ph);
-    } else {
-      rows.step(s, qk_scale, alpha, p_scale_log2(S));
-    }
-  };
-  // P (e4m3) for the PV wgmma, in the V^T key order. Only after the previous PV has landed: an rs
-  // wgmma reads its A registers while it runs, and ptxas serializes the wgmmas when P's registers
-  // are written inside that window.
-  // bf16: the 16-bit A fragment of k-step c is the accumulator pairs of n8 tiles 2c and 2c+1
-  // (rows g, g+8; keys 2t, 2t+1 and + 8), so P keeps the natural key order.
-  auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[Sh::kPvSteps][4]) {
+      wgmma_commit();
+    };
+    // The e4m3 wgmma adds its products into the accumulator at well below fp32 precision: summed
+    // into O over a long row, the small p of a diffuse tail vanish beside a large accumulated value
+    // (an attention sink: PrefillSink.KernelsKeepTheDiffuseTailOfALongRow measured 0.92 of the
+    // output against the twin on an H200, 1.6e-2 promoted).
+    // kPromote: each tile's P V starts from zero in pv and is added to O in fp32, so the rounding
+    // is relative to one tile's sum; the add and O's rescale are one FFMA, O a tile behind
+    // (promote, below). H200, causal B=2 L=8192, the FFMA against an add and a rescale apart: D 128
+    // 634 -> 649 TFLOP/s (seventh session), D 64 441.9 -> 464.0 (fourteenth; the seventh had
+    // measured it slower there, 445 -> 405, with the kernel of then). D = 256 has no room for a
+    // second accumulator set (o alone is 128 registers) and keeps the direct sum.
+    constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
+    // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
+    // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
+    // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
+    // fp8 with kPromote: the sum starts at this tile (the first k-step overwrites o).
+    auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int J) {
+      const uint32_t vt_addr = stage_addr(J) + Sh::kKBytes;
 #pragma unroll
-    for (int c = 0; c < Sh::kPvSteps; ++c) {
+      for (int c = 0; c < Sh::kPvSteps; ++c) {
+        if constexpr (Sh::kFp8Mma) {
+          const uint64_t db =
+              kSwizzle ? wgmma_desc_sw128(vt_addr + c * 32)
+                       : wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
+          wgmma_rs<D>(o, pa[c], db, !(kPromote && c == 0));
+        } else {
+          const uint64_t db = kSwizzle ? wgmma_desc_sw128_mn(vt_addr + c * 2048, kBlockN * 128)
+                                       : wgmma_desc(vt_addr + c * 2 * Sh::kKBlockStride,
+                                                    Sh::kKBlockStride, kCoreBytes);
+          wgmma_rs_16bit<Sh::kF16, D>(o, pa[c], db);
+        }
+      }
+      wgmma_commit();
+    };
+    RowSoftmax<kBlockN / 8> rows;
+    // Masks tile j (where it crosses this warpgroup's diagonal), then the online softmax step.
+    // e4m3 P at D 128 and 256: the probabilities as fp16 pairs in ph (RowSoftmax::step_f16, half
+    // the MUFU issues; faster there, docs/GPU.md ninth session). D 64 measured slower with it (not
+    // explained), so its kernel keeps step and P in s.
+    constexpr bool kF16Softmax = Sh::kFp8Mma && D >= 128;
+    uint32_t ph[kF16Softmax ? kBlockN / 4 : 1];
+    auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
+      const int k0 = j * kBlockN;
+      if (k0 + kBlockN - 1 > wg_first_pos) rows.mask(s, k0, t, row_pos);
       if constexpr (kF16Softmax) {
-        const uint32_t* h = &ph[8 * c];  // n8 tiles 4c .. 4c+3 as fp16 pairs
-        pa[c][0] = pack_e4m3x4_f16(h[0], h[2]);
-        pa[c][1] = pack_e4m3x4_f16(h[1], h[3]);
-        pa[c][2] = pack_e4m3x4_f16(h[4], h[6]);
-        pa[c][3] = pack_e4m3x4_f16(h[5], h[7]);
-      } else if constexpr (Sh::kFp8Mma) {
-        const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
-        pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
-        pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
-        pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
-        pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
+        rows.step_f16(s, qk_scale, alpha, p_scale_log2(S), ph);
       } else {
-        const float* s0 = &s[8 * c];  // n8 tiles 2c, 2c+1
-        auto pack = [](float lo, float hi) {
-          return Sh::kF16 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
-        };
-        pa[c][0] = pack(s0[0], s0[1]);
-        pa[c][1] = pack(s0[2], s0[3]);
-        pa[c][2] = pack(s0[4], s0[5]);
-        pa[c][3] = pack(s0[6], s0[7]);
+        rows.step(s, qk_scale, alpha, p_scale_log2(S));
       }
-    }
-  };
+    };
+    // P (e4m3) for the PV wgmma, in the V^T key order. Only after the previous PV has landed: an rs
+    // wgmma reads its A registers while it runs, and ptxas serializes the wgmmas when P's registers
+    // are written inside that window.
+    // bf16: the 16-bit A fragment of k-step c is the accumulator pairs of n8 tiles 2c and 2c+1
+    // (rows g, g+8; keys 2t, 2t+1 and + 8), so P keeps the natural key order.
+    auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[Sh::kPvSteps][4]) {
+#pragma unroll
+      for (int c = 0; c < Sh::kPvSteps; ++c) {
+        if constexpr (kF16Softmax) {
+          const uint32_t* h = &ph[8 * c];  // n8 tiles 4c .. 4c+3 as fp16 pairs
+          pa[c][0] = pack_e4m3x4_f16(h[0], h[2]);
+          pa[c][1] = pack_e4m3x4_f16(h[1], h[3]);
+          pa[c][2] = pack_e4m3x4_f16(h[4], h[6]);
+          pa[c][3] = pack_e4m3x4_f16(h[5], h[7]);
+        } else if constexpr (Sh::kFp8Mma) {
+          const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
+          pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
+          pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
+          pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
+          pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
+        } else {
+          const float* s0 = &s[8 * c];  // n8 tiles 2c, 2c+1
+          auto pack = [](float lo, float hi) {
+            return Sh::kF16 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
+          };
+          pa[c][0] = pack(s0[0], s0[1]);
+          pa[c][1] = pack(s0[2], s0[3]);
+          pa[c][2] = pack(s0[4], s0[5]);
+          pa[c][3] = pack(s0[6], s0[7]);
+        }
+      }
+    };
 
-  float o[D / 2];  // wgmma m64nD accumulators: n8 tile i in o[4i .. 4i+3]
+    float o[D / 2];  // wgmma m64nD accumulators: n8 tile i in o[4i .. 4i+3]
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  float pv[kPromote ? D / 2 : 1];
-  float(&pv_acc)[D / 2] = pick<kPromote>(pv, o);  // where P V lands
-  // kPromote, once the P V of tile j-1 has landed in pv: O is one tile behind the softmax,
-  // O = O * alpha(j-1) + pv, one FFMA per accumulator: O held tiles .. j-2 at tile j-2's row max,
-  // alpha(j-1) takes it to tile j-1's max, at which P(j-1) was taken (alpha(0) = 0: O starts at
-  // 0). Otherwise P V lands in O itself, and O *= alpha(j) (below).
-  float alpha_prev[2] = {0.0f, 0.0f};
-  auto promote = [&] {
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+    float pv[kPromote ? D / 2 : 1];
+    float(&pv_acc)[D / 2] = pick<kPromote>(pv, o);  // where P V lands
+    // kPromote, once the P V of tile j-1 has landed in pv: O is one tile behind the softmax,
+    // O = O * alpha(j-1) + pv, one FFMA per accumulator: O held tiles .. j-2 at tile j-2's row max,
+    // alpha(j-1) takes it to tile j-1's max, at which P(j-1) was taken (alpha(0) = 0: O starts at
+    // 0). Otherwise P V lands in O itself, and O *= alpha(j) (below).
+    float alpha_prev[2] = {0.0f, 0.0f};
+    auto promote = [&] {
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) {
-      if constexpr (kPromote) o[i] = fmaf(o[i], alpha_prev[(i >> 1) & 1], pv[i]);
-    }
-  };
-  if (wg_tiles > 0 && kDiag != 2) {
-    uint32_t pa[Sh::kPvSteps][4];
-    float s[kBlockN / 2];
-    {
-      stamp(0, kTlTop);
-      wait_full(0);
-      fence_apart();
-      if constexpr (Sh::kF16) {  // Q was stored times 2^shift (q_to_f16), published with tile 0
-        qk_scale *=
-            exp2_int(-q_f16_shift(*reinterpret_cast<volatile uint32_t*>(smem + Sh::kQMaxOffset)));
+      for (int i = 0; i < D / 2; ++i) {
+        if constexpr (kPromote) o[i] = fmaf(o[i], alpha_prev[(i >> 1) & 1], pv[i]);
       }
-      stamp(0, kTlFull);
-      my_turn();
-      wgmma_fence();
-      issue_qk(s, 0);
-      your_turn();
-      stamp(0, kTlIssued);
-      wgmma_wait<0>();
-      fence_operands(s);
-      if constexpr (kApart) release(0);
-      stamp(0, kTlScores);
-      softmax(s, 0, alpha_prev);
-      stamp(0, kTlSoftmax);
-      pack_p(s, pa);
-      stamp(0, kTlPacked);
-    }
-    for (int j = 1; j < wg_tiles; ++j) {
-      stamp(j, kTlTop);
-      wait_full(j);
-      wait_v(j - 1);
+    };
+    if (wg_tiles > 0 && kDiag != 2) {
+      uint32_t pa[Sh::kPvSteps][4];
+      float s[kBlockN / 2];
+      {
+        stamp(0, kTlTop);
+        wait_full(ring);
+        fence_apart();
+        if constexpr (Sh::kF16) {  // Q was stored times 2^shift (q_to_f16), published with tile 0
+          qk_scale *= exp2_int(
+              -q_f16_shift(reinterpret_cast<volatile uint32_t*>(smem + Sh::kQMaxOffset)[n & 1]));
+        }
+        stamp(0, kTlFull);
+        my_turn();
+        wgmma_fence();
+        issue_qk(s, ring);
+        your_turn();
+        stamp(0, kTlIssued);
+        wgmma_wait<0>();
+        fence_operands(s);
+        if (wg_tiles == 1) release_q();
+        if constexpr (kApart) release(ring);
+        stamp(0, kTlScores);
+        softmax(s, 0, alpha_prev);
+        stamp(0, kTlSoftmax);
+        pack_p(s, pa);
+        stamp(0, kTlPacked);
+      }
+      for (int j = 1; j < wg_tiles; ++j) {
+        stamp(j, kTlTop);
+        const int J = ring + j;
+        wait_full(J);
+        wait_v(J - 1);
+        fence_apart();
+        stamp(j, kTlFull);
+        my_turn();
+        fence_operands(pv_acc);
+        wgmma_fence();
+        issue_qk(s, J);
+        issue_pv(pv_acc, pa, J - 1);
+        your_turn();
+        stamp(j, kTlIssued);
+        wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
+        fence_operands(s);
+        if (j == wg_tiles - 1) release_q();
+        if constexpr (kApart) release(J);
+        stamp(j, kTlScores);
+        float alpha[2];
+        softmax(s, j, alpha);
+        stamp(j, kTlSoftmax);
+        wgmma_wait<0>();
+        fence_operands(pv_acc);
+        stamp(j, kTlPv);
+        release_after_pv(J - 1);
+        promote();
+        if constexpr (kPromote) {
+          alpha_prev[0] = alpha[0];
+          alpha_prev[1] = alpha[1];
+        } else if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+          // Where no row of the warp raised its max (alpha 1: common once the rows have seen their
+          // largest scores) the rescale is the identity: skipped, bit for bit the same O.
+#pragma unroll
+          for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+        }
+        pack_p(s, pa);
+        stamp(j, kTlPacked);
+      }
+      wait_v(ring + wg_tiles - 1);
       fence_apart();
-      stamp(j, kTlFull);
       my_turn();
       fence_operands(pv_acc);
       wgmma_fence();
-      issue_qk(s, j);
-      issue_pv(pv_acc, pa, j - 1);
+      issue_pv(pv_acc, pa, ring + wg_tiles - 1);
       your_turn();
-      stamp(j, kTlIssued);
-      wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
-      fence_operands(s);
-      if constexpr (kApart) release(j);
-      stamp(j, kTlScores);
-      float alpha[2];
-      softmax(s, j, alpha);
-      stamp(j, kTlSoftmax);
       wgmma_wait<0>();
       fence_operands(pv_acc);
-      stamp(j, kTlPv);
-      release_after_pv(j - 1);
+      release_after_pv(ring + wg_tiles - 1);
       promote();
-      if constexpr (kPromote) {
-        alpha_prev[0] = alpha[0];
-        alpha_prev[1] = alpha[1];
-      } else if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-        // Where no row of the warp raised its max (alpha 1: common once the rows have seen their
-        // largest scores) the rescale is the identity: skipped, bit for bit the same O.
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+    } else {
+      // Not before the item's Q is published (with its first tile): an arrival ahead of it would
+      // count for the previous item, whose Q the other warpgroup may still be reading.
+      if constexpr (kPersistent) {
+        wait_full(ring);
+        release_q();
       }
-      pack_p(s, pa);
-      stamp(j, kTlPacked);
     }
-    wait_v(wg_tiles - 1);
-    fence_apart();
-    my_turn();
-    fence_operands(pv_acc);
-    wgmma_fence();
-    issue_pv(pv_acc, pa, wg_tiles - 1);
-    your_turn();
-    wgmma_wait<0>();
-    fence_operands(pv_acc);
-    release_after_pv(wg_tiles - 1);
-    promote();
-  }
-  // Tiles past this warpgroup's last row (the other one's diagonal): keep the ring turning.
-  const int first_idle = (wg_tiles == 0 || kDiag == 2) ? 0 : wg_tiles;
-  for (int j = first_idle; j < num_kv_tiles; ++j) {
-    wait_full(j);
-    wait_v(j);
-    my_turn();
-    your_turn();
-    release(j);
-    release_v(j);
-  }
-  if (kPingPong) {
-    if (first_idle == 0) {  // no GEMM turns were taken: the one more a working warpgroup takes
+    // Tiles past this warpgroup's last row (the other one's diagonal): keep the ring turning.
+    const int first_idle = (wg_tiles == 0 || kDiag == 2) ? 0 : wg_tiles;
+    for (int j = first_idle; j < num_kv_tiles; ++j) {
+      wait_full(ring + j);
+      wait_v(ring + j);
       my_turn();
       your_turn();
+      release(ring + j);
+      release_v(ring + j);
     }
-    if (cw == 0) my_turn();  // warpgroup 1's last hand-over
-  }
-  if (!wg_active) return;
+    if (kPingPong) {
+      if (first_idle == 0) {  // no GEMM turns were taken: the one more a working warpgroup takes
+        my_turn();
+        your_turn();
+      }
+      if (cw == 0) my_turn();  // warpgroup 1's last hand-over
+    }
+    ring += num_kv_tiles;
+    ++n;
+    item_done();
+    if (!wg_active) continue;
 
-  // ---- epilogue ----
-  float out_scales[2];
-  rows.finish(v_scale, out_scales);
+    // ---- epilogue ----
+    float out_scales[2];
+    rows.finish(v_scale, out_scales);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row_g + 8 * r;
-    if (row >= rows_here) continue;
-    const float out_scale = out_scales[r];
-    uint16_t* const out =
-        p.o + (static_cast<int64_t>(q_begin + q0 + row) * p.num_q_heads + head) * D;
+    for (int r = 0; r < 2; ++r) {
+      const int row = row_g + 8 * r;
+      if (row >= rows_here) continue;
+      const float out_scale = out_scales[r];
+      uint16_t* const out =
+          p.o + (static_cast<int64_t>(q_begin + q0 + row) * p.num_q_heads + head) * D;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) =
-          pack_bf16x2(o[4 * i + 2 * r] * out_scale, o[4 * i + 2 * r + 1] * out_scale);
+      for (int i = 0; i < D / 8; ++i) {
+        *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) =
+            pack_bf16x2(o[4 * i + 2 * r] * out_scale, o[4 * i + 2 * r + 1] * out_scale);
+      }
     }
   }
 }
@@ -820,8 +925,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
   using Sh = WsShape<S, D, kBlockN, kStages>;
-  const PrefillParams p = make_prefill_params(a, error);
-  const dim3 grid = prefill_grid(a, a.num_q_heads, Sh::kBlockM);
+  PrefillParams p = make_prefill_params(a, error);
+  constexpr bool kPersistent = Sh::kSplitKvOperands && kSwizzle;  // the kernel's kPersistent
+  const dim3 grid = prefill_item_grid(a, Sh::kBlockM, kPersistent, p);
   auto kernel = prefill_ws_kernel<S, D, kBlockN, kStages, kSwizzle, kDiag>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sh::kSmemBytes));

@@ -224,16 +224,6 @@ __global__ void __launch_bounds__(kQThreads) quantize_q_kernel(const QuantizeQPa
   }
 }
 
-int num_sms() {
-  static const int n = [] {
-    int dev = 0, v = 0;
-    FP8KV_CUDA_CHECK(cudaGetDevice(&dev));
-    FP8KV_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-    return v;
-  }();
-  return n;
-}
-
 }  // namespace
 
 void launch_check_slots(const QuantizeKvParams& p, unsigned long long* bad_token,
@@ -278,7 +268,7 @@ void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad
       // write, at least one token's chunks; the threads in use are a whole number of tokens.
       const int64_t want = (p.num_tokens * chunks_per_token + kQuantThreads - 1) / kQuantThreads;
       const int blocks = static_cast<int>(std::max<int64_t>(
-          std::min<int64_t>(want, static_cast<int64_t>(num_sms()) * per_sm),
+          std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * per_sm),
           ceil_div(chunks_per_token, kQuantThreads)));
       a.lanes = blocks * kQuantThreads / chunks_per_token * chunks_per_token;
       kernel<<<blocks, kQuantThreads, smem, stream>>>(a);
