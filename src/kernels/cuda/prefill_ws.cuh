@@ -499,10 +499,6 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // next item's loads (its cp.async groups drained).
     constexpr int kAhead = kStages - 2;
     constexpr bool kFinishFirst = (Sh::kFp8Mma || Sh::kWiden) && kStages >= 4;
-    // The item's Q goes with its tile kQTile (or its last): the latest whose cp.async group has
-    // landed when the first tile is finished, so that the item's first loads are not held
-    // behind the wait for the consumers' last S of the item before.
-    constexpr int kQTile = kFinishFirst ? kAhead - 1 : 0;
     int ring = 0, n = 0;
     for (int k = 0; kPersistent || k == 0; ++k) {
       const int item = prefill_round_item(k);
