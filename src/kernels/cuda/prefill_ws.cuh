@@ -272,8 +272,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       return row * Sh::kRawPitch + ((chunk ^ (row % 8)) << 4);
     };
     // Item n's Q tile (`rows` rows from q_base, the item's first token of its query head), once
-    // the consumers are done with item n - 1's: published with the item's first tile (in the
-    // cp.async group of a tile that has landed when the first is published).
+    // the consumers are done with item n - 1's: issued before the item's first tile, and
+    // published with it (the same cp.async group, or covered by its K rows' mbarrier arrival).
     auto q_source = [&](int head, const PrefillSeq& seq) {
       return static_cast<const uint8_t*>(p.q) +
              (static_cast<int64_t>(seq.q_begin + seq.q0) * p.num_q_heads + head) * Sh::kRowBytes;
