@@ -550,24 +550,32 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   r.line("");
   r.line("decode  shape                              scheme              time_us   cache_GB/s  %%read_bw  time/bf16");
   r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted)");
-  struct Case { int B, L, Hq, Hkv, D; bool scattered; };
+  // Last, a serving batch of mixed lengths (B=256, 1..2047 keys spread evenly, mean ~1024: the
+  // bytes of B=256 L=1024), where the CTAs of requests of every length share the GPU.
+  struct Case { int B, L, Hq, Hkv, D; bool scattered; bool mixed = false; };
   std::vector<Case> cases = {{64, 4096, 32, 8, 128, false},  {4, 32768, 32, 8, 128, false},
                              {256, 1024, 32, 8, 128, false}, {64, 4096, 32, 8, 64, false},
                              {64, 4096, 32, 8, 256, false},  {64, 4096, 28, 4, 128, false},
                              {1, 131072, 32, 8, 128, false}, {512, 512, 32, 8, 128, false},
-                             {64, 4096, 32, 8, 128, true}};
+                             {64, 4096, 32, 8, 128, true},   {256, 2047, 32, 8, 128, false, true}};
   if (o.quick) cases = {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
   if (!want("decode")) cases.clear();
   for (const Case& c : cases) {
-    BenchBatch bb(c.B, c.L, 1, c.Hq, c.Hkv, c.D, s, c.scattered);
+    std::vector<int> lengths(c.B, c.L);
+    if (c.mixed) {
+      for (int b = 0; b < c.B; ++b) lengths[b] = 1 + (b * 1021) % c.L;
+    }
+    const double keys = std::accumulate(lengths.begin(), lengths.end(), 0.0);
+    BenchBatch bb(lengths, std::vector<int>(c.B, 1), c.Hq, c.Hkv, c.D, s, c.scattered);
     // Record names: B64_L4096 for the reference shapes, suffixes for the others.
     std::string name = "B" + std::to_string(c.B) + "_L" + std::to_string(c.L);
     if (c.D != 128) name += "_D" + std::to_string(c.D);
     if (c.Hq != 32 || c.Hkv != 8) name += "_Hq" + std::to_string(c.Hq) + "_Hkv" + std::to_string(c.Hkv);
     if (c.scattered) name += "_scattered";
+    if (c.mixed) name += "_mixed";
     char shape[64];
-    std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d%s", c.B, c.L, c.Hq, c.Hkv, c.D,
-                  c.scattered ? " scattered" : "");
+    std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s", c.B, c.mixed ? "1.." : "", c.L,
+                  c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "");
     double bf16_us = NAN;
     for (KvScheme scheme : kSchemes) {
       auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
@@ -577,7 +585,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       // At least 20 warm-up runs: the first FP8 scheme after a bf16 row measured up to 13% slower
       // with 5 (D 256, scattered) and at its peers' speed when moved later in the order.
       const double us = time_us([&] { cuda::launch_decode_attention(p, ws.get(), s); }, std::max(o.warmup, 20), o.iters, s);
-      const double bytes = static_cast<double>(c.B) * c.L * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
+      const double bytes = keys * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
       const double gbs = bytes / us * 1e-3;
       if (scheme == KvScheme::kBf16) bf16_us = us;
 #ifdef FP8KV_DECODE_TIMELINE

@@ -329,10 +329,28 @@ TEST(PrefillPersistent, EvenBatchesMatchCpuTwin) {
 
 // The short rows alone at D 128: the ring and Q handed on across items where one consumer
 // warpgroup never has rows (racecheck of it ran past 70 s on an H200 without finishing: not in
-// scripts/gpu-check's sanitizer list).
+// scripts/gpu-check's sanitizer list; SmallestGridForRacecheck is).
 TEST(PrefillPersistent, ShortRowsD128) {
   SKIP_WITHOUT_GPU();
   check_even_batch(kShortRows, 128, true);
+}
+
+// The smallest persistent launch, for the race checker (scripts/gpu-check's sanitizer list): the
+// default bf16 kernel alone at D 128, two requests of 128 new tokens after a 100-token prefix
+// (one q tile, two key tiles) and 72 query heads: 144 items, so that on 132 SMs some CTAs take
+// two, their ring, Q and barriers carried over.
+TEST(PrefillPersistent, SmallestGridForRacecheck) {
+  SKIP_WITHOUT_GPU();
+  test::ProblemSpec spec;
+  spec.requests = {{100, 128}, {100, 128}};
+  spec.num_q_heads = 72;
+  spec.num_kv_heads = 8;
+  spec.head_dim = 128;
+  spec.data.outlier_channels = 4;
+  spec.seed = fresh_seed();
+  SCOPED_TRACE("seed " + std::to_string(spec.seed));
+  run_and_compare(test::make_problem(spec), KvScheme::kBf16, {PrefillConfig::kDefault},
+                  /*with_exact=*/true, /*causal=*/true);
 }
 
 // ---- Q outside f16's range ------------------------------------------------------------------
