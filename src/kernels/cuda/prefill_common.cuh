@@ -144,6 +144,19 @@ __device__ __forceinline__ int prefill_round_item(int k) {
   return k * gridDim.x + c;
 }
 
+// Persistent CTAs are off until the consumers' ping-pong hand-off is fixed (docs/GPU.md,
+// sixteenth session): prefill_ws.cuh's consumer warpgroup 1 opens each item with an arrival on
+// warpgroup 0's turn barrier, and warpgroup 0 takes warpgroup 1's last hand-over of the item
+// only after its last P V has landed. With two items in a row, warpgroup 1 (done with the first
+// item's last turn, its epilogue and the next item's preamble) can arrive on that barrier a
+// second time before warpgroup 0 synchronizes on it: the barrier then completes on warpgroup 1's
+// two arrivals and warpgroup 0 waits for one that never comes. Measured runs never hung (warpgroup
+// 0 got there first), but compute-sanitizer's racecheck of the smallest persistent launch did not
+// finish in 380 s. With one item per CTA the hand-offs balance within the item. The fix (FA3's
+// order): warpgroup 1's opening arrival once per CTA, before its first item, and warpgroup 0's
+// closing synchronization once, after its last; then measure and set this back to true.
+constexpr bool kPrefillPersistentCtas = false;
+
 // The grid of a kernel that walks items of `tile_tokens` new tokens per query head and request
 // (in p). Persistent, where every request has the same number of new tokens: one CTA per SM (at
 // most one per item), the items dealt out in rounds. Otherwise one CTA per item, as prefill_grid
@@ -161,7 +174,9 @@ inline dim3 prefill_item_grid(const AttentionParams& a, int tile_tokens, bool pe
   }
   const bool even =
       a.batch.total_q == static_cast<int64_t>(a.batch.num_requests) * a.batch.max_q_len;
-  const int64_t ctas = persistent && even ? std::min<int64_t>(items, device_sm_count()) : items;
+  const int64_t ctas = kPrefillPersistentCtas && persistent && even
+                           ? std::min<int64_t>(items, device_sm_count())
+                           : items;
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, ctas)));
 }
 

@@ -13,7 +13,8 @@
 // row sum from the unrounded P); what differs is who does what, and when:
 //
 //  - A CTA is three warpgroups for 128 query rows of one query head (bf16, swizzled: a persistent
-//    CTA per SM that walks such items in turn, kPersistent). Warpgroup 0 is the
+//    CTA per SM that walks such items in turn, kPersistent, where the host launches it so:
+//    kPrefillPersistentCtas, off for now). Warpgroup 0 is the
 //    producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
 //    transposes V into V^T (wgmma reads 8-bit operands only K-major) and publishes each stage on
 //    its `full` mbarrier (bf16 K/V, swizzled: K and V of a stage apart, by the hardware as their
@@ -42,11 +43,11 @@
 // (fence.proxy.async) before publishing a stage.
 //
 // 16-bit operands (bf16, f16): Q and K as above, with rows of 2D bytes (a k16 step is 32 bytes
-// of a row, as an e4m3 k32 step is). 16-bit wgmmas read B MN-major too (imm-trans-b), so V stays [keys][D] in
-// the layout K has: the PV product's B is K = keys by N = D with D contiguous, its core matrices
-// 8 keys x 8 d (16 bytes per key), those adjacent in keys kKBlockStride apart (the leading byte
-// offset, for MN-major), those adjacent in d 128 bytes apart (the stride byte offset); swizzled,
-// atoms of 8 keys x 64 d (1024 bytes, the stride byte offset) and 64-d column blocks
+// of a row, as an e4m3 k32 step is). 16-bit wgmmas read B MN-major too (imm-trans-b), so V stays
+// [keys][D] in the layout K has: the PV product's B is K = keys by N = D with D contiguous, its
+// core matrices 8 keys x 8 d (16 bytes per key), those adjacent in keys kKBlockStride apart (the
+// leading byte offset, for MN-major), those adjacent in d 128 bytes apart (the stride byte offset);
+// swizzled, atoms of 8 keys x 64 d (1024 bytes, the stride byte offset) and 64-d column blocks
 // [kBlockN][128 bytes] apart (the leading byte offset). The 16-bit A fragment of a wgmma is the
 // accumulator layout's pairs, so P is S repacked in the natural key order. bf16 tiles are twice
 // the bytes: keys per tile and stages per scheme and D (kWsBlockN, kWsStages in
