@@ -589,6 +589,23 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int g = lane / 4;
   const int t = lane % 4;
   const int wg_row0 = cw * 64;
+  // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
+  // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
+  // the tensor pipe. On for bf16 operands at D 64 and 128 (swizzled, the default), where it
+  // measured faster; bf16 D 256 and e4m3 operands measured the same or slower with it and go
+  // without (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
+  // D 64 (fp8-per-tensor, causal B=2 L=8192: 304 -> 343 TFLOP/s on the H200), off at D 128 (400
+  // -> 405 causal but 363 -> 353 at B=4 L=4096). Each warpgroup takes num_kv_tiles + 1 turns
+  // per item (the idle loop's included); warpgroup 1 opens with an arrival on warpgroup 0's
+  // barrier and warpgroup 0 closes with a sync that takes warpgroup 1's last hand-over, so the
+  // barriers' arrivals balance. Per item, that opening and closing let warpgroup 1 arrive twice on
+  // barrier 2 before warpgroup 0's sync when a CTA runs a second item (a deadlock: docs/GPU.md,
+  // sixteenth session), so with persistent launches (kTurnsRunOn) they happen once per CTA and the
+  // turns run on across its items (FA3's order). kTurnsRunOn follows kPrefillPersistentCtas: it
+  // has not run on a GPU yet (compiled and checked for spills only), and comes on with it.
+  constexpr bool kPingPong = !Sh::kFp8Mma && (Sh::kWiden ? D == 64 : kSwizzle && D <= 128);
+  constexpr bool kTurnsRunOn = kPersistent && kPrefillPersistentCtas;
+  if (kPingPong && kTurnsRunOn && cw == 1) named_barrier_arrive(2, 256);
   int ring = 0, n = 0;  // as the producer's
   for (int k = 0; kPersistent || k == 0; ++k) {
     const int item = prefill_round_item(k);
@@ -637,23 +654,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     auto fence_apart = [&] {
       if constexpr (kApart) fence_proxy_async();
     };
-    // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
-    // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
-    // the tensor pipe. On for bf16 operands at D 64 and 128 (swizzled, the default), where it
-    // measured faster; bf16 D 256 and e4m3 operands measured the same or slower with it and go
-    // without (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
-    // D 64 (fp8-per-tensor, causal B=2 L=8192: 304 -> 343 TFLOP/s on the H200), off at D 128 (400
-    // -> 405 causal but 363 -> 353 at B=4 L=4096). Each
-    // warpgroup takes num_kv_tiles + 1 turns (the idle loop's included), and warpgroup 0 one more
-    // that takes warpgroup 1's last hand-over: the barriers' arrivals balance.
-    constexpr bool kPingPong = !Sh::kFp8Mma && (Sh::kWiden ? D == 64 : kSwizzle && D <= 128);
     auto my_turn = [&] {
       if (kPingPong) named_barrier_sync(2 + cw, 256);
     };
     auto your_turn = [&] {
       if (kPingPong) named_barrier_arrive(2 + (1 - cw), 256);
     };
-    if (kPingPong && cw == 1) named_barrier_arrive(2, 256);  // warpgroup 0 goes first, each item
+    // Warpgroup 0 goes first: in each item, or (kTurnsRunOn) once, before the first.
+    if (kPingPong && !kTurnsRunOn && cw == 1) named_barrier_arrive(2, 256);
     // The stage (kApart: its K).
     auto release = [&](int J) {
       if (lane == 0) mbarrier_arrive(empty_bar + 8 * (J % kStages));
@@ -893,7 +901,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         my_turn();
         your_turn();
       }
-      if (cw == 0) my_turn();  // warpgroup 1's last hand-over
+      if (cw == 0 && !kTurnsRunOn) my_turn();  // warpgroup 1's last hand-over
     }
     ring += num_kv_tiles;
     ++n;
@@ -917,6 +925,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       }
     }
   }
+  if (kPingPong && kTurnsRunOn && cw == 0) named_barrier_sync(2, 256);  // the last hand-over
 }
 
 template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag>
