@@ -150,9 +150,11 @@ __device__ __forceinline__ int prefill_round_item(int k) {
 // only after its last P V has landed. With two items in a row, warpgroup 1 (done with the first
 // item's last turn, its epilogue and the next item's preamble) can arrive on that barrier a
 // second time before warpgroup 0 synchronizes on it: the barrier then completes on warpgroup 1's
-// two arrivals and warpgroup 0 waits for one that never comes. Measured runs never hung (warpgroup
-// 0 got there first), but compute-sanitizer's racecheck of the smallest persistent launch did not
-// finish in 380 s. With one item per CTA the hand-offs balance within the item. The fix (FA3's
+// two arrivals and warpgroup 0 waits for one that never comes (PTX's barrier counts arrivals and
+// completes at the expected count). No measured run hung, the batches where warpgroup 1 has no
+// rows and gets there fastest included: the hardware may hold a warp's second arrival until the
+// barrier completes, which PTX does not promise; compute-sanitizer's racecheck of the smallest
+// persistent launch did not finish in 380 s. With one item per CTA the hand-offs balance within the item. The fix (FA3's
 // order: warpgroup 1's opening arrival once per CTA, before its first item, and warpgroup 0's
 // closing synchronization once, after its last) is in prefill_ws.cuh (kTurnsRunOn) and comes on
 // with this flag: to be measured on a GPU (A/B, the PrefillPersistent tests, racecheck of
