@@ -154,11 +154,11 @@ __device__ __forceinline__ int prefill_round_item(int k) {
 // completes at the expected count). No measured run hung, the batches where warpgroup 1 has no
 // rows and gets there fastest included: the hardware may hold a warp's second arrival until the
 // barrier completes, which PTX does not promise; compute-sanitizer's racecheck of the smallest
-// persistent launch did not finish in 380 s. With one item per CTA the hand-offs balance within the item. The fix (FA3's
-// order: warpgroup 1's opening arrival once per CTA, before its first item, and warpgroup 0's
-// closing synchronization once, after its last) is in prefill_ws.cuh (kTurnsRunOn) and comes on
-// with this flag: to be measured on a GPU (A/B, the PrefillPersistent tests, racecheck of
-// SmallestGridForRacecheck) before it is set back to true.
+// persistent launch did not finish in 380 s. With one item per CTA the hand-offs balance within
+// the item. The fix (FA3's order: warpgroup 1's opening arrival once per CTA, before its first
+// item, and warpgroup 0's closing synchronization once, after its last) is in prefill_ws.cuh
+// (kTurnsRunOn) and comes on with this flag: to be measured on a GPU (A/B, the PrefillPersistent
+// tests, racecheck of SmallestGridForRacecheck) before it is set back to true.
 constexpr bool kPrefillPersistentCtas = false;
 
 // The grid of a kernel that walks items of `tile_tokens` new tokens per query head and request
