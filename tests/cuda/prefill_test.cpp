@@ -330,8 +330,8 @@ TEST(PrefillPersistent, EvenBatchesMatchCpuTwin) {
 }
 
 // The short rows alone at D 128: the ring and Q handed on across items where one consumer
-// warpgroup never has rows (racecheck of it ran past 70 s on an H200 without finishing: not in
-// scripts/gpu-check's sanitizer list; nor is SmallestGridForRacecheck).
+// warpgroup never has rows (racecheck of it ran past 70 s on an H200 without finishing, before the
+// ping-pong turns ran on across items; not measured since: not in scripts/gpu-check's list).
 TEST(PrefillPersistent, ShortRowsD128) {
   SKIP_WITHOUT_GPU();
   check_even_batch(kShortRows, 128, true);
@@ -339,11 +339,10 @@ TEST(PrefillPersistent, ShortRowsD128) {
 
 // The smallest persistent launch, for the race checker: the default bf16 kernel alone at D 128,
 // two requests of 128 new tokens after a 100-token prefix (one q tile, two key tiles) and 72 query
-// heads: 144 items, so that on 132 SMs some CTAs take two (with kPrefillPersistentCtas on), their
-// ring, Q and barriers carried over. On an H200 `compute-sanitizer --tool racecheck` of this test
-// alone did not finish in 380 s (docs/GPU.md, sixteenth session), so it is not in
-// scripts/gpu-check's sanitizer list, where it would keep the other tests from being checked within
-// the list's 90 s.
+// heads: 144 items, so that on 132 SMs some CTAs take two, their ring, Q, barriers and ping-pong
+// turns carried over. `compute-sanitizer --tool racecheck` of it ran past 380 s on an H200 while
+// each item opened and closed its own turns (a deadlock, docs/GPU.md, sixteenth session) and
+// finishes in 3 s since the turns run on (scripts/gpu-check's sanitizer list has it).
 TEST(PrefillPersistent, SmallestGridForRacecheck) {
   SKIP_WITHOUT_GPU();
   test::ProblemSpec spec;

@@ -144,22 +144,17 @@ __device__ __forceinline__ int prefill_round_item(int k) {
   return k * gridDim.x + c;
 }
 
-// Persistent CTAs are off until the consumers' ping-pong hand-off is fixed (docs/GPU.md,
-// sixteenth session): prefill_ws.cuh's consumer warpgroup 1 opens each item with an arrival on
-// warpgroup 0's turn barrier, and warpgroup 0 takes warpgroup 1's last hand-over of the item
-// only after its last P V has landed. With two items in a row, warpgroup 1 (done with the first
-// item's last turn, its epilogue and the next item's preamble) can arrive on that barrier a
-// second time before warpgroup 0 synchronizes on it: the barrier then completes on warpgroup 1's
-// two arrivals and warpgroup 0 waits for one that never comes (PTX's barrier counts arrivals and
-// completes at the expected count). No measured run hung, the batches where warpgroup 1 has no
-// rows and gets there fastest included: the hardware may hold a warp's second arrival until the
-// barrier completes, which PTX does not promise; compute-sanitizer's racecheck of the smallest
-// persistent launch did not finish in 380 s. With one item per CTA the hand-offs balance within
-// the item. The fix (FA3's order: warpgroup 1's opening arrival once per CTA, before its first
-// item, and warpgroup 0's closing synchronization once, after its last) is in prefill_ws.cuh
-// (kTurnsRunOn) and comes on with this flag: to be measured on a GPU (A/B, the PrefillPersistent
-// tests, racecheck of SmallestGridForRacecheck) before it is set back to true.
-constexpr bool kPrefillPersistentCtas = false;
+// Persistent CTAs (even batches, prefill_item_grid) for the kernels that walk items
+// (prefill_ws.cuh, kPersistent). Their consumers' ping-pong turns run on across a CTA's items
+// (kTurnsRunOn there): warpgroup 1's opening arrival happens once per CTA and warpgroup 0's closing
+// synchronization once after its last item. Before that fix (docs/GPU.md, sixteenth and seventeenth
+// sessions) each item opened and closed its own turns, and warpgroup 1 could arrive twice on
+// warpgroup 0's barrier before warpgroup 0 took the first arrival: a deadlock by PTX's barrier
+// semantics, which racecheck of PrefillPersistent.SmallestGridForRacecheck ran into (no end in
+// 380 s; with the fix it finishes in 3 s with 0 hazards). H200, the fix against one CTA per item,
+// same call: bf16 causal B=2 L=8192 584 -> 616 TFLOP/s, non-causal 597 -> 620, B=16 L=1024
+// 322 -> 391, B=4 L=4096 514 -> 561.
+constexpr bool kPrefillPersistentCtas = true;
 
 // The grid of a kernel that walks items of `tile_tokens` new tokens per query head and request
 // (in p). Persistent, where every request has the same number of new tokens: one CTA per SM (at

@@ -14,7 +14,7 @@
 //
 //  - A CTA is three warpgroups for 128 query rows of one query head (bf16, swizzled: a persistent
 //    CTA per SM that walks such items in turn, kPersistent, where the host launches it so:
-//    kPrefillPersistentCtas, off for now). Warpgroup 0 is the
+//    kPrefillPersistentCtas, even batches). Warpgroup 0 is the
 //    producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
 //    transposes V into V^T (wgmma reads 8-bit operands only K-major) and publishes each stage on
 //    its `full` mbarrier (bf16 K/V, swizzled: K and V of a stage apart, by the hardware as their
@@ -601,8 +601,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // barriers' arrivals balance. Per item, that opening and closing let warpgroup 1 arrive twice on
   // barrier 2 before warpgroup 0's sync when a CTA runs a second item (a deadlock: docs/GPU.md,
   // sixteenth session), so with persistent launches (kTurnsRunOn) they happen once per CTA and the
-  // turns run on across its items (FA3's order). kTurnsRunOn follows kPrefillPersistentCtas: it
-  // has not run on a GPU yet (compiled and checked for spills only), and comes on with it.
+  // turns run on across its items (FA3's order; racecheck of the smallest persistent launch: 0
+  // hazards in 3 s, where the per-item order never finished). kTurnsRunOn follows
+  // kPrefillPersistentCtas, so that a one-item launch keeps the per-item order.
   constexpr bool kPingPong = !Sh::kFp8Mma && (Sh::kWiden ? D == 64 : kSwizzle && D <= 128);
   constexpr bool kTurnsRunOn = kPersistent && kPrefillPersistentCtas;
   if (kPingPong && kTurnsRunOn && cw == 1) named_barrier_arrive(2, 256);
