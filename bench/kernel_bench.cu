@@ -706,7 +706,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   checkpoint();
   if (o.prefill && want("prefill")) {
     r.line("");
-    r.line("prefill (causal unless said)               scheme             kernel       time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
+    r.line("prefill (causal unless said)               scheme             kernel          time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
     struct PCase { std::string name; std::vector<int> seq, q; int Hq, Hkv, D; bool causal = true; };
     auto uniform = [](int B, int L) { return std::vector<int>(B, L); };
     std::vector<PCase> cases;
@@ -763,6 +763,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           if (c.D == 128) {  // the options, built for D = 128
             configs.push_back(cuda::PrefillConfig::kWsSwizzle);
           }
+          // persistent CTAs (D 64 and 128; the default for even batches of short requests)
+          if (c.D != 256) configs.push_back(cuda::PrefillConfig::kWsPersistent);
           // D 256: the mma.sync kernel beside it (fp32 P V accumulation, where the ws kernel sums
           // in one level: what a sink-heavy D 256 model would pay for it)
           if (c.D == 256) configs.push_back(cuda::PrefillConfig::kNarrow);
@@ -812,7 +814,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           const double us = times[k];
           const double tflops = flops / us * 1e-6;
           const double ceiling = fp8_q(scheme) ? fp8_tflops : bf16_tflops;
-          r.line("  %-40s %-18s %-10s %8.1f   %7.1f  %6.1f%%", shape, scheme_name(scheme),
+          r.line("  %-40s %-18s %-13s %8.1f   %7.1f  %6.1f%%", shape, scheme_name(scheme),
                  cuda::prefill_config_name(config), us, tflops, 100.0 * tflops / ceiling);
           std::string key = c.name + "_" + scheme_name(scheme);
           if (config != cuda::PrefillConfig::kDefault) key += std::string("_") + cuda::prefill_config_name(config);

@@ -49,7 +49,8 @@ namespace {
 
 using cuda::PrefillConfig;
 // The warp-specialized fp8-per-head kernel with each of its built options.
-constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle};
+constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle,
+                                        PrefillConfig::kWsPersistent};
 // The warp-specialized kernel with 16-bit operands (the bf16-Q schemes): both layouts.
 constexpr PrefillConfig kWsBf16QConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle};
 
@@ -59,8 +60,11 @@ std::vector<PrefillConfig> built_configs(KvScheme scheme, int head_dim) {
   std::vector<PrefillConfig> configs;
   if (fp8_q(scheme)) {
     for (PrefillConfig x : kWsConfigs) {
-      // D 64 and 256: the plain kernel only (the options are built for D 128).
-      if (x == PrefillConfig::kWarpSpecialized || head_dim == 128) configs.push_back(x);
+      // D 256: the plain kernel only; D 64 also persistent; D 128 every option.
+      if (x == PrefillConfig::kWarpSpecialized || head_dim == 128 ||
+          (x == PrefillConfig::kWsPersistent && head_dim == 64)) {
+        configs.push_back(x);
+      }
     }
   } else {
     for (PrefillConfig x : kWsBf16QConfigs) {
@@ -280,14 +284,13 @@ INSTANTIATE_TEST_SUITE_P(Prefill, PrefillMixed, ::testing::ValuesIn(mixed_cases(
 
 // ---- persistent CTAs: batches whose requests have the same number of new tokens ------------
 
-// The bf16 warp-specialized kernel is built to run persistent CTAs on such batches (prefill_ws.cuh,
-// kPersistent): one CTA per SM walks several items (query head x request x q tile), its ring, Q
-// tile and barriers carried from one item to the next. The host launches them so only when
-// kPrefillPersistentCtas (prefill_common.cuh) is on, which it is not until the consumers'
-// hand-off across items is fixed: meanwhile these batches run one CTA per item. Each batch below
-// has more items than an H200 has SMs (132): 600 new tokens after mixed cached prefixes (5 q tiles,
-// the last of 88 rows); 40 new tokens (one q tile of 40 rows: the second consumer warpgroup has no
-// rows in any item); one new token per request.
+// The warp-specialized kernel runs persistent CTAs on such batches where it is built so
+// (prefill_ws.cuh, kPersistent; the host launches them while kPrefillPersistentCtas is on,
+// prefill_common.cuh): one CTA per SM walks several items (query head x request x q tile), its
+// ring, Q tile, barriers and (bf16) ping-pong turns carried from one item to the next. Each batch
+// below has more items than an H200 has SMs (132): 600 new tokens after mixed cached prefixes (5 q
+// tiles, the last of 88 rows); 40 new tokens (one q tile of 40 rows: the second consumer
+// warpgroup has no rows in any item); one new token per request.
 struct EvenBatch {
   std::vector<test::RequestShape> requests;
   int num_q_heads, num_kv_heads;
@@ -296,8 +299,9 @@ const EvenBatch kLongRows{{{0, 600}, {250, 600}, {77, 600}, {1, 600}}, 8, 2};
 const EvenBatch kShortRows{{{0, 40}, {100, 40}, {1000, 40}, {3, 40}, {64, 40}}, 64, 8};
 const EvenBatch kOneToken{std::vector<test::RequestShape>(16, test::RequestShape{300, 1}), 32, 8};
 
-// The batch at head dim d against the CPU twin, every built bf16 config.
-void check_even_batch(const EvenBatch& batch, int d, bool causal) {
+// The batch at head dim d against the CPU twin, every built config of the scheme.
+void check_even_batch(const EvenBatch& batch, int d, bool causal,
+                      KvScheme scheme = KvScheme::kBf16) {
   test::ProblemSpec spec;
   spec.requests = batch.requests;
   spec.num_q_heads = batch.num_q_heads;
@@ -309,15 +313,15 @@ void check_even_batch(const EvenBatch& batch, int d, bool causal) {
   const int64_t items =
       static_cast<int64_t>(spec.num_q_heads) * spec.requests.size() * ((fresh + 127) / 128);
   ASSERT_GT(items, 132) << "the batch must give CTAs more than one item";
-  SCOPED_TRACE("requests " + std::to_string(spec.requests.size()) + " x " + std::to_string(fresh) +
-               " D " + std::to_string(d) + (causal ? " causal" : " non-causal") + " seed " +
+  SCOPED_TRACE(std::string(scheme_name(scheme)) + " requests " +
+               std::to_string(spec.requests.size()) + " x " + std::to_string(fresh) + " D " +
+               std::to_string(d) + (causal ? " causal" : " non-causal") + " seed " +
                std::to_string(spec.seed));
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-  for (PrefillConfig x : built_configs(KvScheme::kBf16, d)) configs.push_back(x);
+  for (PrefillConfig x : built_configs(scheme, d)) configs.push_back(x);
   // The float64 reference of the 600-token batch is slow (single-threaded): the twin comparison
   // carries it.
-  run_and_compare(test::make_problem(spec), KvScheme::kBf16, configs,
-                  /*with_exact=*/fresh < 600, causal);
+  run_and_compare(test::make_problem(spec), scheme, configs, /*with_exact=*/fresh < 600, causal);
 }
 
 TEST(PrefillPersistent, EvenBatchesMatchCpuTwin) {
@@ -325,6 +329,17 @@ TEST(PrefillPersistent, EvenBatchesMatchCpuTwin) {
   for (const EvenBatch* batch : {&kLongRows, &kShortRows, &kOneToken}) {
     for (int d : {64, 128, 256}) {
       for (bool causal : {true, false}) check_even_batch(*batch, d, causal);
+    }
+  }
+}
+
+// The same batches on the e4m3 kernel (fp8-per-head: Q quantized per request and KV head, the
+// producer's V transposition carried across items where its CTAs are persistent).
+TEST(PrefillPersistent, EvenBatchesFp8PerHeadMatchCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  for (const EvenBatch* batch : {&kLongRows, &kShortRows, &kOneToken}) {
+    for (int d : {64, 128, 256}) {
+      for (bool causal : {true, false}) check_even_batch(*batch, d, causal, KvScheme::kFp8PerHead);
     }
   }
 }
@@ -337,12 +352,13 @@ TEST(PrefillPersistent, ShortRowsD128) {
   check_even_batch(kShortRows, 128, true);
 }
 
-// The smallest persistent launch, for the race checker: the default bf16 kernel alone at D 128,
-// two requests of 128 new tokens after a 100-token prefix (one q tile, two key tiles) and 72 query
-// heads: 144 items, so that on 132 SMs some CTAs take two, their ring, Q, barriers and ping-pong
-// turns carried over. `compute-sanitizer --tool racecheck` of it ran past 380 s on an H200 while
-// each item opened and closed its own turns (a deadlock, docs/GPU.md, sixteenth session) and
-// finishes in 3 s since the turns run on (scripts/gpu-check's sanitizer list has it).
+// The smallest persistent launch, for the race checker: the default bf16 and fp8-per-head kernels
+// at D 128, two requests of 128 new tokens after a 100-token prefix (one q tile, two key tiles)
+// and 72 query heads: 144 items, so that on 132 SMs some CTAs take two, their ring, Q, barriers
+// and (bf16) ping-pong turns carried over. `compute-sanitizer --tool racecheck` of it ran past
+// 380 s on an H200 while each item opened and closed its own turns (a deadlock, docs/GPU.md,
+// sixteenth session) and finishes in 3 s since the turns run on (0 hazards with fp8-per-head's
+// persistent instance too; scripts/gpu-check's sanitizer list has it).
 TEST(PrefillPersistent, SmallestGridForRacecheck) {
   SKIP_WITHOUT_GPU();
   test::ProblemSpec spec;
@@ -353,8 +369,12 @@ TEST(PrefillPersistent, SmallestGridForRacecheck) {
   spec.data.outlier_channels = 4;
   spec.seed = fresh_seed();
   SCOPED_TRACE("seed " + std::to_string(spec.seed));
-  run_and_compare(test::make_problem(spec), KvScheme::kBf16, {PrefillConfig::kDefault},
-                  /*with_exact=*/true, /*causal=*/true);
+  const test::AttentionProblem problem = test::make_problem(spec);
+  // bf16 (persistent: kSplitKv) and fp8-per-head (its default here: kWsPersistent, prefill.cu).
+  for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead}) {
+    run_and_compare(problem, scheme, {PrefillConfig::kDefault}, /*with_exact=*/true,
+                    /*causal=*/true);
+  }
 }
 
 // ---- Q outside f16's range ------------------------------------------------------------------

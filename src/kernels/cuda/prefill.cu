@@ -19,6 +19,7 @@ const char* prefill_config_name(PrefillConfig config) {
     case PrefillConfig::kNarrow: return "narrow";
     case PrefillConfig::kWarpSpecialized: return "ws";
     case PrefillConfig::kWsSwizzle: return "ws-sw128";
+    case PrefillConfig::kWsPersistent: return "ws-persistent";
     case PrefillConfig::kWsDiagConsumers: return "ws-diag-consumers";
     case PrefillConfig::kWsDiagProducer: return "ws-diag-producer";
   }
@@ -38,20 +39,38 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream, DeviceError* erro
 }
 
 // The warp-specialized kernel (prefill_ws.cuh): fp8-per-head with e4m3 operands, the bf16-Q
-// schemes with bf16 ones (no diagnostics built for those); kDiag: benchmark diagnostics.
-template <KvScheme S, int D, bool kSwizzle = false, int kDiag = 0>
+// schemes with bf16 ones (no diagnostics or item-loop instances built for those); kDiag:
+// benchmark diagnostics; kItemLoop: persistent CTAs.
+template <KvScheme S, int D, bool kSwizzle = false, int kDiag = 0, bool kItemLoop = false>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
-  if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kSwizzle, kDiag>) {
+  if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kSwizzle, kDiag, kItemLoop>) {
     prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kSwizzle,
-                               kDiag>(p, stream, error);
+                               kDiag, kItemLoop>(p, stream, error);
     return true;
-  } else if constexpr (!fp8_q(S) && kDiag == 0 && prefill::kWsBf16QBuilt<S, D, kSwizzle>) {
+  } else if constexpr (!fp8_q(S) && kDiag == 0 && !kItemLoop &&
+                       prefill::kWsBf16QBuilt<S, D, kSwizzle>) {
     prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kSwizzle,
-                               0>(p, stream, error);
+                               0, false>(p, stream, error);
     return true;
   } else {
     return false;
   }
+}
+
+// fp8-per-head's persistent CTAs pay where a batch's items are short: even batches (the same new
+// tokens in every request: prefill_item_grid's condition) whose requests see at most this many
+// keys. H200, the persistent instance against the one-item kernel, in one call: D 128 B=16
+// L=1024 344 -> 406 TFLOP/s, B=4 L=4096 603 -> 624, B=2 L=8192 698 -> 685, B=1 L=16384 734 ->
+// 693; D 64 B=2 L=8192 458 -> 470 (D 256: 647 -> 587, not built). docs/GPU.md, seventeenth session.
+constexpr int kFp8PersistentMaxKeysD128 = 4096;
+constexpr int kFp8PersistentMaxKeysD64 = 8192;
+inline bool fp8_persistent_pays(const AttentionParams& p, int head_dim) {
+  const int max_keys = head_dim == 64    ? kFp8PersistentMaxKeysD64
+                       : head_dim == 128 ? kFp8PersistentMaxKeysD128
+                                         : 0;
+  const bool even =
+      p.batch.total_q == static_cast<int64_t>(p.batch.num_requests) * p.batch.max_q_len;
+  return even && p.batch.max_seq_len <= max_keys;
 }
 
 template <KvScheme S, int D>
@@ -60,7 +79,9 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
   if (config == PrefillConfig::kDefault) {
     if (S == KvScheme::kFp8PerHead) {
       // Measured on the H200: the swizzled layout 539 vs 483 TFLOP/s (causal B2 L8192 D128).
-      config = D == 128 ? PrefillConfig::kWsSwizzle : PrefillConfig::kWarpSpecialized;
+      config = fp8_persistent_pays(p, D) ? PrefillConfig::kWsPersistent
+               : D == 128                ? PrefillConfig::kWsSwizzle
+                                         : PrefillConfig::kWarpSpecialized;
     } else if (S == KvScheme::kBf16 || D == 256) {
       // bf16 operands, swizzled (H200, causal B2 L8192): bf16 500 vs 268 TFLOP/s for the mma.sync
       // kernel at D 128, 357 vs 220 at D 64, 406 vs 248 at D 256; FP8 K/V at D 256 267 vs 199.
@@ -80,6 +101,9 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       break;
     case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D>(p, stream, error); break;
     case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, true>(p, stream, error); break;
+    case PrefillConfig::kWsPersistent:  // the default layout of D 128 (swizzled) and D 64 (plain)
+      launched = try_launch_ws<S, D, D == 128, 0, true>(p, stream, error);
+      break;
     case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, 1>(p, stream, error); break;
     case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, 2>(p, stream, error); break;
     default: break;

@@ -27,12 +27,17 @@
   FP8KV_PREFILL_MMA_FP8_E5M2(X) FP8KV_PREFILL_MMA_FP8_PER_HEAD_BF16Q(X)
 
 // ---- the warp-specialized wgmma kernel (prefill_ws.cuh), fp8-per-head ----
-// W(D, SWIZZLE, DIAG); keys per tile and stages follow from D (kWsBlockN, kWsStages). Each head
-// dim plain; D 128 also with the 128-byte swizzle (its default: 539 vs 483 TFLOP/s on the H200)
-// and the two benchmark diagnostics (DIAG 1, 2). (Packed GQA and ping-pong, never faster, are
-// retired: tag tried/prefill-packgqa-pingpong.)
-#define FP8KV_PREFILL_WS_D128(W) W(128, false, 0) W(128, true, 0) W(128, false, 1) W(128, false, 2)
-#define FP8KV_PREFILL_WS_D64_D256(W) W(64, false, 0) W(256, false, 0)
+// W(D, SWIZZLE, DIAG, ITEM_LOOP); keys per tile and stages follow from D (kWsBlockN, kWsStages).
+// Each head dim plain; D 128 also with the 128-byte swizzle (its default: 539 vs 483 TFLOP/s on
+// the H200) and the two benchmark diagnostics (DIAG 1, 2); the defaults of D 64 and 128 also as
+// persistent CTAs (ITEM_LOOP: PrefillConfig::kWsPersistent, for even batches of short requests).
+// (Packed GQA and ping-pong, never faster, are retired: docs/GPU.md, "Warp-specialized FP8
+// prefill".)
+#define FP8KV_PREFILL_WS_D128(W)                                                         \
+  W(128, false, 0, false) W(128, true, 0, false) W(128, true, 0, true) W(128, false, 1, false) \
+  W(128, false, 2, false)
+#define FP8KV_PREFILL_WS_D64_D256(W) \
+  W(64, false, 0, false) W(64, false, 0, true) W(256, false, 0, false)
 #define FP8KV_PREFILL_WS_INSTANCES(W) FP8KV_PREFILL_WS_D128(W) FP8KV_PREFILL_WS_D64_D256(W)
 
 // ---- the same kernel with 16-bit operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
@@ -63,7 +68,7 @@ constexpr bool kPrefillBuilt = false FP8KV_PREFILL_MMA_INSTANCES(FP8KV_PREFILL_M
 
 // Defined in prefill_ws.cuh; instantiated for the entries of FP8KV_PREFILL_WS_INSTANCES
 // (fp8-per-head) and FP8KV_PREFILL_WS_BF16Q_INSTANCES.
-template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag>
+template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag, bool kItemLoop>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error);
 // Keys per tile and ring stages. A CTA (one per SM) holds Q (128 rows) and kStages x (K + V
 // operand tiles + the raw fp8 rows the producer transposes or widens) within 227 KB; the ring
@@ -82,8 +87,9 @@ constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
                           : kv_codec(S) == KvCodec::kBf16 ? (D == 64 ? 6 : D == 128 ? 3 : 5)
                                                           : (D == 256 ? 3 : 4);
 
-#define FP8KV_PREFILL_WS_MATCH(d, sw, dg) || (D == (d) && kSwizzle == (sw) && kDiag == (dg))
-template <int D, bool kSwizzle, int kDiag>
+#define FP8KV_PREFILL_WS_MATCH(d, sw, dg, lp) \
+  || (D == (d) && kSwizzle == (sw) && kDiag == (dg) && kItemLoop == (lp))
+template <int D, bool kSwizzle, int kDiag, bool kItemLoop>
 constexpr bool kWsBuilt = false FP8KV_PREFILL_WS_INSTANCES(FP8KV_PREFILL_WS_MATCH);
 #undef FP8KV_PREFILL_WS_MATCH
 #define FP8KV_PREFILL_WS_BF16Q_MATCH(s, d, sw) || (S == KvScheme::s && D == (d) && kSwizzle == (sw))
@@ -96,11 +102,11 @@ constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREF
 // Explicit instantiations, for the instance files.
 #define FP8KV_PREFILL_MMA_INSTANTIATE(s, d, w, n) \
   template void launch_prefill<KvScheme::s, d, w, n>(const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_INSTANTIATE(d, sw, dg)                                               \
+#define FP8KV_PREFILL_WS_INSTANTIATE(d, sw, dg, lp)                                              \
   template void launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d>, \
-                                  kWsStages<KvScheme::kFp8PerHead, d>, sw, dg>(                 \
+                                  kWsStages<KvScheme::kFp8PerHead, d>, sw, dg, lp>(              \
       const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                                     \
-  template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d>,             \
-                                  kWsStages<KvScheme::s, d>, sw, 0>(                     \
+#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                         \
+  template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d>, \
+                                  kWsStages<KvScheme::s, d>, sw, 0, false>(  \
       const AttentionParams&, cudaStream_t, DeviceError*);

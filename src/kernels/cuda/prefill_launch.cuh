@@ -15,19 +15,24 @@
 namespace fp8kv::cuda {
 
 enum class PrefillConfig {
-  kDefault,   // the tuned choice per (scheme, head_dim): fp8-per-head kWsSwizzle for D = 128,
-              // kWarpSpecialized for D = 64 and 256; bf16 kWsSwizzle (bf16 operands); the bf16-Q
-              // FP8 schemes kWarpSpecialized for D <= 128 and kWsSwizzle for D = 256 (K/V
-              // widened to f16 by the producer)
-  kWide,      // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
-  kNarrow,    // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
-              // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
+  kDefault,  // the tuned choice per (scheme, head_dim): fp8-per-head kWsSwizzle for D = 128,
+             // kWarpSpecialized for D = 64 and 256, kWsPersistent for even batches of short
+             // requests at D = 64 and 128; bf16 kWsSwizzle (bf16 operands); the bf16-Q
+             // FP8 schemes kWarpSpecialized for D <= 128 and kWsSwizzle for D = 256 (K/V
+             // widened to f16 by the producer)
+  kWide,     // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
+  kNarrow,   // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
+             // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
   // Warp-specialized wgmma (prefill_ws.cuh): a producer warpgroup and two consumer warpgroups;
   // fp8-per-head with e4m3 operands, 128 keys per tile (64 for D = 256); the bf16-Q schemes with
   // 16-bit operands (keys per tile: prefill_instances.cuh), D = 64 and 128.
   kWarpSpecialized,
-  kWsSwizzle,          // operands in the 128-byte swizzle layout, whole-row copies: fp8-per-head
-                       // D = 128, the bf16-Q schemes D = 64, 128 and 256
+  kWsSwizzle,     // operands in the 128-byte swizzle layout, whole-row copies: fp8-per-head
+                  // D = 128, the bf16-Q schemes D = 64, 128 and 256
+  kWsPersistent,  // fp8-per-head's default kernel at D = 64 and 128 as persistent CTAs (one
+                  // per SM walking the items, where the requests' new-token counts are
+                  // equal; one CTA per item otherwise): the default for such batches of
+                  // short requests (prefill.cu)
   // Benchmark diagnostics of kWarpSpecialized, D = 128 (wrong results by design, never tested):
   kWsDiagConsumers,  // the producer loads only the first tiles: the consumers' bound
   kWsDiagProducer,   // the consumers skip their math: the producer's bound

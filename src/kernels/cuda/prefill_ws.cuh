@@ -171,7 +171,9 @@ __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
 //  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
 //    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
 //    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
-template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag>
+//  - kItemLoop (e4m3 operands): persistent CTAs (kPersistent below), an instance of its own
+//    beside the one-item kernel, which keeps its code.
+template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag, bool kItemLoop>
 __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
   using Sh = WsShape<S, D, kBlockN, kStages>;
   static_assert(!kSwizzle || !Sh::kFp8Mma || (D == 128 && kBlockN == 128),
@@ -190,11 +192,16 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // Persistent CTAs (below) for the kSplitKv instances, the default of bf16 at every head dim.
   // H200, A/B in one call (items dealt out in snake rounds, causal B=2 L=8192 unless said):
   // bf16 572 -> 600 TFLOP/s, non-causal 579 -> 611, B=16 L=1024 341 -> 369, B=4 L=4096 518 ->
-  // 546, D 64 385 -> 392, D 256 481 -> 491. The e4m3 and widened instances measured slower with
-  // the item loop compiled in, even where it ran one item per CTA (fp8-per-head 700 -> 686,
-  // cached prefix 553 -> 519; fp8-per-tensor 405 -> 322): for them the loop runs once, one CTA
-  // per item as before.
-  constexpr bool kPersistent = kSplitKv;
+  // 546, D 64 385 -> 392, D 256 481 -> 491. The widened instances measured slower with the item
+  // loop compiled in (fp8-per-tensor 405 -> 322): for them the loop runs once. The e4m3 ones
+  // (fp8-per-head) gain where items are short and lose where they are long, and lose with the
+  // loop compiled in even where it runs one item per CTA (seventeenth session, H200, the loop
+  // against one CTA per item: B=16 L=1024 344 -> 406 TFLOP/s, B=4 L=4096 603 -> 624, D 64
+  // B=2 L=8192 458 -> 470; B=2 L=8192 698 -> 685, non-causal 738 -> 709, B=1 L=16384 734 ->
+  // 693, D 256 647 -> 587, cached prefix 552 -> 518): so the loop is an instance of its own
+  // (kItemLoop), which prefill.cu picks for even batches of short requests.
+  static_assert(!kItemLoop || Sh::kFp8Mma, "the item loop instance is e4m3's");
+  constexpr bool kPersistent = kSplitKv || kItemLoop;
   extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
   const uint32_t base = smem_addr(smem);
 #ifdef FP8KV_PREFILL_TIMELINE
@@ -929,13 +936,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   if (kPingPong && kTurnsRunOn && cw == 0) named_barrier_sync(2, 256);  // the last hand-over
 }
 
-template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag>
+template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag, bool kItemLoop>
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error) {
   using Sh = WsShape<S, D, kBlockN, kStages>;
   PrefillParams p = make_prefill_params(a, error);
-  constexpr bool kPersistent = Sh::kSplitKvOperands && kSwizzle;  // the kernel's kPersistent
+  constexpr bool kPersistent = (Sh::kSplitKvOperands && kSwizzle) || kItemLoop;  // the kernel's
   const dim3 grid = prefill_item_grid(a, Sh::kBlockM, kPersistent, p);
-  auto kernel = prefill_ws_kernel<S, D, kBlockN, kStages, kSwizzle, kDiag>;
+  auto kernel = prefill_ws_kernel<S, D, kBlockN, kStages, kSwizzle, kDiag, kItemLoop>;
   FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         Sh::kSmemBytes));
   kernel<<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(p);
