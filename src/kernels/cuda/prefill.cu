@@ -58,8 +58,8 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* e
 }
 
 // fp8-per-head's persistent CTAs pay where a batch's items are short: even batches (the same new
-// tokens in every request: prefill_item_grid's condition) whose requests see at most this many
-// keys. H200, the persistent instance against the one-item kernel, in one call: D 128 B=16
+// tokens in every request: prefill_item_grid's condition, which launches them persistent while
+// kPrefillPersistentCtas is on) whose requests see at most this many keys. H200, the persistent instance against the one-item kernel, in one call: D 128 B=16
 // L=1024 344 -> 406 TFLOP/s, B=4 L=4096 603 -> 624, B=2 L=8192 698 -> 685, B=1 L=16384 734 ->
 // 693; D 64 B=2 L=8192 458 -> 470 (D 256: 647 -> 587, not built). docs/GPU.md, seventeenth session.
 constexpr int kFp8PersistentMaxKeysD128 = 4096;

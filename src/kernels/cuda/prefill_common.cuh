@@ -150,10 +150,10 @@ __device__ __forceinline__ int prefill_round_item(int k) {
 // synchronization once after its last item. Before that fix (docs/GPU.md, sixteenth and seventeenth
 // sessions) each item opened and closed its own turns, and warpgroup 1 could arrive twice on
 // warpgroup 0's barrier before warpgroup 0 took the first arrival: a deadlock by PTX's barrier
-// semantics, which racecheck of PrefillPersistent.SmallestGridForRacecheck ran into (no end in
-// 380 s; with the fix it finishes in 3 s with 0 hazards). H200, the fix against one CTA per item,
-// same call: bf16 causal B=2 L=8192 584 -> 616 TFLOP/s, non-causal 597 -> 620, B=16 L=1024
-// 322 -> 391, B=4 L=4096 514 -> 561.
+// semantics (racecheck of PrefillPersistent.SmallestGridForRacecheck did not end in 380 s, most
+// likely that hang under the checker's scheduling; with the fix it finishes in 3 s with 0
+// hazards). H200, the fix against one CTA per item, same call: bf16 causal B=2 L=8192 584 -> 616
+// TFLOP/s, non-causal 597 -> 620, B=16 L=1024 322 -> 391, B=4 L=4096 514 -> 561.
 constexpr bool kPrefillPersistentCtas = true;
 
 // The grid of a kernel that walks items of `tile_tokens` new tokens per query head and request
