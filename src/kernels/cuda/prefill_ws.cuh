@@ -12,15 +12,15 @@
 // prefix, GQA, K/V gathered through the slot table; P rounded to the operand type as it is, the
 // row sum from the unrounded P); what differs is who does what, and when:
 //
-//  - A CTA is three warpgroups for 128 query rows of one query head (bf16, swizzled: a persistent
-//    CTA per SM that walks such items in turn, kPersistent, where the host launches it so:
-//    kPrefillPersistentCtas, even batches). Warpgroup 0 is the
-//    producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
+//  - A CTA is three warpgroups for 128 query rows of one query head (bf16, swizzled, and
+//    fp8-per-head's kItemLoop instance: a persistent CTA per SM that walks such items in turn,
+//    kPersistent, where the host launches it so: kPrefillPersistentCtas, even batches). Warpgroup 0
+//    is the producer: it gathers Q and the K/V tiles with cp.async (a slot per key row, so no TMA),
 //    transposes V into V^T (wgmma reads 8-bit operands only K-major) and publishes each stage on
 //    its `full` mbarrier (bf16 K/V, swizzled: K and V of a stage apart, by the hardware as their
 //    copies land, and released apart: kSplitKv; e4m3 at D 256: K so, V^T by the producer, kApart).
-//    It gives most of its registers away (setmaxnreg) to the two consumer warpgroups, which own
-//    64 query rows each and only compute.
+//    It gives most of its registers away (setmaxnreg) to the two consumer warpgroups, which own 64
+//    query rows each and only compute.
 //  - The K/V tiles go round a ring of kStages stages: a consumer warpgroup arrives on the
 //    stage's `empty` mbarrier once its wgmmas have read it, and the producer refills it after
 //    both have. Their softmaxes run under each other's wgmmas; with bf16 operands at D 128 they
@@ -615,7 +615,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // barrier 2 before warpgroup 0's sync when a CTA runs a second item (a deadlock: docs/GPU.md,
   // sixteenth session), so with persistent launches (kTurnsRunOn) they happen once per CTA and the
   // turns run on across its items (FA3's order; racecheck of the smallest persistent launch: 0
-  // hazards in 3 s, where the per-item order never finished). kTurnsRunOn follows
+  // hazards in 3 s, where the per-item order did not finish in 380 s). kTurnsRunOn follows
   // kPrefillPersistentCtas, so that a one-item launch keeps the per-item order.
   constexpr bool kPingPong = !Sh::kFp8Mma && (Sh::kWiden ? D == 64 : kSwizzle && D <= 128);
   constexpr bool kTurnsRunOn = kPersistent && kPrefillPersistentCtas;
