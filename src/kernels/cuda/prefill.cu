@@ -44,13 +44,15 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream, DeviceError* erro
 template <KvScheme S, int D, bool kSwizzle = false, int kDiag = 0, bool kItemLoop = false>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
   if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kSwizzle, kDiag, kItemLoop>) {
-    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kSwizzle,
-                               kDiag, kItemLoop>(p, stream, error);
+    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D, kSwizzle>,
+                               prefill::kWsStages<S, D, kSwizzle>, kSwizzle, kDiag, kItemLoop>(
+        p, stream, error);
     return true;
   } else if constexpr (!fp8_q(S) && kDiag == 0 && !kItemLoop &&
                        prefill::kWsBf16QBuilt<S, D, kSwizzle>) {
-    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kSwizzle,
-                               0, false>(p, stream, error);
+    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D, kSwizzle>,
+                               prefill::kWsStages<S, D, kSwizzle>, kSwizzle, 0, false>(p, stream,
+                                                                                       error);
     return true;
   } else {
     return false;
@@ -82,14 +84,17 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       config = fp8_persistent_pays(p, D) ? PrefillConfig::kWsPersistent
                : D == 128                ? PrefillConfig::kWsSwizzle
                                          : PrefillConfig::kWarpSpecialized;
-    } else if (S == KvScheme::kBf16 || D == 256) {
+    } else if (S == KvScheme::kBf16 || D != 64) {
       // bf16 operands, swizzled (H200, causal B2 L8192): bf16 500 vs 268 TFLOP/s for the mma.sync
       // kernel at D 128, 357 vs 220 at D 64, 406 vs 248 at D 256; FP8 K/V at D 256 267 vs 199.
+      // FP8 K/V widened at D 128: the swizzled instance is 128 keys x 2 stages with the raw rows in
+      // a ring of their own (WsShape::kRawRing): 478.5 vs 452.6 for the plain 64 x 4 (eighteenth
+      // session; 426 vs 402 at B=4 L=4096, 389 vs 367 for the cached prefix).
       config = PrefillConfig::kWsSwizzle;
     } else {
-      // FP8 K/V widened by the producer: the unswizzled layout (measured with bf16 operands, D 128:
-      // 315 vs 284 swizzled and 236 mma.sync; D 64: 281 vs 280 and 191; with f16 operands, the
-      // fourteenth session's final run: D 128 401 vs 396, D 64 342 vs 336).
+      // FP8 K/V widened by the producer at D 64: the unswizzled layout (measured with bf16
+      // operands: 281 vs 280 swizzled and 191 mma.sync; with f16 operands, the fourteenth
+      // session's final run: 342 vs 336; the eighteenth's: 346 vs 353).
       config = PrefillConfig::kWarpSpecialized;
     }
   }

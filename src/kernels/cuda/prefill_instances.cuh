@@ -43,7 +43,8 @@
 // ---- the same kernel with 16-bit operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
 // PrefillConfig::kWarpSpecialized (no swizzle) for D 64 and 128, kWsSwizzle for D 64, 128 and 256
 // (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). The default
-// of these schemes (prefill.cu: kWsSwizzle for bf16 and for D 256, kWarpSpecialized otherwise).
+// of these schemes (prefill.cu: kWsSwizzle for bf16 and for the FP8 ones at D 128 and 256,
+// kWarpSpecialized for the FP8 ones at D 64).
 #define FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) \
   B(S, 64, false) B(S, 64, true) B(S, 128, false) B(S, 128, true) B(S, 256, true)
 #define FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kBf16)
@@ -75,16 +76,20 @@ void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceErro
 // needs >= 3 stages. The bf16-operand choices take as many stages as fit (not yet measured):
 //   e4m3 (fp8-per-head)   D 64, 128: 128 keys x 4 stages; D 256: 64 x 3 (4 do not fit)
 //   bf16 K/V (bf16)       D 64: 128 x 6; D 128: 128 x 3 (224 KB); D 256: 32 x 5 (Q alone is 64 KB)
-//   widened e4m3 / e5m2   D 64: 128 x 4; D 128: 64 x 4 (128 x 3 does not fit with the staging);
-//                         D 256: 32 x 3
+//   widened e4m3 / e5m2   D 64: 128 x 4; D 128: 64 x 4 (128 x 3 does not fit with the staging),
+//                         swizzled 128 x 2 with the raw rows in a ring of their own
+//                         (WsShape::kRawRing); D 256: 32 x 3
 template <KvScheme S, int D>
-constexpr int kWsBlockN = fp8_q(S)                                      ? (D == 256 ? 64 : 128)
-                          : D == 256                                    ? 32
-                          : (D == 128 && kv_codec(S) != KvCodec::kBf16) ? 64
-                                                                        : 128;
-template <KvScheme S, int D>
+constexpr bool kWsWidenedD128 = !fp8_q(S) && kv_codec(S) != KvCodec::kBf16 && D == 128;
+template <KvScheme S, int D, bool kSwizzle>
+constexpr int kWsBlockN = fp8_q(S)                              ? (D == 256 ? 64 : 128)
+                          : D == 256                            ? 32
+                          : (kWsWidenedD128<S, D> && !kSwizzle) ? 64
+                                                                : 128;
+template <KvScheme S, int D, bool kSwizzle>
 constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
                           : kv_codec(S) == KvCodec::kBf16 ? (D == 64 ? 6 : D == 128 ? 3 : 5)
+                          : kWsWidenedD128<S, D>          ? (kSwizzle ? 2 : 4)
                                                           : (D == 256 ? 3 : 4);
 
 #define FP8KV_PREFILL_WS_MATCH(d, sw, dg, lp) \
@@ -102,11 +107,12 @@ constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREF
 // Explicit instantiations, for the instance files.
 #define FP8KV_PREFILL_MMA_INSTANTIATE(s, d, w, n) \
   template void launch_prefill<KvScheme::s, d, w, n>(const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_INSTANTIATE(d, sw, dg, lp)                                              \
-  template void launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d>, \
-                                  kWsStages<KvScheme::kFp8PerHead, d>, sw, dg, lp>(              \
+#define FP8KV_PREFILL_WS_INSTANTIATE(d, sw, dg, lp)                                    \
+  template void                                                                        \
+  launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d, sw>, \
+                    kWsStages<KvScheme::kFp8PerHead, d, sw>, sw, dg, lp>(              \
       const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                         \
-  template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d>, \
-                                  kWsStages<KvScheme::s, d>, sw, 0, false>(  \
+#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                             \
+  template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d, sw>, \
+                                  kWsStages<KvScheme::s, d, sw>, sw, 0, false>(  \
       const AttentionParams&, cudaStream_t, DeviceError*);

@@ -3,8 +3,9 @@
 //  - e4m3 (fp8-per-head): e4m3 Q (quantize_q), K, V; m64nNk32 e4m3 wgmmas; P rounded to e4m3.
 //  - 16-bit (bf16, fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: the schemes whose Q is bf16):
 //    m64nNk16 wgmmas. bf16: K/V copied as they are, P rounded to bf16. The others: f16 operands
-//    (WsShape::kF16); e4m3 / e5m2 K/V are copied raw into a staging area of the stage and widened
-//    to f16 by the producer (exactly: both are subsets of f16), where the fp8 path transposes V;
+//    (WsShape::kF16); e4m3 / e5m2 K/V are copied raw into a staging area of the stage (D 128
+//    swizzled: a ring of raw tiles of its own, WsShape::kRawRing) and widened to f16 by the
+//    producer (exactly: both are subsets of f16), where the fp8 path transposes V;
 //    the producer also scales Q by a power of two into f16's range (exactly, q_to_f16), and P is
 //    rounded to f16. The K scale (per tensor or per KV head) folds into the score multiplier and
 //    the V scale into the output, as in the mma.sync kernel.
@@ -58,6 +59,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "fp8kv/backend.h"
 #include "kernels/cuda/common.cuh"
@@ -91,10 +93,17 @@ struct WsShape {
   // rows for the transposition and for D = 64, else D-byte rows with chunk c of row r stored at
   // c ^ (r % 8) (the widening reads 8 rows of one column: conflict-free either way).
   static constexpr int kRawPitch = kFp8Mma || D == 64 ? kVPitch : D;
-  static constexpr int kVRowsBytes =
-      kFp8Mma ? kBlockN * kVPitch : kWiden ? 2 * kBlockN * kRawPitch : 0;
+  // The raw rows of a tile: K rows then V rows (widened) or V rows (e4m3).
+  static constexpr int kRawTileBytes = kWiden ? 2 * kBlockN * kRawPitch : kBlockN * kVPitch;
+  // kRawRing (the widened schemes with 2 operand stages: D 128 swizzled, 128 keys per tile, where
+  // 3 stages of 16-bit K and V and their raw rows would not fit beside Q): the raw rows go round a
+  // ring of two tiles of their own, so that the loads of a tile need no operand stage, and K and V
+  // are published and released apart (kApart), so that 2 operand stages keep the pipeline going.
+  static constexpr bool kRawRing = kWiden && kStages == 2;
+  static constexpr int kVRowsBytes = (kFp8Mma || kWiden) && !kRawRing ? kRawTileBytes : 0;
   static constexpr int kStageBytes = kKBytes + kVtBytes + kVRowsBytes;
-  static constexpr int kBarOffset = kQBytes + kStages * kStageBytes;
+  static constexpr int kRawRingOffset = kQBytes + kStages * kStageBytes;
+  static constexpr int kBarOffset = kRawRingOffset + (kRawRing ? 2 * kRawTileBytes : 0);
   // K and V published and released apart (kSplitKv, the swizzled bf16 instances): bf16 K/V,
   // copied as they are stored, land straight in their operand tiles, so the hardware publishes
   // them (cp.async's mbarrier arrival) and the consumers release K(j) once S(j) has landed, V(j)
@@ -125,7 +134,9 @@ struct WsShape {
   // producer publishes tile j - (kStages - 2) after issuing the loads of tile j: so two stages
   // are held by the consumers and kStages - 2 are in flight; with two stages the load of tile j
   // would wait for the release of tile j-2, which waits for tile j-1 to be published.
-  static_assert(kStages >= 3, "the ring needs a stage of slack (see above)");
+  // (kRawRing: K(j) waits only for the release of K(j-2), after S(j-2), and V(j) for P V(j-2),
+  // which the consumers issue with QK(j-1): two stages suffice.)
+  static_assert(kStages >= 3 || kRawRing, "the ring needs a stage of slack (see above)");
   static_assert(kBlockN == 64 || kBlockN == 128 || (!kFp8Mma && kBlockN == 32), "QK^T wgmma N");
   static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
   static_assert(kBlockN % kKvRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
@@ -188,7 +199,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // until then). H200, causal B=2 L=8192: D 256 490 -> 624 TFLOP/s; with 4 stages (D 64, 128),
   // where the producer finishes a tile ahead (kFinishFirst), it measured slower (438 -> 381,
   // 692 -> 663) and they keep one barrier pair per stage.
-  constexpr bool kApart = kSplitKv || (Sh::kFp8Mma && kStages < 4);
+  constexpr bool kApart = kSplitKv || (Sh::kFp8Mma && kStages < 4) || Sh::kRawRing;
   // Persistent CTAs (below) for the kSplitKv instances, the default of bf16 at every head dim.
   // H200, A/B in one call (items dealt out in snake rounds, causal B=2 L=8192 unless said):
   // bf16 572 -> 600 TFLOP/s, non-causal 579 -> 611, B=16 L=1024 341 -> 369, B=4 L=4096 518 ->
@@ -347,27 +358,36 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // two 16-byte bf16 chunks of the operand tile, exactly. 8 consecutive threads take 8
     // consecutive rows of one raw column: conflict-free reads (padded or XOR-placed raw rows)
     // and writes (8 rows of one core matrix, or 8 distinct swizzled chunks).
-    auto widen_kv = [&](uint32_t st) {
-      uint8_t* const k_op = smem + (st - base);  // K then V operand tiles
-      const uint8_t* const raw = k_op + Sh::kKBytes + Sh::kVtBytes;  // K then V raw rows
-      constexpr int kC = Sh::kKvChunks;
-      constexpr int kItems = 2 * kBlockN * kC;
-      static_assert(!Sh::kWiden || (kItems % Sh::kProducerThreads == 0 &&
-                                    Sh::kProducerThreads % (8 * kC) == 0),
-                    "whole 8-row column groups per pass");
+    // Thread tid widens raw column chunk wc of rows wr0 + i * kWidenStep (i = 0, 1, ...) of a
+    // tile's K (and V) rows. A row's chunk placement repeats every 8 rows and kWidenStep is a
+    // multiple of 8, so every offset is this thread's constant plus i times a stride: computed
+    // once here, where the per-chunk index arithmetic (signed quotients and remainders) had made
+    // the widening ~4.6 instructions per useful one (profiled, fp8-per-tensor D 128: the producer
+    // executed twice the consumers' instructions and set the kernel's pace).
+    constexpr int kWidenStep = Sh::kProducerThreads / Sh::kKvChunks;  // rows per pass
+    constexpr int kRawStride = kWidenStep * Sh::kRawPitch;
+    constexpr int kOpStride = kSwizzle ? kWidenStep * 128 : kWidenStep / 8 * Sh::kKBlockStride;
+    static_assert(!Sh::kWiden || (kWidenStep % 8 == 0 && kBlockN % kWidenStep == 0),
+                  "whole 8-row column groups per pass");
+    const int wc = (tid / 8) % Sh::kKvChunks;
+    const int wr0 = (tid / (8 * Sh::kKvChunks)) * 8 + tid % 8;
+    const int w_raw0 = raw_offset(wr0, wc);
+    const int w_op0 = operand_offset<Sh::kRowBytes, kSwizzle>(wr0, 2 * wc, kBlockN);
+    const int w_op1 = operand_offset<Sh::kRowBytes, kSwizzle>(wr0, 2 * wc + 1, kBlockN);
+    // kParts 2: K then V raw rows into the K then V operand tiles; 1: one of them.
+    auto widen = [&](uint8_t* const k_op, const uint8_t* const raw, auto parts) {
+#pragma unroll
+      for (int part = 0; part < decltype(parts)::value; ++part) {
+        const uint8_t* const src = raw + part * kBlockN * Sh::kRawPitch + w_raw0;
+        uint8_t* const dst = k_op + part * Sh::kKBytes;
 #pragma unroll 4
-      for (int w = tid; w < kItems; w += Sh::kProducerThreads) {
-        const int c = (w / 8) % kC;
-        const int r2 = (w / (8 * kC)) * 8 + w % 8;  // of the 2 * kBlockN raw rows: K, then V
-        const uint4 codes = *reinterpret_cast<const uint4*>(raw + raw_offset(r2, c));
-        constexpr KvCodec kCodec = kv_codec(S);
-        uint4 w0, w1;
-        fp8x16_to_16bit<kCodec, Sh::kF16>(codes, w0, w1);
-        uint8_t* const op = k_op + (r2 >= kBlockN ? Sh::kKBytes : 0);
-        const int row = r2 % kBlockN;
-        auto at = [&](int chunk) { return operand_offset<Sh::kRowBytes, kSwizzle>(row, chunk, kBlockN); };
-        *reinterpret_cast<uint4*>(op + at(2 * c)) = w0;
-        *reinterpret_cast<uint4*>(op + at(2 * c + 1)) = w1;
+        for (int i = 0; i < kBlockN / kWidenStep; ++i) {
+          const uint4 codes = *reinterpret_cast<const uint4*>(src + i * kRawStride);
+          uint4 w0, w1;
+          fp8x16_to_16bit<kv_codec(S), Sh::kF16>(codes, w0, w1);
+          *reinterpret_cast<uint4*>(dst + w_op0 + i * kOpStride) = w0;
+          *reinterpret_cast<uint4*>(dst + w_op1 + i * kOpStride) = w1;
+        }
       }
     };
     // kF16, with an item's first tile (Q's copies landed, this thread's chunks): Q's largest |bf16|
@@ -402,10 +422,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         *q = make_uint4(cvt(v.x), cvt(v.y), cvt(v.z), cvt(v.w));
       }
     };
+    auto raw_tile = [&](int J) {  // kRawRing: the raw rows of ring index J
+      return smem + Sh::kRawRingOffset + (J % 2) * Sh::kRawTileBytes;
+    };
     // This thread's copies of tile j of item n (ring index J) have landed.
     auto finish = [&](int J, int j, int n) {
       // ... and everyone's, where this thread reads rows that others copied
-      if constexpr (Sh::kVRowsBytes > 0) named_barrier_sync(1, Sh::kProducerThreads);
+      if constexpr (Sh::kVRowsBytes > 0 || Sh::kRawRing) {
+        named_barrier_sync(1, Sh::kProducerThreads);
+      }
       stamp(j, kTlBarrier);
       const uint32_t st = stage_addr(J);
       if constexpr (Sh::kFp8Mma) {
@@ -415,9 +440,21 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
           mbarrier_wait(v_empty_bar + 8 * (J % kStages), ((J / kStages) - 1) & 1);
         }
         transpose_v(st);
+      } else if constexpr (Sh::kRawRing) {  // K published first, V below (kApart)
+        if (Sh::kF16 && j == 0) q_to_f16(n);
+        uint8_t* const k_op = smem + (st - base);
+        const uint32_t parity = ((J / kStages) - 1) & 1;
+        if (J >= kStages) mbarrier_wait(empty_bar + 8 * (J % kStages), parity);
+        widen(k_op, raw_tile(J), std::integral_constant<int, 1>());
+        fence_proxy_async();
+        mbarrier_arrive(full_bar + 8 * (J % kStages));
+        if (J >= kStages) mbarrier_wait(v_empty_bar + 8 * (J % kStages), parity);
+        widen(k_op + Sh::kKBytes, raw_tile(J) + kBlockN * Sh::kRawPitch,
+              std::integral_constant<int, 1>());
       } else if constexpr (Sh::kWiden) {
         if (Sh::kF16 && j == 0) q_to_f16(n);
-        widen_kv(st);
+        uint8_t* const k_op = smem + (st - base);  // K then V operand tiles
+        widen(k_op, k_op + Sh::kKBytes + Sh::kVtBytes, std::integral_constant<int, 2>());
       }
       stamp(j, kTlTransformed);
       fence_proxy_async();  // cp.async'd Q/K/V and st.shared V^T or K/V -> the async proxy (wgmma)
@@ -506,8 +543,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // 17% of their stall samples, the producer's wait on `empty` a third of its). Finished
     // first, a tile is published a whole consumer iteration before it is needed, with one tile
     // fewer in flight during the wait for its data. An item's last tiles are finished before the
-    // next item's loads (its cp.async groups drained).
-    constexpr int kAhead = kStages - 2;
+    // next item's loads (its cp.async groups drained). kRawRing: the loads of tile j go to the raw
+    // ring, free once every producer thread has widened tile j - 2 out of it; tile j - 1 is
+    // finished after they are issued, each operand waiting for its own release there (finish).
+    constexpr int kAhead = Sh::kRawRing ? 1 : kStages - 2;
     constexpr bool kFinishFirst = (Sh::kFp8Mma || Sh::kWiden) && kStages >= 4;
     int ring = 0, n = 0;
     for (int k = 0; kPersistent || k == 0; ++k) {
@@ -545,11 +584,16 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
           finish(J - kAhead, j - kAhead, n);
         }
         stamp(j, kTlEmptyWait);
-        if (J >= kStages) mbarrier_wait(empty_bar + 8 * (J % kStages), ((J / kStages) - 1) & 1);
+        if constexpr (Sh::kRawRing) {
+          if (J >= 2) named_barrier_sync(1, Sh::kProducerThreads);
+        } else if (J >= kStages) {
+          mbarrier_wait(empty_bar + 8 * (J % kStages), ((J / kStages) - 1) & 1);
+        }
         stamp(j, kTlEmptyDone);
         const uint32_t st = stage_addr(J);
         uint8_t* const k_stage = smem + (st - base);
-        uint8_t* const v_stage = k_stage + Sh::kKBytes + Sh::kVtBytes;  // raw rows
+        uint8_t* const v_stage =  // raw rows
+            Sh::kRawRing ? raw_tile(J) : k_stage + Sh::kKBytes + Sh::kVtBytes;
 #pragma unroll
         for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
           if (kDiag == 1 && j >= kStages) break;
@@ -570,7 +614,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
                         valid ? 16 : 0);
           }
         }
-        if constexpr (kApart) cp_async_mbarrier_arrive(full_bar + 8 * (J % kStages));  // K landed
+        if constexpr (kApart && !Sh::kRawRing) {  // K landed
+          cp_async_mbarrier_arrive(full_bar + 8 * (J % kStages));
+        }
         cp_async_commit();
         stamp(j, kTlIssued);
         if (j + 1 < num_kv_tiles && !(kDiag == 1 && j + 1 >= kStages)) fetch_slots(j + 1);
@@ -608,15 +654,17 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // measured faster; bf16 D 256 and e4m3 operands measured the same or slower with it and go
   // without (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
   // D 64 (fp8-per-tensor, causal B=2 L=8192: 304 -> 343 TFLOP/s on the H200), off at D 128 (400
-  // -> 405 causal but 363 -> 353 at B=4 L=4096). Each warpgroup takes num_kv_tiles + 1 turns
-  // per item (the idle loop's included); warpgroup 1 opens with an arrival on warpgroup 0's
-  // barrier and warpgroup 0 closes with a sync that takes warpgroup 1's last hand-over, so the
-  // barriers' arrivals balance. Per item, that opening and closing let warpgroup 1 arrive twice on
-  // barrier 2 before warpgroup 0's sync when a CTA runs a second item (a deadlock: docs/GPU.md,
-  // sixteenth session), so with persistent launches (kTurnsRunOn) they happen once per CTA and the
-  // turns run on across its items (FA3's order; racecheck of the smallest persistent launch: 0
-  // hazards in 3 s, where the per-item order did not finish in 380 s). kTurnsRunOn follows
-  // kPrefillPersistentCtas, so that a one-item launch keeps the per-item order.
+  // -> 405 causal but 363 -> 353 at B=4 L=4096; the kRawRing instance: 413.5 with, 417.5
+  // without, 427 -> 432 non-causal, the other rows the same or better without). Each warpgroup
+  // takes num_kv_tiles + 1 turns per item (the idle loop's included); warpgroup 1 opens with an
+  // arrival on warpgroup 0's barrier and warpgroup 0 closes with a sync that takes warpgroup 1's
+  // last hand-over, so the barriers' arrivals balance. Per item, that opening and closing let
+  // warpgroup 1 arrive twice on barrier 2 before warpgroup 0's sync when a CTA runs a second item
+  // (a deadlock: docs/GPU.md, sixteenth session), so with persistent launches (kTurnsRunOn) they
+  // happen once per CTA and the turns run on across its items (FA3's order; racecheck of the
+  // smallest persistent launch: 0 hazards in 3 s, where the per-item order did not finish in 380
+  // s). kTurnsRunOn follows kPrefillPersistentCtas, so that a one-item launch keeps the per-item
+  // order.
   constexpr bool kPingPong = !Sh::kFp8Mma && (Sh::kWiden ? D == 64 : kSwizzle && D <= 128);
   constexpr bool kTurnsRunOn = kPersistent && kPrefillPersistentCtas;
   if (kPingPong && kTurnsRunOn && cw == 1) named_barrier_arrive(2, 256);
