@@ -380,11 +380,19 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       for (int part = 0; part < decltype(parts)::value; ++part) {
         const uint8_t* const src = raw + part * kBlockN * Sh::kRawPitch + w_raw0;
         uint8_t* const dst = k_op + part * Sh::kKBytes;
-#pragma unroll 4
-        for (int i = 0; i < kBlockN / kWidenStep; ++i) {
-          const uint4 codes = *reinterpret_cast<const uint4*>(src + i * kRawStride);
+        // All of a part's raw chunks read before the first store: the compiler may not move a
+        // shared load above a store that could alias it, so a load-widen-store loop waits out
+        // each load's latency in turn. H200, fp8-per-tensor: causal B=2 L=8192 475 -> 495
+        // TFLOP/s, B=4 L=4096 410 -> 440, D 256 336 -> 368, D 64 347 -> 357.
+        constexpr int kN = kBlockN / kWidenStep;
+        uint4 codes[kN];
+#pragma unroll
+        for (int i = 0; i < kN; ++i)
+          codes[i] = *reinterpret_cast<const uint4*>(src + i * kRawStride);
+#pragma unroll
+        for (int i = 0; i < kN; ++i) {
           uint4 w0, w1;
-          fp8x16_to_16bit<kv_codec(S), Sh::kF16>(codes, w0, w1);
+          fp8x16_to_16bit<kv_codec(S), Sh::kF16>(codes[i], w0, w1);
           *reinterpret_cast<uint4*>(dst + w_op0 + i * kOpStride) = w0;
           *reinterpret_cast<uint4*>(dst + w_op1 + i * kOpStride) = w1;
         }
