@@ -324,12 +324,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       const uint32_t v_rows = st + Sh::kKBytes + Sh::kVtBytes;
       uint8_t* const vt = smem + (st - base) + Sh::kKBytes;
       constexpr int kBlocks = (kBlockN / 32) * (D / 16);
-#pragma unroll 2
-      for (int blk = warp; blk < kBlocks; blk += 4) {
+      auto load = [&](int blk, uint32_t(&r)[4]) {
         const int c = blk / (D / 16);
         const int dp = blk % (D / 16);
-        uint32_t r[4];
         ldmatrix_x4_trans(r, v_rows + (c * 32 + mat * 8 + mat_row) * Sh::kVPitch + dp * 16);
+      };
+      auto store = [&](int blk, const uint32_t(&r)[4]) {
+        const int c = blk / (D / 16);
+        const int dp = blk % (D / 16);
         const int d_even = dp * 16 + 2 * g;
         if constexpr (kSwizzle) {  // V^T row d: 128 key bytes, key chunk k at k ^ (d % 8)
           // The four words above are, across the warp, four 8 x 16-byte matrices (rows d_even
@@ -342,7 +344,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
           const int d = dp * 16 + 2 * mat_row + (mat & 1);
           const int chunk = 2 * c + (mat >> 1);
           stmatrix_x4(st + Sh::kKBytes + d * 128 + ((chunk ^ (d & 7)) << 4), w);
-          continue;
+          return;
         }
         const int e_off = (d_even / 8) * Sh::kVtBlockStride + (d_even % 8) * 16;
         const int o_off = e_off + 16;  // d_odd = d_even + 1: the next row of the core matrix
@@ -352,6 +354,29 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         *reinterpret_cast<uint32_t*>(vt + o_off + col0) = __byte_perm(r[0], r[1], 0x7531);
         *reinterpret_cast<uint32_t*>(vt + e_off + col1) = __byte_perm(r[2], r[3], 0x6420);
         *reinterpret_cast<uint32_t*>(vt + o_off + col1) = __byte_perm(r[2], r[3], 0x7531);
+      };
+      // D 256: two blocks a step, both loaded before either is stored (the asm statements keep
+      // their order, so a load-store loop waits out each ldmatrix's latency in turn). H200, causal
+      // B=2 L=8192, two calls: D 256 645 -> 667 and 644 -> 667 TFLOP/s; at D 128 (697 -> 697,
+      // non-causal 732 -> 720) and D 64 (476 -> 412) it did not pay: they keep one block a step.
+      if constexpr (D == 256) {
+        static_assert(kBlocks % 8 == 0, "two blocks per warp and step");
+#pragma unroll 2
+        for (int k = 0; k < kBlocks / 8; ++k) {
+          const int blk = warp + 8 * k;
+          uint32_t r0[4], r1[4];
+          load(blk, r0);
+          load(blk + 4, r1);
+          store(blk, r0);
+          store(blk + 4, r1);
+        }
+      } else {
+#pragma unroll 2
+        for (int blk = warp; blk < kBlocks; blk += 4) {
+          uint32_t r[4];
+          load(blk, r);
+          store(blk, r);
+        }
       }
     };
     // Widening (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q): 16 raw codes of a K or V row become
@@ -662,8 +687,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // measured faster; bf16 D 256 and e4m3 operands measured the same or slower with it and go
   // without (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
   // D 64 (fp8-per-tensor, causal B=2 L=8192: 304 -> 343 TFLOP/s on the H200), off at D 128 (400
-  // -> 405 causal but 363 -> 353 at B=4 L=4096; the kRawRing instance: 413.5 with, 417.5
-  // without, 427 -> 432 non-causal, the other rows the same or better without). Each warpgroup
+  // -> 405 causal but 363 -> 353 at B=4 L=4096), and on for the kRawRing instance (D 128, 128
+  // keys: 487 -> 508 causal, 274 -> 286 at B=16 L=1024, 441 -> 454 at B=4 L=4096, once its
+  // producer's widening had got faster; before, with the producer the bound, 418 without and 414
+  // with). Each warpgroup
   // takes num_kv_tiles + 1 turns per item (the idle loop's included); warpgroup 1 opens with an
   // arrival on warpgroup 0's barrier and warpgroup 0 closes with a sync that takes warpgroup 1's
   // last hand-over, so the barriers' arrivals balance. Per item, that opening and closing let
@@ -673,7 +700,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // smallest persistent launch: 0 hazards in 3 s, where the per-item order did not finish in 380
   // s). kTurnsRunOn follows kPrefillPersistentCtas, so that a one-item launch keeps the per-item
   // order.
-  constexpr bool kPingPong = !Sh::kFp8Mma && (Sh::kWiden ? D == 64 : kSwizzle && D <= 128);
+  constexpr bool kPingPong =
+      !Sh::kFp8Mma && (Sh::kWiden ? D == 64 || Sh::kRawRing : kSwizzle && D <= 128);
   constexpr bool kTurnsRunOn = kPersistent && kPrefillPersistentCtas;
   if (kPingPong && kTurnsRunOn && cw == 1) named_barrier_arrive(2, 256);
   int ring = 0, n = 0;  // as the producer's
