@@ -84,18 +84,15 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       config = fp8_persistent_pays(p, D) ? PrefillConfig::kWsPersistent
                : D == 128                ? PrefillConfig::kWsSwizzle
                                          : PrefillConfig::kWarpSpecialized;
-    } else if (S == KvScheme::kBf16 || D != 64) {
-      // bf16 operands, swizzled (H200, causal B2 L8192): bf16 500 vs 268 TFLOP/s for the mma.sync
-      // kernel at D 128, 357 vs 220 at D 64, 406 vs 248 at D 256; FP8 K/V at D 256 267 vs 199.
-      // FP8 K/V widened at D 128: the swizzled instance is 128 keys x 2 stages with the raw rows in
-      // a ring of their own (WsShape::kRawRing): 478.5 vs 452.6 for the plain 64 x 4 (eighteenth
-      // session; 426 vs 402 at B=4 L=4096, 389 vs 367 for the cached prefix).
-      config = PrefillConfig::kWsSwizzle;
     } else {
-      // FP8 K/V widened by the producer at D 64: the unswizzled layout (measured with bf16
-      // operands: 281 vs 280 swizzled and 191 mma.sync; with f16 operands, the fourteenth
-      // session's final run: 342 vs 336; the eighteenth's: 346 vs 353).
-      config = PrefillConfig::kWarpSpecialized;
+      // The bf16-Q schemes: 16-bit operands, swizzled (H200, causal B2 L8192): bf16 500 vs 268
+      // TFLOP/s for the mma.sync kernel at D 128, 357 vs 220 at D 64, 406 vs 248 at D 256; FP8 K/V
+      // widened at D 256 267 vs 199. FP8 K/V widened at D 128: the swizzled instance is 128 keys x
+      // 2 stages with the raw rows in a ring of their own (WsShape::kRawRing): 487 vs 447 for the
+      // plain 64 x 4 (eighteenth session; 441 vs 400 at B=4 L=4096, 406 vs 372 for the cached
+      // prefix); at D 64, 362.5 vs 356.8 (the plain layout had measured ahead before the
+      // widening's rework: 342 vs 336).
+      config = PrefillConfig::kWsSwizzle;
     }
   }
   bool launched = false;

@@ -43,8 +43,7 @@
 // ---- the same kernel with 16-bit operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
 // PrefillConfig::kWarpSpecialized (no swizzle) for D 64 and 128, kWsSwizzle for D 64, 128 and 256
 // (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). The default
-// of these schemes (prefill.cu: kWsSwizzle for bf16 and for the FP8 ones at D 128 and 256,
-// kWarpSpecialized for the FP8 ones at D 64).
+// of these schemes is kWsSwizzle (prefill.cu).
 #define FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) \
   B(S, 64, false) B(S, 64, true) B(S, 128, false) B(S, 128, true) B(S, 256, true)
 #define FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kBf16)

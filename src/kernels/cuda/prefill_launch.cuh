@@ -17,9 +17,8 @@ namespace fp8kv::cuda {
 enum class PrefillConfig {
   kDefault,  // the tuned choice per (scheme, head_dim): fp8-per-head kWsSwizzle for D = 128,
              // kWarpSpecialized for D = 64 and 256, kWsPersistent for even batches of short
-             // requests at D = 64 and 128; bf16 kWsSwizzle (bf16 operands); the bf16-Q
-             // FP8 schemes kWarpSpecialized for D = 64 and kWsSwizzle for D = 128 and 256 (K/V
-             // widened to f16 by the producer)
+             // requests at D = 64 and 128; the bf16-Q schemes kWsSwizzle (bf16 operands;
+             // for the FP8 ones K/V widened to f16 by the producer)
   kWide,     // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
   kNarrow,   // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
              // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
