@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       }
     };
     // Widening (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q): 16 raw codes of a K or V row become
-    // two 16-byte bf16 chunks of the operand tile, exactly. 8 consecutive threads take 8
+    // two 16-byte f16 chunks of the operand tile, exactly. 8 consecutive threads take 8
     // consecutive rows of one raw column: conflict-free reads (padded or XOR-placed raw rows)
     // and writes (8 rows of one core matrix, or 8 distinct swizzled chunks).
     // Thread tid widens raw column chunk wc of rows wr0 + i * kWidenStep (i = 0, 1, ...) of a
