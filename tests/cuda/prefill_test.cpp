@@ -32,17 +32,18 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fp8kv/backend.h"
 #include "fp8kv/buffer.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
+#include "gpu_skip.h"
 #include "kernel_test_util.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/launchers.h"
 #include "kernels/cuda/prefill_launch.cuh"
-#include "gpu_skip.h"
 
 namespace fp8kv {
 namespace {
@@ -81,6 +82,20 @@ using cuda::check_cuda;
 uint64_t fresh_seed() {
   static std::random_device device;
   return (static_cast<uint64_t>(device()) << 32) ^ device();
+}
+
+// A batch of these requests and heads with 4 outlier channels and a fresh seed (the caller traces
+// it, so that a failure names the seed that reproduces it).
+test::ProblemSpec gpu_spec(std::vector<test::RequestShape> requests, int num_q_heads,
+                           int num_kv_heads, int head_dim) {
+  test::ProblemSpec spec;
+  spec.requests = std::move(requests);
+  spec.num_q_heads = num_q_heads;
+  spec.num_kv_heads = num_kv_heads;
+  spec.head_dim = head_dim;
+  spec.data.outlier_channels = 4;
+  spec.seed = fresh_seed();
+  return spec;
 }
 
 // e4m3 codes of Q with the per-(request, KV head) scales quantize_q used: the CPU twin's input.
@@ -219,14 +234,10 @@ struct MixedCase {
 // The batch of a case: q lengths 1, 7, 127, 0 (empty), 130, 200 and 64; cached prefixes 0..300,
 // not tile-aligned; one-token requests with and without a cached prefix.
 test::ProblemSpec mixed_spec(const MixedCase& c) {
-  test::ProblemSpec spec;
-  spec.requests = {{0, 1}, {50, 7}, {0, 127}, {33, 0}, {300, 130}, {0, 200}, {65, 64}, {17, 1}};
-  spec.num_kv_heads = 2;
-  spec.num_q_heads = 2 * c.group;
-  spec.head_dim = c.head_dim;
+  test::ProblemSpec spec =
+      gpu_spec({{0, 1}, {50, 7}, {0, 127}, {33, 0}, {300, 130}, {0, 200}, {65, 64}, {17, 1}},
+               2 * c.group, 2, c.head_dim);
   spec.data.head_range = 30.0f;
-  spec.data.outlier_channels = 4;
-  spec.seed = fresh_seed();
   return spec;
 }
 
@@ -302,13 +313,7 @@ const EvenBatch kOneToken{std::vector<test::RequestShape>(16, test::RequestShape
 // The batch at head dim d against the CPU twin, every built config of the scheme.
 void check_even_batch(const EvenBatch& batch, int d, bool causal,
                       KvScheme scheme = KvScheme::kBf16) {
-  test::ProblemSpec spec;
-  spec.requests = batch.requests;
-  spec.num_q_heads = batch.num_q_heads;
-  spec.num_kv_heads = batch.num_kv_heads;
-  spec.head_dim = d;
-  spec.data.outlier_channels = 4;
-  spec.seed = fresh_seed();
+  const test::ProblemSpec spec = gpu_spec(batch.requests, batch.num_q_heads, batch.num_kv_heads, d);
   const int fresh = spec.requests[0].fresh;
   const int64_t items =
       static_cast<int64_t>(spec.num_q_heads) * spec.requests.size() * ((fresh + 127) / 128);
@@ -361,13 +366,7 @@ TEST(PrefillPersistent, ShortRowsD128) {
 // persistent instance too; scripts/gpu-check's sanitizer list has it).
 TEST(PrefillPersistent, SmallestGridForRacecheck) {
   SKIP_WITHOUT_GPU();
-  test::ProblemSpec spec;
-  spec.requests = {{100, 128}, {100, 128}};
-  spec.num_q_heads = 72;
-  spec.num_kv_heads = 8;
-  spec.head_dim = 128;
-  spec.data.outlier_channels = 4;
-  spec.seed = fresh_seed();
+  const test::ProblemSpec spec = gpu_spec({{100, 128}, {100, 128}}, 72, 8, 128);
   SCOPED_TRACE("seed " + std::to_string(spec.seed));
   const test::AttentionProblem problem = test::make_problem(spec);
   // bf16 (persistent: kSplitKv) and fp8-per-head (its default here: kWsPersistent, prefill.cu).
@@ -418,15 +417,12 @@ TEST(PrefillQRange, WidenedSchemesTakeQOutsideF16Range) {
 
 class PrefillLong : public ::testing::TestWithParam<KvScheme> {};
 
+// 4160 new tokens, and 2100 after a 1000-token prefix: GQA 4, D 128.
+test::ProblemSpec long_query_spec() { return gpu_spec({{0, 4160}, {1000, 2100}}, 4, 1, 128); }
+
 TEST_P(PrefillLong, LongQueries) {
   SKIP_WITHOUT_GPU();
-  test::ProblemSpec spec;
-  spec.requests = {{0, 4160}, {1000, 2100}};
-  spec.num_q_heads = 4;
-  spec.num_kv_heads = 1;
-  spec.head_dim = 128;
-  spec.data.outlier_channels = 4;
-  spec.seed = fresh_seed();
+  const test::ProblemSpec spec = long_query_spec();
   SCOPED_TRACE("seed " + std::to_string(spec.seed));
   // The float64 reference is single-threaded; the twin comparison carries this case.
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
@@ -437,13 +433,7 @@ TEST_P(PrefillLong, LongQueries) {
 // The same long queries non-causal: a first q tile reads all 4160 keys, the same as the last.
 TEST_P(PrefillLong, LongQueriesNonCausal) {
   SKIP_WITHOUT_GPU();
-  test::ProblemSpec spec;
-  spec.requests = {{0, 4160}, {1000, 2100}};
-  spec.num_q_heads = 4;
-  spec.num_kv_heads = 1;
-  spec.head_dim = 128;
-  spec.data.outlier_channels = 4;
-  spec.seed = fresh_seed();
+  const test::ProblemSpec spec = long_query_spec();
   SCOPED_TRACE("seed " + std::to_string(spec.seed));
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   if (GetParam() == KvScheme::kFp8PerHead) {
@@ -463,16 +453,10 @@ TEST_P(PrefillLong, ErrorDoesNotGrowWithContext) {
   std::vector<Errors> err[2];
   const int cached[2] = {4096 - 64, 32768 - 64};
   for (int i = 0; i < 2; ++i) {
-    test::ProblemSpec spec;
-    spec.requests = {{cached[i], 64}};
-    spec.num_q_heads = 8;
-    spec.num_kv_heads = 1;
-    spec.head_dim = 128;
-    spec.data.outlier_channels = 4;
+    test::ProblemSpec spec = gpu_spec({{cached[i], 64}}, 8, 1, 128);
     // Flatter attention than the default: many keys carry weight, which is where a long
     // low-precision accumulation would show.
     spec.data.logit_std = 1.0f;
-    spec.seed = fresh_seed();
     SCOPED_TRACE("seed " + std::to_string(spec.seed) + " cached " + std::to_string(cached[i]));
     err[i] = run_and_compare(test::make_problem(spec), GetParam(), configs);
   }
@@ -542,13 +526,8 @@ TEST(PrefillDispatch, UnsupportedHeadDimThrows) {
 TEST(PrefillPerf, BenchmarkShape) {
   SKIP_WITHOUT_GPU();
   const int B = 2, L = 8192, Hq = 32, Hkv = 8, D = 128;
-  test::ProblemSpec spec;
-  spec.requests.assign(B, {0, L});
-  spec.num_q_heads = Hq;
-  spec.num_kv_heads = Hkv;
-  spec.head_dim = D;
-  spec.data.outlier_channels = 4;
-  spec.seed = fresh_seed();
+  const test::ProblemSpec spec =
+      gpu_spec(std::vector<test::RequestShape>(B, test::RequestShape{0, L}), Hq, Hkv, D);
   const test::AttentionProblem p = test::make_problem(spec);
   const double flops = 4.0 * B * Hq * static_cast<double>(L) * L * D / 2.0;
 
