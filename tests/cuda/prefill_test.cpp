@@ -72,6 +72,10 @@ std::vector<PrefillConfig> built_configs(KvScheme scheme, int head_dim) {
       // D 256: the swizzled layout only (prefill_instances.cuh).
       if (x == PrefillConfig::kWsSwizzle || head_dim != 256) configs.push_back(x);
     }
+    // The widened schemes' persistent instance: D 128.
+    if (kv_codec(scheme) != KvCodec::kBf16 && head_dim == 128) {
+      configs.push_back(PrefillConfig::kWsPersistent);
+    }
   }
   configs.push_back(head_dim == 256 ? PrefillConfig::kNarrow : PrefillConfig::kWide);
   return configs;
@@ -349,6 +353,19 @@ TEST(PrefillPersistent, EvenBatchesFp8PerHeadMatchCpuTwin) {
   }
 }
 
+// The same batches on the widened schemes' persistent instance (D 128, kRawRing: the raw ring,
+// Q's f16 scaling word per item and the ping-pong turns carried across items), and their other
+// configs beside it.
+TEST(PrefillPersistent, EvenBatchesWidenedMatchCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  for (KvScheme scheme :
+       {KvScheme::kFp8PerTensor, KvScheme::kFp8E5m2, KvScheme::kFp8PerHeadBf16Q}) {
+    for (const EvenBatch* batch : {&kLongRows, &kShortRows, &kOneToken}) {
+      for (bool causal : {true, false}) check_even_batch(*batch, 128, causal, scheme);
+    }
+  }
+}
+
 // The short rows alone at D 128: the ring and Q handed on across items where one consumer
 // warpgroup never has rows (racecheck of it ran past 70 s on an H200 without finishing, before the
 // ping-pong turns ran on across items; not measured since: not in scripts/gpu-check's list).
@@ -369,8 +386,9 @@ TEST(PrefillPersistent, SmallestGridForRacecheck) {
   const test::ProblemSpec spec = gpu_spec({{100, 128}, {100, 128}}, 72, 8, 128);
   SCOPED_TRACE("seed " + std::to_string(spec.seed));
   const test::AttentionProblem problem = test::make_problem(spec);
-  // bf16 (persistent: kSplitKv) and fp8-per-head (its default here: kWsPersistent, prefill.cu).
-  for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead}) {
+  // bf16 (persistent: kSplitKv), fp8-per-head and fp8-per-tensor (their default here:
+  // kWsPersistent, prefill.cu).
+  for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {
     run_and_compare(problem, scheme, {PrefillConfig::kDefault}, /*with_exact=*/true,
                     /*causal=*/true);
   }

@@ -39,8 +39,8 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream, DeviceError* erro
 }
 
 // The warp-specialized kernel (prefill_ws.cuh): fp8-per-head with e4m3 operands, the bf16-Q
-// schemes with bf16 ones (no diagnostics or item-loop instances built for those); kDiag:
-// benchmark diagnostics; kItemLoop: persistent CTAs.
+// schemes with 16-bit ones (no diagnostics built for those, and item-loop instances for the
+// widened schemes' swizzled D 128 alone); kDiag: benchmark diagnostics; kItemLoop: persistent CTAs.
 template <KvScheme S, int D, bool kSwizzle = false, int kDiag = 0, bool kItemLoop = false>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
   if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kSwizzle, kDiag, kItemLoop>) {
@@ -48,11 +48,11 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* e
                                prefill::kWsStages<S, D, kSwizzle>, kSwizzle, kDiag, kItemLoop>(
         p, stream, error);
     return true;
-  } else if constexpr (!fp8_q(S) && kDiag == 0 && !kItemLoop &&
-                       prefill::kWsBf16QBuilt<S, D, kSwizzle>) {
+  } else if constexpr (!fp8_q(S) && kDiag == 0 &&
+                       prefill::kWsBf16QBuilt<S, D, kSwizzle, kItemLoop>) {
     prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D, kSwizzle>,
-                               prefill::kWsStages<S, D, kSwizzle>, kSwizzle, 0, false>(p, stream,
-                                                                                       error);
+                               prefill::kWsStages<S, D, kSwizzle>, kSwizzle, 0, kItemLoop>(
+        p, stream, error);
     return true;
   } else {
     return false;
@@ -91,8 +91,13 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       // 2 stages with the raw rows in a ring of their own (WsShape::kRawRing): 487 vs 447 for the
       // plain 64 x 4 (eighteenth session; 441 vs 400 at B=4 L=4096, 406 vs 372 for the cached
       // prefix); at D 64, 362.5 vs 356.8 (the plain layout had measured ahead before the
-      // widening's rework: 342 vs 336).
-      config = PrefillConfig::kWsSwizzle;
+      // widening's rework: 342 vs 336). The widened D 128 instance as persistent CTAs (even
+      // batches; one CTA per item otherwise), against it in one call (nineteenth session; the
+      // item loop's producer at 96 registers, the consumers at 200): fp8-per-tensor causal 504 ->
+      // 552, non-causal 528 -> 574, B=16 L=1024 284 -> 329, B=4 L=4096 452 -> 501, B=1 L=16384
+      // 537 -> 584, the cached prefix (uneven: one CTA per item either way) 387 -> 407.
+      config =
+          prefill::kWsWidenedD128<S, D> ? PrefillConfig::kWsPersistent : PrefillConfig::kWsSwizzle;
     }
   }
   bool launched = false;

@@ -40,16 +40,20 @@
   W(64, false, 0, false) W(64, false, 0, true) W(256, false, 0, false)
 #define FP8KV_PREFILL_WS_INSTANCES(W) FP8KV_PREFILL_WS_D128(W) FP8KV_PREFILL_WS_D64_D256(W)
 
-// ---- the same kernel with 16-bit operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE) ----
+// ---- the same kernel with 16-bit operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE, LOOP)
 // PrefillConfig::kWarpSpecialized (no swizzle) for D 64 and 128, kWsSwizzle for D 64, 128 and 256
-// (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). The default
-// of these schemes is kWsSwizzle (prefill.cu).
+// (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). The widened
+// schemes' swizzled D 128 instance (WsShape::kRawRing) also as persistent CTAs (LOOP:
+// PrefillConfig::kWsPersistent, their default there; bf16's swizzled instances are persistent as
+// they are: kSplitKv); elsewhere these schemes' default is kWsSwizzle (prefill.cu).
 #define FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) \
-  B(S, 64, false) B(S, 64, true) B(S, 128, false) B(S, 128, true) B(S, 256, true)
+  B(S, 64, false, false)                     \
+  B(S, 64, true, false) B(S, 128, false, false) B(S, 128, true, false) B(S, 256, true, false)
+#define FP8KV_PREFILL_WS_WIDENED(B, S) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) B(S, 128, true, true)
 #define FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kBf16)
-#define FP8KV_PREFILL_WS_FP8_PER_TENSOR(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kFp8PerTensor)
-#define FP8KV_PREFILL_WS_FP8_E5M2(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kFp8E5m2)
-#define FP8KV_PREFILL_WS_FP8_PER_HEAD_BF16Q(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kFp8PerHeadBf16Q)
+#define FP8KV_PREFILL_WS_FP8_PER_TENSOR(B) FP8KV_PREFILL_WS_WIDENED(B, kFp8PerTensor)
+#define FP8KV_PREFILL_WS_FP8_E5M2(B) FP8KV_PREFILL_WS_WIDENED(B, kFp8E5m2)
+#define FP8KV_PREFILL_WS_FP8_PER_HEAD_BF16Q(B) FP8KV_PREFILL_WS_WIDENED(B, kFp8PerHeadBf16Q)
 #define FP8KV_PREFILL_WS_BF16Q_INSTANCES(B)                                                     \
   FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_FP8_PER_TENSOR(B) FP8KV_PREFILL_WS_FP8_E5M2(B) \
   FP8KV_PREFILL_WS_FP8_PER_HEAD_BF16Q(B)
@@ -96,8 +100,9 @@ constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
 template <int D, bool kSwizzle, int kDiag, bool kItemLoop>
 constexpr bool kWsBuilt = false FP8KV_PREFILL_WS_INSTANCES(FP8KV_PREFILL_WS_MATCH);
 #undef FP8KV_PREFILL_WS_MATCH
-#define FP8KV_PREFILL_WS_BF16Q_MATCH(s, d, sw) || (S == KvScheme::s && D == (d) && kSwizzle == (sw))
-template <KvScheme S, int D, bool kSwizzle>
+#define FP8KV_PREFILL_WS_BF16Q_MATCH(s, d, sw, lp) \
+  || (S == KvScheme::s && D == (d) && kSwizzle == (sw) && kItemLoop == (lp))
+template <KvScheme S, int D, bool kSwizzle, bool kItemLoop>
 constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREFILL_WS_BF16Q_MATCH);
 #undef FP8KV_PREFILL_WS_BF16Q_MATCH
 
@@ -111,7 +116,7 @@ constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREF
   launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d, sw>, \
                     kWsStages<KvScheme::kFp8PerHead, d, sw>, sw, dg, lp>(              \
       const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw)                             \
+#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw, lp)                         \
   template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d, sw>, \
-                                  kWsStages<KvScheme::s, d, sw>, sw, 0, false>(  \
+                                  kWsStages<KvScheme::s, d, sw>, sw, 0, lp>(     \
       const AttentionParams&, cudaStream_t, DeviceError*);

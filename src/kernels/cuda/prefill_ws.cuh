@@ -182,8 +182,8 @@ __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
 //  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
 //    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
 //    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
-//  - kItemLoop (e4m3 operands): persistent CTAs (kPersistent below), an instance of its own
-//    beside the one-item kernel, which keeps its code.
+//  - kItemLoop (e4m3 operands; the widened schemes' kRawRing instance): persistent CTAs
+//    (kPersistent below), an instance of its own beside the one-item kernel, which keeps its code.
 template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag, bool kItemLoop>
 __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
   using Sh = WsShape<S, D, kBlockN, kStages>;
@@ -211,8 +211,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // B=2 L=8192 458 -> 470; B=2 L=8192 698 -> 685, non-causal 738 -> 709, B=1 L=16384 734 ->
   // 693, D 256 647 -> 587, cached prefix 552 -> 518): so the loop is an instance of its own
   // (kItemLoop), which prefill.cu picks for even batches of short requests.
-  static_assert(!kItemLoop || Sh::kFp8Mma, "the item loop instance is e4m3's");
+  static_assert(!kItemLoop || Sh::kFp8Mma || Sh::kRawRing,
+                "item loop instances: e4m3, and the widened 128-key ring");
   constexpr bool kPersistent = kSplitKv || kItemLoop;
+  // The widened schemes' item loop keeps more producer state live across items: at 72 registers
+  // it spilled 72 bytes (88: 20), at 96 none, with the consumers at 200 (no spills either).
+  constexpr bool kWidenedLoop = kItemLoop && Sh::kWiden;
+  constexpr int kProducerRegs = kWidenedLoop ? 96 : Sh::kProducerRegs;
+  constexpr int kConsumerRegs = kWidenedLoop ? 200 : Sh::kConsumerRegs;
+  static_assert(kProducerRegs + 2 * kConsumerRegs <= 3 * 168, "the launch bounds' registers");
   extern __shared__ __align__(1024) uint8_t smem[];  // swizzle atoms: 8 rows x 128 B, aligned
   const uint32_t base = smem_addr(smem);
 #ifdef FP8KV_PREFILL_TIMELINE
@@ -271,7 +278,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 
   if (threadIdx.x < Sh::kProducerThreads) {
     // ================================ producer ================================
-    regs_decrease<Sh::kProducerRegs>();
+    regs_decrease<kProducerRegs>();
     const int tid = threadIdx.x;
     // D 128: the warp index broadcast from lane 0, as the consumers' (warp-uniform for ptxas):
     // fp8-per-head 647 -> 660 TFLOP/s, bf16 496 -> 502 on the H200 (causal B=2 L=8192); at D 64
@@ -672,7 +679,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   }
 
   // ================================ consumers ================================
-  regs_increase<Sh::kConsumerRegs>();
+  regs_increase<kConsumerRegs>();
   const int tid = threadIdx.x - Sh::kProducerThreads;
   // The consumer warpgroup (rows cw*64 .. cw*64+63), broadcast from lane 0 so that ptxas sees it
   // warp-uniform: the tile loop and the wgmma descriptors then live in uniform registers.
