@@ -91,13 +91,14 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       // 2 stages with the raw rows in a ring of their own (WsShape::kRawRing): 487 vs 447 for the
       // plain 64 x 4 (eighteenth session; 441 vs 400 at B=4 L=4096, 406 vs 372 for the cached
       // prefix); at D 64, 362.5 vs 356.8 (the plain layout had measured ahead before the
-      // widening's rework: 342 vs 336). The widened D 128 instance as persistent CTAs (even
-      // batches; one CTA per item otherwise), against it in one call (nineteenth session; the
-      // item loop's producer at 96 registers, the consumers at 200): fp8-per-tensor causal 504 ->
-      // 552, non-causal 528 -> 574, B=16 L=1024 284 -> 329, B=4 L=4096 452 -> 501, B=1 L=16384
-      // 537 -> 584, the cached prefix (uneven: one CTA per item either way) 387 -> 407.
-      config =
-          prefill::kWsWidenedD128<S, D> ? PrefillConfig::kWsPersistent : PrefillConfig::kWsSwizzle;
+      // widening's rework: 342 vs 336). The widened D 64 and 128 instances as persistent CTAs
+      // (even batches; one CTA per item otherwise), against them in one call (nineteenth
+      // session; the item loop's producer at 96 registers, the consumers at 200): fp8-per-tensor
+      // causal 504 -> 552, non-causal 528 -> 574, B=16 L=1024 284 -> 329, B=4 L=4096 452 -> 501,
+      // B=1 L=16384 537 -> 584, the cached prefix (uneven: one CTA per item either way) 387 ->
+      // 407; D 64 362 -> 384 (D 256 368 -> 365: not built).
+      config = kv_codec(S) != KvCodec::kBf16 && D <= 128 ? PrefillConfig::kWsPersistent
+                                                         : PrefillConfig::kWsSwizzle;
     }
   }
   bool launched = false;
@@ -108,9 +109,11 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       break;
     case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D>(p, stream, error); break;
     case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, true>(p, stream, error); break;
-    case PrefillConfig::kWsPersistent:  // the default layout of D 128 (swizzled) and D 64 (plain)
-      launched = try_launch_ws<S, D, D == 128, 0, true>(p, stream, error);
+    case PrefillConfig::kWsPersistent: {  // e4m3: D 128 swizzled, D 64 plain; widened: swizzled
+      constexpr bool kSwizzled = !fp8_q(S) || D == 128;
+      launched = try_launch_ws<S, D, kSwizzled, 0, true>(p, stream, error);
       break;
+    }
     case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, 1>(p, stream, error); break;
     case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, 2>(p, stream, error); break;
     default: break;

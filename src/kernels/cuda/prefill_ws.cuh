@@ -182,7 +182,7 @@ __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
 //  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
 //    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
 //    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
-//  - kItemLoop (e4m3 operands; the widened schemes' kRawRing instance): persistent CTAs
+//  - kItemLoop (e4m3 operands; the widened schemes' swizzled D 64 and 128): persistent CTAs
 //    (kPersistent below), an instance of its own beside the one-item kernel, which keeps its code.
 template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag, bool kItemLoop>
 __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
@@ -204,15 +204,16 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // H200, A/B in one call (items dealt out in snake rounds, causal B=2 L=8192 unless said):
   // bf16 572 -> 600 TFLOP/s, non-causal 579 -> 611, B=16 L=1024 341 -> 369, B=4 L=4096 518 ->
   // 546, D 64 385 -> 392, D 256 481 -> 491. The widened instances measured slower with the item
-  // loop compiled in (fp8-per-tensor 405 -> 322): for them the loop runs once. The e4m3 ones
+  // loop compiled in while their producer set the pace (fifteenth session, fp8-per-tensor 405 ->
+  // 322); since its rework they gain (nineteenth: causal 504 -> 552, B=16 L=1024 284 -> 329, D 64
+  // 362 -> 384; D 256 368 -> 365), an instance of their own too (kItemLoop). The e4m3 ones
   // (fp8-per-head) gain where items are short and lose where they are long, and lose with the
   // loop compiled in even where it runs one item per CTA (seventeenth session, H200, the loop
   // against one CTA per item: B=16 L=1024 344 -> 406 TFLOP/s, B=4 L=4096 603 -> 624, D 64
   // B=2 L=8192 458 -> 470; B=2 L=8192 698 -> 685, non-causal 738 -> 709, B=1 L=16384 734 ->
   // 693, D 256 647 -> 587, cached prefix 552 -> 518): so the loop is an instance of its own
   // (kItemLoop), which prefill.cu picks for even batches of short requests.
-  static_assert(!kItemLoop || Sh::kFp8Mma || Sh::kRawRing,
-                "item loop instances: e4m3, and the widened 128-key ring");
+  static_assert(!kItemLoop || Sh::kFp8Mma || Sh::kWiden, "item loop instances: e4m3, widened");
   constexpr bool kPersistent = kSplitKv || kItemLoop;
   // The widened schemes' item loop keeps more producer state live across items: at 72 registers
   // it spilled 72 bytes (88: 20), at 96 none, with the consumers at 200 (no spills either).
