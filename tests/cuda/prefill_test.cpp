@@ -72,8 +72,8 @@ std::vector<PrefillConfig> built_configs(KvScheme scheme, int head_dim) {
       // D 256: the swizzled layout only (prefill_instances.cuh).
       if (x == PrefillConfig::kWsSwizzle || head_dim != 256) configs.push_back(x);
     }
-    // The widened schemes' persistent instances: D 64 and 128.
-    if (kv_codec(scheme) != KvCodec::kBf16 && head_dim != 256) {
+    // The widened schemes' persistent instances.
+    if (kv_codec(scheme) != KvCodec::kBf16) {
       configs.push_back(PrefillConfig::kWsPersistent);
     }
   }
@@ -353,9 +353,9 @@ TEST(PrefillPersistent, EvenBatchesFp8PerHeadMatchCpuTwin) {
   }
 }
 
-// The same batches on the widened schemes' persistent instances (D 64 and 128: the raw rows, Q's
-// f16 scaling word per item and the ping-pong turns carried across items; D 256 has none), and
-// their other configs beside them.
+// The same batches on the widened schemes' persistent instances (the raw rows, Q's f16 scaling
+// word per item and the ping-pong turns carried across items), and their other configs beside
+// them.
 TEST(PrefillPersistent, EvenBatchesWidenedMatchCpuTwin) {
   SKIP_WITHOUT_GPU();
   for (KvScheme scheme :

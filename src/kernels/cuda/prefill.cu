@@ -59,6 +59,12 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* e
   }
 }
 
+// Every request has the same number of new tokens: prefill_item_grid's condition for persistent
+// CTAs.
+inline bool even_batch(const AttentionParams& p) {
+  return p.batch.total_q == static_cast<int64_t>(p.batch.num_requests) * p.batch.max_q_len;
+}
+
 // fp8-per-head's persistent CTAs pay where a batch's items are short: even batches (the same new
 // tokens in every request: prefill_item_grid's condition, which launches them persistent while
 // kPrefillPersistentCtas is on) whose requests see at most this many keys. H200, the persistent instance against the one-item kernel, in one call: D 128 B=16
@@ -70,9 +76,7 @@ inline bool fp8_persistent_pays(const AttentionParams& p, int head_dim) {
   const int max_keys = head_dim == 64    ? kFp8PersistentMaxKeysD64
                        : head_dim == 128 ? kFp8PersistentMaxKeysD128
                                          : 0;
-  const bool even =
-      p.batch.total_q == static_cast<int64_t>(p.batch.num_requests) * p.batch.max_q_len;
-  return even && p.batch.max_seq_len <= max_keys;
+  return even_batch(p) && p.batch.max_seq_len <= max_keys;
 }
 
 template <KvScheme S, int D>
@@ -91,14 +95,17 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       // 2 stages with the raw rows in a ring of their own (WsShape::kRawRing): 487 vs 447 for the
       // plain 64 x 4 (eighteenth session; 441 vs 400 at B=4 L=4096, 406 vs 372 for the cached
       // prefix); at D 64, 362.5 vs 356.8 (the plain layout had measured ahead before the
-      // widening's rework: 342 vs 336). The widened D 64 and 128 instances as persistent CTAs
-      // (even batches; one CTA per item otherwise), against them in one call (nineteenth
+      // widening's rework: 342 vs 336). The widened instances as persistent CTAs (even batches;
+      // one CTA per item otherwise), against the one-item kernel in one call (nineteenth
       // session; the item loop's producer at 96 registers, the consumers at 200): fp8-per-tensor
       // causal 504 -> 552, non-causal 528 -> 574, B=16 L=1024 284 -> 329, B=4 L=4096 452 -> 501,
       // B=1 L=16384 537 -> 584, the cached prefix (uneven: one CTA per item either way) 387 ->
-      // 407; D 64 362 -> 384 (D 256 368 -> 365: not built).
-      config = kv_codec(S) != KvCodec::kBf16 && D <= 128 ? PrefillConfig::kWsPersistent
-                                                         : PrefillConfig::kWsSwizzle;
+      // 407; D 64 362 -> 384. D 256 (the raw rows in a ring of their own, ping-pong turns in the
+      // persistent instance alone): 431 -> 443 on an even batch, and one CTA per item measured
+      // 418 with the turns against 431 without: uneven batches there take the one-item kernel.
+      const bool widened = kv_codec(S) != KvCodec::kBf16;
+      config = widened && (D <= 128 || even_batch(p)) ? PrefillConfig::kWsPersistent
+                                                      : PrefillConfig::kWsSwizzle;
     }
   }
   bool launched = false;

@@ -99,7 +99,9 @@ struct WsShape {
   // 3 stages of 16-bit K and V and their raw rows would not fit beside Q): the raw rows go round a
   // ring of two tiles of their own, so that the loads of a tile need no operand stage, and K and V
   // are published and released apart (kApart), so that 2 operand stages keep the pipeline going.
-  static constexpr bool kRawRing = kWiden && kStages == 2;
+  // The same at D 256 (32 keys x 4 operand stages, where 3 stages held the raw rows in each):
+  // H200, fp8-per-tensor causal B=2 L=8192 368.6 -> 431.5 TFLOP/s (nineteenth session).
+  static constexpr bool kRawRing = kWiden && (kStages == 2 || D == 256);
   static constexpr int kVRowsBytes = (kFp8Mma || kWiden) && !kRawRing ? kRawTileBytes : 0;
   static constexpr int kStageBytes = kKBytes + kVtBytes + kVRowsBytes;
   static constexpr int kRawRingOffset = kQBytes + kStages * kStageBytes;
@@ -588,7 +590,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // ring, free once every producer thread has widened tile j - 2 out of it; tile j - 1 is
     // finished after they are issued, each operand waiting for its own release there (finish).
     constexpr int kAhead = Sh::kRawRing ? 1 : kStages - 2;
-    constexpr bool kFinishFirst = (Sh::kFp8Mma || Sh::kWiden) && kStages >= 4;
+    constexpr bool kFinishFirst = (Sh::kFp8Mma || Sh::kWiden) && kStages >= 4 && !Sh::kRawRing;
+    // (kRawRing: finishing tile j - 1 before the loads of tile j would leave one tile in flight.)
     int ring = 0, n = 0;
     for (int k = 0; kPersistent || k == 0; ++k) {
       const int item = prefill_round_item(k);
@@ -698,7 +701,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // -> 405 causal but 363 -> 353 at B=4 L=4096), and on for the kRawRing instance (D 128, 128
   // keys: 487 -> 508 causal, 274 -> 286 at B=16 L=1024, 441 -> 454 at B=4 L=4096, once its
   // producer's widening had got faster; before, with the producer the bound, 418 without and 414
-  // with). Each warpgroup
+  // with); at D 256 (kRawRing too) on for the persistent instance alone (one call, causal B=2
+  // L=8192: persistent 415 -> 443, one CTA per item 431 -> 418). Each warpgroup
   // takes num_kv_tiles + 1 turns per item (the idle loop's included); warpgroup 1 opens with an
   // arrival on warpgroup 0's barrier and warpgroup 0 closes with a sync that takes warpgroup 1's
   // last hand-over, so the barriers' arrivals balance. Per item, that opening and closing let
@@ -709,7 +713,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // s). kTurnsRunOn follows kPrefillPersistentCtas, so that a one-item launch keeps the per-item
   // order.
   constexpr bool kPingPong =
-      !Sh::kFp8Mma && (Sh::kWiden ? D == 64 || Sh::kRawRing : kSwizzle && D <= 128);
+      !Sh::kFp8Mma &&
+      (Sh::kWiden ? D == 64 || (Sh::kRawRing && (D == 128 || kItemLoop)) : kSwizzle && D <= 128);
   constexpr bool kTurnsRunOn = kPersistent && kPrefillPersistentCtas;
   if (kPingPong && kTurnsRunOn && cw == 1) named_barrier_arrive(2, 256);
   int ring = 0, n = 0;  // as the producer's
