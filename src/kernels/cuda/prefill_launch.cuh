@@ -19,7 +19,7 @@ enum class PrefillConfig {
              // kWarpSpecialized for D = 64 and 256, kWsPersistent for even batches of short
              // requests at D = 64 and 128; the bf16-Q schemes kWsSwizzle (16-bit operands;
              // for the FP8 ones K/V widened to f16 by the producer), the widened ones
-             // kWsPersistent at D = 128
+             // kWsPersistent at D = 64 and 128, and at D = 256 for even batches
   kWide,     // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
   kNarrow,   // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
              // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
@@ -32,8 +32,8 @@ enum class PrefillConfig {
   kWsPersistent,  // fp8-per-head's default kernel at D = 64 and 128 as persistent CTAs (one
                   // per SM walking the items, where the requests' new-token counts are
                   // equal; one CTA per item otherwise): the default for such batches of
-                  // short requests (prefill.cu); and the widened schemes' kWsSwizzle kernel
-                  // at D = 128 so, their default
+                  // short requests (prefill.cu); and the widened schemes' kWsSwizzle
+                  // kernels so, their default (kDefault above)
   // Benchmark diagnostics of kWarpSpecialized, D = 128 (wrong results by design, never tested):
   kWsDiagConsumers,  // the producer loads only the first tiles: the consumers' bound
   kWsDiagProducer,   // the consumers skip their math: the producer's bound

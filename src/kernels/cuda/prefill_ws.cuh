@@ -184,8 +184,9 @@ __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
 //  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
 //    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
 //    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
-//  - kItemLoop (e4m3 operands; the widened schemes' swizzled D 64 and 128): persistent CTAs
-//    (kPersistent below), an instance of its own beside the one-item kernel, which keeps its code.
+//  - kItemLoop (e4m3 operands at D 64 and 128; the widened schemes' swizzled kernels):
+//    persistent CTAs (kPersistent below), an instance of its own beside the one-item kernel,
+//    which keeps its code.
 template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag, bool kItemLoop>
 __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams p) {
   using Sh = WsShape<S, D, kBlockN, kStages>;
@@ -208,7 +209,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // 546, D 64 385 -> 392, D 256 481 -> 491. The widened instances measured slower with the item
   // loop compiled in while their producer set the pace (fifteenth session, fp8-per-tensor 405 ->
   // 322); since its rework they gain (nineteenth: causal 504 -> 552, B=16 L=1024 284 -> 329, D 64
-  // 362 -> 384; D 256 368 -> 365), an instance of their own too (kItemLoop). The e4m3 ones
+  // 362 -> 384; D 256 368 -> 365 on its old ring, 431 -> 443 on the raw ring, with ping-pong
+  // turns), an instance of their own too (kItemLoop). The e4m3 ones
   // (fp8-per-head) gain where items are short and lose where they are long, and lose with the
   // loop compiled in even where it runs one item per CTA (seventeenth session, H200, the loop
   // against one CTA per item: B=16 L=1024 344 -> 406 TFLOP/s, B=4 L=4096 603 -> 624, D 64
