@@ -59,12 +59,6 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* e
   }
 }
 
-// Every request has the same number of new tokens: prefill_item_grid's condition for persistent
-// CTAs.
-inline bool even_batch(const AttentionParams& p) {
-  return p.batch.total_q == static_cast<int64_t>(p.batch.num_requests) * p.batch.max_q_len;
-}
-
 // fp8-per-head's persistent CTAs pay where a batch's items are short: even batches (the same new
 // tokens in every request: prefill_item_grid's condition, which launches them persistent while
 // kPrefillPersistentCtas is on) whose requests see at most this many keys. H200, the persistent instance against the one-item kernel, in one call: D 128 B=16

@@ -30,6 +30,7 @@
 #include "kernels/cuda/attention_args.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/device_error.h"
+#include "kernels/cuda/prefill_launch.cuh"
 
 namespace fp8kv::cuda::prefill {
 
@@ -171,9 +172,7 @@ inline dim3 prefill_item_grid(const AttentionParams& a, int tile_tokens, bool pe
   if (items > INT32_MAX) {
     throw Error("prefill_attention: too many tiles (" + std::to_string(items) + ")");
   }
-  const bool even =
-      a.batch.total_q == static_cast<int64_t>(a.batch.num_requests) * a.batch.max_q_len;
-  const int64_t ctas = kPrefillPersistentCtas && persistent && even
+  const int64_t ctas = kPrefillPersistentCtas && persistent && even_batch(a)
                            ? std::min<int64_t>(items, device_sm_count())
                            : items;
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, ctas)));

@@ -39,6 +39,13 @@ enum class PrefillConfig {
   kWsDiagProducer,   // the consumers skip their math: the producer's bound
 };
 
+// Every request of the batch has the same number of new tokens: where the warp-specialized
+// kernel's persistent instances run persistent CTAs (prefill_item_grid) and the dispatcher's
+// choices between instances (prefill.cu).
+inline bool even_batch(const AttentionParams& p) {
+  return p.batch.total_q == static_cast<int64_t>(p.batch.num_requests) * p.batch.max_q_len;
+}
+
 const char* prefill_config_name(PrefillConfig config);
 
 // Enqueues the varlen prefill of `p` (validated by the caller; causal or not: p.causal) on
