@@ -39,8 +39,8 @@ bool try_launch(const AttentionParams& p, cudaStream_t stream, DeviceError* erro
 }
 
 // The warp-specialized kernel (prefill_ws.cuh): fp8-per-head with e4m3 operands, the bf16-Q
-// schemes with 16-bit ones (no diagnostics built for those, and item-loop instances for the
-// widened schemes' swizzled D 128 alone); kDiag: benchmark diagnostics; kItemLoop: persistent CTAs.
+// schemes with 16-bit ones (no diagnostics built for those; item-loop instances for the widened
+// schemes' swizzled kernels); kDiag: benchmark diagnostics; kItemLoop: persistent CTAs.
 template <KvScheme S, int D, bool kSwizzle = false, int kDiag = 0, bool kItemLoop = false>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
   if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kSwizzle, kDiag, kItemLoop>) {
@@ -61,9 +61,10 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* e
 
 // fp8-per-head's persistent CTAs pay where a batch's items are short: even batches (the same new
 // tokens in every request: prefill_item_grid's condition, which launches them persistent while
-// kPrefillPersistentCtas is on) whose requests see at most this many keys. H200, the persistent instance against the one-item kernel, in one call: D 128 B=16
-// L=1024 344 -> 406 TFLOP/s, B=4 L=4096 603 -> 624, B=2 L=8192 698 -> 685, B=1 L=16384 734 ->
-// 693; D 64 B=2 L=8192 458 -> 470 (D 256: 647 -> 587, not built). docs/GPU.md, seventeenth session.
+// kPrefillPersistentCtas is on) whose requests see at most this many keys. H200, the persistent
+// instance against the one-item kernel, in one call: D 128 B=16 L=1024 344 -> 406 TFLOP/s, B=4
+// L=4096 603 -> 624, B=2 L=8192 698 -> 685, B=1 L=16384 734 -> 693; D 64 B=2 L=8192 458 -> 470
+// (D 256: 647 -> 587, not built). docs/GPU.md, seventeenth session.
 constexpr int kFp8PersistentMaxKeysD128 = 4096;
 constexpr int kFp8PersistentMaxKeysD64 = 8192;
 inline bool fp8_persistent_pays(const AttentionParams& p, int head_dim) {
