@@ -78,24 +78,27 @@ template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag,
 void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceError* error);
 // Keys per tile and ring stages. A CTA (one per SM) holds Q (128 rows) and kStages x (K + V
 // operand tiles + the raw fp8 rows the producer transposes or widens) within 227 KB; the ring
-// needs >= 3 stages. The bf16-operand choices take as many stages as fit (not yet measured):
+// needs >= 3 stages, or 2 where K and V are published and released apart. The bf16-operand
+// choices take as many stages as fit:
 //   e4m3 (fp8-per-head)   D 64, 128: 128 keys x 4 stages; D 256: 64 x 3 (4 do not fit)
-//   bf16 K/V (bf16)       D 64: 128 x 6; D 128: 128 x 3 (224 KB); D 256: 32 x 5 (Q alone is 64 KB)
+//   bf16 K/V (bf16)       D 64: 128 x 6; D 128: 128 x 3 (224 KB); D 256: 64 x 2 (192 KB; K and V
+//                         apart, kSplitKv: H200, causal B=2 L=8192 495 -> 631 TFLOP/s against
+//                         32 x 5, whose 32-key tiles paid a tile's fixed work per 32 keys)
 //   widened e4m3 / e5m2   D 64: 128 x 4; D 128: 64 x 4 (128 x 3 does not fit with the staging),
 //                         swizzled 128 x 2 with the raw rows in a ring of their own
 //                         (WsShape::kRawRing); D 256: 32 x 4, the raw rows in a ring of their own
 template <KvScheme S, int D>
 constexpr bool kWsWidenedD128 = !fp8_q(S) && kv_codec(S) != KvCodec::kBf16 && D == 128;
 template <KvScheme S, int D, bool kSwizzle>
-constexpr int kWsBlockN = fp8_q(S)                              ? (D == 256 ? 64 : 128)
-                          : D == 256                            ? 32
+constexpr int kWsBlockN = fp8_q(S)   ? (D == 256 ? 64 : 128)
+                          : D == 256 ? (kv_codec(S) == KvCodec::kBf16 ? 64 : 32)
                           : (kWsWidenedD128<S, D> && !kSwizzle) ? 64
                                                                 : 128;
 template <KvScheme S, int D, bool kSwizzle>
 constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
                           : kv_codec(S) == KvCodec::kBf16 ? (D == 64    ? 6
                                                              : D == 128 ? 3
-                                                                        : 5)
+                                                                        : 2)
                           : kWsWidenedD128<S, D>          ? (kSwizzle ? 2 : 4)
                                                           : 4;
 

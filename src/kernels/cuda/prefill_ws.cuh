@@ -136,9 +136,11 @@ struct WsShape {
   // producer publishes tile j - (kStages - 2) after issuing the loads of tile j: so two stages
   // are held by the consumers and kStages - 2 are in flight; with two stages the load of tile j
   // would wait for the release of tile j-2, which waits for tile j-1 to be published.
-  // (kRawRing: K(j) waits only for the release of K(j-2), after S(j-2), and V(j) for P V(j-2),
-  // which the consumers issue with QK(j-1): two stages suffice.)
-  static_assert(kStages >= 3 || kRawRing, "the ring needs a stage of slack (see above)");
+  // (K and V published and released apart, kRawRing and the swizzled bf16 instances, kSplitKv:
+  // K(j) waits only for the release of K(j-2), after S(j-2), and V(j) for P V(j-2), which the
+  // consumers issue with QK(j-1): two stages suffice. The kernel checks kSplitKv's swizzle.)
+  static_assert(kStages >= 3 || kRawRing || kSplitKvOperands,
+                "the ring needs a stage of slack (see above)");
   static_assert(kBlockN == 64 || kBlockN == 128 || (!kFp8Mma && kBlockN == 32), "QK^T wgmma N");
   static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
   static_assert(kBlockN % kKvRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
@@ -196,6 +198,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
                 "swizzle atoms (8 rows x 128 bytes) stay 1024-byte aligned");
   static_assert(kSwizzle || Sh::kChunks <= 16, "no-swizzle copies: 8 threads per column chunk");
   constexpr bool kSplitKv = Sh::kSplitKvOperands && kSwizzle;
+  static_assert(kStages >= 3 || Sh::kRawRing || kSplitKv, "2 stages: K and V apart (WsShape)");
   // K and V^T apart for e4m3 operands with a 3-stage ring (D 256): K, copied as it is stored,
   // published by the hardware as it lands and released once S has; V^T published by the producer
   // after its transposition and released once P V has (the raw V rows are the producer's own
@@ -696,9 +699,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int wg_row0 = cw * 64;
   // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
   // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
-  // the tensor pipe. On for bf16 operands at D 64 and 128 (swizzled, the default), where it
-  // measured faster; bf16 D 256 and e4m3 operands measured the same or slower with it and go
-  // without (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
+  // the tensor pipe. On for bf16 operands (swizzled, the default), where it measured faster (D
+  // 256 on its 64-key tiles: 626 -> 631 TFLOP/s causal; on the 32-key ones it had measured the
+  // same or slower); e4m3 operands measured the same or slower with it and go without
+  // (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
   // D 64 (fp8-per-tensor, causal B=2 L=8192: 304 -> 343 TFLOP/s on the H200), off at D 128 (400
   // -> 405 causal but 363 -> 353 at B=4 L=4096), and on for the kRawRing instance (D 128, 128
   // keys: 487 -> 508 causal, 274 -> 286 at B=16 L=1024, 441 -> 454 at B=4 L=4096, once its
@@ -716,7 +720,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // order.
   constexpr bool kPingPong =
       !Sh::kFp8Mma &&
-      (Sh::kWiden ? D == 64 || (Sh::kRawRing && (D == 128 || kItemLoop)) : kSwizzle && D <= 128);
+      (Sh::kWiden ? D == 64 || (Sh::kRawRing && (D == 128 || kItemLoop)) : kSwizzle);
   constexpr bool kTurnsRunOn = kPersistent && kPrefillPersistentCtas;
   if (kPingPong && kTurnsRunOn && cw == 1) named_barrier_arrive(2, 256);
   int ring = 0, n = 0;  // as the producer's
