@@ -771,8 +771,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         } else {  // the bf16-Q schemes: the ws kernel with bf16 operands, both layouts
           if (c.D != 256) configs.push_back(cuda::PrefillConfig::kWarpSpecialized);  // (not built)
           configs.push_back(cuda::PrefillConfig::kWsSwizzle);
-          // the widened schemes' persistent instances (bf16's swizzled ones are so as they are)
-          if (scheme != KvScheme::kBf16) {
+          // the widened schemes' persistent instances, D 64 and 128 (bf16's swizzled ones are so
+          // as they are)
+          if (scheme != KvScheme::kBf16 && c.D != 256) {
             configs.push_back(cuda::PrefillConfig::kWsPersistent);
           }
           // and the mma.sync kernel, so that both show whichever is the default

@@ -72,8 +72,8 @@ std::vector<PrefillConfig> built_configs(KvScheme scheme, int head_dim) {
       // D 256: the swizzled layout only (prefill_instances.cuh).
       if (x == PrefillConfig::kWsSwizzle || head_dim != 256) configs.push_back(x);
     }
-    // The widened schemes' persistent instances.
-    if (kv_codec(scheme) != KvCodec::kBf16) {
+    // The widened schemes' persistent instances (D 64 and 128).
+    if (kv_codec(scheme) != KvCodec::kBf16 && head_dim != 256) {
       configs.push_back(PrefillConfig::kWsPersistent);
     }
   }

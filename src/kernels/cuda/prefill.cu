@@ -95,12 +95,11 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       // session; the item loop's producer at 96 registers, the consumers at 200): fp8-per-tensor
       // causal 504 -> 552, non-causal 528 -> 574, B=16 L=1024 284 -> 329, B=4 L=4096 452 -> 501,
       // B=1 L=16384 537 -> 584, the cached prefix (uneven: one CTA per item either way) 387 ->
-      // 407; D 64 362 -> 384. D 256 (the raw rows in a ring of their own, ping-pong turns in the
-      // persistent instance alone): 431 -> 443 on an even batch, and one CTA per item measured
-      // 418 with the turns against 431 without: uneven batches there take the one-item kernel.
+      // 407; D 64 362 -> 384. D 256 takes one CTA per item: on 48-key tiles 510 against 493 for
+      // the persistent instance (twentieth session; on 32-key tiles it had been 431 against 443),
+      // which is retired.
       const bool widened = kv_codec(S) != KvCodec::kBf16;
-      config = widened && (D <= 128 || even_batch(p)) ? PrefillConfig::kWsPersistent
-                                                      : PrefillConfig::kWsSwizzle;
+      config = widened && D <= 128 ? PrefillConfig::kWsPersistent : PrefillConfig::kWsSwizzle;
     }
   }
   bool launched = false;

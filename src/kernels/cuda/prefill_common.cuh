@@ -248,7 +248,8 @@ __device__ __forceinline__ void fp8x16_to_16bit(uint4 codes, uint4& lo, uint4& h
 // p = exp2(s * scale - max * scale). The row sums are this lane's share until finish().
 template <int kTiles>
 struct RowSoftmax {
-  static_assert(kTiles > 0 && (kTiles & (kTiles - 1)) == 0, "the reduction trees halve kTiles");
+  static_assert(kTiles > 0 && ((kTiles & (kTiles - 1)) == 0 || kTiles >= 4),
+                "the reduction trees halve min(kTiles, 4) chains");
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8, raw score units
   float row_sum[2] = {0.0f, 0.0f};
 

@@ -19,7 +19,7 @@ enum class PrefillConfig {
              // kWarpSpecialized for D = 64 and 256, kWsPersistent for even batches of short
              // requests at D = 64 and 128; the bf16-Q schemes kWsSwizzle (16-bit operands;
              // for the FP8 ones K/V widened to f16 by the producer), the widened ones
-             // kWsPersistent at D = 64 and 128, and at D = 256 for even batches
+             // kWsPersistent at D = 64 and 128
   kWide,     // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
   kNarrow,   // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
              // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)

@@ -100,7 +100,8 @@ struct WsShape {
   // ring of two tiles of their own, so that the loads of a tile need no operand stage, and K and V
   // are published and released apart (kApart), so that 2 operand stages keep the pipeline going.
   // The same at D 256 (32 keys x 4 operand stages, where 3 stages held the raw rows in each):
-  // H200, fp8-per-tensor causal B=2 L=8192 368.6 -> 431.5 TFLOP/s (nineteenth session).
+  // H200, fp8-per-tensor causal B=2 L=8192 368.6 -> 431.5 TFLOP/s (nineteenth session); now 48
+  // keys x 2 operand stages (431 -> 510: a tile's fixed work over 48 keys instead of 32).
   static constexpr bool kRawRing = kWiden && (kStages == 2 || D == 256);
   static constexpr int kVRowsBytes = (kFp8Mma || kWiden) && !kRawRing ? kRawTileBytes : 0;
   static constexpr int kStageBytes = kKBytes + kVtBytes + kVRowsBytes;
@@ -141,7 +142,8 @@ struct WsShape {
   // consumers issue with QK(j-1): two stages suffice. The kernel checks kSplitKv's swizzle.)
   static_assert(kStages >= 3 || kRawRing || kSplitKvOperands,
                 "the ring needs a stage of slack (see above)");
-  static_assert(kBlockN == 64 || kBlockN == 128 || (!kFp8Mma && kBlockN == 32), "QK^T wgmma N");
+  static_assert(kBlockN == 64 || kBlockN == 128 || (!kFp8Mma && (kBlockN == 32 || kBlockN == 48)),
+                "QK^T wgmma N");
   static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
   static_assert(kBlockN % kKvRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
   static_assert(kKvRowBytes == kRowBytes || kWiden, "K/V copied as they are stored, or widened");
@@ -186,7 +188,7 @@ __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
 //  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
 //    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
 //    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
-//  - kItemLoop (e4m3 operands at D 64 and 128; the widened schemes' swizzled kernels):
+//  - kItemLoop (D 64 and 128: e4m3 operands, and the widened schemes' swizzled kernels):
 //    persistent CTAs (kPersistent below), an instance of its own beside the one-item kernel,
 //    which keeps its code.
 template <KvScheme S, int D, int kBlockN, int kStages, bool kSwizzle, int kDiag, bool kItemLoop>
@@ -707,8 +709,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // -> 405 causal but 363 -> 353 at B=4 L=4096), and on for the kRawRing instance (D 128, 128
   // keys: 487 -> 508 causal, 274 -> 286 at B=16 L=1024, 441 -> 454 at B=4 L=4096, once its
   // producer's widening had got faster; before, with the producer the bound, 418 without and 414
-  // with); at D 256 (kRawRing too) on for the persistent instance alone (one call, causal B=2
-  // L=8192: persistent 415 -> 443, one CTA per item 431 -> 418). Each warpgroup
+  // with); off at D 256 (kRawRing too; one CTA per item on 32-key tiles: 431 without, 418 with;
+  // the persistent instance, 443 with them, is retired). Each warpgroup
   // takes num_kv_tiles + 1 turns per item (the idle loop's included); warpgroup 1 opens with an
   // arrival on warpgroup 0's barrier and warpgroup 0 closes with a sync that takes warpgroup 1's
   // last hand-over, so the barriers' arrivals balance. Per item, that opening and closing let
@@ -719,8 +721,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // s). kTurnsRunOn follows kPrefillPersistentCtas, so that a one-item launch keeps the per-item
   // order.
   constexpr bool kPingPong =
-      !Sh::kFp8Mma &&
-      (Sh::kWiden ? D == 64 || (Sh::kRawRing && (D == 128 || kItemLoop)) : kSwizzle);
+      !Sh::kFp8Mma && (Sh::kWiden ? D == 64 || (Sh::kRawRing && D == 128) : kSwizzle);
   constexpr bool kTurnsRunOn = kPersistent && kPrefillPersistentCtas;
   if (kPingPong && kTurnsRunOn && cw == 1) named_barrier_arrive(2, 256);
   int ring = 0, n = 0;  // as the producer's
