@@ -82,9 +82,11 @@ void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceErro
 // needs >= 3 stages, or 2 where K and V are published and released apart. The bf16-operand
 // choices take as many stages as fit:
 //   e4m3 (fp8-per-head)   D 64, 128: 128 keys x 4 stages; D 256: 64 x 3 (4 do not fit)
-//   bf16 K/V (bf16)       D 64: 128 x 6; D 128: 128 x 3 (224 KB); D 256: 64 x 2 (192 KB; K and V
-//                         apart, kSplitKv: H200, causal B=2 L=8192 495 -> 631 TFLOP/s against
-//                         32 x 5, whose 32-key tiles paid a tile's fixed work per 32 keys)
+//   bf16 K/V (bf16)       D 64: 192 x 4 swizzled (208 KB: 395 -> 408 TFLOP/s against 128 x 6,
+//                         H200, causal B=2 L=8192), 128 x 6 plain; D 128: 128 x 3 (224 KB; 160 x
+//                         2 measured even, slower on short requests); D 256: 64 x 2 (192 KB; K
+//                         and V apart, kSplitKv: 495 -> 631 TFLOP/s against 32 x 5, whose
+//                         32-key tiles paid a tile's fixed work per 32 keys)
 //   widened e4m3 / e5m2   D 64: 128 x 4; D 128: 64 x 4 (128 x 3 does not fit with the staging),
 //                         swizzled 128 x 2 with the raw rows in a ring of their own
 //                         (WsShape::kRawRing); D 256: 48 x 2, the raw rows in a ring of their
@@ -95,11 +97,12 @@ constexpr bool kWsWidenedD128 = !fp8_q(S) && kv_codec(S) != KvCodec::kBf16 && D 
 template <KvScheme S, int D, bool kSwizzle>
 constexpr int kWsBlockN = fp8_q(S)   ? (D == 256 ? 64 : 128)
                           : D == 256 ? (kv_codec(S) == KvCodec::kBf16 ? 64 : 48)
-                          : (kWsWidenedD128<S, D> && !kSwizzle) ? 64
-                                                                : 128;
+                          : (kWsWidenedD128<S, D> && !kSwizzle)                    ? 64
+                          : (kv_codec(S) == KvCodec::kBf16 && D == 64 && kSwizzle) ? 192
+                                                                                   : 128;
 template <KvScheme S, int D, bool kSwizzle>
 constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
-                          : kv_codec(S) == KvCodec::kBf16 ? (D == 64    ? 6
+                          : kv_codec(S) == KvCodec::kBf16 ? (D == 64    ? (kSwizzle ? 4 : 6)
                                                              : D == 128 ? 3
                                                                         : 2)
                           : kWsWidenedD128<S, D>          ? (kSwizzle ? 2 : 4)

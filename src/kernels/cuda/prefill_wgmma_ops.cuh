@@ -16,6 +16,7 @@
 #define FP8KV_WGMMA_D16_AT(i) \
   FP8KV_WGMMA_D4_AT(i), FP8KV_WGMMA_D4_AT(i + 4), FP8KV_WGMMA_D4_AT(i + 8), FP8KV_WGMMA_D4_AT(i + 12)
 #define FP8KV_WGMMA_D16 FP8KV_WGMMA_D16_AT(0)
+#define FP8KV_WGMMA_D96 FP8KV_WGMMA_D64, FP8KV_WGMMA_D16_AT(64), FP8KV_WGMMA_D16_AT(80)
 #define FP8KV_WGMMA_D24 FP8KV_WGMMA_D16_AT(0), FP8KV_WGMMA_D4_AT(16), FP8KV_WGMMA_D4_AT(20)
 #define FP8KV_WGMMA_D32 FP8KV_WGMMA_D16_AT(0), FP8KV_WGMMA_D16_AT(16)
 #define FP8KV_WGMMA_D64 FP8KV_WGMMA_D32, FP8KV_WGMMA_D16_AT(32), FP8KV_WGMMA_D16_AT(48)
@@ -96,6 +97,21 @@ __device__ __forceinline__ void wgmma_ss_m64n128k32_e4m3_scaled(float (&d)[64], 
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, acc, " \
         "1, 1, 0, 0;\n}\n"                                                                        \
         : FP8KV_WGMMA_D16                                                                         \
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                             \
+  }                                                                                               \
+  /* d[96] = A * B (+ d when `accumulate`), m64n192k16, both K-major. */                          \
+  __device__ __forceinline__ void wgmma_ss_m64n192k16_##T##_scaled(                               \
+      float(&d)[96], uint64_t desc_a, uint64_t desc_b, int accumulate) {                          \
+    asm volatile(                                                                                 \
+        "{\n.reg .pred acc;\nsetp.ne.b32 acc, %98, 0;\n"                                          \
+        "wgmma.mma_async.sync.aligned.m64n192k16.f32." #T "." #T                                  \
+        " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "   \
+        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "   \
+        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, "   \
+        "%70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, "   \
+        "%87, %88, %89, %90, %91, %92, %93, %94, %95}, %96, %97, acc, 1, 1, 0, 0;\n}\n"           \
+        : FP8KV_WGMMA_D96                                                                         \
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                             \
   }                                                                                               \
   /* d[24] = A * B (+ d when `accumulate`), m64n48k16, both K-major. */                           \
@@ -186,6 +202,8 @@ __device__ __forceinline__ void wgmma_ss_m64n128k32_e4m3_scaled(float (&d)[64], 
                                                      uint64_t desc_b, int accumulate) {           \
     if constexpr (N == 32) {                                                                      \
       wgmma_ss_m64n32k16_##T##_scaled(d, desc_a, desc_b, accumulate);                             \
+    } else if constexpr (N == 192) {                                                              \
+      wgmma_ss_m64n192k16_##T##_scaled(d, desc_a, desc_b, accumulate);                            \
     } else if constexpr (N == 48) {                                                               \
       wgmma_ss_m64n48k16_##T##_scaled(d, desc_a, desc_b, accumulate);                             \
     } else if constexpr (N == 64) {                                                               \

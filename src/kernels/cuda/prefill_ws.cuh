@@ -142,7 +142,8 @@ struct WsShape {
   // consumers issue with QK(j-1): two stages suffice. The kernel checks kSplitKv's swizzle.)
   static_assert(kStages >= 3 || kRawRing || kSplitKvOperands,
                 "the ring needs a stage of slack (see above)");
-  static_assert(kBlockN == 64 || kBlockN == 128 || (!kFp8Mma && (kBlockN == 32 || kBlockN == 48)),
+  static_assert(kBlockN == 64 || kBlockN == 128 ||
+                    (!kFp8Mma && (kBlockN == 32 || kBlockN == 48 || kBlockN == 192)),
                 "QK^T wgmma N");
   static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
   static_assert(kBlockN % kKvRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
