@@ -13,9 +13,9 @@
 // Inline asm takes no arrays: FP8KV_WGMMA_Dn lists the accumulators d[0..n) as "+f" operands
 // %0..%(n-1), the first operands of every wrapper below.
 #define FP8KV_WGMMA_D4_AT(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
-#define FP8KV_WGMMA_D16_AT(i) \
-  FP8KV_WGMMA_D4_AT(i), FP8KV_WGMMA_D4_AT(i + 4), FP8KV_WGMMA_D4_AT(i + 8), FP8KV_WGMMA_D4_AT(i + 12)
-#define FP8KV_WGMMA_D16 FP8KV_WGMMA_D16_AT(0)
+#define FP8KV_WGMMA_D16_AT(i)                                               \
+  FP8KV_WGMMA_D4_AT(i), FP8KV_WGMMA_D4_AT(i + 4), FP8KV_WGMMA_D4_AT(i + 8), \
+      FP8KV_WGMMA_D4_AT(i + 12)
 #define FP8KV_WGMMA_D96 FP8KV_WGMMA_D64, FP8KV_WGMMA_D16_AT(64), FP8KV_WGMMA_D16_AT(80)
 #define FP8KV_WGMMA_D24 FP8KV_WGMMA_D16_AT(0), FP8KV_WGMMA_D4_AT(16), FP8KV_WGMMA_D4_AT(20)
 #define FP8KV_WGMMA_D32 FP8KV_WGMMA_D16_AT(0), FP8KV_WGMMA_D16_AT(16)
@@ -87,18 +87,6 @@ __device__ __forceinline__ void wgmma_ss_m64n128k32_e4m3_scaled(float (&d)[64], 
 // Each wrapper in two operand types, T = bf16 (the bf16 cache) or f16 (the widened fp8 caches):
 // FP8KV_WGMMA_16BIT(T) defines the set with T in the names and the instruction.
 #define FP8KV_WGMMA_16BIT(T)                                                                      \
-  /* d[16] = A * B (+ d when `accumulate`), m64n32k16, both K-major (imm-trans 0, 0). */          \
-  __device__ __forceinline__ void wgmma_ss_m64n32k16_##T##_scaled(                                \
-      float(&d)[16], uint64_t desc_a, uint64_t desc_b, int accumulate) {                          \
-    asm volatile(                                                                                 \
-        "{\n.reg .pred acc;\nsetp.ne.b32 acc, %18, 0;\n"                                          \
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." #T "." #T                                   \
-        " "                                                                                       \
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, acc, " \
-        "1, 1, 0, 0;\n}\n"                                                                        \
-        : FP8KV_WGMMA_D16                                                                         \
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                             \
-  }                                                                                               \
   /* d[96] = A * B (+ d when `accumulate`), m64n192k16, both K-major. */                          \
   __device__ __forceinline__ void wgmma_ss_m64n192k16_##T##_scaled(                               \
       float(&d)[96], uint64_t desc_a, uint64_t desc_b, int accumulate) {                          \
@@ -200,9 +188,7 @@ __device__ __forceinline__ void wgmma_ss_m64n128k32_e4m3_scaled(float (&d)[64], 
   template <int N>                                                                                \
   __device__ __forceinline__ void wgmma_ss_first_##T(float(&d)[N / 2], uint64_t desc_a,           \
                                                      uint64_t desc_b, int accumulate) {           \
-    if constexpr (N == 32) {                                                                      \
-      wgmma_ss_m64n32k16_##T##_scaled(d, desc_a, desc_b, accumulate);                             \
-    } else if constexpr (N == 192) {                                                              \
+    if constexpr (N == 192) {                                                                     \
       wgmma_ss_m64n192k16_##T##_scaled(d, desc_a, desc_b, accumulate);                            \
     } else if constexpr (N == 48) {                                                               \
       wgmma_ss_m64n48k16_##T##_scaled(d, desc_a, desc_b, accumulate);                             \

@@ -95,14 +95,15 @@ struct WsShape {
   static constexpr int kRawPitch = kFp8Mma || D == 64 ? kVPitch : D;
   // The raw rows of a tile: K rows then V rows (widened) or V rows (e4m3).
   static constexpr int kRawTileBytes = kWiden ? 2 * kBlockN * kRawPitch : kBlockN * kVPitch;
-  // kRawRing (the widened schemes with 2 operand stages: D 128 swizzled, 128 keys per tile, where
-  // 3 stages of 16-bit K and V and their raw rows would not fit beside Q): the raw rows go round a
+  // kRawRing (the widened schemes with 2 operand stages: D 128 swizzled, 128 keys per tile, and D
+  // 256, 48 keys, where 3 stages of 16-bit K and V and their raw rows would not fit beside Q): the
+  // raw rows go round a
   // ring of two tiles of their own, so that the loads of a tile need no operand stage, and K and V
   // are published and released apart (kApart), so that 2 operand stages keep the pipeline going.
   // The same at D 256 (32 keys x 4 operand stages, where 3 stages held the raw rows in each):
   // H200, fp8-per-tensor causal B=2 L=8192 368.6 -> 431.5 TFLOP/s (nineteenth session); now 48
   // keys x 2 operand stages (431 -> 510: a tile's fixed work over 48 keys instead of 32).
-  static constexpr bool kRawRing = kWiden && (kStages == 2 || D == 256);
+  static constexpr bool kRawRing = kWiden && kStages == 2;
   static constexpr int kVRowsBytes = (kFp8Mma || kWiden) && !kRawRing ? kRawTileBytes : 0;
   static constexpr int kStageBytes = kKBytes + kVtBytes + kVRowsBytes;
   static constexpr int kRawRingOffset = kQBytes + kStages * kStageBytes;
@@ -142,8 +143,7 @@ struct WsShape {
   // consumers issue with QK(j-1): two stages suffice. The kernel checks kSplitKv's swizzle.)
   static_assert(kStages >= 3 || kRawRing || kSplitKvOperands,
                 "the ring needs a stage of slack (see above)");
-  static_assert(kBlockN == 64 || kBlockN == 128 ||
-                    (!kFp8Mma && (kBlockN == 32 || kBlockN == 48 || kBlockN == 192)),
+  static_assert(kBlockN == 64 || kBlockN == 128 || (!kFp8Mma && (kBlockN == 48 || kBlockN == 192)),
                 "QK^T wgmma N");
   static_assert(D == 64 || D == 128 || D == 256, "PV wgmma N");
   static_assert(kBlockN % kKvRowStep == 0 && kBlockM % kRowStep == 0, "rows split over threads");
