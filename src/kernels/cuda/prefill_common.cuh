@@ -346,13 +346,13 @@ struct RowSoftmax {
 
   // step for a P that is rounded to e4m3 next: the probabilities as fp16 pairs, p[q] = elements
   // 2q (low half) and 2q + 1 of the flat array (one row's columns 2t, 2t+1 of an n8 tile; row g
-  // for even q, g + 8 for odd), two exponentials per ex2.approx.f16x2: half the MUFU issues of
-  // step, whose fp32 exponentials share each sub-partition's MUFU with the other warpgroup's
-  // softmax. The exponent is formed in fp32 and rounded to fp16 (at most 2^-9 absolute below
-  // 2^3, the scaled P's largest exponent), the exponential is good to ~2^-10 relative: both far
-  // below e4m3's 2^-4 step, where P is rounded next. The tile's row sums are added in fp16 pairs
-  // (4 chains of at most 4 pairs, then a tree: < 2^12 per half at 2^-11 relative steps) and
-  // folded into the fp32 running sums.
+  // for even q, g + 8 for odd). The exponentials are fp32 (ex2.approx.ftz.f32), rounded to fp16
+  // in pairs (2^-11 relative: far below e4m3's 2^-4 step, where P is rounded next); the tile's row
+  // sums are added in fp16 pairs (4 chains of at most 4 pairs, then a tree: < 2^12 per half at
+  // 2^-11 relative steps) and folded into the fp32 running sums. (Until the twenty-first session
+  // the exponentials were ex2.approx.f16x2 on the fp16-rounded exponents: sm_90 issues that as two
+  // MUFU.EX2.F16 and two byte permutes per pair, so the fp32 ones save the permutes and keep the
+  // MUFU count; H200, causal B=2 L=8192: 695.7 -> 713.6 TFLOP/s, B=4 L=4096 632.8 -> 682.5.)
   __device__ __forceinline__ void step_f16(const float (&s)[4 * kTiles], float qk_scale,
                                            float (&alpha)[2], float log2_p_scale,
                                            uint32_t (&p)[2 * kTiles]) {
@@ -360,11 +360,10 @@ struct RowSoftmax {
     fold_max(s, qk_scale, alpha, log2_p_scale, neg_max);
 #pragma unroll
     for (int q = 0; q < 2 * kTiles; ++q) {
-      const __half2 x = __floats2half2_rn(fmaf(s[2 * q], qk_scale, neg_max[q & 1]),
-                                          fmaf(s[2 * q + 1], qk_scale, neg_max[q & 1]));
-      uint32_t e;
-      asm("ex2.approx.f16x2 %0, %1;\n" : "=r"(e) : "r"(*reinterpret_cast<const uint32_t*>(&x)));
-      p[q] = e;
+      const __half2 e =
+          __floats2half2_rn(fast_exp2(fmaf(s[2 * q], qk_scale, neg_max[q & 1])),
+                            fast_exp2(fmaf(s[2 * q + 1], qk_scale, neg_max[q & 1])));
+      p[q] = *reinterpret_cast<const uint32_t*>(&e);
     }
     __half2 tile_sum[2];
     chain_tree([&](int i, int r) { return *reinterpret_cast<const __half2*>(&p[2 * i + r]); },
