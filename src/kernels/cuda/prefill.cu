@@ -64,8 +64,11 @@ bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* e
 // kPrefillPersistentCtas is on) whose requests see at most this many keys. H200, the persistent
 // instance against the one-item kernel, in one call: D 128 B=16 L=1024 344 -> 406 TFLOP/s, B=4
 // L=4096 603 -> 624, B=2 L=8192 698 -> 685, B=1 L=16384 734 -> 693; D 64 B=2 L=8192 458 -> 470
-// (D 256: 647 -> 587, not built). docs/GPU.md, seventeenth session.
-constexpr int kFp8PersistentMaxKeysD128 = 4096;
+// (D 256: 647 -> 587, not built). docs/GPU.md, seventeenth session. Since the softmax's fp32
+// exponentials (twenty-first session) the persistent instance also wins at 8192 keys: B=2 L=8192
+// 714-721 -> 746-749 TFLOP/s over three calls, GQA 7 715-718 -> 745; B=1 L=16384 and 32768 within
+// the calls' spread (733 -> 756, 761 -> 753), so longer requests keep one CTA per item.
+constexpr int kFp8PersistentMaxKeysD128 = 8192;
 constexpr int kFp8PersistentMaxKeysD64 = 8192;
 inline bool fp8_persistent_pays(const AttentionParams& p, int head_dim) {
   const int max_keys = head_dim == 64    ? kFp8PersistentMaxKeysD64
