@@ -859,8 +859,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // Masks tile j (where it crosses this warpgroup's diagonal), then the online softmax step.
     // e4m3 P at D 128 and 256: the probabilities as fp16 pairs in ph (RowSoftmax::step_f16: row
     // sums in fp16 pairs, P packed to e4m3 from them; faster there, docs/GPU.md ninth and
-    // twenty-first sessions). D 64 measured slower with its first form (fp16 exponentials; not
-    // explained), so its kernel keeps step and P in s.
+    // twenty-first sessions). D 64 measured slower with it in both of its forms (fp16
+    // exponentials: 441.9 -> 373.3 TFLOP/s, fourteenth session; fp32 ones: 481.2 -> 466.9,
+    // twenty-first; not explained), so its kernel keeps step and P in s.
     constexpr bool kF16Softmax = Sh::kFp8Mma && D >= 128;
     uint32_t ph[kF16Softmax ? kBlockN / 4 : 1];
     auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
