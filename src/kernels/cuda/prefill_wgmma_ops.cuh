@@ -224,6 +224,12 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_address, uint32_t l
          (static_cast<uint64_t>((leading_bytes & 0x3ffff) >> 4) << 16) |
          (static_cast<uint64_t>((stride_bytes & 0x3ffff) >> 4) << 32);
 }
+// The descriptor of an operand `bytes` further on (a multiple of 16) in shared memory: its start
+// address field (bits 0-13, the address / 16) plus bytes / 16, added in the low word alone
+// (every address of the CTA's 227 KB stays below 2^18: no carry out of the field).
+__device__ __forceinline__ uint64_t wgmma_desc_plus(uint64_t desc, uint32_t bytes) {
+  return (desc & 0xffffffff00000000ull) | (static_cast<uint32_t>(desc) + (bytes >> 4));
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");

@@ -802,18 +802,19 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     };
     // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
     // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
+    // The descriptors of a tile's k-steps: the first one's plus the step's byte offset.
+    const uint64_t q_desc0 = kSwizzle ? wgmma_desc_sw128(q_desc_base)
+                                      : wgmma_desc(q_desc_base, kCoreBytes, Sh::kKBlockStride);
     auto issue_qk = [&](float(&s)[kBlockN / 2], int J) {
       const uint32_t k_addr = stage_addr(J);
+      const uint64_t k_desc0 =
+          kSwizzle ? wgmma_desc_sw128(k_addr) : wgmma_desc(k_addr, kCoreBytes, Sh::kKBlockStride);
 #pragma unroll
       for (int kk = 0; kk < Sh::kQkSteps; ++kk) {
-        const uint32_t q_sw = q_desc_base + (kk / 4) * Sh::kBlockM * 128 + (kk % 4) * 32;
-        const uint32_t k_sw = k_addr + (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
-        const uint64_t da =
-            kSwizzle ? wgmma_desc_sw128(q_sw)
-                     : wgmma_desc(q_desc_base + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
-        const uint64_t db =
-            kSwizzle ? wgmma_desc_sw128(k_sw)
-                     : wgmma_desc(k_addr + kk * 2 * kCoreBytes, kCoreBytes, Sh::kKBlockStride);
+        const uint64_t da = wgmma_desc_plus(
+            q_desc0, kSwizzle ? (kk / 4) * Sh::kBlockM * 128 + (kk % 4) * 32 : kk * 2 * kCoreBytes);
+        const uint64_t db = wgmma_desc_plus(
+            k_desc0, kSwizzle ? (kk / 4) * kBlockN * 128 + (kk % 4) * 32 : kk * 2 * kCoreBytes);
         if constexpr (Sh::kFp8Mma) {
           wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
         } else {
@@ -839,17 +840,20 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // fp8 with kPromote: the sum starts at this tile (the first k-step overwrites o).
     auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int J) {
       const uint32_t vt_addr = stage_addr(J) + Sh::kKBytes;
+      const uint64_t v_desc0 =
+          Sh::kFp8Mma ? (kSwizzle ? wgmma_desc_sw128(vt_addr)
+                                  : wgmma_desc(vt_addr, kCoreBytes, Sh::kVtBlockStride))
+                      : (kSwizzle ? wgmma_desc_sw128_mn(vt_addr, kBlockN * 128)
+                                  : wgmma_desc(vt_addr, Sh::kKBlockStride, kCoreBytes));
 #pragma unroll
       for (int c = 0; c < Sh::kPvSteps; ++c) {
         if constexpr (Sh::kFp8Mma) {
           const uint64_t db =
-              kSwizzle ? wgmma_desc_sw128(vt_addr + c * 32)
-                       : wgmma_desc(vt_addr + c * 2 * kCoreBytes, kCoreBytes, Sh::kVtBlockStride);
+              wgmma_desc_plus(v_desc0, kSwizzle ? c * 32 : c * 2 * kCoreBytes);
           wgmma_rs<D>(o, pa[c], db, !(kPromote && c == 0));
         } else {
-          const uint64_t db = kSwizzle ? wgmma_desc_sw128_mn(vt_addr + c * 2048, kBlockN * 128)
-                                       : wgmma_desc(vt_addr + c * 2 * Sh::kKBlockStride,
-                                                    Sh::kKBlockStride, kCoreBytes);
+          const uint64_t db =
+              wgmma_desc_plus(v_desc0, kSwizzle ? c * 2048 : c * 2 * Sh::kKBlockStride);
           wgmma_rs_16bit<Sh::kF16, D>(o, pa[c], db);
         }
       }
