@@ -218,16 +218,18 @@ FP8KV_WGMMA_16BIT(f16)
 constexpr int kCoreBytes = 128;  // one 8 x 16-byte core matrix
 
 // Shared-memory matrix descriptor, no swizzle (PTX ISA "Matrix Descriptor Format").
-__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_address, uint32_t leading_bytes,
-                                               uint32_t stride_bytes) {
+__host__ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_address,
+                                                        uint32_t leading_bytes,
+                                                        uint32_t stride_bytes) {
   return static_cast<uint64_t>((smem_address & 0x3ffff) >> 4) |
          (static_cast<uint64_t>((leading_bytes & 0x3ffff) >> 4) << 16) |
          (static_cast<uint64_t>((stride_bytes & 0x3ffff) >> 4) << 32);
 }
 // The descriptor of an operand `bytes` further on (a multiple of 16) in shared memory: its start
 // address field (bits 0-13, the address / 16) plus bytes / 16, added in the low word alone
-// (every address of the CTA's 227 KB stays below 2^18: no carry out of the field).
-__device__ __forceinline__ uint64_t wgmma_desc_plus(uint64_t desc, uint32_t bytes) {
+// (every address of the SM's 228 KB stays below 2^18: no carry out of the field; tests/cuda/
+// wgmma_desc_test.cu checks it against building the descriptor from the address).
+__host__ __device__ __forceinline__ uint64_t wgmma_desc_plus(uint64_t desc, uint32_t bytes) {
   return (desc & 0xffffffff00000000ull) | (static_cast<uint32_t>(desc) + (bytes >> 4));
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -270,7 +272,7 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 // Format": swizzle mode 1 in bits 62-63): rows of 128 bytes, 8-row atoms 1024 bytes apart (the
 // stride byte offset), the leading byte offset unused; a k step inside the row advances the start
 // address (the hardware applies the swizzle to the address bits, atoms 1024-byte aligned).
-__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_address) {
+__host__ __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_address) {
   return static_cast<uint64_t>((smem_address & 0x3ffff) >> 4) | (1ull << 16) |
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
 }
@@ -278,7 +280,8 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_address) {
 // atoms of 8 k rows (keys) x 128 bytes of MN (64 d), each row swizzled as in the K-major form;
 // atoms adjacent in K are 1024 bytes apart (stride byte offset), those adjacent in MN
 // `leading_bytes` apart (leading byte offset: a whole [keys][64 d] block, for D > 64).
-__device__ __forceinline__ uint64_t wgmma_desc_sw128_mn(uint32_t smem_address, uint32_t leading_bytes) {
+__host__ __device__ __forceinline__ uint64_t wgmma_desc_sw128_mn(uint32_t smem_address,
+                                                                 uint32_t leading_bytes) {
   return static_cast<uint64_t>((smem_address & 0x3ffff) >> 4) |
          (static_cast<uint64_t>((leading_bytes & 0x3ffff) >> 4) << 16) |
          (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);

@@ -800,11 +800,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     auto release_q = [&] {
       if (kPersistent && lane == 0) mbarrier_arrive(q_empty_bar);
     };
-    // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
-    // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
-    // The descriptors of a tile's k-steps: the first one's plus the step's byte offset.
+    // The descriptors of a tile's k-steps (and of P V's below): the first one's plus the step's
+    // byte offset (wgmma_desc_plus: one add, where building each from its address took four).
     const uint64_t q_desc0 = kSwizzle ? wgmma_desc_sw128(q_desc_base)
                                       : wgmma_desc(q_desc_base, kCoreBytes, Sh::kKBlockStride);
+    // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
+    // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
     auto issue_qk = [&](float(&s)[kBlockN / 2], int J) {
       const uint32_t k_addr = stage_addr(J);
       const uint64_t k_desc0 =
