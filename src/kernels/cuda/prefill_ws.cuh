@@ -805,17 +805,18 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     const uint64_t q_desc0 = kSwizzle ? wgmma_desc_sw128(q_desc_base)
                                       : wgmma_desc(q_desc_base, kCoreBytes, Sh::kKBlockStride);
     // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
-    // [rows][128 bytes]) at byte 32 (kk % 4) of its rows.
+    // [rows][128 bytes]) at byte 32 (kk % 4) of its rows; its offset in a tile of `rows` rows.
+    auto k_step_bytes = [](int kk, int rows) {
+      return kSwizzle ? (kk / 4) * rows * 128 + (kk % 4) * 32 : kk * 2 * kCoreBytes;
+    };
     auto issue_qk = [&](float(&s)[kBlockN / 2], int J) {
       const uint32_t k_addr = stage_addr(J);
       const uint64_t k_desc0 =
           kSwizzle ? wgmma_desc_sw128(k_addr) : wgmma_desc(k_addr, kCoreBytes, Sh::kKBlockStride);
 #pragma unroll
       for (int kk = 0; kk < Sh::kQkSteps; ++kk) {
-        const uint64_t da = wgmma_desc_plus(
-            q_desc0, kSwizzle ? (kk / 4) * Sh::kBlockM * 128 + (kk % 4) * 32 : kk * 2 * kCoreBytes);
-        const uint64_t db = wgmma_desc_plus(
-            k_desc0, kSwizzle ? (kk / 4) * kBlockN * 128 + (kk % 4) * 32 : kk * 2 * kCoreBytes);
+        const uint64_t da = wgmma_desc_plus(q_desc0, k_step_bytes(kk, Sh::kBlockM));
+        const uint64_t db = wgmma_desc_plus(k_desc0, k_step_bytes(kk, kBlockN));
         if constexpr (Sh::kFp8Mma) {
           wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
         } else {
