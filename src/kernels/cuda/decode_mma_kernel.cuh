@@ -17,8 +17,9 @@
 // heads wide) into shared memory, gathered through the slot table, kStages deep (128 threads
 // issue one copy each; one __syncthreads per tile frees the stage for refilling). Warp w of a
 // KV head computes keys 16w..16w+15 of every tile with its own online softmax (fp32, log2
-// domain); the 4 warps are merged in shared memory at the end and the CTA writes bf16 (one
-// split) or a normalized partial and its log-sum-exp. Split-KV: the CTAs of a group (request b,
+// domain); the 4 warps are merged in shared memory at the end (one weight per warp and query
+// head, computed once) and the CTA writes bf16 (one split) or a normalized partial and its
+// log-sum-exp. Split-KV: the CTAs of a group (request b,
 // blockIdx.y: the same KV and query heads, every split of the KV length) count their arrivals in
 // the workspace, and the last one to arrive merges the group's splits (merge_group_splits): no
 // second kernel.
@@ -106,7 +107,9 @@ struct Shape {
   static constexpr bool kThird = kShallow && kCopyBytes == 256 && kThreads <= 256;
   static constexpr int kStages = kCopyBytes <= 128 ? 4 : kThird ? 2 : 3;
   static constexpr int kMinBlocks = kCopyBytes <= 128 || kThird ? 3 : kCopyBytes <= 256 ? 2 : 1;
-  static constexpr int kMergeBytes = kKv * kWarps * kRows * (D + 2) * 4;
+  // The warps' merge: o, m and l of each warp and query head, then a factor per warp and head
+  // and the head's log-sum-exp.
+  static constexpr int kMergeBytes = kKv * (kWarps * kRows * (D + 3) + kRows) * 4;
   static constexpr int kDataBytes =
       kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
   static constexpr int kSmemBytes = kDataBytes + kStages * 8;  // + one mbarrier per stage
@@ -601,28 +604,47 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x % kIssuers; i < num_heads * kHeadDim; i += kIssuers) {
-    const int h = i / kHeadDim, d = i % kHeadDim;
+  // Once per query head (not per output column): the warps' factors 2^(m_w - max) * v_scale / l
+  // with l = sum_w 2^(m_w - max) l_w (0 where no key counted), and the log-sum-exp of a split.
+  float* s_f = s_l + kWarps * kRows;    // [kRows, warps]
+  float* s_lse = s_f + kRows * kWarps;  // [kRows]
+  if (const int h = threadIdx.x % kIssuers; h < num_heads) {
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * kRows + h]);
-    float sum_l = 0.0f, sum_o = 0.0f;
-    if (mx != -INFINITY) {
+    float sum_l = 0.0f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = exp2f(s_m[w * kRows + h] - mx);
-        sum_l += f * s_l[w * kRows + h];
-        sum_o += f * s_o[(w * kRows + h) * kHeadDim + d];
-      }
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = mx != -INFINITY ? exp2f(s_m[w * kRows + h] - mx) : 0.0f;
+      s_f[h * kWarps + w] = f;
+      sum_l += f * s_l[w * kRows + h];
     }
-    const float out = sum_l > 0.0f ? sum_o / sum_l * v_scale : 0.0f;
+    const float scale = sum_l > 0.0f ? v_scale / sum_l : 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s_f[h * kWarps + w] *= scale;
+    s_lse[h] = sum_l > 0.0f ? mx + __log2f(sum_l) : -INFINITY;
+  }
+  __syncthreads();
+  // Two adjacent columns per thread and step: float2 reads, one bf16x2 (or float2) store.
+#pragma unroll 1
+  for (int i = threadIdx.x % kIssuers; i < num_heads * (kHeadDim / 2); i += kIssuers) {
+    const int h = i / (kHeadDim / 2), d = 2 * (i % (kHeadDim / 2));
+    float2 out = make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float fw = s_f[h * kWarps + w];
+      const float2 x = *reinterpret_cast<const float2*>(s_o + (w * kRows + h) * kHeadDim + d);
+      out.x += fw * x.x;
+      out.y += fw * x.y;
+    }
     const int head = head0 + h;
     if (a.num_splits == 1) {
-      a.o[(q_token * a.num_q_heads + head) * kHeadDim + d] = float_to_bf16_bits(out);
+      *reinterpret_cast<uint32_t*>(a.o + (q_token * a.num_q_heads + head) * kHeadDim + d) =
+          pack_bf16x2(out.x, out.y);
     } else {
       const int64_t row = (static_cast<int64_t>(b) * a.num_q_heads + head) * a.num_splits + split;
-      a.ws_o[row * kHeadDim + d] = out;
-      if (d == 0) a.ws_lse[row] = sum_l > 0.0f ? mx + __log2f(sum_l) : -INFINITY;
+      *reinterpret_cast<float2*>(a.ws_o + row * kHeadDim + d) = out;
+      if (d == 0) a.ws_lse[row] = s_lse[h];
     }
   }
   if (a.num_splits > 1) {
