@@ -19,10 +19,9 @@
 // KV head computes keys 16w..16w+15 of every tile with its own online softmax (fp32, log2
 // domain); the 4 warps are merged in shared memory at the end (one weight per warp and query
 // head, computed once) and the CTA writes bf16 (one split) or a normalized partial and its
-// log-sum-exp. Split-KV: the CTAs of a group (request b,
-// blockIdx.y: the same KV and query heads, every split of the KV length) count their arrivals in
-// the workspace, and the last one to arrive merges the group's splits (merge_group_splits): no
-// second kernel.
+// log-sum-exp. Split-KV: the CTAs of a group (request b, blockIdx.y: the same KV and query heads,
+// every split of the KV length) count their arrivals in the workspace, and the last one to
+// arrive merges the group's splits (merge_group_splits): no second kernel.
 //
 // Layout: transposed products, so that no MMA row is padding. A GQA group has only 1..8 query
 // heads, so they are the N = 8 dimension and keys / dims the M = 16 dimension:
@@ -630,12 +629,14 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
   for (int i = threadIdx.x % kIssuers; i < num_heads * (kHeadDim / 2); i += kIssuers) {
     const int h = i / (kHeadDim / 2), d = 2 * (i % (kHeadDim / 2));
     float2 out = make_float2(0.0f, 0.0f);
+    if (s_lse[h] != -INFINITY) {  // no key counted: 0, whatever the warps' o hold
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float fw = s_f[h * kWarps + w];
-      const float2 x = *reinterpret_cast<const float2*>(s_o + (w * kRows + h) * kHeadDim + d);
-      out.x += fw * x.x;
-      out.y += fw * x.y;
+      for (int w = 0; w < kWarps; ++w) {
+        const float fw = s_f[h * kWarps + w];
+        const float2 x = *reinterpret_cast<const float2*>(s_o + (w * kRows + h) * kHeadDim + d);
+        out.x += fw * x.x;
+        out.y += fw * x.y;
+      }
     }
     const int head = head0 + h;
     if (a.num_splits == 1) {
