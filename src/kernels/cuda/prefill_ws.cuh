@@ -802,8 +802,11 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     };
     // The descriptors of a tile's k-steps (and of P V's below): the first one's plus the step's
     // byte offset (wgmma_desc_plus: one add, where building each from its address took four).
-    const uint64_t q_desc0 = kSwizzle ? wgmma_desc_sw128(q_desc_base)
-                                      : wgmma_desc(q_desc_base, kCoreBytes, Sh::kKBlockStride);
+    // The first k-step descriptor of a K-major operand of QK (Q, K).
+    auto k_major_desc = [](uint32_t addr) {
+      return kSwizzle ? wgmma_desc_sw128(addr) : wgmma_desc(addr, kCoreBytes, Sh::kKBlockStride);
+    };
+    const uint64_t q_desc0 = k_major_desc(q_desc_base);
     // k-step kk reads bytes 32kk.. of each row: in the swizzled layout, column block kk / 4 (of
     // [rows][128 bytes]) at byte 32 (kk % 4) of its rows; its offset in a tile of `rows` rows.
     auto k_step_bytes = [](int kk, int rows) {
@@ -811,8 +814,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     };
     auto issue_qk = [&](float(&s)[kBlockN / 2], int J) {
       const uint32_t k_addr = stage_addr(J);
-      const uint64_t k_desc0 =
-          kSwizzle ? wgmma_desc_sw128(k_addr) : wgmma_desc(k_addr, kCoreBytes, Sh::kKBlockStride);
+      const uint64_t k_desc0 = k_major_desc(k_addr);
 #pragma unroll
       for (int kk = 0; kk < Sh::kQkSteps; ++kk) {
         const uint64_t da = wgmma_desc_plus(q_desc0, k_step_bytes(kk, Sh::kBlockM));
