@@ -526,6 +526,8 @@ struct RunOptions {
   float softmax_scale = 0.0f;         // 0: 1/sqrt(D)
   bool causal = true;                 // AttentionParams::causal
   std::vector<float> static_q_scale;  // [Hkv] for fp8-per-head; empty: dynamic Q scales
+  int launch_requests = 0;            // > 0: attention over the first requests only (the rest's O
+                                      // stays NaN)
 };
 
 struct AttentionRun {
@@ -607,6 +609,10 @@ inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, K
     ap.q = nullptr;
     ap.q_fp8 = q_fp8.as<uint8_t>();
     ap.q_scale = q_scale.as<float>();
+  }
+  if (options.launch_requests > 0) {
+    ap.batch.num_requests = options.launch_requests;
+    ap.batch.total_q = p.cu_seqlens_q[options.launch_requests];
   }
   if (options.phase == AttentionPhase::kDecode) {
     backend.decode_attention(ap);

@@ -54,19 +54,13 @@ inline DecodeSplit choose_decode_split(int64_t ctas, int64_t resident, int max_s
   return best;
 }
 
-// Whether a decode launch takes the shallow ring (one stage fewer, a third CTA per SM where the
-// copies are 256 bytes): for grids of at least kDecodeShallowWaves waves of the deep kernel whose
-// CTAs each read at most kDecodeShallowMaxTokens keys (ctas: the launch's CTAs, splits included;
-// resident_deep: SMs x the deep kernel's CTAs per SM; tokens: the keys of the longest CTA). Short
-// CTAs pay a ramp and an epilogue each, during which their SM streams only for the others, so a
-// third CTA per SM pays; longer ones (B=256 L=1024, ~4 waves) stream better from the deeper ring,
-// as does one wave (a long context, or a split grid), which feeds a lone CTA better at the tail.
-// docs/GPU.md (tenth session) has the measurements behind both numbers.
-constexpr int64_t kDecodeShallowWaves = 3;
-constexpr int kDecodeShallowMaxTokens = 512;
-inline bool decode_shallow_ring(int64_t ctas, int64_t resident_deep, int tokens) {
-  return resident_deep > 0 && ctas >= kDecodeShallowWaves * resident_deep &&
-         tokens <= kDecodeShallowMaxTokens;
+// Whether an unsplit decode launch of `items` (request, head group) CTAs takes the persistent
+// kernel (resident: SMs x its CTAs per SM, 0 where it does not exist): at kDecodePersistentWaves
+// waves or more, where one-item CTAs pay a ramp and an epilogue each that their SM's streaming
+// does not cover (docs/GPU.md, twenty-third and twenty-fourth sessions).
+constexpr int64_t kDecodePersistentWaves = 2;
+inline bool decode_persistent(int64_t items, int64_t resident, int num_splits) {
+  return num_splits == 1 && resident > 0 && items >= kDecodePersistentWaves * resident;
 }
 
 }  // namespace fp8kv::cuda

@@ -1,6 +1,7 @@
 // Decode attention on the GPU against its CPU twin and a float64 reference, on fresh random data
 // with outliers: lengths 1, 7, 127, 4100 (no split and split-KV), GQA 1/4/8, head_dim 64/128/256,
-// every scheme (fp8-e5m2 and fp8-per-head-bf16q too); grids of many waves (the shallow ring); a
+// every scheme (fp8-e5m2 and fp8-per-head-bf16q too); grids of many waves (the persistent kernel:
+// the twin, repeated launches and the bits of one-item CTAs; a refused request skipped); a
 // long case (33k keys) whose FP8 error
 // must not grow with length; split merges repeated across shapes on one workspace, and many
 // splits of several requests launched twice on a workspace of the test's own (the merge's counters
@@ -177,10 +178,23 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
   }
 }
 
-// Grids of three waves or more of short requests take the shallow ring (decode_shallow_ring: one
-// stage fewer, a third CTA per SM at 256-byte copies): 400 short requests over 8 KV heads give
-// 800-3200 CTAs, every head_dim and scheme; lengths 1..97 with single-key requests among them.
-TEST(CudaDecode, ManyWavesTakeTheShallowRing) {
+// Whether the launch of `prob` takes the persistent kernel (decode_launch_key's bit 15).
+bool takes_persistent(const test::AttentionProblem& prob, KvScheme scheme) {
+  AttentionParams p;
+  p.num_q_heads = prob.num_q_heads;
+  p.cache = {nullptr, prob.num_slots, prob.num_kv_heads, prob.head_dim, scheme};
+  p.batch = prob.batch(nullptr, nullptr, nullptr, nullptr);
+  return (cuda::decode_launch_key(p) >> 15) & 1;
+}
+
+// Unsplit grids of two waves or more take the persistent kernel (decode_persistent: CTAs that
+// deal themselves (request, head group) items from a counter, a producer warp streaming ahead
+// across items). 300 requests of 1..256 keys (single-key ones, tile edges 64 / 65 / 128 and a
+// run of one length among them) over 8 KV heads, every scheme and head dim, GQA 1 / 4 / 7 (7:
+// a padded group): it matches the CPU twin; launched twice in a row (the counters back at zero
+// after each launch) it gives the same bits; and the first 12 requests alone, a launch of one-item
+// CTAs, give the bits they have inside the persistent launch.
+TEST(CudaDecode, PersistentKernelMatchesTheTwinAndOneItemCtas) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
@@ -188,14 +202,36 @@ TEST(CudaDecode, ManyWavesTakeTheShallowRing) {
     for (int D : {64, 128, 256}) {
       test::ProblemSpec spec;
       spec.requests.clear();
-      for (int b = 0; b < 400; ++b) spec.requests.push_back({(b * 37) % 97, 1});
+      for (int b = 0; b < 300; ++b) {
+        const int len = b < 8 ? std::vector<int>{1, 64, 65, 128, 129, 256, 2, 63}[b]
+                        : b < 40 ? 200 : 1 + (b * 97) % 256;
+        spec.requests.push_back({len - 1, 1});
+      }
       spec.num_kv_heads = 8;
-      spec.num_q_heads = 8 * (D == 128 ? 4 : 1);
+      spec.num_q_heads = 8 * (D == 64 ? 1 : D == 128 ? 4 : 7);
       spec.head_dim = D;
       spec.data.outlier_channels = 2;
-      spec.seed = 900 + D;
+      spec.seed = 950 + D + 7 * static_cast<int>(scheme);
       SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D));
-      expect_close(run_case(*cpu, *gpu, spec, scheme));
+      const test::AttentionProblem prob = test::make_problem(spec);
+      EXPECT_TRUE(takes_persistent(prob, scheme));
+      const std::vector<DecodeErrors> es = run_case(*cpu, *gpu, prob, scheme);
+      expect_close(es);
+
+      const test::KvScales scales = test::calibrate_scales(prob, scheme);
+      test::RunOptions opt;
+      opt.phase = AttentionPhase::kDecode;
+      const test::AttentionRun first = test::run_attention(*gpu, prob, scheme, scales, opt);
+      const test::AttentionRun again = test::run_attention(*gpu, prob, scheme, scales, opt);
+      EXPECT_TRUE(first.o == again.o) << "a repeated launch gave different bits";
+      opt.launch_requests = 12;
+      test::AttentionProblem head = prob;
+      head.seq_len.resize(12);
+      ASSERT_FALSE(takes_persistent(head, scheme));
+      const test::AttentionRun part = test::run_attention(*gpu, prob, scheme, scales, opt);
+      const size_t rows = static_cast<size_t>(12) * prob.num_q_heads * prob.head_dim;
+      EXPECT_TRUE(std::equal(part.o.begin(), part.o.begin() + rows, first.o.begin()))
+          << "requests 0..11 alone differ from the same requests in the persistent launch";
     }
   }
 }
@@ -479,6 +515,58 @@ TEST(CudaDecode, RequestOutOfRangeIsSkippedAndReportedAtSynchronize) {
   p.batch = db.batch(prob);
   gpu->decode_attention(p);
   EXPECT_NO_THROW(gpu->synchronize());
+}
+
+// The same in a persistent launch (600 requests: two waves and more of items): the refused
+// request's rows stay as they were (NaN), every other request is computed (a pool of ones: 1.0
+// everywhere), the error comes once at synchronize, and the next launch (its counters back at
+// zero) computes every request.
+TEST(CudaDecode, PersistentLaunchSkipsARefusedRequest) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_cuda_backend();
+  test::ProblemSpec spec;
+  std::vector<int> lengths;
+  for (int b = 0; b < 600; ++b) lengths.push_back(1 + (b * 37) % 200);
+  spec.requests = decode_requests(lengths);
+  const test::AttentionProblem prob = test::make_problem(spec);
+  ASSERT_TRUE(takes_persistent(prob, KvScheme::kBf16));
+  const int rows = static_cast<int>(prob.req_to_token.size() / prob.max_len);
+  std::vector<uint16_t> pool_bits(prob.pool_elements(), 0x3f80);  // bf16 1.0
+  BackendBuffer pool(*gpu, pool_bits), q(*gpu, prob.q), o(*gpu, prob.q.size() * 2);
+  const DeviceBatch db(*gpu, prob);
+  std::vector<int32_t> bad_index = prob.req_index;
+  const int bad = 7;
+  bad_index[bad] = rows;
+  BackendBuffer bad_ri(*gpu, bad_index);
+  AttentionParams p;
+  p.q = q.as<uint16_t>();
+  p.o = o.as<uint16_t>();
+  p.num_q_heads = prob.num_q_heads;
+  p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
+  p.batch = prob.batch(db.seq.as<int32_t>(), db.cu.as<int32_t>(), bad_ri.as<int32_t>(),
+                       db.rt.as<int32_t>());
+  const size_t row = static_cast<size_t>(prob.num_q_heads) * prob.head_dim;
+  for (const bool refuse : {true, false}) {
+    SCOPED_TRACE(refuse ? "a refused request" : "every request good");
+    if (!refuse) p.batch.req_index = db.ri.as<int32_t>();
+    gpu->memset(o.as<void>(), 0xff, o.bytes());
+    gpu->decode_attention(p);
+    if (refuse) {
+      try {
+        gpu->synchronize();
+        ADD_FAILURE() << "no error for the refused request";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("b_req_idx[" + std::to_string(bad) + "]"), std::string::npos)
+            << e.what();
+      }
+    }
+    EXPECT_NO_THROW(gpu->synchronize());
+    const std::vector<uint16_t> out = o.download<uint16_t>();
+    for (size_t b = 0; b < lengths.size(); ++b) {
+      const uint16_t want = refuse && b == static_cast<size_t>(bad) ? 0xffff : 0x3f80;
+      for (size_t i = 0; i < row; ++i) ASSERT_EQ(out[b * row + i], want) << "request " << b << ", element " << i;
+    }
+  }
 }
 
 }  // namespace

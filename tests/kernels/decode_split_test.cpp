@@ -24,21 +24,6 @@ TEST(DecodeSplit, SmallBatchLongContextFillsTheChip) {
   EXPECT_LT(static_cast<int64_t>(s.num_splits - 1) * s.split_tokens, 32768);  // no empty split
 }
 
-// Three waves of the deep kernel or more, of CTAs of at most 512 keys, take the shallow ring; one
-// wave (and a split grid, which fills one) and longer CTAs keep the deep one.
-TEST(DecodeSplit, ShallowRingForManyWavesOfShortCtasOnly) {
-  EXPECT_FALSE(cuda::decode_shallow_ring(256, 264, 4096));  // B=64 L=4096: one wave
-  EXPECT_FALSE(cuda::decode_shallow_ring(3 * 264 - 1, 264, 512));
-  EXPECT_TRUE(cuda::decode_shallow_ring(3 * 264, 264, 512));
-  EXPECT_TRUE(cuda::decode_shallow_ring(2048, 264, 512));  // B=512 L=512: ~7.8 waves
-  EXPECT_TRUE(cuda::decode_shallow_ring(2048, 264, 1));
-  EXPECT_FALSE(cuda::decode_shallow_ring(2048, 264, 513));
-  EXPECT_FALSE(cuda::decode_shallow_ring(1024, 264, 1024));  // B=256 L=1024: ~3.9 waves
-  EXPECT_FALSE(cuda::decode_shallow_ring(1024, 0, 512));
-  const auto split = cuda::choose_decode_split(16, 264, 32768);  // B=4 L=32768
-  EXPECT_FALSE(cuda::decode_shallow_ring(16 * split.num_splits, 264, split.split_tokens));
-}
-
 TEST(DecodeSplit, LargeBatchIsNotSplit) {
   EXPECT_EQ(cuda::choose_decode_split(2048, 396, 1024).num_splits, 1);
 }
@@ -65,6 +50,21 @@ TEST(DecodeSplit, BoundsHold) {
       }
     }
   }
+}
+
+// The persistent kernel takes unsplit grids of kDecodePersistentWaves waves or more, never a
+// split launch, never where the instance does not exist (resident 0).
+TEST(DecodeSplit, PersistentForUnsplitGridsOfSeveralWaves) {
+  const int64_t resident = 132;  // 132 SMs, one CTA each
+  const int64_t from = cuda::kDecodePersistentWaves * resident;
+  EXPECT_FALSE(cuda::decode_persistent(from - 1, resident, 1));
+  EXPECT_TRUE(cuda::decode_persistent(from, resident, 1));
+  EXPECT_TRUE(cuda::decode_persistent(100 * resident, resident, 1));
+  EXPECT_FALSE(cuda::decode_persistent(100 * resident, resident, 2));
+  EXPECT_FALSE(cuda::decode_persistent(100 * resident, 0, 1));
+  // FP8 at head_dim 128, 8 KV heads, four per item: B=64 is one wave, B=256 about four.
+  EXPECT_FALSE(cuda::decode_persistent(64 * 2, resident, 1));
+  EXPECT_TRUE(cuda::decode_persistent(256 * 2, resident, 1));
 }
 
 }  // namespace

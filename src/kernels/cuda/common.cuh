@@ -104,6 +104,18 @@ __device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uin
       ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(policy)
       : "memory");
 }
+// Orders this thread's generic-proxy accesses of shared memory before later async-proxy ones
+// (bulk copies, wgmma) that other threads start after a barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// bar.sync on a named barrier (0 is __syncthreads's): `threads` of the CTA, whole warps.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 // The GPU's global nanosecond timer (diagnostics).
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;

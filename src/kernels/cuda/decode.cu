@@ -15,10 +15,11 @@ namespace fp8kv::cuda {
 namespace {
 
 struct DecodePlan {
-  int kv_per_cta = 1;   // adjacent KV heads per CTA (decode_mma_kv_heads)
+  int kv_per_cta = 1;   // adjacent KV heads per CTA (decode_mma_kv_heads; persistent:
+                        // decode_persistent_kv_heads)
   int head_chunks = 1;  // CTAs per KV head along the query heads (8 per CTA)
   DecodeSplit split;
-  bool shallow = false;  // the shallow ring (decode_shallow_ring)
+  int persistent_ctas = 0;  // > 0: the persistent kernel with this many CTAs (decode_persistent)
 };
 
 DecodePlan plan_decode(const AttentionParams& p) {
@@ -26,12 +27,11 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int group = p.num_q_heads / p.cache.num_kv_heads;
   plan.kv_per_cta = decode_mma_kv_heads(p.cache.scheme, p.cache.head_dim);
   plan.head_chunks = ceil_div(group, DecodeMmaKernel<KvScheme::kBf16, 128>::kMaxHeads);
-  int per_sm = 0;
-  bool has_shallow = false;
+  int per_sm = 0, per_sm_persistent = 0;
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
       per_sm = DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm();
-      has_shallow = DecodeMmaKernel<kScheme, kHeadDim>::has_shallow_ring();
+      per_sm_persistent = DecodeMmaKernel<kScheme, kHeadDim>::persistent_ctas_per_sm();
     });
   });
   static const int sms = device_sm_count();
@@ -41,15 +41,24 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int64_t ctas = static_cast<int64_t>(p.batch.num_requests) *
                        ceil_div(planned_heads, plan.kv_per_cta) * plan.head_chunks;
   plan.split = choose_decode_split(ctas, static_cast<int64_t>(sms) * per_sm, p.batch.max_seq_len);
-  plan.shallow = has_shallow &&
-                 decode_shallow_ring(ctas * plan.split.num_splits,
-                                     static_cast<int64_t>(sms) * per_sm, plan.split.split_tokens);
   // One split reads a request's keys [0, seq_len): any split_tokens >= every seq_len does. The
   // request table's width is one that stays put while max_seq_len grows, so the launch (and a
   // recorded CUDA graph's key, decode_launch_key) does not change with every decode step.
   if (plan.split.num_splits == 1) {
     plan.split.split_tokens = std::max({p.batch.max_len, p.batch.max_seq_len, 1});
   }
+#ifndef FP8KV_DECODE_TIMELINE  // the timeline records one-item CTAs
+  // The launch's own CTAs (its rank's heads), whatever the split was planned with: an item's
+  // bits are the same in either kernel.
+  const int persistent_kv = decode_persistent_kv_heads(p.cache.scheme, p.cache.head_dim);
+  const int64_t items = static_cast<int64_t>(p.batch.num_requests) *
+                        ceil_div(p.cache.num_kv_heads, persistent_kv) * plan.head_chunks;
+  const int64_t resident = static_cast<int64_t>(sms) * per_sm_persistent;
+  if (decode_persistent(items, resident, plan.split.num_splits)) {
+    plan.persistent_ctas = static_cast<int>(resident);
+    plan.kv_per_cta = persistent_kv;
+  }
+#endif
   return plan;
 }
 
@@ -69,6 +78,7 @@ constexpr size_t kCounterBytes = kDecodeMaxSplitGroups * sizeof(uint32_t);
 
 size_t decode_workspace_bytes(const AttentionParams& p) {
   const DecodePlan plan = plan_decode(p);
+  if (plan.persistent_ctas > 0) return kCounterBytes;  // the item counter and the CTAs' count
   if (plan.split.num_splits == 1) return 0;
   const size_t rows = static_cast<size_t>(p.batch.num_requests) * p.num_q_heads * plan.split.num_splits;
   return kCounterBytes + rows * (static_cast<size_t>(p.cache.head_dim) + 1) * sizeof(float);
@@ -86,7 +96,7 @@ uint64_t decode_launch_key(const AttentionParams& p) {
   const DecodePlan plan = plan_decode(p);
   return (static_cast<uint64_t>(plan.split.split_tokens) << 32) |
          (static_cast<uint64_t>(plan.split.num_splits) << 16) |
-         (static_cast<uint64_t>(plan.shallow) << 15) |
+         (static_cast<uint64_t>(plan.persistent_ctas > 0) << 15) |
          (static_cast<uint64_t>(plan.kv_per_cta) << 8) | static_cast<uint64_t>(plan.head_chunks);
 }
 
@@ -121,9 +131,18 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
     a.ws_o = reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + kCounterBytes);
     a.ws_lse = a.ws_o + rows * D;
   }
+  if (plan.persistent_ctas > 0) {
+    if (workspace == nullptr) throw Error("decode attention: a persistent launch needs a workspace (decode_workspace_bytes)");
+    a.split_counters = static_cast<uint32_t*>(workspace);
+    a.num_items = static_cast<int>(grid.y * grid.z);
+  }
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
-      DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, plan.shallow, stream);
+      if (plan.persistent_ctas > 0) {
+        DecodeMmaKernel<kScheme, kHeadDim>::launch_persistent(a, plan.persistent_ctas, stream);
+      } else {
+        DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, stream);
+      }
     });
   });
 }

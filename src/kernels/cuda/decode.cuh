@@ -26,6 +26,9 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
   int num_splits = 1;       // o is written directly when 1, else ws_o / ws_lse and the merge
   int split_tokens = 0;
   float sm_scale_log2 = 0.0f;  // softmax scale * log2(e): scores are kept in the log2 domain
+  // The persistent kernel: items (request, head group) in all; it deals them from
+  // split_counters[0] and counts its CTAs out in split_counters[1], both zero between launches.
+  int num_items = 0;
 #ifdef FP8KV_DECODE_TIMELINE
   uint64_t* timeline = nullptr;  // [CTAs][kDecodeTimelineFields] nanoseconds, or null
 #endif
@@ -48,20 +51,26 @@ constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
   return k < 1 ? 1 : k > 4 ? 4 : k;
 }
 
+// Adjacent KV heads one item of the persistent decode kernel takes: copies of about 512 bytes,
+// since its four producer warps issue every copy of the ring (a warp's lanes' copies go one
+// after the other).
+constexpr int decode_persistent_kv_heads(KvScheme scheme, int head_dim) {
+  const int row_bytes = kv_elem_bytes(scheme) * head_dim;
+  const int k = 512 / row_bytes;
+  return k < 1 ? 1 : k > 4 ? 4 : k;
+}
+
 // The decode kernel (decode_mma_kernel.cuh, tensor cores), every scheme: up to 8 query heads of
 // each of decode_mma_kv_heads() KV heads per CTA, any head_dim of 64, 128, 256.
-// shallow: the ring one stage shallower, which makes room for a third CTA per SM
-// (decode_shallow_ring, decode_split.h, decides per launch) in the instances that have it.
 template <KvScheme kScheme, int kHeadDim>
 struct DecodeMmaKernel {
   static constexpr int kMaxHeads = 8;  // query heads per CTA (rows of the m16 tile in use)
   static int ctas_per_sm();            // of the deep ring, which the split plans with
-  static bool has_shallow_ring();
-  static void launch(const DecodeArgs& a, dim3 grid, bool shallow, cudaStream_t stream);
-
- private:
-  template <bool kShallow>
-  static int ctas_per_sm_of();
+  static void launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream);
+  // The persistent kernel (decode_mma_persistent_kernel): CTAs per SM; a launch of `ctas` CTAs
+  // over a.num_items items of decode_persistent_kv_heads() KV heads each.
+  static int persistent_ctas_per_sm();
+  static void launch_persistent(const DecodeArgs& a, int ctas, cudaStream_t stream);
 };
 
 #define FP8KV_DECODE_MMA_EXTERN(SCHEME)            \

@@ -87,7 +87,7 @@ constexpr int kTileTokens = kWarps * kWarpKeys;  // 64: one kDecodeSplitAlign
 static_assert(kTileTokens == 64, "splits are aligned to whole tiles (decode_split.h)");
 static_assert(2 * kTileTokens == kIssuers, "one thread issues the copy of one K or V row");
 
-template <KvScheme kScheme, int D, bool kShallow>
+template <KvScheme kScheme, int D>
 struct Shape {
   static constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
   static constexpr int kRowBytes = kBf16 ? 2 * D : D;     // one K or V row of a KV head
@@ -98,14 +98,10 @@ struct Shape {
   static constexpr int kPitch = kCopyBytes + 16;          // shared memory row, bytes
   static constexpr int kStageBytes = 2 * kTileTokens * kPitch;  // K rows then V rows
   // kStages - 1 tiles in flight while one is computed; CTAs per SM as shared memory allows
-  // (copies of 128 / 256 / 512 bytes: 3 / 2 / 1). kShallow (DecodeShape::kShallowRing): grids of
-  // several waves trade a stage for a third CTA per SM at 256-byte copies, so that a CTA's ramp
-  // and epilogue leave two others streaming on its SM instead of one.
-  // (Where 3 CTAs of more than 256 threads would cap the registers below the kernel's need, as at
-  // fp8 D 64 with 4 heads per CTA, there is no shallow ring: launch() runs the deep one.)
-  static constexpr bool kThird = kShallow && kCopyBytes == 256 && kThreads <= 256;
-  static constexpr int kStages = kCopyBytes <= 128 ? 4 : kThird ? 2 : 3;
-  static constexpr int kMinBlocks = kCopyBytes <= 128 || kThird ? 3 : kCopyBytes <= 256 ? 2 : 1;
+  // (copies of 128 / 256 / 512 bytes: 3 / 2 / 1). Grids of several waves run the persistent
+  // kernel instead (PersistentShape below), which keeps the ring streaming across items.
+  static constexpr int kStages = kCopyBytes <= 128 ? 4 : 3;
+  static constexpr int kMinBlocks = kCopyBytes <= 128 ? 3 : kCopyBytes <= 256 ? 2 : 1;
   // The warps' merge: o, m and l of each warp and query head, then a factor per warp and head
   // and the head's log-sum-exp.
   static constexpr int kMergeBytes = kKv * (kWarps * kRows * (D + 3) + kRows) * 4;
@@ -170,8 +166,8 @@ struct GroupRows {
 // Merges float4 columns item = threadIdx.x + j * threads (j < kN) of the group's rows x D / 4
 // (items past `total` are not this thread's): sum_s w_s o_s / sum_s w_s in split order, to bf16.
 // The split loop is unrolled to keep 8 float4 loads of each thread in flight (the partials sit in
-// L2: latency, not bandwidth, is the cost); 4 at three CTAs per SM, whose 80 registers per thread
-// do not hold 8 without spilling.
+// L2: latency, not bandwidth, is the cost); 4 where three CTAs share an SM (80 registers per
+// thread do not hold 8 without spilling).
 template <class Sh, int D, int kN>
 __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRows& g,
                                               const float* s_w, const float* s_mx, int total) {
@@ -229,7 +225,7 @@ __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRo
 // passed a barrier after the CTA's own merge); then the threads take the group's rows x float4
 // columns (merge_columns) and stream the splits' partials from L2 (ld.global.cg: other CTAs wrote
 // them). The group's coordinates are derived again from the CTA's indices rather than kept live
-// through the main loop (register pressure: 80 per thread at three CTAs per SM).
+// through the main loop (register pressure).
 template <class Sh, int D>
 __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t* smem) {
   constexpr int kMaxRows = Sh::kKv * kRows;                  // rows (query heads) of a group
@@ -275,18 +271,291 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
   merge_columns<Sh, D, kItems>(a, g, s_w, s_mx, total);
 }
 
-}  // namespace decode_mma
-
-template <KvScheme kScheme, int kHeadDim, bool kShallow>
-__global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>::kThreads,
-                                  decode_mma::Shape<kScheme, kHeadDim, kShallow>::kMinBlocks)
-    decode_mma_kernel(const DecodeArgs a) {
-  using namespace decode_mma;
-  using Sh = Shape<kScheme, kHeadDim, kShallow>;
-  constexpr bool kBf16 = Sh::kBf16;
-  constexpr KvCodec kCodec = kv_codec(kScheme);
+// Q^T -> B fragments of the QK k-steps (query head r of the CTA as column r). FP8 caches:
+// step k is the 16-byte block k of the K row in the permuted dim order described above, so
+// qa[k][0] = dims 16k+4t, +1 and qa[k][1] = dims 16k+4t+2, +3, in fp16. bf16 cache: the plain
+// m16n8k16 order, qa[k][0] = dims 16k+2t, +1 and qa[k][1] = dims 16k+2t+8, +9, in bf16.
+// Heads past the group's end (r >= num_heads) are zero and never written. Also the score
+// multiplier (raw score -> log2-domain logit) and the V scale of KV head g of request b.
+template <KvScheme kScheme, int kHeadDim>
+__device__ __forceinline__ void load_q(const DecodeArgs& a, int64_t q_token, int b, int g, int head0,
+                                       int num_heads, int r, int t, uint32_t (&qa)[kHeadDim / 16][2],
+                                       float& mult, float& v_scale) {
+  constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
   constexpr KvScaleSource kScales = kv_scale_source(kScheme);
   constexpr bool kQFp8 = fp8_q(kScheme);
+  constexpr int kSteps = kHeadDim / 16;
+  mult = a.sm_scale_log2;  // raw score -> log2-domain logit
+  {
+    const int64_t row = (q_token * a.num_q_heads + head0 + r) * kHeadDim;
+    const bool valid = r < num_heads;
+    if constexpr (kBf16) {
+      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 2 * t;
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        qa[k][0] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
+        qa[k][1] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k + 8) : 0u;
+      }
+    } else if constexpr (kQFp8) {
+      const uint8_t* q = static_cast<const uint8_t*>(a.q) + row + 4 * t;
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        const uint32_t w = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
+        e4m3x4_to_f16x2x2(w, qa[k][0], qa[k][1]);
+      }
+      mult *= a.q_scale[static_cast<int64_t>(b) * a.num_kv_heads + g];
+    } else {
+      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 4 * t;
+      uint2 raw[kSteps];
+      float amax = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        raw[k] = valid ? *reinterpret_cast<const uint2*>(q + 16 * k) : make_uint2(0u, 0u);
+        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
+        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(y.x), fabsf(y.y))));
+      }
+      amax = warp_max(amax);
+      // 2^e with max |q| * 2^e in [2^14, 2^15): fp16 holds every bf16 value of Q exactly down
+      // to 2^-32 of the maximum. Zero or non-finite Q: no scaling (NaN/inf propagate).
+      int e = 0;
+      if (amax > 0.0f && amax <= 3.0e38f) {
+        frexpf(amax, &e);  // amax in [2^(e-1), 2^e)
+        e = min(max(15 - e, -120), 120);
+      }
+      const float up = ldexpf(1.0f, e);
+      mult *= ldexpf(1.0f, -e);
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {
+        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
+        qa[k][0] = pack_f16x2(x.x * up, x.y * up);
+        qa[k][1] = pack_f16x2(y.x * up, y.y * up);
+      }
+    }
+  }
+  v_scale = 1.0f;
+  if constexpr (kScales != KvScaleSource::kNone) {
+    const int scale_index = kScales == KvScaleSource::kPerHead ? g : 0;
+    mult *= a.k_scale[scale_index];
+    v_scale = a.v_scale[scale_index];
+  }
+
+}
+
+// One tile of the warp's 16 keys (key0 ..; keys from t_end on are masked) at k_addr / v_addr
+// (its ldmatrix rows in the stage): S^T, the online softmax (m, l) and O^T += V^T P^T.
+template <KvScheme kScheme, int kHeadDim>
+__device__ __forceinline__ void tile_step(uint32_t k_addr, uint32_t v_addr,
+                                          const uint32_t (&qa)[kHeadDim / 16][2], float mult,
+                                          int key0, int t_end, int r, float (&m)[2], float (&l)[2],
+                                          float (&o)[kHeadDim / 16][4]) {
+  constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
+  constexpr KvCodec kCodec = kv_codec(kScheme);
+  constexpr int kSteps = kHeadDim / 16;
+  // S^T = K Q^T over the warp's 16 keys (M = keys, N = query heads, K = dims), two
+  // accumulators (even and odd steps) to halve the dependent MMA chain.
+  // st[.][0] = S[key r][head 2t], [1] = S[r][2t+1], [2] = S[r+8][2t], [3] = S[r+8][2t+1].
+  float st[2][4] = {};
+#pragma unroll
+  for (int k = 0; k < kSteps; k += 2) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t kr[4];
+      if constexpr (kBf16) {
+        ldmatrix_x4(kr, k_addr + 32 * (k + h));
+        mma_bf16(st[h], kr, qa[k + h][0], qa[k + h][1]);
+      } else if (h == 0) {
+        ldmatrix_x4(kr, k_addr + 16 * k);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          uint32_t ka[4];
+          fp8x4_to_f16x2x2<kCodec>(kr[2 * hh], ka[0], ka[2]);      // key r
+          fp8x4_to_f16x2x2<kCodec>(kr[2 * hh + 1], ka[1], ka[3]);  // key r + 8
+          mma_f16(st[hh], ka, qa[k + hh][0], qa[k + hh][1]);
+        }
+      }
+    }
+  }
+  // Scores in the log2 domain; keys past the end masked.
+  const bool valid_lo = key0 + r < t_end, valid_hi = key0 + r + 8 < t_end;
+  float x[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float v = (st[0][e] + st[1][e]) * mult;
+    x[e] = (e < 2 ? valid_lo : valid_hi) ? v : -INFINITY;
+  }
+  float m_new[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    float mx = fmaxf(x[c], x[c + 2]);
+    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 4));
+    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 8));
+    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 16));
+    m_new[c] = fmaxf(m[c], mx);
+  }
+  // The running max rarely moves after the first tiles: rescale only when it does somewhere.
+  if (__any_sync(kFullMask, m_new[0] > m[0] || m_new[1] > m[1])) {
+    float alpha[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      alpha[c] = m_new[c] > m[c] ? exp2f(m[c] - m_new[c]) : 1.0f;  // m = -inf: alpha = 0
+      l[c] *= alpha[c];
+      m[c] = m_new[c];
+    }
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) {
+      o[k][0] *= alpha[0];
+      o[k][1] *= alpha[1];
+      o[k][2] *= alpha[0];
+      o[k][3] *= alpha[1];
+    }
+  }
+  // All scores so far masked: P = 0 rather than exp2(-inf - -inf).
+  float p[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) p[e] = m[e % 2] == -INFINITY ? 0.0f : exp2f(x[e] - m[e % 2]);
+  l[0] += p[0] + p[2];
+  l[1] += p[1] + p[3];
+  // P^T (keys x heads) -> P's B fragment (keys 2t, 2t+1 and 2t+8, 2t+9 of head r): an 8x8
+  // transpose of each half in registers. fp16 for the FP8 caches (e4m3 V is exact in fp16),
+  // bf16 for the bf16 cache (the MMA's two operands share a type).
+  uint32_t pb0, pb1;
+  if constexpr (kBf16) {
+    pb0 = movmatrix_trans(pack_bf16x2(p[0], p[1]));
+    pb1 = movmatrix_trans(pack_bf16x2(p[2], p[3]));
+  } else {
+    pb0 = movmatrix_trans(pack_f16x2(p[0], p[1]));
+    pb1 = movmatrix_trans(pack_f16x2(p[2], p[3]));
+  }
+
+  // O^T += V^T P^T (M = dims, N = heads, K = keys).
+#pragma unroll
+  for (int k = 0; k < kSteps; k += 2) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t vr[4];
+      if constexpr (kBf16) {
+        // ldmatrix.trans of 8x8 blocks (keys x dims) gives dim r, keys 2t, 2t+1: [0] keys 0..7
+        // dims 0..7, [1] keys 8..15 dims 0..7, [2] keys 0..7 dims 8..15, [3] keys 8..15 dims 8..15.
+        ldmatrix_x4_trans(vr, v_addr + 32 * (k + h));
+        const uint32_t va[4] = {vr[0], vr[2], vr[1], vr[3]};
+        mma_bf16(o[k + h], va, pb0, pb1);
+      } else if (h == 0) {
+        // One 16-byte block of V per MMA: rows r and r+8 of the A tile are dims 2r and 2r+1.
+        ldmatrix_x4_trans(vr, v_addr + 16 * k);
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          // vr[2hh] holds V[2t][2r], V[2t][2r+1], V[2t+1][2r], V[2t+1][2r+1] (keys 0..7); the
+          // byte permute pairs the keys of one dim: [V[2t][2r], V[2t+1][2r] | V[2t][2r+1], ...].
+          uint32_t va[4];
+          const uint32_t v0 = __byte_perm(vr[2 * hh], 0u, 0x3120);
+          const uint32_t v1 = __byte_perm(vr[2 * hh + 1], 0u, 0x3120);
+          fp8x4_to_f16x2x2<kCodec>(v0, va[0], va[1]);
+          fp8x4_to_f16x2x2<kCodec>(v1, va[2], va[3]);
+          mma_f16(o[k + hh], va, pb0, pb1);
+        }
+      }
+    }
+  }
+}
+
+// The end of a CTA's work on one (request, split, KV head): merges the KV head's 4 warps in
+// `merge_area` (kMergeBytes / kKv of shared memory, free once `sync` has passed: every warp of the
+// CTA is done with the tiles there) and writes bf16 (one split) or a normalized partial and its
+// log-sum-exp. `sync` is the barrier of the CTA's computing threads.
+template <class Sh, int kHeadDim, class Sync>
+__device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8_t* merge_area,
+                                                      Sync sync, int warp, int r, int t,
+                                                      int num_heads, int head0, int64_t q_token,
+                                                      int b, int split, const float (&m)[2],
+                                                      float (&l)[2], const float (&o)[kHeadDim / 16][4],
+                                                      float v_scale) {
+  constexpr bool kBf16 = Sh::kBf16;
+  constexpr int kSteps = kHeadDim / 16;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    l[c] += __shfl_xor_sync(kFullMask, l[c], 4);
+    l[c] += __shfl_xor_sync(kFullMask, l[c], 8);
+    l[c] += __shfl_xor_sync(kFullMask, l[c], 16);
+  }
+
+  // Merge the 4 warps in shared memory.
+  sync();
+  float* s_o = reinterpret_cast<float*>(merge_area);  // [warps, kRows, D]
+  float* s_m = s_o + kWarps * kRows * kHeadDim;         // [warps, kRows]
+  float* s_l = s_m + kWarps * kRows;                    // [warps, kRows]
+  float* o_even = s_o + (warp * kRows + 2 * t) * kHeadDim;  // head 2t
+  float* o_odd = o_even + kHeadDim;                         // head 2t + 1
+  const int d_lo = kBf16 ? r : 2 * r, d_hi = kBf16 ? r + 8 : 2 * r + 1;
+#pragma unroll
+  for (int k = 0; k < kSteps; ++k) {
+    o_even[16 * k + d_lo] = o[k][0];
+    o_odd[16 * k + d_lo] = o[k][1];
+    o_even[16 * k + d_hi] = o[k][2];
+    o_odd[16 * k + d_hi] = o[k][3];
+  }
+  if (r == 0) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      s_m[warp * kRows + 2 * t + c] = m[c];
+      s_l[warp * kRows + 2 * t + c] = l[c];
+    }
+  }
+  sync();
+  // Once per query head (not per output column): the warps' factors 2^(m_w - max) * v_scale / l
+  // with l = sum_w 2^(m_w - max) l_w (0 where no key counted), and the log-sum-exp of a split.
+  float* s_f = s_l + kWarps * kRows;    // [kRows, warps]
+  float* s_lse = s_f + kRows * kWarps;  // [kRows]
+  if (const int h = threadIdx.x % kIssuers; h < num_heads) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * kRows + h]);
+    float sum_l = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = mx != -INFINITY ? exp2f(s_m[w * kRows + h] - mx) : 0.0f;
+      s_f[h * kWarps + w] = f;
+      sum_l += f * s_l[w * kRows + h];
+    }
+    const float scale = sum_l > 0.0f ? v_scale / sum_l : 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s_f[h * kWarps + w] *= scale;
+    s_lse[h] = sum_l > 0.0f ? mx + __log2f(sum_l) : -INFINITY;
+  }
+  sync();
+  // Two adjacent columns per thread and step: float2 reads, one bf16x2 (or float2) store.
+#pragma unroll 1
+  for (int i = threadIdx.x % kIssuers; i < num_heads * (kHeadDim / 2); i += kIssuers) {
+    const int h = i / (kHeadDim / 2), d = 2 * (i % (kHeadDim / 2));
+    float2 out = make_float2(0.0f, 0.0f);
+    if (s_lse[h] != -INFINITY) {  // no key counted: 0, whatever the warps' o hold
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float fw = s_f[h * kWarps + w];
+        const float2 x = *reinterpret_cast<const float2*>(s_o + (w * kRows + h) * kHeadDim + d);
+        out.x += fw * x.x;
+        out.y += fw * x.y;
+      }
+    }
+    const int head = head0 + h;
+    if (a.num_splits == 1) {
+      *reinterpret_cast<uint32_t*>(a.o + (q_token * a.num_q_heads + head) * kHeadDim + d) =
+          pack_bf16x2(out.x, out.y);
+    } else {
+      const int64_t row = (static_cast<int64_t>(b) * a.num_q_heads + head) * a.num_splits + split;
+      *reinterpret_cast<float2*>(a.ws_o + row * kHeadDim + d) = out;
+      if (d == 0) a.ws_lse[row] = s_lse[h];
+    }
+  }
+}
+
+}  // namespace decode_mma
+
+template <KvScheme kScheme, int kHeadDim>
+__global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads,
+                                  decode_mma::Shape<kScheme, kHeadDim>::kMinBlocks)
+    decode_mma_kernel(const DecodeArgs a) {
+  using namespace decode_mma;
+  using Sh = Shape<kScheme, kHeadDim>;
   constexpr int kSteps = Sh::kSteps;
   extern __shared__ __align__(16) uint8_t smem[];
 
@@ -387,66 +656,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
   load_slot(Sh::kStages - 1);
   // Q and the scales after the first copies are issued: their loads' latency overlaps the
   // copies' instead of delaying them (the prologue is paid once per CTA).
-  // Q^T -> B fragments of the QK k-steps (query head r of the CTA as column r). FP8 caches:
-  // step k is the 16-byte block k of the K row in the permuted dim order described above, so
-  // qa[k][0] = dims 16k+4t, +1 and qa[k][1] = dims 16k+4t+2, +3, in fp16. bf16 cache: the plain
-  // m16n8k16 order, qa[k][0] = dims 16k+2t, +1 and qa[k][1] = dims 16k+2t+8, +9, in bf16.
-  // Heads past the group's end are zero and never written.
   uint32_t qa[kSteps][2];
-  float mult = a.sm_scale_log2;  // raw score -> log2-domain logit
-  {
-    const int64_t row = (q_token * a.num_q_heads + head0 + r) * kHeadDim;
-    const bool valid = r < num_heads;
-    if constexpr (kBf16) {
-      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 2 * t;
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        qa[k][0] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
-        qa[k][1] = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k + 8) : 0u;
-      }
-    } else if constexpr (kQFp8) {
-      const uint8_t* q = static_cast<const uint8_t*>(a.q) + row + 4 * t;
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        const uint32_t w = valid ? *reinterpret_cast<const uint32_t*>(q + 16 * k) : 0u;
-        decode_mma::e4m3x4_to_f16x2x2(w, qa[k][0], qa[k][1]);
-      }
-      mult *= a.q_scale[static_cast<int64_t>(b) * a.num_kv_heads + g];
-    } else {
-      const uint16_t* q = static_cast<const uint16_t*>(a.q) + row + 4 * t;
-      uint2 raw[kSteps];
-      float amax = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        raw[k] = valid ? *reinterpret_cast<const uint2*>(q + 16 * k) : make_uint2(0u, 0u);
-        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
-        amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(y.x), fabsf(y.y))));
-      }
-      amax = warp_max(amax);
-      // 2^e with max |q| * 2^e in [2^14, 2^15): fp16 holds every bf16 value of Q exactly down
-      // to 2^-32 of the maximum. Zero or non-finite Q: no scaling (NaN/inf propagate).
-      int e = 0;
-      if (amax > 0.0f && amax <= 3.0e38f) {
-        frexpf(amax, &e);  // amax in [2^(e-1), 2^e)
-        e = min(max(15 - e, -120), 120);
-      }
-      const float up = ldexpf(1.0f, e);
-      mult *= ldexpf(1.0f, -e);
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        const float2 x = bf16x2_to_float2(raw[k].x), y = bf16x2_to_float2(raw[k].y);
-        qa[k][0] = pack_f16x2(x.x * up, x.y * up);
-        qa[k][1] = pack_f16x2(y.x * up, y.y * up);
-      }
-    }
-  }
-  float v_scale = 1.0f;
-  if constexpr (kScales != KvScaleSource::kNone) {
-    const int scale_index = kScales == KvScaleSource::kPerHead ? g : 0;
-    mult *= a.k_scale[scale_index];
-    v_scale = a.v_scale[scale_index];
-  }
-
+  float mult, v_scale;
+  load_q<kScheme, kHeadDim>(a, q_token, b, g, head0, num_heads, r, t, qa, mult, v_scale);
   for (int i = 0; i < num_tiles; ++i) {
     mbarrier_wait(bar_base + 8 * (i % Sh::kStages), (i / Sh::kStages) & 1);
 #ifdef FP8KV_DECODE_TIMELINE
@@ -461,193 +673,16 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
     const uint32_t k_addr = smem_base + (i % Sh::kStages) * Sh::kStageBytes + ld_off;
     const uint32_t v_addr = k_addr + kTileTokens * Sh::kPitch;
 
-    // S^T = K Q^T over the warp's 16 keys (M = keys, N = query heads, K = dims), two
-    // accumulators (even and odd steps) to halve the dependent MMA chain.
-    // st[.][0] = S[key r][head 2t], [1] = S[r][2t+1], [2] = S[r+8][2t], [3] = S[r+8][2t+1].
-    float st[2][4] = {};
-#pragma unroll
-    for (int k = 0; k < kSteps; k += 2) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t kr[4];
-        if constexpr (kBf16) {
-          ldmatrix_x4(kr, k_addr + 32 * (k + h));
-          mma_bf16(st[h], kr, qa[k + h][0], qa[k + h][1]);
-        } else if (h == 0) {
-          ldmatrix_x4(kr, k_addr + 16 * k);
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            uint32_t ka[4];
-            decode_mma::fp8x4_to_f16x2x2<kCodec>(kr[2 * hh], ka[0], ka[2]);      // key r
-            decode_mma::fp8x4_to_f16x2x2<kCodec>(kr[2 * hh + 1], ka[1], ka[3]);  // key r + 8
-            decode_mma::mma_f16(st[hh], ka, qa[k + hh][0], qa[k + hh][1]);
-          }
-        }
-      }
-    }
-    // Scores in the log2 domain; keys past the end masked.
-    const int key0 = t_begin + i * kTileTokens + warp * kWarpKeys;
-    const bool valid_lo = key0 + r < t_end, valid_hi = key0 + r + 8 < t_end;
-    float x[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float v = (st[0][e] + st[1][e]) * mult;
-      x[e] = (e < 2 ? valid_lo : valid_hi) ? v : -INFINITY;
-    }
-    float m_new[2];
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      float mx = fmaxf(x[c], x[c + 2]);
-      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 4));
-      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 8));
-      mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 16));
-      m_new[c] = fmaxf(m[c], mx);
-    }
-    // The running max rarely moves after the first tiles: rescale only when it does somewhere.
-    if (__any_sync(kFullMask, m_new[0] > m[0] || m_new[1] > m[1])) {
-      float alpha[2];
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        alpha[c] = m_new[c] > m[c] ? exp2f(m[c] - m_new[c]) : 1.0f;  // m = -inf: alpha = 0
-        l[c] *= alpha[c];
-        m[c] = m_new[c];
-      }
-#pragma unroll
-      for (int k = 0; k < kSteps; ++k) {
-        o[k][0] *= alpha[0];
-        o[k][1] *= alpha[1];
-        o[k][2] *= alpha[0];
-        o[k][3] *= alpha[1];
-      }
-    }
-    // All scores so far masked: P = 0 rather than exp2(-inf - -inf).
-    float p[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) p[e] = m[e % 2] == -INFINITY ? 0.0f : exp2f(x[e] - m[e % 2]);
-    l[0] += p[0] + p[2];
-    l[1] += p[1] + p[3];
-    // P^T (keys x heads) -> P's B fragment (keys 2t, 2t+1 and 2t+8, 2t+9 of head r): an 8x8
-    // transpose of each half in registers. fp16 for the FP8 caches (e4m3 V is exact in fp16),
-    // bf16 for the bf16 cache (the MMA's two operands share a type).
-    uint32_t pb0, pb1;
-    if constexpr (kBf16) {
-      pb0 = decode_mma::movmatrix_trans(pack_bf16x2(p[0], p[1]));
-      pb1 = decode_mma::movmatrix_trans(pack_bf16x2(p[2], p[3]));
-    } else {
-      pb0 = decode_mma::movmatrix_trans(pack_f16x2(p[0], p[1]));
-      pb1 = decode_mma::movmatrix_trans(pack_f16x2(p[2], p[3]));
-    }
-
-    // O^T += V^T P^T (M = dims, N = heads, K = keys).
-#pragma unroll
-    for (int k = 0; k < kSteps; k += 2) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t vr[4];
-        if constexpr (kBf16) {
-          // ldmatrix.trans of 8x8 blocks (keys x dims) gives dim r, keys 2t, 2t+1: [0] keys 0..7
-          // dims 0..7, [1] keys 8..15 dims 0..7, [2] keys 0..7 dims 8..15, [3] keys 8..15 dims 8..15.
-          ldmatrix_x4_trans(vr, v_addr + 32 * (k + h));
-          const uint32_t va[4] = {vr[0], vr[2], vr[1], vr[3]};
-          mma_bf16(o[k + h], va, pb0, pb1);
-        } else if (h == 0) {
-          // One 16-byte block of V per MMA: rows r and r+8 of the A tile are dims 2r and 2r+1.
-          ldmatrix_x4_trans(vr, v_addr + 16 * k);
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            // vr[2hh] holds V[2t][2r], V[2t][2r+1], V[2t+1][2r], V[2t+1][2r+1] (keys 0..7); the
-            // byte permute pairs the keys of one dim: [V[2t][2r], V[2t+1][2r] | V[2t][2r+1], ...].
-            uint32_t va[4];
-            const uint32_t v0 = __byte_perm(vr[2 * hh], 0u, 0x3120);
-            const uint32_t v1 = __byte_perm(vr[2 * hh + 1], 0u, 0x3120);
-            decode_mma::fp8x4_to_f16x2x2<kCodec>(v0, va[0], va[1]);
-            decode_mma::fp8x4_to_f16x2x2<kCodec>(v1, va[2], va[3]);
-            decode_mma::mma_f16(o[k + hh], va, pb0, pb1);
-          }
-        }
-      }
-    }
+    tile_step<kScheme, kHeadDim>(k_addr, v_addr, qa, mult,
+                                 t_begin + i * kTileTokens + warp * kWarpKeys, t_end, r, m, l, o);
   }
 
 #ifdef FP8KV_DECODE_TIMELINE
   tl_streamed = global_timer_ns();
 #endif
-#pragma unroll
-  for (int c = 0; c < 2; ++c) {
-    l[c] += __shfl_xor_sync(kFullMask, l[c], 4);
-    l[c] += __shfl_xor_sync(kFullMask, l[c], 8);
-    l[c] += __shfl_xor_sync(kFullMask, l[c], 16);
-  }
-
-  // Merge the 4 warps in shared memory (the pipeline buffers are free after the barrier: every
-  // issued copy was waited for).
-  __syncthreads();
-  float* s_o = reinterpret_cast<float*>(smem + sub * (Sh::kMergeBytes / Sh::kKv));  // [warps, kRows, D]
-  float* s_m = s_o + kWarps * kRows * kHeadDim;         // [warps, kRows]
-  float* s_l = s_m + kWarps * kRows;                    // [warps, kRows]
-  float* o_even = s_o + (warp * kRows + 2 * t) * kHeadDim;  // head 2t
-  float* o_odd = o_even + kHeadDim;                         // head 2t + 1
-  const int d_lo = kBf16 ? r : 2 * r, d_hi = kBf16 ? r + 8 : 2 * r + 1;
-#pragma unroll
-  for (int k = 0; k < kSteps; ++k) {
-    o_even[16 * k + d_lo] = o[k][0];
-    o_odd[16 * k + d_lo] = o[k][1];
-    o_even[16 * k + d_hi] = o[k][2];
-    o_odd[16 * k + d_hi] = o[k][3];
-  }
-  if (r == 0) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      s_m[warp * kRows + 2 * t + c] = m[c];
-      s_l[warp * kRows + 2 * t + c] = l[c];
-    }
-  }
-  __syncthreads();
-  // Once per query head (not per output column): the warps' factors 2^(m_w - max) * v_scale / l
-  // with l = sum_w 2^(m_w - max) l_w (0 where no key counted), and the log-sum-exp of a split.
-  float* s_f = s_l + kWarps * kRows;    // [kRows, warps]
-  float* s_lse = s_f + kRows * kWarps;  // [kRows]
-  if (const int h = threadIdx.x % kIssuers; h < num_heads) {
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_m[w * kRows + h]);
-    float sum_l = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = mx != -INFINITY ? exp2f(s_m[w * kRows + h] - mx) : 0.0f;
-      s_f[h * kWarps + w] = f;
-      sum_l += f * s_l[w * kRows + h];
-    }
-    const float scale = sum_l > 0.0f ? v_scale / sum_l : 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) s_f[h * kWarps + w] *= scale;
-    s_lse[h] = sum_l > 0.0f ? mx + __log2f(sum_l) : -INFINITY;
-  }
-  __syncthreads();
-  // Two adjacent columns per thread and step: float2 reads, one bf16x2 (or float2) store.
-#pragma unroll 1
-  for (int i = threadIdx.x % kIssuers; i < num_heads * (kHeadDim / 2); i += kIssuers) {
-    const int h = i / (kHeadDim / 2), d = 2 * (i % (kHeadDim / 2));
-    float2 out = make_float2(0.0f, 0.0f);
-    if (s_lse[h] != -INFINITY) {  // no key counted: 0, whatever the warps' o hold
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        const float fw = s_f[h * kWarps + w];
-        const float2 x = *reinterpret_cast<const float2*>(s_o + (w * kRows + h) * kHeadDim + d);
-        out.x += fw * x.x;
-        out.y += fw * x.y;
-      }
-    }
-    const int head = head0 + h;
-    if (a.num_splits == 1) {
-      *reinterpret_cast<uint32_t*>(a.o + (q_token * a.num_q_heads + head) * kHeadDim + d) =
-          pack_bf16x2(out.x, out.y);
-    } else {
-      const int64_t row = (static_cast<int64_t>(b) * a.num_q_heads + head) * a.num_splits + split;
-      *reinterpret_cast<float2*>(a.ws_o + row * kHeadDim + d) = out;
-      if (d == 0) a.ws_lse[row] = s_lse[h];
-    }
-  }
+  merge_warps_and_store<Sh, kHeadDim>(
+      a, smem + sub * (Sh::kMergeBytes / Sh::kKv), [] { __syncthreads(); }, warp, r, t, num_heads,
+      head0, q_token, b, split, m, l, o, v_scale);
   if (a.num_splits > 1) {
     // Arrive at the group's counter once every thread's partials are visible device-wide (fence,
     // barrier, one atomic: the programming guide's last-block pattern); the CTA that completes the
@@ -684,12 +719,207 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim, kShallow>
 #endif
 }
 
+namespace decode_mma {
+// The persistent kernel's shape: a CTA per SM of kKv adjacent KV heads (4 warps each, as
+// Shape) whose K or V rows make one copy of about 512 bytes (twice the one-item kernel's: the
+// copies are issued by 4 producer warps, and a warp issues the 32 copies of its lanes one after
+// the other), kStages stages of 64 tokens in about 200 KB. Members as Shape's.
+template <KvScheme kScheme, int D>
+struct PersistentShape {
+  static constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
+  static constexpr int kRowBytes = kBf16 ? 2 * D : D;
+  static constexpr int kKv = decode_persistent_kv_heads(kScheme, D);
+  static constexpr int kThreads = kKv * kWarps * 32;      // the consumers
+  static constexpr int kProducers = 128;                  // one K or V row of a tile each
+  static constexpr int kAllThreads = kThreads + kProducers;
+  static constexpr int kCopyBytes = kKv * kRowBytes;
+  static constexpr int kSteps = D / 16;
+  static constexpr int kPitch = kCopyBytes + 16;
+  static constexpr int kStageBytes = 2 * kTileTokens * kPitch;
+  static constexpr int kStages = 209000 / kStageBytes;
+  static constexpr int kMergeBytes = kKv * (kWarps * kRows * (D + 3) + kRows) * 4;
+  static constexpr int kHeaderOffset = kStages * kStageBytes;          // int per stage (8 bytes)
+  static constexpr int kFullOffset = kHeaderOffset + 8 * kStages;     // mbarrier per stage
+  static constexpr int kEmptyOffset = kFullOffset + 8 * kStages;      // mbarrier per stage
+  static constexpr int kItemOffset = kEmptyOffset + 8 * kStages;      // the producers' next item
+  static constexpr int kSmemBytes = kItemOffset + 8;
+  static_assert(kStages >= 3 && kSmemBytes <= 227 * 1024, "the ring fits one CTA per SM");
+  static_assert(kMergeBytes <= kStageBytes, "the warps' merge fits the last tile's stage");
+  static_assert(2 * kTileTokens == kProducers, "one producer thread per K or V row of a tile");
+};
+}  // namespace decode_mma
+
+// The persistent decode kernel, for unsplit grids of several waves (decode_persistent, decode.cu):
+// one CTA per SM takes items (request b, head group y: kKv KV heads and up to 8 query heads of
+// each) from a counter in the workspace until none is left. Four producer warps, the CTA's last
+// 128 threads, fetch the items, read their slots and issue every tile's bulk copies into the ring
+// (thread p: row p % 64 of K for p < 64, of V otherwise; stage s's `full` mbarrier: their 128
+// arrivals and the copies' bytes; its header: the item, or -1 at the end), running ahead across
+// items while the consumer warps (the first kThreads threads, laid out as in decode_mma_kernel)
+// compute, merge an item's warps in its last tile's stage and write the output; each consumer
+// warp releases a stage on its `empty` mbarrier. The ring keeps streaming through an item's
+// epilogue and the next item's prologue, which one-item CTAs pay at every CTA's edges (docs/
+// GPU.md, twenty-third session). An item's bits do not depend on its CTA or its kernel: the same
+// tiles, warps and merge as decode_mma_kernel. The last CTA to finish puts the counters back to
+// zero for the next launch.
 template <KvScheme kScheme, int kHeadDim>
-template <bool kShallow>
-int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm_of() {
-  using Sh = decode_mma::Shape<kScheme, kHeadDim, kShallow>;
+__global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>::kAllThreads, 1)
+    decode_mma_persistent_kernel(const DecodeArgs a) {
+  using namespace decode_mma;
+  using Sh = PersistentShape<kScheme, kHeadDim>;
+  constexpr int kSteps = Sh::kSteps;
+  constexpr int kStages = Sh::kStages;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const uint32_t smem_base = smem_addr(smem);
+  int* header = reinterpret_cast<int*>(smem + Sh::kHeaderOffset);
+  const uint32_t full_bar = smem_base + Sh::kFullOffset, empty_bar = smem_base + Sh::kEmptyOffset;
+  if (threadIdx.x < kStages) {
+    mbarrier_init(full_bar + 8 * threadIdx.x, Sh::kProducers);
+    mbarrier_init(empty_bar + 8 * threadIdx.x, Sh::kThreads / 32);  // lane 0 of each consumer warp
+  }
+  fence_barrier_init();
+  __syncthreads();
+  const int items_y = ceil_div(a.num_kv_heads, Sh::kKv) * a.head_chunks;  // head groups a request
+  const int lane = threadIdx.x % 32;
+
+  if (threadIdx.x >= Sh::kThreads) {  // the producers
+    const int p = threadIdx.x - Sh::kThreads;
+    const int cp_row = p % kTileTokens, cp_v = p / kTileTokens;
+    int* next_item = reinterpret_cast<int*>(smem + Sh::kItemOffset);
+    const uint64_t l2_policy = l2_evict_first_policy();
+    const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
+    int item = 0, g0 = 0, t_end = 0, num_tiles = 0;
+    const int32_t* slot_row = nullptr;
+    // The next item (thread 0 of the producers takes it from the counter; named barrier 2 hands it
+    // to the others): its request's slot row and tiles (none for an empty or refused request: one
+    // header-only stage then). request_row records a refusal from thread 0 only: a consumer's.
+    auto fetch = [&] {
+      if (p == 0) *next_item = static_cast<int>(atomicAdd(a.split_counters, 1u));
+      named_barrier_sync(2, Sh::kProducers);
+      item = *next_item;
+      named_barrier_sync(2, Sh::kProducers);  // read by all before the next write
+      num_tiles = 0;
+      if (item >= a.num_items) return;
+      const int b = item / items_y;
+      g0 = item % items_y / a.head_chunks * Sh::kKv;
+      slot_row = request_row<DeviceErrorKind::kDecodeRequest>(a, b);
+      t_end = min(a.seq_len[b], a.split_tokens);
+      if (slot_row != nullptr && t_end > 0) num_tiles = ceil_div(t_end, kTileTokens);
+    };
+    // The slot of this thread's row of tile i (-1: past the end), read a stage ahead.
+    int slot = -1;
+    auto load_slot = [&](int i) {
+      const int tok = i * kTileTokens + cp_row;
+      slot = i < num_tiles && tok < t_end ? slot_row[tok] : -1;
+    };
+    fetch();
+    load_slot(0);
+    for (uint32_t J = 0, i = 0;; ++J) {  // J: stage uses; i: the item's tile
+      const int s = J % kStages;
+      if (J >= kStages) mbarrier_wait(empty_bar + 8 * s, (J / kStages - 1) & 1);
+      const bool end = item >= a.num_items;
+      if (p == 0) header[s] = end ? -1 : item;
+      const uint32_t bar = full_bar + 8 * s;
+      const uint32_t dst = smem_base + s * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kPitch;
+      if (slot >= 0) {
+        const uint32_t cp_bytes = min(Sh::kKv, a.num_kv_heads - g0) * Sh::kRowBytes;
+        mbarrier_arrive_expect_tx(bar, cp_bytes);
+        bulk_copy_g2s(dst, a.kv + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes +
+                               slot * slot_bytes,
+                      cp_bytes, bar, l2_policy);
+      } else {
+        if (static_cast<int>(i) < num_tiles) {
+          // Rows past the end are zero: their scores are masked and their V rows must be finite
+          // zeros, never stale data (0 * NaN would poison the output).
+          uint8_t* row = smem + (dst - smem_base);
+#pragma unroll
+          for (int c = 0; c < Sh::kCopyBytes / 16; ++c) st_v4(row + 16 * c, make_uint4(0u, 0u, 0u, 0u));
+          fence_proxy_async();  // before later bulk copies into this row
+        }
+        mbarrier_arrive(bar);
+      }
+      if (end) break;
+      if (static_cast<int>(++i) < max(num_tiles, 1)) {
+        load_slot(i);
+      } else {
+        fetch();  // its latency overlaps the wait for the next free stage
+        i = 0;
+        load_slot(0);
+      }
+    }
+    // Every CTA has fetched past the end before it counts itself out: the last one out resets.
+    if (p == 0) {
+      __threadfence();
+      if (atomicAdd(a.split_counters + 1, 1u) == gridDim.x - 1) {
+        a.split_counters[0] = 0u;
+        a.split_counters[1] = 0u;
+      }
+    }
+    return;
+  }
+
+  // The consumers: warps 4s..4s+3 compute KV head g0 + s of each item, as in decode_mma_kernel.
+  const int sub = threadIdx.x / kIssuers, warp = threadIdx.x / 32 % kWarps;
+  const int r = lane / 4, t = lane % 4;
+  const int ld_mat = lane / 8;
+  const uint32_t ld_off = (warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8)) * Sh::kPitch +
+                          16 * (ld_mat >> 1) + sub * Sh::kRowBytes;
+  const auto consumers_sync = [] { named_barrier_sync(1, Sh::kThreads); };
+  for (uint32_t J = 0;;) {
+    int s = J % kStages;
+    mbarrier_wait(full_bar + 8 * s, (J / kStages) & 1);
+    const int item = header[s];
+    if (item < 0) break;
+    const int b = item / items_y, y = item % items_y;
+    const int g0 = y / a.head_chunks * Sh::kKv, hc = y % a.head_chunks;
+    const int kv_here = min(Sh::kKv, a.num_kv_heads - g0);
+    const int g = min(g0 + sub, a.num_kv_heads - 1);
+    const int t_end = min(a.seq_len[b], a.split_tokens);
+    const int64_t q_token = a.cu_seqlens_q[b];
+    const int head0 = g * a.group + hc * kRows;
+    const int num_heads = sub < kv_here ? min(kRows, a.group - hc * kRows) : 0;
+    const int32_t* slot_row = request_row<DeviceErrorKind::kDecodeRequest>(a, b);
+    const int num_tiles = slot_row != nullptr && t_end > 0 ? ceil_div(t_end, kTileTokens) : 0;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float o[kSteps][4];
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.0f;
+    uint32_t qa[kSteps][2];
+    float mult = 0.0f, v_scale = 0.0f;
+    if (slot_row != nullptr) load_q<kScheme, kHeadDim>(a, q_token, b, g, head0, num_heads, r, t, qa, mult, v_scale);
+    for (int i = 0; i < num_tiles; ++i) {
+      if (i > 0) {
+        s = J % kStages;
+        mbarrier_wait(full_bar + 8 * s, (J / kStages) & 1);
+      }
+      const uint32_t k_addr = smem_base + s * Sh::kStageBytes + ld_off;
+      tile_step<kScheme, kHeadDim>(k_addr, k_addr + kTileTokens * Sh::kPitch, qa, mult,
+                                   i * kTileTokens + warp * kWarpKeys, t_end, r, m, l, o);
+      if (i + 1 < num_tiles) {  // the item's last stage stays for the merge
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(empty_bar + 8 * s);
+        ++J;
+      }
+    }
+    // Stage s holds the item's last tile (or its header alone): the warps' merge goes there.
+    // A refused request writes nothing (as decode_mma_kernel).
+    if (slot_row != nullptr) {
+      merge_warps_and_store<Sh, kHeadDim>(a, smem + s * Sh::kStageBytes + sub * (Sh::kMergeBytes / Sh::kKv),
+                                          consumers_sync, warp, r, t, num_heads, head0, q_token, b,
+                                          0, m, l, o, v_scale);
+    }
+    fence_proxy_async();  // the merge's stores before the bulk copies that refill the stage
+    consumers_sync();     // every consumer is done with the stage
+    if (lane == 0) mbarrier_arrive(empty_bar + 8 * s);
+    ++J;
+  }
+}
+
+template <KvScheme kScheme, int kHeadDim>
+int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
+  using Sh = decode_mma::Shape<kScheme, kHeadDim>;
   static const int n = [] {
-    auto* k = decode_mma_kernel<kScheme, kHeadDim, kShallow>;
+    auto* k = decode_mma_kernel<kScheme, kHeadDim>;
     FP8KV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Sh::kSmemBytes));
     int v = 0;
     FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, k, Sh::kThreads, Sh::kSmemBytes));
@@ -698,41 +928,34 @@ int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm_of() {
   return n;
 }
 
-// Whether the shallow ring exists for this instantiation (Shape::kThird).
 template <KvScheme kScheme, int kHeadDim>
-constexpr bool kHasShallowRing = decode_mma::Shape<kScheme, kHeadDim, true>::kThird;
-
-template <KvScheme kScheme, int kHeadDim>
-int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
-  return ctas_per_sm_of<false>();
-}
-
-template <KvScheme kScheme, int kHeadDim>
-bool DecodeMmaKernel<kScheme, kHeadDim>::has_shallow_ring() {
-  return kHasShallowRing<kScheme, kHeadDim>;
-}
-
-template <KvScheme kScheme, int kHeadDim>
-void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, bool shallow,
-                                                cudaStream_t stream) {
-  auto go = [&](auto shallow_tag) {
-    constexpr bool kShallow = decltype(shallow_tag)::value;
-    using Sh = decode_mma::Shape<kScheme, kHeadDim, kShallow>;
-    ctas_per_sm_of<kShallow>();  // sets the shared-memory limit once
-    decode_mma_kernel<kScheme, kHeadDim, kShallow>
-        <<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(a);
-  };
-  // The plan asks for the shallow ring only where it exists (has_shallow_ring).
-  if constexpr (kHasShallowRing<kScheme, kHeadDim>) {
-    if (shallow) {
-      go(std::true_type{});
-    } else {
-      go(std::false_type{});
-    }
-  } else {
-    go(std::false_type{});
-  }
+void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream) {
+  using Sh = decode_mma::Shape<kScheme, kHeadDim>;
+  ctas_per_sm();  // sets the shared-memory limit once
+  decode_mma_kernel<kScheme, kHeadDim><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(a);
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
+}
+
+template <KvScheme kScheme, int kHeadDim>
+int DecodeMmaKernel<kScheme, kHeadDim>::persistent_ctas_per_sm() {
+  using Sh = decode_mma::PersistentShape<kScheme, kHeadDim>;
+  static const int n = [] {
+    auto* k = decode_mma_persistent_kernel<kScheme, kHeadDim>;
+    FP8KV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Sh::kSmemBytes));
+    int v = 0;
+    FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, k, Sh::kAllThreads, Sh::kSmemBytes));
+    return v;
+  }();
+  return n;
+}
+
+template <KvScheme kScheme, int kHeadDim>
+void DecodeMmaKernel<kScheme, kHeadDim>::launch_persistent(const DecodeArgs& a, int ctas,
+                                                           cudaStream_t stream) {
+  using Sh = decode_mma::PersistentShape<kScheme, kHeadDim>;
+  persistent_ctas_per_sm();  // sets the shared-memory limit once
+  decode_mma_persistent_kernel<kScheme, kHeadDim><<<ctas, Sh::kAllThreads, Sh::kSmemBytes, stream>>>(a);
+  FP8KV_CUDA_CHECK_LAUNCH("decode_mma_persistent_kernel");
 }
 
 #define FP8KV_DECODE_MMA_INSTANTIATE(SCHEME)   \

@@ -236,9 +236,6 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 // Pins accumulator registers at this point of the program: the compiler does not know that
 // wgmma writes them asynchronously.
 template <int N>
@@ -261,13 +258,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
   else wgmma_rs_m64n256k32_e4m3(d, a, desc_b, accumulate);
 }
 
-// bar.sync on a named barrier (0 is __syncthreads's): `threads` of the CTA, whole warps.
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
 // Descriptor of a K-major operand in the 128-byte swizzle layout (PTX "Matrix Descriptor
 // Format": swizzle mode 1 in bits 62-63): rows of 128 bytes, 8-row atoms 1024 bytes apart (the
 // stride byte offset), the leading byte offset unused; a k step inside the row advances the start
