@@ -756,8 +756,8 @@ struct PersistentShape {
 // (thread p: row p % 64 of K for p < 64, of V otherwise; stage s's `full` mbarrier: their 128
 // arrivals and the copies' bytes; its header: the item, or -1 at the end), running ahead across
 // items while the consumer warps (the first kThreads threads, laid out as in decode_mma_kernel)
-// compute, merge an item's warps in its last tile's stage and write the output; each consumer
-// warp releases a stage on its `empty` mbarrier. The ring keeps streaming through an item's
+// compute, merge an item's warps in its last tile's stage and write the output; every consumer
+// thread releases a stage on its `empty` mbarrier. The ring keeps streaming through an item's
 // epilogue and the next item's prologue, which one-item CTAs pay at every CTA's edges (docs/
 // GPU.md, twenty-third session). An item's bits do not depend on its CTA or its kernel: the same
 // tiles, warps and merge as decode_mma_kernel. The last CTA to finish puts the counters back to
@@ -775,7 +775,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   const uint32_t full_bar = smem_base + Sh::kFullOffset, empty_bar = smem_base + Sh::kEmptyOffset;
   if (threadIdx.x < kStages) {
     mbarrier_init(full_bar + 8 * threadIdx.x, Sh::kProducers);
-    mbarrier_init(empty_bar + 8 * threadIdx.x, Sh::kThreads / 32);  // lane 0 of each consumer warp
+    mbarrier_init(empty_bar + 8 * threadIdx.x, Sh::kThreads);  // every consumer thread
   }
   fence_barrier_init();
   __syncthreads();
@@ -895,9 +895,10 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
       const uint32_t k_addr = smem_base + s * Sh::kStageBytes + ld_off;
       tile_step<kScheme, kHeadDim>(k_addr, k_addr + kTileTokens * Sh::kPitch, qa, mult,
                                    i * kTileTokens + warp * kWarpKeys, t_end, r, m, l, o);
-      if (i + 1 < num_tiles) {  // the item's last stage stays for the merge
-        __syncwarp();
-        if (lane == 0) mbarrier_arrive(empty_bar + 8 * s);
+      // Every consumer thread releases its own reads of the stage (an arrival releases only the
+      // arriving thread's accesses). The item's last stage stays for the merge.
+      if (i + 1 < num_tiles) {
+        mbarrier_arrive(empty_bar + 8 * s);
         ++J;
       }
     }
@@ -910,7 +911,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     }
     fence_proxy_async();  // the merge's stores before the bulk copies that refill the stage
     consumers_sync();     // every consumer is done with the stage
-    if (lane == 0) mbarrier_arrive(empty_bar + 8 * s);
+    mbarrier_arrive(empty_bar + 8 * s);
     ++J;
   }
 }
