@@ -57,6 +57,33 @@ struct DeviceBatch {
   }
 };
 
+// A bf16 pool of ones (V = 1 everywhere, so every computed output is exactly 1.0), Q, O and the
+// batch arrays of `prob` on the GPU; params() reads the request indices from `req_index` (the
+// problem's own when null).
+struct OnesPool {
+  const test::AttentionProblem& prob;
+  BackendBuffer pool, q, o;
+  DeviceBatch db;
+  int rows;  // of req_to_token: max_requests
+  OnesPool(Backend& gpu, const test::AttentionProblem& problem)
+      : prob(problem),
+        pool(gpu, std::vector<uint16_t>(problem.pool_elements(), 0x3f80)),
+        q(gpu, problem.q),
+        o(gpu, problem.q.size() * sizeof(uint16_t)),
+        db(gpu, problem),
+        rows(static_cast<int>(problem.req_to_token.size() / problem.max_len)) {}
+  AttentionParams params(const int32_t* req_index = nullptr) const {
+    AttentionParams p;
+    p.q = q.as<uint16_t>();
+    p.o = o.as<uint16_t>();
+    p.num_q_heads = prob.num_q_heads;
+    p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
+    p.batch = prob.batch(db.seq.as<int32_t>(), db.cu.as<int32_t>(),
+                         req_index != nullptr ? req_index : db.ri.as<int32_t>(), db.rt.as<int32_t>());
+    return p;
+  }
+};
+
 struct DecodeErrors {
   test::ErrorStats gpu_emulated, cpu_emulated, gpu_exact, gpu_vs_cpu;
 };
@@ -468,21 +495,14 @@ TEST(CudaDecode, RequestOutOfRangeIsSkippedAndReportedAtSynchronize) {
   test::ProblemSpec spec;
   spec.requests = decode_requests({5, 9});
   const test::AttentionProblem prob = test::make_problem(spec);
-  const int rows = static_cast<int>(prob.req_to_token.size() / prob.max_len);
-  std::vector<uint16_t> pool_bits(prob.pool_elements(), 0x3f80);  // bf16 1.0
-  BackendBuffer pool(*gpu, pool_bits), q(*gpu, prob.q), o(*gpu, prob.q.size() * 2);
-  const DeviceBatch db(*gpu, prob);
+  const OnesPool ones(*gpu, prob);
+  const int rows = ones.rows;
+  const BackendBuffer& o = ones.o;
   for (const int32_t bad_row : {rows, -1, 1 << 30}) {
     std::vector<int32_t> bad_index = prob.req_index;
     bad_index[1] = bad_row;
     BackendBuffer bad_ri(*gpu, bad_index);
-    AttentionParams p;
-    p.q = q.as<uint16_t>();
-    p.o = o.as<uint16_t>();
-    p.num_q_heads = prob.num_q_heads;
-    p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
-    p.batch = prob.batch(db.seq.as<int32_t>(), db.cu.as<int32_t>(), bad_ri.as<int32_t>(),
-                         db.rt.as<int32_t>());
+    const AttentionParams p = ones.params(bad_ri.as<int32_t>());
     ASSERT_EQ(p.batch.max_requests, rows);
     for (const bool decode : {true, false}) {
       if (decode) {
@@ -507,13 +527,7 @@ TEST(CudaDecode, RequestOutOfRangeIsSkippedAndReportedAtSynchronize) {
     }
   }
   // A good batch afterwards runs and synchronizes cleanly.
-  AttentionParams p;
-  p.q = q.as<uint16_t>();
-  p.o = o.as<uint16_t>();
-  p.num_q_heads = prob.num_q_heads;
-  p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
-  p.batch = db.batch(prob);
-  gpu->decode_attention(p);
+  gpu->decode_attention(ones.params());
   EXPECT_NO_THROW(gpu->synchronize());
 }
 
@@ -530,25 +544,17 @@ TEST(CudaDecode, PersistentLaunchSkipsARefusedRequest) {
   spec.requests = decode_requests(lengths);
   const test::AttentionProblem prob = test::make_problem(spec);
   ASSERT_TRUE(takes_persistent(prob, KvScheme::kBf16));
-  const int rows = static_cast<int>(prob.req_to_token.size() / prob.max_len);
-  std::vector<uint16_t> pool_bits(prob.pool_elements(), 0x3f80);  // bf16 1.0
-  BackendBuffer pool(*gpu, pool_bits), q(*gpu, prob.q), o(*gpu, prob.q.size() * 2);
-  const DeviceBatch db(*gpu, prob);
+  const OnesPool ones(*gpu, prob);
+  const BackendBuffer& o = ones.o;
   std::vector<int32_t> bad_index = prob.req_index;
   const int bad = 7;
-  bad_index[bad] = rows;
+  bad_index[bad] = ones.rows;
   BackendBuffer bad_ri(*gpu, bad_index);
-  AttentionParams p;
-  p.q = q.as<uint16_t>();
-  p.o = o.as<uint16_t>();
-  p.num_q_heads = prob.num_q_heads;
-  p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
-  p.batch = prob.batch(db.seq.as<int32_t>(), db.cu.as<int32_t>(), bad_ri.as<int32_t>(),
-                       db.rt.as<int32_t>());
+  AttentionParams p = ones.params(bad_ri.as<int32_t>());
   const size_t row = static_cast<size_t>(prob.num_q_heads) * prob.head_dim;
   for (const bool refuse : {true, false}) {
     SCOPED_TRACE(refuse ? "a refused request" : "every request good");
-    if (!refuse) p.batch.req_index = db.ri.as<int32_t>();
+    if (!refuse) p = ones.params();
     gpu->memset(o.as<void>(), 0xff, o.bytes());
     gpu->decode_attention(p);
     if (refuse) {

@@ -70,7 +70,7 @@
 
 #include <cuda_fp16.h>
 
-#include <type_traits>
+#include <algorithm>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
@@ -916,16 +916,23 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   }
 }
 
+namespace decode_mma {
+// CTAs of `kernel` an SM holds at `threads` and `smem_bytes` of dynamic shared memory, after
+// allowing the kernel that much (each caller keeps the answer in a function-local static).
+template <class Kernel>
+int resident_per_sm(Kernel* kernel, int threads, int smem_bytes) {
+  FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  int v = 0;
+  FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, threads, smem_bytes));
+  return v;
+}
+}  // namespace decode_mma
+
 template <KvScheme kScheme, int kHeadDim>
 int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
   using Sh = decode_mma::Shape<kScheme, kHeadDim>;
-  static const int n = [] {
-    auto* k = decode_mma_kernel<kScheme, kHeadDim>;
-    FP8KV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Sh::kSmemBytes));
-    int v = 0;
-    FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, k, Sh::kThreads, Sh::kSmemBytes));
-    return v < 1 ? 1 : v;
-  }();
+  static const int n = std::max(
+      1, decode_mma::resident_per_sm(decode_mma_kernel<kScheme, kHeadDim>, Sh::kThreads, Sh::kSmemBytes));
   return n;
 }
 
@@ -940,13 +947,9 @@ void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, 
 template <KvScheme kScheme, int kHeadDim>
 int DecodeMmaKernel<kScheme, kHeadDim>::persistent_ctas_per_sm() {
   using Sh = decode_mma::PersistentShape<kScheme, kHeadDim>;
-  static const int n = [] {
-    auto* k = decode_mma_persistent_kernel<kScheme, kHeadDim>;
-    FP8KV_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, Sh::kSmemBytes));
-    int v = 0;
-    FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, k, Sh::kAllThreads, Sh::kSmemBytes));
-    return v;
-  }();
+  // 0 where the GPU cannot hold one (its ring is ~200 KB): decode_persistent then declines.
+  static const int n = decode_mma::resident_per_sm(decode_mma_persistent_kernel<kScheme, kHeadDim>,
+                                                   Sh::kAllThreads, Sh::kSmemBytes);
   return n;
 }
 
