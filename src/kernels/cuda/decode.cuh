@@ -42,22 +42,25 @@ constexpr int kDecodeTimelineFields = 5;
 void set_decode_timeline(uint64_t* buffer);
 #endif
 
+// Adjacent KV heads whose K (or V) rows of one token make a bulk copy of about `copy_bytes`
+// (1 to 4 heads).
+constexpr int decode_kv_heads_per_copy(KvScheme scheme, int head_dim, int copy_bytes) {
+  const int k = copy_bytes / (kv_elem_bytes(scheme) * head_dim);
+  return k < 1 ? 1 : k > 4 ? 4 : k;
+}
+
 // Adjacent KV heads one CTA of the tensor-core decode kernel takes, so that each bulk copy of a
 // token's K (or V) row moves about 256 bytes: the copy engine's rate is per copy, and rows of
 // one head (128 bytes for e4m3 at head_dim 128) are too small to reach the read bandwidth.
 constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
-  const int row_bytes = kv_elem_bytes(scheme) * head_dim;
-  const int k = 256 / row_bytes;
-  return k < 1 ? 1 : k > 4 ? 4 : k;
+  return decode_kv_heads_per_copy(scheme, head_dim, 256);
 }
 
 // Adjacent KV heads one item of the persistent decode kernel takes: copies of about 512 bytes,
 // since its four producer warps issue every copy of the ring (a warp's lanes' copies go one
 // after the other).
 constexpr int decode_persistent_kv_heads(KvScheme scheme, int head_dim) {
-  const int row_bytes = kv_elem_bytes(scheme) * head_dim;
-  const int k = 512 / row_bytes;
-  return k < 1 ? 1 : k > 4 ? 4 : k;
+  return decode_kv_heads_per_copy(scheme, head_dim, 512);
 }
 
 // The decode kernel (decode_mma_kernel.cuh, tensor cores), every scheme: up to 8 query heads of

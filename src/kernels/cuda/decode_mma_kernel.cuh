@@ -87,28 +87,35 @@ constexpr int kTileTokens = kWarps * kWarpKeys;  // 64: one kDecodeSplitAlign
 static_assert(kTileTokens == 64, "splits are aligned to whole tiles (decode_split.h)");
 static_assert(2 * kTileTokens == kIssuers, "one thread issues the copy of one K or V row");
 
-template <KvScheme kScheme, int D>
-struct Shape {
+// What both decode kernels' rings and merges derive from the heads a CTA (or item) takes.
+template <KvScheme kScheme, int D, int kKvHeads>
+struct TileShape {
   static constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
   static constexpr int kRowBytes = kBf16 ? 2 * D : D;     // one K or V row of a KV head
-  static constexpr int kKv = decode_mma_kv_heads(kScheme, D);  // adjacent KV heads per CTA
-  static constexpr int kThreads = kKv * kWarps * 32;      // 4 warps per KV head
+  static constexpr int kKv = kKvHeads;                    // adjacent KV heads
+  static constexpr int kThreads = kKv * kWarps * 32;      // 4 warps per KV head: the computing ones
   static constexpr int kCopyBytes = kKv * kRowBytes;      // one bulk copy: a row of kKv heads
   static constexpr int kSteps = D / 16;                   // 16-dim steps: QK k-steps, PV m-tiles
   static constexpr int kPitch = kCopyBytes + 16;          // shared memory row, bytes
   static constexpr int kStageBytes = 2 * kTileTokens * kPitch;  // K rows then V rows
+  // The warps' merge: o, m and l of each warp and query head, then a factor per warp and head
+  // and the head's log-sum-exp.
+  static constexpr int kMergeBytes = kKv * (kWarps * kRows * (D + 3) + kRows) * 4;
+  static_assert(kRowBytes % 16 == 0 && kSteps % 2 == 0, "tile shape");
+};
+
+template <KvScheme kScheme, int D>
+struct Shape : TileShape<kScheme, D, decode_mma_kv_heads(kScheme, D)> {
+  using Base = TileShape<kScheme, D, decode_mma_kv_heads(kScheme, D)>;
+  using Base::kCopyBytes, Base::kStageBytes, Base::kMergeBytes;
   // kStages - 1 tiles in flight while one is computed; CTAs per SM as shared memory allows
   // (copies of 128 / 256 / 512 bytes: 3 / 2 / 1). Grids of several waves run the persistent
   // kernel instead (PersistentShape below), which keeps the ring streaming across items.
   static constexpr int kStages = kCopyBytes <= 128 ? 4 : 3;
   static constexpr int kMinBlocks = kCopyBytes <= 128 ? 3 : kCopyBytes <= 256 ? 2 : 1;
-  // The warps' merge: o, m and l of each warp and query head, then a factor per warp and head
-  // and the head's log-sum-exp.
-  static constexpr int kMergeBytes = kKv * (kWarps * kRows * (D + 3) + kRows) * 4;
   static constexpr int kDataBytes =
       kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
   static constexpr int kSmemBytes = kDataBytes + kStages * 8;  // + one mbarrier per stage
-  static_assert(kRowBytes % 16 == 0 && kSteps % 2 == 0, "tile shape");
 };
 
 // Four e4m3 codes -> two f16x2 (bytes 0, 1 -> lo; bytes 2, 3 -> hi), exactly.
@@ -725,19 +732,12 @@ namespace decode_mma {
 // copies are issued by 4 producer warps, and a warp issues the 32 copies of its lanes one after
 // the other), kStages stages of 64 tokens in about 200 KB. Members as Shape's.
 template <KvScheme kScheme, int D>
-struct PersistentShape {
-  static constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
-  static constexpr int kRowBytes = kBf16 ? 2 * D : D;
-  static constexpr int kKv = decode_persistent_kv_heads(kScheme, D);
-  static constexpr int kThreads = kKv * kWarps * 32;      // the consumers
+struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kScheme, D)> {
+  using Base = TileShape<kScheme, D, decode_persistent_kv_heads(kScheme, D)>;
+  using Base::kThreads, Base::kStageBytes, Base::kMergeBytes;  // kThreads: the consumers
   static constexpr int kProducers = 128;                  // one K or V row of a tile each
   static constexpr int kAllThreads = kThreads + kProducers;
-  static constexpr int kCopyBytes = kKv * kRowBytes;
-  static constexpr int kSteps = D / 16;
-  static constexpr int kPitch = kCopyBytes + 16;
-  static constexpr int kStageBytes = 2 * kTileTokens * kPitch;
   static constexpr int kStages = 209000 / kStageBytes;
-  static constexpr int kMergeBytes = kKv * (kWarps * kRows * (D + 3) + kRows) * 4;
   static constexpr int kHeaderOffset = kStages * kStageBytes;          // int per stage (8 bytes)
   static constexpr int kFullOffset = kHeaderOffset + 8 * kStages;     // mbarrier per stage
   static constexpr int kEmptyOffset = kFullOffset + 8 * kStages;      // mbarrier per stage
