@@ -57,8 +57,8 @@ constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
 }
 
 // Adjacent KV heads one item of the persistent decode kernel takes: copies of about 512 bytes,
-// since its four producer warps issue every copy of the ring (a warp's lanes' copies go one
-// after the other).
+// since its producer warps issue every copy of the ring (a warp's lanes' copies go one after the
+// other).
 constexpr int decode_persistent_kv_heads(KvScheme scheme, int head_dim) {
   return decode_kv_heads_per_copy(scheme, head_dim, 512);
 }

@@ -728,15 +728,27 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 
 namespace decode_mma {
 // The persistent kernel's shape: a CTA per SM of kKv adjacent KV heads (4 warps each, as
-// Shape) whose K or V rows make one copy of about 512 bytes (twice the one-item kernel's: the
-// copies are issued by 4 producer warps, and a warp issues the 32 copies of its lanes one after
-// the other), kStages stages of 64 tokens in about 200 KB. Members as Shape's.
+// Shape) whose K or V rows make one copy of about 512 bytes (twice the one-item kernel's: every
+// copy is a producer lane's, and a warp issues its lanes' copies one after the other), kStages
+// stages of 64 tokens in about 200 KB. Members as Shape's.
 template <KvScheme kScheme, int D>
 struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kScheme, D)> {
   using Base = TileShape<kScheme, D, decode_persistent_kv_heads(kScheme, D)>;
   using Base::kThreads, Base::kStageBytes, Base::kMergeBytes;  // kThreads: the consumers
-  static constexpr int kProducers = 128;                  // one K or V row of a tile each
+  // Eight producer warps, lanes 0..15 of each issuing one K or V row of every tile: a warp
+  // issues its lanes' bulk copies one after another, so 16 copies per warp and tile land a tile
+  // in half the time of 32 (lanes 16..31 only follow along).
+  static constexpr int kCopyLanes = 16;
+  static constexpr int kProducers = 2 * kTileTokens / kCopyLanes * 32;
   static constexpr int kAllThreads = kThreads + kProducers;
+  // Registers (setmaxnreg): the launch gives every thread kLaunchRegs (ptxas compiles a kernel
+  // that uses setmaxnreg at its launch bound's registers); the producers keep kProducerRegs and
+  // the consumers take the rest (kConsumerRegs, at least kLaunchRegs). An increase beyond the
+  // launch's allocation would wait for ever.
+  static constexpr int kLaunchRegs = 65536 / kAllThreads / 8 * 8 > 255 ? 248 : 65536 / kAllThreads / 8 * 8;
+  static constexpr int kProducerRegs = 32;
+  static constexpr int kConsumerPool = (kLaunchRegs * kAllThreads - kProducerRegs * kProducers) / kThreads / 8 * 8;
+  static constexpr int kConsumerRegs = kConsumerPool > 240 ? 240 : kConsumerPool;
   static constexpr int kStages = 209000 / kStageBytes;
   static constexpr int kHeaderOffset = kStages * kStageBytes;          // int per stage (8 bytes)
   static constexpr int kFullOffset = kHeaderOffset + 8 * kStages;     // mbarrier per stage
@@ -745,16 +757,22 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   static constexpr int kSmemBytes = kItemOffset + 8;
   static_assert(kStages >= 3 && kSmemBytes <= 227 * 1024, "the ring fits one CTA per SM");
   static_assert(kMergeBytes <= kStageBytes, "the warps' merge fits the last tile's stage");
-  static_assert(2 * kTileTokens == kProducers, "one producer thread per K or V row of a tile");
+  static_assert(2 * kTileTokens == kProducers / 32 * kCopyLanes, "one producer lane per K or V row of a tile");
+  static_assert(kThreads % 128 == 0 && kProducers % 128 == 0, "setmaxnreg takes whole warpgroups");
+  static_assert(kConsumerRegs >= kLaunchRegs && kProducerRegs <= kLaunchRegs &&
+                    kConsumerRegs * kThreads + kProducerRegs * kProducers <= kLaunchRegs * kAllThreads,
+                "the register split fits the launch's allocation");
 };
 }  // namespace decode_mma
 
 // The persistent decode kernel, for unsplit grids of several waves (decode_persistent, decode.cu):
 // one CTA per SM takes items (request b, head group y: kKv KV heads and up to 8 query heads of
-// each) from a counter in the workspace until none is left. Four producer warps, the CTA's last
-// 128 threads, fetch the items, read their slots and issue every tile's bulk copies into the ring
-// (thread p: row p % 64 of K for p < 64, of V otherwise; stage s's `full` mbarrier: their 128
-// arrivals and the copies' bytes; its header: the item, or -1 at the end), running ahead across
+// each) from a counter in the workspace until none is left. Eight producer warps, the CTA's last
+// 256 threads (32 registers each: setmaxnreg gives the rest to the consumers), fetch the items,
+// read their slots and issue every tile's bulk copies into the ring (lanes 0..15 of producer warp
+// w: rows 16w..16w+15 of the tile's 64 K then 64 V rows, 16 copies per warp and tile, which land a
+// tile sooner than the 32 of four warps did; stage s's `full` mbarrier: their 128 arrivals and the
+// copies' bytes; its header: the item, or -1 at the end), running ahead across
 // items while the consumer warps (the first kThreads threads, laid out as in decode_mma_kernel)
 // compute, merge an item's warps in its last tile's stage and write the output; every consumer
 // thread releases a stage on its `empty` mbarrier. The ring keeps streaming through an item's
@@ -774,7 +792,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   int* header = reinterpret_cast<int*>(smem + Sh::kHeaderOffset);
   const uint32_t full_bar = smem_base + Sh::kFullOffset, empty_bar = smem_base + Sh::kEmptyOffset;
   if (threadIdx.x < kStages) {
-    mbarrier_init(full_bar + 8 * threadIdx.x, Sh::kProducers);
+    mbarrier_init(full_bar + 8 * threadIdx.x, 2 * kTileTokens);  // one arrival per row
     mbarrier_init(empty_bar + 8 * threadIdx.x, Sh::kThreads);  // every consumer thread
   }
   fence_barrier_init();
@@ -783,8 +801,11 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   const int lane = threadIdx.x % 32;
 
   if (threadIdx.x >= Sh::kThreads) {  // the producers
+    regs_decrease<Sh::kProducerRegs>();
     const int p = threadIdx.x - Sh::kThreads;
-    const int cp_row = p % kTileTokens, cp_v = p / kTileTokens;
+    const bool copier = lane < Sh::kCopyLanes;
+    const int cp_index = p / 32 * Sh::kCopyLanes + lane % Sh::kCopyLanes;  // row of the tile's 128
+    const int cp_row = cp_index % kTileTokens, cp_v = cp_index / kTileTokens;
     int* next_item = reinterpret_cast<int*>(smem + Sh::kItemOffset);
     const uint64_t l2_policy = l2_evict_first_policy();
     const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
@@ -810,7 +831,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     int slot = -1;
     auto load_slot = [&](int i) {
       const int tok = i * kTileTokens + cp_row;
-      slot = i < num_tiles && tok < t_end ? slot_row[tok] : -1;
+      slot = copier && i < num_tiles && tok < t_end ? slot_row[tok] : -1;
     };
     fetch();
     load_slot(0);
@@ -821,22 +842,24 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
       if (p == 0) header[s] = end ? -1 : item;
       const uint32_t bar = full_bar + 8 * s;
       const uint32_t dst = smem_base + s * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kPitch;
-      if (slot >= 0) {
-        const uint32_t cp_bytes = min(Sh::kKv, a.num_kv_heads - g0) * Sh::kRowBytes;
-        mbarrier_arrive_expect_tx(bar, cp_bytes);
-        bulk_copy_g2s(dst, a.kv + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes +
-                               slot * slot_bytes,
-                      cp_bytes, bar, l2_policy);
-      } else {
-        if (static_cast<int>(i) < num_tiles) {
-          // Rows past the end are zero: their scores are masked and their V rows must be finite
-          // zeros, never stale data (0 * NaN would poison the output).
-          uint8_t* row = smem + (dst - smem_base);
+      if (copier) {
+        if (slot >= 0) {
+          const uint32_t cp_bytes = min(Sh::kKv, a.num_kv_heads - g0) * Sh::kRowBytes;
+          mbarrier_arrive_expect_tx(bar, cp_bytes);
+          bulk_copy_g2s(dst, a.kv + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes +
+                                 slot * slot_bytes,
+                        cp_bytes, bar, l2_policy);
+        } else {
+          if (static_cast<int>(i) < num_tiles) {
+            // Rows past the end are zero: their scores are masked and their V rows must be finite
+            // zeros, never stale data (0 * NaN would poison the output).
+            uint8_t* row = smem + (dst - smem_base);
 #pragma unroll
-          for (int c = 0; c < Sh::kCopyBytes / 16; ++c) st_v4(row + 16 * c, make_uint4(0u, 0u, 0u, 0u));
-          fence_proxy_async();  // before later bulk copies into this row
+            for (int c = 0; c < Sh::kCopyBytes / 16; ++c) st_v4(row + 16 * c, make_uint4(0u, 0u, 0u, 0u));
+            fence_proxy_async();  // before later bulk copies into this row
+          }
+          mbarrier_arrive(bar);
         }
-        mbarrier_arrive(bar);
       }
       if (end) break;
       if (static_cast<int>(++i) < max(num_tiles, 1)) {
@@ -859,6 +882,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   }
 
   // The consumers: warps 4s..4s+3 compute KV head g0 + s of each item, as in decode_mma_kernel.
+  if constexpr (Sh::kConsumerRegs > Sh::kLaunchRegs) regs_increase<Sh::kConsumerRegs>();
   const int sub = threadIdx.x / kIssuers, warp = threadIdx.x / 32 % kWarps;
   const int r = lane / 4, t = lane % 4;
   const int ld_mat = lane / 8;
