@@ -14,9 +14,8 @@
 //
 // One CTA per (split of the KV length, kKv adjacent KV heads and up to 8 query heads of each,
 // request b), 4 warps per KV head. The CTA streams tiles of 64 tokens (K rows then V rows, kKv
-// heads wide) into shared memory, gathered through the slot table, kStages deep (128 lanes,
-// spread over all the CTA's warps, issue one copy each; one __syncthreads per tile frees the
-// stage for refilling). Warp w of a
+// heads wide) into shared memory, gathered through the slot table, kStages deep (128 threads
+// issue one copy each; one __syncthreads per tile frees the stage for refilling). Warp w of a
 // KV head computes keys 16w..16w+15 of every tile with its own online softmax (fp32, log2
 // domain); the 4 warps are merged in shared memory at the end (one weight per warp and query
 // head, computed once) and the CTA writes bf16 (one split) or a normalized partial and its
@@ -606,16 +605,11 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   // the request: no CTA of its groups arrives at the split counters, which stay zero.
   if (slot_row == nullptr) return;
   const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
-  // Each of the tile's 64 K and 64 V rows is one bulk copy of the CTA's kv_here adjacent heads
-  // (the copy engine, not the thread's load slots: more bytes in flight per SM; several heads per
-  // copy: fewer, larger copies), issued by lane cp_index % kCopyLanes of warp cp_index /
-  // kCopyLanes: every warp of the CTA takes a share, since a warp issues its lanes' copies one
-  // after the other (32 copies per warp land a tile later than 16 or 8).
-  constexpr int kCopyLanes = kIssuers / (Sh::kThreads / 32);
-  static_assert(kCopyLanes * (Sh::kThreads / 32) == kIssuers && kCopyLanes <= 32, "copies per warp");
-  const bool issuer = lane < kCopyLanes;
-  const int cp_index = threadIdx.x / 32 * kCopyLanes + lane % kCopyLanes;  // row of the tile's 128
-  const int cp_row = cp_index % kTileTokens, cp_v = cp_index / kTileTokens;
+  // Thread tid < 128 copies row tid % 64 of the tile, of K for tid < 64 and of V otherwise, as
+  // one bulk copy of the CTA's kv_here adjacent heads (the copy engine, not the thread's load
+  // slots: more bytes in flight per SM; several heads per copy: fewer, larger copies).
+  const bool issuer = threadIdx.x < kIssuers;
+  const int cp_row = threadIdx.x % kTileTokens, cp_v = threadIdx.x / kTileTokens;
   const uint32_t cp_bytes = kv_here * Sh::kRowBytes;
   const uint8_t* cp_base =
       a.kv + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes;
@@ -631,7 +625,7 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   int slot = -1;  // slot of this thread's row in the next tile to issue (-1: past the end)
   auto load_slot = [&](int i) {
     const int tok = t_begin + i * kTileTokens + cp_row;
-    slot = (issuer && i < num_tiles && tok < t_end) ? slot_row[tok] : -1;
+    slot = (i < num_tiles && tok < t_end) ? slot_row[tok] : -1;
   };
   auto issue = [&](int i) {
     if (!issuer) return;
