@@ -745,7 +745,7 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   // that uses setmaxnreg at its launch bound's registers); the producers keep kProducerRegs and
   // the consumers take the rest (kConsumerRegs, at least kLaunchRegs). An increase beyond the
   // launch's allocation would wait for ever.
-  static constexpr int kLaunchRegs = 65536 / kAllThreads / 8 * 8 > 255 ? 248 : 65536 / kAllThreads / 8 * 8;
+  static constexpr int kLaunchRegs = 65536 / kAllThreads / 8 * 8;  // 384+ threads: at most 168
   static constexpr int kProducerRegs = 32;
   static constexpr int kConsumerPool = (kLaunchRegs * kAllThreads - kProducerRegs * kProducers) / kThreads / 8 * 8;
   static constexpr int kConsumerRegs = kConsumerPool > 240 ? 240 : kConsumerPool;
@@ -759,7 +759,7 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   static_assert(kMergeBytes <= kStageBytes, "the warps' merge fits the last tile's stage");
   static_assert(2 * kTileTokens == kProducers / 32 * kCopyLanes, "one producer lane per K or V row of a tile");
   static_assert(kThreads % 128 == 0 && kProducers % 128 == 0, "setmaxnreg takes whole warpgroups");
-  static_assert(kConsumerRegs >= kLaunchRegs && kProducerRegs <= kLaunchRegs &&
+  static_assert(kLaunchRegs <= 248 && kConsumerRegs >= kLaunchRegs && kProducerRegs <= kLaunchRegs &&
                     kConsumerRegs * kThreads + kProducerRegs * kProducers <= kLaunchRegs * kAllThreads,
                 "the register split fits the launch's allocation");
 };
