@@ -10,6 +10,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <functional>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -238,11 +239,84 @@ void print_prefill_timeline(const std::function<void()>& run, const std::string&
 // quantiles (µs): when CTAs start (from the first), their ramp (start -> first tile landed), their
 // stream (first tile -> last tile computed), their epilogue, and when they end. The span is the
 // first start to the last end; the event time and the ideal (cache bytes / read ceiling) beside it.
+// Quantile f of a sorted vector (0 for an empty one).
+double quantile(const std::vector<double>& v, double f) {
+  return v.empty() ? 0.0 : v[std::min(v.size() - 1, static_cast<size_t>(f * v.size()))];
+}
+
+// The persistent kernel's entries (decode.cuh: type 1 per item, type 2 per CTA), in µs: the CTAs'
+// start, ramp (start -> first stage landed) and end; per item its stream (first stage -> last tile
+// computed) and epilogue (-> output written); per CTA the gaps between its items (an item's output
+// written -> the next item's first stage landed: the ring's streaming across items) and its busy
+// share (items' first stage -> output written, over its first stage -> last output).
+void print_persistent_timeline(const std::vector<uint64_t>& h, size_t entries, const std::string& what,
+                               double event_us, double ideal_us) {
+  constexpr int kF = cuda::kDecodeTimelineFields;
+  struct Item {
+    uint64_t first, streamed, done;
+  };
+  std::map<uint64_t, std::vector<Item>> by_cta;
+  std::vector<double> start, ramp, end, stream, epilogue;
+  uint64_t t0 = ~uint64_t{0}, t1 = 0;
+  for (size_t i = 0; i < entries; ++i) {
+    const uint64_t* e = &h[kF * i];
+    if (e[0] == 0 || (e[4] >> 32) != 2) continue;
+    t0 = std::min(t0, e[0]);
+    t1 = std::max(t1, e[3]);
+  }
+  if (t1 == 0) return;
+  for (size_t i = 0; i < entries; ++i) {
+    const uint64_t* e = &h[kF * i];
+    if (e[0] == 0) continue;
+    if ((e[4] >> 32) == 2) {
+      start.push_back((e[0] - t0) * 1e-3);
+      if (e[1] != 0) ramp.push_back((e[1] - e[0]) * 1e-3);
+      end.push_back((e[3] - t0) * 1e-3);
+    } else if ((e[4] >> 32) == 1) {
+      by_cta[e[3]].push_back({e[0], e[1], e[2]});
+      stream.push_back((e[1] - e[0]) * 1e-3);
+      epilogue.push_back((e[2] - e[1]) * 1e-3);
+    }
+  }
+  std::vector<double> gap, gap_sum, busy, per_cta;
+  for (auto& [cta, items] : by_cta) {
+    std::sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.first < y.first; });
+    double sum = 0.0, work = 0.0;
+    for (size_t k = 0; k < items.size(); ++k) {
+      work += (items[k].done - items[k].first) * 1e-3;
+      if (k > 0) {
+        const double g = (static_cast<double>(items[k].first) - static_cast<double>(items[k - 1].done)) * 1e-3;
+        gap.push_back(g);
+        sum += g;
+      }
+    }
+    gap_sum.push_back(sum);
+    busy.push_back(work / ((items.back().done - items.front().first) * 1e-3));
+    per_cta.push_back(static_cast<double>(items.size()));
+  }
+  for (auto* v : {&start, &ramp, &end, &stream, &epilogue, &gap, &gap_sum, &busy, &per_cta}) std::sort(v->begin(), v->end());
+  const auto q = quantile;
+  std::printf("  timeline %s (persistent): %zu CTAs, %zu items (%.0f..%.0f a CTA), event %.1f us, ideal %.1f, span %.1f"
+              " | start p50 %.2f max %.2f | ramp p50 %.2f max %.2f | end p10 %.1f p50 %.1f max %.1f | item stream"
+              " p50 %.2f max %.2f | epilogue p50 %.2f max %.2f | gap p50 %.2f p90 %.2f max %.2f, a CTA's sum p50 %.1f"
+              " max %.1f | busy p10 %.3f p50 %.3f\n",
+              what.c_str(), start.size(), stream.size(), q(per_cta, 0.0), q(per_cta, 1.0), event_us, ideal_us,
+              (t1 - t0) * 1e-3, q(start, 0.5), q(start, 1.0), q(ramp, 0.5), q(ramp, 1.0), q(end, 0.1), q(end, 0.5),
+              q(end, 1.0), q(stream, 0.5), q(stream, 1.0), q(epilogue, 0.5), q(epilogue, 1.0), q(gap, 0.5),
+              q(gap, 0.9), q(gap, 1.0), q(gap_sum, 0.5), q(gap_sum, 1.0), q(busy, 0.1), q(busy, 0.5));
+}
+
 void print_decode_timeline(const std::function<void()>& run, const std::string& what, double event_us,
                            double ideal_us) {
   constexpr size_t kMaxCtas = size_t{1} << 16;
   constexpr int kF = cuda::kDecodeTimelineFields;
   const std::vector<uint64_t> h = capture_timeline<uint64_t>(kF * kMaxCtas, cuda::set_decode_timeline, run);
+  for (size_t i = 0; i < kMaxCtas; ++i) {
+    if (h[kF * i] != 0 && (h[kF * i + 4] >> 32) != 0) {  // the persistent kernel's entries
+      print_persistent_timeline(h, kMaxCtas, what, event_us, ideal_us);
+      return;
+    }
+  }
   uint64_t t0 = ~uint64_t{0}, t1 = 0;
   for (size_t i = 0; i < kMaxCtas; ++i) {
     if (h[kF * i] == 0) continue;  // no such CTA
@@ -271,9 +345,7 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
   }
   if (start.empty()) return;
   for (auto* v : {&start, &ramp, &stream, &epilogue, &end}) std::sort(v->begin(), v->end());
-  auto q = [](const std::vector<double>& v, double f) {
-    return v.empty() ? 0.0 : v[std::min(v.size() - 1, static_cast<size_t>(f * v.size()))];
-  };
+  const auto q = quantile;
   std::vector<std::pair<double, int>> sm_mean;
   for (size_t i = 0; i < sm_sum.size(); ++i) {
     if (sm_n[i] > 0) sm_mean.emplace_back(sm_sum[i] / sm_n[i], static_cast<int>(i));

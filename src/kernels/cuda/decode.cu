@@ -47,7 +47,6 @@ DecodePlan plan_decode(const AttentionParams& p) {
   if (plan.split.num_splits == 1) {
     plan.split.split_tokens = std::max({p.batch.max_len, p.batch.max_seq_len, 1});
   }
-#ifndef FP8KV_DECODE_TIMELINE  // the timeline records one-item CTAs
   // The launch's own CTAs (its rank's heads), whatever the split was planned with: an item's
   // bits are the same in either kernel.
   const int persistent_kv = decode_persistent_kv_heads(p.cache.scheme, p.cache.head_dim);
@@ -58,7 +57,6 @@ DecodePlan plan_decode(const AttentionParams& p) {
     plan.persistent_ctas = static_cast<int>(resident);
     plan.kv_per_cta = persistent_kv;
   }
-#endif
   return plan;
 }
 

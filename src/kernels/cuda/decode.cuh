@@ -30,14 +30,17 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
   // split_counters[0] and counts its CTAs out in split_counters[1], both zero between launches.
   int num_items = 0;
 #ifdef FP8KV_DECODE_TIMELINE
-  uint64_t* timeline = nullptr;  // [CTAs][kDecodeTimelineFields] nanoseconds, or null
+  uint64_t* timeline = nullptr;  // [entries][kDecodeTimelineFields] (set_decode_timeline), or null
 #endif
 };
 #ifdef FP8KV_DECODE_TIMELINE
-// Diagnostic build only: per-CTA timestamps of the next decode launches (start, first tile
-// landed, last tile computed, end; %globaltimer ns) and the SM it ran on into `buffer`, indexed
-// by the linear CTA id (blockIdx.x fastest); null stops. bench kernels summarizes them per
-// decode row.
+// Diagnostic build only: timestamps of the next decode launches (%globaltimer ns) into `buffer`,
+// kDecodeTimelineFields per entry, field 4 = SM | type << 32; null stops. bench kernels
+// summarizes them per decode row. Type 0, one-item CTAs (entry: the linear CTA id, blockIdx.x
+// fastest): start, first tile landed, last tile computed, end. The persistent kernel: type 1 per
+// item (entry: the item) its first stage landed, its last tile computed, its output written and
+// its CTA; type 2 per CTA (entry: num_items + CTA) the consumers' start, first stage landed, 0 and
+// end.
 constexpr int kDecodeTimelineFields = 5;
 void set_decode_timeline(uint64_t* buffer);
 #endif

@@ -889,9 +889,31 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   const uint32_t ld_off = (warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8)) * Sh::kPitch +
                           16 * (ld_mat >> 1) + sub * Sh::kRowBytes;
   const auto consumers_sync = [] { named_barrier_sync(1, Sh::kThreads); };
+#ifdef FP8KV_DECODE_TIMELINE
+  // Diagnostic build: per item (entry `item`) its first stage landed, its last tile computed, its
+  // output written, the CTA and the SM (type 1); per CTA (entry num_items + CTA) the consumers'
+  // start, the first stage landed and their end (type 2). Thread 0 writes them.
+  const uint64_t tl_start = global_timer_ns();
+  uint64_t tl_cta_first = 0;
+  uint32_t tl_sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(tl_sm));
+  auto tl_write = [&](int64_t entry, uint64_t e0, uint64_t e1, uint64_t e2, uint64_t e3, uint64_t type) {
+    if (threadIdx.x != 0 || a.timeline == nullptr) return;
+    uint64_t* e = a.timeline + kDecodeTimelineFields * entry;
+    e[0] = e0;
+    e[1] = e1;
+    e[2] = e2;
+    e[3] = e3;
+    e[4] = tl_sm | (type << 32);
+  };
+#endif
   for (uint32_t J = 0;;) {
     int s = J % kStages;
     mbarrier_wait(full_bar + 8 * s, (J / kStages) & 1);
+#ifdef FP8KV_DECODE_TIMELINE
+    const uint64_t tl_first = global_timer_ns();
+    if (tl_cta_first == 0) tl_cta_first = tl_first;
+#endif
     const int item = header[s];
     if (item < 0) break;
     const int b = item / items_y, y = item % items_y;
@@ -926,6 +948,9 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
         ++J;
       }
     }
+#ifdef FP8KV_DECODE_TIMELINE
+    const uint64_t tl_streamed = global_timer_ns();
+#endif
     // Stage s holds the item's last tile (or its header alone): the warps' merge goes there.
     // A refused request writes nothing (as decode_mma_kernel).
     if (slot_row != nullptr) {
@@ -935,9 +960,15 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     }
     fence_proxy_async();  // the merge's stores before the bulk copies that refill the stage
     consumers_sync();     // every consumer is done with the stage
+#ifdef FP8KV_DECODE_TIMELINE
+    tl_write(item, tl_first, tl_streamed, global_timer_ns(), blockIdx.x, 1);
+#endif
     mbarrier_arrive(empty_bar + 8 * s);
     ++J;
   }
+#ifdef FP8KV_DECODE_TIMELINE
+  tl_write(static_cast<int64_t>(a.num_items) + blockIdx.x, tl_start, tl_cta_first, 0, global_timer_ns(), 2);
+#endif
 }
 
 namespace decode_mma {
