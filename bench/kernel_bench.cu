@@ -235,10 +235,6 @@ void print_prefill_timeline(const std::function<void()>& run, const std::string&
 #endif
 
 #ifdef FP8KV_DECODE_TIMELINE
-// Diagnostic build: one more launch of a decode row with per-CTA timestamps, summarized as
-// quantiles (µs): when CTAs start (from the first), their ramp (start -> first tile landed), their
-// stream (first tile -> last tile computed), their epilogue, and when they end. The span is the
-// first start to the last end; the event time and the ideal (cache bytes / read ceiling) beside it.
 // Quantile f of a sorted vector (0 for an empty one).
 double quantile(const std::vector<double>& v, double f) {
   return v.empty() ? 0.0 : v[std::min(v.size() - 1, static_cast<size_t>(f * v.size()))];
@@ -291,7 +287,8 @@ void print_persistent_timeline(const std::vector<uint64_t>& h, size_t entries, c
       }
     }
     gap_sum.push_back(sum);
-    busy.push_back(work / ((items.back().done - items.front().first) * 1e-3));
+    const double span = (items.back().done - items.front().first) * 1e-3;
+    if (span > 0.0) busy.push_back(work / span);
     per_cta.push_back(static_cast<double>(items.size()));
   }
   for (auto* v : {&start, &ramp, &end, &stream, &epilogue, &gap, &gap_sum, &busy, &per_cta}) std::sort(v->begin(), v->end());
@@ -306,6 +303,11 @@ void print_persistent_timeline(const std::vector<uint64_t>& h, size_t entries, c
               q(gap, 0.9), q(gap, 1.0), q(gap_sum, 0.5), q(gap_sum, 1.0), q(busy, 0.1), q(busy, 0.5));
 }
 
+// Diagnostic build: one more launch of a decode row with per-CTA timestamps, summarized as
+// quantiles (µs): when CTAs start (from the first), their ramp (start -> first tile landed), their
+// stream (first tile -> last tile computed), their epilogue, and when they end. The span is the
+// first start to the last end; the event time and the ideal (cache bytes / read ceiling) beside
+// it. A persistent launch's entries go to print_persistent_timeline.
 void print_decode_timeline(const std::function<void()>& run, const std::string& what, double event_us,
                            double ideal_us) {
   constexpr size_t kMaxCtas = size_t{1} << 16;
