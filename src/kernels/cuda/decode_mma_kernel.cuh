@@ -278,6 +278,20 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
   merge_columns<Sh, D, kItems>(a, g, s_w, s_mx, total);
 }
 
+#ifdef FP8KV_DECODE_TIMELINE
+// Diagnostic build: one timeline entry (decode.cuh: four stamps and SM | type << 32).
+__device__ __forceinline__ void write_timeline(const DecodeArgs& a, int64_t entry, uint64_t e0, uint64_t e1,
+                                               uint64_t e2, uint64_t e3, uint64_t type) {
+  if (a.timeline == nullptr) return;
+  uint64_t* e = a.timeline + kDecodeTimelineFields * entry;
+  e[0] = e0;
+  e[1] = e1;
+  e[2] = e2;
+  e[3] = e3;
+  e[4] = sm_id() | (type << 32);
+}
+#endif
+
 // Q^T -> B fragments of the QK k-steps (query head r of the CTA as column r). FP8 caches:
 // step k is the 16-byte block k of the K row in the permuted dim order described above, so
 // qa[k][0] = dims 16k+4t, +1 and qa[k][1] = dims 16k+4t+2, +3, in fp16. bf16 cache: the plain
@@ -712,16 +726,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   }
 #ifdef FP8KV_DECODE_TIMELINE
   __syncthreads();
-  if (threadIdx.x == 0 && a.timeline != nullptr) {
+  if (threadIdx.x == 0) {
     const int64_t cta = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
-    uint64_t* e = a.timeline + kDecodeTimelineFields * cta;
-    e[0] = tl_start;
-    e[1] = tl_first;
-    e[2] = tl_streamed;
-    e[3] = global_timer_ns();
-    uint32_t sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    e[4] = sm;
+    decode_mma::write_timeline(a, cta, tl_start, tl_first, tl_streamed, global_timer_ns(), 0);
   }
 #endif
 }
@@ -895,17 +902,6 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   // start, the first stage landed and their end (type 2). Thread 0 writes them.
   const uint64_t tl_start = global_timer_ns();
   uint64_t tl_cta_first = 0;
-  uint32_t tl_sm;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(tl_sm));
-  auto tl_write = [&](int64_t entry, uint64_t e0, uint64_t e1, uint64_t e2, uint64_t e3, uint64_t type) {
-    if (threadIdx.x != 0 || a.timeline == nullptr) return;
-    uint64_t* e = a.timeline + kDecodeTimelineFields * entry;
-    e[0] = e0;
-    e[1] = e1;
-    e[2] = e2;
-    e[3] = e3;
-    e[4] = tl_sm | (type << 32);
-  };
 #endif
   for (uint32_t J = 0;;) {
     int s = J % kStages;
@@ -961,13 +957,15 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     fence_proxy_async();  // the merge's stores before the bulk copies that refill the stage
     consumers_sync();     // every consumer is done with the stage
 #ifdef FP8KV_DECODE_TIMELINE
-    tl_write(item, tl_first, tl_streamed, global_timer_ns(), blockIdx.x, 1);
+    if (threadIdx.x == 0) write_timeline(a, item, tl_first, tl_streamed, global_timer_ns(), blockIdx.x, 1);
 #endif
     mbarrier_arrive(empty_bar + 8 * s);
     ++J;
   }
 #ifdef FP8KV_DECODE_TIMELINE
-  tl_write(static_cast<int64_t>(a.num_items) + blockIdx.x, tl_start, tl_cta_first, 0, global_timer_ns(), 2);
+  if (threadIdx.x == 0) {
+    write_timeline(a, static_cast<int64_t>(a.num_items) + blockIdx.x, tl_start, tl_cta_first, 0, global_timer_ns(), 2);
+  }
 #endif
 }
 
