@@ -126,6 +126,15 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// atomicAdd with acquire-release semantics at GPU scope: one thread's arrival that publishes its
+// CTA's writes (ordered before it by a barrier: release is cumulative) and, to the thread that
+// sees the last count, every earlier arrival's writes (acquire; a barrier then extends that to
+// its CTA). The pattern of CUDA's grid sync, without a full fence in every thread.
+__device__ __forceinline__ uint32_t atomic_add_acq_rel_gpu(uint32_t* p, uint32_t v) {
+  uint32_t old;
+  asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
 // The GPU's global nanosecond timer (diagnostics).
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;

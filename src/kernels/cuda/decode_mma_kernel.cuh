@@ -479,6 +479,14 @@ __device__ __forceinline__ void tile_step(uint32_t k_addr, uint32_t v_addr,
   }
 }
 
+// Where dim d of query head h sits in its row of the warps' merge (rows of D floats, a multiple of
+// the 32 banks): d XOR 8 ((h / 2) % 4). A lane (r, t) writes heads 2t and 2t + 1 at dims that
+// depend on r alone, so unswizzled the four t of a dim would share a bank (4-way conflicts on
+// every store of the merge); XOR-ing bits 3..4 with t spreads them over the banks, keeps
+// adjacent even-odd dims adjacent (float2) and a row's 32-float blocks whole (the reads stay
+// conflict-free).
+__device__ __forceinline__ int merge_col(int h, int d) { return d ^ (((h >> 1) & 3) << 3); }
+
 // The end of a CTA's work on one (request, split, KV head): merges the KV head's 4 warps in
 // `merge_area` (kMergeBytes / kKv of shared memory, free once `sync` has passed: every warp of the
 // CTA is done with the tiles there) and writes bf16 (one split) or a normalized partial and its
@@ -506,13 +514,20 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8
   float* s_l = s_m + kWarps * kRows;                    // [warps, kRows]
   float* o_even = s_o + (warp * kRows + 2 * t) * kHeadDim;  // head 2t
   float* o_odd = o_even + kHeadDim;                         // head 2t + 1
-  const int d_lo = kBf16 ? r : 2 * r, d_hi = kBf16 ? r + 8 : 2 * r + 1;
+  if constexpr (kBf16) {
 #pragma unroll
-  for (int k = 0; k < kSteps; ++k) {
-    o_even[16 * k + d_lo] = o[k][0];
-    o_odd[16 * k + d_lo] = o[k][1];
-    o_even[16 * k + d_hi] = o[k][2];
-    o_odd[16 * k + d_hi] = o[k][3];
+    for (int k = 0; k < kSteps; ++k) {
+      o_even[merge_col(2 * t, 16 * k + r)] = o[k][0];
+      o_odd[merge_col(2 * t + 1, 16 * k + r)] = o[k][1];
+      o_even[merge_col(2 * t, 16 * k + r + 8)] = o[k][2];
+      o_odd[merge_col(2 * t + 1, 16 * k + r + 8)] = o[k][3];
+    }
+  } else {  // dims 2r and 2r + 1 of a step are adjacent: one float2 per head
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) {
+      *reinterpret_cast<float2*>(o_even + merge_col(2 * t, 16 * k + 2 * r)) = make_float2(o[k][0], o[k][2]);
+      *reinterpret_cast<float2*>(o_odd + merge_col(2 * t + 1, 16 * k + 2 * r)) = make_float2(o[k][1], o[k][3]);
+    }
   }
   if (r == 0) {
 #pragma unroll
@@ -552,7 +567,7 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
         const float fw = s_f[h * kWarps + w];
-        const float2 x = *reinterpret_cast<const float2*>(s_o + (w * kRows + h) * kHeadDim + d);
+        const float2 x = *reinterpret_cast<const float2*>(s_o + (w * kRows + h) * kHeadDim + merge_col(h, d));
         out.x += fw * x.x;
         out.y += fw * x.y;
       }
@@ -705,24 +720,22 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
       a, smem + sub * (Sh::kMergeBytes / Sh::kKv), [] { __syncthreads(); }, warp, r, t, num_heads,
       head0, q_token, b, split, m, l, o, v_scale);
   if (a.num_splits > 1) {
-    // Arrive at the group's counter once every thread's partials are visible device-wide (fence,
-    // barrier, one atomic: the programming guide's last-block pattern); the CTA that completes the
-    // count merges. The barrier also ends every thread's reads of the in-CTA merge's shared memory,
-    // which the split merge reuses.
-    __threadfence();
+    // Arrive at the group's counter once every thread's partials are written: the barrier orders
+    // them before thread 0's arrival, whose release (acq_rel atomic at GPU scope, cumulative over
+    // the barrier) publishes them; the CTA that completes the count merges, its thread 0's acquire
+    // and the barrier after it ordering the other CTAs' partials before the merge's reads (CUDA's
+    // grid-sync pattern: no fence in every thread). The first barrier also ends every thread's
+    // reads of the in-CTA merge's shared memory, which the split merge reuses.
     __syncthreads();
     bool last = false;
     if (threadIdx.x == 0) {
       uint32_t* counter = a.split_counters + static_cast<int64_t>(b) * gridDim.y + blockIdx.y;
-      last = atomicAdd(counter, 1u) == static_cast<uint32_t>(a.num_splits - 1);
+      last = atomic_add_acq_rel_gpu(counter, 1u) == static_cast<uint32_t>(a.num_splits - 1);
       // Every split has arrived, and none comes again in this launch: zero for the next one (a
       // later launch, or a CUDA graph's replay, on the same workspace).
       if (last) *counter = 0u;
     }
-    if (__syncthreads_or(last)) {
-      __threadfence();  // the other CTAs' partials are read after their arrivals were seen
-      decode_mma::merge_group_splits<Sh, kHeadDim>(a, smem);
-    }
+    if (__syncthreads_or(last)) decode_mma::merge_group_splits<Sh, kHeadDim>(a, smem);
   }
 #ifdef FP8KV_DECODE_TIMELINE
   __syncthreads();
