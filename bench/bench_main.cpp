@@ -1,6 +1,6 @@
 // fp8kv_bench: the kernel benchmark as its own binary (the same code as `fp8kv bench kernels`).
 //   fp8kv_bench [--quick] [--iters N] [--warmup N] [--device N] [--json FILE] [--no-prefill] [--no-gemm]
-//               [--only decode,prefill,quantize,linear]
+//               [--only decode,prefill,quantize,linear,ring]
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
     else if (a == "--json") o.json_path = value();
     else if (a == "--only") o.only = value();
     else {
-      std::fprintf(stderr, "usage: fp8kv_bench [--quick] [--iters N] [--warmup N] [--device N] [--json FILE] [--no-prefill] [--no-gemm] [--only decode,prefill,quantize,linear]\n");
+      std::fprintf(stderr, "usage: fp8kv_bench [--quick] [--iters N] [--warmup N] [--device N] [--json FILE] [--no-prefill] [--no-gemm] [--only decode,prefill,quantize,linear,ring]\n");
       return 2;
     }
   }

@@ -15,7 +15,8 @@ struct KernelBenchOptions {
   bool quick = false;         // smaller ceilings and shapes (a smoke test, not a measurement)
   bool prefill = true;        // include the prefill rows (PREFILL's kernel)
   bool gemm = true;           // measure the BF16/FP8 tensor-core ceilings through cuBLASLt
-  std::string only;           // comma list of sections to run (decode, prefill, quantize, linear); empty: all
+  std::string only;           // comma list of sections to run (decode, prefill, quantize, linear, ring);
+                              // empty: all but ring (a diagnostic, bench/ring_bench.h)
   std::string json_path;      // when set, every number is written there as JSON
   std::string prefill_cases;  // comma list of prefill case names (e.g. prefix8_1000); empty: all
 };

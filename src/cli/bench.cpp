@@ -23,11 +23,12 @@ void add_bench(CLI::App& app) {
   kernels->add_flag("--quick", options->quick, "small shapes: a smoke test, not a measurement");
   kernels->add_flag("!--no-prefill", options->prefill, "skip the prefill rows");
   kernels->add_flag("!--no-gemm", options->gemm, "skip the cuBLASLt GEMM ceilings");
-  kernels->add_option("--only", options->only, "run only these sections: a comma list of decode, prefill, quantize, linear")
+  kernels->add_option("--only", options->only, "run only these sections: a comma list of decode, prefill, quantize, linear, ring (ring: "
+                      "a bare bulk-copy ring, only when named)")
       ->check([](const std::string& v) {
         for (const std::string& part : comma_list(v)) {
-          if (part != "decode" && part != "prefill" && part != "quantize" && part != "linear") {
-            return "--only: unknown section '" + part + "' (decode, prefill, quantize, linear)";
+          if (part != "decode" && part != "prefill" && part != "quantize" && part != "linear" && part != "ring") {
+            return "unknown section '" + part + "' (decode, prefill, quantize, linear, ring)";
           }
         }
         return std::string();

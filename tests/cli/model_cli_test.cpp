@@ -25,6 +25,23 @@ using testing::token_lines;
 using testing::RunResult;
 RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
 
+// `bench kernels --only` takes the sections it knows (ring, the bare bulk-copy ring, only when
+// named) and refuses another by its name. Where there is no Hopper GPU the accepted list ends in
+// that error instead; on one it runs the ring rows (--quick: a small pool, one timed run).
+TEST(BenchCli, OnlyNamesTheSectionItRefuses) {
+  RunResult r = run("bench kernels --only decode,bogus");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "unknown section 'bogus'")) << r.output;
+  EXPECT_FALSE(contains(r.output, "--only: --only")) << r.output;
+  r = run("bench kernels --only ring --quick --warmup 1 --iters 1 --no-gemm");
+  EXPECT_FALSE(contains(r.output, "unknown section")) << r.output;
+  if (r.exit_code == 0) {
+    EXPECT_TRUE(contains(r.output, "ring: one CTA per SM")) << r.output;
+  } else {
+    EXPECT_TRUE(contains(r.output, "Hopper") || contains(r.output, "CUDA")) << r.output;
+  }
+}
+
 TEST(ModelCli, MakeCalibrateGenerateEval) {
   TempDir dir;
   const std::string model = dir.path() + "/tiny";

@@ -1,0 +1,97 @@
+// The bare bulk-copy ring of bench/ring_bench.h. Items of item_kb bytes, dealt round-robin
+// (CTA c takes items c, c + ctas, ...): (request, part, chunk of the request's tokens). Producer
+// warps issue each tile's copies into the next free stage (lanes < `lanes` of each, one copy after
+// another), completing on the stage's `full` mbarrier; one consumer warp waits for each stage,
+// holds it hold_ns (an item's last stage stall_ns more) and releases it on its `empty` mbarrier.
+#include <string>
+
+#include "bench/ring_bench.h"
+#include "fp8kv/error.h"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/common.cuh"
+
+namespace fp8kv {
+namespace {
+
+using namespace cuda;
+
+__device__ __forceinline__ void spin_ns(int ns) {
+  if (ns <= 0) return;
+  const uint64_t t0 = global_timer_ns();
+  while (global_timer_ns() - t0 < static_cast<uint64_t>(ns)) {
+  }
+}
+
+__global__ void ring_bench_kernel(const RingBenchParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t base = smem_addr(smem);
+  const uint32_t full = base + p.stages * p.stage_bytes, empty = full + 8 * p.stages;
+  const int copies = p.tile_tokens * (p.kv_split ? 2 : 1);  // per tile
+  if (static_cast<int>(threadIdx.x) < p.stages) {
+    mbarrier_init(full + 8 * threadIdx.x, copies);
+    mbarrier_init(empty + 8 * threadIdx.x, 1);
+  }
+  fence_barrier_init();
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int item_tokens = (p.item_kb << 10) / (copies / p.tile_tokens * p.copy_bytes);
+  const int chunks = p.tokens / item_tokens;
+  const int items = p.requests * p.parts * chunks;
+  const int tiles = item_tokens / p.tile_tokens;
+  if (warp < p.producers) {
+    const uint64_t policy = l2_evict_first_policy();
+    uint32_t use = 0;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+      const int r = item / (p.parts * chunks), part = item / chunks % p.parts, chunk = item % chunks;
+      for (int t = 0; t < tiles; ++t, ++use) {
+        const int s = use % p.stages;
+        if (use >= static_cast<uint32_t>(p.stages)) mbarrier_wait(empty + 8 * s, (use / p.stages - 1) & 1);
+        if (lane >= p.lanes) continue;
+        for (int c = warp * p.lanes + lane; c < copies; c += p.producers * p.lanes) {
+          const int tok = c % p.tile_tokens, v = c / p.tile_tokens;
+          const int64_t token = static_cast<int64_t>(r) * p.tokens + chunk * item_tokens + t * p.tile_tokens + tok;
+          const uint8_t* src = p.pool + token * p.row_bytes +
+                               (p.kv_split ? v * (p.row_bytes / 2) + part * p.copy_bytes : 0);
+          mbarrier_arrive_expect_tx(full + 8 * s, p.copy_bytes);
+          bulk_copy_g2s(base + s * p.stage_bytes + c * p.copy_bytes, src, p.copy_bytes, full + 8 * s, policy);
+        }
+      }
+    }
+  } else if (warp == p.producers) {
+    uint32_t use = 0;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+      for (int t = 0; t < tiles; ++t, ++use) {
+        const int s = use % p.stages;
+        mbarrier_wait(full + 8 * s, (use / p.stages) & 1);
+        spin_ns(p.hold_ns + (t == tiles - 1 ? p.stall_ns : 0));
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(empty + 8 * s);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void launch_ring_bench(const RingBenchParams& p, int ctas, cudaStream_t stream) {
+  const int per_token = p.kv_split ? 2 : 1;
+  const int copies = p.tile_tokens * per_token;
+  const int token_bytes = per_token * p.copy_bytes;
+  auto refuse = [](const std::string& why) { throw Error("ring bench: " + why); };
+  if (copies * p.copy_bytes != p.stage_bytes) refuse("a stage is not tile_tokens tokens of copies");
+  if (p.copy_bytes % 16 != 0) refuse("copy_bytes is not a multiple of 16");
+  if (p.kv_split ? 2 * p.parts * p.copy_bytes != p.row_bytes : p.parts != 1 || p.copy_bytes != p.row_bytes) {
+    refuse("the parts' copies do not cover a slot row");
+  }
+  const int64_t item_bytes = int64_t{p.item_kb} << 10;
+  if (item_bytes % p.stage_bytes != 0 || p.tokens % (item_bytes / token_bytes) != 0) {
+    refuse("an item is not whole tiles of a request's tokens");
+  }
+  if (p.stages < 2 || p.producers < 1 || p.lanes < 1 || p.lanes > 32) refuse("stages, producers or lanes");
+  const int smem = p.stages * (p.stage_bytes + 16);
+  FP8KV_CUDA_CHECK(cudaFuncSetAttribute(ring_bench_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  ring_bench_kernel<<<ctas, 32 * (p.producers + 1), smem, stream>>>(p);
+  FP8KV_CUDA_CHECK_LAUNCH("ring_bench_kernel");
+}
+
+}  // namespace fp8kv
