@@ -982,13 +982,13 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   if (!o.only.empty() && want("ring")) {
     r.line("");
     r.line("ring: one CTA per SM, items of 512 KB dealt round-robin, 2 KB slot rows   hold_ns  stall_ns   time_us      GB/s  %%read_bw");
-    struct Ring { const char* what; int copy, tile, parts; bool kv; int stages, stage_bytes, producers, lanes; };
+    struct Ring { const char* what; RingShape shape; };
     const std::vector<Ring> rings = {
-        {"512 B K/V copies, 64 tokens, 3 x 64 KB, 8 x 16 lanes", 512, 64, 2, true, 3, 65536, 8, 16},
-        {"1 KB K/V copies, 32 tokens, 3 x 64 KB, 4 x 16 lanes", 1024, 32, 1, true, 3, 65536, 4, 16},
-        {"2 KB rows, 32 tokens, 3 x 64 KB, 2 x 16 lanes", 2048, 32, 1, false, 3, 65536, 2, 16},
-        {"256 B K/V copies, 64 tokens, 6 x 32 KB, 8 x 16 lanes", 256, 64, 4, true, 6, 32768, 8, 16},
-        {"512 B K/V copies, 64 tokens, 2 x 64 KB, 8 x 16 lanes", 512, 64, 2, true, 2, 65536, 8, 16}};
+        {"512 B K/V copies, 64 tokens, 3 x 64 KB, 8 x 16 lanes", {512, 64, 2, true, 3, 65536, 8, 16}},
+        {"1 KB K/V copies, 32 tokens, 3 x 64 KB, 4 x 16 lanes", {1024, 32, 1, true, 3, 65536, 4, 16}},
+        {"2 KB rows, 32 tokens, 3 x 64 KB, 2 x 16 lanes", {2048, 32, 1, false, 3, 65536, 2, 16}},
+        {"256 B K/V copies, 64 tokens, 6 x 32 KB, 8 x 16 lanes", {256, 64, 4, true, 6, 32768, 8, 16}},
+        {"512 B K/V copies, 64 tokens, 2 x 64 KB, 8 x 16 lanes", {512, 64, 2, true, 2, 65536, 8, 16}}};
     const int requests = o.quick ? 32 : 256, tokens = 2048, row_bytes = 2048;
     BackendBuffer pool(device(), static_cast<size_t>(requests) * tokens * row_bytes);
     fill_e4m3(pool.get(), pool.bytes(), 61, 1.0f, s);
@@ -999,22 +999,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       // hold: about the FP8 decode consumers' compute per 64 KB stage, scaled to the stage;
       // stall: an item's epilogue.
       for (const Hold h : {Hold{0, 0}, Hold{1300, 0}, Hold{1300, 2500}}) {
-        RingBenchParams p;
-        p.pool = pool.as<uint8_t>();
-        p.row_bytes = row_bytes;
-        p.requests = requests;
-        p.tokens = tokens;
-        p.copy_bytes = g.copy;
-        p.tile_tokens = g.tile;
-        p.parts = g.parts;
-        p.kv_split = g.kv;
-        p.stages = g.stages;
-        p.stage_bytes = g.stage_bytes;
-        p.producers = g.producers;
-        p.lanes = g.lanes;
-        p.item_kb = 512;
-        p.hold_ns = static_cast<int>(int64_t{h.hold_ns} * g.stage_bytes / 65536);
-        p.stall_ns = h.stall_ns;
+        const RingBenchParams p{pool.as<uint8_t>(), row_bytes, requests, tokens, g.shape, 512,
+                                static_cast<int>(int64_t{h.hold_ns} * g.shape.stage_bytes / 65536),
+                                h.stall_ns};
         const double us = time_us([&] { launch_ring_bench(p, sms, s); }, o.warmup, o.iters, s);
         const double gbs = ring_bench_bytes(p) / us * 1e-3;
         r.line("  %-68s %7d  %8d  %8.1f  %8.0f  %7.1f%%", g.what, p.hold_ns, p.stall_ns, us, gbs, 100.0 * gbs / read_gbs);

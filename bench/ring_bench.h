@@ -11,10 +11,8 @@
 
 namespace fp8kv {
 
-struct RingBenchParams {
-  const uint8_t* pool;   // [requests * tokens, row_bytes]: slot rows, a request's tokens adjacent
-  int row_bytes;         // one token's slot row (K then V of every head)
-  int requests, tokens;  // tokens per request
+// The ring's shape: how a stage is gathered and how deep the ring is.
+struct RingShape {
   int copy_bytes;        // one bulk copy
   int tile_tokens;       // tokens a stage holds
   int parts;             // items per (request, token chunk): the row's head groups
@@ -22,6 +20,13 @@ struct RingBenchParams {
                          // otherwise one copy of the whole row (parts 1)
   int stages, stage_bytes;
   int producers, lanes;  // producer warps and the lanes of each that issue copies
+};
+
+struct RingBenchParams {
+  const uint8_t* pool;   // [requests * tokens, row_bytes]: slot rows, a request's tokens adjacent
+  int row_bytes;         // one token's slot row (K then V of every head)
+  int requests, tokens;  // tokens per request
+  RingShape shape;
   int item_kb;           // bytes an item reads (a whole number of tiles)
   int hold_ns;           // how long the consumer holds each stage (its compute)
   int stall_ns;          // and an item's last stage before it releases it (an epilogue)
