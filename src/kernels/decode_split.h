@@ -25,6 +25,16 @@ constexpr int kDecodeCtaOverheadTokens = 128;
 // fixed region of the decode workspace that must stay zero between launches whatever the shapes;
 // a grid of more unsplit CTAs than that is not split (it fills the GPU many times over anyway).
 constexpr int64_t kDecodeMaxSplitGroups = 4096;
+// More splits than kDecodeTwoLevelMergeAbove merge in two levels (sub-groups of kDecodeMergeFanIn
+// adjacent splits, then the sub-groups' partials), each sub-group counting its arrivals too: the
+// region holds one group counter per group, then kDecodeMergeSubGroups sub-group counters per
+// group. At 16 splits one merge is faster (B=4 L=32768, H200: 71.8 us in one merge, 74.5 in two
+// levels); at 63, two levels (B=1 L=131072: 76.7 -> 75.2; docs/GPU.md, twenty-eighth session).
+constexpr int kDecodeMergeFanIn = 8;
+constexpr int kDecodeTwoLevelMergeAbove = 16;
+constexpr int kDecodeMergeSubGroups = kDecodeMaxSplits / kDecodeMergeFanIn;
+constexpr int64_t kDecodeSplitCounters = kDecodeMaxSplitGroups * (1 + kDecodeMergeSubGroups);
+static_assert(kDecodeMaxSplits % kDecodeMergeFanIn == 0, "whole sub-groups of counters");
 
 // ctas: CTAs without splitting (B * Hkv * head chunks); resident: CTAs the GPU holds at once
 // (SMs x CTAs per SM); max_seq_len: the longest request.

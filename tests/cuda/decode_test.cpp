@@ -360,21 +360,27 @@ TEST(CudaDecode, SplitMergesRepeatAcrossShapes) {
 // counter reads zero; between the two the partials' region is filled with NaN, and the second
 // launch gives the first's bits (the merge reads only what this launch wrote, in a fixed order);
 // both match the CPU twin. bf16 at head_dim 64 (two KV heads per CTA; Hkv 3 leaves the last CTA
-// one), 128 and 256, GQA 12 (two head chunks, the second half full).
+// one), 128 and 256, GQA 12 (two head chunks, the second half full); with 3 KV heads the groups
+// take at most kDecodeTwoLevelMergeAbove splits (one merge); with 1 KV head, GQA 8 and four
+// requests, more (sub-groups merged first, their counters too).
 TEST(CudaDecode, FusedSplitMergeLeavesItsCountersZero) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
-  const size_t counter_bytes = cuda::kDecodeMaxSplitGroups * sizeof(uint32_t);
-  for (int D : {64, 128, 256}) {
-    SCOPED_TRACE("D=" + std::to_string(D));
+  const size_t counter_bytes = cuda::kDecodeSplitCounters * sizeof(uint32_t);
+  struct Shape { int hkv, D; };
+  for (const Shape sh : {Shape{3, 64}, Shape{3, 128}, Shape{3, 256}, Shape{1, 64}, Shape{1, 128},
+                         Shape{1, 256}}) {
+    const int hkv = sh.hkv, D = sh.D;
+    SCOPED_TRACE("Hkv=" + std::to_string(hkv) + " D=" + std::to_string(D));
     test::ProblemSpec spec;
-    spec.requests = decode_requests({16384, 9000, 2500, 300, 1});
-    spec.num_kv_heads = 3;
-    spec.num_q_heads = 36;
+    spec.requests = hkv == 1 ? decode_requests({16384, 9000, 300, 1})
+                             : decode_requests({16384, 9000, 2500, 300, 1});
+    spec.num_kv_heads = hkv;
+    spec.num_q_heads = hkv == 1 ? 8 : 12 * hkv;
     spec.head_dim = D;
     spec.data.outlier_channels = 2;
-    spec.seed = 9100 + D;
+    spec.seed = 9100 + D + (hkv == 1 ? 7 : 0);
     const test::AttentionProblem prob = test::make_problem(spec);
     const KvScheme scheme = KvScheme::kBf16;
     const test::KvScales scales = test::calibrate_scales(prob, scheme);
@@ -401,6 +407,11 @@ TEST(CudaDecode, FusedSplitMergeLeavesItsCountersZero) {
 
     const int splits = static_cast<int>((cuda::decode_launch_key(p) >> 16) & 0xffff);
     ASSERT_GE(splits, 4) << "the case must split the KV length several times";
+    if (hkv == 1) {
+      ASSERT_GT(splits, cuda::kDecodeTwoLevelMergeAbove) << "the case must merge in two levels";
+    } else {
+      ASSERT_LE(splits, cuda::kDecodeTwoLevelMergeAbove) << "the case must merge in one";
+    }
     const size_t ws_bytes = cuda::decode_workspace_bytes(p);
     ASSERT_GT(ws_bytes, counter_bytes);
     BackendBuffer ws(*gpu, ws_bytes);

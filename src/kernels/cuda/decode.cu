@@ -68,11 +68,12 @@ uint64_t* g_timeline = nullptr;
 void set_decode_timeline(uint64_t* buffer) { g_timeline = buffer; }
 #endif
 
-// The workspace of a split launch: the group counters first, in a region of fixed size and place
+// The workspace of a split launch: the group and sub-group counters first (decode_split.h), in a
+// region of fixed size and place
 // (they must be zero at every launch whatever shapes the workspace served before, and the
 // partials of another shape would overwrite a region that moved), then the partial outputs and
 // their log-sum-exps.
-constexpr size_t kCounterBytes = kDecodeMaxSplitGroups * sizeof(uint32_t);
+constexpr size_t kCounterBytes = kDecodeSplitCounters * sizeof(uint32_t);
 
 size_t decode_workspace_bytes(const AttentionParams& p) {
   const DecodePlan plan = plan_decode(p);

@@ -21,7 +21,8 @@
 // head, computed once) and the CTA writes bf16 (one split) or a normalized partial and its
 // log-sum-exp. Split-KV: the CTAs of a group (request b, blockIdx.y: the same KV and query heads,
 // every split of the KV length) count their arrivals in the workspace, and the last one to
-// arrive merges the group's splits (merge_group_splits): no second kernel.
+// arrive merges the group's splits (merge_group_splits; beyond kDecodeTwoLevelMergeAbove splits in two
+// levels, sub-groups of adjacent splits first): no second kernel.
 //
 // Layout: transposed products, so that no MMA row is padding. A GQA group has only 1..8 query
 // heads, so they are the N = 8 dimension and keys / dims the M = 16 dimension:
@@ -158,50 +159,55 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
 }
 
 // The query heads of a split-KV group (request b; kv_here KV heads from g0, query heads hc * 8 ..
-// of each: `heads` of them) as rows i = 0 .. kv_here * heads - 1.
+// of each: `heads` of them) as rows i = 0 .. kv_here * heads - 1, and the partials one merge
+// takes: `count` splits from `first`, `stride` apart (every split of the group, or one partial
+// per sub-group, merge_group_splits).
 struct GroupRows {
-  int b, g0, hc, heads, splits;
+  int b, g0, hc, heads, splits;  // splits: a.num_splits, the partials' row length in ws_o / ws_lse
+  int first, count, stride;
   __device__ int head(int i, const DecodeArgs& a) const {
     return (g0 + i / heads) * a.group + hc * kRows + i % heads;
   }
-  // Row i's first split in ws_o / ws_lse ([B, Hq, splits]).
+  // Row i's split 0 in ws_o / ws_lse ([B, Hq, splits]).
   __device__ int64_t split_row0(int i, const DecodeArgs& a) const {
     return (static_cast<int64_t>(b) * a.num_q_heads + head(i, a)) * splits;
   }
 };
 
 // Merges float4 columns item = threadIdx.x + j * threads (j < kN) of the group's rows x D / 4
-// (items past `total` are not this thread's): sum_s w_s o_s / sum_s w_s in split order, to bf16.
-// The split loop is unrolled to keep 8 float4 loads of each thread in flight (the partials sit in
-// L2: latency, not bandwidth, is the cost); 4 where three CTAs share an SM (80 registers per
-// thread do not hold 8 without spilling).
-template <class Sh, int D, int kN>
+// (items past `total` are not this thread's): sum_k w_k o_k / sum_k w_k over the merge's partials
+// in order, to bf16 in the output (kFinal) or in place of the first partial (a sub-group's merge).
+// The loop is unrolled to keep 8 float4 loads of each thread in flight (the partials sit in L2:
+// latency, not bandwidth, is the cost); 4 where three CTAs share an SM (80 registers per thread
+// do not hold 8 without spilling). A thread writes only the columns it read.
+template <class Sh, int D, int kN, bool kFinal>
 __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRows& g,
                                               const float* s_w, const float* s_mx, int total) {
   constexpr int kVecs = D / 4;  // float4 columns of a row
   constexpr int kInFlight = Sh::kMinBlocks >= 3 ? 4 : 8;
   constexpr int kUnroll = kN >= kInFlight / 2 ? 2 : kInFlight / kN;
   if (static_cast<int>(threadIdx.x) >= total) return;  // no column here (item 0 is the first)
-  const float* src[kN];
+  float* src[kN];
   const float* w_row[kN];
   bool valid[kN];
   float acc[kN][4], sum_w[kN];
+  const int64_t step = static_cast<int64_t>(g.stride) * D;
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
     const int item = threadIdx.x + j * Sh::kThreads;
     valid[j] = item < total;
     const int i = valid[j] ? item / kVecs : 0;
-    src[j] = a.ws_o + g.split_row0(i, a) * D + 4 * (item % kVecs);
-    w_row[j] = s_w + i * g.splits;
+    src[j] = a.ws_o + (g.split_row0(i, a) + g.first) * D + 4 * (item % kVecs);
+    w_row[j] = s_w + i * g.count;
     acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = sum_w[j] = 0.0f;
   }
 #pragma unroll kUnroll
-  for (int s = 0; s < g.splits; ++s) {
+  for (int k = 0; k < g.count; ++k) {
 #pragma unroll
     for (int j = 0; j < kN; ++j) {
       if (!valid[j]) continue;
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(src[j] + s * D));
-      const float w = w_row[j][s];
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(src[j] + k * step));
+      const float w = w_row[j][k];
       sum_w[j] += w;
       acc[j][0] += w * x.x;
       acc[j][1] += w * x.y;
@@ -214,27 +220,37 @@ __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRo
     if (!valid[j]) continue;
     const int item = threadIdx.x + j * Sh::kThreads;
     const int i = item / kVecs;
-    // Every split empty (max lse = -inf): 0, as the weights were never computed.
+    // Every partial empty (max lse = -inf): 0, as the weights were never computed.
     const bool any = s_mx[i] != -INFINITY && sum_w[j] > 0.0f;
-    uint16_t* dst = a.o +
-                    (static_cast<int64_t>(a.cu_seqlens_q[g.b]) * a.num_q_heads + g.head(i, a)) * D +
-                    4 * (item % kVecs);
+    float out[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dst[e] = float_to_bf16_bits(any ? acc[j][e] / sum_w[j] : 0.0f);
+    for (int e = 0; e < 4; ++e) out[e] = any ? acc[j][e] / sum_w[j] : 0.0f;
+    if constexpr (kFinal) {
+      uint16_t* dst = a.o +
+                      (static_cast<int64_t>(a.cu_seqlens_q[g.b]) * a.num_q_heads + g.head(i, a)) * D +
+                      4 * (item % kVecs);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[e] = float_to_bf16_bits(out[e]);
+    } else {
+      __stcg(reinterpret_cast<float4*>(src[j]), make_float4(out[0], out[1], out[2], out[3]));
+    }
   }
 }
 
 // Split-KV merge of one group (request blockIdx.z; the CTA's KV heads x the query heads of its
-// head chunk, blockIdx.y), run by the group's last CTA once every split's partial is in ws_o /
-// ws_lse: o = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse), accumulated in split order,
-// so the bits do not depend on which CTA arrives last (the math and order of the former merge
-// kernel, one warp per row). The weights go to shared memory (the ring's, free by now: the caller
-// passed a barrier after the CTA's own merge); then the threads take the group's rows x float4
-// columns (merge_columns) and stream the splits' partials from L2 (ld.global.cg: other CTAs wrote
-// them). The group's coordinates are derived again from the CTA's indices rather than kept live
-// through the main loop (register pressure).
-template <class Sh, int D>
-__device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t* smem) {
+// head chunk, blockIdx.y): o = sum_k w_k o_k / sum_k w_k with w_k = 2^(lse_k - max lse) over the
+// partials first, first + stride, ... (count of them), accumulated in that order, so the bits do
+// not depend on which CTA runs it (the math and order of the former merge kernel, one warp per
+// row). kFinal: the group's output. Otherwise a sub-group's partial, written over the first one
+// with its log-sum-exp max lse + log2(sum_k w_k): the same normalized form as a split's, so the
+// final merge takes it as one. The weights go to shared memory (the ring's, free by now: the
+// caller passed a barrier after the CTA's last use of it); then the threads take the group's
+// rows x float4 columns (merge_columns) and stream the partials from L2 (ld.global.cg: other CTAs
+// wrote them). The group's coordinates are derived again from the CTA's indices rather than kept
+// live through the main loop (register pressure).
+template <class Sh, int D, bool kFinal>
+__device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t* smem, int first,
+                                                   int count, int stride) {
   constexpr int kMaxRows = Sh::kKv * kRows;                  // rows (query heads) of a group
   constexpr int kItems = kMaxRows * (D / 4) / Sh::kThreads;  // float4 columns per thread: D / 64
   static_assert(kMaxRows * (D / 4) % Sh::kThreads == 0,
@@ -247,35 +263,50 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
   g.b = blockIdx.z;
   g.heads = min(kRows, a.group - g.hc * kRows);
   g.splits = a.num_splits;
+  g.first = first;
+  g.count = count;
+  g.stride = stride;
   const int rows = min(Sh::kKv, a.num_kv_heads - g.g0) * g.heads;
-  float* s_w = reinterpret_cast<float*>(smem);      // [rows, splits] lse, then the weights
+  float* s_w = reinterpret_cast<float*>(smem);      // [rows, count] lse, then the weights
   float* s_mx = s_w + kMaxRows * kDecodeMaxSplits;  // [rows] max lse
-  for (int i = threadIdx.x; i < rows * g.splits; i += Sh::kThreads) {
-    s_w[i] = __ldcg(a.ws_lse + g.split_row0(i / g.splits, a) + i % g.splits);
+  for (int i = threadIdx.x; i < rows * count; i += Sh::kThreads) {
+    s_w[i] = __ldcg(a.ws_lse + g.split_row0(i / count, a) + first + (i % count) * stride);
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int i = warp; i < rows; i += Sh::kThreads / 32) {
-    float* w = s_w + i * g.splits;
+    float* w = s_w + i * count;
     float mx = -INFINITY;
-    for (int s = lane; s < g.splits; s += 32) mx = fmaxf(mx, w[s]);
+    for (int k = lane; k < count; k += 32) mx = fmaxf(mx, w[k]);
     mx = warp_max(mx);
+    float sum = 0.0f;
     if (mx != -INFINITY) {
-      for (int s = lane; s < g.splits; s += 32) w[s] = exp2f(w[s] - mx);
+      for (int k = lane; k < count; k += 32) {
+        w[k] = exp2f(w[k] - mx);
+        sum += w[k];
+      }
     }
     if (lane == 0) s_mx[i] = mx;
+    if constexpr (!kFinal) {
+      // The sub-group's log-sum-exp in place of its first partial's (read above, before the
+      // barrier, by every thread that needed it).
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        a.ws_lse[g.split_row0(i, a) + first] = mx != -INFINITY && sum > 0.0f ? mx + __log2f(sum) : -INFINITY;
+      }
+    }
   }
   __syncthreads();
   // A group of at most half the rows (GQA 4 fills half of a CTA's 8 query-head columns) on half
-  // the columns per thread, each with twice the splits' loads in flight.
+  // the columns per thread, each with twice the partials' loads in flight.
   const int total = rows * (D / 4);
   if constexpr (kItems >= 2) {
     if (total <= Sh::kThreads * (kItems / 2)) {
-      merge_columns<Sh, D, kItems / 2>(a, g, s_w, s_mx, total);
+      merge_columns<Sh, D, kItems / 2, kFinal>(a, g, s_w, s_mx, total);
       return;
     }
   }
-  merge_columns<Sh, D, kItems>(a, g, s_w, s_mx, total);
+  merge_columns<Sh, D, kItems, kFinal>(a, g, s_w, s_mx, total);
 }
 
 #ifdef FP8KV_DECODE_TIMELINE
@@ -726,16 +757,44 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     // and the barrier after it ordering the other CTAs' partials before the merge's reads (CUDA's
     // grid-sync pattern: no fence in every thread). The first barrier also ends every thread's
     // reads of the in-CTA merge's shared memory, which the split merge reuses.
+    //
+    // More than kDecodeTwoLevelMergeAbove splits merge in two levels, so that one CTA does not read every
+    // split's partial while the GPU idles: the last CTA of each sub-group of kDecodeMergeFanIn
+    // adjacent splits merges them into the sub-group's first partial, then arrives at the
+    // group's counter, whose last arrival merges the sub-groups' partials. Fixed sub-groups and
+    // orders: the bits still do not depend on which CTA arrives when.
     __syncthreads();
-    bool last = false;
-    if (threadIdx.x == 0) {
-      uint32_t* counter = a.split_counters + static_cast<int64_t>(b) * gridDim.y + blockIdx.y;
-      last = atomic_add_acq_rel_gpu(counter, 1u) == static_cast<uint32_t>(a.num_splits - 1);
-      // Every split has arrived, and none comes again in this launch: zero for the next one (a
-      // later launch, or a CUDA graph's replay, on the same workspace).
-      if (last) *counter = 0u;
+    // One arrival of the CTA on `counter` (which expects `arrivals`): whether it was the last.
+    // The last one puts the counter back to zero for the next launch or a graph's replay (none
+    // comes again in this launch).
+    const auto arrive = [](uint32_t* counter, int arrivals) {
+      bool last = false;
+      if (threadIdx.x == 0) {
+        last = atomic_add_acq_rel_gpu(counter, 1u) == static_cast<uint32_t>(arrivals - 1);
+        if (last) *counter = 0u;
+      }
+      return __syncthreads_or(last);
+    };
+    const int64_t group = static_cast<int64_t>(b) * gridDim.y + blockIdx.y;
+    uint32_t* group_counter = a.split_counters + group;
+    if (a.num_splits <= kDecodeTwoLevelMergeAbove) {
+      if (arrive(group_counter, a.num_splits)) {
+        decode_mma::merge_group_splits<Sh, kHeadDim, true>(a, smem, 0, a.num_splits, 1);
+      }
+    } else {
+      const int first = split / kDecodeMergeFanIn * kDecodeMergeFanIn;
+      const int count = min(kDecodeMergeFanIn, a.num_splits - first);
+      uint32_t* sub_counter = a.split_counters + kDecodeMaxSplitGroups +
+                              group * kDecodeMergeSubGroups + split / kDecodeMergeFanIn;
+      if (arrive(sub_counter, count)) {
+        decode_mma::merge_group_splits<Sh, kHeadDim, false>(a, smem, first, count, 1);
+        __syncthreads();  // the sub-group's partial written, the weights' shared memory read
+        if (arrive(group_counter, ceil_div(a.num_splits, kDecodeMergeFanIn))) {
+          decode_mma::merge_group_splits<Sh, kHeadDim, true>(
+              a, smem, 0, ceil_div(a.num_splits, kDecodeMergeFanIn), kDecodeMergeFanIn);
+        }
+      }
     }
-    if (__syncthreads_or(last)) decode_mma::merge_group_splits<Sh, kHeadDim>(a, smem);
   }
 #ifdef FP8KV_DECODE_TIMELINE
   __syncthreads();
