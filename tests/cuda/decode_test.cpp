@@ -263,6 +263,45 @@ TEST(CudaDecode, PersistentKernelMatchesTheTwinAndOneItemCtas) {
   }
 }
 
+// After its first round the persistent kernel deals the items longest first (a stable counting
+// sort of the requests by their tiles, which every CTA builds alike): a batch whose lengths fall
+// in many buckets (the order built), one of a single length (one bucket: index order, no sort) and
+// one of more requests than the order holds (about 7800: index order) match the CPU twin and give
+// the same bits when launched again.
+TEST(CudaDecode, PersistentLongestFirstOrdersMatchTheTwin) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  struct Case { const char* name; int batch; int (*len)(int b); };
+  // Sizes kept small (the twin and the float64 references cost ~0.2 ms a token here), but every
+  // batch of at least two waves of items (fp8: 2 items a request, bf16: 4; 132 CTAs on an H200).
+  for (const Case& c : {Case{"many buckets", 150, [](int b) { return 1 + (b * 193) % 700; }},
+                        Case{"one length", 300, [](int) { return 64; }},
+                        Case{"beyond the order", 9000, [](int b) { return 1 + (b * 37) % 9; }}}) {
+    for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kBf16}) {
+      if (c.batch > 1000 && scheme == KvScheme::kBf16) continue;  // one scheme is enough there
+      SCOPED_TRACE(std::string(c.name) + " " + scheme_name(scheme));
+      test::ProblemSpec spec;
+      spec.requests.clear();
+      for (int b = 0; b < c.batch; ++b) spec.requests.push_back({c.len(b) - 1, 1});
+      spec.num_kv_heads = 8;
+      spec.num_q_heads = 32;
+      spec.head_dim = 128;
+      spec.data.outlier_channels = 2;
+      spec.seed = 1300 + c.batch;
+      const test::AttentionProblem prob = test::make_problem(spec);
+      ASSERT_TRUE(takes_persistent(prob, scheme));
+      expect_close(run_case(*cpu, *gpu, prob, scheme));
+      const test::KvScales scales = test::calibrate_scales(prob, scheme);
+      test::RunOptions opt;
+      opt.phase = AttentionPhase::kDecode;
+      const test::AttentionRun first = test::run_attention(*gpu, prob, scheme, scales, opt);
+      const test::AttentionRun again = test::run_attention(*gpu, prob, scheme, scales, opt);
+      EXPECT_TRUE(first.o == again.o) << "a repeated launch gave different bits";
+    }
+  }
+}
+
 // The kernel's own error must not grow with the context (the FA3 FP8 long-context failure:
 // accumulating many tiles in one low-precision level): 33k keys vs 1k keys, measured against
 // float64 attention on the same FP8-rounded inputs. Against the exact bf16 inputs the normalized

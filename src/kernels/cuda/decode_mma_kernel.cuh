@@ -825,7 +825,8 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   // the consumers take the rest (kConsumerRegs, at least kLaunchRegs). An increase beyond the
   // launch's allocation would wait for ever.
   static constexpr int kLaunchRegs = 65536 / kAllThreads / 8 * 8;  // 384+ threads: at most 168
-  static constexpr int kProducerRegs = 32;
+  // 40: the producers also build the longest-first order (build_order); 32 spilled there.
+  static constexpr int kProducerRegs = 40;
   static constexpr int kConsumerPool = (kLaunchRegs * kAllThreads - kProducerRegs * kProducers) / kThreads / 8 * 8;
   static constexpr int kConsumerRegs = kConsumerPool > 240 ? 240 : kConsumerPool;
   static constexpr int kStages = 209000 / kStageBytes;
@@ -833,8 +834,19 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   static constexpr int kFullOffset = kHeaderOffset + 8 * kStages;     // mbarrier per stage
   static constexpr int kEmptyOffset = kFullOffset + 8 * kStages;      // mbarrier per stage
   static constexpr int kItemOffset = kEmptyOffset + 8 * kStages;      // the producers' next item
-  static constexpr int kSmemBytes = kItemOffset + 8;
-  static_assert(kStages >= 3 && kSmemBytes <= 227 * 1024, "the ring fits one CTA per SM");
+  // The producers' longest-first order of the requests whose items all come after the first
+  // round (build_order in the kernel): bucket counts and cursors, each warp's count per bucket,
+  // then, in what is left of the SM's shared memory, the order (uint16) and each request's bucket
+  // (uint8). kItemOffset + 4: whether the order was built (0: index order).
+  static constexpr int kOrderBuckets = 256;
+  static constexpr int kSortOffset = kItemOffset + 16;
+  static constexpr int kSortBytes = 2 * kOrderBuckets * 4 + kProducers / 32 * kOrderBuckets * 2;
+  static constexpr int kOrderOffset = kSortOffset + kSortBytes;
+  static constexpr int kOrderCapacity = (227 * 1024 - kOrderOffset) / 3 / 16 * 16;  // requests
+  static constexpr int kKeyOffset = kOrderOffset + 2 * kOrderCapacity;
+  static constexpr int kSmemBytes = kKeyOffset + kOrderCapacity;
+  static_assert(kStages >= 3 && kOrderCapacity >= 1024 && kSmemBytes <= 227 * 1024,
+                "the ring and an order of 1024 requests or more fit one CTA per SM");
   static_assert(kMergeBytes <= kStageBytes, "the warps' merge fits the last tile's stage");
   static_assert(2 * kTileTokens == kProducers / 32 * kCopyLanes, "one producer lane per K or V row of a tile");
   static_assert(kThreads % 128 == 0 && kProducers % 128 == 0, "setmaxnreg takes whole warpgroups");
@@ -847,7 +859,8 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
 // The persistent decode kernel, for unsplit grids of several waves (decode_persistent, decode.cu):
 // one CTA per SM takes items (request b, head group y: kKv KV heads and up to 8 query heads of
 // each) from a counter in the workspace until none is left. Eight producer warps, the CTA's last
-// 256 threads (32 registers each: setmaxnreg gives the rest to the consumers), fetch the items,
+// 256 threads (kProducerRegs each: setmaxnreg gives the rest to the consumers), fetch the items
+// (a CTA's first its own index, then longest first: build_order),
 // read their slots and issue every tile's bulk copies into the ring (lanes 0..15 of producer warp
 // w: rows 16w..16w+15 of the tile's 64 K then 64 V rows, 16 copies per warp and tile, which land a
 // tile sooner than the 32 of four warps did; stage s's `full` mbarrier: their 128 arrivals and the
@@ -893,8 +906,133 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     // The next item (thread 0 of the producers takes it from the counter; named barrier 2 hands it
     // to the others): its request's slot row and tiles (none for an empty or refused request: one
     // header-only stage then). request_row records a refusal from thread 0 only: a consumer's.
-    auto fetch = [&] {
-      if (p == 0) *next_item = static_cast<int>(atomicAdd(a.split_counters, 1u));
+    // Longest first: a CTA's first item is its own index (every launch has more items than CTAs).
+    // The counter then deals the later items: first those of the request that the first round cut
+    // (`rem` of them), then request by request in an order by tiles, descending, so that a batch
+    // of mixed lengths does not end on a long item dealt last (the mixed row's CTAs ended 18 us
+    // apart, docs/GPU.md, twenty-seventh session). Every CTA builds the same order of requests (a
+    // stable counting sort, build_order) while its first item streams: in the producers' first
+    // wait for a free stage (the ring full, the consumers on its first tile: time the producers
+    // would idle), or at the first later fetch if that comes sooner;
+    // when one bucket holds them all (a batch of one length) the order is the index order and no
+    // sort runs. An item's bits do not depend on when it runs. Beyond kOrderCapacity requests:
+    // index order. (Derived where used rather than kept live through the loop: the producers'
+    // registers.)
+    const auto first_full = [&] { return ceil_div(static_cast<int>(gridDim.x), items_y); };
+    const auto sorted_requests = [&] { return a.num_items / items_y - first_full(); };
+    uint16_t* const order = reinterpret_cast<uint16_t*>(smem + Sh::kOrderOffset);
+    int* const ordered = reinterpret_cast<int*>(smem + Sh::kItemOffset + 4);
+    bool order_built = false;
+    // 8 buckets an octave of a request's tiles (0: none), so that the buckets rise with the tiles.
+    const auto request_key = [&](int b) {
+      const int32_t req = a.req_index[b];
+      const int tiles = req >= 0 && req < a.max_requests
+                            ? ceil_div(min(a.seq_len[b], a.split_tokens), kTileTokens)
+                            : 0;
+      if (tiles <= 0) return 0;
+      const int e = 31 - __clz(tiles);
+      return 1 + 8 * e + (e >= 3 ? tiles >> (e - 3) : tiles << (3 - e)) % 8;
+    };
+    const auto build_order = [&] {
+      constexpr int kBuckets = Sh::kOrderBuckets, kWarpsP = Sh::kProducers / 32;
+      uint32_t* count = reinterpret_cast<uint32_t*>(smem + Sh::kSortOffset);  // [kBuckets]
+      uint32_t* cursor = count + kBuckets;                                     // [kBuckets]
+      uint16_t* warp_count = reinterpret_cast<uint16_t*>(cursor + kBuckets);   // [warps, kBuckets]
+      uint8_t* key = smem + Sh::kKeyOffset;                                    // [requests]
+      const int n = sorted_requests();
+      if (n <= 1 || n > Sh::kOrderCapacity) {
+        if (p == 0) *ordered = 0;
+        return;  // the caller's barrier publishes the flag
+      }
+      for (int k = p; k < kBuckets; k += Sh::kProducers) count[k] = 0;
+      for (int k = p; k < kWarpsP * kBuckets; k += Sh::kProducers) warp_count[k] = 0;
+      named_barrier_sync(2, Sh::kProducers);
+      for (int q = p; q < n; q += Sh::kProducers) {
+        const int k = request_key(first_full() + q);
+        key[q] = static_cast<uint8_t>(k);
+        atomicAdd(&count[k], 1u);
+      }
+      named_barrier_sync(2, Sh::kProducers);
+      // cursor[k]: the requests in buckets above k (descending), by warp 0: lane l sums buckets
+      // 255 - 8l .. 248 - 8l, then an exclusive scan over the lanes; and whether one bucket holds
+      // every request.
+      if (p < 32) {
+        static_assert(kBuckets == 256, "8 buckets a lane");
+        uint32_t sum = 0;
+        bool all_in_one = false;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t c = count[kBuckets - 1 - 8 * p - i];
+          sum += c;
+          all_in_one |= c == static_cast<uint32_t>(n);
+        }
+        uint32_t before = sum;
+#pragma unroll
+        for (int d = 1; d < 32; d *= 2) {
+          const uint32_t x = __shfl_up_sync(kFullMask, before, d);
+          if (p >= d) before += x;
+        }
+        before -= sum;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int k = kBuckets - 1 - 8 * p - i;
+          cursor[k] = before;
+          before += count[k];
+        }
+        all_in_one = __any_sync(kFullMask, all_in_one);
+        if (p == 0) *ordered = all_in_one ? 0 : 1;
+      }
+      named_barrier_sync(2, Sh::kProducers);
+      if (*ordered == 0) return;
+      // Stable: within a bucket, requests keep their index order (chunks of kProducers in turn;
+      // within one, lanes of a warp by rank, warps by their counts).
+      const uint32_t lanes_below = (1u << lane) - 1u;
+      const int warp_p = p / 32;
+      for (int base = 0; base < n; base += Sh::kProducers) {
+        const int q = base + p;
+        const bool valid = q < n;
+        const int k = valid ? key[q] : kBuckets;
+        const uint32_t same = __match_any_sync(kFullMask, k);
+        const bool leader = (same & lanes_below) == 0;
+        if (valid && leader) warp_count[warp_p * kBuckets + k] = __popc(same);
+        named_barrier_sync(2, Sh::kProducers);
+        if (valid) {
+          uint32_t pos = cursor[k] + __popc(same & lanes_below);
+          for (int w = 0; w < warp_p; ++w) pos += warp_count[w * kBuckets + k];
+          order[pos] = static_cast<uint16_t>(q);
+        }
+        named_barrier_sync(2, Sh::kProducers);  // every position read the cursors
+        if (valid && leader) {
+          atomicAdd(&cursor[k], static_cast<uint32_t>(__popc(same)));
+          warp_count[warp_p * kBuckets + k] = 0;
+        }
+        named_barrier_sync(2, Sh::kProducers);
+      }
+    };
+    const auto ensure_order = [&] {
+      if (order_built) return;
+      build_order();
+      named_barrier_sync(2, Sh::kProducers);  // the order and its flag
+      order_built = true;
+    };
+    auto fetch = [&](bool first) {
+      if (first) {
+        if (p == 0) *next_item = static_cast<int>(blockIdx.x);
+      } else {
+        ensure_order();
+        if (p == 0) {
+          const int c = static_cast<int>(atomicAdd(a.split_counters, 1u));
+          const int rem = first_full() * items_y - static_cast<int>(gridDim.x);
+          int next = a.num_items;
+          if (c < rem) {
+            next = static_cast<int>(gridDim.x) + c;
+          } else if (c < a.num_items - static_cast<int>(gridDim.x)) {
+            const int r = (c - rem) / items_y, y = (c - rem) % items_y;
+            next = (first_full() + (*ordered ? order[r] : r)) * items_y + y;
+          }
+          *next_item = next;
+        }
+      }
       named_barrier_sync(2, Sh::kProducers);
       item = *next_item;
       named_barrier_sync(2, Sh::kProducers);  // read by all before the next write
@@ -912,11 +1050,14 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
       const int tok = i * kTileTokens + cp_row;
       slot = copier && i < num_tiles && tok < t_end ? slot_row[tok] : -1;
     };
-    fetch();
+    fetch(true);
     load_slot(0);
     for (uint32_t J = 0, i = 0;; ++J) {  // J: stage uses; i: the item's tile
       const int s = J % kStages;
-      if (J >= kStages) mbarrier_wait(empty_bar + 8 * s, (J / kStages - 1) & 1);
+      if (J >= kStages) {
+        if (J == kStages) ensure_order();  // the ring is full: the producers' first idle wait
+        mbarrier_wait(empty_bar + 8 * s, (J / kStages - 1) & 1);
+      }
       const bool end = item >= a.num_items;
       if (p == 0) header[s] = end ? -1 : item;
       const uint32_t bar = full_bar + 8 * s;
@@ -944,7 +1085,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
       if (static_cast<int>(++i) < max(num_tiles, 1)) {
         load_slot(i);
       } else {
-        fetch();  // its latency overlaps the wait for the next free stage
+        fetch(false);  // its latency overlaps the wait for the next free stage
         i = 0;
         load_slot(0);
       }
