@@ -214,6 +214,18 @@ bool takes_persistent(const test::AttentionProblem& prob, KvScheme scheme) {
   return (cuda::decode_launch_key(p) >> 15) & 1;
 }
 
+// Two launches of the same decode: the second gives the first's bits (the counters back at zero
+// after a launch; no arrival or dealing order in the bits). Returns the first.
+test::AttentionRun run_twice_same_bits(Backend& gpu, const test::AttentionProblem& prob, KvScheme scheme,
+                                       const test::KvScales& scales) {
+  test::RunOptions opt;
+  opt.phase = AttentionPhase::kDecode;
+  test::AttentionRun first = test::run_attention(gpu, prob, scheme, scales, opt);
+  const test::AttentionRun again = test::run_attention(gpu, prob, scheme, scales, opt);
+  EXPECT_TRUE(first.o == again.o) << "a repeated launch gave different bits";
+  return first;
+}
+
 // Unsplit grids of two waves or more take the persistent kernel (decode_persistent: CTAs that
 // deal themselves (request, head group) items from a counter, a producer warp streaming ahead
 // across items). 300 requests of 1..256 keys (single-key ones, tile edges 64 / 65 / 128 and a
@@ -246,11 +258,9 @@ TEST(CudaDecode, PersistentKernelMatchesTheTwinAndOneItemCtas) {
       expect_close(es);
 
       const test::KvScales scales = test::calibrate_scales(prob, scheme);
+      const test::AttentionRun first = run_twice_same_bits(*gpu, prob, scheme, scales);
       test::RunOptions opt;
       opt.phase = AttentionPhase::kDecode;
-      const test::AttentionRun first = test::run_attention(*gpu, prob, scheme, scales, opt);
-      const test::AttentionRun again = test::run_attention(*gpu, prob, scheme, scales, opt);
-      EXPECT_TRUE(first.o == again.o) << "a repeated launch gave different bits";
       opt.launch_requests = 12;
       test::AttentionProblem head = prob;
       head.seq_len.resize(12);
@@ -292,12 +302,7 @@ TEST(CudaDecode, PersistentLongestFirstOrdersMatchTheTwin) {
       const test::AttentionProblem prob = test::make_problem(spec);
       ASSERT_TRUE(takes_persistent(prob, scheme));
       expect_close(run_case(*cpu, *gpu, prob, scheme));
-      const test::KvScales scales = test::calibrate_scales(prob, scheme);
-      test::RunOptions opt;
-      opt.phase = AttentionPhase::kDecode;
-      const test::AttentionRun first = test::run_attention(*gpu, prob, scheme, scales, opt);
-      const test::AttentionRun again = test::run_attention(*gpu, prob, scheme, scales, opt);
-      EXPECT_TRUE(first.o == again.o) << "a repeated launch gave different bits";
+      run_twice_same_bits(*gpu, prob, scheme, test::calibrate_scales(prob, scheme));
     }
   }
 }
