@@ -328,7 +328,7 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
   }
   // The quantiles below, and per SM the mean stream time of its CTAs (slow SMs, a placement
   // effect, vs slow CTAs).
-  std::vector<double> start, ramp, stream, epilogue, end;
+  std::vector<double> start, ramp, prologue, landing, stream, epilogue, end;
   std::vector<double> sm_sum(1024, 0.0);
   std::vector<int> sm_n(1024, 0);
   for (size_t i = 0; i < kMaxCtas; ++i) {
@@ -337,6 +337,10 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     start.push_back((e[0] - t0) * 1e-3);
     if (e[1] != 0) {  // a CTA with tiles
       ramp.push_back((e[1] - e[0]) * 1e-3);
+      if (e[5] >= e[0] && e[5] <= e[1]) {  // the ramp in two: to the prologue's copies issued, and on
+        prologue.push_back((e[5] - e[0]) * 1e-3);
+        landing.push_back((e[1] - e[5]) * 1e-3);
+      }
       stream.push_back((e[2] - e[1]) * 1e-3);
       if (e[4] < sm_sum.size()) {
         sm_sum[e[4]] += stream.back();
@@ -347,7 +351,7 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     end.push_back((e[3] - t0) * 1e-3);
   }
   if (start.empty()) return;
-  for (auto* v : {&start, &ramp, &stream, &epilogue, &end}) std::sort(v->begin(), v->end());
+  for (auto* v : {&start, &ramp, &prologue, &landing, &stream, &epilogue, &end}) std::sort(v->begin(), v->end());
   const auto q = quantile;
   std::vector<std::pair<double, int>> sm_mean;
   for (size_t i = 0; i < sm_sum.size(); ++i) {
@@ -355,10 +359,12 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
   }
   std::sort(sm_mean.begin(), sm_mean.end());
   std::printf("  timeline %s: %zu CTAs, event %.1f us, ideal %.1f, span %.1f | start p50 %.1f p90 %.1f max %.1f"
-              " | ramp p10 %.2f p50 %.2f p90 %.2f | stream p10 %.1f p50 %.1f max %.1f | epilogue p50 %.2f"
+              " | ramp p10 %.2f p50 %.2f p90 %.2f (prologue p50 %.2f, copies issued to landed p50 %.2f)"
+              " | stream p10 %.1f p50 %.1f max %.1f | epilogue p50 %.2f"
               " max %.2f | end p10 %.1f p50 %.1f p90 %.1f max %.1f\n",
               what.c_str(), start.size(), event_us, ideal_us, (t1 - t0) * 1e-3, q(start, 0.5), q(start, 0.9),
-              q(start, 1.0), q(ramp, 0.1), q(ramp, 0.5), q(ramp, 0.9), q(stream, 0.1), q(stream, 0.5),
+              q(start, 1.0), q(ramp, 0.1), q(ramp, 0.5), q(ramp, 0.9), q(prologue, 0.5), q(landing, 0.5),
+              q(stream, 0.1), q(stream, 0.5),
               q(stream, 1.0), q(epilogue, 0.5), q(epilogue, 1.0), q(end, 0.1), q(end, 0.5), q(end, 0.9),
               q(end, 1.0));
   if (!sm_mean.empty()) {

@@ -37,11 +37,11 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
 // Diagnostic build only: timestamps of the next decode launches (%globaltimer ns) into `buffer`,
 // kDecodeTimelineFields per entry, field 4 = SM | type << 32; null stops. bench kernels
 // summarizes them per decode row. Type 0, one-item CTAs (entry: the linear CTA id, blockIdx.x
-// fastest): start, first tile landed, last tile computed, end. The persistent kernel: type 1 per
-// item (entry: the item) its first stage landed, its last tile computed, its output written and
-// its CTA; type 2 per CTA (entry: num_items + CTA) the consumers' start, first stage landed, 0 and
-// end.
-constexpr int kDecodeTimelineFields = 5;
+// fastest): start, first tile landed, last tile computed, end, and in field 5 its prologue's
+// copies issued (thread 0's). The persistent kernel: type 1 per item (entry: the item) its first
+// stage landed, its last tile computed, its output written and its CTA; type 2 per CTA (entry:
+// num_items + CTA) the consumers' start, first stage landed, 0 and end (field 5: 0).
+constexpr int kDecodeTimelineFields = 6;
 void set_decode_timeline(uint64_t* buffer);
 #endif
 

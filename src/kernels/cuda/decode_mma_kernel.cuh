@@ -310,9 +310,9 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
 }
 
 #ifdef FP8KV_DECODE_TIMELINE
-// Diagnostic build: one timeline entry (decode.cuh: four stamps and SM | type << 32).
+// Diagnostic build: one timeline entry (decode.cuh: four stamps, SM | type << 32, a fifth stamp).
 __device__ __forceinline__ void write_timeline(const DecodeArgs& a, int64_t entry, uint64_t e0, uint64_t e1,
-                                               uint64_t e2, uint64_t e3, uint64_t type) {
+                                               uint64_t e2, uint64_t e3, uint64_t type, uint64_t e5 = 0) {
   if (a.timeline == nullptr) return;
   uint64_t* e = a.timeline + kDecodeTimelineFields * entry;
   e[0] = e0;
@@ -320,6 +320,7 @@ __device__ __forceinline__ void write_timeline(const DecodeArgs& a, int64_t entr
   e[2] = e2;
   e[3] = e3;
   e[4] = sm_id() | (type << 32);
+  e[5] = e5;
 }
 #endif
 
@@ -631,7 +632,7 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   // tile computed, end and SM, written at the end when a.timeline is set (bench kernels prints
   // them).
   const uint64_t tl_start = global_timer_ns();
-  uint64_t tl_first = 0, tl_streamed = 0;
+  uint64_t tl_first = 0, tl_streamed = 0, tl_issued = 0;
 #endif
   const int split = blockIdx.x;
   const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;  // first KV head of the CTA
@@ -721,6 +722,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     if (i < num_tiles) issue(i);
   }
   load_slot(Sh::kStages - 1);
+#ifdef FP8KV_DECODE_TIMELINE
+  tl_issued = global_timer_ns();
+#endif
   // Q and the scales after the first copies are issued: their loads' latency overlaps the
   // copies' instead of delaying them (the prologue is paid once per CTA).
   uint32_t qa[kSteps][2];
@@ -800,7 +804,7 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   __syncthreads();
   if (threadIdx.x == 0) {
     const int64_t cta = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
-    decode_mma::write_timeline(a, cta, tl_start, tl_first, tl_streamed, global_timer_ns(), 0);
+    decode_mma::write_timeline(a, cta, tl_start, tl_first, tl_streamed, global_timer_ns(), 0, tl_issued);
   }
 #endif
 }
