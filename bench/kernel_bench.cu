@@ -337,7 +337,7 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     start.push_back((e[0] - t0) * 1e-3);
     if (e[1] != 0) {  // a CTA with tiles
       ramp.push_back((e[1] - e[0]) * 1e-3);
-      if (e[5] >= e[0] && e[5] <= e[1]) {  // the ramp in two: to the prologue's copies issued, and on
+      if (e[5] >= e[0] && e[5] <= e[1]) {  // the ramp in two: to the prologue's copies, then on
         prologue.push_back((e[5] - e[0]) * 1e-3);
         landing.push_back((e[1] - e[5]) * 1e-3);
       }

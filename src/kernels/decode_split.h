@@ -28,8 +28,8 @@ constexpr int64_t kDecodeMaxSplitGroups = 4096;
 // More splits than kDecodeTwoLevelMergeAbove merge in two levels (sub-groups of kDecodeMergeFanIn
 // adjacent splits, then the sub-groups' partials), each sub-group counting its arrivals too: the
 // region holds one group counter per group, then kDecodeMergeSubGroups sub-group counters per
-// group. At 16 splits one merge is faster (B=4 L=32768, H200: 71.8 us in one merge, 74.5 in two
-// levels); at 63, two levels (B=1 L=131072: 76.7 -> 75.2; docs/GPU.md, twenty-eighth session).
+// group. Up to 16 splits one merge measured faster, at 63 two levels (docs/GPU.md, twenty-eighth
+// session).
 constexpr int kDecodeMergeFanIn = 8;
 constexpr int kDecodeTwoLevelMergeAbove = 16;
 constexpr int kDecodeMergeSubGroups = kDecodeMaxSplits / kDecodeMergeFanIn;

@@ -283,8 +283,8 @@ TEST(CudaDecode, PersistentLongestFirstOrdersMatchTheTwin) {
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
   struct Case { const char* name; int batch; int (*len)(int b); };
-  // Sizes kept small (the twin and the float64 references cost ~0.2 ms a token here), but every
-  // batch of at least two waves of items (fp8: 2 items a request, bf16: 4; 132 CTAs on an H200).
+  // Sizes kept small (the twin and the float64 references are slow per token), but every batch
+  // of at least two waves of items (fp8: 2 items a request, bf16: 4; 132 CTAs on an H200).
   for (const Case& c : {Case{"many buckets", 150, [](int b) { return 1 + (b * 193) % 700; }},
                         Case{"one length", 300, [](int) { return 64; }},
                         Case{"beyond the order", 9000, [](int b) { return 1 + (b * 37) % 9; }}}) {

@@ -21,8 +21,8 @@
 // head, computed once) and the CTA writes bf16 (one split) or a normalized partial and its
 // log-sum-exp. Split-KV: the CTAs of a group (request b, blockIdx.y: the same KV and query heads,
 // every split of the KV length) count their arrivals in the workspace, and the last one to
-// arrive merges the group's splits (merge_group_splits; beyond kDecodeTwoLevelMergeAbove splits in two
-// levels, sub-groups of adjacent splits first): no second kernel.
+// arrive merges the group's splits (merge_group_splits; beyond kDecodeTwoLevelMergeAbove splits
+// in two levels, sub-groups of adjacent splits first): no second kernel.
 //
 // Layout: transposed products, so that no MMA row is padding. A GQA group has only 1..8 query
 // heads, so they are the N = 8 dimension and keys / dims the M = 16 dimension:
@@ -762,8 +762,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     // grid-sync pattern: no fence in every thread). The first barrier also ends every thread's
     // reads of the in-CTA merge's shared memory, which the split merge reuses.
     //
-    // More than kDecodeTwoLevelMergeAbove splits merge in two levels, so that one CTA does not read every
-    // split's partial while the GPU idles: the last CTA of each sub-group of kDecodeMergeFanIn
+    // More than kDecodeTwoLevelMergeAbove splits merge in two levels, so that one CTA does not
+    // read every split's partial while the GPU idles: the last CTA of each sub-group of kDecodeMergeFanIn
     // adjacent splits merges them into the sub-group's first partial, then arrives at the
     // group's counter, whose last arrival merges the sub-groups' partials. Fixed sub-groups and
     // orders: the bits still do not depend on which CTA arrives when.
@@ -913,8 +913,8 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     // Longest first: a CTA's first item is its own index (every launch has more items than CTAs).
     // The counter then deals the later items: first those of the request that the first round cut
     // (`rem` of them), then request by request in an order by tiles, descending, so that a batch
-    // of mixed lengths does not end on a long item dealt last (the mixed row's CTAs ended 18 us
-    // apart, docs/GPU.md, twenty-seventh session). Every CTA builds the same order of requests (a
+    // of mixed lengths does not end on a long item dealt last (docs/GPU.md, twenty-seventh and
+    // twenty-eighth sessions). Every CTA builds the same order of requests (a
     // stable counting sort, build_order) while its first item streams: in the producers' first
     // wait for a free stage (the ring full, the consumers on its first tile: time the producers
     // would idle), or at the first later fetch if that comes sooner;

@@ -17,7 +17,8 @@ void launch_quantize_q(const QuantizeQParams& p, cudaStream_t stream);
 // [0, batch.max_requests): a request out of range is skipped (its rows of o are left undefined) and
 // recorded in `error` (device memory, device_error.h) when given.
 // decode.cu; `workspace` (decode_workspace_bytes) holds the counters of the split-KV merge (its
-// first kDecodeSplitCounters uint32s: groups, then sub-groups, decode_split.h) and the partial results. The counters
+// first kDecodeSplitCounters uint32s: groups, then sub-groups, decode_split.h) and the partial
+// results. The counters
 // must be zero before the first launch: clear_decode_workspace
 // once when the workspace is allocated (not per launch); every launch leaves the counters zero,
 // so a workspace serves any later shape and CUDA graph replays as it is.
