@@ -914,14 +914,13 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     // The counter then deals the later items: first those of the request that the first round cut
     // (`rem` of them), then request by request in an order by tiles, descending, so that a batch
     // of mixed lengths does not end on a long item dealt last (docs/GPU.md, twenty-seventh and
-    // twenty-eighth sessions). Every CTA builds the same order of requests (a
-    // stable counting sort, build_order) while its first item streams: in the producers' first
-    // wait for a free stage (the ring full, the consumers on its first tile: time the producers
-    // would idle), or at the first later fetch if that comes sooner;
-    // when one bucket holds them all (a batch of one length) the order is the index order and no
-    // sort runs. An item's bits do not depend on when it runs. Beyond kOrderCapacity requests:
-    // index order. (Derived where used rather than kept live through the loop: the producers'
-    // registers.)
+    // twenty-eighth sessions). Every CTA builds the same order of requests (a stable counting
+    // sort, build_order) while its first item streams: in the producers' first wait for a free
+    // stage (the ring full, the consumers on its first tile: time the producers would idle), or
+    // at the first later fetch if that comes sooner; when one bucket holds them all (a batch of
+    // one length) the order is the index order and no sort runs. An item's bits do not depend on
+    // when it runs. Beyond kOrderCapacity requests: index order. (Derived where used rather than
+    // kept live through the loop: the producers' registers.)
     const auto first_full = [&] { return ceil_div(static_cast<int>(gridDim.x), items_y); };
     const auto sorted_requests = [&] { return a.num_items / items_y - first_full(); };
     uint16_t* const order = reinterpret_cast<uint16_t*>(smem + Sh::kOrderOffset);
