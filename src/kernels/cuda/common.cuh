@@ -48,6 +48,15 @@ __device__ __forceinline__ void cp_async_16(uint32_t smem, const void* gmem, int
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
   cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), gmem, src_bytes);
 }
+// 16 bytes, or 16 zero bytes where `skip` (the source is not read then).
+__device__ __forceinline__ void cp_async_16_unless(uint32_t smem, const void* gmem, bool skip) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\ncp.async.cg.shared.global [%0], [%1], 16, p;\n}\n" ::"r"(smem),
+      "l"(gmem), "r"(static_cast<int>(skip)));
+}
+__device__ __forceinline__ void cp_async_16_unless(void* smem, const void* gmem, bool skip) {
+  cp_async_16_unless(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), gmem, skip);
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {

@@ -342,14 +342,22 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       const uint32_t v_rows = st + Sh::kKBytes + Sh::kVtBytes;
       uint8_t* const vt = smem + (st - base) + Sh::kKBytes;
       constexpr int kBlocks = (kBlockN / 32) * (D / 16);
-      auto load = [&](int blk, uint32_t(&r)[4]) {
-        const int c = blk / (D / 16);
-        const int dp = blk % (D / 16);
+      // Warp w moves blocks w + 4k (k = 0 .. kBlocks / 4 - 1): a key chunk's D / 16 blocks are
+      // whole rounds of the 4 warps, so block w + 4k is d block 4k % (D / 16) + w of key chunk
+      // 4k / (D / 16): no quotient or remainder of the warp's block index (signed, in the loop,
+      // they took most of the ~20 instructions a block cost). Unrolled whole, the loop spills in
+      // the persistent D 128 instance's producer (56 registers): it stays unrolled by 2.
+      static_assert((D / 16) % 4 == 0 && kBlocks % 4 == 0, "whole rounds of the 4 warps");
+      auto chunk_of = [](int k) { return 4 * k / (D / 16); };
+      auto block_of = [&](int k) { return 4 * k % (D / 16) + warp; };
+      auto load = [&](int k, uint32_t(&r)[4]) {
+        const int c = chunk_of(k);
+        const int dp = block_of(k);
         ldmatrix_x4_trans(r, v_rows + (c * 32 + mat * 8 + mat_row) * Sh::kVPitch + dp * 16);
       };
-      auto store = [&](int blk, const uint32_t(&r)[4]) {
-        const int c = blk / (D / 16);
-        const int dp = blk % (D / 16);
+      auto store = [&](int k, const uint32_t(&r)[4]) {
+        const int c = chunk_of(k);
+        const int dp = block_of(k);
         const int d_even = dp * 16 + 2 * g;
         if constexpr (kSwizzle) {  // V^T row d: 128 key bytes, key chunk k at k ^ (d % 8)
           // The four words above are, across the warp, four 8 x 16-byte matrices (rows d_even
@@ -377,24 +385,14 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       // their order, so a load-store loop waits out each ldmatrix's latency in turn). H200, causal
       // B=2 L=8192, two calls: D 256 645 -> 667 and 644 -> 667 TFLOP/s; at D 128 (697 -> 697,
       // non-causal 732 -> 720) and D 64 (476 -> 412) it did not pay: they keep one block a step.
-      if constexpr (D == 256) {
-        static_assert(kBlocks % 8 == 0, "two blocks per warp and step");
+      constexpr int kPerStep = D == 256 ? 2 : 1;
 #pragma unroll 2
-        for (int k = 0; k < kBlocks / 8; ++k) {
-          const int blk = warp + 8 * k;
-          uint32_t r0[4], r1[4];
-          load(blk, r0);
-          load(blk + 4, r1);
-          store(blk, r0);
-          store(blk + 4, r1);
-        }
-      } else {
-#pragma unroll 2
-        for (int blk = warp; blk < kBlocks; blk += 4) {
-          uint32_t r[4];
-          load(blk, r);
-          store(blk, r);
-        }
+      for (int k = 0; k < kBlocks / 4; k += kPerStep) {
+        uint32_t r[kPerStep][4];
+#pragma unroll
+        for (int u = 0; u < kPerStep; ++u) load(k + u, r[u]);
+#pragma unroll
+        for (int u = 0; u < kPerStep; ++u) store(k + u, r[u]);
       }
     };
     // Widening (fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q): 16 raw codes of a K or V row become
@@ -650,13 +648,21 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
           if (kDiag == 1 && j >= kStages) break;
           const int row = kv_row + i * Sh::kKvRowStep;
+          if constexpr (Sh::kFp8Mma) {
+            // A row past the request's end (slot -1) is zero-filled from slot 0's address, which
+            // it does not read: the ignore-source predicate (one compare), where a source size of
+            // `valid ? 16 : 0` and a select of the offset took five instructions a row. (The
+            // widened schemes measured slower with it at D 256, faster at D 64: they keep the
+            // select.)
+            const bool skip = tile_slots[i] < 0;
+            const int64_t offset = static_cast<int64_t>(max(tile_slots[i], 0)) * slot_bytes;
+            cp_async_16_unless(k_stage + canonical(row, kBlockN), k_base + offset, skip);
+            cp_async_16_unless(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset, skip);
+            continue;
+          }
           const bool valid = tile_slots[i] >= 0;
           const int64_t offset = valid ? tile_slots[i] * slot_bytes : 0;
-          if constexpr (Sh::kFp8Mma) {
-            cp_async_16(k_stage + canonical(row, kBlockN), k_base + offset, valid ? 16 : 0);
-            cp_async_16(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset,
-                        valid ? 16 : 0);
-          } else if constexpr (Sh::kWiden) {
+          if constexpr (Sh::kWiden) {
             cp_async_16(v_stage + raw_offset(row, kv_chunk), k_base + offset, valid ? 16 : 0);
             cp_async_16(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset,
                         valid ? 16 : 0);
@@ -930,9 +936,27 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         if constexpr (kPromote) o[i] = fmaf(o[i], alpha_prev[(i >> 1) & 1], pv[i]);
       }
     };
+    // kEarlyPv (e4m3 operands): P V(j) is issued as soon as P(j) is packed, at the end of tile
+    // j's step, in a commit group of its own, instead of behind QK(j+1) at the top of the next
+    // step. ptxas waits for the P V before the softmax either way (it hoists the wait to run the
+    // promotion's FFMAs beside the row max: the consumers have no registers to keep the P V in
+    // flight through the softmax), so a tile's softmax started only once QK(j) and P V(j-1),
+    // issued together, had both run; issued early, P V(j-1) runs while the warpgroup waits for
+    // tile j and issues its QK, and S(j) lands one P V sooner. Not for the one-item D 128 and D 64
+    // instances (the swizzled D 128 one spills with it and measured slower on the uneven cached
+    // prefix batch), nor the 16-bit ones (the widened D 256 measured slower with it; bf16 takes
+    // ping-pong turns around its wgmma issue). Figures: docs/GPU.md, twenty-ninth session.
+    constexpr bool kEarlyPv = Sh::kFp8Mma && (kItemLoop || D == 256);
     if (wg_tiles > 0 && kDiag != 2) {
       uint32_t pa[Sh::kPvSteps][4];
       float s[kBlockN / 2];
+      auto issue_pv_now = [&](int J) {  // kEarlyPv: P V(J), once P(J) is packed
+        wait_v(J);
+        fence_apart();
+        fence_operands(pv_acc);
+        wgmma_fence();
+        issue_pv(pv_acc, pa, J);
+      };
       {
         stamp(0, kTlTop);
         wait_full(ring);
@@ -956,22 +980,28 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         stamp(0, kTlSoftmax);
         pack_p(s, pa);
         stamp(0, kTlPacked);
+        if constexpr (kEarlyPv) issue_pv_now(ring);
       }
       for (int j = 1; j < wg_tiles; ++j) {
         stamp(j, kTlTop);
         const int J = ring + j;
         wait_full(J);
-        wait_v(J - 1);
+        if constexpr (!kEarlyPv) wait_v(J - 1);
         fence_apart();
         stamp(j, kTlFull);
         my_turn();
-        fence_operands(pv_acc);
+        if constexpr (!kEarlyPv) fence_operands(pv_acc);
         wgmma_fence();
         issue_qk(s, J);
-        issue_pv(pv_acc, pa, J - 1);
+        if constexpr (!kEarlyPv) issue_pv(pv_acc, pa, J - 1);
         your_turn();
         stamp(j, kTlIssued);
-        wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
+        if constexpr (kEarlyPv) {
+          wgmma_wait<0>();  // S of tile j, and the P V of tile j - 1 issued before it
+          fence_operands(pv_acc);
+        } else {
+          wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
+        }
         fence_operands(s);
         if (j == wg_tiles - 1) release_q();
         if constexpr (kApart) release(J);
@@ -979,8 +1009,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         float alpha[2];
         softmax(s, j, alpha);
         stamp(j, kTlSoftmax);
-        wgmma_wait<0>();
-        fence_operands(pv_acc);
+        if constexpr (!kEarlyPv) {
+          wgmma_wait<0>();
+          fence_operands(pv_acc);
+        }
         stamp(j, kTlPv);
         release_after_pv(J - 1);
         promote();
@@ -995,14 +1027,17 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         }
         pack_p(s, pa);
         stamp(j, kTlPacked);
+        if constexpr (kEarlyPv) issue_pv_now(J);
       }
-      wait_v(ring + wg_tiles - 1);
-      fence_apart();
-      my_turn();
-      fence_operands(pv_acc);
-      wgmma_fence();
-      issue_pv(pv_acc, pa, ring + wg_tiles - 1);
-      your_turn();
+      if constexpr (!kEarlyPv) {
+        wait_v(ring + wg_tiles - 1);
+        fence_apart();
+        my_turn();
+        fence_operands(pv_acc);
+        wgmma_fence();
+        issue_pv(pv_acc, pa, ring + wg_tiles - 1);
+        your_turn();
+      }
       wgmma_wait<0>();
       fence_operands(pv_acc);
       release_after_pv(ring + wg_tiles - 1);
