@@ -648,16 +648,23 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         for (int i = 0; i < Sh::kKvRowsPerThread; ++i) {
           if (kDiag == 1 && j >= kStages) break;
           const int row = kv_row + i * Sh::kKvRowStep;
-          if constexpr (Sh::kFp8Mma) {
+          if constexpr (Sh::kFp8Mma || (Sh::kWiden && D == 64)) {
             // A row past the request's end (slot -1) is zero-filled from slot 0's address, which
             // it does not read: the ignore-source predicate (one compare), where a source size of
             // `valid ? 16 : 0` and a select of the offset took five instructions a row. (The
-            // widened schemes measured slower with it at D 256, faster at D 64: they keep the
-            // select.)
+            // widened schemes measured faster with it at D 64, slower at D 128 and 256: there
+            // they keep the select.)
             const bool skip = tile_slots[i] < 0;
             const int64_t offset = static_cast<int64_t>(max(tile_slots[i], 0)) * slot_bytes;
-            cp_async_16_unless(k_stage + canonical(row, kBlockN), k_base + offset, skip);
-            cp_async_16_unless(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset, skip);
+            if constexpr (Sh::kFp8Mma) {
+              cp_async_16_unless(k_stage + canonical(row, kBlockN), k_base + offset, skip);
+              cp_async_16_unless(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset,
+                                 skip);
+            } else {
+              cp_async_16_unless(v_stage + raw_offset(row, kv_chunk), k_base + offset, skip);
+              cp_async_16_unless(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset,
+                                 skip);
+            }
             continue;
           }
           const bool valid = tile_slots[i] >= 0;
