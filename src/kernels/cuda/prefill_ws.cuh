@@ -957,12 +957,16 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     if (wg_tiles > 0 && kDiag != 2) {
       uint32_t pa[Sh::kPvSteps][4];
       float s[kBlockN / 2];
-      auto issue_pv_now = [&](int J) {  // kEarlyPv: P V(J), once P(J) is packed
+      // P V(J) alone, once P(J) is packed (kEarlyPv: every tile's; otherwise the last one's, in a
+      // ping-pong turn of its own).
+      auto issue_pv_alone = [&](int J) {
         wait_v(J);
         fence_apart();
+        my_turn();
         fence_operands(pv_acc);
         wgmma_fence();
         issue_pv(pv_acc, pa, J);
+        your_turn();
       };
       {
         stamp(0, kTlTop);
@@ -987,7 +991,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         stamp(0, kTlSoftmax);
         pack_p(s, pa);
         stamp(0, kTlPacked);
-        if constexpr (kEarlyPv) issue_pv_now(ring);
+        if constexpr (kEarlyPv) issue_pv_alone(ring);
       }
       for (int j = 1; j < wg_tiles; ++j) {
         stamp(j, kTlTop);
@@ -1034,17 +1038,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         }
         pack_p(s, pa);
         stamp(j, kTlPacked);
-        if constexpr (kEarlyPv) issue_pv_now(J);
+        if constexpr (kEarlyPv) issue_pv_alone(J);
       }
-      if constexpr (!kEarlyPv) {
-        wait_v(ring + wg_tiles - 1);
-        fence_apart();
-        my_turn();
-        fence_operands(pv_acc);
-        wgmma_fence();
-        issue_pv(pv_acc, pa, ring + wg_tiles - 1);
-        your_turn();
-      }
+      if constexpr (!kEarlyPv) issue_pv_alone(ring + wg_tiles - 1);
       wgmma_wait<0>();
       fence_operands(pv_acc);
       release_after_pv(ring + wg_tiles - 1);
