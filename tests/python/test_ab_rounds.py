@@ -7,8 +7,9 @@ import sys
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "ab_rounds.py")
 
-PREFILL = "  B=2 L=8192 Hq32/8 D128                   fp8-per-head       default  {t:>10}     {f}     nan%"
-DECODE = "  B=64 L=4096 Hq32/8 D128                  bf16                  {t}         4135     {p}%       1.00"
+# Rows as `fp8kv bench kernels` prints them: fields two or more spaces apart.
+PREFILL = "  B=2 L=8192 Hq32/8 D128    fp8-per-head    default  {t:>10}     {f}     nan%"
+DECODE = "  B=64 L=4096 Hq32/8 D128   bf16     {t}     4135     {p}%       1.00"
 
 
 def run(path):

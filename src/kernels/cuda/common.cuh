@@ -51,7 +51,8 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int sr
 // 16 bytes, or 16 zero bytes where `skip` (the source is not read then).
 __device__ __forceinline__ void cp_async_16_unless(uint32_t smem, const void* gmem, bool skip) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\ncp.async.cg.shared.global [%0], [%1], 16, p;\n}\n" ::"r"(smem),
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n"
+      "cp.async.cg.shared.global [%0], [%1], 16, p;\n}\n" ::"r"(smem),
       "l"(gmem), "r"(static_cast<int>(skip)));
 }
 __device__ __forceinline__ void cp_async_16_unless(void* smem, const void* gmem, bool skip) {
