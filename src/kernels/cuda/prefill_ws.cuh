@@ -27,10 +27,12 @@
 //    both have. Their softmaxes run under each other's wgmmas; with bf16 operands at D 128 they
 //    also take turns issuing those (ping-pong, kPingPong below), the others never wait for each
 //    other.
-//  - Inside a consumer warpgroup, the QK^T of tile j and the PV of tile j-1 are issued together;
-//    the softmax of tile j runs while the PV is still in the tensor pipe (FA3's intra-warpgroup
-//    overlap), then, once the PV has landed, it is added to O (e4m3: each tile's PV summed from
-//    zero, kPromote) and O rescaled.
+//  - Inside a consumer warpgroup, the QK^T of tile j and the PV of tile j-1 are issued together
+//    (e4m3 persistent and D 256: the PV as soon as P(j-1) is packed, kEarlyPv); once the PV has
+//    landed it is added to O (e4m3: each tile's PV summed from zero, kPromote) and O rescaled.
+//    The source waits for that PV after the softmax of tile j (FA3's intra-warpgroup overlap),
+//    but ptxas places the wait before it; kept behind it, the softmax measured no faster
+//    (docs/GPU.md, twenty-ninth and thirtieth sessions).
 //
 // Operand layouts: wgmma reads 8-bit operands only K-major. Without kSwizzle, the canonical
 // no-swizzle layout: 8 x 16-byte core matrices stored as 128 contiguous bytes; core matrices
