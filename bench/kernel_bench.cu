@@ -782,19 +782,34 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // engine's cached-prefix batch (8 requests of 1000 cached + 100..2048 new tokens), the same
   // kernels for the three main schemes, and the reference shape non-causal (record suffix
   // _noncausal; every scheme). Slots are scattered (a shuffled slot table): each K/V row is a
-  // separate gather, as in a fragmented pool. FLOPs: 4 * D * Hq * (query, key) pairs, the causal
-  // pairs counted exactly; non-causal 4 * D * Hq * q_len * seq_len per request.
+  // separate gather, as in a fragmented pool; but for the _runs rows (consecutive slots). FLOPs:
+  // 4 * D * Hq * (query, key) pairs, the causal pairs counted exactly; non-causal 4 * D * Hq *
+  // q_len * seq_len per request.
   checkpoint();
   if (o.prefill && want("prefill")) {
     r.line("");
     r.line("prefill (causal unless said)               scheme             kernel          time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
-    struct PCase { std::string name; std::vector<int> seq, q; int Hq, Hkv, D; bool causal = true; };
+    struct PCase {
+      std::string name;
+      std::vector<int> seq, q;
+      int Hq, Hkv, D;
+      bool causal = true;
+      bool scattered = true;
+    };
     auto uniform = [](int B, int L) { return std::vector<int>(B, L); };
     std::vector<PCase> cases;
     const int L0 = o.quick ? 2048 : 8192;
     cases.push_back({"B2_L" + std::to_string(L0), uniform(2, L0), uniform(2, L0), 32, 8, 128});
     cases.push_back({"B2_L" + std::to_string(L0) + "_noncausal", uniform(2, L0), uniform(2, L0), 32, 8,
                      128, /*causal=*/false});
+    // The reference shape with each request's slots consecutive (record suffix _runs; the default
+    // kernels alone): a pool that hands out runs of slots, the layout of cuDNN's dense K/V (the
+    // report sets these rows beside the peer's figure for the same shape). fp8-per-head measured
+    // 6-8% slower on them than on scattered slots (docs/GPU.md, thirtieth session).
+    for (const bool causal : {true, false}) {
+      cases.push_back({"B2_L" + std::to_string(L0) + (causal ? "" : "_noncausal") + "_runs",
+                       uniform(2, L0), uniform(2, L0), 32, 8, 128, causal, /*scattered=*/false});
+    }
     if (!o.quick) {
       for (int L : {1024, 4096, 16384, 32768}) {
         const int B = std::max(1, 16384 / L);
@@ -820,17 +835,17 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     }
     for (const PCase& c : cases) {
       if (!selects(o.prefill_cases, c.name)) continue;
-      BenchBatch bb(c.seq, c.q, c.Hq, c.Hkv, c.D, s);
+      BenchBatch bb(c.seq, c.q, c.Hq, c.Hkv, c.D, s, c.scattered);
       char shape[64];
       if (c.name.rfind("prefix", 0) == 0) {
         std::snprintf(shape, sizeof shape, "8 x (1000 cached + 100..2048 new) D%d", c.D);
       } else {
-        std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d%s", bb.B, bb.L, c.Hq, c.Hkv, c.D,
-                      c.causal ? "" : " non-causal");
+        std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d%s%s", bb.B, bb.L, c.Hq, c.Hkv,
+                      c.D, c.causal ? "" : " non-causal", c.scattered ? "" : " runs");
       }
       const double flops = 4.0 * c.D * c.Hq * (c.causal ? bb.causal_pairs : bb.all_pairs);
       // The reference shape, causal and not: every scheme; the sweep: the three main schemes.
-      const bool reference = c.name == cases[0].name || !c.causal;
+      const bool reference = c.name == cases[0].name || (!c.causal && c.scattered);
       for (KvScheme scheme : kSchemes) {
         if (!reference && (scheme == KvScheme::kFp8E5m2 || scheme == KvScheme::kFp8PerHeadBf16Q)) {
           continue;
@@ -867,6 +882,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           configs.push_back(cuda::PrefillConfig::kWsDiagConsumers);  // one side of the pipeline alone
           configs.push_back(cuda::PrefillConfig::kWsDiagProducer);
         }
+        if (!c.scattered) configs.resize(1);  // the _runs rows: the default kernels alone
         // The configs that launch (a config not built for the shape throws here, named), then
         // all of them timed in turns (time_us_in_turns: the same clocks for each).
         std::vector<cuda::PrefillConfig> timed;

@@ -47,3 +47,19 @@ def test_missing_json_is_an_error(tmp_path):
     out = run(tmp_path, None)
     assert out.returncode == 1
     assert "no benchmark JSON" in out.stdout
+
+
+def test_a_runs_prefill_row_is_set_beside_the_peer_figure_of_its_shape(tmp_path):
+    doc = bench_json(True)
+    doc["results"] += [{"kind": "prefill", "name": f"B2_L8192{suffix}_{scheme}", "tflops": tf}
+                       for suffix in ("", "_runs")
+                       for scheme, tf in (("bf16", 600.0), ("fp8-per-tensor", 560.0),
+                                          ("fp8-per-head", 760.0))]
+    torch = {"torch": "x", "decode": {}, "prefill": {"B2_L8192": {"tflops": 650.0}}}
+    (tmp_path / "torch.json").write_text(json.dumps(torch))
+    (tmp_path / "bench.json").write_text(json.dumps(doc))
+    out = subprocess.run([sys.executable, REPORT, str(tmp_path / "bench.json"),
+                          str(tmp_path / "torch.json")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("B2_L8192_runs"))
+    assert "650" in row and "1.17" in row  # the peer's 650 and 760 / 650
