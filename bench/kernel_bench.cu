@@ -805,7 +805,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     // The reference shape with each request's slots consecutive (record suffix _runs; the default
     // kernels alone): a pool that hands out runs of slots, the layout of cuDNN's dense K/V (the
     // report sets these rows beside the peer's figure for the same shape). fp8-per-head measured
-    // 6-8% slower on them than on scattered slots (docs/GPU.md, thirtieth session).
+    // slower on them than on scattered slots (docs/GPU.md, thirtieth session).
     for (const bool causal : {true, false}) {
       cases.push_back({"B2_L" + std::to_string(L0) + (causal ? "" : "_noncausal") + "_runs",
                        uniform(2, L0), uniform(2, L0), 32, 8, 128, causal, /*scattered=*/false});
