@@ -66,8 +66,7 @@ def main():
         for case, by in rows.items():
             tf = lambda scheme: by.get((scheme, "default"), {}).get("tflops", float("nan"))
             # A _runs row (consecutive slots) against the peer's dense K/V of the same shape.
-            peer = case[:-len("_runs")] if case.endswith("_runs") else case
-            t = torch["prefill"].get(peer, {}).get("tflops", float("nan"))
+            t = torch["prefill"].get(case.removesuffix("_runs"), {}).get("tflops", float("nan"))
             b16, pt, ph = tf("bf16"), tf("fp8-per-tensor"), tf("fp8-per-head")
             verdict = ""
             if case == main_case:
