@@ -40,8 +40,10 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
 // fastest): start, first tile landed, last tile computed, end, and in field 5 its prologue's
 // copies issued (thread 0's). The persistent kernel: type 1 per item (entry: the item) its first
 // stage landed, its last tile computed, its output written and its CTA; type 2 per CTA (entry:
-// num_items + CTA) the consumers' start, first stage landed, 0 and end (field 5: 0).
-constexpr int kDecodeTimelineFields = 6;
+// num_items + CTA) the consumers' start, first stage landed, 0 and end (field 5: 0). One-item
+// CTAs also stamp their prologue's steps (thread 0's): field 6 the request's row known, field 7
+// the stages' barriers set up, field 8 the first tile's copy issued.
+constexpr int kDecodeTimelineFields = 9;
 void set_decode_timeline(uint64_t* buffer);
 #endif
 

@@ -312,7 +312,8 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
 #ifdef FP8KV_DECODE_TIMELINE
 // Diagnostic build: one timeline entry (decode.cuh: four stamps, SM | type << 32, a fifth stamp).
 __device__ __forceinline__ void write_timeline(const DecodeArgs& a, int64_t entry, uint64_t e0, uint64_t e1,
-                                               uint64_t e2, uint64_t e3, uint64_t type, uint64_t e5 = 0) {
+                                               uint64_t e2, uint64_t e3, uint64_t type, uint64_t e5 = 0,
+                                               uint64_t e6 = 0, uint64_t e7 = 0, uint64_t e8 = 0) {
   if (a.timeline == nullptr) return;
   uint64_t* e = a.timeline + kDecodeTimelineFields * entry;
   e[0] = e0;
@@ -321,6 +322,9 @@ __device__ __forceinline__ void write_timeline(const DecodeArgs& a, int64_t entr
   e[3] = e3;
   e[4] = sm_id() | (type << 32);
   e[5] = e5;
+  e[6] = e6;
+  e[7] = e7;
+  e[8] = e8;
 }
 #endif
 
@@ -632,7 +636,7 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   // tile computed, end and SM, written at the end when a.timeline is set (bench kernels prints
   // them).
   const uint64_t tl_start = global_timer_ns();
-  uint64_t tl_first = 0, tl_streamed = 0, tl_issued = 0;
+  uint64_t tl_first = 0, tl_streamed = 0, tl_issued = 0, tl_row = 0, tl_bar = 0, tl_issue0 = 0;
 #endif
   const int split = blockIdx.x;
   const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;  // first KV head of the CTA
@@ -665,6 +669,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   // The same for every thread of the CTA: before any barrier. And the same for every split of
   // the request: no CTA of its groups arrives at the split counters, which stay zero.
   if (slot_row == nullptr) return;
+#ifdef FP8KV_DECODE_TIMELINE
+  tl_row = global_timer_ns();
+#endif
   const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
   // Thread tid < 128 copies row tid % 64 of the tile, of K for tid < 64 and of V otherwise, as
   // one bulk copy of the CTA's kv_here adjacent heads (the copy engine, not the thread's load
@@ -683,6 +690,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   if (threadIdx.x < Sh::kStages) mbarrier_init(bar_base + 8 * threadIdx.x, kIssuers);
   fence_barrier_init();
   __syncthreads();
+#ifdef FP8KV_DECODE_TIMELINE
+  tl_bar = global_timer_ns();
+#endif
   int slot = -1;  // slot of this thread's row in the next tile to issue (-1: past the end)
   auto load_slot = [&](int i) {
     const int tok = t_begin + i * kTileTokens + cp_row;
@@ -720,6 +730,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   for (int i = 0; i < Sh::kStages - 1; ++i) {
     load_slot(i);
     if (i < num_tiles) issue(i);
+#ifdef FP8KV_DECODE_TIMELINE
+    if (i == 0) tl_issue0 = global_timer_ns();
+#endif
   }
   load_slot(Sh::kStages - 1);
 #ifdef FP8KV_DECODE_TIMELINE
@@ -804,7 +817,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   __syncthreads();
   if (threadIdx.x == 0) {
     const int64_t cta = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
-    decode_mma::write_timeline(a, cta, tl_start, tl_first, tl_streamed, global_timer_ns(), 0, tl_issued);
+    decode_mma::write_timeline(a, cta, tl_start, tl_first, tl_streamed, global_timer_ns(), 0, tl_issued,
+                               tl_row, tl_bar, tl_issue0);
   }
 #endif
 }
