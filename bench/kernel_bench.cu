@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -328,7 +329,7 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
   }
   // The quantiles below, and per SM the mean stream time of its CTAs (slow SMs, a placement
   // effect, vs slow CTAs).
-  std::vector<double> start, ramp, prologue, landing, stream, epilogue, end;
+  std::vector<double> start, ramp, prologue, landing, stream, epilogue, end, to_row, to_bar, to_issue0;
   std::vector<double> sm_sum(1024, 0.0);
   std::vector<int> sm_n(1024, 0);
   for (size_t i = 0; i < kMaxCtas; ++i) {
@@ -341,6 +342,11 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
         prologue.push_back((e[5] - e[0]) * 1e-3);
         landing.push_back((e[1] - e[5]) * 1e-3);
       }
+      if (e[6] >= e[0] && e[7] >= e[6] && e[8] >= e[7] && e[5] >= e[8]) {  // the prologue's steps
+        to_row.push_back((e[6] - e[0]) * 1e-3);
+        to_bar.push_back((e[7] - e[6]) * 1e-3);
+        to_issue0.push_back((e[8] - e[7]) * 1e-3);
+      }
       stream.push_back((e[2] - e[1]) * 1e-3);
       if (e[4] < sm_sum.size()) {
         sm_sum[e[4]] += stream.back();
@@ -351,7 +357,8 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     end.push_back((e[3] - t0) * 1e-3);
   }
   if (start.empty()) return;
-  for (auto* v : {&start, &ramp, &prologue, &landing, &stream, &epilogue, &end}) std::sort(v->begin(), v->end());
+  for (auto* v : {&start, &ramp, &prologue, &landing, &stream, &epilogue, &end, &to_row, &to_bar, &to_issue0})
+    std::sort(v->begin(), v->end());
   const auto q = quantile;
   std::vector<std::pair<double, int>> sm_mean;
   for (size_t i = 0; i < sm_sum.size(); ++i) {
@@ -376,6 +383,11 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     for (size_t i = 0; i < std::min<size_t>(12, sm_mean.size()); ++i)
       std::printf(" %d(%.1f)", sm_mean[i].second, sm_mean[i].first);
     std::printf("\n");
+  }
+  if (!to_row.empty()) {
+    std::printf("    prologue steps p50 / p90: the request's row known %.2f / %.2f, barriers set up %.2f / %.2f,"
+                " first copy issued %.2f / %.2f\n",
+                q(to_row, 0.5), q(to_row, 0.9), q(to_bar, 0.5), q(to_bar, 0.9), q(to_issue0, 0.5), q(to_issue0, 0.9));
   }
 }
 #endif
@@ -794,7 +806,6 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       std::vector<int> seq, q;
       int Hq, Hkv, D;
       bool causal = true;
-      bool scattered = true;
     };
     auto uniform = [](int B, int L) { return std::vector<int>(B, L); };
     std::vector<PCase> cases;
@@ -802,14 +813,6 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     cases.push_back({"B2_L" + std::to_string(L0), uniform(2, L0), uniform(2, L0), 32, 8, 128});
     cases.push_back({"B2_L" + std::to_string(L0) + "_noncausal", uniform(2, L0), uniform(2, L0), 32, 8,
                      128, /*causal=*/false});
-    // The reference shape with each request's slots consecutive (record suffix _runs; the default
-    // kernels alone): a pool that hands out runs of slots, the layout of cuDNN's dense K/V (the
-    // report sets these rows beside the peer's figure for the same shape). fp8-per-head measured
-    // slower on them than on scattered slots (docs/GPU.md, thirtieth session).
-    for (const bool causal : {true, false}) {
-      cases.push_back({"B2_L" + std::to_string(L0) + (causal ? "" : "_noncausal") + "_runs",
-                       uniform(2, L0), uniform(2, L0), 32, 8, 128, causal, /*scattered=*/false});
-    }
     if (!o.quick) {
       for (int L : {1024, 4096, 16384, 32768}) {
         const int B = std::max(1, 16384 / L);
@@ -835,17 +838,25 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     }
     for (const PCase& c : cases) {
       if (!selects(o.prefill_cases, c.name)) continue;
-      BenchBatch bb(c.seq, c.q, c.Hq, c.Hkv, c.D, s, c.scattered);
+      BenchBatch bb(c.seq, c.q, c.Hq, c.Hkv, c.D, s);
       char shape[64];
       if (c.name.rfind("prefix", 0) == 0) {
         std::snprintf(shape, sizeof shape, "8 x (1000 cached + 100..2048 new) D%d", c.D);
       } else {
-        std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d%s%s", bb.B, bb.L, c.Hq, c.Hkv,
-                      c.D, c.causal ? "" : " non-causal", c.scattered ? "" : " runs");
+        std::snprintf(shape, sizeof shape, "B=%d L=%d Hq%d/%d D%d%s", bb.B, bb.L, c.Hq, c.Hkv, c.D,
+                      c.causal ? "" : " non-causal");
       }
       const double flops = 4.0 * c.D * c.Hq * (c.causal ? bb.causal_pairs : bb.all_pairs);
       // The reference shape, causal and not: every scheme; the sweep: the three main schemes.
-      const bool reference = c.name == cases[0].name || (!c.causal && c.scattered);
+      const bool reference = c.name == cases[0].name || !c.causal;
+      // The reference shape with each request's slots consecutive (rows "<case>_runs_<scheme>",
+      // the three main schemes' default kernels): a pool that hands out runs of slots, the layout
+      // of cuDNN's dense K/V (the report sets these rows beside the peer's figure for the same
+      // shape). Timed in turns with the scattered rows' configs: as a case of their own, run
+      // right after this one, fp8-per-head read 5% slower than here, and as fast alone
+      // (docs/GPU.md, thirty-first session).
+      std::optional<BenchBatch> runs_batch;
+      if (reference) runs_batch.emplace(c.seq, c.q, c.Hq, c.Hkv, c.D, s, /*scattered=*/false);
       for (KvScheme scheme : kSchemes) {
         if (!reference && (scheme == KvScheme::kFp8E5m2 || scheme == KvScheme::kFp8PerHeadBf16Q)) {
           continue;
@@ -882,9 +893,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           configs.push_back(cuda::PrefillConfig::kWsDiagConsumers);  // one side of the pipeline alone
           configs.push_back(cuda::PrefillConfig::kWsDiagProducer);
         }
-        if (!c.scattered) configs.resize(1);  // the _runs rows: the default kernels alone
         // The configs that launch (a config not built for the shape throws here, named), then
-        // all of them timed in turns (time_us_in_turns: the same clocks for each).
+        // all of them timed in turns (time_us_in_turns: the same clocks for each); last, the
+        // default kernel on consecutive slots (above).
         std::vector<cuda::PrefillConfig> timed;
         std::vector<std::function<void()>> runs;
         for (cuda::PrefillConfig config : configs) {
@@ -897,6 +908,14 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           }
           timed.push_back(config);
           runs.push_back(run);
+        }
+        const bool with_runs = runs_batch && (scheme == KvScheme::kBf16 || scheme == KvScheme::kFp8PerTensor ||
+                                              scheme == KvScheme::kFp8PerHead);
+        AttentionParams p_runs;
+        if (with_runs) {
+          p_runs = runs_batch->params(scheme, pool->get());
+          p_runs.causal = c.causal;
+          runs.push_back([&p_runs, s] { cuda::launch_prefill_attention(p_runs, cuda::PrefillConfig::kDefault, s); });
         }
         std::vector<double> times;
         try {
@@ -921,6 +940,18 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           std::string key = c.name + "_" + scheme_name(scheme);
           if (config != cuda::PrefillConfig::kDefault) key += std::string("_") + cuda::prefill_config_name(config);
           r.record("prefill", key,
+                   {{"B", double(bb.B)}, {"L", double(bb.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
+                    {"D", double(c.D)}, {"causal", c.causal ? 1.0 : 0.0}, {"us", us}, {"tflops", tflops},
+                    {"frac_gemm", tflops / ceiling}});
+        }
+        if (with_runs) {
+          const double us = times.back();
+          const double tflops = flops / us * 1e-6;
+          const double ceiling = fp8_q(scheme) ? fp8_tflops : bf16_tflops;
+          r.line("  %-40s %-18s %-13s %8.1f   %7.1f  %6.1f%%", (std::string(shape) + " runs").c_str(),
+                 scheme_name(scheme), cuda::prefill_config_name(cuda::PrefillConfig::kDefault), us, tflops,
+                 100.0 * tflops / ceiling);
+          r.record("prefill", c.name + "_runs_" + scheme_name(scheme),
                    {{"B", double(bb.B)}, {"L", double(bb.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
                     {"D", double(c.D)}, {"causal", c.causal ? 1.0 : 0.0}, {"us", us}, {"tflops", tflops},
                     {"frac_gemm", tflops / ceiling}});
