@@ -329,7 +329,8 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
   }
   // The quantiles below, and per SM the mean stream time of its CTAs (slow SMs, a placement
   // effect, vs slow CTAs).
-  std::vector<double> start, ramp, prologue, landing, stream, epilogue, end, to_row, to_bar, to_issue0;
+  std::vector<double> start, ramp, prologue, landing, stream, epilogue, end;
+  std::vector<double> to_row, to_bar, to_issue0;  // the one-item prologue's steps
   std::vector<double> sm_sum(1024, 0.0);
   std::vector<int> sm_n(1024, 0);
   for (size_t i = 0; i < kMaxCtas; ++i) {
@@ -357,8 +358,10 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     end.push_back((e[3] - t0) * 1e-3);
   }
   if (start.empty()) return;
-  for (auto* v : {&start, &ramp, &prologue, &landing, &stream, &epilogue, &end, &to_row, &to_bar, &to_issue0})
+  for (auto* v : {&start, &ramp, &prologue, &landing, &stream, &epilogue, &end, &to_row, &to_bar,
+                  &to_issue0}) {
     std::sort(v->begin(), v->end());
+  }
   const auto q = quantile;
   std::vector<std::pair<double, int>> sm_mean;
   for (size_t i = 0; i < sm_sum.size(); ++i) {
@@ -385,9 +388,10 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     std::printf("\n");
   }
   if (!to_row.empty()) {
-    std::printf("    prologue steps p50 / p90: the request's row known %.2f / %.2f, barriers set up %.2f / %.2f,"
-                " first copy issued %.2f / %.2f\n",
-                q(to_row, 0.5), q(to_row, 0.9), q(to_bar, 0.5), q(to_bar, 0.9), q(to_issue0, 0.5), q(to_issue0, 0.9));
+    std::printf("    prologue steps p50 / p90: the request's row known %.2f / %.2f, barriers set up"
+                " %.2f / %.2f, first copy issued %.2f / %.2f\n",
+                q(to_row, 0.5), q(to_row, 0.9), q(to_bar, 0.5), q(to_bar, 0.9), q(to_issue0, 0.5),
+                q(to_issue0, 0.9));
   }
 }
 #endif
@@ -853,7 +857,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       // the three main schemes' default kernels): a pool that hands out runs of slots, the layout
       // of cuDNN's dense K/V (the report sets these rows beside the peer's figure for the same
       // shape). Timed in turns with the scattered rows' configs: as a case of their own, run
-      // right after this one, fp8-per-head read 5% slower than here, and as fast alone
+      // right after this one, fp8-per-head read slower than here, and as fast alone
       // (docs/GPU.md, thirty-first session).
       std::optional<BenchBatch> runs_batch;
       if (reference) runs_batch.emplace(c.seq, c.q, c.Hq, c.Hkv, c.D, s, /*scattered=*/false);
@@ -909,13 +913,16 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           timed.push_back(config);
           runs.push_back(run);
         }
-        const bool with_runs = runs_batch && (scheme == KvScheme::kBf16 || scheme == KvScheme::kFp8PerTensor ||
+        const bool with_runs = runs_batch && (scheme == KvScheme::kBf16 ||
+                                              scheme == KvScheme::kFp8PerTensor ||
                                               scheme == KvScheme::kFp8PerHead);
         AttentionParams p_runs;
         if (with_runs) {
           p_runs = runs_batch->params(scheme, pool->get());
           p_runs.causal = c.causal;
-          runs.push_back([&p_runs, s] { cuda::launch_prefill_attention(p_runs, cuda::PrefillConfig::kDefault, s); });
+          runs.push_back([&p_runs, s] {
+            cuda::launch_prefill_attention(p_runs, cuda::PrefillConfig::kDefault, s);
+          });
         }
         std::vector<double> times;
         try {
@@ -930,31 +937,29 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
                                  std::string(shape) + " " + scheme_name(scheme) + " default");
         }
 #endif
-        for (size_t k = 0; k < timed.size(); ++k) {
-          const cuda::PrefillConfig config = timed[k];
-          const double us = times[k];
+        // One row: its shape's label, kernel, record name and time.
+        auto row = [&](const std::string& label, cuda::PrefillConfig config, const std::string& key,
+                       double us) {
           const double tflops = flops / us * 1e-6;
           const double ceiling = fp8_q(scheme) ? fp8_tflops : bf16_tflops;
-          r.line("  %-40s %-18s %-13s %8.1f   %7.1f  %6.1f%%", shape, scheme_name(scheme),
+          r.line("  %-40s %-18s %-13s %8.1f   %7.1f  %6.1f%%", label.c_str(), scheme_name(scheme),
                  cuda::prefill_config_name(config), us, tflops, 100.0 * tflops / ceiling);
-          std::string key = c.name + "_" + scheme_name(scheme);
-          if (config != cuda::PrefillConfig::kDefault) key += std::string("_") + cuda::prefill_config_name(config);
           r.record("prefill", key,
                    {{"B", double(bb.B)}, {"L", double(bb.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
                     {"D", double(c.D)}, {"causal", c.causal ? 1.0 : 0.0}, {"us", us}, {"tflops", tflops},
                     {"frac_gemm", tflops / ceiling}});
+        };
+        for (size_t k = 0; k < timed.size(); ++k) {
+          const cuda::PrefillConfig config = timed[k];
+          std::string key = c.name + "_" + scheme_name(scheme);
+          if (config != cuda::PrefillConfig::kDefault) {
+            key += std::string("_") + cuda::prefill_config_name(config);
+          }
+          row(shape, config, key, times[k]);
         }
         if (with_runs) {
-          const double us = times.back();
-          const double tflops = flops / us * 1e-6;
-          const double ceiling = fp8_q(scheme) ? fp8_tflops : bf16_tflops;
-          r.line("  %-40s %-18s %-13s %8.1f   %7.1f  %6.1f%%", (std::string(shape) + " runs").c_str(),
-                 scheme_name(scheme), cuda::prefill_config_name(cuda::PrefillConfig::kDefault), us, tflops,
-                 100.0 * tflops / ceiling);
-          r.record("prefill", c.name + "_runs_" + scheme_name(scheme),
-                   {{"B", double(bb.B)}, {"L", double(bb.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
-                    {"D", double(c.D)}, {"causal", c.causal ? 1.0 : 0.0}, {"us", us}, {"tflops", tflops},
-                    {"frac_gemm", tflops / ceiling}});
+          row(std::string(shape) + " runs", cuda::PrefillConfig::kDefault,
+              c.name + "_runs_" + scheme_name(scheme), times.back());
         }
       }
     }

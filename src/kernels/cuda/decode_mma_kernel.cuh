@@ -311,9 +311,10 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
 
 #ifdef FP8KV_DECODE_TIMELINE
 // Diagnostic build: one timeline entry (decode.cuh: four stamps, SM | type << 32, a fifth stamp).
-__device__ __forceinline__ void write_timeline(const DecodeArgs& a, int64_t entry, uint64_t e0, uint64_t e1,
-                                               uint64_t e2, uint64_t e3, uint64_t type, uint64_t e5 = 0,
-                                               uint64_t e6 = 0, uint64_t e7 = 0, uint64_t e8 = 0) {
+__device__ __forceinline__ void write_timeline(const DecodeArgs& a, int64_t entry, uint64_t e0,
+                                               uint64_t e1, uint64_t e2, uint64_t e3, uint64_t type,
+                                               uint64_t e5 = 0, uint64_t e6 = 0, uint64_t e7 = 0,
+                                               uint64_t e8 = 0) {
   if (a.timeline == nullptr) return;
   uint64_t* e = a.timeline + kDecodeTimelineFields * entry;
   e[0] = e0;
@@ -817,8 +818,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   __syncthreads();
   if (threadIdx.x == 0) {
     const int64_t cta = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
-    decode_mma::write_timeline(a, cta, tl_start, tl_first, tl_streamed, global_timer_ns(), 0, tl_issued,
-                               tl_row, tl_bar, tl_issue0);
+    decode_mma::write_timeline(a, cta, tl_start, tl_first, tl_streamed, global_timer_ns(), 0,
+                               tl_issued, tl_row, tl_bar, tl_issue0);
   }
 #endif
 }
