@@ -310,7 +310,8 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
 }
 
 #ifdef FP8KV_DECODE_TIMELINE
-// Diagnostic build: one timeline entry (decode.cuh: four stamps, SM | type << 32, a fifth stamp).
+// Diagnostic build: one timeline entry (decode.cuh: four stamps, SM | type << 32, a fifth stamp,
+// the one-item prologue's three).
 __device__ __forceinline__ void write_timeline(const DecodeArgs& a, int64_t entry, uint64_t e0,
                                                uint64_t e1, uint64_t e2, uint64_t e3, uint64_t type,
                                                uint64_t e5 = 0, uint64_t e6 = 0, uint64_t e7 = 0,
