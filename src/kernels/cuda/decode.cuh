@@ -55,10 +55,15 @@ constexpr int decode_kv_heads_per_copy(KvScheme scheme, int head_dim, int copy_b
 }
 
 // Adjacent KV heads one CTA of the tensor-core decode kernel takes, so that each bulk copy of a
-// token's K (or V) row moves about 256 bytes: the copy engine's rate is per copy, and rows of
-// one head (128 bytes for e4m3 at head_dim 128) are too small to reach the read bandwidth.
+// token's K (or V) row moves at least about 256 bytes: the copy engine's rate is per copy, and
+// rows of one head (128 bytes for e4m3 at head_dim 128) are too small to reach the read
+// bandwidth. And at least two heads where their rows make a copy of at most 512 bytes (bf16 at
+// head_dim 128, e4m3 at 256), which measured faster than one head's; e4m3 at head_dim 128
+// measured slower with four (docs/GPU.md, thirty-first session).
 constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
-  return decode_kv_heads_per_copy(scheme, head_dim, 256);
+  const int heads = decode_kv_heads_per_copy(scheme, head_dim, 256);
+  const int two = decode_kv_heads_per_copy(scheme, head_dim, 512) >= 2 ? 2 : 1;
+  return heads > two ? heads : two;
 }
 
 // Adjacent KV heads one item of the persistent decode kernel takes: copies of about 512 bytes,

@@ -9,8 +9,8 @@
 // Why bulk copies: at Hopper's bandwidth a CTA needs far more bytes in flight than 16-byte
 // cp.async per thread sustains (profiled: DRAM at 72% with the SMs mostly idle). Each K or V row
 // of a tile is one cp.async.bulk (the copy engine) completing on the stage's mbarrier; the copy
-// engine's cost is per copy, so an FP8 CTA takes two adjacent KV heads (decode_mma_kv_heads): one
-// copy moves both heads' 128-byte rows.
+// engine's cost is per copy, so a CTA takes adjacent KV heads (decode_mma_kv_heads): at head_dim
+// 128 two, one copy moving both heads' rows (128 bytes each for e4m3, 256 for bf16).
 //
 // One CTA per (split of the KV length, kKv adjacent KV heads and up to 8 query heads of each,
 // request b), 4 warps per KV head. The CTA streams tiles of 64 tokens (K rows then V rows, kKv
