@@ -853,6 +853,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       const double flops = 4.0 * c.D * c.Hq * (c.causal ? bb.causal_pairs : bb.all_pairs);
       // The reference shape, causal and not: every scheme; the sweep: the three main schemes.
       const bool reference = c.name == cases[0].name || !c.causal;
+      auto main_scheme = [](KvScheme k) {
+        return k == KvScheme::kBf16 || k == KvScheme::kFp8PerTensor || k == KvScheme::kFp8PerHead;
+      };
       // The reference shape with each request's slots consecutive (rows "<case>_runs_<scheme>",
       // the three main schemes' default kernels): a pool that hands out runs of slots, the layout
       // of cuDNN's dense K/V (the report sets these rows beside the peer's figure for the same
@@ -862,9 +865,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       std::optional<BenchBatch> runs_batch;
       if (reference) runs_batch.emplace(c.seq, c.q, c.Hq, c.Hkv, c.D, s, /*scattered=*/false);
       for (KvScheme scheme : kSchemes) {
-        if (!reference && (scheme == KvScheme::kFp8E5m2 || scheme == KvScheme::kFp8PerHeadBf16Q)) {
-          continue;
-        }
+        if (!reference && !main_scheme(scheme)) continue;
         auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
         AttentionParams p = bb.params(scheme, pool->get());
         p.causal = c.causal;
@@ -913,9 +914,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           timed.push_back(config);
           runs.push_back(run);
         }
-        const bool with_runs = runs_batch && (scheme == KvScheme::kBf16 ||
-                                              scheme == KvScheme::kFp8PerTensor ||
-                                              scheme == KvScheme::kFp8PerHead);
+        const bool with_runs = runs_batch && main_scheme(scheme);
         AttentionParams p_runs;
         if (with_runs) {
           p_runs = runs_batch->params(scheme, pool->get());

@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "fp8kv/scheme.h"
@@ -61,9 +62,8 @@ constexpr int decode_kv_heads_per_copy(KvScheme scheme, int head_dim, int copy_b
 // head_dim 128, e4m3 at 256), which measured faster than one head's; e4m3 at head_dim 128
 // measured slower with four (docs/GPU.md, thirty-first session).
 constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
-  const int heads = decode_kv_heads_per_copy(scheme, head_dim, 256);
-  const int two = decode_kv_heads_per_copy(scheme, head_dim, 512) >= 2 ? 2 : 1;
-  return heads > two ? heads : two;
+  return std::max(decode_kv_heads_per_copy(scheme, head_dim, 256),
+                  std::min(2, decode_kv_heads_per_copy(scheme, head_dim, 512)));
 }
 
 // Adjacent KV heads one item of the persistent decode kernel takes: copies of about 512 bytes,
