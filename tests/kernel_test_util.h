@@ -221,6 +221,41 @@ inline AttentionProblem make_problem(const ProblemSpec& spec) {
   return p;
 }
 
+// The same problem (the same tokens, K/V, Q and request rows) with each request's tokens in
+// consecutive slots, as a pool that hands out runs stores them (requests in the order of their
+// rows, 3 free slots between them); in every request whose index is a multiple of `break_every`
+// (0: none), the slots of positions 130 and 131 swapped, so that one warp's rows of its third
+// 64-key tile (and its second 128-key tile) are not consecutive while the others are.
+inline AttentionProblem with_consecutive_slots(const AttentionProblem& p, int break_every = 0) {
+  AttentionProblem c = p;
+  const int B = p.num_requests();
+  std::vector<int> by_row(B);
+  std::iota(by_row.begin(), by_row.end(), 0);
+  std::sort(by_row.begin(), by_row.end(),
+            [&](int x, int y) { return p.req_index[x] < p.req_index[y]; });
+  int64_t slots = 0;
+  for (int b = 0; b < B; ++b) slots += p.seq_len[b] + 3;
+  c.num_slots = std::max<int64_t>(slots, p.num_slots);
+  // Unused entries of req_to_token hold the padding slot (num_slots).
+  std::fill(c.req_to_token.begin(), c.req_to_token.end(), static_cast<int32_t>(c.num_slots));
+  int64_t next = 0;
+  for (int b : by_row) {
+    for (int pos = 0; pos < p.seq_len[b]; ++pos) {
+      c.kv_slot[p.kv_begin[b] + pos] = static_cast<int32_t>(next + pos);
+    }
+    if (break_every > 0 && b % break_every == 0 && p.seq_len[b] > 131) {
+      std::swap(c.kv_slot[p.kv_begin[b] + 130], c.kv_slot[p.kv_begin[b] + 131]);
+    }
+    for (int pos = 0; pos < p.seq_len[b]; ++pos) {
+      c.req_to_token[static_cast<size_t>(p.req_index[b]) * p.max_len + pos] =
+          c.kv_slot[p.kv_begin[b] + pos];
+    }
+    next += p.seq_len[b] + 3;
+  }
+  return c;
+}
+
+
 // One request of seq_len keys (the last q_len of them new), one KV head and one query head, with
 // an attention sink: key 0's logit is 8 nats above the others' (N(0, 0.3): q along channel 0,
 // logit = k[0]), V -4 on the sink and 1 + N(0, 0.1) elsewhere. The tail's p ~ e^-8 each (below

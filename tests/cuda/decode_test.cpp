@@ -273,6 +273,61 @@ TEST(CudaDecode, PersistentKernelMatchesTheTwinAndOneItemCtas) {
   }
 }
 
+// Where a warp's rows of a tile sit in consecutive slots, both decode kernels copy them as one
+// box (DecodeKvMaps), the others a copy a row. The same batch with its slots scattered, with each
+// request's slots consecutive, and consecutive but for two swapped slots in every other request
+// (one warp's rows of a tile copied a row each, the rest of that tile boxed) gives the same output
+// bits: every scheme, head_dim 64, 128 and 256, 8 KV heads and 3 (a CTA or item of fewer heads at
+// the end), one-item CTAs unsplit and split, and the persistent kernel; the partly consecutive
+// one-item batches match the CPU twin at head_dim 128 (the scattered ones are the other tests'
+// batches).
+TEST(CudaDecode, ConsecutiveSlotsGiveTheBitsOfScatteredOnes) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  test::RunOptions opt;
+  opt.phase = AttentionPhase::kDecode;
+  std::vector<int> persistent_lengths;
+  for (int b = 0; b < 300; ++b) persistent_lengths.push_back(b < 40 ? 200 : 1 + (b * 97) % 256);
+  const std::vector<std::vector<int>> batches = {
+      {1, 63, 64, 65, 200, 256}, {1, 65, 200, 4100}, persistent_lengths};
+  uint64_t seed = 7100;
+  for (KvScheme scheme : kAllSchemes) {
+    for (int D : {64, 128, 256}) {
+      for (const std::vector<int>& lengths : batches) {
+        for (int kv_heads : {8, 3}) {
+          test::ProblemSpec spec;
+          spec.requests = decode_requests(lengths);
+          spec.num_kv_heads = kv_heads;
+          spec.num_q_heads = 4 * kv_heads;
+          spec.head_dim = D;
+          spec.data.outlier_channels = 2;
+          spec.seed = ++seed;
+          const test::AttentionProblem scattered = test::make_problem(spec);
+          SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D) +
+                       " requests=" + std::to_string(lengths.size()) + " Hkv=" +
+                       std::to_string(kv_heads));
+          if (kv_heads == 8) {
+            EXPECT_EQ(takes_persistent(scattered, scheme), lengths.size() == 300);
+          }
+          const test::KvScales scales = test::calibrate_scales(scattered, scheme);
+          const std::vector<uint16_t> base =
+              test::run_attention(*gpu, scattered, scheme, scales, opt).o;
+          for (int break_every : {0, 2}) {
+            SCOPED_TRACE("break_every=" + std::to_string(break_every));
+            const test::AttentionProblem runs = test::with_consecutive_slots(scattered, break_every);
+            EXPECT_TRUE(test::run_attention(*gpu, runs, scheme, scales, opt).o == base)
+                << "consecutive slots gave other bits than scattered ones";
+            if (D == 128 && break_every == 2 && lengths.size() < 300) {
+              expect_close(run_case(*cpu, *gpu, runs, scheme));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // After its first round the persistent kernel deals the items longest first (a stable counting
 // sort of the requests by their tiles, which every CTA builds alike): a batch whose lengths fall
 // in many buckets (the order built), one of a single length (one bucket: index order, no sort) and

@@ -111,6 +111,7 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   a.num_splits = plan.split.num_splits;
   a.split_tokens = plan.split.split_tokens;
   a.sm_scale_log2 = a.softmax_scale * kLog2e;
+  a.cache_slots = p.cache.num_slots + 1;
 #ifdef FP8KV_DECODE_TIMELINE
   a.timeline = g_timeline;
 #endif

@@ -4,6 +4,7 @@
 // decode_{bf16,fp8_tensor,fp8_head,fp8_e5m2,fp8_head_bf16q}.cu).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -14,6 +15,13 @@
 #include "kernels/cuda/device_error.h"
 
 namespace fp8kv::cuda {
+
+// The cache as the copy engine's tensors (made by the kernel's launch): a slot's K (V) heads as
+// 128-byte lines, read in boxes of a launch's kKv heads for `rows` consecutive slots (a warp's
+// rows of a tile) or for one slot, landing in the 128-byte swizzle (decode_mma_kernel.cuh).
+struct DecodeKvMaps {
+  CUtensorMap k_box, v_box, k_row, v_row;
+};
 
 // Device arguments of the decode kernel, built by decode.cu from AttentionParams.
 struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then decode's own
@@ -30,6 +38,8 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
   // The persistent kernel: items (request, head group) in all; it deals them from
   // split_counters[0] and counts its CTAs out in split_counters[1], both zero between launches.
   int num_items = 0;
+  int64_t cache_slots = 0;  // rows of the cache: num_slots + 1 (the padding slot)
+  DecodeKvMaps kv_maps;     // set by the launch (DecodeMmaKernel::launch*)
 #ifdef FP8KV_DECODE_TIMELINE
   uint64_t* timeline = nullptr;  // [entries][kDecodeTimelineFields] (set_decode_timeline), or null
 #endif

@@ -75,6 +75,7 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
+#include "kernels/cuda/tma.h"
 #include "kernels/decode_split.h"
 
 namespace fp8kv::cuda {
@@ -95,20 +96,27 @@ struct TileShape {
   static constexpr int kRowBytes = kBf16 ? 2 * D : D;     // one K or V row of a KV head
   static constexpr int kKv = kKvHeads;                    // adjacent KV heads
   static constexpr int kThreads = kKv * kWarps * 32;      // 4 warps per KV head: the computing ones
-  static constexpr int kCopyBytes = kKv * kRowBytes;      // one bulk copy: a row of kKv heads
+  static constexpr int kCopyBytes = kKv * kRowBytes;      // a token's row of the kKv heads
   static constexpr int kSteps = D / 16;                   // 16-dim steps: QK k-steps, PV m-tiles
-  static constexpr int kPitch = kCopyBytes + 16;          // shared memory row, bytes
-  static constexpr int kStageBytes = 2 * kTileTokens * kPitch;  // K rows then V rows
+  // A tile in shared memory: its 64 K rows then 64 V rows, kCopyBytes apart, in the copy
+  // engine's 128-byte swizzle (tile_row_bases).
+  static constexpr int kTileBytes = 2 * kTileTokens * kCopyBytes;
+  static constexpr int kVOffset = kTileTokens * kCopyBytes;  // V rows after the K rows
+  // 128-byte lines of a KV head's row that one lane reads (half a line at 64 bytes).
+  static constexpr int kPieces = kRowBytes >= 128 ? kRowBytes / 128 : 1;
   // The warps' merge: o, m and l of each warp and query head, then a factor per warp and head
   // and the head's log-sum-exp.
   static constexpr int kMergeBytes = kKv * (kWarps * kRows * (D + 3) + kRows) * 4;
   static_assert(kRowBytes % 16 == 0 && kSteps % 2 == 0, "tile shape");
+  static_assert(kCopyBytes % 128 == 0 && kTileBytes % 1024 == 0,
+                "rows of whole 128-byte lines, tiles of whole 1024-byte swizzle patterns");
 };
 
 template <KvScheme kScheme, int D>
 struct Shape : TileShape<kScheme, D, decode_mma_kv_heads(kScheme, D)> {
   using Base = TileShape<kScheme, D, decode_mma_kv_heads(kScheme, D)>;
-  using Base::kCopyBytes, Base::kStageBytes, Base::kMergeBytes;
+  using Base::kCopyBytes, Base::kMergeBytes;
+  static constexpr int kStageBytes = Base::kTileBytes;
   // kStages - 1 tiles in flight while one is computed; CTAs per SM as shared memory allows
   // (copies of 128 / 256 / 512 bytes: 3 / 2 / 1). Grids of several waves run the persistent
   // kernel instead (PersistentShape below), which keeps the ring streaming across items.
@@ -156,6 +164,44 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
   uint32_t y;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
   return y;
+}
+
+// A tensor copy (TMA) of the box at {x, y, z} of the 3D tensor `map` (a __grid_constant__
+// kernel parameter: DecodeArgs' tensor maps) into shared memory at dst (1024-byte aligned for a
+// box of several rows), completing on mbarrier `bar` with the box's bytes, with an L2 policy.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int x, int y,
+                                            int z, uint32_t bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".L2::cache_hint [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(z), "r"(bar), "l"(policy)
+      : "memory");
+}
+
+// The tile's rows land in the copy engine's 128-byte swizzle: the 16-byte chunk c of a
+// 128-byte line at address L sits at chunk c ^ ((L >> 7) & 7) of it (the pattern follows the
+// address, so a box of 32 rows and a box of one row place a row alike). This lane's ldmatrix
+// reads row `row` of the tile (in stage 0) from byte `col0` of it on (its head's part, plus 16
+// for the upper two matrices) and then every 16 * j bytes on (j even, from 0); w[p] = the address
+// for j = 0 in line p of its head's part, so that the address for j is w[j / 8] ^ 16 (j % 8): the
+// chunk offset j % 8 never carries into col0's chunk bits (col0's chunk is 0 or 1, or 4 or 5 at
+// 64-byte rows where j < 4). Stages and the V rows are whole 1024-byte patterns away: the same w
+// plus their offset.
+template <class Sh>
+__device__ __forceinline__ void tile_row_bases(uint32_t stage0, int row, int col0,
+                                               uint32_t (&w)[Sh::kPieces]) {
+#pragma unroll
+  for (int p = 0; p < Sh::kPieces; ++p) {
+    const int col = col0 + 128 * p;
+    const uint32_t line = stage0 + row * Sh::kCopyBytes + (col & ~127);
+    w[p] = line | (16u * ((static_cast<uint32_t>(col >> 4) & 7u) ^ ((line >> 7) & 7u)));
+  }
+}
+// The ldmatrix address of chunk offset j (even; a constant of an unrolled loop) from
+// tile_row_bases' w.
+template <int kPieces>
+__device__ __forceinline__ uint32_t tile_addr(const uint32_t (&w)[kPieces], int j) {
+  return w[j / 8] ^ (16u * (j % 8));
 }
 
 // The query heads of a split-KV group (request b; kv_here KV heads from g0, query heads hc * 8 ..
@@ -400,10 +446,10 @@ __device__ __forceinline__ void load_q(const DecodeArgs& a, int64_t q_token, int
 
 }
 
-// One tile of the warp's 16 keys (key0 ..; keys from t_end on are masked) at k_addr / v_addr
-// (its ldmatrix rows in the stage): S^T, the online softmax (m, l) and O^T += V^T P^T.
-template <KvScheme kScheme, int kHeadDim>
-__device__ __forceinline__ void tile_step(uint32_t k_addr, uint32_t v_addr,
+// One tile of the warp's 16 keys (key0 ..; keys from t_end on are masked) whose ldmatrix rows
+// in the stage are at kw (tile_row_bases, plus the stage's offset; the V rows kVOffset on): S^T, the online softmax (m, l) and O^T += V^T P^T.
+template <KvScheme kScheme, int kHeadDim, int kPieces, int kVOffset>
+__device__ __forceinline__ void tile_step(const uint32_t (&kw)[kPieces],
                                           const uint32_t (&qa)[kHeadDim / 16][2], float mult,
                                           int key0, int t_end, int r, float (&m)[2], float (&l)[2],
                                           float (&o)[kHeadDim / 16][4]) {
@@ -420,10 +466,10 @@ __device__ __forceinline__ void tile_step(uint32_t k_addr, uint32_t v_addr,
     for (int h = 0; h < 2; ++h) {
       uint32_t kr[4];
       if constexpr (kBf16) {
-        ldmatrix_x4(kr, k_addr + 32 * (k + h));
+        ldmatrix_x4(kr, tile_addr(kw, 2 * (k + h)));
         mma_bf16(st[h], kr, qa[k + h][0], qa[k + h][1]);
       } else if (h == 0) {
-        ldmatrix_x4(kr, k_addr + 16 * k);
+        ldmatrix_x4(kr, tile_addr(kw, k));
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           uint32_t ka[4];
@@ -495,12 +541,12 @@ __device__ __forceinline__ void tile_step(uint32_t k_addr, uint32_t v_addr,
       if constexpr (kBf16) {
         // ldmatrix.trans of 8x8 blocks (keys x dims) gives dim r, keys 2t, 2t+1: [0] keys 0..7
         // dims 0..7, [1] keys 8..15 dims 0..7, [2] keys 0..7 dims 8..15, [3] keys 8..15 dims 8..15.
-        ldmatrix_x4_trans(vr, v_addr + 32 * (k + h));
+        ldmatrix_x4_trans(vr, tile_addr(kw, 2 * (k + h)) + kVOffset);
         const uint32_t va[4] = {vr[0], vr[2], vr[1], vr[3]};
         mma_bf16(o[k + h], va, pb0, pb1);
       } else if (h == 0) {
         // One 16-byte block of V per MMA: rows r and r+8 of the A tile are dims 2r and 2r+1.
-        ldmatrix_x4_trans(vr, v_addr + 16 * k);
+        ldmatrix_x4_trans(vr, tile_addr(kw, k) + kVOffset);
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           // vr[2hh] holds V[2t][2r], V[2t][2r+1], V[2t+1][2r], V[2t+1][2r+1] (keys 0..7); the
@@ -627,11 +673,11 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8
 template <KvScheme kScheme, int kHeadDim>
 __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads,
                                   decode_mma::Shape<kScheme, kHeadDim>::kMinBlocks)
-    decode_mma_kernel(const DecodeArgs a) {
+    decode_mma_kernel(const __grid_constant__ DecodeArgs a) {
   using namespace decode_mma;
   using Sh = Shape<kScheme, kHeadDim>;
   constexpr int kSteps = Sh::kSteps;
-  extern __shared__ __align__(16) uint8_t smem[];
+  extern __shared__ __align__(1024) uint8_t smem[];  // whole swizzle patterns (tile_row_bases)
 
 #ifdef FP8KV_DECODE_TIMELINE
   // Diagnostic build (CMake FP8KV_DECODE_TIMELINE): the CTA's start, first tile landed, last
@@ -674,15 +720,16 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 #ifdef FP8KV_DECODE_TIMELINE
   tl_row = global_timer_ns();
 #endif
-  const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
-  // Thread tid < 128 copies row tid % 64 of the tile, of K for tid < 64 and of V otherwise, as
-  // one bulk copy of the CTA's kv_here adjacent heads (the copy engine, not the thread's load
-  // slots: more bytes in flight per SM; several heads per copy: fewer, larger copies).
+  // Thread tid < 128 copies row tid % 64 of the tile, of K for tid < 64 and of V otherwise: the
+  // CTA's kKv adjacent heads of one slot (the copy engine, not the thread's load slots: more
+  // bytes in flight per SM; several heads per copy: fewer, larger copies). A warp whose 32 rows
+  // sit in consecutive slots copies them as one box instead (its lane 0), as a paged pool stores
+  // a request: a warp issues its lanes' copies one after another, a box is one copy.
   const bool issuer = threadIdx.x < kIssuers;
   const int cp_row = threadIdx.x % kTileTokens, cp_v = threadIdx.x / kTileTokens;
-  const uint32_t cp_bytes = kv_here * Sh::kRowBytes;
-  const uint8_t* cp_base =
-      a.kv + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes;
+  const int map_y = g0 * Sh::kRowBytes / 128;  // the CTA's first line of a slot's K (V) row
+  const CUtensorMap* box_map = cp_v ? &a.kv_maps.v_box : &a.kv_maps.k_box;
+  const CUtensorMap* row_map = cp_v ? &a.kv_maps.v_row : &a.kv_maps.k_row;
   const uint32_t smem_base = smem_addr(smem);
   const uint32_t bar_base = smem_base + Sh::kDataBytes;  // kStages mbarriers
   // K/V rows are read once: evict them from L2 first, so that the slot table, Q and the other
@@ -703,11 +750,19 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   auto issue = [&](int i) {
     if (!issuer) return;
     const int stage = i % Sh::kStages;
-    const uint32_t dst = smem_base + stage * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kPitch;
+    const uint32_t dst = smem_base + stage * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
     const uint32_t bar = bar_base + 8 * stage;
-    if (slot >= 0) {
-      mbarrier_arrive_expect_tx(bar, cp_bytes);
-      bulk_copy_g2s(dst, cp_base + slot * slot_bytes, cp_bytes, bar, l2_policy);
+    const int first = __shfl_sync(kFullMask, slot, 0);
+    if (__all_sync(kFullMask, first >= 0 && slot == first + lane)) {
+      if (lane == 0) {
+        mbarrier_arrive_expect_tx(bar, 32 * Sh::kCopyBytes);
+        tma_load_3d(dst, box_map, 0, map_y, first, bar, l2_policy);
+      } else {
+        mbarrier_arrive(bar);
+      }
+    } else if (slot >= 0) {
+      mbarrier_arrive_expect_tx(bar, Sh::kCopyBytes);
+      tma_load_3d(dst, row_map, 0, map_y, slot, bar, l2_policy);
     } else {
       // Rows past the end are zero: their scores are masked and their V rows must be finite
       // zeros, never stale data (0 * NaN would poison the output).
@@ -723,8 +778,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   // tiles 0, 1 of one 16-byte block, [2], [3] of the next. bf16: [0..3] are the A fragment of a
   // 16-dim k-step (keys r, r+8 x dims 2t.., 2t+8..).
   const int ld_mat = lane / 8;
-  const uint32_t ld_off = (warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8)) * Sh::kPitch +
-                          16 * (ld_mat >> 1) + sub * Sh::kRowBytes;
+  uint32_t kw[Sh::kPieces];
+  tile_row_bases<Sh>(smem_base, warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8),
+                     16 * (ld_mat >> 1) + sub * Sh::kRowBytes, kw);
 
   // Software pipeline: tiles i+1..i+kStages-1 are in flight while tile i is computed; the slots
   // of the next tile to issue are read one iteration ahead.
@@ -756,11 +812,11 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     if (j < num_tiles) issue(j);
     load_slot(j + 1);
 
-    const uint32_t k_addr = smem_base + (i % Sh::kStages) * Sh::kStageBytes + ld_off;
-    const uint32_t v_addr = k_addr + kTileTokens * Sh::kPitch;
-
-    tile_step<kScheme, kHeadDim>(k_addr, v_addr, qa, mult,
-                                 t_begin + i * kTileTokens + warp * kWarpKeys, t_end, r, m, l, o);
+    uint32_t stage_w[Sh::kPieces];
+#pragma unroll
+    for (int p = 0; p < Sh::kPieces; ++p) stage_w[p] = kw[p] + (i % Sh::kStages) * Sh::kStageBytes;
+    tile_step<kScheme, kHeadDim, Sh::kPieces, Sh::kVOffset>(
+        stage_w, qa, mult, t_begin + i * kTileTokens + warp * kWarpKeys, t_end, r, m, l, o);
   }
 
 #ifdef FP8KV_DECODE_TIMELINE
@@ -833,7 +889,11 @@ namespace decode_mma {
 template <KvScheme kScheme, int D>
 struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kScheme, D)> {
   using Base = TileShape<kScheme, D, decode_persistent_kv_heads(kScheme, D)>;
-  using Base::kThreads, Base::kStageBytes, Base::kMergeBytes;  // kThreads: the consumers
+  using Base::kThreads, Base::kMergeBytes;  // kThreads: the consumers
+  // A stage: a tile, and room for an item's warps' merge (which runs in its last tile's stage),
+  // in whole swizzle patterns.
+  static constexpr int kStageBytes =
+      (std::max(Base::kTileBytes, kMergeBytes) + 1023) / 1024 * 1024;
   // Eight producer warps, lanes 0..15 of each issuing one K or V row of every tile: a warp
   // issues its lanes' bulk copies one after another, so 16 copies per warp and tile land a tile
   // in half the time of 32 (lanes 16..31 only follow along).
@@ -845,8 +905,9 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   // the consumers take the rest (kConsumerRegs, at least kLaunchRegs). An increase beyond the
   // launch's allocation would wait for ever.
   static constexpr int kLaunchRegs = 65536 / kAllThreads / 8 * 8;  // 384+ threads: at most 168
-  // 40: the producers also build the longest-first order (build_order); 32 spilled there.
-  static constexpr int kProducerRegs = 40;
+  // 48: the producers also build the longest-first order (build_order; 32 spilled there) and
+  // choose between a box and a copy a row (40 spilled 4 bytes at head_dim 128).
+  static constexpr int kProducerRegs = 48;
   static constexpr int kConsumerPool = (kLaunchRegs * kAllThreads - kProducerRegs * kProducers) / kThreads / 8 * 8;
   static constexpr int kConsumerRegs = kConsumerPool > 240 ? 240 : kConsumerPool;
   static constexpr int kStages = 209000 / kStageBytes;
@@ -894,12 +955,12 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
 // zero for the next launch.
 template <KvScheme kScheme, int kHeadDim>
 __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>::kAllThreads, 1)
-    decode_mma_persistent_kernel(const DecodeArgs a) {
+    decode_mma_persistent_kernel(const __grid_constant__ DecodeArgs a) {
   using namespace decode_mma;
   using Sh = PersistentShape<kScheme, kHeadDim>;
   constexpr int kSteps = Sh::kSteps;
   constexpr int kStages = Sh::kStages;
-  extern __shared__ __align__(16) uint8_t smem[];
+  extern __shared__ __align__(1024) uint8_t smem[];  // whole swizzle patterns (tile_row_bases)
   const uint32_t smem_base = smem_addr(smem);
   int* header = reinterpret_cast<int*>(smem + Sh::kHeaderOffset);
   const uint32_t full_bar = smem_base + Sh::kFullOffset, empty_bar = smem_base + Sh::kEmptyOffset;
@@ -920,7 +981,8 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     const int cp_row = cp_index % kTileTokens, cp_v = cp_index / kTileTokens;
     int* next_item = reinterpret_cast<int*>(smem + Sh::kItemOffset);
     const uint64_t l2_policy = l2_evict_first_policy();
-    const int64_t slot_bytes = static_cast<int64_t>(2 * a.num_kv_heads) * Sh::kRowBytes;
+    const CUtensorMap* box_map = cp_v ? &a.kv_maps.v_box : &a.kv_maps.k_box;
+    const CUtensorMap* row_map = cp_v ? &a.kv_maps.v_row : &a.kv_maps.k_row;
     int item = 0, g0 = 0, t_end = 0, num_tiles = 0;
     const int32_t* slot_row = nullptr;
     // The next item (thread 0 of the producers takes it from the counter; named barrier 2 hands it
@@ -1080,14 +1142,22 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
       const bool end = item >= a.num_items;
       if (p == 0) header[s] = end ? -1 : item;
       const uint32_t bar = full_bar + 8 * s;
-      const uint32_t dst = smem_base + s * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kPitch;
-      if (copier) {
+      const uint32_t dst = smem_base + s * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
+      // A warp's kCopyLanes rows in consecutive slots: one box by its lane 0, as in
+      // decode_mma_kernel; else a copy a row.
+      const int first = __shfl_sync(kFullMask, slot, 0);
+      const bool boxed = __all_sync(kFullMask, !copier || (first >= 0 && slot == first + lane));
+      if (boxed && copier) {
+        if (lane == 0) {
+          mbarrier_arrive_expect_tx(bar, Sh::kCopyLanes * Sh::kCopyBytes);
+          tma_load_3d(dst, box_map, 0, g0 * Sh::kRowBytes / 128, first, bar, l2_policy);
+        } else {
+          mbarrier_arrive(bar);
+        }
+      } else if (copier) {
         if (slot >= 0) {
-          const uint32_t cp_bytes = min(Sh::kKv, a.num_kv_heads - g0) * Sh::kRowBytes;
-          mbarrier_arrive_expect_tx(bar, cp_bytes);
-          bulk_copy_g2s(dst, a.kv + static_cast<int64_t>(cp_v * a.num_kv_heads + g0) * Sh::kRowBytes +
-                                 slot * slot_bytes,
-                        cp_bytes, bar, l2_policy);
+          mbarrier_arrive_expect_tx(bar, Sh::kCopyBytes);
+          tma_load_3d(dst, row_map, 0, g0 * Sh::kRowBytes / 128, slot, bar, l2_policy);
         } else {
           if (static_cast<int>(i) < num_tiles) {
             // Rows past the end are zero: their scores are masked and their V rows must be finite
@@ -1095,7 +1165,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
             uint8_t* row = smem + (dst - smem_base);
 #pragma unroll
             for (int c = 0; c < Sh::kCopyBytes / 16; ++c) st_v4(row + 16 * c, make_uint4(0u, 0u, 0u, 0u));
-            fence_proxy_async();  // before later bulk copies into this row
+            fence_proxy_async();  // before later tensor copies into this row
           }
           mbarrier_arrive(bar);
         }
@@ -1125,8 +1195,9 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   const int sub = threadIdx.x / kIssuers, warp = threadIdx.x / 32 % kWarps;
   const int r = lane / 4, t = lane % 4;
   const int ld_mat = lane / 8;
-  const uint32_t ld_off = (warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8)) * Sh::kPitch +
-                          16 * (ld_mat >> 1) + sub * Sh::kRowBytes;
+  uint32_t kw[Sh::kPieces];
+  tile_row_bases<Sh>(smem_base, warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8),
+                     16 * (ld_mat >> 1) + sub * Sh::kRowBytes, kw);
   const auto consumers_sync = [] { named_barrier_sync(1, Sh::kThreads); };
 #ifdef FP8KV_DECODE_TIMELINE
   // Diagnostic build: per item (entry `item`) its first stage landed, its last tile computed, its
@@ -1166,9 +1237,11 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
         s = J % kStages;
         mbarrier_wait(full_bar + 8 * s, (J / kStages) & 1);
       }
-      const uint32_t k_addr = smem_base + s * Sh::kStageBytes + ld_off;
-      tile_step<kScheme, kHeadDim>(k_addr, k_addr + kTileTokens * Sh::kPitch, qa, mult,
-                                   i * kTileTokens + warp * kWarpKeys, t_end, r, m, l, o);
+      uint32_t stage_w[Sh::kPieces];
+#pragma unroll
+      for (int p = 0; p < Sh::kPieces; ++p) stage_w[p] = kw[p] + s * Sh::kStageBytes;
+      tile_step<kScheme, kHeadDim, Sh::kPieces, Sh::kVOffset>(
+          stage_w, qa, mult, i * kTileTokens + warp * kWarpKeys, t_end, r, m, l, o);
       // Every consumer thread releases its own reads of the stage (an arrival releases only the
       // arriving thread's accesses). The item's last stage stays for the merge.
       if (i + 1 < num_tiles) {
@@ -1221,11 +1294,38 @@ int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
   return n;
 }
 
+namespace decode_mma {
+// `a` with the cache's tensor maps (DecodeKvMaps) for a kernel whose CTAs or items take Sh::kKv
+// adjacent heads and whose warps box `rows` rows of a tile: lines of 128 bytes, a slot's K (V)
+// heads' ceil(Hkv * kRowBytes / 128) lines, boxes of kCopyBytes / 128 lines (a CTA of fewer
+// heads at the end reads the lines past its heads: zeros past the tensor, or the next V
+// head's line at 64-byte rows, neither computed).
+template <class Sh>
+DecodeArgs with_kv_maps(const DecodeArgs& a, int rows) {
+  DecodeArgs m = a;
+  const uint64_t kv_bytes = static_cast<uint64_t>(a.num_kv_heads) * Sh::kRowBytes;  // K or V
+  const uint64_t dims[3] = {32, (kv_bytes + 127) / 128, static_cast<uint64_t>(a.cache_slots)};
+  const uint64_t strides[2] = {128, 2 * kv_bytes};
+  const uint32_t box_rows[3] = {32, Sh::kCopyBytes / 128, static_cast<uint32_t>(rows)};
+  const uint32_t one_row[3] = {32, Sh::kCopyBytes / 128, 1};
+  if (!encode_tma_3d_u32_sw128(&m.kv_maps.k_box, a.kv, dims, strides, box_rows) ||
+      !encode_tma_3d_u32_sw128(&m.kv_maps.v_box, a.kv + kv_bytes, dims, strides, box_rows) ||
+      !encode_tma_3d_u32_sw128(&m.kv_maps.k_row, a.kv, dims, strides, one_row) ||
+      !encode_tma_3d_u32_sw128(&m.kv_maps.v_row, a.kv + kv_bytes, dims, strides, one_row)) {
+    throw Error("decode attention: the driver could not describe the KV cache to the copy engine "
+                "(cuTensorMapEncodeTiled: " + std::to_string(a.cache_slots) + " slots of " +
+                std::to_string(2 * kv_bytes) + " bytes)");
+  }
+  return m;
+}
+}  // namespace decode_mma
+
 template <KvScheme kScheme, int kHeadDim>
 void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream) {
   using Sh = decode_mma::Shape<kScheme, kHeadDim>;
   ctas_per_sm();  // sets the shared-memory limit once
-  decode_mma_kernel<kScheme, kHeadDim><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(a);
+  decode_mma_kernel<kScheme, kHeadDim><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(
+      decode_mma::with_kv_maps<Sh>(a, 32));
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
 }
 
@@ -1243,7 +1343,8 @@ void DecodeMmaKernel<kScheme, kHeadDim>::launch_persistent(const DecodeArgs& a, 
                                                            cudaStream_t stream) {
   using Sh = decode_mma::PersistentShape<kScheme, kHeadDim>;
   persistent_ctas_per_sm();  // sets the shared-memory limit once
-  decode_mma_persistent_kernel<kScheme, kHeadDim><<<ctas, Sh::kAllThreads, Sh::kSmemBytes, stream>>>(a);
+  decode_mma_persistent_kernel<kScheme, kHeadDim><<<ctas, Sh::kAllThreads, Sh::kSmemBytes, stream>>>(
+      decode_mma::with_kv_maps<Sh>(a, Sh::kCopyLanes));
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_persistent_kernel");
 }
 
