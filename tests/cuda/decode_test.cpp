@@ -278,9 +278,9 @@ TEST(CudaDecode, PersistentKernelMatchesTheTwinAndOneItemCtas) {
 // request's slots consecutive, and consecutive but for two swapped slots in every other request
 // (one warp's rows of a tile copied a row each, the rest of that tile boxed) gives the same output
 // bits: every scheme, head_dim 64, 128 and 256, 8 KV heads and 3 (a CTA or item of fewer heads at
-// the end), one-item CTAs unsplit and split, and the persistent kernel; the partly consecutive
-// one-item batches match the CPU twin at head_dim 128 (the scattered ones are the other tests'
-// batches).
+// the end), one-item CTAs unsplit and split, and the persistent kernel (head_dim 64 and 128);
+// the partly consecutive one-item batches match the CPU twin at head_dim 128 (the scattered ones
+// are the other tests' batches).
 TEST(CudaDecode, ConsecutiveSlotsGiveTheBitsOfScatteredOnes) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
@@ -295,6 +295,9 @@ TEST(CudaDecode, ConsecutiveSlotsGiveTheBitsOfScatteredOnes) {
   for (KvScheme scheme : kAllSchemes) {
     for (int D : {64, 128, 256}) {
       for (const std::vector<int>& lengths : batches) {
+        // The persistent batch at head_dim 64 and 128 only: its 300 requests' data at 256 cost
+        // more host time than the GPU runs, and the boxes do not depend on the head_dim.
+        if (lengths.size() == 300 && D == 256) continue;
         for (int kv_heads : {8, 3}) {
           test::ProblemSpec spec;
           spec.requests = decode_requests(lengths);
