@@ -77,6 +77,7 @@
 #include "kernels/cuda/decode.cuh"
 #include "kernels/cuda/tma.h"
 #include "kernels/decode_split.h"
+#include "kernels/decode_tile_layout.h"
 
 namespace fp8kv::cuda {
 namespace decode_mma {
@@ -176,32 +177,6 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       ".L2::cache_hint [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(z), "r"(bar), "l"(policy)
       : "memory");
-}
-
-// The tile's rows land in the copy engine's 128-byte swizzle: the 16-byte chunk c of a
-// 128-byte line at address L sits at chunk c ^ ((L >> 7) & 7) of it (the pattern follows the
-// address, so a box of 32 rows and a box of one row place a row alike). This lane's ldmatrix
-// reads row `row` of the tile (in stage 0) from byte `col0` of it on (its head's part, plus 16
-// for the upper two matrices) and then every 16 * j bytes on (j even, from 0); w[p] = the address
-// for j = 0 in line p of its head's part, so that the address for j is w[j / 8] ^ 16 (j % 8): the
-// chunk offset j % 8 never carries into col0's chunk bits (col0's chunk is 0 or 1, or 4 or 5 at
-// 64-byte rows where j < 4). Stages and the V rows are whole 1024-byte patterns away: the same w
-// plus their offset.
-template <class Sh>
-__device__ __forceinline__ void tile_row_bases(uint32_t stage0, int row, int col0,
-                                               uint32_t (&w)[Sh::kPieces]) {
-#pragma unroll
-  for (int p = 0; p < Sh::kPieces; ++p) {
-    const int col = col0 + 128 * p;
-    const uint32_t line = stage0 + row * Sh::kCopyBytes + (col & ~127);
-    w[p] = line | (16u * ((static_cast<uint32_t>(col >> 4) & 7u) ^ ((line >> 7) & 7u)));
-  }
-}
-// The ldmatrix address of chunk offset j (even; a constant of an unrolled loop) from
-// tile_row_bases' w.
-template <int kPieces>
-__device__ __forceinline__ uint32_t tile_addr(const uint32_t (&w)[kPieces], int j) {
-  return w[j / 8] ^ (16u * (j % 8));
 }
 
 // The query heads of a split-KV group (request b; kv_here KV heads from g0, query heads hc * 8 ..
@@ -447,7 +422,8 @@ __device__ __forceinline__ void load_q(const DecodeArgs& a, int64_t q_token, int
 }
 
 // One tile of the warp's 16 keys (key0 ..; keys from t_end on are masked) whose ldmatrix rows
-// in the stage are at kw (tile_row_bases, plus the stage's offset; the V rows kVOffset on): S^T, the online softmax (m, l) and O^T += V^T P^T.
+// in the stage are at kw (tile_row_bases, plus the stage's offset; the V rows kVOffset on): S^T,
+// the online softmax (m, l) and O^T += V^T P^T.
 template <KvScheme kScheme, int kHeadDim, int kPieces, int kVOffset>
 __device__ __forceinline__ void tile_step(const uint32_t (&kw)[kPieces],
                                           const uint32_t (&qa)[kHeadDim / 16][2], float mult,
@@ -779,8 +755,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   // 16-dim k-step (keys r, r+8 x dims 2t.., 2t+8..).
   const int ld_mat = lane / 8;
   uint32_t kw[Sh::kPieces];
-  tile_row_bases<Sh>(smem_base, warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8),
-                     16 * (ld_mat >> 1) + sub * Sh::kRowBytes, kw);
+  tile_row_bases(smem_base, warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8),
+                 16 * (ld_mat >> 1) + sub * Sh::kRowBytes, Sh::kCopyBytes, kw);
 
   // Software pipeline: tiles i+1..i+kStages-1 are in flight while tile i is computed; the slots
   // of the next tile to issue are read one iteration ahead.
@@ -1196,8 +1172,8 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   const int r = lane / 4, t = lane % 4;
   const int ld_mat = lane / 8;
   uint32_t kw[Sh::kPieces];
-  tile_row_bases<Sh>(smem_base, warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8),
-                     16 * (ld_mat >> 1) + sub * Sh::kRowBytes, kw);
+  tile_row_bases(smem_base, warp * kWarpKeys + 8 * (ld_mat & 1) + (lane % 8),
+                 16 * (ld_mat >> 1) + sub * Sh::kRowBytes, Sh::kCopyBytes, kw);
   const auto consumers_sync = [] { named_barrier_sync(1, Sh::kThreads); };
 #ifdef FP8KV_DECODE_TIMELINE
   // Diagnostic build: per item (entry `item`) its first stage landed, its last tile computed, its
