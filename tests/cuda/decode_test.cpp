@@ -318,7 +318,8 @@ TEST(CudaDecode, ConsecutiveSlotsGiveTheBitsOfScatteredOnes) {
               test::run_attention(*gpu, scattered, scheme, scales, opt).o;
           for (int break_every : {0, 2}) {
             SCOPED_TRACE("break_every=" + std::to_string(break_every));
-            const test::AttentionProblem runs = test::with_consecutive_slots(scattered, break_every);
+            const test::AttentionProblem runs =
+                test::with_consecutive_slots(scattered, break_every);
             EXPECT_TRUE(test::run_attention(*gpu, runs, scheme, scales, opt).o == base)
                 << "consecutive slots gave other bits than scattered ones";
             if (D == 128 && break_every == 2 && lengths.size() < 300) {

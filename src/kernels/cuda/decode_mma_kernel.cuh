@@ -726,7 +726,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   auto issue = [&](int i) {
     if (!issuer) return;
     const int stage = i % Sh::kStages;
-    const uint32_t dst = smem_base + stage * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
+    const uint32_t dst =
+        smem_base + stage * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
     const uint32_t bar = bar_base + 8 * stage;
     const int first = __shfl_sync(kFullMask, slot, 0);
     if (__all_sync(kFullMask, first >= 0 && slot == first + lane)) {
@@ -1118,7 +1119,8 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
       const bool end = item >= a.num_items;
       if (p == 0) header[s] = end ? -1 : item;
       const uint32_t bar = full_bar + 8 * s;
-      const uint32_t dst = smem_base + s * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
+      const uint32_t dst =
+          smem_base + s * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
       // A warp's kCopyLanes rows in consecutive slots: one box by its lane 0, as in
       // decode_mma_kernel; else a copy a row.
       const int first = __shfl_sync(kFullMask, slot, 0);
@@ -1319,8 +1321,9 @@ void DecodeMmaKernel<kScheme, kHeadDim>::launch_persistent(const DecodeArgs& a, 
                                                            cudaStream_t stream) {
   using Sh = decode_mma::PersistentShape<kScheme, kHeadDim>;
   persistent_ctas_per_sm();  // sets the shared-memory limit once
-  decode_mma_persistent_kernel<kScheme, kHeadDim><<<ctas, Sh::kAllThreads, Sh::kSmemBytes, stream>>>(
-      decode_mma::with_kv_maps<Sh>(a, Sh::kCopyLanes));
+  decode_mma_persistent_kernel<kScheme, kHeadDim>
+      <<<ctas, Sh::kAllThreads, Sh::kSmemBytes, stream>>>(
+          decode_mma::with_kv_maps<Sh>(a, Sh::kCopyLanes));
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_persistent_kernel");
 }
 
