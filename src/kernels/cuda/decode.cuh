@@ -76,11 +76,15 @@ constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
                   std::min(2, decode_kv_heads_per_copy(scheme, head_dim, 512)));
 }
 
-// Adjacent KV heads one item of the persistent decode kernel takes: copies of about 512 bytes,
+// Adjacent KV heads one item of the persistent decode kernel takes: rows of about 512 bytes,
 // since its producer warps issue every copy of the ring (a warp's lanes' copies go one after the
-// other).
+// other, where a tile's slots are not consecutive), but two heads (256 bytes) for e4m3 at
+// head_dim 128: twice the items of four heads', so a launch's last round of items, which leaves
+// SMs idle, is half as long (measured faster at B=256 L=1024 and B=512 L=512, docs/GPU.md,
+// thirty-third session).
 constexpr int decode_persistent_kv_heads(KvScheme scheme, int head_dim) {
-  return decode_kv_heads_per_copy(scheme, head_dim, 512);
+  const bool e4m3_128 = kv_elem_bytes(scheme) == 1 && head_dim == 128;
+  return decode_kv_heads_per_copy(scheme, head_dim, e4m3_128 ? 256 : 512);
 }
 
 // The decode kernel (decode_mma_kernel.cuh, tensor cores), every scheme: up to 8 query heads of
