@@ -67,8 +67,9 @@ void check_shape(int row_bytes, int heads) {
 }
 
 // The shapes of decode_mma_kv_heads / decode_persistent_kv_heads (decode.cuh): e4m3 at head_dim
-// 64 (four heads), 128 (two; the persistent kernel four), 256 (two); bf16 at 64 and 128 (two),
-// 256 (one).
+// 64 (four heads), 128 (two, the persistent kernel too), 256 (two); bf16 at 64 and 128 (two),
+// 256 (one); and four heads of 128 bytes (the persistent kernel's e4m3 items before the
+// thirty-third session), so that a return to them is covered.
 TEST(DecodeTileLayout, EveryLaneReadsTheByteTheSwizzlePutThere) {
   check_shape<1>(64, 4);
   check_shape<1>(128, 2);
