@@ -58,14 +58,14 @@ constexpr int kDecodeTimelineFields = 9;
 void set_decode_timeline(uint64_t* buffer);
 #endif
 
-// Adjacent KV heads whose K (or V) rows of one token make a bulk copy of about `copy_bytes`
+// Adjacent KV heads whose K (or V) rows of one token make a copy of about `copy_bytes`
 // (1 to 4 heads).
 constexpr int decode_kv_heads_per_copy(KvScheme scheme, int head_dim, int copy_bytes) {
   const int k = copy_bytes / (kv_elem_bytes(scheme) * head_dim);
   return k < 1 ? 1 : k > 4 ? 4 : k;
 }
 
-// Adjacent KV heads one CTA of the tensor-core decode kernel takes, so that each bulk copy of a
+// Adjacent KV heads one CTA of the tensor-core decode kernel takes, so that each copy of a
 // token's K (or V) row moves at least about 256 bytes: the copy engine's rate is per copy, and
 // rows of one head (128 bytes for e4m3 at head_dim 128) are too small to reach the read
 // bandwidth. And at least two heads where their rows make a copy of at most 512 bytes (bf16 at

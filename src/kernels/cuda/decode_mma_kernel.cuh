@@ -6,11 +6,13 @@
 // cross-lane reductions per query head, widening), not by bytes. Here QK^T and PV run as mma.sync
 // m16n8k16 MMAs (fp32 accumulate), one MMA per 16 keys and 16 dims of the head for each product.
 //
-// Why bulk copies: at Hopper's bandwidth a CTA needs far more bytes in flight than 16-byte
-// cp.async per thread sustains (profiled: DRAM at 72% with the SMs mostly idle). Each K or V row
-// of a tile is one cp.async.bulk (the copy engine) completing on the stage's mbarrier; the copy
-// engine's cost is per copy, so a CTA takes adjacent KV heads (decode_mma_kv_heads): at head_dim
-// 128 two, one copy moving both heads' rows (128 bytes each for e4m3, 256 for bf16).
+// Why the copy engine: at Hopper's bandwidth a CTA needs far more bytes in flight than 16-byte
+// cp.async per thread sustains (profiled: DRAM at 72% with the SMs mostly idle). A tile's K and V
+// rows arrive by tensor copies (TMA, through DecodeArgs' tensor maps) completing on the stage's
+// mbarrier: a warp whose rows sit in consecutive slots copies them as one box, every other row is
+// a one-row box. The copy engine's cost is per copy, so a CTA takes adjacent KV heads
+// (decode_mma_kv_heads): at head_dim 128 two, a row moving both heads' (128 bytes each for e4m3,
+// 256 for bf16).
 //
 // One CTA per (split of the KV length, kKv adjacent KV heads and up to 8 query heads of each,
 // request b), 4 warps per KV head. The CTA streams tiles of 64 tokens (K rows then V rows, kKv
@@ -65,8 +67,8 @@
 //   next matrix); one byte permute pairs the keys of dim 2r (row r of the A tile) and of dim
 //   2r+1 (row r+8). Lane (r, t) ends up owning dims 2r, 2r+1 of each 16-dim block of O for
 //   heads 2t and 2t+1.
-// Shared memory rows are padded by 16 bytes so the 8 rows of each ldmatrix phase fall into 8
-// distinct bank groups.
+// Shared memory: a tile lands dense in the copy engine's 128-byte swizzle (rows a copy apart, no
+// padding), and the ldmatrix row addresses follow it (tile_row_bases, decode_tile_layout.h).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -860,9 +862,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 
 namespace decode_mma {
 // The persistent kernel's shape: a CTA per SM of kKv adjacent KV heads (4 warps each, as
-// Shape) whose K or V rows make one copy of about 512 bytes (twice the one-item kernel's: every
-// copy is a producer lane's, and a warp issues its lanes' copies one after the other), kStages
-// stages of 64 tokens in about 200 KB. Members as Shape's.
+// Shape; decode_persistent_kv_heads: rows of about 512 bytes, 256 for e4m3 at head_dim 128),
+// kStages stages of 64 tokens in about 200 KB. Members as Shape's.
 template <KvScheme kScheme, int D>
 struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kScheme, D)> {
   using Base = TileShape<kScheme, D, decode_persistent_kv_heads(kScheme, D)>;
@@ -872,7 +873,7 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   static constexpr int kStageBytes =
       (std::max(Base::kTileBytes, kMergeBytes) + 1023) / 1024 * 1024;
   // Eight producer warps, lanes 0..15 of each issuing one K or V row of every tile: a warp
-  // issues its lanes' bulk copies one after another, so 16 copies per warp and tile land a tile
+  // issues its lanes' copies one after another, so 16 copies per warp and tile land a tile
   // in half the time of 32 (lanes 16..31 only follow along).
   static constexpr int kCopyLanes = 16;
   static constexpr int kProducers = 2 * kTileTokens / kCopyLanes * 32;
@@ -919,10 +920,10 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
 // each) from a counter in the workspace until none is left. Eight producer warps, the CTA's last
 // 256 threads (kProducerRegs each: setmaxnreg gives the rest to the consumers), fetch the items
 // (a CTA's first its own index, then longest first: build_order),
-// read their slots and issue every tile's bulk copies into the ring (lanes 0..15 of producer warp
-// w: rows 16w..16w+15 of the tile's 64 K then 64 V rows, 16 copies per warp and tile, which land a
-// tile sooner than the 32 of four warps did; stage s's `full` mbarrier: their 128 arrivals and the
-// copies' bytes; its header: the item, or -1 at the end), running ahead across
+// read their slots and issue every tile's copies into the ring (lanes 0..15 of producer warp
+// w: rows 16w..16w+15 of the tile's 64 K then 64 V rows, one box or 16 copies per warp and tile,
+// which land a tile sooner than the 32 of four warps did; stage s's `full` mbarrier: their 128
+// arrivals and the copies' bytes; its header: the item, or -1 at the end), running ahead across
 // items while the consumer warps (the first kThreads threads, laid out as in decode_mma_kernel)
 // compute, merge an item's warps in its last tile's stage and write the output; every consumer
 // thread releases a stage on its `empty` mbarrier. The ring keeps streaming through an item's
@@ -1237,7 +1238,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
                                           consumers_sync, warp, r, t, num_heads, head0, q_token, b,
                                           0, m, l, o, v_scale);
     }
-    fence_proxy_async();  // the merge's stores before the bulk copies that refill the stage
+    fence_proxy_async();  // the merge's stores before the tensor copies that refill the stage
     consumers_sync();     // every consumer is done with the stage
 #ifdef FP8KV_DECODE_TIMELINE
     if (threadIdx.x == 0) write_timeline(a, item, tl_first, tl_streamed, global_timer_ns(), blockIdx.x, 1);
