@@ -73,6 +73,28 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ void mbarrier_init(uint32_t bar, int arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals));
 }
+// Thread block clusters (a launch with a cluster dimension; one CTA is a cluster of one).
+// The CTAs of the calling thread's cluster.
+__device__ __forceinline__ unsigned cluster_ctas() {
+  unsigned n;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+  return n;
+}
+// A barrier of every thread of every CTA of the cluster: writes to shared memory before it (any
+// CTA's) are visible to reads after it (release / acquire at cluster scope).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::
+                   : "memory");
+}
+// The generic address of `p` (this CTA's shared memory) in the shared memory of the cluster's CTA
+// `rank`, where plain loads read it (distributed shared memory).
+template <class T>
+__device__ __forceinline__ const T* cluster_peer(const T* p, unsigned rank) {
+  uint64_t q;
+  asm volatile("mapa.u64 %0, %1, %2;\n" : "=l"(q) : "l"(reinterpret_cast<uint64_t>(p)), "r"(rank));
+  return reinterpret_cast<const T*>(q);
+}
+
 // Makes initialized barriers visible to the copy engine (the async proxy).
 __device__ __forceinline__ void fence_barrier_init() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
