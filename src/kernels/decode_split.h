@@ -36,6 +36,13 @@ constexpr int kDecodeMergeSubGroups = kDecodeMaxSplits / kDecodeMergeFanIn;
 constexpr int64_t kDecodeSplitCounters = kDecodeMaxSplitGroups * (1 + kDecodeMergeSubGroups);
 static_assert(kDecodeMaxSplits % kDecodeMergeFanIn == 0, "whole sub-groups of counters");
 
+// Up to this many splits a one-wave launch makes each group's splits a thread block cluster
+// (the portable cluster size): the splits' partials stay in their CTAs' shared memory and the
+// cluster's CTAs merge them there, each a share of the group's outputs (distributed shared
+// memory), where the counter merge's last CTA stores, counts and reads them back through L2
+// (decode_mma_kernel.cuh, merge_group_in_cluster).
+constexpr int kDecodeClusterMergeMaxSplits = 8;
+
 // ctas: CTAs without splitting (B * Hkv * head chunks); resident: CTAs the GPU holds at once
 // (SMs x CTAs per SM); max_seq_len: the longest request.
 inline DecodeSplit choose_decode_split(int64_t ctas, int64_t resident, int max_seq_len) {

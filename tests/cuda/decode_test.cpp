@@ -5,7 +5,8 @@
 // long case (33k keys) whose FP8 error
 // must not grow with length; split merges repeated across shapes on one workspace, and many
 // splits of several requests launched twice on a workspace of the test's own (the merge's counters
-// back at zero after every launch); bad arguments refused; a request index out of range skipped on
+// back at zero after every launch); splits of one-wave launches merged in clusters against the
+// twin; bad arguments refused; a request index out of range skipped on
 // the device and reported at sync. One decode kernel per scheme (decode_mma_kernel.cuh, tensor
 // cores); the CPU twin is its oracle. The split heuristic's tests are in
 // tests/kernels/decode_split_test.cpp.
@@ -553,6 +554,67 @@ TEST(CudaDecode, FusedSplitMergeLeavesItsCountersZero) {
       } else {
         EXPECT_TRUE(out == first) << "the second launch gave different bits";
       }
+    }
+  }
+}
+
+// decode_launch_key's fields for `prob`: the splits (bits 16..31) and whether the launch merges
+// each group's splits in a cluster (bit 14).
+struct LaunchShape {
+  int splits;
+  bool cluster;
+};
+LaunchShape launch_shape(const test::AttentionProblem& prob, KvScheme scheme) {
+  AttentionParams p;
+  p.num_q_heads = prob.num_q_heads;
+  p.cache = {nullptr, prob.num_slots, prob.num_kv_heads, prob.head_dim, scheme};
+  p.batch = prob.batch(nullptr, nullptr, nullptr, nullptr);
+  const uint64_t key = cuda::decode_launch_key(p);
+  return {static_cast<int>((key >> 16) & 0xffff), ((key >> 14) & 1) != 0};
+}
+
+// Split launches of 2 to kDecodeClusterMergeMaxSplits splits that fit one wave merge each group's
+// splits in a thread block cluster, in shared memory (merge_group_in_cluster: each CTA merges a
+// run of the group's rows from every CTA's partials). Batches of 16, 24 and 48 requests of up to
+// 2000 keys give 8, 5 or 2 splits where the GPU holds two CTAs an SM (fewer where one): the
+// cases whose launch takes the cluster path (decode_launch_key) run, and every shape and scheme
+// has at least one. GQA 7 on 3 KV heads (a CTA of two heads whose second is past the last; 7 of
+// the 8 query-head rows), group 12 (two head chunks, the second of 4 rows), head_dim 64, 128 and
+// 256; requests of 1 and 700 keys among them leave later splits without a key. Each matches the
+// CPU twin, and a second launch gives the first's bits.
+TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  struct Shape { int hkv, hq, D; };
+  uint64_t seed = 9300;
+  for (const Shape sh : {Shape{3, 21, 128}, Shape{2, 24, 128}, Shape{3, 21, 64}, Shape{3, 21, 256}}) {
+    for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {
+      int clustered = 0;
+      for (int batch : {16, 24, 48}) {
+        std::vector<int> lengths;
+        for (int i = 0; i < batch; ++i) lengths.push_back(i % 4 == 1 ? 1 : i % 4 == 2 ? 700 : 2000 - 13 * i);
+        test::ProblemSpec spec;
+        spec.requests = decode_requests(lengths);
+        spec.num_kv_heads = sh.hkv;
+        spec.num_q_heads = sh.hq;
+        spec.head_dim = sh.D;
+        spec.data.outlier_channels = 2;
+        spec.seed = ++seed;
+        const test::AttentionProblem prob = test::make_problem(spec);
+        const LaunchShape ls = launch_shape(prob, scheme);
+        if (!ls.cluster) continue;
+        ++clustered;
+        SCOPED_TRACE(std::string(scheme_name(scheme)) + " Hkv=" + std::to_string(sh.hkv) + " Hq=" +
+                     std::to_string(sh.hq) + " D=" + std::to_string(sh.D) + " batch " +
+                     std::to_string(batch) + ", " + std::to_string(ls.splits) + " splits");
+        EXPECT_GE(ls.splits, 2);
+        EXPECT_LE(ls.splits, cuda::kDecodeClusterMergeMaxSplits);
+        expect_close(run_case(*cpu, *gpu, prob, scheme));
+        run_twice_same_bits(*gpu, prob, scheme, test::calibrate_scales(prob, scheme));
+      }
+      EXPECT_GE(clustered, 1) << scheme_name(scheme) << " Hkv=" << sh.hkv << " D=" << sh.D
+                              << ": no batch took the cluster merge";
     }
   }
 }

@@ -20,7 +20,15 @@ struct DecodePlan {
   int head_chunks = 1;  // CTAs per KV head along the query heads (8 per CTA)
   DecodeSplit split;
   int persistent_ctas = 0;  // > 0: the persistent kernel with this many CTAs (decode_persistent)
+  bool cluster_merge = false;  // each group's splits a cluster, merged in shared memory
 };
+
+// The one-item kernel's grid: splits x head groups x requests.
+dim3 decode_grid(const AttentionParams& p, const DecodePlan& plan) {
+  return dim3(plan.split.num_splits,
+              ceil_div(p.cache.num_kv_heads, plan.kv_per_cta) * plan.head_chunks,
+              p.batch.num_requests);
+}
 
 DecodePlan plan_decode(const AttentionParams& p) {
   DecodePlan plan;
@@ -56,6 +64,12 @@ DecodePlan plan_decode(const AttentionParams& p) {
   if (decode_persistent(items, resident, plan.split.num_splits)) {
     plan.persistent_ctas = static_cast<int>(resident);
     plan.kv_per_cta = persistent_kv;
+  } else if (plan.split.num_splits > 1 && p.batch.num_requests > 0) {
+    FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
+      FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
+        plan.cluster_merge = DecodeMmaKernel<kScheme, kHeadDim>::cluster_merge(decode_grid(p, plan));
+      });
+    });
   }
   return plan;
 }
@@ -96,6 +110,7 @@ uint64_t decode_launch_key(const AttentionParams& p) {
   return (static_cast<uint64_t>(plan.split.split_tokens) << 32) |
          (static_cast<uint64_t>(plan.split.num_splits) << 16) |
          (static_cast<uint64_t>(plan.persistent_ctas > 0) << 15) |
+         (static_cast<uint64_t>(plan.cluster_merge) << 14) |
          (static_cast<uint64_t>(plan.kv_per_cta) << 8) | static_cast<uint64_t>(plan.head_chunks);
 }
 
@@ -115,8 +130,7 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
 #ifdef FP8KV_DECODE_TIMELINE
   a.timeline = g_timeline;
 #endif
-  const dim3 grid(a.num_splits, ceil_div(p.cache.num_kv_heads, plan.kv_per_cta) * plan.head_chunks,
-                  p.batch.num_requests);
+  const dim3 grid = decode_grid(p, plan);
   if (a.num_splits > 1) {
     if (workspace == nullptr) throw Error("decode attention: split-KV needs a workspace (decode_workspace_bytes)");
     // choose_decode_split plans with at least this many groups (tp plans with the whole model's
@@ -141,7 +155,7 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
       if (plan.persistent_ctas > 0) {
         DecodeMmaKernel<kScheme, kHeadDim>::launch_persistent(a, plan.persistent_ctas, stream);
       } else {
-        DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, stream);
+        DecodeMmaKernel<kScheme, kHeadDim>::launch(a, grid, plan.cluster_merge, stream);
       }
     });
   });

@@ -93,7 +93,11 @@ template <KvScheme kScheme, int kHeadDim>
 struct DecodeMmaKernel {
   static constexpr int kMaxHeads = 8;  // query heads per CTA (rows of the m16 tile in use)
   static int ctas_per_sm();            // of the deep ring, which the split plans with
-  static void launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream);
+  // cluster: the grid's splits as clusters, each group merged in shared memory (cluster_merge).
+  static void launch(const DecodeArgs& a, dim3 grid, bool cluster, cudaStream_t stream);
+  // Whether a split launch of `grid` can merge in clusters: 2 to kDecodeClusterMergeMaxSplits
+  // splits (decode_split.h), every CTA resident at once as clusters.
+  static bool cluster_merge(dim3 grid);
   // The persistent kernel (decode_mma_persistent_kernel): CTAs per SM; a launch of `ctas` CTAs
   // over a.num_items items of decode_persistent_kv_heads() KV heads each.
   static int persistent_ctas_per_sm();

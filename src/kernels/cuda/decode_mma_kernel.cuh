@@ -74,6 +74,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <array>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/decode.cuh"
@@ -128,6 +129,12 @@ struct Shape : TileShape<kScheme, D, decode_mma_kv_heads(kScheme, D)> {
   static constexpr int kDataBytes =
       kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
   static constexpr int kSmemBytes = kDataBytes + kStages * 8;  // + one mbarrier per stage
+  // A cluster launch's partials (merge_group_in_cluster), after the warps' merge: per KV head,
+  // the normalized o of its 8 query-head rows ([kRows, D] floats), then their log-sum-exps.
+  static constexpr int kPartialOffset = (kMergeBytes + 15) / 16 * 16;
+  static constexpr int kPartialFloats = kRows * D + kRows;  // a KV head's
+  static_assert(kPartialOffset + Base::kKv * kPartialFloats * 4 <= kDataBytes,
+                "a cluster launch's partials fit the ring");
 };
 
 // Four e4m3 codes -> two f16x2 (bytes 0, 1 -> lo; bytes 2, 3 -> hi), exactly.
@@ -330,6 +337,60 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
     }
   }
   merge_columns<Sh, D, kItems, kFinal>(a, g, s_w, s_mx, total);
+}
+
+// Split-KV merge of one group in a cluster launch (the group's splits are the cluster's CTAs,
+// rank = split): every CTA's partials sit in its shared memory (Shape::kPartialOffset, written by
+// merge_warps_and_store) and each CTA merges a run of the group's rows x float4 columns, reading
+// the splits' partials from their CTAs' shared memory: the arithmetic of merge_group_splits and
+// merge_columns (w_k = 2^(lse_k - max lse), sums over the splits in order), without the workspace's
+// stores, the counter's atomic and the reads back through L2. Two cluster barriers: the partials
+// written before any is read, and read before any CTA exits (its shared memory goes with it).
+template <class Sh, int D>
+__device__ __noinline__ void merge_group_in_cluster(const DecodeArgs& a, const uint8_t* smem) {
+  constexpr int kVecs = D / 4;  // float4 columns of a row
+  constexpr int kUnroll = 4;  // splits' loads in flight a thread
+  const float* parts = reinterpret_cast<const float*>(smem + Sh::kPartialOffset);
+  const int splits = a.num_splits;
+  const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;
+  const int hc = blockIdx.y % a.head_chunks;
+  const int b = blockIdx.z;
+  const int heads = min(kRows, a.group - hc * kRows);
+  const int total = min(Sh::kKv, a.num_kv_heads - g0) * heads * kVecs;
+  const int64_t out_row0 = static_cast<int64_t>(a.cu_seqlens_q[b]) * a.num_q_heads;
+  // CTA `rank` (its split) takes the rank-th of `splits` equal runs of the items.
+  const int run = (total + splits - 1) / splits;
+  const int end = min(total, (static_cast<int>(blockIdx.x) + 1) * run);
+  cluster_sync();
+  for (int item = blockIdx.x * run + threadIdx.x; item < end; item += Sh::kThreads) {
+    const int i = item / kVecs, c = item % kVecs;
+    const int sub = i / heads, h = i % heads;  // KV head g0 + sub, its query head h of the chunk
+    const float* part = parts + sub * Sh::kPartialFloats;  // the KV head's partials
+    float mx = -INFINITY;
+#pragma unroll kUnroll
+    for (int k = 0; k < splits; ++k) mx = fmaxf(mx, *cluster_peer(part + kRows * D + h, k));
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sum_w = 0.0f;
+#pragma unroll kUnroll
+    for (int k = 0; k < splits; ++k) {
+      // Each split's log-sum-exp read again rather than held (registers).
+      const float lse = *cluster_peer(part + kRows * D + h, k);
+      const float4 x = *cluster_peer(reinterpret_cast<const float4*>(part + h * D) + c, k);
+      // As merge_group_splits: the weights only where some split counted a key.
+      const float w = mx != -INFINITY ? exp2f(lse - mx) : lse;
+      sum_w += w;
+      acc[0] += w * x.x;
+      acc[1] += w * x.y;
+      acc[2] += w * x.z;
+      acc[3] += w * x.w;
+    }
+    const bool any = mx != -INFINITY && sum_w > 0.0f;
+    const int head = (g0 + sub) * a.group + hc * kRows + h;
+    uint16_t* dst = a.o + (out_row0 + head) * D + 4 * c;
+    *reinterpret_cast<uint2*>(dst) =
+        make_uint2(pack_bf16x2(any ? acc[0] / sum_w : 0.0f, any ? acc[1] / sum_w : 0.0f),
+                   pack_bf16x2(any ? acc[2] / sum_w : 0.0f, any ? acc[3] / sum_w : 0.0f));
+  }
+  cluster_sync();
 }
 
 #ifdef FP8KV_DECODE_TIMELINE
@@ -552,14 +613,16 @@ __device__ __forceinline__ int merge_col(int h, int d) { return d ^ (((h >> 1) &
 // The end of a CTA's work on one (request, split, KV head): merges the KV head's 4 warps in
 // `merge_area` (kMergeBytes / kKv of shared memory, free once `sync` has passed: every warp of the
 // CTA is done with the tiles there) and writes bf16 (one split) or a normalized partial and its
-// log-sum-exp. `sync` is the barrier of the CTA's computing threads.
+// log-sum-exp: to the workspace, or in a cluster launch where `part` is given to this CTA's shared
+// memory, the KV head's partials there ([kRows, D] floats of o, then kRows log-sum-exps). `sync`
+// is the barrier of the CTA's computing threads.
 template <class Sh, int kHeadDim, class Sync>
 __device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8_t* merge_area,
                                                       Sync sync, int warp, int r, int t,
                                                       int num_heads, int head0, int64_t q_token,
                                                       int b, int split, const float (&m)[2],
                                                       float (&l)[2], const float (&o)[kHeadDim / 16][4],
-                                                      float v_scale) {
+                                                      float v_scale, float* part = nullptr) {
   constexpr bool kBf16 = Sh::kBf16;
   constexpr int kSteps = kHeadDim / 16;
 #pragma unroll
@@ -638,6 +701,9 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8
     if (a.num_splits == 1) {
       *reinterpret_cast<uint32_t*>(a.o + (q_token * a.num_q_heads + head) * kHeadDim + d) =
           pack_bf16x2(out.x, out.y);
+    } else if (part != nullptr && cluster_ctas() > 1) {
+      *reinterpret_cast<float2*>(part + h * kHeadDim + d) = out;
+      if (d == 0) part[kRows * kHeadDim + h] = s_lse[h];
     } else {
       const int64_t row = (static_cast<int64_t>(b) * a.num_q_heads + head) * a.num_splits + split;
       *reinterpret_cast<float2*>(a.ws_o + row * kHeadDim + d) = out;
@@ -801,10 +867,14 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 #ifdef FP8KV_DECODE_TIMELINE
   tl_streamed = global_timer_ns();
 #endif
+  // A cluster launch (the group's splits, decode.cu) keeps the partials in shared memory.
   merge_warps_and_store<Sh, kHeadDim>(
       a, smem + sub * (Sh::kMergeBytes / Sh::kKv), [] { __syncthreads(); }, warp, r, t, num_heads,
-      head0, q_token, b, split, m, l, o, v_scale);
-  if (a.num_splits > 1) {
+      head0, q_token, b, split, m, l, o, v_scale,
+      reinterpret_cast<float*>(smem + Sh::kPartialOffset) + sub * Sh::kPartialFloats);
+  if (a.num_splits > 1 && cluster_ctas() > 1) {
+    decode_mma::merge_group_in_cluster<Sh, kHeadDim>(a, smem);
+  } else if (a.num_splits > 1) {
     // Arrive at the group's counter once every thread's partials are written: the barrier orders
     // them before thread 0's arrival, whose release (acq_rel atomic at GPU scope, cumulative over
     // the barrier) publishes them; the CTA that completes the count merges, its thread 0's acquire
@@ -1299,12 +1369,65 @@ DecodeArgs with_kv_maps(const DecodeArgs& a, int rows) {
 }
 }  // namespace decode_mma
 
+namespace decode_mma {
+// A launch configuration of `grid` whose clusters are `splits` CTAs along x (a group's splits).
+struct ClusterLaunch {
+  cudaLaunchAttribute attr{};
+  cudaLaunchConfig_t config{};
+  ClusterLaunch(dim3 grid, int threads, int smem_bytes, int splits, cudaStream_t stream) {
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(splits);
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
+    config.stream = stream;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+  }
+};
+}  // namespace decode_mma
+
+// Whether a split launch of `grid` can merge its groups in clusters (merge_group_in_cluster): 2 to
+// kDecodeClusterMergeMaxSplits splits, and every CTA of the grid resident at once as clusters (one
+// wave: a CTA waiting at the cluster's barrier holds its SM's room, which a later wave would want).
 template <KvScheme kScheme, int kHeadDim>
-void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, cudaStream_t stream) {
+bool DecodeMmaKernel<kScheme, kHeadDim>::cluster_merge(dim3 grid) {
+  using Sh = decode_mma::Shape<kScheme, kHeadDim>;
+  constexpr int kMax = kDecodeClusterMergeMaxSplits;
+  const int splits = static_cast<int>(grid.x);
+  if (splits < 2 || splits > kMax) return false;
+  // Clusters of each size the GPU holds at once (0: that size cannot run), asked once.
+  static const std::array<int, kMax + 1> active = [] {
+    ctas_per_sm();  // sets the shared-memory limit first
+    std::array<int, kMax + 1> n{};
+    for (int k = 2; k <= kMax; ++k) {
+      decode_mma::ClusterLaunch c(dim3(k), Sh::kThreads, Sh::kSmemBytes, k, nullptr);
+      if (cudaOccupancyMaxActiveClusters(&n[k], decode_mma_kernel<kScheme, kHeadDim>, &c.config) !=
+          cudaSuccess) {
+        (void)cudaGetLastError();  // not sticky: the counter merge then
+        n[k] = 0;
+      }
+    }
+    return n;
+  }();
+  return static_cast<int64_t>(grid.x) * grid.y * grid.z <= static_cast<int64_t>(active[splits]) * splits;
+}
+
+template <KvScheme kScheme, int kHeadDim>
+void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, bool cluster,
+                                                cudaStream_t stream) {
   using Sh = decode_mma::Shape<kScheme, kHeadDim>;
   ctas_per_sm();  // sets the shared-memory limit once
-  decode_mma_kernel<kScheme, kHeadDim><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(
-      decode_mma::with_kv_maps<Sh>(a, 32));
+  if (cluster) {
+    const decode_mma::ClusterLaunch c(grid, Sh::kThreads, Sh::kSmemBytes, static_cast<int>(grid.x), stream);
+    FP8KV_CUDA_CHECK(cudaLaunchKernelEx(&c.config, decode_mma_kernel<kScheme, kHeadDim>,
+                                        decode_mma::with_kv_maps<Sh>(a, 32)));
+  } else {
+    decode_mma_kernel<kScheme, kHeadDim><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(
+        decode_mma::with_kv_maps<Sh>(a, 32));
+  }
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
 }
 
