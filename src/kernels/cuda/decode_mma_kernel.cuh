@@ -188,6 +188,36 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// A warp's rows of a tile into the stage, both decode kernels: lane i < kLanes (a `copier`) holds
+// row i's slot (-1: none) and its place dst (row 0's first). Where the kLanes slots are
+// consecutive, lane 0 copies them as one box of box_map and the other copiers arrive on `bar`;
+// else each copier with a slot copies its row through row_map (map_y: the rows' first 128-byte
+// line in a slot). Every lane of the warp calls it. False where this lane's row is the caller's
+// (a copier without a slot: it writes the row and arrives).
+template <int kLanes, int kCopyBytes>
+__device__ __forceinline__ bool issue_warp_rows(uint32_t dst, uint32_t bar, int slot, bool copier,
+                                                const CUtensorMap* box_map,
+                                                const CUtensorMap* row_map, int map_y,
+                                                uint64_t policy) {
+  const int lane = threadIdx.x % 32;
+  const int first = __shfl_sync(kFullMask, slot, 0);
+  if (__all_sync(kFullMask, !copier || (first >= 0 && slot == first + lane))) {
+    if (!copier) return true;
+    if (lane == 0) {
+      mbarrier_arrive_expect_tx(bar, kLanes * kCopyBytes);
+      tma_load_3d(dst, box_map, 0, map_y, first, bar, policy);
+    } else {
+      mbarrier_arrive(bar);
+    }
+  } else if (copier && slot >= 0) {
+    mbarrier_arrive_expect_tx(bar, kCopyBytes);
+    tma_load_3d(dst, row_map, 0, map_y, slot, bar, policy);
+  } else {
+    return !copier;
+  }
+  return true;
+}
+
 // The query heads of a split-KV group (request b; kv_here KV heads from g0, query heads hc * 8 ..
 // of each: `heads` of them) as rows i = 0 .. kv_here * heads - 1, and the partials one merge
 // takes: `count` splits from `first`, `stride` apart (every split of the group, or one partial
@@ -797,18 +827,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     const uint32_t dst =
         smem_base + stage * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
     const uint32_t bar = bar_base + 8 * stage;
-    const int first = __shfl_sync(kFullMask, slot, 0);
-    if (__all_sync(kFullMask, first >= 0 && slot == first + lane)) {
-      if (lane == 0) {
-        mbarrier_arrive_expect_tx(bar, 32 * Sh::kCopyBytes);
-        tma_load_3d(dst, box_map, 0, map_y, first, bar, l2_policy);
-      } else {
-        mbarrier_arrive(bar);
-      }
-    } else if (slot >= 0) {
-      mbarrier_arrive_expect_tx(bar, Sh::kCopyBytes);
-      tma_load_3d(dst, row_map, 0, map_y, slot, bar, l2_policy);
-    } else {
+    if (!issue_warp_rows<32, Sh::kCopyBytes>(dst, bar, slot, true, box_map, row_map, map_y,
+                                             l2_policy)) {
       // Rows past the end are zero: their scores are masked and their V rows must be finite
       // zeros, never stale data (0 * NaN would poison the output).
       uint8_t* p = smem + (dst - smem_base);
@@ -1192,32 +1212,17 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
       const uint32_t bar = full_bar + 8 * s;
       const uint32_t dst =
           smem_base + s * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
-      // A warp's kCopyLanes rows in consecutive slots: one box by its lane 0, as in
-      // decode_mma_kernel; else a copy a row.
-      const int first = __shfl_sync(kFullMask, slot, 0);
-      const bool boxed = __all_sync(kFullMask, !copier || (first >= 0 && slot == first + lane));
-      if (boxed && copier) {
-        if (lane == 0) {
-          mbarrier_arrive_expect_tx(bar, Sh::kCopyLanes * Sh::kCopyBytes);
-          tma_load_3d(dst, box_map, 0, g0 * Sh::kRowBytes / 128, first, bar, l2_policy);
-        } else {
-          mbarrier_arrive(bar);
-        }
-      } else if (copier) {
-        if (slot >= 0) {
-          mbarrier_arrive_expect_tx(bar, Sh::kCopyBytes);
-          tma_load_3d(dst, row_map, 0, g0 * Sh::kRowBytes / 128, slot, bar, l2_policy);
-        } else {
-          if (static_cast<int>(i) < num_tiles) {
-            // Rows past the end are zero: their scores are masked and their V rows must be finite
-            // zeros, never stale data (0 * NaN would poison the output).
-            uint8_t* row = smem + (dst - smem_base);
+      if (!issue_warp_rows<Sh::kCopyLanes, Sh::kCopyBytes>(dst, bar, slot, copier, box_map, row_map,
+                                                          g0 * Sh::kRowBytes / 128, l2_policy)) {
+        if (static_cast<int>(i) < num_tiles) {
+          // Rows past the end are zero: their scores are masked and their V rows must be finite
+          // zeros, never stale data (0 * NaN would poison the output).
+          uint8_t* row = smem + (dst - smem_base);
 #pragma unroll
-            for (int c = 0; c < Sh::kCopyBytes / 16; ++c) st_v4(row + 16 * c, make_uint4(0u, 0u, 0u, 0u));
-            fence_proxy_async();  // before later tensor copies into this row
-          }
-          mbarrier_arrive(bar);
+          for (int c = 0; c < Sh::kCopyBytes / 16; ++c) st_v4(row + 16 * c, make_uint4(0u, 0u, 0u, 0u));
+          fence_proxy_async();  // before later tensor copies into this row
         }
+        mbarrier_arrive(bar);
       }
       if (end) break;
       if (static_cast<int>(++i) < max(num_tiles, 1)) {
