@@ -619,6 +619,35 @@ TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
   }
 }
 
+// One launch of the cluster merge, small enough for compute-sanitizer's memcheck and racecheck
+// (scripts/gpu-check's sanitizer list): the first of the batches above whose launch takes it, at
+// GQA 7 on 3 KV heads, fp8-per-head, head_dim 128.
+TEST(CudaDecode, ClusterSplitMergeOnceForTheSanitizers) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  const KvScheme scheme = KvScheme::kFp8PerHead;
+  bool ran = false;
+  for (int batch : {16, 24, 48}) {
+    std::vector<int> lengths;
+    for (int i = 0; i < batch; ++i) lengths.push_back(i % 4 == 1 ? 1 : i % 4 == 2 ? 700 : 2000 - 13 * i);
+    test::ProblemSpec spec;
+    spec.requests = decode_requests(lengths);
+    spec.num_kv_heads = 3;
+    spec.num_q_heads = 21;
+    spec.head_dim = 128;
+    spec.data.outlier_channels = 2;
+    spec.seed = 9400 + batch;
+    const test::AttentionProblem prob = test::make_problem(spec);
+    if (!launch_shape(prob, scheme).cluster) continue;
+    SCOPED_TRACE("batch " + std::to_string(batch));
+    expect_close(run_case(*cpu, *gpu, prob, scheme));
+    ran = true;
+    break;
+  }
+  EXPECT_TRUE(ran) << "no batch took the cluster merge";
+}
+
 TEST(CudaDecode, RefusesBadArguments) {
   SKIP_WITHOUT_GPU();
   auto gpu = make_cuda_backend();
