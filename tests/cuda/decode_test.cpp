@@ -588,12 +588,15 @@ TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
   auto gpu = make_cuda_backend();
   struct Shape { int hkv, hq, D; };
   uint64_t seed = 9300;
-  for (const Shape sh : {Shape{3, 21, 128}, Shape{2, 24, 128}, Shape{3, 21, 64}, Shape{3, 21, 256}}) {
+  for (const Shape sh :
+       {Shape{3, 21, 128}, Shape{2, 24, 128}, Shape{3, 21, 64}, Shape{3, 21, 256}}) {
     for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {
       int clustered = 0;
       for (int batch : {16, 24, 48}) {
         std::vector<int> lengths;
-        for (int i = 0; i < batch; ++i) lengths.push_back(i % 4 == 1 ? 1 : i % 4 == 2 ? 700 : 2000 - 13 * i);
+        for (int i = 0; i < batch; ++i) {
+          lengths.push_back(i % 4 == 1 ? 1 : i % 4 == 2 ? 700 : 2000 - 13 * i);
+        }
         test::ProblemSpec spec;
         spec.requests = decode_requests(lengths);
         spec.num_kv_heads = sh.hkv;
@@ -630,7 +633,9 @@ TEST(CudaDecode, ClusterSplitMergeOnceForTheSanitizers) {
   bool ran = false;
   for (int batch : {16, 24, 48}) {
     std::vector<int> lengths;
-    for (int i = 0; i < batch; ++i) lengths.push_back(i % 4 == 1 ? 1 : i % 4 == 2 ? 700 : 2000 - 13 * i);
+    for (int i = 0; i < batch; ++i) {
+      lengths.push_back(i % 4 == 1 ? 1 : i % 4 == 2 ? 700 : 2000 - 13 * i);
+    }
     test::ProblemSpec spec;
     spec.requests = decode_requests(lengths);
     spec.num_kv_heads = 3;

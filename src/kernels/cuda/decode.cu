@@ -67,7 +67,8 @@ DecodePlan plan_decode(const AttentionParams& p) {
   } else if (plan.split.num_splits > 1 && p.batch.num_requests > 0) {
     FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
       FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
-        plan.cluster_merge = DecodeMmaKernel<kScheme, kHeadDim>::cluster_merge(decode_grid(p, plan));
+        plan.cluster_merge =
+            DecodeMmaKernel<kScheme, kHeadDim>::cluster_merge(decode_grid(p, plan));
       });
     });
   }

@@ -1219,7 +1219,9 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
           // zeros, never stale data (0 * NaN would poison the output).
           uint8_t* row = smem + (dst - smem_base);
 #pragma unroll
-          for (int c = 0; c < Sh::kCopyBytes / 16; ++c) st_v4(row + 16 * c, make_uint4(0u, 0u, 0u, 0u));
+          for (int c = 0; c < Sh::kCopyBytes / 16; ++c) {
+            st_v4(row + 16 * c, make_uint4(0u, 0u, 0u, 0u));
+          }
           fence_proxy_async();  // before later tensor copies into this row
         }
         mbarrier_arrive(bar);
@@ -1379,6 +1381,9 @@ namespace decode_mma {
 struct ClusterLaunch {
   cudaLaunchAttribute attr{};
   cudaLaunchConfig_t config{};
+  // config.attrs points at attr: built in place, never copied.
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
   ClusterLaunch(dim3 grid, int threads, int smem_bytes, int splits, cudaStream_t stream) {
     attr.id = cudaLaunchAttributeClusterDimension;
     attr.val.clusterDim.x = static_cast<unsigned>(splits);
@@ -1417,7 +1422,8 @@ bool DecodeMmaKernel<kScheme, kHeadDim>::cluster_merge(dim3 grid) {
     }
     return n;
   }();
-  return static_cast<int64_t>(grid.x) * grid.y * grid.z <= static_cast<int64_t>(active[splits]) * splits;
+  const int64_t ctas = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  return ctas <= static_cast<int64_t>(active[splits]) * splits;
 }
 
 template <KvScheme kScheme, int kHeadDim>
@@ -1426,7 +1432,8 @@ void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, 
   using Sh = decode_mma::Shape<kScheme, kHeadDim>;
   ctas_per_sm();  // sets the shared-memory limit once
   if (cluster) {
-    const decode_mma::ClusterLaunch c(grid, Sh::kThreads, Sh::kSmemBytes, static_cast<int>(grid.x), stream);
+    const decode_mma::ClusterLaunch c(grid, Sh::kThreads, Sh::kSmemBytes,
+                                      static_cast<int>(grid.x), stream);
     FP8KV_CUDA_CHECK(cudaLaunchKernelEx(&c.config, decode_mma_kernel<kScheme, kHeadDim>,
                                         decode_mma::with_kv_maps<Sh>(a, 32)));
   } else {
