@@ -593,6 +593,17 @@ struct BenchBatch {
   }
 };
 
+// A decode launch's plan in words, from cuda::decode_launch_key (its bits: decode.cu): the
+// persistent kernel, or the splits and whether they merge in clusters (of every split).
+std::string decode_launch_words(const AttentionParams& p) {
+  const uint64_t key = cuda::decode_launch_key(p);
+  if ((key >> 15) & 1) return "persistent";
+  const int splits = static_cast<int>((key >> 16) & 0xffff);
+  std::string w = std::to_string(splits) + (splits == 1 ? " split" : " splits");
+  if ((key >> 14) & 1) w += " in clusters of " + std::to_string(splits);
+  return w;
+}
+
 std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme, cudaStream_t s) {
   const size_t elems = static_cast<size_t>(slots + 1) * 2 * Hkv * D;
   auto pool = std::make_unique<BackendBuffer>(device(), elems * kv_elem_bytes(scheme));
@@ -642,8 +653,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // Decode: the one kernel per scheme. Rows: the three reference shapes (Hq 32, Hkv 8, D 128),
   // head_dim 64 and 256, GQA 7, one long request (split-KV), a large batch of short requests,
   // each with every request's slots contiguous (a request's tokens were written in order); and
-  // the first shape again with the slot table a random permutation of the pool (a fragmented
-  // serving pool: every token row a separate gather).
+  // the first shape and B=256 L=1024 (the persistent kernel) again with the slot table a random
+  // permutation of the pool (a fragmented serving pool: every token row a separate gather).
   r.line("");
   r.line("decode  shape                              scheme              time_us   cache_GB/s  %%read_bw  time/bf16");
   r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted)");
@@ -654,7 +665,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
                              {256, 1024, 32, 8, 128, false}, {64, 4096, 32, 8, 64, false},
                              {64, 4096, 32, 8, 256, false},  {64, 4096, 28, 4, 128, false},
                              {1, 131072, 32, 8, 128, false}, {512, 512, 32, 8, 128, false},
-                             {64, 4096, 32, 8, 128, true},   {256, 2047, 32, 8, 128, false, true}};
+                             {64, 4096, 32, 8, 128, true},   {256, 1024, 32, 8, 128, true},
+                             {256, 2047, 32, 8, 128, false, true}};
   if (o.quick) cases = {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
   if (!want("decode")) cases.clear();
   for (const Case& c : cases) {
@@ -674,9 +686,12 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s", c.B, c.mixed ? "1.." : "", c.L,
                   c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "");
     double bf16_us = NAN;
+    std::string launches;  // each scheme's plan, after the shape's rows
     for (KvScheme scheme : kSchemes) {
       auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
       const AttentionParams p = bb.params(scheme, pool->get());
+      launches += std::string(launches.empty() ? "" : "; ") + scheme_name(scheme) + " " +
+                  decode_launch_words(p);
       BackendBuffer ws(device(), std::max<size_t>(cuda::decode_workspace_bytes(p), 16));
       cuda::clear_decode_workspace(ws.get(), ws.bytes(), s);  // the split counters (launchers.h)
       // At least 20 warm-up runs: the first FP8 scheme after a bf16 row measured up to 13% slower
@@ -697,6 +712,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
                 {"D", double(c.D)}, {"scattered", c.scattered ? 1.0 : 0.0}, {"us", us}, {"gbs", gbs},
                 {"frac_read_bw", gbs / read_gbs}, {"ratio_bf16", us / bf16_us}});
     }
+    r.line("    launches: %s", launches.c_str());
   }
 
   // Quantize-on-write.
