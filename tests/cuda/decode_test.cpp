@@ -573,6 +573,23 @@ LaunchShape launch_shape(const test::AttentionProblem& prob, KvScheme scheme) {
   return {static_cast<int>((key >> 16) & 0xffff), ((key >> 14) & 1) != 0};
 }
 
+// The cluster tests' batch: `batch` requests of up to 2000 keys, every fourth from the second one
+// key and every fourth from the third 700 (later splits without a key), outliers in two channels.
+test::AttentionProblem cluster_batch(int batch, int hkv, int hq, int head_dim, uint64_t seed) {
+  std::vector<int> lengths;
+  for (int i = 0; i < batch; ++i) {
+    lengths.push_back(i % 4 == 1 ? 1 : i % 4 == 2 ? 700 : 2000 - 13 * i);
+  }
+  test::ProblemSpec spec;
+  spec.requests = decode_requests(lengths);
+  spec.num_kv_heads = hkv;
+  spec.num_q_heads = hq;
+  spec.head_dim = head_dim;
+  spec.data.outlier_channels = 2;
+  spec.seed = seed;
+  return test::make_problem(spec);
+}
+
 // Split launches of 2 to kDecodeClusterMergeMaxSplits splits that fit one wave merge each group's
 // splits in a thread block cluster, in shared memory (merge_group_in_cluster: each CTA merges a
 // run of the group's rows from every CTA's partials). Batches of 16, 24 and 48 requests of up to
@@ -593,18 +610,7 @@ TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
     for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor}) {
       int clustered = 0;
       for (int batch : {16, 24, 48}) {
-        std::vector<int> lengths;
-        for (int i = 0; i < batch; ++i) {
-          lengths.push_back(i % 4 == 1 ? 1 : i % 4 == 2 ? 700 : 2000 - 13 * i);
-        }
-        test::ProblemSpec spec;
-        spec.requests = decode_requests(lengths);
-        spec.num_kv_heads = sh.hkv;
-        spec.num_q_heads = sh.hq;
-        spec.head_dim = sh.D;
-        spec.data.outlier_channels = 2;
-        spec.seed = ++seed;
-        const test::AttentionProblem prob = test::make_problem(spec);
+        const test::AttentionProblem prob = cluster_batch(batch, sh.hkv, sh.hq, sh.D, ++seed);
         const LaunchShape ls = launch_shape(prob, scheme);
         if (!ls.cluster) continue;
         ++clustered;
@@ -632,18 +638,7 @@ TEST(CudaDecode, ClusterSplitMergeOnceForTheSanitizers) {
   const KvScheme scheme = KvScheme::kFp8PerHead;
   bool ran = false;
   for (int batch : {16, 24, 48}) {
-    std::vector<int> lengths;
-    for (int i = 0; i < batch; ++i) {
-      lengths.push_back(i % 4 == 1 ? 1 : i % 4 == 2 ? 700 : 2000 - 13 * i);
-    }
-    test::ProblemSpec spec;
-    spec.requests = decode_requests(lengths);
-    spec.num_kv_heads = 3;
-    spec.num_q_heads = 21;
-    spec.head_dim = 128;
-    spec.data.outlier_channels = 2;
-    spec.seed = 9400 + batch;
-    const test::AttentionProblem prob = test::make_problem(spec);
+    const test::AttentionProblem prob = cluster_batch(batch, 3, 21, 128, 9400 + batch);
     if (!launch_shape(prob, scheme).cluster) continue;
     SCOPED_TRACE("batch " + std::to_string(batch));
     expect_close(run_case(*cpu, *gpu, prob, scheme));
