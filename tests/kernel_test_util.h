@@ -255,7 +255,6 @@ inline AttentionProblem with_consecutive_slots(const AttentionProblem& p, int br
   return c;
 }
 
-
 // One request of seq_len keys (the last q_len of them new), one KV head and one query head, with
 // an attention sink: key 0's logit is 8 nats above the others' (N(0, 0.3): q along channel 0,
 // logit = k[0]), V -4 on the sink and 1 + N(0, 0.1) elsewhere. The tail's p ~ e^-8 each (below
