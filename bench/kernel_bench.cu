@@ -118,6 +118,18 @@ bool selects(const std::string& list, const std::string& name) {
   return std::find(names.begin(), names.end(), name) != names.end();
 }
 
+// Refuses a case list (--decode-case, --prefill-case: `flag`) that names no case of `names`,
+// before any of the section's runs.
+void check_cases(const char* flag, const std::string& list, const std::vector<std::string>& names) {
+  std::string known;
+  for (const std::string& n : names) known += (known.empty() ? "" : ", ") + n;
+  for (const std::string& part : comma_list(list)) {
+    if (std::find(names.begin(), names.end(), part) == names.end()) {
+      throw Error(std::string("bench kernels ") + flag + ": no case '" + part + "' (" + known + ")");
+    }
+  }
+}
+
 // Median time in µs of each of `runs`, timed in turns (each run once, then each again, `iters`
 // times) after `warmup` runs of each, so that every one sees the same mix of clocks. Timed one
 // after the other, the first ran on a rested card: the same non-causal prefill kernel read 640
@@ -669,19 +681,28 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
                              {256, 2047, 32, 8, 128, false, true}};
   if (o.quick) cases = {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
   if (!want("decode")) cases.clear();
+  // Record names: B64_L4096 for the reference shapes, suffixes for the others.
+  auto case_name = [](const Case& c) {
+    std::string name = "B" + std::to_string(c.B) + "_L" + std::to_string(c.L);
+    if (c.D != 128) name += "_D" + std::to_string(c.D);
+    if (c.Hq != 32 || c.Hkv != 8) name += "_Hq" + std::to_string(c.Hq) + "_Hkv" + std::to_string(c.Hkv);
+    if (c.scattered) name += "_scattered";
+    if (c.mixed) name += "_mixed";
+    return name;
+  };
+  // --decode-case: only the named cases; a name that is no case is refused before any runs.
+  std::vector<std::string> names;
+  for (const Case& c : cases) names.push_back(case_name(c));
+  check_cases("--decode-case", o.decode_cases, names);
   for (const Case& c : cases) {
+    const std::string name = case_name(c);
+    if (!selects(o.decode_cases, name)) continue;
     std::vector<int> lengths(c.B, c.L);
     if (c.mixed) {
       for (int b = 0; b < c.B; ++b) lengths[b] = 1 + (b * 1021) % c.L;
     }
     const double keys = std::accumulate(lengths.begin(), lengths.end(), 0.0);
     BenchBatch bb(lengths, std::vector<int>(c.B, 1), c.Hq, c.Hkv, c.D, s, c.scattered);
-    // Record names: B64_L4096 for the reference shapes, suffixes for the others.
-    std::string name = "B" + std::to_string(c.B) + "_L" + std::to_string(c.L);
-    if (c.D != 128) name += "_D" + std::to_string(c.D);
-    if (c.Hq != 32 || c.Hkv != 8) name += "_Hq" + std::to_string(c.Hq) + "_Hkv" + std::to_string(c.Hkv);
-    if (c.scattered) name += "_scattered";
-    if (c.mixed) name += "_mixed";
     char shape[64];
     std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s", c.B, c.mixed ? "1.." : "", c.L,
                   c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "");
@@ -847,15 +868,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       cases.push_back({"prefix8_1000", seq, q, 32, 8, 128});
     }
     // --prefill-case: only the named cases; a name that is no case is refused before any runs.
-    if (!o.prefill_cases.empty()) {
-      std::string known;
-      for (const PCase& c : cases) known += (known.empty() ? "" : ", ") + c.name;
-      for (const std::string& part : comma_list(o.prefill_cases)) {
-        if (std::none_of(cases.begin(), cases.end(), [&](const PCase& c) { return c.name == part; })) {
-          throw Error("bench kernels --prefill-case: no case '" + part + "' (" + known + ")");
-        }
-      }
-    }
+    std::vector<std::string> names;
+    for (const PCase& c : cases) names.push_back(c.name);
+    check_cases("--prefill-case", o.prefill_cases, names);
     for (const PCase& c : cases) {
       if (!selects(o.prefill_cases, c.name)) continue;
       BenchBatch bb(c.seq, c.q, c.Hq, c.Hkv, c.D, s);

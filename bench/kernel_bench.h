@@ -18,6 +18,7 @@ struct KernelBenchOptions {
   std::string only;           // comma list of sections to run (decode, prefill, quantize, linear, ring);
                               // empty: all but ring (a diagnostic, bench/ring_bench.h)
   std::string json_path;      // when set, every number is written there as JSON
+  std::string decode_cases;   // comma list of decode case names (e.g. B256_L1024_scattered); empty: all
   std::string prefill_cases;  // comma list of prefill case names (e.g. prefix8_1000); empty: all
 };
 
@@ -25,7 +26,7 @@ struct KernelBenchOptions {
 // as rows complete).
 std::string run_kernel_bench(const KernelBenchOptions& options);
 
-// The names of a comma list, as --only and --prefill-case take them ("a,b" -> {"a", "b"}).
+// The names of a comma list, as --only, --decode-case and --prefill-case take them ("a,b" -> {"a", "b"}).
 inline std::vector<std::string> comma_list(const std::string& list) {
   std::vector<std::string> names;
   std::string rest = list + ",";

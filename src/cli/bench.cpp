@@ -33,6 +33,8 @@ void add_bench(CLI::App& app) {
         }
         return std::string();
       });
+  kernels->add_option("--decode-case", options->decode_cases,
+                      "run only these decode cases: a comma list of their names (e.g. B64_L4096,B256_L1024_scattered)");
   kernels->add_option("--prefill-case", options->prefill_cases,
                       "run only these prefill cases: a comma list of their names (e.g. B2_L8192,prefix8_1000)");
   kernels->callback([options] { run_kernel_bench(*options); });
