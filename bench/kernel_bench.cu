@@ -27,6 +27,7 @@
 #include "kernels/cuda/decode.cuh"
 #include "kernels/cuda/launchers.h"
 #include "kernels/cuda/prefill_launch.cuh"
+#include "bench/bench_cases.h"
 #include "bench/kernel_bench.h"
 #include "bench/ring_bench.h"
 
@@ -116,18 +117,6 @@ bool selects(const std::string& list, const std::string& name) {
   if (list.empty()) return true;
   const std::vector<std::string> names = comma_list(list);
   return std::find(names.begin(), names.end(), name) != names.end();
-}
-
-// Refuses a case list (--decode-case, --prefill-case: `flag`) that names no case of `names`,
-// before any of the section's runs.
-void check_cases(const char* flag, const std::string& list, const std::vector<std::string>& names) {
-  std::string known;
-  for (const std::string& n : names) known += (known.empty() ? "" : ", ") + n;
-  for (const std::string& part : comma_list(list)) {
-    if (std::find(names.begin(), names.end(), part) == names.end()) {
-      throw Error(std::string("bench kernels ") + flag + ": no case '" + part + "' (" + known + ")");
-    }
-  }
 }
 
 // Median time in µs of each of `runs`, timed in turns (each run once, then each again, `iters`
@@ -632,6 +621,7 @@ std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme
 }  // namespace
 
 std::string run_kernel_bench(const KernelBenchOptions& o) {
+  check_bench_cases(o);  // a name that is no case is refused before any runs
   if (!cuda_available()) throw Error("bench kernels: no usable Hopper (sm_90) GPU on this machine");
   check_cuda(cudaSetDevice(o.device), "cudaSetDevice");
   cudaDeviceProp prop{};
@@ -670,32 +660,10 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   r.line("");
   r.line("decode  shape                              scheme              time_us   cache_GB/s  %%read_bw  time/bf16");
   r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted)");
-  // Last, a serving batch of mixed lengths (B=256, 1..2047 keys spread evenly, mean ~1024: the
-  // bytes of B=256 L=1024), where the CTAs of requests of every length share the GPU.
-  struct Case { int B, L, Hq, Hkv, D; bool scattered; bool mixed = false; };
-  std::vector<Case> cases = {{64, 4096, 32, 8, 128, false},  {4, 32768, 32, 8, 128, false},
-                             {256, 1024, 32, 8, 128, false}, {64, 4096, 32, 8, 64, false},
-                             {64, 4096, 32, 8, 256, false},  {64, 4096, 28, 4, 128, false},
-                             {1, 131072, 32, 8, 128, false}, {512, 512, 32, 8, 128, false},
-                             {64, 4096, 32, 8, 128, true},   {256, 1024, 32, 8, 128, true},
-                             {256, 2047, 32, 8, 128, false, true}};
-  if (o.quick) cases = {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
+  std::vector<DecodeCase> cases = decode_cases(o.quick);
   if (!want("decode")) cases.clear();
-  // Record names: B64_L4096 for the reference shapes, suffixes for the others.
-  auto case_name = [](const Case& c) {
-    std::string name = "B" + std::to_string(c.B) + "_L" + std::to_string(c.L);
-    if (c.D != 128) name += "_D" + std::to_string(c.D);
-    if (c.Hq != 32 || c.Hkv != 8) name += "_Hq" + std::to_string(c.Hq) + "_Hkv" + std::to_string(c.Hkv);
-    if (c.scattered) name += "_scattered";
-    if (c.mixed) name += "_mixed";
-    return name;
-  };
-  // --decode-case: only the named cases; a name that is no case is refused before any runs.
-  std::vector<std::string> names;
-  for (const Case& c : cases) names.push_back(case_name(c));
-  check_cases("--decode-case", o.decode_cases, names);
-  for (const Case& c : cases) {
-    const std::string name = case_name(c);
+  for (const DecodeCase& c : cases) {
+    const std::string name = c.name();
     if (!selects(o.decode_cases, name)) continue;
     std::vector<int> lengths(c.B, c.L);
     if (c.mixed) {
@@ -842,36 +810,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   if (o.prefill && want("prefill")) {
     r.line("");
     r.line("prefill (causal unless said)               scheme             kernel          time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
-    struct PCase {
-      std::string name;
-      std::vector<int> seq, q;
-      int Hq, Hkv, D;
-      bool causal = true;
-    };
-    auto uniform = [](int B, int L) { return std::vector<int>(B, L); };
-    std::vector<PCase> cases;
-    const int L0 = o.quick ? 2048 : 8192;
-    cases.push_back({"B2_L" + std::to_string(L0), uniform(2, L0), uniform(2, L0), 32, 8, 128});
-    cases.push_back({"B2_L" + std::to_string(L0) + "_noncausal", uniform(2, L0), uniform(2, L0), 32, 8,
-                     128, /*causal=*/false});
-    if (!o.quick) {
-      for (int L : {1024, 4096, 16384, 32768}) {
-        const int B = std::max(1, 16384 / L);
-        cases.push_back({"B" + std::to_string(B) + "_L" + std::to_string(L), uniform(B, L), uniform(B, L), 32, 8, 128});
-      }
-      cases.push_back({"B2_L8192_D64", uniform(2, 8192), uniform(2, 8192), 32, 8, 64});
-      cases.push_back({"B2_L8192_D256", uniform(2, 8192), uniform(2, 8192), 32, 8, 256});
-      cases.push_back({"B2_L8192_Hq28_Hkv4", uniform(2, 8192), uniform(2, 8192), 28, 4, 128});
-      const std::vector<int> q = {2048, 100, 1500, 713, 1999, 333, 1024, 1801};  // new tokens
-      std::vector<int> seq;
-      for (int n : q) seq.push_back(1000 + n);
-      cases.push_back({"prefix8_1000", seq, q, 32, 8, 128});
-    }
-    // --prefill-case: only the named cases; a name that is no case is refused before any runs.
-    std::vector<std::string> names;
-    for (const PCase& c : cases) names.push_back(c.name);
-    check_cases("--prefill-case", o.prefill_cases, names);
-    for (const PCase& c : cases) {
+    const std::vector<PrefillCase> cases = prefill_cases(o.quick);
+    for (const PrefillCase& c : cases) {
       if (!selects(o.prefill_cases, c.name)) continue;
       BenchBatch bb(c.seq, c.q, c.Hq, c.Hkv, c.D, s);
       char shape[64];

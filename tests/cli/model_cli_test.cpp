@@ -42,6 +42,25 @@ TEST(BenchCli, OnlyNamesTheSectionItRefuses) {
   }
 }
 
+// `bench kernels --decode-case` and `--prefill-case` refuse a name that is no case of their
+// section (at --quick, the quick cases), naming it and the known ones, before a GPU is looked
+// for: the same on a CPU-only build and on a GPU machine, where nothing runs.
+TEST(BenchCli, CaseListsNameTheCaseTheyRefuse) {
+  RunResult r = run("bench kernels --decode-case B64_L4096,B64_L4096_bogus");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "--decode-case: no case 'B64_L4096_bogus'")) << r.output;
+  EXPECT_TRUE(contains(r.output, "B256_L1024_scattered")) << r.output;  // a known one listed
+  EXPECT_FALSE(contains(r.output, "no case 'B64_L4096'")) << r.output;
+  r = run("bench kernels --quick --decode-case B64_L4096");  // not a quick case
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "--decode-case: no case 'B64_L4096' (B16_L2048, B2_L8192_scattered)"))
+      << r.output;
+  r = run("bench kernels --only prefill --prefill-case prefix8_1000,prefix9");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "--prefill-case: no case 'prefix9'")) << r.output;
+  EXPECT_FALSE(contains(r.output, "Hopper")) << r.output;  // refused before the GPU was looked for
+}
+
 TEST(ModelCli, MakeCalibrateGenerateEval) {
   TempDir dir;
   const std::string model = dir.path() + "/tiny";

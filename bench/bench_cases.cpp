@@ -1,0 +1,77 @@
+// The kernel benchmark's case tables (bench/bench_cases.h).
+#include "bench/bench_cases.h"
+
+#include <algorithm>
+
+#include "fp8kv/error.h"
+
+namespace fp8kv {
+
+std::string DecodeCase::name() const {
+  std::string n = "B" + std::to_string(B) + "_L" + std::to_string(L);
+  if (D != 128) n += "_D" + std::to_string(D);
+  if (Hq != 32 || Hkv != 8) n += "_Hq" + std::to_string(Hq) + "_Hkv" + std::to_string(Hkv);
+  if (scattered) n += "_scattered";
+  if (mixed) n += "_mixed";
+  return n;
+}
+
+std::vector<DecodeCase> decode_cases(bool quick) {
+  if (quick) return {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
+  // Last, a serving batch of mixed lengths (B=256, 1..2047 keys spread evenly, mean ~1024: the
+  // bytes of B=256 L=1024), where the CTAs of requests of every length share the GPU.
+  return {{64, 4096, 32, 8, 128, false},  {4, 32768, 32, 8, 128, false},
+          {256, 1024, 32, 8, 128, false}, {64, 4096, 32, 8, 64, false},
+          {64, 4096, 32, 8, 256, false},  {64, 4096, 28, 4, 128, false},
+          {1, 131072, 32, 8, 128, false}, {512, 512, 32, 8, 128, false},
+          {64, 4096, 32, 8, 128, true},   {256, 1024, 32, 8, 128, true},
+          {256, 2047, 32, 8, 128, false, true}};
+}
+
+std::vector<PrefillCase> prefill_cases(bool quick) {
+  auto uniform = [](int B, int L) { return std::vector<int>(B, L); };
+  std::vector<PrefillCase> cases;
+  const int L0 = quick ? 2048 : 8192;
+  cases.push_back({"B2_L" + std::to_string(L0), uniform(2, L0), uniform(2, L0), 32, 8, 128});
+  cases.push_back({"B2_L" + std::to_string(L0) + "_noncausal", uniform(2, L0), uniform(2, L0), 32,
+                   8, 128, /*causal=*/false});
+  if (quick) return cases;
+  for (int L : {1024, 4096, 16384, 32768}) {
+    const int B = std::max(1, 16384 / L);
+    cases.push_back({"B" + std::to_string(B) + "_L" + std::to_string(L), uniform(B, L),
+                     uniform(B, L), 32, 8, 128});
+  }
+  cases.push_back({"B2_L8192_D64", uniform(2, 8192), uniform(2, 8192), 32, 8, 64});
+  cases.push_back({"B2_L8192_D256", uniform(2, 8192), uniform(2, 8192), 32, 8, 256});
+  cases.push_back({"B2_L8192_Hq28_Hkv4", uniform(2, 8192), uniform(2, 8192), 28, 4, 128});
+  const std::vector<int> q = {2048, 100, 1500, 713, 1999, 333, 1024, 1801};  // new tokens
+  std::vector<int> seq;
+  for (int n : q) seq.push_back(1000 + n);
+  cases.push_back({"prefix8_1000", seq, q, 32, 8, 128});
+  return cases;
+}
+
+namespace {
+// Refuses a case list (`flag`) with a name that is not in `names`.
+void check_names(const char* flag, const std::string& list, const std::vector<std::string>& names) {
+  if (list.empty()) return;
+  std::string known;
+  for (const std::string& n : names) known += (known.empty() ? "" : ", ") + n;
+  for (const std::string& part : comma_list(list)) {
+    if (std::find(names.begin(), names.end(), part) == names.end()) {
+      throw Error(std::string("bench kernels ") + flag + ": no case '" + part + "' (" + known + ")");
+    }
+  }
+}
+}  // namespace
+
+void check_bench_cases(const KernelBenchOptions& o) {
+  std::vector<std::string> names;
+  for (const DecodeCase& c : decode_cases(o.quick)) names.push_back(c.name());
+  check_names("--decode-case", o.decode_cases, names);
+  names.clear();
+  for (const PrefillCase& c : prefill_cases(o.quick)) names.push_back(c.name);
+  check_names("--prefill-case", o.prefill_cases, names);
+}
+
+}  // namespace fp8kv

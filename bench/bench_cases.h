@@ -1,0 +1,42 @@
+// The kernel benchmark's decode and prefill cases (`fp8kv bench kernels`), in plain C++: the
+// benchmark runs them (bench/kernel_bench.cu), and the command line checks --decode-case and
+// --prefill-case against their names before anything touches a GPU (so a CPU-only build refuses
+// a bad name as well).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "bench/kernel_bench.h"
+
+namespace fp8kv {
+
+// A decode row: B requests of L keys each (mixed: request b holds 1 + (b * 1021) % L), one new
+// token each, Hq / Hkv heads of head_dim D, the slot table a random permutation of the pool
+// (scattered) or each request's slots consecutive.
+struct DecodeCase {
+  int B, L, Hq, Hkv, D;
+  bool scattered;
+  bool mixed = false;
+  // The record name: B64_L4096 for the reference shape, suffixes for the others (_D64,
+  // _Hq28_Hkv4, _scattered, _mixed).
+  std::string name() const;
+};
+
+// A prefill row: request b holds seq[b] keys, the last q[b] of them new (a cached prefix
+// before them).
+struct PrefillCase {
+  std::string name;
+  std::vector<int> seq, q;
+  int Hq, Hkv, D;
+  bool causal = true;
+};
+
+std::vector<DecodeCase> decode_cases(bool quick);
+std::vector<PrefillCase> prefill_cases(bool quick);
+
+// Throws Error where o.decode_cases or o.prefill_cases names no case of its section (at o.quick),
+// naming it and the known ones.
+void check_bench_cases(const KernelBenchOptions& o);
+
+}  // namespace fp8kv
