@@ -1,7 +1,7 @@
 // The kernel benchmark's decode and prefill cases (`fp8kv bench kernels`), in plain C++: the
-// benchmark runs them (bench/kernel_bench.cu), and the command line checks --decode-case and
-// --prefill-case against their names before anything touches a GPU (so a CPU-only build refuses
-// a bad name as well).
+// benchmark runs them (bench/kernel_bench.cu), and both run_kernel_bench builds check
+// --decode-case and --prefill-case against their names before anything touches a GPU (so a
+// CPU-only build refuses a bad name as well).
 #pragma once
 
 #include <string>

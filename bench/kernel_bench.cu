@@ -621,7 +621,7 @@ std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme
 }  // namespace
 
 std::string run_kernel_bench(const KernelBenchOptions& o) {
-  check_bench_cases(o);  // a name that is no case is refused before any runs
+  check_bench_cases(o);  // before a GPU is looked for (kernel_bench.h)
   if (!cuda_available()) throw Error("bench kernels: no usable Hopper (sm_90) GPU on this machine");
   check_cuda(cudaSetDevice(o.device), "cudaSetDevice");
   cudaDeviceProp prop{};

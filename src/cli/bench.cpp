@@ -6,7 +6,6 @@
 #include <memory>
 
 #include "cli/commands.h"
-#include "bench/bench_cases.h"
 #include "bench/kernel_bench.h"
 
 namespace fp8kv::cli {
@@ -38,10 +37,7 @@ void add_bench(CLI::App& app) {
                       "run only these decode cases: a comma list of their names (e.g. B64_L4096,B256_L1024_scattered)");
   kernels->add_option("--prefill-case", options->prefill_cases,
                       "run only these prefill cases: a comma list of their names (e.g. B2_L8192,prefix8_1000)");
-  kernels->callback([options] {
-    check_bench_cases(*options);  // before the GPU is looked for: a CPU-only build refuses too
-    run_kernel_bench(*options);
-  });
+  kernels->callback([options] { run_kernel_bench(*options); });
   add_bench_model(*bench);
 }
 
