@@ -27,6 +27,7 @@
 #include "kernels/cuda/decode.cuh"
 #include "kernels/cuda/launchers.h"
 #include "kernels/cuda/prefill_launch.cuh"
+#include "kernels/decode_split.h"
 #include "bench/bench_cases.h"
 #include "bench/kernel_bench.h"
 #include "bench/ring_bench.h"
@@ -594,14 +595,14 @@ struct BenchBatch {
   }
 };
 
-// A decode launch's plan in words, from cuda::decode_launch_key (its bits: decode.cu): the
-// persistent kernel, or the splits and whether they merge in clusters (of every split).
+// A decode launch's plan in words, from cuda::decode_launch_key: the persistent kernel, or the
+// splits and whether they merge in clusters (of every split).
 std::string decode_launch_words(const AttentionParams& p) {
-  const uint64_t key = cuda::decode_launch_key(p);
-  if ((key >> 15) & 1) return "persistent";
-  const int splits = static_cast<int>((key >> 16) & 0xffff);
+  const auto key = cuda::DecodeLaunchKey::unpack(cuda::decode_launch_key(p));
+  if (key.persistent) return "persistent";
+  const int splits = key.num_splits;
   std::string w = std::to_string(splits) + (splits == 1 ? " split" : " splits");
-  if ((key >> 14) & 1) w += " in clusters of " + std::to_string(splits);
+  if (key.cluster_merge) w += " in clusters of " + std::to_string(splits);
   return w;
 }
 

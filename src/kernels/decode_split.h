@@ -80,4 +80,32 @@ inline bool decode_persistent(int64_t items, int64_t resident, int num_splits) {
   return num_splits == 1 && resident > 0 && items >= kDecodePersistentWaves * resident;
 }
 
+// The fields of a decode launch's key (decode_launch_key, launchers.h): what a recorded decode
+// step's launch depends on, packed into one word (bits 32..63 split_tokens, 16..31 num_splits,
+// 15 persistent, 14 cluster_merge, 8..13 kv_per_cta, 0..7 head_chunks). One layout for the
+// launcher that packs it and the benches and tests that read it.
+struct DecodeLaunchKey {
+  int split_tokens = 0;
+  int num_splits = 1;
+  bool persistent = false;     // the persistent kernel
+  bool cluster_merge = false;  // each group's splits a thread block cluster
+  int kv_per_cta = 1;          // adjacent KV heads per CTA or item
+  int head_chunks = 1;         // CTAs per KV head along the query heads
+  uint64_t pack() const {
+    return (static_cast<uint64_t>(split_tokens) << 32) | (static_cast<uint64_t>(num_splits) << 16) |
+           (static_cast<uint64_t>(persistent) << 15) | (static_cast<uint64_t>(cluster_merge) << 14) |
+           (static_cast<uint64_t>(kv_per_cta) << 8) | static_cast<uint64_t>(head_chunks);
+  }
+  static DecodeLaunchKey unpack(uint64_t key) {
+    DecodeLaunchKey k;
+    k.split_tokens = static_cast<int>(key >> 32);
+    k.num_splits = static_cast<int>((key >> 16) & 0xffff);
+    k.persistent = ((key >> 15) & 1) != 0;
+    k.cluster_merge = ((key >> 14) & 1) != 0;
+    k.kv_per_cta = static_cast<int>((key >> 8) & 0x3f);
+    k.head_chunks = static_cast<int>(key & 0xff);
+    return k;
+  }
+};
+
 }  // namespace fp8kv::cuda

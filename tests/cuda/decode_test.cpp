@@ -206,13 +206,18 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
   }
 }
 
-// Whether the launch of `prob` takes the persistent kernel (decode_launch_key's bit 15).
-bool takes_persistent(const test::AttentionProblem& prob, KvScheme scheme) {
+// The decode launch that `prob` takes (decode_launch_key's fields).
+cuda::DecodeLaunchKey launch_key(const test::AttentionProblem& prob, KvScheme scheme) {
   AttentionParams p;
   p.num_q_heads = prob.num_q_heads;
   p.cache = {nullptr, prob.num_slots, prob.num_kv_heads, prob.head_dim, scheme};
   p.batch = prob.batch(nullptr, nullptr, nullptr, nullptr);
-  return (cuda::decode_launch_key(p) >> 15) & 1;
+  return cuda::DecodeLaunchKey::unpack(cuda::decode_launch_key(p));
+}
+
+// Whether the launch of `prob` takes the persistent kernel.
+bool takes_persistent(const test::AttentionProblem& prob, KvScheme scheme) {
+  return launch_key(prob, scheme).persistent;
 }
 
 // Two launches of the same decode: the second gives the first's bits (the counters back at zero
@@ -509,7 +514,7 @@ TEST(CudaDecode, FusedSplitMergeLeavesItsCountersZero) {
     p.batch = db.batch(prob);
     gpu->synchronize();
 
-    const int splits = static_cast<int>((cuda::decode_launch_key(p) >> 16) & 0xffff);
+    const int splits = cuda::DecodeLaunchKey::unpack(cuda::decode_launch_key(p)).num_splits;
     ASSERT_GE(splits, 4) << "the case must split the KV length several times";
     if (hkv == 1) {
       ASSERT_GT(splits, cuda::kDecodeTwoLevelMergeAbove) << "the case must merge in two levels";
@@ -558,21 +563,6 @@ TEST(CudaDecode, FusedSplitMergeLeavesItsCountersZero) {
   }
 }
 
-// decode_launch_key's fields for `prob`: the splits (bits 16..31) and whether the launch merges
-// each group's splits in a cluster (bit 14).
-struct LaunchShape {
-  int splits;
-  bool cluster;
-};
-LaunchShape launch_shape(const test::AttentionProblem& prob, KvScheme scheme) {
-  AttentionParams p;
-  p.num_q_heads = prob.num_q_heads;
-  p.cache = {nullptr, prob.num_slots, prob.num_kv_heads, prob.head_dim, scheme};
-  p.batch = prob.batch(nullptr, nullptr, nullptr, nullptr);
-  const uint64_t key = cuda::decode_launch_key(p);
-  return {static_cast<int>((key >> 16) & 0xffff), ((key >> 14) & 1) != 0};
-}
-
 // The cluster tests' batch: `batch` requests of up to 2000 keys, every fourth from the second one
 // key and every fourth from the third 700 (later splits without a key), outliers in two channels.
 test::AttentionProblem cluster_batch(int batch, int hkv, int hq, int head_dim, uint64_t seed) {
@@ -611,14 +601,14 @@ TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
       int clustered = 0;
       for (int batch : {16, 24, 48}) {
         const test::AttentionProblem prob = cluster_batch(batch, sh.hkv, sh.hq, sh.D, ++seed);
-        const LaunchShape ls = launch_shape(prob, scheme);
-        if (!ls.cluster) continue;
+        const cuda::DecodeLaunchKey ls = launch_key(prob, scheme);
+        if (!ls.cluster_merge) continue;
         ++clustered;
         SCOPED_TRACE(std::string(scheme_name(scheme)) + " Hkv=" + std::to_string(sh.hkv) + " Hq=" +
                      std::to_string(sh.hq) + " D=" + std::to_string(sh.D) + " batch " +
-                     std::to_string(batch) + ", " + std::to_string(ls.splits) + " splits");
-        EXPECT_GE(ls.splits, 2);
-        EXPECT_LE(ls.splits, cuda::kDecodeClusterMergeMaxSplits);
+                     std::to_string(batch) + ", " + std::to_string(ls.num_splits) + " splits");
+        EXPECT_GE(ls.num_splits, 2);
+        EXPECT_LE(ls.num_splits, cuda::kDecodeClusterMergeMaxSplits);
         expect_close(run_case(*cpu, *gpu, prob, scheme));
         run_twice_same_bits(*gpu, prob, scheme, test::calibrate_scales(prob, scheme));
       }
@@ -639,7 +629,7 @@ TEST(CudaDecode, ClusterSplitMergeOnceForTheSanitizers) {
   bool ran = false;
   for (int batch : {16, 24, 48}) {
     const test::AttentionProblem prob = cluster_batch(batch, 3, 21, 128, 9400 + batch);
-    if (!launch_shape(prob, scheme).cluster) continue;
+    if (!launch_key(prob, scheme).cluster_merge) continue;
     SCOPED_TRACE("batch " + std::to_string(batch));
     expect_close(run_case(*cpu, *gpu, prob, scheme));
     ran = true;

@@ -67,5 +67,25 @@ TEST(DecodeSplit, PersistentForUnsplitGridsOfSeveralWaves) {
   EXPECT_TRUE(cuda::decode_persistent(256 * 2, resident, 1));
 }
 
+// A decode launch's key holds every field in its own bits: packed and read back, each field is
+// what went in, at the widest values the launcher gives them.
+TEST(DecodeSplit, LaunchKeyFieldsRoundTrip) {
+  for (const cuda::DecodeLaunchKey k :
+       {cuda::DecodeLaunchKey{}, cuda::DecodeLaunchKey{1 << 20, 1, true, false, 8, 1},
+        cuda::DecodeLaunchKey{4096, cuda::kDecodeMaxSplits, false, true, 2, 255},
+        cuda::DecodeLaunchKey{64, 2, false, false, 63, 16}}) {
+    const cuda::DecodeLaunchKey r = cuda::DecodeLaunchKey::unpack(k.pack());
+    EXPECT_EQ(r.split_tokens, k.split_tokens);
+    EXPECT_EQ(r.num_splits, k.num_splits);
+    EXPECT_EQ(r.persistent, k.persistent);
+    EXPECT_EQ(r.cluster_merge, k.cluster_merge);
+    EXPECT_EQ(r.kv_per_cta, k.kv_per_cta);
+    EXPECT_EQ(r.head_chunks, k.head_chunks);
+  }
+  // The layout the CUDA graphs' keys were recorded with: splits in bits 16..31, persistent 15.
+  const cuda::DecodeLaunchKey persistent3{0, 3, true, false, 0, 0};
+  EXPECT_EQ(persistent3.pack(), (uint64_t{3} << 16) | (uint64_t{1} << 15));
+}
+
 }  // namespace
 }  // namespace fp8kv

@@ -108,11 +108,14 @@ uint64_t decode_launch_key(const AttentionParams& p) {
   // step); the split is what follows max_seq_len. kv_per_cta and head_chunks are functions of
   // the scheme and the shape, kept for a key that stands alone.
   const DecodePlan plan = plan_decode(p);
-  return (static_cast<uint64_t>(plan.split.split_tokens) << 32) |
-         (static_cast<uint64_t>(plan.split.num_splits) << 16) |
-         (static_cast<uint64_t>(plan.persistent_ctas > 0) << 15) |
-         (static_cast<uint64_t>(plan.cluster_merge) << 14) |
-         (static_cast<uint64_t>(plan.kv_per_cta) << 8) | static_cast<uint64_t>(plan.head_chunks);
+  DecodeLaunchKey k;
+  k.split_tokens = plan.split.split_tokens;
+  k.num_splits = plan.split.num_splits;
+  k.persistent = plan.persistent_ctas > 0;
+  k.cluster_merge = plan.cluster_merge;
+  k.kv_per_cta = plan.kv_per_cta;
+  k.head_chunks = plan.head_chunks;
+  return k.pack();
 }
 
 void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStream_t stream,
