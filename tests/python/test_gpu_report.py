@@ -63,3 +63,18 @@ def test_a_runs_prefill_row_is_set_beside_the_peer_figure_of_its_shape(tmp_path)
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith("B2_L8192_runs"))
     assert "650" in row and "1.17" in row  # the peer's 650 and 760 / 650
+
+
+def test_decode_rows_show_fp8_per_head_against_a_same_size_read_where_measured(tmp_path):
+    doc = bench_json(True)
+    for r in doc["results"]:
+        if r["name"] == "B64_L4096_fp8-per-head":
+            r["frac_same_size_read"] = 0.891
+    out = run(tmp_path, doc)
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("B64_L4096"))
+    assert "89%" in row
+    # A JSON from before the figure: the row is still printed, the figure as nan.
+    out = run(tmp_path, bench_json(True))
+    row = next(line for line in out.stdout.splitlines() if line.startswith("B64_L4096"))
+    assert "nan%" in row
