@@ -666,7 +666,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   std::map<size_t, double> same_size_read;  // GB/s of the ceiling's read kernel, by bytes read
   auto same_read_gbs = [&](size_t bytes) {
     auto it = same_size_read.find(bytes);
-    if (it == same_size_read.end()) it = same_size_read.emplace(bytes, measure_read_gbs(bytes, o, s)).first;
+    if (it == same_size_read.end()) {
+      it = same_size_read.emplace(bytes, measure_read_gbs(bytes, o, s)).first;
+    }
     return it->second;
   };
   std::vector<DecodeCase> cases = decode_cases(o.quick);
@@ -703,8 +705,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         print_decode_timeline([&] { cuda::launch_decode_attention(p, ws.get(), s); },
                               std::string(shape) + " " + scheme_name(scheme), us, bytes / read_gbs * 1e-3);
 #endif
-      // Whole 16-byte vectors of the same size (every row's cache bytes are a multiple of 16).
-      const double same_gbs = same_read_gbs(static_cast<size_t>(bytes) / 16 * 16);
+      // The read kernel's 16-byte vectors: every row's cache bytes are a multiple of 16.
+      const double same_gbs = same_read_gbs(static_cast<size_t>(bytes));
       r.line("  %-40s %-18s %8.1f   %10.0f   %6.1f%%   %8.2f   %6.1f%%", shape, scheme_name(scheme), us, gbs,
              100.0 * gbs / read_gbs, us / bf16_us, 100.0 * gbs / same_gbs);
       r.record("decode", name + "_" + scheme_name(scheme),
