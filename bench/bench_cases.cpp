@@ -20,11 +20,11 @@ std::vector<DecodeCase> decode_cases(bool quick) {
   if (quick) return {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
   // Last, a serving batch of mixed lengths (B=256, 1..2047 keys spread evenly, mean ~1024: the
   // bytes of B=256 L=1024), where the CTAs of requests of every length share the GPU.
-  return {{64, 4096, 32, 8, 128, false},  {4, 32768, 32, 8, 128, false},
-          {256, 1024, 32, 8, 128, false}, {64, 4096, 32, 8, 64, false},
-          {64, 4096, 32, 8, 256, false},  {64, 4096, 28, 4, 128, false},
-          {1, 131072, 32, 8, 128, false}, {512, 512, 32, 8, 128, false},
-          {64, 4096, 32, 8, 128, true},   {256, 1024, 32, 8, 128, true},
+  return {{64, 4096, 32, 8, 128, false},       {4, 32768, 32, 8, 128, false},
+          {256, 1024, 32, 8, 128, false},      {64, 4096, 32, 8, 64, false},
+          {64, 4096, 32, 8, 256, false},       {64, 4096, 28, 4, 128, false},
+          {1, 131072, 32, 8, 128, false},      {512, 512, 32, 8, 128, false},
+          {64, 4096, 32, 8, 128, true},        {256, 1024, 32, 8, 128, true},
           {256, 2047, 32, 8, 128, false, true}};
 }
 
@@ -59,7 +59,8 @@ void check_names(const char* flag, const std::string& list, const std::vector<st
   for (const std::string& n : names) known += (known.empty() ? "" : ", ") + n;
   for (const std::string& part : comma_list(list)) {
     if (std::find(names.begin(), names.end(), part) == names.end()) {
-      throw Error(std::string("bench kernels ") + flag + ": no case '" + part + "' (" + known + ")");
+      throw Error(std::string("bench kernels ") + flag + ": no case '" + part + "' (" + known +
+                  ")");
     }
   }
 }

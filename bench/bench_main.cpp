@@ -1,5 +1,6 @@
 // fp8kv_bench: the kernel benchmark as its own binary (the same code as `fp8kv bench kernels`).
-//   fp8kv_bench [--quick] [--iters N] [--warmup N] [--device N] [--json FILE] [--no-prefill] [--no-gemm]
+//   fp8kv_bench [--quick] [--iters N] [--warmup N] [--device N] [--json FILE] [--no-prefill]
+//   [--no-gemm]
 //               [--only decode,prefill,quantize,linear,ring]
 #include <cstdio>
 #include <cstdlib>
@@ -20,16 +21,27 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--quick") o.quick = true;
-    else if (a == "--no-prefill") o.prefill = false;
-    else if (a == "--no-gemm") o.gemm = false;
-    else if (a == "--iters") o.iters = std::atoi(value());
-    else if (a == "--warmup") o.warmup = std::atoi(value());
-    else if (a == "--device") o.device = std::atoi(value());
-    else if (a == "--json") o.json_path = value();
-    else if (a == "--only") o.only = value();
+    if (a == "--quick")
+      o.quick = true;
+    else if (a == "--no-prefill")
+      o.prefill = false;
+    else if (a == "--no-gemm")
+      o.gemm = false;
+    else if (a == "--iters")
+      o.iters = std::atoi(value());
+    else if (a == "--warmup")
+      o.warmup = std::atoi(value());
+    else if (a == "--device")
+      o.device = std::atoi(value());
+    else if (a == "--json")
+      o.json_path = value();
+    else if (a == "--only")
+      o.only = value();
     else {
-      std::fprintf(stderr, "usage: fp8kv_bench [--quick] [--iters N] [--warmup N] [--device N] [--json FILE] [--no-prefill] [--no-gemm] [--only decode,prefill,quantize,linear,ring]\n");
+      std::fprintf(
+          stderr,
+          "usage: fp8kv_bench [--quick] [--iters N] [--warmup N] [--device N] [--json FILE] "
+          "[--no-prefill] [--no-gemm] [--only decode,prefill,quantize,linear,ring]\n");
       return 2;
     }
   }

@@ -1,8 +1,9 @@
-// The kernel benchmark (`fp8kv bench kernels`, `fp8kv_bench`; not part of libfp8kv): ceilings measured in the same run
-// (streaming read and device copy bandwidth, BF16/FP8 tensor-core rate through cuBLASLt), then
-// decode attention, prefill attention and quantize-on-write against them. Times are CUDA-event
-// medians after warm-up; every input is random (never zeros) and larger than L2 so each run
-// reads device memory. Launches go straight to the launchers (no validation, no host sync).
+// The kernel benchmark (`fp8kv bench kernels`, `fp8kv_bench`; not part of libfp8kv): ceilings
+// measured in the same run (streaming read and device copy bandwidth, BF16/FP8 tensor-core rate
+// through cuBLASLt), then decode attention, prefill attention and quantize-on-write against them.
+// Times are CUDA-event medians after warm-up; every input is random (never zeros) and larger than
+// L2 so each run reads device memory. Launches go straight to the launchers (no validation, no host
+// sync).
 #include <cublasLt.h>
 
 #include <algorithm>
@@ -51,17 +52,20 @@ __device__ __forceinline__ float rand_pm1(uint64_t seed, uint64_t i) {
 }
 
 __global__ void fill_bf16_kernel(uint16_t* p, size_t n, uint64_t seed, float amp) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     p[i] = cuda::float_to_bf16_bits(rand_pm1(seed, i) * amp);
   }
 }
 __global__ void fill_e4m3_kernel(uint8_t* p, size_t n, uint64_t seed, float amp) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     p[i] = cuda::float_to_e4m3_hw(rand_pm1(seed, i) * amp);
   }
 }
 __global__ void fill_e5m2_kernel(uint8_t* p, size_t n, uint64_t seed, float amp) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     p[i] = static_cast<uint8_t>(cuda::float2_to_e5m2x2_hw(rand_pm1(seed, i) * amp, 0.0f));
   }
 }
@@ -74,8 +78,10 @@ __global__ void read_bw_kernel(const uint4* __restrict__ p, size_t n, uint4* sin
   size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
   for (; i + 3 * stride < n; i += 4 * stride) {
     const uint4 a = cuda::ld_stream_v4(p + i), b = cuda::ld_stream_v4(p + i + stride);
-    const uint4 c = cuda::ld_stream_v4(p + i + 2 * stride), d = cuda::ld_stream_v4(p + i + 3 * stride);
-    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+    const uint4 c = cuda::ld_stream_v4(p + i + 2 * stride),
+                d = cuda::ld_stream_v4(p + i + 3 * stride);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^
+           d.w;
   }
   for (; i < n; i += stride) {
     const uint4 a = cuda::ld_stream_v4(p + i);
@@ -124,8 +130,8 @@ bool selects(const std::string& list, const std::string& name) {
 // times) after `warmup` runs of each, so that every one sees the same mix of clocks. Timed one
 // after the other, the first ran on a rested card: the same non-causal prefill kernel read 640
 // TFLOP/s as the first config of a row and 611 two long configs later (H200).
-std::vector<double> time_us_in_turns(const std::vector<std::function<void()>>& runs, int warmup, int iters,
-                                     cudaStream_t s) {
+std::vector<double> time_us_in_turns(const std::vector<std::function<void()>>& runs, int warmup,
+                                     int iters, cudaStream_t s) {
   for (const auto& run : runs) {
     for (int i = 0; i < warmup; ++i) run();
   }
@@ -200,7 +206,8 @@ void print_prefill_timeline(const std::function<void()>& run, const std::string&
     return h[(static_cast<size_t>(role) * kT + tile) * kE + event];
   };
   int tiles = 0;  // the consumers stamp kTlTop in every tile they compute
-  while (tiles < kT && (at(1, tiles, cuda::kTlTop) != 0 || at(2, tiles, cuda::kTlTop) != 0)) ++tiles;
+  while (tiles < kT && (at(1, tiles, cuda::kTlTop) != 0 || at(2, tiles, cuda::kTlTop) != 0))
+    ++tiles;
   if (tiles < 6) {
     std::printf("  timeline %s: %d tiles stamped, too few to summarize\n", what.c_str(), tiles);
     return;
@@ -215,26 +222,35 @@ void print_prefill_timeline(const std::function<void()>& run, const std::string&
     std::sort(v.begin(), v.end());
     return static_cast<long long>(v[v.size() / 2]);
   };
-  auto phase = [&](int role, int event0, int event1) { return median(role, event0, role, event1, 0); };
+  auto phase = [&](int role, int event0, int event1) {
+    return median(role, event0, role, event1, 0);
+  };
   auto period = [&](int role) { return median(role, cuda::kTlTop, role, cuda::kTlTop, 1); };
   std::printf("  timeline %s: CTA (0, 0, 0), %d key tiles, SM cycles, median over tiles 2..%d\n",
               what.c_str(), tiles, tiles - 3);
   for (int role = 1; role <= 2; ++role) {
-    std::printf("    consumer %d: period %lld | wait full %lld, issue %lld, until S %lld, softmax %lld,"
-                " until PV %lld, promote+pack %lld\n",
-                role - 1, period(role), phase(role, cuda::kTlTop, cuda::kTlFull),
-                phase(role, cuda::kTlFull, cuda::kTlIssued), phase(role, cuda::kTlIssued, cuda::kTlScores),
-                phase(role, cuda::kTlScores, cuda::kTlSoftmax), phase(role, cuda::kTlSoftmax, cuda::kTlPv),
-                phase(role, cuda::kTlPv, cuda::kTlPacked));
+    std::printf(
+        "    consumer %d: period %lld | wait full %lld, issue %lld, until S %lld, softmax %lld,"
+        " until PV %lld, promote+pack %lld\n",
+        role - 1, period(role), phase(role, cuda::kTlTop, cuda::kTlFull),
+        phase(role, cuda::kTlFull, cuda::kTlIssued), phase(role, cuda::kTlIssued, cuda::kTlScores),
+        phase(role, cuda::kTlScores, cuda::kTlSoftmax), phase(role, cuda::kTlSoftmax, cuda::kTlPv),
+        phase(role, cuda::kTlPv, cuda::kTlPacked));
   }
-  std::printf("    producer: period %lld | wait for a stage %lld, loads issued -> landed %lld, barrier %lld,"
-              " transform %lld\n",
-              period(0), phase(0, cuda::kTlEmptyWait, cuda::kTlEmptyDone), phase(0, cuda::kTlIssued, cuda::kTlLanded),
-              phase(0, cuda::kTlLanded, cuda::kTlBarrier), phase(0, cuda::kTlBarrier, cuda::kTlTransformed));
-  std::printf("    consumer 1 behind consumer 0 by %lld | a tile taken after its publication: consumer 0 %lld,"
-              " consumer 1 %lld\n",
-              median(1, cuda::kTlTop, 2, cuda::kTlTop, 0), median(0, cuda::kTlPublished, 1, cuda::kTlFull, 0),
-              median(0, cuda::kTlPublished, 2, cuda::kTlFull, 0));
+  std::printf(
+      "    producer: period %lld | wait for a stage %lld, loads issued -> landed %lld, barrier "
+      "%lld,"
+      " transform %lld\n",
+      period(0), phase(0, cuda::kTlEmptyWait, cuda::kTlEmptyDone),
+      phase(0, cuda::kTlIssued, cuda::kTlLanded), phase(0, cuda::kTlLanded, cuda::kTlBarrier),
+      phase(0, cuda::kTlBarrier, cuda::kTlTransformed));
+  std::printf(
+      "    consumer 1 behind consumer 0 by %lld | a tile taken after its publication: consumer 0 "
+      "%lld,"
+      " consumer 1 %lld\n",
+      median(1, cuda::kTlTop, 2, cuda::kTlTop, 0),
+      median(0, cuda::kTlPublished, 1, cuda::kTlFull, 0),
+      median(0, cuda::kTlPublished, 2, cuda::kTlFull, 0));
 }
 #endif
 
@@ -249,8 +265,8 @@ double quantile(const std::vector<double>& v, double f) {
 // computed) and epilogue (-> output written); per CTA the gaps between its items (an item's output
 // written -> the next item's first stage landed: the ring's streaming across items) and its busy
 // share (items' first stage -> output written, over its first stage -> last output).
-void print_persistent_timeline(const std::vector<uint64_t>& h, size_t entries, const std::string& what,
-                               double event_us, double ideal_us) {
+void print_persistent_timeline(const std::vector<uint64_t>& h, size_t entries,
+                               const std::string& what, double event_us, double ideal_us) {
   constexpr int kF = cuda::kDecodeTimelineFields;
   struct Item {
     uint64_t first, streamed, done;
@@ -280,12 +296,14 @@ void print_persistent_timeline(const std::vector<uint64_t>& h, size_t entries, c
   }
   std::vector<double> gap, gap_sum, busy, per_cta;
   for (auto& [cta, items] : by_cta) {
-    std::sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.first < y.first; });
+    std::sort(items.begin(), items.end(),
+              [](const Item& x, const Item& y) { return x.first < y.first; });
     double sum = 0.0, work = 0.0;
     for (size_t k = 0; k < items.size(); ++k) {
       work += (items[k].done - items[k].first) * 1e-3;
       if (k > 0) {
-        const double g = (static_cast<double>(items[k].first) - static_cast<double>(items[k - 1].done)) * 1e-3;
+        const double g =
+            (static_cast<double>(items[k].first) - static_cast<double>(items[k - 1].done)) * 1e-3;
         gap.push_back(g);
         sum += g;
       }
@@ -295,16 +313,22 @@ void print_persistent_timeline(const std::vector<uint64_t>& h, size_t entries, c
     if (span > 0.0) busy.push_back(work / span);
     per_cta.push_back(static_cast<double>(items.size()));
   }
-  for (auto* v : {&start, &ramp, &end, &stream, &epilogue, &gap, &gap_sum, &busy, &per_cta}) std::sort(v->begin(), v->end());
+  for (auto* v : {&start, &ramp, &end, &stream, &epilogue, &gap, &gap_sum, &busy, &per_cta})
+    std::sort(v->begin(), v->end());
   const auto q = quantile;
-  std::printf("  timeline %s (persistent): %zu CTAs, %zu items (%.0f..%.0f a CTA), event %.1f us, ideal %.1f, span %.1f"
-              " | start p50 %.2f max %.2f | ramp p50 %.2f max %.2f | end p10 %.1f p50 %.1f max %.1f | item stream"
-              " p50 %.2f max %.2f | epilogue p50 %.2f max %.2f | gap p50 %.2f p90 %.2f max %.2f, a CTA's sum p50 %.1f"
-              " max %.1f | busy p10 %.3f p50 %.3f\n",
-              what.c_str(), start.size(), stream.size(), q(per_cta, 0.0), q(per_cta, 1.0), event_us, ideal_us,
-              (t1 - t0) * 1e-3, q(start, 0.5), q(start, 1.0), q(ramp, 0.5), q(ramp, 1.0), q(end, 0.1), q(end, 0.5),
-              q(end, 1.0), q(stream, 0.5), q(stream, 1.0), q(epilogue, 0.5), q(epilogue, 1.0), q(gap, 0.5),
-              q(gap, 0.9), q(gap, 1.0), q(gap_sum, 0.5), q(gap_sum, 1.0), q(busy, 0.1), q(busy, 0.5));
+  std::printf(
+      "  timeline %s (persistent): %zu CTAs, %zu items (%.0f..%.0f a CTA), event %.1f us, ideal "
+      "%.1f, span %.1f"
+      " | start p50 %.2f max %.2f | ramp p50 %.2f max %.2f | end p10 %.1f p50 %.1f max %.1f | item "
+      "stream"
+      " p50 %.2f max %.2f | epilogue p50 %.2f max %.2f | gap p50 %.2f p90 %.2f max %.2f, a CTA's "
+      "sum p50 %.1f"
+      " max %.1f | busy p10 %.3f p50 %.3f\n",
+      what.c_str(), start.size(), stream.size(), q(per_cta, 0.0), q(per_cta, 1.0), event_us,
+      ideal_us, (t1 - t0) * 1e-3, q(start, 0.5), q(start, 1.0), q(ramp, 0.5), q(ramp, 1.0),
+      q(end, 0.1), q(end, 0.5), q(end, 1.0), q(stream, 0.5), q(stream, 1.0), q(epilogue, 0.5),
+      q(epilogue, 1.0), q(gap, 0.5), q(gap, 0.9), q(gap, 1.0), q(gap_sum, 0.5), q(gap_sum, 1.0),
+      q(busy, 0.1), q(busy, 0.5));
 }
 
 // Diagnostic build: one more launch of a decode row with per-CTA timestamps, summarized as
@@ -312,11 +336,12 @@ void print_persistent_timeline(const std::vector<uint64_t>& h, size_t entries, c
 // stream (first tile -> last tile computed), their epilogue, and when they end. The span is the
 // first start to the last end; the event time and the ideal (cache bytes / read ceiling) beside
 // it. A persistent launch's entries go to print_persistent_timeline.
-void print_decode_timeline(const std::function<void()>& run, const std::string& what, double event_us,
-                           double ideal_us) {
+void print_decode_timeline(const std::function<void()>& run, const std::string& what,
+                           double event_us, double ideal_us) {
   constexpr size_t kMaxCtas = size_t{1} << 16;
   constexpr int kF = cuda::kDecodeTimelineFields;
-  const std::vector<uint64_t> h = capture_timeline<uint64_t>(kF * kMaxCtas, cuda::set_decode_timeline, run);
+  const std::vector<uint64_t> h =
+      capture_timeline<uint64_t>(kF * kMaxCtas, cuda::set_decode_timeline, run);
   for (size_t i = 0; i < kMaxCtas; ++i) {
     if (h[kF * i] != 0 && (h[kF * i + 4] >> 32) != 0) {  // the persistent kernel's entries
       print_persistent_timeline(h, kMaxCtas, what, event_us, ideal_us);
@@ -370,18 +395,22 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     if (sm_n[i] > 0) sm_mean.emplace_back(sm_sum[i] / sm_n[i], static_cast<int>(i));
   }
   std::sort(sm_mean.begin(), sm_mean.end());
-  std::printf("  timeline %s: %zu CTAs, event %.1f us, ideal %.1f, span %.1f | start p50 %.1f p90 %.1f max %.1f"
-              " | ramp p10 %.2f p50 %.2f p90 %.2f (prologue p50 %.2f, copies issued to landed p50 %.2f)"
-              " | stream p10 %.1f p50 %.1f max %.1f | epilogue p50 %.2f"
-              " max %.2f | end p10 %.1f p50 %.1f p90 %.1f max %.1f\n",
-              what.c_str(), start.size(), event_us, ideal_us, (t1 - t0) * 1e-3, q(start, 0.5), q(start, 0.9),
-              q(start, 1.0), q(ramp, 0.1), q(ramp, 0.5), q(ramp, 0.9), q(prologue, 0.5), q(landing, 0.5),
-              q(stream, 0.1), q(stream, 0.5),
-              q(stream, 1.0), q(epilogue, 0.5), q(epilogue, 1.0), q(end, 0.1), q(end, 0.5), q(end, 0.9),
-              q(end, 1.0));
+  std::printf(
+      "  timeline %s: %zu CTAs, event %.1f us, ideal %.1f, span %.1f | start p50 %.1f p90 %.1f max "
+      "%.1f"
+      " | ramp p10 %.2f p50 %.2f p90 %.2f (prologue p50 %.2f, copies issued to landed p50 %.2f)"
+      " | stream p10 %.1f p50 %.1f max %.1f | epilogue p50 %.2f"
+      " max %.2f | end p10 %.1f p50 %.1f p90 %.1f max %.1f\n",
+      what.c_str(), start.size(), event_us, ideal_us, (t1 - t0) * 1e-3, q(start, 0.5),
+      q(start, 0.9), q(start, 1.0), q(ramp, 0.1), q(ramp, 0.5), q(ramp, 0.9), q(prologue, 0.5),
+      q(landing, 0.5), q(stream, 0.1), q(stream, 0.5), q(stream, 1.0), q(epilogue, 0.5),
+      q(epilogue, 1.0), q(end, 0.1), q(end, 0.5), q(end, 0.9), q(end, 1.0));
   if (!sm_mean.empty()) {
-    std::printf("    per SM (mean stream of its CTAs): %zu SMs, fastest %.1f, median %.1f, slowest %.1f; slowest 12:",
-                sm_mean.size(), sm_mean.front().first, sm_mean[sm_mean.size() / 2].first, sm_mean.back().first);
+    std::printf(
+        "    per SM (mean stream of its CTAs): %zu SMs, fastest %.1f, median %.1f, slowest %.1f; "
+        "slowest 12:",
+        sm_mean.size(), sm_mean.front().first, sm_mean[sm_mean.size() / 2].first,
+        sm_mean.back().first);
     for (size_t i = sm_mean.size() > 12 ? sm_mean.size() - 12 : 0; i < sm_mean.size(); ++i)
       std::printf(" %d(%.1f)", sm_mean[i].second, sm_mean[i].first);
     std::printf("; fastest 12:");
@@ -390,10 +419,11 @@ void print_decode_timeline(const std::function<void()>& run, const std::string& 
     std::printf("\n");
   }
   if (!to_row.empty()) {
-    std::printf("    prologue steps p50 / p90: the request's row known %.2f / %.2f, barriers set up"
-                " %.2f / %.2f, first copy issued %.2f / %.2f\n",
-                q(to_row, 0.5), q(to_row, 0.9), q(to_bar, 0.5), q(to_bar, 0.9), q(to_issue0, 0.5),
-                q(to_issue0, 0.9));
+    std::printf(
+        "    prologue steps p50 / p90: the request's row known %.2f / %.2f, barriers set up"
+        " %.2f / %.2f, first copy issued %.2f / %.2f\n",
+        q(to_row, 0.5), q(to_row, 0.9), q(to_bar, 0.5), q(to_bar, 0.9), q(to_issue0, 0.5),
+        q(to_issue0, 0.9));
   }
 }
 #endif
@@ -412,7 +442,8 @@ class Report {
     std::fflush(stdout);
   }
   // JSON: one object per measurement.
-  void record(const std::string& kind, const std::string& name, std::vector<std::pair<std::string, double>> values) {
+  void record(const std::string& kind, const std::string& name,
+              std::vector<std::pair<std::string, double>> values) {
     std::string o = "{\"kind\":\"" + kind + "\",\"name\":\"" + name + "\"";
     for (auto& [k, v] : values) {
       char buf[64];
@@ -431,7 +462,8 @@ class Report {
     if (!f) throw Error("bench: cannot write " + tmp);
     std::fprintf(f, "{\"device\":\"%s\",\"complete\":%s,\"results\":[\n", device.c_str(),
                  complete ? "true" : "false");
-    for (size_t i = 0; i < json_.size(); ++i) std::fprintf(f, "  %s%s\n", json_[i].c_str(), i + 1 < json_.size() ? "," : "");
+    for (size_t i = 0; i < json_.size(); ++i)
+      std::fprintf(f, "  %s%s\n", json_[i].c_str(), i + 1 < json_.size() ? "," : "");
     std::fprintf(f, "]}\n");
     const bool ok = std::fflush(f) == 0 && !std::ferror(f);
     std::fclose(f);
@@ -454,16 +486,20 @@ double measure_read_gbs(size_t bytes, const KernelBenchOptions& o, cudaStream_t 
   const size_t n = bytes / 16;
   int sms = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "attr");
-  const double us = time_us([&] { read_bw_kernel<<<sms * 8, 256, 0, s>>>(buf.as<uint4>(), n, sink.as<uint4>()); },
-                            o.warmup, o.iters, s);
+  const double us =
+      time_us([&] { read_bw_kernel<<<sms * 8, 256, 0, s>>>(buf.as<uint4>(), n, sink.as<uint4>()); },
+              o.warmup, o.iters, s);
   return bytes / us * 1e-3;
 }
 
 double measure_copy_gbs(size_t bytes, const KernelBenchOptions& o, cudaStream_t s) {
   BackendBuffer a(device(), bytes), b(device(), bytes);
   fill_e4m3(a.get(), bytes, 8, 1.0f, s);
-  const double us = time_us([&] { check_cuda(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, s), "copy"); },
-                            o.warmup, o.iters, s);
+  const double us = time_us(
+      [&] {
+        check_cuda(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, s), "copy");
+      },
+      o.warmup, o.iters, s);
   return 2.0 * bytes / us * 1e-3;  // read + write
 }
 
@@ -473,7 +509,8 @@ double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStr
   if (cublasLtCreate(&lt) != CUBLAS_STATUS_SUCCESS) throw Error("cublasLtCreate failed");
   const size_t elems = static_cast<size_t>(n) * n;
   const size_t in_bytes = elems * (fp8 ? 1 : 2);
-  BackendBuffer A(device(), in_bytes), B(device(), in_bytes), D(device(), elems * 2), ws(device(), 64u << 20);
+  BackendBuffer A(device(), in_bytes), B(device(), in_bytes), D(device(), elems * 2),
+      ws(device(), 64u << 20);
   if (fp8) {
     fill_e4m3(A.get(), elems, 11, 4.0f, s);
     fill_e4m3(B.get(), elems, 12, 4.0f, s);
@@ -485,7 +522,8 @@ double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStr
   cublasLtMatmulDesc_t desc;
   cublasLtMatrixLayout_t la, lb, lc;
   auto ok = [](cublasStatus_t st, const char* what) {
-    if (st != CUBLAS_STATUS_SUCCESS) throw Error(std::string("cuBLASLt ") + what + " failed: " + std::to_string(st));
+    if (st != CUBLAS_STATUS_SUCCESS)
+      throw Error(std::string("cuBLASLt ") + what + " failed: " + std::to_string(st));
   };
   ok(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
   const cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
@@ -497,15 +535,21 @@ double measure_gemm_tflops(bool fp8, int n, const KernelBenchOptions& o, cudaStr
   cublasLtMatmulPreference_t pref;
   ok(cublasLtMatmulPreferenceCreate(&pref), "pref");
   const size_t ws_bytes = ws.bytes();
-  ok(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes), "pref ws");
+  ok(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                          sizeof ws_bytes),
+     "pref ws");
   cublasLtMatmulHeuristicResult_t heur{};
   int found = 0;
   ok(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, lc, lc, pref, 1, &heur, &found), "heuristic");
   if (found == 0) throw Error("cuBLASLt: no algorithm");
   const float alpha = 1.0f, beta = 0.0f;
-  const double us = time_us([&] {
-    ok(cublasLtMatmul(lt, desc, &alpha, A.get(), la, B.get(), lb, &beta, D.get(), lc, D.get(), lc, &heur.algo, ws.get(), ws_bytes, s), "matmul");
-  }, o.warmup, o.iters, s);
+  const double us = time_us(
+      [&] {
+        ok(cublasLtMatmul(lt, desc, &alpha, A.get(), la, B.get(), lb, &beta, D.get(), lc, D.get(),
+                          lc, &heur.algo, ws.get(), ws_bytes, s),
+           "matmul");
+      },
+      o.warmup, o.iters, s);
   cublasLtMatmulPreferenceDestroy(pref);
   cublasLtMatrixLayoutDestroy(la);
   cublasLtMatrixLayoutDestroy(lb);
@@ -527,15 +571,20 @@ struct BenchBatch {
   std::unique_ptr<BackendBuffer> seq, cu, ri, rt, q, q8, qs, o, ks, vs;
   AttentionBatch batch;
 
-  BenchBatch(int B_, int L_, int q_len_, int Hq_, int Hkv_, int D_, cudaStream_t s, bool scattered = true)
-      : BenchBatch(std::vector<int>(B_, L_), std::vector<int>(B_, q_len_), Hq_, Hkv_, D_, s, scattered) {}
+  BenchBatch(int B_, int L_, int q_len_, int Hq_, int Hkv_, int D_, cudaStream_t s,
+             bool scattered = true)
+      : BenchBatch(std::vector<int>(B_, L_), std::vector<int>(B_, q_len_), Hq_, Hkv_, D_, s,
+                   scattered) {}
   // Requests of their own lengths: request b holds seq_lens[b] tokens, the last q_lens[b] of them
   // new (a cached prefix before them).
-  BenchBatch(const std::vector<int>& seq_lens, const std::vector<int>& q_lens, int Hq_, int Hkv_, int D_,
-             cudaStream_t s, bool scattered = true)
+  BenchBatch(const std::vector<int>& seq_lens, const std::vector<int>& q_lens, int Hq_, int Hkv_,
+             int D_, cudaStream_t s, bool scattered = true)
       : B(static_cast<int>(seq_lens.size())),
         L(*std::max_element(seq_lens.begin(), seq_lens.end())),
-        q_len(*std::max_element(q_lens.begin(), q_lens.end())), Hq(Hq_), Hkv(Hkv_), D(D_) {
+        q_len(*std::max_element(q_lens.begin(), q_lens.end())),
+        Hq(Hq_),
+        Hkv(Hkv_),
+        D(D_) {
     std::vector<int32_t> seq_v(seq_lens.begin(), seq_lens.end()), cu_v(B + 1), ri_v(B),
         rt_v(static_cast<size_t>(B) * L);
     for (int b = 0; b < B; ++b) cu_v[b + 1] = cu_v[b] + q_lens[b];
@@ -606,7 +655,8 @@ std::string decode_launch_words(const AttentionParams& p) {
   return w;
 }
 
-std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme, cudaStream_t s) {
+std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme,
+                                         cudaStream_t s) {
   const size_t elems = static_cast<size_t>(slots + 1) * 2 * Hkv * D;
   auto pool = std::make_unique<BackendBuffer>(device(), elems * kv_elem_bytes(scheme));
   if (kv_codec(scheme) == KvCodec::kE5m2) {
@@ -627,7 +677,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   check_cuda(cudaSetDevice(o.device), "cudaSetDevice");
   cudaDeviceProp prop{};
   check_cuda(cudaGetDeviceProperties(&prop, o.device), "cudaGetDeviceProperties");
-  if (prop.major != 9) throw Error(std::string("bench: ") + prop.name + " is not a Hopper GPU (sm_90a kernels)");
+  if (prop.major != 9)
+    throw Error(std::string("bench: ") + prop.name + " is not a Hopper GPU (sm_90a kernels)");
   cudaStream_t s;
   check_cuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
   auto backend = make_cuda_backend(o.device, s);
@@ -636,7 +687,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   auto want = [&](const char* section) { return selects(o.only, section); };
   Report r;
   r.line("fp8kv kernel benchmark on %s (%d SMs, %.0f GiB), median of %d runs after %d warm-up",
-         prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, o.iters, o.warmup);
+         prop.name, prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, o.iters,
+         o.warmup);
 
   // Ceilings.
   const size_t bw_bytes = o.quick ? (512ull << 20) : (4ull << 30);
@@ -659,9 +711,15 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   // the first shape and B=256 L=1024 (the persistent kernel) again with the slot table a random
   // permutation of the pool (a fragmented serving pool: every token row a separate gather).
   r.line("");
-  r.line("decode  shape                              scheme              time_us   cache_GB/s  %%read_bw  time/bf16  %%same_size_read");
-  r.line("  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot table are not counted;");
-  r.line("   %%same_size_read: against the ceiling's read kernel over as many bytes, timed the same way, which pays");
+  r.line(
+      "decode  shape                              scheme              time_us   cache_GB/s  "
+      "%%read_bw  time/bf16  %%same_size_read");
+  r.line(
+      "  (cache_GB/s counts only the K/V cache bytes read: B*L*Hkv*2*D*elem; Q, O and the slot "
+      "table are not counted;");
+  r.line(
+      "   %%same_size_read: against the ceiling's read kernel over as many bytes, timed the same "
+      "way, which pays");
   r.line("   the launch's ramp and tail that the ceiling's 4 GiB read does not)");
   std::map<size_t, double> same_size_read;  // GB/s of the ceiling's read kernel, by bytes read
   auto same_read_gbs = [&](size_t bytes) {
@@ -696,23 +754,32 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       cuda::clear_decode_workspace(ws.get(), ws.bytes(), s);  // the split counters (launchers.h)
       // At least 20 warm-up runs: the first FP8 scheme after a bf16 row measured up to 13% slower
       // with 5 (D 256, scattered) and at its peers' speed when moved later in the order.
-      const double us = time_us([&] { cuda::launch_decode_attention(p, ws.get(), s); }, std::max(o.warmup, 20), o.iters, s);
+      const double us = time_us([&] { cuda::launch_decode_attention(p, ws.get(), s); },
+                                std::max(o.warmup, 20), o.iters, s);
       const double bytes = keys * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
       const double gbs = bytes / us * 1e-3;
       if (scheme == KvScheme::kBf16) bf16_us = us;
 #ifdef FP8KV_DECODE_TIMELINE
       if (scheme == KvScheme::kBf16 || scheme == KvScheme::kFp8PerHead)
         print_decode_timeline([&] { cuda::launch_decode_attention(p, ws.get(), s); },
-                              std::string(shape) + " " + scheme_name(scheme), us, bytes / read_gbs * 1e-3);
+                              std::string(shape) + " " + scheme_name(scheme), us,
+                              bytes / read_gbs * 1e-3);
 #endif
       // The read kernel's 16-byte vectors: every row's cache bytes are a multiple of 16.
       const double same_gbs = same_read_gbs(static_cast<size_t>(bytes));
-      r.line("  %-40s %-18s %8.1f   %10.0f   %6.1f%%   %8.2f   %6.1f%%", shape, scheme_name(scheme), us, gbs,
-             100.0 * gbs / read_gbs, us / bf16_us, 100.0 * gbs / same_gbs);
+      r.line("  %-40s %-18s %8.1f   %10.0f   %6.1f%%   %8.2f   %6.1f%%", shape, scheme_name(scheme),
+             us, gbs, 100.0 * gbs / read_gbs, us / bf16_us, 100.0 * gbs / same_gbs);
       r.record("decode", name + "_" + scheme_name(scheme),
-               {{"B", double(c.B)}, {"L", double(c.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
-                {"D", double(c.D)}, {"scattered", c.scattered ? 1.0 : 0.0}, {"us", us}, {"gbs", gbs},
-                {"frac_read_bw", gbs / read_gbs}, {"ratio_bf16", us / bf16_us},
+               {{"B", double(c.B)},
+                {"L", double(c.L)},
+                {"Hq", double(c.Hq)},
+                {"Hkv", double(c.Hkv)},
+                {"D", double(c.D)},
+                {"scattered", c.scattered ? 1.0 : 0.0},
+                {"us", us},
+                {"gbs", gbs},
+                {"frac_read_bw", gbs / read_gbs},
+                {"ratio_bf16", us / bf16_us},
                 {"frac_same_size_read", gbs / same_gbs}});
     }
     r.line("    launches: %s", launches.c_str());
@@ -728,25 +795,31 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     r.line("");
     // T=16384 is the issue's row (a 67 MB input: a copy that short pays ramp-up and tail);
     // T=65536 shows the same kernels on a 4x longer write.
-    const std::vector<int> sizes = o.quick ? std::vector<int>{4096} : std::vector<int>{16384, 65536};
+    const std::vector<int> sizes =
+        o.quick ? std::vector<int>{4096} : std::vector<int>{16384, 65536};
     for (const int T : sizes) {
       const int Hkv = 8, D = 128;
       // A peer of the same size: cudaMemcpy of the bf16 input (a ~30-50 us copy pays the ramp-up
       // and tail that the 2 GiB ceiling copy does not).
       const size_t in_bytes = static_cast<size_t>(T) * 2 * Hkv * D * 2;
       const double copy_same_gbs = measure_copy_gbs(in_bytes, o, s);
-      r.line("quantize-on-write T x 8 KV heads x 128   scheme             time_us   GB/s(r+w)  %%copy_bw  observe_overhead  "
-             "%%copy_same_size (a %.0f MB cudaMemcpy: %.0f GB/s)", in_bytes / 1e6, copy_same_gbs);
+      r.line(
+          "quantize-on-write T x 8 KV heads x 128   scheme             time_us   GB/s(r+w)  "
+          "%%copy_bw  observe_overhead  "
+          "%%copy_same_size (a %.0f MB cudaMemcpy: %.0f GB/s)",
+          in_bytes / 1e6, copy_same_gbs);
       const int64_t slots = 4 * static_cast<int64_t>(T);
       std::vector<int32_t> slot_v(slots);
       std::iota(slot_v.begin(), slot_v.end(), 0);
       std::shuffle(slot_v.begin(), slot_v.end(), std::mt19937(99));
       slot_v.resize(T);
-      // The input rotates through kInputs copies (>= 190 MB at T=16384), so that every timed run reads
-      // it from memory: with one input, a run timed right after another found part of it in L2
-      // (the observed rows, timed second in each turn, measured up to 6% faster than the plain ones).
+      // The input rotates through kInputs copies (>= 190 MB at T=16384), so that every timed run
+      // reads it from memory: with one input, a run timed right after another found part of it in
+      // L2 (the observed rows, timed second in each turn, measured up to 6% faster than the plain
+      // ones).
       constexpr int kInputs = 3;
-      BackendBuffer d_slots(device(), T * 4), kv(device(), in_bytes * kInputs), amax(device(), 2 * Hkv * 4);
+      BackendBuffer d_slots(device(), T * 4), kv(device(), in_bytes * kInputs),
+          amax(device(), 2 * Hkv * 4);
       BackendBuffer ks(device(), Hkv * 4), vs(device(), Hkv * 4);
       upload(d_slots, slot_v);
       upload(ks, std::vector<float>(Hkv, 1.0f / 448));
@@ -780,7 +853,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       for (const QuantizeKvParams& p : params) {
         runs.push_back([&p, &turn, &kv, in_bytes, s] {
           QuantizeKvParams q = p;
-          q.kv = reinterpret_cast<const uint16_t*>(kv.as<uint8_t>() + in_bytes * (turn++ % kInputs));
+          q.kv =
+              reinterpret_cast<const uint16_t*>(kv.as<uint8_t>() + in_bytes * (turn++ % kInputs));
           cuda::launch_quantize_kv(q, s);
         });
       }
@@ -791,11 +865,19 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         const double us = times[2 * i], us_obs = times[2 * i + 1];
         const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
         const double gbs = bytes / us * 1e-3;
-        r.line("  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%            %6.1f%%", T,
-               scheme_name(scheme), us, gbs, 100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0), 100.0 * gbs / copy_same_gbs);
+        r.line(
+            "  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%       "
+            "     %6.1f%%",
+            T, scheme_name(scheme), us, gbs, 100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0),
+            100.0 * gbs / copy_same_gbs);
         r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
-                 {{"T", double(T)}, {"us", us}, {"us_observe", us_obs}, {"gbs", gbs}, {"frac_copy_bw", gbs / copy_gbs},
-                  {"observe_overhead", us_obs / us - 1.0}, {"frac_copy_same_size", gbs / copy_same_gbs}});
+                 {{"T", double(T)},
+                  {"us", us},
+                  {"us_observe", us_obs},
+                  {"gbs", gbs},
+                  {"frac_copy_bw", gbs / copy_gbs},
+                  {"observe_overhead", us_obs / us - 1.0},
+                  {"frac_copy_same_size", gbs / copy_same_gbs}});
       }
     }
   }
@@ -811,7 +893,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     r.record("ceiling", "gemm_bf16", {{"tflops", bf16_tflops}, {"n", double(n)}});
     r.record("ceiling", "gemm_fp8", {{"tflops", fp8_tflops}, {"n", double(n)}});
     r.line("");
-    r.line("ceilings: cuBLASLt GEMM %d^3: BF16 %.0f TFLOP/s, FP8 %.0f TFLOP/s", n, bf16_tflops, fp8_tflops);
+    r.line("ceilings: cuBLASLt GEMM %d^3: BF16 %.0f TFLOP/s, FP8 %.0f TFLOP/s", n, bf16_tflops,
+           fp8_tflops);
   }
 
   // Prefill: the reference shape (causal B=2 L=8192 Hq32/Hkv8 D128) with every scheme and every
@@ -827,7 +910,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   checkpoint();
   if (o.prefill && want("prefill")) {
     r.line("");
-    r.line("prefill (causal unless said)               scheme             kernel          time_us   TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
+    r.line(
+        "prefill (causal unless said)               scheme             kernel          time_us   "
+        "TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
     const std::vector<PrefillCase> cases = prefill_cases(o.quick);
     for (const PrefillCase& c : cases) {
       if (!selects(o.prefill_cases, c.name)) continue;
@@ -884,7 +969,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           configs.push_back(cuda::PrefillConfig::kWide);  // the simple mma.sync kernel
         }
         if (scheme == KvScheme::kFp8PerHead && c.name == cases[0].name) {
-          configs.push_back(cuda::PrefillConfig::kWsDiagConsumers);  // one side of the pipeline alone
+          configs.push_back(
+              cuda::PrefillConfig::kWsDiagConsumers);  // one side of the pipeline alone
           configs.push_back(cuda::PrefillConfig::kWsDiagProducer);
         }
         // The configs that launch (a config not built for the shape throws here, named), then
@@ -920,9 +1006,11 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           continue;
         }
 #ifdef FP8KV_PREFILL_TIMELINE
-        if (c.name == cases[0].name && (scheme == KvScheme::kFp8PerHead || scheme == KvScheme::kBf16)) {
-          print_prefill_timeline([&p, s] { cuda::launch_prefill_attention(p, cuda::PrefillConfig::kDefault, s); },
-                                 std::string(shape) + " " + scheme_name(scheme) + " default");
+        if (c.name == cases[0].name &&
+            (scheme == KvScheme::kFp8PerHead || scheme == KvScheme::kBf16)) {
+          print_prefill_timeline(
+              [&p, s] { cuda::launch_prefill_attention(p, cuda::PrefillConfig::kDefault, s); },
+              std::string(shape) + " " + scheme_name(scheme) + " default");
         }
 #endif
         // One row: its shape's label, kernel, record name and time.
@@ -933,8 +1021,14 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           r.line("  %-40s %-18s %-13s %8.1f   %7.1f  %6.1f%%", label.c_str(), scheme_name(scheme),
                  cuda::prefill_config_name(config), us, tflops, 100.0 * tflops / ceiling);
           r.record("prefill", key,
-                   {{"B", double(bb.B)}, {"L", double(bb.L)}, {"Hq", double(c.Hq)}, {"Hkv", double(c.Hkv)},
-                    {"D", double(c.D)}, {"causal", c.causal ? 1.0 : 0.0}, {"us", us}, {"tflops", tflops},
+                   {{"B", double(bb.B)},
+                    {"L", double(bb.L)},
+                    {"Hq", double(c.Hq)},
+                    {"Hkv", double(c.Hkv)},
+                    {"D", double(c.D)},
+                    {"causal", c.causal ? 1.0 : 0.0},
+                    {"us", us},
+                    {"tflops", tflops},
                     {"frac_gemm", tflops / ceiling}});
         };
         for (size_t k = 0; k < timed.size(); ++k) {
@@ -958,28 +1052,40 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   checkpoint();
   if (want("linear")) {
     r.line("");
-    r.line("model linear, bf16 weights     m x n x k            cuBLAS TFLOP/s  fixed-order TFLOP/s  fixed/cuBLAS  %%bf16_gemm");
+    r.line(
+        "model linear, bf16 weights     m x n x k            cuBLAS TFLOP/s  fixed-order TFLOP/s  "
+        "fixed/cuBLAS  %%bf16_gemm");
     auto ops = make_cuda_model_ops(*backend, s);
-    struct Gemm { int m, n, k; };
-    const std::vector<Gemm> gemms = o.quick ? std::vector<Gemm>{{256, 4096, 4096}}
-                                            : std::vector<Gemm>{{1024, 4096, 4096}, {1024, 4096, 14336}, {32, 4096, 14336}};
+    struct Gemm {
+      int m, n, k;
+    };
+    const std::vector<Gemm> gemms =
+        o.quick ? std::vector<Gemm>{{256, 4096, 4096}}
+                : std::vector<Gemm>{{1024, 4096, 4096}, {1024, 4096, 14336}, {32, 4096, 14336}};
     for (const Gemm& g : gemms) {
-      BackendBuffer x(device(), static_cast<size_t>(g.m) * g.k * 4), w(device(), static_cast<size_t>(g.n) * g.k * 2),
-          y(device(), static_cast<size_t>(g.m) * g.n * 4), x16(device(), static_cast<size_t>(g.m) * g.k * 2);
+      BackendBuffer x(device(), static_cast<size_t>(g.m) * g.k * 4),
+          w(device(), static_cast<size_t>(g.n) * g.k * 2),
+          y(device(), static_cast<size_t>(g.m) * g.n * 4),
+          x16(device(), static_cast<size_t>(g.m) * g.k * 2);
       fill_bf16(x16.get(), static_cast<size_t>(g.m) * g.k, 51, 1.0f, s);
       ops->from_bf16(x16.as<uint16_t>(), x.as<float>(), static_cast<int64_t>(g.m) * g.k);
       fill_bf16(w.get(), static_cast<size_t>(g.n) * g.k, 52, 0.02f, s);
       const WeightView wv{w.get(), WeightDtype::kBf16};
       const double flop = 2.0 * g.m * g.n * g.k;
-      const double us_fast = time_us([&] { ops->linear(x.as<float>(), wv, nullptr, y.as<float>(), g.m, g.n, g.k); },
-                                     o.warmup, o.iters, s);
-      const double us_ord = time_us([&] { ops->linear_ordered(x.as<float>(), wv, nullptr, y.as<float>(), g.m, g.n, g.k, 8); },
-                                    std::min(o.warmup, 2), std::max(3, o.iters / 4), s);
+      const double us_fast =
+          time_us([&] { ops->linear(x.as<float>(), wv, nullptr, y.as<float>(), g.m, g.n, g.k); },
+                  o.warmup, o.iters, s);
+      const double us_ord = time_us(
+          [&] { ops->linear_ordered(x.as<float>(), wv, nullptr, y.as<float>(), g.m, g.n, g.k, 8); },
+          std::min(o.warmup, 2), std::max(3, o.iters / 4), s);
       const double tf_fast = flop / us_fast * 1e-6, tf_ord = flop / us_ord * 1e-6;
-      r.line("  %-28s %5d x %5d x %5d   %12.1f   %18.1f   %10.3f   %8.1f%%", "", g.m, g.n, g.k, tf_fast, tf_ord,
-             tf_ord / tf_fast, 100.0 * tf_ord / bf16_tflops);
-      r.record("linear", "m" + std::to_string(g.m) + "_n" + std::to_string(g.n) + "_k" + std::to_string(g.k),
-               {{"cublas_tflops", tf_fast}, {"ordered_tflops", tf_ord}, {"ordered_over_cublas", tf_ord / tf_fast}});
+      r.line("  %-28s %5d x %5d x %5d   %12.1f   %18.1f   %10.3f   %8.1f%%", "", g.m, g.n, g.k,
+             tf_fast, tf_ord, tf_ord / tf_fast, 100.0 * tf_ord / bf16_tflops);
+      r.record("linear",
+               "m" + std::to_string(g.m) + "_n" + std::to_string(g.n) + "_k" + std::to_string(g.k),
+               {{"cublas_tflops", tf_fast},
+                {"ordered_tflops", tf_ord},
+                {"ordered_over_cublas", tf_ord / tf_fast}});
     }
   }
   // The decode step's GEMMs (a batch of tokens, bf16 weights that count by their bytes) as the
@@ -991,19 +1097,26 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     r.line("");
     r.line("decode linear, bf16 weights    m x n x k            time_us  weights_GB/s  %%read_bw");
     auto ops = make_cuda_model_ops(*backend, s);
-    struct Gemm { const char* what; int m, n, k; };
+    struct Gemm {
+      const char* what;
+      int m, n, k;
+    };
     const std::vector<Gemm> gemms =
         o.quick ? std::vector<Gemm>{{"8B q/o", 32, 4096, 4096}}
                 : std::vector<Gemm>{{"8B qkv (merged)", 32, 6144, 4096},
                                     {"8B q/o", 32, 4096, 4096},
                                     {"8B k/v (before the merge)", 32, 2048, 4096},
-                                    {"8B gate_up", 32, 28672, 4096}, {"8B down", 32, 4096, 14336},
-                                    {"8B lm_head", 32, 128256, 4096}, {"8B q/o", 1, 4096, 4096},
-                                    {"8B q/o", 64, 4096, 4096},      {"8B qkv (merged)", 64, 6144, 4096},
+                                    {"8B gate_up", 32, 28672, 4096},
+                                    {"8B down", 32, 4096, 14336},
+                                    {"8B lm_head", 32, 128256, 4096},
+                                    {"8B q/o", 1, 4096, 4096},
+                                    {"8B q/o", 64, 4096, 4096},
+                                    {"8B qkv (merged)", 64, 6144, 4096},
                                     {"8B down", 64, 4096, 14336}};
     for (const Gemm& g : gemms) {
       const size_t wbytes = static_cast<size_t>(g.n) * g.k * 2;
-      const int copies = static_cast<int>(std::max<size_t>(1, ((size_t{256} << 20) + wbytes - 1) / wbytes));
+      const int copies =
+          static_cast<int>(std::max<size_t>(1, ((size_t{256} << 20) + wbytes - 1) / wbytes));
       BackendBuffer w(device(), wbytes * copies), x16(device(), static_cast<size_t>(g.m) * g.k * 2),
           y(device(), static_cast<size_t>(g.m) * g.n * 4);
       fill_bf16(x16.get(), static_cast<size_t>(g.m) * g.k, 53, 1.0f, s);
@@ -1011,14 +1124,17 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       int turn = 0;
       const double us = time_us(
           [&] {
-            const void* wt = static_cast<const char*>(w.get()) + wbytes * static_cast<size_t>(turn++ % copies);
-            ops->linear_bf16(x16.as<uint16_t>(), {wt, WeightDtype::kBf16}, nullptr, y.as<float>(), g.m, g.n, g.k);
+            const void* wt =
+                static_cast<const char*>(w.get()) + wbytes * static_cast<size_t>(turn++ % copies);
+            ops->linear_bf16(x16.as<uint16_t>(), {wt, WeightDtype::kBf16}, nullptr, y.as<float>(),
+                             g.m, g.n, g.k);
           },
           o.warmup, o.iters, s);
       const double gbs = wbytes / us * 1e-3;
       r.line("  %-28s %5d x %6d x %5d   %8.1f   %11.0f   %7.1f%%", g.what, g.m, g.n, g.k, us, gbs,
              100.0 * gbs / read_gbs);
-      r.record("decode_linear", "m" + std::to_string(g.m) + "_n" + std::to_string(g.n) + "_k" + std::to_string(g.k),
+      r.record("decode_linear",
+               "m" + std::to_string(g.m) + "_n" + std::to_string(g.n) + "_k" + std::to_string(g.k),
                {{"us", us}, {"gbs", gbs}, {"frac_read_bw", gbs / read_gbs}});
     }
   }
@@ -1027,31 +1143,50 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   checkpoint();
   if (!o.only.empty() && want("ring")) {
     r.line("");
-    r.line("ring: one CTA per SM, items of 512 KB dealt round-robin, 2 KB slot rows   hold_ns  stall_ns   time_us      GB/s  %%read_bw");
-    struct Ring { const char* what; RingShape shape; };
+    r.line(
+        "ring: one CTA per SM, items of 512 KB dealt round-robin, 2 KB slot rows   hold_ns  "
+        "stall_ns   time_us      GB/s  %%read_bw");
+    struct Ring {
+      const char* what;
+      RingShape shape;
+    };
     const std::vector<Ring> rings = {
-        {"512 B K/V copies, 64 tokens, 3 x 64 KB, 8 x 16 lanes", {512, 64, 2, true, 3, 65536, 8, 16}},
-        {"1 KB K/V copies, 32 tokens, 3 x 64 KB, 4 x 16 lanes", {1024, 32, 1, true, 3, 65536, 4, 16}},
+        {"512 B K/V copies, 64 tokens, 3 x 64 KB, 8 x 16 lanes",
+         {512, 64, 2, true, 3, 65536, 8, 16}},
+        {"1 KB K/V copies, 32 tokens, 3 x 64 KB, 4 x 16 lanes",
+         {1024, 32, 1, true, 3, 65536, 4, 16}},
         {"2 KB rows, 32 tokens, 3 x 64 KB, 2 x 16 lanes", {2048, 32, 1, false, 3, 65536, 2, 16}},
-        {"256 B K/V copies, 64 tokens, 6 x 32 KB, 8 x 16 lanes", {256, 64, 4, true, 6, 32768, 8, 16}},
-        {"512 B K/V copies, 64 tokens, 2 x 64 KB, 8 x 16 lanes", {512, 64, 2, true, 2, 65536, 8, 16}}};
+        {"256 B K/V copies, 64 tokens, 6 x 32 KB, 8 x 16 lanes",
+         {256, 64, 4, true, 6, 32768, 8, 16}},
+        {"512 B K/V copies, 64 tokens, 2 x 64 KB, 8 x 16 lanes",
+         {512, 64, 2, true, 2, 65536, 8, 16}}};
     const int requests = o.quick ? 32 : 256, tokens = 2048, row_bytes = 2048;
     BackendBuffer pool(device(), static_cast<size_t>(requests) * tokens * row_bytes);
     fill_e4m3(pool.get(), pool.bytes(), 61, 1.0f, s);
     int sms = 0;
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, o.device), "attr");
-    struct Hold { int hold_ns, stall_ns; };
+    struct Hold {
+      int hold_ns, stall_ns;
+    };
     for (const Ring& g : rings) {
       // hold: about the FP8 decode consumers' compute per 64 KB stage, scaled to the stage;
       // stall: an item's epilogue.
       for (const Hold h : {Hold{0, 0}, Hold{1300, 0}, Hold{1300, 2500}}) {
-        const RingBenchParams p{pool.as<uint8_t>(), row_bytes, requests, tokens, g.shape, 512,
+        const RingBenchParams p{pool.as<uint8_t>(),
+                                row_bytes,
+                                requests,
+                                tokens,
+                                g.shape,
+                                512,
                                 static_cast<int>(int64_t{h.hold_ns} * g.shape.stage_bytes / 65536),
                                 h.stall_ns};
         const double us = time_us([&] { launch_ring_bench(p, sms, s); }, o.warmup, o.iters, s);
         const double gbs = ring_bench_bytes(p) / us * 1e-3;
-        r.line("  %-68s %7d  %8d  %8.1f  %8.0f  %7.1f%%", g.what, p.hold_ns, p.stall_ns, us, gbs, 100.0 * gbs / read_gbs);
-        r.record("ring", std::string(g.what) + " hold " + std::to_string(p.hold_ns) + " stall " + std::to_string(p.stall_ns),
+        r.line("  %-68s %7d  %8d  %8.1f  %8.0f  %7.1f%%", g.what, p.hold_ns, p.stall_ns, us, gbs,
+               100.0 * gbs / read_gbs);
+        r.record("ring",
+                 std::string(g.what) + " hold " + std::to_string(p.hold_ns) + " stall " +
+                     std::to_string(p.stall_ns),
                  {{"us", us}, {"gbs", gbs}, {"frac_read_bw", gbs / read_gbs}});
       }
     }

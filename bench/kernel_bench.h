@@ -10,15 +10,16 @@ namespace fp8kv {
 
 struct KernelBenchOptions {
   int device = 0;
-  int warmup = 5;             // untimed runs before each measurement
-  int iters = 20;             // timed runs; the median is reported
-  bool quick = false;         // smaller ceilings and shapes (a smoke test, not a measurement)
-  bool prefill = true;        // include the prefill rows (PREFILL's kernel)
-  bool gemm = true;           // measure the BF16/FP8 tensor-core ceilings through cuBLASLt
-  std::string only;           // comma list of sections to run (decode, prefill, quantize, linear, ring);
-                              // empty: all but ring (a diagnostic, bench/ring_bench.h)
-  std::string json_path;      // when set, every number is written there as JSON
-  std::string decode_cases;   // comma list of decode case names (e.g. B256_L1024_scattered); empty: all
+  int warmup = 5;       // untimed runs before each measurement
+  int iters = 20;       // timed runs; the median is reported
+  bool quick = false;   // smaller ceilings and shapes (a smoke test, not a measurement)
+  bool prefill = true;  // include the prefill rows (PREFILL's kernel)
+  bool gemm = true;     // measure the BF16/FP8 tensor-core ceilings through cuBLASLt
+  std::string only;     // comma list of sections to run (decode, prefill, quantize, linear, ring);
+                        // empty: all but ring (a diagnostic, bench/ring_bench.h)
+  std::string json_path;  // when set, every number is written there as JSON
+  std::string
+      decode_cases;  // comma list of decode case names (e.g. B256_L1024_scattered); empty: all
   std::string prefill_cases;  // comma list of prefill case names (e.g. prefix8_1000); empty: all
 };
 
@@ -27,7 +28,8 @@ struct KernelBenchOptions {
 // GPU is looked for, in a CPU-only build too.
 std::string run_kernel_bench(const KernelBenchOptions& options);
 
-// The names of a comma list, as --only, --decode-case and --prefill-case take them ("a,b" -> {"a", "b"}).
+// The names of a comma list, as --only, --decode-case and --prefill-case take them ("a,b" -> {"a",
+// "b"}).
 inline std::vector<std::string> comma_list(const std::string& list) {
   std::vector<std::string> names;
   std::string rest = list + ",";

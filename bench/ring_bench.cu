@@ -43,18 +43,22 @@ __global__ void ring_bench_kernel(const RingBenchParams p) {
     const uint64_t policy = l2_evict_first_policy();
     uint32_t use = 0;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
-      const int r = item / (sh.parts * chunks), part = item / chunks % sh.parts, chunk = item % chunks;
+      const int r = item / (sh.parts * chunks), part = item / chunks % sh.parts,
+                chunk = item % chunks;
       for (int t = 0; t < tiles; ++t, ++use) {
         const int s = use % sh.stages;
-        if (use >= static_cast<uint32_t>(sh.stages)) mbarrier_wait(empty + 8 * s, (use / sh.stages - 1) & 1);
+        if (use >= static_cast<uint32_t>(sh.stages))
+          mbarrier_wait(empty + 8 * s, (use / sh.stages - 1) & 1);
         if (lane >= sh.lanes) continue;
         for (int c = warp * sh.lanes + lane; c < copies; c += sh.producers * sh.lanes) {
           const int tok = c % sh.tile_tokens, v = c / sh.tile_tokens;
-          const int64_t token = static_cast<int64_t>(r) * p.tokens + chunk * item_tokens + t * sh.tile_tokens + tok;
+          const int64_t token =
+              static_cast<int64_t>(r) * p.tokens + chunk * item_tokens + t * sh.tile_tokens + tok;
           const uint8_t* src = p.pool + token * p.row_bytes +
                                (sh.kv_split ? v * (p.row_bytes / 2) + part * sh.copy_bytes : 0);
           mbarrier_arrive_expect_tx(full + 8 * s, sh.copy_bytes);
-          bulk_copy_g2s(base + s * sh.stage_bytes + c * sh.copy_bytes, src, sh.copy_bytes, full + 8 * s, policy);
+          bulk_copy_g2s(base + s * sh.stage_bytes + c * sh.copy_bytes, src, sh.copy_bytes,
+                        full + 8 * s, policy);
         }
       }
     }
@@ -80,18 +84,22 @@ void launch_ring_bench(const RingBenchParams& p, int ctas, cudaStream_t stream) 
   const int copies = sh.tile_tokens * per_token;
   const int token_bytes = per_token * sh.copy_bytes;
   auto refuse = [](const std::string& why) { throw Error("ring bench: " + why); };
-  if (copies * sh.copy_bytes != sh.stage_bytes) refuse("a stage is not tile_tokens tokens of copies");
+  if (copies * sh.copy_bytes != sh.stage_bytes)
+    refuse("a stage is not tile_tokens tokens of copies");
   if (sh.copy_bytes % 16 != 0) refuse("copy_bytes is not a multiple of 16");
-  if (sh.kv_split ? 2 * sh.parts * sh.copy_bytes != p.row_bytes : sh.parts != 1 || sh.copy_bytes != p.row_bytes) {
+  if (sh.kv_split ? 2 * sh.parts * sh.copy_bytes != p.row_bytes
+                  : sh.parts != 1 || sh.copy_bytes != p.row_bytes) {
     refuse("the parts' copies do not cover a slot row");
   }
   const int64_t item_bytes = int64_t{p.item_kb} << 10;
   if (item_bytes % sh.stage_bytes != 0 || p.tokens % (item_bytes / token_bytes) != 0) {
     refuse("an item is not whole tiles of a request's tokens");
   }
-  if (sh.stages < 2 || sh.producers < 1 || sh.lanes < 1 || sh.lanes > 32) refuse("stages, producers or lanes");
+  if (sh.stages < 2 || sh.producers < 1 || sh.lanes < 1 || sh.lanes > 32)
+    refuse("stages, producers or lanes");
   const int smem = sh.stages * (sh.stage_bytes + 16);
-  FP8KV_CUDA_CHECK(cudaFuncSetAttribute(ring_bench_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  FP8KV_CUDA_CHECK(
+      cudaFuncSetAttribute(ring_bench_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   ring_bench_kernel<<<ctas, 32 * (sh.producers + 1), smem, stream>>>(p);
   FP8KV_CUDA_CHECK_LAUNCH("ring_bench_kernel");
 }

@@ -13,11 +13,11 @@ namespace fp8kv {
 
 // The ring's shape: how a stage is gathered and how deep the ring is.
 struct RingShape {
-  int copy_bytes;        // one bulk copy
-  int tile_tokens;       // tokens a stage holds
-  int parts;             // items per (request, token chunk): the row's head groups
-  bool kv_split;         // each token gives a K copy (part * copy_bytes) and a V copy (row / 2 + that);
-                         // otherwise one copy of the whole row (parts 1)
+  int copy_bytes;   // one bulk copy
+  int tile_tokens;  // tokens a stage holds
+  int parts;        // items per (request, token chunk): the row's head groups
+  bool kv_split;    // each token gives a K copy (part * copy_bytes) and a V copy (row / 2 + that);
+                    // otherwise one copy of the whole row (parts 1)
   int stages, stage_bytes;
   int producers, lanes;  // producer warps and the lanes of each that issue copies
 };
@@ -27,9 +27,9 @@ struct RingBenchParams {
   int row_bytes;         // one token's slot row (K then V of every head)
   int requests, tokens;  // tokens per request
   RingShape shape;
-  int item_kb;           // bytes an item reads (a whole number of tiles)
-  int hold_ns;           // how long the consumer holds each stage (its compute)
-  int stall_ns;          // and an item's last stage before it releases it (an epilogue)
+  int item_kb;   // bytes an item reads (a whole number of tiles)
+  int hold_ns;   // how long the consumer holds each stage (its compute)
+  int stall_ns;  // and an item's last stage before it releases it (an epilogue)
 };
 
 // Bytes the launch reads: requests * tokens * row_bytes.

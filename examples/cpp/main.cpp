@@ -21,8 +21,8 @@
 
 namespace {
 
-constexpr int kGroup = 4;    // query heads per KV head
-constexpr int kD = 128;      // head_dim
+constexpr int kGroup = 4;  // query heads per KV head
+constexpr int kD = 128;    // head_dim
 constexpr double kMaxNormalizedError = 0.1;
 
 // o = softmax(q k^T / sqrt(D)) v in float64 for one query head; q: [D], k and v: [len, D].
@@ -61,8 +61,8 @@ int run(const char* calib_path) {
   const int hkv = scales.heads_per_rank;
   const int hq = kGroup * hkv;
   std::printf("%s: %s, %d layers, %d KV heads; layer 0 K scale %g, V scale %g\n", calib_path,
-              fp8kv::quant_type_name(calib.quant_type), calib.num_layers, hkv,
-              scales.k_row(0)[0], scales.v_row(0)[0]);
+              fp8kv::quant_type_name(calib.quant_type), calib.num_layers, hkv, scales.k_row(0)[0],
+              scales.v_row(0)[0]);
 
   // Three requests whose whole context (the decode token's K/V included) is written now.
   const std::vector<int> seq_len = {7, 19, 33};

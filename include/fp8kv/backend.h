@@ -23,12 +23,12 @@ namespace fp8kv {
 
 // One layer of the token-slot KV pool.
 struct KvCacheLayer {
-  void* data = nullptr;    // [num_slots + 1, 2 * num_kv_heads, head_dim]: per slot K heads then
-                           // V heads; bf16 for KvScheme::kBf16, e4m3 otherwise. Slot num_slots
-                           // is the padding slot, never handed out.
-  int64_t num_slots = 0;   // usable slots
-  int num_kv_heads = 0;    // Hkv
-  int head_dim = 0;        // D
+  void* data = nullptr;   // [num_slots + 1, 2 * num_kv_heads, head_dim]: per slot K heads then
+                          // V heads; bf16 for KvScheme::kBf16, e4m3 otherwise. Slot num_slots
+                          // is the padding slot, never handed out.
+  int64_t num_slots = 0;  // usable slots
+  int num_kv_heads = 0;   // Hkv
+  int head_dim = 0;       // D
   KvScheme scheme = KvScheme::kBf16;
 };
 
@@ -63,13 +63,13 @@ struct QuantizeKvParams {
 // own; AttentionParams::causal = false lifts it). Slots of request b's tokens:
 // req_to_token[req_index[b] * max_len + position].
 struct AttentionBatch {
-  int num_requests = 0;                 // B
-  const int32_t* seq_len = nullptr;     // [B]
+  int num_requests = 0;                   // B
+  const int32_t* seq_len = nullptr;       // [B]
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1], cu_seqlens_q[0] == 0
-  const int32_t* req_index = nullptr;   // [B] row of req_to_token, in [0, max_requests)
+  const int32_t* req_index = nullptr;     // [B] row of req_to_token, in [0, max_requests)
   const int32_t* req_to_token = nullptr;  // [max_requests, max_len] slot indices
-  int max_requests = 0;                 // rows of req_to_token
-  int max_len = 0;                      // row stride of req_to_token
+  int max_requests = 0;                   // rows of req_to_token
+  int max_len = 0;                        // row stride of req_to_token
   // Host-side facts for launch configuration (the CUDA backend cannot read the arrays above
   // without a copy): total new tokens, the largest q_len and the largest seq_len in the batch.
   int64_t total_q = 0;
@@ -82,9 +82,9 @@ struct AttentionBatch {
 // static scale of g when static_scale is given (q_calibration: a |q| above 448 * s saturates to
 // +-448, as every value does in e4m3(clamp(x / s))).
 struct QuantizeQParams {
-  const uint16_t* q = nullptr;      // [total_q, Hq, D] bf16
-  uint8_t* q_fp8 = nullptr;         // [total_q, Hq, D] e4m3 (out)
-  float* q_scale = nullptr;         // [B, Hkv] (out): the scale used for each (request, KV head)
+  const uint16_t* q = nullptr;  // [total_q, Hq, D] bf16
+  uint8_t* q_fp8 = nullptr;     // [total_q, Hq, D] e4m3 (out)
+  float* q_scale = nullptr;     // [B, Hkv] (out): the scale used for each (request, KV head)
   const float* static_scale = nullptr;  // optional [Hkv]
   // Optional [Hkv]: the running abs-max of Q per KV head (over every request, the group's query
   // heads and all D), updated in place with max(old, |x|) in the same pass, static scale or not;
@@ -100,15 +100,15 @@ struct QuantizeQParams {
 
 // Attention over the pool (prefill: any q_len; decode: q_len == 1 for every request).
 struct AttentionParams {
-  const uint16_t* q = nullptr;       // [total_q, Hq, D] bf16 (bf16 and fp8-per-tensor)
-  const uint8_t* q_fp8 = nullptr;    // [total_q, Hq, D] e4m3 (fp8-per-head; from quantize_q)
-  const float* q_scale = nullptr;    // [B, Hkv] (fp8-per-head; from quantize_q)
-  uint16_t* o = nullptr;             // [total_q, Hq, D] bf16 (out)
-  int num_q_heads = 0;               // Hq, a multiple of cache.num_kv_heads
+  const uint16_t* q = nullptr;     // [total_q, Hq, D] bf16 (bf16 and fp8-per-tensor)
+  const uint8_t* q_fp8 = nullptr;  // [total_q, Hq, D] e4m3 (fp8-per-head; from quantize_q)
+  const float* q_scale = nullptr;  // [B, Hkv] (fp8-per-head; from quantize_q)
+  uint16_t* o = nullptr;           // [total_q, Hq, D] bf16 (out)
+  int num_q_heads = 0;             // Hq, a multiple of cache.num_kv_heads
   KvCacheLayer cache;
   KvLayerScales scales;
   AttentionBatch batch;
-  float softmax_scale = 0.0f;        // 0 means 1 / sqrt(D)
+  float softmax_scale = 0.0f;  // 0 means 1 / sqrt(D)
   // Prefill's mask. true: new token i of request b sees the keys at positions <= its own
   // (seq_len[b] - q_len[b] + i). false (non-causal): every new token of request b sees all
   // seq_len[b] keys of its request, those after its own position included (an encoder,
@@ -129,7 +129,7 @@ struct AttentionParams {
 // nearest even (f16_to_bf16 in fp8.h; the CUDA backend converts on the GPU); anything -> F32 is
 // exact; F32 -> BF16 rounds to nearest even. dst_dtype F16 is refused.
 struct HostUpload {
-  void* dst = nullptr;        // backend memory, [rows, cols] of dst_dtype
+  void* dst = nullptr;  // backend memory, [rows, cols] of dst_dtype
   DType dst_dtype = DType::kF32;
   const void* src = nullptr;  // host memory, [src_rows, src_cols] of src_dtype
   DType src_dtype = DType::kF32;

@@ -17,9 +17,12 @@ FP8KV_API const char* quant_type_name(QuantType t);  // "per_head" / "per_tensor
 // The per-head schemes also take a per_tensor file (quant_type_serves, scales_for_scheme).
 inline std::optional<QuantType> calib_quant_type(KvScheme s) {
   switch (kv_scale_source(s)) {
-    case KvScaleSource::kPerHead: return QuantType::kPerHead;
-    case KvScaleSource::kPerTensor: return QuantType::kPerTensor;
-    case KvScaleSource::kNone: break;
+    case KvScaleSource::kPerHead:
+      return QuantType::kPerHead;
+    case KvScaleSource::kPerTensor:
+      return QuantType::kPerTensor;
+    case KvScaleSource::kNone:
+      break;
   }
   return std::nullopt;
 }
@@ -35,8 +38,8 @@ constexpr bool quant_type_serves(QuantType file, QuantType wanted) {
 
 // Static Q scales (q_calibration), for the per-head scheme.
 struct QScales {
-  int num_head = 0;             // Q-scale heads over all ranks
-  std::vector<float> scales;    // [num_layers, num_head]
+  int num_head = 0;           // Q-scale heads over all ranks
+  std::vector<float> scales;  // [num_layers, num_head]
 };
 
 // Where a loaded file came from when it was in LightLLM's per-rank layout (FORMATS.md,
@@ -56,12 +59,12 @@ struct RankLayoutOrigin {
 // model (all tensor-parallel ranks).
 struct FP8KV_API CalibData {
   std::string version = "1.0";
-  std::string architectures;    // config.json architectures[0]
+  std::string architectures;  // config.json architectures[0]
   QuantType quant_type = QuantType::kPerHead;
   float qmin = -448.0f;
   float qmax = 448.0f;
   int num_layers = 0;
-  int num_head = 0;             // KV heads over all ranks
+  int num_head = 0;  // KV heads over all ranks
   std::optional<int> num_target_layers;
   std::optional<int> num_draft_layers;
   // Row l: per_head -> K scales of heads 0..H-1 then V scales of heads 0..H-1;
@@ -79,7 +82,7 @@ struct FP8KV_API CalibData {
 // What the loader checks the file against; unset fields are not checked.
 struct CalibExpect {
   std::optional<std::string> architectures;
-  std::optional<int> num_layers;      // the model's layers (num_target_layers when a draft is in)
+  std::optional<int> num_layers;  // the model's layers (num_target_layers when a draft is in)
   // The model's KV heads over all ranks. The file's num_head must equal it, or be k times it
   // with each head repeated k times in LightLLM's rank order (merged on load, CalibData::
   // rank_layout says so); anything else is refused.
@@ -104,7 +107,7 @@ FP8KV_API std::string calib_to_json(const CalibData& data);
 struct RankScales {
   QuantType quant_type = QuantType::kPerHead;
   int num_layers = 0;
-  int heads_per_rank = 0;       // h = max(1, H / tp)
+  int heads_per_rank = 0;  // h = max(1, H / tp)
   // per_head: [num_layers, 2 * h] (K of the rank's heads, then V); per_tensor: [num_layers, 2].
   std::vector<float> kv;
   // Static Q scales for this rank, [num_layers, h], when the file has q_calibration.

@@ -74,7 +74,8 @@ FP8KV_HD uint8_t encode_fp8(float x, uint32_t max_bits, uint8_t max_code, uint8_
   // For normals r is in [2^M, 2^(M+1)]: adding it to the biased exponent field minus the implicit
   // bit carries into the exponent when rounding overflows the mantissa. For subnormals r is the
   // code itself (and r == 2^M is exactly the smallest normal).
-  uint32_t code = extra ? r : ((static_cast<uint32_t>(exp + kBias) << kManBits) + r - (1u << kManBits));
+  uint32_t code =
+      extra ? r : ((static_cast<uint32_t>(exp + kBias) << kManBits) + r - (1u << kManBits));
   if (code > max_code) code = max_code;
   return static_cast<uint8_t>(sign | code);
 }

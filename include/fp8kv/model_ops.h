@@ -22,7 +22,8 @@ struct WeightView {
 
 // The non-attention ops of the model, on fp32 activations in the backend's memory. The CPU
 // version uses a BLAS for the GEMMs (OpenMP loops without one); the CUDA version
-// (kernels/cuda/model_ops.cu; the CPU one is kernels/cpu/model_ops.cpp) uses cuBLAS and one small kernel per op on the backend's stream.
+// (kernels/cuda/model_ops.cu; the CPU one is kernels/cpu/model_ops.cpp) uses cuBLAS and one small
+// kernel per op on the backend's stream.
 class FP8KV_API ModelOps {
  public:
   virtual ~ModelOps() = default;
@@ -42,8 +43,8 @@ class FP8KV_API ModelOps {
   // CPU twin agrees to the rounding bound then; other shapes agree bit for bit).
   // Tensor-parallel calibration uses it so that tp = N reproduces tp = 1 bit for bit: a
   // rank's row-parallel shard is a subtree of the tp = 1 tree (ModelRunner, exact_tp).
-  virtual void linear_ordered(const float* x, WeightView w, const float* bias, float* y,
-                              int64_t m, int64_t n, int64_t k, int chunks) = 0;
+  virtual void linear_ordered(const float* x, WeightView w, const float* bias, float* y, int64_t m,
+                              int64_t n, int64_t k, int chunks) = 0;
   // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w; x, y [rows, dim], w [dim].
   virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int dim,
                         float eps) = 0;

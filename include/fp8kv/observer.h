@@ -15,13 +15,13 @@ namespace fp8kv {
 
 struct ObserverConfig {
   int num_layers = 0;
-  int num_kv_heads = 0;          // KV heads of this rank
+  int num_kv_heads = 0;  // KV heads of this rank
   // KV heads of the whole model; 0 means num_kv_heads * world size. Smaller than that when
   // ranks outnumber KV heads and heads are replicated (FORMATS.md, "Tensor parallelism").
   int total_kv_heads = 0;
   QuantType quant_type = QuantType::kPerHead;
-  int warmup = 0;                // forward passes each layer skips first
-  int count = 4000;              // forward passes each layer then observes
+  int warmup = 0;    // forward passes each layer skips first
+  int count = 4000;  // forward passes each layer then observes
   // Also observe Q (post-RoPE, as attention reads it) per (layer, KV head): the abs-max over the
   // query heads of the head's GQA group, same passes as K/V; finalize writes q_calibration
   // (static Q scales of fp8-per-head). Per head only.
@@ -71,9 +71,9 @@ class FP8KV_API Observer {
 
  private:
   ObserverConfig config_;
-  std::vector<int> passes_;     // [num_layers] passes seen (warmup included)
-  std::vector<float> amax_;     // [num_layers, 2 * Hkv]
-  std::vector<float> q_amax_;   // [num_layers, Hkv] (q_scales), else empty
+  std::vector<int> passes_;    // [num_layers] passes seen (warmup included)
+  std::vector<float> amax_;    // [num_layers, 2 * Hkv]
+  std::vector<float> q_amax_;  // [num_layers, Hkv] (q_scales), else empty
 };
 
 }  // namespace fp8kv

@@ -20,7 +20,6 @@
 
 namespace fp8kv {
 
-
 struct FP8KV_API TensorInfo {
   std::string name;
   DType dtype = DType::kF32;
@@ -115,9 +114,10 @@ struct SafetensorsFileSpec {
   std::string path;
   std::vector<TensorSpec> tensors;
 };
-using TensorRangeFill = std::function<void(size_t file, size_t tensor, uint64_t offset,
-                                           uint8_t* dst, size_t bytes)>;
+using TensorRangeFill =
+    std::function<void(size_t file, size_t tensor, uint64_t offset, uint8_t* dst, size_t bytes)>;
 FP8KV_API void write_safetensors_files(const std::vector<SafetensorsFileSpec>& files,
-                                       const TensorRangeFill& fill, uint64_t piece_bytes, int threads);
+                                       const TensorRangeFill& fill, uint64_t piece_bytes,
+                                       int threads);
 
 }  // namespace fp8kv

@@ -12,10 +12,10 @@
 namespace fp8kv {
 
 enum class KvScheme {
-  kBf16,          // bf16 cache, no scales; also the cache used while calibrating
-  kFp8PerTensor,  // e4m3 cache, one K and one V scale per layer; bf16 Q
-  kFp8PerHead,    // e4m3 cache, one K and one V scale per (layer, KV head); e4m3 Q
-  kFp8E5m2,       // e5m2 cache, no scales (scale 1: the wider exponent covers the range); bf16 Q
+  kBf16,             // bf16 cache, no scales; also the cache used while calibrating
+  kFp8PerTensor,     // e4m3 cache, one K and one V scale per layer; bf16 Q
+  kFp8PerHead,       // e4m3 cache, one K and one V scale per (layer, KV head); e4m3 Q
+  kFp8E5m2,          // e5m2 cache, no scales (scale 1: the wider exponent covers the range); bf16 Q
   kFp8PerHeadBf16Q,  // e4m3 cache, fp8-per-head's scales; bf16 Q and P, K/V widened in-kernel
 };
 
@@ -26,7 +26,7 @@ enum class KvCodec { kBf16, kE4m3, kE5m2 };
 enum class KvScaleSource { kNone, kPerTensor, kPerHead };
 
 constexpr KvCodec kv_codec(KvScheme s) {
-  return s == KvScheme::kBf16 ? KvCodec::kBf16
+  return s == KvScheme::kBf16      ? KvCodec::kBf16
          : s == KvScheme::kFp8E5m2 ? KvCodec::kE5m2
                                    : KvCodec::kE4m3;
 }
@@ -47,9 +47,8 @@ constexpr float kPScale = static_cast<float>(1 << kPScaleLog2);
 constexpr int p_scale_log2(KvScheme s) { return fp8_q(s) ? kPScaleLog2 : 0; }
 
 // Every scheme, in the order of the enum (for tests and tables).
-constexpr KvScheme kAllSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor,
-                                    KvScheme::kFp8PerHead, KvScheme::kFp8E5m2,
-                                    KvScheme::kFp8PerHeadBf16Q};
+constexpr KvScheme kAllSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead,
+                                    KvScheme::kFp8E5m2, KvScheme::kFp8PerHeadBf16Q};
 
 // "bf16", "fp8-per-tensor", "fp8-per-head", "fp8-e5m2", "fp8-per-head-bf16q".
 FP8KV_API const char* scheme_name(KvScheme s);

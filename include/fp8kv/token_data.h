@@ -30,7 +30,7 @@ FP8KV_API void write_token_data(const std::string& path, const TokenData& data);
 // for a missing/bad "text", no tokens, or an id >= vocab_size (a tokenizer that does not fit
 // the model; vocab_size <= 0 skips the check).
 FP8KV_API TokenData load_text_data(const std::string& path, const Tokenizer& tok, int seq_len,
-                         int vocab_size);
+                                   int vocab_size);
 // `ids` cut into sequences of seq_len, the rest (>= 2 tokens) last.
 FP8KV_API TokenData chunk_ids(const std::vector<int32_t>& ids, int seq_len);
 // Total tokens.

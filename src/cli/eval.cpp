@@ -153,14 +153,14 @@ void add_eval(CLI::App& app) {
       const TokenData data =
           load_data(opt->data, opt->text, opt->model, model->config().vocab_size, rank0);
       // Only the scales a chosen scheme reads are loaded (or calibrated).
-      const RankScales pt = want_pt ? scales_or_calibrate(*model, *backend, *ops, data,
-                                                          KvScheme::kFp8PerTensor,
-                                                          opt->per_tensor, opt->batch, comm)
-                                    : RankScales{};
-      const RankScales ph = want_ph ? scales_or_calibrate(*model, *backend, *ops, data,
-                                                          KvScheme::kFp8PerHead, opt->per_head,
-                                                          opt->batch, comm)
-                                    : RankScales{};
+      const RankScales pt =
+          want_pt ? scales_or_calibrate(*model, *backend, *ops, data, KvScheme::kFp8PerTensor,
+                                        opt->per_tensor, opt->batch, comm)
+                  : RankScales{};
+      const RankScales ph =
+          want_ph ? scales_or_calibrate(*model, *backend, *ops, data, KvScheme::kFp8PerHead,
+                                        opt->per_head, opt->batch, comm)
+                  : RankScales{};
       EvalOptions eo;
       eo.batch_size = opt->batch;
       eo.show_progress = rank0;

@@ -47,8 +47,8 @@ std::vector<int32_t> parse_ids(const std::string& text) {
 // positions (prefill) and each decode step, as raw float32 [prompt + max_new - 1, vocab]. The
 // file is written to a temporary name and renamed, so a failed run leaves no partial file.
 std::vector<std::vector<int32_t>> generate_dumping_logits(
-    ModelRunner& runner, const std::vector<std::vector<int32_t>>& prompts, int max_new,
-    int vocab, const std::string& path, bool write_file) {
+    ModelRunner& runner, const std::vector<std::vector<int32_t>>& prompts, int max_new, int vocab,
+    const std::string& path, bool write_file) {
   if (prompts.size() != 1) {
     throw fp8kv::Error("--dump-logits takes exactly one --input-ids prompt, got " +
                        std::to_string(prompts.size()));
@@ -183,20 +183,18 @@ void add_generate(CLI::App& app) {
       ro.bf16_layers = bf16_layers;
       // Where the scales came from: fp8-per-head quantizes Q with the file's static scales when
       // it has them; a per_tensor file serves the per-head schemes broadcast.
-      std::string scales_note =
-          fp8_q(scheme)
-              ? (ro.scales->q ? ", static Q scales (q_calibration)" : ", dynamic Q scales")
-              : "";
+      std::string scales_note = fp8_q(scheme) ? (ro.scales->q ? ", static Q scales (q_calibration)"
+                                                              : ", dynamic Q scales")
+                                              : "";
       if (ro.scales && ro.scales->broadcast_from_per_tensor) {
         scales_note += ", K/V scales broadcast from a per_tensor file";
       }
       ModelRunner runner(*model, *backend, *ops, std::move(ro));
       const auto t0 = std::chrono::steady_clock::now();
-      const auto out =
-          opt->dump_logits
-              ? generate_dumping_logits(runner, prompts, opt->max_new, model->config().vocab_size,
-                                        *opt->dump_logits, rank0)
-              : runner.generate(prompts, opt->max_new);
+      const auto out = opt->dump_logits ? generate_dumping_logits(runner, prompts, opt->max_new,
+                                                                  model->config().vocab_size,
+                                                                  *opt->dump_logits, rank0)
+                                        : runner.generate(prompts, opt->max_new);
       const double sec =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (!rank0) return;

@@ -142,16 +142,16 @@ void spawn_rank_processes(int tp) {
     posix_spawn_file_actions_init(&actions);
     if (r > 0) {
       logs[r] = dir + "/rank" + std::to_string(r) + ".log";
-      posix_spawn_file_actions_addopen(&actions, 1, logs[r].c_str(),
-                                       O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      posix_spawn_file_actions_addopen(&actions, 1, logs[r].c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                       0644);
       posix_spawn_file_actions_adddup2(&actions, 1, 2);
     }
     pid_t pid = -1;
     const int rc = posix_spawn(&pid, exe.c_str(), &actions, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&actions);
     if (rc != 0) {
-      spawn_error = "--tp: cannot start rank " + std::to_string(r) + " (" + exe +
-                    "): " + std::strerror(rc);
+      spawn_error =
+          "--tp: cannot start rank " + std::to_string(r) + " (" + exe + "): " + std::strerror(rc);
       break;
     }
     children[r] = pid;
@@ -228,9 +228,8 @@ std::string resolve_device(const std::string& device, int tp, std::string* why) 
       return "cpu";
     }
     if (prop.major != 9) {  // the kernels are compiled for sm_90a only
-      *why = "GPU " + std::to_string(d) + " (" + prop.name + ", sm_" +
-             std::to_string(prop.major) + std::to_string(prop.minor) +
-             ") is not a Hopper GPU, which this build's kernels need";
+      *why = "GPU " + std::to_string(d) + " (" + prop.name + ", sm_" + std::to_string(prop.major) +
+             std::to_string(prop.minor) + ") is not a Hopper GPU, which this build's kernels need";
       return "cpu";
     }
     if (d == 0) *why = std::string(prop.name);
@@ -245,7 +244,8 @@ void add_cuda_graph_options(CLI::App* cmd, CudaGraphChoice& choice, const std::s
 }
 
 bool use_cuda_graph(const CudaGraphChoice& choice, const std::string& device, int tp) {
-  if (choice.on && choice.off) throw Error("--cuda-graph and --no-cuda-graph contradict each other");
+  if (choice.on && choice.off)
+    throw Error("--cuda-graph and --no-cuda-graph contradict each other");
   if (choice.on) return true;
   if (choice.off) return false;
   return device == "cuda" && tp == 1;

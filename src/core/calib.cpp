@@ -28,9 +28,9 @@ namespace fp8kv {
 using detail::describe;
 using detail::FieldReader;
 using detail::float_text;
+using detail::json_quoted;
 using detail::kMaxCalibFileBytes;
 using detail::parse_json;
-using detail::json_quoted;
 using detail::read_file_bounded;
 using detail::within_rounding_step;
 using nlohmann::json;
@@ -76,8 +76,8 @@ void check_scales(const std::string& name, const char* field, const std::vector<
 // scheme, the E4M3 range, the draft split. `name` is the file.
 void check_header(const CalibData& d, const std::string& name, const CalibExpect& expect) {
   if (d.version != kVersion) {
-    throw Error(fmt::format("{}: field 'version': expected {}, found {}", name, json_quoted(kVersion),
-                            json_quoted(d.version)));
+    throw Error(fmt::format("{}: field 'version': expected {}, found {}", name,
+                            json_quoted(kVersion), json_quoted(d.version)));
   }
   if (expect.architectures && d.architectures != *expect.architectures) {
     throw Error(fmt::format("{}: field 'architectures': expected {} (the model's), found {}", name,

@@ -179,9 +179,8 @@ CalibData Observer::finalize(Communicator& comm, const std::string& architecture
     const int replicated = local_heads * world;
     const int total_heads = config_.total_kv_heads > 0 ? config_.total_kv_heads : replicated;
     if (replicated % total_heads != 0) {
-      throw Error("observer: " + std::to_string(world) + " ranks x " +
-                  std::to_string(local_heads) + " heads do not cover " +
-                  std::to_string(total_heads) + " KV heads evenly");
+      throw Error("observer: " + std::to_string(world) + " ranks x " + std::to_string(local_heads) +
+                  " heads do not cover " + std::to_string(total_heads) + " KV heads evenly");
     }
     const int f = replicated / total_heads;
     std::vector<float> gathered(amax_.size() * world);

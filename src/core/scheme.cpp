@@ -8,11 +8,16 @@ namespace fp8kv {
 
 const char* scheme_name(KvScheme s) {
   switch (s) {
-    case KvScheme::kBf16: return "bf16";
-    case KvScheme::kFp8PerTensor: return "fp8-per-tensor";
-    case KvScheme::kFp8PerHead: return "fp8-per-head";
-    case KvScheme::kFp8E5m2: return "fp8-e5m2";
-    case KvScheme::kFp8PerHeadBf16Q: return "fp8-per-head-bf16q";
+    case KvScheme::kBf16:
+      return "bf16";
+    case KvScheme::kFp8PerTensor:
+      return "fp8-per-tensor";
+    case KvScheme::kFp8PerHead:
+      return "fp8-per-head";
+    case KvScheme::kFp8E5m2:
+      return "fp8-e5m2";
+    case KvScheme::kFp8PerHeadBf16Q:
+      return "fp8-per-head-bf16q";
   }
   return "unknown";
 }
@@ -35,8 +40,9 @@ std::vector<int> parse_layer_list(const std::string& text, const std::string& op
     const size_t comma = text.find(',', start);
     const std::string item =
         text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    const bool digits = !item.empty() && item.size() <= 7 &&
-                        std::all_of(item.begin(), item.end(), [](char c) { return c >= '0' && c <= '9'; });
+    const bool digits =
+        !item.empty() && item.size() <= 7 &&
+        std::all_of(item.begin(), item.end(), [](char c) { return c >= '0' && c <= '9'; });
     if (!digits || std::stoi(item) > kMaxLayer) {
       throw Error(option + ": expected comma-separated layer indices such as 0,31, found '" + item +
                   "' in '" + text + "'");

@@ -10,7 +10,8 @@
 namespace fp8kv {
 
 std::unique_ptr<Backend> make_cuda_backend(int, void*) {
-  throw Error("the CUDA backend is not built in: rebuild with nvcc available (FP8KV_CUDA=AUTO or ON)");
+  throw Error(
+      "the CUDA backend is not built in: rebuild with nvcc available (FP8KV_CUDA=AUTO or ON)");
 }
 
 std::unique_ptr<Backend> make_cuda_backend_own_stream(int) {

@@ -94,8 +94,8 @@ struct DecodeLaunchKey {
   uint64_t pack() const {
     return (static_cast<uint64_t>(split_tokens) << 32) | (static_cast<uint64_t>(num_splits) << 16) |
            (static_cast<uint64_t>(persistent) << 15) |
-           (static_cast<uint64_t>(cluster_merge) << 14) |
-           (static_cast<uint64_t>(kv_per_cta) << 8) | static_cast<uint64_t>(head_chunks);
+           (static_cast<uint64_t>(cluster_merge) << 14) | (static_cast<uint64_t>(kv_per_cta) << 8) |
+           static_cast<uint64_t>(head_chunks);
   }
   static DecodeLaunchKey unpack(uint64_t key) {
     DecodeLaunchKey k;

@@ -79,7 +79,8 @@ void validate_uploads(const std::vector<HostUpload>& uploads) {
     }
     range("rows", u.row_begin, u.rows, u.src_rows);
     range("cols", u.col_begin, u.cols, u.src_cols);
-    if (u.dst_dtype == DType::kF16) throw Error(what + "dst_dtype F16 is not supported (BF16, F32)");
+    if (u.dst_dtype == DType::kF16)
+      throw Error(what + "dst_dtype F16 is not supported (BF16, F32)");
     if (u.rows * u.cols > 0 && (u.dst == nullptr || u.src == nullptr)) {
       throw Error(what + (u.dst == nullptr ? "dst" : "src") + " is null");
     }

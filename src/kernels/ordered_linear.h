@@ -17,8 +17,7 @@ inline void check_ordered_shape(int64_t m, int64_t n, int64_t k, int chunks) {
     throw Error("linear_ordered: bad shape m " + std::to_string(m) + ", n " + std::to_string(n) +
                 ", k " + std::to_string(k));
   }
-  if (chunks < 1 || chunks > kMaxOrderedChunks || (chunks & (chunks - 1)) != 0 ||
-      k % chunks != 0) {
+  if (chunks < 1 || chunks > kMaxOrderedChunks || (chunks & (chunks - 1)) != 0 || k % chunks != 0) {
     throw Error("linear_ordered: chunks " + std::to_string(chunks) +
                 " must be a power of two up to " + std::to_string(kMaxOrderedChunks) +
                 " that divides k " + std::to_string(k));

@@ -17,13 +17,27 @@ constexpr int kDLDeviceCuda = 2;
 std::string describe_dtype(const DLDataType& t) {
   std::ostringstream os;
   switch (t.code) {
-    case kDLInt: os << "int" << int(t.bits); break;
-    case kDLUInt: os << "uint" << int(t.bits); break;
-    case kDLFloat: os << "float" << int(t.bits); break;
-    case kDLBfloat: os << "bfloat" << int(t.bits); break;
-    case kDLFloat8E4m3fn: os << "float8_e4m3fn"; break;
-    case kDLFloat8E5m2: os << "float8_e5m2"; break;
-    default: os << "dtype(code " << int(t.code) << ", " << int(t.bits) << " bits)"; break;
+    case kDLInt:
+      os << "int" << int(t.bits);
+      break;
+    case kDLUInt:
+      os << "uint" << int(t.bits);
+      break;
+    case kDLFloat:
+      os << "float" << int(t.bits);
+      break;
+    case kDLBfloat:
+      os << "bfloat" << int(t.bits);
+      break;
+    case kDLFloat8E4m3fn:
+      os << "float8_e4m3fn";
+      break;
+    case kDLFloat8E5m2:
+      os << "float8_e5m2";
+      break;
+    default:
+      os << "dtype(code " << int(t.code) << ", " << int(t.bits) << " bits)";
+      break;
   }
   if (t.lanes != 1) os << "x" << t.lanes;
   return os.str();
@@ -91,13 +105,20 @@ PyObject* lookup(PyObject* root, std::initializer_list<const char*> path) {
 
 const char* dtype_name(DType d) {
   switch (d) {
-    case DType::kBf16: return "bfloat16 (or uint16 holding bf16 bits)";
-    case DType::kE4m3: return "uint8 (e4m3 codes) or float8_e4m3fn";
-    case DType::kE5m2: return "uint8 (e5m2 codes) or float8_e5m2";
-    case DType::kU8: return "uint8";
-    case DType::kU16: return "uint16";
-    case DType::kF32: return "float32";
-    case DType::kI32: return "int32";
+    case DType::kBf16:
+      return "bfloat16 (or uint16 holding bf16 bits)";
+    case DType::kE4m3:
+      return "uint8 (e4m3 codes) or float8_e4m3fn";
+    case DType::kE5m2:
+      return "uint8 (e5m2 codes) or float8_e5m2";
+    case DType::kU8:
+      return "uint8";
+    case DType::kU16:
+      return "uint16";
+    case DType::kF32:
+      return "float32";
+    case DType::kI32:
+      return "int32";
   }
   return "?";
 }
@@ -276,8 +297,7 @@ Tensor Borrowed::borrow(const Device& device, std::optional<int64_t> stream) con
     throw py::type_error(std::string(name_) + ": __dlpack__ did not return a DLPack capsule " +
                          "(\"dltensor\")");
   }
-  auto* managed =
-      static_cast<DLManagedTensor*>(PyCapsule_GetPointer(t.capsule_.ptr(), "dltensor"));
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(t.capsule_.ptr(), "dltensor"));
   t.dl_ = &managed->dl_tensor;
   t.data_ = static_cast<char*>(t.dl_->data) + t.dl_->byte_offset;
   return t;

@@ -44,9 +44,9 @@ struct Device {
 
 // torch's C entry points, looked up once torch is imported (null members: not available).
 struct TorchHooks {
-  PyObject* tensor_type = nullptr;     // torch.Tensor
-  PyObject* parameter_type = nullptr;  // torch.nn.Parameter
-  PyObject* to_dlpack = nullptr;       // torch._C._to_dlpack(tensor) -> "dltensor" capsule
+  PyObject* tensor_type = nullptr;         // torch.Tensor
+  PyObject* parameter_type = nullptr;      // torch.nn.Parameter
+  PyObject* to_dlpack = nullptr;           // torch._C._to_dlpack(tensor) -> "dltensor" capsule
   PyObject* current_raw_stream = nullptr;  // torch._C._cuda_getCurrentRawStream(device) -> int
 };
 // Null while torch is not imported (then every tensor takes the generic DLPack path).

@@ -155,8 +155,8 @@ class Call {
         device_ = d;
         first = a.name;
       } else if (!(d == device_)) {
-        throw py::value_error(std::string(kernel) + ": " + a.name + " is on " + d.str() +
-                              " but " + first + " is on " + device_.str() +
+        throw py::value_error(std::string(kernel) + ": " + a.name + " is on " + d.str() + " but " +
+                              first + " is on " + device_.str() +
                               ": all tensors of a call must be on one device");
       }
     }
@@ -230,14 +230,17 @@ BackendSlot& Call::slot() const {
 #ifdef FP8KV_HAVE_CUDA
   if (wait_for_) {
     auto check = [](cudaError_t e, const char* what) {
-      if (e != cudaSuccess) throw Error(std::string("stream ordering: ") + what + ": " + cudaGetErrorString(e));
+      if (e != cudaSuccess)
+        throw Error(std::string("stream ordering: ") + what + ": " + cudaGetErrorString(e));
     };
     check(cudaSetDevice(device_.id), "cudaSetDevice");
     if (slot.order_event == nullptr) {
       check(cudaEventCreateWithFlags(&slot.order_event, cudaEventDisableTiming), "cudaEventCreate");
     }
-    check(cudaEventRecord(slot.order_event, reinterpret_cast<cudaStream_t>(*wait_for_)), "cudaEventRecord");
-    check(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream_), slot.order_event, 0), "cudaStreamWaitEvent");
+    check(cudaEventRecord(slot.order_event, reinterpret_cast<cudaStream_t>(*wait_for_)),
+          "cudaEventRecord");
+    check(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream_), slot.order_event, 0),
+          "cudaStreamWaitEvent");
   }
 #endif
   return slot;
@@ -305,8 +308,12 @@ void quantize_kv(const py::handle& kv, const py::handle& slots, const py::handle
                  const py::handle& v_scale, const py::handle& amax, const py::object& stream) {
   const KvScheme scheme = parse_scheme(scheme_text);
   Call c("quantize_kv",
-         {{"kv", kv}, {"slots", slots}, {"kv_buffer", kv_buffer}, {"k_scale", k_scale},
-          {"v_scale", v_scale}, {"amax", amax}},
+         {{"kv", kv},
+          {"slots", slots},
+          {"kv_buffer", kv_buffer},
+          {"k_scale", k_scale},
+          {"v_scale", v_scale},
+          {"amax", amax}},
          stream);
   const Tensor buf = c.borrow("kv_buffer");
   QuantizeKvParams p;
@@ -333,11 +340,15 @@ void quantize_kv(const py::handle& kv, const py::handle& slots, const py::handle
 }
 
 void quantize_q(const py::handle& q, const py::handle& cu_seqlens_q, const py::handle& q_fp8,
-                const py::handle& q_scale, const py::handle& static_scale,
-                const py::handle& amax, const py::object& stream) {
+                const py::handle& q_scale, const py::handle& static_scale, const py::handle& amax,
+                const py::object& stream) {
   Call c("quantize_q",
-         {{"q", q}, {"cu_seqlens_q", cu_seqlens_q}, {"q_fp8", q_fp8}, {"q_scale", q_scale},
-          {"static_scale", static_scale}, {"amax", amax}},
+         {{"q", q},
+          {"cu_seqlens_q", cu_seqlens_q},
+          {"q_fp8", q_fp8},
+          {"q_scale", q_scale},
+          {"static_scale", static_scale},
+          {"amax", amax}},
          stream);
   const Tensor qs = c.borrow("q_scale");
   qs.expect(DType::kF32, {-1, -1});
@@ -392,18 +403,24 @@ const int32_t* arange(BackendSlot& slot, int n) {
 
 void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_buffer,
                const py::handle& req_to_token, const py::handle& b_req_idx,
-               const py::handle& b_seq_len, const py::handle& cu_seqlens_q,
-               const py::handle& out, const std::string& scheme_text, const py::handle& k_scale,
-               const py::handle& v_scale, const py::handle& q_scale,
-               std::optional<int> max_q_len, std::optional<int> max_seq_len,
-               float softmax_scale, int split_kv_heads, const py::object& stream,
-               int repeat = 1, bool causal = true) {
+               const py::handle& b_seq_len, const py::handle& cu_seqlens_q, const py::handle& out,
+               const std::string& scheme_text, const py::handle& k_scale, const py::handle& v_scale,
+               const py::handle& q_scale, std::optional<int> max_q_len,
+               std::optional<int> max_seq_len, float softmax_scale, int split_kv_heads,
+               const py::object& stream, int repeat = 1, bool causal = true) {
   const char* kernel = attention_phase_name(phase);
   const KvScheme scheme = parse_scheme(scheme_text);
   Call c(kernel,
-         {{"q", q}, {"kv_buffer", kv_buffer}, {"req_to_token", req_to_token},
-          {"b_req_idx", b_req_idx}, {"b_seq_len", b_seq_len}, {"cu_seqlens_q", cu_seqlens_q},
-          {"out", out}, {"k_scale", k_scale}, {"v_scale", v_scale}, {"q_scale", q_scale}},
+         {{"q", q},
+          {"kv_buffer", kv_buffer},
+          {"req_to_token", req_to_token},
+          {"b_req_idx", b_req_idx},
+          {"b_seq_len", b_seq_len},
+          {"cu_seqlens_q", cu_seqlens_q},
+          {"out", out},
+          {"k_scale", k_scale},
+          {"v_scale", v_scale},
+          {"q_scale", q_scale}},
          stream);
   const Tensor buf = c.borrow("kv_buffer");
   AttentionParams p;
@@ -477,16 +494,18 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
   } else if (c.host()) {
     for (int64_t i = 0; i < B; ++i) b.max_q_len = std::max(b.max_q_len, cu_ptr[i + 1] - cu_ptr[i]);
   } else {
-    refuse(kernel, "max_q_len is required for CUDA tensors (reading cu_seqlens_q would "
-                   "synchronize the device)");
+    refuse(kernel,
+           "max_q_len is required for CUDA tensors (reading cu_seqlens_q would "
+           "synchronize the device)");
   }
   if (max_seq_len) {
     b.max_seq_len = *max_seq_len;
   } else if (c.host()) {
     for (int64_t i = 0; i < B; ++i) b.max_seq_len = std::max(b.max_seq_len, b.seq_len[i]);
   } else {
-    refuse(kernel, "max_seq_len is required for CUDA tensors (reading b_seq_len would "
-                   "synchronize the device)");
+    refuse(kernel,
+           "max_seq_len is required for CUDA tensors (reading b_seq_len would "
+           "synchronize the device)");
   }
   if (B <= 0) refuse(kernel, "empty batch: b_seq_len has 0 requests");
 
@@ -640,7 +659,8 @@ PYBIND11_MODULE(_fp8kv, m) {
       PyErr_SetString(PyExc_ValueError, err.what());
     }
   });
-  m.def("cuda_available", &cuda_available, "Whether the CUDA backend is built in and a GPU usable.");
+  m.def("cuda_available", &cuda_available,
+        "Whether the CUDA backend is built in and a GPU usable.");
   m.def("synchronize", &synchronize, py::arg("device") = py::none(),
         py::arg("stream") = py::none());
 
@@ -655,8 +675,8 @@ PYBIND11_MODULE(_fp8kv, m) {
       [](py::handle q, py::handle kv_buffer, py::handle req_to_token, py::handle b_req_idx,
          py::handle b_seq_len, py::handle cu_seqlens_q, py::handle out, const std::string& scheme,
          py::handle k_scale, py::handle v_scale, py::handle q_scale, std::optional<int> max_q_len,
-         std::optional<int> max_seq_len, float softmax_scale, int split_kv_heads,
-         py::object stream, bool causal) {
+         std::optional<int> max_seq_len, float softmax_scale, int split_kv_heads, py::object stream,
+         bool causal) {
         attention(AttentionPhase::kPrefill, q, kv_buffer, req_to_token, b_req_idx, b_seq_len,
                   cu_seqlens_q, out, scheme, k_scale, v_scale, q_scale, max_q_len, max_seq_len,
                   softmax_scale, split_kv_heads, stream, /*repeat=*/1, causal);
@@ -747,76 +767,81 @@ PYBIND11_MODULE(_fp8kv, m) {
       .def_property_readonly("num_layers", [](const Observer& o) { return o.config().num_layers; })
       .def_property_readonly("num_kv_heads",
                              [](const Observer& o) { return o.config().num_kv_heads; })
-      .def_property_readonly("scheme", [](const Observer& o) {
-        return std::string(quant_type_name(o.config().quant_type));
-      })
+      .def_property_readonly(
+          "scheme",
+          [](const Observer& o) { return std::string(quant_type_name(o.config().quant_type)); })
       .def_property_readonly("warmup", [](const Observer& o) { return o.config().warmup; })
       .def_property_readonly("count", [](const Observer& o) { return o.config().count; })
-      .def("observe",
-           [](Observer& o, int layer, py::handle amax) {
-             Call c("observe", {{"amax", amax}}, py::none());
-             if (c.device().cuda) {
-               refuse("observe", "amax is on " + c.device().str() +
-                                     ": the observer takes host arrays (pass amax.cpu())");
-             }
-             const Tensor a = c.borrow("amax");
-             a.expect(DType::kF32, {2 * static_cast<int64_t>(o.config().num_kv_heads)});
-             o.record(layer, a.as<float>());
-           },
-           py::arg("layer"), py::arg("amax"))
-      .def("wants",
-           [](const Observer& o, int layer) {
-             if (layer < 0 || layer >= o.config().num_layers) {
-               throw py::value_error("observer: layer " + std::to_string(layer) +
-                                     " out of range [0, " +
-                                     std::to_string(o.config().num_layers) + ")");
-             }
-             return o.wants(layer);
-           },
-           py::arg("layer"))
+      .def(
+          "observe",
+          [](Observer& o, int layer, py::handle amax) {
+            Call c("observe", {{"amax", amax}}, py::none());
+            if (c.device().cuda) {
+              refuse("observe", "amax is on " + c.device().str() +
+                                    ": the observer takes host arrays (pass amax.cpu())");
+            }
+            const Tensor a = c.borrow("amax");
+            a.expect(DType::kF32, {2 * static_cast<int64_t>(o.config().num_kv_heads)});
+            o.record(layer, a.as<float>());
+          },
+          py::arg("layer"), py::arg("amax"))
+      .def(
+          "wants",
+          [](const Observer& o, int layer) {
+            if (layer < 0 || layer >= o.config().num_layers) {
+              throw py::value_error("observer: layer " + std::to_string(layer) +
+                                    " out of range [0, " + std::to_string(o.config().num_layers) +
+                                    ")");
+            }
+            return o.wants(layer);
+          },
+          py::arg("layer"))
       .def("done", &Observer::done)
-      .def("passes_seen",
-           [](const Observer& o, int layer) {
-             if (layer < 0 || layer >= o.config().num_layers) {
-               throw py::value_error("observer: layer " + std::to_string(layer) +
-                                     " out of range [0, " +
-                                     std::to_string(o.config().num_layers) + ")");
-             }
-             return o.passes_seen(layer);
-           },
-           py::arg("layer"))
-      .def("_finalize",
-           [](const Observer& o, py::object communicator, const std::string& architectures) {
-             if (communicator.is_none()) {
-               auto single = make_single_communicator();
-               return o.finalize(*single, architectures);
-             }
-             PyCommunicator comm(std::move(communicator));
-             return o.finalize(comm, architectures);
-           },
-           py::arg("communicator"), py::arg("architectures"));
+      .def(
+          "passes_seen",
+          [](const Observer& o, int layer) {
+            if (layer < 0 || layer >= o.config().num_layers) {
+              throw py::value_error("observer: layer " + std::to_string(layer) +
+                                    " out of range [0, " + std::to_string(o.config().num_layers) +
+                                    ")");
+            }
+            return o.passes_seen(layer);
+          },
+          py::arg("layer"))
+      .def(
+          "_finalize",
+          [](const Observer& o, py::object communicator, const std::string& architectures) {
+            if (communicator.is_none()) {
+              auto single = make_single_communicator();
+              return o.finalize(*single, architectures);
+            }
+            PyCommunicator comm(std::move(communicator));
+            return o.finalize(comm, architectures);
+          },
+          py::arg("communicator"), py::arg("architectures"));
 
   // Calibration file.
   py::class_<CalibData>(m, "CalibData")
-      .def(py::init([](const std::string& architectures, const std::string& quant_type,
-                       int num_layers, int num_head, py::object scales,
-                       const std::string& version) {
-             CalibData d;
-             d.architectures = architectures;
-             d.quant_type = parse_quant_type(quant_type);
-             d.num_layers = num_layers;
-             d.num_head = num_head;
-             d.version = version;
-             if (!scales.is_none()) d.scales = flat(scales, "scales");
-             return d;
-           }),
-           py::arg("architectures") = "", py::arg("quant_type") = "per_head",
-           py::arg("num_layers") = 0, py::arg("num_head") = 0, py::arg("scales") = py::none(),
-           py::arg("version") = "1.0")
+      .def(
+          py::init([](const std::string& architectures, const std::string& quant_type,
+                      int num_layers, int num_head, py::object scales, const std::string& version) {
+            CalibData d;
+            d.architectures = architectures;
+            d.quant_type = parse_quant_type(quant_type);
+            d.num_layers = num_layers;
+            d.num_head = num_head;
+            d.version = version;
+            if (!scales.is_none()) d.scales = flat(scales, "scales");
+            return d;
+          }),
+          py::arg("architectures") = "", py::arg("quant_type") = "per_head",
+          py::arg("num_layers") = 0, py::arg("num_head") = 0, py::arg("scales") = py::none(),
+          py::arg("version") = "1.0")
       .def_readwrite("version", &CalibData::version)
       .def_readwrite("architectures", &CalibData::architectures)
       .def_property(
-          "quant_type", [](const CalibData& d) { return std::string(quant_type_name(d.quant_type)); },
+          "quant_type",
+          [](const CalibData& d) { return std::string(quant_type_name(d.quant_type)); },
           [](CalibData& d, const std::string& t) { d.quant_type = parse_quant_type(t); })
       .def_readwrite("qmin", &CalibData::qmin)
       .def_readwrite("qmax", &CalibData::qmax)
@@ -829,8 +854,7 @@ PYBIND11_MODULE(_fp8kv, m) {
           [](const CalibData& d) {
             const int w = d.row_width();
             if (d.num_layers <= 0 || static_cast<size_t>(d.num_layers) * w != d.scales.size()) {
-              return py::array_t<float>(static_cast<py::ssize_t>(d.scales.size()),
-                                        d.scales.data());
+              return py::array_t<float>(static_cast<py::ssize_t>(d.scales.size()), d.scales.data());
             }
             return table(d.scales, d.num_layers, w);
           },
@@ -867,13 +891,14 @@ PYBIND11_MODULE(_fp8kv, m) {
       });
 
   py::class_<RankScales>(m, "RankScales")
-      .def_property_readonly("quant_type",
-                             [](const RankScales& r) { return std::string(quant_type_name(r.quant_type)); })
+      .def_property_readonly(
+          "quant_type",
+          [](const RankScales& r) { return std::string(quant_type_name(r.quant_type)); })
       .def_readonly("num_layers", &RankScales::num_layers)
       .def_readonly("heads_per_rank", &RankScales::heads_per_rank)
       .def_readonly("broadcast_from_per_tensor", &RankScales::broadcast_from_per_tensor)
-      .def_property_readonly("kv",
-                             [](const RankScales& r) { return table(r.kv, r.num_layers, r.row_width()); })
+      .def_property_readonly(
+          "kv", [](const RankScales& r) { return table(r.kv, r.num_layers, r.row_width()); })
       .def_property_readonly("q",
                              [](const RankScales& r) -> py::object {
                                if (!r.q) return py::none();
@@ -914,8 +939,8 @@ PYBIND11_MODULE(_fp8kv, m) {
       [expect_of](const std::string& path, std::optional<std::string> arch,
                   std::optional<int> num_layers, std::optional<int> num_kv_heads,
                   std::optional<std::string> scheme) {
-        return load_calib(path, expect_of(std::move(arch), num_layers, num_kv_heads,
-                                          std::move(scheme)));
+        return load_calib(path,
+                          expect_of(std::move(arch), num_layers, num_kv_heads, std::move(scheme)));
       },
       py::arg("path"), py::arg("arch") = py::none(), py::arg("num_layers") = py::none(),
       py::arg("num_kv_heads") = py::none(), py::arg("scheme") = py::none());
@@ -924,8 +949,8 @@ PYBIND11_MODULE(_fp8kv, m) {
       [expect_of](const std::string& text, const std::string& name, std::optional<std::string> arch,
                   std::optional<int> num_layers, std::optional<int> num_kv_heads,
                   std::optional<std::string> scheme) {
-        return parse_calib(text, name, expect_of(std::move(arch), num_layers, num_kv_heads,
-                                                 std::move(scheme)));
+        return parse_calib(text, name,
+                           expect_of(std::move(arch), num_layers, num_kv_heads, std::move(scheme)));
       },
       py::arg("text"), py::arg("name") = "<string>", py::arg("arch") = py::none(),
       py::arg("num_layers") = py::none(), py::arg("num_kv_heads") = py::none(),

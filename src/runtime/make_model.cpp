@@ -253,8 +253,9 @@ void make_model(const std::string& dir, const ModelConfig& c, uint64_t seed, uin
   // Progress in pieces written, from whichever worker finishes one.
   int64_t pieces = 0;
   for (const TensorSpec& t : specs) {
-    pieces += static_cast<int64_t>((2 * TensorInfo{t.name, t.dtype, t.shape}.numel() +
-                                    writer.piece_bytes - 1) / writer.piece_bytes);
+    pieces += static_cast<int64_t>(
+        (2 * TensorInfo{t.name, t.dtype, t.shape}.numel() + writer.piece_bytes - 1) /
+        writer.piece_bytes);
   }
   Progress progress("writing " + dir, pieces, show_progress);
   std::mutex progress_mu;

@@ -26,7 +26,8 @@ namespace {
 // HostUploads from the file mappings, and all of them copied by one Backend::upload_tensors.
 class LoadPlan {
  public:
-  explicit LoadPlan(Backend& backend, const WeightStore& store) : backend_(backend), store_(store) {}
+  explicit LoadPlan(Backend& backend, const WeightStore& store)
+      : backend_(backend), store_(store) {}
 
   // One part of a buffer: rows [row_begin, + rows) and columns [col_begin, + cols) of the
   // tensor `name`, which must have shape `shape` ([n] is one column).
@@ -56,7 +57,8 @@ class LoadPlan {
     int64_t row = 0;
     for (const Part& p : parts) {
       HostUpload u;
-      u.dst = static_cast<uint8_t*>(buf.get()) + static_cast<size_t>(row * cols) * dtype_bytes(dtype);
+      u.dst =
+          static_cast<uint8_t*>(buf.get()) + static_cast<size_t>(row * cols) * dtype_bytes(dtype);
       u.dst_dtype = dtype;
       u.src = store_.raw(p.name);
       u.src_dtype = store_.info(p.name).dtype;
@@ -140,8 +142,9 @@ Device make_device(const std::string& name, bool own_stream) {
   if (name == "cuda") {
 #if defined(FP8KV_HAVE_CUDA)
     if (!cuda_available()) {
-      throw Error("--device cuda: no usable GPU here (fp8kv's kernels need a Hopper GPU, sm_90, "
-                  "and a CUDA driver); use --device cpu");
+      throw Error(
+          "--device cuda: no usable GPU here (fp8kv's kernels need a Hopper GPU, sm_90, "
+          "and a CUDA driver); use --device cpu");
     }
     // The calling thread's current GPU (0 unless someone chose another): a --tp rank process
     // selects GPU `rank` (make_nccl_communicator) before it makes its Device.
@@ -244,9 +247,9 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, boo
     const std::vector<std::string> unused = plan.unused();
     size_t skipped = unused.size() + store.unlisted().size();
     if (skipped) {
-      const std::string first = unused.empty()
-                                    ? store.unlisted()[0].tensor + "' in " + store.unlisted()[0].file
-                                    : unused[0] + "' in " + store.file_name_of(unused[0]);
+      const std::string first =
+          unused.empty() ? store.unlisted()[0].tensor + "' in " + store.unlisted()[0].file
+                         : unused[0] + "' in " + store.file_name_of(unused[0]);
       std::fprintf(stderr, "%s: ignoring %zu tensor%s the model does not use (first: '%s)\n",
                    dir.c_str(), skipped, skipped == 1 ? "" : "s", first.c_str());
     }

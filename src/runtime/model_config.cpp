@@ -104,7 +104,8 @@ ModelConfig parse_model_config(const std::string& text, const std::string& name)
   // rope_theta and the rope_scaling fields; older configs have them at the top level.
   const bool v5_rope = j.contains("rope_parameters") && j["rope_parameters"].is_object();
   if (v5_rope && !j.contains("rope_theta")) {
-    c.rope_theta = get_float(j["rope_parameters"], name + " rope_parameters", "rope_theta", 10000.0f);
+    c.rope_theta =
+        get_float(j["rope_parameters"], name + " rope_parameters", "rope_theta", 10000.0f);
   }
   c.tie_word_embeddings = get_bool(j, name, "tie_word_embeddings", false);
   // Qwen2's attention always has q/k/v biases (its config has no switch for it).

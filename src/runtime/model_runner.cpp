@@ -164,8 +164,8 @@ struct ModelRunner::Scratch {
   AttentionBatch batch;
   std::vector<float> host_amax;
   std::vector<uint16_t> host_o, host_o_shadow;
-  std::vector<float> host_reduce;    // [T, H] staging of the tensor-parallel all-reduce
-  std::vector<float> host_gather;    // [tp, T, H] (exact_tp)
+  std::vector<float> host_reduce;  // [T, H] staging of the tensor-parallel all-reduce
+  std::vector<float> host_gather;  // [tp, T, H] (exact_tp)
 };
 
 constexpr size_t kMaxStepGraphs = 8;
@@ -240,12 +240,12 @@ ModelRunner::ModelRunner(const Model& model, Backend& backend, ModelOps& ops, Ru
     check_scales(sh.scheme, sh.scales, c, shard.kv_heads,
                  std::string("shadow ") + scheme_name(sh.scheme));
     if (!is_fp8(sh.scheme)) throw Error("a shadow scheme must be an FP8 scheme");
-    auto s = std::unique_ptr<Shadow>(new Shadow{
-        sh.scheme,
-        KvPool(backend, c.num_layers, options_.num_slots, shard.kv_heads, c.head_dim, sh.scheme,
-               options_.bf16_layers),
-        upload_vector(backend, sh.scales.kv), BackendBuffer(),
-        2 * kv_scales_per_layer(sh.scheme, shard.kv_heads)});
+    auto s = std::unique_ptr<Shadow>(
+        new Shadow{sh.scheme,
+                   KvPool(backend, c.num_layers, options_.num_slots, shard.kv_heads, c.head_dim,
+                          sh.scheme, options_.bf16_layers),
+                   upload_vector(backend, sh.scales.kv), BackendBuffer(),
+                   2 * kv_scales_per_layer(sh.scheme, shard.kv_heads)});
     if (fp8_q(sh.scheme) && sh.scales.q) {
       s->q_scales = upload_vector(backend, *sh.scales.q);
     }

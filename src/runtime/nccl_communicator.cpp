@@ -55,8 +55,7 @@ ncclUniqueId rendezvous_id(int rank, const std::string& path, double timeout_s) 
     }
     return id;
   }
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   while (true) {
     std::ifstream in(path, std::ios::binary);
     if (in && in.read(reinterpret_cast<char*>(&id), sizeof id)) return id;
@@ -70,8 +69,7 @@ ncclUniqueId rendezvous_id(int rank, const std::string& path, double timeout_s) 
 
 class NcclCommunicator final : public Communicator {
  public:
-  NcclCommunicator(int rank, int world, int device, const std::string& rendezvous,
-                   double timeout_s)
+  NcclCommunicator(int rank, int world, int device, const std::string& rendezvous, double timeout_s)
       : rank_(rank), world_(world) {
     if (world < 1 || rank < 0 || rank >= world) {
       throw Error("nccl communicator: rank " + std::to_string(rank) + " not in [0, " +
@@ -95,10 +93,12 @@ class NcclCommunicator final : public Communicator {
   void all_gather(const float* in, float* out, size_t count) override {
     float* dev = reserve(count * (world_ + 1));
     float* dev_in = dev + count * world_;
-    check_cuda(cudaMemcpyAsync(dev_in, in, count * sizeof(float), cudaMemcpyHostToDevice, stream_), "nccl communicator: upload");
+    check_cuda(cudaMemcpyAsync(dev_in, in, count * sizeof(float), cudaMemcpyHostToDevice, stream_),
+               "nccl communicator: upload");
     check_nccl(ncclAllGather(dev_in, dev, count, ncclFloat32, comm_, stream_), "ncclAllGather");
-    check_cuda(cudaMemcpyAsync(out, dev, count * world_ * sizeof(float), cudaMemcpyDeviceToHost,
-                               stream_), "nccl communicator: download");
+    check_cuda(
+        cudaMemcpyAsync(out, dev, count * world_ * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+        "nccl communicator: download");
     check_cuda(cudaStreamSynchronize(stream_), "nccl communicator: synchronize");
   }
 
@@ -120,10 +120,12 @@ class NcclCommunicator final : public Communicator {
   // ncclSum: NCCL's ring and tree algorithms hand every rank the same reduced bits.
   void all_reduce_sum(float* buf, size_t count) override {
     float* dev = reserve(count);
-    check_cuda(cudaMemcpyAsync(dev, buf, count * sizeof(float), cudaMemcpyHostToDevice, stream_), "nccl communicator: upload");
+    check_cuda(cudaMemcpyAsync(dev, buf, count * sizeof(float), cudaMemcpyHostToDevice, stream_),
+               "nccl communicator: upload");
     check_nccl(ncclAllReduce(dev, dev, count, ncclFloat32, ncclSum, comm_, stream_),
                "ncclAllReduce");
-    check_cuda(cudaMemcpyAsync(buf, dev, count * sizeof(float), cudaMemcpyDeviceToHost, stream_), "nccl communicator: download");
+    check_cuda(cudaMemcpyAsync(buf, dev, count * sizeof(float), cudaMemcpyDeviceToHost, stream_),
+               "nccl communicator: download");
     check_cuda(cudaStreamSynchronize(stream_), "nccl communicator: synchronize");
   }
 
@@ -164,7 +166,8 @@ std::unique_ptr<Communicator> make_nccl_communicator(int rank, int world, int de
 #else  // no NCCL
 
 std::unique_ptr<Communicator> make_nccl_communicator(int, int, int, const std::string&, double) {
-  throw Error("NCCL communicator: this fp8kv was built without NCCL (a CUDA build with NCCL found)");
+  throw Error(
+      "NCCL communicator: this fp8kv was built without NCCL (a CUDA build with NCCL found)");
 }
 
 #endif

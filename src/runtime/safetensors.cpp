@@ -211,8 +211,7 @@ WeightStore::WeightStore(const std::string& dir) : dir_(dir) {
     // A key twice in "weight_map" would otherwise keep the last silently: note it while parsing.
     std::string top_key, duplicate;
     std::set<std::string> seen;
-    const json::parser_callback_t watch = [&](int depth, json::parse_event_t event,
-                                              json& parsed) {
+    const json::parser_callback_t watch = [&](int depth, json::parse_event_t event, json& parsed) {
       if (event == json::parse_event_t::key && parsed.is_string()) {
         if (depth == 1) top_key = parsed.get<std::string>();
         if (depth == 2 && top_key == "weight_map" &&
@@ -283,8 +282,9 @@ WeightStore::WeightStore(const std::string& dir) : dir_(dir) {
       for (const std::string& n : files_[i]->names()) {
         auto [it, fresh] = where_.emplace(n, i);
         if (!fresh) {
-          throw Error(dir + ": tensor '" + n + "' is in both " + file_names_[it->second] +
-                      " and " + file_names_[i] + " (and no model.safetensors.index.json says "
+          throw Error(dir + ": tensor '" + n + "' is in both " + file_names_[it->second] + " and " +
+                      file_names_[i] +
+                      " (and no model.safetensors.index.json says "
                       "which to use)");
         }
       }
@@ -409,8 +409,8 @@ void write_safetensors_files(const std::vector<SafetensorsFileSpec>& files,
         at += sizes[t];
       }
       if (::ftruncate(o.fd, static_cast<off_t>(at)) != 0) {
-        throw Error(o.tmp + ": cannot size to " + std::to_string(at) + " bytes: " +
-                    std::strerror(errno));
+        throw Error(o.tmp + ": cannot size to " + std::to_string(at) +
+                    " bytes: " + std::strerror(errno));
       }
     }
     std::atomic<size_t> next{0};
@@ -434,8 +434,8 @@ void write_safetensors_files(const std::vector<SafetensorsFileSpec>& files,
       std::error_code ec;
       fs::rename(open[f].tmp, files[f].path, ec);
       if (ec) {
-        throw Error(files[f].path + ": cannot rename " + open[f].tmp + " into place: " +
-                    ec.message());
+        throw Error(files[f].path + ": cannot rename " + open[f].tmp +
+                    " into place: " + ec.message());
       }
       open[f].tmp.clear();
     }
@@ -449,7 +449,9 @@ void write_safetensors(const std::string& path, const std::vector<TensorSpec>& t
                        const TensorFill& fill) {
   write_safetensors_files(
       {{path, tensors}},
-      [&](size_t, size_t tensor, uint64_t, uint8_t* dst, size_t bytes) { fill(tensor, dst, bytes); },
+      [&](size_t, size_t tensor, uint64_t, uint8_t* dst, size_t bytes) {
+        fill(tensor, dst, bytes);
+      },
       std::numeric_limits<uint64_t>::max(), 1);
 }
 

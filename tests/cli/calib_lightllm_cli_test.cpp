@@ -77,10 +77,8 @@ TEST_F(CalibLightLlmCli, RankLayoutAndConvert) {
   // inspect with the model's heads merges and says so; without them it hints.
   r = run("inspect " + per_rank + " --num-kv-heads 2 --tp 8 --rank 5");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_TRUE(contains(r.output, "written by 4 ranks per head: num_head 8 = 2 x 4"))
-      << r.output;
-  EXPECT_TRUE(contains(r.output, "largest disagreement 0 (every copy identical)"))
-      << r.output;
+  EXPECT_TRUE(contains(r.output, "written by 4 ranks per head: num_head 8 = 2 x 4")) << r.output;
+  EXPECT_TRUE(contains(r.output, "largest disagreement 0 (every copy identical)")) << r.output;
   EXPECT_TRUE(contains(r.output, "1 (global head 1), each head replicated on 4 ranks")) << r.output;
   r = run("inspect " + per_rank);
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -93,7 +91,9 @@ TEST_F(CalibLightLlmCli, RankLayoutAndConvert) {
   EXPECT_TRUE(contains(r.output, "--tp N is required")) << r.output;
   r = run("convert " + merged + " " + forth + " --to vllm");
   EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_TRUE(contains(r.output, "expected lightllm, lightllm-rank-layout, vllm-checkpoint, quant-param-json or modelopt, found vllm"))
+  EXPECT_TRUE(contains(r.output,
+                       "expected lightllm, lightllm-rank-layout, vllm-checkpoint, quant-param-json "
+                       "or modelopt, found vllm"))
       << r.output;
   r = run("convert " + merged + " " + merged + " --to lightllm");
   EXPECT_EQ(r.exit_code, 1) << r.output;

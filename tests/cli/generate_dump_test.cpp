@@ -53,10 +53,10 @@ TEST(GenerateDump, RowsAreThePromptAndEachStepAndArgmaxIsTheToken) {
   // Two prompts cannot share one dump: refused, no file left.
   out.clear();
   const std::string dump2 = dir.path() + "/two.bin";
-  EXPECT_EQ(run("generate --model " + model + " --input-ids 1,2 --input-ids 3 --dump-logits " +
-                    dump2,
-                &out),
-            1);
+  EXPECT_EQ(
+      run("generate --model " + model + " --input-ids 1,2 --input-ids 3 --dump-logits " + dump2,
+          &out),
+      1);
   EXPECT_FALSE(std::filesystem::exists(dump2));
 }
 

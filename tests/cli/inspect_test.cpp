@@ -11,8 +11,8 @@ const std::string kSourceDir = FP8KV_SOURCE_DIR;
 const std::string kLightLlmFile = kSourceDir + "/examples/lightllm_per_tensor_qwen2.5_32b.json";
 
 using fp8kv::testing::contains;
-using fp8kv::testing::RunResult;
 using fp8kv::testing::run_fp8kv;
+using fp8kv::testing::RunResult;
 
 // Every printed line fits a 100-column terminal.
 void expect_fits_100_columns(const std::string& output) {

@@ -21,8 +21,8 @@ namespace {
 
 using testing::contains;
 using testing::read_file;
-using testing::token_lines;
 using testing::RunResult;
+using testing::token_lines;
 RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
 
 // `bench kernels --only` takes the sections it knows (ring, the bare bulk-copy ring, only when
@@ -53,7 +53,8 @@ TEST(BenchCli, CaseListsNameTheCaseTheyRefuse) {
   EXPECT_FALSE(contains(r.output, "no case 'B64_L4096'")) << r.output;
   r = run("bench kernels --quick --decode-case B64_L4096");  // not a quick case
   EXPECT_NE(r.exit_code, 0) << r.output;
-  EXPECT_TRUE(contains(r.output, "--decode-case: no case 'B64_L4096' (B16_L2048, B2_L8192_scattered)"))
+  EXPECT_TRUE(
+      contains(r.output, "--decode-case: no case 'B64_L4096' (B16_L2048, B2_L8192_scattered)"))
       << r.output;
   r = run("bench kernels --only prefill --prefill-case prefix8_1000,prefix9");
   EXPECT_NE(r.exit_code, 0) << r.output;
@@ -304,8 +305,8 @@ TEST(ModelCli, TensorParallelCpuMatchesTp1) {
     ASSERT_EQ(a.scales.size(), b.scales.size());
     const int width = a.row_width();
     for (size_t i = 0; i < a.scales.size(); ++i) {
-      EXPECT_EQ(a.scales[i], b.scales[i]) << scheme << " layer " << i / width << ", column "
-                                          << i % width;
+      EXPECT_EQ(a.scales[i], b.scales[i])
+          << scheme << " layer " << i / width << ", column " << i % width;
     }
   }
   const std::string dump = " --model " + model + " --input-ids 7,1,2,3,9 --max-new 5 --exact-tp";
@@ -361,7 +362,8 @@ TEST(ModelCli, Refusals) {
           " --input-ids 1,2 --max-new 2 --cuda-graph --no-cuda-graph");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_TRUE(contains(r.output, "--cuda-graph and --no-cuda-graph contradict")) << r.output;
-  r = run("generate --device cpu --model " + model + " --input-ids 1,2 --max-new 2 --no-cuda-graph");
+  r = run("generate --device cpu --model " + model +
+          " --input-ids 1,2 --max-new 2 --no-cuda-graph");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   r = run("make-model " + model + " --preset huge");
   EXPECT_EQ(r.exit_code, 1);

@@ -22,11 +22,10 @@ struct RunResult {
 // (FP8KV_DEVICE=cpu, unless ARGS say --device or FP8KV_DEVICE): the tests' expectations were
 // made there, and their default, --device auto, would pick a GPU where there is one.
 inline RunResult run_fp8kv(const std::string& args, bool with_stderr = true) {
-  const bool device_given = args.find("--device") != std::string::npos ||
-                            args.find("FP8KV_DEVICE") != std::string::npos;
+  const bool device_given =
+      args.find("--device") != std::string::npos || args.find("FP8KV_DEVICE") != std::string::npos;
   const std::string command = std::string(device_given ? "" : "FP8KV_DEVICE=cpu ") + "'" +
-                              FP8KV_BINARY + "' " + args +
-                              (with_stderr ? " 2>&1" : " 2>/dev/null");
+                              FP8KV_BINARY + "' " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
   RunResult result;
   FILE* pipe = ::popen(command.c_str(), "r");
   if (pipe == nullptr) {

@@ -140,8 +140,8 @@ TEST_F(ScaleFormatsCli, ModelOptTensorsServeTheSameScales) {
   EXPECT_TRUE(contains(r.output, "reduced per_head to per_tensor")) << r.output;
   EXPECT_EQ(read_file(path("ph-reduced.json")), read_file(path("per-tensor.json")));
   // Without --reduce the heads are kept: the per_head file as it was.
-  r = run("convert " + path("per-head.json") + " " + path("ph-kept.json") + " --to lightllm --model " +
-          *model_);
+  r = run("convert " + path("per-head.json") + " " + path("ph-kept.json") +
+          " --to lightllm --model " + *model_);
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(read_file(path("ph-kept.json")), read_file(path("per-head.json")));
 }

@@ -59,8 +59,8 @@ TEST(Fp8, E4m3DecodeAll256) {
     // From the definition: bias 7, 3 mantissa bits, S.1111.111 is NaN.
     const int e = (c >> 3) & 15, m = c & 7;
     float theirs = (e == 15 && m == 7) ? NAN
-                   : e == 0           ? std::ldexp(static_cast<float>(m), -9)
-                                      : std::ldexp(1.0f + m / 8.0f, e - 7);
+                   : e == 0            ? std::ldexp(static_cast<float>(m), -9)
+                                       : std::ldexp(1.0f + m / 8.0f, e - 7);
     if (c & 0x80) theirs = -theirs;
 #endif
     if (std::isnan(theirs)) {
@@ -84,7 +84,7 @@ TEST(Fp8, E5m2DecodeAll256) {
     const float theirs = __half2float(__half(h));
 #else
     const int e = (c >> 2) & 31, m = c & 3;
-    float theirs = e == 31 ? (m ? NAN : INFINITY)
+    float theirs = e == 31  ? (m ? NAN : INFINITY)
                    : e == 0 ? std::ldexp(static_cast<float>(m), -16)
                             : std::ldexp(1.0f + m / 4.0f, e - 15);
     if (c & 0x80) theirs = -theirs;
@@ -188,7 +188,7 @@ TEST(Bf16, RoundTripAndRounding) {
 TEST(Fp8, QuantizeDividesByScale) {
   // q = e4m3(clamp(x / s)): 0.3 / 0.1 in float is 2.9999998, which rounds to code 3.0 (0x44).
   EXPECT_EQ(quantize_e4m3(0.3f, 0.1f), float_to_e4m3(0.3f / 0.1f));
-  EXPECT_EQ(quantize_e4m3(1000.0f, 1.0f), 0x7e);   // clamp to 448
+  EXPECT_EQ(quantize_e4m3(1000.0f, 1.0f), 0x7e);  // clamp to 448
   EXPECT_EQ(quantize_e4m3(-1000.0f, 1.0f), 0xfe);
 }
 

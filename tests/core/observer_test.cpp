@@ -38,8 +38,8 @@ TEST(Observer, WarmupPassesAreDroppedAndCountPassesKept) {
   Observer obs(config(1, 1, QuantType::kPerHead, /*warmup=*/2, /*count=*/2));
   const float warm[2] = {100.0f, 100.0f};  // seen during warmup: must not count
   const float a[2] = {1.0f, 2.0f};
-  const float b[2] = {3.0f, -0.5f};        // abs-max: |−0.5| < 2
-  const float late[2] = {50.0f, 50.0f};    // after count: must not count
+  const float b[2] = {3.0f, -0.5f};      // abs-max: |−0.5| < 2
+  const float late[2] = {50.0f, 50.0f};  // after count: must not count
   EXPECT_FALSE(obs.wants(0));
   obs.record(0, warm);
   obs.record(0, warm);
@@ -158,7 +158,9 @@ TEST(Observer, MultiRankFinalizeEqualsSingleRank) {
   // amax[pass][layer][2 * kHeads], global head order (K heads then V heads).
   std::vector<float> data(static_cast<size_t>(kPasses) * kLayers * 2 * kHeads);
   for (auto& x : data) x = dist(rng);
-  auto at = [&](int pass, int layer) { return data.data() + (pass * kLayers + layer) * 2 * kHeads; };
+  auto at = [&](int pass, int layer) {
+    return data.data() + (pass * kLayers + layer) * 2 * kHeads;
+  };
 
   for (QuantType type : {QuantType::kPerHead, QuantType::kPerTensor}) {
     Observer whole(config(kLayers, kHeads, type, 1, kPasses - 1));

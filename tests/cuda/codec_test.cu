@@ -21,17 +21,18 @@ namespace {
 // records the smallest. Each thread takes pairs (u, u+1) through the packed fp8x2 path as well.
 __global__ void encode_all_kernel(unsigned long long* mismatches, unsigned int* first_bad) {
   const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x * 2;
-  for (uint64_t u = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 2; u < (1ull << 32); u += stride) {
+  for (uint64_t u = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 2;
+       u < (1ull << 32); u += stride) {
     const float x = __uint_as_float(static_cast<uint32_t>(u));
     const float y = __uint_as_float(static_cast<uint32_t>(u + 1));
     const uint8_t want_x = float_to_e4m3(x), want_y = float_to_e4m3(y);
     const uint16_t pair = cuda::float2_to_e4m3x2_hw(x, y);
     const uint8_t want5_x = float_to_e5m2(x), want5_y = float_to_e5m2(y);
     const uint16_t pair5 = cuda::float2_to_e5m2x2_hw(x, y);
-    const bool bad_x = cuda::float_to_e4m3_hw(x) != want_x || (pair & 0xff) != want_x ||
-                       (pair5 & 0xff) != want5_x;
-    const bool bad_y = cuda::float_to_e4m3_hw(y) != want_y || (pair >> 8) != want_y ||
-                       (pair5 >> 8) != want5_y;
+    const bool bad_x =
+        cuda::float_to_e4m3_hw(x) != want_x || (pair & 0xff) != want_x || (pair5 & 0xff) != want5_x;
+    const bool bad_y =
+        cuda::float_to_e4m3_hw(y) != want_y || (pair >> 8) != want_y || (pair5 >> 8) != want5_y;
     if (bad_x || bad_y) {
       atomicAdd(mismatches, static_cast<unsigned long long>(bad_x) + bad_y);
       atomicMin(first_bad, static_cast<unsigned int>(bad_x ? u : u + 1));
@@ -64,7 +65,8 @@ __global__ void decode_all_kernel(float* out) {
 // differ, but the quotient is then below 2^-40 and every FP8 code rounds it to a zero of x's sign.
 // The floats go in batches of 4 adjacent patterns, so that an element which needs the division
 // (x infinite, x r overflowing) sends finite neighbours down that path as well.
-__global__ void divide_all_kernel(float s, unsigned long long* mismatches, unsigned int* first_bad) {
+__global__ void divide_all_kernel(float s, unsigned long long* mismatches,
+                                  unsigned int* first_bad) {
   const cuda::ScaleDivider div(s);
   const uint64_t stride = 4ull * gridDim.x * blockDim.x;
   for (uint64_t u = 4ull * (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
@@ -112,9 +114,10 @@ TEST(CudaCodec, EncoderMatchesHostOnStridedSample) {
   if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU";
   // 2^24 patterns: stride 256 with an odd offset per block, plus every boundary of the format.
   std::vector<uint32_t> in;
-  for (uint64_t u = 0; u < (1ull << 32); u += 256) in.push_back(static_cast<uint32_t>(u + ((u >> 8) * 37) % 256));
-  for (float b : {448.0f, 464.0f, 463.99f, 480.0f, 0.001953125f, 0.0009765625f, 0.015625f, 0.0f, -0.0f,
-                  INFINITY, -INFINITY, NAN, 240.0f, 1.0f / 1024, 3.0f / 1024}) {
+  for (uint64_t u = 0; u < (1ull << 32); u += 256)
+    in.push_back(static_cast<uint32_t>(u + ((u >> 8) * 37) % 256));
+  for (float b : {448.0f, 464.0f, 463.99f, 480.0f, 0.001953125f, 0.0009765625f, 0.015625f, 0.0f,
+                  -0.0f, INFINITY, -INFINITY, NAN, 240.0f, 1.0f / 1024, 3.0f / 1024}) {
     const uint32_t u = detail::float_bits(b);
     for (int d = -2; d <= 2; ++d) {
       in.push_back(u + d);
@@ -137,7 +140,8 @@ TEST(CudaCodec, EncoderMatchesHostOnStridedSample) {
   for (int i = 0; i < n; ++i) {
     const uint8_t want = float_to_e4m3(detail::bits_float(in[i]));
     if (out[i] != want && bad++ < 5) {
-      ADD_FAILURE() << "bits 0x" << std::hex << in[i] << ": device " << int(out[i]) << " host " << int(want);
+      ADD_FAILURE() << "bits 0x" << std::hex << in[i] << ": device " << int(out[i]) << " host "
+                    << int(want);
     }
   }
   EXPECT_EQ(bad, 0);
@@ -154,8 +158,8 @@ TEST(CudaCodec, DecoderMatchesEveryCode) {
   cudaFree(d_out);
   for (int i = 0; i < 512; ++i) {
     const int c = i % 256;
-    const float want = i < 256 ? e4m3_to_float(static_cast<uint8_t>(c))
-                               : e5m2_to_float(static_cast<uint8_t>(c));
+    const float want =
+        i < 256 ? e4m3_to_float(static_cast<uint8_t>(c)) : e5m2_to_float(static_cast<uint8_t>(c));
     const char* codec = i < 256 ? "e4m3" : "e5m2";
     if (std::isnan(want)) {
       EXPECT_TRUE(std::isnan(out[i])) << codec << " code " << c;
@@ -172,9 +176,10 @@ TEST(CudaCodec, DecoderMatchesEveryCode) {
 // and random ones over 2^-40..2^30.
 TEST(CudaCodec, ScaleDividerEqualsDivisionOnEveryFloat) {
   if (!cuda_available()) GTEST_SKIP() << "no Hopper GPU";
-  std::vector<float> scales = {1.0f,        1.0f / 448,  0.7f / 448,   3.0f,         0x1.fffffep0f,
-                               0x1p-60f,    0x1p60f,     0x1.fffffep-61f, 0x1.000002p60f, 1e-40f,
-                               3.4e38f,     0x1.fffffep-1f, 12345.678f};
+  std::vector<float> scales = {1.0f,           1.0f / 448, 0.7f / 448, 3.0f,
+                               0x1.fffffep0f,  0x1p-60f,   0x1p60f,    0x1.fffffep-61f,
+                               0x1.000002p60f, 1e-40f,     3.4e38f,    0x1.fffffep-1f,
+                               12345.678f};
   uint64_t lcg = 0x9e3779b97f4a7c15ull;
   for (int i = 0; i < 12; ++i) {
     lcg = lcg * 6364136223846793005ull + 1442695040888963407ull;

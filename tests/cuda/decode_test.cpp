@@ -79,8 +79,9 @@ struct OnesPool {
     p.o = o.as<uint16_t>();
     p.num_q_heads = prob.num_q_heads;
     p.cache = {pool.as<void>(), prob.num_slots, prob.num_kv_heads, prob.head_dim, KvScheme::kBf16};
-    p.batch = prob.batch(db.seq.as<int32_t>(), db.cu.as<int32_t>(),
-                         req_index != nullptr ? req_index : db.ri.as<int32_t>(), db.rt.as<int32_t>());
+    p.batch =
+        prob.batch(db.seq.as<int32_t>(), db.cu.as<int32_t>(),
+                   req_index != nullptr ? req_index : db.ri.as<int32_t>(), db.rt.as<int32_t>());
     return p;
   }
 };
@@ -105,7 +106,8 @@ std::vector<DecodeErrors> run_case(Backend& cpu, Backend& gpu, const test::Atten
   opt.phase = AttentionPhase::kDecode;
   opt.softmax_scale = softmax_scale;
   const test::AttentionRun c = test::run_attention(cpu, prob, scheme, scales, opt);
-  const auto ref_em = test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales), softmax_scale);
+  const auto ref_em =
+      test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales), softmax_scale);
   const auto ref_ex = test::reference_attention(prob, test::exact_inputs(prob), softmax_scale);
   const auto cpu_o = test::bf16_to_double(c.o);
   const test::ErrorStats cpu_em = test::compare(c.o, ref_em, prob.head_dim);
@@ -150,8 +152,9 @@ TEST(CudaDecode, MatchesCpuTwin) {
     for (int D : {64, 128, 256}) {
       for (int group : {1, 4, 8}) {
         // max_seq_len 127: one CTA per (request, head); 4100: split over the KV length.
-        for (const std::vector<int>& lengths : {std::vector<int>{1, 7, 127}, std::vector<int>{127, 1, 4100, 7},
-                                                std::vector<int>{17, 64, 65, 300}}) {
+        for (const std::vector<int>& lengths :
+             {std::vector<int>{1, 7, 127}, std::vector<int>{127, 1, 4100, 7},
+              std::vector<int>{17, 64, 65, 300}}) {
           test::ProblemSpec spec;
           spec.requests = decode_requests(lengths);
           spec.num_kv_heads = 2;
@@ -160,8 +163,9 @@ TEST(CudaDecode, MatchesCpuTwin) {
           spec.data.head_range = 30.0f;
           spec.data.outlier_channels = 4;
           spec.seed = ++seed;
-          SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D) + " group=" +
-                       std::to_string(group) + " max_len=" + std::to_string(*std::max_element(lengths.begin(), lengths.end())));
+          SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D) +
+                       " group=" + std::to_string(group) + " max_len=" +
+                       std::to_string(*std::max_element(lengths.begin(), lengths.end())));
           expect_close(run_case(*cpu, *gpu, spec, scheme));
         }
       }
@@ -188,9 +192,12 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
   // Group 3 and 12 (padded / chunked query heads), a batch of 300 requests, an explicit scale.
-  struct Case { int hkv, group, batch, len; float sm; };
-  for (const Case& c : {Case{2, 3, 5, 900, 0.0f}, Case{1, 12, 3, 2000, 0.05f}, Case{4, 2, 300, 300, 0.0f},
-                      Case{3, 7, 4, 700, 0.0f}}) {
+  struct Case {
+    int hkv, group, batch, len;
+    float sm;
+  };
+  for (const Case& c : {Case{2, 3, 5, 900, 0.0f}, Case{1, 12, 3, 2000, 0.05f},
+                        Case{4, 2, 300, 300, 0.0f}, Case{3, 7, 4, 700, 0.0f}}) {
     for (KvScheme scheme : kAllSchemes) {
       test::ProblemSpec spec;
       spec.requests.clear();
@@ -200,7 +207,8 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
       spec.head_dim = 128;
       spec.data.outlier_channels = 2;
       spec.seed = 77 + c.group;
-      SCOPED_TRACE(std::string(scheme_name(scheme)) + " group=" + std::to_string(c.group) + " B=" + std::to_string(c.batch));
+      SCOPED_TRACE(std::string(scheme_name(scheme)) + " group=" + std::to_string(c.group) +
+                   " B=" + std::to_string(c.batch));
       expect_close(run_case(*cpu, *gpu, spec, scheme, c.sm));
     }
   }
@@ -222,8 +230,8 @@ bool takes_persistent(const test::AttentionProblem& prob, KvScheme scheme) {
 
 // Two launches of the same decode: the second gives the first's bits (the counters back at zero
 // after a launch; no arrival or dealing order in the bits). Returns the first.
-test::AttentionRun run_twice_same_bits(Backend& gpu, const test::AttentionProblem& prob, KvScheme scheme,
-                                       const test::KvScales& scales) {
+test::AttentionRun run_twice_same_bits(Backend& gpu, const test::AttentionProblem& prob,
+                                       KvScheme scheme, const test::KvScales& scales) {
   test::RunOptions opt;
   opt.phase = AttentionPhase::kDecode;
   test::AttentionRun first = test::run_attention(gpu, prob, scheme, scales, opt);
@@ -248,8 +256,9 @@ TEST(CudaDecode, PersistentKernelMatchesTheTwinAndOneItemCtas) {
       test::ProblemSpec spec;
       spec.requests.clear();
       for (int b = 0; b < 300; ++b) {
-        const int len = b < 8 ? std::vector<int>{1, 64, 65, 128, 129, 256, 2, 63}[b]
-                        : b < 40 ? 200 : 1 + (b * 97) % 256;
+        const int len = b < 8    ? std::vector<int>{1, 64, 65, 128, 129, 256, 2, 63}[b]
+                        : b < 40 ? 200
+                                 : 1 + (b * 97) % 256;
         spec.requests.push_back({len - 1, 1});
       }
       spec.num_kv_heads = 8;
@@ -313,9 +322,8 @@ TEST(CudaDecode, ConsecutiveSlotsGiveTheBitsOfScatteredOnes) {
           spec.data.outlier_channels = 2;
           spec.seed = ++seed;
           const test::AttentionProblem scattered = test::make_problem(spec);
-          SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D) +
-                       " requests=" + std::to_string(lengths.size()) + " Hkv=" +
-                       std::to_string(kv_heads));
+          SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D) + " requests=" +
+                       std::to_string(lengths.size()) + " Hkv=" + std::to_string(kv_heads));
           if (kv_heads == 8) {
             EXPECT_EQ(takes_persistent(scattered, scheme), lengths.size() == 300);
           }
@@ -347,7 +355,11 @@ TEST(CudaDecode, PersistentLongestFirstOrdersMatchTheTwin) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
-  struct Case { const char* name; int batch; int (*len)(int b); };
+  struct Case {
+    const char* name;
+    int batch;
+    int (*len)(int b);
+  };
   // Sizes kept small (the twin and the float64 references are slow per token), but every batch
   // of at least two waves of items (fp8: 2 items a request, bf16: 4; 132 CTAs on an H200).
   for (const Case& c : {Case{"many buckets", 150, [](int b) { return 1 + (b * 193) % 700; }},
@@ -401,9 +413,10 @@ TEST(CudaDecode, LongContextErrorDoesNotGrow) {
       for (size_t v = 0; v < es.size(); ++v) {
         const DecodeErrors& e = es[v];
         err[i][v] = e.gpu_emulated.normalized;
-        std::printf("[ info ] %s decode (%s) len %d: gpu vs exact %s; vs emulated %s; cpu vs emulated %s\n",
-                    scheme_name(scheme), kVariants[v].name, len, e.gpu_exact.str().c_str(),
-                    e.gpu_emulated.str().c_str(), e.cpu_emulated.str().c_str());
+        std::printf(
+            "[ info ] %s decode (%s) len %d: gpu vs exact %s; vs emulated %s; cpu vs emulated %s\n",
+            scheme_name(scheme), kVariants[v].name, len, e.gpu_exact.str().c_str(),
+            e.gpu_emulated.str().c_str(), e.cpu_emulated.str().c_str());
       }
       ++i;
     }
@@ -422,7 +435,11 @@ TEST(CudaDecode, SplitMergesRepeatAcrossShapes) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
-  struct Case { const char* what; std::vector<int> lengths; int hkv; };
+  struct Case {
+    const char* what;
+    std::vector<int> lengths;
+    int hkv;
+  };
   const Case cases[] = {{"few splits", {2000, 1500, 900}, 2},
                         {"many splits", {8000}, 2},
                         {"no split", {300, 7, 1}, 2},
@@ -440,7 +457,8 @@ TEST(CudaDecode, SplitMergesRepeatAcrossShapes) {
         spec.head_dim = 128;
         spec.data.outlier_channels = 2;
         spec.seed = 9000 + i;
-        SCOPED_TRACE(std::string(scheme_name(scheme)) + " " + c.what + " round " + std::to_string(round));
+        SCOPED_TRACE(std::string(scheme_name(scheme)) + " " + c.what + " round " +
+                     std::to_string(round));
         const test::AttentionProblem prob = test::make_problem(spec);
         const test::KvScales scales = test::calibrate_scales(prob, scheme);
         test::RunOptions opt;
@@ -449,7 +467,8 @@ TEST(CudaDecode, SplitMergesRepeatAcrossShapes) {
         if (round == 0) {
           const test::AttentionRun c_run = test::run_attention(*cpu, prob, scheme, scales, opt);
           DecodeErrors e;
-          const auto ref_em = test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales), 0.0f);
+          const auto ref_em =
+              test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales), 0.0f);
           e.gpu_emulated = test::compare(g.o, ref_em, prob.head_dim);
           e.cpu_emulated = test::compare(c_run.o, ref_em, prob.head_dim);
           expect_close(e);
@@ -477,9 +496,11 @@ TEST(CudaDecode, FusedSplitMergeLeavesItsCountersZero) {
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
   const size_t counter_bytes = cuda::kDecodeSplitCounters * sizeof(uint32_t);
-  struct Shape { int hkv, D; };
-  for (const Shape sh : {Shape{3, 64}, Shape{3, 128}, Shape{3, 256}, Shape{1, 64}, Shape{1, 128},
-                         Shape{1, 256}}) {
+  struct Shape {
+    int hkv, D;
+  };
+  for (const Shape sh :
+       {Shape{3, 64}, Shape{3, 128}, Shape{3, 256}, Shape{1, 64}, Shape{1, 128}, Shape{1, 256}}) {
     const int hkv = sh.hkv, D = sh.D;
     SCOPED_TRACE("Hkv=" + std::to_string(hkv) + " D=" + std::to_string(D));
     test::ProblemSpec spec;
@@ -593,7 +614,9 @@ TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
-  struct Shape { int hkv, hq, D; };
+  struct Shape {
+    int hkv, hq, D;
+  };
   uint64_t seed = 9300;
   for (const Shape sh :
        {Shape{3, 21, 128}, Shape{2, 24, 128}, Shape{3, 21, 64}, Shape{3, 21, 256}}) {
@@ -604,8 +627,8 @@ TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
         const cuda::DecodeLaunchKey ls = launch_key(prob, scheme);
         if (!ls.cluster_merge) continue;
         ++clustered;
-        SCOPED_TRACE(std::string(scheme_name(scheme)) + " Hkv=" + std::to_string(sh.hkv) + " Hq=" +
-                     std::to_string(sh.hq) + " D=" + std::to_string(sh.D) + " batch " +
+        SCOPED_TRACE(std::string(scheme_name(scheme)) + " Hkv=" + std::to_string(sh.hkv) +
+                     " Hq=" + std::to_string(sh.hq) + " D=" + std::to_string(sh.D) + " batch " +
                      std::to_string(batch) + ", " + std::to_string(ls.num_splits) + " splits");
         EXPECT_GE(ls.num_splits, 2);
         EXPECT_LE(ls.num_splits, cuda::kDecodeClusterMergeMaxSplits);
@@ -757,7 +780,8 @@ TEST(CudaDecode, PersistentLaunchSkipsARefusedRequest) {
         gpu->synchronize();
         ADD_FAILURE() << "no error for the refused request";
       } catch (const Error& e) {
-        EXPECT_NE(std::string(e.what()).find("b_req_idx[" + std::to_string(bad) + "]"), std::string::npos)
+        EXPECT_NE(std::string(e.what()).find("b_req_idx[" + std::to_string(bad) + "]"),
+                  std::string::npos)
             << e.what();
       }
     }
@@ -765,7 +789,8 @@ TEST(CudaDecode, PersistentLaunchSkipsARefusedRequest) {
     const std::vector<uint16_t> out = o.download<uint16_t>();
     for (size_t b = 0; b < lengths.size(); ++b) {
       const uint16_t want = refuse && b == static_cast<size_t>(bad) ? 0xffff : 0x3f80;
-      for (size_t i = 0; i < row; ++i) ASSERT_EQ(out[b * row + i], want) << "request " << b << ", element " << i;
+      for (size_t i = 0; i < row; ++i)
+        ASSERT_EQ(out[b * row + i], want) << "request " << b << ", element " << i;
     }
   }
 }

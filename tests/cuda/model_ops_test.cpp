@@ -225,9 +225,8 @@ TEST_F(CudaModelOps, LinearOrderedMatchesCpuBitForBit) {
       for (int run : {13, 16, 40}) {
         for (int chunks : {1, 2, 8}) {
           const int k = run * chunks;
-          const std::string what = "m " + std::to_string(m) + " n " + std::to_string(n) +
-                                   " run " + std::to_string(run) + " chunks " +
-                                   std::to_string(chunks);
+          const std::string what = "m " + std::to_string(m) + " n " + std::to_string(n) + " run " +
+                                   std::to_string(run) + " chunks " + std::to_string(chunks);
           std::vector<float> xh = random_floats(static_cast<size_t>(m) * k, 31 + m + run);
           for (size_t i = 5; i < xh.size(); i += 97) xh[i] *= 1000.0f;
           const std::vector<float> wf = random_floats(static_cast<size_t>(n) * k, 32 + n);
@@ -280,23 +279,22 @@ TEST_F(CudaModelOps, LinearOrderedTensorCoreShardsAndBlocksKeepTheirBits) {
       for (int run : {32, 96}) {
         for (int chunks : {1, 2, 8}) {
           const int k = run * chunks;
-          const std::string what = "m " + std::to_string(m) + " n " + std::to_string(n) +
-                                   " run " + std::to_string(run) + " chunks " +
-                                   std::to_string(chunks);
+          const std::string what = "m " + std::to_string(m) + " n " + std::to_string(n) + " run " +
+                                   std::to_string(run) + " chunks " + std::to_string(chunks);
           std::vector<float> xh = random_floats(static_cast<size_t>(m) * k, 41 + m + run);
           for (size_t i = 5; i < xh.size(); i += 97) xh[i] *= 1000.0f;
           const std::vector<uint16_t> wh =
               to_bf16_host(random_floats(static_cast<size_t>(n) * k, 42 + n));
           const std::vector<float> bh = random_floats(static_cast<size_t>(n), 43 + k);
           const size_t mn = std::max<size_t>(1, static_cast<size_t>(m) * n);
-          const Pair x = both(xh.empty() ? std::vector<float>(1) : xh), w = both(wh),
-                     b = both(bh), y = zeros<float>(mn);
+          const Pair x = both(xh.empty() ? std::vector<float>(1) : xh), w = both(wh), b = both(bh),
+                     y = zeros<float>(mn);
           cpu_ops_->linear_ordered(static_cast<const float*>(x.cpu), {w.cpu, WeightDtype::kBf16},
-                                   static_cast<const float*>(b.cpu), static_cast<float*>(y.cpu),
-                                   m, n, k, chunks);
+                                   static_cast<const float*>(b.cpu), static_cast<float*>(y.cpu), m,
+                                   n, k, chunks);
           gpu_ops_->linear_ordered(static_cast<const float*>(x.gpu), {w.gpu, WeightDtype::kBf16},
-                                   static_cast<const float*>(b.gpu), static_cast<float*>(y.gpu),
-                                   m, n, k, chunks);
+                                   static_cast<const float*>(b.gpu), static_cast<float*>(y.gpu), m,
+                                   n, k, chunks);
           const std::vector<float> g = gpu_vec<float>(y, mn), c = cpu_vec<float>(y, mn);
           int levels = 0;
           while ((1 << levels) < chunks) ++levels;

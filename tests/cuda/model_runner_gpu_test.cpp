@@ -287,7 +287,8 @@ TEST_F(ModelRunnerGpu, GpuCalibrationQScalesMatchCpu) {
   }
   ASSERT_EQ(got.scales.size(), want.scales.size());
   for (size_t i = 0; i < want.scales.size(); ++i) {
-    EXPECT_LE(std::fabs(got.scales[i] - want.scales[i]), 2e-2 * want.scales[i]) << "K/V scale " << i;
+    EXPECT_LE(std::fabs(got.scales[i] - want.scales[i]), 2e-2 * want.scales[i])
+        << "K/V scale " << i;
   }
 }
 
@@ -522,10 +523,14 @@ TEST_F(ModelRunnerGpu, GpuCudaGraphUnsplitStepsReplayOneRecording) {
   // The longest request: 101 .. 130 keys, below a split's 256.
   const std::vector<int> lens = {100, 40, 7};
   const std::string tiny = dir_->path() + "/tiny";
-  const GraphRun eager = run_for_graph_test(tiny, KvScheme::kBf16, nullptr, false, true, lens, false);
-  const GraphRun graph = run_for_graph_test(tiny, KvScheme::kBf16, nullptr, true, true, lens, false);
+  const GraphRun eager =
+      run_for_graph_test(tiny, KvScheme::kBf16, nullptr, false, true, lens, false);
+  const GraphRun graph =
+      run_for_graph_test(tiny, KvScheme::kBf16, nullptr, true, true, lens, false);
   ASSERT_EQ(eager.logits.size(), graph.logits.size());
-  EXPECT_EQ(std::memcmp(eager.logits.data(), graph.logits.data(), eager.logits.size() * sizeof(float)), 0);
+  EXPECT_EQ(
+      std::memcmp(eager.logits.data(), graph.logits.data(), eager.logits.size() * sizeof(float)),
+      0);
   const GraphStats& g = graph.forward_stats;
   EXPECT_EQ(g.captures, 1);  // one key for all 30 steps
   EXPECT_EQ(g.eager_decode + g.replays, 30);

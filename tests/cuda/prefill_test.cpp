@@ -53,7 +53,8 @@ using cuda::PrefillConfig;
 constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle,
                                         PrefillConfig::kWsPersistent};
 // The warp-specialized kernel with 16-bit operands (the bf16-Q schemes): both layouts.
-constexpr PrefillConfig kWsBf16QConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle};
+constexpr PrefillConfig kWsBf16QConfigs[] = {PrefillConfig::kWarpSpecialized,
+                                             PrefillConfig::kWsSwizzle};
 
 // Every built config of the warp-specialized kernel for (scheme, head_dim), and then the mma.sync
 // kernel's (kWide, or kNarrow for D 256), so that each runs whichever one is the default.
@@ -103,7 +104,8 @@ test::ProblemSpec gpu_spec(std::vector<test::RequestShape> requests, int num_q_h
 }
 
 // e4m3 codes of Q with the per-(request, KV head) scales quantize_q used: the CPU twin's input.
-std::vector<uint8_t> quantize_q_host(const test::AttentionProblem& p, const std::vector<float>& q_scale) {
+std::vector<uint8_t> quantize_q_host(const test::AttentionProblem& p,
+                                     const std::vector<float>& q_scale) {
   const int Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim, group = Hq / Hkv;
   std::vector<uint8_t> codes(p.q.size());
   for (int b = 0; b < p.num_requests(); ++b) {
@@ -165,11 +167,13 @@ struct GpuInputs {
     return o.download<uint16_t>();
   }
   size_t p_o_bytes() const {
-    return static_cast<size_t>(params.batch.total_q) * params.num_q_heads * params.cache.head_dim * 2;
+    return static_cast<size_t>(params.batch.total_q) * params.num_q_heads * params.cache.head_dim *
+           2;
   }
 
   std::unique_ptr<Backend> dev;  // the default stream, where the launches below go
-  BackendBuffer pool, q, q_fp8, q_scale, k_scale, v_scale, seq_len, cu_seqlens, req_index, req_to_token, o;
+  BackendBuffer pool, q, q_fp8, q_scale, k_scale, v_scale, seq_len, cu_seqlens, req_index,
+      req_to_token, o;
   AttentionParams params;
 };
 
@@ -489,8 +493,7 @@ TEST_P(PrefillLong, ErrorDoesNotGrowWithContext) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong,
-                         ::testing::ValuesIn(kAllSchemes),
+INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong, ::testing::ValuesIn(kAllSchemes),
                          [](const ::testing::TestParamInfo<KvScheme>& info) {
                            std::string s = scheme_name(info.param);
                            std::replace(s.begin(), s.end(), '-', '_');
@@ -555,7 +558,8 @@ TEST(PrefillPerf, BenchmarkShape) {
   for (KvScheme scheme : kAllSchemes) {
     const test::KvScales scales = test::calibrate_scales(p, scheme);
     // The pool as quantize_kv writes it (host-side, same codec), padding slots NaN.
-    std::vector<uint8_t> pool(static_cast<size_t>(p.num_slots + 1) * 2 * Hkv * D * kv_elem_bytes(scheme), 0xff);
+    std::vector<uint8_t> pool(
+        static_cast<size_t>(p.num_slots + 1) * 2 * Hkv * D * kv_elem_bytes(scheme), 0xff);
     for (int64_t t = 0; t < p.num_tokens(); ++t) {
       for (int head = 0; head < 2 * Hkv; ++head) {
         const uint16_t* src = &p.kv[(t * 2 * Hkv + head) * D];
@@ -566,7 +570,8 @@ TEST(PrefillPerf, BenchmarkShape) {
           for (int d = 0; d < D; ++d) pool[dst + d] = float_to_e5m2(bf16_to_float(src[d]));
         } else {
           const bool per_head = kv_scale_source(scheme) == KvScaleSource::kPerHead;
-          const float s = head < Hkv ? scales.k[per_head ? head : 0] : scales.v[per_head ? head - Hkv : 0];
+          const float s =
+              head < Hkv ? scales.k[per_head ? head : 0] : scales.v[per_head ? head - Hkv : 0];
           for (int d = 0; d < D; ++d) pool[dst + d] = quantize_e4m3(bf16_to_float(src[d]), s);
         }
       }
@@ -598,9 +603,11 @@ TEST(PrefillPerf, BenchmarkShape) {
       }
       std::sort(ms.begin(), ms.end());
       const double median = ms[ms.size() / 2];
-      std::printf("PERF prefill %-18s %-18s B=%d L=%d Hq=%d Hkv=%d D=%d: median %.3f ms (min %.3f, max %.3f) = %.1f TFLOP/s\n",
-                  scheme_name(scheme), cuda::prefill_config_name(config), B, L, Hq, Hkv, D, median,
-                  ms.front(), ms.back(), flops / (median * 1e-3) / 1e12);
+      std::printf(
+          "PERF prefill %-18s %-18s B=%d L=%d Hq=%d Hkv=%d D=%d: median %.3f ms (min %.3f, max "
+          "%.3f) = %.1f TFLOP/s\n",
+          scheme_name(scheme), cuda::prefill_config_name(config), B, L, Hq, Hkv, D, median,
+          ms.front(), ms.back(), flops / (median * 1e-3) / 1e12);
       cudaEventDestroy(start);
       cudaEventDestroy(stop);
     }

@@ -37,7 +37,8 @@ struct KvResult {
 KvResult run_quantize_kv(Backend& be, const KvCase& c, const std::vector<uint16_t>& kv,
                          const std::vector<int32_t>& slots, int64_t num_slots,
                          const test::KvScales& scales, const std::vector<float>& amax0) {
-  const size_t pool_bytes = static_cast<size_t>(num_slots + 1) * 2 * c.num_kv_heads * c.head_dim * kv_elem_bytes(c.scheme);
+  const size_t pool_bytes = static_cast<size_t>(num_slots + 1) * 2 * c.num_kv_heads * c.head_dim *
+                            kv_elem_bytes(c.scheme);
   BackendBuffer pool(be, pool_bytes);
   be.memset(pool.as<void>(), 0xff, pool_bytes);
   BackendBuffer d_kv(be, kv), d_slots(be, slots), amax(be, amax0);
@@ -73,8 +74,8 @@ TEST(CudaQuantizeKv, ByteIdenticalToCpu) {
       for (int hkv : {1, 3, 8}) {
         for (int tokens : {1, 7, 127, 4099}) {
           const KvCase c{scheme, D, hkv, tokens};
-          SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D) + " Hkv=" +
-                       std::to_string(hkv) + " T=" + std::to_string(tokens));
+          SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D) +
+                       " Hkv=" + std::to_string(hkv) + " T=" + std::to_string(tokens));
           test::ProblemSpec spec;
           spec.requests = {{tokens - 1, 1}};
           spec.num_q_heads = hkv;
@@ -93,23 +94,28 @@ TEST(CudaQuantizeKv, ByteIdenticalToCpu) {
           if (tokens >= 7) {
             const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
                                       std::numeric_limits<float>::infinity(),
-                                      -std::numeric_limits<float>::infinity(), 1e30f, -1e-38f,
-                                      1e-40f, -0.0f};
+                                      -std::numeric_limits<float>::infinity(),
+                                      1e30f,
+                                      -1e-38f,
+                                      1e-40f,
+                                      -0.0f};
             for (size_t i = 0; i < std::size(specials); ++i) {
               prob.kv[i * 37 % prob.kv.size()] = float_to_bf16(specials[i]);
             }
           }
           std::vector<float> amax0(2 * hkv);
           for (int i = 0; i < 2 * hkv; ++i) amax0[i] = i % 3 == 0 ? 1000.0f : 0.5f * i;
-          const KvResult want = run_quantize_kv(*cpu, c, prob.kv, prob.kv_slot, prob.num_slots, scales, amax0);
-          const KvResult got = run_quantize_kv(*gpu, c, prob.kv, prob.kv_slot, prob.num_slots, scales, amax0);
+          const KvResult want =
+              run_quantize_kv(*cpu, c, prob.kv, prob.kv_slot, prob.num_slots, scales, amax0);
+          const KvResult got =
+              run_quantize_kv(*gpu, c, prob.kv, prob.kv_slot, prob.num_slots, scales, amax0);
           ASSERT_EQ(want.pool.size(), got.pool.size());
           size_t diffs = 0, first = 0;
           for (size_t i = 0; i < want.pool.size(); ++i) {
             if (want.pool[i] != got.pool[i] && diffs++ == 0) first = i;
           }
-          EXPECT_EQ(diffs, 0u) << "first differing byte " << first << ": cpu " << int(want.pool[first])
-                               << " gpu " << int(got.pool[first]);
+          EXPECT_EQ(diffs, 0u) << "first differing byte " << first << ": cpu "
+                               << int(want.pool[first]) << " gpu " << int(got.pool[first]);
           for (int i = 0; i < 2 * hkv; ++i) {
             if (std::isnan(want.amax[i])) {
               EXPECT_TRUE(std::isnan(got.amax[i])) << "head " << i;
@@ -145,7 +151,8 @@ TEST(CudaQuantizeKv, OutOfRangeSlotWritesNothing) {
   SKIP_WITHOUT_GPU();
   auto gpu = make_cuda_backend();
   const auto [c, prob, scales] = slot_case();
-  for (int32_t bad : {-1, static_cast<int32_t>(prob.num_slots), static_cast<int32_t>(prob.num_slots) + 1000}) {
+  for (int32_t bad :
+       {-1, static_cast<int32_t>(prob.num_slots), static_cast<int32_t>(prob.num_slots) + 1000}) {
     std::vector<int32_t> slots = prob.kv_slot;
     slots[31] = bad;
     slots[40] = bad;
@@ -265,7 +272,8 @@ QResult run_quantize_q(Backend& be, const test::AttentionProblem& prob,
                        const std::vector<float>* static_scale,
                        const std::vector<float>* observe = nullptr) {
   BackendBuffer q(be, prob.q), cu(be, prob.cu_seqlens_q);
-  BackendBuffer q8(be, prob.q.size()), qs(be, prob.num_requests() * prob.num_kv_heads * sizeof(float));
+  BackendBuffer q8(be, prob.q.size()),
+      qs(be, prob.num_requests() * prob.num_kv_heads * sizeof(float));
   be.memset(q8.as<void>(), 0xee, prob.q.size());
   std::unique_ptr<BackendBuffer> st, am;
   if (static_scale) st = std::make_unique<BackendBuffer>(be, *static_scale);
@@ -296,7 +304,8 @@ TEST(CudaQuantizeQ, ByteIdenticalToCpu) {
   for (int D : {64, 128, 256}) {
     for (int group : {1, 4, 8}) {
       for (bool use_static : {false, true}) {
-        SCOPED_TRACE("D=" + std::to_string(D) + " group=" + std::to_string(group) + (use_static ? " static" : " dynamic"));
+        SCOPED_TRACE("D=" + std::to_string(D) + " group=" + std::to_string(group) +
+                     (use_static ? " static" : " dynamic"));
         test::ProblemSpec spec;
         spec.requests = {{0, 1}, {5, 7}, {0, 127}, {3, 0}, {0, 300}};
         spec.num_kv_heads = 3;
@@ -311,7 +320,8 @@ TEST(CudaQuantizeQ, ByteIdenticalToCpu) {
         const QResult got = run_quantize_q(*gpu, prob, use_static ? &st : nullptr);
         ASSERT_EQ(want.q_fp8, got.q_fp8);
         ASSERT_EQ(want.q_scale.size(), got.q_scale.size());
-        for (size_t i = 0; i < want.q_scale.size(); ++i) EXPECT_EQ(bits_of(want.q_scale[i]), bits_of(got.q_scale[i])) << i;
+        for (size_t i = 0; i < want.q_scale.size(); ++i)
+          EXPECT_EQ(bits_of(want.q_scale[i]), bits_of(got.q_scale[i])) << i;
       }
     }
   }

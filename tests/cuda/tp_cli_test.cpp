@@ -25,8 +25,8 @@ namespace fp8kv {
 namespace {
 
 using testing::contains;
-using testing::token_lines;
 using testing::RunResult;
+using testing::token_lines;
 RunResult run(const std::string& args) { return testing::run_fp8kv(args); }
 
 int gpus_usable() {
@@ -109,9 +109,9 @@ TEST(TensorParallelCli, CudaTp2MatchesTp1) {
     EXPECT_EQ(la.size(), static_cast<size_t>(5 + 6 - 1) * 2048 * sizeof(float)) << kv;
     EXPECT_TRUE(la == lb) << kv << ": --exact-tp logits at tp 2 differ from tp 1";
     const RunResult fast_one = run(args), fast_two = run(args + " --tp 2");
-    std::printf("%s without --exact-tp: tokens at tp 2 %s tp 1's\n", kv.c_str(),
-                token_lines(fast_one.output) == token_lines(fast_two.output) ? "equal"
-                                                                             : "differ from");
+    std::printf(
+        "%s without --exact-tp: tokens at tp 2 %s tp 1's\n", kv.c_str(),
+        token_lines(fast_one.output) == token_lines(fast_two.output) ? "equal" : "differ from");
   }
 
   // More ranks than GPUs: a clear refusal from the parent, before any child starts.

@@ -19,8 +19,8 @@ TEST(WgmmaDescriptor, PlusOffsetEqualsTheDescriptorOfTheOffsetAddress) {
   // k-steps: 32 bytes (e4m3 k32, 16-bit k16 rows), core matrices (2 x 128), 16-bit V k-steps of
   // 2 x kKBlockStride, swizzle column blocks (kBlockM or kBlockN x 128) and MN-major k-steps
   // (2048); and the largest offset a tile's k-steps reach.
-  const uint32_t offsets[] = {0, 16, 32, 64, 96, 256, 512, 1024, 2048, 4096, 6144, 8192, 16384,
-                              24576, 32768, 49152, 57344};
+  const uint32_t offsets[] = {0,    16,   32,   64,    96,    256,   512,   1024, 2048,
+                              4096, 6144, 8192, 16384, 24576, 32768, 49152, 57344};
   uint64_t checked = 0, mismatches = 0;
   for (uint32_t address = 0; address < kSharedBytes; address += 16) {
     for (const uint32_t offset : offsets) {
@@ -42,8 +42,7 @@ TEST(WgmmaDescriptor, PlusOffsetEqualsTheDescriptorOfTheOffsetAddress) {
   EXPECT_GT(checked, 200000u);
   // Past the field (an address of 2^18 and more) the add would carry into the leading byte
   // offset: the identity is the shared window's, which the check above covers.
-  EXPECT_NE(wgmma_desc_plus(wgmma_desc_sw128((1u << 18) - 16), 16),
-            wgmma_desc_sw128(1u << 18));
+  EXPECT_NE(wgmma_desc_plus(wgmma_desc_sw128((1u << 18) - 16), 16), wgmma_desc_sw128(1u << 18));
 }
 
 }  // namespace

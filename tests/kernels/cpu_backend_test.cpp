@@ -61,9 +61,12 @@ struct Bounds {
 // vs the float64 reference on the exact bf16 inputs
 Bounds exact_bound(KvScheme s) {
   switch (kv_codec(s)) {
-    case KvCodec::kBf16: return {kBf16Bound, kBf16Bound};
-    case KvCodec::kE5m2: return {6 * kU, 16 * kU};
-    case KvCodec::kE4m3: break;
+    case KvCodec::kBf16:
+      return {kBf16Bound, kBf16Bound};
+    case KvCodec::kE5m2:
+      return {6 * kU, 16 * kU};
+    case KvCodec::kE4m3:
+      break;
   }
   return {3 * kU, 8 * kU};
 }
@@ -162,7 +165,7 @@ TEST(CpuBackend, QuantizeKvE5m2NeedsNoScalesAndSaturates) {
   p.num_tokens = 1;
   p.cache = KvCacheLayer{pool.data(), 1, kHkv, kD, KvScheme::kFp8E5m2};
   auto cpu = make_cpu_backend();
-  cpu->quantize_kv(p);  // scales.k / scales.v are null
+  cpu->quantize_kv(p);       // scales.k / scales.v are null
   EXPECT_EQ(pool[0], 0x3c);  // 1.0
   EXPECT_EQ(pool[2], 0x7b);  // 57344, the largest finite
   EXPECT_EQ(pool[3], 0x7b);  // 60000 saturates
@@ -933,8 +936,7 @@ TEST(CpuBackend, PerHeadBf16QStoresPerHeadBytesAndRoundsLess) {
   const test::KvScales scales = test::calibrate_scales(p, KvScheme::kFp8PerHead);
   EXPECT_EQ(scales.k, test::calibrate_scales(p, KvScheme::kFp8PerHeadBf16Q).k);
   const test::AttentionRun head = test::run_attention(*cpu, p, KvScheme::kFp8PerHead, scales);
-  const test::AttentionRun bf16q =
-      test::run_attention(*cpu, p, KvScheme::kFp8PerHeadBf16Q, scales);
+  const test::AttentionRun bf16q = test::run_attention(*cpu, p, KvScheme::kFp8PerHeadBf16Q, scales);
   EXPECT_EQ(head.pool, bf16q.pool);
   EXPECT_TRUE(bf16q.q_scale.empty());  // Q stays bf16: no quantize_q
   const auto ref = test::reference_attention(p, test::exact_inputs(p));

@@ -700,9 +700,8 @@ TEST_F(ModelRunnerTest, Fp8WithoutCalibrationRefused) {
   o.scheme = KvScheme::kFp8E5m2;
   const std::string e3 = error_of([&] { ModelRunner r(*tiny_, *backend_, *ops_, o); });
   EXPECT_NE(e3.find("fp8-e5m2 KV cache takes no calibration file"), std::string::npos) << e3;
-  const std::string e4 = error_of([&] {
-    load_scales_for_model("unused.json", tiny_->config(), KvScheme::kFp8E5m2);
-  });
+  const std::string e4 =
+      error_of([&] { load_scales_for_model("unused.json", tiny_->config(), KvScheme::kFp8E5m2); });
   EXPECT_NE(e4.find("fp8-e5m2 KV cache takes no calibration file"), std::string::npos) << e4;
 }
 

@@ -261,9 +261,8 @@ TEST_F(TensorParallelTest, CalibrationMatchesTp1) {
       ASSERT_EQ(g.scales.size(), want.scales.size());
       const int width = want.row_width();
       for (size_t i = 0; i < want.scales.size(); ++i) {
-        EXPECT_EQ(g.scales[i], want.scales[i])
-            << quant_type_name(qt) << " tp " << tp << " layer " << i / width << " column "
-            << i % width;
+        EXPECT_EQ(g.scales[i], want.scales[i]) << quant_type_name(qt) << " tp " << tp << " layer "
+                                               << i / width << " column " << i % width;
       }
     }
   }
@@ -350,8 +349,8 @@ TEST_F(TensorParallelTest, ExactTpLogitsAreTp1Bits) {
     const int r = runner.add_request();
     std::vector<float> logits = runner.forward({r}, {probe}, LogitRows::kAll);
     for (int step = 0; step < 3; ++step) {  // decode steps
-      const std::vector<float> d = runner.forward({r}, {{static_cast<int32_t>(step * 31 + 7)}},
-                                                  LogitRows::kLast);
+      const std::vector<float> d =
+          runner.forward({r}, {{static_cast<int32_t>(step * 31 + 7)}}, LogitRows::kLast);
       logits.insert(logits.end(), d.begin(), d.end());
     }
     return logits;

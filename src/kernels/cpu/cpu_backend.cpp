@@ -99,8 +99,7 @@ void load_pool_row(const KvCacheLayer& cache, int64_t slot, int head, float* out
     for (int d = 0; d < cache.head_dim; ++d) out[d] = bf16_to_float(src[d]);
   } else {
     const uint8_t* src = static_cast<const uint8_t*>(cache.data) + offset;
-    const std::array<float, 256>& values =
-        codec == KvCodec::kE5m2 ? e5m2_values() : e4m3_values();
+    const std::array<float, 256>& values = codec == KvCodec::kE5m2 ? e5m2_values() : e4m3_values();
     for (int d = 0; d < cache.head_dim; ++d) out[d] = values[src[d]];
   }
 }

@@ -13,22 +13,22 @@
 namespace fp8kv::cuda {
 
 struct AttentionArgs {
-  const void* q = nullptr;              // [total_q, Hq, D] e4m3 (fp8-per-head) or bf16 (others)
-  const float* q_scale = nullptr;       // [B, Hkv] fp8-per-head, else unused
-  uint16_t* o = nullptr;                // [total_q, Hq, D] bf16
-  const uint8_t* kv = nullptr;          // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2, as bytes
-  const float* k_scale = nullptr;       // per-head [Hkv], per-tensor [1]; none for fp8-e5m2 / bf16
-  const float* v_scale = nullptr;       // likewise
-  const int32_t* seq_len = nullptr;     // [B]
+  const void* q = nullptr;           // [total_q, Hq, D] e4m3 (fp8-per-head) or bf16 (others)
+  const float* q_scale = nullptr;    // [B, Hkv] fp8-per-head, else unused
+  uint16_t* o = nullptr;             // [total_q, Hq, D] bf16
+  const uint8_t* kv = nullptr;       // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2, as bytes
+  const float* k_scale = nullptr;    // per-head [Hkv], per-tensor [1]; none for fp8-e5m2 / bf16
+  const float* v_scale = nullptr;    // likewise
+  const int32_t* seq_len = nullptr;  // [B]
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1]
-  const int32_t* req_index = nullptr;   // [B]
+  const int32_t* req_index = nullptr;     // [B]
   const int32_t* req_to_token = nullptr;  // [max_requests, max_len]
-  DeviceError* error = nullptr;         // where a request out of range is recorded (may be null)
-  int max_requests = 0;                 // rows of req_to_token
+  DeviceError* error = nullptr;           // where a request out of range is recorded (may be null)
+  int max_requests = 0;                   // rows of req_to_token
   int max_len = 0;
-  int num_q_heads = 0;                  // Hq
-  int num_kv_heads = 0;                 // Hkv
-  float softmax_scale = 0.0f;           // resolved: 1/sqrt(D) when the caller gave 0
+  int num_q_heads = 0;         // Hq
+  int num_kv_heads = 0;        // Hkv
+  float softmax_scale = 0.0f;  // resolved: 1/sqrt(D) when the caller gave 0
 };
 
 inline AttentionArgs attention_args(const AttentionParams& p, DeviceError* error) {
@@ -48,9 +48,8 @@ inline AttentionArgs attention_args(const AttentionParams& p, DeviceError* error
   a.max_len = p.batch.max_len;
   a.num_q_heads = p.num_q_heads;
   a.num_kv_heads = p.cache.num_kv_heads;
-  a.softmax_scale = p.softmax_scale > 0.0f
-                        ? p.softmax_scale
-                        : 1.0f / std::sqrt(static_cast<float>(p.cache.head_dim));
+  a.softmax_scale = p.softmax_scale > 0.0f ? p.softmax_scale
+                                           : 1.0f / std::sqrt(static_cast<float>(p.cache.head_dim));
   return a;
 }
 

@@ -101,7 +101,8 @@ __device__ __forceinline__ void fence_barrier_init() {
 }
 // One arrival that also announces `bytes` more to come from bulk copies (0 allowed).
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
+               "r"(bytes)
                : "memory");
 }
 // One plain arrival (no transaction bytes).
@@ -118,7 +119,8 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
       "{\n.reg .pred done;\nwait_%=:\n"
       "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n}\n" ::"r"(bar), "r"(parity)
+      "@!done bra wait_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
       : "memory");
 }
 // An L2 policy that evicts these lines first (data read once: streamed K/V), so that what is
@@ -129,11 +131,12 @@ __device__ __forceinline__ uint64_t l2_evict_first_policy() {
   return policy;
 }
 // A bulk copy global -> shared completing on mbarrier `bar`, with an L2 cache policy.
-__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
-                                              uint64_t policy) {
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes,
+                                              uint32_t bar, uint64_t policy) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n"
-      ::"r"(dst), "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], "
+      "[%1], %2, [%3], %4;\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
       : "memory");
 }
 // Orders this thread's generic-proxy accesses of shared memory before later async-proxy ones
@@ -164,7 +167,10 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 // its CTA). The pattern of CUDA's grid sync, without a full fence in every thread.
 __device__ __forceinline__ uint32_t atomic_add_acq_rel_gpu(uint32_t* p, uint32_t v) {
   uint32_t old;
-  asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;\n"
+               : "=r"(old)
+               : "l"(p), "r"(v)
+               : "memory");
   return old;
 }
 // The GPU's global nanosecond timer (diagnostics).
@@ -214,7 +220,14 @@ __device__ __forceinline__ float2 e5m2x2_to_float2(uint16_t v) {
 __device__ __forceinline__ void widen_bf16x8(const uint4 v, float (&f)[8]) {
   const float2 a = bf16x2_to_float2(v.x), b = bf16x2_to_float2(v.y);
   const float2 c = bf16x2_to_float2(v.z), d = bf16x2_to_float2(v.w);
-  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y; f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+  f[0] = a.x;
+  f[1] = a.y;
+  f[2] = b.x;
+  f[3] = b.y;
+  f[4] = c.x;
+  f[5] = c.y;
+  f[6] = d.x;
+  f[7] = d.y;
 }
 
 // 8 e4m3 (one 8-byte vector) -> 8 floats.
@@ -223,7 +236,14 @@ __device__ __forceinline__ void widen_e4m3x8(const uint2 v, float (&f)[8]) {
   const float2 b = e4m3x2_to_float2(static_cast<uint16_t>(v.x >> 16));
   const float2 c = e4m3x2_to_float2(static_cast<uint16_t>(v.y & 0xffffu));
   const float2 d = e4m3x2_to_float2(static_cast<uint16_t>(v.y >> 16));
-  f[0] = a.x; f[1] = a.y; f[2] = b.x; f[3] = b.y; f[4] = c.x; f[5] = c.y; f[6] = d.x; f[7] = d.y;
+  f[0] = a.x;
+  f[1] = a.y;
+  f[2] = b.x;
+  f[3] = b.y;
+  f[4] = c.x;
+  f[5] = c.y;
+  f[6] = d.x;
+  f[7] = d.y;
 }
 
 // ---- narrowing ------------------------------------------------------------------------------
@@ -234,11 +254,13 @@ __device__ __forceinline__ uint8_t float_to_e4m3_hw(float x) {
 }
 // Two floats -> two e4m3 codes (x in the low byte).
 __device__ __forceinline__ uint16_t float2_to_e4m3x2_hw(float x, float y) {
-  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E4M3));
+  return static_cast<uint16_t>(
+      __nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E4M3));
 }
 // Two floats -> two e5m2 codes (x in the low byte), saturating: fp8kv::float_to_e5m2's bytes.
 __device__ __forceinline__ uint16_t float2_to_e5m2x2_hw(float x, float y) {
-  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E5M2));
+  return static_cast<uint16_t>(
+      __nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E5M2));
 }
 // Two floats -> two codes of the cache's FP8 codec (kE4m3 or kE5m2).
 template <KvCodec kCodec>
@@ -268,7 +290,8 @@ __device__ __forceinline__ uint16_t float_to_bf16_bits(float x) {
 struct ScaleDivider {
   float s, r;
   bool fast;
-  __device__ explicit ScaleDivider(float scale) : s(scale), r(1.0f), fast(scale >= 0x1p-60f && scale <= 0x1p60f) {
+  __device__ explicit ScaleDivider(float scale)
+      : s(scale), r(1.0f), fast(scale >= 0x1p-60f && scale <= 0x1p60f) {
     r = __frcp_rn(scale);
   }
   // q[i] = x[i] / s for a batch, as straight-line code: the fast path for every element, then the
@@ -354,7 +377,8 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4
 // d += a * b, m16n8k16, bf16 inputs, fp32 accumulate.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -362,7 +386,8 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 // d += a * b, m16n8k32, e4m3 inputs, fp32 accumulate.
 __device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));

@@ -62,7 +62,9 @@ class CudaStepGraph final : public StepGraph {
 template <typename T>
 std::vector<T> to_host(const T* device, size_t n, cudaStream_t stream) {
   std::vector<T> host(n);
-  if (n) check_cuda(cudaMemcpyAsync(host.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost, stream), "cuda backend: copy to host");
+  if (n)
+    check_cuda(cudaMemcpyAsync(host.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost, stream),
+               "cuda backend: copy to host");
   check_cuda(cudaStreamSynchronize(stream), "cuda backend: synchronize");
   return host;
 }
@@ -98,7 +100,8 @@ class CudaBackend final : public Backend {
     }
     // On the backend's stream (a caller's may be non-blocking: the legacy default stream, where a
     // plain cudaMemset goes, does not order with it), done before the first kernel can record.
-    check_cuda(cudaMemsetAsync(device_error_, 0xff, sizeof *device_error_, stream_), "cuda backend: memset");
+    check_cuda(cudaMemsetAsync(device_error_, 0xff, sizeof *device_error_, stream_),
+               "cuda backend: memset");
     check_cuda(cudaStreamSynchronize(stream_), "cuda backend: synchronize");
   }
   ~CudaBackend() override {
@@ -119,7 +122,8 @@ class CudaBackend final : public Backend {
     void* p = nullptr;
     const cudaError_t e = cudaMalloc(&p, bytes == 0 ? 1 : bytes);
     if (e != cudaSuccess) {
-      throw Error("cuda backend: cudaMalloc of " + std::to_string(bytes) + " bytes: " + cudaGetErrorString(e));
+      throw Error("cuda backend: cudaMalloc of " + std::to_string(bytes) +
+                  " bytes: " + cudaGetErrorString(e));
     }
     return p;
   }
@@ -131,11 +135,15 @@ class CudaBackend final : public Backend {
   void upload(void* dst, const void* host_src, size_t bytes) override {
     select();
     // From pageable memory the call returns once the source is staged: the caller may reuse it.
-    if (bytes) check_cuda(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_), "cuda backend: upload");
+    if (bytes)
+      check_cuda(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_),
+                 "cuda backend: upload");
   }
   void download(void* host_dst, const void* src, size_t bytes) override {
     select();
-    if (bytes) check_cuda(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_), "cuda backend: download");
+    if (bytes)
+      check_cuda(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream_),
+                 "cuda backend: download");
     check_cuda(cudaStreamSynchronize(stream_), "cuda backend: download (synchronize)");
     throw_device_error();
   }
@@ -306,7 +314,8 @@ class CudaBackend final : public Backend {
                "cuda backend: error check");
     check_cuda(cudaStreamSynchronize(stream_), "cuda backend: error check");
     if (e.index == ULLONG_MAX) return;
-    check_cuda(cudaMemsetAsync(device_error_, 0xff, sizeof e, stream_), "cuda backend: error check reset");
+    check_cuda(cudaMemsetAsync(device_error_, 0xff, sizeof e, stream_),
+               "cuda backend: error check reset");
     const std::string value = std::to_string(static_cast<long long>(e.value));
     const std::string bound = std::to_string(static_cast<long long>(e.bound));
     switch (static_cast<cuda::DeviceErrorKind>(e.kind)) {
@@ -350,7 +359,9 @@ bool cuda_available() {
   }
   for (int d = 0; d < count; ++d) {
     int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d) == cudaSuccess && major == 9) return true;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d) == cudaSuccess &&
+        major == 9)
+      return true;
   }
   return false;
 }

@@ -19,7 +19,7 @@ struct DecodePlan {
                         // decode_persistent_kv_heads)
   int head_chunks = 1;  // CTAs per KV head along the query heads (8 per CTA)
   DecodeSplit split;
-  int persistent_ctas = 0;  // > 0: the persistent kernel with this many CTAs (decode_persistent)
+  int persistent_ctas = 0;     // > 0: the persistent kernel with this many CTAs (decode_persistent)
   bool cluster_merge = false;  // each group's splits a cluster, merged in shared memory
 };
 
@@ -94,7 +94,8 @@ size_t decode_workspace_bytes(const AttentionParams& p) {
   const DecodePlan plan = plan_decode(p);
   if (plan.persistent_ctas > 0) return kCounterBytes;  // the item counter and the CTAs' count
   if (plan.split.num_splits == 1) return 0;
-  const size_t rows = static_cast<size_t>(p.batch.num_requests) * p.num_q_heads * plan.split.num_splits;
+  const size_t rows =
+      static_cast<size_t>(p.batch.num_requests) * p.num_q_heads * plan.split.num_splits;
   return kCounterBytes + rows * (static_cast<size_t>(p.cache.head_dim) + 1) * sizeof(float);
 }
 
@@ -136,7 +137,8 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
 #endif
   const dim3 grid = decode_grid(p, plan);
   if (a.num_splits > 1) {
-    if (workspace == nullptr) throw Error("decode attention: split-KV needs a workspace (decode_workspace_bytes)");
+    if (workspace == nullptr)
+      throw Error("decode attention: split-KV needs a workspace (decode_workspace_bytes)");
     // choose_decode_split plans with at least this many groups (tp plans with the whole model's
     // KV heads), so they fit the counters.
     if (static_cast<int64_t>(grid.y) * grid.z > kDecodeMaxSplitGroups) {
@@ -150,7 +152,9 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
     a.ws_lse = a.ws_o + rows * D;
   }
   if (plan.persistent_ctas > 0) {
-    if (workspace == nullptr) throw Error("decode attention: a persistent launch needs a workspace (decode_workspace_bytes)");
+    if (workspace == nullptr)
+      throw Error(
+          "decode attention: a persistent launch needs a workspace (decode_workspace_bytes)");
     a.split_counters = static_cast<uint32_t*>(workspace);
     a.num_items = static_cast<int>(grid.y * grid.z);
   }

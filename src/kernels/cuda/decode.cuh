@@ -25,14 +25,14 @@ struct DecodeKvMaps {
 
 // Device arguments of the decode kernel, built by decode.cu from AttentionParams.
 struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then decode's own
-  float* ws_o = nullptr;    // [B, Hq, num_splits, D] normalized partial outputs
-  float* ws_lse = nullptr;  // [B, Hq, num_splits] log2-sum-exp2 of each split
+  float* ws_o = nullptr;             // [B, Hq, num_splits, D] normalized partial outputs
+  float* ws_lse = nullptr;           // [B, Hq, num_splits] log2-sum-exp2 of each split
   // [B, gridDim.y] splits of each group (request b, CTA head group blockIdx.y) that have written
   // their partials; zero between launches: the group's last CTA merges and puts it back to zero.
   uint32_t* split_counters = nullptr;
-  int group = 0;            // Hq / Hkv
-  int head_chunks = 0;      // ceil(group / heads per CTA)
-  int num_splits = 1;       // o is written directly when 1, else ws_o / ws_lse and the merge
+  int group = 0;        // Hq / Hkv
+  int head_chunks = 0;  // ceil(group / heads per CTA)
+  int num_splits = 1;   // o is written directly when 1, else ws_o / ws_lse and the merge
   int split_tokens = 0;
   float sm_scale_log2 = 0.0f;  // softmax scale * log2(e): scores are kept in the log2 domain
   // The persistent kernel: items (request, head group) in all; it deals them from
@@ -104,7 +104,7 @@ struct DecodeMmaKernel {
   static void launch_persistent(const DecodeArgs& a, int ctas, cudaStream_t stream);
 };
 
-#define FP8KV_DECODE_MMA_EXTERN(SCHEME)            \
+#define FP8KV_DECODE_MMA_EXTERN(SCHEME)                \
   extern template struct DecodeMmaKernel<SCHEME, 64>;  \
   extern template struct DecodeMmaKernel<SCHEME, 128>; \
   extern template struct DecodeMmaKernel<SCHEME, 256>;

@@ -1,5 +1,5 @@
-// Explicit instantiations of the decode kernel (decode_mma_kernel.cuh) for KvScheme::kFp8PerHead: one file
-// per scheme keeps each compile small and parallel.
+// Explicit instantiations of the decode kernel (decode_mma_kernel.cuh) for KvScheme::kFp8PerHead:
+// one file per scheme keeps each compile small and parallel.
 #include "kernels/cuda/decode_mma_kernel.cuh"
 
 namespace fp8kv::cuda {

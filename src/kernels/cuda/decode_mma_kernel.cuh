@@ -85,10 +85,10 @@
 namespace fp8kv::cuda {
 namespace decode_mma {
 
-constexpr int kWarps = 4;                          // warps per KV head of a CTA
-constexpr int kIssuers = kWarps * 32;              // threads that issue the tile copies
-constexpr int kRows = 8;                          // query heads per CTA: the MMA's N
-constexpr int kWarpKeys = 16;                     // keys of a tile per warp (two n8 tiles)
+constexpr int kWarps = 4;                        // warps per KV head of a CTA
+constexpr int kIssuers = kWarps * 32;            // threads that issue the tile copies
+constexpr int kRows = 8;                         // query heads per CTA: the MMA's N
+constexpr int kWarpKeys = 16;                    // keys of a tile per warp (two n8 tiles)
 constexpr int kTileTokens = kWarps * kWarpKeys;  // 64: one kDecodeSplitAlign
 static_assert(kTileTokens == 64, "splits are aligned to whole tiles (decode_split.h)");
 static_assert(2 * kTileTokens == kIssuers, "one thread issues the copy of one K or V row");
@@ -97,11 +97,11 @@ static_assert(2 * kTileTokens == kIssuers, "one thread issues the copy of one K 
 template <KvScheme kScheme, int D, int kKvHeads>
 struct TileShape {
   static constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
-  static constexpr int kRowBytes = kBf16 ? 2 * D : D;     // one K or V row of a KV head
-  static constexpr int kKv = kKvHeads;                    // adjacent KV heads
-  static constexpr int kThreads = kKv * kWarps * 32;      // 4 warps per KV head: the computing ones
-  static constexpr int kCopyBytes = kKv * kRowBytes;      // a token's row of the kKv heads
-  static constexpr int kSteps = D / 16;                   // 16-dim steps: QK k-steps, PV m-tiles
+  static constexpr int kRowBytes = kBf16 ? 2 * D : D;  // one K or V row of a KV head
+  static constexpr int kKv = kKvHeads;                 // adjacent KV heads
+  static constexpr int kThreads = kKv * kWarps * 32;   // 4 warps per KV head: the computing ones
+  static constexpr int kCopyBytes = kKv * kRowBytes;   // a token's row of the kKv heads
+  static constexpr int kSteps = D / 16;                // 16-dim steps: QK k-steps, PV m-tiles
   // A tile in shared memory: its 64 K rows then 64 V rows, kCopyBytes apart, in the copy
   // engine's 128-byte swizzle (tile_row_bases).
   static constexpr int kTileBytes = 2 * kTileTokens * kCopyBytes;
@@ -126,8 +126,8 @@ struct Shape : TileShape<kScheme, D, decode_mma_kv_heads(kScheme, D)> {
   // kernel instead (PersistentShape below), which keeps the ring streaming across items.
   static constexpr int kStages = kCopyBytes <= 128 ? 4 : 3;
   static constexpr int kMinBlocks = kCopyBytes <= 128 ? 3 : kCopyBytes <= 256 ? 2 : 1;
-  static constexpr int kDataBytes =
-      kStages * kStageBytes > kMergeBytes ? kStages * kStageBytes : kMergeBytes;
+  static constexpr int kRingBytes = kStages * kStageBytes;
+  static constexpr int kDataBytes = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
   static constexpr int kSmemBytes = kDataBytes + kStages * 8;  // + one mbarrier per stage
   // A cluster launch's partials (merge_group_in_cluster), after the warps' merge: per KV head,
   // the normalized o of its 8 query-head rows ([kRows, D] floats), then their log-sum-exps.
@@ -163,7 +163,8 @@ __device__ __forceinline__ void fp8x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint3
 // d += a * b: m16n8k16 f16, fp32 accumulate.
 __device__ __forceinline__ void mma_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                         uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -286,9 +287,9 @@ __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRo
 #pragma unroll
     for (int e = 0; e < 4; ++e) out[e] = any ? acc[j][e] / sum_w[j] : 0.0f;
     if constexpr (kFinal) {
-      uint16_t* dst = a.o +
-                      (static_cast<int64_t>(a.cu_seqlens_q[g.b]) * a.num_q_heads + g.head(i, a)) * D +
-                      4 * (item % kVecs);
+      uint16_t* dst =
+          a.o + (static_cast<int64_t>(a.cu_seqlens_q[g.b]) * a.num_q_heads + g.head(i, a)) * D +
+          4 * (item % kVecs);
 #pragma unroll
       for (int e = 0; e < 4; ++e) dst[e] = float_to_bf16_bits(out[e]);
     } else {
@@ -352,7 +353,8 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
       // barrier, by every thread that needed it).
       sum = warp_sum(sum);
       if (lane == 0) {
-        a.ws_lse[g.split_row0(i, a) + first] = mx != -INFINITY && sum > 0.0f ? mx + __log2f(sum) : -INFINITY;
+        a.ws_lse[g.split_row0(i, a) + first] =
+            mx != -INFINITY && sum > 0.0f ? mx + __log2f(sum) : -INFINITY;
       }
     }
   }
@@ -379,7 +381,7 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
 template <class Sh, int D>
 __device__ __noinline__ void merge_group_in_cluster(const DecodeArgs& a, const uint8_t* smem) {
   constexpr int kVecs = D / 4;  // float4 columns of a row
-  constexpr int kUnroll = 4;  // splits' loads in flight a thread
+  constexpr int kUnroll = 4;    // splits' loads in flight a thread
   const float* parts = reinterpret_cast<const float*>(smem + Sh::kPartialOffset);
   const int splits = a.num_splits;
   const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;
@@ -451,9 +453,10 @@ __device__ __forceinline__ void write_timeline(const DecodeArgs& a, int64_t entr
 // Heads past the group's end (r >= num_heads) are zero and never written. Also the score
 // multiplier (raw score -> log2-domain logit) and the V scale of KV head g of request b.
 template <KvScheme kScheme, int kHeadDim>
-__device__ __forceinline__ void load_q(const DecodeArgs& a, int64_t q_token, int b, int g, int head0,
-                                       int num_heads, int r, int t, uint32_t (&qa)[kHeadDim / 16][2],
-                                       float& mult, float& v_scale) {
+__device__ __forceinline__ void load_q(const DecodeArgs& a, int64_t q_token, int b, int g,
+                                       int head0, int num_heads, int r, int t,
+                                       uint32_t (&qa)[kHeadDim / 16][2], float& mult,
+                                       float& v_scale) {
   constexpr bool kBf16 = kv_codec(kScheme) == KvCodec::kBf16;
   constexpr KvScaleSource kScales = kv_scale_source(kScheme);
   constexpr bool kQFp8 = fp8_q(kScheme);
@@ -511,7 +514,6 @@ __device__ __forceinline__ void load_q(const DecodeArgs& a, int64_t q_token, int
     mult *= a.k_scale[scale_index];
     v_scale = a.v_scale[scale_index];
   }
-
 }
 
 // One tile of the warp's 16 keys (key0 ..; keys from t_end on are masked) whose ldmatrix rows
@@ -647,12 +649,10 @@ __device__ __forceinline__ int merge_col(int h, int d) { return d ^ (((h >> 1) &
 // memory, the KV head's partials there ([kRows, D] floats of o, then kRows log-sum-exps). `sync`
 // is the barrier of the CTA's computing threads.
 template <class Sh, int kHeadDim, class Sync>
-__device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8_t* merge_area,
-                                                      Sync sync, int warp, int r, int t,
-                                                      int num_heads, int head0, int64_t q_token,
-                                                      int b, int split, const float (&m)[2],
-                                                      float (&l)[2], const float (&o)[kHeadDim / 16][4],
-                                                      float v_scale, float* part = nullptr) {
+__device__ __forceinline__ void merge_warps_and_store(
+    const DecodeArgs& a, uint8_t* merge_area, Sync sync, int warp, int r, int t, int num_heads,
+    int head0, int64_t q_token, int b, int split, const float (&m)[2], float (&l)[2],
+    const float (&o)[kHeadDim / 16][4], float v_scale, float* part = nullptr) {
   constexpr bool kBf16 = Sh::kBf16;
   constexpr int kSteps = kHeadDim / 16;
 #pragma unroll
@@ -664,9 +664,9 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8
 
   // Merge the 4 warps in shared memory.
   sync();
-  float* s_o = reinterpret_cast<float*>(merge_area);  // [warps, kRows, D]
-  float* s_m = s_o + kWarps * kRows * kHeadDim;         // [warps, kRows]
-  float* s_l = s_m + kWarps * kRows;                    // [warps, kRows]
+  float* s_o = reinterpret_cast<float*>(merge_area);        // [warps, kRows, D]
+  float* s_m = s_o + kWarps * kRows * kHeadDim;             // [warps, kRows]
+  float* s_l = s_m + kWarps * kRows;                        // [warps, kRows]
   float* o_even = s_o + (warp * kRows + 2 * t) * kHeadDim;  // head 2t
   float* o_odd = o_even + kHeadDim;                         // head 2t + 1
   if constexpr (kBf16) {
@@ -680,8 +680,10 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8
   } else {  // dims 2r and 2r + 1 of a step are adjacent: one float2 per head
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {
-      *reinterpret_cast<float2*>(o_even + merge_col(2 * t, 16 * k + 2 * r)) = make_float2(o[k][0], o[k][2]);
-      *reinterpret_cast<float2*>(o_odd + merge_col(2 * t + 1, 16 * k + 2 * r)) = make_float2(o[k][1], o[k][3]);
+      *reinterpret_cast<float2*>(o_even + merge_col(2 * t, 16 * k + 2 * r)) =
+          make_float2(o[k][0], o[k][2]);
+      *reinterpret_cast<float2*>(o_odd + merge_col(2 * t + 1, 16 * k + 2 * r)) =
+          make_float2(o[k][1], o[k][3]);
     }
   }
   if (r == 0) {
@@ -722,7 +724,8 @@ __device__ __forceinline__ void merge_warps_and_store(const DecodeArgs& a, uint8
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) {
         const float fw = s_f[h * kWarps + w];
-        const float2 x = *reinterpret_cast<const float2*>(s_o + (w * kRows + h) * kHeadDim + merge_col(h, d));
+        const float2 x =
+            *reinterpret_cast<const float2*>(s_o + (w * kRows + h) * kHeadDim + merge_col(h, d));
         out.x += fw * x.x;
         out.y += fw * x.y;
       }
@@ -903,10 +906,10 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     // reads of the in-CTA merge's shared memory, which the split merge reuses.
     //
     // More than kDecodeTwoLevelMergeAbove splits merge in two levels, so that one CTA does not
-    // read every split's partial while the GPU idles: the last CTA of each sub-group of kDecodeMergeFanIn
-    // adjacent splits merges them into the sub-group's first partial, then arrives at the
-    // group's counter, whose last arrival merges the sub-groups' partials. Fixed sub-groups and
-    // orders: the bits still do not depend on which CTA arrives when.
+    // read every split's partial while the GPU idles: the last CTA of each sub-group of
+    // kDecodeMergeFanIn adjacent splits merges them into the sub-group's first partial, then
+    // arrives at the group's counter, whose last arrival merges the sub-groups' partials. Fixed
+    // sub-groups and orders: the bits still do not depend on which CTA arrives when.
     __syncthreads();
     // One arrival of the CTA on `counter` (which expects `arrivals`): whether it was the last.
     // The last one puts the counter back to zero for the next launch or a graph's replay (none
@@ -943,7 +946,8 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 #ifdef FP8KV_DECODE_TIMELINE
   __syncthreads();
   if (threadIdx.x == 0) {
-    const int64_t cta = blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int64_t cta =
+        blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
     decode_mma::write_timeline(a, cta, tl_start, tl_first, tl_streamed, global_timer_ns(), 0,
                                tl_issued, tl_row, tl_bar, tl_issue0);
   }
@@ -960,8 +964,7 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   using Base::kThreads, Base::kMergeBytes;  // kThreads: the consumers
   // A stage: a tile, and room for an item's warps' merge (which runs in its last tile's stage),
   // in whole swizzle patterns.
-  static constexpr int kStageBytes =
-      (std::max(Base::kTileBytes, kMergeBytes) + 1023) / 1024 * 1024;
+  static constexpr int kStageBytes = (std::max(Base::kTileBytes, kMergeBytes) + 1023) / 1024 * 1024;
   // Eight producer warps, lanes 0..15 of each issuing one K or V row of every tile: a warp
   // issues its lanes' copies one after another, so 16 copies per warp and tile land a tile
   // in half the time of 32 (lanes 16..31 only follow along).
@@ -976,13 +979,14 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   // 48: the producers also build the longest-first order (build_order; 32 spilled there) and
   // choose between a box and a copy a row (40 spilled 4 bytes at head_dim 128).
   static constexpr int kProducerRegs = 48;
-  static constexpr int kConsumerPool = (kLaunchRegs * kAllThreads - kProducerRegs * kProducers) / kThreads / 8 * 8;
+  static constexpr int kConsumerPool =
+      (kLaunchRegs * kAllThreads - kProducerRegs * kProducers) / kThreads / 8 * 8;
   static constexpr int kConsumerRegs = kConsumerPool > 240 ? 240 : kConsumerPool;
   static constexpr int kStages = 209000 / kStageBytes;
-  static constexpr int kHeaderOffset = kStages * kStageBytes;          // int per stage (8 bytes)
-  static constexpr int kFullOffset = kHeaderOffset + 8 * kStages;     // mbarrier per stage
-  static constexpr int kEmptyOffset = kFullOffset + 8 * kStages;      // mbarrier per stage
-  static constexpr int kItemOffset = kEmptyOffset + 8 * kStages;      // the producers' next item
+  static constexpr int kHeaderOffset = kStages * kStageBytes;      // int per stage (8 bytes)
+  static constexpr int kFullOffset = kHeaderOffset + 8 * kStages;  // mbarrier per stage
+  static constexpr int kEmptyOffset = kFullOffset + 8 * kStages;   // mbarrier per stage
+  static constexpr int kItemOffset = kEmptyOffset + 8 * kStages;   // the producers' next item
   // The producers' longest-first order of the requests whose items all come after the first
   // round (build_order in the kernel): bucket counts and cursors, each warp's count per bucket,
   // then, in what is left of the SM's shared memory, the order (uint16) and each request's bucket
@@ -997,10 +1001,13 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   static_assert(kStages >= 3 && kOrderCapacity >= 1024 && kSmemBytes <= 227 * 1024,
                 "the ring and an order of 1024 requests or more fit one CTA per SM");
   static_assert(kMergeBytes <= kStageBytes, "the warps' merge fits the last tile's stage");
-  static_assert(2 * kTileTokens == kProducers / 32 * kCopyLanes, "one producer lane per K or V row of a tile");
+  static_assert(2 * kTileTokens == kProducers / 32 * kCopyLanes,
+                "one producer lane per K or V row of a tile");
   static_assert(kThreads % 128 == 0 && kProducers % 128 == 0, "setmaxnreg takes whole warpgroups");
-  static_assert(kLaunchRegs <= 248 && kConsumerRegs >= kLaunchRegs && kProducerRegs <= kLaunchRegs &&
-                    kConsumerRegs * kThreads + kProducerRegs * kProducers <= kLaunchRegs * kAllThreads,
+  static_assert(kLaunchRegs <= 248 && kConsumerRegs >= kLaunchRegs &&
+                    kProducerRegs <= kLaunchRegs &&
+                    kConsumerRegs * kThreads + kProducerRegs * kProducers <=
+                        kLaunchRegs * kAllThreads,
                 "the register split fits the launch's allocation");
 };
 }  // namespace decode_mma
@@ -1034,7 +1041,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   const uint32_t full_bar = smem_base + Sh::kFullOffset, empty_bar = smem_base + Sh::kEmptyOffset;
   if (threadIdx.x < kStages) {
     mbarrier_init(full_bar + 8 * threadIdx.x, 2 * kTileTokens);  // one arrival per row
-    mbarrier_init(empty_bar + 8 * threadIdx.x, Sh::kThreads);  // every consumer thread
+    mbarrier_init(empty_bar + 8 * threadIdx.x, Sh::kThreads);    // every consumer thread
   }
   fence_barrier_init();
   __syncthreads();
@@ -1085,9 +1092,9 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     const auto build_order = [&] {
       constexpr int kBuckets = Sh::kOrderBuckets, kWarpsP = Sh::kProducers / 32;
       uint32_t* count = reinterpret_cast<uint32_t*>(smem + Sh::kSortOffset);  // [kBuckets]
-      uint32_t* cursor = count + kBuckets;                                     // [kBuckets]
-      uint16_t* warp_count = reinterpret_cast<uint16_t*>(cursor + kBuckets);   // [warps, kBuckets]
-      uint8_t* key = smem + Sh::kKeyOffset;                                    // [requests]
+      uint32_t* cursor = count + kBuckets;                                    // [kBuckets]
+      uint16_t* warp_count = reinterpret_cast<uint16_t*>(cursor + kBuckets);  // [warps, kBuckets]
+      uint8_t* key = smem + Sh::kKeyOffset;                                   // [requests]
       const int n = sorted_requests();
       if (n <= 1 || n > Sh::kOrderCapacity) {
         if (p == 0) *ordered = 0;
@@ -1213,7 +1220,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
       const uint32_t dst =
           smem_base + s * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
       if (!issue_warp_rows<Sh::kCopyLanes, Sh::kCopyBytes>(dst, bar, slot, copier, box_map, row_map,
-                                                          g0 * Sh::kRowBytes / 128, l2_policy)) {
+                                                           g0 * Sh::kRowBytes / 128, l2_policy)) {
         if (static_cast<int>(i) < num_tiles) {
           // Rows past the end are zero: their scores are masked and their V rows must be finite
           // zeros, never stale data (0 * NaN would poison the output).
@@ -1287,7 +1294,8 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     for (int k = 0; k < kSteps; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.0f;
     uint32_t qa[kSteps][2];
     float mult = 0.0f, v_scale = 0.0f;
-    if (slot_row != nullptr) load_q<kScheme, kHeadDim>(a, q_token, b, g, head0, num_heads, r, t, qa, mult, v_scale);
+    if (slot_row != nullptr)
+      load_q<kScheme, kHeadDim>(a, q_token, b, g, head0, num_heads, r, t, qa, mult, v_scale);
     for (int i = 0; i < num_tiles; ++i) {
       if (i > 0) {
         s = J % kStages;
@@ -1311,21 +1319,23 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     // Stage s holds the item's last tile (or its header alone): the warps' merge goes there.
     // A refused request writes nothing (as decode_mma_kernel).
     if (slot_row != nullptr) {
-      merge_warps_and_store<Sh, kHeadDim>(a, smem + s * Sh::kStageBytes + sub * (Sh::kMergeBytes / Sh::kKv),
-                                          consumers_sync, warp, r, t, num_heads, head0, q_token, b,
-                                          0, m, l, o, v_scale);
+      merge_warps_and_store<Sh, kHeadDim>(
+          a, smem + s * Sh::kStageBytes + sub * (Sh::kMergeBytes / Sh::kKv), consumers_sync, warp,
+          r, t, num_heads, head0, q_token, b, 0, m, l, o, v_scale);
     }
     fence_proxy_async();  // the merge's stores before the tensor copies that refill the stage
     consumers_sync();     // every consumer is done with the stage
 #ifdef FP8KV_DECODE_TIMELINE
-    if (threadIdx.x == 0) write_timeline(a, item, tl_first, tl_streamed, global_timer_ns(), blockIdx.x, 1);
+    if (threadIdx.x == 0)
+      write_timeline(a, item, tl_first, tl_streamed, global_timer_ns(), blockIdx.x, 1);
 #endif
     mbarrier_arrive(empty_bar + 8 * s);
     ++J;
   }
 #ifdef FP8KV_DECODE_TIMELINE
   if (threadIdx.x == 0) {
-    write_timeline(a, static_cast<int64_t>(a.num_items) + blockIdx.x, tl_start, tl_cta_first, 0, global_timer_ns(), 2);
+    write_timeline(a, static_cast<int64_t>(a.num_items) + blockIdx.x, tl_start, tl_cta_first, 0,
+                   global_timer_ns(), 2);
   }
 #endif
 }
@@ -1335,7 +1345,8 @@ namespace decode_mma {
 // allowing the kernel that much (each caller keeps the answer in a function-local static).
 template <class Kernel>
 int resident_per_sm(Kernel* kernel, int threads, int smem_bytes) {
-  FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  FP8KV_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   int v = 0;
   FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, threads, smem_bytes));
   return v;
@@ -1345,8 +1356,8 @@ int resident_per_sm(Kernel* kernel, int threads, int smem_bytes) {
 template <KvScheme kScheme, int kHeadDim>
 int DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm() {
   using Sh = decode_mma::Shape<kScheme, kHeadDim>;
-  static const int n = std::max(
-      1, decode_mma::resident_per_sm(decode_mma_kernel<kScheme, kHeadDim>, Sh::kThreads, Sh::kSmemBytes));
+  static const int n = std::max(1, decode_mma::resident_per_sm(decode_mma_kernel<kScheme, kHeadDim>,
+                                                               Sh::kThreads, Sh::kSmemBytes));
   return n;
 }
 
@@ -1368,9 +1379,10 @@ DecodeArgs with_kv_maps(const DecodeArgs& a, int rows) {
       !encode_tma_3d_u32_sw128(&m.kv_maps.v_box, a.kv + kv_bytes, dims, strides, box_rows) ||
       !encode_tma_3d_u32_sw128(&m.kv_maps.k_row, a.kv, dims, strides, one_row) ||
       !encode_tma_3d_u32_sw128(&m.kv_maps.v_row, a.kv + kv_bytes, dims, strides, one_row)) {
-    throw Error("decode attention: the driver could not describe the KV cache to the copy engine "
-                "(cuTensorMapEncodeTiled: " + std::to_string(a.cache_slots) + " slots of " +
-                std::to_string(2 * kv_bytes) + " bytes)");
+    throw Error(
+        "decode attention: the driver could not describe the KV cache to the copy engine "
+        "(cuTensorMapEncodeTiled: " +
+        std::to_string(a.cache_slots) + " slots of " + std::to_string(2 * kv_bytes) + " bytes)");
   }
   return m;
 }
@@ -1432,13 +1444,13 @@ void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, 
   using Sh = decode_mma::Shape<kScheme, kHeadDim>;
   ctas_per_sm();  // sets the shared-memory limit once
   if (cluster) {
-    const decode_mma::ClusterLaunch c(grid, Sh::kThreads, Sh::kSmemBytes,
-                                      static_cast<int>(grid.x), stream);
+    const decode_mma::ClusterLaunch c(grid, Sh::kThreads, Sh::kSmemBytes, static_cast<int>(grid.x),
+                                      stream);
     FP8KV_CUDA_CHECK(cudaLaunchKernelEx(&c.config, decode_mma_kernel<kScheme, kHeadDim>,
                                         decode_mma::with_kv_maps<Sh>(a, 32)));
   } else {
-    decode_mma_kernel<kScheme, kHeadDim><<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(
-        decode_mma::with_kv_maps<Sh>(a, 32));
+    decode_mma_kernel<kScheme, kHeadDim>
+        <<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(decode_mma::with_kv_maps<Sh>(a, 32));
   }
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_kernel");
 }
@@ -1463,7 +1475,7 @@ void DecodeMmaKernel<kScheme, kHeadDim>::launch_persistent(const DecodeArgs& a, 
   FP8KV_CUDA_CHECK_LAUNCH("decode_mma_persistent_kernel");
 }
 
-#define FP8KV_DECODE_MMA_INSTANTIATE(SCHEME)   \
+#define FP8KV_DECODE_MMA_INSTANTIATE(SCHEME)    \
   template struct DecodeMmaKernel<SCHEME, 64>;  \
   template struct DecodeMmaKernel<SCHEME, 128>; \
   template struct DecodeMmaKernel<SCHEME, 256>;

@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kOrdThreads)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         ldmatrix_x4(b[j], smem_addr(&ws[st][wn + j * 16 + (lane & 7) + ((lane >> 4) << 3)]
-                                           [kk + ((lane >> 3) & 1) * 8]));
+                                       [kk + ((lane >> 3) & 1) * 8]));
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -252,8 +252,7 @@ void launch_linear_ordered(const float* x, const uint16_t* x16, WeightView w, co
   const dim3 grid(static_cast<unsigned>((n + kOrdTile - 1) / kOrdTile),
                   static_cast<unsigned>((m + kOrdTile - 1) / kOrdTile));
   if (grid.y > 65535) {
-    throw Error("cuda model ops: linear_ordered: m " + std::to_string(m) +
-                " exceeds 65535 tiles");
+    throw Error("cuda model ops: linear_ordered: m " + std::to_string(m) + " exceeds 65535 tiles");
   }
   const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
   const int run = K / chunks;

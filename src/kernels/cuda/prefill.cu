@@ -14,14 +14,22 @@ namespace fp8kv::cuda {
 
 const char* prefill_config_name(PrefillConfig config) {
   switch (config) {
-    case PrefillConfig::kDefault: return "default";
-    case PrefillConfig::kWide: return "wide";
-    case PrefillConfig::kNarrow: return "narrow";
-    case PrefillConfig::kWarpSpecialized: return "ws";
-    case PrefillConfig::kWsSwizzle: return "ws-sw128";
-    case PrefillConfig::kWsPersistent: return "ws-persistent";
-    case PrefillConfig::kWsDiagConsumers: return "ws-diag-consumers";
-    case PrefillConfig::kWsDiagProducer: return "ws-diag-producer";
+    case PrefillConfig::kDefault:
+      return "default";
+    case PrefillConfig::kWide:
+      return "wide";
+    case PrefillConfig::kNarrow:
+      return "narrow";
+    case PrefillConfig::kWarpSpecialized:
+      return "ws";
+    case PrefillConfig::kWsSwizzle:
+      return "ws-sw128";
+    case PrefillConfig::kWsPersistent:
+      return "ws-persistent";
+    case PrefillConfig::kWsDiagConsumers:
+      return "ws-diag-consumers";
+    case PrefillConfig::kWsDiagProducer:
+      return "ws-diag-producer";
   }
   return "unknown";
 }
@@ -107,24 +115,37 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
   }
   bool launched = false;
   switch (config) {
-    case PrefillConfig::kWide: launched = try_launch<S, D, 8, 64>(p, stream, error); break;
-    case PrefillConfig::kNarrow:
-      launched = D == 256 ? try_launch<S, D, 4, 32>(p, stream, error) : try_launch<S, D, 4, 64>(p, stream, error);
+    case PrefillConfig::kWide:
+      launched = try_launch<S, D, 8, 64>(p, stream, error);
       break;
-    case PrefillConfig::kWarpSpecialized: launched = try_launch_ws<S, D>(p, stream, error); break;
-    case PrefillConfig::kWsSwizzle: launched = try_launch_ws<S, D, true>(p, stream, error); break;
+    case PrefillConfig::kNarrow:
+      launched = D == 256 ? try_launch<S, D, 4, 32>(p, stream, error)
+                          : try_launch<S, D, 4, 64>(p, stream, error);
+      break;
+    case PrefillConfig::kWarpSpecialized:
+      launched = try_launch_ws<S, D>(p, stream, error);
+      break;
+    case PrefillConfig::kWsSwizzle:
+      launched = try_launch_ws<S, D, true>(p, stream, error);
+      break;
     case PrefillConfig::kWsPersistent: {  // e4m3: D 128 swizzled, D 64 plain; widened: swizzled
       constexpr bool kSwizzled = !fp8_q(S) || D == 128;
       launched = try_launch_ws<S, D, kSwizzled, 0, true>(p, stream, error);
       break;
     }
-    case PrefillConfig::kWsDiagConsumers: launched = try_launch_ws<S, D, false, 1>(p, stream, error); break;
-    case PrefillConfig::kWsDiagProducer: launched = try_launch_ws<S, D, false, 2>(p, stream, error); break;
-    default: break;
+    case PrefillConfig::kWsDiagConsumers:
+      launched = try_launch_ws<S, D, false, 1>(p, stream, error);
+      break;
+    case PrefillConfig::kWsDiagProducer:
+      launched = try_launch_ws<S, D, false, 2>(p, stream, error);
+      break;
+    default:
+      break;
   }
   if (!launched) {
     throw Error(std::string("prefill_attention: tile config '") + prefill_config_name(config) +
-                "' is not built for scheme " + scheme_name(S) + " and head_dim " + std::to_string(D));
+                "' is not built for scheme " + scheme_name(S) + " and head_dim " +
+                std::to_string(D));
   }
 }
 

@@ -69,8 +69,9 @@ inline PrefillParams make_prefill_params(const AttentionParams& a, DeviceError* 
 inline dim3 prefill_grid(const AttentionParams& a, int heads, int tile_tokens) {
   const int q_tiles = ceil_div(a.batch.max_q_len, tile_tokens);
   if (q_tiles > 65535 || a.batch.num_requests > 65535) {
-    throw Error("prefill_attention: grid too large (max_q_len " + std::to_string(a.batch.max_q_len) +
-                ", num_requests " + std::to_string(a.batch.num_requests) + ")");
+    throw Error("prefill_attention: grid too large (max_q_len " +
+                std::to_string(a.batch.max_q_len) + ", num_requests " +
+                std::to_string(a.batch.num_requests) + ")");
   }
   return dim3(heads, a.batch.num_requests, q_tiles);
 }
@@ -360,9 +361,8 @@ struct RowSoftmax {
     fold_max(s, qk_scale, alpha, log2_p_scale, neg_max);
 #pragma unroll
     for (int q = 0; q < 2 * kTiles; ++q) {
-      const __half2 e =
-          __floats2half2_rn(fast_exp2(fmaf(s[2 * q], qk_scale, neg_max[q & 1])),
-                            fast_exp2(fmaf(s[2 * q + 1], qk_scale, neg_max[q & 1])));
+      const __half2 e = __floats2half2_rn(fast_exp2(fmaf(s[2 * q], qk_scale, neg_max[q & 1])),
+                                          fast_exp2(fmaf(s[2 * q + 1], qk_scale, neg_max[q & 1])));
       p[q] = *reinterpret_cast<const uint32_t*>(&e);
     }
     __half2 tile_sum[2];
@@ -384,7 +384,8 @@ struct RowSoftmax {
     float neg_max[2], tile_sum[2];
     fold_max(s, qk_scale, alpha, log2_p_scale, neg_max);
 #pragma unroll
-    for (int i = 0; i < 4 * kTiles; ++i) s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_max[(i >> 1) & 1]));
+    for (int i = 0; i < 4 * kTiles; ++i)
+      s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_max[(i >> 1) & 1]));
     reduce_rows(
         s, [](float a, float b) { return a + b; }, tile_sum);
 #pragma unroll

@@ -1,5 +1,5 @@
-// The mma.sync prefill kernel's instances for KvScheme::kFp8PerHead: the list FP8KV_PREFILL_MMA_FP8_PER_HEAD of
-// prefill_instances.cuh.
+// The mma.sync prefill kernel's instances for KvScheme::kFp8PerHead: the list
+// FP8KV_PREFILL_MMA_FP8_PER_HEAD of prefill_instances.cuh.
 #include "kernels/cuda/prefill_instances.cuh"
 #include "kernels/cuda/prefill_kernel.cuh"
 

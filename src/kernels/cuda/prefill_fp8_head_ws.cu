@@ -1,5 +1,5 @@
-// The warp-specialized fp8-per-head prefill kernel's instances, D = 128: the list FP8KV_PREFILL_WS_D128 of
-// prefill_instances.cuh.
+// The warp-specialized fp8-per-head prefill kernel's instances, D = 128: the list
+// FP8KV_PREFILL_WS_D128 of prefill_instances.cuh.
 #include "kernels/cuda/prefill_instances.cuh"
 #include "kernels/cuda/prefill_ws.cuh"
 

@@ -15,6 +15,8 @@
 // Every scheme: D 64 and 128 with (8 warps, 64 keys); D 256 with (4, 32). bf16 and fp8-per-head
 // also D 128 with (4, 64) (a narrower CTA; not for the schemes that widen K/V in shared memory).
 // (fp8-per-head with (8, 128) spilled 212 bytes and ran at 212 TFLOP/s: not built.)
+// The tables keep one instance or list per line.
+// clang-format off
 #define FP8KV_PREFILL_MMA_EVERY_SCHEME(X, S) X(S, 64, 8, 64) X(S, 128, 8, 64) X(S, 256, 4, 32)
 #define FP8KV_PREFILL_MMA_BF16(X) FP8KV_PREFILL_MMA_EVERY_SCHEME(X, kBf16) X(kBf16, 128, 4, 64)
 #define FP8KV_PREFILL_MMA_FP8_PER_TENSOR(X) FP8KV_PREFILL_MMA_EVERY_SCHEME(X, kFp8PerTensor)
@@ -22,9 +24,12 @@
   FP8KV_PREFILL_MMA_EVERY_SCHEME(X, kFp8PerHead) X(kFp8PerHead, 128, 4, 64)
 #define FP8KV_PREFILL_MMA_FP8_E5M2(X) FP8KV_PREFILL_MMA_EVERY_SCHEME(X, kFp8E5m2)
 #define FP8KV_PREFILL_MMA_FP8_PER_HEAD_BF16Q(X) FP8KV_PREFILL_MMA_EVERY_SCHEME(X, kFp8PerHeadBf16Q)
-#define FP8KV_PREFILL_MMA_INSTANCES(X)                                                     \
-  FP8KV_PREFILL_MMA_BF16(X) FP8KV_PREFILL_MMA_FP8_PER_TENSOR(X) FP8KV_PREFILL_MMA_FP8_PER_HEAD(X) \
-  FP8KV_PREFILL_MMA_FP8_E5M2(X) FP8KV_PREFILL_MMA_FP8_PER_HEAD_BF16Q(X)
+#define FP8KV_PREFILL_MMA_INSTANCES(X) \
+  FP8KV_PREFILL_MMA_BF16(X)            \
+  FP8KV_PREFILL_MMA_FP8_PER_TENSOR(X)  \
+  FP8KV_PREFILL_MMA_FP8_PER_HEAD(X)    \
+  FP8KV_PREFILL_MMA_FP8_E5M2(X)        \
+  FP8KV_PREFILL_MMA_FP8_PER_HEAD_BF16Q(X)
 
 // ---- the warp-specialized wgmma kernel (prefill_ws.cuh), fp8-per-head ----
 // W(D, SWIZZLE, DIAG, ITEM_LOOP); keys per tile and stages follow from D (kWsBlockN, kWsStages).
@@ -33,11 +38,16 @@
 // persistent CTAs (ITEM_LOOP: PrefillConfig::kWsPersistent, for even batches of short requests).
 // (Packed GQA and ping-pong, never faster, are retired: docs/GPU.md, "Warp-specialized FP8
 // prefill".)
-#define FP8KV_PREFILL_WS_D128(W)                                                         \
-  W(128, false, 0, false) W(128, true, 0, false) W(128, true, 0, true) W(128, false, 1, false) \
+#define FP8KV_PREFILL_WS_D128(W) \
+  W(128, false, 0, false)        \
+  W(128, true, 0, false)         \
+  W(128, true, 0, true)          \
+  W(128, false, 1, false)        \
   W(128, false, 2, false)
 #define FP8KV_PREFILL_WS_D64_D256(W) \
-  W(64, false, 0, false) W(64, false, 0, true) W(256, false, 0, false)
+  W(64, false, 0, false)             \
+  W(64, false, 0, true)              \
+  W(256, false, 0, false)
 #define FP8KV_PREFILL_WS_INSTANCES(W) FP8KV_PREFILL_WS_D128(W) FP8KV_PREFILL_WS_D64_D256(W)
 
 // ---- the same kernel with 16-bit operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE, LOOP)
@@ -49,17 +59,24 @@
 // are persistent as they are (kSplitKv), and its default is kWsSwizzle.
 #define FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) \
   B(S, 64, false, false)                     \
-  B(S, 64, true, false) B(S, 128, false, false) B(S, 128, true, false) B(S, 256, true, false)
+  B(S, 64, true, false)                      \
+  B(S, 128, false, false)                    \
+  B(S, 128, true, false)                     \
+  B(S, 256, true, false)
 #define FP8KV_PREFILL_WS_WIDENED(B, S) \
   FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) \
-  B(S, 64, true, true) B(S, 128, true, true)
+  B(S, 64, true, true)                 \
+  B(S, 128, true, true)
 #define FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, kBf16)
 #define FP8KV_PREFILL_WS_FP8_PER_TENSOR(B) FP8KV_PREFILL_WS_WIDENED(B, kFp8PerTensor)
 #define FP8KV_PREFILL_WS_FP8_E5M2(B) FP8KV_PREFILL_WS_WIDENED(B, kFp8E5m2)
 #define FP8KV_PREFILL_WS_FP8_PER_HEAD_BF16Q(B) FP8KV_PREFILL_WS_WIDENED(B, kFp8PerHeadBf16Q)
-#define FP8KV_PREFILL_WS_BF16Q_INSTANCES(B)                                                     \
-  FP8KV_PREFILL_WS_BF16(B) FP8KV_PREFILL_WS_FP8_PER_TENSOR(B) FP8KV_PREFILL_WS_FP8_E5M2(B) \
+#define FP8KV_PREFILL_WS_BF16Q_INSTANCES(B) \
+  FP8KV_PREFILL_WS_BF16(B)                  \
+  FP8KV_PREFILL_WS_FP8_PER_TENSOR(B)        \
+  FP8KV_PREFILL_WS_FP8_E5M2(B)              \
   FP8KV_PREFILL_WS_FP8_PER_HEAD_BF16Q(B)
+// clang-format on
 
 namespace fp8kv::cuda::prefill {
 
@@ -123,8 +140,9 @@ constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREF
 }  // namespace fp8kv::cuda::prefill
 
 // Explicit instantiations, for the instance files.
-#define FP8KV_PREFILL_MMA_INSTANTIATE(s, d, w, n) \
-  template void launch_prefill<KvScheme::s, d, w, n>(const AttentionParams&, cudaStream_t, DeviceError*);
+#define FP8KV_PREFILL_MMA_INSTANTIATE(s, d, w, n)                                          \
+  template void launch_prefill<KvScheme::s, d, w, n>(const AttentionParams&, cudaStream_t, \
+                                                     DeviceError*);
 #define FP8KV_PREFILL_WS_INSTANTIATE(d, sw, dg, lp)                                    \
   template void                                                                        \
   launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d, sw>, \

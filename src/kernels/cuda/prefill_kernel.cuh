@@ -11,10 +11,10 @@
 //                  with the KV head's K and V scales.
 //   kFp8PerHead    e4m3 Q (quantize_q) and K/V; QK^T and PV as m16n8k32 e4m3 MMAs (on sm_90 ptxas
 //                  runs these as fp16 HMMAs after unpacking: correct, no FP8 rate; the fast
-//                  fp8-per-head path is prefill_ws.cuh, this one stays as its simple twin). The scales
-//                  fold the same way: S = acc * q_scale * k_scale * sm_scale, O = acc * v_scale / l.
-//                  P is rounded to e4m3 as it is (no P scale) for the PV product and the row sum
-//                  l is kept in fp32 from the unrounded P: the CPU twin's semantics
+//                  fp8-per-head path is prefill_ws.cuh, this one stays as its simple twin). The
+//                  scales fold the same way: S = acc * q_scale * k_scale * sm_scale, O = acc *
+//                  v_scale / l. P is rounded to e4m3 as it is (no P scale) for the PV product and
+//                  the row sum l is kept in fp32 from the unrounded P: the CPU twin's semantics
 //                  (cpu_backend.cpp). Every KV tile's PV product lands in the fp32 mma
 //                  accumulators, so tiles add in fp32 (no FA3-style single-level fp8 accumulation).
 //
@@ -49,10 +49,10 @@ namespace fp8kv::cuda::prefill {
 // What a scheme means for this kernel, from its three choices (fp8kv/scheme.h).
 template <KvScheme S>
 struct SchemeTraits {
-  static constexpr KvCodec kCodec = kv_codec(S);      // how K/V are stored
-  static constexpr int kQBytes = fp8_q(S) ? 1 : 2;    // bytes of one stored Q element
-  static constexpr int kKvBytes = kv_elem_bytes(S);   // bytes of one stored K/V element
-  static constexpr bool kFp8Mma = fp8_q(S);           // e4m3 tensor cores for QK^T and PV
+  static constexpr KvCodec kCodec = kv_codec(S);     // how K/V are stored
+  static constexpr int kQBytes = fp8_q(S) ? 1 : 2;   // bytes of one stored Q element
+  static constexpr int kKvBytes = kv_elem_bytes(S);  // bytes of one stored K/V element
+  static constexpr bool kFp8Mma = fp8_q(S);          // e4m3 tensor cores for QK^T and PV
   // FP8 K/V widened to bf16 in shared memory for the bf16 MMAs (bf16 Q)
   static constexpr bool kWidenKv = !fp8_q(S) && kCodec != KvCodec::kBf16;
   static constexpr bool kScaled = kv_scale_source(S) != KvScaleSource::kNone;  // K/V scales apply
@@ -66,13 +66,13 @@ template <KvScheme S, int D, int kWarps, int kBlockN>
 struct TileShape {
   using Traits = SchemeTraits<S>;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = kWarps * 16;                    // query rows per CTA
-  static constexpr int kMmaBytes = Traits::kFp8Mma ? 1 : 2;      // bytes of an MMA operand element
-  static constexpr int kQPitch = D * Traits::kQBytes + 16;       // Q tile row, bytes
-  static constexpr int kKvPitch = D * Traits::kKvBytes + 16;     // K/V tile row as loaded
-  static constexpr int kMmaPitch = D * kMmaBytes + 16;           // K/V tile row as the MMAs read it
+  static constexpr int kBlockM = kWarps * 16;                 // query rows per CTA
+  static constexpr int kMmaBytes = Traits::kFp8Mma ? 1 : 2;   // bytes of an MMA operand element
+  static constexpr int kQPitch = D * Traits::kQBytes + 16;    // Q tile row, bytes
+  static constexpr int kKvPitch = D * Traits::kKvBytes + 16;  // K/V tile row as loaded
+  static constexpr int kMmaPitch = D * kMmaBytes + 16;        // K/V tile row as the MMAs read it
   static constexpr int kQTileBytes = kBlockM * kQPitch;
-  static constexpr int kStageBytes = 2 * kBlockN * kKvPitch;     // K rows then V rows of one tile
+  static constexpr int kStageBytes = 2 * kBlockN * kKvPitch;  // K rows then V rows of one tile
   static constexpr int kWideBytes = Traits::kWidenKv ? 2 * kBlockN * kMmaPitch : 0;
   static constexpr int kSmemBytes = kQTileBytes + 2 * kStageBytes + kWideBytes;
   static constexpr int kKSteps = D * kMmaBytes / 32;  // QK^T k-steps: 32 bytes of D each
@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
   constexpr int kMmaPitch = Shape::kMmaPitch;
 
   extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* const q_smem = smem;                             // [kBlockM][kQPitch]
-  uint8_t* const kv_smem = smem + Shape::kQTileBytes;       // [2 stages][K, V][kBlockN][kKvPitch]
+  uint8_t* const q_smem = smem;                        // [kBlockM][kQPitch]
+  uint8_t* const kv_smem = smem + Shape::kQTileBytes;  // [2 stages][K, V][kBlockN][kKvPitch]
   uint8_t* const wide_smem = kv_smem + 2 * Shape::kStageBytes;  // [K, V][kBlockN][kMmaPitch]
 
   PrefillSeq seq;
@@ -167,16 +167,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
   {
     constexpr int kChunks = Shape::kQChunks;
     const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * D * Traits::kQBytes;
-    const uint8_t* q_base = static_cast<const uint8_t*>(p.q) +
-                            (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head) * D *
-                                Traits::kQBytes;
+    const uint8_t* q_base =
+        static_cast<const uint8_t*>(p.q) +
+        (static_cast<int64_t>(q_begin + q0) * p.num_q_heads + head) * D * Traits::kQBytes;
     const int col = tid % kChunks;
 #pragma unroll
     for (int i = 0; i < kBlockM * kChunks / kThreads; ++i) {
       const int r = tid / kChunks + i * (kThreads / kChunks);
       const bool valid = r < rows_here;
-      cp_async_16(q_smem + r * kQPitch + col * 16, valid ? q_base + r * token_bytes + col * 16 : p.q,
-                  valid ? 16 : 0);
+      cp_async_16(q_smem + r * kQPitch + col * 16,
+                  valid ? q_base + r * token_bytes + col * 16 : p.q, valid ? 16 : 0);
     }
   }
 
@@ -220,8 +220,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
   if (num_kv_tiles > 1) fetch_slots(1);
 
   // ---- per-warp state ----
-  const int g = lane / 4;   // fragment row group
-  const int t = lane % 4;   // thread in group
+  const int g = lane / 4;    // fragment row group
+  const int t = lane % 4;    // thread in group
   const int mat = lane / 8;  // the 8x8 matrix whose row address this lane supplies to ldmatrix
   const int mat_row = lane % 8;
   float o_acc[Shape::kOTiles][4];
@@ -288,7 +288,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
       for (int e = 0; e < 4; ++e) s[i][e] = 0.0f;
     }
     // K fragments for n8 tiles (2np, 2np+1): matrices (keys 0-7 | 8-15) x (bytes 0-15 | 16-31).
-    const uint32_t k_frag_row = k_tile_addr + ((mat >> 1) * 8 + mat_row) * kMmaPitch + (mat & 1) * 16;
+    const uint32_t k_frag_row =
+        k_tile_addr + ((mat >> 1) * 8 + mat_row) * kMmaPitch + (mat & 1) * 16;
 #pragma unroll
     for (int kk = 0; kk < Shape::kKSteps; ++kk) {
       uint32_t a[4];
@@ -348,7 +349,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) prefill_kernel(const PrefillPa
           uint32_t r[4];
           ldmatrix_x4_trans(r, v_frag_row + c * 32 * kMmaPitch + dp * 16);
           // Even d of the block: bytes 0 and 2 of each pair of keys; odd d: bytes 1 and 3.
-          mma_e4m3(o_acc[2 * dp], a, __byte_perm(r[0], r[1], 0x6420), __byte_perm(r[2], r[3], 0x6420));
+          mma_e4m3(o_acc[2 * dp], a, __byte_perm(r[0], r[1], 0x6420),
+                   __byte_perm(r[2], r[3], 0x6420));
           mma_e4m3(o_acc[2 * dp + 1], a, __byte_perm(r[0], r[1], 0x7531),
                    __byte_perm(r[2], r[3], 0x7531));
         }
@@ -413,8 +415,8 @@ void launch_prefill(const AttentionParams& a, cudaStream_t stream, DeviceError* 
   const PrefillParams p = make_prefill_params(a, error);
   const dim3 grid = prefill_grid(a, a.num_q_heads, Shape::kBlockM);
   auto kernel = prefill_kernel<S, D, kWarps, kBlockN>;
-  FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Shape::kSmemBytes));
+  FP8KV_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
   kernel<<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
   FP8KV_CUDA_CHECK_LAUNCH("prefill_attention");
 }

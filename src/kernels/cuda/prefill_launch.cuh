@@ -69,9 +69,18 @@ void launch_prefill_attention(const AttentionParams& p, PrefillConfig config, cu
 // summarizes them. The events are declared in every build (the kernel names them; its stamps
 // compile to nothing without the option).
 enum PrefillTimelineEvent {
-  kTlTop, kTlEmptyWait, kTlEmptyDone, kTlIssued, kTlLanded, kTlBarrier, kTlTransformed,
+  kTlTop,
+  kTlEmptyWait,
+  kTlEmptyDone,
+  kTlIssued,
+  kTlLanded,
+  kTlBarrier,
+  kTlTransformed,
   kTlPublished,
-  kTlFull = kTlEmptyWait, kTlScores = kTlLanded, kTlSoftmax = kTlBarrier, kTlPv = kTlTransformed,
+  kTlFull = kTlEmptyWait,
+  kTlScores = kTlLanded,
+  kTlSoftmax = kTlBarrier,
+  kTlPv = kTlTransformed,
   kTlPacked = kTlPublished,
 };
 constexpr int kPrefillTimelineEvents = 8;

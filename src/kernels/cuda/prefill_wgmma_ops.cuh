@@ -20,65 +20,84 @@
 #define FP8KV_WGMMA_D24 FP8KV_WGMMA_D16_AT(0), FP8KV_WGMMA_D4_AT(16), FP8KV_WGMMA_D4_AT(20)
 #define FP8KV_WGMMA_D32 FP8KV_WGMMA_D16_AT(0), FP8KV_WGMMA_D16_AT(16)
 #define FP8KV_WGMMA_D64 FP8KV_WGMMA_D32, FP8KV_WGMMA_D16_AT(32), FP8KV_WGMMA_D16_AT(48)
-#define FP8KV_WGMMA_D128 \
-  FP8KV_WGMMA_D64, FP8KV_WGMMA_D16_AT(64), FP8KV_WGMMA_D16_AT(80), FP8KV_WGMMA_D16_AT(96), FP8KV_WGMMA_D16_AT(112)
+#define FP8KV_WGMMA_D128                                                                   \
+  FP8KV_WGMMA_D64, FP8KV_WGMMA_D16_AT(64), FP8KV_WGMMA_D16_AT(80), FP8KV_WGMMA_D16_AT(96), \
+      FP8KV_WGMMA_D16_AT(112)
 
 namespace fp8kv::cuda::prefill {
 
 // d[32] = A (registers, the m16n8k32 A fragment per warp) * B (shared, desc_b) (+ d when
 // `accumulate`), m64n64k32.
-__device__ __forceinline__ void wgmma_rs_m64n64k32_e4m3(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
-                                                         int accumulate) {
+__device__ __forceinline__ void wgmma_rs_m64n64k32_e4m3(float (&d)[32], const uint32_t (&a)[4],
+                                                        uint64_t desc_b, int accumulate) {
   asm volatile(
       "{\n.reg .pred acc;\nsetp.ne.b32 acc, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, acc, 1, 1;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, "
+      "acc, 1, 1;\n}\n"
       : FP8KV_WGMMA_D32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
 // d[64] = A (registers, the m16n8k32 A fragment per warp) * B (shared, desc_b) (+ d when
 // `accumulate`), m64n128k32.
-__device__ __forceinline__ void wgmma_rs_m64n128k32_e4m3(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
-                                                         int accumulate) {
+__device__ __forceinline__ void wgmma_rs_m64n128k32_e4m3(float (&d)[64], const uint32_t (&a)[4],
+                                                         uint64_t desc_b, int accumulate) {
   asm volatile(
       "{\n.reg .pred acc;\nsetp.ne.b32 acc, %69, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, acc, 1, 1;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, acc, 1, 1;\n}\n"
       : FP8KV_WGMMA_D64
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
 // d[128] = A (registers, the m16n8k32 A fragment per warp) * B (shared, desc_b) (+ d when
 // `accumulate`), m64n256k32.
-__device__ __forceinline__ void wgmma_rs_m64n256k32_e4m3(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,
-                                                         int accumulate) {
+__device__ __forceinline__ void wgmma_rs_m64n256k32_e4m3(float (&d)[128], const uint32_t (&a)[4],
+                                                         uint64_t desc_b, int accumulate) {
   asm volatile(
       "{\n.reg .pred acc;\nsetp.ne.b32 acc, %133, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, acc, 1, 1;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, "
+      "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, "
+      "%92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "
+      "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, "
+      "%123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, acc, 1, 1;\n}\n"
       : FP8KV_WGMMA_D128
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
 // d[32] = A * B (+ d when `accumulate`), m64n64k32: scale-d as a predicate, so the first
 // k-step of a product needs no zeroed accumulators (no non-wgmma writes inside the pipeline).
-__device__ __forceinline__ void wgmma_ss_m64n64k32_e4m3_scaled(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+__device__ __forceinline__ void wgmma_ss_m64n64k32_e4m3_scaled(float (&d)[32], uint64_t desc_a,
+                                                               uint64_t desc_b, int accumulate) {
   asm volatile(
       "{\n.reg .pred acc;\nsetp.ne.b32 acc, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, acc, 1, 1;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, acc, 1, 1;\n}\n"
       : FP8KV_WGMMA_D32
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
 // d[64] = A * B (+ d when `accumulate`), m64n128k32: scale-d as a predicate, so the first
 // k-step of a product needs no zeroed accumulators (no non-wgmma writes inside the pipeline).
-__device__ __forceinline__ void wgmma_ss_m64n128k32_e4m3_scaled(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+__device__ __forceinline__ void wgmma_ss_m64n128k32_e4m3_scaled(float (&d)[64], uint64_t desc_a,
+                                                                uint64_t desc_b, int accumulate) {
   asm volatile(
       "{\n.reg .pred acc;\nsetp.ne.b32 acc, %66, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, acc, 1, 1;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
+      "%56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, acc, 1, 1;\n}\n"
       : FP8KV_WGMMA_D64
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
@@ -232,7 +251,9 @@ __host__ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_address,
 __host__ __device__ __forceinline__ uint64_t wgmma_desc_plus(uint64_t desc, uint32_t bytes) {
   return (desc & 0xffffffff00000000ull) | (static_cast<uint32_t>(desc) + (bytes >> 4));
 }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -246,16 +267,21 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 // `a` when kFirst, else `b` (a compile-time choice between two register arrays, no pointer).
 template <bool kFirst, class A, class B>
 __device__ __forceinline__ constexpr auto& pick(A& a, B& b) {
-  if constexpr (kFirst) return a;
-  else return b;
+  if constexpr (kFirst)
+    return a;
+  else
+    return b;
 }
 
 template <int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
                                          int accumulate) {
-  if constexpr (N == 64) wgmma_rs_m64n64k32_e4m3(d, a, desc_b, accumulate);
-  else if constexpr (N == 128) wgmma_rs_m64n128k32_e4m3(d, a, desc_b, accumulate);
-  else wgmma_rs_m64n256k32_e4m3(d, a, desc_b, accumulate);
+  if constexpr (N == 64)
+    wgmma_rs_m64n64k32_e4m3(d, a, desc_b, accumulate);
+  else if constexpr (N == 128)
+    wgmma_rs_m64n128k32_e4m3(d, a, desc_b, accumulate);
+  else
+    wgmma_rs_m64n256k32_e4m3(d, a, desc_b, accumulate);
 }
 
 // Descriptor of a K-major operand in the 128-byte swizzle layout (PTX "Matrix Descriptor
@@ -285,8 +311,10 @@ __device__ __forceinline__ void wgmma_wait() {
 template <int N>
 __device__ __forceinline__ void wgmma_ss_first(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                                int accumulate) {
-  if constexpr (N == 64) wgmma_ss_m64n64k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
-  else wgmma_ss_m64n128k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
+  if constexpr (N == 64)
+    wgmma_ss_m64n64k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
+  else
+    wgmma_ss_m64n128k32_e4m3_scaled(d, desc_a, desc_b, accumulate);
 }
 
 // The 16-bit forms of the two above (kF16: f16 operands, else bf16): S = Q K^T's k-steps

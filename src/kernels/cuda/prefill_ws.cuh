@@ -79,18 +79,19 @@ struct WsShape {
   // bf16, four), exactly; Q is scaled by a power of two into f16's range (q_to_f16); P is rounded
   // to f16 (2^-11 relative, where bf16 rounds to 2^-8).
   static constexpr bool kF16 = kWiden;
-  static constexpr int kOpBytes = kFp8Mma ? 1 : 2;            // bytes of an operand element
-  static constexpr int kKvRowBytes = D * kv_elem_bytes(S);    // a K or V row of the cache
-  static constexpr int kRowBytes = D * kOpBytes;              // a Q, K or V operand row
+  static constexpr int kOpBytes = kFp8Mma ? 1 : 2;          // bytes of an operand element
+  static constexpr int kKvRowBytes = D * kv_elem_bytes(S);  // a K or V row of the cache
+  static constexpr int kRowBytes = D * kOpBytes;            // a Q, K or V operand row
   static constexpr int kProducerThreads = 128;
   static constexpr int kThreads = 3 * 128;
-  static constexpr int kBlockM = 128;                         // 2 consumer warpgroups x 64 rows
+  static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows
   static constexpr int kKBlockStride = kRowBytes / 16 * kCoreBytes;  // 8 rows of a [rows][D] tile
-  static constexpr int kQBytes = kBlockM * kRowBytes;         // canonical [kBlockM][D]
-  static constexpr int kKBytes = kBlockN * kRowBytes;         // canonical [kBlockN][D]
-  static constexpr int kVtBytes = D * kBlockN * kOpBytes;     // V^T [D][kBlockN] or (bf16) V [kBlockN][D]
+  static constexpr int kQBytes = kBlockM * kRowBytes;                // canonical [kBlockM][D]
+  static constexpr int kKBytes = kBlockN * kRowBytes;                // canonical [kBlockN][D]
+  static constexpr int kVtBytes =
+      D * kBlockN * kOpBytes;  // V^T [D][kBlockN] or (bf16) V [kBlockN][D]
   static constexpr int kVtBlockStride = kBlockN / 16 * kCoreBytes;  // 8 d rows of V^T: SBO
-  static constexpr int kVPitch = D + 16;                      // V rows as loaded, padded
+  static constexpr int kVPitch = D + 16;                            // V rows as loaded, padded
   // Raw fp8 rows as loaded, for the producer to transpose (e4m3 V) or widen (K then V): padded
   // rows for the transposition and for D = 64, else D-byte rows with chunk c of row r stored at
   // c ^ (r % 8) (the widening reads 8 rows of one column: conflict-free either way).
@@ -116,20 +117,20 @@ struct WsShape {
   // once P V(j) has. With 3 stages of 128 keys (bf16 D 128) a stage was refilled only after the
   // later warpgroup's P V of it, half a tile before the earlier one needed the next: apart, K and
   // V each have about two consumer tiles of lead. H200, causal B=2 L=8192: 507 -> 572 TFLOP/s.
-  static constexpr bool kSplitKvOperands = !kFp8Mma && !kWiden;    // and swizzled: kSplitKv
+  static constexpr bool kSplitKvOperands = !kFp8Mma && !kWiden;  // and swizzled: kSplitKv
   // full[], empty[] (K, V), q_empty (both consumer warpgroups' last S of an item has landed: Q
   // may be refilled), then (kF16) the two words where the producer reduces Q's largest |bf16|
   // (item n uses word n % 2: the other is reset meanwhile).
   static constexpr int kQEmptyOffset = kBarOffset + 4 * kStages * 8;
   static constexpr int kQMaxOffset = kQEmptyOffset + 8;
   static constexpr int kSmemBytes = kQMaxOffset + (kF16 ? 8 : 0);
-  static constexpr int kChunks = kRowBytes / 16;              // 16-byte chunks per operand row
+  static constexpr int kChunks = kRowBytes / 16;               // 16-byte chunks per operand row
   static constexpr int kRowStep = kProducerThreads / kChunks;  // rows between a thread's chunks
   static constexpr int kKvChunks = kKvRowBytes / 16;           // ... per cache row
   static constexpr int kKvRowStep = kProducerThreads / kKvChunks;
   static constexpr int kKvRowsPerThread = kBlockN / kKvRowStep;
   static constexpr int kQRowsPerThread = kBlockM / kRowStep;
-  static constexpr int kQkSteps = kRowBytes / 32;  // k-steps of Q K^T: 32 bytes of D each
+  static constexpr int kQkSteps = kRowBytes / 32;           // k-steps of Q K^T: 32 bytes of D each
   static constexpr int kPvSteps = kBlockN * kOpBytes / 32;  // k-steps of P V: 32 bytes of keys
   // 128 * producer + 256 * consumer registers <= the 384 * 168 the launch bounds allot. bf16: the
   // producer copies twice the rows per thread (72: no spills), the consumers need less than 216.
@@ -261,7 +262,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // tiles while they finish this item's tiles and write its output: no CTA start, barrier setup
   // or empty ring per tile of 128 rows. Otherwise the loop below runs once (the CTA's item
   // blockIdx.x, ring and n 0: what the compiler sees), one CTA per item.
-  const uint32_t full_bar = base + Sh::kBarOffset;  // full[s]: the stage's K and V^T landed
+  const uint32_t full_bar = base + Sh::kBarOffset;    // full[s]: the stage's K and V^T landed
   const uint32_t empty_bar = full_bar + 8 * kStages;  // empty[s]: both consumers are done with it
   // kApart: full[] and empty[] are K's; V (V^T) has its own pair.
   const uint32_t v_full_bar = empty_bar + 8 * kStages;
@@ -867,8 +868,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 #pragma unroll
       for (int c = 0; c < Sh::kPvSteps; ++c) {
         if constexpr (Sh::kFp8Mma) {
-          const uint64_t db =
-              wgmma_desc_plus(v_desc0, kSwizzle ? c * 32 : c * 2 * kCoreBytes);
+          const uint64_t db = wgmma_desc_plus(v_desc0, kSwizzle ? c * 32 : c * 2 * kCoreBytes);
           wgmma_rs<D>(o, pa[c], db, !(kPromote && c == 0));
         } else {
           const uint64_t db =
@@ -1104,8 +1104,8 @@ void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceErro
   constexpr bool kPersistent = (Sh::kSplitKvOperands && kSwizzle) || kItemLoop;  // the kernel's
   const dim3 grid = prefill_item_grid(a, Sh::kBlockM, kPersistent, p);
   auto kernel = prefill_ws_kernel<S, D, kBlockN, kStages, kSwizzle, kDiag, kItemLoop>;
-  FP8KV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        Sh::kSmemBytes));
+  FP8KV_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Sh::kSmemBytes));
   kernel<<<grid, Sh::kThreads, Sh::kSmemBytes, stream>>>(p);
   FP8KV_CUDA_CHECK_LAUNCH("prefill_attention");
 }

@@ -18,19 +18,19 @@ constexpr int kChunk = 16;  // elements per thread per step: two 16-byte bf16 lo
 constexpr int kQuantThreads = 256;
 
 struct QuantizeKvArgs {
-  const uint16_t* kv;                   // [T, 2 * Hkv, D] bf16
-  const int32_t* slots;                 // [T]
-  void* cache;                          // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2
-  const float* k_scale;                 // per-head [Hkv], per-tensor [1]; unused without scales
+  const uint16_t* kv;    // [T, 2 * Hkv, D] bf16
+  const int32_t* slots;  // [T]
+  void* cache;           // [num_slots + 1, 2 * Hkv, D] bf16, e4m3 or e5m2
+  const float* k_scale;  // per-head [Hkv], per-tensor [1]; unused without scales
   const float* v_scale;
   float* observe_amax;                  // optional [2 * Hkv]
   const unsigned long long* bad_token;  // optional: write nothing unless UINT64_MAX
   DeviceError* error;                   // with bad_token: where a refused write is recorded
   int64_t num_tokens;
   int64_t num_slots;
-  int chunks_per_token;                 // 2 * Hkv * D / kChunk
+  int chunks_per_token;  // 2 * Hkv * D / kChunk
   int num_kv_heads;
-  int lanes;                            // threads in use: a multiple of chunks_per_token
+  int lanes;  // threads in use: a multiple of chunks_per_token
 };
 
 // Thread layout. The first `lanes` threads of the grid (a multiple of chunks_per_token) each own
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
   static_assert(kHeadDim % kChunk == 0 && 32 % kGroup == 0, "head_dim");
   constexpr KvCodec kCodec = kv_codec(kScheme);
   constexpr KvScaleSource kScales = kv_scale_source(kScheme);
-  constexpr int kHalf = kHeadDim / 2;  // elements between a thread's two vectors
+  constexpr int kHalf = kHeadDim / 2;   // elements between a thread's two vectors
   extern __shared__ uint32_t s_amax[];  // [2 * Hkv] when observing
   if (a.bad_token != nullptr) {
     const unsigned long long bad = *a.bad_token;
@@ -75,13 +75,14 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
   const bool is_v = head >= a.num_kv_heads;
   float scale = 1.0f;  // fp8-e5m2 (no scales): x / 1 is x
   if constexpr (kScales != KvScaleSource::kNone) {
-    const int scale_head = kScales == KvScaleSource::kPerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
+    const int scale_head =
+        kScales == KvScaleSource::kPerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
     scale = is_v ? a.v_scale[scale_head] : a.k_scale[scale_head];
   }
   const ScaleDivider div(scale);
   uint32_t amax = 0;
   const int64_t row_elems = static_cast<int64_t>(cpt) * kChunk;  // 2 * Hkv * D
-  const int elem0 = head * kHeadDim + (chunk % kGroup) * 8;  // the first vector in a token row
+  const int elem0 = head * kHeadDim + (chunk % kGroup) * 8;      // the first vector in a token row
   // One token's chunk, loaded as v0 (elements elem0..+7) and v1 (elem0 + D/2..+7): written at
   // its slot.
   auto store = [&](int64_t slot, uint4 v0, uint4 v1) {
@@ -100,8 +101,8 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
       }
     } else {
       float f[16];
-      float (&f0)[8] = *reinterpret_cast<float(*)[8]>(&f[0]);
-      float (&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
+      float(&f0)[8] = *reinterpret_cast<float(*)[8]>(&f[0]);
+      float(&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
       widen_bf16x8(v0, f0);
       widen_bf16x8(v1, f1);
       float q[16];
@@ -189,7 +190,8 @@ __global__ void __launch_bounds__(kQThreads) quantize_q_kernel(const QuantizeQPa
       const uint4 v = ld_nc_v4(p.q + elem_offset(i8));
       const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-      for (int i = 0; i < 4; ++i) amax = max(amax, max((w[i] << 16) & 0x7fff0000u, w[i] & 0x7fff0000u));
+      for (int i = 0; i < 4; ++i)
+        amax = max(amax, max((w[i] << 16) & 0x7fff0000u, w[i] & 0x7fff0000u));
     }
     amax = warp_max_bits(amax);
     if (threadIdx.x % 32 == 0) s_red[threadIdx.x / 32] = amax;
@@ -231,9 +233,10 @@ void launch_check_slots(const QuantizeKvParams& p, unsigned long long* bad_token
   FP8KV_CUDA_CHECK(cudaMemsetAsync(bad_token, 0xff, sizeof *bad_token, stream));
   if (p.num_tokens == 0) return;
   const int threads = 256;
-  const int blocks = static_cast<int>(std::min<int64_t>((p.num_tokens + threads - 1) / threads, 1024));
+  const int blocks =
+      static_cast<int>(std::min<int64_t>((p.num_tokens + threads - 1) / threads, 1024));
   check_slots_kernel<<<blocks, threads, 0, stream>>>(p.slots, p.num_tokens, p.cache.num_slots,
-                                                       bad_token);
+                                                     bad_token);
   FP8KV_CUDA_CHECK_LAUNCH("check_slots_kernel");
 }
 
@@ -261,7 +264,8 @@ void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad
       auto* kernel = quantize_kv_kernel<kScheme, kHeadDim>;
       static const int per_sm = [&] {
         int v = 0;
-        FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, kQuantThreads, 0));
+        FP8KV_CUDA_CHECK(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, kQuantThreads, 0));
         return v < 1 ? 1 : v;
       }();
       // One wave of resident blocks (each thread then takes several tokens), fewer for a small
