@@ -250,6 +250,14 @@ BackendSlot& Call::slot() const {
   throw py::value_error(std::string(kernel) + ": " + what);
 }
 
+// An observer's layer argument, within its config's layers (a ValueError that names both).
+void check_observer_layer(const Observer& o, int layer) {
+  if (layer < 0 || layer >= o.config().num_layers) {
+    throw py::value_error("observer: layer " + std::to_string(layer) + " out of range [0, " +
+                          std::to_string(o.config().num_layers) + ")");
+  }
+}
+
 // ---- the kernels -------------------------------------------------------------------------------
 
 // The KV pool of one layer: [num_slots + 1, 2 * Hkv, D], e5m2 for fp8-e5m2, e4m3 for the other
@@ -788,11 +796,7 @@ PYBIND11_MODULE(_fp8kv, m) {
       .def(
           "wants",
           [](const Observer& o, int layer) {
-            if (layer < 0 || layer >= o.config().num_layers) {
-              throw py::value_error("observer: layer " + std::to_string(layer) +
-                                    " out of range [0, " + std::to_string(o.config().num_layers) +
-                                    ")");
-            }
+            check_observer_layer(o, layer);
             return o.wants(layer);
           },
           py::arg("layer"))
@@ -800,11 +804,7 @@ PYBIND11_MODULE(_fp8kv, m) {
       .def(
           "passes_seen",
           [](const Observer& o, int layer) {
-            if (layer < 0 || layer >= o.config().num_layers) {
-              throw py::value_error("observer: layer " + std::to_string(layer) +
-                                    " out of range [0, " + std::to_string(o.config().num_layers) +
-                                    ")");
-            }
+            check_observer_layer(o, layer);
             return o.passes_seen(layer);
           },
           py::arg("layer"))

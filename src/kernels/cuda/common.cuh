@@ -216,18 +216,18 @@ __device__ __forceinline__ float2 e5m2x2_to_float2(uint16_t v) {
   return __half22float2(*reinterpret_cast<const __half2*>(&h));
 }
 
+// Four pairs -> 8 floats, in order.
+__device__ __forceinline__ void pairs_to_floats(float2 a, float2 b, float2 c, float2 d,
+                                                float (&f)[8]) {
+  f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y;
+  f[4] = c.x, f[5] = c.y, f[6] = d.x, f[7] = d.y;
+}
+
 // 8 bf16 (one 16-byte vector) -> 8 floats.
 __device__ __forceinline__ void widen_bf16x8(const uint4 v, float (&f)[8]) {
   const float2 a = bf16x2_to_float2(v.x), b = bf16x2_to_float2(v.y);
   const float2 c = bf16x2_to_float2(v.z), d = bf16x2_to_float2(v.w);
-  f[0] = a.x;
-  f[1] = a.y;
-  f[2] = b.x;
-  f[3] = b.y;
-  f[4] = c.x;
-  f[5] = c.y;
-  f[6] = d.x;
-  f[7] = d.y;
+  pairs_to_floats(a, b, c, d, f);
 }
 
 // 8 e4m3 (one 8-byte vector) -> 8 floats.
@@ -236,14 +236,7 @@ __device__ __forceinline__ void widen_e4m3x8(const uint2 v, float (&f)[8]) {
   const float2 b = e4m3x2_to_float2(static_cast<uint16_t>(v.x >> 16));
   const float2 c = e4m3x2_to_float2(static_cast<uint16_t>(v.y & 0xffffu));
   const float2 d = e4m3x2_to_float2(static_cast<uint16_t>(v.y >> 16));
-  f[0] = a.x;
-  f[1] = a.y;
-  f[2] = b.x;
-  f[3] = b.y;
-  f[4] = c.x;
-  f[5] = c.y;
-  f[6] = d.x;
-  f[7] = d.y;
+  pairs_to_floats(a, b, c, d, f);
 }
 
 // ---- narrowing ------------------------------------------------------------------------------
