@@ -179,6 +179,32 @@ inline dim3 prefill_item_grid(const AttentionParams& a, int tile_tokens, bool pe
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, ctas)));
 }
 
+// ---- output ----------------------------------------------------------------------------------
+
+// A 4 x 4 transpose of 32-bit words across the 4 lanes of a quad (q = lane % 4): y[j] of lane q
+// is x[q] of lane j. An accumulator row's words (lane q holds columns 2q, 2q + 1 of each n8 tile
+// x[j]) become 16 contiguous bytes a lane (lane q: n8 tile q, columns 0..7), so that the epilogue
+// writes a row in 16-byte stores, four lanes 64 contiguous bytes, where 4-byte ones made four
+// times the L2 requests. Every lane of the warp takes part (the shuffles' full mask).
+__device__ __forceinline__ void quad_transpose4(const uint32_t (&x)[4], int q, uint32_t (&y)[4]) {
+  // z[j] = x[j ^ q]: then the word lane q ^ d needs is z[d] in every lane, one xor shuffle a d.
+  auto xor_order = [q](const uint32_t(&a)[4], uint32_t(&b)[4]) {
+    const bool odd = q & 1, high = q & 2;
+    const uint32_t c0 = odd ? a[1] : a[0], c1 = odd ? a[0] : a[1];
+    const uint32_t c2 = odd ? a[3] : a[2], c3 = odd ? a[2] : a[3];
+    b[0] = high ? c2 : c0;
+    b[1] = high ? c3 : c1;
+    b[2] = high ? c0 : c2;
+    b[3] = high ? c1 : c3;
+  };
+  uint32_t z[4], r[4];
+  xor_order(x, z);
+  r[0] = z[0];
+#pragma unroll
+  for (int d = 1; d < 4; ++d) r[d] = __shfl_xor_sync(kFullMask, z[d], d);
+  xor_order(r, y);  // y[j] = r[j ^ q], the word of lane j
+}
+
 // ---- conversions -----------------------------------------------------------------------------
 
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -1080,17 +1080,26 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // ---- epilogue ----
     float out_scales[2];
     rows.finish(v_scale, out_scales);
+    // Row g (r 0) and g + 8 (r 1) of each group of 4 n8 tiles: lane t stores tile 4k + t's 8
+    // columns, 16 bytes (quad_transpose4).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row_g + 8 * r;
-      if (row >= rows_here) continue;
       const float out_scale = out_scales[r];
       uint16_t* const out =
           p.o + (static_cast<int64_t>(q_begin + q0 + row) * p.num_q_heads + head) * D;
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) =
-            pack_bf16x2(o[4 * i + 2 * r] * out_scale, o[4 * i + 2 * r + 1] * out_scale);
+      for (int k = 0; k < D / 32; ++k) {
+        uint32_t x[4], y[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int i = 4 * k + j;
+          x[j] = pack_bf16x2(o[4 * i + 2 * r] * out_scale, o[4 * i + 2 * r + 1] * out_scale);
+        }
+        quad_transpose4(x, t, y);
+        if (row < rows_here) {
+          *reinterpret_cast<uint4*>(out + 8 * (4 * k + t)) = make_uint4(y[0], y[1], y[2], y[3]);
+        }
       }
     }
   }
