@@ -1080,25 +1080,34 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // ---- epilogue ----
     float out_scales[2];
     rows.finish(v_scale, out_scales);
-    // Row g (r 0) and g + 8 (r 1) of each group of 4 n8 tiles: lane t stores tile 4k + t's 8
-    // columns, 16 bytes (quad_transpose4).
+    // Rows g (r 0) and g + 8 (r 1). D >= 128: in each group of 4 n8 tiles lane t stores tile
+    // 4k + t's 8 columns, 16 bytes (quad_transpose4), where a 4-byte store a tile made 4x the L2
+    // requests and held the consumers up at every item's end (docs/GPU.md, thirty-eighth
+    // session). D 64 keeps the 4-byte stores, which measured faster there.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row_g + 8 * r;
+      if constexpr (D < 128) {
+        if (row >= rows_here) continue;
+      }
       const float out_scale = out_scales[r];
       uint16_t* const out =
           p.o + (static_cast<int64_t>(q_begin + q0 + row) * p.num_q_heads + head) * D;
+      auto word = [&](int i) {  // n8 tile i's two columns of this row, this lane's
+        return pack_bf16x2(o[4 * i + 2 * r] * out_scale, o[4 * i + 2 * r + 1] * out_scale);
+      };
+      if constexpr (D < 128) {
 #pragma unroll
-      for (int k = 0; k < D / 32; ++k) {
-        uint32_t x[4], y[4];
+        for (int i = 0; i < D / 8; ++i) *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) = word(i);
+      } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int i = 4 * k + j;
-          x[j] = pack_bf16x2(o[4 * i + 2 * r] * out_scale, o[4 * i + 2 * r + 1] * out_scale);
-        }
-        quad_transpose4(x, t, y);
-        if (row < rows_here) {
-          *reinterpret_cast<uint4*>(out + 8 * (4 * k + t)) = make_uint4(y[0], y[1], y[2], y[3]);
+        for (int k = 0; k < D / 32; ++k) {
+          const uint32_t x[4] = {word(4 * k), word(4 * k + 1), word(4 * k + 2), word(4 * k + 3)};
+          uint32_t y[4];
+          quad_transpose4(x, t, y);  // every lane: the shuffles' full mask
+          if (row < rows_here) {
+            *reinterpret_cast<uint4*>(out + 8 * (4 * k + t)) = make_uint4(y[0], y[1], y[2], y[3]);
+          }
         }
       }
     }
