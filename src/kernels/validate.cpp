@@ -1,6 +1,7 @@
 #include "kernels/validate.h"
 
 #include <cmath>
+#include <cstdint>
 #include <sstream>
 #include <string>
 
@@ -20,6 +21,16 @@ template <typename... Parts>
 
 void require_pointer(const char* kernel, const void* ptr, const char* name) {
   if (ptr == nullptr) fail(kernel, name, " is null");
+}
+
+// The CUDA kernels copy Q, K/V and the output in 16-byte pieces: a tensor must start on a
+// 16-byte boundary (every allocator's tensors do; a view at an odd element offset does not).
+void require_aligned(const char* kernel, const void* ptr, const char* name) {
+  const auto address = reinterpret_cast<std::uintptr_t>(ptr);
+  if (address % 16 != 0) {
+    fail(kernel, name, " is not 16-byte aligned (address 0x", std::hex, address, std::dec,
+         "): pass a tensor that starts on a 16-byte boundary");
+  }
 }
 
 void validate_head_dim(const char* kernel, int head_dim) {
@@ -101,10 +112,14 @@ void validate_attention(const AttentionParams& p, AttentionPhase phase) {
   if (fp8_q(p.cache.scheme)) {
     require_pointer(k, p.q_fp8, "q_fp8 (scheme fp8-per-head)");
     require_pointer(k, p.q_scale, "q_scale (scheme fp8-per-head)");
+    require_aligned(k, p.q_fp8, "q_fp8");
   } else {
     require_pointer(k, p.q, "q");
+    require_aligned(k, p.q, "q");
   }
   require_pointer(k, p.o, "o");
+  require_aligned(k, p.o, "o");
+  require_aligned(k, p.cache.data, "cache.data");
   require_pointer(k, b.seq_len, "batch.seq_len");
   require_pointer(k, b.cu_seqlens_q, "batch.cu_seqlens_q");
   require_pointer(k, b.req_index, "batch.req_index");

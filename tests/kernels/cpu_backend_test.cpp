@@ -490,6 +490,14 @@ TEST(CpuBackend, AttentionValidationErrors) {
   a = f.params();
   a.q_fp8 = nullptr;
   expect_error(prefill(a), "q_fp8");
+  // The CUDA kernels' 16-byte copies: a tensor that does not start on a 16-byte boundary (an
+  // odd-offset view) is refused by name on every backend, before anything is written.
+  a = f.params();
+  a.o = reinterpret_cast<uint16_t*>(reinterpret_cast<char*>(a.o) + 2);
+  expect_error(prefill(a), "o is not 16-byte aligned");
+  a = f.params();
+  a.cache.data = static_cast<uint8_t*>(a.cache.data) + 8;
+  expect_error(prefill(a), "cache.data is not 16-byte aligned");
   a = f.params();
   a.batch.total_q += 1;
   expect_error(prefill(a), "total_q");
