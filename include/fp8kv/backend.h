@@ -98,7 +98,9 @@ struct QuantizeQParams {
   int head_dim = 0;
 };
 
-// Attention over the pool (prefill: any q_len; decode: q_len == 1 for every request).
+// Attention over the pool (prefill: any q_len; decode: q_len == 1 for every request). q (or
+// q_fp8), o and cache.data must start on a 16-byte boundary (refused otherwise): the CUDA kernels
+// copy and store them in 16-byte pieces.
 struct AttentionParams {
   const uint16_t* q = nullptr;     // [total_q, Hq, D] bf16 (bf16 and fp8-per-tensor)
   const uint8_t* q_fp8 = nullptr;  // [total_q, Hq, D] e4m3 (fp8-per-head; from quantize_q)
