@@ -445,6 +445,23 @@ def test_attention_refusals_write_nothing(rng):
         with pytest.raises(exc, match=message):
             fp8kv.prefill_attention(**{**good, **change}, out=out)
         assert (out == 0x1234).all(), message
+    # A contiguous view that starts 2 bytes past a 16-byte boundary: the CUDA kernels copy and
+    # store 16-byte pieces, so every backend refuses it by name.
+    def misaligned(a):
+        buf = np.empty(a.size + 8, a.dtype)
+        start = ((2 - ptr(buf)) % 16) // a.itemsize
+        view = buf[start:start + a.size].reshape(a.shape)
+        view[...] = a
+        assert ptr(view) % 16 == 2
+        return view
+    out = np.full(q.shape, 0x1234, np.uint16)
+    with pytest.raises(ValueError, match=r"q is not 16-byte aligned"):
+        fp8kv.prefill_attention(**{**good, "q": misaligned(q)}, out=out)
+    assert (out == 0x1234).all()
+    out = misaligned(np.full(q.shape, 0x1234, np.uint16))
+    with pytest.raises(ValueError, match=r"o is not 16-byte aligned"):
+        fp8kv.prefill_attention(**good, out=out)
+    assert (out == 0x1234).all()
     out = np.full(q.shape, 0x1234, np.uint16)
     with pytest.raises(ValueError, match=r"q: 7 rows for 2 requests: decode takes exactly one"):
         fp8kv.decode_attention(q, pool, table, req_idx, sl, "fp8-per-tensor", ks, vs, out=out)
