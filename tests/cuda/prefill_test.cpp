@@ -526,6 +526,8 @@ TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
       const std::vector<Errors> errors = run_and_compare(p, scheme, configs, /*with_exact=*/false);
       for (size_t c = 0; c < configs.size(); ++c) {
         EXPECT_LE(errors[c].gpu_vs_cpu.normalized, bound) << cuda::prefill_config_name(configs[c]);
+        std::printf("sink %s D=%d %s: %.3e\n", scheme_name(scheme), D,
+                    cuda::prefill_config_name(configs[c]), errors[c].gpu_vs_cpu.normalized);
       }
     }
   }
