@@ -852,7 +852,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // (promote, below). H200, causal B=2 L=8192, the FFMA against an add and a rescale apart: D 128
     // 634 -> 649 TFLOP/s (seventh session), D 64 441.9 -> 464.0 (fourteenth; the seventh had
     // measured it slower there, 445 -> 405, with the kernel of then). D = 256 has no room for a
-    // second accumulator set (o alone is 128 registers) and keeps the direct sum.
+    // second accumulator set (o alone is 128 registers) and keeps the direct sum. kPromote is
+    // also the faster form: the P V that starts from zero waits for no rescale of O (docs/GPU.md,
+    // thirty-ninth session).
     constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
     // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
     // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
