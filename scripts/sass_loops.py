@@ -17,17 +17,12 @@ import gzip
 import re
 import sys
 
+# `@!P1 BRA 0x10` -> BRA: the opcode without predicate and modifiers, as the profile digest reads it.
+from sass_summary import opcode
+
 INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
 BRANCH = re.compile(r"\bBRA\b(?:\s+\S+,)?\s+(?:`\()?(0x[0-9a-f]+)")
-
-
-def opcode(text):
-    """The instruction's opcode without its predicate and modifiers: `@!P1 BRA 0x10` -> BRA."""
-    words = text.split()
-    if words and words[0].startswith("@"):
-        words = words[1:]
-    return words[0].split(".")[0] if words else ""
 
 
 def read_kernels(path):
