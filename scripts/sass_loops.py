@@ -17,7 +17,7 @@ import gzip
 import re
 import sys
 
-# `@!P1 BRA 0x10` -> BRA: the opcode without predicate and modifiers, as the profile digest reads it.
+# `@!P1 BRA 0x10` -> BRA (no predicate, no modifiers), as the profile digest reads it.
 from sass_summary import opcode
 
 INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
