@@ -882,12 +882,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     };
     RowSoftmax<kBlockN / 8> rows;
     // Masks tile j (where it crosses this warpgroup's diagonal), then the online softmax step.
-    // e4m3 P at D 128 and 256: the probabilities as fp16 pairs in ph (RowSoftmax::step_f16: row
-    // sums in fp16 pairs, P packed to e4m3 from them; faster there, docs/GPU.md ninth and
-    // twenty-first sessions). D 64 measured slower with it in both of its forms (fp16
-    // exponentials: 441.9 -> 373.3 TFLOP/s, fourteenth session; fp32 ones: 481.2 -> 466.9,
-    // twenty-first; not explained), so its kernel keeps step and P in s.
-    constexpr bool kF16Softmax = Sh::kFp8Mma && D >= 128;
+    // e4m3 P at D 256 and in the one-item D 128 instances: the probabilities as fp16 pairs in ph
+    // (RowSoftmax::step_f16: row sums in fp16 pairs, P packed to e4m3 from them; faster there,
+    // docs/GPU.md ninth and twenty-first sessions). D 64 and the persistent D 128 instance keep
+    // step and P in s: fp32 row sums, and P packed to e4m3 straight from the fp32 exponentials
+    // (one convert a pair where the fp16 pairs take two; measured faster there, docs/GPU.md
+    // fourteenth, twenty-first and fortieth sessions).
+    constexpr bool kF16Softmax = Sh::kFp8Mma && (D == 256 || (D == 128 && !kItemLoop));
     uint32_t ph[kF16Softmax ? kBlockN / 4 : 1];
     auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
       const int k0 = j * kBlockN;
@@ -1023,6 +1024,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         stamp(j, kTlScores);
         float alpha[2];
         softmax(s, j, alpha);
+        // The persistent D 128 instance packs P before the promotion: P V(j-1), which read pa,
+        // has landed (kEarlyPv), and pa then takes the exponentials as they come.
+        constexpr bool kPackEarly = kEarlyPv && !kF16Softmax && D == 128;
+        if constexpr (kPackEarly) pack_p(s, pa);
         stamp(j, kTlSoftmax);
         if constexpr (!kEarlyPv) {
           wgmma_wait<0>();
@@ -1040,7 +1045,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 #pragma unroll
           for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
         }
-        pack_p(s, pa);
+        if constexpr (!kPackEarly) pack_p(s, pa);
         stamp(j, kTlPacked);
         if constexpr (kEarlyPv) issue_pv_alone(J);
       }
