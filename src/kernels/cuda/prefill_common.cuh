@@ -358,6 +358,12 @@ struct RowSoftmax {
     float tile_max[2];
     reduce_rows(
         s, [](float a, float b) { return fmaxf(a, b); }, tile_max);
+    fold_lane_max(tile_max, qk_scale, alpha, log2_p_scale, neg_max);
+  }
+  // fold_max from the lane's own maxima of its two rows in the tile.
+  __device__ __forceinline__ void fold_lane_max(const float (&tile_max)[2], float qk_scale,
+                                                float (&alpha)[2], float log2_p_scale,
+                                                float (&neg_max)[2]) {
     float new_max[2] = {fmaxf(row_max[0], tile_max[0]), fmaxf(row_max[1], tile_max[1])};
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -414,6 +420,58 @@ struct RowSoftmax {
       s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_max[(i >> 1) & 1]));
     reduce_rows(
         s, [](float a, float b) { return a + b; }, tile_sum);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+  }
+
+  // step_stale: a lane whose scores rise past the running max by more than this (log2 units)
+  // takes its own max less this as its reference, so that no exponential overflows fp32.
+  static constexpr float kStaleLaneLog2 = 96.0f;
+
+  // step without the quad's shuffles in front of the exponentials, for the tiles after the
+  // first (the running max is finite there: key 0 is visible to every row). Each lane takes its
+  // P at the running max as it stood before this tile (or, past kStaleLaneLog2, at its own max
+  // less that), in place, while its maxima go to the warp's vote. Where no lane's scores rise
+  // past the running max by more than headroom_log2 (P's headroom: P at most 2^headroom_log2
+  // times 2^log2_p_scale), that max stands for the rows' as far as P is concerned: alpha is 1
+  // and the max is not moved. Otherwise the warp folds the tile's max in (the shuffles, as step
+  // does) and scales each lane's probabilities and sum from its reference to the new max. The
+  // result is step's up to the rounding of the rescale (FlashAttention-4's idea: a max that is
+  // seldom raised is seldom worth the shuffles and the rescale).
+  __device__ __forceinline__ void step_stale(float (&s)[4 * kTiles], float qk_scale,
+                                             float (&alpha)[2], float log2_p_scale,
+                                             float headroom_log2) {
+    float lane_max[2];
+    reduce_rows(
+        s, [](float a, float b) { return fmaxf(a, b); }, lane_max);
+    float neg_ref[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      neg_ref[r] =
+          log2_p_scale - fmaxf(row_max[r] * qk_scale, fmaf(lane_max[r], qk_scale, -kStaleLaneLog2));
+    }
+#pragma unroll
+    for (int i = 0; i < 4 * kTiles; ++i)
+      s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_ref[(i >> 1) & 1]));
+    float tile_sum[2];
+    reduce_rows(
+        s, [](float a, float b) { return a + b; }, tile_sum);
+    // (-inf, a lane whose share of a row is all masked, is false.)
+    const bool rises = (lane_max[0] - row_max[0]) * qk_scale > headroom_log2 ||
+                       (lane_max[1] - row_max[1]) * qk_scale > headroom_log2;
+    alpha[0] = 1.0f;
+    alpha[1] = 1.0f;
+    if (__any_sync(kFullMask, rises)) {
+      float neg_max[2], to_max[2];
+      fold_lane_max(lane_max, qk_scale, alpha, log2_p_scale, neg_max);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        to_max[r] = fast_exp2(neg_max[r] - neg_ref[r]);  // <= 1: the new max >= the reference
+        tile_sum[r] *= to_max[r];
+      }
+#pragma unroll
+      for (int i = 0; i < 4 * kTiles; ++i) s[i] *= to_max[(i >> 1) & 1];
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
   }
