@@ -377,6 +377,18 @@ struct RowSoftmax {
     }
   }
 
+  // The tile's probabilities in place, 2^(s * qk_scale + offset) with each row's offset, and
+  // their row sums (this lane's share).
+  __device__ __forceinline__ static void exponentials(float (&s)[4 * kTiles], float qk_scale,
+                                                      const float (&offset)[2],
+                                                      float (&tile_sum)[2]) {
+#pragma unroll
+    for (int i = 0; i < 4 * kTiles; ++i)
+      s[i] = fast_exp2(fmaf(s[i], qk_scale, offset[(i >> 1) & 1]));
+    reduce_rows(
+        s, [](float a, float b) { return a + b; }, tile_sum);
+  }
+
   // step for a P that is rounded to e4m3 next: the probabilities as fp16 pairs, p[q] = elements
   // 2q (low half) and 2q + 1 of the flat array (one row's columns 2t, 2t+1 of an n8 tile; row g
   // for even q, g + 8 for odd). The exponentials are fp32 (ex2.approx.ftz.f32), rounded to fp16
@@ -415,11 +427,7 @@ struct RowSoftmax {
                                        float log2_p_scale) {
     float neg_max[2], tile_sum[2];
     fold_max(s, qk_scale, alpha, log2_p_scale, neg_max);
-#pragma unroll
-    for (int i = 0; i < 4 * kTiles; ++i)
-      s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_max[(i >> 1) & 1]));
-    reduce_rows(
-        s, [](float a, float b) { return a + b; }, tile_sum);
+    exponentials(s, qk_scale, neg_max, tile_sum);
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
   }
@@ -450,12 +458,8 @@ struct RowSoftmax {
       neg_ref[r] =
           log2_p_scale - fmaxf(row_max[r] * qk_scale, fmaf(lane_max[r], qk_scale, -kStaleLaneLog2));
     }
-#pragma unroll
-    for (int i = 0; i < 4 * kTiles; ++i)
-      s[i] = fast_exp2(fmaf(s[i], qk_scale, neg_ref[(i >> 1) & 1]));
     float tile_sum[2];
-    reduce_rows(
-        s, [](float a, float b) { return a + b; }, tile_sum);
+    exponentials(s, qk_scale, neg_ref, tile_sum);
     // (-inf, a lane whose share of a row is all masked, is false.)
     const bool rises = (lane_max[0] - row_max[0]) * qk_scale > headroom_log2 ||
                        (lane_max[1] - row_max[1]) * qk_scale > headroom_log2;
