@@ -533,53 +533,56 @@ TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
   }
 }
 
-// Scores that rise along the keys, where bf16 at D 128 keeps P at a stale running max
-// (RowSoftmax::step_stale: the max moves only when a tile raises it by more than 2^8): logit =
-// k[0] + noise (q[0] = sqrt(D)), k[0] a profile of the key's position per request. A steep ramp
-// (16 log2 units a 128-key tile: past fp32's range over the row unless every tile rescales), a
-// gentle one (3 a tile: stale for two tiles, then a rescale), a sawtooth (7 a tile up, then down),
-// a jump of 144 log2 units inside one tile (past fp32's range unless the lane's own max bounds
-// its reference), a cached prefix, a one-token and an empty request. Every config of every
-// scheme against its twin and float64 (the other schemes take step: a control).
+// Scores that rise along the keys, where bf16 at D 64 and 128 and the widened schemes at D 64 keep
+// P at a stale running max (RowSoftmax::step_stale: the max moves only when a tile raises it by
+// more than 2^8): logit = k[0] + noise (q[0] = sqrt(D)), k[0] a profile of the key's position per
+// request. A steep ramp (16 log2 units per 128 keys: past fp32's range over the row unless every
+// tile rescales), a gentle one (3 per 128 keys: stale for tiles, then a rescale), a sawtooth (7
+// per 128 keys up, then down), a jump of 144 log2 units inside one tile (past fp32's range unless
+// the lane's own max bounds its reference), a cached prefix, a one-token and an empty request.
+// Every config of every scheme at D 64, 128 and 256 against its twin and float64 (the instances
+// that take step: a control).
 TEST(PrefillStaleMax, RisingScoresMatchCpuTwin) {
   SKIP_WITHOUT_GPU();
-  const int D = 128;
-  test::ProblemSpec spec =
-      gpu_spec({{0, 1500}, {900, 333}, {0, 777}, {0, 1000}, {0, 1}, {200, 0}}, 8, 2, D);
-  SCOPED_TRACE("seed " + std::to_string(spec.seed));
-  test::AttentionProblem p = test::make_problem(spec);
-  const float ln2 = std::log(2.0f);
-  auto profile = [&](int b, int pos) {  // k[0] of request b's key at pos (nats)
-    const float tiles = pos / 128.0f;
-    switch (b) {
-      case 0:
-        return 16.0f * ln2 * tiles;
-      case 1:
-        return 3.0f * ln2 * tiles;
-      case 2:
-        return 7.0f * ln2 * std::fmod(tiles, 3.0f);
-      case 3:
-        return pos < 600 ? 0.0f : 144.0f * ln2;
-      default:
-        return 0.0f;
-    }
-  };
-  const int Hkv = p.num_kv_heads;
-  for (int b = 0; b < p.num_requests(); ++b) {
-    for (int64_t t = p.kv_begin[b]; t < p.kv_begin[b + 1]; ++t) {
-      for (int h = 0; h < Hkv; ++h) {
-        p.kv[(t * 2 * Hkv + h) * D] =
-            float_to_bf16(profile(b, static_cast<int>(t - p.kv_begin[b])));
+  for (const int D : {64, 128, 256}) {
+    SCOPED_TRACE("D " + std::to_string(D));
+    test::ProblemSpec spec =
+        gpu_spec({{0, 1500}, {900, 333}, {0, 777}, {0, 1000}, {0, 1}, {200, 0}}, 8, 2, D);
+    SCOPED_TRACE("seed " + std::to_string(spec.seed));
+    test::AttentionProblem p = test::make_problem(spec);
+    const float ln2 = std::log(2.0f);
+    auto profile = [&](int b, int pos) {  // k[0] of request b's key at pos (nats)
+      const float tiles = pos / 128.0f;
+      switch (b) {
+        case 0:
+          return 16.0f * ln2 * tiles;
+        case 1:
+          return 3.0f * ln2 * tiles;
+        case 2:
+          return 7.0f * ln2 * std::fmod(tiles, 3.0f);
+        case 3:
+          return pos < 600 ? 0.0f : 144.0f * ln2;
+        default:
+          return 0.0f;
+      }
+    };
+    const int Hkv = p.num_kv_heads;
+    for (int b = 0; b < p.num_requests(); ++b) {
+      for (int64_t t = p.kv_begin[b]; t < p.kv_begin[b + 1]; ++t) {
+        for (int h = 0; h < Hkv; ++h) {
+          p.kv[(t * 2 * Hkv + h) * D] =
+              float_to_bf16(profile(b, static_cast<int>(t - p.kv_begin[b])));
+        }
       }
     }
-  }
-  const float q0 = std::sqrt(static_cast<float>(D));
-  for (size_t i = 0; i < p.q.size(); i += D) p.q[i] = float_to_bf16(q0);
-  for (KvScheme scheme : kAllSchemes) {
-    SCOPED_TRACE(scheme_name(scheme));
-    std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-    for (PrefillConfig x : built_configs(scheme, D)) configs.push_back(x);
-    run_and_compare(p, scheme, configs);
+    const float q0 = std::sqrt(static_cast<float>(D));
+    for (size_t i = 0; i < p.q.size(); i += D) p.q[i] = float_to_bf16(q0);
+    for (KvScheme scheme : kAllSchemes) {
+      SCOPED_TRACE(scheme_name(scheme));
+      std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
+      for (PrefillConfig x : built_configs(scheme, D)) configs.push_back(x);
+      run_and_compare(p, scheme, configs);
+    }
   }
 }
 

@@ -890,11 +890,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // fourteenth, twenty-first and fortieth sessions).
     constexpr bool kF16Softmax = Sh::kFp8Mma && (D == 256 || (D == 128 && !kItemLoop));
     uint32_t ph[kF16Softmax ? kBlockN / 4 : 1];
-    // bf16 at D 128: the tiles after the first take RowSoftmax::step_stale, P at the running max
-    // as it stood unless the tile raises it by more than 2^8 (no shuffles in front of the
-    // exponentials; measured faster for bf16, slower for the widened schemes: docs/GPU.md,
-    // forty-first session).
-    constexpr bool kStaleMax = S == KvScheme::kBf16 && D == 128;
+    // bf16 at D 64 and 128 and the widened schemes at D 64: the tiles after the first take
+    // RowSoftmax::step_stale, P at the running max as it stood unless the tile raises it by more
+    // than 2^8 (no shuffles in front of the exponentials). Measured faster there; slower for the
+    // widened schemes at D 128, bf16 at D 256 and the e4m3 instances (docs/GPU.md, forty-first
+    // and forty-second sessions).
+    constexpr bool kStaleMax = !Sh::kFp8Mma && (D == 64 || (S == KvScheme::kBf16 && D == 128));
     auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
       const int k0 = j * kBlockN;
       if (k0 + kBlockN - 1 > wg_first_pos) rows.mask(s, k0, t, row_pos);
