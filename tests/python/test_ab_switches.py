@@ -1,6 +1,7 @@
 """scripts/ab-switches, gpu-ab's patches from a branch of compile-time switches: each variant's
-patch is the branch's change with its switches set to 1 and applies to the base; a switch the
-branch does not define as 0, or a malformed variant, is refused by name and writes no patch."""
+patch is the branch's change with its switches set to 1 (or to the integer given as
+MACRO=VALUE) and applies to the base; a switch the branch does not define as 0 (as an integer,
+for a value), or a malformed variant, is refused by name and writes no patch."""
 import os
 import shutil
 import subprocess
@@ -14,7 +15,10 @@ BRANCH = """#ifndef FP8KV_A
 #ifndef FP8KV_B
 #define FP8KV_B 0
 #endif
-int f() { return 1 + FP8KV_A + 2 * FP8KV_B; }
+#ifndef FP8KV_N
+#define FP8KV_N -1
+#endif
+int f() { return 1 + FP8KV_A + 2 * FP8KV_B + 4 * FP8KV_N; }
 """
 
 
@@ -65,7 +69,30 @@ def test_each_variant_sets_its_switches_and_only_those(tmp_path):
     assert "#define FP8KV_A 1" in a and "#define FP8KV_B 0" in a
     ab = applied(repo, repo / "ab" / "ab.diff")
     assert "#define FP8KV_A 1" in ab and "#define FP8KV_B 1" in ab
-    assert "int f() { return 1 + FP8KV_A + 2 * FP8KV_B; }" in ab
+    assert "int f() { return 1 + FP8KV_A + 2 * FP8KV_B + 4 * FP8KV_N; }" in ab
+    assert "#define FP8KV_N -1" in a and "#define FP8KV_N -1" in ab
+
+
+def test_a_switch_takes_an_integer_value(tmp_path):
+    repo = make_repo(tmp_path)
+    r = run(repo, "prep/x", "n3=FP8KV_N=3,FP8KV_B=2", "neg=FP8KV_N=-4,FP8KV_A")
+    assert r.returncode == 0, r.stderr
+    n3 = applied(repo, repo / "ab" / "n3.diff")
+    assert "#define FP8KV_N 3" in n3 and "#define FP8KV_B 2" in n3 and "#define FP8KV_A 0" in n3
+    neg = applied(repo, repo / "ab" / "neg.diff")
+    assert "#define FP8KV_N -4" in neg and "#define FP8KV_A 1" in neg
+
+
+def test_a_bad_value_or_a_bare_switch_not_defined_as_0_is_refused(tmp_path):
+    repo = make_repo(tmp_path)
+    for spec, message in (("n=FP8KV_N=x", "'x' (n, FP8KV_N) is not an integer"),
+                          ("n=FP8KV_N=1.5", "'1.5' (n, FP8KV_N) is not an integer"),
+                          ("n=FP8KV_N", "does not define FP8KV_N as 0 (variant n)"),
+                          ("c=FP8KV_C=2", "does not define FP8KV_C as an integer (variant c)")):
+        r = run(repo, "prep/x", spec)
+        assert r.returncode == 1, spec
+        assert message in r.stderr, (spec, r.stderr)
+    assert not (repo / "ab").exists()
 
 
 def test_unknown_switch_is_refused_and_writes_nothing(tmp_path):
