@@ -60,6 +60,15 @@ def applied(repo, patch):
     return text
 
 
+def assert_refused(repo, cases):
+    """Each (variant spec, message) alone: exit 1 with the message, and no patch written."""
+    for spec, message in cases:
+        r = run(repo, "prep/x", spec)
+        assert r.returncode == 1, spec
+        assert message in r.stderr, (spec, r.stderr)
+    assert not (repo / "ab").exists()
+
+
 def test_each_variant_sets_its_switches_and_only_those(tmp_path):
     repo = make_repo(tmp_path)
     r = run(repo, "prep/x", "a=FP8KV_A", "ab=FP8KV_A,FP8KV_B")
@@ -85,14 +94,10 @@ def test_a_switch_takes_an_integer_value(tmp_path):
 
 def test_a_bad_value_or_a_bare_switch_not_defined_as_0_is_refused(tmp_path):
     repo = make_repo(tmp_path)
-    for spec, message in (("n=FP8KV_N=x", "'x' (n, FP8KV_N) is not an integer"),
+    assert_refused(repo, (("n=FP8KV_N=x", "'x' (n, FP8KV_N) is not an integer"),
                           ("n=FP8KV_N=1.5", "'1.5' (n, FP8KV_N) is not an integer"),
                           ("n=FP8KV_N", "does not define FP8KV_N as 0 (variant n)"),
-                          ("c=FP8KV_C=2", "does not define FP8KV_C as an integer (variant c)")):
-        r = run(repo, "prep/x", spec)
-        assert r.returncode == 1, spec
-        assert message in r.stderr, (spec, r.stderr)
-    assert not (repo / "ab").exists()
+                          ("c=FP8KV_C=2", "does not define FP8KV_C as an integer (variant c)")))
 
 
 def test_unknown_switch_is_refused_and_writes_nothing(tmp_path):
@@ -105,13 +110,9 @@ def test_unknown_switch_is_refused_and_writes_nothing(tmp_path):
 
 def test_malformed_variants_are_refused_by_name(tmp_path):
     repo = make_repo(tmp_path)
-    for spec, message in (("a", "'a' is not VARIANT=MACRO"), ("a=", "'a=' is not VARIANT=MACRO"),
+    assert_refused(repo, (("a", "'a' is not VARIANT=MACRO"), ("a=", "'a=' is not VARIANT=MACRO"),
                           ("../a=FP8KV_A", "variant name '../a' is not a file name"),
-                          ("a=FP8KV_A;rm", "'FP8KV_A;rm' (a) is not a macro name")):
-        r = run(repo, "prep/x", spec)
-        assert r.returncode == 1, spec
-        assert message in r.stderr, (spec, r.stderr)
-    assert not (repo / "ab").exists()
+                          ("a=FP8KV_A;rm", "'FP8KV_A;rm' (a) is not a macro name")))
 
 
 def test_a_branch_without_changes_in_src_is_refused(tmp_path):
