@@ -502,6 +502,18 @@ INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong, ::testing::ValuesIn(kAllSchemes),
 
 // ---- refusals ------------------------------------------------------------------------------
 
+// kDefault and every built config, for the tests that hold each to a bound against float64 on
+// data that stresses a row's accumulation (an attention sink, rising scores). fp8-per-head D 256
+// on the warp-specialized kernel keeps the one-level sum of P V over the row in the e4m3 wgmma's
+// reduced-precision accumulator (prefill_ws.cuh, kPromote: a known limit), so at D 256 only its
+// mma.sync kernel (fp32 accumulation) is held to those bounds.
+std::vector<PrefillConfig> accumulation_checked_configs(KvScheme scheme, int head_dim) {
+  if (scheme == KvScheme::kFp8PerHead && head_dim == 256) return {PrefillConfig::kNarrow};
+  std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
+  for (PrefillConfig x : built_configs(scheme, head_dim)) configs.push_back(x);
+  return configs;
+}
+
 // A long row with an attention sink (test::make_sink_problem: one key with p ~ 1, 8191 with p
 // ~ 3e-4 whose values have the other sign, so the output is a difference of the two): every
 // kernel keeps the diffuse tail that P's e4m3 rounding would drop unscaled (kPScale) and that the
@@ -511,17 +523,14 @@ INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong, ::testing::ValuesIn(kAllSchemes),
 // tile's other 127 keys' share of the tail (127/8191 of it, amplified by the cancellation; measured
 // 1.6e-2 against the twin); the generic 2x-the-twin-vs-float64 check does not apply here.
 // D 64 as well (its tiles are promoted too). fp8-per-head D 256 on the warp-specialized kernel
-// keeps the one-level sum (prefill_ws.cuh, a known limit: 0.91 against the twin here, measured on
-// an H200), so at D 256 only its mma.sync kernel (fp32 accumulation) is held to the bound.
+// (0.91 against the twin here, measured on an H200): accumulation_checked_configs.
 TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
   SKIP_WITHOUT_GPU();
   for (int D : {128, 64, 256}) {
     const test::AttentionProblem p = test::make_sink_problem(8192, 256, D, 91);
     for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kBf16}) {
       SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D));
-      std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-      for (PrefillConfig x : built_configs(scheme, D)) configs.push_back(x);
-      if (scheme == KvScheme::kFp8PerHead && D == 256) configs = {PrefillConfig::kNarrow};
+      const std::vector<PrefillConfig> configs = accumulation_checked_configs(scheme, D);
       const double bound = scheme == KvScheme::kFp8PerHead ? 2e-2 : twin_bound(scheme);
       const std::vector<Errors> errors = run_and_compare(p, scheme, configs, /*with_exact=*/false);
       for (size_t c = 0; c < configs.size(); ++c) {
@@ -541,10 +550,8 @@ TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
 // per 128 keys up, then down), a jump of 144 log2 units inside one tile (past fp32's range unless
 // the lane's own max bounds its reference), a cached prefix, a one-token and an empty request.
 // Every config of every scheme at D 64, 128 and 256 against its twin and float64 (the instances
-// that take step: a control). fp8-per-head at D 256 on the warp-specialized kernel sums P V over
-// the row in the e4m3 wgmma's reduced-precision accumulator (the known limit PrefillSink names;
-// a ramp rescales and adds at every tile), so there only its mma.sync kernel is held to the
-// float64 check, as in PrefillSink.
+// that take step: a control; fp8-per-head D 256, where a ramp rescales and adds at every tile:
+// accumulation_checked_configs).
 TEST(PrefillStaleMax, RisingScoresMatchCpuTwin) {
   SKIP_WITHOUT_GPU();
   for (const int D : {64, 128, 256}) {
@@ -582,9 +589,7 @@ TEST(PrefillStaleMax, RisingScoresMatchCpuTwin) {
     for (size_t i = 0; i < p.q.size(); i += D) p.q[i] = float_to_bf16(q0);
     for (KvScheme scheme : kAllSchemes) {
       SCOPED_TRACE(scheme_name(scheme));
-      std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
-      for (PrefillConfig x : built_configs(scheme, D)) configs.push_back(x);
-      if (scheme == KvScheme::kFp8PerHead && D == 256) configs = {PrefillConfig::kNarrow};
+      const std::vector<PrefillConfig> configs = accumulation_checked_configs(scheme, D);
       run_and_compare(p, scheme, configs);
     }
   }

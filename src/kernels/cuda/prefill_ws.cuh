@@ -896,12 +896,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // widened schemes at D 128, bf16 at D 256 and the e4m3 instances (docs/GPU.md, forty-first
     // and forty-second sessions).
     constexpr bool kStaleMax = !Sh::kFp8Mma && (D == 64 || (S == KvScheme::kBf16 && D == 128));
+    // P's headroom there, log2: at most 2^8 (bf16 has fp32's range; the widened schemes' f16 P,
+    // at p_scale 2^0, has range up to 65504).
+    constexpr float kStaleHeadroomLog2 = 8.0f;
     auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
       const int k0 = j * kBlockN;
       if (k0 + kBlockN - 1 > wg_first_pos) rows.mask(s, k0, t, row_pos);
       if constexpr (kStaleMax) {
         if (j > 0) {
-          rows.step_stale(s, qk_scale, alpha, p_scale_log2(S), 8.0f);
+          rows.step_stale(s, qk_scale, alpha, p_scale_log2(S), kStaleHeadroomLog2);
         } else {
           rows.step(s, qk_scale, alpha, p_scale_log2(S));
         }
