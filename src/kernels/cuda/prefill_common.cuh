@@ -445,8 +445,9 @@ struct RowSoftmax {
   // and the max is not moved. Otherwise the warp folds the tile's max in (the shuffles, as step
   // does) and scales each lane's probabilities and sum from its reference to the new max. The
   // result is step's up to the rounding of the rescale (FlashAttention-4's idea: a max that is
-  // seldom raised is seldom worth the shuffles and the rescale).
-  __device__ __forceinline__ void step_stale(float (&s)[4 * kTiles], float qk_scale,
+  // seldom raised is seldom worth the shuffles and the rescale). Returns the vote: false where
+  // every alpha of the warp is 1.
+  __device__ __forceinline__ bool step_stale(float (&s)[4 * kTiles], float qk_scale,
                                              float (&alpha)[2], float log2_p_scale,
                                              float headroom_log2) {
     float lane_max[2];
@@ -465,7 +466,8 @@ struct RowSoftmax {
                        (lane_max[1] - row_max[1]) * qk_scale > headroom_log2;
     alpha[0] = 1.0f;
     alpha[1] = 1.0f;
-    if (__any_sync(kFullMask, rises)) {
+    const bool moved = __any_sync(kFullMask, rises);
+    if (moved) {
       float neg_max[2], to_max[2];
       fold_lane_max(lane_max, qk_scale, alpha, log2_p_scale, neg_max);
 #pragma unroll
@@ -478,6 +480,7 @@ struct RowSoftmax {
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+    return moved;
   }
 
   // The whole rows' sums (a quad reduction); out_scale: v_scale / l per row, 0 for a row that

@@ -899,12 +899,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // P's headroom there, log2: at most 2^8 (bf16 has fp32's range; the widened schemes' f16 P,
     // at p_scale 2^0, has range up to 65504).
     constexpr float kStaleHeadroomLog2 = 8.0f;
+    // softmax returns whether a row of the warp may have moved its max: step_stale's vote, and
+    // true for step (O's rescale then votes on alpha itself).
     auto softmax = [&](float(&s)[kBlockN / 2], int j, float(&alpha)[2]) {
       const int k0 = j * kBlockN;
       if (k0 + kBlockN - 1 > wg_first_pos) rows.mask(s, k0, t, row_pos);
+      bool moved = true;
       if constexpr (kStaleMax) {
         if (j > 0) {
-          rows.step_stale(s, qk_scale, alpha, p_scale_log2(S), kStaleHeadroomLog2);
+          moved = rows.step_stale(s, qk_scale, alpha, p_scale_log2(S), kStaleHeadroomLog2);
         } else {
           rows.step(s, qk_scale, alpha, p_scale_log2(S));
         }
@@ -913,6 +916,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       } else {
         rows.step(s, qk_scale, alpha, p_scale_log2(S));
       }
+      return moved;
     };
     // P (e4m3) for the PV wgmma, in the V^T key order. Only after the previous PV has landed: an rs
     // wgmma reads its A registers while it runs, and ptxas serializes the wgmmas when P's registers
@@ -1038,7 +1042,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         if constexpr (kApart) release(J);
         stamp(j, kTlScores);
         float alpha[2];
-        softmax(s, j, alpha);
+        const bool moved = softmax(s, j, alpha);
         // The persistent D 128 instance packs P before the promotion: P V(j-1), which read pa,
         // has landed (kEarlyPv), and pa then takes the exponentials as they come.
         constexpr bool kPackEarly = kEarlyPv && !kF16Softmax && D == 128;
@@ -1054,9 +1058,11 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         if constexpr (kPromote) {
           alpha_prev[0] = alpha[0];
           alpha_prev[1] = alpha[1];
-        } else if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+        } else if (kStaleMax ? moved
+                             : __any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
           // Where no row of the warp raised its max (alpha 1: common once the rows have seen their
-          // largest scores) the rescale is the identity: skipped, bit for bit the same O.
+          // largest scores) the rescale is the identity: skipped, bit for bit the same O. The
+          // stale-max instances take step_stale's vote, the same decision without a second vote.
 #pragma unroll
           for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
         }
