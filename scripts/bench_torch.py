@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """PyTorch peer for fp8kv's kernel benchmark: bf16 SDPA (cuDNN attention backend first) on the
 decode and prefill shapes of `fp8kv bench kernels`. The peer reads a contiguous [B, Hkv, L, D]
-cache (no slot gather), so it is the stronger side of the comparison.
+cache (no slot gather), so it is the stronger side of the comparison. Every shape is timed as
+`fp8kv bench kernels` times its kernels: --warmup untimed runs, then the median of --iters. A long
+warm-up (300) holds the card at its power limit, where the clock settles below its boost (the
+`sustained` stage of scripts/gpu-check).
 
-    python3 scripts/bench_torch.py [--json FILE] [--iters 20] [--quick]
+    python3 scripts/bench_torch.py [--json FILE] [--iters 20] [--warmup 5] [--only decode|prefill]
+                                   [--quick]
 """
 import argparse
 import json
@@ -55,15 +59,21 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--only", choices=("decode", "prefill"), help="one section only")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    if a.iters < 1 or a.warmup < 0:
+        ap.error(f"--iters must be at least 1 and --warmup not negative (got {a.iters}, {a.warmup})")
     torch.manual_seed(0)
     dev = torch.device("cuda")
     Hq, Hkv, D = 32, 8, 128
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "decode": {}, "prefill": {}}
     print(f"torch {torch.__version__} SDPA peer on {out['device']}")
-    print("decode  Hq=32 Hkv=8 D=128   bf16 time_us   cache_GB/s   backend")
     shapes = [(64, 4096), (4, 32768), (256, 1024)] if not a.quick else [(16, 2048), (2, 8192)]
+    if a.only == "prefill":
+        shapes = []
+    if shapes:
+        print("decode  Hq=32 Hkv=8 D=128   bf16 time_us   cache_GB/s   backend")
     for B, L in shapes:
         q = torch.randn(B, Hq, 1, D, device=dev, dtype=torch.bfloat16)
         k = torch.randn(B, Hkv, L, D, device=dev, dtype=torch.bfloat16)
@@ -80,20 +90,23 @@ def main():
     # Prefill: the shapes of `fp8kv bench kernels` (same record names): one length per batch,
     # causal, and the reference shape non-causal (suffix _noncausal); the cached-prefix batch has
     # no SDPA equivalent: not measured here.
-    print("prefill (causal unless said)      bf16 time_us   TFLOP/s   backend")
     L0 = 8192 if not a.quick else 2048
     cases = [(f"B2_L{L0}", 2, L0, 32, 8, 128, True), (f"B2_L{L0}_noncausal", 2, L0, 32, 8, 128, False)]
-    if not a.quick:
+    if a.only == "decode":
+        cases = []
+    elif not a.quick:
         cases += [(f"B{max(1, 16384 // L)}_L{L}", max(1, 16384 // L), L, 32, 8, 128, True)
                   for L in (1024, 4096, 16384, 32768)]
         cases += [("B2_L8192_D64", 2, 8192, 32, 8, 64, True), ("B2_L8192_D256", 2, 8192, 32, 8, 256, True),
                   ("B2_L8192_Hq28_Hkv4", 2, 8192, 28, 4, 128, True)]
+    if cases:
+        print("prefill (causal unless said)      bf16 time_us   TFLOP/s   backend")
     for name, B, L, hq, hkv, d, causal in cases:
         q = torch.randn(B, hq, L, d, device=dev, dtype=torch.bfloat16)
         k = torch.randn(B, hkv, L, d, device=dev, dtype=torch.bfloat16)
         v = torch.randn(B, hkv, L, d, device=dev, dtype=torch.bfloat16)
         try:
-            us, backend = sdpa(q, k, v, causal, 2, max(5, a.iters // 2))
+            us, backend = sdpa(q, k, v, causal, a.warmup, a.iters)
             # (query, key) pairs per head, exactly: L (L + 1) / 2 causal, L^2 non-causal
             pairs = L * (L + 1) / 2 if causal else L * L
             tflops = 4.0 * B * hq * d * pairs / us * 1e-6

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Final table of scripts/gpu-check: fp8kv's benchmark JSON merged with the PyTorch peer's, each
-target marked PASS or MISS.   python3 scripts/gpu_report.py BENCH_JSON [TORCH_JSON]"""
+target marked PASS or MISS; with --sustained, a second prefill table from the `sustained` stage
+(both sides timed after 300 warm-up runs, at the card's power limit).
+    python3 scripts/gpu_report.py BENCH_JSON [TORCH_JSON] [--sustained BENCH_JSON TORCH_JSON]"""
 import json
 import os
 import sys
@@ -13,9 +15,58 @@ def load(path):
         return json.load(f)
 
 
+def prefill_table(res, torch, title, kernels):
+    """The prefill rows of a benchmark's results beside the peer's figures; kernels: also list
+    every built kernel's figure under its row."""
+    mark = lambda ok: "PASS" if ok else "MISS"
+    # Prefill records: "<case>_<scheme>" (the default kernel) or "<case>_<scheme>_<config>"; a
+    # non-causal case is named "<shape>_noncausal" in both JSONs, so it gets its own row, joined
+    # with the peer's is_causal=False figure.
+    rows = {}
+    for r in res:
+        if r["kind"] != "prefill":
+            continue
+        parts = r["name"].split("_")
+        at = next((i for i, x in enumerate(parts) if x == "bf16" or x.startswith("fp8-")), None)
+        if at is None:
+            continue
+        case, scheme, config = "_".join(parts[:at]), parts[at], "_".join(parts[at + 1:]) or "default"
+        rows.setdefault(case, {})[(scheme, config)] = r
+    if rows:
+        print(f"{title:<34}{'bf16':>8}{'ptens':>8}{'phead':>8}{'torch':>8}"
+              f"{'ph/t':>6}{'b/t':>6}{'pt/t':>6}  targets(main: phead >=800, bf16 and ptens >= torch)")
+        main_case = next(iter(rows))
+        for case, by in rows.items():
+            tf = lambda scheme: by.get((scheme, "default"), {}).get("tflops", float("nan"))
+            # A _runs row (consecutive slots) against the peer's dense K/V of the same shape.
+            t = torch["prefill"].get(case.removesuffix("_runs"), {}).get("tflops", float("nan"))
+            b16, pt, ph = tf("bf16"), tf("fp8-per-tensor"), tf("fp8-per-head")
+            verdict = ""
+            if case == main_case:
+                verdict = mark(ph >= 800 and (t != t or (b16 >= t and pt >= t)))
+            print(f"{case:<34}{b16:>8.0f}{pt:>8.0f}{ph:>8.0f}{t:>8.0f}"
+                  f"{ph / t:>6.2f}{b16 / t:>6.2f}{pt / t:>6.2f}  {verdict}")
+            if not kernels:
+                continue
+            for scheme in dict.fromkeys(sch for sch, _ in by):  # every built kernel, per scheme
+                others = [f"{cfg} {r['tflops']:.0f}" for (sch, cfg), r in by.items()
+                          if sch == scheme and cfg != "default"]
+                if others:
+                    print(f"{'':<34}{scheme} kernels: " + ", ".join(others))
+
+
 def main():
-    bench = load(sys.argv[1] if len(sys.argv) > 1 else None)
-    torch = load(sys.argv[2] if len(sys.argv) > 2 else None) or {"decode": {}, "prefill": {}}
+    args = sys.argv[1:]
+    sustained = None
+    if "--sustained" in args:
+        at = args.index("--sustained")
+        sustained = args[at + 1:at + 3]
+        if len(sustained) != 2:
+            print("gpu_report: --sustained takes two JSON paths, the bench's and the peer's")
+            return 2
+        del args[at:at + 3]
+    bench = load(args[0] if args else None)
+    torch = load(args[1] if len(args) > 1 else None) or {"decode": {}, "prefill": {}}
     if bench is None:
         print("gpu_report: no benchmark JSON")
         return 1
@@ -50,38 +101,16 @@ def main():
               f"{100 * b16['frac_read_bw']:>5.0f}%{100 * pt['frac_read_bw']:>6.0f}%{100 * ph['frac_read_bw']:>6.0f}%"
               f"{ph['us'] / t:>6.2f}{pt['us'] / t:>6.2f}"
               f"{100 * ph.get('frac_same_size_read', float('nan')):>6.0f}%  {mark(ok)}")
-    # Prefill records: "<case>_<scheme>" (the default kernel) or "<case>_<scheme>_<config>"; a
-    # non-causal case is named "<shape>_noncausal" in both JSONs, so it gets its own row, joined
-    # with the peer's is_causal=False figure.
-    rows = {}
-    for r in res:
-        if r["kind"] != "prefill":
-            continue
-        parts = r["name"].split("_")
-        at = next((i for i, x in enumerate(parts) if x == "bf16" or x.startswith("fp8-")), None)
-        if at is None:
-            continue
-        case, scheme, config = "_".join(parts[:at]), parts[at], "_".join(parts[at + 1:]) or "default"
-        rows.setdefault(case, {})[(scheme, config)] = r
-    if rows:
-        print(f"{'prefill (TFLOP/s)':<34}{'bf16':>8}{'ptens':>8}{'phead':>8}{'torch':>8}"
-              f"{'ph/t':>6}{'b/t':>6}{'pt/t':>6}  targets(main: phead >=800, bf16 and ptens >= torch)")
-        main_case = next(iter(rows))
-        for case, by in rows.items():
-            tf = lambda scheme: by.get((scheme, "default"), {}).get("tflops", float("nan"))
-            # A _runs row (consecutive slots) against the peer's dense K/V of the same shape.
-            t = torch["prefill"].get(case.removesuffix("_runs"), {}).get("tflops", float("nan"))
-            b16, pt, ph = tf("bf16"), tf("fp8-per-tensor"), tf("fp8-per-head")
-            verdict = ""
-            if case == main_case:
-                verdict = mark(ph >= 800 and (t != t or (b16 >= t and pt >= t)))
-            print(f"{case:<34}{b16:>8.0f}{pt:>8.0f}{ph:>8.0f}{t:>8.0f}"
-                  f"{ph / t:>6.2f}{b16 / t:>6.2f}{pt / t:>6.2f}  {verdict}")
-            for scheme in dict.fromkeys(sch for sch, _ in by):  # every built kernel, per scheme
-                others = [f"{cfg} {r['tflops']:.0f}" for (sch, cfg), r in by.items()
-                          if sch == scheme and cfg != "default"]
-                if others:
-                    print(f"{'':<34}{scheme} kernels: " + ", ".join(others))
+    prefill_table(res, torch, "prefill (TFLOP/s)", kernels=True)
+    if sustained:
+        sus_bench, sus_torch = load(sustained[0]), load(sustained[1])
+        if sus_bench is None:
+            print(f"gpu_report: no sustained benchmark JSON ({sustained[0]})")
+        else:
+            # The same kernels after 300 warm-up runs: the card at its power limit, its SM clock
+            # below the boost that a short run keeps (the peer's SDPA timed the same way).
+            prefill_table(sus_bench["results"], sus_torch or {"decode": {}, "prefill": {}},
+                          "prefill sustained (TFLOP/s)", kernels=False)
     for r in (r for r in res if r["kind"] == "quantize"):
         same = r.get("frac_copy_same_size")
         same = f" ({100 * same:5.1f}% of a same-size copy)" if same is not None else ""

@@ -78,3 +78,48 @@ def test_decode_rows_show_fp8_per_head_against_a_same_size_read_where_measured(t
     out = run(tmp_path, bench_json(True))
     row = next(line for line in out.stdout.splitlines() if line.startswith("B64_L4096"))
     assert "nan%" in row
+
+
+def prefill_doc(tflops):
+    doc = bench_json(True)
+    doc["results"] += [{"kind": "prefill", "name": f"B2_L8192_{scheme}", "tflops": tf}
+                       for scheme, tf in zip(("bf16", "fp8-per-tensor", "fp8-per-head"), tflops)]
+    doc["results"].append({"kind": "prefill", "name": "B2_L8192_bf16_wide", "tflops": 250.0})
+    return doc
+
+
+def test_sustained_figures_make_a_second_prefill_table_against_their_own_peer(tmp_path):
+    files = {"bench.json": prefill_doc((630.0, 570.0, 790.0)),
+             "torch.json": {"torch": "x", "decode": {}, "prefill": {"B2_L8192": {"tflops": 645.0}}},
+             "s-bench.json": {"device": "Test GPU", "results": prefill_doc((616.0, 552.0, 770.0))["results"]},
+             "s-torch.json": {"torch": "x", "decode": {}, "prefill": {"B2_L8192": {"tflops": 545.0}}}}
+    for name, doc in files.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+    out = subprocess.run([sys.executable, REPORT, str(tmp_path / "bench.json"),
+                          str(tmp_path / "torch.json"), "--sustained",
+                          str(tmp_path / "s-bench.json"), str(tmp_path / "s-torch.json")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("prefill sustained"))
+    short = next(line for line in lines[:at] if line.startswith("B2_L8192"))
+    assert "645" in short and "0.98" in short  # 630 / 645, the short run's peer
+    sustained = lines[at + 1]
+    assert sustained.startswith("B2_L8192")
+    assert "545" in sustained and "1.13" in sustained  # 616 / 545, the sustained run's peer
+    # The per-kernel lines belong to the short run's table only.
+    assert sum("bf16 kernels: wide 250" in line for line in lines) == 1
+
+
+def test_sustained_needs_two_paths_and_says_when_its_bench_json_is_missing(tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps(prefill_doc((630.0, 570.0, 790.0))))
+    out = subprocess.run([sys.executable, REPORT, str(tmp_path / "bench.json"), "--sustained",
+                          str(tmp_path / "s-bench.json")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "two JSON paths" in out.stdout
+    out = subprocess.run([sys.executable, REPORT, str(tmp_path / "bench.json"), "--sustained",
+                          str(tmp_path / "s-bench.json"), str(tmp_path / "s-torch.json")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "no sustained benchmark JSON" in out.stdout
+    assert "prefill sustained" not in out.stdout
