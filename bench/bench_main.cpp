@@ -1,7 +1,6 @@
 // fp8kv_bench: the kernel benchmark as its own binary (the same code as `fp8kv bench kernels`).
-//   fp8kv_bench [--quick] [--iters N] [--warmup N] [--device N] [--json FILE] [--no-prefill]
-//   [--no-gemm]
-//               [--only decode,prefill,quantize,linear,ring]
+//   fp8kv_bench [--quick] [--iters N] [--warmup N] [--prefill-warmup N] [--device N] [--json FILE]
+//               [--no-prefill] [--no-gemm] [--only decode,prefill,quantize,linear,ring]
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +30,8 @@ int main(int argc, char** argv) {
       o.iters = std::atoi(value());
     else if (a == "--warmup")
       o.warmup = std::atoi(value());
+    else if (a == "--prefill-warmup")
+      o.prefill_warmup = std::atoi(value());
     else if (a == "--device")
       o.device = std::atoi(value());
     else if (a == "--json")
@@ -38,12 +39,19 @@ int main(int argc, char** argv) {
     else if (a == "--only")
       o.only = value();
     else {
-      std::fprintf(
-          stderr,
-          "usage: fp8kv_bench [--quick] [--iters N] [--warmup N] [--device N] [--json FILE] "
-          "[--no-prefill] [--no-gemm] [--only decode,prefill,quantize,linear,ring]\n");
+      std::fprintf(stderr,
+                   "usage: fp8kv_bench [--quick] [--iters N] [--warmup N] [--prefill-warmup N] "
+                   "[--device N] [--json FILE] [--no-prefill] [--no-gemm] "
+                   "[--only decode,prefill,quantize,linear,ring]\n");
       return 2;
     }
+  }
+  if (o.iters < 1 || o.warmup < 0 || o.prefill_warmup < 0) {
+    std::fprintf(stderr,
+                 "fp8kv_bench: --iters must be at least 1, --warmup and --prefill-warmup not "
+                 "negative (got %d, %d, %d)\n",
+                 o.iters, o.warmup, o.prefill_warmup);
+    return 2;
   }
   try {
     fp8kv::run_kernel_bench(o);

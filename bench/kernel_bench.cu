@@ -913,6 +913,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     r.line(
         "prefill (causal unless said)               scheme             kernel          time_us   "
         "TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
+    r.line("  (each case's kernels timed in turns: %d warm-up round%s, the median of %d rounds)",
+           o.prefill_warmup, o.prefill_warmup == 1 ? "" : "s", std::max(5, o.iters / 2));
     const std::vector<PrefillCase> cases = prefill_cases(o.quick);
     for (const PrefillCase& c : cases) {
       if (!selects(o.prefill_cases, c.name)) continue;
@@ -1000,7 +1002,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         }
         std::vector<double> times;
         try {
-          times = time_us_in_turns(runs, 1, std::max(5, o.iters / 2), s);
+          times = time_us_in_turns(runs, o.prefill_warmup, std::max(5, o.iters / 2), s);
         } catch (const Error& e) {
           r.line("  %s: %s", scheme_name(scheme), e.what());
           continue;

@@ -10,8 +10,12 @@ namespace fp8kv {
 
 struct KernelBenchOptions {
   int device = 0;
-  int warmup = 5;       // untimed runs before each measurement
-  int iters = 20;       // timed runs; the median is reported
+  int warmup = 5;  // untimed runs before each measurement
+  int iters = 20;  // timed runs; the median is reported
+  // Untimed rounds of a prefill case's kernels before its timed rounds (each round runs every
+  // kernel of the case once; the timed rounds are max(5, iters / 2)). Many rounds put the card at
+  // its power limit before the timing (scripts/gpu-check sustained).
+  int prefill_warmup = 1;
   bool quick = false;   // smaller ceilings and shapes (a smoke test, not a measurement)
   bool prefill = true;  // include the prefill rows (PREFILL's kernel)
   bool gemm = true;     // measure the BF16/FP8 tensor-core ceilings through cuBLASLt

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """PyTorch peer for fp8kv's kernel benchmark: bf16 SDPA (cuDNN attention backend first) on the
 decode and prefill shapes of `fp8kv bench kernels`. The peer reads a contiguous [B, Hkv, L, D]
-cache (no slot gather), so it is the stronger side of the comparison. Every shape is timed as
-`fp8kv bench kernels` times its kernels: --warmup untimed runs, then the median of --iters. A long
-warm-up (300) holds the card at its power limit, where the clock settles below its boost (the
-`sustained` stage of scripts/gpu-check).
+cache (no slot gather), so it is the stronger side of the comparison. Decode: --warmup untimed
+runs, then the median of --iters; prefill, as `fp8kv bench kernels` times its cases: the median of
+max(5, --iters / 2) runs after --prefill-warmup ones. A long prefill warm-up puts the card at its
+power limit, where the clock settles below its boost (the `sustained` stage of scripts/gpu-check).
 
-    python3 scripts/bench_torch.py [--json FILE] [--iters 20] [--warmup 5] [--only decode|prefill]
-                                   [--quick]
+    python3 scripts/bench_torch.py [--json FILE] [--iters 20] [--warmup 5] [--prefill-warmup 2]
+                                   [--only decode|prefill] [--quick]
 """
 import argparse
 import json
@@ -59,11 +59,13 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--prefill-warmup", type=int, default=2)
     ap.add_argument("--only", choices=("decode", "prefill"), help="one section only")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    if a.iters < 1 or a.warmup < 0:
-        ap.error(f"--iters must be at least 1 and --warmup not negative (got {a.iters}, {a.warmup})")
+    if a.iters < 1 or a.warmup < 0 or a.prefill_warmup < 0:
+        ap.error("--iters must be at least 1, --warmup and --prefill-warmup not negative "
+                 f"(got {a.iters}, {a.warmup}, {a.prefill_warmup})")
     torch.manual_seed(0)
     dev = torch.device("cuda")
     Hq, Hkv, D = 32, 8, 128
@@ -106,7 +108,7 @@ def main():
         k = torch.randn(B, hkv, L, d, device=dev, dtype=torch.bfloat16)
         v = torch.randn(B, hkv, L, d, device=dev, dtype=torch.bfloat16)
         try:
-            us, backend = sdpa(q, k, v, causal, a.warmup, a.iters)
+            us, backend = sdpa(q, k, v, causal, a.prefill_warmup, max(5, a.iters // 2))
             # (query, key) pairs per head, exactly: L (L + 1) / 2 causal, L^2 non-causal
             pairs = L * (L + 1) / 2 if causal else L * L
             tflops = 4.0 * B * hq * d * pairs / us * 1e-6

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Final table of scripts/gpu-check: fp8kv's benchmark JSON merged with the PyTorch peer's, each
 target marked PASS or MISS; with --sustained, a second prefill table from the `sustained` stage
-(both sides timed after 300 warm-up runs, at the card's power limit).
+(both sides timed after about a second of load, at the card's power limit).
     python3 scripts/gpu_report.py BENCH_JSON [TORCH_JSON] [--sustained BENCH_JSON TORCH_JSON]"""
 import json
 import os
@@ -107,8 +107,8 @@ def main():
         if sus_bench is None:
             print(f"gpu_report: no sustained benchmark JSON ({sustained[0]})")
         else:
-            # The same kernels after 300 warm-up runs: the card at its power limit, its SM clock
-            # below the boost that a short run keeps (the peer's SDPA timed the same way).
+            # The same kernels after about a second of load: the card at its power limit, its SM
+            # clock below the boost that a short run keeps (the peer's SDPA timed the same way).
             prefill_table(sus_bench["results"], sus_torch or {"decode": {}, "prefill": {}},
                           "prefill sustained (TFLOP/s)", kernels=False)
     for r in (r for r in res if r["kind"] == "quantize"):

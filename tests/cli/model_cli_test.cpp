@@ -62,6 +62,18 @@ TEST(BenchCli, CaseListsNameTheCaseTheyRefuse) {
   EXPECT_FALSE(contains(r.output, "Hopper")) << r.output;  // refused before the GPU was looked for
 }
 
+// `bench kernels` refuses run counts it cannot time (no timed run, a negative warm-up), naming
+// the option, before a GPU is looked for.
+TEST(BenchCli, RunCountsOutOfRangeAreRefusedByName) {
+  for (const char* bad : {"--iters 0", "--warmup -1", "--prefill-warmup -2"}) {
+    RunResult r = run(std::string("bench kernels --only prefill ") + bad);
+    EXPECT_NE(r.exit_code, 0) << bad << ": " << r.output;
+    const std::string option = std::string(bad).substr(0, std::string(bad).find(' '));
+    EXPECT_TRUE(contains(r.output, option)) << bad << ": " << r.output;
+    EXPECT_FALSE(contains(r.output, "Hopper")) << bad << ": " << r.output;
+  }
+}
+
 TEST(ModelCli, MakeCalibrateGenerateEval) {
   TempDir dir;
   const std::string model = dir.path() + "/tiny";
