@@ -2,6 +2,7 @@
 #include "bench/bench_cases.h"
 
 #include <algorithm>
+#include <string>
 
 #include "fp8kv/error.h"
 
@@ -66,7 +67,19 @@ void check_names(const char* flag, const std::string& list, const std::vector<st
 }
 }  // namespace
 
-void check_bench_cases(const KernelBenchOptions& o) {
+void check_bench_options(const KernelBenchOptions& o) {
+  const struct {
+    const char* flag;
+    int value, least;
+  } counts[] = {{"--iters", o.iters, 1},
+                {"--warmup", o.warmup, 0},
+                {"--prefill-warmup", o.prefill_warmup, 0}};
+  for (const auto& c : counts) {
+    if (c.value < c.least) {
+      throw Error(std::string("bench kernels ") + c.flag + ": " + std::to_string(c.value) +
+                  " runs (at least " + std::to_string(c.least) + ")");
+    }
+  }
   std::vector<std::string> names;
   for (const DecodeCase& c : decode_cases(o.quick)) names.push_back(c.name());
   check_names("--decode-case", o.decode_cases, names);

@@ -35,8 +35,9 @@ struct PrefillCase {
 std::vector<DecodeCase> decode_cases(bool quick);
 std::vector<PrefillCase> prefill_cases(bool quick);
 
-// Throws Error where o.decode_cases or o.prefill_cases names no case of its section (at o.quick),
-// naming it and the known ones.
-void check_bench_cases(const KernelBenchOptions& o);
+// Throws Error where a run count is out of range (--iters below 1, a negative warm-up), or
+// o.decode_cases or o.prefill_cases names no case of its section (at o.quick), naming the option,
+// the value and, for a case, the known ones.
+void check_bench_options(const KernelBenchOptions& o);
 
 }  // namespace fp8kv

@@ -46,13 +46,6 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (o.iters < 1 || o.warmup < 0 || o.prefill_warmup < 0) {
-    std::fprintf(stderr,
-                 "fp8kv_bench: --iters must be at least 1, --warmup and --prefill-warmup not "
-                 "negative (got %d, %d, %d)\n",
-                 o.iters, o.warmup, o.prefill_warmup);
-    return 2;
-  }
   try {
     fp8kv::run_kernel_bench(o);
   } catch (const fp8kv::Error& e) {

@@ -672,7 +672,7 @@ std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme
 }  // namespace
 
 std::string run_kernel_bench(const KernelBenchOptions& o) {
-  check_bench_cases(o);  // before a GPU is looked for (kernel_bench.h)
+  check_bench_options(o);  // before a GPU is looked for (kernel_bench.h)
   if (!cuda_available()) throw Error("bench kernels: no usable Hopper (sm_90) GPU on this machine");
   check_cuda(cudaSetDevice(o.device), "cudaSetDevice");
   cudaDeviceProp prop{};

@@ -28,8 +28,8 @@ struct KernelBenchOptions {
 };
 
 // Runs the benchmark on the device, returns the table as printed text (also written to stdout
-// as rows complete). A case name that is no case (check_bench_cases) is refused first, before a
-// GPU is looked for, in a CPU-only build too.
+// as rows complete). A case name that is no case, or a run count out of range
+// (check_bench_options), is refused first, before a GPU is looked for, in a CPU-only build too.
 std::string run_kernel_bench(const KernelBenchOptions& options);
 
 // The names of a comma list, as --only, --decode-case and --prefill-case take them ("a,b" -> {"a",

@@ -6,7 +6,7 @@
 namespace fp8kv {
 
 std::string run_kernel_bench(const KernelBenchOptions& o) {
-  check_bench_cases(o);  // a bad case name is the first thing said, as with CUDA
+  check_bench_options(o);  // a bad case name is the first thing said, as with CUDA
   throw Error(
       "fp8kv bench kernels needs a CUDA build (nvcc) and a Hopper GPU; this build has no CUDA "
       "backend");

@@ -15,10 +15,13 @@ def load(path):
         return json.load(f)
 
 
+def mark(ok):
+    return "PASS" if ok else "MISS"
+
+
 def prefill_table(res, torch, title, kernels):
     """The prefill rows of a benchmark's results beside the peer's figures; kernels: also list
     every built kernel's figure under its row."""
-    mark = lambda ok: "PASS" if ok else "MISS"
     # Prefill records: "<case>_<scheme>" (the default kernel) or "<case>_<scheme>_<config>"; a
     # non-causal case is named "<shape>_noncausal" in both JSONs, so it gets its own row, joined
     # with the peer's is_causal=False figure.
@@ -75,7 +78,6 @@ def main():
         print("gpu_report: the benchmark stopped early (see bench.log): the sections below are those it finished")
     get = lambda kind, name: next((r for r in res if r["kind"] == kind and r["name"] == name), None)
     ceil = {r["name"]: r for r in res if r["kind"] == "ceiling"}
-    mark = lambda ok: "PASS" if ok else "MISS"
     print(f"== fp8kv kernels on {bench['device']} (torch peer: {torch.get('torch', 'n/a')})")
     print(f"ceilings: read {ceil['read']['gbs']:.0f} GB/s, copy {ceil['copy']['gbs']:.0f} GB/s, "
           f"GEMM bf16 {ceil.get('gemm_bf16', {}).get('tflops', float('nan')):.0f} / "

@@ -3,7 +3,6 @@
 // without CUDA says it needs one.
 #include <CLI/CLI.hpp>
 
-#include <limits>
 #include <memory>
 
 #include "cli/commands.h"
@@ -20,17 +19,13 @@ void add_bench(CLI::App& app) {
                                             "against measured ceilings (needs a CUDA build)");
   kernels->add_option("--device", options->device, "CUDA device")->capture_default_str();
   kernels->add_option("--iters", options->iters, "timed runs per measurement (median reported)")
-      ->capture_default_str()
-      ->check(CLI::Range(1, std::numeric_limits<int>::max()));
-  kernels->add_option("--warmup", options->warmup, "untimed runs first")
-      ->capture_default_str()
-      ->check(CLI::Range(0, std::numeric_limits<int>::max()));
+      ->capture_default_str();
+  kernels->add_option("--warmup", options->warmup, "untimed runs first")->capture_default_str();
   kernels
       ->add_option("--prefill-warmup", options->prefill_warmup,
                    "untimed rounds of a prefill case's kernels first (in turns; each round runs "
                    "every kernel once; the timed rounds are --iters / 2, at least 5)")
-      ->capture_default_str()
-      ->check(CLI::Range(0, std::numeric_limits<int>::max()));
+      ->capture_default_str();
   kernels->add_option("--json", options->json_path, "also write every number to this JSON file");
   kernels->add_flag("--quick", options->quick, "small shapes: a smoke test, not a measurement");
   kernels->add_flag("!--no-prefill", options->prefill, "skip the prefill rows");
