@@ -743,26 +743,40 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     char shape[64];
     std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s", c.B, c.mixed ? "1.." : "", c.L,
                   c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "");
-    double bf16_us = NAN;
+    // Every scheme's pool, params and workspace first, then all of them timed in turns
+    // (time_us_in_turns): timed one after the other, the first FP8 scheme after bf16 read the
+    // mixed batch 12% slower than its twins of the same kernel (fp8-e5m2, fp8-per-head-bf16q).
+    std::vector<std::unique_ptr<BackendBuffer>> pools, workspaces;
+    std::vector<AttentionParams> params;
+    std::vector<std::function<void()>> runs;
     std::string launches;  // each scheme's plan, after the shape's rows
     for (KvScheme scheme : kSchemes) {
-      auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
-      const AttentionParams p = bb.params(scheme, pool->get());
+      pools.push_back(make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s));
+      params.push_back(bb.params(scheme, pools.back()->get()));
+      const AttentionParams& p = params.back();
       launches += std::string(launches.empty() ? "" : "; ") + scheme_name(scheme) + " " +
                   decode_launch_words(p);
-      BackendBuffer ws(device(), std::max<size_t>(cuda::decode_workspace_bytes(p), 16));
+      workspaces.push_back(std::make_unique<BackendBuffer>(
+          device(), std::max<size_t>(cuda::decode_workspace_bytes(p), 16)));
+      BackendBuffer& ws = *workspaces.back();
       cuda::clear_decode_workspace(ws.get(), ws.bytes(), s);  // the split counters (launchers.h)
-      // At least 20 warm-up runs: the first FP8 scheme after a bf16 row measured up to 13% slower
-      // with 5 (D 256, scattered) and at its peers' speed when moved later in the order.
-      const double us = time_us([&] { cuda::launch_decode_attention(p, ws.get(), s); },
-                                std::max(o.warmup, 20), o.iters, s);
+    }
+    for (size_t i = 0; i < params.size(); ++i) {
+      runs.push_back([&, i] { cuda::launch_decode_attention(params[i], workspaces[i]->get(), s); });
+    }
+    // At least 20 warm-up runs of each: the first FP8 scheme after a bf16 row measured up to 13%
+    // slower with 5 (D 256, scattered).
+    const std::vector<double> times = time_us_in_turns(runs, std::max(o.warmup, 20), o.iters, s);
+    double bf16_us = NAN;
+    for (size_t i = 0; i < std::size(kSchemes); ++i) {
+      const KvScheme scheme = kSchemes[i];
+      const double us = times[i];
       const double bytes = keys * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
       const double gbs = bytes / us * 1e-3;
       if (scheme == KvScheme::kBf16) bf16_us = us;
 #ifdef FP8KV_DECODE_TIMELINE
       if (scheme == KvScheme::kBf16 || scheme == KvScheme::kFp8PerHead)
-        print_decode_timeline([&] { cuda::launch_decode_attention(p, ws.get(), s); },
-                              std::string(shape) + " " + scheme_name(scheme), us,
+        print_decode_timeline(runs[i], std::string(shape) + " " + scheme_name(scheme), us,
                               bytes / read_gbs * 1e-3);
 #endif
       // The read kernel's 16-byte vectors: every row's cache bytes are a multiple of 16.
