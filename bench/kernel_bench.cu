@@ -655,17 +655,26 @@ std::string decode_launch_words(const AttentionParams& p) {
   return w;
 }
 
+// Fills a pool of `slots` token rows (and the spare slot) with random values of the scheme's kind.
+void fill_pool(void* pool, int64_t slots, int Hkv, int D, KvScheme scheme, cudaStream_t s) {
+  const size_t elems = static_cast<size_t>(slots + 1) * 2 * Hkv * D;
+  if (kv_codec(scheme) == KvCodec::kE5m2) {
+    fill_e5m2(pool, elems, 31, 2.0f, s);  // unscaled values, as fp8-e5m2 stores them
+  } else if (is_fp8(scheme)) {
+    fill_e4m3(pool, elems, 31, 400.0f, s);
+  } else {
+    fill_bf16(pool, elems, 31, 1.0f, s);
+  }
+}
+
+size_t pool_bytes(int64_t slots, int Hkv, int D, KvScheme scheme) {
+  return static_cast<size_t>(slots + 1) * 2 * Hkv * D * kv_elem_bytes(scheme);
+}
+
 std::unique_ptr<BackendBuffer> make_pool(int64_t slots, int Hkv, int D, KvScheme scheme,
                                          cudaStream_t s) {
-  const size_t elems = static_cast<size_t>(slots + 1) * 2 * Hkv * D;
-  auto pool = std::make_unique<BackendBuffer>(device(), elems * kv_elem_bytes(scheme));
-  if (kv_codec(scheme) == KvCodec::kE5m2) {
-    fill_e5m2(pool->get(), elems, 31, 2.0f, s);  // unscaled values, as fp8-e5m2 stores them
-  } else if (is_fp8(scheme)) {
-    fill_e4m3(pool->get(), elems, 31, 400.0f, s);
-  } else {
-    fill_bf16(pool->get(), elems, 31, 1.0f, s);
-  }
+  auto pool = std::make_unique<BackendBuffer>(device(), pool_bytes(slots, Hkv, D, scheme));
+  fill_pool(pool->get(), slots, Hkv, D, scheme, s);
   return pool;
 }
 
@@ -731,6 +740,22 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   };
   std::vector<DecodeCase> cases = decode_cases(o.quick);
   if (!want("decode")) cases.clear();
+  // Every row's pools (one per scheme, each on a 2 MB boundary) in one arena, allocated once for
+  // the largest row, as a serving engine allocates its pool once: pools allocated per row, where
+  // the last row's had just been freed, read some rows up to 12% slower in some runs (all of a
+  // row's schemes alike, or the first FP8 scheme after bf16 alone).
+  constexpr size_t kPoolAlign = size_t{2} << 20;
+  const auto round_up = [](size_t n, size_t a) { return (n + a - 1) / a * a; };
+  size_t arena_bytes = 0;
+  for (const DecodeCase& c : cases) {
+    if (!selects(o.decode_cases, c.name())) continue;
+    size_t row = 0;
+    for (KvScheme scheme : kSchemes) {
+      row += round_up(pool_bytes(static_cast<int64_t>(c.B) * c.L, c.Hkv, c.D, scheme), kPoolAlign);
+    }
+    arena_bytes = std::max(arena_bytes, row);
+  }
+  BackendBuffer pool_arena(device(), std::max<size_t>(arena_bytes, 16));
   for (const DecodeCase& c : cases) {
     const std::string name = c.name();
     if (!selects(o.decode_cases, name)) continue;
@@ -746,13 +771,16 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     // Every scheme's pool, params and workspace first, then all of them timed in turns
     // (time_us_in_turns): timed one after the other, the first FP8 scheme after bf16 read the
     // mixed batch 12% slower than its twins of the same kernel (fp8-e5m2, fp8-per-head-bf16q).
-    std::vector<std::unique_ptr<BackendBuffer>> pools, workspaces;
+    std::vector<std::unique_ptr<BackendBuffer>> workspaces;
     std::vector<AttentionParams> params;
     std::vector<std::function<void()>> runs;
     std::string launches;  // each scheme's plan, after the shape's rows
+    size_t at = 0;         // the next pool's offset in the arena
     for (KvScheme scheme : kSchemes) {
-      pools.push_back(make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s));
-      params.push_back(bb.params(scheme, pools.back()->get()));
+      void* pool = pool_arena.as<uint8_t>() + at;
+      at += round_up(pool_bytes(bb.num_slots(), c.Hkv, c.D, scheme), kPoolAlign);
+      fill_pool(pool, bb.num_slots(), c.Hkv, c.D, scheme, s);
+      params.push_back(bb.params(scheme, pool));
       const AttentionParams& p = params.back();
       launches += std::string(launches.empty() ? "" : "; ") + scheme_name(scheme) + " " +
                   decode_launch_words(p);
