@@ -826,6 +826,10 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     }
     r.line("    launches: %s", launches.c_str());
   }
+  // Freed here, before the later sections allocate theirs and before the backend goes (at the end:
+  // a buffer outliving it crashed the bench on exit).
+  check_cuda(cudaStreamSynchronize(s), "decode rows");
+  pool_arena = BackendBuffer();
   for (const auto& [bytes, gbs] : same_size_read) {
     r.line("  same-size read: %.1f MB at %.0f GB/s (%.1f%% of the read ceiling)", bytes / 1e6, gbs,
            100.0 * gbs / read_gbs);
