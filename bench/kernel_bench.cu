@@ -742,8 +742,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   if (!want("decode")) cases.clear();
   // Every row's pools (one per scheme, each on a 2 MB boundary) in one arena, allocated once for
   // the largest row, as a serving engine allocates its pool once: pools allocated per row, where
-  // the last row's had just been freed, read some rows up to 12% slower in some runs (all of a
-  // row's schemes alike, or the first FP8 scheme after bf16 alone).
+  // the last row's had just been freed, read some rows slower in some runs, all of a row's schemes
+  // alike or the first FP8 scheme after bf16 alone (docs/GPU.md, forty-fourth session).
   constexpr size_t kPoolAlign = size_t{2} << 20;
   const auto round_up = [](size_t n, size_t a) { return (n + a - 1) / a * a; };
   size_t arena_bytes = 0;
@@ -769,8 +769,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s", c.B, c.mixed ? "1.." : "", c.L,
                   c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "");
     // Every scheme's pool, params and workspace first, then all of them timed in turns
-    // (time_us_in_turns): timed one after the other, the first FP8 scheme after bf16 read the
-    // mixed batch 12% slower than its twins of the same kernel (fp8-e5m2, fp8-per-head-bf16q).
+    // (time_us_in_turns), as the quantize and prefill rows: the same clocks for each, and no run
+    // right after a run of itself (whose last bytes would still sit in L2).
     std::vector<std::unique_ptr<BackendBuffer>> workspaces;
     std::vector<AttentionParams> params;
     std::vector<std::function<void()>> runs;
@@ -792,8 +792,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     for (size_t i = 0; i < params.size(); ++i) {
       runs.push_back([&, i] { cuda::launch_decode_attention(params[i], workspaces[i]->get(), s); });
     }
-    // At least 20 warm-up runs of each: the first FP8 scheme after a bf16 row measured up to 13%
-    // slower with 5 (D 256, scattered).
+    // At least 20 warm-up runs of each: with 5, the first FP8 scheme after a bf16 row measured
+    // slower than its peers (D 256, scattered; docs/GPU.md).
     const std::vector<double> times = time_us_in_turns(runs, std::max(o.warmup, 20), o.iters, s);
     double bf16_us = NAN;
     for (size_t i = 0; i < std::size(kSchemes); ++i) {
