@@ -690,7 +690,16 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     throw Error(std::string("bench: ") + prop.name + " is not a Hopper GPU (sm_90a kernels)");
   cudaStream_t s;
   check_cuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
-  auto backend = make_cuda_backend(o.device, s);
+  // Torn down in reverse order of these lines: after every buffer declared below them (the backend
+  // frees its buffers), on return and on a throw alike; the stream last.
+  struct Teardown {
+    cudaStream_t s;
+    ~Teardown() {
+      g_device = nullptr;
+      cudaStreamDestroy(s);
+    }
+  } const teardown{s};
+  const std::unique_ptr<Backend> backend = make_cuda_backend(o.device, s);
   g_device = backend.get();
   // --only: the sections to run (all when empty).
   auto want = [&](const char* section) { return selects(o.only, section); };
@@ -738,98 +747,103 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     }
     return it->second;
   };
-  std::vector<DecodeCase> cases = decode_cases(o.quick);
-  if (!want("decode")) cases.clear();
-  // Every row's pools (one per scheme, each on a 2 MB boundary) in one arena, allocated once for
-  // the largest row, as a serving engine allocates its pool once: pools allocated per row, where
-  // the last row's had just been freed, read some rows slower in some runs, all of a row's schemes
-  // alike or the first FP8 scheme after bf16 alone (docs/GPU.md, forty-fourth session).
-  constexpr size_t kPoolAlign = size_t{2} << 20;
-  const auto round_up = [](size_t n, size_t a) { return (n + a - 1) / a * a; };
-  size_t arena_bytes = 0;
-  for (const DecodeCase& c : cases) {
-    if (!selects(o.decode_cases, c.name())) continue;
-    size_t row = 0;
-    for (KvScheme scheme : kSchemes) {
-      row += round_up(pool_bytes(static_cast<int64_t>(c.B) * c.L, c.Hkv, c.D, scheme), kPoolAlign);
+  {  // the decode rows
+    std::vector<DecodeCase> cases = decode_cases(o.quick);
+    if (!want("decode")) cases.clear();
+    // Every row's pools (one per scheme, each on a 2 MB boundary) in one arena, allocated once for
+    // the largest row, as a serving engine allocates its pool once: pools allocated per row, where
+    // the last row's had just been freed, read some rows slower in some runs, all of a row's
+    // schemes alike or the first FP8 scheme after bf16 alone (docs/GPU.md, forty-fourth session).
+    // A row's pools in the arena: scheme i's at offsets[i], offsets.back() the row's bytes.
+    const auto pool_offsets = [](int64_t slots, int Hkv, int D) {
+      constexpr size_t kPoolAlign = size_t{2} << 20;
+      std::vector<size_t> offsets{0};
+      for (KvScheme scheme : kSchemes) {
+        const size_t bytes = pool_bytes(slots, Hkv, D, scheme);
+        offsets.push_back(offsets.back() + (bytes + kPoolAlign - 1) / kPoolAlign * kPoolAlign);
+      }
+      return offsets;
+    };
+    size_t arena_bytes = 16;
+    for (const DecodeCase& c : cases) {
+      if (!selects(o.decode_cases, c.name())) continue;
+      arena_bytes =
+          std::max(arena_bytes, pool_offsets(static_cast<int64_t>(c.B) * c.L, c.Hkv, c.D).back());
     }
-    arena_bytes = std::max(arena_bytes, row);
-  }
-  BackendBuffer pool_arena(device(), std::max<size_t>(arena_bytes, 16));
-  for (const DecodeCase& c : cases) {
-    const std::string name = c.name();
-    if (!selects(o.decode_cases, name)) continue;
-    std::vector<int> lengths(c.B, c.L);
-    if (c.mixed) {
-      for (int b = 0; b < c.B; ++b) lengths[b] = 1 + (b * 1021) % c.L;
-    }
-    const double keys = std::accumulate(lengths.begin(), lengths.end(), 0.0);
-    BenchBatch bb(lengths, std::vector<int>(c.B, 1), c.Hq, c.Hkv, c.D, s, c.scattered);
-    char shape[64];
-    std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s", c.B, c.mixed ? "1.." : "", c.L,
-                  c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "");
-    // Every scheme's pool, params and workspace first, then all of them timed in turns
-    // (time_us_in_turns), as the quantize and prefill rows: the same clocks for each, and no run
-    // right after a run of itself (whose last bytes would still sit in L2).
-    std::vector<std::unique_ptr<BackendBuffer>> workspaces;
-    std::vector<AttentionParams> params;
-    std::vector<std::function<void()>> runs;
-    std::string launches;  // each scheme's plan, after the shape's rows
-    size_t at = 0;         // the next pool's offset in the arena
-    for (KvScheme scheme : kSchemes) {
-      void* pool = pool_arena.as<uint8_t>() + at;
-      at += round_up(pool_bytes(bb.num_slots(), c.Hkv, c.D, scheme), kPoolAlign);
-      fill_pool(pool, bb.num_slots(), c.Hkv, c.D, scheme, s);
-      params.push_back(bb.params(scheme, pool));
-      const AttentionParams& p = params.back();
-      launches += std::string(launches.empty() ? "" : "; ") + scheme_name(scheme) + " " +
-                  decode_launch_words(p);
-      workspaces.push_back(std::make_unique<BackendBuffer>(
-          device(), std::max<size_t>(cuda::decode_workspace_bytes(p), 16)));
-      BackendBuffer& ws = *workspaces.back();
-      cuda::clear_decode_workspace(ws.get(), ws.bytes(), s);  // the split counters (launchers.h)
-    }
-    for (size_t i = 0; i < params.size(); ++i) {
-      runs.push_back([&, i] { cuda::launch_decode_attention(params[i], workspaces[i]->get(), s); });
-    }
-    // At least 20 warm-up runs of each: with 5, the first FP8 scheme after a bf16 row measured
-    // slower than its peers (D 256, scattered; docs/GPU.md).
-    const std::vector<double> times = time_us_in_turns(runs, std::max(o.warmup, 20), o.iters, s);
-    double bf16_us = NAN;
-    for (size_t i = 0; i < std::size(kSchemes); ++i) {
-      const KvScheme scheme = kSchemes[i];
-      const double us = times[i];
-      const double bytes = keys * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
-      const double gbs = bytes / us * 1e-3;
-      if (scheme == KvScheme::kBf16) bf16_us = us;
+    BackendBuffer pool_arena(device(), arena_bytes);  // freed at the decode section's end
+    for (const DecodeCase& c : cases) {
+      const std::string name = c.name();
+      if (!selects(o.decode_cases, name)) continue;
+      std::vector<int> lengths(c.B, c.L);
+      if (c.mixed) {
+        for (int b = 0; b < c.B; ++b) lengths[b] = 1 + (b * 1021) % c.L;
+      }
+      const double keys = std::accumulate(lengths.begin(), lengths.end(), 0.0);
+      BenchBatch bb(lengths, std::vector<int>(c.B, 1), c.Hq, c.Hkv, c.D, s, c.scattered);
+      char shape[64];
+      std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s", c.B, c.mixed ? "1.." : "",
+                    c.L, c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "");
+      // Every scheme's pool, params and workspace first, then all of them timed in turns
+      // (time_us_in_turns), as the quantize and prefill rows: the same clocks for each, and no run
+      // right after a run of itself (whose last bytes would still sit in L2).
+      std::vector<std::unique_ptr<BackendBuffer>> workspaces;
+      std::vector<AttentionParams> params;
+      std::vector<std::function<void()>> runs;
+      std::string launches;  // each scheme's plan, after the shape's rows
+      const std::vector<size_t> offsets = pool_offsets(bb.num_slots(), c.Hkv, c.D);
+      for (size_t i = 0; i < std::size(kSchemes); ++i) {
+        const KvScheme scheme = kSchemes[i];
+        void* pool = pool_arena.as<uint8_t>() + offsets[i];
+        fill_pool(pool, bb.num_slots(), c.Hkv, c.D, scheme, s);
+        params.push_back(bb.params(scheme, pool));
+        const AttentionParams& p = params.back();
+        launches += std::string(launches.empty() ? "" : "; ") + scheme_name(scheme) + " " +
+                    decode_launch_words(p);
+        workspaces.push_back(std::make_unique<BackendBuffer>(
+            device(), std::max<size_t>(cuda::decode_workspace_bytes(p), 16)));
+        BackendBuffer& ws = *workspaces.back();
+        cuda::clear_decode_workspace(ws.get(), ws.bytes(), s);  // the split counters (launchers.h)
+      }
+      for (size_t i = 0; i < params.size(); ++i) {
+        runs.push_back(
+            [&, i] { cuda::launch_decode_attention(params[i], workspaces[i]->get(), s); });
+      }
+      // At least 20 warm-up runs of each: with 5, the first FP8 scheme after a bf16 row measured
+      // slower than its peers (D 256, scattered; docs/GPU.md).
+      const std::vector<double> times = time_us_in_turns(runs, std::max(o.warmup, 20), o.iters, s);
+      double bf16_us = NAN;
+      for (size_t i = 0; i < std::size(kSchemes); ++i) {
+        const KvScheme scheme = kSchemes[i];
+        const double us = times[i];
+        const double bytes = keys * c.Hkv * 2 * c.D * kv_elem_bytes(scheme);
+        const double gbs = bytes / us * 1e-3;
+        if (scheme == KvScheme::kBf16) bf16_us = us;
 #ifdef FP8KV_DECODE_TIMELINE
-      if (scheme == KvScheme::kBf16 || scheme == KvScheme::kFp8PerHead)
-        print_decode_timeline(runs[i], std::string(shape) + " " + scheme_name(scheme), us,
-                              bytes / read_gbs * 1e-3);
+        if (scheme == KvScheme::kBf16 || scheme == KvScheme::kFp8PerHead)
+          print_decode_timeline(runs[i], std::string(shape) + " " + scheme_name(scheme), us,
+                                bytes / read_gbs * 1e-3);
 #endif
-      // The read kernel's 16-byte vectors: every row's cache bytes are a multiple of 16.
-      const double same_gbs = same_read_gbs(static_cast<size_t>(bytes));
-      r.line("  %-40s %-18s %8.1f   %10.0f   %6.1f%%   %8.2f   %6.1f%%", shape, scheme_name(scheme),
-             us, gbs, 100.0 * gbs / read_gbs, us / bf16_us, 100.0 * gbs / same_gbs);
-      r.record("decode", name + "_" + scheme_name(scheme),
-               {{"B", double(c.B)},
-                {"L", double(c.L)},
-                {"Hq", double(c.Hq)},
-                {"Hkv", double(c.Hkv)},
-                {"D", double(c.D)},
-                {"scattered", c.scattered ? 1.0 : 0.0},
-                {"us", us},
-                {"gbs", gbs},
-                {"frac_read_bw", gbs / read_gbs},
-                {"ratio_bf16", us / bf16_us},
-                {"frac_same_size_read", gbs / same_gbs}});
+        // The read kernel's 16-byte vectors: every row's cache bytes are a multiple of 16.
+        const double same_gbs = same_read_gbs(static_cast<size_t>(bytes));
+        r.line("  %-40s %-18s %8.1f   %10.0f   %6.1f%%   %8.2f   %6.1f%%", shape,
+               scheme_name(scheme), us, gbs, 100.0 * gbs / read_gbs, us / bf16_us,
+               100.0 * gbs / same_gbs);
+        r.record("decode", name + "_" + scheme_name(scheme),
+                 {{"B", double(c.B)},
+                  {"L", double(c.L)},
+                  {"Hq", double(c.Hq)},
+                  {"Hkv", double(c.Hkv)},
+                  {"D", double(c.D)},
+                  {"scattered", c.scattered ? 1.0 : 0.0},
+                  {"us", us},
+                  {"gbs", gbs},
+                  {"frac_read_bw", gbs / read_gbs},
+                  {"ratio_bf16", us / bf16_us},
+                  {"frac_same_size_read", gbs / same_gbs}});
+      }
+      r.line("    launches: %s", launches.c_str());
     }
-    r.line("    launches: %s", launches.c_str());
   }
-  // Freed here, before the later sections allocate theirs and before the backend goes (at the end:
-  // a buffer outliving it crashed the bench on exit).
-  check_cuda(cudaStreamSynchronize(s), "decode rows");
-  pool_arena = BackendBuffer();
   for (const auto& [bytes, gbs] : same_size_read) {
     r.line("  same-size read: %.1f MB at %.0f GB/s (%.1f%% of the read ceiling)", bytes / 1e6, gbs,
            100.0 * gbs / read_gbs);
@@ -1240,9 +1254,6 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     }
   }
   check_cuda(cudaStreamSynchronize(s), "bench");
-  g_device = nullptr;
-  backend.reset();  // before its stream goes
-  check_cuda(cudaStreamDestroy(s), "cudaStreamDestroy");
   if (!o.json_path.empty()) r.write_json(o.json_path, prop.name, /*complete=*/true);
   return r.text();
 }
