@@ -3,8 +3,11 @@
 // request, so a CTA per (request, KV head) gives B * Hkv CTAs: far too few to fill 132 SMs when
 // the batch is small and the context long. Splitting the KV length over `num_splits` CTAs fills the
 // chip at the cost of a small merge (log-sum-exp combine, by the last CTA of each group to finish);
-// the model below picks the split count that minimizes (waves of CTAs) x (tokens per CTA + a fixed
-// per-CTA overhead).
+// the model below picks the split count that minimizes (CTAs per SM) x (tokens per CTA + a fixed
+// per-CTA overhead). A decode CTA is memory-bound: it streams at its SM's share of the bandwidth,
+// so two CTAs on one SM with half the keys each take as long as one with all of them, and a split
+// that only doubles up CTAs on the SMs buys nothing but its merge (docs/GPU.md, forty-fourth
+// session).
 #pragma once
 
 #include <algorithm>
@@ -36,24 +39,26 @@ constexpr int kDecodeMergeSubGroups = kDecodeMaxSplits / kDecodeMergeFanIn;
 constexpr int64_t kDecodeSplitCounters = kDecodeMaxSplitGroups * (1 + kDecodeMergeSubGroups);
 static_assert(kDecodeMaxSplits % kDecodeMergeFanIn == 0, "whole sub-groups of counters");
 
-// Up to this many splits a one-wave launch makes each group's splits a thread block cluster
-// (the portable cluster size): the splits' partials stay in their CTAs' shared memory and the
-// cluster's CTAs merge them there, each a share of the group's outputs (distributed shared
-// memory), where the counter merge's last CTA stores, counts and reads them back through L2
-// (decode_mma_kernel.cuh, merge_group_in_cluster).
-constexpr int kDecodeClusterMergeMaxSplits = 8;
+// Up to this many splits a one-wave launch makes each group's splits a thread block cluster: the
+// splits' partials stay in their CTAs' shared memory and the cluster's CTAs merge them there, each
+// a share of the group's outputs (distributed shared memory), where the counter merge's last CTA
+// stores, counts and reads them back through L2 (decode_mma_kernel.cuh, merge_group_in_cluster).
+// The kernel merges clusters of up to the portable size, 8; planned with one CTA an SM, groups of
+// 8 splits merged slower in clusters than by the counter (a cluster's CTAs share a GPC, and may
+// share an SM while others idle), so clusters are pairs (docs/GPU.md, forty-fourth session).
+constexpr int kDecodeClusterMergeMaxSplits = 2;
 
-// ctas: CTAs without splitting (B * Hkv * head chunks); resident: CTAs the GPU holds at once
-// (SMs x CTAs per SM); max_seq_len: the longest request.
-inline DecodeSplit choose_decode_split(int64_t ctas, int64_t resident, int max_seq_len) {
+// ctas: CTAs without splitting (B * Hkv * head chunks); sms: the SMs they spread over (0: the
+// kernel cannot run, no split); max_seq_len: the longest request.
+inline DecodeSplit choose_decode_split(int64_t ctas, int64_t sms, int max_seq_len) {
   DecodeSplit best{1, std::max(max_seq_len, 1)};
-  if (ctas <= 0 || ctas > kDecodeMaxSplitGroups || resident <= 0 ||
+  if (ctas <= 0 || ctas > kDecodeMaxSplitGroups || sms <= 0 ||
       max_seq_len <= kDecodeMinSplitTokens) {
     return best;
   }
   auto cost = [&](int64_t splits, int64_t tokens) {
-    const int64_t waves = (ctas * splits + resident - 1) / resident;
-    return waves * (tokens + kDecodeCtaOverheadTokens);
+    const int64_t per_sm = (ctas * splits + sms - 1) / sms;
+    return per_sm * (tokens + kDecodeCtaOverheadTokens);
   };
   int64_t best_cost = cost(1, max_seq_len);
   for (int s = 2; s <= kDecodeMaxSplits; ++s) {

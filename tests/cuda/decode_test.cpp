@@ -604,12 +604,13 @@ test::AttentionProblem cluster_batch(int batch, int hkv, int hq, int head_dim, u
 // Split launches of 2 to kDecodeClusterMergeMaxSplits splits that fit one wave merge each group's
 // splits in a thread block cluster, in shared memory (merge_group_in_cluster: each CTA merges a
 // run of the group's rows from every CTA's partials). Batches of 16, 24 and 48 requests of up to
-// 2000 keys give 8, 5 or 2 splits where the GPU holds two CTAs an SM (fewer where one): the
-// cases whose launch takes the cluster path (decode_launch_key) run, and every shape and scheme
-// has at least one. GQA 7 on 3 KV heads (a CTA of two heads whose second is past the last; 7 of
-// the 8 query-head rows), group 12 (two head chunks, the second of 4 rows), head_dim 64, 128 and
-// 256; requests of 1 and 700 keys among them leave later splits without a key. Each matches the
-// CPU twin, and a second launch gives the first's bits.
+// 2000 keys give 4, 2 and 4 splits at two KV heads a CTA (8, 5 and 2 at FP8 head_dim 64's four;
+// 2, 3 and 4 at bf16 head_dim 256's one; decode_split.h plans by CTAs per SM): the cases whose
+// launch takes the cluster path (decode_launch_key) run, and every shape and scheme has one. GQA 7
+// on 3 KV heads (a CTA of two heads whose second is past the last; 7 of the 8 query-head rows),
+// group 12 (two head chunks, the second of 4 rows), head_dim 64, 128 and 256; requests of 1 and 700
+// keys among them leave later splits without a key. Each matches the CPU twin, and a second launch
+// gives the first's bits.
 TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();

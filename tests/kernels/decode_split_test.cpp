@@ -9,23 +9,37 @@ namespace fp8kv {
 namespace {
 
 TEST(DecodeSplit, ShortContextsAreNotSplit) {
-  const auto s = cuda::choose_decode_split(8, 396, 200);
+  const auto s = cuda::choose_decode_split(8, 132, 200);
   EXPECT_EQ(s.num_splits, 1);
   EXPECT_EQ(s.split_tokens, 200);
 }
 
-TEST(DecodeSplit, SmallBatchLongContextFillsTheChip) {
-  // B=4, Hkv=8: 32 CTAs on 132 SMs x 3: split until the chip is full.
-  const auto s = cuda::choose_decode_split(32, 396, 32768);
-  EXPECT_GE(s.num_splits * 32, 200);
-  EXPECT_LE(s.num_splits * 32, 396 * 2);
-  EXPECT_GE(static_cast<int64_t>(s.num_splits) * s.split_tokens, 32768);
+TEST(DecodeSplit, SmallBatchLongContextFillsTheSmsOnce) {
+  // B=4, Hkv=8, two KV heads a CTA: 16 CTAs on 132 SMs: split until every SM but a few holds
+  // one CTA, and no further (a second CTA on an SM would only share its bandwidth).
+  const auto s = cuda::choose_decode_split(16, 132, 32768);
+  EXPECT_EQ(s.num_splits, 8);
+  EXPECT_EQ(s.split_tokens, 4096);
   EXPECT_EQ(s.split_tokens % cuda::kDecodeSplitAlign, 0);
-  EXPECT_LT(static_cast<int64_t>(s.num_splits - 1) * s.split_tokens, 32768);  // no empty split
+  // One long request (B=1 L=131072, four CTAs): 33 splits, one CTA on each of the 132 SMs.
+  const auto one = cuda::choose_decode_split(4, 132, 131072);
+  EXPECT_EQ(one.num_splits, 33);
+  EXPECT_GE(static_cast<int64_t>(one.num_splits) * one.split_tokens, 131072);
+  EXPECT_LT(static_cast<int64_t>(one.num_splits - 1) * one.split_tokens, 131072);  // no empty one
+}
+
+// A grid that already puts a CTA on (nearly) every SM is not split into two CTAs an SM, whatever
+// the SM could hold: FP8 at head_dim 64 (B=64, four KV heads a CTA) and GQA 7 (Hkv=4, two a CTA),
+// 128 CTAs each.
+TEST(DecodeSplit, NoSplitThatOnlyDoublesUpCtasOnTheSms) {
+  EXPECT_EQ(cuda::choose_decode_split(128, 132, 4096).num_splits, 1);
+  EXPECT_EQ(cuda::choose_decode_split(132, 132, 1 << 20).num_splits, 1);
+  // Half the SMs busy: two splits fill them.
+  EXPECT_EQ(cuda::choose_decode_split(66, 132, 4096).num_splits, 2);
 }
 
 TEST(DecodeSplit, LargeBatchIsNotSplit) {
-  EXPECT_EQ(cuda::choose_decode_split(2048, 396, 1024).num_splits, 1);
+  EXPECT_EQ(cuda::choose_decode_split(2048, 132, 1024).num_splits, 1);
 }
 
 // The split merge counts arrivals in kDecodeMaxSplitGroups counters: a grid of more unsplit CTAs
@@ -40,7 +54,7 @@ TEST(DecodeSplit, GroupsBeyondTheCountersAreNotSplit) {
 TEST(DecodeSplit, BoundsHold) {
   for (int64_t ctas : {1, 3, 17, 64, 132, 500, 5000}) {
     for (int len : {1, 255, 256, 257, 1000, 4096, 100000, 1 << 20}) {
-      const auto s = cuda::choose_decode_split(ctas, 264, len);
+      const auto s = cuda::choose_decode_split(ctas, 132, len);
       ASSERT_GE(s.num_splits, 1);
       ASSERT_LE(s.num_splits, cuda::kDecodeMaxSplits);
       ASSERT_GE(static_cast<int64_t>(s.num_splits) * s.split_tokens, len);

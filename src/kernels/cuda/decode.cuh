@@ -92,7 +92,7 @@ constexpr int decode_persistent_kv_heads(KvScheme scheme, int head_dim) {
 template <KvScheme kScheme, int kHeadDim>
 struct DecodeMmaKernel {
   static constexpr int kMaxHeads = 8;  // query heads per CTA (rows of the m16 tile in use)
-  static int ctas_per_sm();            // of the deep ring, which the split plans with
+  static int ctas_per_sm();            // of the deep ring (sets its shared-memory limit once)
   // cluster: the grid's splits as clusters, each group merged in shared memory (cluster_merge).
   static void launch(const DecodeArgs& a, dim3 grid, bool cluster, cudaStream_t stream);
   // Whether a split launch of `grid` can merge in clusters: 2 to kDecodeClusterMergeMaxSplits
