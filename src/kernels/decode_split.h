@@ -6,8 +6,8 @@
 // the model below picks the split count that minimizes (CTAs per SM) x (tokens per CTA + a fixed
 // per-CTA overhead). A decode CTA is memory-bound: it streams at its SM's share of the bandwidth,
 // so two CTAs on one SM with half the keys each take as long as one with all of them, and a split
-// that only doubles up CTAs on the SMs buys nothing but its merge (docs/GPU.md, forty-fourth
-// session).
+// that only doubles up CTAs on the SMs buys nothing but its merge (docs/GPU.md, forty-fourth and
+// forty-fifth sessions).
 #pragma once
 
 #include <algorithm>
@@ -45,7 +45,8 @@ static_assert(kDecodeMaxSplits % kDecodeMergeFanIn == 0, "whole sub-groups of co
 // stores, counts and reads them back through L2 (decode_mma_kernel.cuh, merge_group_in_cluster).
 // The kernel merges clusters of up to the portable size, 8; planned with one CTA an SM, groups of
 // 8 splits merged slower in clusters than by the counter (a cluster's CTAs share a GPC, and may
-// share an SM while others idle), so clusters are pairs (docs/GPU.md, forty-fourth session).
+// share an SM while others idle), so clusters are pairs (docs/GPU.md, forty-fourth and forty-fifth
+// sessions).
 constexpr int kDecodeClusterMergeMaxSplits = 2;
 
 // ctas: CTAs without splitting (B * Hkv * head chunks); sms: the SMs they spread over (0: the
