@@ -652,6 +652,7 @@ std::string decode_launch_words(const AttentionParams& p) {
   const int splits = key.num_splits;
   std::string w = std::to_string(splits) + (splits == 1 ? " split" : " splits");
   if (key.cluster_merge) w += " in clusters of " + std::to_string(splits);
+  if (key.ordered) w += " longest first";
   return w;
 }
 
@@ -780,6 +781,10 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       }
       const double keys = std::accumulate(lengths.begin(), lengths.end(), 0.0);
       BenchBatch bb(lengths, std::vector<int>(c.B, 1), c.Hq, c.Hkv, c.D, s, c.scattered);
+      // The order the model runner gives every layer of a decode step (AttentionBatch::
+      // decode_order): longest first, made on the host once a step.
+      const std::vector<int32_t> seq32(lengths.begin(), lengths.end());
+      BackendBuffer order(device(), decode_order_longest_first(seq32.data(), c.B));
       char shape[64];
       std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s", c.B, c.mixed ? "1.." : "",
                     c.L, c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "");
@@ -796,6 +801,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         void* pool = pool_arena.as<uint8_t>() + offsets[i];
         fill_pool(pool, bb.num_slots(), c.Hkv, c.D, scheme, s);
         params.push_back(bb.params(scheme, pool));
+        params.back().batch.decode_order = order.as<const int32_t>();
         const AttentionParams& p = params.back();
         launches += std::string(launches.empty() ? "" : "; ") + scheme_name(scheme) + " " +
                     decode_launch_words(p);

@@ -562,6 +562,7 @@ struct RunOptions {
   std::vector<float> static_q_scale;  // [Hkv] for fp8-per-head; empty: dynamic Q scales
   int launch_requests = 0;            // > 0: attention over the first requests only (the rest's O
                                       // stays NaN)
+  std::vector<int32_t> decode_order;  // AttentionBatch::decode_order; empty: none
 };
 
 struct AttentionRun {
@@ -616,6 +617,9 @@ inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, K
   const std::vector<float> static_q =
       options.static_q_scale.empty() ? std::vector<float>{1.0f} : options.static_q_scale;
   BackendBuffer static_q_scale(backend, static_q);
+  const std::vector<int32_t> order =
+      options.decode_order.empty() ? std::vector<int32_t>{0} : options.decode_order;
+  BackendBuffer decode_order(backend, order);
 
   AttentionParams ap;
   ap.q = q.as<uint16_t>();
@@ -627,6 +631,7 @@ inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, K
                      req_to_token.as<int32_t>());
   ap.softmax_scale = options.softmax_scale;
   ap.causal = options.causal;
+  if (!options.decode_order.empty()) ap.batch.decode_order = decode_order.as<int32_t>();
   if (fp8_q(scheme)) {
     QuantizeQParams qq;
     qq.q = q.as<uint16_t>();

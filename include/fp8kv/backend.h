@@ -75,7 +75,19 @@ struct AttentionBatch {
   int64_t total_q = 0;
   int max_q_len = 0;
   int max_seq_len = 0;
+  // Optional, decode only: [B] a permutation of the requests, in which the decode kernels take
+  // them (decode_order_longest_first makes one from the host's seq_len). Only the speed depends
+  // on it: a batch of mixed lengths keeps every SM busy to the end when its longest requests go
+  // first. Made once a step, it serves every layer. An entry outside [0, B) is refused (on the
+  // device: at the next synchronization), a repeated one is a bad order that the host checks
+  // (the CPU backend, and the CUDA backend's batch checks) refuse.
+  const int32_t* decode_order = nullptr;
 };
+
+// The requests' indices longest first (by whole tiles of 64 keys, in buckets of 1/8 of an
+// octave; requests in one bucket keep their order): AttentionBatch::decode_order for these
+// seq_len.
+FP8KV_API std::vector<int32_t> decode_order_longest_first(const int32_t* seq_len, int num_requests);
 
 // Q quantization for fp8-per-head: per (request b, KV head g) scale
 // s = amax(|q| over b's new tokens, the Hq/Hkv query heads of g, all D) / 448 (0 -> 1), or the

@@ -12,6 +12,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
+
+#if defined(__CUDACC__)
+#define FP8KV_SPLIT_HD __host__ __device__ __forceinline__
+#else
+#define FP8KV_SPLIT_HD inline
+#endif
 
 namespace fp8kv::cuda {
 
@@ -86,10 +93,35 @@ inline bool decode_persistent(int64_t items, int64_t resident, int num_splits) {
   return num_splits == 1 && resident > 0 && items >= kDecodePersistentWaves * resident;
 }
 
+// A request's place in the longest-first order of decode work: 8 buckets an octave of its tiles
+// (0: none), rising with the tiles, kDecodeOrderBuckets in all. The persistent kernel deals its
+// later items in this order (build_order), and AttentionBatch::decode_order is one.
+constexpr int kDecodeOrderBuckets = 256;
+FP8KV_SPLIT_HD int decode_order_key(int tiles) {
+  if (tiles <= 0) return 0;
+#if defined(__CUDA_ARCH__)
+  const int e = 31 - __clz(tiles);
+#else
+  int e = 0;  // the highest set bit
+  while ((tiles >> (e + 1)) != 0) ++e;
+#endif
+  return 1 + 8 * e + (e >= 3 ? tiles >> (e - 3) : tiles << (3 - e)) % 8;
+}
+
+// Request indices by decode_order_key of their tiles, descending; stable.
+inline std::vector<int32_t> decode_longest_first(const std::vector<int>& tiles) {
+  std::vector<int32_t> order(tiles.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) {
+    return decode_order_key(tiles[x]) > decode_order_key(tiles[y]);
+  });
+  return order;
+}
+
 // The fields of a decode launch's key (decode_launch_key, launchers.h): what a recorded decode
-// step's launch depends on, packed into one word (bits 32..63 split_tokens, 16..31 num_splits,
-// 15 persistent, 14 cluster_merge, 8..13 kv_per_cta, 0..7 head_chunks). One layout for the
-// launcher that packs it and the benches and tests that read it.
+// step's launch depends on, packed into one word (bits 32..63 split_tokens, 30 ordered, 16..29
+// num_splits, 15 persistent, 14 cluster_merge, 8..13 kv_per_cta, 0..7 head_chunks). One layout for
+// the launcher that packs it and the benches and tests that read it.
 struct DecodeLaunchKey {
   int split_tokens = 0;
   int num_splits = 1;
@@ -97,16 +129,18 @@ struct DecodeLaunchKey {
   bool cluster_merge = false;  // each group's splits a thread block cluster
   int kv_per_cta = 1;          // adjacent KV heads per CTA or item
   int head_chunks = 1;         // CTAs per KV head along the query heads
+  bool ordered = false;        // one-item CTAs in the order of AttentionBatch::decode_order
   uint64_t pack() const {
     return (static_cast<uint64_t>(split_tokens) << 32) | (static_cast<uint64_t>(num_splits) << 16) |
-           (static_cast<uint64_t>(persistent) << 15) |
+           (static_cast<uint64_t>(ordered) << 30) | (static_cast<uint64_t>(persistent) << 15) |
            (static_cast<uint64_t>(cluster_merge) << 14) | (static_cast<uint64_t>(kv_per_cta) << 8) |
            static_cast<uint64_t>(head_chunks);
   }
   static DecodeLaunchKey unpack(uint64_t key) {
     DecodeLaunchKey k;
     k.split_tokens = static_cast<int>(key >> 32);
-    k.num_splits = static_cast<int>((key >> 16) & 0xffff);
+    k.num_splits = static_cast<int>((key >> 16) & 0x3fff);
+    k.ordered = ((key >> 30) & 1) != 0;
     k.persistent = ((key >> 15) & 1) != 0;
     k.cluster_merge = ((key >> 14) & 1) != 0;
     k.kv_per_cta = static_cast<int>((key >> 8) & 0x3f);

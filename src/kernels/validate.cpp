@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "fp8kv/error.h"
 
@@ -139,6 +140,8 @@ void validate_attention(const AttentionParams& p, AttentionPhase phase) {
       fail(k, "batch.max_q_len ", b.max_q_len, ", total_q ", b.total_q, " for ", b.num_requests,
            " requests: decode takes exactly one new token per request (use prefill_attention)");
     }
+  } else if (b.decode_order != nullptr) {
+    fail(k, "batch.decode_order is set: it orders decode_attention's requests, prefill takes none");
   }
   if (!std::isfinite(p.softmax_scale) || p.softmax_scale < 0.0f) {
     fail(k, "softmax_scale ", p.softmax_scale, " must be finite and >= 0 (0: 1/sqrt(head_dim))");
@@ -194,6 +197,18 @@ void check_batch(const AttentionBatch& batch, int64_t num_slots, AttentionPhase 
         fail(k, "request ", b, " position ", pos, ": slot ", row[pos], " out of [0, num_slots ",
              num_slots, ")");
       }
+    }
+  }
+  if (batch.decode_order != nullptr) {
+    std::vector<bool> seen(static_cast<size_t>(batch.num_requests), false);
+    for (int i = 0; i < batch.num_requests; ++i) {
+      const int32_t b = batch.decode_order[i];
+      if (b < 0 || b >= batch.num_requests) {
+        fail(k, "batch.decode_order[", i, "] = ", b, " out of [0, num_requests ",
+             batch.num_requests, ")");
+      }
+      if (seen[b]) fail(k, "batch.decode_order[", i, "] = ", b, " repeats an earlier entry");
+      seen[b] = true;
     }
   }
 }

@@ -39,7 +39,8 @@ void check_slots(const char* kernel, const int32_t* slots, int64_t num_tokens, i
 void check_cu_seqlens(const char* kernel, const int32_t* cu_seqlens_q, int num_requests,
                       int64_t total_q);
 // The whole batch: cu_seqlens_q, q_len <= max_q_len (== 1 for decode), q_len <= seq_len <=
-// max_seq_len <= max_len, req_index >= 0, and every slot the batch reads in [0, num_slots).
+// max_seq_len <= max_len, req_index >= 0, every slot the batch reads in [0, num_slots), and
+// decode_order (when given) a permutation of the requests.
 void check_batch(const AttentionBatch& batch, int64_t num_slots, AttentionPhase phase);
 // Scales: [count] finite and > 0 (real = fp8 * scale).
 void check_scales(const char* kernel, const char* what, const float* scales, int count);

@@ -10,9 +10,9 @@
 //     changes in steps as max_seq_len grows, e.g. every 64 * num_splits tokens),
 // and on pointers that stay put: the scratch buffers, the pool, the weights, the request table
 // and the backends' workspaces. Everything else that changes per step (token ids, positions,
-// slots, seq_len, req_index, cu_seqlens_q, the logit row indices, the request table's new
-// entries) is data in those buffers, uploaded before the step as in the eager path. So a step is
-// recorded once per key (B, R, greedy, the layers' decode keys) and replayed with
+// slots, seq_len, req_index, cu_seqlens_q, the decode order, the logit row indices, the request
+// table's new entries) is data in those buffers, uploaded before the step as in the eager path. So
+// a step is recorded once per key (B, R, greedy, the layers' decode keys) and replayed with
 // StepGraph::launch; the replay runs the recorded kernels with the recorded arguments, which
 // gives the eager step's bits. A recording is valid while no memory it points into was freed:
 // the backend's and the ops' memory_epoch() are part of the check (a grown scratch buffer, a
@@ -141,6 +141,7 @@ struct ModelRunner::Shadow {
 struct ModelRunner::Scratch {
   BackendBuffer ids, pos, slots;     // [T] int32
   BackendBuffer seq_len, req_index;  // [B] int32
+  BackendBuffer order;               // [B] int32: a decode step's decode_order
   BackendBuffer cu_q;                // [B + 1] int32
   BackendBuffer x;                   // [T, H] residual stream
   BackendBuffer h;                   // [T, H] normed
@@ -433,6 +434,13 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   s.batch.total_q = T;
   s.batch.max_q_len = max_q;
   s.batch.max_seq_len = max_seq;
+  if (decode) {
+    // Longest first, once a step for every layer: a batch of mixed lengths ends evenly.
+    const std::vector<int32_t> order = decode_order_longest_first(seq_len.data(), B);
+    s.order.ensure(backend_, i32(B));
+    s.order.upload(order.data(), i32(B));
+    s.batch.decode_order = s.order.as<const int32_t>();
+  }
 
   // The logit rows' indices and the outputs, uploaded and allocated before the device work
   // (a recorded step reads them from the same buffers).

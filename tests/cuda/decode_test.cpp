@@ -214,12 +214,16 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
   }
 }
 
-// The decode launch that `prob` takes (decode_launch_key's fields).
-cuda::DecodeLaunchKey launch_key(const test::AttentionProblem& prob, KvScheme scheme) {
+// The decode launch that `prob` takes (decode_launch_key's fields), given a decode_order or not
+// (the plan only asks whether there is one).
+cuda::DecodeLaunchKey launch_key(const test::AttentionProblem& prob, KvScheme scheme,
+                                 bool ordered = false) {
+  static const int32_t some_order = 0;
   AttentionParams p;
   p.num_q_heads = prob.num_q_heads;
   p.cache = {nullptr, prob.num_slots, prob.num_kv_heads, prob.head_dim, scheme};
   p.batch = prob.batch(nullptr, nullptr, nullptr, nullptr);
+  if (ordered) p.batch.decode_order = &some_order;
   return cuda::DecodeLaunchKey::unpack(cuda::decode_launch_key(p));
 }
 
@@ -284,6 +288,97 @@ TEST(CudaDecode, PersistentKernelMatchesTheTwinAndOneItemCtas) {
       const size_t rows = static_cast<size_t>(12) * prob.num_q_heads * prob.head_dim;
       EXPECT_TRUE(std::equal(part.o.begin(), part.o.begin() + rows, first.o.begin()))
           << "requests 0..11 alone differ from the same requests in the persistent launch";
+    }
+  }
+}
+
+// AttentionBatch::decode_order (longest first, as the model runner makes it): where a launch
+// would take the persistent kernel, e4m3 at head_dim 128 takes one-item CTAs in that order
+// instead (decode_order_replaces_persistent), the other schemes and head dims keep the persistent
+// kernel; a one-wave launch passes the order to its one-item CTAs. Every scheme, head_dim 64 and
+// 128, 300 requests of mixed lengths (two waves and more) on scattered slots, and 12 requests (one
+// wave) in reverse order: the bits are those of the launch without an order (the persistent
+// kernel's bits are the twin's: PersistentKernelMatchesTheTwinAndOneItemCtas), and the 300 match
+// the CPU twin at head_dim 128.
+TEST(CudaDecode, DecodeOrderKeepsTheBitsAndTakesOneItemCtasForE4m3At128) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  std::vector<int> lengths;
+  for (int b = 0; b < 300; ++b) lengths.push_back(b < 40 ? 1 + b * 53 : 1 + (b * 97) % 700);
+  uint64_t seed = 8300;
+  for (KvScheme scheme : kAllSchemes) {
+    for (int D : {64, 128}) {
+      for (const int requests : {300, 12}) {
+        test::ProblemSpec spec;
+        // The 12 of at most 256 keys: no split (a split launch merges by request, in index
+        // order).
+        spec.requests = decode_requests(
+            requests == 300 ? lengths
+                            : std::vector<int>{1, 64, 65, 200, 3, 256, 17, 128, 129, 2, 90, 255});
+        spec.num_kv_heads = 8;
+        spec.num_q_heads = 32;
+        spec.head_dim = D;
+        spec.data.outlier_channels = 2;
+        spec.seed = ++seed;
+        const test::AttentionProblem prob = test::make_problem(spec);
+        SCOPED_TRACE(std::string(scheme_name(scheme)) + " D=" + std::to_string(D) +
+                     " requests=" + std::to_string(requests));
+        test::RunOptions opt;
+        opt.phase = AttentionPhase::kDecode;
+        opt.decode_order = decode_order_longest_first(prob.seq_len.data(), requests);
+        if (requests == 12) std::reverse(opt.decode_order.begin(), opt.decode_order.end());
+        const cuda::DecodeLaunchKey plain = launch_key(prob, scheme);
+        const cuda::DecodeLaunchKey ordered = launch_key(prob, scheme, true);
+        ASSERT_EQ(plain.num_splits, 1);
+        const bool replaces = kv_elem_bytes(scheme) == 1 && D == 128;
+        EXPECT_EQ(plain.persistent, requests == 300);
+        EXPECT_FALSE(plain.ordered);
+        EXPECT_EQ(ordered.persistent, requests == 300 && !replaces);
+        EXPECT_EQ(ordered.ordered, !ordered.persistent);
+        const test::KvScales scales = test::calibrate_scales(prob, scheme);
+        test::RunOptions none = opt;
+        none.decode_order.clear();
+        const std::vector<uint16_t> base = test::run_attention(*gpu, prob, scheme, scales, none).o;
+        const std::vector<uint16_t> in_order =
+            test::run_attention(*gpu, prob, scheme, scales, opt).o;
+        EXPECT_TRUE(in_order == base) << "the ordered launch gave other bits";
+        if (requests == 300 && replaces) expect_close(run_case(*cpu, *gpu, prob, scheme));
+      }
+    }
+  }
+}
+
+// An entry of decode_order outside [0, B) (the device's check: the host cannot read it without a
+// synchronization) is refused at synchronize by name; the other entries' requests are computed.
+TEST(CudaDecode, DecodeOrderEntryOutOfRangeIsReportedAtSynchronize) {
+  SKIP_WITHOUT_GPU();
+  auto gpu = make_cuda_backend();
+  test::ProblemSpec spec;
+  spec.requests = decode_requests({5, 9});
+  const test::AttentionProblem prob = test::make_problem(spec);
+  const OnesPool ones(*gpu, prob);
+  for (const int32_t bad : {2, -1}) {
+    BackendBuffer order(*gpu, std::vector<int32_t>{1, bad});
+    AttentionParams p = ones.params();
+    p.batch.decode_order = order.as<int32_t>();
+    gpu->memset(ones.o.as<void>(), 0xff, ones.o.bytes());
+    gpu->decode_attention(p);
+    try {
+      gpu->synchronize();
+      ADD_FAILURE() << "no error for decode_order entry " << bad;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("decode_attention: batch.decode_order[1] = " +
+                                           std::to_string(bad) + " out of [0, num_requests 2)"),
+                std::string::npos)
+          << e.what();
+    }
+    EXPECT_NO_THROW(gpu->synchronize());  // reported once
+    const std::vector<uint16_t> out = ones.o.download<uint16_t>();
+    const size_t row = static_cast<size_t>(prob.num_q_heads) * prob.head_dim;
+    for (size_t i = 0; i < row; ++i) {
+      ASSERT_EQ(out[row + i], 0x3f80) << "request 1, element " << i;  // ones everywhere
+      ASSERT_EQ(out[i], 0xffff) << "request 0 (no CTA took it), element " << i;
     }
   }
 }

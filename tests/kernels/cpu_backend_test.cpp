@@ -548,6 +548,41 @@ TEST(CpuBackend, DecodeRefusesMoreThanOneNewToken) {
   EXPECT_TRUE(g.output_untouched());
 }
 
+// AttentionBatch::decode_order changes which CTA takes a request, never a bit: a decode in
+// any permutation gives the bits of one without it. Not a permutation (an entry out of range or
+// repeated), or given to prefill, it is refused by name before anything is written.
+TEST(CpuBackend, DecodeOrderIsAPermutationAndChangesNoBit) {
+  test::ProblemSpec spec = small_spec();
+  spec.requests = {{5, 1}, {0, 1}, {130, 1}, {64, 1}};
+  const test::AttentionProblem p = test::make_problem(spec);
+  auto cpu = make_cpu_backend();
+  const KvScheme scheme = KvScheme::kFp8PerHead;
+  const test::KvScales scales = test::calibrate_scales(p, scheme);
+  test::RunOptions opt;
+  opt.phase = AttentionPhase::kDecode;
+  const std::vector<uint16_t> plain = test::run_attention(*cpu, p, scheme, scales, opt).o;
+  opt.decode_order = {2, 3, 0, 1};
+  EXPECT_TRUE(test::run_attention(*cpu, p, scheme, scales, opt).o == plain);
+
+  AttentionFixture f({{5, 1}, {0, 1}, {130, 1}});
+  const std::vector<int32_t> repeated = {2, 0, 2}, outside = {2, 3, 0};
+  AttentionParams a = f.params();
+  a.batch.decode_order = repeated.data();
+  expect_error([&] { f.cpu->decode_attention(a); },
+               "decode_attention: batch.decode_order[2] = 2 repeats an earlier entry");
+  a.batch.decode_order = outside.data();
+  expect_error([&] { f.cpu->decode_attention(a); },
+               "decode_attention: batch.decode_order[1] = 3 out of [0, num_requests 3)");
+  AttentionFixture g({{3, 4}, {0, 5}});
+  a = g.params();
+  const std::vector<int32_t> two = {1, 0};
+  a.batch.decode_order = two.data();
+  expect_error([&] { g.cpu->prefill_attention(a); },
+               "prefill_attention: batch.decode_order is set");
+  EXPECT_TRUE(f.output_untouched());
+  EXPECT_TRUE(g.output_untouched());
+}
+
 TEST(CpuBackend, QuantizeQValidationErrors) {
   auto cpu = make_cpu_backend();
   std::vector<uint16_t> q(3 * 4 * 64, 0);

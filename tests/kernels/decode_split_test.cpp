@@ -2,7 +2,11 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <limits>
+#include <vector>
 
+#include "fp8kv/backend.h"
+#include "fp8kv/error.h"
 #include "kernels/decode_split.h"
 
 namespace fp8kv {
@@ -81,13 +85,42 @@ TEST(DecodeSplit, PersistentForUnsplitGridsOfSeveralWaves) {
   EXPECT_TRUE(cuda::decode_persistent(256 * 2, resident, 1));
 }
 
+// The longest-first order's key rises with a request's tiles (never falls), 8 buckets an octave,
+// and stays in its kDecodeOrderBuckets; the twin orders by it, descending, keeping the index
+// order within a bucket; decode_order_longest_first orders seq_len by whole tiles of 64 keys.
+TEST(DecodeSplit, LongestFirstOrderByTileBuckets) {
+  EXPECT_EQ(cuda::decode_order_key(0), 0);
+  EXPECT_EQ(cuda::decode_order_key(-3), 0);
+  int last = 0;
+  for (int tiles = 1; tiles < (1 << 20); tiles += 1 + tiles / 37) {
+    const int k = cuda::decode_order_key(tiles);
+    ASSERT_GE(k, last) << tiles;
+    ASSERT_LT(k, cuda::kDecodeOrderBuckets) << tiles;
+    last = k;
+  }
+  EXPECT_LT(cuda::decode_order_key(std::numeric_limits<int>::max()), cuda::kDecodeOrderBuckets);
+  EXPECT_EQ(cuda::decode_order_key(8), cuda::decode_order_key(8));
+  EXPECT_LT(cuda::decode_order_key(8), cuda::decode_order_key(9));    // eighths of an octave
+  EXPECT_EQ(cuda::decode_order_key(64), cuda::decode_order_key(71));  // 64..71: one bucket
+  EXPECT_LT(cuda::decode_order_key(71), cuda::decode_order_key(72));
+  // Tiles 3, 1, 3, 0, 40, 1: the 40 first, the two 3s and the two 1s each in index order.
+  EXPECT_EQ(cuda::decode_longest_first({3, 1, 3, 0, 40, 1}),
+            (std::vector<int32_t>{4, 0, 2, 1, 5, 3}));
+  const std::vector<int32_t> seq_len = {64, 65, 1, 0, 2047, 128};  // tiles 1, 2, 1, 0, 32, 2
+  EXPECT_EQ(decode_order_longest_first(seq_len.data(), 6),
+            (std::vector<int32_t>{4, 1, 5, 0, 2, 3}));
+  EXPECT_TRUE(decode_order_longest_first(nullptr, 0).empty());
+  EXPECT_THROW(decode_order_longest_first(nullptr, 2), Error);
+}
+
 // A decode launch's key holds every field in its own bits: packed and read back, each field is
 // what went in, at the widest values the launcher gives them.
 TEST(DecodeSplit, LaunchKeyFieldsRoundTrip) {
   for (const cuda::DecodeLaunchKey k :
        {cuda::DecodeLaunchKey{}, cuda::DecodeLaunchKey{1 << 20, 1, true, false, 8, 1},
         cuda::DecodeLaunchKey{4096, cuda::kDecodeMaxSplits, false, true, 2, 255},
-        cuda::DecodeLaunchKey{64, 2, false, false, 63, 16}}) {
+        cuda::DecodeLaunchKey{64, 2, false, false, 63, 16},
+        cuda::DecodeLaunchKey{1 << 20, 1, false, false, 2, 4, true}}) {
     const cuda::DecodeLaunchKey r = cuda::DecodeLaunchKey::unpack(k.pack());
     EXPECT_EQ(r.split_tokens, k.split_tokens);
     EXPECT_EQ(r.num_splits, k.num_splits);
@@ -95,6 +128,7 @@ TEST(DecodeSplit, LaunchKeyFieldsRoundTrip) {
     EXPECT_EQ(r.cluster_merge, k.cluster_merge);
     EXPECT_EQ(r.kv_per_cta, k.kv_per_cta);
     EXPECT_EQ(r.head_chunks, k.head_chunks);
+    EXPECT_EQ(r.ordered, k.ordered);
   }
   // The layout the CUDA graphs' keys were recorded with: splits in bits 16..31, persistent 15.
   const cuda::DecodeLaunchKey persistent3{0, 3, true, false, 0, 0};

@@ -282,7 +282,10 @@ class CudaBackend final : public Backend {
     const auto req_index = to_host(b.req_index, B, stream_);
     const auto table =
         to_host(b.req_to_token, static_cast<size_t>(b.max_requests) * b.max_len, stream_);
+    const auto order =
+        b.decode_order != nullptr ? to_host(b.decode_order, B, stream_) : std::vector<int32_t>();
     AttentionBatch host = b;
+    if (b.decode_order != nullptr) host.decode_order = order.data();
     host.seq_len = seq_len.data();
     host.cu_seqlens_q = cu.data();
     host.req_index = req_index.data();
@@ -331,6 +334,10 @@ class CudaBackend final : public Backend {
                     " out of [0, max_requests " + bound +
                     ") (that request was skipped: its rows of the output are undefined)");
       }
+      case cuda::DeviceErrorKind::kDecodeOrder:
+        throw Error("decode_attention: batch.decode_order[" + std::to_string(e.index) +
+                    "] = " + value + " out of [0, num_requests " + bound +
+                    ") (no request was computed in its place: rows of the output are undefined)");
     }
     throw Error("cuda backend: unknown device error kind " + std::to_string(e.kind));
   }

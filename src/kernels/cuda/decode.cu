@@ -21,6 +21,7 @@ struct DecodePlan {
   DecodeSplit split;
   int persistent_ctas = 0;     // > 0: the persistent kernel with this many CTAs (decode_persistent)
   bool cluster_merge = false;  // each group's splits a cluster, merged in shared memory
+  bool ordered = false;        // one-item CTAs take the requests in batch.decode_order
 };
 
 // The one-item kernel's grid: splits x head groups x requests.
@@ -61,10 +62,14 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int64_t items = static_cast<int64_t>(p.batch.num_requests) *
                         ceil_div(p.cache.num_kv_heads, persistent_kv) * plan.head_chunks;
   const int64_t resident = static_cast<int64_t>(sms) * per_sm_persistent;
-  if (decode_persistent(items, resident, plan.split.num_splits)) {
+  const bool has_order = p.batch.decode_order != nullptr;
+  if (!(has_order && decode_order_replaces_persistent(p.cache.scheme, p.cache.head_dim)) &&
+      decode_persistent(items, resident, plan.split.num_splits)) {
     plan.persistent_ctas = static_cast<int>(resident);
     plan.kv_per_cta = persistent_kv;
-  } else if (plan.split.num_splits > 1 && p.batch.num_requests > 0) {
+  } else if (plan.split.num_splits == 1) {
+    plan.ordered = has_order;  // a split launch's groups merge by request: index order
+  } else if (p.batch.num_requests > 0) {
     FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
       FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
         plan.cluster_merge =
@@ -113,6 +118,7 @@ uint64_t decode_launch_key(const AttentionParams& p) {
   k.split_tokens = plan.split.split_tokens;
   k.num_splits = plan.split.num_splits;
   k.persistent = plan.persistent_ctas > 0;
+  k.ordered = plan.ordered;
   k.cluster_merge = plan.cluster_merge;
   k.kv_per_cta = plan.kv_per_cta;
   k.head_chunks = plan.head_chunks;
@@ -132,6 +138,8 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   a.split_tokens = plan.split.split_tokens;
   a.sm_scale_log2 = a.softmax_scale * kLog2e;
   a.cache_slots = p.cache.num_slots + 1;
+  a.num_requests = p.batch.num_requests;
+  if (plan.ordered) a.request_order = p.batch.decode_order;
 #ifdef FP8KV_DECODE_TIMELINE
   a.timeline = g_timeline;
 #endif

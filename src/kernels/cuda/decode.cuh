@@ -39,7 +39,12 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
   // split_counters[0] and counts its CTAs out in split_counters[1], both zero between launches.
   int num_items = 0;
   int64_t cache_slots = 0;  // rows of the cache: num_slots + 1 (the padding slot)
-  DecodeKvMaps kv_maps;     // set by the launch (DecodeMmaKernel::launch*)
+  // Unsplit one-item grids: the CTAs of blockIdx.z take request request_order[blockIdx.z]
+  // (AttentionBatch::decode_order; an entry outside [0, num_requests) is refused), or request
+  // blockIdx.z where null.
+  const int32_t* request_order = nullptr;
+  int num_requests = 0;
+  DecodeKvMaps kv_maps;  // set by the launch (DecodeMmaKernel::launch*)
 #ifdef FP8KV_DECODE_TIMELINE
   uint64_t* timeline = nullptr;  // [entries][kDecodeTimelineFields] (set_decode_timeline), or null
 #endif
@@ -85,6 +90,14 @@ constexpr int decode_mma_kv_heads(KvScheme scheme, int head_dim) {
 constexpr int decode_persistent_kv_heads(KvScheme scheme, int head_dim) {
   const bool e4m3_128 = kv_elem_bytes(scheme) == 1 && head_dim == 128;
   return decode_kv_heads_per_copy(scheme, head_dim, e4m3_128 ? 256 : 512);
+}
+
+// Whether a decode launch given AttentionBatch::decode_order runs one-item CTAs in that order
+// where it would take the persistent kernel: e4m3 at head_dim 128, whose one-item CTAs read a
+// scattered pool's slots faster than the persistent kernel's ring, and whose launches of mixed
+// lengths need the order to end as evenly (docs/GPU.md, forty-sixth and forty-seventh sessions).
+constexpr bool decode_order_replaces_persistent(KvScheme scheme, int head_dim) {
+  return kv_elem_bytes(scheme) == 1 && head_dim == 128;
 }
 
 // The decode kernel (decode_mma_kernel.cuh, tensor cores), every scheme: up to 8 query heads of

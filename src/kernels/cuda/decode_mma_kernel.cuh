@@ -766,7 +766,13 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   const int split = blockIdx.x;
   const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;  // first KV head of the CTA
   const int hc = blockIdx.y % a.head_chunks;
-  const int b = blockIdx.z;
+  const int b = a.request_order != nullptr ? a.request_order[blockIdx.z] : blockIdx.z;
+  if (b < 0 || b >= a.num_requests) {  // only an order's entry can be (the same for every thread)
+    if (threadIdx.x == 0) {
+      record_device_error(a.error, DeviceErrorKind::kDecodeOrder, blockIdx.z, b, a.num_requests);
+    }
+    return;
+  }
   // Warps 4s..4s+3 compute KV head g = g0 + s (a CTA past the last head computes nothing).
   const int sub = threadIdx.x / kIssuers, warp = threadIdx.x / 32 % kWarps, lane = threadIdx.x % 32;
   const int kv_here = min(Sh::kKv, a.num_kv_heads - g0);
@@ -890,10 +896,12 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 #ifdef FP8KV_DECODE_TIMELINE
   tl_streamed = global_timer_ns();
 #endif
-  // A cluster launch (the group's splits, decode.cu) keeps the partials in shared memory.
+  // A cluster launch (the group's splits, decode.cu) keeps the partials in shared memory. From
+  // here on the request is blockIdx.z's: only split launches read it (their partials' rows and
+  // counters), and a split launch takes no order; the register that held b is free.
   merge_warps_and_store<Sh, kHeadDim>(
       a, smem + sub * (Sh::kMergeBytes / Sh::kKv), [] { __syncthreads(); }, warp, r, t, num_heads,
-      head0, q_token, b, split, m, l, o, v_scale,
+      head0, q_token, static_cast<int>(blockIdx.z), split, m, l, o, v_scale,
       reinterpret_cast<float*>(smem + Sh::kPartialOffset) + sub * Sh::kPartialFloats);
   if (a.num_splits > 1 && cluster_ctas() > 1) {
     decode_mma::merge_group_in_cluster<Sh, kHeadDim>(a, smem);
@@ -922,7 +930,7 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
       }
       return __syncthreads_or(last);
     };
-    const int64_t group = static_cast<int64_t>(b) * gridDim.y + blockIdx.y;
+    const int64_t group = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
     uint32_t* group_counter = a.split_counters + group;
     if (a.num_splits <= kDecodeTwoLevelMergeAbove) {
       if (arrive(group_counter, a.num_splits)) {
@@ -991,7 +999,7 @@ struct PersistentShape : TileShape<kScheme, D, decode_persistent_kv_heads(kSchem
   // round (build_order in the kernel): bucket counts and cursors, each warp's count per bucket,
   // then, in what is left of the SM's shared memory, the order (uint16) and each request's bucket
   // (uint8). kItemOffset + 4: whether the order was built (0: index order).
-  static constexpr int kOrderBuckets = 256;
+  static constexpr int kOrderBuckets = kDecodeOrderBuckets;
   static constexpr int kSortOffset = kItemOffset + 16;
   static constexpr int kSortBytes = 2 * kOrderBuckets * 4 + kProducers / 32 * kOrderBuckets * 2;
   static constexpr int kOrderOffset = kSortOffset + kSortBytes;
@@ -1079,15 +1087,12 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
     uint16_t* const order = reinterpret_cast<uint16_t*>(smem + Sh::kOrderOffset);
     int* const ordered = reinterpret_cast<int*>(smem + Sh::kItemOffset + 4);
     bool order_built = false;
-    // 8 buckets an octave of a request's tiles (0: none), so that the buckets rise with the tiles.
+    // 8 buckets an octave of a request's tiles (decode_order_key; 0: none).
     const auto request_key = [&](int b) {
       const int32_t req = a.req_index[b];
-      const int tiles = req >= 0 && req < a.max_requests
-                            ? ceil_div(min(a.seq_len[b], a.split_tokens), kTileTokens)
-                            : 0;
-      if (tiles <= 0) return 0;
-      const int e = 31 - __clz(tiles);
-      return 1 + 8 * e + (e >= 3 ? tiles >> (e - 3) : tiles << (3 - e)) % 8;
+      return decode_order_key(req >= 0 && req < a.max_requests
+                                  ? ceil_div(min(a.seq_len[b], a.split_tokens), kTileTokens)
+                                  : 0);
     };
     const auto build_order = [&] {
       constexpr int kBuckets = Sh::kOrderBuckets, kWarpsP = Sh::kProducers / 32;

@@ -14,6 +14,7 @@ enum class DeviceErrorKind : unsigned long long {
   kQuantizeSlot = 1,    // quantize_kv: slots[index] = value out of [0, bound = num_slots)
   kPrefillRequest = 2,  // prefill_attention: b_req_idx[index] = value out of [0, max_requests)
   kDecodeRequest = 3,   // decode_attention: likewise
+  kDecodeOrder = 4,     // decode_attention: decode_order[index] = value out of [0, num_requests)
 };
 
 // The first refusal since the host last read it. Device memory, all 0xff bytes when empty.
