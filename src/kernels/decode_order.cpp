@@ -15,8 +15,8 @@ std::vector<int32_t> decode_order_longest_first(const int32_t* seq_len, int num_
                 " is negative");
   }
   if (num_requests > 0 && seq_len == nullptr) {
-    throw Error("decode_order_longest_first: seq_len is null for " +
-                std::to_string(num_requests) + " requests");
+    throw Error("decode_order_longest_first: seq_len is null for " + std::to_string(num_requests) +
+                " requests");
   }
   std::vector<int> tiles(static_cast<size_t>(num_requests));
   for (int b = 0; b < num_requests; ++b) {
