@@ -45,6 +45,7 @@ from ._fp8kv import (  # noqa: F401  (re-exported)
     decode_bf16,
     decode_e4m3,
     decode_e5m2,
+    decode_order_longest_first,
     encode_bf16,
     encode_e4m3,
     encode_e5m2,
@@ -62,7 +63,8 @@ __version__ = _fp8kv.__version__
 
 __all__ = [
     "CalibData", "Observer", "RankScales", "TorchDistributedCommunicator", "cuda_available",
-    "decode_attention", "decode_bf16", "decode_e4m3", "decode_e5m2", "encode_bf16",
+    "decode_attention", "decode_bf16", "decode_e4m3", "decode_e5m2", "decode_order_longest_first",
+    "encode_bf16",
     "encode_e4m3", "encode_e5m2", "load_calib", "parse_calib", "prefill_attention",
     "quantize_kv", "quantize_q", "scales_for_scheme", "slice_for_rank", "synchronize",
     "write_calib", "__version__",
@@ -113,7 +115,8 @@ def prefill_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, cu_seqle
 
 def decode_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, scheme, k_scale=None,
                      v_scale=None, *, q_scale=None, out=None, max_seq_len=None,
-                     cu_seqlens_q=None, softmax_scale=0.0, split_kv_heads=0, stream=None):
+                     cu_seqlens_q=None, softmax_scale=0.0, split_kv_heads=0, stream=None,
+                     decode_order=None):
     """Attention of one new token per request (the last of its b_seq_len[b]); returns ``out``.
 
     q            [B, Hq, D] bf16 (fp8-per-head: e4m3 codes from ``quantize_q``)
@@ -124,12 +127,17 @@ def decode_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, scheme, k
     max_seq_len  max of b_seq_len; required for CUDA tensors
     split_kv_heads  the KV heads decode plans its split for (0: Hkv); a tensor-parallel rank
                  passes the whole model's to get tp = 1's bits
+    decode_order [B] int32, optional, beside the other tensors: a permutation of the requests in
+                 which the kernels take them; ``decode_order_longest_first(host seq lens)`` makes
+                 one, once a step for every layer. Only the speed depends on it (a batch of mixed
+                 lengths ends evenly). An entry outside [0, B) is refused (on CUDA tensors at
+                 the next ``synchronize``)
     """
     if out is None:
         out = _empty_like_out(q)
     _fp8kv.decode_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, out, scheme,
                             k_scale, v_scale, q_scale, max_seq_len, cu_seqlens_q, softmax_scale,
-                            split_kv_heads, stream)
+                            split_kv_heads, stream, 1, decode_order)
     return out
 
 

@@ -15,7 +15,9 @@ import numpy as np
 from ._fp8kv import (CalibData as CalibData, Communicator as Communicator,
                      RankScales as RankScales, cuda_available as cuda_available,
                      decode_bf16 as decode_bf16, decode_e4m3 as decode_e4m3,
-                     decode_e5m2 as decode_e5m2, encode_bf16 as encode_bf16,
+                     decode_e5m2 as decode_e5m2,
+                     decode_order_longest_first as decode_order_longest_first,
+                     encode_bf16 as encode_bf16,
                      encode_e4m3 as encode_e4m3, encode_e5m2 as encode_e5m2,
                      load_calib as load_calib, parse_calib as parse_calib,
                      quantize_kv as quantize_kv, quantize_q as quantize_q,
@@ -45,8 +47,10 @@ def decode_attention(q: Array, kv_buffer: Array, req_to_token: Array, b_req_idx:
                      v_scale: Optional[Array] = None, *, q_scale: Optional[Array] = None,
                      out: Optional[Array] = None, max_seq_len: Optional[int] = None,
                      cu_seqlens_q: Optional[Array] = None, softmax_scale: float = 0.0,
-                     split_kv_heads: int = 0, stream: Optional[Stream] = None) -> Array:
-    """One new token per request (q [B, Hq, D]); fills and returns out [B, Hq, D] bf16."""
+                     split_kv_heads: int = 0, stream: Optional[Stream] = None,
+                     decode_order: Optional[Array] = None) -> Array:
+    """One new token per request (q [B, Hq, D]); fills and returns out [B, Hq, D] bf16.
+    decode_order: [B] int32, a permutation in which the kernels take the requests (speed only)."""
 
 class TorchDistributedCommunicator:
     def __init__(self, group: Any = None) -> None: ...

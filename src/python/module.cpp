@@ -214,7 +214,7 @@ class Call {
     PyObject* obj = nullptr;
     Borrowed arg;
   };
-  static constexpr int kMaxArgs = 10;
+  static constexpr int kMaxArgs = 11;
   const char* kernel_;
   Entry entries_[kMaxArgs];
   int n_ = 0;
@@ -415,7 +415,8 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
                const std::string& scheme_text, const py::handle& k_scale, const py::handle& v_scale,
                const py::handle& q_scale, std::optional<int> max_q_len,
                std::optional<int> max_seq_len, float softmax_scale, int split_kv_heads,
-               const py::object& stream, int repeat = 1, bool causal = true) {
+               const py::object& stream, int repeat = 1, bool causal = true,
+               const py::handle& decode_order = py::none()) {
   const char* kernel = attention_phase_name(phase);
   const KvScheme scheme = parse_scheme(scheme_text);
   Call c(kernel,
@@ -428,7 +429,8 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
           {"out", out},
           {"k_scale", k_scale},
           {"v_scale", v_scale},
-          {"q_scale", q_scale}},
+          {"q_scale", q_scale},
+          {"decode_order", decode_order}},
          stream);
   const Tensor buf = c.borrow("kv_buffer");
   AttentionParams p;
@@ -445,7 +447,11 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
   req.expect(DType::kI32, {B});
   const Tensor table = c.borrow("req_to_token");
   table.expect(DType::kI32, {-1, -1});
-  Tensor cu, qs, k_t, v_t;
+  Tensor cu, qs, k_t, v_t, order;
+  if (!decode_order.is_none()) {
+    order = c.borrow("decode_order");
+    order.expect(DType::kI32, {B});
+  }
   const int32_t* cu_ptr = nullptr;
   if (!cu_seqlens_q.is_none()) {
     cu = c.borrow("cu_seqlens_q");
@@ -530,6 +536,7 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
     }
   }
   b.cu_seqlens_q = cu_ptr;
+  if (!decode_order.is_none()) b.decode_order = order.as<int32_t>();
   py::gil_scoped_release nogil;
   for (int i = 0; i < repeat; ++i) {  // repeat > 1: the C++ side of scripts/bench_python.py
     if (phase == AttentionPhase::kDecode) {
@@ -701,17 +708,29 @@ PYBIND11_MODULE(_fp8kv, m) {
          py::handle b_seq_len, py::handle out, const std::string& scheme, py::handle k_scale,
          py::handle v_scale, py::handle q_scale, std::optional<int> max_seq_len,
          py::handle cu_seqlens_q, float softmax_scale, int split_kv_heads, py::object stream,
-         int repeat) {
+         int repeat, py::handle decode_order) {
         attention(AttentionPhase::kDecode, q, kv_buffer, req_to_token, b_req_idx, b_seq_len,
                   cu_seqlens_q, out, scheme, k_scale, v_scale, q_scale, std::nullopt, max_seq_len,
-                  softmax_scale, split_kv_heads, stream, repeat);
+                  softmax_scale, split_kv_heads, stream, repeat, true, decode_order);
       },
       py::arg("q"), py::arg("kv_buffer"), py::arg("req_to_token"), py::arg("b_req_idx"),
       py::arg("b_seq_len"), py::arg("out"), py::arg("scheme"), py::arg("k_scale") = py::none(),
       py::arg("v_scale") = py::none(), py::arg("q_scale") = py::none(),
       py::arg("max_seq_len") = py::none(), py::arg("cu_seqlens_q") = py::none(),
       py::arg("softmax_scale") = 0.0f, py::arg("split_kv_heads") = 0,
-      py::arg("stream") = py::none(), py::arg("_repeat") = 1);
+      py::arg("stream") = py::none(), py::arg("_repeat") = 1, py::arg("decode_order") = py::none());
+  m.def(
+      "decode_order_longest_first",
+      [](const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& seq_len) {
+        if (seq_len.ndim() != 1) {
+          throw py::value_error("decode_order_longest_first: b_seq_len must be 1-D, got " +
+                                std::to_string(seq_len.ndim()) + " dimensions");
+        }
+        const std::vector<int32_t> order =
+            decode_order_longest_first(seq_len.data(), static_cast<int>(seq_len.size()));
+        return py::array_t<int32_t>(static_cast<py::ssize_t>(order.size()), order.data());
+      },
+      py::arg("b_seq_len"));
 
   // Codecs (host arrays).
   m.def(

@@ -355,6 +355,35 @@ def test_decode_matches_float64_reference_and_allocates_out(rng, scheme):
     assert np.array_equal(out, out2)
 
 
+def test_decode_order_longest_first_and_in_decode(rng):
+    # Whole tiles of 64 keys, longest first, one bucket keeping the index order.
+    assert fp8kv.decode_order_longest_first([64, 65, 1, 0, 2047, 128]).tolist() == \
+        [4, 1, 5, 0, 2, 3]
+    order = fp8kv.decode_order_longest_first(np.array([3, 300, 70], np.int32))
+    assert order.dtype == np.int32 and order.tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match="b_seq_len must be 1-D"):
+        fp8kv.decode_order_longest_first(np.zeros((2, 2), np.int32))
+    # Any permutation gives the bits of a decode without one.
+    scheme = "fp8-per-tensor"
+    pool, ks, vs = make_pool(rng, scheme, num_slots=80)
+    seq_len = [1, 33, 12, 20]
+    table, req_idx, sl, cu = make_batch(rng, pool, scheme, ks, vs, seq_len, [1] * 4)
+    q = bf16(rng.standard_normal((4, HQ, D)))
+    plain = fp8kv.decode_attention(q, pool, table, req_idx, sl, scheme, ks, vs)
+    ordered = fp8kv.decode_attention(q, pool, table, req_idx, sl, scheme, ks, vs,
+                                     decode_order=fp8kv.decode_order_longest_first(sl))
+    assert np.array_equal(plain, ordered)
+    # Not a permutation: refused by name, nothing written.
+    out = np.zeros_like(plain)
+    with pytest.raises(ValueError, match=r"batch.decode_order\[3\] = 1 repeats an earlier entry"):
+        fp8kv.decode_attention(q, pool, table, req_idx, sl, scheme, ks, vs, out=out,
+                               decode_order=np.array([1, 0, 2, 1], np.int32))
+    with pytest.raises(ValueError, match=r"decode_order.*\[4\]"):
+        fp8kv.decode_attention(q, pool, table, req_idx, sl, scheme, ks, vs, out=out,
+                               decode_order=np.array([0, 1, 2, 3, 4], np.int32))
+    assert not out.any()
+
+
 # ---- refusals: the right exception, the message, nothing written -----------------------------------
 
 class OnDevice:
