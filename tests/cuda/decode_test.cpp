@@ -214,6 +214,17 @@ TEST(CudaDecode, OddGroupsBigBatchAndSoftmaxScale) {
   }
 }
 
+// The backend's next synchronize() throws an Error that says `want` (a refusal a kernel recorded
+// on the device).
+void expect_refusal_at_synchronize(Backend& gpu, const std::string& want) {
+  try {
+    gpu.synchronize();
+    ADD_FAILURE() << "no error at synchronize; expected: " << want;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+  }
+}
+
 // The decode launch that `prob` takes (decode_launch_key's fields), given a decode_order or not
 // (the plan only asks whether there is one).
 cuda::DecodeLaunchKey launch_key(const test::AttentionProblem& prob, KvScheme scheme,
@@ -364,15 +375,8 @@ TEST(CudaDecode, DecodeOrderEntryOutOfRangeIsReportedAtSynchronize) {
     p.batch.decode_order = order.as<int32_t>();
     gpu->memset(ones.o.as<void>(), 0xff, ones.o.bytes());
     gpu->decode_attention(p);
-    try {
-      gpu->synchronize();
-      ADD_FAILURE() << "no error for decode_order entry " << bad;
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("decode_attention: batch.decode_order[1] = " +
-                                           std::to_string(bad) + " out of [0, num_requests 2)"),
-                std::string::npos)
-          << e.what();
-    }
+    expect_refusal_at_synchronize(*gpu, "decode_attention: batch.decode_order[1] = " +
+                                            std::to_string(bad) + " out of [0, num_requests 2)");
     EXPECT_NO_THROW(gpu->synchronize());  // reported once
     const std::vector<uint16_t> out = ones.o.download<uint16_t>();
     const size_t row = static_cast<size_t>(prob.num_q_heads) * prob.head_dim;
@@ -827,12 +831,7 @@ TEST(CudaDecode, RequestOutOfRangeIsSkippedAndReportedAtSynchronize) {
       const std::string want = std::string(decode ? "decode_attention" : "prefill_attention") +
                                ": b_req_idx[1] = " + std::to_string(bad_row) +
                                " out of [0, max_requests " + std::to_string(rows) + ")";
-      try {
-        gpu->synchronize();
-        ADD_FAILURE() << "no error for b_req_idx " << bad_row;
-      } catch (const Error& e) {
-        EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
-      }
+      expect_refusal_at_synchronize(*gpu, want);
       gpu->synchronize();  // reported once
       // Request 0 was computed: a pool of ones gives V = 1 everywhere, so every output is 1.
       const std::vector<uint16_t> out = o.download<uint16_t>();
@@ -871,16 +870,7 @@ TEST(CudaDecode, PersistentLaunchSkipsARefusedRequest) {
     if (!refuse) p = ones.params();
     gpu->memset(o.as<void>(), 0xff, o.bytes());
     gpu->decode_attention(p);
-    if (refuse) {
-      try {
-        gpu->synchronize();
-        ADD_FAILURE() << "no error for the refused request";
-      } catch (const Error& e) {
-        EXPECT_NE(std::string(e.what()).find("b_req_idx[" + std::to_string(bad) + "]"),
-                  std::string::npos)
-            << e.what();
-      }
-    }
+    if (refuse) expect_refusal_at_synchronize(*gpu, "b_req_idx[" + std::to_string(bad) + "]");
     EXPECT_NO_THROW(gpu->synchronize());
     const std::vector<uint16_t> out = o.download<uint16_t>();
     for (size_t b = 0; b < lengths.size(); ++b) {
