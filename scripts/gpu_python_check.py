@@ -160,6 +160,24 @@ def stage_cuda():
                            t["ks"], t["vs"], out=out3, max_seq_len=1000, stream=s2)
     s2.synchronize()
     check(torch.equal(out3, expected), "explicit stream=: the producer's work is ordered before it")
+    # decode_order (a CUDA int32 tensor, longest first from the host's lengths): the same bits;
+    # an entry outside [0, B) is raised by fp8kv.synchronize().
+    order = torch.from_numpy(fp8kv.decode_order_longest_first(seq_len)).to(dev)
+    out4 = torch.empty_like(expected)
+    fp8kv.decode_attention(t["q"], t["pool"], t["table"], t["req"], t["seq"], "fp8-per-tensor",
+                           t["ks"], t["vs"], out=out4, max_seq_len=1000, decode_order=order)
+    torch.cuda.synchronize()
+    check(order.tolist() == [1, 0] and torch.equal(out4, expected),
+          "decode_order [1, 0]: the bits of the call without it")
+    fp8kv.decode_attention(t["q"], t["pool"], t["table"], t["req"], t["seq"], "fp8-per-tensor",
+                           t["ks"], t["vs"], out=out4, max_seq_len=1000,
+                           decode_order=torch.tensor([1, 5], dtype=torch.int32, device=dev))
+    try:
+        fp8kv.synchronize()
+        check(False, "decode_order entry 5 of 2 requests: no error at synchronize")
+    except ValueError as e:
+        check("decode_order[1] = 5 out of [0, num_requests 2)" in str(e),
+              f"decode_order entry out of range raised at synchronize: {e}")
     # Index arrays on the GPU are checked by the kernels, not the host (that would synchronize
     # every call): a b_req_idx outside req_to_token's rows is skipped (nothing of it read) and
     # raised by fp8kv.synchronize(), once; the other requests are computed as without it.
