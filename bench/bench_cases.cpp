@@ -14,6 +14,7 @@ std::string DecodeCase::name() const {
   if (Hq != 32 || Hkv != 8) n += "_Hq" + std::to_string(Hq) + "_Hkv" + std::to_string(Hkv);
   if (scattered) n += "_scattered";
   if (mixed) n += "_mixed";
+  if (unordered) n += "_unordered";
   return n;
 }
 
@@ -21,15 +22,23 @@ std::vector<DecodeCase> decode_cases(bool quick) {
   if (quick) return {{16, 2048, 32, 8, 128, false}, {2, 8192, 32, 8, 128, true}};
   // Last, a serving batch of mixed lengths (B=256, 1..2047 keys spread evenly, mean ~1024: the
   // bytes of B=256 L=1024), where the CTAs of requests of every length share the GPU; then the
-  // same batch with its slots scattered, as a long-running server's batch is both: at FP8
-  // head_dim 128 the persistent kernel wins the mixed row and loses the scattered one against
-  // one-item CTAs (docs/GPU.md, forty-sixth session), and this row is what a server's batch gets.
-  return {{64, 4096, 32, 8, 128, false},        {4, 32768, 32, 8, 128, false},
-          {256, 1024, 32, 8, 128, false},       {64, 4096, 32, 8, 64, false},
-          {64, 4096, 32, 8, 256, false},        {64, 4096, 28, 4, 128, false},
-          {1, 131072, 32, 8, 128, false},       {512, 512, 32, 8, 128, false},
-          {64, 4096, 32, 8, 128, true},         {256, 1024, 32, 8, 128, true},
-          {256, 2047, 32, 8, 128, false, true}, {256, 2047, 32, 8, 128, true, true}};
+  // same batch with its slots scattered, as a long-running server's batch is both; then the
+  // mixed batch without the runner's longest-first order, as a caller that gives none decodes it
+  // (FP8 at head_dim 128: the persistent kernel, which orders its own items; with the order,
+  // one-item CTAs: docs/GPU.md, forty-sixth and forty-seventh sessions).
+  return {{64, 4096, 32, 8, 128, false},
+          {4, 32768, 32, 8, 128, false},
+          {256, 1024, 32, 8, 128, false},
+          {64, 4096, 32, 8, 64, false},
+          {64, 4096, 32, 8, 256, false},
+          {64, 4096, 28, 4, 128, false},
+          {1, 131072, 32, 8, 128, false},
+          {512, 512, 32, 8, 128, false},
+          {64, 4096, 32, 8, 128, true},
+          {256, 1024, 32, 8, 128, true},
+          {256, 2047, 32, 8, 128, false, true},
+          {256, 2047, 32, 8, 128, true, true},
+          {256, 2047, 32, 8, 128, false, true, true}};
 }
 
 std::vector<PrefillCase> prefill_cases(bool quick) {

@@ -18,8 +18,11 @@ struct DecodeCase {
   int B, L, Hq, Hkv, D;
   bool scattered;
   bool mixed = false;
+  // Without the runner's AttentionBatch::decode_order (every other row has it), as a caller that
+  // gives none gets it.
+  bool unordered = false;
   // The record name: B64_L4096 for the reference shape, suffixes for the others (_D64,
-  // _Hq28_Hkv4, _scattered, _mixed).
+  // _Hq28_Hkv4, _scattered, _mixed, _unordered).
   std::string name() const;
 };
 

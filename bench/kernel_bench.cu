@@ -786,8 +786,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       const std::vector<int32_t> seq32(lengths.begin(), lengths.end());
       BackendBuffer order(device(), decode_order_longest_first(seq32.data(), c.B));
       char shape[64];
-      std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s", c.B, c.mixed ? "1.." : "",
-                    c.L, c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "");
+      std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s%s", c.B, c.mixed ? "1.." : "",
+                    c.L, c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "",
+                    c.unordered ? " unordered" : "");
       // Every scheme's pool, params and workspace first, then all of them timed in turns
       // (time_us_in_turns), as the quantize and prefill rows: the same clocks for each, and no run
       // right after a run of itself (whose last bytes would still sit in L2).
@@ -801,7 +802,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         void* pool = pool_arena.as<uint8_t>() + offsets[i];
         fill_pool(pool, bb.num_slots(), c.Hkv, c.D, scheme, s);
         params.push_back(bb.params(scheme, pool));
-        params.back().batch.decode_order = order.as<const int32_t>();
+        if (!c.unordered) params.back().batch.decode_order = order.as<const int32_t>();
         const AttentionParams& p = params.back();
         launches += std::string(launches.empty() ? "" : "; ") + scheme_name(scheme) + " " +
                     decode_launch_words(p);
