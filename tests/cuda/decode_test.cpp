@@ -21,6 +21,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <iterator>
 #include <string>
 #include <vector>
@@ -385,6 +386,39 @@ TEST(CudaDecode, DecodeOrderEntryOutOfRangeIsReportedAtSynchronize) {
       ASSERT_EQ(out[i], 0xffff) << "request 0 (no CTA took it), element " << i;
     }
   }
+}
+
+// The CUDA backend's debug mode (FP8KV_CUDA_CHECK_BATCH=1: the batch arrays copied back and checked
+// on the host in every call) refuses an order that is not a permutation at the call, by name,
+// before anything is written; a permutation passes.
+TEST(CudaDecode, DecodeOrderCheckedOnTheHostInCheckMode) {
+  SKIP_WITHOUT_GPU();
+  setenv("FP8KV_CUDA_CHECK_BATCH", "1", 1);
+  auto gpu = make_cuda_backend();
+  unsetenv("FP8KV_CUDA_CHECK_BATCH");
+  test::ProblemSpec spec;
+  spec.requests = decode_requests({5, 9, 70});
+  const test::AttentionProblem prob = test::make_problem(spec);
+  const OnesPool ones(*gpu, prob);
+  BackendBuffer repeated(*gpu, std::vector<int32_t>{2, 0, 2});
+  AttentionParams p = ones.params();
+  p.batch.decode_order = repeated.as<int32_t>();
+  gpu->memset(ones.o.as<void>(), 0xff, ones.o.bytes());
+  try {
+    gpu->decode_attention(p);
+    ADD_FAILURE() << "a repeated decode_order entry passed the host check";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("batch.decode_order[2] = 2 repeats an earlier entry"),
+              std::string::npos)
+        << e.what();
+  }
+  gpu->synchronize();
+  for (uint16_t x : ones.o.download<uint16_t>()) ASSERT_EQ(x, 0xffff);  // nothing written
+  BackendBuffer good(*gpu, std::vector<int32_t>{2, 0, 1});
+  p.batch.decode_order = good.as<int32_t>();
+  gpu->decode_attention(p);
+  EXPECT_NO_THROW(gpu->synchronize());
+  for (uint16_t x : ones.o.download<uint16_t>()) ASSERT_EQ(x, 0x3f80);  // ones everywhere
 }
 
 // Where a warp's rows of a tile sit in consecutive slots, both decode kernels copy them as one
