@@ -119,21 +119,26 @@ def test_a_branch_without_changes_in_src_is_refused(tmp_path):
     repo = make_repo(tmp_path)
     r = run(repo, "main", "a=FP8KV_A")
     assert r.returncode == 1
-    assert "main changes nothing in src/ or bench/ against main" in r.stderr
+    assert "main changes nothing in src/, include/, bench/ or tests/ against main" in r.stderr
 
 
-def test_the_branch_change_to_bench_travels_too(tmp_path):
-    """The benchmark is built from bench/: a branch that also teaches it a row carries that."""
+def test_the_branch_change_to_bench_include_and_tests_travels_too(tmp_path):
+    """The benchmark is built from bench/, the library's API from include/, the GPU tests gpu-ab
+    runs from tests/: a branch that also teaches the bench a row, the API a field and the tests a
+    case carries them."""
     repo = make_repo(tmp_path)
     git(repo, "checkout", "-q", "prep/x")
-    (repo / "bench").mkdir()
-    (repo / "bench" / "b.cpp").write_text("int rows() { return 2; }\n")
+    for folder, name in (("bench", "b.cpp"), ("include", "api.h"), ("tests", "t.cpp")):
+        (repo / folder).mkdir()
+        (repo / folder / name).write_text("int rows() { return 2; }\n")
     (repo / "docs.md").write_text("not code\n")
-    git(repo, "add", "bench", "docs.md")
-    git(repo, "commit", "-qm", "a bench row")
+    git(repo, "add", "bench", "include", "tests", "docs.md")
+    git(repo, "commit", "-qm", "a bench row, a field, a test")
     git(repo, "checkout", "-q", "main")
     r = run(repo, "prep/x", "a=FP8KV_A")
     assert r.returncode == 0, r.stderr
     patch = (repo / "ab" / "a.diff").read_text()
-    assert "+++ b/bench/b.cpp" in patch and "+#define FP8KV_A 1" in patch
+    assert "+#define FP8KV_A 1" in patch
+    for path in ("bench/b.cpp", "include/api.h", "tests/t.cpp"):
+        assert f"+++ b/{path}" in patch
     assert "docs.md" not in patch
