@@ -111,10 +111,13 @@ FP8KV_SPLIT_HD int decode_order_key(int tiles) {
 // Request indices by decode_order_key of their tiles, descending; stable.
 inline std::vector<int32_t> decode_longest_first(const std::vector<int>& tiles) {
   std::vector<int32_t> order(tiles.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t x, int32_t y) {
-    return decode_order_key(tiles[x]) > decode_order_key(tiles[y]);
-  });
+  std::vector<int> key(tiles.size());
+  for (size_t i = 0; i < order.size(); ++i) {
+    order[i] = static_cast<int32_t>(i);
+    key[i] = decode_order_key(tiles[i]);  // once a request, not once a comparison
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t x, int32_t y) { return key[x] > key[y]; });
   return order;
 }
 
