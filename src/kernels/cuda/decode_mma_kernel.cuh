@@ -17,7 +17,8 @@
 // One CTA per (split of the KV length, kKv adjacent KV heads and up to 8 query heads of each,
 // request b), 4 warps per KV head. The CTA streams tiles of 64 tokens (K rows then V rows, kKv
 // heads wide) into shared memory, gathered through the slot table, kStages deep (128 threads
-// issue one copy each; one __syncthreads per tile frees the stage for refilling). Warp w of a
+// hold one row's slot each; one __syncthreads per tile frees the stage for refilling; a CTA of
+// two KV heads spreads the one-row copies over all 8 warps, issue_warp_rows_halves). Warp w of a
 // KV head computes keys 16w..16w+15 of every tile with its own online softmax (fp32, log2
 // domain); the 4 warps are merged in shared memory at the end (one weight per warp and query
 // head, computed once) and the CTA writes bf16 (one split) or a normalized partial and its
@@ -215,6 +216,38 @@ __device__ __forceinline__ bool issue_warp_rows(uint32_t dst, uint32_t bar, int 
     tma_load_3d(dst, row_map, 0, map_y, slot, bar, policy);
   } else {
     return !copier;
+  }
+  return true;
+}
+
+// issue_warp_rows for a pair of warps that hold the same 32 rows' slots (the one-item kernel at
+// two KV heads: warps w and w + 4), so that each issues half of the one-row copies (a warp's
+// copies go one after another: scattered slots wait on them). `helper`: the second warp.
+// Consecutive slots: the first warp's lane 0 copies the box. Else lane i of the first warp copies
+// row i < 16, of the second row i >= 16, and the other lane arrives. Every lane of both warps
+// arrives once. False where this lane's row is the caller's (its half, no slot: it writes the row
+// and arrives).
+template <int kCopyBytes>
+__device__ __forceinline__ bool issue_warp_rows_halves(uint32_t dst, uint32_t bar, int slot,
+                                                       bool helper, const CUtensorMap* box_map,
+                                                       const CUtensorMap* row_map, int map_y,
+                                                       uint64_t policy) {
+  const int lane = threadIdx.x % 32;
+  const int first = __shfl_sync(kFullMask, slot, 0);
+  if (__all_sync(kFullMask, first >= 0 && slot == first + lane)) {
+    if (lane == 0 && !helper) {
+      mbarrier_arrive_expect_tx(bar, 32 * kCopyBytes);
+      tma_load_3d(dst, box_map, 0, map_y, first, bar, policy);
+    } else {
+      mbarrier_arrive(bar);
+    }
+  } else if ((lane >= 16) != helper) {
+    mbarrier_arrive(bar);
+  } else if (slot >= 0) {
+    mbarrier_arrive_expect_tx(bar, kCopyBytes);
+    tma_load_3d(dst, row_map, 0, map_y, slot, bar, policy);
+  } else {
+    return false;
   }
   return true;
 }
@@ -807,9 +840,11 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   // CTA's kKv adjacent heads of one slot (the copy engine, not the thread's load slots: more
   // bytes in flight per SM; several heads per copy: fewer, larger copies). A warp whose 32 rows
   // sit in consecutive slots copies them as one box instead (its lane 0), as a paged pool stores
-  // a request: a warp issues its lanes' copies one after another, a box is one copy.
-  const bool issuer = threadIdx.x < kIssuers;
-  const int cp_row = threadIdx.x % kTileTokens, cp_v = threadIdx.x / kTileTokens;
+  // a request: a warp issues its lanes' copies one after another, a box is one copy. At two KV
+  // heads thread tid + 128 holds tid's row too and issues half of its warp's one-row copies.
+  constexpr bool kSpread = Sh::kThreads == 2 * kIssuers;
+  const bool issuer = kSpread || threadIdx.x < kIssuers;
+  const int cp_row = threadIdx.x % kTileTokens, cp_v = threadIdx.x % kIssuers / kTileTokens;
   const int map_y = g0 * Sh::kRowBytes / 128;  // the CTA's first line of a slot's K (V) row
   const CUtensorMap* box_map = cp_v ? &a.kv_maps.v_box : &a.kv_maps.k_box;
   const CUtensorMap* row_map = cp_v ? &a.kv_maps.v_row : &a.kv_maps.k_row;
@@ -819,7 +854,9 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
   // small inputs stay there (measured: 1-2% faster FP8 decode, most at B=512 L=512, GQA 7 and
   // scattered slots).
   const uint64_t l2_policy = l2_evict_first_policy();
-  if (threadIdx.x < Sh::kStages) mbarrier_init(bar_base + 8 * threadIdx.x, kIssuers);
+  if (threadIdx.x < Sh::kStages) {
+    mbarrier_init(bar_base + 8 * threadIdx.x, kSpread ? 2 * kIssuers : kIssuers);
+  }
   fence_barrier_init();
   __syncthreads();
 #ifdef FP8KV_DECODE_TIMELINE
@@ -836,8 +873,12 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     const uint32_t dst =
         smem_base + stage * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
     const uint32_t bar = bar_base + 8 * stage;
-    if (!issue_warp_rows<32, Sh::kCopyBytes>(dst, bar, slot, true, box_map, row_map, map_y,
-                                             l2_policy)) {
+    const bool issued =
+        kSpread ? issue_warp_rows_halves<Sh::kCopyBytes>(dst, bar, slot, threadIdx.x >= kIssuers,
+                                                         box_map, row_map, map_y, l2_policy)
+                : issue_warp_rows<32, Sh::kCopyBytes>(dst, bar, slot, true, box_map, row_map, map_y,
+                                                      l2_policy);
+    if (!issued) {
       // Rows past the end are zero: their scores are masked and their V rows must be finite
       // zeros, never stale data (0 * NaN would poison the output).
       uint8_t* p = smem + (dst - smem_base);
