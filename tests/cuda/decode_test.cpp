@@ -362,28 +362,49 @@ TEST(CudaDecode, DecodeOrderKeepsTheBitsAndTakesOneItemCtasForE4m3At128) {
 }
 
 // An entry of decode_order outside [0, B) (the device's check: the host cannot read it without a
-// synchronization) is refused at synchronize by name; the other entries' requests are computed.
+// synchronization) is refused at synchronize by name, whichever kernel the shape takes: an
+// unsplit ordered launch (which skips the entry: no CTA takes request 0 there), and a split and
+// a persistent launch, which do not read the order (every request computed in index order).
 TEST(CudaDecode, DecodeOrderEntryOutOfRangeIsReportedAtSynchronize) {
   SKIP_WITHOUT_GPU();
   auto gpu = make_cuda_backend();
-  test::ProblemSpec spec;
-  spec.requests = decode_requests({5, 9});
-  const test::AttentionProblem prob = test::make_problem(spec);
-  const OnesPool ones(*gpu, prob);
-  for (const int32_t bad : {2, -1}) {
-    BackendBuffer order(*gpu, std::vector<int32_t>{1, bad});
-    AttentionParams p = ones.params();
-    p.batch.decode_order = order.as<int32_t>();
-    gpu->memset(ones.o.as<void>(), 0xff, ones.o.bytes());
-    gpu->decode_attention(p);
-    expect_refusal_at_synchronize(*gpu, "decode_attention: batch.decode_order[1] = " +
-                                            std::to_string(bad) + " out of [0, num_requests 2)");
-    EXPECT_NO_THROW(gpu->synchronize());  // reported once
-    const std::vector<uint16_t> out = ones.o.download<uint16_t>();
-    const size_t row = static_cast<size_t>(prob.num_q_heads) * prob.head_dim;
-    for (size_t i = 0; i < row; ++i) {
-      ASSERT_EQ(out[row + i], 0x3f80) << "request 1, element " << i;  // ones everywhere
-      ASSERT_EQ(out[i], 0xffff) << "request 0 (no CTA took it), element " << i;
+  enum Kind { kOrdered, kSplit, kPersistent };
+  const std::pair<Kind, std::vector<int>> cases[] = {
+      {kOrdered, {5, 9, 70}}, {kSplit, {300, 20000}}, {kPersistent, std::vector<int>(900, 7)}};
+  for (const auto& [kind, lengths] : cases) {
+    test::ProblemSpec spec;
+    spec.requests = decode_requests(lengths);
+    const test::AttentionProblem prob = test::make_problem(spec);
+    const int B = static_cast<int>(lengths.size());
+    const cuda::DecodeLaunchKey key = launch_key(prob, KvScheme::kBf16, true);
+    SCOPED_TRACE("requests " + std::to_string(B) + ", splits " + std::to_string(key.num_splits) +
+                 (key.persistent ? ", persistent" : "") + (key.ordered ? ", ordered" : ""));
+    ASSERT_EQ(key.ordered, kind == kOrdered);
+    ASSERT_EQ(key.num_splits > 1, kind == kSplit);
+    ASSERT_EQ(key.persistent, kind == kPersistent);
+    const OnesPool ones(*gpu, prob);
+    for (const int32_t bad : {B, -1}) {
+      std::vector<int32_t> order(B);
+      for (int b = 0; b < B; ++b) order[b] = b;
+      order[0] = 1;
+      order[1] = bad;
+      BackendBuffer order_buffer(*gpu, order);
+      AttentionParams p = ones.params();
+      p.batch.decode_order = order_buffer.as<int32_t>();
+      gpu->memset(ones.o.as<void>(), 0xff, ones.o.bytes());
+      gpu->decode_attention(p);
+      expect_refusal_at_synchronize(
+          *gpu, "decode_attention: batch.decode_order[1] = " + std::to_string(bad) +
+                    " out of [0, num_requests " + std::to_string(B) + ")");
+      EXPECT_NO_THROW(gpu->synchronize());  // reported once
+      const std::vector<uint16_t> out = ones.o.download<uint16_t>();
+      const size_t row = static_cast<size_t>(prob.num_q_heads) * prob.head_dim;
+      for (int b = 0; b < B; ++b) {
+        const uint16_t want = b == 0 && kind == kOrdered ? 0xffff : 0x3f80;  // untouched or ones
+        for (size_t i = 0; i < row; ++i) {
+          ASSERT_EQ(out[b * row + i], want) << "request " << b << ", element " << i;
+        }
+      }
     }
   }
 }

@@ -139,7 +139,11 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   a.sm_scale_log2 = a.softmax_scale * kLog2e;
   a.cache_slots = p.cache.num_slots + 1;
   a.num_requests = p.batch.num_requests;
-  if (plan.ordered) a.request_order = p.batch.decode_order;
+  if (plan.ordered) {
+    a.request_order = p.batch.decode_order;
+  } else {
+    a.unread_order = p.batch.decode_order;
+  }
 #ifdef FP8KV_DECODE_TIMELINE
   a.timeline = g_timeline;
 #endif

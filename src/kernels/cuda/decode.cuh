@@ -43,6 +43,10 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
   // (AttentionBatch::decode_order; an entry outside [0, num_requests) is refused), or request
   // blockIdx.z where null.
   const int32_t* request_order = nullptr;
+  // AttentionBatch::decode_order where the launch does not read it (split and persistent
+  // launches): its entries are still checked against [0, num_requests) (check_unread_order), so
+  // that a bad order is refused whichever kernel the shape takes.
+  const int32_t* unread_order = nullptr;
   int num_requests = 0;
   DecodeKvMaps kv_maps;  // set by the launch (DecodeMmaKernel::launch*)
 #ifdef FP8KV_DECODE_TIMELINE

@@ -252,6 +252,33 @@ __device__ __forceinline__ bool issue_warp_rows_halves(uint32_t dst, uint32_t ba
   return true;
 }
 
+// The entries of an order the launch does not read (DecodeArgs::unread_order; the persistent
+// kernel's), spread over every thread of the grid: one outside [0, num_requests) is recorded as a
+// kDecodeOrder error, as an unsplit ordered launch would; nothing else depends on them.
+__device__ __forceinline__ void check_unread_order(const DecodeArgs& a) {
+  if (a.unread_order == nullptr) return;
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z * blockDim.x;
+  const int64_t cta =
+      blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
+  for (int64_t i = cta * blockDim.x + threadIdx.x; i < a.num_requests; i += threads) {
+    const int b = a.unread_order[i];
+    if (b < 0 || b >= a.num_requests) {
+      record_device_error(a.error, DeviceErrorKind::kDecodeOrder, i, b, a.num_requests);
+    }
+  }
+}
+
+// A split launch does not read the order either (its groups merge by request): the merge of
+// group (request blockIdx.z, head group 0) checks entry z, one CTA a group (the group's final
+// merge: the check's registers stay out of the tile loop, where they spilled at D 64).
+static __device__ __noinline__ void check_unread_order_entry(const DecodeArgs& a) {
+  if (a.unread_order == nullptr || blockIdx.y != 0 || threadIdx.x != 0) return;
+  const int e = a.unread_order[blockIdx.z];
+  if (e < 0 || e >= a.num_requests) {
+    record_device_error(a.error, DeviceErrorKind::kDecodeOrder, blockIdx.z, e, a.num_requests);
+  }
+}
+
 // The query heads of a split-KV group (request b; kv_here KV heads from g0, query heads hc * 8 ..
 // of each: `heads` of them) as rows i = 0 .. kv_here * heads - 1, and the partials one merge
 // takes: `count` splits from `first`, `stride` apart (every split of the group, or one partial
@@ -345,6 +372,7 @@ __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRo
 template <class Sh, int D, bool kFinal>
 __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t* smem, int first,
                                                    int count, int stride) {
+  if constexpr (kFinal) check_unread_order_entry(a);
   constexpr int kMaxRows = Sh::kKv * kRows;                  // rows (query heads) of a group
   constexpr int kItems = kMaxRows * (D / 4) / Sh::kThreads;  // float4 columns per thread: D / 64
   static_assert(kMaxRows * (D / 4) % Sh::kThreads == 0,
@@ -413,8 +441,9 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
 // written before any is read, and read before any CTA exits (its shared memory goes with it).
 template <class Sh, int D>
 __device__ __noinline__ void merge_group_in_cluster(const DecodeArgs& a, const uint8_t* smem) {
-  constexpr int kVecs = D / 4;  // float4 columns of a row
-  constexpr int kUnroll = 4;    // splits' loads in flight a thread
+  if (blockIdx.x == 0) check_unread_order_entry(a);  // the group's first CTA
+  constexpr int kVecs = D / 4;                       // float4 columns of a row
+  constexpr int kUnroll = 4;                         // splits' loads in flight a thread
   const float* parts = reinterpret_cast<const float*>(smem + Sh::kPartialOffset);
   const int splits = a.num_splits;
   const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;
@@ -1087,6 +1116,7 @@ __global__ void __launch_bounds__(decode_mma::PersistentShape<kScheme, kHeadDim>
   extern __shared__ __align__(1024) uint8_t smem[];  // whole swizzle patterns (tile_row_bases)
   const uint32_t smem_base = smem_addr(smem);
   int* header = reinterpret_cast<int*>(smem + Sh::kHeaderOffset);
+  check_unread_order(a);
   const uint32_t full_bar = smem_base + Sh::kFullOffset, empty_bar = smem_base + Sh::kEmptyOffset;
   if (threadIdx.x < kStages) {
     mbarrier_init(full_bar + 8 * threadIdx.x, 2 * kTileTokens);  // one arrival per row
