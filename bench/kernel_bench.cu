@@ -130,8 +130,11 @@ bool selects(const std::string& list, const std::string& name) {
 // times) after `warmup` runs of each, so that every one sees the same mix of clocks. Timed one
 // after the other, the first ran on a rested card: the same non-causal prefill kernel read 640
 // TFLOP/s as the first config of a row and 611 two long configs later (H200).
+// With `settle`, each timed run follows an untimed run of itself, so that it starts from the
+// state it leaves (its own share of dirty lines in L2) rather than from the previous run's: a
+// kernel that writes is otherwise charged with the write-back of whatever wrote before it.
 std::vector<double> time_us_in_turns(const std::vector<std::function<void()>>& runs, int warmup,
-                                     int iters, cudaStream_t s) {
+                                     int iters, cudaStream_t s, bool settle = false) {
   for (const auto& run : runs) {
     for (int i = 0; i < warmup; ++i) run();
   }
@@ -141,6 +144,7 @@ std::vector<double> time_us_in_turns(const std::vector<std::function<void()>>& r
   for (int i = 0; i < iters; ++i) {
     for (size_t k = 0; k < n; ++k) {
       const size_t at = 2 * (static_cast<size_t>(i) * n + k);
+      if (settle) runs[k]();
       check_cuda(cudaEventRecord(ev[at], s), "cudaEventRecord");
       runs[k]();
       check_cuda(cudaEventRecord(ev[at + 1], s), "cudaEventRecord");
@@ -873,41 +877,35 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       r.line(
           "quantize-on-write T x 8 KV heads x 128   scheme             time_us   GB/s(r+w)  "
           "%%copy_bw  observe_overhead  "
-          "%%copy_same_size (a %.0f MB cudaMemcpy: %.0f GB/s)",
+          "%%copy_same_size | in a stream: us/launch  %%copy_bw  observe_overhead  "
+          "(a %.0f MB cudaMemcpy: %.0f GB/s)",
           in_bytes / 1e6, copy_same_gbs);
-      const int64_t slots = 4 * static_cast<int64_t>(T);
+      // kTurns inputs and as many slot tables (disjoint quarters of a shuffled pool), taken in
+      // turn by every launch, so that each launch reads its input from memory and writes slots
+      // that the launches just before it did not: with one input, a run timed right after another
+      // found part of it in L2, and with one slot table a run timed right after another found its
+      // lines in L2 still dirty and wrote over them (both measured as faster rows).
+      constexpr int kTurns = 4;
+      const int64_t slots = kTurns * static_cast<int64_t>(T);
       std::vector<int32_t> slot_v(slots);
       std::iota(slot_v.begin(), slot_v.end(), 0);
       std::shuffle(slot_v.begin(), slot_v.end(), std::mt19937(99));
-      slot_v.resize(T);
-      // The input rotates through kInputs copies (>= 190 MB at T=16384), so that every timed run
-      // reads it from memory: with one input, a run timed right after another found part of it in
-      // L2 (the observed rows, timed second in each turn, measured up to 6% faster than the plain
-      // ones).
-      constexpr int kInputs = 3;
-      BackendBuffer d_slots(device(), T * 4), kv(device(), in_bytes * kInputs),
+      BackendBuffer d_slots(device(), slots * 4), kv(device(), in_bytes * kTurns),
           amax(device(), 2 * Hkv * 4);
       BackendBuffer ks(device(), Hkv * 4), vs(device(), Hkv * 4);
       upload(d_slots, slot_v);
       upload(ks, std::vector<float>(Hkv, 1.0f / 448));
       upload(vs, std::vector<float>(Hkv, 1.0f / 448));
       device().memset(amax.get(), 0, amax.bytes());  // on the bench stream, before the kernels
-      fill_bf16(kv.get(), static_cast<size_t>(T) * 2 * Hkv * D * kInputs, 41, 2.0f, s);
+      fill_bf16(kv.get(), static_cast<size_t>(T) * 2 * Hkv * D * kTurns, 41, 2.0f, s);
       // Every scheme, with and without the observation, timed in turns (time_us_in_turns), each
-      // with its own pool: timed one after the other, fp8-per-tensor (the first scheme after bf16)
-      // measured 6-7 points of the copy ceiling below fp8-per-head, whose kernel differs from it
-      // only in the scale's address, and faster with the observation (timed second) than without.
+      // with its own pool.
       std::vector<std::unique_ptr<BackendBuffer>> pools;
       std::vector<QuantizeKvParams> params;  // [scheme][observe]
-      // The observed run has a pool of its own: writing the plain run's slots again right after
-      // it found them in L2 (a 33 MB fp8 write fits in the H200's 50 MB), and the observed rows
-      // measured 3-6% faster than the plain ones.
       for (KvScheme scheme : kSchemes) {
         for (const bool observe : {false, true}) {
           pools.push_back(make_pool(slots, Hkv, D, scheme, s));
           QuantizeKvParams p;
-          p.kv = kv.as<uint16_t>();
-          p.slots = d_slots.as<int32_t>();
           p.num_tokens = T;
           p.cache = {pools.back()->get(), slots, Hkv, D, scheme};
           if (has_kv_scales(scheme)) p.scales = {ks.as<float>(), vs.as<float>()};
@@ -915,28 +913,46 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           params.push_back(p);
         }
       }
-      std::vector<std::function<void()>> runs;
-      int turn = 0;  // the next input copy, over every run
+      int turn = 0;  // the next input and slot table, over every launch
+      auto launch = [&turn, &kv, &d_slots, in_bytes, T, s](const QuantizeKvParams& p) {
+        const int k = turn++ % kTurns;
+        QuantizeKvParams q = p;
+        q.kv = reinterpret_cast<const uint16_t*>(kv.as<uint8_t>() + in_bytes * k);
+        q.slots = d_slots.as<int32_t>() + static_cast<int64_t>(k) * T;
+        cuda::launch_quantize_kv(q, s);
+      };
+      // One launch between an event pair (what a lone write costs, its launch latency and ramp
+      // included), and kStream launches back to back (as in a model's step, where the next
+      // kernel's launch overlaps this one's run): the time per launch.
+      constexpr int kStream = 8;
+      std::vector<std::function<void()>> runs, streams;
       for (const QuantizeKvParams& p : params) {
-        runs.push_back([&p, &turn, &kv, in_bytes, s] {
-          QuantizeKvParams q = p;
-          q.kv =
-              reinterpret_cast<const uint16_t*>(kv.as<uint8_t>() + in_bytes * (turn++ % kInputs));
-          cuda::launch_quantize_kv(q, s);
+        runs.push_back([&launch, &p] { launch(p); });
+        streams.push_back([&launch, &p] {
+          for (int i = 0; i < kStream; ++i) launch(p);
         });
       }
-      // At least 20 warm-up runs of each, as decode.
-      const std::vector<double> times = time_us_in_turns(runs, std::max(o.warmup, 20), o.iters, s);
+      // At least 20 warm-up runs of each, as decode; each timed run settled by one of its own
+      // (time_us_in_turns): in turns, the run after bf16's write paid for part of its
+      // write-back (fp8-per-tensor, timed right after bf16 observed, measured below fp8-per-head,
+      // the same kernel but for the scale's address).
+      const int warm = std::max(o.warmup, 20);
+      const std::vector<double> times = time_us_in_turns(runs, warm, o.iters, s, /*settle=*/true);
+      const std::vector<double> stream_times =
+          time_us_in_turns(streams, warm / kStream + 1, o.iters, s, /*settle=*/true);
       for (size_t i = 0; i < std::size(kSchemes); ++i) {
         const KvScheme scheme = kSchemes[i];
         const double us = times[2 * i], us_obs = times[2 * i + 1];
+        const double us_stream = stream_times[2 * i] / kStream;
+        const double us_stream_obs = stream_times[2 * i + 1] / kStream;
         const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
-        const double gbs = bytes / us * 1e-3;
+        const double gbs = bytes / us * 1e-3, gbs_stream = bytes / us_stream * 1e-3;
         r.line(
             "  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%       "
-            "     %6.1f%%",
+            "     %6.1f%%   | %8.1f   %6.1f%%   %+6.1f%%",
             T, scheme_name(scheme), us, gbs, 100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0),
-            100.0 * gbs / copy_same_gbs);
+            100.0 * gbs / copy_same_gbs, us_stream, 100.0 * gbs_stream / copy_gbs,
+            100.0 * (us_stream_obs / us_stream - 1.0));
         r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
                  {{"T", double(T)},
                   {"us", us},
@@ -944,7 +960,10 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
                   {"gbs", gbs},
                   {"frac_copy_bw", gbs / copy_gbs},
                   {"observe_overhead", us_obs / us - 1.0},
-                  {"frac_copy_same_size", gbs / copy_same_gbs}});
+                  {"frac_copy_same_size", gbs / copy_same_gbs},
+                  {"us_stream", us_stream},
+                  {"frac_copy_bw_stream", gbs_stream / copy_gbs},
+                  {"observe_overhead_stream", us_stream_obs / us_stream - 1.0}});
       }
     }
   }

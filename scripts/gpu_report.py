@@ -116,9 +116,16 @@ def main():
     for r in (r for r in res if r["kind"] == "quantize"):
         same = r.get("frac_copy_same_size")
         same = f" ({100 * same:5.1f}% of a same-size copy)" if same is not None else ""
+        # In a stream (launches back to back, as in a model's step) where the bench measured it:
+        # the targets are judged there; a lone launch's figure also pays its launch latency.
+        frac, obs = r["frac_copy_bw"], r["observe_overhead"]
+        stream = ""
+        if "frac_copy_bw_stream" in r:
+            frac, obs = r["frac_copy_bw_stream"], r["observe_overhead_stream"]
+            stream = f" | in a stream {100 * frac:5.1f}% copy, observe {100 * obs:+5.1f}%"
         print(f"quantize {r['name']:<24} {r['gbs']:6.0f} GB/s {100 * r['frac_copy_bw']:5.1f}% copy{same}  "
-              f"observe {100 * r['observe_overhead']:+5.1f}%  targets(>=85%, <=5%): "
-              f"{mark(r['frac_copy_bw'] >= 0.85 and r['observe_overhead'] <= 0.05)}")
+              f"observe {100 * r['observe_overhead']:+5.1f}%{stream}  targets(>=85%, <=5%): "
+              f"{mark(frac >= 0.85 and obs <= 0.05)}")
     return 0
 
 

@@ -28,7 +28,8 @@ struct KvCase {
   int num_tokens;
 };
 
-// One quantize_kv through a backend: pool pre-filled with 0xff, observation starting from `amax0`.
+// One quantize_kv through a backend: pool pre-filled with 0xff, observation starting from `amax0`
+// (none when it is empty: the plain write, an instance of its own on the GPU).
 struct KvResult {
   std::vector<uint8_t> pool;
   std::vector<float> amax;
@@ -41,7 +42,8 @@ KvResult run_quantize_kv(Backend& be, const KvCase& c, const std::vector<uint16_
                             kv_elem_bytes(c.scheme);
   BackendBuffer pool(be, pool_bytes);
   be.memset(pool.as<void>(), 0xff, pool_bytes);
-  BackendBuffer d_kv(be, kv), d_slots(be, slots), amax(be, amax0);
+  BackendBuffer d_kv(be, kv), d_slots(be, slots),
+      amax(be, amax0.empty() ? std::vector<float>{0.0f} : amax0);
   const std::vector<float> ks = scales.k.empty() ? std::vector<float>{1.0f} : scales.k;
   const std::vector<float> vs = scales.v.empty() ? std::vector<float>{1.0f} : scales.v;
   BackendBuffer d_k(be, ks), d_v(be, vs);
@@ -58,10 +60,10 @@ KvResult run_quantize_kv(Backend& be, const KvCase& c, const std::vector<uint16_
     p.scales.k = d_k.as<float>();
     p.scales.v = d_v.as<float>();
   }
-  p.observe_amax = amax.as<float>();
+  if (!amax0.empty()) p.observe_amax = amax.as<float>();
   be.quantize_kv(p);
   be.synchronize();
-  return {pool.download<uint8_t>(), amax.download<float>()};
+  return {pool.download<uint8_t>(), amax0.empty() ? std::vector<float>{} : amax.download<float>()};
 }
 
 TEST(CudaQuantizeKv, ByteIdenticalToCpu) {
@@ -109,13 +111,18 @@ TEST(CudaQuantizeKv, ByteIdenticalToCpu) {
               run_quantize_kv(*cpu, c, prob.kv, prob.kv_slot, prob.num_slots, scales, amax0);
           const KvResult got =
               run_quantize_kv(*gpu, c, prob.kv, prob.kv_slot, prob.num_slots, scales, amax0);
-          ASSERT_EQ(want.pool.size(), got.pool.size());
-          size_t diffs = 0, first = 0;
-          for (size_t i = 0; i < want.pool.size(); ++i) {
-            if (want.pool[i] != got.pool[i] && diffs++ == 0) first = i;
+          const KvResult plain =
+              run_quantize_kv(*gpu, c, prob.kv, prob.kv_slot, prob.num_slots, scales, {});
+          for (const KvResult* r : {&got, &plain}) {
+            ASSERT_EQ(want.pool.size(), r->pool.size());
+            size_t diffs = 0, first = 0;
+            for (size_t i = 0; i < want.pool.size(); ++i) {
+              if (want.pool[i] != r->pool[i] && diffs++ == 0) first = i;
+            }
+            EXPECT_EQ(diffs, 0u) << (r == &plain ? "unobserved" : "observed")
+                                 << " write, first differing byte " << first << ": cpu "
+                                 << int(want.pool[first]) << " gpu " << int(r->pool[first]);
           }
-          EXPECT_EQ(diffs, 0u) << "first differing byte " << first << ": cpu "
-                               << int(want.pool[first]) << " gpu " << int(got.pool[first]);
           for (int i = 0; i < 2 * hkv; ++i) {
             if (std::isnan(want.amax[i])) {
               EXPECT_TRUE(std::isnan(got.amax[i])) << "head " << i;

@@ -16,6 +16,26 @@ namespace {
 
 constexpr int kChunk = 16;  // elements per thread per step: two 16-byte bf16 loads
 constexpr int kQuantThreads = 256;
+// Tokens a thread has in flight: its chunks of the next kAhead tokens are on their way into its
+// own shared-memory ring (cp.async) while it converts and stores the current one.
+constexpr int kAhead = 4;
+constexpr size_t kRingBytes = sizeof(uint4) * 2 * kAhead * kQuantThreads;
+
+// The thread's own ring: a wait for its copies and a read of what landed, as volatile asm with
+// a memory clobber, so that the compiler keeps the read after the wait and before the next copy
+// into the same stage.
+template <int N>
+__device__ __forceinline__ void wait_own_copies() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ uint4 ld_own_v4(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_addr(p))
+               : "memory");
+  return v;
+}
 
 struct QuantizeKvArgs {
   const uint16_t* kv;    // [T, 2 * Hkv, D] bf16
@@ -40,16 +60,20 @@ struct QuantizeKvArgs {
 // load and store instruction of a warp covers whole 32-byte sectors (the kGroup lanes of a head
 // read its first half, then its second). A thread's head, scale and share of the observation are
 // thus fixed: the divider is set up once, the abs-max stays in a register and is reduced once at
-// the end, and the only per-token index arithmetic is an add. Two tokens per step: four 16-byte
-// loads in flight per thread.
+// the end, and the only per-token index arithmetic is an add. The loads go through a ring in
+// shared memory that only the thread itself reads: its next kAhead tokens' chunks (2 kAhead
+// 16-byte copies) and their slots are in flight while it converts the current token, whatever its
+// register count (the loads in registers, two tokens a step, held 80 registers, three CTAs an SM).
 template <KvScheme kScheme, int kHeadDim>
 __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const QuantizeKvArgs a) {
   constexpr int kGroup = kHeadDim / kChunk;  // lanes per (token, head): 4, 8, 16
   static_assert(kHeadDim % kChunk == 0 && 32 % kGroup == 0, "head_dim");
   constexpr KvCodec kCodec = kv_codec(kScheme);
   constexpr KvScaleSource kScales = kv_scale_source(kScheme);
-  constexpr int kHalf = kHeadDim / 2;   // elements between a thread's two vectors
-  extern __shared__ uint32_t s_amax[];  // [2 * Hkv] when observing
+  constexpr int kHalf = kHeadDim / 2;  // elements between a thread's two vectors
+  extern __shared__ __align__(16) uint8_t s_dyn[];
+  uint4* const ring = reinterpret_cast<uint4*>(s_dyn);  // [kAhead][2][kQuantThreads]
+  uint32_t* const s_amax = reinterpret_cast<uint32_t*>(s_dyn + kRingBytes);  // [2 * Hkv]
   if (a.bad_token != nullptr) {
     const unsigned long long bad = *a.bad_token;
     if (bad != ULLONG_MAX) {
@@ -80,7 +104,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
     scale = is_v ? a.v_scale[scale_head] : a.k_scale[scale_head];
   }
   const ScaleDivider div(scale);
-  uint32_t amax = 0;
+  uint32_t amax2 = 0;  // the observed |x| bits, two bf16 halves kept apart
   const int64_t row_elems = static_cast<int64_t>(cpt) * kChunk;  // 2 * Hkv * D
   const int elem0 = head * kHeadDim + (chunk % kGroup) * 8;      // the first vector in a token row
   // One token's chunk, loaded as v0 (elements elem0..+7) and v1 (elem0 + D/2..+7): written at
@@ -91,59 +115,71 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
       uint16_t* dst = static_cast<uint16_t*>(a.cache) + dst_elem;
       st_v4(dst, v0);
       st_v4(dst + kHalf, v1);
-      if (observe) {
-        const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          // bf16 pairs: |x| bits of each half, compared as floats' bit patterns.
-          amax = max(amax, max((w[i] << 16) & 0x7fff0000u, w[i] & 0x7fff0000u));
-        }
-      }
     } else {
-      float f[16];
-      float(&f0)[8] = *reinterpret_cast<float(*)[8]>(&f[0]);
-      float(&f1)[8] = *reinterpret_cast<float(*)[8]>(&f[8]);
-      widen_bf16x8(v0, f0);
-      widen_bf16x8(v1, f1);
-      float q[16];
-      div.divide(f, q);
-      uint32_t packed[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint16_t lo = float2_to_fp8x2_hw<kCodec>(q[4 * i], q[4 * i + 1]);
-        const uint16_t hi = float2_to_fp8x2_hw<kCodec>(q[4 * i + 2], q[4 * i + 3]);
-        packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-      }
+      // One 8-element vector at a time (widen, divide, pack, store): one vector's floats live.
       uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;
-      *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
-      *reinterpret_cast<uint2*>(dst + kHalf) = make_uint2(packed[2], packed[3]);
-      if (observe) {
+      auto convert = [&](const uint4 v, uint8_t* out) {
+        float f[8], q[8];
+        widen_bf16x8(v, f);
+        div.divide(f, q);
+        uint32_t packed[2];
 #pragma unroll
-        for (int i = 0; i < 16; ++i) amax = max(amax, abs_bits(f[i]));
-      }
+        for (int i = 0; i < 2; ++i) {
+          const uint16_t lo = float2_to_fp8x2_hw<kCodec>(q[4 * i], q[4 * i + 1]);
+          const uint16_t hi = float2_to_fp8x2_hw<kCodec>(q[4 * i + 2], q[4 * i + 3]);
+          packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+        }
+        *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
+      };
+      convert(v0, dst);
+      convert(v1, dst + kHalf);
+    }
+    if (observe) {
+      // |x| of each bf16 (its bits without the sign: ordered as the values, NaN above infinity),
+      // two at a time as unsigned 16-bit maxima.
+      const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) amax2 = __vmaxu2(amax2, w[i] & 0x7fff7fffu);
     }
   };
   if (thread < a.lanes) {
     const uint16_t* src = a.kv + elem0;
-    int64_t t = thread / cpt;
-    for (; t + rows < a.num_tokens; t += 2 * rows) {
-      const int64_t slot0 = a.slots[t], slot1 = a.slots[t + rows];
-      const uint16_t* p0 = src + t * row_elems;
-      const uint16_t* p1 = src + (t + rows) * row_elems;
-      const uint4 a0 = ld_stream_v4(p0), a1 = ld_stream_v4(p0 + kHalf);
-      const uint4 b0 = ld_stream_v4(p1), b1 = ld_stream_v4(p1 + kHalf);
-      store(slot0, a0, a1);
-      store(slot1, b0, b1);
-    }
-    if (t < a.num_tokens) {
-      const uint16_t* p0 = src + t * row_elems;
-      store(a.slots[t], ld_stream_v4(p0), ld_stream_v4(p0 + kHalf));
+    const int64_t t0 = thread / cpt;
+    uint4* const mine = ring + threadIdx.x;  // stage s: mine[2 s kQuantThreads], + kQuantThreads
+    int32_t slot[kAhead];                    // the slots of the tokens in the ring, by stage
+    // Token t's chunk into stage s (nothing past the end), as one commit group either way, so
+    // that waiting for all but the kAhead - 1 newest groups means the oldest stage has landed.
+    auto fetch = [&](int s, int64_t t) {
+      if (t < a.num_tokens) {
+        const uint16_t* p = src + t * row_elems;
+        slot[s] = a.slots[t];
+        cp_async_16(mine + 2 * s * kQuantThreads, p, 16);
+        cp_async_16(mine + (2 * s + 1) * kQuantThreads, p + kHalf, 16);
+      }
+      cp_async_commit();
+    };
+#pragma unroll
+    for (int s = 0; s < kAhead; ++s) fetch(s, t0 + s * rows);
+    for (int64_t t = t0; t < a.num_tokens; t += kAhead * rows) {
+#pragma unroll
+      for (int s = 0; s < kAhead; ++s) {
+        const int64_t ts = t + s * rows;
+        if (ts >= a.num_tokens) break;
+        wait_own_copies<kAhead - 1>();
+        const uint4 v0 = ld_own_v4(mine + 2 * s * kQuantThreads);
+        const uint4 v1 = ld_own_v4(mine + (2 * s + 1) * kQuantThreads);
+        store(slot[s], v0, v1);
+        // The store above consumed the stage's values, so its refill cannot overtake their read.
+        fetch(s, ts + kAhead * rows);
+      }
     }
   }
   if (observe) {
     // The kGroup lanes of a (token, head) are aligned lanes of one warp (cpt is a multiple of
     // kGroup and kGroup divides 32), so they share `head`: reduce them, then one shared atomic per
     // group and one global atomic per head and block.
+    // The larger half as a float's bits (widening a bf16 is exact).
+    uint32_t amax = max(amax2 << 16, amax2 & 0xffff0000u);
     amax = warp_max_bits<kGroup>(amax);
     if (amax != 0 && threadIdx.x % kGroup == 0) atomicMax(&s_amax[head], amax);
     __syncthreads();
@@ -258,14 +294,17 @@ void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad
   a.num_tokens = p.num_tokens;
   a.chunks_per_token = chunks_per_token;
   a.num_kv_heads = p.cache.num_kv_heads;
-  const size_t smem = p.observe_amax ? sizeof(uint32_t) * 2 * p.cache.num_kv_heads : 0;
+  const size_t smem =
+      kRingBytes + (p.observe_amax ? sizeof(uint32_t) * 2 * p.cache.num_kv_heads : 0);
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(D, kHeadDim, [&] {
       auto* kernel = quantize_kv_kernel<kScheme, kHeadDim>;
+      // Resident blocks an SM, with room for 256 observed heads' maxima (a launch that observes
+      // more has a few blocks in a second wave).
       static const int per_sm = [&] {
         int v = 0;
-        FP8KV_CUDA_CHECK(
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, kQuantThreads, 0));
+        FP8KV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &v, kernel, kQuantThreads, kRingBytes + sizeof(uint32_t) * 256));
         return v < 1 ? 1 : v;
       }();
       // One wave of resident blocks (each thread then takes several tokens), fewer for a small
