@@ -865,10 +865,19 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   if (want("quantize")) {
     r.line("");
     // T=16384 is the issue's row (a 67 MB input: a copy that short pays ramp-up and tail);
-    // T=65536 shows the same kernels on a 4x longer write.
-    const std::vector<int> sizes =
-        o.quick ? std::vector<int>{4096} : std::vector<int>{16384, 65536};
-    for (const int T : sizes) {
+    // T=65536 shows the same kernels on a 4x longer write. Slots are scattered (a shuffled
+    // table, as a fragmented serving pool gives them), and once more consecutive at T=16384 (a
+    // fresh pool's prefill): what the scattered rows' writes cost.
+    struct QuantizeCase {
+      int T;
+      bool scattered;
+    };
+    const std::vector<QuantizeCase> cases =
+        o.quick ? std::vector<QuantizeCase>{{4096, true}}
+                : std::vector<QuantizeCase>{{16384, true}, {65536, true}, {16384, false}};
+    for (const QuantizeCase& qc : cases) {
+      const int T = qc.T;
+      const bool scattered = qc.scattered;
       const int Hkv = 8, D = 128;
       // A peer of the same size: cudaMemcpy of the bf16 input (a ~30-50 us copy pays the ramp-up
       // and tail that the 2 GiB ceiling copy does not).
@@ -889,7 +898,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       const int64_t slots = kTurns * static_cast<int64_t>(T);
       std::vector<int32_t> slot_v(slots);
       std::iota(slot_v.begin(), slot_v.end(), 0);
-      std::shuffle(slot_v.begin(), slot_v.end(), std::mt19937(99));
+      if (scattered) std::shuffle(slot_v.begin(), slot_v.end(), std::mt19937(99));
       BackendBuffer d_slots(device(), slots * 4), kv(device(), in_bytes * kTurns),
           amax(device(), 2 * Hkv * 4);
       BackendBuffer ks(device(), Hkv * 4), vs(device(), Hkv * 4);
@@ -948,13 +957,16 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         const double bytes = static_cast<double>(T) * 2 * Hkv * D * (2 + kv_elem_bytes(scheme));
         const double gbs = bytes / us * 1e-3, gbs_stream = bytes / us_stream * 1e-3;
         r.line(
-            "  T=%-6d                               %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%       "
+            "  T=%-6d %-29s %-18s %8.1f   %9.0f   %6.1f%%   %+6.1f%%       "
             "     %6.1f%%   | %8.1f   %6.1f%%   %+6.1f%%",
-            T, scheme_name(scheme), us, gbs, 100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0),
-            100.0 * gbs / copy_same_gbs, us_stream, 100.0 * gbs_stream / copy_gbs,
-            100.0 * (us_stream_obs / us_stream - 1.0));
-        r.record("quantize", std::string("T") + std::to_string(T) + "_" + scheme_name(scheme),
+            T, scattered ? "" : "consecutive slots", scheme_name(scheme), us, gbs,
+            100.0 * gbs / copy_gbs, 100.0 * (us_obs / us - 1.0), 100.0 * gbs / copy_same_gbs,
+            us_stream, 100.0 * gbs_stream / copy_gbs, 100.0 * (us_stream_obs / us_stream - 1.0));
+        r.record("quantize",
+                 std::string("T") + std::to_string(T) + (scattered ? "_" : "_consecutive_") +
+                     scheme_name(scheme),
                  {{"T", double(T)},
+                  {"scattered", scattered ? 1.0 : 0.0},
                   {"us", us},
                   {"us_observe", us_obs},
                   {"gbs", gbs},

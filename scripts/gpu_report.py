@@ -123,7 +123,7 @@ def main():
         if "frac_copy_bw_stream" in r:
             frac, obs = r["frac_copy_bw_stream"], r["observe_overhead_stream"]
             stream = f" | in a stream {100 * frac:5.1f}% copy, observe {100 * obs:+5.1f}%"
-        print(f"quantize {r['name']:<24} {r['gbs']:6.0f} GB/s {100 * r['frac_copy_bw']:5.1f}% copy{same}  "
+        print(f"quantize {r['name']:<38} {r['gbs']:6.0f} GB/s {100 * r['frac_copy_bw']:5.1f}% copy{same}  "
               f"observe {100 * r['observe_overhead']:+5.1f}%{stream}  targets(>=85%, <=5%): "
               f"{mark(frac >= 0.85 and obs <= 0.05)}")
     return 0

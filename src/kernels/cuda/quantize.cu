@@ -18,7 +18,7 @@ constexpr int kChunk = 16;  // elements per thread per step: two 16-byte bf16 lo
 constexpr int kQuantThreads = 256;
 // Tokens a thread has in flight: its chunks of the next kAhead tokens are on their way into its
 // own shared-memory ring (cp.async) while it converts and stores the current one.
-constexpr int kAhead = 4;
+constexpr int kAhead = 2;
 constexpr size_t kRingBytes = sizeof(uint4) * 2 * kAhead * kQuantThreads;
 
 // The thread's own ring: a wait for its copies and a read of what landed, as volatile asm with
