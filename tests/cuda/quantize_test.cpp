@@ -29,7 +29,7 @@ struct KvCase {
 };
 
 // One quantize_kv through a backend: pool pre-filled with 0xff, observation starting from `amax0`
-// (none when it is empty: the plain write, an instance of its own on the GPU).
+// (none when it is empty: the plain write, which skips the observation).
 struct KvResult {
   std::vector<uint8_t> pool;
   std::vector<float> amax;

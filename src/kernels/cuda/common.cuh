@@ -331,8 +331,6 @@ __device__ __forceinline__ uint32_t warp_max_bits(uint32_t v) {
   for (int o = kWidth / 2; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
-// |x| as orderable bits: the sign cleared; NaN stays above +inf.
-__device__ __forceinline__ uint32_t abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 // Running abs-max in memory (a non-negative float, possibly inf/NaN) raised to `bits`.
 __device__ __forceinline__ void atomic_max_abs_bits(float* addr, uint32_t bits) {
   atomicMax(reinterpret_cast<unsigned int*>(addr), bits);

@@ -21,13 +21,9 @@ constexpr int kQuantThreads = 256;
 constexpr int kAhead = 2;
 constexpr size_t kRingBytes = sizeof(uint4) * 2 * kAhead * kQuantThreads;
 
-// The thread's own ring: a wait for its copies and a read of what landed, as volatile asm with
-// a memory clobber, so that the compiler keeps the read after the wait and before the next copy
-// into the same stage.
-template <int N>
-__device__ __forceinline__ void wait_own_copies() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+// A read of what landed in the thread's own ring, as volatile asm like the wait before it
+// (cp_async_wait) and the copy after it (cp_async_16), so that the compiler keeps the three in
+// order.
 __device__ __forceinline__ uint4 ld_own_v4(const uint4* p) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -165,7 +161,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
       for (int s = 0; s < kAhead; ++s) {
         const int64_t ts = t + s * rows;
         if (ts >= a.num_tokens) break;
-        wait_own_copies<kAhead - 1>();
+        cp_async_wait<kAhead - 1>();
         const uint4 v0 = ld_own_v4(mine + 2 * s * kQuantThreads);
         const uint4 v1 = ld_own_v4(mine + (2 * s + 1) * kQuantThreads);
         store(slot[s], v0, v1);
