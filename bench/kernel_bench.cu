@@ -996,8 +996,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
   }
 
   // Prefill: the reference shape (causal B=2 L=8192 Hq32/Hkv8 D128) with every scheme and every
-  // built kernel of each (the default, the warp-specialized kernel's layouts and options, the
-  // mma.sync kernel; rows "<case>_<scheme>" for the default, else "<case>_<scheme>_<config>");
+  // built kernel of each (the default, the warp-specialized kernel's layouts and options; rows
+  // "<case>_<scheme>" for the default, else "<case>_<scheme>_<config>");
   // then a sweep at 16k tokens per batch (L = 1k..32k), head_dim 64 and 256, GQA 7, and a serving
   // engine's cached-prefix batch (8 requests of 1000 cached + 100..2048 new tokens), the same
   // kernels for the three main schemes, and the reference shape non-causal (record suffix
@@ -1051,9 +1051,6 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           }
           // persistent CTAs (D 64 and 128; the default for even batches of short requests)
           if (c.D != 256) configs.push_back(cuda::PrefillConfig::kWsPersistent);
-          // D 256: the mma.sync kernel beside it (fp32 P V accumulation, where the ws kernel sums
-          // in one level: what a sink-heavy D 256 model would pay for it)
-          if (c.D == 256) configs.push_back(cuda::PrefillConfig::kNarrow);
         } else {  // the bf16-Q schemes: the ws kernel with bf16 operands, both layouts
           if (c.D != 256) configs.push_back(cuda::PrefillConfig::kWarpSpecialized);  // (not built)
           configs.push_back(cuda::PrefillConfig::kWsSwizzle);
@@ -1062,11 +1059,6 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           if (scheme != KvScheme::kBf16 && c.D != 256) {
             configs.push_back(cuda::PrefillConfig::kWsPersistent);
           }
-          // and the mma.sync kernel, so that both show whichever is the default
-          configs.push_back(c.D == 256 ? cuda::PrefillConfig::kNarrow : cuda::PrefillConfig::kWide);
-        }
-        if (scheme == KvScheme::kFp8PerHead && reference) {
-          configs.push_back(cuda::PrefillConfig::kWide);  // the simple mma.sync kernel
         }
         if (scheme == KvScheme::kFp8PerHead && c.name == cases[0].name) {
           configs.push_back(

@@ -84,7 +84,7 @@ def prefill_doc(tflops):
     doc = bench_json(True)
     doc["results"] += [{"kind": "prefill", "name": f"B2_L8192_{scheme}", "tflops": tf}
                        for scheme, tf in zip(("bf16", "fp8-per-tensor", "fp8-per-head"), tflops)]
-    doc["results"].append({"kind": "prefill", "name": "B2_L8192_bf16_wide", "tflops": 250.0})
+    doc["results"].append({"kind": "prefill", "name": "B2_L8192_bf16_ws", "tflops": 250.0})
     return doc
 
 
@@ -108,7 +108,7 @@ def test_sustained_figures_make_a_second_prefill_table_against_their_own_peer(tm
     assert sustained.startswith("B2_L8192")
     assert "545" in sustained and "1.13" in sustained  # 616 / 545, the sustained run's peer
     # The per-kernel lines belong to the short run's table only.
-    assert sum("bf16 kernels: wide 250" in line for line in lines) == 1
+    assert sum("bf16 kernels: ws 250" in line for line in lines) == 1
 
 
 def test_sustained_needs_two_paths_and_says_when_its_bench_json_is_missing(tmp_path):

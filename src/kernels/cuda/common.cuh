@@ -230,15 +230,6 @@ __device__ __forceinline__ void widen_bf16x8(const uint4 v, float (&f)[8]) {
   pairs_to_floats(a, b, c, d, f);
 }
 
-// 8 e4m3 (one 8-byte vector) -> 8 floats.
-__device__ __forceinline__ void widen_e4m3x8(const uint2 v, float (&f)[8]) {
-  const float2 a = e4m3x2_to_float2(static_cast<uint16_t>(v.x & 0xffffu));
-  const float2 b = e4m3x2_to_float2(static_cast<uint16_t>(v.x >> 16));
-  const float2 c = e4m3x2_to_float2(static_cast<uint16_t>(v.y & 0xffffu));
-  const float2 d = e4m3x2_to_float2(static_cast<uint16_t>(v.y >> 16));
-  pairs_to_floats(a, b, c, d, f);
-}
-
 // ---- narrowing ------------------------------------------------------------------------------
 
 // float -> e4m3, saturating, NaN -> 0x7f: the same bytes as fp8kv::float_to_e4m3.
@@ -370,15 +361,6 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
                                          uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// d += a * b, m16n8k32, e4m3 inputs, fp32 accumulate.
-__device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));

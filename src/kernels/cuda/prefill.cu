@@ -1,7 +1,7 @@
 // Prefill attention dispatch: runtime scheme, head_dim and tile configuration -> a built kernel
-// instance (the table: prefill_instances.cuh). The kernels: prefill_kernel.cuh (mma.sync) and
-// prefill_ws.cuh (warp-specialized wgmma: e4m3 operands for fp8-per-head, bf16 ones for the
-// others); their shared parts: prefill_common.cuh.
+// instance (the table: prefill_instances.cuh) of the one prefill kernel, prefill_ws.cuh
+// (warp-specialized wgmma: e4m3 operands for fp8-per-head, 16-bit ones for the others); its parts
+// shared with nothing else but named apart: prefill_common.cuh.
 #include <string>
 
 #include "fp8kv/error.h"
@@ -16,10 +16,6 @@ const char* prefill_config_name(PrefillConfig config) {
   switch (config) {
     case PrefillConfig::kDefault:
       return "default";
-    case PrefillConfig::kWide:
-      return "wide";
-    case PrefillConfig::kNarrow:
-      return "narrow";
     case PrefillConfig::kWarpSpecialized:
       return "ws";
     case PrefillConfig::kWsSwizzle:
@@ -35,16 +31,6 @@ const char* prefill_config_name(PrefillConfig config) {
 }
 
 namespace {
-
-template <KvScheme S, int D, int kWarps, int kBlockN>
-bool try_launch(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
-  if constexpr (prefill::kPrefillBuilt<S, D, kWarps, kBlockN>) {
-    prefill::launch_prefill<S, D, kWarps, kBlockN>(p, stream, error);
-    return true;
-  } else {
-    return false;
-  }
-}
 
 // The warp-specialized kernel (prefill_ws.cuh): fp8-per-head with e4m3 operands, the bf16-Q
 // schemes with 16-bit ones (no diagnostics built for those; item-loop instances for the widened
@@ -96,11 +82,11 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
                                          : PrefillConfig::kWarpSpecialized;
     } else {
       // The bf16-Q schemes: 16-bit operands, swizzled (H200, causal B2 L8192): bf16 500 vs 268
-      // TFLOP/s for the mma.sync kernel at D 128, 357 vs 220 at D 64, 406 vs 248 at D 256; FP8 K/V
-      // widened at D 256 267 vs 199. FP8 K/V widened at D 128: the swizzled instance is 128 keys x
-      // 2 stages with the raw rows in a ring of their own (WsShape::kRawRing): 487 vs 447 for the
-      // plain 64 x 4 (eighteenth session; 441 vs 400 at B=4 L=4096, 406 vs 372 for the cached
-      // prefix); at D 64, 362.5 vs 356.8 (the plain layout had measured ahead before the
+      // TFLOP/s for the retired mma.sync kernel at D 128, 357 vs 220 at D 64, 406 vs 248 at D 256;
+      // FP8 K/V widened at D 256 267 vs 199. FP8 K/V widened at D 128: the swizzled instance is 128
+      // keys x 2 stages with the raw rows in a ring of their own (WsShape::kRawRing): 487 vs 447
+      // for the plain 64 x 4 (eighteenth session; 441 vs 400 at B=4 L=4096, 406 vs 372 for the
+      // cached prefix); at D 64, 362.5 vs 356.8 (the plain layout had measured ahead before the
       // widening's rework: 342 vs 336). The widened instances as persistent CTAs (even batches;
       // one CTA per item otherwise), against the one-item kernel in one call (nineteenth
       // session; the item loop's producer at 96 registers, the consumers at 200): fp8-per-tensor
@@ -115,13 +101,6 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
   }
   bool launched = false;
   switch (config) {
-    case PrefillConfig::kWide:
-      launched = try_launch<S, D, 8, 64>(p, stream, error);
-      break;
-    case PrefillConfig::kNarrow:
-      launched = D == 256 ? try_launch<S, D, 4, 32>(p, stream, error)
-                          : try_launch<S, D, 4, 64>(p, stream, error);
-      break;
     case PrefillConfig::kWarpSpecialized:
       launched = try_launch_ws<S, D>(p, stream, error);
       break;

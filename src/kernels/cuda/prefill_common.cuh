@@ -1,18 +1,18 @@
-// The parts every prefill kernel is built from (FA3 splits them the same way):
+// The parts the prefill kernel is built from (FA3 splits them the same way):
 //   params      PrefillParams: the shared AttentionArgs (attention_args.h) and the causal flag;
-//   scheduler   the grid (x: query head; y: request; z: q tile, reversed so that the CTAs with
-//               the longest causal rows start first; non-causal, every q tile of a request reads
-//               all its keys, and the order does not matter), or the persistent kernel's work
-//               items, numbered in that order and dealt out to one CTA per SM;
+//   scheduler   the work items (query head, request, q tile; the q tiles counted from the last,
+//               so that the longest causal rows start first; non-causal, every q tile of a
+//               request reads all its keys, and the order does not matter), one CTA each or
+//               dealt out to one CTA per SM;
 //   seqlen      PrefillSeq: where a CTA's rows sit in its request (varlen, cached prefix) and
 //               which keys they see (causal or not);
 //   softmax     RowSoftmax: the online softmax in base 2 over MMA accumulator fragments;
 //   conversions fast_exp2, the bf16 / f16 / e4m3 packs of P and O, fp8 K/V codes widened to
-//               bf16 or f16.
-// The kernels themselves (the mainloops, each with its own loader and epilogue stores):
-// prefill_kernel.cuh (mma.sync, every scheme) and prefill_ws.cuh (warp-specialized wgmma,
-// every scheme: 8-bit operands for fp8-per-head, 16-bit operands for the others). Neither includes
-// the other.
+//               f16;
+//   output      the quad transpose of the 16-byte epilogue stores.
+// The kernel itself (the mainloop, its loader and its epilogue): prefill_ws.cuh (warp-specialized
+// wgmma, every scheme: 8-bit operands for fp8-per-head, 16-bit operands for the others). The
+// mma.sync kernel that was built from these parts beside it is retired (issue 10).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,7 +39,7 @@ namespace fp8kv::cuda::prefill {
 // Device-side arguments: the shared AttentionArgs (attention_args.h) and what only prefill reads.
 struct PrefillParams : AttentionArgs {
   bool causal = true;  // AttentionParams::causal
-  // The persistent scheduler's items (prefill_persistent_grid): num_q_heads x num_requests x
+  // The scheduler's items (prefill_item_grid): num_q_heads x num_requests x
   // q_tiles.
   int num_requests = 0;
   int q_tiles = 0;  // tiles of new tokens of the longest request
@@ -64,45 +64,32 @@ inline PrefillParams make_prefill_params(const AttentionParams& a, DeviceError* 
 
 // ---- scheduler -------------------------------------------------------------------------------
 
-// The grid of a prefill launch: `heads` CTAs across, one row of them per request, one layer per
-// `tile_tokens` new tokens of the longest request. Throws when it exceeds CUDA's grid limits.
-inline dim3 prefill_grid(const AttentionParams& a, int heads, int tile_tokens) {
-  const int q_tiles = ceil_div(a.batch.max_q_len, tile_tokens);
-  if (q_tiles > 65535 || a.batch.num_requests > 65535) {
-    throw Error("prefill_attention: grid too large (max_q_len " +
-                std::to_string(a.batch.max_q_len) + ", num_requests " +
-                std::to_string(a.batch.num_requests) + ")");
-  }
-  return dim3(heads, a.batch.num_requests, q_tiles);
-}
-
 // ---- seqlen ----------------------------------------------------------------------------------
 
-// A CTA's place in its request: `pack` rows per token (the query heads of a packed GQA group, 1
-// otherwise), `tile_tokens` tokens per CTA.
+// A work item's place in its request: `tile_tokens` tokens (rows) per item.
 struct PrefillSeq {
   int b = 0;         // request
   int q_begin = 0;   // first row of the request in Q / O
   int q_len = 0;     // new tokens of the request
   int seq_len = 0;   // keys of the request (cached + new)
   int prefix = 0;    // cached tokens: new token i sits at position prefix + i
-  int q0 = 0;        // first new token of this CTA
-  int rows = 0;      // valid rows of this CTA
+  int q0 = 0;        // first new token of this item
+  int rows = 0;      // valid rows of this item
   int last_pos = 0;  // position of its last token
-  int last_key = 0;  // the last key any row of this CTA sees: key_bound(last_pos)
+  int last_key = 0;  // the last key any row of this item sees: key_bound(last_pos)
   bool causal = true;
 
   // The last key a token at position `pos` sees: pos itself (causal), or the request's last key
   // (non-causal). The kernels load no key tile past the CTA's last_key and mask the keys past
   // a row's bound; non-causal that leaves only the seq_len bound, on the request's last key tile
-  // alone (RowSoftmax::mask's non-causal overload), and every q tile costs the same.
+  // alone, and every q tile costs the same.
   __device__ __forceinline__ int key_bound(int pos) const { return causal ? pos : seq_len - 1; }
 };
 
 // Fills `s` for q tile `q_tile` (0: the first tokens) of request b; false when the tile has no
 // rows (past its request's new tokens, or an empty request).
 __device__ __forceinline__ bool prefill_seq_at(const PrefillParams& p, int b, int q_tile,
-                                               int tile_tokens, int pack, PrefillSeq& s) {
+                                               int tile_tokens, PrefillSeq& s) {
   s.b = b;
   s.q_begin = p.cu_seqlens_q[s.b];
   s.q_len = p.cu_seqlens_q[s.b + 1] - s.q_begin;
@@ -110,29 +97,22 @@ __device__ __forceinline__ bool prefill_seq_at(const PrefillParams& p, int b, in
   if (s.q0 >= s.q_len) return false;
   s.seq_len = p.seq_len[s.b];
   s.prefix = s.seq_len - s.q_len;
-  s.rows = min(tile_tokens, s.q_len - s.q0) * pack;
-  s.last_pos = s.prefix + s.q0 + (s.rows - 1) / pack;
+  s.rows = min(tile_tokens, s.q_len - s.q0);
+  s.last_pos = s.prefix + s.q0 + (s.rows - 1);
   s.causal = p.causal;
   s.last_key = s.key_bound(s.last_pos);
   return true;
 }
 
-// Fills `s` for this CTA (blockIdx.y, blockIdx.z reversed); false when the CTA has no rows (past
-// its request's new tokens, or an empty request): the whole CTA returns, before any barrier.
-__device__ __forceinline__ bool prefill_seq(const PrefillParams& p, int tile_tokens, int pack,
-                                            PrefillSeq& s) {
-  return prefill_seq_at(p, blockIdx.y, gridDim.z - 1 - blockIdx.z, tile_tokens, pack, s);
-}
-
 // The persistent scheduler. Item i of a launch is query head i % Hq of request (i / Hq) % B, q
-// tile (i / Hq / B) counted from the last: the order in which the hardware hands out the blocks
-// of prefill_grid, the longest causal rows first. False for an item without rows.
+// tile (i / Hq / B) counted from the last: the longest causal rows first. False for an item
+// without rows.
 __device__ __forceinline__ bool prefill_item(const PrefillParams& p, int item, int tile_tokens,
                                              int& head, PrefillSeq& s) {
   head = item % p.num_q_heads;
   const int rest = item / p.num_q_heads;
   return prefill_seq_at(p, rest % p.num_requests, p.q_tiles - 1 - rest / p.num_requests,
-                        tile_tokens, 1, s);
+                        tile_tokens, s);
 }
 __device__ __forceinline__ int prefill_items(const PrefillParams& p) {
   return p.num_q_heads * p.num_requests * p.q_tiles;
@@ -160,8 +140,8 @@ constexpr bool kPrefillPersistentCtas = true;
 
 // The grid of a kernel that walks items of `tile_tokens` new tokens per query head and request
 // (in p). Persistent, where every request has the same number of new tokens: one CTA per SM (at
-// most one per item), the items dealt out in rounds. Otherwise one CTA per item, as prefill_grid
-// but flat, and the hardware hands them to the SMs as they free up: with requests of mixed
+// most one per item), the items dealt out in rounds. Otherwise one CTA per item, and the hardware
+// hands them to the SMs as they free up: with requests of mixed
 // lengths (a cached-prefix batch) a fixed deal (items c, c + 132, ... without the snake) left
 // some CTAs rounds of long items and others rounds of empty ones (H200: 8 requests of 100..2048
 // new tokens, 1000 cached: 1.2-1.3x the time). Throws when the item count exceeds an int.
@@ -233,15 +213,8 @@ __device__ __forceinline__ uint32_t pack_e4m3x4_f16(uint32_t lo, uint32_t hi) {
   return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
 }
 
-// Two e4m3 (e5m2) codes -> bf16x2, exactly: both formats are subsets of bf16.
-template <KvCodec kCodec>
-__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_codes) {
-  const float2 f = kCodec == KvCodec::kE5m2 ? e5m2x2_to_float2(static_cast<uint16_t>(two_codes))
-                                            : e4m3x2_to_float2(static_cast<uint16_t>(two_codes));
-  return pack_bf16x2(f.x, f.y);
-}
-// Two e4m3 (e5m2) codes -> f16x2, exactly (both are subsets of f16): one hardware convert, where
-// bf16 takes four (to f16, to two floats, to bf16).
+// Two e4m3 (e5m2) codes -> f16x2, exactly (both are subsets of f16): one hardware convert (to
+// bf16 would take four: to f16, to two floats, to bf16).
 template <KvCodec kCodec>
 __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two_codes) {
   const __half2_raw h =
@@ -249,13 +222,10 @@ __device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t two_codes) {
                                  kCodec == KvCodec::kE5m2 ? __NV_E5M2 : __NV_E4M3);
   return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
 }
-// 16 codes (one 16-byte chunk of a K/V row) -> 16 bf16 (kF16: f16) in two 16-byte vectors, in
-// order.
-template <KvCodec kCodec, bool kF16 = false>
-__device__ __forceinline__ void fp8x16_to_16bit(uint4 codes, uint4& lo, uint4& hi) {
-  auto cvt = [](uint32_t two_codes) {
-    return kF16 ? fp8x2_to_f16x2<kCodec>(two_codes) : fp8x2_to_bf16x2<kCodec>(two_codes);
-  };
+// 16 codes (one 16-byte chunk of a K/V row) -> 16 f16 in two 16-byte vectors, in order.
+template <KvCodec kCodec>
+__device__ __forceinline__ void fp8x16_to_f16(uint4 codes, uint4& lo, uint4& hi) {
+  auto cvt = [](uint32_t two_codes) { return fp8x2_to_f16x2<kCodec>(two_codes); };
   lo.x = cvt(codes.x);
   lo.y = cvt(codes.x >> 16);
   lo.z = cvt(codes.y);
@@ -280,8 +250,8 @@ struct RowSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8, raw score units
   float row_sum[2] = {0.0f, 0.0f};
 
-  // Causal: -inf on the keys past each row's position (row_pos: rows g and g + 8) in the tile at
-  // key k0.
+  // -inf on the keys past each row's last key (row_pos: rows g and g + 8; PrefillSeq::key_bound:
+  // causal the row's position, non-causal the request's last key) in the tile at key k0.
   __device__ __forceinline__ static void mask(float (&s)[4 * kTiles], int k0, int t,
                                               const int (&row_pos)[2]) {
 #pragma unroll
@@ -292,20 +262,6 @@ struct RowSoftmax {
       }
     }
   }
-  // Non-causal: -inf on the keys past the request's last key (every row's bound) in the tile at
-  // key k0. The mma.sync kernel calls it instead of the row_pos form with {last_key, last_key}:
-  // its causal row_pos then stays `first + g` and `+ 8` (its kernels sit at the register cap).
-  // The warp-specialized kernel's consumers have room, and pass key_bound()s as row_pos.
-  __device__ __forceinline__ static void mask(float (&s)[4 * kTiles], int k0, int t, int last_key) {
-#pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (k0 + i * 8 + 2 * t + (e & 1) > last_key) s[4 * i + e] = -INFINITY;
-      }
-    }
-  }
-
   // Each row's reduction by `op` of kTiles items (item(i, r): tile i's share of row r): kAcc
   // independent chains, then a tree over them (depth kTiles / kAcc + 2, not kTiles + 1). The row
   // max is on the critical path between the S wgmma and the exponentials (a consumer's softmax

@@ -20,9 +20,6 @@ enum class PrefillConfig {
              // requests at D = 64 and 128; the bf16-Q schemes kWsSwizzle (16-bit operands;
              // for the FP8 ones K/V widened to f16 by the producer), the widened ones
              // kWsPersistent at D = 64 and 128
-  kWide,     // 8 warps: 128 query rows per CTA, 64 keys per KV tile (D <= 128 only)
-  kNarrow,   // 4 warps: 64 query rows, 64 keys per tile (D <= 128) or 32 keys (D = 256)
-             // (kWide/kNarrow: the simple mma.sync kernel, prefill_kernel.cuh, every scheme)
   // Warp-specialized wgmma (prefill_ws.cuh): a producer warpgroup and two consumer warpgroups;
   // fp8-per-head with e4m3 operands, 128 keys per tile (64 for D = 256); the bf16-Q schemes with
   // 16-bit operands (keys per tile: prefill_instances.cuh), D = 64 and 128.

@@ -8,10 +8,10 @@
 //    producer (exactly: both are subsets of f16), where the fp8 path transposes V;
 //    the producer also scales Q by a power of two into f16's range (exactly, q_to_f16), and P is
 //    rounded to f16. The K scale (per tensor or per KV head) folds into the score multiplier and
-//    the V scale into the output, as in the mma.sync kernel.
-// Same semantics as the simple mma.sync kernel, prefill_kernel.cuh (varlen, causal with a cached
-// prefix, GQA, K/V gathered through the slot table; P rounded to the operand type as it is, the
-// row sum from the unrounded P); what differs is who does what, and when:
+//    the V scale into the output.
+// The CPU twin's semantics (varlen, causal with a cached prefix, GQA, K/V gathered through the
+// slot table; P rounded to the operand type as it is, the row sum from the unrounded P); the
+// work is split by role and overlapped:
 //
 //  - A CTA is three warpgroups for 128 query rows of one query head (bf16, swizzled, and
 //    fp8-per-head's kItemLoop instance: a persistent CTA per SM that walks such items in turn,
@@ -436,7 +436,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
 #pragma unroll
         for (int i = 0; i < kN; ++i) {
           uint4 w0, w1;
-          fp8x16_to_16bit<kv_codec(S), Sh::kF16>(codes[i], w0, w1);
+          fp8x16_to_f16<kv_codec(S)>(codes[i], w0, w1);
           *reinterpret_cast<uint4*>(dst + w_op0 + i * kOpStride) = w0;
           *reinterpret_cast<uint4*>(dst + w_op1 + i * kOpStride) = w1;
         }
