@@ -39,8 +39,7 @@ namespace fp8kv::cuda::prefill {
 // Device-side arguments: the shared AttentionArgs (attention_args.h) and what only prefill reads.
 struct PrefillParams : AttentionArgs {
   bool causal = true;  // AttentionParams::causal
-  // The scheduler's items (prefill_item_grid): num_q_heads x num_requests x
-  // q_tiles.
+  // The scheduler's items (prefill_item_grid): num_q_heads x num_requests x q_tiles.
   int num_requests = 0;
   int q_tiles = 0;  // tiles of new tokens of the longest request
 #ifdef FP8KV_PREFILL_TIMELINE
