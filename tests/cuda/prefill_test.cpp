@@ -499,14 +499,10 @@ INSTANTIATE_TEST_SUITE_P(Prefill, PrefillLong, ::testing::ValuesIn(kAllSchemes),
 // ---- refusals ------------------------------------------------------------------------------
 
 // kDefault and every built config, for the tests that hold each to a bound against float64 on
-// data that stresses a row's accumulation (an attention sink, rising scores). fp8-per-head D 256
-// keeps the one-level sum of P V over the row in the e4m3 wgmma's reduced-precision accumulator
-// (prefill_ws.cuh, kPromote: a known limit, docs/DESIGN.md), so at D 256 none of its configs is
-// held to those bounds: the sink test holds fp8-per-head-bf16q (the same cache and per-head
-// scales with bf16 Q, the scheme to take at D 256 for such rows) to its bound instead. (The
-// mma.sync kernel, which summed in fp32, is retired with issue 10.)
+// data that stresses a row's accumulation (an attention sink, rising scores): every head dim,
+// fp8-per-head at D 256 too since its tiles' P V are promoted in halves (prefill_ws.cuh,
+// kPromoteHalves).
 std::vector<PrefillConfig> accumulation_checked_configs(KvScheme scheme, int head_dim) {
-  if (scheme == KvScheme::kFp8PerHead && head_dim == 256) return {};
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   for (PrefillConfig x : built_configs(scheme, head_dim)) configs.push_back(x);
   return configs;
@@ -520,9 +516,9 @@ std::vector<PrefillConfig> accumulation_checked_configs(KvScheme scheme, int hea
 // inside the sink's own 128-key tile the wgmma still sums at reduced precision, which costs that
 // tile's other 127 keys' share of the tail (127/8191 of it, amplified by the cancellation; measured
 // 1.6e-2 against the twin); the generic 2x-the-twin-vs-float64 check does not apply here.
-// D 64 as well (its tiles are promoted too). fp8-per-head D 256 (0.91 against the twin here,
-// measured on an H200): accumulation_checked_configs; fp8-per-head-bf16q, the scheme for such rows
-// at D 256, is held to its twin bound at every head dim.
+// D 64 and 256 as well (their tiles are promoted too: at D 256 in halves of D; summed in one level
+// it read 0.91 against the twin here). fp8-per-head-bf16q (bf16 Q, K/V widened to f16) is held to
+// its twin bound at every head dim too.
 TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
   SKIP_WITHOUT_GPU();
   for (int D : {128, 64, 256}) {
@@ -549,8 +545,10 @@ TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
 // per 128 keys up, then down), a jump of 144 log2 units inside one tile (past fp32's range unless
 // the lane's own max bounds its reference), a cached prefix, a one-token and an empty request.
 // Every config of every scheme at D 64, 128 and 256 against its twin and float64 (the instances
-// that take step: a control; fp8-per-head D 256, where a ramp rescales and adds at every tile:
-// accumulation_checked_configs).
+// that take step: a control), but fp8-per-head at D 256 against its twin only: against float64
+// its error on this data is 2.3x its twin's where that bound allows 2x + 2e-3 (H200, fifty-first
+// session: 2.89e-2 against 1.24e-2, 3.16e-2 before its P V was promoted in halves; D 128 reads
+// 2.18e-2 against 1.25e-2). Not the stale max, which it does not take; open (docs/GPU.md).
 TEST(PrefillStaleMax, RisingScoresMatchCpuTwin) {
   SKIP_WITHOUT_GPU();
   for (const int D : {64, 128, 256}) {
@@ -589,7 +587,8 @@ TEST(PrefillStaleMax, RisingScoresMatchCpuTwin) {
     for (KvScheme scheme : kAllSchemes) {
       SCOPED_TRACE(scheme_name(scheme));
       const std::vector<PrefillConfig> configs = accumulation_checked_configs(scheme, D);
-      run_and_compare(p, scheme, configs);
+      const bool with_exact = !(scheme == KvScheme::kFp8PerHead && D == 256);  // (above)
+      run_and_compare(p, scheme, configs, with_exact);
     }
   }
 }

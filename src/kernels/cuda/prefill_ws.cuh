@@ -851,11 +851,16 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // is relative to one tile's sum; the add and O's rescale are one FFMA, O a tile behind
     // (promote, below). H200, causal B=2 L=8192, the FFMA against an add and a rescale apart: D 128
     // 634 -> 649 TFLOP/s (seventh session), D 64 441.9 -> 464.0 (fourteenth; the seventh had
-    // measured it slower there, 445 -> 405, with the kernel of then). D = 256 has no room for a
-    // second accumulator set (o alone is 128 registers) and keeps the direct sum. kPromote is
-    // also the faster form: the P V that starts from zero waits for no rescale of O (docs/GPU.md,
-    // thirty-ninth session).
+    // measured it slower there, 445 -> 405, with the kernel of then). kPromote is also the faster
+    // form: the P V that starts from zero waits for no rescale of O (docs/GPU.md, thirty-ninth
+    // session).
     constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
+    // D 256 (e4m3) has no room for a second accumulator set beside S (o alone is 128 registers):
+    // kPromoteHalves takes each tile's P V in two halves of D, one after the other, into one
+    // half-size set (pv), each added to its half of O in fp32 with O's rescale in the same FFMA
+    // as soon as it lands (pv_halves, below), once S and P of the tile are dead. The tile's P V
+    // then runs beside the other warpgroup's work only, not beside this one's next QK.
+    constexpr bool kPromoteHalves = Sh::kFp8Mma && D == 256;
     // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
     // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
     // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
@@ -954,7 +959,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     float o[D / 2];  // wgmma m64nD accumulators: n8 tile i in o[4i .. 4i+3]
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-    float pv[kPromote ? D / 2 : 1];
+    float pv[kPromote ? D / 2 : kPromoteHalves ? D / 4 : 1];
     float(&pv_acc)[D / 2] = pick<kPromote>(pv, o);  // where P V lands
     // kPromote, once the P V of tile j-1 has landed in pv: O is one tile behind the softmax,
     // O = O * alpha(j-1) + pv, one FFMA per accumulator: O held tiles .. j-2 at tile j-2's row max,
@@ -973,11 +978,13 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // promotion's FFMAs beside the row max: the consumers have no registers to keep the P V in
     // flight through the softmax), so a tile's softmax started only once QK(j) and P V(j-1),
     // issued together, had both run; issued early, P V(j-1) runs while the warpgroup waits for
-    // tile j and issues its QK, and S(j) lands one P V sooner. Not for the one-item D 128 and D 64
-    // instances (the swizzled D 128 one spills with it and measured slower on the uneven cached
-    // prefix batch), nor the 16-bit ones (the widened D 256 measured slower with it; bf16 takes
-    // ping-pong turns around its wgmma issue). Figures: docs/GPU.md, twenty-ninth session.
-    constexpr bool kEarlyPv = Sh::kFp8Mma && (kItemLoop || D == 256);
+    // tile j and issues its QK, and S(j) lands one P V sooner. The persistent instances (D 64 and
+    // 128); not the one-item D 128 and D 64 instances (the swizzled D 128 one spills with it and
+    // measured slower on the uneven cached prefix batch), nor the 16-bit ones (the widened D 256
+    // measured slower with it; bf16 takes ping-pong turns around its wgmma issue), nor D 256, whose
+    // P V runs in halves once P is packed (kPromoteHalves). Figures: docs/GPU.md, twenty-ninth
+    // session.
+    constexpr bool kEarlyPv = Sh::kFp8Mma && kItemLoop;
     if (wg_tiles > 0 && kDiag != 2) {
       uint32_t pa[Sh::kPvSteps][4];
       float s[kBlockN / 2];
@@ -991,6 +998,37 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         wgmma_fence();
         issue_pv(pv_acc, pa, J);
         your_turn();
+      };
+      // kPromoteHalves: P V(J) for d < D / 2, then d >= D / 2, each into pv from zero and added to
+      // its half of O once landed, O = O * alpha(J) + pv (alpha(J) takes O from the previous
+      // tiles' row max to tile J's, at which P(J) was taken; alpha of the first tile is 0).
+      auto pv_halves = [&](int J, const float(&alpha)[2]) {
+        if constexpr (kPromoteHalves) {
+          wait_v(J);
+          fence_apart();
+          const uint32_t vt_addr = stage_addr(J) + Sh::kKBytes;
+          const uint64_t v_desc0 = wgmma_desc(vt_addr, kCoreBytes, Sh::kVtBlockStride);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            fence_operands(pv);
+            wgmma_fence();
+#pragma unroll
+            for (int c = 0; c < Sh::kPvSteps; ++c) {
+              // d rows D / 2 * h on: (D / 2) / 8 groups of 8 d rows, kVtBlockStride apart.
+              const uint64_t db =
+                  wgmma_desc_plus(v_desc0, h * (D / 16) * Sh::kVtBlockStride + c * 2 * kCoreBytes);
+              wgmma_rs<D / 2>(pv, pa[c], db, c > 0);
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_operands(pv);
+#pragma unroll
+            for (int i = 0; i < D / 4; ++i) {
+              o[h * (D / 4) + i] = fmaf(o[h * (D / 4) + i], alpha[(i >> 1) & 1], pv[i]);
+            }
+          }
+          release_after_pv(J);
+        }
       };
       {
         stamp(0, kTlTop);
@@ -1016,22 +1054,28 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         pack_p(s, pa);
         stamp(0, kTlPacked);
         if constexpr (kEarlyPv) issue_pv_alone(ring);
+        pv_halves(ring, alpha_prev);
       }
       for (int j = 1; j < wg_tiles; ++j) {
         stamp(j, kTlTop);
         const int J = ring + j;
         wait_full(J);
-        if constexpr (!kEarlyPv) wait_v(J - 1);
+        // P V(j - 1) issued with QK(j): not where it was issued early or has run (kEarlyPv,
+        // kPromoteHalves).
+        constexpr bool kPvWithQk = !kEarlyPv && !kPromoteHalves;
+        if constexpr (kPvWithQk) wait_v(J - 1);
         fence_apart();
         stamp(j, kTlFull);
         my_turn();
-        if constexpr (!kEarlyPv) fence_operands(pv_acc);
+        if constexpr (kPvWithQk) fence_operands(pv_acc);
         wgmma_fence();
         issue_qk(s, J);
-        if constexpr (!kEarlyPv) issue_pv(pv_acc, pa, J - 1);
+        if constexpr (kPvWithQk) issue_pv(pv_acc, pa, J - 1);
         your_turn();
         stamp(j, kTlIssued);
-        if constexpr (kEarlyPv) {
+        if constexpr (kPromoteHalves) {
+          wgmma_wait<0>();  // S of tile j
+        } else if constexpr (kEarlyPv) {
           wgmma_wait<0>();  // S of tile j, and the P V of tile j - 1 issued before it
           fence_operands(pv_acc);
         } else {
@@ -1048,14 +1092,18 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         constexpr bool kPackEarly = kEarlyPv && !kF16Softmax && D == 128;
         if constexpr (kPackEarly) pack_p(s, pa);
         stamp(j, kTlSoftmax);
-        if constexpr (!kEarlyPv) {
+        if constexpr (kPvWithQk) {
           wgmma_wait<0>();
           fence_operands(pv_acc);
         }
         stamp(j, kTlPv);
-        release_after_pv(J - 1);
-        promote();
-        if constexpr (kPromote) {
+        if constexpr (!kPromoteHalves) {
+          release_after_pv(J - 1);
+          promote();
+        }
+        if constexpr (kPromoteHalves) {
+          // O's rescale: in pv_halves' FFMA.
+        } else if constexpr (kPromote) {
           alpha_prev[0] = alpha[0];
           alpha_prev[1] = alpha[1];
         } else if (kStaleMax ? moved
@@ -1069,12 +1117,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         if constexpr (!kPackEarly) pack_p(s, pa);
         stamp(j, kTlPacked);
         if constexpr (kEarlyPv) issue_pv_alone(J);
+        pv_halves(J, alpha);
       }
-      if constexpr (!kEarlyPv) issue_pv_alone(ring + wg_tiles - 1);
-      wgmma_wait<0>();
-      fence_operands(pv_acc);
-      release_after_pv(ring + wg_tiles - 1);
-      promote();
+      if constexpr (!kPromoteHalves) {  // the last tile's P V (kPromoteHalves: done)
+        if constexpr (!kEarlyPv) issue_pv_alone(ring + wg_tiles - 1);
+        wgmma_wait<0>();
+        fence_operands(pv_acc);
+        release_after_pv(ring + wg_tiles - 1);
+        promote();
+      }
     } else {
       // Not before the item's Q is published (with its first tile): an arrival ahead of it would
       // count for the previous item, whose Q the other warpgroup may still be reading.
