@@ -1,7 +1,7 @@
 // Prefill attention dispatch: runtime scheme, head_dim and tile configuration -> a built kernel
 // instance (the table: prefill_instances.cuh) of the one prefill kernel, prefill_ws.cuh
-// (warp-specialized wgmma: e4m3 operands for fp8-per-head, 16-bit ones for the others); its parts
-// shared with nothing else but named apart: prefill_common.cuh.
+// (warp-specialized wgmma: e4m3 operands for fp8-per-head, 16-bit ones for the others); its
+// parts, named apart: prefill_common.cuh.
 #include <string>
 
 #include "fp8kv/error.h"

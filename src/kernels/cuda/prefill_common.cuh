@@ -137,13 +137,13 @@ __device__ __forceinline__ int prefill_round_item(int k) {
 // TFLOP/s, non-causal 597 -> 620, B=16 L=1024 322 -> 391, B=4 L=4096 514 -> 561.
 constexpr bool kPrefillPersistentCtas = true;
 
-// The grid of a kernel that walks items of `tile_tokens` new tokens per query head and request
-// (in p). Persistent, where every request has the same number of new tokens: one CTA per SM (at
-// most one per item), the items dealt out in rounds. Otherwise one CTA per item, and the hardware
-// hands them to the SMs as they free up: with requests of mixed
-// lengths (a cached-prefix batch) a fixed deal (items c, c + 132, ... without the snake) left
-// some CTAs rounds of long items and others rounds of empty ones (H200: 8 requests of 100..2048
-// new tokens, 1000 cached: 1.2-1.3x the time). Throws when the item count exceeds an int.
+// The grid of a kernel that walks items of `tile_tokens` new tokens per query head and request (in
+// p). Persistent, where every request has the same number of new tokens: one CTA per SM (at most
+// one per item), the items dealt out in rounds. Otherwise one CTA per item, and the hardware hands
+// them to the SMs as they free up: with requests of mixed lengths (a cached-prefix batch) a fixed
+// deal (items c, c + 132, ... without the snake) left some CTAs rounds of long items and others
+// rounds of empty ones (H200: 8 requests of 100..2048 new tokens, 1000 cached: 1.2-1.3x the time).
+// Throws when the item count exceeds an int.
 inline dim3 prefill_item_grid(const AttentionParams& a, int tile_tokens, bool persistent,
                               PrefillParams& p) {
   p.num_requests = a.batch.num_requests;
