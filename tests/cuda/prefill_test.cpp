@@ -189,7 +189,6 @@ std::vector<Errors> run_and_compare(const test::AttentionProblem& p, KvScheme sc
                                     std::vector<PrefillConfig> configs = {PrefillConfig::kDefault},
                                     bool with_exact = true, bool causal = true,
                                     float softmax_scale = 0.0f) {
-  if (configs.empty()) return {};
   const test::KvScales scales = test::calibrate_scales(p, scheme);
   auto cpu = make_cpu_backend();
   test::RunOptions options;

@@ -865,13 +865,16 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
     // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
     // fp8 with kPromote: the sum starts at this tile (the first k-step overwrites o).
-    auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int J) {
+    // The descriptor of stage J's V^T (bf16: V) at its first k-step (P V's B operand).
+    auto v_desc = [&](int J) {
       const uint32_t vt_addr = stage_addr(J) + Sh::kKBytes;
-      const uint64_t v_desc0 =
-          Sh::kFp8Mma ? (kSwizzle ? wgmma_desc_sw128(vt_addr)
-                                  : wgmma_desc(vt_addr, kCoreBytes, Sh::kVtBlockStride))
-                      : (kSwizzle ? wgmma_desc_sw128_mn(vt_addr, kBlockN * 128)
-                                  : wgmma_desc(vt_addr, Sh::kKBlockStride, kCoreBytes));
+      return Sh::kFp8Mma ? (kSwizzle ? wgmma_desc_sw128(vt_addr)
+                                     : wgmma_desc(vt_addr, kCoreBytes, Sh::kVtBlockStride))
+                         : (kSwizzle ? wgmma_desc_sw128_mn(vt_addr, kBlockN * 128)
+                                     : wgmma_desc(vt_addr, Sh::kKBlockStride, kCoreBytes));
+    };
+    auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int J) {
+      const uint64_t v_desc0 = v_desc(J);
 #pragma unroll
       for (int c = 0; c < Sh::kPvSteps; ++c) {
         if constexpr (Sh::kFp8Mma) {
@@ -1006,8 +1009,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         if constexpr (kPromoteHalves) {
           wait_v(J);
           fence_apart();
-          const uint32_t vt_addr = stage_addr(J) + Sh::kKBytes;
-          const uint64_t v_desc0 = wgmma_desc(vt_addr, kCoreBytes, Sh::kVtBlockStride);
+          const uint64_t v_desc0 = v_desc(J);  // D 256 e4m3: no swizzle
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             fence_operands(pv);
@@ -1101,13 +1103,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
           release_after_pv(J - 1);
           promote();
         }
-        if constexpr (kPromoteHalves) {
-          // O's rescale: in pv_halves' FFMA.
-        } else if constexpr (kPromote) {
+        if constexpr (kPromote) {
           alpha_prev[0] = alpha[0];
           alpha_prev[1] = alpha[1];
-        } else if (kStaleMax ? moved
-                             : __any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+        } else if (!kPromoteHalves &&  // (kPromoteHalves: O's rescale is in pv_halves' FFMA)
+                   (kStaleMax ? moved
+                              : __any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f))) {
           // Where no row of the warp raised its max (alpha 1: common once the rows have seen their
           // largest scores) the rescale is the identity: skipped, bit for bit the same O. The
           // stale-max instances take step_stale's vote, the same decision without a second vote.
