@@ -1051,8 +1051,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
           }
           // persistent CTAs (D 64 and 128; the default for even batches of short requests)
           if (c.D != 256) configs.push_back(cuda::PrefillConfig::kWsPersistent);
-        } else {  // the bf16-Q schemes: the ws kernel with bf16 operands, both layouts
-          if (c.D != 256) configs.push_back(cuda::PrefillConfig::kWarpSpecialized);  // (not built)
+        } else {  // the bf16-Q schemes: the ws kernel with 16-bit operands (swizzled only)
           configs.push_back(cuda::PrefillConfig::kWsSwizzle);
           // the widened schemes' persistent instances, D 64 and 128 (bf16's swizzled ones are so
           // as they are)

@@ -52,10 +52,6 @@ using cuda::PrefillConfig;
 // The warp-specialized fp8-per-head kernel with each of its built options.
 constexpr PrefillConfig kWsConfigs[] = {PrefillConfig::kWarpSpecialized, PrefillConfig::kWsSwizzle,
                                         PrefillConfig::kWsPersistent};
-// The warp-specialized kernel with 16-bit operands (the bf16-Q schemes): both layouts.
-constexpr PrefillConfig kWsBf16QConfigs[] = {PrefillConfig::kWarpSpecialized,
-                                             PrefillConfig::kWsSwizzle};
-
 // Every built config of the warp-specialized kernel for (scheme, head_dim), so that each runs
 // whichever one is the default.
 std::vector<PrefillConfig> built_configs(KvScheme scheme, int head_dim) {
@@ -69,10 +65,7 @@ std::vector<PrefillConfig> built_configs(KvScheme scheme, int head_dim) {
       }
     }
   } else {
-    for (PrefillConfig x : kWsBf16QConfigs) {
-      // D 256: the swizzled layout only (prefill_instances.cuh).
-      if (x == PrefillConfig::kWsSwizzle || head_dim != 256) configs.push_back(x);
-    }
+    configs.push_back(PrefillConfig::kWsSwizzle);  // 16-bit operands: swizzled only
     // The widened schemes' persistent instances (D 64 and 128).
     if (kv_codec(scheme) != KvCodec::kBf16 && head_dim != 256) {
       configs.push_back(PrefillConfig::kWsPersistent);
@@ -249,8 +242,8 @@ test::ProblemSpec mixed_spec(const MixedCase& c) {
 }
 
 // Every built tile config of the case: the default and the warp-specialized kernel's (e4m3
-// operands with each of its options for fp8-per-head, 16-bit operands in both layouts for the
-// others).
+// operands with each of its options for fp8-per-head; for the others 16-bit operands, swizzled,
+// and the widened schemes' persistent instances).
 std::vector<PrefillConfig> mixed_configs(const MixedCase& c) {
   std::vector<PrefillConfig> configs = {PrefillConfig::kDefault};
   for (PrefillConfig x : built_configs(c.scheme, c.head_dim)) configs.push_back(x);
@@ -601,6 +594,27 @@ TEST(PrefillDispatch, UnsupportedHeadDimThrows) {
     FAIL() << "no exception";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("Unsupported head_dim 96"), std::string::npos) << e.what();
+  }
+}
+
+// The plain-layout instances of the 16-bit operands (config `ws`) are retired: asking for one
+// names the config, the scheme and the head dim, and launches nothing (no pointer is read).
+TEST(PrefillDispatch, RetiredPlainLayoutFor16BitOperandsThrows) {
+  for (KvScheme scheme : {KvScheme::kBf16, KvScheme::kFp8PerTensor}) {
+    AttentionParams p;
+    p.cache.head_dim = 128;
+    p.cache.scheme = scheme;
+    p.batch.num_requests = 1;
+    p.batch.total_q = 1;
+    p.batch.max_q_len = 1;
+    try {
+      cuda::launch_prefill_attention(p, PrefillConfig::kWarpSpecialized, nullptr);
+      FAIL() << "no exception for " << scheme_name(scheme);
+    } catch (const Error& e) {
+      const std::string want = std::string("tile config 'ws' is not built for scheme ") +
+                               scheme_name(scheme) + " and head_dim 128";
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
   }
 }
 

@@ -38,15 +38,13 @@ namespace {
 template <KvScheme S, int D, bool kSwizzle = false, int kDiag = 0, bool kItemLoop = false>
 bool try_launch_ws(const AttentionParams& p, cudaStream_t stream, DeviceError* error) {
   if constexpr (S == KvScheme::kFp8PerHead && prefill::kWsBuilt<D, kSwizzle, kDiag, kItemLoop>) {
-    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D, kSwizzle>,
-                               prefill::kWsStages<S, D, kSwizzle>, kSwizzle, kDiag, kItemLoop>(
-        p, stream, error);
+    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kSwizzle,
+                               kDiag, kItemLoop>(p, stream, error);
     return true;
   } else if constexpr (!fp8_q(S) && kDiag == 0 &&
                        prefill::kWsBf16QBuilt<S, D, kSwizzle, kItemLoop>) {
-    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D, kSwizzle>,
-                               prefill::kWsStages<S, D, kSwizzle>, kSwizzle, 0, kItemLoop>(
-        p, stream, error);
+    prefill::launch_prefill_ws<S, D, prefill::kWsBlockN<S, D>, prefill::kWsStages<S, D>, kSwizzle,
+                               0, kItemLoop>(p, stream, error);
     return true;
   } else {
     return false;

@@ -34,16 +34,14 @@
 #define FP8KV_PREFILL_WS_INSTANCES(W) FP8KV_PREFILL_WS_D128(W) FP8KV_PREFILL_WS_D64_D256(W)
 
 // ---- the same kernel with 16-bit operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE, LOOP)
-// PrefillConfig::kWarpSpecialized (no swizzle) for D 64 and 128, kWsSwizzle for D 64, 128 and 256
-// (a bf16 row of D 256 is 32 chunks: the no-swizzle copy pattern takes at most 16). The widened
-// schemes' swizzled instances at D 64 and 128 also as persistent CTAs (LOOP:
-// PrefillConfig::kWsPersistent, their default there: prefill.cu; at D 256, on 48-key tiles, one
-// CTA per item measured faster and the persistent instance is retired); bf16's swizzled instances
-// are persistent as they are (kSplitKv), and its default is kWsSwizzle.
+// PrefillConfig::kWsSwizzle for D 64, 128 and 256 (16-bit operands are always swizzled: the
+// plain-layout instances, config `ws`, lost to these at every head dim and are retired, issue
+// 10: docs/GPU.md, fifty-second session). The widened schemes' instances at D 64 and 128 also as
+// persistent CTAs (LOOP: PrefillConfig::kWsPersistent, their default there: prefill.cu; at D
+// 256, on 48-key tiles, one CTA per item measured faster and the persistent instance is retired);
+// bf16's instances are persistent as they are (kSplitKv), and its default is kWsSwizzle.
 #define FP8KV_PREFILL_WS_BF16Q_EVERY_D(B, S) \
-  B(S, 64, false, false)                     \
   B(S, 64, true, false)                      \
-  B(S, 128, false, false)                    \
   B(S, 128, true, false)                     \
   B(S, 256, true, false)
 #define FP8KV_PREFILL_WS_WIDENED(B, S) \
@@ -72,32 +70,30 @@ void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceErro
 // needs >= 3 stages, or 2 where K and V are published and released apart. The bf16-operand
 // choices take as many stages as fit:
 //   e4m3 (fp8-per-head)   D 64, 128: 128 keys x 4 stages; D 256: 64 x 3 (4 do not fit)
-//   bf16 K/V (bf16)       D 64: 192 x 4 swizzled (208 KB: 395 -> 408 TFLOP/s against 128 x 6,
-//                         H200, causal B=2 L=8192), 128 x 6 plain; D 128: 128 x 3 (224 KB; 160 x
-//                         2 measured even, slower on short requests); D 256: 64 x 2 (192 KB; K
-//                         and V apart, kSplitKv: 495 -> 631 TFLOP/s against 32 x 5, whose
-//                         32-key tiles paid a tile's fixed work per 32 keys)
-//   widened e4m3 / e5m2   D 64: 128 x 4; D 128: 64 x 4 (128 x 3 does not fit with the staging),
-//                         swizzled 128 x 2 with the raw rows in a ring of their own
-//                         (WsShape::kRawRing); D 256: 48 x 2, the raw rows in a ring of their
-//                         own (H200, fp8-per-tensor causal B=2 L=8192: 431 -> 510 TFLOP/s
+//   bf16 K/V (bf16)       D 64: 192 x 4 (208 KB: 395 -> 408 TFLOP/s against 128 x 6, H200,
+//                         causal B=2 L=8192); D 128: 128 x 3 (224 KB; 160 x 2 measured even,
+//                         slower on short requests); D 256: 64 x 2 (192 KB; K and V apart,
+//                         kSplitKv: 495 -> 631 TFLOP/s against 32 x 5, whose 32-key tiles paid a
+//                         tile's fixed work per 32 keys)
+//   widened e4m3 / e5m2   D 64: 128 x 4; D 128: 128 x 2 with the raw rows in a ring of their own
+//                         (WsShape::kRawRing; 128 x 3 does not fit with the staging, the retired
+//                         plain layout took 64 x 4); D 256: 48 x 2, the raw rows in a ring of
+//                         their own (H200, fp8-per-tensor causal B=2 L=8192: 431 -> 510 TFLOP/s
 //                         against 32 x 4; the persistent instance 443 -> 493, so retired)
+// (The 16-bit operands are swizzled in every instance; fp8-per-head's tile does not depend on
+// its layout.)
 template <KvScheme S, int D>
-constexpr bool kWsWidenedD128 = !fp8_q(S) && kv_codec(S) != KvCodec::kBf16 && D == 128;
-template <KvScheme S, int D, bool kSwizzle>
 constexpr int kWsBlockN = fp8_q(S)   ? (D == 256 ? 64 : 128)
                           : D == 256 ? (kv_codec(S) == KvCodec::kBf16 ? 64 : 48)
-                          : (kWsWidenedD128<S, D> && !kSwizzle)                    ? 64
-                          : (kv_codec(S) == KvCodec::kBf16 && D == 64 && kSwizzle) ? 192
-                                                                                   : 128;
-template <KvScheme S, int D, bool kSwizzle>
+                          : (kv_codec(S) == KvCodec::kBf16 && D == 64) ? 192
+                                                                       : 128;
+template <KvScheme S, int D>
 constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
-                          : kv_codec(S) == KvCodec::kBf16 ? (D == 64    ? (kSwizzle ? 4 : 6)
+                          : kv_codec(S) == KvCodec::kBf16 ? (D == 64    ? 4
                                                              : D == 128 ? 3
                                                                         : 2)
-                          : kWsWidenedD128<S, D>          ? (kSwizzle ? 2 : 4)
-                          : D == 256                      ? 2
-                                                          : 4;
+                          : D == 64                       ? 4
+                                                          : 2;
 
 #define FP8KV_PREFILL_WS_MATCH(d, sw, dg, lp) \
   || (D == (d) && kSwizzle == (sw) && kDiag == (dg) && kItemLoop == (lp))
@@ -113,12 +109,11 @@ constexpr bool kWsBf16QBuilt = false FP8KV_PREFILL_WS_BF16Q_INSTANCES(FP8KV_PREF
 }  // namespace fp8kv::cuda::prefill
 
 // Explicit instantiations, for the instance files.
-#define FP8KV_PREFILL_WS_INSTANTIATE(d, sw, dg, lp)                                    \
-  template void                                                                        \
-  launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d, sw>, \
-                    kWsStages<KvScheme::kFp8PerHead, d, sw>, sw, dg, lp>(              \
+#define FP8KV_PREFILL_WS_INSTANTIATE(d, sw, dg, lp)                                              \
+  template void launch_prefill_ws<KvScheme::kFp8PerHead, d, kWsBlockN<KvScheme::kFp8PerHead, d>, \
+                                  kWsStages<KvScheme::kFp8PerHead, d>, sw, dg, lp>(              \
       const AttentionParams&, cudaStream_t, DeviceError*);
-#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw, lp)                         \
-  template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d, sw>, \
-                                  kWsStages<KvScheme::s, d, sw>, sw, 0, lp>(     \
+#define FP8KV_PREFILL_WS_BF16Q_INSTANTIATE(s, d, sw, lp)                     \
+  template void launch_prefill_ws<KvScheme::s, d, kWsBlockN<KvScheme::s, d>, \
+                                  kWsStages<KvScheme::s, d>, sw, 0, lp>(     \
       const AttentionParams&, cudaStream_t, DeviceError*);

@@ -21,8 +21,9 @@ enum class PrefillConfig {
              // for the FP8 ones K/V widened to f16 by the producer), the widened ones
              // kWsPersistent at D = 64 and 128
   // Warp-specialized wgmma (prefill_ws.cuh): a producer warpgroup and two consumer warpgroups;
-  // fp8-per-head with e4m3 operands, 128 keys per tile (64 for D = 256); the bf16-Q schemes with
-  // 16-bit operands (keys per tile: prefill_instances.cuh), D = 64 and 128.
+  // fp8-per-head with e4m3 operands in the plain layout, 128 keys per tile (64 for D = 256).
+  // (The bf16-Q schemes' plain-layout instances are retired: their 16-bit operands are swizzled,
+  // kWsSwizzle; asking for this config with them throws.)
   kWarpSpecialized,
   kWsSwizzle,     // operands in the 128-byte swizzle layout, whole-row copies: fp8-per-head
                   // D = 128, the bf16-Q schemes D = 64, 128 and 256

@@ -45,16 +45,14 @@
 // (cp.async, st.shared) is read by wgmma through the async proxy: the producer fences
 // (fence.proxy.async) before publishing a stage.
 //
-// 16-bit operands (bf16, f16): Q and K as above, with rows of 2D bytes (a k16 step is 32 bytes
-// of a row, as an e4m3 k32 step is). 16-bit wgmmas read B MN-major too (imm-trans-b), so V stays
-// [keys][D] in the layout K has: the PV product's B is K = keys by N = D with D contiguous, its
-// core matrices 8 keys x 8 d (16 bytes per key), those adjacent in keys kKBlockStride apart (the
-// leading byte offset, for MN-major), those adjacent in d 128 bytes apart (the stride byte offset);
-// swizzled, atoms of 8 keys x 64 d (1024 bytes, the stride byte offset) and 64-d column blocks
-// [kBlockN][128 bytes] apart (the leading byte offset). The 16-bit A fragment of a wgmma is the
-// accumulator layout's pairs, so P is S repacked in the natural key order. bf16 tiles are twice
-// the bytes: keys per tile and stages per scheme and D (kWsBlockN, kWsStages in
-// prefill_instances.cuh) keep a CTA within 227 KB, the raw staging counted.
+// 16-bit operands (bf16, f16), always in the 128-byte swizzle layout (kSwizzle below): Q and K
+// with rows of 2D bytes (a k16 step is 32 bytes of a row, as an e4m3 k32 step is). 16-bit wgmmas
+// read B MN-major too (imm-trans-b), so V stays [keys][D] in the layout K has: the PV product's B
+// is K = keys by N = D with D contiguous, in atoms of 8 keys x 64 d (1024 bytes, the stride byte
+// offset) and 64-d column blocks [kBlockN][128 bytes] apart (the leading byte offset). The 16-bit A
+// fragment of a wgmma is the accumulator layout's pairs, so P is S repacked in the natural key
+// order. bf16 tiles are twice the bytes: keys per tile and stages per scheme and D (kWsBlockN,
+// kWsStages in prefill_instances.cuh) keep a CTA within 227 KB, the raw staging counted.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -184,11 +182,13 @@ __device__ __forceinline__ int operand_offset(int row, int chunk, int rows) {
 // H200, and is retired (tag tried/prefill-packgqa-pingpong); ping-pong turns, retired with it
 // then, measured faster for bf16 operands at D 128 once the consumer loop got shorter and are
 // back for that case alone (kPingPong, a property of the instance, not a flag).
-//  - kSwizzle (e4m3: D = 128, 128 keys per tile: every operand row is 128 bytes; bf16: every
-//    D): Q, K and V^T (V) in the 128-byte-swizzled layout instead of the canonical no-swizzle
-//    one; a tile is then column blocks of [rows][128 bytes], a row's 128 bytes contiguous (16-byte
-//    chunk c of row r stored at chunk c ^ (r % 8)), so 8 consecutive producer threads copy 128
-//    contiguous bytes of the cache (one line) into one whole shared-memory row, conflict-free.
+//  - kSwizzle (e4m3: D = 128, 128 keys per tile: every operand row is 128 bytes; 16-bit
+//    operands: every instance, their plain-layout instances lost at every D and are retired,
+//    docs/GPU.md, fifty-second session): Q, K and V^T (V) in the 128-byte-swizzled layout instead
+//    of the canonical no-swizzle one; a tile is then column blocks of [rows][128 bytes], a row's
+//    128 bytes contiguous (16-byte chunk c of row r stored at chunk c ^ (r % 8)), so 8 consecutive
+//    producer threads copy 128 contiguous bytes of the cache (one line) into one whole
+//    shared-memory row, conflict-free.
 //  - kDiag: 0 in every real use. The benchmark's diagnostic configs time one side of the
 //    pipeline alone (the results are wrong by design): 1 = the producer loads only the first
 //    kStages tiles (the consumers' bound), 2 = the consumers skip their math (the producer's).
@@ -203,6 +203,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   static_assert(!kSwizzle || (Sh::kQBytes % 1024 == 0 && Sh::kStageBytes % 1024 == 0),
                 "swizzle atoms (8 rows x 128 bytes) stay 1024-byte aligned");
   static_assert(kSwizzle || Sh::kChunks <= 16, "no-swizzle copies: 8 threads per column chunk");
+  static_assert(kSwizzle || Sh::kFp8Mma, "16-bit operands are swizzled");
   constexpr bool kSplitKv = Sh::kSplitKvOperands && kSwizzle;
   static_assert(kStages >= 3 || Sh::kRawRing || kSplitKv, "2 stages: K and V apart (WsShape)");
   // K and V^T apart for e4m3 operands with a 3-stage ring (D 256): K, copied as it is stored,
@@ -410,7 +411,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // executed twice the consumers' instructions and set the kernel's pace).
     constexpr int kWidenStep = Sh::kProducerThreads / Sh::kKvChunks;  // rows per pass
     constexpr int kRawStride = kWidenStep * Sh::kRawPitch;
-    constexpr int kOpStride = kSwizzle ? kWidenStep * 128 : kWidenStep / 8 * Sh::kKBlockStride;
+    constexpr int kOpStride = kWidenStep * 128;  // (the widened operands are swizzled)
     static_assert(!Sh::kWiden || (kWidenStep % 8 == 0 && kBlockN % kWidenStep == 0),
                   "whole 8-row column groups per pass");
     const int wc = (tid / 8) % Sh::kKvChunks;
@@ -670,15 +671,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
             }
             continue;
           }
+          // The widened schemes at D 128 and 256 (bf16, kSplitKv, has returned above).
           const bool valid = tile_slots[i] >= 0;
           const int64_t offset = valid ? tile_slots[i] * slot_bytes : 0;
           if constexpr (Sh::kWiden) {
             cp_async_16(v_stage + raw_offset(row, kv_chunk), k_base + offset, valid ? 16 : 0);
             cp_async_16(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset,
-                        valid ? 16 : 0);
-          } else {  // bf16: V [keys][D] is the MN-major B of P V, laid out as K is
-            cp_async_16(k_stage + canonical(row, kBlockN), k_base + offset, valid ? 16 : 0);
-            cp_async_16(k_stage + Sh::kKBytes + canonical(row, kBlockN), v_base + offset,
                         valid ? 16 : 0);
           }
         }
@@ -718,16 +716,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   const int wg_row0 = cw * 64;
   // Ping-pong (FA3's scheduler barrier): the warpgroups take turns issuing their wgmmas (named
   // barriers 2 and 3; warpgroup 0 first), so that one's softmax runs while the other's GEMMs hold
-  // the tensor pipe. On for bf16 operands (swizzled, the default), where it measured faster (D
-  // 256 on its 64-key tiles: 626 -> 631 TFLOP/s causal; on the 32-key ones it had measured the
-  // same or slower); e4m3 operands measured the same or slower with it and go without
-  // (docs/GPU.md, eighth and ninth sessions). The widened schemes (f16 operands): on at
-  // D 64 (fp8-per-tensor, causal B=2 L=8192: 304 -> 343 TFLOP/s on the H200), off at D 128 (400
-  // -> 405 causal but 363 -> 353 at B=4 L=4096), and on for the kRawRing instance (D 128, 128
-  // keys: 487 -> 508 causal, 274 -> 286 at B=16 L=1024, 441 -> 454 at B=4 L=4096, once its
-  // producer's widening had got faster; before, with the producer the bound, 418 without and 414
-  // with); off at D 256 (kRawRing too; one CTA per item on 32-key tiles: 431 without, 418 with;
-  // the persistent instance, 443 with them, is retired). Each warpgroup
+  // the tensor pipe. On for bf16 operands, where it measured faster (D 256 on its 64-key tiles:
+  // 626 -> 631 TFLOP/s causal; on the 32-key ones it had measured the same or slower); e4m3
+  // operands measured the same or slower with it and go without (docs/GPU.md, eighth and ninth
+  // sessions). The widened schemes (f16 operands): on at D 64 (fp8-per-tensor, causal B=2
+  // L=8192: 304 -> 343 TFLOP/s on the H200) and at D 128 (kRawRing, 128 keys: 487 -> 508 causal,
+  // 274 -> 286 at B=16 L=1024, 441 -> 454 at B=4 L=4096, once its producer's widening had got
+  // faster; the retired plain 64-key instance went without); off at D 256 (kRawRing too; one CTA
+  // per item on 32-key tiles: 431 without, 418 with; the persistent instance, 443 with them, is
+  // retired). Each warpgroup
   // takes num_kv_tiles + 1 turns per item (the idle loop's included); warpgroup 1 opens with an
   // arrival on warpgroup 0's barrier and warpgroup 0 closes with a sync that takes warpgroup 1's
   // last hand-over, so the barriers' arrivals balance. Per item, that opening and closing let
@@ -737,8 +734,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
   // smallest persistent launch: 0 hazards in 3 s, where the per-item order did not finish in 380
   // s). kTurnsRunOn follows kPrefillPersistentCtas, so that a one-item launch keeps the per-item
   // order.
-  constexpr bool kPingPong =
-      !Sh::kFp8Mma && (Sh::kWiden ? D == 64 || (Sh::kRawRing && D == 128) : kSwizzle);
+  constexpr bool kPingPong = !Sh::kFp8Mma && !(Sh::kWiden && D == 256);
   constexpr bool kTurnsRunOn = kPersistent && kPrefillPersistentCtas;
   if (kPingPong && kTurnsRunOn && cw == 1) named_barrier_arrive(2, 256);
   int ring = 0, n = 0;  // as the producer's
@@ -861,17 +857,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // as soon as it lands (pv_halves, below), once S and P of the tile are dead. The tile's P V
     // then runs beside the other warpgroup's work only, not beside this one's next QK.
     constexpr bool kPromoteHalves = Sh::kFp8Mma && D == 256;
-    // bf16: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two core matrices (8 keys) down,
-    // kKBlockStride apart (the leading byte offset; the stride byte offset steps 8 d), or two
-    // swizzle atoms of 8 keys x 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
+    // 16-bit: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two swizzle atoms of 8 keys x
+    // 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
     // fp8 with kPromote: the sum starts at this tile (the first k-step overwrites o).
     // The descriptor of stage J's V^T (bf16: V) at its first k-step (P V's B operand).
     auto v_desc = [&](int J) {
       const uint32_t vt_addr = stage_addr(J) + Sh::kKBytes;
-      return Sh::kFp8Mma ? (kSwizzle ? wgmma_desc_sw128(vt_addr)
-                                     : wgmma_desc(vt_addr, kCoreBytes, Sh::kVtBlockStride))
-                         : (kSwizzle ? wgmma_desc_sw128_mn(vt_addr, kBlockN * 128)
-                                     : wgmma_desc(vt_addr, Sh::kKBlockStride, kCoreBytes));
+      if constexpr (!Sh::kFp8Mma) return wgmma_desc_sw128_mn(vt_addr, kBlockN * 128);
+      return kSwizzle ? wgmma_desc_sw128(vt_addr)
+                      : wgmma_desc(vt_addr, kCoreBytes, Sh::kVtBlockStride);
     };
     auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int J) {
       const uint64_t v_desc0 = v_desc(J);
@@ -881,8 +875,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
           const uint64_t db = wgmma_desc_plus(v_desc0, kSwizzle ? c * 32 : c * 2 * kCoreBytes);
           wgmma_rs<D>(o, pa[c], db, !(kPromote && c == 0));
         } else {
-          const uint64_t db =
-              wgmma_desc_plus(v_desc0, kSwizzle ? c * 2048 : c * 2 * Sh::kKBlockStride);
+          const uint64_t db = wgmma_desc_plus(v_desc0, c * 2048);  // (swizzled)
           wgmma_rs_16bit<Sh::kF16, D>(o, pa[c], db);
         }
       }
