@@ -852,11 +852,24 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // session).
     constexpr bool kPromote = Sh::kFp8Mma && D <= 128;
     // D 256 (e4m3) has no room for a second accumulator set beside S (o alone is 128 registers):
-    // kPromoteHalves takes each tile's P V in two halves of D, one after the other, into one
-    // half-size set (pv), each added to its half of O in fp32 with O's rescale in the same FFMA
-    // as soon as it lands (pv_halves, below), once S and P of the tile are dead. The tile's P V
-    // then runs beside the other warpgroup's work only, not beside this one's next QK.
-    constexpr bool kPromoteHalves = Sh::kFp8Mma && D == 256;
+    // kPromoteParts takes the P V in parts of D (kDParts), one after the other, into one
+    // part-size set (pv), each added to its part of O in fp32 with O's rescale in the same FFMA
+    // as soon as it lands (pv_parts, below), once S of the tile is dead. That P V then runs
+    // beside the other warpgroup's work only, not beside this one's next QK.
+    constexpr bool kPromoteParts = Sh::kFp8Mma && D == 256;
+    // kPairTiles (D 256 e4m3, with kPromoteParts): the 64-key tiles go in pairs. Tile j's fp16
+    // exponentials (ph) are held until tile j + 1's softmax has run, scaled to its row max (16
+    // HMUL2, where a row of the warp moved), and P of both packed; one P V then covers the 128
+    // keys in quarters of D (kDParts: 64 d each, four k-steps over the pair, into a 32-register
+    // pv; in halves the consumers spilled 448 bytes at their 224 registers): half the promotion
+    // FFMAs a key, the same number of serialized P V waits, and D 128's promotion interval (the
+    // attention-sink error 7.5e-3 -> 1.5e-2, bound 2e-2). A pair's V stages are released once
+    // its P V has landed; an item's odd last tile goes alone. H200, causal B=2 L=8192, two rounds
+    // in turns: 611 / 607 -> 635 / 647 TFLOP/s (docs/GPU.md, fifty-second session).
+    constexpr bool kPairTiles = kPromoteParts;
+    constexpr int kPaTiles = kPairTiles ? 2 : 1;  // tiles of P in pa
+    constexpr int kDParts = kPairTiles ? 4 : 2;   // kPromoteParts' parts of D
+    constexpr int kDPart = D / kDParts;           // d of a part
     // 16-bit: B = V [keys][D] MN-major; k-step c = keys 16c..16c+15: two swizzle atoms of 8 keys x
     // 64 d, 1024 bytes apart (64-d blocks [kBlockN][128 bytes] apart).
     // fp8 with kPromote: the sum starts at this tile (the first k-step overwrites o).
@@ -867,7 +880,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       return kSwizzle ? wgmma_desc_sw128(vt_addr)
                       : wgmma_desc(vt_addr, kCoreBytes, Sh::kVtBlockStride);
     };
-    auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[Sh::kPvSteps][4], int J) {
+    auto issue_pv = [&](float(&o)[D / 2], const uint32_t(&pa)[kPaTiles * Sh::kPvSteps][4], int J) {
       const uint64_t v_desc0 = v_desc(J);
 #pragma unroll
       for (int c = 0; c < Sh::kPvSteps; ++c) {
@@ -924,30 +937,40 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // are written inside that window.
     // bf16: the 16-bit A fragment of k-step c is the accumulator pairs of n8 tiles 2c and 2c+1
     // (rows g, g+8; keys 2t, 2t+1 and + 8), so P keeps the natural key order.
-    auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[Sh::kPvSteps][4]) {
+    // The fp16 exponentials of a tile (ph, or kPairTiles' held ones) into k-steps c0.. of pa.
+    auto pack_f16 = [&](const uint32_t(&h_tile)[kF16Softmax ? kBlockN / 4 : 1],
+                        uint32_t(&pa)[kPaTiles * Sh::kPvSteps][4], int c0) {
 #pragma unroll
       for (int c = 0; c < Sh::kPvSteps; ++c) {
-        if constexpr (kF16Softmax) {
-          const uint32_t* h = &ph[8 * c];  // n8 tiles 4c .. 4c+3 as fp16 pairs
-          pa[c][0] = pack_e4m3x4_f16(h[0], h[2]);
-          pa[c][1] = pack_e4m3x4_f16(h[1], h[3]);
-          pa[c][2] = pack_e4m3x4_f16(h[4], h[6]);
-          pa[c][3] = pack_e4m3x4_f16(h[5], h[7]);
-        } else if constexpr (Sh::kFp8Mma) {
-          const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
-          pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
-          pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
-          pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
-          pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
-        } else {
-          const float* s0 = &s[8 * c];  // n8 tiles 2c, 2c+1
-          auto pack = [](float lo, float hi) {
-            return Sh::kF16 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
-          };
-          pa[c][0] = pack(s0[0], s0[1]);
-          pa[c][1] = pack(s0[2], s0[3]);
-          pa[c][2] = pack(s0[4], s0[5]);
-          pa[c][3] = pack(s0[6], s0[7]);
+        const uint32_t* h = &h_tile[8 * c];  // n8 tiles 4c .. 4c+3 as fp16 pairs
+        pa[c0 + c][0] = pack_e4m3x4_f16(h[0], h[2]);
+        pa[c0 + c][1] = pack_e4m3x4_f16(h[1], h[3]);
+        pa[c0 + c][2] = pack_e4m3x4_f16(h[4], h[6]);
+        pa[c0 + c][3] = pack_e4m3x4_f16(h[5], h[7]);
+      }
+    };
+    auto pack_p = [&](const float(&s)[kBlockN / 2], uint32_t(&pa)[kPaTiles * Sh::kPvSteps][4]) {
+      if constexpr (kF16Softmax) {
+        pack_f16(ph, pa, 0);
+      } else {
+#pragma unroll
+        for (int c = 0; c < Sh::kPvSteps; ++c) {
+          if constexpr (Sh::kFp8Mma) {
+            const float* s0 = &s[16 * c];  // n8 tiles 4c .. 4c+3
+            pa[c][0] = pack_e4m3x4(s0[0], s0[1], s0[4], s0[5]);
+            pa[c][1] = pack_e4m3x4(s0[2], s0[3], s0[6], s0[7]);
+            pa[c][2] = pack_e4m3x4(s0[8], s0[9], s0[12], s0[13]);
+            pa[c][3] = pack_e4m3x4(s0[10], s0[11], s0[14], s0[15]);
+          } else {
+            const float* s0 = &s[8 * c];  // n8 tiles 2c, 2c+1
+            auto pack = [](float lo, float hi) {
+              return Sh::kF16 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
+            };
+            pa[c][0] = pack(s0[0], s0[1]);
+            pa[c][1] = pack(s0[2], s0[3]);
+            pa[c][2] = pack(s0[4], s0[5]);
+            pa[c][3] = pack(s0[6], s0[7]);
+          }
         }
       }
     };
@@ -955,7 +978,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     float o[D / 2];  // wgmma m64nD accumulators: n8 tile i in o[4i .. 4i+3]
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-    float pv[kPromote ? D / 2 : kPromoteHalves ? D / 4 : 1];
+    float pv[kPromote ? D / 2 : kPromoteParts ? kDPart / 2 : 1];
     float(&pv_acc)[D / 2] = pick<kPromote>(pv, o);  // where P V lands
     // kPromote, once the P V of tile j-1 has landed in pv: O is one tile behind the softmax,
     // O = O * alpha(j-1) + pv, one FFMA per accumulator: O held tiles .. j-2 at tile j-2's row max,
@@ -978,12 +1001,21 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // 128); not the one-item D 128 and D 64 instances (the swizzled D 128 one spills with it and
     // measured slower on the uneven cached prefix batch), nor the 16-bit ones (the widened D 256
     // measured slower with it; bf16 takes ping-pong turns around its wgmma issue), nor D 256, whose
-    // P V runs in halves once P is packed (kPromoteHalves). Figures: docs/GPU.md, twenty-ninth
+    // P V runs in parts of D once P is packed (kPromoteParts). Figures: docs/GPU.md, twenty-ninth
     // session.
     constexpr bool kEarlyPv = Sh::kFp8Mma && kItemLoop;
     if (wg_tiles > 0 && kDiag != 2) {
-      uint32_t pa[Sh::kPvSteps][4];
+      uint32_t pa[kPaTiles * Sh::kPvSteps][4];
       float s[kBlockN / 2];
+      // kPairTiles: the first tile of a pair, held (its fp16 exponentials and alpha).
+      uint32_t ph_held[kPairTiles ? kBlockN / 4 : 1];
+      float alpha_held[2];
+      auto hold = [&](const float(&alpha)[2]) {
+#pragma unroll
+        for (int q = 0; q < (kPairTiles ? kBlockN / 4 : 1); ++q) ph_held[q] = ph[q];
+        alpha_held[0] = alpha[0];
+        alpha_held[1] = alpha[1];
+      };
       // P V(J) alone, once P(J) is packed (kEarlyPv: every tile's; otherwise the last one's, in a
       // ping-pong turn of its own).
       auto issue_pv_alone = [&](int J) {
@@ -995,34 +1027,69 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         issue_pv(pv_acc, pa, J);
         your_turn();
       };
-      // kPromoteHalves: P V(J) for d < D / 2, then d >= D / 2, each into pv from zero and added to
-      // its half of O once landed, O = O * alpha(J) + pv (alpha(J) takes O from the previous
-      // tiles' row max to tile J's, at which P(J) was taken; alpha of the first tile is 0).
-      auto pv_halves = [&](int J, const float(&alpha)[2]) {
-        if constexpr (kPromoteHalves) {
-          wait_v(J);
-          fence_apart();
-          const uint64_t v_desc0 = v_desc(J);  // D 256 e4m3: no swizzle
+      // kPromoteParts: P V of tiles J .. J + kT - 1 (kT = `tiles`: 1, or 2 for a pair) for each
+      // part of D in turn, each into pv from zero and added to its part of O once landed,
+      // O = O * alpha + pv (alpha takes O from the previous tiles' row max to the last tile's, at
+      // which P was taken; alpha of the first tile is 0).
+      auto pv_parts = [&](int J, auto tiles, const float(&alpha)[2]) {
+        if constexpr (kPromoteParts) {
+          constexpr int kT = decltype(tiles)::value;
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
+          for (int u = 0; u < kT; ++u) wait_v(J + u);
+          fence_apart();
+          uint64_t v_desc0[kT];  // D 256 e4m3: no swizzle
+#pragma unroll
+          for (int u = 0; u < kT; ++u) v_desc0[u] = v_desc(J + u);
+#pragma unroll
+          for (int h = 0; h < kDParts; ++h) {
             fence_operands(pv);
             wgmma_fence();
 #pragma unroll
-            for (int c = 0; c < Sh::kPvSteps; ++c) {
-              // d rows D / 2 * h on: (D / 2) / 8 groups of 8 d rows, kVtBlockStride apart.
-              const uint64_t db =
-                  wgmma_desc_plus(v_desc0, h * (D / 16) * Sh::kVtBlockStride + c * 2 * kCoreBytes);
-              wgmma_rs<D / 2>(pv, pa[c], db, c > 0);
+            for (int u = 0; u < kT; ++u) {
+#pragma unroll
+              for (int c = 0; c < Sh::kPvSteps; ++c) {
+                // d rows kDPart * h on: kDPart / 8 groups of 8 d rows, kVtBlockStride apart.
+                const uint64_t db = wgmma_desc_plus(
+                    v_desc0[u], h * (kDPart / 8) * Sh::kVtBlockStride + c * 2 * kCoreBytes);
+                wgmma_rs<kDPart>(pv, pa[u * Sh::kPvSteps + c], db, u > 0 || c > 0);
+              }
             }
             wgmma_commit();
             wgmma_wait<0>();
             fence_operands(pv);
 #pragma unroll
-            for (int i = 0; i < D / 4; ++i) {
-              o[h * (D / 4) + i] = fmaf(o[h * (D / 4) + i], alpha[(i >> 1) & 1], pv[i]);
+            for (int i = 0; i < kDPart / 2; ++i) {
+              o[h * (kDPart / 2) + i] = fmaf(o[h * (kDPart / 2) + i], alpha[(i >> 1) & 1], pv[i]);
             }
           }
-          release_after_pv(J);
+#pragma unroll
+          for (int u = 0; u < kT; ++u) release_after_pv(J + u);
+        }
+      };
+      // kPairTiles, at tile j's end (J its ring index, alpha its softmax's): the first of a pair
+      // is held, the second's P V covers both, and an odd last tile goes alone.
+      auto pair_step = [&](int j, int J, const float(&alpha)[2], bool odd) {
+        if constexpr (kPairTiles) {
+          if (!odd && j + 1 < wg_tiles) {
+            hold(alpha);
+          } else if (!odd) {
+            pack_p(s, pa);
+            pv_parts(J, std::integral_constant<int, 1>(), alpha);
+          } else {
+            if (__any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+              const __half2 a[2] = {__float2half2_rn(alpha[0]), __float2half2_rn(alpha[1])};
+#pragma unroll
+              for (int q = 0; q < kBlockN / 4; ++q) {  // ph's pair q is of row q % 2
+                __half2 x = *reinterpret_cast<const __half2*>(&ph_held[q]);
+                x = __hmul2(x, a[q % 2]);
+                ph_held[q] = *reinterpret_cast<const uint32_t*>(&x);
+              }
+            }
+            pack_f16(ph_held, pa, 0);
+            pack_f16(ph, pa, Sh::kPvSteps);
+            const float alpha_pair[2] = {alpha_held[0] * alpha[0], alpha_held[1] * alpha[1]};
+            pv_parts(J - 1, std::integral_constant<int, 2>(), alpha_pair);
+          }
         }
       };
       {
@@ -1046,74 +1113,93 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         stamp(0, kTlScores);
         softmax(s, 0, alpha_prev);
         stamp(0, kTlSoftmax);
-        pack_p(s, pa);
-        stamp(0, kTlPacked);
-        if constexpr (kEarlyPv) issue_pv_alone(ring);
-        pv_halves(ring, alpha_prev);
-      }
-      for (int j = 1; j < wg_tiles; ++j) {
-        stamp(j, kTlTop);
-        const int J = ring + j;
-        wait_full(J);
-        // P V(j - 1) issued with QK(j): not where it was issued early or has run (kEarlyPv,
-        // kPromoteHalves).
-        constexpr bool kPvWithQk = !kEarlyPv && !kPromoteHalves;
-        if constexpr (kPvWithQk) wait_v(J - 1);
-        fence_apart();
-        stamp(j, kTlFull);
-        my_turn();
-        if constexpr (kPvWithQk) fence_operands(pv_acc);
-        wgmma_fence();
-        issue_qk(s, J);
-        if constexpr (kPvWithQk) issue_pv(pv_acc, pa, J - 1);
-        your_turn();
-        stamp(j, kTlIssued);
-        if constexpr (kPromoteHalves) {
-          wgmma_wait<0>();  // S of tile j
-        } else if constexpr (kEarlyPv) {
-          wgmma_wait<0>();  // S of tile j, and the P V of tile j - 1 issued before it
-          fence_operands(pv_acc);
+        if constexpr (kPairTiles) {
+          pair_step(0, ring, alpha_prev, false);
         } else {
-          wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
+          pack_p(s, pa);
+          stamp(0, kTlPacked);
+          if constexpr (kEarlyPv) issue_pv_alone(ring);
+          pv_parts(ring, std::integral_constant<int, 1>(), alpha_prev);
         }
-        fence_operands(s);
-        if (j == wg_tiles - 1) release_q();
-        if constexpr (kApart) release(J);
-        stamp(j, kTlScores);
-        float alpha[2];
-        const bool moved = softmax(s, j, alpha);
-        // The persistent D 128 instance packs P before the promotion: P V(j-1), which read pa,
-        // has landed (kEarlyPv), and pa then takes the exponentials as they come.
-        constexpr bool kPackEarly = kEarlyPv && !kF16Softmax && D == 128;
-        if constexpr (kPackEarly) pack_p(s, pa);
-        stamp(j, kTlSoftmax);
-        if constexpr (kPvWithQk) {
-          wgmma_wait<0>();
-          fence_operands(pv_acc);
-        }
-        stamp(j, kTlPv);
-        if constexpr (!kPromoteHalves) {
-          release_after_pv(J - 1);
-          promote();
-        }
-        if constexpr (kPromote) {
-          alpha_prev[0] = alpha[0];
-          alpha_prev[1] = alpha[1];
-        } else if (!kPromoteHalves &&  // (kPromoteHalves: O's rescale is in pv_halves' FFMA)
-                   (kStaleMax ? moved
-                              : __any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f))) {
-          // Where no row of the warp raised its max (alpha 1: common once the rows have seen their
-          // largest scores) the rescale is the identity: skipped, bit for bit the same O. The
-          // stale-max instances take step_stale's vote, the same decision without a second vote.
-#pragma unroll
-          for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-        }
-        if constexpr (!kPackEarly) pack_p(s, pa);
-        stamp(j, kTlPacked);
-        if constexpr (kEarlyPv) issue_pv_alone(J);
-        pv_halves(J, alpha);
       }
-      if constexpr (!kPromoteHalves) {  // the last tile's P V (kPromoteHalves: done)
+      // Tiles 1.. of the warpgroup's item; kPairTiles: in pairs (tiles jp and jp + 1), the inner
+      // loop unrolled so that `odd` (the second of a pair) is known at compile time there and the
+      // held tile's registers are live only within a pair.
+      constexpr int kTileStep = kPairTiles ? 2 : 1;
+      for (int jp = 1; jp < wg_tiles; jp += kTileStep) {
+#pragma unroll
+        for (int u = 0; u < kTileStep; ++u) {
+          const int j = jp + u;
+          if (kPairTiles && j >= wg_tiles) break;
+          const bool odd = kPairTiles && u == 0;
+          stamp(j, kTlTop);
+          const int J = ring + j;
+          wait_full(J);
+          // P V(j - 1) issued with QK(j): not where it was issued early or has run (kEarlyPv,
+          // kPromoteParts).
+          constexpr bool kPvWithQk = !kEarlyPv && !kPromoteParts;
+          if constexpr (kPvWithQk) wait_v(J - 1);
+          fence_apart();
+          stamp(j, kTlFull);
+          my_turn();
+          if constexpr (kPvWithQk) fence_operands(pv_acc);
+          wgmma_fence();
+          issue_qk(s, J);
+          if constexpr (kPvWithQk) issue_pv(pv_acc, pa, J - 1);
+          your_turn();
+          stamp(j, kTlIssued);
+          if constexpr (kPromoteParts) {
+            wgmma_wait<0>();  // S of tile j
+          } else if constexpr (kEarlyPv) {
+            wgmma_wait<0>();  // S of tile j, and the P V of tile j - 1 issued before it
+            fence_operands(pv_acc);
+          } else {
+            wgmma_wait<1>();  // S of tile j; the PV of tile j-1 may still run
+          }
+          fence_operands(s);
+          if (j == wg_tiles - 1) release_q();
+          if constexpr (kApart) release(J);
+          stamp(j, kTlScores);
+          float alpha[2];
+          const bool moved = softmax(s, j, alpha);
+          // The persistent D 128 instance packs P before the promotion: P V(j-1), which read pa,
+          // has landed (kEarlyPv), and pa then takes the exponentials as they come.
+          constexpr bool kPackEarly = kEarlyPv && !kF16Softmax && D == 128;
+          if constexpr (kPackEarly) pack_p(s, pa);
+          stamp(j, kTlSoftmax);
+          if constexpr (kPvWithQk) {
+            wgmma_wait<0>();
+            fence_operands(pv_acc);
+          }
+          stamp(j, kTlPv);
+          if constexpr (!kPromoteParts) {
+            release_after_pv(J - 1);
+            promote();
+          }
+          if constexpr (kPromote) {
+            alpha_prev[0] = alpha[0];
+            alpha_prev[1] = alpha[1];
+          } else if (!kPromoteParts &&  // (kPromoteParts: O's rescale is in pv_parts' FFMA)
+                     (kStaleMax ? moved
+                                : __any_sync(kFullMask, alpha[0] != 1.0f || alpha[1] != 1.0f))) {
+            // Where no row of the warp raised its max (alpha 1: common once the rows have seen
+            // their largest scores) the rescale is the identity: skipped, bit for bit the same O.
+            // The stale-max instances take step_stale's vote, the same decision without a second
+            // vote.
+#pragma unroll
+            for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+          }
+          if constexpr (kPairTiles) {
+            pair_step(j, J, alpha, odd);
+          } else {
+            if constexpr (!kPackEarly) pack_p(s, pa);
+            stamp(j, kTlPacked);
+            if constexpr (kEarlyPv) issue_pv_alone(J);
+            pv_parts(J, std::integral_constant<int, 1>(), alpha);
+          }
+        }
+      }
+      if constexpr (!kPromoteParts) {  // the last tile's P V (kPromoteParts: done)
         if constexpr (!kEarlyPv) issue_pv_alone(ring + wg_tiles - 1);
         wgmma_wait<0>();
         fence_operands(pv_acc);
