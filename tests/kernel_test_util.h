@@ -198,23 +198,32 @@ inline AttentionProblem make_problem(const ProblemSpec& spec) {
     q_gain[g] = static_cast<float>(data.logit_std / std::sqrt(mean_sq));
   }
 
+  // The values: each token's K/V row and each new token's Q row from a generator of its own,
+  // seeded by the token's index and a base drawn above, so that the tokens are drawn in parallel
+  // and the data does not depend on the thread count. (One sequential stream for every value made
+  // a 300-request problem cost ~7 s of one core: most of the long GPU tests' time.)
+  const uint64_t kv_seed = rng.engine()(), q_seed = rng.engine()();
   p.kv.resize(static_cast<size_t>(p.num_tokens()) * 2 * Hkv * D);
+#pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < p.num_tokens(); ++t) {
+    Rng token_rng(kv_seed + static_cast<uint64_t>(t));
     for (int head = 0; head < 2 * Hkv; ++head) {
       const int g = head % Hkv;
       const bool is_k = head < Hkv;
       uint16_t* row = &p.kv[(t * 2 * Hkv + head) * D];
       for (int d = 0; d < D; ++d) {
         const float gain = is_k ? k_gain[static_cast<size_t>(g) * D + d] : head_gain[g];
-        row[d] = float_to_bf16(rng.normal() * gain);
+        row[d] = float_to_bf16(token_rng.normal() * gain);
       }
     }
   }
   p.q.resize(static_cast<size_t>(p.total_q()) * Hq * D);
+#pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < p.total_q(); ++t) {
+    Rng token_rng(q_seed + static_cast<uint64_t>(t));
     for (int h = 0; h < Hq; ++h) {
       for (int d = 0; d < D; ++d) {
-        p.q[(t * Hq + h) * D + d] = float_to_bf16(rng.normal() * q_gain[h / group]);
+        p.q[(t * Hq + h) * D + d] = float_to_bf16(token_rng.normal() * q_gain[h / group]);
       }
     }
   }
@@ -346,13 +355,16 @@ struct ReferenceInputs {
 };
 
 // The bf16 inputs exactly: the reference the kernels are judged against.
+// (Element-wise, in parallel: the same values on any number of threads.)
+inline std::vector<double> bf16_values(const std::vector<uint16_t>& x) {
+  std::vector<double> out(x.size());
+  const int64_t n = static_cast<int64_t>(x.size());
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(x[i]);
+  return out;
+}
 inline ReferenceInputs exact_inputs(const AttentionProblem& p) {
-  ReferenceInputs in;
-  in.q.reserve(p.q.size());
-  for (uint16_t x : p.q) in.q.push_back(bf16_to_float(x));
-  in.kv.reserve(p.kv.size());
-  for (uint16_t x : p.kv) in.kv.push_back(bf16_to_float(x));
-  return in;
+  return {bf16_values(p.q), bf16_values(p.kv)};
 }
 
 // The inputs after the scheme's FP8 rounding, as the kernels see them: K/V through
@@ -363,14 +375,16 @@ inline ReferenceInputs exact_inputs(const AttentionProblem& p) {
 inline ReferenceInputs emulated_inputs(const AttentionProblem& p, KvScheme scheme,
                                        const KvScales& scales,
                                        const std::vector<float>& static_q_scale = {}) {
-  ReferenceInputs in = exact_inputs(p);
-  if (!is_fp8(scheme)) return in;
+  if (!is_fp8(scheme)) return exact_inputs(p);
+  ReferenceInputs in{bf16_values(p.q), std::vector<double>(p.kv.size())};
   const int Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim;
   auto round_trip = [](float x, float scale) {
     return static_cast<double>(e4m3_to_float(quantize_e4m3(x, scale))) * scale;
   };
   const KvScaleSource source = kv_scale_source(scheme);
   const bool e5m2 = kv_codec(scheme) == KvCodec::kE5m2;
+  // Every element on its own (in parallel: the same values on any number of threads).
+#pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < p.num_tokens(); ++t) {
     for (int head = 0; head < 2 * Hkv; ++head) {
       const int g = head % Hkv;
