@@ -33,6 +33,7 @@
 //    logit_std ~ 0.14: twice fp8-per-tensor's figures, so twice its bounds (6u = 0.375
 //    normalized, 16u = 1.0 per row: a short row averaging few keys can move by its own size).
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -1050,6 +1051,43 @@ TEST(CpuBackend, ErrorBoundsReport) {
     expect_within(m.vs_exact, be, scheme_name(scheme));
     expect_within(m.vs_emulated, bm, scheme_name(scheme));
   }
+}
+
+// The test problems and the float64 reference's inputs are drawn and converted in parallel
+// (tests/kernel_test_util.h: each token's values from a generator of its own); the data must not
+// depend on the number of threads, or a test's seed would not name its data. One thread against
+// three, for a problem of odd sizes with a cached prefix, and every scheme's emulated inputs.
+TEST(TestProblems, SameDataOnAnyNumberOfThreads) {
+  test::ProblemSpec spec;
+  spec.requests = {{130, 3}, {0, 1}, {7, 61}, {1029, 1}, {64, 64}};
+  spec.num_q_heads = 12;
+  spec.num_kv_heads = 3;
+  spec.head_dim = 64;
+  spec.data.head_range = 10.0f;
+  spec.data.outlier_channels = 2;
+  spec.seed = 4242;
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const test::AttentionProblem one = test::make_problem(spec);
+  std::vector<test::ReferenceInputs> one_inputs;
+  for (KvScheme scheme : kSchemes) {
+    one_inputs.push_back(test::emulated_inputs(one, scheme, test::calibrate_scales(one, scheme)));
+  }
+  omp_set_num_threads(3);
+  const test::AttentionProblem three = test::make_problem(spec);
+  EXPECT_TRUE(three.kv == one.kv) << "K/V values differ between 1 and 3 threads";
+  EXPECT_TRUE(three.q == one.q) << "Q values differ between 1 and 3 threads";
+  EXPECT_TRUE(three.kv_slot == one.kv_slot);
+  for (size_t i = 0; i < std::size(kSchemes); ++i) {
+    const test::ReferenceInputs in =
+        test::emulated_inputs(three, kSchemes[i], test::calibrate_scales(three, kSchemes[i]));
+    EXPECT_TRUE(in.kv == one_inputs[i].kv) << scheme_name(kSchemes[i]);
+    EXPECT_TRUE(in.q == one_inputs[i].q) << scheme_name(kSchemes[i]);
+  }
+  omp_set_num_threads(threads);
+  // Distinct tokens get distinct draws (the per-token generators are not one stream repeated).
+  const size_t row = static_cast<size_t>(2 * spec.num_kv_heads * spec.head_dim);
+  EXPECT_FALSE(std::equal(one.kv.begin(), one.kv.begin() + row, one.kv.begin() + row));
 }
 
 }  // namespace
