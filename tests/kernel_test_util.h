@@ -354,8 +354,7 @@ struct ReferenceInputs {
   std::vector<double> kv;  // [num_tokens, 2 * Hkv, D]
 };
 
-// The bf16 inputs exactly: the reference the kernels are judged against.
-// (Element-wise, in parallel: the same values on any number of threads.)
+// bf16 codes as doubles, element-wise in parallel (the same values on any number of threads).
 inline std::vector<double> bf16_values(const std::vector<uint16_t>& x) {
   std::vector<double> out(x.size());
   const int64_t n = static_cast<int64_t>(x.size());
@@ -363,6 +362,8 @@ inline std::vector<double> bf16_values(const std::vector<uint16_t>& x) {
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(x[i]);
   return out;
 }
+
+// The bf16 inputs exactly: the reference the kernels are judged against.
 inline ReferenceInputs exact_inputs(const AttentionProblem& p) {
   return {bf16_values(p.q), bf16_values(p.kv)};
 }
