@@ -38,10 +38,12 @@ constexpr int64_t kDecodeMaxSplitGroups = 4096;
 // More splits than kDecodeTwoLevelMergeAbove merge in two levels (sub-groups of kDecodeMergeFanIn
 // adjacent splits, then the sub-groups' partials), each sub-group counting its arrivals too: the
 // region holds one group counter per group, then kDecodeMergeSubGroups sub-group counters per
-// group. Up to 16 splits one merge measured faster, at 63 two levels (docs/GPU.md, twenty-eighth
-// session).
+// group. One merge measured faster up to 16 splits (twenty-eighth session) and at 33 (B=1
+// L=131072 on 132 SMs, the per-SM plan's one wave: fp8-per-head 73.9 -> 72.6 us, bf16 136.7 ->
+// 135.7; fifty-fifth session), two levels at 63 (twenty-eighth); 34..63 are not measured and the
+// line is drawn between them (docs/GPU.md).
 constexpr int kDecodeMergeFanIn = 8;
-constexpr int kDecodeTwoLevelMergeAbove = 16;
+constexpr int kDecodeTwoLevelMergeAbove = 40;
 constexpr int kDecodeMergeSubGroups = kDecodeMaxSplits / kDecodeMergeFanIn;
 constexpr int64_t kDecodeSplitCounters = kDecodeMaxSplitGroups * (1 + kDecodeMergeSubGroups);
 static_assert(kDecodeMaxSplits % kDecodeMergeFanIn == 0, "whole sub-groups of counters");
