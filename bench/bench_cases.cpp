@@ -5,6 +5,7 @@
 #include <string>
 
 #include "fp8kv/error.h"
+#include "fp8kv/kv_pool.h"
 
 namespace fp8kv {
 
@@ -15,7 +16,28 @@ std::string DecodeCase::name() const {
   if (scattered) n += "_scattered";
   if (mixed) n += "_mixed";
   if (unordered) n += "_unordered";
+  if (served == ServedPool::kTokenSlots) n += "_served_tokens";
+  if (served == ServedPool::kSlotPages) n += "_served_pages";
   return n;
+}
+
+std::vector<int32_t> served_slot_table(int B, int L, ServedPool pool) {
+  if (pool == ServedPool::kNo || L % SlotAllocator::kPageSlots != 0) {
+    throw Error("served_slot_table: a served pool of L a multiple of 64, got L=" +
+                std::to_string(L));
+  }
+  SlotAllocator alloc(static_cast<int64_t>(B) * L,
+                      pool == ServedPool::kSlotPages ? SlotPolicy::kPages : SlotPolicy::kTokens);
+  std::vector<int32_t> table(static_cast<size_t>(B) * L);
+  auto grow = [&](int b, int from, int to) {
+    int32_t* row = table.data() + static_cast<size_t>(b) * L;
+    for (int pos = from; pos < to; ++pos) row[pos] = alloc.take(pos, pos > 0 ? row[pos - 1] : -1);
+  };
+  for (int b = 0; b < B; ++b) grow(b, 0, L / 4);
+  for (int pos = L / 4; pos < L; ++pos) {
+    for (int b = 0; b < B; ++b) grow(b, pos, pos + 1);
+  }
+  return table;
 }
 
 std::vector<DecodeCase> decode_cases(bool quick) {
@@ -26,6 +48,9 @@ std::vector<DecodeCase> decode_cases(bool quick) {
   // mixed batch without the runner's longest-first order, as a caller that gives none decodes it
   // (FP8 at head_dim 128: the persistent kernel, which orders its own items; with the order,
   // one-item CTAs: docs/GPU.md, forty-sixth and forty-seventh sessions).
+  // After the scattered rows, the reference shape on a served pool's slot table: LightLLM's token
+  // allocator interleaves the requests decoded in steps, our pages keep every 64-key tile in
+  // consecutive slots.
   return {{64, 4096, 32, 8, 128, false},
           {4, 32768, 32, 8, 128, false},
           {256, 1024, 32, 8, 128, false},
@@ -36,6 +61,10 @@ std::vector<DecodeCase> decode_cases(bool quick) {
           {512, 512, 32, 8, 128, false},
           {64, 4096, 32, 8, 128, true},
           {256, 1024, 32, 8, 128, true},
+          {64, 4096, 32, 8, 128, false, false, false, ServedPool::kTokenSlots},
+          {64, 4096, 32, 8, 128, false, false, false, ServedPool::kSlotPages},
+          {256, 1024, 32, 8, 128, false, false, false, ServedPool::kTokenSlots},
+          {256, 1024, 32, 8, 128, false, false, false, ServedPool::kSlotPages},
           {256, 2047, 32, 8, 128, false, true},
           {256, 2047, 32, 8, 128, true, true},
           {256, 2047, 32, 8, 128, false, true, true}};

@@ -4,6 +4,7 @@
 // CPU-only build refuses a bad name as well).
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -11,9 +12,15 @@
 
 namespace fp8kv {
 
+// A served pool: the slot table a serving engine's allocator leaves after it prefilled a batch of
+// B requests with L / 4 tokens each (in turn) and decoded the other 3L / 4 in steps of a token
+// per request (served_slot_table), by LightLLM's token allocator or by our pages of 64 slots
+// (SlotPolicy, fp8kv/kv_pool.h).
+enum class ServedPool { kNo, kTokenSlots, kSlotPages };
+
 // A decode row: B requests of L keys each (mixed: request b holds 1 + (b * 1021) % L), one new
 // token each, Hq / Hkv heads of head_dim D, the slot table a random permutation of the pool
-// (scattered) or each request's slots consecutive.
+// (scattered), a served pool's, or each request's slots consecutive.
 struct DecodeCase {
   int B, L, Hq, Hkv, D;
   bool scattered;
@@ -21,10 +28,14 @@ struct DecodeCase {
   // Without the runner's AttentionBatch::decode_order (every other row has it), as a caller that
   // gives none gets it.
   bool unordered = false;
+  ServedPool served = ServedPool::kNo;
   // The record name: B64_L4096 for the reference shape, suffixes for the others (_D64,
-  // _Hq28_Hkv4, _scattered, _mixed, _unordered).
+  // _Hq28_Hkv4, _scattered, _mixed, _unordered, _served_tokens, _served_pages).
   std::string name() const;
 };
+
+// The served pool's slot table [B, L] (B * L slots; L a multiple of 64, so that the pages fit).
+std::vector<int32_t> served_slot_table(int B, int L, ServedPool pool);
 
 // A prefill row: request b holds seq[b] keys, the last q[b] of them new (a cached prefix
 // before them).

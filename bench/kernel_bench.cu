@@ -581,8 +581,10 @@ struct BenchBatch {
                    scattered) {}
   // Requests of their own lengths: request b holds seq_lens[b] tokens, the last q_lens[b] of them
   // new (a cached prefix before them).
+  // `table`: the slot table ([B, max seq_lens]) instead of a permutation or consecutive slots.
   BenchBatch(const std::vector<int>& seq_lens, const std::vector<int>& q_lens, int Hq_, int Hkv_,
-             int D_, cudaStream_t s, bool scattered = true)
+             int D_, cudaStream_t s, bool scattered = true,
+             const std::vector<int32_t>* table = nullptr)
       : B(static_cast<int>(seq_lens.size())),
         L(*std::max_element(seq_lens.begin(), seq_lens.end())),
         q_len(*std::max_element(q_lens.begin(), q_lens.end())),
@@ -595,6 +597,7 @@ struct BenchBatch {
     std::iota(ri_v.begin(), ri_v.end(), 0);
     std::iota(rt_v.begin(), rt_v.end(), 0);
     if (scattered) std::shuffle(rt_v.begin(), rt_v.end(), std::mt19937(1234));
+    if (table != nullptr) rt_v = *table;
     seq = std::make_unique<BackendBuffer>(device(), B * 4);
     cu = std::make_unique<BackendBuffer>(device(), (B + 1) * 4);
     ri = std::make_unique<BackendBuffer>(device(), B * 4);
@@ -784,15 +787,21 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         for (int b = 0; b < c.B; ++b) lengths[b] = 1 + (b * 1021) % c.L;
       }
       const double keys = std::accumulate(lengths.begin(), lengths.end(), 0.0);
-      BenchBatch bb(lengths, std::vector<int>(c.B, 1), c.Hq, c.Hkv, c.D, s, c.scattered);
+      std::vector<int32_t> served;
+      if (c.served != ServedPool::kNo) served = served_slot_table(c.B, c.L, c.served);
+      BenchBatch bb(lengths, std::vector<int>(c.B, 1), c.Hq, c.Hkv, c.D, s, c.scattered,
+                    c.served != ServedPool::kNo ? &served : nullptr);
       // The order the model runner gives every layer of a decode step (AttentionBatch::
       // decode_order): longest first, made on the host once a step.
       const std::vector<int32_t> seq32(lengths.begin(), lengths.end());
       BackendBuffer order(device(), decode_order_longest_first(seq32.data(), c.B));
       char shape[64];
-      std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s%s", c.B, c.mixed ? "1.." : "",
+      std::snprintf(shape, sizeof shape, "B=%d L=%s%d Hq%d/%d D%d%s%s%s", c.B, c.mixed ? "1.." : "",
                     c.L, c.Hq, c.Hkv, c.D, c.scattered ? " scattered" : "",
-                    c.unordered ? " unordered" : "");
+                    c.unordered ? " unordered" : "",
+                    c.served == ServedPool::kTokenSlots  ? " served, token slots"
+                    : c.served == ServedPool::kSlotPages ? " served, slot pages"
+                                                         : "");
       // Every scheme's pool, params and workspace first, then all of them timed in turns
       // (time_us_in_turns), as the quantize and prefill rows: the same clocks for each, and no run
       // right after a run of itself (whose last bytes would still sit in L2).

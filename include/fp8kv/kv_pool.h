@@ -37,19 +37,62 @@ class FP8KV_API KvPool {
   std::vector<KvScheme> layer_schemes_;  // [num_layers]
 };
 
+// How a pool's free slots go to requests' tokens.
+//   kPages: a request's tokens at positions 64k .. 64k + 63 take the slots of one page of 64
+//     consecutive slots (page p: slots 64p .. 64p + 63), at their offset position % 64, so that
+//     every 64-token tile of the attention kernels reads consecutive slots (one copy per warp's
+//     rows, where scattered slots take one per row: docs/GPU.md), whatever the order in which
+//     the batch's requests grow. A page stays the request's until it ends; another request takes
+//     one of its free slots only when no page is wholly free (a nearly full pool, or one of fewer
+//     than 64 slots: the pool's capacity in tokens is never less than its slots).
+//   kTokens: any free slot, the last freed first (LightLLM's token allocator): a batch that
+//     decodes in steps interleaves its requests' slots.
+enum class SlotPolicy { kPages, kTokens };
+
+// The pool's free slots, host side. Deterministic: the same calls give the same slots (every
+// tensor-parallel rank keeps its own).
+class FP8KV_API SlotAllocator {
+ public:
+  static constexpr int kPageSlots = 64;  // one decode tile (kDecodeSplitAlign)
+  SlotAllocator(int64_t num_slots, SlotPolicy policy);
+  int64_t free_slots() const { return free_count_; }
+  SlotPolicy policy() const { return policy_; }
+  // A free slot for a request's token at position `pos` whose token at pos - 1 sits in `prev`
+  // (-1: none, pos == 0). Throws Error when no slot is free.
+  int32_t take(int pos, int32_t prev);
+  // Frees a slot that take() handed out (Error for one that is free or out of range).
+  void give_back(int32_t slot);
+
+ private:
+  bool page_whole(int64_t page) const {
+    return page_free_[static_cast<size_t>(page)] == kPageSlots;
+  }
+  void mark_taken(int32_t slot);
+  int32_t take_loose();
+  int64_t num_slots_;
+  int64_t num_pages_;  // whole pages: slots num_pages_ * 64 .. num_slots_ - 1 go only one by one
+  SlotPolicy policy_;
+  int64_t free_count_;
+  std::vector<uint8_t> free_;         // [num_slots] 1 where free
+  std::vector<int32_t> page_free_;    // [num_pages] free slots of each whole page
+  std::vector<int32_t> whole_pages_;  // pages that were wholly free when pushed (checked on pop)
+  std::vector<int32_t> loose_;        // freed slots, last freed on top (checked on pop)
+};
+
 // Requests and their slots: req_to_token[max_requests, max_len] (int32 slot indices, in the
-// backend's memory; host mirror here) plus a free list of slots. A request is a row; its
-// tokens' slots are row entries 0..seq_len-1.
+// backend's memory; host mirror here) plus the pool's free slots (SlotAllocator). A request is a
+// row; its tokens' slots are row entries 0..seq_len-1.
 class FP8KV_API RequestTable {
  public:
-  RequestTable(Backend& backend, int max_requests, int max_len, int64_t num_slots);
+  RequestTable(Backend& backend, int max_requests, int max_len, int64_t num_slots,
+               SlotPolicy policy = SlotPolicy::kPages);
 
   // A fresh request (row) with no tokens. Throws Error when every row is in use.
   int add_request();
   // Frees the request's row and slots.
   void release(int req);
   int seq_len(int req) const;
-  int64_t free_slots() const { return static_cast<int64_t>(free_.size()); }
+  int64_t free_slots() const { return slots_.free_slots(); }
   int max_len() const { return max_len_; }
   int max_requests() const { return max_requests_; }
 
@@ -69,7 +112,7 @@ class FP8KV_API RequestTable {
   int64_t num_slots_;
   std::vector<int32_t> table_;  // [max_requests, max_len] host mirror
   std::vector<int> seq_len_;    // [max_requests], -1 when the row is free
-  std::vector<int32_t> free_;   // free slots, handed out from the back
+  SlotAllocator slots_;
   BackendBuffer table_dev_;
 };
 

@@ -1,6 +1,7 @@
 #include "fp8kv/kv_pool.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -52,24 +53,118 @@ size_t KvPool::bytes() const {
   return b;
 }
 
+// ---- SlotAllocator -------------------------------------------------------------------------
+
+SlotAllocator::SlotAllocator(int64_t num_slots, SlotPolicy policy)
+    : num_slots_(num_slots),
+      num_pages_(policy == SlotPolicy::kPages && num_slots > 0 ? num_slots / kPageSlots : 0),
+      policy_(policy),
+      free_count_(num_slots),
+      free_(static_cast<size_t>(std::max<int64_t>(num_slots, 0)), 1),
+      page_free_(static_cast<size_t>(num_pages_), kPageSlots) {
+  if (num_slots <= 0 || num_slots > INT32_MAX) {
+    throw Error("slot allocator: num_slots must be in 1.." + std::to_string(INT32_MAX) + ", got " +
+                std::to_string(num_slots));
+  }
+  // Handed out from the back: slot 0 and page 0 first.
+  loose_.resize(static_cast<size_t>(num_slots));
+  for (int64_t i = 0; i < num_slots; ++i)
+    loose_[static_cast<size_t>(i)] = static_cast<int32_t>(num_slots - 1 - i);
+  whole_pages_.resize(static_cast<size_t>(num_pages_));
+  for (int64_t i = 0; i < num_pages_; ++i)
+    whole_pages_[static_cast<size_t>(i)] = static_cast<int32_t>(num_pages_ - 1 - i);
+}
+
+void SlotAllocator::mark_taken(int32_t slot) {
+  free_[static_cast<size_t>(slot)] = 0;
+  --free_count_;
+  if (slot / kPageSlots < num_pages_) --page_free_[static_cast<size_t>(slot / kPageSlots)];
+}
+
+// Invariants: every free slot has an entry in loose_ (entries of taken slots are skipped when
+// popped), and every wholly free page one in whole_pages_ (a page leaves wholeness only by a pop
+// of whole_pages_: take() empties whole_pages_ before it takes a loose slot, so a loose slot is
+// never in a whole page).
+int32_t SlotAllocator::take_loose() {
+  while (!loose_.empty()) {
+    const int32_t s = loose_.back();
+    loose_.pop_back();
+    if (free_[static_cast<size_t>(s)]) {
+      mark_taken(s);
+      return s;
+    }
+  }
+  throw Error("slot allocator: no free slot among " + std::to_string(free_count_) +
+              " counted free (internal)");
+}
+
+int32_t SlotAllocator::take(int pos, int32_t prev) {
+  if (free_count_ == 0) {
+    throw Error("out of KV cache slots: all " + std::to_string(num_slots_) + " are in use");
+  }
+  if (policy_ == SlotPolicy::kPages) {
+    const int offset = pos % kPageSlots;
+    // The next slot of the request's page, where its previous token sits at its own offset.
+    if (offset != 0 && prev >= 0 && prev % kPageSlots == offset - 1 &&
+        prev / kPageSlots < num_pages_ && free_[static_cast<size_t>(prev) + 1]) {
+      mark_taken(prev + 1);
+      return prev + 1;
+    }
+    // Else a wholly free page (also for a request whose page another took a slot of: its
+    // following tokens align again).
+    while (!whole_pages_.empty()) {
+      const int32_t page = whole_pages_.back();
+      whole_pages_.pop_back();
+      if (page_whole(page)) {
+        const int32_t s = page * kPageSlots + offset;
+        mark_taken(s);
+        return s;
+      }
+    }
+  }
+  return take_loose();
+}
+
+void SlotAllocator::give_back(int32_t slot) {
+  if (slot < 0 || slot >= num_slots_ || free_[static_cast<size_t>(slot)]) {
+    throw Error("slot allocator: slot " + std::to_string(slot) +
+                (slot < 0 || slot >= num_slots_
+                     ? " is outside the pool of " + std::to_string(num_slots_)
+                     : std::string(" is free already")));
+  }
+  free_[static_cast<size_t>(slot)] = 1;
+  ++free_count_;
+  loose_.push_back(slot);
+  if (slot / kPageSlots < num_pages_ &&
+      ++page_free_[static_cast<size_t>(slot / kPageSlots)] == kPageSlots) {
+    whole_pages_.push_back(slot / kPageSlots);
+  }
+  // The page policy leaves the entries of slots it took in loose_: rebuild it (every free slot,
+  // the lowest on top) before it outgrows twice the pool.
+  if (static_cast<int64_t>(loose_.size()) > 2 * num_slots_) {
+    loose_.clear();
+    for (int64_t s = num_slots_ - 1; s >= 0; --s) {
+      if (free_[static_cast<size_t>(s)]) loose_.push_back(static_cast<int32_t>(s));
+    }
+  }
+}
+
 // ---- RequestTable --------------------------------------------------------------------------
 
-RequestTable::RequestTable(Backend& backend, int max_requests, int max_len, int64_t num_slots)
+RequestTable::RequestTable(Backend& backend, int max_requests, int max_len, int64_t num_slots,
+                           SlotPolicy policy)
     : backend_(backend),
       max_requests_(max_requests),
       max_len_(max_len),
       num_slots_(num_slots),
       table_(static_cast<size_t>(max_requests) * max_len, static_cast<int32_t>(num_slots)),
       seq_len_(static_cast<size_t>(max_requests), -1),
-      free_(static_cast<size_t>(num_slots)),
+      slots_(num_slots, policy),
       table_dev_(backend, static_cast<size_t>(max_requests) * max_len * sizeof(int32_t)) {
   if (max_requests <= 0 || max_len <= 0) {
     throw Error("request table: max_requests and max_len must be positive, got " +
                 std::to_string(max_requests) + " and " + std::to_string(max_len));
   }
-  // Handed out from the back: slot 0 first.
-  for (int64_t i = 0; i < num_slots; ++i)
-    free_[static_cast<size_t>(i)] = static_cast<int32_t>(num_slots - 1 - i);
   // Unused entries point at the padding slot.
   table_dev_.upload(table_.data(), table_.size() * sizeof(int32_t));
 }
@@ -94,7 +189,7 @@ void RequestTable::release(int req) {
   check_req(req);
   int32_t* row = table_.data() + static_cast<size_t>(req) * max_len_;
   for (int i = seq_len_[static_cast<size_t>(req)] - 1; i >= 0; --i) {
-    free_.push_back(row[i]);
+    slots_.give_back(row[i]);
     row[i] = static_cast<int32_t>(num_slots_);
   }
   seq_len_[static_cast<size_t>(req)] = -1;
@@ -137,9 +232,9 @@ std::vector<int32_t> RequestTable::extend(const std::vector<int>& reqs,
     int32_t* row = table_.data() + r * max_len_;
     const int start = seq_len_[r];
     for (int i = 0; i < counts[b]; ++i) {
-      const int32_t s = free_.back();
-      free_.pop_back();
-      row[start + i] = s;
+      const int pos = start + i;
+      const int32_t s = slots_.take(pos, pos > 0 ? row[pos - 1] : -1);
+      row[pos] = s;
       slots.push_back(s);
     }
     seq_len_[r] = start + counts[b];
