@@ -56,7 +56,11 @@ class FP8KV_API SlotAllocator {
   static constexpr int kPageSlots = 64;  // one decode tile (kDecodeSplitAlign)
   SlotAllocator(int64_t num_slots, SlotPolicy policy);
   int64_t free_slots() const { return free_count_; }
+  int64_t num_slots() const { return num_slots_; }
   SlotPolicy policy() const { return policy_; }
+  bool is_free(int32_t slot) const {
+    return slot >= 0 && slot < num_slots_ && free_[static_cast<size_t>(slot)] != 0;
+  }
   // A free slot for a request's token at position `pos` whose token at pos - 1 sits in `prev`
   // (-1: none, pos == 0). Throws Error when no slot is free.
   int32_t take(int pos, int32_t prev);

@@ -21,6 +21,14 @@ The tensors mirror LightLLM's (shapes in the docstrings):
   * ``req_to_token [max_requests, max_len]`` int32 slot table, ``b_req_idx [B]``,
     ``b_seq_len [B]`` (cached + new tokens), ``cu_seqlens_q [B + 1]`` int32.
 
+``SlotAllocator(num_slots, policy="pages")`` hands out a pool's slots for ``req_to_token``: a
+request's tokens at positions 64k..64k+63 take one page of 64 consecutive slots, so that every
+64-key tile the attention kernels read sits in consecutive slots (one tensor copy per warp instead
+of one per row) however the batch's requests grow; ``policy="tokens"`` is LightLLM's order (any
+free slot, the last freed first). ``take(start, last_slot, count)`` (int32 ``[B]`` each: a
+request's first new position, the slot of its token before it or -1, its new tokens) returns the
+new tokens' slots in batch order, all or nothing; ``give_back(slots)`` frees them.
+
 bf16: NumPy has no bfloat16; a uint16 array holding bf16 bit patterns is taken as bf16
 everywhere (``encode_bf16`` / ``decode_bf16`` convert float32 arrays). Torch's bfloat16 is
 taken as is.
@@ -41,6 +49,7 @@ from . import _fp8kv
 from ._fp8kv import (  # noqa: F401  (re-exported)
     CalibData,
     RankScales,
+    SlotAllocator,
     cuda_available,
     decode_bf16,
     decode_e4m3,
@@ -62,7 +71,8 @@ from ._fp8kv import (  # noqa: F401  (re-exported)
 __version__ = _fp8kv.__version__
 
 __all__ = [
-    "CalibData", "Observer", "RankScales", "TorchDistributedCommunicator", "cuda_available",
+    "CalibData", "Observer", "RankScales", "SlotAllocator", "TorchDistributedCommunicator",
+    "cuda_available",
     "decode_attention", "decode_bf16", "decode_e4m3", "decode_e5m2", "decode_order_longest_first",
     "encode_bf16",
     "encode_e4m3", "encode_e5m2", "load_calib", "parse_calib", "prefill_attention",

@@ -13,7 +13,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ._fp8kv import (CalibData as CalibData, Communicator as Communicator,
-                     RankScales as RankScales, cuda_available as cuda_available,
+                     RankScales as RankScales, SlotAllocator as SlotAllocator,
+                     cuda_available as cuda_available,
                      decode_bf16 as decode_bf16, decode_e4m3 as decode_e4m3,
                      decode_e5m2 as decode_e5m2,
                      decode_order_longest_first as decode_order_longest_first,

@@ -29,6 +29,7 @@
 #include "fp8kv/communicator.h"
 #include "fp8kv/error.h"
 #include "fp8kv/fp8.h"
+#include "fp8kv/kv_pool.h"
 #include "fp8kv/observer.h"
 #include "fp8kv/scheme.h"
 #include "kernels/validate.h"
@@ -658,6 +659,18 @@ class PyCommunicator final : public Communicator {
   py::object obj_;
 };
 
+// A host array of int32 (converted from any integer array NumPy can cast).
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+// The length of a 1-D array argument `name` of `fn`; ValueError for another rank.
+int64_t vector_length(const char* fn, const char* name, const IntArray& a) {
+  if (a.ndim() != 1) {
+    throw py::value_error(std::string(fn) + ": " + name + " must be 1-D, got " +
+                          std::to_string(a.ndim()) + " dimensions");
+  }
+  return static_cast<int64_t>(a.size());
+}
+
 }  // namespace
 }  // namespace fp8kv::python
 
@@ -731,6 +744,89 @@ PYBIND11_MODULE(_fp8kv, m) {
         return py::array_t<int32_t>(static_cast<py::ssize_t>(order.size()), order.data());
       },
       py::arg("b_seq_len"));
+
+  // The pool's slot allocator (host): pages of 64 slots per request window, or LightLLM's token
+  // order (fp8kv/kv_pool.h).
+  py::class_<SlotAllocator>(m, "SlotAllocator")
+      .def(py::init([](int64_t num_slots, const std::string& policy) {
+             if (policy != "pages" && policy != "tokens") {
+               throw py::value_error("SlotAllocator: policy must be 'pages' or 'tokens', got '" +
+                                     policy + "'");
+             }
+             return std::make_unique<SlotAllocator>(
+                 num_slots, policy == "pages" ? SlotPolicy::kPages : SlotPolicy::kTokens);
+           }),
+           py::arg("num_slots"), py::arg("policy") = "pages")
+      .def_property_readonly("num_slots", &SlotAllocator::num_slots)
+      .def_property_readonly("free_slots", &SlotAllocator::free_slots)
+      .def_property_readonly("policy",
+                             [](const SlotAllocator& a) {
+                               return a.policy() == SlotPolicy::kPages ? "pages" : "tokens";
+                             })
+      .def(
+          "take",
+          [](SlotAllocator& a, const IntArray& start, const IntArray& last_slot,
+             const IntArray& count) {
+            const char* fn = "SlotAllocator.take";
+            const int64_t n = vector_length(fn, "start", start);
+            if (vector_length(fn, "last_slot", last_slot) != n ||
+                vector_length(fn, "count", count) != n) {
+              throw py::value_error(std::string(fn) +
+                                    ": start, last_slot and count differ in length (" +
+                                    std::to_string(n) + ", " + std::to_string(last_slot.size()) +
+                                    ", " + std::to_string(count.size()) + ")");
+            }
+            int64_t needed = 0;
+            for (int64_t b = 0; b < n; ++b) {
+              if (start.data()[b] < 0 || count.data()[b] < 0 || last_slot.data()[b] < -1 ||
+                  last_slot.data()[b] >= a.num_slots()) {
+                throw py::value_error(std::string(fn) + ": entry " + std::to_string(b) +
+                                      " has start " + std::to_string(start.data()[b]) +
+                                      ", last_slot " + std::to_string(last_slot.data()[b]) +
+                                      ", count " + std::to_string(count.data()[b]) +
+                                      " (start, count >= 0; last_slot -1 or a slot of the pool)");
+              }
+              needed += count.data()[b];
+            }
+            if (needed > a.free_slots()) {  // all or nothing
+              throw py::value_error(std::string(fn) + ": out of KV cache slots: needs " +
+                                    std::to_string(needed) + " new slots, " +
+                                    std::to_string(a.free_slots()) + " of " +
+                                    std::to_string(a.num_slots()) + " are free");
+            }
+            py::array_t<int32_t> out(static_cast<py::ssize_t>(needed));
+            int32_t* o = out.mutable_data();
+            for (int64_t b = 0; b < n; ++b) {
+              int32_t prev = last_slot.data()[b];
+              for (int32_t i = 0; i < count.data()[b]; ++i) {
+                prev = a.take(start.data()[b] + i, prev);
+                *o++ = prev;
+              }
+            }
+            return out;
+          },
+          py::arg("start"), py::arg("last_slot"), py::arg("count"))
+      .def(
+          "give_back",
+          [](SlotAllocator& a, const IntArray& slots) {
+            const int64_t n = vector_length("SlotAllocator.give_back", "slots", slots);
+            std::vector<int32_t> sorted(slots.data(), slots.data() + n);
+            std::sort(sorted.begin(), sorted.end());
+            for (int64_t i = 0; i < n; ++i) {  // all checked before any is freed
+              const int32_t s = sorted[static_cast<size_t>(i)];
+              if (!a.is_free(s) && s >= 0 && s < a.num_slots() &&
+                  (i == 0 || sorted[static_cast<size_t>(i) - 1] != s)) {
+                continue;
+              }
+              throw py::value_error("SlotAllocator.give_back: slot " + std::to_string(s) +
+                                    (s < 0 || s >= a.num_slots() ? " is outside the pool of " +
+                                                                       std::to_string(a.num_slots())
+                                     : a.is_free(s) ? std::string(" is free already")
+                                                    : std::string(" appears twice")));
+            }
+            for (int64_t i = 0; i < n; ++i) a.give_back(slots.data()[i]);
+          },
+          py::arg("slots"));
 
   // Codecs (host arrays).
   m.def(

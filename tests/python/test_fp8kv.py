@@ -355,6 +355,62 @@ def test_decode_matches_float64_reference_and_allocates_out(rng, scheme):
     assert np.array_equal(out, out2)
 
 
+def test_slot_allocator_pages_a_decoding_batch():
+    # Four requests prefilled, then decoded a token each per step, as an engine grows them: with
+    # pages every token of a request sits at page start + position % 64; LightLLM's token order
+    # interleaves the same batch's slots.
+    for policy in ("pages", "tokens"):
+        alloc = fp8kv.SlotAllocator(64 * 20, policy)
+        assert (alloc.num_slots, alloc.free_slots, alloc.policy) == (1280, 1280, policy)
+        rows = [[] for _ in range(4)]
+        def grow(counts):
+            start = [len(r) for r in rows]
+            last = [r[-1] if r else -1 for r in rows]
+            slots = alloc.take(np.array(start, np.int32), np.array(last, np.int32),
+                               np.array(counts, np.int32))
+            assert slots.dtype == np.int32 and len(slots) == sum(counts)
+            k = 0
+            for r, c in zip(rows, counts):
+                r.extend(slots[k:k + c].tolist())
+                k += c
+        grow([5, 64, 130, 0])
+        for _ in range(150):
+            grow([1, 1, 1, 1])
+        live = [s for r in rows for s in r]
+        assert len(set(live)) == len(live) == 1280 - alloc.free_slots
+        paged = all(s % 64 == p % 64 and (p % 64 == 0 or s == r[p - 1] + 1)
+                    for r in rows for p, s in enumerate(r))
+        assert paged == (policy == "pages")
+        alloc.give_back(np.array(rows[2], np.int32))
+        assert alloc.free_slots == 1280 - len(live) + len(rows[2])
+
+
+def test_slot_allocator_refusals_change_nothing():
+    alloc = fp8kv.SlotAllocator(10)
+    one = np.array([1], np.int32)
+    with pytest.raises(ValueError, match="needs 11 new slots, 10 of 10 are free"):
+        alloc.take(np.array([0], np.int32), np.array([-1], np.int32), np.array([11], np.int32))
+    assert alloc.free_slots == 10
+    with pytest.raises(ValueError, match="differ in length"):
+        alloc.take(np.array([0, 0], np.int32), np.array([-1], np.int32), one)
+    with pytest.raises(ValueError, match="entry 0 has start 0, last_slot 10, count 1"):
+        alloc.take(np.array([0], np.int32), np.array([10], np.int32), one)
+    slots = alloc.take(np.array([0, 0], np.int32), np.array([-1, -1], np.int32),
+                       np.array([2, 3], np.int32))
+    assert sorted(slots.tolist()) == [0, 1, 2, 3, 4]  # fewer than 64 slots: one by one
+    with pytest.raises(ValueError, match="slot 7 is free already"):
+        alloc.give_back(np.array([0, 7], np.int32))
+    with pytest.raises(ValueError, match="slot 1 appears twice"):
+        alloc.give_back(np.array([1, 1], np.int32))
+    with pytest.raises(ValueError, match="outside the pool of 10"):
+        alloc.give_back(np.array([10], np.int32))
+    assert alloc.free_slots == 5  # every refused give_back freed nothing
+    with pytest.raises(ValueError, match="policy must be 'pages' or 'tokens'"):
+        fp8kv.SlotAllocator(10, "blocks")
+    with pytest.raises(ValueError, match="num_slots"):
+        fp8kv.SlotAllocator(0)
+
+
 def test_decode_order_longest_first_and_in_decode(rng):
     # Whole tiles of 64 keys, longest first, one bucket keeping the index order.
     assert fp8kv.decode_order_longest_first([64, 65, 1, 0, 2047, 128]).tolist() == \
