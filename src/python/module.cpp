@@ -14,6 +14,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -779,12 +781,14 @@ PYBIND11_MODULE(_fp8kv, m) {
             int64_t needed = 0;
             for (int64_t b = 0; b < n; ++b) {
               if (start.data()[b] < 0 || count.data()[b] < 0 || last_slot.data()[b] < -1 ||
-                  last_slot.data()[b] >= a.num_slots()) {
+                  last_slot.data()[b] >= a.num_slots() ||
+                  int64_t{start.data()[b]} + count.data()[b] > INT32_MAX) {
                 throw py::value_error(std::string(fn) + ": entry " + std::to_string(b) +
                                       " has start " + std::to_string(start.data()[b]) +
                                       ", last_slot " + std::to_string(last_slot.data()[b]) +
                                       ", count " + std::to_string(count.data()[b]) +
-                                      " (start, count >= 0; last_slot -1 or a slot of the pool)");
+                                      " (start, count >= 0, start + count < 2^31; last_slot -1 "
+                                      "or a slot of the pool)");
               }
               needed += count.data()[b];
             }

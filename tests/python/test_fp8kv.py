@@ -395,6 +395,8 @@ def test_slot_allocator_refusals_change_nothing():
         alloc.take(np.array([0, 0], np.int32), np.array([-1], np.int32), one)
     with pytest.raises(ValueError, match="entry 0 has start 0, last_slot 10, count 1"):
         alloc.take(np.array([0], np.int32), np.array([10], np.int32), one)
+    with pytest.raises(ValueError, match="entry 0 has start 2147483647, last_slot -1, count 1"):
+        alloc.take(np.array([2**31 - 1], np.int32), np.array([-1], np.int32), one)
     slots = alloc.take(np.array([0, 0], np.int32), np.array([-1, -1], np.int32),
                        np.array([2, 3], np.int32))
     assert sorted(slots.tolist()) == [0, 1, 2, 3, 4]  # fewer than 64 slots: one by one
