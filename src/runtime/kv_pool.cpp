@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "fp8kv/error.h"
+#include "kernels/decode_split.h"
 
 namespace fp8kv {
 
@@ -55,17 +56,26 @@ size_t KvPool::bytes() const {
 
 // ---- SlotAllocator -------------------------------------------------------------------------
 
-SlotAllocator::SlotAllocator(int64_t num_slots, SlotPolicy policy)
-    : num_slots_(num_slots),
-      num_pages_(policy == SlotPolicy::kPages && num_slots > 0 ? num_slots / kPageSlots : 0),
-      policy_(policy),
-      free_count_(num_slots),
-      free_(static_cast<size_t>(std::max<int64_t>(num_slots, 0)), 1),
-      page_free_(static_cast<size_t>(num_pages_), kPageSlots) {
+static_assert(SlotAllocator::kPageSlots == cuda::kDecodeSplitAlign,
+              "a page is one decode tile: its rows are one copy per warp");
+
+namespace {
+int64_t checked_slot_count(int64_t num_slots) {
   if (num_slots <= 0 || num_slots > INT32_MAX) {
     throw Error("slot allocator: num_slots must be in 1.." + std::to_string(INT32_MAX) + ", got " +
                 std::to_string(num_slots));
   }
+  return num_slots;
+}
+}  // namespace
+
+SlotAllocator::SlotAllocator(int64_t num_slots, SlotPolicy policy)
+    : num_slots_(checked_slot_count(num_slots)),
+      num_pages_(policy == SlotPolicy::kPages ? num_slots_ / kPageSlots : 0),
+      policy_(policy),
+      free_count_(num_slots),
+      free_(static_cast<size_t>(num_slots_), 1),
+      page_free_(static_cast<size_t>(num_pages_), kPageSlots) {
   // Handed out from the back: slot 0 and page 0 first.
   loose_.resize(static_cast<size_t>(num_slots));
   for (int64_t i = 0; i < num_slots; ++i)

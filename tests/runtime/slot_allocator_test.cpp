@@ -201,6 +201,10 @@ TEST(SlotAllocator, RefusesBadSlotsAndSizes) {
             std::string::npos);
   EXPECT_NE(error_of([] { SlotAllocator(0, SlotPolicy::kPages); }).find("num_slots"),
             std::string::npos);
+  EXPECT_NE(error_of([] {
+              SlotAllocator(int64_t{1} << 40, SlotPolicy::kTokens);
+            }).find("num_slots must be in 1..2147483647, got 1099511627776"),
+            std::string::npos);
   EXPECT_EQ(a.free_slots(), 100);
 }
 
