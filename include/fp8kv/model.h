@@ -174,6 +174,9 @@ struct RunnerOptions {
   int64_t num_slots = 8192;
   int max_requests = 64;
   int max_len = 4096;
+  // How the pool's slots go to tokens (SlotAllocator): pages of 64 per request window, or
+  // LightLLM's token order (bench model --slot-policy compares them).
+  SlotPolicy slot_policy = SlotPolicy::kPages;
   std::vector<ShadowScheme> shadows;
   // FP8 schemes (main pool and every shadow): these layers keep their K/V in bf16
   // (--kv-bf16-layers; KvPool). Their scales are still required and simply unused.
@@ -244,8 +247,12 @@ class FP8KV_API ModelRunner {
   // through quantize_kv into every layer of the pool (and of the shadow pools) at fresh slots,
   // so a decode step afterwards reads a context of the full length. Seconds instead of a long
   // prefill; the attention output is meaningless, the bytes read and the work done are real.
-  // Throws Error (changing nothing for the request at hand) when the slots run out.
-  void append_random_context(const std::vector<int>& reqs, int count, uint64_t seed = 0);
+  // Throws Error, changing nothing, when the slots run out or a request would pass max_len.
+  // `by_steps`: the slots are taken a token per request per step, in the order a batch that
+  // decodes grows (the table a long-running server's batch has); else a run per request. The
+  // values at each position are the same either way (only the slots differ), so are the logits.
+  void append_random_context(const std::vector<int>& reqs, int count, uint64_t seed = 0,
+                             bool by_steps = false);
 
   size_t kv_pool_bytes() const { return pool_.bytes(); }  // the main pool, all layers
 

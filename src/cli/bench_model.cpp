@@ -41,6 +41,8 @@ void add_bench_model(CLI::App& app) {
     int batch = 4;
     int prompt_len = 128;
     int context = 0;
+    bool context_by_steps = false;
+    std::string slot_policy = "pages";
     int warmup = 2;
     int decode = 16;
     int tp = 1;
@@ -64,6 +66,14 @@ void add_bench_model(CLI::App& app) {
                   "Tokens per request in the cache when decoding starts (>= --prompt-len; the "
                   "part past the prompt is random K/V written into the pool). Default: the prompt")
       ->check(CLI::Range(0, 1 << 20));
+  cmd->add_flag("--context-by-steps", opt->context_by_steps,
+                "Take the context's slots a token per request per step, as a batch that decodes "
+                "grows (a long-running server's slot table), instead of a run per request");
+  cmd->add_option("--slot-policy", opt->slot_policy,
+                  "How the pool's slots go to tokens: pages (64 consecutive slots per request "
+                  "window) or tokens (LightLLM's order: any free slot, the last freed first)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"pages", "tokens"}));
   cmd->add_option("--warmup", opt->warmup, "Untimed decode steps before the timed ones")
       ->capture_default_str()
       ->check(CLI::Range(0, 1024));
@@ -113,8 +123,10 @@ void add_bench_model(CLI::App& app) {
         }
         prompts.push_back(std::move(p));
       }
-      say("%s: batch %d, prompt %d, context %d, decode %d (+%d warm-up) steps\n",
-          opt->model.c_str(), opt->batch, opt->prompt_len, context, opt->decode, opt->warmup);
+      say("%s: batch %d, prompt %d, context %d%s, decode %d (+%d warm-up) steps, slot %s\n",
+          opt->model.c_str(), opt->batch, opt->prompt_len, context,
+          opt->context_by_steps ? " (by steps)" : "", opt->decode, opt->warmup,
+          opt->slot_policy.c_str());
       say("backend %s, %s weights (%.2f GiB%s)\n", backend.name().c_str(),
           weight_dtype_name(model->weight_dtype()),
           static_cast<double>(model->weight_bytes()) / (1ull << 30),
@@ -129,6 +141,7 @@ void add_bench_model(CLI::App& app) {
         double calib_seconds = 0.0;  // the calibrate pass on the prompts, when no file is given
         int64_t calib_tokens = 0;
         ro.max_requests = opt->batch;
+        ro.slot_policy = opt->slot_policy == "tokens" ? SlotPolicy::kTokens : SlotPolicy::kPages;
         ro.max_len = context + (graph ? 2 : 1) * (opt->warmup + opt->decode);
         ro.num_slots = static_cast<int64_t>(ro.max_len) * opt->batch;
         if (has_kv_scales(scheme)) {
@@ -172,7 +185,7 @@ void add_bench_model(CLI::App& app) {
         const auto t0 = clock::now();
         std::vector<int32_t> next = runner.forward_greedy(reqs, prompts);
         const auto t1 = clock::now();
-        runner.append_random_context(reqs, context - opt->prompt_len, 1);
+        runner.append_random_context(reqs, context - opt->prompt_len, 1, opt->context_by_steps);
         std::vector<std::vector<int32_t>> step(static_cast<size_t>(opt->batch));
         auto decode_step = [&] {
           for (size_t b = 0; b < step.size(); ++b) step[b].assign(1, next[b]);

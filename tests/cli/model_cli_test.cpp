@@ -210,6 +210,17 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
     EXPECT_EQ(tokens, "(16") << line;
   }
   EXPECT_EQ(calib_lines, 2) << r.output;
+
+  // A context grown by steps in LightLLM's token order; a policy that does not exist is refused.
+  r = run("bench model --model " + model +
+          " --kv bf16 --batch 2 --prompt-len 8 --context 80 --decode 2 --context-by-steps "
+          "--slot-policy tokens");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "context 80 (by steps), decode 2 (+2 warm-up) steps, slot tokens"))
+      << r.output;
+  r = run("bench model --model " + model + " --batch 2 --prompt-len 8 --slot-policy blocks");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_TRUE(contains(r.output, "--slot-policy")) << r.output;
 }
 
 // calibrate --q-scales writes q_calibration; generate and eval use it; inspect shows it;

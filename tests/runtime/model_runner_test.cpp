@@ -733,6 +733,39 @@ TEST_F(ModelRunnerTest, E5m2AndPerHeadBf16QCachesTrackBf16) {
   EXPECT_GT(rel_diff(bf16q, head), 0.0);
 }
 
+// The slot policy and the order in which a context's slots are taken place K/V in other slots,
+// nothing else: a decode step after a random context reads the same logits, bit for bit, with
+// pages or LightLLM's token order, by steps or in runs. A refused context changes nothing.
+TEST_F(ModelRunnerTest, SlotPolicyAndContextOrderOnlyPlaceTheSlots) {
+  const int V = tiny_->config().vocab_size;
+  std::vector<float> first;
+  for (SlotPolicy policy : {SlotPolicy::kPages, SlotPolicy::kTokens}) {
+    for (bool by_steps : {false, true}) {
+      RunnerOptions o = small();
+      o.max_len = 200;
+      o.num_slots = 3 * 200 + 5;
+      o.slot_policy = policy;
+      ModelRunner r(*tiny_, *backend_, *ops_, o);
+      const std::vector<int> reqs = {r.add_request(), r.add_request(), r.add_request()};
+      r.forward(reqs, {tokens(5, 1, V), tokens(64, 2, V), tokens(1, 3, V)}, LogitRows::kNone);
+      r.append_random_context(reqs, 120, 9, by_steps);
+      EXPECT_EQ(r.free_slots(), o.num_slots - (125 + 184 + 121));
+      const std::vector<float> logits = r.forward(reqs, {{4}, {5}, {6}}, LogitRows::kLast);
+      if (first.empty()) {
+        first = logits;
+      } else {
+        EXPECT_EQ(logits, first) << (policy == SlotPolicy::kPages ? "pages" : "tokens")
+                                 << (by_steps ? ", by steps" : ", in runs");
+      }
+      // Past max_len (request 1 holds 185): refused before any slot is taken.
+      const std::string e = error_of([&] { r.append_random_context(reqs, 16, 9, by_steps); });
+      EXPECT_NE(e.find("more than max_len 200"), std::string::npos) << e;
+      EXPECT_EQ(r.free_slots(), o.num_slots - (126 + 185 + 122));
+      EXPECT_EQ(r.seq_len(reqs[0]), 126);
+    }
+  }
+}
+
 TEST_F(ModelRunnerTest, OutOfSlotsSaysNeededAndFree) {
   const int V = tiny_->config().vocab_size;
   RunnerOptions o = small();
