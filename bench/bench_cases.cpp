@@ -65,6 +65,7 @@ std::vector<DecodeCase> decode_cases(bool quick) {
           {64, 4096, 32, 8, 128, false, false, false, ServedPool::kSlotPages},
           {256, 1024, 32, 8, 128, false, false, false, ServedPool::kTokenSlots},
           {256, 1024, 32, 8, 128, false, false, false, ServedPool::kSlotPages},
+          {32, 16384, 32, 8, 128, true},
           {32, 16384, 32, 8, 128, false, false, false, ServedPool::kTokenSlots},
           {32, 16384, 32, 8, 128, false, false, false, ServedPool::kSlotPages},
           {256, 2047, 32, 8, 128, false, true},
