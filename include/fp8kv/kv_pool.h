@@ -103,8 +103,10 @@ class FP8KV_API RequestTable {
   // Appends counts[b] tokens to request reqs[b] for every b, all or nothing: throws Error (and
   // changes nothing) when the slots needed exceed the free ones (saying how many of each) or a
   // request would exceed max_len. Returns the new tokens' slots in batch order, and uploads the
-  // changed rows.
-  std::vector<int32_t> extend(const std::vector<int>& reqs, const std::vector<int>& counts);
+  // changed rows. `by_steps`: the slots are taken a token per request in turn (position by
+  // position), in the order a batch that decodes in steps takes them; else request by request.
+  std::vector<int32_t> extend(const std::vector<int>& reqs, const std::vector<int>& counts,
+                              bool by_steps = false);
 
   const int32_t* device_table() const { return table_dev_.as<const int32_t>(); }
 

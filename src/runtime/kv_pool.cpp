@@ -211,7 +211,7 @@ int RequestTable::seq_len(int req) const {
 }
 
 std::vector<int32_t> RequestTable::extend(const std::vector<int>& reqs,
-                                          const std::vector<int>& counts) {
+                                          const std::vector<int>& counts, bool by_steps) {
   if (reqs.size() != counts.size()) throw Error("RequestTable::extend: reqs/counts size differ");
   int64_t needed = 0;
   for (size_t b = 0; b < reqs.size(); ++b) {
@@ -235,18 +235,33 @@ std::vector<int32_t> RequestTable::extend(const std::vector<int>& reqs,
                 " new slots, " + std::to_string(free_slots()) + " of " +
                 std::to_string(num_slots_) + " are free");
   }
-  std::vector<int32_t> slots;
-  slots.reserve(static_cast<size_t>(needed));
+  // Token i of request b goes to row position seq_len + i, and to the result at first[b] + i.
+  std::vector<size_t> first(reqs.size());
+  for (size_t b = 0, at = 0; b < reqs.size(); at += static_cast<size_t>(counts[b]), ++b)
+    first[b] = at;
+  std::vector<int32_t> slots(static_cast<size_t>(needed));
+  auto take = [&](size_t b, int i) {
+    int32_t* row = table_.data() + static_cast<size_t>(reqs[b]) * max_len_;
+    const int pos = seq_len_[static_cast<size_t>(reqs[b])] + i;
+    row[pos] = slots_.take(pos, pos > 0 ? row[pos - 1] : -1);
+    slots[first[b] + static_cast<size_t>(i)] = row[pos];
+  };
+  if (by_steps) {
+    const int most = reqs.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
+    for (int i = 0; i < most; ++i) {
+      for (size_t b = 0; b < reqs.size(); ++b) {
+        if (i < counts[b]) take(b, i);
+      }
+    }
+  } else {
+    for (size_t b = 0; b < reqs.size(); ++b) {
+      for (int i = 0; i < counts[b]; ++i) take(b, i);
+    }
+  }
   for (size_t b = 0; b < reqs.size(); ++b) {
     const size_t r = static_cast<size_t>(reqs[b]);
-    int32_t* row = table_.data() + r * max_len_;
+    const int32_t* row = table_.data() + r * max_len_;
     const int start = seq_len_[r];
-    for (int i = 0; i < counts[b]; ++i) {
-      const int pos = start + i;
-      const int32_t s = slots_.take(pos, pos > 0 ? row[pos - 1] : -1);
-      row[pos] = s;
-      slots.push_back(s);
-    }
     seq_len_[r] = start + counts[b];
     if (counts[b] > 0) {
       backend_.upload(table_dev_.as<int32_t>() + r * max_len_ + start, row + start,

@@ -317,43 +317,16 @@ void ModelRunner::append_random_context(const std::vector<int>& reqs, int count,
   BackendBuffer kv(backend_, host.size() * sizeof(uint16_t));
   kv.upload(host.data(), host.size() * sizeof(uint16_t));
   BackendBuffer slot_buf(backend_, static_cast<size_t>(chunk) * sizeof(int32_t));
-  // All or nothing: the slots and every request's room checked before any is taken.
-  {
-    const int64_t needed = static_cast<int64_t>(count) * static_cast<int64_t>(reqs.size());
-    if (needed > table_.free_slots()) {
-      throw Error("append_random_context: out of KV cache slots: " + std::to_string(reqs.size()) +
-                  " requests x " + std::to_string(count) + " tokens need " +
-                  std::to_string(needed) + ", " + std::to_string(table_.free_slots()) +
-                  " are free");
-    }
-    for (int req : reqs) {
-      if (static_cast<int64_t>(table_.seq_len(req)) + count > table_.max_len()) {
-        throw Error("append_random_context: request " + std::to_string(req) + " would have " +
-                    std::to_string(table_.seq_len(req) + count) + " tokens, more than max_len " +
-                    std::to_string(table_.max_len()));
-      }
-    }
-  }
-  // By steps: every slot taken first, each request's in position order; the writes below then
-  // go request by request as in runs.
-  std::vector<std::vector<int32_t>> stepped(by_steps ? reqs.size() : 0);
-  if (by_steps) {
-    const std::vector<int> ones(reqs.size(), 1);
-    for (auto& v : stepped) v.reserve(static_cast<size_t>(count));
-    for (int s = 0; s < count; ++s) {
-      const std::vector<int32_t> slots = table_.extend(reqs, ones);
-      for (size_t b = 0; b < reqs.size(); ++b) stepped[b].push_back(slots[b]);
-    }
-  }
+  // Every slot taken at once (all or nothing: RequestTable::extend), each request's in position
+  // order; the writes below go request by request in chunks.
+  const std::vector<int32_t> all_slots =
+      table_.extend(reqs, std::vector<int>(reqs.size(), count), by_steps);
   for (size_t b = 0; b < reqs.size(); ++b) {
-    const int req = reqs[b];
     for (int done = 0; done < count; done += chunk) {
       const int n = std::min(chunk, count - done);
-      const std::vector<int32_t> slots =
-          by_steps ? std::vector<int32_t>(stepped[b].begin() + done, stepped[b].begin() + done + n)
-                   : table_.extend({req}, {n});
+      const int32_t* slots = all_slots.data() + b * static_cast<size_t>(count) + done;
       // The previous chunk's writes may still read slot_buf: the upload is queued behind them.
-      slot_buf.upload(slots.data(), slots.size() * sizeof(int32_t));
+      slot_buf.upload(slots, static_cast<size_t>(n) * sizeof(int32_t));
       auto write = [&](const KvPool& pool, const BackendBuffer& kv_scales, int row_width) {
         for (int l = 0; l < c.num_layers; ++l) {
           QuantizeKvParams qk;

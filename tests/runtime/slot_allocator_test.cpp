@@ -234,5 +234,34 @@ TEST(RequestTable, ExtendGivesADecodingBatchWholePages) {
   EXPECT_EQ(t.free_slots(), 64 * 32 - (205 + 264 + 201));
 }
 
+// extend(..., by_steps) takes the slots a token per request in turn: the slots of one-token
+// steps, returned in batch order; and it refuses as a whole, changing nothing.
+TEST(RequestTable, ExtendByStepsTakesTheSlotsOfOneTokenSteps) {
+  auto backend = make_cpu_backend();
+  for (SlotPolicy policy : {SlotPolicy::kPages, SlotPolicy::kTokens}) {
+    RequestTable steps(*backend, 4, 256, 64 * 8, policy), once(*backend, 4, 256, 64 * 8, policy);
+    std::vector<int> reqs;
+    for (int i = 0; i < 4; ++i) reqs.push_back(steps.add_request()), once.add_request();
+    const std::vector<int> counts = {70, 3, 0, 130};
+    std::vector<std::vector<int32_t>> rows(4);
+    for (int i = 0; i < 130; ++i) {
+      std::vector<int> live, ones;
+      for (int b = 0; b < 4; ++b) {
+        if (i < counts[b]) live.push_back(reqs[b]), ones.push_back(1);
+      }
+      const std::vector<int32_t> got = steps.extend(live, ones);
+      for (size_t k = 0, b = 0; b < 4; ++b) {
+        if (i < counts[b]) rows[b].push_back(got[k++]);
+      }
+    }
+    std::vector<int32_t> expected;
+    for (const auto& r : rows) expected.insert(expected.end(), r.begin(), r.end());
+    EXPECT_EQ(once.extend(reqs, counts, /*by_steps=*/true), expected);
+    EXPECT_THROW(once.extend(reqs, {1, 1, 300, 1}, true), Error);
+    EXPECT_EQ(once.free_slots(), 64 * 8 - 203);
+    EXPECT_EQ(once.seq_len(reqs[3]), 130);
+  }
+}
+
 }  // namespace
 }  // namespace fp8kv
