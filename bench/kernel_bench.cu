@@ -816,6 +816,9 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         fill_pool(pool, bb.num_slots(), c.Hkv, c.D, scheme, s);
         params.push_back(bb.params(scheme, pool));
         if (!c.unordered) params.back().batch.decode_order = order.as<const int32_t>();
+        // The caller's word on its slots, as an engine gives it: consecutive rows and our pages
+        // say so; scattered rows and LightLLM's token slots do not.
+        params.back().batch.slots_in_pages = !c.scattered && c.served != ServedPool::kTokenSlots;
         const AttentionParams& p = params.back();
         launches += std::string(launches.empty() ? "" : "; ") + scheme_name(scheme) + " " +
                     decode_launch_words(p);

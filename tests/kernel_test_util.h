@@ -578,6 +578,7 @@ struct RunOptions {
   int launch_requests = 0;            // > 0: attention over the first requests only (the rest's O
                                       // stays NaN)
   std::vector<int32_t> decode_order;  // AttentionBatch::decode_order; empty: none
+  bool slots_in_pages = false;        // AttentionBatch::slots_in_pages (the caller's word)
 };
 
 struct AttentionRun {
@@ -647,6 +648,7 @@ inline AttentionRun run_attention(Backend& backend, const AttentionProblem& p, K
   ap.softmax_scale = options.softmax_scale;
   ap.causal = options.causal;
   if (!options.decode_order.empty()) ap.batch.decode_order = decode_order.as<int32_t>();
+  ap.batch.slots_in_pages = options.slots_in_pages;
   if (fp8_q(scheme)) {
     QuantizeQParams qq;
     qq.q = q.as<uint16_t>();

@@ -82,6 +82,13 @@ struct AttentionBatch {
   // device: at the next synchronization), a repeated one is a bad order that the host checks
   // (the CPU backend, and the CUDA backend's batch checks) refuse.
   const int32_t* decode_order = nullptr;
+  // Optional, decode only, speed only: true where the caller places each request's keys at
+  // positions 64k .. 64k + 63 in consecutive slots (RequestTable's SlotPolicy::kPages, or a table
+  // of consecutive slots). Left false (any table: LightLLM's token allocator interleaves the
+  // requests of a batch that decodes in steps), a long launch that would leave each SM one CTA
+  // is split in two, whose second CTA an SM issues the copies of the scattered rows; with
+  // consecutive slots one CTA an SM streams as fast and saves the merge (decode_split.h).
+  bool slots_in_pages = false;
 };
 
 // The requests' indices longest first (by whole tiles of 64 keys, in buckets of 1/8 of an

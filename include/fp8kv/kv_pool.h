@@ -99,6 +99,7 @@ class FP8KV_API RequestTable {
   int64_t free_slots() const { return slots_.free_slots(); }
   int max_len() const { return max_len_; }
   int max_requests() const { return max_requests_; }
+  SlotPolicy slot_policy() const { return slots_.policy(); }
 
   // Appends counts[b] tokens to request reqs[b] for every b, all or nothing: throws Error (and
   // changes nothing) when the slots needed exceed the free ones (saying how many of each) or a

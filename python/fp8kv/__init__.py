@@ -126,7 +126,7 @@ def prefill_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, cu_seqle
 def decode_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, scheme, k_scale=None,
                      v_scale=None, *, q_scale=None, out=None, max_seq_len=None,
                      cu_seqlens_q=None, softmax_scale=0.0, split_kv_heads=0, stream=None,
-                     decode_order=None):
+                     decode_order=None, slots_in_pages=False):
     """Attention of one new token per request (the last of its b_seq_len[b]); returns ``out``.
 
     q            [B, Hq, D] bf16 (fp8-per-head: e4m3 codes from ``quantize_q``)
@@ -142,12 +142,17 @@ def decode_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, scheme, k
                  one, once a step for every layer. Only the speed depends on it (a batch of mixed
                  lengths ends evenly). An entry outside [0, B) is refused (on CUDA tensors at
                  the next ``synchronize``)
+    slots_in_pages  True where each request's keys at positions 64k .. 64k + 63 sit in
+                 consecutive slots (``SlotAllocator(policy="pages")``, or consecutive slots
+                 per request). Only the speed depends on it: left False (LightLLM's token
+                 allocator), a long batch that would leave each SM one CTA runs two an SM,
+                 which scattered slots need and consecutive ones lose a few % to
     """
     if out is None:
         out = _empty_like_out(q)
     _fp8kv.decode_attention(q, kv_buffer, req_to_token, b_req_idx, b_seq_len, out, scheme,
                             k_scale, v_scale, q_scale, max_seq_len, cu_seqlens_q, softmax_scale,
-                            split_kv_heads, stream, 1, decode_order)
+                            split_kv_heads, stream, 1, decode_order, slots_in_pages)
     return out
 
 

@@ -86,6 +86,27 @@ inline DecodeSplit choose_decode_split(int64_t ctas, int64_t sms, int max_seq_le
   return best;
 }
 
+// A launch that choose_decode_split leaves unsplit with at most one CTA an SM, where the kernel's
+// SM holds two or more (ctas_per_sm), is split in two from kDecodePairSplitFromTokens keys unless
+// the caller's slots lie in pages (AttentionBatch::slots_in_pages): two CTAs an SM, each group's
+// pair merged in a cluster. The second CTA doubles the SM's copy issuers, which scattered slots
+// need (a tensor copy per row, where consecutive slots take one per warp's rows). H200,
+// fp8-per-head, 2 splits against 1 (docs/GPU.md, fifty-seventh session): shuffled slots -14.6%
+// (B=32 L=4096) to -18.7% (L=16384) at head_dim 128, -26% to -31% at 64; consecutive slots +5.6%
+// (L=4096), +3.3% (8192), +1.2% (16384), +0.3% (32768), where the merge costs more than the
+// overlap gains (the forty-fifth session's unsplit plan): hence the caller's word. Below 4096
+// keys it is not measured.
+constexpr int kDecodePairSplitFromTokens = 4096;
+inline DecodeSplit pair_one_wave_split(DecodeSplit s, int64_t ctas, int64_t sms, int ctas_per_sm,
+                                       int max_seq_len, bool slots_in_pages) {
+  if (slots_in_pages || s.num_splits != 1 || ctas <= 0 || ctas > sms ||
+      ctas > kDecodeMaxSplitGroups || ctas_per_sm < 2 || max_seq_len < kDecodePairSplitFromTokens) {
+    return s;
+  }
+  const int half = (max_seq_len + 1) / 2;
+  return {2, (half + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign};
+}
+
 // Whether an unsplit decode launch of `items` (request, head group) CTAs takes the persistent
 // kernel (resident: SMs x its CTAs per SM, 0 where it does not exist): at kDecodePersistentWaves
 // waves or more, where one-item CTAs pay a ramp and an epilogue each that their SM's streaming

@@ -419,7 +419,7 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
                const py::handle& q_scale, std::optional<int> max_q_len,
                std::optional<int> max_seq_len, float softmax_scale, int split_kv_heads,
                const py::object& stream, int repeat = 1, bool causal = true,
-               const py::handle& decode_order = py::none()) {
+               const py::handle& decode_order = py::none(), bool slots_in_pages = false) {
   const char* kernel = attention_phase_name(phase);
   const KvScheme scheme = parse_scheme(scheme_text);
   Call c(kernel,
@@ -540,6 +540,7 @@ void attention(AttentionPhase phase, const py::handle& q, const py::handle& kv_b
   }
   b.cu_seqlens_q = cu_ptr;
   if (!decode_order.is_none()) b.decode_order = order.as<int32_t>();
+  b.slots_in_pages = slots_in_pages;
   py::gil_scoped_release nogil;
   for (int i = 0; i < repeat; ++i) {  // repeat > 1: the C++ side of scripts/bench_python.py
     if (phase == AttentionPhase::kDecode) {
@@ -723,17 +724,19 @@ PYBIND11_MODULE(_fp8kv, m) {
          py::handle b_seq_len, py::handle out, const std::string& scheme, py::handle k_scale,
          py::handle v_scale, py::handle q_scale, std::optional<int> max_seq_len,
          py::handle cu_seqlens_q, float softmax_scale, int split_kv_heads, py::object stream,
-         int repeat, py::handle decode_order) {
+         int repeat, py::handle decode_order, bool slots_in_pages) {
         attention(AttentionPhase::kDecode, q, kv_buffer, req_to_token, b_req_idx, b_seq_len,
                   cu_seqlens_q, out, scheme, k_scale, v_scale, q_scale, std::nullopt, max_seq_len,
-                  softmax_scale, split_kv_heads, stream, repeat, true, decode_order);
+                  softmax_scale, split_kv_heads, stream, repeat, true, decode_order,
+                  slots_in_pages);
       },
       py::arg("q"), py::arg("kv_buffer"), py::arg("req_to_token"), py::arg("b_req_idx"),
       py::arg("b_seq_len"), py::arg("out"), py::arg("scheme"), py::arg("k_scale") = py::none(),
       py::arg("v_scale") = py::none(), py::arg("q_scale") = py::none(),
       py::arg("max_seq_len") = py::none(), py::arg("cu_seqlens_q") = py::none(),
       py::arg("softmax_scale") = 0.0f, py::arg("split_kv_heads") = 0,
-      py::arg("stream") = py::none(), py::arg("_repeat") = 1, py::arg("decode_order") = py::none());
+      py::arg("stream") = py::none(), py::arg("_repeat") = 1, py::arg("decode_order") = py::none(),
+      py::arg("slots_in_pages") = false);
   m.def(
       "decode_order_longest_first",
       [](const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& seq_len) {

@@ -440,6 +440,9 @@ int64_t ModelRunner::run_forward(const std::vector<int>& reqs,
   s.batch.total_q = T;
   s.batch.max_q_len = max_q;
   s.batch.max_seq_len = max_seq;
+  // Pages keep every 64-key tile in consecutive slots (the loose slots of a nearly full pool
+  // aside): the decode plan's word for it (AttentionBatch::slots_in_pages).
+  s.batch.slots_in_pages = table_.slot_policy() == SlotPolicy::kPages;
   if (decode) {
     // Longest first, once a step for every layer: a batch of mixed lengths ends evenly.
     const std::vector<int32_t> order = decode_order_longest_first(seq_len.data(), B);

@@ -229,13 +229,14 @@ void expect_refusal_at_synchronize(Backend& gpu, const std::string& want) {
 // The decode launch that `prob` takes (decode_launch_key's fields), given a decode_order or not
 // (the plan only asks whether there is one).
 cuda::DecodeLaunchKey launch_key(const test::AttentionProblem& prob, KvScheme scheme,
-                                 bool ordered = false) {
+                                 bool ordered = false, bool slots_in_pages = false) {
   static const int32_t some_order = 0;
   AttentionParams p;
   p.num_q_heads = prob.num_q_heads;
   p.cache = {nullptr, prob.num_slots, prob.num_kv_heads, prob.head_dim, scheme};
   p.batch = prob.batch(nullptr, nullptr, nullptr, nullptr);
   if (ordered) p.batch.decode_order = &some_order;
+  p.batch.slots_in_pages = slots_in_pages;
   return cuda::DecodeLaunchKey::unpack(cuda::decode_launch_key(p));
 }
 
@@ -793,6 +794,55 @@ TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
       }
       EXPECT_GE(clustered, 1) << scheme_name(scheme) << " Hkv=" << sh.hkv << " D=" << sh.D
                               << ": no batch took the cluster merge";
+    }
+  }
+}
+
+// A one-wave launch of one CTA an SM over 4096 keys or more (decode_split.h,
+// pair_one_wave_split): FP8 at head_dim 128 (two KV heads a CTA, two CTAs an SM) on 8 KV heads,
+// as many requests as fill the SMs once (the longest 4100 keys, the others 1 to 4100, a
+// one-key request among them, on scattered slots). Without the caller's word that its slots lie
+// in pages, the launch splits in two, merged in cluster pairs; with it, the launch stays unsplit.
+// Both match the CPU twin, and the split launch repeats its bits; bf16 (its SM may hold one CTA)
+// matches the twin whatever its plan.
+TEST(CudaDecode, PairSplitOfALongOneWaveLaunchMatchesTheTwin) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  const int requests = std::max(1, cuda::device_sm_count() / 4);  // four CTAs a request
+  std::vector<int> lengths;
+  for (int b = 0; b < requests; ++b)
+    lengths.push_back(b == 0 ? 4100 : b == 1 ? 1 : 1 + (b * 977) % 4100);
+  test::ProblemSpec spec;
+  spec.requests = decode_requests(lengths);
+  spec.num_kv_heads = 8;
+  spec.num_q_heads = 32;
+  spec.head_dim = 128;
+  spec.data.outlier_channels = 2;
+  spec.seed = 9500;
+  const test::AttentionProblem prob = test::make_problem(spec);
+  for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor, KvScheme::kBf16}) {
+    for (bool pages : {false, true}) {
+      SCOPED_TRACE(std::string(scheme_name(scheme)) + (pages ? " slots in pages" : " no word"));
+      const cuda::DecodeLaunchKey key = launch_key(prob, scheme, false, pages);
+      if (scheme != KvScheme::kBf16) {
+        EXPECT_EQ(key.num_splits, pages ? 1 : 2);
+        EXPECT_EQ(key.cluster_merge, !pages);
+      }
+      const test::KvScales scales = test::calibrate_scales(prob, scheme);
+      test::RunOptions opt;
+      opt.phase = AttentionPhase::kDecode;
+      opt.slots_in_pages = pages;
+      const test::AttentionRun c = test::run_attention(*cpu, prob, scheme, scales, opt);
+      const test::AttentionRun g = test::run_attention(*gpu, prob, scheme, scales, opt);
+      const auto ref_em =
+          test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales));
+      DecodeErrors e;
+      e.gpu_emulated = test::compare(g.o, ref_em, prob.head_dim);
+      e.cpu_emulated = test::compare(c.o, ref_em, prob.head_dim);
+      expect_close(e);
+      const test::AttentionRun again = test::run_attention(*gpu, prob, scheme, scales, opt);
+      EXPECT_TRUE(again.o == g.o) << "a repeated launch gave different bits";
     }
   }
 }

@@ -45,6 +45,36 @@ TEST(DecodeSplit, NoSplitThatOnlyDoublesUpCtasOnTheSms) {
   EXPECT_EQ(cuda::choose_decode_split(66, 132, 4096).num_splits, 2);
 }
 
+// A launch left unsplit at one CTA an SM or fewer splits in two from 4096 keys where the SM holds
+// two CTAs, unless the caller's slots lie in pages (pair_one_wave_split).
+TEST(DecodeSplit, PairSplitForALongOneWaveLaunchOfSlotsNotInPages) {
+  const cuda::DecodeSplit one = cuda::choose_decode_split(128, 132, 16384);
+  ASSERT_EQ(one.num_splits, 1);
+  const cuda::DecodeSplit pair = cuda::pair_one_wave_split(one, 128, 132, 2, 16384, false);
+  EXPECT_EQ(pair.num_splits, 2);
+  EXPECT_EQ(pair.split_tokens, 8192);
+  // An odd length: half of it rounded up to whole tiles, no empty split.
+  const cuda::DecodeSplit odd = cuda::pair_one_wave_split({1, 4097}, 132, 132, 3, 4097, false);
+  EXPECT_EQ(odd.num_splits, 2);
+  EXPECT_EQ(odd.split_tokens, 2112);
+  EXPECT_EQ(odd.split_tokens % cuda::kDecodeSplitAlign, 0);
+  EXPECT_GE(2 * odd.split_tokens, 4097);
+  EXPECT_LT(odd.split_tokens, 4097);
+  // Each condition alone keeps the launch as it was.
+  auto same = [&](const cuda::DecodeSplit& s) {
+    return s.num_splits == one.num_splits && s.split_tokens == one.split_tokens;
+  };
+  EXPECT_TRUE(same(cuda::pair_one_wave_split(one, 128, 132, 2, 16384, true)));   // pages
+  EXPECT_TRUE(same(cuda::pair_one_wave_split(one, 128, 132, 1, 16384, false)));  // SM of one
+  EXPECT_TRUE(same(cuda::pair_one_wave_split(one, 133, 132, 2, 16384, false)));  // past a wave
+  EXPECT_TRUE(same(cuda::pair_one_wave_split(one, 0, 132, 2, 16384, false)));    // no CTA
+  EXPECT_EQ(cuda::pair_one_wave_split({1, 4095}, 128, 132, 2, 4095, false).num_splits, 1);
+  const cuda::DecodeSplit eight = cuda::choose_decode_split(16, 132, 32768);
+  const cuda::DecodeSplit kept = cuda::pair_one_wave_split(eight, 16, 132, 2, 32768, false);
+  EXPECT_EQ(kept.num_splits, eight.num_splits);
+  EXPECT_EQ(kept.split_tokens, eight.split_tokens);
+}
+
 TEST(DecodeSplit, LargeBatchIsNotSplit) {
   EXPECT_EQ(cuda::choose_decode_split(2048, 132, 1024).num_splits, 1);
 }

@@ -431,6 +431,10 @@ def test_decode_order_longest_first_and_in_decode(rng):
     ordered = fp8kv.decode_attention(q, pool, table, req_idx, sl, scheme, ks, vs,
                                      decode_order=fp8kv.decode_order_longest_first(sl))
     assert np.array_equal(plain, ordered)
+    # The caller's word on its slots only steers the CUDA plan: the same bits here.
+    paged = fp8kv.decode_attention(q, pool, table, req_idx, sl, scheme, ks, vs,
+                                   slots_in_pages=True)
+    assert np.array_equal(plain, paged)
     # Not a permutation: refused by name, nothing written.
     out = np.zeros_like(plain)
     with pytest.raises(ValueError, match=r"batch.decode_order\[3\] = 1 repeats an earlier entry"):

@@ -36,9 +36,10 @@ DecodePlan plan_decode(const AttentionParams& p) {
   const int group = p.num_q_heads / p.cache.num_kv_heads;
   plan.kv_per_cta = decode_mma_kv_heads(p.cache.scheme, p.cache.head_dim);
   plan.head_chunks = ceil_div(group, DecodeMmaKernel<KvScheme::kBf16, 128>::kMaxHeads);
-  int per_sm_persistent = 0;
+  int per_sm = 1, per_sm_persistent = 0;
   FP8KV_DISPATCH_SCHEME(p.cache.scheme, kScheme, [&] {
     FP8KV_DISPATCH_HEAD_DIM(p.cache.head_dim, kHeadDim, [&] {
+      per_sm = DecodeMmaKernel<kScheme, kHeadDim>::ctas_per_sm();
       per_sm_persistent = DecodeMmaKernel<kScheme, kHeadDim>::persistent_ctas_per_sm();
     });
   });
@@ -50,6 +51,10 @@ DecodePlan plan_decode(const AttentionParams& p) {
                        ceil_div(planned_heads, plan.kv_per_cta) * plan.head_chunks;
   // Planned by CTAs per SM, however many the one-item kernel's SM holds (decode_split.h).
   plan.split = choose_decode_split(ctas, sms, p.batch.max_seq_len);
+  // A long one-wave launch of one CTA an SM on slots that may be scattered: two CTAs an SM, where
+  // the SM holds them (decode_split.h).
+  plan.split = pair_one_wave_split(plan.split, ctas, sms, per_sm, p.batch.max_seq_len,
+                                   p.batch.slots_in_pages);
   // One split reads a request's keys [0, seq_len): any split_tokens >= every seq_len does. The
   // request table's width is one that stays put while max_seq_len grows, so the launch (and a
   // recorded CUDA graph's key, decode_launch_key) does not change with every decode step.
