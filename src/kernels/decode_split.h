@@ -7,7 +7,8 @@
 // per-CTA overhead). A decode CTA is memory-bound: it streams at its SM's share of the bandwidth,
 // so two CTAs on one SM with half the keys each take as long as one with all of them, and a split
 // that only doubles up CTAs on the SMs buys nothing but its merge (docs/GPU.md, forty-fourth and
-// forty-fifth sessions).
+// forty-fifth sessions), where the slots are consecutive; scattered slots need the second CTA's
+// copies (pair_one_wave_split).
 #pragma once
 
 #include <algorithm>
