@@ -86,7 +86,7 @@ struct AttentionBatch {
   // positions 64k .. 64k + 63 in consecutive slots (RequestTable's SlotPolicy::kPages, or a table
   // of consecutive slots). Left false (any table: LightLLM's token allocator interleaves the
   // requests of a batch that decodes in steps), a long launch that would leave each SM one CTA
-  // is split in two, whose second CTA an SM issues the copies of the scattered rows; with
+  // takes twice the splits, whose second CTA an SM issues the copies of the scattered rows; with
   // consecutive slots one CTA an SM streams as fast and saves the merge (decode_split.h).
   bool slots_in_pages = false;
 };

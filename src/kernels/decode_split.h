@@ -8,7 +8,7 @@
 // so two CTAs on one SM with half the keys each take as long as one with all of them, and a split
 // that only doubles up CTAs on the SMs buys nothing but its merge (docs/GPU.md, forty-fourth and
 // forty-fifth sessions), where the slots are consecutive; scattered slots need the second CTA's
-// copies (pair_one_wave_split).
+// copies (double_one_wave_split).
 #pragma once
 
 #include <algorithm>
@@ -87,25 +87,30 @@ inline DecodeSplit choose_decode_split(int64_t ctas, int64_t sms, int max_seq_le
   return best;
 }
 
-// A launch that choose_decode_split leaves unsplit with at most one CTA an SM, where the kernel's
-// SM holds two or more (ctas_per_sm), is split in two from kDecodePairSplitFromTokens keys unless
-// the caller's slots lie in pages (AttentionBatch::slots_in_pages): two CTAs an SM, each group's
-// pair merged in a cluster. The second CTA doubles the SM's copy issuers, which scattered slots
-// need (a tensor copy per row, where consecutive slots take one per warp's rows). H200,
-// fp8-per-head, 2 splits against 1 (docs/GPU.md, fifty-seventh session): shuffled slots -14.6%
-// (B=32 L=4096) to -18.7% (L=16384) at head_dim 128, -26% to -31% at 64; consecutive slots +5.6%
-// (L=4096), +3.3% (8192), +1.2% (16384), +0.3% (32768), where the merge costs more than the
-// overlap gains (the forty-fifth session's unsplit plan): hence the caller's word. Below 4096
-// keys it is not measured.
+// A launch that choose_decode_split leaves at one CTA an SM or fewer (unsplit, or split to fill the
+// SMs once), over kDecodePairSplitFromTokens keys or more, where the kernel's SM holds two CTAs
+// (ctas_per_sm), takes twice the splits (unsplit: two, each group's pair merged in a cluster; at
+// most kDecodeMaxSplits) unless the caller's slots lie in pages (AttentionBatch::slots_in_pages):
+// two CTAs an SM. The second CTA doubles the SM's copy issuers, which scattered slots need (a
+// tensor copy per row, where consecutive slots take one per warp's rows). H200, fp8-per-head,
+// twice the splits against the plan's (docs/GPU.md, fifty-seventh session): shuffled slots
+// -14.6% (B=32 L=4096) to -18.7% (L=16384) unsplit, -15% to -18% split (B=1 L=131072, B=4 and 8
+// at L=32768), -26% to -31% at head_dim 64; consecutive slots +5.6% (L=4096), +3.3% (8192), +1.2%
+// (16384), +0.3% (32768) unsplit, where the merge costs more than the overlap gains (the
+// forty-fifth session's plan): hence the caller's word. Below 4096 keys it is not measured.
 constexpr int kDecodePairSplitFromTokens = 4096;
-inline DecodeSplit pair_one_wave_split(DecodeSplit s, int64_t ctas, int64_t sms, int ctas_per_sm,
-                                       int max_seq_len, bool slots_in_pages) {
-  if (slots_in_pages || s.num_splits != 1 || ctas <= 0 || ctas > sms ||
-      ctas > kDecodeMaxSplitGroups || ctas_per_sm < 2 || max_seq_len < kDecodePairSplitFromTokens) {
+inline DecodeSplit double_one_wave_split(DecodeSplit s, int64_t ctas, int64_t sms, int ctas_per_sm,
+                                         int max_seq_len, bool slots_in_pages) {
+  if (slots_in_pages || ctas <= 0 || ctas * s.num_splits > sms || ctas > kDecodeMaxSplitGroups ||
+      ctas_per_sm < 2 || max_seq_len < kDecodePairSplitFromTokens ||
+      s.num_splits >= kDecodeMaxSplits) {
     return s;
   }
-  const int half = (max_seq_len + 1) / 2;
-  return {2, (half + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign};
+  const int want = std::min(2 * s.num_splits, kDecodeMaxSplits);
+  int tokens = (max_seq_len + want - 1) / want;
+  tokens = (tokens + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
+  if (tokens < kDecodeMinSplitTokens) return s;
+  return {(max_seq_len + tokens - 1) / tokens, tokens};
 }
 
 // Whether an unsplit decode launch of `items` (request, head group) CTAs takes the persistent

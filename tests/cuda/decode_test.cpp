@@ -799,50 +799,61 @@ TEST(CudaDecode, ClusterSplitMergeMatchesTheTwin) {
 }
 
 // A one-wave launch of one CTA an SM over 4096 keys or more (decode_split.h,
-// pair_one_wave_split): FP8 at head_dim 128 (two KV heads a CTA, two CTAs an SM) on 8 KV heads,
-// as many requests as fill the SMs once (the longest 4100 keys, the others 1 to 4100, a
-// one-key request among them, on scattered slots). Without the caller's word that its slots lie
-// in pages, the launch splits in two, merged in cluster pairs; with it, the launch stays unsplit.
-// Both match the CPU twin, and the split launch repeats its bits; bf16 (its SM may hold one CTA)
-// matches the twin whatever its plan.
-TEST(CudaDecode, PairSplitOfALongOneWaveLaunchMatchesTheTwin) {
+// double_one_wave_split), FP8 at head_dim 128 (two KV heads a CTA, two CTAs an SM) on 8 KV heads,
+// scattered slots: as many requests as fill the SMs once unsplit (the longest 4100 keys, the others
+// 1 to 4100, a one-key request among them), and four requests of 8200, 1, 5000 and 3000 keys, which
+// the plan splits to fill the SMs once. Without the caller's word that its slots lie in pages, the
+// first launch splits in two (cluster pairs) and the second takes more splits than with the word
+// (the counter merge); with it, both keep the plan. Each matches the CPU twin and repeats its bits;
+// bf16 (its SM may hold one CTA) matches the twin whatever its plan.
+TEST(CudaDecode, TwiceTheSplitsOfALongOneWaveLaunchMatchTheTwin) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
   const int requests = std::max(1, cuda::device_sm_count() / 4);  // four CTAs a request
-  std::vector<int> lengths;
+  std::vector<int> one_wave;
   for (int b = 0; b < requests; ++b)
-    lengths.push_back(b == 0 ? 4100 : b == 1 ? 1 : 1 + (b * 977) % 4100);
-  test::ProblemSpec spec;
-  spec.requests = decode_requests(lengths);
-  spec.num_kv_heads = 8;
-  spec.num_q_heads = 32;
-  spec.head_dim = 128;
-  spec.data.outlier_channels = 2;
-  spec.seed = 9500;
-  const test::AttentionProblem prob = test::make_problem(spec);
-  for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor, KvScheme::kBf16}) {
-    for (bool pages : {false, true}) {
-      SCOPED_TRACE(std::string(scheme_name(scheme)) + (pages ? " slots in pages" : " no word"));
-      const cuda::DecodeLaunchKey key = launch_key(prob, scheme, false, pages);
-      if (scheme != KvScheme::kBf16) {
-        EXPECT_EQ(key.num_splits, pages ? 1 : 2);
-        EXPECT_EQ(key.cluster_merge, !pages);
+    one_wave.push_back(b == 0 ? 4100 : b == 1 ? 1 : 1 + (b * 977) % 4100);
+  uint64_t seed = 9500;
+  for (const std::vector<int>& lengths : {one_wave, std::vector<int>{8200, 1, 5000, 3000}}) {
+    test::ProblemSpec spec;
+    spec.requests = decode_requests(lengths);
+    spec.num_kv_heads = 8;
+    spec.num_q_heads = 32;
+    spec.head_dim = 128;
+    spec.data.outlier_channels = 2;
+    spec.seed = ++seed;
+    const test::AttentionProblem prob = test::make_problem(spec);
+    for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor, KvScheme::kBf16}) {
+      const cuda::DecodeLaunchKey paged = launch_key(prob, scheme, false, true);
+      const cuda::DecodeLaunchKey plain = launch_key(prob, scheme, false, false);
+      if (scheme != KvScheme::kBf16 && lengths.size() > 4) {
+        EXPECT_EQ(paged.num_splits, 1);
+        EXPECT_EQ(plain.num_splits, 2);
+        EXPECT_TRUE(plain.cluster_merge);
+      } else if (scheme != KvScheme::kBf16) {
+        EXPECT_GE(paged.num_splits, 2);
+        EXPECT_GT(plain.num_splits, paged.num_splits);
       }
-      const test::KvScales scales = test::calibrate_scales(prob, scheme);
-      test::RunOptions opt;
-      opt.phase = AttentionPhase::kDecode;
-      opt.slots_in_pages = pages;
-      const test::AttentionRun c = test::run_attention(*cpu, prob, scheme, scales, opt);
-      const test::AttentionRun g = test::run_attention(*gpu, prob, scheme, scales, opt);
-      const auto ref_em =
-          test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales));
-      DecodeErrors e;
-      e.gpu_emulated = test::compare(g.o, ref_em, prob.head_dim);
-      e.cpu_emulated = test::compare(c.o, ref_em, prob.head_dim);
-      expect_close(e);
-      const test::AttentionRun again = test::run_attention(*gpu, prob, scheme, scales, opt);
-      EXPECT_TRUE(again.o == g.o) << "a repeated launch gave different bits";
+      for (bool pages : {false, true}) {
+        SCOPED_TRACE(std::string(scheme_name(scheme)) + " " + std::to_string(lengths.size()) +
+                     " requests, " + (pages ? "slots in pages" : "no word") + ", " +
+                     std::to_string((pages ? paged : plain).num_splits) + " splits");
+        const test::KvScales scales = test::calibrate_scales(prob, scheme);
+        test::RunOptions opt;
+        opt.phase = AttentionPhase::kDecode;
+        opt.slots_in_pages = pages;
+        const test::AttentionRun c = test::run_attention(*cpu, prob, scheme, scales, opt);
+        const test::AttentionRun g = test::run_attention(*gpu, prob, scheme, scales, opt);
+        const auto ref_em =
+            test::reference_attention(prob, test::emulated_inputs(prob, scheme, scales));
+        DecodeErrors e;
+        e.gpu_emulated = test::compare(g.o, ref_em, prob.head_dim);
+        e.cpu_emulated = test::compare(c.o, ref_em, prob.head_dim);
+        expect_close(e);
+        const test::AttentionRun again = test::run_attention(*gpu, prob, scheme, scales, opt);
+        EXPECT_TRUE(again.o == g.o) << "a repeated launch gave different bits";
+      }
     }
   }
 }

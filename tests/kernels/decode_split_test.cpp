@@ -45,34 +45,49 @@ TEST(DecodeSplit, NoSplitThatOnlyDoublesUpCtasOnTheSms) {
   EXPECT_EQ(cuda::choose_decode_split(66, 132, 4096).num_splits, 2);
 }
 
-// A launch left unsplit at one CTA an SM or fewer splits in two from 4096 keys where the SM holds
-// two CTAs, unless the caller's slots lie in pages (pair_one_wave_split).
-TEST(DecodeSplit, PairSplitForALongOneWaveLaunchOfSlotsNotInPages) {
+// A launch left at one CTA an SM or fewer takes twice the splits from 4096 keys where the SM holds
+// two CTAs, unless the caller's slots lie in pages (double_one_wave_split): unsplit, two; split to
+// fill the SMs once, twice as many, up to kDecodeMaxSplits.
+TEST(DecodeSplit, TwiceTheSplitsForALongOneWaveLaunchOfSlotsNotInPages) {
   const cuda::DecodeSplit one = cuda::choose_decode_split(128, 132, 16384);
   ASSERT_EQ(one.num_splits, 1);
-  const cuda::DecodeSplit pair = cuda::pair_one_wave_split(one, 128, 132, 2, 16384, false);
+  const cuda::DecodeSplit pair = cuda::double_one_wave_split(one, 128, 132, 2, 16384, false);
   EXPECT_EQ(pair.num_splits, 2);
   EXPECT_EQ(pair.split_tokens, 8192);
   // An odd length: half of it rounded up to whole tiles, no empty split.
-  const cuda::DecodeSplit odd = cuda::pair_one_wave_split({1, 4097}, 132, 132, 3, 4097, false);
+  const cuda::DecodeSplit odd = cuda::double_one_wave_split({1, 4097}, 132, 132, 3, 4097, false);
   EXPECT_EQ(odd.num_splits, 2);
   EXPECT_EQ(odd.split_tokens, 2112);
   EXPECT_EQ(odd.split_tokens % cuda::kDecodeSplitAlign, 0);
   EXPECT_GE(2 * odd.split_tokens, 4097);
   EXPECT_LT(odd.split_tokens, 4097);
-  // Each condition alone keeps the launch as it was.
-  auto same = [&](const cuda::DecodeSplit& s) {
-    return s.num_splits == one.num_splits && s.split_tokens == one.split_tokens;
-  };
-  EXPECT_TRUE(same(cuda::pair_one_wave_split(one, 128, 132, 2, 16384, true)));   // pages
-  EXPECT_TRUE(same(cuda::pair_one_wave_split(one, 128, 132, 1, 16384, false)));  // SM of one
-  EXPECT_TRUE(same(cuda::pair_one_wave_split(one, 133, 132, 2, 16384, false)));  // past a wave
-  EXPECT_TRUE(same(cuda::pair_one_wave_split(one, 0, 132, 2, 16384, false)));    // no CTA
-  EXPECT_EQ(cuda::pair_one_wave_split({1, 4095}, 128, 132, 2, 4095, false).num_splits, 1);
+  // Split launches: B=4 L=32768 (16 CTAs, 8 splits) takes 16; B=1 L=131072 (4 CTAs, 33 splits)
+  // the most there are, 64; neither leaves an empty split.
   const cuda::DecodeSplit eight = cuda::choose_decode_split(16, 132, 32768);
-  const cuda::DecodeSplit kept = cuda::pair_one_wave_split(eight, 16, 132, 2, 32768, false);
-  EXPECT_EQ(kept.num_splits, eight.num_splits);
-  EXPECT_EQ(kept.split_tokens, eight.split_tokens);
+  ASSERT_EQ(eight.num_splits, 8);
+  const cuda::DecodeSplit sixteen = cuda::double_one_wave_split(eight, 16, 132, 2, 32768, false);
+  EXPECT_EQ(sixteen.num_splits, 16);
+  EXPECT_EQ(sixteen.split_tokens, 2048);
+  const cuda::DecodeSplit many = cuda::double_one_wave_split(
+      cuda::choose_decode_split(4, 132, 131072), 4, 132, 2, 131072, false);
+  EXPECT_EQ(many.num_splits, cuda::kDecodeMaxSplits);
+  EXPECT_GE(static_cast<int64_t>(many.num_splits) * many.split_tokens, 131072);
+  EXPECT_LT(static_cast<int64_t>(many.num_splits - 1) * many.split_tokens, 131072);
+  // Each condition alone keeps the launch as it was.
+  auto same = [](const cuda::DecodeSplit& a, const cuda::DecodeSplit& b) {
+    return a.num_splits == b.num_splits && a.split_tokens == b.split_tokens;
+  };
+  EXPECT_TRUE(same(cuda::double_one_wave_split(one, 128, 132, 2, 16384, true), one));  // pages
+  EXPECT_TRUE(same(cuda::double_one_wave_split(eight, 16, 132, 2, 32768, true), eight));
+  EXPECT_TRUE(same(cuda::double_one_wave_split(one, 128, 132, 1, 16384, false), one));  // SM of 1
+  EXPECT_TRUE(same(cuda::double_one_wave_split(one, 133, 132, 2, 16384, false), one));  // 2 waves
+  EXPECT_TRUE(same(cuda::double_one_wave_split(eight, 17, 132, 2, 32768, false), eight));
+  EXPECT_TRUE(same(cuda::double_one_wave_split(one, 0, 132, 2, 16384, false), one));  // no CTA
+  EXPECT_EQ(cuda::double_one_wave_split({1, 4095}, 128, 132, 2, 4095, false).num_splits, 1);
+  // Splits that would fall below kDecodeMinSplitTokens keys stay as they were.
+  const cuda::DecodeSplit short_splits{16, 256};
+  EXPECT_TRUE(
+      same(cuda::double_one_wave_split(short_splits, 8, 132, 2, 4096, false), short_splits));
 }
 
 TEST(DecodeSplit, LargeBatchIsNotSplit) {

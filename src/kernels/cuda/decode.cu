@@ -51,10 +51,10 @@ DecodePlan plan_decode(const AttentionParams& p) {
                        ceil_div(planned_heads, plan.kv_per_cta) * plan.head_chunks;
   // Planned by CTAs per SM, however many the one-item kernel's SM holds (decode_split.h).
   plan.split = choose_decode_split(ctas, sms, p.batch.max_seq_len);
-  // A long one-wave launch of one CTA an SM on slots that may be scattered: two CTAs an SM, where
-  // the SM holds them (decode_split.h).
-  plan.split = pair_one_wave_split(plan.split, ctas, sms, per_sm, p.batch.max_seq_len,
-                                   p.batch.slots_in_pages);
+  // A long one-wave launch of one CTA an SM on slots that may be scattered: twice the splits, two
+  // CTAs an SM, where the SM holds them (decode_split.h).
+  plan.split = double_one_wave_split(plan.split, ctas, sms, per_sm, p.batch.max_seq_len,
+                                     p.batch.slots_in_pages);
   // One split reads a request's keys [0, seq_len): any split_tokens >= every seq_len does. The
   // request table's width is one that stays put while max_seq_len grows, so the launch (and a
   // recorded CUDA graph's key, decode_launch_key) does not change with every decode step.
