@@ -244,8 +244,10 @@ class Fp8kvCache:
         out = torch.empty(B * S, hq, D, dtype=torch.bfloat16, device=self.device)
         sm = float(scaling) if scaling is not None else 0.0
         if S == 1:
+            # Each request's slots are one run (b * max_len + p): the plan's word for it.
             decode_attention(q, pool, self.req_to_token, self.b_req_idx, seq_len, self.scheme,
-                             ks, vs, q_scale=q_scale, out=out, max_seq_len=end, softmax_scale=sm)
+                             ks, vs, q_scale=q_scale, out=out, max_seq_len=end, softmax_scale=sm,
+                             slots_in_pages=True)
         else:
             prefill_attention(q, pool, self.req_to_token, self.b_req_idx, seq_len, cu,
                               self.scheme, ks, vs, q_scale=q_scale, out=out, max_q_len=S,

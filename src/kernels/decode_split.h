@@ -88,7 +88,7 @@ inline DecodeSplit choose_decode_split(int64_t ctas, int64_t sms, int max_seq_le
 }
 
 // A launch that choose_decode_split leaves at one CTA an SM or fewer (unsplit, or split to fill the
-// SMs once), over kDecodePairSplitFromTokens keys or more, where the kernel's SM holds two CTAs
+// SMs once), over kDecodeDoubleSplitFromTokens keys or more, where the kernel's SM holds two CTAs
 // (ctas_per_sm), takes twice the splits (unsplit: two, each group's pair merged in a cluster; at
 // most kDecodeMaxSplits) unless the caller's slots lie in pages (AttentionBatch::slots_in_pages):
 // two CTAs an SM. The second CTA doubles the SM's copy issuers, which scattered slots need (a
@@ -98,11 +98,11 @@ inline DecodeSplit choose_decode_split(int64_t ctas, int64_t sms, int max_seq_le
 // at L=32768), -26% to -31% at head_dim 64; consecutive slots +5.6% (L=4096), +3.3% (8192), +1.2%
 // (16384), +0.3% (32768) unsplit, where the merge costs more than the overlap gains (the
 // forty-fifth session's plan): hence the caller's word. Below 4096 keys it is not measured.
-constexpr int kDecodePairSplitFromTokens = 4096;
+constexpr int kDecodeDoubleSplitFromTokens = 4096;
 inline DecodeSplit double_one_wave_split(DecodeSplit s, int64_t ctas, int64_t sms, int ctas_per_sm,
                                          int max_seq_len, bool slots_in_pages) {
   if (slots_in_pages || ctas <= 0 || ctas * s.num_splits > sms || ctas > kDecodeMaxSplitGroups ||
-      ctas_per_sm < 2 || max_seq_len < kDecodePairSplitFromTokens ||
+      ctas_per_sm < 2 || max_seq_len < kDecodeDoubleSplitFromTokens ||
       s.num_splits >= kDecodeMaxSplits) {
     return s;
   }
