@@ -483,6 +483,8 @@ class RecordingBackend final : public Backend {
 
   RecordingBackend() : cpu_(make_cpu_backend()) {}
   bool recording() const { return recording_; }
+  int decodes = 0;              // decode_attention calls
+  bool slots_in_pages = false;  // the last one's AttentionBatch::slots_in_pages
   // Runs `f` now, or stores it while recording.
   void run(std::function<void()> f) {
     if (recording_) {
@@ -546,6 +548,8 @@ class RecordingBackend final : public Backend {
     run([this, p] { cpu_->prefill_attention(p); });
   }
   void decode_attention(const AttentionParams& p) override {
+    ++decodes;
+    slots_in_pages = p.batch.slots_in_pages;
     AttentionParams q = p;
     if (recording_) q.batch.max_seq_len = q.batch.max_len;  // the CPU twin's scratch size
     run([this, q] { cpu_->decode_attention(q); });
@@ -763,6 +767,27 @@ TEST_F(ModelRunnerTest, SlotPolicyAndContextOrderOnlyPlaceTheSlots) {
       EXPECT_EQ(r.free_slots(), o.num_slots - (126 + 185 + 122));
       EXPECT_EQ(r.seq_len(reqs[0]), 126);
     }
+  }
+}
+
+// The runner tells the decode plan whether its slots lie in pages (AttentionBatch::slots_in_pages,
+// which steers the CUDA split: decode_split.h): so for SlotPolicy::kPages, not for kTokens.
+TEST_F(ModelRunnerTest, DecodeIsToldWhetherTheSlotsLieInPages) {
+  const int V = tiny_->config().vocab_size;
+  for (SlotPolicy policy : {SlotPolicy::kPages, SlotPolicy::kTokens}) {
+    RecordingBackend backend;
+    RecordingOps ops(backend);
+    auto model = Model::load(dir_->path() + "/tiny", backend);
+    RunnerOptions o = small();
+    o.slot_policy = policy;
+    backend.slots_in_pages = policy != SlotPolicy::kPages;  // the opposite until a decode runs
+    ModelRunner r(*model, backend, ops, o);
+    const std::vector<int> reqs = {r.add_request(), r.add_request()};
+    r.forward(reqs, {tokens(9, 1, V), tokens(3, 2, V)}, LogitRows::kLast);
+    r.forward(reqs, {{4}, {5}}, LogitRows::kLast);
+    EXPECT_GT(backend.decodes, 0);
+    EXPECT_EQ(backend.slots_in_pages, policy == SlotPolicy::kPages)
+        << (policy == SlotPolicy::kPages ? "pages" : "tokens");
   }
 }
 
