@@ -90,6 +90,41 @@ __global__ void read_bw_kernel(const uint4* __restrict__ p, size_t n, uint4* sin
   if (acc == 0x9e3779b9u) sink[0] = make_uint4(acc, 0, 0, 0);
 }
 
+// A slot table's peer read: the pool's rows through `slots` in pieces of `piece` bytes (the decode
+// kernel's copy: its KV heads' K or V row of one token; 128, 256 or 512), one piece group after
+// the other and the table's slots in turn within it, as the decode CTAs take them. A piece is
+// piece / 16 adjacent lanes' 16-byte loads; four pieces a lane group in flight (their slots
+// loaded first); no compute. What the DRAM gives a gather of such pieces.
+__global__ void gather_read_kernel(const uint8_t* __restrict__ pool,
+                                   const int32_t* __restrict__ slots, int n_slots, int row_bytes,
+                                   int piece, uint4* sink) {
+  const int lanes = piece / 16;  // a piece's lanes: 8, 16 or 32
+  const int lane = threadIdx.x % lanes;
+  const int team = (blockIdx.x * blockDim.x + threadIdx.x) / lanes;  // this piece's lane group
+  const int teams = gridDim.x * blockDim.x / lanes;
+  uint32_t acc = 0;
+  for (int g = 0; g < row_bytes / piece; ++g) {
+    const uint8_t* base = pool + static_cast<int64_t>(g) * piece + lane * 16;
+    int j = team;
+    for (; j + 3 * teams < n_slots; j += 4 * teams) {
+      const int64_t s0 = slots[j], s1 = slots[j + teams], s2 = slots[j + 2 * teams],
+                    s3 = slots[j + 3 * teams];
+      const uint4 a = cuda::ld_stream_v4(reinterpret_cast<const uint4*>(base + s0 * row_bytes));
+      const uint4 b = cuda::ld_stream_v4(reinterpret_cast<const uint4*>(base + s1 * row_bytes));
+      const uint4 c = cuda::ld_stream_v4(reinterpret_cast<const uint4*>(base + s2 * row_bytes));
+      const uint4 d = cuda::ld_stream_v4(reinterpret_cast<const uint4*>(base + s3 * row_bytes));
+      acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^
+             d.z ^ d.w;
+    }
+    for (; j < n_slots; j += teams) {
+      const uint4 a = cuda::ld_stream_v4(
+          reinterpret_cast<const uint4*>(base + static_cast<int64_t>(slots[j]) * row_bytes));
+      acc ^= a.x ^ a.y ^ a.z ^ a.w;
+    }
+  }
+  if (acc == 0x9e3779b9u) sink[0] = make_uint4(acc, 0, 0, 0);
+}
+
 // ---- host helpers -----------------------------------------------------------------------
 
 // The benchmark's device memory: BackendBuffers of the CUDA backend run_kernel_bench makes.
@@ -865,6 +900,38 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
                   {"frac_same_size_read", gbs / same_gbs}});
       }
       r.line("    launches: %s", launches.c_str());
+      // The slot table's own peer (rows of one length: the table is B x L slots): the
+      // fp8-per-head pool read through it in that kernel's copies, timed the same way.
+      if (!c.mixed && (c.scattered || c.served != ServedPool::kNo || name == "B64_L4096")) {
+        const size_t i = static_cast<size_t>(
+            std::find(std::begin(kSchemes), std::end(kSchemes), KvScheme::kFp8PerHead) -
+            std::begin(kSchemes));
+        const int piece = cuda::decode_mma_kv_heads(KvScheme::kFp8PerHead, c.D) * c.D;
+        const int row_bytes = 2 * c.Hkv * c.D;
+        const int n_slots = c.B * c.L;
+        const uint8_t* pool = pool_arena.as<uint8_t>() + offsets[i];
+        int sms = 0;
+        check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "attr");
+        BackendBuffer sink(device(), 64);
+        const double us = time_us(
+            [&] {
+              gather_read_kernel<<<sms * 8, 256, 0, s>>>(pool, bb.batch.req_to_token, n_slots,
+                                                         row_bytes, piece, sink.as<uint4>());
+            },
+            std::max(o.warmup, 20), o.iters, s);
+        const double gbs = static_cast<double>(n_slots) * row_bytes / us * 1e-3;
+        const double ph_us = times[i];
+        r.line(
+            "    gather read of the same rows in %d-byte pieces: %.1f us, %.0f GB/s (%.1f%% of "
+            "the read ceiling); fp8-per-head at %.1f%% of it",
+            piece, us, gbs, 100.0 * gbs / read_gbs, 100.0 * us / ph_us);
+        r.record("decode_gather", name,
+                 {{"piece", double(piece)},
+                  {"us", us},
+                  {"gbs", gbs},
+                  {"frac_read_bw", gbs / read_gbs},
+                  {"fp8_per_head_frac", us / ph_us}});
+      }
     }
   }
   for (const auto& [bytes, gbs] : same_size_read) {
