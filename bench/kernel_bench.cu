@@ -695,6 +695,7 @@ std::string decode_launch_words(const AttentionParams& p) {
   std::string w = std::to_string(splits) + (splits == 1 ? " split" : " splits");
   if (key.cluster_merge) w += " in clusters of " + std::to_string(splits);
   if (key.ordered) w += " longest first";
+  if (key.gather_rows) w += ", one wave";
   return w;
 }
 

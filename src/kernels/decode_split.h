@@ -151,9 +151,9 @@ inline std::vector<int32_t> decode_longest_first(const std::vector<int>& tiles) 
 }
 
 // The fields of a decode launch's key (decode_launch_key, launchers.h): what a recorded decode
-// step's launch depends on, packed into one word (bits 32..63 split_tokens, 30 ordered, 16..29
-// num_splits, 15 persistent, 14 cluster_merge, 8..13 kv_per_cta, 0..7 head_chunks). One layout for
-// the launcher that packs it and the benches and tests that read it.
+// step's launch depends on, packed into one word (bits 32..63 split_tokens, 31 gather_rows, 30
+// ordered, 16..29 num_splits, 15 persistent, 14 cluster_merge, 8..13 kv_per_cta, 0..7
+// head_chunks). One layout for the launcher that packs it and the benches and tests that read it.
 struct DecodeLaunchKey {
   int split_tokens = 0;
   int num_splits = 1;
@@ -162,8 +162,10 @@ struct DecodeLaunchKey {
   int kv_per_cta = 1;          // adjacent KV heads per CTA or item
   int head_chunks = 1;         // CTAs per KV head along the query heads
   bool ordered = false;        // one-item CTAs in the order of AttentionBatch::decode_order
+  bool gather_rows = false;    // a one-wave launch: FP8 head_dim 128 warps gather scattered rows
   uint64_t pack() const {
-    return (static_cast<uint64_t>(split_tokens) << 32) | (static_cast<uint64_t>(num_splits) << 16) |
+    return (static_cast<uint64_t>(split_tokens) << 32) |
+           (static_cast<uint64_t>(gather_rows) << 31) | (static_cast<uint64_t>(num_splits) << 16) |
            (static_cast<uint64_t>(ordered) << 30) | (static_cast<uint64_t>(persistent) << 15) |
            (static_cast<uint64_t>(cluster_merge) << 14) | (static_cast<uint64_t>(kv_per_cta) << 8) |
            static_cast<uint64_t>(head_chunks);
@@ -173,6 +175,7 @@ struct DecodeLaunchKey {
     k.split_tokens = static_cast<int>(key >> 32);
     k.num_splits = static_cast<int>((key >> 16) & 0x3fff);
     k.ordered = ((key >> 30) & 1) != 0;
+    k.gather_rows = ((key >> 31) & 1) != 0;
     k.persistent = ((key >> 15) & 1) != 0;
     k.cluster_merge = ((key >> 14) & 1) != 0;
     k.kv_per_cta = static_cast<int>((key >> 8) & 0x3f);

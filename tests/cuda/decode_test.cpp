@@ -348,6 +348,9 @@ TEST(CudaDecode, DecodeOrderKeepsTheBitsAndTakesOneItemCtasForE4m3At128) {
         EXPECT_EQ(plain.persistent, requests == 300);
         EXPECT_FALSE(plain.ordered);
         EXPECT_EQ(ordered.persistent, requests == 300 && !replaces);
+        // One wave of one-item CTAs (the 12): FP8 at head_dim 128 gathers its scattered rows
+        // with its lanes (DecodeArgs::gather_rows); 300 requests' CTAs make several waves.
+        EXPECT_EQ(ordered.gather_rows, requests == 12);
         EXPECT_EQ(ordered.ordered, !ordered.persistent);
         const test::KvScales scales = test::calibrate_scales(prob, scheme);
         test::RunOptions none = opt;
@@ -827,6 +830,7 @@ TEST(CudaDecode, TwiceTheSplitsOfALongOneWaveLaunchMatchTheTwin) {
     for (KvScheme scheme : {KvScheme::kFp8PerHead, KvScheme::kFp8PerTensor, KvScheme::kBf16}) {
       const cuda::DecodeLaunchKey paged = launch_key(prob, scheme, false, true);
       const cuda::DecodeLaunchKey plain = launch_key(prob, scheme, false, false);
+      EXPECT_TRUE(plain.gather_rows);  // one wave, split or not
       if (scheme != KvScheme::kBf16 && lengths.size() > 4) {
         EXPECT_EQ(paged.num_splits, 1);
         EXPECT_EQ(plain.num_splits, 2);

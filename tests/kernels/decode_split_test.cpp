@@ -168,7 +168,10 @@ TEST(DecodeSplit, LaunchKeyFieldsRoundTrip) {
        {cuda::DecodeLaunchKey{}, cuda::DecodeLaunchKey{1 << 20, 1, true, false, 8, 1},
         cuda::DecodeLaunchKey{4096, cuda::kDecodeMaxSplits, false, true, 2, 255},
         cuda::DecodeLaunchKey{64, 2, false, false, 63, 16},
-        cuda::DecodeLaunchKey{1 << 20, 1, false, false, 2, 4, true}}) {
+        cuda::DecodeLaunchKey{1 << 20, 1, false, false, 2, 4, true},
+        cuda::DecodeLaunchKey{1 << 20, 1, false, false, 2, 4, true, true},
+        cuda::DecodeLaunchKey{(1 << 30) + 64, cuda::kDecodeMaxSplits, false, true, 2, 4, false,
+                              true}}) {
     const cuda::DecodeLaunchKey r = cuda::DecodeLaunchKey::unpack(k.pack());
     EXPECT_EQ(r.split_tokens, k.split_tokens);
     EXPECT_EQ(r.num_splits, k.num_splits);
@@ -177,6 +180,7 @@ TEST(DecodeSplit, LaunchKeyFieldsRoundTrip) {
     EXPECT_EQ(r.kv_per_cta, k.kv_per_cta);
     EXPECT_EQ(r.head_chunks, k.head_chunks);
     EXPECT_EQ(r.ordered, k.ordered);
+    EXPECT_EQ(r.gather_rows, k.gather_rows);
   }
   // The layout the CUDA graphs' keys were recorded with: splits in bits 16..31, persistent 15.
   const cuda::DecodeLaunchKey persistent3{0, 3, true, false, 0, 0};

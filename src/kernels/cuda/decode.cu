@@ -22,6 +22,7 @@ struct DecodePlan {
   int persistent_ctas = 0;     // > 0: the persistent kernel with this many CTAs (decode_persistent)
   bool cluster_merge = false;  // each group's splits a cluster, merged in shared memory
   bool ordered = false;        // one-item CTAs take the requests in batch.decode_order
+  bool gather_rows = false;    // DecodeArgs::gather_rows: a one-item launch of one wave
 };
 
 // The one-item kernel's grid: splits x head groups x requests.
@@ -82,6 +83,15 @@ DecodePlan plan_decode(const AttentionParams& p) {
       });
     });
   }
+  // A one-item launch that fits one wave gathers its scattered rows with its lanes' copies:
+  // more bytes in flight an SM than a tensor copy per row (the kernel's SMs then stream nothing
+  // else); a launch of several waves keeps the tensor copies, whose issue costs its CTAs' compute
+  // warps less.
+  if (plan.persistent_ctas == 0) {
+    const dim3 grid = decode_grid(p, plan);
+    plan.gather_rows =
+        static_cast<int64_t>(grid.x) * grid.y * grid.z <= static_cast<int64_t>(sms) * per_sm;
+  }
   return plan;
 }
 
@@ -124,6 +134,7 @@ uint64_t decode_launch_key(const AttentionParams& p) {
   k.num_splits = plan.split.num_splits;
   k.persistent = plan.persistent_ctas > 0;
   k.ordered = plan.ordered;
+  k.gather_rows = plan.gather_rows;
   k.cluster_merge = plan.cluster_merge;
   k.kv_per_cta = plan.kv_per_cta;
   k.head_chunks = plan.head_chunks;
@@ -144,6 +155,7 @@ void launch_decode_attention(const AttentionParams& p, void* workspace, cudaStre
   a.sm_scale_log2 = a.softmax_scale * kLog2e;
   a.cache_slots = p.cache.num_slots + 1;
   a.num_requests = p.batch.num_requests;
+  a.gather_rows = plan.gather_rows;
   if (plan.ordered) {
     a.request_order = p.batch.decode_order;
   } else {

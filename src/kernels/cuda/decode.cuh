@@ -48,6 +48,10 @@ struct DecodeArgs : AttentionArgs {  // the shared part (attention_args.h), then
   // that a bad order is refused whichever kernel the shape takes.
   const int32_t* unread_order = nullptr;
   int num_requests = 0;
+  // One-item FP8 CTAs at head_dim 128 of a launch that fits one wave: a warp whose rows are not
+  // one run of slots gathers them with its lanes' 16-byte copies instead of a tensor copy per row
+  // (decode_mma_kernel.cuh, gather_warp_rows).
+  bool gather_rows = false;
   DecodeKvMaps kv_maps;  // set by the launch (DecodeMmaKernel::launch*)
 #ifdef FP8KV_DECODE_TIMELINE
   uint64_t* timeline = nullptr;  // [entries][kDecodeTimelineFields] (set_decode_timeline), or null

@@ -252,6 +252,32 @@ __device__ __forceinline__ bool issue_warp_rows_halves(uint32_t dst, uint32_t ba
   return true;
 }
 
+// The rows first_row .. first_row + kRowsHere - 1 of a warp's 32 (lane i holds row i's slot, -1:
+// none; row0_dst: row 0's place), where the slots are not one run, gathered by the warp's own
+// lanes: kCopyBytes / 16 lanes a row, a 16-byte cp.async each into the row's swizzled place (zero
+// past the slot's heads, `valid` bytes, and for a row without a slot), so that the copies of a
+// scattered tile are issued 32 at a time instead of one tensor copy per row. Each lane then
+// arrives on `bar` once its copies land (cp.async.mbarrier.arrive.noinc): one arrival per lane,
+// as on the box path.
+template <int kCopyBytes, int kRowsHere>
+__device__ __forceinline__ void gather_warp_rows(uint32_t row0_dst, int slot, int first_row,
+                                                 const uint8_t* src0, int64_t slot_bytes, int valid,
+                                                 uint32_t bar) {
+  constexpr int kChunks = kCopyBytes / 16;
+  static_assert((kRowsHere * kChunks) % 32 == 0, "whole warp steps");
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int k = 0; k < kRowsHere * kChunks / 32; ++k) {
+    const int idx = lane + 32 * k;
+    const int row = first_row + idx / kChunks, c = idx % kChunks;
+    const int s = __shfl_sync(kFullMask, slot, row);
+    const bool ok = s >= 0 && 16 * c < valid;
+    const uint8_t* src = ok ? src0 + s * slot_bytes + 16 * c : src0;
+    cp_async_16(swizzle128(row0_dst + row * kCopyBytes + 16 * c), src, ok ? 16 : 0);
+  }
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
 // The entries of an order the launch does not read (DecodeArgs::unread_order; the persistent
 // kernel's), spread over every thread of the grid: one outside [0, num_requests) is recorded as a
 // kDecodeOrder error, as an unsplit ordered launch would; nothing else depends on them.
@@ -891,6 +917,15 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
 #ifdef FP8KV_DECODE_TIMELINE
   tl_bar = global_timer_ns();
 #endif
+  // The gather path (DecodeArgs::gather_rows): FP8 at head_dim 128, whose 256-byte rows a
+  // half-warp copies in one step (bf16's 512-byte rows measured 15-19% slower gathered).
+  constexpr bool kGather = kHeadDim == 128 && !Sh::kBf16;
+  const int64_t gather_slot_bytes = 2 * static_cast<int64_t>(a.num_kv_heads) * Sh::kRowBytes;
+  // This thread's rows' first byte in slot 0 (K or V, the CTA's first head): one pointer, not an
+  // array indexed by cp_v (which ptxas put on the stack).
+  const uint8_t* const gather_src =
+      a.kv + ((cp_v ? a.num_kv_heads : 0) + g0) * static_cast<int64_t>(Sh::kRowBytes);
+  const int gather_valid = min(Sh::kCopyBytes, (a.num_kv_heads - g0) * Sh::kRowBytes);
   int slot = -1;  // slot of this thread's row in the next tile to issue (-1: past the end)
   auto load_slot = [&](int i) {
     const int tok = t_begin + i * kTileTokens + cp_row;
@@ -902,6 +937,16 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     const uint32_t dst =
         smem_base + stage * Sh::kStageBytes + (cp_v * kTileTokens + cp_row) * Sh::kCopyBytes;
     const uint32_t bar = bar_base + 8 * stage;
+    if constexpr (kGather) {
+      const int first = __shfl_sync(kFullMask, slot, 0);
+      if (a.gather_rows && !__all_sync(kFullMask, first >= 0 && slot == first + lane)) {
+        const bool helper = kSpread && threadIdx.x >= kIssuers;
+        gather_warp_rows<Sh::kCopyBytes, kSpread ? 16 : 32>(dst - lane * Sh::kCopyBytes, slot,
+                                                            helper ? 16 : 0, gather_src,
+                                                            gather_slot_bytes, gather_valid, bar);
+        return;
+      }
+    }
     const bool issued =
         kSpread ? issue_warp_rows_halves<Sh::kCopyBytes>(dst, bar, slot, threadIdx.x >= kIssuers,
                                                          box_map, row_map, map_y, l2_policy)
