@@ -117,7 +117,8 @@ void check_bench_options(const KernelBenchOptions& o) {
     int value, least;
   } counts[] = {{"--iters", o.iters, 1},
                 {"--warmup", o.warmup, 0},
-                {"--prefill-warmup", o.prefill_warmup, 0}};
+                {"--prefill-warmup", o.prefill_warmup, 0},
+                {"--prefill-rest-ms", o.prefill_rest_ms, 0}};
   for (const auto& c : counts) {
     if (c.value < c.least) {
       throw Error(std::string("bench kernels ") + c.flag + ": " + std::to_string(c.value) +

@@ -1,5 +1,6 @@
 // fp8kv_bench: the kernel benchmark as its own binary (the same code as `fp8kv bench kernels`).
-//   fp8kv_bench [--quick] [--iters N] [--warmup N] [--prefill-warmup N] [--device N] [--json FILE]
+//   fp8kv_bench [--quick] [--iters N] [--warmup N] [--prefill-warmup N] [--prefill-rest-ms MS]
+//               [--device N] [--json FILE]
 //               [--no-prefill] [--no-gemm] [--only decode,prefill,quantize,linear,ring]
 #include <cstdio>
 #include <cstdlib>
@@ -32,6 +33,8 @@ int main(int argc, char** argv) {
       o.warmup = std::atoi(value());
     else if (a == "--prefill-warmup")
       o.prefill_warmup = std::atoi(value());
+    else if (a == "--prefill-rest-ms")
+      o.prefill_rest_ms = std::atoi(value());
     else if (a == "--device")
       o.device = std::atoi(value());
     else if (a == "--json")
@@ -41,7 +44,7 @@ int main(int argc, char** argv) {
     else {
       std::fprintf(stderr,
                    "usage: fp8kv_bench [--quick] [--iters N] [--warmup N] [--prefill-warmup N] "
-                   "[--device N] [--json FILE] [--no-prefill] [--no-gemm] "
+                   "[--prefill-rest-ms MS] [--device N] [--json FILE] [--no-prefill] [--no-gemm] "
                    "[--only decode,prefill,quantize,linear,ring]\n");
       return 2;
     }

@@ -7,6 +7,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -17,6 +18,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fp8kv/backend.h"
@@ -1093,6 +1095,12 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         "TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
     r.line("  (each case's kernels timed in turns: %d warm-up round%s, the median of %d rounds)",
            o.prefill_warmup, o.prefill_warmup == 1 ? "" : "s", std::max(5, o.iters / 2));
+    if (o.prefill_rest_ms > 0) {
+      r.line(
+          "  (the card idles %d ms before each scheme's kernels at %s, as the peer's first "
+          "prefill row starts on a rested card)",
+          o.prefill_rest_ms, prefill_cases(o.quick)[0].name.c_str());
+    }
     const std::vector<PrefillCase> cases = prefill_cases(o.quick);
     for (const PrefillCase& c : cases) {
       if (!selects(o.prefill_cases, c.name)) continue;
@@ -1120,6 +1128,11 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
       if (reference) runs_batch.emplace(c.seq, c.q, c.Hq, c.Hkv, c.D, s, /*scattered=*/false);
       for (KvScheme scheme : kSchemes) {
         if (!reference && !main_scheme(scheme)) continue;
+        // The rest: the stream drained, then the host sleeps (the GPU idles, its power falls).
+        if (c.name == cases[0].name && o.prefill_rest_ms > 0) {
+          check_cuda(cudaStreamSynchronize(s), "prefill rest");
+          std::this_thread::sleep_for(std::chrono::milliseconds(o.prefill_rest_ms));
+        }
         auto pool = make_pool(bb.num_slots(), c.Hkv, c.D, scheme, s);
         AttentionParams p = bb.params(scheme, pool->get());
         p.causal = c.causal;

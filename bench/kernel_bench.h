@@ -16,6 +16,12 @@ struct KernelBenchOptions {
   // kernel of the case once; the timed rounds are max(5, iters / 2)). Many rounds put the card at
   // its power limit before the timing (scripts/gpu-check sustained).
   int prefill_warmup = 1;
+  // Milliseconds the card rests (idle) before each scheme's kernels at the reference prefill shape
+  // (causal B=2 L=8192), so that they are timed as the PyTorch peer's first prefill row is: on a
+  // card below its power limit, not right after the GEMM ceilings' seconds at full power or the
+  // scheme before (docs/GPU.md, fifty-eighth session). 0: no rest (the sustained stage, whose
+  // warm-up puts the card at its limit on purpose).
+  int prefill_rest_ms = 2000;
   bool quick = false;   // smaller ceilings and shapes (a smoke test, not a measurement)
   bool prefill = true;  // include the prefill rows (PREFILL's kernel)
   bool gemm = true;     // measure the BF16/FP8 tensor-core ceilings through cuBLASLt

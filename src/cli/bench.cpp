@@ -26,6 +26,11 @@ void add_bench(CLI::App& app) {
                    "untimed rounds of a prefill case's kernels first (in turns; each round runs "
                    "every kernel once; the timed rounds are --iters / 2, at least 5)")
       ->capture_default_str();
+  kernels
+      ->add_option("--prefill-rest-ms", options->prefill_rest_ms,
+                   "milliseconds the card idles before each scheme's kernels at the reference "
+                   "prefill shape (the peer's first prefill row starts on a rested card); 0: none")
+      ->capture_default_str();
   kernels->add_option("--json", options->json_path, "also write every number to this JSON file");
   kernels->add_flag("--quick", options->quick, "small shapes: a smoke test, not a measurement");
   kernels->add_flag("!--no-prefill", options->prefill, "skip the prefill rows");

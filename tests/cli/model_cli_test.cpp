@@ -62,10 +62,11 @@ TEST(BenchCli, CaseListsNameTheCaseTheyRefuse) {
   EXPECT_FALSE(contains(r.output, "Hopper")) << r.output;  // refused before the GPU was looked for
 }
 
-// `bench kernels` refuses run counts it cannot time (no timed run, a negative warm-up), naming
-// the option, before a GPU is looked for.
+// `bench kernels` refuses run counts it cannot time (no timed run, a negative warm-up or rest),
+// naming the option, before a GPU is looked for.
 TEST(BenchCli, RunCountsOutOfRangeAreRefusedByName) {
-  for (const char* bad : {"--iters 0", "--warmup -1", "--prefill-warmup -2"}) {
+  for (const char* bad :
+       {"--iters 0", "--warmup -1", "--prefill-warmup -2", "--prefill-rest-ms -1"}) {
     RunResult r = run(std::string("bench kernels --only prefill ") + bad);
     EXPECT_NE(r.exit_code, 0) << bad << ": " << r.output;
     const std::string option = std::string(bad).substr(0, std::string(bad).find(' '));
