@@ -1095,6 +1095,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         "TFLOP/s  %%GEMM (fp8 GEMM for fp8-per-head, bf16 GEMM for the others)");
     r.line("  (each case's kernels timed in turns: %d warm-up round%s, the median of %d rounds)",
            o.prefill_warmup, o.prefill_warmup == 1 ? "" : "s", std::max(5, o.iters / 2));
+    r.record("setting", "prefill_rest", {{"ms", double(o.prefill_rest_ms)}});
     if (o.prefill_rest_ms > 0) {
       r.line(
           "  (the card idles %d ms before each scheme's kernels at %s, as the peer's first "

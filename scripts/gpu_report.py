@@ -104,6 +104,10 @@ def main():
               f"{ph['us'] / t:>6.2f}{pt['us'] / t:>6.2f}"
               f"{100 * ph.get('frac_same_size_read', float('nan')):>6.0f}%  {mark(ok)}")
     prefill_table(res, torch, "prefill (TFLOP/s)", kernels=True)
+    rest = get("setting", "prefill_rest")
+    if rest and rest["ms"] > 0:
+        print(f"{'':<34}(the first row's schemes each after {rest['ms']:.0f} ms of rest, as the "
+              "peer's first row starts on a rested card)")
     if sustained:
         sus_bench, sus_torch = load(sustained[0]), load(sustained[1])
         if sus_bench is None:

@@ -123,3 +123,19 @@ def test_sustained_needs_two_paths_and_says_when_its_bench_json_is_missing(tmp_p
     assert out.returncode == 0, out.stderr
     assert "no sustained benchmark JSON" in out.stdout
     assert "prefill sustained" not in out.stdout
+
+
+def test_the_rest_before_the_first_prefill_row_is_said_only_when_there_was_one(tmp_path):
+    torch = {"torch": "x", "decode": {}, "prefill": {"B2_L8192": {"tflops": 650.0}}}
+    (tmp_path / "torch.json").write_text(json.dumps(torch))
+    for ms, said in ((2000.0, True), (0.0, False), (None, False)):  # None: a JSON from before it
+        doc = bench_json(True)
+        doc["results"] += [{"kind": "prefill", "name": f"B2_L8192_{scheme}", "tflops": 700.0}
+                           for scheme in ("bf16", "fp8-per-tensor", "fp8-per-head")]
+        if ms is not None:
+            doc["results"].append({"kind": "setting", "name": "prefill_rest", "ms": ms})
+        (tmp_path / "bench.json").write_text(json.dumps(doc))
+        out = subprocess.run([sys.executable, REPORT, str(tmp_path / "bench.json"),
+                              str(tmp_path / "torch.json")], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert ("after 2000 ms of rest" in out.stdout) == said, (ms, out.stdout)
