@@ -59,6 +59,14 @@ static_assert(kDecodeMaxSplits % kDecodeMergeFanIn == 0, "whole sub-groups of co
 // sessions).
 constexpr int kDecodeClusterMergeMaxSplits = 2;
 
+// max_seq_len keys in about `splits` splits: each split's tokens rounded up to whole tiles
+// (kDecodeSplitAlign), and as many splits as those tokens need (possibly fewer than asked).
+inline DecodeSplit aligned_split(int max_seq_len, int splits) {
+  int tokens = (max_seq_len + splits - 1) / splits;
+  tokens = (tokens + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
+  return {(max_seq_len + tokens - 1) / tokens, tokens};
+}
+
 // ctas: CTAs without splitting (B * Hkv * head chunks); sms: the SMs they spread over (0: the
 // kernel cannot run, no split); max_seq_len: the longest request.
 inline DecodeSplit choose_decode_split(int64_t ctas, int64_t sms, int max_seq_len) {
@@ -73,15 +81,13 @@ inline DecodeSplit choose_decode_split(int64_t ctas, int64_t sms, int max_seq_le
   };
   int64_t best_cost = cost(1, max_seq_len);
   for (int s = 2; s <= kDecodeMaxSplits; ++s) {
-    int64_t tokens = (max_seq_len + s - 1) / s;
-    tokens = (tokens + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
-    if (tokens < kDecodeMinSplitTokens) break;
-    const int splits = static_cast<int>((max_seq_len + tokens - 1) / tokens);
-    const int64_t c = cost(splits, tokens);
+    const DecodeSplit candidate = aligned_split(max_seq_len, s);
+    if (candidate.split_tokens < kDecodeMinSplitTokens) break;
+    const int64_t c = cost(candidate.num_splits, candidate.split_tokens);
     // A split must win clearly (5%): the merge and the partial-result traffic are not modeled.
     if (c * 20 < best_cost * 19) {
       best_cost = c;
-      best = {splits, static_cast<int>(tokens)};
+      best = candidate;
     }
   }
   return best;
@@ -106,11 +112,9 @@ inline DecodeSplit double_one_wave_split(DecodeSplit s, int64_t ctas, int64_t sm
       s.num_splits >= kDecodeMaxSplits) {
     return s;
   }
-  const int want = std::min(2 * s.num_splits, kDecodeMaxSplits);
-  int tokens = (max_seq_len + want - 1) / want;
-  tokens = (tokens + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
-  if (tokens < kDecodeMinSplitTokens) return s;
-  return {(max_seq_len + tokens - 1) / tokens, tokens};
+  const DecodeSplit twice =
+      aligned_split(max_seq_len, std::min(2 * s.num_splits, kDecodeMaxSplits));
+  return twice.split_tokens < kDecodeMinSplitTokens ? s : twice;
 }
 
 // Whether an unsplit decode launch of `items` (request, head group) CTAs takes the persistent
