@@ -384,6 +384,62 @@ __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRo
   }
 }
 
+// The final merge of at most kDirectPartials<Sh> partials where each thread takes at most one
+// float4 column of the group's rows (merge_group_splits): the thread loads its column's partials
+// and its row's log-sum-exps at once, one round trip through L2 where the two-phase merge below
+// takes two and two barriers, and computes its row's weights itself. The arithmetic and order of
+// the two-phase merge (max lse, w_k = 2^(lse_k - max lse), sums over k in order), so the same
+// bits. None where the launch bounds leave a thread fewer than 128 registers (D 64: even 4
+// partials spill at its 64).
+template <class Sh>
+constexpr int kDirectPartials = 65536 / (Sh::kMinBlocks * Sh::kThreads) >= 128 ? 8 : 0;
+template <class Sh, int D>
+__device__ __forceinline__ void merge_column_direct(const DecodeArgs& a, const GroupRows& g,
+                                                    int total) {
+  constexpr int kVecs = D / 4;  // float4 columns of a row
+  const int item = threadIdx.x;
+  if (item >= total) return;
+  const int i = item / kVecs;
+  const int64_t row0 = g.split_row0(i, a) + g.first;
+  const float* o_src = a.ws_o + row0 * D + 4 * (item % kVecs);
+  const int64_t step = static_cast<int64_t>(g.stride) * D;
+  constexpr int kMax = kDirectPartials<Sh>;
+  float lse[kMax];
+  float4 x[kMax];
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    if (k < g.count) {
+      lse[k] = __ldcg(a.ws_lse + row0 + static_cast<int64_t>(k) * g.stride);
+      x[k] = __ldcg(reinterpret_cast<const float4*>(o_src + k * step));
+    }
+  }
+  float mx = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kMax; ++k) {
+    if (k < g.count) mx = fmaxf(mx, lse[k]);
+  }
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sum_w = 0.0f;
+  if (mx != -INFINITY) {
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (k < g.count) {
+        const float w = exp2f(lse[k] - mx);
+        sum_w += w;
+        acc[0] += w * x[k].x;
+        acc[1] += w * x[k].y;
+        acc[2] += w * x[k].z;
+        acc[3] += w * x[k].w;
+      }
+    }
+  }
+  const bool any = mx != -INFINITY && sum_w > 0.0f;
+  uint16_t* dst = a.o +
+                  (static_cast<int64_t>(a.cu_seqlens_q[g.b]) * a.num_q_heads + g.head(i, a)) * D +
+                  4 * (item % kVecs);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) dst[e] = float_to_bf16_bits(any ? acc[e] / sum_w : 0.0f);
+}
+
 // Split-KV merge of one group (request blockIdx.z; the CTA's KV heads x the query heads of its
 // head chunk, blockIdx.y): o = sum_k w_k o_k / sum_k w_k with w_k = 2^(lse_k - max lse) over the
 // partials first, first + stride, ... (count of them), accumulated in that order, so the bits do
@@ -415,6 +471,12 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
   g.count = count;
   g.stride = stride;
   const int rows = min(Sh::kKv, a.num_kv_heads - g.g0) * g.heads;
+  if constexpr (kFinal && kDirectPartials < Sh >> 0) {
+    if (count <= kDirectPartials<Sh> && rows * (D / 4) <= Sh::kThreads) {
+      merge_column_direct<Sh, D>(a, g, rows * (D / 4));
+      return;
+    }
+  }
   float* s_w = reinterpret_cast<float*>(smem);      // [rows, count] lse, then the weights
   float* s_mx = s_w + kMaxRows * kDecodeMaxSplits;  // [rows] max lse
   for (int i = threadIdx.x; i < rows * count; i += Sh::kThreads) {
