@@ -384,51 +384,62 @@ __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRo
   }
 }
 
-// The final merge of at most kDirectPartials<Sh> partials where each thread takes at most one
-// float4 column of the group's rows (merge_group_splits): the thread loads its column's partials
-// and its row's log-sum-exps at once, one round trip through L2 where the two-phase merge below
-// takes two and two barriers, and computes its row's weights itself. The arithmetic and order of
-// the two-phase merge (max lse, w_k = 2^(lse_k - max lse), sums over k in order), so the same
-// bits. None where the launch bounds leave a thread fewer than 128 registers (D 64: even 4
-// partials spill at its 64).
-template <class Sh>
-constexpr int kDirectPartials = 65536 / (Sh::kMinBlocks * Sh::kThreads) >= 128 ? 8 : 0;
+// The final merge of a one-level split (at most kDecodeTwoLevelMergeAbove partials) where each
+// thread takes at most one float4 column of the group's rows (merge_group_splits) and a row is one
+// warp's or more (D >= 128: the rows' 32 float4 columns a warp): lane k loads split k's and
+// k + 32's log-sum-exps of the warp's row while every lane loads its column's first kDirectBatch
+// partials, the warp reduces the max and lane k computes split k's weight, which the lanes take
+// by shuffles as they sum the partials, kDirectBatch at a time. For up to kDirectBatch splits one
+// round trip through L2 where the two-phase merge below takes two, and no barriers. The
+// arithmetic and order of the two-phase merge (max lse, w_k = 2^(lse_k - max lse), sums over k in
+// order), so the same bits. Only where the launch bounds leave a thread 128 registers or more.
+constexpr int kDirectBatch = 8;
+template <class Sh, int D>
+constexpr bool kDirectMerge = D >= 128 && 65536 / (Sh::kMinBlocks * Sh::kThreads) >= 128;
+static_assert(kDecodeTwoLevelMergeAbove <= 64, "two log-sum-exps a lane");
 template <class Sh, int D>
 __device__ __forceinline__ void merge_column_direct(const DecodeArgs& a, const GroupRows& g,
                                                     int total) {
-  constexpr int kVecs = D / 4;  // float4 columns of a row
-  const int item = threadIdx.x;
-  if (item >= total) return;
+  constexpr int kVecs = D / 4;  // float4 columns of a row: whole warps
+  constexpr int kMaxCount = kDecodeTwoLevelMergeAbove;
+  const int item = threadIdx.x, lane = threadIdx.x % 32;
+  if (item >= total) return;  // whole warps: total is whole rows
   const int i = item / kVecs;
   const int64_t row0 = g.split_row0(i, a) + g.first;
   const float* o_src = a.ws_o + row0 * D + 4 * (item % kVecs);
   const int64_t step = static_cast<int64_t>(g.stride) * D;
-  constexpr int kMax = kDirectPartials<Sh>;
-  float lse[kMax];
-  float4 x[kMax];
+  float4 x[kDirectBatch];
+  auto load_batch = [&](int k0) {
 #pragma unroll
-  for (int k = 0; k < kMax; ++k) {
-    if (k < g.count) {
-      lse[k] = __ldcg(a.ws_lse + row0 + static_cast<int64_t>(k) * g.stride);
-      x[k] = __ldcg(reinterpret_cast<const float4*>(o_src + k * step));
+    for (int k = 0; k < kDirectBatch; ++k) {
+      if (k0 + k < g.count) x[k] = __ldcg(reinterpret_cast<const float4*>(o_src + (k0 + k) * step));
     }
-  }
-  float mx = -INFINITY;
-#pragma unroll
-  for (int k = 0; k < kMax; ++k) {
-    if (k < g.count) mx = fmaxf(mx, lse[k]);
-  }
+  };
+  const float* lse_row = a.ws_lse + row0;
+  float w_lo = lane < g.count ? __ldcg(lse_row + static_cast<int64_t>(lane) * g.stride) : -INFINITY;
+  float w_hi = lane + 32 < g.count ? __ldcg(lse_row + static_cast<int64_t>(lane + 32) * g.stride)
+                                   : -INFINITY;
+  load_batch(0);
+  const float mx = warp_max(fmaxf(w_lo, w_hi));
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sum_w = 0.0f;
   if (mx != -INFINITY) {
+    w_lo = exp2f(w_lo - mx);
+    w_hi = exp2f(w_hi - mx);
 #pragma unroll
-    for (int k = 0; k < kMax; ++k) {
-      if (k < g.count) {
-        const float w = exp2f(lse[k] - mx);
-        sum_w += w;
-        acc[0] += w * x[k].x;
-        acc[1] += w * x[k].y;
-        acc[2] += w * x[k].z;
-        acc[3] += w * x[k].w;
+    for (int k0 = 0; k0 < kMaxCount; k0 += kDirectBatch) {
+      if (k0 >= g.count) break;
+      if (k0 > 0) load_batch(k0);
+#pragma unroll
+      for (int k = 0; k < kDirectBatch; ++k) {
+        const int kk = k0 + k;
+        const float w = __shfl_sync(kFullMask, kk < 32 ? w_lo : w_hi, kk % 32);
+        if (kk < g.count) {
+          sum_w += w;
+          acc[0] += w * x[k].x;
+          acc[1] += w * x[k].y;
+          acc[2] += w * x[k].z;
+          acc[3] += w * x[k].w;
+        }
       }
     }
   }
@@ -471,8 +482,8 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
   g.count = count;
   g.stride = stride;
   const int rows = min(Sh::kKv, a.num_kv_heads - g.g0) * g.heads;
-  if constexpr (kFinal && kDirectPartials < Sh >> 0) {
-    if (count <= kDirectPartials<Sh> && rows * (D / 4) <= Sh::kThreads) {
+  if constexpr (kFinal && kDirectMerge<Sh, D>) {
+    if (count <= kDecodeTwoLevelMergeAbove && rows * (D / 4) <= Sh::kThreads) {
       merge_column_direct<Sh, D>(a, g, rows * (D / 4));
       return;
     }
