@@ -882,6 +882,36 @@ TEST(CudaDecode, ClusterSplitMergeOnceForTheSanitizers) {
   EXPECT_TRUE(ran) << "no batch took the cluster merge";
 }
 
+// One launch each of the counter merge's two final merges, small enough for compute-sanitizer's
+// memcheck and racecheck (scripts/gpu-check's sanitizer list): fp8-per-head, one request of 9000
+// keys and one of 3 (its later splits without a key), GQA 3 on 3 KV heads (a CTA's second head
+// past the last); head_dim 128 merges in registers (merge_column_direct: at most a float4 column
+// a thread, 6 rows of 32 on 8 warps, 3 in the last CTA), 256 through shared memory
+// (merge_group_splits' two phases: 3 rows of 64 columns on 4 warps).
+TEST(CudaDecode, CounterSplitMergeOnceForTheSanitizers) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  const KvScheme scheme = KvScheme::kFp8PerHead;
+  for (int head_dim : {128, 256}) {
+    test::ProblemSpec spec;
+    spec.requests = decode_requests({9000, 3});
+    spec.num_kv_heads = 3;
+    spec.num_q_heads = 9;
+    spec.head_dim = head_dim;
+    spec.data.outlier_channels = 2;
+    spec.seed = 9700 + head_dim;
+    const test::AttentionProblem prob = test::make_problem(spec);
+    const cuda::DecodeLaunchKey key = launch_key(prob, scheme);
+    SCOPED_TRACE("head_dim " + std::to_string(head_dim) + ", " + std::to_string(key.num_splits) +
+                 " splits");
+    ASSERT_GT(key.num_splits, 1) << "the case must split";
+    ASSERT_LE(key.num_splits, cuda::kDecodeTwoLevelMergeAbove) << "the case must merge in one";
+    ASSERT_FALSE(key.cluster_merge) << "the case must take the counter merge";
+    expect_close(run_case(*cpu, *gpu, prob, scheme));
+  }
+}
+
 TEST(CudaDecode, RefusesBadArguments) {
   SKIP_WITHOUT_GPU();
   auto gpu = make_cuda_backend();
