@@ -882,12 +882,13 @@ TEST(CudaDecode, ClusterSplitMergeOnceForTheSanitizers) {
   EXPECT_TRUE(ran) << "no batch took the cluster merge";
 }
 
-// One launch each of the counter merge's two final merges, small enough for compute-sanitizer's
-// memcheck and racecheck (scripts/gpu-check's sanitizer list): fp8-per-head, one request of 9000
-// keys and one of 3 (its later splits without a key), GQA 3 on 3 KV heads (a CTA's second head
-// past the last); head_dim 128 merges in registers (merge_column_direct: at most a float4 column
-// a thread, 6 rows of 32 on 8 warps, 3 in the last CTA), 256 through shared memory
-// (merge_group_splits' two phases: 3 rows of 64 columns on 4 warps).
+// The counter merge's two final merges, in launches small enough for compute-sanitizer's memcheck
+// and racecheck (scripts/gpu-check's sanitizer list): fp8-per-head, one request of 9000 keys and
+// one of 3 (its later splits without a key), GQA 3 on 3 KV heads, two KV heads a CTA (the last
+// CTA's second head past the last). Head_dim 128 merges every group in registers
+// (merge_column_direct: 6 rows of 32 float4 columns on 8 warps, 3 rows in the last CTA); at 256
+// the first CTA's groups go through shared memory (merge_group_splits' two phases: 6 rows of 64
+// columns, more than a column a thread), the last CTA's in registers (3 rows, 6 of its 8 warps).
 TEST(CudaDecode, CounterSplitMergeOnceForTheSanitizers) {
   SKIP_WITHOUT_GPU();
   auto cpu = make_cpu_backend();
