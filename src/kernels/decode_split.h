@@ -41,8 +41,9 @@ constexpr int64_t kDecodeMaxSplitGroups = 4096;
 // region holds one group counter per group, then kDecodeMergeSubGroups sub-group counters per
 // group. One merge measured faster up to 16 splits (twenty-eighth session) and at 33 (B=1
 // L=131072 on 132 SMs, the per-SM plan's one wave: fp8-per-head 73.9 -> 72.6 us, bf16 136.7 ->
-// 135.7; fifty-fifth session), two levels at 63 (twenty-eighth); 34..63 are not measured and the
-// line is drawn between them (docs/GPU.md).
+// 135.7; fifty-fifth session; again with the final merge in registers, 72.5 -> 72.0, fifty-ninth),
+// two levels at 63 (twenty-eighth); 34..63 are not measured and the line is drawn between them
+// (docs/GPU.md).
 constexpr int kDecodeMergeFanIn = 8;
 constexpr int kDecodeTwoLevelMergeAbove = 40;
 constexpr int kDecodeMergeSubGroups = kDecodeMaxSplits / kDecodeMergeFanIn;
