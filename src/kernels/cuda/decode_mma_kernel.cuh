@@ -305,6 +305,23 @@ static __device__ __noinline__ void check_unread_order_entry(const DecodeArgs& a
   }
 }
 
+// Every split merge's step for one partial, in split order: w x into acc, w into sum_w.
+__device__ __forceinline__ void add_weighted(float (&acc)[4], float& sum_w, float w, float4 x) {
+  sum_w += w;
+  acc[0] += w * x.x;
+  acc[1] += w * x.y;
+  acc[2] += w * x.z;
+  acc[3] += w * x.w;
+}
+// A merged float4 column of the output, as bf16 at dst: acc / sum_w, or 0 where no split counted
+// a key (`any` false: every partial empty, the weights never computed).
+__device__ __forceinline__ void store_merged(uint16_t* dst, const float (&acc)[4], float sum_w,
+                                             bool any) {
+  *reinterpret_cast<uint2*>(dst) =
+      make_uint2(pack_bf16x2(any ? acc[0] / sum_w : 0.0f, any ? acc[1] / sum_w : 0.0f),
+                 pack_bf16x2(any ? acc[2] / sum_w : 0.0f, any ? acc[3] / sum_w : 0.0f));
+}
+
 // The query heads of a split-KV group (request b; kv_here KV heads from g0, query heads hc * 8 ..
 // of each: `heads` of them) as rows i = 0 .. kv_here * heads - 1, and the partials one merge
 // takes: `count` splits from `first`, `stride` apart (every split of the group, or one partial
@@ -314,6 +331,10 @@ struct GroupRows {
   int first, count, stride;
   __device__ int head(int i, const DecodeArgs& a) const {
     return (g0 + i / heads) * a.group + hc * kRows + i % heads;
+  }
+  // Row i's output row (D bf16).
+  __device__ uint16_t* out(int i, const DecodeArgs& a, int D) const {
+    return a.o + (static_cast<int64_t>(a.cu_seqlens_q[b]) * a.num_q_heads + head(i, a)) * D;
   }
   // Row i's split 0 in ws_o / ws_lse ([B, Hq, splits]).
   __device__ int64_t split_row0(int i, const DecodeArgs& a) const {
@@ -354,12 +375,7 @@ __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRo
     for (int j = 0; j < kN; ++j) {
       if (!valid[j]) continue;
       const float4 x = __ldcg(reinterpret_cast<const float4*>(src[j] + k * step));
-      const float w = w_row[j][k];
-      sum_w[j] += w;
-      acc[j][0] += w * x.x;
-      acc[j][1] += w * x.y;
-      acc[j][2] += w * x.z;
-      acc[j][3] += w * x.w;
+      add_weighted(acc[j], sum_w[j], w_row[j][k], x);
     }
   }
 #pragma unroll
@@ -369,16 +385,12 @@ __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRo
     const int i = item / kVecs;
     // Every partial empty (max lse = -inf): 0, as the weights were never computed.
     const bool any = s_mx[i] != -INFINITY && sum_w[j] > 0.0f;
-    float out[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) out[e] = any ? acc[j][e] / sum_w[j] : 0.0f;
     if constexpr (kFinal) {
-      uint16_t* dst =
-          a.o + (static_cast<int64_t>(a.cu_seqlens_q[g.b]) * a.num_q_heads + g.head(i, a)) * D +
-          4 * (item % kVecs);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dst[e] = float_to_bf16_bits(out[e]);
+      store_merged(g.out(i, a, D) + 4 * (item % kVecs), acc[j], sum_w[j], any);
     } else {
+      float out[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) out[e] = any ? acc[j][e] / sum_w[j] : 0.0f;
       __stcg(reinterpret_cast<float4*>(src[j]), make_float4(out[0], out[1], out[2], out[3]));
     }
   }
@@ -433,22 +445,11 @@ __device__ __forceinline__ void merge_column_direct(const DecodeArgs& a, const G
       for (int k = 0; k < kDirectBatch; ++k) {
         const int kk = k0 + k;
         const float w = __shfl_sync(kFullMask, kk < 32 ? w_lo : w_hi, kk % 32);
-        if (kk < g.count) {
-          sum_w += w;
-          acc[0] += w * x[k].x;
-          acc[1] += w * x[k].y;
-          acc[2] += w * x[k].z;
-          acc[3] += w * x[k].w;
-        }
+        if (kk < g.count) add_weighted(acc, sum_w, w, x[k]);
       }
     }
   }
-  const bool any = mx != -INFINITY && sum_w > 0.0f;
-  uint16_t* dst = a.o +
-                  (static_cast<int64_t>(a.cu_seqlens_q[g.b]) * a.num_q_heads + g.head(i, a)) * D +
-                  4 * (item % kVecs);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) dst[e] = float_to_bf16_bits(any ? acc[e] / sum_w : 0.0f);
+  store_merged(g.out(i, a, D) + 4 * (item % kVecs), acc, sum_w, mx != -INFINITY && sum_w > 0.0f);
 }
 
 // Split-KV merge of one group (request blockIdx.z; the CTA's KV heads x the query heads of its
@@ -569,19 +570,10 @@ __device__ __noinline__ void merge_group_in_cluster(const DecodeArgs& a, const u
       const float lse = *cluster_peer(part + kRows * D + h, k);
       const float4 x = *cluster_peer(reinterpret_cast<const float4*>(part + h * D) + c, k);
       // As merge_group_splits: the weights only where some split counted a key.
-      const float w = mx != -INFINITY ? exp2f(lse - mx) : lse;
-      sum_w += w;
-      acc[0] += w * x.x;
-      acc[1] += w * x.y;
-      acc[2] += w * x.z;
-      acc[3] += w * x.w;
+      add_weighted(acc, sum_w, mx != -INFINITY ? exp2f(lse - mx) : lse, x);
     }
-    const bool any = mx != -INFINITY && sum_w > 0.0f;
     const int head = (g0 + sub) * a.group + hc * kRows + h;
-    uint16_t* dst = a.o + (out_row0 + head) * D + 4 * c;
-    *reinterpret_cast<uint2*>(dst) =
-        make_uint2(pack_bf16x2(any ? acc[0] / sum_w : 0.0f, any ? acc[1] / sum_w : 0.0f),
-                   pack_bf16x2(any ? acc[2] / sum_w : 0.0f, any ? acc[3] / sum_w : 0.0f));
+    store_merged(a.o + (out_row0 + head) * D + 4 * c, acc, sum_w, mx != -INFINITY && sum_w > 0.0f);
   }
   cluster_sync();
 }
