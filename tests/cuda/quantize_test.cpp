@@ -8,6 +8,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <vector>
 
 #include "fp8kv/backend.h"
@@ -251,6 +253,76 @@ TEST(CudaQuantizeKv, SlotsUnchangedKeepsTheCheckOfTheSameSlotsOnly) {
   write(layer1, good, true, prob.num_slots);
   EXPECT_NO_THROW(gpu->synchronize());
   EXPECT_EQ(layer0.download<uint8_t>(), layer1.download<uint8_t>());
+}
+
+// quantize_kv is a programmatic dependent launch (its CTAs may start while the kernel before it
+// ends; it reads nothing before that kernel is done): three long writes back to back, no
+// synchronization between them and no slot check (the same slots, promised unchanged), each
+// reading or overwriting what the one before it touched. A bf16 write copies kv1 into the first T
+// rows of pool A (consecutive slots: the rows then have an input's layout); an fp8-per-head write
+// reads pool A as its input (read after write); a bf16 write of kv2 then overwrites pool A (write
+// after read). Pool B must hold the CPU twin's bytes of kv1, pool A kv2. A write that did not wait
+// for the one before it reads pool A half written or half overwritten.
+TEST(CudaQuantizeKv, BackToBackWritesWaitForTheWriteBefore) {
+  SKIP_WITHOUT_GPU();
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend();
+  const int hkv = 8, D = 128;
+  const int64_t T = 65536;  // 268 MB of bf16 a write: a launch of several hundred microseconds
+  const size_t elems = static_cast<size_t>(T) * 2 * hkv * D;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  auto random_kv = [&] {
+    std::vector<uint16_t> kv(elems);
+    for (uint16_t& x : kv) x = float_to_bf16(normal(rng));
+    return kv;
+  };
+  const std::vector<uint16_t> kv1 = random_kv(), kv2 = random_kv();
+  std::vector<int32_t> slots(T);
+  std::iota(slots.begin(), slots.end(), 0);
+  test::KvScales scales;
+  for (int h = 0; h < hkv; ++h) {
+    scales.k.push_back(0.01f * (h + 1));  // the larger values saturate in the first heads
+    scales.v.push_back(0.02f * (h + 1));
+  }
+  const KvCase fp8{KvScheme::kFp8PerHead, D, hkv, static_cast<int>(T)};
+  const std::vector<uint8_t> want = run_quantize_kv(*cpu, fp8, kv1, slots, T, scales, {}).pool;
+
+  const size_t rows_bytes = elems * 2;
+  BackendBuffer pool_a(*gpu, rows_bytes + 2 * hkv * D * 2), pool_b(*gpu, want.size());
+  BackendBuffer d_kv1(*gpu, kv1), d_kv2(*gpu, kv2), d_slots(*gpu, slots);
+  BackendBuffer d_k(*gpu, scales.k), d_v(*gpu, scales.v);
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    gpu->memset(pool_a.as<void>(), 0, pool_a.bytes());
+    gpu->memset(pool_b.as<void>(), 0xff, pool_b.bytes());
+    QuantizeKvParams copy_in;
+    copy_in.kv = d_kv1.as<uint16_t>();
+    copy_in.slots = d_slots.as<int32_t>();
+    copy_in.num_tokens = T;
+    copy_in.cache = {pool_a.as<void>(), T, hkv, D, KvScheme::kBf16};
+    QuantizeKvParams from_a = copy_in;
+    from_a.kv = pool_a.as<uint16_t>();
+    from_a.cache = {pool_b.as<void>(), T, hkv, D, KvScheme::kFp8PerHead};
+    from_a.scales = {d_k.as<float>(), d_v.as<float>()};
+    from_a.slots_unchanged = true;
+    QuantizeKvParams over_a = copy_in;
+    over_a.kv = d_kv2.as<uint16_t>();
+    over_a.slots_unchanged = true;
+    gpu->quantize_kv(copy_in);
+    gpu->quantize_kv(from_a);
+    gpu->quantize_kv(over_a);
+    gpu->synchronize();
+    const std::vector<uint8_t> got_b = pool_b.download<uint8_t>();
+    ASSERT_EQ(got_b.size(), want.size());
+    size_t diffs = 0;
+    for (size_t i = 0; i < want.size(); ++i) diffs += want[i] != got_b[i];
+    EXPECT_EQ(diffs, 0u) << "bytes of the fp8 write that read pool A before the bf16 write "
+                            "finished, or after the next one began";
+    const std::vector<uint16_t> got_a = pool_a.download<uint16_t>();
+    EXPECT_TRUE(std::equal(kv2.begin(), kv2.end(), got_a.begin()))
+        << "pool A is not the last write's kv2";
+  }
 }
 
 TEST(CudaQuantizeKv, RefusesBadArguments) {

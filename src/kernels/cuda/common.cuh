@@ -154,6 +154,16 @@ template <int N>
 __device__ __forceinline__ void regs_decrease() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
+// Programmatic dependent launch (a kernel launched with
+// cudaLaunchAttributeProgrammaticStreamSerialization): griddep_launch_dependents lets the next such
+// kernel in the stream start its CTAs as this grid's retire; griddep_wait blocks until every
+// grid this one depends on has finished and its writes are visible (at once where there is none).
+__device__ __forceinline__ void griddep_launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+__device__ __forceinline__ void griddep_wait() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
 // bar.sync on a named barrier (0 is __syncthreads's): `threads` of the CTA, whole warps.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");

@@ -70,6 +70,11 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
   extern __shared__ __align__(16) uint8_t s_dyn[];
   uint4* const ring = reinterpret_cast<uint4*>(s_dyn);  // [kAhead][2][kQuantThreads]
   uint32_t* const s_amax = reinterpret_cast<uint32_t*>(s_dyn + kRingBytes);  // [2 * Hkv]
+  // A programmatic dependent launch (launch_quantize_kv): the next write may start its CTAs as
+  // this one's retire, and this one reads nothing before the kernel before it has finished (it
+  // may have made the K/V, the slots or the bad-token word).
+  griddep_launch_dependents();
+  griddep_wait();
   if (a.bad_token != nullptr) {
     const unsigned long long bad = *a.bad_token;
     if (bad != ULLONG_MAX) {
@@ -310,7 +315,19 @@ void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad
           std::min<int64_t>(want, static_cast<int64_t>(device_sm_count()) * per_sm),
           ceil_div(chunks_per_token, kQuantThreads)));
       a.lanes = blocks * kQuantThreads / chunks_per_token * chunks_per_token;
-      kernel<<<blocks, kQuantThreads, smem, stream>>>(a);
+      // As a programmatic dependent of the kernel before it (the kernel waits for it before any
+      // read, griddep_wait): its launch and its CTAs' start overlap that kernel's tail.
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(blocks);
+      config.blockDim = dim3(kQuantThreads);
+      config.dynamicSmemBytes = smem;
+      config.stream = stream;
+      cudaLaunchAttribute attribute[1] = {};
+      attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attribute[0].val.programmaticStreamSerializationAllowed = 1;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      FP8KV_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a));
     });
   });
   FP8KV_CUDA_CHECK_LAUNCH("quantize_kv_kernel");
