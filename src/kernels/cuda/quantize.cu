@@ -104,45 +104,9 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
         kScales == KvScaleSource::kPerHead ? (is_v ? head - a.num_kv_heads : head) : 0;
     scale = is_v ? a.v_scale[scale_head] : a.k_scale[scale_head];
   }
-  const ScaleDivider div(scale);
   uint32_t amax2 = 0;  // the observed |x| bits, two bf16 halves kept apart
   const int64_t row_elems = static_cast<int64_t>(cpt) * kChunk;  // 2 * Hkv * D
   const int elem0 = head * kHeadDim + (chunk % kGroup) * 8;      // the first vector in a token row
-  // One token's chunk, loaded as v0 (elements elem0..+7) and v1 (elem0 + D/2..+7): written at
-  // its slot.
-  auto store = [&](int64_t slot, uint4 v0, uint4 v1) {
-    const int64_t dst_elem = slot * row_elems + elem0;
-    if constexpr (kCodec == KvCodec::kBf16) {
-      uint16_t* dst = static_cast<uint16_t*>(a.cache) + dst_elem;
-      st_v4(dst, v0);
-      st_v4(dst + kHalf, v1);
-    } else {
-      // One 8-element vector at a time (widen, divide, pack, store): one vector's floats live.
-      uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;
-      auto convert = [&](const uint4 v, uint8_t* out) {
-        float f[8], q[8];
-        widen_bf16x8(v, f);
-        div.divide(f, q);
-        uint32_t packed[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const uint16_t lo = float2_to_fp8x2_hw<kCodec>(q[4 * i], q[4 * i + 1]);
-          const uint16_t hi = float2_to_fp8x2_hw<kCodec>(q[4 * i + 2], q[4 * i + 3]);
-          packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-        }
-        *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
-      };
-      convert(v0, dst);
-      convert(v1, dst + kHalf);
-    }
-    if (observe) {
-      // |x| of each bf16 (its bits without the sign: ordered as the values, NaN above infinity),
-      // two at a time as unsigned 16-bit maxima.
-      const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax2 = __vmaxu2(amax2, w[i] & 0x7fff7fffu);
-    }
-  };
   if (thread < a.lanes) {
     const uint16_t* src = a.kv + elem0;
     const int64_t t0 = thread / cpt;
@@ -161,6 +125,44 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kv_kernel(const Quanti
     };
 #pragma unroll
     for (int s = 0; s < kAhead; ++s) fetch(s, t0 + s * rows);
+    // The divider after the first copies are on their way: its reciprocal waits for the scale's
+    // load, which then overlaps theirs.
+    const ScaleDivider div(scale);
+    // One token's chunk, loaded as v0 (elements elem0..+7) and v1 (elem0 + D/2..+7): written at
+    // its slot.
+    auto store = [&](int64_t slot, uint4 v0, uint4 v1) {
+      const int64_t dst_elem = slot * row_elems + elem0;
+      if constexpr (kCodec == KvCodec::kBf16) {
+        uint16_t* dst = static_cast<uint16_t*>(a.cache) + dst_elem;
+        st_v4(dst, v0);
+        st_v4(dst + kHalf, v1);
+      } else {
+        // One 8-element vector at a time (widen, divide, pack, store): one vector's floats live.
+        uint8_t* dst = static_cast<uint8_t*>(a.cache) + dst_elem;
+        auto convert = [&](const uint4 v, uint8_t* out) {
+          float f[8], q[8];
+          widen_bf16x8(v, f);
+          div.divide(f, q);
+          uint32_t packed[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const uint16_t lo = float2_to_fp8x2_hw<kCodec>(q[4 * i], q[4 * i + 1]);
+            const uint16_t hi = float2_to_fp8x2_hw<kCodec>(q[4 * i + 2], q[4 * i + 3]);
+            packed[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+          }
+          *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
+        };
+        convert(v0, dst);
+        convert(v1, dst + kHalf);
+      }
+      if (observe) {
+        // |x| of each bf16 (its bits without the sign: ordered as the values, NaN above infinity),
+        // two at a time as unsigned 16-bit maxima.
+        const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) amax2 = __vmaxu2(amax2, w[i] & 0x7fff7fffu);
+      }
+    };
     for (int64_t t = t0; t < a.num_tokens; t += kAhead * rows) {
 #pragma unroll
       for (int s = 0; s < kAhead; ++s) {
