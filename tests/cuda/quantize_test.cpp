@@ -268,7 +268,7 @@ TEST(CudaQuantizeKv, BackToBackWritesWaitForTheWriteBefore) {
   auto cpu = make_cpu_backend();
   auto gpu = make_cuda_backend();
   const int hkv = 8, D = 128;
-  const int64_t T = 65536;  // 268 MB of bf16 a write: a launch of several hundred microseconds
+  const int64_t T = 65536;  // 268 MB of bf16 a write: a launch of over a hundred microseconds
   const size_t elems = static_cast<size_t>(T) * 2 * hkv * D;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 3.0f);
