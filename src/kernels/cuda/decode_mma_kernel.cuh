@@ -313,13 +313,17 @@ __device__ __forceinline__ void add_weighted(float (&acc)[4], float& sum_w, floa
   acc[2] += w * x.z;
   acc[3] += w * x.w;
 }
-// A merged float4 column of the output, as bf16 at dst: acc / sum_w, or 0 where no split counted
-// a key (`any` false: every partial empty, the weights never computed).
+// A merged float4 column: acc / sum_w, or 0 where no split counted a key (`any` false: every
+// partial empty, the weights never computed).
+__device__ __forceinline__ float4 merged(const float (&acc)[4], float sum_w, bool any) {
+  return any ? make_float4(acc[0] / sum_w, acc[1] / sum_w, acc[2] / sum_w, acc[3] / sum_w)
+             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+}
+// The merged column as bf16 at dst (the final merges' output).
 __device__ __forceinline__ void store_merged(uint16_t* dst, const float (&acc)[4], float sum_w,
                                              bool any) {
-  *reinterpret_cast<uint2*>(dst) =
-      make_uint2(pack_bf16x2(any ? acc[0] / sum_w : 0.0f, any ? acc[1] / sum_w : 0.0f),
-                 pack_bf16x2(any ? acc[2] / sum_w : 0.0f, any ? acc[3] / sum_w : 0.0f));
+  const float4 m = merged(acc, sum_w, any);
+  *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16x2(m.x, m.y), pack_bf16x2(m.z, m.w));
 }
 
 // The query heads of a split-KV group (request b; kv_here KV heads from g0, query heads hc * 8 ..
@@ -388,10 +392,7 @@ __device__ __forceinline__ void merge_columns(const DecodeArgs& a, const GroupRo
     if constexpr (kFinal) {
       store_merged(g.out(i, a, D) + 4 * (item % kVecs), acc[j], sum_w[j], any);
     } else {
-      float out[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) out[e] = any ? acc[j][e] / sum_w[j] : 0.0f;
-      __stcg(reinterpret_cast<float4*>(src[j]), make_float4(out[0], out[1], out[2], out[3]));
+      __stcg(reinterpret_cast<float4*>(src[j]), merged(acc[j], sum_w[j], any));
     }
   }
 }
