@@ -333,12 +333,13 @@ __device__ __forceinline__ void store_merged(uint16_t* dst, const float (&acc)[4
 struct GroupRows {
   int b, g0, hc, heads, splits;  // splits: a.num_splits, the partials' row length in ws_o / ws_lse
   int first, count, stride;
+  int64_t q_token;  // request b's token in q and o (its cu_seqlens_q entry)
   __device__ int head(int i, const DecodeArgs& a) const {
     return (g0 + i / heads) * a.group + hc * kRows + i % heads;
   }
   // Row i's output row (D bf16).
   __device__ uint16_t* out(int i, const DecodeArgs& a, int D) const {
-    return a.o + (static_cast<int64_t>(a.cu_seqlens_q[b]) * a.num_q_heads + head(i, a)) * D;
+    return a.o + (q_token * a.num_q_heads + head(i, a)) * D;
   }
   // Row i's split 0 in ws_o / ws_lse ([B, Hq, splits]).
   __device__ int64_t split_row0(int i, const DecodeArgs& a) const {
@@ -466,7 +467,7 @@ __device__ __forceinline__ void merge_column_direct(const DecodeArgs& a, const G
 // live through the main loop (register pressure).
 template <class Sh, int D, bool kFinal>
 __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t* smem, int first,
-                                                   int count, int stride) {
+                                                   int count, int stride, int64_t q_token) {
   if constexpr (kFinal) check_unread_order_entry(a);
   constexpr int kMaxRows = Sh::kKv * kRows;                  // rows (query heads) of a group
   constexpr int kItems = kMaxRows * (D / 4) / Sh::kThreads;  // float4 columns per thread: D / 64
@@ -483,6 +484,7 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
   g.first = first;
   g.count = count;
   g.stride = stride;
+  g.q_token = q_token;
   const int rows = min(Sh::kKv, a.num_kv_heads - g.g0) * g.heads;
   if constexpr (kFinal && kDirectMerge<Sh, D>) {
     if (count <= kDecodeTwoLevelMergeAbove && rows * (D / 4) <= Sh::kThreads) {
@@ -1115,7 +1117,7 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
     uint32_t* group_counter = a.split_counters + group;
     if (a.num_splits <= kDecodeTwoLevelMergeAbove) {
       if (arrive(group_counter, a.num_splits)) {
-        decode_mma::merge_group_splits<Sh, kHeadDim, true>(a, smem, 0, a.num_splits, 1);
+        decode_mma::merge_group_splits<Sh, kHeadDim, true>(a, smem, 0, a.num_splits, 1, q_token);
       }
     } else {
       const int first = split / kDecodeMergeFanIn * kDecodeMergeFanIn;
@@ -1123,11 +1125,11 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
       uint32_t* sub_counter = a.split_counters + kDecodeMaxSplitGroups +
                               group * kDecodeMergeSubGroups + split / kDecodeMergeFanIn;
       if (arrive(sub_counter, count)) {
-        decode_mma::merge_group_splits<Sh, kHeadDim, false>(a, smem, first, count, 1);
+        decode_mma::merge_group_splits<Sh, kHeadDim, false>(a, smem, first, count, 1, q_token);
         __syncthreads();  // the sub-group's partial written, the weights' shared memory read
         if (arrive(group_counter, ceil_div(a.num_splits, kDecodeMergeFanIn))) {
           decode_mma::merge_group_splits<Sh, kHeadDim, true>(
-              a, smem, 0, ceil_div(a.num_splits, kDecodeMergeFanIn), kDecodeMergeFanIn);
+              a, smem, 0, ceil_div(a.num_splits, kDecodeMergeFanIn), kDecodeMergeFanIn, q_token);
         }
       }
     }
