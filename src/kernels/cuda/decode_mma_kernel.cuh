@@ -464,7 +464,9 @@ __device__ __forceinline__ void merge_column_direct(const DecodeArgs& a, const G
 // caller passed a barrier after the CTA's last use of it); then the threads take the group's
 // rows x float4 columns (merge_columns) and stream the partials from L2 (ld.global.cg: other CTAs
 // wrote them). The group's coordinates are derived again from the CTA's indices rather than kept
-// live through the main loop (register pressure).
+// live through the main loop (register pressure); the request's token (q_token) is the kernel's,
+// live through it anyway for the unsplit store, where a load of cu_seqlens_q here stood in the
+// final store's way (B=1 L=131072 -0.2..-0.5%, docs/GPU.md, sixty-first session).
 template <class Sh, int D, bool kFinal>
 __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t* smem, int first,
                                                    int count, int stride, int64_t q_token) {
