@@ -154,6 +154,43 @@ template <int N>
 __device__ __forceinline__ void regs_decrease() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
+// A launch configuration (cudaLaunchKernelEx) with one attribute: clusters of `cluster_x` CTAs
+// along x (ClusterDims), or a programmatic dependent of the kernel before it in the stream
+// (ProgrammaticDependent: see griddep_wait below). config.attrs points at attr: built in place,
+// never copied.
+struct OneAttributeLaunch {
+  cudaLaunchAttribute attr{};
+  cudaLaunchConfig_t config{};
+  OneAttributeLaunch(const OneAttributeLaunch&) = delete;
+  OneAttributeLaunch& operator=(const OneAttributeLaunch&) = delete;
+  struct ClusterDims {
+    int x;
+  };
+  struct ProgrammaticDependent {};
+  OneAttributeLaunch(dim3 grid, int threads, size_t smem_bytes, cudaStream_t stream, ClusterDims c)
+      : OneAttributeLaunch(grid, threads, smem_bytes, stream) {
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(c.x);
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+  }
+  OneAttributeLaunch(dim3 grid, int threads, size_t smem_bytes, cudaStream_t stream,
+                     ProgrammaticDependent)
+      : OneAttributeLaunch(grid, threads, smem_bytes, stream) {
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+  }
+
+ private:
+  OneAttributeLaunch(dim3 grid, int threads, size_t smem_bytes, cudaStream_t stream) {
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem_bytes;
+    config.stream = stream;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+  }
+};
 // Programmatic dependent launch (a kernel launched with
 // cudaLaunchAttributeProgrammaticStreamSerialization): griddep_launch_dependents lets the next such
 // kernel in the stream start its CTAs as this grid's retire; griddep_wait blocks until every

@@ -346,6 +346,24 @@ struct GroupRows {
     return (static_cast<int64_t>(b) * a.num_q_heads + head(i, a)) * splits;
   }
 };
+// The group of this CTA of a split launch (request blockIdx.z, head group blockIdx.y: kKv KV heads
+// from g0, query heads hc * 8 .. of each), every split of it (first 0, count splits, stride 1),
+// derived from the CTA's indices rather than kept live through the tile loop (registers); the
+// request's token is the caller's.
+template <class Sh>
+__device__ __forceinline__ GroupRows cta_group(const DecodeArgs& a, int64_t q_token) {
+  GroupRows g;
+  g.g0 = blockIdx.y / a.head_chunks * Sh::kKv;
+  g.hc = blockIdx.y % a.head_chunks;
+  g.b = blockIdx.z;
+  g.heads = min(kRows, a.group - g.hc * kRows);
+  g.splits = a.num_splits;
+  g.first = 0;
+  g.count = a.num_splits;
+  g.stride = 1;
+  g.q_token = q_token;
+  return g;
+}
 
 // Merges float4 columns item = threadIdx.x + j * threads (j < kN) of the group's rows x D / 4
 // (items past `total` are not this thread's): sum_k w_k o_k / sum_k w_k over the merge's partials
@@ -463,10 +481,10 @@ __device__ __forceinline__ void merge_column_direct(const DecodeArgs& a, const G
 // final merge takes it as one. The weights go to shared memory (the ring's, free by now: the
 // caller passed a barrier after the CTA's last use of it); then the threads take the group's
 // rows x float4 columns (merge_columns) and stream the partials from L2 (ld.global.cg: other CTAs
-// wrote them). The group's coordinates are derived again from the CTA's indices rather than kept
-// live through the main loop (register pressure); the request's token (q_token) is the kernel's,
-// live through it anyway for the unsplit store, where a load of cu_seqlens_q here stood in the
-// final store's way (B=1 L=131072 -0.2..-0.5%, docs/GPU.md, sixty-first session).
+// wrote them). The group's coordinates come from the CTA's indices (cta_group); the request's
+// token (q_token) is the kernel's, live through it anyway for the unsplit store, where a load of
+// cu_seqlens_q here stood in the final store's way (B=1 L=131072 -0.2..-0.5%, docs/GPU.md,
+// sixty-first session).
 template <class Sh, int D, bool kFinal>
 __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t* smem, int first,
                                                    int count, int stride, int64_t q_token) {
@@ -477,16 +495,10 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
                 "the group's rows split evenly over threads");
   static_assert(kMaxRows * (kDecodeMaxSplits + 1) * 4 <= Sh::kDataBytes,
                 "the weights fit the ring");
-  GroupRows g;
-  g.g0 = blockIdx.y / a.head_chunks * Sh::kKv;
-  g.hc = blockIdx.y % a.head_chunks;
-  g.b = blockIdx.z;
-  g.heads = min(kRows, a.group - g.hc * kRows);
-  g.splits = a.num_splits;
+  GroupRows g = cta_group<Sh>(a, q_token);
   g.first = first;
   g.count = count;
   g.stride = stride;
-  g.q_token = q_token;
   const int rows = min(Sh::kKv, a.num_kv_heads - g.g0) * g.heads;
   if constexpr (kFinal && kDirectMerge<Sh, D>) {
     if (count <= kDecodeTwoLevelMergeAbove && rows * (D / 4) <= Sh::kThreads) {
@@ -551,19 +563,15 @@ __device__ __noinline__ void merge_group_in_cluster(const DecodeArgs& a, const u
   constexpr int kUnroll = 4;                         // splits' loads in flight a thread
   const float* parts = reinterpret_cast<const float*>(smem + Sh::kPartialOffset);
   const int splits = a.num_splits;
-  const int g0 = blockIdx.y / a.head_chunks * Sh::kKv;
-  const int hc = blockIdx.y % a.head_chunks;
-  const int b = blockIdx.z;
-  const int heads = min(kRows, a.group - hc * kRows);
-  const int total = min(Sh::kKv, a.num_kv_heads - g0) * heads * kVecs;
-  const int64_t out_row0 = static_cast<int64_t>(a.cu_seqlens_q[b]) * a.num_q_heads;
+  const GroupRows g = cta_group<Sh>(a, a.cu_seqlens_q[blockIdx.z]);
+  const int total = min(Sh::kKv, a.num_kv_heads - g.g0) * g.heads * kVecs;
   // CTA `rank` (its split) takes the rank-th of `splits` equal runs of the items.
   const int run = (total + splits - 1) / splits;
   const int end = min(total, (static_cast<int>(blockIdx.x) + 1) * run);
   cluster_sync();
   for (int item = blockIdx.x * run + threadIdx.x; item < end; item += Sh::kThreads) {
     const int i = item / kVecs, c = item % kVecs;
-    const int sub = i / heads, h = i % heads;  // KV head g0 + sub, its query head h of the chunk
+    const int sub = i / g.heads, h = i % g.heads;          // KV head g0 + sub, its query head h
     const float* part = parts + sub * Sh::kPartialFloats;  // the KV head's partials
     float mx = -INFINITY;
 #pragma unroll kUnroll
@@ -577,8 +585,7 @@ __device__ __noinline__ void merge_group_in_cluster(const DecodeArgs& a, const u
       // As merge_group_splits: the weights only where some split counted a key.
       add_weighted(acc, sum_w, mx != -INFINITY ? exp2f(lse - mx) : lse, x);
     }
-    const int head = (g0 + sub) * a.group + hc * kRows + h;
-    store_merged(a.o + (out_row0 + head) * D + 4 * c, acc, sum_w, mx != -INFINITY && sum_w > 0.0f);
+    store_merged(g.out(i, a, D) + 4 * c, acc, sum_w, mx != -INFINITY && sum_w > 0.0f);
   }
   cluster_sync();
 }
@@ -1579,29 +1586,6 @@ DecodeArgs with_kv_maps(const DecodeArgs& a, int rows) {
 }
 }  // namespace decode_mma
 
-namespace decode_mma {
-// A launch configuration of `grid` whose clusters are `splits` CTAs along x (a group's splits).
-struct ClusterLaunch {
-  cudaLaunchAttribute attr{};
-  cudaLaunchConfig_t config{};
-  // config.attrs points at attr: built in place, never copied.
-  ClusterLaunch(const ClusterLaunch&) = delete;
-  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
-  ClusterLaunch(dim3 grid, int threads, int smem_bytes, int splits, cudaStream_t stream) {
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = static_cast<unsigned>(splits);
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    config.gridDim = grid;
-    config.blockDim = dim3(threads);
-    config.dynamicSmemBytes = static_cast<size_t>(smem_bytes);
-    config.stream = stream;
-    config.attrs = &attr;
-    config.numAttrs = 1;
-  }
-};
-}  // namespace decode_mma
-
 // Whether a split launch of `grid` can merge its groups in clusters (merge_group_in_cluster): 2 to
 // kDecodeClusterMergeMaxSplits splits, and every CTA of the grid resident at once as clusters (one
 // wave: a CTA waiting at the cluster's barrier holds its SM's room, which a later wave would want).
@@ -1616,7 +1600,8 @@ bool DecodeMmaKernel<kScheme, kHeadDim>::cluster_merge(dim3 grid) {
     ctas_per_sm();  // sets the shared-memory limit first
     std::array<int, kMax + 1> n{};
     for (int k = 2; k <= kMax; ++k) {
-      decode_mma::ClusterLaunch c(dim3(k), Sh::kThreads, Sh::kSmemBytes, k, nullptr);
+      const OneAttributeLaunch c(dim3(k), Sh::kThreads, Sh::kSmemBytes, nullptr,
+                                 OneAttributeLaunch::ClusterDims{k});
       if (cudaOccupancyMaxActiveClusters(&n[k], decode_mma_kernel<kScheme, kHeadDim>, &c.config) !=
           cudaSuccess) {
         (void)cudaGetLastError();  // not sticky: the counter merge then
@@ -1635,8 +1620,8 @@ void DecodeMmaKernel<kScheme, kHeadDim>::launch(const DecodeArgs& a, dim3 grid, 
   using Sh = decode_mma::Shape<kScheme, kHeadDim>;
   ctas_per_sm();  // sets the shared-memory limit once
   if (cluster) {
-    const decode_mma::ClusterLaunch c(grid, Sh::kThreads, Sh::kSmemBytes, static_cast<int>(grid.x),
-                                      stream);
+    const OneAttributeLaunch c(grid, Sh::kThreads, Sh::kSmemBytes, stream,
+                               OneAttributeLaunch::ClusterDims{static_cast<int>(grid.x)});
     FP8KV_CUDA_CHECK(cudaLaunchKernelEx(&c.config, decode_mma_kernel<kScheme, kHeadDim>,
                                         decode_mma::with_kv_maps<Sh>(a, 32)));
   } else {

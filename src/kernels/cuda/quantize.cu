@@ -319,17 +319,9 @@ void launch_quantize_kv(const QuantizeKvParams& p, const unsigned long long* bad
       a.lanes = blocks * kQuantThreads / chunks_per_token * chunks_per_token;
       // As a programmatic dependent of the kernel before it (the kernel waits for it before any
       // read, griddep_wait): its launch and its CTAs' start overlap that kernel's tail.
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(blocks);
-      config.blockDim = dim3(kQuantThreads);
-      config.dynamicSmemBytes = smem;
-      config.stream = stream;
-      cudaLaunchAttribute attribute[1] = {};
-      attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attribute[0].val.programmaticStreamSerializationAllowed = 1;
-      config.attrs = attribute;
-      config.numAttrs = 1;
-      FP8KV_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a));
+      const OneAttributeLaunch launch(dim3(blocks), kQuantThreads, smem, stream,
+                                      OneAttributeLaunch::ProgrammaticDependent{});
+      FP8KV_CUDA_CHECK(cudaLaunchKernelEx(&launch.config, kernel, a));
     });
   });
   FP8KV_CUDA_CHECK_LAUNCH("quantize_kv_kernel");
