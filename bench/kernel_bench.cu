@@ -1192,7 +1192,8 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
         }
 #ifdef FP8KV_PREFILL_TIMELINE
         if (c.name == cases[0].name &&
-            (scheme == KvScheme::kFp8PerHead || scheme == KvScheme::kBf16)) {
+            (scheme == KvScheme::kFp8PerHead || scheme == KvScheme::kBf16 ||
+             scheme == KvScheme::kFp8PerTensor)) {
           print_prefill_timeline(
               [&p, s] { cuda::launch_prefill_attention(p, cuda::PrefillConfig::kDefault, s); },
               std::string(shape) + " " + scheme_name(scheme) + " default");
