@@ -557,13 +557,14 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
 // stores, the counter's atomic and the reads back through L2. Two cluster barriers: the partials
 // written before any is read, and read before any CTA exits (its shared memory goes with it).
 template <class Sh, int D>
-__device__ __noinline__ void merge_group_in_cluster(const DecodeArgs& a, const uint8_t* smem) {
+__device__ __noinline__ void merge_group_in_cluster(const DecodeArgs& a, const uint8_t* smem,
+                                                    int64_t q_token) {
   if (blockIdx.x == 0) check_unread_order_entry(a);  // the group's first CTA
   constexpr int kVecs = D / 4;                       // float4 columns of a row
   constexpr int kUnroll = 4;                         // splits' loads in flight a thread
   const float* parts = reinterpret_cast<const float*>(smem + Sh::kPartialOffset);
   const int splits = a.num_splits;
-  const GroupRows g = cta_group<Sh>(a, a.cu_seqlens_q[blockIdx.z]);
+  const GroupRows g = cta_group<Sh>(a, q_token);
   const int total = min(Sh::kKv, a.num_kv_heads - g.g0) * g.heads * kVecs;
   // CTA `rank` (its split) takes the rank-th of `splits` equal runs of the items.
   const int run = (total + splits - 1) / splits;
@@ -1096,7 +1097,7 @@ __global__ void __launch_bounds__(decode_mma::Shape<kScheme, kHeadDim>::kThreads
       head0, q_token, static_cast<int>(blockIdx.z), split, m, l, o, v_scale,
       reinterpret_cast<float*>(smem + Sh::kPartialOffset) + sub * Sh::kPartialFloats);
   if (a.num_splits > 1 && cluster_ctas() > 1) {
-    decode_mma::merge_group_in_cluster<Sh, kHeadDim>(a, smem);
+    decode_mma::merge_group_in_cluster<Sh, kHeadDim>(a, smem, q_token);
   } else if (a.num_splits > 1) {
     // Arrive at the group's counter once every thread's partials are written: the barrier orders
     // them before thread 0's arrival, whose release (acq_rel atomic at GPU scope, cumulative over
