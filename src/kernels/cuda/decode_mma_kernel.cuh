@@ -556,6 +556,7 @@ __device__ __forceinline__ void merge_group_splits(const DecodeArgs& a, uint8_t*
 // merge_columns (w_k = 2^(lse_k - max lse), sums over the splits in order), without the workspace's
 // stores, the counter's atomic and the reads back through L2. Two cluster barriers: the partials
 // written before any is read, and read before any CTA exits (its shared memory goes with it).
+// The request's token (q_token) is the kernel's, as for merge_group_splits.
 template <class Sh, int D>
 __device__ __noinline__ void merge_group_in_cluster(const DecodeArgs& a, const uint8_t* smem,
                                                     int64_t q_token) {
