@@ -3,19 +3,35 @@ stand-ins: an archive build-ncu/ab.txz of variant folders whose `fp8kv` prints o
 with the variant's own time and whose `fp8kv_gpu_tests` passes or fails. What it checks: every
 variant is benched in every round, in turns, and compared with the first; the tests of a variant
 that carries them run first and their failures are named; a variant the archive lacks is
-refused by name before anything runs; $OUT keeps only the rounds' table."""
+refused by name before anything runs; bench arguments that the bench refuses (checked with the
+GPU hidden) and a test filter that names no test stop the script before any test or bench runs;
+the tests' summaries come again after the rounds' table; $OUT keeps only the rounds' table."""
 import os
 import subprocess
 import tarfile
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
+# With the GPU hidden (CUDA_VISIBLE_DEVICES empty) the real bench checks its arguments and then
+# stops for want of a GPU; the stand-in refuses the case name NOPE as the real one would.
 BENCH = """#!/usr/bin/env bash
+if [ "${{CUDA_VISIBLE_DEVICES-unset}}" = "" ]; then
+  case " $* " in
+    *" --decode-case NOPE "*) echo "fp8kv: error: bench kernels --decode-case: no case 'NOPE'"; exit 1;;
+  esac
+  echo "fp8kv: error: bench kernels: no usable Hopper (sm_90) GPU on this machine"; exit 1
+fi
 echo "ceilings: read 4600 GB/s | copy (read+write) 4200 GB/s"
 echo "$0 $*" >>"$CALLS"
 echo "  B=4 L=32768 Hq32/8 D128 fp8-per-head      {time}   3800.0   84.0%"
 """
+# Lists its one test Fake.One for a filter of Fake.*, none for any other.
 TESTS = """#!/usr/bin/env bash
+if [ "$1" = --gtest_list_tests ]; then
+  [ "$2" = "--gtest_filter=Fake.*" ] && printf 'Fake.\\n  One\\n'
+  exit 0
+fi
+echo "$0 $*" >>"$CALLS"
 echo "[ RUN      ] Fake.One"
 echo "[  {verdict}  ] {summary}"
 {failed}
@@ -81,6 +97,28 @@ def test_tests_run_first_and_failures_are_named(tmp_path):
     assert "Y tests rc=0: [  PASSED  ] 1 test." in r.stdout
     assert "A tests" not in r.stdout  # A carries no test binary
     assert r.stdout.index("Y tests") < r.stdout.index("A round 1")
+    # ... and again after the rounds' table, the part of the output the device tool returns
+    assert r.stdout.rindex("X tests rc=0") > r.stdout.index("time +")
+    assert r.stdout.rstrip().endswith("Y tests rc=0: [  PASSED  ] 1 test.")
+
+
+def test_bench_arguments_the_bench_refuses_stop_it_before_any_test(tmp_path):
+    tree = make_archive(tmp_path, {"A": ("70.0", None), "X": ("69.0", True)})
+    r, out, calls = run(tree, tmp_path, "2", "--only decode --decode-case NOPE",
+                        env={"FP8KV_AB_TEST_FILTER": "Fake.*"})
+    assert r.returncode == 2
+    assert "A's bench refuses the arguments" in r.stderr and "no case 'NOPE'" in r.stderr
+    assert not calls.exists()  # no test and no bench ran
+    assert "tests rc" not in r.stdout
+
+
+def test_a_test_filter_that_names_no_test_is_refused(tmp_path):
+    tree = make_archive(tmp_path, {"A": ("70.0", None), "X": ("69.0", True)})
+    r, _, calls = run(tree, tmp_path, "1", "--only decode",
+                      env={"FP8KV_AB_TEST_FILTER": "CudaDecode.*"})
+    assert r.returncode == 2
+    assert "FP8KV_AB_TEST_FILTER='CudaDecode.*' names no test of X" in r.stderr
+    assert not calls.exists()
 
 
 def test_a_variant_not_in_the_archive_is_refused(tmp_path):
