@@ -17,7 +17,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 BENCH = """#!/usr/bin/env bash
 if [ "${{CUDA_VISIBLE_DEVICES-unset}}" = "" ]; then
   case " $* " in
-    *" --decode-case NOPE "*) echo "fp8kv: error: bench kernels --decode-case: no case 'NOPE'"; exit 1;;
+    *" --decode-case NOPE "*)
+      echo "fp8kv: error: bench kernels --decode-case: no case 'NOPE'"; exit 1;;
   esac
   echo "fp8kv: error: bench kernels: no usable Hopper (sm_90) GPU on this machine"; exit 1
 fi
@@ -28,6 +29,9 @@ echo "  B=4 L=32768 Hq32/8 D128 fp8-per-head      {time}   3800.0   84.0%"
 # Lists its one test Fake.One for a filter of Fake.*, none for any other.
 TESTS = """#!/usr/bin/env bash
 if [ "$1" = --gtest_list_tests ]; then
+  if [ "$2" = "--gtest_filter=Broken.*" ]; then
+    echo "error while loading shared libraries"; exit 127
+  fi
   [ "$2" = "--gtest_filter=Fake.*" ] && printf 'Fake.\\n  One\\n'
   exit 0
 fi
@@ -118,6 +122,13 @@ def test_a_test_filter_that_names_no_test_is_refused(tmp_path):
                       env={"FP8KV_AB_TEST_FILTER": "CudaDecode.*"})
     assert r.returncode == 2
     assert "FP8KV_AB_TEST_FILTER='CudaDecode.*' names no test of X" in r.stderr
+    assert not calls.exists()
+    # a test binary that cannot list at all is named as such, not as a filter's miss
+    r, _, calls = run(tree, tmp_path, "1", "--only decode",
+                      env={"FP8KV_AB_TEST_FILTER": "Broken.*"})
+    assert r.returncode == 2
+    assert "X's fp8kv_gpu_tests cannot list its tests" in r.stderr
+    assert "error while loading shared libraries" in r.stderr
     assert not calls.exists()
 
 
