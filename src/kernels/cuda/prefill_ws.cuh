@@ -319,16 +319,28 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       return static_cast<const uint8_t*>(p.q) +
              (static_cast<int64_t>(seq.q_begin + seq.q0) * p.num_q_heads + head) * Sh::kRowBytes;
     };
+    // This thread's Q chunk i: row ld_row + i * kRowStep. Where those rows are whole 8-row groups
+    // apart (all but 16-bit D 256), chunk i lies i * kQStepBytes after chunk 0 in either layout
+    // (operand_offset), and the source rows i * kRowStep tokens apart: one address and a step
+    // each, where an address per row had the persistent kernels' producer keep every row's
+    // addresses live across its item loop (H200, fp8-per-head causal B=2 L=8192 794 -> 839
+    // TFLOP/s, non-causal 746 -> 806, B=4 L=4096 687 -> 736: docs/GPU.md, sixty-fourth session).
+    constexpr int kQStepBytes =
+        kSwizzle ? Sh::kRowStep * 128 : (Sh::kRowStep / 8) * (Sh::kRowBytes / 16 * kCoreBytes);
+    uint8_t* const q_chunk0 = smem + canonical(ld_row, Sh::kBlockM);
+    auto q_chunk = [&](int i) {
+      if constexpr (Sh::kRowStep % 8 == 0) return q_chunk0 + i * kQStepBytes;
+      return smem + canonical(ld_row + i * Sh::kRowStep, Sh::kBlockM);
+    };
     auto issue_q = [&](int n, const uint8_t* q_base, int rows) {
       if (kPersistent && n > 0) mbarrier_wait(q_empty_bar, (n - 1) & 1);
       const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * Sh::kRowBytes;
+      const uint8_t* src = q_base + ld_row * token_bytes + ld_chunk * 16;
 #pragma unroll
       for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
-        const int r = ld_row + i * Sh::kRowStep;
-        const bool valid = r < rows;
-        const int64_t offset = r * token_bytes + ld_chunk * 16;
-        cp_async_16(smem + canonical(r, Sh::kBlockM), valid ? q_base + offset : p.q,
-                    valid ? 16 : 0);
+        const bool valid = ld_row + i * Sh::kRowStep < rows;
+        cp_async_16(q_chunk(i), valid ? src : p.q, valid ? 16 : 0);
+        src += Sh::kRowStep * token_bytes;
       }
     };
     // K/V rows: as Q's, or (widened) raw rows, consecutive threads on consecutive chunks of a row.
@@ -453,8 +465,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       uint32_t m = 0;
 #pragma unroll 4
       for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
-        const uint4 v = *reinterpret_cast<const uint4*>(
-            smem + canonical(ld_row + i * Sh::kRowStep, Sh::kBlockM));
+        const uint4 v = *reinterpret_cast<const uint4*>(q_chunk(i));
         m = __vmaxu2(m, __vmaxu2(__vmaxu2(v.x & 0x7fff7fffu, v.y & 0x7fff7fffu),
                                  __vmaxu2(v.z & 0x7fff7fffu, v.w & 0x7fff7fffu)));
       }
@@ -469,8 +480,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       };
 #pragma unroll 4
       for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
-        uint4* const q =
-            reinterpret_cast<uint4*>(smem + canonical(ld_row + i * Sh::kRowStep, Sh::kBlockM));
+        uint4* const q = reinterpret_cast<uint4*>(q_chunk(i));
         const uint4 v = *q;
         *q = make_uint4(cvt(v.x), cvt(v.y), cvt(v.z), cvt(v.w));
       }
@@ -614,7 +624,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       const int num_kv_tiles = warp_uniform(seq.last_key / kBlockN + 1);
       const int kv_head = head / kv_group;
       const uint8_t* const k_base = p.kv + kv_head * Sh::kKvRowBytes + kv_chunk * 16;
-      const uint8_t* const v_base = k_base + p.num_kv_heads * Sh::kKvRowBytes;
+      const int v_bytes = p.num_kv_heads * Sh::kKvRowBytes;  // a slot's K row -> its V row
       int tile_slots[Sh::kKvRowsPerThread];
       auto fetch_slots = [&](int tile) {
 #pragma unroll
@@ -662,12 +672,12 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
             const int64_t offset = static_cast<int64_t>(max(tile_slots[i], 0)) * slot_bytes;
             if constexpr (Sh::kFp8Mma) {
               cp_async_16_unless(k_stage + canonical(row, kBlockN), k_base + offset, skip);
-              cp_async_16_unless(v_stage + row * Sh::kVPitch + ld_chunk * 16, v_base + offset,
-                                 skip);
+              cp_async_16_unless(v_stage + row * Sh::kVPitch + ld_chunk * 16,
+                                 k_base + offset + v_bytes, skip);
             } else {
               cp_async_16_unless(v_stage + raw_offset(row, kv_chunk), k_base + offset, skip);
-              cp_async_16_unless(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset,
-                                 skip);
+              cp_async_16_unless(v_stage + raw_offset(kBlockN + row, kv_chunk),
+                                 k_base + offset + v_bytes, skip);
             }
             continue;
           }
@@ -676,7 +686,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
           const int64_t offset = valid ? tile_slots[i] * slot_bytes : 0;
           if constexpr (Sh::kWiden) {
             cp_async_16(v_stage + raw_offset(row, kv_chunk), k_base + offset, valid ? 16 : 0);
-            cp_async_16(v_stage + raw_offset(kBlockN + row, kv_chunk), v_base + offset,
+            cp_async_16(v_stage + raw_offset(kBlockN + row, kv_chunk), k_base + offset + v_bytes,
                         valid ? 16 : 0);
           }
         }
