@@ -326,7 +326,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // addresses live across its item loop (H200, fp8-per-head causal B=2 L=8192 794 -> 839
     // TFLOP/s, non-causal 746 -> 806, B=4 L=4096 687 -> 736: docs/GPU.md, sixty-fourth session).
     constexpr int kQStepBytes =
-        kSwizzle ? Sh::kRowStep * 128 : (Sh::kRowStep / 8) * (Sh::kRowBytes / 16 * kCoreBytes);
+        kSwizzle ? Sh::kRowStep * 128 : Sh::kRowStep / 8 * Sh::kKBlockStride;
     uint8_t* const q_chunk0 = smem + canonical(ld_row, Sh::kBlockM);
     auto q_chunk = [&](int i) {
       if constexpr (Sh::kRowStep % 8 == 0) return q_chunk0 + i * kQStepBytes;
