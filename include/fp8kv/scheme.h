@@ -1,7 +1,7 @@
 // The KV-cache schemes (docs/DESIGN.md, "KV schemes"). A scheme is three choices, each a
 // constexpr function below that kernels turn into template constants: how a cache element is
 // stored (kv_codec), where K/V scales come from (kv_scale_source), and whether Q (and P) are
-// rounded to e4m3 for FP8 tensor-core products (fp8_q).
+// rounded to e4m3 for FP8 tensor-core products (fp8_q; P also where fp8_p says).
 #pragma once
 
 #include <string>
@@ -43,8 +43,16 @@ constexpr bool fp8_q(KvScheme s) { return s == KvScheme::kFp8PerHead; }
 // row sum is taken over the same scaled p, so the scale cancels in o (FlashAttention-3 does this).
 constexpr int kPScaleLog2 = 8;
 constexpr float kPScale = static_cast<float>(1 << kPScaleLog2);
-// log2 of the scale a scheme's P is rounded at: kPScaleLog2 where P goes to e4m3 (fp8_q), else 0.
-constexpr int p_scale_log2(KvScheme s) { return fp8_q(s) ? kPScaleLog2 : 0; }
+// P rounded to e4m3 (times kPScale) for an e4m3 P V product: fp8-per-head (fp8_q) wherever it
+// attends, and fp8-per-tensor in prefill at head_dim 128, whose kernel runs on e4m3 operands
+// with its bf16 Q split into two e4m3 parts (hi + lo: Q K^T keeps bf16 Q's bits) and multiplies
+// P by V as stored (docs/DESIGN.md, "Per-tensor scales with FP8 Q"). Elsewhere P is used as
+// computed (the kernels round it to bf16 / f16, within their tests' bounds).
+constexpr bool fp8_p(KvScheme s, bool prefill, int head_dim) {
+  return fp8_q(s) || (prefill && s == KvScheme::kFp8PerTensor && head_dim == 128);
+}
+// log2 of the scale P is rounded at: kPScaleLog2 where P goes to e4m3 (fp8_p), else 0.
+constexpr int p_scale_log2(bool e4m3_p) { return e4m3_p ? kPScaleLog2 : 0; }
 
 // Every scheme, in the order of the enum (for tests and tables).
 constexpr KvScheme kAllSchemes[] = {KvScheme::kBf16, KvScheme::kFp8PerTensor, KvScheme::kFp8PerHead,

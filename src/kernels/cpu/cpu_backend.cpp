@@ -9,14 +9,15 @@
 //   p_j    = exp(s_j - max_j s_j)                            in (0, 1], fp32
 //   l      = sum_j p_j                                       fp32, from the unrounded p_j
 //   o      = bf16( (sum_j round_p(p_j) * v_j) * (v_scale / l) )
-// round_p is the identity except for fp8-per-head, where it is e4m3 round-to-nearest-even of
+// round_p is the identity except where P V is an e4m3 product (fp8_p, scheme.h: fp8-per-head,
+// and fp8-per-tensor's prefill at head_dim 128), where it is e4m3 round-to-nearest-even of
 // 2^8 p_j (kPScale, scheme.h), decoded and unscaled (exactly): the GPU casts the unnormalized P
 // tile, scaled by 2^8, to e4m3 for the FP8 tensor-core PV product and keeps the row sum in fp32
 // from the unrounded (scaled) values, as FlashAttention-3 does; the scale cancels in o. The
 // GPU's online softmax subtracts a running max instead of the full-row max, so its P bits can
 // differ; its tests compare with a tolerance.
 //
-// Error this P rounding adds (fp8-per-head only): for p >= 2^-14 (2^8 p normal in e4m3) the
+// Error this P rounding adds (where fp8_p): for p >= 2^-14 (2^8 p normal in e4m3) the
 // rounding is relative, |dp| <= 2^-4 p; below, absolute, |dp| <= 2^-18 (half the subnormal
 // step 2^-9, unscaled), and p < 2^-18 rounds to 0. With n visible keys,
 //   |o_rounded - o| <= max_j |v_j * v_scale| * (2^-4 + n * 2^-18 / l),   l >= 1,
@@ -293,7 +294,8 @@ void CpuBackend::attention(const AttentionParams& p, AttentionPhase phase) {
   const int D = p.cache.head_dim;
   const float sm_scale =
       p.softmax_scale > 0.0f ? p.softmax_scale : 1.0f / std::sqrt(static_cast<float>(D));
-  const bool fp8_q_and_p = fp8_q(scheme);
+  const bool fp8_q_rows = fp8_q(scheme);
+  const bool round_p = fp8_p(scheme, phase == AttentionPhase::kPrefill, D);
   const std::array<float, 256>& e4m3 = e4m3_values();
 
   // New token t -> its request.
@@ -323,7 +325,7 @@ void CpuBackend::attention(const AttentionParams& p, AttentionPhase phase) {
 
       const int64_t q_offset = row * D;  // q, o: [total_q, Hq, D]
       float q_scale = 1.0f;
-      if (fp8_q_and_p) {
+      if (fp8_q_rows) {
         for (int d = 0; d < D; ++d) q[d] = e4m3[p.q_fp8[q_offset + d]];
         q_scale = p.q_scale[b * Hkv + g];
       } else {
@@ -345,8 +347,7 @@ void CpuBackend::attention(const AttentionParams& p, AttentionPhase phase) {
         const float p_j = std::exp(scores[j] - row_max);
         row_sum += p_j;
         // e4m3 of 2^8 p_j (the kernels' P in (0, 256]: kPScale), unscaled again (exactly).
-        const float p_used =
-            fp8_q_and_p ? e4m3[float_to_e4m3(p_j * kPScale)] * (1.0f / kPScale) : p_j;
+        const float p_used = round_p ? e4m3[float_to_e4m3(p_j * kPScale)] * (1.0f / kPScale) : p_j;
         load_pool_row(p.cache, slots[j], Hkv + g, kv_row.data());
         for (int d = 0; d < D; ++d) acc[d] += p_used * kv_row[d];
       }

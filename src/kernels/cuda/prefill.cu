@@ -78,6 +78,14 @@ void launch_with_config(const AttentionParams& p, PrefillConfig config, cudaStre
       config = fp8_persistent_pays(p, D) ? PrefillConfig::kWsPersistent
                : D == 128                ? PrefillConfig::kWsSwizzle
                                          : PrefillConfig::kWarpSpecialized;
+    } else if constexpr (prefill::kWsQSplit<S, D>) {
+      // fp8-per-tensor at D 128 runs on e4m3 operands (its Q split in two, prefill_ws.cuh): the
+      // persistent instance where fp8-per-head's pays and the mask is causal. H200, in one call
+      // (sixty-fifth session), persistent against one CTA per item: causal B=2 L=8192 647 / 647
+      // TFLOP/s, B=4 L=4096 542 / 520, B=16 L=1024 338 / 295; non-causal B=2 L=8192 591 / 610,
+      // and the uneven cached-prefix batch 450 / 470 (one CTA per item either way).
+      config = fp8_persistent_pays(p, D) && p.causal ? PrefillConfig::kWsPersistent
+                                                     : PrefillConfig::kWsSwizzle;
     } else {
       // The bf16-Q schemes: 16-bit operands, swizzled (H200, causal B2 L8192): bf16 500 vs 268
       // TFLOP/s for the retired mma.sync kernel at D 128, 357 vs 220 at D 64, 406 vs 248 at D 256;

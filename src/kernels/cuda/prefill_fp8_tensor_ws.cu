@@ -1,4 +1,5 @@
-// The warp-specialized prefill kernel's instances for KvScheme::kFp8PerTensor (f16 operands):
+// The warp-specialized prefill kernel's instances for KvScheme::kFp8PerTensor (f16 operands; e4m3
+// ones at D 128, its Q split in two: WsShape::kQSplit):
 // the list FP8KV_PREFILL_WS_FP8_PER_TENSOR of prefill_instances.cuh.
 #include "kernels/cuda/prefill_instances.cuh"
 #include "kernels/cuda/prefill_ws.cuh"

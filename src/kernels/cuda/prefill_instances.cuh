@@ -34,6 +34,7 @@
 #define FP8KV_PREFILL_WS_INSTANCES(W) FP8KV_PREFILL_WS_D128(W) FP8KV_PREFILL_WS_D64_D256(W)
 
 // ---- the same kernel with 16-bit operands, for the bf16-Q schemes: B(SCHEME, D, SWIZZLE, LOOP)
+// (fp8-per-tensor's D 128 entries run on e4m3 operands, its Q split in two: kWsQSplit below)
 // PrefillConfig::kWsSwizzle for D 64, 128 and 256 (16-bit operands are always swizzled: the
 // plain-layout instances, config `ws`, lost to these at every head dim and are retired, issue
 // 10: docs/GPU.md, fifty-second session). The widened schemes' instances at D 64 and 128 also as
@@ -82,13 +83,17 @@ void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceErro
 //                         against 32 x 4; the persistent instance 443 -> 493, so retired)
 // (The 16-bit operands are swizzled in every instance; fp8-per-head's tile does not depend on
 // its layout.)
+// fp8-per-tensor at D 128 runs on e4m3 operands, its bf16 Q split into two e4m3 parts
+// (WsShape::kQSplit, prefill_ws.cuh): its tiles and stages are fp8-per-head's.
 template <KvScheme S, int D>
-constexpr int kWsBlockN = fp8_q(S)   ? (D == 256 ? 64 : 128)
-                          : D == 256 ? (kv_codec(S) == KvCodec::kBf16 ? 64 : 48)
+constexpr bool kWsQSplit = S == KvScheme::kFp8PerTensor&& D == 128;
+template <KvScheme S, int D>
+constexpr int kWsBlockN = fp8_q(S) || kWsQSplit<S, D> ? (D == 256 ? 64 : 128)
+                          : D == 256                  ? (kv_codec(S) == KvCodec::kBf16 ? 64 : 48)
                           : (kv_codec(S) == KvCodec::kBf16 && D == 64) ? 192
                                                                        : 128;
 template <KvScheme S, int D>
-constexpr int kWsStages = fp8_q(S)                        ? (D == 256 ? 3 : 4)
+constexpr int kWsStages = fp8_q(S) || kWsQSplit<S, D>     ? (D == 256 ? 3 : 4)
                           : kv_codec(S) == KvCodec::kBf16 ? (D == 64    ? 4
                                                              : D == 128 ? 3
                                                                         : 2)

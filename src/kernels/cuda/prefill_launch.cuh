@@ -19,7 +19,8 @@ enum class PrefillConfig {
              // kWarpSpecialized for D = 64 and 256, kWsPersistent for even batches of short
              // requests at D = 64 and 128; the bf16-Q schemes kWsSwizzle (16-bit operands;
              // for the FP8 ones K/V widened to f16 by the producer), the widened ones
-             // kWsPersistent at D = 64 and 128
+             // kWsPersistent at D = 64 and 128; fp8-per-tensor at D = 128 (e4m3 operands,
+             // its Q split in two) fp8-per-head's choice for causal batches, else kWsSwizzle
   // Warp-specialized wgmma (prefill_ws.cuh): a producer warpgroup and two consumer warpgroups;
   // fp8-per-head with e4m3 operands in the plain layout, 128 keys per tile (64 for D = 256).
   // (The bf16-Q schemes' plain-layout instances are retired: their 16-bit operands are swizzled,

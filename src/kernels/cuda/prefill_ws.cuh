@@ -1,7 +1,10 @@
 // Prefill attention, warp-specialized (FA3's recipe on sm_90a): the fast path. One kernel for
 // every scheme, in two operand types (WsShape::kFp8Mma):
 //  - e4m3 (fp8-per-head): e4m3 Q (quantize_q), K, V; m64nNk32 e4m3 wgmmas; P rounded to e4m3.
-//  - 16-bit (bf16, fp8-per-tensor, fp8-e5m2, fp8-per-head-bf16q: the schemes whose Q is bf16):
+//    fp8-per-tensor at D 128 too (WsShape::kQSplit): its bf16 Q is split by the producer into
+//    hi = e4m3(q) and lo = e4m3(q - hi) (one power-of-two scale per tile), Q K^T runs over the
+//    row [hi | lo] against K twice, so S keeps bf16 Q's bits; P V as fp8-per-head's.
+//  - 16-bit (bf16, fp8-per-tensor at D 64 and 256, fp8-e5m2, fp8-per-head-bf16q: bf16 Q):
 //    m64nNk16 wgmmas. bf16: K/V copied as they are, P rounded to bf16. The others: f16 operands
 //    (WsShape::kF16); e4m3 / e5m2 K/V are copied raw into a staging area of the stage (D 128
 //    swizzled: a ring of raw tiles of its own, WsShape::kRawRing) and widened to f16 by the
@@ -71,7 +74,13 @@ namespace fp8kv::cuda::prefill {
 
 template <KvScheme S, int D, int kBlockN, int kStages>
 struct WsShape {
-  static constexpr bool kFp8Mma = fp8_q(S);  // e4m3 operands and wgmmas; else bf16 ones
+  // fp8-per-tensor at D 128 (kQSplit): its bf16 Q is split into two e4m3 parts, hi = e4m3(q) and
+  // lo = e4m3(q - hi), scaled by one power of two per tile (q_split), so that Q K^T runs as e4m3
+  // wgmmas over the Q row [hi | lo] against K twice (hi + lo keeps bf16's 8 bits for every element
+  // within 2^-9 of the tile's largest); K and V then go as fp8-per-head's (K as stored, V
+  // transposed, P rounded to e4m3): no widening.
+  static constexpr bool kQSplit = S == KvScheme::kFp8PerTensor && D == 128;
+  static constexpr bool kFp8Mma = fp8_q(S) || kQSplit;  // e4m3 operands and wgmmas; else 16-bit
   static constexpr bool kWiden = !kFp8Mma && kv_codec(S) != KvCodec::kBf16;  // fp8 K/V -> 16-bit
   // The widened schemes' 16-bit operands are f16: e4m3 / e5m2 widen to f16 in one convert (to
   // bf16, four), exactly; Q is scaled by a power of two into f16's range (q_to_f16); P is rounded
@@ -84,8 +93,10 @@ struct WsShape {
   static constexpr int kThreads = 3 * 128;
   static constexpr int kBlockM = 128;  // 2 consumer warpgroups x 64 rows
   static constexpr int kKBlockStride = kRowBytes / 16 * kCoreBytes;  // 8 rows of a [rows][D] tile
-  static constexpr int kQBytes = kBlockM * kRowBytes;                // canonical [kBlockM][D]
-  static constexpr int kKBytes = kBlockN * kRowBytes;                // canonical [kBlockN][D]
+  static constexpr int kQRowBytes = kQSplit ? 2 * kRowBytes : kRowBytes;  // a Q operand row
+  static constexpr int kQSrcRowBytes = kQSplit ? 2 * D : kRowBytes;       // a Q row as given
+  static constexpr int kQBytes = kBlockM * kQRowBytes;  // canonical [kBlockM][D] ([hi | lo])
+  static constexpr int kKBytes = kBlockN * kRowBytes;   // canonical [kBlockN][D]
   static constexpr int kVtBytes =
       D * kBlockN * kOpBytes;  // V^T [D][kBlockN] or (bf16) V [kBlockN][D]
   static constexpr int kVtBlockStride = kBlockN / 16 * kCoreBytes;  // 8 d rows of V^T: SBO
@@ -93,9 +104,10 @@ struct WsShape {
   // Raw fp8 rows as loaded, for the producer to transpose (e4m3 V) or widen (K then V): padded
   // rows for the transposition and for D = 64, else D-byte rows with chunk c of row r stored at
   // c ^ (r % 8) (the widening reads 8 rows of one column: conflict-free either way).
-  static constexpr int kRawPitch = kFp8Mma || D == 64 ? kVPitch : D;
+  // (kQSplit: D-byte XOR-placed V rows too, so that 4 stages fit beside its 32 KB Q tile.)
+  static constexpr int kRawPitch = (kFp8Mma && !kQSplit) || D == 64 ? kVPitch : D;
   // The raw rows of a tile: K rows then V rows (widened) or V rows (e4m3).
-  static constexpr int kRawTileBytes = kWiden ? 2 * kBlockN * kRawPitch : kBlockN * kVPitch;
+  static constexpr int kRawTileBytes = (kWiden ? 2 : 1) * kBlockN * kRawPitch;
   // kRawRing (the widened schemes with 2 operand stages: D 128 swizzled, 128 keys per tile, and D
   // 256, 48 keys, where 3 stages of 16-bit K and V and their raw rows would not fit beside Q): the
   // raw rows go round a
@@ -121,14 +133,14 @@ struct WsShape {
   // (item n uses word n % 2: the other is reset meanwhile).
   static constexpr int kQEmptyOffset = kBarOffset + 4 * kStages * 8;
   static constexpr int kQMaxOffset = kQEmptyOffset + 8;
-  static constexpr int kSmemBytes = kQMaxOffset + (kF16 ? 8 : 0);
+  static constexpr int kSmemBytes = kQMaxOffset + (kF16 || kQSplit ? 8 : 0);
   static constexpr int kChunks = kRowBytes / 16;               // 16-byte chunks per operand row
   static constexpr int kRowStep = kProducerThreads / kChunks;  // rows between a thread's chunks
   static constexpr int kKvChunks = kKvRowBytes / 16;           // ... per cache row
   static constexpr int kKvRowStep = kProducerThreads / kKvChunks;
   static constexpr int kKvRowsPerThread = kBlockN / kKvRowStep;
   static constexpr int kQRowsPerThread = kBlockM / kRowStep;
-  static constexpr int kQkSteps = kRowBytes / 32;           // k-steps of Q K^T: 32 bytes of D each
+  static constexpr int kQkSteps = kQRowBytes / 32;  // k-steps of Q K^T: 32 bytes of a Q row each
   static constexpr int kPvSteps = kBlockN * kOpBytes / 32;  // k-steps of P V: 32 bytes of keys
   // 128 * producer + 256 * consumer registers <= the 384 * 168 the launch bounds allot. bf16: the
   // producer copies twice the rows per thread (72: no spills), the consumers need less than 216.
@@ -162,6 +174,12 @@ __device__ __forceinline__ int q_f16_shift(uint32_t max_bits) {
   if (max_bits == 0) return 0;
   const int exponent = static_cast<int>(max_bits >> 7) - 127;
   return min(100, max(-100, 15 - exponent));
+}
+// kQSplit: the tile's largest |q| into [2^7, 2^8), below e4m3's largest (448); the same clamp.
+__device__ __forceinline__ int q_e4m3_shift(uint32_t max_bits) {
+  if (max_bits == 0) return 0;
+  const int exponent = static_cast<int>(max_bits >> 7) - 127;
+  return min(100, max(-100, 7 - exponent));
 }
 __device__ __forceinline__ float exp2_int(int e) { return __int_as_float((127 + e) << 23); }
 
@@ -279,7 +297,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       }
     }
     mbarrier_init(q_empty_bar, 8);  // lane 0 of each consumer warp
-    if constexpr (Sh::kF16) {
+    if constexpr (Sh::kF16 || Sh::kQSplit) {
       reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset)[0] = 0;
       reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset)[1] = 0;
     }
@@ -317,7 +335,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
     // published with it (the same cp.async group, or covered by its K rows' mbarrier arrival).
     auto q_source = [&](int head, const PrefillSeq& seq) {
       return static_cast<const uint8_t*>(p.q) +
-             (static_cast<int64_t>(seq.q_begin + seq.q0) * p.num_q_heads + head) * Sh::kRowBytes;
+             (static_cast<int64_t>(seq.q_begin + seq.q0) * p.num_q_heads + head) *
+                 Sh::kQSrcRowBytes;
     };
     // This thread's Q chunk i: row ld_row + i * kRowStep. Where those rows are whole 8-row groups
     // apart (all but 16-bit D 256), chunk i lies i * kQStepBytes after chunk 0 in either layout
@@ -332,8 +351,27 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       if constexpr (Sh::kRowStep % 8 == 0) return q_chunk0 + i * kQStepBytes;
       return smem + canonical(ld_row + i * Sh::kRowStep, Sh::kBlockM);
     };
+    // kQSplit: bf16 chunk 2m + h (dims 16m + 8h ..) of a row lands at chunk m of the hi (h 0) or
+    // lo (h 1) half of the Q operand row, where q_split reads both and writes hi and lo in place.
+    // Thread tid copies chunk 2m + h (m = tid % 8, h = tid / 8 % 2) of rows tid / 16 + 8i.
+    const int qs_m = tid % 8;
+    const int qs_h = (tid / 8) % 2;
+    const int qs_r0 = tid / 16;
+    uint8_t* const qs_chunk0 =
+        smem + operand_offset<Sh::kQRowBytes, true>(qs_r0, qs_m + 8 * qs_h, Sh::kBlockM);
     auto issue_q = [&](int n, const uint8_t* q_base, int rows) {
       if (kPersistent && n > 0) mbarrier_wait(q_empty_bar, (n - 1) & 1);
+      if constexpr (Sh::kQSplit) {
+        const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * Sh::kQSrcRowBytes;
+        const uint8_t* src = q_base + qs_r0 * token_bytes + (2 * qs_m + qs_h) * 16;
+#pragma unroll
+        for (int i = 0; i < Sh::kBlockM / 8; ++i) {
+          const bool valid = qs_r0 + 8 * i < rows;
+          cp_async_16(qs_chunk0 + i * 8 * 128, valid ? src : p.q, valid ? 16 : 0);
+          src += 8 * token_bytes;
+        }
+        return;
+      }
       const int64_t token_bytes = static_cast<int64_t>(p.num_q_heads) * Sh::kRowBytes;
       const uint8_t* src = q_base + ld_row * token_bytes + ld_chunk * 16;
 #pragma unroll
@@ -369,7 +407,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       auto load = [&](int k, uint32_t(&r)[4]) {
         const int c = chunk_of(k);
         const int dp = block_of(k);
-        ldmatrix_x4_trans(r, v_rows + (c * 32 + mat * 8 + mat_row) * Sh::kVPitch + dp * 16);
+        const int row = c * 32 + mat * 8 + mat_row;  // (row % 8 == mat_row)
+        ldmatrix_x4_trans(r, v_rows + (Sh::kQSplit ? row * 128 + ((dp ^ mat_row) << 4)
+                                                   : row * Sh::kVPitch + dp * 16));
       };
       auto store = [&](int k, const uint32_t(&r)[4]) {
         const int c = chunk_of(k);
@@ -485,6 +525,64 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         *q = make_uint4(cvt(v.x), cvt(v.y), cvt(v.z), cvt(v.w));
       }
     };
+    // kQSplit, with an item's first tile (Q's copies landed): Q's largest |bf16| reduced over the
+    // producer (as q_to_f16), then each (row, 16-dim block) rewritten in place as hi and lo, times
+    // 2^q_e4m3_shift: hi = e4m3(x), lo = e4m3(x - hi) (x - hi is exact in fp32). Thread tid takes
+    // block tid % 8 of rows tid / 8 + 16i.
+    auto q_split = [&](int n) {
+      if constexpr (Sh::kQSplit) {
+        uint32_t* const q_max = reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset) + (n & 1);
+        uint32_t m = 0;
+#pragma unroll 4
+        for (int i = 0; i < Sh::kBlockM / 8; ++i) {
+          const uint4 v = *reinterpret_cast<const uint4*>(qs_chunk0 + i * 8 * 128);
+          m = __vmaxu2(m, __vmaxu2(__vmaxu2(v.x & 0x7fff7fffu, v.y & 0x7fff7fffu),
+                                   __vmaxu2(v.z & 0x7fff7fffu, v.w & 0x7fff7fffu)));
+        }
+        m = __reduce_max_sync(kFullMask, max(m & 0xffffu, m >> 16));
+        if (lane == 0) atomicMax(q_max, m);
+        named_barrier_sync(1, Sh::kProducerThreads);
+        const float scale = exp2_int(q_e4m3_shift(*reinterpret_cast<volatile uint32_t*>(q_max)));
+        if (tid == 0) reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset)[(n + 1) & 1] = 0;
+        constexpr int kLoOffset = Sh::kBlockM * 128;  // the lo half: the second column block
+        uint8_t* const hi0 =
+            smem + operand_offset<Sh::kQRowBytes, true>(tid / 8, tid % 8, Sh::kBlockM);
+        // Four bf16 pairs (8 dims) -> their hi codes (two words) and lo codes (two words).
+        auto split8 = [&](uint4 v, uint32_t& h0, uint32_t& h1, uint32_t& l0, uint32_t& l1) {
+          float x[8];
+          const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float2 f = bf16x2_to_float2(w[k]);
+            x[2 * k] = f.x * scale;
+            x[2 * k + 1] = f.y * scale;
+          }
+          h0 = pack_e4m3x4(x[0], x[1], x[2], x[3]);
+          h1 = pack_e4m3x4(x[4], x[5], x[6], x[7]);
+          float r[8];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float2 e =
+                e4m3x2_to_float2(static_cast<uint16_t>((k < 2 ? h0 : h1) >> (16 * (k % 2))));
+            r[2 * k] = x[2 * k] - e.x;
+            r[2 * k + 1] = x[2 * k + 1] - e.y;
+          }
+          l0 = pack_e4m3x4(r[0], r[1], r[2], r[3]);
+          l1 = pack_e4m3x4(r[4], r[5], r[6], r[7]);
+        };
+#pragma unroll 2
+        for (int i = 0; i < Sh::kBlockM / 16; ++i) {
+          uint8_t* const hi = hi0 + i * 16 * 128;
+          const uint4 a = *reinterpret_cast<const uint4*>(hi);              // dims 16m ..
+          const uint4 b = *reinterpret_cast<const uint4*>(hi + kLoOffset);  // dims 16m + 8 ..
+          uint4 h, l;
+          split8(a, h.x, h.y, l.x, l.y);
+          split8(b, h.z, h.w, l.z, l.w);
+          *reinterpret_cast<uint4*>(hi) = h;
+          *reinterpret_cast<uint4*>(hi + kLoOffset) = l;
+        }
+      }
+    };
     auto raw_tile = [&](int J) {  // kRawRing: the raw rows of ring index J
       return smem + Sh::kRawRingOffset + (J % 2) * Sh::kRawTileBytes;
     };
@@ -499,6 +597,7 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       if constexpr (Sh::kFp8Mma) {
         // kApart: V^T of the stage is free once the consumers' P V of ring index J - kStages has
         // landed.
+        if (Sh::kQSplit && j == 0) q_split(n);
         if (kApart && J >= kStages) {
           mbarrier_wait(v_empty_bar + 8 * (J % kStages), ((J / kStages) - 1) & 1);
         }
@@ -672,7 +771,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
             const int64_t offset = static_cast<int64_t>(max(tile_slots[i], 0)) * slot_bytes;
             if constexpr (Sh::kFp8Mma) {
               cp_async_16_unless(k_stage + canonical(row, kBlockN), k_base + offset, skip);
-              cp_async_16_unless(v_stage + row * Sh::kVPitch + ld_chunk * 16,
+              cp_async_16_unless(v_stage + (Sh::kQSplit ? raw_offset(row, ld_chunk)
+                                                        : row * Sh::kVPitch + ld_chunk * 16),
                                  k_base + offset + v_bytes, skip);
             } else {
               cp_async_16_unless(v_stage + raw_offset(row, kv_chunk), k_base + offset, skip);
@@ -839,8 +939,10 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       const uint64_t k_desc0 = k_major_desc(k_addr);
 #pragma unroll
       for (int kk = 0; kk < Sh::kQkSteps; ++kk) {
+        // (kQSplit: k-steps 4.. are lo's, against K's k-steps again)
         const uint64_t da = wgmma_desc_plus(q_desc0, k_step_bytes(kk, Sh::kBlockM));
-        const uint64_t db = wgmma_desc_plus(k_desc0, k_step_bytes(kk, kBlockN));
+        const uint64_t db =
+            wgmma_desc_plus(k_desc0, k_step_bytes(Sh::kQSplit ? kk % (D / 32) : kk, kBlockN));
         if constexpr (Sh::kFp8Mma) {
           wgmma_ss_first<kBlockN>(s, da, db, kk > 0);
         } else {
@@ -931,14 +1033,15 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       bool moved = true;
       if constexpr (kStaleMax) {
         if (j > 0) {
-          moved = rows.step_stale(s, qk_scale, alpha, p_scale_log2(S), kStaleHeadroomLog2);
+          moved =
+              rows.step_stale(s, qk_scale, alpha, p_scale_log2(Sh::kFp8Mma), kStaleHeadroomLog2);
         } else {
-          rows.step(s, qk_scale, alpha, p_scale_log2(S));
+          rows.step(s, qk_scale, alpha, p_scale_log2(Sh::kFp8Mma));
         }
       } else if constexpr (kF16Softmax) {
-        rows.step_f16(s, qk_scale, alpha, p_scale_log2(S), ph);
+        rows.step_f16(s, qk_scale, alpha, p_scale_log2(Sh::kFp8Mma), ph);
       } else {
-        rows.step(s, qk_scale, alpha, p_scale_log2(S));
+        rows.step(s, qk_scale, alpha, p_scale_log2(Sh::kFp8Mma));
       }
       return moved;
     };
@@ -1109,6 +1212,9 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         if constexpr (Sh::kF16) {  // Q was stored times 2^shift (q_to_f16), published with tile 0
           qk_scale *= exp2_int(
               -q_f16_shift(reinterpret_cast<volatile uint32_t*>(smem + Sh::kQMaxOffset)[n & 1]));
+        } else if constexpr (Sh::kQSplit) {  // (q_split)
+          qk_scale *= exp2_int(
+              -q_e4m3_shift(reinterpret_cast<volatile uint32_t*>(smem + Sh::kQMaxOffset)[n & 1]));
         }
         stamp(0, kTlFull);
         my_turn();
