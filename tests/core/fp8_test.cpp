@@ -192,5 +192,38 @@ TEST(Fp8, QuantizeDividesByScale) {
   EXPECT_EQ(quantize_e4m3(-1000.0f, 1.0f), 0xfe);
 }
 
+// The split of bf16 Q into two e4m3 parts that fp8-per-tensor's prefill at head_dim 128 runs on
+// (WsShape::kQSplit, prefill_ws.cuh; docs/DESIGN.md "Per-tensor scales with FP8 Q"): a tile's q
+// scaled by the power of two that puts its largest |q| in [2^7, 2^8), then hi = e4m3(x) and
+// lo = e4m3(x - hi), with the kernel's rounding (cvt.rn.satfinite, float_to_e4m3's bytes). For
+// every bf16 value of such a tile: hi + lo == x exactly where |x| >= 2^-2 (the residual has at
+// most 4 significant bits, none below e4m3's subnormal step 2^-9), else within 2^-10 (half that
+// step), 2^-17 of the tile's largest.
+TEST(Fp8, E4m3HiLoSplitKeepsBf16Bits) {
+  for (int max_exponent : {-20, -3, 0, 5, 30}) {
+    const float scale = std::ldexp(1.0f, 7 - max_exponent);
+    int exact = 0;
+    for (uint32_t bits = 0; bits < 0x7f80u; ++bits) {  // every finite non-negative bf16
+      const float q = bf16_to_float(static_cast<uint16_t>(bits));
+      if (q >= std::ldexp(1.0f, max_exponent + 1)) break;  // above the tile's largest
+      for (float sign : {1.0f, -1.0f}) {
+        const float x = sign * q * scale;
+        const float hi = e4m3_to_float(float_to_e4m3(x));
+        const float lo = e4m3_to_float(float_to_e4m3(x - hi));
+        if (std::fabs(x) >= 0.25f) {
+          ASSERT_EQ(hi + lo, x) << "q " << q << " scale " << scale;
+          ++exact;
+        } else {
+          ASSERT_LE(std::fabs(hi + lo - x), std::ldexp(1.0f, -10)) << "q " << q;
+        }
+      }
+    }
+    // 2^7 .. 2^8 down to 2^-2: 10 binades of 128 values, both signs
+    EXPECT_EQ(exact, 2 * 10 * 128) << "max exponent " << max_exponent;
+  }
+  // e4m3 alone would not do: 64.5 (8 significant bits) needs lo.
+  EXPECT_NE(e4m3_to_float(float_to_e4m3(64.5f)), 64.5f);
+}
+
 }  // namespace
 }  // namespace fp8kv

@@ -519,9 +519,9 @@ std::vector<PrefillConfig> accumulation_checked_configs(KvScheme scheme, int hea
 // 1.6e-2 against the twin); the generic 2x-the-twin-vs-float64 check does not apply here.
 // D 64 and 256 as well (their tiles are promoted too: at D 256 a pair of 64-key tiles at a time,
 // in parts of D, 1.5e-2; summed in one level it read 0.91 against the twin here).
-// fp8-per-tensor's D 128 kernel (e4m3 P V, kPvE4m3) sums P V in e4m3 too and takes fp8-per-head's
-// bound there. fp8-per-head-bf16q (bf16 Q, K/V widened to f16) is held to its twin bound at every
-// head dim too.
+// fp8-per-tensor's D 128 kernel (e4m3 operands, its Q split in two: WsShape::kQSplit) sums P V in
+// e4m3 too and takes fp8-per-head's bound there. fp8-per-head-bf16q (bf16 Q, K/V widened to f16) is
+// held to its twin bound at every head dim too.
 TEST(PrefillSink, KernelsKeepTheDiffuseTailOfALongRow) {
   SKIP_WITHOUT_GPU();
   for (int D : {128, 64, 256}) {
