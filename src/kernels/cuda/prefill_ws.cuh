@@ -495,25 +495,32 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         }
       }
     };
-    // kF16, with an item's first tile (Q's copies landed, this thread's chunks): Q's largest |bf16|
-    // reduced over the producer (item n: in word n % 2 at kQMaxOffset, which the consumers read
-    // once the tile is published; the other word, last read by the consumers of item n - 1
-    // before they released their Q, is reset for item n + 1), then this thread's chunks rewritten
-    // in place as f16, times 2^q_f16_shift.
-    auto q_to_f16 = [&](int n) {
+    // Q's largest |bf16| (kF16, kQSplit: with an item's first tile, Q's copies landed) over this
+    // thread's kCount chunks chunk(0..) and then the producer: reduced into word n % 2 at
+    // kQMaxOffset (which the consumers read once the tile is published; the other word, last read
+    // by the consumers of item n - 1 before they released their Q, is reset for item n + 1).
+    // Returns 2^shift(the largest's bits) (q_f16_shift or q_e4m3_shift).
+    auto q_tile_scale = [&](int n, auto chunk, auto count, auto shift) {
       uint32_t* const q_max = reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset) + (n & 1);
       uint32_t m = 0;
 #pragma unroll 4
-      for (int i = 0; i < Sh::kQRowsPerThread; ++i) {
-        const uint4 v = *reinterpret_cast<const uint4*>(q_chunk(i));
+      for (int i = 0; i < decltype(count)::value; ++i) {
+        const uint4 v = *reinterpret_cast<const uint4*>(chunk(i));
         m = __vmaxu2(m, __vmaxu2(__vmaxu2(v.x & 0x7fff7fffu, v.y & 0x7fff7fffu),
                                  __vmaxu2(v.z & 0x7fff7fffu, v.w & 0x7fff7fffu)));
       }
       m = __reduce_max_sync(kFullMask, max(m & 0xffffu, m >> 16));
       if (lane == 0) atomicMax(q_max, m);
       named_barrier_sync(1, Sh::kProducerThreads);
-      const float scale = exp2_int(q_f16_shift(*reinterpret_cast<volatile uint32_t*>(q_max)));
+      const float scale = exp2_int(shift(*reinterpret_cast<volatile uint32_t*>(q_max)));
       if (tid == 0) reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset)[(n + 1) & 1] = 0;
+      return scale;
+    };
+    // kF16: this thread's Q chunks rewritten in place as f16, times 2^q_f16_shift.
+    auto q_to_f16 = [&](int n) {
+      const float scale =
+          q_tile_scale(n, q_chunk, std::integral_constant<int, Sh::kQRowsPerThread>(),
+                       [](uint32_t bits) { return q_f16_shift(bits); });
       auto cvt = [&](uint32_t two) {
         const float2 f = bf16x2_to_float2(two);
         return pack_f16x2(f.x * scale, f.y * scale);
@@ -525,25 +532,16 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
         *q = make_uint4(cvt(v.x), cvt(v.y), cvt(v.z), cvt(v.w));
       }
     };
-    // kQSplit, with an item's first tile (Q's copies landed): Q's largest |bf16| reduced over the
-    // producer (as q_to_f16), then each (row, 16-dim block) rewritten in place as hi and lo, times
+    // kQSplit: after Q's largest (q_tile_scale), each (row, 16-dim block) rewritten in place as hi
+    // and lo, times
     // 2^q_e4m3_shift: hi = e4m3(x), lo = e4m3(x - hi) (x - hi is exact in fp32). Thread tid takes
     // block tid % 8 of rows tid / 8 + 16i.
     auto q_split = [&](int n) {
       if constexpr (Sh::kQSplit) {
-        uint32_t* const q_max = reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset) + (n & 1);
-        uint32_t m = 0;
-#pragma unroll 4
-        for (int i = 0; i < Sh::kBlockM / 8; ++i) {
-          const uint4 v = *reinterpret_cast<const uint4*>(qs_chunk0 + i * 8 * 128);
-          m = __vmaxu2(m, __vmaxu2(__vmaxu2(v.x & 0x7fff7fffu, v.y & 0x7fff7fffu),
-                                   __vmaxu2(v.z & 0x7fff7fffu, v.w & 0x7fff7fffu)));
-        }
-        m = __reduce_max_sync(kFullMask, max(m & 0xffffu, m >> 16));
-        if (lane == 0) atomicMax(q_max, m);
-        named_barrier_sync(1, Sh::kProducerThreads);
-        const float scale = exp2_int(q_e4m3_shift(*reinterpret_cast<volatile uint32_t*>(q_max)));
-        if (tid == 0) reinterpret_cast<uint32_t*>(smem + Sh::kQMaxOffset)[(n + 1) & 1] = 0;
+        const float scale = q_tile_scale(
+            n, [&](int i) { return qs_chunk0 + i * 8 * 128; },  // this thread's copies
+            std::integral_constant<int, Sh::kBlockM / 8>(),
+            [](uint32_t bits) { return q_e4m3_shift(bits); });
         constexpr int kLoOffset = Sh::kBlockM * 128;  // the lo half: the second column block
         uint8_t* const hi0 =
             smem + operand_offset<Sh::kQRowBytes, true>(tid / 8, tid % 8, Sh::kBlockM);
