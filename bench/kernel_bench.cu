@@ -1092,9 +1092,7 @@ std::string run_kernel_bench(const KernelBenchOptions& o) {
     r.line("");
     r.line(
         "prefill (causal unless said)               scheme             kernel          time_us   "
-        "TFLOP/s  %%GEMM (fp8 GEMM where P V runs on e4m3, fp8_p: fp8-per-head, and fp8-per-tensor "
-        "at D "
-        "128, whose Q K^T is two e4m3 products; bf16 GEMM for the others)");
+        "TFLOP/s  %%GEMM (of the fp8 GEMM where P V runs on e4m3, fp8_p; else of the bf16 GEMM)");
     r.line("  (each case's kernels timed in turns: %d warm-up round%s, the median of %d rounds)",
            o.prefill_warmup, o.prefill_warmup == 1 ? "" : "s", std::max(5, o.iters / 2));
     r.record("setting", "prefill_rest", {{"ms", double(o.prefill_rest_ms)}});
