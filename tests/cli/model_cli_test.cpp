@@ -13,6 +13,8 @@
 #include <vector>
 
 #include "fp8kv/calib.h"
+#include "fp8kv/model_config.h"
+#include "fp8kv/scheme.h"
 #include "cli/run_fp8kv.h"
 #include "runtime/test_util.h"
 
@@ -166,7 +168,12 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
   EXPECT_TRUE(contains(r.output, "attn-out rel. error, layer 3")) << r.output;
 
   // --per-head-calib takes a per-tensor file (broadcast): fp8-per-head-bf16q's column is then
-  // fp8-per-tensor's, value for value.
+  // fp8-per-tensor's, value for value, where the two round P alike in prefill (fp8_p; eval's
+  // passes are prefills). At a head_dim where fp8-per-tensor's prefill rounds P to e4m3 (where its
+  // kernel runs on e4m3 operands: 128, not this model's 64; a split at 64 was prepared, and
+  // measured there, the two columns' perplexities differed by 0.9%) the columns differ by that
+  // rounding alone (the library's ModelRunnerTest.PerHeadBf16QOnAPerTensorFileIsFp8PerTensor holds
+  // the rest bit for bit): the perplexities must differ, bounded at 3%.
   r = run("eval --model " + model + " --data " + data + " --per-tensor-calib " + per_tensor +
           " --per-head-calib " + per_tensor +
           " --kv-schemes fp8-per-tensor,fp8-per-head-bf16q --batch 2");
@@ -175,6 +182,9 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
                                      " (per_tensor: each layer's K and V scale broadcast to "
                                      "every KV head)"))
       << r.output;
+  const int D = load_model_config(model).head_dim;
+  const bool same_p =
+      fp8_p(KvScheme::kFp8PerTensor, true, D) == fp8_p(KvScheme::kFp8PerHeadBf16Q, true, D);
   int rows = 0;
   std::istringstream table(r.output);
   for (std::string line; std::getline(table, line);) {
@@ -183,7 +193,13 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
       std::istringstream words(line);
       std::vector<std::string> w{std::istream_iterator<std::string>(words), {}};
       ASSERT_GE(w.size(), 2u) << line;
-      EXPECT_EQ(w[w.size() - 2], w.back()) << line;  // fp8-per-tensor, fp8-per-head-bf16q
+      const std::string& tensor = w[w.size() - 2];  // fp8-per-tensor, fp8-per-head-bf16q
+      if (same_p) {
+        EXPECT_EQ(tensor, w.back()) << line;
+      } else if (line.rfind("perplexity ", 0) == 0) {
+        EXPECT_NE(tensor, w.back()) << line;
+        EXPECT_NEAR(std::stod(tensor) / std::stod(w.back()), 1.0, 0.03) << line;
+      }
       ++rows;
     }
   }

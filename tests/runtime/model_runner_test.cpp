@@ -861,32 +861,48 @@ TEST_F(ModelRunnerTest, CalibrateWritesAFileLoadCalibAccepts) {
 }
 
 // fp8-per-head-bf16q on a per_tensor file is fp8-per-tensor: the same bytes in the cache (each
-// head's scale is the layer's) and the same bf16-Q attention, so the same logits bit for bit,
-// prefill and decode.
+// head's scale is the layer's) and the same bf16-Q attention, so the same logits bit for bit
+// wherever the two round P alike (fp8_p): decode, and a prefill whose rows have one key (P is 1,
+// exact in e4m3 times kPScale). A longer prefill at a head_dim where fp8-per-tensor's kernel
+// rounds P to e4m3 (fp8_p: 128 today, not this model's 64) differs from it by that rounding alone:
+// less than fp8-per-head, which rounds Q too.
 TEST_F(ModelRunnerTest, PerHeadBf16QOnAPerTensorFileIsFp8PerTensor) {
   TempDir dir;
   const std::string path = dir.path() + "/pt.json";
   write_calib(path, calibrated(QuantType::kPerTensor));
   const int V = tiny_->config().vocab_size;
-  const auto prompt = tokens(20, 9, V);
-  auto logits = [&](KvScheme scheme) {
+  const int D = tiny_->config().head_dim;
+  auto logits = [&](KvScheme scheme, const std::vector<int32_t>& prompt) {
     RunnerOptions o = small(scheme);
     o.scales = load_scales_for_model(path, tiny_->config(), scheme);
     ModelRunner r(*tiny_, *backend_, *ops_, std::move(o));
     const int req = r.add_request();
     std::vector<float> out = r.forward({req}, {prompt}, LogitRows::kAll);
     for (int step = 0; step < 3; ++step) {  // decode
-      const std::vector<float> next = r.forward({req}, {{prompt[step]}}, LogitRows::kLast);
+      const std::vector<float> next = r.forward({req}, {{7 + 5 * step}}, LogitRows::kLast);
       out.insert(out.end(), next.begin(), next.end());
     }
     return out;
   };
-  const std::vector<float> tensor = logits(KvScheme::kFp8PerTensor);
-  const std::vector<float> bf16q = logits(KvScheme::kFp8PerHeadBf16Q);
+  auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  const std::vector<int32_t> one = {9};
+  EXPECT_TRUE(
+      same_bits(logits(KvScheme::kFp8PerTensor, one), logits(KvScheme::kFp8PerHeadBf16Q, one)));
+  const auto prompt = tokens(20, 9, V);
+  const std::vector<float> tensor = logits(KvScheme::kFp8PerTensor, prompt);
+  const std::vector<float> bf16q = logits(KvScheme::kFp8PerHeadBf16Q, prompt);
+  const std::vector<float> head = logits(KvScheme::kFp8PerHead, prompt);
   ASSERT_EQ(tensor.size(), bf16q.size());
-  EXPECT_EQ(std::memcmp(tensor.data(), bf16q.data(), tensor.size() * sizeof(float)), 0);
+  if (fp8_p(KvScheme::kFp8PerTensor, true, D) == fp8_p(KvScheme::kFp8PerHeadBf16Q, true, D)) {
+    EXPECT_TRUE(same_bits(tensor, bf16q)) << "head_dim " << D;
+  } else {
+    EXPECT_GT(rel_diff(tensor, bf16q), 0.0) << "head_dim " << D;
+    EXPECT_LT(rel_diff(tensor, bf16q), rel_diff(head, bf16q)) << "head_dim " << D;
+  }
   // fp8-per-head on the same file rounds Q and P to e4m3 as well: other logits.
-  EXPECT_GT(rel_diff(logits(KvScheme::kFp8PerHead), tensor), 0.0);
+  EXPECT_GT(rel_diff(head, tensor), 0.0);
 }
 
 TEST_F(ModelRunnerTest, CalibrationCountFromEnvironmentAndOptions) {
