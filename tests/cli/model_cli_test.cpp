@@ -169,11 +169,11 @@ TEST(ModelCli, MakeCalibrateGenerateEval) {
 
   // --per-head-calib takes a per-tensor file (broadcast): fp8-per-head-bf16q's column is then
   // fp8-per-tensor's, value for value, where the two round P alike in prefill (fp8_p; eval's
-  // passes are prefills). At a head_dim where fp8-per-tensor's prefill rounds P to e4m3 (where its
-  // kernel runs on e4m3 operands: 128, not this model's 64; a split at 64 was prepared, and
-  // measured there, the two columns' perplexities differed by 0.9%) the columns differ by that
-  // rounding alone (the library's ModelRunnerTest.PerHeadBf16QOnAPerTensorFileIsFp8PerTensor holds
-  // the rest bit for bit): the perplexities must differ, bounded at 3%.
+  // passes are prefills). At a head_dim where fp8-per-tensor's prefill rounds P to e4m3 (fp8_p:
+  // 128 today, not this model's 64; with the split prepared at 64 the two perplexities differed
+  // by 0.9% here) the columns differ by that rounding alone (the library's
+  // ModelRunnerTest.PerHeadBf16QOnAPerTensorFileIsFp8PerTensor holds the rest bit for bit): the
+  // perplexities must differ, bounded at 3%.
   r = run("eval --model " + model + " --data " + data + " --per-tensor-calib " + per_tensor +
           " --per-head-calib " + per_tensor +
           " --kv-schemes fp8-per-tensor,fp8-per-head-bf16q --batch 2");
