@@ -83,10 +83,11 @@ void launch_prefill_ws(const AttentionParams& a, cudaStream_t stream, DeviceErro
 //                         against 32 x 4; the persistent instance 443 -> 493, so retired)
 // (The 16-bit operands are swizzled in every instance; fp8-per-head's tile does not depend on
 // its layout.)
-// fp8-per-tensor at D 128 runs on e4m3 operands, its bf16 Q split into two e4m3 parts
-// (WsShape::kQSplit, prefill_ws.cuh): its tiles and stages are fp8-per-head's.
+// A bf16-Q scheme whose prefill rounds P to e4m3 (fp8_p, scheme.h: fp8-per-tensor at D 128) runs
+// on e4m3 operands, its bf16 Q split into two e4m3 parts (WsShape::kQSplit, prefill_ws.cuh): its
+// tiles and stages are fp8-per-head's.
 template <KvScheme S, int D>
-constexpr bool kWsQSplit = S == KvScheme::kFp8PerTensor&& D == 128;
+constexpr bool kWsQSplit = fp8_p(S, /*prefill=*/true, D) && !fp8_q(S);
 template <KvScheme S, int D>
 constexpr int kWsBlockN = fp8_q(S) || kWsQSplit<S, D> ? (D == 256 ? 64 : 128)
                           : D == 256                  ? (kv_codec(S) == KvCodec::kBf16 ? 64 : 48)

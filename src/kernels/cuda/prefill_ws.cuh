@@ -67,7 +67,8 @@
 #include "fp8kv/backend.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/prefill_common.cuh"
-#include "kernels/cuda/prefill_launch.cuh"  // the timeline's events
+#include "kernels/cuda/prefill_instances.cuh"  // kWsQSplit
+#include "kernels/cuda/prefill_launch.cuh"     // the timeline's events
 #include "kernels/cuda/prefill_wgmma_ops.cuh"
 
 namespace fp8kv::cuda::prefill {
@@ -79,7 +80,7 @@ struct WsShape {
   // wgmmas over the Q row [hi | lo] against K twice (hi + lo keeps bf16's 8 bits for every element
   // within 2^-9 of the tile's largest); K and V then go as fp8-per-head's (K as stored, V
   // transposed, P rounded to e4m3): no widening.
-  static constexpr bool kQSplit = S == KvScheme::kFp8PerTensor && D == 128;
+  static constexpr bool kQSplit = kWsQSplit<S, D>;      // (prefill_instances.cuh, from fp8_p)
   static constexpr bool kFp8Mma = fp8_q(S) || kQSplit;  // e4m3 operands and wgmmas; else 16-bit
   static constexpr bool kWiden = !kFp8Mma && kv_codec(S) != KvCodec::kBf16;  // fp8 K/V -> 16-bit
   // The widened schemes' 16-bit operands are f16: e4m3 / e5m2 widen to f16 in one convert (to
@@ -533,9 +534,8 @@ __global__ void __launch_bounds__(384, 1) prefill_ws_kernel(const PrefillParams 
       }
     };
     // kQSplit: after Q's largest (q_tile_scale), each (row, 16-dim block) rewritten in place as hi
-    // and lo, times
-    // 2^q_e4m3_shift: hi = e4m3(x), lo = e4m3(x - hi) (x - hi is exact in fp32). Thread tid takes
-    // block tid % 8 of rows tid / 8 + 16i.
+    // and lo, times 2^q_e4m3_shift: hi = e4m3(x), lo = e4m3(x - hi) (x - hi is exact in fp32).
+    // Thread tid takes block tid % 8 of rows tid / 8 + 16i.
     auto q_split = [&](int n) {
       if constexpr (Sh::kQSplit) {
         const float scale = q_tile_scale(
